@@ -1,0 +1,346 @@
+"""RFC 5321 paths and mailboxes, normalised the way Sendmail's ruleset 3 does it.
+
+Two steps, kept apart because the session needs the first before it knows which domains are
+local: :func:`parse_path_arg` splits ``FROM:<addr> PARAMS`` into the raw address and ESMTP
+parameters, and :func:`normalize` turns the raw address into a :class:`Mailbox` (source routes
+dropped, UUCP ``host!user`` and the ``%``-hack resolved, domain lower-cased).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailgate.reply import Reply
+
+__all__ = [
+    "AddressError",
+    "Mailbox",
+    "canon_domain",
+    "is_valid_domain",
+    "normalize",
+    "parse_path_arg",
+    "unquote_local",
+]
+
+# Sendmail's shortenstring(firstp, MAXSHORTSTR) bound for the skipword() error text.
+_MAXSHORTSTR = 203
+# Sendmail's MAXNAME - 1: the longest address parseaddr() takes (RFC 5321 allows 256 octets).
+_MAXADDR = 255
+# RFC 5322 atext plus "." (Sendmail and Postfix accept leading/double dots in local parts).
+_ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+_ATEXT = frozenset(_ALNUM + "!#$%&'*+-/=?^_`{|}~.")
+_LABEL_CHARS = frozenset(_ALNUM + "-_")
+
+
+class AddressError(ValueError):
+    """An address that cannot be used; ``reply`` is what the SMTP session should answer."""
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+
+def _err(code: int, dsn: str, written: str, text: str) -> AddressError:
+    return AddressError(Reply(code, dsn, f"{written}... {text}"))
+
+
+def _has_control(s: str) -> bool:
+    # C0, DEL and C1 controls; other non-ASCII is UTF-8 text (SMTPUTF8) and allowed.
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in s)
+
+
+def _shorten(s: str) -> str:
+    if len(s) <= _MAXSHORTSTR:
+        return s
+    return s[: _MAXSHORTSTR - 3] + "..."
+
+
+def _skipword(arg: str, keyword: str) -> str:
+    """Sendmail's skipword(): return the text after ``KEYWORD:`` or raise the 501 it sends."""
+    p = arg.lstrip()
+    i = 0
+    while i < len(p) and p[i] != ":" and not p[i].isspace():
+        i += 1
+    word = p[:i]
+    j = i
+    while j < len(p) and p[j].isspace():
+        j += 1
+    # Sendmail NULs the colon and the spaces before it, so its message shows just the word.
+    syntax = AddressError(
+        Reply(501, "5.5.2", f'Syntax error in parameters scanning "{_shorten(word)}"')
+    )
+    if j >= len(p) or p[j] != ":":
+        raise syntax
+    rest = p[j + 1 :].lstrip()
+    if not rest or word.lower() != keyword.lower():
+        raise syntax
+    return rest
+
+
+def _scan_angle(rest: str) -> tuple[str, str]:
+    """Split ``<addr> params`` at the ``>`` that closes the first ``<``; quotes may hide ``>``."""
+    depth = 0
+    quoted = False
+    i = 0
+    n = len(rest)
+    while i < n:
+        c = rest[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == "\\":
+            i += 1
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+            if depth == 0:
+                return rest[1:i], rest[i + 1 :]
+        i += 1
+    written = rest.rstrip()
+    if quoted:
+        raise _err(553, "5.0.0", written, "Unbalanced '\"'")
+    raise _err(553, "5.0.0", written, "Unbalanced '<'")
+
+
+def _scan_bare(rest: str) -> tuple[str, str]:
+    """Split ``addr params`` (no brackets) at the first unquoted white space."""
+    quoted = False
+    i = 0
+    n = len(rest)
+    while i < n:
+        c = rest[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == "\\":
+            i += 1
+        elif c == '"':
+            quoted = True
+        elif c.isspace():
+            break
+        elif c == ">":
+            raise _err(553, "5.0.0", rest.split()[0], "Unbalanced '>'")
+        i += 1
+    if quoted:
+        raise _err(553, "5.0.0", rest.rstrip(), "Unbalanced '\"'")
+    return rest[:i], rest[i:]
+
+
+def _parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for token in text.split():
+        key, eq, value = token.partition("=")
+        if not key or not all(c.isascii() and (c.isalnum() or c == "-") for c in key):
+            raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
+        if not key[0].isalnum():
+            raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
+        params[key.upper()] = value if eq else None
+    return params
+
+
+def parse_path_arg(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+    """Split the argument of MAIL/RCPT into the raw address and its ESMTP parameters.
+
+    ``arg`` is the text after the verb (``"FROM:<a@b> SIZE=10"``); ``keyword`` is ``"FROM"`` or
+    ``"TO"``. Parameter keys are upper-cased; a parameter without ``=`` maps to None.
+    """
+    rest = _skipword(arg, keyword)
+    if rest.startswith("<"):
+        addr, tail = _scan_angle(rest)
+        written = f"<{addr}>"
+        # Sendmail's prescan accepts nested brackets (<<a@b>>); the innermost is the address.
+        while addr.startswith("<") and addr.endswith(">"):
+            addr = addr[1:-1]
+        if tail and not tail[0].isspace():
+            raise _err(553, "5.0.0", written + tail.split()[0], "Junk after '>'")
+    else:
+        addr, tail = _scan_bare(rest)
+        written = addr
+    if _has_control(addr):
+        raise _err(553, "5.1.1", written, "Address contained invalid control characters")
+    return addr, _parse_params(tail)
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    """A normalised mailbox: ``local`` as written (quotes kept), ``domain`` lower-case."""
+
+    local: str
+    domain: str
+
+    def __str__(self) -> str:
+        return f"{self.local}@{self.domain}" if self.domain else self.local
+
+    @property
+    def is_literal(self) -> bool:
+        return self.domain.startswith("[")
+
+    @property
+    def is_null(self) -> bool:
+        return not self.local and not self.domain
+
+
+def _split_unquoted(s: str, sep: str, *, last: bool) -> int:
+    """Index of the first/last ``sep`` outside quoted strings and backslash escapes, or -1."""
+    found = -1
+    quoted = False
+    i = 0
+    n = len(s)
+    while i < n:
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == sep:
+            if not last:
+                return i
+            found = i
+        i += 1
+    return found
+
+
+def _valid_local(local: str) -> bool:
+    """Dot-atom (lax about dots, UTF-8 allowed) or a quoted string, or a mix as Sendmail takes."""
+    quoted = False
+    i = 0
+    n = len(local)
+    while i < n:
+        c = local[i]
+        if c == "\\":
+            if i + 1 >= n:
+                return False
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c not in _ATEXT and ord(c) < 0x80:
+            return False
+        i += 1
+    return not quoted
+
+
+def _literal(inner: str) -> str | None:
+    """Canonical form of an address literal's inside, or None if invalid."""
+    if inner[:5].lower() == "ipv6:":
+        try:
+            return "ipv6:" + str(ipaddress.IPv6Address(inner[5:]))
+        except ValueError:
+            return None
+    try:
+        return str(ipaddress.IPv4Address(inner))
+    except ValueError:
+        return None
+
+
+def is_valid_domain(domain: str) -> bool:
+    """A host name (labels of letters, digits, ``-``, ``_`` or UTF-8) or an address literal."""
+    if domain.startswith("[") and domain.endswith("]"):
+        return _literal(domain[1:-1]) is not None
+    d = domain[:-1] if domain.endswith(".") else domain
+    if not d or len(d) > 255:
+        return False
+    for label in d.split("."):
+        if not label or len(label.encode("utf-8")) > 63:
+            return False
+        if label[0] == "-" or label[-1] == "-":
+            return False
+        if not all(c in _LABEL_CHARS or ord(c) >= 0x80 for c in label):
+            return False
+    return True
+
+
+def canon_domain(domain: str) -> str | None:
+    """Lower-case, no trailing dot; literals ``[192.0.2.1]`` / ``[ipv6:…]``; None if invalid."""
+    if domain.startswith("[") and domain.endswith("]"):
+        lit = _literal(domain[1:-1])
+        return None if lit is None else f"[{lit}]"
+    if not is_valid_domain(domain):
+        return None
+    return domain.rstrip(".").lower() if domain.endswith(".") else domain.lower()
+
+
+def unquote_local(local: str) -> str:
+    """The local part with quotes and backslash escapes removed (``"root"`` → ``root``)."""
+    if '"' not in local and "\\" not in local:
+        return local
+    out: list[str] = []
+    i = 0
+    while i < len(local):
+        c = local[i]
+        if c == "\\" and i + 1 < len(local):
+            out.append(local[i + 1])
+            i += 2
+            continue
+        if c != '"':
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None = None) -> Mailbox:
+    """Turn a raw path (without brackets) into a :class:`Mailbox` as Sendmail would.
+
+    ``is_local(domain)`` says whether a (lower-case) domain is one of ours, for the ``%``-hack;
+    it is called with ``""`` for an unqualified address.
+    ``written`` is the address as the client wrote it, for error texts (default ``<raw>``).
+    """
+    shown = written if written is not None else f"<{raw}>"
+    if raw == "":
+        return Mailbox("", "")
+    if raw == "@":
+        raise _err(553, "5.1.3", shown, "List:; syntax illegal for recipient addresses")
+    if _has_control(raw):
+        raise _err(553, "5.1.1", shown, "Address contained invalid control characters")
+    if len(raw.encode("utf-8", "surrogateescape")) > _MAXADDR:
+        raise _err(553, "5.1.0", shown, f"Address too long ({_MAXADDR} bytes max)")
+    addr = raw
+    # Source route "@a,@b:user@dom": only the mailbox after the last route colon counts.
+    if addr.startswith("@"):
+        colon = _split_unquoted(addr, ":", last=False)
+        if colon < 0:
+            raise _err(553, "5.1.3", shown, "User address required")
+        addr = addr[colon + 1 :]
+        if not addr:
+            raise _err(553, "5.1.3", shown, "User address required")
+    at = _split_unquoted(addr, "@", last=True)
+    if at < 0:
+        local, domain = addr, ""
+        # UUCP "host!user" only when there is no "@" (Sendmail's ruleset 3 order).
+        bang = _split_unquoted(local, "!", last=False)
+        if bang > 0 and bang < len(local) - 1:
+            local, domain = local[bang + 1 :], local[:bang]
+    else:
+        local, domain = addr[:at], addr[at + 1 :]
+        if not domain:
+            raise _err(553, "5.1.3", shown, "Hostname required")
+    if not local:
+        raise _err(553, "5.1.3", shown, "User address required")
+    canon = canon_domain(domain) if domain else ""
+    if canon is None:
+        raise _err(553, "5.1.2", shown, "Invalid host name")
+    # The %-hack: while the host is ours ("" = unqualified, which is_local decides), the
+    # local part "user%other" means "user@other"; bounded: each pass removes one "%".
+    while is_local(canon):
+        pct = _split_unquoted(local, "%", last=True)
+        if pct <= 0 or pct == len(local) - 1:
+            break
+        nxt = canon_domain(local[pct + 1 :])
+        if nxt is None:
+            raise _err(553, "5.1.2", shown, "Invalid host name")
+        local, canon = local[:pct], nxt
+    if _split_unquoted(local, "@", last=False) >= 0:
+        raise _err(553, "5.1.3", shown, "Invalid route address")
+    if not _valid_local(local):
+        raise _err(553, "5.1.3", shown, "Invalid local part")
+    return Mailbox(local, canon)

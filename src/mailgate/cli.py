@@ -1,0 +1,210 @@
+"""The ``mailgate`` command: argument parsing and output only; the work is elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+
+from mailgate import __version__, maillog
+from mailgate.config import ConfigError
+from mailgate.snapshot import Snapshot, load_snapshot
+from mailgate.tables.maps import TableError
+
+
+def _load(path: str | None) -> Snapshot:
+    try:
+        return load_snapshot(path)
+    except (ConfigError, TableError) as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mailgate import daemon
+
+    snapshot = _load(args.config)
+    cfg = snapshot.config
+    maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
+    for w in snapshot.warnings():
+        maillog.warning(f"warning: {w}")
+    try:
+        daemon.run(args.config, snapshot)
+    except OSError as exc:
+        print(f"mailgate: cannot start: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        snapshot = load_snapshot(args.config)
+    except (ConfigError, TableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    warnings = snapshot.warnings()
+    for w in warnings:
+        print(f"warning: {w}")
+    cfg = snapshot.config
+    t = snapshot.tables
+    print(f"{cfg.source}: OK ({len(t.local_names)} local names, "
+          f"{len(t.relay_domains)} relay domains; "
+          f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''})")
+    return 0
+
+
+def _mailq_time(ts: float) -> str:
+    return time.strftime("%a %b %d %H:%M", time.localtime(ts))
+
+
+def cmd_mailq(args: argparse.Namespace) -> int:
+    from mailgate.queue.spool import Spool
+
+    cfg = _load(args.config).config
+    spool = Spool(cfg.spool_dir)
+    try:
+        messages = [m for m in (spool.load(q) for q in sorted(spool.qids())) if m is not None]
+        print(format_mailq(messages, str(spool.queue), spool.is_locked))
+    finally:
+        spool.close()
+    return 0
+
+
+def format_mailq(messages: Sequence[object], queue_dir: str, is_locked: object) -> str:
+    """Sendmail's ``mailq`` (``sendmail -bp``) layout (semantics §15)."""
+    from mailgate.queue.spool import QueuedMessage
+
+    msgs = [m for m in messages if isinstance(m, QueuedMessage)]
+    if not msgs:
+        return f"{queue_dir} is empty"
+    n = len(msgs)
+    lines = [f"\t\t{queue_dir} ({n} request{'s' if n != 1 else ''})",
+             "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------"]
+    for m in msgs:
+        env, st = m.envelope, m.status
+        mark = "*" if callable(is_locked) and is_locked(env.qid) else " "
+        sender = f"<{env.sender}>" if env.sender else "<>"
+        lines.append(f"{env.qid}{mark}{m.size:>8} {_mailq_time(env.arrival)} {sender}")
+        if st.last_message:
+            lines.append(f"                 ({st.last_message[:60]})")
+        for r in env.recipients:
+            if f"rcpt:{r.address}" in st.done:
+                continue
+            lines.append(f"\t\t\t\t\t <{r.address}>")
+            err = st.errors.get(r.address)
+            if err and err != st.last_message:
+                lines.append(f"\t\t\t\t\t   ({err[:60]})")
+    lines.append(f"\t\tTotal requests: {n}")
+    return "\n".join(lines)
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    """Run the queue now in this process, like ``sendmail -q [-v]``."""
+    from mailgate import daemon
+    from mailgate.delivery.attempt import DeliveryContext, attempt
+    from mailgate.queue.spool import Spool
+
+    snapshot = _load(args.config)
+    cfg = snapshot.config
+    maillog.setup(cfg.hostname, cfg.log.file if not args.verbose else None, cfg.log.level)
+
+    def transcript(line: str) -> None:
+        print(line, flush=True)
+
+    async def run() -> int:
+        spool = Spool(cfg.spool_dir)
+        todo = sorted(spool.qids())
+        new: list[str] = []
+        ctx = DeliveryContext(spool=spool, resolver=daemon.make_resolver(cfg),
+                              snapshot=lambda: snapshot, on_new_message=new.append,
+                              transcript=transcript if args.verbose else None)
+        seen = 0
+        while todo:
+            for qid in todo:
+                if args.verbose:
+                    print(f"\nRunning {qid}", flush=True)
+                await attempt(ctx, qid)
+                seen += 1
+            todo, new[:] = list(new), []
+        spool.close()
+        remaining = sum(1 for _ in Spool(cfg.spool_dir).qids())
+        print(f"mailgate: queue run done: {seen} message(s) tried, {remaining} still queued")
+        return 0
+
+    daemon.install_event_loop()
+    return asyncio.run(run())
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Like ``sendmail -bt`` with ``/parse``: where each address would go, sending nothing."""
+    from mailgate.address import AddressError, normalize
+    from mailgate.policy import error_reply
+    from mailgate.routing import resolve
+
+    snapshot = _load(args.config)
+    status = 0
+    for arg in args.addresses:
+        raw = arg[1:-1] if arg.startswith("<") and arg.endswith(">") else arg
+        try:
+            mailbox = normalize(raw, snapshot.routing.is_local)
+        except AddressError as exc:
+            print(f"{arg}: {exc.reply}")
+            status = 1
+            continue
+        routes = resolve(mailbox, snapshot.routing, expand=True)
+        print(f"{arg}:" if len(routes) != 1 else f"{arg}: ", end="")
+        for route in routes:
+            prefix = "\n  " if len(routes) != 1 else ""
+            if route.mailer == "error" and route.error is not None:
+                print(f"{prefix}mailer error, {error_reply(route.error, f'<{mailbox}>')}"
+                      f"  [{route.via}]")
+                status = 1
+                continue
+            host = route.host or ("local" if route.mailer == "local" else "")
+            print(f"{prefix}mailer {route.mailer}, host {host}, user {route.address}"
+                  f"  [{route.via}]")
+        if len(routes) != 1:
+            print()
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailgate", description="A mail gateway with Sendmail's tables.")
+    parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("-c", "--config", metavar="PATH",
+                       help="TOML config file (default: the embedded loopback config)")
+        return p
+
+    add("serve", "run the gateway in the foreground").set_defaults(func=cmd_serve)
+    add("check", "validate the config and every table; warn about suspicious lines"
+        ).set_defaults(func=cmd_check)
+    add("mailq", "list the queue as Sendmail's mailq does").set_defaults(func=cmd_mailq)
+    p = add("flush", "try every queued message now (like sendmail -q)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
+    p.set_defaults(func=cmd_flush)
+    p = add("route", "show the mailer, next hop and address each address would use")
+    p.add_argument("addresses", nargs="+", metavar="ADDRESS")
+    p.set_defaults(func=cmd_route)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,218 @@
+"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain).
+
+``Gateway`` is what sessions see: the current snapshot, the spool, DNS, and the counters. It
+owns no policy: decisions are in ``policy``/``routing``, durability in ``queue.spool``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mailgate import maillog
+from mailgate.config import Config, ConfigError, load_config
+from mailgate.delivery.attempt import DeliveryContext, attempt, mailbox_of
+from mailgate.dns import DnsError, DnsTempError, Resolver
+from mailgate.policy import Client
+from mailgate.queue.scheduler import Scheduler
+from mailgate.queue.spool import Spool
+from mailgate.reply import Reply
+from mailgate.snapshot import Snapshot, build_snapshot
+from mailgate.tables.maps import TableError
+
+if TYPE_CHECKING:
+    from mailgate.smtp.session import SmtpSession
+
+
+def make_resolver(config: Config) -> Resolver:
+    return Resolver(list(config.dns.nameservers) if config.dns.nameservers else None,
+                    timeout=config.dns.timeout)
+
+
+class Gateway:
+    def __init__(self, config_path: str | Path | None, snapshot: Snapshot) -> None:
+        self.config_path = config_path
+        self.snapshot = snapshot
+        cfg = snapshot.config
+        self.spool = Spool(cfg.spool_dir)
+        self.resolver = make_resolver(cfg)
+        self.scheduler = Scheduler(self._attempt, cfg.queue.max_deliveries)
+        self.sessions: set[SmtpSession] = set()
+        self.per_ip: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()
+        self.servers: list[asyncio.base_events.Server] = []
+        self.stopped = asyncio.Event()
+        self.delivery = DeliveryContext(
+            spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
+            on_new_message=self.message_committed)
+
+    # -- life cycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.snapshot.config
+        now = time.time()
+        recovered = self.spool.recover()
+        self.scheduler.start()
+        for qid in recovered:
+            status = self.spool.load_status(qid)
+            # Spread recovered mail over a few seconds so a restart does not stampede.
+            due = status.next_attempt or now
+            self.scheduler.submit(qid, max(due, now) + random.uniform(0, min(5.0, len(recovered)
+                                                                             * 0.001)))
+        if recovered:
+            maillog.info(f"recovered {len(recovered)} queued message(s) from {cfg.spool_dir}")
+        loop = asyncio.get_running_loop()
+        for host, port in cfg.listen:
+            server = await loop.create_server(
+                self._new_session, host, port, reuse_address=True, backlog=4096,
+                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self.servers.append(server)
+        if cfg.pid_file:
+            cfg.pid_file.write_text(f"{os.getpid()}\n")
+        listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
+        maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
+                     f"config {cfg.source}, queue {cfg.spool_dir}")
+
+    def _new_session(self) -> SmtpSession:
+        from mailgate.smtp.session import SmtpSession
+
+        return SmtpSession(self)
+
+    async def stop(self) -> None:
+        maillog.info("stopping: no new connections, finishing deliveries in progress")
+        for server in self.servers:
+            server.close()
+        for s in list(self.sessions):
+            if s.transport is not None:
+                with contextlib.suppress(Exception):
+                    s.transport.write(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
+                                                           "Shutting down").to_bytes())
+                    s.transport.close()
+        await self.scheduler.stop()
+        self.spool.close()
+        cfg = self.snapshot.config
+        if cfg.pid_file:
+            with contextlib.suppress(OSError):
+                cfg.pid_file.unlink()
+        self.stopped.set()
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays."""
+        try:
+            config = load_config(self.config_path)
+            snapshot = build_snapshot(config)
+        except (ConfigError, TableError) as exc:
+            maillog.error(f"reload refused, keeping the running configuration: {exc}")
+            return False
+        old = self.snapshot.config
+        if config.listen != old.listen or config.spool_dir != old.spool_dir:
+            maillog.warning("listen and spool_dir changes take effect only after a restart")
+        if config.dns != old.dns:
+            self.resolver = make_resolver(config)
+            self.delivery.resolver = self.resolver
+        maillog.setup(config.hostname, config.log.file, config.log.level)
+        self.snapshot = snapshot
+        for w in snapshot.warnings():
+            maillog.warning(f"warning: {w}")
+        maillog.info(f"configuration reloaded from {config.source}")
+        return True
+
+    # -- what sessions call --------------------------------------------------------------------
+    def session_started(self, session: SmtpSession) -> None:
+        self.sessions.add(session)
+        self.per_ip[session.client.ip] += 1
+        self.counters["connections"] += 1
+
+    def session_ended(self, session: SmtpSession) -> None:
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.per_ip[session.client.ip] -= 1
+            if self.per_ip[session.client.ip] <= 0:
+                del self.per_ip[session.client.ip]
+
+    def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
+        smtp = self.snapshot.config.smtp
+        host = self.snapshot.config.hostname
+        if len(self.sessions) > smtp.max_connections:
+            return Reply(421, "4.3.2", f"{host} Too many connections; try again later")
+        if smtp.max_connections_per_ip and self.per_ip[session.client.ip] > \
+                smtp.max_connections_per_ip and not Client(session.client.ip).is_loopback:
+            self.counters["per_ip_limit"] += 1
+            return Reply(421, "4.7.0", f"{host} Too many concurrent connections from "
+                                       f"{session.client.ip}; try again later")
+        return None
+
+    async def lookup_client(self, ip: str) -> Client:
+        """The client's PTR status, bounded by the DNS timeout (semantics §18.4)."""
+        client = Client(ip)
+        if client.is_loopback:
+            return Client(ip, "OK", "localhost")
+        try:
+            result = await asyncio.wait_for(self.resolver.ptr(ip),
+                                            self.snapshot.config.dns.timeout + 1)
+        except (TimeoutError, DnsTempError):
+            return Client(ip, "TEMP", None)
+        except DnsError:
+            return Client(ip, "FAIL", None)
+        return Client(ip, result.status, result.name)
+
+    async def domain_resolves(self, domain: str) -> str:
+        try:
+            return await asyncio.wait_for(self.resolver.domain_resolves(domain),
+                                          self.snapshot.config.dns.timeout + 1)
+        except (TimeoutError, DnsError):
+            return "temp"
+
+    def message_committed(self, qid: str) -> None:
+        self.counters["messages_received"] += 1
+        self.scheduler.submit(qid)
+
+    def flush_domain(self, domain: str) -> None:
+        """ETRN: retry now what waits for ``domain``."""
+        chosen = []
+        for qid in list(self.spool.qids()):
+            msg = self.spool.load(qid)
+            if msg and any(mailbox_of(r.address).domain == domain
+                           for r in msg.envelope.recipients):
+                chosen.append(qid)
+        self.scheduler.run_now(chosen)
+
+    def count(self, name: str) -> None:
+        self.counters[name] += 1
+
+    async def _attempt(self, qid: str) -> float | None:
+        return await attempt(self.delivery, qid)
+
+
+def install_event_loop() -> None:
+    """uvloop where it is installed: the gateway's work is sockets and timers."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve(config_path: str | Path | None, snapshot: Snapshot) -> None:
+    gateway = Gateway(config_path, snapshot)
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.scheduler.run_now())
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    await stop.wait()
+    await gateway.stop()
+
+
+def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
+    install_event_loop()
+    asyncio.run(serve(config_path, snapshot))

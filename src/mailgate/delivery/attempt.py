@@ -1,0 +1,271 @@
+"""One delivery attempt of one queued message: route, deliver, record, bounce, reschedule.
+
+Every recipient is routed again with the tables in force now (a reload changes where queued mail
+goes), grouped by next hop so each hop gets one transaction carrying all its recipients, and
+the outcome is written back to the spool before the message is forgotten or rescheduled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailgate import maillog
+from mailgate.address import Mailbox
+from mailgate.delivery import smtp as smtp_delivery
+from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_maildir
+from mailgate.delivery.pipe import deliver_program
+from mailgate.delivery.smtp import Outcome
+from mailgate.dns import Resolver
+from mailgate.dsn import FailedRecipient, write_dsn
+from mailgate.policy import error_reply
+from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool
+from mailgate.reply import Reply
+from mailgate.routing import Route, resolve
+from mailgate.smtp.client import Timeouts
+from mailgate.snapshot import Snapshot
+
+
+@dataclass
+class DeliveryContext:
+    spool: Spool
+    resolver: Resolver
+    snapshot: Callable[[], Snapshot]  # the tables in force now
+    on_new_message: Callable[[str], None]  # a bounce was queued: schedule it
+    transcript: Callable[[str], None] | None = None
+
+
+def mailbox_of(address: str) -> Mailbox:
+    local, at, domain = address.rpartition("@")
+    if not at:
+        return Mailbox(address, "")
+    return Mailbox(local, domain)
+
+
+def retry_delay(attempts: int, retry_min: float, run_interval: float) -> float:
+    """Doubling back-off from ``retry_min``, capped by the queue run interval, ±10 % jitter
+    so a queue full of mail for one dead host does not retry in lock-step."""
+    base = min(run_interval, retry_min * (2 ** max(0, attempts - 1)))
+    return base * random.uniform(0.9, 1.1)
+
+
+def _stat(outcome: Outcome) -> str:
+    text = outcome.reply.text.replace("\n", " ")
+    if outcome.status == "sent":
+        return f"Sent ({text})"
+    if outcome.status == "temp":
+        return f"Deferred: {outcome.reply}"
+    if outcome.reply.code == 550 and outcome.reply.enhanced == "5.1.1":
+        return "User unknown"
+    return str(outcome.reply)
+
+
+async def _deliver_local(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, route: Route,
+                         rcpt: Recipient) -> Outcome:
+    env = msg.envelope
+    cfg = snap.config
+    try:
+        if route.mailer == "local":
+            await asyncio.to_thread(
+                deliver_maildir, route.address, cfg.local.maildir_root, msg.path, msg.offset,
+                hostname=cfg.hostname, return_path=env.sender, delivered_to=rcpt.address)
+        elif route.mailer == "*file*":
+            await asyncio.to_thread(deliver_file, Path(route.address),
+                                    msg.path, msg.offset, return_path=env.sender)
+        else:
+            await deliver_program(route.address, msg.path, msg.offset, sender=env.sender,
+                                  recipient=rcpt.address)
+    except LocalDeliveryError as exc:
+        return Outcome("temp" if exc.temporary else "perm", exc.reply, "local")
+    return Outcome("sent", Reply(250, "2.0.0", "Delivered"), None)
+
+
+async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
+    """Try every pending recipient once. Returns the next attempt time, or None when done."""
+    spool = ctx.spool
+    with spool.locked(qid) as mine:
+        if not mine:
+            # Another runner (``mailgate flush``) has it: look again later unless it is gone.
+            return time.time() + 60 if (spool.queue / qid).exists() else None
+        msg = spool.load(qid)
+        if msg is None:
+            return None
+        return await _attempt_locked(ctx, msg)
+
+
+async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
+    snap = ctx.snapshot()
+    cfg = snap.config
+    env, st = msg.envelope, msg.status
+    started = time.time()
+    pending = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
+    work: list[tuple[Recipient, Route]] = []
+    targets_of: dict[str, list[str]] = {}
+    for rcpt in pending:
+        routes = resolve(mailbox_of(rcpt.address), snap.routing, expand=True)
+        targets_of[rcpt.address] = [r.target for r in routes]
+        work.extend((rcpt, r) for r in routes if r.target not in st.done)
+
+    results: list[tuple[Recipient, Route, Outcome]] = []
+    smtp_groups: dict[tuple[str, str], list[tuple[Recipient, Route]]] = {}
+    jobs = []
+    for rcpt, route in work:
+        if route.mailer == "error" and route.error is not None:
+            reply = error_reply(route.error, f"<{rcpt.address}>")
+            status = "temp" if reply.is_temporary else "perm"
+            results.append((rcpt, route, Outcome(status, reply)))
+        elif route.is_smtp:
+            smtp_groups.setdefault((route.mailer, route.host), []).append((rcpt, route))
+        else:
+            jobs.append(_local_job(ctx, snap, msg, rcpt, route, results))
+    timeouts = Timeouts(connect=cfg.delivery.connect_timeout)
+    if cfg.delivery.command_timeout < 300:
+        timeouts = timeouts.scaled(cfg.delivery.command_timeout / 300)
+    for group in smtp_groups.values():
+        jobs.append(_smtp_job(ctx, snap, msg, group, timeouts, results))
+    await asyncio.gather(*jobs)
+
+    now = time.time()
+    failed: list[tuple[Recipient, Route, Outcome]] = []
+    for rcpt, route, outcome in results:
+        maillog.delivery(
+            env.qid, route.address if route.is_smtp or route.mailer == "error" else rcpt.address,
+            delay=now - env.arrival, xdelay=now - started, mailer=route.mailer,
+            relay=outcome.relay, dsn=outcome.dsn, stat=_stat(outcome),
+            reply=str(outcome.reply) if route.is_smtp and outcome.relay else None,
+            ctladdr=None)
+        if outcome.status == "sent":
+            st.done[route.target] = "sent"
+        elif outcome.status == "perm":
+            st.done[route.target] = "failed"
+            failed.append((rcpt, route, outcome))
+            st.last_message = _stat(outcome)
+        else:
+            st.errors[rcpt.address] = _stat(outcome)
+            st.last_message = _stat(outcome)
+    for rcpt in pending:
+        if all(t in st.done for t in targets_of[rcpt.address]):
+            st.done[f"rcpt:{rcpt.address}"] = "done"
+            st.errors.pop(rcpt.address, None)
+
+    if failed:
+        await bounce(ctx, snap, msg, [_failed_recipient(r, rt, o) for r, rt, o in failed],
+                     reason=failed[0][2])
+
+    remaining = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
+    if not remaining:
+        await asyncio.to_thread(ctx.spool.remove, env.qid)
+        return None
+    if now - env.arrival >= cfg.queue.max_age:
+        days = cfg.queue.max_age / 86400
+        text = f"Cannot send message for {days:g} day{'s' if days != 1 else ''}"
+        expired = []
+        for r in remaining:
+            last = st.errors.get(r.address, "")
+            expired.append(FailedRecipient(
+                address=r.address, original=r.original, status="4.4.7",
+                diagnostic=last or None, remote_mta=None, last_attempt=now))
+            maillog.delivery(env.qid, r.address, delay=now - env.arrival, xdelay=0,
+                             mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
+        await bounce(ctx, snap, msg, expired,
+                     reason=Outcome("perm", Reply(554, "4.4.7", text)))
+        await asyncio.to_thread(ctx.spool.remove, env.qid)
+        return None
+    if (not st.warned and cfg.queue.warn_after and now - env.arrival >= cfg.queue.warn_after
+            and env.sender and not env.is_bounce):
+        st.warned = True
+        warn = [FailedRecipient(address=r.address, original=r.original, status="4.4.7",
+                                diagnostic=st.errors.get(r.address), remote_mta=None,
+                                action="delayed", last_attempt=now)
+                for r in remaining if not r.notify or "DELAY" in r.notify.upper()]
+        if warn:
+            await queue_dsn(ctx, snap, msg, warn,
+                            warning_hours=int(cfg.queue.warn_after // 3600) or 1)
+    st.attempts += 1
+    st.last_attempt = now
+    st.next_attempt = now + retry_delay(st.attempts, cfg.queue.retry_min, cfg.queue.run_interval)
+    await asyncio.to_thread(ctx.spool.save_status, env.qid, st)
+    return st.next_attempt
+
+
+async def _local_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, rcpt: Recipient,
+                     route: Route, results: list[tuple[Recipient, Route, Outcome]]) -> None:
+    results.append((rcpt, route, await _deliver_local(ctx, snap, msg, route, rcpt)))
+
+
+async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
+                    group: list[tuple[Recipient, Route]], timeouts: Timeouts,
+                    results: list[tuple[Recipient, Route, Outcome]]) -> None:
+    cfg = snap.config
+    route = group[0][1]
+    addresses = list(dict.fromkeys(rt.address for _, rt in group))
+    outcomes = await smtp_delivery.deliver(
+        msg, route, addresses, resolver=ctx.resolver, hostname=cfg.hostname,
+        helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
+        transcript=ctx.transcript)
+    for rcpt, rt in group:
+        results.append((rcpt, rt, outcomes[rt.address]))
+
+
+def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
+    return FailedRecipient(
+        address=route.address if route.is_smtp else rcpt.address,
+        original=rcpt.original,
+        status=outcome.dsn,
+        diagnostic=str(outcome.reply),
+        remote_mta=outcome.remote_mta,
+        last_attempt=time.time(),
+        transcript=outcome.transcript,
+    )
+
+
+async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
+                 failed: list[FailedRecipient], reason: Outcome) -> None:
+    """Return failed recipients to the sender; never for a message from the null sender."""
+    env = msg.envelope
+    wanted = [f for f, r in zip(failed, _recipients_for(env, failed), strict=True)
+              if r is None or not r.notify or "FAILURE" in r.notify.upper()]
+    if not env.sender or env.is_bounce:
+        maillog.info(f"{env.qid}: bounce for null sender not sent: {_stat(reason)}")
+        return
+    if not wanted:
+        return
+    bounce_qid = await queue_dsn(ctx, snap, msg, wanted)
+    maillog.dsn_created(env.qid, bounce_qid, _stat(reason))
+
+
+def _recipients_for(env: Envelope, failed: list[FailedRecipient]) -> list[Recipient | None]:
+    by_original = {r.original: r for r in env.recipients}
+    by_address = {r.address: r for r in env.recipients}
+    return [by_original.get(f.original or "") or by_address.get(f.address) for f in failed]
+
+
+async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
+                    recipients: list[FailedRecipient], warning_hours: int | None = None) -> str:
+    """Write a DSN for ``msg`` into the spool and commit it like any received message."""
+    cfg = snap.config
+    env = msg.envelope
+    spool = ctx.spool
+    bounce_env = Envelope(
+        qid=spool.new_qid(), sender="", recipients=[Recipient(env.sender, env.sender)],
+        arrival=time.time(), client_ip="127.0.0.1", client_name=cfg.hostname,
+        helo=cfg.hostname, proto="local", is_bounce=True,
+    )
+    incoming = spool.open_incoming(bounce_env)
+    client = maillog.relay_name(env.client_ip, env.client_name)
+
+    def write() -> None:
+        write_dsn(incoming.file, hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,
+                  client=client, sender=env.sender, recipients=recipients,
+                  original_path=msg.path, original_offset=msg.offset,
+                  return_headers_only=(env.ret or "").upper() == "HDRS",
+                  warning_hours=warning_hours)
+
+    await asyncio.to_thread(write)
+    await spool.commit(incoming)
+    ctx.on_new_message(bounce_env.qid)
+    return bounce_env.qid

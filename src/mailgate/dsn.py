@@ -1,0 +1,315 @@
+"""Delivery status notifications (RFC 3464 / RFC 6522): bounces and delay warnings.
+
+The layout and the human-readable part follow Sendmail's (semantics §16).  The original
+message is streamed from the spool file, never held in memory.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+from pathlib import Path
+from typing import BinaryIO
+
+CHUNK = 64 * 1024
+_FOLD = 78  # RFC 5322 recommended line length
+_MAX_VALUE = 4000  # cap for one header value built from remote text
+_MAX_LINE = 990  # RFC 5322 hard limit is 998 + CRLF
+
+# Short reasons for when no remote reply explains a failure (as Sendmail's texts).
+_STATUS_TEXT = {
+    "5.1.1": "User unknown",
+    "5.1.2": "Host unknown (Name server: host not found)",
+    "5.1.3": "Bad destination mailbox address",
+    "4.4.7": "Message could not be delivered in time",
+    "5.4.7": "Message could not be delivered in time",
+    "5.4.6": "Too many hops",
+    "5.3.0": "Mailer error",
+    "4.3.0": "Deferred",
+}
+
+
+@dataclass(frozen=True)
+class FailedRecipient:
+    """One recipient's outcome for a DSN."""
+
+    address: str  # final (rewritten) recipient
+    original: str | None  # as given at RCPT, when it differs (alias, virtusertable)
+    status: str  # enhanced status, "5.1.1"
+    diagnostic: str | None  # remote reply, e.g. "550 5.1.1 <bob@x>... User unknown"
+    remote_mta: str | None  # "[198.51.100.25]" or a host name
+    action: str = "failed"  # or "delayed" for warnings
+    last_attempt: float | None = None  # epoch
+    transcript: tuple[str, ...] = ()  # >>>/<<< lines of the failed dialogue, for part 1
+
+
+def _flatten(text: str) -> str:
+    """One line of text: controls (CR, LF, TAB, ...) become spaces, runs of spaces collapse.
+
+    Remote replies can be multi-line; a raw CR or LF in a header would end the field.
+    """
+    cleaned = "".join(" " if c < " " or c == "\x7f" else c for c in text)
+    return " ".join(cleaned.split())[:_MAX_VALUE]
+
+
+def _header(name: str, value: str) -> str:
+    """``Name: value`` folded at spaces to about 78 columns, lines joined by CRLF + space."""
+    words = _flatten(value).split(" ")
+    lines: list[str] = []
+    line = f"{name}:"
+    for word in words:
+        if line.endswith(":") or len(line) + 1 + len(word) <= _FOLD:
+            line = f"{line} {word}"
+        else:
+            lines.append(line)
+            line = f" {word}"
+    lines.append(line.rstrip())
+    return "\r\n".join(lines) + "\r\n"
+
+
+def _text_lines(text: str) -> list[str]:
+    """Split free text (maybe with CR/LF inside) into clean body lines of bounded length."""
+    out = []
+    for raw in text.splitlines() or [""]:
+        line = "".join(c for c in raw if (c >= " " and c != "\x7f") or c == "\t")
+        out.append(line[:_MAX_LINE])
+    return out
+
+
+def _encode(text: str) -> bytes:
+    # Surrogates (undecodable bytes kept by surrogateescape) become "?", never invalid UTF-8.
+    return text.encode("utf-8", "replace")
+
+
+def _bracket(addr: str) -> str:
+    addr = addr.strip()
+    return addr if addr.startswith("<") else f"<{addr}>"
+
+
+def _reason(r: FailedRecipient) -> str:
+    if r.diagnostic:
+        return _flatten(r.diagnostic)
+    return _STATUS_TEXT.get(r.status, f"Status {r.status}")
+
+
+def _human_part(
+    *,
+    arrival: float,
+    client: str,
+    recipients: Sequence[FailedRecipient],
+    warning: bool,
+    hours: int,
+) -> list[str]:
+    lines: list[str] = []
+    if warning:
+        lines += [
+            "    **********************************************",
+            "    **      THIS IS A WARNING MESSAGE ONLY      **",
+            "    **  YOU DO NOT NEED TO RESEND YOUR MESSAGE  **",
+            "    **********************************************",
+            "",
+        ]
+    lines.append(f"The original message was received at {formatdate(arrival, localtime=True)}")
+    lines.append(f"from {_flatten(client)}")
+    failed = [r for r in recipients if r.action != "delayed"]
+    delayed = [r for r in recipients if r.action == "delayed"]
+    for title, group in (
+        ("permanent fatal errors", failed),
+        ("transient non-fatal errors", delayed),
+    ):
+        if not group:
+            continue
+        lines += ["", f"   ----- The following addresses had {title} -----"]
+        for r in group:
+            lines.append(_bracket(_flatten(r.address)))
+            if r.original and r.original != r.address:
+                lines.append(f"    (expanded from: {_bracket(_flatten(r.original))})")
+            lines.append(f"    (reason: {_reason(r)})")
+    # One transcript per distinct dialogue: several recipients often share one session.
+    seen: set[tuple[str | None, tuple[str, ...]]] = set()
+    body: list[str] = []
+    for r in recipients:
+        key = (r.remote_mta, r.transcript or ((r.diagnostic,) if r.diagnostic else ()))
+        if not key[1] or key in seen:
+            continue
+        seen.add(key)
+        if r.remote_mta:
+            body.append(f"... while talking to {_flatten(r.remote_mta)}:")
+        for item in key[1]:
+            if item is not None:
+                body += _text_lines(item)
+    if warning:
+        body.append(f"Warning: message still undelivered after {_hours_text(hours)}")
+    if body:
+        lines += ["", "   ----- Transcript of session follows -----", *body]
+    return lines
+
+
+def _hours_text(hours: int) -> str:
+    return "1 hour" if hours == 1 else f"{hours} hours"
+
+
+def _status_part(
+    *, hostname: str, arrival: float, client: str, recipients: Sequence[FailedRecipient]
+) -> str:
+    out = _header("Reporting-MTA", f"dns; {hostname}")
+    if client:
+        out += _header("Received-From-MTA", f"dns; {client}")
+    out += _header("Arrival-Date", formatdate(arrival, localtime=True))
+    for r in recipients:
+        out += "\r\n"
+        # As Sendmail: Final-Recipient is the address we were given at RCPT;
+        # X-Actual-Recipient the one we tried after aliases / virtusertable.
+        given = r.original or r.address
+        out += _header("Final-Recipient", f"rfc822; {given}")
+        if r.original and r.original != r.address:
+            out += _header("X-Actual-Recipient", f"rfc822; {r.address}")
+        out += _header("Action", r.action)
+        out += _header("Status", r.status)
+        if r.remote_mta:
+            out += _header("Remote-MTA", f"dns; {r.remote_mta}")
+        if r.diagnostic:
+            out += _header("Diagnostic-Code", f"smtp; {r.diagnostic}")
+        if r.last_attempt is not None:
+            out += _header("Last-Attempt-Date", formatdate(r.last_attempt, localtime=True))
+    return out
+
+
+def _contains(path: Path, offset: int, needle: bytes) -> bool:
+    """Whether ``needle`` occurs in the file from ``offset``, streaming with an overlap."""
+    keep = len(needle) - 1
+    tail = b""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(CHUNK):
+            window = tail + chunk
+            if needle in window:
+                return True
+            tail = window[-keep:] if keep else b""
+    return False
+
+
+def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
+    while chunk := src.read(CHUNK):
+        out.write(chunk)
+
+
+def _copy_headers(src: BinaryIO, out: BinaryIO) -> None:
+    """Copy the header section, through the CRLF ending the last field, without the blank line.
+
+    A virtual CRLF is put before the content so that a message starting with the blank line
+    (no headers) is found by the same search; three bytes are held back between chunks so a
+    CRLF CRLF split across chunks is still seen.
+    """
+    pending = b"\r\n"
+    virtual = 2  # leading bytes of ``pending`` that are not content
+    while True:
+        chunk = src.read(CHUNK)
+        window = pending + chunk
+        idx = window.find(b"\r\n\r\n")
+        if idx >= 0:
+            out.write(window[virtual : idx + 2])
+            return
+        if not chunk:
+            out.write(window[virtual:])
+            return
+        cut = len(window) - 3
+        out.write(window[virtual:cut])
+        pending = window[cut:]
+        virtual = max(0, virtual - cut)
+
+
+def write_dsn(
+    out: BinaryIO,
+    *,
+    hostname: str,
+    queue_id: str,
+    arrival: float,
+    client: str,
+    sender: str,
+    recipients: Sequence[FailedRecipient],
+    original_path: Path,
+    original_offset: int,
+    return_headers_only: bool = False,
+    warning_hours: int | None = None,
+    now: float | None = None,
+) -> str:
+    """Write a multipart/report DSN for ``recipients`` to ``out`` (CRLF) and return its Message-Id.
+
+    The DSN is a delay warning when every recipient's action is ``delayed`` (subject
+    ``Warning: could not send message for past N hours``, N = ``warning_hours`` or the age of
+    the message), else a failure notice.  Part 3 is the original message, byte for byte, or
+    only its header section (``text/rfc822-headers``) when ``return_headers_only`` (RET=HDRS).
+    The caller sends it with ``MAIL FROM:<>`` to ``sender``; an empty sender (a bounce itself)
+    must not be bounced, so it raises ValueError.
+    """
+    if not sender.strip("<> "):
+        raise ValueError("no DSN for the null sender")
+    if not recipients:
+        raise ValueError("a DSN needs at least one recipient")
+    now = time.time() if now is None else now
+    warning = all(r.action == "delayed" for r in recipients)
+    hours = warning_hours if warning_hours is not None else max(1, round((now - arrival) / 3600))
+    host = _flatten(hostname)
+
+    boundary = f"{_flatten(queue_id)}.{int(now)}/{host}"
+    # A sender who guesses the boundary could forge parts; make sure the original lacks it.
+    for _ in range(4):
+        if not _contains(original_path, original_offset, boundary.encode()):
+            break
+        boundary = f"{boundary}.{secrets.token_hex(4)}"
+
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+    message_id = f"<{stamp}.{_flatten(queue_id)}.{secrets.token_hex(4)}@{host}>"
+    if warning:
+        subject = f"Warning: could not send message for past {_hours_text(hours)}"
+    else:
+        subject = "Returned mail: see transcript for details"
+
+    head = (
+        _header("From", f"Mail Delivery Subsystem <MAILER-DAEMON@{host}>")
+        + _header("To", _bracket(_flatten(sender)))
+        + _header("Subject", subject)
+        + _header("Auto-Submitted", f"auto-generated ({'warning' if warning else 'failure'})")
+        + _header("Date", formatdate(now, localtime=True))
+        + _header("Message-Id", message_id)
+        + _header("MIME-Version", "1.0")
+        + "Content-Type: multipart/report; report-type=delivery-status;\r\n"
+        + f'\tboundary="{boundary}"\r\n'
+        + "\r\n"
+        + "This is a MIME-encapsulated message\r\n"
+        + "\r\n"
+    )
+    human = "".join(
+        line + "\r\n"
+        for line in _human_part(
+            arrival=arrival, client=client, recipients=recipients, warning=warning, hours=hours
+        )
+    )
+    charset = "us-ascii" if human.isascii() else "utf-8"
+    part1 = f"--{boundary}\r\nContent-Type: text/plain; charset={charset}\r\n"
+    if charset != "us-ascii":
+        part1 += "Content-Transfer-Encoding: 8bit\r\n"
+    part1 += "\r\n" + human + "\r\n"
+    part2 = (
+        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+        + _status_part(hostname=host, arrival=arrival, client=client, recipients=recipients)
+        + "\r\n"
+    )
+    ctype = "text/rfc822-headers" if return_headers_only else "message/rfc822"
+    part3 = f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n"
+
+    out.write(_encode(head + part1 + part2 + part3))
+    with open(original_path, "rb") as src:
+        src.seek(original_offset)
+        if return_headers_only:
+            _copy_headers(src, out)
+        else:
+            _copy_all(src, out)
+    # The CRLF before the closing delimiter belongs to the delimiter (RFC 2046), so the
+    # original's own last CRLF stays part of the enclosed message.
+    out.write(_encode(f"\r\n--{boundary}--\r\n"))
+    return message_id

@@ -1,0 +1,171 @@
+"""Pure SMTP-stage decisions (semantics §3, §4, §12): tables snapshot + facts → reply.
+
+Nothing here does I/O: DNS answers (the client's PTR, the sender domain check) are facts the
+session gathers first and passes in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from mailgate.address import Mailbox
+from mailgate.config import Config
+from mailgate.reply import Reply
+from mailgate.routing import Route, RoutingContext, resolve
+from mailgate.tables import Tables
+from mailgate.tables.access import Verdict
+from mailgate.tables.maps import ErrorValue
+
+ACCESS_DENIED = Reply(550, "5.7.1", "Access denied")
+
+
+@dataclass(frozen=True)
+class Client:
+    ip: str
+    ptr_status: str = "FAIL"  # OK | FAIL | TEMP | FORGED (semantics: ${client_resolve})
+    ptr_name: str | None = None
+
+    @property
+    def verified_name(self) -> str | None:
+        return self.ptr_name if self.ptr_status == "OK" else None
+
+    @property
+    def is_loopback(self) -> bool:
+        # Only the local host itself, as Sendmail's localhost; other 127.x are ordinary clients.
+        try:
+            addr = ipaddress.ip_address(self.ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        return str(addr) in ("127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Decision:
+    reply: Reply
+    discard: bool = False  # accept, then throw the whole message away (access DISCARD)
+    routes: tuple[Route, ...] = ()
+    logged_reject: bool = False  # a refusal worth a ruleset=… reject= log line
+
+    @property
+    def accepted(self) -> bool:
+        return self.reply.is_positive
+
+
+def error_reply(err: ErrorValue, addr: str | None) -> Reply:
+    """Sendmail prefixes permanent errors with ``<addr>...``, temporary ones not (semantics §4/§5)."""
+    if err.code >= 500 and addr is not None:
+        return Reply(err.code, err.dsn, f"{addr}... {err.text}")
+    return Reply(err.code, err.dsn, err.text)
+
+
+def in_class(domain: str, names: frozenset[str], exact: bool) -> bool:
+    if domain in names:
+        return True
+    if exact:
+        return False
+    parts = domain.split(".")
+    return any(".".join(parts[i:]) in names for i in range(1, len(parts)))
+
+
+def client_may_relay(client: Client, tables: Tables, relay_hosts_only: bool) -> bool:
+    """Semantics §3.3: IP RELAY, verified PTR name RELAY or in class R, or the local host."""
+    if client.is_loopback:
+        return True
+    name = client.verified_name
+    if tables.access.client_relay(client.ip, name, relay_hosts_only):
+        return True
+    return name is not None and in_class(name.lower(), tables.relay_domains, relay_hosts_only)
+
+
+def connect_refusal(verdict: Verdict | None) -> Reply | None:
+    """What MAIL/RCPT/DATA get from a client refused by a Connect: entry (greeting still 220)."""
+    if verdict is None:
+        return None
+    if verdict.action == "REJECT":
+        return ACCESS_DENIED
+    if verdict.action == "ERROR" and verdict.error is not None:
+        return error_reply(verdict.error, None)
+    return None
+
+
+def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config) -> Decision | None:
+    """access From: (semantics §4) and the qualified-sender rule. None = go on to DNS checks."""
+    shown = f"<{raw}>"
+    if mailbox.is_null:
+        return Decision(Reply(250, "2.1.0", "<>... Sender ok"))
+    verdict = tables.access.sender(mailbox.local, mailbox.domain)
+    if verdict is not None:
+        if verdict.action == "REJECT":
+            return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True)
+        if verdict.action == "ERROR" and verdict.error is not None:
+            return Decision(error_reply(verdict.error, shown), logged_reject=True)
+        if verdict.action == "DISCARD":
+            return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"), discard=True)
+        if verdict.action == "OK":
+            return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
+    if not mailbox.domain and config.smtp.require_qualified_sender:
+        return Decision(Reply(553, "5.5.4",
+                              f"{shown}... Domain name required for sender address {raw}"),
+                        logged_reject=True)
+    return None
+
+
+def sender_domain_reply(raw: str, mailbox: Mailbox, resolves: str) -> Reply:
+    """The reply once the sender domain's DNS answer ("yes" / "no" / "temp") is known."""
+    if resolves == "no":
+        return Reply(553, "5.1.8",
+                     f"<{raw}>... Domain of sender address {mailbox} does not exist")
+    if resolves == "temp":
+        return Reply(451, "4.1.8", f"Domain of sender address {mailbox} does not resolve")
+    return Reply(250, "2.1.0", f"<{raw}>... Sender ok")
+
+
+def relay_denied(rcpt: str, client: Client) -> Reply:
+    """Semantics §18.4: one text per code, the code and DSN kept per PTR status."""
+    if client.ptr_status == "TEMP":
+        return Reply(450, "4.4.0", f"{rcpt}... Relaying temporarily denied. "
+                                   f"Cannot resolve PTR record for {client.ip}")
+    if client.ptr_status == "FAIL":
+        return Reply(550, "5.7.1", f"{rcpt}... Relaying denied. IP name lookup failed "
+                                   f"[{client.ip}]")
+    if client.ptr_status == "FORGED":
+        return Reply(550, "5.7.1", f"{rcpt}... Relaying denied. IP name possibly forged "
+                                   f"{client.ptr_name or ''}".rstrip())
+    return Reply(550, "5.7.1", f"{rcpt}... Relaying denied")
+
+
+def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: bool,
+                    ctx: RoutingContext, config: Config) -> Decision:
+    """Relay check, then the route check (error: entries, unknown local users)."""
+    shown = f"<{raw}>"
+    tables = ctx.tables
+    from mailgate.routing import rewrite_domain  # local import keeps the public surface small
+
+    final = rewrite_domain(mailbox, tables)
+    if config.access.blocklist_recipients:
+        verdict = tables.access.recipient(final.local, final.domain)
+        if verdict is not None:
+            if verdict.action == "REJECT":
+                return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"),
+                                logged_reject=True)
+            if verdict.action == "ERROR" and verdict.error is not None:
+                return Decision(error_reply(verdict.error, shown), logged_reject=True)
+            if verdict.action == "DISCARD":
+                return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
+    local = ctx.is_local(final.domain)
+    relay_ok = (
+        local
+        or in_class(final.domain, tables.relay_domains, config.relay_hosts_only)
+        or tables.access.recipient_domain_relay(final.domain, config.relay_hosts_only)
+        or client_relays
+    )
+    if not relay_ok:
+        return Decision(relay_denied(shown, client), logged_reject=True)
+    routes = resolve(final, ctx, expand=False)
+    for route in routes:
+        if route.mailer == "error" and route.error is not None:
+            return Decision(error_reply(route.error, shown), logged_reject=True)
+    return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), routes=tuple(routes))

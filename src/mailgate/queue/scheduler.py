@@ -1,0 +1,119 @@
+"""What is due when: a heap of (due time, queue id), a bounded number of attempts at once.
+
+New mail is tried at once; deferred mail comes back at the time its attempt chose (back-off
+capped by ``run_interval``, so every deferred message is tried at least once per queue run, as
+with Sendmail's ``-q30m``). The spool stays the truth: the heap only caches due times and is
+rebuilt from it on start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+
+from mailgate import maillog
+
+
+class Scheduler:
+    def __init__(self, attempt: Callable[[str], Awaitable[float | None]],
+                 max_concurrent: int) -> None:
+        self._attempt = attempt
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}  # qid → the due time that counts (older heap rows are stale)
+        self._active: set[str] = set()
+        self._again: set[str] = set()  # asked to run again while an attempt was running
+        self._seq = itertools.count()
+        self._sem = asyncio.Semaphore(max_concurrent)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._runner = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop starting attempts; give running ones ``grace`` seconds, then cancel them
+        (a cancelled attempt leaves its message in the spool, to be retried after restart)."""
+        self._stopping = True
+        self._wake.set()
+        if self._runner:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._tasks:
+            _done, pending = await asyncio.wait(self._tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+
+    def submit(self, qid: str, when: float | None = None) -> None:
+        """Schedule ``qid`` at ``when`` (now if None); an earlier time wins over a later one."""
+        due = time.time() if when is None else when
+        if qid in self._active:
+            if when is None:
+                self._again.add(qid)
+            return
+        current = self._due.get(qid)
+        if current is not None and current <= due:
+            return
+        self._due[qid] = due
+        heapq.heappush(self._heap, (due, next(self._seq), qid))
+        self._wake.set()
+
+    def run_now(self, qids: list[str] | None = None) -> int:
+        """Make every (or the given) queued message due now; returns how many."""
+        chosen = list(self._due) if qids is None else qids
+        for qid in chosen:
+            self.submit(qid)
+        return len(chosen)
+
+    @property
+    def queued(self) -> int:
+        return len(self._due) + len(self._active)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            now = time.time()
+            while self._heap and self._heap[0][0] <= now:
+                due, _, qid = heapq.heappop(self._heap)
+                if self._due.get(qid) != due:
+                    continue  # superseded by an earlier submit
+                del self._due[qid]
+                await self._sem.acquire()
+                self._active.add(qid)
+                task = asyncio.get_running_loop().create_task(self._one(qid))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            self._wake.clear()
+            timeout = max(0.0, self._heap[0][0] - time.time()) if self._heap else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _one(self, qid: str) -> None:
+        next_time: float | None = None
+        try:
+            next_time = await self._attempt(qid)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # A bug or an unexpected I/O error must not lose the message: retry it later.
+            maillog.error(f"{qid}: delivery attempt failed: {exc!r}")
+            next_time = time.time() + 300
+        finally:
+            self._active.discard(qid)
+            self._sem.release()
+        if qid in self._again:
+            self._again.discard(qid)
+            self.submit(qid)
+        elif next_time is not None:
+            self.submit(qid, next_time)

@@ -1,0 +1,332 @@
+"""The durable spool: the only place a message becomes durable (``Spool.commit``).
+
+Layout under ``spool_dir``::
+
+    incoming/<qid>      being received; never acknowledged; removed at start-up
+    queue/<qid>         committed: one JSON envelope line, then the message content (CRLF)
+    queue/<qid>.st      delivery status (done recipients, last errors, next attempt)
+    corrupt/<qid>       entries that could not be read, moved aside instead of crashing
+
+A message is committed by fsync(file) → rename(incoming → queue) → fsync(queue dir). The file
+fsyncs run in a thread pool so concurrent sessions' flushes overlap (the journal merges them) and
+the directory fsync is shared by every rename made before it started: group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+# Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
+_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
+_STATUS_SUFFIX = ".st"
+_WRITE_BUFFER = 256 * 1024
+
+
+class SpoolError(Exception):
+    """The spool cannot take or give a message (disk full, unreadable entry…)."""
+
+
+@dataclass
+class Recipient:
+    address: str  # after %-hack / source-route normalisation and domaintable
+    original: str  # as the client wrote it at RCPT
+    notify: str | None = None  # DSN NOTIFY= (RFC 3461)
+    orcpt: str | None = None
+
+
+@dataclass
+class Envelope:
+    qid: str
+    sender: str
+    recipients: list[Recipient]
+    arrival: float
+    client_ip: str = ""
+    client_name: str | None = None
+    helo: str | None = None
+    proto: str = "ESMTP"
+    body_8bit: bool = False
+    smtputf8: bool = False
+    envid: str | None = None
+    ret: str | None = None  # DSN RET=FULL|HDRS
+    is_bounce: bool = False
+
+    def to_line(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogateescape") + b"\n"
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Envelope:
+        data: dict[str, Any] = json.loads(line.decode("utf-8", "surrogateescape"))
+        data["recipients"] = [Recipient(**r) for r in data["recipients"]]
+        return cls(**data)
+
+
+@dataclass
+class QueueStatus:
+    done: dict[str, str] = field(default_factory=dict)  # target → "sent" | "failed"
+    errors: dict[str, str] = field(default_factory=dict)  # envelope recipient → last error
+    attempts: int = 0
+    last_attempt: float | None = None
+    next_attempt: float | None = None
+    warned: bool = False
+    last_message: str | None = None
+
+
+@dataclass
+class QueuedMessage:
+    envelope: Envelope
+    path: Path
+    offset: int  # where the message content starts in ``path``
+    size: int  # content bytes
+    status: QueueStatus
+
+
+class IncomingMessage:
+    """A message being received: the envelope line, then content as it streams in."""
+
+    def __init__(self, spool: Spool, envelope: Envelope) -> None:
+        self.spool = spool
+        self.envelope = envelope
+        self.path = spool.incoming / envelope.qid
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.file: BinaryIO = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
+        self.offset = 0
+        self.size = 0
+        self.closed = False
+        self.write_envelope()
+
+    def write_envelope(self) -> None:
+        line = self.envelope.to_line()
+        self.file.write(line)
+        self.offset = len(line)
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.size += len(data)
+
+    def discard(self) -> None:
+        if not self.closed:
+            self.closed = True
+            with contextlib.suppress(OSError):
+                self.file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+class _DirSync:
+    """Shares one directory fsync among every rename made before it started."""
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor) -> None:
+        self.path = path
+        self.pool = pool
+        self.requested = 0
+        self.completed = 0
+        self.running: asyncio.Future[None] | None = None
+
+    def _fsync(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    async def sync(self) -> None:
+        self.requested += 1
+        target = self.requested
+        loop = asyncio.get_running_loop()
+        while self.completed < target:
+            if self.running is None:
+                covers = self.requested
+                self.running = loop.run_in_executor(self.pool, self._fsync)
+                try:
+                    await self.running
+                    self.completed = max(self.completed, covers)
+                finally:
+                    self.running = None
+            else:
+                # An fsync already in flight may have started before our rename: wait for it,
+                # then loop, and start (or join) the next one if it did not cover us.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.running)
+
+
+class Spool:
+    def __init__(self, root: Path, *, fsync_threads: int = 32) -> None:
+        self.root = root
+        self.incoming = root / "incoming"
+        self.queue = root / "queue"
+        self.corrupt = root / "corrupt"
+        for d in (self.incoming, self.queue, self.corrupt):
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._pool = ThreadPoolExecutor(max_workers=fsync_threads, thread_name_prefix="fsync")
+        self._dirsync = _DirSync(self.queue, self._pool)
+        self._pid = os.getpid() % 1_000_000
+        self._last_second = 0
+        self._seq = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    # -- queue ids -----------------------------------------------------------------------------
+    def new_qid(self) -> str:
+        """A 14-character Sendmail-style queue id: time, sequence within the second, pid."""
+        now = int(time.time())
+        if now != self._last_second:
+            self._last_second, self._seq = now, 0
+        while True:
+            if self._seq >= 3600:
+                # More than 3,600 ids in one second in one process: borrow the next second.
+                self._last_second += 1
+                self._seq = 0
+            t = time.gmtime(self._last_second)
+            seq = self._seq
+            self._seq += 1
+            qid = (
+                _ALPHABET[t.tm_year % 60] + _ALPHABET[t.tm_mon - 1] + _ALPHABET[t.tm_mday]
+                + _ALPHABET[t.tm_hour] + _ALPHABET[t.tm_min] + _ALPHABET[min(t.tm_sec, 59)]
+                + _ALPHABET[seq // 60] + _ALPHABET[seq % 60] + f"{self._pid:06d}"
+            )
+            if not (self.queue / qid).exists() and not (self.incoming / qid).exists():
+                return qid
+
+    # -- receiving ------------------------------------------------------------------------------
+    def open_incoming(self, envelope: Envelope) -> IncomingMessage:
+        try:
+            return IncomingMessage(self, envelope)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool file: {exc.strerror}") from exc
+
+    def _flush_and_rename(self, msg: IncomingMessage) -> None:
+        try:
+            msg.file.flush()
+            os.fsync(msg.file.fileno())
+        finally:
+            msg.closed = True
+            msg.file.close()
+        os.rename(msg.path, self.queue / msg.envelope.qid)
+
+    async def commit(self, msg: IncomingMessage) -> None:
+        """Make ``msg`` durable. Only after this returns may the 250 be sent."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._pool, self._flush_and_rename, msg)
+            await self._dirsync.sync()
+        except OSError as exc:
+            msg.discard()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.queue / msg.envelope.qid)
+            raise SpoolError(f"cannot commit message: {exc.strerror or exc}") from exc
+
+    def commit_sync(self, msg: IncomingMessage) -> None:
+        """Blocking commit, for commands that run without an event loop (bounces from flush)."""
+        self._flush_and_rename(msg)
+        fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- the queue ------------------------------------------------------------------------------
+    def recover(self) -> list[str]:
+        """At start-up: drop unacknowledged receptions, return the committed queue ids."""
+        for p in self.incoming.iterdir():
+            with contextlib.suppress(OSError):
+                p.unlink()
+        return sorted(self.qids())
+
+    def qids(self) -> Iterator[str]:
+        for entry in os.scandir(self.queue):
+            name = entry.name
+            if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
+                yield name
+
+    def load(self, qid: str) -> QueuedMessage | None:
+        """Read a committed message's envelope and status; None if it is gone."""
+        path = self.queue / qid
+        try:
+            with open(path, "rb") as f:
+                line = f.readline(16 * 1024 * 1024)
+                size = os.fstat(f.fileno()).st_size - len(line)
+        except FileNotFoundError:
+            return None
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("envelope line is incomplete")
+            envelope = Envelope.from_line(line)
+        except (ValueError, TypeError, KeyError) as exc:
+            self.quarantine(qid, str(exc))
+            return None
+        return QueuedMessage(envelope, path, len(line), size, self.load_status(qid))
+
+    def load_status(self, qid: str) -> QueueStatus:
+        try:
+            data = json.loads((self.queue / (qid + _STATUS_SUFFIX)).read_bytes())
+            return QueueStatus(**data)
+        except FileNotFoundError:
+            return QueueStatus()
+        except (ValueError, TypeError):
+            # A torn status file only loses retry bookkeeping; the envelope stays authoritative.
+            return QueueStatus()
+
+    def save_status(self, qid: str, status: QueueStatus) -> None:
+        """Atomically replace the status file (blocking; call from a thread)."""
+        final = self.queue / (qid + _STATUS_SUFFIX)
+        tmp = self.queue / (qid + _STATUS_SUFFIX + ".tmp")
+        data = json.dumps(asdict(status), separators=(",", ":")).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+
+    def remove(self, qid: str) -> None:
+        """The message is delivered or bounced: forget it."""
+        for name in (qid, qid + _STATUS_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.queue / name)
+
+    def quarantine(self, qid: str, reason: str) -> None:
+        for name in (qid, qid + _STATUS_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.queue / name, self.corrupt / name)
+        with contextlib.suppress(OSError):
+            (self.corrupt / (qid + ".reason")).write_text(reason + "\n")
+
+    @contextlib.contextmanager
+    def locked(self, qid: str) -> Iterator[bool]:
+        """Hold an exclusive lock on a queued message while delivering it.
+
+        Yields False when another process (the daemon, or ``mailgate flush``) holds it, or the
+        message is gone; so two runners never deliver the same message at once.
+        """
+        try:
+            fd = os.open(self.queue / qid, os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def is_locked(self, qid: str) -> bool:
+        with self.locked(qid) as got:
+            return not got and (self.queue / qid).exists()

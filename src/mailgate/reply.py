@@ -1,0 +1,67 @@
+"""SMTP replies: a code, an optional RFC 3463 enhanced status code and text.
+
+Kept apart from the protocol so that policy (pure decisions) can return replies without
+importing anything that does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str | None
+    text: str
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def lines(self) -> list[str]:
+        """The reply as text lines without line ends, e.g. ``["250 2.1.0 <a@b>... Sender ok"]``."""
+        texts = self.text.split("\n") if self.text else [""]
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = []
+        for i, t in enumerate(texts):
+            sep = " " if i == len(texts) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{t}".rstrip())
+        return out
+
+    def to_bytes(self) -> bytes:
+        return "".join(line + "\r\n" for line in self.lines()).encode("utf-8", "surrogateescape")
+
+    def __str__(self) -> str:
+        return " ".join(self.lines()) if "\n" not in self.text else "\n".join(self.lines())
+
+
+def parse_reply_line(line: str) -> tuple[int, bool, str]:
+    """Split one received reply line into (code, is_last_line, text).
+
+    Raises ValueError on a line that is not a reply.
+    """
+    if len(line) < 3 or not line[:3].isdigit():
+        raise ValueError(f"not an SMTP reply: {line!r}")
+    code = int(line[:3])
+    sep = line[3:4]
+    if sep not in ("", " ", "-"):
+        raise ValueError(f"not an SMTP reply: {line!r}")
+    return code, sep != "-", line[4:]
+
+
+def split_enhanced(text: str) -> tuple[str | None, str]:
+    """Split ``"5.1.1 User unknown"`` into ``("5.1.1", "User unknown")``."""
+    head, _, rest = text.partition(" ")
+    parts = head.split(".")
+    if len(parts) == 3 and parts[0] in ("2", "4", "5") and all(p.isdigit() for p in parts[1:]):
+        return head, rest
+    return None, text

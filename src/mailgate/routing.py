@@ -1,0 +1,230 @@
+"""Recipient → routes, as Sendmail's rulesets 3 and 0 decide them, over one immutable snapshot.
+
+Order (semantics §1, §5–§8): domaintable rewrites the domain; a local domain (class w) goes
+through virtusertable, then aliases, then the local mailer; any other domain goes to the
+mailertable (exact, leading-dot parents, ``.``) and, failing that, to the domain's MX hosts.
+Address literals never consult the mailertable. Pure functions: no DNS, no I/O but the
+``user_exists`` callback (passwd / maildir folder) and ``:include:`` files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailgate.address import Mailbox
+from mailgate.tables import Tables
+from mailgate.tables.aliases import read_include
+from mailgate.tables.mailertable import NextHop
+from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
+
+MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
+SMTP_MAILERS = frozenset({"smtp", "esmtp", "smtp8", "dsmtp", "relay"})
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one recipient goes.
+
+    ``mailer`` is Sendmail's mailer name (``esmtp``, ``smtp``, ``relay``, ``local``) or one of
+    ``*file*``, ``prog``, ``error``, and ``alias`` (a local name that aliases expand later; only
+    returned when expansion is not asked for, at RCPT time).
+    """
+
+    mailer: str
+    address: str  # the recipient to use: RCPT TO for SMTP, the user for local, path, command
+    hops: tuple[NextHop, ...] = ()
+    error: ErrorValue | None = None
+    via: str = ""  # which table entry decided, for `mailgate route` and logs
+
+    @property
+    def is_smtp(self) -> bool:
+        return self.mailer in SMTP_MAILERS
+
+    @property
+    def host(self) -> str:
+        """The next hop as Sendmail's ``-bt`` shows it: ``[host]`` when MX is not used."""
+        parts = []
+        for hop in self.hops:
+            text = hop.host if hop.mx else f"[{hop.host}]"
+            parts.append(f"{text}:{hop.port}" if hop.port else text)
+        return ":".join(parts)
+
+    @property
+    def target(self) -> str:
+        """A stable key for delivery bookkeeping: the same target is delivered once."""
+        return f"{self.mailer}:{self.host}:{self.address}"
+
+
+@dataclass(frozen=True)
+class RoutingContext:
+    tables: Tables
+    class_w: frozenset[str]  # local-host-names plus our own names and [ip] literals
+    user_exists: Callable[[str], bool]
+    hostname: str = "localhost"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def is_local(self, domain: str) -> bool:
+        return domain == "" or domain in self.class_w
+
+
+def class_w(tables: Tables, hostname: str, listen_ips: list[str]) -> frozenset[str]:
+    """Sendmail's class w: local-host-names, $j, the short name, localhost, our [ip] literals."""
+    names = set(tables.local_names)
+    names.update({hostname, hostname.split(".")[0], "localhost", "localhost.localdomain"})
+    for ip in [*listen_ips, "127.0.0.1", "::1"]:
+        if ip in ("0.0.0.0", "::"):
+            continue
+        names.add(f"[ipv6:{ip}]" if ":" in ip else f"[{ip}]")
+    return frozenset(n.lower() for n in names)
+
+
+def _error(code: int, dsn: str, text: str, via: str = "") -> Route:
+    return Route("error", "", error=ErrorValue(code, dsn, text), via=via)
+
+
+def rewrite_domain(mailbox: Mailbox, tables: Tables) -> Mailbox:
+    """domaintable: replace the host part (semantics §7)."""
+    if not mailbox.domain or mailbox.is_literal:
+        return mailbox
+    new = tables.domaintable.rewrite(mailbox.domain)
+    return mailbox if new == mailbox.domain else Mailbox(mailbox.local, new)
+
+
+def resolve(mailbox: Mailbox, ctx: RoutingContext, *, expand: bool = True) -> list[Route]:
+    """Routes for one (normalised) recipient; several when aliases fan out."""
+    out: list[Route] = []
+    seen: set[str] = set()
+    _resolve(rewrite_domain(mailbox, ctx.tables), ctx, expand, out, seen, 0)
+    return out
+
+
+def _resolve(mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route], seen: set[str],
+             depth: int) -> None:
+    if depth > MAX_DEPTH:
+        out.append(_error(554, "5.4.6", f"Too many levels of aliasing for {mb}"))
+        return
+    if ctx.is_local(mb.domain):
+        _resolve_local(mb, ctx, expand, out, seen, depth)
+    else:
+        _add(out, seen, remote_route(mb, ctx))
+
+
+def _add(out: list[Route], seen: set[str], route: Route) -> None:
+    # Sendmail suppresses duplicate deliveries to the same target within one message.
+    if route.mailer == "error" or route.target not in seen:
+        seen.add(route.target)
+        out.append(route)
+
+
+def remote_route(mb: Mailbox, ctx: RoutingContext) -> Route:
+    """A non-local domain: address literal, mailertable, or MX of the domain."""
+    address = str(mb)
+    if mb.is_literal:
+        literal = mb.domain[1:-1]
+        if literal.startswith("ipv6:"):
+            literal = literal[5:]
+        return Route("esmtp", address, (NextHop(literal, None, False),),
+                     via="address literal (mailertable not consulted)")
+    entry = ctx.tables.mailertable.lookup(mb.domain)
+    if entry is None:
+        return Route("esmtp", address, (NextHop(mb.domain, None, True),),
+                     via=f"MX of {mb.domain} (no mailertable entry)")
+    via = f"mailertable line {entry.line} ({entry.key})"
+    if entry.error is not None:
+        return Route("error", address, error=entry.error, via=via)
+    if entry.mailer == "local":
+        user = entry.user or mb.local
+        if ctx.user_exists(user):
+            return Route("local", user, via=via)
+        return _error(550, "5.1.1", "User unknown", via)
+    return Route(entry.mailer, address, entry.hops, via=via)
+
+
+def _strip_quotes(local: str) -> str:
+    if len(local) >= 2 and local[0] == '"' and local[-1] == '"':
+        return local[1:-1]
+    return local
+
+
+def _resolve_local(mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route],
+                   seen: set[str], depth: int) -> None:
+    tables = ctx.tables
+    if mb.domain:
+        hit = tables.virtusers.lookup(mb.local, mb.domain)
+        if hit is not None:
+            value, entry = hit
+            via = f"virtusertable line {entry.line} ({entry.key})"
+            if value.lower().startswith("error:"):
+                try:
+                    err = parse_error_value(value[6:])
+                except ValueError:
+                    err = ErrorValue(550, "5.0.0", value[6:])
+                out.append(Route("error", str(mb), error=err, via=via))
+                return
+            if "@" in value:
+                local, _, domain = value.rpartition("@")
+                target = Mailbox(local, domain.rstrip(".").lower())
+                # Rewritten virtual users are routed without a relay check (semantics §6).
+                _resolve(rewrite_domain(target, tables), ctx, expand, out, seen, depth + 1)
+                return
+            mb = Mailbox(value, "")
+    _resolve_local_user(mb.local, ctx, expand, out, seen, depth)
+
+
+def _resolve_local_user(local: str, ctx: RoutingContext, expand: bool, out: list[Route],
+                        seen: set[str], depth: int) -> None:
+    name = _strip_quotes(local)
+    targets = ctx.tables.aliases.lookup(name)
+    if targets is None and name.lower() in ("postmaster", "mailer-daemon") \
+            and ctx.tables.aliases.lookup("root") is None and ctx.user_exists("root"):
+        # RFC 5321 4.5.1: postmaster must exist; Sendmail ships it as an alias to root.
+        _add(out, seen, Route("local", "root", via=f"{name} (implicit alias to root)"))
+        return
+    if targets is None:
+        if ctx.user_exists(name):
+            _add(out, seen, Route("local", name, via="local user"))
+        else:
+            out.append(_error(550, "5.1.1", "User unknown", "no such local user"))
+        return
+    if not expand:
+        _add(out, seen, Route("alias", name, via="aliases"))
+        return
+    key = f"alias:{name.lower()}"
+    if key in seen:
+        return
+    seen.add(key)
+    for t in targets:
+        _expand_target(t.kind, t.value, name, ctx, out, seen, depth)
+
+
+def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: list[Route],
+                   seen: set[str], depth: int) -> None:
+    via = f"aliases ({name})"
+    if kind == "program":
+        _add(out, seen, Route("prog", value, via=via))
+    elif kind == "file":
+        _add(out, seen, Route("*file*", value, via=via))
+    elif kind == "include":
+        try:
+            included = read_include(Path(value))
+        except (OSError, TableError) as exc:
+            out.append(_error(451, "4.3.0", f":include: {value} unreadable: {exc}", via))
+            return
+        for t in included:
+            _expand_target(t.kind, t.value, name, ctx, out, seen, depth + 1)
+    else:
+        local, at, domain = value.rpartition("@")
+        if not at:
+            local, domain = value, ""
+        target = Mailbox(local, domain.rstrip(".").lower())
+        if not target.domain or ctx.is_local(target.domain):
+            if _strip_quotes(target.local).lower() == name.lower():
+                # "root: root" style self-reference: deliver to the account itself.
+                if ctx.user_exists(name):
+                    _add(out, seen, Route("local", name, via=via))
+                else:
+                    out.append(_error(550, "5.1.1", "User unknown", via))
+                return
+        _resolve(rewrite_domain(target, ctx.tables), ctx, True, out, seen, depth + 1)

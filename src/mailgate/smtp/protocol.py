@@ -1,0 +1,381 @@
+"""Sans-IO SMTP server protocol: bytes in, events out (in the style of h11).
+
+No sockets, no event loop, no policy. The session feeds received bytes with
+:meth:`ServerConnection.receive_data` and pulls events with
+:meth:`ServerConnection.next_event` until it returns ``None``.
+
+End of data is only ``CRLF . CRLF``. Any bare CR or bare LF in message content makes the
+message fail (anti SMTP smuggling), but never ends it. DATA content is scanned per received
+block with C-level ``bytes`` methods (count/find/rfind/replace), never byte by byte.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Final, TypeAlias
+
+from mailgate.reply import Reply
+
+__all__ = [
+    "BadCommand",
+    "Command",
+    "ConnectionClosed",
+    "DataChunk",
+    "DataEnd",
+    "DataFailed",
+    "Event",
+    "ProtocolError",
+    "ServerConnection",
+    "reply_bytes",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command line: ``verb`` upper-cased, ``arg`` the stripped rest after the first space."""
+
+    verb: str
+    arg: str
+
+
+@dataclass(frozen=True, slots=True)
+class BadCommand:
+    """A command line the protocol refused; the session sends ``reply``."""
+
+    reply: Reply
+
+
+@dataclass(frozen=True, slots=True)
+class DataChunk:
+    """Message content (dot-unstuffed, CRLF kept); may end mid-line."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DataEnd:
+    """The terminating CRLF.CRLF arrived and the content was valid; ``size`` content bytes."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataFailed:
+    """The terminating CRLF.CRLF arrived but the content broke a rule (first violation wins)."""
+
+    reply: Reply
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """The peer closed its side and all buffered input was consumed."""
+
+
+Event: TypeAlias = Command | BadCommand | DataChunk | DataEnd | DataFailed | ConnectionClosed
+
+
+class ProtocolError(RuntimeError):
+    """The caller drove the protocol wrongly (e.g. start_data() without a pending DATA)."""
+
+
+def reply_bytes(*replies: Reply) -> bytes:
+    """Concatenate the wire form of ``replies`` (one write for a pipelined group)."""
+    return b"".join(r.to_bytes() for r in replies)
+
+
+_TERM: Final = b"\r\n.\r\n"
+_VIRTUAL_BOL: Final = b"\r\n"  # DATA content starts at a line start, as if after a CRLF
+# Only used on the failure path to locate the first bare CR/LF in a chunk.
+_BARE_RE: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+_CMD_TOO_LONG: Final = Reply(500, "5.5.0", "Command line too long")
+_CMD_NUL: Final = Reply(500, "5.5.1", "Invalid command: NUL byte")
+_DATA_BARE: Final = Reply(
+    550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
+)
+_DATA_NUL: Final = Reply(550, "5.6.0", "Message contains NUL bytes")
+
+# Modes.
+_COMMAND: Final = 0
+_PAUSED: Final = 1  # DATA command returned; waiting for start_data() / reject_data()
+_DATA: Final = 2
+_CLOSED: Final = 3
+
+
+class ServerConnection:
+    """One SMTP server connection's byte-level state (commands and DATA content)."""
+
+    def __init__(
+        self,
+        *,
+        max_command_line: int = 512,
+        max_text_line: int = 1000,
+        max_message_size: int | None = None,
+    ) -> None:
+        if max_command_line < 2 or max_text_line < 2:
+            raise ValueError("line limits must be at least 2 (room for CRLF)")
+        self.max_command_line = max_command_line
+        self.max_text_line = max_text_line
+        self.max_message_size = max_message_size
+        self._mode = _COMMAND
+        self._eof = False
+        # Received blocks not yet looked at; kept as separate bytes so DATA content is
+        # scanned straight from what the transport handed us, without a growing buffer.
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._events: deque[Event] = deque()
+        # Command mode: at most one partial line (< max_command_line) plus one block.
+        self._cmdbuf = bytearray()
+        self._scanned = 0  # cmdbuf[:_scanned] holds no LF: do not rescan it
+        self._discarding = False  # inside an over-long command line, dropping up to its LF
+        # DATA mode.
+        self._tail = b""  # held-back suffix that may be part of CRLF.CRLF or a CR before LF
+        self._skip = 0  # leading bytes of _tail that are the virtual CRLF, never content
+        self._size = 0
+        self._line_len = 0  # bytes of the current (unfinished) content line handed out
+        self._failed: Reply | None = None
+
+    # -- feeding ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer bytes from the peer; ``b""`` signals EOF."""
+        if self._eof:
+            if data:
+                raise ProtocolError("receive_data() after EOF")
+            return
+        if not data:
+            self._eof = True
+            return
+        self._inbox.append(bytes(data))
+        self._inbox_bytes += len(data)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes received but not yet turned into events."""
+        return self._inbox_bytes + len(self._cmdbuf) + len(self._tail) - self._skip
+
+    def _pop_block(self) -> bytes:
+        block = self._inbox.popleft()
+        self._inbox_bytes -= len(block)
+        return block
+
+    def _push_front(self, block: bytes) -> None:
+        self._inbox.appendleft(block)
+        self._inbox_bytes += len(block)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        """The next event, or ``None`` if more data is needed (or DATA awaits a decision)."""
+        if self._events:
+            return self._events.popleft()
+        mode = self._mode
+        if mode == _DATA:
+            return self._next_data_event()
+        if mode == _COMMAND:
+            return self._next_command()
+        return None
+
+    def start_data(self) -> None:
+        """The session accepted DATA (sent 354): following bytes are message content."""
+        if self._mode != _PAUSED:
+            raise ProtocolError("start_data() without a pending DATA command")
+        self._mode = _DATA
+        if self._cmdbuf:
+            # Pipelined bytes after the DATA line are content now.
+            self._push_front(bytes(self._cmdbuf))
+            self._cmdbuf.clear()
+        self._scanned = 0
+        self._tail = _VIRTUAL_BOL
+        self._skip = len(_VIRTUAL_BOL)
+        self._size = 0
+        self._line_len = 0
+        self._failed = None
+
+    def reject_data(self) -> None:
+        """The session refused DATA: keep parsing commands."""
+        if self._mode != _PAUSED:
+            raise ProtocolError("reject_data() without a pending DATA command")
+        self._mode = _COMMAND
+
+    def _closed(self) -> Event | None:
+        if not self._eof:
+            return None
+        # A partial last line (or an unterminated message) is dropped.
+        self._mode = _CLOSED
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        self._cmdbuf.clear()
+        self._tail = b""
+        self._skip = 0
+        return ConnectionClosed()
+
+    # -- command mode ----------------------------------------------------------------------
+
+    def _next_command(self) -> Event | None:
+        buf = self._cmdbuf
+        while True:
+            if self._discarding:
+                # Drop whole blocks until the LF of the over-long line: memory stays bounded.
+                if not self._inbox:
+                    return self._closed()
+                block = self._pop_block()
+                i = block.find(b"\n")
+                if i < 0:
+                    continue
+                self._discarding = False
+                buf += memoryview(block)[i + 1 :]
+                self._scanned = 0
+                return BadCommand(_CMD_TOO_LONG)
+            i = buf.find(b"\n", self._scanned)
+            if i >= 0:
+                line = bytes(buf[: i + 1])
+                del buf[: i + 1]  # O(1) amortised at the front of a bytearray
+                self._scanned = 0
+                return self._parse_command(line)
+            if len(buf) >= self.max_command_line:
+                # Already too long and no LF yet: forget it, answer once its LF arrives.
+                buf.clear()
+                self._scanned = 0
+                self._discarding = True
+                continue
+            self._scanned = len(buf)
+            if not self._inbox:
+                return self._closed()
+            buf += self._pop_block()
+
+    def _parse_command(self, line: bytes) -> Event:
+        if len(line) > self.max_command_line:
+            return BadCommand(_CMD_TOO_LONG)
+        # Lenient like Postfix for commands only: CRLF or bare LF.
+        end = -2 if line.endswith(b"\r\n") else -1
+        raw = line[:end]
+        if b"\0" in raw:
+            return BadCommand(_CMD_NUL)
+        text = raw.decode("utf-8", "surrogateescape")
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        if verb == "DATA":
+            # Bytes after DATA are content only if the session accepts it: stop here.
+            self._mode = _PAUSED
+        return Command(verb, arg.strip())
+
+    # -- data mode -------------------------------------------------------------------------
+
+    def _next_data_event(self) -> Event | None:
+        while not self._events:
+            if not self._inbox:
+                return self._closed()
+            self._feed_data(self._pop_block())
+            if self._mode != _DATA:
+                break
+        return self._events.popleft() if self._events else None
+
+    def _feed_data(self, block: bytes) -> None:
+        work = self._tail + block if self._tail else block
+        # Every CRLF.CRLF starts with CRLF. (as does every stuffed line): one scan usually
+        # rules out both, and blocks without a line starting with "." skip replace().
+        dot = work.find(b"\r\n.")
+        end = work.find(_TERM, dot) if dot >= 0 else -1
+        if end >= 0:
+            cut = end + 2  # the CRLF ending the last content line is content
+            rest = work[end + len(_TERM) :]
+            tail = b""
+        else:
+            # Hold back a suffix that may still become CRLF.CRLF, a stuffed dot at a line
+            # start, or a CR whose LF is in the next block.
+            n = len(work)
+            if work.endswith(b"\r"):
+                hold = 4 if work.endswith(b"\r\n.\r") else 1
+            elif work.endswith(b"\r\n"):
+                hold = 2
+            elif work.endswith(b"\r\n."):
+                hold = 3
+            else:
+                hold = 0
+            cut = n - hold
+            rest = b""
+            tail = work[cut:] if hold else b""
+
+        if cut:
+            # Every line start in work[:cut] follows a CRLF inside work (or the virtual one).
+            content = work[:cut] if cut != len(work) else work
+            if 0 <= dot < cut:
+                content = content.replace(b"\r\n.", b"\r\n")
+            if self._skip:
+                content = content[self._skip :]
+                self._skip = 0
+            if content:
+                if self._failed is None:
+                    self._check(content)
+                    if self._failed is None:
+                        self._events.append(DataChunk(content))
+                self._size += len(content)
+        self._tail = tail
+
+        if end >= 0:
+            if self._failed is None:
+                self._events.append(DataEnd(self._size))
+            else:
+                self._events.append(DataFailed(self._failed, self._size))
+            self._failed = None
+            self._mode = _COMMAND
+            if rest:
+                self._push_front(rest)
+
+    def _check(self, piece: bytes) -> None:
+        """Validate one content piece (never splits a CRLF); record the first violation."""
+        n = len(piece)
+        cr = piece.count(b"\r")
+        bare = cr != piece.count(b"\n")
+        if cr and not bare:
+            # Same number of CRs and LFs: no bare one iff every LF follows a CR. For long
+            # lines, hopping LF to LF (memchr) beats counting CRLF pairs (a slower scan).
+            if cr * 256 <= n:
+                q = piece.find(b"\n")
+                while q >= 0:
+                    if q == 0 or piece[q - 1] != 13:
+                        bare = True
+                        break
+                    q = piece.find(b"\n", q + 1)
+            else:
+                bare = piece.count(b"\r\n") != cr
+        nul = piece.find(b"\0")
+
+        # Line length: jump window by window (each window holds max_text_line bytes), so the
+        # cost is per window, not per line. Lines are delimited by LF.
+        m = self.max_text_line
+        long_at = -1
+        p = -self._line_len  # start of the current line, relative to piece
+        while n - p > m:
+            q = piece.rfind(b"\n", p if p > 0 else 0, p + m)
+            if q < 0:
+                long_at = p + m
+                break
+            p = q + 1
+        else:
+            q = piece.rfind(b"\n", p if p > 0 else 0)
+            self._line_len = n - q - 1 if q >= 0 else n - p
+
+        limit = self.max_message_size
+        big_at = limit - self._size if limit is not None and self._size + n > limit else -1
+        if not bare and nul < 0 and long_at < 0 and big_at < 0:
+            return
+
+        # Failure path: find which violation comes first in the stream.
+        found: list[tuple[int, int, Reply]] = []
+        if bare:
+            match = _BARE_RE.search(piece)
+            found.append((match.start() if match else 0, 0, _DATA_BARE))
+        if nul >= 0:
+            found.append((nul, 1, _DATA_NUL))
+        if long_at >= 0:
+            text = f"Message contains a line longer than {m} bytes"
+            found.append((long_at, 2, Reply(552, "5.6.0", text)))
+        if big_at >= 0:
+            text = f"Message size exceeds fixed maximum message size ({limit})"
+            found.append((max(big_at, 0), 3, Reply(552, "5.3.4", text)))
+        self._failed = min(found, key=lambda f: (f[0], f[1]))[2]

@@ -1,0 +1,693 @@
+"""One SMTP connection: feeds the sans-IO protocol, asks policy, streams DATA to the spool.
+
+Runs as an ``asyncio.Protocol`` (cheap per connection: no stream objects, no thread) plus one
+task that walks through the protocol's events in order, so pipelined commands are answered in
+order and replies of a pipelined group leave in one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mailgate import maillog
+from mailgate.address import AddressError, Mailbox, normalize, parse_path_arg
+from mailgate.policy import (
+    Client,
+    Decision,
+    check_recipient,
+    check_sender,
+    client_may_relay,
+    connect_refusal,
+    sender_domain_reply,
+)
+from mailgate.queue.spool import Envelope, IncomingMessage, Recipient, SpoolError
+from mailgate.reply import Reply
+from mailgate.smtp.protocol import (
+    BadCommand,
+    Command,
+    ConnectionClosed,
+    DataChunk,
+    DataEnd,
+    DataFailed,
+    ServerConnection,
+)
+
+if TYPE_CHECKING:
+    from mailgate.daemon import Gateway
+    from mailgate.snapshot import Snapshot
+
+MAX_HEADER_BYTES = 32768  # Sendmail's MaxHeadersLength with DOMAIN(generic)
+MAX_HOPS = 25  # Sendmail's MaxHopCount
+PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
+
+HELP_TEXT = (
+    "This is mailgate\n"
+    "Topics:\n"
+    "    HELO    EHLO    MAIL    RCPT    DATA\n"
+    "    RSET    NOOP    QUIT    HELP    VRFY\n"
+    "    EXPN    VERB    ETRN\n"
+    "For local information send email to Postmaster at your site.\n"
+    "End of HELP info"
+)
+
+
+@dataclass
+class Transaction:
+    sender: str
+    sender_mailbox: Mailbox
+    params: dict[str, str | None]
+    recipients: list[Recipient] = field(default_factory=list)
+    discard: bool = False
+    body_8bit: bool = False
+    smtputf8: bool = False
+
+
+class _Closing(Exception):
+    """The session must end after the reply already queued."""
+
+
+class HeaderScanner:
+    """Holds the header section (bounded) so that we can add headers and read Message-Id."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.done = False
+        self.too_large = False
+        self.first_line_checked = False
+        self.rest = b""
+
+    def feed(self, data: bytes) -> bytes | None:
+        """The header section once it is complete (what follows it is in ``self.rest``)."""
+        if self.too_large:
+            return None  # keep memory bounded; the message is refused at its end
+        self.buf += data
+        if not self.first_line_checked:
+            nl = self.buf.find(b"\r\n")
+            if nl < 0:
+                self.too_large = len(self.buf) > MAX_HEADER_BYTES
+                return None
+            self.first_line_checked = True
+            if nl == 0:
+                return self._split(2)  # an empty header section, then the body
+            if not looks_like_headers(bytes(self.buf[: nl + 2])):
+                return self._split(0)  # no header section at all: all of it is body
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0:
+            return self._split(end + 4)
+        self.too_large = len(self.buf) > MAX_HEADER_BYTES
+        return None
+
+    def _split(self, cut: int) -> bytes:
+        self.done = True
+        head = bytes(self.buf[:cut])
+        self.rest = bytes(self.buf[cut:])
+        self.buf = bytearray()
+        return head
+
+
+def header_fields(head: bytes) -> list[tuple[str, str]]:
+    """Unfolded (name, value) pairs of a header section."""
+    fields: list[tuple[str, str]] = []
+    for raw in head.decode("utf-8", "surrogateescape").split("\r\n"):
+        if not raw:
+            continue
+        if raw[0] in " \t" and fields:
+            name, value = fields[-1]
+            fields[-1] = (name, value + " " + raw.strip())
+        elif ":" in raw:
+            name, _, value = raw.partition(":")
+            fields.append((name.strip().lower(), value.strip()))
+    return fields
+
+
+def looks_like_headers(head: bytes) -> bool:
+    first = head.split(b"\r\n", 1)[0]
+    name, colon, _ = first.partition(b":")
+    return bool(colon) and bool(name) and b" " not in name.strip() and not first[:1].isspace()
+
+
+class SmtpSession(asyncio.Protocol):
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.snap: Snapshot = gateway.snapshot
+        cfg = self.snap.config
+        self.conn = ServerConnection(
+            max_command_line=cfg.smtp.max_command_line,
+            max_text_line=cfg.smtp.max_text_line,
+            max_message_size=cfg.smtp.max_message_size or None,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.wakeup: asyncio.Future[None] | None = None
+        self.out: list[bytes] = []
+        self.task: asyncio.Task[None] | None = None
+        self.paused = False
+        self.closed = False
+        self.client = Client("0.0.0.0")
+        self.port = 0
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tx: Transaction | None = None
+        self.may_relay = False
+        self.connect_refusal: Reply | None = None
+        self.discard_all = False
+        self.early_talker = False
+        self.bad_commands = 0
+        self.bad_rcpts = 0
+        self.msg: IncomingMessage | None = None
+        self.headers: HeaderScanner | None = None
+        self.msgid: str | None = None
+        self.hops = 0
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        ip = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]
+        self.client = Client(ip)
+        self.port = peer[1]
+        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.gw.session_started(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.conn.receive_data(b"")
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.conn.receive_data(b"")
+        self._wake()
+        self.gw.session_ended(self)
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    # -- output --------------------------------------------------------------------------------
+    def reply(self, reply: Reply) -> None:
+        self.out.append(reply.to_bytes())
+
+    def flush(self) -> None:
+        if self.out and self.transport and not self.closed:
+            self.transport.write(b"".join(self.out))
+        self.out.clear()
+
+    async def wait_input(self, timeout: float) -> bool:
+        """Wait for more input; False on timeout."""
+        self.flush()
+        if self.paused and self.transport:
+            self.paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._timed_out = False
+        self.wakeup = loop.create_future()
+        handle = loop.call_later(timeout, self._wake_timeout)
+        try:
+            await self.wakeup
+        finally:
+            handle.cancel()
+            self.wakeup = None
+        return not self._timed_out
+
+    _timed_out = False
+
+    def _wake_timeout(self) -> None:
+        self._timed_out = True
+        self._wake()
+
+    # -- the session ---------------------------------------------------------------------------
+    @property
+    def relay_text(self) -> str:
+        return maillog.relay_name(self.client.ip, self.client.ptr_name,
+                                  self.client.ptr_status == "OK")
+
+    async def run(self) -> None:
+        try:
+            await self.open()
+            await self.loop()
+        except _Closing:
+            pass
+        except Exception as exc:  # never let one session's bug kill the daemon
+            maillog.error(f"session with {self.relay_text} failed: {exc!r}")
+            with contextlib.suppress(Exception):
+                self.reply(Reply(421, "4.3.0", f"{self.snap.config.hostname} Internal error; "
+                                               "closing connection"))
+        finally:
+            if self.msg is not None:
+                self.msg.discard()
+                self.msg = None
+            self.flush()
+            if self.transport and not self.closed:
+                self.transport.close()
+
+    async def open(self) -> None:
+        cfg = self.snap.config
+        tables = self.snap.tables
+        limit = self.gw.connection_limit_reply(self)
+        if limit is not None:
+            self.reply(limit)
+            raise _Closing
+        self.client = await self.gw.lookup_client(self.client.ip)
+        name = self.client.verified_name
+        verdict = tables.access.connect(self.client.ip, name)
+        if verdict is not None:
+            if verdict.action == "DISCARD":
+                self.discard_all = True
+            self.connect_refusal = connect_refusal(verdict)
+            if self.connect_refusal is not None:
+                maillog.reject(None, "check_relay", f"{name or ''} {self.client.ip}".strip(),
+                               self.relay_text, str(self.connect_refusal))
+        self.may_relay = client_may_relay(self.client, tables, cfg.relay_hosts_only)
+        pause = cfg.smtp.greet_pause
+        if verdict is not None and verdict.action in ("REJECT", "ERROR"):
+            pause = 0.0  # clients rejected at Connect are not paused (semantics §10)
+        else:
+            ms = tables.access.greet_pause(self.client.ip, name)
+            if ms is not None:
+                pause = ms / 1000.0
+        if pause > 0:
+            started = time.monotonic()
+            await self.wait_input(pause)
+            if self.conn.pending_bytes or self.closed:
+                self.early_talker = True
+                self.gw.count("early_talkers")
+                maillog.info(
+                    f"rejecting commands from {self.relay_text} [{self.client.ip}] due to "
+                    f"pre-greeting traffic after {int(time.monotonic() - started)} seconds")
+                self.reply(Reply(554, None, f"{cfg.hostname} ESMTP not accepting messages"))
+                return
+        date = email.utils.formatdate(localtime=True)
+        self.reply(Reply(220, None, f"{cfg.hostname} ESMTP mailgate ready; {date}"))
+
+    async def loop(self) -> None:
+        cfg = self.snap.config
+        conn = self.conn
+        while True:
+            event = conn.next_event()
+            if event is None:
+                timeout = cfg.smtp.data_timeout if self.msg is not None \
+                    else cfg.smtp.command_timeout
+                if not await self.wait_input(timeout):
+                    what = "DATA" if self.msg is not None else "command"
+                    maillog.info(f"timeout waiting for input from {self.relay_text} "
+                                 f"during {what}")
+                    self.reply(Reply(421, "4.4.2", f"{cfg.hostname} Lost input channel: "
+                                                   "timeout; closing connection"))
+                    return
+                continue
+            if isinstance(event, DataChunk):
+                self.on_data_chunk(event.data)
+            elif isinstance(event, Command):
+                await self.on_command(event)
+            elif isinstance(event, DataEnd):
+                await self.on_data_end(event.size)
+            elif isinstance(event, DataFailed):
+                self.on_data_failed(event.reply)
+            elif isinstance(event, BadCommand):
+                self.reply(event.reply)
+                self.count_bad_command()
+            elif isinstance(event, ConnectionClosed):
+                if self.tx is not None or self.helo is not None:
+                    self.log_session_end()
+                return
+
+    def count_bad_command(self) -> None:
+        self.bad_commands += 1
+        if self.bad_commands >= self.snap.config.smtp.max_bad_commands:
+            self.reply(Reply(421, "4.7.0", f"{self.snap.config.hostname} Too many errors; "
+                                           "closing connection"))
+            raise _Closing
+
+    def log_session_end(self) -> None:
+        """Sendmail logs a from= line even for a transaction that never got its DATA."""
+        if self.tx is not None:
+            maillog.received("NOQUEUE", self.tx.sender, 0, 0, None,
+                             "ESMTP" if self.esmtp else "SMTP", self.relay_text)
+
+    # -- commands ------------------------------------------------------------------------------
+    async def on_command(self, cmd: Command) -> None:
+        handler: Callable[[str], object] | None = getattr(self, "cmd_" + cmd.verb.lower(), None) \
+            if cmd.verb.isalpha() else None
+        if handler is None:
+            verb = cmd.verb[:40]
+            self.reply(Reply(500, "5.5.1", f'Command unrecognized: "{verb}"'))
+            self.count_bad_command()
+            if cmd.verb == "DATA":  # not reachable: DATA has a handler; kept for protocol safety
+                self.conn.reject_data()
+            return
+        result = handler(cmd.arg)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def cmd_helo(self, arg: str) -> None:
+        self._hello(arg, esmtp=False)
+
+    def cmd_ehlo(self, arg: str) -> None:
+        self._hello(arg, esmtp=True)
+
+    def _hello(self, arg: str, esmtp: bool) -> None:
+        cfg = self.snap.config
+        verb = "EHLO" if esmtp else "HELO"
+        if not arg:
+            self.reply(Reply(501, "5.0.0", f"{verb} requires domain address"))
+            self.count_bad_command()
+            return
+        self.helo = arg.split()[0]
+        self.esmtp = esmtp
+        self.tx = None
+        who = f"{self.client.verified_name} [{self.client.ip}]" if self.client.verified_name \
+            else f"[{self.client.ip}]"
+        greeting = f"{cfg.hostname} Hello {who}, pleased to meet you"
+        if not esmtp:
+            self.reply(Reply(250, None, greeting))
+            return
+        size = cfg.smtp.max_message_size
+        lines = [greeting, "ENHANCEDSTATUSCODES", "PIPELINING", "8BITMIME",
+                 f"SIZE {size}" if size else "SIZE", "SMTPUTF8", "ETRN", "HELP"]
+        self.reply(Reply(250, None, "\n".join(lines)))
+
+    def _refused_stage(self) -> Reply | None:
+        if self.early_talker:
+            return Reply(550, "5.0.0", "Command rejected")
+        return self.connect_refusal
+
+    async def cmd_mail(self, arg: str) -> None:
+        cfg = self.snap.config
+        refused = self._refused_stage()
+        if refused is not None:
+            self.reply(refused)
+            return
+        if self.tx is not None:
+            self.reply(Reply(503, "5.5.0", "Sender already specified"))
+            return
+        try:
+            raw, params = parse_path_arg(arg, "FROM")
+            mailbox = normalize(raw, self.snap.routing.is_local) if raw else Mailbox("", "")
+        except AddressError as exc:
+            self.reply(exc.reply)
+            self.count_bad_command()
+            return
+        problem = self._check_mail_params(params)
+        if problem is not None:
+            self.reply(problem)
+            return
+        decision = check_sender(raw, mailbox, self.snap.tables, cfg)
+        if decision is None and cfg.smtp.check_sender_domain and mailbox.domain \
+                and not mailbox.is_literal and not self.snap.routing.is_local(mailbox.domain):
+            self.flush()
+            resolves = await self.gw.domain_resolves(mailbox.domain)
+            decision = Decision(sender_domain_reply(raw, mailbox, resolves))
+        if decision is None:
+            decision = Decision(Reply(250, "2.1.0", f"<{raw}>... Sender ok"))
+        if decision.logged_reject:
+            maillog.reject(None, "check_mail", f"<{raw}>", self.relay_text, str(decision.reply))
+        self.reply(decision.reply)
+        if decision.accepted:
+            self.tx = Transaction(str(mailbox) if raw else "", mailbox, params,
+                                  discard=decision.discard or self.discard_all)
+            self.tx.body_8bit = (params.get("BODY") or "").upper() == "8BITMIME"
+            self.tx.smtputf8 = "SMTPUTF8" in params
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+        limit = self.snap.config.smtp.max_message_size
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return Reply(501, "5.5.4", f"Bad SIZE parameter {value or ''}".rstrip())
+                if limit and int(value) > limit:
+                    return Reply(552, "5.3.4",
+                                 f"Message size exceeds fixed maximum message size ({limit})")
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(501, "5.5.4", f"Unknown BODY type {value}")
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+            else:
+                return Reply(555, "5.5.4", f"{key} parameter unrecognized")
+        return None
+
+    async def cmd_rcpt(self, arg: str) -> None:
+        cfg = self.snap.config
+        refused = self._refused_stage()
+        if refused is not None:
+            self.reply(refused)
+            return
+        if self.tx is None:
+            self.reply(Reply(503, "5.0.0", "Need MAIL before RCPT"))
+            return
+        try:
+            raw, params = parse_path_arg(arg, "TO")
+            if not raw:
+                raise AddressError(Reply(553, "5.0.0", "<>... User address required"))
+            mailbox = normalize(raw, self.snap.routing.is_local)
+        except AddressError as exc:
+            await self._rcpt_reply(exc.reply, refused=True)
+            return
+        for key in params:
+            if key not in ("NOTIFY", "ORCPT"):
+                await self._rcpt_reply(Reply(555, "5.5.4", f"{key} parameter unrecognized"),
+                                       refused=True)
+                return
+        if len(self.tx.recipients) >= cfg.smtp.max_recipients:
+            await self._rcpt_reply(Reply(452, "4.5.3", "Too many recipients"), refused=False)
+            return
+        decision = check_recipient(raw, mailbox, self.client, self.may_relay,
+                                   self.snap.routing, cfg)
+        if decision.logged_reject:
+            maillog.reject(None, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
+        if decision.accepted:
+            if decision.discard:
+                self.tx.discard = True
+            self.tx.recipients.append(Recipient(str(mailbox), raw, params.get("NOTIFY"),
+                                                params.get("ORCPT")))
+        await self._rcpt_reply(decision.reply, refused=not decision.accepted)
+
+    async def _rcpt_reply(self, reply: Reply, *, refused: bool) -> None:
+        """Sendmail's BadRcptThrottle: after N refusals every later RCPT answer waits."""
+        smtp = self.snap.config.smtp
+        throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
+        if refused:
+            self.bad_rcpts += 1
+            if smtp.bad_rcpt_throttle and self.bad_rcpts == smtp.bad_rcpt_throttle:
+                maillog.info(f"{self.relay_text}: Possible SMTP RCPT flood, throttling.")
+        if throttled:
+            self.flush()
+            await asyncio.sleep(smtp.bad_rcpt_throttle_delay)
+        self.reply(reply)
+        if refused and smtp.max_bad_rcpts and self.bad_rcpts >= smtp.max_bad_rcpts:
+            self.reply(Reply(421, "4.7.0", f"{self.snap.config.hostname} Too many bad "
+                                           "recipients; closing connection"))
+            raise _Closing
+
+    def cmd_data(self, arg: str) -> None:
+        refused = self._refused_stage()
+        if refused is None and self.tx is None:
+            refused = Reply(503, "5.0.0", "Need MAIL command")
+        elif refused is None and self.tx is not None and not self.tx.recipients:
+            refused = Reply(503, "5.0.0", "Need RCPT (recipient)")
+        elif refused is None and arg:
+            refused = Reply(501, "5.5.4", "DATA takes no arguments")
+        if refused is not None:
+            self.conn.reject_data()
+            self.reply(refused)
+            return
+        assert self.tx is not None
+        tx = self.tx
+        spool = self.gw.spool
+        envelope = Envelope(
+            qid=spool.new_qid(), sender=tx.sender, recipients=tx.recipients,
+            arrival=time.time(), client_ip=self.client.ip, client_name=self.client.ptr_name,
+            helo=self.helo, proto="ESMTP" if self.esmtp else "SMTP", body_8bit=tx.body_8bit,
+            smtputf8=tx.smtputf8,
+        )
+        try:
+            self.msg = spool.open_incoming(envelope)
+        except SpoolError as exc:
+            maillog.error(f"cannot accept message: {exc}")
+            self.conn.reject_data()
+            self.reply(Reply(452, "4.3.1", "Insufficient system storage; try again later"))
+            return
+        self.headers = HeaderScanner()
+        self.msgid = None
+        self.hops = 0
+        self.conn.max_message_size = self.snap.config.smtp.max_message_size or None
+        self.conn.start_data()
+        self.reply(Reply(354, None, 'Enter mail, end with "." on a line by itself'))
+
+    def on_data_chunk(self, data: bytes) -> None:
+        msg = self.msg
+        if msg is None:
+            return
+        scanner = self.headers
+        if scanner is not None and not scanner.done:
+            head = scanner.feed(data)
+            if head is None:
+                return
+            self._write_head(msg, head)
+            data = scanner.rest
+            self.headers = None
+        if data:
+            try:
+                msg.write(data)
+            except OSError as exc:
+                self.write_error = exc
+
+    write_error: OSError | None = None
+
+    def _write_head(self, msg: IncomingMessage, head: bytes) -> None:
+        """Our Received: first, then the client's header section, with Message-Id/Date added."""
+        cfg = self.snap.config
+        env = msg.envelope
+        fields = header_fields(head) if looks_like_headers(head) else []
+        names = {n for n, _ in fields}
+        self.hops = sum(1 for n, _ in fields if n == "received")
+        for n, v in fields:
+            if n == "message-id":
+                self.msgid = v
+        if self.client.ptr_name:
+            forged = "" if self.client.ptr_status == "OK" else " (may be forged)"
+            origin = f"({self.client.ptr_name} [{self.client.ip}]{forged})"
+        else:
+            origin = f"([{self.client.ip}])"
+        helo = self.helo or f"[{self.client.ip}]"
+        with_proto = ("UTF8SMTP" if env.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
+        date = email.utils.formatdate(env.arrival, localtime=True)
+        recv = (f"Received: from {helo} {origin}\r\n\tby {cfg.hostname} (mailgate) "
+                f"with {with_proto} id {env.qid}")
+        if len(env.recipients) == 1:
+            recv += f"\r\n\tfor <{env.recipients[0].address}>"
+        recv += f"; {date}\r\n"
+        extra = ""
+        if fields and "message-id" not in names:
+            self.msgid = f"<{time.strftime('%Y%m%d%H%M', time.gmtime(env.arrival))}." \
+                         f"{env.qid}@{cfg.hostname}>"
+            extra += f"Message-Id: {self.msgid}\r\n"
+        if fields and "date" not in names:
+            extra += f"Date: {date}\r\n"
+        try:
+            if fields and head.endswith(b"\r\n\r\n"):
+                msg.write(recv.encode() + head[:-2] + extra.encode() + b"\r\n")
+            else:
+                msg.write(recv.encode() + extra.encode() + head)
+        except OSError as exc:
+            self.write_error = exc
+
+    async def on_data_end(self, size: int) -> None:
+        cfg = self.snap.config
+        msg, tx = self.msg, self.tx
+        assert msg is not None and tx is not None
+        if self.headers is not None:
+            scanner = self.headers
+            self.headers = None
+            if scanner.too_large:
+                self._fail_data(Reply(552, "5.6.0",
+                                      f"Headers too large ({MAX_HEADER_BYTES} max)"))
+                return
+            # The content ended inside the header section (no body): write what we hold.
+            self._write_head(msg, bytes(scanner.buf))
+        if self.hops > MAX_HOPS:
+            self._fail_data(Reply(554, "5.4.6", f"Too many hops {self.hops} ({MAX_HOPS} max): "
+                                                f"from <{tx.sender}> via {cfg.hostname}, to "
+                                                f"<{tx.recipients[0].address}>"))
+            return
+        if self.write_error is not None:
+            self._fail_data(Reply(452, "4.3.1", "Insufficient system storage; try again later"),
+                            log=f"cannot write spool file: {self.write_error}")
+            return
+        qid = msg.envelope.qid
+        self.msg = None
+        self.tx = None
+        relay = self.relay_text
+        if tx.discard:
+            msg.discard()
+            maillog.discard(qid, "check_mail", f"<{tx.sender}>", relay)
+            self.reply(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
+            return
+        self.flush()
+        try:
+            await self.gw.spool.commit(msg)
+        except SpoolError as exc:
+            maillog.error(f"{qid}: {exc}")
+            self.reply(Reply(452, "4.3.1", "Insufficient system storage; try again later"))
+            return
+        maillog.received(qid, tx.sender, msg.size, len(tx.recipients), self.msgid,
+                         msg.envelope.proto, relay)
+        self.reply(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
+        self.gw.message_committed(qid)
+
+    def _fail_data(self, reply: Reply, log: str | None = None) -> None:
+        if self.msg is not None:
+            self.msg.discard()
+            if log:
+                maillog.error(f"{self.msg.envelope.qid}: {log}")
+            self.msg = None
+        self.tx = None
+        self.write_error = None
+        self.reply(reply)
+
+    def on_data_failed(self, reply: Reply) -> None:
+        maillog.info(f"{self.msg.envelope.qid if self.msg else 'NOQUEUE'}: message from "
+                     f"{self.relay_text} refused: {reply}")
+        self.headers = None
+        self._fail_data(reply)
+
+    def cmd_rset(self, arg: str) -> None:
+        self.tx = None
+        self.reply(Reply(250, "2.0.0", "Reset state"))
+
+    def cmd_noop(self, arg: str) -> None:
+        self.reply(Reply(250, "2.0.0", "OK"))
+
+    def cmd_quit(self, arg: str) -> None:
+        if self.tx is not None:
+            self.log_session_end()
+        self.reply(Reply(221, "2.0.0", f"{self.snap.config.hostname} closing connection"))
+        raise _Closing
+
+    def cmd_help(self, arg: str) -> None:
+        self.reply(Reply(214, "2.0.0", HELP_TEXT))
+
+    def cmd_vrfy(self, arg: str) -> None:
+        # novrfy: never confirm or deny a user (semantics §11).
+        self.reply(Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery "
+                                       "(or try finger)"))
+
+    def cmd_expn(self, arg: str) -> None:
+        self.reply(Reply(502, "5.7.0", "Sorry, we do not allow this operation"))
+
+    def cmd_verb(self, arg: str) -> None:
+        self.reply(Reply(502, "5.7.0", "Verbose unavailable"))
+
+    def cmd_etrn(self, arg: str) -> None:
+        node = arg.strip().lstrip("@#")
+        if not node:
+            self.reply(Reply(501, "5.5.2", "Parameter required"))
+            return
+        self.gw.flush_domain(node.lower())
+        self.reply(Reply(250, "2.0.0", f"Queuing for node {node} started"))
+
+    def cmd_starttls(self, arg: str) -> None:
+        self.reply(Reply(502, "5.5.1", "STARTTLS not available"))
+
+    def cmd_auth(self, arg: str) -> None:
+        self.reply(Reply(503, "5.3.3", "AUTH not available"))
+
+    def cmd_bdat(self, arg: str) -> None:
+        self.reply(Reply(502, "5.5.1", "CHUNKING not supported; use DATA"))

@@ -1,0 +1,65 @@
+"""One immutable view of settings + tables; reload builds a new one and swaps a reference.
+
+Sessions keep the snapshot they started with, so a SIGHUP never changes the rules in the middle
+of a transaction.
+"""
+
+from __future__ import annotations
+
+import pwd
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailgate.config import Config, load_config
+from mailgate.delivery.local import local_user_exists
+from mailgate.routing import RoutingContext, class_w
+from mailgate.tables import Tables, load_tables
+from mailgate.tables.lint import lint
+from mailgate.tables.maps import TableWarning
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    config: Config
+    tables: Tables
+    routing: RoutingContext
+
+    def warnings(self) -> list[TableWarning]:
+        seen: set[str] = set()
+        out = []
+        for w in [*self.tables.warnings,
+                  *lint(self.tables, blocklist_recipients=self.config.access.blocklist_recipients)]:
+            if str(w) not in seen:
+                seen.add(str(w))
+                out.append(w)
+        return out
+
+
+def build_snapshot(config: Config) -> Snapshot:
+    """Load every table named by ``config``; raises TableError naming file and line."""
+    tables = Tables.empty() if config.tables_dir is None else load_tables(config.tables_dir)
+    root = config.local.maildir_root
+
+    def user_exists(user: str) -> bool:
+        return local_user_exists(user, root)
+
+    listen_ips = [host for host, _port in config.listen]
+    ctx = RoutingContext(
+        tables=tables,
+        class_w=class_w(tables, config.hostname, listen_ips),
+        user_exists=user_exists,
+        hostname=config.hostname,
+    )
+    return Snapshot(config, tables, ctx)
+
+
+def load_snapshot(path: str | Path | None) -> Snapshot:
+    return build_snapshot(load_config(path))
+
+
+def system_user(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True

@@ -1,0 +1,201 @@
+"""The text format ``makemap`` reads: one ``key value`` pair a line, ``#`` comments.
+
+Shared by access, mailertable, virtusertable and domaintable. Errors carry the file and line so
+``mailgate check`` can point at the exact spot, as the admin would edit it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from mailgate.reply import split_enhanced
+
+__all__ = [
+    "ErrorValue",
+    "MapEntry",
+    "TableError",
+    "TableWarning",
+    "iter_lines",
+    "iter_map",
+    "parse_error_value",
+    "read_map",
+    "read_text",
+]
+
+
+def _where(path: str, line: int | None) -> str:
+    return f"{path}:{line}" if line is not None else path
+
+
+class TableError(Exception):
+    """A table line mailgate cannot use; ``str()`` is ``path:line: message``."""
+
+    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
+        self.path = str(path)
+        self.line = line
+        self.message = message
+        super().__init__(f"{_where(self.path, line)}: {message}")
+
+
+@dataclass(frozen=True)
+class TableWarning:
+    """A legal line that is probably not what the admin meant."""
+
+    path: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        return f"{_where(self.path, self.line)}: {self.message}"
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    key: str
+    value: str
+    line: int
+
+
+@dataclass(frozen=True)
+class ErrorValue:
+    """The reply an ``error:`` entry asks for."""
+
+    code: int
+    dsn: str | None
+    text: str
+
+
+def read_text(path: Path | None) -> str:
+    """The file's text, ``""`` when ``path`` is None or missing; bad UTF-8 → TableError."""
+    if path is None:
+        return ""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except IsADirectoryError:
+        raise TableError(path, None, "is a directory, not a table file") from None
+    except OSError as exc:
+        raise TableError(path, None, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise TableError(path, line, f"not valid UTF-8 (byte {exc.start})") from None
+
+
+def iter_lines(path: Path | None) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each line that is neither blank nor a ``#`` comment."""
+    text = read_text(path)
+    for no, line in enumerate(text.splitlines(), 1):
+        # Cheap first test: most lines start with a key character.
+        if not line or line[0] == "#":
+            continue
+        s = line.strip()
+        if s and s[0] != "#":
+            yield no, s
+
+
+def iter_map(path: Path | None) -> Iterator[tuple[int, str, str]]:
+    """(line, key, value) for each map line; a key without value → TableError."""
+    for no, line in iter_lines(path):
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise TableError(path or "", no, f"key {parts[0]!r} has no value")
+        yield no, parts[0], parts[1]
+
+
+def read_map(path: Path | None) -> list[MapEntry]:
+    """All entries of a makemap-format file; a missing file or None is an empty map."""
+    return [MapEntry(key, value, no) for no, key, value in iter_map(path)]
+
+
+def _check_dsn(dsn: str, code: int) -> str:
+    parts = dsn.split(".")
+    if (
+        len(parts) != 3
+        or not all(p.isdigit() for p in parts)
+        or parts[0] not in ("4", "5")
+        or len(parts[1]) > 3
+        or len(parts[2]) > 3
+    ):
+        raise ValueError(f"invalid enhanced status code {dsn!r}")
+    if parts[0] != str(code)[0]:
+        raise ValueError(f"enhanced status code {dsn} does not match reply code {code}")
+    return dsn
+
+
+def _code(word: str) -> int | None:
+    if len(word) == 3 and word.isdigit() and word[0] in "45":
+        return int(word)
+    return None
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == '"' and text[-1] == '"':
+        return text[1:-1].strip()
+    if text.startswith('"') or (text.endswith('"') and text.count('"') == 1):
+        raise ValueError("unbalanced '\"'")
+    return text
+
+
+def _code_text(text: str, dsn: str | None) -> ErrorValue | None:
+    """``NNN [D.S.N] text`` → ErrorValue, or None when ``text`` does not start with a code."""
+    head, _, rest = text.partition(" ")
+    code = _code(head)
+    if code is None:
+        return None
+    rest = rest.strip()
+    enh, rest2 = split_enhanced(rest)
+    if enh is not None:
+        if dsn is not None and enh != dsn:
+            raise ValueError(f"two enhanced status codes: {dsn} and {enh}")
+        dsn, rest = enh, rest2.strip()
+    if dsn is None:
+        dsn = f"{str(code)[0]}.0.0"
+    return ErrorValue(code, _check_dsn(dsn, code), rest)
+
+
+# sysexits names Sendmail's error mailer takes as its "host" (e.g. "error:nouser 550 text").
+_SYSEXITS = frozenset(
+    {
+        "usage", "dataerr", "noinput", "nouser", "nohost", "unavailable", "software", "oserr",
+        "osfile", "cantcreat", "ioerr", "tempfail", "protocol", "noperm", "config",
+    }
+)  # fmt: skip
+
+
+def parse_error_value(text: str) -> ErrorValue:
+    """Parse what follows ``error:`` in an access, mailertable or virtusertable value.
+
+    Forms: ``D.S.N:NNN text``, ``"NNN text"``, ``NNN text`` and ``nouser [NNN] text``.
+    A text with no reply code at all is what Sendmail sends as ``553 5.3.0 <text>`` (its
+    misparse of ``error:nouser text``). Raises ValueError on a malformed value.
+    """
+    text = text.strip()
+    if not text:
+        raise ValueError("error: needs a reply code and text, e.g. error:5.7.1:550 Refused")
+    head, colon, rest = text.partition(":")
+    if colon and head.count(".") == 2 and " " not in head and head[:1].isdigit():
+        # D.S.N:NNN text (the text may be quoted).
+        body = _unquote(rest)
+        ev = _code_text(body, head)
+        if ev is None:
+            raise ValueError(f"expected a reply code after {head}:, got {body!r}")
+        return ev
+    body = _unquote(text)
+    ev = _code_text(body, None)
+    if ev is not None:
+        return ev
+    word, _, after = body.partition(" ")
+    if word.lower() in _SYSEXITS:
+        ev = _code_text(after.strip(), None)
+        if ev is not None:
+            return ev
+    if word[:3].isdigit():
+        # "250 ok", "550Text", "55 text": a code was meant but is not a usable error code.
+        raise ValueError(f"expected a 4xx or 5xx reply code, got {word!r}")
+    return ErrorValue(553, "5.3.0", body)
