@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 import pytest
 import uvloop
+from dns.message import make_query
+from dns.query import tcp as tcp_query
 
 from mailgate.dns import (
     DnsNotFound,
@@ -271,3 +273,9 @@ def test_parse_nameserver() -> None:
         parse_nameserver("ns.example.com")
     with pytest.raises(ValueError):
         parse_nameserver("127.0.0.1:0")
+
+
+def test_dns_server_answers_over_tcp_too(dns: DnsServer) -> None:
+    query = make_query("example.com", "MX")
+    answer = tcp_query(query, "127.0.0.1", port=dns.port, timeout=2)
+    assert len(answer.answer[0]) == 3

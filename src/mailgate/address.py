@@ -210,6 +210,18 @@ def _split_unquoted(s: str, sep: str, *, last: bool) -> int:
     return found
 
 
+def _quotes_balanced(s: str) -> bool:
+    quoted = False
+    i = 0
+    while i < len(s):
+        if s[i] == "\\":
+            i += 1
+        elif s[i] == '"':
+            quoted = not quoted
+        i += 1
+    return not quoted
+
+
 def _valid_local(local: str) -> bool:
     """Dot-atom (lax about dots, UTF-8 allowed) or a quoted string, or a mix as Sendmail takes."""
     quoted = False
@@ -304,6 +316,8 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
         raise _err(553, "5.1.1", shown, "Address contained invalid control characters")
     if len(raw.encode("utf-8", "surrogateescape")) > _MAXADDR:
         raise _err(553, "5.1.0", shown, f"Address too long ({_MAXADDR} bytes max)")
+    if not _quotes_balanced(raw):
+        raise _err(553, "5.0.0", shown, "Unbalanced '\"'")
     addr = raw
     # Source route "@a,@b:user@dom": only the mailbox after the last route colon counts.
     if addr.startswith("@"):

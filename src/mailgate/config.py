@@ -68,6 +68,7 @@ class DeliverySettings:
     command_timeout: float = 300.0
     helo_name: str | None = None
     bind_address: str | None = None
+    port: int = 25  # for hops without a port of their own (MX and plain hosts)
 
 
 @dataclass(frozen=True)
@@ -401,6 +402,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         command_timeout=r.get("delivery", "command_timeout", parse_duration, dd.command_timeout),
         helo_name=r.get("delivery", "helo_name", _hostname, None),
         bind_address=r.get("delivery", "bind_address", _str, None),
+        port=r.get("delivery", "port", _int(1), 25),
     )
     dns = DnsSettings(
         nameservers=r.get("dns", "nameservers", _str_list(_check_nameserver), None) or None,

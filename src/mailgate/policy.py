@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from mailgate.address import Mailbox
 from mailgate.config import Config
 from mailgate.reply import Reply
-from mailgate.routing import Route, RoutingContext, resolve
+from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
 from mailgate.tables.access import Verdict
 from mailgate.tables.maps import ErrorValue
@@ -55,7 +55,7 @@ class Decision:
 
 
 def error_reply(err: ErrorValue, addr: str | None) -> Reply:
-    """Sendmail prefixes permanent errors with ``<addr>...``, temporary ones not (semantics §4/§5)."""
+    """Sendmail prefixes permanent errors with ``<addr>...``, temporary ones not (§4, §5)."""
     if err.code >= 500 and addr is not None:
         return Reply(err.code, err.dsn, f"{addr}... {err.text}")
     return Reply(err.code, err.dsn, err.text)
@@ -142,8 +142,6 @@ def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: b
     """Relay check, then the route check (error: entries, unknown local users)."""
     shown = f"<{raw}>"
     tables = ctx.tables
-    from mailgate.routing import rewrite_domain  # local import keeps the public surface small
-
     final = rewrite_domain(mailbox, tables)
     if config.access.blocklist_recipients:
         verdict = tables.access.recipient(final.local, final.domain)

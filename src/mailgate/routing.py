@@ -219,12 +219,12 @@ def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: l
         if not at:
             local, domain = value, ""
         target = Mailbox(local, domain.rstrip(".").lower())
-        if not target.domain or ctx.is_local(target.domain):
-            if _strip_quotes(target.local).lower() == name.lower():
-                # "root: root" style self-reference: deliver to the account itself.
-                if ctx.user_exists(name):
-                    _add(out, seen, Route("local", name, via=via))
-                else:
-                    out.append(_error(550, "5.1.1", "User unknown", via))
-                return
+        if (not target.domain or ctx.is_local(target.domain)) \
+                and _strip_quotes(target.local).lower() == name.lower():
+            # "root: root" style self-reference: deliver to the account itself.
+            if ctx.user_exists(name):
+                _add(out, seen, Route("local", name, via=via))
+            else:
+                out.append(_error(550, "5.1.1", "User unknown", via))
+            return
         _resolve(rewrite_domain(target, ctx.tables), ctx, True, out, seen, depth + 1)

@@ -64,6 +64,7 @@ class DnsServer:
         self._thread: threading.Thread | None = None
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # lets stop() be quick
 
     # -- records -------------------------------------------------------------------------------
 
@@ -158,6 +159,7 @@ class DnsServer:
 
     def start(self) -> None:
         self._bind()
+        self._wake = socket.socketpair()
         self._stop.clear()
         self._thread = threading.Thread(target=self._serve, name="DnsServer", daemon=True)
         self._thread.start()
@@ -190,9 +192,13 @@ class DnsServer:
         self._tcp.setblocking(False)
         sel.register(self._udp, selectors.EVENT_READ, "udp")
         sel.register(self._tcp, selectors.EVENT_READ, "tcp")
+        assert self._wake is not None
+        sel.register(self._wake[0], selectors.EVENT_READ, "wake")
         try:
             while not self._stop.is_set():
-                for key, _ in sel.select(timeout=0.05):
+                for key, _ in sel.select(timeout=1.0):
+                    if key.data == "wake":
+                        break
                     if key.data == "udp":
                         try:
                             data, addr = self._udp.recvfrom(65535)
@@ -243,13 +249,16 @@ class DnsServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._wake is not None:
+            with contextlib.suppress(OSError):
+                self._wake[1].send(b"x")
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
-        for s in (self._udp, self._tcp):
+        for s in (self._udp, self._tcp, *(self._wake or ())):
             if s is not None:
                 s.close()
-        self._udp = self._tcp = None
+        self._udp = self._tcp = self._wake = None
 
     def __enter__(self) -> DnsServer:
         self.start()

@@ -172,6 +172,9 @@ class _Session:
                 if self.mail_from is None:
                     await self.send("503 5.5.1 Need MAIL command")
                     continue
+                if sink.data_cmd_reply:
+                    await self.send(sink.data_cmd_reply)
+                    continue
                 if not self.rcpts:
                     # RFC 2920: DATA after all RCPTs failed gets 554 and no 354.
                     self._record_transaction(completed=False)
@@ -266,7 +269,8 @@ class SinkServer:
         self.greeting = f"220 {hostname} ESMTP sink"
         self.rcpt_reply: dict[str, str] = {}
         self.mail_reply: str | None = None
-        self.data_reply: str | None = None
+        self.data_reply: str | None = None  # reply after the content (end of data)
+        self.data_cmd_reply: str | None = None  # refuse the DATA command itself with this
         self.ehlo_supported = True
         self.pipelining = True
         self.eightbitmime = True

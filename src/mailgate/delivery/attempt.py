@@ -206,6 +206,7 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     outcomes = await smtp_delivery.deliver(
         msg, route, addresses, resolver=ctx.resolver, hostname=cfg.hostname,
         helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
+        default_port=cfg.delivery.port,
         transcript=ctx.transcript)
     for rcpt, rt in group:
         results.append((rcpt, rt, outcomes[rt.address]))

@@ -50,12 +50,13 @@ def _loops_back(mx_groups: list[list[str]], me: str) -> list[list[str]] | None:
     return mx_groups
 
 
-async def candidates(route: Route, resolver: Resolver, hostname: str) -> list[Candidate]:
+async def candidates(route: Route, resolver: Resolver, hostname: str,
+                     default_port: int = 25) -> list[Candidate]:
     """Addresses to try, in order. Raises DnsError subclasses for the caller to judge."""
     out: list[Candidate] = []
     temp_error: Exception | None = None
     for hop in route.hops:
-        port = hop.port or 25
+        port = hop.port or default_port
         try:
             if hop.mx:
                 groups = await resolver.mail_exchangers(hop.host)
@@ -99,12 +100,13 @@ async def deliver(
     helo_name: str,
     timeouts: Timeouts,
     source_address: str | None = None,
+    default_port: int = 25,
     transcript: Callable[[str], None] | None = None,
 ) -> dict[str, Outcome]:
     """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each."""
     what = route.hops[0].host if route.hops else "?"
     try:
-        cands = await candidates(route, resolver, hostname)
+        cands = await candidates(route, resolver, hostname, default_port)
     except _MailLoop:
         return _failure(Outcome("perm", Reply(554, "5.3.5", f"MX list for {what} points back "
                                                             f"to {hostname}; mail loops back "
@@ -142,9 +144,7 @@ async def deliver(
             reply = exc.reply or Reply(451, "4.4.1", f"Connection refused by [{cand.ip}]")
             last = Outcome("temp" if exc.temporary or reply.is_temporary else "perm", reply,
                            relay, f"[{cand.ip}]", tuple(lines))
-            if not last.status == "temp":
-                return _failure(last, recipients)
-            continue
+            continue  # even a 554 greeting: another address of the hop may serve
         try:
             result = await client.send(
                 env.sender, recipients, message.path, message.offset, size=message.size,

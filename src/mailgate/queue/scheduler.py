@@ -23,7 +23,8 @@ class Scheduler:
                  max_concurrent: int) -> None:
         self._attempt = attempt
         self._heap: list[tuple[float, int, str]] = []
-        self._due: dict[str, float] = {}  # qid → the due time that counts (older heap rows are stale)
+        # qid → the due time that counts; heap rows with another time are stale.
+        self._due: dict[str, float] = {}
         self._active: set[str] = set()
         self._again: set[str] = set()  # asked to run again while an attempt was running
         self._seq = itertools.count()

@@ -264,7 +264,7 @@ class SmtpClient:
         ``body_offset`` to its end (CRLF line ends expected)."""
         self._check_open()
         for addr in (sender, *recipients):
-            if "\r" in addr or "\n" in addr or ">" in addr:
+            if "\r" in addr or "\n" in addr:
                 raise ValueError(f"address not fit for an SMTP command: {addr!r}")
         if not recipients:
             raise ValueError("no recipients")
@@ -435,10 +435,12 @@ class SmtpClient:
             raise SmtpClientError(
                 f"server closing connection: {reply}", reply=reply, temporary=True, stage=stage
             )
-        if not 200 <= reply.code < 600 or (reply.code // 100 == 3 and stage != "data"):
+        if stage == "data":
+            ok = reply.code == 354 or 400 <= reply.code < 600
+        else:
+            ok = 200 <= reply.code < 300 or 400 <= reply.code < 600
+        if not ok:
             raise SmtpClientError(f"unexpected reply to {stage}: {reply}", stage=stage)
-        if stage == "data" and reply.code // 100 == 2:
-            raise SmtpClientError(f"unexpected reply to DATA: {reply}", stage=stage)
         return reply
 
     def _expect_not(self, reply: Reply, code: int, what: str) -> None:

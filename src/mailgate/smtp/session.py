@@ -166,8 +166,7 @@ class SmtpSession(asyncio.Protocol):
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
         ip = peer[0]
         if ip.startswith("::ffff:") and "." in ip:

@@ -8,6 +8,7 @@ found ends the search; ``SKIP`` ends it as if nothing had matched.
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class AccessTable:
         self._maps: dict[str, dict[str, _Stored]] = {tag: {} for tag in ("", *TAGS)}
         self.warnings: list[TableWarning] = []
         self._size = 0
+        self._connect_view: dict[str, _Stored] = {}
 
     # -- loading -------------------------------------------------------------------------
 
@@ -143,11 +145,40 @@ class AccessTable:
 
     def _add_all(self, rows: Iterable[tuple[int, str, str]]) -> None:
         maps = self._maps
-        path = self.path
-        tags = TAGS
         untagged = maps[""]
         # Values repeat massively in big tables ("REJECT", one ERROR text): parse each once.
-        parsed: dict[tuple[str, str], tuple[str, ErrorValue | None, int | None]] = {}
+        parsed: dict[str, dict[str, tuple[str, ErrorValue | None, int | None]]] = {
+            "": {},
+            "greetpause": {},
+            "spam": {},
+        }
+        plain = parsed[""]
+        count = 0
+        # A million new tuples would trigger the cyclic GC over and over; none can form a
+        # cycle, so collection is paused while building (it is the biggest single cost).
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            count = self._fill(rows, maps, untagged, parsed, plain)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        self._size += count
+        # Connect lookups probe one merged dict (tagged entries win, as they are tried first
+        # at each level): the hot path of every new connection.
+        conn = maps["connect"]
+        self._connect_view = {**untagged, **conn} if untagged and conn else (conn or untagged)
+
+    def _fill(
+        self,
+        rows: Iterable[tuple[int, str, str]],
+        maps: dict[str, dict[str, _Stored]],
+        untagged: dict[str, _Stored],
+        parsed: dict[str, dict[str, tuple[str, ErrorValue | None, int | None]]],
+        plain: dict[str, tuple[str, ErrorValue | None, int | None]],
+    ) -> int:
+        path = self.path
+        tags = TAGS
         count = 0
         for no, key, value in rows:
             d = untagged
@@ -168,21 +199,21 @@ class AccessTable:
                 if canon is None:
                     raise TableError(path, no, f"{key}: not an IPv6 address or prefix")
                 rest = "ipv6:" + canon
-            kind = tag if tag in ("greetpause", "spam") else ""
-            v = parsed.get((kind, value))
+            cache = plain if tag in ("", "connect", "from", "to") else parsed[tag]
+            v = cache.get(value)
             if v is None:
-                v = parsed[(kind, value)] = self._parse_value(kind, key, value, no)
-            first = d.get(rest)
-            if first is not None:
+                v = cache[value] = self._parse_value(tag, key, value, no)
+            new = (v[0], v[1], key, no, v[2])
+            first = d.setdefault(rest, new)
+            if first is not new:
                 self.warnings.append(
                     TableWarning(
                         path, no, f"duplicate key {key}: line {first[3]} is used (as makemap does)"
                     )
                 )
                 continue
-            d[rest] = (v[0], v[1], key, no, v[2])
             count += 1
-        self._size += count
+        return count
 
     def _trailing_dot(self, no: int, key: str, rest: str) -> None:
         # Stored verbatim (no client key ends in a dot, so it never matches, as in Sendmail).
@@ -199,7 +230,7 @@ class AccessTable:
     def _parse_value(
         self, kind: str, key: str, value: str, no: int
     ) -> tuple[str, ErrorValue | None, int | None]:
-        """(action, error, pause ms) for a value; ``kind`` is "greetpause", "spam" or ""."""
+        """(action, error, pause ms) for a value; ``kind`` is the tag (greetpause, spam matter)."""
         up = value.upper()
         if kind == "greetpause":
             if not value.isdigit():
@@ -272,12 +303,10 @@ class AccessTable:
             s = self._search("connect", ip, hostname, exact=False)
             return None if s is None else _verdict(s)
         # The hot path, an IPv4 client without PTR name: probe the octet prefixes inline.
-        d1 = self._maps["connect"]
-        d2 = self._maps[""]
+        get = self._connect_view.get
         i = len(ip)
         while i > 0:
-            k = ip[:i]
-            s = d1.get(k) or d2.get(k)
+            s = get(ip[:i])
             if s is not None:
                 return None if s[0] == "SKIP" else _verdict(s)
             i = ip.rfind(".", 0, i)

@@ -1,0 +1,280 @@
+"""FEATURE(mailertable): recipient domain → mailer and next hops (semantics §5, §18.1).
+
+Lookup order for ``a.b.c``: ``a.b.c``, then ``.b.c``, ``.c`` (leading-dot keys match proper
+subdomains only), then ``.``. ``%1`` in the value is the part of the domain the leading-dot key
+did not cover. Unlike Sendmail, a purely numeric item after a host is that host's TCP port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from mailgate.address import is_valid_domain
+from mailgate.tables.maps import (
+    ErrorValue,
+    MapEntry,
+    TableError,
+    TableWarning,
+    parse_error_value,
+    read_map,
+)
+
+__all__ = ["SMTP_MAILERS", "MailerRoute", "MailerTable", "NextHop", "parse_mailer_value"]
+
+# MAILER(smtp)'s mailers. smtp opens with HELO, the others with EHLO; relay is for a smart host.
+SMTP_MAILERS = frozenset({"smtp", "esmtp", "smtp8", "dsmtp", "relay"})
+_UUCP_MAILERS = frozenset({"uucp", "uucp-old", "suucp", "uucp-new", "uucp-uudom", "uucp-dom"})
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """One next hop: ``mx`` False when written ``[host]`` (no MX lookup); ``port`` None = 25."""
+
+    host: str
+    port: int | None
+    mx: bool
+
+    def __str__(self) -> str:
+        shown = self.host if self.mx else f"[{_bracket(self.host)}]"
+        return f"{shown}:{self.port}" if self.port is not None else shown
+
+
+def _bracket(host: str) -> str:
+    return f"IPv6:{host}" if ":" in host else host
+
+
+@dataclass(frozen=True)
+class MailerRoute:
+    """A mailertable entry as it applies to one domain (``%1`` already substituted)."""
+
+    mailer: str  # smtp | esmtp | smtp8 | dsmtp | relay | local | error
+    hops: tuple[NextHop, ...]
+    user: str | None  # local: the user; None = the recipient's own local part
+    error: ErrorValue | None
+    key: str
+    line: int
+
+
+def _split_hosts(text: str) -> list[str]:
+    """Split ``a:[IPv6:2001:db8::1]:2525`` at colons outside brackets."""
+    items: list[str] = []
+    depth = 0
+    start = 0
+    for i, c in enumerate(text):
+        if c == "[":
+            depth += 1
+        elif c == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in {text!r}")
+        elif c == ":" and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in {text!r}")
+    items.append(text[start:])
+    return items
+
+
+def _hop(item: str) -> NextHop:
+    if item.startswith("["):
+        if not item.endswith("]"):
+            raise ValueError(f"junk after ']' in {item!r}")
+        inner = item[1:-1]
+        if inner[:5].lower() == "ipv6:":
+            try:
+                return NextHop(str(ipaddress.IPv6Address(inner[5:])), None, False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a valid IPv6 address") from None
+        if inner.replace(".", "").isdigit():
+            try:
+                return NextHop(str(ipaddress.IPv4Address(inner)), None, False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not a valid IPv4 address") from None
+        host = inner
+        mx = False
+    else:
+        host = item
+        mx = True
+    # "%1" is validated as if it were a label; on an exact match it is empty (Sendmail's
+    # ".relay.example.com"), which is the admin's business, not a syntax error.
+    if not is_valid_domain(host.replace("%1", "x")):
+        raise ValueError(f"{item!r} is not a valid host name")
+    return NextHop(host.lower().rstrip("."), None, mx)
+
+
+def _hops(text: str) -> tuple[NextHop, ...]:
+    hops: list[NextHop] = []
+    after_port = False
+    for item in _split_hosts(text):
+        item = item.strip()
+        if not item:
+            raise ValueError("empty host (\"::\" or a trailing ':')")
+        if item.isdigit():
+            # mailgate's port syntax (§18.1): a number after a host is that host's port.
+            if not hops or after_port:
+                raise ValueError(f"port {item} does not follow a host")
+            port = int(item)
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {item} out of range 1-65535")
+            hops[-1] = replace(hops[-1], port=port)
+            after_port = True
+            continue
+        hops.append(_hop(item))
+        after_port = False
+    return tuple(hops)
+
+
+def parse_mailer_value(value: str, key: str = "", line: int = 0) -> MailerRoute:
+    """Parse a mailertable value (``mailer:host...``); raises ValueError when malformed."""
+    mailer, colon, rest = value.partition(":")
+    mailer_l = mailer.lower()
+    if not colon:
+        raise ValueError(f"{value!r} has no mailer (write e.g. smtp:{value})")
+    rest = rest.strip()
+    if mailer_l in SMTP_MAILERS:
+        if not rest:
+            raise ValueError(f"{mailer}: needs a host")
+        return MailerRoute(mailer_l, _hops(rest), None, None, key, line)
+    if mailer_l == "local":
+        return MailerRoute("local", (), rest or None, None, key, line)
+    if mailer_l == "error":
+        return MailerRoute("error", (), None, parse_error_value(rest), key, line)
+    if mailer_l in _UUCP_MAILERS:
+        raise ValueError(f"mailer {mailer} is not supported by mailgate; use smtp")
+    raise ValueError(
+        f"unknown mailer {mailer!r} (expected smtp, esmtp, smtp8, dsmtp, relay, local or error)"
+    )
+
+
+def _canon_key(key: str) -> str | None:
+    k = key.lower()
+    if k == ".":
+        return k
+    if k.endswith("."):
+        k = k[:-1]
+    bare = k[1:] if k.startswith(".") else k
+    if not bare or not is_valid_domain(bare) or bare.startswith("["):
+        return None
+    return k
+
+
+class MailerTable:
+    """Parsed mailertable: canonical key → route template (``%1`` not yet substituted)."""
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self._routes: dict[str, MailerRoute] = {}
+        self.entries: list[MapEntry] = []
+        self.warnings: list[TableWarning] = []
+
+    @classmethod
+    def load(cls, path: Path | None) -> MailerTable:
+        return cls.from_entries(read_map(path), path if path is not None else "")
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[MapEntry], path: Path | str = "") -> MailerTable:
+        table = cls(str(path))
+        for e in entries:
+            table._add(e)
+        return table
+
+    def _add(self, e: MapEntry) -> None:
+        k = e.key.lower()
+        if k.startswith("[") and k.rstrip(".").endswith("]"):
+            # Sendmail never looks address literals up here; keep the line, say it is dead.
+            self.warnings.append(
+                TableWarning(
+                    self.path,
+                    e.line,
+                    f"{e.key} is never used: address literals bypass the mailertable",
+                )
+            )
+            return
+        canon = _canon_key(e.key)
+        if canon is None:
+            raise TableError(self.path, e.line, f"{e.key!r} is not a domain, .domain or '.'")
+        try:
+            route = parse_mailer_value(e.value, e.key, e.line)
+        except ValueError as exc:
+            raise TableError(self.path, e.line, f"{e.key}: {exc}") from None
+        first = self._routes.get(canon)
+        if first is not None:
+            self.warnings.append(
+                TableWarning(
+                    self.path,
+                    e.line,
+                    f"duplicate key {e.key}: line {first.line} is used (as makemap does)",
+                )
+            )
+            return
+        self._routes[canon] = route
+        self.entries.append(e)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def __contains__(self, key: str) -> bool:
+        return key.lower() in self._routes
+
+    def domain_keys(self) -> list[str]:
+        return list(self._routes)
+
+    def route_for_key(self, key: str) -> MailerRoute | None:
+        """The entry stored under a canonical key (for lint), ``%1`` unsubstituted."""
+        return self._routes.get(key)
+
+    def lookup(self, domain: str) -> MailerRoute | None:
+        """The route for a recipient domain, or None (deliver by MX to the domain itself)."""
+        d = domain.lower()
+        if d.endswith("."):
+            d = d[:-1]
+        if not d:
+            return None
+        routes = self._routes
+        hit = routes.get(d)
+        if hit is not None:
+            return _subst(hit, "")
+        # ".b.c" for "a.b.c": %1 is the part the key did not cover ("a").
+        i = d.find(".")
+        while i >= 0:
+            hit = routes.get(d[i:])
+            if hit is not None:
+                return _subst(hit, d[:i])
+            i = d.find(".", i + 1)
+        hit = routes.get(".")
+        if hit is not None:
+            return _subst(hit, d)
+        return None
+
+
+def _subst(route: MailerRoute, pct1: str) -> MailerRoute:
+    if not any("%" in h.host for h in route.hops) and not (route.user and "%" in route.user):
+        return route
+    hops = tuple(replace(h, host=_pct(h.host, pct1)) for h in route.hops)
+    user = _pct(route.user, pct1) if route.user is not None else None
+    return replace(route, hops=hops, user=user)
+
+
+def _pct(text: str, pct1: str) -> str:
+    """Sendmail's map_rewrite: ``%1`` → the uncovered part, ``%%`` → ``%``."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        c = text[i]
+        if c == "%" and i + 1 < len(text):
+            n = text[i + 1]
+            if n == "1":
+                out.append(pct1)
+                i += 2
+                continue
+            if n == "%":
+                out.append("%")
+                i += 2
+                continue
+        out.append(c)
+        i += 1
+    return "".join(out)

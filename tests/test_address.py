@@ -1,0 +1,229 @@
+"""Address parsing and normalisation (semantics §1, §12)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mailgate.address import (
+    AddressError,
+    Mailbox,
+    canon_domain,
+    is_valid_domain,
+    normalize,
+    parse_path_arg,
+    unquote_local,
+)
+
+LOCAL = {"gateway.example.com", "localhost", ""}
+
+
+def is_local(domain: str) -> bool:
+    return domain in LOCAL
+
+
+def reply_of(fn, *args) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(AddressError) as info:
+        fn(*args)
+    return str(info.value.reply)
+
+
+# -- parse_path_arg ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arg", "keyword", "addr", "params"),
+    [
+        ("FROM:<a@b>", "FROM", "a@b", {}),
+        ("FROM:<a@b> SIZE=10 BODY=8BITMIME", "FROM", "a@b", {"SIZE": "10", "BODY": "8BITMIME"}),
+        ("from:<a@b> size=10 smtputf8", "FROM", "a@b", {"SIZE": "10", "SMTPUTF8": None}),
+        ("FROM: <a@b>", "FROM", "a@b", {}),
+        ("FROM :<a@b>", "FROM", "a@b", {}),
+        ("TO:user@targetdomain1.com", "TO", "user@targetdomain1.com", {}),
+        ("TO:user@x NOTIFY=NEVER", "to", "user@x", {"NOTIFY": "NEVER"}),
+        ("FROM:<>", "FROM", "", {}),
+        ("FROM:<> BODY=7BIT", "FROM", "", {"BODY": "7BIT"}),
+        ('TO:<"john doe"@x>', "TO", '"john doe"@x', {}),
+        ('TO:<"a>b"@x> ORCPT=rfc822;a@x', "TO", '"a>b"@x', {"ORCPT": "rfc822;a@x"}),
+        ("TO:<@a,@b:u@c>", "TO", "@a,@b:u@c", {}),
+        ("TO:<<u@c>>", "TO", "u@c", {}),
+        ("TO:<postmaster>", "TO", "postmaster", {}),
+        ("TO:<üser@bücher.example>", "TO", "üser@bücher.example", {}),
+        ("FROM:<a@b> RET=HDRS ENVID=x+2By", "FROM", "a@b", {"RET": "HDRS", "ENVID": "x+2By"}),
+    ],
+)
+def test_parse_path_arg(arg: str, keyword: str, addr: str, params: dict[str, str | None]) -> None:
+    assert parse_path_arg(arg, keyword) == (addr, params)
+
+
+@pytest.mark.parametrize(
+    ("arg", "keyword", "reply"),
+    [
+        ("TO:<user@targetdomain1.com", "TO", "553 5.0.0 <user@targetdomain1.com... Unbalanced '<'"),
+        ("FROM:", "FROM", '501 5.5.2 Syntax error in parameters scanning "FROM"'),
+        ("FROM:   ", "FROM", '501 5.5.2 Syntax error in parameters scanning "FROM"'),
+        ("TO:", "TO", '501 5.5.2 Syntax error in parameters scanning "TO"'),
+        # Sendmail shows the word it scanned, as the client wrote it.
+        ("FROM <a@b>", "FROM", '501 5.5.2 Syntax error in parameters scanning "FROM"'),
+        ("FRM:<a@b>", "FROM", '501 5.5.2 Syntax error in parameters scanning "FRM"'),
+        ("<a@b>", "FROM", '501 5.5.2 Syntax error in parameters scanning "<a@b>"'),
+        ("", "FROM", '501 5.5.2 Syntax error in parameters scanning ""'),
+        ("FROM:<a@b>", "TO", '501 5.5.2 Syntax error in parameters scanning "FROM"'),
+        ('TO:<"abc@x>', "TO", "553 5.0.0 <\"abc@x>... Unbalanced '\"'"),
+        ("TO:a>b@x", "TO", "553 5.0.0 a>b@x... Unbalanced '>'"),
+        ("TO:<a@b>junk", "TO", "553 5.0.0 <a@b>junk... Junk after '>'"),
+        (
+            "TO:<a\x01@b>",
+            "TO",
+            "553 5.1.1 <a\x01@b>... Address contained invalid control characters",
+        ),
+    ],
+)
+def test_parse_path_arg_errors(arg: str, keyword: str, reply: str) -> None:
+    assert reply_of(parse_path_arg, arg, keyword) == reply
+
+
+def test_parse_path_arg_bad_param() -> None:
+    with pytest.raises(AddressError) as info:
+        parse_path_arg("FROM:<a@b> =x", "FROM")
+    assert info.value.reply.code == 501
+    assert info.value.reply.enhanced == "5.5.4"
+
+
+# -- normalize --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("user@targetdomain1.com", Mailbox("user", "targetdomain1.com")),
+        ("User@TargetDomain1.COM.", Mailbox("User", "targetdomain1.com")),
+        # §1: the %-hack on a local host.
+        ("user%targetdomain1.com@gateway.example.com", Mailbox("user", "targetdomain1.com")),
+        ("user%example.net@gateway.example.com", Mailbox("user", "example.net")),
+        ("u%a.example%b.example@gateway.example.com", Mailbox("u%a.example", "b.example")),
+        # Repeated while the new host is local too.
+        ("u%a.example%localhost@gateway.example.com", Mailbox("u", "a.example")),
+        # Not on a remote host.
+        (
+            "user%other.example@targetdomain1.com",
+            Mailbox("user%other.example", "targetdomain1.com"),
+        ),
+        # UUCP bang paths without "@".
+        ("targetdomain1.com!user", Mailbox("user", "targetdomain1.com")),
+        ("example.net!user", Mailbox("user", "example.net")),
+        ("uuhost!user", Mailbox("user", "uuhost")),
+        ("a!b!u", Mailbox("b!u", "a")),
+        # With "@" the bang stays in the local part.
+        ("a!b@targetdomain1.com", Mailbox("a!b", "targetdomain1.com")),
+        # Source routes are dropped.
+        ("@example.net:user@targetdomain1.com", Mailbox("user", "targetdomain1.com")),
+        ("@a.example,@b.example:u@X.Example.", Mailbox("u", "x.example")),
+        # Address literals, lower-cased and canonical.
+        ("u@[192.0.2.98]", Mailbox("u", "[192.0.2.98]")),
+        ("u@[IPv6:2001:DB8::1]", Mailbox("u", "[ipv6:2001:db8::1]")),
+        ("u@[IPv6:2001:db8:0:0:0:0:0:1]", Mailbox("u", "[ipv6:2001:db8::1]")),
+        # Quoted local parts kept as written.
+        ('"john doe"@gateway.example.com', Mailbox('"john doe"', "gateway.example.com")),
+        ('"root"@gateway.example.com', Mailbox('"root"', "gateway.example.com")),
+        ('"john doe"@targetdomain1.com', Mailbox('"john doe"', "targetdomain1.com")),
+        ('"a%b"@gateway.example.com', Mailbox('"a%b"', "gateway.example.com")),
+        ('"a@b"@x.example', Mailbox('"a@b"', "x.example")),
+        ("postmaster", Mailbox("postmaster", "")),
+        ("üser@bücher.example", Mailbox("üser", "bücher.example")),
+        ("first.last+tag@x.example", Mailbox("first.last+tag", "x.example")),
+        ("", Mailbox("", "")),
+    ],
+)
+def test_normalize(raw: str, expected: Mailbox) -> None:
+    assert normalize(raw, is_local) == expected
+
+
+def test_percent_hack_unqualified_uses_is_local() -> None:
+    assert normalize("user%targetdomain1.com", is_local) == Mailbox("user", "targetdomain1.com")
+    assert normalize("user%targetdomain1.com", lambda d: False) == Mailbox(
+        "user%targetdomain1.com", ""
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "reply"),
+    [
+        ("user@", "553 5.1.3 <user@>... Hostname required"),
+        ("@", "553 5.1.3 <@>... List:; syntax illegal for recipient addresses"),
+        ("@example.com", "553 5.1.3 <@example.com>... User address required"),
+        ("@a:", "553 5.1.3 <@a:>... User address required"),
+        ("u@a..b", "553 5.1.2 <u@a..b>... Invalid host name"),
+        ("u@-a.example", "553 5.1.2 <u@-a.example>... Invalid host name"),
+        ("u@[300.1.1.1]", "553 5.1.2 <u@[300.1.1.1]>... Invalid host name"),
+        ("u@[IPv6:zz::1]", "553 5.1.2 <u@[IPv6:zz::1]>... Invalid host name"),
+        ("a b@x.example", "553 5.1.3 <a b@x.example>... Invalid local part"),
+        ("a,b@x.example", "553 5.1.3 <a,b@x.example>... Invalid local part"),
+        ("a@b@x.example", "553 5.1.3 <a@b@x.example>... Invalid route address"),
+        ('"open@x.example', "553 5.0.0 <\"open@x.example>... Unbalanced '\"'"),
+        ("a\x7f@x", "553 5.1.1 <a\x7f@x>... Address contained invalid control characters"),
+        (
+            "a" * 250 + "@x.example",
+            f"553 5.1.0 <{'a' * 250}@x.example>... Address too long (255 bytes max)",
+        ),
+    ],
+)
+def test_normalize_errors(raw: str, reply: str) -> None:
+    assert reply_of(normalize, raw, is_local) == reply
+
+
+def test_normalize_written_form_in_error() -> None:
+    with pytest.raises(AddressError) as info:
+        normalize("user@", is_local, written="user@")
+    assert str(info.value.reply) == "553 5.1.3 user@... Hostname required"
+    assert info.value.reply.is_permanent
+
+
+def test_mailbox_properties() -> None:
+    assert str(Mailbox("u", "x.example")) == "u@x.example"
+    assert str(Mailbox("postmaster", "")) == "postmaster"
+    assert Mailbox("u", "[192.0.2.1]").is_literal
+    assert not Mailbox("u", "x.example").is_literal
+    assert Mailbox("", "").is_null
+    assert not Mailbox("u", "").is_null
+
+
+def test_helpers() -> None:
+    assert is_valid_domain("example.com.")
+    assert is_valid_domain("xn--bcher-kva.example")
+    assert is_valid_domain("[192.0.2.1]")
+    assert not is_valid_domain("")
+    assert not is_valid_domain(".example.com")
+    assert not is_valid_domain("a_b c.example")
+    assert not is_valid_domain("a" * 64 + ".example")
+    assert canon_domain("Example.COM.") == "example.com"
+    assert canon_domain("[IPv6:2001:DB8:0::1]") == "[ipv6:2001:db8::1]"
+    assert canon_domain("a..b") is None
+    assert unquote_local('"john doe"') == "john doe"
+    assert unquote_local('"a\\"b"') == 'a"b'
+    assert unquote_local("plain") == "plain"
+
+
+_atom = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_+=", min_size=1, max_size=12)
+_label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
+
+
+@given(local=_atom, labels=st.lists(_label, min_size=1, max_size=4))
+def test_roundtrip_simple_addresses(local: str, labels: list[str]) -> None:
+    domain = ".".join(labels)
+    addr, params = parse_path_arg(f"TO:<{local}@{domain.upper()}> NOTIFY=NEVER", "TO")
+    assert params == {"NOTIFY": "NEVER"}
+    mb = normalize(addr, is_local)
+    assert mb == Mailbox(local, domain)
+    assert str(mb) == f"{local}@{domain}"
+
+
+@given(st.text(max_size=40))
+def test_parse_never_crashes(text: str) -> None:
+    # Any input either parses or raises AddressError with an SMTP reply, never anything else.
+    try:
+        addr, _ = parse_path_arg("TO:" + text, "TO")
+        normalize(addr, is_local)
+    except AddressError as exc:
+        assert exc.reply.code in (501, 553)

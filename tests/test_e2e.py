@@ -1,0 +1,392 @@
+"""End to end: the real daemon on loopback, smtplib clients from distinct 127.x addresses, sink
+SMTP servers as next hops, a DNS server on loopback for MX/A/PTR, kill -9 and restart.
+
+The set-up mirrors the Sendmail gateway of the issue: mailertable routes each target domain to
+its own internal server, access lets the outside relay only to `To:` RELAY domains and lets the
+listed internal hosts relay anywhere, local-host-names holds the locally delivered domain.
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dnsserver import DnsServer
+from tests.support.gateway import GatewayProcess, free_port, run_cli
+from tests.support.sink import SinkServer
+
+OUTSIDE = "127.0.0.2"  # an ordinary Internet client
+INTERNAL = "127.0.0.3"  # listed in access by IP
+INTERNAL_NET = "127.0.1.9"  # inside the listed prefix 127.0.1
+HOP1 = "127.0.0.5"  # targetdomain1.com's internal server (mailertable [host]:port)
+HOP2 = "127.0.0.6"  # targetdomain2.com's server, found through MX of relay.test
+MXHOST = "127.0.0.7"  # example.net's MX, for mail routed by MX records
+
+
+def message(subject: str = "hello", frm: str = "alice@example.org",
+            to: str = "bob@targetdomain1.com", body: str = "Hi Bob.\r\n") -> bytes:
+    return (f"From: <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+            f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n\r\n{body}").encode()
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        server.add("example.org", "MX", "10 mx.example.org.")
+        server.add("mx.example.org", "A", MXHOST)
+        server.add("example.net", "MX", "10 mx.example.net.")
+        server.add("mx.example.net", "A", MXHOST)
+        server.add("relay.test", "MX", "10 mx1.relay.test.")
+        server.add("mx1.relay.test", "A", HOP2)
+        yield server
+
+
+@pytest.fixture
+def hop1() -> Iterator[SinkServer]:
+    with SinkServer(HOP1, free_port(HOP1)) as sink:
+        yield sink
+
+
+@pytest.fixture
+def hop2_port() -> int:
+    return free_port(HOP2)
+
+
+@pytest.fixture
+def mx_port() -> int:
+    return free_port(MXHOST)
+
+
+def make_gateway(tmp_path: Path, dns: DnsServer, hop1_port: int, hop2_port: int, mx_port: int,
+                 extra_settings: str = "") -> GatewayProcess:
+    tables = {
+        "mailertable": (
+            f"targetdomain1.com   smtp:[{HOP1}]:{hop1_port}\n"
+            f"targetdomain2.com   esmtp:relay.test:{hop2_port}\n"
+            "refused.example    error:5.7.1:550 Mail for this domain is refused\n"
+        ),
+        "access": (
+            "To:targetdomain1.com  RELAY\n"
+            "To:targetdomain2.com  RELAY\n"
+            "To:refused.example    RELAY\n"
+            f"{INTERNAL}   RELAY\n"
+            "127.0.1   RELAY\n"
+        ),
+        "local-host-names": "mail.example.org\n",
+        "aliases": "postmaster: alice\nteam: alice, bob@targetdomain1.com\n",
+    }
+    settings = (
+        "[queue]\nrun_interval = \"2s\"\nretry_min = \"1s\"\n"
+        f"[delivery]\nport = {mx_port}\nconnect_timeout = \"2s\"\n"
+        "[smtp]\ngreet_pause = \"0s\"\nbad_rcpt_throttle = 0\n" + extra_settings
+    )
+    gw = GatewayProcess(tmp_path / "gw", dns=dns.address, tables=tables, settings=settings)
+    (gw.maildir / "alice").mkdir(parents=True)
+    return gw
+
+
+@pytest.fixture
+def gateway(tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int,
+            mx_port: int) -> Iterator[GatewayProcess]:
+    gw = make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port)
+    with gw:
+        yield gw
+
+
+def test_routed_domain_goes_to_its_mailertable_hop(gateway: GatewayProcess,
+                                                   hop1: SinkServer) -> None:
+    with gateway.smtp(OUTSIDE) as s:
+        code, banner = s.ehlo()
+        assert code == 250
+        assert b"PIPELINING" in banner and b"8BITMIME" in banner and b"SIZE" in banner
+        s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message())
+    [msg] = hop1.wait_for(1, timeout=10)
+    assert msg.mail_from == "alice@example.org"
+    assert msg.rcpt_tos == ["bob@targetdomain1.com"]
+    assert msg.data.startswith(b"Received: from client.example.net ([127.0.0.2])\r\n"
+                               b"\tby gateway.example.com (mailgate) with ESMTP id ")
+    assert msg.data.endswith(message())
+    log = gateway.wait_log("stat=Sent")
+    assert "from=<alice@example.org>, size=" in log and "nrcpts=1" in log
+    assert "msgid=<hello@example.org>" in log and "relay=[127.0.0.2]" in log
+    assert "to=<bob@targetdomain1.com>" in log and "mailer=smtp" in log
+    assert f"relay={HOP1}. [{HOP1}]" in log or f"relay=[{HOP1}]" in log
+    time.sleep(0.3)
+    assert gateway.queued() == []
+
+
+def test_foreign_domain_refused_from_outside(gateway: GatewayProcess, hop1: SinkServer) -> None:
+    with gateway.smtp(OUTSIDE) as s:
+        s.ehlo()
+        assert s.mail("alice@example.org")[0] == 250
+        code, text = s.rcpt("victim@example.net")
+        assert code == 550
+        assert text.startswith(b"5.7.1 <victim@example.net>... Relaying denied")
+        # the subdomain of a RELAY domain is not relayed under relay_hosts_only
+        code, text = s.rcpt("x@sub.targetdomain1.com")
+        assert (code, text[:5]) == (550, b"5.7.1")
+        # percent hack and bang paths are resolved before the relay check
+        assert s.rcpt("victim%example.net@gateway.example.com")[0] == 550
+        assert s.rcpt("example.net!victim")[0] == 550
+        assert s.rcpt("bob%targetdomain1.com@gateway.example.com")[0] == 250
+    assert "reject=550 5.7.1 <victim@example.net>... Relaying denied" in gateway.log()
+
+
+def test_listed_client_may_relay_anywhere_by_mx(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
+                                                hop2_port: int, mx_port: int) -> None:
+    with SinkServer(MXHOST, mx_port) as mx, \
+            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+        for source in (INTERNAL, INTERNAL_NET, "127.0.0.1"):
+            with gw.smtp(source) as s:
+                s.sendmail("it@example.org", ["someone@example.net"],
+                           message(f"from {source}", to="someone@example.net"))
+        msgs = mx.wait_for(3, timeout=15)
+        assert sorted(m.peer for m in msgs) == ["127.0.0.1"] * 3 or len(msgs) == 3
+        assert all(m.rcpt_tos == ["someone@example.net"] for m in msgs)
+
+
+def test_mx_routed_mailertable_entry_with_port(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
+                                               hop2_port: int, mx_port: int) -> None:
+    with SinkServer(HOP2, hop2_port) as hop2, \
+            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["carol@targetdomain2.com", "dave@targetdomain2.com"],
+                       message(to="carol@targetdomain2.com"))
+        [msg] = hop2.wait_for(1, timeout=10)
+        # one transaction carries both recipients of the hop
+        assert sorted(msg.rcpt_tos) == ["carol@targetdomain2.com", "dave@targetdomain2.com"]
+        assert msg.pipelined
+
+
+def test_local_user_gets_maildir_and_unknown_user_is_refused(gateway: GatewayProcess,
+                                                             hop1: SinkServer) -> None:
+    with gateway.smtp(OUTSIDE) as s:
+        s.ehlo()
+        s.mail("bob@example.org")
+        code, text = s.rcpt("nobody-here@mail.example.org")
+        assert (code, text) == (550, b"5.1.1 <nobody-here@mail.example.org>... User unknown")
+        s.rset()
+        s.sendmail("bob@example.org", ["alice@mail.example.org"], message("local", to="alice"))
+        # an alias that fans out to a local user and a routed domain
+        s.sendmail("bob@example.org", ["team@gateway.example.com"], message("team", to="team"))
+    deadline = time.monotonic() + 10
+    new = gateway.maildir / "alice" / "new"
+    while time.monotonic() < deadline and len(list(new.glob("*"))) < 2:
+        time.sleep(0.05)
+    files = sorted(new.iterdir())
+    assert len(files) == 2
+    texts = [f.read_bytes() for f in files]
+    assert all(t.startswith(b"Return-Path: <bob@example.org>\n") for t in texts)
+    assert any(b"Subject: local\n" in t for t in texts)
+    assert all(b"\r\n" not in t for t in texts)
+    [routed] = hop1.wait_for(1, timeout=10)
+    assert routed.rcpt_tos == ["bob@targetdomain1.com"]
+
+
+def test_mailertable_error_refused_at_rcpt(gateway: GatewayProcess) -> None:
+    with gateway.smtp(OUTSIDE) as s:
+        s.ehlo()
+        s.mail("bob@example.org")
+        code, text = s.rcpt("x@refused.example")
+        assert (code, text) == (550, b"5.7.1 <x@refused.example>... Mail for this domain is "
+                                     b"refused")
+
+
+def test_smtp_smuggling_is_refused(gateway: GatewayProcess, hop1: SinkServer) -> None:
+    with gateway.smtp(OUTSIDE) as s:
+        s.ehlo()
+        s.mail("alice@example.org")
+        s.rcpt("bob@targetdomain1.com")
+        code, _ = s.docmd("DATA")
+        assert code == 354
+        s.send(b"Subject: a\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@y>\r\n"
+               b"\r\n.\r\n")
+        code, text = s.getreply()
+        assert code == 550 and text.startswith(b"5.6.11")
+        assert s.noop()[0] == 250  # still in sync
+    time.sleep(0.5)
+    assert hop1.messages == []
+
+
+def test_kill_9_after_250_then_restart_delivers(tmp_path: Path, dns: DnsServer,
+                                               hop2_port: int, mx_port: int) -> None:
+    port1 = free_port(HOP1)
+    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
+    gw.start()
+    try:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("survivor"))
+        # The next hop is down: the message is acknowledged and waits in the queue.
+        gw.wait_log("stat=Deferred")
+        assert len(gw.queued()) == 1
+    finally:
+        gw.kill9()
+    with SinkServer(HOP1, port1) as hop1:
+        gw.start()
+        try:
+            [msg] = hop1.wait_for(1, timeout=15)
+            assert b"Subject: survivor" in msg.data
+            deadline = time.monotonic() + 5
+            while gw.queued() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert gw.queued() == []
+        finally:
+            gw.stop()
+
+
+def test_kill_9_during_delivery(tmp_path: Path, dns: DnsServer, hop2_port: int,
+                                mx_port: int) -> None:
+    port1 = free_port(HOP1)
+    with SinkServer(HOP1, port1) as hop1:
+        hop1.delays["greeting"] = 30.0  # the delivery hangs right after the 250 to our client
+        gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
+        gw.start()
+        try:
+            with gw.smtp(OUTSIDE) as s:
+                s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("inflight"))
+            deadline = time.monotonic() + 5
+            while hop1.connections == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert hop1.connections >= 1
+        finally:
+            gw.kill9()
+        hop1.delays.clear()
+        gw.start()
+        try:
+            [msg] = hop1.wait_for(1, timeout=15)
+            assert b"Subject: inflight" in msg.data
+        finally:
+            gw.stop()
+
+
+def test_retry_when_next_hop_comes_back_and_mailq(tmp_path: Path, dns: DnsServer,
+                                                  hop2_port: int, mx_port: int) -> None:
+    port1 = free_port(HOP1)
+    hop1 = SinkServer(HOP1, port1)
+    with make_gateway(tmp_path, dns, port1, hop2_port, mx_port) as gw:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("later"))
+        gw.wait_log("stat=Deferred")
+        out = run_cli("mailq", "-c", str(gw.config))
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.splitlines()
+        assert lines[0].startswith("\t\t") and lines[0].endswith("(1 request)")
+        assert lines[1].startswith("-----Q-ID----- --Size-- -----Q-Time-----")
+        assert "<alice@example.org>" in lines[2] and len(lines[2].split()[0]) == 14
+        assert "\t\t\t\t\t <bob@targetdomain1.com>" in out.stdout
+        assert "Deferred" in out.stdout
+        assert lines[-1] == "\t\tTotal requests: 1"
+        hop1.start()
+        try:
+            [msg] = hop1.wait_for(1, timeout=15)
+            assert b"Subject: later" in msg.data
+        finally:
+            hop1.stop()
+        assert "stat=Sent" in gw.wait_log("stat=Sent")
+
+
+def test_permanent_failure_bounces_to_sender(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
+                                             hop2_port: int, mx_port: int) -> None:
+    hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+    with SinkServer(MXHOST, mx_port) as mx, \
+            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+        with gw.smtp(INTERNAL) as s:
+            s.sendmail("alice@example.org", ["gone@targetdomain1.com", "bob@targetdomain1.com"],
+                       message("doomed"))
+        [delivered] = hop1.wait_for(1, timeout=10)
+        assert delivered.rcpt_tos == ["bob@targetdomain1.com"]
+        [dsn] = mx.wait_for(1, timeout=15)
+        assert dsn.mail_from == "" and dsn.rcpt_tos == ["alice@example.org"]
+        assert b"multipart/report" in dsn.data and b"Status: 5.1.1" in dsn.data
+        assert b"gone@targetdomain1.com" in dsn.data
+        log = gw.wait_log("DSN: ")
+        assert "stat=User unknown" in log
+
+
+def test_sighup_reloads_tables_and_keeps_old_on_error(gateway: GatewayProcess,
+                                                      hop1: SinkServer) -> None:
+    with gateway.smtp("127.0.0.4") as s:
+        s.ehlo()
+        s.mail("x@example.org")
+        assert s.rcpt("y@example.net")[0] == 550
+    access = gateway.dir / "access"
+    access.write_text(access.read_text() + "127.0.0.4 RELAY\n")
+    gateway.signal(signal.SIGHUP)
+    gateway.wait_log("configuration reloaded")
+    with gateway.smtp("127.0.0.4") as s:
+        s.ehlo()
+        s.mail("x@example.org")
+        assert s.rcpt("y@example.net")[0] == 250
+    # A broken table is refused and the running rules stay.
+    access.write_text(access.read_text() + "127.0.0.8 MAYBE\n")
+    gateway.signal(signal.SIGHUP)
+    log = gateway.wait_log("reload refused")
+    assert "access:7" in log
+    with gateway.smtp("127.0.0.4") as s:
+        s.ehlo()
+        s.mail("x@example.org")
+        assert s.rcpt("y@example.net")[0] == 250
+
+
+def test_flush_verbose_and_route(tmp_path: Path, dns: DnsServer, hop2_port: int,
+                                 mx_port: int) -> None:
+    port1 = free_port(HOP1)
+    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port,
+                      extra_settings="")
+    with gw:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("flushme"))
+        gw.wait_log("stat=Deferred")
+        gw.stop()
+    with SinkServer(HOP1, port1) as hop1:
+        out = run_cli("flush", "-v", "-c", str(gw.config))
+        assert out.returncode == 0, out.stderr
+        assert ">>> MAIL From:<alice@example.org>" in out.stdout
+        assert "<<< 250" in out.stdout
+        assert len(hop1.wait_for(1, timeout=5)) == 1
+    out = run_cli("route", "-c", str(gw.config), "bob@TargetDomain1.COM.", "x@example.net",
+                  "alice@mail.example.org", "u@[192.0.2.1]")
+    assert f"mailer smtp, host [{HOP1}]:{port1}, user bob@targetdomain1.com" in out.stdout
+    assert "mailer esmtp, host example.net, user x@example.net" in out.stdout
+    assert "mailer local, host local, user alice" in out.stdout
+    assert "mailer esmtp, host [192.0.2.1], user u@[192.0.2.1]" in out.stdout
+
+
+def test_greeting_and_refused_commands(gateway: GatewayProcess) -> None:
+    with gateway.smtp(OUTSIDE) as s:
+        # smtplib read the greeting on connect
+        assert s.docmd("VRFY", "alice")[0] == 252
+        assert s.docmd("EXPN", "team")[0] == 502
+        assert s.docmd("EHLO")[0] == 501
+        s.ehlo()
+        assert s.docmd("RCPT", "TO:<a@targetdomain1.com>")[0] == 503
+        assert s.docmd("DATA")[0] == 503
+    with smtplib.SMTP() as raw:
+        raw.connect(gateway.host, gateway.port)
+        assert raw.docmd("NOOP")[0] == 250
+
+
+def test_check_command_reports_errors_with_lines(tmp_path: Path) -> None:
+    d = tmp_path / "cfg"
+    d.mkdir()
+    (d / "mailgate.toml").write_text('hostname = "gw.example.com"\n')
+    (d / "access").write_text("192.168.0.   RELAY\n10.1.2.3 RELAY\n")
+    (d / "local-host-names").write_text("targetdomain1.com\n")
+    (d / "mailertable").write_text("targetdomain1.com   smtp:[192.0.2.1]\n")
+    out = run_cli("check", "-c", str(d / "mailgate.toml"))
+    assert out.returncode == 0, out.stderr
+    assert "access:1" in out.stdout and "192.168.0" in out.stdout
+    assert "mailertable:1" in out.stdout or "local-host-names:1" in out.stdout
+    (d / "mailertable").write_text("targetdomain1.com   smtp:[192.0.2.1]\nbad.example  smtp:\n")
+    out = run_cli("check", "-c", str(d / "mailgate.toml"))
+    assert out.returncode != 0
+    assert "mailertable:2" in out.stderr
+    (d / "mailgate.toml").write_text('hostname = "gw.example.com"\n[queue]\nrun_interval = "x"\n')
+    out = run_cli("check", "-c", str(d / "mailgate.toml"))
+    assert out.returncode != 0 and "mailgate.toml:3" in out.stderr
