@@ -105,10 +105,15 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage) -> float | N
     pending = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
     work: list[tuple[Recipient, Route]] = []
     targets_of: dict[str, list[str]] = {}
+    queued_targets: set[str] = set()
     for rcpt in pending:
         routes = resolve(mailbox_of(rcpt.address), snap.routing, expand=True)
         targets_of[rcpt.address] = [r.target for r in routes]
-        work.extend((rcpt, r) for r in routes if r.target not in st.done)
+        for r in routes:
+            # root@localhost and postmaster may both end at root: one delivery, as Sendmail.
+            if r.target not in st.done and r.target not in queued_targets:
+                queued_targets.add(r.target)
+                work.append((rcpt, r))
 
     results: list[tuple[Recipient, Route, Outcome]] = []
     smtp_groups: dict[tuple[str, str], list[tuple[Recipient, Route]]] = {}

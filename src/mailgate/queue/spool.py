@@ -182,7 +182,7 @@ class Spool:
     def new_qid(self) -> str:
         """A 14-character Sendmail-style queue id: time, sequence within the second, pid."""
         now = int(time.time())
-        if now != self._last_second:
+        if now > self._last_second:  # never step back into a second we borrowed below
             self._last_second, self._seq = now, 0
         while True:
             if self._seq >= 3600:

@@ -198,6 +198,15 @@ class AccessTable:
                 canon = _ipv6_prefix_key(rest[5:])
                 if canon is None:
                     raise TableError(path, no, f"{key}: not an IPv6 address or prefix")
+                if rest.endswith("::"):
+                    self.warnings.append(
+                        TableWarning(
+                            path,
+                            no,
+                            f"{key} matches the single address {canon} only; for the network"
+                            f" write IPv6:{rest[5:].rstrip(':')}",
+                        )
+                    )
                 rest = "ipv6:" + canon
             cache = plain if tag in ("", "connect", "from", "to") else parsed[tag]
             v = cache.get(value)
