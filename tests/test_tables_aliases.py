@@ -16,7 +16,7 @@ def table(tmp_path: Path, text: str) -> AliasTable:
     return AliasTable.load(p)
 
 
-def A(v: str) -> AliasTarget:  # noqa: N802 - short constructor for readability
+def A(v: str) -> AliasTarget:
     return AliasTarget("address", v)
 
 

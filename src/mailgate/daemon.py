@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 import signal
-import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,6 +24,7 @@ from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import Spool
 from mailgate.reply import Reply
+from mailgate.smtp.listener import Listener, bind_socket
 from mailgate.snapshot import Snapshot, build_snapshot
 from mailgate.tables.maps import TableError
 
@@ -48,7 +48,7 @@ class Gateway:
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
-        self.servers: list[asyncio.base_events.Server] = []
+        self.listeners: list[Listener] = []
         self.stopped = asyncio.Event()
         self.delivery = DeliveryContext(
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
@@ -68,12 +68,13 @@ class Gateway:
                                                                              * 0.001)))
         if recovered:
             maillog.info(f"recovered {len(recovered)} queued message(s) from {cfg.spool_dir}")
-        loop = asyncio.get_running_loop()
         for host, port in cfg.listen:
-            server = await loop.create_server(
-                self._new_session, host, port, reuse_address=True, backlog=4096,
-                family=socket.AF_INET6 if ":" in host else socket.AF_INET)
-            self.servers.append(server)
+            listener = Listener(
+                bind_socket(host, port), self._new_session,
+                rate=lambda: self.snapshot.config.smtp.connection_rate_throttle,
+                has_room=lambda: len(self.sessions) < self.snapshot.config.smtp.max_connections)
+            listener.start()
+            self.listeners.append(listener)
         if cfg.pid_file:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
@@ -87,8 +88,8 @@ class Gateway:
 
     async def stop(self) -> None:
         maillog.info("stopping: no new connections, finishing deliveries in progress")
-        for server in self.servers:
-            server.close()
+        for listener in self.listeners:
+            await listener.close()
         for s in list(self.sessions):
             if s.transport is not None:
                 with contextlib.suppress(Exception):
@@ -140,8 +141,6 @@ class Gateway:
     def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
         smtp = self.snapshot.config.smtp
         host = self.snapshot.config.hostname
-        if len(self.sessions) > smtp.max_connections:
-            return Reply(421, "4.3.2", f"{host} Too many connections; try again later")
         if smtp.max_connections_per_ip and self.per_ip[session.client.ip] > \
                 smtp.max_connections_per_ip and not Client(session.client.ip).is_loopback:
             self.counters["per_ip_limit"] += 1

@@ -173,6 +173,7 @@ class SmtpSession(asyncio.Protocol):
             ip = ip[7:]
         self.client = Client(ip)
         self.port = peer[1]
+        self.connected_at = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.gw.session_started(self)
 
@@ -280,9 +281,12 @@ class SmtpSession(asyncio.Protocol):
             ms = tables.access.greet_pause(self.client.ip, name)
             if ms is not None:
                 pause = ms / 1000.0
+        # The pause runs from the connect, so the PTR lookup above is part of it.
+        started = self.connected_at
         if pause > 0:
-            started = time.monotonic()
-            await self.wait_input(pause)
+            remaining = pause - (time.monotonic() - started)
+            if remaining > 0 and not self.conn.pending_bytes:
+                await self.wait_input(remaining)
             if self.conn.pending_bytes or self.closed:
                 self.early_talker = True
                 self.gw.count("early_talkers")
@@ -560,6 +564,8 @@ class SmtpSession(asyncio.Protocol):
         for n, v in fields:
             if n == "message-id":
                 self.msgid = v
+        warnings = self._auth_warnings(cfg.hostname) \
+            if "authwarnings" in cfg.smtp.privacy else ""
         if self.client.ptr_name:
             forged = "" if self.client.ptr_status == "OK" else " (may be forged)"
             origin = f"({self.client.ptr_name} [{self.client.ip}]{forged})"
@@ -573,7 +579,7 @@ class SmtpSession(asyncio.Protocol):
         if len(env.recipients) == 1:
             recv += f"\r\n\tfor <{env.recipients[0].address}>"
         recv += f"; {date}\r\n"
-        extra = ""
+        extra = warnings
         if fields and "message-id" not in names:
             self.msgid = f"<{time.strftime('%Y%m%d%H%M', time.gmtime(env.arrival))}." \
                          f"{env.qid}@{cfg.hostname}>"
@@ -587,6 +593,18 @@ class SmtpSession(asyncio.Protocol):
                 msg.write(recv.encode() + extra.encode() + head)
         except OSError as exc:
             self.write_error = exc
+
+    def _auth_warnings(self, hostname: str) -> str:
+        """X-Authentication-Warning: where Sendmail's authwarnings adds one (semantics §11)."""
+        if self.helo is None:
+            text = f"[{self.client.ip}] didn't use HELO protocol"
+        elif (self.client.verified_name and not self.client.is_loopback
+              and self.helo.lower().rstrip(".") != self.client.verified_name.lower()):
+            text = f"Host {self.client.verified_name} [{self.client.ip}] claimed to be {self.helo}"
+        else:
+            return ""
+        maillog.info(f"Authentication-Warning: {hostname}: {text}")
+        return f"X-Authentication-Warning: {hostname}: {text}\r\n"
 
     async def on_data_end(self, size: int) -> None:
         cfg = self.snap.config
