@@ -164,3 +164,21 @@ def test_commit_failure_is_reported_and_leaves_nothing(tmp_path: Path,
     assert list((tmp_path / "queue").iterdir()) == []
     assert list((tmp_path / "incoming").iterdir()) == []
     spool.close()
+
+
+def test_many_concurrent_commits_with_a_fast_disk_finish(tmp_path: Path) -> None:
+    """Waiters that find the shared directory fsync already finished must not spin."""
+    spool = Spool(tmp_path)
+
+    async def many() -> None:
+        for _round in range(5):
+            msgs = []
+            for _ in range(40):
+                m = spool.open_incoming(envelope(spool))
+                m.write(b"x\r\n")
+                msgs.append(m)
+            await asyncio.wait_for(asyncio.gather(*(spool.commit(m) for m in msgs)), 20)
+
+    asyncio.run(many())
+    assert len(list(spool.qids())) == 200
+    spool.close()

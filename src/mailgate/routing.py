@@ -47,7 +47,8 @@ class Route:
         """The next hop as Sendmail's ``-bt`` shows it: ``[host]`` when MX is not used."""
         parts = []
         for hop in self.hops:
-            text = hop.host if hop.mx else f"[{hop.host}]"
+            literal = f"ipv6:{hop.host}" if ":" in hop.host else hop.host
+            text = hop.host if hop.mx else f"[{literal}]"
             parts.append(f"{text}:{hop.port}" if hop.port else text)
         return ":".join(parts)
 
@@ -61,7 +62,7 @@ class Route:
 class RoutingContext:
     tables: Tables
     class_w: frozenset[str]  # local-host-names plus our own names and [ip] literals
-    user_exists: Callable[[str], bool]
+    local_user: Callable[[str], str | None]  # the account / maildir name a local part reaches
     hostname: str = "localhost"
     extra: dict[str, object] = field(default_factory=dict)
 
@@ -107,8 +108,13 @@ def _resolve(mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route], s
         return
     if ctx.is_local(mb.domain):
         _resolve_local(mb, ctx, expand, out, seen, depth)
-    else:
-        _add(out, seen, remote_route(mb, ctx))
+        return
+    entry = None if mb.is_literal else ctx.tables.mailertable.lookup(mb.domain)
+    if entry is not None and entry.mailer == "local":
+        # mailertable local:[user] hands the recipient to the local mailer: aliases apply.
+        _resolve_local_user(entry.user or mb.local, ctx, expand, out, seen, depth)
+        return
+    _add(out, seen, remote_route(mb, ctx))
 
 
 def _add(out: list[Route], seen: set[str], route: Route) -> None:
@@ -135,8 +141,8 @@ def remote_route(mb: Mailbox, ctx: RoutingContext) -> Route:
     if entry.error is not None:
         return Route("error", address, error=entry.error, via=via)
     if entry.mailer == "local":
-        user = entry.user or mb.local
-        if ctx.user_exists(user):
+        user = ctx.local_user(_strip_quotes(entry.user or mb.local))
+        if user is not None:
             return Route("local", user, via=via)
         return _error(550, "5.1.1", "User unknown", via)
     return Route(entry.mailer, address, entry.hops, via=via)
@@ -178,15 +184,12 @@ def _resolve_local_user(local: str, ctx: RoutingContext, expand: bool, out: list
     name = _strip_quotes(local)
     targets = ctx.tables.aliases.lookup(name)
     if targets is None and name.lower() in ("postmaster", "mailer-daemon") \
-            and ctx.tables.aliases.lookup("root") is None and ctx.user_exists("root"):
+            and ctx.local_user(name) is None:
         # RFC 5321 4.5.1: postmaster must exist; Sendmail ships it as an alias to root.
-        _add(out, seen, Route("local", "root", via=f"{name} (implicit alias to root)"))
+        _resolve_local_user("root", ctx, expand, out, seen, depth + 1)
         return
     if targets is None:
-        if ctx.user_exists(name):
-            _add(out, seen, Route("local", name, via="local user"))
-        else:
-            out.append(_error(550, "5.1.1", "User unknown", "no such local user"))
+        _add_local_user(name, "local user", ctx, out, seen)
         return
     if not expand:
         _add(out, seen, Route("alias", name, via="aliases"))
@@ -197,6 +200,15 @@ def _resolve_local_user(local: str, ctx: RoutingContext, expand: bool, out: list
     seen.add(key)
     for t in targets:
         _expand_target(t.kind, t.value, name, ctx, out, seen, depth)
+
+
+def _add_local_user(name: str, via: str, ctx: RoutingContext, out: list[Route],
+                    seen: set[str]) -> None:
+    user = ctx.local_user(name)
+    if user is None:
+        out.append(_error(550, "5.1.1", "User unknown", via))
+    else:
+        _add(out, seen, Route("local", user, via=via))
 
 
 def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: list[Route],
@@ -218,13 +230,14 @@ def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: l
         local, at, domain = value.rpartition("@")
         if not at:
             local, domain = value, ""
+        if not domain and local.startswith("\\"):
+            # aliases(5): "\user" is the account itself, never aliased again.
+            _add_local_user(local[1:], via, ctx, out, seen)
+            return
         target = Mailbox(local, domain.rstrip(".").lower())
         if (not target.domain or ctx.is_local(target.domain)) \
                 and _strip_quotes(target.local).lower() == name.lower():
             # "root: root" style self-reference: deliver to the account itself.
-            if ctx.user_exists(name):
-                _add(out, seen, Route("local", name, via=via))
-            else:
-                out.append(_error(550, "5.1.1", "User unknown", via))
+            _add_local_user(name, via, ctx, out, seen)
             return
         _resolve(rewrite_domain(target, ctx.tables), ctx, True, out, seen, depth + 1)

@@ -6,12 +6,11 @@ of a transaction.
 
 from __future__ import annotations
 
-import pwd
 from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.config import Config, load_config
-from mailgate.delivery.local import local_user_exists
+from mailgate.delivery.local import resolve_local_user
 from mailgate.routing import RoutingContext, class_w
 from mailgate.tables import Tables, load_tables
 from mailgate.tables.lint import lint
@@ -40,14 +39,14 @@ def build_snapshot(config: Config) -> Snapshot:
     tables = Tables.empty() if config.tables_dir is None else load_tables(config.tables_dir)
     root = config.local.maildir_root
 
-    def user_exists(user: str) -> bool:
-        return local_user_exists(user, root)
+    def local_user(user: str) -> str | None:
+        return resolve_local_user(user, root)
 
     listen_ips = [host for host, _port in config.listen]
     ctx = RoutingContext(
         tables=tables,
         class_w=class_w(tables, config.hostname, listen_ips),
-        user_exists=user_exists,
+        local_user=local_user,
         hostname=config.hostname,
     )
     return Snapshot(config, tables, ctx)
@@ -55,11 +54,3 @@ def build_snapshot(config: Config) -> Snapshot:
 
 def load_snapshot(path: str | Path | None) -> Snapshot:
     return build_snapshot(load_config(path))
-
-
-def system_user(name: str) -> bool:
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        return False
-    return True

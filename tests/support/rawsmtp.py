@@ -139,7 +139,8 @@ class RawSmtp:
             while self._fill():
                 pass
         except TimeoutError:
-            raise AssertionError(f"server kept the connection open; got {bytes(self.buf)!r}")
+            raise AssertionError(
+                f"server kept the connection open; got {bytes(self.buf)!r}") from None
         finally:
             self.sock.settimeout(old)
         out = bytes(self.buf)

@@ -141,24 +141,37 @@ class _DirSync:
         finally:
             os.close(fd)
 
+    def _start(self) -> asyncio.Future[None]:
+        covers = self.requested
+        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._fsync)
+
+        def done(f: asyncio.Future[None]) -> None:
+            # Runs before any waiter resumes (callbacks run in order of registration).
+            if self.running is f:
+                self.running = None
+            if not f.cancelled() and f.exception() is None:
+                self.completed = max(self.completed, covers)
+
+        fut.add_done_callback(done)
+        self.running = fut
+        return fut
+
     async def sync(self) -> None:
+        """Return once a directory fsync that started after this call has finished."""
         self.requested += 1
         target = self.requested
-        loop = asyncio.get_running_loop()
         while self.completed < target:
-            if self.running is None:
-                covers = self.requested
-                self.running = loop.run_in_executor(self.pool, self._fsync)
-                try:
-                    await self.running
-                    self.completed = max(self.completed, covers)
-                finally:
-                    self.running = None
-            else:
-                # An fsync already in flight may have started before our rename: wait for it,
-                # then loop, and start (or join) the next one if it did not cover us.
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(self.running)
+            # An fsync in flight may have started before our rename: wait for it, then loop
+            # and start (or join) the next one if it did not cover us.
+            fut = self.running
+            if fut is None:
+                fut = self._start()
+            elif fut.done():
+                # Finished, but its done-callback (which records what it covered) is still
+                # queued: awaiting a finished future would not yield, so let it run first.
+                await asyncio.sleep(0)
+                continue
+            await asyncio.shield(fut)
 
 
 class Spool:

@@ -126,10 +126,29 @@ def header_fields(head: bytes) -> list[tuple[str, str]]:
     return fields
 
 
+def _is_header_line(line: bytes) -> bool:
+    name, colon, _ = line.partition(b":")
+    return bool(colon) and bool(name) and not name[:1].isspace() and b" " not in name.rstrip()
+
+
 def looks_like_headers(head: bytes) -> bool:
-    first = head.split(b"\r\n", 1)[0]
-    name, colon, _ = first.partition(b":")
-    return bool(colon) and bool(name) and b" " not in name.strip() and not first[:1].isspace()
+    return _is_header_line(head.split(b"\r\n", 1)[0])
+
+
+def split_header_section(head: bytes) -> tuple[bytes, bytes]:
+    """(header lines, start of the body): the body starts after the empty line, or at the first
+    line that is neither a header nor a continuation (where Sendmail also ends the headers)."""
+    pos, n = 0, len(head)
+    while pos < n:
+        nl = head.find(b"\r\n", pos)
+        end = n if nl < 0 else nl + 2
+        line = head[pos:end].rstrip(b"\r\n")
+        if not line:
+            return head[:pos], head[end:]
+        if not (pos and line[:1] in (b" ", b"\t")) and not _is_header_line(line):
+            return head[:pos], head[pos:]
+        pos = end
+    return head, b""
 
 
 class SmtpSession(asyncio.Protocol):
@@ -187,7 +206,9 @@ class SmtpSession(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.conn.receive_data(b"")
         self._wake()
-        return False
+        # Keep the transport open: a client that half-closes after DATA still gets its 250
+        # (run() closes the connection once the protocol reports ConnectionClosed).
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -558,7 +579,8 @@ class SmtpSession(asyncio.Protocol):
         """Our Received: first, then the client's header section, with Message-Id/Date added."""
         cfg = self.snap.config
         env = msg.envelope
-        fields = header_fields(head) if looks_like_headers(head) else []
+        header, body = split_header_section(head)
+        fields = header_fields(header)
         names = {n for n, _ in fields}
         self.hops = sum(1 for n, _ in fields if n == "received")
         for n, v in fields:
@@ -580,17 +602,17 @@ class SmtpSession(asyncio.Protocol):
             recv += f"\r\n\tfor <{env.recipients[0].address}>"
         recv += f"; {date}\r\n"
         extra = warnings
-        if fields and "message-id" not in names:
+        if "message-id" not in names:
             self.msgid = f"<{time.strftime('%Y%m%d%H%M', time.gmtime(env.arrival))}." \
                          f"{env.qid}@{cfg.hostname}>"
             extra += f"Message-Id: {self.msgid}\r\n"
-        if fields and "date" not in names:
+        if "date" not in names:
             extra += f"Date: {date}\r\n"
         try:
-            if fields and head.endswith(b"\r\n\r\n"):
-                msg.write(recv.encode() + head[:-2] + extra.encode() + b"\r\n")
-            else:
-                msg.write(recv.encode() + extra.encode() + head)
+            # Keep a headers-only message as it was; otherwise one empty line ends the headers.
+            had_blank = head[len(header):len(header) + 2] == b"\r\n"
+            sep = b"\r\n" if had_blank or body or not header else b""
+            msg.write(recv.encode() + header + extra.encode() + sep + body)
         except OSError as exc:
             self.write_error = exc
 

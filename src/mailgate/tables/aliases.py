@@ -107,7 +107,7 @@ def _target(item: str) -> AliasTarget:
         return AliasTarget("file", raw)
     addr = _strip_comments(raw)
     lt = addr.rfind("<")
-    if lt >= 0 and addr.endswith(">") and not addr.startswith('"'):
+    if lt >= 0 and addr.endswith(">") and addr[:lt].count('"') % 2 == 0:
         # "Full Name <user@example.com>": the route-addr is the address.
         addr = addr[lt + 1 : -1].strip()
     if not addr:

@@ -1,0 +1,385 @@
+"""The two relays under test and the C sink/source, each started and stopped by the harness.
+
+- ``MailgateRelay``: ``python -m mailgate.cli serve`` on a fresh config/spool in a temp dir.
+- ``PostfixRelay``: a private Postfix instance (own main.cf/master.cf/queue in a temp dir,
+  started with ``postfix -c DIR start``), never touching /etc/postfix.
+- ``SmtpSink``: Postfix's ``smtp-sink -c``; a reader thread timestamps every counter update, so
+  the arrival time of the k-th message is known without writing anything to disk.
+- ``run_smtp_source``: ``smtp-source -c`` with the same kind of reader (time of the k-th 250).
+
+Everything listens on and connects to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import procstat
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_banner(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until something on ``port`` sends a 220 greeting."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            with socket.create_connection((HOST, port), timeout=2) as s:
+                data = s.recv(512)
+                if data.startswith(b"220"):
+                    with contextlib.suppress(OSError):
+                        s.sendall(b"QUIT\r\n")
+                        s.recv(512)
+                    return
+                last = data.decode("ascii", "replace")
+        except OSError as exc:
+            last = repr(exc)
+        time.sleep(0.1)
+    raise RuntimeError(f"no 220 greeting on port {port}: {last}")
+
+
+class CounterReader:
+    """Reads a process's stdout in a thread; every integer after ``key`` (or every bare integer
+    when ``key`` is empty) is a running count; stores the time at which each count was first
+    seen, so ``times[k-1]`` is when the k-th event was reported."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], key: str = "") -> None:
+        self.proc = proc
+        self.pattern = re.compile((re.escape(key) if key else r"(?:^|[\r\n])") + r"(\d+)")
+        self.times: list[float] = []
+        self.text_tail = ""
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def count(self) -> int:
+        return len(self.times)
+
+    def _run(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        pending = ""
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            now = time.time()
+            pending += chunk.decode("ascii", "replace")
+            # Keep the last partial record for the next read.
+            cut = max(pending.rfind("\r"), pending.rfind("\n"))
+            if cut < 0:
+                continue
+            done, pending = pending[: cut + 1], pending[cut + 1:]
+            for m in self.pattern.finditer(("\n" if not self.times else "\r") + done):
+                value = int(m.group(1))
+                while len(self.times) < value:
+                    self.times.append(now)
+            self.text_tail = (self.text_tail + done)[-2000:]
+
+    def wait(self, target: int, timeout: float, stall: float) -> bool:
+        """Until ``count >= target``; False after ``timeout`` or ``stall`` s without progress."""
+        deadline = time.monotonic() + timeout
+        last, last_change = self.count, time.monotonic()
+        while time.monotonic() < deadline:
+            n = self.count
+            if n >= target:
+                return True
+            if n != last:
+                last, last_change = n, time.monotonic()
+            elif time.monotonic() - last_change > stall:
+                return False
+            time.sleep(0.01)
+        return self.count >= target
+
+
+class SmtpSink:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = subprocess.Popen(
+            ["smtp-sink", "-u", "root", "-c", "-m", "1000", f"{HOST}:{self.port}", "1024"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
+            start_new_session=True)
+        self.counter = CounterReader(self.proc, "mesg=")
+        wait_banner(self.port, 10, self.proc)
+
+    @property
+    def count(self) -> int:
+        return self.counter.count
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """TERM, then KILL after ``grace`` seconds; only this process."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)
+
+
+def run_smtp_source(port: int, n: int, sessions: int, size: int, timeout: float,
+                    stall: float = 30.0) -> dict[str, object]:
+    """``smtp-source -c -s C -m N -l S``; returns wall time, count and the 250 times."""
+    cmd = ["smtp-source", "-c", "-s", str(sessions), "-m", str(n), "-l", str(size),
+           "-f", "sender@example.org", "-t", "user@bench.example", f"{HOST}:{port}"]
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    counter = CounterReader(proc)
+    deadline = time.monotonic() + timeout
+    stalled = False
+    last, last_change = 0, time.monotonic()
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            stalled = True
+            break
+        if counter.count != last:
+            last, last_change = counter.count, time.monotonic()
+        elif time.monotonic() - last_change > stall:
+            stalled = True
+            break
+        time.sleep(0.01)
+    end = time.time()
+    if stalled:
+        stop_process(proc, 2)
+    proc.wait(10)
+    counter.thread.join(5)
+    return {"cmd": " ".join(cmd), "wall": end - start, "start": start, "end": end,
+            "sent": counter.count, "times": counter.times, "rc": proc.returncode,
+            "stalled": stalled, "output_tail": counter.text_tail[-500:]}
+
+
+# -- mailgate ----------------------------------------------------------------------------------
+
+class MailgateRelay:
+    name = "mailgate"
+
+    def __init__(self, workdir: Path, sink_port: int, settings: dict[str, dict[str, str]],
+                 pythonpath: str | None = None) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.sink_port = sink_port
+        self.pythonpath = pythonpath
+        sections: dict[str, dict[str, str]] = {
+            "smtp": {"greet_pause": '"0s"', "check_sender_domain": "false",
+                     "max_connections_per_ip": "0",
+                     # Sendmail's ConnectionRateThrottle default (100/s) would cap a
+                     # one-message-per-connection load at 100 msgs/s; Postfix has no
+                     # such limit by default.
+                     "connection_rate_throttle": "0"},
+            "queue": {"max_deliveries": "200"},
+            "log": {"file": f'"{self.dir / "maillog"}"'},
+        }
+        for sec, kv in settings.items():
+            sections.setdefault(sec, {}).update(kv)
+        text = (f'hostname = "gateway.example.com"\nlisten = ["{HOST}:{self.port}"]\n'
+                f'spool_dir = "spool"\n')
+        for sec, kv in sections.items():
+            text += f"\n[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items())
+        self.config = self.dir / "mailgate.toml"
+        self.config.write_text(text)
+        (self.dir / "mailertable").write_text(f"bench.example smtp:[{HOST}]:{sink_port}\n")
+        (self.dir / "access").write_text("To:bench.example RELAY\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.pythonpath:
+            env["PYTHONPATH"] = self.pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start(self) -> MailgateRelay:
+        self.log = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mailgate.cli", "serve", "-c", str(self.config)],
+            stdout=self.log, stderr=self.log, cwd=self.dir, env=self.env(),
+            start_new_session=True)
+        try:
+            wait_banner(self.port, 30, self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"mailgate did not start: {exc}: "
+                               f"{(self.dir / 'stderr.log').read_text()[-2000:]}") from exc
+        return self
+
+    @property
+    def root(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def version(self) -> str:
+        out = subprocess.run([sys.executable, "-c", "import mailgate, importlib.metadata as m;"
+                              "print(m.version('mailgate'), mailgate.__file__)"],
+                             capture_output=True, text=True, env=self.env(), timeout=30)
+        return out.stdout.strip()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            # A daemon whose event loop is stuck never handles TERM: KILL after 15 s.
+            stop_process(self.proc, 15)
+            self.log.close()
+
+
+# -- Postfix -----------------------------------------------------------------------------------
+
+MASTER_CF_SERVICES = """\
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+        -o syslog_name=postfix/$service_name
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+class PostfixRelay:
+    """A private Postfix instance: ``postfix -c DIR/etc start``; nothing under /etc/postfix.
+
+    As root, ``postfix -c`` accepts any config directory (the alternate_config_directories
+    check applies to unprivileged and set-gid callers only). ``postfix start`` runs
+    ``post-install create-missing`` which creates the queue directories with the right
+    owners; data_directory must exist and belong to mail_owner beforehand. Services run
+    unchrooted (chroot column "n") so the instance needs no copied /etc files.
+    """
+
+    name = "postfix"
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.dir = workdir
+        self.etc = workdir / "etc"
+        self.queue = workdir / "queue"
+        self.data = workdir / "data"
+        for d in (self.etc, self.queue, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        shutil.chown(self.data, "postfix", "postfix")
+        for d in (workdir, *workdir.parents):
+            if str(d) in ("/", "/var", "/var/tmp", "/tmp"):
+                break
+            d.chmod(0o755)  # mail_owner must reach the queue
+        self.port = free_port()
+        self.maillog = workdir / "maillog"
+        (self.etc / "transport").write_text(f"bench.example smtp:[{HOST}]:{sink_port}\n")
+        (self.etc / "main.cf").write_text(f"""\
+# Private benchmark instance; durability settings are Postfix's defaults.
+compatibility_level = 3.6
+config_directory = {self.etc}
+queue_directory = {self.queue}
+data_directory = {self.data}
+maillog_file = {self.maillog}
+maillog_file_prefixes = /var, /dev/stdout, {workdir}
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.example.com
+mydomain = example.com
+mydestination =
+inet_interfaces = {HOST}
+inet_protocols = ipv4
+mynetworks = 127.0.0.0/8
+relay_domains = bench.example
+transport_maps = texthash:{self.etc}/transport
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
+alias_maps =
+alias_database =
+biff = no
+""")
+        (self.etc / "master.cf").write_text(
+            f"{HOST}:{self.port} inet n - n - - smtpd\n" + MASTER_CF_SERVICES)
+
+    def postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def start(self) -> PostfixRelay:
+        r = self.postfix("start")
+        if r.returncode != 0:
+            log = self.maillog.read_text() if self.maillog.exists() else ""
+            self.stop()
+            raise RuntimeError(f"postfix start failed: {r.stdout}{r.stderr}{log[-2000:]}")
+        try:
+            wait_banner(self.port, 30)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def root(self) -> int:
+        try:
+            return int((self.queue / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return -1
+
+    def version(self) -> str:
+        r = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
+                           text=True, timeout=30, check=False)
+        return r.stdout.strip()
+
+    def stop(self) -> None:
+        """``postfix -c DIR stop`` (waits for master); then KILL any process of the tree still
+        alive (by pid, collected before the stop)."""
+        master = self.root
+        pids = procstat.tree(master) if master > 0 else []
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.postfix("stop", timeout=60)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.1)
+        for p in pids:
+            if alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    fields = procstat._stat_fields(pid)
+    return fields is not None and fields[0] != "Z"

@@ -1,0 +1,854 @@
+"""The SMTP server side, over real loopback sockets against the real daemon.
+
+Raw sockets (tests/support/rawsmtp.py) so that every reply is checked byte for byte: reply code,
+enhanced status code and, where Sendmail's text is part of the contract (sendmail-semantics §9-§14),
+the text too. Two daemons are shared by the whole module:
+
+* ``gw``: small limits (message size, recipients, bad commands) to reach them cheaply;
+* ``gw_big``: the default size limit (for the 5 MB message) and 1 s command and data timeouts.
+
+Every message goes to a recipient of its own at ``targetdomain1.com`` (routed by mailertable to
+one shared sink), so tests can tell their deliveries apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.dnsserver import DnsServer
+from tests.support.gateway import GatewayProcess, free_port
+from tests.support.rawsmtp import RawReply, RawSmtp
+from tests.support.sink import SinkMessage, SinkServer
+
+OUTSIDE = "127.0.0.2"  # an ordinary Internet client (no PTR, not allowed to relay)
+HOP = "127.0.0.5"  # targetdomain1.com's internal server (the sink)
+DEAD_HOP = "127.0.0.8"  # deferred.example's server: nothing listens there
+HOSTNAME = "gateway.example.com"
+MAX_SIZE = 20000
+MAX_RCPTS = 3
+MAX_BAD = 5
+SENDER = "alice@example.org"
+
+VRFY_REPLY = b"252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery (or try finger)\r\n"
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        server.add("example.org", "MX", "10 mx.example.org.")
+        server.add("mx.example.org", "A", "127.0.0.7")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def sink() -> Iterator[SinkServer]:
+    with SinkServer(HOP, free_port(HOP)) as server:
+        server.smtputf8 = True
+        yield server
+
+
+def _gateway(directory: Path, dns: DnsServer, sink: SinkServer, smtp: str) -> GatewayProcess:
+    tables = {
+        "mailertable": (
+            f"targetdomain1.com   smtp:[{HOP}]:{sink.port}\n"
+            f"deferred.example    smtp:[{DEAD_HOP}]:{free_port(DEAD_HOP)}\n"
+        ),
+        "access": "To:targetdomain1.com  RELAY\nTo:deferred.example  RELAY\n",
+        "local-host-names": "mail.example.org\n",
+        "aliases": "postmaster: alice\n",
+    }
+    settings = (
+        '[queue]\nrun_interval = "30s"\nretry_min = "30s"\n'
+        '[delivery]\nconnect_timeout = "2s"\n'
+        '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\n' + smtp
+    )
+    gw = GatewayProcess(directory, dns=dns.address, hostname=HOSTNAME, tables=tables,
+                        settings=settings)
+    (gw.maildir / "alice").mkdir(parents=True, exist_ok=True)
+    return gw
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
+       sink: SinkServer) -> Iterator[GatewayProcess]:
+    smtp = (f"max_message_size = {MAX_SIZE}\nmax_recipients = {MAX_RCPTS}\n"
+            f"max_bad_commands = {MAX_BAD}\n")
+    with _gateway(tmp_path_factory.mktemp("gw"), dns, sink, smtp) as g:
+        yield g
+
+
+@pytest.fixture(scope="module")
+def gw_big(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
+           sink: SinkServer) -> Iterator[GatewayProcess]:
+    smtp = 'command_timeout = "1s"\ndata_timeout = "1s"\n'
+    with _gateway(tmp_path_factory.mktemp("gw_big"), dns, sink, smtp) as g:
+        yield g
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def connect(gw: GatewayProcess, source: str = OUTSIDE, timeout: float = 10.0) -> RawSmtp:
+    return RawSmtp(gw.host, gw.port, source=source, timeout=timeout)
+
+
+@contextlib.contextmanager
+def session(gw: GatewayProcess, *, ehlo: bool = True) -> Iterator[RawSmtp]:
+    """A connection past the greeting (and EHLO)."""
+    with connect(gw) as c:
+        assert c.read_reply().code == 220
+        if ehlo:
+            assert c.cmd("EHLO client.example.net").code == 250
+        yield c
+
+
+def rcpt(name: str) -> str:
+    return f"{name}@targetdomain1.com"
+
+
+def dot_stuff(content: bytes) -> bytes:
+    """The DATA wire form of ``content`` (which ends in CRLF or is empty), terminator included."""
+    assert content == b"" or content.endswith(b"\r\n")
+    stuffed = re.sub(rb"(?m)^\.", b"..", content) if b"." in content else content
+    return stuffed + b".\r\n"
+
+
+def start_data(c: RawSmtp, rcpts: list[str], mail_args: str = "") -> None:
+    assert c.cmd(f"MAIL FROM:<{SENDER}>{mail_args}").code == 250
+    for r in rcpts:
+        reply = c.cmd(f"RCPT TO:<{r}>")
+        assert reply.code == 250, reply
+    reply = c.cmd("DATA")
+    assert reply.code == 354, reply
+
+
+def send_message(c: RawSmtp, rcpts: list[str], content: bytes, mail_args: str = "") -> RawReply:
+    start_data(c, rcpts, mail_args)
+    c.send(dot_stuff(content))
+    return c.read_reply()
+
+
+def qid_of(reply: RawReply) -> str:
+    m = re.fullmatch(r"2\.0\.0 (\S+) Message accepted for delivery", reply.text)
+    assert reply.code == 250 and m, reply
+    return m.group(1)
+
+
+def message(subject: str, body: bytes = b"Hello.\r\n", *, msgid: bool = True) -> bytes:
+    head = (f"From: <{SENDER}>\r\nTo: <bob@targetdomain1.com>\r\nSubject: {subject}\r\n"
+            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n")
+    if msgid:
+        head += f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n"
+    return head.encode() + b"\r\n" + body
+
+
+def wait_rcpt(sink: SinkServer, address: str, timeout: float = 10.0) -> SinkMessage:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [m for m in sink.messages if address in m.rcpt_tos]
+        if found:
+            assert len(found) == 1, found
+            return found[0]
+        time.sleep(0.02)
+    raise AssertionError(f"no message for {address} reached the sink")
+
+
+def assert_not_delivered(sink: SinkServer, address: str, grace: float = 0.3) -> None:
+    time.sleep(grace)
+    assert [m for m in sink.messages if address in m.rcpt_tos] == []
+
+
+def incoming(gw: GatewayProcess) -> list[str]:
+    return sorted(os.listdir(gw.spool / "incoming"))
+
+
+def wait_incoming_empty(gw: GatewayProcess, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while incoming(gw) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert incoming(gw) == []
+
+
+def split_message(data: bytes) -> tuple[list[bytes], bytes]:
+    """(header lines, body) of a message as delivered; the body is what follows CRLF CRLF."""
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        head = data.removesuffix(b"\r\n")
+    return head.split(b"\r\n"), body
+
+
+def header_names(lines: list[bytes]) -> list[bytes]:
+    """Lower-case field names; every line is a field or a continuation (else AssertionError)."""
+    names = []
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            assert names, f"continuation line first: {line!r}"
+            continue
+        name, colon, _ = line.partition(b":")
+        assert colon and name and b" " not in name, f"not a header field line: {line!r}"
+        names.append(name.lower())
+    return names
+
+
+# -- greeting, EHLO, HELO ------------------------------------------------------------------------
+
+
+def test_greeting_format(gw: GatewayProcess) -> None:
+    with connect(gw) as c:
+        greeting = c.read_reply()
+        assert greeting.code == 220
+        assert len(greeting.lines) == 1
+        assert re.fullmatch(rb"220 gateway\.example\.com ESMTP \S.*\r\n", greeting.raw)
+        assert c.pending(0.1) == b""  # nothing else is said before the client speaks
+
+
+def test_ehlo_keywords(gw: GatewayProcess) -> None:
+    with session(gw, ehlo=False) as c:
+        r = c.cmd("EHLO client.example.net")
+        assert r.code == 250
+        assert r.lines[0] == f"{HOSTNAME} Hello [{OUTSIDE}], pleased to meet you"
+        assert r.raw.startswith(f"250-{HOSTNAME} Hello".encode())
+        keywords = r.lines[1:]
+        for kw in ("PIPELINING", f"SIZE {MAX_SIZE}", "8BITMIME", "ENHANCEDSTATUSCODES",
+                   "SMTPUTF8"):
+            assert kw in keywords, (kw, keywords)
+        # no enhanced codes in the EHLO reply, and the privacy flags hide EXPN / VERB
+        assert not any(re.match(r"\d\.\d+\.\d+ ", line) for line in r.lines)
+        assert "EXPN" not in keywords and "VERB" not in keywords
+        # every line but the last is "250-", the last "250 "
+        raw_lines = r.raw.split(b"\r\n")[:-1]
+        assert all(line.startswith(b"250-") for line in raw_lines[:-1])
+        assert raw_lines[-1].startswith(b"250 ")
+
+
+def test_ehlo_size_shows_the_default_limit(gw_big: GatewayProcess) -> None:
+    with session(gw_big, ehlo=False) as c:
+        r = c.cmd("EHLO client.example.net")
+        sizes = [kw for kw in r.lines[1:] if kw.split()[0] == "SIZE"]
+        assert sizes == [f"SIZE {50 * 1024 * 1024}"]
+
+
+def test_helo(gw: GatewayProcess) -> None:
+    with session(gw, ehlo=False) as c:
+        r = c.cmd("HELO client.example.net")
+        assert r.raw == f"250 {HOSTNAME} Hello [{OUTSIDE}], pleased to meet you\r\n".encode()
+        # a HELO session can carry mail
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+
+
+@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+def test_hello_without_argument(gw: GatewayProcess, verb: str) -> None:
+    with session(gw, ehlo=False) as c:
+        r = c.cmd(verb)
+        assert r.raw == f"501 5.0.0 {verb} requires domain address\r\n".encode()
+        assert c.cmd(f"{verb}    ").first == f"501 5.0.0 {verb} requires domain address"
+        assert c.cmd(f"{verb} client.example.net").code == 250
+
+
+# -- PIPELINING ----------------------------------------------------------------------------------
+
+
+def test_pipelined_group_replies_in_order_and_message_accepted(gw: GatewayProcess,
+                                                               sink: SinkServer) -> None:
+    a, b = rcpt("pipe-a"), rcpt("pipe-b")
+    with session(gw) as c:
+        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nRCPT TO:<{b}>\r\nDATA\r\n".encode())
+        replies = c.read_replies(4)
+        assert [r.first for r in replies] == [
+            f"250 2.1.0 <{SENDER}>... Sender ok",
+            f"250 2.1.5 <{a}>... Recipient ok",
+            f"250 2.1.5 <{b}>... Recipient ok",
+            '354 Enter mail, end with "." on a line by itself',
+        ]
+        content = message("pipelined")
+        c.send(dot_stuff(content))
+        qid_of(c.read_reply())
+        assert c.cmd("QUIT").code == 221
+    msg = wait_rcpt(sink, a)
+    assert sorted(msg.rcpt_tos) == [a, b]
+    assert msg.data.endswith(content)
+
+
+def test_pipelined_group_with_a_refused_recipient(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("pipe-partial")
+    with session(gw) as c:
+        c.send(f"RSET\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<victim@example.net>\r\n"
+               f"RCPT TO:<{a}>\r\nDATA\r\n".encode())
+        rset, mail, bad, good, data = c.read_replies(5)
+        assert rset.first == "250 2.0.0 Reset state"
+        assert mail.code == 250
+        assert (bad.code, bad.enhanced) == (550, "5.7.1")
+        assert good.first == f"250 2.1.5 <{a}>... Recipient ok"
+        assert data.code == 354
+        c.send(dot_stuff(message("partial")))
+        qid_of(c.read_reply())
+    assert wait_rcpt(sink, a).rcpt_tos == [a]
+
+
+def test_pipelined_commands_after_a_whole_transaction(gw: GatewayProcess,
+                                                      sink: SinkServer) -> None:
+    """Commands pipelined after the end of data are read as commands, not as content."""
+    a = rcpt("pipe-after")
+    with session(gw) as c:
+        start_data(c, [a])
+        c.send(dot_stuff(message("after")) + b"NOOP\r\nRSET\r\nQUIT\r\n")
+        end, noop, rset, quit_ = c.read_replies(4)
+        qid_of(end)
+        assert (noop.first, rset.first) == ("250 2.0.0 OK", "250 2.0.0 Reset state")
+        assert quit_.code == 221
+        assert c.wait_closed() == b""
+    assert wait_rcpt(sink, a).data.endswith(message("after"))
+
+
+def test_many_pipelined_commands_in_one_write(gw: GatewayProcess) -> None:
+    """More than the server buffers before it stops reading (256 KiB): all answered, in order."""
+    n = 60_000
+    with session(gw) as c:
+        c.send(b"NOOP\r\n" * n + b"RSET\r\n")
+        for _ in range(n):
+            assert c.read_line() == b"250 2.0.0 OK\r\n"
+        assert c.read_reply().first == "250 2.0.0 Reset state"
+        assert c.pending(0.05) == b""
+
+
+
+def test_half_closed_client_still_gets_its_replies(gw: GatewayProcess, sink: SinkServer) -> None:
+    """A client may shut down its sending side after the last command and still read."""
+    a = rcpt("half-close")
+    with session(gw) as c:
+        start_data(c, [a])
+        c.send(dot_stuff(message("half close")) + b"QUIT\r\n")
+        c.sock.shutdown(socket.SHUT_WR)
+        rest = c.wait_closed()
+    assert re.fullmatch(rb"250 2\.0\.0 \S+ Message accepted for delivery\r\n"
+                        rb"221 2\.0\.0 gateway\.example\.com closing connection\r\n", rest), rest
+    wait_rcpt(sink, a)
+
+
+# -- simple commands -----------------------------------------------------------------------------
+
+
+def test_rset_noop_help_quit(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        assert c.cmd("NOOP").raw == b"250 2.0.0 OK\r\n"
+        assert c.cmd("noop with an argument").raw == b"250 2.0.0 OK\r\n"
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        assert c.cmd("RSET").raw == b"250 2.0.0 Reset state\r\n"
+        # RSET ended the transaction: RCPT needs a new MAIL, and a new MAIL is not "second"
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").first == "503 5.0.0 Need MAIL before RCPT"
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        # EHLO implies RSET (RFC 5321 4.1.4)
+        assert c.cmd("EHLO client.example.net").code == 250
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 503
+        help_ = c.cmd("HELP")
+        assert help_.code == 214 and len(help_.lines) > 1
+        assert all(line.startswith("2.0.0 ") for line in help_.lines)
+        q = c.cmd("QUIT")
+        assert q.raw == f"221 2.0.0 {HOSTNAME} closing connection\r\n".encode()
+        assert c.wait_closed() == b""
+
+
+def test_vrfy_never_reveals_a_user(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        # alice exists (a local mailbox), ghost does not: RCPT tells them apart...
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        assert c.cmd("RCPT TO:<alice@mail.example.org>").code == 250
+        nobody = c.cmd("RCPT TO:<ghost-user@mail.example.org>")
+        assert (nobody.code, nobody.enhanced) == (550, "5.1.1")
+        assert c.cmd("RSET").code == 250
+        # ...but VRFY answers every one of them with the same bytes
+        for who in ("alice", "alice@mail.example.org", "postmaster", "ghost-user",
+                    "ghost-user@mail.example.org", "<alice@mail.example.org>", ""):
+            assert c.cmd(f"VRFY {who}".rstrip()).raw == VRFY_REPLY, who
+
+
+def test_expn_and_verb_refused(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        refused = b"502 5.7.0 Sorry, we do not allow this operation\r\n"
+        assert c.cmd("EXPN postmaster").raw == refused
+        assert c.cmd("EXPN ghost-user").raw == refused
+        assert c.cmd("VERB").raw == b"502 5.7.0 Verbose unavailable\r\n"
+        assert c.cmd("NOOP").code == 250
+
+
+# -- bad commands --------------------------------------------------------------------------------
+
+
+def test_unknown_command(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        r = c.cmd("FROBNICATE now")
+        assert (r.code, r.enhanced) == (500, "5.5.1")
+        assert r.first == '500 5.5.1 Command unrecognized: "FROBNICATE"'
+        assert c.cmd("NOOP").code == 250
+
+
+def test_nul_in_command_line(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        r = c.cmd(b"NO\0OP")
+        assert (r.code, r.enhanced) == (500, "5.5.1")
+        assert c.cmd("NOOP").code == 250
+
+
+def test_bad_command_limit_closes_with_421(gw: GatewayProcess) -> None:
+    with session(gw, ehlo=False) as c:
+        replies: list[RawReply] = []
+        for i in range(MAX_BAD + 2):
+            c.send(f"BOGUS{i}\r\n".encode())
+            reply = c.read_reply()
+            replies.append(reply)
+            if reply.code == 421:
+                break
+        *errors, last = replies
+        assert (last.code, last.enhanced) == (421, "4.7.0")
+        assert last.text.startswith(f"4.7.0 {HOSTNAME} ")
+        assert MAX_BAD - 1 <= len(errors) <= MAX_BAD
+        assert all((r.code, r.enhanced) == (500, "5.5.1") for r in errors)
+        assert c.wait_closed() == b""
+
+
+@pytest.mark.parametrize("length", [600, 100_000])
+def test_command_line_too_long(gw: GatewayProcess, length: int) -> None:
+    with session(gw) as c:
+        r = c.cmd("NOOP " + "x" * length)
+        assert (r.code, r.enhanced) == (500, "5.5.0")
+        assert c.pending(0.1) == b""  # answered once, not once per 512 bytes
+        assert c.cmd("NOOP").raw == b"250 2.0.0 OK\r\n"
+        # a long MAIL line is refused as a whole: no transaction was started
+        r = c.cmd(f"MAIL FROM:<{'a' * 600}@example.org>")
+        assert (r.code, r.enhanced) == (500, "5.5.0")
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 503
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+
+
+def test_command_line_of_exactly_512_bytes_is_accepted(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        line = b"NOOP " + b"x" * (512 - 5 - 2)
+        assert len(line + b"\r\n") == 512
+        assert c.cmd(line).raw == b"250 2.0.0 OK\r\n"
+        r = c.cmd(line + b"y")
+        assert (r.code, r.enhanced) == (500, "5.5.0")
+
+
+# -- sequence errors and addresses ---------------------------------------------------------------
+
+
+def test_rcpt_before_mail(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").raw == b"503 5.0.0 Need MAIL before RCPT\r\n"
+
+
+def test_second_mail(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        assert c.cmd("MAIL FROM:<other@example.org>").raw == \
+            b"503 5.5.0 Sender already specified\r\n"
+        # the first sender is kept
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 250
+
+
+def test_data_without_recipients(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("data-after-503")
+    with session(gw) as c:
+        r = c.cmd("DATA")
+        assert r.raw == b"503 5.0.0 Need MAIL command\r\n"
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        r = c.cmd("DATA")
+        assert (r.code, r.enhanced) == (503, "5.0.0")
+        # still in command mode: the transaction goes on normally
+        assert c.cmd(f"RCPT TO:<{a}>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(dot_stuff(message("after 503")))
+        qid_of(c.read_reply())
+    wait_rcpt(sink, a)
+
+
+@pytest.mark.parametrize(("arg", "expected"), [
+    ("<>", "553 5.0.0 <>... User address required"),
+    ("<user@>", "553 5.1.3 <user@>... Hostname required"),
+    ("<user@targetdomain1.com", "553 5.0.0 <user@targetdomain1.com... Unbalanced '<'"),
+    ("<@>", "553 5.1.3 <@>... List:; syntax illegal for recipient addresses"),
+])
+def test_bad_recipient_addresses(gw: GatewayProcess, arg: str, expected: str) -> None:
+    with session(gw) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        assert c.cmd(f"RCPT TO:{arg}").raw == (expected + "\r\n").encode()
+        # the transaction survives a refused recipient
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 250
+
+
+def test_max_recipients(gw: GatewayProcess, sink: SinkServer) -> None:
+    names = [rcpt(f"many{i}") for i in range(MAX_RCPTS + 2)]
+    with session(gw) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        for r in names[:MAX_RCPTS]:
+            assert c.cmd(f"RCPT TO:<{r}>").code == 250
+        for r in names[MAX_RCPTS:]:
+            assert c.cmd(f"RCPT TO:<{r}>").raw == b"452 4.5.3 Too many recipients\r\n"
+        assert c.cmd("DATA").code == 354
+        c.send(dot_stuff(message("many")))
+        qid_of(c.read_reply())
+    msg = wait_rcpt(sink, names[0])
+    assert sorted(msg.rcpt_tos) == sorted(names[:MAX_RCPTS])
+
+
+# -- message size --------------------------------------------------------------------------------
+
+
+def test_mail_size_parameter_over_limit(gw: GatewayProcess) -> None:
+    with session(gw) as c:
+        r = c.cmd(f"MAIL FROM:<{SENDER}> SIZE={MAX_SIZE + 1}")
+        assert (r.code, r.enhanced) == (552, "5.3.4")
+        assert r.first == (f"552 5.3.4 Message size exceeds fixed maximum message size "
+                           f"({MAX_SIZE})")
+        assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 503  # no transaction
+        assert c.cmd(f"MAIL FROM:<{SENDER}> SIZE={MAX_SIZE}").code == 250
+    assert incoming(gw) == []
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    (" SIZE=abc", "501 5.5.4"),
+    (" SIZE", "501 5.5.4"),
+    (" BODY=BINARYMIME", "501 5.5.4"),
+    (" SMTPUTF8=yes", "501 5.5.4"),
+    (" FOO=1", "555 5.5.4"),
+    (" BODY=7BIT SIZE=100", "250 2.1.0"),
+])
+def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
+    with session(gw) as c:
+        r = c.cmd(f"MAIL FROM:<{SENDER}>{params}")
+        assert f"{r.code} {r.enhanced}" == expected, r
+
+
+def _sized_content(size: int, subject: str) -> bytes:
+    head = message(subject, body=b"")
+    line = b"x" * 70 + b"\r\n"
+    body = line * ((size - len(head)) // len(line))
+    pad = size - len(head) - len(body)
+    if pad:
+        assert pad >= 2
+        body += b"y" * (pad - 2) + b"\r\n"
+    content = head + body
+    assert len(content) == size
+    return content
+
+
+def test_message_over_limit_while_streaming(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("too-big")
+    queued = set(gw.queued())
+    with session(gw) as c:
+        start_data(c, [a])
+        c.send(dot_stuff(_sized_content(MAX_SIZE + 1, "too big")))
+        r = c.read_reply()
+        assert (r.code, r.enhanced) == (552, "5.3.4")
+        assert incoming(gw) == []
+        assert c.cmd("NOOP").raw == b"250 2.0.0 OK\r\n"  # in sync
+        assert c.cmd(f"RCPT TO:<{a}>").code == 503  # the transaction is over
+    assert set(gw.queued()) <= queued
+    assert_not_delivered(sink, a)
+
+
+def test_message_of_exactly_the_limit_is_accepted(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("just-fits")
+    content = _sized_content(MAX_SIZE, "just fits")
+    with session(gw) as c:
+        qid_of(send_message(c, [a], content, mail_args=f" SIZE={MAX_SIZE}"))
+    assert wait_rcpt(sink, a).data.endswith(content)
+
+
+# -- DATA content rules --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "body", "enhanced"), [
+    ("bare-lf", b"one\ntwo\r\n", "5.6.11"),
+    ("bare-cr", b"one\rtwo\r\n", "5.6.11"),
+    ("nul", b"one\0two\r\n", "5.6.0"),
+    ("smuggle", b"first\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@y>\r\n", "5.6.11"),
+])
+def test_bad_bytes_in_data(gw: GatewayProcess, sink: SinkServer, name: str, body: bytes,
+                           enhanced: str) -> None:
+    a = rcpt(f"data-{name}")
+    queued = set(gw.queued())
+    with session(gw) as c:
+        start_data(c, [a])
+        c.send(message(name, body=body) + b".\r\n")
+        r = c.read_reply()
+        assert r.code == 550 and r.enhanced == enhanced, r
+        assert incoming(gw) == []
+        # in sync: nothing of the content was read as a command
+        assert c.pending(0.1) == b""
+        assert c.cmd("NOOP").raw == b"250 2.0.0 OK\r\n"
+        assert set(gw.queued()) <= queued
+        # the same session can then send a good message to the same recipient
+        good = message(f"{name} good")
+        qid_of(send_message(c, [a], good))
+    msg = wait_rcpt(sink, a)
+    assert msg.data.endswith(good)
+    assert_not_delivered_twice(sink, a)
+
+
+def assert_not_delivered_twice(sink: SinkServer, address: str) -> None:
+    time.sleep(0.3)
+    assert len([m for m in sink.messages if address in m.rcpt_tos]) == 1
+
+
+@pytest.mark.parametrize(("pieces", "code"), [
+    # the end of data split everywhere it can be
+    ([b"\r", b"\n", b".", b"\r", b"\n"], 250),
+    ([b"\r\n.", b"\r\n"], 250),
+    ([b"\r\n.\r", b"\n"], 250),
+    # a stuffed dot whose CRLF and dot come in different writes
+    ([b"\r\n", b"..not the end\r\n.\r\n"], 250),
+    # a CR at the end of one write and no LF at the start of the next: bare CR
+    ([b"\r", b"x\r\n.\r\n"], 550),
+    # an LF at the start of a write after a CR-less line: bare LF
+    ([b"x", b"\ny\r\n", b".\r\n"], 550),
+])
+def test_data_split_across_writes(gw: GatewayProcess, sink: SinkServer, pieces: list[bytes],
+                                  code: int) -> None:
+    a = rcpt(f"split-{abs(hash(tuple(pieces))) % 10**8}")
+    head = message("split", body=b"line one")
+    with session(gw) as c:
+        c.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        start_data(c, [a])
+        c.send(head)
+        for piece in pieces:
+            time.sleep(0.03)
+            c.send(piece)
+        r = c.read_reply()
+        assert r.code == code, r
+        if code == 550:
+            assert r.enhanced == "5.6.11"
+        assert c.cmd("NOOP").code == 250
+    if code == 250:
+        expected = head + b"".join(pieces)[: -len(b".\r\n")].replace(b"\r\n..", b"\r\n.")
+        assert wait_rcpt(sink, a).data.endswith(expected)
+    else:
+        assert_not_delivered(sink, a, grace=0.1)
+
+
+# -- timeouts and dropped connections ------------------------------------------------------------
+
+
+def test_idle_timeout(gw_big: GatewayProcess) -> None:
+    with session(gw_big) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        started = time.monotonic()
+        r = c.read_reply()
+        waited = time.monotonic() - started
+        assert (r.code, r.enhanced) == (421, "4.4.2")
+        assert r.first.startswith(f"421 4.4.2 {HOSTNAME} ")
+        assert 0.8 <= waited <= 5, waited
+        assert c.wait_closed() == b""
+
+
+def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,
+                                                  sink: SinkServer) -> None:
+    a = rcpt("data-timeout")
+    with session(gw_big) as c:
+        start_data(c, [a])
+        c.send(message("stalled", body=b"half a mess"))
+        assert len(incoming(gw_big)) == 1
+        r = c.read_reply()
+        assert (r.code, r.enhanced) == (421, "4.4.2")
+        assert c.wait_closed() == b""
+    wait_incoming_empty(gw_big)
+    assert_not_delivered(sink, a, grace=0.1)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_disconnect_mid_data(gw: GatewayProcess, sink: SinkServer, how: str) -> None:
+    a = rcpt(f"dropped-{how}")
+    queued = set(gw.queued())
+    c = connect(gw)
+    try:
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO client.example.net").code == 250
+        start_data(c, [a])
+        c.send(message("dropped", body=b"part of the body\r\n" * 100))
+        deadline = time.monotonic() + 5
+        while not incoming(gw) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(incoming(gw)) == 1  # the message was being received
+        if how == "reset":
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        c.close()
+    wait_incoming_empty(gw)
+    assert set(gw.queued()) <= queued
+    assert_not_delivered(sink, a)
+
+
+# -- message content -----------------------------------------------------------------------------
+
+
+def test_five_megabyte_message_streams_through_byte_exact(gw_big: GatewayProcess,
+                                                          sink: SinkServer) -> None:
+    a = rcpt("big")
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789ab\r\n"
+    dotted = b".a line that starts with a dot\r\n..two dots\r\n.\r\n"  # "." alone: stuffed
+    body = (line * 1000 + dotted) * 66
+    content = message("big", body=body)
+    assert len(content) > 5 * 1000 * 1000
+    with session(gw_big) as c:
+        qid_of(send_message(c, [a], content, mail_args=f" SIZE={len(content)}"))
+    msg = wait_rcpt(sink, a, timeout=20)
+    assert msg.data.endswith(content)
+    added = msg.data[: -len(content)]
+    assert added.startswith(b"Received: ") and added.count(b"Received:") == 1
+    assert len(msg.data) == len(added) + len(content)
+
+
+def test_8bitmime_body(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("eightbit")
+    body = "Grüße, café, naïve — ünïcödé\r\n".encode() + b"latin-1: caf\xe9 \xff\xfe\r\n"
+    content = message("eight bit", body=body)
+    with session(gw) as c:
+        qid_of(send_message(c, [a], content, mail_args=" BODY=8BITMIME"))
+    msg = wait_rcpt(sink, a)
+    assert msg.data.endswith(content)
+    assert "BODY=8BITMIME" in msg.mail_options
+
+
+def test_smtputf8_addresses(gw: GatewayProcess, sink: SinkServer) -> None:
+    sender = "jörg@example.org"
+    to = "zoë-ünïcode@targetdomain1.com"
+    content = ("From: <jörg@example.org>\r\nTo: <zoë-ünïcode@targetdomain1.com>\r\n"
+               "Subject: ünïcode\r\nMessage-ID: <utf8@example.org>\r\n"
+               "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n\r\nHallo.\r\n").encode()
+    with session(gw) as c:
+        r = c.cmd(f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME")
+        assert r.raw == f"250 2.1.0 <{sender}>... Sender ok\r\n".encode()
+        r = c.cmd(f"RCPT TO:<{to}>")
+        assert r.raw == f"250 2.1.5 <{to}>... Recipient ok\r\n".encode()
+        assert c.cmd("DATA").code == 354
+        c.send(dot_stuff(content))
+        qid_of(c.read_reply())
+    msg = wait_rcpt(sink, to)
+    assert msg.mail_from == sender
+    assert "SMTPUTF8" in msg.mail_options
+    assert msg.data.endswith(content)
+    assert b" with UTF8SMTP id " in msg.data
+
+
+
+def test_message_without_headers_keeps_its_body(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("no-headers")
+    content = b"just a body line, no header section\r\nsecond line\r\n"
+    with session(gw) as c:
+        qid_of(send_message(c, [a], content))
+    msg = wait_rcpt(sink, a)
+    lines, body = split_message(msg.data)
+    # what we add is a header section of its own, separated from the body by an empty line
+    assert body == content
+    names = header_names(lines)
+    assert names[0] == b"received" and names.count(b"received") == 1
+
+
+@pytest.mark.parametrize("content", [b"only a body\r\n", b""], ids=["body-only", "empty"])
+def test_message_without_headers_gets_message_id_and_date(gw: GatewayProcess, sink: SinkServer,
+                                                          content: bytes) -> None:
+    a = rcpt(f"no-headers-id-{len(content)}")
+    with session(gw) as c:
+        qid = qid_of(send_message(c, [a], content))
+    data = wait_rcpt(sink, a).data
+    assert data.endswith(b"\r\n\r\n" + content)
+    lines, _ = split_message(data)
+    names = header_names(lines)
+    assert names.count(b"message-id") == 1 and names.count(b"date") == 1
+    assert any(line.startswith(b"Message-Id: <") and qid.encode() in line for line in lines)
+
+
+def test_message_without_body(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("no-body")
+    content = (f"From: <{SENDER}>\r\nSubject: headers only\r\n"
+               "Message-ID: <nobody@example.org>\r\nDate: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+               ).encode()
+    with session(gw) as c:
+        qid_of(send_message(c, [a], content))
+    msg = wait_rcpt(sink, a)
+    assert msg.data.endswith(content)
+    lines, body = split_message(msg.data)
+    assert body == b""
+    names = header_names(lines)
+    assert names[0] == b"received" and names.count(b"received") == 1
+    assert names.count(b"message-id") == 1 and names.count(b"date") == 1
+
+
+def test_empty_message(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("empty")
+    with session(gw) as c:
+        qid_of(send_message(c, [a], b""))
+    msg = wait_rcpt(sink, a)
+    lines, body = split_message(msg.data)
+    assert body == b""
+    names = header_names(lines)
+    assert names[0] == b"received" and names.count(b"received") == 1
+
+
+def test_received_added_once_and_message_id_kept(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("received-once")
+    content = (b"Received: from a.example by b.example; Tue, 24 Nov 2026 19:00:00 +0000\r\n"
+               + message("has id"))
+    with session(gw) as c:
+        qid = qid_of(send_message(c, [a], content))
+    msg = wait_rcpt(sink, a)
+    assert msg.data.endswith(content)
+    added = msg.data[: -len(content)]
+    assert re.fullmatch(
+        rb"Received: from client\.example\.net \(\[127\.0\.0\.2\]\)\r\n"
+        rb"\tby gateway\.example\.com \(mailgate\) with ESMTP id " + qid.encode() + rb"\r\n"
+        rb"\tfor <received-once@targetdomain1\.com>; [^\r\n]+\r\n", added), added
+    names = header_names(split_message(msg.data)[0])
+    assert names.count(b"received") == 2 and names.count(b"message-id") == 1
+
+
+def test_message_id_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> None:
+    a = rcpt("no-msgid")
+    content = message("no id", msgid=False)
+    with session(gw) as c:
+        qid = qid_of(send_message(c, [a], content))
+    msg = wait_rcpt(sink, a)
+    lines, body = split_message(msg.data)
+    assert body == b"Hello.\r\n"
+    names = header_names(lines)
+    assert names.count(b"received") == 1 and names.count(b"message-id") == 1
+    assert names.count(b"date") == 1  # the client's Date is kept, not doubled
+    [mid] = [line for line in lines if line.lower().startswith(b"message-id:")]
+    assert re.fullmatch(rb"Message-Id: <\d{12}\." + qid.encode() + rb"@gateway\.example\.com>",
+                        mid), mid
+    log = gw.wait_log(f"{qid}: from=<{SENDER}>")
+    assert f"msgid={mid.split(b' ', 1)[1].decode()}" in log
+
+
+# -- durability ----------------------------------------------------------------------------------
+
+
+def test_250_only_after_the_file_is_in_the_queue(gw: GatewayProcess) -> None:
+    """The reply to the end of data comes after commit: the file is already in spool/queue."""
+    to = "held@deferred.example"  # its next hop is down, so the message stays queued
+    content = message("durable")
+    with session(gw) as c:
+        start_data(c, [to])
+        c.send(dot_stuff(content))
+        r = c.read_reply()
+        path = gw.spool / "queue" / qid_of(r)
+        # checked before anything else happens: no waiting, no polling
+        exists = path.exists()
+        data = path.read_bytes() if exists else b""
+        in_incoming = (gw.spool / "incoming" / path.name).exists()
+    assert exists and not in_incoming
+    envelope, _, stored = data.partition(b"\n")
+    assert path.name.encode() in envelope and b"held@deferred.example" in envelope
+    assert stored.startswith(b"Received: ") and stored.endswith(content)
