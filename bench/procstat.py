@@ -162,3 +162,29 @@ class Sampler:
         self._thread.join(5)
         with contextlib.suppress(Exception):
             self.sample()
+
+
+def snapshot_all() -> dict[int, tuple[int, str]]:
+    """pid → (utime + stime ticks, name) for every live process."""
+    out: dict[int, tuple[int, str]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields is not None:
+                out[int(name)] = (int(fields[11]) + int(fields[12]), process_name(int(name)))
+    return out
+
+
+def foreign_cpu(before: dict[int, tuple[int, str]], after: dict[int, tuple[int, str]],
+                ours: set[int]) -> tuple[float, list[tuple[float, int, str]]]:
+    """CPU seconds used between two snapshots by processes alive in both and not in ``ours``
+    (other people's load on the machine); also the top three as (seconds, pid, name)."""
+    used = []
+    for pid, (ticks, name) in after.items():
+        if pid in ours or pid not in before or before[pid][1] != name:
+            continue
+        d = (ticks - before[pid][0]) / CLK_TCK
+        if d > 0:
+            used.append((d, pid, name))
+    used.sort(reverse=True)
+    return sum(u[0] for u in used), used[:3]

@@ -369,3 +369,17 @@ def test_to_stage_with_blocklist(blocklist: GatewayProcess, hop1: SinkServer) ->
     assert log_lines(blocklist, "discard", "relay=[127.0.0.2]")
     for rcpt in ("victim", "err", "busy", "gone"):
         assert log_lines(blocklist, "ruleset=check_rcpt", f"arg1=<{rcpt}@targetdomain1.com>")
+
+
+@pytest.mark.xfail(strict=True, reason="Connect-refused clients are Sendmail's \"nullserver\": "
+                   "ETRN/VRFY/EXPN/HELP get the refusal too and refused commands count toward "
+                   "MAXBADCOMMANDS; mailgate answers them normally (see report)")
+def test_connect_reject_refuses_every_other_command(stages: GatewayProcess) -> None:
+    c, _, _ = greet(stages, "127.0.0.60")
+    with c:
+        for line in ("ETRN targetdomain1.com", "VRFY alice", "EXPN team", "HELP"):
+            assert c.cmd(line).first == DENIED, line
+        c.send(b"MAIL FROM:<alice@example.org>\r\n" * 40)
+        transcript = c.wait_closed(timeout=1.5).decode()
+    assert transcript.count(DENIED) <= 20
+    assert "421 4.7.0 " in transcript

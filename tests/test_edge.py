@@ -179,6 +179,33 @@ def test_early_talker_blasting_a_whole_transaction_delivers_nothing(
     assert not log_lines(edge, "from=<alice@example.org>", f"relay=[{talker}]", "nrcpts=1")
 
 
+NULLSERVER = ("an early talker (and a Connect-refused client) is Sendmail's \"nullserver\" "
+              "mode: every command but HELO/EHLO/NOOP/RSET/QUIT gets the refusal and counts "
+              "toward MAXBADCOMMANDS; mailgate refuses only MAIL/RCPT/DATA and never counts "
+              "them (see report)")
+
+
+@pytest.mark.xfail(strict=True, reason=NULLSERVER)
+def test_early_talker_gets_no_other_service(edge: GatewayProcess) -> None:
+    with raw(edge, "127.0.0.30") as c:
+        c.send(b"EHLO talker.example.net\r\n")
+        assert c.read_reply().code == 554
+        assert c.read_reply().code == 250
+        # ETRN would make the gateway scan its queue for a client it refuses
+        for line in ("ETRN targetdomain1.com", "VRFY alice", "EXPN team", "HELP"):
+            assert c.cmd(line).first == "550 5.0.0 Command rejected", line
+
+
+@pytest.mark.xfail(strict=True, reason=NULLSERVER)
+def test_early_talker_repeating_refused_commands_is_cut_off(edge: GatewayProcess) -> None:
+    with raw(edge, "127.0.0.30") as c:
+        c.send(b"EHLO talker.example.net\r\n" + b"MAIL FROM:<alice@example.org>\r\n" * 40)
+        transcript = c.wait_closed(timeout=1.5).decode()
+    # max_bad_commands (20) refused commands, then 421 and the connection is closed
+    assert transcript.count("550 5.0.0 Command rejected") <= 20
+    assert f"421 4.7.0 {HOSTNAME}" in transcript
+
+
 # == 2. Privacy ================================================================================
 def test_vrfy_reveals_nothing_expn_and_verb_refused(edge: GatewayProcess) -> None:
     vrfy = "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery (or try finger)"
@@ -461,15 +488,18 @@ def test_thousands_of_paused_connections_cost_little_and_others_are_served(
     with smtp_client(paused, "127.0.0.9") as s:  # warm-up: every code path used once
         s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("warm-up"))
     wait_subject(hop1, "warm-up")
-    rss0, threads0, fds0 = proc_status(pid, "VmRSS"), proc_status(pid, "Threads"), open_fds(pid)
+    time.sleep(0.3)  # the warm-up's delivery connection is closed
+    rss0, threads0 = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
+    fds0 = min(open_fds(pid) for _ in range(5))
     flood: list[socket.socket] = []
     try:
         for i in range(FLOOD):  # 100 addresses x 20 (the per-address limit), all silent
             flood.append(silent_connection(paused.host, paused.port, f"127.0.10.{i // 20 + 1}"))
         deadline = time.monotonic() + 30
-        while open_fds(pid) < fds0 + FLOOD and time.monotonic() < deadline:
+        # (a few fds of the baseline may be transient: allow for them)
+        while open_fds(pid) < fds0 + FLOOD - 5 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert open_fds(pid) >= fds0 + FLOOD, f"the daemon did not accept all {FLOOD} connections"
+        assert open_fds(pid) >= fds0 + FLOOD - 5, f"the daemon did not accept {FLOOD} connections"
         time.sleep(0.5)  # their PTR lookups are done; they now sit in their pause
         rss1, threads1 = proc_status(pid, "VmRSS"), proc_status(pid, "Threads")
         assert all(received_nothing(s) for s in flood[::50])  # the greeting is held

@@ -658,7 +658,12 @@ def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,
     a = rcpt("data-timeout")
     with session(gw_big) as c:
         start_data(c, [a])
-        c.send(message("stalled", body=b"half a mess"))
+        # more than the session's write buffer, so that the partial message reaches the disk
+        c.send(message("stalled", body=b"y" * 70 + b"\r\n" * 1 + (b"z" * 70 + b"\r\n") * 4000
+                       + b"half a mess"))
+        deadline = time.monotonic() + 5
+        while not incoming(gw_big) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(incoming(gw_big)) == 1
         r = c.read_reply()
         assert (r.code, r.enhanced) == (421, "4.4.2")
@@ -668,25 +673,26 @@ def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
-def test_disconnect_mid_data(gw: GatewayProcess, sink: SinkServer, how: str) -> None:
+def test_disconnect_mid_data(gw_big: GatewayProcess, sink: SinkServer, how: str) -> None:
     a = rcpt(f"dropped-{how}")
-    queued = set(gw.queued())
-    c = connect(gw)
+    queued = set(gw_big.queued())
+    c = connect(gw_big)
     try:
         assert c.read_reply().code == 220
         assert c.cmd("EHLO client.example.net").code == 250
         start_data(c, [a])
-        c.send(message("dropped", body=b"part of the body\r\n" * 100))
+        # more than the session's write buffer, so that the partial message reaches the disk
+        c.send(message("dropped", body=b"part of the body\r\n" * 20000))
         deadline = time.monotonic() + 5
-        while not incoming(gw) and time.monotonic() < deadline:
+        while not incoming(gw_big) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert len(incoming(gw)) == 1  # the message was being received
+        assert len(incoming(gw_big)) == 1  # the message was being received
         if how == "reset":
             c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     finally:
         c.close()
-    wait_incoming_empty(gw)
-    assert set(gw.queued()) <= queued
+    wait_incoming_empty(gw_big)
+    assert set(gw_big.queued()) <= queued
     assert_not_delivered(sink, a)
 
 

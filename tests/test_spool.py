@@ -85,8 +85,8 @@ def test_concurrent_commits_share_directory_fsyncs(tmp_path: Path,
 def test_recover_drops_unacknowledged_and_quarantines_corrupt(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     half = spool.open_incoming(envelope(spool))
-    half.write(b"partial")
-    half.file.flush()
+    half.write(b"partial" * (half.SPILL_AT // 7 + 1))  # big enough to reach the disk
+    assert half.path.exists()
     good = spool.open_incoming(envelope(spool))
     good.write(b"x\r\n")
     spool.commit_sync(good)

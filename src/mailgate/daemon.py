@@ -22,7 +22,7 @@ from mailgate.delivery.attempt import DeliveryContext, attempt, mailbox_of
 from mailgate.dns import DnsError, DnsTempError, Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
-from mailgate.queue.spool import Spool
+from mailgate.queue.spool import IncomingMessage, QueuedMessage, QueueStatus, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.listener import Listener, bind_socket
 from mailgate.snapshot import Snapshot, build_snapshot
@@ -169,8 +169,15 @@ class Gateway:
         except (TimeoutError, DnsError):
             return "temp"
 
-    def message_committed(self, qid: str) -> None:
+    def message_committed(self, qid: str, incoming: IncomingMessage | None = None) -> None:
         self.counters["messages_received"] += 1
+        if incoming is not None and incoming.lock_fd is not None:
+            msg = QueuedMessage(incoming.envelope, self.spool.queue / qid, incoming.offset,
+                                incoming.size, QueueStatus())
+            if self.delivery.add_hot(msg, incoming.lock_fd):
+                incoming.lock_fd = None  # now owned by the delivery attempt
+            else:
+                incoming.release_lock()
         self.scheduler.submit(qid)
 
     def flush_domain(self, domain: str) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 CHUNK = 64 * 1024
 _FOLD = 78  # RFC 5322 recommended line length
@@ -222,8 +222,12 @@ def _copy_headers(src: BinaryIO, out: BinaryIO) -> None:
         virtual = max(0, virtual - cut)
 
 
+class SupportsWriteBytes(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
 def write_dsn(
-    out: BinaryIO,
+    out: SupportsWriteBytes,
     *,
     hostname: str,
     queue_id: str,

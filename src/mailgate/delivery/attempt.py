@@ -8,10 +8,11 @@ the outcome is written back to the spool before the message is forgotten or resc
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailgate import maillog
@@ -37,6 +38,16 @@ class DeliveryContext:
     snapshot: Callable[[], Snapshot]  # the tables in force now
     on_new_message: Callable[[str], None]  # a bounce was queued: schedule it
     transcript: Callable[[str], None] | None = None
+    # Messages just committed by this process, still holding their delivery lock (an open,
+    # flock'ed fd): the first attempt needs no open, lock or re-read of the envelope.
+    hot: dict[str, tuple[QueuedMessage, int]] = field(default_factory=dict)
+    max_hot: int = 1000
+
+    def add_hot(self, msg: QueuedMessage, lock_fd: int) -> bool:
+        if len(self.hot) >= self.max_hot:
+            return False
+        self.hot[msg.envelope.qid] = (msg, lock_fd)
+        return True
 
 
 def mailbox_of(address: str) -> Mailbox:
@@ -86,6 +97,13 @@ async def _deliver_local(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessag
 
 async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
     """Try every pending recipient once. Returns the next attempt time, or None when done."""
+    hot = ctx.hot.pop(qid, None)
+    if hot is not None:
+        msg, lock_fd = hot
+        try:
+            return await _attempt_locked(ctx, msg)
+        finally:
+            os.close(lock_fd)
     spool = ctx.spool
     with spool.locked(qid) as mine:
         if not mine:
@@ -265,7 +283,7 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     client = maillog.relay_name(env.client_ip, env.client_name)
 
     def write() -> None:
-        write_dsn(incoming.file, hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,
+        write_dsn(incoming, hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,
                   client=client, sender=env.sender, recipients=recipients,
                   original_path=msg.path, original_offset=msg.offset,
                   return_headers_only=(env.ret or "").upper() == "HDRS",

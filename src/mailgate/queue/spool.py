@@ -24,12 +24,11 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 # Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 _STATUS_SUFFIX = ".st"
-_WRITE_BUFFER = 256 * 1024
 
 
 class SpoolError(Exception):
@@ -93,35 +92,65 @@ class QueuedMessage:
 
 
 class IncomingMessage:
-    """A message being received: the envelope line, then content as it streams in."""
+    """A message being received: the envelope line, then content as it streams in.
+
+    Content collects in a write buffer of ``SPILL_AT`` bytes (as any buffered writer would) and
+    the file is created only when the buffer spills or at commit, in the committing thread, so
+    a small message costs the event loop no file-system call at all. Memory per message is
+    bounded by the buffer, whatever the message size.
+    """
+
+    SPILL_AT = 256 * 1024
 
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self.spool = spool
         self.envelope = envelope
         self.path = spool.incoming / envelope.qid
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        self.file: BinaryIO = os.fdopen(fd, "wb", buffering=_WRITE_BUFFER)
-        self.offset = 0
-        self.size = 0
-        self.closed = False
-        self.write_envelope()
-
-    def write_envelope(self) -> None:
-        line = self.envelope.to_line()
-        self.file.write(line)
+        line = envelope.to_line()
+        self.buf = bytearray(line)
         self.offset = len(line)
+        self.size = 0
+        self.fd: int | None = None
+        self.lock_fd: int | None = None  # after commit: the queue file, flock'ed for delivery
+        self.closed = False
+
+    def _open(self) -> int:
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                              0o600)
+        return self.fd
+
+    def _write_out(self) -> None:
+        fd = self._open()
+        view = memoryview(self.buf)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        view.release()
+        self.buf.clear()
 
     def write(self, data: bytes) -> None:
-        self.file.write(data)
+        self.buf += data
         self.size += len(data)
+        if len(self.buf) >= self.SPILL_AT:
+            self._write_out()
 
     def discard(self) -> None:
         if not self.closed:
             self.closed = True
-            with contextlib.suppress(OSError):
-                self.file.close()
+            for fd in (self.fd, self.lock_fd):
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            self.fd = self.lock_fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+    def release_lock(self) -> None:
+        if self.lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.lock_fd)
+            self.lock_fd = None
 
 
 class _DirSync:
@@ -185,6 +214,7 @@ class Spool:
         self._pool = ThreadPoolExecutor(max_workers=fsync_threads, thread_name_prefix="fsync")
         self._dirsync = _DirSync(self.queue, self._pool)
         self._pid = os.getpid() % 1_000_000
+        self._queue_str = str(self.queue)
         self._last_second = 0
         self._seq = 0
 
@@ -210,7 +240,9 @@ class Spool:
                 + _ALPHABET[t.tm_hour] + _ALPHABET[t.tm_min] + _ALPHABET[min(t.tm_sec, 59)]
                 + _ALPHABET[seq // 60] + _ALPHABET[seq % 60] + f"{self._pid:06d}"
             )
-            if not (self.queue / qid).exists() and not (self.incoming / qid).exists():
+            # Unique within this process by construction; the check guards against a queue
+            # file left by an earlier process that had the same pid at the same second.
+            if not os.path.lexists(os.path.join(self._queue_str, qid)):
                 return qid
 
     # -- receiving ------------------------------------------------------------------------------
@@ -220,20 +252,36 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create spool file: {exc.strerror}") from exc
 
-    def _flush_and_rename(self, msg: IncomingMessage) -> None:
+    def _flush_and_rename(self, msg: IncomingMessage, lock: bool = False) -> None:
+        msg._write_out()
+        fd = msg.fd
+        assert fd is not None
         try:
-            msg.file.flush()
-            os.fsync(msg.file.fileno())
-        finally:
-            msg.closed = True
-            msg.file.close()
-        os.rename(msg.path, self.queue / msg.envelope.qid)
+            os.fsync(fd)
+            if lock:
+                # Held from here until the first delivery attempt, so that `mailgate flush`
+                # (another process) cannot deliver it at the same time.
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(msg.path, self.queue / msg.envelope.qid)
+        except BaseException:
+            os.close(fd)
+            msg.fd = None
+            raise
+        msg.fd = None
+        msg.closed = True
+        if lock:
+            msg.lock_fd = fd
+        else:
+            os.close(fd)
 
-    async def commit(self, msg: IncomingMessage) -> None:
-        """Make ``msg`` durable. Only after this returns may the 250 be sent."""
+    async def commit(self, msg: IncomingMessage, *, lock: bool = False) -> None:
+        """Make ``msg`` durable. Only after this returns may the 250 be sent.
+
+        With ``lock``, ``msg.lock_fd`` is left holding the delivery lock on the queue file.
+        """
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._pool, self._flush_and_rename, msg)
+            await loop.run_in_executor(self._pool, self._flush_and_rename, msg, lock)
             await self._dirsync.sync()
         except OSError as exc:
             msg.discard()

@@ -661,7 +661,7 @@ class SmtpSession(asyncio.Protocol):
             return
         self.flush()
         try:
-            await self.gw.spool.commit(msg)
+            await self.gw.spool.commit(msg, lock=True)
         except SpoolError as exc:
             maillog.error(f"{qid}: {exc}")
             self.reply(Reply(452, "4.3.1", "Insufficient system storage; try again later"))
@@ -669,7 +669,7 @@ class SmtpSession(asyncio.Protocol):
         maillog.received(qid, tx.sender, msg.size, len(tx.recipients), self.msgid,
                          msg.envelope.proto, relay)
         self.reply(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
-        self.gw.message_committed(qid)
+        self.gw.message_committed(qid, msg)
 
     def _fail_data(self, reply: Reply, log: str | None = None) -> None:
         if self.msg is not None:
