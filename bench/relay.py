@@ -123,11 +123,16 @@ def throughput_run(kind: str, size: int, sessions: int, n: int, base: Path,
         res["lat_rank_p50_ms"] = percentile(lat, 50) * 1000
         res["lat_rank_p99_ms"] = percentile(lat, 99) * 1000
         if src["stalled"] or res["lost"]:
-            res["note"] = f"source output: {src['output_tail']!r}"
+            res["note"] = f"source output: {src['output_tail'][-300:]!r}"
+            res["log_tail"] = relay.log_tail()
     except Exception as exc:
         res["error"] = repr(exc)
         res["log_tail"] = relay.log_tail()
     finally:
+        # Did the sink die under us (exit status, its last words)?
+        res["sink_exit"] = sink.proc.poll()
+        if res["sink_exit"] is not None:
+            res["sink_tail"] = sink.counter.text_tail[-300:]
         relay.stop()
         sink.stop()
         finish(work, res, args)

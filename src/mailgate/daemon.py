@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
 from mailgate.delivery.attempt import DeliveryContext, attempt, mailbox_of
+from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import DnsError, DnsTempError, Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
@@ -52,7 +53,7 @@ class Gateway:
         self.stopped = asyncio.Event()
         self.delivery = DeliveryContext(
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
-            on_new_message=self.message_committed)
+            on_new_message=self.message_committed, connections=ConnectionCache())
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,6 +98,8 @@ class Gateway:
                                                            "Shutting down").to_bytes())
                     s.transport.close()
         await self.scheduler.stop()
+        if self.delivery.connections is not None:
+            await self.delivery.connections.close_all()
         self.spool.close()
         cfg = self.snapshot.config
         if cfg.pid_file:

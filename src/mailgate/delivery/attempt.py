@@ -41,6 +41,7 @@ class DeliveryContext:
     # Messages just committed by this process, still holding their delivery lock (an open,
     # flock'ed fd): the first attempt needs no open, lock or re-read of the envelope.
     hot: dict[str, tuple[QueuedMessage, int]] = field(default_factory=dict)
+    connections: smtp_delivery.ConnectionCache | None = None  # the daemon reuses connections
     max_hot: int = 1000
 
     def add_hot(self, msg: QueuedMessage, lock_fd: int) -> bool:
@@ -103,7 +104,8 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
         try:
             return await _attempt_locked(ctx, msg)
         finally:
-            os.close(lock_fd)
+            # The last close of a delivered (unlinked) file frees its blocks: not on the loop.
+            await asyncio.to_thread(os.close, lock_fd)
     spool = ctx.spool
     with spool.locked(qid) as mine:
         if not mine:
@@ -230,7 +232,7 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
         msg, route, addresses, resolver=ctx.resolver, hostname=cfg.hostname,
         helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
         default_port=cfg.delivery.port,
-        transcript=ctx.transcript)
+        transcript=ctx.transcript, cache=ctx.connections)
     for rcpt, rt in group:
         results.append((rcpt, rt, outcomes[rt.address]))
 

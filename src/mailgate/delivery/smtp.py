@@ -8,6 +8,7 @@ per-recipient answers are final for this attempt.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -86,6 +87,68 @@ class _MailLoop(Exception):
     pass
 
 
+class ConnectionCache:
+    """Idle connections to next-hop addresses, reused by the next message for the same one.
+
+    A gateway relays bursts to a handful of internal servers; reusing the connection saves the
+    TCP handshake, greeting, EHLO and QUIT for every message but the first. Idle connections
+    are closed after ``idle_timeout`` seconds, and none is used for more than ``max_uses``
+    transactions (as Postfix's connection cache does).
+    """
+
+    def __init__(self, idle_timeout: float = 5.0, max_idle_per_peer: int = 32,
+                 max_uses: int = 100) -> None:
+        self.idle_timeout = idle_timeout
+        self.max_idle_per_peer = max_idle_per_peer
+        self.max_uses = max_uses
+        self._idle: dict[tuple[str, int, str], list[tuple[SmtpClient, asyncio.TimerHandle]]] = {}
+        self._uses: dict[int, int] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    def get(self, key: tuple[str, int, str]) -> SmtpClient | None:
+        stack = self._idle.get(key)
+        while stack:
+            client, timer = stack.pop()
+            timer.cancel()
+            if not client.closed:
+                return client
+        return None
+
+    def put(self, key: tuple[str, int, str], client: SmtpClient) -> bool:
+        uses = self._uses.get(id(client), 0) + 1
+        stack = self._idle.setdefault(key, [])
+        if client.closed or uses >= self.max_uses or len(stack) >= self.max_idle_per_peer:
+            self._uses.pop(id(client), None)
+            return False
+        self._uses[id(client)] = uses
+        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, key,
+                                                      client)
+        stack.append((client, timer))
+        return True
+
+    def _expire(self, key: tuple[str, int, str], client: SmtpClient) -> None:
+        stack = self._idle.get(key, [])
+        for i, (c, _timer) in enumerate(stack):
+            if c is client:
+                del stack[i]
+                break
+        self._uses.pop(id(client), None)
+        task = asyncio.get_running_loop().create_task(client.quit())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def forget(self, client: SmtpClient) -> None:
+        self._uses.pop(id(client), None)
+
+    async def close_all(self) -> None:
+        for stack in self._idle.values():
+            for client, timer in stack:
+                timer.cancel()
+                await client.quit()
+        self._idle.clear()
+        self._uses.clear()
+
+
 def _failure(outcome: Outcome, recipients: Sequence[str]) -> dict[str, Outcome]:
     return dict.fromkeys(recipients, outcome)
 
@@ -102,6 +165,7 @@ async def deliver(
     source_address: str | None = None,
     default_port: int = 25,
     transcript: Callable[[str], None] | None = None,
+    cache: ConnectionCache | None = None,
 ) -> dict[str, Outcome]:
     """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each."""
     what = route.hops[0].host if route.hops else "?"
@@ -136,28 +200,47 @@ async def deliver(
             if transcript is not None:
                 transcript(line)
 
-        try:
-            client = await SmtpClient.connect(
-                cand.ip, cand.port, helo_name=helo_name, use_ehlo=True, timeouts=timeouts,
-                source_address=source_address, transcript=record)
-        except SmtpClientError as exc:
-            reply = exc.reply or Reply(451, "4.4.1", f"Connection refused by [{cand.ip}]")
-            last = Outcome("temp" if exc.temporary or reply.is_temporary else "perm", reply,
-                           relay, f"[{cand.ip}]", tuple(lines))
+        key = (cand.ip, cand.port, helo_name)
+        client = cache.get(key) if cache is not None else None
+        reused = client is not None
+        if client is not None:
+            client.set_transcript(record)
+        result = None
+        while result is None:
+            if client is None:
+                try:
+                    client = await SmtpClient.connect(
+                        cand.ip, cand.port, helo_name=helo_name, use_ehlo=True,
+                        timeouts=timeouts, source_address=source_address, transcript=record)
+                except SmtpClientError as exc:
+                    reply = exc.reply or Reply(451, "4.4.1",
+                                               f"Connection refused by [{cand.ip}]")
+                    last = Outcome("temp" if exc.temporary or reply.is_temporary else "perm",
+                                   reply, relay, f"[{cand.ip}]", tuple(lines))
+                    break
+            try:
+                result = await client.send(
+                    env.sender, recipients, message.path, message.offset, size=message.size,
+                    body_8bit=env.body_8bit, smtputf8=env.smtputf8)
+            except SmtpClientError as exc:
+                await client.close()
+                if cache is not None:
+                    cache.forget(client)
+                client = None
+                if reused:
+                    reused = False  # the cached connection had gone stale: once more, fresh
+                    continue
+                reply = exc.reply or Reply(451, "4.4.2", f"Connection to [{cand.ip}] lost")
+                last = Outcome("temp", reply, relay, f"[{cand.ip}]", tuple(lines))
+                break
+        if result is None or client is None:
             continue  # even a 554 greeting: another address of the hop may serve
-        try:
-            result = await client.send(
-                env.sender, recipients, message.path, message.offset, size=message.size,
-                body_8bit=env.body_8bit, smtputf8=env.smtputf8)
-        except SmtpClientError as exc:
-            await client.close()
-            reply = exc.reply or Reply(451, "4.4.2", f"Connection to [{cand.ip}] lost")
-            last = Outcome("temp", reply, relay, f"[{cand.ip}]", tuple(lines))
-            continue
-        try:
-            await client.quit()
-        except SmtpClientError:
-            await client.close()
+        client.set_transcript(None)
+        if cache is None or not cache.put(key, client):
+            try:
+                await client.quit()
+            except SmtpClientError:
+                await client.close()
         if result.mail_reply.is_temporary:
             last = Outcome("temp", result.mail_reply, relay, f"[{cand.ip}]", tuple(lines))
             continue  # the whole transaction failed here: another MX may take it

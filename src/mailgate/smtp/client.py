@@ -195,6 +195,10 @@ class SmtpClient:
     def closed(self) -> bool:
         return self._closed
 
+    def set_transcript(self, transcript: Callable[[str], None] | None) -> None:
+        """Where the dialogue goes from now on (a reused connection serves a new delivery)."""
+        self._transcript = transcript
+
     @property
     def pipelining(self) -> bool:
         return "PIPELINING" in self.extensions
