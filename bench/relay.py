@@ -152,17 +152,19 @@ def finish(work: Path, res: dict[str, Any], args: argparse.Namespace) -> None:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the runs that finished; lost is the worst run's."""
-    ok = [r for r in runs if "error" not in r]
+    done = [r for r in runs if "error" not in r]
+    ok = [r for r in done if not r["lost"] and not r["stalled"]]
     out: dict[str, Any] = {"runs": len(runs), "ok_runs": len(ok),
-                           "errors": [r["error"] for r in runs if "error" in r]}
+                           "errors": [r["error"] for r in runs if "error" in r]
+                           + [f"lost {r['lost']}" for r in done if r["lost"]]}
     if not ok:
         return out
     for key in ("accept_rate", "e2e_rate", "cpu_per_1000", "peak_rss_mb", "peak_pss_mb",
                 "lat_rank_p50_ms", "lat_rank_p99_ms", "machine_busy_pct", "accept_s", "e2e_s",
                 "others_cores"):
         out[key] = statistics.median(r[key] for r in ok)
-    out["lost"] = max(r["lost"] for r in ok)
-    out["stalled"] = any(r["stalled"] for r in ok)
+    out["lost"] = max(r["lost"] for r in done)  # the worst run, clean or not
+    out["stalled"] = any(r["stalled"] for r in done)
     return out
 
 
@@ -388,6 +390,16 @@ def markdown(report: dict[str, Any]) -> str:
                           f"{ratio(a.get('cpu_per_1000'), b.get('cpu_per_1000'))} | "
                           f"{ratio(a.get('peak_rss_mb'), b.get('peak_rss_mb'))} | "
                           f"{ratio(a.get('peak_pss_mb'), b.get('peak_pss_mb'))} |")
+        failures = [f"- {c['size'] // 1024} KiB / {c['sessions']} sess, {kind} run {i}: "
+                    + (f"error {r['error'][:200]}" if "error" in r else f"lost {r['lost']}")
+                    + (f"; sink exited ({r['sink_exit']})" if r.get("sink_exit") is not None
+                       else "") + (f"; kept {r['kept']}" if r.get("kept") else "")
+                    for c in report["throughput"] for kind, v in c["relays"].items()
+                    for i, r in enumerate(v["runs"], 1)
+                    if "error" in r or r.get("lost") or r.get("stalled")]
+        if failures:
+            lines += ["", "Runs left out of the medians (failed, lost or stalled):", "",
+                      *failures]
         lines += ["", "mailgate / Postfix:", "",
                   "| case | accept | end-to-end | CPU per msg | peak RSS | peak PSS |",
                   "|---|---|---|---|---|---|", *ratios, ""]
@@ -458,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=-10,
                     help="run the harness, relays, source and sink at this nice level "
                          "(as root; 0 = leave it)")
+    ap.add_argument("--no-snapshot", action="store_true",
+                    help="run mailgate from its tree as it is at each start, instead of from "
+                         "a copy of its package taken when the benchmark starts")
     ap.add_argument("--json", default=None, help="write all results here (JSON)")
     ap.add_argument("--report", default=None, help="write the markdown tables here")
     ap.add_argument("--workdir", default="/var/tmp", help="where temp dirs go (same disk "
@@ -492,7 +507,16 @@ def main(argv: list[str] | None = None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="mailgate-bench-", dir=args.workdir))
     base.chmod(0o755)
+    relays.BIN_DIR = base
     report: dict[str, Any] = {"machine": machine_info(args), "args": vars(args)}
+    if not args.no_snapshot:
+        # Pin the code under test: every mailgate of this invocation runs from a copy taken
+        # now, even if someone edits the tree meanwhile.
+        pkg = Path(report["machine"]["mailgate"].split()[1]).parent
+        shutil.copytree(pkg, base / "mailgate-src" / "mailgate",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        args.pythonpath = str(base / "mailgate-src")
+        report["machine"]["mailgate"] += f"; snapshot of {pkg} taken at start"
     log(f"bench dir {base}; {report['machine']}")
     started = time.monotonic()
     try:

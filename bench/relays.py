@@ -30,6 +30,20 @@ HOST = "127.0.0.1"
 
 
 NICE = 0  # set by relay.py --nice
+BIN_DIR: Path | None = None  # set by relay.py: private copies of smtp-sink / smtp-source
+
+
+def tool(name: str) -> str:
+    """``smtp-sink``/``smtp-source`` run from a private copy named ``bench-sink`` /
+    ``bench-source``: on a shared machine someone else's ``pkill smtp-sink`` (seen here) would
+    otherwise kill our next hop in the middle of a run."""
+    path = shutil.which(name) or name
+    if BIN_DIR is None:
+        return path
+    copy = BIN_DIR / name.replace("smtp-", "bench-")
+    if not copy.exists():
+        shutil.copy2(path, copy)
+    return str(copy)
 
 
 def prioritize(pid: int) -> None:
@@ -146,7 +160,7 @@ class SmtpSink:
         self.port = free_port()
         self.workdir = workdir
         self.proc = subprocess.Popen(
-            ["smtp-sink", "-u", "root", "-c", "-m", "1000", f"{HOST}:{self.port}", "1024"],
+            [tool("smtp-sink"), "-u", "root", "-c", "-m", "1000", f"{HOST}:{self.port}", "1024"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
             start_new_session=True)
         prioritize(self.proc.pid)
@@ -178,7 +192,7 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
 def run_smtp_source(port: int, n: int, sessions: int, size: int, timeout: float,
                     stall: float = 30.0) -> dict[str, object]:
     """``smtp-source -c -s C -m N -l S``; returns wall time, count and the 250 times."""
-    cmd = ["smtp-source", "-c", "-s", str(sessions), "-m", str(n), "-l", str(size),
+    cmd = [tool("smtp-source"), "-c", "-s", str(sessions), "-m", str(n), "-l", str(size),
            "-f", "sender@example.org", "-t", "user@bench.example", f"{HOST}:{port}"]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -102,6 +102,7 @@ class Config:
     tables_dir: Path | None
     relay_hosts_only: bool = True
     pid_file: Path | None = None
+    workers: int = 1  # processes sharing the listeners and the spool; 0 = one per CPU
     smtp: SmtpSettings = field(default_factory=SmtpSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     delivery: DeliverySettings = field(default_factory=DeliverySettings)
@@ -313,7 +314,7 @@ def _privacy_flag(value: object) -> str:
 
 
 _KNOWN = {
-    "": {"hostname", "listen", "spool_dir", "tables_dir", "relay_hosts_only", "pid_file",
+    "": {"hostname", "listen", "spool_dir", "tables_dir", "relay_hosts_only", "pid_file", "workers",
          "smtp", "queue", "delivery", "dns", "local", "access", "log"},
     "smtp": set(SmtpSettings.__dataclass_fields__),
     "queue": set(QueueSettings.__dataclass_fields__),
@@ -416,6 +417,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         tables_dir=r.get("", "tables_dir", rel_or_none, base if path else None),
         relay_hosts_only=r.get("", "relay_hosts_only", _bool, True),
         pid_file=r.get("", "pid_file", rel_or_none, None),
+        workers=r.get("", "workers", _int(0), 1),
         smtp=smtp,
         queue=queue,
         delivery=delivery,

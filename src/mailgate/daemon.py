@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import random
 import signal
+import socket
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
@@ -39,9 +42,14 @@ def make_resolver(config: Config) -> Resolver:
 
 
 class Gateway:
-    def __init__(self, config_path: str | Path | None, snapshot: Snapshot) -> None:
+    def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
+                 sockets: list[socket.socket] | None = None, worker: int = 0,
+                 workers: int = 1) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
+        self.sockets = sockets  # inherited from the master when there are several workers
+        self.worker = worker
+        self.workers = workers
         cfg = snapshot.config
         self.spool = Spool(cfg.spool_dir)
         self.resolver = make_resolver(cfg)
@@ -59,7 +67,12 @@ class Gateway:
     async def start(self) -> None:
         cfg = self.snapshot.config
         now = time.time()
-        recovered = self.spool.recover()
+        if self.workers == 1:
+            recovered = self.spool.recover()
+        else:
+            # The master cleared incoming/ before forking; each worker retries its share.
+            recovered = [q for q in self.spool.qids()
+                         if zlib.crc32(q.encode()) % self.workers == self.worker]
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
@@ -69,14 +82,18 @@ class Gateway:
                                                                              * 0.001)))
         if recovered:
             maillog.info(f"recovered {len(recovered)} queued message(s) from {cfg.spool_dir}")
-        for host, port in cfg.listen:
+        socks = self.sockets if self.sockets is not None else [
+            bind_socket(host, port) for host, port in cfg.listen]
+        for sock in socks:
             listener = Listener(
-                bind_socket(host, port), self._new_session,
-                rate=lambda: self.snapshot.config.smtp.connection_rate_throttle,
+                sock, self._new_session,
+                # Sendmail's rate is per daemon: each of N workers takes its share.
+                rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle
+                               // self.workers),
                 has_room=lambda: len(self.sessions) < self.snapshot.config.smtp.max_connections)
             listener.start()
             self.listeners.append(listener)
-        if cfg.pid_file:
+        if cfg.pid_file and self.workers == 1:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
@@ -102,7 +119,7 @@ class Gateway:
             await self.delivery.connections.close_all()
         self.spool.close()
         cfg = self.snapshot.config
-        if cfg.pid_file:
+        if cfg.pid_file and self.workers == 1:
             with contextlib.suppress(OSError):
                 cfg.pid_file.unlink()
         self.stopped.set()
@@ -209,8 +226,8 @@ def install_event_loop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def serve(config_path: str | Path | None, snapshot: Snapshot) -> None:
-    gateway = Gateway(config_path, snapshot)
+async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: Any) -> None:
+    gateway = Gateway(config_path, snapshot, **worker)
     await gateway.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
@@ -222,6 +239,94 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot) -> None:
     await gateway.stop()
 
 
+def _die_with_parent() -> None:
+    """A worker must not outlive its master (kill -9 of the master ends the whole daemon)."""
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
+                sockets: list[socket.socket], index: int, workers: int) -> None:
+    _die_with_parent()
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    install_event_loop()
+    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers))
+
+
+def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
+    """The master: bind, clear incoming/, fork ``workers`` children sharing the listening
+    sockets and the spool, forward signals, restart a worker that dies."""
+    cfg = snapshot.config
+    sockets = [bind_socket(host, port) for host, port in cfg.listen]
+    Spool(cfg.spool_dir).recover_incoming()
+    children: dict[int, int] = {}  # pid → worker index
+    stopping = False
+    pending: list[int] = []
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _run_worker(config_path, snapshot, sockets, index, workers)
+            except BaseException as exc:
+                maillog.error(f"worker {index} failed: {exc!r}")
+                code = 1
+            finally:
+                os._exit(code)
+        children[pid] = index
+
+    def on_signal(sig: int, _frame: object) -> None:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        elif sig == signal.SIGHUP:
+            # Check first, so that a bad config is refused once, here, with a clear message.
+            try:
+                build_snapshot(load_config(config_path))
+            except (ConfigError, TableError) as exc:
+                maillog.error(f"reload refused, keeping the running configuration: {exc}")
+                return
+        pending.append(sig)
+
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+    for i in range(workers):
+        spawn(i)
+    if cfg.pid_file:
+        cfg.pid_file.write_text(f"{os.getpid()}\n")
+    maillog.info(f"master {os.getpid()}: {workers} workers")
+    try:
+        while children:
+            while pending:
+                sig = pending.pop(0)
+                for pid in list(children):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except InterruptedError:
+                continue
+            except ChildProcessError:
+                break
+            index = children.pop(pid, None)
+            if index is not None and not stopping:
+                maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
+                              "restarting it")
+                time.sleep(1)
+                spawn(index)
+    finally:
+        if cfg.pid_file:
+            with contextlib.suppress(OSError):
+                cfg.pid_file.unlink()
+
+
 def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
+    workers = snapshot.config.workers or (os.cpu_count() or 1)
+    if workers > 1:
+        run_workers(config_path, snapshot, workers)
+        return
     install_event_loop()
     asyncio.run(serve(config_path, snapshot))

@@ -301,10 +301,14 @@ class Spool:
     # -- the queue ------------------------------------------------------------------------------
     def recover(self) -> list[str]:
         """At start-up: drop unacknowledged receptions, return the committed queue ids."""
+        self.recover_incoming()
+        return sorted(self.qids())
+
+    def recover_incoming(self) -> None:
+        """Remove receptions that never got their 250 (only while no session is running)."""
         for p in self.incoming.iterdir():
             with contextlib.suppress(OSError):
                 p.unlink()
-        return sorted(self.qids())
 
     def qids(self) -> Iterator[str]:
         for entry in os.scandir(self.queue):

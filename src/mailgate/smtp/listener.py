@@ -50,16 +50,18 @@ class RateLimiter:
         self.count = 0
 
     def delay(self, now: float) -> float:
-        """Seconds to wait before the next event may happen (0 = now); counts the event."""
+        """Seconds to wait before the next event may happen (0 = now)."""
         if self.rate <= 0:
             return 0.0
+        if int(now) > self.second or self.count < self.rate:
+            return 0.0
+        return (self.second + 1) - now
+
+    def record(self, now: float) -> None:
         second = int(now)
         if second > self.second:
             self.second, self.count = second, 0
-        if self.count < self.rate:
-            self.count += 1
-            return 0.0
-        return (self.second + 1) - now
+        self.count += 1
 
 
 class Listener:
@@ -103,6 +105,7 @@ class Listener:
                         await asyncio.sleep(0.1)
                     continue
                 raise
+            self.limiter.record(time.time())
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 await loop.connect_accepted_socket(self.factory, conn)

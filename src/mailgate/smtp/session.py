@@ -68,6 +68,9 @@ class Transaction:
     smtputf8: bool = False
 
 
+_ALLOWED_WHEN_REFUSED = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT"})
+
+
 class _Closing(Exception):
     """The session must end after the reply already queued."""
 
@@ -322,12 +325,15 @@ class SmtpSession(asyncio.Protocol):
     async def loop(self) -> None:
         cfg = self.snap.config
         conn = self.conn
+        waiting_since = time.monotonic()
         while True:
             event = conn.next_event()
             if event is None:
+                # A command must arrive whole within command_timeout (a client trickling a
+                # byte at a time does not keep the session); DATA content is timed per read.
                 timeout = cfg.smtp.data_timeout if self.msg is not None \
-                    else cfg.smtp.command_timeout
-                if not await self.wait_input(timeout):
+                    else cfg.smtp.command_timeout - (time.monotonic() - waiting_since)
+                if timeout <= 0 or not await self.wait_input(timeout):
                     what = "DATA" if self.msg is not None else "command"
                     maillog.info(f"timeout waiting for input from {self.relay_text} "
                                  f"during {what}")
@@ -335,6 +341,7 @@ class SmtpSession(asyncio.Protocol):
                                                    "timeout; closing connection"))
                     return
                 continue
+            waiting_since = time.monotonic()
             if isinstance(event, DataChunk):
                 self.on_data_chunk(event.data)
             elif isinstance(event, Command):
@@ -374,6 +381,15 @@ class SmtpSession(asyncio.Protocol):
             self.count_bad_command()
             if cmd.verb == "DATA":  # not reachable: DATA has a handler; kept for protocol safety
                 self.conn.reject_data()
+            return
+        refused = self._refused_stage()
+        if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
+            # Sendmail's restricted mode for early talkers and Connect: refusals: everything
+            # but the harmless verbs gets the refusal and counts towards the error limit.
+            if cmd.verb == "DATA":
+                self.conn.reject_data()
+            self.reply(refused)
+            self.count_bad_command()
             return
         result = handler(cmd.arg)
         if asyncio.iscoroutine(result):
@@ -436,7 +452,8 @@ class SmtpSession(asyncio.Protocol):
                 and not mailbox.is_literal and not self.snap.routing.is_local(mailbox.domain):
             self.flush()
             resolves = await self.gw.domain_resolves(mailbox.domain)
-            decision = Decision(sender_domain_reply(raw, mailbox, resolves))
+            reply = sender_domain_reply(raw, mailbox, resolves)
+            decision = Decision(reply, logged_reject=not reply.is_positive)
         if decision is None:
             decision = Decision(Reply(250, "2.1.0", f"<{raw}>... Sender ok"))
         if decision.logged_reject:
