@@ -357,6 +357,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"- date: {m['date']}", f"- machine: {m['nproc']} cores, {m['cpu']}, "
              f"Linux {m['kernel']}, Python {m['python']}",
              f"- Postfix {m['postfix']}; mailgate {m['mailgate']}",
+             f"- extra mailgate settings: {report['args'].get('mailgate_set') or 'none'}",
              f"- load average when started: {' '.join(m['loadavg_at_start'])}; harness, "
              f"relays, source and sink at nice {report['args'].get('nice', 0)}",
              f"- command: `{m['command']}`", ""]
@@ -470,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=-10,
                     help="run the harness, relays, source and sink at this nice level "
                          "(as root; 0 = leave it)")
+    ap.add_argument("--mailgate-set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
+                    help="extra mailgate setting for every mailgate started, VALUE in TOML, "
+                         "e.g. workers=0 or smtp.max_connections=30000 (repeatable)")
     ap.add_argument("--no-snapshot", action="store_true",
                     help="run mailgate from its tree as it is at each start, instead of from "
                          "a copy of its package taken when the benchmark starts")
@@ -495,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if not shutil.which(tool):
             ap.error(f"{tool} not found: apt-get install postfix (debconf: No configuration)")
+    for item in args.mailgate_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--mailgate-set {item}: want [SECTION.]KEY=VALUE")
+        sec, _, name = key.strip().rpartition(".")
+        relays.EXTRA_SETTINGS.setdefault(sec, {})[name] = value.strip()
     if args.nice and os.geteuid() == 0:
         # Both relays, source, sink and this harness at one priority above other people's
         # busy processes on the machine (see relays.prioritize).

@@ -30,6 +30,8 @@ HOST = "127.0.0.1"
 
 
 NICE = 0  # set by relay.py --nice
+# relay.py --mailgate-set: {"section": {"key": "toml value"}}, "" = top level; applied last.
+EXTRA_SETTINGS: dict[str, dict[str, str]] = {}
 BIN_DIR: Path | None = None  # set by relay.py: private copies of smtp-sink / smtp-source
 
 
@@ -244,10 +246,11 @@ class MailgateRelay:
             "queue": {"max_deliveries": "200"},
             "log": {"file": f'"{self.dir / "maillog"}"'},
         }
-        for sec, kv in settings.items():
+        for sec, kv in [*settings.items(), *EXTRA_SETTINGS.items()]:
             sections.setdefault(sec, {}).update(kv)
         text = (f'hostname = "gateway.example.com"\nlisten = ["{HOST}:{self.port}"]\n'
                 f'spool_dir = "spool"\n')
+        text += "".join(f"{k} = {v}\n" for k, v in sections.pop("", {}).items())
         for sec, kv in sections.items():
             text += f"\n[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items())
         self.config = self.dir / "mailgate.toml"

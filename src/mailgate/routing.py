@@ -206,7 +206,7 @@ def _add_local_user(name: str, via: str, ctx: RoutingContext, out: list[Route],
                     seen: set[str]) -> None:
     user = ctx.local_user(name)
     if user is None:
-        out.append(_error(550, "5.1.1", "User unknown", via))
+        out.append(_error(550, "5.1.1", "User unknown", f"{via}: no such user {name!r}"))
     else:
         _add(out, seen, Route("local", user, via=via))
 
