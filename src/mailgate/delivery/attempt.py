@@ -101,11 +101,14 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
     hot = ctx.hot.pop(qid, None)
     if hot is not None:
         msg, lock_fd = hot
+        holder = [lock_fd]
         try:
-            return await _attempt_locked(ctx, msg)
+            return await _attempt_locked(ctx, msg, holder)
         finally:
-            # The last close of a delivered (unlinked) file frees its blocks: not on the loop.
-            await asyncio.to_thread(os.close, lock_fd)
+            if holder:
+                # The last close of a delivered (unlinked) file frees its blocks: not on the
+                # event loop.
+                await asyncio.to_thread(os.close, lock_fd)
     spool = ctx.spool
     with spool.locked(qid) as mine:
         if not mine:
@@ -117,7 +120,15 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
         return await _attempt_locked(ctx, msg)
 
 
-async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
+def _remove(spool: Spool, qid: str, lock_fds: list[int] | None) -> None:
+    spool.remove(qid)
+    while lock_fds:
+        os.close(lock_fds.pop())
+
+
+async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
+                          lock_fds: list[int] | None = None) -> float | None:
+    """``lock_fds``: the delivery lock's descriptor, closed with the removal (one thread hop)."""
     snap = ctx.snapshot()
     cfg = snap.config
     env, st = msg.envelope, msg.status
@@ -183,7 +194,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage) -> float | N
 
     remaining = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
     if not remaining:
-        await asyncio.to_thread(ctx.spool.remove, env.qid)
+        await asyncio.to_thread(_remove, ctx.spool, env.qid, lock_fds)
         return None
     if now - env.arrival >= cfg.queue.max_age:
         days = cfg.queue.max_age / 86400
@@ -198,7 +209,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage) -> float | N
                              mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
         await bounce(ctx, snap, msg, expired,
                      reason=Outcome("perm", Reply(554, "4.4.7", text)))
-        await asyncio.to_thread(ctx.spool.remove, env.qid)
+        await asyncio.to_thread(_remove, ctx.spool, env.qid, lock_fds)
         return None
     if (not st.warned and cfg.queue.warn_after and now - env.arrival >= cfg.queue.warn_after
             and env.sender and not env.is_bounce):
