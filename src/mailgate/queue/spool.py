@@ -60,7 +60,9 @@ class Envelope:
     is_bounce: bool = False
 
     def to_line(self) -> bytes:
-        data = asdict(self)
+        # A shallow dict, not dataclasses.asdict (which deep-copies): this runs per message.
+        data = dict(self.__dict__)
+        data["recipients"] = [r.__dict__ for r in self.recipients]
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogateescape") + b"\n"
 
@@ -214,7 +216,6 @@ class Spool:
         self._pool = ThreadPoolExecutor(max_workers=fsync_threads, thread_name_prefix="fsync")
         self._dirsync = _DirSync(self.queue, self._pool)
         self._pid = os.getpid() % 1_000_000
-        self._queue_str = str(self.queue)
         self._last_second = 0
         self._seq = 0
 
@@ -240,10 +241,10 @@ class Spool:
                 + _ALPHABET[t.tm_hour] + _ALPHABET[t.tm_min] + _ALPHABET[min(t.tm_sec, 59)]
                 + _ALPHABET[seq // 60] + _ALPHABET[seq % 60] + f"{self._pid:06d}"
             )
-            # Unique within this process by construction; the check guards against a queue
-            # file left by an earlier process that had the same pid at the same second.
-            if not os.path.lexists(os.path.join(self._queue_str, qid)):
-                return qid
+            # Unique within this process by construction; a queue file left by an earlier
+            # process with the same pid at the same second is never overwritten: commit links
+            # (which fails on an existing name) instead of renaming.
+            return qid
 
     # -- receiving ------------------------------------------------------------------------------
     def open_incoming(self, envelope: Envelope) -> IncomingMessage:
@@ -262,7 +263,9 @@ class Spool:
                 # Held from here until the first delivery attempt, so that `mailgate flush`
                 # (another process) cannot deliver it at the same time.
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(msg.path, self.queue / msg.envelope.qid)
+            # link + unlink, not rename: never replace an existing queue file of that name.
+            os.link(msg.path, self.queue / msg.envelope.qid)
+            os.unlink(msg.path)
         except BaseException:
             os.close(fd)
             msg.fd = None

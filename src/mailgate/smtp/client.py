@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -382,9 +383,11 @@ class SmtpClient:
         at_line_start = True
         # Plain reads of 64 KiB from a local (page-cached) file take microseconds; an
         # executor round trip per chunk would cost more than it saves.
-        with open(body_path, "rb") as f:
-            f.seek(body_offset)
-            while chunk := f.read(CHUNK):
+        fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pos = body_offset
+            while chunk := os.pread(fd, CHUNK, pos):
+                pos += len(chunk)
                 # Stuff after any LF, not only CRLF: a bare LF followed by "." must not look
                 # like an end of data to a lenient server (SMTP smuggling).
                 out = chunk.replace(b"\n.", b"\n..")
@@ -394,6 +397,10 @@ class SmtpClient:
                 tail = (tail + chunk)[-2:]
                 self._writer.write(out)
                 await self._drain(self.timeouts.data_block, "data_block")
+                if len(chunk) < CHUNK:
+                    break  # a short read of a regular (spool) file is its end
+        finally:
+            os.close(fd)
         if tail and tail != b"\r\n":
             self._writer.write(b"\r\n")
         self._log(">>> .")
