@@ -65,7 +65,13 @@ def cpu_busy() -> tuple[int, int]:
 def make_relay(kind: str, workdir: Path, sink_port: int, args: argparse.Namespace,
                settings: dict[str, dict[str, str]] | None = None) -> Any:
     if kind == "mailgate":
-        return MailgateRelay(workdir, sink_port, settings or {}, args.pythonpath)
+        # Throughput and latency runs use one worker per CPU, as a production gateway on a
+        # multi-core machine is configured (Postfix, too, spreads over the cores); the
+        # mailgate-only extras keep one process so that their RSS is one process's.
+        merged = {"": {"workers": "0"}} if settings is None else {}
+        for sec, kv in (settings or {}).items():
+            merged.setdefault(sec, {}).update(kv)
+        return MailgateRelay(workdir, sink_port, merged, args.pythonpath)
     return PostfixRelay(workdir, sink_port)
 
 

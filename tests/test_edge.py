@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import smtplib
 import socket
 import subprocess
@@ -179,6 +180,26 @@ def test_early_talker_blasting_a_whole_transaction_delivers_nothing(
     assert not log_lines(edge, "from=<alice@example.org>", f"relay=[{talker}]", "nrcpts=1")
 
 
+def test_early_talkers_are_counted_in_the_statistics_line(edge: GatewayProcess) -> None:
+    def counted() -> int:
+        edge.signal(signal.SIGUSR2)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            lines = log_lines(edge, "statistics: ")
+            if len(lines) > seen:
+                return int(lines[-1].split("early_talkers=")[1].split(",")[0])
+            time.sleep(0.02)
+        raise AssertionError("no statistics line after SIGUSR2")
+
+    seen = len(log_lines(edge, "statistics: "))
+    before = counted()
+    seen += 1
+    with raw(edge, "127.0.0.30") as c:
+        c.send(b"EHLO talker.example.net\r\n")
+        assert c.read_reply().code == 554
+        assert c.read_reply().code == 250  # the early EHLO, answered after the 554
+        assert c.cmd("QUIT").code == 221
+    assert counted() == before + 1
 
 
 def test_early_talker_gets_no_other_service(edge: GatewayProcess) -> None:

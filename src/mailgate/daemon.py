@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from mailgate.smtp.session import SmtpSession
 
 
+STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
+
+
 def make_resolver(config: Config) -> Resolver:
     return Resolver(list(config.dns.nameservers) if config.dns.nameservers else None,
                     timeout=config.dns.timeout)
@@ -95,6 +98,8 @@ class Gateway:
             self.listeners.append(listener)
         if cfg.pid_file and self.workers == 1:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
+        self._stats_task = asyncio.get_running_loop().create_task(
+            self._statistics_every(STATISTICS_INTERVAL))
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
                      f"config {cfg.source}, queue {cfg.spool_dir}")
@@ -114,6 +119,8 @@ class Gateway:
                     s.transport.write(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
                                                            "Shutting down").to_bytes())
                     s.transport.close()
+        self._stats_task.cancel()
+        self.log_statistics()
         await self.scheduler.stop()
         if self.delivery.connections is not None:
             await self.delivery.connections.close_all()
@@ -213,6 +220,20 @@ class Gateway:
     def count(self, name: str) -> None:
         self.counters[name] += 1
 
+    def log_statistics(self) -> None:
+        """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
+        c = self.counters
+        names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
+                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused")
+        text = ", ".join(f"{n}={c[n]}" for n in names)
+        maillog.info(f"statistics: {text}, sessions_now={len(self.sessions)}, "
+                     f"queued={self.scheduler.queued}, delivering={self.scheduler.active}")
+
+    async def _statistics_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.log_statistics()
+
     async def _attempt(self, qid: str) -> float | None:
         return await attempt(self.delivery, qid)
 
@@ -232,6 +253,7 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.scheduler.run_now())
+    loop.add_signal_handler(signal.SIGUSR2, gateway.log_statistics)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -249,7 +271,7 @@ def _die_with_parent() -> None:
 def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
                 sockets: list[socket.socket], index: int, workers: int) -> None:
     _die_with_parent()
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     install_event_loop()
     asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers))
@@ -291,7 +313,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 return
         pending.append(sig)
 
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, on_signal)
     for i in range(workers):
         spawn(i)

@@ -295,6 +295,7 @@ class SmtpSession(asyncio.Protocol):
                 self.discard_all = True
             self.connect_refusal = connect_refusal(verdict)
             if self.connect_refusal is not None:
+                self.gw.count("connect_refused")
                 maillog.reject(None, "check_relay", f"{name or ''} {self.client.ip}".strip(),
                                self.relay_text, str(self.connect_refusal))
         self.may_relay = client_may_relay(self.client, tables, cfg.relay_hosts_only)
@@ -527,12 +528,14 @@ class SmtpSession(asyncio.Protocol):
         if refused:
             self.bad_rcpts += 1
             if smtp.bad_rcpt_throttle and self.bad_rcpts == smtp.bad_rcpt_throttle:
+                self.gw.count("rcpt_throttled")
                 maillog.info(f"{self.relay_text}: Possible SMTP RCPT flood, throttling.")
         if throttled:
             self.flush()
             await asyncio.sleep(smtp.bad_rcpt_throttle_delay)
         self.reply(reply)
         if refused and smtp.max_bad_rcpts and self.bad_rcpts >= smtp.max_bad_rcpts:
+            self.gw.count("bad_rcpt_disconnects")
             self.reply(Reply(421, "4.7.0", f"{self.snap.config.hostname} Too many bad "
                                            "recipients; closing connection"))
             raise _Closing

@@ -8,11 +8,8 @@ matching; a leading-dot key would never match, so it is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
 from mailgate.address import is_valid_domain
-from mailgate.tables.maps import MapEntry, TableError, TableWarning, read_map
+from mailgate.tables.maps import EntryTable, MapEntry, TableError, TableWarning
 
 __all__ = ["DomainTable"]
 
@@ -22,23 +19,11 @@ def _canon(name: str) -> str:
     return name[:-1] if name.endswith(".") else name
 
 
-class DomainTable:
+class DomainTable(EntryTable):
     def __init__(self, path: str = "") -> None:
-        self.path = path
+        super().__init__(path)
         self._map: dict[str, str] = {}
         self._lines: dict[str, int] = {}
-        self.warnings: list[TableWarning] = []
-
-    @classmethod
-    def load(cls, path: Path | None) -> DomainTable:
-        return cls.from_entries(read_map(path), path if path is not None else "")
-
-    @classmethod
-    def from_entries(cls, entries: Iterable[MapEntry], path: Path | str = "") -> DomainTable:
-        table = cls(str(path))
-        for e in entries:
-            table._add(e)
-        return table
 
     def _add(self, e: MapEntry) -> None:
         for what, name in (("key", e.key), ("value", e.value)):

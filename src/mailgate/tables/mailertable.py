@@ -8,18 +8,16 @@ did not cover. Unlike Sendmail, a purely numeric item after a host is that host'
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from mailgate.address import is_valid_domain
 from mailgate.tables.maps import (
+    EntryTable,
     ErrorValue,
     MapEntry,
     TableError,
     TableWarning,
     parse_error_value,
-    read_map,
 )
 
 __all__ = ["SMTP_MAILERS", "MailerRoute", "MailerTable", "NextHop", "parse_mailer_value"]
@@ -162,25 +160,13 @@ def _canon_key(key: str) -> str | None:
     return k
 
 
-class MailerTable:
+class MailerTable(EntryTable):
     """Parsed mailertable: canonical key → route template (``%1`` not yet substituted)."""
 
     def __init__(self, path: str = "") -> None:
-        self.path = path
+        super().__init__(path)
         self._routes: dict[str, MailerRoute] = {}
         self.entries: list[MapEntry] = []
-        self.warnings: list[TableWarning] = []
-
-    @classmethod
-    def load(cls, path: Path | None) -> MailerTable:
-        return cls.from_entries(read_map(path), path if path is not None else "")
-
-    @classmethod
-    def from_entries(cls, entries: Iterable[MapEntry], path: Path | str = "") -> MailerTable:
-        table = cls(str(path))
-        for e in entries:
-            table._add(e)
-        return table
 
     def _add(self, e: MapEntry) -> None:
         k = e.key.lower()

@@ -6,9 +6,10 @@ Shared by access, mailertable, virtusertable and domaintable. Errors carry the f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from mailgate.reply import split_enhanced
 
@@ -202,3 +203,27 @@ def parse_error_value(text: str) -> ErrorValue:
         # "250 ok", "550Text", "55 text": a code was meant but is not a usable error code.
         raise ValueError(f"expected a 4xx or 5xx reply code, got {word!r}")
     return ErrorValue(553, "5.3.0", body)
+
+
+class EntryTable:
+    """A table built entry by entry from a makemap-format file (mailertable, virtusertable,
+    domaintable): the shared ``load`` / ``from_entries``; subclasses define ``_add``."""
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
+        self.warnings: list[TableWarning] = []
+
+    @classmethod
+    def load(cls, path: Path | None) -> Self:
+        return cls.from_entries(read_map(path), path if path is not None else "")
+
+    @classmethod
+    def from_entries(cls, entries: Iterable[MapEntry], path: Path | str = "") -> Self:
+        table = cls(str(path))
+        for e in entries:
+            table._add(e)
+        return table
+
+    def _add(self, e: MapEntry) -> None:
+        raise NotImplementedError
+

@@ -8,16 +8,13 @@ detail), ``user+*@dom``, ``user@dom``, ``+*@dom``, ``@dom``; without detail ``us
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
-
 from mailgate.tables.maps import (
+    EntryTable,
     ErrorValue,
     MapEntry,
     TableError,
     TableWarning,
     parse_error_value,
-    read_map,
 )
 
 __all__ = ["VirtUserTable", "parse_virt_value", "substitute"]
@@ -57,24 +54,12 @@ def substitute(value: str, args: tuple[str, ...]) -> str:
     return "".join(out)
 
 
-class VirtUserTable:
+class VirtUserTable(EntryTable):
     """Parsed virtusertable: lower-case key → entry."""
 
     def __init__(self, path: str = "") -> None:
-        self.path = path
+        super().__init__(path)
         self._map: dict[str, MapEntry] = {}
-        self.warnings: list[TableWarning] = []
-
-    @classmethod
-    def load(cls, path: Path | None) -> VirtUserTable:
-        return cls.from_entries(read_map(path), path if path is not None else "")
-
-    @classmethod
-    def from_entries(cls, entries: Iterable[MapEntry], path: Path | str = "") -> VirtUserTable:
-        table = cls(str(path))
-        for e in entries:
-            table._add(e)
-        return table
 
     def _add(self, e: MapEntry) -> None:
         key = e.key.lower()
