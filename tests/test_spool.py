@@ -1,15 +1,17 @@
-"""The spool: commit is fsync(file) + rename + fsync(dir) before it returns; recovery; locking."""
+"""The spool: commit seals and fsyncs the file, then renames it, before it returns; recovery;
+locking."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
+import zlib
 from pathlib import Path
 
 import pytest
 
-from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool
+from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, read_seal
 
 
 def envelope(spool: Spool, sender: str = "a@example.org") -> Envelope:
@@ -22,24 +24,29 @@ def fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def test_commit_fsyncs_file_and_directory_before_returning(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_seals_and_fsyncs_before_returning(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     spool = Spool(tmp_path)
-    synced: list[str] = []
+    synced: list[tuple[str, bytes]] = []
     real_fsync = os.fsync
 
     def recording_fsync(fd: int) -> None:
-        synced.append(fd_path(fd))
+        path = fd_path(fd)
+        synced.append((path, Path(path).read_bytes()))
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", recording_fsync)
     msg = spool.open_incoming(envelope(spool))
-    msg.write(b"Subject: x\r\n\r\nbody\r\n")
+    content = b"Subject: x\r\n\r\nbody\r\n"
+    msg.write(content)
     qid = msg.envelope.qid
     asyncio.run(spool.commit(msg))
-    # The message file was flushed while still in incoming/, then queue/ itself.
-    assert synced[0] == str(tmp_path / "incoming" / qid)
-    assert synced[-1] == str(tmp_path / "queue")
+    # One fsync, of the complete and sealed file, while it was still in incoming/.
+    [(path, data)] = synced
+    assert path == str(tmp_path / "incoming" / qid)
+    line, _, rest = data.partition(b"\n")
+    assert rest == content
+    assert read_seal(line) == (zlib.crc32(content), len(content))
     assert (tmp_path / "queue" / qid).exists()
     assert not (tmp_path / "incoming" / qid).exists()
     loaded = spool.load(qid)
@@ -48,37 +55,49 @@ def test_commit_fsyncs_file_and_directory_before_returning(tmp_path: Path,
     assert loaded.envelope.recipients[0].original == "B@Example.NET"
     with open(loaded.path, "rb") as f:
         f.seek(loaded.offset)
-        assert f.read() == b"Subject: x\r\n\r\nbody\r\n"
-    assert loaded.size == len(b"Subject: x\r\n\r\nbody\r\n")
+        assert f.read() == content
+    assert loaded.size == len(content)
     spool.close()
 
 
-def test_concurrent_commits_share_directory_fsyncs(tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_recovery_keeps_a_sealed_message_whose_rename_was_lost(tmp_path: Path) -> None:
+    """The 250 went out after the fsync; a crash before the rename reached the disk leaves the
+    sealed file in incoming/: it must be queued at start, not dropped."""
     spool = Spool(tmp_path)
-    dir_syncs = 0
-    real_fsync = os.fsync
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
+    spool.commit_sync(msg)
+    qid = msg.envelope.qid
+    os.rename(tmp_path / "queue" / qid, tmp_path / "incoming" / qid)  # the lost rename
+    torn = spool.open_incoming(envelope(spool))
+    torn.write(b"x" * (torn.SPILL_AT + 10))  # on disk, never sealed: never acknowledged
+    assert torn.path.exists()
+    spool.close()
 
-    def slow_dir_fsync(fd: int) -> None:
-        nonlocal dir_syncs
-        if fd_path(fd) == str(tmp_path / "queue"):
-            dir_syncs += 1
-            time.sleep(0.02)  # a slow disk: renames pile up behind the flush in flight
-        real_fsync(fd)
+    spool = Spool(tmp_path)
+    assert spool.recover() == [qid]
+    assert not any((tmp_path / "incoming").iterdir())
+    loaded = spool.load(qid)
+    assert loaded is not None
+    with open(loaded.path, "rb") as f:
+        f.seek(loaded.offset)
+        assert f.read() == b"Subject: acknowledged\r\n\r\nkeep me\r\n"
+    spool.close()
 
-    monkeypatch.setattr(os, "fsync", slow_dir_fsync)
 
-    async def many() -> None:
-        msgs = []
-        for _ in range(50):
-            m = spool.open_incoming(envelope(spool))
-            m.write(b"x\r\n")
-            msgs.append(m)
-        await asyncio.gather(*(spool.commit(m) for m in msgs))
-
-    asyncio.run(many())
-    assert len(list(spool.qids())) == 50
-    assert 1 <= dir_syncs < 50
+def test_a_sealed_file_with_damaged_content_is_not_recovered(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"Subject: x\r\n\r\nbody\r\n")
+    spool.commit_sync(msg)
+    qid = msg.envelope.qid
+    path = tmp_path / "incoming" / qid
+    os.rename(tmp_path / "queue" / qid, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-3])  # content lost in the crash: the seal no longer matches
+    spool.close()
+    spool = Spool(tmp_path)
+    assert spool.recover() == []
     spool.close()
 
 

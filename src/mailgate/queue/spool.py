@@ -7,9 +7,12 @@ Layout under ``spool_dir``::
     queue/<qid>.st      delivery status (done recipients, last errors, next attempt)
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
 
-A message is committed by fsync(file) → rename(incoming → queue) → fsync(queue dir). The file
-fsyncs run in a thread pool so concurrent sessions' flushes overlap (the journal merges them) and
-the directory fsync is shared by every rename made before it started: group commit.
+A message is committed by sealing its envelope line (the CRC-32 and length of the content are
+written into fixed-width fields at its start), fsync(file), then rename(incoming → queue): one
+fsync per message, as Postfix does. The rename need not be durable before the 250: at start-up
+a sealed file still in incoming/ (its CRC matches its content) is moved into the queue, and
+only unsealed ones, which were never acknowledged, are dropped. The fsyncs run in a thread pool
+so that concurrent sessions' flushes overlap (the journal merges them).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import fcntl
 import json
 import os
 import time
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -60,17 +64,42 @@ class Envelope:
     is_bounce: bool = False
 
     def to_line(self) -> bytes:
+        """The envelope line, its seal fields still unset (see ``seal_fields``)."""
         # A shallow dict, not dataclasses.asdict (which deep-copies): this runs per message.
         data = dict(self.__dict__)
         data["recipients"] = [r.__dict__ for r in self.recipients]
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogateescape") + b"\n"
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
+            "utf-8", "surrogateescape")
+        return b'{"crc":"' + UNSEALED + b'",' + body[1:] + b"\n"
 
     @classmethod
     def from_line(cls, line: bytes) -> Envelope:
         data: dict[str, Any] = json.loads(line.decode("utf-8", "surrogateescape"))
+        data.pop("crc", None)
+        data.pop("len", None)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
         return cls(**data)
+
+
+SEAL_OFFSET = len(b'{"crc":"')  # where the fixed-width seal fields start in the envelope line
+
+
+def seal_fields(crc: int, length: int) -> bytes:
+    """``crc`` and ``len`` as fixed-width text, rewritten in place when the message is sealed."""
+    return b'%08x","len":"%012d' % (crc, length)
+
+
+# The placeholder can never match a real seal: no message is 999,999,999,999 bytes long.
+UNSEALED = seal_fields(0xFFFFFFFF, 999_999_999_999)
+
+
+def read_seal(line: bytes) -> tuple[int, int] | None:
+    """(crc, length) from an envelope line; None if it has none."""
+    try:
+        data = json.loads(line)
+        return int(data["crc"], 16), int(data["len"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 @dataclass
@@ -115,6 +144,7 @@ class IncomingMessage:
         self.fd: int | None = None
         self.lock_fd: int | None = None  # after commit: the queue file, flock'ed for delivery
         self.closed = False
+        self.crc = 0  # CRC-32 of the content so far, for the seal
 
     def _open(self) -> int:
         if self.fd is None:
@@ -134,6 +164,7 @@ class IncomingMessage:
     def write(self, data: bytes) -> None:
         self.buf += data
         self.size += len(data)
+        self.crc = zlib.crc32(data, self.crc)
         if len(self.buf) >= self.SPILL_AT:
             self._write_out()
 
@@ -155,56 +186,6 @@ class IncomingMessage:
             self.lock_fd = None
 
 
-class _DirSync:
-    """Shares one directory fsync among every rename made before it started."""
-
-    def __init__(self, path: Path, pool: ThreadPoolExecutor) -> None:
-        self.path = path
-        self.pool = pool
-        self.requested = 0
-        self.completed = 0
-        self.running: asyncio.Future[None] | None = None
-
-    def _fsync(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def _start(self) -> asyncio.Future[None]:
-        covers = self.requested
-        fut = asyncio.get_running_loop().run_in_executor(self.pool, self._fsync)
-
-        def done(f: asyncio.Future[None]) -> None:
-            # Runs before any waiter resumes (callbacks run in order of registration).
-            if self.running is f:
-                self.running = None
-            if not f.cancelled() and f.exception() is None:
-                self.completed = max(self.completed, covers)
-
-        fut.add_done_callback(done)
-        self.running = fut
-        return fut
-
-    async def sync(self) -> None:
-        """Return once a directory fsync that started after this call has finished."""
-        self.requested += 1
-        target = self.requested
-        while self.completed < target:
-            # An fsync in flight may have started before our rename: wait for it, then loop
-            # and start (or join) the next one if it did not cover us.
-            fut = self.running
-            if fut is None:
-                fut = self._start()
-            elif fut.done():
-                # Finished, but its done-callback (which records what it covered) is still
-                # queued: awaiting a finished future would not yield, so let it run first.
-                await asyncio.sleep(0)
-                continue
-            await asyncio.shield(fut)
-
-
 class Spool:
     def __init__(self, root: Path, *, fsync_threads: int = 32) -> None:
         self.root = root
@@ -214,7 +195,6 @@ class Spool:
         for d in (self.incoming, self.queue, self.corrupt):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._pool = ThreadPoolExecutor(max_workers=fsync_threads, thread_name_prefix="fsync")
-        self._dirsync = _DirSync(self.queue, self._pool)
         self._pid = os.getpid() % 1_000_000
         self._last_second = 0
         self._seq = 0
@@ -258,6 +238,7 @@ class Spool:
         fd = msg.fd
         assert fd is not None
         try:
+            os.pwrite(fd, seal_fields(msg.crc, msg.size), SEAL_OFFSET)
             os.fsync(fd)
             if lock:
                 # Held from here until the first delivery attempt, so that `mailgate flush`
@@ -285,7 +266,6 @@ class Spool:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._pool, self._flush_and_rename, msg, lock)
-            await self._dirsync.sync()
         except OSError as exc:
             msg.discard()
             with contextlib.suppress(FileNotFoundError):
@@ -295,11 +275,6 @@ class Spool:
     def commit_sync(self, msg: IncomingMessage) -> None:
         """Blocking commit, for commands that run without an event loop (bounces from flush)."""
         self._flush_and_rename(msg)
-        fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     # -- the queue ------------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -307,11 +282,43 @@ class Spool:
         self.recover_incoming()
         return sorted(self.qids())
 
-    def recover_incoming(self) -> None:
-        """Remove receptions that never got their 250 (only while no session is running)."""
+    def recover_incoming(self) -> int:
+        """Before any session runs: move sealed files (acknowledged, but their rename into
+        the queue was not yet on disk at the crash) into the queue; drop the others, which
+        never got their 250. Returns how many were moved."""
+        moved = 0
         for p in self.incoming.iterdir():
-            with contextlib.suppress(OSError):
+            try:
+                if self._is_sealed(p) and not (self.queue / p.name).exists():
+                    os.link(p, self.queue / p.name)
+                    moved += 1
                 p.unlink()
+            except OSError:
+                continue
+        if moved:
+            self._fsync_queue_dir()
+        return moved
+
+    @staticmethod
+    def _is_sealed(path: Path) -> bool:
+        with open(path, "rb") as f:
+            line = f.readline(16 * 1024 * 1024)
+            seal = read_seal(line)
+            if seal is None:
+                return False
+            crc = 0
+            length = 0
+            while chunk := f.read(256 * 1024):
+                crc = zlib.crc32(chunk, crc)
+                length += len(chunk)
+        return (crc, length) == seal
+
+    def _fsync_queue_dir(self) -> None:
+        fd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def qids(self) -> Iterator[str]:
         for entry in os.scandir(self.queue):
