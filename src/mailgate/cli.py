@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from mailgate import __version__, maillog
 from mailgate.config import ConfigError
 from mailgate.snapshot import Snapshot, load_snapshot
 from mailgate.tables.maps import TableError
+
+if TYPE_CHECKING:
+    from mailgate.queue.spool import QueuedMessage
 
 
 def _load(path: str | None) -> Snapshot:
@@ -72,11 +76,9 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_mailq(messages: Sequence[object], queue_dir: str, is_locked: object) -> str:
+def format_mailq(msgs: Sequence[QueuedMessage], queue_dir: str,
+                 is_locked: Callable[[str], bool]) -> str:
     """Sendmail's ``mailq`` (``sendmail -bp``) layout (semantics §15)."""
-    from mailgate.queue.spool import QueuedMessage
-
-    msgs = [m for m in messages if isinstance(m, QueuedMessage)]
     if not msgs:
         return f"{queue_dir} is empty"
     n = len(msgs)
@@ -84,7 +86,7 @@ def format_mailq(messages: Sequence[object], queue_dir: str, is_locked: object) 
              "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------"]
     for m in msgs:
         env, st = m.envelope, m.status
-        mark = "*" if callable(is_locked) and is_locked(env.qid) else " "
+        mark = "*" if is_locked(env.qid) else " "
         sender = f"<{env.sender}>" if env.sender else "<>"
         lines.append(f"{env.qid}{mark}{m.size:>8} {_mailq_time(env.arrival)} {sender}")
         if st.last_message:

@@ -4,13 +4,13 @@ Order (semantics §1, §5–§8): domaintable rewrites the domain; a local domai
 through virtusertable, then aliases, then the local mailer; any other domain goes to the
 mailertable (exact, leading-dot parents, ``.``) and, failing that, to the domain's MX hosts.
 Address literals never consult the mailertable. Pure functions: no DNS, no I/O but the
-``user_exists`` callback (passwd / maildir folder) and ``:include:`` files.
+``local_user`` callback (passwd / maildir folder) and ``:include:`` files.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.address import Mailbox
@@ -64,7 +64,6 @@ class RoutingContext:
     class_w: frozenset[str]  # local-host-names plus our own names and [ip] literals
     local_user: Callable[[str], str | None]  # the account / maildir name a local part reaches
     hostname: str = "localhost"
-    extra: dict[str, object] = field(default_factory=dict)
 
     def is_local(self, domain: str) -> bool:
         return domain == "" or domain in self.class_w

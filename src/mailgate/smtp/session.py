@@ -380,8 +380,6 @@ class SmtpSession(asyncio.Protocol):
             verb = cmd.verb[:40]
             self.reply(Reply(500, "5.5.1", f'Command unrecognized: "{verb}"'))
             self.count_bad_command()
-            if cmd.verb == "DATA":  # not reachable: DATA has a handler; kept for protocol safety
-                self.conn.reject_data()
             return
         refused = self._refused_stage()
         if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
