@@ -10,7 +10,7 @@ import pytest
 from mailgate.tables.access import AccessTable, Verdict
 from mailgate.tables.maps import ErrorValue, MapEntry, TableError
 
-EXAMPLES = Path("/work/shared/examples")
+EXAMPLES = Path(__file__).parent / "data" / "sendmail-examples"
 
 
 def table(tmp_path: Path, text: str) -> AccessTable:

@@ -9,7 +9,7 @@ import pytest
 from mailgate.tables.domaintable import DomainTable
 from mailgate.tables.maps import TableError
 
-EXAMPLES = Path("/work/shared/examples")
+EXAMPLES = Path(__file__).parent / "data" / "sendmail-examples"
 
 
 def table(tmp_path: Path, text: str) -> DomainTable:

@@ -11,7 +11,7 @@ from mailgate.tables import TABLE_FILES, Tables, load_tables
 from mailgate.tables.lint import lint
 from mailgate.tables.maps import TableError
 
-EXAMPLES = Path("/work/shared/examples")
+EXAMPLES = Path(__file__).parent / "data" / "sendmail-examples"
 
 
 def write(d: Path, **files: str) -> Path:

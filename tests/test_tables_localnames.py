@@ -9,7 +9,7 @@ import pytest
 from mailgate.tables.localnames import read_names
 from mailgate.tables.maps import TableError
 
-EXAMPLES = Path("/work/shared/examples")
+EXAMPLES = Path(__file__).parent / "data" / "sendmail-examples"
 
 
 def test_examples() -> None:

@@ -9,7 +9,7 @@ import pytest
 from mailgate.tables.mailertable import MailerRoute, MailerTable, NextHop, parse_mailer_value
 from mailgate.tables.maps import ErrorValue, TableError
 
-EXAMPLES = Path("/work/shared/examples")
+EXAMPLES = Path(__file__).parent / "data" / "sendmail-examples"
 
 
 def table(tmp_path: Path, text: str) -> MailerTable:
