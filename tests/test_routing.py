@@ -675,11 +675,6 @@ def test_aliases_include(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
-@pytest.mark.xfail(
-    strict=True,
-    reason="§8: programs (and files) are refused from :include: files owned by unsafe users; "
-    "read_include()/_expand_target() never look at the file's owner",
-)
 def test_include_owned_by_unsafe_user_cannot_run_programs(tmp_path: Path) -> None:
     members = tmp_path / "members.list"
     members.write_text('alice, "|/bin/sh -c evil", /tmp/evil.mbox\n')

@@ -9,6 +9,7 @@ Address literals never consult the mailertable. Pure functions: no DNS, no I/O b
 
 from __future__ import annotations
 
+import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +202,25 @@ def _resolve_local_user(local: str, ctx: RoutingContext, expand: bool, out: list
         _expand_target(t.kind, t.value, name, ctx, out, seen, depth)
 
 
+def include_is_safe(path: Path) -> bool:
+    """May programs and files named in this ``:include:`` file run? Only if nobody else can
+    write it and its owner is root or a user with a real login shell (as Sendmail checks)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_mode & 0o002:
+        return False
+    if st.st_uid == 0:
+        return True
+    try:
+        shell = pwd.getpwuid(st.st_uid).pw_shell
+        shells = Path("/etc/shells").read_text().split()
+    except (KeyError, OSError):
+        return False
+    return shell in shells
+
+
 def _add_local_user(name: str, via: str, ctx: RoutingContext, out: list[Route],
                     seen: set[str]) -> None:
     user = ctx.local_user(name)
@@ -223,7 +243,14 @@ def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: l
         except (OSError, TableError) as exc:
             out.append(_error(451, "4.3.0", f":include: {value} unreadable: {exc}", via))
             return
+        safe = include_is_safe(Path(value))
         for t in included:
+            if not safe and t.kind in ("program", "file"):
+                # Sendmail runs them as the file's owner: refused for an unsafe owner.
+                what = "programs" if t.kind == "program" else "files"
+                out.append(_error(550, "5.7.1", f"{t.value}... Address unsafe for mailing to "
+                                                f"{what} (:include:{value})", via))
+                continue
             _expand_target(t.kind, t.value, name, ctx, out, seen, depth + 1)
     else:
         local, at, domain = value.rpartition("@")
