@@ -282,10 +282,13 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     sockets and the spool, forward signals, restart a worker that dies."""
     cfg = snapshot.config
     sockets = [bind_socket(host, port) for host, port in cfg.listen]
-    Spool(cfg.spool_dir).recover_incoming()
+    spool = Spool(cfg.spool_dir)
+    moved = spool.recover_incoming()
+    spool.close()
+    if moved:
+        maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
     children: dict[int, int] = {}  # pid → worker index
     stopping = False
-    pending: list[int] = []
 
     def spawn(index: int) -> None:
         pid = os.fork()
@@ -311,7 +314,11 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
             except (ConfigError, TableError) as exc:
                 maillog.error(f"reload refused, keeping the running configuration: {exc}")
                 return
-        pending.append(sig)
+        # Forward at once: the main loop sits in waitpid(), which PEP 475 restarts after a
+        # handler, so it would only see a queued signal when a worker exits.
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
 
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, on_signal)
@@ -322,11 +329,6 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     maillog.info(f"master {os.getpid()}: {workers} workers")
     try:
         while children:
-            while pending:
-                sig = pending.pop(0)
-                for pid in list(children):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
             try:
                 pid, status = os.waitpid(-1, 0)
             except InterruptedError:

@@ -1,0 +1,97 @@
+"""Several worker processes: they share the listener and the spool, the master forwards HUP,
+and a kill -9 of the master takes the workers with it without losing acknowledged mail."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from tests.support.dnsserver import DnsServer
+from tests.support.gateway import GatewayProcess, free_port
+from tests.support.sink import SinkServer
+
+HOP = "127.0.0.5"
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def gateway(tmp_path: Path, dns: DnsServer, port: int) -> GatewayProcess:
+    return GatewayProcess(
+        tmp_path / "gw", dns=dns.address,
+        tables={"mailertable": f"targetdomain1.com smtp:[{HOP}]:{port}\n",
+                "access": "To:targetdomain1.com RELAY\n"},
+        settings=('workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
+                  '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'))
+
+
+def send(gw: GatewayProcess, subject: str) -> None:
+    with gw.smtp("127.0.0.2") as s:
+        s.sendmail("alice@example.org", ["bob@targetdomain1.com"],
+                   f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+
+
+def test_two_workers_share_the_work_and_reload_together(tmp_path: Path) -> None:
+    port = free_port(HOP)
+    with DnsServer() as dns, SinkServer(HOP, port) as sink, gateway(tmp_path, dns, port) as gw:
+        assert gw.proc is not None
+        deadline = time.monotonic() + 10
+        while len(children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = children_of(gw.proc.pid)
+        assert len(workers) == 2
+        for i in range(20):
+            send(gw, f"m{i}")
+        assert len(sink.wait_for(20, timeout=15)) == 20
+        log = gw.log()
+        senders = {line.split("mailgate[")[1].split("]")[0] for line in log.splitlines()
+                   if "from=<alice@example.org>" in line}
+        assert senders <= {str(w) for w in workers}
+        gw.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while gw.log().count("configuration reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gw.log().count("configuration reloaded") == 2
+
+
+def test_kill_9_of_the_master_ends_the_workers_and_mail_survives(tmp_path: Path) -> None:
+    port = free_port(HOP)
+    with DnsServer() as dns:
+        gw = gateway(tmp_path, dns, port)
+        gw.start()
+        assert gw.proc is not None
+        master = gw.proc.pid
+        deadline = time.monotonic() + 10
+        while len(children_of(master)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = children_of(master)
+        for i in range(6):
+            send(gw, f"queued{i}")  # the next hop is down: all six wait in the queue
+        gw.wait_log("stat=Deferred")
+        gw.kill9()
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(Path(f"/proc/{w}").exists() and "Z" not in
+                       Path(f"/proc/{w}/stat").read_text().split(")")[1][:3] for w in workers)
+        with SinkServer(HOP, port) as sink:
+            gw.start()
+            try:
+                msgs = sink.wait_for(6, timeout=20)
+                assert sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs) == [
+                    f"queued{i}".encode() for i in range(6)]
+            finally:
+                gw.stop()
+    assert os.path.isdir(gw.spool / "queue")
