@@ -135,6 +135,9 @@ def test_foreign_domain_refused_from_outside(gateway: GatewayProcess, hop1: Sink
         assert s.rcpt("victim%example.net@gateway.example.com")[0] == 550
         assert s.rcpt("example.net!victim")[0] == 550
         assert s.rcpt("bob%targetdomain1.com@gateway.example.com")[0] == 250
+        # the address is quoted as written: brackets only if the client used them
+        code, text = s.docmd("RCPT", "TO:victim@example.net")
+        assert code == 550 and text.startswith(b"5.7.1 victim@example.net... Relaying denied")
     assert "reject=550 5.7.1 <victim@example.net>... Relaying denied" in gateway.log()
 
 

@@ -91,9 +91,10 @@ def connect_refusal(verdict: Verdict | None) -> Reply | None:
     return None
 
 
-def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config) -> Decision | None:
+def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config, *,
+                 shown: str | None = None) -> Decision | None:
     """access From: (semantics §4) and the qualified-sender rule. None = go on to DNS checks."""
-    shown = f"<{raw}>"
+    shown = shown or f"<{raw}>"  # as the client wrote it: brackets only if it used them
     if mailbox.is_null:
         return Decision(Reply(250, "2.1.0", "<>... Sender ok"))
     verdict = tables.access.sender(mailbox.local, mailbox.domain)
@@ -113,14 +114,15 @@ def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config) -> 
     return None
 
 
-def sender_domain_reply(raw: str, mailbox: Mailbox, resolves: str) -> Reply:
+def sender_domain_reply(raw: str, mailbox: Mailbox, resolves: str, *,
+                        shown: str | None = None) -> Reply:
     """The reply once the sender domain's DNS answer ("yes" / "no" / "temp") is known."""
     if resolves == "no":
         return Reply(553, "5.1.8",
-                     f"<{raw}>... Domain of sender address {mailbox} does not exist")
+                     f"{shown or f'<{raw}>'}... Domain of sender address {mailbox} does not exist")
     if resolves == "temp":
         return Reply(451, "4.1.8", f"Domain of sender address {mailbox} does not resolve")
-    return Reply(250, "2.1.0", f"<{raw}>... Sender ok")
+    return Reply(250, "2.1.0", f"{shown or f'<{raw}>'}... Sender ok")
 
 
 def relay_denied(rcpt: str, client: Client) -> Reply:
@@ -138,9 +140,9 @@ def relay_denied(rcpt: str, client: Client) -> Reply:
 
 
 def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: bool,
-                    ctx: RoutingContext, config: Config) -> Decision:
+                    ctx: RoutingContext, config: Config, *, shown: str | None = None) -> Decision:
     """Relay check, then the route check (error: entries, unknown local users)."""
-    shown = f"<{raw}>"
+    shown = shown or f"<{raw}>"
     tables = ctx.tables
     final = rewrite_domain(mailbox, tables)
     if config.access.blocklist_recipients:

@@ -68,6 +68,13 @@ class Transaction:
     smtputf8: bool = False
 
 
+def _as_written(arg: str, raw: str) -> str:
+    """The address as the client wrote it in MAIL/RCPT: Sendmail's replies quote it with
+    angle brackets only if the client used them (semantics: conventions)."""
+    _, _, rest = arg.partition(":")
+    return f"<{raw}>" if rest.lstrip().startswith("<") else raw
+
+
 _ALLOWED_WHEN_REFUSED = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT"})
 
 
@@ -446,15 +453,16 @@ class SmtpSession(asyncio.Protocol):
         if problem is not None:
             self.reply(problem)
             return
-        decision = check_sender(raw, mailbox, self.snap.tables, cfg)
+        shown = _as_written(arg, raw)
+        decision = check_sender(raw, mailbox, self.snap.tables, cfg, shown=shown)
         if decision is None and cfg.smtp.check_sender_domain and mailbox.domain \
                 and not mailbox.is_literal and not self.snap.routing.is_local(mailbox.domain):
             self.flush()
             resolves = await self.gw.domain_resolves(mailbox.domain)
-            reply = sender_domain_reply(raw, mailbox, resolves)
+            reply = sender_domain_reply(raw, mailbox, resolves, shown=shown)
             decision = Decision(reply, logged_reject=not reply.is_positive)
         if decision is None:
-            decision = Decision(Reply(250, "2.1.0", f"<{raw}>... Sender ok"))
+            decision = Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
         if decision.logged_reject:
             maillog.reject(None, "check_mail", f"<{raw}>", self.relay_text, str(decision.reply))
         self.reply(decision.reply)
@@ -509,7 +517,7 @@ class SmtpSession(asyncio.Protocol):
             await self._rcpt_reply(Reply(452, "4.5.3", "Too many recipients"), refused=False)
             return
         decision = check_recipient(raw, mailbox, self.client, self.may_relay,
-                                   self.snap.routing, cfg)
+                                   self.snap.routing, cfg, shown=_as_written(arg, raw))
         if decision.logged_reject:
             maillog.reject(None, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
         if decision.accepted:
