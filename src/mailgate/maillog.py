@@ -6,37 +6,60 @@ Lines go to stderr by default (``[log] file`` sends them to a file) with a syslo
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
-import sys
 import time
 from pathlib import Path
 
-logger = logging.getLogger("mailgate")
+_LEVELS = {"debug": 10, "info": 20, "notice": 25, "warning": 30, "error": 40}
 
 
-class _SyslogFormatter(logging.Formatter):
-    def __init__(self, hostname: str) -> None:
-        super().__init__()
-        self.hostname = hostname.split(".")[0]
+class _Writer:
+    """One ``write`` per line to an O_APPEND descriptor: lines from several workers never
+    interleave, nothing is buffered (an admin tailing the log sees each line at once), and a
+    busy gateway pays one system call per line and no logging-framework overhead."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))
-        return f"{stamp} {self.hostname} mailgate[{os.getpid()}]: {record.getMessage()}"
+    def __init__(self) -> None:
+        self.fd = 2  # stderr until setup() says otherwise
+        self.own_fd = False
+        self.host = "localhost"
+        self.level = _LEVELS["info"]
+        self.pid = os.getpid()
+        self.second = -1
+        self.stamp = ""
+
+    def setup(self, hostname: str, file: Path | None, level: str) -> None:
+        fd = 2
+        if file is not None:
+            fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        if self.own_fd:
+            os.close(self.fd)
+        self.fd, self.own_fd = fd, file is not None
+        self.host = hostname.split(".")[0]
+        self.level = _LEVELS.get(level.lower(), _LEVELS["info"])
+
+    def write(self, level: int, text: str) -> None:
+        if level < self.level:
+            return
+        now = int(time.time())
+        if now != self.second:
+            self.second = now
+            self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
+        line = f"{self.stamp} {self.host} mailgate[{self.pid}]: {text}\n"
+        with contextlib.suppress(OSError):  # a full log disk must not stop the mail
+            os.write(self.fd, line.encode("utf-8", "replace"))
+
+    def after_fork(self) -> None:
+        self.pid = os.getpid()
+
+
+_writer = _Writer()
+os.register_at_fork(after_in_child=_writer.after_fork)
 
 
 def setup(hostname: str, file: Path | None = None, level: str = "info") -> None:
     """Send log lines to ``file`` or stderr; safe to call again on reload."""
-    for h in list(logger.handlers):
-        logger.removeHandler(h)
-        h.close()
-    handler: logging.Handler = (
-        logging.FileHandler(file, encoding="utf-8") if file else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(_SyslogFormatter(hostname))
-    logger.addHandler(handler)
-    logger.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logger.propagate = False
+    _writer.setup(hostname, file, level)
 
 
 def format_delay(seconds: float) -> str:
@@ -65,7 +88,7 @@ def received(qid: str, sender: str, size: int, nrcpts: int, msgid: str | None, p
     msg = f"{qid}: from=<{sender}>, size={size}, class=0, nrcpts={nrcpts}"
     if msgid:
         msg += f", msgid={_clean(msgid)}"
-    logger.info(f"{msg}, proto={proto}, daemon=MTA, relay={relay}")
+    _writer.write(20, f"{msg}, proto={proto}, daemon=MTA, relay={relay}")
 
 
 def delivery(qid: str, to: str, *, delay: float, xdelay: float, mailer: str, relay: str | None,
@@ -81,31 +104,31 @@ def delivery(qid: str, to: str, *, delay: float, xdelay: float, mailer: str, rel
     if reply:
         parts.append(f"reply={_clean(reply)}")
     parts.append(f"stat={_clean(stat)}")
-    logger.info(", ".join(parts))
+    _writer.write(20, ", ".join(parts))
 
 
 def reject(qid: str | None, ruleset: str, arg1: str, relay: str, reply: str) -> None:
     prefix = f"{qid}: " if qid else ""
-    logger.info(f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, "
-                f"reject={_clean(reply)}")
+    _writer.write(25, f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, "
+                      f"reject={_clean(reply)}")
 
 
 def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> None:
     prefix = f"{qid}: " if qid else ""
-    logger.info(f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, discard")
+    _writer.write(25, f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, discard")
 
 
 def dsn_created(qid: str, bounce_qid: str, reason: str) -> None:
-    logger.info(f"{qid}: {bounce_qid}: DSN: {_clean(reason)}")
+    _writer.write(20, f"{qid}: {bounce_qid}: DSN: {_clean(reason)}")
 
 
 def info(text: str) -> None:
-    logger.info(_clean(text))
+    _writer.write(20, _clean(text))
 
 
 def warning(text: str) -> None:
-    logger.warning(_clean(text))
+    _writer.write(30, _clean(text))
 
 
 def error(text: str) -> None:
-    logger.error(_clean(text))
+    _writer.write(40, _clean(text))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +67,16 @@ class Transaction:
     discard: bool = False
     body_8bit: bool = False
     smtputf8: bool = False
+
+
+@functools.lru_cache(maxsize=8)
+def _date_of_second(second: int) -> str:
+    return email.utils.formatdate(second, localtime=True)
+
+
+def rfc2822_date(ts: float) -> str:
+    """The RFC 5322 date of ``ts`` (to the second, as mail dates are), cached per second."""
+    return _date_of_second(int(ts))
 
 
 def _as_written(arg: str, raw: str) -> str:
@@ -327,7 +338,7 @@ class SmtpSession(asyncio.Protocol):
                     f"pre-greeting traffic after {int(time.monotonic() - started)} seconds")
                 self.reply(Reply(554, None, f"{cfg.hostname} ESMTP not accepting messages"))
                 return
-        date = email.utils.formatdate(localtime=True)
+        date = rfc2822_date(time.time())
         self.reply(Reply(220, None, f"{cfg.hostname} ESMTP mailgate ready; {date}"))
 
     async def loop(self) -> None:
@@ -621,7 +632,7 @@ class SmtpSession(asyncio.Protocol):
             origin = f"([{self.client.ip}])"
         helo = self.helo or f"[{self.client.ip}]"
         with_proto = ("UTF8SMTP" if env.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
-        date = email.utils.formatdate(env.arrival, localtime=True)
+        date = rfc2822_date(env.arrival)
         recv = (f"Received: from {helo} {origin}\r\n\tby {cfg.hostname} (mailgate) "
                 f"with {with_proto} id {env.qid}")
         if len(env.recipients) == 1:
