@@ -61,7 +61,6 @@ class Gateway:
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.listeners: list[Listener] = []
-        self.stopped = asyncio.Event()
         self.delivery = DeliveryContext(
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
             on_new_message=self.message_committed, connections=ConnectionCache())
@@ -129,7 +128,6 @@ class Gateway:
         if cfg.pid_file and self.workers == 1:
             with contextlib.suppress(OSError):
                 cfg.pid_file.unlink()
-        self.stopped.set()
 
     def reload(self) -> bool:
         """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays."""

@@ -189,7 +189,6 @@ class SmtpSession(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.client = Client("0.0.0.0")
-        self.port = 0
         self.helo: str | None = None
         self.esmtp = False
         self.tx: Transaction | None = None
@@ -212,7 +211,6 @@ class SmtpSession(asyncio.Protocol):
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
         self.client = Client(ip)
-        self.port = peer[1]
         self.connected_at = time.monotonic()
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.gw.session_started(self)

@@ -9,7 +9,7 @@ matching; a leading-dot key would never match, so it is refused.
 from __future__ import annotations
 
 from mailgate.address import is_valid_domain
-from mailgate.tables.maps import EntryTable, MapEntry, TableError, TableWarning
+from mailgate.tables.maps import EntryTable, MapEntry, TableError
 
 __all__ = ["DomainTable"]
 
@@ -30,14 +30,7 @@ class DomainTable(EntryTable):
             if name.startswith("[") or not is_valid_domain(name):
                 raise TableError(self.path, e.line, f"{what} {name!r} is not a domain name")
         key = _canon(e.key)
-        if key in self._map:
-            self.warnings.append(
-                TableWarning(
-                    self.path,
-                    e.line,
-                    f"duplicate key {e.key}: line {self._lines[key]} is used (as makemap does)",
-                )
-            )
+        if self._is_duplicate(e, self._lines.get(key)):
             return
         self._map[key] = _canon(e.value)
         self._lines[key] = e.line

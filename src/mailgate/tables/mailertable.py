@@ -188,14 +188,7 @@ class MailerTable(EntryTable):
         except ValueError as exc:
             raise TableError(self.path, e.line, f"{e.key}: {exc}") from None
         first = self._routes.get(canon)
-        if first is not None:
-            self.warnings.append(
-                TableWarning(
-                    self.path,
-                    e.line,
-                    f"duplicate key {e.key}: line {first.line} is used (as makemap does)",
-                )
-            )
+        if self._is_duplicate(e, first.line if first is not None else None):
             return
         self._routes[canon] = route
         self.entries.append(e)

@@ -227,3 +227,12 @@ class EntryTable:
     def _add(self, e: MapEntry) -> None:
         raise NotImplementedError
 
+    def _is_duplicate(self, e: MapEntry, first_line: int | None) -> bool:
+        """True (with a warning) when the key was already on ``first_line``: as makemap does,
+        the first line wins."""
+        if first_line is None:
+            return False
+        text = f"duplicate key {e.key}: line {first_line} is used (as makemap does)"
+        self.warnings.append(TableWarning(self.path, e.line, text))
+        return True
+

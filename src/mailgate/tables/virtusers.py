@@ -13,7 +13,6 @@ from mailgate.tables.maps import (
     ErrorValue,
     MapEntry,
     TableError,
-    TableWarning,
     parse_error_value,
 )
 
@@ -79,14 +78,7 @@ class VirtUserTable(EntryTable):
                 f"{e.key}: the value must be one address or user; for a list, point it at an alias",
             )
         first = self._map.get(key)
-        if first is not None:
-            self.warnings.append(
-                TableWarning(
-                    self.path,
-                    e.line,
-                    f"duplicate key {e.key}: line {first.line} is used (as makemap does)",
-                )
-            )
+        if self._is_duplicate(e, first.line if first is not None else None):
             return
         self._map[key] = e
 
