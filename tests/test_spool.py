@@ -4,6 +4,7 @@ locking."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 import zlib
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.queue import fsync as fsync_impl
 from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, read_seal
 
 
@@ -24,23 +26,49 @@ def fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def test_commit_seals_and_fsyncs_before_returning(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    spool = Spool(tmp_path)
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[tuple[str, bytes]]:
+    """Record (path, content) of every file the spool flushes, as the flush is asked for;
+    ``mode`` "threads" flushes with os.fsync, "auto" through Linux AIO."""
     synced: list[tuple[str, bytes]] = []
-    real_fsync = os.fsync
+    if mode == "threads":
+        real_fsync = os.fsync
 
-    def recording_fsync(fd: int) -> None:
-        path = fd_path(fd)
-        synced.append((path, Path(path).read_bytes()))
-        real_fsync(fd)
+        def recording_fsync(fd: int) -> None:
+            path = fd_path(fd)
+            synced.append((path, Path(path).read_bytes()))
+            real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+    else:
+        real = fsync_impl.KernelFsync.fsync
+
+        def recording_submit(self: fsync_impl.KernelFsync, fd: int) -> asyncio.Future[None]:
+            path = fd_path(fd)
+            synced.append((path, Path(path).read_bytes()))
+            return real(self, fd)
+
+        monkeypatch.setattr(fsync_impl.KernelFsync, "fsync", recording_submit)
+    return synced
+
+
+@pytest.mark.parametrize("mode", ["threads", "auto"])
+def test_commit_seals_and_fsyncs_before_returning(tmp_path: Path, mode: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    if mode == "auto" and fsync_impl.linux_aio is None:
+        pytest.skip("no Linux AIO on this kernel")
+    spool = Spool(tmp_path, fsync=mode)
+    synced = _record_fsyncs(monkeypatch, mode)
     msg = spool.open_incoming(envelope(spool))
     content = b"Subject: x\r\n\r\nbody\r\n"
     msg.write(content)
     qid = msg.envelope.qid
-    asyncio.run(spool.commit(msg))
+
+    async def commit() -> str:
+        await spool.commit(msg)
+        return spool.fsync_for(asyncio.get_running_loop()).name
+
+    used = asyncio.run(commit())
+    assert used == ("threads" if mode == "threads" else "linux-aio")
     # One fsync, of the complete and sealed file, while it was still in incoming/.
     [(path, data)] = synced
     assert path == str(tmp_path / "incoming" / qid)
@@ -58,6 +86,54 @@ def test_commit_seals_and_fsyncs_before_returning(tmp_path: Path,
         assert f.read() == content
     assert loaded.size == len(content)
     spool.close()
+
+
+def test_a_spilled_message_is_sealed_in_place(tmp_path: Path) -> None:
+    """A message bigger than the write buffer reached the disk before its end: its seal is
+    written into the envelope line afterwards."""
+    spool = Spool(tmp_path)
+    msg = spool.open_incoming(envelope(spool))
+    content = b"y" * (msg.SPILL_AT + 1000) + b"\r\n"
+    msg.write(content[:msg.SPILL_AT + 10])
+    assert msg.path.exists()
+    msg.write(content[msg.SPILL_AT + 10:])
+    asyncio.run(spool.commit(msg))
+    data = (tmp_path / "queue" / msg.envelope.qid).read_bytes()
+    line, _, rest = data.partition(b"\n")
+    assert rest == content
+    assert read_seal(line) == (zlib.crc32(content), len(content))
+    spool.close()
+
+
+@pytest.mark.skipif(fsync_impl.linux_aio is None, reason="no Linux AIO on this kernel")
+def test_kernel_fsync_reports_errors(tmp_path: Path) -> None:
+    async def run() -> None:
+        flusher = fsync_impl.KernelFsync(asyncio.get_running_loop())
+        fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+        os.write(fd, b"data")
+        await asyncio.gather(*(flusher.fsync(fd) for _ in range(3)))  # one io_submit
+        # /dev/null cannot be flushed: the kernel refuses the request, the fallback says why.
+        null = os.open("/dev/null", os.O_RDONLY)
+        with pytest.raises(OSError) as info:
+            await flusher.fsync(null)
+        assert info.value.errno == errno.EINVAL
+        # A completion carrying an error (the result is -errno, as an unsigned 64-bit value).
+        fut = flusher.fsync(fd)
+        await asyncio.sleep(0)  # submitted
+        [key] = list(flusher._in_flight)
+        await asyncio.sleep(0.2)
+        assert fut.done() and fut.exception() is None
+        fut2: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        flusher._in_flight[key] = (None, fut2)
+        flusher._done(key, (1 << 64) - errno.EIO)
+        with pytest.raises(OSError) as info:
+            await fut2
+        assert info.value.errno == errno.EIO
+        flusher.close()
+        os.close(fd)
+        os.close(null)
+
+    asyncio.run(run())
 
 
 def test_recovery_keeps_a_sealed_message_whose_rename_was_lost(tmp_path: Path) -> None:
@@ -170,7 +246,7 @@ def test_commit_failure_is_reported_and_leaves_nothing(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from mailgate.queue.spool import SpoolError
 
-    spool = Spool(tmp_path)
+    spool = Spool(tmp_path, fsync="threads")
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"x\r\n")
 

@@ -9,6 +9,7 @@ dropped, UUCP ``host!user`` and the ``%``-hack resolved, domain lower-cased).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,9 +47,12 @@ def _err(code: int, dsn: str, written: str, text: str) -> AddressError:
     return AddressError(Reply(code, dsn, f"{written}... {text}"))
 
 
+# C0, DEL and C1 controls; other non-ASCII is UTF-8 text (SMTPUTF8) and allowed.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _has_control(s: str) -> bool:
-    # C0, DEL and C1 controls; other non-ASCII is UTF-8 text (SMTPUTF8) and allowed.
-    return any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in s)
+    return _CONTROL.search(s) is not None
 
 
 def _shorten(s: str) -> str:

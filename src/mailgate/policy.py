@@ -6,6 +6,7 @@ session gathers first and passes in.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -32,14 +33,19 @@ class Client:
 
     @property
     def is_loopback(self) -> bool:
-        # Only the local host itself, as Sendmail's localhost; other 127.x are ordinary clients.
-        try:
-            addr = ipaddress.ip_address(self.ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        return str(addr) in ("127.0.0.1", "::1")
+        return _is_localhost(self.ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_localhost(ip: str) -> bool:
+    # Only the local host itself, as Sendmail's localhost; other 127.x are ordinary clients.
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return str(addr) in ("127.0.0.1", "::1")
 
 
 @dataclass(frozen=True)

@@ -101,14 +101,13 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
     hot = ctx.hot.pop(qid, None)
     if hot is not None:
         msg, lock_fd = hot
+        msg.fd = lock_fd
         holder = [lock_fd]
         try:
             return await _attempt_locked(ctx, msg, holder)
         finally:
             if holder:
-                # The last close of a delivered (unlinked) file frees its blocks: not on the
-                # event loop.
-                await asyncio.to_thread(os.close, lock_fd)
+                os.close(lock_fd)
     spool = ctx.spool
     with spool.locked(qid) as mine:
         if not mine:
@@ -120,15 +119,18 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
         return await _attempt_locked(ctx, msg)
 
 
-def _remove(spool: Spool, qid: str, lock_fds: list[int] | None) -> None:
-    spool.remove(qid)
+def _remove(spool: Spool, msg: QueuedMessage, lock_fds: list[int] | None) -> None:
+    """Forget a finished message. On the event loop: an unlink and a close are quicker than
+    a hand-off to a thread (the last close frees the file's blocks, ~60 µs here)."""
+    # A status file exists only once an attempt has been recorded (attempts ≥ 1).
+    spool.remove(msg.envelope.qid, status_file=msg.status.attempts > 0)
     while lock_fds:
         os.close(lock_fds.pop())
 
 
 async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
                           lock_fds: list[int] | None = None) -> float | None:
-    """``lock_fds``: the delivery lock's descriptor, closed with the removal (one thread hop)."""
+    """``lock_fds``: the delivery lock's descriptor, closed with the removal."""
     snap = ctx.snapshot()
     cfg = snap.config
     env, st = msg.envelope, msg.status
@@ -194,7 +196,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
 
     remaining = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
     if not remaining:
-        await asyncio.to_thread(_remove, ctx.spool, env.qid, lock_fds)
+        _remove(ctx.spool, msg, lock_fds)
         return None
     if now - env.arrival >= cfg.queue.max_age:
         days = cfg.queue.max_age / 86400
@@ -209,7 +211,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
                              mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
         await bounce(ctx, snap, msg, expired,
                      reason=Outcome("perm", Reply(554, "4.4.7", text)))
-        await asyncio.to_thread(_remove, ctx.spool, env.qid, lock_fds)
+        _remove(ctx.spool, msg, lock_fds)
         return None
     if (not st.warned and cfg.queue.warn_after and now - env.arrival >= cfg.queue.warn_after
             and env.sender and not env.is_bounce):

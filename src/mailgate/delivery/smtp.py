@@ -220,7 +220,8 @@ async def deliver(
                     break
             try:
                 result = await client.send(
-                    env.sender, recipients, message.path, message.offset, size=message.size,
+                    env.sender, recipients, message.path if message.fd is None else message.fd,
+                    message.offset, size=message.size,
                     body_8bit=env.body_8bit, smtputf8=env.smtputf8)
             except SmtpClientError as exc:
                 await client.close()

@@ -11,8 +11,11 @@ A message is committed by sealing its envelope line (the CRC-32 and length of th
 written into fixed-width fields at its start), fsync(file), then rename(incoming → queue): one
 fsync per message, as Postfix does. The rename need not be durable before the 250: at start-up
 a sealed file still in incoming/ (its CRC matches its content) is moved into the queue, and
-only unsealed ones, which were never acknowledged, are dropped. The fsyncs run in a thread pool
-so that concurrent sessions' flushes overlap (the journal merges them).
+only unsealed ones, which were never acknowledged, are dropped. Only the fsync waits for the
+disk, and it runs outside the event loop (``queue.fsync``: Linux AIO, else a thread pool) so
+that concurrent sessions' flushes overlap and share journal commits; the other file calls
+(create, write, flock, link, unlink) are page-cache operations of a few microseconds and run
+on the loop, which costs less than handing them to a thread.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ import os
 import time
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mailgate.queue import fsync as fsync_impl
 
 # Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
@@ -120,15 +124,16 @@ class QueuedMessage:
     offset: int  # where the message content starts in ``path``
     size: int  # content bytes
     status: QueueStatus
+    fd: int | None = None  # a readable descriptor of ``path`` its holder keeps open (the lock)
 
 
 class IncomingMessage:
     """A message being received: the envelope line, then content as it streams in.
 
     Content collects in a write buffer of ``SPILL_AT`` bytes (as any buffered writer would) and
-    the file is created only when the buffer spills or at commit, in the committing thread, so
-    a small message costs the event loop no file-system call at all. Memory per message is
-    bounded by the buffer, whatever the message size.
+    the file is created only when the buffer spills or at commit, so a small message is
+    written with one ``write``, its seal included. Memory per message is bounded by the
+    buffer, whatever the message size.
     """
 
     SPILL_AT = 256 * 1024
@@ -148,7 +153,9 @@ class IncomingMessage:
 
     def _open(self) -> int:
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            # Read-write: after the commit this descriptor is the delivery lock, and the first
+            # attempt reads the content through it instead of opening the file again.
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                               0o600)
         return self.fd
 
@@ -187,20 +194,34 @@ class IncomingMessage:
 
 
 class Spool:
-    def __init__(self, root: Path, *, fsync_threads: int = 32) -> None:
+    def __init__(self, root: Path, *, fsync: str = "auto") -> None:
+        """``fsync``: "auto" (Linux AIO where the kernel has it) or "threads"."""
         self.root = root
         self.incoming = root / "incoming"
         self.queue = root / "queue"
         self.corrupt = root / "corrupt"
         for d in (self.incoming, self.queue, self.corrupt):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pool = ThreadPoolExecutor(max_workers=fsync_threads, thread_name_prefix="fsync")
+        self._fsync_choice = fsync
+        self._fsync: fsync_impl.Fsync | None = None
+        self._fsync_loop: asyncio.AbstractEventLoop | None = None
         self._pid = os.getpid() % 1_000_000
         self._last_second = 0
         self._seq = 0
 
+    def fsync_for(self, loop: asyncio.AbstractEventLoop) -> fsync_impl.Fsync:
+        """The flusher bound to ``loop`` (made on first use: an AIO context is per process)."""
+        if self._fsync is None or self._fsync_loop is not loop:
+            if self._fsync is not None:
+                self._fsync.close()
+            self._fsync = fsync_impl.for_loop(loop, self._fsync_choice)
+            self._fsync_loop = loop
+        return self._fsync
+
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._fsync is not None:
+            self._fsync.close()
+            self._fsync = None
 
     # -- queue ids -----------------------------------------------------------------------------
     def new_qid(self) -> str:
@@ -233,24 +254,33 @@ class Spool:
         except OSError as exc:
             raise SpoolError(f"cannot create spool file: {exc.strerror}") from exc
 
-    def _flush_and_rename(self, msg: IncomingMessage, lock: bool = False) -> None:
-        msg._write_out()
+    @staticmethod
+    def _seal_and_write(msg: IncomingMessage, lock: bool) -> int:
+        """Write out the rest of ``msg`` with its seal; returns the open descriptor."""
+        seal = seal_fields(msg.crc, msg.size)
+        if msg.fd is None:
+            # Never spilled: the envelope line is still in the buffer, seal it there and
+            # write the whole file at once.
+            msg.buf[SEAL_OFFSET:SEAL_OFFSET + len(seal)] = seal
+            msg._write_out()
+        else:
+            msg._write_out()
+            os.pwrite(msg.fd, seal, SEAL_OFFSET)
         fd = msg.fd
         assert fd is not None
-        try:
-            os.pwrite(fd, seal_fields(msg.crc, msg.size), SEAL_OFFSET)
-            os.fsync(fd)
-            if lock:
-                # Held from here until the first delivery attempt, so that `mailgate flush`
-                # (another process) cannot deliver it at the same time.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # link + unlink, not rename: never replace an existing queue file of that name.
-            os.link(msg.path, self.queue / msg.envelope.qid)
-            os.unlink(msg.path)
-        except BaseException:
-            os.close(fd)
-            msg.fd = None
-            raise
+        if lock:
+            # Held from here until the first delivery attempt, so that `mailgate flush`
+            # (another process) cannot deliver it at the same time.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+
+    def _publish(self, msg: IncomingMessage, lock: bool) -> None:
+        """The flushed file goes into the queue; link + unlink, not rename: never replace an
+        existing queue file of that name."""
+        fd = msg.fd
+        assert fd is not None
+        os.link(msg.path, self.queue / msg.envelope.qid)
+        os.unlink(msg.path)
         msg.fd = None
         msg.closed = True
         if lock:
@@ -258,23 +288,35 @@ class Spool:
         else:
             os.close(fd)
 
+    def _failed(self, msg: IncomingMessage, exc: BaseException) -> SpoolError:
+        msg.discard()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.queue / msg.envelope.qid)
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return SpoolError(f"cannot commit message: {text}")
+
     async def commit(self, msg: IncomingMessage, *, lock: bool = False) -> None:
         """Make ``msg`` durable. Only after this returns may the 250 be sent.
 
         With ``lock``, ``msg.lock_fd`` is left holding the delivery lock on the queue file.
         """
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._pool, self._flush_and_rename, msg, lock)
-        except OSError as exc:
-            msg.discard()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue / msg.envelope.qid)
-            raise SpoolError(f"cannot commit message: {exc.strerror or exc}") from exc
+            fd = self._seal_and_write(msg, lock)
+            await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
+            self._publish(msg, lock)
+        except (OSError, SystemError) as exc:
+            raise self._failed(msg, exc) from exc
+        except BaseException as exc:  # cancelled mid-flush: never acknowledged
+            self._failed(msg, exc)
+            raise
 
     def commit_sync(self, msg: IncomingMessage) -> None:
         """Blocking commit, for commands that run without an event loop (bounces from flush)."""
-        self._flush_and_rename(msg)
+        try:
+            os.fsync(self._seal_and_write(msg, False))
+            self._publish(msg, False)
+        except OSError as exc:
+            raise self._failed(msg, exc) from exc
 
     # -- the queue ------------------------------------------------------------------------------
     def recover(self) -> list[str]:
@@ -367,9 +409,9 @@ class Spool:
             os.close(fd)
         os.rename(tmp, final)
 
-    def remove(self, qid: str) -> None:
-        """The message is delivered or bounced: forget it."""
-        for name in (qid, qid + _STATUS_SUFFIX):
+    def remove(self, qid: str, *, status_file: bool = True) -> None:
+        """The message is delivered or bounced: forget it (and its status file, if any)."""
+        for name in (qid, qid + _STATUS_SUFFIX) if status_file else (qid,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.queue / name)
 

@@ -258,15 +258,15 @@ class SmtpClient:
         self,
         sender: str,
         recipients: Sequence[str],
-        body_path: Path,
+        body: Path | int,
         body_offset: int,
         *,
         size: int | None = None,
         body_8bit: bool = False,
         smtputf8: bool = False,
     ) -> TransactionResult:
-        """One transaction: MAIL, RCPTs, DATA with the content of ``body_path`` from
-        ``body_offset`` to its end (CRLF line ends expected)."""
+        """One transaction: MAIL, RCPTs, DATA with the content of ``body`` (a file, or an open
+        descriptor of one) from ``body_offset`` to its end (CRLF line ends expected)."""
         self._check_open()
         for addr in (sender, *recipients):
             if "\r" in addr or "\n" in addr:
@@ -304,7 +304,7 @@ class SmtpClient:
                 return result
             mail_reply, rcpt_replies, data_reply = result
             if data_reply.code == 354:
-                data_reply = await self._send_body(body_path, body_offset)
+                data_reply = await self._send_body(body, body_offset)
             # After the end-of-data reply the transaction is over whatever the reply (RFC 5321
             # 4.1.1.4); after a refused DATA command it may not be, so RSET before the next.
             self._need_rset = not self._data_sent
@@ -376,36 +376,42 @@ class SmtpClient:
         data_reply = await self._command_checked("DATA", self.timeouts.data_init, "data")
         return mail_reply, rcpt_replies, data_reply
 
-    async def _send_body(self, body_path: Path, body_offset: int) -> Reply:
+    async def _send_body(self, body: Path | int, body_offset: int) -> Reply:
         """Stream the content dot-stuffed, then ``.``; return the end-of-data reply."""
         self._data_sent = True
         tail = b""  # the last two bytes sent, to know whether the content ended with CRLF
         at_line_start = True
         # Plain reads of 64 KiB from a local (page-cached) file take microseconds; an
         # executor round trip per chunk would cost more than it saves.
-        fd = os.open(body_path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = body if isinstance(body, int) else os.open(body, os.O_RDONLY | os.O_CLOEXEC)
         try:
             pos = body_offset
-            while chunk := os.pread(fd, CHUNK, pos):
+            while True:
+                chunk = os.pread(fd, CHUNK, pos)
                 pos += len(chunk)
                 # Stuff after any LF, not only CRLF: a bare LF followed by "." must not look
                 # like an end of data to a lenient server (SMTP smuggling).
                 out = chunk.replace(b"\n.", b"\n..")
                 if at_line_start and chunk[:1] == b".":
                     out = b"." + out
-                at_line_start = chunk[-1:] == b"\n"
-                tail = (tail + chunk)[-2:]
+                if chunk:
+                    at_line_start = chunk[-1:] == b"\n"
+                    tail = (tail + chunk)[-2:]
+                # A short read of a regular (spool) file is its end: the terminator goes in
+                # the same write as the last chunk.
+                last = len(chunk) < CHUNK
+                if last:
+                    if tail and tail != b"\r\n":
+                        out += b"\r\n"
+                    self._log(">>> .")
+                    out += b".\r\n"
                 self._writer.write(out)
                 await self._drain(self.timeouts.data_block, "data_block")
-                if len(chunk) < CHUNK:
-                    break  # a short read of a regular (spool) file is its end
+                if last:
+                    break
         finally:
-            os.close(fd)
-        if tail and tail != b"\r\n":
-            self._writer.write(b"\r\n")
-        self._log(">>> .")
-        self._writer.write(b".\r\n")
-        await self._drain(self.timeouts.data_block, "data_block")
+            if not isinstance(body, int):
+                os.close(fd)
         reply = await self._read_checked(self.timeouts.data_end, "data_end")
         if reply.code // 100 not in (2, 4, 5):
             raise SmtpClientError(f"unexpected reply to end of data: {reply}", stage="data_end")
@@ -418,6 +424,8 @@ class SmtpClient:
             self._transcript(line)
 
     async def _drain(self, timeout: float, stage: str) -> None:
+        if not self._writer.transport.get_write_buffer_size():
+            return  # all handed to the kernel: nothing to wait for (the usual case)
         try:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
