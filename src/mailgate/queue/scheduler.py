@@ -28,7 +28,7 @@ class Scheduler:
         self._active: set[str] = set()
         self._again: set[str] = set()  # asked to run again while an attempt was running
         self._seq = itertools.count()
-        self._sem = asyncio.Semaphore(max_concurrent)
+        self._max = max(1, max_concurrent)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
@@ -60,6 +60,10 @@ class Scheduler:
             if when is None:
                 self._again.add(qid)
             return
+        if (when is None and not self._stopping and len(self._active) < self._max
+                and qid not in self._due):
+            self._start(qid)  # new mail, and room: straight to its attempt, not via the heap
+            return
         current = self._due.get(qid)
         if current is not None and current <= due:
             return
@@ -82,23 +86,29 @@ class Scheduler:
     def active(self) -> int:
         return len(self._active)
 
+    def _start(self, qid: str) -> None:
+        self._active.add(qid)
+        task = asyncio.get_running_loop().create_task(self._one(qid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _run(self) -> None:
         while not self._stopping:
             now = time.time()
-            while self._heap and self._heap[0][0] <= now:
+            while self._heap and self._heap[0][0] <= now and len(self._active) < self._max:
                 due, _, qid = heapq.heappop(self._heap)
                 if self._due.get(qid) != due:
                     continue  # superseded by an earlier submit
                 del self._due[qid]
-                await self._sem.acquire()
-                self._active.add(qid)
-                task = asyncio.get_running_loop().create_task(self._one(qid))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._start(qid)
             self._wake.clear()
-            timeout = max(0.0, self._heap[0][0] - time.time()) if self._heap else None
+            if len(self._active) >= self._max:
+                timeout = None  # a finishing attempt wakes us
+            else:
+                timeout = max(0.0, self._heap[0][0] - time.time()) if self._heap else None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _one(self, qid: str) -> None:
         next_time: float | None = None
@@ -112,7 +122,8 @@ class Scheduler:
             next_time = time.time() + 300
         finally:
             self._active.discard(qid)
-            self._sem.release()
+            if self._heap:
+                self._wake.set()  # room for one that waited
         if qid in self._again:
             self._again.discard(qid)
             self.submit(qid)
