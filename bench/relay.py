@@ -224,7 +224,7 @@ def latency_run(kind: str, rate: float, seconds: float, sessions: int, size: int
     sink = subprocess.Popen([*tool, "sink", "--port", str(sink_port), "--count", str(n + 50),
                              "--timeout", str(seconds + 120), "--out", str(arr_file)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=relays.own_session())
     relays.prioritize(sink.pid)
     relay = make_relay(kind, work / "relay", sink_port, args)
     res: dict[str, Any] = {"relay": kind, "rate": rate, "n": n, "sessions": sessions,
@@ -477,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nice", type=int, default=-10,
                     help="run the harness, relays, source and sink at this nice level "
                          "(as root; 0 = leave it)")
+    ap.add_argument("--sched-group", choices=("own", "shared"), default="shared",
+                    help="own: each relay, the source and the sink in a session (scheduling "
+                         "autogroup) of its own, as separately started daemons; shared: all "
+                         "in the harness's session, as when started from one shell")
     ap.add_argument("--mailgate-set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
                     help="extra mailgate setting for every mailgate started, VALUE in TOML, "
                          "e.g. workers=0 or smtp.max_connections=30000 (repeatable)")
@@ -516,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         # busy processes on the machine (see relays.prioritize).
         relays.NICE = args.nice
         relays.prioritize(os.getpid())
+    relays.SCHED_GROUP = args.sched_group
     # Room for 10,000 sockets on each side (inherited by mailgate).
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):

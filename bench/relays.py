@@ -30,6 +30,13 @@ HOST = "127.0.0.1"
 
 
 NICE = 0  # set by relay.py --nice
+# set by relay.py --sched-group: "own" puts each relay, the source and the sink in a session
+# (so a scheduling autogroup) of its own; "shared" keeps them all in the harness's one.
+SCHED_GROUP = "shared"
+
+
+def own_session() -> bool:
+    return SCHED_GROUP == "own"
 # relay.py --mailgate-set: {"section": {"key": "toml value"}}, "" = top level; applied last.
 EXTRA_SETTINGS: dict[str, dict[str, str]] = {}
 BIN_DIR: Path | None = None  # set by relay.py: private copies of smtp-sink / smtp-source
@@ -164,7 +171,7 @@ class SmtpSink:
         self.proc = subprocess.Popen(
             [tool("smtp-sink"), "-u", "root", "-c", "-m", "1000", f"{HOST}:{self.port}", "1024"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
-            start_new_session=True)
+            start_new_session=own_session())
         prioritize(self.proc.pid)
         self.counter = CounterReader(self.proc, "mesg=")
         wait_banner(self.port, 10, self.proc)
@@ -198,7 +205,7 @@ def run_smtp_source(port: int, n: int, sessions: int, size: int, timeout: float,
            "-f", "sender@example.org", "-t", "user@bench.example", f"{HOST}:{port}"]
     start = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=own_session())
     prioritize(proc.pid)
     counter = CounterReader(proc)
     deadline = time.monotonic() + timeout
@@ -275,7 +282,7 @@ class MailgateRelay:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailgate.cli", "serve", "-c", str(self.config)],
             stdout=self.log, stderr=self.log, cwd=self.dir, env=self.env(),
-            start_new_session=True)
+            start_new_session=own_session())
         prioritize(self.proc.pid)
         try:
             if greeting:
@@ -398,6 +405,18 @@ biff = no
                               text=True, timeout=timeout, check=False)
 
     def start(self) -> PostfixRelay:
+        if not own_session():
+            # "postfix start" daemonises the master, which calls setsid(); start-fg keeps it
+            # in our session, hence in the same scheduling group as everything else.
+            self.fg = subprocess.Popen(["postfix", "-c", str(self.etc), "start-fg"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_banner(self.port, 30)
+            except RuntimeError:
+                self.stop()
+                raise
+            prioritize(self.root)
+            return self
         r = self.postfix("start")
         if r.returncode != 0:
             log = self.maillog.read_text() if self.maillog.exists() else ""
@@ -437,6 +456,9 @@ biff = no
             if alive(p):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p, signal.SIGKILL)
+        fg = getattr(self, "fg", None)
+        if fg is not None:
+            stop_process(fg, 10)
 
 
 def alive(pid: int) -> bool:

@@ -60,6 +60,7 @@ class QueueSettings:
     warn_after: float = 4 * 3600.0
     max_deliveries: int = 200
     max_per_destination: int = 20
+    fsync: str = "auto"  # how the spool flushes: "auto" (Linux AIO if the kernel has it), "threads"
 
 
 @dataclass(frozen=True)
@@ -306,6 +307,13 @@ _PRIVACY_FLAGS = {
 }
 
 
+def _fsync_mode(value: object) -> str:
+    mode = _str(value).lower()
+    if mode not in ("auto", "threads"):
+        raise ValueError(f'must be "auto" or "threads", not {value!r}')
+    return mode
+
+
 def _privacy_flag(value: object) -> str:
     flag = _str(value).lower()
     if flag not in _PRIVACY_FLAGS:
@@ -394,6 +402,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         max_deliveries=r.get("queue", "max_deliveries", _int(1), qd.max_deliveries),
         max_per_destination=r.get("queue", "max_per_destination", _int(1),
                                   qd.max_per_destination),
+        fsync=r.get("queue", "fsync", _fsync_mode, qd.fsync),
     )
     if queue.run_interval <= 0:
         raise r.error("queue", "run_interval", "must be longer than 0s")

@@ -54,7 +54,7 @@ class Gateway:
         self.worker = worker
         self.workers = workers
         cfg = snapshot.config
-        self.spool = Spool(cfg.spool_dir)
+        self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
         self.scheduler = Scheduler(self._attempt, cfg.queue.max_deliveries)
         self.sessions: set[SmtpSession] = set()
