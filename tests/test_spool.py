@@ -277,3 +277,14 @@ def test_many_concurrent_commits_with_a_fast_disk_finish(tmp_path: Path) -> None
     asyncio.run(many())
     assert len(list(spool.qids())) == 200
     spool.close()
+
+
+def test_one_spool_serves_successive_event_loops(tmp_path: Path) -> None:
+    """`mailgate flush` and tests run a loop, close it and run another: the flusher follows."""
+    spool = Spool(tmp_path)
+    for _ in range(2):
+        msg = spool.open_incoming(envelope(spool))
+        msg.write(b"x\r\n")
+        asyncio.run(spool.commit(msg))
+        assert (tmp_path / "queue" / msg.envelope.qid).exists()
+    spool.close()

@@ -135,8 +135,10 @@ class KernelFsync:
             self._loop.call_soon(self._submit)
 
     def close(self) -> None:
-        # In-flight flushes finish in the kernel; nobody is left to wait for them.
-        self._loop.remove_reader(self._ctx.fileno)
+        # In-flight flushes finish in the kernel; nobody is left to wait for them. The loop
+        # may be closed already (a Spool outliving one asyncio.run).
+        with contextlib.suppress(RuntimeError):
+            self._loop.remove_reader(self._ctx.fileno)
         if self._fallback is not None:
             self._fallback.close()
 
