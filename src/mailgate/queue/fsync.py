@@ -79,11 +79,14 @@ class KernelFsync:
         op = linux_aio.Operation.fsync(fd)
         op.set_callback(functools.partial(self._done, id(op)))
         self._waiting.append((op, fut, fd))
+        self._schedule_submit()
+        return fut
+
+    def _schedule_submit(self) -> None:
+        # Everything asked for in this loop turn goes to the kernel in one io_submit.
         if not self._submit_scheduled:
-            # Everything asked for in this loop turn goes to the kernel in one io_submit.
             self._submit_scheduled = True
             self._loop.call_soon(self._submit)
-        return fut
 
     def _submit(self) -> None:
         self._submit_scheduled = False
@@ -130,9 +133,8 @@ class KernelFsync:
             self._ctx.poll()  # reset the eventfd
         while self._ctx.process_events():
             pass
-        if self._waiting and not self._submit_scheduled:
-            self._submit_scheduled = True
-            self._loop.call_soon(self._submit)
+        if self._waiting:  # more than MAX_IN_FLIGHT were asked for: room again now
+            self._schedule_submit()
 
     def close(self) -> None:
         # In-flight flushes finish in the kernel; nobody is left to wait for them. The loop

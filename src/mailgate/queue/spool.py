@@ -304,7 +304,7 @@ class Spool:
             fd = self._seal_and_write(msg, lock)
             await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
             self._publish(msg, lock)
-        except (OSError, SystemError) as exc:
+        except OSError as exc:
             raise self._failed(msg, exc) from exc
         except BaseException as exc:  # cancelled mid-flush: never acknowledged
             self._failed(msg, exc)
