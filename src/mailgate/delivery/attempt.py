@@ -120,10 +120,15 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
 
 
 def _remove(spool: Spool, msg: QueuedMessage, lock_fds: list[int] | None) -> None:
-    """Forget a finished message. On the event loop: an unlink and a close are quicker than
-    a hand-off to a thread (the last close frees the file's blocks, ~60 µs here)."""
+    """Forget a finished message. On the event loop: a rename (or an unlink and a close) is
+    quicker than a hand-off to a thread."""
     # A status file exists only once an attempt has been recorded (attempts ≥ 1).
-    spool.remove(msg.envelope.qid, status_file=msg.status.attempts > 0)
+    status_file = msg.status.attempts > 0
+    if lock_fds and spool.recycle(msg.envelope.qid, lock_fds[0], msg.offset + msg.size,
+                                  status_file=status_file):
+        lock_fds.pop(0)  # the spool keeps the file open for the next message
+    else:
+        spool.remove(msg.envelope.qid, status_file=status_file)
     while lock_fds:
         os.close(lock_fds.pop())
 
