@@ -268,6 +268,47 @@ def test_kill_9_during_delivery(tmp_path: Path, dns: DnsServer, hop2_port: int,
             gw.stop()
 
 
+def _spare_inodes(gw: GatewayProcess, count: int) -> list[int]:
+    """The inodes in spare/ once it holds ``count`` files and the queue is empty."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        spares = list((gw.spool / "spare").iterdir())
+        if len(spares) == count and not gw.queued():
+            return sorted(p.stat().st_ino for p in spares)
+        time.sleep(0.02)
+    raise AssertionError(f"spare/ holds {len(spares)} files, queue {gw.queued()}")
+
+
+def test_delivered_files_are_reused_and_never_resent(tmp_path: Path, dns: DnsServer,
+                                                     hop2_port: int, mx_port: int) -> None:
+    """One file serves message after message (no inode allocated per message); after a
+    kill -9 the kept files, whose messages were delivered, are dropped, not sent again."""
+    port1 = free_port(HOP1)
+    with SinkServer(HOP1, port1) as hop1:
+        gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
+        gw.start()
+        try:
+            seen = []
+            with gw.smtp(OUTSIDE) as s:
+                for i in range(5):
+                    s.sendmail("alice@example.org", ["bob@targetdomain1.com"],
+                               message(f"reuse {i}"))
+                    hop1.wait_for(i + 1, timeout=10)
+                    seen.append(_spare_inodes(gw, 1))
+            assert seen == [seen[0]] * 5
+        finally:
+            gw.kill9()
+        gw.start()
+        try:
+            assert not any((gw.spool / "spare").iterdir())
+            time.sleep(1.0)
+            assert [m.data.split(b"Subject: ")[1][:7] for m in hop1.messages] == [
+                f"reuse {i}".encode() for i in range(5)]
+            assert gw.queued() == []
+        finally:
+            gw.stop()
+
+
 def test_retry_when_next_hop_comes_back_and_mailq(tmp_path: Path, dns: DnsServer,
                                                   hop2_port: int, mx_port: int) -> None:
     port1 = free_port(HOP1)

@@ -288,3 +288,115 @@ def test_one_spool_serves_successive_event_loops(tmp_path: Path) -> None:
         asyncio.run(spool.commit(msg))
         assert (tmp_path / "queue" / msg.envelope.qid).exists()
     spool.close()
+
+
+def _delivered(spool: Spool, content: bytes) -> tuple[str, int, int]:
+    """Commit a message holding its lock (as a session does), then "deliver" it: recycle its
+    file. Returns (qid, inode, size)."""
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(content)
+
+    async def commit() -> None:
+        await spool.commit(msg, lock=True)
+
+    asyncio.run(commit())
+    fd = msg.lock_fd
+    assert fd is not None
+    qid = msg.envelope.qid
+    ino = os.fstat(fd).st_ino
+    assert spool.recycle(qid, fd, msg.offset + msg.size, status_file=False)
+    return qid, ino, msg.offset + msg.size
+
+
+def test_a_delivered_file_is_reused_for_the_next_message(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    long = b"Subject: first\r\n\r\n" + b"a" * 3000 + b"\r\n"
+    qid, ino, _ = _delivered(spool, long)
+    assert not (tmp_path / "queue" / qid).exists()
+    [spare] = list((tmp_path / "spare").iterdir())
+    assert spare.stat().st_ino == ino
+    # The delivered message can no longer pass for mail: its seal is gone.
+    assert Spool._sealed_qid(spare) is None
+
+    short = b"Subject: second\r\n\r\nshort\r\n"
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(short)
+    spool.commit_sync(msg)
+    assert not any((tmp_path / "spare").iterdir())
+    path = tmp_path / "queue" / msg.envelope.qid
+    assert path.stat().st_ino == ino  # the same inode, no new one allocated
+    assert path.stat().st_size == msg.offset + len(short)  # the old tail is cut off
+    loaded = spool.load(msg.envelope.qid)
+    assert loaded is not None and loaded.envelope.sender == "a@example.org"
+    assert path.read_bytes()[loaded.offset:] == short
+    assert Spool._sealed_qid(path) == msg.envelope.qid
+    spool.close()
+
+
+def test_a_reused_file_grows_and_spills(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    _, ino, _ = _delivered(spool, b"Subject: small\r\n\r\nx\r\n")
+    msg = spool.open_incoming(envelope(spool))
+    big = b"y" * (msg.SPILL_AT + 5000)
+    msg.write(big[:1000])
+    msg.write(big[1000:])  # spills: written to the reused file before the commit
+    spool.commit_sync(msg)
+    path = tmp_path / "queue" / msg.envelope.qid
+    assert path.stat().st_ino == ino
+    assert path.read_bytes()[msg.offset:] == big
+    assert Spool._sealed_qid(path) == msg.envelope.qid
+    spool.close()
+
+
+def test_spare_files_are_bounded_in_number_and_size(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.SPARE_MAX = 2
+    committed = []
+    for _ in range(4):
+        msg = spool.open_incoming(envelope(spool))
+        msg.write(b"x\r\n")
+        spool.commit_sync(msg)
+        fd = os.open(tmp_path / "queue" / msg.envelope.qid, os.O_RDWR)
+        committed.append((msg.envelope.qid, fd, msg.offset + msg.size))
+    kept = [spool.recycle(qid, fd, size, status_file=False) for qid, fd, size in committed[:3]]
+    assert kept == [True, True, False]  # the third is one too many
+    qid, fd, _ = committed[3]
+    spool.SPARE_MAX = 10
+    assert not spool.recycle(qid, fd, spool.SPARE_MAX_SIZE + 1, status_file=False)  # too big
+    for _, fd, _ in committed[2:]:
+        os.close(fd)
+    assert len(list((tmp_path / "spare").iterdir())) == 2
+    # Closing the spool frees what it kept.
+    spool.close()
+    assert not any((tmp_path / "spare").iterdir())
+
+
+def test_recovery_of_spare_and_reused_files(tmp_path: Path) -> None:
+    """What a crash can leave with reused files: a delivered file in spare/ (dropped), an
+    acknowledged message whose only name on disk is still spare/ (queued under the qid of its
+    envelope), and a reused file in incoming/ still holding an older sealed message (dropped:
+    the older one was delivered)."""
+    spool = Spool(tmp_path)
+    _delivered(spool, b"Subject: delivered\r\n\r\ngone\r\n")
+
+    acked = spool.open_incoming(envelope(spool))
+    acked.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
+    spool.commit_sync(acked)
+    lost = tmp_path / "spare" / "999.1"
+    os.rename(tmp_path / "queue" / acked.envelope.qid, lost)  # the renames never reached disk
+
+    old = spool.open_incoming(envelope(spool))
+    old.write(b"Subject: old\r\n\r\nalready delivered\r\n")
+    spool.commit_sync(old)
+    os.rename(tmp_path / "queue" / old.envelope.qid, tmp_path / "incoming" / spool.new_qid())
+    spool._spares.clear()  # as after a crash: nothing kept open
+    spool.close()
+
+    spool = Spool(tmp_path)
+    assert spool.recover() == [acked.envelope.qid]
+    assert not any((tmp_path / "spare").iterdir())
+    assert not any((tmp_path / "incoming").iterdir())
+    loaded = spool.load(acked.envelope.qid)
+    assert loaded is not None
+    assert loaded.path.read_bytes()[loaded.offset:] == b"Subject: acknowledged\r\n\r\nkeep me\r\n"
+    spool.close()
