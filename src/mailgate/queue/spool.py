@@ -4,8 +4,8 @@ Layout under ``spool_dir``::
 
     incoming/<qid>      being received; never acknowledged; removed at start-up
     queue/<qid>         committed: one JSON envelope line, then the message content (CRLF)
-    spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message
     queue/<qid>.st      delivery status (done recipients, last errors, next attempt)
+    spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
 
 A message is committed by sealing its envelope line (the CRC-32 and length of the content are
