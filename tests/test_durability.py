@@ -41,7 +41,7 @@ def _flushed_before_reply(trace: list[str], qid: str) -> tuple[int, int, int]:
                    if re.search(r"\b(write|pwrite64)\(\d+<[^>]*" + re.escape(incoming), line))
     completed = None
     for i, line in enumerate(trace):
-        if re.search(r"\bfsync\(\d+<[^>]*" + re.escape(incoming) + r"\)", line):
+        if re.search(r"\bfsync\(\d+<[^>]*" + re.escape(incoming) + r"(\)| <unfinished)", line):
             # A thread's fsync: the line may be split ("<unfinished …>" … "resumed> = 0").
             if line.rstrip().endswith("= 0"):
                 completed = i

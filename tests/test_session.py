@@ -854,7 +854,14 @@ def test_250_only_after_the_file_is_in_the_queue(gw: GatewayProcess) -> None:
         exists = path.exists()
         data = path.read_bytes() if exists else b""
         in_incoming = (gw.spool / "incoming" / path.name).exists()
-    assert exists and not in_incoming
+    # The incoming/ name, made durable by the fsync, stays until the queue/ name is durable
+    # too: the deferral's status file is fsync'd in queue/, and then it goes.
+    assert exists and in_incoming
     envelope, _, stored = data.partition(b"\n")
     assert path.name.encode() in envelope and b"held@deferred.example" in envelope
     assert stored.startswith(b"Received: ") and stored.endswith(content)
+    deadline = time.monotonic() + 10
+    while (gw.spool / "incoming" / path.name).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not (gw.spool / "incoming" / path.name).exists()
+    assert (gw.spool / "queue" / (path.name + ".st")).exists()

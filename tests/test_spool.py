@@ -76,7 +76,8 @@ def test_commit_seals_and_fsyncs_before_returning(tmp_path: Path, mode: str,
     assert rest == content
     assert read_seal(line)[:2] == (zlib.crc32(content), len(content))
     assert (tmp_path / "queue" / qid).exists()
-    assert not (tmp_path / "incoming" / qid).exists()
+    # The incoming/ name stays, as a second link, until the queue/ entry is known durable.
+    assert os.stat(tmp_path / "incoming" / qid).st_ino == os.stat(tmp_path / "queue" / qid).st_ino
     loaded = spool.load(qid)
     assert loaded is not None
     assert loaded.envelope.sender == "a@example.org"
@@ -136,15 +137,15 @@ def test_kernel_fsync_reports_errors(tmp_path: Path) -> None:
     asyncio.run(run())
 
 
-def test_recovery_keeps_a_sealed_message_whose_rename_was_lost(tmp_path: Path) -> None:
-    """The 250 went out after the fsync; a crash before the rename reached the disk leaves the
-    sealed file in incoming/: it must be queued at start, not dropped."""
+def test_recovery_keeps_a_sealed_message_whose_link_was_lost(tmp_path: Path) -> None:
+    """The 250 went out after the fsync; a crash before the link reached the disk leaves the
+    sealed file in incoming/ only: it must be queued at start, not dropped."""
     spool = Spool(tmp_path)
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
     spool.commit_sync(msg)
     qid = msg.envelope.qid
-    os.rename(tmp_path / "queue" / qid, tmp_path / "incoming" / qid)  # the lost rename
+    os.unlink(tmp_path / "queue" / qid)  # the link never reached the disk
     torn = spool.open_incoming(envelope(spool))
     torn.write(b"x" * (torn.SPILL_AT + 10))  # on disk, never sealed: never acknowledged
     assert torn.path.exists()
@@ -168,7 +169,7 @@ def test_a_sealed_file_with_damaged_content_is_not_recovered(tmp_path: Path) -> 
     spool.commit_sync(msg)
     qid = msg.envelope.qid
     path = tmp_path / "incoming" / qid
-    os.rename(tmp_path / "queue" / qid, path)
+    os.unlink(tmp_path / "queue" / qid)
     data = path.read_bytes()
     path.write_bytes(data[:-3])  # content lost in the crash: the seal no longer matches
     spool.close()
@@ -384,11 +385,13 @@ def test_recovery_of_spare_and_reused_files(tmp_path: Path) -> None:
     spool.commit_sync(acked)
     lost = tmp_path / "spare" / "999.1"
     os.rename(tmp_path / "queue" / acked.envelope.qid, lost)  # the renames never reached disk
+    os.unlink(tmp_path / "incoming" / acked.envelope.qid)
 
     old = spool.open_incoming(envelope(spool))
     old.write(b"Subject: old\r\n\r\nalready delivered\r\n")
     spool.commit_sync(old)
     os.rename(tmp_path / "queue" / old.envelope.qid, tmp_path / "incoming" / spool.new_qid())
+    os.unlink(tmp_path / "incoming" / old.envelope.qid)
     spool._spares.clear()  # as after a crash: nothing kept open
     spool.close()
 
@@ -399,4 +402,25 @@ def test_recovery_of_spare_and_reused_files(tmp_path: Path) -> None:
     loaded = spool.load(acked.envelope.qid)
     assert loaded is not None
     assert loaded.path.read_bytes()[loaded.offset:] == b"Subject: acknowledged\r\n\r\nkeep me\r\n"
+    spool.close()
+
+
+def test_the_incoming_name_goes_once_the_queue_entry_is_durable_or_gone(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qids = []
+    for _ in range(4):
+        msg = spool.open_incoming(envelope(spool))
+        msg.write(b"x\r\n")
+        spool.commit_sync(msg)
+        qids.append(msg.envelope.qid)
+    assert sorted(os.listdir(tmp_path / "incoming")) == sorted(qids)
+    deferred, delivered, crashed, kept = qids
+    spool.save_status(deferred, QueueStatus(attempts=1))  # fsync'd in queue/
+    spool.remove(delivered)
+    assert sorted(os.listdir(tmp_path / "incoming")) == sorted([crashed, kept])
+    os.unlink(tmp_path / "queue" / crashed)  # its link was lost in a crash
+    spool.close()
+    spool = Spool(tmp_path)
+    assert spool.recover() == sorted([deferred, crashed, kept])
+    assert os.listdir(tmp_path / "incoming") == []
     spool.close()

@@ -2,17 +2,21 @@
 
 Layout under ``spool_dir``::
 
-    incoming/<qid>      being received; never acknowledged; removed at start-up
+    incoming/<qid>      being received; or a second name of queue/<qid> (see below)
     queue/<qid>         committed: one JSON envelope line, then the message content (CRLF)
     queue/<qid>.st      delivery status (done recipients, last errors, next attempt)
     spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
 
 A message is committed by sealing its envelope line (the CRC-32 and length of the content are
-written into fixed-width fields at its start), fsync(file), then rename(incoming → queue): one
-fsync per message, as Postfix does. The rename need not be durable before the 250: at start-up
+written into fixed-width fields at its start), fsync(file), then link(incoming → queue): one
+fsync per message, as Postfix does. The link need not be durable before the 250: at start-up
 a sealed file still in incoming/ (its CRC matches its content) is moved into the queue, and
-only unsealed ones, which were never acknowledged, are dropped. Only the fsync waits for the
+only unsealed ones, which were never acknowledged, are dropped. So the incoming/ name, whose
+entry the fsync made durable, is kept until the queue/ entry is durable too (the message's
+first status file was fsync'd in queue/) or the message is gone: dropped right away, a crash
+on a file system that writes directories out of order (ext4 without a journal) could keep the
+removal and lose the link, leaving the inode with no name. Only the fsync waits for the
 disk, and it runs outside the event loop (``queue.fsync``: Linux AIO, else a thread pool) so
 that concurrent sessions' flushes overlap and share journal commits; the other file calls
 (create, write, flock, link, unlink) are page-cache operations of a few microseconds and run
@@ -270,8 +274,15 @@ class Spool:
         if status_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.queue / (qid + _STATUS_SUFFIX))
+        self._forget_incoming(qid)
         self._spares.append((fd, name, size))
         return True
+
+    def _forget_incoming(self, qid: str) -> None:
+        """Drop a committed message's incoming/ name: it is delivered, or its queue/ entry is
+        on disk."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.incoming / qid)
 
     def take_spare(self, path: Path) -> tuple[int, int] | None:
         """A kept file renamed to ``path``: (its open fd, its old size); None if there is none."""
@@ -339,12 +350,12 @@ class Spool:
         return fd
 
     def _publish(self, msg: IncomingMessage, lock: bool) -> None:
-        """The flushed file goes into the queue; link + unlink, not rename: never replace an
-        existing queue file of that name."""
+        """The flushed file goes into the queue: a link, not a rename, so that an existing
+        queue file of that name is never replaced and the durable incoming/ name stays (see
+        the module's docstring) until ``_forget_incoming``."""
         fd = msg.fd
         assert fd is not None
         os.link(msg.path, self.queue / msg.envelope.qid)
-        os.unlink(msg.path)
         msg.fd = None
         msg.closed = True
         if lock:
@@ -389,24 +400,32 @@ class Spool:
         return sorted(self.qids())
 
     def recover_incoming(self) -> int:
-        """Before any session runs: move sealed files (acknowledged, but their rename into
+        """Before any session runs: move sealed files (acknowledged, but their link into
         the queue was not yet on disk at the crash) into the queue; drop the others, which
-        never got their 250, and the spare files. Returns how many were moved."""
+        never got their 250, the spare files, and the incoming/ names of queued messages
+        once the queue directory is on disk. Returns how many were moved."""
         moved = 0
+        done: list[Path] = []
         for directory in (self.incoming, self.spare):
             for p in directory.iterdir():
                 try:
+                    if directory is self.incoming and (self.queue / p.name).exists():
+                        done.append(p)  # the second name of a queued message
+                        continue
                     qid = self._sealed_qid(p)
                     if directory is self.incoming and qid != p.name:
                         qid = None  # a reused spare file whose new message was never written
                     if qid is not None and not (self.queue / qid).exists():
                         os.link(p, self.queue / qid)
                         moved += 1
-                    p.unlink()
+                    done.append(p)
                 except OSError:
                     continue
-        if moved:
+        if done:
             self._fsync_queue_dir()
+        for p in done:
+            with contextlib.suppress(OSError):
+                p.unlink()
         return moved
 
     @staticmethod
@@ -477,17 +496,22 @@ class Spool:
         finally:
             os.close(fd)
         os.rename(tmp, final)
+        # That fsync of a new entry in queue/ wrote queue/'s entries out (ext4 syncs a new
+        # file's directory; journalling file systems commit the earlier link first).
+        self._forget_incoming(qid)
 
     def remove(self, qid: str, *, status_file: bool = True) -> None:
         """The message is delivered or bounced: forget it (and its status file, if any)."""
         for name in (qid, qid + _STATUS_SUFFIX) if status_file else (qid,):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.queue / name)
+        self._forget_incoming(qid)
 
     def quarantine(self, qid: str, reason: str) -> None:
         for name in (qid, qid + _STATUS_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(self.queue / name, self.corrupt / name)
+        self._forget_incoming(qid)
         with contextlib.suppress(OSError):
             (self.corrupt / (qid + ".reason")).write_text(reason + "\n")
 
