@@ -309,6 +309,32 @@ def test_delivered_files_are_reused_and_never_resent(tmp_path: Path, dns: DnsSer
             gw.stop()
 
 
+def test_etrn_retries_the_domain_now(tmp_path: Path, dns: DnsServer, hop2_port: int,
+                                     mx_port: int) -> None:
+    """ETRN makes mail waiting for that domain due at once, long before its retry time;
+    mail for other domains keeps waiting."""
+    port1 = free_port(HOP1)
+    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
+    text = gw.config.read_text()
+    assert 'run_interval = "2s"\nretry_min = "1s"' in text
+    gw.config.write_text(text.replace('run_interval = "2s"\nretry_min = "1s"',
+                                      'run_interval = "1h"\nretry_min = "1h"'))
+    with gw:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("etrn one"))
+            s.sendmail("alice@example.org", ["carol@targetdomain2.com"], message("etrn two"))
+        deadline = time.monotonic() + 10
+        while gw.log().count("stat=Deferred") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gw.log().count("stat=Deferred") == 2
+        with SinkServer(HOP1, port1) as hop1:
+            with gw.smtp(OUTSIDE) as s:
+                assert s.docmd("ETRN", "targetdomain1.com")[0] == 250
+            [msg] = hop1.wait_for(1, timeout=10)
+            assert b"Subject: etrn one" in msg.data
+        assert len(gw.queued()) == 1  # targetdomain2.com's waits for its retry time
+
+
 def test_retry_when_next_hop_comes_back_and_mailq(tmp_path: Path, dns: DnsServer,
                                                   hop2_port: int, mx_port: int) -> None:
     port1 = free_port(HOP1)

@@ -60,6 +60,8 @@ class Gateway:
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self._flushing: set[str] = set()  # domains an ETRN scan is under way for
+        self._background: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
         self.delivery = DeliveryContext(
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
@@ -206,14 +208,31 @@ class Gateway:
         self.scheduler.submit(qid)
 
     def flush_domain(self, domain: str) -> None:
-        """ETRN: retry now what waits for ``domain``."""
+        """ETRN: retry now what waits for ``domain``. The queue is read in a thread (it may be
+        large) and the reply does not wait for it, as Sendmail's forked queue run; a second
+        ETRN for a domain whose scan is under way joins it."""
+        if domain in self._flushing:
+            return
+        self._flushing.add(domain)
+        task = asyncio.get_running_loop().create_task(self._flush_domain(domain))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _flush_domain(self, domain: str) -> None:
+        try:
+            chosen = await asyncio.to_thread(self._queued_for, domain)
+        finally:
+            self._flushing.discard(domain)
+        self.scheduler.run_now(chosen)
+
+    def _queued_for(self, domain: str) -> list[str]:
         chosen = []
         for qid in list(self.spool.qids()):
             msg = self.spool.load(qid)
             if msg and any(mailbox_of(r.address).domain == domain
                            for r in msg.envelope.recipients):
                 chosen.append(qid)
-        self.scheduler.run_now(chosen)
+        return chosen
 
     def count(self, name: str) -> None:
         self.counters[name] += 1
