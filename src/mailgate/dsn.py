@@ -1,4 +1,5 @@
-"""Delivery status notifications (RFC 3464 / RFC 6522): bounces and delay warnings.
+"""Delivery status notifications (RFC 3464 / RFC 6522): bounces, delay warnings and return
+receipts (RFC 3461 NOTIFY=SUCCESS).
 
 The layout and the human-readable part follow Sendmail's (semantics §16).  The original
 message is streamed from the spool file, never held in memory.
@@ -41,9 +42,13 @@ class FailedRecipient:
     status: str  # enhanced status, "5.1.1"
     diagnostic: str | None  # remote reply, e.g. "550 5.1.1 <bob@x>... User unknown"
     remote_mta: str | None  # "[198.51.100.25]" or a host name
-    action: str = "failed"  # or "delayed" for warnings
+    action: str = "failed"  # "delayed" (warnings), "relayed" or "delivered" (return receipts)
     last_attempt: float | None = None  # epoch
     transcript: tuple[str, ...] = ()  # >>>/<<< lines of the failed dialogue, for part 1
+    orcpt: str | None = None  # RCPT ORCPT=, decoded: "rfc822;bob@example.org"
+
+_SUCCESS = {"relayed": "relayed to non-DSN-aware mailer",
+            "delivered": "successfully delivered to mailbox"}
 
 
 def _flatten(text: str) -> str:
@@ -114,11 +119,13 @@ def _human_part(
         ]
     lines.append(f"The original message was received at {formatdate(arrival, localtime=True)}")
     lines.append(f"from {_flatten(client)}")
-    failed = [r for r in recipients if r.action != "delayed"]
+    failed = [r for r in recipients if r.action == "failed"]
     delayed = [r for r in recipients if r.action == "delayed"]
+    succeeded = [r for r in recipients if r.action in _SUCCESS]
     for title, group in (
         ("permanent fatal errors", failed),
         ("transient non-fatal errors", delayed),
+        ("successful delivery notifications", succeeded),
     ):
         if not group:
             continue
@@ -127,11 +134,12 @@ def _human_part(
             lines.append(_bracket(_flatten(r.address)))
             if r.original and r.original != r.address:
                 lines.append(f"    (expanded from: {_bracket(_flatten(r.original))})")
-            lines.append(f"    (reason: {_reason(r)})")
+            lines.append(f"    ({_SUCCESS[r.action]})" if r.action in _SUCCESS
+                         else f"    (reason: {_reason(r)})")
     # One transcript per distinct dialogue: several recipients often share one session.
     seen: set[tuple[str | None, tuple[str, ...]]] = set()
     body: list[str] = []
-    for r in recipients:
+    for r in failed + delayed:
         key = (r.remote_mta, r.transcript or ((r.diagnostic,) if r.diagnostic else ()))
         if not key[1] or key in seen:
             continue
@@ -153,9 +161,11 @@ def _hours_text(hours: int) -> str:
 
 
 def _status_part(
-    *, hostname: str, arrival: float, client: str, recipients: Sequence[FailedRecipient]
+    *, hostname: str, arrival: float, client: str, recipients: Sequence[FailedRecipient],
+    envid: str | None = None,
 ) -> str:
-    out = _header("Reporting-MTA", f"dns; {hostname}")
+    out = _header("Original-Envelope-Id", _flatten(envid)) if envid else ""
+    out += _header("Reporting-MTA", f"dns; {hostname}")
     if client:
         out += _header("Received-From-MTA", f"dns; {client}")
     out += _header("Arrival-Date", formatdate(arrival, localtime=True))
@@ -164,6 +174,8 @@ def _status_part(
         # As Sendmail: Final-Recipient is the address we were given at RCPT;
         # X-Actual-Recipient the one we tried after aliases / virtusertable.
         given = r.original or r.address
+        if r.orcpt:
+            out += _header("Original-Recipient", _flatten(r.orcpt))
         out += _header("Final-Recipient", f"rfc822; {given}")
         if r.original and r.original != r.address:
             out += _header("X-Actual-Recipient", f"rfc822; {r.address}")
@@ -240,13 +252,16 @@ def write_dsn(
     return_headers_only: bool = False,
     warning_hours: int | None = None,
     now: float | None = None,
+    envid: str | None = None,
 ) -> str:
     """Write a multipart/report DSN for ``recipients`` to ``out`` (CRLF) and return its Message-Id.
 
     The DSN is a delay warning when every recipient's action is ``delayed`` (subject
     ``Warning: could not send message for past N hours``, N = ``warning_hours`` or the age of
-    the message), else a failure notice.  Part 3 is the original message, byte for byte, or
-    only its header section (``text/rfc822-headers``) when ``return_headers_only`` (RET=HDRS).
+    the message), a return receipt when every one is ``relayed`` or ``delivered`` (subject
+    ``Return receipt``, as Sendmail), else a failure notice.  Part 3 is the original message,
+    byte for byte, or only its header section (``text/rfc822-headers``) when
+    ``return_headers_only`` (RET=HDRS).  ``envid`` is the sender's ENVID=, decoded.
     The caller sends it with ``MAIL FROM:<>`` to ``sender``; an empty sender (a bounce itself)
     must not be bounced, so it raises ValueError.
     """
@@ -256,6 +271,7 @@ def write_dsn(
         raise ValueError("a DSN needs at least one recipient")
     now = time.time() if now is None else now
     warning = all(r.action == "delayed" for r in recipients)
+    receipt = all(r.action in _SUCCESS for r in recipients)
     hours = warning_hours if warning_hours is not None else max(1, round((now - arrival) / 3600))
     host = _flatten(hostname)
 
@@ -269,15 +285,17 @@ def write_dsn(
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
     message_id = f"<{stamp}.{_flatten(queue_id)}.{secrets.token_hex(4)}@{host}>"
     if warning:
-        subject = f"Warning: could not send message for past {_hours_text(hours)}"
+        subject, kind = f"Warning: could not send message for past {_hours_text(hours)}", "warning"
+    elif receipt:
+        subject, kind = "Return receipt", "return-receipt"
     else:
-        subject = "Returned mail: see transcript for details"
+        subject, kind = "Returned mail: see transcript for details", "failure"
 
     head = (
         _header("From", f"Mail Delivery Subsystem <MAILER-DAEMON@{host}>")
         + _header("To", _bracket(_flatten(sender)))
         + _header("Subject", subject)
-        + _header("Auto-Submitted", f"auto-generated ({'warning' if warning else 'failure'})")
+        + _header("Auto-Submitted", f"auto-generated ({kind})")
         + _header("Date", formatdate(now, localtime=True))
         + _header("Message-Id", message_id)
         + _header("MIME-Version", "1.0")
@@ -300,7 +318,8 @@ def write_dsn(
     part1 += "\r\n" + human + "\r\n"
     part2 = (
         f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
-        + _status_part(hostname=host, arrival=arrival, client=client, recipients=recipients)
+        + _status_part(hostname=host, arrival=arrival, client=client, recipients=recipients,
+                       envid=envid)
         + "\r\n"
     )
     ctype = "text/rfc822-headers" if return_headers_only else "message/rfc822"

@@ -27,6 +27,7 @@ from mailgate.policy import error_reply
 from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool
 from mailgate.reply import Reply
 from mailgate.routing import Route, resolve
+from mailgate.smtp import dsn_params
 from mailgate.smtp.client import Timeouts
 from mailgate.snapshot import Snapshot
 
@@ -174,6 +175,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
 
     now = time.time()
     failed: list[tuple[Recipient, Route, Outcome]] = []
+    receipts: list[FailedRecipient] = []
     for rcpt, route, outcome in results:
         maillog.delivery(
             env.qid, route.address if route.is_smtp or route.mailer == "error" else rcpt.address,
@@ -183,6 +185,8 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
             ctladdr=None)
         if outcome.status == "sent":
             st.done[route.target] = "sent"
+            if rcpt.notify and "SUCCESS" in rcpt.notify and not outcome.dsn_passed:
+                receipts.append(_receipt(rcpt, route, outcome))
         elif outcome.status == "perm":
             st.done[route.target] = "failed"
             failed.append((rcpt, route, outcome))
@@ -198,6 +202,9 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
     if failed:
         await bounce(ctx, snap, msg, [_failed_recipient(r, rt, o) for r, rt, o in failed],
                      reason=failed[0][2])
+    if receipts and env.sender and not env.is_bounce:
+        receipt_qid = await queue_dsn(ctx, snap, msg, receipts)
+        maillog.dsn_created(env.qid, receipt_qid, "Return receipt")
 
     remaining = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
     if not remaining:
@@ -245,12 +252,16 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
                     results: list[tuple[Recipient, Route, Outcome]]) -> None:
     cfg = snap.config
     route = group[0][1]
-    addresses = list(dict.fromkeys(rt.address for _, rt in group))
+    first_rcpt: dict[str, Recipient] = {}
+    for rcpt, rt in group:
+        first_rcpt.setdefault(rt.address, rcpt)
+    addresses = list(first_rcpt)
+    dsn = [(r.notify, dsn_params.orcpt_for(r.orcpt, r.original)) for r in first_rcpt.values()]
     outcomes = await smtp_delivery.deliver(
         msg, route, addresses, resolver=ctx.resolver, hostname=cfg.hostname,
         helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
         default_port=cfg.delivery.port,
-        transcript=ctx.transcript, cache=ctx.connections)
+        transcript=ctx.transcript, cache=ctx.connections, dsn=dsn)
     for rcpt, rt in group:
         results.append((rcpt, rt, outcomes[rt.address]))
 
@@ -264,6 +275,21 @@ def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> Failed
         remote_mta=outcome.remote_mta,
         last_attempt=time.time(),
         transcript=outcome.transcript,
+        orcpt=dsn_params.orcpt_text(rcpt.orcpt) if rcpt.orcpt else None,
+    )
+
+
+def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
+    """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
+    return FailedRecipient(
+        address=route.address if route.is_smtp else rcpt.address,
+        original=rcpt.original,
+        status=outcome.dsn,
+        diagnostic=str(outcome.reply) if route.is_smtp else None,
+        remote_mta=outcome.remote_mta,
+        action="relayed" if route.is_smtp else "delivered",
+        last_attempt=time.time(),
+        orcpt=dsn_params.orcpt_text(rcpt.orcpt) if rcpt.orcpt else None,
     )
 
 
@@ -302,12 +328,18 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     incoming = spool.open_incoming(bounce_env)
     client = maillog.relay_name(env.client_ip, env.client_name)
 
+    # RET=FULL or HDRS as the sender asked; without RET, a failure returns the whole message
+    # and a return receipt only its headers (RFC 3461 4.3), as Sendmail.
+    receipt = all(r.action in ("relayed", "delivered") for r in recipients)
+    ret = (env.ret or "").upper()
+    headers_only = ret == "HDRS" or (receipt and ret != "FULL")
+
     def write() -> None:
         write_dsn(incoming, hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,
                   client=client, sender=env.sender, recipients=recipients,
                   original_path=msg.path, original_offset=msg.offset,
-                  return_headers_only=(env.ret or "").upper() == "HDRS",
-                  warning_hours=warning_hours)
+                  return_headers_only=headers_only, warning_hours=warning_hours,
+                  envid=dsn_params.xtext_decode(env.envid) if env.envid else None)
 
     await asyncio.to_thread(write)
     await spool.commit(incoming)

@@ -28,6 +28,7 @@ class Outcome:
     relay: str | None = None  # "host [ip]" as Sendmail logs it
     remote_mta: str | None = None
     transcript: tuple[str, ...] = ()
+    dsn_passed: bool = False  # the next hop took our DSN parameters: its DSNs, not ours
 
     @property
     def dsn(self) -> str:
@@ -166,8 +167,10 @@ async def deliver(
     default_port: int = 25,
     transcript: Callable[[str], None] | None = None,
     cache: ConnectionCache | None = None,
+    dsn: Sequence[tuple[str | None, str | None]] | None = None,
 ) -> dict[str, Outcome]:
-    """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each."""
+    """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
+    ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers DSN."""
     what = route.hops[0].host if route.hops else "?"
     try:
         cands = await candidates(route, resolver, hostname, default_port)
@@ -222,7 +225,8 @@ async def deliver(
                 result = await client.send(
                     env.sender, recipients, message.path if message.fd is None else message.fd,
                     message.offset, size=message.size,
-                    body_8bit=env.body_8bit, smtputf8=env.smtputf8)
+                    body_8bit=env.body_8bit, smtputf8=env.smtputf8,
+                    ret=env.ret, envid=env.envid, dsn=dsn)
             except SmtpClientError as exc:
                 await client.close()
                 if cache is not None:
@@ -249,7 +253,8 @@ async def deliver(
         for r in result.rcpt:
             status = "sent" if r.reply.is_positive else ("temp" if r.reply.is_temporary
                                                          else "perm")
-            outcomes[r.address] = Outcome(status, r.reply, relay, f"[{cand.ip}]", tuple(lines))
+            outcomes[r.address] = Outcome(status, r.reply, relay, f"[{cand.ip}]", tuple(lines),
+                                          dsn_passed=client.passes_dsn)
         for addr in recipients:
             outcomes.setdefault(addr, Outcome("temp", result.mail_reply, relay, f"[{cand.ip}]",
                                               tuple(lines)))

@@ -205,6 +205,11 @@ class SmtpClient:
         return "PIPELINING" in self.extensions
 
     @property
+    def passes_dsn(self) -> bool:
+        """The server takes the DSN parameters: its DSNs replace ours (RFC 3461 5.2)."""
+        return "DSN" in self.extensions
+
+    @property
     def size_limit(self) -> int | None:
         """The server's SIZE limit (RFC 1870), None if not offered or unlimited."""
         value = self.extensions.get("SIZE", "").strip()
@@ -264,9 +269,15 @@ class SmtpClient:
         size: int | None = None,
         body_8bit: bool = False,
         smtputf8: bool = False,
+        ret: str | None = None,
+        envid: str | None = None,
+        dsn: Sequence[tuple[str | None, str | None]] | None = None,
     ) -> TransactionResult:
         """One transaction: MAIL, RCPTs, DATA with the content of ``body`` (a file, or an open
-        descriptor of one) from ``body_offset`` to its end (CRLF line ends expected)."""
+        descriptor of one) from ``body_offset`` to its end (CRLF line ends expected).
+
+        ``ret``, ``envid`` and ``dsn`` (NOTIFY and ORCPT per recipient) are the DSN parameters
+        (RFC 3461), sent when the server offers DSN (see ``passes_dsn``)."""
         self._check_open()
         for addr in (sender, *recipients):
             if "\r" in addr or "\n" in addr:
@@ -294,8 +305,15 @@ class SmtpClient:
                 params.append("BODY=8BITMIME")
             if smtputf8:
                 params.append("SMTPUTF8")
+            rcpt_params: list[str] = [""] * len(recipients)
+            if self.passes_dsn:
+                params += [f"RET={ret}"] if ret else []
+                params += [f"ENVID={envid}"] if envid else []
+                for i, (notify, orcpt) in enumerate(dsn or ()):
+                    rcpt_params[i] = "".join(
+                        [f" NOTIFY={notify}" if notify else "", f" ORCPT={orcpt}" if orcpt else ""])
             mail_cmd = " ".join([f"MAIL From:<{sender}>", *params])
-            rcpt_cmds = [f"RCPT To:<{r}>" for r in recipients]
+            rcpt_cmds = [f"RCPT To:<{r}>{x}" for r, x in zip(recipients, rcpt_params, strict=True)]
             if self.pipelining:
                 result = await self._envelope_pipelined(mail_cmd, rcpt_cmds, recipients)
             else:

@@ -29,6 +29,7 @@ from mailgate.policy import (
 )
 from mailgate.queue.spool import Envelope, IncomingMessage, Recipient, SpoolError
 from mailgate.reply import Reply
+from mailgate.smtp import dsn_params
 from mailgate.smtp.protocol import (
     BadCommand,
     Command,
@@ -434,7 +435,7 @@ class SmtpSession(asyncio.Protocol):
             return
         size = cfg.smtp.max_message_size
         lines = [greeting, "ENHANCEDSTATUSCODES", "PIPELINING", "8BITMIME",
-                 f"SIZE {size}" if size else "SIZE", "SMTPUTF8", "ETRN", "HELP"]
+                 f"SIZE {size}" if size else "SIZE", "DSN", "SMTPUTF8", "ETRN", "HELP"]
         self.reply(Reply(250, None, "\n".join(lines)))
 
     def _refused_stage(self) -> Reply | None:
@@ -496,6 +497,14 @@ class SmtpSession(asyncio.Protocol):
             elif key == "SMTPUTF8":
                 if value is not None:
                     return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
+            elif key == "RET":
+                problem = dsn_params.check_ret(value)
+                if problem is not None:
+                    return problem
+            elif key == "ENVID":
+                problem = dsn_params.check_envid(value)
+                if problem is not None:
+                    return problem
             else:
                 return Reply(555, "5.5.4", f"{key} parameter unrecognized")
         return None
@@ -517,10 +526,15 @@ class SmtpSession(asyncio.Protocol):
         except AddressError as exc:
             await self._rcpt_reply(exc.reply, refused=True)
             return
-        for key in params:
-            if key not in ("NOTIFY", "ORCPT"):
-                await self._rcpt_reply(Reply(555, "5.5.4", f"{key} parameter unrecognized"),
-                                       refused=True)
+        for key, value in params.items():
+            if key == "NOTIFY":
+                problem = dsn_params.check_notify(value)
+            elif key == "ORCPT":
+                problem = dsn_params.check_orcpt(value)
+            else:
+                problem = Reply(555, "5.5.4", f"{key} parameter unrecognized")
+            if problem is not None:
+                await self._rcpt_reply(problem, refused=True)
                 return
         if len(self.tx.recipients) >= cfg.smtp.max_recipients:
             await self._rcpt_reply(Reply(452, "4.5.3", "Too many recipients"), refused=False)
@@ -532,7 +546,9 @@ class SmtpSession(asyncio.Protocol):
         if decision.accepted:
             if decision.discard:
                 self.tx.discard = True
-            self.tx.recipients.append(Recipient(str(mailbox), raw, params.get("NOTIFY"),
+            notify = params.get("NOTIFY")
+            self.tx.recipients.append(Recipient(str(mailbox), raw,
+                                                notify.upper() if notify else None,
                                                 params.get("ORCPT")))
         await self._rcpt_reply(decision.reply, refused=not decision.accepted)
 
@@ -574,7 +590,8 @@ class SmtpSession(asyncio.Protocol):
             qid=spool.new_qid(), sender=tx.sender, recipients=tx.recipients,
             arrival=time.time(), client_ip=self.client.ip, client_name=self.client.ptr_name,
             helo=self.helo, proto="ESMTP" if self.esmtp else "SMTP", body_8bit=tx.body_8bit,
-            smtputf8=tx.smtputf8,
+            smtputf8=tx.smtputf8, envid=tx.params.get("ENVID"),
+            ret=(tx.params.get("RET") or "").upper() or None,
         )
         try:
             self.msg = spool.open_incoming(envelope)
