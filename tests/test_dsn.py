@@ -307,3 +307,18 @@ def test_null_sender_refused(tmp_path: Path) -> None:
             original_path=path,
             original_offset=offset,
         )
+
+
+def test_xtext_round_trip_and_orcpt() -> None:
+    from mailgate.smtp import dsn_params
+
+    for text in ("bob@example.org", "a+b=c d@x", "caf\u00e9@x", "\x01\x7f"):
+        encoded = dsn_params.xtext_encode(text)
+        assert dsn_params._XTEXT.fullmatch(encoded), encoded
+        if text.isascii():
+            assert dsn_params.xtext_decode(encoded) == text
+    assert dsn_params.xtext_encode("a+b=c d") == "a+2Bb+3Dc+20d"
+    assert dsn_params.orcpt_for(None, "Bob@X.org") == "rfc822;Bob@X.org"
+    assert dsn_params.orcpt_for("rfc822;given", "Bob@X.org") == "rfc822;given"
+    assert dsn_params.orcpt_for(None, "caf\u00e9@x") is None  # not ASCII: no rfc822 ORCPT
+    assert dsn_params.orcpt_text("rfc822;a+2Bb@x") == "rfc822;a+b@x"

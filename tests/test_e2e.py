@@ -382,6 +382,75 @@ def test_permanent_failure_bounces_to_sender(tmp_path: Path, dns: DnsServer, hop
         assert "stat=User unknown" in log
 
 
+def test_dsn_parameters_go_to_a_dsn_aware_hop(tmp_path: Path, dns: DnsServer, hop2_port: int,
+                                              mx_port: int) -> None:
+    """RFC 3461 5.2: a next hop that offers DSN gets RET, ENVID, NOTIFY and ORCPT (added when
+    the client gave none) and answers for the receipts: we send none."""
+    port1 = free_port(HOP1)
+    with SinkServer(HOP1, port1) as hop1, SinkServer(MXHOST, mx_port) as mx:
+        hop1.extra_extensions = ["DSN"]
+        with make_gateway(tmp_path, dns, port1, hop2_port, mx_port) as gw:
+            with gw.smtp(OUTSIDE) as s:
+                s.sendmail("alice@example.org",
+                           ["bob@targetdomain1.com", "carol@targetdomain1.com"],
+                           message("dsn aware"), mail_options=["RET=HDRS", "ENVID=QQ+2B314159"],
+                           rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+            hop1.wait_for(1, timeout=10)
+            gw.wait_log("stat=Sent")
+            time.sleep(0.5)
+        [mail] = [c for c in hop1.commands if c.startswith("MAIL")]
+        assert mail.endswith(" RET=HDRS ENVID=QQ+2B314159")
+        rcpts = [c for c in hop1.commands if c.startswith("RCPT")]
+        assert rcpts == [f"RCPT To:<{r}@targetdomain1.com> NOTIFY=SUCCESS,FAILURE "
+                         f"ORCPT=rfc822;{r}@targetdomain1.com" for r in ("bob", "carol")]
+        assert mx.messages == []  # no return receipt from us
+
+
+def test_return_receipt_when_the_hop_has_no_dsn(gateway: GatewayProcess, hop1: SinkServer,
+                                               mx_port: int) -> None:
+    with SinkServer(MXHOST, mx_port) as mx:
+        with gateway.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("receipt"),
+                       mail_options=["ENVID=QQ1"],
+                       rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;Bob+2BX@TargetDomain1.com"])
+        hop1.wait_for(1, timeout=10)
+        assert [c for c in hop1.commands if c.startswith("RCPT")] == [
+            "RCPT To:<bob@targetdomain1.com>"]  # nothing DSN to a hop that does not offer it
+        [receipt] = mx.wait_for(1, timeout=15)
+    assert receipt.mail_from == "" and receipt.rcpt_tos == ["alice@example.org"]
+    data = receipt.data
+    assert b"Subject: Return receipt\r\n" in data
+    assert b"Auto-Submitted: auto-generated (return-receipt)" in data
+    assert b"successful delivery notifications" in data
+    assert b"(relayed to non-DSN-aware mailer)" in data
+    assert b"Original-Envelope-Id: QQ1\r\n" in data
+    assert b"Original-Recipient: rfc822;Bob+X@TargetDomain1.com\r\n" in data
+    assert b"Action: relayed\r\n" in data and b"Status: 2.0.0" in data
+    # Without RET, a receipt carries the headers only.
+    assert b"Content-Type: text/rfc822-headers" in data
+    assert b"Subject: receipt" in data and b"Hi Bob." not in data
+    assert "DSN: Return receipt" in gateway.wait_log("DSN: Return receipt")
+
+
+def test_notify_never_and_ret_hdrs_on_failures(gateway: GatewayProcess, hop1: SinkServer,
+                                              mx_port: int) -> None:
+    hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+    hop1.rcpt_reply["lost@targetdomain1.com"] = "550 5.1.1 No such user here"
+    with SinkServer(MXHOST, mx_port) as mx:
+        with gateway.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("quiet"),
+                       rcpt_options=["NOTIFY=NEVER"])
+            s.sendmail("alice@example.org", ["lost@targetdomain1.com"], message("headers"),
+                       mail_options=["RET=HDRS", "ENVID=QQ2"])
+        [bounce] = mx.wait_for(1, timeout=15)
+        time.sleep(0.5)
+        assert len(mx.messages) == 1  # none for NOTIFY=NEVER
+    assert b"lost@targetdomain1.com" in bounce.data and b"gone@" not in bounce.data
+    assert b"Original-Envelope-Id: QQ2\r\n" in bounce.data
+    assert b"Content-Type: text/rfc822-headers" in bounce.data
+    assert b"Subject: headers" in bounce.data and b"Hi Bob." not in bounce.data
+
+
 def test_sighup_reloads_tables_and_keeps_old_on_error(gateway: GatewayProcess,
                                                       hop1: SinkServer) -> None:
     with gateway.smtp("127.0.0.4") as s:

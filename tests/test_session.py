@@ -222,7 +222,7 @@ def test_ehlo_keywords(gw: GatewayProcess) -> None:
         assert r.raw.startswith(f"250-{HOSTNAME} Hello".encode())
         keywords = r.lines[1:]
         for kw in ("PIPELINING", f"SIZE {MAX_SIZE}", "8BITMIME", "ENHANCEDSTATUSCODES",
-                   "SMTPUTF8"):
+                   "SMTPUTF8", "DSN", "ETRN"):
             assert kw in keywords, (kw, keywords)
         # no enhanced codes in the EHLO reply, and the privacy flags hide EXPN / VERB
         assert not any(re.match(r"\d\.\d+\.\d+ ", line) for line in r.lines)
@@ -524,10 +524,37 @@ def test_mail_size_parameter_over_limit(gw: GatewayProcess) -> None:
     (" SMTPUTF8=yes", "501 5.5.4"),
     (" FOO=1", "555 5.5.4"),
     (" BODY=7BIT SIZE=100", "250 2.1.0"),
+    # DSN (RFC 3461)
+    (" RET=HDRS ENVID=QQ+2B314159", "250 2.1.0"),
+    (" RET=full", "250 2.1.0"),
+    (" RET=SOME", "501 5.5.4"),
+    (" RET", "501 5.5.4"),
+    (" ENVID=a=b", "501 5.5.4"),  # "=" must be xtext-encoded
+    (" ENVID=" + "x" * 101, "501 5.5.4"),
+    (" ENVID", "501 5.5.4"),
 ])
 def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
         r = c.cmd(f"MAIL FROM:<{SENDER}>{params}")
+        assert f"{r.code} {r.enhanced}" == expected, r
+
+
+@pytest.mark.parametrize(("params", "expected"), [
+    (" NOTIFY=SUCCESS,FAILURE,DELAY", "250 2.1.5"),
+    (" NOTIFY=never", "250 2.1.5"),
+    (" NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
+    (" NOTIFY=SUCCESS,SUCCESS", "501 5.5.4"),
+    (" NOTIFY=ALWAYS", "501 5.5.4"),
+    (" NOTIFY", "501 5.5.4"),
+    (" ORCPT=rfc822;Bob+2Bx@TargetDomain1.com", "250 2.1.5"),
+    (" ORCPT=bob@targetdomain1.com", "501 5.5.4"),
+    (" ORCPT=rfc822;", "501 5.5.4"),
+    (" FOO=1", "555 5.5.4"),
+])
+def test_rcpt_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
+    with session(gw) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        r = c.cmd(f"RCPT TO:<{rcpt('dsn')}>{params}")
         assert f"{r.code} {r.enhanced}" == expected, r
 
 
