@@ -10,11 +10,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from mailgate import tls
 
 
 class ConfigError(Exception):
@@ -89,6 +92,15 @@ class AccessSettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    cert_file: Path | None = None  # PEM certificate chain; with key_file, STARTTLS is offered
+    key_file: Path | None = None
+    delivery: str = "may"  # STARTTLS to next hops that offer it ("may"), or never ("none")
+    # Built (and so checked) when the config is read: a bad pair is a config error.
+    server_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class LogSettings:
     file: Path | None = None  # None = stderr
     level: str = "info"
@@ -111,6 +123,7 @@ class Config:
     local: LocalSettings = field(default_factory=LocalSettings)
     access: AccessSettings = field(default_factory=AccessSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
     @property
     def source(self) -> str:
@@ -314,6 +327,13 @@ def _fsync_mode(value: object) -> str:
     return mode
 
 
+def _tls_delivery(value: object) -> str:
+    mode = _str(value).lower()
+    if mode not in ("may", "none"):
+        raise ValueError(f'must be "may" or "none", not {value!r}')
+    return mode
+
+
 def _privacy_flag(value: object) -> str:
     flag = _str(value).lower()
     if flag not in _PRIVACY_FLAGS:
@@ -323,7 +343,7 @@ def _privacy_flag(value: object) -> str:
 
 _KNOWN = {
     "": {"hostname", "listen", "spool_dir", "tables_dir", "relay_hosts_only", "pid_file", "workers",
-         "smtp", "queue", "delivery", "dns", "local", "access", "log"},
+         "smtp", "queue", "delivery", "dns", "local", "access", "log", "tls"},
     "smtp": set(SmtpSettings.__dataclass_fields__),
     "queue": set(QueueSettings.__dataclass_fields__),
     "delivery": set(DeliverySettings.__dataclass_fields__),
@@ -331,6 +351,7 @@ _KNOWN = {
     "local": set(LocalSettings.__dataclass_fields__),
     "access": set(AccessSettings.__dataclass_fields__),
     "log": set(LogSettings.__dataclass_fields__),
+    "tls": set(TlsSettings.__dataclass_fields__) - {"server_context"},
 }
 
 
@@ -418,6 +439,24 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         nameservers=r.get("dns", "nameservers", _str_list(_check_nameserver), None) or None,
         timeout=r.get("dns", "timeout", parse_duration, 5.0),
     )
+    cert_file = r.get("tls", "cert_file", rel_or_none, None)
+    key_file = r.get("tls", "key_file", rel_or_none, None)
+    if (cert_file is None) != (key_file is None):
+        raise r.error("tls", "cert_file" if cert_file is None else "key_file",
+                      "is needed too: give both cert_file and key_file, or neither")
+    context = None
+    if cert_file is not None and key_file is not None:
+        try:
+            context = tls.server_context(cert_file, key_file)
+        except ssl.SSLError as exc:  # before OSError, of which it is a kind
+            raise r.error("tls", "cert_file", f"{cert_file} and {key_file} are not a PEM "
+                                              f"certificate and its key: {exc}") from None
+        except OSError as exc:
+            raise r.error("tls", "cert_file", f"cannot read {exc.filename or cert_file}: "
+                                              f"{exc.strerror or exc}") from None
+    tls_settings = TlsSettings(cert_file=cert_file, key_file=key_file,
+                               delivery=r.get("tls", "delivery", _tls_delivery, "may"),
+                               server_context=context)
     config = Config(
         path=path,
         hostname=r.get("", "hostname", _hostname, None) or default_hostname(),
@@ -438,6 +477,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
             file=r.get("log", "file", rel_or_none, None),
             level=r.get("log", "level", _str, "info"),
         ),
+        tls=tls_settings,
     )
     return config
 

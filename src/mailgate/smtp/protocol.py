@@ -195,6 +195,22 @@ class ServerConnection:
         self._line_len = 0
         self._failed = None
 
+    def discard_pending(self) -> int:
+        """Forget every byte received but not yet turned into an event, and the events not yet
+        taken (in command mode). After STARTTLS: plaintext a client pipelined behind it must
+        not be read as if it had come through TLS (RFC 3207 4.2, CVE-2011-0411). Returns how
+        many bytes were dropped."""
+        if self._mode != _COMMAND:
+            raise ProtocolError("discard_pending() outside command mode")
+        dropped = self._inbox_bytes + len(self._cmdbuf)
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        self._cmdbuf.clear()
+        self._scanned = 0
+        self._discarding = False
+        self._events.clear()
+        return dropped
+
     def reject_data(self) -> None:
         """The session refused DATA: keep parsing commands."""
         if self._mode != _PAUSED:

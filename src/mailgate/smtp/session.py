@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import email.utils
 import functools
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mailgate import maillog
+from mailgate import maillog, tls
 from mailgate.address import AddressError, Mailbox, normalize, parse_path_arg
 from mailgate.policy import (
     Client,
@@ -203,6 +204,7 @@ class SmtpSession(asyncio.Protocol):
         self.headers: HeaderScanner | None = None
         self.msgid: str | None = None
         self.hops = 0
+        self.tls: tls.Session | None = None  # after STARTTLS
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -435,7 +437,10 @@ class SmtpSession(asyncio.Protocol):
             return
         size = cfg.smtp.max_message_size
         lines = [greeting, "ENHANCEDSTATUSCODES", "PIPELINING", "8BITMIME",
-                 f"SIZE {size}" if size else "SIZE", "DSN", "SMTPUTF8", "ETRN", "HELP"]
+                 f"SIZE {size}" if size else "SIZE", "DSN", "SMTPUTF8", "ETRN"]
+        if cfg.tls.server_context is not None and self.tls is None:
+            lines.append("STARTTLS")
+        lines.append("HELP")
         self.reply(Reply(250, None, "\n".join(lines)))
 
     def _refused_stage(self) -> Reply | None:
@@ -589,7 +594,8 @@ class SmtpSession(asyncio.Protocol):
         envelope = Envelope(
             qid=spool.new_qid(), sender=tx.sender, recipients=tx.recipients,
             arrival=time.time(), client_ip=self.client.ip, client_name=self.client.ptr_name,
-            helo=self.helo, proto="ESMTP" if self.esmtp else "SMTP", body_8bit=tx.body_8bit,
+            helo=self.helo, proto=("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else ""),
+            body_8bit=tx.body_8bit,
             smtputf8=tx.smtputf8, envid=tx.params.get("ENVID"),
             ret=(tx.params.get("RET") or "").upper() or None,
         )
@@ -648,8 +654,12 @@ class SmtpSession(asyncio.Protocol):
         helo = self.helo or f"[{self.client.ip}]"
         with_proto = ("UTF8SMTP" if env.smtputf8 else "ESMTP") if self.esmtp else "SMTP"
         date = rfc2822_date(env.arrival)
-        recv = (f"Received: from {helo} {origin}\r\n\tby {cfg.hostname} (mailgate) "
-                f"with {with_proto} id {env.qid}")
+        recv = f"Received: from {helo} {origin}"
+        if self.tls:
+            # As Sendmail: the TLS session on a line of its own, and "with ESMTPS".
+            recv += f"\r\n\t({self.tls.for_received()})"
+            with_proto += "S"
+        recv += f"\r\n\tby {cfg.hostname} (mailgate) with {with_proto} id {env.qid}"
         if len(env.recipients) == 1:
             recv += f"\r\n\tfor <{env.recipients[0].address}>"
         recv += f"; {date}\r\n"
@@ -774,8 +784,48 @@ class SmtpSession(asyncio.Protocol):
         self.gw.flush_domain(node.lower())
         self.reply(Reply(250, "2.0.0", f"Queuing for node {node} started"))
 
-    def cmd_starttls(self, arg: str) -> None:
-        self.reply(Reply(502, "5.5.1", "STARTTLS not available"))
+    def cmd_starttls(self, arg: str) -> Awaitable[None] | None:
+        context = self.snap.config.tls.server_context
+        if context is None:
+            self.reply(Reply(502, "5.5.1", "STARTTLS not available"))
+        elif self.tls is not None:
+            self.reply(Reply(503, "5.5.1", "TLS already active"))
+        elif arg:
+            self.reply(Reply(501, "5.5.4", "Syntax error (no parameters allowed)"))
+        elif self.tx is not None:
+            self.reply(Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        else:
+            return self._start_tls(context)
+        return None
+
+    async def _start_tls(self, context: ssl.SSLContext) -> None:
+        """RFC 3207: 220, the handshake, then a fresh start: no HELO, no transaction."""
+        dropped = self.conn.discard_pending()
+        if dropped:
+            maillog.info(f"STARTTLS=server, relay={self.relay_text}: {dropped} bytes of "
+                         "plaintext pipelined after STARTTLS discarded")
+        self.reply(Reply(220, "2.0.0", "Ready to start TLS"))
+        self.flush()
+        if self.paused and self.transport:
+            self.paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        try:
+            transport = await loop.start_tls(
+                self.transport, self, context, server_side=True,  # type: ignore[arg-type]
+                ssl_handshake_timeout=min(60.0, self.snap.config.smtp.command_timeout))
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            maillog.info(f"STARTTLS=server, error: accept failed={exc!r}, "
+                         f"relay={self.relay_text}")
+            self.closed = True  # the plaintext transport is gone: nothing more to say
+            raise _Closing from None
+        if transport is None:
+            raise _Closing
+        self.transport = transport  # type: ignore[assignment]
+        self.tls = tls.describe(transport.get_extra_info("ssl_object"), verify="NOT")
+        maillog.info(f"STARTTLS=server, relay={self.relay_text}, {self.tls.for_maillog()}")
+        self.helo = None
+        self.esmtp = False
 
     def cmd_auth(self, arg: str) -> None:
         self.reply(Reply(503, "5.3.3", "AUTH not available"))

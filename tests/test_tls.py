@@ -1,0 +1,164 @@
+"""STARTTLS (RFC 3207), served and used: certificates from a test CA (trustme), the real daemon,
+smtplib and a raw client as peers, a sink next hop that offers STARTTLS itself."""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from mailgate.config import ConfigError, load_config
+from tests.support.dnsserver import DnsServer
+from tests.support.gateway import GatewayProcess, free_port
+from tests.support.rawsmtp import RawSmtp
+from tests.support.sink import SinkServer
+
+HOP = "127.0.0.5"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def write_pair(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
+    cert = ca.issue_cert(*names)
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    cert_file.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+    cert.private_key_pem.write_to_path(key_file)
+    return cert_file, key_file
+
+
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        server.add("example.org", "A", "192.0.2.10")
+        yield server
+
+
+@pytest.fixture
+def hop() -> Iterator[SinkServer]:
+    with SinkServer(HOP, free_port(HOP)) as sink:
+        yield sink
+
+
+def tls_gateway(tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer,
+                extra: str = "") -> GatewayProcess:
+    cert_file, key_file = write_pair(ca, tmp_path, "gateway.example.com", "127.0.0.1")
+    return GatewayProcess(
+        tmp_path / "gw", dns=dns.address,
+        tables={"mailertable": f"example.net smtp:[{HOP}]:{hop.port}\n",
+                "access": "To:example.net RELAY\n"},
+        settings=(f'[smtp]\ngreet_pause = "0s"\n[tls]\ncert_file = "{cert_file}"\n'
+                  f'key_file = "{key_file}"\n' + extra))
+
+
+def test_starttls_then_relay(tmp_path: Path, ca: trustme.CA, dns: DnsServer,
+                             hop: SinkServer) -> None:
+    with tls_gateway(tmp_path, ca, dns, hop) as gw:
+        with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
+            code, text = s.ehlo("client.example.net")
+            assert code == 250 and b"\nSTARTTLS\n" in text
+            assert s.starttls(context=client_context(ca))[0] == 220
+            assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
+            code, text = s.ehlo("client.example.net")
+            assert code == 250 and b"STARTTLS" not in text  # not offered twice
+            assert s.docmd("STARTTLS") == (503, b"5.5.1 TLS already active")
+            s.sendmail("a@example.org", ["bob@example.net"], b"Subject: sealed\r\n\r\nhi\r\n")
+        [msg] = hop.wait_for(1, timeout=10)
+        received = msg.data.split(b"\r\n\tfor ")[0].decode()
+        assert "\r\n\t(version=TLSv1." in received and " verify=NOT)" in received
+        assert " bits=" in received and " cipher=" in received
+        assert " with ESMTPS id " in received
+        log = gw.wait_log("proto=ESMTPS")
+        assert "STARTTLS=server, relay=localhost [127.0.0.1], version=TLSv1." in log
+        assert ", verify=NOT, cipher=" in log
+
+
+def test_plaintext_pipelined_after_starttls_is_dropped(tmp_path: Path, ca: trustme.CA,
+                                                      dns: DnsServer, hop: SinkServer) -> None:
+    """CVE-2011-0411: commands sent in clear behind STARTTLS must not run inside TLS."""
+    with tls_gateway(tmp_path, ca, dns, hop) as gw, RawSmtp(gw.host, gw.port) as c:
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO client.example.net").code == 250
+        c.send(b"STARTTLS\r\nMAIL FROM:<injected@example.org>\r\n")
+        assert c.read_reply().first == "220 2.0.0 Ready to start TLS"
+        assert not c.buf
+        tls_sock = client_context(ca).wrap_socket(c.sock, server_hostname="gateway.example.com")
+        f = tls_sock.makefile("rwb")
+        f.write(b"NOOP\r\n")
+        f.flush()
+        assert f.readline() == b"250 2.0.0 OK\r\n"  # not the injected MAIL's reply
+        f.write(b"MAIL FROM:<a@example.org>\r\n")
+        f.flush()
+        assert f.readline().startswith(b"250 2.1.0")  # no transaction was open
+        f.close()
+        tls_sock.close()
+    assert "plaintext pipelined after STARTTLS discarded" in gw.log()
+
+
+def test_failed_handshake_closes_only_that_session(tmp_path: Path, ca: trustme.CA,
+                                                  dns: DnsServer, hop: SinkServer) -> None:
+    with tls_gateway(tmp_path, ca, dns, hop) as gw:
+        with RawSmtp(gw.host, gw.port) as c:
+            assert c.read_reply().code == 220
+            assert c.cmd("STARTTLS").code == 220
+            c.send(b"this is not a TLS ClientHello\r\n" * 4)
+            c.wait_closed()
+        assert "STARTTLS=server, error: accept failed" in gw.wait_log("accept failed")
+        with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
+            assert s.noop()[0] == 250
+
+
+def test_starttls_refused_in_a_transaction_or_with_arguments(
+        tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer) -> None:
+    with tls_gateway(tmp_path, ca, dns, hop) as gw, RawSmtp(gw.host, gw.port) as c:
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO client.example.net").code == 250
+        assert c.cmd("STARTTLS now").first.startswith("501 5.5.4")
+        assert c.cmd("MAIL FROM:<a@example.org>").code == 250
+        assert c.cmd("STARTTLS").first.startswith("503 5.5.1")
+
+
+def test_no_certificate_no_starttls(tmp_path: Path, dns: DnsServer) -> None:
+    with GatewayProcess(tmp_path / "gw", dns=dns.address,
+                        settings='[smtp]\ngreet_pause = "0s"\n') as gw, \
+            RawSmtp(gw.host, gw.port) as c:
+        assert c.read_reply().code == 220
+        assert "STARTTLS" not in c.cmd("EHLO client.example.net").lines
+        assert c.cmd("STARTTLS").first.startswith("502 5.5.1")
+
+
+def test_bad_tls_settings_name_file_and_line(tmp_path: Path, ca: trustme.CA) -> None:
+    cert_file, key_file = write_pair(ca, tmp_path, "gateway.example.com")
+    conf = tmp_path / "mailgate.toml"
+    conf.write_text(f'hostname = "gw.example.com"\n[tls]\ncert_file = "{cert_file}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(conf)
+    assert f"{conf}:" in str(err.value) and "key_file" in str(err.value)
+    other_key = tmp_path / "other.pem"
+    trustme.CA().issue_cert("x.example").private_key_pem.write_to_path(other_key)
+    conf.write_text(f'hostname = "gw.example.com"\n[tls]\ncert_file = "{cert_file}"\n'
+                    f'key_file = "{other_key}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(conf)
+    assert f"{conf}:3:" in str(err.value) and "not a PEM certificate and its key" in str(err.value)
+    conf.write_text(f'hostname = "gw.example.com"\n[tls]\ncert_file = "{tmp_path}/none.pem"\n'
+                    f'key_file = "{key_file}"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(conf)
+    assert "cannot read" in str(err.value)
+    conf.write_text('hostname = "gw.example.com"\n[tls]\ndelivery = "always"\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(conf)
+    assert f"{conf}:3:" in str(err.value)
