@@ -27,6 +27,7 @@ def ca() -> trustme.CA:
 
 def write_pair(ca: trustme.CA, directory: Path, *names: str) -> tuple[Path, Path]:
     cert = ca.issue_cert(*names)
+    directory.mkdir(parents=True, exist_ok=True)
     cert_file, key_file = directory / "cert.pem", directory / "key.pem"
     cert_file.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(key_file)
@@ -162,3 +163,46 @@ def test_bad_tls_settings_name_file_and_line(tmp_path: Path, ca: trustme.CA) -> 
     with pytest.raises(ConfigError) as err:
         load_config(conf)
     assert f"{conf}:3:" in str(err.value)
+
+
+def sink_context(ca: trustme.CA, tmp_path: Path) -> ssl.SSLContext:
+    cert_file, key_file = write_pair(ca, tmp_path, "sink.test")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def test_delivery_uses_starttls_when_the_hop_offers_it(tmp_path: Path, ca: trustme.CA,
+                                                      dns: DnsServer, hop: SinkServer) -> None:
+    hop.tls_context = sink_context(ca, tmp_path)
+    with tls_gateway(tmp_path, ca, dns, hop) as gw:
+        with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
+            s.sendmail("a@example.org", ["bob@example.net"], b"Subject: out\r\n\r\nhi\r\n")
+        [msg] = hop.wait_for(1, timeout=10)
+        assert msg.tls in ("TLSv1.2", "TLSv1.3")
+        assert msg.helo == "gateway.example.com"  # EHLO again after the handshake
+        log = gw.wait_log("stat=Sent")
+        assert f"STARTTLS=client, relay=[{HOP}], version=TLSv1." in log
+        assert ", verify=NO, cipher=" in log
+
+
+def test_delivery_in_clear_when_tls_fails_or_is_off(tmp_path: Path, ca: trustme.CA,
+                                                   dns: DnsServer, hop: SinkServer) -> None:
+    """Opportunistic: a hop whose TLS handshake fails still gets the mail, in clear, at once;
+    with [tls] delivery = "none" STARTTLS is never tried."""
+    hop.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # no certificate
+    with tls_gateway(tmp_path / "a", ca, dns, hop) as gw:
+        with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
+            s.sendmail("a@example.org", ["bob@example.net"], b"Subject: clear\r\n\r\nhi\r\n")
+        [msg] = hop.wait_for(1, timeout=10)
+        assert msg.tls is None
+        log = gw.wait_log("stat=Sent")
+        assert "STARTTLS=client, error: TLS handshake with [127.0.0.5] failed" in log
+        assert "going on in clear" in log
+    hop.tls_context = sink_context(ca, tmp_path)
+    with tls_gateway(tmp_path / "b", ca, dns, hop, extra='delivery = "none"\n') as gw:
+        with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
+            s.sendmail("a@example.org", ["bob@example.net"], b"Subject: off\r\n\r\nhi\r\n")
+        msgs = hop.wait_for(2, timeout=10)
+        assert msgs[1].tls is None
+        assert not any(c == "STARTTLS" for c in hop.commands[-8:])

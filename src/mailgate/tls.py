@@ -4,6 +4,7 @@ TLS session for Received: headers and maillog lines."""
 
 from __future__ import annotations
 
+import functools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
     return ctx
 
 
+@functools.lru_cache(maxsize=1)
 def client_context() -> ssl.SSLContext:
     """Opportunistic TLS (Postfix's ``may``): encrypt when the next hop offers STARTTLS, do not
-    verify its certificate (MX hosts rarely have one for the name we look up; RFC 7435)."""
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    verify its certificate (MX hosts rarely have one for the name we look up; RFC 7435).
+    One context for all deliveries, as it holds no per-peer state."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

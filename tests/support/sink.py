@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import ssl
 import threading
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -31,6 +32,7 @@ class SinkMessage:
     mail_options: list[str] = field(default_factory=list)  # e.g. ["SIZE=123", "BODY=8BITMIME"]
     pipelined: bool = False  # MAIL, RCPTs and DATA arrived in one read
     connection: int = 0  # serial number of the connection it came on (1, 2, ...)
+    tls: str | None = None  # the TLS version, when it came through STARTTLS
 
 
 @dataclass
@@ -77,6 +79,7 @@ class _Session:
         peer = writer.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         self.helo = ""
+        self.tls: str | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -143,7 +146,8 @@ class _Session:
                 self.helo = arg
                 self.reset()
                 ext = [f"250-{sink.hostname} Hello"]
-                ext += [f"250-{e}" for e in sink._extensions()]
+                ext += [f"250-{e}" for e in sink._extensions()
+                        if not (self.tls and e == "STARTTLS")]
                 ext[-1] = ext[-1].replace("250-", "250 ", 1)
                 await self.send("\r\n".join(ext))
             elif verb == "HELO":
@@ -189,6 +193,18 @@ class _Session:
                     self._record_transaction(completed=False)
                 self.reset()
                 await self.send("250 2.0.0 Ok")
+            elif verb == "STARTTLS" and sink.tls_context is not None and self.tls is None:
+                await self.send("220 2.0.0 Ready to start TLS")
+                del self.buf[:]
+                self.pos = 0
+                try:
+                    await self.writer.start_tls(sink.tls_context)
+                except (OSError, ssl.SSLError):
+                    return
+                ssl_object = self.writer.get_extra_info("ssl_object")
+                self.tls = ssl_object.version() if ssl_object else "?"
+                self.helo = ""
+                self.reset()
             elif verb == "NOOP":
                 await self.send("250 2.0.0 Ok")
             elif verb == "QUIT":
@@ -227,6 +243,7 @@ class _Session:
                 data=b"".join(parts),
                 peer=self.peer,
                 helo=self.helo,
+                tls=self.tls,
                 size=size,
                 sha256=digest.hexdigest(),
                 mail_options=list(self.mail_options),
@@ -277,6 +294,7 @@ class SinkServer:
         self.smtputf8 = False
         self.size: int | None = 0  # SIZE advertised (0 = no limit given); None = not advertised
         self.extra_extensions: list[str] = []
+        self.tls_context: ssl.SSLContext | None = None  # set: STARTTLS is offered
         self.delays: dict[str, float] = {}  # stage ("greeting", "mail", "data_end", ...) -> seconds
         self.close_at: str | None = None  # drop the connection at this stage
         self.discard_data = False  # keep only size and sha256 (large-message tests)
@@ -302,6 +320,8 @@ class SinkServer:
             ext.append("8BITMIME")
         if self.smtputf8:
             ext.append("SMTPUTF8")
+        if self.tls_context is not None:
+            ext.append("STARTTLS")
         ext += self.extra_extensions
         ext.append("ENHANCEDSTATUSCODES")
         return ext

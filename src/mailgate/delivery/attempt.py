@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailgate import maillog
+from mailgate import maillog, tls
 from mailgate.address import Mailbox
 from mailgate.delivery import smtp as smtp_delivery
 from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_maildir
@@ -261,7 +261,8 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
         msg, route, addresses, resolver=ctx.resolver, hostname=cfg.hostname,
         helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
         default_port=cfg.delivery.port,
-        transcript=ctx.transcript, cache=ctx.connections, dsn=dsn)
+        transcript=ctx.transcript, cache=ctx.connections, dsn=dsn,
+        tls_context=tls.client_context() if cfg.tls.delivery == "may" else None)
     for rcpt, rt in group:
         results.append((rcpt, rt, outcomes[rt.address]))
 

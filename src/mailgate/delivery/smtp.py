@@ -9,9 +9,11 @@ per-recipient answers are final for this attempt.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from mailgate import maillog
 from mailgate.dns import DnsNotFound, DnsTempError, NullMx, Resolver
 from mailgate.queue.spool import QueuedMessage
 from mailgate.reply import Reply
@@ -168,9 +170,11 @@ async def deliver(
     transcript: Callable[[str], None] | None = None,
     cache: ConnectionCache | None = None,
     dsn: Sequence[tuple[str | None, str | None]] | None = None,
+    tls_context: ssl.SSLContext | None = None,
 ) -> dict[str, Outcome]:
     """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
-    ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers DSN."""
+    ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers DSN.
+    ``tls_context``: STARTTLS to a next hop that offers it."""
     what = route.hops[0].host if route.hops else "?"
     try:
         cands = await candidates(route, resolver, hostname, default_port)
@@ -214,7 +218,14 @@ async def deliver(
                 try:
                     client = await SmtpClient.connect(
                         cand.ip, cand.port, helo_name=helo_name, use_ehlo=True,
-                        timeouts=timeouts, source_address=source_address, transcript=record)
+                        timeouts=timeouts, source_address=source_address, transcript=record,
+                        tls_context=tls_context)
+                    if client.tls is not None:
+                        maillog.info(f"STARTTLS=client, relay={relay}, "
+                                     f"{client.tls.for_maillog()}")
+                    elif client.tls_failure is not None:
+                        maillog.info(f"STARTTLS=client, error: {client.tls_failure}, "
+                                     f"relay={relay}; going on in clear")
                 except SmtpClientError as exc:
                     reply = exc.reply or Reply(451, "4.4.1",
                                                f"Connection refused by [{cand.ip}]")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from mailgate import tls
 from mailgate.reply import Reply, parse_reply_line, split_enhanced
 
 __all__ = [
@@ -106,6 +108,8 @@ class SmtpClient:
         self.helo_reply = Reply(0, None, "")
         self.esmtp = False
         self.extensions: dict[str, str] = {}
+        self.tls: tls.Session | None = None  # after STARTTLS
+        self.tls_failure: str | None = None  # why this connection is in clear after all
         self.transactions = 0  # completed or attempted transactions, for reuse limits
         self._closed = False
         self._need_rset = False  # a transaction was left open at the server
@@ -124,8 +128,13 @@ class SmtpClient:
         timeouts: Timeouts | None = None,
         source_address: str | None = None,
         transcript: Callable[[str], None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> SmtpClient:
         """Connect, read the 220 greeting and say EHLO (HELO if EHLO is refused).
+
+        With ``tls_context``, STARTTLS when the server offers it (opportunistic, Postfix's
+        ``may``): a refused STARTTLS leaves the session in clear, a failed handshake is tried
+        again at once on a new connection in clear.
 
         ``host`` should be an address: name resolution is the caller's (DNS) business.
         """
@@ -150,13 +159,25 @@ class SmtpClient:
             ) from None
         client = cls(reader, writer, timeouts=timeouts, transcript=transcript)
         try:
-            await client._handshake(helo_name, use_ehlo)
+            await client._handshake(helo_name, use_ehlo, tls_context)
+        except SmtpClientError as exc:
+            client._abort()
+            if exc.stage != "starttls":
+                raise
+            if transcript is not None:
+                transcript(f"{exc}; trying again without TLS")
+            clear = await cls.connect(host, port, helo_name=helo_name, use_ehlo=use_ehlo,
+                                      timeouts=timeouts, source_address=source_address,
+                                      transcript=transcript)
+            clear.tls_failure = str(exc)
+            return clear
         except BaseException:
             client._abort()
             raise
         return client
 
-    async def _handshake(self, helo_name: str, use_ehlo: bool) -> None:
+    async def _handshake(self, helo_name: str, use_ehlo: bool,
+                         tls_context: ssl.SSLContext | None = None) -> None:
         self.greeting = await self._read_reply(self.timeouts.greeting, "greeting")
         if self.greeting.code != 220:
             # RFC 5321 3.1: a 554 greeting still expects QUIT; be polite, then give up.
@@ -174,8 +195,8 @@ class SmtpClient:
                 self.esmtp = True
                 self.helo_reply = reply
                 self.extensions = _parse_extensions(reply)
-                # STARTTLS goes here: if "STARTTLS" in self.extensions and TLS is wanted, send
-                # it, wrap the transport (loop.start_tls), then EHLO again and re-parse.
+                if tls_context is not None and "STARTTLS" in self.extensions:
+                    await self._starttls(tls_context, helo_name)
                 return
             if not reply.is_permanent:
                 raise SmtpClientError(
@@ -191,6 +212,26 @@ class SmtpClient:
                 stage="helo",
             )
         self.helo_reply = reply
+
+    async def _starttls(self, context: ssl.SSLContext, helo_name: str) -> None:
+        reply = await self._command("STARTTLS", self.timeouts.command, "starttls")
+        if reply.code != 220:
+            return  # refused: opportunistic TLS carries on in clear
+        self._log("--- TLS handshake")
+        try:
+            async with asyncio.timeout(self.timeouts.command):
+                await self._writer.start_tls(context)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
+            raise SmtpClientError(f"TLS handshake with [{self.peer[0]}] failed: {exc!r}",
+                                  temporary=True, stage="starttls") from None
+        self.tls = tls.describe(self._writer.get_extra_info("ssl_object"), verify="NO")
+        # RFC 3207 4.2: what the server said before TLS no longer counts.
+        reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
+        if reply.code != 250:
+            raise SmtpClientError(f"EHLO after STARTTLS refused: {reply}", reply=reply,
+                                  temporary=not reply.is_permanent, stage="ehlo")
+        self.helo_reply = reply
+        self.extensions = _parse_extensions(reply)
 
     @property
     def closed(self) -> bool:
