@@ -156,6 +156,11 @@ def _human_part(
     return lines
 
 
+def is_receipt(recipients: Sequence[FailedRecipient]) -> bool:
+    """A return receipt (NOTIFY=SUCCESS), not a failure notice or a delay warning."""
+    return all(r.action in _SUCCESS for r in recipients)
+
+
 def _hours_text(hours: int) -> str:
     return "1 hour" if hours == 1 else f"{hours} hours"
 
@@ -271,7 +276,7 @@ def write_dsn(
         raise ValueError("a DSN needs at least one recipient")
     now = time.time() if now is None else now
     warning = all(r.action == "delayed" for r in recipients)
-    receipt = all(r.action in _SUCCESS for r in recipients)
+    receipt = is_receipt(recipients)
     hours = warning_hours if warning_hours is not None else max(1, round((now - arrival) / 3600))
     host = _flatten(hostname)
 

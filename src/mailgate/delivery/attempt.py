@@ -12,7 +12,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mailgate import maillog, tls
@@ -22,7 +22,7 @@ from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_ma
 from mailgate.delivery.pipe import deliver_program
 from mailgate.delivery.smtp import Outcome
 from mailgate.dns import Resolver
-from mailgate.dsn import FailedRecipient, write_dsn
+from mailgate.dsn import FailedRecipient, is_receipt, write_dsn
 from mailgate.policy import error_reply
 from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool
 from mailgate.reply import Reply
@@ -282,16 +282,9 @@ def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> Failed
 
 def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
     """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
-    return FailedRecipient(
-        address=route.address if route.is_smtp else rcpt.address,
-        original=rcpt.original,
-        status=outcome.dsn,
-        diagnostic=str(outcome.reply) if route.is_smtp else None,
-        remote_mta=outcome.remote_mta,
-        action="relayed" if route.is_smtp else "delivered",
-        last_attempt=time.time(),
-        orcpt=dsn_params.orcpt_text(rcpt.orcpt) if rcpt.orcpt else None,
-    )
+    return replace(_failed_recipient(rcpt, route, outcome),
+                   action="relayed" if route.is_smtp else "delivered",
+                   diagnostic=str(outcome.reply) if route.is_smtp else None, transcript=())
 
 
 async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
@@ -331,9 +324,8 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
 
     # RET=FULL or HDRS as the sender asked; without RET, a failure returns the whole message
     # and a return receipt only its headers (RFC 3461 4.3), as Sendmail.
-    receipt = all(r.action in ("relayed", "delivered") for r in recipients)
     ret = (env.ret or "").upper()
-    headers_only = ret == "HDRS" or (receipt and ret != "FULL")
+    headers_only = ret == "HDRS" or (is_receipt(recipients) and ret != "FULL")
 
     def write() -> None:
         write_dsn(incoming, hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,

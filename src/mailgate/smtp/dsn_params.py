@@ -5,6 +5,7 @@ bad value, or None."""
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 from mailgate.reply import Reply
 
@@ -47,8 +48,7 @@ def check_envid(value: str | None) -> Reply | None:
 
 def check_notify(value: str | None) -> Reply | None:
     words = (value or "").upper().split(",")
-    if words == ["NEVER"] or (words and set(words) <= _NOTIFY_WORDS
-                              and len(set(words)) == len(words)):
+    if words == ["NEVER"] or (set(words) <= _NOTIFY_WORDS and len(set(words)) == len(words)):
         return None
     return Reply(501, "5.5.4", f"Bad argument \"{value or ''}\" for NOTIFY; use NEVER or "
                                "SUCCESS, FAILURE, DELAY")
@@ -60,6 +60,13 @@ def check_orcpt(value: str | None) -> Reply | None:
             or not _XTEXT.fullmatch(addr)):
         return Reply(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext)")
     return None
+
+
+# The parameter checks by keyword, for the MAIL and RCPT commands.
+MAIL_CHECKS: dict[str, Callable[[str | None], Reply | None]] = {
+    "RET": check_ret, "ENVID": check_envid}
+RCPT_CHECKS: dict[str, Callable[[str | None], Reply | None]] = {
+    "NOTIFY": check_notify, "ORCPT": check_orcpt}
 
 
 def orcpt_for(given: str | None, original: str) -> str | None:

@@ -502,12 +502,8 @@ class SmtpSession(asyncio.Protocol):
             elif key == "SMTPUTF8":
                 if value is not None:
                     return Reply(501, "5.5.4", "SMTPUTF8 takes no value")
-            elif key == "RET":
-                problem = dsn_params.check_ret(value)
-                if problem is not None:
-                    return problem
-            elif key == "ENVID":
-                problem = dsn_params.check_envid(value)
+            elif key in dsn_params.MAIL_CHECKS:
+                problem = dsn_params.MAIL_CHECKS[key](value)
                 if problem is not None:
                     return problem
             else:
@@ -532,12 +528,9 @@ class SmtpSession(asyncio.Protocol):
             await self._rcpt_reply(exc.reply, refused=True)
             return
         for key, value in params.items():
-            if key == "NOTIFY":
-                problem = dsn_params.check_notify(value)
-            elif key == "ORCPT":
-                problem = dsn_params.check_orcpt(value)
-            else:
-                problem = Reply(555, "5.5.4", f"{key} parameter unrecognized")
+            check = dsn_params.RCPT_CHECKS.get(key)
+            problem = check(value) if check else Reply(555, "5.5.4",
+                                                       f"{key} parameter unrecognized")
             if problem is not None:
                 await self._rcpt_reply(problem, refused=True)
                 return
@@ -814,7 +807,7 @@ class SmtpSession(asyncio.Protocol):
             transport = await loop.start_tls(
                 self.transport, self, context, server_side=True,  # type: ignore[arg-type]
                 ssl_handshake_timeout=min(60.0, self.snap.config.smtp.command_timeout))
-        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
             maillog.info(f"STARTTLS=server, error: accept failed={exc!r}, "
                          f"relay={self.relay_text}")
             self.closed = True  # the plaintext transport is gone: nothing more to say
