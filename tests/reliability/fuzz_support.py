@@ -1,0 +1,407 @@
+"""Shared by the hypothesis suites in this folder and the atheris targets in ``fuzz/``.
+
+A slow, obvious reference model of the sans-IO SMTP server protocol
+(:mod:`mailgate.smtp.protocol`), written from its documented contract rather than from its
+code, plus the driver that feeds a :class:`ServerConnection` and normalises its events so
+that two runs (or a run and the model) can be compared.
+
+The contract modelled here:
+
+- A command line ends at LF. Longer than ``max_command_line`` (LF included): one
+  ``BadCommand`` 500 5.5.0 once its LF arrives. A line that does not end in CRLF, or holds a
+  CR anywhere else, is refused and ends the session (issue 9 item 2): the model stops there
+  with a :class:`MBare` marker and says nothing of what follows. A NUL: ``BadCommand`` 500
+  5.5.1. Otherwise ``Command(verb.upper(), rest.strip())``.
+- After ``DATA``, if the session accepts, content runs to the first ``CRLF . CRLF`` (the
+  CRLF before the DATA content is implied), dot-unstuffed; nothing else ends it. The first
+  violation (bare CR/LF, NUL, a line over ``max_text_line``, the size limit) by position,
+  then in that order, makes the message fail, but the content still runs to CRLF.CRLF.
+- EOF: a partial line or an unterminated message is dropped; one ``ConnectionClosed``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mailgate.reply import Reply
+from mailgate.smtp.protocol import (
+    BadCommand,
+    Command,
+    ConnectionClosed,
+    DataChunk,
+    DataEnd,
+    DataFailed,
+    Event,
+    ServerConnection,
+)
+
+__all__ = [
+    "BARE",
+    "CMD_NUL",
+    "CMD_TOO_LONG",
+    "NUL",
+    "Limits",
+    "MBad",
+    "MBare",
+    "MClosed",
+    "MCmd",
+    "MData",
+    "MEvent",
+    "Run",
+    "compare_with_model",
+    "drive",
+    "long_line",
+    "model",
+    "split_at",
+    "too_big",
+    "unstuff",
+]
+
+CMD_TOO_LONG = Reply(500, "5.5.0", "Command line too long")
+CMD_NUL = Reply(500, "5.5.1", "Invalid command: NUL byte")
+BARE = Reply(
+    550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
+)
+NUL = Reply(550, "5.6.0", "Message contains NUL bytes")
+TERM = b"\r\n.\r\n"
+# What DATA mode may hold back once every event has been taken: a possible "\r\n.\r".
+DATA_HOLD_MAX = 4
+
+
+def long_line(m: int) -> Reply:
+    return Reply(552, "5.6.0", f"Message contains a line longer than {m} bytes")
+
+
+def too_big(n: int) -> Reply:
+    return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({n})")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_command_line: int = 512
+    max_text_line: int = 1000
+    max_message_size: int | None = None
+
+    def connection(self) -> ServerConnection:
+        return ServerConnection(
+            max_command_line=self.max_command_line,
+            max_text_line=self.max_text_line,
+            max_message_size=self.max_message_size,
+        )
+
+
+# -- normalised events (model and driver alike) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class MCmd:
+    verb: str
+    arg: str
+
+
+@dataclass(frozen=True)
+class MBad:
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class MData:
+    """One accepted DATA section.
+
+    From the driver, ``content`` is what the DataChunks carried; from the model, the valid
+    part of the unstuffed content (all of it when ``end`` is a DataEnd). ``end`` is None when
+    EOF came first.
+    """
+
+    content: bytes
+    end: DataEnd | DataFailed | None
+
+
+@dataclass(frozen=True)
+class MClosed:
+    pass
+
+
+@dataclass(frozen=True)
+class MBare:
+    """Model only: a command line holding a bare CR or LF; the session ends here."""
+
+    line: bytes
+
+
+MEvent = MCmd | MBad | MData | MClosed | MBare
+
+
+def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (out-of-range and repeated cuts ignored)."""
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What one drive() saw: raw events, normalised events, the largest drained backlog."""
+
+    events: list[Event] = field(default_factory=list)
+    normal: list[MEvent] = field(default_factory=list)
+    peak_backlog: int = 0
+
+
+class BoundError(AssertionError):
+    """pending_bytes exceeded what the protocol promises to hold."""
+
+
+def drive(
+    wire: bytes | Sequence[bytes],
+    lim: Limits,
+    accept: Sequence[bool] = (True,),
+    *,
+    cuts: Sequence[int] = (),
+    eof: bool = True,
+    max_steps: int = 1_000_000,
+) -> Run:
+    """Feed ``wire`` (cut at ``cuts``, or already a list of chunks) and take every event.
+
+    The n-th DATA command is accepted (``start_data``) if ``accept[n % len(accept)]``, else
+    refused (``reject_data``), at once, as a session does. After each chunk, once
+    ``next_event()`` has returned None, ``pending_bytes`` must be below ``max_command_line``
+    in command mode and at most 4 in DATA mode (a possible ``\\r\\n.\\r``); after EOF, 0.
+    """
+    chunks = split_at(wire, cuts) if isinstance(wire, bytes | bytearray) else list(wire)
+    chunks = [c for c in chunks if c]  # an empty chunk would be EOF
+    conn = lim.connection()
+    run = Run()
+    state = _DriveState()
+    steps = 0
+    for chunk in [*chunks, b""] if eof else chunks:
+        conn.receive_data(chunk)
+        while True:
+            steps += 1
+            if steps > max_steps:
+                raise AssertionError("next_event() did not settle")
+            ev = conn.next_event()
+            if ev is None:
+                break
+            run.events.append(ev)
+            state.take(ev, run.normal)
+            if isinstance(ev, Command) and ev.verb == "DATA":
+                ok = accept[state.ndata % len(accept)] if accept else True
+                state.ndata += 1
+                if ok:
+                    conn.start_data()
+                    state.open_data()
+                else:
+                    conn.reject_data()
+        pending = conn.pending_bytes
+        run.peak_backlog = max(run.peak_backlog, pending)
+        if state.closed:
+            bound = 0
+        elif state.in_data:
+            bound = DATA_HOLD_MAX
+        else:
+            bound = lim.max_command_line - 1
+        if pending > bound or pending < 0:
+            mode = "data" if state.in_data else "command"
+            raise BoundError(f"pending_bytes {pending} > {bound} in {mode} mode")
+    if state.in_data:
+        # EOF (or the end of input without EOF) inside DATA: an unterminated message, put
+        # before the ConnectionClosed it led to.
+        at = state.data_at if state.data_at is not None else len(run.normal)
+        run.normal.insert(at, MData(bytes(state.content), None))
+    return run
+
+
+class _DriveState:
+    def __init__(self) -> None:
+        self.ndata = 0
+        self.in_data = False
+        self.closed = False
+        self.content = bytearray()
+        self.data_at: int | None = None
+
+    def open_data(self) -> None:
+        self.in_data = True
+        self.content = bytearray()
+        self.data_at = None
+
+    def take(self, ev: Event, out: list[MEvent]) -> None:
+        if self.closed:
+            raise AssertionError(f"event after ConnectionClosed: {ev!r}")
+        if isinstance(ev, DataChunk):
+            if not self.in_data:
+                raise AssertionError("DataChunk outside DATA")
+            if not ev.data:
+                raise AssertionError("empty DataChunk")
+            self.content += ev.data
+            return
+        if isinstance(ev, DataEnd | DataFailed):
+            if not self.in_data:
+                raise AssertionError(f"{ev!r} outside DATA")
+            if isinstance(ev, DataEnd) and ev.size != len(self.content):
+                raise AssertionError(f"DataEnd size {ev.size} != {len(self.content)} handed out")
+            out.append(MData(bytes(self.content), ev))
+            self.in_data = False
+            return
+        if isinstance(ev, ConnectionClosed):
+            self.closed = True
+            if self.in_data:
+                self.data_at = len(out)
+            out.append(MClosed())
+            return
+        if self.in_data:
+            raise AssertionError(f"{ev!r} inside DATA")
+        if isinstance(ev, Command):
+            out.append(MCmd(ev.verb, ev.arg))
+        elif isinstance(ev, BadCommand):
+            out.append(MBad(ev.reply))
+        else:  # pragma: no cover - the Event union is closed
+            raise AssertionError(f"unknown event {ev!r}")
+
+
+def comparable(events: Sequence[MEvent]) -> list[MEvent]:
+    """Events with what is split-dependent removed: the content handed out before a failure
+    (or before EOF inside DATA) depends on where the chunks were cut; its end does not."""
+    out: list[MEvent] = []
+    for e in events:
+        if isinstance(e, MData) and not isinstance(e.end, DataEnd):
+            out.append(MData(b"", e.end))
+        else:
+            out.append(e)
+    return out
+
+
+# -- the model -------------------------------------------------------------------------------
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Remove the dot that starts a line (after the implied CRLF, or after any CRLF)."""
+    out = bytearray()
+    for j, c in enumerate(wire):
+        if c == 0x2E and (j == 0 or (j >= 2 and wire[j - 2 : j] == b"\r\n")):
+            continue
+        out.append(c)
+    return bytes(out)
+
+
+def _violation(content: bytes, lim: Limits) -> tuple[int, Reply] | None:
+    found: list[tuple[int, int, Reply]] = []
+    for j, c in enumerate(content):
+        prev = content[j - 1] if j else None
+        nxt = content[j + 1] if j + 1 < len(content) else None
+        if (c == 13 and nxt != 10) or (c == 10 and prev != 13):
+            found.append((j, 0, BARE))
+            break
+    if b"\0" in content:
+        found.append((content.index(b"\0"), 1, NUL))
+    start = 0
+    for j, c in enumerate(content):
+        if j - start + 1 > lim.max_text_line:
+            found.append((j, 2, long_line(lim.max_text_line)))
+            break
+        if c == 10:
+            start = j + 1
+    limit = lim.max_message_size
+    if limit is not None and len(content) > limit:
+        found.append((limit, 3, too_big(limit)))
+    if not found:
+        return None
+    pos, _, reply = min(found, key=lambda f: (f[0], f[1]))
+    return pos, reply
+
+
+def _model_data(wire: bytes, p: int, lim: Limits) -> tuple[int, MData]:
+    s = b"\r\n" + wire[p:]
+    i = s.find(TERM)
+    if i < 0:
+        content = unstuff(wire[p:])
+        bad = _violation(content, lim)
+        return len(wire), MData(content if bad is None else content[: bad[0]], None)
+    content = unstuff(s[2 : i + 2])
+    bad = _violation(content, lim)
+    nxt = p + i + len(TERM) - 2
+    if bad is None:
+        return nxt, MData(content, DataEnd(len(content)))
+    pos, reply = bad
+    return nxt, MData(content[:pos], DataFailed(reply, len(content)))
+
+
+def model(
+    wire: bytes, lim: Limits, accept: Sequence[bool] = (True,), *, eof: bool = True
+) -> list[MEvent]:
+    """The events the contract asks for (see the module docstring)."""
+    out: list[MEvent] = []
+    p = 0
+    ndata = 0
+    while True:
+        lf = wire.find(b"\n", p)
+        if lf < 0:
+            break
+        line = wire[p : lf + 1]
+        p = lf + 1
+        if len(line) > lim.max_command_line:
+            out.append(MBad(CMD_TOO_LONG))
+            continue
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
+            out.append(MBare(line))
+            return out
+        body = line[:-2]
+        if b"\0" in body:
+            out.append(MBad(CMD_NUL))
+            continue
+        verb, _, arg = body.decode("utf-8", "surrogateescape").partition(" ")
+        verb = verb.upper()
+        out.append(MCmd(verb, arg.strip()))
+        if verb != "DATA":
+            continue
+        ok = accept[ndata % len(accept)] if accept else True
+        ndata += 1
+        if not ok:
+            continue
+        p, section = _model_data(wire, p, lim)
+        if section.end is None:
+            # EOF inside DATA: the connection closes with the message unterminated.
+            out.append(section)
+            if eof:
+                out.append(MClosed())
+            return out
+        out.append(section)
+    if eof:
+        out.append(MClosed())
+    return out
+
+
+def compare_with_model(got: Sequence[MEvent], want: Sequence[MEvent]) -> int | None:
+    """Assert ``got`` (from drive()) matches the model up to its first MBare, if any.
+
+    Returns the index of the MBare in ``want`` (where ``got`` holds the protocol's answer to
+    that line), or None. DATA content handed out before a failure or before EOF must be a
+    prefix of the model's valid content: no byte after a violation is ever handed out.
+    """
+    stop = next((i for i, e in enumerate(want) if isinstance(e, MBare)), None)
+    upto = len(want) if stop is None else stop
+    if stop is None and len(got) != len(want):
+        raise AssertionError(f"{len(got)} events, model has {len(want)}:\n{got}\n{want}")
+    if len(got) < upto:
+        raise AssertionError(f"only {len(got)} events, model has {upto} before the end")
+    for i in range(upto):
+        g, w = got[i], want[i]
+        if isinstance(w, MData) and isinstance(g, MData):
+            if g.end != w.end:
+                raise AssertionError(f"event {i}: data end {g.end!r}, model {w.end!r}")
+            if isinstance(w.end, DataEnd):
+                if g.content != w.content:
+                    raise AssertionError(f"event {i}: content {g.content!r} != {w.content!r}")
+            elif not w.content.startswith(g.content):
+                raise AssertionError(
+                    f"event {i}: handed out {g.content!r}, not a prefix of the valid"
+                    f" {w.content!r}"
+                )
+        elif g != w:
+            raise AssertionError(f"event {i}: {g!r}, model {w!r}\n{got}\n{want}")
+    return stop
