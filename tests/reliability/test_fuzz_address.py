@@ -1,0 +1,218 @@
+"""Fuzzing MAIL/RCPT argument parsing and address normalisation (issue 9 item 4.4).
+
+- ``parse_path_arg`` and ``normalize`` raise nothing but ``AddressError``, whose reply is a
+  permanent (5xx, enhanced 5.x.x) reply that goes on the wire as exactly one reply line;
+- a returned ``Mailbox`` is well formed: its domain is empty (unqualified) or valid and
+  canonical (lower-case, no trailing dot, literals canonical), its local part non-empty
+  (unless the null path), without control characters, and never holding an unquoted ``@``;
+- normalising a result's own text gives the result back (idempotence), for any set of
+  local domains.
+
+``MAILGATE_FUZZ_SCALE=N`` multiplies every example count (long runs by hand).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from mailgate.address import (
+    AddressError,
+    Mailbox,
+    canon_domain,
+    is_valid_domain,
+    normalize,
+    parse_path_arg,
+)
+from mailgate.reply import Reply
+
+SCALE = max(1, int(os.environ.get("MAILGATE_FUZZ_SCALE", "1")))
+
+
+def fuzz_settings(n: int) -> settings:
+    return settings(
+        max_examples=n * SCALE,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+
+
+DOMAINS = [
+    "gateway.example",
+    "targetdomain1.com",
+    "targetdomain2.com",
+    "foreign.example",
+    "Foreign.Example.",
+    "[192.0.2.1]",
+    "[IPv6:2001:db8::1]",
+    "[ipv6:2001:DB8:0::1]",
+    "[300.1.1.1]",
+    "localhost",
+    "bücher.example",
+    "a-.example",
+    "x..y",
+]
+TOKENS = [
+    *DOMAINS,
+    "u",
+    "user",
+    "first.last",
+    "+tag",
+    "%",
+    "!",
+    "@",
+    '"',
+    "\\",
+    ".",
+    ":",
+    ",",
+    "<",
+    ">",
+    " ",
+    "\t",
+    "[",
+    "]",
+    "IPv6:",
+    "@a,@b:",
+    '"u@foreign.example"',
+    '"u%foreign.example"',
+    "é",
+    "\x1b",
+    "\r",
+    "\x00",
+    "\x7f",
+    "SIZE=10",
+    " NOTIFY=NEVER",
+    " BODY=8BITMIME",
+    "=",
+    "x" * 60,
+]
+raw_address = st.one_of(
+    st.lists(st.sampled_from(TOKENS), max_size=14).map("".join),
+    st.text(max_size=40),
+)
+local_sets = st.sets(
+    st.sampled_from(["", "gateway.example", "localhost", "targetdomain1.com", "foreign.example"]),
+    max_size=4,
+)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_error(exc: AddressError) -> None:
+    r = exc.reply
+    assert 500 <= r.code <= 599, r
+    assert r.enhanced is not None and r.enhanced.startswith("5."), r
+    assert r.text
+    # Well formed on the wire: CRLF-terminated lines "5xx-" ... "5xx ", no bare CR or LF.
+    wire = r.to_bytes()
+    assert wire.endswith(b"\r\n") and wire.count(b"\r") == wire.count(b"\r\n"), wire
+    lines = wire[:-2].split(b"\r\n")
+    assert all(b"\n" not in ln and ln[:3] == str(r.code).encode() for ln in lines), wire
+    assert all(ln[3:4] == b"-" for ln in lines[:-1]) and lines[-1][3:4] in (b" ", b""), wire
+
+
+def unquoted_at(local: str) -> bool:
+    """An ``@`` outside quotes and not backslash-escaped."""
+    quoted = False
+    i = 0
+    while i < len(local):
+        c = local[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "@" and not quoted:
+            return True
+        i += 1
+    return False
+
+
+def check_mailbox(mb: Mailbox, raw: str) -> None:
+    if mb.is_null:
+        assert raw == ""
+        return
+    assert mb.local, mb
+    assert not unquoted_at(mb.local), mb
+    assert not _CONTROL.search(str(mb)), mb
+    assert len(str(mb).encode("utf-8", "surrogateescape")) <= 255 + 1, mb
+    if mb.domain:
+        assert is_valid_domain(mb.domain), mb
+        assert canon_domain(mb.domain) == mb.domain, mb
+        assert mb.domain == mb.domain.lower()
+        assert not mb.domain.endswith(".")
+
+
+def membership(domains: set[str]) -> Callable[[str], bool]:
+    return domains.__contains__
+
+
+@fuzz_settings(1000)
+@given(raw=raw_address, local=local_sets)
+@example(raw='"u@foreign.example"@targetdomain1.com', local={"gateway.example"})
+@example(raw="u%foreign.example@gateway.example", local={"gateway.example"})
+@example(raw="gateway.example!foreign.example!u", local={"gateway.example"})
+@example(raw="@a,@b:u%v@gateway.example", local={"gateway.example", "v"})
+@example(raw="a\rb@x.example", local=set())  # regression: the reply held a bare CR
+def test_normalize(raw: str, local: set[str]) -> None:
+    is_local = membership(local)
+    try:
+        mb = normalize(raw, is_local)
+    except AddressError as exc:
+        check_error(exc)
+        return
+    check_mailbox(mb, raw)
+    # Idempotent on its own output: the normalised text names the same mailbox.
+    assert normalize(str(mb), is_local) == mb
+
+
+@fuzz_settings(700)
+@given(
+    keyword=st.sampled_from(["FROM", "TO"]),
+    head=st.sampled_from(["", " ", "FROM:", "TO:", "to :", "From: ", "TO:<", "FROM:<<", ":"]),
+    body=raw_address,
+    tail=st.sampled_from(["", ">", "> SIZE=10", ">>", "> X", ">junk", "> =1", " A=b c"]),
+    local=local_sets,
+)
+def test_parse_path_arg_then_normalize(
+    keyword: str, head: str, body: str, tail: str, local: set[str]
+) -> None:
+    """What the session does with a MAIL/RCPT argument: split, then normalise."""
+    arg = head + body + tail
+    try:
+        addr, params = parse_path_arg(arg, keyword)
+    except AddressError as exc:
+        check_error(exc)
+        return
+    assert not _CONTROL.search(addr), addr
+    for key in params:
+        assert key == key.upper() and key[0].isalnum(), params
+        assert all(c.isascii() and (c.isalnum() or c == "-") for c in key), params
+    try:
+        mb = normalize(addr, membership(local))
+    except AddressError as exc:
+        check_error(exc)
+        return
+    check_mailbox(mb, addr)
+
+
+def test_regression_no_reply_holds_a_bare_cr() -> None:
+    """Found by test_normalize: the 553 for an address with a CR echoed it, so the reply put a
+    bare CR on the wire (reachable while a command line may hold a bare CR: "RCPT TO:<a\\rb>";
+    the session's 'Command unrecognized: "NO\\rOP"' did the same)."""
+    try:
+        normalize("a\rb@x.example", lambda d: False)
+    except AddressError as exc:
+        assert exc.reply.to_bytes() == (
+            b"553 5.1.1 <a?b@x.example>... Address contained invalid control characters\r\n"
+        )
+    else:
+        raise AssertionError("no AddressError")
+    assert Reply(500, "5.5.1", 'Command unrecognized: "NO\rOP"').to_bytes() == (
+        b'500 5.5.1 Command unrecognized: "NO?OP"\r\n'
+    )
+    assert Reply(250, None, "a\nb").to_bytes() == b"250-a\r\n250 b\r\n"
