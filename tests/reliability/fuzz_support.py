@@ -1,6 +1,8 @@
 """Shared by the hypothesis suites in this folder and the atheris targets in ``fuzz/``.
 
-A slow, obvious reference model of the sans-IO SMTP server protocol
+The checks each surface must pass (:func:`check_protocol`, :func:`check_address_error`,
+:func:`check_mailbox`, :func:`check_table_error`) and, for the protocol, a slow, obvious
+reference model of the sans-IO SMTP server protocol
 (:mod:`mailgate.smtp.protocol`), written from its documented contract rather than from its
 code, plus the driver that feeds a :class:`ServerConnection` and normalises its events so
 that two runs (or a run and the model) can be compared.
@@ -22,9 +24,12 @@ The contract modelled here:
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from mailgate.address import AddressError, Mailbox, canon_domain, is_valid_domain
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import (
     BadCommand,
@@ -36,6 +41,7 @@ from mailgate.smtp.protocol import (
     Event,
     ServerConnection,
 )
+from mailgate.tables.maps import TableError
 
 __all__ = [
     "BARE",
@@ -50,6 +56,12 @@ __all__ = [
     "MData",
     "MEvent",
     "Run",
+    "check_address_error",
+    "check_bare_refused",
+    "check_mailbox",
+    "check_protocol",
+    "check_table_error",
+    "comparable",
     "compare_with_model",
     "drive",
     "long_line",
@@ -405,3 +417,107 @@ def compare_with_model(got: Sequence[MEvent], want: Sequence[MEvent]) -> int | N
         elif g != w:
             raise AssertionError(f"event {i}: {g!r}, model {w!r}\n{got}\n{want}")
     return stop
+
+
+def check_bare_refused(got: Sequence[MEvent], stop: int) -> None:
+    """The strict bare-LF contract: the line the model stopped at is a 5xx BadCommand and no
+    Command follows it (the session closes there; issue 9 item 2)."""
+    answer = got[stop] if stop < len(got) else None
+    if not (isinstance(answer, MBad) and answer.reply.code >= 500):
+        raise AssertionError(f"a bare CR/LF line gave {answer!r}, not a 5xx BadCommand")
+    later = [e for e in got[stop + 1 :] if isinstance(e, MCmd)]
+    if later:
+        raise AssertionError(f"commands after a refused bare CR/LF line: {later!r}")
+
+
+def check_protocol(
+    wire: bytes,
+    lim: Limits,
+    accept: Sequence[bool],
+    cuts: Sequence[int],
+    *,
+    strict_bare: bool,
+) -> Run:
+    """Every protocol property on one input: the model (up to a bare line, and past it when
+    ``strict_bare``), split invariance against the unsplit run, bounded buffering."""
+    run = drive(wire, lim, accept, cuts=cuts)
+    stop = compare_with_model(run.normal, model(wire, lim, accept))
+    if cuts:
+        whole = drive(wire, lim, accept)
+        if comparable(whole.normal) != comparable(run.normal):
+            raise AssertionError(f"split changed the events:\n{whole.normal}\n{run.normal}")
+    if strict_bare and stop is not None:
+        check_bare_refused(run.normal, stop)
+    return run
+
+
+# -- addresses --------------------------------------------------------------------------------
+
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
+def check_address_error(exc: AddressError) -> None:
+    """A permanent reply (5xx, enhanced 5.x.x) that is well formed on the wire."""
+    r = exc.reply
+    assert 500 <= r.code <= 599, r
+    assert r.enhanced is not None and r.enhanced.startswith("5."), r
+    assert r.text
+    # CRLF-terminated lines "5xx-" ... "5xx ", no bare CR or LF.
+    wire = r.to_bytes()
+    assert wire.endswith(b"\r\n") and wire.count(b"\r") == wire.count(b"\r\n"), wire
+    lines = wire[:-2].split(b"\r\n")
+    assert all(b"\n" not in ln and ln[:3] == str(r.code).encode() for ln in lines), wire
+    assert all(ln[3:4] == b"-" for ln in lines[:-1]) and lines[-1][3:4] in (b" ", b""), wire
+
+
+def unquoted_at(local: str) -> bool:
+    """An ``@`` outside quotes and not backslash-escaped."""
+    quoted = False
+    i = 0
+    while i < len(local):
+        c = local[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c == "@" and not quoted:
+            return True
+        i += 1
+    return False
+
+
+def check_mailbox(mb: Mailbox, raw: str) -> None:
+    """A well-formed result of ``normalize(raw, ...)``."""
+    if mb.is_null:
+        assert raw == "", (raw, mb)
+        return
+    assert mb.local, mb
+    assert not unquoted_at(mb.local), mb
+    assert not CONTROL.search(str(mb)), mb
+    assert len(str(mb).encode("utf-8", "surrogateescape")) <= 256, mb
+    if mb.domain:
+        assert is_valid_domain(mb.domain), mb
+        assert canon_domain(mb.domain) == mb.domain, mb
+        assert mb.domain == mb.domain.lower() and not mb.domain.endswith("."), mb
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+
+def check_table_error(exc: TableError, path: Path | str, data: bytes) -> None:
+    """``path:line: message``, the line one that an editor shows with text on it (or, for bad
+    UTF-8, the line of the first bad byte)."""
+    assert exc.line is not None, str(exc)
+    assert str(exc) == f"{path}:{exc.line}: {exc.message}", str(exc)
+    if "not valid UTF-8" in exc.message:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            assert exc.line == data.count(b"\n", 0, bad.start) + 1, str(exc)
+            return
+        raise AssertionError(f"valid UTF-8 called invalid: {exc}")
+    lines = data.split(b"\n")
+    assert 1 <= exc.line <= len(lines), f"line {exc.line} of a {len(lines)}-line file: {exc}"
+    shown = lines[exc.line - 1].decode("utf-8", "replace").strip()
+    assert shown and not shown.startswith("#"), f"line {exc.line} is {shown!r}: {exc}"

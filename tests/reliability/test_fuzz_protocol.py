@@ -45,6 +45,7 @@ from tests.reliability.fuzz_support import (
     MClosed,
     MCmd,
     MData,
+    check_bare_refused,
     comparable,
     compare_with_model,
     drive,
@@ -306,10 +307,7 @@ def test_bare_line_is_refused_and_nothing_after_is_a_command(
     stop = next(i for i, e in enumerate(want) if isinstance(e, MBare))
     run = drive(wire, lim, (False,), cuts=random_cuts(wire, seed))
     assert compare_with_model(run.normal, want) == stop
-    answer = run.normal[stop]
-    assert isinstance(answer, MBad), answer
-    assert answer.reply.code >= 500
-    assert not any(isinstance(e, MCmd) for e in run.normal[stop + 1 :]), run.normal[stop:]
+    check_bare_refused(run.normal, stop)
 
 
 @fuzz_settings(200)

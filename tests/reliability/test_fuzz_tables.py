@@ -31,6 +31,7 @@ from mailgate.tables.localnames import read_names
 from mailgate.tables.mailertable import MailerTable, NextHop, parse_mailer_value
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
 from mailgate.tables.virtusers import VirtUserTable, parse_virt_value
+from tests.reliability.fuzz_support import check_table_error
 
 SCALE = max(1, int(os.environ.get("MAILGATE_FUZZ_SCALE", "1")))
 
@@ -59,16 +60,6 @@ assert set(LOADERS) == set(TABLE_FILES)
 @pytest.fixture(scope="module")
 def table_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     yield tmp_path_factory.mktemp("fuzz-tables")
-
-
-def check_table_error(exc: TableError, path: Path, data: bytes) -> None:
-    """``path:line: message``, the line one that an editor shows with text on it."""
-    assert exc.line is not None, str(exc)
-    assert str(exc) == f"{path}:{exc.line}: {exc.message}"
-    lines = data.split(b"\n")
-    assert 1 <= exc.line <= len(lines), f"line {exc.line} of a {len(lines)}-line file: {exc}"
-    shown = lines[exc.line - 1].decode("utf-8", "replace").strip()
-    assert shown and not shown.startswith("#"), f"line {exc.line} is {shown!r}: {exc}"
 
 
 # -- arbitrary input --------------------------------------------------------------------------
@@ -179,19 +170,7 @@ def test_any_bytes_parse_or_name_file_and_line(table_dir: Path, name: str, data:
     try:
         LOADERS[name](path)
     except TableError as exc:
-        if "not valid UTF-8" in exc.message:
-            assert exc.line == data.count(b"\n", 0, _bad_utf8_at(data)) + 1
-            assert str(exc) == f"{path}:{exc.line}: {exc.message}"
-        else:
-            check_table_error(exc, path, data)
-
-
-def _bad_utf8_at(data: bytes) -> int:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start
-    raise AssertionError("valid UTF-8")
+        check_table_error(exc, path, data)
 
 
 @fuzz_settings(200)
