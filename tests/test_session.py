@@ -401,6 +401,29 @@ def test_nul_in_command_line(gw: GatewayProcess) -> None:
         assert c.cmd("NOOP").code == 250
 
 
+@pytest.mark.parametrize(
+    ("line", "what"),
+    [
+        (b"MAIL FROM:<alice@example.org>\n", "LF"),
+        (b"NOOP\nRCPT TO:<smuggled@targetdomain1.com>\r\n", "LF"),
+        (b"NOOP\rRCPT TO:<smuggled@targetdomain1.com>\r\n", "CR"),
+        (b"RCPT TO:<smuggled@targetdomain1.com>\r\r\n", "CR"),
+    ],
+)
+def test_bare_lf_or_cr_in_a_command_closes_the_session(gw: GatewayProcess, line: bytes,
+                                                       what: str) -> None:
+    """Postfix's smtpd_forbid_bare_newline = reject: 521 and close; no part of the line is
+    acted on, so the RCPT hidden behind the bare LF/CR never reaches the transaction."""
+    with session(gw) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        c.send(line + b"DATA\r\n")
+        r = c.read_reply()
+        assert r.raw == f"521 5.5.2 {HOSTNAME} Error: bare <{what}> received\r\n".encode()
+        assert c.wait_closed() == b""
+    log = gw.wait_log(f"Error: bare <{what}> received in a command line")
+    assert "smuggled@" not in log
+
+
 def test_bad_command_limit_closes_with_421(gw: GatewayProcess) -> None:
     with session(gw, ehlo=False) as c:
         replies: list[RawReply] = []
@@ -678,6 +701,37 @@ def test_idle_timeout(gw_big: GatewayProcess) -> None:
         assert r.first.startswith(f"421 4.4.2 {HOSTNAME} ")
         assert 0.8 <= waited <= 5, waited
         assert c.wait_closed() == b""
+
+
+def test_stress_mode_shortens_timeouts_while_sessions_pile_up(
+        tmp_path: Path, dns: DnsServer, sink: SinkServer) -> None:
+    """Postfix's stress mode with injected short values: 5 sessions of a ceiling of 10 (the
+    50 % mark) make every waiting session, the silent ones already open included, time out
+    after stress_timeout instead of command_timeout; the mode ends once they are gone."""
+    smtp = ('command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 10\n'
+            'stress_threshold = "50%"\nstress_timeout = "1s"\n')
+    with _gateway(tmp_path / "gw", dns, sink, smtp) as gw:
+        idle = [connect(gw) for _ in range(3)]
+        for c in idle:
+            assert c.read_reply().code == 220
+        with session(gw) as talker:
+            start_data(talker, [rcpt("stressed")])
+            talker.send(b"Subject: half a message\r\n")
+            with connect(gw) as last:  # the 5th session: stress begins
+                assert last.read_reply().code == 220
+                gw.wait_log("stress: 5 of 10 sessions open; command and DATA timeouts now 1s")
+                for c in [*idle, last, talker]:
+                    r = c.read_reply()
+                    assert (r.code, r.enhanced) == (421, "4.4.2"), r
+                    assert c.wait_closed() == b""
+        for c in idle:
+            c.close()
+        gw.wait_log("stress over: ")
+        # Back to the long timeout: a quiet session is not cut after the stress timeout.
+        with session(gw) as quiet:
+            assert quiet.pending(2.5) == b""
+            assert quiet.cmd("NOOP").code == 250
+        assert_not_delivered(sink, rcpt("stressed"), grace=0.1)
 
 
 def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,

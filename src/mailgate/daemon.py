@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import math
 import os
 import random
 import signal
@@ -60,6 +61,7 @@ class Gateway:
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
@@ -157,6 +159,7 @@ class Gateway:
         self.sessions.add(session)
         self.per_ip[session.client.ip] += 1
         self.counters["connections"] += 1
+        self._check_stress()
 
     def session_ended(self, session: SmtpSession) -> None:
         if session in self.sessions:
@@ -164,6 +167,35 @@ class Gateway:
             self.per_ip[session.client.ip] -= 1
             if self.per_ip[session.client.ip] <= 0:
                 del self.per_ip[session.client.ip]
+            self._check_stress()
+
+    def _check_stress(self) -> None:
+        """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
+        ``max_connections``, clients that hold a session without using it (slowloris) get
+        ``stress_timeout`` instead of the RFC's minutes, until the load falls back below 90 %
+        of that mark (the margin keeps one connection coming and going from flapping it)."""
+        smtp = self.snapshot.config.smtp
+        mark = max(1, math.ceil(smtp.max_connections * smtp.stress_threshold))
+        open_now = len(self.sessions)
+        if not self.stressed and open_now >= mark:
+            self.stressed = True
+            self.counters["stress"] += 1
+            maillog.warning(f"stress: {open_now} of {smtp.max_connections} sessions open; "
+                            f"command and DATA timeouts now {smtp.stress_timeout:g}s")
+            for session in list(self.sessions):
+                session.timeouts_changed()
+        elif self.stressed and open_now < mark * 0.9:
+            self.stressed = False
+            maillog.info(f"stress over: {open_now} of {smtp.max_connections} sessions open; "
+                         f"timeouts back to {smtp.command_timeout:g}s / {smtp.data_timeout:g}s")
+
+    def timeouts(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force now (shorter under stress)."""
+        smtp = self.snapshot.config.smtp
+        if self.stressed:
+            return (min(smtp.command_timeout, smtp.stress_timeout),
+                    min(smtp.data_timeout, smtp.stress_timeout))
+        return smtp.command_timeout, smtp.data_timeout
 
     def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
         smtp = self.snapshot.config.smtp
@@ -241,7 +273,8 @@ class Gateway:
         """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
         c = self.counters
         names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
-                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused")
+                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused", "bare_newline",
+                 "stress")
         text = ", ".join(f"{n}={c[n]}" for n in names)
         maillog.info(f"statistics: {text}, sessions_now={len(self.sessions)}, "
                      f"queued={self.scheduler.queued}, delivering={self.scheduler.active}")

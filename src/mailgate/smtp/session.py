@@ -205,6 +205,7 @@ class SmtpSession(asyncio.Protocol):
         self.msgid: str | None = None
         self.hops = 0
         self.tls: tls.Session | None = None  # after STARTTLS
+        self.last_input = time.monotonic()  # when bytes last arrived (the DATA timeout)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,6 +220,7 @@ class SmtpSession(asyncio.Protocol):
         self.gw.session_started(self)
 
     def data_received(self, data: bytes) -> None:
+        self.last_input = time.monotonic()
         self.conn.receive_data(data)
         if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
             self.paused = True
@@ -272,6 +274,10 @@ class SmtpSession(asyncio.Protocol):
 
     def _wake_timeout(self) -> None:
         self._timed_out = True
+        self._wake()
+
+    def timeouts_changed(self) -> None:
+        """Stress mode began: a session waiting on the old, longer timeout looks again."""
         self._wake()
 
     # -- the session ---------------------------------------------------------------------------
@@ -345,14 +351,18 @@ class SmtpSession(asyncio.Protocol):
     async def loop(self) -> None:
         cfg = self.snap.config
         conn = self.conn
-        waiting_since = time.monotonic()
+        waiting_since = self.last_input = time.monotonic()
         while True:
             event = conn.next_event()
             if event is None:
                 # A command must arrive whole within command_timeout (a client trickling a
                 # byte at a time does not keep the session); DATA content is timed per read.
-                timeout = cfg.smtp.data_timeout if self.msg is not None \
-                    else cfg.smtp.command_timeout - (time.monotonic() - waiting_since)
+                # Both are measured from a fixed start, so a wake-up (stress mode began, a
+                # byte arrived) shortens the wait instead of restarting it.
+                command_timeout, data_timeout = self.gw.timeouts()
+                now = time.monotonic()
+                timeout = data_timeout - (now - self.last_input) if self.msg is not None \
+                    else command_timeout - (now - waiting_since)
                 if timeout <= 0 or not await self.wait_input(timeout):
                     what = "DATA" if self.msg is not None else "command"
                     maillog.info(f"timeout waiting for input from {self.relay_text} "
@@ -371,12 +381,23 @@ class SmtpSession(asyncio.Protocol):
             elif isinstance(event, DataFailed):
                 self.on_data_failed(event.reply)
             elif isinstance(event, BadCommand):
+                if event.fatal:
+                    self.refuse_framing(event.reply)
                 self.reply(event.reply)
                 self.count_bad_command()
             elif isinstance(event, ConnectionClosed):
                 if self.tx is not None or self.helo is not None:
                     self.log_session_end()
                 return
+
+    def refuse_framing(self, reply: Reply) -> None:
+        """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
+        self.gw.count("bare_newline")
+        maillog.info(f"{self.relay_text}: {reply.text} in a command line (possible SMTP "
+                     "smuggling); closing connection")
+        self.reply(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} "
+                                                     f"{reply.text}"))
+        raise _Closing
 
     def count_bad_command(self) -> None:
         self.bad_commands += 1
