@@ -555,6 +555,12 @@ def test_mail_size_parameter_over_limit(gw: GatewayProcess) -> None:
     (" ENVID=a=b", "501 5.5.4"),  # "=" must be xtext-encoded
     (" ENVID=" + "x" * 101, "501 5.5.4"),
     (" ENVID", "501 5.5.4"),
+    # A keyword once only (RFC 1869 4.1.2), as Postfix and Sendmail answer a repeat.
+    (" RET=FULL RET=HDRS", "501 5.5.4"),
+    (" ENVID=a ENVID=b", "501 5.5.4"),
+    (" SIZE=10 SIZE=20", "501 5.5.4"),
+    (" BODY=7BIT body=8BITMIME", "501 5.5.4"),
+    (" SMTPUTF8 SMTPUTF8", "501 5.5.4"),
 ])
 def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
@@ -572,13 +578,41 @@ def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None
     (" ORCPT=rfc822;Bob+2Bx@TargetDomain1.com", "250 2.1.5"),
     (" ORCPT=bob@targetdomain1.com", "501 5.5.4"),
     (" ORCPT=rfc822;", "501 5.5.4"),
+    (" NOTIFY=DELAY NOTIFY=NEVER", "501 5.5.4"),
+    (" ORCPT=rfc822;a@b ORCPT=rfc822;c@d", "501 5.5.4"),
+    # RFC 6533: a utf-8 ORCPT, raw UTF-8 or with \x{HEX} escapes.
+    (" ORCPT=utf-8;jörg@targetdomain1.com", "250 2.1.5"),
+    (" ORCPT=utf-8;j\\x{F6}rg@targetdomain1.com", "250 2.1.5"),
+    (" ORCPT=utf-8;a+b@targetdomain1.com", "501 5.5.4"),
+    (" ORCPT=utf-8;\\x{D800}@targetdomain1.com", "501 5.5.4"),
+    (" ORCPT=rfc822;jörg@targetdomain1.com", "501 5.5.4"),
     (" FOO=1", "555 5.5.4"),
 ])
 def test_rcpt_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
-        r = c.cmd(f"RCPT TO:<{rcpt('dsn')}>{params}")
+        assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8").code == 250
+        r = c.cmd(f"RCPT TO:<{rcpt('dsn')}>{params}".encode())
         assert f"{r.code} {r.enhanced}" == expected, r
+
+
+@pytest.mark.parametrize(("arg", "expected"), [
+    ("targetdomain1.com", "250 2.0.0 Queuing for node targetdomain1.com started"),
+    ("@targetdomain1.com", "250 2.0.0 Queuing for node @targetdomain1.com started"),
+    ("TargetDomain1.COM.", "250 2.0.0 Queuing for node TargetDomain1.COM. started"),
+    ("#outgoing", "458 4.0.0 Unable to queue messages for node #outgoing: named queues are "
+                  "not supported; use ETRN domain"),
+    ("bad domain with spaces", "501 5.5.4 Syntax error in parameters: 'bad domain with "
+                               "spaces' is not a domain (ETRN domain or ETRN @domain)"),
+    ("[192.0.2.1]", "501 5.5.4 Syntax error in parameters: '[192.0.2.1]' is not a domain "
+                    "(ETRN domain or ETRN @domain)"),
+    ("@", "501 5.5.4 Syntax error in parameters: '@' is not a domain (ETRN domain or ETRN "
+          "@domain)"),
+])
+def test_etrn_syntax(gw: GatewayProcess, arg: str, expected: str) -> None:
+    """RFC 1985: ``domain`` and ``@domain`` (with subdomains) are served; ``#queue`` names a
+    queue, which this gateway does not have; anything else is a syntax error."""
+    with session(gw) as c:
+        assert c.cmd(f"ETRN {arg}").first == expected
 
 
 def _sized_content(size: int, subject: str) -> bytes:

@@ -150,7 +150,12 @@ def _parse_params(text: str) -> dict[str, str | None]:
             raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
         if not key[0].isalnum():
             raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
-        params[key.upper()] = value if eq else None
+        key = key.upper()
+        if key in params:
+            # RFC 1869 4.1.2 lets a keyword appear once; "the last one wins" would let a
+            # filter and the next hop read different values (Postfix and Sendmail refuse it).
+            raise AddressError(Reply(501, "5.5.4", f"Duplicate {key} parameter"))
+        params[key] = value if eq else None
     return params
 
 

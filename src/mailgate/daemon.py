@@ -239,29 +239,33 @@ class Gateway:
                 incoming.release_lock()
         self.scheduler.submit(qid)
 
-    def flush_domain(self, domain: str) -> None:
-        """ETRN: retry now what waits for ``domain``. The queue is read in a thread (it may be
-        large) and the reply does not wait for it, as Sendmail's forked queue run; a second
-        ETRN for a domain whose scan is under way joins it."""
-        if domain in self._flushing:
+    def flush_domain(self, domain: str, *, subdomains: bool = False) -> None:
+        """ETRN: retry now what waits for ``domain`` (and its subdomains for ``ETRN @domain``).
+        The queue is read in a thread (it may be large) and the reply does not wait for it, as
+        Sendmail's forked queue run; a second ETRN for a node whose scan is under way joins it."""
+        node = ("@" if subdomains else "") + domain
+        if node in self._flushing:
             return
-        self._flushing.add(domain)
-        task = asyncio.get_running_loop().create_task(self._flush_domain(domain))
+        self._flushing.add(node)
+        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain,
+                                                                         subdomains))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _flush_domain(self, domain: str) -> None:
+    async def _flush_domain(self, node: str, domain: str, subdomains: bool) -> None:
         try:
-            chosen = await asyncio.to_thread(self._queued_for, domain)
+            chosen = await asyncio.to_thread(self._queued_for, domain, subdomains)
         finally:
-            self._flushing.discard(domain)
+            self._flushing.discard(node)
         self.scheduler.run_now(chosen)
 
-    def _queued_for(self, domain: str) -> list[str]:
+    def _queued_for(self, domain: str, subdomains: bool) -> list[str]:
+        suffix = "." + domain
         chosen = []
         for qid in list(self.spool.qids()):
             msg = self.spool.load(qid)
-            if msg and any(mailbox_of(r.address).domain == domain
+            if msg and any((d := mailbox_of(r.address).domain) == domain
+                           or (subdomains and d.endswith(suffix))
                            for r in msg.envelope.recipients):
                 chosen.append(qid)
         return chosen

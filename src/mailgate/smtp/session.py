@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mailgate import maillog, tls
-from mailgate.address import AddressError, Mailbox, normalize, parse_path_arg
+from mailgate.address import AddressError, Mailbox, canon_domain, normalize, parse_path_arg
 from mailgate.policy import (
     Client,
     Decision,
@@ -791,11 +791,24 @@ class SmtpSession(asyncio.Protocol):
         self.reply(Reply(502, "5.7.0", "Verbose unavailable"))
 
     def cmd_etrn(self, arg: str) -> None:
-        node = arg.strip().lstrip("@#")
+        """RFC 1985: ``ETRN domain`` and ``ETRN @domain`` (the domain and its subdomains);
+        ``#queue`` names a queue, and this gateway has a single one."""
+        node = arg.strip()
         if not node:
             self.reply(Reply(501, "5.5.2", "Parameter required"))
             return
-        self.gw.flush_domain(node.lower())
+        if node.startswith("#"):
+            self.reply(Reply(458, "4.0.0", f"Unable to queue messages for node {node}: "
+                                           "named queues are not supported; use ETRN domain"))
+            return
+        subdomains = node.startswith("@")
+        domain = canon_domain(node[1:] if subdomains else node)
+        if domain is None or domain.startswith("["):
+            self.reply(Reply(501, "5.5.4", f"Syntax error in parameters: {node[:80]!r} is "
+                                           "not a domain (ETRN domain or ETRN @domain)"))
+            self.count_bad_command()
+            return
+        self.gw.flush_domain(domain, subdomains=subdomains)
         self.reply(Reply(250, "2.0.0", f"Queuing for node {node} started"))
 
     def cmd_starttls(self, arg: str) -> Awaitable[None] | None:
