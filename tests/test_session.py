@@ -953,6 +953,56 @@ def test_message_id_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> 
     assert f"msgid={mid.split(b' ', 1)[1].decode()}" in log
 
 
+def test_from_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> None:
+    """RFC 5322 3.6 requires From:; as Sendmail, it is made from the envelope sender (and the
+    null sender's is MAILER-DAEMON at our name)."""
+    a, b = rcpt("no-from"), rcpt("no-from-null")
+    content = b"To: <bob@targetdomain1.com>\r\nSubject: no from\r\n\r\nHello.\r\n"
+    with session(gw) as c:
+        qid_of(send_message(c, [a], content))
+        assert c.cmd("MAIL FROM:<>").code == 250
+        assert c.cmd(f"RCPT TO:<{b}>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(dot_stuff(content))
+        qid_of(c.read_reply())
+    lines, _ = split_message(wait_rcpt(sink, a).data)
+    assert [line for line in lines if line.lower().startswith(b"from:")] == [
+        f"From: {SENDER}".encode()]
+    lines, _ = split_message(wait_rcpt(sink, b).data)
+    assert [line for line in lines if line.lower().startswith(b"from:")] == [
+        f"From: MAILER-DAEMON@{HOSTNAME}".encode()]
+    # A message with From: keeps its own, and gets no second one.
+    c_ = rcpt("has-from")
+    with session(gw) as c:
+        qid_of(send_message(c, [c_], message("has from")))
+    lines, _ = split_message(wait_rcpt(sink, c_).data)
+    assert [line for line in lines if line.lower().startswith(b"from:")] == [
+        f"From: <{SENDER}>".encode()]
+
+
+@pytest.mark.parametrize("piece", [None, 4096])
+def test_header_limit_is_the_same_however_the_bytes_arrive(gw_big: GatewayProcess,
+                                                           sink: SinkServer,
+                                                           piece: int | None) -> None:
+    filler = b"".join(f"X-Filler-{i}: {'v' * 70}\r\n".encode() for i in range(560))
+    assert 40_000 < len(filler) < 50_000
+    a = rcpt(f"big-headers-{piece}")
+    with session(gw_big) as c:
+        start_data(c, [a])
+        wire = dot_stuff(message("big headers").replace(b"\r\n\r\n", b"\r\n" + filler
+                                                          + b"\r\n", 1))
+        if piece is None:
+            c.send(wire)
+        else:
+            for i in range(0, len(wire), piece):
+                c.send(wire[i:i + piece])
+                time.sleep(0.005)
+        r = c.read_reply()
+        assert r.first == "552 5.6.0 Headers too large (32768 max)"
+        assert c.cmd("NOOP").code == 250
+    assert_not_delivered(sink, a, grace=0.1)
+
+
 # -- durability ----------------------------------------------------------------------------------
 
 

@@ -96,13 +96,17 @@ class _Closing(Exception):
 
 
 class HeaderScanner:
-    """Holds the header section (bounded) so that we can add headers and read Message-Id."""
+    """Holds the header section (bounded) so that we can add headers and read Message-Id.
+
+    The section ends at the empty line or at the first line that is neither a field nor a
+    continuation (as Sendmail ends it). Lines are looked at once each, as they complete, so
+    the limit (MAX_HEADER_BYTES of field lines) is the same however the bytes arrive."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.done = False
         self.too_large = False
-        self.first_line_checked = False
+        self.pos = 0  # the header lines so far are buf[:pos]
         self.rest = b""
 
     def feed(self, data: bytes) -> bytes | None:
@@ -110,21 +114,29 @@ class HeaderScanner:
         if self.too_large:
             return None  # keep memory bounded; the message is refused at its end
         self.buf += data
-        if not self.first_line_checked:
-            nl = self.buf.find(b"\r\n")
+        buf = self.buf
+        while True:
+            nl = buf.find(b"\r\n", self.pos)
             if nl < 0:
-                self.too_large = len(self.buf) > MAX_HEADER_BYTES
+                break
+            line = bytes(buf[self.pos:nl])
+            if not line:
+                return self._split(nl + 2)  # the empty line ends the section
+            if not (self.pos and line[:1] in (b" ", b"\t")) and not _is_header_line(line):
+                # The body starts here; with no field line before it there is no section.
+                return self._split(nl + 2 if self.pos else 0)
+            self.pos = nl + 2
+            if self.pos > MAX_HEADER_BYTES:
+                self._overflow()
                 return None
-            self.first_line_checked = True
-            if nl == 0:
-                return self._split(2)  # an empty header section, then the body
-            if not looks_like_headers(bytes(self.buf[: nl + 2])):
-                return self._split(0)  # no header section at all: all of it is body
-        end = self.buf.find(b"\r\n\r\n")
-        if end >= 0:
-            return self._split(end + 4)
-        self.too_large = len(self.buf) > MAX_HEADER_BYTES
+        partial = bytes(buf[self.pos:])
+        if self.pos + len(partial) > MAX_HEADER_BYTES and _may_be_header_line(partial):
+            self._overflow()
         return None
+
+    def _overflow(self) -> None:
+        self.too_large = True
+        self.buf = bytearray()
 
     def _split(self, cut: int) -> bytes:
         self.done = True
@@ -132,6 +144,16 @@ class HeaderScanner:
         self.rest = bytes(self.buf[cut:])
         self.buf = bytearray()
         return head
+
+
+def _may_be_header_line(start: bytes) -> bool:
+    """Could a line beginning with ``start`` still turn out to be a field or continuation?"""
+    if start[:1] in (b" ", b"\t"):
+        return True
+    name, colon, _ = start.partition(b":")
+    if colon:
+        return _is_header_line(start)
+    return b" " not in name.rstrip()
 
 
 def header_fields(head: bytes) -> list[tuple[str, str]]:
@@ -152,10 +174,6 @@ def header_fields(head: bytes) -> list[tuple[str, str]]:
 def _is_header_line(line: bytes) -> bool:
     name, colon, _ = line.partition(b":")
     return bool(colon) and bool(name) and not name[:1].isspace() and b" " not in name.rstrip()
-
-
-def looks_like_headers(head: bytes) -> bool:
-    return _is_header_line(head.split(b"\r\n", 1)[0])
 
 
 def split_header_section(head: bytes) -> tuple[bytes, bytes]:
@@ -684,6 +702,9 @@ class SmtpSession(asyncio.Protocol):
             extra += f"Message-Id: {self.msgid}\r\n"
         if "date" not in names:
             extra += f"Date: {date}\r\n"
+        if "from" not in names:
+            # RFC 5322 3.6 requires From:; Sendmail makes it from the envelope sender.
+            extra += f"From: {env.sender or 'MAILER-DAEMON@' + cfg.hostname}\r\n"
         try:
             # Keep a headers-only message as it was; otherwise one empty line ends the headers.
             had_blank = head[len(header):len(header) + 2] == b"\r\n"
