@@ -424,6 +424,33 @@ def test_bare_lf_or_cr_in_a_command_closes_the_session(gw: GatewayProcess, line:
     assert "smuggled@" not in log
 
 
+def test_content_before_the_354_is_refused(gw: GatewayProcess, sink: SinkServer) -> None:
+    """Postfix 3.9's smtpd_forbid_unauth_pipelining: the message sent along with DATA, before
+    the client could see the 354, gets 554 5.5.0 and the session closes; nothing is queued."""
+    a = rcpt("blind-pipeliner")
+    with session(gw) as c:
+        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nDATA\r\n".encode()
+               + dot_stuff(message("blind")))
+        replies = c.read_replies(3)
+        assert [r.code for r in replies[:2]] == [250, 250]
+        assert replies[2].first == "554 5.5.0 Error: SMTP protocol synchronization"
+        assert c.wait_closed() == b""
+    gw.wait_log("improper command pipelining after DATA from [127.0.0.2]: ")
+    assert_not_delivered(sink, a, grace=0.2)
+
+
+def test_correct_pipelining_is_served(gw: GatewayProcess, sink: SinkServer) -> None:
+    """RFC 2920: MAIL, RCPT and DATA in one group, the content after the 354."""
+    a, b = rcpt("pipeliner-1"), rcpt("pipeliner-2")
+    with session(gw) as c:
+        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nRCPT TO:<{b}>\r\nDATA\r\n"
+               .encode())
+        assert [r.code for r in c.read_replies(4)] == [250, 250, 250, 354]
+        c.send(dot_stuff(message("pipelined")) + b"QUIT\r\n")
+        assert [r.code for r in c.read_replies(2)] == [250, 221]
+    assert wait_rcpt(sink, a).rcpt_tos == [a, b]
+
+
 def test_bad_command_limit_closes_with_421(gw: GatewayProcess) -> None:
     with session(gw, ehlo=False) as c:
         replies: list[RawReply] = []

@@ -54,6 +54,8 @@ class SmtpSettings:
     # Postfix's stress mode: past this share of max_connections, shorter timeouts.
     stress_threshold: float = 0.8
     stress_timeout: float = 10.0
+    # Postfix 3.9's smtpd_forbid_unauth_pipelining: content sent before our 354 closes.
+    forbid_unauth_pipelining: bool = True
     check_sender_domain: bool = True
     require_qualified_sender: bool = True
 
@@ -439,6 +441,8 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
                                smtp_defaults.stress_threshold),
         stress_timeout=r.get("smtp", "stress_timeout", _positive_duration,
                              smtp_defaults.stress_timeout),
+        forbid_unauth_pipelining=r.get("smtp", "forbid_unauth_pipelining", _bool,
+                                       smtp_defaults.forbid_unauth_pipelining),
         check_sender_domain=r.get("smtp", "check_sender_domain", _bool,
                                   smtp_defaults.check_sender_domain),
         require_qualified_sender=r.get("smtp", "require_qualified_sender", _bool,

@@ -278,7 +278,7 @@ class Gateway:
         c = self.counters
         names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
                  "bad_rcpt_disconnects", "per_ip_limit", "connect_refused", "bare_newline",
-                 "stress")
+                 "improper_pipelining", "stress")
         text = ", ".join(f"{n}={c[n]}" for n in names)
         maillog.info(f"statistics: {text}, sessions_now={len(self.sessions)}, "
                      f"queued={self.scheduler.queued}, delivering={self.scheduler.active}")

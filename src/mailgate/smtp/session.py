@@ -621,6 +621,17 @@ class SmtpSession(asyncio.Protocol):
             self.reply(refused)
             return
         assert self.tx is not None
+        if self.conn.pending_bytes and self.snap.config.smtp.forbid_unauth_pipelining:
+            # RFC 2920 3.1: DATA ends a pipelined group; bytes behind it were sent before the
+            # client could see our 354, so it does not wait for replies (a spam engine, or a
+            # smuggling attempt). Postfix 3.9 refuses it the same way.
+            maillog.info(f"improper command pipelining after DATA from {self.relay_text}: "
+                         f"{self.conn.pending_bytes} bytes sent before the 354")
+            self.gw.count("improper_pipelining")
+            self.conn.reject_data()
+            self.tx = None
+            self.reply(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"))
+            raise _Closing
         tx = self.tx
         spool = self.gw.spool
         envelope = Envelope(
