@@ -117,11 +117,9 @@ class Gateway:
         for listener in self.listeners:
             await listener.close()
         for s in list(self.sessions):
-            if s.transport is not None:
-                with contextlib.suppress(Exception):
-                    s.transport.write(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
-                                                           "Shutting down").to_bytes())
-                    s.transport.close()
+            with contextlib.suppress(Exception):
+                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
+                                                "Shutting down"))
         self._stats_task.cancel()
         self.log_statistics()
         await self.scheduler.stop()

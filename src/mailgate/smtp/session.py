@@ -40,6 +40,7 @@ from mailgate.smtp.protocol import (
     DataFailed,
     ServerConnection,
 )
+from mailgate.smtp.tls_stream import TlsStream
 
 if TYPE_CHECKING:
     from mailgate.daemon import Gateway
@@ -223,6 +224,9 @@ class SmtpSession(asyncio.Protocol):
         self.msgid: str | None = None
         self.hops = 0
         self.tls: tls.Session | None = None  # after STARTTLS
+        self.tls_stream: TlsStream | None = None  # TLS over the plain transport
+        self.tls_error: ssl.SSLError | None = None
+        self.handshake: asyncio.Future[None] | None = None
         self.last_input = time.monotonic()  # when bytes last arrived (the DATA timeout)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
@@ -239,18 +243,42 @@ class SmtpSession(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_input = time.monotonic()
-        self.conn.receive_data(data)
+        if self.tls_stream is not None:
+            self._tls_received(data)
+        else:
+            self.conn.receive_data(data)
         if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
+        if self.tls_stream is not None:
+            self._tls_received(b"")
+        else:
+            self.conn.receive_data(b"")
         self._wake()
         # Keep the transport open: a client that half-closes after DATA still gets its 250
         # (run() closes the connection once the protocol reports ConnectionClosed).
         return True
+
+    def _tls_received(self, data: bytes) -> None:
+        stream = self.tls_stream
+        assert stream is not None
+        try:
+            plaintext = stream.receive(data)
+        except ssl.SSLError as exc:
+            self.tls_error = exc
+            self.conn.receive_data(b"")  # nothing more can be read from this connection
+            return
+        finally:
+            records = stream.outgoing()
+            if records and self.transport is not None and not self.closed:
+                self.transport.write(records)
+        if plaintext:
+            self.conn.receive_data(plaintext)
+        if stream.peer_closed:
+            self.conn.receive_data(b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -268,8 +296,26 @@ class SmtpSession(asyncio.Protocol):
 
     def flush(self) -> None:
         if self.out and self.transport and not self.closed:
-            self.transport.write(b"".join(self.out))
+            data = b"".join(self.out)
+            if self.tls_stream is not None:
+                self.tls_stream.send(data)
+                data = self.tls_stream.outgoing()
+            self.transport.write(data)
         self.out.clear()
+
+    def shut_down(self, reply: Reply) -> None:
+        """The daemon is stopping: say so (through TLS if it is on) and close."""
+        self.reply(reply)
+        self.flush()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self.tls_stream is not None and self.tls_error is None:
+            with contextlib.suppress(Exception):
+                self.transport.write(self.tls_stream.close())
+        self.transport.close()
 
     async def wait_input(self, timeout: float) -> bool:
         """Wait for more input; False on timeout."""
@@ -319,9 +365,9 @@ class SmtpSession(asyncio.Protocol):
             if self.msg is not None:
                 self.msg.discard()
                 self.msg = None
-            self.flush()
-            if self.transport and not self.closed:
-                self.transport.close()
+            with contextlib.suppress(ssl.SSLError):
+                self.flush()
+            self._close_transport()
 
     async def open(self) -> None:
         cfg = self.snap.config
@@ -404,6 +450,9 @@ class SmtpSession(asyncio.Protocol):
                 self.reply(event.reply)
                 self.count_bad_command()
             elif isinstance(event, ConnectionClosed):
+                if self.tls_error is not None:
+                    maillog.info(f"STARTTLS=server, error: read failed={self.tls_error!r}, "
+                                 f"relay={self.relay_text}")
                 if self.tx is not None or self.helo is not None:
                     self.log_session_end()
                 return
@@ -865,23 +914,26 @@ class SmtpSession(asyncio.Protocol):
                          "plaintext pipelined after STARTTLS discarded")
         self.reply(Reply(220, "2.0.0", "Ready to start TLS"))
         self.flush()
+        # From here on every byte received is TLS: no await between the discard and this.
+        self.tls_stream = stream = TlsStream(context)
         if self.paused and self.transport:
             self.paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(
-                self.transport, self, context, server_side=True,  # type: ignore[arg-type]
-                ssl_handshake_timeout=min(60.0, self.snap.config.smtp.command_timeout))
-        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
-            maillog.info(f"STARTTLS=server, error: accept failed={exc!r}, "
+        deadline = time.monotonic() + min(60.0, self.snap.config.smtp.command_timeout)
+        while not stream.handshake_done and self.tls_error is None and not self.closed:
+            if self.conn.pending_bytes:
+                break  # cannot be: plaintext only comes after the handshake
+            if stream.peer_closed or not await self.wait_input(deadline - time.monotonic()):
+                break
+        if not stream.handshake_done:
+            why = repr(self.tls_error) if self.tls_error is not None else (
+                "timeout" if not self.closed and not stream.peer_closed
+                else "connection closed")
+            maillog.info(f"STARTTLS=server, error: accept failed={why}, "
                          f"relay={self.relay_text}")
-            self.closed = True  # the plaintext transport is gone: nothing more to say
-            raise _Closing from None
-        if transport is None:
+            self.tls_error = self.tls_error or ssl.SSLError(why)
             raise _Closing
-        self.transport = transport  # type: ignore[assignment]
-        self.tls = tls.describe(transport.get_extra_info("ssl_object"), verify="NOT")
+        self.tls = tls.describe(stream.ssl_object, verify="NOT")
         maillog.info(f"STARTTLS=server, relay={self.relay_text}, {self.tls.for_maillog()}")
         self.helo = None
         self.esmtp = False
