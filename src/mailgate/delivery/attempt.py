@@ -22,7 +22,7 @@ from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_ma
 from mailgate.delivery.pipe import deliver_program
 from mailgate.delivery.smtp import Outcome
 from mailgate.dns import Resolver
-from mailgate.dsn import FailedRecipient, is_receipt, write_dsn
+from mailgate.dsn import FailedRecipient, has_8bit_text, is_receipt, needs_utf8, write_dsn
 from mailgate.policy import error_reply
 from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool
 from mailgate.reply import Reply
@@ -314,10 +314,14 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     cfg = snap.config
     env = msg.envelope
     spool = ctx.spool
+    # RFC 6533: a report on internationalised mail is itself internationalised and goes
+    # with SMTPUTF8; one that carries 8-bit text (the original, a UTF-8 reply) with 8BITMIME.
+    international = env.smtputf8 or needs_utf8(env.sender, recipients)
     bounce_env = Envelope(
         qid=spool.new_qid(), sender="", recipients=[Recipient(env.sender, env.sender)],
         arrival=time.time(), client_ip="127.0.0.1", client_name=cfg.hostname,
-        helo=cfg.hostname, proto="local", is_bounce=True,
+        helo=cfg.hostname, proto="local", is_bounce=True, smtputf8=international,
+        body_8bit=international or env.body_8bit or has_8bit_text(recipients),
     )
     incoming = spool.open_incoming(bounce_env)
     client = maillog.relay_name(env.client_ip, env.client_name)
@@ -332,7 +336,8 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
                   client=client, sender=env.sender, recipients=recipients,
                   original_path=msg.path, original_offset=msg.offset,
                   return_headers_only=headers_only, warning_hours=warning_hours,
-                  envid=dsn_params.xtext_decode(env.envid) if env.envid else None)
+                  envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
+                  international=international)
 
     await asyncio.to_thread(write)
     await spool.commit(incoming)
