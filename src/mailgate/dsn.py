@@ -215,6 +215,10 @@ def _status_part(
     return out
 
 
+class SupportsWriteBytes(Protocol):
+    def write(self, data: bytes, /) -> object: ...
+
+
 def _contains(path: Path, offset: int, needle: bytes) -> bool:
     """Whether ``needle`` occurs in the file from ``offset``, streaming with an overlap."""
     keep = len(needle) - 1
@@ -229,12 +233,12 @@ def _contains(path: Path, offset: int, needle: bytes) -> bool:
     return False
 
 
-def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
+def _copy_all(src: BinaryIO, out: SupportsWriteBytes) -> None:
     while chunk := src.read(CHUNK):
         out.write(chunk)
 
 
-def _copy_headers(src: BinaryIO, out: BinaryIO) -> None:
+def _copy_headers(src: BinaryIO, out: SupportsWriteBytes) -> None:
     """Copy the header section, through the CRLF ending the last field, without the blank line.
 
     A virtual CRLF is put before the content so that a message starting with the blank line
@@ -257,10 +261,6 @@ def _copy_headers(src: BinaryIO, out: BinaryIO) -> None:
         out.write(window[virtual:cut])
         pending = window[cut:]
         virtual = max(0, virtual - cut)
-
-
-class SupportsWriteBytes(Protocol):
-    def write(self, data: bytes, /) -> object: ...
 
 
 def write_dsn(

@@ -114,10 +114,10 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
         if not mine:
             # Another runner (``mailgate flush``) has it: look again later unless it is gone.
             return time.time() + 60 if (spool.queue / qid).exists() else None
-        msg = spool.load(qid)
-        if msg is None:
+        loaded = spool.load(qid)
+        if loaded is None:
             return None
-        return await _attempt_locked(ctx, msg)
+        return await _attempt_locked(ctx, loaded)
 
 
 def _remove(spool: Spool, msg: QueuedMessage, lock_fds: list[int] | None) -> None:
@@ -214,12 +214,12 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
         days = cfg.queue.max_age / 86400
         text = f"Cannot send message for {days:g} day{'s' if days != 1 else ''}"
         expired = []
-        for r in remaining:
-            last = st.errors.get(r.address, "")
+        for rcpt in remaining:
+            last = st.errors.get(rcpt.address, "")
             expired.append(FailedRecipient(
-                address=r.address, original=r.original, status="4.4.7",
+                address=rcpt.address, original=rcpt.original, status="4.4.7",
                 diagnostic=last or None, remote_mta=None, last_attempt=now))
-            maillog.delivery(env.qid, r.address, delay=now - env.arrival, xdelay=0,
+            maillog.delivery(env.qid, rcpt.address, delay=now - env.arrival, xdelay=0,
                              mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
         await bounce(ctx, snap, msg, expired,
                      reason=Outcome("perm", Reply(554, "4.4.7", text)))

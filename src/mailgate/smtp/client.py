@@ -570,8 +570,8 @@ class SmtpClient:
         texts = [first]
         for more in lines[1:]:
             # Continuation lines usually repeat the enhanced code; Reply.lines() re-adds it.
-            e, rest = split_enhanced(more)
-            texts.append(rest if enhanced is not None and e == enhanced else more)
+            code_of_line, rest = split_enhanced(more)
+            texts.append(rest if enhanced is not None and code_of_line == enhanced else more)
         return Reply(code, enhanced, "\n".join(texts))
 
 
