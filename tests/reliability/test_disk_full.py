@@ -1,0 +1,220 @@
+"""Disk full: the spool on a small tmpfs the test mounts, filled with mail and with filler files.
+
+What must hold (issue 9, 4.3): while the spool's file system is low, clients get
+``452 4.3.1 Insufficient system storage`` at MAIL or DATA (never ``421 Internal error``, never a
+``250`` for a message that is not on disk); a write that finds the disk full mid-DATA fails that
+message cleanly and the session goes on; no corrupt or half-written entry, before or after a
+restart; nothing acknowledged is lost; acceptance resumes by itself when space returns.
+
+The tests mount a tmpfs (``mount -t tmpfs -o size=…``), so they need root, as the test machines
+have; elsewhere they are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import subprocess
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from mailgate.queue.spool import Envelope, Recipient, Spool, SpoolError, read_seal
+from tests.support.gateway import GatewayProcess, free_port
+from tests.support.rawsmtp import RawSmtp
+from tests.support.sink import SinkServer
+
+KIB = 1024
+MIB = 1024 * KIB
+HOP = "127.0.0.5"  # targetdomain1.com's internal server (the sink)
+
+Mount = Callable[[Path, int], Path]
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Mount]:
+    """``mount(where, size)`` mounts a tmpfs of ``size`` bytes; all are unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(where: Path, size: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs for the spool needs root (the test machines are root)")
+        where.mkdir(parents=True, exist_ok=True)
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "mailgate-disk-full",
+                 str(where)], capture_output=True, text=True, timeout=30, check=False)
+        except FileNotFoundError:
+            pytest.skip("no mount command to mount a tmpfs for the spool")
+        if done.returncode != 0:
+            pytest.skip(f"mount -t tmpfs was refused: {done.stderr.strip() or done.returncode}")
+        mounted.append(where)
+        return where
+
+    try:
+        yield mount
+    finally:
+        for where in reversed(mounted):
+            if subprocess.run(["umount", str(where)], capture_output=True,
+                              check=False).returncode != 0:
+                # Still busy (a daemon that did not stop): detach it so nothing is left behind.
+                subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def fill(path: Path) -> int:
+    """Write ``path`` until its file system is full (ENOSPC); returns the bytes written."""
+    chunk = b"\0" * (256 * KIB)
+    total = 0
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        while True:
+            try:
+                total += os.write(fd, chunk)  # short at the very end, then ENOSPC
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                return total
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def is_sealed(path: Path) -> bool:
+    """The queue file is whole: the CRC and length in its envelope line match its content."""
+    data = path.read_bytes()
+    line, nl, content = data.partition(b"\n")
+    seal = read_seal(line + nl)
+    return bool(nl) and seal is not None and seal[:2] == (zlib.crc32(content), len(content))
+
+
+def entries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    """Poll ``check`` (a condition, never a duration under test) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting: {what}")
+        time.sleep(0.05)
+
+
+def make_gateway(tmp_path: Path, hop_port: int, settings: str = "") -> GatewayProcess:
+    tables = {
+        "mailertable": f"targetdomain1.com   smtp:[{HOP}]:{hop_port}\n",
+        "access": "To:targetdomain1.com  RELAY\n",
+    }
+    return GatewayProcess(tmp_path / "gw", dns=None, tables=tables, settings=(
+        '[queue]\nrun_interval = "2s"\nretry_min = "1s"\nmin_free = "1M"\n'
+        '[delivery]\nconnect_timeout = "2s"\n'
+        '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\ncheck_sender_domain = false\n'
+        'max_message_size = "8M"\n' + settings))
+
+
+def message(msgid: str, body: bytes = b"Hello.\r\n") -> bytes:
+    return (f"From: <alice@example.org>\r\nTo: <bob@targetdomain1.com>\r\n"
+            f"Subject: {msgid}\r\nMessage-ID: <{msgid}@example.org>\r\n\r\n").encode() + body
+
+
+def message_id(data: bytes) -> str | None:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"message-id:"):
+            return line.split(b":", 1)[1].strip().decode()
+    return None
+
+
+# -- the spool itself ----------------------------------------------------------------------------
+
+def envelope(spool: Spool) -> Envelope:
+    return Envelope(qid=spool.new_qid(), sender="alice@example.org",
+                    recipients=[Recipient("bob@targetdomain1.com", "bob@targetdomain1.com")],
+                    arrival=time.time(), client_ip="192.0.2.1")
+
+
+def test_a_write_that_finds_the_disk_full_fails_the_message_cleanly(tmp_path: Path,
+                                                                    tmpfs: Mount) -> None:
+    """The bug: the failed pwrite left a memoryview on the write buffer alive (in the
+    exception's traceback, which the session keeps), so the next write raised BufferError."""
+    disk = tmpfs(tmp_path / "disk", 1 * MIB)
+    spool = Spool(disk / "spool", fsync="threads")
+    msg = spool.open_incoming(envelope(spool))
+    failure: OSError | None = None
+    for _ in range(64):  # 8 MiB: far more than the disk holds
+        try:
+            msg.write(b"x" * (128 * KIB))
+        except OSError as exc:
+            failure = exc  # kept, as the session keeps it until the end of the data
+    assert failure is not None and failure.errno == errno.ENOSPC
+    # The partial file is gone at once (its space is free for other messages) ...
+    assert entries(spool.incoming) == []
+    assert free_bytes(disk) > 900 * KIB
+    # ... and the message can never be committed.
+    with pytest.raises(SpoolError):
+        asyncio.run(spool.commit(msg))
+    assert entries(spool.incoming) == [] and entries(spool.queue) == []
+    spool.close()
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
+        tmp_path: Path, tmpfs: Mount) -> None:
+    with SinkServer(HOP, free_port(HOP)) as sink:
+        gw = make_gateway(tmp_path, sink.port)
+        spool = tmpfs(gw.spool, 4 * MIB)
+        with gw, RawSmtp(gw.host, gw.port) as c:
+            assert c.read_reply().code == 220
+            assert c.cmd("EHLO client.example.net").code == 250
+            assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+            assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+            assert c.cmd("DATA").code == 354
+            line = b"z" * 98 + b"\r\n"
+            c.send(message("big") + line * 3000)  # 300 KB: the write buffer spills to disk
+
+            def spilled() -> bool:
+                return any(p.stat().st_size >= 256 * KIB for p in spool.joinpath(
+                    "incoming").iterdir())
+
+            wait_until("the first part of the message is in its spool file", spilled)
+            filler = spool / "filler"
+            fill(filler)
+            # More content, with lines that would be commands if they were ever read as such.
+            c.send(line * 3000 + b"RSET\r\nMAIL FROM:<mallory@example.net>\r\nQUIT\r\n"
+                   + line * 3000 + b".\r\n")
+            reply = c.read_reply()
+            assert (reply.code, reply.enhanced) == (452, "4.3.1"), reply.first
+            assert "Insufficient system storage" in reply.text
+            assert entries(spool / "incoming") == []  # the partial file is removed
+            # The session goes on, and nothing of the content was taken as a command.
+            reply = c.cmd("RSET")
+            assert reply.first == "250 2.0.0 Reset state"
+            assert c.pending(0.2) == b""
+            # Still full: refused up front now.
+            reply = c.cmd("MAIL FROM:<alice@example.org>")
+            assert (reply.code, reply.enhanced) == (452, "4.3.1"), reply.first
+            # Space returns: acceptance resumes by itself, in the same session.
+            filler.unlink()
+
+            def accepted() -> bool:
+                return c.cmd("MAIL FROM:<alice@example.org>").code == 250
+
+            wait_until("MAIL accepted again once the filler is gone", accepted)
+            assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(message("after") + b".\r\n")
+            assert c.read_reply().code == 250
+            assert c.cmd("QUIT").code == 221
+            [got] = sink.wait_for(1, timeout=20)
+            assert message_id(got.data) == "<after@example.org>"
+            log = gw.log()
+        assert "Internal error" not in log, log
