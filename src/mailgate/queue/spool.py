@@ -204,8 +204,8 @@ class IncomingMessage:
         """Add content. Raises OSError (ENOSPC…) when the file cannot take it; the message has
         then failed (``failed``): its file is removed at once, later writes are dropped and
         ``commit`` refuses it, so the caller can read the rest of the content and refuse it."""
-        if self.failed is not None:
-            return
+        if self.failed is not None or self.closed:
+            return  # failed, or discarded (a DSN writer that outlived its cancelled task)
         self.buf += data
         self.size += len(data)
         self.crc = zlib.crc32(data, self.crc)
