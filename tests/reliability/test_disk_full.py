@@ -13,18 +13,20 @@ have; elsewhere they are skipped with the reason.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
+import smtplib
 import subprocess
+import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from mailgate.queue.spool import Envelope, Recipient, Spool, SpoolError, read_seal
+from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, SpoolError, read_seal
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
@@ -165,6 +167,38 @@ def test_a_write_that_finds_the_disk_full_fails_the_message_cleanly(tmp_path: Pa
     spool.close()
 
 
+def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
+        tmp_path: Path, tmpfs: Mount) -> None:
+    disk = tmpfs(tmp_path / "disk", 1 * MIB)
+    spool = Spool(disk / "spool", fsync="threads")
+    queued = spool.open_incoming(envelope(spool))
+    queued.write(b"Subject: queued before the disk filled\r\n\r\nbody\r\n")
+    asyncio.run(spool.commit(queued))
+    qid = queued.envelope.qid
+    spool.save_status(qid, QueueStatus(done={"smtp:[192.0.2.9]:x@y": "sent"}, attempts=1))
+    fill(disk / "filler")
+    # A message that never spilled is written whole at commit: that write finds no room.
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"x" * (64 * KIB))
+    with pytest.raises(SpoolError, match="No space left"):
+        asyncio.run(spool.commit(msg))
+    # A status that cannot be written leaves the old one as it was, and no .tmp.
+    with pytest.raises(OSError) as failed:
+        spool.save_status(qid, QueueStatus(attempts=2, errors={"b@x": "Deferred " * 1000}))
+    assert failed.value.errno == errno.ENOSPC
+    assert spool.load_status(qid).attempts == 1
+    assert entries(spool.queue) == [qid, qid + ".st"]
+    assert entries(spool.incoming) == []
+    spool.close()
+    # Start-up recovery on the full disk: the queued message, nothing moved aside.
+    again = Spool(disk / "spool", fsync="threads")
+    assert again.recover() == [qid]
+    loaded = again.load(qid)
+    assert loaded is not None and loaded.status.done == {"smtp:[192.0.2.9]:x@y": "sent"}
+    assert entries(again.corrupt) == [] and is_sealed(again.queue / qid)
+    again.close()
+
+
 # -- the daemon --------------------------------------------------------------------------------
 
 def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
@@ -218,3 +252,163 @@ def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
             assert message_id(got.data) == "<after@example.org>"
             log = gw.log()
         assert "Internal error" not in log, log
+
+
+def test_mail_whose_size_would_not_leave_min_free_gets_452(tmp_path: Path, tmpfs: Mount) -> None:
+    """As Postfix: SIZE= more than the space above the reserve is refused up front (4 MiB disk,
+    1 MiB reserve); more than max_message_size stays a permanent 552."""
+    gw = make_gateway(tmp_path, free_port(HOP))
+    tmpfs(gw.spool, 4 * MIB)
+    with gw, gw.smtp() as s:
+        s.ehlo()
+        assert s.mail("alice@example.org", ["SIZE=3500000"]) == (
+            452, b"4.3.1 Insufficient system storage")
+        assert s.mail("alice@example.org", ["SIZE=9000000"])[0] == 552
+        assert s.mail("alice@example.org", ["SIZE=100000"])[0] == 250
+
+
+def send(s: smtplib.SMTP, msgid: str, body: bytes) -> tuple[str, int, str]:
+    """One transaction: (the stage that answered last, its code, its text)."""
+    code, text = s.mail("alice@example.org")
+    if code != 250:
+        return "MAIL", code, text.decode()
+    code, text = s.rcpt("bob@targetdomain1.com")
+    if code != 250:
+        s.rset()
+        return "RCPT", code, text.decode()
+    try:
+        code, text = s.data(message(msgid, body))
+    except smtplib.SMTPDataError as exc:  # DATA itself refused: the transaction stays
+        s.rset()
+        return "DATA", exc.smtp_code, exc.smtp_error.decode()
+    return "end of data", code, text.decode()
+
+
+def test_mail_fills_the_spool_then_nothing_is_lost_and_acceptance_resumes(
+        tmp_path: Path, tmpfs: Mount) -> None:
+    """(a) four clients send until acceptance stops at the reserve; (c) the disk is then
+    filled to the last byte, the daemon is killed and restarted on it; (d) the filler goes,
+    the next hop comes up, and as the queue drains acceptance resumes by itself; every
+    acknowledged message arrives exactly once."""
+    port = free_port(HOP)
+    sink = SinkServer(HOP, port)  # held down: everything stays queued until (d)
+    gw = make_gateway(tmp_path, port)
+    spool = tmpfs(gw.spool, 4 * MIB)
+    body = (b"f" * 98 + b"\r\n") * 240  # 24 KB: about 120 messages fill the disk
+    acked: dict[str, str] = {}  # Message-ID → queue id, for every 250
+    refused: Counter[str] = Counter()  # stage → 452 4.3.1 answers there
+    bad: list[str] = []  # anything else
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        try:
+            with gw.smtp() as s:
+                s.ehlo()
+                in_a_row = 0
+                for i in range(400):
+                    msgid = f"fill-{n}-{i}"
+                    stage, code, text = send(s, msgid, body)
+                    with lock:
+                        if code == 250 and stage == "end of data":
+                            acked[f"<{msgid}@example.org>"] = text.split()[1]
+                            in_a_row = 0
+                        elif code == 452 and text.startswith("4.3.1 Insufficient system storage"):
+                            refused[stage] += 1
+                            in_a_row += 1
+                        else:
+                            bad.append(f"{msgid}: {stage}: {code} {text}")
+                            return
+                    if in_a_row == 5:
+                        return
+        except (OSError, smtplib.SMTPException) as exc:  # a 421 closes the connection
+            with lock:
+                bad.append(f"client {n}: {exc!r}")
+
+    gw.start()
+    try:
+        # (a)
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not bad, bad
+        assert len(acked) >= 20 and refused["MAIL"] >= 4, (len(acked), refused)
+        assert set(refused) <= {"MAIL", "DATA", "end of data"}, refused
+        # Every 250 is a whole message on disk; nothing refused is queued.
+        assert set(gw.queued()) == set(acked.values())
+        assert all(is_sealed(spool / "queue" / qid) for qid in acked.values())
+        # The reserve held: acceptance stopped before any write found the disk full.
+        log = gw.log()
+        assert "low on space" in log and "No space left" not in log, log
+        assert free_bytes(spool) > 0
+        # (c) Full to the last byte: acceptance stays refused, and the queue runs (the hop
+        # is still down) find no room for their status files.
+        filler = spool / "filler"
+        fill(filler)
+        with gw.smtp() as s:
+            s.ehlo()
+            assert s.mail("alice@example.org") == (452, b"4.3.1 Insufficient system storage")
+        gw.wait_log("cannot record the delivery status", timeout=20)
+        gw.kill9()
+        gw.start()
+        gw.wait_log(f"recovered {len(acked)} queued message(s)")
+        assert entries(spool / "corrupt") == []
+        assert set(gw.queued()) == set(acked.values())
+        assert all(is_sealed(spool / "queue" / qid) for qid in acked.values())
+        # (d) Space returns and the hop comes up: no restart, no signal, no operator.
+        filler.unlink()
+        sink.start()
+
+        def accepting() -> bool:
+            with gw.smtp() as s:
+                s.ehlo()
+                _stage, code, text = send(s, "after", b"Space again.\r\n")
+            if code == 250:
+                acked["<after@example.org>"] = text.split()[1]
+            return code == 250
+
+        wait_until("acceptance resumes once the filler is gone", accepting)
+        sink.wait_for(len(acked), timeout=60)
+        wait_until("the queue is empty", lambda: gw.queued() == [], timeout=30)
+        arrived = Counter(message_id(m.data) for m in sink.messages)
+        assert arrived == Counter(dict.fromkeys(acked, 1))  # each exactly once, nothing else
+        assert entries(spool / "corrupt") == [] and entries(spool / "incoming") == []
+        log = gw.log()
+        assert "Internal error" not in log and "failed:" not in log, log
+    finally:
+        sink.stop()
+        gw.stop()
+
+
+def test_a_bounce_that_finds_the_disk_full_waits_for_space(tmp_path: Path,
+                                                          tmpfs: Mount) -> None:
+    """The next hop refuses the recipient while the disk is full: the bounce cannot be
+    written, so the message stays queued (no partial bounce file) and is bounced, once,
+    when space returns."""
+    port = free_port(HOP)
+    sink = SinkServer(HOP, port)
+    gw = make_gateway(tmp_path, port)
+    spool = tmpfs(gw.spool, 4 * MIB)
+    gw.start()
+    try:
+        with gw.smtp() as s:
+            s.sendmail("carol@targetdomain1.com", ["bob@targetdomain1.com"], message("bounced"))
+        [qid] = gw.queued()
+        wait_until("the first attempt is deferred", (spool / "queue" / f"{qid}.st").exists)
+        filler = spool / "filler"
+        fill(filler)
+        sink.rcpt_reply["bob@targetdomain1.com"] = "550 5.1.1 No such user"
+        sink.start()
+        gw.wait_log(f"{qid}: cannot queue the bounce", timeout=20)
+        assert gw.queued() == [qid]
+        assert entries(spool / "incoming") == [] and entries(spool / "corrupt") == []
+        filler.unlink()
+        [dsn] = sink.wait_for(1, timeout=30)
+        wait_until("the queue is empty", lambda: gw.queued() == [], timeout=30)
+        assert (dsn.mail_from, dsn.rcpt_tos) == ("", ["carol@targetdomain1.com"])
+        assert b"<bounced@example.org>" in dsn.data
+        assert len(sink.messages) == 1
+    finally:
+        sink.stop()
+        gw.stop()
