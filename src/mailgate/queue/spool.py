@@ -379,6 +379,8 @@ class Spool:
                 os.rename(self.spare / name, path)
             except OSError:
                 os.close(fd)
+                with contextlib.suppress(OSError):  # else it holds its blocks until restart
+                    os.unlink(self.spare / name)
                 continue
             return fd, size
         return None
@@ -515,7 +517,11 @@ class Spool:
                         os.link(p, self.queue / qid)
                         moved += 1
                     done.append(p)
-                except OSError:
+                except OSError as exc:
+                    # Kept where it is (a full disk can refuse the link): the next start-up
+                    # tries again; an acknowledged message is never dropped for want of room.
+                    maillog.error(f"cannot recover {p}: {exc.strerror or exc}; left for the "
+                                  "next start")
                     continue
         if done:
             self._fsync_queue_dir()
