@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.config import ConfigError, parse_config
 from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, SpoolError, read_seal
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
@@ -133,6 +134,15 @@ def message_id(data: bytes) -> str | None:
         if line.lower().startswith(b"message-id:"):
             return line.split(b":", 1)[1].strip().decode()
     return None
+
+
+def test_min_free_setting() -> None:
+    text = 'hostname = "gw.example.com"\n[queue]\nrun_interval = "30m"\nmin_free = "%s"\n'
+    assert parse_config(text % "2G", None, Path("/")).queue.min_free == 2 * 1024**3
+    assert parse_config(text.replace("min_free", "#"), None, Path("/")).queue.min_free == 100 * MIB
+    with pytest.raises(ConfigError) as bad:
+        parse_config(text % "lots", None, Path("/"))
+    assert str(bad.value).startswith("<embedded default config>:4: queue.min_free: bad size")
 
 
 # -- the spool itself ----------------------------------------------------------------------------
