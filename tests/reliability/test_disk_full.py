@@ -290,7 +290,8 @@ def send(s: smtplib.SMTP, msgid: str, body: bytes) -> tuple[str, int, str]:
         code, text = s.data(message(msgid, body))
     except smtplib.SMTPDataError as exc:  # DATA itself refused: the transaction stays
         s.rset()
-        return "DATA", exc.smtp_code, exc.smtp_error.decode()
+        error = exc.smtp_error
+        return "DATA", exc.smtp_code, error.decode() if isinstance(error, bytes) else error
     return "end of data", code, text.decode()
 
 

@@ -320,7 +320,9 @@ class Spool:
         return max(0, self._free - self._spent)
 
     def spent(self, nbytes: int, *, new_file: bool = False) -> None:
-        """``nbytes`` written into the spool (a new file: plus a block for its last one)."""
+        """``nbytes`` written into the spool (a new file: plus a block for its last one).
+        Also called from threads (status files, DSNs): a lost update only skews an estimate
+        that the next statvfs replaces."""
         self._spent += nbytes + (self._block if new_file else 0)
 
     def free_space_changed(self) -> None:
