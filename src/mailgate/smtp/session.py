@@ -552,7 +552,7 @@ class SmtpSession(asyncio.Protocol):
             self.reply(exc.reply)
             self.count_bad_command()
             return
-        problem = self._check_mail_params(params)
+        problem = self._check_mail_params(params) or self._storage_refusal(params.get("SIZE"))
         if problem is not None:
             self.reply(problem)
             return
@@ -574,6 +574,13 @@ class SmtpSession(asyncio.Protocol):
                                   discard=decision.discard or self.discard_all)
             self.tx.body_8bit = (params.get("BODY") or "").upper() == "8BITMIME"
             self.tx.smtputf8 = "SMTPUTF8" in params
+
+    def _storage_refusal(self, size: str | None = None) -> Reply | None:
+        """Postfix's answer while the spool's file system is below ``[queue] min_free``, or
+        would be with the message announced by SIZE= (checked already: digits only)."""
+        if self.gw.spool.room_for(int(size) if size else 0, self.snap.config.queue.min_free):
+            return None
+        return Reply(452, "4.3.1", "Insufficient system storage")
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         limit = self.snap.config.smtp.max_message_size
@@ -665,6 +672,8 @@ class SmtpSession(asyncio.Protocol):
             refused = Reply(503, "5.0.0", "Need RCPT (recipient)")
         elif refused is None and arg:
             refused = Reply(501, "5.5.4", "DATA takes no arguments")
+        elif refused is None:
+            refused = self._storage_refusal()  # full since MAIL: the transaction stays
         if refused is not None:
             self.conn.reject_data()
             self.reply(refused)
