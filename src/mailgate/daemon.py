@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import math
 import os
 import random
 import signal
@@ -60,6 +61,7 @@ class Gateway:
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
@@ -115,11 +117,9 @@ class Gateway:
         for listener in self.listeners:
             await listener.close()
         for s in list(self.sessions):
-            if s.transport is not None:
-                with contextlib.suppress(Exception):
-                    s.transport.write(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
-                                                           "Shutting down").to_bytes())
-                    s.transport.close()
+            with contextlib.suppress(Exception):
+                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
+                                                "Shutting down"))
         self._stats_task.cancel()
         self.log_statistics()
         await self.scheduler.stop()
@@ -157,6 +157,7 @@ class Gateway:
         self.sessions.add(session)
         self.per_ip[session.client.ip] += 1
         self.counters["connections"] += 1
+        self._check_stress()
 
     def session_ended(self, session: SmtpSession) -> None:
         if session in self.sessions:
@@ -164,6 +165,35 @@ class Gateway:
             self.per_ip[session.client.ip] -= 1
             if self.per_ip[session.client.ip] <= 0:
                 del self.per_ip[session.client.ip]
+            self._check_stress()
+
+    def _check_stress(self) -> None:
+        """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
+        ``max_connections``, clients that hold a session without using it (slowloris) get
+        ``stress_timeout`` instead of the RFC's minutes, until the load falls back below 90 %
+        of that mark (the margin keeps one connection coming and going from flapping it)."""
+        smtp = self.snapshot.config.smtp
+        mark = max(1, math.ceil(smtp.max_connections * smtp.stress_threshold))
+        open_now = len(self.sessions)
+        if not self.stressed and open_now >= mark:
+            self.stressed = True
+            self.counters["stress"] += 1
+            maillog.warning(f"stress: {open_now} of {smtp.max_connections} sessions open; "
+                            f"command and DATA timeouts now {smtp.stress_timeout:g}s")
+            for session in list(self.sessions):
+                session.timeouts_changed()
+        elif self.stressed and open_now < mark * 0.9:
+            self.stressed = False
+            maillog.info(f"stress over: {open_now} of {smtp.max_connections} sessions open; "
+                         f"timeouts back to {smtp.command_timeout:g}s / {smtp.data_timeout:g}s")
+
+    def timeouts(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force now (shorter under stress)."""
+        smtp = self.snapshot.config.smtp
+        if self.stressed:
+            return (min(smtp.command_timeout, smtp.stress_timeout),
+                    min(smtp.data_timeout, smtp.stress_timeout))
+        return smtp.command_timeout, smtp.data_timeout
 
     def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
         smtp = self.snapshot.config.smtp
@@ -207,29 +237,33 @@ class Gateway:
                 incoming.release_lock()
         self.scheduler.submit(qid)
 
-    def flush_domain(self, domain: str) -> None:
-        """ETRN: retry now what waits for ``domain``. The queue is read in a thread (it may be
-        large) and the reply does not wait for it, as Sendmail's forked queue run; a second
-        ETRN for a domain whose scan is under way joins it."""
-        if domain in self._flushing:
+    def flush_domain(self, domain: str, *, subdomains: bool = False) -> None:
+        """ETRN: retry now what waits for ``domain`` (and its subdomains for ``ETRN @domain``).
+        The queue is read in a thread (it may be large) and the reply does not wait for it, as
+        Sendmail's forked queue run; a second ETRN for a node whose scan is under way joins it."""
+        node = ("@" if subdomains else "") + domain
+        if node in self._flushing:
             return
-        self._flushing.add(domain)
-        task = asyncio.get_running_loop().create_task(self._flush_domain(domain))
+        self._flushing.add(node)
+        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain,
+                                                                         subdomains))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _flush_domain(self, domain: str) -> None:
+    async def _flush_domain(self, node: str, domain: str, subdomains: bool) -> None:
         try:
-            chosen = await asyncio.to_thread(self._queued_for, domain)
+            chosen = await asyncio.to_thread(self._queued_for, domain, subdomains)
         finally:
-            self._flushing.discard(domain)
+            self._flushing.discard(node)
         self.scheduler.run_now(chosen)
 
-    def _queued_for(self, domain: str) -> list[str]:
+    def _queued_for(self, domain: str, subdomains: bool) -> list[str]:
+        suffix = "." + domain
         chosen = []
         for qid in list(self.spool.qids()):
             msg = self.spool.load(qid)
-            if msg and any(mailbox_of(r.address).domain == domain
+            if msg and any((d := mailbox_of(r.address).domain) == domain
+                           or (subdomains and d.endswith(suffix))
                            for r in msg.envelope.recipients):
                 chosen.append(qid)
         return chosen
@@ -241,7 +275,8 @@ class Gateway:
         """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
         c = self.counters
         names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
-                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused")
+                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused", "bare_newline",
+                 "improper_pipelining", "stress")
         text = ", ".join(f"{n}={c[n]}" for n in names)
         maillog.info(f"statistics: {text}, sessions_now={len(self.sessions)}, "
                      f"queued={self.scheduler.queued}, delivering={self.scheduler.active}")
