@@ -14,8 +14,9 @@ import sys
 
 import _setup  # noqa: F401  (sys.path)
 import atheris
+from atheris.import_hook import instrument_imports
 
-with atheris.instrument_imports(include=["mailgate"]):
+with instrument_imports(include=["mailgate"]):
     import mailgate.address
     import mailgate.reply  # noqa: F401
 

@@ -14,11 +14,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import _setup  # noqa: F401  (sys.path)
 import atheris
+from atheris.import_hook import instrument_imports
 
-with atheris.instrument_imports(include=["mailgate"]):
+with instrument_imports(include=["mailgate"]):
     import mailgate.address
     import mailgate.tables
     import mailgate.tables.lint  # noqa: F401
@@ -54,6 +56,12 @@ _shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
 DIR = Path(tempfile.mkdtemp(prefix="mailgate-fuzz-", dir=_shm))
 
 
+def with_table(field: str, table: Any) -> Tables:
+    """Empty tables but this one (lint and lookups see it as load_tables() would give it)."""
+    kw: dict[str, Any] = {field: table}
+    return dataclasses.replace(Tables.empty(), **kw)
+
+
 def test_one_input(data: bytes) -> None:
     if not data:
         return
@@ -68,7 +76,7 @@ def test_one_input(data: bytes) -> None:
         return
     if field is None:
         return
-    tables = dataclasses.replace(Tables.empty(), **{field: table})
+    tables = with_table(field, table)
     for blocklist in (False, True):
         lint(tables, blocklist_recipients=blocklist)
     for ip, host, local, domain in QUERIES:

@@ -9,11 +9,12 @@ that two runs (or a run and the model) can be compared.
 
 The contract modelled here:
 
-- A command line ends at LF. Longer than ``max_command_line`` (LF included): one
-  ``BadCommand`` 500 5.5.0 once its LF arrives. A line that does not end in CRLF, or holds a
-  CR anywhere else, is refused and ends the session (issue 9 item 2): the model stops there
-  with a :class:`MBare` marker and says nothing of what follows. A NUL: ``BadCommand`` 500
-  5.5.1. Otherwise ``Command(verb.upper(), rest.strip())``.
+- A command line ends at LF. One that does not end in CRLF is refused with a fatal
+  ``BadCommand`` 521 5.5.2 "bare <LF>", one holding any other CR with 521 5.5.2 "bare <CR>",
+  whatever its length (issue 9 item 2): the session closes and the protocol produces no
+  event after it, not even ConnectionClosed. Otherwise: longer than ``max_command_line``
+  (CRLF included), ``BadCommand`` 500 5.5.0 once its LF arrives; a NUL, 500 5.5.1; else
+  ``Command(verb.upper(), rest.strip())``.
 - After ``DATA``, if the session accepts, content runs to the first ``CRLF . CRLF`` (the
   CRLF before the DATA content is implied), dot-unstuffed; nothing else ends it. The first
   violation (bare CR/LF, NUL, a line over ``max_text_line``, the size limit) by position,
@@ -45,19 +46,19 @@ from mailgate.tables.maps import TableError
 
 __all__ = [
     "BARE",
+    "CMD_BARE_CR",
+    "CMD_BARE_LF",
     "CMD_NUL",
     "CMD_TOO_LONG",
     "NUL",
     "Limits",
     "MBad",
-    "MBare",
     "MClosed",
     "MCmd",
     "MData",
     "MEvent",
     "Run",
     "check_address_error",
-    "check_bare_refused",
     "check_mailbox",
     "check_protocol",
     "check_table_error",
@@ -73,6 +74,8 @@ __all__ = [
 
 CMD_TOO_LONG = Reply(500, "5.5.0", "Command line too long")
 CMD_NUL = Reply(500, "5.5.1", "Invalid command: NUL byte")
+CMD_BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
+CMD_BARE_CR = Reply(521, "5.5.2", "Error: bare <CR> received")
 BARE = Reply(
     550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
 )
@@ -116,6 +119,7 @@ class MCmd:
 @dataclass(frozen=True)
 class MBad:
     reply: Reply
+    fatal: bool = False
 
 
 @dataclass(frozen=True)
@@ -136,14 +140,7 @@ class MClosed:
     pass
 
 
-@dataclass(frozen=True)
-class MBare:
-    """Model only: a command line holding a bare CR or LF; the session ends here."""
-
-    line: bytes
-
-
-MEvent = MCmd | MBad | MData | MClosed | MBare
+MEvent = MCmd | MBad | MData | MClosed
 
 
 def split_at(data: bytes, cuts: Sequence[int]) -> list[bytes]:
@@ -271,7 +268,9 @@ class _DriveState:
         if isinstance(ev, Command):
             out.append(MCmd(ev.verb, ev.arg))
         elif isinstance(ev, BadCommand):
-            out.append(MBad(ev.reply))
+            out.append(MBad(ev.reply, ev.fatal))
+            if ev.fatal:
+                self.closed = True
         else:  # pragma: no cover - the Event union is closed
             raise AssertionError(f"unknown event {ev!r}")
 
@@ -356,13 +355,16 @@ def model(
             break
         line = wire[p : lf + 1]
         p = lf + 1
+        if not line.endswith(b"\r\n"):
+            out.append(MBad(CMD_BARE_LF, fatal=True))
+            return out
+        body = line[:-2]
+        if b"\r" in body:
+            out.append(MBad(CMD_BARE_CR, fatal=True))
+            return out
         if len(line) > lim.max_command_line:
             out.append(MBad(CMD_TOO_LONG))
             continue
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2]:
-            out.append(MBare(line))
-            return out
-        body = line[:-2]
         if b"\0" in body:
             out.append(MBad(CMD_NUL))
             continue
@@ -388,21 +390,15 @@ def model(
     return out
 
 
-def compare_with_model(got: Sequence[MEvent], want: Sequence[MEvent]) -> int | None:
-    """Assert ``got`` (from drive()) matches the model up to its first MBare, if any.
+def compare_with_model(got: Sequence[MEvent], want: Sequence[MEvent]) -> None:
+    """Assert ``got`` (from drive()) is the model's ``want``.
 
-    Returns the index of the MBare in ``want`` (where ``got`` holds the protocol's answer to
-    that line), or None. DATA content handed out before a failure or before EOF must be a
-    prefix of the model's valid content: no byte after a violation is ever handed out.
+    DATA content handed out before a failure or before EOF must only be a prefix of the
+    model's valid content: no byte after a violation is ever handed out.
     """
-    stop = next((i for i, e in enumerate(want) if isinstance(e, MBare)), None)
-    upto = len(want) if stop is None else stop
-    if stop is None and len(got) != len(want):
+    if len(got) != len(want):
         raise AssertionError(f"{len(got)} events, model has {len(want)}:\n{got}\n{want}")
-    if len(got) < upto:
-        raise AssertionError(f"only {len(got)} events, model has {upto} before the end")
-    for i in range(upto):
-        g, w = got[i], want[i]
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         if isinstance(w, MData) and isinstance(g, MData):
             if g.end != w.end:
                 raise AssertionError(f"event {i}: data end {g.end!r}, model {w.end!r}")
@@ -416,38 +412,17 @@ def compare_with_model(got: Sequence[MEvent], want: Sequence[MEvent]) -> int | N
                 )
         elif g != w:
             raise AssertionError(f"event {i}: {g!r}, model {w!r}\n{got}\n{want}")
-    return stop
 
 
-def check_bare_refused(got: Sequence[MEvent], stop: int) -> None:
-    """The strict bare-LF contract: the line the model stopped at is a 5xx BadCommand and no
-    Command follows it (the session closes there; issue 9 item 2)."""
-    answer = got[stop] if stop < len(got) else None
-    if not (isinstance(answer, MBad) and answer.reply.code >= 500):
-        raise AssertionError(f"a bare CR/LF line gave {answer!r}, not a 5xx BadCommand")
-    later = [e for e in got[stop + 1 :] if isinstance(e, MCmd)]
-    if later:
-        raise AssertionError(f"commands after a refused bare CR/LF line: {later!r}")
-
-
-def check_protocol(
-    wire: bytes,
-    lim: Limits,
-    accept: Sequence[bool],
-    cuts: Sequence[int],
-    *,
-    strict_bare: bool,
-) -> Run:
-    """Every protocol property on one input: the model (up to a bare line, and past it when
-    ``strict_bare``), split invariance against the unsplit run, bounded buffering."""
+def check_protocol(wire: bytes, lim: Limits, accept: Sequence[bool], cuts: Sequence[int]) -> Run:
+    """Every protocol property on one input: split invariance against the unsplit run, the
+    model, bounded buffering (in drive())."""
     run = drive(wire, lim, accept, cuts=cuts)
-    stop = compare_with_model(run.normal, model(wire, lim, accept))
     if cuts:
         whole = drive(wire, lim, accept)
         if comparable(whole.normal) != comparable(run.normal):
             raise AssertionError(f"split changed the events:\n{whole.normal}\n{run.normal}")
-    if strict_bare and stop is not None:
-        check_bare_refused(run.normal, stop)
+    compare_with_model(run.normal, model(wire, lim, accept))
     return run
 
 

@@ -531,8 +531,8 @@ def test_aliases_round_trip(
             text += (" " if j == 0 else glue) + target_text(t)
         text += "\n"
         want[name] = (tuple(targets), no)  # newaliases: the later line replaces
-    t = AliasTable.from_text(text + noises[-1], "aliases")
-    assert sorted(t.names()) == sorted(want)
-    for name, (targets, no) in want.items():
-        assert t.lookup(name.upper()) == targets
-        assert t.line_of(name) == no
+    table = AliasTable.from_text(text + noises[-1], "aliases")
+    assert sorted(table.names()) == sorted(want)
+    for name, (expect, no) in want.items():
+        assert table.lookup(name.upper()) == expect
+        assert table.line_of(name) == no
