@@ -86,9 +86,37 @@ TOKENS = [
     "=",
     "x" * 60,
 ]
+ROUTE_ATOMS = ["u", "user", "foreign.example", "targetdomain2.com", "gateway.example", "localhost",
+               "a.b", "", "[192.0.2.1]", "x\udcff"]  # fmt: skip
+ROUTE_SEPS = ["%", "!", "@", "\\@", "\\%", "%%", "!!", ".", "@@"]
+
+
+def _local(first: str, rest: list[tuple[str, str]], quote: int) -> str:
+    text = first + "".join(sep + atom for sep, atom in rest)
+    if quote == 1:
+        return '"' + text.replace('"', "") + '"'
+    if quote == 2 and rest:
+        sep, atom = rest[0]
+        return '"' + first + sep + atom + '"' + "".join(s + a for s, a in rest[1:])
+    return text
+
+
+# Sender-specified routing in every combination: u%a@b, a!u@b, "u@a"@b, u\@a@b, nested.
+route_address = st.builds(
+    lambda local, domain: f"{local}@{domain}" if domain is not None else local,
+    st.builds(
+        _local,
+        st.sampled_from(ROUTE_ATOMS),
+        st.lists(st.tuples(st.sampled_from(ROUTE_SEPS), st.sampled_from(ROUTE_ATOMS)), max_size=3),
+        st.integers(0, 2),
+    ),
+    st.one_of(st.none(), st.sampled_from(DOMAINS)),
+)
 raw_address = st.one_of(
     st.lists(st.sampled_from(TOKENS), max_size=14).map("".join),
     st.text(max_size=40),
+    route_address,
+    route_address,
 )
 local_sets = st.sets(
     st.sampled_from(["", "gateway.example", "localhost", "targetdomain1.com", "foreign.example"]),
