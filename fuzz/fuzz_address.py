@@ -5,7 +5,8 @@ Byte 0 chooses the local domains (for the %-hack), byte 1 whether the rest is a 
 argument (parse_path_arg, then normalize) or a raw path (normalize); the rest is decoded as
 the protocol decodes a command line (UTF-8, surrogateescape). Only AddressError with a
 well-formed 5xx reply may be raised; a Mailbox must be valid and canonical, with no unquoted
-"@" in its local part, and normalize must give it back from its own text.
+"@" in its local part, which normalize gives back from its own text, and the hosts its
+local part routes to (routed_hosts, what the relay check reads) are valid and canonical.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ with instrument_imports(include=["mailgate"]):
 
 from tests.reliability.fuzz_support import CONTROL, check_address_error, check_mailbox
 
-from mailgate.address import AddressError, normalize, parse_path_arg
+from mailgate.address import (
+    AddressError,
+    RouteError,
+    canon_domain,
+    is_valid_domain,
+    normalize,
+    parse_path_arg,
+    routed_hosts,
+)
 
 CANDIDATES = ("", "gateway.example", "localhost", "targetdomain1.com", "foreign.example")
 
@@ -51,6 +60,11 @@ def test_one_input(data: bytes) -> None:
     check_mailbox(mb, raw)
     again = normalize(str(mb), is_local)
     assert again == mb, (raw, mb, again)
+    try:
+        hosts = routed_hosts(mb.local)  # what the relay check reads
+    except RouteError:
+        return
+    assert all(is_valid_domain(h) and canon_domain(h) == h for h in hosts), (mb, hosts)
 
 
 def main() -> None:

@@ -19,7 +19,16 @@ from collections.abc import Callable
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from mailgate.address import AddressError, normalize, parse_path_arg
+from mailgate.address import (
+    AddressError,
+    Mailbox,
+    RouteError,
+    canon_domain,
+    is_valid_domain,
+    normalize,
+    parse_path_arg,
+    routed_hosts,
+)
 from mailgate.reply import Reply
 from tests.reliability.fuzz_support import CONTROL, check_address_error, check_mailbox
 
@@ -145,6 +154,18 @@ def test_normalize(raw: str, local: set[str]) -> None:
     check_mailbox(mb, raw)
     # Idempotent on its own output: the normalised text names the same mailbox.
     assert normalize(str(mb), is_local) == mb
+    check_routed_hosts(mb)
+
+
+def check_routed_hosts(mb: Mailbox) -> None:
+    """What the relay check reads from a local part: canonical valid hosts, or RouteError."""
+    try:
+        hosts = routed_hosts(mb.local)
+    except RouteError:
+        return
+    assert len(hosts) <= len(mb.local), (mb, hosts)
+    for host in hosts:
+        assert is_valid_domain(host) and canon_domain(host) == host, (mb, hosts)
 
 
 @fuzz_settings(700)
@@ -175,6 +196,7 @@ def test_parse_path_arg_then_normalize(
         check_address_error(exc)
         return
     check_mailbox(mb, addr)
+    check_routed_hosts(mb)
 
 
 def test_regression_no_reply_holds_a_bare_cr() -> None:
