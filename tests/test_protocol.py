@@ -340,7 +340,7 @@ def test_long_text_line(chunk: int) -> None:
     stuffed = b".." + ok[1:]
     for body, expect_ok in [(ok * 3, True), (ok + bad + ok, False), (stuffed, True)]:
         wire = b"DATA\r\n" + body + b".\r\n"
-        conn = ServerConnection()
+        conn = ServerConnection(max_text_line=1000)  # the opt-in limit
         events = feed(conn, [wire[i : i + chunk] for i in range(0, len(wire), chunk)])
         content, end = data_result(events)
         want = body.replace(b"..", b".", 1) if body is stuffed else body
@@ -352,6 +352,21 @@ def test_long_text_line(chunk: int) -> None:
             # Nothing after the violation (byte 1000 of the bad line) was handed out.
             assert want.startswith(content)
             assert len(content) <= len(ok) + 1000
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
+def test_long_text_lines_accepted_by_default(chunk: int) -> None:
+    # As Postfix's smtpd and Sendmail: no line limit unless one is configured (the client
+    # folds long lines when it passes the message on).
+    body = b"Subject: " + b"s" * 3000 + b"\r\n\r\n" + b"y" * 10_000 + b"\r\n.." + b"z" * 5000
+    body += b"\r\n"
+    wire = b"DATA\r\n" + body + b".\r\nNOOP\r\n"
+    conn = ServerConnection()
+    events = feed(conn, [wire[i : i + chunk] for i in range(0, len(wire), chunk)])
+    content, end = data_result(events)
+    want = body.replace(b"\r\n..", b"\r\n.")
+    assert end == DataEnd(len(want)) and content == want
+    assert events[-1] == Command("NOOP", "")
 
 
 def test_oversize_message_keeps_counting_and_stays_in_sync() -> None:
@@ -445,7 +460,7 @@ def reference(raw: bytes, m: int, limit: int | None) -> tuple[bytes, Event] | No
         found.append((content.index(b"\0"), 1, NUL))
     start = 0
     for j, c in enumerate(content):
-        if j - start + 1 > m:
+        if m and j - start + 1 > m:
             found.append((j, 2, long_line(m)))
             break
         if c == 10:
@@ -466,7 +481,7 @@ def reference(raw: bytes, m: int, limit: int | None) -> tuple[bytes, Event] | No
         ),
         max_size=60,
     ).map(b"".join),
-    m=st.integers(2, 12),
+    m=st.one_of(st.just(0), st.integers(2, 12)),
     limit=st.one_of(st.none(), st.integers(0, 40)),
     seed=st.integers(0, 2**32 - 1),
 )

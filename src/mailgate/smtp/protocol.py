@@ -9,6 +9,10 @@ with a fatal ``BadCommand`` (the session closes) and no part of it is acted on. 
 only ``CRLF . CRLF``. Any bare CR or bare LF in message content makes the message fail (anti
 SMTP smuggling), but never ends it. DATA content is scanned per received
 block with C-level ``bytes`` methods (count/find/rfind/replace), never byte by byte.
+
+Text lines of any length are accepted by default (``max_text_line=0``), as Postfix's smtpd and
+Sendmail accept them: the client folds them when it passes the message on (smtp/body.py), so
+refusing them here would only bounce mail the other MTAs deliver. A limit is an opt-in.
 """
 
 from __future__ import annotations
@@ -122,10 +126,11 @@ class ServerConnection:
         self,
         *,
         max_command_line: int = 512,
-        max_text_line: int = 1000,
+        max_text_line: int = 0,
         max_message_size: int | None = None,
     ) -> None:
-        if max_command_line < 2 or max_text_line < 2:
+        # max_text_line: longest content line in bytes with its CRLF; 0 = no limit.
+        if max_command_line < 2 or max_text_line == 1 or max_text_line < 0:
             raise ValueError("line limits must be at least 2 (room for CRLF)")
         self.max_command_line = max_command_line
         self.max_text_line = max_text_line
@@ -394,15 +399,16 @@ class ServerConnection:
         m = self.max_text_line
         long_at = -1
         p = -self._line_len  # start of the current line, relative to piece
-        while n - p > m:
+        while m and n - p > m:
             q = piece.rfind(b"\n", p if p > 0 else 0, p + m)
             if q < 0:
                 long_at = p + m
                 break
             p = q + 1
         else:
-            q = piece.rfind(b"\n", p if p > 0 else 0)
-            self._line_len = n - q - 1 if q >= 0 else n - p
+            if m:
+                q = piece.rfind(b"\n", p if p > 0 else 0)
+                self._line_len = n - q - 1 if q >= 0 else n - p
 
         limit = self.max_message_size
         big_at = limit - self._size if limit is not None and self._size + n > limit else -1
