@@ -40,7 +40,9 @@ class SmtpSettings:
     max_message_size: int = 50 * 1024 * 1024  # 0 = no limit
     max_recipients: int = 100
     max_command_line: int = 512
-    max_text_line: int = 1000
+    # Longest text line accepted in DATA, CRLF included; 0 = no limit (the default, as
+    # Postfix's smtpd and Sendmail: long lines are folded on the way out instead).
+    max_text_line: int = 0
     command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
     data_timeout: float = 180.0  # RFC 5321 4.5.3.2.6 data block, per read
     max_bad_commands: int = 20
@@ -78,6 +80,9 @@ class DeliverySettings:
     helo_name: str | None = None
     bind_address: str | None = None
     port: int = 25  # for hops without a port of their own (MX and plain hosts)
+    # Longer lines are broken with CRLF SPACE before they go out (Postfix's
+    # smtp_line_length_limit); 998 is RFC 5321 4.5.3.1.6's limit without the CRLF. 0 = never.
+    line_length_limit: int = 998
 
 
 @dataclass(frozen=True)
@@ -297,6 +302,18 @@ def _int(minimum: int = 0) -> Any:
     return convert
 
 
+def _zero_or_between(low: int, high: int | None, zero: str) -> Any:
+    """A whole number that is 0 (meaning ``zero``) or within ``low``..``high``."""
+    def convert(value: object) -> int:
+        number = _int(0)(value)
+        if number and (number < low or (high is not None and number > high)):
+            upper = f" and {high}" if high is not None else " or more"
+            between = f"between {low}{upper}" if high is not None else f"{low}{upper}"
+            raise ValueError(f"must be 0 ({zero}) or {between}")
+        return number
+    return convert
+
+
 def _share(value: object) -> float:
     """``"80%"`` (or the whole number 80) → 0.8: a share of a limit, above 0, at most 100 %.
     A bare fraction (0.8) is refused rather than read as 0.8 %."""
@@ -420,7 +437,9 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         max_recipients=r.get("smtp", "max_recipients", _int(1), smtp_defaults.max_recipients),
         max_command_line=r.get("smtp", "max_command_line", _int(512),
                                smtp_defaults.max_command_line),
-        max_text_line=r.get("smtp", "max_text_line", _int(1000), smtp_defaults.max_text_line),
+        # RFC 5321 4.5.3.1.6: a server must take lines of 1000 bytes, so no lower limit.
+        max_text_line=r.get("smtp", "max_text_line", _zero_or_between(1000, None, "no limit"),
+                            smtp_defaults.max_text_line),
         command_timeout=r.get("smtp", "command_timeout", parse_duration,
                               smtp_defaults.command_timeout),
         data_timeout=r.get("smtp", "data_timeout", parse_duration, smtp_defaults.data_timeout),
@@ -468,6 +487,11 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         helo_name=r.get("delivery", "helo_name", _hostname, None),
         bind_address=r.get("delivery", "bind_address", _str, None),
         port=r.get("delivery", "port", _int(1), 25),
+        # Below 78 (RFC 5322's recommended length) folding would cut up ordinary mail; above
+        # 998 the lines sent would break RFC 5321 4.5.3.1.6.
+        line_length_limit=r.get("delivery", "line_length_limit",
+                                _zero_or_between(78, 998, "lines are never broken"),
+                                dd.line_length_limit),
     )
     dns = DnsSettings(
         nameservers=r.get("dns", "nameservers", _str_list(_check_nameserver), None) or None,
