@@ -262,7 +262,8 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
         helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
         default_port=cfg.delivery.port,
         transcript=ctx.transcript, cache=ctx.connections, dsn=dsn,
-        tls_context=tls.client_context() if cfg.tls.delivery == "may" else None)
+        tls_context=tls.client_context() if cfg.tls.delivery == "may" else None,
+        line_length_limit=cfg.delivery.line_length_limit)
     for rcpt, rt in group:
         results.append((rcpt, rt, outcomes[rt.address]))
 

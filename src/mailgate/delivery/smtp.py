@@ -171,10 +171,12 @@ async def deliver(
     cache: ConnectionCache | None = None,
     dsn: Sequence[tuple[str | None, str | None]] | None = None,
     tls_context: ssl.SSLContext | None = None,
+    line_length_limit: int = 998,
 ) -> dict[str, Outcome]:
     """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
     ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers DSN.
-    ``tls_context``: STARTTLS to a next hop that offers it."""
+    ``tls_context``: STARTTLS to a next hop that offers it. ``line_length_limit``: longer
+    lines are folded on the way out (0: never)."""
     what = route.hops[0].host if route.hops else "?"
     try:
         cands = await candidates(route, resolver, hostname, default_port)
@@ -237,7 +239,7 @@ async def deliver(
                     env.sender, recipients, message.path if message.fd is None else message.fd,
                     message.offset, size=message.size,
                     body_8bit=env.body_8bit, smtputf8=env.smtputf8,
-                    ret=env.ret, envid=env.envid, dsn=dsn)
+                    ret=env.ret, envid=env.envid, dsn=dsn, line_limit=line_length_limit)
             except SmtpClientError as exc:
                 await client.close()
                 if cache is not None:
