@@ -44,38 +44,37 @@ class LineFolder:
         self.limit = limit
         self._fold = b"\r\n" + lead
         self._col = 0  # octets of the current line already given out
-        self._held = b""  # a CR that ended the last block: it may start the next CRLF
+        self._held = b""  # the end of the last block, given out with the next one
         self.folds = 0  # CRLF SPACE inserted so far
 
     def feed(self, data: bytes) -> bytes:
         if not data:
             return b""
         work = self._held + data if self._held else data
-        if work[-1] == _CR:
-            self._held = b"\r"
-            return self._process(work, len(work) - 1)
-        self._held = b""
-        return self._process(work, len(work))
+        # A final CR is held back: whether it starts a CRLF shows in the next block.
+        return self._process(work, len(work) - 1 if work[-1] == _CR else len(work), False)
 
     def end(self) -> bytes:
-        """The rest: a CR held back at the very end is content."""
+        """The rest: octets held back at the very end are content."""
         held, self._held = self._held, b""
-        return self._process(held, len(held)) if held else b""
+        return self._process(held, len(held), True) if held else b""
 
-    def _process(self, work: bytes, n: int) -> bytes:
-        """Give out ``work[:n]`` with breaks; a byte past ``n`` (a held CR) is not an LF."""
+    def _process(self, work: bytes, n: int, final: bool) -> bytes:
+        """Give out ``work[:n]`` with breaks (``work[n:]``, a held CR, is not an LF); hold
+        back what a later break may need to look at."""
         limit = self.limit
         pieces: list[bytes] = []
         start = 0  # first byte of work not yet given out
         ls = -self._col  # where the current line starts, relative to work (may be before it)
+        rfind = work.rfind
+        reach = limit + 1  # an LF at ls + reach or before may end a line within the limit
         while True:
-            lo = ls if ls > 0 else 0
-            hi = ls + limit + 2  # an LF before hi may end a line that is within the limit
-            q = work.rfind(b"\n", lo, hi if hi < n else n)
+            top = ls + reach
+            q = rfind(b"\n", ls if ls > 0 else 0, top + 1 if top < n else n)
             if q >= 0:
                 # Every line ending in the window is short enough, except perhaps one of
                 # limit + 1 octets before an LF with no CR: only possible if it starts at ls.
-                if q == hi - 1 and work[q - 1] != _CR and work.rfind(b"\n", lo, q) < 0:
+                if q == top and work[q - 1] != _CR and rfind(b"\n", ls if ls > 0 else 0, q) < 0:
                     ls = self._break(work, pieces, start, ls)
                     start = ls + 1
                     continue
@@ -85,11 +84,17 @@ class LineFolder:
                 break  # the current line may still end in time
             ls = self._break(work, pieces, start, ls)
             start = ls + 1
-        if start == 0 and n == len(work):
+        # A break of the unfinished line looks back up to three octets from its limit: keep
+        # those here, so that the output does not depend on where the blocks end.
+        upto = n
+        if not final and ls + limit - 3 < n:
+            upto = max(ls + limit - 3, start)
+        if start == 0 and upto == len(work):
             pieces.append(work)
-        elif start < n:
-            pieces.append(work[start:n])
-        self._col = n - ls
+        elif start < upto:
+            pieces.append(work[start:upto])
+        self._held = work[upto:]
+        self._col = upto - ls
         return b"".join(pieces) if len(pieces) != 1 else pieces[0]
 
     def _break(self, work: bytes, pieces: list[bytes], start: int, ls: int) -> int:
@@ -97,9 +102,11 @@ class LineFolder:
         start (one before the first byte after the fold: the space is its first octet)."""
         at = ls + self.limit
         # Not inside a UTF-8 sequence: back to its lead byte (continuation bytes are
-        # 10xxxxxx), at most three octets and never into what was already given out.
+        # 10xxxxxx), at most three octets, leaving at least two on the line (a continuation
+        # line's space counts), and never into what was given out (_process keeps those).
+        floor = max(ls + 2, at - 3, start)
         back = at
-        while back > start and back > at - 3 and 0x80 <= work[back] < 0xC0:
+        while back > floor and 0x80 <= work[back] < 0xC0:
             back -= 1
         if back < at and work[back] >= 0xC0:
             at = back

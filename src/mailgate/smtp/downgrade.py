@@ -510,53 +510,58 @@ class _QpEncoder:
     breaks, every other octet (bare CR and LF included) is encoded or kept so that decoding
     gives the body back byte for byte; lines of at most 76 characters; trailing white space
     encoded; no line starts with "-" after a soft break, so a break cannot make a line that
-    looks like a boundary of an enclosing multipart."""
+    looks like a boundary of an enclosing multipart.
+
+    A line is encoded in segments of ``_QP_HOLD`` octets (a soft break between them), so an
+    unfinished line is never held longer than that, and the output is the same however the
+    body is split into blocks."""
 
     def __init__(self) -> None:
-        self._line = b""  # the unfinished line
+        self._line = b""  # the unfinished line (its earlier segments went out)
         self._soft = False  # the last output ended in a soft line break
 
     def feed(self, data: bytes) -> bytes:
         work = self._line + data if self._line else data
         cut = work.rfind(b"\r\n") + 2
-        out = self._lines(work[:cut]) if cut >= 2 else b""
-        rest = work[cut:] if cut >= 2 else work
-        if len(rest) > _QP_HOLD:
-            # A very long line: encode what is here and end it with a soft break. A final CR
-            # stays, as it may be the start of a CRLF.
-            keep = 1 if rest.endswith(b"\r") else 0
-            piece = rest[: len(rest) - keep]
-            out += _encode_line(piece, self._soft) + b"=\r\n"
-            self._soft = True
-            rest = rest[len(piece) :]
+        out: list[bytes] = []
+        if cut >= 2:
+            soft = self._soft
+            start = 0
+            while start < cut:
+                j = work.find(b"\r\n", start)
+                out.append(_encode_content(work[start:j], soft))
+                out.append(b"\r\n")
+                soft = False
+                start = j + 2
+            self._soft = False
+            rest = work[cut:]
+        else:
+            rest = work
+        # Segments of the unfinished line that are surely followed by more of it (not by
+        # the end of the line: a final CR may be the start of its CRLF) can go now.
+        avail = len(rest) - (1 if rest.endswith(b"\r") else 0)
+        whole = (avail - 1) // _QP_HOLD * _QP_HOLD if avail > _QP_HOLD else 0
+        if whole:
+            for k in range(0, whole, _QP_HOLD):
+                out.append(_encode_line(rest[k : k + _QP_HOLD], self._soft))
+                out.append(b"=\r\n")
+                self._soft = True
+            rest = rest[whole:]
         self._line = rest
-        return out
+        return b"".join(out)
 
     def end(self) -> bytes:
         line, self._line = self._line, b""
-        if not line:
-            return b""
-        return _encode_line(line, self._soft)
+        return _encode_content(line, self._soft) if line else b""
 
-    def _lines(self, block: bytes) -> bytes:
-        """Complete lines (``block`` ends in CRLF)."""
-        soft, self._soft = self._soft, False
-        n = block.count(b"\n")
-        if not soft and block.count(b"\r") == n == block.count(b"\r\n"):
-            # Only CRLF line ends: one C call for the block. In text mode b2a_qp keeps CRLF
-            # as the hard breaks and encodes white space before them.
-            enc = binascii.b2a_qp(block, quotetabs=False, istext=True, header=False)
-            if b"=\r\n-" not in enc:
-                return enc
-        out: list[bytes] = []
-        start = 0
-        while start < len(block):
-            j = block.find(b"\r\n", start)
-            out.append(_encode_line(block[start:j], soft))
-            out.append(b"\r\n")
-            soft = False
-            start = j + 2
-        return b"".join(out)
+
+def _encode_content(content: bytes, after_soft: bool) -> bytes:
+    """A line's content in segments of _QP_HOLD octets joined by soft breaks."""
+    if len(content) <= _QP_HOLD:
+        return _encode_line(content, after_soft)
+    return b"=\r\n".join(
+        _encode_line(content[k : k + _QP_HOLD], after_soft or k > 0)
+        for k in range(0, len(content), _QP_HOLD))
 
 
 def _encode_line(content: bytes, after_soft: bool) -> bytes:
