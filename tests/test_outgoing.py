@@ -12,8 +12,8 @@ from typing import Any
 from mailgate.smtp.body import OutgoingContent
 from mailgate.smtp.client import CHUNK, SmtpClient, Timeouts
 from mailgate.smtp.downgrade import plan_for
+from tests.support.mime import head_body, qp_decode
 from tests.support.sink import SinkServer
-from tests.test_downgrade import head_body, qp_decode
 
 FAST = Timeouts().scaled(0.05)
 ENVELOPE = b'{"qid": "x"}\n'
