@@ -32,6 +32,7 @@ Messages cut by a kill (no ``250``) may or may not arrive: they are counted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import signal
@@ -242,10 +243,8 @@ class Traffic:
                 continue
             used += 1
             if used >= 100:  # a new connection now and then
-                try:
+                with contextlib.suppress(*NET_ERRORS):
                     conn.cmd("QUIT")
-                except NET_ERRORS:
-                    pass
                 conn.close()
                 conn = None
         if conn is not None:
@@ -402,8 +401,11 @@ class Run:
             if kind != "random":
                 # Spread the kills over the traffic: kill i after (i+1)/(kills+1) of it.
                 goal = (i + 1) * opts.messages // (opts.kills + 1)
-                _wait(lambda goal=goal: len(traffic.acked) >= goal, max(0.0, min(
-                    60.0, deadline - time.monotonic())), 0.05)
+
+                def reached(goal: int = goal) -> bool:
+                    return len(traffic.acked) >= goal
+
+                _wait(reached, max(0.0, min(60.0, deadline - time.monotonic())), 0.05)
             cut_before = len(traffic.cut)
             acked = len(traffic.acked)
             arranged = self.kill_at(kind, gw, sink, traffic)

@@ -36,10 +36,7 @@ def number_of(address: str) -> int | None:
 def make_message(n: int, seed: int, rng: random.Random) -> bytes:
     """Message ``n``: mostly 0.3–6 KiB, one in 150 about 300 KiB (past the spool's write
     buffer and the spare-file size limit), a dot-stuffed line in some."""
-    if rng.random() < 1 / 150:
-        size = 300_000
-    else:
-        size = rng.randint(300, 6000)
+    size = 300_000 if rng.random() < 1 / 150 else rng.randint(300, 6000)
     head = (f"From: <{SENDER}>\r\nTo: <{recipient(n)}>\r\nSubject: crash test {n}\r\n"
             "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
             f"Message-ID: <crash.{seed}.{n}@example.org>\r\n\r\n")
@@ -66,6 +63,10 @@ class CrashSink(SinkServer):
     """The next hop. ``mark()`` returns a position in its logs; ``since(mark)`` what came after:
     which messages' deliveries began (RCPT seen), were refused (4xx after the content), were
     accepted."""
+
+    def __enter__(self) -> CrashSink:
+        self.start()
+        return self
 
     @property
     def open_sessions(self) -> int:
@@ -152,7 +153,7 @@ def read_spool(spool: Path) -> SpoolState:
 
 def _sealed(path: Path) -> bool:
     try:
-        return Spool._sealed_qid(path) == path.name
+        return bool(Spool._sealed_qid(path) == path.name)
     except OSError:
         return False
 
