@@ -431,23 +431,33 @@ class Run:
 
     def _drain(self, gw: GatewayProcess, sink: CrashSink, traffic: Traffic,
                deadline: float) -> None:
-        """Until every acknowledged message arrived and the queue is empty (USR1 now and
-        then: deferred mail is due only in an hour)."""
+        """Until the queue is empty and every acknowledged message arrived (USR1 now and
+        then: deferred mail is due only in an hour). An empty queue that stays empty for a
+        few seconds ends it too: what has not arrived then is lost, and reported so."""
         acked = set(traffic.acked)
 
-        def done() -> bool:
+        def queue_empty() -> bool:
+            return not any((gw.spool / "queue").iterdir())
+
+        def arrived() -> bool:
             with sink._cond:
                 got = {message_number(m.data) for m in sink.messages}
-            q = gw.spool / "queue"
-            return acked <= got and not any(q.iterdir())
+            return acked <= got
 
         end = min(deadline, time.monotonic() + 120)
-        while not done():
-            if time.monotonic() > end:
-                self.problem("the queue did not drain within the time limit")
-                return
-            gw.signal(signal.SIGUSR1)
-            _wait(done, 2.0, 0.05)
+        empty_since: float | None = None
+        while time.monotonic() < end:
+            if queue_empty():
+                if arrived():
+                    return
+                empty_since = empty_since or time.monotonic()
+                if time.monotonic() - empty_since > 3:
+                    return
+            else:
+                empty_since = None
+                gw.signal(signal.SIGUSR1)
+            _wait(lambda: queue_empty() and arrived(), 1.0, 0.05)
+        self.problem("the queue did not drain within the time limit")
 
     def _spool_check(self, gw: GatewayProcess, *, stopped: bool) -> None:
         files = spool_files(gw.spool)
@@ -495,8 +505,9 @@ class Run:
             log = gw.log().splitlines()
             sample = []
             for n, qid in fig.lost[:3]:
-                sample.append(f"message {n} ({qid}): " + " | ".join(
-                    line for line in log if qid in line)[:600])
+                lines = [line for line in log if qid in line]
+                sample.append(f"message {n} (250 with qid {qid}): "
+                              + (" | ".join(lines)[:600] if lines else "no maillog line"))
             self.problem(f"LOST: {len(fig.lost)} acknowledged messages never arrived, e.g. "
                          + "; ".join(sample))
         if fig.duplicates > fig.dup_bound:
