@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import os
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -499,6 +500,8 @@ class Run:
         fig.lost = sorted((n, q) for n, q in traffic.acked.items() if n not in copies)
         for e in traffic.errors:
             self.problem(e)
+        for line in _trouble(gw)[:5]:
+            self.problem(f"the daemon reported: {line[:300]}")
         if len(traffic.sent) + len(traffic.retry) < opts.messages:
             self.problem(f"only {len(traffic.sent)} of {opts.messages} messages were sent")
         if fig.lost:
@@ -527,6 +530,19 @@ class Run:
         missed = [f"{i + 1} ({k.kind})" for i, k in enumerate(fig.kills) if not k.arranged]
         if missed:
             self.problem(f"kills whose arranged moment was not reached: {missed}")
+
+
+_TROUBLE = re.compile(r"delivery attempt failed|session with .* failed|cannot (accept|commit|"
+                      r"write)|Internal error|Traceback|worker \d+ .*(failed|exited)")
+
+
+def _trouble(gw: GatewayProcess) -> list[str]:
+    """Lines of the maillog and the daemon's stderr that tell of an error inside it."""
+    try:
+        stderr = (gw.dir / "stderr.log").read_text(errors="replace")
+    except FileNotFoundError:
+        stderr = ""
+    return [line for line in (gw.log() + stderr).splitlines() if _TROUBLE.search(line)]
 
 
 def run(opts: Options) -> Figures:
