@@ -49,6 +49,8 @@ from pathlib import Path
 from tests.support.crash import (
     SENDER,
     CrashSink,
+    alive,
+    children_of,
     make_message,
     message_number,
     read_spool,
@@ -73,6 +75,7 @@ class Options:
     messages: int = 2500
     sessions: int = 10
     seed: int = 1
+    workers: int = 1  # the daemon's setting; the master is killed and takes the workers along
     delivery_delay: float = 0.3  # the sink's pause after the content, in the delivery kills
     deferred: int = 30  # messages refused by the sink before a queue-run kill
     time_limit: float | None = None  # hang guard for the whole run; None: from the sizes
@@ -117,7 +120,8 @@ class Figures:
         o = self.options
         lines = [
             f"crash: {len(self.kills)} kills ({', '.join(f'{k} {kinds[k]}' for k in KINDS)}; "
-            f"{arranged} at the arranged moment), {o.sessions} sessions, seed {o.seed}",
+            f"{arranged} at the arranged moment), {o.sessions} sessions, "
+            f"{o.workers} worker{'s' if o.workers > 1 else ''}, seed {o.seed}",
             f"  messages: sent {self.sent}, acknowledged {self.acknowledged}, "
             f"refused {self.refused}, cut by a kill {self.cut} (of which arrived "
             f"{self.cut_arrived})",
@@ -365,6 +369,7 @@ class Run:
                 tables={"mailertable": f"crash.test smtp:[{SINK_IP}]:{sink.port}\n",
                         "access": "To:crash.test RELAY\n"},
                 settings=(
+                    f"workers = {opts.workers}\n"
                     '[smtp]\ngreet_pause = "0s"\nmax_connections_per_ip = 0\n'
                     "connection_rate_throttle = 0\n"
                     # Deferred mail waits for USR1 (or the end), not for its own retry time.
@@ -409,8 +414,16 @@ class Run:
                 _wait(reached, max(0.0, min(60.0, deadline - time.monotonic())), 0.05)
             cut_before = len(traffic.cut)
             acked = len(traffic.acked)
+            assert gw.proc is not None
+            workers = children_of(gw.proc.pid)
             arranged = self.kill_at(kind, gw, sink, traffic)
             gw.kill9()  # reaps it
+            # Its workers die with it (PR_SET_PDEATHSIG), a moment later.
+            def gone(w: tuple[int, ...] = tuple(workers)) -> bool:
+                return not any(map(alive, w))
+
+            if not _wait(gone, 15):
+                self.problem(f"kill {i + 1}: workers outlived the master")
             # Deliveries the sink holds (its reply delay) finish, as a real server's would:
             # the content is in, the client is gone.
             if not _wait(lambda: sink.open_sessions == 0, 15):
@@ -556,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--messages", type=int, default=20000)
     p.add_argument("--sessions", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="the daemon's workers setting")
     p.add_argument("--delivery-delay", type=float, default=0.3)
     p.add_argument("--time-limit", type=float, default=None, help="hang guard, seconds")
     p.add_argument("--workdir", type=Path, default=None,
@@ -564,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def go(workdir: Path) -> Figures:
         return run(Options(workdir=workdir, kills=args.kills, messages=args.messages,
-                           sessions=args.sessions, seed=args.seed,
+                           sessions=args.sessions, seed=args.seed, workers=args.workers,
                            delivery_delay=args.delivery_delay, time_limit=args.time_limit))
 
     if args.workdir is not None:

@@ -124,8 +124,7 @@ class SpoolState:
 
 
 def read_spool(spool: Path) -> SpoolState:
-    """What a stopped daemon left: the queue/ entries by message number (only while no daemon
-    runs: the files are not locked against it)."""
+    """What a dead daemon left: the queue/ entries by message number."""
     queued: dict[int, str] = {}
     other: list[str] = []
     qdir = spool / "queue"
@@ -134,9 +133,12 @@ def read_spool(spool: Path) -> SpoolState:
             continue
         try:
             with open(p, "rb") as f:
-                env = json.loads(f.readline(16 * 1024 * 1024))
-            numbers = [number_of(r["address"]) for r in env["recipients"]]
-        except (OSError, ValueError, KeyError, TypeError):
+                line = f.readline(16 * 1024 * 1024)
+        except FileNotFoundError:
+            continue  # delivered meanwhile (a live worker)
+        try:
+            numbers = [number_of(r["address"]) for r in json.loads(line)["recipients"]]
+        except (ValueError, KeyError, TypeError):
             other.append(p.name)
             continue
         if len(numbers) == 1 and numbers[0] is not None:
@@ -178,3 +180,27 @@ def sealed_spares(spool: Path) -> list[str]:
         except OSError:
             continue
     return out
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (the workers of a master)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
