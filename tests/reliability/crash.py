@@ -309,16 +309,22 @@ class Run:
         self.figures.problems.append(text)
 
     def start_gateway(self, gw: GatewayProcess) -> None:
+        started = gw.log().count("starting daemon")
         gw.start()
-        # Listening is not enough: a greeting means the event loop runs, and with it the
-        # signal handlers (USR1 before them would end the daemon).
-        def greets() -> bool:
+
+        # Listening is not enough: USR1 before the signal handlers are in place would end the
+        # daemon (or a worker). Each worker logs "starting daemon" just before installing
+        # them; a greeting shows an event loop running.
+        def ready() -> bool:
+            if gw.log().count("starting daemon") < started + self.opts.workers:
+                return False
             try:
                 with RawSmtp(gw.host, gw.port, timeout=5) as c:
                     return c.read_reply().code == 220
             except NET_ERRORS:
                 return False
-        if not _wait(greets, 20, 0.05):
+
+        if not _wait(ready, 30, 0.05):
             raise RuntimeError("the restarted daemon does not greet")
         gw.signal(signal.SIGUSR1)  # deferred mail would wait an hour otherwise
 
