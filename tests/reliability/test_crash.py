@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from tests.reliability import crash
+from tests.support.crash import children_of
 from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.sink import SinkServer
-from tests.support.crash import children_of
 
 HOP = "127.0.0.5"
 
