@@ -48,12 +48,14 @@ def make_resolver(config: Config) -> Resolver:
 class Gateway:
     def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
                  sockets: list[socket.socket] | None = None, worker: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, adopt: tuple[int, ...] = ()) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
         self.worker = worker
         self.workers = workers
+        # Pids of this worker's dead predecessors: the mail they received is ours to retry.
+        self.adopt = {pid_tag(pid) for pid in adopt}
         cfg = snapshot.config
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
@@ -76,9 +78,12 @@ class Gateway:
         if self.workers == 1:
             recovered = self.spool.recover()
         else:
-            # The master cleared incoming/ before forking; each worker retries its share.
+            # The master cleared incoming/ before forking; each worker retries its share, and
+            # a restarted one also what its predecessors received (each worker retries the
+            # mail it received itself, whatever its share: no other one knows of it).
             recovered = [q for q in self.spool.qids()
-                         if zlib.crc32(q.encode()) % self.workers == self.worker]
+                         if zlib.crc32(q.encode()) % self.workers == self.worker
+                         or q[-6:] in self.adopt]
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
@@ -320,13 +325,20 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def pid_tag(pid: int) -> str:
+    """The end of every queue id made by process ``pid`` (``Spool.new_qid``)."""
+    return f"{pid % 1_000_000:06d}"
+
+
 def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
-                sockets: list[socket.socket], index: int, workers: int) -> None:
+                sockets: list[socket.socket], index: int, workers: int,
+                adopt: tuple[int, ...]) -> None:
     _die_with_parent()
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     install_event_loop()
-    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers))
+    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers,
+                      adopt=adopt))
 
 
 def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
@@ -340,6 +352,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     if moved:
         maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
     children: dict[int, int] = {}  # pid → worker index
+    dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
     stopping = False
 
     def spawn(index: int) -> None:
@@ -347,7 +360,8 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         if pid == 0:
             code = 0
             try:
-                _run_worker(config_path, snapshot, sockets, index, workers)
+                _run_worker(config_path, snapshot, sockets, index, workers,
+                            tuple(dead[index]))
             except BaseException as exc:
                 maillog.error(f"worker {index} failed: {exc!r}")
                 code = 1
@@ -392,6 +406,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
                               "restarting it")
                 time.sleep(1)
+                dead[index].append(pid)
                 spawn(index)
     finally:
         if cfg.pid_file:
