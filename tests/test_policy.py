@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.address import Mailbox, normalize
+from mailgate.address import AddressError, Mailbox, normalize
 from mailgate.config import parse_config
 from mailgate.policy import (
     Client,
@@ -559,6 +559,142 @@ def test_routing_forms_accepted(tmp_path: Path, raw: str, address: str) -> None:
 def test_routing_forms_denied(tmp_path: Path, raw: str) -> None:
     snap = snapshot(tmp_path, GATEWAY)
     assert rcpt_reply(snap, raw) == denied(raw)
+
+
+# -- sender-specified routing inside a relayed domain (§1, no loose_relay_check) --------------
+# The rule, not a list: a recipient is relayed for a client without relay permission only if
+# its domain and every host its local part routes to (``%``, ``!``, ``@`` in quotes or escaped,
+# nested and combined) are relayed. The table is generated: each way of writing "user at
+# <inner>" inside each kind of relayed domain, with a foreign, a relayed and a local inner.
+
+RELAY_CLIENT = Client("192.168.1.1", "FAIL")  # access 192.168.1.1 RELAY
+RELAY_NAME = Client("192.0.2.77", "OK", "trusted.example.com")  # PTR name RELAY
+LOCALHOST = Client("127.0.0.1", "OK", "localhost")
+
+# "user" routed to "inner", as text; the quoted forms then quote the whole local part.
+ROUTED_LOCAL_FORMS = {
+    "percent": (lambda u, inner: f"{u}%{inner}", False),
+    "bang": (lambda u, inner: f"{inner}!{u}", False),
+    "quoted at": (lambda u, inner: f"{u}@{inner}", True),
+    "quoted percent": (lambda u, inner: f"{u}%{inner}", True),
+    "quoted bang": (lambda u, inner: f"{inner}!{u}", True),
+    "escaped at": (lambda u, inner: f"{u}\\@{inner}", False),
+}
+# Each kind of relay grant for the outer domain (§3.2).
+OUTER_DOMAINS = {
+    "To: RELAY": "targetdomain1.com",
+    "untagged RELAY": "targetdomain3.com",
+    "class R": "relaydom.example.com",
+}
+
+
+def _routed(form: str, inner: str, outer: str, depth: int = 1) -> str:
+    route, quoted = ROUTED_LOCAL_FORMS[form]
+    local = "u"
+    for _ in range(depth):
+        local = route(local, inner)
+    return f'"{local}"@{outer}' if quoted else f"{local}@{outer}"
+
+
+ROUTING_CASES = [
+    pytest.param(form, kind, depth, id=f"{form}-{kind}-depth{depth}")
+    for form in ROUTED_LOCAL_FORMS for kind in OUTER_DOMAINS for depth in (1, 2)
+]
+
+
+@pytest.mark.parametrize(("form", "kind", "depth"), ROUTING_CASES)
+def test_routing_to_a_foreign_host_inside_a_relayed_domain_is_denied(
+        tmp_path: Path, form: str, kind: str, depth: int) -> None:
+    snap = snapshot(tmp_path, GATEWAY)
+    raw = _routed(form, "foreign.example", OUTER_DOMAINS[kind], depth)
+    for client in (OUTSIDE, NAMED, Client("192.0.2.10", "TEMP")):
+        assert rcpt_reply(snap, raw, client) == denied(raw, client), (raw, client)
+    # Clients that may relay are not affected: accepted, passed on to the outer domain's hop.
+    for client in (RELAY_CLIENT, RELAY_NAME, LOCALHOST):
+        d = rcpt(snap, raw, client)
+        assert str(d.reply) == ok(raw), (raw, client)
+
+
+@pytest.mark.parametrize(("form", "kind", "depth"), ROUTING_CASES)
+def test_routing_to_a_relayed_or_local_host_is_accepted(
+        tmp_path: Path, form: str, kind: str, depth: int) -> None:
+    snap = snapshot(tmp_path, GATEWAY)
+    for inner in ("targetdomain2.com", "relaydom.example.com", HOST, "virt.example.com"):
+        raw = _routed(form, inner, OUTER_DOMAINS[kind], depth)
+        assert rcpt_reply(snap, raw) == ok(raw), raw
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        # The issue's five forms, then combined and nested ones.
+        "u%foreign.example@targetdomain1.com",
+        "foreign.example!u@targetdomain1.com",
+        "targetdomain1.com!foreign.example!u",
+        '"u@foreign.example"@targetdomain1.com',
+        '"u%foreign.example"@targetdomain1.com',
+        "u%foreign.example%targetdomain2.com@targetdomain1.com",
+        "targetdomain2.com!u%foreign.example@targetdomain1.com",
+        "foreign.example!u%targetdomain2.com@targetdomain1.com",
+        '"foreign.example!u"%targetdomain2.com@targetdomain1.com',
+        '"u%foreign.example@targetdomain2.com"@targetdomain1.com',
+        '"u%[192.0.2.99]"@targetdomain1.com',
+        "u%FOREIGN.Example.@targetdomain1.com",
+        # A route that names no valid host: nobody can tell where a next hop takes it.
+        "u%bad..host@targetdomain1.com",
+        "u%@targetdomain1.com",
+        "!u@targetdomain1.com",
+        # Behind a local name: routing, not a user name (semantics §1).
+        "other.example!u@gateway.example.com",
+        '"u@other.example"@gateway.example.com',
+        '"u@other.example"',
+        '"u%other.example"',
+        "u\\@other.example@virt.example.com",
+    ],
+)
+def test_sender_specified_routing_forms_denied_from_outside(tmp_path: Path, raw: str) -> None:
+    snap = snapshot(tmp_path, GATEWAY)
+    assert rcpt_reply(snap, raw) == denied(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "address", "host"),
+    [
+        ('"u@other.example"@gateway.example.com', "u@other.example", "other.example"),
+        ("other.example!u@gateway.example.com", "u@other.example", "other.example"),
+        ('"u@other.example"', "u@other.example", "other.example"),
+        ('"u%other.example"', "u@other.example", "other.example"),
+        ("u%foreign.example@targetdomain1.com", "u%foreign.example@targetdomain1.com",
+         "targethost1.example.com"),
+        ('"u@foreign.example"@targetdomain1.com', '"u@foreign.example"@targetdomain1.com',
+         "targethost1.example.com"),
+    ],
+)
+def test_relay_client_routing_goes_where_the_route_names(tmp_path: Path, raw: str,
+                                                         address: str, host: str) -> None:
+    """Behind a local name the route is resolved (the mail goes to the host it names); inside
+    a relayed domain it is passed on unchanged to that domain's next hop, as Sendmail does."""
+    snap = snapshot(tmp_path, GATEWAY)
+    for client in (RELAY_CLIENT, RELAY_NAME, LOCALHOST):
+        d = rcpt(snap, raw, client)
+        assert str(d.reply) == ok(raw)
+        assert [(r.address, r.host) for r in d.routes] == [(address, host)]
+
+
+def test_routing_between_relayed_domains_is_accepted(tmp_path: Path) -> None:
+    snap = snapshot(tmp_path, GATEWAY)
+    raw = "u%targetdomain2.com@targetdomain1.com"
+    d = rcpt(snap, raw)
+    assert str(d.reply) == ok(raw)
+    assert [(r.address, r.host) for r in d.routes] == [(raw, "targethost1.example.com")]
+
+
+def test_unquoted_double_at_is_an_invalid_route(tmp_path: Path) -> None:
+    snap = snapshot(tmp_path, GATEWAY)
+    raw = "u@foreign.example@targetdomain1.com"
+    with pytest.raises(AddressError) as exc:
+        normalize(raw, snap.routing.is_local)
+    assert str(exc.value.reply) == f"553 5.1.3 <{raw}>... Invalid route address"
 
 
 def test_quoted_local_parts_at_rcpt(tmp_path: Path) -> None:

@@ -87,15 +87,61 @@ def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
 # -- commands --------------------------------------------------------------------------------
 
 
-def test_commands_crlf_and_bare_lf() -> None:
+BARE_LF_COMMAND = BadCommand(Reply(521, "5.5.2", "Error: bare <LF> received"), fatal=True)
+BARE_CR_COMMAND = BadCommand(Reply(521, "5.5.2", "Error: bare <CR> received"), fatal=True)
+
+
+def ended(events: list[Event]) -> bool:
+    """The stream ended as the contract says: EOF seen, or a fatal refusal (nothing after)."""
+    last = events[-1]
+    closes = sum(isinstance(e, ConnectionClosed) for e in events)
+    fatal = [i for i, e in enumerate(events) if isinstance(e, BadCommand) and e.fatal]
+    if fatal:
+        return fatal == [len(events) - 1] and closes == 0
+    return isinstance(last, ConnectionClosed) and closes == 1
+
+
+def test_commands_crlf() -> None:
     conn = ServerConnection()
-    events = feed(conn, [b"ehlo client.example\r\nMail FROM:<a@b>  \nNOOP\r\nQUIT"], eof=True)
+    events = feed(conn, [b"ehlo client.example\r\nMail FROM:<a@b>  \r\nNOOP\r\nQUIT"], eof=True)
     assert events == [
         Command("EHLO", "client.example"),
         Command("MAIL", "FROM:<a@b>"),
         Command("NOOP", ""),
         ConnectionClosed(),
     ]
+
+
+@pytest.mark.parametrize(
+    ("wire", "refusal"),
+    [
+        (b"MAIL FROM:<a@b>\n", BARE_LF_COMMAND),
+        (b"NOOP\nRCPT TO:<v@example.org>\r\n", BARE_LF_COMMAND),
+        (b"NOOP\rRCPT TO:<v@example.org>\r\n", BARE_CR_COMMAND),
+        (b"MAIL FROM:<a@b>\r\r\n", BARE_CR_COMMAND),
+        (b"\n", BARE_LF_COMMAND),
+        (b"\r\r\n", BARE_CR_COMMAND),
+    ],
+)
+def test_bare_lf_or_cr_in_a_command_line_is_fatal(wire: bytes, refusal: BadCommand) -> None:
+    """RFC 5321 2.3.8: only CRLF ends a line. The line is refused whole, nothing after it is
+    read: the commands a smuggler hides behind a bare LF never become events."""
+    for chunks in ([wire + b"QUIT\r\n"], [bytes([b]) for b in wire + b"QUIT\r\n"]):
+        conn = ServerConnection()
+        events = feed(conn, [b"EHLO a\r\n", *chunks], eof=True)
+        assert events == [Command("EHLO", "a"), refusal]
+        assert conn.next_event() is None
+        assert conn.pending_bytes == 0
+
+
+def test_bare_lf_ending_an_overlong_command_line_is_fatal() -> None:
+    conn = ServerConnection(max_command_line=16)
+    events = feed(conn, [b"X" * 40, b"\nRCPT TO:<v@example.org>\r\n"], eof=True)
+    assert events == [BARE_LF_COMMAND]
+    conn = ServerConnection(max_command_line=16)
+    events = feed(conn, [b"X" * 40 + b"\r", b"\nNOOP\r\n"], eof=True)
+    assert events == [BadCommand(Reply(500, "5.5.0", "Command line too long")),
+                      Command("NOOP", ""), ConnectionClosed()]
 
 
 def test_command_utf8_surrogateescape() -> None:
@@ -430,7 +476,7 @@ def test_fuzz_against_reference(raw: bytes, m: int, limit: int | None, seed: int
     cuts = [rng.randrange(1, len(wire)) for _ in range(rng.randrange(0, 15))]
     conn = ServerConnection(max_text_line=m, max_message_size=limit)
     events = feed(conn, split_at(wire, cuts), eof=True)
-    assert events[-1] == ConnectionClosed()
+    assert ended(events)
     got, end = data_result(events)
     expect = reference(raw + b"\r\n.\r\n", m, limit)
     assert expect is not None
@@ -450,6 +496,5 @@ def test_fuzz_arbitrary_bytes_never_crash(data: bytes, seed: int) -> None:
     cuts = [rng.randrange(0, len(data) + 1) for _ in range(rng.randrange(0, 10))]
     conn = ServerConnection(max_command_line=32, max_text_line=16, max_message_size=64)
     events = feed(conn, split_at(b"DATA\r\n" + data, cuts) + split_at(data, cuts), eof=True)
-    assert events[-1] == ConnectionClosed()
-    assert sum(isinstance(e, ConnectionClosed) for e in events) == 1
+    assert ended(events)
     assert conn.pending_bytes == 0

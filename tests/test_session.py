@@ -401,6 +401,56 @@ def test_nul_in_command_line(gw: GatewayProcess) -> None:
         assert c.cmd("NOOP").code == 250
 
 
+@pytest.mark.parametrize(
+    ("line", "what"),
+    [
+        (b"MAIL FROM:<alice@example.org>\n", "LF"),
+        (b"NOOP\nRCPT TO:<smuggled@targetdomain1.com>\r\n", "LF"),
+        (b"NOOP\rRCPT TO:<smuggled@targetdomain1.com>\r\n", "CR"),
+        (b"RCPT TO:<smuggled@targetdomain1.com>\r\r\n", "CR"),
+    ],
+)
+def test_bare_lf_or_cr_in_a_command_closes_the_session(gw: GatewayProcess, line: bytes,
+                                                       what: str) -> None:
+    """Postfix's smtpd_forbid_bare_newline = reject: 521 and close; no part of the line is
+    acted on, so the RCPT hidden behind the bare LF/CR never reaches the transaction."""
+    with session(gw) as c:
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        c.send(line + b"DATA\r\n")
+        r = c.read_reply()
+        assert r.raw == f"521 5.5.2 {HOSTNAME} Error: bare <{what}> received\r\n".encode()
+        assert c.wait_closed() == b""
+    log = gw.wait_log(f"Error: bare <{what}> received in a command line")
+    assert "smuggled@" not in log
+
+
+def test_content_before_the_354_is_refused(gw: GatewayProcess, sink: SinkServer) -> None:
+    """Postfix 3.9's smtpd_forbid_unauth_pipelining: the message sent along with DATA, before
+    the client could see the 354, gets 554 5.5.0 and the session closes; nothing is queued."""
+    a = rcpt("blind-pipeliner")
+    with session(gw) as c:
+        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nDATA\r\n".encode()
+               + dot_stuff(message("blind")))
+        replies = c.read_replies(3)
+        assert [r.code for r in replies[:2]] == [250, 250]
+        assert replies[2].first == "554 5.5.0 Error: SMTP protocol synchronization"
+        assert c.wait_closed() == b""
+    gw.wait_log("improper command pipelining after DATA from [127.0.0.2]: ")
+    assert_not_delivered(sink, a, grace=0.2)
+
+
+def test_correct_pipelining_is_served(gw: GatewayProcess, sink: SinkServer) -> None:
+    """RFC 2920: MAIL, RCPT and DATA in one group, the content after the 354."""
+    a, b = rcpt("pipeliner-1"), rcpt("pipeliner-2")
+    with session(gw) as c:
+        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nRCPT TO:<{b}>\r\nDATA\r\n"
+               .encode())
+        assert [r.code for r in c.read_replies(4)] == [250, 250, 250, 354]
+        c.send(dot_stuff(message("pipelined")) + b"QUIT\r\n")
+        assert [r.code for r in c.read_replies(2)] == [250, 221]
+    assert wait_rcpt(sink, a).rcpt_tos == [a, b]
+
+
 def test_bad_command_limit_closes_with_421(gw: GatewayProcess) -> None:
     with session(gw, ehlo=False) as c:
         replies: list[RawReply] = []
@@ -532,6 +582,12 @@ def test_mail_size_parameter_over_limit(gw: GatewayProcess) -> None:
     (" ENVID=a=b", "501 5.5.4"),  # "=" must be xtext-encoded
     (" ENVID=" + "x" * 101, "501 5.5.4"),
     (" ENVID", "501 5.5.4"),
+    # A keyword once only (RFC 1869 4.1.2), as Postfix and Sendmail answer a repeat.
+    (" RET=FULL RET=HDRS", "501 5.5.4"),
+    (" ENVID=a ENVID=b", "501 5.5.4"),
+    (" SIZE=10 SIZE=20", "501 5.5.4"),
+    (" BODY=7BIT body=8BITMIME", "501 5.5.4"),
+    (" SMTPUTF8 SMTPUTF8", "501 5.5.4"),
 ])
 def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
@@ -549,13 +605,41 @@ def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None
     (" ORCPT=rfc822;Bob+2Bx@TargetDomain1.com", "250 2.1.5"),
     (" ORCPT=bob@targetdomain1.com", "501 5.5.4"),
     (" ORCPT=rfc822;", "501 5.5.4"),
+    (" NOTIFY=DELAY NOTIFY=NEVER", "501 5.5.4"),
+    (" ORCPT=rfc822;a@b ORCPT=rfc822;c@d", "501 5.5.4"),
+    # RFC 6533: a utf-8 ORCPT, raw UTF-8 or with \x{HEX} escapes.
+    (" ORCPT=utf-8;jörg@targetdomain1.com", "250 2.1.5"),
+    (" ORCPT=utf-8;j\\x{F6}rg@targetdomain1.com", "250 2.1.5"),
+    (" ORCPT=utf-8;a+b@targetdomain1.com", "501 5.5.4"),
+    (" ORCPT=utf-8;\\x{D800}@targetdomain1.com", "501 5.5.4"),
+    (" ORCPT=rfc822;jörg@targetdomain1.com", "501 5.5.4"),
     (" FOO=1", "555 5.5.4"),
 ])
 def test_rcpt_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
-        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
-        r = c.cmd(f"RCPT TO:<{rcpt('dsn')}>{params}")
+        assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8").code == 250
+        r = c.cmd(f"RCPT TO:<{rcpt('dsn')}>{params}".encode())
         assert f"{r.code} {r.enhanced}" == expected, r
+
+
+@pytest.mark.parametrize(("arg", "expected"), [
+    ("targetdomain1.com", "250 2.0.0 Queuing for node targetdomain1.com started"),
+    ("@targetdomain1.com", "250 2.0.0 Queuing for node @targetdomain1.com started"),
+    ("TargetDomain1.COM.", "250 2.0.0 Queuing for node TargetDomain1.COM. started"),
+    ("#outgoing", "458 4.0.0 Unable to queue messages for node #outgoing: named queues are "
+                  "not supported; use ETRN domain"),
+    ("bad domain with spaces", "501 5.5.4 Syntax error in parameters: 'bad domain with "
+                               "spaces' is not a domain (ETRN domain or ETRN @domain)"),
+    ("[192.0.2.1]", "501 5.5.4 Syntax error in parameters: '[192.0.2.1]' is not a domain "
+                    "(ETRN domain or ETRN @domain)"),
+    ("@", "501 5.5.4 Syntax error in parameters: '@' is not a domain (ETRN domain or ETRN "
+          "@domain)"),
+])
+def test_etrn_syntax(gw: GatewayProcess, arg: str, expected: str) -> None:
+    """RFC 1985: ``domain`` and ``@domain`` (with subdomains) are served; ``#queue`` names a
+    queue, which this gateway does not have; anything else is a syntax error."""
+    with session(gw) as c:
+        assert c.cmd(f"ETRN {arg}").first == expected
 
 
 def _sized_content(size: int, subject: str) -> bytes:
@@ -678,6 +762,37 @@ def test_idle_timeout(gw_big: GatewayProcess) -> None:
         assert r.first.startswith(f"421 4.4.2 {HOSTNAME} ")
         assert 0.8 <= waited <= 5, waited
         assert c.wait_closed() == b""
+
+
+def test_stress_mode_shortens_timeouts_while_sessions_pile_up(
+        tmp_path: Path, dns: DnsServer, sink: SinkServer) -> None:
+    """Postfix's stress mode with injected short values: 5 sessions of a ceiling of 10 (the
+    50 % mark) make every waiting session, the silent ones already open included, time out
+    after stress_timeout instead of command_timeout; the mode ends once they are gone."""
+    smtp = ('command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 10\n'
+            'stress_threshold = "50%"\nstress_timeout = "1s"\n')
+    with _gateway(tmp_path / "gw", dns, sink, smtp) as gw:
+        idle = [connect(gw) for _ in range(3)]
+        for c in idle:
+            assert c.read_reply().code == 220
+        with session(gw) as talker:
+            start_data(talker, [rcpt("stressed")])
+            talker.send(b"Subject: half a message\r\n")
+            with connect(gw) as last:  # the 5th session: stress begins
+                assert last.read_reply().code == 220
+                gw.wait_log("stress: 5 of 10 sessions open; command and DATA timeouts now 1s")
+                for c in [*idle, last, talker]:
+                    r = c.read_reply()
+                    assert (r.code, r.enhanced) == (421, "4.4.2"), r
+                    assert c.wait_closed() == b""
+        for c in idle:
+            c.close()
+        gw.wait_log("stress over: ")
+        # Back to the long timeout: a quiet session is not cut after the stress timeout.
+        with session(gw) as quiet:
+            assert quiet.pending(2.5) == b""
+            assert quiet.cmd("NOOP").code == 250
+        assert_not_delivered(sink, rcpt("stressed"), grace=0.1)
 
 
 def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,
@@ -863,6 +978,56 @@ def test_message_id_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> 
                         mid), mid
     log = gw.wait_log(f"{qid}: from=<{SENDER}>")
     assert f"msgid={mid.split(b' ', 1)[1].decode()}" in log
+
+
+def test_from_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> None:
+    """RFC 5322 3.6 requires From:; as Sendmail, it is made from the envelope sender (and the
+    null sender's is MAILER-DAEMON at our name)."""
+    a, b = rcpt("no-from"), rcpt("no-from-null")
+    content = b"To: <bob@targetdomain1.com>\r\nSubject: no from\r\n\r\nHello.\r\n"
+    with session(gw) as c:
+        qid_of(send_message(c, [a], content))
+        assert c.cmd("MAIL FROM:<>").code == 250
+        assert c.cmd(f"RCPT TO:<{b}>").code == 250
+        assert c.cmd("DATA").code == 354
+        c.send(dot_stuff(content))
+        qid_of(c.read_reply())
+    lines, _ = split_message(wait_rcpt(sink, a).data)
+    assert [line for line in lines if line.lower().startswith(b"from:")] == [
+        f"From: {SENDER}".encode()]
+    lines, _ = split_message(wait_rcpt(sink, b).data)
+    assert [line for line in lines if line.lower().startswith(b"from:")] == [
+        f"From: MAILER-DAEMON@{HOSTNAME}".encode()]
+    # A message with From: keeps its own, and gets no second one.
+    c_ = rcpt("has-from")
+    with session(gw) as c:
+        qid_of(send_message(c, [c_], message("has from")))
+    lines, _ = split_message(wait_rcpt(sink, c_).data)
+    assert [line for line in lines if line.lower().startswith(b"from:")] == [
+        f"From: <{SENDER}>".encode()]
+
+
+@pytest.mark.parametrize("piece", [None, 4096])
+def test_header_limit_is_the_same_however_the_bytes_arrive(gw_big: GatewayProcess,
+                                                           sink: SinkServer,
+                                                           piece: int | None) -> None:
+    filler = b"".join(f"X-Filler-{i}: {'v' * 70}\r\n".encode() for i in range(560))
+    assert 40_000 < len(filler) < 50_000
+    a = rcpt(f"big-headers-{piece}")
+    with session(gw_big) as c:
+        start_data(c, [a])
+        wire = dot_stuff(message("big headers").replace(b"\r\n\r\n", b"\r\n" + filler
+                                                          + b"\r\n", 1))
+        if piece is None:
+            c.send(wire)
+        else:
+            for i in range(0, len(wire), piece):
+                c.send(wire[i:i + piece])
+                time.sleep(0.005)
+        r = c.read_reply()
+        assert r.first == "552 5.6.0 Headers too large (32768 max)"
+        assert c.cmd("NOOP").code == 250
+    assert_not_delivered(sink, a, grace=0.1)
 
 
 # -- durability ----------------------------------------------------------------------------------

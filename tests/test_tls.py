@@ -3,8 +3,12 @@ smtplib and a raw client as peers, a sink next hop that offers STARTTLS itself."
 
 from __future__ import annotations
 
+import contextlib
+import re
 import smtplib
+import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -206,3 +210,99 @@ def test_delivery_in_clear_when_tls_fails_or_is_off(tmp_path: Path, ca: trustme.
         msgs = hop.wait_for(2, timeout=10)
         assert msgs[1].tls is None
         assert not any(c == "STARTTLS" for c in hop.commands[-8:])
+
+
+class TlsClient:
+    """A client that speaks TLS through memory BIOs over a plain socket, so that it can
+    half-close either way: TCP FIN without close_notify, or close_notify then keep reading."""
+
+    def __init__(self, ca: trustme.CA, host: str, port: int) -> None:
+        self.sock = socket.create_connection((host, port), timeout=10)
+        self.plain = b""
+
+    def plain_reply(self) -> bytes:
+        while b"\r\n" not in self.plain or not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$",
+                                                         self.plain):
+            data = self.sock.recv(4096)
+            assert data, self.plain
+            self.plain += data
+        reply, self.plain = self.plain, b""
+        return reply
+
+    def start_tls(self, ca: trustme.CA) -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = client_context(ca).wrap_bio(self.incoming, self.outgoing,
+                                               server_hostname="gateway.example.com")
+        while True:
+            try:
+                self.tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._pump()
+        self._flush()
+
+    def _flush(self) -> None:
+        out = self.outgoing.read()
+        if out:
+            self.sock.sendall(out)
+
+    def _pump(self) -> None:
+        self._flush()
+        data = self.sock.recv(65536)
+        if data:
+            self.incoming.write(data)
+        else:
+            self.incoming.write_eof()
+
+    def send(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._flush()
+
+    def read_all(self) -> bytes:
+        """Everything the server says until it closes (close_notify or FIN)."""
+        got = b""
+        while True:
+            try:
+                chunk = self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._pump()
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return got
+            if not chunk:
+                return got
+            got += chunk
+
+
+@pytest.mark.parametrize("how", ["tcp-fin", "close-notify"])
+def test_half_close_after_the_dot_over_tls_still_gets_250_and_221(
+        tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer, how: str) -> None:
+    """A client that sends its message and QUIT, then closes its sending side, must still
+    read the replies; else it never learns the message was taken and sends it again."""
+    with tls_gateway(tmp_path, ca, dns, hop) as gw:
+        c = TlsClient(ca, gw.host, gw.port)
+        assert c.plain_reply().startswith(b"220 ")
+        c.sock.sendall(b"EHLO client.example.org\r\n")
+        assert b"STARTTLS" in c.plain_reply()
+        c.sock.sendall(b"STARTTLS\r\n")
+        assert c.plain_reply().startswith(b"220 2.0.0")
+        c.start_tls(ca)
+        c.send(b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\n"
+               b"RCPT TO:<bob@example.net>\r\nDATA\r\n")
+        time.sleep(0.3)  # the 354 is out before the content goes (no content before 354)
+        c.send(b"Subject: half-closed\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+        if how == "tcp-fin":
+            c.sock.shutdown(socket.SHUT_WR)
+        else:
+            with contextlib.suppress(ssl.SSLWantReadError):
+                c.tls.unwrap()
+            c._flush()
+        transcript = c.read_all().decode()
+        c.sock.close()
+        assert "\r\n250 2.0.0 " in transcript and "Message accepted for delivery" in transcript
+        assert transcript.endswith(" closing connection\r\n") and "\r\n221 2.0.0 " in transcript
+        [msg] = hop.wait_for(1, timeout=10)
+        assert b"Subject: half-closed" in msg.data
+        time.sleep(0.2)
+        stderr = (gw.dir / "stderr.log").read_text()
+    assert "eof_received" not in stderr and "Traceback" not in stderr, stderr

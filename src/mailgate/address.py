@@ -18,10 +18,13 @@ from mailgate.reply import Reply
 __all__ = [
     "AddressError",
     "Mailbox",
+    "RouteError",
     "canon_domain",
     "is_valid_domain",
     "normalize",
     "parse_path_arg",
+    "route_step",
+    "routed_hosts",
     "unquote_local",
 ]
 
@@ -147,7 +150,12 @@ def _parse_params(text: str) -> dict[str, str | None]:
             raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
         if not key[0].isalnum():
             raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
-        params[key.upper()] = value if eq else None
+        key = key.upper()
+        if key in params:
+            # RFC 1869 4.1.2 lets a keyword appear once; "the last one wins" would let a
+            # filter and the next hop read different values (Postfix and Sendmail refuse it).
+            raise AddressError(Reply(501, "5.5.4", f"Duplicate {key} parameter"))
+        params[key] = value if eq else None
     return params
 
 
@@ -304,6 +312,63 @@ def unquote_local(local: str) -> str:
     return "".join(out)
 
 
+
+class RouteError(ValueError):
+    """A local part holding routing characters that do not name a usable host: ``host`` is
+    the invalid host text, or None when a side is empty (``user%``, ``!user``)."""
+
+    def __init__(self, host: str | None) -> None:
+        super().__init__(host or "empty route")
+        self.host = host
+
+
+# Sender-specified routing in a local part: "user@host" (quoted or escaped), UUCP "host!user",
+# the "%-hack" "user%host".
+ROUTING_CHARS = frozenset("@!%")
+
+
+def _quote_local(text: str) -> str:
+    """``text`` as a local part: bare when it is a dot-atom, else a quoted string."""
+    if text and _valid_local(text) and '"' not in text and "\\" not in text:
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def route_step(local: str) -> tuple[str, str] | None:
+    """The outermost hop of sender-specified routing in a local part: ``(rest, host)``, the
+    rest re-quoted where it needs it, the host canonical; None when the local part routes
+    nowhere. Quotes and escapes do not hide routing (``"u@other"`` and ``u\\@other`` name
+    other). Precedence as Sendmail's ruleset 3: the last ``@``, else the first ``!``, else
+    the last ``%``. Raises :class:`RouteError` for a route that names no valid host."""
+    text = unquote_local(local)
+    if not ROUTING_CHARS.intersection(text):
+        return None
+    if "@" in text:
+        user, _, host = text.rpartition("@")
+    elif "!" in text:
+        host, _, user = text.partition("!")
+    else:
+        user, _, host = text.rpartition("%")
+    if not user or not host:
+        raise RouteError(None)
+    canon = canon_domain(host)
+    if canon is None:
+        raise RouteError(host)
+    return _quote_local(user), canon
+
+
+def routed_hosts(local: str) -> tuple[str, ...]:
+    """Every host that sender-specified routing in ``local`` names, outermost first:
+    ``u%b%a`` → ``("a", "b")``. Raises :class:`RouteError` for a malformed route."""
+    hosts: list[str] = []
+    step = route_step(local)
+    while step is not None:
+        local, host = step
+        hosts.append(host)
+        step = route_step(local)
+    return tuple(hosts)
+
+
 def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None = None) -> Mailbox:
     """Turn a raw path (without brackets) into a :class:`Mailbox` as Sendmail would.
 
@@ -334,10 +399,6 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
     at = _split_unquoted(addr, "@", last=True)
     if at < 0:
         local, domain = addr, ""
-        # UUCP "host!user" only when there is no "@" (Sendmail's ruleset 3 order).
-        bang = _split_unquoted(local, "!", last=False)
-        if bang > 0 and bang < len(local) - 1:
-            local, domain = local[bang + 1 :], local[:bang]
     else:
         local, domain = addr[:at], addr[at + 1 :]
         if not domain:
@@ -347,16 +408,20 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
     canon = canon_domain(domain) if domain else ""
     if canon is None:
         raise _err(553, "5.1.2", shown, "Invalid host name")
-    # The %-hack: while the host is ours ("" = unqualified, which is_local decides), the
-    # local part "user%other" means "user@other"; bounded: each pass removes one "%".
+    # Sender-specified routing behind one of our names ("" = unqualified, which is_local
+    # decides) is resolved as Sendmail's ruleset 3 does: "user%other", "other!user" and
+    # "\"user@other\"" mean user@other, again while the new host is ours too. Bounded: each
+    # pass takes a host out of the local part.
     while is_local(canon):
-        pct = _split_unquoted(local, "%", last=True)
-        if pct <= 0 or pct == len(local) - 1:
+        try:
+            step = route_step(local)
+        except RouteError as exc:
+            if exc.host is None:
+                break  # an empty side ("user%", "!user"): a user name, not a route
+            raise _err(553, "5.1.2", shown, "Invalid host name") from None
+        if step is None:
             break
-        nxt = canon_domain(local[pct + 1 :])
-        if nxt is None:
-            raise _err(553, "5.1.2", shown, "Invalid host name")
-        local, canon = local[:pct], nxt
+        local, canon = step
     if _split_unquoted(local, "@", last=False) >= 0:
         raise _err(553, "5.1.3", shown, "Invalid route address")
     if not _valid_local(local):

@@ -51,6 +51,11 @@ class SmtpSettings:
     connection_rate_throttle: int = 100
     max_connections_per_ip: int = 20
     max_connections: int = 20000
+    # Postfix's stress mode: past this share of max_connections, shorter timeouts.
+    stress_threshold: float = 0.8
+    stress_timeout: float = 10.0
+    # Postfix 3.9's smtpd_forbid_unauth_pipelining: content sent before our 354 closes.
+    forbid_unauth_pipelining: bool = True
     check_sender_domain: bool = True
     require_qualified_sender: bool = True
 
@@ -64,6 +69,10 @@ class QueueSettings:
     max_deliveries: int = 200
     max_per_destination: int = 20
     fsync: str = "auto"  # how the spool flushes: "auto" (Linux AIO if the kernel has it), "threads"
+    # Sendmail's MinFreeBlocks / Postfix's queue_minfree: below this much free space in the
+    # spool's file system, MAIL and DATA get 452 4.3.1 (0 = no check). The reserve is what
+    # messages already in DATA, status files and bounces (up to a whole message) still need.
+    min_free: int = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -292,6 +301,29 @@ def _int(minimum: int = 0) -> Any:
     return convert
 
 
+def _share(value: object) -> float:
+    """``"80%"`` (or the whole number 80) → 0.8: a share of a limit, above 0, at most 100 %.
+    A bare fraction (0.8) is refused rather than read as 0.8 %."""
+    number: float | None = None
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            number = float(value.strip()[:-1])
+        except ValueError:
+            number = None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not 0 < number <= 100:
+        raise ValueError('expected a percentage such as "80%"')
+    return number / 100
+
+
+def _positive_duration(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return seconds
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError("expected a non-empty string")
@@ -409,6 +441,12 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         max_connections_per_ip=r.get("smtp", "max_connections_per_ip", _int(0),
                                      smtp_defaults.max_connections_per_ip),
         max_connections=r.get("smtp", "max_connections", _int(1), smtp_defaults.max_connections),
+        stress_threshold=r.get("smtp", "stress_threshold", _share,
+                               smtp_defaults.stress_threshold),
+        stress_timeout=r.get("smtp", "stress_timeout", _positive_duration,
+                             smtp_defaults.stress_timeout),
+        forbid_unauth_pipelining=r.get("smtp", "forbid_unauth_pipelining", _bool,
+                                       smtp_defaults.forbid_unauth_pipelining),
         check_sender_domain=r.get("smtp", "check_sender_domain", _bool,
                                   smtp_defaults.check_sender_domain),
         require_qualified_sender=r.get("smtp", "require_qualified_sender", _bool,
@@ -424,6 +462,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         max_per_destination=r.get("queue", "max_per_destination", _int(1),
                                   qd.max_per_destination),
         fsync=r.get("queue", "fsync", _fsync_mode, qd.fsync),
+        min_free=r.get("queue", "min_free", parse_size, qd.min_free),
     )
     if queue.run_interval <= 0:
         raise r.error("queue", "run_interval", "must be longer than 0s")

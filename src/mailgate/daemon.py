@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import math
 import os
 import random
 import signal
@@ -47,12 +48,14 @@ def make_resolver(config: Config) -> Resolver:
 class Gateway:
     def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
                  sockets: list[socket.socket] | None = None, worker: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, adopt: tuple[int, ...] = ()) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
         self.worker = worker
         self.workers = workers
+        # Pids of this worker's dead predecessors: the mail they received is ours to retry.
+        self.adopt = {pid_tag(pid) for pid in adopt}
         cfg = snapshot.config
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
@@ -60,6 +63,7 @@ class Gateway:
         self.sessions: set[SmtpSession] = set()
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
+        self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
@@ -74,9 +78,12 @@ class Gateway:
         if self.workers == 1:
             recovered = self.spool.recover()
         else:
-            # The master cleared incoming/ before forking; each worker retries its share.
+            # The master cleared incoming/ before forking; each worker retries its share, and
+            # a restarted one also what its predecessors received (each worker retries the
+            # mail it received itself, whatever its share: no other one knows of it).
             recovered = [q for q in self.spool.qids()
-                         if zlib.crc32(q.encode()) % self.workers == self.worker]
+                         if zlib.crc32(q.encode()) % self.workers == self.worker
+                         or q[-6:] in self.adopt]
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
@@ -115,11 +122,9 @@ class Gateway:
         for listener in self.listeners:
             await listener.close()
         for s in list(self.sessions):
-            if s.transport is not None:
-                with contextlib.suppress(Exception):
-                    s.transport.write(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
-                                                           "Shutting down").to_bytes())
-                    s.transport.close()
+            with contextlib.suppress(Exception):
+                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
+                                                "Shutting down"))
         self._stats_task.cancel()
         self.log_statistics()
         await self.scheduler.stop()
@@ -157,6 +162,7 @@ class Gateway:
         self.sessions.add(session)
         self.per_ip[session.client.ip] += 1
         self.counters["connections"] += 1
+        self._check_stress()
 
     def session_ended(self, session: SmtpSession) -> None:
         if session in self.sessions:
@@ -164,6 +170,35 @@ class Gateway:
             self.per_ip[session.client.ip] -= 1
             if self.per_ip[session.client.ip] <= 0:
                 del self.per_ip[session.client.ip]
+            self._check_stress()
+
+    def _check_stress(self) -> None:
+        """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
+        ``max_connections``, clients that hold a session without using it (slowloris) get
+        ``stress_timeout`` instead of the RFC's minutes, until the load falls back below 90 %
+        of that mark (the margin keeps one connection coming and going from flapping it)."""
+        smtp = self.snapshot.config.smtp
+        mark = max(1, math.ceil(smtp.max_connections * smtp.stress_threshold))
+        open_now = len(self.sessions)
+        if not self.stressed and open_now >= mark:
+            self.stressed = True
+            self.counters["stress"] += 1
+            maillog.warning(f"stress: {open_now} of {smtp.max_connections} sessions open; "
+                            f"command and DATA timeouts now {smtp.stress_timeout:g}s")
+            for session in list(self.sessions):
+                session.timeouts_changed()
+        elif self.stressed and open_now < mark * 0.9:
+            self.stressed = False
+            maillog.info(f"stress over: {open_now} of {smtp.max_connections} sessions open; "
+                         f"timeouts back to {smtp.command_timeout:g}s / {smtp.data_timeout:g}s")
+
+    def timeouts(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force now (shorter under stress)."""
+        smtp = self.snapshot.config.smtp
+        if self.stressed:
+            return (min(smtp.command_timeout, smtp.stress_timeout),
+                    min(smtp.data_timeout, smtp.stress_timeout))
+        return smtp.command_timeout, smtp.data_timeout
 
     def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
         smtp = self.snapshot.config.smtp
@@ -207,29 +242,33 @@ class Gateway:
                 incoming.release_lock()
         self.scheduler.submit(qid)
 
-    def flush_domain(self, domain: str) -> None:
-        """ETRN: retry now what waits for ``domain``. The queue is read in a thread (it may be
-        large) and the reply does not wait for it, as Sendmail's forked queue run; a second
-        ETRN for a domain whose scan is under way joins it."""
-        if domain in self._flushing:
+    def flush_domain(self, domain: str, *, subdomains: bool = False) -> None:
+        """ETRN: retry now what waits for ``domain`` (and its subdomains for ``ETRN @domain``).
+        The queue is read in a thread (it may be large) and the reply does not wait for it, as
+        Sendmail's forked queue run; a second ETRN for a node whose scan is under way joins it."""
+        node = ("@" if subdomains else "") + domain
+        if node in self._flushing:
             return
-        self._flushing.add(domain)
-        task = asyncio.get_running_loop().create_task(self._flush_domain(domain))
+        self._flushing.add(node)
+        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain,
+                                                                         subdomains))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _flush_domain(self, domain: str) -> None:
+    async def _flush_domain(self, node: str, domain: str, subdomains: bool) -> None:
         try:
-            chosen = await asyncio.to_thread(self._queued_for, domain)
+            chosen = await asyncio.to_thread(self._queued_for, domain, subdomains)
         finally:
-            self._flushing.discard(domain)
+            self._flushing.discard(node)
         self.scheduler.run_now(chosen)
 
-    def _queued_for(self, domain: str) -> list[str]:
+    def _queued_for(self, domain: str, subdomains: bool) -> list[str]:
+        suffix = "." + domain
         chosen = []
         for qid in list(self.spool.qids()):
             msg = self.spool.load(qid)
-            if msg and any(mailbox_of(r.address).domain == domain
+            if msg and any((d := mailbox_of(r.address).domain) == domain
+                           or (subdomains and d.endswith(suffix))
                            for r in msg.envelope.recipients):
                 chosen.append(qid)
         return chosen
@@ -241,7 +280,8 @@ class Gateway:
         """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
         c = self.counters
         names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
-                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused")
+                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused", "bare_newline",
+                 "improper_pipelining", "stress")
         text = ", ".join(f"{n}={c[n]}" for n in names)
         maillog.info(f"statistics: {text}, sessions_now={len(self.sessions)}, "
                      f"queued={self.scheduler.queued}, delivering={self.scheduler.active}")
@@ -285,13 +325,20 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def pid_tag(pid: int) -> str:
+    """The end of every queue id made by process ``pid`` (``Spool.new_qid``)."""
+    return f"{pid % 1_000_000:06d}"
+
+
 def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
-                sockets: list[socket.socket], index: int, workers: int) -> None:
+                sockets: list[socket.socket], index: int, workers: int,
+                adopt: tuple[int, ...]) -> None:
     _die_with_parent()
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_DFL)
     install_event_loop()
-    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers))
+    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers,
+                      adopt=adopt))
 
 
 def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
@@ -305,6 +352,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     if moved:
         maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
     children: dict[int, int] = {}  # pid → worker index
+    dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
     stopping = False
 
     def spawn(index: int) -> None:
@@ -312,7 +360,8 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         if pid == 0:
             code = 0
             try:
-                _run_worker(config_path, snapshot, sockets, index, workers)
+                _run_worker(config_path, snapshot, sockets, index, workers,
+                            tuple(dead[index]))
             except BaseException as exc:
                 maillog.error(f"worker {index} failed: {exc!r}")
                 code = 1
@@ -357,6 +406,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
                               "restarting it")
                 time.sleep(1)
+                dead[index].append(pid)
                 spawn(index)
     finally:
         if cfg.pid_file:

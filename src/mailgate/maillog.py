@@ -7,6 +7,7 @@ Lines go to stderr by default (``[log] file`` sends them to a file) with a syslo
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -57,9 +58,26 @@ _writer = _Writer()
 os.register_at_fork(after_in_child=_writer.after_fork)
 
 
+class _LibraryHandler(logging.Handler):
+    """Warnings of the libraries we run on (asyncio, dnspython) go to the maillog as one
+    line each, never as a traceback on stderr behind the admin's back."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info and record.exc_info[1] is not None:
+            text += f": {record.exc_info[1]!r}"
+        _writer.write(record.levelno, text.replace("\n", " "))
+
+
+_library_handler = _LibraryHandler(logging.WARNING)
+
+
 def setup(hostname: str, file: Path | None = None, level: str = "info") -> None:
     """Send log lines to ``file`` or stderr; safe to call again on reload."""
     _writer.setup(hostname, file, level)
+    root = logging.getLogger()
+    if _library_handler not in root.handlers:
+        root.addHandler(_library_handler)
 
 
 def format_delay(seconds: float) -> str:

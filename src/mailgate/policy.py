@@ -10,7 +10,7 @@ import functools
 import ipaddress
 from dataclasses import dataclass
 
-from mailgate.address import Mailbox
+from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
 from mailgate.reply import Reply
 from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
@@ -145,6 +145,30 @@ def relay_denied(rcpt: str, client: Client) -> Reply:
     return Reply(550, "5.7.1", f"{rcpt}... Relaying denied")
 
 
+def relayed_domain(domain: str, ctx: RoutingContext, relay_hosts_only: bool) -> bool:
+    """Semantics §3.1–3.2: a local name, class R, or access ``To:``/untagged RELAY."""
+    tables = ctx.tables
+    return (ctx.is_local(domain)
+            or in_class(domain, tables.relay_domains, relay_hosts_only)
+            or tables.access.recipient_domain_relay(domain, relay_hosts_only))
+
+
+def may_relay_to(mailbox: Mailbox, ctx: RoutingContext, relay_hosts_only: bool) -> bool:
+    """May a client without relay permission send to ``mailbox``? Its domain must be relayed
+    and so must every host that sender-specified routing in its local part names
+    (``u%other@dom``, ``other!u@dom``, ``"u@other"@dom``): the next hop may well honour that
+    routing. Sendmail without FEATURE(loose_relay_check) strips the relayed domain and checks
+    the rest again; Postfix's allow_untrusted_routing = no. A route that names no valid host
+    is not relayed: nobody can tell where a next hop would take it."""
+    if not relayed_domain(mailbox.domain, ctx, relay_hosts_only):
+        return False
+    try:
+        hosts = routed_hosts(mailbox.local)
+    except RouteError:
+        return False
+    return all(relayed_domain(host, ctx, relay_hosts_only) for host in hosts)
+
+
 def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: bool,
                     ctx: RoutingContext, config: Config, *, shown: str | None = None) -> Decision:
     """Relay check, then the route check (error: entries, unknown local users)."""
@@ -161,14 +185,7 @@ def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: b
                 return Decision(error_reply(verdict.error, shown), logged_reject=True)
             if verdict.action == "DISCARD":
                 return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
-    local = ctx.is_local(final.domain)
-    relay_ok = (
-        local
-        or in_class(final.domain, tables.relay_domains, config.relay_hosts_only)
-        or tables.access.recipient_domain_relay(final.domain, config.relay_hosts_only)
-        or client_relays
-    )
-    if not relay_ok:
+    if not client_relays and not may_relay_to(final, ctx, config.relay_hosts_only):
         return Decision(relay_denied(shown, client), logged_reject=True)
     routes = resolve(final, ctx, expand=False)
     for route in routes:

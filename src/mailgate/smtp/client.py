@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mailgate import tls
 from mailgate.reply import Reply, parse_reply_line, split_enhanced
+from mailgate.smtp.dsn_params import orcpt_ascii
 
 __all__ = [
     "RecipientResult",
@@ -351,6 +352,8 @@ class SmtpClient:
                 params += [f"RET={ret}"] if ret else []
                 params += [f"ENVID={envid}"] if envid else []
                 for i, (notify, orcpt) in enumerate(dsn or ()):
+                    if orcpt and not smtputf8:
+                        orcpt = orcpt_ascii(orcpt)
                     rcpt_params[i] = "".join(
                         [f" NOTIFY={notify}" if notify else "", f" ORCPT={orcpt}" if orcpt else ""])
             mail_cmd = " ".join([f"MAIL From:<{sender}>", *params])
@@ -567,8 +570,8 @@ class SmtpClient:
         texts = [first]
         for more in lines[1:]:
             # Continuation lines usually repeat the enhanced code; Reply.lines() re-adds it.
-            e, rest = split_enhanced(more)
-            texts.append(rest if enhanced is not None and e == enhanced else more)
+            code_of_line, rest = split_enhanced(more)
+            texts.append(rest if enhanced is not None and code_of_line == enhanced else more)
         return Reply(code, enhanced, "\n".join(texts))
 
 

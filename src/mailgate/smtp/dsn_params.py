@@ -54,12 +54,37 @@ def check_notify(value: str | None) -> Reply | None:
                                "SUCCESS, FAILURE, DELAY")
 
 
+# RFC 6533 3: a "utf-8" address is utf-8-addr-unitext (raw UTF-8, with SMTPUTF8) or
+# utf-8-addr-xtext: printable ASCII but "+", "=" and "\", and \x{HEX} for any other character.
+_UTF8_ADDR = re.compile(r"(?:[!-*,-<>-\[\]-~\u0080-\U0010ffff]|\\x\{[0-9A-Fa-f]{1,6}\})+")
+_EMBEDDED = re.compile(r"\\x\{([0-9A-Fa-f]{1,6})\}")
+
+
 def check_orcpt(value: str | None) -> Reply | None:
     addr_type, semi, addr = (value or "").partition(";")
-    if (not semi or not _ATOM.fullmatch(addr_type) or not addr or len(value or "") > MAX_ORCPT
-            or not _XTEXT.fullmatch(addr)):
+    if not semi or not _ATOM.fullmatch(addr_type) or not addr or len(value or "") > MAX_ORCPT:
+        return Reply(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext)")
+    if addr_type.lower() == "utf-8":
+        if not _UTF8_ADDR.fullmatch(addr) or not _embedded_ok(addr):
+            return Reply(501, "5.5.4", "Bad ORCPT parameter (utf-8;address, RFC 6533)")
+    elif not _XTEXT.fullmatch(addr):
         return Reply(501, "5.5.4", "Bad ORCPT parameter (addr-type;xtext)")
     return None
+
+
+def _embedded_ok(addr: str) -> bool:
+    """Every \\x{HEX} names a Unicode scalar value (no NUL, no surrogate)."""
+    return all(0 < (n := int(h, 16)) <= 0x10FFFF and not 0xD800 <= n <= 0xDFFF
+               for h in _EMBEDDED.findall(addr))
+
+
+def orcpt_ascii(orcpt: str) -> str:
+    """An ORCPT fit for a next hop without SMTPUTF8: a utf-8 address's raw characters become
+    \\x{HEX} (RFC 6533's utf-8-addr-xtext); other types are xtext already."""
+    addr_type, _, addr = orcpt.partition(";")
+    if addr.isascii():
+        return orcpt
+    return f"{addr_type};" + "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in addr)
 
 
 # The parameter checks by keyword, for the MAIL and RCPT commands.
@@ -80,6 +105,9 @@ def orcpt_for(given: str | None, original: str) -> str | None:
 
 
 def orcpt_text(orcpt: str) -> str:
-    """An ORCPT value as a DSN's Original-Recipient field shows it: "rfc822;bob@example.org"."""
+    """An ORCPT value as a DSN's Original-Recipient field shows it: "rfc822;bob@example.org"
+    (a utf-8 address with its \\x{HEX} escapes decoded, RFC 6533 3)."""
     addr_type, _, addr = orcpt.partition(";")
+    if addr_type.lower() == "utf-8":
+        return f"{addr_type};" + _EMBEDDED.sub(lambda m: chr(int(m.group(1), 16)), addr)
     return f"{addr_type};{xtext_decode(addr)}"

@@ -4,8 +4,10 @@ No sockets, no event loop, no policy. The session feeds received bytes with
 :meth:`ServerConnection.receive_data` and pulls events with
 :meth:`ServerConnection.next_event` until it returns ``None``.
 
-End of data is only ``CRLF . CRLF``. Any bare CR or bare LF in message content makes the
-message fail (anti SMTP smuggling), but never ends it. DATA content is scanned per received
+Only CRLF ends a command line: a line ended by a bare LF, or holding a bare CR, is refused
+with a fatal ``BadCommand`` (the session closes) and no part of it is acted on. End of data is
+only ``CRLF . CRLF``. Any bare CR or bare LF in message content makes the message fail (anti
+SMTP smuggling), but never ends it. DATA content is scanned per received
 block with C-level ``bytes`` methods (count/find/rfind/replace), never byte by byte.
 """
 
@@ -42,9 +44,12 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class BadCommand:
-    """A command line the protocol refused; the session sends ``reply``."""
+    """A command line the protocol refused; the session sends ``reply``. With ``fatal`` the
+    line broke the framing itself (a bare CR or LF): the session must close after the reply,
+    and the protocol produces no further events."""
 
     reply: Reply
+    fatal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +98,11 @@ _BARE_RE: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 _CMD_TOO_LONG: Final = Reply(500, "5.5.0", "Command line too long")
 _CMD_NUL: Final = Reply(500, "5.5.1", "Invalid command: NUL byte")
+# Only CRLF ends a command line (RFC 5321 2.3.8). A line ended by a bare LF, or holding a bare
+# CR, is where SMTP smuggling starts: a peer that splits lines differently would see other
+# commands in it. Postfix (smtpd_forbid_bare_newline = reject) answers 521 and disconnects.
+_CMD_BARE_LF: Final = Reply(521, "5.5.2", "Error: bare <LF> received")
+_CMD_BARE_CR: Final = Reply(521, "5.5.2", "Error: bare <CR> received")
 _DATA_BARE: Final = Reply(
     550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
 )
@@ -131,6 +141,7 @@ class ServerConnection:
         self._cmdbuf = bytearray()
         self._scanned = 0  # cmdbuf[:_scanned] holds no LF: do not rescan it
         self._discarding = False  # inside an over-long command line, dropping up to its LF
+        self._discard_cr = False  # the last byte dropped was a CR (it may pair with the LF)
         # DATA mode.
         self._tail = b""  # held-back suffix that may be part of CRLF.CRLF or a CR before LF
         self._skip = 0  # leading bytes of _tail that are the virtual CRLF, never content
@@ -149,6 +160,8 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
+        if self._mode == _CLOSED:
+            return  # after a fatal BadCommand nothing more is read
         self._inbox.append(bytes(data))
         self._inbox_bytes += len(data)
 
@@ -241,8 +254,11 @@ class ServerConnection:
                 block = self._pop_block()
                 i = block.find(b"\n")
                 if i < 0:
+                    self._discard_cr = block.endswith(b"\r")
                     continue
                 self._discarding = False
+                if not (block[i - 1] == 13 if i else self._discard_cr):
+                    return self._broken(_CMD_BARE_LF)
                 buf += memoryview(block)[i + 1 :]
                 self._scanned = 0
                 return BadCommand(_CMD_TOO_LONG)
@@ -254,6 +270,7 @@ class ServerConnection:
                 return self._parse_command(line)
             if len(buf) >= self.max_command_line:
                 # Already too long and no LF yet: forget it, answer once its LF arrives.
+                self._discard_cr = buf.endswith(b"\r")
                 buf.clear()
                 self._scanned = 0
                 self._discarding = True
@@ -263,12 +280,23 @@ class ServerConnection:
                 return self._closed()
             buf += self._pop_block()
 
+    def _broken(self, reply: Reply) -> BadCommand:
+        """The framing is broken: refuse, and never look at another byte of this connection."""
+        self._mode = _CLOSED
+        self._inbox.clear()
+        self._inbox_bytes = 0
+        self._cmdbuf.clear()
+        self._events.clear()
+        return BadCommand(reply, fatal=True)
+
     def _parse_command(self, line: bytes) -> Event:
+        if not line.endswith(b"\r\n"):
+            return self._broken(_CMD_BARE_LF)
+        raw = line[:-2]
+        if b"\r" in raw:
+            return self._broken(_CMD_BARE_CR)
         if len(line) > self.max_command_line:
             return BadCommand(_CMD_TOO_LONG)
-        # Lenient like Postfix for commands only: CRLF or bare LF.
-        end = -2 if line.endswith(b"\r\n") else -1
-        raw = line[:end]
         if b"\0" in raw:
             return BadCommand(_CMD_NUL)
         text = raw.decode("utf-8", "surrogateescape")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mailgate import maillog, tls
-from mailgate.address import AddressError, Mailbox, normalize, parse_path_arg
+from mailgate.address import AddressError, Mailbox, canon_domain, normalize, parse_path_arg
 from mailgate.policy import (
     Client,
     Decision,
@@ -40,6 +40,7 @@ from mailgate.smtp.protocol import (
     DataFailed,
     ServerConnection,
 )
+from mailgate.smtp.tls_stream import TlsStream
 
 if TYPE_CHECKING:
     from mailgate.daemon import Gateway
@@ -96,13 +97,17 @@ class _Closing(Exception):
 
 
 class HeaderScanner:
-    """Holds the header section (bounded) so that we can add headers and read Message-Id."""
+    """Holds the header section (bounded) so that we can add headers and read Message-Id.
+
+    The section ends at the empty line or at the first line that is neither a field nor a
+    continuation (as Sendmail ends it). Lines are looked at once each, as they complete, so
+    the limit (MAX_HEADER_BYTES of field lines) is the same however the bytes arrive."""
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.done = False
         self.too_large = False
-        self.first_line_checked = False
+        self.pos = 0  # the header lines so far are buf[:pos]
         self.rest = b""
 
     def feed(self, data: bytes) -> bytes | None:
@@ -110,21 +115,29 @@ class HeaderScanner:
         if self.too_large:
             return None  # keep memory bounded; the message is refused at its end
         self.buf += data
-        if not self.first_line_checked:
-            nl = self.buf.find(b"\r\n")
+        buf = self.buf
+        while True:
+            nl = buf.find(b"\r\n", self.pos)
             if nl < 0:
-                self.too_large = len(self.buf) > MAX_HEADER_BYTES
+                break
+            line = bytes(buf[self.pos:nl])
+            if not line:
+                return self._split(nl + 2)  # the empty line ends the section
+            if not (self.pos and line[:1] in (b" ", b"\t")) and not _is_header_line(line):
+                # The body starts here; with no field line before it there is no section.
+                return self._split(nl + 2 if self.pos else 0)
+            self.pos = nl + 2
+            if self.pos > MAX_HEADER_BYTES:
+                self._overflow()
                 return None
-            self.first_line_checked = True
-            if nl == 0:
-                return self._split(2)  # an empty header section, then the body
-            if not looks_like_headers(bytes(self.buf[: nl + 2])):
-                return self._split(0)  # no header section at all: all of it is body
-        end = self.buf.find(b"\r\n\r\n")
-        if end >= 0:
-            return self._split(end + 4)
-        self.too_large = len(self.buf) > MAX_HEADER_BYTES
+        partial = bytes(buf[self.pos:])
+        if self.pos + len(partial) > MAX_HEADER_BYTES and _may_be_header_line(partial):
+            self._overflow()
         return None
+
+    def _overflow(self) -> None:
+        self.too_large = True
+        self.buf = bytearray()
 
     def _split(self, cut: int) -> bytes:
         self.done = True
@@ -132,6 +145,16 @@ class HeaderScanner:
         self.rest = bytes(self.buf[cut:])
         self.buf = bytearray()
         return head
+
+
+def _may_be_header_line(start: bytes) -> bool:
+    """Could a line beginning with ``start`` still turn out to be a field or continuation?"""
+    if start[:1] in (b" ", b"\t"):
+        return True
+    name, colon, _ = start.partition(b":")
+    if colon:
+        return _is_header_line(start)
+    return b" " not in name.rstrip()
 
 
 def header_fields(head: bytes) -> list[tuple[str, str]]:
@@ -152,10 +175,6 @@ def header_fields(head: bytes) -> list[tuple[str, str]]:
 def _is_header_line(line: bytes) -> bool:
     name, colon, _ = line.partition(b":")
     return bool(colon) and bool(name) and not name[:1].isspace() and b" " not in name.rstrip()
-
-
-def looks_like_headers(head: bytes) -> bool:
-    return _is_header_line(head.split(b"\r\n", 1)[0])
 
 
 def split_header_section(head: bytes) -> tuple[bytes, bytes]:
@@ -205,6 +224,10 @@ class SmtpSession(asyncio.Protocol):
         self.msgid: str | None = None
         self.hops = 0
         self.tls: tls.Session | None = None  # after STARTTLS
+        self.tls_stream: TlsStream | None = None  # TLS over the plain transport
+        self.tls_error: ssl.SSLError | None = None
+        self.handshake: asyncio.Future[None] | None = None
+        self.last_input = time.monotonic()  # when bytes last arrived (the DATA timeout)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -219,18 +242,43 @@ class SmtpSession(asyncio.Protocol):
         self.gw.session_started(self)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
+        self.last_input = time.monotonic()
+        if self.tls_stream is not None:
+            self._tls_received(data)
+        else:
+            self.conn.receive_data(data)
         if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
             self.paused = True
             self.transport.pause_reading()
         self._wake()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
+        if self.tls_stream is not None:
+            self._tls_received(b"")
+        else:
+            self.conn.receive_data(b"")
         self._wake()
         # Keep the transport open: a client that half-closes after DATA still gets its 250
         # (run() closes the connection once the protocol reports ConnectionClosed).
         return True
+
+    def _tls_received(self, data: bytes) -> None:
+        stream = self.tls_stream
+        assert stream is not None
+        try:
+            plaintext = stream.receive(data)
+        except ssl.SSLError as exc:
+            self.tls_error = exc
+            self.conn.receive_data(b"")  # nothing more can be read from this connection
+            return
+        finally:
+            records = stream.outgoing()
+            if records and self.transport is not None and not self.closed:
+                self.transport.write(records)
+        if plaintext:
+            self.conn.receive_data(plaintext)
+        if stream.peer_closed:
+            self.conn.receive_data(b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -248,8 +296,26 @@ class SmtpSession(asyncio.Protocol):
 
     def flush(self) -> None:
         if self.out and self.transport and not self.closed:
-            self.transport.write(b"".join(self.out))
+            data = b"".join(self.out)
+            if self.tls_stream is not None:
+                self.tls_stream.send(data)
+                data = self.tls_stream.outgoing()
+            self.transport.write(data)
         self.out.clear()
+
+    def shut_down(self, reply: Reply) -> None:
+        """The daemon is stopping: say so (through TLS if it is on) and close."""
+        self.reply(reply)
+        self.flush()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self.tls_stream is not None and self.tls_error is None:
+            with contextlib.suppress(Exception):
+                self.transport.write(self.tls_stream.close())
+        self.transport.close()
 
     async def wait_input(self, timeout: float) -> bool:
         """Wait for more input; False on timeout."""
@@ -274,6 +340,10 @@ class SmtpSession(asyncio.Protocol):
         self._timed_out = True
         self._wake()
 
+    def timeouts_changed(self) -> None:
+        """Stress mode began: a session waiting on the old, longer timeout looks again."""
+        self._wake()
+
     # -- the session ---------------------------------------------------------------------------
     @property
     def relay_text(self) -> str:
@@ -295,9 +365,9 @@ class SmtpSession(asyncio.Protocol):
             if self.msg is not None:
                 self.msg.discard()
                 self.msg = None
-            self.flush()
-            if self.transport and not self.closed:
-                self.transport.close()
+            with contextlib.suppress(ssl.SSLError):
+                self.flush()
+            self._close_transport()
 
     async def open(self) -> None:
         cfg = self.snap.config
@@ -345,14 +415,18 @@ class SmtpSession(asyncio.Protocol):
     async def loop(self) -> None:
         cfg = self.snap.config
         conn = self.conn
-        waiting_since = time.monotonic()
+        waiting_since = self.last_input = time.monotonic()
         while True:
             event = conn.next_event()
             if event is None:
                 # A command must arrive whole within command_timeout (a client trickling a
                 # byte at a time does not keep the session); DATA content is timed per read.
-                timeout = cfg.smtp.data_timeout if self.msg is not None \
-                    else cfg.smtp.command_timeout - (time.monotonic() - waiting_since)
+                # Both are measured from a fixed start, so a wake-up (stress mode began, a
+                # byte arrived) shortens the wait instead of restarting it.
+                command_timeout, data_timeout = self.gw.timeouts()
+                now = time.monotonic()
+                timeout = data_timeout - (now - self.last_input) if self.msg is not None \
+                    else command_timeout - (now - waiting_since)
                 if timeout <= 0 or not await self.wait_input(timeout):
                     what = "DATA" if self.msg is not None else "command"
                     maillog.info(f"timeout waiting for input from {self.relay_text} "
@@ -371,12 +445,26 @@ class SmtpSession(asyncio.Protocol):
             elif isinstance(event, DataFailed):
                 self.on_data_failed(event.reply)
             elif isinstance(event, BadCommand):
+                if event.fatal:
+                    self.refuse_framing(event.reply)
                 self.reply(event.reply)
                 self.count_bad_command()
             elif isinstance(event, ConnectionClosed):
+                if self.tls_error is not None:
+                    maillog.info(f"STARTTLS=server, error: read failed={self.tls_error!r}, "
+                                 f"relay={self.relay_text}")
                 if self.tx is not None or self.helo is not None:
                     self.log_session_end()
                 return
+
+    def refuse_framing(self, reply: Reply) -> None:
+        """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
+        self.gw.count("bare_newline")
+        maillog.info(f"{self.relay_text}: {reply.text} in a command line (possible SMTP "
+                     "smuggling); closing connection")
+        self.reply(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} "
+                                                     f"{reply.text}"))
+        raise _Closing
 
     def count_bad_command(self) -> None:
         self.bad_commands += 1
@@ -464,7 +552,7 @@ class SmtpSession(asyncio.Protocol):
             self.reply(exc.reply)
             self.count_bad_command()
             return
-        problem = self._check_mail_params(params)
+        problem = self._check_mail_params(params) or self._storage_refusal(params.get("SIZE"))
         if problem is not None:
             self.reply(problem)
             return
@@ -486,6 +574,13 @@ class SmtpSession(asyncio.Protocol):
                                   discard=decision.discard or self.discard_all)
             self.tx.body_8bit = (params.get("BODY") or "").upper() == "8BITMIME"
             self.tx.smtputf8 = "SMTPUTF8" in params
+
+    def _storage_refusal(self, size: str | None = None) -> Reply | None:
+        """Postfix's answer while the spool's file system is below ``[queue] min_free``, or
+        would be with the message announced by SIZE= (checked already: digits only)."""
+        if self.gw.spool.room_for(int(size) if size else 0, self.snap.config.queue.min_free):
+            return None
+        return Reply(452, "4.3.1", "Insufficient system storage")
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         limit = self.snap.config.smtp.max_message_size
@@ -577,11 +672,24 @@ class SmtpSession(asyncio.Protocol):
             refused = Reply(503, "5.0.0", "Need RCPT (recipient)")
         elif refused is None and arg:
             refused = Reply(501, "5.5.4", "DATA takes no arguments")
+        elif refused is None:
+            refused = self._storage_refusal()  # full since MAIL: the transaction stays
         if refused is not None:
             self.conn.reject_data()
             self.reply(refused)
             return
         assert self.tx is not None
+        if self.conn.pending_bytes and self.snap.config.smtp.forbid_unauth_pipelining:
+            # RFC 2920 3.1: DATA ends a pipelined group; bytes behind it were sent before the
+            # client could see our 354, so it does not wait for replies (a spam engine, or a
+            # smuggling attempt). Postfix 3.9 refuses it the same way.
+            maillog.info(f"improper command pipelining after DATA from {self.relay_text}: "
+                         f"{self.conn.pending_bytes} bytes sent before the 354")
+            self.gw.count("improper_pipelining")
+            self.conn.reject_data()
+            self.tx = None
+            self.reply(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"))
+            raise _Closing
         tx = self.tx
         spool = self.gw.spool
         envelope = Envelope(
@@ -663,6 +771,9 @@ class SmtpSession(asyncio.Protocol):
             extra += f"Message-Id: {self.msgid}\r\n"
         if "date" not in names:
             extra += f"Date: {date}\r\n"
+        if "from" not in names:
+            # RFC 5322 3.6 requires From:; Sendmail makes it from the envelope sender.
+            extra += f"From: {env.sender or 'MAILER-DAEMON@' + cfg.hostname}\r\n"
         try:
             # Keep a headers-only message as it was; otherwise one empty line ends the headers.
             had_blank = head[len(header):len(header) + 2] == b"\r\n"
@@ -770,11 +881,24 @@ class SmtpSession(asyncio.Protocol):
         self.reply(Reply(502, "5.7.0", "Verbose unavailable"))
 
     def cmd_etrn(self, arg: str) -> None:
-        node = arg.strip().lstrip("@#")
+        """RFC 1985: ``ETRN domain`` and ``ETRN @domain`` (the domain and its subdomains);
+        ``#queue`` names a queue, and this gateway has a single one."""
+        node = arg.strip()
         if not node:
             self.reply(Reply(501, "5.5.2", "Parameter required"))
             return
-        self.gw.flush_domain(node.lower())
+        if node.startswith("#"):
+            self.reply(Reply(458, "4.0.0", f"Unable to queue messages for node {node}: "
+                                           "named queues are not supported; use ETRN domain"))
+            return
+        subdomains = node.startswith("@")
+        domain = canon_domain(node[1:] if subdomains else node)
+        if domain is None or domain.startswith("["):
+            self.reply(Reply(501, "5.5.4", f"Syntax error in parameters: {node[:80]!r} is "
+                                           "not a domain (ETRN domain or ETRN @domain)"))
+            self.count_bad_command()
+            return
+        self.gw.flush_domain(domain, subdomains=subdomains)
         self.reply(Reply(250, "2.0.0", f"Queuing for node {node} started"))
 
     def cmd_starttls(self, arg: str) -> Awaitable[None] | None:
@@ -799,23 +923,26 @@ class SmtpSession(asyncio.Protocol):
                          "plaintext pipelined after STARTTLS discarded")
         self.reply(Reply(220, "2.0.0", "Ready to start TLS"))
         self.flush()
+        # From here on every byte received is TLS: no await between the discard and this.
+        self.tls_stream = stream = TlsStream(context)
         if self.paused and self.transport:
             self.paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
-        try:
-            transport = await loop.start_tls(
-                self.transport, self, context, server_side=True,  # type: ignore[arg-type]
-                ssl_handshake_timeout=min(60.0, self.snap.config.smtp.command_timeout))
-        except OSError as exc:  # ssl.SSLError, ConnectionError and TimeoutError are OSErrors
-            maillog.info(f"STARTTLS=server, error: accept failed={exc!r}, "
+        deadline = time.monotonic() + min(60.0, self.snap.config.smtp.command_timeout)
+        while not stream.handshake_done and self.tls_error is None and not self.closed:
+            if self.conn.pending_bytes:
+                break  # cannot be: plaintext only comes after the handshake
+            if stream.peer_closed or not await self.wait_input(deadline - time.monotonic()):
+                break
+        if not stream.handshake_done:
+            why = repr(self.tls_error) if self.tls_error is not None else (
+                "timeout" if not self.closed and not stream.peer_closed
+                else "connection closed")
+            maillog.info(f"STARTTLS=server, error: accept failed={why}, "
                          f"relay={self.relay_text}")
-            self.closed = True  # the plaintext transport is gone: nothing more to say
-            raise _Closing from None
-        if transport is None:
+            self.tls_error = self.tls_error or ssl.SSLError(why)
             raise _Closing
-        self.transport = transport  # type: ignore[assignment]
-        self.tls = tls.describe(transport.get_extra_info("ssl_object"), verify="NOT")
+        self.tls = tls.describe(stream.ssl_object, verify="NOT")
         maillog.info(f"STARTTLS=server, relay={self.relay_text}, {self.tls.for_maillog()}")
         self.helo = None
         self.esmtp = False

@@ -1,0 +1,94 @@
+"""The header section as the session holds it (HeaderScanner): where it ends and the size
+limit, the same whatever the segmentation of the bytes."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mailgate.smtp.session import MAX_HEADER_BYTES, HeaderScanner
+
+
+def scan(content: bytes, cuts: list[int]) -> tuple[bytes | None, bytes, bool]:
+    """(header section or None, what followed it, too large) after feeding ``content`` cut at
+    ``cuts``; the remainder is what the scanner still holds when the section never ended."""
+    points = sorted({c for c in cuts if 0 < c < len(content)})
+    scanner = HeaderScanner()
+    head: bytes | None = None
+    rest = b""
+    for a, b in itertools.pairwise([0, *points, len(content)]):
+        piece = content[a:b]
+        if head is not None:
+            rest += piece
+            continue
+        head = scanner.feed(piece)
+        if head is not None:
+            rest = scanner.rest
+    if head is None:
+        rest = bytes(scanner.buf)
+    return head, rest, scanner.too_large
+
+
+def fields(total: int) -> bytes:
+    lines = []
+    n = 0
+    while sum(map(len, lines)) < total:
+        lines.append(f"X-Filler-{n}: {'v' * 70}\r\n".encode())
+        n += 1
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize("piece", [None, 4096, 1000, 7])
+def test_a_46k_header_section_is_too_large_however_it_arrives(piece: int | None) -> None:
+    content = b"Subject: big\r\n" + fields(46_000) + b"\r\nbody\r\n"
+    cuts = [] if piece is None else list(range(piece, len(content), piece))
+    head, _, too_large = scan(content, cuts)
+    assert too_large and head is None
+
+
+@pytest.mark.parametrize("piece", [None, 4096, 1000, 7])
+def test_a_30k_header_section_is_kept_however_it_arrives(piece: int | None) -> None:
+    section = b"Subject: fits\r\n" + fields(30_000)
+    content = section + b"\r\nbody\r\n"
+    cuts = [] if piece is None else list(range(piece, len(content), piece))
+    assert scan(content, cuts) == (section + b"\r\n", b"body\r\n", False)
+
+
+def test_the_limit_is_exact() -> None:
+    line = b"X: " + b"v" * (MAX_HEADER_BYTES - 5) + b"\r\n"
+    assert len(line) == MAX_HEADER_BYTES
+    assert scan(line + b"\r\nbody", [])[2] is False
+    assert scan(b"Y" + line + b"\r\nbody", [])[2] is True
+    assert scan(b"Y" + line + b"\r\nbody", [100, 32_768])[2] is True
+
+
+def test_the_section_ends_at_the_first_non_field_line() -> None:
+    content = b"Subject: x\r\nthis is body text\r\nmore\r\n"
+    assert scan(content, [3, 20]) == (b"Subject: x\r\nthis is body text\r\n", b"more\r\n",
+                                      False)
+    assert scan(b"no header at all\r\n", [5]) == (b"", b"no header at all\r\n", False)
+    assert scan(b"\r\nbody\r\n", [1]) == (b"\r\n", b"body\r\n", False)
+
+
+_LINES = st.sampled_from([
+    b"Subject: hello\r\n", b"X-Long: " + b"y" * 900 + b"\r\n", b"\tcontinued\r\n",
+    b"\r\n", b"body text line\r\n", b"Name : spaced colon\r\n", b"no-colon-word\r\n",
+    b"Received: from a by b\r\n",
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(_LINES, max_size=80), repeat=st.integers(1, 40),
+       seed=st.integers(0, 2**32 - 1))
+def test_segmentation_never_changes_the_result(lines: list[bytes], repeat: int,
+                                                seed: int) -> None:
+    content = b"".join(lines) * repeat
+    rng = random.Random(seed)
+    cuts = [rng.randrange(1, max(2, len(content))) for _ in range(rng.randrange(0, 30))]
+    whole = scan(content, [])
+    assert scan(content, cuts) == whole
+    assert scan(content, list(range(1, len(content), 4096))) == whole
