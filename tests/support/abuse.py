@@ -130,6 +130,8 @@ class Form:
     token: str  # its unique user part ("" when the user is alice, a local account)
     chain: tuple[Domain, ...] = ()  # outer -> final destination (source routes left out)
     special: str = ""  # INVALID_ROUTE / REFUSED-from-outside: not a routing chain
+    as_written: bool = False  # the next hop gets the address exactly as written
+    or_invalid_route: bool = False  # 553 5.1.3 Invalid route address is right as well
 
     @property
     def address(self) -> str:
@@ -161,6 +163,8 @@ class Form:
     def delivered_as(self) -> str | None:
         """The exact RCPT TO the next hop must see, when the gateway resolved all routing
         (every domain but the last is its own); None when the next hop gets the rest."""
+        if self.as_written:
+            return self.address
         if not self.chain or not self.token:
             return None
         *outer, final = self.chain
@@ -169,6 +173,10 @@ class Form:
         if final.catch_all:
             return f"{self.token}@{D_TD2.name}"
         return f"{self.token}@{final.name}" if final.kind != LOCAL else None
+
+
+def _outcome(form: Form) -> tuple[object, ...]:
+    return (*(form.expect(c) for c in CLIENTS), form.hop, form.delivered_as)
 
 
 def _spell(d: Domain, upper: bool, dot: bool) -> str:
@@ -184,6 +192,10 @@ def _fold(local: str, domain: str, link: str) -> str | None:
     """The local part that routes to ``local@domain`` through ``link``; None if not formable."""
     if '"' in local:
         return None  # one level of quoting: quotes do not nest
+    if link in (PCT, QPCT) and "!" in local:
+        # "a!u%b" is a UUCP path at a ("!" binds before "%", as in Sendmail's ruleset 3), not
+        # u%b...: the string belongs to the chain (.., a, b) folded the other way round
+        return None
     if link == PCT:
         return f"{local}%{domain}"
     if link == BANG:
@@ -262,12 +274,13 @@ def address_forms() -> list[Form]:
 
     def add(family: str, chain: tuple[Domain, ...], links: tuple[str, ...] = (), *,
             upper: bool = False, dot: bool = False, route: str = "", bare: bool = False,
-            written: str = "", special: str = "") -> None:
+            written: str = "", special: str = "", or_invalid: bool = False) -> None:
         nonlocal count
         count += 1
         token = f"t{count:04d}x"
         if written:
-            rcpt, user = written.replace("TOKEN", token), token
+            user = _user_for(chain, token) if chain else token
+            rcpt = written.replace("TOKEN", user)
         else:
             user = _user_for(chain, token)
             addr = _encode(user, chain, links, upper=upper, dot=dot)
@@ -276,10 +289,12 @@ def address_forms() -> list[Form]:
             rcpt = f"{route}{addr}" if bare else f"<{route}{addr}>"
             if special:
                 chain = ()
-        form = Form(rcpt, family, token if user == token else "", chain, special)
+        form = Form(rcpt, family, token if user == token else "", chain, special,
+                    as_written=bool(written) and not special and not or_invalid,
+                    or_invalid_route=or_invalid)
         old = forms.get(rcpt.lower())
         if old is not None:
-            if {old.expect(c) for c in CLIENTS} != {form.expect(c) for c in CLIENTS}:
+            if _outcome(old) != _outcome(form):
                 raise AssertionError(f"{rcpt}: two chains with different outcomes")
             return
         forms[rcpt.lower()] = form
@@ -296,11 +311,17 @@ def address_forms() -> list[Form]:
         add(family + "+srcroute", chain, links, route=_SOURCE_ROUTES[count % 3])
         add(family + "+bare", chain, links, bare=True)
 
-    # An unquoted "@" in a local part: a route address Sendmail refuses for everyone.
-    for outer in (D_TD1, D_TD3, D_CLASSR, D_GATEWAY, D_VIRT, D_OWN_LITERAL, D_FOREIGN):
+    # An unquoted "@" in a local part: a route address Sendmail refuses (553 5.1.3) inside a
+    # relayed or foreign domain. Behind one of our names Sendmail's ruleset 3 reads
+    # "u@b@ours" as "u%b@ours": either that route (relay check and all) or the 553 will do.
+    for outer in (D_TD1, D_TD3, D_CLASSR, D_FOREIGN):
         for inner in (D_FOREIGN, D_TD2, D_GATEWAY):
             add("invalid-route", (), written=f"<TOKEN@{inner.name}@{outer.name}>",
                 special=INVALID_ROUTE)
+    for outer in (D_GATEWAY, D_VIRT, D_OWN_LITERAL):
+        for inner in (D_FOREIGN, D_TD2, D_GATEWAY, D_LITERAL):
+            add("invalid-route-local", (outer, inner),
+                written=f"<TOKEN@{inner.name}@{outer.name}>", or_invalid=True)
     # Backslash-escaped routing characters: refused from outside, whatever Sendmail does.
     for outer in (D_TD1, D_TD3, D_CLASSR, D_GATEWAY, D_VIRT):
         for inner in (D_FOREIGN, D_LITERAL):
