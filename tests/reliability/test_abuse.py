@@ -36,6 +36,8 @@ from tests.support.abuse import (
     ANY,
     CLIENTS,
     DENY,
+    DOMAINS,
+    FOREIGN,
     FOREIGN_SINKS,
     INVALID_ROUTE,
     OUTSIDE_CLIENTS,
@@ -244,11 +246,18 @@ def test_relay_matrix_deliveries(matrix: Matrix, client: ClientClass) -> None:
     assert not problems, _report(problems, len(FORMS), f"forms from {client.why}")
 
 
-def test_nothing_from_outside_reaches_a_foreign_sink(matrix: Matrix) -> None:
+FOREIGN_NAMES = tuple(d.name for d in DOMAINS if d.kind == FOREIGN)
+
+
+def test_nothing_from_outside_reaches_or_names_a_foreign_host(matrix: Matrix) -> None:
     """Whatever the replies were: no transaction from an outside client ever reached the MX
-    of a foreign domain or a foreign address literal, not even an unfinished one."""
+    of a foreign domain or a foreign address literal, not even an unfinished one; and no
+    recipient it got through names a foreign host (which a next hop might route to)."""
     for client in OUTSIDE_CLIENTS:
         assert matrix.foreign_transactions.get(sender_of(client), []) == [], client.name
+        routed = [rcpt for (who, _), got in matrix.delivered.items() if who == client.name
+                  for _, rcpt in got if any(n in rcpt.lower() for n in FOREIGN_NAMES)]
+        assert routed == [], f"{client.name}: handed on with foreign routing: {routed[:10]}"
     # ... while the relay clients' did (the sinks are live: this check can fail)
     for client in CLIENTS:
         if client.may_relay:
