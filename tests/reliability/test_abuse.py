@@ -676,6 +676,10 @@ def crowd_gw(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
     # timeout (a hang guard here) is longer than the test
     smtp = ('greet_pause = "0s"\nconnection_rate_throttle = 0\ncommand_timeout = "120s"\n'
             "max_connections_per_ip = 20\n")
+    # both ends need the descriptors: the daemon inherits this process's limit (it does not
+    # raise its own; a soft limit of 1024 would stop it at ~1,000 sessions: EMFILE)
+    if not raise_nofile(CROWD + 512):
+        pytest.skip(f"RLIMIT_NOFILE hard limit below {CROWD + 512}")
     with abuse_gateway(tmp_path_factory.mktemp("crowd"), dns, sinks, smtp=smtp,
                        host="127.0.0.12") as g:
         yield g
@@ -686,7 +690,6 @@ def test_2000_half_open_connections_while_a_polite_client_is_served(
     gw = crowd_gw
     assert gw.proc is not None
     pid = gw.proc.pid
-    raise_nofile(CROWD + 512)
     with gw.smtp("127.0.0.2") as s:  # warm-up: every code path used once
         s.sendmail("polite@sender.example", ["polite@targetdomain1.com"],
                    message("crowd warm-up", frm="polite@sender.example"))
@@ -730,14 +733,16 @@ def _nmap(gw: GatewayProcess, source: str) -> str:
 def test_nmap_smtp_open_relay_from_outside_and_from_a_relay_client(gw: GatewayProcess) -> None:
     """From a non-relay source (``-S 127.0.0.2 -e lo``; without -S the kernel picks
     127.0.0.1, the local host, which may relay) nmap reports no open relay; from the relay IP
-    127.0.0.3 it reports one (the probe works; relay clients are unaffected). nmap never
-    sends DATA: nothing is queued either way."""
+    127.0.0.3 it reports one, with (nearly) every one of its 16 forms accepted (the probe
+    works; relay clients are unaffected). nmap never sends DATA: nothing is queued."""
     outside = _nmap(gw, "127.0.0.2")
     assert "Server is an open relay" not in outside
     assert re.search(r"smtp-open-relay: Server doesn't seem to be an open relay", outside), \
         outside
     inside = _nmap(gw, "127.0.0.3")
-    assert "Server is an open relay" in inside, inside
+    # every form works from a relay client; the two "u@b@ours" forms may be 553 instead
+    m = re.search(r"Server is an open relay \((\d+)/(\d+) tests\)", inside)
+    assert m and int(m.group(1)) >= int(m.group(2)) - 2, inside
     rejects = log_lines(gw, "ruleset=check_rcpt", "relay=[127.0.0.2]", "relaytest")
     assert rejects and all("reject=5" in line for line in rejects)
     assert not log_lines(gw, "ruleset=check_rcpt", "relay=[127.0.0.3]", "Relaying denied")

@@ -426,12 +426,16 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
-def raise_nofile(need: int) -> None:
-    """Raise this process's RLIMIT_NOFILE soft limit to at least ``need`` (up to the hard)."""
+def raise_nofile(need: int) -> bool:
+    """Raise this process's RLIMIT_NOFILE soft limit to at least ``need`` if the hard limit
+    allows (children started afterwards inherit it); False if it does not."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if soft >= need:
+        return True
+    if hard != resource.RLIM_INFINITY and hard < need:
+        return False
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return True
 
 
 def wait_until(predicate: object, timeout: float, what: str, step: float = 0.05) -> None:
