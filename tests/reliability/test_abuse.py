@@ -52,6 +52,7 @@ from tests.support.abuse import (
     raise_nofile,
     reset_peak_rss,
     silent_sockets,
+    wait_idle,
     wait_until,
 )
 from tests.support.dnsserver import DnsServer
@@ -587,6 +588,7 @@ def test_pipelined_flood_from_a_client_that_never_reads_is_bounded(
     Sendmail or Postfix, does), it buffers 60 MB for this one client."""
     gw = fresh_gw
     assert gw.proc is not None
+    pid = gw.proc.pid
     with _session(gw) as c:
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
 
@@ -602,8 +604,8 @@ def test_pipelined_flood_from_a_client_that_never_reads_is_bounded(
                     continue
                 data = data[sent:]
                 last = time.monotonic()
-            time.sleep(1)  # let the daemon work through what it has read
-        grew = _peak_growth_kb(gw.proc.pid, flood)
+            wait_idle(pid, quiet=1.0)  # it has worked through what it has read
+        grew = _peak_growth_kb(pid, flood)
     assert grew < 32 * 1024, f"peak RSS grew by {grew} kB for one client's replies"
 
 

@@ -426,6 +426,25 @@ def reset_peak_rss(pid: int) -> bool:
     return True
 
 
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wait_idle(pid: int, timeout: float = 60.0, quiet: float = 0.5) -> None:
+    """Wait until ``pid`` used no CPU for ``quiet`` seconds (it has done what it was given)."""
+    deadline = time.monotonic() + timeout
+    last = cpu_ticks(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = cpu_ticks(pid)
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"process {pid} still busy after {timeout} s")
+
+
 def raise_nofile(need: int) -> bool:
     """Raise this process's RLIMIT_NOFILE soft limit to at least ``need`` if the hard limit
     allows (children started afterwards inherit it); False if it does not."""
