@@ -334,8 +334,13 @@ def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
                 sockets: list[socket.socket], index: int, workers: int,
                 adopt: tuple[int, ...]) -> None:
     _die_with_parent()
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    # Until serve() installs its handlers: a HUP or USR1 the master forwards while this worker
+    # starts must not kill it (SIG_DFL would). It starts with the newest checked snapshot and
+    # runs its share of the queue anyway, so nothing is missed by ignoring them.
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     install_event_loop()
     asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers,
                       adopt=adopt))
@@ -351,6 +356,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     spool.close()
     if moved:
         maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
+    running = snapshot  # the newest config that passed its check: what a new worker starts with
     children: dict[int, int] = {}  # pid → worker index
     dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
     stopping = False
@@ -360,7 +366,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         if pid == 0:
             code = 0
             try:
-                _run_worker(config_path, snapshot, sockets, index, workers,
+                _run_worker(config_path, running, sockets, index, workers,
                             tuple(dead[index]))
             except BaseException as exc:
                 maillog.error(f"worker {index} failed: {exc!r}")
@@ -370,13 +376,15 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         children[pid] = index
 
     def on_signal(sig: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, running
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         elif sig == signal.SIGHUP:
-            # Check first, so that a bad config is refused once, here, with a clear message.
+            # Check first, so that a bad config is refused once, here, with a clear message;
+            # keep it, so that a worker restarted later does not bring back the old tables
+            # (a relay grant the admin removed, say).
             try:
-                build_snapshot(load_config(config_path))
+                running = build_snapshot(load_config(config_path))
             except (ConfigError, TableError) as exc:
                 maillog.error(f"reload refused, keeping the running configuration: {exc}")
                 return
