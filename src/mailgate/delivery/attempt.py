@@ -76,6 +76,17 @@ def delivery_timeouts(settings: DeliverySettings) -> Timeouts:
     return replace(timeouts, connect=settings.connect_timeout)
 
 
+def interval_text(seconds: float) -> str:
+    """Sendmail's ``pintvl``: "5 days", "4 hours", "1 hour, 30 minutes", "2 seconds"."""
+    rest = max(0, round(seconds))
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return ", ".join(parts) or "0 seconds"
+
+
 def _stat(outcome: Outcome) -> str:
     text = outcome.reply.text.replace("\n", " ")
     if outcome.status == "sent":
@@ -229,8 +240,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
         _remove(ctx.spool, msg, lock_fds)
         return None
     if now - env.arrival >= cfg.queue.max_age:
-        days = cfg.queue.max_age / 86400
-        text = f"Cannot send message for {days:g} day{'s' if days != 1 else ''}"
+        text = f"Cannot send message for {interval_text(cfg.queue.max_age)}"
         expired = []
         for rcpt in remaining:
             last = st.errors.get(rcpt.address, "")
