@@ -11,8 +11,9 @@ Written by hand rather than with aiosmtpd so that it can observe how commands ar
 To play an unreliable next hop: ``greeting = "421 ..."``, ``mail_reply`` / ``rcpt_reply`` /
 ``rcpt_default_reply`` / ``data_reply`` with 4xx or 5xx, ``hang("greeting")`` (accept and say
 nothing) or ``hang("ehlo")`` (220, then silence), ``close_in_data = n`` (drop the connection
-after n bytes of content); ``normal()`` makes it a well-behaved server again. A transaction
-cut short by the sink is recorded with ``completed=False`` and its ``data_size``.
+after n bytes of content), ``stall_in_data = n`` (stop reading there); ``normal()`` makes it
+a well-behaved server again. A transaction cut short by the sink is recorded with
+``completed=False`` and its ``data_size``.
 """
 
 from __future__ import annotations
@@ -244,6 +245,11 @@ class _Session:
                 self._record_transaction(completed=False, data_size=size)
                 self.writer.close()
                 return False
+            if sink.stall_in_data is not None and size >= sink.stall_in_data:
+                # Stops reading: the client's writes block once the socket buffers are full.
+                self._record_transaction(completed=False, data_size=size)
+                await asyncio.sleep(sink.HANG)
+                return False
         if not await self.stage("data_end"):
             self._record_transaction(completed=False, data_size=size)
             return False
@@ -316,6 +322,7 @@ class SinkServer:
         self.close_at: str | None = None  # drop the connection at this stage
         self.discard_data = False  # keep only size and sha256 (large-message tests)
         self.close_in_data: int | None = None  # drop the connection after this much content
+        self.stall_in_data: int | None = None  # stop reading after this much content
         # Observations.
         self.messages: list[SinkMessage] = []
         self.transactions: list[SinkTransaction] = []
@@ -341,7 +348,7 @@ class SinkServer:
         self.mail_reply = self.data_reply = self.data_cmd_reply = None
         self.delays.clear()
         self.close_at = None
-        self.close_in_data = None
+        self.close_in_data = self.stall_in_data = None
 
     def _extensions(self) -> list[str]:
         ext: list[str] = []
