@@ -153,8 +153,14 @@ def to_lines(gw: GatewayProcess, rcpt: str, stat: str) -> list[str]:
 
 
 def wait_deferred(gw: GatewayProcess, attempts: int = 1) -> dict[str, dict[str, object]]:
-    """Wait until the queue records ``attempts`` attempts; return the status files."""
-    wait_until(lambda: recorded_attempts(gw) >= attempts, f"{attempts} recorded attempt(s)")
+    """Wait until the queue records ``attempts`` attempts; return the status files. A queue
+    that empties first means the mail was delivered or bounced instead of deferred."""
+    def deferred_or_gone() -> bool:
+        if not gw.queued():
+            raise AssertionError(f"the queue is empty: not deferred. maillog:\n{gw.log()}")
+        return recorded_attempts(gw) >= attempts
+
+    wait_until(deferred_or_gone, f"{attempts} recorded attempt(s)")
     return queue_status(gw)
 
 
