@@ -80,12 +80,14 @@ class SmtpClientError(Exception):
     """The connection failed as a whole; ``temporary`` says whether to retry later."""
 
     def __init__(
-        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = ""
+        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = "",
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.reply = reply
         self.temporary = temporary
         self.stage = stage
+        self.timed_out = timed_out  # the peer went silent (as opposed to refusing or closing)
 
 
 class SmtpClient:
@@ -152,7 +154,7 @@ class SmtpClient:
                 )
         except TimeoutError:
             raise SmtpClientError(
-                f"connect to [{host}]:{port} timed out", stage="connect"
+                f"connect to [{host}]:{port} timed out", stage="connect", timed_out=True
             ) from None
         except OSError as e:
             raise SmtpClientError(
@@ -492,7 +494,8 @@ class SmtpClient:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:
-            raise SmtpClientError(f"timeout writing ({stage})", stage=stage) from None
+            raise SmtpClientError(f"timeout writing ({stage})", stage=stage,
+                                  timed_out=True) from None
         except OSError as e:
             raise SmtpClientError(f"connection lost ({stage}): {e}", stage=stage) from None
 
@@ -559,7 +562,8 @@ class SmtpClient:
                     if len(lines) >= MAX_REPLY_LINES:
                         raise SmtpClientError(f"endless reply to {stage}", stage=stage)
         except TimeoutError:
-            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage) from None
+            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage,
+                                  timed_out=True) from None
         except asyncio.IncompleteReadError:
             raise SmtpClientError(f"connection closed by peer in {stage}", stage=stage) from None
         except asyncio.LimitOverrunError:
