@@ -112,7 +112,14 @@ VIRTUSERTABLE = "@virt.example.com    %1@targetdomain2.com\n"
 
 
 # == address forms =============================================================================
-# How one domain of a chain is folded into the local part of the next outer one.
+# The rule. An address names a chain of destinations, outermost first: u%b@a, b!u@a, "u@b"@a,
+# "u%b"@a, "b!u"@a and a!b!u all name (a, b); folding again nests (u%c%b@a, "c!u%b"@a, ...);
+# a source route (@x,@y:) names nothing. From a client that may not relay the address is
+# accepted only if no destination in its chain is foreign; a relay client may send to any.
+# Accepted mail goes to the next hop of the first destination that is not the gateway's own
+# (routing is resolved only behind its own names), and when every destination but the last
+# is its own, it arrives there as plain user@last.
+# How one domain of a chain is folded into the local part of the next outer one:
 PCT, BANG, QAT, QPCT, QBANG = "%", "!", '"@"', '"%"', '"!"'
 LINKS = (PCT, BANG, QAT, QPCT, QBANG)
 LINK_NAMES = {PCT: "pct", BANG: "bang", QAT: "qat", QPCT: "qpct", QBANG: "qbang"}
