@@ -12,6 +12,7 @@ import ctypes
 import math
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -462,7 +463,17 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 cfg.pid_file.unlink()
 
 
+def raise_open_file_limit() -> None:
+    """A session is a descriptor: raise the soft limit to the hard one, as Postfix's master
+    does, or max_connections is a number the first thousand clients never let us reach."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
+    raise_open_file_limit()
     workers = snapshot.config.workers or (os.cpu_count() or 1)
     if workers > 1:
         run_workers(config_path, snapshot, workers)

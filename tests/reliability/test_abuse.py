@@ -579,8 +579,6 @@ def test_pipelined_noop_rset_flood_is_answered_in_bounded_memory(fresh_gw: Gatew
     assert grew < 16 * 1024, f"peak RSS grew by {grew} kB"
 
 
-@pytest.mark.xfail(strict=True, reason="product bug: replies to a client that does not read "
-                   "are buffered without limit (no write-side flow control in SmtpSession)")
 def test_pipelined_flood_from_a_client_that_never_reads_is_bounded(
         fresh_gw: GatewayProcess) -> None:
     """A client pipelines 200,000 HELPs (1.2 MB) and reads nothing. Each reply is ~300 bytes:
