@@ -382,6 +382,45 @@ def test_permanent_failure_bounces_to_sender(tmp_path: Path, dns: DnsServer, hop
         assert "stat=User unknown" in log
 
 
+def test_bounce_of_internationalised_mail_is_internationalised(
+        tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int) -> None:
+    """RFC 6533: a DSN about a UTF-8 recipient is a message/global-delivery-status report
+    (Final-Recipient of type utf-8), sent with SMTPUTF8, and with BODY=8BITMIME since it
+    carries 8-bit text."""
+    hop1.smtputf8 = True
+    hop1.rcpt_reply["jörg@targetdomain1.com"] = "550 5.1.1 No such user here"
+    with SinkServer(MXHOST, mx_port) as mx, \
+            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+        mx.smtputf8 = True
+        with gw.smtp(OUTSIDE) as s:
+            s.ehlo()
+            s.sendmail("alice@example.org", ["jörg@targetdomain1.com"],
+                       message("grüße"),
+                       mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+        [dsn] = mx.wait_for(1, timeout=15)
+    assert dsn.mail_from == "" and dsn.rcpt_tos == ["alice@example.org"]
+    assert "SMTPUTF8" in dsn.mail_options and "BODY=8BITMIME" in dsn.mail_options
+    data = dsn.data
+    assert b"Content-Type: message/global-delivery-status\r\n" in data
+    assert "Final-Recipient: utf-8; jörg@targetdomain1.com\r\n".encode() in data
+    assert b"Content-Type: message/global\r\n" in data
+    assert b"message/delivery-status" not in data and b"message/rfc822" not in data
+
+
+def test_bounce_of_plain_mail_stays_plain(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
+                                          hop2_port: int, mx_port: int) -> None:
+    hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+    with SinkServer(MXHOST, mx_port) as mx, \
+            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+        mx.smtputf8 = True
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("plain"))
+        [dsn] = mx.wait_for(1, timeout=15)
+    assert "SMTPUTF8" not in dsn.mail_options and "BODY=8BITMIME" not in dsn.mail_options
+    assert b"Content-Type: message/delivery-status\r\n" in dsn.data
+    assert b"Final-Recipient: rfc822; gone@targetdomain1.com\r\n" in dsn.data
+
+
 def test_dsn_parameters_go_to_a_dsn_aware_hop(tmp_path: Path, dns: DnsServer, hop2_port: int,
                                               mx_port: int) -> None:
     """RFC 3461 5.2: a next hop that offers DSN gets RET, ENVID, NOTIFY and ORCPT (added when
@@ -498,6 +537,32 @@ def test_flush_verbose_and_route(tmp_path: Path, dns: DnsServer, hop2_port: int,
     assert "mailer esmtp, host example.net, user x@example.net" in out.stdout
     assert "mailer local, host local, user alice" in out.stdout
     assert "mailer esmtp, host [192.0.2.1], user u@[192.0.2.1]" in out.stdout
+
+
+def test_queue_run_takes_on_entries_another_process_queued(
+        tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int) -> None:
+    """A bounce that ``mailgate flush`` queued while the daemon runs is unknown to the daemon's
+    runner; SIGUSR1 (and every run_interval) reads the queue folder and takes it on."""
+    port1 = free_port(HOP1)
+    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
+    gw.config.write_text(gw.config.read_text().replace('run_interval = "2s"',
+                                                       'run_interval = "1h"')
+                         .replace('retry_min = "1s"', 'retry_min = "1h"'))
+    with gw:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("flushed"))
+        gw.wait_log("stat=Deferred")
+        with SinkServer(HOP1, port1) as hop1:
+            hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+            out = run_cli("flush", "-c", str(gw.config))
+            assert out.returncode == 0, out.stderr
+        # The bounce went to the sender's MX, which is down: it waits in the queue.
+        assert len(gw.queued()) == 1
+        with SinkServer(MXHOST, mx_port) as mx:
+            gw.signal(signal.SIGUSR1)
+            [dsn] = mx.wait_for(1, timeout=15)
+            assert dsn.mail_from == "" and b"gone@targetdomain1.com" in dsn.data
+        assert "that no runner here had" in gw.wait_log("queue run: 1 message(s) found")
 
 
 def test_greeting_and_refused_commands(gateway: GatewayProcess) -> None:

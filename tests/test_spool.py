@@ -424,3 +424,20 @@ def test_the_incoming_name_goes_once_the_queue_entry_is_durable_or_gone(tmp_path
     assert spool.recover() == sorted([deferred, crashed, kept])
     assert os.listdir(tmp_path / "incoming") == []
     spool.close()
+
+
+def test_a_commit_that_fails_never_removes_an_existing_queue_entry(tmp_path: Path) -> None:
+    """A queue file of the same name (left by an earlier process with the same pid in the same
+    second) makes the link fail; the failed commit used to unlink that acknowledged message."""
+    from mailgate.queue.spool import SpoolError
+
+    spool = Spool(tmp_path, fsync="threads")
+    env = envelope(spool)
+    (tmp_path / "queue" / env.qid).write_bytes(b"an acknowledged message\n")
+    msg = spool.open_incoming(env)
+    msg.write(b"x\r\n")
+    with pytest.raises(SpoolError, match="exists"):
+        asyncio.run(spool.commit(msg))
+    assert (tmp_path / "queue" / env.qid).read_bytes() == b"an acknowledged message\n"
+    assert list((tmp_path / "incoming").iterdir()) == []
+    spool.close()

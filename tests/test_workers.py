@@ -95,3 +95,35 @@ def test_kill_9_of_the_master_ends_the_workers_and_mail_survives(tmp_path: Path)
             finally:
                 gw.stop()
     assert os.path.isdir(gw.spool / "queue")
+
+
+def test_a_worker_restarted_after_a_reload_runs_the_reloaded_tables(tmp_path: Path) -> None:
+    """A relay grant removed by HUP must stay removed when a worker dies and is restarted: the
+    master starts new workers with the last config that passed its check, not the first."""
+    port = free_port(HOP)
+    with DnsServer() as dns, SinkServer(HOP, port), gateway(tmp_path, dns, port) as gw:
+        assert gw.proc is not None
+        deadline = time.monotonic() + 10
+        while gw.log().count("starting daemon") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with gw.smtp("127.0.0.2") as s:
+            s.ehlo()
+            s.mail("alice@example.org")
+            assert s.rcpt("bob@targetdomain1.com")[0] == 250
+        (gw.dir / "access").write_text("")  # targetdomain1.com is no longer relayed
+        gw.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while gw.log().count("configuration reloaded") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for worker in children_of(gw.proc.pid):
+            os.kill(worker, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while gw.log().count("starting daemon") < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gw.log().count("starting daemon") >= 4
+        for _ in range(10):  # both new workers answer (the kernel spreads the connections)
+            with gw.smtp("127.0.0.2") as s:
+                s.ehlo()
+                s.mail("alice@example.org")
+                code, text = s.rcpt("bob@targetdomain1.com")
+                assert (code, text.split(b"... ")[-1][:15]) == (550, b"Relaying denied"), text

@@ -71,6 +71,10 @@ class QueueSettings:
     max_deliveries: int = 200
     max_per_destination: int = 20
     fsync: str = "auto"  # how the spool flushes: "auto" (Linux AIO if the kernel has it), "threads"
+    # Sendmail's MinFreeBlocks / Postfix's queue_minfree: below this much free space in the
+    # spool's file system, MAIL and DATA get 452 4.3.1 (0 = no check). The reserve is what
+    # messages already in DATA, status files and bounces (up to a whole message) still need.
+    min_free: int = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -477,6 +481,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         max_per_destination=r.get("queue", "max_per_destination", _int(1),
                                   qd.max_per_destination),
         fsync=r.get("queue", "fsync", _fsync_mode, qd.fsync),
+        min_free=r.get("queue", "min_free", parse_size, qd.min_free),
     )
     if queue.run_interval <= 0:
         raise r.error("queue", "run_interval", "must be longer than 0s")

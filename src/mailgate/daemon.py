@@ -12,6 +12,7 @@ import ctypes
 import math
 import os
 import random
+import resource
 import signal
 import socket
 import time
@@ -48,12 +49,14 @@ def make_resolver(config: Config) -> Resolver:
 class Gateway:
     def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
                  sockets: list[socket.socket] | None = None, worker: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, adopt: tuple[int, ...] = ()) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
         self.worker = worker
         self.workers = workers
+        # Pids of this worker's dead predecessors: the mail they received is ours to retry.
+        self.adopt = {pid_tag(pid) for pid in adopt}
         cfg = snapshot.config
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
@@ -63,7 +66,7 @@ class Gateway:
         self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
         self.delivery = DeliveryContext(
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
@@ -76,9 +79,11 @@ class Gateway:
         if self.workers == 1:
             recovered = self.spool.recover()
         else:
-            # The master cleared incoming/ before forking; each worker retries its share.
-            recovered = [q for q in self.spool.qids()
-                         if zlib.crc32(q.encode()) % self.workers == self.worker]
+            # The master cleared incoming/ before forking; each worker retries its share, and
+            # a restarted one also what its predecessors received (each worker retries the
+            # mail it received itself, whatever its share: no other one knows of it).
+            recovered = [q for q in self.spool.qids() if self._my_share(q)
+                         or q[-6:] in self.adopt]
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
@@ -103,6 +108,7 @@ class Gateway:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         self._stats_task = asyncio.get_running_loop().create_task(
             self._statistics_every(STATISTICS_INTERVAL))
+        self._scan_task = asyncio.get_running_loop().create_task(self._queue_runs())
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
                      f"config {cfg.source}, queue {cfg.spool_dir}")
@@ -121,6 +127,7 @@ class Gateway:
                 s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
                                                 "Shutting down"))
         self._stats_task.cancel()
+        self._scan_task.cancel()
         self.log_statistics()
         await self.scheduler.stop()
         if self.delivery.connections is not None:
@@ -268,6 +275,45 @@ class Gateway:
                 chosen.append(qid)
         return chosen
 
+    def _my_share(self, qid: str) -> bool:
+        return self.workers == 1 or zlib.crc32(qid.encode()) % self.workers == self.worker
+
+    def run_queue(self) -> None:
+        """SIGUSR1, Sendmail's ``-q``: everything waiting is due now, and the queue folder is
+        read for entries this process does not know (queued by ``mailgate flush``, say)."""
+        self.scheduler.run_now()
+        task = asyncio.get_running_loop().create_task(self.scan_queue(now=True))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def scan_queue(self, *, now: bool = False) -> int:
+        """Take on queue entries of our share that no runner here knows: a bounce that
+        ``mailgate flush`` queued, mail of a process that died. The listing and the status
+        reads run in a thread (the queue may be large); returns how many were taken on."""
+        def unknown() -> list[tuple[str, float | None]]:
+            found = []
+            for qid in list(self.spool.qids()):
+                if self._my_share(qid) and not self.scheduler.knows(qid):
+                    found.append((qid, self.spool.load_status(qid).next_attempt))
+            return found
+
+        found = await asyncio.to_thread(unknown)
+        clock = time.time()
+        for qid, due in found:
+            if not self.scheduler.knows(qid) and (self.spool.queue / qid).exists():
+                self.scheduler.submit(qid, clock if now or due is None else max(due, clock))
+        if found:
+            maillog.info(f"queue run: {len(found)} message(s) found in "
+                         f"{self.snapshot.config.spool_dir} that no runner here had")
+        return len(found)
+
+    async def _queue_runs(self) -> None:
+        """Sendmail's ``-q30m``: every ``run_interval`` the queue folder is read again."""
+        while True:
+            await asyncio.sleep(self.snapshot.config.queue.run_interval)
+            with contextlib.suppress(OSError):
+                await self.scan_queue()
+
     def count(self, name: str) -> None:
         self.counters[name] += 1
 
@@ -304,7 +350,7 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     await gateway.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.scheduler.run_now())
+    loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
     loop.add_signal_handler(signal.SIGUSR2, gateway.log_statistics)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -320,13 +366,25 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def pid_tag(pid: int) -> str:
+    """The end of every queue id made by process ``pid`` (``Spool.new_qid``)."""
+    return f"{pid % 1_000_000:06d}"
+
+
 def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
-                sockets: list[socket.socket], index: int, workers: int) -> None:
+                sockets: list[socket.socket], index: int, workers: int,
+                adopt: tuple[int, ...]) -> None:
     _die_with_parent()
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    # Until serve() installs its handlers: a HUP or USR1 the master forwards while this worker
+    # starts must not kill it (SIG_DFL would). It starts with the newest checked snapshot and
+    # runs its share of the queue anyway, so nothing is missed by ignoring them.
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     install_event_loop()
-    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers))
+    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers,
+                      adopt=adopt))
 
 
 def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
@@ -339,7 +397,9 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     spool.close()
     if moved:
         maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
+    running = snapshot  # the newest config that passed its check: what a new worker starts with
     children: dict[int, int] = {}  # pid → worker index
+    dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
     stopping = False
 
     def spawn(index: int) -> None:
@@ -347,7 +407,8 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         if pid == 0:
             code = 0
             try:
-                _run_worker(config_path, snapshot, sockets, index, workers)
+                _run_worker(config_path, running, sockets, index, workers,
+                            tuple(dead[index]))
             except BaseException as exc:
                 maillog.error(f"worker {index} failed: {exc!r}")
                 code = 1
@@ -356,13 +417,15 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         children[pid] = index
 
     def on_signal(sig: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, running
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
         elif sig == signal.SIGHUP:
-            # Check first, so that a bad config is refused once, here, with a clear message.
+            # Check first, so that a bad config is refused once, here, with a clear message;
+            # keep it, so that a worker restarted later does not bring back the old tables
+            # (a relay grant the admin removed, say).
             try:
-                build_snapshot(load_config(config_path))
+                running = build_snapshot(load_config(config_path))
             except (ConfigError, TableError) as exc:
                 maillog.error(f"reload refused, keeping the running configuration: {exc}")
                 return
@@ -392,6 +455,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
                               "restarting it")
                 time.sleep(1)
+                dead[index].append(pid)
                 spawn(index)
     finally:
         if cfg.pid_file:
@@ -399,7 +463,17 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 cfg.pid_file.unlink()
 
 
+def raise_open_file_limit() -> None:
+    """A session is a descriptor: raise the soft limit to the hard one, as Postfix's master
+    does, or max_connections is a number the first thousand clients never let us reach."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
+    raise_open_file_limit()
     workers = snapshot.config.workers or (os.cpu_count() or 1)
     if workers > 1:
         run_workers(config_path, snapshot, workers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import time
@@ -187,7 +188,7 @@ class Resolver:
 
     # -- the one place that talks to dnspython -------------------------------------------------
 
-    async def _lookup(self, name: str, rdtype: int) -> tuple[Any, ...]:
+    async def _lookup(self, name: str, rdtype: dns.rdatatype.RdataType) -> tuple[Any, ...]:
         """Records of one type (parsed), () for NODATA; DnsNotFound / DnsTempError."""
         qname = _to_name(name)
         key = (qname.to_text().lower(), rdtype)
@@ -200,7 +201,7 @@ class Resolver:
         if fut is None or fut.get_loop() is not asyncio.get_running_loop():
             fut = asyncio.ensure_future(self._query(qname, rdtype, key))
             self._inflight[key] = fut
-            fut.add_done_callback(lambda f, k=key: self._done(k, f))
+            fut.add_done_callback(functools.partial(self._done, key))
         # shield: one caller giving up must not cancel the lookup the others wait for.
         return await asyncio.shield(fut)
 
@@ -211,7 +212,7 @@ class Resolver:
             fut.exception()  # mark retrieved: all waiters may have gone away
 
     async def _query(
-        self, qname: dns.name.Name, rdtype: int, key: tuple[str, int]
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, key: tuple[str, int]
     ) -> tuple[Any, ...]:
         what = f"{qname.to_text(omit_final_dot=True)}/{dns.rdatatype.to_text(rdtype)}"
         try:

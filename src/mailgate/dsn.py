@@ -165,9 +165,29 @@ def _hours_text(hours: int) -> str:
     return "1 hour" if hours == 1 else f"{hours} hours"
 
 
+def needs_utf8(sender: str, recipients: Sequence[FailedRecipient]) -> bool:
+    """Whether a DSN about these addresses must be internationalised (RFC 6533): a UTF-8
+    address can only travel in message/global-delivery-status and with SMTPUTF8."""
+    return not all(a.isascii() for a in (sender, *(x for r in recipients
+                                                   for x in (r.address, r.original or "",
+                                                             r.orcpt or ""))))
+
+
+def has_8bit_text(recipients: Sequence[FailedRecipient]) -> bool:
+    """Whether the human-readable part will hold non-ASCII text (a remote reply in UTF-8)."""
+    return not all(t.isascii() for r in recipients
+                   for t in (r.address, r.original or "", r.diagnostic or "", *r.transcript))
+
+
+def _address_field(name: str, address: str, utf8: bool) -> str:
+    # RFC 6533 3: a non-ASCII address is of type utf-8, and only in the global report.
+    kind = "utf-8" if utf8 and not address.isascii() else "rfc822"
+    return _header(name, f"{kind}; {address}")
+
+
 def _status_part(
     *, hostname: str, arrival: float, client: str, recipients: Sequence[FailedRecipient],
-    envid: str | None = None,
+    envid: str | None = None, utf8: bool = False,
 ) -> str:
     out = _header("Original-Envelope-Id", _flatten(envid)) if envid else ""
     out += _header("Reporting-MTA", f"dns; {hostname}")
@@ -181,9 +201,9 @@ def _status_part(
         given = r.original or r.address
         if r.orcpt:
             out += _header("Original-Recipient", _flatten(r.orcpt))
-        out += _header("Final-Recipient", f"rfc822; {given}")
+        out += _address_field("Final-Recipient", given, utf8)
         if r.original and r.original != r.address:
-            out += _header("X-Actual-Recipient", f"rfc822; {r.address}")
+            out += _address_field("X-Actual-Recipient", r.address, utf8)
         out += _header("Action", r.action)
         out += _header("Status", r.status)
         if r.remote_mta:
@@ -193,6 +213,10 @@ def _status_part(
         if r.last_attempt is not None:
             out += _header("Last-Attempt-Date", formatdate(r.last_attempt, localtime=True))
     return out
+
+
+class SupportsWriteBytes(Protocol):
+    def write(self, data: bytes, /) -> object: ...
 
 
 def _contains(path: Path, offset: int, needle: bytes) -> bool:
@@ -209,12 +233,12 @@ def _contains(path: Path, offset: int, needle: bytes) -> bool:
     return False
 
 
-def _copy_all(src: BinaryIO, out: BinaryIO) -> None:
+def _copy_all(src: BinaryIO, out: SupportsWriteBytes) -> None:
     while chunk := src.read(CHUNK):
         out.write(chunk)
 
 
-def _copy_headers(src: BinaryIO, out: BinaryIO) -> None:
+def _copy_headers(src: BinaryIO, out: SupportsWriteBytes) -> None:
     """Copy the header section, through the CRLF ending the last field, without the blank line.
 
     A virtual CRLF is put before the content so that a message starting with the blank line
@@ -239,10 +263,6 @@ def _copy_headers(src: BinaryIO, out: BinaryIO) -> None:
         virtual = max(0, virtual - cut)
 
 
-class SupportsWriteBytes(Protocol):
-    def write(self, data: bytes, /) -> object: ...
-
-
 def write_dsn(
     out: SupportsWriteBytes,
     *,
@@ -258,6 +278,7 @@ def write_dsn(
     warning_hours: int | None = None,
     now: float | None = None,
     envid: str | None = None,
+    international: bool = False,
 ) -> str:
     """Write a multipart/report DSN for ``recipients`` to ``out`` (CRLF) and return its Message-Id.
 
@@ -267,6 +288,8 @@ def write_dsn(
     ``Return receipt``, as Sendmail), else a failure notice.  Part 3 is the original message,
     byte for byte, or only its header section (``text/rfc822-headers``) when
     ``return_headers_only`` (RET=HDRS).  ``envid`` is the sender's ENVID=, decoded.
+    ``international`` (an SMTPUTF8 original, or a UTF-8 address): RFC 6533's
+    message/global-delivery-status, and message/global (-headers) for the original.
     The caller sends it with ``MAIL FROM:<>`` to ``sender``; an empty sender (a bounce itself)
     must not be bounced, so it raises ValueError.
     """
@@ -321,13 +344,19 @@ def write_dsn(
     if charset != "us-ascii":
         part1 += "Content-Transfer-Encoding: 8bit\r\n"
     part1 += "\r\n" + human + "\r\n"
+    status_type = "message/global-delivery-status" if international else \
+        "message/delivery-status"
     part2 = (
-        f"--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"--{boundary}\r\nContent-Type: {status_type}\r\n"
+        + ("Content-Transfer-Encoding: 8bit\r\n" if international else "") + "\r\n"
         + _status_part(hostname=host, arrival=arrival, client=client, recipients=recipients,
-                       envid=envid)
+                       envid=envid, utf8=international)
         + "\r\n"
     )
-    ctype = "text/rfc822-headers" if return_headers_only else "message/rfc822"
+    if international:
+        ctype = "message/global-headers" if return_headers_only else "message/global"
+    else:
+        ctype = "text/rfc822-headers" if return_headers_only else "message/rfc822"
     part3 = f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n"
 
     out.write(_encode(head + part1 + part2 + part3))

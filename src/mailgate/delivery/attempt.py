@@ -17,14 +17,15 @@ from pathlib import Path
 
 from mailgate import maillog, tls
 from mailgate.address import Mailbox
+from mailgate.config import DeliverySettings
 from mailgate.delivery import smtp as smtp_delivery
 from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_maildir
 from mailgate.delivery.pipe import deliver_program
 from mailgate.delivery.smtp import Outcome
 from mailgate.dns import Resolver
-from mailgate.dsn import FailedRecipient, is_receipt, write_dsn
+from mailgate.dsn import FailedRecipient, has_8bit_text, is_receipt, needs_utf8, write_dsn
 from mailgate.policy import error_reply
-from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool
+from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolError
 from mailgate.reply import Reply
 from mailgate.routing import Route, resolve
 from mailgate.smtp import dsn_params
@@ -64,6 +65,26 @@ def retry_delay(attempts: int, retry_min: float, run_interval: float) -> float:
     so a queue full of mail for one dead host does not retry in lock-step."""
     base = min(run_interval, retry_min * (2 ** max(0, attempts - 1)))
     return base * random.uniform(0.9, 1.1)
+
+
+def delivery_timeouts(settings: DeliverySettings) -> Timeouts:
+    """The SMTP client's timeouts: RFC 5321's, scaled down by a ``command_timeout`` below
+    its 5 minutes; the TCP connect timeout is ``connect_timeout`` as configured, not scaled."""
+    timeouts = Timeouts()
+    if settings.command_timeout < 300:
+        timeouts = timeouts.scaled(settings.command_timeout / 300)
+    return replace(timeouts, connect=settings.connect_timeout)
+
+
+def interval_text(seconds: float) -> str:
+    """Sendmail's ``pintvl``: "5 days", "4 hours", "1 hour, 30 minutes", "2 seconds"."""
+    rest = max(0, round(seconds))
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return ", ".join(parts) or "0 seconds"
 
 
 def _stat(outcome: Outcome) -> str:
@@ -114,10 +135,10 @@ async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
         if not mine:
             # Another runner (``mailgate flush``) has it: look again later unless it is gone.
             return time.time() + 60 if (spool.queue / qid).exists() else None
-        msg = spool.load(qid)
-        if msg is None:
+        loaded = spool.load(qid)
+        if loaded is None:
             return None
-        return await _attempt_locked(ctx, msg)
+        return await _attempt_locked(ctx, loaded)
 
 
 def _remove(spool: Spool, msg: QueuedMessage, lock_fds: list[int] | None) -> None:
@@ -166,9 +187,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
             smtp_groups.setdefault((route.mailer, route.host), []).append((rcpt, route))
         else:
             jobs.append(_local_job(ctx, snap, msg, rcpt, route, results))
-    timeouts = Timeouts(connect=cfg.delivery.connect_timeout)
-    if cfg.delivery.command_timeout < 300:
-        timeouts = timeouts.scaled(cfg.delivery.command_timeout / 300)
+    timeouts = delivery_timeouts(cfg.delivery)
     for group in smtp_groups.values():
         jobs.append(_smtp_job(ctx, snap, msg, group, timeouts, results))
     await asyncio.gather(*jobs)
@@ -199,32 +218,42 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
             st.done[f"rcpt:{rcpt.address}"] = "done"
             st.errors.pop(rcpt.address, None)
 
-    if failed:
-        await bounce(ctx, snap, msg, [_failed_recipient(r, rt, o) for r, rt, o in failed],
-                     reason=failed[0][2])
+    if failed and not await _bounced(ctx, snap, msg, [_failed_recipient(r, rt, o)
+                                                       for r, rt, o in failed],
+                                     reason=failed[0][2]):
+        # No room for the bounce (the disk is full): those recipients stay pending, to be
+        # failed and bounced at the next attempt, rather than dropped with no bounce at all.
+        for rcpt, route, _outcome in failed:
+            st.done.pop(route.target, None)
+            st.done.pop(f"rcpt:{rcpt.address}", None)
     if receipts and env.sender and not env.is_bounce:
-        receipt_qid = await queue_dsn(ctx, snap, msg, receipts)
-        maillog.dsn_created(env.qid, receipt_qid, "Return receipt")
+        try:
+            receipt_qid = await queue_dsn(ctx, snap, msg, receipts)
+        except (OSError, SpoolError) as exc:
+            # The message is delivered; delivering it again for want of a receipt is worse.
+            maillog.error(f"{env.qid}: cannot queue the return receipt: {exc}")
+        else:
+            maillog.dsn_created(env.qid, receipt_qid, "Return receipt")
 
     remaining = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
     if not remaining:
         _remove(ctx.spool, msg, lock_fds)
         return None
     if now - env.arrival >= cfg.queue.max_age:
-        days = cfg.queue.max_age / 86400
-        text = f"Cannot send message for {days:g} day{'s' if days != 1 else ''}"
+        text = f"Cannot send message for {interval_text(cfg.queue.max_age)}"
         expired = []
-        for r in remaining:
-            last = st.errors.get(r.address, "")
+        for rcpt in remaining:
+            last = st.errors.get(rcpt.address, "")
             expired.append(FailedRecipient(
-                address=r.address, original=r.original, status="4.4.7",
+                address=rcpt.address, original=rcpt.original, status="4.4.7",
                 diagnostic=last or None, remote_mta=None, last_attempt=now))
-            maillog.delivery(env.qid, r.address, delay=now - env.arrival, xdelay=0,
+            maillog.delivery(env.qid, rcpt.address, delay=now - env.arrival, xdelay=0,
                              mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
-        await bounce(ctx, snap, msg, expired,
-                     reason=Outcome("perm", Reply(554, "4.4.7", text)))
-        _remove(ctx.spool, msg, lock_fds)
-        return None
+        if await _bounced(ctx, snap, msg, expired,
+                          reason=Outcome("perm", Reply(554, "4.4.7", text))):
+            _remove(ctx.spool, msg, lock_fds)
+            return None
+        # The bounce could not be queued: the message stays, and expires again next time.
     if (not st.warned and cfg.queue.warn_after and now - env.arrival >= cfg.queue.warn_after
             and env.sender and not env.is_bounce):
         st.warned = True
@@ -233,12 +262,22 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
                                 action="delayed", last_attempt=now)
                 for r in remaining if not r.notify or "DELAY" in r.notify.upper()]
         if warn:
-            await queue_dsn(ctx, snap, msg, warn,
-                            warning_hours=int(cfg.queue.warn_after // 3600) or 1)
+            try:
+                await queue_dsn(ctx, snap, msg, warn,
+                                warning_hours=int(cfg.queue.warn_after // 3600) or 1)
+            except (OSError, SpoolError) as exc:
+                st.warned = False  # the next attempt tries again
+                maillog.error(f"{env.qid}: cannot queue the delay warning: {exc}")
     st.attempts += 1
     st.last_attempt = now
     st.next_attempt = now + retry_delay(st.attempts, cfg.queue.retry_min, cfg.queue.run_interval)
-    await asyncio.to_thread(ctx.spool.save_status, env.qid, st)
+    try:
+        await asyncio.to_thread(ctx.spool.save_status, env.qid, st)
+    except OSError as exc:
+        # The status on disk stays as it was (it is replaced whole or not at all); what this
+        # attempt delivered may be delivered again (at-least-once, as after a crash here). The
+        # message keeps its back-off rather than the scheduler's 5 minutes after an error.
+        maillog.error(f"{env.qid}: cannot record the delivery status: {exc}")
     return st.next_attempt
 
 
@@ -288,6 +327,17 @@ def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient
                    diagnostic=str(outcome.reply) if route.is_smtp else None, transcript=())
 
 
+async def _bounced(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
+                   failed: list[FailedRecipient], reason: Outcome) -> bool:
+    """``bounce``; False (logged) when the spool cannot take the bounce, e.g. a full disk."""
+    try:
+        await bounce(ctx, snap, msg, failed, reason=reason)
+    except (OSError, SpoolError) as exc:
+        maillog.error(f"{msg.envelope.qid}: cannot queue the bounce, will try again: {exc}")
+        return False
+    return True
+
+
 async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
                  failed: list[FailedRecipient], reason: Outcome) -> None:
     """Return failed recipients to the sender; never for a message from the null sender."""
@@ -315,10 +365,14 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     cfg = snap.config
     env = msg.envelope
     spool = ctx.spool
+    # RFC 6533: a report on internationalised mail is itself internationalised and goes
+    # with SMTPUTF8; one that carries 8-bit text (the original, a UTF-8 reply) with 8BITMIME.
+    international = env.smtputf8 or needs_utf8(env.sender, recipients)
     bounce_env = Envelope(
         qid=spool.new_qid(), sender="", recipients=[Recipient(env.sender, env.sender)],
         arrival=time.time(), client_ip="127.0.0.1", client_name=cfg.hostname,
-        helo=cfg.hostname, proto="local", is_bounce=True,
+        helo=cfg.hostname, proto="local", is_bounce=True, smtputf8=international,
+        body_8bit=international or env.body_8bit or has_8bit_text(recipients),
     )
     incoming = spool.open_incoming(bounce_env)
     client = maillog.relay_name(env.client_ip, env.client_name)
@@ -333,9 +387,15 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
                   client=client, sender=env.sender, recipients=recipients,
                   original_path=msg.path, original_offset=msg.offset,
                   return_headers_only=headers_only, warning_hours=warning_hours,
-                  envid=dsn_params.xtext_decode(env.envid) if env.envid else None)
+                  envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
+                  international=international)
 
-    await asyncio.to_thread(write)
-    await spool.commit(incoming)
+    try:
+        await asyncio.to_thread(write)
+    except BaseException:
+        # A bounce cut short (ENOSPC) leaves no partial file behind to hold disk space.
+        incoming.discard()
+        raise
+    await spool.commit(incoming)  # which removes the file itself if it fails
     ctx.on_new_message(bounce_env.qid)
     return bounce_env.qid

@@ -152,6 +152,17 @@ class ConnectionCache:
         self._uses.clear()
 
 
+def _no_reply(exc: SmtpClientError, ip: str) -> Reply:
+    """What to report for a failure that brought no SMTP reply, in Sendmail's words: a peer
+    that accepted the connection and then went silent or away did not refuse it."""
+    if exc.timed_out:
+        return Reply(451, "4.4.1" if exc.stage == "connect" else "4.4.2",
+                     f"Connection timed out with [{ip}]")
+    if exc.stage == "connect":
+        return Reply(451, "4.4.1", f"Connection refused by [{ip}]")
+    return Reply(451, "4.4.2", f"Connection to [{ip}] lost")
+
+
 def _failure(outcome: Outcome, recipients: Sequence[str]) -> dict[str, Outcome]:
     return dict.fromkeys(recipients, outcome)
 
@@ -229,8 +240,7 @@ async def deliver(
                         maillog.info(f"STARTTLS=client, error: {client.tls_failure}, "
                                      f"relay={relay}; going on in clear")
                 except SmtpClientError as exc:
-                    reply = exc.reply or Reply(451, "4.4.1",
-                                               f"Connection refused by [{cand.ip}]")
+                    reply = exc.reply or _no_reply(exc, cand.ip)
                     last = Outcome("temp" if exc.temporary or reply.is_temporary else "perm",
                                    reply, relay, f"[{cand.ip}]", tuple(lines))
                     break
@@ -248,7 +258,7 @@ async def deliver(
                 if reused:
                     reused = False  # the cached connection had gone stale: once more, fresh
                     continue
-                reply = exc.reply or Reply(451, "4.4.2", f"Connection to [{cand.ip}] lost")
+                reply = exc.reply or _no_reply(exc, cand.ip)
                 last = Outcome("temp", reply, relay, f"[{cand.ip}]", tuple(lines))
                 break
         if result is None or client is None:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 try:
     from caio import linux_aio
 except ImportError:  # not Linux, or a kernel without AIO: caio refuses the module
-    linux_aio = None
+    linux_aio = None  # type: ignore[assignment]
 
 # A completion's ``res`` arrives as an unsigned 64-bit value; a negative errno wraps.
 _WRAP = 1 << 64

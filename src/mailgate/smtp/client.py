@@ -83,12 +83,14 @@ class SmtpClientError(Exception):
     """The connection failed as a whole; ``temporary`` says whether to retry later."""
 
     def __init__(
-        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = ""
+        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = "",
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.reply = reply
         self.temporary = temporary
         self.stage = stage
+        self.timed_out = timed_out  # the peer went silent (as opposed to refusing or closing)
 
 
 class SmtpClient:
@@ -155,7 +157,7 @@ class SmtpClient:
                 )
         except TimeoutError:
             raise SmtpClientError(
-                f"connect to [{host}]:{port} timed out", stage="connect"
+                f"connect to [{host}]:{port} timed out", stage="connect", timed_out=True
             ) from None
         except OSError as e:
             raise SmtpClientError(
@@ -543,7 +545,8 @@ class SmtpClient:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:
-            raise SmtpClientError(f"timeout writing ({stage})", stage=stage) from None
+            raise SmtpClientError(f"timeout writing ({stage})", stage=stage,
+                                  timed_out=True) from None
         except OSError as e:
             raise SmtpClientError(f"connection lost ({stage}): {e}", stage=stage) from None
 
@@ -610,7 +613,8 @@ class SmtpClient:
                     if len(lines) >= MAX_REPLY_LINES:
                         raise SmtpClientError(f"endless reply to {stage}", stage=stage)
         except TimeoutError:
-            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage) from None
+            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage,
+                                  timed_out=True) from None
         except asyncio.IncompleteReadError:
             raise SmtpClientError(f"connection closed by peer in {stage}", stage=stage) from None
         except asyncio.LimitOverrunError:
@@ -621,8 +625,8 @@ class SmtpClient:
         texts = [first]
         for more in lines[1:]:
             # Continuation lines usually repeat the enhanced code; Reply.lines() re-adds it.
-            e, rest = split_enhanced(more)
-            texts.append(rest if enhanced is not None and e == enhanced else more)
+            code_of_line, rest = split_enhanced(more)
+            texts.append(rest if enhanced is not None and code_of_line == enhanced else more)
         return Reply(code, enhanced, "\n".join(texts))
 
 

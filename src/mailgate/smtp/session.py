@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 MAX_HEADER_BYTES = 32768  # Sendmail's MaxHeadersLength with DOMAIN(generic)
 MAX_HOPS = 25  # Sendmail's MaxHopCount
 PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
+FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
 
 HELP_TEXT = (
     "This is mailgate\n"
@@ -206,6 +207,9 @@ class SmtpSession(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.wakeup: asyncio.Future[None] | None = None
         self.out: list[bytes] = []
+        self.out_size = 0  # bytes in self.out
+        self.write_paused = False  # the transport's write buffer is over its high mark
+        self.writable: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
         self.paused = False
         self.closed = False
@@ -228,6 +232,7 @@ class SmtpSession(asyncio.Protocol):
         self.tls_error: ssl.SSLError | None = None
         self.handshake: asyncio.Future[None] | None = None
         self.last_input = time.monotonic()  # when bytes last arrived (the DATA timeout)
+        self.last_line = self.last_input  # when a content line last ended (under stress)
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -282,6 +287,7 @@ class SmtpSession(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.resume_writing()
         self.conn.receive_data(b"")
         self._wake()
         self.gw.session_ended(self)
@@ -292,7 +298,31 @@ class SmtpSession(asyncio.Protocol):
 
     # -- output --------------------------------------------------------------------------------
     def reply(self, reply: Reply) -> None:
-        self.out.append(reply.to_bytes())
+        data = reply.to_bytes()
+        self.out.append(data)
+        self.out_size += len(data)
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop taking its commands (their input then
+        # fills to PAUSE_READING_AT and reading stops too), so memory stays bounded.
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    async def wait_writable(self, timeout: float) -> bool:
+        """Wait until the transport's buffer drains; False on timeout."""
+        self.writable = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writable
+        except TimeoutError:
+            return False
+        finally:
+            self.writable = None
+        return not self.closed
 
     def flush(self) -> None:
         if self.out and self.transport and not self.closed:
@@ -302,6 +332,7 @@ class SmtpSession(asyncio.Protocol):
                 data = self.tls_stream.outgoing()
             self.transport.write(data)
         self.out.clear()
+        self.out_size = 0
 
     def shut_down(self, reply: Reply) -> None:
         """The daemon is stopping: say so (through TLS if it is on) and close."""
@@ -425,7 +456,10 @@ class SmtpSession(asyncio.Protocol):
                 # byte arrived) shortens the wait instead of restarting it.
                 command_timeout, data_timeout = self.gw.timeouts()
                 now = time.monotonic()
-                timeout = data_timeout - (now - self.last_input) if self.msg is not None \
+                # Under stress, as Postfix's smtpd_per_record_deadline: a content line must
+                # be complete within the timeout, so a byte a second does not hold DATA open.
+                data_since = self.last_line if self.gw.stressed else self.last_input
+                timeout = data_timeout - (now - data_since) if self.msg is not None \
                     else command_timeout - (now - waiting_since)
                 if timeout <= 0 or not await self.wait_input(timeout):
                     what = "DATA" if self.msg is not None else "command"
@@ -437,6 +471,8 @@ class SmtpSession(asyncio.Protocol):
                 continue
             waiting_since = time.monotonic()
             if isinstance(event, DataChunk):
+                if b"\n" in event.data:
+                    self.last_line = waiting_since
                 self.on_data_chunk(event.data)
             elif isinstance(event, Command):
                 await self.on_command(event)
@@ -455,6 +491,12 @@ class SmtpSession(asyncio.Protocol):
                                  f"relay={self.relay_text}")
                 if self.tx is not None or self.helo is not None:
                     self.log_session_end()
+                return
+            if self.out_size >= FLUSH_AT:
+                self.flush()
+            if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
+                maillog.info(f"timeout writing to {self.relay_text}: the client does not read "
+                             "its replies; closing connection")
                 return
 
     def refuse_framing(self, reply: Reply) -> None:
@@ -552,7 +594,7 @@ class SmtpSession(asyncio.Protocol):
             self.reply(exc.reply)
             self.count_bad_command()
             return
-        problem = self._check_mail_params(params)
+        problem = self._check_mail_params(params) or self._storage_refusal(params.get("SIZE"))
         if problem is not None:
             self.reply(problem)
             return
@@ -574,6 +616,13 @@ class SmtpSession(asyncio.Protocol):
                                   discard=decision.discard or self.discard_all)
             self.tx.body_8bit = (params.get("BODY") or "").upper() == "8BITMIME"
             self.tx.smtputf8 = "SMTPUTF8" in params
+
+    def _storage_refusal(self, size: str | None = None) -> Reply | None:
+        """Postfix's answer while the spool's file system is below ``[queue] min_free``, or
+        would be with the message announced by SIZE= (checked already: digits only)."""
+        if self.gw.spool.room_for(int(size) if size else 0, self.snap.config.queue.min_free):
+            return None
+        return Reply(452, "4.3.1", "Insufficient system storage")
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         limit = self.snap.config.smtp.max_message_size
@@ -665,6 +714,8 @@ class SmtpSession(asyncio.Protocol):
             refused = Reply(503, "5.0.0", "Need RCPT (recipient)")
         elif refused is None and arg:
             refused = Reply(501, "5.5.4", "DATA takes no arguments")
+        elif refused is None:
+            refused = self._storage_refusal()  # full since MAIL: the transaction stays
         if refused is not None:
             self.conn.reject_data()
             self.reply(refused)
@@ -703,6 +754,7 @@ class SmtpSession(asyncio.Protocol):
         self.hops = 0
         self.conn.max_message_size = self.snap.config.smtp.max_message_size or None
         self.conn.start_data()
+        self.last_line = time.monotonic()
         self.reply(Reply(354, None, 'Enter mail, end with "." on a line by itself'))
 
     def on_data_chunk(self, data: bytes) -> None:
