@@ -142,6 +142,15 @@ def test_multipart_and_nested_message() -> None:
         assert convert(MULTI, random_cuts(MULTI, seed))[1] == out
 
 
+def test_every_old_encoding_field_goes() -> None:
+    msg = (b"MIME-Version: 1.0\r\ncOnTeNt-TrAnSfEr-EnCoDiNg: 8bit\r\nX-A: 1\r\n"
+           b"Content-Transfer-Encoding:\r\n 8bit\r\nX-B: 2\r\n\r\n\xe9\r\n")
+    _, out = convert(msg)
+    assert out == (b"MIME-Version: 1.0\r\nX-A: 1\r\nX-B: 2\r\n"
+                   b"Content-Type: text/plain; charset=unknown-8bit\r\n"
+                   b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n")
+
+
 def test_digest_parts_default_to_message() -> None:
     msg = (b"MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n"
            b"--d\r\n\r\nSubject: one\r\n\r\nv\xc3\xa9\r\n--d--\r\n")

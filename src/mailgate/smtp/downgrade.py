@@ -487,8 +487,6 @@ class Downgrader:
 def _without_cte(raw: bytes) -> bytes:
     """The header section without its Content-Transfer-Encoding fields (with their
     continuation lines)."""
-    if b"ontent-" not in raw and b"ONTENT-" not in raw:
-        return raw
     kept: list[bytes] = []
     dropping = False
     i = 0
