@@ -23,7 +23,7 @@ from mailgate import maillog
 from mailgate.config import Config
 from mailgate.delivery.attempt import DeliveryContext, attempt, mailbox_of
 from mailgate.delivery.smtp import ConnectionCache
-from mailgate.dns import DnsError, DnsTempError, Resolver
+from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import IncomingMessage, QueuedMessage, QueueStatus, Spool
@@ -206,25 +206,15 @@ class Gateway:
         return refusal
 
     async def lookup_client(self, ip: str) -> Client:
-        """The client's PTR status, bounded by the DNS timeout (semantics §18.4)."""
-        client = Client(ip)
-        if client.is_loopback:
+        """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
+        if Client(ip).is_loopback:
             return Client(ip, "OK", "localhost")
-        try:
-            result = await asyncio.wait_for(self.resolver.ptr(ip),
-                                            self.snapshot.config.dns.timeout + 1)
-        except (TimeoutError, DnsTempError):
-            return Client(ip, "TEMP", None)
-        except DnsError:
-            return Client(ip, "FAIL", None)
+        result = await self.resolver.ptr(ip)
         return Client(ip, result.status, result.name)
 
     async def domain_resolves(self, domain: str) -> str:
-        try:
-            return await asyncio.wait_for(self.resolver.domain_resolves(domain),
-                                          self.snapshot.config.dns.timeout + 1)
-        except (TimeoutError, DnsError):
-            return "temp"
+        """Does the sender's domain resolve, within the resolver's one timeout."""
+        return await self.resolver.domain_resolves(domain)
 
     def message_committed(self, qid: str, incoming: IncomingMessage | None = None) -> None:
         self.counters["messages_received"] += 1

@@ -330,15 +330,17 @@ class Resolver:
         return PtrResult("TEMP" if temp else "FORGED", names[0])
 
     async def domain_resolves(self, domain: str) -> str:
-        """``"yes"`` if the domain has MX, A or AAAA records, ``"no"`` if not, else ``"temp"``."""
+        """``"yes"`` if the domain has MX, A or AAAA records, ``"no"`` if not, else ``"temp"``.
+        The whole check takes at most the DNS timeout, as :meth:`ptr`."""
         if _ip_literal(domain) is not None:
             return "yes"
         try:
-            if await self.mx(domain) or await self.addresses(domain):
-                return "yes"
+            async with asyncio.timeout(self.timeout):
+                if await self.mx(domain) or await self.addresses(domain):
+                    return "yes"
         except DnsNotFound:
             return "no"
-        except DnsTempError:
+        except (DnsTempError, TimeoutError):
             # An MX failure is not masked by a later A lookup: answering "temp" at once also
             # keeps the cost of a dead nameserver to one timeout.
             return "temp"
