@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
+from mailgate.dns import PtrStatus
 from mailgate.reply import Reply
 from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
@@ -24,7 +25,7 @@ ACCESS_DENIED = Reply(550, "5.7.1", "Access denied")
 @dataclass(frozen=True)
 class Client:
     ip: str
-    ptr_status: str = "FAIL"  # OK | FAIL | TEMP | FORGED (semantics: ${client_resolve})
+    ptr_status: PtrStatus = "FAIL"  # semantics: ${client_resolve}
     ptr_name: str | None = None
 
     @property
