@@ -19,7 +19,7 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
@@ -31,12 +31,9 @@ from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import IncomingMessage, QueuedMessage, QueueStatus, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.listener import Listener, bind_socket
+from mailgate.smtp.server import SmtpServerProtocol
 from mailgate.snapshot import Snapshot, build_snapshot
 from mailgate.tables.maps import TableError
-
-if TYPE_CHECKING:
-    from mailgate.smtp.session import SmtpSession
-
 
 STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
 
@@ -61,7 +58,7 @@ class Gateway:
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
         self.scheduler = Scheduler(self._attempt, cfg.queue.max_deliveries)
-        self.sessions: set[SmtpSession] = set()
+        self.sessions: set[SmtpServerProtocol] = set()
         self.per_ip: Counter[str] = Counter()
         self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
@@ -113,10 +110,8 @@ class Gateway:
         maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
                      f"config {cfg.source}, queue {cfg.spool_dir}")
 
-    def _new_session(self) -> SmtpSession:
-        from mailgate.smtp.session import SmtpSession
-
-        return SmtpSession(self)
+    def _new_session(self) -> SmtpServerProtocol:
+        return SmtpServerProtocol(self)
 
     async def stop(self) -> None:
         maillog.info("stopping: no new connections, finishing deliveries in progress")
@@ -160,13 +155,13 @@ class Gateway:
         return True
 
     # -- what sessions call --------------------------------------------------------------------
-    def session_started(self, session: SmtpSession) -> None:
+    def session_started(self, session: SmtpServerProtocol) -> None:
         self.sessions.add(session)
         self.per_ip[session.client.ip] += 1
         self.counters["connections"] += 1
         self._check_stress()
 
-    def session_ended(self, session: SmtpSession) -> None:
+    def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
             self.per_ip[session.client.ip] -= 1
@@ -202,14 +197,14 @@ class Gateway:
                     min(smtp.data_timeout, smtp.stress_timeout))
         return smtp.command_timeout, smtp.data_timeout
 
-    def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
+    def connection_limit_reply(self, ip: str) -> Reply | None:
         smtp = self.snapshot.config.smtp
         host = self.snapshot.config.hostname
-        if smtp.max_connections_per_ip and self.per_ip[session.client.ip] > \
-                smtp.max_connections_per_ip and not Client(session.client.ip).is_loopback:
+        if smtp.max_connections_per_ip and self.per_ip[ip] > smtp.max_connections_per_ip \
+                and not Client(ip).is_loopback:
             self.counters["per_ip_limit"] += 1
             return Reply(421, "4.7.0", f"{host} Too many concurrent connections from "
-                                       f"{session.client.ip}; try again later")
+                                       f"{ip}; try again later")
         return None
 
     async def lookup_client(self, ip: str) -> Client:
