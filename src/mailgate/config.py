@@ -331,7 +331,7 @@ class SmtpSettings:
     max_connections_per_ip: int = setting(
         _int(0), 20, "more get `421 4.7.0` (`0` = no limit)")
     max_connections: int = setting(
-        _int(1), 20000, "sessions at once per worker; beyond, new connections wait")
+        _int(1), 20000, "sessions at once (all workers together); beyond, new connections wait")
     # Postfix's stress mode: past this share of max_connections, shorter timeouts.
     stress_threshold: float = setting(
         _share, "80%", "share of `max_connections` at which stress mode starts")
