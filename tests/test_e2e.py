@@ -539,6 +539,32 @@ def test_flush_verbose_and_route(tmp_path: Path, dns: DnsServer, hop2_port: int,
     assert "mailer esmtp, host [192.0.2.1], user u@[192.0.2.1]" in out.stdout
 
 
+def test_queue_run_takes_on_entries_another_process_queued(
+        tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int) -> None:
+    """A bounce that ``mailgate flush`` queued while the daemon runs is unknown to the daemon's
+    runner; SIGUSR1 (and every run_interval) reads the queue folder and takes it on."""
+    port1 = free_port(HOP1)
+    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
+    gw.config.write_text(gw.config.read_text().replace('run_interval = "2s"',
+                                                       'run_interval = "1h"')
+                         .replace('retry_min = "1s"', 'retry_min = "1h"'))
+    with gw:
+        with gw.smtp(OUTSIDE) as s:
+            s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("flushed"))
+        gw.wait_log("stat=Deferred")
+        with SinkServer(HOP1, port1) as hop1:
+            hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+            out = run_cli("flush", "-c", str(gw.config))
+            assert out.returncode == 0, out.stderr
+        # The bounce went to the sender's MX, which is down: it waits in the queue.
+        assert len(gw.queued()) == 1
+        with SinkServer(MXHOST, mx_port) as mx:
+            gw.signal(signal.SIGUSR1)
+            [dsn] = mx.wait_for(1, timeout=15)
+            assert dsn.mail_from == "" and b"gone@targetdomain1.com" in dsn.data
+        assert "that no runner here had" in gw.wait_log("queue run: 1 message(s) found")
+
+
 def test_greeting_and_refused_commands(gateway: GatewayProcess) -> None:
     with gateway.smtp(OUTSIDE) as s:
         # smtplib read the greeting on connect

@@ -689,9 +689,12 @@ def test_routing_between_relayed_domains_is_accepted(tmp_path: Path) -> None:
     assert [(r.address, r.host) for r in d.routes] == [(raw, "targethost1.example.com")]
 
 
-def test_unquoted_double_at_is_an_invalid_route(tmp_path: Path) -> None:
+@pytest.mark.parametrize("raw", ["u@foreign.example@targetdomain1.com",
+                                 "u@foreign.example@gateway.example.com",
+                                 "u@gateway.example.com@gateway.example.com"])
+def test_unquoted_double_at_is_an_invalid_route(tmp_path: Path, raw: str) -> None:
+    """Behind a relayed or a local name alike: only a quoted or escaped @ is a route."""
     snap = snapshot(tmp_path, GATEWAY)
-    raw = "u@foreign.example@targetdomain1.com"
     with pytest.raises(AddressError) as exc:
         normalize(raw, snap.routing.is_local)
     assert str(exc.value.reply) == f"553 5.1.3 <{raw}>... Invalid route address"

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import (
+    NEED_DATA,
+    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
@@ -20,6 +22,7 @@ from mailgate.smtp.protocol import (
     Event,
     ProtocolError,
     ServerConnection,
+    Wait,
     reply_bytes,
 )
 
@@ -27,6 +30,9 @@ BARE = Reply(
     550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
 )
 NUL = Reply(550, "5.6.0", "Message contains NUL bytes")
+
+
+GO_AHEAD = Reply(354, None, "Go ahead")
 
 
 def long_line(m: int) -> Reply:
@@ -42,11 +48,11 @@ def drain(conn: ServerConnection, limit: int = 100_000) -> list[Event]:
     out: list[Event] = []
     for _ in range(limit):
         ev = conn.next_event()
-        if ev is None:
+        if isinstance(ev, Wait):
             return out
         out.append(ev)
         if isinstance(ev, Command) and ev.verb == "DATA":
-            conn.start_data()
+            assert conn.send(GO_AHEAD) == b"354 Go ahead\r\n"
     raise AssertionError("next_event() did not settle")
 
 
@@ -130,7 +136,7 @@ def test_bare_lf_or_cr_in_a_command_line_is_fatal(wire: bytes, refusal: BadComma
         conn = ServerConnection()
         events = feed(conn, [b"EHLO a\r\n", *chunks], eof=True)
         assert events == [Command("EHLO", "a"), refusal]
-        assert conn.next_event() is None
+        assert conn.next_event() is PAUSED
         assert conn.pending_bytes == 0
 
 
@@ -184,7 +190,7 @@ def test_overlong_command_without_lf_memory_bounded() -> None:
     peak = 0
     for _ in range(100 * 1024 * 1024 // len(block)):
         conn.receive_data(block)
-        assert conn.next_event() is None
+        assert conn.next_event() is NEED_DATA
         peak = max(peak, conn.pending_bytes)
     assert peak <= conn.max_command_line
     events = feed(conn, [b"tail\r\nNOOP\r\n"])
@@ -230,9 +236,9 @@ def test_data_pauses_until_decision_then_pipelined_commands() -> None:
     conn.receive_data(b"MAIL FROM:<a@b>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
     assert conn.next_event() == Command("MAIL", "FROM:<a@b>")
     assert conn.next_event() == Command("DATA", "")
-    assert conn.next_event() is None  # paused: the session has not decided yet
-    assert conn.next_event() is None
-    conn.start_data()
+    assert conn.next_event() is PAUSED  # the session has not decided yet
+    assert conn.next_event() is PAUSED
+    conn.send(GO_AHEAD)
     events = drain(conn)
     content, end = data_result(events)
     assert content == b"Subject: x\r\n\r\nbody\r\n"
@@ -244,11 +250,12 @@ def test_reject_data_keeps_parsing_commands() -> None:
     conn = ServerConnection()
     conn.receive_data(b"DATA\r\nhello\r\n.\r\n")
     assert conn.next_event() == Command("DATA", "")
-    assert conn.next_event() is None
-    conn.reject_data()
+    assert conn.next_event() is PAUSED
+    assert conn.send(Reply(554, "5.5.1", "No valid recipients")) == \
+        b"554 5.5.1 No valid recipients\r\n"
     assert conn.next_event() == Command("HELLO", "")
     assert conn.next_event() == Command(".", "")
-    assert conn.next_event() is None
+    assert conn.next_event() is NEED_DATA
 
 
 def test_empty_message_and_leading_dots() -> None:
@@ -340,7 +347,7 @@ def test_long_text_line(chunk: int) -> None:
     stuffed = b".." + ok[1:]
     for body, expect_ok in [(ok * 3, True), (ok + bad + ok, False), (stuffed, True)]:
         wire = b"DATA\r\n" + body + b".\r\n"
-        conn = ServerConnection()
+        conn = ServerConnection(max_text_line=1000)  # the opt-in limit
         events = feed(conn, [wire[i : i + chunk] for i in range(0, len(wire), chunk)])
         content, end = data_result(events)
         want = body.replace(b"..", b".", 1) if body is stuffed else body
@@ -352,6 +359,21 @@ def test_long_text_line(chunk: int) -> None:
             # Nothing after the violation (byte 1000 of the bad line) was handed out.
             assert want.startswith(content)
             assert len(content) <= len(ok) + 1000
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 1 << 20])
+def test_long_text_lines_accepted_by_default(chunk: int) -> None:
+    # As Postfix's smtpd and Sendmail: no line limit unless one is configured (the client
+    # folds long lines when it passes the message on).
+    body = b"Subject: " + b"s" * 3000 + b"\r\n\r\n" + b"y" * 10_000 + b"\r\n.." + b"z" * 5000
+    body += b"\r\n"
+    wire = b"DATA\r\n" + body + b".\r\nNOOP\r\n"
+    conn = ServerConnection()
+    events = feed(conn, [wire[i : i + chunk] for i in range(0, len(wire), chunk)])
+    content, end = data_result(events)
+    want = body.replace(b"\r\n..", b"\r\n.")
+    assert end == DataEnd(len(want)) and content == want
+    assert events[-1] == Command("NOOP", "")
 
 
 def test_oversize_message_keeps_counting_and_stays_in_sync() -> None:
@@ -375,7 +397,7 @@ def test_eof_mid_data() -> None:
     assert events[0] == Command("DATA", "")
     assert events[-1] == ConnectionClosed()
     assert not any(isinstance(e, DataEnd | DataFailed) for e in events)
-    assert conn.next_event() is None
+    assert conn.next_event() is PAUSED
 
 
 def test_eof_with_partial_command_line() -> None:
@@ -388,12 +410,12 @@ def test_data_memory_bounded() -> None:
     conn = ServerConnection()
     conn.receive_data(b"DATA\r\n")
     assert conn.next_event() == Command("DATA", "")
-    conn.start_data()
+    conn.send(GO_AHEAD)
     block = (b"q" * 62 + b"\r\n") * 1024
     for _ in range(64):
         conn.receive_data(block + b"x\r")
         for _ in range(10):
-            if conn.next_event() is None:
+            if conn.next_event() is NEED_DATA:
                 break
         assert conn.pending_bytes <= 4
 
@@ -445,7 +467,7 @@ def reference(raw: bytes, m: int, limit: int | None) -> tuple[bytes, Event] | No
         found.append((content.index(b"\0"), 1, NUL))
     start = 0
     for j, c in enumerate(content):
-        if j - start + 1 > m:
+        if m and j - start + 1 > m:
             found.append((j, 2, long_line(m)))
             break
         if c == 10:
@@ -466,7 +488,7 @@ def reference(raw: bytes, m: int, limit: int | None) -> tuple[bytes, Event] | No
         ),
         max_size=60,
     ).map(b"".join),
-    m=st.integers(2, 12),
+    m=st.one_of(st.just(0), st.integers(2, 12)),
     limit=st.one_of(st.none(), st.integers(0, 40)),
     seed=st.integers(0, 2**32 - 1),
 )

@@ -795,6 +795,31 @@ def test_stress_mode_shortens_timeouts_while_sessions_pile_up(
         assert_not_delivered(sink, rcpt("stressed"), grace=0.1)
 
 
+def test_stress_mode_times_content_lines_not_reads(tmp_path: Path, dns: DnsServer,
+                                                    sink: SinkServer) -> None:
+    """Under stress a content line must be complete within stress_timeout (Postfix's
+    smtpd_per_record_deadline): a byte every 0.3 s keeps every read within any timeout but
+    never ends a line, and is cut off."""
+    smtp = ('command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 4\n'
+            'stress_threshold = "50%"\nstress_timeout = "1s"\n')
+    with _gateway(tmp_path / "gw", dns, sink, smtp) as gw, session(gw) as dribbler, \
+            connect(gw):
+        start_data(dribbler, [rcpt("dribbled")])
+        gw.wait_log("stress: 2 of 4 sessions open")
+        deadline = time.monotonic() + 15
+        closed = False
+        while time.monotonic() < deadline and not closed:
+            try:
+                dribbler.send(b"x")
+            except OSError:
+                closed = True
+                break
+            closed = dribbler.pending(0.3) != b""
+        assert closed, "a dribbling client held DATA open under stress"
+    assert "timeout waiting for input from [127.0.0.2] during DATA" in gw.log()
+    assert_not_delivered(sink, rcpt("dribbled"), grace=0.1)
+
+
 def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,
                                                   sink: SinkServer) -> None:
     a = rcpt("data-timeout")

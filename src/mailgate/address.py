@@ -415,6 +415,8 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
     canon = canon_domain(domain) if domain else ""
     if canon is None:
         raise _err(553, "5.1.2", shown, "Invalid host name")
+    if _split_unquoted(local, "@", last=False) >= 0:
+        raise _err(553, "5.1.3", shown, "Invalid route address")
     # Sender-specified routing behind one of our names ("" = unqualified, which is_local
     # decides) is resolved as Sendmail's ruleset 3 does: "user%other", "other!user" and
     # "\"user@other\"" mean user@other, again while the new host is ours too. Bounded: each
@@ -429,8 +431,6 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
         if step is None:
             break
         local, canon = step
-    if _split_unquoted(local, "@", last=False) >= 0:
-        raise _err(553, "5.1.3", shown, "Invalid route address")
     if not _valid_local(local):
         raise _err(553, "5.1.3", shown, "Invalid local part")
     return Mailbox(local, canon)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import math
 import os
 import random
@@ -18,24 +17,21 @@ import time
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailgate import maillog
-from mailgate.config import Config, ConfigError, load_config
+from mailgate.config import Config
 from mailgate.delivery.attempt import DeliveryContext, attempt, mailbox_of
 from mailgate.delivery.smtp import ConnectionCache
-from mailgate.dns import DnsError, DnsTempError, Resolver
+from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import IncomingMessage, QueuedMessage, QueueStatus, Spool
 from mailgate.reply import Reply
+from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Listener, bind_socket
-from mailgate.snapshot import Snapshot, build_snapshot
-from mailgate.tables.maps import TableError
-
-if TYPE_CHECKING:
-    from mailgate.smtp.session import SmtpSession
-
+from mailgate.smtp.server import SmtpServerProtocol
+from mailgate.snapshot import Snapshot, try_reload
 
 STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
 
@@ -48,22 +44,26 @@ def make_resolver(config: Config) -> Resolver:
 class Gateway:
     def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
                  sockets: list[socket.socket] | None = None, worker: int = 0,
-                 workers: int = 1) -> None:
+                 workers: int = 1, adopt: tuple[int, ...] = (),
+                 counts: Counts | None = None) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
         self.worker = worker
         self.workers = workers
+        # Pids of this worker's dead predecessors: the mail they received is ours to retry.
+        self.adopt = {pid_tag(pid) for pid in adopt}
         cfg = snapshot.config
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
         self.scheduler = Scheduler(self._attempt, cfg.queue.max_deliveries)
-        self.sessions: set[SmtpSession] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
+        # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
+        self.admission = Admission(counts)
         self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
         self.delivery = DeliveryContext(
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
@@ -76,9 +76,11 @@ class Gateway:
         if self.workers == 1:
             recovered = self.spool.recover()
         else:
-            # The master cleared incoming/ before forking; each worker retries its share.
-            recovered = [q for q in self.spool.qids()
-                         if zlib.crc32(q.encode()) % self.workers == self.worker]
+            # The master cleared incoming/ before forking; each worker retries its share, and
+            # a restarted one also what its predecessors received (each worker retries the
+            # mail it received itself, whatever its share: no other one knows of it).
+            recovered = [q for q in self.spool.qids() if self._my_share(q)
+                         or q[-6:] in self.adopt]
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
@@ -96,21 +98,21 @@ class Gateway:
                 # Sendmail's rate is per daemon: each of N workers takes its share.
                 rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle
                                // self.workers),
-                has_room=lambda: len(self.sessions) < self.snapshot.config.smtp.max_connections)
+                has_room=lambda: self.admission.has_room(
+                    self.snapshot.config.smtp.max_connections))
             listener.start()
             self.listeners.append(listener)
         if cfg.pid_file and self.workers == 1:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         self._stats_task = asyncio.get_running_loop().create_task(
             self._statistics_every(STATISTICS_INTERVAL))
+        self._scan_task = asyncio.get_running_loop().create_task(self._queue_runs())
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
                      f"config {cfg.source}, queue {cfg.spool_dir}")
 
-    def _new_session(self) -> SmtpSession:
-        from mailgate.smtp.session import SmtpSession
-
-        return SmtpSession(self)
+    def _new_session(self) -> SmtpServerProtocol:
+        return SmtpServerProtocol(self)
 
     async def stop(self) -> None:
         maillog.info("stopping: no new connections, finishing deliveries in progress")
@@ -121,6 +123,7 @@ class Gateway:
                 s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
                                                 "Shutting down"))
         self._stats_task.cancel()
+        self._scan_task.cancel()
         self.log_statistics()
         await self.scheduler.stop()
         if self.delivery.connections is not None:
@@ -133,12 +136,10 @@ class Gateway:
 
     def reload(self) -> bool:
         """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays."""
-        try:
-            config = load_config(self.config_path)
-            snapshot = build_snapshot(config)
-        except (ConfigError, TableError) as exc:
-            maillog.error(f"reload refused, keeping the running configuration: {exc}")
+        snapshot = try_reload(self.config_path)
+        if snapshot is None:
             return False
+        config = snapshot.config
         old = self.snapshot.config
         if config.listen != old.listen or config.spool_dir != old.spool_dir:
             maillog.warning("listen and spool_dir changes take effect only after a restart")
@@ -153,28 +154,28 @@ class Gateway:
         return True
 
     # -- what sessions call --------------------------------------------------------------------
-    def session_started(self, session: SmtpSession) -> None:
+    def session_started(self, session: SmtpServerProtocol) -> None:
         self.sessions.add(session)
-        self.per_ip[session.client.ip] += 1
+        self.admission.open(session.client.ip)
         self.counters["connections"] += 1
         self._check_stress()
 
-    def session_ended(self, session: SmtpSession) -> None:
+    def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.per_ip[session.client.ip] -= 1
-            if self.per_ip[session.client.ip] <= 0:
-                del self.per_ip[session.client.ip]
+            self.admission.close(session.client.ip)
             self._check_stress()
 
     def _check_stress(self) -> None:
         """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
         ``max_connections``, clients that hold a session without using it (slowloris) get
         ``stress_timeout`` instead of the RFC's minutes, until the load falls back below 90 %
-        of that mark (the margin keeps one connection coming and going from flapping it)."""
+        of that mark (the margin keeps one connection coming and going from flapping it).
+        The count is the whole daemon's; each worker looks at it when its own sessions come
+        and go, and changes the timeouts of its own."""
         smtp = self.snapshot.config.smtp
         mark = max(1, math.ceil(smtp.max_connections * smtp.stress_threshold))
-        open_now = len(self.sessions)
+        open_now = self.admission.open_sessions
         if not self.stressed and open_now >= mark:
             self.stressed = True
             self.counters["stress"] += 1
@@ -195,36 +196,25 @@ class Gateway:
                     min(smtp.data_timeout, smtp.stress_timeout))
         return smtp.command_timeout, smtp.data_timeout
 
-    def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
-        smtp = self.snapshot.config.smtp
-        host = self.snapshot.config.hostname
-        if smtp.max_connections_per_ip and self.per_ip[session.client.ip] > \
-                smtp.max_connections_per_ip and not Client(session.client.ip).is_loopback:
+    def connection_limit_reply(self, ip: str) -> Reply | None:
+        """The per-IP limit, over this daemon's sessions (this one already counted)."""
+        cfg = self.snapshot.config
+        refusal = Admission.refusal(ip, self.admission.count(ip),
+                                    cfg.smtp.max_connections_per_ip, cfg.hostname)
+        if refusal is not None:
             self.counters["per_ip_limit"] += 1
-            return Reply(421, "4.7.0", f"{host} Too many concurrent connections from "
-                                       f"{session.client.ip}; try again later")
-        return None
+        return refusal
 
     async def lookup_client(self, ip: str) -> Client:
-        """The client's PTR status, bounded by the DNS timeout (semantics §18.4)."""
-        client = Client(ip)
-        if client.is_loopback:
+        """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
+        if Client(ip).is_loopback:
             return Client(ip, "OK", "localhost")
-        try:
-            result = await asyncio.wait_for(self.resolver.ptr(ip),
-                                            self.snapshot.config.dns.timeout + 1)
-        except (TimeoutError, DnsTempError):
-            return Client(ip, "TEMP", None)
-        except DnsError:
-            return Client(ip, "FAIL", None)
+        result = await self.resolver.ptr(ip)
         return Client(ip, result.status, result.name)
 
     async def domain_resolves(self, domain: str) -> str:
-        try:
-            return await asyncio.wait_for(self.resolver.domain_resolves(domain),
-                                          self.snapshot.config.dns.timeout + 1)
-        except (TimeoutError, DnsError):
-            return "temp"
+        """Does the sender's domain resolve, within the resolver's one timeout."""
+        return await self.resolver.domain_resolves(domain)
 
     def message_committed(self, qid: str, incoming: IncomingMessage | None = None) -> None:
         self.counters["messages_received"] += 1
@@ -268,6 +258,45 @@ class Gateway:
                 chosen.append(qid)
         return chosen
 
+    def _my_share(self, qid: str) -> bool:
+        return self.workers == 1 or zlib.crc32(qid.encode()) % self.workers == self.worker
+
+    def run_queue(self) -> None:
+        """SIGUSR1, Sendmail's ``-q``: everything waiting is due now, and the queue folder is
+        read for entries this process does not know (queued by ``mailgate flush``, say)."""
+        self.scheduler.run_now()
+        task = asyncio.get_running_loop().create_task(self.scan_queue(now=True))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def scan_queue(self, *, now: bool = False) -> int:
+        """Take on queue entries of our share that no runner here knows: a bounce that
+        ``mailgate flush`` queued, mail of a process that died. The listing and the status
+        reads run in a thread (the queue may be large); returns how many were taken on."""
+        def unknown() -> list[tuple[str, float | None]]:
+            found = []
+            for qid in list(self.spool.qids()):
+                if self._my_share(qid) and not self.scheduler.knows(qid):
+                    found.append((qid, self.spool.load_status(qid).next_attempt))
+            return found
+
+        found = await asyncio.to_thread(unknown)
+        clock = time.time()
+        for qid, due in found:
+            if not self.scheduler.knows(qid) and (self.spool.queue / qid).exists():
+                self.scheduler.submit(qid, clock if now or due is None else max(due, clock))
+        if found:
+            maillog.info(f"queue run: {len(found)} message(s) found in "
+                         f"{self.snapshot.config.spool_dir} that no runner here had")
+        return len(found)
+
+    async def _queue_runs(self) -> None:
+        """Sendmail's ``-q30m``: every ``run_interval`` the queue folder is read again."""
+        while True:
+            await asyncio.sleep(self.snapshot.config.queue.run_interval)
+            with contextlib.suppress(OSError):
+                await self.scan_queue()
+
     def count(self, name: str) -> None:
         self.counters[name] += 1
 
@@ -304,7 +333,7 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     await gateway.start()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: gateway.scheduler.run_now())
+    loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
     loop.add_signal_handler(signal.SIGUSR2, gateway.log_statistics)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -313,96 +342,6 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     await gateway.stop()
 
 
-def _die_with_parent() -> None:
-    """A worker must not outlive its master (kill -9 of the master ends the whole daemon)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
-                sockets: list[socket.socket], index: int, workers: int) -> None:
-    _die_with_parent()
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_DFL)
-    install_event_loop()
-    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers))
-
-
-def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
-    """The master: bind, clear incoming/, fork ``workers`` children sharing the listening
-    sockets and the spool, forward signals, restart a worker that dies."""
-    cfg = snapshot.config
-    sockets = [bind_socket(host, port) for host, port in cfg.listen]
-    spool = Spool(cfg.spool_dir)
-    moved = spool.recover_incoming()
-    spool.close()
-    if moved:
-        maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
-    children: dict[int, int] = {}  # pid → worker index
-    stopping = False
-
-    def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _run_worker(config_path, snapshot, sockets, index, workers)
-            except BaseException as exc:
-                maillog.error(f"worker {index} failed: {exc!r}")
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = index
-
-    def on_signal(sig: int, _frame: object) -> None:
-        nonlocal stopping
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        elif sig == signal.SIGHUP:
-            # Check first, so that a bad config is refused once, here, with a clear message.
-            try:
-                build_snapshot(load_config(config_path))
-            except (ConfigError, TableError) as exc:
-                maillog.error(f"reload refused, keeping the running configuration: {exc}")
-                return
-        # Forward at once: the main loop sits in waitpid(), which PEP 475 restarts after a
-        # handler, so it would only see a queued signal when a worker exits.
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, on_signal)
-    for i in range(workers):
-        spawn(i)
-    if cfg.pid_file:
-        cfg.pid_file.write_text(f"{os.getpid()}\n")
-    maillog.info(f"master {os.getpid()}: {workers} workers")
-    try:
-        while children:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
-            index = children.pop(pid, None)
-            if index is not None and not stopping:
-                maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
-                              "restarting it")
-                time.sleep(1)
-                spawn(index)
-    finally:
-        if cfg.pid_file:
-            with contextlib.suppress(OSError):
-                cfg.pid_file.unlink()
-
-
-def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
-    workers = snapshot.config.workers or (os.cpu_count() or 1)
-    if workers > 1:
-        run_workers(config_path, snapshot, workers)
-        return
-    install_event_loop()
-    asyncio.run(serve(config_path, snapshot))
+def pid_tag(pid: int) -> str:
+    """The end of every queue id made by process ``pid`` (``Spool.new_qid``)."""
+    return f"{pid % 1_000_000:06d}"

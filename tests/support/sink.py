@@ -7,6 +7,13 @@ Written by hand rather than with aiosmtpd so that it can observe how commands ar
         sink.rcpt_reply["bad@example.com"] = "550 5.1.1 No such user"
         ... deliver ...
         [msg] = sink.wait_for(1, timeout=5)
+
+To play an unreliable next hop: ``greeting = "421 ..."``, ``mail_reply`` / ``rcpt_reply`` /
+``rcpt_default_reply`` / ``data_reply`` with 4xx or 5xx, ``hang("greeting")`` (accept and say
+nothing) or ``hang("ehlo")`` (220, then silence), ``close_in_data = n`` (drop the connection
+after n bytes of content), ``stall_in_data = n`` (stop reading there); ``normal()`` makes it
+a well-behaved server again. A transaction cut short by the sink is recorded with
+``completed=False`` and its ``data_size``.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class SinkTransaction:
     connection: int
     mail_options: list[str] = field(default_factory=list)
     completed: bool = False  # content received and 250 given
+    data_size: int = 0  # content bytes received (when the sink cut it short: how far it got)
 
 
 def _addr(arg: str) -> tuple[str, list[str]]:
@@ -169,7 +177,7 @@ class _Session:
                     continue
                 addr, _ = _addr(arg)
                 reply = sink.rcpt_reply.get(addr) or sink.rcpt_reply.get(addr.lower())
-                reply = reply or "250 2.1.5 Ok"
+                reply = reply or sink.rcpt_default_reply or "250 2.1.5 Ok"
                 (self.rcpts if reply.startswith("2") else self.refused).append(addr)
                 await self.send(reply)
             elif verb == "DATA":
@@ -232,7 +240,18 @@ class _Session:
             digest.update(line)
             if keep:
                 parts.append(line)
+            if sink.close_in_data is not None and size >= sink.close_in_data:
+                # Gone in the middle of the content: the final dot is never answered.
+                self._record_transaction(completed=False, data_size=size)
+                self.writer.close()
+                return False
+            if sink.stall_in_data is not None and size >= sink.stall_in_data:
+                # Stops reading: the client's writes block once the socket buffers are full.
+                self._record_transaction(completed=False, data_size=size)
+                await asyncio.sleep(sink.HANG)
+                return False
         if not await self.stage("data_end"):
+            self._record_transaction(completed=False, data_size=size)
             return False
         reply = sink.data_reply or "250 2.0.0 Ok: queued"
         if reply.startswith("2"):
@@ -250,15 +269,15 @@ class _Session:
                 pipelined=len(self.batches) == 1,
                 connection=self.serial,
             )
-            self._record_transaction(completed=True)
+            self._record_transaction(completed=True, data_size=size)
             sink._record_message(msg)
         else:
-            self._record_transaction(completed=False)
+            self._record_transaction(completed=False, data_size=size)
         self.reset()
         await self.send(reply)
         return True
 
-    def _record_transaction(self, *, completed: bool) -> None:
+    def _record_transaction(self, *, completed: bool, data_size: int = 0) -> None:
         assert self.mail_from is not None
         self.sink._record_transaction(
             SinkTransaction(
@@ -269,12 +288,15 @@ class _Session:
                 connection=self.serial,
                 mail_options=list(self.mail_options),
                 completed=completed,
+                data_size=data_size,
             )
         )
 
 
 class SinkServer:
     """SMTP server that stores what it receives; behaviour attributes may change at any time."""
+
+    HANG = 3600.0  # seconds a hung stage waits: longer than any client timeout in the tests
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, *, hostname: str = "sink.test"
@@ -285,6 +307,7 @@ class SinkServer:
         # Behaviour, settable at runtime.
         self.greeting = f"220 {hostname} ESMTP sink"
         self.rcpt_reply: dict[str, str] = {}
+        self.rcpt_default_reply: str | None = None  # for recipients not in rcpt_reply
         self.mail_reply: str | None = None
         self.data_reply: str | None = None  # reply after the content (end of data)
         self.data_cmd_reply: str | None = None  # refuse the DATA command itself with this
@@ -298,6 +321,8 @@ class SinkServer:
         self.delays: dict[str, float] = {}  # stage ("greeting", "mail", "data_end", ...) -> seconds
         self.close_at: str | None = None  # drop the connection at this stage
         self.discard_data = False  # keep only size and sha256 (large-message tests)
+        self.close_in_data: int | None = None  # drop the connection after this much content
+        self.stall_in_data: int | None = None  # stop reading after this much content
         # Observations.
         self.messages: list[SinkMessage] = []
         self.transactions: list[SinkTransaction] = []
@@ -309,6 +334,21 @@ class SinkServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+
+    def hang(self, stage: str) -> None:
+        """Go silent at ``stage`` ("greeting": accept and say nothing; "ehlo": 220, then no
+        answer; "data": no 354; "data_end": the content read, never answered)."""
+        self.delays[stage] = self.HANG
+
+    def normal(self) -> None:
+        """Behave as a healthy server again (sessions already hung stay hung)."""
+        self.greeting = f"220 {self.hostname} ESMTP sink"
+        self.rcpt_reply.clear()
+        self.rcpt_default_reply = None
+        self.mail_reply = self.data_reply = self.data_cmd_reply = None
+        self.delays.clear()
+        self.close_at = None
+        self.close_in_data = self.stall_in_data = None
 
     def _extensions(self) -> list[str]:
         ext: list[str] = []

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mailgate import maillog, tls
 from mailgate.address import Mailbox
+from mailgate.config import DeliverySettings
 from mailgate.delivery import smtp as smtp_delivery
 from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_maildir
 from mailgate.delivery.pipe import deliver_program
@@ -64,6 +65,26 @@ def retry_delay(attempts: int, retry_min: float, run_interval: float) -> float:
     so a queue full of mail for one dead host does not retry in lock-step."""
     base = min(run_interval, retry_min * (2 ** max(0, attempts - 1)))
     return base * random.uniform(0.9, 1.1)
+
+
+def delivery_timeouts(settings: DeliverySettings) -> Timeouts:
+    """The SMTP client's timeouts: RFC 5321's, scaled down by a ``command_timeout`` below
+    its 5 minutes; the TCP connect timeout is ``connect_timeout`` as configured, not scaled."""
+    timeouts = Timeouts()
+    if settings.command_timeout < 300:
+        timeouts = timeouts.scaled(settings.command_timeout / 300)
+    return replace(timeouts, connect=settings.connect_timeout)
+
+
+def interval_text(seconds: float) -> str:
+    """Sendmail's ``pintvl``: "5 days", "4 hours", "1 hour, 30 minutes", "2 seconds"."""
+    rest = max(0, round(seconds))
+    parts = []
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
+        n, rest = divmod(rest, size)
+        if n:
+            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
+    return ", ".join(parts) or "0 seconds"
 
 
 def _stat(outcome: Outcome) -> str:
@@ -166,9 +187,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
             smtp_groups.setdefault((route.mailer, route.host), []).append((rcpt, route))
         else:
             jobs.append(_local_job(ctx, snap, msg, rcpt, route, results))
-    timeouts = Timeouts(connect=cfg.delivery.connect_timeout)
-    if cfg.delivery.command_timeout < 300:
-        timeouts = timeouts.scaled(cfg.delivery.command_timeout / 300)
+    timeouts = delivery_timeouts(cfg.delivery)
     for group in smtp_groups.values():
         jobs.append(_smtp_job(ctx, snap, msg, group, timeouts, results))
     await asyncio.gather(*jobs)
@@ -221,8 +240,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
         _remove(ctx.spool, msg, lock_fds)
         return None
     if now - env.arrival >= cfg.queue.max_age:
-        days = cfg.queue.max_age / 86400
-        text = f"Cannot send message for {days:g} day{'s' if days != 1 else ''}"
+        text = f"Cannot send message for {interval_text(cfg.queue.max_age)}"
         expired = []
         for rcpt in remaining:
             last = st.errors.get(rcpt.address, "")
@@ -283,7 +301,8 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
         helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
         default_port=cfg.delivery.port,
         transcript=ctx.transcript, cache=ctx.connections, dsn=dsn,
-        tls_context=tls.client_context() if cfg.tls.delivery == "may" else None)
+        tls_context=tls.client_context() if cfg.tls.delivery == "may" else None,
+        line_length_limit=cfg.delivery.line_length_limit)
     for rcpt, rt in group:
         results.append((rcpt, rt, outcomes[rt.address]))
 

@@ -152,6 +152,17 @@ class ConnectionCache:
         self._uses.clear()
 
 
+def _no_reply(exc: SmtpClientError, ip: str) -> Reply:
+    """What to report for a failure that brought no SMTP reply, in Sendmail's words: a peer
+    that accepted the connection and then went silent or away did not refuse it."""
+    if exc.timed_out:
+        return Reply(451, "4.4.1" if exc.stage == "connect" else "4.4.2",
+                     f"Connection timed out with [{ip}]")
+    if exc.stage == "connect":
+        return Reply(451, "4.4.1", f"Connection refused by [{ip}]")
+    return Reply(451, "4.4.2", f"Connection to [{ip}] lost")
+
+
 def _failure(outcome: Outcome, recipients: Sequence[str]) -> dict[str, Outcome]:
     return dict.fromkeys(recipients, outcome)
 
@@ -171,10 +182,12 @@ async def deliver(
     cache: ConnectionCache | None = None,
     dsn: Sequence[tuple[str | None, str | None]] | None = None,
     tls_context: ssl.SSLContext | None = None,
+    line_length_limit: int = 998,
 ) -> dict[str, Outcome]:
     """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
     ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers DSN.
-    ``tls_context``: STARTTLS to a next hop that offers it."""
+    ``tls_context``: STARTTLS to a next hop that offers it. ``line_length_limit``: longer
+    lines are folded on the way out (0: never)."""
     what = route.hops[0].host if route.hops else "?"
     try:
         cands = await candidates(route, resolver, hostname, default_port)
@@ -227,8 +240,7 @@ async def deliver(
                         maillog.info(f"STARTTLS=client, error: {client.tls_failure}, "
                                      f"relay={relay}; going on in clear")
                 except SmtpClientError as exc:
-                    reply = exc.reply or Reply(451, "4.4.1",
-                                               f"Connection refused by [{cand.ip}]")
+                    reply = exc.reply or _no_reply(exc, cand.ip)
                     last = Outcome("temp" if exc.temporary or reply.is_temporary else "perm",
                                    reply, relay, f"[{cand.ip}]", tuple(lines))
                     break
@@ -237,7 +249,7 @@ async def deliver(
                     env.sender, recipients, message.path if message.fd is None else message.fd,
                     message.offset, size=message.size,
                     body_8bit=env.body_8bit, smtputf8=env.smtputf8,
-                    ret=env.ret, envid=env.envid, dsn=dsn)
+                    ret=env.ret, envid=env.envid, dsn=dsn, line_limit=line_length_limit)
             except SmtpClientError as exc:
                 await client.close()
                 if cache is not None:
@@ -246,7 +258,7 @@ async def deliver(
                 if reused:
                     reused = False  # the cached connection had gone stale: once more, fresh
                     continue
-                reply = exc.reply or Reply(451, "4.4.2", f"Connection to [{cand.ip}] lost")
+                reply = exc.reply or _no_reply(exc, cand.ip)
                 last = Outcome("temp", reply, relay, f"[{cand.ip}]", tuple(lines))
                 break
         if result is None or client is None:

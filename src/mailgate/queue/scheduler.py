@@ -78,6 +78,10 @@ class Scheduler:
             self.submit(qid)
         return len(chosen)
 
+    def knows(self, qid: str) -> bool:
+        """Is ``qid`` waiting here or being attempted now?"""
+        return qid in self._due or qid in self._active
+
     @property
     def queued(self) -> int:
         return len(self._due) + len(self._active)

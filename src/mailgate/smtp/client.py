@@ -5,7 +5,8 @@ reports a reply per recipient; failures that make the connection unusable (refus
 421, garbage, peer gone) raise ``SmtpClientError`` and close the connection.
 
 The message is streamed from the spool file in 64 KiB chunks with dot-stuffing, so a message's
-size does not show in memory use.
+size does not show in memory use. On the way, lines over ``line_limit`` octets are folded and,
+to a server without 8BITMIME, 8-bit MIME parts become quoted-printable (smtp/body.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from pathlib import Path
 
 from mailgate import tls
 from mailgate.reply import Reply, parse_reply_line, split_enhanced
+from mailgate.smtp.body import OutgoingContent
+from mailgate.smtp.downgrade import Plan, Scanner
 from mailgate.smtp.dsn_params import orcpt_ascii
 
 __all__ = [
@@ -80,12 +83,14 @@ class SmtpClientError(Exception):
     """The connection failed as a whole; ``temporary`` says whether to retry later."""
 
     def __init__(
-        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = ""
+        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = "",
+        timed_out: bool = False,
     ) -> None:
         super().__init__(message)
         self.reply = reply
         self.temporary = temporary
         self.stage = stage
+        self.timed_out = timed_out  # the peer went silent (as opposed to refusing or closing)
 
 
 class SmtpClient:
@@ -152,7 +157,7 @@ class SmtpClient:
                 )
         except TimeoutError:
             raise SmtpClientError(
-                f"connect to [{host}]:{port} timed out", stage="connect"
+                f"connect to [{host}]:{port} timed out", stage="connect", timed_out=True
             ) from None
         except OSError as e:
             raise SmtpClientError(
@@ -314,12 +319,18 @@ class SmtpClient:
         ret: str | None = None,
         envid: str | None = None,
         dsn: Sequence[tuple[str | None, str | None]] | None = None,
+        line_limit: int = 998,
     ) -> TransactionResult:
         """One transaction: MAIL, RCPTs, DATA with the content of ``body`` (a file, or an open
         descriptor of one) from ``body_offset`` to its end (CRLF line ends expected).
 
         ``ret``, ``envid`` and ``dsn`` (NOTIFY and ORCPT per recipient) are the DSN parameters
-        (RFC 3461), sent when the server offers DSN (see ``passes_dsn``)."""
+        (RFC 3461), sent when the server offers DSN (see ``passes_dsn``). Lines longer than
+        ``line_limit`` octets are broken with CRLF SPACE (0: never). To a server without
+        8BITMIME, 8-bit content is converted (RFC 6152 3), declared ``body_8bit`` or not.
+        ``size`` is sent as given: the size of the message as queued, as Postfix sends it,
+        even when folding or the conversion make the content longer (RFC 1870's SIZE is the
+        client's estimate; the server counts what arrives)."""
         self._check_open()
         for addr in (sender, *recipients):
             if "\r" in addr or "\n" in addr:
@@ -366,7 +377,9 @@ class SmtpClient:
                 return result
             mail_reply, rcpt_replies, data_reply = result
             if data_reply.code == 354:
-                data_reply = await self._send_body(body, body_offset)
+                data_reply = await self._send_body(
+                    body, body_offset, line_limit=line_limit,
+                    downgrade="8BITMIME" not in self.extensions)
             # After the end-of-data reply the transaction is over whatever the reply (RFC 5321
             # 4.1.1.4); after a refused DATA command it may not be, so RSET before the next.
             self._need_rset = not self._data_sent
@@ -438,8 +451,10 @@ class SmtpClient:
         data_reply = await self._command_checked("DATA", self.timeouts.data_init, "data")
         return mail_reply, rcpt_replies, data_reply
 
-    async def _send_body(self, body: Path | int, body_offset: int) -> Reply:
-        """Stream the content dot-stuffed, then ``.``; return the end-of-data reply."""
+    async def _send_body(self, body: Path | int, body_offset: int, *, line_limit: int,
+                         downgrade: bool) -> Reply:
+        """Stream the content (folded, converted: smtp/body.py) dot-stuffed, then ``.``;
+        return the end-of-data reply."""
         self._data_sent = True
         tail = b""  # the last two bytes sent, to know whether the content ended with CRLF
         at_line_start = True
@@ -447,21 +462,28 @@ class SmtpClient:
         # executor round trip per chunk would cost more than it saves.
         fd = body if isinstance(body, int) else os.open(body, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            plan = await self._downgrade_plan(fd, body_offset) if downgrade else None
+            content = OutgoingContent(line_limit=line_limit, plan=plan)
             pos = body_offset
             while True:
                 chunk = os.pread(fd, CHUNK, pos)
                 pos += len(chunk)
-                # Stuff after any LF, not only CRLF: a bare LF followed by "." must not look
-                # like an end of data to a lenient server (SMTP smuggling).
-                out = chunk.replace(b"\n.", b"\n..")
-                if at_line_start and chunk[:1] == b".":
-                    out = b"." + out
-                if chunk:
-                    at_line_start = chunk[-1:] == b"\n"
-                    tail = (tail + chunk)[-2:]
                 # A short read of a regular (spool) file is its end: the terminator goes in
                 # the same write as the last chunk.
                 last = len(chunk) < CHUNK
+                try:
+                    data = content.feed(chunk) + (content.end() if last else b"")
+                except Exception as exc:  # a bug in a transform must not kill the delivery
+                    raise SmtpClientError(f"cannot prepare the content: {exc!r}",
+                                          stage="data_block") from exc
+                # Stuff after any LF, not only CRLF: a bare LF followed by "." must not look
+                # like an end of data to a lenient server (SMTP smuggling).
+                out = data.replace(b"\n.", b"\n..")
+                if at_line_start and data[:1] == b".":
+                    out = b"." + out
+                if data:
+                    at_line_start = data[-1:] == b"\n"
+                    tail = (tail + data)[-2:]
                 if last:
                     if tail and tail != b"\r\n":
                         out += b"\r\n"
@@ -471,6 +493,8 @@ class SmtpClient:
                 await self._drain(self.timeouts.data_block, "data_block")
                 if last:
                     break
+                if content.converting:
+                    await asyncio.sleep(0)  # Python work per line: let other sessions run
         finally:
             if not isinstance(body, int):
                 os.close(fd)
@@ -478,6 +502,35 @@ class SmtpClient:
         if reply.code // 100 not in (2, 4, 5):
             raise SmtpClientError(f"unexpected reply to end of data: {reply}", stage="data_end")
         return reply
+
+    async def _downgrade_plan(self, fd: int, offset: int) -> Plan | None:
+        """For a server without 8BITMIME: what to convert, None if the content is 7-bit.
+
+        A first pass over the file (smtp/downgrade.py says why): an ASCII check at C speed,
+        then, only if there are 8-bit octets, the MIME scan. Either reads the page cache."""
+        pos = offset
+        while True:
+            chunk = os.pread(fd, CHUNK, pos)
+            if not chunk:
+                return None
+            if not chunk.isascii():
+                break
+            pos += len(chunk)
+        scanner = Scanner()
+        pos = offset
+        while chunk := os.pread(fd, CHUNK, pos):
+            pos += len(chunk)
+            try:
+                scanner.feed(chunk)
+            except Exception as exc:
+                raise SmtpClientError(f"cannot scan the content: {exc!r}",
+                                      stage="data_block") from exc
+            await asyncio.sleep(0)
+        plan = scanner.end()
+        if not plan.converts:
+            return None
+        self._log("--- no 8BITMIME here: 8-bit MIME parts sent as quoted-printable")
+        return plan
 
     # -- wire ----------------------------------------------------------------------------------
 
@@ -492,7 +545,8 @@ class SmtpClient:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:
-            raise SmtpClientError(f"timeout writing ({stage})", stage=stage) from None
+            raise SmtpClientError(f"timeout writing ({stage})", stage=stage,
+                                  timed_out=True) from None
         except OSError as e:
             raise SmtpClientError(f"connection lost ({stage}): {e}", stage=stage) from None
 
@@ -559,7 +613,8 @@ class SmtpClient:
                     if len(lines) >= MAX_REPLY_LINES:
                         raise SmtpClientError(f"endless reply to {stage}", stage=stage)
         except TimeoutError:
-            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage) from None
+            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage,
+                                  timed_out=True) from None
         except asyncio.IncompleteReadError:
             raise SmtpClientError(f"connection closed by peer in {stage}", stage=stage) from None
         except asyncio.LimitOverrunError:

@@ -9,6 +9,10 @@ with a fatal ``BadCommand`` (the session closes) and no part of it is acted on. 
 only ``CRLF . CRLF``. Any bare CR or bare LF in message content makes the message fail (anti
 SMTP smuggling), but never ends it. DATA content is scanned per received
 block with C-level ``bytes`` methods (count/find/rfind/replace), never byte by byte.
+
+Text lines of any length are accepted by default (``max_text_line=0``), as Postfix's smtpd and
+Sendmail accept them: the client folds them when it passes the message on (smtp/body.py), so
+refusing them here would only bounce mail the other MTAs deliver. A limit is an opt-in.
 """
 
 from __future__ import annotations
@@ -16,11 +20,14 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final, TypeAlias
 
 from mailgate.reply import Reply
 
 __all__ = [
+    "NEED_DATA",
+    "PAUSED",
     "BadCommand",
     "Command",
     "ConnectionClosed",
@@ -30,6 +37,7 @@ __all__ = [
     "Event",
     "ProtocolError",
     "ServerConnection",
+    "Wait",
     "reply_bytes",
 ]
 
@@ -82,6 +90,20 @@ class ConnectionClosed:
 Event: TypeAlias = Command | BadCommand | DataChunk | DataEnd | DataFailed | ConnectionClosed
 
 
+class Wait(Enum):
+    """What :meth:`ServerConnection.next_event` returns when it has no event (h11's two
+    sentinels): NEED_DATA, feed more bytes; PAUSED, nothing comes until the session answers
+    the DATA command with :meth:`ServerConnection.send`, or ever again (after the end or a
+    fatal refusal)."""
+
+    NEED_DATA = "NEED_DATA"
+    PAUSED = "PAUSED"
+
+
+NEED_DATA: Final = Wait.NEED_DATA
+PAUSED: Final = Wait.PAUSED
+
+
 class ProtocolError(RuntimeError):
     """The caller drove the protocol wrongly (e.g. start_data() without a pending DATA)."""
 
@@ -122,10 +144,11 @@ class ServerConnection:
         self,
         *,
         max_command_line: int = 512,
-        max_text_line: int = 1000,
+        max_text_line: int = 0,
         max_message_size: int | None = None,
     ) -> None:
-        if max_command_line < 2 or max_text_line < 2:
+        # max_text_line: longest content line in bytes with its CRLF; 0 = no limit.
+        if max_command_line < 2 or max_text_line == 1 or max_text_line < 0:
             raise ValueError("line limits must be at least 2 (room for CRLF)")
         self.max_command_line = max_command_line
         self.max_text_line = max_text_line
@@ -182,16 +205,28 @@ class ServerConnection:
 
     # -- events ----------------------------------------------------------------------------
 
-    def next_event(self) -> Event | None:
-        """The next event, or ``None`` if more data is needed (or DATA awaits a decision)."""
+    def next_event(self) -> Event | Wait:
+        """The next event, NEED_DATA if more bytes are needed, or PAUSED (see :class:`Wait`)."""
         if self._events:
             return self._events.popleft()
         mode = self._mode
         if mode == _DATA:
-            return self._next_data_event()
-        if mode == _COMMAND:
-            return self._next_command()
-        return None
+            event = self._next_data_event()
+        elif mode == _COMMAND:
+            event = self._next_command()
+        else:
+            return PAUSED
+        return NEED_DATA if event is None else event
+
+    def send(self, reply: Reply) -> bytes:
+        """The wire form of a reply. The answer to a DATA command decides what follows it:
+        a 354 makes the next bytes message content, anything else keeps them commands."""
+        if self._mode == _PAUSED:
+            if reply.code == 354:
+                self.start_data()
+            else:
+                self.reject_data()
+        return reply.to_bytes()
 
     def start_data(self) -> None:
         """The session accepted DATA (sent 354): following bytes are message content."""
@@ -411,15 +446,16 @@ class ServerConnection:
         m = self.max_text_line
         long_at = -1
         p = -self._line_len  # start of the current line, relative to piece
-        while n - p > m:
+        while m and n - p > m:
             q = piece.rfind(b"\n", p if p > 0 else 0, p + m)
             if q < 0:
                 long_at = p + m
                 break
             p = q + 1
         else:
-            q = piece.rfind(b"\n", p if p > 0 else 0)
-            self._line_len = n - q - 1 if q >= 0 else n - p
+            if m:
+                q = piece.rfind(b"\n", p if p > 0 else 0)
+                self._line_len = n - q - 1 if q >= 0 else n - p
 
         limit = self.max_message_size
         big_at = limit - self._size if limit is not None and self._size + n > limit else -1
