@@ -23,7 +23,7 @@ with instrument_imports(include=["mailgate"]):
 from tests.reliability.fuzz_support import Limits, check_protocol
 
 COMMAND_LINE = (8, 16, 40, 64, 512)
-TEXT_LINE = (2, 5, 12, 40, 1000)
+TEXT_LINE = (0, 2, 5, 12, 40, 1000)  # 0: no limit
 
 
 HEADER = 6

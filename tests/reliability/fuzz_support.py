@@ -33,6 +33,8 @@ from pathlib import Path
 from mailgate.address import AddressError, Mailbox, canon_domain, is_valid_domain
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import (
+    NEED_DATA,
+    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
@@ -41,6 +43,7 @@ from mailgate.smtp.protocol import (
     DataFailed,
     Event,
     ServerConnection,
+    Wait,
 )
 from mailgate.tables.maps import TableError
 
@@ -74,6 +77,8 @@ __all__ = [
 
 CMD_TOO_LONG = Reply(500, "5.5.0", "Command line too long")
 CMD_NUL = Reply(500, "5.5.1", "Invalid command: NUL byte")
+GO_AHEAD = Reply(354, None, 'Enter mail, end with "." on a line by itself')
+NO_DATA = Reply(503, "5.0.0", "Need MAIL command")
 CMD_BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
 CMD_BARE_CR = Reply(521, "5.5.2", "Error: bare <CR> received")
 BARE = Reply(
@@ -96,7 +101,7 @@ def too_big(n: int) -> Reply:
 @dataclass(frozen=True)
 class Limits:
     max_command_line: int = 512
-    max_text_line: int = 1000
+    max_text_line: int = 0  # 0: no limit (the protocol's default)
     max_message_size: int | None = None
 
     def connection(self) -> ServerConnection:
@@ -177,9 +182,10 @@ def drive(
 ) -> Run:
     """Feed ``wire`` (cut at ``cuts``, or already a list of chunks) and take every event.
 
-    The n-th DATA command is accepted (``start_data``) if ``accept[n % len(accept)]``, else
-    refused (``reject_data``), at once, as a session does. After each chunk, once
-    ``next_event()`` has returned None, ``pending_bytes`` must be below ``max_command_line``
+    The n-th DATA command is answered at once, as a session does, through ``send()``: 354 if
+    ``accept[n % len(accept)]``, else 503; before that, next_event() must say PAUSED. After
+    each chunk, once ``next_event()`` has returned NEED_DATA (PAUSED after the end), the
+    ``pending_bytes`` must be below ``max_command_line``
     in command mode and at most 4 in DATA mode (a possible ``\\r\\n.\\r``); after EOF, 0.
     """
     chunks = split_at(wire, cuts) if isinstance(wire, bytes | bytearray) else list(wire)
@@ -195,18 +201,25 @@ def drive(
             if steps > max_steps:
                 raise AssertionError("next_event() did not settle")
             ev = conn.next_event()
-            if ev is None:
+            if isinstance(ev, Wait):
+                # PAUSED once nothing can come (after ConnectionClosed or a fatal refusal);
+                # NEED_DATA otherwise (a DATA command is answered at once below).
+                want = PAUSED if state.closed else NEED_DATA
+                if ev is not want:
+                    raise AssertionError(f"next_event() gave {ev}, expected {want}")
                 break
             run.events.append(ev)
             state.take(ev, run.normal)
             if isinstance(ev, Command) and ev.verb == "DATA":
+                waiting = conn.next_event()
+                if waiting is not PAUSED:
+                    raise AssertionError(f"{waiting!r} before the DATA command was answered")
                 ok = accept[state.ndata % len(accept)] if accept else True
                 state.ndata += 1
+                # As the session does: its reply decides (354 = content follows).
+                conn.send(GO_AHEAD if ok else NO_DATA)
                 if ok:
-                    conn.start_data()
                     state.open_data()
-                else:
-                    conn.reject_data()
         pending = conn.pending_bytes
         run.peak_backlog = max(run.peak_backlog, pending)
         if state.closed:
@@ -311,7 +324,7 @@ def _violation(content: bytes, lim: Limits) -> tuple[int, Reply] | None:
     if b"\0" in content:
         found.append((content.index(b"\0"), 1, NUL))
     start = 0
-    for j, c in enumerate(content):
+    for j, c in enumerate(content if lim.max_text_line else b""):  # 0: no limit
         if j - start + 1 > lim.max_text_line:
             found.append((j, 2, long_line(lim.max_text_line)))
             break

@@ -26,7 +26,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from mailgate.reply import Reply
 from mailgate.smtp.protocol import (
+    NEED_DATA,
+    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
@@ -35,6 +38,7 @@ from mailgate.smtp.protocol import (
     DataFailed,
     ProtocolError,
     ServerConnection,
+    Wait,
 )
 from tests.reliability.fuzz_support import (
     CMD_BARE_CR,
@@ -153,7 +157,7 @@ any_segment = st.one_of(
 limits = st.builds(
     Limits,
     max_command_line=st.sampled_from([8, 16, 40, 64, 512]),
-    max_text_line=st.sampled_from([2, 5, 12, 40, 1000]),
+    max_text_line=st.sampled_from([0, 2, 5, 12, 40, 1000]),
     max_message_size=st.one_of(st.none(), st.none(), st.integers(0, 200)),
 )
 accepts = st.lists(st.booleans(), min_size=1, max_size=4)
@@ -388,7 +392,13 @@ class ProtocolMachine(RuleBasedStateMachine):
     @rule()
     def next_event(self) -> None:
         ev = self.conn.next_event()
-        if ev is None:
+        if isinstance(ev, Wait):
+            # PAUSED while the DATA command waits for its answer and once nothing can come;
+            # NEED_DATA when more bytes would give an event.
+            assert ev is (PAUSED if self.mode in ("paused", "closed") else NEED_DATA), (
+                self.mode,
+                ev,
+            )
             self.settled = True
             return
         assert self.mode in ("command", "data"), (self.mode, ev)
@@ -409,6 +419,15 @@ class ProtocolMachine(RuleBasedStateMachine):
         elif isinstance(ev, ConnectionClosed):
             assert self.eof
             self.mode = "closed"
+
+    @rule(code=st.sampled_from([354, 250, 503, 554, 421]))
+    def send(self, code: int) -> None:
+        """The session's answer; to a pending DATA command, 354 means content follows."""
+        reply = Reply(code, None, "text")
+        assert self.conn.send(reply) == reply.to_bytes()
+        if self.mode == "paused":
+            self.mode = "data" if code == 354 else "command"
+            self.settled = False
 
     @rule()
     def start_data(self) -> None:
@@ -462,7 +481,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             assert pending <= DATA_HOLD_MAX
         elif self.mode == "closed":
             assert pending == 0
-            assert self.conn.next_event() is None
+            assert self.conn.next_event() is PAUSED
 
 
 ProtocolMachine.TestCase.settings = settings(
