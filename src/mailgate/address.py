@@ -433,4 +433,10 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
         local, canon = step
     if not _valid_local(local):
         raise _err(553, "5.1.3", shown, "Invalid local part")
-    return Mailbox(local, canon)
+    mailbox = Mailbox(local, canon)
+    if len(str(mailbox).encode("utf-8", "surrogateescape")) > _MAXADDR:
+        # Resolving a route re-quotes what is left (h!u\ gives "u\\"@h, 3 bytes more): the
+        # result keeps the input's limit (RFC 5321 4.5.3.1.3), so normalize() accepts its own
+        # output and no next hop gets a longer path than we would take.
+        raise _err(553, "5.1.0", shown, f"Address too long ({_MAXADDR} bytes max)")
+    return mailbox

@@ -236,3 +236,21 @@ def test_regression_bytes_that_are_not_utf8() -> None:
             check_address_error(exc)
         else:
             raise AssertionError(raw)
+
+
+def test_regression_a_resolved_route_keeps_the_length_limit() -> None:
+    """Found by fuzz/fuzz_address.py: resolving a route re-quotes what is left, so a 255-byte
+    "h.example!uuu...u\\" (unqualified, so behind a local name) gave a 258-byte mailbox that
+    normalize() refused as "Address too long" when it was normalised again."""
+    raw = "h.example!" + "u" * 244 + "\\"
+    assert len(raw) == 255
+    unqualified_is_local = "".__eq__
+    try:
+        mb = normalize(raw, unqualified_is_local)
+    except AddressError as exc:
+        assert str(exc.reply).startswith("553 5.1.0 ") and "Address too long" in str(exc.reply)
+    else:
+        raise AssertionError(f"accepted as {mb} ({len(str(mb))} bytes)")
+    mb = normalize("h.example!u\\", unqualified_is_local)
+    assert (mb.local, mb.domain) == ('"u\\\\"', "h.example")
+    assert normalize(str(mb), unqualified_is_local) == mb
