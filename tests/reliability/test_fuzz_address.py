@@ -121,11 +121,19 @@ route_address = st.builds(
     ),
     st.one_of(st.none(), st.sampled_from(DOMAINS)),
 )
+# Near the 255-byte limit, where quoting added by route resolution can push a result over it.
+long_address = st.builds(
+    lambda a, n, b: a + "u" * n + b,
+    st.sampled_from(["h.example!", "gateway.example!h.example!", "", "u%h.example@"]),
+    st.integers(200, 256),
+    st.sampled_from(["", "\\", '"', "@gateway.example", "%h.example", '\\"@gateway.example']),
+)
 raw_address = st.one_of(
     st.lists(st.sampled_from(TOKENS), max_size=14).map("".join),
     st.text(max_size=40),
     route_address,
     route_address,
+    long_address,
 )
 local_sets = st.sets(
     st.sampled_from(["", "gateway.example", "localhost", "targetdomain1.com", "foreign.example"]),
