@@ -142,7 +142,6 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     """Like ``sendmail -bt`` with ``/parse``: where each address would go, sending nothing."""
     from mailgate.address import AddressError, normalize
-    from mailgate.policy import error_reply
     from mailgate.routing import resolve
 
     snapshot = _load(args.config)
@@ -160,7 +159,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         for route in routes:
             prefix = "\n  " if len(routes) != 1 else ""
             if route.mailer == "error" and route.error is not None:
-                print(f"{prefix}mailer error, {error_reply(route.error, f'<{mailbox}>')}"
+                print(f"{prefix}mailer error, {route.error.reply(f'<{mailbox}>')}"
                       f"  [{route.via}]")
                 status = 1
                 continue

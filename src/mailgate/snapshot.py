@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailgate.config import Config, load_config
-from mailgate.delivery.local import resolve_local_user
 from mailgate.routing import RoutingContext, class_w
 from mailgate.tables import Tables, load_tables
 from mailgate.tables.lint import lint
 from mailgate.tables.maps import TableWarning
+from mailgate.users import resolve_local_user
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,6 @@ from mailgate.delivery.pipe import deliver_program
 from mailgate.delivery.smtp import Outcome
 from mailgate.dns import Resolver
 from mailgate.dsn import FailedRecipient, has_8bit_text, is_receipt, needs_utf8, write_dsn
-from mailgate.policy import error_reply
 from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolError
 from mailgate.reply import Reply
 from mailgate.routing import Route, resolve
@@ -180,7 +179,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
     jobs = []
     for rcpt, route in work:
         if route.mailer == "error" and route.error is not None:
-            reply = error_reply(route.error, f"<{rcpt.address}>")
+            reply = route.error.reply(f"<{rcpt.address}>")
             status = "temp" if reply.is_temporary else "perm"
             results.append((rcpt, route, Outcome(status, reply)))
         elif route.is_smtp:

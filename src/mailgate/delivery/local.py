@@ -12,13 +12,13 @@ import errno
 import fcntl
 import itertools
 import os
-import pwd
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from mailgate.reply import Reply
+from mailgate.users import getpw, resolve_local_user
 
 CHUNK = 64 * 1024
 
@@ -125,42 +125,6 @@ def return_path_header(return_path: str) -> bytes:
 # --------------------------------------------------------------------------- users
 
 
-def _valid_name(user: str) -> bool:
-    return (
-        bool(user)
-        and "/" not in user
-        and "\0" not in user
-        and not user.startswith(".")
-        and (len(user.encode("utf-8", "surrogateescape")) <= 255)
-    )
-
-
-def _getpw(name: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwnam(name)
-    except (KeyError, ValueError, UnicodeError):
-        return None
-
-
-def resolve_local_user(user: str, maildir_root: Path) -> str | None:
-    """The mailbox name ``user`` delivers to, or None if there is no such local user.
-
-    Matching: the name exactly as given first (a passwd account, or anything named
-    ``maildir_root/<user>``), then its lower-case form.  Sendmail compares passwd names
-    case-sensitively, but admins expect ``Root@`` to reach ``root``; since Unix account names
-    are in practice lower-case, the fallback cannot reach a different person.
-    A non-directory at ``maildir_root/<user>`` still counts, so that a misconfigured mailbox
-    gives a temporary error at delivery (fixable) instead of a bounce.
-    """
-    if not _valid_name(user):
-        return None
-    candidates = [user] if user == user.lower() else [user, user.lower()]
-    for name in candidates:
-        if _getpw(name) is not None or os.path.lexists(maildir_root / name):
-            return name
-    return None
-
-
 def local_user_exists(user: str, maildir_root: Path) -> bool:
     """True if ``user`` is a system account or has an entry under ``maildir_root``.
 
@@ -240,7 +204,7 @@ def deliver_maildir(
     try:
         owner: tuple[int, int] | None = None
         if os.geteuid() == 0:
-            pw = _getpw(name)
+            pw = getpw(name)
             if pw is not None:
                 owner = (pw.pw_uid, pw.pw_gid)
             elif os.path.isdir(box):
