@@ -23,7 +23,7 @@ from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_ma
 from mailgate.delivery.pipe import deliver_program
 from mailgate.delivery.smtp import Outcome
 from mailgate.dns import Resolver
-from mailgate.dsn import FailedRecipient, has_8bit_text, is_receipt, needs_utf8, write_dsn
+from mailgate.dsn import DsnRecipient, has_8bit_text, is_receipt, needs_utf8, write_dsn
 from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolError
 from mailgate.reply import Reply
 from mailgate.routing import Route, resolve
@@ -193,7 +193,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
 
     now = time.time()
     failed: list[tuple[Recipient, Route, Outcome]] = []
-    receipts: list[FailedRecipient] = []
+    receipts: list[DsnRecipient] = []
     for rcpt, route, outcome in results:
         maillog.delivery(
             env.qid, route.address if route.is_smtp or route.mailer == "error" else rcpt.address,
@@ -243,7 +243,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
         expired = []
         for rcpt in remaining:
             last = st.errors.get(rcpt.address, "")
-            expired.append(FailedRecipient(
+            expired.append(DsnRecipient(
                 address=rcpt.address, original=rcpt.original, status="4.4.7",
                 diagnostic=last or None, remote_mta=None, last_attempt=now))
             maillog.delivery(env.qid, rcpt.address, delay=now - env.arrival, xdelay=0,
@@ -256,7 +256,7 @@ async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
     if (not st.warned and cfg.queue.warn_after and now - env.arrival >= cfg.queue.warn_after
             and env.sender and not env.is_bounce):
         st.warned = True
-        warn = [FailedRecipient(address=r.address, original=r.original, status="4.4.7",
+        warn = [DsnRecipient(address=r.address, original=r.original, status="4.4.7",
                                 diagnostic=st.errors.get(r.address), remote_mta=None,
                                 action="delayed", last_attempt=now)
                 for r in remaining if not r.notify or "DELAY" in r.notify.upper()]
@@ -306,8 +306,8 @@ async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
         results.append((rcpt, rt, outcomes[rt.address]))
 
 
-def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
-    return FailedRecipient(
+def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> DsnRecipient:
+    return DsnRecipient(
         address=route.address if route.is_smtp else rcpt.address,
         original=rcpt.original,
         status=outcome.dsn,
@@ -319,7 +319,7 @@ def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> Failed
     )
 
 
-def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
+def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> DsnRecipient:
     """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
     return replace(_failed_recipient(rcpt, route, outcome),
                    action="relayed" if route.is_smtp else "delivered",
@@ -327,7 +327,7 @@ def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient
 
 
 async def _bounced(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                   failed: list[FailedRecipient], reason: Outcome) -> bool:
+                   failed: list[DsnRecipient], reason: Outcome) -> bool:
     """``bounce``; False (logged) when the spool cannot take the bounce, e.g. a full disk."""
     try:
         await bounce(ctx, snap, msg, failed, reason=reason)
@@ -338,7 +338,7 @@ async def _bounced(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
 
 
 async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                 failed: list[FailedRecipient], reason: Outcome) -> None:
+                 failed: list[DsnRecipient], reason: Outcome) -> None:
     """Return failed recipients to the sender; never for a message from the null sender."""
     env = msg.envelope
     wanted = [f for f, r in zip(failed, _recipients_for(env, failed), strict=True)
@@ -352,14 +352,14 @@ async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     maillog.dsn_created(env.qid, bounce_qid, _stat(reason))
 
 
-def _recipients_for(env: Envelope, failed: list[FailedRecipient]) -> list[Recipient | None]:
+def _recipients_for(env: Envelope, failed: list[DsnRecipient]) -> list[Recipient | None]:
     by_original = {r.original: r for r in env.recipients}
     by_address = {r.address: r for r in env.recipients}
     return [by_original.get(f.original or "") or by_address.get(f.address) for f in failed]
 
 
 async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                    recipients: list[FailedRecipient], warning_hours: int | None = None) -> str:
+                    recipients: list[DsnRecipient], warning_hours: int | None = None) -> str:
     """Write a DSN for ``msg`` into the spool and commit it like any received message."""
     cfg = snap.config
     env = msg.envelope
