@@ -870,7 +870,7 @@ class SmtpSession(asyncio.Protocol):
             return
         self.flush()
         try:
-            await self.gw.spool.commit(msg, lock=True)
+            queued = await self.gw.spool.commit(msg, lock=True)
         except SpoolError as exc:
             maillog.error(f"{qid}: {exc}")
             self.reply(Reply(452, "4.3.1", "Insufficient system storage; try again later"))
@@ -878,7 +878,7 @@ class SmtpSession(asyncio.Protocol):
         maillog.received(qid, tx.sender, msg.size, len(tx.recipients), self.msgid,
                          msg.envelope.proto, relay)
         self.reply(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
-        self.gw.message_committed(qid, msg)
+        self.gw.message_queued(queued)
 
     def _fail_data(self, reply: Reply, log: str | None = None) -> None:
         if self.msg is not None:
