@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailgate.smtp.session import MAX_HEADER_BYTES, HeaderScanner
+from mailgate.smtp.headers import MAX_HEADER_BYTES, HeaderScanner
 
 
 def scan(content: bytes, cuts: list[int]) -> tuple[bytes | None, bytes, bool]:

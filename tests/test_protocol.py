@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import (
+    NEED_DATA,
+    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
@@ -20,6 +22,7 @@ from mailgate.smtp.protocol import (
     Event,
     ProtocolError,
     ServerConnection,
+    Wait,
     reply_bytes,
 )
 
@@ -27,6 +30,9 @@ BARE = Reply(
     550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
 )
 NUL = Reply(550, "5.6.0", "Message contains NUL bytes")
+
+
+GO_AHEAD = Reply(354, None, "Go ahead")
 
 
 def long_line(m: int) -> Reply:
@@ -42,11 +48,11 @@ def drain(conn: ServerConnection, limit: int = 100_000) -> list[Event]:
     out: list[Event] = []
     for _ in range(limit):
         ev = conn.next_event()
-        if ev is None:
+        if isinstance(ev, Wait):
             return out
         out.append(ev)
         if isinstance(ev, Command) and ev.verb == "DATA":
-            conn.start_data()
+            assert conn.send(GO_AHEAD) == b"354 Go ahead\r\n"
     raise AssertionError("next_event() did not settle")
 
 
@@ -130,7 +136,7 @@ def test_bare_lf_or_cr_in_a_command_line_is_fatal(wire: bytes, refusal: BadComma
         conn = ServerConnection()
         events = feed(conn, [b"EHLO a\r\n", *chunks], eof=True)
         assert events == [Command("EHLO", "a"), refusal]
-        assert conn.next_event() is None
+        assert conn.next_event() is PAUSED
         assert conn.pending_bytes == 0
 
 
@@ -184,7 +190,7 @@ def test_overlong_command_without_lf_memory_bounded() -> None:
     peak = 0
     for _ in range(100 * 1024 * 1024 // len(block)):
         conn.receive_data(block)
-        assert conn.next_event() is None
+        assert conn.next_event() is NEED_DATA
         peak = max(peak, conn.pending_bytes)
     assert peak <= conn.max_command_line
     events = feed(conn, [b"tail\r\nNOOP\r\n"])
@@ -230,9 +236,9 @@ def test_data_pauses_until_decision_then_pipelined_commands() -> None:
     conn.receive_data(b"MAIL FROM:<a@b>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n")
     assert conn.next_event() == Command("MAIL", "FROM:<a@b>")
     assert conn.next_event() == Command("DATA", "")
-    assert conn.next_event() is None  # paused: the session has not decided yet
-    assert conn.next_event() is None
-    conn.start_data()
+    assert conn.next_event() is PAUSED  # the session has not decided yet
+    assert conn.next_event() is PAUSED
+    conn.send(GO_AHEAD)
     events = drain(conn)
     content, end = data_result(events)
     assert content == b"Subject: x\r\n\r\nbody\r\n"
@@ -244,11 +250,12 @@ def test_reject_data_keeps_parsing_commands() -> None:
     conn = ServerConnection()
     conn.receive_data(b"DATA\r\nhello\r\n.\r\n")
     assert conn.next_event() == Command("DATA", "")
-    assert conn.next_event() is None
-    conn.reject_data()
+    assert conn.next_event() is PAUSED
+    assert conn.send(Reply(554, "5.5.1", "No valid recipients")) == \
+        b"554 5.5.1 No valid recipients\r\n"
     assert conn.next_event() == Command("HELLO", "")
     assert conn.next_event() == Command(".", "")
-    assert conn.next_event() is None
+    assert conn.next_event() is NEED_DATA
 
 
 def test_empty_message_and_leading_dots() -> None:
@@ -390,7 +397,7 @@ def test_eof_mid_data() -> None:
     assert events[0] == Command("DATA", "")
     assert events[-1] == ConnectionClosed()
     assert not any(isinstance(e, DataEnd | DataFailed) for e in events)
-    assert conn.next_event() is None
+    assert conn.next_event() is PAUSED
 
 
 def test_eof_with_partial_command_line() -> None:
@@ -403,12 +410,12 @@ def test_data_memory_bounded() -> None:
     conn = ServerConnection()
     conn.receive_data(b"DATA\r\n")
     assert conn.next_event() == Command("DATA", "")
-    conn.start_data()
+    conn.send(GO_AHEAD)
     block = (b"q" * 62 + b"\r\n") * 1024
     for _ in range(64):
         conn.receive_data(block + b"x\r")
         for _ in range(10):
-            if conn.next_event() is None:
+            if conn.next_event() is NEED_DATA:
                 break
         assert conn.pending_bytes <= 4
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
+from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
 
 HOP = "127.0.0.5"
@@ -127,3 +128,44 @@ def test_a_worker_restarted_after_a_reload_runs_the_reloaded_tables(tmp_path: Pa
                 s.mail("alice@example.org")
                 code, text = s.rcpt("bob@targetdomain1.com")
                 assert (code, text.split(b"... ")[-1][:15]) == (550, b"Relaying denied"), text
+
+
+def test_connection_limits_count_the_whole_daemon(tmp_path: Path) -> None:
+    """With two workers, max_connections_per_ip counts the sessions of both (shared memory),
+    and the sessions of a worker that is killed stop counting with it."""
+    port = free_port(HOP)
+    with DnsServer() as dns, SinkServer(HOP, port):
+        gw = gateway(tmp_path, dns, port)
+        gw.config.write_text(gw.config.read_text().replace(
+            '[smtp]\n', '[smtp]\nmax_connections_per_ip = 3\n'))
+        with gw:
+            assert gw.proc is not None
+            deadline = time.monotonic() + 10
+            while gw.log().count("starting daemon") < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            held = []
+            replies = []
+            for _ in range(8):
+                c = RawSmtp(gw.host, gw.port, source="127.0.0.2")
+                replies.append(c.read_reply())
+                held.append(c)
+            codes = [r.code for r in replies]
+            assert codes.count(220) == 3 and codes.count(421) == 5, codes
+            assert all(r.first.startswith("421 4.7.0 ") for r in replies if r.code == 421)
+            for c in held:
+                c.close()
+            # Sessions end; a worker killed while it holds sessions gives its counts back.
+            time.sleep(0.5)
+            keep = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
+            assert [c.read_reply().code for c in keep] == [220, 220, 220]
+            for worker in children_of(gw.proc.pid):
+                os.kill(worker, signal.SIGKILL)
+            for c in keep:
+                c.close()
+            deadline = time.monotonic() + 15
+            while gw.log().count("starting daemon") < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
+            assert [c.read_reply().code for c in again] == [220, 220, 220]
+            for c in again:
+                c.close()

@@ -27,7 +27,7 @@ def _load(path: str | None) -> Snapshot:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mailgate import daemon
+    from mailgate import master
 
     snapshot = _load(args.config)
     cfg = snapshot.config
@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for w in snapshot.warnings():
         maillog.warning(f"warning: {w}")
     try:
-        daemon.run(args.config, snapshot)
+        master.run(args.config, snapshot)
     except OSError as exc:
         print(f"mailgate: cannot start: {exc}", file=sys.stderr)
         return 1

@@ -1,5 +1,11 @@
 """Settings: one TOML file → frozen dataclasses, every error naming file and line.
 
+Each setting is written once, as a dataclass field: `setting()` puts its converter, its default
+(as it is written in TOML) and a one-line meaning into the field's metadata; the field's name is
+the key, and the `section()` field of `Config` that holds the dataclass is the ``[section]``.
+`parse_config` is a loop over those fields; `keys()` lists them for `mailgate.config --markdown`
+and for the test that checks README's configuration table.
+
 The Sendmail tables are not settings; they live beside the TOML file under their Sendmail names and
 are loaded by `mailgate.tables`. Relative paths in the TOML file are relative to its folder; the
 embedded default config (no file) resolves them against the working directory.
@@ -7,146 +13,40 @@ embedded default config (no file) resolves them against the working directory.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
+import json
 import re
 import socket
 import ssl
+import sys
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import Field, dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeAlias, TypeVar, cast, get_args
 
 from mailgate import tls
+from mailgate.errors import SourceError
+
+T = TypeVar("T")
+S = TypeVar("S")
+L = TypeVar("L", bound=str)
+
+# What tomllib gives for a value (dates and tables are no setting's type).
+TomlValue: TypeAlias = str | int | float | bool | list["TomlValue"]
+Convert: TypeAlias = Callable[[object], T]
+
+FsyncMode = Literal["auto", "threads"]
+TlsDelivery = Literal["may", "none"]
 
 
-class ConfigError(Exception):
+class ConfigError(SourceError):
     """A bad setting; ``str()`` is ``path:line: message`` like a compiler error."""
 
-    def __init__(self, path: str, line: int | None, message: str) -> None:
-        super().__init__(message)
-        self.path = path
-        self.line = line
-        self.message = message
 
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line else self.path
-        return f"{where}: {self.message}"
-
-
-@dataclass(frozen=True)
-class SmtpSettings:
-    greet_pause: float = 5.0
-    max_message_size: int = 50 * 1024 * 1024  # 0 = no limit
-    max_recipients: int = 100
-    max_command_line: int = 512
-    # Longest text line accepted in DATA, CRLF included; 0 = no limit (the default, as
-    # Postfix's smtpd and Sendmail: long lines are folded on the way out instead).
-    max_text_line: int = 0
-    command_timeout: float = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
-    data_timeout: float = 180.0  # RFC 5321 4.5.3.2.6 data block, per read
-    max_bad_commands: int = 20
-    privacy: tuple[str, ...] = ("authwarnings", "novrfy", "noexpn", "noverb")
-    bad_rcpt_throttle: int = 1
-    bad_rcpt_throttle_delay: float = 1.0
-    max_bad_rcpts: int = 20
-    connection_rate_throttle: int = 100
-    max_connections_per_ip: int = 20
-    max_connections: int = 20000
-    # Postfix's stress mode: past this share of max_connections, shorter timeouts.
-    stress_threshold: float = 0.8
-    stress_timeout: float = 10.0
-    # Postfix 3.9's smtpd_forbid_unauth_pipelining: content sent before our 354 closes.
-    forbid_unauth_pipelining: bool = True
-    check_sender_domain: bool = True
-    require_qualified_sender: bool = True
-
-
-@dataclass(frozen=True)
-class QueueSettings:
-    run_interval: float = 1800.0
-    retry_min: float = 240.0
-    max_age: float = 5 * 86400.0
-    warn_after: float = 4 * 3600.0
-    max_deliveries: int = 200
-    max_per_destination: int = 20
-    fsync: str = "auto"  # how the spool flushes: "auto" (Linux AIO if the kernel has it), "threads"
-    # Sendmail's MinFreeBlocks / Postfix's queue_minfree: below this much free space in the
-    # spool's file system, MAIL and DATA get 452 4.3.1 (0 = no check). The reserve is what
-    # messages already in DATA, status files and bounces (up to a whole message) still need.
-    min_free: int = 100 * 1024 * 1024
-
-
-@dataclass(frozen=True)
-class DeliverySettings:
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    helo_name: str | None = None
-    bind_address: str | None = None
-    port: int = 25  # for hops without a port of their own (MX and plain hosts)
-    # Longer lines are broken with CRLF SPACE before they go out (Postfix's
-    # smtp_line_length_limit); 998 is RFC 5321 4.5.3.1.6's limit without the CRLF. 0 = never.
-    line_length_limit: int = 998
-
-
-@dataclass(frozen=True)
-class DnsSettings:
-    nameservers: tuple[str, ...] | None = None  # None = system resolver
-    timeout: float = 5.0
-
-
-@dataclass(frozen=True)
-class LocalSettings:
-    maildir_root: Path = Path("maildir")
-
-
-@dataclass(frozen=True)
-class AccessSettings:
-    blocklist_recipients: bool = False
-
-
-@dataclass(frozen=True)
-class TlsSettings:
-    cert_file: Path | None = None  # PEM certificate chain; with key_file, STARTTLS is offered
-    key_file: Path | None = None
-    delivery: str = "may"  # STARTTLS to next hops that offer it ("may"), or never ("none")
-    # Built (and so checked) when the config is read: a bad pair is a config error.
-    server_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class LogSettings:
-    file: Path | None = None  # None = stderr
-    level: str = "info"
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path | None
-    hostname: str
-    listen: tuple[tuple[str, int], ...]
-    spool_dir: Path
-    tables_dir: Path | None
-    relay_hosts_only: bool = True
-    pid_file: Path | None = None
-    workers: int = 1  # processes sharing the listeners and the spool; 0 = one per CPU
-    smtp: SmtpSettings = field(default_factory=SmtpSettings)
-    queue: QueueSettings = field(default_factory=QueueSettings)
-    delivery: DeliverySettings = field(default_factory=DeliverySettings)
-    dns: DnsSettings = field(default_factory=DnsSettings)
-    local: LocalSettings = field(default_factory=LocalSettings)
-    access: AccessSettings = field(default_factory=AccessSettings)
-    log: LogSettings = field(default_factory=LogSettings)
-    tls: TlsSettings = field(default_factory=TlsSettings)
-
-    @property
-    def source(self) -> str:
-        return str(self.path) if self.path else "<embedded default config>"
-
-    @property
-    def helo_name(self) -> str:
-        return self.delivery.helo_name or self.hostname
-
+# --- converters: a TOML value → the setting's type, or ValueError with the admin's words ----
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
@@ -195,7 +95,7 @@ def parse_size(value: object) -> int:
     raise ValueError(f"bad size {value!r}: use e.g. \"50M\", \"100MiB\" or a number of bytes")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: object) -> tuple[str, int]:
     """``"127.0.0.1:25"``, ``"[::1]:25"``, ``":25"`` (all IPv4 addresses) → (host, port)."""
     if not isinstance(value, str):
         raise ValueError("listen entries are strings like \"127.0.0.1:2525\"")
@@ -214,6 +114,8 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _check_nameserver(value: object) -> str:
+    # Not dns.parse_nameserver: that one is for values already checked here (it takes "+53"
+    # and " 53" as ports, and its errors do not name the setting).
     if not isinstance(value, str):
         raise ValueError("nameservers are strings like \"127.0.0.1\" or \"127.0.0.1:5353\"")
     host, port = value, None
@@ -231,72 +133,13 @@ def _check_nameserver(value: object) -> str:
     return value
 
 
-class _Reader:
-    """Pulls typed values out of the parsed TOML, turning mistakes into ConfigErrors with lines."""
-
-    def __init__(self, path: str, text: str, data: dict[str, Any]) -> None:
-        self.path = path
-        self.lines = text.splitlines()
-        self.data = data
-        self.used: set[tuple[str, ...]] = set()
-
-    def line_of(self, section: str, key: str | None) -> int | None:
-        """Best-effort line number of ``key`` in ``[section]`` (tomllib gives no positions)."""
-        current = ""
-        header = re.compile(r"\s*\[\s*([A-Za-z0-9_.\-\" ]+?)\s*\]\s*(#.*)?$")
-        for no, line in enumerate(self.lines, 1):
-            m = header.match(line)
-            if m:
-                current = m.group(1).replace('"', "")
-                if key is None and current == section:
-                    return no
-                continue
-            if key is not None and current == section and re.match(
-                rf"\s*\"?{re.escape(key)}\"?\s*=", line
-            ):
-                return no
-        return None
-
-    def error(self, section: str, key: str | None, message: str) -> ConfigError:
-        name = f"{section}.{key}" if section and key else (key or section)
-        return ConfigError(self.path, self.line_of(section, key), f"{name}: {message}")
-
-    def table(self, section: str) -> dict[str, Any]:
-        value = self.data.get(section, {}) if section else self.data
-        if not isinstance(value, dict):
-            raise self.error("", section, "must be a table ([section])")
-        return value
-
-    def get(self, section: str, key: str, convert: Any, default: Any) -> Any:
-        self.used.add((section, key))
-        tbl = self.table(section)
-        if key not in tbl:
-            return default
-        try:
-            return convert(tbl[key])
-        except (ValueError, TypeError) as exc:
-            raise self.error(section, key, str(exc)) from None
-
-    def check_unknown(self, known: dict[str, set[str]]) -> None:
-        for key, value in self.data.items():
-            if isinstance(value, dict) and key in known:
-                for sub in value:
-                    if sub not in known[key]:
-                        raise self.error(key, sub, "unknown setting")
-            elif isinstance(value, dict):
-                raise ConfigError(self.path, self.line_of(key, None),
-                                  f"[{key}]: unknown section")
-            elif key not in known[""]:
-                raise self.error("", key, "unknown setting")
-
-
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError("expected true or false")
     return value
 
 
-def _int(minimum: int = 0) -> Any:
+def _int(minimum: int = 0) -> Convert[int]:
     def convert(value: object) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("expected a whole number")
@@ -306,7 +149,7 @@ def _int(minimum: int = 0) -> Any:
     return convert
 
 
-def _zero_or_between(low: int, high: int | None, zero: str) -> Any:
+def _zero_or_between(low: int, high: int | None, zero: str) -> Convert[int]:
     """A whole number that is 0 (meaning ``zero``) or within ``low``..``high``."""
     def convert(value: object) -> int:
         number = _int(0)(value)
@@ -354,11 +197,42 @@ def _hostname(value: object) -> str:
     return text
 
 
-def _str_list(item: Any) -> Any:
-    def convert(value: object) -> tuple[Any, ...]:
+def _path(value: object) -> Path:
+    """A path as written (``~`` expanded); `_Reader` resolves a relative one (``relative=``)."""
+    return Path(_str(value)).expanduser()
+
+
+def _path_or_none(value: object) -> Path | None:
+    return None if value == "" else _path(value)
+
+
+def _str_list(item: Convert[T]) -> Convert[tuple[T, ...]]:
+    def convert(value: object) -> tuple[T, ...]:
         if not isinstance(value, list):
             raise ValueError("expected a list, e.g. [\"a\", \"b\"]")
         return tuple(item(v) for v in value)
+    return convert
+
+
+def _listen(value: object) -> tuple[tuple[str, int], ...]:
+    addresses = _str_list(parse_listen)(value)
+    if not addresses:
+        raise ValueError("needs at least one address")
+    return addresses
+
+
+def _nameservers(value: object) -> tuple[str, ...] | None:
+    return _str_list(_check_nameserver)(value) or None  # [] = the system resolver too
+
+
+def _one_of(options: tuple[L, ...]) -> Convert[L]:
+    def convert(value: object) -> L:
+        word = _str(value).lower()
+        for option in options:
+            if word == option:
+                return option
+        listed = " or ".join(f'"{o}"' for o in options)
+        raise ValueError(f"must be {listed}, not {value!r}")
     return convert
 
 
@@ -369,39 +243,11 @@ _PRIVACY_FLAGS = {
 }
 
 
-def _fsync_mode(value: object) -> str:
-    mode = _str(value).lower()
-    if mode not in ("auto", "threads"):
-        raise ValueError(f'must be "auto" or "threads", not {value!r}')
-    return mode
-
-
-def _tls_delivery(value: object) -> str:
-    mode = _str(value).lower()
-    if mode not in ("may", "none"):
-        raise ValueError(f'must be "may" or "none", not {value!r}')
-    return mode
-
-
 def _privacy_flag(value: object) -> str:
     flag = _str(value).lower()
     if flag not in _PRIVACY_FLAGS:
         raise ValueError(f"unknown privacy flag {value!r}")
     return flag
-
-
-_KNOWN = {
-    "": {"hostname", "listen", "spool_dir", "tables_dir", "relay_hosts_only", "pid_file", "workers",
-         "smtp", "queue", "delivery", "dns", "local", "access", "log", "tls"},
-    "smtp": set(SmtpSettings.__dataclass_fields__),
-    "queue": set(QueueSettings.__dataclass_fields__),
-    "delivery": set(DeliverySettings.__dataclass_fields__),
-    "dns": set(DnsSettings.__dataclass_fields__),
-    "local": set(LocalSettings.__dataclass_fields__),
-    "access": set(AccessSettings.__dataclass_fields__),
-    "log": set(LogSettings.__dataclass_fields__),
-    "tls": set(TlsSettings.__dataclass_fields__) - {"server_context"},
-}
 
 
 def default_hostname() -> str:
@@ -410,6 +256,397 @@ def default_hostname() -> str:
         return _hostname(name)
     except ValueError:
         return "localhost"
+
+
+# --- the definition ------------------------------------------------------------------------
+
+_SETTING = "mailgate.setting"
+_SECTION = "mailgate.section"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a field's metadata holds: how its TOML value is read, and what README says of it."""
+
+    convert: Convert[object]
+    default: TomlValue | None  # as written in TOML; None: absent, see ``shown``
+    doc: str  # one line; README's table may say more
+    shown: str | None = None  # README's words for a default that is no TOML value
+    relative: bool = False  # a path, relative to the TOML file's folder
+
+
+def setting(convert: Convert[T], default: TomlValue | None, doc: str, *,
+            shown: str | None = None, relative: bool = False,
+            factory: Callable[[], T] | None = None) -> T:
+    """A settings field: ``default`` is what the admin would write in TOML, and ``convert``
+    makes the field's default of it, so the default passes its own check. ``factory`` is for a
+    default that is found at start (the host name); ``shown`` then says what it is."""
+    if (default is None) == (shown is None):
+        raise TypeError("a setting has a TOML default or, when it has none, shown words")
+    meta = {_SETTING: Setting(convert, default, doc, shown, relative)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    value = None if default is None else convert(default)
+    return cast(T, field(default=value, metadata=meta))
+
+
+def section(cls: Callable[[], S]) -> S:
+    """A ``[section]`` of `Config`, named by the field; its settings are ``cls``'s fields."""
+    return field(default_factory=cls, metadata={_SECTION: cls})
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    greet_pause: float = setting(
+        parse_duration, "5s",
+        "hold the greeting (access `GreetPause:` overrides per client)")
+    max_message_size: int = setting(
+        parse_size, "50M", "announced in SIZE, refused with 552 (`0` = no limit)")
+    max_recipients: int = setting(
+        _int(1), 100, "more get `452 4.5.3 Too many recipients`")
+    max_command_line: int = setting(
+        _int(512), 512, "longest command line accepted, CRLF included (RFC 5321's 512 or more)")
+    # RFC 5321 4.5.3.1.6: a server must take lines of 1000 bytes, so no lower limit. 0 = no
+    # limit (the default, as Postfix's smtpd and Sendmail: long lines are folded on the way out).
+    max_text_line: int = setting(
+        _zero_or_between(1000, None, "no limit"), 0,
+        "longest message line accepted, CRLF included (`0` = no limit; else at least `1000`)")
+    command_timeout: float = setting(  # RFC 5321 4.5.3.2.7: at least 5 minutes
+        parse_duration, "5m", "waiting for a command (RFC 5321 §4.5.3.2)")
+    data_timeout: float = setting(  # RFC 5321 4.5.3.2.6 data block, per read
+        parse_duration, "3m", "waiting for message content, per read (RFC 5321 §4.5.3.2)")
+    max_bad_commands: int = setting(
+        _int(1), 20, "unknown / refused commands before `421` and close")
+    privacy: tuple[str, ...] = setting(
+        _str_list(_privacy_flag), ["authwarnings", "novrfy", "noexpn", "noverb"],
+        "Sendmail's PrivacyOptions")
+    bad_rcpt_throttle: int = setting(
+        _int(0), 1, "after N refused RCPTs, answer each RCPT after `bad_rcpt_throttle_delay`")
+    bad_rcpt_throttle_delay: float = setting(
+        parse_duration, "1s", "the pause of `bad_rcpt_throttle`")
+    max_bad_rcpts: int = setting(
+        _int(0), 20, "after N refused RCPTs, `421` and close")
+    connection_rate_throttle: int = setting(
+        _int(0), 100, "new connections accepted per second (`0` = no limit)")
+    max_connections_per_ip: int = setting(
+        _int(0), 20, "more get `421 4.7.0` (`0` = no limit)")
+    max_connections: int = setting(
+        _int(1), 20000, "sessions at once (all workers together); beyond, new connections wait")
+    # Postfix's stress mode: past this share of max_connections, shorter timeouts.
+    stress_threshold: float = setting(
+        _share, "80%", "share of `max_connections` at which stress mode starts")
+    stress_timeout: float = setting(
+        _positive_duration, "10s", "command and DATA timeout under stress")
+    # Postfix 3.9's smtpd_forbid_unauth_pipelining: content sent before our 354 closes.
+    forbid_unauth_pipelining: bool = setting(
+        _bool, True, "content sent before our `354` gets `554 5.5.0` and the session is closed")
+    check_sender_domain: bool = setting(
+        _bool, True, "MAIL FROM domain must resolve (MX/A/AAAA)")
+    require_qualified_sender: bool = setting(
+        _bool, True, "`553 5.5.4` for a sender without domain")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    run_interval: float = setting(
+        _positive_duration, "30m", "retry interval cap (Sendmail's `-q30m`)")
+    retry_min: float = setting(
+        parse_duration, "4m", "first retry; doubles each time up to `run_interval`")
+    max_age: float = setting(
+        parse_duration, "5d", "then the sender gets a bounce (Timeout.queuereturn)")
+    warn_after: float = setting(
+        parse_duration, "4h", "then the sender gets a delay warning (Timeout.queuewarn)")
+    max_deliveries: int = setting(
+        _int(1), 200, "delivery attempts at once")
+    max_per_destination: int = setting(
+        _int(1), 20, "SMTP deliveries at once to one next hop (Postfix's "
+        "`default_destination_concurrency_limit`); the others wait their turn")
+    fsync: FsyncMode = setting(
+        _one_of(get_args(FsyncMode)), "auto",
+        "how the spool flushes before `250`: `auto` (Linux AIO) or `threads`")
+    # Sendmail's MinFreeBlocks / Postfix's queue_minfree: below this much free space in the
+    # spool's file system, MAIL and DATA get 452 4.3.1 (0 = no check). The reserve is what
+    # messages already in DATA, status files and bounces (up to a whole message) still need.
+    min_free: int = setting(
+        parse_size, "100M", "free space the spool keeps; below it, mail gets `452 4.3.1`")
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    connect_timeout: float = setting(
+        parse_duration, "30s", "per address tried")
+    command_timeout: float = setting(
+        parse_duration, "5m", "scales the SMTP client's RFC 5321 stage timeouts down")
+    helo_name: str | None = setting(
+        _hostname, None, "the name we give in EHLO/HELO", shown="`hostname`")
+    bind_address: str | None = setting(
+        _str, None, "source address of connections to next hops", shown="none")
+    port: int = setting(  # for hops without a port of their own (MX and plain hosts)
+        _int(1), 25, "port for next hops that do not name one")
+    # Longer lines are broken with CRLF SPACE before they go out (Postfix's
+    # smtp_line_length_limit); 998 is RFC 5321 4.5.3.1.6's limit without the CRLF. Below 78
+    # (RFC 5322's recommended length) folding would cut up ordinary mail.
+    line_length_limit: int = setting(
+        _zero_or_between(78, 998, "lines are never broken"), 998,
+        "longer lines are broken with CRLF SPACE on the way out (`0` = never)")
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    nameservers: tuple[str, ...] | None = setting(
+        _nameservers, None, '`"ip"` or `"ip:port"` list', shown="system resolver")
+    timeout: float = setting(parse_duration, "5s", "per DNS query")
+
+
+@dataclass(frozen=True)
+class LocalSettings:
+    maildir_root: Path = setting(
+        _path, "maildir", "local users are system accounts or folders here", relative=True)
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    blocklist_recipients: bool = setting(
+        _bool, False, "FEATURE(blocklist_recipients) for `To:` REJECT")
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: Path | None = setting(
+        _path_or_none, None, "PEM certificate chain; with `key_file`, STARTTLS is offered",
+        shown="none", relative=True)
+    key_file: Path | None = setting(
+        _path_or_none, None, "its PEM key", shown="none", relative=True)
+    delivery: TlsDelivery = setting(
+        _one_of(get_args(TlsDelivery)), "may",
+        "STARTTLS to next hops that offer it (`may`), or never (`none`)")
+    # Built (and so checked) when the config is read: a bad pair is a config error.
+    server_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    file: Path | None = setting(
+        _path_or_none, None, "maillog lines go here", shown="stderr", relative=True)
+    level: str = setting(
+        _str, "info", "`debug`, `info`, `notice`, `warning` or `error`: the least written")
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None  # the TOML file; None: the embedded default config
+    hostname: str = setting(
+        _hostname, None, "`$j`: greeting, Received, bounces",
+        shown="the machine's FQDN", factory=default_hostname)
+    listen: tuple[tuple[str, int], ...] = setting(
+        _listen, ["127.0.0.1:2525"], '`"ip:port"` / `"[v6]:port"` list')
+    spool_dir: Path = setting(_path, "spool", "the durable queue", relative=True)
+    # None (the default) is replaced by the TOML file's folder; the embedded config has none.
+    tables_dir: Path | None = setting(
+        _path_or_none, None, "where the Sendmail tables are read",
+        shown="the TOML file's folder", relative=True)
+    relay_hosts_only: bool = setting(
+        _bool, True, "FEATURE(relay_hosts_only): RELAY grants are exact names")
+    pid_file: Path | None = setting(
+        _path_or_none, None, "write the daemon's (master's) pid here", shown="none",
+        relative=True)
+    workers: int = setting(  # processes sharing the listeners and the spool; 0 = one per CPU
+        _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)")
+    smtp: SmtpSettings = section(SmtpSettings)
+    queue: QueueSettings = section(QueueSettings)
+    delivery: DeliverySettings = section(DeliverySettings)
+    dns: DnsSettings = section(DnsSettings)
+    local: LocalSettings = section(LocalSettings)
+    access: AccessSettings = section(AccessSettings)
+    log: LogSettings = section(LogSettings)
+    tls: TlsSettings = section(TlsSettings)
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.path else "<embedded default config>"
+
+    @property
+    def helo_name(self) -> str:
+        return self.delivery.helo_name or self.hostname
+
+
+@dataclass(frozen=True)
+class Key:
+    """One setting as the admin sees it: ``[section] name``, its default and its meaning."""
+
+    section: str  # "" for the top level
+    name: str
+    setting: Setting
+
+    @property
+    def label(self) -> str:
+        return f"[{self.section}] {self.name}" if self.section else self.name
+
+    @property
+    def shown_default(self) -> str:
+        """The default as README's table gives it: a TOML value in backquotes, or words."""
+        if self.setting.default is None:
+            return self.setting.shown or ""
+        return f"`{toml_literal(self.setting.default)}`"
+
+
+def _settings_of(cls: type[object]) -> Iterator[tuple[Field[Any], Setting]]:
+    for f in fields(cast(Any, cls)):
+        spec = f.metadata.get(_SETTING)
+        if spec is not None:
+            yield f, spec
+
+
+def _sections() -> Iterator[tuple[str, type[object]]]:
+    for f in fields(Config):
+        cls = f.metadata.get(_SECTION)
+        if cls is not None:
+            yield f.name, cls
+
+
+def keys() -> tuple[Key, ...]:
+    """Every setting, top level first, then each section in `Config`'s order."""
+    found = [Key("", f.name, spec) for f, spec in _settings_of(Config)]
+    for name, cls in _sections():
+        found += [Key(name, f.name, spec) for f, spec in _settings_of(cls)]
+    return tuple(found)
+
+
+def toml_literal(value: TomlValue) -> str:
+    """``value`` written as TOML (README's spelling: no blanks inside lists)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string, for the values defaults hold
+    if isinstance(value, list):
+        return "[" + ",".join(toml_literal(v) for v in value) + "]"
+    return str(value)
+
+
+def markdown_rows() -> list[str]:
+    """README's configuration table from the definition, one row per key."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{k.label}` | {k.shown_default} | {k.setting.doc} |" for k in keys()]
+    return rows
+
+
+# --- the reader ----------------------------------------------------------------------------
+
+# A [table] or [[array of tables]] header; the name may be spaced, quoted or dotted.
+_HEADER = re.compile(r"\s*\[\[?\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+
+
+def _key_line(key: str) -> re.Pattern[str]:
+    """A line that assigns ``key`` (bare or quoted), or a dotted key under it."""
+    return re.compile(rf"\s*([\"']?){re.escape(key)}\1\s*[=.]")
+
+
+def _dotted(section: str, key: str) -> re.Pattern[str]:
+    return re.compile(rf"\s*{re.escape(section)}\s*\.\s*{re.escape(key)}\s*=")
+
+
+class _Reader:
+    """Pulls typed values out of the parsed TOML, turning mistakes into ConfigErrors with lines."""
+
+    def __init__(self, path: str, text: str, data: dict[str, Any]) -> None:
+        self.path = path
+        self.lines = text.split("\n")  # as tomllib counts them (splitlines() also breaks at FF)
+        self.data = data
+
+    def line_of(self, section: str, key: str | None) -> int | None:
+        """Best-effort line number of ``key`` in ``[section]``, or of ``[section]`` itself for
+        None (tomllib gives no positions). Dotted keys and inline tables at the top are found
+        too, and ``[section.key]`` for a key that is a table."""
+        current = ""
+        for no, line in enumerate(self.lines, 1):
+            m = _HEADER.match(line)
+            if m:
+                current = re.sub(r"[\"'\s]", "", m.group(1))
+                if current == (section if key is None else f"{section}.{key}".lstrip(".")):
+                    return no
+                continue
+            if key is None:
+                if current == "" and section and _key_line(section).match(line):
+                    return no  # smtp.greet_pause = … or smtp = { … }
+                continue
+            if current == section and _key_line(key).match(line):
+                return no
+            if current == "" and section and _dotted(section, key).match(line):
+                return no  # smtp.greet_pause = … at the top
+        return None
+
+    def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        name = f"{section}.{key}" if section and key else (key or section)
+        line = self.line_of(section, key)
+        if line is None and key is not None and section:
+            line = self.line_of(section, None)  # a key that is missing: its section's header
+        return ConfigError(self.path, line, f"{name}: {message}")
+
+    def table(self, section: str) -> dict[str, Any]:
+        value = self.data.get(section, {}) if section else self.data
+        if not isinstance(value, dict):
+            raise self.error("", section, "must be a table ([section])")
+        return value
+
+    def values(self, section: str, cls: type[object], base: Path) -> dict[str, object]:
+        """The settings of ``cls`` that ``[section]`` gives, converted, and its relative
+        paths made absolute (the others are left to the dataclass's defaults)."""
+        given = self.table(section)
+        out: dict[str, object] = {}
+        for f, spec in _settings_of(cls):
+            if f.name in given:
+                try:
+                    value = spec.convert(given[f.name])
+                except (ValueError, TypeError) as exc:
+                    raise self.error(section, f.name, str(exc)) from None
+            elif spec.relative:
+                value = f.default
+            else:
+                continue
+            if spec.relative and isinstance(value, Path) and not value.is_absolute():
+                value = base / value
+            out[f.name] = value
+        return out
+
+    def check_unknown(self) -> None:
+        known = {name: {f.name for f, _ in _settings_of(cls)} for name, cls in _sections()}
+        top = {f.name for f, _ in _settings_of(Config)} | set(known)
+        for key, value in self.data.items():
+            if isinstance(value, dict) and key in known:
+                for sub in value:
+                    if sub not in known[key]:
+                        raise self.error(key, sub, "unknown setting")
+            elif isinstance(value, dict):
+                raise ConfigError(self.path, self.line_of(key, None), f"[{key}]: unknown section")
+            elif key not in top:
+                raise self.error("", key, "unknown setting")
+
+
+def _with_tls_context(r: _Reader, settings: TlsSettings) -> TlsSettings:
+    """Both of cert_file and key_file or neither; a pair is loaded now, so that a bad one is
+    refused at start and on reload rather than at the first STARTTLS."""
+    cert_file, key_file = settings.cert_file, settings.key_file
+    if (cert_file is None) != (key_file is None):
+        raise r.error("tls", "cert_file" if cert_file is None else "key_file",
+                      "is needed too: give both cert_file and key_file, or neither")
+    if cert_file is None or key_file is None:
+        return settings
+    try:
+        context = tls.server_context(cert_file, key_file)
+    except ssl.SSLError as exc:  # before OSError, of which it is a kind
+        raise r.error("tls", "cert_file", f"{cert_file} and {key_file} are not a PEM "
+                                          f"certificate and its key: {exc}") from None
+    except OSError as exc:
+        # ssl names no file: find the one that cannot be read, and blame its line.
+        for key, file in (("cert_file", cert_file), ("key_file", key_file)):
+            try:
+                file.open("rb").close()
+            except OSError as unreadable:
+                raise r.error("tls", key, f"cannot read {file}: "
+                                          f"{unreadable.strerror or unreadable}") from None
+        raise r.error("tls", "cert_file", f"cannot read {exc.filename or cert_file}: "
+                                          f"{exc.strerror or exc}") from None
+    return replace(settings, server_context=context)
 
 
 def parse_config(text: str, path: Path | None, base: Path) -> Config:
@@ -421,128 +658,18 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         m = re.search(r"line (\d+)", str(exc))
         raise ConfigError(source, int(m.group(1)) if m else None, f"TOML syntax: {exc}") from None
     r = _Reader(source, text, data)
-    r.check_unknown(_KNOWN)
+    r.check_unknown()
+    top = r.values("", Config, base)
+    if "tables_dir" not in data:  # the TOML file's folder; the embedded config has no tables
+        top["tables_dir"] = base if path else None
+    for name, cls in _sections():
+        top[name] = _build(cls, r.values(name, cls, base))
+    top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
+    return _build(Config, {"path": path, **top})
 
-    def rel(value: object) -> Path:
-        p = Path(_str(value)).expanduser()
-        return p if p.is_absolute() else base / p
 
-    def rel_or_none(value: object) -> Path | None:
-        return None if value == "" else rel(value)
-
-    listen = r.get("", "listen", _str_list(parse_listen), (("127.0.0.1", 2525),))
-    if not listen:
-        raise r.error("", "listen", "needs at least one address")
-    smtp_defaults = SmtpSettings()
-    smtp = SmtpSettings(
-        greet_pause=r.get("smtp", "greet_pause", parse_duration, smtp_defaults.greet_pause),
-        max_message_size=r.get("smtp", "max_message_size", parse_size,
-                               smtp_defaults.max_message_size),
-        max_recipients=r.get("smtp", "max_recipients", _int(1), smtp_defaults.max_recipients),
-        max_command_line=r.get("smtp", "max_command_line", _int(512),
-                               smtp_defaults.max_command_line),
-        # RFC 5321 4.5.3.1.6: a server must take lines of 1000 bytes, so no lower limit.
-        max_text_line=r.get("smtp", "max_text_line", _zero_or_between(1000, None, "no limit"),
-                            smtp_defaults.max_text_line),
-        command_timeout=r.get("smtp", "command_timeout", parse_duration,
-                              smtp_defaults.command_timeout),
-        data_timeout=r.get("smtp", "data_timeout", parse_duration, smtp_defaults.data_timeout),
-        max_bad_commands=r.get("smtp", "max_bad_commands", _int(1),
-                               smtp_defaults.max_bad_commands),
-        privacy=r.get("smtp", "privacy", _str_list(_privacy_flag), smtp_defaults.privacy),
-        bad_rcpt_throttle=r.get("smtp", "bad_rcpt_throttle", _int(0),
-                                smtp_defaults.bad_rcpt_throttle),
-        bad_rcpt_throttle_delay=r.get("smtp", "bad_rcpt_throttle_delay", parse_duration,
-                                      smtp_defaults.bad_rcpt_throttle_delay),
-        max_bad_rcpts=r.get("smtp", "max_bad_rcpts", _int(0), smtp_defaults.max_bad_rcpts),
-        connection_rate_throttle=r.get("smtp", "connection_rate_throttle", _int(0),
-                                       smtp_defaults.connection_rate_throttle),
-        max_connections_per_ip=r.get("smtp", "max_connections_per_ip", _int(0),
-                                     smtp_defaults.max_connections_per_ip),
-        max_connections=r.get("smtp", "max_connections", _int(1), smtp_defaults.max_connections),
-        stress_threshold=r.get("smtp", "stress_threshold", _share,
-                               smtp_defaults.stress_threshold),
-        stress_timeout=r.get("smtp", "stress_timeout", _positive_duration,
-                             smtp_defaults.stress_timeout),
-        forbid_unauth_pipelining=r.get("smtp", "forbid_unauth_pipelining", _bool,
-                                       smtp_defaults.forbid_unauth_pipelining),
-        check_sender_domain=r.get("smtp", "check_sender_domain", _bool,
-                                  smtp_defaults.check_sender_domain),
-        require_qualified_sender=r.get("smtp", "require_qualified_sender", _bool,
-                                       smtp_defaults.require_qualified_sender),
-    )
-    qd = QueueSettings()
-    queue = QueueSettings(
-        run_interval=r.get("queue", "run_interval", parse_duration, qd.run_interval),
-        retry_min=r.get("queue", "retry_min", parse_duration, qd.retry_min),
-        max_age=r.get("queue", "max_age", parse_duration, qd.max_age),
-        warn_after=r.get("queue", "warn_after", parse_duration, qd.warn_after),
-        max_deliveries=r.get("queue", "max_deliveries", _int(1), qd.max_deliveries),
-        max_per_destination=r.get("queue", "max_per_destination", _int(1),
-                                  qd.max_per_destination),
-        fsync=r.get("queue", "fsync", _fsync_mode, qd.fsync),
-        min_free=r.get("queue", "min_free", parse_size, qd.min_free),
-    )
-    if queue.run_interval <= 0:
-        raise r.error("queue", "run_interval", "must be longer than 0s")
-    dd = DeliverySettings()
-    delivery = DeliverySettings(
-        connect_timeout=r.get("delivery", "connect_timeout", parse_duration, dd.connect_timeout),
-        command_timeout=r.get("delivery", "command_timeout", parse_duration, dd.command_timeout),
-        helo_name=r.get("delivery", "helo_name", _hostname, None),
-        bind_address=r.get("delivery", "bind_address", _str, None),
-        port=r.get("delivery", "port", _int(1), 25),
-        # Below 78 (RFC 5322's recommended length) folding would cut up ordinary mail; above
-        # 998 the lines sent would break RFC 5321 4.5.3.1.6.
-        line_length_limit=r.get("delivery", "line_length_limit",
-                                _zero_or_between(78, 998, "lines are never broken"),
-                                dd.line_length_limit),
-    )
-    dns = DnsSettings(
-        nameservers=r.get("dns", "nameservers", _str_list(_check_nameserver), None) or None,
-        timeout=r.get("dns", "timeout", parse_duration, 5.0),
-    )
-    cert_file = r.get("tls", "cert_file", rel_or_none, None)
-    key_file = r.get("tls", "key_file", rel_or_none, None)
-    if (cert_file is None) != (key_file is None):
-        raise r.error("tls", "cert_file" if cert_file is None else "key_file",
-                      "is needed too: give both cert_file and key_file, or neither")
-    context = None
-    if cert_file is not None and key_file is not None:
-        try:
-            context = tls.server_context(cert_file, key_file)
-        except ssl.SSLError as exc:  # before OSError, of which it is a kind
-            raise r.error("tls", "cert_file", f"{cert_file} and {key_file} are not a PEM "
-                                              f"certificate and its key: {exc}") from None
-        except OSError as exc:
-            raise r.error("tls", "cert_file", f"cannot read {exc.filename or cert_file}: "
-                                              f"{exc.strerror or exc}") from None
-    tls_settings = TlsSettings(cert_file=cert_file, key_file=key_file,
-                               delivery=r.get("tls", "delivery", _tls_delivery, "may"),
-                               server_context=context)
-    config = Config(
-        path=path,
-        hostname=r.get("", "hostname", _hostname, None) or default_hostname(),
-        listen=listen,
-        spool_dir=r.get("", "spool_dir", rel, base / "spool"),
-        tables_dir=r.get("", "tables_dir", rel_or_none, base if path else None),
-        relay_hosts_only=r.get("", "relay_hosts_only", _bool, True),
-        pid_file=r.get("", "pid_file", rel_or_none, None),
-        workers=r.get("", "workers", _int(0), 1),
-        smtp=smtp,
-        queue=queue,
-        delivery=delivery,
-        dns=dns,
-        local=LocalSettings(maildir_root=r.get("local", "maildir_root", rel, base / "maildir")),
-        access=AccessSettings(
-            blocklist_recipients=r.get("access", "blocklist_recipients", _bool, False)),
-        log=LogSettings(
-            file=r.get("log", "file", rel_or_none, None),
-            level=r.get("log", "level", _str, "info"),
-        ),
-        tls=tls_settings,
-    )
-    return config
+def _build(cls: Callable[..., T], values: Mapping[str, object]) -> T:
+    return cls(**values)
 
 
 def default_config_text() -> str:
@@ -561,3 +688,21 @@ def load_config(path: str | Path | None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(p), None, f"cannot read: {exc}") from None
     return parse_config(text, p, p.parent)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m mailgate.config --markdown``: README's configuration table, regenerated."""
+    parser = argparse.ArgumentParser(prog="python -m mailgate.config",
+                                     description="The settings mailgate.toml may hold.")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print README's configuration table from the definition")
+    args = parser.parse_args(argv)
+    if not args.markdown:
+        parser.print_help()
+        return 2
+    print("\n".join(markdown_rows()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

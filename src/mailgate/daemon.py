@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import math
 import os
 import random
-import resource
 import signal
 import socket
 import time
@@ -20,24 +18,21 @@ import zlib
 from collections import Counter
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailgate import maillog
-from mailgate.config import Config, ConfigError, load_config
+from mailgate.config import Config
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
-from mailgate.dns import DnsError, DnsTempError, Resolver
+from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
+from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Listener, bind_socket
-from mailgate.snapshot import Snapshot, build_snapshot
-from mailgate.tables.maps import TableError
-
-if TYPE_CHECKING:
-    from mailgate.smtp.session import SmtpSession
-
+from mailgate.smtp.server import SmtpServerProtocol
+from mailgate.snapshot import Snapshot, try_reload
 
 STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
 
@@ -50,7 +45,8 @@ def make_resolver(config: Config) -> Resolver:
 class Gateway:
     def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
                  sockets: list[socket.socket] | None = None, worker: int = 0,
-                 workers: int = 1, adopt: tuple[int, ...] = ()) -> None:
+                 workers: int = 1, adopt: tuple[int, ...] = (),
+                 counts: Counts | None = None) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
@@ -65,8 +61,9 @@ class Gateway:
             spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
             queued=self._report_queued, connections=ConnectionCache())
         self.scheduler = Scheduler(partial(attempt, self.delivery), cfg.queue.max_deliveries)
-        self.sessions: set[SmtpSession] = set()
-        self.per_ip: Counter[str] = Counter()
+        self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
+        # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
+        self.admission = Admission(counts)
         self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
@@ -102,7 +99,8 @@ class Gateway:
                 # Sendmail's rate is per daemon: each of N workers takes its share.
                 rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle
                                // self.workers),
-                has_room=lambda: len(self.sessions) < self.snapshot.config.smtp.max_connections)
+                has_room=lambda: self.admission.has_room(
+                    self.snapshot.config.smtp.max_connections))
             listener.start()
             self.listeners.append(listener)
         if cfg.pid_file and self.workers == 1:
@@ -114,10 +112,8 @@ class Gateway:
         maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
                      f"config {cfg.source}, queue {cfg.spool_dir}")
 
-    def _new_session(self) -> SmtpSession:
-        from mailgate.smtp.session import SmtpSession
-
-        return SmtpSession(self)
+    def _new_session(self) -> SmtpServerProtocol:
+        return SmtpServerProtocol(self)
 
     async def stop(self) -> None:
         maillog.info("stopping: no new connections, finishing deliveries in progress")
@@ -141,12 +137,10 @@ class Gateway:
 
     def reload(self) -> bool:
         """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays."""
-        try:
-            config = load_config(self.config_path)
-            snapshot = build_snapshot(config)
-        except (ConfigError, TableError) as exc:
-            maillog.error(f"reload refused, keeping the running configuration: {exc}")
+        snapshot = try_reload(self.config_path)
+        if snapshot is None:
             return False
+        config = snapshot.config
         old = self.snapshot.config
         if config.listen != old.listen or config.spool_dir != old.spool_dir:
             maillog.warning("listen and spool_dir changes take effect only after a restart")
@@ -161,28 +155,28 @@ class Gateway:
         return True
 
     # -- what sessions call --------------------------------------------------------------------
-    def session_started(self, session: SmtpSession) -> None:
+    def session_started(self, session: SmtpServerProtocol) -> None:
         self.sessions.add(session)
-        self.per_ip[session.client.ip] += 1
+        self.admission.open(session.client.ip)
         self.counters["connections"] += 1
         self._check_stress()
 
-    def session_ended(self, session: SmtpSession) -> None:
+    def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.per_ip[session.client.ip] -= 1
-            if self.per_ip[session.client.ip] <= 0:
-                del self.per_ip[session.client.ip]
+            self.admission.close(session.client.ip)
             self._check_stress()
 
     def _check_stress(self) -> None:
         """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
         ``max_connections``, clients that hold a session without using it (slowloris) get
         ``stress_timeout`` instead of the RFC's minutes, until the load falls back below 90 %
-        of that mark (the margin keeps one connection coming and going from flapping it)."""
+        of that mark (the margin keeps one connection coming and going from flapping it).
+        The count is the whole daemon's; each worker looks at it when its own sessions come
+        and go, and changes the timeouts of its own."""
         smtp = self.snapshot.config.smtp
         mark = max(1, math.ceil(smtp.max_connections * smtp.stress_threshold))
-        open_now = len(self.sessions)
+        open_now = self.admission.open_sessions
         if not self.stressed and open_now >= mark:
             self.stressed = True
             self.counters["stress"] += 1
@@ -203,36 +197,25 @@ class Gateway:
                     min(smtp.data_timeout, smtp.stress_timeout))
         return smtp.command_timeout, smtp.data_timeout
 
-    def connection_limit_reply(self, session: SmtpSession) -> Reply | None:
-        smtp = self.snapshot.config.smtp
-        host = self.snapshot.config.hostname
-        if smtp.max_connections_per_ip and self.per_ip[session.client.ip] > \
-                smtp.max_connections_per_ip and not Client(session.client.ip).is_loopback:
+    def connection_limit_reply(self, ip: str) -> Reply | None:
+        """The per-IP limit, over this daemon's sessions (this one already counted)."""
+        cfg = self.snapshot.config
+        refusal = Admission.refusal(ip, self.admission.count(ip),
+                                    cfg.smtp.max_connections_per_ip, cfg.hostname)
+        if refusal is not None:
             self.counters["per_ip_limit"] += 1
-            return Reply(421, "4.7.0", f"{host} Too many concurrent connections from "
-                                       f"{session.client.ip}; try again later")
-        return None
+        return refusal
 
     async def lookup_client(self, ip: str) -> Client:
-        """The client's PTR status, bounded by the DNS timeout (semantics §18.4)."""
-        client = Client(ip)
-        if client.is_loopback:
+        """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
+        if Client(ip).is_loopback:
             return Client(ip, "OK", "localhost")
-        try:
-            result = await asyncio.wait_for(self.resolver.ptr(ip),
-                                            self.snapshot.config.dns.timeout + 1)
-        except (TimeoutError, DnsTempError):
-            return Client(ip, "TEMP", None)
-        except DnsError:
-            return Client(ip, "FAIL", None)
+        result = await self.resolver.ptr(ip)
         return Client(ip, result.status, result.name)
 
     async def domain_resolves(self, domain: str) -> str:
-        try:
-            return await asyncio.wait_for(self.resolver.domain_resolves(domain),
-                                          self.snapshot.config.dns.timeout + 1)
-        except (TimeoutError, DnsError):
-            return "temp"
+        """Does the sender's domain resolve, within the resolver's one timeout."""
+        return await self.resolver.domain_resolves(domain)
 
     def message_queued(self, queued: QueuedMessage) -> None:
         """A session committed a message (and sent its 250): its first attempt gets it with
@@ -361,124 +344,6 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     await gateway.stop()
 
 
-def _die_with_parent() -> None:
-    """A worker must not outlive its master (kill -9 of the master ends the whole daemon)."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def pid_tag(pid: int) -> str:
     """The end of every queue id made by process ``pid`` (``Spool.new_qid``)."""
     return f"{pid % 1_000_000:06d}"
-
-
-def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
-                sockets: list[socket.socket], index: int, workers: int,
-                adopt: tuple[int, ...]) -> None:
-    _die_with_parent()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    # Until serve() installs its handlers: a HUP or USR1 the master forwards while this worker
-    # starts must not kill it (SIG_DFL would). It starts with the newest checked snapshot and
-    # runs its share of the queue anyway, so nothing is missed by ignoring them.
-    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-    install_event_loop()
-    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers,
-                      adopt=adopt))
-
-
-def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
-    """The master: bind, clear incoming/, fork ``workers`` children sharing the listening
-    sockets and the spool, forward signals, restart a worker that dies."""
-    cfg = snapshot.config
-    sockets = [bind_socket(host, port) for host, port in cfg.listen]
-    spool = Spool(cfg.spool_dir)
-    moved = spool.recover_incoming()
-    spool.close()
-    if moved:
-        maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
-    running = snapshot  # the newest config that passed its check: what a new worker starts with
-    children: dict[int, int] = {}  # pid → worker index
-    dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
-    stopping = False
-
-    def spawn(index: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                _run_worker(config_path, running, sockets, index, workers,
-                            tuple(dead[index]))
-            except BaseException as exc:
-                maillog.error(f"worker {index} failed: {exc!r}")
-                code = 1
-            finally:
-                os._exit(code)
-        children[pid] = index
-
-    def on_signal(sig: int, _frame: object) -> None:
-        nonlocal stopping, running
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        elif sig == signal.SIGHUP:
-            # Check first, so that a bad config is refused once, here, with a clear message;
-            # keep it, so that a worker restarted later does not bring back the old tables
-            # (a relay grant the admin removed, say).
-            try:
-                running = build_snapshot(load_config(config_path))
-            except (ConfigError, TableError) as exc:
-                maillog.error(f"reload refused, keeping the running configuration: {exc}")
-                return
-        # Forward at once: the main loop sits in waitpid(), which PEP 475 restarts after a
-        # handler, so it would only see a queued signal when a worker exits.
-        for pid in list(children):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, on_signal)
-    for i in range(workers):
-        spawn(i)
-    if cfg.pid_file:
-        cfg.pid_file.write_text(f"{os.getpid()}\n")
-    maillog.info(f"master {os.getpid()}: {workers} workers")
-    try:
-        while children:
-            try:
-                pid, status = os.waitpid(-1, 0)
-            except InterruptedError:
-                continue
-            except ChildProcessError:
-                break
-            index = children.pop(pid, None)
-            if index is not None and not stopping:
-                maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
-                              "restarting it")
-                time.sleep(1)
-                dead[index].append(pid)
-                spawn(index)
-    finally:
-        if cfg.pid_file:
-            with contextlib.suppress(OSError):
-                cfg.pid_file.unlink()
-
-
-def raise_open_file_limit() -> None:
-    """A session is a descriptor: raise the soft limit to the hard one, as Postfix's master
-    does, or max_connections is a number the first thousand clients never let us reach."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
-    raise_open_file_limit()
-    workers = snapshot.config.workers or (os.cpu_count() or 1)
-    if workers > 1:
-        run_workers(config_path, snapshot, workers)
-        return
-    install_event_loop()
-    asyncio.run(serve(config_path, snapshot))

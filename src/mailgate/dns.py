@@ -17,7 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import dns.asyncresolver
 import dns.exception
@@ -59,9 +59,16 @@ class NullMx(DnsError):
     """The domain publishes the RFC 7505 null MX ``0 .``: it accepts no mail."""
 
 
+# Sendmail's ${client_resolve}: the PTR found and resolving back, none, a temporary failure,
+# or a name that does not resolve back to the address.
+PtrStatus = Literal["OK", "FAIL", "TEMP", "FORGED"]
+# Whether a sender's domain resolves (MX, A or AAAA): yes, no, or not known now.
+Resolves = Literal["yes", "no", "temp"]
+
+
 @dataclass(frozen=True)
 class PtrResult:
-    status: str  # "OK" | "FAIL" | "TEMP" | "FORGED"
+    status: PtrStatus
     name: str | None  # the PTR name (without trailing dot) when one was found
 
 
@@ -329,16 +336,18 @@ class Resolver:
                 return PtrResult("OK", name)
         return PtrResult("TEMP" if temp else "FORGED", names[0])
 
-    async def domain_resolves(self, domain: str) -> str:
-        """``"yes"`` if the domain has MX, A or AAAA records, ``"no"`` if not, else ``"temp"``."""
+    async def domain_resolves(self, domain: str) -> Resolves:
+        """``"yes"`` if the domain has MX, A or AAAA records, ``"no"`` if not, else ``"temp"``.
+        The whole check takes at most the DNS timeout, as :meth:`ptr`."""
         if _ip_literal(domain) is not None:
             return "yes"
         try:
-            if await self.mx(domain) or await self.addresses(domain):
-                return "yes"
+            async with asyncio.timeout(self.timeout):
+                if await self.mx(domain) or await self.addresses(domain):
+                    return "yes"
         except DnsNotFound:
             return "no"
-        except DnsTempError:
+        except (DnsTempError, TimeoutError):
             # An MX failure is not masked by a later A lookup: answering "temp" at once also
             # keeps the cost of a dead nameserver to one timeout.
             return "temp"

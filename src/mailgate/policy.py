@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
+from mailgate.dns import PtrStatus
 from mailgate.reply import Reply
 from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
@@ -24,7 +25,7 @@ ACCESS_DENIED = Reply(550, "5.7.1", "Access denied")
 @dataclass(frozen=True)
 class Client:
     ip: str
-    ptr_status: str = "FAIL"  # OK | FAIL | TEMP | FORGED (semantics: ${client_resolve})
+    ptr_status: PtrStatus = "FAIL"  # semantics: ${client_resolve}
     ptr_name: str | None = None
 
     @property
@@ -93,6 +94,32 @@ def connect_refusal(verdict: Verdict | None) -> Reply | None:
     if verdict.action == "ERROR" and verdict.error is not None:
         return error_reply(verdict.error, None)
     return None
+
+
+@dataclass(frozen=True)
+class ConnectDecision:
+    """What the connect stage decides for a client (semantics §4 Connect:, §10, §3.3)."""
+
+    refusal: Reply | None  # what MAIL, RCPT and DATA get (Connect: REJECT / ERROR)
+    discard: bool  # Connect: DISCARD: every message is accepted and thrown away
+    greet_pause: float  # seconds to hold the greeting back (early talkers are refused)
+    may_relay: bool
+
+
+def connect_decision(client: Client, tables: Tables, config: Config) -> ConnectDecision:
+    """access ``Connect:`` (and untagged) for the client's IP and verified name, the greet
+    pause (``GreetPause:`` overrides ``[smtp] greet_pause``; none for a refused client), and
+    whether it may relay."""
+    name = client.verified_name
+    verdict = tables.access.connect(client.ip, name)
+    refusal = connect_refusal(verdict)
+    if verdict is not None and verdict.action in ("REJECT", "ERROR"):
+        pause = 0.0  # clients rejected at Connect are not paused (semantics §10)
+    else:
+        ms = tables.access.greet_pause(client.ip, name)
+        pause = config.smtp.greet_pause if ms is None else ms / 1000.0
+    return ConnectDecision(refusal, verdict is not None and verdict.action == "DISCARD", pause,
+                           client_may_relay(client, tables, config.relay_hosts_only))
 
 
 def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config, *,

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from mailgate.config import Config, load_config
+from mailgate import maillog
+from mailgate.config import Config, ConfigError, load_config
 from mailgate.routing import RoutingContext, class_w
 from mailgate.tables import Tables, load_tables
 from mailgate.tables.lint import lint
-from mailgate.tables.maps import TableWarning
+from mailgate.tables.maps import TableError, TableWarning
 from mailgate.users import resolve_local_user
 
 
@@ -54,3 +55,13 @@ def build_snapshot(config: Config) -> Snapshot:
 
 def load_snapshot(path: str | Path | None) -> Snapshot:
     return build_snapshot(load_config(path))
+
+
+def try_reload(path: str | Path | None) -> Snapshot | None:
+    """A new snapshot from the config at ``path``, or None (logged) when it does not load: the
+    running one stays, never half-loaded. One place for the master and for every worker."""
+    try:
+        return build_snapshot(load_config(path))
+    except (ConfigError, TableError) as exc:
+        maillog.error(f"reload refused, keeping the running configuration: {exc}")
+        return None

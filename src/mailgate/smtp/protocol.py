@@ -20,11 +20,14 @@ from __future__ import annotations
 import re
 from collections import deque
 from dataclasses import dataclass
+from enum import Enum
 from typing import Final, TypeAlias
 
 from mailgate.reply import Reply
 
 __all__ = [
+    "NEED_DATA",
+    "PAUSED",
     "BadCommand",
     "Command",
     "ConnectionClosed",
@@ -34,6 +37,7 @@ __all__ = [
     "Event",
     "ProtocolError",
     "ServerConnection",
+    "Wait",
     "reply_bytes",
 ]
 
@@ -84,6 +88,20 @@ class ConnectionClosed:
 
 
 Event: TypeAlias = Command | BadCommand | DataChunk | DataEnd | DataFailed | ConnectionClosed
+
+
+class Wait(Enum):
+    """What :meth:`ServerConnection.next_event` returns when it has no event (h11's two
+    sentinels): NEED_DATA, feed more bytes; PAUSED, nothing comes until the session answers
+    the DATA command with :meth:`ServerConnection.send`, or ever again (after the end or a
+    fatal refusal)."""
+
+    NEED_DATA = "NEED_DATA"
+    PAUSED = "PAUSED"
+
+
+NEED_DATA: Final = Wait.NEED_DATA
+PAUSED: Final = Wait.PAUSED
 
 
 class ProtocolError(RuntimeError):
@@ -186,16 +204,28 @@ class ServerConnection:
 
     # -- events ----------------------------------------------------------------------------
 
-    def next_event(self) -> Event | None:
-        """The next event, or ``None`` if more data is needed (or DATA awaits a decision)."""
+    def next_event(self) -> Event | Wait:
+        """The next event, NEED_DATA if more bytes are needed, or PAUSED (see :class:`Wait`)."""
         if self._events:
             return self._events.popleft()
         mode = self._mode
         if mode == _DATA:
-            return self._next_data_event()
-        if mode == _COMMAND:
-            return self._next_command()
-        return None
+            event = self._next_data_event()
+        elif mode == _COMMAND:
+            event = self._next_command()
+        else:
+            return PAUSED
+        return NEED_DATA if event is None else event
+
+    def send(self, reply: Reply) -> bytes:
+        """The wire form of a reply. The answer to a DATA command decides what follows it:
+        a 354 makes the next bytes message content, anything else keeps them commands."""
+        if self._mode == _PAUSED:
+            if reply.code == 354:
+                self.start_data()
+            else:
+                self.reject_data()
+        return reply.to_bytes()
 
     def start_data(self) -> None:
         """The session accepted DATA (sent 354): following bytes are message content."""

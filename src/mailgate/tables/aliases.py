@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from mailgate.tables.maps import TableError, TableWarning, read_text
 
@@ -19,7 +20,7 @@ class AliasTarget:
     """One expansion: ``address`` (``\\user`` = no further aliasing), ``program`` (command
     without the ``|``), ``file`` (absolute path) or ``include`` (path of the list)."""
 
-    kind: str  # "address" | "program" | "file" | "include"
+    kind: Literal["address", "program", "file", "include"]
     value: str
 
 

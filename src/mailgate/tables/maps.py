@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
+from mailgate.errors import SourceError, where
 from mailgate.reply import Reply, split_enhanced
 
 __all__ = [
@@ -26,18 +27,8 @@ __all__ = [
 ]
 
 
-def _where(path: str, line: int | None) -> str:
-    return f"{path}:{line}" if line is not None else path
-
-
-class TableError(Exception):
+class TableError(SourceError):
     """A table line mailgate cannot use; ``str()`` is ``path:line: message``."""
-
-    def __init__(self, path: Path | str, line: int | None, message: str) -> None:
-        self.path = str(path)
-        self.line = line
-        self.message = message
-        super().__init__(f"{_where(self.path, line)}: {message}")
 
 
 @dataclass(frozen=True)
@@ -49,7 +40,7 @@ class TableWarning:
     message: str
 
     def __str__(self) -> str:
-        return f"{_where(self.path, self.line)}: {self.message}"
+        return f"{where(self.path, self.line)}: {self.message}"
 
 
 @dataclass(frozen=True)

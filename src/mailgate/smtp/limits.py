@@ -1,0 +1,120 @@
+"""Connection admission, as Postfix's anvil: how many sessions are open, in all and per client
+address, for the whole daemon.
+
+The listener asks :meth:`Admission.has_room` before it accepts (the ceiling: excess
+connections wait in the kernel's listen queue, as Sendmail's do) and the connection registers
+itself with :meth:`Admission.open` / :meth:`Admission.close`; :meth:`Admission.refusal` is the
+per-IP limit's 421. With one process the counts are plain dictionaries. With ``workers > 1``
+the master makes a :class:`SharedCounts` before it forks: arrays in shared memory, one row per
+worker, holding its total and its per-address counts hashed into 65,536 slots; a count is the
+sum over the rows. Two addresses in one slot share a count, so the per-IP limit can only ever
+bite early for a neighbour of a busy address, never late; the total is exact. The connection
+*rate* is not shared: each worker takes its share of ``connection_rate_throttle`` (the kernel
+spreads the connections among the workers' accept loops evenly).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing
+import zlib
+from collections import Counter
+from typing import Protocol
+
+from mailgate.policy import Client
+from mailgate.reply import Reply
+
+SLOTS = 65536
+
+
+class Counts(Protocol):
+    def add(self, ip: str, delta: int) -> tuple[int, int]:
+        """Change ``ip``'s count by ``delta``; (its count, the total) after the change."""
+        ...
+
+    def total(self) -> int: ...
+
+
+class LocalCounts:
+    """One process's counts."""
+
+    def __init__(self) -> None:
+        self._per_ip: Counter[str] = Counter()
+        self._total = 0
+
+    def add(self, ip: str, delta: int) -> tuple[int, int]:
+        count = self._per_ip[ip] + delta
+        if count > 0:
+            self._per_ip[ip] = count
+        else:
+            self._per_ip.pop(ip, None)
+        self._total += delta
+        return count, self._total
+
+    def total(self) -> int:
+        return self._total
+
+
+class SharedCounts:
+    """Counts every worker of one daemon sees: made by the master before it forks.
+
+    One row per worker in shared memory; a worker writes only its own row (no lock), readers
+    add the rows up. When a worker dies the master zeroes its row before it starts the next
+    one, so a killed worker's sessions stop counting with it."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._rows = multiprocessing.get_context("fork").RawArray(
+            ctypes.c_int, workers * (SLOTS + 1))
+        self.row = 0  # set in each worker after the fork
+
+    def _sum(self, slot: int) -> int:
+        rows, width = self._rows, SLOTS + 1
+        return sum(rows[w * width + slot] for w in range(self.workers))
+
+    def add(self, ip: str, delta: int) -> tuple[int, int]:
+        slot = zlib.crc32(ip.encode()) % SLOTS
+        base = self.row * (SLOTS + 1)
+        self._rows[base + slot] += delta
+        self._rows[base + SLOTS] += delta
+        return self._sum(slot), self._sum(SLOTS)
+
+    def total(self) -> int:
+        return self._sum(SLOTS)
+
+    def clear_row(self, row: int) -> None:
+        """The worker of this row is gone (called by the master)."""
+        ctypes.memset(ctypes.addressof(self._rows) + row * (SLOTS + 1) * ctypes.sizeof(
+            ctypes.c_int), 0, (SLOTS + 1) * ctypes.sizeof(ctypes.c_int))
+
+
+class Admission:
+    """The ceiling and the per-IP limit over one set of counts."""
+
+    def __init__(self, counts: Counts | None = None) -> None:
+        self.counts: Counts = counts if counts is not None else LocalCounts()
+
+    def has_room(self, max_connections: int) -> bool:
+        return self.counts.total() < max_connections
+
+    def open(self, ip: str) -> int:
+        """Register a session from ``ip``; its address's count, this one included."""
+        return self.counts.add(ip, 1)[0]
+
+    def close(self, ip: str) -> None:
+        self.counts.add(ip, -1)
+
+    def count(self, ip: str) -> int:
+        return self.counts.add(ip, 0)[0]
+
+    @staticmethod
+    def refusal(ip: str, count: int, max_per_ip: int, hostname: str) -> Reply | None:
+        """Sendmail's MaxConnectionsPerIP answer; the local host is never limited."""
+        if max_per_ip and count > max_per_ip and not Client(ip).is_loopback:
+            return Reply(421, "4.7.0", f"{hostname} Too many concurrent connections from "
+                                       f"{ip}; try again later")
+        return None
+
+    @property
+    def open_sessions(self) -> int:
+        return self.counts.total()

@@ -1,0 +1,427 @@
+"""One SMTP connection on the wire: the asyncio transport, TLS, timeouts, and the one loop
+that turns protocol events into session answers and writes them.
+
+``SmtpServerProtocol`` is cheap per connection (an ``asyncio.Protocol``, no stream objects, no
+thread) plus one task that walks through the protocol's events in order, so pipelined
+commands are answered in order and the replies of a pipelined group leave in one write. It is
+the only writer to the transport. The verbs and the transaction are the session core's
+(``smtp/session.py``); this module counts bad commands, throttles refused recipients, closes,
+applies the timeouts (shorter under stress) and swaps in TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from typing import Protocol
+
+from mailgate import maillog, tls
+from mailgate.policy import Client, connect_decision
+from mailgate.reply import Reply
+from mailgate.smtp.protocol import (
+    NEED_DATA,
+    BadCommand,
+    Command,
+    ConnectionClosed,
+    DataChunk,
+    DataEnd,
+    DataFailed,
+    ServerConnection,
+    Wait,
+)
+from mailgate.smtp.session import Answer, Session, SessionHost
+from mailgate.smtp.tls_stream import TlsStream
+from mailgate.snapshot import Snapshot
+
+PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
+FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
+
+
+class ServerHost(SessionHost, Protocol):
+    """What a connection needs of the running gateway, beyond what its session needs."""
+
+    @property
+    def snapshot(self) -> Snapshot: ...
+
+    @property
+    def stressed(self) -> bool: ...
+
+    def timeouts(self) -> tuple[float, float]: ...
+
+    def session_started(self, connection: SmtpServerProtocol) -> None: ...
+
+    def session_ended(self, connection: SmtpServerProtocol) -> None: ...
+
+    def connection_limit_reply(self, ip: str) -> Reply | None: ...
+
+    async def lookup_client(self, ip: str) -> Client: ...
+
+
+class _Closing(Exception):
+    """The session must end after the replies already queued."""
+
+
+class SmtpServerProtocol(asyncio.Protocol):
+    def __init__(self, host: ServerHost) -> None:
+        self.host = host
+        self.snap: Snapshot = host.snapshot
+        cfg = self.snap.config
+        self.conn = ServerConnection(
+            max_command_line=cfg.smtp.max_command_line,
+            max_text_line=cfg.smtp.max_text_line,
+            max_message_size=cfg.smtp.max_message_size or None,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.client = Client("0.0.0.0")
+        self.session: Session | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.wakeup: asyncio.Future[None] | None = None
+        self.out: list[bytes] = []
+        self.out_size = 0  # bytes in self.out
+        self.paused = False  # reading paused: unparsed input over PAUSE_READING_AT
+        self.write_paused = False  # the transport's write buffer is over its high mark
+        self.writable: asyncio.Future[None] | None = None
+        self.closed = False
+        self.tls_stream: TlsStream | None = None  # TLS over the plain transport
+        self.tls_error: ssl.SSLError | None = None
+        self.bad_commands = 0
+        self.bad_rcpts = 0
+        self.connected_at = time.monotonic()
+        self.last_input = self.connected_at  # when bytes last arrived (the DATA timeout)
+        self.last_line = self.connected_at  # when a content line last ended (under stress)
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        ip = peer[0]
+        if ip.startswith("::ffff:") and "." in ip:
+            ip = ip[7:]
+        self.client = Client(ip)
+        self.connected_at = time.monotonic()
+        self.task = asyncio.get_running_loop().create_task(self.run())
+        self.host.session_started(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_input = time.monotonic()
+        if self.tls_stream is not None:
+            self._tls_received(data)
+        else:
+            self.conn.receive_data(data)
+        if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if self.tls_stream is not None:
+            self._tls_received(b"")
+        else:
+            self.conn.receive_data(b"")
+        self._wake()
+        # Keep the transport open: a client that half-closes after DATA still gets its 250
+        # (run() closes the connection once the protocol reports ConnectionClosed).
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.resume_writing()
+        self.conn.receive_data(b"")
+        self._wake()
+        self.host.session_ended(self)
+
+    def pause_writing(self) -> None:
+        # The client does not read its replies: stop taking its commands (their input then
+        # fills to PAUSE_READING_AT and reading stops too), so memory stays bounded.
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
+
+    def _tls_received(self, data: bytes) -> None:
+        stream = self.tls_stream
+        assert stream is not None
+        try:
+            plaintext = stream.receive(data)
+        except ssl.SSLError as exc:
+            self.tls_error = exc
+            self.conn.receive_data(b"")  # nothing more can be read from this connection
+            return
+        finally:
+            records = stream.outgoing()
+            if records and self.transport is not None and not self.closed:
+                self.transport.write(records)
+        if plaintext:
+            self.conn.receive_data(plaintext)
+        if stream.peer_closed:
+            self.conn.receive_data(b"")
+
+    def _wake(self) -> None:
+        if self.wakeup is not None and not self.wakeup.done():
+            self.wakeup.set_result(None)
+
+    # -- output --------------------------------------------------------------------------------
+    def send(self, reply: Reply) -> None:
+        """Queue a reply; the protocol sees it too (a 354 starts the message content)."""
+        data = self.conn.send(reply)
+        self.out.append(data)
+        self.out_size += len(data)
+
+    def flush(self) -> None:
+        if self.out and self.transport and not self.closed:
+            data = b"".join(self.out)
+            if self.tls_stream is not None:
+                self.tls_stream.send(data)
+                data = self.tls_stream.outgoing()
+            self.transport.write(data)
+        self.out.clear()
+        self.out_size = 0
+
+    def shut_down(self, reply: Reply) -> None:
+        """The daemon is stopping: say so (through TLS if it is on) and close."""
+        self.send(reply)
+        self.flush()
+        self._close_transport()
+
+    def _close_transport(self) -> None:
+        if self.transport is None or self.closed:
+            return
+        if self.tls_stream is not None and self.tls_error is None:
+            with contextlib.suppress(Exception):
+                self.transport.write(self.tls_stream.close())
+        self.transport.close()
+
+    # -- waiting -------------------------------------------------------------------------------
+    async def wait_input(self, timeout: float) -> bool:
+        """Wait for more input; False on timeout."""
+        self.flush()
+        if self.paused and self.transport:
+            self.paused = False
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._timed_out = False
+        self.wakeup = loop.create_future()
+        handle = loop.call_later(timeout, self._wake_timeout)
+        try:
+            await self.wakeup
+        finally:
+            handle.cancel()
+            self.wakeup = None
+        return not self._timed_out
+
+    _timed_out = False
+
+    def _wake_timeout(self) -> None:
+        self._timed_out = True
+        self._wake()
+
+    def timeouts_changed(self) -> None:
+        """Stress mode began: a session waiting on the old, longer timeout looks again."""
+        self._wake()
+
+    async def wait_writable(self, timeout: float) -> bool:
+        """Wait until the transport's buffer drains; False on timeout."""
+        self.writable = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.writable
+        except TimeoutError:
+            return False
+        finally:
+            self.writable = None
+        return not self.closed
+
+    @property
+    def relay_text(self) -> str:
+        if self.session is not None:
+            return self.session.relay_text
+        return maillog.relay_name(self.client.ip, None)
+
+    # -- the connection ------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            session = await self.open()
+            if session is not None:
+                await self.loop(session)
+        except _Closing:
+            pass
+        except Exception as exc:  # never let one session's bug kill the daemon
+            maillog.error(f"session with {self.relay_text} failed: {exc!r}")
+            with contextlib.suppress(Exception):
+                self.send(Reply(421, "4.3.0", f"{self.snap.config.hostname} Internal error; "
+                                              "closing connection"))
+        finally:
+            if self.session is not None:
+                self.session.abandon()
+            with contextlib.suppress(ssl.SSLError):
+                self.flush()
+            self._close_transport()
+
+    async def open(self) -> Session | None:
+        """The connect stage: admission, the client's PTR, access Connect:, the greet pause,
+        then the greeting (or the early talker's 554). None: closed already."""
+        limit = self.host.connection_limit_reply(self.client.ip)
+        if limit is not None:
+            self.send(limit)
+            return None
+        self.client = client = await self.host.lookup_client(self.client.ip)
+        decision = connect_decision(client, self.snap.tables, self.snap.config)
+        self.session = session = Session(self.host, self.snap, client, decision,
+                                         before_wait=self.flush)
+        if decision.refusal is not None:
+            self.host.count("connect_refused")
+            name = client.verified_name
+            maillog.reject(None, "check_relay", f"{name or ''} {client.ip}".strip(),
+                           session.relay_text, str(decision.refusal))
+        if decision.greet_pause > 0:
+            # The pause runs from the connect, so the PTR lookup above is part of it.
+            remaining = decision.greet_pause - (time.monotonic() - self.connected_at)
+            if remaining > 0 and not self.conn.pending_bytes:
+                await self.wait_input(remaining)
+            if self.conn.pending_bytes or self.closed:
+                self.send(session.early_talk(int(time.monotonic() - self.connected_at))
+                          .reply)
+                return session
+        self.send(session.greeting().reply)
+        return session
+
+    async def loop(self, session: Session) -> None:
+        cfg = self.snap.config
+        conn = self.conn
+        waiting_since = self.last_input = time.monotonic()
+        while True:
+            event = conn.next_event()
+            if isinstance(event, Wait):
+                if event is not NEED_DATA:
+                    return  # the protocol is done with this connection
+                # A command must arrive whole within command_timeout (a client trickling a
+                # byte at a time does not keep the session); DATA content is timed per read.
+                # Both are measured from a fixed start, so a wake-up (stress mode began, a
+                # byte arrived) shortens the wait instead of restarting it.
+                command_timeout, data_timeout = self.host.timeouts()
+                now = time.monotonic()
+                in_data = session.tx is not None and session.tx.msg is not None
+                # Under stress, as Postfix's smtpd_per_record_deadline: a content line must
+                # be complete within the timeout, so a byte a second does not hold DATA open.
+                data_since = self.last_line if self.host.stressed else self.last_input
+                timeout = data_timeout - (now - data_since) if in_data \
+                    else command_timeout - (now - waiting_since)
+                if timeout <= 0 or not await self.wait_input(timeout):
+                    maillog.info(f"timeout waiting for input from {self.relay_text} "
+                                 f"during {'DATA' if in_data else 'command'}")
+                    self.send(Reply(421, "4.4.2", f"{cfg.hostname} Lost input channel: "
+                                                  "timeout; closing connection"))
+                    return
+                continue
+            waiting_since = time.monotonic()
+            if isinstance(event, DataChunk):
+                if b"\n" in event.data:
+                    self.last_line = waiting_since
+                session.data_chunk(event.data)
+            elif isinstance(event, Command):
+                answer = await session.command(
+                    event, pipelined=conn.pending_bytes if event.verb == "DATA" else 0)
+                if answer.reply.code == 354:
+                    self.last_line = time.monotonic()
+                await self.answer(answer)
+            elif isinstance(event, DataEnd):
+                await self.answer(await session.data_end(event.size))
+            elif isinstance(event, DataFailed):
+                await self.answer(session.data_failed(event.reply))
+            elif isinstance(event, BadCommand):
+                if event.fatal:
+                    self.refuse_framing(event.reply)
+                await self.answer(Answer(event.reply, bad=True))
+            elif isinstance(event, ConnectionClosed):
+                if self.tls_error is not None:
+                    maillog.info(f"STARTTLS=server, error: read failed={self.tls_error!r}, "
+                                 f"relay={self.relay_text}")
+                session.connection_closed()
+                return
+            if self.out_size >= FLUSH_AT:
+                self.flush()
+            if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
+                maillog.info(f"timeout writing to {self.relay_text}: the client does not read "
+                             "its replies; closing connection")
+                return
+
+    async def answer(self, answer: Answer) -> None:
+        """Write an answer, and do what comes with it: Sendmail's BadRcptThrottle and
+        MaxBadRcpts for recipients, the bad command count, the close, the TLS start."""
+        smtp = self.snap.config.smtp
+        hostname = self.snap.config.hostname
+        if answer.rcpt:
+            throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
+            if answer.refused:
+                self.bad_rcpts += 1
+                if smtp.bad_rcpt_throttle and self.bad_rcpts == smtp.bad_rcpt_throttle:
+                    self.host.count("rcpt_throttled")
+                    maillog.info(f"{self.relay_text}: Possible SMTP RCPT flood, throttling.")
+            if throttled:
+                self.flush()
+                await asyncio.sleep(smtp.bad_rcpt_throttle_delay)
+        if answer.starttls:
+            # Plaintext a client pipelined behind STARTTLS must not run inside TLS (RFC 3207
+            # 4.2, CVE-2011-0411): dropped before the 220 goes out.
+            dropped = self.conn.discard_pending()
+            if dropped:
+                maillog.info(f"STARTTLS=server, relay={self.relay_text}: {dropped} bytes of "
+                             "plaintext pipelined after STARTTLS discarded")
+        self.send(answer.reply)
+        if answer.rcpt and answer.refused and smtp.max_bad_rcpts \
+                and self.bad_rcpts >= smtp.max_bad_rcpts:
+            self.host.count("bad_rcpt_disconnects")
+            self.send(Reply(421, "4.7.0", f"{hostname} Too many bad recipients; closing "
+                                          "connection"))
+            raise _Closing
+        if answer.bad:
+            self.bad_commands += 1
+            if self.bad_commands >= smtp.max_bad_commands:
+                self.send(Reply(421, "4.7.0", f"{hostname} Too many errors; closing "
+                                              "connection"))
+                raise _Closing
+        if answer.close:
+            raise _Closing
+        if answer.starttls:
+            await self._start_tls()
+
+    def refuse_framing(self, reply: Reply) -> None:
+        """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
+        self.host.count("bare_newline")
+        maillog.info(f"{self.relay_text}: {reply.text} in a command line (possible SMTP "
+                     "smuggling); closing connection")
+        self.send(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} "
+                                                    f"{reply.text}"))
+        raise _Closing
+
+    async def _start_tls(self) -> None:
+        """RFC 3207: after the 220, the handshake, then a fresh start (no HELO, no MAIL)."""
+        context = self.snap.config.tls.server_context
+        assert context is not None and self.session is not None
+        self.flush()
+        # From here on every byte received is TLS: no await between the discard and this.
+        self.tls_stream = stream = TlsStream(context)
+        if self.paused and self.transport:
+            self.paused = False
+            self.transport.resume_reading()
+        deadline = time.monotonic() + min(60.0, self.snap.config.smtp.command_timeout)
+        while not stream.handshake_done and self.tls_error is None and not self.closed:
+            if self.conn.pending_bytes:
+                break  # cannot be: plaintext only comes after the handshake
+            if stream.peer_closed or not await self.wait_input(deadline - time.monotonic()):
+                break
+        if not stream.handshake_done:
+            why = repr(self.tls_error) if self.tls_error is not None else (
+                "timeout" if not self.closed and not stream.peer_closed
+                else "connection closed")
+            maillog.info(f"STARTTLS=server, error: accept failed={why}, "
+                         f"relay={self.relay_text}")
+            self.tls_error = self.tls_error or ssl.SSLError(why)
+            raise _Closing
+        described = tls.describe(stream.ssl_object, verify="NOT")
+        self.session.tls_started(described)
+        maillog.info(f"STARTTLS=server, relay={self.relay_text}, {described.for_maillog()}")
