@@ -521,6 +521,39 @@ def test_a_bounce_is_written_into_the_spool_on_the_loop_only(
     assert w.spool._sealed_qid(bounce.path) == bounce.qid
 
 
+def test_the_daemon_counts_received_mail_not_its_own_reports(tmp_path: Path) -> None:
+    """A session's message goes through ``message_queued`` (counted); a bounce goes from the
+    attempt to the scheduler directly (not counted), hot like received mail."""
+    from mailgate.daemon import Gateway
+
+    w = World(tmp_path)
+    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
+    gw = Gateway(w.config_path, w.snap)
+    gw.delivery.make_mailers = w.ctx.make_mailers
+    w.spool = gw.spool  # one spool per process (two would hand out the same queue ids)
+    submitted: list[tuple[str, QueuedMessage | None]] = []
+
+    class Scheduler:
+        def submit(self, qid: str, when: float | None = None, *,
+                   message: QueuedMessage | None = None) -> None:
+            submitted.append((qid, message))
+
+    gw.scheduler = Scheduler()  # type: ignore[assignment]
+
+    async def go() -> None:
+        msg = await w.queue("y@hop.test")
+        gw.message_queued(msg)
+        assert submitted == [(msg.qid, msg)]
+        assert await attempt(gw.delivery, msg.qid, msg) is None
+        [(_qid, bounce)] = submitted[1:]
+        assert bounce is not None and bounce.envelope.is_bounce and bounce.fd is not None
+        bounce.close()
+
+    run(go)
+    assert gw.counters["messages_received"] == 1
+    gw.spool.close()
+
+
 # -- the scheduler carries the hot message ------------------------------------------------------
 def test_the_scheduler_hands_the_hot_message_to_its_attempt(tmp_path: Path) -> None:
     w = World(tmp_path)
