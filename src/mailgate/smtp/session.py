@@ -131,15 +131,6 @@ class Session:
         self.tls: tls.Session | None = None
         self.early_talker = False
         self.tx: Transaction | None = None
-        self._handlers: dict[str, Callable[[str], Answer | Awaitable[Answer]]] = {
-            "HELO": lambda arg: self._hello(arg, esmtp=False),
-            "EHLO": lambda arg: self._hello(arg, esmtp=True),
-            "MAIL": self.mail, "RCPT": self.rcpt, "DATA": lambda arg: self.data(arg, 0),
-            "RSET": self.rset, "NOOP": self.noop,
-            "QUIT": self.quit, "HELP": self.help, "VRFY": self.vrfy, "EXPN": self.expn,
-            "VERB": self.verb, "ETRN": self.etrn, "STARTTLS": self.starttls,
-            "AUTH": self.auth, "BDAT": self.bdat,
-        }
 
     # -- the connect stage ---------------------------------------------------------------------
     def greeting(self) -> Answer:
@@ -166,7 +157,7 @@ class Session:
     async def command(self, cmd: Command, *, pipelined: int = 0) -> Answer:
         """The answer to one command; ``pipelined`` is how many bytes the client sent behind
         it that are not read yet (DATA must have none)."""
-        handler = self._handlers.get(cmd.verb)
+        handler = _HANDLERS.get(cmd.verb)
         if handler is None:
             return Answer(Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'),
                           bad=True)
@@ -175,7 +166,7 @@ class Session:
             return Answer(refused, bad=True)
         if cmd.verb == "DATA":
             return self.data(cmd.arg, pipelined)
-        answer = handler(cmd.arg)
+        answer = handler(self, cmd.arg)
         return answer if isinstance(answer, Answer) else await answer
 
     def _hello(self, arg: str, esmtp: bool) -> Answer:
@@ -509,3 +500,14 @@ class Session:
     def connection_closed(self) -> None:
         if self.tx is not None or self.helo is not None:
             self.log_session_end()
+
+
+# The verbs, by name (built once: a session is made per connection).
+_HANDLERS: dict[str, Callable[[Session, str], Answer | Awaitable[Answer]]] = {
+    "HELO": lambda s, arg: s._hello(arg, esmtp=False),
+    "EHLO": lambda s, arg: s._hello(arg, esmtp=True),
+    "MAIL": Session.mail, "RCPT": Session.rcpt, "DATA": lambda s, arg: s.data(arg, 0),
+    "RSET": Session.rset, "NOOP": Session.noop, "QUIT": Session.quit, "HELP": Session.help,
+    "VRFY": Session.vrfy, "EXPN": Session.expn, "VERB": Session.verb, "ETRN": Session.etrn,
+    "STARTTLS": Session.starttls, "AUTH": Session.auth, "BDAT": Session.bdat,
+}
