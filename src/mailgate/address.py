@@ -58,6 +58,11 @@ def _has_control(s: str) -> bool:
     return _CONTROL.search(s) is not None
 
 
+# A byte that is not UTF-8: command lines are decoded with surrogateescape, which keeps each
+# such byte as a lone surrogate. It is no character of any address (and cannot be encoded).
+_NOT_UTF8 = re.compile("[\ud800-\udfff]")
+
+
 def _shorten(s: str) -> str:
     if len(s) <= _MAXSHORTSTR:
         return s
@@ -236,6 +241,8 @@ def _quotes_balanced(s: str) -> bool:
 
 def _valid_local(local: str) -> bool:
     """Dot-atom (lax about dots, UTF-8 allowed) or a quoted string, or a mix as Sendmail takes."""
+    if _NOT_UTF8.search(local):
+        return False
     quoted = False
     i = 0
     n = len(local)
@@ -272,7 +279,7 @@ def is_valid_domain(domain: str) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
         return _literal(domain[1:-1]) is not None
     d = domain[:-1] if domain.endswith(".") else domain
-    if not d or len(d) > 255:
+    if not d or len(d) > 255 or _NOT_UTF8.search(d):
         return False
     for label in d.split("."):
         if not label or len(label.encode("utf-8")) > 63:

@@ -29,7 +29,12 @@ class Reply:
 
     def lines(self) -> list[str]:
         """The reply as text lines without line ends, e.g. ``["250 2.1.0 <a@b>... Sender ok"]``."""
-        texts = self.text.split("\n") if self.text else [""]
+        text = self.text
+        if "\r" in text:
+            # A CR would put a bare CR on the wire inside the reply line: texts that echo what
+            # the client sent (an address, a verb) may hold one. Postfix prints it as "?".
+            text = text.replace("\r", "?")
+        texts = text.split("\n") if text else [""]
         prefix = f"{self.enhanced} " if self.enhanced else ""
         out = []
         for i, t in enumerate(texts):

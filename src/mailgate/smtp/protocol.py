@@ -165,6 +165,7 @@ class ServerConnection:
         self._scanned = 0  # cmdbuf[:_scanned] holds no LF: do not rescan it
         self._discarding = False  # inside an over-long command line, dropping up to its LF
         self._discard_cr = False  # the last byte dropped was a CR (it may pair with the LF)
+        self._discard_bare_cr = False  # a bare CR was among the dropped bytes
         # DATA mode.
         self._tail = b""  # held-back suffix that may be part of CRLF.CRLF or a CR before LF
         self._skip = 0  # leading bytes of _tail that are the virtual CRLF, never content
@@ -289,11 +290,17 @@ class ServerConnection:
                 block = self._pop_block()
                 i = block.find(b"\n")
                 if i < 0:
-                    self._discard_cr = block.endswith(b"\r")
+                    self._drop(block)
                     continue
                 self._discarding = False
                 if not (block[i - 1] == 13 if i else self._discard_cr):
                     return self._broken(_CMD_BARE_LF)
+                if i:
+                    self._drop(block[:i])  # up to the CR of the CRLF (its last byte: not bare)
+                if self._discard_bare_cr:
+                    # As for a line that fits: a bare CR anywhere in it is fatal, however the
+                    # line was split into blocks.
+                    return self._broken(_CMD_BARE_CR)
                 buf += memoryview(block)[i + 1 :]
                 self._scanned = 0
                 return BadCommand(_CMD_TOO_LONG)
@@ -305,7 +312,8 @@ class ServerConnection:
                 return self._parse_command(line)
             if len(buf) >= self.max_command_line:
                 # Already too long and no LF yet: forget it, answer once its LF arrives.
-                self._discard_cr = buf.endswith(b"\r")
+                self._discard_cr = self._discard_bare_cr = False
+                self._drop(buf)
                 buf.clear()
                 self._scanned = 0
                 self._discarding = True
@@ -314,6 +322,15 @@ class ServerConnection:
             if not self._inbox:
                 return self._closed()
             buf += self._pop_block()
+
+    def _drop(self, part: bytes | bytearray) -> None:
+        """Note what a dropped piece (no LF in it) of an over-long line held: a CR that is not
+        its last byte, or a CR before it from the previous piece, is bare."""
+        if not part:
+            return
+        if self._discard_cr or part.find(b"\r", 0, len(part) - 1) >= 0:
+            self._discard_bare_cr = True
+        self._discard_cr = part[-1] == 13
 
     def _broken(self, reply: Reply) -> BadCommand:
         """The framing is broken: refuse, and never look at another byte of this connection."""

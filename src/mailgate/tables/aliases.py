@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mailgate.tables.maps import TableError, TableWarning, read_text
+from mailgate.tables.maps import TableError, TableWarning, read_text, text_lines
 
 __all__ = ["AliasTable", "AliasTarget", "parse_targets", "read_include"]
 
@@ -157,7 +157,7 @@ class AliasTable:
     def _parse(self, text: str) -> None:
         # Group physical lines into logical ones: continuation lines start with white space.
         logical: list[tuple[int, list[str]]] = []
-        for no, line in enumerate(text.splitlines(), 1):
+        for no, line in enumerate(text_lines(text), 1):
             stripped = line.strip()
             if not stripped or stripped.startswith("#"):
                 continue
@@ -221,7 +221,7 @@ def read_include(path: Path | str) -> tuple[AliasTarget, ...]:
     if not p.exists():
         raise TableError(p, None, "included file does not exist")
     targets: list[AliasTarget] = []
-    for no, line in enumerate(read_text(p).splitlines(), 1):
+    for no, line in enumerate(text_lines(read_text(p)), 1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue

@@ -24,6 +24,7 @@ __all__ = [
     "parse_error_value",
     "read_map",
     "read_text",
+    "text_lines",
 ]
 
 
@@ -84,10 +85,20 @@ def read_text(path: Path | None) -> str:
         raise TableError(path, line, f"not valid UTF-8 (byte {exc.start})") from None
 
 
+def text_lines(text: str) -> list[str]:
+    """The file's lines as an editor and Sendmail (fgets) count them: split at LF only.
+
+    Not ``str.splitlines()``, which also breaks at CR, FF, VT, FS/GS/RS, NEL, U+2028 and
+    U+2029: a line holding one of those became two, and every error after it named the wrong
+    line. A CR before the LF (a CRLF file) is trailing white space, stripped like the rest.
+    """
+    return text.split("\n")
+
+
 def iter_lines(path: Path | None) -> Iterator[tuple[int, str]]:
     """(line number, line) for each line that is neither blank nor a ``#`` comment."""
     text = read_text(path)
-    for no, line in enumerate(text.splitlines(), 1):
+    for no, line in enumerate(text_lines(text), 1):
         # Cheap first test: most lines start with a key character.
         if not line or line[0] == "#":
             continue
@@ -99,7 +110,7 @@ def iter_lines(path: Path | None) -> Iterator[tuple[int, str]]:
 def iter_map(path: Path | None) -> Iterator[tuple[int, str, str]]:
     """(line, key, value) for each map line; a key without value → TableError."""
     # One pass without iter_lines(): this loop is most of the load time of a big access db.
-    for no, line in enumerate(read_text(path).splitlines(), 1):
+    for no, line in enumerate(text_lines(read_text(path)), 1):
         parts = line.split(None, 1)
         if not parts or parts[0][0] == "#":
             continue
