@@ -315,11 +315,7 @@ class Session:
             body_8bit=tx.body_8bit, smtputf8=tx.smtputf8, envid=tx.params.get("ENVID"),
             ret=(tx.params.get("RET") or "").upper() or None,
         )
-        try:
-            tx.msg = spool.open_incoming(envelope)
-        except SpoolError as exc:
-            maillog.error(f"cannot accept message: {exc}")
-            return Answer(_NO_STORAGE)
+        tx.msg = spool.open_incoming(envelope)  # no file yet: nothing to fail here
         tx.headers = HeaderScanner()
         return Answer(Reply(354, None, 'Enter mail, end with "." on a line by itself'))
 
