@@ -153,9 +153,6 @@ class _Cache:
         while len(self._data) > self.size:
             self._data.popitem(last=False)
 
-    def clear(self) -> None:
-        self._data.clear()
-
     def __len__(self) -> int:
         return len(self._data)
 
@@ -189,9 +186,6 @@ class Resolver:
         self._res = res
         self._cache = _Cache(cache_size)
         self._inflight: dict[tuple[str, int], asyncio.Future[tuple[Any, ...]]] = {}
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     # -- the one place that talks to dnspython -------------------------------------------------
 

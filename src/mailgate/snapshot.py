@@ -48,7 +48,6 @@ def build_snapshot(config: Config) -> Snapshot:
         tables=tables,
         class_w=class_w(tables, config.hostname, listen_ips),
         local_user=local_user,
-        hostname=config.hostname,
     )
     return Snapshot(config, tables, ctx)
 
