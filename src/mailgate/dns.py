@@ -223,7 +223,9 @@ class Resolver:
                     qname, rdtype, raise_on_no_answer=False, search=False
                 )
         except dns.resolver.NXDOMAIN as e:
-            responses = e.responses() if hasattr(e, "responses") else {}
+            # dnspython leaves NXDOMAIN.responses() unannotated: it maps names to messages.
+            responses: dict[Any, Any] = (
+                e.responses() if hasattr(e, "responses") else {})  # type: ignore[no-untyped-call]
             response = next(iter(responses.values()), None) if responses else None
             self._cache.put(key, DnsNotFound, _negative_ttl(response))
             raise DnsNotFound(f"{what}: no such domain (NXDOMAIN)") from None
