@@ -230,7 +230,7 @@ def test_our_bounce_of_an_8bit_message(tmp_path: Path) -> None:
     out = io.BytesIO()
     dsn.write_dsn(out, hostname="gw.example.com", queue_id="Q1", arrival=0.0, client="c",
                   sender="a@example.org", original_path=spool, original_offset=9,
-                  recipients=[dsn.FailedRecipient("b@example.net", None, "5.1.1", None, None)])
+                  recipients=[dsn.DsnRecipient("b@example.net", None, "5.1.1", None, None)])
     bounce = out.getvalue()
     plan, converted = convert(bounce)
     assert plan.converts and converted.isascii()

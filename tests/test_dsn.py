@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.dsn import CHUNK, FailedRecipient, write_dsn
+from mailgate.dsn import CHUNK, DsnRecipient, write_dsn
 
 HOST = "gateway.example.com"
 QID = "6AOJL6hk004507"
@@ -42,7 +42,7 @@ def spool_file(tmp_path: Path, content: bytes) -> tuple[Path, int]:
     return path, len(env) + 1
 
 
-BOB = FailedRecipient(
+BOB = DsnRecipient(
     address="bob@targetdomain1.com",
     original=None,
     status="5.1.1",
@@ -57,7 +57,7 @@ BOB = FailedRecipient(
 
 
 def make(
-    tmp_path: Path, recipients: list[FailedRecipient], content: bytes = ORIGINAL, **kw
+    tmp_path: Path, recipients: list[DsnRecipient], content: bytes = ORIGINAL, **kw
 ) -> bytes:
     path, offset = spool_file(tmp_path, content)
     out = io.BytesIO()
@@ -147,7 +147,7 @@ def test_three_parts_and_human_text(tmp_path: Path) -> None:
 
 
 def test_delivery_status_fields(tmp_path: Path) -> None:
-    alias = FailedRecipient(
+    alias = DsnRecipient(
         address="carol@elsewhere.example",
         original="list@gateway.example.com",
         status="5.2.2",
@@ -224,7 +224,7 @@ def test_headers_only_without_body_and_without_headers(tmp_path: Path) -> None:
 
 
 def test_delay_warning(tmp_path: Path) -> None:
-    late = FailedRecipient(
+    late = DsnRecipient(
         address="bob@targetdomain1.com",
         original=None,
         status="4.4.1",
@@ -249,13 +249,13 @@ def test_delay_warning(tmp_path: Path) -> None:
 
 
 def test_delay_hours_default_from_age(tmp_path: Path) -> None:
-    late = FailedRecipient("b@x.example", None, "4.4.1", None, None, action="delayed")
+    late = DsnRecipient("b@x.example", None, "4.4.1", None, None, action="delayed")
     msg = parse(make(tmp_path, [late]))
     assert msg["Subject"] == "Warning: could not send message for past 5 hours"
 
 
 def test_mixed_failed_and_delayed_is_a_failure(tmp_path: Path) -> None:
-    late = FailedRecipient("c@x.example", None, "4.4.1", None, None, action="delayed")
+    late = DsnRecipient("c@x.example", None, "4.4.1", None, None, action="delayed")
     msg = parse(make(tmp_path, [BOB, late]))
     assert msg["Subject"] == "Returned mail: see transcript for details"
     actions = [b["Action"] for b in msg.get_payload()[1].get_payload()[1:]]
@@ -263,7 +263,7 @@ def test_mixed_failed_and_delayed_is_a_failure(tmp_path: Path) -> None:
 
 
 def test_multiline_remote_reply_is_flattened(tmp_path: Path) -> None:
-    evil = FailedRecipient(
+    evil = DsnRecipient(
         address="bob@targetdomain1.com",
         original=None,
         status="5.7.1",

@@ -12,7 +12,7 @@ import pytest
 
 from mailgate.config import parse_config
 from mailgate.policy import Client, connect_decision
-from mailgate.queue.spool import IncomingMessage, Spool
+from mailgate.queue.spool import QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import Command
 from mailgate.smtp.session import Answer, Session
@@ -43,10 +43,10 @@ class FakeHost:
     def flush_domain(self, domain: str, *, subdomains: bool = False) -> None:
         self.flushed.append((domain, subdomains))
 
-    def message_committed(self, qid: str, incoming: IncomingMessage | None = None) -> None:
-        self.committed.append(qid)
-        if incoming is not None:
-            incoming.release_lock()
+    def message_queued(self, queued: QueuedMessage) -> None:
+        self.committed.append(queued.qid)
+        assert queued.fd is not None  # committed with its delivery lock, for the attempt
+        queued.close()
 
 
 def snapshot(tmp_path: Path, access: str = "", settings: str = "") -> Snapshot:

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from mailgate.queue import fsync as fsync_impl
-from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, read_seal
+from mailgate.queue.spool import (
+    Envelope,
+    QueueStatus,
+    RcptStatus,
+    Recipient,
+    RecipientState,
+    Spool,
+    read_seal,
+)
 
 
 def envelope(spool: Spool, sender: str = "a@example.org") -> Envelope:
@@ -143,7 +151,7 @@ def test_recovery_keeps_a_sealed_message_whose_link_was_lost(tmp_path: Path) -> 
     spool = Spool(tmp_path)
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
-    spool.commit_sync(msg)
+    asyncio.run(spool.commit(msg))
     qid = msg.envelope.qid
     os.unlink(tmp_path / "queue" / qid)  # the link never reached the disk
     torn = spool.open_incoming(envelope(spool))
@@ -166,7 +174,7 @@ def test_a_sealed_file_with_damaged_content_is_not_recovered(tmp_path: Path) -> 
     spool = Spool(tmp_path)
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"Subject: x\r\n\r\nbody\r\n")
-    spool.commit_sync(msg)
+    asyncio.run(spool.commit(msg))
     qid = msg.envelope.qid
     path = tmp_path / "incoming" / qid
     os.unlink(tmp_path / "queue" / qid)
@@ -185,7 +193,7 @@ def test_recover_drops_unacknowledged_and_quarantines_corrupt(tmp_path: Path) ->
     assert half.path.exists()
     good = spool.open_incoming(envelope(spool))
     good.write(b"x\r\n")
-    spool.commit_sync(good)
+    asyncio.run(spool.commit(good))
     (tmp_path / "queue" / "BROKEN00000001").write_bytes(b'{"qid": "BROKEN0')
     spool.close()
 
@@ -203,9 +211,12 @@ def test_status_round_trip_and_remove(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"x\r\n")
-    spool.commit_sync(msg)
+    asyncio.run(spool.commit(msg))
     qid = msg.envelope.qid
-    st = QueueStatus(done={"rcpt:b@example.net": "done"}, errors={"x@y": "Deferred: 451"},
+    st = QueueStatus({"b@example.net": RecipientState(RcptStatus.SENT,
+                                                      {"esmtp:example.net:b@example.net":
+                                                       RcptStatus.SENT}),
+                      "x@y": RecipientState(last_error="Deferred: 451")},
                      attempts=2, next_attempt=123.0)
     spool.save_status(qid, st)
     assert spool.load_status(qid) == st
@@ -230,7 +241,7 @@ def test_lock_excludes_a_second_runner(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"x\r\n")
-    spool.commit_sync(msg)
+    asyncio.run(spool.commit(msg))
     qid = msg.envelope.qid
     with spool.locked(qid) as first:
         assert first
@@ -296,16 +307,14 @@ def _delivered(spool: Spool, content: bytes) -> tuple[str, int, int]:
     file. Returns (qid, inode, size)."""
     msg = spool.open_incoming(envelope(spool))
     msg.write(content)
-
-    async def commit() -> None:
-        await spool.commit(msg, lock=True)
-
-    asyncio.run(commit())
-    fd = msg.lock_fd
+    queued = asyncio.run(spool.commit(msg, lock=True))
+    fd = queued.fd
     assert fd is not None
-    qid = msg.envelope.qid
+    qid = queued.qid
     ino = os.fstat(fd).st_ino
-    assert spool.recycle(qid, fd, msg.offset + msg.size, status_file=False)
+    spool.finish(queued)
+    assert queued.fd is None  # kept (recycled), not closed: the spool holds it now
+    assert [kept for kept, _name, _size in spool._spares] == [fd]
     return qid, ino, msg.offset + msg.size
 
 
@@ -322,7 +331,7 @@ def test_a_delivered_file_is_reused_for_the_next_message(tmp_path: Path) -> None
     short = b"Subject: second\r\n\r\nshort\r\n"
     msg = spool.open_incoming(envelope(spool))
     msg.write(short)
-    spool.commit_sync(msg)
+    asyncio.run(spool.commit(msg))
     assert not any((tmp_path / "spare").iterdir())
     path = tmp_path / "queue" / msg.envelope.qid
     assert path.stat().st_ino == ino  # the same inode, no new one allocated
@@ -341,7 +350,7 @@ def test_a_reused_file_grows_and_spills(tmp_path: Path) -> None:
     big = b"y" * (msg.SPILL_AT + 5000)
     msg.write(big[:1000])
     msg.write(big[1000:])  # spills: written to the reused file before the commit
-    spool.commit_sync(msg)
+    asyncio.run(spool.commit(msg))
     path = tmp_path / "queue" / msg.envelope.qid
     assert path.stat().st_ino == ino
     assert path.read_bytes()[msg.offset:] == big
@@ -356,7 +365,7 @@ def test_spare_files_are_bounded_in_number_and_size(tmp_path: Path) -> None:
     for _ in range(4):
         msg = spool.open_incoming(envelope(spool))
         msg.write(b"x\r\n")
-        spool.commit_sync(msg)
+        asyncio.run(spool.commit(msg))
         fd = os.open(tmp_path / "queue" / msg.envelope.qid, os.O_RDWR)
         committed.append((msg.envelope.qid, fd, msg.offset + msg.size))
     kept = [spool.recycle(qid, fd, size, status_file=False) for qid, fd, size in committed[:3]]
@@ -382,14 +391,14 @@ def test_recovery_of_spare_and_reused_files(tmp_path: Path) -> None:
 
     acked = spool.open_incoming(envelope(spool))
     acked.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
-    spool.commit_sync(acked)
+    asyncio.run(spool.commit(acked))
     lost = tmp_path / "spare" / "999.1"
     os.rename(tmp_path / "queue" / acked.envelope.qid, lost)  # the renames never reached disk
     os.unlink(tmp_path / "incoming" / acked.envelope.qid)
 
     old = spool.open_incoming(envelope(spool))
     old.write(b"Subject: old\r\n\r\nalready delivered\r\n")
-    spool.commit_sync(old)
+    asyncio.run(spool.commit(old))
     os.rename(tmp_path / "queue" / old.envelope.qid, tmp_path / "incoming" / spool.new_qid())
     os.unlink(tmp_path / "incoming" / old.envelope.qid)
     spool._spares.clear()  # as after a crash: nothing kept open
@@ -411,7 +420,7 @@ def test_the_incoming_name_goes_once_the_queue_entry_is_durable_or_gone(tmp_path
     for _ in range(4):
         msg = spool.open_incoming(envelope(spool))
         msg.write(b"x\r\n")
-        spool.commit_sync(msg)
+        asyncio.run(spool.commit(msg))
         qids.append(msg.envelope.qid)
     assert sorted(os.listdir(tmp_path / "incoming")) == sorted(qids)
     deferred, delivered, crashed, kept = qids

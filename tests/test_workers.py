@@ -8,25 +8,13 @@ import signal
 import time
 from pathlib import Path
 
+from tests.support.crash import children_of
 from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
 
 HOP = "127.0.0.5"
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 def gateway(tmp_path: Path, dns: DnsServer, port: int) -> GatewayProcess:

@@ -64,12 +64,19 @@ def _mailq_time(ts: float) -> str:
 
 
 def cmd_mailq(args: argparse.Namespace) -> int:
-    from mailgate.queue.spool import Spool
+    from mailgate.queue.spool import CorruptEntry, Spool
 
     cfg = _load(args.config).config
     spool = Spool(cfg.spool_dir)
     try:
-        messages = [m for m in (spool.load(q) for q in sorted(spool.qids())) if m is not None]
+        messages = []
+        for qid in sorted(spool.qids()):
+            try:
+                msg = spool.load(qid)  # reads only: an unreadable entry stays where it is
+            except CorruptEntry:
+                continue
+            if msg is not None:
+                messages.append(msg)
         print(format_mailq(messages, str(spool.queue), spool.is_locked))
     finally:
         spool.close()
@@ -91,11 +98,9 @@ def format_mailq(msgs: Sequence[QueuedMessage], queue_dir: str,
         lines.append(f"{env.qid}{mark}{m.size:>8} {_mailq_time(env.arrival)} {sender}")
         if st.last_message:
             lines.append(f"                 ({st.last_message[:60]})")
-        for r in env.recipients:
-            if f"rcpt:{r.address}" in st.done:
-                continue
+        for r in st.pending(env.recipients):
             lines.append(f"\t\t\t\t\t <{r.address}>")
-            err = st.errors.get(r.address)
+            err = st.last_error(r.address)
             if err and err != st.last_message:
                 lines.append(f"\t\t\t\t\t   ({err[:60]})")
     lines.append(f"\t\tTotal requests: {n}")
@@ -119,8 +124,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
         spool = Spool(cfg.spool_dir)
         todo = sorted(spool.qids())
         new: list[str] = []
+
+        def report_queued(report: QueuedMessage) -> None:
+            new.append(report.qid)  # tried in the next round, from the spool
+            report.close()
+
         ctx = DeliveryContext(spool=spool, resolver=daemon.make_resolver(cfg),
-                              snapshot=lambda: snapshot, on_new_message=new.append,
+                              snapshot=lambda: snapshot, queued=report_queued,
                               transcript=transcript if args.verbose else None)
         seen = 0
         while todo:
@@ -142,7 +152,6 @@ def cmd_flush(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     """Like ``sendmail -bt`` with ``/parse``: where each address would go, sending nothing."""
     from mailgate.address import AddressError, normalize
-    from mailgate.policy import error_reply
     from mailgate.routing import resolve
 
     snapshot = _load(args.config)
@@ -160,7 +169,7 @@ def cmd_route(args: argparse.Namespace) -> int:
         for route in routes:
             prefix = "\n  " if len(routes) != 1 else ""
             if route.mailer == "error" and route.error is not None:
-                print(f"{prefix}mailer error, {error_reply(route.error, f'<{mailbox}>')}"
+                print(f"{prefix}mailer error, {route.error.reply(f'<{mailbox}>')}"
                       f"  [{route.via}]")
                 status = 1
                 continue

@@ -359,7 +359,8 @@ class QueueSettings:
     max_deliveries: int = setting(
         _int(1), 200, "delivery attempts at once")
     max_per_destination: int = setting(
-        _int(1), 20, "accepted, not enforced yet")
+        _int(1), 20, "SMTP deliveries at once to one next hop (Postfix's "
+        "`default_destination_concurrency_limit`); the others wait their turn")
     fsync: FsyncMode = setting(
         _one_of(get_args(FsyncMode)), "auto",
         "how the spool flushes before `250`: `auto` (Linux AIO) or `threads`")

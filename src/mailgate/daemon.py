@@ -16,17 +16,18 @@ import socket
 import time
 import zlib
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mailgate import maillog
 from mailgate.config import Config
-from mailgate.delivery.attempt import DeliveryContext, attempt, mailbox_of
+from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
-from mailgate.queue.spool import IncomingMessage, QueuedMessage, QueueStatus, Spool
+from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Listener, bind_socket
@@ -56,7 +57,10 @@ class Gateway:
         cfg = snapshot.config
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
-        self.scheduler = Scheduler(self._attempt, cfg.queue.max_deliveries)
+        self.delivery = DeliveryContext(
+            spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
+            queued=self._report_queued, connections=ConnectionCache())
+        self.scheduler = Scheduler(partial(attempt, self.delivery), cfg.queue.max_deliveries)
         self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
         self.admission = Admission(counts)
@@ -65,9 +69,6 @@ class Gateway:
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
-        self.delivery = DeliveryContext(
-            spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
-            on_new_message=self.message_committed, connections=ConnectionCache())
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,16 +217,15 @@ class Gateway:
         """Does the sender's domain resolve, within the resolver's one timeout."""
         return await self.resolver.domain_resolves(domain)
 
-    def message_committed(self, qid: str, incoming: IncomingMessage | None = None) -> None:
+    def message_queued(self, queued: QueuedMessage) -> None:
+        """A session committed a message (and sent its 250): its first attempt gets it with
+        its file still open and locked."""
         self.counters["messages_received"] += 1
-        if incoming is not None and incoming.lock_fd is not None:
-            msg = QueuedMessage(incoming.envelope, self.spool.queue / qid, incoming.offset,
-                                incoming.size, QueueStatus())
-            if self.delivery.add_hot(msg, incoming.lock_fd):
-                incoming.lock_fd = None  # now owned by the delivery attempt
-            else:
-                incoming.release_lock()
-        self.scheduler.submit(qid)
+        self.scheduler.submit(queued.qid, message=queued)
+
+    def _report_queued(self, queued: QueuedMessage) -> None:
+        """A bounce, delay warning or return receipt was queued: not received mail."""
+        self.scheduler.submit(queued.qid, message=queued)
 
     def flush_domain(self, domain: str, *, subdomains: bool = False) -> None:
         """ETRN: retry now what waits for ``domain`` (and its subdomains for ``ETRN @domain``).
@@ -248,11 +248,16 @@ class Gateway:
         self.scheduler.run_now(chosen)
 
     def _queued_for(self, domain: str, subdomains: bool) -> list[str]:
+        """The queued messages with a recipient in ``domain``: read only (an unreadable entry
+        is left for its attempt to quarantine)."""
         suffix = "." + domain
         chosen = []
         for qid in list(self.spool.qids()):
-            msg = self.spool.load(qid)
-            if msg and any((d := mailbox_of(r.address).domain) == domain
+            try:
+                msg = self.spool.load(qid, with_status=False)
+            except CorruptEntry:
+                continue
+            if msg and any((d := r.mailbox.domain) == domain
                            or (subdomains and d.endswith(suffix))
                            for r in msg.envelope.recipients):
                 chosen.append(qid)
@@ -314,9 +319,6 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.log_statistics()
-
-    async def _attempt(self, qid: str) -> float | None:
-        return await attempt(self.delivery, qid)
 
 
 def install_event_loop() -> None:

@@ -153,9 +153,6 @@ class _Cache:
         while len(self._data) > self.size:
             self._data.popitem(last=False)
 
-    def clear(self) -> None:
-        self._data.clear()
-
     def __len__(self) -> int:
         return len(self._data)
 
@@ -189,9 +186,6 @@ class Resolver:
         self._res = res
         self._cache = _Cache(cache_size)
         self._inflight: dict[tuple[str, int], asyncio.Future[tuple[Any, ...]]] = {}
-
-    def clear_cache(self) -> None:
-        self._cache.clear()
 
     # -- the one place that talks to dnspython -------------------------------------------------
 
@@ -229,7 +223,9 @@ class Resolver:
                     qname, rdtype, raise_on_no_answer=False, search=False
                 )
         except dns.resolver.NXDOMAIN as e:
-            responses = e.responses() if hasattr(e, "responses") else {}
+            # dnspython leaves NXDOMAIN.responses() unannotated: it maps names to messages.
+            responses: dict[Any, Any] = (
+                e.responses() if hasattr(e, "responses") else {})  # type: ignore[no-untyped-call]
             response = next(iter(responses.values()), None) if responses else None
             self._cache.put(key, DnsNotFound, _negative_ttl(response))
             raise DnsNotFound(f"{what}: no such domain (NXDOMAIN)") from None

@@ -2,18 +2,23 @@
 receipts (RFC 3461 NOTIFY=SUCCESS).
 
 The layout and the human-readable part follow Sendmail's (semantics §16).  The original
-message is streamed from the spool file, never held in memory.
+message is streamed from the spool file, never held in memory: ``dsn_stream`` gives the DSN
+as blocks of at most ``CHUNK`` bytes past its head (``delivery.notify`` pulls them in a worker
+thread and writes them into the spool on the loop), ``write_dsn`` writes them to a file.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
+
+# "failed" (bounces), "delayed" (warnings), "relayed" or "delivered" (return receipts)
+Action = Literal["failed", "delayed", "relayed", "delivered"]
 
 CHUNK = 64 * 1024
 _FOLD = 78  # RFC 5322 recommended line length
@@ -34,15 +39,15 @@ _STATUS_TEXT = {
 
 
 @dataclass(frozen=True)
-class FailedRecipient:
-    """One recipient's outcome for a DSN."""
+class DsnRecipient:
+    """One recipient's outcome for a DSN: a failure, a delay or a success (return receipt)."""
 
     address: str  # final (rewritten) recipient
     original: str | None  # as given at RCPT, when it differs (alias, virtusertable)
     status: str  # enhanced status, "5.1.1"
     diagnostic: str | None  # remote reply, e.g. "550 5.1.1 <bob@x>... User unknown"
     remote_mta: str | None  # "[198.51.100.25]" or a host name
-    action: str = "failed"  # "delayed" (warnings), "relayed" or "delivered" (return receipts)
+    action: Action = "failed"
     last_attempt: float | None = None  # epoch
     transcript: tuple[str, ...] = ()  # >>>/<<< lines of the failed dialogue, for part 1
     orcpt: str | None = None  # RCPT ORCPT=, decoded: "rfc822;bob@example.org"
@@ -94,7 +99,7 @@ def _bracket(addr: str) -> str:
     return addr if addr.startswith("<") else f"<{addr}>"
 
 
-def _reason(r: FailedRecipient) -> str:
+def _reason(r: DsnRecipient) -> str:
     if r.diagnostic:
         return _flatten(r.diagnostic)
     return _STATUS_TEXT.get(r.status, f"Status {r.status}")
@@ -104,7 +109,7 @@ def _human_part(
     *,
     arrival: float,
     client: str,
-    recipients: Sequence[FailedRecipient],
+    recipients: Sequence[DsnRecipient],
     warning: bool,
     hours: int,
 ) -> list[str]:
@@ -156,7 +161,7 @@ def _human_part(
     return lines
 
 
-def is_receipt(recipients: Sequence[FailedRecipient]) -> bool:
+def is_receipt(recipients: Sequence[DsnRecipient]) -> bool:
     """A return receipt (NOTIFY=SUCCESS), not a failure notice or a delay warning."""
     return all(r.action in _SUCCESS for r in recipients)
 
@@ -165,7 +170,7 @@ def _hours_text(hours: int) -> str:
     return "1 hour" if hours == 1 else f"{hours} hours"
 
 
-def needs_utf8(sender: str, recipients: Sequence[FailedRecipient]) -> bool:
+def needs_utf8(sender: str, recipients: Sequence[DsnRecipient]) -> bool:
     """Whether a DSN about these addresses must be internationalised (RFC 6533): a UTF-8
     address can only travel in message/global-delivery-status and with SMTPUTF8."""
     return not all(a.isascii() for a in (sender, *(x for r in recipients
@@ -173,7 +178,7 @@ def needs_utf8(sender: str, recipients: Sequence[FailedRecipient]) -> bool:
                                                              r.orcpt or ""))))
 
 
-def has_8bit_text(recipients: Sequence[FailedRecipient]) -> bool:
+def has_8bit_text(recipients: Sequence[DsnRecipient]) -> bool:
     """Whether the human-readable part will hold non-ASCII text (a remote reply in UTF-8)."""
     return not all(t.isascii() for r in recipients
                    for t in (r.address, r.original or "", r.diagnostic or "", *r.transcript))
@@ -186,7 +191,7 @@ def _address_field(name: str, address: str, utf8: bool) -> str:
 
 
 def _status_part(
-    *, hostname: str, arrival: float, client: str, recipients: Sequence[FailedRecipient],
+    *, hostname: str, arrival: float, client: str, recipients: Sequence[DsnRecipient],
     envid: str | None = None, utf8: bool = False,
 ) -> str:
     out = _header("Original-Envelope-Id", _flatten(envid)) if envid else ""
@@ -233,13 +238,13 @@ def _contains(path: Path, offset: int, needle: bytes) -> bool:
     return False
 
 
-def _copy_all(src: BinaryIO, out: SupportsWriteBytes) -> None:
+def _iter_all(src: BinaryIO) -> Iterator[bytes]:
     while chunk := src.read(CHUNK):
-        out.write(chunk)
+        yield chunk
 
 
-def _copy_headers(src: BinaryIO, out: SupportsWriteBytes) -> None:
-    """Copy the header section, through the CRLF ending the last field, without the blank line.
+def _iter_headers(src: BinaryIO) -> Iterator[bytes]:
+    """The header section, through the CRLF ending the last field, without the blank line.
 
     A virtual CRLF is put before the content so that a message starting with the blank line
     (no headers) is found by the same search; three bytes are held back between chunks so a
@@ -252,26 +257,33 @@ def _copy_headers(src: BinaryIO, out: SupportsWriteBytes) -> None:
         window = pending + chunk
         idx = window.find(b"\r\n\r\n")
         if idx >= 0:
-            out.write(window[virtual : idx + 2])
+            yield window[virtual : idx + 2]
             return
         if not chunk:
-            out.write(window[virtual:])
+            yield window[virtual:]
             return
         cut = len(window) - 3
-        out.write(window[virtual:cut])
+        yield window[virtual:cut]
         pending = window[cut:]
         virtual = max(0, virtual - cut)
 
 
-def write_dsn(
-    out: SupportsWriteBytes,
+def write_dsn(out: SupportsWriteBytes, **kw: Any) -> str:
+    """Write the DSN ``dsn_stream(**kw)`` describes to ``out``; returns its Message-Id."""
+    message_id, blocks = dsn_stream(**kw)
+    for block in blocks:
+        out.write(block)
+    return message_id
+
+
+def dsn_stream(
     *,
     hostname: str,
     queue_id: str,
     arrival: float,
     client: str,
     sender: str,
-    recipients: Sequence[FailedRecipient],
+    recipients: Sequence[DsnRecipient],
     original_path: Path,
     original_offset: int,
     return_headers_only: bool = False,
@@ -279,8 +291,9 @@ def write_dsn(
     now: float | None = None,
     envid: str | None = None,
     international: bool = False,
-) -> str:
-    """Write a multipart/report DSN for ``recipients`` to ``out`` (CRLF) and return its Message-Id.
+) -> tuple[str, Iterator[bytes]]:
+    """A multipart/report DSN for ``recipients`` (CRLF): its Message-Id, and its content as
+    blocks, made as they are asked for (the original is read then, in ``CHUNK`` blocks).
 
     The DSN is a delay warning when every recipient's action is ``delayed`` (subject
     ``Warning: could not send message for past N hours``, N = ``warning_hours`` or the age of
@@ -291,7 +304,7 @@ def write_dsn(
     ``international`` (an SMTPUTF8 original, or a UTF-8 address): RFC 6533's
     message/global-delivery-status, and message/global (-headers) for the original.
     The caller sends it with ``MAIL FROM:<>`` to ``sender``; an empty sender (a bounce itself)
-    must not be bounced, so it raises ValueError.
+    must not be bounced, so it raises ValueError (at once, not from the blocks).
     """
     if not sender.strip("<> "):
         raise ValueError("no DSN for the null sender")
@@ -303,13 +316,6 @@ def write_dsn(
     hours = warning_hours if warning_hours is not None else max(1, round((now - arrival) / 3600))
     host = _flatten(hostname)
 
-    boundary = f"{_flatten(queue_id)}.{int(now)}/{host}"
-    # A sender who guesses the boundary could forge parts; make sure the original lacks it.
-    for _ in range(4):
-        if not _contains(original_path, original_offset, boundary.encode()):
-            break
-        boundary = f"{boundary}.{secrets.token_hex(4)}"
-
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
     message_id = f"<{stamp}.{_flatten(queue_id)}.{secrets.token_hex(4)}@{host}>"
     if warning:
@@ -319,7 +325,34 @@ def write_dsn(
     else:
         subject, kind = "Returned mail: see transcript for details", "failure"
 
-    head = (
+    def blocks() -> Iterator[bytes]:
+        boundary = f"{_flatten(queue_id)}.{int(now)}/{host}"
+        # A sender who guesses the boundary could forge parts; make sure the original lacks it.
+        for _ in range(4):
+            if not _contains(original_path, original_offset, boundary.encode()):
+                break
+            boundary = f"{boundary}.{secrets.token_hex(4)}"
+        yield _encode(_head(boundary, host=host, sender=sender, subject=subject, kind=kind,
+                            now=now, message_id=message_id)
+                      + _part1(boundary, arrival=arrival, client=client,
+                               recipients=recipients, warning=warning, hours=hours)
+                      + _part2(boundary, hostname=host, arrival=arrival, client=client,
+                               recipients=recipients, envid=envid, utf8=international)
+                      + _part3(boundary, headers_only=return_headers_only,
+                               international=international))
+        with open(original_path, "rb") as src:
+            src.seek(original_offset)
+            yield from _iter_headers(src) if return_headers_only else _iter_all(src)
+        # The CRLF before the closing delimiter belongs to the delimiter (RFC 2046), so the
+        # original's own last CRLF stays part of the enclosed message.
+        yield _encode(f"\r\n--{boundary}--\r\n")
+
+    return message_id, blocks()
+
+
+def _head(boundary: str, *, host: str, sender: str, subject: str, kind: str, now: float,
+          message_id: str) -> str:
+    return (
         _header("From", f"Mail Delivery Subsystem <MAILER-DAEMON@{host}>")
         + _header("To", _bracket(_flatten(sender)))
         + _header("Subject", subject)
@@ -333,6 +366,10 @@ def write_dsn(
         + "This is a MIME-encapsulated message\r\n"
         + "\r\n"
     )
+
+
+def _part1(boundary: str, *, arrival: float, client: str, recipients: Sequence[DsnRecipient],
+           warning: bool, hours: int) -> str:
     human = "".join(
         line + "\r\n"
         for line in _human_part(
@@ -343,30 +380,24 @@ def write_dsn(
     part1 = f"--{boundary}\r\nContent-Type: text/plain; charset={charset}\r\n"
     if charset != "us-ascii":
         part1 += "Content-Transfer-Encoding: 8bit\r\n"
-    part1 += "\r\n" + human + "\r\n"
-    status_type = "message/global-delivery-status" if international else \
-        "message/delivery-status"
-    part2 = (
+    return part1 + "\r\n" + human + "\r\n"
+
+
+def _part2(boundary: str, *, hostname: str, arrival: float, client: str,
+           recipients: Sequence[DsnRecipient], envid: str | None, utf8: bool) -> str:
+    status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
+    return (
         f"--{boundary}\r\nContent-Type: {status_type}\r\n"
-        + ("Content-Transfer-Encoding: 8bit\r\n" if international else "") + "\r\n"
-        + _status_part(hostname=host, arrival=arrival, client=client, recipients=recipients,
-                       envid=envid, utf8=international)
+        + ("Content-Transfer-Encoding: 8bit\r\n" if utf8 else "") + "\r\n"
+        + _status_part(hostname=hostname, arrival=arrival, client=client,
+                       recipients=recipients, envid=envid, utf8=utf8)
         + "\r\n"
     )
-    if international:
-        ctype = "message/global-headers" if return_headers_only else "message/global"
-    else:
-        ctype = "text/rfc822-headers" if return_headers_only else "message/rfc822"
-    part3 = f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n"
 
-    out.write(_encode(head + part1 + part2 + part3))
-    with open(original_path, "rb") as src:
-        src.seek(original_offset)
-        if return_headers_only:
-            _copy_headers(src, out)
-        else:
-            _copy_all(src, out)
-    # The CRLF before the closing delimiter belongs to the delimiter (RFC 2046), so the
-    # original's own last CRLF stays part of the enclosed message.
-    out.write(_encode(f"\r\n--{boundary}--\r\n"))
-    return message_id
+
+def _part3(boundary: str, *, headers_only: bool, international: bool) -> str:
+    if international:
+        ctype = "message/global-headers" if headers_only else "message/global"
+    else:
+        ctype = "text/rfc822-headers" if headers_only else "message/rfc822"
+    return f"--{boundary}\r\nContent-Type: {ctype}\r\n\r\n"

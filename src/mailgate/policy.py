@@ -62,10 +62,8 @@ class Decision:
 
 
 def error_reply(err: ErrorValue, addr: str | None) -> Reply:
-    """Sendmail prefixes permanent errors with ``<addr>...``, temporary ones not (§4, §5)."""
-    if err.code >= 500 and addr is not None:
-        return Reply(err.code, err.dsn, f"{addr}... {err.text}")
-    return Reply(err.code, err.dsn, err.text)
+    """``err.reply(addr)`` (kept for the callers here)."""
+    return err.reply(addr)
 
 
 def in_class(domain: str, names: frozenset[str], exact: bool) -> bool:

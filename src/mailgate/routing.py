@@ -64,7 +64,6 @@ class RoutingContext:
     tables: Tables
     class_w: frozenset[str]  # local-host-names plus our own names and [ip] literals
     local_user: Callable[[str], str | None]  # the account / maildir name a local part reaches
-    hostname: str = "localhost"
 
     def is_local(self, domain: str) -> bool:
         return domain == "" or domain in self.class_w

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
-from mailgate.delivery.local import resolve_local_user
 from mailgate.routing import RoutingContext, class_w
 from mailgate.tables import Tables, load_tables
 from mailgate.tables.lint import lint
 from mailgate.tables.maps import TableError, TableWarning
+from mailgate.users import resolve_local_user
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,6 @@ def build_snapshot(config: Config) -> Snapshot:
         tables=tables,
         class_w=class_w(tables, config.hostname, listen_ips),
         local_user=local_user,
-        hostname=config.hostname,
     )
     return Snapshot(config, tables, ctx)
 

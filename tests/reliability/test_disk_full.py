@@ -27,7 +27,16 @@ from pathlib import Path
 import pytest
 
 from mailgate.config import ConfigError, parse_config
-from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, SpoolError, read_seal
+from mailgate.queue.spool import (
+    Envelope,
+    QueueStatus,
+    RcptStatus,
+    Recipient,
+    RecipientState,
+    Spool,
+    SpoolError,
+    read_seal,
+)
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
@@ -185,7 +194,8 @@ def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
     queued.write(b"Subject: queued before the disk filled\r\n\r\nbody\r\n")
     asyncio.run(spool.commit(queued))
     qid = queued.envelope.qid
-    spool.save_status(qid, QueueStatus(done={"smtp:[192.0.2.9]:x@y": "sent"}, attempts=1))
+    sent = {"smtp:[192.0.2.9]:x@y": RcptStatus.SENT}
+    spool.save_status(qid, QueueStatus({"x@y": RecipientState(targets=dict(sent))}, attempts=1))
     fill(disk / "filler")
     # A message that never spilled is written whole at commit: that write finds no room.
     msg = spool.open_incoming(envelope(spool))
@@ -194,7 +204,8 @@ def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
         asyncio.run(spool.commit(msg))
     # A status that cannot be written leaves the old one as it was, and no .tmp.
     with pytest.raises(OSError) as failed:
-        spool.save_status(qid, QueueStatus(attempts=2, errors={"b@x": "Deferred " * 1000}))
+        spool.save_status(qid, QueueStatus({"b@x": RecipientState(last_error="Deferred " * 1000)},
+                                           attempts=2))
     assert failed.value.errno == errno.ENOSPC
     assert spool.load_status(qid).attempts == 1
     assert entries(spool.queue) == [qid, qid + ".st"]
@@ -204,7 +215,7 @@ def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
     again = Spool(disk / "spool", fsync="threads")
     assert again.recover() == [qid]
     loaded = again.load(qid)
-    assert loaded is not None and loaded.status.done == {"smtp:[192.0.2.9]:x@y": "sent"}
+    assert loaded is not None and loaded.status.done_targets() == sent
     assert entries(again.corrupt) == [] and is_sealed(again.queue / qid)
     again.close()
 

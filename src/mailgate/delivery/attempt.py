@@ -1,79 +1,77 @@
-"""One delivery attempt of one queued message: route, deliver, record, bounce, reschedule.
+"""One delivery attempt of one queued message, in four named phases:
 
-Every recipient is routed again with the tables in force now (a reload changes where queued mail
-goes), grouped by next hop so each hop gets one transaction carrying all its recipients, and
-the outcome is written back to the spool before the message is forgotten or rescheduled.
+- ``plan``: route every pending recipient again with the tables in force now (a reload
+  changes where queued mail goes), drop the targets already done, and batch the rest by
+  mailer and next hop, so each hop gets one transaction carrying all its recipients;
+- ``deliver_all``: every batch at once, each through its ``Mailer`` (``delivery.mailers``);
+- ``record``: the outcomes into the message's per-recipient status (after ``log_outcomes``);
+  failures are bounced (``delivery.notify``), then ``settle`` marks the recipients whose
+  every target is done, and return receipts go out;
+- ``decide``: ``Done | Expire | Warn | RetryAt``, which ``act`` carries out: the message is
+  finished (its file kept as a spare or removed), its remaining recipients bounced, a delay
+  warning sent, or its status written (fsync'd) and its next attempt returned.
+
+The attempt owns the ``QueuedMessage`` it is given (hot from a commit) or claims (from the
+spool): its open, locked descriptor is released when the attempt ends, whatever happens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from mailgate import maillog, tls
-from mailgate.address import Mailbox
-from mailgate.config import DeliverySettings
-from mailgate.delivery import smtp as smtp_delivery
-from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_maildir
-from mailgate.delivery.pipe import deliver_program
-from mailgate.delivery.smtp import Outcome
+from mailgate import maillog
+from mailgate.config import Config
+from mailgate.delivery import Job, Mailer, Outcome, Status, notify
+from mailgate.delivery.mailers import build_mailers
+from mailgate.delivery.smtp import ConnectionCache, DestinationLimits
 from mailgate.dns import Resolver
-from mailgate.dsn import FailedRecipient, has_8bit_text, is_receipt, needs_utf8, write_dsn
-from mailgate.policy import error_reply
-from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, Spool, SpoolError
+from mailgate.queue.spool import (
+    CorruptEntry,
+    EntryLocked,
+    QueuedMessage,
+    QueueStatus,
+    RcptStatus,
+    Recipient,
+    Spool,
+)
 from mailgate.reply import Reply
-from mailgate.routing import Route, resolve
-from mailgate.smtp import dsn_params
-from mailgate.smtp.client import Timeouts
+from mailgate.routing import resolve
 from mailgate.snapshot import Snapshot
 
 
 @dataclass
 class DeliveryContext:
+    """What attempts share: the spool, DNS, the tables in force, where new reports go."""
+
     spool: Spool
     resolver: Resolver
     snapshot: Callable[[], Snapshot]  # the tables in force now
-    on_new_message: Callable[[str], None]  # a bounce was queued: schedule it
-    transcript: Callable[[str], None] | None = None
-    # Messages just committed by this process, still holding their delivery lock (an open,
-    # flock'ed fd): the first attempt needs no open, lock or re-read of the envelope.
-    hot: dict[str, tuple[QueuedMessage, int]] = field(default_factory=dict)
-    connections: smtp_delivery.ConnectionCache | None = None  # the daemon reuses connections
-    max_hot: int = 1000
+    queued: Callable[[QueuedMessage], None]  # a report was queued: take it on (it is yours)
+    transcript: Callable[[str], None] | None = None  # `mailgate flush -v`: the SMTP dialogue
+    connections: ConnectionCache | None = None  # the daemon reuses next-hop connections
+    limits: DestinationLimits = field(default_factory=DestinationLimits)  # per next hop
+    # The mailer registry (``delivery.mailers``); tests give fakes.
+    make_mailers: Callable[[Config, DeliveryContext], dict[str, Mailer]] = build_mailers
+    _mailers: tuple[Snapshot, Resolver, dict[str, Mailer]] | None = field(default=None,
+                                                                          repr=False)
 
-    def add_hot(self, msg: QueuedMessage, lock_fd: int) -> bool:
-        if len(self.hot) >= self.max_hot:
-            return False
-        self.hot[msg.envelope.qid] = (msg, lock_fd)
-        return True
-
-
-def mailbox_of(address: str) -> Mailbox:
-    local, at, domain = address.rpartition("@")
-    if not at:
-        return Mailbox(address, "")
-    return Mailbox(local, domain)
+    def mailers(self, snap: Snapshot) -> dict[str, Mailer]:
+        """The mailers for ``snap``, made once per snapshot (and resolver)."""
+        made = self._mailers
+        if made is None or made[0] is not snap or made[1] is not self.resolver:
+            made = self._mailers = (snap, self.resolver, self.make_mailers(snap.config, self))
+        return made[2]
 
 
 def retry_delay(attempts: int, retry_min: float, run_interval: float) -> float:
     """Doubling back-off from ``retry_min``, capped by the queue run interval, ±10 % jitter
     so a queue full of mail for one dead host does not retry in lock-step."""
     base = min(run_interval, retry_min * (2 ** max(0, attempts - 1)))
-    return base * random.uniform(0.9, 1.1)
-
-
-def delivery_timeouts(settings: DeliverySettings) -> Timeouts:
-    """The SMTP client's timeouts: RFC 5321's, scaled down by a ``command_timeout`` below
-    its 5 minutes; the TCP connect timeout is ``connect_timeout`` as configured, not scaled."""
-    timeouts = Timeouts()
-    if settings.command_timeout < 300:
-        timeouts = timeouts.scaled(settings.command_timeout / 300)
-    return replace(timeouts, connect=settings.connect_timeout)
+    return float(base * random.uniform(0.9, 1.1))
 
 
 def interval_text(seconds: float) -> str:
@@ -87,315 +85,261 @@ def interval_text(seconds: float) -> str:
     return ", ".join(parts) or "0 seconds"
 
 
-def _stat(outcome: Outcome) -> str:
-    text = outcome.reply.text.replace("\n", " ")
-    if outcome.status == "sent":
-        return f"Sent ({text})"
-    if outcome.status == "temp":
-        return f"Deferred: {outcome.reply}"
-    if outcome.reply.code == 550 and outcome.reply.enhanced == "5.1.1":
-        return "User unknown"
-    return str(outcome.reply)
-
-
-async def _deliver_local(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, route: Route,
-                         rcpt: Recipient) -> Outcome:
-    env = msg.envelope
-    cfg = snap.config
-    try:
-        if route.mailer == "local":
-            await asyncio.to_thread(
-                deliver_maildir, route.address, cfg.local.maildir_root, msg.path, msg.offset,
-                hostname=cfg.hostname, return_path=env.sender, delivered_to=rcpt.address)
-        elif route.mailer == "*file*":
-            await asyncio.to_thread(deliver_file, Path(route.address),
-                                    msg.path, msg.offset, return_path=env.sender)
-        else:
-            await deliver_program(route.address, msg.path, msg.offset, sender=env.sender,
-                                  recipient=rcpt.address)
-    except LocalDeliveryError as exc:
-        return Outcome("temp" if exc.temporary else "perm", exc.reply, "local")
-    return Outcome("sent", Reply(250, "2.0.0", "Delivered"), None)
-
-
-async def attempt(ctx: DeliveryContext, qid: str) -> float | None:
-    """Try every pending recipient once. Returns the next attempt time, or None when done."""
-    hot = ctx.hot.pop(qid, None)
-    if hot is not None:
-        msg, lock_fd = hot
-        msg.fd = lock_fd
-        holder = [lock_fd]
+# -- the attempt --------------------------------------------------------------------------------
+async def attempt(ctx: DeliveryContext, qid: str,
+                  message: QueuedMessage | None = None) -> float | None:
+    """Try every pending recipient of ``qid`` once; ``message``: it, hot from its commit (this
+    attempt then owns it). Returns the next attempt time, or None when done."""
+    if message is None:
         try:
-            return await _attempt_locked(ctx, msg, holder)
-        finally:
-            if holder:
-                os.close(lock_fd)
-    spool = ctx.spool
-    with spool.locked(qid) as mine:
-        if not mine:
+            message = ctx.spool.claim(qid)
+        except EntryLocked:
             # Another runner (``mailgate flush``) has it: look again later unless it is gone.
-            return time.time() + 60 if (spool.queue / qid).exists() else None
-        loaded = spool.load(qid)
-        if loaded is None:
+            return time.time() + 60 if (ctx.spool.queue / qid).exists() else None
+        except CorruptEntry as exc:
+            ctx.spool.quarantine(qid, exc.reason)
             return None
-        return await _attempt_locked(ctx, loaded)
+        if message is None:
+            return None  # delivered meanwhile
+    with message:
+        return await _attempt(ctx, message)
 
 
-def _remove(spool: Spool, msg: QueuedMessage, lock_fds: list[int] | None) -> None:
-    """Forget a finished message. On the event loop: a rename (or an unlink and a close) is
-    quicker than a hand-off to a thread."""
-    # A status file exists only once an attempt has been recorded (attempts ≥ 1).
-    status_file = msg.status.attempts > 0
-    if lock_fds and spool.recycle(msg.envelope.qid, lock_fds[0], msg.offset + msg.size,
-                                  status_file=status_file):
-        lock_fds.pop(0)  # the spool keeps the file open for the next message
-    else:
-        spool.remove(msg.envelope.qid, status_file=status_file)
-    while lock_fds:
-        os.close(lock_fds.pop())
-
-
-async def _attempt_locked(ctx: DeliveryContext, msg: QueuedMessage,
-                          lock_fds: list[int] | None = None) -> float | None:
-    """``lock_fds``: the delivery lock's descriptor, closed with the removal."""
+async def _attempt(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
     snap = ctx.snapshot()
-    cfg = snap.config
-    env, st = msg.envelope, msg.status
     started = time.time()
-    pending = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
-    work: list[tuple[Recipient, Route]] = []
-    targets_of: dict[str, list[str]] = {}
-    queued_targets: set[str] = set()
-    for rcpt in pending:
-        routes = resolve(mailbox_of(rcpt.address), snap.routing, expand=True)
-        targets_of[rcpt.address] = [r.target for r in routes]
-        for r in routes:
-            # root@localhost and postmaster may both end at root: one delivery, as Sendmail.
-            if r.target not in st.done and r.target not in queued_targets:
-                queued_targets.add(r.target)
-                work.append((rcpt, r))
-
-    results: list[tuple[Recipient, Route, Outcome]] = []
-    smtp_groups: dict[tuple[str, str], list[tuple[Recipient, Route]]] = {}
-    jobs = []
-    for rcpt, route in work:
-        if route.mailer == "error" and route.error is not None:
-            reply = error_reply(route.error, f"<{rcpt.address}>")
-            status = "temp" if reply.is_temporary else "perm"
-            results.append((rcpt, route, Outcome(status, reply)))
-        elif route.is_smtp:
-            smtp_groups.setdefault((route.mailer, route.host), []).append((rcpt, route))
-        else:
-            jobs.append(_local_job(ctx, snap, msg, rcpt, route, results))
-    timeouts = delivery_timeouts(cfg.delivery)
-    for group in smtp_groups.values():
-        jobs.append(_smtp_job(ctx, snap, msg, group, timeouts, results))
-    await asyncio.gather(*jobs)
-
+    planned = plan(msg, snap, ctx.mailers(snap))
+    results = await deliver_all(msg, planned)
     now = time.time()
-    failed: list[tuple[Recipient, Route, Outcome]] = []
-    receipts: list[FailedRecipient] = []
-    for rcpt, route, outcome in results:
-        maillog.delivery(
-            env.qid, route.address if route.is_smtp or route.mailer == "error" else rcpt.address,
-            delay=now - env.arrival, xdelay=now - started, mailer=route.mailer,
-            relay=outcome.relay, dsn=outcome.dsn, stat=_stat(outcome),
-            reply=str(outcome.reply) if route.is_smtp and outcome.relay else None,
-            ctladdr=None)
-        if outcome.status == "sent":
-            st.done[route.target] = "sent"
-            if rcpt.notify and "SUCCESS" in rcpt.notify and not outcome.dsn_passed:
-                receipts.append(_receipt(rcpt, route, outcome))
-        elif outcome.status == "perm":
-            st.done[route.target] = "failed"
-            failed.append((rcpt, route, outcome))
-            st.last_message = _stat(outcome)
-        else:
-            st.errors[rcpt.address] = _stat(outcome)
-            st.last_message = _stat(outcome)
-    for rcpt in pending:
-        if all(t in st.done for t in targets_of[rcpt.address]):
-            st.done[f"rcpt:{rcpt.address}"] = "done"
-            st.errors.pop(rcpt.address, None)
-
-    if failed and not await _bounced(ctx, snap, msg, [_failed_recipient(r, rt, o)
-                                                       for r, rt, o in failed],
-                                     reason=failed[0][2]):
+    log_outcomes(msg, results, started, now)
+    recorded = record(msg.status, results)
+    if recorded.failed and not await notify.bounce(
+            ctx, snap, msg, [(j.rcpt, notify.failed(j, o)) for j, o in recorded.failed],
+            reason=recorded.failed[0][1].stat):
         # No room for the bounce (the disk is full): those recipients stay pending, to be
         # failed and bounced at the next attempt, rather than dropped with no bounce at all.
-        for rcpt, route, _outcome in failed:
-            st.done.pop(route.target, None)
-            st.done.pop(f"rcpt:{rcpt.address}", None)
-    if receipts and env.sender and not env.is_bounce:
-        try:
-            receipt_qid = await queue_dsn(ctx, snap, msg, receipts)
-        except (OSError, SpoolError) as exc:
-            # The message is delivered; delivering it again for want of a receipt is worse.
-            maillog.error(f"{env.qid}: cannot queue the return receipt: {exc}")
-        else:
-            maillog.dsn_created(env.qid, receipt_qid, "Return receipt")
+        unrecord(msg.status, recorded.failed)
+    settle(msg.status, planned)
+    if recorded.receipts:
+        await notify.send_receipts(ctx, snap, msg, [notify.receipt(j, o)
+                                                    for j, o in recorded.receipts])
+    return await act(ctx, snap, msg, decide(msg, snap.config, now), now)
 
-    remaining = [r for r in env.recipients if f"rcpt:{r.address}" not in st.done]
-    if not remaining:
-        _remove(ctx.spool, msg, lock_fds)
-        return None
-    if now - env.arrival >= cfg.queue.max_age:
-        text = f"Cannot send message for {interval_text(cfg.queue.max_age)}"
-        expired = []
-        for rcpt in remaining:
-            last = st.errors.get(rcpt.address, "")
-            expired.append(FailedRecipient(
-                address=rcpt.address, original=rcpt.original, status="4.4.7",
-                diagnostic=last or None, remote_mta=None, last_attempt=now))
-            maillog.delivery(env.qid, rcpt.address, delay=now - env.arrival, xdelay=0,
-                             mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
-        if await _bounced(ctx, snap, msg, expired,
-                          reason=Outcome("perm", Reply(554, "4.4.7", text))):
-            _remove(ctx.spool, msg, lock_fds)
+
+# -- plan ---------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """Jobs for one ``deliver`` call of one mailer (one next hop, or one local target)."""
+
+    mailer: Mailer
+    jobs: list[Job]
+
+
+@dataclass
+class Plan:
+    pending: list[Recipient]  # the envelope recipients not done before this attempt
+    targets_of: dict[str, list[str]]  # pending recipient → every target it routes to now
+    batches: list[Batch]
+
+
+def plan(msg: QueuedMessage, snap: Snapshot, mailers: dict[str, Mailer]) -> Plan:
+    """Route the pending recipients; a target done (for any recipient) is not delivered again,
+    and one that two recipients share is delivered once."""
+    status = msg.status
+    done = status.done_targets()
+    pending = status.pending(msg.envelope.recipients)
+    targets_of: dict[str, list[str]] = {}
+    planned: set[str] = set()
+    batches: dict[tuple[str, str], Batch] = {}
+    for rcpt in pending:
+        routes = resolve(rcpt.mailbox, snap.routing, expand=True)
+        targets_of[rcpt.address] = [r.target for r in routes]
+        for route in routes:
+            # root@localhost and postmaster may both end at root: one delivery, as Sendmail.
+            if route.target in done or route.target in planned:
+                continue
+            planned.add(route.target)
+            mailer = mailers[route.mailer]
+            key = (route.mailer, mailer.batch_key(route))
+            batch = batches.get(key)
+            if batch is None:
+                batch = batches[key] = Batch(mailer, [])
+            batch.jobs.append(Job(rcpt, route))
+    return Plan(pending, targets_of, list(batches.values()))
+
+
+# -- deliver ------------------------------------------------------------------------------------
+async def deliver_all(msg: QueuedMessage, planned: Plan) -> list[tuple[Job, Outcome]]:
+    """Every batch at once; the outcomes in the plan's order."""
+    batches = planned.batches
+    if len(batches) == 1:  # the usual case: no task to gather
+        outcomes = [await batches[0].mailer.deliver(msg, batches[0].jobs)]
+    else:
+        outcomes = await asyncio.gather(*(b.mailer.deliver(msg, b.jobs) for b in batches))
+    return [(job, outcome) for batch, outs in zip(batches, outcomes, strict=True)
+            for job, outcome in zip(batch.jobs, outs, strict=True)]
+
+
+# -- record -------------------------------------------------------------------------------------
+def log_outcomes(msg: QueuedMessage, results: list[tuple[Job, Outcome]], started: float,
+                 now: float) -> None:
+    """One maillog ``to=`` line per target."""
+    env = msg.envelope
+    for job, outcome in results:
+        route = job.route
+        maillog.delivery(
+            env.qid, route.address if route.is_smtp or route.mailer == "error"
+            else job.rcpt.address,
+            delay=now - env.arrival, xdelay=now - started, mailer=route.mailer,
+            relay=outcome.relay, dsn=outcome.dsn, stat=outcome.stat,
+            reply=str(outcome.reply) if route.is_smtp and outcome.relay else None,
+            ctladdr=None)
+
+
+@dataclass
+class Recorded:
+    failed: list[tuple[Job, Outcome]] = field(default_factory=list)  # to bounce
+    receipts: list[tuple[Job, Outcome]] = field(default_factory=list)  # NOTIFY=SUCCESS, ours
+
+
+def record(status: QueueStatus, results: list[tuple[Job, Outcome]]) -> Recorded:
+    """The outcomes into ``status``: a target sent or failed is done; a temporary failure is
+    the recipient's last error."""
+    out = Recorded()
+    for job, outcome in results:
+        state = status.of(job.rcpt.address)
+        if outcome.status is Status.SENT:
+            state.targets[job.route.target] = RcptStatus.SENT
+            if notify.wants(job.rcpt, "SUCCESS") and not outcome.dsn_passed:
+                out.receipts.append((job, outcome))
+        elif outcome.status is Status.PERM:
+            state.targets[job.route.target] = RcptStatus.FAILED
+            out.failed.append((job, outcome))
+            status.last_message = outcome.stat
+        else:
+            state.last_error = outcome.stat
+            status.last_message = outcome.stat
+    return out
+
+
+def unrecord(status: QueueStatus, failed: list[tuple[Job, Outcome]]) -> None:
+    """Those failures were not bounced: their targets are not done."""
+    for job, _outcome in failed:
+        status.of(job.rcpt.address).targets.pop(job.route.target, None)
+
+
+def settle(status: QueueStatus, planned: Plan) -> None:
+    """A pending recipient whose every target is done (here, before, or for another
+    recipient) is done: FAILED if one of them failed, else SENT."""
+    done = status.done_targets()
+    for rcpt in planned.pending:
+        targets = planned.targets_of[rcpt.address]
+        if not all(t in done for t in targets):
+            continue
+        state = status.of(rcpt.address)
+        for t in targets:
+            state.targets.setdefault(t, done[t])
+        failed = any(done[t] is RcptStatus.FAILED for t in targets)
+        state.status = RcptStatus.FAILED if failed else RcptStatus.SENT
+        state.last_error = None
+
+
+# -- decide -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Done:
+    """No recipient is pending: the message is finished."""
+
+
+@dataclass(frozen=True)
+class Expire:
+    """Queued longer than ``max_age``: bounce what is pending (4.4.7)."""
+
+    pending: list[Recipient]
+
+
+@dataclass(frozen=True)
+class RetryAt:
+    at: float
+
+
+@dataclass(frozen=True)
+class Warn(RetryAt):
+    """Retry at ``at``, and first tell the sender it is late (``warn_after``, once);
+    ``pending``: those whose NOTIFY asks for it (maybe none)."""
+
+    pending: list[Recipient]
+
+
+Decision = Done | Expire | Warn | RetryAt
+
+
+def decide(msg: QueuedMessage, cfg: Config, now: float) -> Decision:
+    pending = msg.status.pending(msg.envelope.recipients)
+    if not pending:
+        return Done()
+    if now - msg.envelope.arrival >= cfg.queue.max_age:
+        return Expire(pending)
+    return retry(msg, cfg, now, pending)
+
+
+def retry(msg: QueuedMessage, cfg: Config, now: float, pending: list[Recipient]
+          ) -> Warn | RetryAt:
+    """When to try ``pending`` again (the back-off of this many attempts), and whether to
+    warn the sender first."""
+    env, status, queue = msg.envelope, msg.status, cfg.queue
+    at = now + retry_delay(status.attempts + 1, queue.retry_min, queue.run_interval)
+    if (not status.warned and queue.warn_after and now - env.arrival >= queue.warn_after
+            and env.sender and not env.is_bounce):
+        return Warn(at, [r for r in pending if notify.wants(r, "DELAY")])
+    return RetryAt(at)
+
+
+async def act(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, decision: Decision,
+              now: float) -> float | None:
+    """Carry out ``decision``; the next attempt time, or None when the message is finished."""
+    if isinstance(decision, Expire):
+        if await expire(ctx, snap, msg, decision.pending, now):
+            ctx.spool.finish(msg)
             return None
         # The bounce could not be queued: the message stays, and expires again next time.
-    if (not st.warned and cfg.queue.warn_after and now - env.arrival >= cfg.queue.warn_after
-            and env.sender and not env.is_bounce):
-        st.warned = True
-        warn = [FailedRecipient(address=r.address, original=r.original, status="4.4.7",
-                                diagnostic=st.errors.get(r.address), remote_mta=None,
-                                action="delayed", last_attempt=now)
-                for r in remaining if not r.notify or "DELAY" in r.notify.upper()]
-        if warn:
-            try:
-                await queue_dsn(ctx, snap, msg, warn,
-                                warning_hours=int(cfg.queue.warn_after // 3600) or 1)
-            except (OSError, SpoolError) as exc:
-                st.warned = False  # the next attempt tries again
-                maillog.error(f"{env.qid}: cannot queue the delay warning: {exc}")
-    st.attempts += 1
-    st.last_attempt = now
-    st.next_attempt = now + retry_delay(st.attempts, cfg.queue.retry_min, cfg.queue.run_interval)
+        decision = retry(msg, snap.config, now, decision.pending)
+    if isinstance(decision, Done):
+        ctx.spool.finish(msg)
+        return None
+    if isinstance(decision, Warn):
+        msg.status.warned = True
+        if decision.pending and not await notify.warn(
+                ctx, snap, msg, [notify.late(r, msg.status.last_error(r.address), now,
+                                             warning=True) for r in decision.pending]):
+            msg.status.warned = False  # the next attempt tries again
+    return await reschedule(ctx, msg, now, decision.at)
+
+
+async def expire(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
+                 pending: list[Recipient], now: float) -> bool:
+    """Bounce every pending recipient as undeliverable in time; False if it could not be."""
+    env = msg.envelope
+    text = f"Cannot send message for {interval_text(snap.config.queue.max_age)}"
+    for rcpt in pending:
+        maillog.delivery(env.qid, rcpt.address, delay=now - env.arrival, xdelay=0,
+                         mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
+    reason = Outcome(Status.PERM, Reply(554, "4.4.7", text)).stat
+    return await notify.bounce(
+        ctx, snap, msg, [(r, notify.late(r, msg.status.last_error(r.address), now,
+                                         warning=False)) for r in pending], reason=reason)
+
+
+async def reschedule(ctx: DeliveryContext, msg: QueuedMessage, now: float, at: float) -> float:
+    """Count the attempt and write the status (fsync'd, in a thread); ``at`` is returned."""
+    status = msg.status
+    status.attempts += 1
+    status.last_attempt = now
+    status.next_attempt = at
     try:
-        await asyncio.to_thread(ctx.spool.save_status, env.qid, st)
+        await asyncio.to_thread(ctx.spool.save_status, msg.qid, status)
     except OSError as exc:
         # The status on disk stays as it was (it is replaced whole or not at all); what this
         # attempt delivered may be delivered again (at-least-once, as after a crash here). The
         # message keeps its back-off rather than the scheduler's 5 minutes after an error.
-        maillog.error(f"{env.qid}: cannot record the delivery status: {exc}")
-    return st.next_attempt
-
-
-async def _local_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, rcpt: Recipient,
-                     route: Route, results: list[tuple[Recipient, Route, Outcome]]) -> None:
-    results.append((rcpt, route, await _deliver_local(ctx, snap, msg, route, rcpt)))
-
-
-async def _smtp_job(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                    group: list[tuple[Recipient, Route]], timeouts: Timeouts,
-                    results: list[tuple[Recipient, Route, Outcome]]) -> None:
-    cfg = snap.config
-    route = group[0][1]
-    first_rcpt: dict[str, Recipient] = {}
-    for rcpt, rt in group:
-        first_rcpt.setdefault(rt.address, rcpt)
-    addresses = list(first_rcpt)
-    dsn = [(r.notify, dsn_params.orcpt_for(r.orcpt, r.original)) for r in first_rcpt.values()]
-    outcomes = await smtp_delivery.deliver(
-        msg, route, addresses, resolver=ctx.resolver, hostname=cfg.hostname,
-        helo_name=cfg.helo_name, timeouts=timeouts, source_address=cfg.delivery.bind_address,
-        default_port=cfg.delivery.port,
-        transcript=ctx.transcript, cache=ctx.connections, dsn=dsn,
-        tls_context=tls.client_context() if cfg.tls.delivery == "may" else None,
-        line_length_limit=cfg.delivery.line_length_limit)
-    for rcpt, rt in group:
-        results.append((rcpt, rt, outcomes[rt.address]))
-
-
-def _failed_recipient(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
-    return FailedRecipient(
-        address=route.address if route.is_smtp else rcpt.address,
-        original=rcpt.original,
-        status=outcome.dsn,
-        diagnostic=str(outcome.reply),
-        remote_mta=outcome.remote_mta,
-        last_attempt=time.time(),
-        transcript=outcome.transcript,
-        orcpt=dsn_params.orcpt_text(rcpt.orcpt) if rcpt.orcpt else None,
-    )
-
-
-def _receipt(rcpt: Recipient, route: Route, outcome: Outcome) -> FailedRecipient:
-    """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
-    return replace(_failed_recipient(rcpt, route, outcome),
-                   action="relayed" if route.is_smtp else "delivered",
-                   diagnostic=str(outcome.reply) if route.is_smtp else None, transcript=())
-
-
-async def _bounced(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                   failed: list[FailedRecipient], reason: Outcome) -> bool:
-    """``bounce``; False (logged) when the spool cannot take the bounce, e.g. a full disk."""
-    try:
-        await bounce(ctx, snap, msg, failed, reason=reason)
-    except (OSError, SpoolError) as exc:
-        maillog.error(f"{msg.envelope.qid}: cannot queue the bounce, will try again: {exc}")
-        return False
-    return True
-
-
-async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                 failed: list[FailedRecipient], reason: Outcome) -> None:
-    """Return failed recipients to the sender; never for a message from the null sender."""
-    env = msg.envelope
-    wanted = [f for f, r in zip(failed, _recipients_for(env, failed), strict=True)
-              if r is None or not r.notify or "FAILURE" in r.notify.upper()]
-    if not env.sender or env.is_bounce:
-        maillog.info(f"{env.qid}: bounce for null sender not sent: {_stat(reason)}")
-        return
-    if not wanted:
-        return
-    bounce_qid = await queue_dsn(ctx, snap, msg, wanted)
-    maillog.dsn_created(env.qid, bounce_qid, _stat(reason))
-
-
-def _recipients_for(env: Envelope, failed: list[FailedRecipient]) -> list[Recipient | None]:
-    by_original = {r.original: r for r in env.recipients}
-    by_address = {r.address: r for r in env.recipients}
-    return [by_original.get(f.original or "") or by_address.get(f.address) for f in failed]
-
-
-async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                    recipients: list[FailedRecipient], warning_hours: int | None = None) -> str:
-    """Write a DSN for ``msg`` into the spool and commit it like any received message."""
-    cfg = snap.config
-    env = msg.envelope
-    spool = ctx.spool
-    # RFC 6533: a report on internationalised mail is itself internationalised and goes
-    # with SMTPUTF8; one that carries 8-bit text (the original, a UTF-8 reply) with 8BITMIME.
-    international = env.smtputf8 or needs_utf8(env.sender, recipients)
-    bounce_env = Envelope(
-        qid=spool.new_qid(), sender="", recipients=[Recipient(env.sender, env.sender)],
-        arrival=time.time(), client_ip="127.0.0.1", client_name=cfg.hostname,
-        helo=cfg.hostname, proto="local", is_bounce=True, smtputf8=international,
-        body_8bit=international or env.body_8bit or has_8bit_text(recipients),
-    )
-    incoming = spool.open_incoming(bounce_env)
-    client = maillog.relay_name(env.client_ip, env.client_name)
-
-    # RET=FULL or HDRS as the sender asked; without RET, a failure returns the whole message
-    # and a return receipt only its headers (RFC 3461 4.3), as Sendmail.
-    ret = (env.ret or "").upper()
-    headers_only = ret == "HDRS" or (is_receipt(recipients) and ret != "FULL")
-
-    def write() -> None:
-        write_dsn(incoming, hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,
-                  client=client, sender=env.sender, recipients=recipients,
-                  original_path=msg.path, original_offset=msg.offset,
-                  return_headers_only=headers_only, warning_hours=warning_hours,
-                  envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
-                  international=international)
-
-    try:
-        await asyncio.to_thread(write)
-    except BaseException:
-        # A bounce cut short (ENOSPC) leaves no partial file behind to hold disk space.
-        incoming.discard()
-        raise
-    await spool.commit(incoming)  # which removes the file itself if it fails
-    ctx.on_new_message(bounce_env.qid)
-    return bounce_env.qid
+        maillog.error(f"{msg.qid}: cannot record the delivery status: {exc}")
+    return at

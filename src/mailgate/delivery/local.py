@@ -1,24 +1,33 @@
 """Local delivery: Maildir for local users, mbox append for alias file targets.
 
-Everything here is blocking (file I/O and fsync); the caller runs it in a worker thread.
+The delivery functions are blocking (file I/O and fsync); their mailers (``MaildirMailer``,
+``FileMailer``, at the end) run them in a worker thread.
 The spool hands us ``(source, offset)``: the file holding the message and where its content
 (CRLF line ends, headers then body) starts.  Content is streamed in 64 KiB chunks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
 import itertools
 import os
-import pwd
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from mailgate.delivery import Job, Outcome, Status
 from mailgate.reply import Reply
+from mailgate.users import getpw, resolve_local_user
+
+if TYPE_CHECKING:
+    from mailgate.config import Config
+    from mailgate.queue.spool import QueuedMessage
+    from mailgate.routing import Route
 
 CHUNK = 64 * 1024
 
@@ -125,42 +134,6 @@ def return_path_header(return_path: str) -> bytes:
 # --------------------------------------------------------------------------- users
 
 
-def _valid_name(user: str) -> bool:
-    return (
-        bool(user)
-        and "/" not in user
-        and "\0" not in user
-        and not user.startswith(".")
-        and (len(user.encode("utf-8", "surrogateescape")) <= 255)
-    )
-
-
-def _getpw(name: str) -> pwd.struct_passwd | None:
-    try:
-        return pwd.getpwnam(name)
-    except (KeyError, ValueError, UnicodeError):
-        return None
-
-
-def resolve_local_user(user: str, maildir_root: Path) -> str | None:
-    """The mailbox name ``user`` delivers to, or None if there is no such local user.
-
-    Matching: the name exactly as given first (a passwd account, or anything named
-    ``maildir_root/<user>``), then its lower-case form.  Sendmail compares passwd names
-    case-sensitively, but admins expect ``Root@`` to reach ``root``; since Unix account names
-    are in practice lower-case, the fallback cannot reach a different person.
-    A non-directory at ``maildir_root/<user>`` still counts, so that a misconfigured mailbox
-    gives a temporary error at delivery (fixable) instead of a bounce.
-    """
-    if not _valid_name(user):
-        return None
-    candidates = [user] if user == user.lower() else [user, user.lower()]
-    for name in candidates:
-        if _getpw(name) is not None or os.path.lexists(maildir_root / name):
-            return name
-    return None
-
-
 def local_user_exists(user: str, maildir_root: Path) -> bool:
     """True if ``user`` is a system account or has an entry under ``maildir_root``.
 
@@ -240,7 +213,7 @@ def deliver_maildir(
     try:
         owner: tuple[int, int] | None = None
         if os.geteuid() == 0:
-            pw = _getpw(name)
+            pw = getpw(name)
             if pw is not None:
                 owner = (pw.pw_uid, pw.pw_gid)
             elif os.path.isdir(box):
@@ -361,3 +334,47 @@ def deliver_file(
         raise LocalDeliveryError(_os_error_reply(exc, f"{path}... Cannot write")) from exc
     finally:
         os.close(fd)  # closing releases the fcntl lock
+
+
+# --------------------------------------------------------------------------- the mailers
+
+
+async def local_outcome(delivery: Awaitable[object]) -> Outcome:
+    """Run one local delivery: a LocalDeliveryError is its Outcome (relay ``local``)."""
+    try:
+        await delivery
+    except LocalDeliveryError as exc:
+        return Outcome(Status.TEMP if exc.temporary else Status.PERM, exc.reply, "local")
+    return Outcome(Status.SENT, Reply(250, "2.0.0", "Delivered"))
+
+
+class MaildirMailer:
+    """Sendmail's ``local`` mailer: ``<maildir_root>/<user>/new/``, in a worker thread."""
+
+    def __init__(self, cfg: Config, ctx: object) -> None:
+        self.maildir_root = cfg.local.maildir_root
+        self.hostname = cfg.hostname
+
+    def batch_key(self, route: Route) -> str:
+        return route.target
+
+    async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
+        return [await local_outcome(asyncio.to_thread(
+            deliver_maildir, job.route.address, self.maildir_root, msg.path, msg.offset,
+            hostname=self.hostname, return_path=msg.envelope.sender,
+            delivered_to=job.rcpt.address)) for job in jobs]
+
+
+class FileMailer:
+    """Sendmail's ``*file*`` mailer (an alias ``/path``): mbox append, in a worker thread."""
+
+    def __init__(self, cfg: Config, ctx: object) -> None:
+        pass
+
+    def batch_key(self, route: Route) -> str:
+        return route.target
+
+    async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
+        return [await local_outcome(asyncio.to_thread(
+            deliver_file, Path(job.route.address), msg.path, msg.offset,
+            return_path=msg.envelope.sender)) for job in jobs]

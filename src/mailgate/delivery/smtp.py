@@ -1,4 +1,5 @@
-"""Deliver one message to one SMTP next hop (a mailertable route or the domain's MX hosts).
+"""The SMTP mailer: deliver one message to one next hop (a mailertable route or the domain's
+MX hosts), at most ``queue.max_per_destination`` transactions at once per next hop.
 
 Resolves the hop list to addresses (MX in preference order, equal preferences shuffled by the
 resolver; bracketed hosts without MX), then tries them in order until one takes the
@@ -10,33 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from mailgate import maillog
-from mailgate.dns import DnsNotFound, DnsTempError, NullMx, Resolver
+from mailgate import maillog, tls
+from mailgate.config import Config, DeliverySettings
+from mailgate.delivery import Job, Outcome, Status
+from mailgate.dns import DnsError, DnsNotFound, DnsTempError, NullMx, Resolver
 from mailgate.queue.spool import QueuedMessage
 from mailgate.reply import Reply
 from mailgate.routing import Route
-from mailgate.smtp.client import SmtpClient, SmtpClientError, Timeouts
+from mailgate.smtp import dsn_params
+from mailgate.smtp.client import SmtpClient, SmtpClientError, Timeouts, TransactionResult
 
-
-@dataclass
-class Outcome:
-    """What happened to one recipient in one attempt."""
-
-    status: str  # "sent" | "temp" | "perm"
-    reply: Reply
-    relay: str | None = None  # "host [ip]" as Sendmail logs it
-    remote_mta: str | None = None
-    transcript: tuple[str, ...] = ()
-    dsn_passed: bool = False  # the next hop took our DSN parameters: its DSNs, not ours
-
-    @property
-    def dsn(self) -> str:
-        if self.reply.enhanced:
-            return self.reply.enhanced
-        return {"sent": "2.0.0", "temp": "4.0.0", "perm": "5.0.0"}[self.status]
+if TYPE_CHECKING:
+    from mailgate.delivery.attempt import DeliveryContext
 
 
 @dataclass(frozen=True)
@@ -152,6 +143,66 @@ class ConnectionCache:
         self._uses.clear()
 
 
+class DestinationLimits:
+    """Deliveries in progress per next hop, at most ``limit`` at once (Postfix's
+    ``default_destination_concurrency_limit``, 20 by default, Sendmail has none): a burst for
+    one internal server does not open ``max_deliveries`` connections to it, and a slow hop
+    cannot take every delivery slot from the others. Waiters are served first come, first
+    served. Loop-only. It outlives reloads (the limit is read at each acquire), so a reload
+    never lets more in at once."""
+
+    def __init__(self) -> None:
+        self._busy: dict[str, int] = {}
+        self._waiting: dict[str, deque[asyncio.Future[None]]] = {}
+
+    def busy(self, destination: str) -> int:
+        return self._busy.get(destination, 0)
+
+    async def acquire(self, destination: str, limit: int) -> None:
+        busy = self._busy.get(destination, 0)
+        if busy < limit and not self._waiting.get(destination):
+            self._busy[destination] = busy + 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(destination, deque()).append(waiter)
+        try:
+            await waiter  # release() counted us in
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(destination)  # woken and cancelled at once: pass the slot on
+            else:
+                queue = self._waiting.get(destination)
+                if queue is not None and waiter in queue:
+                    queue.remove(waiter)
+                    if not queue:
+                        del self._waiting[destination]
+            raise
+
+    def release(self, destination: str) -> None:
+        queue = self._waiting.get(destination)
+        while queue:
+            waiter = queue.popleft()
+            if not queue:
+                del self._waiting[destination]
+            if not waiter.done():
+                waiter.set_result(None)  # the slot goes to it: the count stays
+                return
+        busy = self._busy.get(destination, 0) - 1
+        if busy > 0:
+            self._busy[destination] = busy
+        else:
+            self._busy.pop(destination, None)
+
+
+def delivery_timeouts(settings: DeliverySettings) -> Timeouts:
+    """The SMTP client's timeouts: RFC 5321's, scaled down by a ``command_timeout`` below
+    its 5 minutes; the TCP connect timeout is ``connect_timeout`` as configured, not scaled."""
+    timeouts = Timeouts()
+    if settings.command_timeout < 300:
+        timeouts = timeouts.scaled(settings.command_timeout / 300)
+    return replace(timeouts, connect=settings.connect_timeout)
+
+
 def _no_reply(exc: SmtpClientError, ip: str) -> Reply:
     """What to report for a failure that brought no SMTP reply, in Sendmail's words: a peer
     that accepted the connection and then went silent or away did not refuse it."""
@@ -163,123 +214,176 @@ def _no_reply(exc: SmtpClientError, ip: str) -> Reply:
     return Reply(451, "4.4.2", f"Connection to [{ip}] lost")
 
 
-def _failure(outcome: Outcome, recipients: Sequence[str]) -> dict[str, Outcome]:
-    return dict.fromkeys(recipients, outcome)
+def _host_unknown(what: str) -> Outcome:
+    return Outcome(Status.PERM, Reply(550, "5.1.2", f"Host unknown (Name server: {what}: host "
+                                                    "not found)"))
 
 
-async def deliver(
-    message: QueuedMessage,
-    route: Route,
-    recipients: Sequence[str],
-    *,
-    resolver: Resolver,
-    hostname: str,
-    helo_name: str,
-    timeouts: Timeouts,
-    source_address: str | None = None,
-    default_port: int = 25,
-    transcript: Callable[[str], None] | None = None,
-    cache: ConnectionCache | None = None,
-    dsn: Sequence[tuple[str | None, str | None]] | None = None,
-    tls_context: ssl.SSLContext | None = None,
-    line_length_limit: int = 998,
-) -> dict[str, Outcome]:
-    """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
-    ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers DSN.
-    ``tls_context``: STARTTLS to a next hop that offers it. ``line_length_limit``: longer
-    lines are folded on the way out (0: never)."""
-    what = route.hops[0].host if route.hops else "?"
-    try:
-        cands = await candidates(route, resolver, hostname, default_port)
-    except _MailLoop:
-        return _failure(Outcome("perm", Reply(554, "5.3.5", f"MX list for {what} points back "
-                                                            f"to {hostname}; mail loops back "
-                                                            "to me (MX problem?)")), recipients)
-    except NullMx:
-        return _failure(Outcome("perm", Reply(556, "5.1.10", f"Domain {what} does not accept "
-                                                             "mail (null MX)")), recipients)
-    except DnsNotFound:
-        return _failure(Outcome("perm", Reply(550, "5.1.2", f"Host unknown (Name server: "
-                                                            f"{what}: host not found)")),
-                        recipients)
-    except DnsTempError:
-        return _failure(Outcome("temp", Reply(451, "4.4.3", f"Name server: {what}: host name "
-                                                            "lookup failure")), recipients)
-    if not cands:
-        return _failure(Outcome("perm", Reply(550, "5.1.2", f"Host unknown (Name server: "
-                                                            f"{what}: host not found)")),
-                        recipients)
-    env = message.envelope
-    last = Outcome("temp", Reply(451, "4.4.1", f"Connection refused by {what}"))
-    for cand in cands:
-        relay = f"{cand.name}. [{cand.ip}]" if cand.name != cand.ip else f"[{cand.ip}]"
-        lines: list[str] = []
+def _dns_failure(exc: Exception, what: str, hostname: str) -> Outcome:
+    """The outcome for every recipient of a hop whose addresses could not be found."""
+    if isinstance(exc, _MailLoop):
+        return Outcome(Status.PERM, Reply(554, "5.3.5", f"MX list for {what} points back to "
+                                                        f"{hostname}; mail loops back to me "
+                                                        "(MX problem?)"))
+    if isinstance(exc, NullMx):
+        return Outcome(Status.PERM, Reply(556, "5.1.10", f"Domain {what} does not accept mail "
+                                                         "(null MX)"))
+    if isinstance(exc, DnsNotFound):
+        return _host_unknown(what)
+    return Outcome(Status.TEMP, Reply(451, "4.4.3", f"Name server: {what}: host name lookup "
+                                                    "failure"))
 
-        def record(line: str, _lines: list[str] = lines) -> None:
-            _lines.append(line)
-            if transcript is not None:
-                transcript(line)
 
-        key = (cand.ip, cand.port, helo_name)
-        client = cache.get(key) if cache is not None else None
+class _Attempt:
+    """One transaction with one candidate address: the dialogue lines for the DSN, and the
+    facts every Outcome of it repeats."""
+
+    def __init__(self, cand: Candidate, transcript: Callable[[str], None] | None) -> None:
+        self.cand = cand
+        self.relay = f"{cand.name}. [{cand.ip}]" if cand.name != cand.ip else f"[{cand.ip}]"
+        self.lines: list[str] = []
+        self._transcript = transcript
+
+    def record(self, line: str) -> None:
+        self.lines.append(line)
+        if self._transcript is not None:
+            self._transcript(line)
+
+    def outcome(self, status: Status, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
+        return Outcome(status, reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines),
+                       dsn_passed)
+
+    def from_reply(self, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
+        return Outcome.from_reply(reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines),
+                                  dsn_passed=dsn_passed)
+
+
+class SmtpMailer:
+    """Sendmail's ``smtp``/``esmtp``/``smtp8``/``dsmtp``/``relay`` mailers: one transaction
+    per message and next hop with all its recipients."""
+
+    def __init__(self, cfg: Config, ctx: DeliveryContext) -> None:
+        self.resolver: Resolver = ctx.resolver
+        self.cache: ConnectionCache | None = ctx.connections
+        self.limits: DestinationLimits = ctx.limits
+        self.transcript = ctx.transcript
+        self.hostname = cfg.hostname
+        self.helo_name = cfg.helo_name
+        self.timeouts = delivery_timeouts(cfg.delivery)
+        self.source_address = cfg.delivery.bind_address
+        self.default_port = cfg.delivery.port
+        self.tls_context: ssl.SSLContext | None = (tls.client_context()
+                                                   if cfg.tls.delivery == "may" else None)
+        self.line_length_limit = cfg.delivery.line_length_limit
+        self.max_per_destination = cfg.queue.max_per_destination
+
+    def batch_key(self, route: Route) -> str:
+        return route.host  # one transaction per next hop
+
+    async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
+        route = jobs[0].route
+        first: dict[str, Job] = {}  # one RCPT per address, whatever led to it
+        for job in jobs:
+            first.setdefault(job.route.address, job)
+        dsn = [(j.rcpt.notify, dsn_params.orcpt_for(j.rcpt.orcpt, j.rcpt.original))
+               for j in first.values()]
+        destination = route.host
+        await self.limits.acquire(destination, self.max_per_destination)
+        try:
+            outcomes = await self.to_hop(msg, route, list(first), dsn)
+        finally:
+            self.limits.release(destination)
+        return [outcomes[job.route.address] for job in jobs]
+
+    async def to_hop(self, message: QueuedMessage, route: Route, recipients: Sequence[str],
+                     dsn: Sequence[tuple[str | None, str | None]] | None = None
+                     ) -> dict[str, Outcome]:
+        """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
+        ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers
+        DSN."""
+        what = route.hops[0].host if route.hops else "?"
+        try:
+            cands = await candidates(route, self.resolver, self.hostname, self.default_port)
+        except (_MailLoop, DnsError) as exc:
+            return dict.fromkeys(recipients, _dns_failure(exc, what, self.hostname))
+        if not cands:
+            return dict.fromkeys(recipients, _host_unknown(what))
+        last = Outcome(Status.TEMP, Reply(451, "4.4.1", f"Connection refused by {what}"))
+        for cand in cands:
+            result = await self._try_candidate(message, cand, recipients, dsn)
+            if isinstance(result, Outcome):
+                last = result  # this address did not take it: the next may
+                continue
+            return result
+        return dict.fromkeys(recipients, last)
+
+    async def _connect(self, at: _Attempt) -> SmtpClient:
+        cand = at.cand
+        client = await SmtpClient.connect(
+            cand.ip, cand.port, helo_name=self.helo_name, use_ehlo=True,
+            timeouts=self.timeouts, source_address=self.source_address, transcript=at.record,
+            tls_context=self.tls_context)
+        if client.tls is not None:
+            maillog.info(f"STARTTLS=client, relay={at.relay}, {client.tls.for_maillog()}")
+        elif client.tls_failure is not None:
+            maillog.info(f"STARTTLS=client, error: {client.tls_failure}, relay={at.relay}; "
+                         "going on in clear")
+        return client
+
+    async def _try_candidate(self, message: QueuedMessage, cand: Candidate,
+                             recipients: Sequence[str],
+                             dsn: Sequence[tuple[str | None, str | None]] | None
+                             ) -> dict[str, Outcome] | Outcome:
+        """One address of the hop: its outcome per recipient, or one Outcome when the
+        transaction did not happen there (connection failure, refusal, 4xx to MAIL)."""
+        at = _Attempt(cand, self.transcript)
+        key = (cand.ip, cand.port, self.helo_name)
+        client = self.cache.get(key) if self.cache is not None else None
         reused = client is not None
         if client is not None:
-            client.set_transcript(record)
-        result = None
-        while result is None:
+            client.set_transcript(at.record)
+        env = message.envelope
+        while True:
             if client is None:
                 try:
-                    client = await SmtpClient.connect(
-                        cand.ip, cand.port, helo_name=helo_name, use_ehlo=True,
-                        timeouts=timeouts, source_address=source_address, transcript=record,
-                        tls_context=tls_context)
-                    if client.tls is not None:
-                        maillog.info(f"STARTTLS=client, relay={relay}, "
-                                     f"{client.tls.for_maillog()}")
-                    elif client.tls_failure is not None:
-                        maillog.info(f"STARTTLS=client, error: {client.tls_failure}, "
-                                     f"relay={relay}; going on in clear")
+                    client = await self._connect(at)
                 except SmtpClientError as exc:
+                    # Even a 554 greeting: another address of the hop may serve.
                     reply = exc.reply or _no_reply(exc, cand.ip)
-                    last = Outcome("temp" if exc.temporary or reply.is_temporary else "perm",
-                                   reply, relay, f"[{cand.ip}]", tuple(lines))
-                    break
+                    return at.outcome(Status.TEMP if exc.temporary or reply.is_temporary
+                                      else Status.PERM, reply)
             try:
                 result = await client.send(
                     env.sender, recipients, message.path if message.fd is None else message.fd,
                     message.offset, size=message.size,
                     body_8bit=env.body_8bit, smtputf8=env.smtputf8,
-                    ret=env.ret, envid=env.envid, dsn=dsn, line_limit=line_length_limit)
+                    ret=env.ret, envid=env.envid, dsn=dsn, line_limit=self.line_length_limit)
+                break
             except SmtpClientError as exc:
                 await client.close()
-                if cache is not None:
-                    cache.forget(client)
+                if self.cache is not None:
+                    self.cache.forget(client)
                 client = None
                 if reused:
                     reused = False  # the cached connection had gone stale: once more, fresh
                     continue
-                reply = exc.reply or _no_reply(exc, cand.ip)
-                last = Outcome("temp", reply, relay, f"[{cand.ip}]", tuple(lines))
-                break
-        if result is None or client is None:
-            continue  # even a 554 greeting: another address of the hop may serve
+                return at.outcome(Status.TEMP, exc.reply or _no_reply(exc, cand.ip))
         client.set_transcript(None)
-        if cache is None or not cache.put(key, client):
+        if self.cache is None or not self.cache.put(key, client):
             try:
                 await client.quit()
             except SmtpClientError:
                 await client.close()
         if result.mail_reply.is_temporary:
-            last = Outcome("temp", result.mail_reply, relay, f"[{cand.ip}]", tuple(lines))
-            continue  # the whole transaction failed here: another MX may take it
-        outcomes: dict[str, Outcome] = {}
-        for r in result.rcpt:
-            status = "sent" if r.reply.is_positive else ("temp" if r.reply.is_temporary
-                                                         else "perm")
-            outcomes[r.address] = Outcome(status, r.reply, relay, f"[{cand.ip}]", tuple(lines),
-                                          dsn_passed=client.passes_dsn)
+            # The whole transaction failed here: another MX may take it.
+            return at.outcome(Status.TEMP, result.mail_reply)
+        return self._per_recipient(at, result, recipients, dsn_passed=client.passes_dsn)
+
+    @staticmethod
+    def _per_recipient(at: _Attempt, result: TransactionResult, recipients: Sequence[str],
+                       *, dsn_passed: bool) -> dict[str, Outcome]:
+        outcomes = {r.address: at.from_reply(r.reply, dsn_passed=dsn_passed)
+                    for r in result.rcpt}
         for addr in recipients:
-            outcomes.setdefault(addr, Outcome("temp", result.mail_reply, relay, f"[{cand.ip}]",
-                                              tuple(lines)))
+            outcomes.setdefault(addr, at.outcome(Status.TEMP, result.mail_reply))
         return outcomes
-    return _failure(last, recipients)

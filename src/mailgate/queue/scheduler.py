@@ -1,9 +1,15 @@
 """What is due when: a heap of (due time, queue id), a bounded number of attempts at once.
 
-New mail is tried at once; deferred mail comes back at the time its attempt chose (back-off
-capped by ``run_interval``, so every deferred message is tried at least once per queue run, as
-with Sendmail's ``-q30m``). The spool stays the truth: the heap only caches due times and is
-rebuilt from it on start.
+New mail is tried at once; deferred mail comes back at the time its attempt chose (the
+back-off is ``delivery.attempt.retry_delay``, capped by ``run_interval``, so every deferred
+message is tried at least once per queue run, as with Sendmail's ``-q30m``). The spool stays
+the truth: the heap only caches due times and is rebuilt from it on start.
+
+A message just committed comes with its ``QueuedMessage`` (``submit(qid, message=…)``),
+which holds its open, locked file: the first attempt needs no open, lock or read of the
+envelope. If it must wait for a free slot, the scheduler keeps it (at most ``HOLD_MAX``
+descriptors); beyond that, or when stopping, it is closed and its attempt claims it from the
+spool like any queued message. Loop-only, as everything here.
 """
 
 from __future__ import annotations
@@ -16,15 +22,22 @@ import time
 from collections.abc import Awaitable, Callable
 
 from mailgate import maillog
+from mailgate.queue.spool import QueuedMessage
+
+# One attempt of one message: its qid and, when it comes hot from a commit, the message
+# itself (the attempt owns it from then on). Returns the next attempt time, None when done.
+Attempt = Callable[[str, QueuedMessage | None], Awaitable[float | None]]
 
 
 class Scheduler:
-    def __init__(self, attempt: Callable[[str], Awaitable[float | None]],
-                 max_concurrent: int) -> None:
+    HOLD_MAX = 1000  # hot messages (open, locked files) kept while they wait for a slot
+
+    def __init__(self, attempt: Attempt, max_concurrent: int) -> None:
         self._attempt = attempt
         self._heap: list[tuple[float, int, str]] = []
         # qid → the due time that counts; heap rows with another time are stale.
         self._due: dict[str, float] = {}
+        self._held: dict[str, QueuedMessage] = {}  # hot messages waiting in the heap
         self._active: set[str] = set()
         self._again: set[str] = set()  # asked to run again while an attempt was running
         self._seq = itertools.count()
@@ -52,18 +65,29 @@ class Scheduler:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        while self._held:
+            self._held.popitem()[1].close()
 
-    def submit(self, qid: str, when: float | None = None) -> None:
-        """Schedule ``qid`` at ``when`` (now if None); an earlier time wins over a later one."""
+    def submit(self, qid: str, when: float | None = None, *,
+               message: QueuedMessage | None = None) -> None:
+        """Schedule ``qid`` at ``when`` (now if None); an earlier time wins over a later one.
+        ``message``: ``qid`` just committed, with its locked file, which the scheduler now
+        owns and hands to the attempt."""
         due = time.time() if when is None else when
-        if qid in self._active:
-            if when is None:
+        if qid in self._active or self._stopping:
+            if when is None and not self._stopping:
                 self._again.add(qid)
+            if message is not None:
+                message.close()
             return
-        if (when is None and not self._stopping and len(self._active) < self._max
-                and qid not in self._due):
-            self._start(qid)  # new mail, and room: straight to its attempt, not via the heap
+        if when is None and len(self._active) < self._max and qid not in self._due:
+            self._start(qid, message)  # new mail, and room: straight to its attempt
             return
+        if message is not None:
+            if qid in self._held or len(self._held) >= self.HOLD_MAX:
+                message.close()
+            else:
+                self._held[qid] = message
         current = self._due.get(qid)
         if current is not None and current <= due:
             return
@@ -90,9 +114,9 @@ class Scheduler:
     def active(self) -> int:
         return len(self._active)
 
-    def _start(self, qid: str) -> None:
+    def _start(self, qid: str, message: QueuedMessage | None) -> None:
         self._active.add(qid)
-        task = asyncio.get_running_loop().create_task(self._one(qid))
+        task = asyncio.get_running_loop().create_task(self._one(qid, message))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -104,7 +128,7 @@ class Scheduler:
                 if self._due.get(qid) != due:
                     continue  # superseded by an earlier submit
                 del self._due[qid]
-                self._start(qid)
+                self._start(qid, self._held.pop(qid, None))
             self._wake.clear()
             if len(self._active) >= self._max:
                 timeout = None  # a finishing attempt wakes us
@@ -114,10 +138,10 @@ class Scheduler:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
-    async def _one(self, qid: str) -> None:
+    async def _one(self, qid: str, message: QueuedMessage | None) -> None:
         next_time: float | None = None
         try:
-            next_time = await self._attempt(qid)
+            next_time = await self._attempt(qid, message)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

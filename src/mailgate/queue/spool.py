@@ -30,6 +30,22 @@ message up by half after a few minutes at 1,000 msgs/s), and the last close of a
 file frees its blocks on the event loop. A spare file's seal is overwritten before it moves to
 ``spare/``; at start-up a sealed file found there (the new message's rename was lost in a
 crash) is queued again under the qid in its envelope line.
+
+Who may call what. ``open_incoming``, ``IncomingMessage`` (write, seal, discard), ``commit``,
+``take_spare``, ``recycle`` and ``finish`` are **loop-only**: the spare-file pool and the
+incoming message are plain lists and counters, never shared with a worker thread (a bounce
+is built in a thread but written into its ``IncomingMessage`` on the loop, in bounded
+blocks: ``delivery.notify``). ``save_status``, ``load``, ``load_status``, ``qids``,
+``quarantine``, ``recover`` and ``remove`` touch only named files and may run in a thread;
+``spent`` is the one counter threads may bump (a lost update only skews an estimate).
+
+The hand-off. ``commit(msg, lock=True)`` returns the ``QueuedMessage``, which owns the open,
+flock'ed descriptor of its queue file; the scheduler carries it into the first attempt, which
+reads the content through it, and ``finish`` ends it: the file goes to ``spare/`` (the
+descriptor with it) or is removed. A message that never reaches an attempt is ``close``d,
+which releases the lock. ``claim`` gives a queued message to a later attempt the same way.
+Reading the queue (``load``, ``load_status``, ``qids``) never moves a file: an unreadable
+entry raises ``CorruptEntry`` and only ``recover`` and the attempt quarantine it.
 """
 
 from __future__ import annotations
@@ -44,30 +60,67 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from mailgate import maillog
+from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
 
 # Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 _STATUS_SUFFIX = ".st"
 _QID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,63}")  # a qid safe as a file name
+_MAX_ENVELOPE = 16 * 1024 * 1024  # longest envelope line read
+
+
+def _read_line(fd: int, limit: int) -> bytes:
+    """The first line of the file open on ``fd`` (through its LF; all of it, up to
+    ``limit``, if it has none), read with pread: the descriptor's offset is not moved."""
+    out = b""
+    while len(out) < limit:
+        block = os.pread(fd, min(64 * 1024, limit - len(out)), len(out))
+        if not block:
+            break
+        end = block.find(b"\n")
+        if end >= 0:
+            return out + block[:end + 1]
+        out += block
+    return out
 
 
 class SpoolError(Exception):
     """The spool cannot take or give a message (disk full, unreadable entry…)."""
 
 
+class CorruptEntry(SpoolError):
+    """A queue entry whose envelope cannot be read; ``Spool.quarantine`` moves it aside."""
+
+    def __init__(self, qid: str, reason: str) -> None:
+        super().__init__(f"{qid}: {reason}")
+        self.qid = qid
+        self.reason = reason
+
+
+class EntryLocked(SpoolError):
+    """Another runner (the daemon, ``mailgate flush``) holds the entry's delivery lock."""
+
+
 @dataclass
 class Recipient:
-    address: str  # after %-hack / source-route normalisation and domaintable
+    address: str  # after %-hack / source-route normalisation (domaintable: at delivery)
     original: str  # as the client wrote it at RCPT
     notify: str | None = None  # DSN NOTIFY= (RFC 3461)
     orcpt: str | None = None
+
+    @property
+    def mailbox(self) -> Mailbox:
+        """``address`` split again (it was stored normalised): local part, domain."""
+        local, at, domain = self.address.rpartition("@")
+        return Mailbox(local, domain) if at else Mailbox(self.address, "")
 
 
 @dataclass
@@ -125,25 +178,182 @@ def read_seal(line: bytes) -> tuple[int, int, str] | None:
         return None
 
 
+class RcptStatus(StrEnum):
+    """Where one envelope recipient stands (chasquid's Recipient.Status)."""
+
+    PENDING = "pending"
+    SENT = "sent"  # every target it routes to is delivered
+    FAILED = "failed"  # done, and some target failed for good (and was bounced)
+
+
+@dataclass
+class RecipientState:
+    """One envelope recipient's record in the status file."""
+
+    status: RcptStatus = RcptStatus.PENDING
+    # The targets (``Route.target``: "mailer:host:address") done for it: SENT or FAILED. A
+    # target done is never delivered again, for this recipient or another that routes to it.
+    targets: dict[str, RcptStatus] = field(default_factory=dict)
+    last_error: str | None = None  # the last temporary failure, as maillog's stat= says it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status.value, "targets": {t: s.value for t, s in
+                                                        self.targets.items()},
+                "last_error": self.last_error}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RecipientState:
+        return cls(RcptStatus(data["status"]),
+                   {str(t): RcptStatus(s) for t, s in data.get("targets", {}).items()},
+                   data.get("last_error"))
+
+
+STATUS_VERSION = 2  # 1 (no "version" field): "done" with "rcpt:<address>" keys, "errors"
+
+
 @dataclass
 class QueueStatus:
-    done: dict[str, str] = field(default_factory=dict)  # target → "sent" | "failed"
-    errors: dict[str, str] = field(default_factory=dict)  # envelope recipient → last error
+    """A queued message's delivery status: per-recipient records and the retry bookkeeping.
+    A recipient without a record is pending and has no target done."""
+
+    recipients: dict[str, RecipientState] = field(default_factory=dict)  # by envelope address
     attempts: int = 0
     last_attempt: float | None = None
     next_attempt: float | None = None
     warned: bool = False
     last_message: str | None = None
 
+    def of(self, address: str) -> RecipientState:
+        """The record of ``address``, made (pending) on first use."""
+        state = self.recipients.get(address)
+        if state is None:
+            state = self.recipients[address] = RecipientState()
+        return state
 
-@dataclass
+    def is_pending(self, address: str) -> bool:
+        state = self.recipients.get(address)
+        return state is None or state.status is RcptStatus.PENDING
+
+    def pending(self, recipients: Iterable[Recipient]) -> list[Recipient]:
+        return [r for r in recipients if self.is_pending(r.address)]
+
+    def last_error(self, address: str) -> str | None:
+        state = self.recipients.get(address)
+        return state.last_error if state is not None else None
+
+    def done_targets(self) -> dict[str, RcptStatus]:
+        """Every target done for any recipient: SENT or FAILED."""
+        done: dict[str, RcptStatus] = {}
+        for state in self.recipients.values():
+            done.update(state.targets)
+        return done
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "version": STATUS_VERSION,
+            "recipients": {a: r.to_json() for a, r in self.recipients.items()},
+            "attempts": self.attempts, "last_attempt": self.last_attempt,
+            "next_attempt": self.next_attempt, "warned": self.warned,
+            "last_message": self.last_message,
+        }, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+
+    @classmethod
+    def from_json(cls, raw: bytes, recipients: Sequence[str] = ()) -> QueueStatus:
+        """Read a status file, in this format or the one before it (``recipients``: the
+        envelope's addresses, which the old format needs; see ``_from_v1``). Raises
+        ValueError, TypeError or KeyError when it is neither."""
+        data = json.loads(raw.decode("utf-8", "surrogateescape"))
+        if not isinstance(data, dict):
+            raise ValueError("a status file holds a JSON object")
+        if "version" not in data:
+            return cls._from_v1(data, recipients)
+        if data["version"] != STATUS_VERSION:
+            raise ValueError(f"status file version {data['version']!r}")
+        return cls(
+            {str(a): RecipientState.from_json(r) for a, r in data["recipients"].items()},
+            int(data["attempts"]), data["last_attempt"], data["next_attempt"],
+            bool(data["warned"]), data["last_message"])
+
+    @classmethod
+    def _from_v1(cls, data: dict[str, Any], recipients: Sequence[str]) -> QueueStatus:
+        """The format before per-recipient records (queues on disk survive the upgrade):
+        ``done`` mapped each target to "sent" or "failed" and each finished envelope
+        recipient's ``"rcpt:<address>"`` to "done"; ``errors`` held the last error of each.
+
+        It did not say which recipient a target was done for. A target whose address is a
+        recipient's goes to that recipient; every other one (an alias or virtusertable
+        expansion) to each recipient still pending, so that no target done is delivered
+        again. A finished recipient is FAILED when a target with its address failed, else
+        SENT (the old file said only "done")."""
+        done: dict[str, str] = dict(data.get("done", {}))
+        finished = {k.removeprefix("rcpt:") for k in done if k.startswith("rcpt:")}
+        targets = {t: RcptStatus.FAILED if v == "failed" else RcptStatus.SENT
+                   for t, v in done.items() if not t.startswith("rcpt:")}
+        status = cls(attempts=int(data.get("attempts", 0)),
+                     last_attempt=data.get("last_attempt"),
+                     next_attempt=data.get("next_attempt"),
+                     warned=bool(data.get("warned", False)),
+                     last_message=data.get("last_message"))
+        addresses = list(dict.fromkeys([*recipients, *finished]))
+        for address in addresses:
+            state = status.of(address)
+            if address in finished:
+                state.status = RcptStatus.SENT
+        for target, result in targets.items():
+            owner = target.rpartition(":")[2]
+            if owner in status.recipients:
+                status.recipients[owner].targets[target] = result
+            else:
+                for address in addresses:
+                    if address not in finished:
+                        status.recipients[address].targets[target] = result
+        for address in finished:
+            state = status.recipients[address]
+            if any(v is RcptStatus.FAILED for v in state.targets.values()):
+                state.status = RcptStatus.FAILED
+        for address, error in dict(data.get("errors", {})).items():
+            status.of(str(address)).last_error = str(error)
+        return status
+
+
 class QueuedMessage:
-    envelope: Envelope
-    path: Path
-    offset: int  # where the message content starts in ``path``
-    size: int  # content bytes
-    status: QueueStatus
-    fd: int | None = None  # a readable descriptor of ``path`` its holder keeps open (the lock)
+    """A committed message: its envelope, where its content is, its delivery status, and
+    (while it is being delivered) the open descriptor of its queue file holding the delivery
+    ``flock``. The descriptor is this object's to close: ``close()`` (or ``with``), or
+    ``Spool.finish``, which may hand it to the spare-file pool."""
+
+    __slots__ = ("envelope", "fd", "offset", "path", "size", "status")
+
+    def __init__(self, envelope: Envelope, path: Path, offset: int, size: int,
+                 status: QueueStatus, fd: int | None = None) -> None:
+        self.envelope = envelope
+        self.path = path
+        self.offset = offset  # where the message content starts in ``path``
+        self.size = size  # content bytes
+        self.status = status
+        self.fd = fd  # read-write, flock'ed: the delivery lock; None once closed or given up
+
+    @property
+    def qid(self) -> str:
+        return self.envelope.qid
+
+    def take_fd(self) -> int | None:
+        """Hand the descriptor (and the lock) over; this message no longer closes it."""
+        fd, self.fd = self.fd, None
+        return fd
+
+    def close(self) -> None:
+        """Release the lock: another runner may take the message."""
+        fd = self.take_fd()
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class IncomingMessage:
@@ -166,8 +376,7 @@ class IncomingMessage:
         self.offset = len(line)
         self.size = 0
         self.fd: int | None = None
-        self.lock_fd: int | None = None  # after commit: the queue file, flock'ed for delivery
-        self.closed = False
+        self.closed = False  # committed (the descriptor went to the QueuedMessage) or discarded
         self.crc = 0  # CRC-32 of the content so far, for the seal
         self.written = 0  # bytes in the file so far
         self.stale_size = 0  # a reused spare file: its old length, cut back at the seal
@@ -208,7 +417,7 @@ class IncomingMessage:
         then failed (``failed``): its file is removed at once, later writes are dropped and
         ``commit`` refuses it, so the caller can read the rest of the content and refuse it."""
         if self.failed is not None or self.closed:
-            return  # failed, or discarded (a DSN writer that outlived its cancelled task)
+            return  # failed, or discarded
         self.buf += data
         self.size += len(data)
         self.crc = zlib.crc32(data, self.crc)
@@ -229,22 +438,52 @@ class IncomingMessage:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             self.spool.free_space_changed()
 
+    def seal(self, *, lock: bool) -> int:
+        """Write out the rest with the seal (and cut a reused file to length); with ``lock``,
+        take the delivery flock. Returns the descriptor, still this message's (see
+        ``Spool.commit``). Raises OSError."""
+        if self.failed is not None:
+            raise self.failed
+        seal = seal_fields(self.crc, self.size)
+        if self.fd is None:
+            # Never spilled: the envelope line is still in the buffer, seal it there and
+            # write the whole file at once.
+            self.buf[SEAL_OFFSET:SEAL_OFFSET + len(seal)] = seal
+            self._write_out()
+        else:
+            self._write_out()
+            os.pwrite(self.fd, seal, SEAL_OFFSET)
+        fd = self.fd
+        assert fd is not None
+        if self.stale_size > self.written:
+            os.ftruncate(fd, self.written)  # a reused file: the rest is its old message
+        if lock:
+            # Held from here until the first delivery attempt, so that `mailgate flush`
+            # (another process) cannot deliver it at the same time.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+
+    def committed(self, queue_path: Path, *, keep_fd: bool) -> QueuedMessage:
+        """After the link into the queue: the ``QueuedMessage``, which takes the descriptor
+        (``keep_fd``) or has it closed."""
+        fd, self.fd = self.fd, None
+        self.closed = True
+        if not keep_fd and fd is not None:
+            with contextlib.suppress(OSError):  # flushed and linked: it is queued whatever
+                os.close(fd)                    # close says
+            fd = None
+        return QueuedMessage(self.envelope, queue_path, self.offset, self.size, QueueStatus(),
+                             fd)
+
     def discard(self) -> None:
         if not self.closed:
             self.closed = True
-            for fd in (self.fd, self.lock_fd):
-                if fd is not None:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-            self.fd = self.lock_fd = None
+            if self.fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self.fd)
+            self.fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-    def release_lock(self) -> None:
-        if self.lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self.lock_fd)
-            self.lock_fd = None
 
 
 class Spool:
@@ -389,71 +628,31 @@ class Spool:
 
     # -- queue ids -----------------------------------------------------------------------------
     def new_qid(self) -> str:
-        """A 14-character Sendmail-style queue id: time, sequence within the second, pid."""
+        """A 14-character Sendmail-style queue id: time, sequence within the second, pid.
+
+        Unique within this process by construction; a queue file left by an earlier process
+        with the same pid at the same second is never overwritten: commit links (which fails
+        on an existing name) instead of renaming."""
         now = int(time.time())
         if now > self._last_second:  # never step back into a second we borrowed below
             self._last_second, self._seq = now, 0
-        while True:
-            if self._seq >= 3600:
-                # More than 3,600 ids in one second in one process: borrow the next second.
-                self._last_second += 1
-                self._seq = 0
-            t = time.gmtime(self._last_second)
-            seq = self._seq
-            self._seq += 1
-            qid = (
-                _ALPHABET[t.tm_year % 60] + _ALPHABET[t.tm_mon - 1] + _ALPHABET[t.tm_mday]
-                + _ALPHABET[t.tm_hour] + _ALPHABET[t.tm_min] + _ALPHABET[min(t.tm_sec, 59)]
-                + _ALPHABET[seq // 60] + _ALPHABET[seq % 60] + f"{self._pid:06d}"
-            )
-            # Unique within this process by construction; a queue file left by an earlier
-            # process with the same pid at the same second is never overwritten: commit links
-            # (which fails on an existing name) instead of renaming.
-            return qid
+        if self._seq >= 3600:
+            # More than 3,600 ids in one second in one process: borrow the next second.
+            self._last_second += 1
+            self._seq = 0
+        t = time.gmtime(self._last_second)
+        seq = self._seq
+        self._seq += 1
+        return (
+            _ALPHABET[t.tm_year % 60] + _ALPHABET[t.tm_mon - 1] + _ALPHABET[t.tm_mday]
+            + _ALPHABET[t.tm_hour] + _ALPHABET[t.tm_min] + _ALPHABET[min(t.tm_sec, 59)]
+            + _ALPHABET[seq // 60] + _ALPHABET[seq % 60] + f"{self._pid:06d}"
+        )
 
-    # -- receiving ------------------------------------------------------------------------------
+    # -- receiving (loop-only) -----------------------------------------------------------------
     def open_incoming(self, envelope: Envelope) -> IncomingMessage:
-        try:
-            return IncomingMessage(self, envelope)
-        except OSError as exc:
-            raise SpoolError(f"cannot create spool file: {exc.strerror}") from exc
-
-    @staticmethod
-    def _seal_and_write(msg: IncomingMessage, lock: bool) -> int:
-        """Write out the rest of ``msg`` with its seal; returns the open descriptor."""
-        seal = seal_fields(msg.crc, msg.size)
-        if msg.fd is None:
-            # Never spilled: the envelope line is still in the buffer, seal it there and
-            # write the whole file at once.
-            msg.buf[SEAL_OFFSET:SEAL_OFFSET + len(seal)] = seal
-            msg._write_out()
-        else:
-            msg._write_out()
-            os.pwrite(msg.fd, seal, SEAL_OFFSET)
-        fd = msg.fd
-        assert fd is not None
-        if msg.stale_size > msg.written:
-            os.ftruncate(fd, msg.written)  # a reused file: the rest is its old message
-        if lock:
-            # Held from here until the first delivery attempt, so that `mailgate flush`
-            # (another process) cannot deliver it at the same time.
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-
-    def _publish(self, msg: IncomingMessage, lock: bool) -> None:
-        """The flushed file goes into the queue: a link, not a rename, so that an existing
-        queue file of that name is never replaced and the durable incoming/ name stays (see
-        the module's docstring) until ``_forget_incoming``."""
-        fd = msg.fd
-        assert fd is not None
-        os.link(msg.path, self.queue / msg.envelope.qid)
-        msg.fd = None
-        msg.closed = True
-        if lock:
-            msg.lock_fd = fd
-        else:
-            with contextlib.suppress(OSError):  # flushed and linked: it is queued whatever
-                os.close(fd)                    # close says
+        """A message to write; no file exists until its buffer spills or it is committed."""
+        return IncomingMessage(self, envelope)
 
     def _failed(self, msg: IncomingMessage, exc: BaseException) -> SpoolError:
         # Only the incoming/ file goes. Nothing to undo in queue/: the link is the last step
@@ -465,39 +664,43 @@ class Spool:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return SpoolError(f"cannot commit message: {text}")
 
-    async def commit(self, msg: IncomingMessage, *, lock: bool = False) -> None:
-        """Make ``msg`` durable. Only after this returns may the 250 be sent.
+    async def commit(self, msg: IncomingMessage, *, lock: bool = False) -> QueuedMessage:
+        """Make ``msg`` durable and return it queued. Only after this returns may the 250 be
+        sent.
 
-        With ``lock``, ``msg.lock_fd`` is left holding the delivery lock on the queue file.
-        A message whose content could not be written (``msg.failed``) raises SpoolError.
+        Seal, fsync (off the loop), then link into queue/: a link, not a rename, so that an
+        existing queue file of that name is never replaced, and the durable incoming/ name
+        stays (see the module's docstring) until ``_forget_incoming``. With ``lock``, the
+        ``QueuedMessage`` owns the open descriptor holding the delivery flock, for the first
+        attempt; else it holds none. A message whose content could not be written
+        (``msg.failed``) raises SpoolError.
         """
         try:
-            if msg.failed is not None:
-                raise msg.failed
-            fd = self._seal_and_write(msg, lock)
+            fd = msg.seal(lock=lock)
             await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
-            self._publish(msg, lock)
+            queue_path = self.queue / msg.envelope.qid
+            os.link(msg.path, queue_path)
         except OSError as exc:
             raise self._failed(msg, exc) from exc
         except BaseException as exc:  # cancelled mid-flush: never acknowledged
             self._failed(msg, exc)
             raise
-
-    def commit_sync(self, msg: IncomingMessage) -> None:
-        """Blocking commit, for commands that run without an event loop (bounces from flush)."""
-        try:
-            if msg.failed is not None:
-                raise msg.failed
-            os.fsync(self._seal_and_write(msg, False))
-            self._publish(msg, False)
-        except OSError as exc:
-            raise self._failed(msg, exc) from exc
+        return msg.committed(queue_path, keep_fd=lock)
 
     # -- the queue ------------------------------------------------------------------------------
     def recover(self) -> list[str]:
-        """At start-up: drop unacknowledged receptions, return the committed queue ids."""
+        """At start-up: drop unacknowledged receptions, quarantine unreadable entries, return
+        the committed queue ids."""
         self.recover_incoming()
-        return sorted(self.qids())
+        qids = []
+        for qid in sorted(self.qids()):
+            try:
+                self.load(qid, with_status=False)
+            except CorruptEntry as exc:
+                self.quarantine(qid, exc.reason)
+                continue
+            qids.append(qid)
+        return qids
 
     def recover_incoming(self) -> int:
         """Before any session runs: move sealed files (acknowledged, but their link into
@@ -560,31 +763,72 @@ class Spool:
             if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
                 yield name
 
-    def load(self, qid: str) -> QueuedMessage | None:
-        """Read a committed message's envelope and status; None if it is gone."""
-        path = self.queue / qid
-        try:
-            with open(path, "rb") as f:
-                line = f.readline(16 * 1024 * 1024)
-                size = os.fstat(f.fileno()).st_size - len(line)
-        except FileNotFoundError:
-            return None
+    @staticmethod
+    def _envelope(qid: str, line: bytes) -> Envelope:
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("envelope line is incomplete")
-            envelope = Envelope.from_line(line)
+            return Envelope.from_line(line)
         except (ValueError, TypeError, KeyError) as exc:
-            self.quarantine(qid, str(exc))
-            return None
-        return QueuedMessage(envelope, path, len(line), size, self.load_status(qid))
+            raise CorruptEntry(qid, str(exc)) from None
 
-    def load_status(self, qid: str) -> QueueStatus:
+    def load(self, qid: str, *, with_status: bool = True) -> QueuedMessage | None:
+        """Read a committed message's envelope and status (without a lock: for listing);
+        None if it is gone. Raises CorruptEntry, and moves nothing."""
+        path = self.queue / qid
         try:
-            data = json.loads((self.queue / (qid + _STATUS_SUFFIX)).read_bytes())
-            return QueueStatus(**data)
+            with open(path, "rb") as f:
+                line = f.readline(_MAX_ENVELOPE)
+                size = os.fstat(f.fileno()).st_size - len(line)
+        except FileNotFoundError:
+            return None
+        envelope = self._envelope(qid, line)
+        status = self.load_status(qid, envelope) if with_status else QueueStatus()
+        return QueuedMessage(envelope, path, len(line), size, status)
+
+    def claim(self, qid: str) -> QueuedMessage | None:
+        """Take a queued message for a delivery attempt: one open (read-write, so that
+        ``finish`` may keep the file as a spare), the delivery flock, the envelope read
+        through the same descriptor. The caller owns the result (``close``/``finish``).
+        None if it is gone; raises EntryLocked (another runner has it) or CorruptEntry."""
+        path = self.queue / qid
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise EntryLocked(qid) from None
+            st = os.fstat(fd)
+            if os.stat(path).st_ino != st.st_ino:
+                # Another runner finished it between our open and our lock (removed it, or
+                # its name now belongs to another message).
+                raise FileNotFoundError(qid)
+            line = _read_line(fd, _MAX_ENVELOPE)
+            envelope = self._envelope(qid, line)
+            msg = QueuedMessage(envelope, path, len(line), st.st_size - len(line),
+                                self.load_status(qid, envelope), fd)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return msg
+
+    def load_status(self, qid: str, envelope: Envelope | None = None) -> QueueStatus:
+        """The status file of ``qid`` (a fresh one if there is none). ``envelope``: needed
+        to read a status file of the old format completely (``QueueStatus._from_v1``)."""
+        try:
+            raw = (self.queue / (qid + _STATUS_SUFFIX)).read_bytes()
         except FileNotFoundError:
             return QueueStatus()
-        except (ValueError, TypeError):
+        try:
+            addresses = [r.address for r in envelope.recipients] if envelope else ()
+            return QueueStatus.from_json(raw, addresses)
+        except (ValueError, TypeError, KeyError, AttributeError):
             # A torn status file only loses retry bookkeeping; the envelope stays authoritative.
             return QueueStatus()
 
@@ -592,7 +836,7 @@ class Spool:
         """Atomically replace the status file (blocking; call from a thread)."""
         final = self.queue / (qid + _STATUS_SUFFIX)
         tmp = self.queue / (qid + _STATUS_SUFFIX + ".tmp")
-        data = json.dumps(asdict(status), separators=(",", ":")).encode()
+        data = status.to_json()
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
@@ -616,6 +860,20 @@ class Spool:
         # That fsync of a new entry in queue/ wrote queue/'s entries out (ext4 syncs a new
         # file's directory; journalling file systems commit the earlier link first).
         self._forget_incoming(qid)
+
+    def finish(self, msg: QueuedMessage) -> None:
+        """``msg`` is delivered or bounced: keep its file as a spare (loop-only) if it holds
+        its descriptor, else remove it; either way its descriptor is closed or kept. On the
+        event loop: a rename (or an unlink and a close) is quicker than a thread hop."""
+        # A status file exists only once an attempt has been recorded (attempts ≥ 1).
+        status_file = msg.status.attempts > 0
+        fd = msg.fd
+        if fd is not None and self.recycle(msg.qid, fd, msg.offset + msg.size,
+                                           status_file=status_file):
+            msg.take_fd()  # the spool keeps the file open for the next message
+            return
+        self.remove(msg.qid, status_file=status_file)
+        msg.close()
 
     def remove(self, qid: str, *, status_file: bool = True) -> None:
         """The message is delivered or bounced: forget it (and its status file, if any)."""

@@ -22,14 +22,11 @@ _TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENOBUFS, errn
               errno.EMFILE, errno.ENFILE, errno.EAGAIN}
 
 
-def bind_socket(host: str, port: int, *, reuse_port: bool = False,
-                backlog: int = 4096) -> socket.socket:
+def bind_socket(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind((host, port))
@@ -73,7 +70,6 @@ class Listener:
         self.rate = rate
         self.has_room = has_room
         self.task: asyncio.Task[None] | None = None
-        self.throttled = 0  # connections that waited for the rate throttle
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -91,7 +87,6 @@ class Listener:
             self.limiter.rate = self.rate()  # follows a reload
             wait = self.limiter.delay(time.time())
             if wait > 0:
-                self.throttled += 1
                 await asyncio.sleep(wait)
                 continue
             while not self.has_room():

@@ -25,7 +25,14 @@ from mailgate.policy import (
     check_sender,
     sender_domain_reply,
 )
-from mailgate.queue.spool import Envelope, IncomingMessage, Recipient, Spool, SpoolError
+from mailgate.queue.spool import (
+    Envelope,
+    IncomingMessage,
+    QueuedMessage,
+    Recipient,
+    Spool,
+    SpoolError,
+)
 from mailgate.reply import Reply
 from mailgate.smtp import dsn_params
 from mailgate.smtp.headers import (
@@ -66,7 +73,7 @@ class SessionHost(Protocol):
 
     def flush_domain(self, domain: str, *, subdomains: bool = False) -> None: ...
 
-    def message_committed(self, qid: str, incoming: IncomingMessage | None = None) -> None: ...
+    def message_queued(self, queued: QueuedMessage) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,15 +131,6 @@ class Session:
         self.tls: tls.Session | None = None
         self.early_talker = False
         self.tx: Transaction | None = None
-        self._handlers: dict[str, Callable[[str], Answer | Awaitable[Answer]]] = {
-            "HELO": lambda arg: self._hello(arg, esmtp=False),
-            "EHLO": lambda arg: self._hello(arg, esmtp=True),
-            "MAIL": self.mail, "RCPT": self.rcpt, "DATA": lambda arg: self.data(arg, 0),
-            "RSET": self.rset, "NOOP": self.noop,
-            "QUIT": self.quit, "HELP": self.help, "VRFY": self.vrfy, "EXPN": self.expn,
-            "VERB": self.verb, "ETRN": self.etrn, "STARTTLS": self.starttls,
-            "AUTH": self.auth, "BDAT": self.bdat,
-        }
 
     # -- the connect stage ---------------------------------------------------------------------
     def greeting(self) -> Answer:
@@ -159,7 +157,7 @@ class Session:
     async def command(self, cmd: Command, *, pipelined: int = 0) -> Answer:
         """The answer to one command; ``pipelined`` is how many bytes the client sent behind
         it that are not read yet (DATA must have none)."""
-        handler = self._handlers.get(cmd.verb)
+        handler = _HANDLERS.get(cmd.verb)
         if handler is None:
             return Answer(Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'),
                           bad=True)
@@ -168,7 +166,7 @@ class Session:
             return Answer(refused, bad=True)
         if cmd.verb == "DATA":
             return self.data(cmd.arg, pipelined)
-        answer = handler(cmd.arg)
+        answer = handler(self, cmd.arg)
         return answer if isinstance(answer, Answer) else await answer
 
     def _hello(self, arg: str, esmtp: bool) -> Answer:
@@ -317,11 +315,7 @@ class Session:
             body_8bit=tx.body_8bit, smtputf8=tx.smtputf8, envid=tx.params.get("ENVID"),
             ret=(tx.params.get("RET") or "").upper() or None,
         )
-        try:
-            tx.msg = spool.open_incoming(envelope)
-        except SpoolError as exc:
-            maillog.error(f"cannot accept message: {exc}")
-            return Answer(_NO_STORAGE)
+        tx.msg = spool.open_incoming(envelope)  # no file yet: nothing to fail here
         tx.headers = HeaderScanner()
         return Answer(Reply(354, None, 'Enter mail, end with "." on a line by itself'))
 
@@ -393,13 +387,13 @@ class Session:
             return accepted
         self.before_wait()
         try:
-            await self.host.spool.commit(msg, lock=True)
+            queued = await self.host.spool.commit(msg, lock=True)
         except SpoolError as exc:
             maillog.error(f"{qid}: {exc}")
             return Answer(_NO_STORAGE)
         maillog.received(qid, tx.sender, msg.size, len(tx.recipients), tx.msgid,
                          msg.envelope.proto, self.relay_text)
-        self.host.message_committed(qid, msg)
+        self.host.message_queued(queued)
         return accepted
 
     def _fail_data(self, reply: Reply, log: str | None = None) -> Answer:
@@ -502,3 +496,14 @@ class Session:
     def connection_closed(self) -> None:
         if self.tx is not None or self.helo is not None:
             self.log_session_end()
+
+
+# The verbs, by name (built once: a session is made per connection).
+_HANDLERS: dict[str, Callable[[Session, str], Answer | Awaitable[Answer]]] = {
+    "HELO": lambda s, arg: s._hello(arg, esmtp=False),
+    "EHLO": lambda s, arg: s._hello(arg, esmtp=True),
+    "MAIL": Session.mail, "RCPT": Session.rcpt, "DATA": lambda s, arg: s.data(arg, 0),
+    "RSET": Session.rset, "NOOP": Session.noop, "QUIT": Session.quit, "HELP": Session.help,
+    "VRFY": Session.vrfy, "EXPN": Session.expn, "VERB": Session.verb, "ETRN": Session.etrn,
+    "STARTTLS": Session.starttls, "AUTH": Session.auth, "BDAT": Session.bdat,
+}

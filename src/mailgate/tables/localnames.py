@@ -7,13 +7,7 @@ from pathlib import Path
 from mailgate.address import canon_domain
 from mailgate.tables.maps import TableError, iter_lines
 
-__all__ = ["canon_name", "read_names"]
-
-
-def canon_name(name: str) -> str:
-    """Lower-case, trailing dot removed: the form every table lookup uses."""
-    name = name.lower()
-    return name[:-1] if name.endswith(".") and len(name) > 1 else name
+__all__ = ["read_names"]
 
 
 def read_names(path: Path | None) -> frozenset[str]:

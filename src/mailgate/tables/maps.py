@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Self
 
 from mailgate.errors import SourceError, where
-from mailgate.reply import split_enhanced
+from mailgate.reply import Reply, split_enhanced
 
 __all__ = [
     "ErrorValue",
@@ -58,6 +58,12 @@ class ErrorValue:
     code: int
     dsn: str | None
     text: str
+
+    def reply(self, addr: str | None) -> Reply:
+        """Sendmail prefixes permanent errors with ``<addr>...``, temporary ones not (§4, §5)."""
+        if self.code >= 500 and addr is not None:
+            return Reply(self.code, self.dsn, f"{addr}... {self.text}")
+        return Reply(self.code, self.dsn, self.text)
 
 
 def read_text(path: Path | None) -> str:
