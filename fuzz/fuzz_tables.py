@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -52,8 +53,25 @@ QUERIES = (
     ("2001:db8::5", "host.example.com", "User+tag", "sub.example.com"),
     ("10.1.2.3", "a..b", "", ""),
 )
-_shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-DIR = Path(tempfile.mkdtemp(prefix="mailgate-fuzz-", dir=_shm))
+
+
+def work_dir() -> Path:
+    """A folder for the table files, in memory where there is /dev/shm. libFuzzer ends the
+    process without running exit handlers, so each run removes what dead runs left."""
+    base = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    for old in base.glob("mailgate-fuzz-tables-*"):
+        try:
+            os.kill(int(old.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
+    path = base / f"mailgate-fuzz-tables-{os.getpid()}"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+DIR = work_dir()
 
 
 def with_table(field: str, table: Any) -> Tables:
