@@ -204,6 +204,6 @@ def stamp(head: bytes, facts: StampFacts) -> Stamped:
     # Keep a headers-only message as it was; otherwise one empty line ends the headers.
     had_blank = head[len(header):len(header) + 2] == b"\r\n"
     sep = b"\r\n" if had_blank or body or not header else b""
-    # surrogateescape: a HELO name or address in non-UTF-8 bytes goes back out as it came.
+    # surrogateescape: a HELO name in non-UTF-8 bytes goes back out as it came.
     return Stamped(recv.encode("utf-8", "surrogateescape") + header
                    + extra.encode("utf-8", "surrogateescape") + sep + body, msgid, hops, warning)
