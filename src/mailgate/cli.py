@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = snapshot.config
     maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
     for w in snapshot.warnings():
-        maillog.warning(f"warning: {w}")
+        maillog.config_warning(w)
     try:
         master.run(args.config, snapshot)
     except OSError as exc:

@@ -90,7 +90,7 @@ class Gateway:
             self.scheduler.submit(qid, max(due, now) + random.uniform(0, min(5.0, len(recovered)
                                                                              * 0.001)))
         if recovered:
-            maillog.info(f"recovered {len(recovered)} queued message(s) from {cfg.spool_dir}")
+            maillog.recovered(len(recovered), cfg.spool_dir)
         socks = self.sockets if self.sockets is not None else [
             bind_socket(host, port) for host, port in cfg.listen]
         for sock in socks:
@@ -109,14 +109,13 @@ class Gateway:
             self._statistics_every(STATISTICS_INTERVAL))
         self._scan_task = asyncio.get_running_loop().create_task(self._queue_runs())
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
-        maillog.info(f"starting daemon (mailgate): SMTP on {listen}, "
-                     f"config {cfg.source}, queue {cfg.spool_dir}")
+        maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
 
     def _new_session(self) -> SmtpServerProtocol:
         return SmtpServerProtocol(self)
 
     async def stop(self) -> None:
-        maillog.info("stopping: no new connections, finishing deliveries in progress")
+        maillog.stopping()
         for listener in self.listeners:
             await listener.close()
         for s in list(self.sessions):
@@ -143,15 +142,15 @@ class Gateway:
         config = snapshot.config
         old = self.snapshot.config
         if config.listen != old.listen or config.spool_dir != old.spool_dir:
-            maillog.warning("listen and spool_dir changes take effect only after a restart")
+            maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
             self.delivery.resolver = self.resolver
         maillog.setup(config.hostname, config.log.file, config.log.level)
         self.snapshot = snapshot
         for w in snapshot.warnings():
-            maillog.warning(f"warning: {w}")
-        maillog.info(f"configuration reloaded from {config.source}")
+            maillog.config_warning(w)
+        maillog.reloaded(config.source)
         return True
 
     # -- what sessions call --------------------------------------------------------------------
@@ -180,14 +179,13 @@ class Gateway:
         if not self.stressed and open_now >= mark:
             self.stressed = True
             self.counters["stress"] += 1
-            maillog.warning(f"stress: {open_now} of {smtp.max_connections} sessions open; "
-                            f"command and DATA timeouts now {smtp.stress_timeout:g}s")
+            maillog.stress_started(open_now, smtp.max_connections, smtp.stress_timeout)
             for session in list(self.sessions):
                 session.timeouts_changed()
         elif self.stressed and open_now < mark * 0.9:
             self.stressed = False
-            maillog.info(f"stress over: {open_now} of {smtp.max_connections} sessions open; "
-                         f"timeouts back to {smtp.command_timeout:g}s / {smtp.data_timeout:g}s")
+            maillog.stress_ended(open_now, smtp.max_connections, smtp.command_timeout,
+                                 smtp.data_timeout)
 
     def timeouts(self) -> tuple[float, float]:
         """The command and DATA timeouts in force now (shorter under stress)."""
@@ -291,8 +289,7 @@ class Gateway:
             if not self.scheduler.knows(qid) and (self.spool.queue / qid).exists():
                 self.scheduler.submit(qid, clock if now or due is None else max(due, clock))
         if found:
-            maillog.info(f"queue run: {len(found)} message(s) found in "
-                         f"{self.snapshot.config.spool_dir} that no runner here had")
+            maillog.queue_scan(len(found), self.snapshot.config.spool_dir)
         return len(found)
 
     async def _queue_runs(self) -> None:
@@ -311,9 +308,8 @@ class Gateway:
         names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
                  "bad_rcpt_disconnects", "per_ip_limit", "connect_refused", "bare_newline",
                  "improper_pipelining", "stress")
-        text = ", ".join(f"{n}={c[n]}" for n in names)
-        maillog.info(f"statistics: {text}, sessions_now={len(self.sessions)}, "
-                     f"queued={self.scheduler.queued}, delivering={self.scheduler.active}")
+        maillog.statistics({n: c[n] for n in names}, len(self.sessions), self.scheduler.queued,
+                           self.scheduler.active)
 
     async def _statistics_every(self, interval: float) -> None:
         while True:

@@ -56,7 +56,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     moved = spool.recover_incoming()
     spool.close()
     if moved:
-        maillog.info(f"recovered {moved} acknowledged message(s) from {cfg.spool_dir}/incoming")
+        maillog.recovered_incoming(moved, cfg.spool_dir)
     running = snapshot  # the newest config that passed its check: what a new worker starts with
     counts = SharedCounts(workers)  # connection counts for the whole daemon
     children: dict[int, int] = {}  # pid → worker index
@@ -71,7 +71,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 _run_worker(config_path, running, sockets, index, workers,
                             tuple(dead[index]), counts)
             except BaseException as exc:
-                maillog.error(f"worker {index} failed: {exc!r}")
+                maillog.worker_failed(index, exc)
                 code = 1
             finally:
                 os._exit(code)
@@ -101,7 +101,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         spawn(i)
     if cfg.pid_file:
         cfg.pid_file.write_text(f"{os.getpid()}\n")
-    maillog.info(f"master {os.getpid()}: {workers} workers")
+    maillog.master_started(os.getpid(), workers)
     try:
         while children:
             try:
@@ -112,8 +112,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
                 break
             index = children.pop(pid, None)
             if index is not None and not stopping:
-                maillog.error(f"worker {index} (pid {pid}) exited with status {status}; "
-                              "restarting it")
+                maillog.worker_exited(index, pid, status)
                 counts.clear_row(index)  # its sessions died with it
                 time.sleep(1)
                 dead[index].append(pid)

@@ -62,5 +62,5 @@ def try_reload(path: str | Path | None) -> Snapshot | None:
     try:
         return build_snapshot(load_config(path))
     except (ConfigError, TableError) as exc:
-        maillog.error(f"reload refused, keeping the running configuration: {exc}")
+        maillog.reload_refused(exc)
         return None

@@ -341,5 +341,5 @@ async def reschedule(ctx: DeliveryContext, msg: QueuedMessage, now: float, at: f
         # The status on disk stays as it was (it is replaced whole or not at all); what this
         # attempt delivered may be delivered again (at-least-once, as after a crash here). The
         # message keeps its back-off rather than the scheduler's 5 minutes after an error.
-        maillog.error(f"{msg.qid}: cannot record the delivery status: {exc}")
+        maillog.status_write_failed(msg.qid, exc)
     return at

@@ -75,7 +75,7 @@ async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     the bounce (a full disk): the caller keeps those recipients pending."""
     env = msg.envelope
     if not env.sender or env.is_bounce:
-        maillog.info(f"{env.qid}: bounce for null sender not sent: {reason}")
+        maillog.bounce_not_sent(env.qid, reason)
         return True
     wanted = [d for r, d in recipients if wants(r, "FAILURE")]
     if not wanted:
@@ -83,7 +83,7 @@ async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     try:
         bounce_qid = await queue_dsn(ctx, snap, msg, wanted)
     except (OSError, SpoolError) as exc:
-        maillog.error(f"{env.qid}: cannot queue the bounce, will try again: {exc}")
+        maillog.bounce_queue_failed(env.qid, exc)
         return False
     maillog.dsn_created(env.qid, bounce_qid, reason)
     return True
@@ -98,7 +98,7 @@ async def send_receipts(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage
         receipt_qid = await queue_dsn(ctx, snap, msg, receipts)
     except (OSError, SpoolError) as exc:
         # The message is delivered; delivering it again for want of a receipt is worse.
-        maillog.error(f"{env.qid}: cannot queue the return receipt: {exc}")
+        maillog.receipt_queue_failed(env.qid, exc)
     else:
         maillog.dsn_created(env.qid, receipt_qid, "Return receipt")
 
@@ -110,7 +110,7 @@ async def warn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     try:
         await queue_dsn(ctx, snap, msg, recipients, warning_hours=hours)
     except (OSError, SpoolError) as exc:
-        maillog.error(f"{msg.envelope.qid}: cannot queue the delay warning: {exc}")
+        maillog.warning_queue_failed(msg.envelope.qid, exc)
         return False
     return True
 

@@ -240,7 +240,7 @@ class _Attempt:
 
     def __init__(self, cand: Candidate, transcript: Callable[[str], None] | None) -> None:
         self.cand = cand
-        self.relay = f"{cand.name}. [{cand.ip}]" if cand.name != cand.ip else f"[{cand.ip}]"
+        self.relay = maillog.next_hop_name(cand.name, cand.ip)
         self.lines: list[str] = []
         self._transcript = transcript
 
@@ -324,10 +324,9 @@ class SmtpMailer:
             timeouts=self.timeouts, source_address=self.source_address, transcript=at.record,
             tls_context=self.tls_context)
         if client.tls is not None:
-            maillog.info(f"STARTTLS=client, relay={at.relay}, {client.tls.for_maillog()}")
+            maillog.starttls_client(at.relay, client.tls)
         elif client.tls_failure is not None:
-            maillog.info(f"STARTTLS=client, error: {client.tls_failure}, relay={at.relay}; "
-                         "going on in clear")
+            maillog.starttls_client_failed(at.relay, client.tls_failure)
         return client
 
     async def _try_candidate(self, message: QueuedMessage, cand: Candidate,

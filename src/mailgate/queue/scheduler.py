@@ -146,7 +146,7 @@ class Scheduler:
             raise
         except Exception as exc:
             # A bug or an unexpected I/O error must not lose the message: retry it later.
-            maillog.error(f"{qid}: delivery attempt failed: {exc!r}")
+            maillog.attempt_failed(qid, exc)
             next_time = time.time() + 300
         finally:
             self._active.discard(qid)

@@ -578,11 +578,9 @@ class Spool:
         if low != self._low:
             self._low = low
             if low:
-                maillog.warning(f"low on space ({free} bytes free in {self.root}, min_free is "
-                                f"{min_free}): refusing mail")
+                maillog.low_space(free, self.root, min_free)
             else:
-                maillog.info(f"space available again ({free} bytes free in {self.root}): "
-                             "accepting mail")
+                maillog.space_available(free, self.root)
         return free - size >= min_free
 
     # -- spare files -----------------------------------------------------------------------------
@@ -725,8 +723,7 @@ class Spool:
                 except OSError as exc:
                     # Kept where it is (a full disk can refuse the link): the next start-up
                     # tries again; an acknowledged message is never dropped for want of room.
-                    maillog.error(f"cannot recover {p}: {exc.strerror or exc}; left for the "
-                                  "next start")
+                    maillog.recover_failed(p, exc.strerror or exc)
                     continue
         if done:
             self._fsync_queue_dir()

@@ -96,7 +96,7 @@ class Listener:
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
-                        maillog.error(f"accept: {exc.strerror}; pausing 100 ms")
+                        maillog.accept_error(exc.strerror)
                         await asyncio.sleep(0.1)
                     continue
                 raise

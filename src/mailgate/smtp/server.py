@@ -250,7 +250,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         except _Closing:
             pass
         except Exception as exc:  # never let one session's bug kill the daemon
-            maillog.error(f"session with {self.relay_text} failed: {exc!r}")
+            maillog.session_failed(self.relay_text, exc)
             with contextlib.suppress(Exception):
                 self.send(Reply(421, "4.3.0", f"{self.snap.config.hostname} Internal error; "
                                               "closing connection"))
@@ -311,8 +311,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                 timeout = data_timeout - (now - data_since) if in_data \
                     else command_timeout - (now - waiting_since)
                 if timeout <= 0 or not await self.wait_input(timeout):
-                    maillog.info(f"timeout waiting for input from {self.relay_text} "
-                                 f"during {'DATA' if in_data else 'command'}")
+                    maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
                     self.send(Reply(421, "4.4.2", f"{cfg.hostname} Lost input channel: "
                                                   "timeout; closing connection"))
                     return
@@ -338,15 +337,13 @@ class SmtpServerProtocol(asyncio.Protocol):
                 await self.answer(Answer(event.reply, bad=True))
             elif isinstance(event, ConnectionClosed):
                 if self.tls_error is not None:
-                    maillog.info(f"STARTTLS=server, error: read failed={self.tls_error!r}, "
-                                 f"relay={self.relay_text}")
+                    maillog.tls_read_failed(self.relay_text, self.tls_error)
                 session.connection_closed()
                 return
             if self.out_size >= FLUSH_AT:
                 self.flush()
             if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
-                maillog.info(f"timeout writing to {self.relay_text}: the client does not read "
-                             "its replies; closing connection")
+                maillog.write_timeout(self.relay_text)
                 return
 
     async def answer(self, answer: Answer) -> None:
@@ -360,7 +357,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                 self.bad_rcpts += 1
                 if smtp.bad_rcpt_throttle and self.bad_rcpts == smtp.bad_rcpt_throttle:
                     self.host.count("rcpt_throttled")
-                    maillog.info(f"{self.relay_text}: Possible SMTP RCPT flood, throttling.")
+                    maillog.rcpt_flood(self.relay_text)
             if throttled:
                 self.flush()
                 await asyncio.sleep(smtp.bad_rcpt_throttle_delay)
@@ -369,8 +366,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             # 4.2, CVE-2011-0411): dropped before the 220 goes out.
             dropped = self.conn.discard_pending()
             if dropped:
-                maillog.info(f"STARTTLS=server, relay={self.relay_text}: {dropped} bytes of "
-                             "plaintext pipelined after STARTTLS discarded")
+                maillog.starttls_plaintext_dropped(self.relay_text, dropped)
         self.send(answer.reply)
         if answer.rcpt and answer.refused and smtp.max_bad_rcpts \
                 and self.bad_rcpts >= smtp.max_bad_rcpts:
@@ -392,8 +388,7 @@ class SmtpServerProtocol(asyncio.Protocol):
     def refuse_framing(self, reply: Reply) -> None:
         """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
         self.host.count("bare_newline")
-        maillog.info(f"{self.relay_text}: {reply.text} in a command line (possible SMTP "
-                     "smuggling); closing connection")
+        maillog.bare_newline(self.relay_text, reply.text)
         self.send(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} "
                                                     f"{reply.text}"))
         raise _Closing
@@ -418,10 +413,9 @@ class SmtpServerProtocol(asyncio.Protocol):
             why = repr(self.tls_error) if self.tls_error is not None else (
                 "timeout" if not self.closed and not stream.peer_closed
                 else "connection closed")
-            maillog.info(f"STARTTLS=server, error: accept failed={why}, "
-                         f"relay={self.relay_text}")
+            maillog.starttls_accept_failed(self.relay_text, why)
             self.tls_error = self.tls_error or ssl.SSLError(why)
             raise _Closing
         described = tls.describe(stream.ssl_object, verify="NOT")
         self.session.tls_started(described)
-        maillog.info(f"STARTTLS=server, relay={self.relay_text}, {described.for_maillog()}")
+        maillog.starttls_server(self.relay_text, described)

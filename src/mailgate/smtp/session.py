@@ -143,8 +143,7 @@ class Session:
         refused (Sendmail's greet_pause)."""
         self.early_talker = True
         self.host.count("early_talkers")
-        maillog.info(f"rejecting commands from {self.relay_text} [{self.client.ip}] due to "
-                     f"pre-greeting traffic after {seconds} seconds")
+        maillog.early_talker(self.relay_text, self.client.ip, seconds)
         return Answer(Reply(554, None, f"{self.snap.config.hostname} ESMTP not accepting "
                                        "messages"))
 
@@ -301,8 +300,7 @@ class Session:
             # RFC 2920 3.1: DATA ends a pipelined group; bytes behind it were sent before the
             # client could see our 354, so it does not wait for replies (a spam engine, or a
             # smuggling attempt). Postfix 3.9 refuses it the same way.
-            maillog.info(f"improper command pipelining after DATA from {self.relay_text}: "
-                         f"{pipelined} bytes sent before the 354")
+            maillog.improper_pipelining(self.relay_text, pipelined)
             self.host.count("improper_pipelining")
             self.tx = None
             return Answer(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"),
@@ -350,7 +348,7 @@ class Session:
             smtputf8=env.smtputf8, tls=self.tls.for_received() if self.tls else None,
             authwarnings="authwarnings" in cfg.smtp.privacy))
         if stamped.warning is not None:
-            maillog.info(f"Authentication-Warning: {cfg.hostname}: {stamped.warning}")
+            maillog.auth_warning(cfg.hostname, stamped.warning)
         tx.msgid, tx.hops = stamped.msgid, stamped.hops
         try:
             tx.msg.write(stamped.data)
@@ -389,7 +387,7 @@ class Session:
         try:
             queued = await self.host.spool.commit(msg, lock=True)
         except SpoolError as exc:
-            maillog.error(f"{qid}: {exc}")
+            maillog.spool_error(qid, exc)
             return Answer(_NO_STORAGE)
         maillog.received(qid, tx.sender, msg.size, len(tx.recipients), tx.msgid,
                          msg.envelope.proto, self.relay_text)
@@ -401,14 +399,14 @@ class Session:
         if tx is not None and tx.msg is not None:
             tx.msg.discard()
             if log:
-                maillog.error(f"{tx.msg.envelope.qid}: {log}")
+                maillog.spool_error(tx.msg.envelope.qid, log)
         self.tx = None
         return Answer(reply)
 
     def data_failed(self, reply: Reply) -> Answer:
         tx = self.tx
         qid = tx.msg.envelope.qid if tx is not None and tx.msg is not None else "NOQUEUE"
-        maillog.info(f"{qid}: message from {self.relay_text} refused: {reply}")
+        maillog.message_refused(qid, self.relay_text, reply)
         return self._fail_data(reply)
 
     def abandon(self) -> None:
