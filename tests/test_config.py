@@ -171,6 +171,9 @@ BAD_CONFIGS = [
                  id="choice-fsync"),
     pytest.param('[tls]\ndelivery = "always"\n', 2,
                  """tls.delivery: must be "may" or "none", not 'always'""", id="choice-tls"),
+    pytest.param('[log]\nlevel = "loud"\n', 2,
+                 '''log.level: must be "debug" or "info" or "notice" or "warning" or "error", '''
+                 """not 'loud'""", id="choice-log-level"),
     pytest.param('[smtp]\nprivacy = ["novrfy", "nosuch"]\n', 2,
                  "smtp.privacy: unknown privacy flag 'nosuch'", id="privacy-flag"),
     pytest.param('hostname = "bad_host.example"\n', 1,

@@ -29,6 +29,7 @@ from typing import Any, Literal, TypeAlias, TypeVar, cast, get_args
 
 from mailgate import tls
 from mailgate.errors import SourceError
+from mailgate.maillog import Level
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -428,8 +429,9 @@ class TlsSettings:
 class LogSettings:
     file: Path | None = setting(
         _path_or_none, None, "maillog lines go here", shown="stderr", relative=True)
-    level: str = setting(
-        _str, "info", "`debug`, `info`, `notice`, `warning` or `error`: the least written")
+    level: Level = setting(
+        _one_of(get_args(Level)), "info",
+        "`debug`, `info`, `notice`, `warning` or `error`: the least written")
 
 
 @dataclass(frozen=True)
