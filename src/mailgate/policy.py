@@ -17,7 +17,6 @@ from mailgate.reply import Reply
 from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
 from mailgate.tables.access import Verdict
-from mailgate.tables.maps import ErrorValue
 
 ACCESS_DENIED = Reply(550, "5.7.1", "Access denied")
 
@@ -61,11 +60,6 @@ class Decision:
         return self.reply.is_positive
 
 
-def error_reply(err: ErrorValue, addr: str | None) -> Reply:
-    """``err.reply(addr)`` (kept for the callers here)."""
-    return err.reply(addr)
-
-
 def in_class(domain: str, names: frozenset[str], exact: bool) -> bool:
     if domain in names:
         return True
@@ -92,7 +86,7 @@ def connect_refusal(verdict: Verdict | None) -> Reply | None:
     if verdict.action == "REJECT":
         return ACCESS_DENIED
     if verdict.action == "ERROR" and verdict.error is not None:
-        return error_reply(verdict.error, None)
+        return verdict.error.reply(None)
     return None
 
 
@@ -133,7 +127,7 @@ def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config, *,
         if verdict.action == "REJECT":
             return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True)
         if verdict.action == "ERROR" and verdict.error is not None:
-            return Decision(error_reply(verdict.error, shown), logged_reject=True)
+            return Decision(verdict.error.reply(shown), logged_reject=True)
         if verdict.action == "DISCARD":
             return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"), discard=True)
         if verdict.action == "OK":
@@ -207,7 +201,7 @@ def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: b
                 return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"),
                                 logged_reject=True)
             if verdict.action == "ERROR" and verdict.error is not None:
-                return Decision(error_reply(verdict.error, shown), logged_reject=True)
+                return Decision(verdict.error.reply(shown), logged_reject=True)
             if verdict.action == "DISCARD":
                 return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
     if not client_relays and not may_relay_to(final, ctx, config.relay_hosts_only):
@@ -215,5 +209,5 @@ def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: b
     routes = resolve(final, ctx, expand=False)
     for route in routes:
         if route.mailer == "error" and route.error is not None:
-            return Decision(error_reply(route.error, shown), logged_reject=True)
+            return Decision(route.error.reply(shown), logged_reject=True)
     return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), routes=tuple(routes))
