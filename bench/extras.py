@@ -35,8 +35,14 @@ def rss_kib(pid: int) -> int:
 class Mailgate:
     """smtp-sink + mailgate with extra settings, as a context manager."""
 
-    def __init__(self, base: Path, name: str, args: Any,
-                 settings: dict[str, dict[str, str]], greeting: bool = True) -> None:
+    def __init__(
+        self,
+        base: Path,
+        name: str,
+        args: Any,
+        settings: dict[str, dict[str, str]],
+        greeting: bool = True,
+    ) -> None:
         self.greeting = greeting
         self.work = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
         self.args = args
@@ -60,8 +66,13 @@ class Mailgate:
 
 # -- 10,000 idle sessions ----------------------------------------------------------------------
 
-async def _open_idle(port: int, count: int, parallel: int, deadline: float,
-                     ) -> tuple[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], list[str]]:
+
+async def _open_idle(
+    port: int,
+    count: int,
+    parallel: int,
+    deadline: float,
+) -> tuple[list[tuple[asyncio.StreamReader, asyncio.StreamWriter]], list[str]]:
     held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     errors: list[str] = []
     sem = asyncio.Semaphore(parallel)
@@ -118,26 +129,38 @@ async def _idle(port: int, pid: int, count: int) -> dict[str, Any]:
     peak_kib = procstat.status_kib(pid, "VmHWM")
     for _r, w in held:
         w.close()
-    return {"wanted": count, "held": len(held), "alive_after_noop": alive,
-            "open_errors": errors[:5], "open_s": open_s,
-            "rss_base_mb": base_kib / 1024, "rss_held_mb": held_kib / 1024,
-            "rss_per_conn_kib": (held_kib - base_kib) / max(1, len(held)),
-            "vmhwm_mb": peak_kib / 1024, "polite_s": polite_s, "polite_error": polite_error}
+    return {
+        "wanted": count,
+        "held": len(held),
+        "alive_after_noop": alive,
+        "open_errors": errors[:5],
+        "open_s": open_s,
+        "rss_base_mb": base_kib / 1024,
+        "rss_held_mb": held_kib / 1024,
+        "rss_per_conn_kib": (held_kib - base_kib) / max(1, len(held)),
+        "vmhwm_mb": peak_kib / 1024,
+        "polite_s": polite_s,
+        "polite_error": polite_error,
+    }
 
 
 def idle(args: Any, base: Path, log: Log) -> dict[str, Any]:
-    settings = {"smtp": {"max_connections": str(args.idle_count + 2000),
-                         "max_connections_per_ip": "0"}}
+    settings = {
+        "smtp": {"max_connections": str(args.idle_count + 2000), "max_connections_per_ip": "0"}
+    }
     with Mailgate(base, "idle", args, settings) as mg:
         install_uvloop()
         res = asyncio.run(_idle(mg.relay.port, mg.relay.root, args.idle_count))
-    log(f"  idle: held {res['held']}/{res['wanted']} (alive {res['alive_after_noop']}), "
+    log(
+        f"  idle: held {res['held']}/{res['wanted']} (alive {res['alive_after_noop']}), "
         f"{res['rss_per_conn_kib']:.1f} KiB/conn, RSS {res['rss_held_mb']:.0f} MB, "
-        f"polite {res['polite_s'] * 1000:.0f} ms")
+        f"polite {res['polite_s'] * 1000:.0f} ms"
+    )
     return res
 
 
 # -- one 100 MB message ------------------------------------------------------------------------
+
 
 def _send_big(port: int, mb: int) -> float:
     """One message of ``mb`` MiB body through a blocking socket; returns seconds to the 250."""
@@ -191,13 +214,20 @@ def bigmsg(args: Any, base: Path, log: Log) -> dict[str, Any]:
             t = time.monotonic()
             delivered = mg.sink.counter.wait(2, 300, 60)
             relay_s = time.monotonic() - t
-        res = {"mb": args.bigmsg_mb, "accept_s": accept_s, "delivered": delivered,
-               "relay_after_250_s": relay_s, "rss_base_mb": base_kib / 1024,
-               "rss_peak_mb": sampler.peak_rss / 2**20,
-               "growth_mb": sampler.peak_rss / 2**20 - base_kib / 1024,
-               "vmhwm_mb": procstat.status_kib(pid, "VmHWM") / 1024}
-    log(f"  bigmsg: {res['mb']} MiB accepted in {accept_s:.1f}s, delivered={delivered}, "
-        f"RSS growth {res['growth_mb']:.1f} MB (peak {res['rss_peak_mb']:.0f} MB)")
+        res = {
+            "mb": args.bigmsg_mb,
+            "accept_s": accept_s,
+            "delivered": delivered,
+            "relay_after_250_s": relay_s,
+            "rss_base_mb": base_kib / 1024,
+            "rss_peak_mb": sampler.peak_rss / 2**20,
+            "growth_mb": sampler.peak_rss / 2**20 - base_kib / 1024,
+            "vmhwm_mb": procstat.status_kib(pid, "VmHWM") / 1024,
+        }
+    log(
+        f"  bigmsg: {res['mb']} MiB accepted in {accept_s:.1f}s, delivered={delivered}, "
+        f"RSS growth {res['growth_mb']:.1f} MB (peak {res['rss_peak_mb']:.0f} MB)"
+    )
     return res
 
 
@@ -260,8 +290,10 @@ def write_access(path: Path, lines: int, rng: random.Random) -> list[str]:
         for i in range(n_to):
             f.write(f"To:dest{i}.example\tRELAY\n")
     probes = rng.sample(ips, min(50_000, len(ips)))
-    probes += [f"127.{228 + rng.randrange(28)}.{rng.randrange(256)}.{rng.randrange(256)}"
-               for _ in range(100_000 - len(probes))]  # 127.228-255: in no entry
+    probes += [
+        f"127.{228 + rng.randrange(28)}.{rng.randrange(256)}.{rng.randrange(256)}"
+        for _ in range(100_000 - len(probes))
+    ]  # 127.228-255: in no entry
     rng.shuffle(probes)
     return probes
 
@@ -274,9 +306,14 @@ def access(args: Any, base: Path, log: Log) -> dict[str, Any]:
         (work / "probes").write_text("\n".join(probes))
         mg = MailgateRelay.__new__(MailgateRelay)
         mg.pythonpath = args.pythonpath
-        r = subprocess.run([sys.executable, "-c", ACCESS_PROBE, str(table), str(work / "probes"),
-                            "10"], capture_output=True, text=True, timeout=600, env=mg.env(),
-                           check=False)
+        r = subprocess.run(
+            [sys.executable, "-c", ACCESS_PROBE, str(table), str(work / "probes"), "10"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=mg.env(),
+            check=False,
+        )
         if r.returncode != 0:
             raise RuntimeError(r.stderr[-2000:])
         res: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
@@ -284,12 +321,15 @@ def access(args: Any, base: Path, log: Log) -> dict[str, Any]:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    log(f"  access: {res['entries']} entries loaded in {res['load_s']:.2f}s "
-        f"(+{res['rss_growth_mb']:.0f} MB), {res['lookups_per_s'] / 1000:.0f}k lookups/s")
+    log(
+        f"  access: {res['entries']} entries loaded in {res['load_s']:.2f}s "
+        f"(+{res['rss_growth_mb']:.0f} MB), {res['lookups_per_s'] / 1000:.0f}k lookups/s"
+    )
     return res
 
 
 # -- greet pause 5 s under 200 new connections per second --------------------------------------
+
 
 async def _greet(port: int, pid: int, rate: int, seconds: float, pause: float) -> dict[str, Any]:
     n = int(rate * seconds)
@@ -320,11 +360,16 @@ async def _greet(port: int, pid: int, rate: int, seconds: float, pause: float) -
             w.close()
 
     await asyncio.gather(*(one(i) for i in range(n)))
-    return {"connections": n, "greeted_220": codes.get("220", 0), "codes": codes,
-            "errors": errors[:5], "n_errors": len(errors),
-            "delay_min_s": min(delays) if delays else None,
-            "delay_median_s": statistics.median(delays) if delays else None,
-            "delay_max_s": max(delays) if delays else None}
+    return {
+        "connections": n,
+        "greeted_220": codes.get("220", 0),
+        "codes": codes,
+        "errors": errors[:5],
+        "n_errors": len(errors),
+        "delay_min_s": min(delays) if delays else None,
+        "delay_median_s": statistics.median(delays) if delays else None,
+        "delay_max_s": max(delays) if delays else None,
+    }
 
 
 def greet(args: Any, base: Path, log: Log) -> dict[str, Any]:
@@ -335,20 +380,35 @@ def greet(args: Any, base: Path, log: Log) -> dict[str, Any]:
         base_kib = rss_kib(pid)
         install_uvloop()
         with procstat.Sampler(pid, interval=0.05, pss_every=1000) as sampler:
-            res = asyncio.run(_greet(mg.relay.port, pid, args.greet_rate, args.greet_seconds,
-                                     pause))
-        res.update({"rate": args.greet_rate, "seconds": args.greet_seconds, "pause_s": pause,
-                    "rss_base_mb": base_kib / 1024, "rss_peak_mb": sampler.peak_rss / 2**20})
-    log(f"  greet: {res['greeted_220']}/{res['connections']} got 220 after "
-        f"{res['delay_min_s']:.2f}–{res['delay_max_s']:.2f}s, peak RSS {res['rss_peak_mb']:.0f} MB")
+            res = asyncio.run(
+                _greet(mg.relay.port, pid, args.greet_rate, args.greet_seconds, pause)
+            )
+        res.update(
+            {
+                "rate": args.greet_rate,
+                "seconds": args.greet_seconds,
+                "pause_s": pause,
+                "rss_base_mb": base_kib / 1024,
+                "rss_peak_mb": sampler.peak_rss / 2**20,
+            }
+        )
+    log(
+        f"  greet: {res['greeted_220']}/{res['connections']} got 220 after "
+        f"{res['delay_min_s']:.2f}–{res['delay_max_s']:.2f}s, peak RSS {res['rss_peak_mb']:.0f} MB"
+    )
     return res
 
 
 # -- glue --------------------------------------------------------------------------------------
 
+
 def run_selected(args: Any, base: Path, report: dict[str, Any], log: Log) -> None:
-    for flag, name, fn in (("idle", "idle", idle), ("bigmsg", "bigmsg", bigmsg),
-                           ("access", "access", access), ("greet", "greet", greet)):
+    for flag, name, fn in (
+        ("idle", "idle", idle),
+        ("bigmsg", "bigmsg", bigmsg),
+        ("access", "access", access),
+        ("greet", "greet", greet),
+    ):
         if getattr(args, flag):
             log(f"{name}:")
             try:
@@ -365,38 +425,59 @@ def markdown(report: dict[str, Any]) -> list[str]:
     out += ["### mailgate alone", "", "| test | result | target |", "|---|---|---|"]
     r = report.get("idle")
     if r:
-        out.append("| idle sessions (EHLO, then wait) | " + (
-            f"error: {r['error'][:150]}" if "error" in r else
-            f"{r['held']}/{r['wanted']} held, {r['alive_after_noop']} answered NOOP after; RSS "
-            f"{r['rss_base_mb']:.0f} → {r['rss_held_mb']:.0f} MB = "
-            f"{r['rss_per_conn_kib']:.1f} KiB/connection; opened in {r['open_s']:.1f} s; polite "
-            f"client's whole transaction {r['polite_s'] * 1000:.0f} ms"
-            + (f" ({r['polite_error']})" if r["polite_error"] else ""))
-            + " | all held, < 25 KiB each, polite < 1 s |")
+        out.append(
+            "| idle sessions (EHLO, then wait) | "
+            + (
+                f"error: {r['error'][:150]}"
+                if "error" in r
+                else f"{r['held']}/{r['wanted']} held, {r['alive_after_noop']} answered NOOP "
+                f"after; RSS {r['rss_base_mb']:.0f} → {r['rss_held_mb']:.0f} MB = "
+                f"{r['rss_per_conn_kib']:.1f} KiB/connection; opened in {r['open_s']:.1f} s; "
+                f"polite client's whole transaction {r['polite_s'] * 1000:.0f} ms"
+                + (f" ({r['polite_error']})" if r["polite_error"] else "")
+            )
+            + " | all held, < 25 KiB each, polite < 1 s |"
+        )
     r = report.get("bigmsg")
     if r:
-        out.append("| one big message | " + (
-            f"error: {r['error'][:150]}" if "error" in r else
-            f"{r['mb']} MiB: 250 after {r['accept_s']:.1f} s, at the sink "
-            f"{r['relay_after_250_s']:.1f} s later (delivered: {r['delivered']}); RSS "
-            f"{r['rss_base_mb']:.0f} → peak {r['rss_peak_mb']:.0f} MB = growth "
-            f"{r['growth_mb']:.1f} MB") + " | growth < 32 MB |")
+        out.append(
+            "| one big message | "
+            + (
+                f"error: {r['error'][:150]}"
+                if "error" in r
+                else f"{r['mb']} MiB: 250 after {r['accept_s']:.1f} s, at the sink "
+                f"{r['relay_after_250_s']:.1f} s later (delivered: {r['delivered']}); RSS "
+                f"{r['rss_base_mb']:.0f} → peak {r['rss_peak_mb']:.0f} MB = growth "
+                f"{r['growth_mb']:.1f} MB"
+            )
+            + " | growth < 32 MB |"
+        )
     r = report.get("access")
     if r:
-        out.append("| access table | " + (
-            f"error: {r['error'][:150]}" if "error" in r else
-            f"{r['lines']:,} lines ({r['entries']:,} entries) loaded in {r['load_s']:.2f} s "
-            f"(+{r['rss_growth_mb']:.0f} MB RSS); `.connect(ip, None)`: "
-            f"{r['lookups_per_s']:,.0f} lookups/s ({r['hit_fraction']:.0%} hits)")
-            + " | load < 3 s, ≥ 500k lookups/s |")
+        out.append(
+            "| access table | "
+            + (
+                f"error: {r['error'][:150]}"
+                if "error" in r
+                else f"{r['lines']:,} lines ({r['entries']:,} entries) loaded in "
+                f"{r['load_s']:.2f} s (+{r['rss_growth_mb']:.0f} MB RSS); `.connect(ip, None)`: "
+                f"{r['lookups_per_s']:,.0f} lookups/s ({r['hit_fraction']:.0%} hits)"
+            )
+            + " | load < 3 s, ≥ 500k lookups/s |"
+        )
     r = report.get("greet")
     if r:
-        out.append("| greet_pause 5 s | " + (
-            f"error: {r['error'][:150]}" if "error" in r else
-            f"{r['connections']} connections at {r['rate']}/s: {r['greeted_220']} got 220 "
-            f"after {r['delay_min_s']:.2f} / {r['delay_median_s']:.2f} / {r['delay_max_s']:.2f}"
-            f" s (min/median/max), {r['n_errors']} errors, replies {r['codes']}; RSS "
-            f"{r['rss_base_mb']:.0f} → peak {r['rss_peak_mb']:.0f} MB")
-            + " | all greeted after ~5 s |")
+        out.append(
+            "| greet_pause 5 s | "
+            + (
+                f"error: {r['error'][:150]}"
+                if "error" in r
+                else f"{r['connections']} connections at {r['rate']}/s: {r['greeted_220']} got 220 "
+                f"after {r['delay_min_s']:.2f} / {r['delay_median_s']:.2f} / {r['delay_max_s']:.2f}"
+                f" s (min/median/max), {r['n_errors']} errors, replies {r['codes']}; RSS "
+                f"{r['rss_base_mb']:.0f} → peak {r['rss_peak_mb']:.0f} MB"
+            )
+            + " | all greeted after ~5 s |"
+        )
     out.append("")
     return out

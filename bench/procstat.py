@@ -27,7 +27,7 @@ def _stat_fields(pid: int) -> list[str] | None:
     except OSError:
         return None
     # The command name is in parentheses and may contain spaces: split after the last ')'.
-    return raw[raw.rfind(")") + 2:].split()
+    return raw[raw.rfind(")") + 2 :].split()
 
 
 def all_parents() -> dict[int, int]:
@@ -121,8 +121,9 @@ class Sampler:
     master) can be followed.
     """
 
-    def __init__(self, root: int, interval: float = 0.05, pss_every: int = 10,
-                 max_seconds: float = 3600.0) -> None:
+    def __init__(
+        self, root: int, interval: float = 0.05, pss_every: int = 10, max_seconds: float = 3600.0
+    ) -> None:
         self.root = root
         self.interval = interval
         self.pss_every = pss_every
@@ -175,8 +176,9 @@ def snapshot_all() -> dict[int, tuple[int, str]]:
     return out
 
 
-def foreign_cpu(before: dict[int, tuple[int, str]], after: dict[int, tuple[int, str]],
-                ours: set[int]) -> tuple[float, list[tuple[float, int, str]]]:
+def foreign_cpu(
+    before: dict[int, tuple[int, str]], after: dict[int, tuple[int, str]], ours: set[int]
+) -> tuple[float, list[tuple[float, int, str]]]:
     """CPU seconds used between two snapshots by processes alive in both and not in ``ours``
     (other people's load on the machine); also the top three as (seconds, pid, name)."""
     used = []

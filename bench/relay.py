@@ -62,8 +62,13 @@ def cpu_busy() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
-def make_relay(kind: str, workdir: Path, sink_port: int, args: argparse.Namespace,
-               settings: dict[str, dict[str, str]] | None = None) -> Any:
+def make_relay(
+    kind: str,
+    workdir: Path,
+    sink_port: int,
+    args: argparse.Namespace,
+    settings: dict[str, dict[str, str]] | None = None,
+) -> Any:
     if kind == "mailgate":
         # Throughput and latency runs use one worker per CPU, as a production gateway on a
         # multi-core machine is configured (Postfix, too, spreads over the cores); the
@@ -77,8 +82,10 @@ def make_relay(kind: str, workdir: Path, sink_port: int, args: argparse.Namespac
 
 # -- throughput --------------------------------------------------------------------------------
 
-def throughput_run(kind: str, size: int, sessions: int, n: int, base: Path,
-                   args: argparse.Namespace) -> dict[str, Any]:
+
+def throughput_run(
+    kind: str, size: int, sessions: int, n: int, base: Path, args: argparse.Namespace
+) -> dict[str, Any]:
     """One relay, one case: warm up, then smtp-source N messages and wait for the sink."""
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
     sink = SmtpSink(work)
@@ -90,34 +97,41 @@ def throughput_run(kind: str, size: int, sessions: int, n: int, base: Path,
         warm = min(200, max(20, n // 20))
         w = run_smtp_source(relay.port, warm, min(sessions, warm), size, timeout=120)
         if not sink.counter.wait(warm, timeout=120, stall=30):
-            raise RuntimeError(f"warm-up: {sink.count}/{warm} arrived; "
-                               f"source said {w['output_tail']!r}")
+            raise RuntimeError(
+                f"warm-up: {sink.count}/{warm} arrived; source said {w['output_tail']!r}"
+            )
         time.sleep(0.5)
         root = relay.root
         cpu0 = procstat.tree_cpu(root)
         busy0, all0 = cpu_busy(), procstat.snapshot_all()
         with procstat.Sampler(root) as sampler:
-            src = run_smtp_source(relay.port, n, sessions, size,
-                                  timeout=args.max_seconds, stall=30)
+            src = run_smtp_source(relay.port, n, sessions, size, timeout=args.max_seconds, stall=30)
             sent = int(src["sent"])
             sink.counter.wait(warm + sent, timeout=args.max_seconds, stall=30)
             cpu1 = procstat.tree_cpu(root)
             busy1, all1 = cpu_busy(), procstat.snapshot_all()
             ours = set(procstat.tree(root)) | set(procstat.tree(os.getpid()))
-        arrivals = sink.counter.times[warm:warm + sent]
+        arrivals = sink.counter.times[warm : warm + sent]
         received = len(arrivals)
         t0 = float(src["start"])
-        res.update({
-            "sent": sent, "received": received, "lost": sent - received,
-            "stalled": src["stalled"], "source_rc": src["rc"],
-            "accept_s": float(src["wall"]), "accept_rate": sent / float(src["wall"]),
-            "e2e_s": (arrivals[-1] - t0) if arrivals else float("nan"),
-            "cpu_s": cpu1 - cpu0,
-            "cpu_per_1000": (cpu1 - cpu0) / max(1, received) * 1000,
-            "peak_rss_mb": sampler.peak_rss / 2**20, "peak_pss_mb": sampler.peak_pss / 2**20,
-            "peak_procs": sampler.peak_procs,
-            "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
-        })
+        res.update(
+            {
+                "sent": sent,
+                "received": received,
+                "lost": sent - received,
+                "stalled": src["stalled"],
+                "source_rc": src["rc"],
+                "accept_s": float(src["wall"]),
+                "accept_rate": sent / float(src["wall"]),
+                "e2e_s": (arrivals[-1] - t0) if arrivals else float("nan"),
+                "cpu_s": cpu1 - cpu0,
+                "cpu_per_1000": (cpu1 - cpu0) / max(1, received) * 1000,
+                "peak_rss_mb": sampler.peak_rss / 2**20,
+                "peak_pss_mb": sampler.peak_pss / 2**20,
+                "peak_procs": sampler.peak_procs,
+                "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+            }
+        )
         other_s, top = procstat.foreign_cpu(all0, all1, ours)
         span = max(1e-9, time.time() - t0)
         res["others_cores"] = other_s / span  # other people's processes, in cores
@@ -160,14 +174,27 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the runs that finished; lost is the worst run's."""
     done = [r for r in runs if "error" not in r]
     ok = [r for r in done if not r["lost"] and not r["stalled"]]
-    out: dict[str, Any] = {"runs": len(runs), "ok_runs": len(ok),
-                           "errors": [r["error"] for r in runs if "error" in r]
-                           + [f"lost {r['lost']}" for r in done if r["lost"]]}
+    out: dict[str, Any] = {
+        "runs": len(runs),
+        "ok_runs": len(ok),
+        "errors": [r["error"] for r in runs if "error" in r]
+        + [f"lost {r['lost']}" for r in done if r["lost"]],
+    }
     if not ok:
         return out
-    for key in ("accept_rate", "e2e_rate", "cpu_per_1000", "peak_rss_mb", "peak_pss_mb",
-                "lat_rank_p50_ms", "lat_rank_p99_ms", "machine_busy_pct", "accept_s", "e2e_s",
-                "others_cores"):
+    for key in (
+        "accept_rate",
+        "e2e_rate",
+        "cpu_per_1000",
+        "peak_rss_mb",
+        "peak_pss_mb",
+        "lat_rank_p50_ms",
+        "lat_rank_p99_ms",
+        "machine_busy_pct",
+        "accept_s",
+        "e2e_s",
+        "others_cores",
+    ):
         out[key] = statistics.median(r[key] for r in ok)
     out["lost"] = max(r["lost"] for r in done)  # the worst run, clean or not
     out["stalled"] = any(r["stalled"] for r in done)
@@ -193,8 +220,12 @@ def run_throughput(args: argparse.Namespace, base: Path, report: dict[str, Any])
                 r = throughput_run(kind, size, sessions, n, base, args)
                 runs[kind].append(r)
                 log(f"  {kind:8} {size}B/{sessions}s run {i + 1}: " + brief(r))
-        case = {"size": size, "sessions": sessions, "n": n,
-                "relays": {k: {"summary": summarize(v), "runs": v} for k, v in runs.items()}}
+        case = {
+            "size": size,
+            "sessions": sessions,
+            "n": n,
+            "relays": {k: {"summary": summarize(v), "runs": v} for k, v in runs.items()},
+        }
         out.append(case)
         report["throughput"] = out
         save(report, args)
@@ -204,16 +235,26 @@ def run_throughput(args: argparse.Namespace, base: Path, report: dict[str, Any])
 def brief(r: dict[str, Any]) -> str:
     if "error" in r:
         return f"ERROR {r['error'][:300]} (kept: {r.get('kept')})"
-    return (f"accept {r['accept_rate']:.0f}/s e2e {r['e2e_rate']:.0f}/s "
-            f"lost {r['lost']} cpu/1k {r['cpu_per_1000']:.2f}s "
-            f"rss {r['peak_rss_mb']:.0f}MB p99(rank) {r['lat_rank_p99_ms']:.0f}ms"
-            + (" STALLED" if r["stalled"] else ""))
+    return (
+        f"accept {r['accept_rate']:.0f}/s e2e {r['e2e_rate']:.0f}/s "
+        f"lost {r['lost']} cpu/1k {r['cpu_per_1000']:.2f}s "
+        f"rss {r['peak_rss_mb']:.0f}MB p99(rank) {r['lat_rank_p99_ms']:.0f}ms"
+        + (" STALLED" if r["stalled"] else "")
+    )
 
 
 # -- latency at a fixed rate -------------------------------------------------------------------
 
-def latency_run(kind: str, rate: float, seconds: float, sessions: int, size: int, base: Path,
-                args: argparse.Namespace) -> dict[str, Any]:
+
+def latency_run(
+    kind: str,
+    rate: float,
+    seconds: float,
+    sessions: int,
+    size: int,
+    base: Path,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
     """Python source at ``rate`` msgs/s → relay → Python sink; exact 250 → arrival per message
     (joined on the Message-Id the source generated)."""
     work = Path(tempfile.mkdtemp(prefix=f"lat-{kind}-", dir=base))
@@ -221,32 +262,70 @@ def latency_run(kind: str, rate: float, seconds: float, sessions: int, size: int
     sink_port = free_port()
     arr_file, sent_file = work / "arrivals.json", work / "sent.json"
     tool = [sys.executable, str(BENCH / "smtpbench.py")]
-    sink = subprocess.Popen([*tool, "sink", "--port", str(sink_port), "--count", str(n + 50),
-                             "--timeout", str(seconds + 120), "--out", str(arr_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=relays.own_session())
+    sink = subprocess.Popen(
+        [
+            *tool,
+            "sink",
+            "--port",
+            str(sink_port),
+            "--count",
+            str(n + 50),
+            "--timeout",
+            str(seconds + 120),
+            "--out",
+            str(arr_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=relays.own_session(),
+    )
     relays.prioritize(sink.pid)
     relay = make_relay(kind, work / "relay", sink_port, args)
-    res: dict[str, Any] = {"relay": kind, "rate": rate, "n": n, "sessions": sessions,
-                           "size": size}
+    res: dict[str, Any] = {"relay": kind, "rate": rate, "n": n, "sessions": sessions, "size": size}
     try:
         assert sink.stdout is not None
         if sink.stdout.readline().strip() != b"ready":
             raise RuntimeError("sink did not start")
         relay.start()
         # Warm-up: 50 messages at the same rate, not counted (Message-Ids of run "warm").
-        source = [*tool, "source", "--port", str(relay.port), "--rate", str(rate),
-                  "--sessions", str(sessions), "--size", str(size)]
-        subprocess.run([*source, "--count", "50", "--run", "warm",
-                        "--out", str(work / "warm.json")],
-                       timeout=120, check=False, capture_output=True)
+        source = [
+            *tool,
+            "source",
+            "--port",
+            str(relay.port),
+            "--rate",
+            str(rate),
+            "--sessions",
+            str(sessions),
+            "--size",
+            str(size),
+        ]
+        subprocess.run(
+            [*source, "--count", "50", "--run", "warm", "--out", str(work / "warm.json")],
+            timeout=120,
+            check=False,
+            capture_output=True,
+        )
         time.sleep(1)
         root = relay.root
         cpu0 = procstat.tree_cpu(root)
         with procstat.Sampler(root) as sampler:
-            subprocess.run([*source, "--count", str(n), "--run", "lat",
-                            "--timeout", str(seconds * 3 + 60), "--out", str(sent_file)],
-                           timeout=seconds * 3 + 120, check=False, capture_output=True)
+            subprocess.run(
+                [
+                    *source,
+                    "--count",
+                    str(n),
+                    "--run",
+                    "lat",
+                    "--timeout",
+                    str(seconds * 3 + 60),
+                    "--out",
+                    str(sent_file),
+                ],
+                timeout=seconds * 3 + 120,
+                check=False,
+                capture_output=True,
+            )
             try:
                 sink.wait(timeout=60)  # exits once n + 50 arrived
             except subprocess.TimeoutExpired:
@@ -256,17 +335,22 @@ def latency_run(kind: str, rate: float, seconds: float, sessions: int, size: int
         sent = json.loads(sent_file.read_text())
         lat = [arrivals[k] - v[1] for k, v in sent["sent"].items() if k in arrivals]
         lag = [v[1] - v[0] for v in sent["sent"].values()]  # due → 250 (source side)
-        res.update({
-            "sent": len(sent["sent"]), "received": len(lat),
-            "lost": len(sent["sent"]) - len(lat), "source_errors": sent["errors"][:5],
-            "achieved_rate": len(sent["sent"]) / max(1e-9, sent["end"] - sent["start"]),
-            "p50_ms": percentile(lat, 50) * 1000, "p99_ms": percentile(lat, 99) * 1000,
-            "max_ms": max(lat) * 1000 if lat else float("nan"),
-            "due_to_250_p50_ms": percentile(lag, 50) * 1000,
-            "due_to_250_p99_ms": percentile(lag, 99) * 1000,
-            "cpu_per_1000": (cpu1 - cpu0) / max(1, len(lat)) * 1000,
-            "peak_rss_mb": sampler.peak_rss / 2**20,
-        })
+        res.update(
+            {
+                "sent": len(sent["sent"]),
+                "received": len(lat),
+                "lost": len(sent["sent"]) - len(lat),
+                "source_errors": sent["errors"][:5],
+                "achieved_rate": len(sent["sent"]) / max(1e-9, sent["end"] - sent["start"]),
+                "p50_ms": percentile(lat, 50) * 1000,
+                "p99_ms": percentile(lat, 99) * 1000,
+                "max_ms": max(lat) * 1000 if lat else float("nan"),
+                "due_to_250_p50_ms": percentile(lag, 50) * 1000,
+                "due_to_250_p99_ms": percentile(lag, 99) * 1000,
+                "cpu_per_1000": (cpu1 - cpu0) / max(1, len(lat)) * 1000,
+                "peak_rss_mb": sampler.peak_rss / 2**20,
+            }
+        )
     except Exception as exc:
         res["error"] = repr(exc)
     finally:
@@ -288,8 +372,10 @@ def run_latency(args: argparse.Namespace, base: Path, report: dict[str, Any]) ->
                     # Sustainable peak: a relay cannot keep accepting faster than it delivers.
                     peak = min(s["e2e_rate"], s["accept_rate"])
         if peak is None:
-            log("latency: no measured mailgate peak (run with --cases incl. 1024:20:N, "
-                "or give --rate); skipped")
+            log(
+                "latency: no measured mailgate peak (run with --cases incl. 1024:20:N, "
+                "or give --rate); skipped"
+            )
             return
         rate = round(0.8 * peak)
         basis = f"80% of mailgate's 1 KiB/20-session peak ({peak:.0f}/s)"
@@ -297,15 +383,21 @@ def run_latency(args: argparse.Namespace, base: Path, report: dict[str, Any]) ->
     for kind in args.relays:
         r = latency_run(kind, rate, args.latency_seconds, 20, 1024, base, args)
         out["relays"][kind] = r
-        log(f"  latency {kind:8} at {rate}/s: " + (
-            f"ERROR {r['error']}" if "error" in r else
-            f"p50 {r['p50_ms']:.1f}ms p99 {r['p99_ms']:.1f}ms max {r['max_ms']:.0f}ms "
-            f"lost {r['lost']} achieved {r['achieved_rate']:.0f}/s"))
+        log(
+            f"  latency {kind:8} at {rate}/s: "
+            + (
+                f"ERROR {r['error']}"
+                if "error" in r
+                else f"p50 {r['p50_ms']:.1f}ms p99 {r['p99_ms']:.1f}ms max {r['max_ms']:.0f}ms "
+                f"lost {r['lost']} achieved {r['achieved_rate']:.0f}/s"
+            )
+        )
     report["latency"] = out
     save(report, args)
 
 
 # -- report ------------------------------------------------------------------------------------
+
 
 def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     model = "?"
@@ -314,8 +406,9 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    pf = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
-                        text=True, check=False).stdout.strip()
+    pf = subprocess.run(
+        ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
     mg = MailgateRelay.__new__(MailgateRelay)
     mg.pythonpath = args.pythonpath
     with open("/proc/loadavg") as f:
@@ -324,16 +417,32 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     with contextlib.suppress(Exception):  # which commit of which tree, and is it modified?
         tree = Path(version.split()[-1]).parent.parent
         git = ["git", "-C", str(tree)]
-        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=30, check=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True,
-                               text=True, timeout=30, check=True).stdout.strip()
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
         version += f" (git {head}{', with uncommitted changes' if dirty else ''})"
-    return {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "nproc": os.cpu_count(), "cpu": model, "kernel": platform.release(),
-            "python": platform.python_version(), "postfix": pf,
-            "mailgate": version, "loadavg_at_start": load,
-            "command": "python3 " + " ".join([os.path.relpath(__file__), *sys.argv[1:]])}
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postfix": pf,
+        "mailgate": version,
+        "loadavg_at_start": load,
+        "command": "python3 " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
+    }
 
 
 def save(report: dict[str, Any], args: argparse.Namespace) -> None:
@@ -360,28 +469,36 @@ def ratio(a: Any, b: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
-    lines = [f"- date: {m['date']}", f"- machine: {m['nproc']} cores, {m['cpu']}, "
-             f"Linux {m['kernel']}, Python {m['python']}",
-             f"- Postfix {m['postfix']}; mailgate {m['mailgate']}",
-             f"- extra mailgate settings: {report['args'].get('mailgate_set') or 'none'}",
-             f"- load average when started: {' '.join(m['loadavg_at_start'])}; harness, "
-             f"relays, source and sink at nice {report['args'].get('nice', 0)}",
-             f"- command: `{m['command']}`", ""]
+    lines = [
+        f"- date: {m['date']}",
+        f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
+        f"- Postfix {m['postfix']}; mailgate {m['mailgate']}",
+        f"- extra mailgate settings: {report['args'].get('mailgate_set') or 'none'}",
+        f"- load average when started: {' '.join(m['loadavg_at_start'])}; harness, "
+        f"relays, source and sink at nice {report['args'].get('nice', 0)}",
+        f"- command: `{m['command']}`",
+        "",
+    ]
     if report.get("throughput"):
-        lines += ["### Throughput (smtp-source → relay → smtp-sink; medians of "
-                  f"{report['args']['runs']} runs)", "",
-                  "| case | relay | accept msg/s | end-to-end msg/s | lost | CPU s/1000 msgs"
-                  " | peak RSS MB (PSS) | 250→sink p50/p99 ms (rank-matched) | machine busy % |"
-                  " others' load (cores) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "### Throughput (smtp-source → relay → smtp-sink; medians of "
+            f"{report['args']['runs']} runs)",
+            "",
+            "| case | relay | accept msg/s | end-to-end msg/s | lost | CPU s/1000 msgs"
+            " | peak RSS MB (PSS) | 250→sink p50/p99 ms (rank-matched) | machine busy % |"
+            " others' load (cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         ratios = []
         for case in report["throughput"]:
             label = f"{case['size'] // 1024} KiB / {case['sessions']} sess / N={case['n']}"
             sums = {k: v["summary"] for k, v in case["relays"].items()}
             for kind, s in sums.items():
                 if not s.get("ok_runs"):
-                    lines.append(f"| {label} | {kind} | failed: {s.get('errors', [''])[0][:120]}"
-                                 " | | | | | | | |")
+                    lines.append(
+                        f"| {label} | {kind} | failed: {s.get('errors', [''])[0][:120]}"
+                        " | | | | | | | |"
+                    )
                     continue
                 bad = "" if s["ok_runs"] == s["runs"] else f" ({s['ok_runs']}/{s['runs']} ok)"
                 lines.append(
@@ -390,57 +507,81 @@ def markdown(report: dict[str, Any]) -> str:
                     f" {fmt(s['cpu_per_1000'], '.2f')} |"
                     f" {fmt(s['peak_rss_mb'])} ({fmt(s['peak_pss_mb'])}) |"
                     f" {fmt(s['lat_rank_p50_ms'])} / {fmt(s['lat_rank_p99_ms'])} |"
-                    f" {fmt(s['machine_busy_pct'])} | {fmt(s['others_cores'], '.2f')} |")
+                    f" {fmt(s['machine_busy_pct'])} | {fmt(s['others_cores'], '.2f')} |"
+                )
             a, b = sums.get("mailgate", {}), sums.get("postfix", {})
-            ratios.append(f"| {label} | {ratio(a.get('accept_rate'), b.get('accept_rate'))} | "
-                          f"{ratio(a.get('e2e_rate'), b.get('e2e_rate'))} | "
-                          f"{ratio(a.get('cpu_per_1000'), b.get('cpu_per_1000'))} | "
-                          f"{ratio(a.get('peak_rss_mb'), b.get('peak_rss_mb'))} | "
-                          f"{ratio(a.get('peak_pss_mb'), b.get('peak_pss_mb'))} |")
-        failures = [f"- {c['size'] // 1024} KiB / {c['sessions']} sess, {kind} run {i}: "
-                    + (f"error {r['error'][:200]}" if "error" in r else f"lost {r['lost']}")
-                    + (f"; sink exited ({r['sink_exit']})" if r.get("sink_exit") is not None
-                       else "") + (f"; kept {r['kept']}" if r.get("kept") else "")
-                    for c in report["throughput"] for kind, v in c["relays"].items()
-                    for i, r in enumerate(v["runs"], 1)
-                    if "error" in r or r.get("lost") or r.get("stalled")]
+            ratios.append(
+                f"| {label} | {ratio(a.get('accept_rate'), b.get('accept_rate'))} | "
+                f"{ratio(a.get('e2e_rate'), b.get('e2e_rate'))} | "
+                f"{ratio(a.get('cpu_per_1000'), b.get('cpu_per_1000'))} | "
+                f"{ratio(a.get('peak_rss_mb'), b.get('peak_rss_mb'))} | "
+                f"{ratio(a.get('peak_pss_mb'), b.get('peak_pss_mb'))} |"
+            )
+        failures = [
+            f"- {c['size'] // 1024} KiB / {c['sessions']} sess, {kind} run {i}: "
+            + (f"error {r['error'][:200]}" if "error" in r else f"lost {r['lost']}")
+            + (f"; sink exited ({r['sink_exit']})" if r.get("sink_exit") is not None else "")
+            + (f"; kept {r['kept']}" if r.get("kept") else "")
+            for c in report["throughput"]
+            for kind, v in c["relays"].items()
+            for i, r in enumerate(v["runs"], 1)
+            if "error" in r or r.get("lost") or r.get("stalled")
+        ]
         if failures:
-            lines += ["", "Runs left out of the medians (failed, lost or stalled):", "",
-                      *failures]
-        lines += ["", "mailgate / Postfix:", "",
-                  "| case | accept | end-to-end | CPU per msg | peak RSS | peak PSS |",
-                  "|---|---|---|---|---|---|", *ratios, ""]
-        lines += ["Per run:", "", "| case | relay | run | accept/s | e2e/s | lost | CPU s/1k |"
-                  " RSS MB | busy % | others' load: top processes (cores) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += ["", "Runs left out of the medians (failed, lost or stalled):", "", *failures]
+        lines += [
+            "",
+            "mailgate / Postfix:",
+            "",
+            "| case | accept | end-to-end | CPU per msg | peak RSS | peak PSS |",
+            "|---|---|---|---|---|---|",
+            *ratios,
+            "",
+        ]
+        lines += [
+            "Per run:",
+            "",
+            "| case | relay | run | accept/s | e2e/s | lost | CPU s/1k |"
+            " RSS MB | busy % | others' load: top processes (cores) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for case in report["throughput"]:
             label = f"{case['size'] // 1024} KiB / {case['sessions']} sess"
             for kind, v in case["relays"].items():
                 for i, r in enumerate(v["runs"], 1):
                     if "error" in r:
-                        lines.append(f"| {label} | {kind} | {i} | error: {r['error'][:150]} |"
-                                     " | | | | | |")
+                        lines.append(
+                            f"| {label} | {kind} | {i} | error: {r['error'][:150]} | | | | | | |"
+                        )
                         continue
-                    lines.append(f"| {label} | {kind} | {i} | {fmt(r['accept_rate'])} |"
-                                 f" {fmt(r['e2e_rate'])} | {r['lost']} |"
-                                 f" {fmt(r['cpu_per_1000'], '.2f')} | {fmt(r['peak_rss_mb'])} |"
-                                 f" {fmt(r['machine_busy_pct'])} |"
-                                 f" {', '.join(r['others_top'])} |")
+                    lines.append(
+                        f"| {label} | {kind} | {i} | {fmt(r['accept_rate'])} |"
+                        f" {fmt(r['e2e_rate'])} | {r['lost']} |"
+                        f" {fmt(r['cpu_per_1000'], '.2f')} | {fmt(r['peak_rss_mb'])} |"
+                        f" {fmt(r['machine_busy_pct'])} |"
+                        f" {', '.join(r['others_top'])} |"
+                    )
         lines.append("")
     lat = report.get("latency")
     if lat:
-        lines += [f"### Latency at {lat['rate']} msgs/s ({lat['basis']}), 1 KiB, ≤ 20 sessions,"
-                  " Python source → relay → Python sink, exact per-message join", "",
-                  "| relay | sent | lost | achieved msg/s | 250→sink p50 ms | p99 ms | max ms |"
-                  " CPU s/1000 | peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"### Latency at {lat['rate']} msgs/s ({lat['basis']}), 1 KiB, ≤ 20 sessions,"
+            " Python source → relay → Python sink, exact per-message join",
+            "",
+            "| relay | sent | lost | achieved msg/s | 250→sink p50 ms | p99 ms | max ms |"
+            " CPU s/1000 | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for kind, r in lat["relays"].items():
             if "error" in r:
                 lines.append(f"| {kind} | error: {r['error'][:150]} | | | | | | | |")
                 continue
-            lines.append(f"| {kind} | {r['sent']} | {r['lost']} | {fmt(r['achieved_rate'])} |"
-                         f" {fmt(r['p50_ms'], '.1f')} | {fmt(r['p99_ms'], '.1f')} |"
-                         f" {fmt(r['max_ms'])} | {fmt(r['cpu_per_1000'], '.2f')} |"
-                         f" {fmt(r['peak_rss_mb'])} |")
+            lines.append(
+                f"| {kind} | {r['sent']} | {r['lost']} | {fmt(r['achieved_rate'])} |"
+                f" {fmt(r['p50_ms'], '.1f')} | {fmt(r['p99_ms'], '.1f')} |"
+                f" {fmt(r['max_ms'])} | {fmt(r['cpu_per_1000'], '.2f')} |"
+                f" {fmt(r['peak_rss_mb'])} |"
+            )
         lines.append("")
     lines += extras.markdown(report)
     return "\n".join(lines) + "\n"
@@ -448,17 +589,26 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--all", action="store_true",
-                    help="throughput cases + latency + idle + bigmsg + access + greet")
-    ap.add_argument("--cases", default=None,
-                    help=f"SIZE:SESSIONS:N,... (default with --all/--throughput: "
-                         f"{DEFAULT_CASES})")
+    ap.add_argument(
+        "--all",
+        action="store_true",
+        help="throughput cases + latency + idle + bigmsg + access + greet",
+    )
+    ap.add_argument(
+        "--cases",
+        default=None,
+        help=f"SIZE:SESSIONS:N,... (default with --all/--throughput: {DEFAULT_CASES})",
+    )
     ap.add_argument("--throughput", action="store_true", help="run the default cases")
     ap.add_argument("--runs", type=int, default=3, help="runs per case and relay (median)")
     ap.add_argument("--relays", default="mailgate,postfix", help="which relays, in run order")
     ap.add_argument("--latency", action="store_true", help="fixed-rate 250→sink latency run")
-    ap.add_argument("--rate", type=float, default=0,
-                    help="latency run rate (default: 80%% of mailgate's measured peak)")
+    ap.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        help="latency run rate (default: 80%% of mailgate's measured peak)",
+    )
     ap.add_argument("--latency-seconds", type=float, default=15)
     ap.add_argument("--idle", action="store_true", help="10,000 idle sessions + polite client")
     ap.add_argument("--idle-count", type=int, default=10_000)
@@ -466,31 +616,57 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bigmsg-mb", type=int, default=100)
     ap.add_argument("--access", action="store_true", help="1,000,000-line access table")
     ap.add_argument("--access-lines", type=int, default=1_000_000)
-    ap.add_argument("--greet", action="store_true",
-                    help="greet_pause 5s with 200 new connections/s")
+    ap.add_argument(
+        "--greet", action="store_true", help="greet_pause 5s with 200 new connections/s"
+    )
     ap.add_argument("--greet-rate", type=int, default=200)
     ap.add_argument("--greet-seconds", type=float, default=10)
-    ap.add_argument("--max-seconds", type=float, default=300,
-                    help="bound for one measured run (also: 30 s without progress = stalled)")
-    ap.add_argument("--pythonpath", default=None,
-                    help="prepend to PYTHONPATH for mailgate (e.g. another checkout's src)")
-    ap.add_argument("--nice", type=int, default=-10,
-                    help="run the harness, relays, source and sink at this nice level "
-                         "(as root; 0 = leave it)")
-    ap.add_argument("--sched-group", choices=("own", "shared"), default="shared",
-                    help="own: each relay, the source and the sink in a session (scheduling "
-                         "autogroup) of its own, as separately started daemons; shared: all "
-                         "in the harness's session, as when started from one shell")
-    ap.add_argument("--mailgate-set", action="append", default=[], metavar="[SECTION.]KEY=VALUE",
-                    help="extra mailgate setting for every mailgate started, VALUE in TOML, "
-                         "e.g. workers=0 or smtp.max_connections=30000 (repeatable)")
-    ap.add_argument("--no-snapshot", action="store_true",
-                    help="run mailgate from its tree as it is at each start, instead of from "
-                         "a copy of its package taken when the benchmark starts")
+    ap.add_argument(
+        "--max-seconds",
+        type=float,
+        default=300,
+        help="bound for one measured run (also: 30 s without progress = stalled)",
+    )
+    ap.add_argument(
+        "--pythonpath",
+        default=None,
+        help="prepend to PYTHONPATH for mailgate (e.g. another checkout's src)",
+    )
+    ap.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="run the harness, relays, source and sink at this nice level (as root; 0 = leave it)",
+    )
+    ap.add_argument(
+        "--sched-group",
+        choices=("own", "shared"),
+        default="shared",
+        help="own: each relay, the source and the sink in a session (scheduling "
+        "autogroup) of its own, as separately started daemons; shared: all "
+        "in the harness's session, as when started from one shell",
+    )
+    ap.add_argument(
+        "--mailgate-set",
+        action="append",
+        default=[],
+        metavar="[SECTION.]KEY=VALUE",
+        help="extra mailgate setting for every mailgate started, VALUE in TOML, "
+        "e.g. workers=0 or smtp.max_connections=30000 (repeatable)",
+    )
+    ap.add_argument(
+        "--no-snapshot",
+        action="store_true",
+        help="run mailgate from its tree as it is at each start, instead of from "
+        "a copy of its package taken when the benchmark starts",
+    )
     ap.add_argument("--json", default=None, help="write all results here (JSON)")
     ap.add_argument("--report", default=None, help="write the markdown tables here")
-    ap.add_argument("--workdir", default="/var/tmp", help="where temp dirs go (same disk "
-                    "for both relays' queues)")
+    ap.add_argument(
+        "--workdir",
+        default="/var/tmp",
+        help="where temp dirs go (same disk for both relays' queues)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep temp dirs (logs, queues)")
     args = ap.parse_args(argv)
     args.relays = [r for r in args.relays.split(",") if r]
@@ -502,8 +678,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.throughput and not args.cases:
         args.cases = DEFAULT_CASES
     if not (args.cases or args.latency or args.idle or args.bigmsg or args.access or args.greet):
-        ap.error("nothing to do: give --all or some of --throughput/--cases/--latency/--idle/"
-                 "--bigmsg/--access/--greet")
+        ap.error(
+            "nothing to do: give --all or some of --throughput/--cases/--latency/--idle/"
+            "--bigmsg/--access/--greet"
+        )
     if os.geteuid() != 0 and "postfix" in args.relays and (args.cases or args.latency):
         ap.error("run as root (Postfix's private instance needs it)")
     for tool in ("smtp-source", "smtp-sink", "postfix"):
@@ -534,8 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         # Pin the code under test: every mailgate of this invocation runs from a copy taken
         # now, even if someone edits the tree meanwhile.
         pkg = Path(report["machine"]["mailgate"].split()[1]).parent
-        shutil.copytree(pkg, base / "mailgate-src" / "mailgate",
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            pkg, base / "mailgate-src" / "mailgate", ignore=shutil.ignore_patterns("__pycache__")
+        )
         args.pythonpath = str(base / "mailgate-src")
         report["machine"]["mailgate"] += f"; snapshot of {pkg} taken at start"
     log(f"bench dir {base}; {report['machine']}")

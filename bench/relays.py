@@ -37,6 +37,8 @@ SCHED_GROUP = "shared"
 
 def own_session() -> bool:
     return SCHED_GROUP == "own"
+
+
 # relay.py --mailgate-set: {"section": {"key": "toml value"}}, "" = top level; applied last.
 EXTRA_SETTINGS: dict[str, dict[str, str]] = {}
 BIN_DIR: Path | None = None  # set by relay.py: private copies of smtp-sink / smtp-source
@@ -141,7 +143,7 @@ class CounterReader:
             cut = max(pending.rfind("\r"), pending.rfind("\n"))
             if cut < 0:
                 continue
-            done, pending = pending[: cut + 1], pending[cut + 1:]
+            done, pending = pending[: cut + 1], pending[cut + 1 :]
             for m in self.pattern.finditer(("\n" if not self.times else "\r") + done):
                 value = int(m.group(1))
                 while len(self.times) < value:
@@ -170,8 +172,11 @@ class SmtpSink:
         self.workdir = workdir
         self.proc = subprocess.Popen(
             [tool("smtp-sink"), "-u", "root", "-c", "-m", "1000", f"{HOST}:{self.port}", "1024"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=workdir,
-            start_new_session=own_session())
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            start_new_session=own_session(),
+        )
         prioritize(self.proc.pid)
         self.counter = CounterReader(self.proc, "mesg=")
         wait_banner(self.port, 10, self.proc)
@@ -198,14 +203,29 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 20.0) -> None:
         proc.wait(10)
 
 
-def run_smtp_source(port: int, n: int, sessions: int, size: int, timeout: float,
-                    stall: float = 30.0) -> dict[str, object]:
+def run_smtp_source(
+    port: int, n: int, sessions: int, size: int, timeout: float, stall: float = 30.0
+) -> dict[str, object]:
     """``smtp-source -c -s C -m N -l S``; returns wall time, count and the 250 times."""
-    cmd = [tool("smtp-source"), "-c", "-s", str(sessions), "-m", str(n), "-l", str(size),
-           "-f", "sender@example.org", "-t", "user@bench.example", f"{HOST}:{port}"]
+    cmd = [
+        tool("smtp-source"),
+        "-c",
+        "-s",
+        str(sessions),
+        "-m",
+        str(n),
+        "-l",
+        str(size),
+        "-f",
+        "sender@example.org",
+        "-t",
+        "user@bench.example",
+        f"{HOST}:{port}",
+    ]
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=own_session())
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=own_session()
+    )
     prioritize(proc.pid)
     counter = CounterReader(proc)
     deadline = time.monotonic() + timeout
@@ -226,37 +246,56 @@ def run_smtp_source(port: int, n: int, sessions: int, size: int, timeout: float,
         stop_process(proc, 2)
     proc.wait(10)
     counter.thread.join(5)
-    return {"cmd": " ".join(cmd), "wall": end - start, "start": start, "end": end,
-            "sent": counter.count, "times": counter.times, "rc": proc.returncode,
-            "stalled": stalled, "output_tail": counter.text_tail[-500:]}
+    return {
+        "cmd": " ".join(cmd),
+        "wall": end - start,
+        "start": start,
+        "end": end,
+        "sent": counter.count,
+        "times": counter.times,
+        "rc": proc.returncode,
+        "stalled": stalled,
+        "output_tail": counter.text_tail[-500:],
+    }
 
 
 # -- mailgate ----------------------------------------------------------------------------------
 
+
 class MailgateRelay:
     name = "mailgate"
 
-    def __init__(self, workdir: Path, sink_port: int, settings: dict[str, dict[str, str]],
-                 pythonpath: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        sink_port: int,
+        settings: dict[str, dict[str, str]],
+        pythonpath: str | None = None,
+    ) -> None:
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.sink_port = sink_port
         self.pythonpath = pythonpath
         sections: dict[str, dict[str, str]] = {
-            "smtp": {"greet_pause": '"0s"', "check_sender_domain": "false",
-                     "max_connections_per_ip": "0",
-                     # Sendmail's ConnectionRateThrottle default (100/s) would cap a
-                     # one-message-per-connection load at 100 msgs/s; Postfix has no
-                     # such limit by default.
-                     "connection_rate_throttle": "0"},
+            "smtp": {
+                "greet_pause": '"0s"',
+                "check_sender_domain": "false",
+                "max_connections_per_ip": "0",
+                # Sendmail's ConnectionRateThrottle default (100/s) would cap a
+                # one-message-per-connection load at 100 msgs/s; Postfix has no
+                # such limit by default.
+                "connection_rate_throttle": "0",
+            },
             "queue": {"max_deliveries": "200"},
             "log": {"file": f'"{self.dir / "maillog"}"'},
         }
         for sec, kv in [*settings.items(), *EXTRA_SETTINGS.items()]:
             sections.setdefault(sec, {}).update(kv)
-        text = (f'hostname = "gateway.example.com"\nlisten = ["{HOST}:{self.port}"]\n'
-                f'spool_dir = "spool"\n')
+        text = (
+            f'hostname = "gateway.example.com"\nlisten = ["{HOST}:{self.port}"]\n'
+            f'spool_dir = "spool"\n'
+        )
         text += "".join(f"{k} = {v}\n" for k, v in sections.pop("", {}).items())
         for sec, kv in sections.items():
             text += f"\n[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items())
@@ -281,8 +320,12 @@ class MailgateRelay:
         self.log = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mailgate.cli", "serve", "-c", str(self.config)],
-            stdout=self.log, stderr=self.log, cwd=self.dir, env=self.env(),
-            start_new_session=own_session())
+            stdout=self.log,
+            stderr=self.log,
+            cwd=self.dir,
+            env=self.env(),
+            start_new_session=own_session(),
+        )
         prioritize(self.proc.pid)
         try:
             if greeting:
@@ -291,8 +334,9 @@ class MailgateRelay:
                 wait_listening(self.port, 30, self.proc)
         except RuntimeError as exc:
             self.stop()
-            raise RuntimeError(f"mailgate did not start: {exc}: "
-                               f"{(self.dir / 'stderr.log').read_text()[-2000:]}") from exc
+            raise RuntimeError(
+                f"mailgate did not start: {exc}: {(self.dir / 'stderr.log').read_text()[-2000:]}"
+            ) from exc
         return self
 
     @property
@@ -301,9 +345,18 @@ class MailgateRelay:
         return self.proc.pid
 
     def version(self) -> str:
-        out = subprocess.run([sys.executable, "-c", "import mailgate, importlib.metadata as m;"
-                              "print(m.version('mailgate'), mailgate.__file__)"],
-                             capture_output=True, text=True, env=self.env(), timeout=30)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import mailgate, importlib.metadata as m;"
+                "print(m.version('mailgate'), mailgate.__file__)",
+            ],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=30,
+        )
         return out.stdout.strip()
 
     def stop(self) -> None:
@@ -395,21 +448,30 @@ alias_database =
 biff = no
 """)
         (self.etc / "master.cf").write_text(
-            f"{HOST}:{self.port} inet n - n - - smtpd\n" + MASTER_CF_SERVICES)
+            f"{HOST}:{self.port} inet n - n - - smtpd\n" + MASTER_CF_SERVICES
+        )
 
     def log_tail(self, chars: int = 800) -> str:
         return tail(self.maillog, chars)
 
     def postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["postfix", "-c", str(self.etc), *args], capture_output=True,
-                              text=True, timeout=timeout, check=False)
+        return subprocess.run(
+            ["postfix", "-c", str(self.etc), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
 
     def start(self) -> PostfixRelay:
         if not own_session():
             # "postfix start" daemonises the master, which calls setsid(); start-fg keeps it
             # in our session, hence in the same scheduling group as everything else.
-            self.fg = subprocess.Popen(["postfix", "-c", str(self.etc), "start-fg"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.fg = subprocess.Popen(
+                ["postfix", "-c", str(self.etc), "start-fg"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 wait_banner(self.port, 30)
             except RuntimeError:
@@ -438,8 +500,13 @@ biff = no
             return -1
 
     def version(self) -> str:
-        r = subprocess.run(["postconf", "-d", "-h", "mail_version"], capture_output=True,
-                           text=True, timeout=30, check=False)
+        r = subprocess.run(
+            ["postconf", "-d", "-h", "mail_version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
         return r.stdout.strip()
 
     def stop(self) -> None:

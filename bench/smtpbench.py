@@ -45,6 +45,7 @@ def install_uvloop() -> None:
 
 # -- sink --------------------------------------------------------------------------------------
 
+
 class SinkState:
     def __init__(self, count: int) -> None:
         self.count = count
@@ -109,8 +110,10 @@ class SinkProtocol(asyncio.Protocol):
             del self.buf[: j + 2]
             verb = line[:4].upper()
             if verb == b"EHLO":
-                out.append(b"250-bench-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
-                           b"250-SIZE 0\r\n250 ENHANCEDSTATUSCODES\r\n")
+                out.append(
+                    b"250-bench-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                    b"250-SIZE 0\r\n250 ENHANCEDSTATUSCODES\r\n"
+                )
             elif verb == b"DATA":
                 self.in_data = True
                 self.scan_from = 0
@@ -133,8 +136,9 @@ class SinkProtocol(asyncio.Protocol):
 async def run_sink(host: str, port: int, count: int, timeout: float, out: str) -> int:
     state = SinkState(count)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: SinkProtocol(state), host, port, backlog=1024,
-                                      reuse_address=True)
+    server = await loop.create_server(
+        lambda: SinkProtocol(state), host, port, backlog=1024, reuse_address=True
+    )
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -147,17 +151,27 @@ async def run_sink(host: str, port: int, count: int, timeout: float, out: str) -
         w.cancel()
     server.close()
     with open(out, "w") as f:
-        json.dump({"messages": state.messages, "no_id": state.no_id, "bytes": state.bytes,
-                   "arrivals": state.arrivals}, f)
+        json.dump(
+            {
+                "messages": state.messages,
+                "no_id": state.no_id,
+                "bytes": state.bytes,
+                "arrivals": state.arrivals,
+            },
+            f,
+        )
     return 0
 
 
 # -- source ------------------------------------------------------------------------------------
 
+
 def make_message(run: str, seq: int, size: int) -> bytes:
-    head = (f"From: <sender@example.org>\r\nTo: <user@bench.example>\r\n"
-            f"Subject: bench {run} {seq}\r\nMessage-Id: <{run}.{seq}@bench.example>\r\n"
-            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n")
+    head = (
+        f"From: <sender@example.org>\r\nTo: <user@bench.example>\r\n"
+        f"Subject: bench {run} {seq}\r\nMessage-Id: <{run}.{seq}@bench.example>\r\n"
+        f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n\r\n"
+    )
     line = b"X" * 76 + b"\r\n"
     body = line * (size // len(line)) + b"Y" * (size % len(line)) + b"\r\n"
     return head.encode() + body
@@ -176,6 +190,7 @@ async def send_one(host: str, port: int, message: bytes, timeout: float) -> floa
     """One SMTP session, one message (as smtp-source without -d); returns the 250 time."""
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     try:
+
         async def cmd(line: bytes | None, want: int) -> None:
             if line is not None:
                 writer.write(line)
@@ -200,8 +215,17 @@ async def send_one(host: str, port: int, message: bytes, timeout: float) -> floa
             await writer.wait_closed()
 
 
-async def run_source(host: str, port: int, count: int, rate: float, sessions: int, size: int,
-                     run: str, out: str, timeout: float) -> int:
+async def run_source(
+    host: str,
+    port: int,
+    count: int,
+    rate: float,
+    sessions: int,
+    size: int,
+    run: str,
+    out: str,
+    timeout: float,
+) -> int:
     """Message ``i`` is due at start + i/rate (open loop, at most ``sessions`` at once)."""
     sent: dict[str, list[float]] = {}
     errors: list[str] = []
@@ -228,8 +252,9 @@ async def run_source(host: str, port: int, count: int, rate: float, sessions: in
     await asyncio.gather(*(worker() for _ in range(sessions)))
     end = time.time()
     with open(out, "w") as f:
-        json.dump({"start": start, "end": end, "sent": sent, "errors": errors,
-                   "attempted": next_seq}, f)
+        json.dump(
+            {"start": start, "end": end, "sent": sent, "errors": errors, "attempted": next_seq}, f
+        )
     return 0 if not errors else 1
 
 
@@ -257,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     host = loopback(a.host)
     if a.cmd == "sink":
         return asyncio.run(run_sink(host, a.port, a.count, a.timeout, a.out))
-    return asyncio.run(run_source(host, a.port, a.count, a.rate, a.sessions, a.size, a.run,
-                                  a.out, a.timeout))
+    return asyncio.run(
+        run_source(host, a.port, a.count, a.rate, a.sessions, a.size, a.run, a.out, a.timeout)
+    )
 
 
 if __name__ == "__main__":

@@ -103,31 +103,50 @@ def hop1() -> Iterator[SinkServer]:
 
 
 @pytest.fixture(scope="module")
-def stages(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-           hop1: SinkServer) -> Iterator[GatewayProcess]:
+def stages(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer
+) -> Iterator[GatewayProcess]:
     """The issue's settings (short delays), blocklist_recipients off, also on [::1]."""
-    smtp = ('greet_pause = "0.3s"\nbad_rcpt_throttle = 1\nbad_rcpt_throttle_delay = "0.3s"\n'
-            "connection_rate_throttle = 0\n")
-    gw = make_gateway(tmp_path_factory.mktemp("stages"), dns, hop1.port, free_port(MXHOST),
-                      access=access_text(STAGES_ACCESS), smtp=smtp, host="127.0.0.13")
+    smtp = (
+        'greet_pause = "0.3s"\nbad_rcpt_throttle = 1\nbad_rcpt_throttle_delay = "0.3s"\n'
+        "connection_rate_throttle = 0\n"
+    )
+    gw = make_gateway(
+        tmp_path_factory.mktemp("stages"),
+        dns,
+        hop1.port,
+        free_port(MXHOST),
+        access=access_text(STAGES_ACCESS),
+        smtp=smtp,
+        host="127.0.0.13",
+    )
     port6 = free_port6()
     text = gw.config.read_text()
     listen = f'listen = ["127.0.0.13:{gw.port}"]'
     assert listen in text
-    gw.config.write_text(text.replace(listen, f'listen = ["127.0.0.13:{gw.port}", '
-                                              f'"[::1]:{port6}"]'))
+    gw.config.write_text(
+        text.replace(listen, f'listen = ["127.0.0.13:{gw.port}", "[::1]:{port6}"]')
+    )
     gw.port6 = port6  # type: ignore[attr-defined]
     with gw:
         yield gw
 
 
 @pytest.fixture(scope="module")
-def blocklist(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-              hop1: SinkServer) -> Iterator[GatewayProcess]:
+def blocklist(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer
+) -> Iterator[GatewayProcess]:
     smtp = 'greet_pause = "0s"\nbad_rcpt_throttle = 0\n'
-    gw = make_gateway(tmp_path_factory.mktemp("blocklist"), dns, hop1.port, free_port(MXHOST),
-                      access=access_text(BLOCKLIST_ACCESS), smtp=smtp, host="127.0.0.14",
-                      extra="[access]\nblocklist_recipients = true\n")
+    gw = make_gateway(
+        tmp_path_factory.mktemp("blocklist"),
+        dns,
+        hop1.port,
+        free_port(MXHOST),
+        access=access_text(BLOCKLIST_ACCESS),
+        smtp=smtp,
+        host="127.0.0.14",
+        extra="[access]\nblocklist_recipients = true\n",
+    )
     with gw:
         yield gw
 
@@ -157,15 +176,19 @@ CONNECT_CASES = [
 
 
 @pytest.mark.parametrize(("source", "refusal", "relays"), CONNECT_CASES)
-def test_connect_stage(stages: GatewayProcess, source: str, refusal: str | None,
-                       relays: bool) -> None:
+def test_connect_stage(
+    stages: GatewayProcess, source: str, refusal: str | None, relays: bool
+) -> None:
     c, greeting, _ = greet(stages, source)
     with c:
         assert greeting.code == 220  # a Connect refusal still greets
         assert c.cmd("EHLO client.example.net").code == 250
         if refusal is not None:
-            for line in ("MAIL FROM:<alice@example.org>", "RCPT TO:<bob@targetdomain1.com>",
-                         "DATA"):
+            for line in (
+                "MAIL FROM:<alice@example.org>",
+                "RCPT TO:<bob@targetdomain1.com>",
+                "DATA",
+            ):
                 assert c.cmd(line).first == refusal, line
             assert c.cmd("NOOP").code == 250  # not closed, still in step (no 354)
         else:
@@ -175,8 +198,7 @@ def test_connect_stage(stages: GatewayProcess, source: str, refusal: str | None,
             if relays:
                 assert reply.first == "250 2.1.5 <someone@example.net>... Recipient ok"
             else:
-                assert reply.first.startswith(
-                    "550 5.7.1 <someone@example.net>... Relaying denied")
+                assert reply.first.startswith("550 5.7.1 <someone@example.net>... Relaying denied")
         assert c.cmd("QUIT").code == 221
     if refusal is not None:
         assert log_lines(stages, "ruleset=check_relay", source, f"reject={refusal}")
@@ -206,8 +228,9 @@ def test_connect_ipv6_prefix_reject(stages: GatewayProcess) -> None:
     assert log_lines(stages, "ruleset=check_relay", "::1", f"reject={DENIED}")
 
 
-def test_connect_discard_accepts_everything_and_delivers_nothing(stages: GatewayProcess,
-                                                                 hop1: SinkServer) -> None:
+def test_connect_discard_accepts_everything_and_delivers_nothing(
+    stages: GatewayProcess, hop1: SinkServer
+) -> None:
     source = "127.0.0.64"
     c, greeting, _ = greet(stages, source)
     with c:
@@ -228,27 +251,51 @@ def test_connect_discard_accepts_everything_and_delivers_nothing(stages: Gateway
 
 # == From: (and untagged sender keys) ==========================================================
 FROM_CASES = [
-    pytest.param("spammer@example.org", "550 5.7.1 <spammer@example.org>... Access denied",
-                 id="From-full-address-REJECT"),
-    pytest.param("x@blocked.example", "550 5.7.1 <x@blocked.example>... Access denied",
-                 id="From-domain-REJECT"),
-    pytest.param("x@sub.blocked.example", "550 5.7.1 <x@sub.blocked.example>... Access denied",
-                 id="From-parent-domain-REJECT"),
-    pytest.param("okuser@blocked.example", "250 2.1.0 <okuser@blocked.example>... Sender ok",
-                 id="From-address-OK-beats-domain-REJECT"),
-    pytest.param("x@skip.blocked.example", "250 2.1.0 <x@skip.blocked.example>... Sender ok",
-                 id="From-SKIP-exempts-subdomain"),
-    pytest.param("baduser@example.net", "550 5.7.1 <baduser@example.net>... Access denied",
-                 id="From-user@-REJECT"),
-    pytest.param("x@err.example", "550 5.7.0 <x@err.example>... Sender blocked here",
-                 id="From-ERROR-dsn"),
+    pytest.param(
+        "spammer@example.org",
+        "550 5.7.1 <spammer@example.org>... Access denied",
+        id="From-full-address-REJECT",
+    ),
+    pytest.param(
+        "x@blocked.example",
+        "550 5.7.1 <x@blocked.example>... Access denied",
+        id="From-domain-REJECT",
+    ),
+    pytest.param(
+        "x@sub.blocked.example",
+        "550 5.7.1 <x@sub.blocked.example>... Access denied",
+        id="From-parent-domain-REJECT",
+    ),
+    pytest.param(
+        "okuser@blocked.example",
+        "250 2.1.0 <okuser@blocked.example>... Sender ok",
+        id="From-address-OK-beats-domain-REJECT",
+    ),
+    pytest.param(
+        "x@skip.blocked.example",
+        "250 2.1.0 <x@skip.blocked.example>... Sender ok",
+        id="From-SKIP-exempts-subdomain",
+    ),
+    pytest.param(
+        "baduser@example.net",
+        "550 5.7.1 <baduser@example.net>... Access denied",
+        id="From-user@-REJECT",
+    ),
+    pytest.param(
+        "x@err.example", "550 5.7.0 <x@err.example>... Sender blocked here", id="From-ERROR-dsn"
+    ),
     pytest.param("x@tmp.example", "451 4.7.1 Come back later", id="From-ERROR-4xx-no-prefix"),
-    pytest.param("x@untagged.example", "550 5.7.1 <x@untagged.example>... Access denied",
-                 id="untagged-domain-REJECT"),
-    pytest.param("x@discard.example", "250 2.1.0 <x@discard.example>... Sender ok",
-                 id="From-DISCARD-accepted"),
-    pytest.param("alice@example.org", "250 2.1.0 <alice@example.org>... Sender ok",
-                 id="no-entry"),
+    pytest.param(
+        "x@untagged.example",
+        "550 5.7.1 <x@untagged.example>... Access denied",
+        id="untagged-domain-REJECT",
+    ),
+    pytest.param(
+        "x@discard.example",
+        "250 2.1.0 <x@discard.example>... Sender ok",
+        id="From-DISCARD-accepted",
+    ),
+    pytest.param("alice@example.org", "250 2.1.0 <alice@example.org>... Sender ok", id="no-entry"),
 ]
 
 
@@ -273,8 +320,13 @@ def test_from_error_quoted_form(stages: GatewayProcess) -> None:
 
 
 def test_from_discard_drops_the_whole_message(stages: GatewayProcess, hop1: SinkServer) -> None:
-    with smtplib.SMTP(stages.host, stages.port, timeout=10, source_address=("127.0.20.3", 0),
-                      local_hostname="client.example.net") as s:
+    with smtplib.SMTP(
+        stages.host,
+        stages.port,
+        timeout=10,
+        source_address=("127.0.20.3", 0),
+        local_hostname="client.example.net",
+    ) as s:
         s.sendmail("x@discard.example", ["bob@targetdomain1.com"], message("from discard"))
         s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("after discard"))
     wait_subject(hop1, "after discard")
@@ -288,7 +340,8 @@ def test_from_relay_grants_nothing(stages: GatewayProcess) -> None:
         c.cmd("EHLO client.example.net")
         assert c.cmd("MAIL FROM:<x@relayer.example>").code == 250
         assert c.cmd("RCPT TO:<y@example.net>").first.startswith(
-            "550 5.7.1 <y@example.net>... Relaying denied")
+            "550 5.7.1 <y@example.net>... Relaying denied"
+        )
 
 
 # == To: without blocklist_recipients: only RELAY counts =======================================
@@ -297,15 +350,21 @@ def test_to_stage_without_blocklist(stages: GatewayProcess, hop1: SinkServer) ->
     with c:
         c.cmd("EHLO client.example.net")
         c.cmd("MAIL FROM:<alice@example.org>")
-        for rcpt in ("victim@targetdomain1.com", "trash@targetdomain1.com",
-                     "bob@targetdomain1.com"):
+        for rcpt in (
+            "victim@targetdomain1.com",
+            "trash@targetdomain1.com",
+            "bob@targetdomain1.com",
+        ):
             assert c.cmd(f"RCPT TO:<{rcpt}>").first == f"250 2.1.5 <{rcpt}>... Recipient ok"
         # untagged RELAY for a recipient domain (exact name)
         assert c.cmd("RCPT TO:<x@targetdomain3.com>").code == 250
         assert c.cmd("RSET").code == 250
         c.cmd("MAIL FROM:<alice@example.org>")
-        for rcpt in ("victim@targetdomain1.com", "trash@targetdomain1.com",
-                     "bob@targetdomain1.com"):
+        for rcpt in (
+            "victim@targetdomain1.com",
+            "trash@targetdomain1.com",
+            "bob@targetdomain1.com",
+        ):
             assert c.cmd(f"RCPT TO:<{rcpt}>").code == 250
         assert c.cmd("DATA").code == 354
         c.send(message("to ignored") + b".\r\n")
@@ -314,24 +373,31 @@ def test_to_stage_without_blocklist(stages: GatewayProcess, hop1: SinkServer) ->
         c.cmd("MAIL FROM:<alice@example.org>")
         for rcpt in ("x@rejectonly.example", "x@errdom.example"):
             assert c.cmd(f"RCPT TO:<{rcpt}>").first.startswith(
-                f"550 5.7.1 <{rcpt}>... Relaying denied"), rcpt
+                f"550 5.7.1 <{rcpt}>... Relaying denied"
+            ), rcpt
     [msg] = wait_subject(hop1, "to ignored")
-    assert sorted(msg.rcpt_tos) == ["bob@targetdomain1.com", "trash@targetdomain1.com",
-                                    "victim@targetdomain1.com"]
+    assert sorted(msg.rcpt_tos) == [
+        "bob@targetdomain1.com",
+        "trash@targetdomain1.com",
+        "victim@targetdomain1.com",
+    ]
 
 
-def test_check_warns_about_to_refusals_while_blocklist_is_off(stages: GatewayProcess,
-                                                              blocklist: GatewayProcess) -> None:
+def test_check_warns_about_to_refusals_while_blocklist_is_off(
+    stages: GatewayProcess, blocklist: GatewayProcess
+) -> None:
     out = run_cli("check", "-c", str(stages.config))
     assert out.returncode == 0, out.stderr
     for key, value in STAGES_ACCESS:
         if key.startswith("To:") and value != "RELAY":
-            [line] = [w for w in out.stdout.splitlines()
-                      if f"access:{line_of(STAGES_ACCESS, key)}:" in w]
+            [line] = [
+                w for w in out.stdout.splitlines() if f"access:{line_of(STAGES_ACCESS, key)}:" in w
+            ]
             assert key in line and "blocklist_recipients" in line, line
     # the trailing-dot IPv4 key is named with its fix (semantics §18.2)
-    dot = [w for w in out.stdout.splitlines()
-           if f"access:{line_of(STAGES_ACCESS, '127.0.6.')}:" in w]
+    dot = [
+        w for w in out.stdout.splitlines() if f"access:{line_of(STAGES_ACCESS, '127.0.6.')}:" in w
+    ]
     assert dot and "127.0.6" in dot[0]
     out = run_cli("check", "-c", str(blocklist.config))
     assert out.returncode == 0, out.stderr

@@ -79,8 +79,11 @@ class FakeMailer:
         out = []
         for job in jobs:
             answer = self.script.get(job.route.address, Reply(250, "2.0.0", "Ok"))
-            out.append(answer if isinstance(answer, Outcome)
-                       else Outcome.from_reply(answer, "[192.0.2.1]", "[192.0.2.1]"))
+            out.append(
+                answer
+                if isinstance(answer, Outcome)
+                else Outcome.from_reply(answer, "[192.0.2.1]", "[192.0.2.1]")
+            )
         return out
 
     def delivered(self) -> list[str]:
@@ -88,8 +91,9 @@ class FakeMailer:
 
 
 class World:
-    def __init__(self, tmp_path: Path, settings: str = "",
-                 tables: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp_path: Path, settings: str = "", tables: dict[str, str] | None = None
+    ) -> None:
         tdir = tmp_path / "tables"
         tdir.mkdir()
         for name, text in (tables or TABLES).items():
@@ -100,7 +104,8 @@ class World:
         self.config_path.write_text(
             f'hostname = "{HOST}"\nlisten = ["127.0.0.1:2525"]\n'
             f'tables_dir = "{tdir}"\nspool_dir = "{tmp_path / "spool"}"\n'
-            f'[local]\nmaildir_root = "{tmp_path / "maildir"}"\n' + settings)
+            f'[local]\nmaildir_root = "{tmp_path / "maildir"}"\n' + settings
+        )
         config = parse_config(self.config_path.read_text(), self.config_path, tmp_path)
         self.snap: Snapshot = build_snapshot(config)
         self.spool = Spool(config.spool_dir, fsync="threads")
@@ -112,28 +117,50 @@ class World:
     def context(self, spool: Spool) -> DeliveryContext:
         def mailers(cfg: object, ctx: DeliveryContext) -> dict[str, Mailer]:
             fakes: dict[str, Mailer] = dict.fromkeys(SMTP_MAILERS, self.smtp)
-            fakes.update({"local": self.local, "*file*": self.local, "prog": self.local,
-                          "error": ErrorMailer(self.snap.config, ctx)})
+            fakes.update(
+                {
+                    "local": self.local,
+                    "*file*": self.local,
+                    "prog": self.local,
+                    "error": ErrorMailer(self.snap.config, ctx),
+                }
+            )
             return fakes
 
-        return DeliveryContext(spool=spool, resolver=Resolver(["192.0.2.53"]),
-                               snapshot=lambda: self.snap, queued=self.reports.append,
-                               make_mailers=mailers)
+        return DeliveryContext(
+            spool=spool,
+            resolver=Resolver(["192.0.2.53"]),
+            snapshot=lambda: self.snap,
+            queued=self.reports.append,
+            make_mailers=mailers,
+        )
 
-    async def queue(self, *recipients: Recipient | str, content: bytes = CONTENT,
-                    age: float = 0.0, lock: bool = True, sender: str = SENDER,
-                    ret: str | None = None) -> QueuedMessage:
+    async def queue(
+        self,
+        *recipients: Recipient | str,
+        content: bytes = CONTENT,
+        age: float = 0.0,
+        lock: bool = True,
+        sender: str = SENDER,
+        ret: str | None = None,
+    ) -> QueuedMessage:
         """A message committed as a session commits it (``lock``: hot, holding its lock)."""
         rcpts = [r if isinstance(r, Recipient) else Recipient(r, r) for r in recipients]
-        env = Envelope(qid=self.spool.new_qid(), sender=sender, recipients=rcpts,
-                       arrival=time.time() - age, client_ip="192.0.2.9", ret=ret)
+        env = Envelope(
+            qid=self.spool.new_qid(),
+            sender=sender,
+            recipients=rcpts,
+            arrival=time.time() - age,
+            client_ip="192.0.2.9",
+            ret=ret,
+        )
         incoming = self.spool.open_incoming(env)
         incoming.write(content)
         return await self.spool.commit(incoming, lock=lock)
 
     def report(self, index: int = -1) -> email.message.Message:
         queued = self.reports[index]
-        data = queued.path.read_bytes()[queued.offset:]
+        data = queued.path.read_bytes()[queued.offset :]
         return email.message_from_bytes(data, policy=email.policy.compat32)
 
     def queued(self) -> list[str]:
@@ -157,15 +184,21 @@ def test_one_attempt_fans_out_to_each_mailer_and_next_hop(tmp_path: Path) -> Non
     w = World(tmp_path)
 
     async def go() -> None:
-        msg = await w.queue("x@hop.test", "alice@gateway.example.com", "y@hop.test",
-                            "z@other.test", "team@gateway.example.com")
+        msg = await w.queue(
+            "x@hop.test",
+            "alice@gateway.example.com",
+            "y@hop.test",
+            "z@other.test",
+            "team@gateway.example.com",
+        )
         qid = msg.qid
         assert await attempt(w.ctx, qid, msg) is None
         # One transaction per next hop carrying all its recipients (bob@hop.test came from
         # the alias), one call per local target; alice (direct and through the alias) once.
-        assert sorted(w.smtp.batches) == [(qid, "smtp", ["x@hop.test", "y@hop.test",
-                                                         "bob@hop.test"]),
-                                          (qid, "smtp", ["z@other.test"])]
+        assert sorted(w.smtp.batches) == [
+            (qid, "smtp", ["x@hop.test", "y@hop.test", "bob@hop.test"]),
+            (qid, "smtp", ["z@other.test"]),
+        ]
         assert w.local.batches == [(qid, "local", ["alice"])]
         assert msg.fd is None  # the lock went with the file
         assert w.queued() == []
@@ -181,8 +214,7 @@ def test_a_permanent_failure_is_bounced_and_the_rest_delivered(tmp_path: Path) -
     w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
 
     async def go() -> None:
-        msg = await w.queue("x@hop.test", Recipient("y@hop.test", "Y@hop.test"),
-                            "e@bad.test")
+        msg = await w.queue("x@hop.test", Recipient("y@hop.test", "Y@hop.test"), "e@bad.test")
         assert await attempt(w.ctx, msg.qid, msg) is None
         assert w.queued() == [w.reports[0].qid]  # only the bounce is left
         [bounce] = w.reports
@@ -193,7 +225,8 @@ def test_a_permanent_failure_is_bounced_and_the_rest_delivered(tmp_path: Path) -
         fields = report_fields(w.report())
         assert [(f["final-recipient"], f["action"], f["status"]) for f in fields] == [
             ("rfc822; Y@hop.test", "failed", "5.1.1"),
-            ("rfc822; e@bad.test", "failed", "5.1.1")]
+            ("rfc822; e@bad.test", "failed", "5.1.1"),
+        ]
         assert fields[1]["diagnostic-code"] == "smtp; 550 5.1.1 <e@bad.test>... No such user here"
 
     run(go)
@@ -270,8 +303,9 @@ def test_expiry_bounces_what_is_still_pending(tmp_path: Path) -> None:
         [field] = report_fields(bounce)
         assert field["final-recipient"] == "rfc822; y@hop.test"
         assert (field["action"], field["status"]) == ("failed", "4.4.7")
-        assert field["diagnostic-code"] == ("smtp; Deferred: 451 4.4.1 Connection refused by "
-                                            "[192.0.2.1]")
+        assert field["diagnostic-code"] == (
+            "smtp; Deferred: 451 4.4.1 Connection refused by [192.0.2.1]"
+        )
 
     run(go)
 
@@ -281,9 +315,9 @@ def test_delay_warning_once_then_retry(tmp_path: Path) -> None:
     w.smtp.script["y@hop.test"] = Reply(451, "4.4.1", "Connection refused by [192.0.2.1]")
 
     async def go() -> None:
-        msg = await w.queue("y@hop.test", Recipient("n@hop.test", "n@hop.test",
-                                                   notify="FAILURE"),
-                            age=4 * 3600 + 60)
+        msg = await w.queue(
+            "y@hop.test", Recipient("n@hop.test", "n@hop.test", notify="FAILURE"), age=4 * 3600 + 60
+        )
         w.smtp.script["n@hop.test"] = w.smtp.script["y@hop.test"]
         qid = msg.qid
         assert await attempt(w.ctx, qid, msg) is not None
@@ -292,7 +326,8 @@ def test_delay_warning_once_then_retry(tmp_path: Path) -> None:
         assert w.report()["Subject"] == "Warning: could not send message for past 4 hours"
         # Only y: n's NOTIFY does not ask for delays.
         assert [(f["final-recipient"], f["action"]) for f in report_fields(w.report())] == [
-            ("rfc822; y@hop.test", "delayed")]
+            ("rfc822; y@hop.test", "delayed")
+        ]
         assert w.spool.load_status(qid).warned
         assert await attempt(w.ctx, qid) is not None
         assert len(w.reports) == 1  # not twice
@@ -303,14 +338,18 @@ def test_delay_warning_once_then_retry(tmp_path: Path) -> None:
 
 def test_return_receipt_when_the_hop_does_not_take_dsn(tmp_path: Path) -> None:
     w = World(tmp_path)
-    w.smtp.script["p@other.test"] = Outcome(Status.SENT, Reply(250, "2.0.0", "Ok"),
-                                            "[192.0.2.2]", "[192.0.2.2]", dsn_passed=True)
+    w.smtp.script["p@other.test"] = Outcome(
+        Status.SENT, Reply(250, "2.0.0", "Ok"), "[192.0.2.2]", "[192.0.2.2]", dsn_passed=True
+    )
 
     async def go() -> None:
-        msg = await w.queue(Recipient("r@hop.test", "r@hop.test", notify="SUCCESS"),
-                            Recipient("p@other.test", "p@other.test", notify="SUCCESS"),
-                            Recipient("alice@gateway.example.com", "alice@gateway.example.com",
-                                      notify="SUCCESS,FAILURE"))
+        msg = await w.queue(
+            Recipient("r@hop.test", "r@hop.test", notify="SUCCESS"),
+            Recipient("p@other.test", "p@other.test", notify="SUCCESS"),
+            Recipient(
+                "alice@gateway.example.com", "alice@gateway.example.com", notify="SUCCESS,FAILURE"
+            ),
+        )
         assert await attempt(w.ctx, msg.qid, msg) is None
         [receipt] = w.reports
         receipt.close()
@@ -319,7 +358,8 @@ def test_return_receipt_when_the_hop_does_not_take_dsn(tmp_path: Path) -> None:
         # p@other.test's hop took NOTIFY itself: its receipt is the hop's to send.
         assert [(f["final-recipient"], f["action"]) for f in report_fields(report)] == [
             ("rfc822; r@hop.test", "relayed"),
-            ("rfc822; alice@gateway.example.com", "delivered")]
+            ("rfc822; alice@gateway.example.com", "delivered"),
+        ]
         assert "text/rfc822-headers" in [p.get_content_type() for p in report.walk()]
 
     run(go)
@@ -343,7 +383,8 @@ class Crash(BaseException):
 
 
 def test_a_crash_between_delivery_and_status_write_delivers_again(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     w = World(tmp_path)
     w.smtp.script["y@hop.test"] = Reply(451, "4.3.0", "Try later")
 
@@ -380,10 +421,15 @@ def test_a_status_file_of_the_old_format_is_read(tmp_path: Path) -> None:
     """Written by an attempt of the code before per-recipient records (tests/data/old-status):
     team = alice (delivered) + bob@down.example (deferred), carol deferred, dave delivered,
     erin failed and bounced."""
-    w = World(tmp_path, settings='[queue]\nmax_age = "36500d"\nwarn_after = "36500d"\n',
-              tables={"aliases": "team: alice, bob@down.example\n",
-                      "mailertable": "down.example smtp:[127.0.0.1]:1\n"
-                                     "bad.example error:5.1.1:550 No such user here\n"})
+    w = World(
+        tmp_path,
+        settings='[queue]\nmax_age = "36500d"\nwarn_after = "36500d"\n',
+        tables={
+            "aliases": "team: alice, bob@down.example\n",
+            "mailertable": "down.example smtp:[127.0.0.1]:1\n"
+            "bad.example error:5.1.1:550 No such user here\n",
+        },
+    )
     qid = "kB1MMa00029091"
     for name in (qid, qid + ".st"):
         shutil.copy(DATA / name, w.spool.queue / name)
@@ -396,7 +442,8 @@ def test_a_status_file_of_the_old_format_is_read(tmp_path: Path) -> None:
         "team@gateway.example.com": RcptStatus.PENDING,
         "carol@down.example": RcptStatus.PENDING,
         "dave@gateway.example.com": RcptStatus.SENT,
-        "erin@bad.example": RcptStatus.FAILED}
+        "erin@bad.example": RcptStatus.FAILED,
+    }
     refused = "Deferred: 451 4.4.1 Connection refused by [127.0.0.1]"
     assert st.last_error("team@gateway.example.com") == refused
     assert st.last_error("carol@down.example") == refused
@@ -424,7 +471,8 @@ def test_the_new_status_file_round_trips(tmp_path: Path) -> None:
         with claimed:
             assert claimed.status == w.spool.load_status(msg.qid)
             assert claimed.status.recipients["x@hop.test"].targets == {
-                "smtp:[192.0.2.1]:x@hop.test": RcptStatus.SENT}
+                "smtp:[192.0.2.1]:x@hop.test": RcptStatus.SENT
+            }
 
     run(go)
 
@@ -469,7 +517,8 @@ def test_a_locked_entry_is_left_to_its_runner(tmp_path: Path) -> None:
 
 # -- reports are written on the loop ------------------------------------------------------------
 def test_a_bounce_is_written_into_the_spool_on_the_loop_only(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The spare-file pool and an IncomingMessage are loop-only: a bounce of a big message,
     whose writes spill into a reused spare file, must not touch them from the thread that
     builds it; and it is built in bounded batches, not whole in memory."""
@@ -516,7 +565,7 @@ def test_a_bounce_is_written_into_the_spool_on_the_loop_only(
     assert max(batches) <= notify.BLOCK + CHUNK and len(batches) > 10
     [bounce] = w.reports
     bounce.close()
-    content = bounce.path.read_bytes()[bounce.offset:]
+    content = bounce.path.read_bytes()[bounce.offset :]
     assert big in content  # the original, whole, in part 3
     assert w.spool._sealed_qid(bounce.path) == bounce.qid
 
@@ -534,8 +583,9 @@ def test_the_daemon_counts_received_mail_not_its_own_reports(tmp_path: Path) -> 
     submitted: list[tuple[str, QueuedMessage | None]] = []
 
     class Scheduler:
-        def submit(self, qid: str, when: float | None = None, *,
-                   message: QueuedMessage | None = None) -> None:
+        def submit(
+            self, qid: str, when: float | None = None, *, message: QueuedMessage | None = None
+        ) -> None:
             submitted.append((qid, message))
 
     gw.scheduler = Scheduler()  # type: ignore[assignment]
@@ -592,15 +642,20 @@ def test_smtp_deliveries_at_once_per_next_hop_are_limited(tmp_path: Path) -> Non
     """``queue.max_per_destination`` (Postfix's default_destination_concurrency_limit): at
     most that many transactions to one next hop at once; another hop is not held up."""
     w = World(tmp_path, settings="[queue]\nmax_per_destination = 2\n")
-    ctx = DeliveryContext(spool=w.spool, resolver=Resolver(["192.0.2.53"]),
-                          snapshot=lambda: w.snap, queued=w.reports.append)
+    ctx = DeliveryContext(
+        spool=w.spool,
+        resolver=Resolver(["192.0.2.53"]),
+        snapshot=lambda: w.snap,
+        queued=w.reports.append,
+    )
     mailer = SmtpMailer(w.snap.config, ctx)
     in_flight: dict[str, int] = {}
     most: dict[str, int] = {}
     gate = asyncio.Event()
 
-    async def fake_to_hop(message: QueuedMessage, route: Route, recipients: Sequence[str],
-                          dsn: object = None) -> dict[str, Outcome]:
+    async def fake_to_hop(
+        message: QueuedMessage, route: Route, recipients: Sequence[str], dsn: object = None
+    ) -> dict[str, Outcome]:
         in_flight[route.host] = in_flight.get(route.host, 0) + 1
         most[route.host] = max(most.get(route.host, 0), in_flight[route.host])
         await gate.wait()

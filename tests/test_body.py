@@ -112,13 +112,15 @@ def test_never_inside_a_utf8_sequence() -> None:
             line.removeprefix(b" ").decode("utf-8")
 
 
-BYTES = st.sampled_from([b"a", b" ", b"\r", b"\n", b"\r\n", b"\xc3", b"\xa9", b"\xf0\x9f\x98\x80",
-                         b"bcdefghij", b"."])
+BYTES = st.sampled_from(
+    [b"a", b" ", b"\r", b"\n", b"\r\n", b"\xc3", b"\xa9", b"\xf0\x9f\x98\x80", b"bcdefghij", b"."]
+)
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(parts=st.lists(BYTES, max_size=120), limit=st.integers(2, 14),
-       seed=st.integers(0, 2**32 - 1))
+@given(
+    parts=st.lists(BYTES, max_size=120), limit=st.integers(2, 14), seed=st.integers(0, 2**32 - 1)
+)
 def test_fuzz_against_reference(parts: list[bytes], limit: int, seed: int) -> None:
     data = b"".join(parts)
     rng = random.Random(seed)

@@ -56,164 +56,372 @@ PAIR = "is needed too: give both cert_file and key_file, or neither"
 # (TOML text, line, message): the error is exactly f"{file}:{line}: {message}".
 BAD_CONFIGS = [
     # The file's shape: syntax, unknown names, sections that are not tables.
-    pytest.param('hostname = "gw.example.com"\nworkers = 2 2\n', 2,
-                 "TOML syntax: Expected newline or end of document after a statement "
-                 "(at line 2, column 13)", id="toml-syntax"),
-    pytest.param('hostnam = "gw.example.com"\n', 1, "hostnam: unknown setting",
-                 id="unknown-key"),
-    pytest.param('[smtp]\ngreet_pause = "1s"\ngreet_paus = "5s"\n', 3,
-                 "smtp.greet_paus: unknown setting", id="unknown-key-in-section"),
-    pytest.param('workers = 1\n[smpt]\ngreet_pause = "1s"\n', 2, "[smpt]: unknown section",
-                 id="unknown-section"),
-    pytest.param('[hostname]\n', 1, "[hostname]: unknown section", id="key-as-section"),
-    pytest.param('smtp = 5\n', 1, "smtp: must be a table ([section])", id="section-not-table"),
-    pytest.param('[[queue]]\nfsync = "auto"\n', 1, "queue: must be a table ([section])",
-                 id="section-array-of-tables"),
-    pytest.param('[smtp]\n[smtp.limits]\nmax = 1\n', 2, "smtp.limits: unknown setting",
-                 id="subtable-in-section"),
+    pytest.param(
+        'hostname = "gw.example.com"\nworkers = 2 2\n',
+        2,
+        "TOML syntax: Expected newline or end of document after a statement (at line 2, column 13)",
+        id="toml-syntax",
+    ),
+    pytest.param('hostnam = "gw.example.com"\n', 1, "hostnam: unknown setting", id="unknown-key"),
+    pytest.param(
+        '[smtp]\ngreet_pause = "1s"\ngreet_paus = "5s"\n',
+        3,
+        "smtp.greet_paus: unknown setting",
+        id="unknown-key-in-section",
+    ),
+    pytest.param(
+        'workers = 1\n[smpt]\ngreet_pause = "1s"\n',
+        2,
+        "[smpt]: unknown section",
+        id="unknown-section",
+    ),
+    pytest.param("[hostname]\n", 1, "[hostname]: unknown section", id="key-as-section"),
+    pytest.param("smtp = 5\n", 1, "smtp: must be a table ([section])", id="section-not-table"),
+    pytest.param(
+        '[[queue]]\nfsync = "auto"\n',
+        1,
+        "queue: must be a table ([section])",
+        id="section-array-of-tables",
+    ),
+    pytest.param(
+        "[smtp]\n[smtp.limits]\nmax = 1\n",
+        2,
+        "smtp.limits: unknown setting",
+        id="subtable-in-section",
+    ),
     # Lines are found for every way TOML lets a key be written.
-    pytest.param('[ smtp ]  # spaced\n"greet_pause" = "soon"\n', 2,
-                 "smtp.greet_pause: " + DURATION.format("soon"), id="quoted-key"),
-    pytest.param('workers = 1\nsmtp.greet_pause = "soon"\n', 2,
-                 "smtp.greet_pause: " + DURATION.format("soon"), id="dotted-key"),
-    pytest.param('workers = 1\nsmtp = { greet_pause = "soon" }\n', 2,
-                 "smtp.greet_pause: " + DURATION.format("soon"), id="inline-table"),
-    pytest.param('# greet_pause = "soon"\n[local]\n[smtp]\n# greet_pause = 1\n'
-                 'greet_pause = "soon"\n', 5, "smtp.greet_pause: " + DURATION.format("soon"),
-                 id="commented-lines-skipped"),
-    pytest.param('workers = 1  # U+2028 is no line end: \u2028\n[smtp]\ngreet_pause = "soon"\n',
-                 3, "smtp.greet_pause: " + DURATION.format("soon"), id="unicode-line-separator"),
+    pytest.param(
+        '[ smtp ]  # spaced\n"greet_pause" = "soon"\n',
+        2,
+        "smtp.greet_pause: " + DURATION.format("soon"),
+        id="quoted-key",
+    ),
+    pytest.param(
+        'workers = 1\nsmtp.greet_pause = "soon"\n',
+        2,
+        "smtp.greet_pause: " + DURATION.format("soon"),
+        id="dotted-key",
+    ),
+    pytest.param(
+        'workers = 1\nsmtp = { greet_pause = "soon" }\n',
+        2,
+        "smtp.greet_pause: " + DURATION.format("soon"),
+        id="inline-table",
+    ),
+    pytest.param(
+        '# greet_pause = "soon"\n[local]\n[smtp]\n# greet_pause = 1\ngreet_pause = "soon"\n',
+        5,
+        "smtp.greet_pause: " + DURATION.format("soon"),
+        id="commented-lines-skipped",
+    ),
+    pytest.param(
+        'workers = 1  # U+2028 is no line end: \u2028\n[smtp]\ngreet_pause = "soon"\n',
+        3,
+        "smtp.greet_pause: " + DURATION.format("soon"),
+        id="unicode-line-separator",
+    ),
     # Each kind of converter, given the wrong type.
-    pytest.param('relay_hosts_only = "yes"\n', 1, "relay_hosts_only: expected true or false",
-                 id="bool-string"),
+    pytest.param(
+        'relay_hosts_only = "yes"\n',
+        1,
+        "relay_hosts_only: expected true or false",
+        id="bool-string",
+    ),
     pytest.param('workers = "2"\n', 1, "workers: expected a whole number", id="int-string"),
-    pytest.param('workers = true\n', 1, "workers: expected a whole number", id="int-bool"),
-    pytest.param('workers = 1.5\n', 1, "workers: expected a whole number", id="int-float"),
-    pytest.param('[smtp]\ngreet_pause = true\n', 2,
-                 'smtp.greet_pause: expected a duration such as "30m" or "5s"',
-                 id="duration-bool"),
-    pytest.param('[smtp]\ngreet_pause = ""\n', 2,
-                 'smtp.greet_pause: expected a duration such as "30m" or "5s"',
-                 id="duration-empty"),
-    pytest.param('[smtp]\nmax_message_size = true\n', 2,
-                 'smtp.max_message_size: expected a size such as "50M"', id="size-bool"),
-    pytest.param('[smtp]\nmax_message_size = 1.5\n', 2,
-                 "smtp.max_message_size: " + SIZE.format(1.5), id="size-float"),
-    pytest.param('[smtp]\nstress_threshold = 0.8\n', 2, "smtp.stress_threshold: " + PERCENT,
-                 id="percentage-fraction"),
-    pytest.param('[smtp]\nstress_threshold = true\n', 2, "smtp.stress_threshold: " + PERCENT,
-                 id="percentage-bool"),
-    pytest.param('[delivery]\nbind_address = 5\n', 2,
-                 "delivery.bind_address: expected a non-empty string", id="string-int"),
-    pytest.param('[log]\nlevel = ""\n', 2, "log.level: expected a non-empty string",
-                 id="string-empty"),
-    pytest.param('hostname = 5\n', 1, "hostname: expected a non-empty string",
-                 id="hostname-int"),
-    pytest.param('spool_dir = 5\n', 1, "spool_dir: expected a non-empty string", id="path-int"),
-    pytest.param('spool_dir = ""\n', 1, "spool_dir: expected a non-empty string",
-                 id="path-empty"),
-    pytest.param('pid_file = false\n', 1, "pid_file: expected a non-empty string",
-                 id="optional-path-bool"),
-    pytest.param('listen = "127.0.0.1:25"\n', 1, 'listen: expected a list, e.g. ["a", "b"]',
-                 id="list-string"),
-    pytest.param('[smtp]\nprivacy = "novrfy"\n', 2,
-                 'smtp.privacy: expected a list, e.g. ["a", "b"]', id="list-of-flags-string"),
-    pytest.param('[dns]\nnameservers = "127.0.0.1"\n', 2,
-                 'dns.nameservers: expected a list, e.g. ["a", "b"]', id="nameservers-string"),
-    pytest.param('[queue]\nfsync = 1\n', 2, "queue.fsync: expected a non-empty string",
-                 id="choice-int"),
+    pytest.param("workers = true\n", 1, "workers: expected a whole number", id="int-bool"),
+    pytest.param("workers = 1.5\n", 1, "workers: expected a whole number", id="int-float"),
+    pytest.param(
+        "[smtp]\ngreet_pause = true\n",
+        2,
+        'smtp.greet_pause: expected a duration such as "30m" or "5s"',
+        id="duration-bool",
+    ),
+    pytest.param(
+        '[smtp]\ngreet_pause = ""\n',
+        2,
+        'smtp.greet_pause: expected a duration such as "30m" or "5s"',
+        id="duration-empty",
+    ),
+    pytest.param(
+        "[smtp]\nmax_message_size = true\n",
+        2,
+        'smtp.max_message_size: expected a size such as "50M"',
+        id="size-bool",
+    ),
+    pytest.param(
+        "[smtp]\nmax_message_size = 1.5\n",
+        2,
+        "smtp.max_message_size: " + SIZE.format(1.5),
+        id="size-float",
+    ),
+    pytest.param(
+        "[smtp]\nstress_threshold = 0.8\n",
+        2,
+        "smtp.stress_threshold: " + PERCENT,
+        id="percentage-fraction",
+    ),
+    pytest.param(
+        "[smtp]\nstress_threshold = true\n",
+        2,
+        "smtp.stress_threshold: " + PERCENT,
+        id="percentage-bool",
+    ),
+    pytest.param(
+        "[delivery]\nbind_address = 5\n",
+        2,
+        "delivery.bind_address: expected a non-empty string",
+        id="string-int",
+    ),
+    pytest.param(
+        '[log]\nlevel = ""\n', 2, "log.level: expected a non-empty string", id="string-empty"
+    ),
+    pytest.param("hostname = 5\n", 1, "hostname: expected a non-empty string", id="hostname-int"),
+    pytest.param("spool_dir = 5\n", 1, "spool_dir: expected a non-empty string", id="path-int"),
+    pytest.param('spool_dir = ""\n', 1, "spool_dir: expected a non-empty string", id="path-empty"),
+    pytest.param(
+        "pid_file = false\n", 1, "pid_file: expected a non-empty string", id="optional-path-bool"
+    ),
+    pytest.param(
+        'listen = "127.0.0.1:25"\n', 1, 'listen: expected a list, e.g. ["a", "b"]', id="list-string"
+    ),
+    pytest.param(
+        '[smtp]\nprivacy = "novrfy"\n',
+        2,
+        'smtp.privacy: expected a list, e.g. ["a", "b"]',
+        id="list-of-flags-string",
+    ),
+    pytest.param(
+        '[dns]\nnameservers = "127.0.0.1"\n',
+        2,
+        'dns.nameservers: expected a list, e.g. ["a", "b"]',
+        id="nameservers-string",
+    ),
+    pytest.param(
+        "[queue]\nfsync = 1\n", 2, "queue.fsync: expected a non-empty string", id="choice-int"
+    ),
     # Values of the right type outside what the setting allows.
-    pytest.param('workers = -1\n', 1, "workers: must be at least 0", id="int-negative"),
-    pytest.param('[smtp]\nmax_recipients = 0\n', 2, "smtp.max_recipients: must be at least 1",
-                 id="int-below-minimum"),
-    pytest.param('[smtp]\nmax_command_line = 100\n', 2,
-                 "smtp.max_command_line: must be at least 512", id="command-line-below-rfc"),
-    pytest.param('[delivery]\nport = 0\n', 2, "delivery.port: must be at least 1", id="port-0"),
-    pytest.param('[smtp]\nmax_text_line = 999\n', 2,
-                 "smtp.max_text_line: must be 0 (no limit) or 1000 or more",
-                 id="text-line-below-rfc"),
-    pytest.param('[delivery]\nline_length_limit = 77\n', 2,
-                 "delivery.line_length_limit: must be 0 (lines are never broken) or between 78 "
-                 "and 998", id="line-length-below-78"),
-    pytest.param('[delivery]\nline_length_limit = 999\n', 2,
-                 "delivery.line_length_limit: must be 0 (lines are never broken) or between 78 "
-                 "and 998", id="line-length-above-998"),
-    pytest.param('[delivery]\nline_length_limit = -1\n', 2,
-                 "delivery.line_length_limit: must be at least 0", id="line-length-negative"),
-    pytest.param('[queue]\nmin_free = -1\n', 2, "queue.min_free: a size cannot be negative",
-                 id="size-negative"),
-    pytest.param('[queue]\nmin_free = "1.5G"\n', 2, "queue.min_free: " + SIZE.format("1.5G"),
-                 id="size-fraction"),
-    pytest.param('[queue]\nmin_free = "lots"\n', 2, "queue.min_free: " + SIZE.format("lots"),
-                 id="size-words"),
-    pytest.param('[smtp]\nmax_message_size = "50 MX"\n', 2,
-                 "smtp.max_message_size: " + SIZE.format("50 MX"), id="size-bad-unit"),
-    pytest.param('[queue]\nmax_age = "5 days"\n', 2, "queue.max_age: " + DURATION.format("5 days"),
-                 id="duration-bad-unit"),
-    pytest.param('[queue]\nwarn_after = "1h-30m"\n', 2,
-                 "queue.warn_after: " + DURATION.format("1h-30m"), id="duration-garbage"),
-    pytest.param('[queue]\nretry_min = -5\n', 2, "queue.retry_min: a duration cannot be negative",
-                 id="duration-negative"),
-    pytest.param('[queue]\nrun_interval = "0s"\n', 2,
-                 "queue.run_interval: must be more than 0 seconds", id="run-interval-zero"),
-    pytest.param('[smtp]\nstress_timeout = 0\n', 2,
-                 "smtp.stress_timeout: must be more than 0 seconds", id="stress-timeout-zero"),
-    pytest.param('[smtp]\nstress_threshold = "0%"\n', 2, "smtp.stress_threshold: " + PERCENT,
-                 id="percentage-zero"),
-    pytest.param('[smtp]\nstress_threshold = "101%"\n', 2, "smtp.stress_threshold: " + PERCENT,
-                 id="percentage-over-100"),
-    pytest.param('[smtp]\nstress_threshold = "most%"\n', 2, "smtp.stress_threshold: " + PERCENT,
-                 id="percentage-words"),
-    pytest.param('[smtp]\nstress_threshold = 120\n', 2, "smtp.stress_threshold: " + PERCENT,
-                 id="percentage-number-over-100"),
-    pytest.param('[queue]\nfsync = "sometimes"\n', 2,
-                 """queue.fsync: must be "auto" or "threads", not 'sometimes'""",
-                 id="choice-fsync"),
-    pytest.param('[tls]\ndelivery = "always"\n', 2,
-                 """tls.delivery: must be "may" or "none", not 'always'""", id="choice-tls"),
-    pytest.param('[log]\nlevel = "loud"\n', 2,
-                 '''log.level: must be "debug" or "info" or "notice" or "warning" or "error", '''
-                 """not 'loud'""", id="choice-log-level"),
-    pytest.param('[smtp]\nprivacy = ["novrfy", "nosuch"]\n', 2,
-                 "smtp.privacy: unknown privacy flag 'nosuch'", id="privacy-flag"),
-    pytest.param('hostname = "bad_host.example"\n', 1,
-                 "hostname: 'bad_host.example' is not a valid host name", id="hostname"),
-    pytest.param('[delivery]\nhelo_name = "-gw.example"\n', 2,
-                 "delivery.helo_name: '-gw.example' is not a valid host name", id="helo-name"),
+    pytest.param("workers = -1\n", 1, "workers: must be at least 0", id="int-negative"),
+    pytest.param(
+        "[smtp]\nmax_recipients = 0\n",
+        2,
+        "smtp.max_recipients: must be at least 1",
+        id="int-below-minimum",
+    ),
+    pytest.param(
+        "[smtp]\nmax_command_line = 100\n",
+        2,
+        "smtp.max_command_line: must be at least 512",
+        id="command-line-below-rfc",
+    ),
+    pytest.param("[delivery]\nport = 0\n", 2, "delivery.port: must be at least 1", id="port-0"),
+    pytest.param(
+        "[smtp]\nmax_text_line = 999\n",
+        2,
+        "smtp.max_text_line: must be 0 (no limit) or 1000 or more",
+        id="text-line-below-rfc",
+    ),
+    pytest.param(
+        "[delivery]\nline_length_limit = 77\n",
+        2,
+        "delivery.line_length_limit: must be 0 (lines are never broken) or between 78 and 998",
+        id="line-length-below-78",
+    ),
+    pytest.param(
+        "[delivery]\nline_length_limit = 999\n",
+        2,
+        "delivery.line_length_limit: must be 0 (lines are never broken) or between 78 and 998",
+        id="line-length-above-998",
+    ),
+    pytest.param(
+        "[delivery]\nline_length_limit = -1\n",
+        2,
+        "delivery.line_length_limit: must be at least 0",
+        id="line-length-negative",
+    ),
+    pytest.param(
+        "[queue]\nmin_free = -1\n",
+        2,
+        "queue.min_free: a size cannot be negative",
+        id="size-negative",
+    ),
+    pytest.param(
+        '[queue]\nmin_free = "1.5G"\n',
+        2,
+        "queue.min_free: " + SIZE.format("1.5G"),
+        id="size-fraction",
+    ),
+    pytest.param(
+        '[queue]\nmin_free = "lots"\n', 2, "queue.min_free: " + SIZE.format("lots"), id="size-words"
+    ),
+    pytest.param(
+        '[smtp]\nmax_message_size = "50 MX"\n',
+        2,
+        "smtp.max_message_size: " + SIZE.format("50 MX"),
+        id="size-bad-unit",
+    ),
+    pytest.param(
+        '[queue]\nmax_age = "5 days"\n',
+        2,
+        "queue.max_age: " + DURATION.format("5 days"),
+        id="duration-bad-unit",
+    ),
+    pytest.param(
+        '[queue]\nwarn_after = "1h-30m"\n',
+        2,
+        "queue.warn_after: " + DURATION.format("1h-30m"),
+        id="duration-garbage",
+    ),
+    pytest.param(
+        "[queue]\nretry_min = -5\n",
+        2,
+        "queue.retry_min: a duration cannot be negative",
+        id="duration-negative",
+    ),
+    pytest.param(
+        '[queue]\nrun_interval = "0s"\n',
+        2,
+        "queue.run_interval: must be more than 0 seconds",
+        id="run-interval-zero",
+    ),
+    pytest.param(
+        "[smtp]\nstress_timeout = 0\n",
+        2,
+        "smtp.stress_timeout: must be more than 0 seconds",
+        id="stress-timeout-zero",
+    ),
+    pytest.param(
+        '[smtp]\nstress_threshold = "0%"\n',
+        2,
+        "smtp.stress_threshold: " + PERCENT,
+        id="percentage-zero",
+    ),
+    pytest.param(
+        '[smtp]\nstress_threshold = "101%"\n',
+        2,
+        "smtp.stress_threshold: " + PERCENT,
+        id="percentage-over-100",
+    ),
+    pytest.param(
+        '[smtp]\nstress_threshold = "most%"\n',
+        2,
+        "smtp.stress_threshold: " + PERCENT,
+        id="percentage-words",
+    ),
+    pytest.param(
+        "[smtp]\nstress_threshold = 120\n",
+        2,
+        "smtp.stress_threshold: " + PERCENT,
+        id="percentage-number-over-100",
+    ),
+    pytest.param(
+        '[queue]\nfsync = "sometimes"\n',
+        2,
+        """queue.fsync: must be "auto" or "threads", not 'sometimes'""",
+        id="choice-fsync",
+    ),
+    pytest.param(
+        '[tls]\ndelivery = "always"\n',
+        2,
+        """tls.delivery: must be "may" or "none", not 'always'""",
+        id="choice-tls",
+    ),
+    pytest.param(
+        '[log]\nlevel = "loud"\n',
+        2,
+        """log.level: must be "debug" or "info" or "notice" or "warning" or "error", """
+        """not 'loud'""",
+        id="choice-log-level",
+    ),
+    pytest.param(
+        '[smtp]\nprivacy = ["novrfy", "nosuch"]\n',
+        2,
+        "smtp.privacy: unknown privacy flag 'nosuch'",
+        id="privacy-flag",
+    ),
+    pytest.param(
+        'hostname = "bad_host.example"\n',
+        1,
+        "hostname: 'bad_host.example' is not a valid host name",
+        id="hostname",
+    ),
+    pytest.param(
+        '[delivery]\nhelo_name = "-gw.example"\n',
+        2,
+        "delivery.helo_name: '-gw.example' is not a valid host name",
+        id="helo-name",
+    ),
     # Listen addresses and name servers.
-    pytest.param('listen = []\n', 1, "listen: needs at least one address", id="listen-empty"),
-    pytest.param('listen = ["127.0.0.1"]\n', 1, "listen: " + LISTEN.format("127.0.0.1"),
-                 id="listen-no-port"),
-    pytest.param('listen = ["127.0.0.1:0"]\n', 1, "listen: " + LISTEN.format("127.0.0.1:0"),
-                 id="listen-port-0"),
-    pytest.param('listen = ["127.0.0.1:65536"]\n', 1,
-                 "listen: " + LISTEN.format("127.0.0.1:65536"), id="listen-port-too-big"),
-    pytest.param('listen = ["[::1]"]\n', 1, "listen: " + LISTEN.format("[::1]"),
-                 id="listen-v6-no-port"),
-    pytest.param('listen = ["127.0.0.1:25", "mail.example.com:25"]\n', 1,
-                 "listen: bad listen address 'mail.example.com:25': 'mail.example.com' is not an "
-                 "IP address", id="listen-name"),
-    pytest.param('listen = [25]\n', 1,
-                 'listen: listen entries are strings like "127.0.0.1:2525"', id="listen-int"),
-    pytest.param('[dns]\nnameservers = ["ns.example.com"]\n', 2,
-                 "dns.nameservers: nameserver 'ns.example.com' is not an IP address",
-                 id="nameserver-name"),
-    pytest.param('[dns]\nnameservers = ["127.0.0.1:0"]\n', 2,
-                 "dns.nameservers: nameserver '127.0.0.1:0' has a bad port",
-                 id="nameserver-port-0"),
-    pytest.param('[dns]\nnameservers = ["[::1]:dns"]\n', 2,
-                 "dns.nameservers: nameserver '[::1]:dns' has a bad port",
-                 id="nameserver-v6-port"),
-    pytest.param('[dns]\nnameservers = [53]\n', 2,
-                 'dns.nameservers: nameservers are strings like "127.0.0.1" or "127.0.0.1:5353"',
-                 id="nameserver-int"),
+    pytest.param("listen = []\n", 1, "listen: needs at least one address", id="listen-empty"),
+    pytest.param(
+        'listen = ["127.0.0.1"]\n', 1, "listen: " + LISTEN.format("127.0.0.1"), id="listen-no-port"
+    ),
+    pytest.param(
+        'listen = ["127.0.0.1:0"]\n',
+        1,
+        "listen: " + LISTEN.format("127.0.0.1:0"),
+        id="listen-port-0",
+    ),
+    pytest.param(
+        'listen = ["127.0.0.1:65536"]\n',
+        1,
+        "listen: " + LISTEN.format("127.0.0.1:65536"),
+        id="listen-port-too-big",
+    ),
+    pytest.param(
+        'listen = ["[::1]"]\n', 1, "listen: " + LISTEN.format("[::1]"), id="listen-v6-no-port"
+    ),
+    pytest.param(
+        'listen = ["127.0.0.1:25", "mail.example.com:25"]\n',
+        1,
+        "listen: bad listen address 'mail.example.com:25': 'mail.example.com' is not an IP address",
+        id="listen-name",
+    ),
+    pytest.param(
+        "listen = [25]\n",
+        1,
+        'listen: listen entries are strings like "127.0.0.1:2525"',
+        id="listen-int",
+    ),
+    pytest.param(
+        '[dns]\nnameservers = ["ns.example.com"]\n',
+        2,
+        "dns.nameservers: nameserver 'ns.example.com' is not an IP address",
+        id="nameserver-name",
+    ),
+    pytest.param(
+        '[dns]\nnameservers = ["127.0.0.1:0"]\n',
+        2,
+        "dns.nameservers: nameserver '127.0.0.1:0' has a bad port",
+        id="nameserver-port-0",
+    ),
+    pytest.param(
+        '[dns]\nnameservers = ["[::1]:dns"]\n',
+        2,
+        "dns.nameservers: nameserver '[::1]:dns' has a bad port",
+        id="nameserver-v6-port",
+    ),
+    pytest.param(
+        "[dns]\nnameservers = [53]\n",
+        2,
+        'dns.nameservers: nameservers are strings like "127.0.0.1" or "127.0.0.1:5353"',
+        id="nameserver-int",
+    ),
     # The TLS pair: one half alone (the line is the section's, the missing key has none).
-    pytest.param('workers = 1\n[tls]\ncert_file = "cert.pem"\n', 2, "tls.key_file: " + PAIR,
-                 id="tls-cert-without-key"),
-    pytest.param('[tls]\nkey_file = "key.pem"\n', 1, "tls.cert_file: " + PAIR,
-                 id="tls-key-without-cert"),
-    pytest.param('[tls]\ncert_file = ""\nkey_file = "key.pem"\n', 2, "tls.cert_file: " + PAIR,
-                 id="tls-cert-empty"),
+    pytest.param(
+        'workers = 1\n[tls]\ncert_file = "cert.pem"\n',
+        2,
+        "tls.key_file: " + PAIR,
+        id="tls-cert-without-key",
+    ),
+    pytest.param(
+        '[tls]\nkey_file = "key.pem"\n', 1, "tls.cert_file: " + PAIR, id="tls-key-without-cert"
+    ),
+    pytest.param(
+        '[tls]\ncert_file = ""\nkey_file = "key.pem"\n',
+        2,
+        "tls.cert_file: " + PAIR,
+        id="tls-cert-empty",
+    ),
 ]
 
 
@@ -234,8 +442,9 @@ def test_bad_config(tmp_path: Path, text: str, line: int, message: str) -> None:
 def test_the_embedded_config_is_named_in_errors() -> None:
     with pytest.raises(ConfigError) as err:
         parse_config('[smtp]\ngreet_pause = "soon"\n', None, Path("/"))
-    assert str(err.value) == ("<embedded default config>:2: smtp.greet_pause: "
-                              + DURATION.format("soon"))
+    assert str(err.value) == (
+        "<embedded default config>:2: smtp.greet_pause: " + DURATION.format("soon")
+    )
 
 
 def test_files_that_cannot_be_read(tmp_path: Path) -> None:
@@ -245,8 +454,10 @@ def test_files_that_cannot_be_read(tmp_path: Path) -> None:
     (tmp_path / "latin1.toml").write_bytes(b'hostname = "caf\xe9.example"\n')
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "latin1.toml")
-    assert str(err.value) == (f"{tmp_path / 'latin1.toml'}: cannot read: 'utf-8' codec can't "
-                              "decode byte 0xe9 in position 15: invalid continuation byte")
+    assert str(err.value) == (
+        f"{tmp_path / 'latin1.toml'}: cannot read: 'utf-8' codec can't "
+        "decode byte 0xe9 in position 15: invalid continuation byte"
+    )
     assert err.value.line is None
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path)
@@ -277,27 +488,48 @@ def test_tls_pair_relative_to_the_config_file(tmp_path: Path, ca: trustme.CA) ->
 NOT_A_PAIR = "{dir}/{cert} and {dir}/{key} are not a PEM certificate and its key: "
 
 
-@pytest.mark.parametrize(("cert", "key", "where", "message"), [
-    pytest.param("none.pem", "key.pem", "3: tls.cert_file",
-                 "cannot read {dir}/none.pem: No such file or directory", id="missing-cert"),
-    pytest.param("cert.pem", "none.pem", "4: tls.key_file",
-                 "cannot read {dir}/none.pem: No such file or directory", id="missing-key"),
-    pytest.param(".", "key.pem", "3: tls.cert_file", "cannot read {dir}: Is a directory",
-                 id="cert-is-a-directory"),
-    pytest.param("cert.pem", "other.pem", "3: tls.cert_file", NOT_A_PAIR,
-                 id="key-of-another-cert"),
-    pytest.param("junk.pem", "key.pem", "3: tls.cert_file", NOT_A_PAIR, id="not-pem"),
-    pytest.param("key.pem", "cert.pem", "3: tls.cert_file", NOT_A_PAIR, id="swapped"),
-])
-def test_bad_tls_pair(tmp_path: Path, ca: trustme.CA, cert: str, key: str, where: str,
-                      message: str) -> None:
+@pytest.mark.parametrize(
+    ("cert", "key", "where", "message"),
+    [
+        pytest.param(
+            "none.pem",
+            "key.pem",
+            "3: tls.cert_file",
+            "cannot read {dir}/none.pem: No such file or directory",
+            id="missing-cert",
+        ),
+        pytest.param(
+            "cert.pem",
+            "none.pem",
+            "4: tls.key_file",
+            "cannot read {dir}/none.pem: No such file or directory",
+            id="missing-key",
+        ),
+        pytest.param(
+            ".",
+            "key.pem",
+            "3: tls.cert_file",
+            "cannot read {dir}: Is a directory",
+            id="cert-is-a-directory",
+        ),
+        pytest.param(
+            "cert.pem", "other.pem", "3: tls.cert_file", NOT_A_PAIR, id="key-of-another-cert"
+        ),
+        pytest.param("junk.pem", "key.pem", "3: tls.cert_file", NOT_A_PAIR, id="not-pem"),
+        pytest.param("key.pem", "cert.pem", "3: tls.cert_file", NOT_A_PAIR, id="swapped"),
+    ],
+)
+def test_bad_tls_pair(
+    tmp_path: Path, ca: trustme.CA, cert: str, key: str, where: str, message: str
+) -> None:
     write_pair(ca, tmp_path)
     trustme.CA().issue_cert("x.example").private_key_pem.write_to_path(tmp_path / "other.pem")
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     with pytest.raises(ConfigError) as err:
         load(tmp_path, f'[tls]\ndelivery = "may"\ncert_file = "{cert}"\nkey_file = "{key}"\n')
-    expected = (f"{tmp_path / 'mailgate.toml'}:{where}: "
-                + message.format(dir=tmp_path, cert=cert, key=key))
+    expected = f"{tmp_path / 'mailgate.toml'}:{where}: " + message.format(
+        dir=tmp_path, cert=cert, key=key
+    )
     # After "its key: " comes OpenSSL's reason, whose words change between OpenSSL versions.
     if message == NOT_A_PAIR:
         assert str(err.value).startswith(expected) and str(err.value) != expected
@@ -308,32 +540,83 @@ def test_bad_tls_pair(tmp_path: Path, ca: trustme.CA, cert: str, key: str, where
 # --- tables: the same error shape --------------------------------------------------------------
 
 BAD_TABLES = [
-    pytest.param("mailertable", "ok.example  smtp:[192.0.2.1]\nbad.example  smtp:\n", 2,
-                 "bad.example: smtp: needs a host", id="mailertable-no-host"),
-    pytest.param("mailertable", "# routes\nbad_domain!  smtp:[192.0.2.1]\n", 2,
-                 "'bad_domain!' is not a domain, .domain or '.'", id="mailertable-key"),
-    pytest.param("mailertable", "lonely.example\n", 1, "key 'lonely.example' has no value",
-                 id="mailertable-no-value"),
-    pytest.param("access", "To:example.com RELAY\n127.0.0.8 MAYBE\n", 2,
-                 "127.0.0.8: unknown value 'MAYBE' (expected OK, RELAY, REJECT, DISCARD, SKIP or "
-                 "ERROR:D.S.N:NNN text)", id="access-action"),
-    pytest.param("access", "Connect: REJECT\n", 1, "Connect:: empty key after the tag",
-                 id="access-empty-key"),
-    pytest.param("access", "GreetPause:10.0.0.1 5s\n", 1,
-                 "GreetPause:10.0.0.1: GreetPause value must be milliseconds",
-                 id="access-greetpause"),
-    pytest.param("aliases", "postmaster: root\nnocolon root\n", 2,
-                 "'nocolon root': missing ':' after the alias name", id="aliases-colon"),
-    pytest.param("aliases", "  root\n", 1, "continuation line without an alias before it",
-                 id="aliases-continuation"),
-    pytest.param("virtusertable", "bad-key alice\n", 1,
-                 "'bad-key': key must be user@domain or @domain", id="virtusertable-key"),
-    pytest.param("domaintable", "old.example bad_domain!\n", 1,
-                 "value 'bad_domain!' is not a domain name", id="domaintable-value"),
-    pytest.param("local-host-names", "good.example\nbad_host!\n", 2,
-                 "'bad_host!' is not a valid host name", id="local-host-names"),
-    pytest.param("relay-domains", "x..y\n", 1, "'x..y' is not a valid host name",
-                 id="relay-domains"),
+    pytest.param(
+        "mailertable",
+        "ok.example  smtp:[192.0.2.1]\nbad.example  smtp:\n",
+        2,
+        "bad.example: smtp: needs a host",
+        id="mailertable-no-host",
+    ),
+    pytest.param(
+        "mailertable",
+        "# routes\nbad_domain!  smtp:[192.0.2.1]\n",
+        2,
+        "'bad_domain!' is not a domain, .domain or '.'",
+        id="mailertable-key",
+    ),
+    pytest.param(
+        "mailertable",
+        "lonely.example\n",
+        1,
+        "key 'lonely.example' has no value",
+        id="mailertable-no-value",
+    ),
+    pytest.param(
+        "access",
+        "To:example.com RELAY\n127.0.0.8 MAYBE\n",
+        2,
+        "127.0.0.8: unknown value 'MAYBE' (expected OK, RELAY, REJECT, DISCARD, SKIP or "
+        "ERROR:D.S.N:NNN text)",
+        id="access-action",
+    ),
+    pytest.param(
+        "access", "Connect: REJECT\n", 1, "Connect:: empty key after the tag", id="access-empty-key"
+    ),
+    pytest.param(
+        "access",
+        "GreetPause:10.0.0.1 5s\n",
+        1,
+        "GreetPause:10.0.0.1: GreetPause value must be milliseconds",
+        id="access-greetpause",
+    ),
+    pytest.param(
+        "aliases",
+        "postmaster: root\nnocolon root\n",
+        2,
+        "'nocolon root': missing ':' after the alias name",
+        id="aliases-colon",
+    ),
+    pytest.param(
+        "aliases",
+        "  root\n",
+        1,
+        "continuation line without an alias before it",
+        id="aliases-continuation",
+    ),
+    pytest.param(
+        "virtusertable",
+        "bad-key alice\n",
+        1,
+        "'bad-key': key must be user@domain or @domain",
+        id="virtusertable-key",
+    ),
+    pytest.param(
+        "domaintable",
+        "old.example bad_domain!\n",
+        1,
+        "value 'bad_domain!' is not a domain name",
+        id="domaintable-value",
+    ),
+    pytest.param(
+        "local-host-names",
+        "good.example\nbad_host!\n",
+        2,
+        "'bad_host!' is not a valid host name",
+        id="local-host-names",
+    ),
+    pytest.param(
+        "relay-domains", "x..y\n", 1, "'x..y' is not a valid host name", id="relay-domains"
+    ),
 ]
 
 
@@ -372,14 +655,26 @@ def test_one_error_base() -> None:
 # --- mailgate check and a running daemon ---------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "text", "expected"), [
-    pytest.param("mailgate.toml", 'hostname = "gw.example.com"\n[queue]\nmin_free = "lots"\n',
-                 ":3: queue.min_free: " + SIZE.format("lots"), id="config"),
-    pytest.param("aliases", "postmaster: root\nnocolon root\n",
-                 ":2: 'nocolon root': missing ':' after the alias name", id="table"),
-])
-def test_check_prints_the_error_and_fails(tmp_path: Path, name: str, text: str,
-                                          expected: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        pytest.param(
+            "mailgate.toml",
+            'hostname = "gw.example.com"\n[queue]\nmin_free = "lots"\n',
+            ":3: queue.min_free: " + SIZE.format("lots"),
+            id="config",
+        ),
+        pytest.param(
+            "aliases",
+            "postmaster: root\nnocolon root\n",
+            ":2: 'nocolon root': missing ':' after the alias name",
+            id="table",
+        ),
+    ],
+)
+def test_check_prints_the_error_and_fails(
+    tmp_path: Path, name: str, text: str, expected: str
+) -> None:
     (tmp_path / "mailgate.toml").write_text('hostname = "gw.example.com"\n')
     (tmp_path / name).write_text(text)
     out = run_cli("check", "-c", str(tmp_path / "mailgate.toml"))
@@ -404,8 +699,10 @@ def test_a_bad_config_on_hup_is_refused_and_the_running_one_stays(tmp_path: Path
         gw.signal(signal.SIGHUP)
         log = gw.wait_log("reload refused")
         line = bad.count("\n")
-        assert (f"reload refused, keeping the running configuration: {gw.config}:{line}: "
-                f"queue.min_free: {SIZE.format('lots')}") in log
+        assert (
+            f"reload refused, keeping the running configuration: {gw.config}:{line}: "
+            f"queue.min_free: {SIZE.format('lots')}"
+        ) in log
         assert "configuration reloaded" not in log
         assert greeting(gw) == "gateway.example.com"
         gw.config.write_text(good)  # mended: the next HUP takes it
@@ -424,19 +721,45 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
     assert (cfg.spool_dir, cfg.tables_dir, cfg.pid_file) == (tmp_path / "spool", tmp_path, None)
     assert (cfg.relay_hosts_only, cfg.workers) == (True, 1)
     assert cfg.smtp == SmtpSettings(
-        greet_pause=5.0, max_message_size=50 * MIB, max_recipients=100, max_command_line=512,
-        max_text_line=0, command_timeout=300.0, data_timeout=180.0, max_bad_commands=20,
-        privacy=("authwarnings", "novrfy", "noexpn", "noverb"), bad_rcpt_throttle=1,
-        bad_rcpt_throttle_delay=1.0, max_bad_rcpts=20, connection_rate_throttle=100,
-        max_connections_per_ip=20, max_connections=20000, stress_threshold=0.8,
-        stress_timeout=10.0, forbid_unauth_pipelining=True, check_sender_domain=True,
-        require_qualified_sender=True)
+        greet_pause=5.0,
+        max_message_size=50 * MIB,
+        max_recipients=100,
+        max_command_line=512,
+        max_text_line=0,
+        command_timeout=300.0,
+        data_timeout=180.0,
+        max_bad_commands=20,
+        privacy=("authwarnings", "novrfy", "noexpn", "noverb"),
+        bad_rcpt_throttle=1,
+        bad_rcpt_throttle_delay=1.0,
+        max_bad_rcpts=20,
+        connection_rate_throttle=100,
+        max_connections_per_ip=20,
+        max_connections=20000,
+        stress_threshold=0.8,
+        stress_timeout=10.0,
+        forbid_unauth_pipelining=True,
+        check_sender_domain=True,
+        require_qualified_sender=True,
+    )
     assert cfg.queue == QueueSettings(
-        run_interval=1800.0, retry_min=240.0, max_age=5 * 86400.0, warn_after=4 * 3600.0,
-        max_deliveries=200, max_per_destination=20, fsync="auto", min_free=100 * MIB)
+        run_interval=1800.0,
+        retry_min=240.0,
+        max_age=5 * 86400.0,
+        warn_after=4 * 3600.0,
+        max_deliveries=200,
+        max_per_destination=20,
+        fsync="auto",
+        min_free=100 * MIB,
+    )
     assert cfg.delivery == DeliverySettings(
-        connect_timeout=30.0, command_timeout=300.0, helo_name=None, bind_address=None, port=25,
-        line_length_limit=998)
+        connect_timeout=30.0,
+        command_timeout=300.0,
+        helo_name=None,
+        bind_address=None,
+        port=25,
+        line_length_limit=998,
+    )
     assert cfg.dns == DnsSettings(nameservers=None, timeout=5.0)
     assert cfg.local == LocalSettings(maildir_root=tmp_path / "maildir")
     assert cfg.access == AccessSettings(blocklist_recipients=False)
@@ -450,8 +773,11 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
 
 
 def test_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
-    cfg = load(tmp_path, 'spool_dir = "q"\ntables_dir = "/etc/mail"\npid_file = "run/gw.pid"\n'
-                         '[local]\nmaildir_root = "~/mail"\n[log]\nfile = ""\n')
+    cfg = load(
+        tmp_path,
+        'spool_dir = "q"\ntables_dir = "/etc/mail"\npid_file = "run/gw.pid"\n'
+        '[local]\nmaildir_root = "~/mail"\n[log]\nfile = ""\n',
+    )
     assert cfg.spool_dir == tmp_path / "q"
     assert cfg.tables_dir == Path("/etc/mail")
     assert cfg.pid_file == tmp_path / "run" / "gw.pid"
@@ -463,11 +789,14 @@ def test_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
 
 
 def test_values_are_converted(tmp_path: Path) -> None:
-    cfg = load(tmp_path, 'hostname = "GW.Example.COM."\nlisten = [":25", "[::1]:2525"]\n'
-                         '[smtp]\ngreet_pause = "1h30m"\nmax_message_size = "10MB"\n'
-                         'stress_threshold = 50\nprivacy = ["NoVrfy"]\n'
-                         '[queue]\nfsync = "Threads"\nmin_free = 0\n'
-                         '[dns]\nnameservers = []\n')
+    cfg = load(
+        tmp_path,
+        'hostname = "GW.Example.COM."\nlisten = [":25", "[::1]:2525"]\n'
+        '[smtp]\ngreet_pause = "1h30m"\nmax_message_size = "10MB"\n'
+        'stress_threshold = 50\nprivacy = ["NoVrfy"]\n'
+        '[queue]\nfsync = "Threads"\nmin_free = 0\n'
+        "[dns]\nnameservers = []\n",
+    )
     assert cfg.hostname == "gw.example.com"
     assert cfg.listen == (("0.0.0.0", 25), ("::1", 2525))
     assert (cfg.smtp.greet_pause, cfg.smtp.max_message_size) == (5400.0, 10_000_000)
@@ -480,12 +809,24 @@ def test_values_are_converted(tmp_path: Path) -> None:
 
 
 def test_every_field_is_a_setting_or_a_section() -> None:
-    plain = {cls.__name__: [f.name for f in fields(cls)
-                            if not f.metadata]
-             for cls in (Config, SmtpSettings, QueueSettings, DeliverySettings, DnsSettings,
-                         LocalSettings, AccessSettings, TlsSettings, LogSettings)}
-    assert {k: v for k, v in plain.items() if v} == {"Config": ["path"],
-                                                       "TlsSettings": ["server_context"]}
+    plain = {
+        cls.__name__: [f.name for f in fields(cls) if not f.metadata]
+        for cls in (
+            Config,
+            SmtpSettings,
+            QueueSettings,
+            DeliverySettings,
+            DnsSettings,
+            LocalSettings,
+            AccessSettings,
+            TlsSettings,
+            LogSettings,
+        )
+    }
+    assert {k: v for k, v in plain.items() if v} == {
+        "Config": ["path"],
+        "TlsSettings": ["server_context"],
+    }
     for key in keys():
         assert key.setting.doc and "\n" not in key.setting.doc, key.label
 
@@ -501,7 +842,7 @@ def readme_table(text: str) -> list[tuple[int, list[str], list[str]]]:
     rows = []
     lines = text.split("\n")
     start = lines.index("## Configuration reference")
-    for no, line in enumerate(lines[start + 1:], start + 2):
+    for no, line in enumerate(lines[start + 1 :], start + 2):
         if line.startswith("## "):
             break
         if not line.startswith("| `"):
@@ -530,11 +871,16 @@ def readme_problems(text: str) -> list[str]:
             if key is None:
                 problems.append(f"README.md:{no}: {label}: documented, but no such setting")
             elif not same_default(key, shown):
-                problems.append(f"README.md:{no}: {label}: README's default is {shown}, "
-                                f"the definition's {key.shown_default}")
-    problems += [f"README.md: {label}: not in the configuration table "
-                 f"(its row: | `{label}` | {key.shown_default} | {key.setting.doc} |)"
-                 for label, key in defined.items() if label not in seen]
+                problems.append(
+                    f"README.md:{no}: {label}: README's default is {shown}, "
+                    f"the definition's {key.shown_default}"
+                )
+    problems += [
+        f"README.md: {label}: not in the configuration table "
+        f"(its row: | `{label}` | {key.shown_default} | {key.setting.doc} |)"
+        for label, key in defined.items()
+        if label not in seen
+    ]
     return problems
 
 
@@ -563,23 +909,34 @@ def test_the_readme_check_names_the_key() -> None:
     no = text.split("\n").index(row) + 1
     assert readme_problems(text.replace(row + "\n", "")) == [
         "README.md: [smtp] max_recipients: not in the configuration table (its row: "
-        "| `[smtp] max_recipients` | `100` | more get `452 4.5.3 Too many recipients` |)"]
+        "| `[smtp] max_recipients` | `100` | more get `452 4.5.3 Too many recipients` |)"
+    ]
     assert readme_problems(text.replace(row, row.replace("`100`", "`101`"))) == [
-        f"README.md:{no}: [smtp] max_recipients: README's default is `101`, the definition's "
-        "`100`"]
+        f"README.md:{no}: [smtp] max_recipients: README's default is `101`, the definition's `100`"
+    ]
     assert readme_problems(text.replace(row, row.replace("max_recipients", "max_rcpts"))) == [
         f"README.md:{no}: [smtp] max_rcpts: documented, but no such setting",
         "README.md: [smtp] max_recipients: not in the configuration table (its row: "
-        "| `[smtp] max_recipients` | `100` | more get `452 4.5.3 Too many recipients` |)"]
+        "| `[smtp] max_recipients` | `100` | more get `452 4.5.3 Too many recipients` |)",
+    ]
     # Another spelling of the same value is the same default; words must be the definition's.
     assert readme_problems(text.replace('| `"5m"` / `"3m"` |', '| `"300s"` / `"3m"` |')) == []
-    assert readme_problems(text.replace("| `hostname` | the machine's FQDN |",
-                                        "| `hostname` | `localhost` |")) != []
+    assert (
+        readme_problems(
+            text.replace("| `hostname` | the machine's FQDN |", "| `hostname` | `localhost` |")
+        )
+        != []
+    )
 
 
 def test_markdown_generator_prints_every_row() -> None:
-    out = subprocess.run([sys.executable, "-m", "mailgate.config", "--markdown"],
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "mailgate.config", "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     assert out.stderr == ""
     lines = out.stdout.splitlines()
     assert lines[:2] == ["| key | default | meaning |", "|---|---|---|"]

@@ -51,14 +51,18 @@ def random_cuts(data: bytes, seed: int) -> tuple[list[int], list[int]]:
 
 # == examples ====================================================================================
 
+
 def test_non_mime_8bit_message() -> None:
-    msg = ("Subject: s\r\nFrom: a@example.org\r\n\r\nCafé crème = très bien \r\n"
-           "-- \r\nsig\r\n").encode()
+    msg = (
+        "Subject: s\r\nFrom: a@example.org\r\n\r\nCafé crème = très bien \r\n-- \r\nsig\r\n"
+    ).encode()
     _, out = convert(msg)
     head, body = head_body(out)
-    assert head == (b"Subject: s\r\nFrom: a@example.org\r\nMIME-Version: 1.0\r\n"
-                    b"Content-Type: text/plain; charset=utf-8\r\n"
-                    b"Content-Transfer-Encoding: quoted-printable\r\n")
+    assert head == (
+        b"Subject: s\r\nFrom: a@example.org\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
     assert body == b"Caf=C3=A9 cr=C3=A8me =3D tr=C3=A8s bien=20\r\n--=20\r\nsig\r\n"
     assert qp_decode(body) == head_body(msg)[1]
 
@@ -76,14 +80,18 @@ def test_charset_when_not_utf8() -> None:
 def test_existing_content_type_kept() -> None:
     msg = b"Content-Type: text/plain; charset=iso-8859-1\r\nSubject: s\r\n\r\nCaf\xe9\r\n"
     _, out = convert(msg)
-    assert out == (b"Content-Type: text/plain; charset=iso-8859-1\r\nSubject: s\r\n"
-                   b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
-                   b"Caf=E9\r\n")
+    assert out == (
+        b"Content-Type: text/plain; charset=iso-8859-1\r\nSubject: s\r\n"
+        b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        b"Caf=E9\r\n"
+    )
 
 
 def test_seven_bit_content_is_not_touched() -> None:
-    msg = (b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
-           b"Content-Transfer-Encoding: 8bit\r\n\r\nplain ASCII = fine\r\n")
+    msg = (
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain\r\n"
+        b"Content-Transfer-Encoding: 8bit\r\n\r\nplain ASCII = fine\r\n"
+    )
     plan, out = convert(msg)
     assert not plan.converts and out == msg
     # 8-bit octets only in the header section: nothing a body encoding can fix (Postfix
@@ -95,7 +103,7 @@ def test_seven_bit_content_is_not_touched() -> None:
 
 MULTI = (
     b"MIME-Version: 1.0\r\nSubject: m\r\n"
-    b"Content-Type: multipart/mixed;\r\n\tboundary=\"outer\"\r\n"
+    b'Content-Type: multipart/mixed;\r\n\tboundary="outer"\r\n'
     b"Content-Transfer-Encoding: 8bit\r\n\r\n"
     b"preamble\r\n"
     b"--outer\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
@@ -117,7 +125,7 @@ def test_multipart_and_nested_message() -> None:
     _, out = convert(MULTI)
     assert out == (
         b"MIME-Version: 1.0\r\nSubject: m\r\n"
-        b"Content-Type: multipart/mixed;\r\n\tboundary=\"outer\"\r\n"
+        b'Content-Type: multipart/mixed;\r\n\tboundary="outer"\r\n'
         b"Content-Transfer-Encoding: 7bit\r\n\r\n"
         b"preamble\r\n"
         b"--outer\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -143,27 +151,39 @@ def test_multipart_and_nested_message() -> None:
 
 
 def test_every_old_encoding_field_goes() -> None:
-    msg = (b"MIME-Version: 1.0\r\ncOnTeNt-TrAnSfEr-EnCoDiNg: 8bit\r\nX-A: 1\r\n"
-           b"Content-Transfer-Encoding:\r\n 8bit\r\nX-B: 2\r\n\r\n\xe9\r\n")
+    msg = (
+        b"MIME-Version: 1.0\r\ncOnTeNt-TrAnSfEr-EnCoDiNg: 8bit\r\nX-A: 1\r\n"
+        b"Content-Transfer-Encoding:\r\n 8bit\r\nX-B: 2\r\n\r\n\xe9\r\n"
+    )
     _, out = convert(msg)
-    assert out == (b"MIME-Version: 1.0\r\nX-A: 1\r\nX-B: 2\r\n"
-                   b"Content-Type: text/plain; charset=unknown-8bit\r\n"
-                   b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n")
+    assert out == (
+        b"MIME-Version: 1.0\r\nX-A: 1\r\nX-B: 2\r\n"
+        b"Content-Type: text/plain; charset=unknown-8bit\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\n=E9\r\n"
+    )
 
 
 def test_digest_parts_default_to_message() -> None:
-    msg = (b"MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n"
-           b"--d\r\n\r\nSubject: one\r\n\r\nv\xc3\xa9\r\n--d--\r\n")
+    msg = (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n"
+        b"--d\r\n\r\nSubject: one\r\n\r\nv\xc3\xa9\r\n--d--\r\n"
+    )
     _, out = convert(msg)
-    assert out == (b"MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n"
-                   b"--d\r\n\r\nSubject: one\r\nMIME-Version: 1.0\r\n"
-                   b"Content-Type: text/plain; charset=utf-8\r\n"
-                   b"Content-Transfer-Encoding: quoted-printable\r\n\r\nv=C3=A9\r\n--d--\r\n")
+    assert out == (
+        b"MIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n"
+        b"--d\r\n\r\nSubject: one\r\nMIME-Version: 1.0\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nv=C3=A9\r\n--d--\r\n"
+    )
 
 
 def test_parts_that_may_not_be_encoded() -> None:
-    for ctype in (b"message/partial; id=x; number=1", b"message/external-body; access-type=x",
-                  b"message/delivery-status", b"multipart/mixed"):  # (no boundary)
+    for ctype in (
+        b"message/partial; id=x; number=1",
+        b"message/external-body; access-type=x",
+        b"message/delivery-status",
+        b"multipart/mixed",
+    ):  # (no boundary)
         msg = b"MIME-Version: 1.0\r\nContent-Type: " + ctype + b"\r\n\r\n\xc3\xa9\r\n"
         plan, out = convert(msg)
         assert not plan.converts and out == msg, ctype
@@ -174,10 +194,12 @@ def test_parts_that_may_not_be_encoded() -> None:
 
 def test_outer_boundary_ends_inner_multipart() -> None:
     # The inner multipart never closes: the outer boundary ends it (RFC 2046, Postfix).
-    msg = (b"Content-Type: multipart/mixed; boundary=o\r\n\r\n"
-           b"--o\r\nContent-Type: multipart/mixed; boundary=i\r\n\r\n"
-           b"--i\r\n\r\n\xe9\r\n"
-           b"--o\r\n\r\n\xe9\r\n--o--\r\n")
+    msg = (
+        b"Content-Type: multipart/mixed; boundary=o\r\n\r\n"
+        b"--o\r\nContent-Type: multipart/mixed; boundary=i\r\n\r\n"
+        b"--i\r\n\r\n\xe9\r\n"
+        b"--o\r\n\r\n\xe9\r\n--o--\r\n"
+    )
     _, out = convert(msg)
     assert out.count(b"Content-Transfer-Encoding: quoted-printable") == 2
     assert out.count(b"=E9\r\n") == 2 and out.isascii()
@@ -185,8 +207,10 @@ def test_outer_boundary_ends_inner_multipart() -> None:
 
 
 def test_boundary_prefix_and_transport_padding() -> None:
-    msg = (b"Content-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
-           b"--b  \r\n\r\n\xe9\r\n--b-- trailing words\r\nepi\xe9\r\n")
+    msg = (
+        b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n'
+        b"--b  \r\n\r\n\xe9\r\n--b-- trailing words\r\nepi\xe9\r\n"
+    )
     _, out = convert(msg)
     assert out.endswith(b"\r\n\r\n=E9\r\n--b-- trailing words\r\nepi\xe9\r\n")
 
@@ -194,8 +218,10 @@ def test_boundary_prefix_and_transport_padding() -> None:
 def test_no_soft_break_before_a_dash() -> None:
     # A soft break must not start a line with "--": it could read as a boundary.
     line = b"\xc3\xa9" + b"-" * 200
-    msg = (b"Content-Type: multipart/mixed; boundary=\"--\"\r\n\r\n"
-           b"----\r\n\r\n" + line + b"\r\n------\r\n")
+    msg = (
+        b'Content-Type: multipart/mixed; boundary="--"\r\n\r\n'
+        b"----\r\n\r\n" + line + b"\r\n------\r\n"
+    )
     _, out = convert(msg)
     body = out.split(b"quoted-printable\r\n\r\n")[1].rsplit(b"\r\n------", 1)[0]
     assert all(not ln.startswith(b"-") for ln in body.split(b"\r\n")[1:])
@@ -203,8 +229,9 @@ def test_no_soft_break_before_a_dash() -> None:
 
 
 def test_long_8bit_line_and_bare_cr_lf() -> None:
-    body = (b"\xe9" * 10_000 + b" \r\n" + b"x\ry\nz\r\r\n" + b"t\t\r\n" + b"a" * 9000 + b"\xe9"
-            + b"\r")
+    body = (
+        b"\xe9" * 10_000 + b" \r\n" + b"x\ry\nz\r\r\n" + b"t\t\r\n" + b"a" * 9000 + b"\xe9" + b"\r"
+    )
     msg = b"Subject: s\r\n\r\n" + body
     _, out = convert(msg)
     converted = head_body(out)[1]
@@ -215,9 +242,12 @@ def test_long_8bit_line_and_bare_cr_lf() -> None:
 
 def test_huge_header_section_passes_through() -> None:
     big = b"X-Big: " + b"v" * 70 + b"\r\n"
-    msg = (b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
-           + big * (MAX_HEADER // len(big) + 2) + b"\r\n\xe9\r\n"
-           b"--b\r\n\r\n\xe9\r\n--b--\r\n")
+    msg = (
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+        + big * (MAX_HEADER // len(big) + 2)
+        + b"\r\n\xe9\r\n"
+        b"--b\r\n\r\n\xe9\r\n--b--\r\n"
+    )
     _, out = convert(msg)
     # The first part is too big to parse: passed as it is; the second is converted.
     assert out.count(b"quoted-printable") == 1 and out.count(b"\r\n\xe9\r\n--b\r\n") == 1
@@ -228,28 +258,53 @@ def test_our_bounce_of_an_8bit_message(tmp_path: Path) -> None:
     spool = tmp_path / "orig"
     spool.write_bytes(b"envelope\n" + original)
     out = io.BytesIO()
-    dsn.write_dsn(out, hostname="gw.example.com", queue_id="Q1", arrival=0.0, client="c",
-                  sender="a@example.org", original_path=spool, original_offset=9,
-                  recipients=[dsn.DsnRecipient("b@example.net", None, "5.1.1", None, None)])
+    dsn.write_dsn(
+        out,
+        hostname="gw.example.com",
+        queue_id="Q1",
+        arrival=0.0,
+        client="c",
+        sender="a@example.org",
+        original_path=spool,
+        original_offset=9,
+        recipients=[dsn.DsnRecipient("b@example.net", None, "5.1.1", None, None)],
+    )
     bounce = out.getvalue()
     plan, converted = convert(bounce)
     assert plan.converts and converted.isascii()
     # The enclosed message got MIME headers of its own, its body quoted-printable.
-    assert (b"Content-Type: message/rfc822\r\n\r\nFrom: a@example.org\r\nSubject: s\r\n"
-            b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-            b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe\r\n") in converted
+    assert (
+        b"Content-Type: message/rfc822\r\n\r\nFrom: a@example.org\r\nSubject: s\r\n"
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe\r\n"
+    ) in converted
 
 
 # == properties ==================================================================================
 
-LINE_PIECES = [b"word", b" ", b"\t", b"=", b"-", b"--", b".", b"\xc3\xa9", b"\xe9", b"\xff",
-               b"\x00", b"\r", b"\n", b"x" * 90]
+LINE_PIECES = [
+    b"word",
+    b" ",
+    b"\t",
+    b"=",
+    b"-",
+    b"--",
+    b".",
+    b"\xc3\xa9",
+    b"\xe9",
+    b"\xff",
+    b"\x00",
+    b"\r",
+    b"\n",
+    b"x" * 90,
+]
 
 
 @st.composite
 def bodies(draw: st.DrawFn) -> bytes:
-    lines = draw(st.lists(st.lists(st.sampled_from(LINE_PIECES), max_size=12).map(b"".join),
-                          max_size=8))
+    lines = draw(
+        st.lists(st.lists(st.sampled_from(LINE_PIECES), max_size=12).map(b"".join), max_size=8)
+    )
     body = b"\r\n".join(lines)
     return body + (b"\r\n" if draw(st.booleans()) else b"")
 
@@ -300,8 +355,15 @@ def nodes(draw: st.DrawFn, depth: int = 0, counter: list[int] | None = None) -> 
     parts = draw(st.lists(nodes(depth + 1, counter), min_size=1, max_size=3))
     preamble = draw(st.sampled_from([b"", b"preamble\r\n", b"pr\xe9amble\r\n"]))
     epilogue = draw(st.sampled_from([b"", b"epilogue\r\n", b"\xe9pilogue"]))
-    return Node("multipart", headers, cte=cte, boundary=boundary, parts=parts,
-                preamble=preamble, epilogue=epilogue)
+    return Node(
+        "multipart",
+        headers,
+        cte=cte,
+        boundary=boundary,
+        parts=parts,
+        preamble=preamble,
+        epilogue=epilogue,
+    )
 
 
 def render(node: Node) -> bytes:
@@ -347,8 +409,9 @@ def check(node: Node, out: bytes, *, is_message: bool) -> None:
         elif node.cte in ("8bit", "binary"):
             added += b"Content-Transfer-Encoding: 7bit\r\n"
         if b"Content-Transfer-Encoding: quoted-printable" in added or b"7bit\r\n" in added:
-            expect_head = b"".join(h for h in node.headers
-                                   if not h.startswith(b"Content-Transfer-Encoding"))
+            expect_head = b"".join(
+                h for h in node.headers if not h.startswith(b"Content-Transfer-Encoding")
+            )
         expect_head += added
     assert head == expect_head
     if node.kind == "leaf":
@@ -384,10 +447,18 @@ def test_fuzz_structures(tree: Node, seed: int) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(data=st.binary(max_size=2000), prefix=st.sampled_from([
-    b"", b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n",
-    b"Content-Type: message/rfc822\r\n\r\n", b"Content-Type: multipart/digest; boundary=a\r\n\r\n"
-]), seed=st.integers(0, 2**32 - 1))
+@given(
+    data=st.binary(max_size=2000),
+    prefix=st.sampled_from(
+        [
+            b"",
+            b"Content-Type: multipart/mixed; boundary=a\r\n\r\n--a\r\n",
+            b"Content-Type: message/rfc822\r\n\r\n",
+            b"Content-Type: multipart/digest; boundary=a\r\n\r\n",
+        ]
+    ),
+    seed=st.integers(0, 2**32 - 1),
+)
 def test_fuzz_arbitrary_bytes(data: bytes, prefix: bytes, seed: int) -> None:
     msg = prefix + data
     _, out = convert(msg)

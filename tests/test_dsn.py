@@ -56,9 +56,7 @@ BOB = DsnRecipient(
 )
 
 
-def make(
-    tmp_path: Path, recipients: list[DsnRecipient], content: bytes = ORIGINAL, **kw
-) -> bytes:
+def make(tmp_path: Path, recipients: list[DsnRecipient], content: bytes = ORIGINAL, **kw) -> bytes:
     path, offset = spool_file(tmp_path, content)
     out = io.BytesIO()
     mid = write_dsn(

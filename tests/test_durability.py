@@ -22,8 +22,9 @@ from tests.support.gateway import GatewayProcess
 def _strace_works() -> bool:
     if shutil.which("strace") is None:
         return False
-    probe = subprocess.run(["strace", "-f", "-o", "/dev/null", "true"], capture_output=True,
-                           check=False)
+    probe = subprocess.run(
+        ["strace", "-f", "-o", "/dev/null", "true"], capture_output=True, check=False
+    )
     return probe.returncode == 0
 
 
@@ -35,10 +36,12 @@ SYSCALLS = "io_submit,io_getevents,fsync,fdatasync,write,writev,pwrite64,sendto,
 def _flushed_before_reply(trace: list[str], qid: str) -> tuple[int, int, int]:
     """(content written, flush completed, 250 written) line numbers for ``qid``."""
     incoming = f"/incoming/{qid}>"
-    reply = next(i for i, line in enumerate(trace)
-                 if f"250 2.0.0 {qid} Message accepted" in line)
-    written = next(i for i, line in enumerate(trace)
-                   if re.search(r"\b(write|pwrite64)\(\d+<[^>]*" + re.escape(incoming), line))
+    reply = next(i for i, line in enumerate(trace) if f"250 2.0.0 {qid} Message accepted" in line)
+    written = next(
+        i
+        for i, line in enumerate(trace)
+        if re.search(r"\b(write|pwrite64)\(\d+<[^>]*" + re.escape(incoming), line)
+    )
     completed = None
     for i, line in enumerate(trace):
         if re.search(r"\bfsync\(\d+<[^>]*" + re.escape(incoming) + r"(\)| <unfinished)", line):
@@ -47,18 +50,27 @@ def _flushed_before_reply(trace: list[str], qid: str) -> tuple[int, int, int]:
                 completed = i
             else:
                 tid = line.split()[0]
-                completed = next(j for j in range(i + 1, len(trace))
-                                 if trace[j].startswith(tid) and "fsync resumed" in trace[j]
-                                 and trace[j].rstrip().endswith("= 0"))
+                completed = next(
+                    j
+                    for j in range(i + 1, len(trace))
+                    if trace[j].startswith(tid)
+                    and "fsync resumed" in trace[j]
+                    and trace[j].rstrip().endswith("= 0")
+                )
             break
-        m = re.search(r"aio_data=(0x[0-9a-f]+), aio_lio_opcode=IOCB_CMD_FSYNC, "
-                      r"aio_fildes=\d+<[^>]*" + re.escape(incoming), line)
+        m = re.search(
+            r"aio_data=(0x[0-9a-f]+), aio_lio_opcode=IOCB_CMD_FSYNC, "
+            r"aio_fildes=\d+<[^>]*" + re.escape(incoming),
+            line,
+        )
         if m:
             data = m.group(1)
-            completed = next(j for j in range(i + 1, len(trace))
-                             if "io_getevents" in trace[j]
-                             and re.search(r"data=" + data + r", obj=0x[0-9a-f]+, res=0\b",
-                                           trace[j]))
+            completed = next(
+                j
+                for j in range(i + 1, len(trace))
+                if "io_getevents" in trace[j]
+                and re.search(r"data=" + data + r", obj=0x[0-9a-f]+, res=0\b", trace[j])
+            )
             break
     assert completed is not None, f"no flush of {qid}'s spool file in the trace"
     return written, completed, reply
@@ -70,26 +82,45 @@ def test_every_250_follows_the_completed_flush_of_its_file(tmp_path: Path, flush
     with DnsServer() as dns:
         dns.add("example.org", "A", "192.0.2.10")
         gw = GatewayProcess(
-            tmp_path / "gw", dns=dns.address,
+            tmp_path / "gw",
+            dns=dns.address,
             # The next hop is down: the messages stay queued, only the reception is traced.
-            tables={"mailertable": "example.net smtp:[127.0.0.1]:9\n",
-                    "access": "To:example.net RELAY\n"},
+            tables={
+                "mailertable": "example.net smtp:[127.0.0.1]:9\n",
+                "access": "To:example.net RELAY\n",
+            },
             settings=f'[smtp]\ngreet_pause = "0s"\n[queue]\nfsync = "{flusher}"\n',
         )
         with gw:
             assert gw.proc is not None
             tracer = subprocess.Popen(
-                ["strace", "-f", "-y", "-s", "200", "-e", f"trace={SYSCALLS}",
-                 "-o", str(trace_file), "-p", str(gw.proc.pid)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                [
+                    "strace",
+                    "-f",
+                    "-y",
+                    "-s",
+                    "200",
+                    "-e",
+                    f"trace={SYSCALLS}",
+                    "-o",
+                    str(trace_file),
+                    "-p",
+                    str(gw.proc.pid),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
             try:
                 assert tracer.stderr is not None
                 # strace says "Process N attached" (once per thread) when it has hold of them.
                 assert b"attached" in tracer.stderr.readline()
                 for n in range(3):
                     with gw.smtp() as s:
-                        s.sendmail("a@example.org", [f"user{n}@example.net"],
-                                   f"Subject: durable {n}\r\n\r\nbody {n}\r\n")
+                        s.sendmail(
+                            "a@example.org",
+                            [f"user{n}@example.net"],
+                            f"Subject: durable {n}\r\n\r\nbody {n}\r\n",
+                        )
             finally:
                 tracer.send_signal(signal.SIGINT)  # detach; the daemon runs on
                 tracer.wait(20)

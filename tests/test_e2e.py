@@ -28,11 +28,17 @@ HOP2 = "127.0.0.6"  # targetdomain2.com's server, found through MX of relay.test
 MXHOST = "127.0.0.7"  # example.net's MX, for mail routed by MX records
 
 
-def message(subject: str = "hello", frm: str = "alice@example.org",
-            to: str = "bob@targetdomain1.com", body: str = "Hi Bob.\r\n") -> bytes:
-    return (f"From: <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
-            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
-            f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n\r\n{body}").encode()
+def message(
+    subject: str = "hello",
+    frm: str = "alice@example.org",
+    to: str = "bob@targetdomain1.com",
+    body: str = "Hi Bob.\r\n",
+) -> bytes:
+    return (
+        f"From: <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n\r\n{body}"
+    ).encode()
 
 
 @pytest.fixture
@@ -63,8 +69,14 @@ def mx_port() -> int:
     return free_port(MXHOST)
 
 
-def make_gateway(tmp_path: Path, dns: DnsServer, hop1_port: int, hop2_port: int, mx_port: int,
-                 extra_settings: str = "") -> GatewayProcess:
+def make_gateway(
+    tmp_path: Path,
+    dns: DnsServer,
+    hop1_port: int,
+    hop2_port: int,
+    mx_port: int,
+    extra_settings: str = "",
+) -> GatewayProcess:
     tables = {
         "mailertable": (
             f"targetdomain1.com   smtp:[{HOP1}]:{hop1_port}\n"
@@ -82,9 +94,9 @@ def make_gateway(tmp_path: Path, dns: DnsServer, hop1_port: int, hop2_port: int,
         "aliases": "postmaster: alice\nteam: alice, bob@targetdomain1.com\n",
     }
     settings = (
-        "[queue]\nrun_interval = \"2s\"\nretry_min = \"1s\"\n"
-        f"[delivery]\nport = {mx_port}\nconnect_timeout = \"2s\"\n"
-        "[smtp]\ngreet_pause = \"0s\"\nbad_rcpt_throttle = 0\n" + extra_settings
+        '[queue]\nrun_interval = "2s"\nretry_min = "1s"\n'
+        f'[delivery]\nport = {mx_port}\nconnect_timeout = "2s"\n'
+        '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\n' + extra_settings
     )
     gw = GatewayProcess(tmp_path / "gw", dns=dns.address, tables=tables, settings=settings)
     (gw.maildir / "alice").mkdir(parents=True)
@@ -92,15 +104,17 @@ def make_gateway(tmp_path: Path, dns: DnsServer, hop1_port: int, hop2_port: int,
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int,
-            mx_port: int) -> Iterator[GatewayProcess]:
+def gateway(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int
+) -> Iterator[GatewayProcess]:
     gw = make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port)
     with gw:
         yield gw
 
 
-def test_routed_domain_goes_to_its_mailertable_hop(gateway: GatewayProcess,
-                                                   hop1: SinkServer) -> None:
+def test_routed_domain_goes_to_its_mailertable_hop(
+    gateway: GatewayProcess, hop1: SinkServer
+) -> None:
     with gateway.smtp(OUTSIDE) as s:
         code, banner = s.ehlo()
         assert code == 250
@@ -109,8 +123,10 @@ def test_routed_domain_goes_to_its_mailertable_hop(gateway: GatewayProcess,
     [msg] = hop1.wait_for(1, timeout=10)
     assert msg.mail_from == "alice@example.org"
     assert msg.rcpt_tos == ["bob@targetdomain1.com"]
-    assert msg.data.startswith(b"Received: from client.example.net ([127.0.0.2])\r\n"
-                               b"\tby gateway.example.com (mailgate) with ESMTP id ")
+    assert msg.data.startswith(
+        b"Received: from client.example.net ([127.0.0.2])\r\n"
+        b"\tby gateway.example.com (mailgate) with ESMTP id "
+    )
     assert msg.data.endswith(message())
     log = gateway.wait_log("stat=Sent")
     assert "from=<alice@example.org>, size=" in log and "nrcpts=1" in log
@@ -141,34 +157,47 @@ def test_foreign_domain_refused_from_outside(gateway: GatewayProcess, hop1: Sink
     assert "reject=550 5.7.1 <victim@example.net>... Relaying denied" in gateway.log()
 
 
-def test_listed_client_may_relay_anywhere_by_mx(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
-                                                hop2_port: int, mx_port: int) -> None:
-    with SinkServer(MXHOST, mx_port) as mx, \
-            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+def test_listed_client_may_relay_anywhere_by_mx(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int
+) -> None:
+    with (
+        SinkServer(MXHOST, mx_port) as mx,
+        make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw,
+    ):
         for source in (INTERNAL, INTERNAL_NET, "127.0.0.1"):
             with gw.smtp(source) as s:
-                s.sendmail("it@example.org", ["someone@example.net"],
-                           message(f"from {source}", to="someone@example.net"))
+                s.sendmail(
+                    "it@example.org",
+                    ["someone@example.net"],
+                    message(f"from {source}", to="someone@example.net"),
+                )
         msgs = mx.wait_for(3, timeout=15)
         assert sorted(m.peer for m in msgs) == ["127.0.0.1"] * 3 or len(msgs) == 3
         assert all(m.rcpt_tos == ["someone@example.net"] for m in msgs)
 
 
-def test_mx_routed_mailertable_entry_with_port(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
-                                               hop2_port: int, mx_port: int) -> None:
-    with SinkServer(HOP2, hop2_port) as hop2, \
-            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+def test_mx_routed_mailertable_entry_with_port(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int
+) -> None:
+    with (
+        SinkServer(HOP2, hop2_port) as hop2,
+        make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw,
+    ):
         with gw.smtp(OUTSIDE) as s:
-            s.sendmail("alice@example.org", ["carol@targetdomain2.com", "dave@targetdomain2.com"],
-                       message(to="carol@targetdomain2.com"))
+            s.sendmail(
+                "alice@example.org",
+                ["carol@targetdomain2.com", "dave@targetdomain2.com"],
+                message(to="carol@targetdomain2.com"),
+            )
         [msg] = hop2.wait_for(1, timeout=10)
         # one transaction carries both recipients of the hop
         assert sorted(msg.rcpt_tos) == ["carol@targetdomain2.com", "dave@targetdomain2.com"]
         assert msg.pipelined
 
 
-def test_local_user_gets_maildir_and_unknown_user_is_refused(gateway: GatewayProcess,
-                                                             hop1: SinkServer) -> None:
+def test_local_user_gets_maildir_and_unknown_user_is_refused(
+    gateway: GatewayProcess, hop1: SinkServer
+) -> None:
     with gateway.smtp(OUTSIDE) as s:
         s.ehlo()
         s.mail("bob@example.org")
@@ -197,8 +226,10 @@ def test_mailertable_error_refused_at_rcpt(gateway: GatewayProcess) -> None:
         s.ehlo()
         s.mail("bob@example.org")
         code, text = s.rcpt("x@refused.example")
-        assert (code, text) == (550, b"5.7.1 <x@refused.example>... Mail for this domain is "
-                                     b"refused")
+        assert (code, text) == (
+            550,
+            b"5.7.1 <x@refused.example>... Mail for this domain is refused",
+        )
 
 
 def test_smtp_smuggling_is_refused(gateway: GatewayProcess, hop1: SinkServer) -> None:
@@ -208,8 +239,10 @@ def test_smtp_smuggling_is_refused(gateway: GatewayProcess, hop1: SinkServer) ->
         s.rcpt("bob@targetdomain1.com")
         code, _ = s.docmd("DATA")
         assert code == 354
-        s.send(b"Subject: a\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@y>\r\n"
-               b"\r\n.\r\n")
+        s.send(
+            b"Subject: a\r\n\r\nfirst\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@y>\r\n"
+            b"\r\n.\r\n"
+        )
         code, text = s.getreply()
         assert code == 550 and text.startswith(b"5.6.11")
         assert s.noop()[0] == 250  # still in sync
@@ -217,8 +250,9 @@ def test_smtp_smuggling_is_refused(gateway: GatewayProcess, hop1: SinkServer) ->
     assert hop1.messages == []
 
 
-def test_kill_9_after_250_then_restart_delivers(tmp_path: Path, dns: DnsServer,
-                                               hop2_port: int, mx_port: int) -> None:
+def test_kill_9_after_250_then_restart_delivers(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     port1 = free_port(HOP1)
     gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
     gw.start()
@@ -243,8 +277,9 @@ def test_kill_9_after_250_then_restart_delivers(tmp_path: Path, dns: DnsServer,
             gw.stop()
 
 
-def test_kill_9_during_delivery(tmp_path: Path, dns: DnsServer, hop2_port: int,
-                                mx_port: int) -> None:
+def test_kill_9_during_delivery(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     port1 = free_port(HOP1)
     with SinkServer(HOP1, port1) as hop1:
         hop1.delays["greeting"] = 30.0  # the delivery hangs right after the 250 to our client
@@ -279,8 +314,9 @@ def _spare_inodes(gw: GatewayProcess, count: int) -> list[int]:
     raise AssertionError(f"spare/ holds {len(spares)} files, queue {gw.queued()}")
 
 
-def test_delivered_files_are_reused_and_never_resent(tmp_path: Path, dns: DnsServer,
-                                                     hop2_port: int, mx_port: int) -> None:
+def test_delivered_files_are_reused_and_never_resent(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     """One file serves message after message (no inode allocated per message); after a
     kill -9 the kept files, whose messages were delivered, are dropped, not sent again."""
     port1 = free_port(HOP1)
@@ -291,8 +327,9 @@ def test_delivered_files_are_reused_and_never_resent(tmp_path: Path, dns: DnsSer
             seen = []
             with gw.smtp(OUTSIDE) as s:
                 for i in range(5):
-                    s.sendmail("alice@example.org", ["bob@targetdomain1.com"],
-                               message(f"reuse {i}"))
+                    s.sendmail(
+                        "alice@example.org", ["bob@targetdomain1.com"], message(f"reuse {i}")
+                    )
                     hop1.wait_for(i + 1, timeout=10)
                     seen.append(_spare_inodes(gw, 1))
             assert seen == [seen[0]] * 5
@@ -303,22 +340,27 @@ def test_delivered_files_are_reused_and_never_resent(tmp_path: Path, dns: DnsSer
             assert not any((gw.spool / "spare").iterdir())
             time.sleep(1.0)
             assert [m.data.split(b"Subject: ")[1][:7] for m in hop1.messages] == [
-                f"reuse {i}".encode() for i in range(5)]
+                f"reuse {i}".encode() for i in range(5)
+            ]
             assert gw.queued() == []
         finally:
             gw.stop()
 
 
-def test_etrn_retries_the_domain_now(tmp_path: Path, dns: DnsServer, hop2_port: int,
-                                     mx_port: int) -> None:
+def test_etrn_retries_the_domain_now(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     """ETRN makes mail waiting for that domain due at once, long before its retry time;
     mail for other domains keeps waiting."""
     port1 = free_port(HOP1)
     gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
     text = gw.config.read_text()
     assert 'run_interval = "2s"\nretry_min = "1s"' in text
-    gw.config.write_text(text.replace('run_interval = "2s"\nretry_min = "1s"',
-                                      'run_interval = "1h"\nretry_min = "1h"'))
+    gw.config.write_text(
+        text.replace(
+            'run_interval = "2s"\nretry_min = "1s"', 'run_interval = "1h"\nretry_min = "1h"'
+        )
+    )
     with gw:
         with gw.smtp(OUTSIDE) as s:
             s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("etrn one"))
@@ -338,8 +380,9 @@ def test_etrn_retries_the_domain_now(tmp_path: Path, dns: DnsServer, hop2_port: 
         assert len(gw.queued()) == 1  # targetdomain2.com's waits for its retry time
 
 
-def test_retry_when_next_hop_comes_back_and_mailq(tmp_path: Path, dns: DnsServer,
-                                                  hop2_port: int, mx_port: int) -> None:
+def test_retry_when_next_hop_comes_back_and_mailq(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     port1 = free_port(HOP1)
     hop1 = SinkServer(HOP1, port1)
     with make_gateway(tmp_path, dns, port1, hop2_port, mx_port) as gw:
@@ -364,14 +407,20 @@ def test_retry_when_next_hop_comes_back_and_mailq(tmp_path: Path, dns: DnsServer
         assert "stat=Sent" in gw.wait_log("stat=Sent")
 
 
-def test_permanent_failure_bounces_to_sender(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
-                                             hop2_port: int, mx_port: int) -> None:
+def test_permanent_failure_bounces_to_sender(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int
+) -> None:
     hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
-    with SinkServer(MXHOST, mx_port) as mx, \
-            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+    with (
+        SinkServer(MXHOST, mx_port) as mx,
+        make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw,
+    ):
         with gw.smtp(INTERNAL) as s:
-            s.sendmail("alice@example.org", ["gone@targetdomain1.com", "bob@targetdomain1.com"],
-                       message("doomed"))
+            s.sendmail(
+                "alice@example.org",
+                ["gone@targetdomain1.com", "bob@targetdomain1.com"],
+                message("doomed"),
+            )
         [delivered] = hop1.wait_for(1, timeout=10)
         assert delivered.rcpt_tos == ["bob@targetdomain1.com"]
         [dsn] = mx.wait_for(1, timeout=15)
@@ -383,20 +432,26 @@ def test_permanent_failure_bounces_to_sender(tmp_path: Path, dns: DnsServer, hop
 
 
 def test_bounce_of_internationalised_mail_is_internationalised(
-        tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int) -> None:
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int
+) -> None:
     """RFC 6533: a DSN about a UTF-8 recipient is a message/global-delivery-status report
     (Final-Recipient of type utf-8), sent with SMTPUTF8, and with BODY=8BITMIME since it
     carries 8-bit text."""
     hop1.smtputf8 = True
     hop1.rcpt_reply["jörg@targetdomain1.com"] = "550 5.1.1 No such user here"
-    with SinkServer(MXHOST, mx_port) as mx, \
-            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+    with (
+        SinkServer(MXHOST, mx_port) as mx,
+        make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw,
+    ):
         mx.smtputf8 = True
         with gw.smtp(OUTSIDE) as s:
             s.ehlo()
-            s.sendmail("alice@example.org", ["jörg@targetdomain1.com"],
-                       message("grüße"),
-                       mail_options=["SMTPUTF8", "BODY=8BITMIME"])
+            s.sendmail(
+                "alice@example.org",
+                ["jörg@targetdomain1.com"],
+                message("grüße"),
+                mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+            )
         [dsn] = mx.wait_for(1, timeout=15)
     assert dsn.mail_from == "" and dsn.rcpt_tos == ["alice@example.org"]
     assert "SMTPUTF8" in dsn.mail_options and "BODY=8BITMIME" in dsn.mail_options
@@ -407,11 +462,14 @@ def test_bounce_of_internationalised_mail_is_internationalised(
     assert b"message/delivery-status" not in data and b"message/rfc822" not in data
 
 
-def test_bounce_of_plain_mail_stays_plain(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
-                                          hop2_port: int, mx_port: int) -> None:
+def test_bounce_of_plain_mail_stays_plain(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, hop2_port: int, mx_port: int
+) -> None:
     hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
-    with SinkServer(MXHOST, mx_port) as mx, \
-            make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw:
+    with (
+        SinkServer(MXHOST, mx_port) as mx,
+        make_gateway(tmp_path, dns, hop1.port, hop2_port, mx_port) as gw,
+    ):
         mx.smtputf8 = True
         with gw.smtp(OUTSIDE) as s:
             s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("plain"))
@@ -421,8 +479,9 @@ def test_bounce_of_plain_mail_stays_plain(tmp_path: Path, dns: DnsServer, hop1: 
     assert b"Final-Recipient: rfc822; gone@targetdomain1.com\r\n" in dsn.data
 
 
-def test_dsn_parameters_go_to_a_dsn_aware_hop(tmp_path: Path, dns: DnsServer, hop2_port: int,
-                                              mx_port: int) -> None:
+def test_dsn_parameters_go_to_a_dsn_aware_hop(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     """RFC 3461 5.2: a next hop that offers DSN gets RET, ENVID, NOTIFY and ORCPT (added when
     the client gave none) and answers for the receipts: we send none."""
     port1 = free_port(HOP1)
@@ -430,31 +489,43 @@ def test_dsn_parameters_go_to_a_dsn_aware_hop(tmp_path: Path, dns: DnsServer, ho
         hop1.extra_extensions = ["DSN"]
         with make_gateway(tmp_path, dns, port1, hop2_port, mx_port) as gw:
             with gw.smtp(OUTSIDE) as s:
-                s.sendmail("alice@example.org",
-                           ["bob@targetdomain1.com", "carol@targetdomain1.com"],
-                           message("dsn aware"), mail_options=["RET=HDRS", "ENVID=QQ+2B314159"],
-                           rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+                s.sendmail(
+                    "alice@example.org",
+                    ["bob@targetdomain1.com", "carol@targetdomain1.com"],
+                    message("dsn aware"),
+                    mail_options=["RET=HDRS", "ENVID=QQ+2B314159"],
+                    rcpt_options=["NOTIFY=SUCCESS,FAILURE"],
+                )
             hop1.wait_for(1, timeout=10)
             gw.wait_log("stat=Sent")
             time.sleep(0.5)
         [mail] = [c for c in hop1.commands if c.startswith("MAIL")]
         assert mail.endswith(" RET=HDRS ENVID=QQ+2B314159")
         rcpts = [c for c in hop1.commands if c.startswith("RCPT")]
-        assert rcpts == [f"RCPT To:<{r}@targetdomain1.com> NOTIFY=SUCCESS,FAILURE "
-                         f"ORCPT=rfc822;{r}@targetdomain1.com" for r in ("bob", "carol")]
+        assert rcpts == [
+            f"RCPT To:<{r}@targetdomain1.com> NOTIFY=SUCCESS,FAILURE "
+            f"ORCPT=rfc822;{r}@targetdomain1.com"
+            for r in ("bob", "carol")
+        ]
         assert mx.messages == []  # no return receipt from us
 
 
-def test_return_receipt_when_the_hop_has_no_dsn(gateway: GatewayProcess, hop1: SinkServer,
-                                               mx_port: int) -> None:
+def test_return_receipt_when_the_hop_has_no_dsn(
+    gateway: GatewayProcess, hop1: SinkServer, mx_port: int
+) -> None:
     with SinkServer(MXHOST, mx_port) as mx:
         with gateway.smtp(OUTSIDE) as s:
-            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("receipt"),
-                       mail_options=["ENVID=QQ1"],
-                       rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;Bob+2BX@TargetDomain1.com"])
+            s.sendmail(
+                "alice@example.org",
+                ["bob@targetdomain1.com"],
+                message("receipt"),
+                mail_options=["ENVID=QQ1"],
+                rcpt_options=["NOTIFY=SUCCESS", "ORCPT=rfc822;Bob+2BX@TargetDomain1.com"],
+            )
         hop1.wait_for(1, timeout=10)
         assert [c for c in hop1.commands if c.startswith("RCPT")] == [
-            "RCPT To:<bob@targetdomain1.com>"]  # nothing DSN to a hop that does not offer it
+            "RCPT To:<bob@targetdomain1.com>"
+        ]  # nothing DSN to a hop that does not offer it
         [receipt] = mx.wait_for(1, timeout=15)
     assert receipt.mail_from == "" and receipt.rcpt_tos == ["alice@example.org"]
     data = receipt.data
@@ -471,16 +542,25 @@ def test_return_receipt_when_the_hop_has_no_dsn(gateway: GatewayProcess, hop1: S
     assert "DSN: Return receipt" in gateway.wait_log("DSN: Return receipt")
 
 
-def test_notify_never_and_ret_hdrs_on_failures(gateway: GatewayProcess, hop1: SinkServer,
-                                              mx_port: int) -> None:
+def test_notify_never_and_ret_hdrs_on_failures(
+    gateway: GatewayProcess, hop1: SinkServer, mx_port: int
+) -> None:
     hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
     hop1.rcpt_reply["lost@targetdomain1.com"] = "550 5.1.1 No such user here"
     with SinkServer(MXHOST, mx_port) as mx:
         with gateway.smtp(OUTSIDE) as s:
-            s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("quiet"),
-                       rcpt_options=["NOTIFY=NEVER"])
-            s.sendmail("alice@example.org", ["lost@targetdomain1.com"], message("headers"),
-                       mail_options=["RET=HDRS", "ENVID=QQ2"])
+            s.sendmail(
+                "alice@example.org",
+                ["gone@targetdomain1.com"],
+                message("quiet"),
+                rcpt_options=["NOTIFY=NEVER"],
+            )
+            s.sendmail(
+                "alice@example.org",
+                ["lost@targetdomain1.com"],
+                message("headers"),
+                mail_options=["RET=HDRS", "ENVID=QQ2"],
+            )
         [bounce] = mx.wait_for(1, timeout=15)
         time.sleep(0.5)
         assert len(mx.messages) == 1  # none for NOTIFY=NEVER
@@ -490,8 +570,9 @@ def test_notify_never_and_ret_hdrs_on_failures(gateway: GatewayProcess, hop1: Si
     assert b"Subject: headers" in bounce.data and b"Hi Bob." not in bounce.data
 
 
-def test_sighup_reloads_tables_and_keeps_old_on_error(gateway: GatewayProcess,
-                                                      hop1: SinkServer) -> None:
+def test_sighup_reloads_tables_and_keeps_old_on_error(
+    gateway: GatewayProcess, hop1: SinkServer
+) -> None:
     with gateway.smtp("127.0.0.4") as s:
         s.ehlo()
         s.mail("x@example.org")
@@ -515,11 +596,11 @@ def test_sighup_reloads_tables_and_keeps_old_on_error(gateway: GatewayProcess,
         assert s.rcpt("y@example.net")[0] == 250
 
 
-def test_flush_verbose_and_route(tmp_path: Path, dns: DnsServer, hop2_port: int,
-                                 mx_port: int) -> None:
+def test_flush_verbose_and_route(
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     port1 = free_port(HOP1)
-    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port,
-                      extra_settings="")
+    gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port, extra_settings="")
     with gw:
         with gw.smtp(OUTSIDE) as s:
             s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("flushme"))
@@ -531,8 +612,15 @@ def test_flush_verbose_and_route(tmp_path: Path, dns: DnsServer, hop2_port: int,
         assert ">>> MAIL From:<alice@example.org>" in out.stdout
         assert "<<< 250" in out.stdout
         assert len(hop1.wait_for(1, timeout=5)) == 1
-    out = run_cli("route", "-c", str(gw.config), "bob@TargetDomain1.COM.", "x@example.net",
-                  "alice@mail.example.org", "u@[192.0.2.1]")
+    out = run_cli(
+        "route",
+        "-c",
+        str(gw.config),
+        "bob@TargetDomain1.COM.",
+        "x@example.net",
+        "alice@mail.example.org",
+        "u@[192.0.2.1]",
+    )
     assert f"mailer smtp, host [{HOP1}]:{port1}, user bob@targetdomain1.com" in out.stdout
     assert "mailer esmtp, host example.net, user x@example.net" in out.stdout
     assert "mailer local, host local, user alice" in out.stdout
@@ -540,14 +628,17 @@ def test_flush_verbose_and_route(tmp_path: Path, dns: DnsServer, hop2_port: int,
 
 
 def test_queue_run_takes_on_entries_another_process_queued(
-        tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int) -> None:
+    tmp_path: Path, dns: DnsServer, hop2_port: int, mx_port: int
+) -> None:
     """A bounce that ``mailgate flush`` queued while the daemon runs is unknown to the daemon's
     runner; SIGUSR1 (and every run_interval) reads the queue folder and takes it on."""
     port1 = free_port(HOP1)
     gw = make_gateway(tmp_path, dns, port1, hop2_port, mx_port)
-    gw.config.write_text(gw.config.read_text().replace('run_interval = "2s"',
-                                                       'run_interval = "1h"')
-                         .replace('retry_min = "1s"', 'retry_min = "1h"'))
+    gw.config.write_text(
+        gw.config.read_text()
+        .replace('run_interval = "2s"', 'run_interval = "1h"')
+        .replace('retry_min = "1s"', 'retry_min = "1h"')
+    )
     with gw:
         with gw.smtp(OUTSIDE) as s:
             s.sendmail("alice@example.org", ["gone@targetdomain1.com"], message("flushed"))

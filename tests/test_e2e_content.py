@@ -21,8 +21,9 @@ from tests.support.mime import head_body, qp_decode
 from tests.support.sink import SinkServer
 from tests.support.smtpsink import SMTP_SINK, DumpedMessage, PostfixSink
 
-pytestmark = pytest.mark.skipif(SMTP_SINK is None,
-                                reason="Postfix's smtp-sink is not installed (apt install postfix)")
+pytestmark = pytest.mark.skipif(
+    SMTP_SINK is None, reason="Postfix's smtp-sink is not installed (apt install postfix)"
+)
 
 OUTSIDE = "127.0.0.2"
 HOP1 = "127.0.0.5"  # targetdomain1.com's server: smtp-sink
@@ -45,9 +46,9 @@ def gateway(tmp_path: Path, dns: DnsServer, hop1_port: int, mx_port: int) -> Gat
         "aliases": "postmaster: alice\n",
     }
     settings = (
-        "[queue]\nrun_interval = \"2s\"\nretry_min = \"1s\"\n"
-        f"[delivery]\nport = {mx_port}\nconnect_timeout = \"2s\"\n"
-        "[smtp]\ngreet_pause = \"0s\"\nbad_rcpt_throttle = 0\n"
+        '[queue]\nrun_interval = "2s"\nretry_min = "1s"\n'
+        f'[delivery]\nport = {mx_port}\nconnect_timeout = "2s"\n'
+        '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\n'
     )
     gw = GatewayProcess(tmp_path / "gw", dns=dns.address, tables=tables, settings=settings)
     (gw.maildir / "alice").mkdir(parents=True)
@@ -80,7 +81,7 @@ def send(gw: GatewayProcess, rcpts: list[str], message: bytes, *, eight: bool) -
 MIME_8BIT = (
     "From: alice@example.org\r\nTo: bob@targetdomain1.com\r\nSubject: Grüße\r\n"
     "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <grusse@example.org>\r\n"
-    "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"sep\"\r\n\r\n"
+    'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="sep"\r\n\r\n'
     "--sep\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
     "Grüße aus Köln, 5 € = viel.\r\n.Punkt am Zeilenanfang\r\n"
     "--sep\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
@@ -94,10 +95,13 @@ PLAIN_8BIT = (
 
 
 def test_8bit_to_a_hop_without_8bitmime_arrives_quoted_printable(
-        tmp_path: Path, dns: DnsServer) -> None:
+    tmp_path: Path, dns: DnsServer
+) -> None:
     port = free_port(HOP1)
-    with PostfixSink(HOP1, port, tmp_path / "dump", "-8") as sink, \
-            gateway(tmp_path, dns, port, free_port(MXHOST)) as gw:
+    with (
+        PostfixSink(HOP1, port, tmp_path / "dump", "-8") as sink,
+        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
+    ):
         send(gw, ["bob@targetdomain1.com"], MIME_8BIT, eight=True)
         gw.wait_log("stat=Sent")
         [msg] = sink.wait_for(1, timeout=10)
@@ -110,8 +114,10 @@ def test_8bit_to_a_hop_without_8bitmime_arrives_quoted_printable(
     assert head == head_body(MIME_8BIT)[0]
     sep = body.split(b"--sep")
     text_head, text_body = head_body(sep[1][2:])
-    assert text_head == (b"Content-Type: text/plain; charset=utf-8\r\n"
-                         b"Content-Transfer-Encoding: quoted-printable\r\n")
+    assert text_head == (
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
     text = "Grüße aus Köln, 5 € = viel.\r\n.Punkt am Zeilenanfang".encode()
     assert qp_decode(text_body[:-2]) == text
     assert sep[2] == head_body(MIME_8BIT)[1].split(b"--sep")[2]  # base64 part as it was
@@ -119,8 +125,10 @@ def test_8bit_to_a_hop_without_8bitmime_arrives_quoted_printable(
 
 def test_8bit_to_a_hop_without_esmtp(tmp_path: Path, dns: DnsServer) -> None:
     port = free_port(HOP1)
-    with PostfixSink(HOP1, port, tmp_path / "dump", "-e") as sink, \
-            gateway(tmp_path, dns, port, free_port(MXHOST)) as gw:
+    with (
+        PostfixSink(HOP1, port, tmp_path / "dump", "-e") as sink,
+        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
+    ):
         send(gw, ["bob@targetdomain1.com"], PLAIN_8BIT, eight=True)
         gw.wait_log("stat=Sent")
         [msg] = sink.wait_for(1, timeout=10)
@@ -130,14 +138,17 @@ def test_8bit_to_a_hop_without_esmtp(tmp_path: Path, dns: DnsServer) -> None:
     head, body = head_body(got)
     assert head == head_body(PLAIN_8BIT)[0] + (
         b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Transfer-Encoding: quoted-printable\r\n")
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
     assert qp_decode(body) == head_body(PLAIN_8BIT)[1]
 
 
 def test_8bit_to_a_hop_with_8bitmime_passes_unchanged(tmp_path: Path, dns: DnsServer) -> None:
     port = free_port(HOP1)
-    with PostfixSink(HOP1, port, tmp_path / "dump") as sink, \
-            gateway(tmp_path, dns, port, free_port(MXHOST)) as gw:
+    with (
+        PostfixSink(HOP1, port, tmp_path / "dump") as sink,
+        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
+    ):
         send(gw, ["bob@targetdomain1.com"], MIME_8BIT, eight=True)
         send(gw, ["bob@targetdomain1.com"], PLAIN_8BIT, eight=True)
         gw.wait_log("stat=Sent")
@@ -150,17 +161,23 @@ LONG = (
     b"From: alice@example.org\r\nTo: bob@targetdomain1.com\r\nSubject: long lines\r\n"
     b"X-Long: " + b"h" * 1500 + b"\r\n"
     b"Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <long@example.org>\r\n\r\n"
-    + (bytes(range(33, 127)) * 60)[:5000] + b"\r\n"
-    + b"." + b"d" * 1200 + b"\r\nshort\r\n"
+    + (bytes(range(33, 127)) * 60)[:5000]
+    + b"\r\n"
+    + b"."
+    + b"d" * 1200
+    + b"\r\nshort\r\n"
 )
 
 
 @pytest.mark.parametrize("flags", [(), ("-8",), ("-e",)], ids=["8bitmime", "7bit", "smtp"])
-def test_long_lines_accepted_and_folded(tmp_path: Path, dns: DnsServer,
-                                        flags: tuple[str, ...]) -> None:
+def test_long_lines_accepted_and_folded(
+    tmp_path: Path, dns: DnsServer, flags: tuple[str, ...]
+) -> None:
     port = free_port(HOP1)
-    with PostfixSink(HOP1, port, tmp_path / "dump", *flags) as sink, \
-            gateway(tmp_path, dns, port, free_port(MXHOST)) as gw:
+    with (
+        PostfixSink(HOP1, port, tmp_path / "dump", *flags) as sink,
+        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
+    ):
         # 250 from the gateway (before: 552 5.6.0 "Message contains a line longer than 1000
         # bytes"); the local recipient's copy is not folded.
         send(gw, ["bob@targetdomain1.com", "alice@mail.example.org"], LONG, eight=False)
@@ -186,10 +203,13 @@ def test_bounce_of_an_8bit_message_with_a_long_line(tmp_path: Path, dns: DnsServ
         "From: alice@example.org\r\nTo: gone@targetdomain1.com\r\nSubject: doomed\r\n"
         "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <doomed@example.org>\r\n"
         "X-Long: " + "h" * 1500 + "\r\n\r\n"  # stays a header field: folded
-        "Größe: " + "ß" * 2000 + "\r\n").encode()  # converted: quoted-printable lines
-    with SinkServer(HOP1, free_port(HOP1)) as hop1, \
-            PostfixSink(MXHOST, mx_port, tmp_path / "dump", "-8") as mx, \
-            gateway(tmp_path, dns, hop1.port, mx_port) as gw:
+        "Größe: " + "ß" * 2000 + "\r\n"
+    ).encode()  # converted: quoted-printable lines
+    with (
+        SinkServer(HOP1, free_port(HOP1)) as hop1,
+        PostfixSink(MXHOST, mx_port, tmp_path / "dump", "-8") as mx,
+        gateway(tmp_path, dns, hop1.port, mx_port) as gw,
+    ):
         hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
         send(gw, ["gone@targetdomain1.com"], original, eight=True)
         gw.wait_log("stat=User unknown")
@@ -201,8 +221,10 @@ def test_bounce_of_an_8bit_message_with_a_long_line(tmp_path: Path, dns: DnsServ
     assert data.isascii() and b"Content-Type: multipart/report" in data
     inner = data.split(b"Content-Type: message/rfc822\r\n\r\n")[1]
     head, body = head_body(inner)
-    assert head.endswith(b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                         b"Content-Transfer-Encoding: quoted-printable\r\n")
+    assert head.endswith(
+        b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
     qp = body[: body.index(b"\r\n--")]
     assert qp_decode(qp) == head_body(original)[1]
     assert b"X-Long: " + b"h" * 990 + b"\r\n " in head  # folded where it went over 998
@@ -210,8 +232,9 @@ def test_bounce_of_an_8bit_message_with_a_long_line(tmp_path: Path, dns: DnsServ
 
 def test_long_line_limit_refusal_is_opt_in(tmp_path: Path, dns: DnsServer) -> None:
     gw = gateway(tmp_path, dns, free_port(HOP1), free_port(MXHOST))
-    gw.config.write_text(gw.config.read_text().replace(
-        "[smtp]\n", "[smtp]\nmax_text_line = 1000\n"))
+    gw.config.write_text(
+        gw.config.read_text().replace("[smtp]\n", "[smtp]\nmax_text_line = 1000\n")
+    )
     with gw, gw.smtp(OUTSIDE) as s:
         with pytest.raises(smtplib.SMTPDataError) as err:
             s.sendmail("alice@example.org", ["bob@targetdomain1.com"], LONG)

@@ -91,32 +91,51 @@ def mx_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer,
-         mx_port: int) -> Iterator[GatewayProcess]:
+def edge(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> Iterator[GatewayProcess]:
     """The issue's settings with short injected delays, listening on 127.0.0.10."""
-    gw = make_gateway(tmp_path_factory.mktemp("edge"), dns, hop1.port, mx_port,
-                      access=EDGE_ACCESS, smtp=EDGE_SMTP, host="127.0.0.10")
+    gw = make_gateway(
+        tmp_path_factory.mktemp("edge"),
+        dns,
+        hop1.port,
+        mx_port,
+        access=EDGE_ACCESS,
+        smtp=EDGE_SMTP,
+        host="127.0.0.10",
+    )
     with gw:
         yield gw
 
 
 @pytest.fixture(scope="module")
-def lenient(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer,
-            mx_port: int) -> Iterator[GatewayProcess]:
+def lenient(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> Iterator[GatewayProcess]:
     """Sender checks switched off, short command timeout."""
-    smtp = ('greet_pause = "0s"\ncheck_sender_domain = false\n'
-            'require_qualified_sender = false\nbad_rcpt_throttle = 0\n'
-            'command_timeout = "0.6s"\n')
-    gw = make_gateway(tmp_path_factory.mktemp("lenient"), dns, hop1.port, mx_port,
-                      access="To:targetdomain1.com RELAY\n", smtp=smtp)
+    smtp = (
+        'greet_pause = "0s"\ncheck_sender_domain = false\n'
+        "require_qualified_sender = false\nbad_rcpt_throttle = 0\n"
+        'command_timeout = "0.6s"\n'
+    )
+    gw = make_gateway(
+        tmp_path_factory.mktemp("lenient"),
+        dns,
+        hop1.port,
+        mx_port,
+        access="To:targetdomain1.com RELAY\n",
+        smtp=smtp,
+    )
     with gw:
         yield gw
 
 
-def smtp_client(gw: GatewayProcess, source: str, helo: str = "client.example.net",
-                timeout: float = 10) -> smtplib.SMTP:
-    return smtplib.SMTP(gw.host, gw.port, timeout=timeout, source_address=(source, 0),
-                        local_hostname=helo)
+def smtp_client(
+    gw: GatewayProcess, source: str, helo: str = "client.example.net", timeout: float = 10
+) -> smtplib.SMTP:
+    return smtplib.SMTP(
+        gw.host, gw.port, timeout=timeout, source_address=(source, 0), local_hostname=helo
+    )
 
 
 def nopause(n: int) -> str:
@@ -125,7 +144,8 @@ def nopause(n: int) -> str:
 
 # == 1. Greet pause ============================================================================
 def test_greet_pause_holds_the_greeting_and_polite_client_gets_through(
-        edge: GatewayProcess, hop1: SinkServer) -> None:
+    edge: GatewayProcess, hop1: SinkServer
+) -> None:
     c, greeting, waited = greet(edge, OUTSIDE)
     with c:
         assert greeting.code == 220
@@ -154,8 +174,7 @@ def test_early_talker_gets_554_at_once_then_only_harmless_commands(edge: Gateway
         assert "PIPELINING" in ehlo.lines
         assert c.cmd("NOOP").code == 250
         assert c.cmd("HELO talker.example.net").code == 250
-        for line in ("MAIL FROM:<alice@example.org>", "RCPT TO:<bob@targetdomain1.com>",
-                     "DATA"):
+        for line in ("MAIL FROM:<alice@example.org>", "RCPT TO:<bob@targetdomain1.com>", "DATA"):
             assert c.cmd(line).first == "550 5.0.0 Command rejected", line
         assert c.cmd("NOOP").code == 250  # still in step: no 354 was given
         assert c.cmd("QUIT").code == 221
@@ -165,12 +184,15 @@ def test_early_talker_gets_554_at_once_then_only_harmless_commands(edge: Gateway
 
 
 def test_early_talker_blasting_a_whole_transaction_delivers_nothing(
-        edge: GatewayProcess, hop1: SinkServer) -> None:
+    edge: GatewayProcess, hop1: SinkServer
+) -> None:
     talker = "127.0.0.30"
     with raw(edge, talker) as c:
-        c.send(b"EHLO spam.example\r\nMAIL FROM:<alice@example.org>\r\n"
-               b"RCPT TO:<bob@targetdomain1.com>\r\nDATA\r\nSubject: blasted\r\n\r\nbuy\r\n"
-               b".\r\nQUIT\r\n")
+        c.send(
+            b"EHLO spam.example\r\nMAIL FROM:<alice@example.org>\r\n"
+            b"RCPT TO:<bob@targetdomain1.com>\r\nDATA\r\nSubject: blasted\r\n\r\nbuy\r\n"
+            b".\r\nQUIT\r\n"
+        )
         transcript = c.wait_closed().decode()
     assert transcript.startswith(f"554 {HOSTNAME} ESMTP not accepting messages\r\n")
     assert "\r\n354 " not in transcript and "Message accepted" not in transcript
@@ -229,8 +251,14 @@ def test_vrfy_reveals_nothing_expn_and_verb_refused(edge: GatewayProcess) -> Non
         ehlo = c.cmd("EHLO client.example.net")
         keywords = {line.split()[0] for line in ehlo.lines[1:]}
         assert not keywords & {"VRFY", "EXPN", "VERB"}
-        for who in ("alice", "root", "postmaster@gateway.example.com", "no-such-user",
-                    "bob@targetdomain1.com", ""):
+        for who in (
+            "alice",
+            "root",
+            "postmaster@gateway.example.com",
+            "no-such-user",
+            "bob@targetdomain1.com",
+            "",
+        ):
             assert c.cmd(f"VRFY {who}".rstrip()).first == vrfy, who
         for who in ("team", "postmaster", "no-such-list"):
             assert c.cmd(f"EXPN {who}").first == "502 5.7.0 Sorry, we do not allow this operation"
@@ -239,8 +267,9 @@ def test_vrfy_reveals_nothing_expn_and_verb_refused(edge: GatewayProcess) -> Non
         assert c.cmd("MAIL FROM:<alice@example.org>").code == 250  # the session is unharmed
 
 
-def test_authwarnings_helo_not_matching_verified_ptr_name(edge: GatewayProcess,
-                                                          hop1: SinkServer) -> None:
+def test_authwarnings_helo_not_matching_verified_ptr_name(
+    edge: GatewayProcess, hop1: SinkServer
+) -> None:
     ip = "127.0.0.40"  # PTR named.example.net, forward-confirmed
     with smtp_client(edge, ip, helo="liar.example.com") as s:
         s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("claimed"))
@@ -250,18 +279,22 @@ def test_authwarnings_helo_not_matching_verified_ptr_name(edge: GatewayProcess,
     with smtp_client(edge, OUTSIDE, helo="whatever.example.com") as s:
         s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("no ptr"))
     [claimed] = wait_subject(hop1, "claimed")
-    warning = (f"X-Authentication-Warning: {HOSTNAME}: Host named.example.net [{ip}] "
-               "claimed to be liar.example.com\r\n").encode()
+    warning = (
+        f"X-Authentication-Warning: {HOSTNAME}: Host named.example.net [{ip}] "
+        "claimed to be liar.example.com\r\n"
+    ).encode()
     assert warning in head_of(claimed.data)
     for subject in ("honest", "no ptr"):
         [msg] = wait_subject(hop1, subject)
         assert b"X-Authentication-Warning" not in msg.data, subject
-    assert log_lines(edge, f"Authentication-Warning: {HOSTNAME}: Host named.example.net "
-                           f"[{ip}] claimed to be liar.example.com")
+    assert log_lines(
+        edge,
+        f"Authentication-Warning: {HOSTNAME}: Host named.example.net "
+        f"[{ip}] claimed to be liar.example.com",
+    )
 
 
-def test_authwarnings_client_that_never_said_helo(edge: GatewayProcess,
-                                                  hop1: SinkServer) -> None:
+def test_authwarnings_client_that_never_said_helo(edge: GatewayProcess, hop1: SinkServer) -> None:
     ip = "127.0.0.41"
     c, _, _ = greet(edge, ip)
     with c:
@@ -272,8 +305,9 @@ def test_authwarnings_client_that_never_said_helo(edge: GatewayProcess,
         assert c.read_reply().code == 250
         c.cmd("QUIT")
     [msg] = wait_subject(hop1, "no helo")
-    assert (f"X-Authentication-Warning: {HOSTNAME}: [{ip}] didn't use HELO protocol\r\n"
-            .encode()) in head_of(msg.data)
+    assert (
+        f"X-Authentication-Warning: {HOSTNAME}: [{ip}] didn't use HELO protocol\r\n".encode()
+    ) in head_of(msg.data)
     assert log_lines(edge, f"Authentication-Warning: {HOSTNAME}: [{ip}] didn't use HELO")
 
 
@@ -292,9 +326,11 @@ def test_after_one_refused_rcpt_every_later_rcpt_waits(edge: GatewayProcess) -> 
         assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
         first, t_first = _timed(c, "RCPT TO:<guess1@example.net>")
         assert first.startswith("550 5.7.1 <guess1@example.net>... Relaying denied")
-        later = [_timed(c, "RCPT TO:<bob@targetdomain1.com>"),  # valid ones wait too
-                 _timed(c, "RCPT TO:<guess2@example.net>"),
-                 _timed(c, "RCPT TO:<carol@targetdomain1.com>")]
+        later = [
+            _timed(c, "RCPT TO:<bob@targetdomain1.com>"),  # valid ones wait too
+            _timed(c, "RCPT TO:<guess2@example.net>"),
+            _timed(c, "RCPT TO:<carol@targetdomain1.com>"),
+        ]
         assert c.cmd("RSET").code == 250  # per session: RSET does not reset it
         assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
         later.append(_timed(c, "RCPT TO:<dave@targetdomain1.com>"))
@@ -343,8 +379,9 @@ def test_too_many_refused_rcpts_421_and_close(edge: GatewayProcess) -> None:
     assert took >= 4 * THROTTLE - SLACK
 
 
-def test_polite_client_with_valid_recipients_is_not_throttled(edge: GatewayProcess,
-                                                              hop1: SinkServer) -> None:
+def test_polite_client_with_valid_recipients_is_not_throttled(
+    edge: GatewayProcess, hop1: SinkServer
+) -> None:
     rcpts = [f"user{i}@targetdomain1.com" for i in range(10)]
     with smtp_client(edge, nopause(4)) as s:
         s.ehlo()
@@ -361,13 +398,19 @@ def test_polite_client_with_valid_recipients_is_not_throttled(edge: GatewayProce
 
 # == 4. Connection rate and per-IP limit =======================================================
 @pytest.fixture(scope="module")
-def storm(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer,
-          mx_port: int) -> dict[str, object]:
+def storm(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> dict[str, object]:
     """15 clients connecting in one burst to a daemon accepting 5 connections per second."""
     rate, clients = 5, 15
-    gw = make_gateway(tmp_path_factory.mktemp("storm"), dns, hop1.port, mx_port,
-                      access="To:targetdomain1.com RELAY\n",
-                      smtp=f'greet_pause = "0s"\nconnection_rate_throttle = {rate}\n')
+    gw = make_gateway(
+        tmp_path_factory.mktemp("storm"),
+        dns,
+        hop1.port,
+        mx_port,
+        access="To:targetdomain1.com RELAY\n",
+        smtp=f'greet_pause = "0s"\nconnection_rate_throttle = {rate}\n',
+    )
     with gw:
         time.sleep(0.3)  # let the start-up probe connection be gone
         # Start just after a second boundary: the burst then needs buckets S, S+1 and S+2.
@@ -397,8 +440,14 @@ def storm(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkSe
         for s in socks:
             s.close()
         log = gw.log()
-    return {"rate": rate, "clients": clients, "start": second + 0.05, "second": second,
-            "greeted": greeted, "log": log}
+    return {
+        "rate": rate,
+        "clients": clients,
+        "start": second + 0.05,
+        "second": second,
+        "greeted": greeted,
+        "log": log,
+    }
 
 
 def test_connection_storm_is_delayed_not_dropped(storm: dict[str, object]) -> None:
@@ -454,26 +503,33 @@ def test_per_ip_connection_limit_421(edge: GatewayProcess) -> None:
 
 # == 1 (cont.). Greet pause per client, and its cost ===========================================
 @pytest.fixture(scope="module")
-def paused(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer,
-           mx_port: int) -> Iterator[GatewayProcess]:
+def paused(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> Iterator[GatewayProcess]:
     """A 30 s default greet pause (so "at once" is unmistakable) with per-client overrides."""
-    access = ("To:targetdomain1.com RELAY\n"
-              "GreetPause:127.0.0.9  0\n"
-              "GreetPause:127.0.3  0\n"
-              "GreetPause:fast.example.net  0\n"
-              "GreetPause:127.0.0.32  800\n")
+    access = (
+        "To:targetdomain1.com RELAY\n"
+        "GreetPause:127.0.0.9  0\n"
+        "GreetPause:127.0.3  0\n"
+        "GreetPause:fast.example.net  0\n"
+        "GreetPause:127.0.0.32  800\n"
+    )
     smtp = 'greet_pause = "30s"\nconnection_rate_throttle = 0\nmax_connections_per_ip = 20\n'
-    gw = make_gateway(tmp_path_factory.mktemp("paused"), dns, hop1.port, mx_port,
-                      access=access, smtp=smtp)
+    gw = make_gateway(
+        tmp_path_factory.mktemp("paused"), dns, hop1.port, mx_port, access=access, smtp=smtp
+    )
     with gw:
         yield gw
 
 
-@pytest.mark.parametrize(("source", "why"), [
-    ("127.0.0.9", "GreetPause:127.0.0.9 0 (address)"),
-    ("127.0.3.7", "GreetPause:127.0.3 0 (octet prefix)"),
-    ("127.0.0.34", "GreetPause:fast.example.net 0 (parent of PTR c34.fast.example.net)"),
-])
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("127.0.0.9", "GreetPause:127.0.0.9 0 (address)"),
+        ("127.0.3.7", "GreetPause:127.0.3 0 (octet prefix)"),
+        ("127.0.0.34", "GreetPause:fast.example.net 0 (parent of PTR c34.fast.example.net)"),
+    ],
+)
 def test_greet_pause_zero_per_client(paused: GatewayProcess, source: str, why: str) -> None:
     c, greeting, waited = greet(paused, source)
     with c:
@@ -494,7 +550,8 @@ FLOOD = 2000
 
 
 def test_thousands_of_paused_connections_cost_little_and_others_are_served(
-        paused: GatewayProcess, hop1: SinkServer) -> None:
+    paused: GatewayProcess, hop1: SinkServer
+) -> None:
     assert paused.proc is not None
     pid = paused.proc.pid
     with smtp_client(paused, "127.0.0.9") as s:  # warm-up: every code path used once
@@ -541,15 +598,19 @@ def test_sender_domain_and_qualification_checks(edge: GatewayProcess) -> None:
         c.cmd("EHLO client.example.net")
         assert c.cmd("MAIL FROM:<a@nx.example.com>").first == (
             "553 5.1.8 <a@nx.example.com>... Domain of sender address a@nx.example.com "
-            "does not exist")
+            "does not exist"
+        )
         assert c.cmd("MAIL FROM:<a@broken.example>").first == (
-            "451 4.1.8 Domain of sender address a@broken.example does not resolve")
+            "451 4.1.8 Domain of sender address a@broken.example does not resolve"
+        )
         started = time.monotonic()
         assert c.cmd("MAIL FROM:<a@slow.example>").first == (
-            "451 4.1.8 Domain of sender address a@slow.example does not resolve")
+            "451 4.1.8 Domain of sender address a@slow.example does not resolve"
+        )
         assert time.monotonic() - started < 2 + 8  # bounded by the DNS timeout (2 s)
         assert c.cmd("MAIL FROM:<alice>").first == (
-            "553 5.5.4 <alice>... Domain name required for sender address alice")
+            "553 5.5.4 <alice>... Domain name required for sender address alice"
+        )
         for ok in ("<>", "<alice@example.org>", "<a@[192.0.2.1]>"):
             reply = c.cmd(f"MAIL FROM:{ok}")
             assert reply.first == f"250 2.1.0 {ok}... Sender ok", ok
@@ -581,7 +642,8 @@ def test_sender_checks_can_be_switched_off(lenient: GatewayProcess, dns: DnsServ
 
 # == 7. Limits =================================================================================
 def test_message_size_limit_advertised_enforced_and_spool_cleaned(
-        edge: GatewayProcess, hop1: SinkServer) -> None:
+    edge: GatewayProcess, hop1: SinkServer
+) -> None:
     c, _, _ = greet(edge, nopause(6))
     with c:
         ehlo = c.cmd("EHLO client.example.net")
@@ -663,7 +725,8 @@ def test_idle_client_times_out(lenient: GatewayProcess) -> None:
 
 # == "Polite clients are not hurt": Postfix's smtp-source ======================================
 SMTP_SOURCE = shutil.which("smtp-source") or (
-    "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None)
+    "/usr/sbin/smtp-source" if Path("/usr/sbin/smtp-source").exists() else None
+)
 
 
 def _answers(gw: GatewayProcess) -> bool:
@@ -681,10 +744,12 @@ def _fail_hung(gw: GatewayProcess, what: str) -> None:
     pytest.fail(f"{what}; the daemon {'still' if alive else 'no longer'} greets new clients")
 
 
-@pytest.mark.skipif(SMTP_SOURCE is None, reason="Postfix's smtp-source is not installed "
-                    "(Debian package postfix)")
-def test_smtp_source_polite_client_not_hurt(tmp_path: Path, dns: DnsServer, hop1: SinkServer,
-                                            mx_port: int) -> None:
+@pytest.mark.skipif(
+    SMTP_SOURCE is None, reason="Postfix's smtp-source is not installed (Debian package postfix)"
+)
+def test_smtp_source_polite_client_not_hurt(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> None:
     """smtp-source from the local host (an allowed setup) through the edge settings: greet
     pause, throttles, sender checks. 3 rounds of 40 messages over 10 parallel sessions.
 
@@ -693,14 +758,38 @@ def test_smtp_source_polite_client_not_hurt(tmp_path: Path, dns: DnsServer, hop1
     daemon under concurrent commits (this hung in ~90% of rounds before the fix)."""
     assert SMTP_SOURCE is not None
     sender = "smtpsource@example.org"
-    with make_gateway(tmp_path / "gw", dns, hop1.port, mx_port, access=EDGE_ACCESS,
-                      smtp=EDGE_SMTP, host="127.0.0.12") as gw:
+    with make_gateway(
+        tmp_path / "gw",
+        dns,
+        hop1.port,
+        mx_port,
+        access=EDGE_ACCESS,
+        smtp=EDGE_SMTP,
+        host="127.0.0.12",
+    ) as gw:
         for n in range(3):
             try:
                 out = subprocess.run(
-                    [SMTP_SOURCE, "-c", "-m", "40", "-s", "10", "-M", "source.example.org",
-                     "-f", sender, "-t", "b@targetdomain1.com", f"{gw.host}:{gw.port}"],
-                    capture_output=True, text=True, timeout=8, check=False)
+                    [
+                        SMTP_SOURCE,
+                        "-c",
+                        "-m",
+                        "40",
+                        "-s",
+                        "10",
+                        "-M",
+                        "source.example.org",
+                        "-f",
+                        sender,
+                        "-t",
+                        "b@targetdomain1.com",
+                        f"{gw.host}:{gw.port}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=8,
+                    check=False,
+                )
             except subprocess.TimeoutExpired:
                 _fail_hung(gw, f"smtp-source round {n + 1} did not finish in 8 s (normally ~2 s)")
             assert out.returncode == 0, out.stdout + out.stderr
@@ -718,12 +807,20 @@ def test_smtp_source_polite_client_not_hurt(tmp_path: Path, dns: DnsServer, hop1
         assert not log_lines(gw, "reject=")
 
 
-def test_many_concurrent_polite_smtplib_clients(tmp_path: Path, dns: DnsServer,
-                                                hop1: SinkServer, mx_port: int) -> None:
+def test_many_concurrent_polite_smtplib_clients(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> None:
     """10 outside clients at once, each sending 4 messages in one session, 3 rounds (the same
     concurrent-commit regression as above, without Postfix's tool)."""
-    with make_gateway(tmp_path / "gw", dns, hop1.port, mx_port, access=EDGE_ACCESS,
-                      smtp=EDGE_SMTP, host="127.0.0.12") as gw:
+    with make_gateway(
+        tmp_path / "gw",
+        dns,
+        hop1.port,
+        mx_port,
+        access=EDGE_ACCESS,
+        smtp=EDGE_SMTP,
+        host="127.0.0.12",
+    ) as gw:
         for n in range(3):
             errors: list[BaseException] = []
 
@@ -731,8 +828,11 @@ def test_many_concurrent_polite_smtplib_clients(tmp_path: Path, dns: DnsServer,
                 try:
                     with smtp_client(gw, f"127.0.11.{i + 1}", timeout=5) as s:
                         for k in range(4):
-                            s.sendmail("alice@example.org", ["bob@targetdomain1.com"],
-                                       message(f"crowd {n}-{i}-{k}"))
+                            s.sendmail(
+                                "alice@example.org",
+                                ["bob@targetdomain1.com"],
+                                message(f"crowd {n}-{i}-{k}"),
+                            )
                 except (OSError, smtplib.SMTPException) as exc:
                     errors.append(exc)
 
@@ -754,31 +854,59 @@ NMAP = shutil.which("nmap")
 
 
 @pytest.mark.skipif(NMAP is None, reason="nmap is not installed")
-def test_nmap_finds_no_open_relay_and_no_users(tmp_path: Path, dns: DnsServer,
-                                               hop1: SinkServer, mx_port: int) -> None:
+def test_nmap_finds_no_open_relay_and_no_users(
+    tmp_path: Path, dns: DnsServer, hop1: SinkServer, mx_port: int
+) -> None:
     """The issue's settings (scaled delays); nmap's probes come from 127.0.0.2 (not allowed to
     relay): ``-S 127.0.0.2 -e lo``. Without ``-S`` the kernel would pick 127.0.0.1, the local
     host, which may relay. ``+`` runs the scripts although the port is not 25."""
     assert NMAP is not None
-    smtp = ('greet_pause = "0.3s"\nbad_rcpt_throttle = 1\nbad_rcpt_throttle_delay = "0.1s"\n'
-            "connection_rate_throttle = 100\n")
+    smtp = (
+        'greet_pause = "0.3s"\nbad_rcpt_throttle = 1\nbad_rcpt_throttle_delay = "0.1s"\n'
+        "connection_rate_throttle = 100\n"
+    )
     access = "To:targetdomain1.com RELAY\n127.0.0.3 RELAY\n"
     scanner = "127.0.0.2"
-    with make_gateway(tmp_path / "gw", dns, hop1.port, mx_port, access=access, smtp=smtp,
-                      host="127.0.0.11") as gw:
+    with make_gateway(
+        tmp_path / "gw", dns, hop1.port, mx_port, access=access, smtp=smtp, host="127.0.0.11"
+    ) as gw:
         before = len(hop1.messages)
         out = subprocess.run(
-            [NMAP, "-Pn", "-n", "-p", str(gw.port), "-S", scanner, "-e", "lo",
-             "--script", "+smtp-open-relay,+smtp-enum-users", gw.host],
-            capture_output=True, text=True, timeout=120, check=False)
+            [
+                NMAP,
+                "-Pn",
+                "-n",
+                "-p",
+                str(gw.port),
+                "-S",
+                scanner,
+                "-e",
+                "lo",
+                "--script",
+                "+smtp-open-relay,+smtp-enum-users",
+                gw.host,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         text = out.stdout
         assert out.returncode == 0, text + out.stderr
         assert "smtp-open-relay" in text and "smtp-enum-users" in text, text
         assert "Server is an open relay" not in text
         assert re.search(r"smtp-open-relay: Server doesn't seem to be an open relay", text), text
         enum = text.split("smtp-enum-users", 1)[1].split("smtp-open-relay", 1)[0]
-        for user in ("root", "admin", "administrator", "webadmin", "sysadmin", "guest", "user",
-                     "test"):
+        for user in (
+            "root",
+            "admin",
+            "administrator",
+            "webadmin",
+            "sysadmin",
+            "guest",
+            "user",
+            "test",
+        ):
             assert not re.search(rf"^\|\s+{user}\s*$", enum, re.M), enum
         time.sleep(0.5)
         log = gw.log()
@@ -793,4 +921,3 @@ def test_nmap_finds_no_open_relay_and_no_users(tmp_path: Path, dns: DnsServer,
     assert "stat=Sent" not in log and "nrcpts=1" not in log
     assert queued == []
     assert len(hop1.messages) == before
-

@@ -68,24 +68,30 @@ def test_the_limit_is_exact() -> None:
 
 def test_the_section_ends_at_the_first_non_field_line() -> None:
     content = b"Subject: x\r\nthis is body text\r\nmore\r\n"
-    assert scan(content, [3, 20]) == (b"Subject: x\r\nthis is body text\r\n", b"more\r\n",
-                                      False)
+    assert scan(content, [3, 20]) == (b"Subject: x\r\nthis is body text\r\n", b"more\r\n", False)
     assert scan(b"no header at all\r\n", [5]) == (b"", b"no header at all\r\n", False)
     assert scan(b"\r\nbody\r\n", [1]) == (b"\r\n", b"body\r\n", False)
 
 
-_LINES = st.sampled_from([
-    b"Subject: hello\r\n", b"X-Long: " + b"y" * 900 + b"\r\n", b"\tcontinued\r\n",
-    b"\r\n", b"body text line\r\n", b"Name : spaced colon\r\n", b"no-colon-word\r\n",
-    b"Received: from a by b\r\n",
-])
+_LINES = st.sampled_from(
+    [
+        b"Subject: hello\r\n",
+        b"X-Long: " + b"y" * 900 + b"\r\n",
+        b"\tcontinued\r\n",
+        b"\r\n",
+        b"body text line\r\n",
+        b"Name : spaced colon\r\n",
+        b"no-colon-word\r\n",
+        b"Received: from a by b\r\n",
+    ]
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(lines=st.lists(_LINES, max_size=80), repeat=st.integers(1, 40),
-       seed=st.integers(0, 2**32 - 1))
-def test_segmentation_never_changes_the_result(lines: list[bytes], repeat: int,
-                                                seed: int) -> None:
+@given(
+    lines=st.lists(_LINES, max_size=80), repeat=st.integers(1, 40), seed=st.integers(0, 2**32 - 1)
+)
+def test_segmentation_never_changes_the_result(lines: list[bytes], repeat: int, seed: int) -> None:
     content = b"".join(lines) * repeat
     rng = random.Random(seed)
     cuts = [rng.randrange(1, max(2, len(content))) for _ in range(rng.randrange(0, 30))]

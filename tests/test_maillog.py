@@ -65,9 +65,11 @@ def test_level_names_filter(log: Path) -> None:
     maillog.setup("gw.example", log, "WARNING")
     maillog.rcpt_flood("[192.0.2.1]")
     maillog.session_failed("[192.0.2.1]", RuntimeError("x"))  # error
-    assert lines(log) == ["[192.0.2.1]: Possible SMTP RCPT flood, throttling.",
-                          "listen and spool_dir changes take effect only after a restart",
-                          "session with [192.0.2.1] failed: RuntimeError('x')"]
+    assert lines(log) == [
+        "[192.0.2.1]: Possible SMTP RCPT flood, throttling.",
+        "listen and spool_dir changes take effect only after a restart",
+        "session with [192.0.2.1] failed: RuntimeError('x')",
+    ]
 
 
 def test_library_warnings_are_bridged_by_level(log: Path) -> None:
@@ -84,6 +86,11 @@ def test_next_hop_name() -> None:
 
 def test_no_call_site_formats_a_line() -> None:
     pattern = re.compile(r"maillog\.(info|warning|error|notice|debug|_log|_writer)\b")
-    found = [f"{p.relative_to(SRC)}:{n}" for p in SRC.rglob("*.py") if p.name != "maillog.py"
-             for n, text in enumerate(p.read_text().splitlines(), 1) if pattern.search(text)]
+    found = [
+        f"{p.relative_to(SRC)}:{n}"
+        for p in SRC.rglob("*.py")
+        if p.name != "maillog.py"
+        for n, text in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(text)
+    ]
     assert found == []

@@ -19,8 +19,10 @@ FAST = Timeouts().scaled(0.05)
 ENVELOPE = b'{"qid": "x"}\n'
 
 # The last line is 900 octets: long, but not folded.
-EIGHT_BIT = ("Subject: Grüße\r\nFrom: a@example.org\r\n\r\n"
-             "Grüße aus Köln.\r\n.Zeile mit Punkt\r\n.\r\n" + "ü" * 450 + "\r\n").encode()
+EIGHT_BIT = (
+    "Subject: Grüße\r\nFrom: a@example.org\r\n\r\n"
+    "Grüße aus Köln.\r\n.Zeile mit Punkt\r\n.\r\n" + "ü" * 450 + "\r\n"
+).encode()
 
 
 def spool(tmp_path: Path, body: bytes) -> tuple[Path, int]:
@@ -33,9 +35,13 @@ def send(sink: SinkServer, path: Path, offset: int, **kw: Any) -> tuple[Any, lis
     lines: list[str] = []
 
     async def go() -> Any:
-        client = await SmtpClient.connect(sink.host, sink.port, helo_name="gw.example.com",
-                                          timeouts=kw.pop("timeouts", FAST),
-                                          transcript=lines.append)
+        client = await SmtpClient.connect(
+            sink.host,
+            sink.port,
+            helo_name="gw.example.com",
+            timeouts=kw.pop("timeouts", FAST),
+            transcript=lines.append,
+        )
         try:
             return await client.send("a@example.org", ["b@example.com"], path, offset, **kw)
         finally:
@@ -55,9 +61,11 @@ def test_8bit_to_a_server_without_8bitmime(tmp_path: Path) -> None:
     assert msg.mail_options == [f"SIZE={len(EIGHT_BIT)}"]
     head, body = head_body(msg.data)
     assert body.isascii()  # the Subject keeps its 8-bit octets, as Postfix sends them
-    assert head == ("Subject: Grüße\r\nFrom: a@example.org\r\n".encode()
-                    + b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                    b"Content-Transfer-Encoding: quoted-printable\r\n")
+    assert head == (
+        "Subject: Grüße\r\nFrom: a@example.org\r\n".encode()
+        + b"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n"
+    )
     assert qp_decode(body) == head_body(EIGHT_BIT)[1]
     # The dots were stuffed after the conversion: the sink unstuffed them back.
     assert b"\r\n.Zeile mit Punkt\r\n=2E\r\n" in body
@@ -95,8 +103,16 @@ def test_without_ehlo_8bit_is_converted(tmp_path: Path) -> None:
 
 
 def test_long_lines_folded_for_every_server(tmp_path: Path) -> None:
-    body = (b"Subject: " + b"s" * 1500 + b"\r\n\r\n" + b"x" * 5000 + b"\r\n"
-            + b"." + b"y" * 2500 + b"\r\n")
+    body = (
+        b"Subject: "
+        + b"s" * 1500
+        + b"\r\n\r\n"
+        + b"x" * 5000
+        + b"\r\n"
+        + b"."
+        + b"y" * 2500
+        + b"\r\n"
+    )
     path, offset = spool(tmp_path, body)
     with SinkServer() as sink:
         for eight in (True, False):
@@ -115,17 +131,19 @@ def test_large_8bit_message_streams_with_bounded_memory(tmp_path: Path) -> None:
     line = "Größe und Maß, äöü ÄÖÜ ß. ".encode() * 3 + b"\r\n"
     path = tmp_path / "big"
     with open(path, "wb") as f:
-        f.write(ENVELOPE + b"Subject: big\r\nMIME-Version: 1.0\r\n"
-                b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
-                b"Content-Type: text/plain; charset=utf-8\r\n"
-                b"Content-Transfer-Encoding: 8bit\r\n\r\n")
+        f.write(
+            ENVELOPE + b"Subject: big\r\nMIME-Version: 1.0\r\n"
+            b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"
+            b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n"
+        )
         block = line * 1000
         for _ in range(8 * 1024 * 1024 // len(block)):
             f.write(block)
         f.write(b"--b--\r\n")
     # What should arrive: the transforms run here over the file, block by block too.
     expect = hashlib.sha256()
-    message = path.read_bytes()[len(ENVELOPE):]
+    message = path.read_bytes()[len(ENVELOPE) :]
     content = OutgoingContent(line_limit=998, plan=plan_for(message))
     for i in range(0, len(message), CHUNK):
         expect.update(content.feed(message[i : i + CHUNK]))
@@ -136,12 +154,14 @@ def test_large_8bit_message_streams_with_bounded_memory(tmp_path: Path) -> None:
         sink.eightbitmime = False
 
         async def go() -> tuple[Any, int]:
-            client = await SmtpClient.connect(sink.host, sink.port, helo_name="gw",
-                                              timeouts=Timeouts().scaled(0.2))
+            client = await SmtpClient.connect(
+                sink.host, sink.port, helo_name="gw", timeouts=Timeouts().scaled(0.2)
+            )
             tracemalloc.start()
             try:
-                res = await client.send("a@example.org", ["b@example.com"], path, len(ENVELOPE),
-                                        body_8bit=True)
+                res = await client.send(
+                    "a@example.org", ["b@example.com"], path, len(ENVELOPE), body_8bit=True
+                )
                 peak = tracemalloc.get_traced_memory()[1]
             finally:
                 tracemalloc.stop()

@@ -68,8 +68,7 @@ def may_relay(snap: Snapshot, client: Client) -> bool:
 def rcpt(snap: Snapshot, raw: str, client: Client = OUTSIDE) -> Decision:
     """What ``RCPT TO:<raw>`` gets, the way the session asks."""
     mailbox = normalize(raw, snap.routing.is_local)
-    return check_recipient(raw, mailbox, client, may_relay(snap, client), snap.routing,
-                           snap.config)
+    return check_recipient(raw, mailbox, client, may_relay(snap, client), snap.routing, snap.config)
 
 
 def rcpt_reply(snap: Snapshot, raw: str, client: Client = OUTSIDE) -> str:
@@ -87,8 +86,10 @@ def denied(raw: str, client: Client = OUTSIDE) -> str:
     if client.ptr_status == "FAIL":
         return f"550 5.7.1 <{raw}>... Relaying denied. IP name lookup failed [{client.ip}]"
     if client.ptr_status == "TEMP":
-        return (f"450 4.4.0 <{raw}>... Relaying temporarily denied. "
-                f"Cannot resolve PTR record for {client.ip}")
+        return (
+            f"450 4.4.0 <{raw}>... Relaying temporarily denied. "
+            f"Cannot resolve PTR record for {client.ip}"
+        )
     # FORGED: §18.4 keeps only the code; the function's own text is taken as is.
     reply = relay_denied(f"<{raw}>", client)
     assert (reply.code, reply.enhanced) == (550, "5.7.1")
@@ -136,13 +137,19 @@ GATEWAY = {
 @pytest.mark.parametrize(
     ("client", "expected"),
     [
-        (Client("192.0.2.10", "OK", "client.example.net"),
-         "550 5.7.1 <user@example.net>... Relaying denied"),
-        (Client("192.0.2.10", "FAIL"),
-         "550 5.7.1 <user@example.net>... Relaying denied. IP name lookup failed [192.0.2.10]"),
-        (Client("192.0.2.10", "TEMP"),
-         "450 4.4.0 <user@example.net>... Relaying temporarily denied. "
-         "Cannot resolve PTR record for 192.0.2.10"),
+        (
+            Client("192.0.2.10", "OK", "client.example.net"),
+            "550 5.7.1 <user@example.net>... Relaying denied",
+        ),
+        (
+            Client("192.0.2.10", "FAIL"),
+            "550 5.7.1 <user@example.net>... Relaying denied. IP name lookup failed [192.0.2.10]",
+        ),
+        (
+            Client("192.0.2.10", "TEMP"),
+            "450 4.4.0 <user@example.net>... Relaying temporarily denied. "
+            "Cannot resolve PTR record for 192.0.2.10",
+        ),
     ],
 )
 def test_relay_denied_reply_by_ptr_status(tmp_path: Path, client: Client, expected: str) -> None:
@@ -232,8 +239,16 @@ def test_without_relay_hosts_only_subdomains_relay(tmp_path: Path, raw: str) -> 
 
 
 @pytest.mark.parametrize(
-    "raw", ["alice@gateway.example.com", "alice@GATEWAY", "alice@localhost", "alice",
-            "alice@virt.example.com", "alice@[192.0.2.1]", "postmaster"],
+    "raw",
+    [
+        "alice@gateway.example.com",
+        "alice@GATEWAY",
+        "alice@localhost",
+        "alice",
+        "alice@virt.example.com",
+        "alice@[192.0.2.1]",
+        "postmaster",
+    ],
 )
 def test_local_domains_need_no_relay_permission(tmp_path: Path, raw: str) -> None:
     snap = snapshot(tmp_path, GATEWAY)
@@ -396,8 +411,13 @@ def test_recipient_reject_entries_are_not_relay_permission(tmp_path: Path) -> No
             """
         },
     )
-    for raw in ("u@blocked.example.com", "u@err.example.com", "u@discard.example.com",
-                "u@fromrelay.example.com", "u@conn.example.com"):
+    for raw in (
+        "u@blocked.example.com",
+        "u@err.example.com",
+        "u@discard.example.com",
+        "u@fromrelay.example.com",
+        "u@conn.example.com",
+    ):
         assert rcpt_reply(snap, raw) == denied(raw)
 
 
@@ -553,8 +573,12 @@ def test_routing_forms_accepted(tmp_path: Path, raw: str, address: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["user%example.net@gateway.example.com", "example.net!user", "uuhost!user",
-     "@targetdomain1.com:user@example.net"],
+    [
+        "user%example.net@gateway.example.com",
+        "example.net!user",
+        "uuhost!user",
+        "@targetdomain1.com:user@example.net",
+    ],
 )
 def test_routing_forms_denied(tmp_path: Path, raw: str) -> None:
     snap = snapshot(tmp_path, GATEWAY)
@@ -598,13 +622,16 @@ def _routed(form: str, inner: str, outer: str, depth: int = 1) -> str:
 
 ROUTING_CASES = [
     pytest.param(form, kind, depth, id=f"{form}-{kind}-depth{depth}")
-    for form in ROUTED_LOCAL_FORMS for kind in OUTER_DOMAINS for depth in (1, 2)
+    for form in ROUTED_LOCAL_FORMS
+    for kind in OUTER_DOMAINS
+    for depth in (1, 2)
 ]
 
 
 @pytest.mark.parametrize(("form", "kind", "depth"), ROUTING_CASES)
 def test_routing_to_a_foreign_host_inside_a_relayed_domain_is_denied(
-        tmp_path: Path, form: str, kind: str, depth: int) -> None:
+    tmp_path: Path, form: str, kind: str, depth: int
+) -> None:
     snap = snapshot(tmp_path, GATEWAY)
     raw = _routed(form, "foreign.example", OUTER_DOMAINS[kind], depth)
     for client in (OUTSIDE, NAMED, Client("192.0.2.10", "TEMP")):
@@ -617,7 +644,8 @@ def test_routing_to_a_foreign_host_inside_a_relayed_domain_is_denied(
 
 @pytest.mark.parametrize(("form", "kind", "depth"), ROUTING_CASES)
 def test_routing_to_a_relayed_or_local_host_is_accepted(
-        tmp_path: Path, form: str, kind: str, depth: int) -> None:
+    tmp_path: Path, form: str, kind: str, depth: int
+) -> None:
     snap = snapshot(tmp_path, GATEWAY)
     for inner in ("targetdomain2.com", "relaydom.example.com", HOST, "virt.example.com"):
         raw = _routed(form, inner, OUTER_DOMAINS[kind], depth)
@@ -664,14 +692,21 @@ def test_sender_specified_routing_forms_denied_from_outside(tmp_path: Path, raw:
         ("other.example!u@gateway.example.com", "u@other.example", "other.example"),
         ('"u@other.example"', "u@other.example", "other.example"),
         ('"u%other.example"', "u@other.example", "other.example"),
-        ("u%foreign.example@targetdomain1.com", "u%foreign.example@targetdomain1.com",
-         "targethost1.example.com"),
-        ('"u@foreign.example"@targetdomain1.com', '"u@foreign.example"@targetdomain1.com',
-         "targethost1.example.com"),
+        (
+            "u%foreign.example@targetdomain1.com",
+            "u%foreign.example@targetdomain1.com",
+            "targethost1.example.com",
+        ),
+        (
+            '"u@foreign.example"@targetdomain1.com',
+            '"u@foreign.example"@targetdomain1.com',
+            "targethost1.example.com",
+        ),
     ],
 )
-def test_relay_client_routing_goes_where_the_route_names(tmp_path: Path, raw: str,
-                                                         address: str, host: str) -> None:
+def test_relay_client_routing_goes_where_the_route_names(
+    tmp_path: Path, raw: str, address: str, host: str
+) -> None:
     """Behind a local name the route is resolved (the mail goes to the host it names); inside
     a relayed domain it is passed on unchanged to that domain's next hop, as Sendmail does."""
     snap = snapshot(tmp_path, GATEWAY)
@@ -689,9 +724,14 @@ def test_routing_between_relayed_domains_is_accepted(tmp_path: Path) -> None:
     assert [(r.address, r.host) for r in d.routes] == [(raw, "targethost1.example.com")]
 
 
-@pytest.mark.parametrize("raw", ["u@foreign.example@targetdomain1.com",
-                                 "u@foreign.example@gateway.example.com",
-                                 "u@gateway.example.com@gateway.example.com"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "u@foreign.example@targetdomain1.com",
+        "u@foreign.example@gateway.example.com",
+        "u@gateway.example.com@gateway.example.com",
+    ],
+)
 def test_unquoted_double_at_is_an_invalid_route(tmp_path: Path, raw: str) -> None:
     """Behind a relayed or a local name alike: only a quoted or escaped @ is a route."""
     snap = snapshot(tmp_path, GATEWAY)
@@ -785,8 +825,13 @@ def test_sender_discard(tmp_path: Path) -> None:
 def test_sender_without_verdict_goes_on(tmp_path: Path) -> None:
     """No entry, SKIP, RELAY or a To:-only entry: no verdict, the DNS checks decide."""
     snap = snapshot(tmp_path, SENDERS)
-    for raw in ("a@example.net", "a@skip.example.org", "a@relayonly.example",
-                "a@toonly.example", "a@notexample.org"):
+    for raw in (
+        "a@example.net",
+        "a@skip.example.org",
+        "a@relayonly.example",
+        "a@toonly.example",
+        "a@notexample.org",
+    ):
         assert mail(snap, raw) is None, raw
 
 

@@ -146,8 +146,11 @@ def test_bare_lf_ending_an_overlong_command_line_is_fatal() -> None:
     assert events == [BARE_LF_COMMAND]
     conn = ServerConnection(max_command_line=16)
     events = feed(conn, [b"X" * 40 + b"\r", b"\nNOOP\r\n"], eof=True)
-    assert events == [BadCommand(Reply(500, "5.5.0", "Command line too long")),
-                      Command("NOOP", ""), ConnectionClosed()]
+    assert events == [
+        BadCommand(Reply(500, "5.5.0", "Command line too long")),
+        Command("NOOP", ""),
+        ConnectionClosed(),
+    ]
 
 
 def test_command_utf8_surrogateescape() -> None:
@@ -251,8 +254,10 @@ def test_reject_data_keeps_parsing_commands() -> None:
     conn.receive_data(b"DATA\r\nhello\r\n.\r\n")
     assert conn.next_event() == Command("DATA", "")
     assert conn.next_event() is PAUSED
-    assert conn.send(Reply(554, "5.5.1", "No valid recipients")) == \
-        b"554 5.5.1 No valid recipients\r\n"
+    assert (
+        conn.send(Reply(554, "5.5.1", "No valid recipients"))
+        == b"554 5.5.1 No valid recipients\r\n"
+    )
     assert conn.next_event() == Command("HELLO", "")
     assert conn.next_event() == Command(".", "")
     assert conn.next_event() is NEED_DATA

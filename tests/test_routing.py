@@ -119,8 +119,7 @@ MAILERTABLE = """
         ("u@targetdomain2.com", ("esmtp", "u@targetdomain2.com", "targethost2.test.net")),
         ("u@targetdomain3.com", ("smtp", "u@targetdomain3.com", "[192.168.0.1]")),
         # Exact keys do not cover subdomains: no "." entry, so MX of the subdomain.
-        ("u@sub.targetdomain3.com", ("esmtp", "u@sub.targetdomain3.com",
-                                     "sub.targetdomain3.com")),
+        ("u@sub.targetdomain3.com", ("esmtp", "u@sub.targetdomain3.com", "sub.targetdomain3.com")),
         # A leading-dot key matches proper subdomains only.
         ("x@a.example.org", ("relay", "x@a.example.org", "[192.0.2.11]")),
         ("x@b.a.example.org", ("relay", "x@b.a.example.org", "[192.0.2.11]")),

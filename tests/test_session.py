@@ -74,24 +74,29 @@ def _gateway(directory: Path, dns: DnsServer, sink: SinkServer, smtp: str) -> Ga
         '[delivery]\nconnect_timeout = "2s"\n'
         '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\n' + smtp
     )
-    gw = GatewayProcess(directory, dns=dns.address, hostname=HOSTNAME, tables=tables,
-                        settings=settings)
+    gw = GatewayProcess(
+        directory, dns=dns.address, hostname=HOSTNAME, tables=tables, settings=settings
+    )
     (gw.maildir / "alice").mkdir(parents=True, exist_ok=True)
     return gw
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-       sink: SinkServer) -> Iterator[GatewayProcess]:
-    smtp = (f"max_message_size = {MAX_SIZE}\nmax_recipients = {MAX_RCPTS}\n"
-            f"max_bad_commands = {MAX_BAD}\n")
+def gw(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, sink: SinkServer
+) -> Iterator[GatewayProcess]:
+    smtp = (
+        f"max_message_size = {MAX_SIZE}\nmax_recipients = {MAX_RCPTS}\n"
+        f"max_bad_commands = {MAX_BAD}\n"
+    )
     with _gateway(tmp_path_factory.mktemp("gw"), dns, sink, smtp) as g:
         yield g
 
 
 @pytest.fixture(scope="module")
-def gw_big(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-           sink: SinkServer) -> Iterator[GatewayProcess]:
+def gw_big(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, sink: SinkServer
+) -> Iterator[GatewayProcess]:
     smtp = 'command_timeout = "1s"\ndata_timeout = "1s"\n'
     with _gateway(tmp_path_factory.mktemp("gw_big"), dns, sink, smtp) as g:
         yield g
@@ -147,8 +152,10 @@ def qid_of(reply: RawReply) -> str:
 
 
 def message(subject: str, body: bytes = b"Hello.\r\n", *, msgid: bool = True) -> bytes:
-    head = (f"From: <{SENDER}>\r\nTo: <bob@targetdomain1.com>\r\nSubject: {subject}\r\n"
-            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n")
+    head = (
+        f"From: <{SENDER}>\r\nTo: <bob@targetdomain1.com>\r\nSubject: {subject}\r\n"
+        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+    )
     if msgid:
         head += f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n"
     return head.encode() + b"\r\n" + body
@@ -221,8 +228,15 @@ def test_ehlo_keywords(gw: GatewayProcess) -> None:
         assert r.lines[0] == f"{HOSTNAME} Hello [{OUTSIDE}], pleased to meet you"
         assert r.raw.startswith(f"250-{HOSTNAME} Hello".encode())
         keywords = r.lines[1:]
-        for kw in ("PIPELINING", f"SIZE {MAX_SIZE}", "8BITMIME", "ENHANCEDSTATUSCODES",
-                   "SMTPUTF8", "DSN", "ETRN"):
+        for kw in (
+            "PIPELINING",
+            f"SIZE {MAX_SIZE}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+            "DSN",
+            "ETRN",
+        ):
             assert kw in keywords, (kw, keywords)
         # no enhanced codes in the EHLO reply, and the privacy flags hide EXPN / VERB
         assert not any(re.match(r"\d\.\d+\.\d+ ", line) for line in r.lines)
@@ -260,8 +274,9 @@ def test_hello_without_argument(gw: GatewayProcess, verb: str) -> None:
 # -- PIPELINING ----------------------------------------------------------------------------------
 
 
-def test_pipelined_group_replies_in_order_and_message_accepted(gw: GatewayProcess,
-                                                               sink: SinkServer) -> None:
+def test_pipelined_group_replies_in_order_and_message_accepted(
+    gw: GatewayProcess, sink: SinkServer
+) -> None:
     a, b = rcpt("pipe-a"), rcpt("pipe-b")
     with session(gw) as c:
         c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nRCPT TO:<{b}>\r\nDATA\r\n".encode())
@@ -284,8 +299,10 @@ def test_pipelined_group_replies_in_order_and_message_accepted(gw: GatewayProces
 def test_pipelined_group_with_a_refused_recipient(gw: GatewayProcess, sink: SinkServer) -> None:
     a = rcpt("pipe-partial")
     with session(gw) as c:
-        c.send(f"RSET\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<victim@example.net>\r\n"
-               f"RCPT TO:<{a}>\r\nDATA\r\n".encode())
+        c.send(
+            f"RSET\r\nMAIL FROM:<{SENDER}>\r\nRCPT TO:<victim@example.net>\r\n"
+            f"RCPT TO:<{a}>\r\nDATA\r\n".encode()
+        )
         rset, mail, bad, good, data = c.read_replies(5)
         assert rset.first == "250 2.0.0 Reset state"
         assert mail.code == 250
@@ -297,8 +314,7 @@ def test_pipelined_group_with_a_refused_recipient(gw: GatewayProcess, sink: Sink
     assert wait_rcpt(sink, a).rcpt_tos == [a]
 
 
-def test_pipelined_commands_after_a_whole_transaction(gw: GatewayProcess,
-                                                      sink: SinkServer) -> None:
+def test_pipelined_commands_after_a_whole_transaction(gw: GatewayProcess, sink: SinkServer) -> None:
     """Commands pipelined after the end of data are read as commands, not as content."""
     a = rcpt("pipe-after")
     with session(gw) as c:
@@ -323,7 +339,6 @@ def test_many_pipelined_commands_in_one_write(gw: GatewayProcess) -> None:
         assert c.pending(0.05) == b""
 
 
-
 def test_half_closed_client_still_gets_its_replies(gw: GatewayProcess, sink: SinkServer) -> None:
     """A client may shut down its sending side after the last command and still read."""
     a = rcpt("half-close")
@@ -332,8 +347,11 @@ def test_half_closed_client_still_gets_its_replies(gw: GatewayProcess, sink: Sin
         c.send(dot_stuff(message("half close")) + b"QUIT\r\n")
         c.sock.shutdown(socket.SHUT_WR)
         rest = c.wait_closed()
-    assert re.fullmatch(rb"250 2\.0\.0 \S+ Message accepted for delivery\r\n"
-                        rb"221 2\.0\.0 gateway\.example\.com closing connection\r\n", rest), rest
+    assert re.fullmatch(
+        rb"250 2\.0\.0 \S+ Message accepted for delivery\r\n"
+        rb"221 2\.0\.0 gateway\.example\.com closing connection\r\n",
+        rest,
+    ), rest
     wait_rcpt(sink, a)
 
 
@@ -369,8 +387,15 @@ def test_vrfy_never_reveals_a_user(gw: GatewayProcess) -> None:
         assert (nobody.code, nobody.enhanced) == (550, "5.1.1")
         assert c.cmd("RSET").code == 250
         # ...but VRFY answers every one of them with the same bytes
-        for who in ("alice", "alice@mail.example.org", "postmaster", "ghost-user",
-                    "ghost-user@mail.example.org", "<alice@mail.example.org>", ""):
+        for who in (
+            "alice",
+            "alice@mail.example.org",
+            "postmaster",
+            "ghost-user",
+            "ghost-user@mail.example.org",
+            "<alice@mail.example.org>",
+            "",
+        ):
             assert c.cmd(f"VRFY {who}".rstrip()).raw == VRFY_REPLY, who
 
 
@@ -410,8 +435,9 @@ def test_nul_in_command_line(gw: GatewayProcess) -> None:
         (b"RCPT TO:<smuggled@targetdomain1.com>\r\r\n", "CR"),
     ],
 )
-def test_bare_lf_or_cr_in_a_command_closes_the_session(gw: GatewayProcess, line: bytes,
-                                                       what: str) -> None:
+def test_bare_lf_or_cr_in_a_command_closes_the_session(
+    gw: GatewayProcess, line: bytes, what: str
+) -> None:
     """Postfix's smtpd_forbid_bare_newline = reject: 521 and close; no part of the line is
     acted on, so the RCPT hidden behind the bare LF/CR never reaches the transaction."""
     with session(gw) as c:
@@ -429,8 +455,10 @@ def test_content_before_the_354_is_refused(gw: GatewayProcess, sink: SinkServer)
     the client could see the 354, gets 554 5.5.0 and the session closes; nothing is queued."""
     a = rcpt("blind-pipeliner")
     with session(gw) as c:
-        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nDATA\r\n".encode()
-               + dot_stuff(message("blind")))
+        c.send(
+            f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nDATA\r\n".encode()
+            + dot_stuff(message("blind"))
+        )
         replies = c.read_replies(3)
         assert [r.code for r in replies[:2]] == [250, 250]
         assert replies[2].first == "554 5.5.0 Error: SMTP protocol synchronization"
@@ -443,8 +471,7 @@ def test_correct_pipelining_is_served(gw: GatewayProcess, sink: SinkServer) -> N
     """RFC 2920: MAIL, RCPT and DATA in one group, the content after the 354."""
     a, b = rcpt("pipeliner-1"), rcpt("pipeliner-2")
     with session(gw) as c:
-        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nRCPT TO:<{b}>\r\nDATA\r\n"
-               .encode())
+        c.send(f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{a}>\r\nRCPT TO:<{b}>\r\nDATA\r\n".encode())
         assert [r.code for r in c.read_replies(4)] == [250, 250, 250, 354]
         c.send(dot_stuff(message("pipelined")) + b"QUIT\r\n")
         assert [r.code for r in c.read_replies(2)] == [250, 221]
@@ -502,8 +529,9 @@ def test_rcpt_before_mail(gw: GatewayProcess) -> None:
 def test_second_mail(gw: GatewayProcess) -> None:
     with session(gw) as c:
         assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
-        assert c.cmd("MAIL FROM:<other@example.org>").raw == \
-            b"503 5.5.0 Sender already specified\r\n"
+        assert (
+            c.cmd("MAIL FROM:<other@example.org>").raw == b"503 5.5.0 Sender already specified\r\n"
+        )
         # the first sender is kept
         assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 250
 
@@ -524,12 +552,15 @@ def test_data_without_recipients(gw: GatewayProcess, sink: SinkServer) -> None:
     wait_rcpt(sink, a)
 
 
-@pytest.mark.parametrize(("arg", "expected"), [
-    ("<>", "553 5.0.0 <>... User address required"),
-    ("<user@>", "553 5.1.3 <user@>... Hostname required"),
-    ("<user@targetdomain1.com", "553 5.0.0 <user@targetdomain1.com... Unbalanced '<'"),
-    ("<@>", "553 5.1.3 <@>... List:; syntax illegal for recipient addresses"),
-])
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("<>", "553 5.0.0 <>... User address required"),
+        ("<user@>", "553 5.1.3 <user@>... Hostname required"),
+        ("<user@targetdomain1.com", "553 5.0.0 <user@targetdomain1.com... Unbalanced '<'"),
+        ("<@>", "553 5.1.3 <@>... List:; syntax illegal for recipient addresses"),
+    ],
+)
 def test_bad_recipient_addresses(gw: GatewayProcess, arg: str, expected: str) -> None:
     with session(gw) as c:
         assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
@@ -560,61 +591,68 @@ def test_mail_size_parameter_over_limit(gw: GatewayProcess) -> None:
     with session(gw) as c:
         r = c.cmd(f"MAIL FROM:<{SENDER}> SIZE={MAX_SIZE + 1}")
         assert (r.code, r.enhanced) == (552, "5.3.4")
-        assert r.first == (f"552 5.3.4 Message size exceeds fixed maximum message size "
-                           f"({MAX_SIZE})")
+        assert r.first == (
+            f"552 5.3.4 Message size exceeds fixed maximum message size ({MAX_SIZE})"
+        )
         assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 503  # no transaction
         assert c.cmd(f"MAIL FROM:<{SENDER}> SIZE={MAX_SIZE}").code == 250
     assert incoming(gw) == []
 
 
-@pytest.mark.parametrize(("params", "expected"), [
-    (" SIZE=abc", "501 5.5.4"),
-    (" SIZE", "501 5.5.4"),
-    (" BODY=BINARYMIME", "501 5.5.4"),
-    (" SMTPUTF8=yes", "501 5.5.4"),
-    (" FOO=1", "555 5.5.4"),
-    (" BODY=7BIT SIZE=100", "250 2.1.0"),
-    # DSN (RFC 3461)
-    (" RET=HDRS ENVID=QQ+2B314159", "250 2.1.0"),
-    (" RET=full", "250 2.1.0"),
-    (" RET=SOME", "501 5.5.4"),
-    (" RET", "501 5.5.4"),
-    (" ENVID=a=b", "501 5.5.4"),  # "=" must be xtext-encoded
-    (" ENVID=" + "x" * 101, "501 5.5.4"),
-    (" ENVID", "501 5.5.4"),
-    # A keyword once only (RFC 1869 4.1.2), as Postfix and Sendmail answer a repeat.
-    (" RET=FULL RET=HDRS", "501 5.5.4"),
-    (" ENVID=a ENVID=b", "501 5.5.4"),
-    (" SIZE=10 SIZE=20", "501 5.5.4"),
-    (" BODY=7BIT body=8BITMIME", "501 5.5.4"),
-    (" SMTPUTF8 SMTPUTF8", "501 5.5.4"),
-])
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (" SIZE=abc", "501 5.5.4"),
+        (" SIZE", "501 5.5.4"),
+        (" BODY=BINARYMIME", "501 5.5.4"),
+        (" SMTPUTF8=yes", "501 5.5.4"),
+        (" FOO=1", "555 5.5.4"),
+        (" BODY=7BIT SIZE=100", "250 2.1.0"),
+        # DSN (RFC 3461)
+        (" RET=HDRS ENVID=QQ+2B314159", "250 2.1.0"),
+        (" RET=full", "250 2.1.0"),
+        (" RET=SOME", "501 5.5.4"),
+        (" RET", "501 5.5.4"),
+        (" ENVID=a=b", "501 5.5.4"),  # "=" must be xtext-encoded
+        (" ENVID=" + "x" * 101, "501 5.5.4"),
+        (" ENVID", "501 5.5.4"),
+        # A keyword once only (RFC 1869 4.1.2), as Postfix and Sendmail answer a repeat.
+        (" RET=FULL RET=HDRS", "501 5.5.4"),
+        (" ENVID=a ENVID=b", "501 5.5.4"),
+        (" SIZE=10 SIZE=20", "501 5.5.4"),
+        (" BODY=7BIT body=8BITMIME", "501 5.5.4"),
+        (" SMTPUTF8 SMTPUTF8", "501 5.5.4"),
+    ],
+)
 def test_mail_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
         r = c.cmd(f"MAIL FROM:<{SENDER}>{params}")
         assert f"{r.code} {r.enhanced}" == expected, r
 
 
-@pytest.mark.parametrize(("params", "expected"), [
-    (" NOTIFY=SUCCESS,FAILURE,DELAY", "250 2.1.5"),
-    (" NOTIFY=never", "250 2.1.5"),
-    (" NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
-    (" NOTIFY=SUCCESS,SUCCESS", "501 5.5.4"),
-    (" NOTIFY=ALWAYS", "501 5.5.4"),
-    (" NOTIFY", "501 5.5.4"),
-    (" ORCPT=rfc822;Bob+2Bx@TargetDomain1.com", "250 2.1.5"),
-    (" ORCPT=bob@targetdomain1.com", "501 5.5.4"),
-    (" ORCPT=rfc822;", "501 5.5.4"),
-    (" NOTIFY=DELAY NOTIFY=NEVER", "501 5.5.4"),
-    (" ORCPT=rfc822;a@b ORCPT=rfc822;c@d", "501 5.5.4"),
-    # RFC 6533: a utf-8 ORCPT, raw UTF-8 or with \x{HEX} escapes.
-    (" ORCPT=utf-8;jörg@targetdomain1.com", "250 2.1.5"),
-    (" ORCPT=utf-8;j\\x{F6}rg@targetdomain1.com", "250 2.1.5"),
-    (" ORCPT=utf-8;a+b@targetdomain1.com", "501 5.5.4"),
-    (" ORCPT=utf-8;\\x{D800}@targetdomain1.com", "501 5.5.4"),
-    (" ORCPT=rfc822;jörg@targetdomain1.com", "501 5.5.4"),
-    (" FOO=1", "555 5.5.4"),
-])
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [
+        (" NOTIFY=SUCCESS,FAILURE,DELAY", "250 2.1.5"),
+        (" NOTIFY=never", "250 2.1.5"),
+        (" NOTIFY=NEVER,SUCCESS", "501 5.5.4"),
+        (" NOTIFY=SUCCESS,SUCCESS", "501 5.5.4"),
+        (" NOTIFY=ALWAYS", "501 5.5.4"),
+        (" NOTIFY", "501 5.5.4"),
+        (" ORCPT=rfc822;Bob+2Bx@TargetDomain1.com", "250 2.1.5"),
+        (" ORCPT=bob@targetdomain1.com", "501 5.5.4"),
+        (" ORCPT=rfc822;", "501 5.5.4"),
+        (" NOTIFY=DELAY NOTIFY=NEVER", "501 5.5.4"),
+        (" ORCPT=rfc822;a@b ORCPT=rfc822;c@d", "501 5.5.4"),
+        # RFC 6533: a utf-8 ORCPT, raw UTF-8 or with \x{HEX} escapes.
+        (" ORCPT=utf-8;jörg@targetdomain1.com", "250 2.1.5"),
+        (" ORCPT=utf-8;j\\x{F6}rg@targetdomain1.com", "250 2.1.5"),
+        (" ORCPT=utf-8;a+b@targetdomain1.com", "501 5.5.4"),
+        (" ORCPT=utf-8;\\x{D800}@targetdomain1.com", "501 5.5.4"),
+        (" ORCPT=rfc822;jörg@targetdomain1.com", "501 5.5.4"),
+        (" FOO=1", "555 5.5.4"),
+    ],
+)
 def test_rcpt_parameters(gw: GatewayProcess, params: str, expected: str) -> None:
     with session(gw) as c:
         assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8").code == 250
@@ -622,19 +660,34 @@ def test_rcpt_parameters(gw: GatewayProcess, params: str, expected: str) -> None
         assert f"{r.code} {r.enhanced}" == expected, r
 
 
-@pytest.mark.parametrize(("arg", "expected"), [
-    ("targetdomain1.com", "250 2.0.0 Queuing for node targetdomain1.com started"),
-    ("@targetdomain1.com", "250 2.0.0 Queuing for node @targetdomain1.com started"),
-    ("TargetDomain1.COM.", "250 2.0.0 Queuing for node TargetDomain1.COM. started"),
-    ("#outgoing", "458 4.0.0 Unable to queue messages for node #outgoing: named queues are "
-                  "not supported; use ETRN domain"),
-    ("bad domain with spaces", "501 5.5.4 Syntax error in parameters: 'bad domain with "
-                               "spaces' is not a domain (ETRN domain or ETRN @domain)"),
-    ("[192.0.2.1]", "501 5.5.4 Syntax error in parameters: '[192.0.2.1]' is not a domain "
-                    "(ETRN domain or ETRN @domain)"),
-    ("@", "501 5.5.4 Syntax error in parameters: '@' is not a domain (ETRN domain or ETRN "
-          "@domain)"),
-])
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("targetdomain1.com", "250 2.0.0 Queuing for node targetdomain1.com started"),
+        ("@targetdomain1.com", "250 2.0.0 Queuing for node @targetdomain1.com started"),
+        ("TargetDomain1.COM.", "250 2.0.0 Queuing for node TargetDomain1.COM. started"),
+        (
+            "#outgoing",
+            "458 4.0.0 Unable to queue messages for node #outgoing: named queues are "
+            "not supported; use ETRN domain",
+        ),
+        (
+            "bad domain with spaces",
+            "501 5.5.4 Syntax error in parameters: 'bad domain with "
+            "spaces' is not a domain (ETRN domain or ETRN @domain)",
+        ),
+        (
+            "[192.0.2.1]",
+            "501 5.5.4 Syntax error in parameters: '[192.0.2.1]' is not a domain "
+            "(ETRN domain or ETRN @domain)",
+        ),
+        (
+            "@",
+            "501 5.5.4 Syntax error in parameters: '@' is not a domain (ETRN domain or ETRN "
+            "@domain)",
+        ),
+    ],
+)
 def test_etrn_syntax(gw: GatewayProcess, arg: str, expected: str) -> None:
     """RFC 1985: ``domain`` and ``@domain`` (with subdomains) are served; ``#queue`` names a
     queue, which this gateway does not have; anything else is a syntax error."""
@@ -681,14 +734,18 @@ def test_message_of_exactly_the_limit_is_accepted(gw: GatewayProcess, sink: Sink
 # -- DATA content rules --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "body", "enhanced"), [
-    ("bare-lf", b"one\ntwo\r\n", "5.6.11"),
-    ("bare-cr", b"one\rtwo\r\n", "5.6.11"),
-    ("nul", b"one\0two\r\n", "5.6.0"),
-    ("smuggle", b"first\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@y>\r\n", "5.6.11"),
-])
-def test_bad_bytes_in_data(gw: GatewayProcess, sink: SinkServer, name: str, body: bytes,
-                           enhanced: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "body", "enhanced"),
+    [
+        ("bare-lf", b"one\ntwo\r\n", "5.6.11"),
+        ("bare-cr", b"one\rtwo\r\n", "5.6.11"),
+        ("nul", b"one\0two\r\n", "5.6.0"),
+        ("smuggle", b"first\n.\nMAIL FROM:<evil@example.org>\r\nRCPT TO:<x@y>\r\n", "5.6.11"),
+    ],
+)
+def test_bad_bytes_in_data(
+    gw: GatewayProcess, sink: SinkServer, name: str, body: bytes, enhanced: str
+) -> None:
     a = rcpt(f"data-{name}")
     queued = set(gw.queued())
     with session(gw) as c:
@@ -714,20 +771,24 @@ def assert_not_delivered_twice(sink: SinkServer, address: str) -> None:
     assert len([m for m in sink.messages if address in m.rcpt_tos]) == 1
 
 
-@pytest.mark.parametrize(("pieces", "code"), [
-    # the end of data split everywhere it can be
-    ([b"\r", b"\n", b".", b"\r", b"\n"], 250),
-    ([b"\r\n.", b"\r\n"], 250),
-    ([b"\r\n.\r", b"\n"], 250),
-    # a stuffed dot whose CRLF and dot come in different writes
-    ([b"\r\n", b"..not the end\r\n.\r\n"], 250),
-    # a CR at the end of one write and no LF at the start of the next: bare CR
-    ([b"\r", b"x\r\n.\r\n"], 550),
-    # an LF at the start of a write after a CR-less line: bare LF
-    ([b"x", b"\ny\r\n", b".\r\n"], 550),
-])
-def test_data_split_across_writes(gw: GatewayProcess, sink: SinkServer, pieces: list[bytes],
-                                  code: int) -> None:
+@pytest.mark.parametrize(
+    ("pieces", "code"),
+    [
+        # the end of data split everywhere it can be
+        ([b"\r", b"\n", b".", b"\r", b"\n"], 250),
+        ([b"\r\n.", b"\r\n"], 250),
+        ([b"\r\n.\r", b"\n"], 250),
+        # a stuffed dot whose CRLF and dot come in different writes
+        ([b"\r\n", b"..not the end\r\n.\r\n"], 250),
+        # a CR at the end of one write and no LF at the start of the next: bare CR
+        ([b"\r", b"x\r\n.\r\n"], 550),
+        # an LF at the start of a write after a CR-less line: bare LF
+        ([b"x", b"\ny\r\n", b".\r\n"], 550),
+    ],
+)
+def test_data_split_across_writes(
+    gw: GatewayProcess, sink: SinkServer, pieces: list[bytes], code: int
+) -> None:
     a = rcpt(f"split-{abs(hash(tuple(pieces))) % 10**8}")
     head = message("split", body=b"line one")
     with session(gw) as c:
@@ -765,12 +826,15 @@ def test_idle_timeout(gw_big: GatewayProcess) -> None:
 
 
 def test_stress_mode_shortens_timeouts_while_sessions_pile_up(
-        tmp_path: Path, dns: DnsServer, sink: SinkServer) -> None:
+    tmp_path: Path, dns: DnsServer, sink: SinkServer
+) -> None:
     """Postfix's stress mode with injected short values: 5 sessions of a ceiling of 10 (the
     50 % mark) make every waiting session, the silent ones already open included, time out
     after stress_timeout instead of command_timeout; the mode ends once they are gone."""
-    smtp = ('command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 10\n'
-            'stress_threshold = "50%"\nstress_timeout = "1s"\n')
+    smtp = (
+        'command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 10\n'
+        'stress_threshold = "50%"\nstress_timeout = "1s"\n'
+    )
     with _gateway(tmp_path / "gw", dns, sink, smtp) as gw:
         idle = [connect(gw) for _ in range(3)]
         for c in idle:
@@ -795,15 +859,17 @@ def test_stress_mode_shortens_timeouts_while_sessions_pile_up(
         assert_not_delivered(sink, rcpt("stressed"), grace=0.1)
 
 
-def test_stress_mode_times_content_lines_not_reads(tmp_path: Path, dns: DnsServer,
-                                                    sink: SinkServer) -> None:
+def test_stress_mode_times_content_lines_not_reads(
+    tmp_path: Path, dns: DnsServer, sink: SinkServer
+) -> None:
     """Under stress a content line must be complete within stress_timeout (Postfix's
     smtpd_per_record_deadline): a byte every 0.3 s keeps every read within any timeout but
     never ends a line, and is cut off."""
-    smtp = ('command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 4\n'
-            'stress_threshold = "50%"\nstress_timeout = "1s"\n')
-    with _gateway(tmp_path / "gw", dns, sink, smtp) as gw, session(gw) as dribbler, \
-            connect(gw):
+    smtp = (
+        'command_timeout = "60s"\ndata_timeout = "60s"\nmax_connections = 4\n'
+        'stress_threshold = "50%"\nstress_timeout = "1s"\n'
+    )
+    with _gateway(tmp_path / "gw", dns, sink, smtp) as gw, session(gw) as dribbler, connect(gw):
         start_data(dribbler, [rcpt("dribbled")])
         gw.wait_log("stress: 2 of 4 sessions open")
         deadline = time.monotonic() + 15
@@ -820,14 +886,19 @@ def test_stress_mode_times_content_lines_not_reads(tmp_path: Path, dns: DnsServe
     assert_not_delivered(sink, rcpt("dribbled"), grace=0.1)
 
 
-def test_data_timeout_discards_the_partial_message(gw_big: GatewayProcess,
-                                                  sink: SinkServer) -> None:
+def test_data_timeout_discards_the_partial_message(
+    gw_big: GatewayProcess, sink: SinkServer
+) -> None:
     a = rcpt("data-timeout")
     with session(gw_big) as c:
         start_data(c, [a])
         # more than the session's write buffer, so that the partial message reaches the disk
-        c.send(message("stalled", body=b"y" * 70 + b"\r\n" * 1 + (b"z" * 70 + b"\r\n") * 4000
-                       + b"half a mess"))
+        c.send(
+            message(
+                "stalled",
+                body=b"y" * 70 + b"\r\n" * 1 + (b"z" * 70 + b"\r\n") * 4000 + b"half a mess",
+            )
+        )
         deadline = time.monotonic() + 5
         while not incoming(gw_big) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -866,8 +937,9 @@ def test_disconnect_mid_data(gw_big: GatewayProcess, sink: SinkServer, how: str)
 # -- message content -----------------------------------------------------------------------------
 
 
-def test_five_megabyte_message_streams_through_byte_exact(gw_big: GatewayProcess,
-                                                          sink: SinkServer) -> None:
+def test_five_megabyte_message_streams_through_byte_exact(
+    gw_big: GatewayProcess, sink: SinkServer
+) -> None:
     a = rcpt("big")
     line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ+/0123456789ab\r\n"
     dotted = b".a line that starts with a dot\r\n..two dots\r\n.\r\n"  # "." alone: stuffed
@@ -897,9 +969,11 @@ def test_8bitmime_body(gw: GatewayProcess, sink: SinkServer) -> None:
 def test_smtputf8_addresses(gw: GatewayProcess, sink: SinkServer) -> None:
     sender = "jörg@example.org"
     to = "zoë-ünïcode@targetdomain1.com"
-    content = ("From: <jörg@example.org>\r\nTo: <zoë-ünïcode@targetdomain1.com>\r\n"
-               "Subject: ünïcode\r\nMessage-ID: <utf8@example.org>\r\n"
-               "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n\r\nHallo.\r\n").encode()
+    content = (
+        "From: <jörg@example.org>\r\nTo: <zoë-ünïcode@targetdomain1.com>\r\n"
+        "Subject: ünïcode\r\nMessage-ID: <utf8@example.org>\r\n"
+        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n\r\nHallo.\r\n"
+    ).encode()
     with session(gw) as c:
         r = c.cmd(f"MAIL FROM:<{sender}> SMTPUTF8 BODY=8BITMIME")
         assert r.raw == f"250 2.1.0 <{sender}>... Sender ok\r\n".encode()
@@ -913,7 +987,6 @@ def test_smtputf8_addresses(gw: GatewayProcess, sink: SinkServer) -> None:
     assert "SMTPUTF8" in msg.mail_options
     assert msg.data.endswith(content)
     assert b" with UTF8SMTP id " in msg.data
-
 
 
 def test_message_without_headers_keeps_its_body(gw: GatewayProcess, sink: SinkServer) -> None:
@@ -930,8 +1003,9 @@ def test_message_without_headers_keeps_its_body(gw: GatewayProcess, sink: SinkSe
 
 
 @pytest.mark.parametrize("content", [b"only a body\r\n", b""], ids=["body-only", "empty"])
-def test_message_without_headers_gets_message_id_and_date(gw: GatewayProcess, sink: SinkServer,
-                                                          content: bytes) -> None:
+def test_message_without_headers_gets_message_id_and_date(
+    gw: GatewayProcess, sink: SinkServer, content: bytes
+) -> None:
     a = rcpt(f"no-headers-id-{len(content)}")
     with session(gw) as c:
         qid = qid_of(send_message(c, [a], content))
@@ -945,9 +1019,10 @@ def test_message_without_headers_gets_message_id_and_date(gw: GatewayProcess, si
 
 def test_message_without_body(gw: GatewayProcess, sink: SinkServer) -> None:
     a = rcpt("no-body")
-    content = (f"From: <{SENDER}>\r\nSubject: headers only\r\n"
-               "Message-ID: <nobody@example.org>\r\nDate: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
-               ).encode()
+    content = (
+        f"From: <{SENDER}>\r\nSubject: headers only\r\n"
+        "Message-ID: <nobody@example.org>\r\nDate: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+    ).encode()
     with session(gw) as c:
         qid_of(send_message(c, [a], content))
     msg = wait_rcpt(sink, a)
@@ -972,8 +1047,10 @@ def test_empty_message(gw: GatewayProcess, sink: SinkServer) -> None:
 
 def test_received_added_once_and_message_id_kept(gw: GatewayProcess, sink: SinkServer) -> None:
     a = rcpt("received-once")
-    content = (b"Received: from a.example by b.example; Tue, 24 Nov 2026 19:00:00 +0000\r\n"
-               + message("has id"))
+    content = (
+        b"Received: from a.example by b.example; Tue, 24 Nov 2026 19:00:00 +0000\r\n"
+        + message("has id")
+    )
     with session(gw) as c:
         qid = qid_of(send_message(c, [a], content))
     msg = wait_rcpt(sink, a)
@@ -982,7 +1059,9 @@ def test_received_added_once_and_message_id_kept(gw: GatewayProcess, sink: SinkS
     assert re.fullmatch(
         rb"Received: from client\.example\.net \(\[127\.0\.0\.2\]\)\r\n"
         rb"\tby gateway\.example\.com \(mailgate\) with ESMTP id " + qid.encode() + rb"\r\n"
-        rb"\tfor <received-once@targetdomain1\.com>; [^\r\n]+\r\n", added), added
+        rb"\tfor <received-once@targetdomain1\.com>; [^\r\n]+\r\n",
+        added,
+    ), added
     names = header_names(split_message(msg.data)[0])
     assert names.count(b"received") == 2 and names.count(b"message-id") == 1
 
@@ -999,8 +1078,9 @@ def test_message_id_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> 
     assert names.count(b"received") == 1 and names.count(b"message-id") == 1
     assert names.count(b"date") == 1  # the client's Date is kept, not doubled
     [mid] = [line for line in lines if line.lower().startswith(b"message-id:")]
-    assert re.fullmatch(rb"Message-Id: <\d{12}\." + qid.encode() + rb"@gateway\.example\.com>",
-                        mid), mid
+    assert re.fullmatch(
+        rb"Message-Id: <\d{12}\." + qid.encode() + rb"@gateway\.example\.com>", mid
+    ), mid
     log = gw.wait_log(f"{qid}: from=<{SENDER}>")
     assert f"msgid={mid.split(b' ', 1)[1].decode()}" in log
 
@@ -1019,35 +1099,37 @@ def test_from_added_when_missing(gw: GatewayProcess, sink: SinkServer) -> None:
         qid_of(c.read_reply())
     lines, _ = split_message(wait_rcpt(sink, a).data)
     assert [line for line in lines if line.lower().startswith(b"from:")] == [
-        f"From: {SENDER}".encode()]
+        f"From: {SENDER}".encode()
+    ]
     lines, _ = split_message(wait_rcpt(sink, b).data)
     assert [line for line in lines if line.lower().startswith(b"from:")] == [
-        f"From: MAILER-DAEMON@{HOSTNAME}".encode()]
+        f"From: MAILER-DAEMON@{HOSTNAME}".encode()
+    ]
     # A message with From: keeps its own, and gets no second one.
     c_ = rcpt("has-from")
     with session(gw) as c:
         qid_of(send_message(c, [c_], message("has from")))
     lines, _ = split_message(wait_rcpt(sink, c_).data)
     assert [line for line in lines if line.lower().startswith(b"from:")] == [
-        f"From: <{SENDER}>".encode()]
+        f"From: <{SENDER}>".encode()
+    ]
 
 
 @pytest.mark.parametrize("piece", [None, 4096])
-def test_header_limit_is_the_same_however_the_bytes_arrive(gw_big: GatewayProcess,
-                                                           sink: SinkServer,
-                                                           piece: int | None) -> None:
+def test_header_limit_is_the_same_however_the_bytes_arrive(
+    gw_big: GatewayProcess, sink: SinkServer, piece: int | None
+) -> None:
     filler = b"".join(f"X-Filler-{i}: {'v' * 70}\r\n".encode() for i in range(560))
     assert 40_000 < len(filler) < 50_000
     a = rcpt(f"big-headers-{piece}")
     with session(gw_big) as c:
         start_data(c, [a])
-        wire = dot_stuff(message("big headers").replace(b"\r\n\r\n", b"\r\n" + filler
-                                                          + b"\r\n", 1))
+        wire = dot_stuff(message("big headers").replace(b"\r\n\r\n", b"\r\n" + filler + b"\r\n", 1))
         if piece is None:
             c.send(wire)
         else:
             for i in range(0, len(wire), piece):
-                c.send(wire[i:i + piece])
+                c.send(wire[i : i + piece])
                 time.sleep(0.005)
         r = c.read_reply()
         assert r.first == "552 5.6.0 Headers too large (32768 max)"

@@ -56,15 +56,21 @@ def snapshot(tmp_path: Path, access: str = "", settings: str = "") -> Snapshot:
     (tdir / "mailertable").write_text("targetdomain1.com smtp:[192.0.2.25]\n")
     mdir = tmp_path / "maildir"
     (mdir / "alice").mkdir(parents=True, exist_ok=True)
-    toml = (f'hostname = "{HOST}"\nlisten = ["192.0.2.1:25"]\ntables_dir = "{tdir}"\n'
-            f'spool_dir = "{tmp_path / "spool"}"\n[local]\nmaildir_root = "{mdir}"\n'
-            '[queue]\nmin_free = 0\n' + settings)
+    toml = (
+        f'hostname = "{HOST}"\nlisten = ["192.0.2.1:25"]\ntables_dir = "{tdir}"\n'
+        f'spool_dir = "{tmp_path / "spool"}"\n[local]\nmaildir_root = "{mdir}"\n'
+        "[queue]\nmin_free = 0\n" + settings
+    )
     return build_snapshot(parse_config(toml, tmp_path / "mailgate.toml", tmp_path))
 
 
-def make_session(tmp_path: Path, client: Client = OUTSIDE, access: str = "To:targetdomain1.com "
-                 "RELAY\nConnect:192.0.2.66 REJECT\n192.168.1.1 RELAY\n",
-                 settings: str = "", resolves: str = "yes") -> tuple[Session, FakeHost]:
+def make_session(
+    tmp_path: Path,
+    client: Client = OUTSIDE,
+    access: str = "To:targetdomain1.com RELAY\nConnect:192.0.2.66 REJECT\n192.168.1.1 RELAY\n",
+    settings: str = "",
+    resolves: str = "yes",
+) -> tuple[Session, FakeHost]:
     snap = snapshot(tmp_path, access, settings)
     host = FakeHost(Spool(snap.config.spool_dir), resolves)
     decision = connect_decision(client, snap.tables, snap.config)
@@ -88,97 +94,164 @@ def dialogue(session: Session, steps: list[tuple[str, str, dict[str, bool]]]) ->
 
 def test_a_plain_transaction(tmp_path: Path) -> None:
     session, host = make_session(tmp_path)
-    dialogue(session, [
-        ("EHLO client.example.net",
-         "250 gateway.example.com Hello [192.0.2.10], pleased to meet you", {}),
-        ("MAIL FROM:<alice@example.org>", "250 2.1.0 <alice@example.org>... Sender ok", {}),
-        ("RCPT TO:<bob@targetdomain1.com>", "250 2.1.5 <bob@targetdomain1.com>... Recipient ok",
-         {"rcpt": True}),
-        ("RCPT TO:<x@example.net>",
-         "550 5.7.1 <x@example.net>... Relaying denied. IP name lookup failed [192.0.2.10]",
-         {"rcpt": True, "refused": True}),
-        ("DATA", '354 Enter mail, end with "." on a line by itself', {}),
-    ])
+    dialogue(
+        session,
+        [
+            (
+                "EHLO client.example.net",
+                "250 gateway.example.com Hello [192.0.2.10], pleased to meet you",
+                {},
+            ),
+            ("MAIL FROM:<alice@example.org>", "250 2.1.0 <alice@example.org>... Sender ok", {}),
+            (
+                "RCPT TO:<bob@targetdomain1.com>",
+                "250 2.1.5 <bob@targetdomain1.com>... Recipient ok",
+                {"rcpt": True},
+            ),
+            (
+                "RCPT TO:<x@example.net>",
+                "550 5.7.1 <x@example.net>... Relaying denied. IP name lookup failed [192.0.2.10]",
+                {"rcpt": True, "refused": True},
+            ),
+            ("DATA", '354 Enter mail, end with "." on a line by itself', {}),
+        ],
+    )
     session.data_chunk(b"Subject: hi\r\n\r\nbody\r\n")
     answer = asyncio.run(session.data_end(22))
     assert answer.reply.code == 250 and "Message accepted for delivery" in answer.reply.text
     assert session.tx is None and len(host.committed) == 1
-    dialogue(session, [("QUIT", "221 2.0.0 gateway.example.com closing connection",
-                        {"close": True})])
+    dialogue(
+        session, [("QUIT", "221 2.0.0 gateway.example.com closing connection", {"close": True})]
+    )
 
 
 def test_sequence_errors_and_bad_commands(tmp_path: Path) -> None:
     session, _ = make_session(tmp_path)
-    dialogue(session, [
-        ("RCPT TO:<bob@targetdomain1.com>", "503 5.0.0 Need MAIL before RCPT", {}),
-        ("DATA", "503 5.0.0 Need MAIL command", {}),
-        ("XYZZY", '500 5.5.1 Command unrecognized: "XYZZY"', {"bad": True}),
-        ("HELO", "501 5.0.0 HELO requires domain address", {"bad": True}),
-        ("MAIL FROM:<a b@example.org>",
-         "553 5.1.3 <a b@example.org>... Invalid local part", {"bad": True}),
-        ("MAIL FROM:<alice@example.org> SIZE=1 SIZE=2", "501 5.5.4 Duplicate SIZE parameter",
-         {"bad": True}),
-        ("MAIL FROM:<alice@example.org>", "250 2.1.0 <alice@example.org>... Sender ok", {}),
-        ("MAIL FROM:<alice@example.org>", "503 5.5.0 Sender already specified", {}),
-        ("DATA", "503 5.0.0 Need RCPT (recipient)", {}),
-        ("RCPT TO:<>", "553 5.0.0 <>... User address required",
-         {"rcpt": True, "refused": True}),
-        ("RSET", "250 2.0.0 Reset state", {}),
-        ("RCPT TO:<bob@targetdomain1.com>", "503 5.0.0 Need MAIL before RCPT", {}),
-    ])
+    dialogue(
+        session,
+        [
+            ("RCPT TO:<bob@targetdomain1.com>", "503 5.0.0 Need MAIL before RCPT", {}),
+            ("DATA", "503 5.0.0 Need MAIL command", {}),
+            ("XYZZY", '500 5.5.1 Command unrecognized: "XYZZY"', {"bad": True}),
+            ("HELO", "501 5.0.0 HELO requires domain address", {"bad": True}),
+            (
+                "MAIL FROM:<a b@example.org>",
+                "553 5.1.3 <a b@example.org>... Invalid local part",
+                {"bad": True},
+            ),
+            (
+                "MAIL FROM:<alice@example.org> SIZE=1 SIZE=2",
+                "501 5.5.4 Duplicate SIZE parameter",
+                {"bad": True},
+            ),
+            ("MAIL FROM:<alice@example.org>", "250 2.1.0 <alice@example.org>... Sender ok", {}),
+            ("MAIL FROM:<alice@example.org>", "503 5.5.0 Sender already specified", {}),
+            ("DATA", "503 5.0.0 Need RCPT (recipient)", {}),
+            (
+                "RCPT TO:<>",
+                "553 5.0.0 <>... User address required",
+                {"rcpt": True, "refused": True},
+            ),
+            ("RSET", "250 2.0.0 Reset state", {}),
+            ("RCPT TO:<bob@targetdomain1.com>", "503 5.0.0 Need MAIL before RCPT", {}),
+        ],
+    )
 
 
 def test_content_before_the_354_closes(tmp_path: Path) -> None:
     session, host = make_session(tmp_path)
-    dialogue(session, [("MAIL FROM:<alice@example.org>", "250 2.1.0 <alice@example.org>... "
-                        "Sender ok", {}),
-                       ("RCPT TO:<bob@targetdomain1.com>", "250 2.1.5 <bob@targetdomain1.com>"
-                        "... Recipient ok", {"rcpt": True})])
+    dialogue(
+        session,
+        [
+            ("MAIL FROM:<alice@example.org>", "250 2.1.0 <alice@example.org>... Sender ok", {}),
+            (
+                "RCPT TO:<bob@targetdomain1.com>",
+                "250 2.1.5 <bob@targetdomain1.com>... Recipient ok",
+                {"rcpt": True},
+            ),
+        ],
+    )
     answer = say(session, "DATA", pipelined=30)
     assert (str(answer.reply), answer.close) == (
-        "554 5.5.0 Error: SMTP protocol synchronization", True)
+        "554 5.5.0 Error: SMTP protocol synchronization",
+        True,
+    )
     assert host.counted == ["improper_pipelining"] and session.tx is None
 
 
 def test_connect_refusal_is_restricted_mode(tmp_path: Path) -> None:
     session, _ = make_session(tmp_path, Client("192.0.2.66", "FAIL"))
-    dialogue(session, [
-        ("EHLO x.example", "250 gateway.example.com Hello [192.0.2.66], pleased to meet you", {}),
-        ("MAIL FROM:<alice@example.org>", "550 5.7.1 Access denied", {"bad": True}),
-        ("RCPT TO:<bob@targetdomain1.com>", "550 5.7.1 Access denied", {"bad": True}),
-        ("DATA", "550 5.7.1 Access denied", {"bad": True}),
-        ("NOOP", "250 2.0.0 OK", {}),
-    ])
+    dialogue(
+        session,
+        [
+            (
+                "EHLO x.example",
+                "250 gateway.example.com Hello [192.0.2.66], pleased to meet you",
+                {},
+            ),
+            ("MAIL FROM:<alice@example.org>", "550 5.7.1 Access denied", {"bad": True}),
+            ("RCPT TO:<bob@targetdomain1.com>", "550 5.7.1 Access denied", {"bad": True}),
+            ("DATA", "550 5.7.1 Access denied", {"bad": True}),
+            ("NOOP", "250 2.0.0 OK", {}),
+        ],
+    )
 
 
 def test_early_talker_is_restricted_too(tmp_path: Path) -> None:
     session, host = make_session(tmp_path)
-    assert str(session.early_talk(1).reply) == "554 gateway.example.com ESMTP not accepting " \
-                                               "messages"
+    assert (
+        str(session.early_talk(1).reply) == "554 gateway.example.com ESMTP not accepting messages"
+    )
     assert host.counted == ["early_talkers"]
-    dialogue(session, [("MAIL FROM:<alice@example.org>", "550 5.0.0 Command rejected",
-                        {"bad": True}),
-                       ("RSET", "250 2.0.0 Reset state", {})])
+    dialogue(
+        session,
+        [
+            ("MAIL FROM:<alice@example.org>", "550 5.0.0 Command rejected", {"bad": True}),
+            ("RSET", "250 2.0.0 Reset state", {}),
+        ],
+    )
 
 
 def test_relay_client_and_sender_domain(tmp_path: Path) -> None:
     session, _ = make_session(tmp_path, RELAY, resolves="no")
-    dialogue(session, [
-        ("MAIL FROM:<a@nxdomain.example>", "553 5.1.8 <a@nxdomain.example>... Domain of "
-         "sender address a@nxdomain.example does not exist", {}),
-        ("MAIL FROM:<>", "250 2.1.0 <>... Sender ok", {}),
-        ("RCPT TO:<x@example.net>", "250 2.1.5 <x@example.net>... Recipient ok", {"rcpt": True}),
-    ])
+    dialogue(
+        session,
+        [
+            (
+                "MAIL FROM:<a@nxdomain.example>",
+                "553 5.1.8 <a@nxdomain.example>... Domain of "
+                "sender address a@nxdomain.example does not exist",
+                {},
+            ),
+            ("MAIL FROM:<>", "250 2.1.0 <>... Sender ok", {}),
+            (
+                "RCPT TO:<x@example.net>",
+                "250 2.1.5 <x@example.net>... Recipient ok",
+                {"rcpt": True},
+            ),
+        ],
+    )
 
 
 def test_etrn_and_starttls_answers(tmp_path: Path) -> None:
     session, host = make_session(tmp_path)
-    dialogue(session, [
-        ("ETRN @targetdomain1.com", "250 2.0.0 Queuing for node @targetdomain1.com started", {}),
-        ("ETRN #q", "458 4.0.0 Unable to queue messages for node #q: named queues are not "
-         "supported; use ETRN domain", {}),
-        ("STARTTLS", "502 5.5.1 STARTTLS not available", {}),
-    ])
+    dialogue(
+        session,
+        [
+            (
+                "ETRN @targetdomain1.com",
+                "250 2.0.0 Queuing for node @targetdomain1.com started",
+                {},
+            ),
+            (
+                "ETRN #q",
+                "458 4.0.0 Unable to queue messages for node #q: named queues are not "
+                "supported; use ETRN domain",
+                {},
+            ),
+            ("STARTTLS", "502 5.5.1 STARTTLS not available", {}),
+        ],
+    )
     assert host.flushed == [("targetdomain1.com", True)]
 
 
@@ -194,13 +267,16 @@ def test_a_header_section_too_large_fails_the_message_only(tmp_path: Path) -> No
     assert list((tmp_path / "spool" / "incoming").iterdir()) == []
 
 
-@pytest.mark.parametrize(("line", "reply"), [
-    ("VRFY alice", "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery (or try finger)"),
-    ("EXPN team", "502 5.7.0 Sorry, we do not allow this operation"),
-    ("VERB", "502 5.7.0 Verbose unavailable"),
-    ("AUTH PLAIN", "503 5.3.3 AUTH not available"),
-    ("BDAT 5 LAST", "502 5.5.1 CHUNKING not supported; use DATA"),
-])
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        ("VRFY alice", "252 2.5.2 Cannot VRFY user; try RCPT to attempt delivery (or try finger)"),
+        ("EXPN team", "502 5.7.0 Sorry, we do not allow this operation"),
+        ("VERB", "502 5.7.0 Verbose unavailable"),
+        ("AUTH PLAIN", "503 5.3.3 AUTH not available"),
+        ("BDAT 5 LAST", "502 5.5.1 CHUNKING not supported; use DATA"),
+    ],
+)
 def test_verbs_that_say_no(tmp_path: Path, line: str, reply: str) -> None:
     session, _ = make_session(tmp_path)
     dialogue(session, [(line, reply, {})])

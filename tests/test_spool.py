@@ -25,9 +25,13 @@ from mailgate.queue.spool import (
 
 
 def envelope(spool: Spool, sender: str = "a@example.org") -> Envelope:
-    return Envelope(qid=spool.new_qid(), sender=sender,
-                    recipients=[Recipient("b@example.net", "B@Example.NET")],
-                    arrival=time.time(), client_ip="192.0.2.1")
+    return Envelope(
+        qid=spool.new_qid(),
+        sender=sender,
+        recipients=[Recipient("b@example.net", "B@Example.NET")],
+        arrival=time.time(),
+        client_ip="192.0.2.1",
+    )
 
 
 def fd_path(fd: int) -> str:
@@ -60,8 +64,9 @@ def _record_fsyncs(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[tuple[str
 
 
 @pytest.mark.parametrize("mode", ["threads", "auto"])
-def test_commit_seals_and_fsyncs_before_returning(tmp_path: Path, mode: str,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_seals_and_fsyncs_before_returning(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if mode == "auto" and fsync_impl.linux_aio is None:
         pytest.skip("no Linux AIO on this kernel")
     spool = Spool(tmp_path, fsync=mode)
@@ -103,9 +108,9 @@ def test_a_spilled_message_is_sealed_in_place(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     msg = spool.open_incoming(envelope(spool))
     content = b"y" * (msg.SPILL_AT + 1000) + b"\r\n"
-    msg.write(content[:msg.SPILL_AT + 10])
+    msg.write(content[: msg.SPILL_AT + 10])
     assert msg.path.exists()
-    msg.write(content[msg.SPILL_AT + 10:])
+    msg.write(content[msg.SPILL_AT + 10 :])
     asyncio.run(spool.commit(msg))
     data = (tmp_path / "queue" / msg.envelope.qid).read_bytes()
     line, _, rest = data.partition(b"\n")
@@ -213,11 +218,16 @@ def test_status_round_trip_and_remove(tmp_path: Path) -> None:
     msg.write(b"x\r\n")
     asyncio.run(spool.commit(msg))
     qid = msg.envelope.qid
-    st = QueueStatus({"b@example.net": RecipientState(RcptStatus.SENT,
-                                                      {"esmtp:example.net:b@example.net":
-                                                       RcptStatus.SENT}),
-                      "x@y": RecipientState(last_error="Deferred: 451")},
-                     attempts=2, next_attempt=123.0)
+    st = QueueStatus(
+        {
+            "b@example.net": RecipientState(
+                RcptStatus.SENT, {"esmtp:example.net:b@example.net": RcptStatus.SENT}
+            ),
+            "x@y": RecipientState(last_error="Deferred: 451"),
+        },
+        attempts=2,
+        next_attempt=123.0,
+    )
     spool.save_status(qid, st)
     assert spool.load_status(qid) == st
     spool.remove(qid)
@@ -254,8 +264,9 @@ def test_lock_excludes_a_second_runner(tmp_path: Path) -> None:
     spool.close()
 
 
-def test_commit_failure_is_reported_and_leaves_nothing(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_failure_is_reported_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from mailgate.queue.spool import SpoolError
 
     spool = Spool(tmp_path, fsync="threads")
@@ -338,7 +349,7 @@ def test_a_delivered_file_is_reused_for_the_next_message(tmp_path: Path) -> None
     assert path.stat().st_size == msg.offset + len(short)  # the old tail is cut off
     loaded = spool.load(msg.envelope.qid)
     assert loaded is not None and loaded.envelope.sender == "a@example.org"
-    assert path.read_bytes()[loaded.offset:] == short
+    assert path.read_bytes()[loaded.offset :] == short
     assert Spool._sealed_qid(path) == msg.envelope.qid
     spool.close()
 
@@ -353,7 +364,7 @@ def test_a_reused_file_grows_and_spills(tmp_path: Path) -> None:
     asyncio.run(spool.commit(msg))
     path = tmp_path / "queue" / msg.envelope.qid
     assert path.stat().st_ino == ino
-    assert path.read_bytes()[msg.offset:] == big
+    assert path.read_bytes()[msg.offset :] == big
     assert Spool._sealed_qid(path) == msg.envelope.qid
     spool.close()
 
@@ -410,7 +421,7 @@ def test_recovery_of_spare_and_reused_files(tmp_path: Path) -> None:
     assert not any((tmp_path / "incoming").iterdir())
     loaded = spool.load(acked.envelope.qid)
     assert loaded is not None
-    assert loaded.path.read_bytes()[loaded.offset:] == b"Subject: acknowledged\r\n\r\nkeep me\r\n"
+    assert loaded.path.read_bytes()[loaded.offset :] == b"Subject: acknowledged\r\n\r\nkeep me\r\n"
     spool.close()
 
 

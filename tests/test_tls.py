@@ -57,19 +57,27 @@ def hop() -> Iterator[SinkServer]:
         yield sink
 
 
-def tls_gateway(tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer,
-                extra: str = "") -> GatewayProcess:
+def tls_gateway(
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer, extra: str = ""
+) -> GatewayProcess:
     cert_file, key_file = write_pair(ca, tmp_path, "gateway.example.com", "127.0.0.1")
     return GatewayProcess(
-        tmp_path / "gw", dns=dns.address,
-        tables={"mailertable": f"example.net smtp:[{HOP}]:{hop.port}\n",
-                "access": "To:example.net RELAY\n"},
-        settings=(f'[smtp]\ngreet_pause = "0s"\n[tls]\ncert_file = "{cert_file}"\n'
-                  f'key_file = "{key_file}"\n' + extra))
+        tmp_path / "gw",
+        dns=dns.address,
+        tables={
+            "mailertable": f"example.net smtp:[{HOP}]:{hop.port}\n",
+            "access": "To:example.net RELAY\n",
+        },
+        settings=(
+            f'[smtp]\ngreet_pause = "0s"\n[tls]\ncert_file = "{cert_file}"\n'
+            f'key_file = "{key_file}"\n' + extra
+        ),
+    )
 
 
-def test_starttls_then_relay(tmp_path: Path, ca: trustme.CA, dns: DnsServer,
-                             hop: SinkServer) -> None:
+def test_starttls_then_relay(
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer
+) -> None:
     with tls_gateway(tmp_path, ca, dns, hop) as gw:
         with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
             code, text = s.ehlo("client.example.net")
@@ -90,8 +98,9 @@ def test_starttls_then_relay(tmp_path: Path, ca: trustme.CA, dns: DnsServer,
         assert ", verify=NOT, cipher=" in log
 
 
-def test_plaintext_pipelined_after_starttls_is_dropped(tmp_path: Path, ca: trustme.CA,
-                                                      dns: DnsServer, hop: SinkServer) -> None:
+def test_plaintext_pipelined_after_starttls_is_dropped(
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer
+) -> None:
     """CVE-2011-0411: commands sent in clear behind STARTTLS must not run inside TLS."""
     with tls_gateway(tmp_path, ca, dns, hop) as gw, RawSmtp(gw.host, gw.port) as c:
         assert c.read_reply().code == 220
@@ -112,8 +121,9 @@ def test_plaintext_pipelined_after_starttls_is_dropped(tmp_path: Path, ca: trust
     assert "plaintext pipelined after STARTTLS discarded" in gw.log()
 
 
-def test_failed_handshake_closes_only_that_session(tmp_path: Path, ca: trustme.CA,
-                                                  dns: DnsServer, hop: SinkServer) -> None:
+def test_failed_handshake_closes_only_that_session(
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer
+) -> None:
     with tls_gateway(tmp_path, ca, dns, hop) as gw:
         with RawSmtp(gw.host, gw.port) as c:
             assert c.read_reply().code == 220
@@ -126,7 +136,8 @@ def test_failed_handshake_closes_only_that_session(tmp_path: Path, ca: trustme.C
 
 
 def test_starttls_refused_in_a_transaction_or_with_arguments(
-        tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer) -> None:
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer
+) -> None:
     with tls_gateway(tmp_path, ca, dns, hop) as gw, RawSmtp(gw.host, gw.port) as c:
         assert c.read_reply().code == 220
         assert c.cmd("EHLO client.example.net").code == 250
@@ -136,9 +147,12 @@ def test_starttls_refused_in_a_transaction_or_with_arguments(
 
 
 def test_no_certificate_no_starttls(tmp_path: Path, dns: DnsServer) -> None:
-    with GatewayProcess(tmp_path / "gw", dns=dns.address,
-                        settings='[smtp]\ngreet_pause = "0s"\n') as gw, \
-            RawSmtp(gw.host, gw.port) as c:
+    with (
+        GatewayProcess(
+            tmp_path / "gw", dns=dns.address, settings='[smtp]\ngreet_pause = "0s"\n'
+        ) as gw,
+        RawSmtp(gw.host, gw.port) as c,
+    ):
         assert c.read_reply().code == 220
         assert "STARTTLS" not in c.cmd("EHLO client.example.net").lines
         assert c.cmd("STARTTLS").first.startswith("502 5.5.1")
@@ -153,13 +167,16 @@ def test_bad_tls_settings_name_file_and_line(tmp_path: Path, ca: trustme.CA) -> 
     assert f"{conf}:" in str(err.value) and "key_file" in str(err.value)
     other_key = tmp_path / "other.pem"
     trustme.CA().issue_cert("x.example").private_key_pem.write_to_path(other_key)
-    conf.write_text(f'hostname = "gw.example.com"\n[tls]\ncert_file = "{cert_file}"\n'
-                    f'key_file = "{other_key}"\n')
+    conf.write_text(
+        f'hostname = "gw.example.com"\n[tls]\ncert_file = "{cert_file}"\nkey_file = "{other_key}"\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_config(conf)
     assert f"{conf}:3:" in str(err.value) and "not a PEM certificate and its key" in str(err.value)
-    conf.write_text(f'hostname = "gw.example.com"\n[tls]\ncert_file = "{tmp_path}/none.pem"\n'
-                    f'key_file = "{key_file}"\n')
+    conf.write_text(
+        f'hostname = "gw.example.com"\n[tls]\ncert_file = "{tmp_path}/none.pem"\n'
+        f'key_file = "{key_file}"\n'
+    )
     with pytest.raises(ConfigError) as err:
         load_config(conf)
     assert "cannot read" in str(err.value)
@@ -176,8 +193,9 @@ def sink_context(ca: trustme.CA, tmp_path: Path) -> ssl.SSLContext:
     return ctx
 
 
-def test_delivery_uses_starttls_when_the_hop_offers_it(tmp_path: Path, ca: trustme.CA,
-                                                      dns: DnsServer, hop: SinkServer) -> None:
+def test_delivery_uses_starttls_when_the_hop_offers_it(
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer
+) -> None:
     hop.tls_context = sink_context(ca, tmp_path)
     with tls_gateway(tmp_path, ca, dns, hop) as gw:
         with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
@@ -190,8 +208,9 @@ def test_delivery_uses_starttls_when_the_hop_offers_it(tmp_path: Path, ca: trust
         assert ", verify=NO, cipher=" in log
 
 
-def test_delivery_in_clear_when_tls_fails_or_is_off(tmp_path: Path, ca: trustme.CA,
-                                                   dns: DnsServer, hop: SinkServer) -> None:
+def test_delivery_in_clear_when_tls_fails_or_is_off(
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer
+) -> None:
     """Opportunistic: a hop whose TLS handshake fails still gets the mail, in clear, at once;
     with [tls] delivery = "none" STARTTLS is never tried."""
     hop.tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)  # no certificate
@@ -221,8 +240,7 @@ class TlsClient:
         self.plain = b""
 
     def plain_reply(self) -> bytes:
-        while b"\r\n" not in self.plain or not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$",
-                                                         self.plain):
+        while b"\r\n" not in self.plain or not re.search(rb"(^|\n)\d{3} [^\n]*\r\n$", self.plain):
             data = self.sock.recv(4096)
             assert data, self.plain
             self.plain += data
@@ -231,8 +249,9 @@ class TlsClient:
 
     def start_tls(self, ca: trustme.CA) -> None:
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = client_context(ca).wrap_bio(self.incoming, self.outgoing,
-                                               server_hostname="gateway.example.com")
+        self.tls = client_context(ca).wrap_bio(
+            self.incoming, self.outgoing, server_hostname="gateway.example.com"
+        )
         while True:
             try:
                 self.tls.do_handshake()
@@ -276,7 +295,8 @@ class TlsClient:
 
 @pytest.mark.parametrize("how", ["tcp-fin", "close-notify"])
 def test_half_close_after_the_dot_over_tls_still_gets_250_and_221(
-        tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer, how: str) -> None:
+    tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer, how: str
+) -> None:
     """A client that sends its message and QUIT, then closes its sending side, must still
     read the replies; else it never learns the message was taken and sends it again."""
     with tls_gateway(tmp_path, ca, dns, hop) as gw:
@@ -287,8 +307,10 @@ def test_half_close_after_the_dot_over_tls_still_gets_250_and_221(
         c.sock.sendall(b"STARTTLS\r\n")
         assert c.plain_reply().startswith(b"220 2.0.0")
         c.start_tls(ca)
-        c.send(b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\n"
-               b"RCPT TO:<bob@example.net>\r\nDATA\r\n")
+        c.send(
+            b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\n"
+            b"RCPT TO:<bob@example.net>\r\nDATA\r\n"
+        )
         time.sleep(0.3)  # the 354 is out before the content goes (no content before 354)
         c.send(b"Subject: half-closed\r\n\r\nhi\r\n.\r\nQUIT\r\n")
         if how == "tcp-fin":

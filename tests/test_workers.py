@@ -19,17 +19,26 @@ HOP = "127.0.0.5"
 
 def gateway(tmp_path: Path, dns: DnsServer, port: int) -> GatewayProcess:
     return GatewayProcess(
-        tmp_path / "gw", dns=dns.address,
-        tables={"mailertable": f"targetdomain1.com smtp:[{HOP}]:{port}\n",
-                "access": "To:targetdomain1.com RELAY\n"},
-        settings=('workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
-                  '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'))
+        tmp_path / "gw",
+        dns=dns.address,
+        tables={
+            "mailertable": f"targetdomain1.com smtp:[{HOP}]:{port}\n",
+            "access": "To:targetdomain1.com RELAY\n",
+        },
+        settings=(
+            'workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
+            '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'
+        ),
+    )
 
 
 def send(gw: GatewayProcess, subject: str) -> None:
     with gw.smtp("127.0.0.2") as s:
-        s.sendmail("alice@example.org", ["bob@targetdomain1.com"],
-                   f"Subject: {subject}\r\n\r\nbody\r\n".encode())
+        s.sendmail(
+            "alice@example.org",
+            ["bob@targetdomain1.com"],
+            f"Subject: {subject}\r\n\r\nbody\r\n".encode(),
+        )
 
 
 def test_two_workers_share_the_work_and_reload_together(tmp_path: Path) -> None:
@@ -45,8 +54,11 @@ def test_two_workers_share_the_work_and_reload_together(tmp_path: Path) -> None:
             send(gw, f"m{i}")
         assert len(sink.wait_for(20, timeout=15)) == 20
         log = gw.log()
-        senders = {line.split("mailgate[")[1].split("]")[0] for line in log.splitlines()
-                   if "from=<alice@example.org>" in line}
+        senders = {
+            line.split("mailgate[")[1].split("]")[0]
+            for line in log.splitlines()
+            if "from=<alice@example.org>" in line
+        }
         assert senders <= {str(w) for w in workers}
         gw.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
@@ -73,14 +85,18 @@ def test_kill_9_of_the_master_ends_the_workers_and_mail_survives(tmp_path: Path)
         deadline = time.monotonic() + 10
         while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not any(Path(f"/proc/{w}").exists() and "Z" not in
-                       Path(f"/proc/{w}/stat").read_text().split(")")[1][:3] for w in workers)
+        assert not any(
+            Path(f"/proc/{w}").exists()
+            and "Z" not in Path(f"/proc/{w}/stat").read_text().split(")")[1][:3]
+            for w in workers
+        )
         with SinkServer(HOP, port) as sink:
             gw.start()
             try:
                 msgs = sink.wait_for(6, timeout=20)
                 assert sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs) == [
-                    f"queued{i}".encode() for i in range(6)]
+                    f"queued{i}".encode() for i in range(6)
+                ]
             finally:
                 gw.stop()
     assert os.path.isdir(gw.spool / "queue")
@@ -124,8 +140,9 @@ def test_connection_limits_count_the_whole_daemon(tmp_path: Path) -> None:
     port = free_port(HOP)
     with DnsServer() as dns, SinkServer(HOP, port):
         gw = gateway(tmp_path, dns, port)
-        gw.config.write_text(gw.config.read_text().replace(
-            '[smtp]\n', '[smtp]\nmax_connections_per_ip = 3\n'))
+        gw.config.write_text(
+            gw.config.read_text().replace("[smtp]\n", "[smtp]\nmax_connections_per_ip = 3\n")
+        )
         with gw:
             assert gw.proc is not None
             deadline = time.monotonic() + 10

@@ -319,7 +319,6 @@ def unquote_local(local: str) -> str:
     return "".join(out)
 
 
-
 class RouteError(ValueError):
     """A local part holding routing characters that do not name a usable host: ``host`` is
     the invalid host text, or None when a side is empty (``user%``, ``!user``)."""

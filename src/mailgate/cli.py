@@ -53,9 +53,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"warning: {w}")
     cfg = snapshot.config
     t = snapshot.tables
-    print(f"{cfg.source}: OK ({len(t.local_names)} local names, "
-          f"{len(t.relay_domains)} relay domains; "
-          f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''})")
+    print(
+        f"{cfg.source}: OK ({len(t.local_names)} local names, "
+        f"{len(t.relay_domains)} relay domains; "
+        f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''})"
+    )
     return 0
 
 
@@ -83,14 +85,17 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_mailq(msgs: Sequence[QueuedMessage], queue_dir: str,
-                 is_locked: Callable[[str], bool]) -> str:
+def format_mailq(
+    msgs: Sequence[QueuedMessage], queue_dir: str, is_locked: Callable[[str], bool]
+) -> str:
     """Sendmail's ``mailq`` (``sendmail -bp``) layout (semantics §15)."""
     if not msgs:
         return f"{queue_dir} is empty"
     n = len(msgs)
-    lines = [f"\t\t{queue_dir} ({n} request{'s' if n != 1 else ''})",
-             "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------"]
+    lines = [
+        f"\t\t{queue_dir} ({n} request{'s' if n != 1 else ''})",
+        "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------",
+    ]
     for m in msgs:
         env, st = m.envelope, m.status
         mark = "*" if is_locked(env.qid) else " "
@@ -129,9 +134,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
             new.append(report.qid)  # tried in the next round, from the spool
             report.close()
 
-        ctx = DeliveryContext(spool=spool, resolver=daemon.make_resolver(cfg),
-                              snapshot=lambda: snapshot, queued=report_queued,
-                              transcript=transcript if args.verbose else None)
+        ctx = DeliveryContext(
+            spool=spool,
+            resolver=daemon.make_resolver(cfg),
+            snapshot=lambda: snapshot,
+            queued=report_queued,
+            transcript=transcript if args.verbose else None,
+        )
         seen = 0
         while todo:
             for qid in todo:
@@ -169,13 +178,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         for route in routes:
             prefix = "\n  " if len(routes) != 1 else ""
             if route.mailer == "error" and route.error is not None:
-                print(f"{prefix}mailer error, {route.error.reply(f'<{mailbox}>')}"
-                      f"  [{route.via}]")
+                print(f"{prefix}mailer error, {route.error.reply(f'<{mailbox}>')}  [{route.via}]")
                 status = 1
                 continue
             host = route.host or ("local" if route.mailer == "local" else "")
-            print(f"{prefix}mailer {route.mailer}, host {host}, user {route.address}"
-                  f"  [{route.via}]")
+            print(
+                f"{prefix}mailer {route.mailer}, host {host}, user {route.address}  [{route.via}]"
+            )
         if len(routes) != 1:
             print()
     return status
@@ -183,19 +192,25 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mailgate", description="A mail gateway with Sendmail's tables.")
+        prog="mailgate", description="A mail gateway with Sendmail's tables."
+    )
     parser.add_argument("--version", action="version", version=f"mailgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("-c", "--config", metavar="PATH",
-                       help="TOML config file (default: the embedded loopback config)")
+        p.add_argument(
+            "-c",
+            "--config",
+            metavar="PATH",
+            help="TOML config file (default: the embedded loopback config)",
+        )
         return p
 
     add("serve", "run the gateway in the foreground").set_defaults(func=cmd_serve)
-    add("check", "validate the config and every table; warn about suspicious lines"
-        ).set_defaults(func=cmd_check)
+    add("check", "validate the config and every table; warn about suspicious lines").set_defaults(
+        func=cmd_check
+    )
     add("mailq", "list the queue as Sendmail's mailq does").set_defaults(func=cmd_mailq)
     p = add("flush", "try every queued message now (like sendmail -q)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
@@ -218,4 +233,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -53,27 +53,35 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
 _SIZE = re.compile(r"(\d+)\s*(k|kb|kib|m|mb|mib|g|gb|gib)?", re.IGNORECASE)
 _SIZE_UNITS = {
-    None: 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2,
-    "mib": 1024**2, "g": 1024**3, "gb": 1000**3, "gib": 1024**3,
+    None: 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
 }
 
 
 def parse_duration(value: object) -> float:
     """``"30m"``, ``"1h30m"``, ``"5s"``, ``"250ms"`` or a number of seconds → seconds."""
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as \"30m\" or \"5s\"")
+        raise ValueError('expected a duration such as "30m" or "5s"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError("expected a duration such as \"30m\" or \"5s\"")
+        raise ValueError('expected a duration such as "30m" or "5s"')
     text = value.strip().lower()
     pos, total = 0, 0.0
     while pos < len(text):
         m = _DURATION.match(text, pos)
         if not m or m.end() == pos:
-            raise ValueError(f"bad duration {value!r}: use e.g. \"30m\", \"5s\", \"1h30m\"")
+            raise ValueError(f'bad duration {value!r}: use e.g. "30m", "5s", "1h30m"')
         total += float(m.group(1)) * _DURATION_UNITS[m.group(2) and m.group(2).lower()]
         pos = m.end()
         while pos < len(text) and text[pos] == " ":
@@ -84,7 +92,7 @@ def parse_duration(value: object) -> float:
 def parse_size(value: object) -> int:
     """``"50M"``, ``"100MiB"``, ``"10MB"`` or a number of bytes → bytes."""
     if isinstance(value, bool):
-        raise ValueError("expected a size such as \"50M\"")
+        raise ValueError('expected a size such as "50M"')
     if isinstance(value, int):
         if value < 0:
             raise ValueError("a size cannot be negative")
@@ -93,19 +101,19 @@ def parse_size(value: object) -> int:
         m = _SIZE.fullmatch(value.strip())
         if m:
             return int(m.group(1)) * _SIZE_UNITS[m.group(2) and m.group(2).lower()]
-    raise ValueError(f"bad size {value!r}: use e.g. \"50M\", \"100MiB\" or a number of bytes")
+    raise ValueError(f'bad size {value!r}: use e.g. "50M", "100MiB" or a number of bytes')
 
 
 def parse_listen(value: object) -> tuple[str, int]:
     """``"127.0.0.1:25"``, ``"[::1]:25"``, ``":25"`` (all IPv4 addresses) → (host, port)."""
     if not isinstance(value, str):
-        raise ValueError("listen entries are strings like \"127.0.0.1:2525\"")
+        raise ValueError('listen entries are strings like "127.0.0.1:2525"')
     if value.startswith("["):
         host, sep, port = value[1:].partition("]:")
     else:
         host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad listen address {value!r}: use \"ip:port\" or \"[ipv6]:port\"")
+        raise ValueError(f'bad listen address {value!r}: use "ip:port" or "[ipv6]:port"')
     host = host or "0.0.0.0"
     try:
         ipaddress.ip_address(host)
@@ -118,7 +126,7 @@ def _check_nameserver(value: object) -> str:
     # Not dns.parse_nameserver: that one is for values already checked here (it takes "+53"
     # and " 53" as ports, and its errors do not name the setting).
     if not isinstance(value, str):
-        raise ValueError("nameservers are strings like \"127.0.0.1\" or \"127.0.0.1:5353\"")
+        raise ValueError('nameservers are strings like "127.0.0.1" or "127.0.0.1:5353"')
     host, port = value, None
     if value.startswith("["):
         host, _, rest = value[1:].partition("]")
@@ -147,11 +155,13 @@ def _int(minimum: int = 0) -> Convert[int]:
         if value < minimum:
             raise ValueError(f"must be at least {minimum}")
         return value
+
     return convert
 
 
 def _zero_or_between(low: int, high: int | None, zero: str) -> Convert[int]:
     """A whole number that is 0 (meaning ``zero``) or within ``low``..``high``."""
+
     def convert(value: object) -> int:
         number = _int(0)(value)
         if number and (number < low or (high is not None and number > high)):
@@ -159,6 +169,7 @@ def _zero_or_between(low: int, high: int | None, zero: str) -> Convert[int]:
             between = f"between {low}{upper}" if high is not None else f"{low}{upper}"
             raise ValueError(f"must be 0 ({zero}) or {between}")
         return number
+
     return convert
 
 
@@ -210,8 +221,9 @@ def _path_or_none(value: object) -> Path | None:
 def _str_list(item: Convert[T]) -> Convert[tuple[T, ...]]:
     def convert(value: object) -> tuple[T, ...]:
         if not isinstance(value, list):
-            raise ValueError("expected a list, e.g. [\"a\", \"b\"]")
+            raise ValueError('expected a list, e.g. ["a", "b"]')
         return tuple(item(v) for v in value)
+
     return convert
 
 
@@ -234,13 +246,27 @@ def _one_of(options: tuple[L, ...]) -> Convert[L]:
                 return option
         listed = " or ".join(f'"{o}"' for o in options)
         raise ValueError(f"must be {listed}, not {value!r}")
+
     return convert
 
 
 _PRIVACY_FLAGS = {
-    "authwarnings", "novrfy", "noexpn", "noverb", "goaway", "public", "needmailhelo",
-    "needexpnhelo", "needvrfyhelo", "noetrn", "noreceipts", "nobodyreturn", "restrictqrun",
-    "restrictmailq", "restrictexpand", "noactualrecipient",
+    "authwarnings",
+    "novrfy",
+    "noexpn",
+    "noverb",
+    "goaway",
+    "public",
+    "needmailhelo",
+    "needexpnhelo",
+    "needvrfyhelo",
+    "noetrn",
+    "noreceipts",
+    "nobodyreturn",
+    "restrictqrun",
+    "restrictmailq",
+    "restrictexpand",
+    "noactualrecipient",
 }
 
 
@@ -276,9 +302,15 @@ class Setting:
     relative: bool = False  # a path, relative to the TOML file's folder
 
 
-def setting(convert: Convert[T], default: TomlValue | None, doc: str, *,
-            shown: str | None = None, relative: bool = False,
-            factory: Callable[[], T] | None = None) -> T:
+def setting(
+    convert: Convert[T],
+    default: TomlValue | None,
+    doc: str,
+    *,
+    shown: str | None = None,
+    relative: bool = False,
+    factory: Callable[[], T] | None = None,
+) -> T:
     """A settings field: ``default`` is what the admin would write in TOML, and ``convert``
     makes the field's default of it, so the default passes its own check. ``factory`` is for a
     default that is found at start (the host name); ``shown`` then says what it is."""
@@ -299,128 +331,161 @@ def section(cls: Callable[[], S]) -> S:
 @dataclass(frozen=True)
 class SmtpSettings:
     greet_pause: float = setting(
-        parse_duration, "5s",
-        "hold the greeting (access `GreetPause:` overrides per client)")
+        parse_duration, "5s", "hold the greeting (access `GreetPause:` overrides per client)"
+    )
     max_message_size: int = setting(
-        parse_size, "50M", "announced in SIZE, refused with 552 (`0` = no limit)")
-    max_recipients: int = setting(
-        _int(1), 100, "more get `452 4.5.3 Too many recipients`")
+        parse_size, "50M", "announced in SIZE, refused with 552 (`0` = no limit)"
+    )
+    max_recipients: int = setting(_int(1), 100, "more get `452 4.5.3 Too many recipients`")
     max_command_line: int = setting(
-        _int(512), 512, "longest command line accepted, CRLF included (RFC 5321's 512 or more)")
+        _int(512), 512, "longest command line accepted, CRLF included (RFC 5321's 512 or more)"
+    )
     # RFC 5321 4.5.3.1.6: a server must take lines of 1000 bytes, so no lower limit. 0 = no
     # limit (the default, as Postfix's smtpd and Sendmail: long lines are folded on the way out).
     max_text_line: int = setting(
-        _zero_or_between(1000, None, "no limit"), 0,
-        "longest message line accepted, CRLF included (`0` = no limit; else at least `1000`)")
+        _zero_or_between(1000, None, "no limit"),
+        0,
+        "longest message line accepted, CRLF included (`0` = no limit; else at least `1000`)",
+    )
     command_timeout: float = setting(  # RFC 5321 4.5.3.2.7: at least 5 minutes
-        parse_duration, "5m", "waiting for a command (RFC 5321 §4.5.3.2)")
+        parse_duration, "5m", "waiting for a command (RFC 5321 §4.5.3.2)"
+    )
     data_timeout: float = setting(  # RFC 5321 4.5.3.2.6 data block, per read
-        parse_duration, "3m", "waiting for message content, per read (RFC 5321 §4.5.3.2)")
+        parse_duration, "3m", "waiting for message content, per read (RFC 5321 §4.5.3.2)"
+    )
     max_bad_commands: int = setting(
-        _int(1), 20, "unknown / refused commands before `421` and close")
+        _int(1), 20, "unknown / refused commands before `421` and close"
+    )
     privacy: tuple[str, ...] = setting(
-        _str_list(_privacy_flag), ["authwarnings", "novrfy", "noexpn", "noverb"],
-        "Sendmail's PrivacyOptions")
+        _str_list(_privacy_flag),
+        ["authwarnings", "novrfy", "noexpn", "noverb"],
+        "Sendmail's PrivacyOptions",
+    )
     bad_rcpt_throttle: int = setting(
-        _int(0), 1, "after N refused RCPTs, answer each RCPT after `bad_rcpt_throttle_delay`")
+        _int(0), 1, "after N refused RCPTs, answer each RCPT after `bad_rcpt_throttle_delay`"
+    )
     bad_rcpt_throttle_delay: float = setting(
-        parse_duration, "1s", "the pause of `bad_rcpt_throttle`")
-    max_bad_rcpts: int = setting(
-        _int(0), 20, "after N refused RCPTs, `421` and close")
+        parse_duration, "1s", "the pause of `bad_rcpt_throttle`"
+    )
+    max_bad_rcpts: int = setting(_int(0), 20, "after N refused RCPTs, `421` and close")
     connection_rate_throttle: int = setting(
-        _int(0), 100, "new connections accepted per second (`0` = no limit)")
-    max_connections_per_ip: int = setting(
-        _int(0), 20, "more get `421 4.7.0` (`0` = no limit)")
+        _int(0), 100, "new connections accepted per second (`0` = no limit)"
+    )
+    max_connections_per_ip: int = setting(_int(0), 20, "more get `421 4.7.0` (`0` = no limit)")
     max_connections: int = setting(
-        _int(1), 20000, "sessions at once (all workers together); beyond, new connections wait")
+        _int(1), 20000, "sessions at once (all workers together); beyond, new connections wait"
+    )
     # Postfix's stress mode: past this share of max_connections, shorter timeouts.
     stress_threshold: float = setting(
-        _share, "80%", "share of `max_connections` at which stress mode starts")
+        _share, "80%", "share of `max_connections` at which stress mode starts"
+    )
     stress_timeout: float = setting(
-        _positive_duration, "10s", "command and DATA timeout under stress")
+        _positive_duration, "10s", "command and DATA timeout under stress"
+    )
     # Postfix 3.9's smtpd_forbid_unauth_pipelining: content sent before our 354 closes.
     forbid_unauth_pipelining: bool = setting(
-        _bool, True, "content sent before our `354` gets `554 5.5.0` and the session is closed")
-    check_sender_domain: bool = setting(
-        _bool, True, "MAIL FROM domain must resolve (MX/A/AAAA)")
-    require_qualified_sender: bool = setting(
-        _bool, True, "`553 5.5.4` for a sender without domain")
+        _bool, True, "content sent before our `354` gets `554 5.5.0` and the session is closed"
+    )
+    check_sender_domain: bool = setting(_bool, True, "MAIL FROM domain must resolve (MX/A/AAAA)")
+    require_qualified_sender: bool = setting(_bool, True, "`553 5.5.4` for a sender without domain")
 
 
 @dataclass(frozen=True)
 class QueueSettings:
     run_interval: float = setting(
-        _positive_duration, "30m", "retry interval cap (Sendmail's `-q30m`)")
+        _positive_duration, "30m", "retry interval cap (Sendmail's `-q30m`)"
+    )
     retry_min: float = setting(
-        parse_duration, "4m", "first retry; doubles each time up to `run_interval`")
+        parse_duration, "4m", "first retry; doubles each time up to `run_interval`"
+    )
     max_age: float = setting(
-        parse_duration, "5d", "then the sender gets a bounce (Timeout.queuereturn)")
+        parse_duration, "5d", "then the sender gets a bounce (Timeout.queuereturn)"
+    )
     warn_after: float = setting(
-        parse_duration, "4h", "then the sender gets a delay warning (Timeout.queuewarn)")
-    max_deliveries: int = setting(
-        _int(1), 200, "delivery attempts at once")
+        parse_duration, "4h", "then the sender gets a delay warning (Timeout.queuewarn)"
+    )
+    max_deliveries: int = setting(_int(1), 200, "delivery attempts at once")
     max_per_destination: int = setting(
-        _int(1), 20, "SMTP deliveries at once to one next hop (Postfix's "
-        "`default_destination_concurrency_limit`); the others wait their turn")
+        _int(1),
+        20,
+        "SMTP deliveries at once to one next hop (Postfix's "
+        "`default_destination_concurrency_limit`); the others wait their turn",
+    )
     fsync: FsyncMode = setting(
-        _one_of(get_args(FsyncMode)), "auto",
-        "how the spool flushes before `250`: `auto` (Linux AIO) or `threads`")
+        _one_of(get_args(FsyncMode)),
+        "auto",
+        "how the spool flushes before `250`: `auto` (Linux AIO) or `threads`",
+    )
     # Sendmail's MinFreeBlocks / Postfix's queue_minfree: below this much free space in the
     # spool's file system, MAIL and DATA get 452 4.3.1 (0 = no check). The reserve is what
     # messages already in DATA, status files and bounces (up to a whole message) still need.
     min_free: int = setting(
-        parse_size, "100M", "free space the spool keeps; below it, mail gets `452 4.3.1`")
+        parse_size, "100M", "free space the spool keeps; below it, mail gets `452 4.3.1`"
+    )
 
 
 @dataclass(frozen=True)
 class DeliverySettings:
-    connect_timeout: float = setting(
-        parse_duration, "30s", "per address tried")
+    connect_timeout: float = setting(parse_duration, "30s", "per address tried")
     command_timeout: float = setting(
-        parse_duration, "5m", "scales the SMTP client's RFC 5321 stage timeouts down")
+        parse_duration, "5m", "scales the SMTP client's RFC 5321 stage timeouts down"
+    )
     helo_name: str | None = setting(
-        _hostname, None, "the name we give in EHLO/HELO", shown="`hostname`")
+        _hostname, None, "the name we give in EHLO/HELO", shown="`hostname`"
+    )
     bind_address: str | None = setting(
-        _str, None, "source address of connections to next hops", shown="none")
+        _str, None, "source address of connections to next hops", shown="none"
+    )
     port: int = setting(  # for hops without a port of their own (MX and plain hosts)
-        _int(1), 25, "port for next hops that do not name one")
+        _int(1), 25, "port for next hops that do not name one"
+    )
     # Longer lines are broken with CRLF SPACE before they go out (Postfix's
     # smtp_line_length_limit); 998 is RFC 5321 4.5.3.1.6's limit without the CRLF. Below 78
     # (RFC 5322's recommended length) folding would cut up ordinary mail.
     line_length_limit: int = setting(
-        _zero_or_between(78, 998, "lines are never broken"), 998,
-        "longer lines are broken with CRLF SPACE on the way out (`0` = never)")
+        _zero_or_between(78, 998, "lines are never broken"),
+        998,
+        "longer lines are broken with CRLF SPACE on the way out (`0` = never)",
+    )
 
 
 @dataclass(frozen=True)
 class DnsSettings:
     nameservers: tuple[str, ...] | None = setting(
-        _nameservers, None, '`"ip"` or `"ip:port"` list', shown="system resolver")
+        _nameservers, None, '`"ip"` or `"ip:port"` list', shown="system resolver"
+    )
     timeout: float = setting(parse_duration, "5s", "per DNS query")
 
 
 @dataclass(frozen=True)
 class LocalSettings:
     maildir_root: Path = setting(
-        _path, "maildir", "local users are system accounts or folders here", relative=True)
+        _path, "maildir", "local users are system accounts or folders here", relative=True
+    )
 
 
 @dataclass(frozen=True)
 class AccessSettings:
     blocklist_recipients: bool = setting(
-        _bool, False, "FEATURE(blocklist_recipients) for `To:` REJECT")
+        _bool, False, "FEATURE(blocklist_recipients) for `To:` REJECT"
+    )
 
 
 @dataclass(frozen=True)
 class TlsSettings:
     cert_file: Path | None = setting(
-        _path_or_none, None, "PEM certificate chain; with `key_file`, STARTTLS is offered",
-        shown="none", relative=True)
-    key_file: Path | None = setting(
-        _path_or_none, None, "its PEM key", shown="none", relative=True)
+        _path_or_none,
+        None,
+        "PEM certificate chain; with `key_file`, STARTTLS is offered",
+        shown="none",
+        relative=True,
+    )
+    key_file: Path | None = setting(_path_or_none, None, "its PEM key", shown="none", relative=True)
     delivery: TlsDelivery = setting(
-        _one_of(get_args(TlsDelivery)), "may",
-        "STARTTLS to next hops that offer it (`may`), or never (`none`)")
+        _one_of(get_args(TlsDelivery)),
+        "may",
+        "STARTTLS to next hops that offer it (`may`), or never (`none`)",
+    )
     # Built (and so checked) when the config is read: a bad pair is a config error.
     server_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
 
@@ -428,32 +493,46 @@ class TlsSettings:
 @dataclass(frozen=True)
 class LogSettings:
     file: Path | None = setting(
-        _path_or_none, None, "maillog lines go here", shown="stderr", relative=True)
+        _path_or_none, None, "maillog lines go here", shown="stderr", relative=True
+    )
     level: Level = setting(
-        _one_of(get_args(Level)), "info",
-        "`debug`, `info`, `notice`, `warning` or `error`: the least written")
+        _one_of(get_args(Level)),
+        "info",
+        "`debug`, `info`, `notice`, `warning` or `error`: the least written",
+    )
 
 
 @dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
     hostname: str = setting(
-        _hostname, None, "`$j`: greeting, Received, bounces",
-        shown="the machine's FQDN", factory=default_hostname)
+        _hostname,
+        None,
+        "`$j`: greeting, Received, bounces",
+        shown="the machine's FQDN",
+        factory=default_hostname,
+    )
     listen: tuple[tuple[str, int], ...] = setting(
-        _listen, ["127.0.0.1:2525"], '`"ip:port"` / `"[v6]:port"` list')
+        _listen, ["127.0.0.1:2525"], '`"ip:port"` / `"[v6]:port"` list'
+    )
     spool_dir: Path = setting(_path, "spool", "the durable queue", relative=True)
     # None (the default) is replaced by the TOML file's folder; the embedded config has none.
     tables_dir: Path | None = setting(
-        _path_or_none, None, "where the Sendmail tables are read",
-        shown="the TOML file's folder", relative=True)
+        _path_or_none,
+        None,
+        "where the Sendmail tables are read",
+        shown="the TOML file's folder",
+        relative=True,
+    )
     relay_hosts_only: bool = setting(
-        _bool, True, "FEATURE(relay_hosts_only): RELAY grants are exact names")
+        _bool, True, "FEATURE(relay_hosts_only): RELAY grants are exact names"
+    )
     pid_file: Path | None = setting(
-        _path_or_none, None, "write the daemon's (master's) pid here", shown="none",
-        relative=True)
+        _path_or_none, None, "write the daemon's (master's) pid here", shown="none", relative=True
+    )
     workers: int = setting(  # processes sharing the listeners and the spool; 0 = one per CPU
-        _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)")
+        _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)"
+    )
     smtp: SmtpSettings = section(SmtpSettings)
     queue: QueueSettings = section(QueueSettings)
     delivery: DeliverySettings = section(DeliverySettings)
@@ -629,25 +708,33 @@ def _with_tls_context(r: _Reader, settings: TlsSettings) -> TlsSettings:
     refused at start and on reload rather than at the first STARTTLS."""
     cert_file, key_file = settings.cert_file, settings.key_file
     if (cert_file is None) != (key_file is None):
-        raise r.error("tls", "cert_file" if cert_file is None else "key_file",
-                      "is needed too: give both cert_file and key_file, or neither")
+        raise r.error(
+            "tls",
+            "cert_file" if cert_file is None else "key_file",
+            "is needed too: give both cert_file and key_file, or neither",
+        )
     if cert_file is None or key_file is None:
         return settings
     try:
         context = tls.server_context(cert_file, key_file)
     except ssl.SSLError as exc:  # before OSError, of which it is a kind
-        raise r.error("tls", "cert_file", f"{cert_file} and {key_file} are not a PEM "
-                                          f"certificate and its key: {exc}") from None
+        raise r.error(
+            "tls",
+            "cert_file",
+            f"{cert_file} and {key_file} are not a PEM certificate and its key: {exc}",
+        ) from None
     except OSError as exc:
         # ssl names no file: find the one that cannot be read, and blame its line.
         for key, file in (("cert_file", cert_file), ("key_file", key_file)):
             try:
                 file.open("rb").close()
             except OSError as unreadable:
-                raise r.error("tls", key, f"cannot read {file}: "
-                                          f"{unreadable.strerror or unreadable}") from None
-        raise r.error("tls", "cert_file", f"cannot read {exc.filename or cert_file}: "
-                                          f"{exc.strerror or exc}") from None
+                raise r.error(
+                    "tls", key, f"cannot read {file}: {unreadable.strerror or unreadable}"
+                ) from None
+        raise r.error(
+            "tls", "cert_file", f"cannot read {exc.filename or cert_file}: {exc.strerror or exc}"
+        ) from None
     return replace(settings, server_context=context)
 
 
@@ -694,10 +781,14 @@ def load_config(path: str | Path | None) -> Config:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m mailgate.config --markdown``: README's configuration table, regenerated."""
-    parser = argparse.ArgumentParser(prog="python -m mailgate.config",
-                                     description="The settings mailgate.toml may hold.")
-    parser.add_argument("--markdown", action="store_true",
-                        help="print README's configuration table from the definition")
+    parser = argparse.ArgumentParser(
+        prog="python -m mailgate.config", description="The settings mailgate.toml may hold."
+    )
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="print README's configuration table from the definition",
+    )
     args = parser.parse_args(argv)
     if not args.markdown:
         parser.print_help()

@@ -38,15 +38,23 @@ STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
 
 
 def make_resolver(config: Config) -> Resolver:
-    return Resolver(list(config.dns.nameservers) if config.dns.nameservers else None,
-                    timeout=config.dns.timeout)
+    return Resolver(
+        list(config.dns.nameservers) if config.dns.nameservers else None, timeout=config.dns.timeout
+    )
 
 
 class Gateway:
-    def __init__(self, config_path: str | Path | None, snapshot: Snapshot, *,
-                 sockets: list[socket.socket] | None = None, worker: int = 0,
-                 workers: int = 1, adopt: tuple[int, ...] = (),
-                 counts: Counts | None = None) -> None:
+    def __init__(
+        self,
+        config_path: str | Path | None,
+        snapshot: Snapshot,
+        *,
+        sockets: list[socket.socket] | None = None,
+        worker: int = 0,
+        workers: int = 1,
+        adopt: tuple[int, ...] = (),
+        counts: Counts | None = None,
+    ) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
@@ -58,8 +66,12 @@ class Gateway:
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
         self.delivery = DeliveryContext(
-            spool=self.spool, resolver=self.resolver, snapshot=lambda: self.snapshot,
-            queued=self._report_queued, connections=ConnectionCache())
+            spool=self.spool,
+            resolver=self.resolver,
+            snapshot=lambda: self.snapshot,
+            queued=self._report_queued,
+            connections=ConnectionCache(),
+        )
         self.scheduler = Scheduler(partial(attempt, self.delivery), cfg.queue.max_deliveries)
         self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
@@ -80,33 +92,37 @@ class Gateway:
             # The master cleared incoming/ before forking; each worker retries its share, and
             # a restarted one also what its predecessors received (each worker retries the
             # mail it received itself, whatever its share: no other one knows of it).
-            recovered = [q for q in self.spool.qids() if self._my_share(q)
-                         or q[-6:] in self.adopt]
+            recovered = [q for q in self.spool.qids() if self._my_share(q) or q[-6:] in self.adopt]
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
             # Spread recovered mail over a few seconds so a restart does not stampede.
             due = status.next_attempt or now
-            self.scheduler.submit(qid, max(due, now) + random.uniform(0, min(5.0, len(recovered)
-                                                                             * 0.001)))
+            self.scheduler.submit(
+                qid, max(due, now) + random.uniform(0, min(5.0, len(recovered) * 0.001))
+            )
         if recovered:
             maillog.recovered(len(recovered), cfg.spool_dir)
-        socks = self.sockets if self.sockets is not None else [
-            bind_socket(host, port) for host, port in cfg.listen]
+        socks = (
+            self.sockets
+            if self.sockets is not None
+            else [bind_socket(host, port) for host, port in cfg.listen]
+        )
         for sock in socks:
             listener = Listener(
-                sock, self._new_session,
+                sock,
+                self._new_session,
                 # Sendmail's rate is per daemon: each of N workers takes its share.
-                rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle
-                               // self.workers),
-                has_room=lambda: self.admission.has_room(
-                    self.snapshot.config.smtp.max_connections))
+                rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle // self.workers),
+                has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
+            )
             listener.start()
             self.listeners.append(listener)
         if cfg.pid_file and self.workers == 1:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         self._stats_task = asyncio.get_running_loop().create_task(
-            self._statistics_every(STATISTICS_INTERVAL))
+            self._statistics_every(STATISTICS_INTERVAL)
+        )
         self._scan_task = asyncio.get_running_loop().create_task(self._queue_runs())
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
@@ -120,8 +136,7 @@ class Gateway:
             await listener.close()
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
-                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} "
-                                                "Shutting down"))
+                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} Shutting down"))
         self._stats_task.cancel()
         self._scan_task.cancel()
         self.log_statistics()
@@ -184,22 +199,26 @@ class Gateway:
                 session.timeouts_changed()
         elif self.stressed and open_now < mark * 0.9:
             self.stressed = False
-            maillog.stress_ended(open_now, smtp.max_connections, smtp.command_timeout,
-                                 smtp.data_timeout)
+            maillog.stress_ended(
+                open_now, smtp.max_connections, smtp.command_timeout, smtp.data_timeout
+            )
 
     def timeouts(self) -> tuple[float, float]:
         """The command and DATA timeouts in force now (shorter under stress)."""
         smtp = self.snapshot.config.smtp
         if self.stressed:
-            return (min(smtp.command_timeout, smtp.stress_timeout),
-                    min(smtp.data_timeout, smtp.stress_timeout))
+            return (
+                min(smtp.command_timeout, smtp.stress_timeout),
+                min(smtp.data_timeout, smtp.stress_timeout),
+            )
         return smtp.command_timeout, smtp.data_timeout
 
     def connection_limit_reply(self, ip: str) -> Reply | None:
         """The per-IP limit, over this daemon's sessions (this one already counted)."""
         cfg = self.snapshot.config
-        refusal = Admission.refusal(ip, self.admission.count(ip),
-                                    cfg.smtp.max_connections_per_ip, cfg.hostname)
+        refusal = Admission.refusal(
+            ip, self.admission.count(ip), cfg.smtp.max_connections_per_ip, cfg.hostname
+        )
         if refusal is not None:
             self.counters["per_ip_limit"] += 1
         return refusal
@@ -233,8 +252,7 @@ class Gateway:
         if node in self._flushing:
             return
         self._flushing.add(node)
-        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain,
-                                                                         subdomains))
+        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain, subdomains))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -255,9 +273,10 @@ class Gateway:
                 msg = self.spool.load(qid, with_status=False)
             except CorruptEntry:
                 continue
-            if msg and any((d := r.mailbox.domain) == domain
-                           or (subdomains and d.endswith(suffix))
-                           for r in msg.envelope.recipients):
+            if msg and any(
+                (d := r.mailbox.domain) == domain or (subdomains and d.endswith(suffix))
+                for r in msg.envelope.recipients
+            ):
                 chosen.append(qid)
         return chosen
 
@@ -276,6 +295,7 @@ class Gateway:
         """Take on queue entries of our share that no runner here knows: a bounce that
         ``mailgate flush`` queued, mail of a process that died. The listing and the status
         reads run in a thread (the queue may be large); returns how many were taken on."""
+
         def unknown() -> list[tuple[str, float | None]]:
             found = []
             for qid in list(self.spool.qids()):
@@ -305,11 +325,24 @@ class Gateway:
     def log_statistics(self) -> None:
         """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
         c = self.counters
-        names = ("connections", "messages_received", "early_talkers", "rcpt_throttled",
-                 "bad_rcpt_disconnects", "per_ip_limit", "connect_refused", "bare_newline",
-                 "improper_pipelining", "stress")
-        maillog.statistics({n: c[n] for n in names}, len(self.sessions), self.scheduler.queued,
-                           self.scheduler.active)
+        names = (
+            "connections",
+            "messages_received",
+            "early_talkers",
+            "rcpt_throttled",
+            "bad_rcpt_disconnects",
+            "per_ip_limit",
+            "connect_refused",
+            "bare_newline",
+            "improper_pipelining",
+            "stress",
+        )
+        maillog.statistics(
+            {n: c[n] for n in names},
+            len(self.sessions),
+            self.scheduler.queued,
+            self.scheduler.active,
+        )
 
     async def _statistics_every(self, interval: float) -> None:
         while True:

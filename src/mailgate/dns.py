@@ -224,8 +224,7 @@ class Resolver:
                 )
         except dns.resolver.NXDOMAIN as e:
             # dnspython leaves NXDOMAIN.responses() unannotated: it maps names to messages.
-            responses: dict[Any, Any] = (
-                e.responses() if hasattr(e, "responses") else {})  # type: ignore[no-untyped-call]
+            responses: dict[Any, Any] = e.responses() if hasattr(e, "responses") else {}  # type: ignore[no-untyped-call]
             response = next(iter(responses.values()), None) if responses else None
             self._cache.put(key, DnsNotFound, _negative_ttl(response))
             raise DnsNotFound(f"{what}: no such domain (NXDOMAIN)") from None

@@ -52,8 +52,11 @@ class DsnRecipient:
     transcript: tuple[str, ...] = ()  # >>>/<<< lines of the failed dialogue, for part 1
     orcpt: str | None = None  # RCPT ORCPT=, decoded: "rfc822;bob@example.org"
 
-_SUCCESS = {"relayed": "relayed to non-DSN-aware mailer",
-            "delivered": "successfully delivered to mailbox"}
+
+_SUCCESS = {
+    "relayed": "relayed to non-DSN-aware mailer",
+    "delivered": "successfully delivered to mailbox",
+}
 
 
 def _flatten(text: str) -> str:
@@ -139,8 +142,11 @@ def _human_part(
             lines.append(_bracket(_flatten(r.address)))
             if r.original and r.original != r.address:
                 lines.append(f"    (expanded from: {_bracket(_flatten(r.original))})")
-            lines.append(f"    ({_SUCCESS[r.action]})" if r.action in _SUCCESS
-                         else f"    (reason: {_reason(r)})")
+            lines.append(
+                f"    ({_SUCCESS[r.action]})"
+                if r.action in _SUCCESS
+                else f"    (reason: {_reason(r)})"
+            )
     # One transcript per distinct dialogue: several recipients often share one session.
     seen: set[tuple[str | None, tuple[str, ...]]] = set()
     body: list[str] = []
@@ -173,15 +179,22 @@ def _hours_text(hours: int) -> str:
 def needs_utf8(sender: str, recipients: Sequence[DsnRecipient]) -> bool:
     """Whether a DSN about these addresses must be internationalised (RFC 6533): a UTF-8
     address can only travel in message/global-delivery-status and with SMTPUTF8."""
-    return not all(a.isascii() for a in (sender, *(x for r in recipients
-                                                   for x in (r.address, r.original or "",
-                                                             r.orcpt or ""))))
+    return not all(
+        a.isascii()
+        for a in (
+            sender,
+            *(x for r in recipients for x in (r.address, r.original or "", r.orcpt or "")),
+        )
+    )
 
 
 def has_8bit_text(recipients: Sequence[DsnRecipient]) -> bool:
     """Whether the human-readable part will hold non-ASCII text (a remote reply in UTF-8)."""
-    return not all(t.isascii() for r in recipients
-                   for t in (r.address, r.original or "", r.diagnostic or "", *r.transcript))
+    return not all(
+        t.isascii()
+        for r in recipients
+        for t in (r.address, r.original or "", r.diagnostic or "", *r.transcript)
+    )
 
 
 def _address_field(name: str, address: str, utf8: bool) -> str:
@@ -191,8 +204,13 @@ def _address_field(name: str, address: str, utf8: bool) -> str:
 
 
 def _status_part(
-    *, hostname: str, arrival: float, client: str, recipients: Sequence[DsnRecipient],
-    envid: str | None = None, utf8: bool = False,
+    *,
+    hostname: str,
+    arrival: float,
+    client: str,
+    recipients: Sequence[DsnRecipient],
+    envid: str | None = None,
+    utf8: bool = False,
 ) -> str:
     out = _header("Original-Envelope-Id", _flatten(envid)) if envid else ""
     out += _header("Reporting-MTA", f"dns; {hostname}")
@@ -332,14 +350,35 @@ def dsn_stream(
             if not _contains(original_path, original_offset, boundary.encode()):
                 break
             boundary = f"{boundary}.{secrets.token_hex(4)}"
-        yield _encode(_head(boundary, host=host, sender=sender, subject=subject, kind=kind,
-                            now=now, message_id=message_id)
-                      + _part1(boundary, arrival=arrival, client=client,
-                               recipients=recipients, warning=warning, hours=hours)
-                      + _part2(boundary, hostname=host, arrival=arrival, client=client,
-                               recipients=recipients, envid=envid, utf8=international)
-                      + _part3(boundary, headers_only=return_headers_only,
-                               international=international))
+        yield _encode(
+            _head(
+                boundary,
+                host=host,
+                sender=sender,
+                subject=subject,
+                kind=kind,
+                now=now,
+                message_id=message_id,
+            )
+            + _part1(
+                boundary,
+                arrival=arrival,
+                client=client,
+                recipients=recipients,
+                warning=warning,
+                hours=hours,
+            )
+            + _part2(
+                boundary,
+                hostname=host,
+                arrival=arrival,
+                client=client,
+                recipients=recipients,
+                envid=envid,
+                utf8=international,
+            )
+            + _part3(boundary, headers_only=return_headers_only, international=international)
+        )
         with open(original_path, "rb") as src:
             src.seek(original_offset)
             yield from _iter_headers(src) if return_headers_only else _iter_all(src)
@@ -350,8 +389,9 @@ def dsn_stream(
     return message_id, blocks()
 
 
-def _head(boundary: str, *, host: str, sender: str, subject: str, kind: str, now: float,
-          message_id: str) -> str:
+def _head(
+    boundary: str, *, host: str, sender: str, subject: str, kind: str, now: float, message_id: str
+) -> str:
     return (
         _header("From", f"Mail Delivery Subsystem <MAILER-DAEMON@{host}>")
         + _header("To", _bracket(_flatten(sender)))
@@ -368,8 +408,15 @@ def _head(boundary: str, *, host: str, sender: str, subject: str, kind: str, now
     )
 
 
-def _part1(boundary: str, *, arrival: float, client: str, recipients: Sequence[DsnRecipient],
-           warning: bool, hours: int) -> str:
+def _part1(
+    boundary: str,
+    *,
+    arrival: float,
+    client: str,
+    recipients: Sequence[DsnRecipient],
+    warning: bool,
+    hours: int,
+) -> str:
     human = "".join(
         line + "\r\n"
         for line in _human_part(
@@ -383,14 +430,29 @@ def _part1(boundary: str, *, arrival: float, client: str, recipients: Sequence[D
     return part1 + "\r\n" + human + "\r\n"
 
 
-def _part2(boundary: str, *, hostname: str, arrival: float, client: str,
-           recipients: Sequence[DsnRecipient], envid: str | None, utf8: bool) -> str:
+def _part2(
+    boundary: str,
+    *,
+    hostname: str,
+    arrival: float,
+    client: str,
+    recipients: Sequence[DsnRecipient],
+    envid: str | None,
+    utf8: bool,
+) -> str:
     status_type = "message/global-delivery-status" if utf8 else "message/delivery-status"
     return (
         f"--{boundary}\r\nContent-Type: {status_type}\r\n"
-        + ("Content-Transfer-Encoding: 8bit\r\n" if utf8 else "") + "\r\n"
-        + _status_part(hostname=hostname, arrival=arrival, client=client,
-                       recipients=recipients, envid=envid, utf8=utf8)
+        + ("Content-Transfer-Encoding: 8bit\r\n" if utf8 else "")
+        + "\r\n"
+        + _status_part(
+            hostname=hostname,
+            arrival=arrival,
+            client=client,
+            recipients=recipients,
+            envid=envid,
+            utf8=utf8,
+        )
         + "\r\n"
     )
 

@@ -142,21 +142,32 @@ def _log(level: Level, text: str) -> None:
 
 
 # -- Sendmail's message lines (parsed by admins' tools: keep the formats) ---------------------
-def received(qid: str, sender: str, size: int, nrcpts: int, msgid: str | None, proto: str,
-             relay: str) -> None:
+def received(
+    qid: str, sender: str, size: int, nrcpts: int, msgid: str | None, proto: str, relay: str
+) -> None:
     msg = f"{qid}: from=<{sender}>, size={size}, class=0, nrcpts={nrcpts}"
     if msgid:
         msg += f", msgid={_clean(msgid)}"
     _writer.write("info", f"{msg}, proto={proto}, daemon=MTA, relay={relay}")
 
 
-def delivery(qid: str, to: str, *, delay: float, xdelay: float, mailer: str, relay: str | None,
-             dsn: str, stat: str, reply: str | None = None, ctladdr: str | None = None) -> None:
+def delivery(
+    qid: str,
+    to: str,
+    *,
+    delay: float,
+    xdelay: float,
+    mailer: str,
+    relay: str | None,
+    dsn: str,
+    stat: str,
+    reply: str | None = None,
+    ctladdr: str | None = None,
+) -> None:
     parts = [f"{qid}: to=<{to}>"]
     if ctladdr:
         parts.append(f"ctladdr=<{ctladdr}>")
-    parts += [f"delay={format_delay(delay)}", f"xdelay={format_delay(xdelay)}",
-              f"mailer={mailer}"]
+    parts += [f"delay={format_delay(delay)}", f"xdelay={format_delay(xdelay)}", f"mailer={mailer}"]
     if relay:
         parts.append(f"relay={relay}")
     parts.append(f"dsn={dsn}")
@@ -168,14 +179,17 @@ def delivery(qid: str, to: str, *, delay: float, xdelay: float, mailer: str, rel
 
 def reject(qid: str | None, ruleset: str, arg1: str, relay: str, reply: str) -> None:
     prefix = f"{qid}: " if qid else ""
-    _writer.write("notice", f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, "
-                   f"reject={_clean(reply)}")
+    _writer.write(
+        "notice",
+        f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, reject={_clean(reply)}",
+    )
 
 
 def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> None:
     prefix = f"{qid}: " if qid else ""
-    _writer.write("notice", f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, "
-                            "discard")
+    _writer.write(
+        "notice", f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, discard"
+    )
 
 
 def dsn_created(qid: str, bounce_qid: str, reason: str) -> None:
@@ -184,13 +198,18 @@ def dsn_created(qid: str, bounce_qid: str, reason: str) -> None:
 
 # -- the SMTP server's sessions ---------------------------------------------------------------
 def early_talker(relay: str, ip: str, seconds: float) -> None:
-    _log("info", f"rejecting commands from {relay} [{ip}] due to pre-greeting traffic after "
-                 f"{seconds} seconds")
+    _log(
+        "info",
+        f"rejecting commands from {relay} [{ip}] due to pre-greeting traffic after "
+        f"{seconds} seconds",
+    )
 
 
 def improper_pipelining(relay: str, nbytes: int) -> None:
-    _log("info", f"improper command pipelining after DATA from {relay}: {nbytes} bytes sent "
-                 "before the 354")
+    _log(
+        "info",
+        f"improper command pipelining after DATA from {relay}: {nbytes} bytes sent before the 354",
+    )
 
 
 def auth_warning(host: str, text: str) -> None:
@@ -214,8 +233,11 @@ def tls_read_failed(relay: str, exc: BaseException | None) -> None:
 
 
 def starttls_plaintext_dropped(relay: str, nbytes: int) -> None:
-    _log("notice", f"STARTTLS=server, relay={relay}: {nbytes} bytes of plaintext pipelined "
-                   "after STARTTLS discarded")
+    _log(
+        "notice",
+        f"STARTTLS=server, relay={relay}: {nbytes} bytes of plaintext pipelined "
+        "after STARTTLS discarded",
+    )
 
 
 def input_timeout(relay: str, stage: Literal["DATA", "command"]) -> None:
@@ -223,8 +245,10 @@ def input_timeout(relay: str, stage: Literal["DATA", "command"]) -> None:
 
 
 def write_timeout(relay: str) -> None:
-    _log("notice", f"timeout writing to {relay}: the client does not read its replies; "
-                   "closing connection")
+    _log(
+        "notice",
+        f"timeout writing to {relay}: the client does not read its replies; closing connection",
+    )
 
 
 def rcpt_flood(relay: str) -> None:
@@ -232,8 +256,9 @@ def rcpt_flood(relay: str) -> None:
 
 
 def bare_newline(relay: str, text: str) -> None:
-    _log("notice", f"{relay}: {text} in a command line (possible SMTP smuggling); closing "
-                    "connection")
+    _log(
+        "notice", f"{relay}: {text} in a command line (possible SMTP smuggling); closing connection"
+    )
 
 
 def session_failed(relay: str, exc: BaseException) -> None:
@@ -251,8 +276,10 @@ def spool_error(qid: str, text: object) -> None:
 
 
 def low_space(free: int, root: object, min_free: int) -> None:
-    _log("warning", f"low on space ({free} bytes free in {root}, min_free is {min_free}): "
-                    "refusing mail")
+    _log(
+        "warning",
+        f"low on space ({free} bytes free in {root}, min_free is {min_free}): refusing mail",
+    )
 
 
 def space_available(free: int, root: object) -> None:
@@ -310,8 +337,9 @@ def warning_queue_failed(qid: str, exc: BaseException) -> None:
 
 # -- the daemon -------------------------------------------------------------------------------
 def daemon_started(listen: str, source: object, spool_dir: object) -> None:
-    _log("info", f"starting daemon (mailgate): SMTP on {listen}, config {source}, "
-                 f"queue {spool_dir}")
+    _log(
+        "info", f"starting daemon (mailgate): SMTP on {listen}, config {source}, queue {spool_dir}"
+    )
 
 
 def stopping() -> None:
@@ -335,22 +363,31 @@ def restart_needed() -> None:
 
 
 def stress_started(open_now: int, max_connections: int, stress_timeout: float) -> None:
-    _log("warning", f"stress: {open_now} of {max_connections} sessions open; command and DATA "
-                    f"timeouts now {stress_timeout:g}s")
+    _log(
+        "warning",
+        f"stress: {open_now} of {max_connections} sessions open; command and DATA "
+        f"timeouts now {stress_timeout:g}s",
+    )
 
 
-def stress_ended(open_now: int, max_connections: int, command_timeout: float,
-                 data_timeout: float) -> None:
-    _log("info", f"stress over: {open_now} of {max_connections} sessions open; timeouts back "
-                 f"to {command_timeout:g}s / {data_timeout:g}s")
+def stress_ended(
+    open_now: int, max_connections: int, command_timeout: float, data_timeout: float
+) -> None:
+    _log(
+        "info",
+        f"stress over: {open_now} of {max_connections} sessions open; timeouts back "
+        f"to {command_timeout:g}s / {data_timeout:g}s",
+    )
 
 
-def statistics(counters: dict[str, int], sessions_now: int, queued: int,
-               delivering: int) -> None:
+def statistics(counters: dict[str, int], sessions_now: int, queued: int, delivering: int) -> None:
     """One line of counters, like Postfix's anvil statistics, in the order given."""
     text = ", ".join(f"{n}={v}" for n, v in counters.items())
-    _log("info", f"statistics: {text}, sessions_now={sessions_now}, queued={queued}, "
-                 f"delivering={delivering}")
+    _log(
+        "info",
+        f"statistics: {text}, sessions_now={sessions_now}, queued={queued}, "
+        f"delivering={delivering}",
+    )
 
 
 def master_started(pid: int, n: int) -> None:

@@ -30,9 +30,15 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
-                sockets: list[socket.socket], index: int, workers: int,
-                adopt: tuple[int, ...], counts: SharedCounts) -> None:
+def _run_worker(
+    config_path: str | Path | None,
+    snapshot: Snapshot,
+    sockets: list[socket.socket],
+    index: int,
+    workers: int,
+    adopt: tuple[int, ...],
+    counts: SharedCounts,
+) -> None:
     _die_with_parent()
     counts.row = index
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -43,8 +49,17 @@ def _run_worker(config_path: str | Path | None, snapshot: Snapshot,
     for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
     install_event_loop()
-    asyncio.run(serve(config_path, snapshot, sockets=sockets, worker=index, workers=workers,
-                      adopt=adopt, counts=counts))
+    asyncio.run(
+        serve(
+            config_path,
+            snapshot,
+            sockets=sockets,
+            worker=index,
+            workers=workers,
+            adopt=adopt,
+            counts=counts,
+        )
+    )
 
 
 def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
@@ -68,8 +83,9 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         if pid == 0:
             code = 0
             try:
-                _run_worker(config_path, running, sockets, index, workers,
-                            tuple(dead[index]), counts)
+                _run_worker(
+                    config_path, running, sockets, index, workers, tuple(dead[index]), counts
+                )
             except BaseException as exc:
                 maillog.worker_failed(index, exc)
                 code = 1

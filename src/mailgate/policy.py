@@ -112,12 +112,17 @@ def connect_decision(client: Client, tables: Tables, config: Config) -> ConnectD
     else:
         ms = tables.access.greet_pause(client.ip, name)
         pause = config.smtp.greet_pause if ms is None else ms / 1000.0
-    return ConnectDecision(refusal, verdict is not None and verdict.action == "DISCARD", pause,
-                           client_may_relay(client, tables, config.relay_hosts_only))
+    return ConnectDecision(
+        refusal,
+        verdict is not None and verdict.action == "DISCARD",
+        pause,
+        client_may_relay(client, tables, config.relay_hosts_only),
+    )
 
 
-def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config, *,
-                 shown: str | None = None) -> Decision | None:
+def check_sender(
+    raw: str, mailbox: Mailbox, tables: Tables, config: Config, *, shown: str | None = None
+) -> Decision | None:
     """access From: (semantics §4) and the qualified-sender rule. None = go on to DNS checks."""
     shown = shown or f"<{raw}>"  # as the client wrote it: brackets only if it used them
     if mailbox.is_null:
@@ -133,18 +138,23 @@ def check_sender(raw: str, mailbox: Mailbox, tables: Tables, config: Config, *,
         if verdict.action == "OK":
             return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
     if not mailbox.domain and config.smtp.require_qualified_sender:
-        return Decision(Reply(553, "5.5.4",
-                              f"{shown}... Domain name required for sender address {raw}"),
-                        logged_reject=True)
+        return Decision(
+            Reply(553, "5.5.4", f"{shown}... Domain name required for sender address {raw}"),
+            logged_reject=True,
+        )
     return None
 
 
-def sender_domain_reply(raw: str, mailbox: Mailbox, resolves: str, *,
-                        shown: str | None = None) -> Reply:
+def sender_domain_reply(
+    raw: str, mailbox: Mailbox, resolves: str, *, shown: str | None = None
+) -> Reply:
     """The reply once the sender domain's DNS answer ("yes" / "no" / "temp") is known."""
     if resolves == "no":
-        return Reply(553, "5.1.8",
-                     f"{shown or f'<{raw}>'}... Domain of sender address {mailbox} does not exist")
+        return Reply(
+            553,
+            "5.1.8",
+            f"{shown or f'<{raw}>'}... Domain of sender address {mailbox} does not exist",
+        )
     if resolves == "temp":
         return Reply(451, "4.1.8", f"Domain of sender address {mailbox} does not resolve")
     return Reply(250, "2.1.0", f"{shown or f'<{raw}>'}... Sender ok")
@@ -153,23 +163,32 @@ def sender_domain_reply(raw: str, mailbox: Mailbox, resolves: str, *,
 def relay_denied(rcpt: str, client: Client) -> Reply:
     """Semantics §18.4: one text per code, the code and DSN kept per PTR status."""
     if client.ptr_status == "TEMP":
-        return Reply(450, "4.4.0", f"{rcpt}... Relaying temporarily denied. "
-                                   f"Cannot resolve PTR record for {client.ip}")
+        return Reply(
+            450,
+            "4.4.0",
+            f"{rcpt}... Relaying temporarily denied. Cannot resolve PTR record for {client.ip}",
+        )
     if client.ptr_status == "FAIL":
-        return Reply(550, "5.7.1", f"{rcpt}... Relaying denied. IP name lookup failed "
-                                   f"[{client.ip}]")
+        return Reply(
+            550, "5.7.1", f"{rcpt}... Relaying denied. IP name lookup failed [{client.ip}]"
+        )
     if client.ptr_status == "FORGED":
-        return Reply(550, "5.7.1", f"{rcpt}... Relaying denied. IP name possibly forged "
-                                   f"{client.ptr_name or ''}".rstrip())
+        return Reply(
+            550,
+            "5.7.1",
+            f"{rcpt}... Relaying denied. IP name possibly forged {client.ptr_name or ''}".rstrip(),
+        )
     return Reply(550, "5.7.1", f"{rcpt}... Relaying denied")
 
 
 def relayed_domain(domain: str, ctx: RoutingContext, relay_hosts_only: bool) -> bool:
     """Semantics §3.1–3.2: a local name, class R, or access ``To:``/untagged RELAY."""
     tables = ctx.tables
-    return (ctx.is_local(domain)
-            or in_class(domain, tables.relay_domains, relay_hosts_only)
-            or tables.access.recipient_domain_relay(domain, relay_hosts_only))
+    return (
+        ctx.is_local(domain)
+        or in_class(domain, tables.relay_domains, relay_hosts_only)
+        or tables.access.recipient_domain_relay(domain, relay_hosts_only)
+    )
 
 
 def may_relay_to(mailbox: Mailbox, ctx: RoutingContext, relay_hosts_only: bool) -> bool:
@@ -188,8 +207,16 @@ def may_relay_to(mailbox: Mailbox, ctx: RoutingContext, relay_hosts_only: bool) 
     return all(relayed_domain(host, ctx, relay_hosts_only) for host in hosts)
 
 
-def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: bool,
-                    ctx: RoutingContext, config: Config, *, shown: str | None = None) -> Decision:
+def check_recipient(
+    raw: str,
+    mailbox: Mailbox,
+    client: Client,
+    client_relays: bool,
+    ctx: RoutingContext,
+    config: Config,
+    *,
+    shown: str | None = None,
+) -> Decision:
     """Relay check, then the route check (error: entries, unknown local users)."""
     shown = shown or f"<{raw}>"
     tables = ctx.tables
@@ -198,8 +225,9 @@ def check_recipient(raw: str, mailbox: Mailbox, client: Client, client_relays: b
         verdict = tables.access.recipient(final.local, final.domain)
         if verdict is not None:
             if verdict.action == "REJECT":
-                return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"),
-                                logged_reject=True)
+                return Decision(
+                    Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True
+                )
             if verdict.action == "ERROR" and verdict.error is not None:
                 return Decision(verdict.error.reply(shown), logged_reject=True)
             if verdict.action == "DISCARD":

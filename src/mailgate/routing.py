@@ -100,8 +100,9 @@ def resolve(mailbox: Mailbox, ctx: RoutingContext, *, expand: bool = True) -> li
     return out
 
 
-def _resolve(mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route], seen: set[str],
-             depth: int) -> None:
+def _resolve(
+    mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route], seen: set[str], depth: int
+) -> None:
     if depth > MAX_DEPTH:
         out.append(_error(554, "5.4.6", f"Too many levels of aliasing for {mb}"))
         return
@@ -130,12 +131,20 @@ def remote_route(mb: Mailbox, ctx: RoutingContext) -> Route:
         literal = mb.domain[1:-1]
         if literal.startswith("ipv6:"):
             literal = literal[5:]
-        return Route("esmtp", address, (NextHop(literal, None, False),),
-                     via="address literal (mailertable not consulted)")
+        return Route(
+            "esmtp",
+            address,
+            (NextHop(literal, None, False),),
+            via="address literal (mailertable not consulted)",
+        )
     entry = ctx.tables.mailertable.lookup(mb.domain)
     if entry is None:
-        return Route("esmtp", address, (NextHop(mb.domain, None, True),),
-                     via=f"MX of {mb.domain} (no mailertable entry)")
+        return Route(
+            "esmtp",
+            address,
+            (NextHop(mb.domain, None, True),),
+            via=f"MX of {mb.domain} (no mailertable entry)",
+        )
     via = f"mailertable line {entry.line} ({entry.key})"
     if entry.error is not None:
         return Route("error", address, error=entry.error, via=via)
@@ -153,8 +162,9 @@ def _strip_quotes(local: str) -> str:
     return local
 
 
-def _resolve_local(mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route],
-                   seen: set[str], depth: int) -> None:
+def _resolve_local(
+    mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Route], seen: set[str], depth: int
+) -> None:
     tables = ctx.tables
     if mb.domain:
         hit = tables.virtusers.lookup(mb.local, mb.domain)
@@ -178,12 +188,16 @@ def _resolve_local(mb: Mailbox, ctx: RoutingContext, expand: bool, out: list[Rou
     _resolve_local_user(mb.local, ctx, expand, out, seen, depth)
 
 
-def _resolve_local_user(local: str, ctx: RoutingContext, expand: bool, out: list[Route],
-                        seen: set[str], depth: int) -> None:
+def _resolve_local_user(
+    local: str, ctx: RoutingContext, expand: bool, out: list[Route], seen: set[str], depth: int
+) -> None:
     name = _strip_quotes(local)
     targets = ctx.tables.aliases.lookup(name)
-    if targets is None and name.lower() in ("postmaster", "mailer-daemon") \
-            and ctx.local_user(name) is None:
+    if (
+        targets is None
+        and name.lower() in ("postmaster", "mailer-daemon")
+        and ctx.local_user(name) is None
+    ):
         # RFC 5321 4.5.1: postmaster must exist; Sendmail ships it as an alias to root.
         _resolve_local_user("root", ctx, expand, out, seen, depth + 1)
         return
@@ -220,8 +234,9 @@ def include_is_safe(path: Path) -> bool:
     return shell in shells
 
 
-def _add_local_user(name: str, via: str, ctx: RoutingContext, out: list[Route],
-                    seen: set[str]) -> None:
+def _add_local_user(
+    name: str, via: str, ctx: RoutingContext, out: list[Route], seen: set[str]
+) -> None:
     user = ctx.local_user(name)
     if user is None:
         out.append(_error(550, "5.1.1", "User unknown", f"{via}: no such user {name!r}"))
@@ -229,8 +244,15 @@ def _add_local_user(name: str, via: str, ctx: RoutingContext, out: list[Route],
         _add(out, seen, Route("local", user, via=via))
 
 
-def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: list[Route],
-                   seen: set[str], depth: int) -> None:
+def _expand_target(
+    kind: str,
+    value: str,
+    name: str,
+    ctx: RoutingContext,
+    out: list[Route],
+    seen: set[str],
+    depth: int,
+) -> None:
     via = f"aliases ({name})"
     if kind == "program":
         _add(out, seen, Route("prog", value, via=via))
@@ -247,8 +269,14 @@ def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: l
             if not safe and t.kind in ("program", "file"):
                 # Sendmail runs them as the file's owner: refused for an unsafe owner.
                 what = "programs" if t.kind == "program" else "files"
-                out.append(_error(550, "5.7.1", f"{t.value}... Address unsafe for mailing to "
-                                                f"{what} (:include:{value})", via))
+                out.append(
+                    _error(
+                        550,
+                        "5.7.1",
+                        f"{t.value}... Address unsafe for mailing to {what} (:include:{value})",
+                        via,
+                    )
+                )
                 continue
             _expand_target(t.kind, t.value, name, ctx, out, seen, depth + 1)
     else:
@@ -260,8 +288,9 @@ def _expand_target(kind: str, value: str, name: str, ctx: RoutingContext, out: l
             _add_local_user(local[1:], via, ctx, out, seen)
             return
         target = Mailbox(local, domain.rstrip(".").lower())
-        if (not target.domain or ctx.is_local(target.domain)) \
-                and _strip_quotes(target.local).lower() == name.lower():
+        if (not target.domain or ctx.is_local(target.domain)) and _strip_quotes(
+            target.local
+        ).lower() == name.lower():
             # "root: root" style self-reference: deliver to the account itself.
             _add_local_user(name, via, ctx, out, seen)
             return

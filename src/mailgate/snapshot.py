@@ -27,8 +27,10 @@ class Snapshot:
     def warnings(self) -> list[TableWarning]:
         seen: set[str] = set()
         out = []
-        for w in [*self.tables.warnings,
-                  *lint(self.tables, blocklist_recipients=self.config.access.blocklist_recipients)]:
+        for w in [
+            *self.tables.warnings,
+            *lint(self.tables, blocklist_recipients=self.config.access.blocklist_recipients),
+        ]:
             if str(w) not in seen:
                 seen.add(str(w))
                 out.append(w)

@@ -42,13 +42,14 @@ class Session:
 
     def for_received(self) -> str:
         """``version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 bits=256 verify=NOT``"""
-        return (f"version={self.version} cipher={self.cipher} bits={self.bits} "
-                f"verify={self.verify}")
+        return f"version={self.version} cipher={self.cipher} bits={self.bits} verify={self.verify}"
 
     def for_maillog(self) -> str:
         """``version=TLSv1.3, verify=NOT, cipher=TLS_AES_256_GCM_SHA384, bits=256/256``"""
-        return (f"version={self.version}, verify={self.verify}, cipher={self.cipher}, "
-                f"bits={self.bits}/{self.bits}")
+        return (
+            f"version={self.version}, verify={self.verify}, cipher={self.cipher}, "
+            f"bits={self.bits}/{self.bits}"
+        )
 
 
 def describe(ssl_object: ssl.SSLObject | ssl.SSLSocket | None, verify: str) -> Session:

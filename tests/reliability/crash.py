@@ -134,7 +134,8 @@ class Figures:
             lines.append(
                 f"  kill {i + 1:2d} {k.kind:8s} {'' if k.arranged else '(not arranged) '}"
                 f"after {k.acknowledged} acks: queue {k.queued}, in flight "
-                f"{len(k.in_flight)}, sealed in incoming {k.sealed_incoming}, cut {k.cut}")
+                f"{len(k.in_flight)}, sealed in incoming {k.sealed_incoming}, cut {k.cut}"
+            )
         lines += [f"  PROBLEM: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -185,8 +186,9 @@ class Traffic:
     # -- sessions --------------------------------------------------------------------------------
     def start(self) -> None:
         for i in range(self.opts.sessions):
-            t = threading.Thread(target=self._session, args=(i,), name=f"crash-client-{i}",
-                                 daemon=True)
+            t = threading.Thread(
+                target=self._session, args=(i,), name=f"crash-client-{i}", daemon=True
+            )
             t.start()
             self.threads.append(t)
 
@@ -213,8 +215,7 @@ class Traffic:
         conn: RawSmtp | None = None
         try:
             conn = RawSmtp(self.host, self.port, source=source, timeout=15)
-            if conn.read_reply().code == 220 and \
-                    conn.cmd("EHLO client.example.net").code == 250:
+            if conn.read_reply().code == 220 and conn.cmd("EHLO client.example.net").code == 250:
                 return conn
         except NET_ERRORS:
             pass
@@ -260,9 +261,11 @@ class Traffic:
         rng = random.Random(f"{self.opts.seed}:{n}")
         content = stuffed(make_message(n, self.opts.seed, rng)) + b".\r\n"
         try:
-            ok = (conn.cmd(f"MAIL FROM:<{SENDER}>").code == 250
-                  and conn.cmd(f"RCPT TO:<{recipient(n)}>").code == 250
-                  and conn.cmd("DATA").code == 354)
+            ok = (
+                conn.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+                and conn.cmd(f"RCPT TO:<{recipient(n)}>").code == 250
+                and conn.cmd("DATA").code == 354
+            )
         except NET_ERRORS:
             ok = False
         if not ok:
@@ -348,16 +351,19 @@ class Run:
         elif kind == "queue":
             sink.data_reply = "451 4.3.0 Try again later"
             mark = sink.mark()
-            arranged = _wait(lambda: sum(sink.since(mark).refused.values())
-                             >= self.opts.deferred, 20)
+            arranged = _wait(
+                lambda: sum(sink.since(mark).refused.values()) >= self.opts.deferred, 20
+            )
             deferred = set(sink.since(mark).refused)
             sink.delays["data_end"] = delay
             run_mark = sink.mark()
             sink.data_reply = None
             time.sleep(0.1)  # the last refusals' deferrals recorded
             gw.signal(signal.SIGUSR1)
-            arranged = _wait(lambda: len(deferred & set(sink.since(run_mark).started)) >= 3,
-                             20) and arranged
+            arranged = (
+                _wait(lambda: len(deferred & set(sink.since(run_mark).started)) >= 3, 20)
+                and arranged
+            )
             time.sleep(self.rng.uniform(0.0, delay * 0.8))
         if gw.proc.poll() is None:
             os.kill(pid, signal.SIGKILL)
@@ -371,16 +377,21 @@ class Run:
         with DnsServer() as dns, CrashSink(SINK_IP, free_port(SINK_IP)) as sink:
             dns.add("example.org", "A", "192.0.2.10")
             gw = GatewayProcess(
-                opts.workdir / "gw", dns=dns.address,
-                tables={"mailertable": f"crash.test smtp:[{SINK_IP}]:{sink.port}\n",
-                        "access": "To:crash.test RELAY\n"},
+                opts.workdir / "gw",
+                dns=dns.address,
+                tables={
+                    "mailertable": f"crash.test smtp:[{SINK_IP}]:{sink.port}\n",
+                    "access": "To:crash.test RELAY\n",
+                },
                 settings=(
                     f"workers = {opts.workers}\n"
                     '[smtp]\ngreet_pause = "0s"\nmax_connections_per_ip = 0\n'
                     "connection_rate_throttle = 0\n"
                     # Deferred mail waits for USR1 (or the end), not for its own retry time.
                     '[queue]\nrun_interval = "1h"\nretry_min = "1h"\n'
-                    '[delivery]\nconnect_timeout = "5s"\n'))
+                    '[delivery]\nconnect_timeout = "5s"\n'
+                ),
+            )
             traffic = Traffic(opts, gw.host, gw.port, deadline)
             try:
                 self.start_gateway(gw)
@@ -401,8 +412,9 @@ class Run:
             self._account(sink, traffic, gw)
         return fig
 
-    def _kills(self, gw: GatewayProcess, sink: CrashSink, traffic: Traffic,
-               deadline: float) -> None:
+    def _kills(
+        self, gw: GatewayProcess, sink: CrashSink, traffic: Traffic, deadline: float
+    ) -> None:
         opts = self.opts
         epoch = sink.mark()
         for i in range(opts.kills):
@@ -424,6 +436,7 @@ class Run:
             workers = children_of(gw.proc.pid)
             arranged = self.kill_at(kind, gw, sink, traffic)
             gw.kill9()  # reaps it
+
             # Its workers die with it (PR_SET_PDEATHSIG), a moment later.
             def gone(w: tuple[int, ...] = tuple(workers)) -> bool:
                 return not any(map(alive, w))
@@ -437,20 +450,30 @@ class Run:
             state = read_spool(gw.spool)
             begun = sink.since(epoch).not_refused()
             time.sleep(0.05)  # clients notice the dead connections
-            self.figures.kills.append(KillRecord(
-                kind, arranged, acked, len(state.queued) + len(state.other_queued),
-                sorted(set(state.queued) & begun), state.sealed_incoming,
-                cut=len(traffic.cut) - cut_before))
+            self.figures.kills.append(
+                KillRecord(
+                    kind,
+                    arranged,
+                    acked,
+                    len(state.queued) + len(state.other_queued),
+                    sorted(set(state.queued) & begun),
+                    state.sealed_incoming,
+                    cut=len(traffic.cut) - cut_before,
+                )
+            )
             if state.other_queued:
-                self.problem(f"kill {i + 1}: queue entries that are not test messages: "
-                             f"{state.other_queued[:5]}")
+                self.problem(
+                    f"kill {i + 1}: queue entries that are not test messages: "
+                    f"{state.other_queued[:5]}"
+                )
             sink.delays.clear()
             sink.data_reply = None
             epoch = sink.mark()
             self.start_gateway(gw)
 
-    def _drain(self, gw: GatewayProcess, sink: CrashSink, traffic: Traffic,
-               deadline: float) -> None:
+    def _drain(
+        self, gw: GatewayProcess, sink: CrashSink, traffic: Traffic, deadline: float
+    ) -> None:
         """Until the queue is empty and every acknowledged message arrived (USR1 now and
         then: deferred mail is due only in an hour). An empty queue that stays empty for a
         few seconds ends it too: what has not arrived then is lost, and reported so."""
@@ -484,8 +507,9 @@ class Run:
         when = "after the stop" if stopped else "once all was delivered"
         for name in ("incoming", "queue", "corrupt") + (("spare",) if stopped else ()):
             if files[name]:
-                self.problem(f"spool/{name} {when}: {len(files[name])} files, e.g. "
-                             f"{files[name][:5]}")
+                self.problem(
+                    f"spool/{name} {when}: {len(files[name])} files, e.g. {files[name][:5]}"
+                )
         if not stopped:
             sealed = sealed_spares(gw.spool)
             if sealed:
@@ -505,8 +529,9 @@ class Run:
             copies[n] += 1
             expected = make_message(n, opts.seed, random.Random(f"{opts.seed}:{n}"))
             if not m.data.endswith(expected) or m.rcpt_tos != [recipient(n)]:
-                self.problem(f"message {n} arrived altered (rcpt {m.rcpt_tos}, "
-                             f"{len(m.data)} bytes)")
+                self.problem(
+                    f"message {n} arrived altered (rcpt {m.rcpt_tos}, {len(m.data)} bytes)"
+                )
         fig.sent = len(traffic.sent)
         fig.acknowledged = len(traffic.acked)
         fig.refused = len(traffic.refused)
@@ -528,22 +553,31 @@ class Run:
             sample = []
             for n, qid in fig.lost[:3]:
                 lines = [line for line in log if qid in line]
-                sample.append(f"message {n} (250 with qid {qid}): "
-                              + (" | ".join(lines)[:600] if lines else "no maillog line"))
-            self.problem(f"LOST: {len(fig.lost)} acknowledged messages never arrived, e.g. "
-                         + "; ".join(sample))
+                sample.append(
+                    f"message {n} (250 with qid {qid}): "
+                    + (" | ".join(lines)[:600] if lines else "no maillog line")
+                )
+            self.problem(
+                f"LOST: {len(fig.lost)} acknowledged messages never arrived, e.g. "
+                + "; ".join(sample)
+            )
         if fig.duplicates > fig.dup_bound:
-            self.problem(f"{fig.duplicates} duplicates, more than the {fig.dup_bound} "
-                         "deliveries in flight at the kills")
+            self.problem(
+                f"{fig.duplicates} duplicates, more than the {fig.dup_bound} "
+                "deliveries in flight at the kills"
+            )
         in_flight = {n for k in fig.kills for n in k.in_flight}
         strays = sorted(n for n, c in copies.items() if c > 1 and n not in in_flight)
         if strays:
-            self.problem(f"duplicates of messages that were not in flight at any kill: "
-                         f"{strays[:10]}")
+            self.problem(
+                f"duplicates of messages that were not in flight at any kill: {strays[:10]}"
+            )
         refused_arrived = sorted(set(traffic.refused) & set(copies))
         if refused_arrived:
-            self.problem(f"refused by the gateway yet delivered: "
-                         f"{[(n, traffic.refused[n]) for n in refused_arrived[:5]]}")
+            self.problem(
+                f"refused by the gateway yet delivered: "
+                f"{[(n, traffic.refused[n]) for n in refused_arrived[:5]]}"
+            )
         if len(fig.kills) != opts.kills:
             self.problem(f"{len(fig.kills)} kills of {opts.kills}")
         missed = [f"{i + 1} ({k.kind})" for i, k in enumerate(fig.kills) if not k.arranged]
@@ -551,8 +585,10 @@ class Run:
             self.problem(f"kills whose arranged moment was not reached: {missed}")
 
 
-_TROUBLE = re.compile(r"delivery attempt failed|session with .* failed|cannot (accept|commit|"
-                      r"write)|Internal error|Traceback|worker \d+ .*(failed|exited)")
+_TROUBLE = re.compile(
+    r"delivery attempt failed|session with .* failed|cannot (accept|commit|"
+    r"write)|Internal error|Traceback|worker \d+ .*(failed|exited)"
+)
 
 
 def _trouble(gw: GatewayProcess) -> list[str]:
@@ -569,8 +605,10 @@ def run(opts: Options) -> Figures:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.reliability.crash",
-                                description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="python -m tests.reliability.crash",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
     p.add_argument("--kills", type=int, default=50)
     p.add_argument("--messages", type=int, default=20000)
     p.add_argument("--sessions", type=int, default=10)
@@ -578,14 +616,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="the daemon's workers setting")
     p.add_argument("--delivery-delay", type=float, default=0.3)
     p.add_argument("--time-limit", type=float, default=None, help="hang guard, seconds")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="kept afterwards (default: a temporary folder, removed)")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="kept afterwards (default: a temporary folder, removed)",
+    )
     args = p.parse_args(argv)
 
     def go(workdir: Path) -> Figures:
-        return run(Options(workdir=workdir, kills=args.kills, messages=args.messages,
-                           sessions=args.sessions, seed=args.seed, workers=args.workers,
-                           delivery_delay=args.delivery_delay, time_limit=args.time_limit))
+        return run(
+            Options(
+                workdir=workdir,
+                kills=args.kills,
+                messages=args.messages,
+                sessions=args.sessions,
+                seed=args.seed,
+                workers=args.workers,
+                delivery_delay=args.delivery_delay,
+                time_limit=args.time_limit,
+            )
+        )
 
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)

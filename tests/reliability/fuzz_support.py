@@ -420,8 +420,7 @@ def compare_with_model(got: Sequence[MEvent], want: Sequence[MEvent]) -> None:
                     raise AssertionError(f"event {i}: content {g.content!r} != {w.content!r}")
             elif not w.content.startswith(g.content):
                 raise AssertionError(
-                    f"event {i}: handed out {g.content!r}, not a prefix of the valid"
-                    f" {w.content!r}"
+                    f"event {i}: handed out {g.content!r}, not a prefix of the valid {w.content!r}"
                 )
         elif g != w:
             raise AssertionError(f"event {i}: {g!r}, model {w!r}\n{got}\n{want}")

@@ -89,8 +89,9 @@ def sinks() -> Iterator[Sinks]:
 
 
 @pytest.fixture(scope="module")
-def gw(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-       sinks: Sinks) -> Iterator[GatewayProcess]:
+def gw(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, sinks: Sinks
+) -> Iterator[GatewayProcess]:
     """The gateway every test here but slowloris and the connection crowd talks to."""
     with abuse_gateway(tmp_path_factory.mktemp("abuse"), dns, sinks, smtp=MATRIX_SMTP) as g:
         yield g
@@ -116,7 +117,8 @@ class Matrix:
     replies: dict[tuple[str, str], RawReply] = field(default_factory=dict)  # (client, rcpt)
     # (client, token) -> [(sink, RCPT TO as the sink got it)]
     delivered: dict[tuple[str, str], list[tuple[str, str]]] = field(
-        default_factory=lambda: defaultdict(list))
+        default_factory=lambda: defaultdict(list)
+    )
     local: Counter[str] = field(default_factory=Counter)  # client -> Maildir messages
     foreign_transactions: dict[str, list[str]] = field(default_factory=dict)
     bounces: int = 0
@@ -130,7 +132,7 @@ def _run_client(gw: GatewayProcess, client: ClientClass, matrix: Matrix) -> None
         assert c.cmd(f"MAIL FROM:<{sender_of(client)}>").code == 250
         accepted = 0
         for i in range(0, len(FORMS), 200):
-            chunk = FORMS[i:i + 200]
+            chunk = FORMS[i : i + 200]
             c.send(b"".join(f"RCPT TO:{f.rcpt}\r\n".encode() for f in chunk))
             for form, reply in zip(chunk, c.read_replies(len(chunk)), strict=True):
                 matrix.replies[client.name, form.rcpt] = reply
@@ -179,9 +181,11 @@ def _reply_problem(form: Form, client: ClientClass, reply: RawReply) -> str | No
     if expect == ACCEPT:
         ok = reply.code == 250 and reply.enhanced == "2.1.5"
     elif expect == DENY:
-        ok = (reply.code == client.denied_code and reply.enhanced == client.denied_dsn
-              and reply.text.startswith(f"{client.denied_dsn} {shown}... "
-                                        f"{client.denied_text}"))
+        ok = (
+            reply.code == client.denied_code
+            and reply.enhanced == client.denied_dsn
+            and reply.text.startswith(f"{client.denied_dsn} {shown}... {client.denied_text}")
+        )
     elif expect == INVALID_ROUTE:
         ok = reply.first == f"553 5.1.3 {shown}... Invalid route address"
     elif expect == REFUSED:  # any refusal: permanent, or this client's relay-denied code
@@ -205,8 +209,9 @@ def test_relay_matrix_replies(matrix: Matrix, client: ClientClass, group: str) -
     250 where the final destination may be reached, the relay-denied reply of the client's
     PTR status where it may not, 553 5.1.3 for a route address, 5xx for escaped routing."""
     forms = [f for f in FORMS if family_group(f) == group]
-    problems = [p for f in forms
-                if (p := _reply_problem(f, client, matrix.replies[client.name, f.rcpt]))]
+    problems = [
+        p for f in forms if (p := _reply_problem(f, client, matrix.replies[client.name, f.rcpt]))
+    ]
     assert not problems, _report(problems, len(forms), f"{group} forms from {client.why}")
 
 
@@ -234,15 +239,21 @@ def test_relay_matrix_deliveries(matrix: Matrix, client: ClientClass) -> None:
                 problems.append(f"{form.rcpt} delivered {len(got)} times: {got}")
             continue
         want = [(form.hop, form.delivered_as)] if form.delivered_as else None
-        if len(got) != 1 or got[0][0] != form.hop or (want and
-                                                      [(s, r.lower()) for s, r in got]
-                                                      != [(h, a.lower()) for h, a in want]):
-            problems.append(f"{form.rcpt}: expected at {form.hop}"
-                            f"{f' as {form.delivered_as}' if form.delivered_as else ''}, "
-                            f"got {got}")
+        if (
+            len(got) != 1
+            or got[0][0] != form.hop
+            or (want and [(s, r.lower()) for s, r in got] != [(h, a.lower()) for h, a in want])
+        ):
+            problems.append(
+                f"{form.rcpt}: expected at {form.hop}"
+                f"{f' as {form.delivered_as}' if form.delivered_as else ''}, "
+                f"got {got}"
+            )
     if local_wanted and matrix.local[client.name] != 1:
-        problems.append(f"{local_wanted} local recipients (alice): "
-                        f"{matrix.local[client.name]} Maildir messages, expected 1")
+        problems.append(
+            f"{local_wanted} local recipients (alice): "
+            f"{matrix.local[client.name]} Maildir messages, expected 1"
+        )
     assert matrix.bounces == 0, f"{matrix.bounces} bounce(s): an accepted recipient failed"
     assert not problems, _report(problems, len(FORMS), f"forms from {client.why}")
 
@@ -256,8 +267,13 @@ def test_nothing_from_outside_reaches_or_names_a_foreign_host(matrix: Matrix) ->
     recipient it got through names a foreign host (which a next hop might route to)."""
     for client in OUTSIDE_CLIENTS:
         assert matrix.foreign_transactions.get(sender_of(client), []) == [], client.name
-        routed = [rcpt for (who, _), got in matrix.delivered.items() if who == client.name
-                  for _, rcpt in got if any(n in rcpt.lower() for n in FOREIGN_NAMES)]
+        routed = [
+            rcpt
+            for (who, _), got in matrix.delivered.items()
+            if who == client.name
+            for _, rcpt in got
+            if any(n in rcpt.lower() for n in FOREIGN_NAMES)
+        ]
         assert routed == [], f"{client.name}: handed on with foreign routing: {routed[:10]}"
     # ... while the relay clients' did (the sinks are live: this check can fail)
     for client in CLIENTS:
@@ -272,11 +288,22 @@ def test_matrix_size() -> None:
     assert len(CLIENTS) >= 6
     denied = [f for f in FORMS if f.expect(OUTSIDE_CLIENTS[0]) == DENY]
     assert len(denied) >= 1000
-    assert {f.family for f in FORMS} >= {"pair-pct", "pair-bang", "pair-qat", "pair-qpct",
-                                         "pair-qbang", "nested", "plain+srcroute",
-                                         "pair-pct+upper", "pair-pct+dot", "pair-pct+bare",
-                                         "invalid-route", "escaped-at", "escaped-pct-bang",
-                                         "unqualified-qat"}
+    assert {f.family for f in FORMS} >= {
+        "pair-pct",
+        "pair-bang",
+        "pair-qat",
+        "pair-qpct",
+        "pair-qbang",
+        "nested",
+        "plain+srcroute",
+        "pair-pct+upper",
+        "pair-pct+dot",
+        "pair-pct+bare",
+        "invalid-route",
+        "escaped-at",
+        "escaped-pct-bang",
+        "unqualified-qat",
+    }
 
 
 # == 2. SMTP smuggling, checked at the sink ====================================================
@@ -304,13 +331,17 @@ SMUGGLE_VARIANTS: dict[str, tuple[bytes, bool]] = {
 }
 
 
-def _smuggle(gw: GatewayProcess, name: str, variant: bytes, *, bytewise: bool,
-             in_header: bool) -> tuple[list[tuple[int, str]], str]:
-    subject = f"smuggle {name} {'bytewise' if bytewise else 'whole'}" \
-              f"{' header' if in_header else ''}"
-    head = (f"From: <smuggler@sender.example>\r\nTo: <victim@targetdomain1.com>\r\n"
-            f"Message-ID: <{subject.replace(' ', '-')}@sender.example>\r\n"
-            f"Subject: {subject}").encode()
+def _smuggle(
+    gw: GatewayProcess, name: str, variant: bytes, *, bytewise: bool, in_header: bool
+) -> tuple[list[tuple[int, str]], str]:
+    subject = (
+        f"smuggle {name} {'bytewise' if bytewise else 'whole'}{' header' if in_header else ''}"
+    )
+    head = (
+        f"From: <smuggler@sender.example>\r\nTo: <victim@targetdomain1.com>\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@sender.example>\r\n"
+        f"Subject: {subject}"
+    ).encode()
     first = head if in_header else head + b"\r\n\r\nfirst part"
     smuggled = EVIL + f"Subject: smuggled {subject}\r\n\r\nevil\r\n".encode()
     with RawSmtp(gw.host, gw.port, source=SMUGGLER, timeout=20) as c:
@@ -346,20 +377,22 @@ def _smuggled_anywhere(sinks: Sinks) -> list[str]:
     found = []
     for name, sink in sinks.servers.items():
         for t in list(sink.transactions):
-            if t.mail_from == "evil@sender.example" or "smuggled@targetdomain1.com" in \
-                    t.rcpt_tos:
+            if t.mail_from == "evil@sender.example" or "smuggled@targetdomain1.com" in t.rcpt_tos:
                 found.append(f"{name}: transaction {t}")
-        found += [f"{name}: command {c!r}" for c in list(sink.commands)
-                  if "evil@sender.example" in c or "smuggled@" in c]
+        found += [
+            f"{name}: command {c!r}"
+            for c in list(sink.commands)
+            if "evil@sender.example" in c or "smuggled@" in c
+        ]
     return found
 
 
 @pytest.mark.parametrize("in_header", [False, True], ids=["body", "header"])
 @pytest.mark.parametrize("bytewise", [False, True], ids=["whole", "bytewise"])
 @pytest.mark.parametrize("name", list(SMUGGLE_VARIANTS))
-def test_smuggling_variant_is_one_message_or_none(gw: GatewayProcess, sinks: Sinks,
-                                                  name: str, bytewise: bool,
-                                                  in_header: bool) -> None:
+def test_smuggling_variant_is_one_message_or_none(
+    gw: GatewayProcess, sinks: Sinks, name: str, bytewise: bool, in_header: bool
+) -> None:
     """A message holding a fake end of data, a smuggled transaction and then the real end:
     the gateway answers exactly one end of data (refusing the message when the fake end has
     a bare CR/LF or a NUL), and the sink gets exactly that one message or none: never the
@@ -385,19 +418,26 @@ def test_smuggling_variant_is_one_message_or_none(gw: GatewayProcess, sinks: Sin
     assert _smuggled_anywhere(sinks) == []
 
 
-def test_smuggling_never_reached_any_sink_after_all_variants(gw: GatewayProcess,
-                                                             sinks: Sinks) -> None:
+def test_smuggling_never_reached_any_sink_after_all_variants(
+    gw: GatewayProcess, sinks: Sinks
+) -> None:
     """After every variant (in any order): a sentinel is delivered, nothing is left in the
     queue, and no sink ever saw the smuggled sender or recipient."""
     with gw.smtp(SMUGGLER) as s:
-        s.sendmail("smuggler@sender.example", ["victim@targetdomain1.com"],
-                   message("smuggle sentinel", frm="smuggler@sender.example"))
+        s.sendmail(
+            "smuggler@sender.example",
+            ["victim@targetdomain1.com"],
+            message("smuggle sentinel", frm="smuggler@sender.example"),
+        )
     wait_subject(sinks["td1"], "smuggle sentinel")
     wait_until(lambda: not gw.queued(), 30, "the queue to empty")
     assert _smuggled_anywhere(sinks) == []
     for name, sink in sinks.servers.items():
-        assert not [m for m in list(sink.messages) if b"Subject: smuggled " in
-                    m.data.split(b"\r\n\r\n", 1)[0]], name
+        assert not [
+            m
+            for m in list(sink.messages)
+            if b"Subject: smuggled " in m.data.split(b"\r\n\r\n", 1)[0]
+        ], name
 
 
 # -- bare LF / bare CR in command lines ----------------------------------------------------------
@@ -407,25 +447,42 @@ BARE_COMMANDS = [
     ("mail-lf", [], b"MAIL FROM:<bare@sender.example>\n"),
     ("mail-cr-noop", [], b"MAIL FROM:<bare@sender.example>\rNOOP\r\n"),
     ("mail-cr-crlf", [], b"MAIL FROM:<bare@sender.example>\r\r\n"),
-    ("noop-lf-rcpt", ["MAIL FROM:<bare@sender.example>"],
-     b"NOOP\nRCPT TO:<bare-lf@targetdomain1.com>\r\n"),
-    ("noop-cr-rcpt", ["MAIL FROM:<bare@sender.example>"],
-     b"NOOP\rRCPT TO:<bare-cr@targetdomain1.com>\r\n"),
-    ("rcpt-lf-in-address", ["MAIL FROM:<bare@sender.example>"],
-     b"RCPT TO:<bare\n@targetdomain1.com>\r\n"),
-    ("data-lf", ["MAIL FROM:<bare@sender.example>", "RCPT TO:<bare-lf@targetdomain1.com>"],
-     b"DATA\nSubject: bare lf data\r\n\r\nhi\r\n.\r\n"),
-    ("whole-transaction-lf", [],
-     b"EHLO bare.example\nMAIL FROM:<bare@sender.example>\nRCPT TO:<bare-lf@targetdomain1.com>"
-     b"\nDATA\nSubject: bare lf transaction\n\nhi\n.\nQUIT\n"),
+    (
+        "noop-lf-rcpt",
+        ["MAIL FROM:<bare@sender.example>"],
+        b"NOOP\nRCPT TO:<bare-lf@targetdomain1.com>\r\n",
+    ),
+    (
+        "noop-cr-rcpt",
+        ["MAIL FROM:<bare@sender.example>"],
+        b"NOOP\rRCPT TO:<bare-cr@targetdomain1.com>\r\n",
+    ),
+    (
+        "rcpt-lf-in-address",
+        ["MAIL FROM:<bare@sender.example>"],
+        b"RCPT TO:<bare\n@targetdomain1.com>\r\n",
+    ),
+    (
+        "data-lf",
+        ["MAIL FROM:<bare@sender.example>", "RCPT TO:<bare-lf@targetdomain1.com>"],
+        b"DATA\nSubject: bare lf data\r\n\r\nhi\r\n.\r\n",
+    ),
+    (
+        "whole-transaction-lf",
+        [],
+        b"EHLO bare.example\nMAIL FROM:<bare@sender.example>\nRCPT TO:<bare-lf@targetdomain1.com>"
+        b"\nDATA\nSubject: bare lf transaction\n\nhi\n.\nQUIT\n",
+    ),
     ("rset-lf-quit", [], b"RSET\nQUIT\r\n"),
 ]
 
 
-@pytest.mark.parametrize(("name", "before", "bad"), BARE_COMMANDS,
-                         ids=[b[0] for b in BARE_COMMANDS])
+@pytest.mark.parametrize(
+    ("name", "before", "bad"), BARE_COMMANDS, ids=[b[0] for b in BARE_COMMANDS]
+)
 def test_bare_lf_or_cr_in_a_command_line_is_refused_and_closes(
-        gw: GatewayProcess, sinks: Sinks, name: str, before: list[str], bad: bytes) -> None:
+    gw: GatewayProcess, sinks: Sinks, name: str, before: list[str], bad: bytes
+) -> None:
     logged = len(log_lines(gw, f"[{SMUGGLER}]", "smuggling"))
     with RawSmtp(gw.host, gw.port, source=SMUGGLER, timeout=10) as c:
         assert c.read_reply().code == 220
@@ -440,8 +497,11 @@ def test_bare_lf_or_cr_in_a_command_line_is_refused_and_closes(
             pytest.fail(f"the connection stayed open after {bad!r}; got {transcript!r}")
     replies = replies_of(transcript)
     assert len(replies) == 1 and 500 <= replies[0][0] < 600, replies
-    wait_until(lambda: len(log_lines(gw, f"[{SMUGGLER}]", "smuggling")) == logged + 1, 5,
-               "one maillog line about the refused command line")
+    wait_until(
+        lambda: len(log_lines(gw, f"[{SMUGGLER}]", "smuggling")) == logged + 1,
+        5,
+        "one maillog line about the refused command line",
+    )
     assert not [m for m in list(sinks["td1"].messages) if m.mail_from == "bare@sender.example"]
     assert not log_lines(gw, "from=<bare@sender.example>", "nrcpts=1")
 
@@ -454,8 +514,7 @@ def _session(gw: GatewayProcess, source: str = SMUGGLER, timeout: float = 20) ->
     return c
 
 
-def test_command_line_limit_is_512_and_an_overlong_line_is_not_acted_on(
-        gw: GatewayProcess) -> None:
+def test_command_line_limit_is_512_and_an_overlong_line_is_not_acted_on(gw: GatewayProcess) -> None:
     with _session(gw) as c:
         assert c.cmd(b"NOOP" + b" " * (512 - 6)).code == 250  # 512 octets with CRLF
         assert c.cmd(b"NOOP" + b" " * (512 - 5)).first == "500 5.5.0 Command line too long"
@@ -473,11 +532,13 @@ def test_command_line_limit_is_512_and_an_overlong_line_is_not_acted_on(
 def fresh_gw(tmp_path: Path, dns: DnsServer, sinks: Sinks) -> Iterator[GatewayProcess]:
     """A daemon of its own for a memory measurement: memory an earlier test made the
     allocator keep would hide growth (it is reused before the peak RSS moves)."""
-    with abuse_gateway(tmp_path / "gw", dns, sinks, smtp=MATRIX_SMTP,
-                       host="127.0.0.15") as g:
+    with abuse_gateway(tmp_path / "gw", dns, sinks, smtp=MATRIX_SMTP, host="127.0.0.15") as g:
         with g.smtp("127.0.0.2") as s:  # warm-up: the code paths of a transaction
-            s.sendmail("warm@sender.example", ["warm@targetdomain1.com"],
-                       message("fresh warm-up", frm="warm@sender.example"))
+            s.sendmail(
+                "warm@sender.example",
+                ["warm@targetdomain1.com"],
+                message("fresh warm-up", frm="warm@sender.example"),
+            )
         wait_until(lambda: not g.queued(), 20, "the warm-up delivery")
         yield g
 
@@ -496,6 +557,7 @@ def test_a_10_mib_command_line_costs_no_memory_and_gets_one_reply(fresh_gw: Gate
     gw = fresh_gw
     assert gw.proc is not None
     with _session(gw) as c:
+
         def blast() -> None:
             chunk = b"N" * 65536
             for _ in range(160):
@@ -503,6 +565,7 @@ def test_a_10_mib_command_line_costs_no_memory_and_gets_one_reply(fresh_gw: Gate
             c.send(b"\r\nNOOP\r\n")
             assert c.read_reply().first == "500 5.5.0 Command line too long"
             assert c.read_reply().code == 250  # the next line is a command again
+
         grew = _peak_growth_kb(gw.proc.pid, blast)
         assert c.cmd("QUIT").code == 221
     assert grew < 8 * 1024, f"peak RSS grew by {grew} kB for a 10 MiB line"
@@ -512,13 +575,20 @@ def _send_message(c: RawSmtp, subject: str, body: bytes) -> RawReply:
     assert c.cmd("MAIL FROM:<long@sender.example>").code == 250
     assert c.cmd("RCPT TO:<long@targetdomain1.com>").code == 250
     assert c.cmd("DATA").code == 354
-    c.send(message(subject, frm="long@sender.example", to="long@targetdomain1.com",
-                   body="").rstrip(b"\r\n") + b"\r\n\r\n" + body + b".\r\n")
+    c.send(
+        message(subject, frm="long@sender.example", to="long@targetdomain1.com", body="").rstrip(
+            b"\r\n"
+        )
+        + b"\r\n\r\n"
+        + body
+        + b".\r\n"
+    )
     return c.read_reply()
 
 
-def test_long_text_lines_are_accepted_and_folded_on_the_way_out(gw: GatewayProcess,
-                                                                 sinks: Sinks) -> None:
+def test_long_text_lines_are_accepted_and_folded_on_the_way_out(
+    gw: GatewayProcess, sinks: Sinks
+) -> None:
     """As Sendmail and Postfix: any line length is accepted (max_text_line = 0, the default),
     and no line over 998 octets leaves for a next hop: longer ones are broken with CRLF SPACE
     (Postfix's smtp_line_length_limit), so removing those gives the original back."""
@@ -578,6 +648,7 @@ def test_pipelined_noop_rset_flood_is_answered_in_bounded_memory(fresh_gw: Gatew
             t.start()
             c.send(b"NOOP\r\nRSET\r\n" * n)
             t.join(60)
+
         grew = _peak_growth_kb(gw.proc.pid, flood)
         assert got == [250] * (2 * n)
         assert c.cmd("QUIT").code == 221
@@ -585,7 +656,8 @@ def test_pipelined_noop_rset_flood_is_answered_in_bounded_memory(fresh_gw: Gatew
 
 
 def test_pipelined_flood_from_a_client_that_never_reads_is_bounded(
-        fresh_gw: GatewayProcess) -> None:
+    fresh_gw: GatewayProcess,
+) -> None:
     """A client pipelines 200,000 HELPs (1.2 MB) and reads nothing. Each reply is ~300 bytes:
     unless the gateway stops reading while its replies cannot be sent (as a blocking writer,
     Sendmail or Postfix, does), it buffers 60 MB for this one client."""
@@ -608,6 +680,7 @@ def test_pipelined_flood_from_a_client_that_never_reads_is_bounded(
                 data = data[sent:]
                 last = time.monotonic()
             wait_idle(pid, quiet=1.0)  # it has worked through what it has read
+
         grew = _peak_growth_kb(pid, flood)
     assert grew < 32 * 1024, f"peak RSS grew by {grew} kB for one client's replies"
 
@@ -617,22 +690,26 @@ SLOW_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope="module")
-def slow(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-         sinks: Sinks) -> Iterator[GatewayProcess]:
+def slow(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, sinks: Sinks
+) -> Iterator[GatewayProcess]:
     smtp = MATRIX_SMTP + f'command_timeout = "{SLOW_TIMEOUT}s"\n'
-    with abuse_gateway(tmp_path_factory.mktemp("slow"), dns, sinks, smtp=smtp,
-                       host="127.0.0.11") as g:
+    with abuse_gateway(
+        tmp_path_factory.mktemp("slow"), dns, sinks, smtp=smtp, host="127.0.0.11"
+    ) as g:
         yield g
 
 
 def test_slowloris_dribbling_a_byte_a_second_is_closed_by_the_command_timeout(
-        slow: GatewayProcess, sinks: Sinks) -> None:
+    slow: GatewayProcess, sinks: Sinks
+) -> None:
     """20 clients each send one byte of a command line per second: the command timeout runs
     from the start of the line, not from the last byte, so each is cut off with 421 4.4.2
     long before its line is complete; a polite client is served meanwhile."""
     line = b"MAIL FROM:<slowloris@sender.example>\r\n"
-    clients = [RawSmtp(slow.host, slow.port, source=f"127.0.13.{i + 1}", timeout=10)
-               for i in range(20)]
+    clients = [
+        RawSmtp(slow.host, slow.port, source=f"127.0.13.{i + 1}", timeout=10) for i in range(20)
+    ]
     try:
         for c in clients:
             assert c.read_reply().code == 220
@@ -645,7 +722,7 @@ def test_slowloris_dribbling_a_byte_a_second_is_closed_by_the_command_timeout(
                 if i in closed:
                     continue
                 try:
-                    c.send(line[sent[i]:sent[i] + 1])
+                    c.send(line[sent[i] : sent[i] + 1])
                     sent[i] += 1
                 except OSError:
                     closed[i] = c.pending(0.1)
@@ -655,8 +732,11 @@ def test_slowloris_dribbling_a_byte_a_second_is_closed_by_the_command_timeout(
                     closed[i] = got + (b"" if c.eof else c.wait_closed(timeout=5))
             if not polite_done:
                 with slow.smtp("127.0.0.2") as s:
-                    s.sendmail("polite@sender.example", ["polite@targetdomain1.com"],
-                               message("polite during slowloris", frm="polite@sender.example"))
+                    s.sendmail(
+                        "polite@sender.example",
+                        ["polite@targetdomain1.com"],
+                        message("polite during slowloris", frm="polite@sender.example"),
+                    )
                 polite_done = True
             time.sleep(1.0)
     finally:
@@ -675,29 +755,37 @@ CROWD = 2000
 
 
 @pytest.fixture(scope="module")
-def crowd_gw(tmp_path_factory: pytest.TempPathFactory, dns: DnsServer,
-             sinks: Sinks) -> Iterator[GatewayProcess]:
+def crowd_gw(
+    tmp_path_factory: pytest.TempPathFactory, dns: DnsServer, sinks: Sinks
+) -> Iterator[GatewayProcess]:
     # the rate throttle would make 2,000 connections take 20 s to be accepted; the command
     # timeout (a hang guard here) is longer than the test
-    smtp = ('greet_pause = "0s"\nconnection_rate_throttle = 0\ncommand_timeout = "120s"\n'
-            "max_connections_per_ip = 20\n")
+    smtp = (
+        'greet_pause = "0s"\nconnection_rate_throttle = 0\ncommand_timeout = "120s"\n'
+        "max_connections_per_ip = 20\n"
+    )
     # both ends need the descriptors: the daemon inherits this process's limit (it does not
     # raise its own; a soft limit of 1024 would stop it at ~1,000 sessions: EMFILE)
     if not raise_nofile(CROWD + 512):
         pytest.skip(f"RLIMIT_NOFILE hard limit below {CROWD + 512}")
-    with abuse_gateway(tmp_path_factory.mktemp("crowd"), dns, sinks, smtp=smtp,
-                       host="127.0.0.12") as g:
+    with abuse_gateway(
+        tmp_path_factory.mktemp("crowd"), dns, sinks, smtp=smtp, host="127.0.0.12"
+    ) as g:
         yield g
 
 
 def test_2000_half_open_connections_while_a_polite_client_is_served(
-        crowd_gw: GatewayProcess, sinks: Sinks) -> None:
+    crowd_gw: GatewayProcess, sinks: Sinks
+) -> None:
     gw = crowd_gw
     assert gw.proc is not None
     pid = gw.proc.pid
     with gw.smtp("127.0.0.2") as s:  # warm-up: every code path used once
-        s.sendmail("polite@sender.example", ["polite@targetdomain1.com"],
-                   message("crowd warm-up", frm="polite@sender.example"))
+        s.sendmail(
+            "polite@sender.example",
+            ["polite@targetdomain1.com"],
+            message("crowd warm-up", frm="polite@sender.example"),
+        )
     wait_subject(sinks["td1"], "crowd warm-up")
     time.sleep(0.5)  # the delivery connection is idle or gone
     fds0 = min(open_fds(pid) for _ in range(5))
@@ -705,16 +793,21 @@ def test_2000_half_open_connections_while_a_polite_client_is_served(
     # 20 per address (max_connections_per_ip) from 100 addresses
     sources = [f"127.0.14.{i // 20 + 1}" for i in range(CROWD)]
     with silent_sockets(gw.host, gw.port, sources):
-        wait_until(lambda: open_fds(pid) >= fds0 + CROWD - 5, 60,
-                   f"the daemon to accept {CROWD} connections")
+        wait_until(
+            lambda: open_fds(pid) >= fds0 + CROWD - 5,
+            60,
+            f"the daemon to accept {CROWD} connections",
+        )
         rss1 = proc_status(pid, "VmRSS")
         with gw.smtp("127.0.0.2", timeout=30) as s:
-            s.sendmail("polite@sender.example", ["polite@targetdomain1.com"],
-                       message("polite in the crowd", frm="polite@sender.example"))
+            s.sendmail(
+                "polite@sender.example",
+                ["polite@targetdomain1.com"],
+                message("polite in the crowd", frm="polite@sender.example"),
+            )
         wait_subject(sinks["td1"], "polite in the crowd")
     # all closed by the clients: the daemon lets go of every one of them
-    wait_until(lambda: open_fds(pid) <= fds0 + 5, 60,
-               f"the daemon's fds to return to {fds0} (+5)")
+    wait_until(lambda: open_fds(pid) <= fds0 + 5, 60, f"the daemon's fds to return to {fds0} (+5)")
     grew_mb = (rss1 - rss0) / 1024
     assert grew_mb < 30 * CROWD / 1000, f"RSS grew by {grew_mb:.1f} MB for {CROWD} sessions"
 
@@ -726,9 +819,25 @@ NMAP = shutil.which("nmap")
 def _nmap(gw: GatewayProcess, source: str) -> str:
     assert NMAP is not None
     out = subprocess.run(
-        [NMAP, "-Pn", "-n", "-p", str(gw.port), "-S", source, "-e", "lo",
-         "--script", "+smtp-open-relay", gw.host],
-        capture_output=True, text=True, timeout=120, check=False)
+        [
+            NMAP,
+            "-Pn",
+            "-n",
+            "-p",
+            str(gw.port),
+            "-S",
+            source,
+            "-e",
+            "lo",
+            "--script",
+            "+smtp-open-relay",
+            gw.host,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "smtp-open-relay" in out.stdout, out.stdout
     return out.stdout
@@ -742,8 +851,7 @@ def test_nmap_smtp_open_relay_from_outside_and_from_a_relay_client(gw: GatewayPr
     works; relay clients are unaffected). nmap never sends DATA: nothing is queued."""
     outside = _nmap(gw, "127.0.0.2")
     assert "Server is an open relay" not in outside
-    assert re.search(r"smtp-open-relay: Server doesn't seem to be an open relay", outside), \
-        outside
+    assert re.search(r"smtp-open-relay: Server doesn't seem to be an open relay", outside), outside
     inside = _nmap(gw, "127.0.0.3")
     # every form works from a relay client; the two "u@b@ours" forms may be 553 instead
     m = re.search(r"Server is an open relay \((\d+)/(\d+) tests\)", inside)

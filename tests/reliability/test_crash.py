@@ -26,8 +26,11 @@ HOP = "127.0.0.5"
 
 @pytest.mark.timeout(200)
 def test_no_acknowledged_message_is_lost_across_kills(tmp_path: Path) -> None:
-    figures = crash.run(crash.Options(workdir=tmp_path, kills=10, messages=2500, sessions=10,
-                                      seed=1, time_limit=150))
+    figures = crash.run(
+        crash.Options(
+            workdir=tmp_path, kills=10, messages=2500, sessions=10, seed=1, time_limit=150
+        )
+    )
     print(figures.summary())
     assert not figures.problems, figures.summary()
     assert figures.lost == []
@@ -42,12 +45,22 @@ def test_mail_of_a_killed_worker_is_delivered_by_its_successor(tmp_path: Path) -
     restarted worker must also take over what its predecessor received for the other share,
     which no other worker knows of."""
     port = free_port(HOP)
-    with DnsServer() as dns, SinkServer(HOP, port) as sink, GatewayProcess(
-            tmp_path / "gw", dns=dns.address,
-            tables={"mailertable": f"crash.test smtp:[{HOP}]:{port}\n",
-                    "access": "To:crash.test RELAY\n"},
-            settings=('workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
-                      '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n')) as gw:
+    with (
+        DnsServer() as dns,
+        SinkServer(HOP, port) as sink,
+        GatewayProcess(
+            tmp_path / "gw",
+            dns=dns.address,
+            tables={
+                "mailertable": f"crash.test smtp:[{HOP}]:{port}\n",
+                "access": "To:crash.test RELAY\n",
+            },
+            settings=(
+                'workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
+                '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'
+            ),
+        ) as gw,
+    ):
         assert gw.proc is not None
         assert _wait(lambda: len(children_of(gw.proc.pid)) == 2)  # type: ignore[union-attr]
         victim = min(children_of(gw.proc.pid))
@@ -59,15 +72,23 @@ def test_mail_of_a_killed_worker_is_delivered_by_its_successor(tmp_path: Path) -
         while len({zlib.crc32(q.encode()) % 2 for q, p in received.items() if p == victim}) < 2:
             assert n < 200
             with gw.smtp("127.0.0.2") as s:
-                s.sendmail("alice@example.org", [f"m{n}@crash.test"],
-                           f"Message-ID: <w{n}@example.org>\r\n\r\nbody {n}\r\n".encode())
+                s.sendmail(
+                    "alice@example.org",
+                    [f"m{n}@crash.test"],
+                    f"Message-ID: <w{n}@example.org>\r\n\r\nbody {n}\r\n".encode(),
+                )
             n += 1
-            received = {q: int(p) for p, q in
-                        re.findall(r"mailgate\[(\d+)\]: (\w{14}): from=", gw.log())}
+            received = {
+                q: int(p) for p, q in re.findall(r"mailgate\[(\d+)\]: (\w{14}): from=", gw.log())
+            }
         assert _wait(lambda: gw.log().count("stat=Deferred") >= n)
         os.kill(victim, signal.SIGKILL)
-        assert _wait(lambda: len(children_of(gw.proc.pid)) == 2  # type: ignore[union-attr]
-                     and victim not in children_of(gw.proc.pid))  # type: ignore[union-attr]
+        assert _wait(
+            lambda: (
+                len(children_of(gw.proc.pid)) == 2  # type: ignore[union-attr]
+                and victim not in children_of(gw.proc.pid)
+            )
+        )  # type: ignore[union-attr]
         sink.data_reply = None
         try:
             sink.wait_for(n, timeout=30)

@@ -59,8 +59,20 @@ def tmpfs() -> Iterator[Mount]:
         where.mkdir(parents=True, exist_ok=True)
         try:
             done = subprocess.run(
-                ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "mailgate-disk-full",
-                 str(where)], capture_output=True, text=True, timeout=30, check=False)
+                [
+                    "mount",
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    f"size={size},mode=0700",
+                    "mailgate-disk-full",
+                    str(where),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
         except FileNotFoundError:
             pytest.skip("no mount command to mount a tmpfs for the spool")
         if done.returncode != 0:
@@ -72,8 +84,10 @@ def tmpfs() -> Iterator[Mount]:
         yield mount
     finally:
         for where in reversed(mounted):
-            if subprocess.run(["umount", str(where)], capture_output=True,
-                              check=False).returncode != 0:
+            if (
+                subprocess.run(["umount", str(where)], capture_output=True, check=False).returncode
+                != 0
+            ):
                 # Still busy (a daemon that did not stop): detach it so nothing is left behind.
                 subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
 
@@ -126,16 +140,24 @@ def make_gateway(tmp_path: Path, hop_port: int, settings: str = "") -> GatewayPr
         "mailertable": f"targetdomain1.com   smtp:[{HOP}]:{hop_port}\n",
         "access": "To:targetdomain1.com  RELAY\n",
     }
-    return GatewayProcess(tmp_path / "gw", dns=None, tables=tables, settings=(
-        '[queue]\nrun_interval = "2s"\nretry_min = "1s"\nmin_free = "1M"\n'
-        '[delivery]\nconnect_timeout = "2s"\n'
-        '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\ncheck_sender_domain = false\n'
-        'max_message_size = "8M"\n' + settings))
+    return GatewayProcess(
+        tmp_path / "gw",
+        dns=None,
+        tables=tables,
+        settings=(
+            '[queue]\nrun_interval = "2s"\nretry_min = "1s"\nmin_free = "1M"\n'
+            '[delivery]\nconnect_timeout = "2s"\n'
+            '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\ncheck_sender_domain = false\n'
+            'max_message_size = "8M"\n' + settings
+        ),
+    )
 
 
 def message(msgid: str, body: bytes = b"Hello.\r\n") -> bytes:
-    return (f"From: <alice@example.org>\r\nTo: <bob@targetdomain1.com>\r\n"
-            f"Subject: {msgid}\r\nMessage-ID: <{msgid}@example.org>\r\n\r\n").encode() + body
+    return (
+        f"From: <alice@example.org>\r\nTo: <bob@targetdomain1.com>\r\n"
+        f"Subject: {msgid}\r\nMessage-ID: <{msgid}@example.org>\r\n\r\n"
+    ).encode() + body
 
 
 def message_id(data: bytes) -> str | None:
@@ -156,14 +178,20 @@ def test_min_free_setting() -> None:
 
 # -- the spool itself ----------------------------------------------------------------------------
 
+
 def envelope(spool: Spool) -> Envelope:
-    return Envelope(qid=spool.new_qid(), sender="alice@example.org",
-                    recipients=[Recipient("bob@targetdomain1.com", "bob@targetdomain1.com")],
-                    arrival=time.time(), client_ip="192.0.2.1")
+    return Envelope(
+        qid=spool.new_qid(),
+        sender="alice@example.org",
+        recipients=[Recipient("bob@targetdomain1.com", "bob@targetdomain1.com")],
+        arrival=time.time(),
+        client_ip="192.0.2.1",
+    )
 
 
-def test_a_write_that_finds_the_disk_full_fails_the_message_cleanly(tmp_path: Path,
-                                                                    tmpfs: Mount) -> None:
+def test_a_write_that_finds_the_disk_full_fails_the_message_cleanly(
+    tmp_path: Path, tmpfs: Mount
+) -> None:
     """The bug: the failed pwrite left a memoryview on the write buffer alive (in the
     exception's traceback, which the session keeps), so the next write raised BufferError."""
     disk = tmpfs(tmp_path / "disk", 1 * MIB)
@@ -187,7 +215,8 @@ def test_a_write_that_finds_the_disk_full_fails_the_message_cleanly(tmp_path: Pa
 
 
 def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
-        tmp_path: Path, tmpfs: Mount) -> None:
+    tmp_path: Path, tmpfs: Mount
+) -> None:
     disk = tmpfs(tmp_path / "disk", 1 * MIB)
     spool = Spool(disk / "spool", fsync="threads")
     queued = spool.open_incoming(envelope(spool))
@@ -204,8 +233,9 @@ def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
         asyncio.run(spool.commit(msg))
     # A status that cannot be written leaves the old one as it was, and no .tmp.
     with pytest.raises(OSError) as failed:
-        spool.save_status(qid, QueueStatus({"b@x": RecipientState(last_error="Deferred " * 1000)},
-                                           attempts=2))
+        spool.save_status(
+            qid, QueueStatus({"b@x": RecipientState(last_error="Deferred " * 1000)}, attempts=2)
+        )
     assert failed.value.errno == errno.ENOSPC
     assert spool.load_status(qid).attempts == 1
     assert entries(spool.queue) == [qid, qid + ".st"]
@@ -222,8 +252,10 @@ def test_commit_status_and_recovery_on_a_full_disk_leave_nothing_half_written(
 
 # -- the daemon --------------------------------------------------------------------------------
 
+
 def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
-        tmp_path: Path, tmpfs: Mount) -> None:
+    tmp_path: Path, tmpfs: Mount
+) -> None:
     with SinkServer(HOP, free_port(HOP)) as sink:
         gw = make_gateway(tmp_path, sink.port)
         spool = tmpfs(gw.spool, 4 * MIB)
@@ -237,15 +269,20 @@ def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
             c.send(message("big") + line * 3000)  # 300 KB: the write buffer spills to disk
 
             def spilled() -> bool:
-                return any(p.stat().st_size >= 256 * KIB for p in spool.joinpath(
-                    "incoming").iterdir())
+                return any(
+                    p.stat().st_size >= 256 * KIB for p in spool.joinpath("incoming").iterdir()
+                )
 
             wait_until("the first part of the message is in its spool file", spilled)
             filler = spool / "filler"
             fill(filler)
             # More content, with lines that would be commands if they were ever read as such.
-            c.send(line * 3000 + b"RSET\r\nMAIL FROM:<mallory@example.net>\r\nQUIT\r\n"
-                   + line * 3000 + b".\r\n")
+            c.send(
+                line * 3000
+                + b"RSET\r\nMAIL FROM:<mallory@example.net>\r\nQUIT\r\n"
+                + line * 3000
+                + b".\r\n"
+            )
             reply = c.read_reply()
             assert (reply.code, reply.enhanced) == (452, "4.3.1"), reply.first
             assert "Insufficient system storage" in reply.text
@@ -283,7 +320,9 @@ def test_mail_whose_size_would_not_leave_min_free_gets_452(tmp_path: Path, tmpfs
     with gw, gw.smtp() as s:
         s.ehlo()
         assert s.mail("alice@example.org", ["SIZE=3500000"]) == (
-            452, b"4.3.1 Insufficient system storage")
+            452,
+            b"4.3.1 Insufficient system storage",
+        )
         assert s.mail("alice@example.org", ["SIZE=9000000"])[0] == 552
         assert s.mail("alice@example.org", ["SIZE=100000"])[0] == 250
 
@@ -307,7 +346,8 @@ def send(s: smtplib.SMTP, msgid: str, body: bytes) -> tuple[str, int, str]:
 
 
 def test_mail_fills_the_spool_then_nothing_is_lost_and_acceptance_resumes(
-        tmp_path: Path, tmpfs: Mount) -> None:
+    tmp_path: Path, tmpfs: Mount
+) -> None:
     """(a) four clients send until acceptance stops at the reserve; (c) the disk is then
     filled to the last byte, the daemon is killed and restarted on it; (d) the filler goes,
     the next hop comes up, and as the queue drains acceptance resumes by itself; every
@@ -403,8 +443,7 @@ def test_mail_fills_the_spool_then_nothing_is_lost_and_acceptance_resumes(
         gw.stop()
 
 
-def test_a_bounce_that_finds_the_disk_full_waits_for_space(tmp_path: Path,
-                                                          tmpfs: Mount) -> None:
+def test_a_bounce_that_finds_the_disk_full_waits_for_space(tmp_path: Path, tmpfs: Mount) -> None:
     """The next hop refuses the recipient while the disk is full: the bounce cannot be
     written, so the message stays queued (no partial bounce file) and is bounced, once,
     when space returns."""

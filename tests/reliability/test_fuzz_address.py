@@ -139,6 +139,8 @@ local_sets = st.sets(
     st.sampled_from(["", "gateway.example", "localhost", "targetdomain1.com", "foreign.example"]),
     max_size=4,
 )
+
+
 def membership(domains: set[str]) -> Callable[[str], bool]:
     return domains.__contains__
 
@@ -232,8 +234,10 @@ def test_regression_bytes_that_are_not_utf8() -> None:
     was accepted (250) and the session failed with 421 after the final dot. Both are 553 now."""
     for raw, reply in [
         ("u@\udcff.example", "553 5.1.2 <u@\udcff.example>... Invalid host name"),
-        ("u%\udcd7x.example@gw.example",
-         "553 5.1.2 <u%\udcd7x.example@gw.example>... Invalid host name"),
+        (
+            "u%\udcd7x.example@gw.example",
+            "553 5.1.2 <u%\udcd7x.example@gw.example>... Invalid host name",
+        ),
         ("u\udcff@x.example", "553 5.1.3 <u\udcff@x.example>... Invalid local part"),
         ('"u\\\udcff"@x.example', '553 5.1.3 <"u\\\udcff"@x.example>... Invalid local part'),
     ]:

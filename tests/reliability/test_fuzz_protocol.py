@@ -143,9 +143,11 @@ good_lines = st.lists(
     max_size=8,
 )
 good_section = good_lines.map(
-    lambda lines: b"DATA\r\n"
-    + b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
-    + b".\r\n"
+    lambda lines: (
+        b"DATA\r\n"
+        + b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines)
+        + b".\r\n"
+    )
 )
 junk = st.binary(max_size=24)
 

@@ -67,7 +67,7 @@ def table_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 # Table syntax, a few whole words, and the characters Python's str.splitlines() also breaks
 # lines at (a file's lines are what "\n" ends, as for Sendmail's fgets and an editor).
 TOKENS = [
-    *"abcxyz019.:@[]\"# \t\n%,|/<>()\\+*-_!=",
+    *'abcxyz019.:@[]"# \t\n%,|/<>()\\+*-_!=',
     "\r\n",
     "\r",
     "\x0c",
@@ -424,8 +424,12 @@ virt_value = st.one_of(
 @fuzz_settings(100)
 @given(
     entries=st.lists(
-        st.tuples(st.one_of(st.builds(lambda u, d: f"{u}@{d}", user, domain),
-                            domain.map(lambda d: "@" + d)), virt_value),
+        st.tuples(
+            st.one_of(
+                st.builds(lambda u, d: f"{u}@{d}", user, domain), domain.map(lambda d: "@" + d)
+            ),
+            virt_value,
+        ),
         max_size=10,
     ),
     noises=st.lists(noise, min_size=11, max_size=11),
@@ -455,8 +459,10 @@ def test_virtusertable_round_trip(
 
 
 @fuzz_settings(100)
-@given(pairs=st.lists(st.tuples(domain, domain), max_size=10), noises=st.lists(noise, min_size=11,
-                                                                              max_size=11))
+@given(
+    pairs=st.lists(st.tuples(domain, domain), max_size=10),
+    noises=st.lists(noise, min_size=11, max_size=11),
+)
 def test_domaintable_round_trip(
     table_dir: Path, pairs: list[tuple[str, str]], noises: list[str]
 ) -> None:
@@ -475,9 +481,7 @@ def test_domaintable_round_trip(
 
 @fuzz_settings(100)
 @given(
-    names=st.lists(
-        st.one_of(domain, st.ip_addresses(v=4).map(lambda a: f"[{a}]")), max_size=12
-    ),
+    names=st.lists(st.one_of(domain, st.ip_addresses(v=4).map(lambda a: f"[{a}]")), max_size=12),
     flips=st.integers(0, 2**30),
 )
 def test_local_names_round_trip(table_dir: Path, names: list[str], flips: int) -> None:
@@ -510,9 +514,7 @@ def target_text(t: AliasTarget) -> str:
 
 @fuzz_settings(100)
 @given(
-    entries=st.lists(
-        st.tuples(user, st.lists(alias_target, min_size=1, max_size=4)), max_size=8
-    ),
+    entries=st.lists(st.tuples(user, st.lists(alias_target, min_size=1, max_size=4)), max_size=8),
     wrap=st.integers(0, 2**16),
     noises=st.lists(noise, min_size=9, max_size=9),
 )

@@ -98,9 +98,11 @@ def wait_until(cond: Callable[[], object], what: str, timeout: float = GUARD) ->
 
 def make_message(tag: str, body: bytes = b"Hello.\r\n") -> tuple[str, bytes]:
     msgid = f"<{tag}.{uuid.uuid4().hex[:12]}@example.org>"
-    head = (f"From: <{SENDER}>\r\nSubject: {tag}\r\n"
-            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
-            f"Message-ID: {msgid}\r\n\r\n")
+    head = (
+        f"From: <{SENDER}>\r\nSubject: {tag}\r\n"
+        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+        f"Message-ID: {msgid}\r\n\r\n"
+    )
     return msgid, head.encode() + body
 
 
@@ -152,13 +154,15 @@ def deferred_lines(gw: GatewayProcess) -> list[str]:
 
 
 def to_lines(gw: GatewayProcess, rcpt: str, stat: str) -> list[str]:
-    return [line for line in gw.log().splitlines()
-            if f"to=<{rcpt}>" in line and f"stat={stat}" in line]
+    return [
+        line for line in gw.log().splitlines() if f"to=<{rcpt}>" in line and f"stat={stat}" in line
+    ]
 
 
 def wait_deferred(gw: GatewayProcess, attempts: int = 1) -> dict[str, QueueStatus]:
     """Wait until the queue records ``attempts`` attempts; return the status files. A queue
     that empties first means the mail was delivered or bounced instead of deferred."""
+
     def deferred_or_gone() -> bool:
         if not gw.queued():
             raise AssertionError(f"the queue is empty: not deferred. maillog:\n{gw.log()}")
@@ -199,16 +203,18 @@ def dsn_fields(msg: SinkMessage) -> tuple[str, list[dict[str, str]]]:
     [status] = [p for p in parsed.walk() if p.get_content_type() == "message/delivery-status"]
     blocks = status.get_payload()
     assert isinstance(blocks, list) and len(blocks) >= 2  # per-message block, then recipients
-    recipients = [{k.lower(): " ".join(str(v).split()) for k, v in b.items()}
-                  for b in blocks[1:] if isinstance(b, Message)]
+    recipients = [
+        {k.lower(): " ".join(str(v).split()) for k, v in b.items()}
+        for b in blocks[1:]
+        if isinstance(b, Message)
+    ]
     assert len(recipients) == len(blocks) - 1
     return str(parsed["Subject"]), recipients
 
 
 def bounces_for(bounces: SinkServer, msgid: str) -> list[SinkMessage]:
     """DSNs at the sender's MX that return ``msgid`` (their part 3 holds its header)."""
-    return [m for m in list(bounces.messages)
-            if m.mail_from == "" and msgid.encode() in m.data]
+    return [m for m in list(bounces.messages) if m.mail_from == "" and msgid.encode() in m.data]
 
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -264,8 +270,9 @@ GatewayFactory = Callable[..., GatewayProcess]
 
 
 @pytest.fixture
-def gateway(tmp_path: Path, dns: DnsServer, port: int,
-            bounces: SinkServer) -> Iterator[GatewayFactory]:
+def gateway(
+    tmp_path: Path, dns: DnsServer, port: int, bounces: SinkServer
+) -> Iterator[GatewayFactory]:
     """``gateway(MANUAL, SHORT, ...)``: a started daemon with these settings sections."""
     started: list[GatewayProcess] = []
 
@@ -278,10 +285,12 @@ def gateway(tmp_path: Path, dns: DnsServer, port: int,
         for section in (*sections, f"[delivery]\nport = {port}\n"):
             name, *lines = section.strip().splitlines()
             merged.setdefault(name, []).extend(lines)
-        settings = "".join(f"{name}\n" + "".join(f"{x}\n" for x in lines)
-                           for name, lines in merged.items())
-        gw = GatewayProcess(tmp_path / f"gw{len(started)}", dns=dns.address, tables=tables,
-                            settings=settings)
+        settings = "".join(
+            f"{name}\n" + "".join(f"{x}\n" for x in lines) for name, lines in merged.items()
+        )
+        gw = GatewayProcess(
+            tmp_path / f"gw{len(started)}", dns=dns.address, tables=tables, settings=settings
+        )
         started.append(gw)
         return gw.start()
 
@@ -290,8 +299,7 @@ def gateway(tmp_path: Path, dns: DnsServer, port: int,
         gw.stop()
 
 
-def send(gw: GatewayProcess, rcpts: list[str], tag: str,
-         body: bytes = b"Hello.\r\n") -> str:
+def send(gw: GatewayProcess, rcpts: list[str], tag: str, body: bytes = b"Hello.\r\n") -> str:
     """Submit one message from the outside client; the gateway must take it (250)."""
     msgid, data = make_message(tag, body)
     with gw.smtp(CLIENT, timeout=GUARD) as s:
@@ -304,8 +312,9 @@ def send(gw: GatewayProcess, rcpts: list[str], tag: str,
 
 
 @pytest.mark.parametrize("retry", ["queue run", "retry timer"])
-def test_refused_connection_defers_then_delivers_once(gateway: GatewayFactory, hop: SinkServer,
-                                                      bounces: SinkServer, retry: str) -> None:
+def test_refused_connection_defers_then_delivers_once(
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer, retry: str
+) -> None:
     """Nothing listens at the hop: every message is deferred (Sendmail's ``stat=Deferred:
     Connection refused by``), kept in the queue, delivered once when the server is back, in
     one transaction per message with all its recipients; no bounce."""
@@ -317,7 +326,8 @@ def test_refused_connection_defers_then_delivers_once(gateway: GatewayFactory, h
     for qid, st in status.items():
         assert set(last_errors(st)) == set(rcpts)
         assert last_errors(st)["bob@hop.test"] == (
-            f"Deferred: 451 4.4.1 Connection refused by [{HOP}]")
+            f"Deferred: 451 4.4.1 Connection refused by [{HOP}]"
+        )
         for rcpt in rcpts:
             line = next(x for x in to_lines(gw, rcpt, "Deferred") if f"{qid}:" in x)
             assert "mailer=smtp" in line and f"relay=[{HOP}]" in line and "dsn=4.4.1" in line
@@ -346,7 +356,8 @@ def test_refused_connection_defers_then_delivers_once(gateway: GatewayFactory, h
 
 
 def test_hop_goes_down_while_a_connection_to_it_is_cached(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     """The idle connection kept for the next message is dead: the next message is tried on
     a fresh one, refused, deferred, and delivered once when the hop is back."""
     hop.start()
@@ -357,8 +368,7 @@ def test_hop_goes_down_while_a_connection_to_it_is_cached(
     hop.stop()  # closes the listener and the cached connection
     second = send(gw, ["bob@hop.test"], "during the outage")
     [(_qid, st)] = wait_deferred(gw).items()
-    assert last_errors(st)["bob@hop.test"].startswith(
-        "Deferred: 451 4.4.1 Connection refused")
+    assert last_errors(st)["bob@hop.test"].startswith("Deferred: 451 4.4.1 Connection refused")
     hop.start()
     kick_until(gw, lambda: copies(hop, second), "the delivery after the queue run")
     wait_queue_empty(gw)
@@ -369,15 +379,17 @@ def test_hop_goes_down_while_a_connection_to_it_is_cached(
 # -- 421 at the greeting ---------------------------------------------------------------------
 
 
-def test_421_greeting_defers_then_delivers_once(gateway: GatewayFactory, hop: SinkServer,
-                                                bounces: SinkServer) -> None:
+def test_421_greeting_defers_then_delivers_once(
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     hop.greeting = "421 4.3.2 hop.test Service not available, closing channel"
     hop.start()
     gw = gateway(MANUAL, RELAXED)
     msgid = send(gw, ["bob@hop.test"], "greeting 421")
     [(_qid, st)] = wait_deferred(gw).items()
     assert last_errors(st)["bob@hop.test"].startswith(
-        "Deferred: 421 4.3.2 hop.test Service not available")
+        "Deferred: 421 4.3.2 hop.test Service not available"
+    )
     [line] = to_lines(gw, "bob@hop.test", "Deferred")
     assert f"relay=[{HOP}]" in line and "dsn=4.3.2" in line
     assert hop.commands == [] or hop.commands == ["QUIT"]  # no transaction on a 421 greeting
@@ -392,7 +404,8 @@ def test_421_greeting_defers_then_delivers_once(gateway: GatewayFactory, hop: Si
 
 
 def test_4xx_to_some_recipients_delivers_the_others_and_retries_only_those(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     """As Sendmail and Postfix: the accepted recipients get the message at once; only the
     deferred one is in the retry's transaction, so nobody gets it twice."""
     hop.rcpt_reply["carol@hop.test"] = "452 4.2.2 Mailbox full, try later"
@@ -404,8 +417,7 @@ def test_4xx_to_some_recipients_delivers_the_others_and_retries_only_those(
     [first] = hop.wait_for(1, timeout=GUARD)
     assert first.rcpt_tos == ["bob@hop.test", "dave@hop.test"]
     assert list(last_errors(st)) == ["carol@hop.test"]
-    assert last_errors(st)["carol@hop.test"].startswith(
-        "Deferred: 452 4.2.2 Mailbox full")
+    assert last_errors(st)["carol@hop.test"].startswith("Deferred: 452 4.2.2 Mailbox full")
     assert done_recipients(st) == {"bob@hop.test", "dave@hop.test"}
     [deferred] = to_lines(gw, "carol@hop.test", "Deferred")
     assert "dsn=4.2.2" in deferred and f"{qid}:" in deferred
@@ -418,13 +430,16 @@ def test_4xx_to_some_recipients_delivers_the_others_and_retries_only_those(
     kick_until(gw, lambda: len(hop.messages) >= 2, "the retry for the deferred recipient")
     wait_queue_empty(gw)
     assert [m.rcpt_tos for m in copies(hop, msgid)] == [
-        ["bob@hop.test", "dave@hop.test"], ["carol@hop.test"]]
+        ["bob@hop.test", "dave@hop.test"],
+        ["carol@hop.test"],
+    ]
     assert deliveries(hop, msgid) == Counter(rcpts)
     assert bounces.messages == []
 
 
 def test_4xx_to_all_recipients_defers_all_then_one_transaction(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     hop.rcpt_default_reply = "451 4.3.0 Temporary lookup failure"
     hop.start()
     gw = gateway(MANUAL, RELAXED)
@@ -455,7 +470,8 @@ def test_4xx_to_all_recipients_defers_all_then_one_transaction(
 
 @pytest.mark.parametrize("stage", ["greeting", "ehlo", "mail", "content", "data_end"])
 def test_hang_defers_after_the_timeout_then_delivers_once(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer, stage: str) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer, stage: str
+) -> None:
     """The hop accepts and goes silent: before the greeting, after 220 (EHLO unanswered),
     after EHLO (the pipelined MAIL/RCPT/DATA unanswered), in the middle of the content (it
     stops reading an 8 MiB message: our writes block), or after the whole content (the dot
@@ -488,16 +504,20 @@ def test_hang_defers_after_the_timeout_then_delivers_once(
 # -- the connection drops during the content -------------------------------------------------
 
 
-@pytest.mark.parametrize("where", ["after 100 bytes", "after 300 KiB of 1 MiB",
-                                   "before the reply", "on a reused connection"])
-def test_drop_mid_data_defers_then_delivers_once(gateway: GatewayFactory, hop: SinkServer,
-                                                 bounces: SinkServer, where: str) -> None:
+@pytest.mark.parametrize(
+    "where",
+    ["after 100 bytes", "after 300 KiB of 1 MiB", "before the reply", "on a reused connection"],
+)
+def test_drop_mid_data_defers_then_delivers_once(
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer, where: str
+) -> None:
     """The connection breaks in the content, or after it before the reply: nothing was
     delivered (no 250), so the message stays queued for both recipients and is sent once
     later. On a connection kept from an earlier message the attempt is repeated once at
     once on a fresh connection (it may only have gone stale), which breaks too."""
-    body = b"".join(b"line %06d of a long message to be cut short\r\n" % i
-                    for i in range(1024 * 1024 // 48))
+    body = b"".join(
+        b"line %06d of a long message to be cut short\r\n" % i for i in range(1024 * 1024 // 48)
+    )
     hop.start()
     gw = gateway(MANUAL, RELAXED)
     if where == "on a reused connection":
@@ -536,7 +556,8 @@ def test_drop_mid_data_defers_then_delivers_once(gateway: GatewayFactory, hop: S
 
 
 def test_4xx_after_the_content_defers_then_delivers_once(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     hop.data_reply = "451 4.3.0 Queue file write error, try again"
     hop.start()
     gw = gateway(MANUAL, RELAXED)
@@ -559,8 +580,9 @@ def test_4xx_after_the_content_defers_then_delivers_once(
 # -- 5xx: bounces ----------------------------------------------------------------------------
 
 
-def test_5xx_at_mail_bounces_every_recipient(gateway: GatewayFactory, hop: SinkServer,
-                                             bounces: SinkServer) -> None:
+def test_5xx_at_mail_bounces_every_recipient(
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     hop.mail_reply = "553 5.1.8 <alice@example.org>... Domain of sender address does not exist"
     hop.start()
     gw = gateway(MANUAL, RELAXED)
@@ -584,7 +606,8 @@ def test_5xx_at_mail_bounces_every_recipient(gateway: GatewayFactory, hop: SinkS
 
 
 def test_5xx_at_rcpt_bounces_that_recipient_and_delivers_the_others(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     hop.rcpt_reply["carol@hop.test"] = "550 5.1.1 <carol@hop.test>... User unknown"
     hop.start()
     gw = gateway(MANUAL, RELAXED)
@@ -604,7 +627,8 @@ def test_5xx_at_rcpt_bounces_that_recipient_and_delivers_the_others(
 
 
 def test_bounce_waits_for_the_senders_server_and_is_sent_once(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     """The bounce is mail like any other: deferred while the sender's MX is down, sent once
     when it is back; the original, delivered to the others, is not sent again."""
     bounces.stop()
@@ -613,8 +637,7 @@ def test_bounce_waits_for_the_senders_server_and_is_sent_once(
     gw = gateway(MANUAL, RELAXED)
     msgid = send(gw, ["bob@hop.test", "carol@hop.test"], "bounce deferred")
     [(qid, st)] = wait_deferred(gw).items()  # the original is gone, the bounce waits
-    assert last_errors(st)[SENDER].startswith(
-        "Deferred: 451 4.4.1 Connection refused")
+    assert last_errors(st)[SENDER].startswith("Deferred: 451 4.4.1 Connection refused")
     assert f"{qid}: to=<{SENDER}>" in deferred_lines(gw)[0]
     assert [m.rcpt_tos for m in copies(hop, msgid)] == [["bob@hop.test"]]
     bounces.start()
@@ -627,8 +650,9 @@ def test_bounce_waits_for_the_senders_server_and_is_sent_once(
     assert [m.rcpt_tos for m in copies(hop, msgid)] == [["bob@hop.test"]]
 
 
-def test_5xx_after_the_content_bounces_each_recipient(gateway: GatewayFactory, hop: SinkServer,
-                                                      bounces: SinkServer) -> None:
+def test_5xx_after_the_content_bounces_each_recipient(
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     """The end-of-data reply speaks for every accepted recipient: the bounce reports each."""
     hop.data_reply = "554 5.6.0 Message content rejected"
     hop.start()
@@ -642,7 +666,8 @@ def test_5xx_after_the_content_bounces_each_recipient(gateway: GatewayFactory, h
     _subject, fields = dsn_fields(dsn)
     assert [f["final-recipient"] for f in fields] == [f"rfc822; {r}" for r in rcpts]
     assert {(f["action"], f["status"], f["diagnostic-code"]) for f in fields} == {
-        ("failed", "5.6.0", "smtp; 554 5.6.0 Message content rejected")}
+        ("failed", "5.6.0", "smtp; 554 5.6.0 Message content rejected")
+    }
     assert msgid.encode() in dsn.data  # the original comes back
     [t] = hop.transactions
     assert t.rcpt_tos == rcpts and not t.completed
@@ -655,7 +680,8 @@ def test_5xx_after_the_content_bounces_each_recipient(gateway: GatewayFactory, h
 
 
 def test_delay_warning_then_max_age_bounce_for_the_deferred_recipient(
-        gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, hop: SinkServer, bounces: SinkServer
+) -> None:
     """Sendmail's queuewarn / queuereturn: a warning once ``warn_after`` has passed, a
     bounce with 4.4.7 once ``max_age`` has; only the recipient still deferred is reported, the
     one delivered at the first attempt is not."""
@@ -693,8 +719,9 @@ def test_delay_warning_then_max_age_bounce_for_the_deferred_recipient(
     assert len(deferred_lines(gw)) >= 2  # every try before that was a deferral
 
 
-def test_max_age_bounce_when_the_hop_never_answers(gateway: GatewayFactory,
-                                                   bounces: SinkServer) -> None:
+def test_max_age_bounce_when_the_hop_never_answers(
+    gateway: GatewayFactory, bounces: SinkServer
+) -> None:
     gw = gateway(TIMER, '[queue]\nwarn_after = "0s"\nmax_age = "2s"\n', RELAXED)
     msgid = send(gw, ["bob@hop.test"], "never")
     wait_until(lambda: bounces_for(bounces, msgid), "the expiry bounce")
@@ -711,11 +738,25 @@ def test_max_age_bounce_when_the_hop_never_answers(gateway: GatewayFactory,
 # -- MX fallback -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("failure", ["refuses", "421 greeting", "554 greeting",
-                                     "hangs after accepting", "black hole", "4xx at MAIL"])
-def test_first_mx_fails_second_receives(gateway: GatewayFactory, mx1: SinkServer,
-                                        mx2: SinkServer, bounces: SinkServer, port: int,
-                                        failure: str) -> None:
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "refuses",
+        "421 greeting",
+        "554 greeting",
+        "hangs after accepting",
+        "black hole",
+        "4xx at MAIL",
+    ],
+)
+def test_first_mx_fails_second_receives(
+    gateway: GatewayFactory,
+    mx1: SinkServer,
+    mx2: SinkServer,
+    bounces: SinkServer,
+    port: int,
+    failure: str,
+) -> None:
     """RFC 5321 5.1: the next MX by preference when the first cannot take the transaction;
     delivered once, at once, nothing deferred. (Sendmail and Postfix do the same for a 4xx or
     5xx greeting, and Postfix for a 4xx to MAIL.)"""
@@ -734,8 +775,9 @@ def test_first_mx_fails_second_receives(gateway: GatewayFactory, mx1: SinkServer
         mx1.start()
     mx2.start()
     try:
-        gw = gateway(MANUAL, SHORT if failure in ("hangs after accepting", "black hole")
-                     else RELAXED)
+        gw = gateway(
+            MANUAL, SHORT if failure in ("hangs after accepting", "black hole") else RELAXED
+        )
         rcpts = ["bob@mx.test", "carol@mx.test"]
         msgid = send(gw, rcpts, f"mx fallback {failure}")
         [msg] = mx2.wait_for(1, timeout=GUARD)
@@ -754,15 +796,15 @@ def test_first_mx_fails_second_receives(gateway: GatewayFactory, mx1: SinkServer
 
 
 def test_both_mx_down_defers_then_the_preferred_one_gets_it_once(
-        gateway: GatewayFactory, mx1: SinkServer, mx2: SinkServer, bounces: SinkServer) -> None:
+    gateway: GatewayFactory, mx1: SinkServer, mx2: SinkServer, bounces: SinkServer
+) -> None:
     mx2.greeting = "421 4.3.2 mx2.mx.test Not now"
     mx2.start()  # MX1 refuses connections, MX2 421s
     gw = gateway(MANUAL, RELAXED)
     msgid = send(gw, ["bob@mx.test"], "both down")
     [(_qid, st)] = wait_deferred(gw).items()
     # The last address tried speaks for the attempt, as in Sendmail's log.
-    assert last_errors(st)["bob@mx.test"].startswith(
-        "Deferred: 421 4.3.2 mx2.mx.test Not now")
+    assert last_errors(st)["bob@mx.test"].startswith("Deferred: 421 4.3.2 mx2.mx.test Not now")
     [line] = to_lines(gw, "bob@mx.test", "Deferred")
     assert f"relay=mx2.mx.test. [{MX2}]" in line
     assert mx2.connections >= 1

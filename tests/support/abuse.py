@@ -60,8 +60,21 @@ D_OTHER = Domain("other.example", FOREIGN, "foreign")
 D_UUHOST = Domain("uuhost", FOREIGN, "foreign")  # single label, as UUCP names are
 D_LITERAL = Domain("[127.0.0.9]", FOREIGN, "literal", bang_ok=False)
 
-DOMAINS = (D_GATEWAY, D_LOCALNAME, D_VIRT, D_UNQUALIFIED, D_OWN_LITERAL, D_TD1, D_TD2, D_TD3,
-           D_CLASSR, D_FOREIGN, D_OTHER, D_UUHOST, D_LITERAL)
+DOMAINS = (
+    D_GATEWAY,
+    D_LOCALNAME,
+    D_VIRT,
+    D_UNQUALIFIED,
+    D_OWN_LITERAL,
+    D_TD1,
+    D_TD2,
+    D_TD3,
+    D_CLASSR,
+    D_FOREIGN,
+    D_OTHER,
+    D_UUHOST,
+    D_LITERAL,
+)
 INNER = tuple(d for d in DOMAINS if not d.outer_only)
 
 # Sinks: name -> address. td1..classr are mailertable hops (ports of their own); the other
@@ -86,15 +99,28 @@ class ClientClass:
 CLIENTS = (
     ClientClass("outside-noptr", "127.0.0.2", False, why="no PTR (FAIL)"),
     ClientClass("outside-ptr", "127.0.0.40", False, why="PTR named.example.net, confirmed"),
-    ClientClass("outside-forged", "127.0.0.43", False,
-                why="PTR forged.example, which does not resolve back"),
-    ClientClass("outside-ptrtemp", "127.0.0.42", False, 450, "4.4.0",
-                "Relaying temporarily denied", why="PTR lookup SERVFAIL (TEMP)"),
+    ClientClass(
+        "outside-forged", "127.0.0.43", False, why="PTR forged.example, which does not resolve back"
+    ),
+    ClientClass(
+        "outside-ptrtemp",
+        "127.0.0.42",
+        False,
+        450,
+        "4.4.0",
+        "Relaying temporarily denied",
+        why="PTR lookup SERVFAIL (TEMP)",
+    ),
     ClientClass("relay-ip", "127.0.0.3", True, why="access 127.0.0.3 RELAY"),
-    ClientClass("relay-ptr-access", "127.0.0.68", True,
-                why="PTR trusted.example, access Connect:trusted.example RELAY"),
-    ClientClass("relay-ptr-classR", "127.0.0.69", True,
-                why="PTR sub.trusted.example, in relay-domains"),
+    ClientClass(
+        "relay-ptr-access",
+        "127.0.0.68",
+        True,
+        why="PTR trusted.example, access Connect:trusted.example RELAY",
+    ),
+    ClientClass(
+        "relay-ptr-classR", "127.0.0.69", True, why="PTR sub.trusted.example, in relay-domains"
+    ),
     ClientClass("localhost", "127.0.0.1", True, why="the local host"),
 )
 OUTSIDE_CLIENTS = tuple(c for c in CLIENTS if not c.may_relay)
@@ -214,8 +240,9 @@ def _fold(local: str, domain: str, link: str) -> str | None:
     return f'"{domain}!{local}"'
 
 
-def _encode(user: str, chain: tuple[Domain, ...], links: tuple[str, ...], *, upper: bool,
-            dot: bool) -> str | None:
+def _encode(
+    user: str, chain: tuple[Domain, ...], links: tuple[str, ...], *, upper: bool, dot: bool
+) -> str | None:
     """Build the address for ``chain`` from the inside out; None if it cannot be written."""
     local, inner = user, chain[-1]
     for outer, link in zip(reversed(chain[:-1]), reversed(links), strict=True):
@@ -260,14 +287,18 @@ def _literal_in_local_part(chain: tuple[Domain, ...], links: tuple[str, ...]) ->
     (``u%[192.0.2.1]@relayed``)? "[" is not atext (RFC 5321), so the gateway may refuse the
     syntax: such forms must be refused from outside, and may be either from a relay client.
     (Behind a local name the %-hack unfolds it first: ``u%[192.0.2.1]@gateway`` is fine.)"""
-    return any(link == PCT and chain[i + 1].is_literal
-               and any(d.kind != LOCAL for d in chain[:i + 1])
-               for i, link in enumerate(links))
+    return any(
+        link == PCT and chain[i + 1].is_literal and any(d.kind != LOCAL for d in chain[: i + 1])
+        for i, link in enumerate(links)
+    )
 
 
 # Source routes are dropped, never followed (semantics §1): through foreign, relayed, local.
-_SOURCE_ROUTES = ("@foreign.example:", "@targetdomain1.com,@other.example:",
-                  "@gateway.example.com:")
+_SOURCE_ROUTES = (
+    "@foreign.example:",
+    "@targetdomain1.com,@other.example:",
+    "@gateway.example.com:",
+)
 
 
 def address_forms() -> list[Form]:
@@ -279,9 +310,19 @@ def address_forms() -> list[Form]:
     forms: dict[str, Form] = {}
     count = 0
 
-    def add(family: str, chain: tuple[Domain, ...], links: tuple[str, ...] = (), *,
-            upper: bool = False, dot: bool = False, route: str = "", bare: bool = False,
-            written: str = "", special: str = "", or_invalid: bool = False) -> None:
+    def add(
+        family: str,
+        chain: tuple[Domain, ...],
+        links: tuple[str, ...] = (),
+        *,
+        upper: bool = False,
+        dot: bool = False,
+        route: str = "",
+        bare: bool = False,
+        written: str = "",
+        special: str = "",
+        or_invalid: bool = False,
+    ) -> None:
         nonlocal count
         count += 1
         token = f"t{count:04d}x"
@@ -296,9 +337,15 @@ def address_forms() -> list[Form]:
             rcpt = f"{route}{addr}" if bare else f"<{route}{addr}>"
             if special:
                 chain = ()
-        form = Form(rcpt, family, token if user == token else "", chain, special,
-                    as_written=bool(written) and not special and not or_invalid,
-                    or_invalid_route=or_invalid)
+        form = Form(
+            rcpt,
+            family,
+            token if user == token else "",
+            chain,
+            special,
+            as_written=bool(written) and not special and not or_invalid,
+            or_invalid_route=or_invalid,
+        )
         old = forms.get(rcpt.lower())
         if old is not None:
             if _outcome(old) != _outcome(form):
@@ -323,22 +370,37 @@ def address_forms() -> list[Form]:
     # "u@b@ours" as "u%b@ours": either that route (relay check and all) or the 553 will do.
     for outer in (D_TD1, D_TD3, D_CLASSR, D_FOREIGN):
         for inner in (D_FOREIGN, D_TD2, D_GATEWAY):
-            add("invalid-route", (), written=f"<TOKEN@{inner.name}@{outer.name}>",
-                special=INVALID_ROUTE)
+            add(
+                "invalid-route",
+                (),
+                written=f"<TOKEN@{inner.name}@{outer.name}>",
+                special=INVALID_ROUTE,
+            )
     for outer in (D_GATEWAY, D_VIRT, D_OWN_LITERAL):
         for inner in (D_FOREIGN, D_TD2, D_GATEWAY, D_LITERAL):
-            add("invalid-route-local", (outer, inner),
-                written=f"<TOKEN@{inner.name}@{outer.name}>", or_invalid=True)
+            add(
+                "invalid-route-local",
+                (outer, inner),
+                written=f"<TOKEN@{inner.name}@{outer.name}>",
+                or_invalid=True,
+            )
     # Backslash-escaped routing characters: refused from outside, whatever Sendmail does.
     for outer in (D_TD1, D_TD3, D_CLASSR, D_GATEWAY, D_VIRT):
         for inner in (D_FOREIGN, D_LITERAL):
-            add("escaped-at", (), written=f"<TOKEN\\@{inner.name}@{outer.name}>",
-                special=REFUSED)
-            add("escaped-pct-bang", (), written=f"<TOKEN\\%{inner.name}@{outer.name}>",
-                special=REFUSED)
+            add("escaped-at", (), written=f"<TOKEN\\@{inner.name}@{outer.name}>", special=REFUSED)
+            add(
+                "escaped-pct-bang",
+                (),
+                written=f"<TOKEN\\%{inner.name}@{outer.name}>",
+                special=REFUSED,
+            )
             if inner.bang_ok:
-                add("escaped-pct-bang", (),
-                    written=f"<{inner.name}\\!TOKEN@{outer.name}>", special=REFUSED)
+                add(
+                    "escaped-pct-bang",
+                    (),
+                    written=f"<{inner.name}\\!TOKEN@{outer.name}>",
+                    special=REFUSED,
+                )
     # Quoted local parts without routing in them are user names, relayed as they are.
     for d in (D_TD1, D_TD3, D_CLASSR):
         add("benign-quoted", (d,), written=f'<"TOKEN doe"@{d.name}>')
@@ -406,18 +468,26 @@ class Sinks:
             server.stop()
 
     def mailertable(self) -> str:
-        return "".join(f"{d.name}  smtp:[{HOP_ADDRESSES[d.hop]}]:{self[d.hop].port}\n"
-                       for d in (D_TD1, D_TD2, D_TD3, D_CLASSR))
+        return "".join(
+            f"{d.name}  smtp:[{HOP_ADDRESSES[d.hop]}]:{self[d.hop].port}\n"
+            for d in (D_TD1, D_TD2, D_TD3, D_CLASSR)
+        )
 
 
-def abuse_gateway(directory: Path, dns: DnsServer, sinks: Sinks, *, smtp: str,
-                  host: str = "127.0.0.10") -> GatewayProcess:
+def abuse_gateway(
+    directory: Path, dns: DnsServer, sinks: Sinks, *, smtp: str, host: str = "127.0.0.10"
+) -> GatewayProcess:
     """edge.make_gateway() with the abuse suite's tables: four relayed domains (To:, untagged
     access, relay-domains), a virtusertable domain, relay clients by IP and by PTR name."""
-    gw = make_gateway(directory, dns, sinks["td1"].port, sinks.mx_port, access=ACCESS,
-                      smtp=smtp, host=host)
-    tables = {"mailertable": sinks.mailertable(), "relay-domains": RELAY_DOMAINS,
-              "local-host-names": LOCAL_HOST_NAMES, "virtusertable": VIRTUSERTABLE}
+    gw = make_gateway(
+        directory, dns, sinks["td1"].port, sinks.mx_port, access=ACCESS, smtp=smtp, host=host
+    )
+    tables = {
+        "mailertable": sinks.mailertable(),
+        "relay-domains": RELAY_DOMAINS,
+        "local-host-names": LOCAL_HOST_NAMES,
+        "virtusertable": VIRTUSERTABLE,
+    }
     for name, text in tables.items():
         (gw.dir / name).write_text(text)
     return gw

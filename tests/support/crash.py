@@ -37,9 +37,11 @@ def make_message(n: int, seed: int, rng: random.Random) -> bytes:
     """Message ``n``: mostly 0.3–6 KiB, one in 150 about 300 KiB (past the spool's write
     buffer and the spare-file size limit), a dot-stuffed line in some."""
     size = 300_000 if rng.random() < 1 / 150 else rng.randint(300, 6000)
-    head = (f"From: <{SENDER}>\r\nTo: <{recipient(n)}>\r\nSubject: crash test {n}\r\n"
-            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
-            f"Message-ID: <crash.{seed}.{n}@example.org>\r\n\r\n")
+    head = (
+        f"From: <{SENDER}>\r\nTo: <{recipient(n)}>\r\nSubject: crash test {n}\r\n"
+        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+        f"Message-ID: <crash.{seed}.{n}@example.org>\r\n\r\n"
+    )
     line = (f"message {n} " + "abcdefghijklmnopqrstuvwxyz0123456789" * 3)[:76] + "\r\n"
     lines = [line] * max(1, size // len(line))
     if n % 7 == 0:
@@ -78,9 +80,9 @@ class CrashSink(SinkServer):
 
     def since(self, mark: tuple[int, int, int]) -> Activity:
         with self._cond:
-            commands = self.commands[mark[0]:]
-            transactions = self.transactions[mark[1]:]
-            messages = self.messages[mark[2]:]
+            commands = self.commands[mark[0] :]
+            transactions = self.transactions[mark[1] :]
+            messages = self.messages[mark[2] :]
         started: Counter[int] = Counter()
         for line in commands:
             m = _RCPT.fullmatch(line)

@@ -48,8 +48,17 @@ def make_dns() -> DnsServer:
     return dns
 
 
-def make_gateway(directory: Path, dns: DnsServer, hop1_port: int, mx_port: int, *, access: str,
-                 smtp: str, host: str = "127.0.0.1", extra: str = "") -> GatewayProcess:
+def make_gateway(
+    directory: Path,
+    dns: DnsServer,
+    hop1_port: int,
+    mx_port: int,
+    *,
+    access: str,
+    smtp: str,
+    host: str = "127.0.0.1",
+    extra: str = "",
+) -> GatewayProcess:
     """A gateway with the issue's routing tables; ``smtp`` is the body of its [smtp] section."""
     tables = {
         "mailertable": f"targetdomain1.com   smtp:[{HOP1}]:{hop1_port}\n",
@@ -58,8 +67,8 @@ def make_gateway(directory: Path, dns: DnsServer, hop1_port: int, mx_port: int, 
         "aliases": "postmaster: alice\nteam: alice, bob@targetdomain1.com\n",
     }
     settings = (
-        "[queue]\nrun_interval = \"2s\"\nretry_min = \"1s\"\n"
-        f"[delivery]\nport = {mx_port}\nconnect_timeout = \"2s\"\n"
+        '[queue]\nrun_interval = "2s"\nretry_min = "1s"\n'
+        f'[delivery]\nport = {mx_port}\nconnect_timeout = "2s"\n'
         f"[smtp]\n{smtp}\n{extra}"
     )
     gw = GatewayProcess(directory, dns=dns.address, tables=tables, settings=settings, host=host)
@@ -67,11 +76,17 @@ def make_gateway(directory: Path, dns: DnsServer, hop1_port: int, mx_port: int, 
     return gw
 
 
-def message(subject: str, frm: str = "alice@example.org", to: str = "bob@targetdomain1.com",
-            body: str = "Hi Bob.\r\n") -> bytes:
-    return (f"From: <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
-            "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
-            f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n\r\n{body}").encode()
+def message(
+    subject: str,
+    frm: str = "alice@example.org",
+    to: str = "bob@targetdomain1.com",
+    body: str = "Hi Bob.\r\n",
+) -> bytes:
+    return (
+        f"From: <{frm}>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
+        f"Message-ID: <{subject.replace(' ', '-')}@example.org>\r\n\r\n{body}"
+    ).encode()
 
 
 def with_subject(sink: SinkServer, subject: str) -> list[SinkMessage]:
@@ -79,24 +94,27 @@ def with_subject(sink: SinkServer, subject: str) -> list[SinkMessage]:
     return [m for m in list(sink.messages) if needle in m.data]
 
 
-def wait_subject(sink: SinkServer, subject: str, count: int = 1,
-                 timeout: float = 15.0) -> list[SinkMessage]:
+def wait_subject(
+    sink: SinkServer, subject: str, count: int = 1, timeout: float = 15.0
+) -> list[SinkMessage]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = with_subject(sink, subject)
         if len(found) >= count:
             return found
         time.sleep(0.05)
-    raise AssertionError(f"sink got {len(with_subject(sink, subject))} of {count} messages "
-                         f"with subject {subject!r}")
+    raise AssertionError(
+        f"sink got {len(with_subject(sink, subject))} of {count} messages with subject {subject!r}"
+    )
 
 
 def raw(gw: GatewayProcess, source: str, timeout: float = 10.0) -> RawSmtp:
     return RawSmtp(gw.host, gw.port, source=source, timeout=timeout)
 
 
-def greet(gw: GatewayProcess, source: str, timeout: float = 10.0) -> tuple[RawSmtp, RawReply,
-                                                                          float]:
+def greet(
+    gw: GatewayProcess, source: str, timeout: float = 10.0
+) -> tuple[RawSmtp, RawReply, float]:
     """Connect from ``source``; (client, greeting, seconds from connect to the greeting)."""
     started = time.monotonic()
     c = raw(gw, source, timeout)

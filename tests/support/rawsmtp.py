@@ -1,10 +1,10 @@
 """A raw-socket SMTP client for tests that must see the exact bytes (smtplib hides too much).
 
-    with RawSmtp(host, port, source="127.0.0.2") as c:
-        greeting = c.read_reply()
-        assert c.cmd("EHLO client.example.net").code == 250
-        c.send(b"MAIL FROM:<a@b>\\r\\nRCPT TO:<c@d>\\r\\n")   # a pipelined group in one write
-        replies = c.read_replies(2)
+with RawSmtp(host, port, source="127.0.0.2") as c:
+    greeting = c.read_reply()
+    assert c.cmd("EHLO client.example.net").code == 250
+    c.send(b"MAIL FROM:<a@b>\\r\\nRCPT TO:<c@d>\\r\\n")   # a pipelined group in one write
+    replies = c.read_replies(2)
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ class ConnectionClosedByPeer(Exception):
 
 
 class RawSmtp:
-    def __init__(self, host: str, port: int, *, source: str | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, host: str, port: int, *, source: str | None = None, timeout: float = 10.0
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         if source:
@@ -140,7 +141,8 @@ class RawSmtp:
                 pass
         except TimeoutError:
             raise AssertionError(
-                f"server kept the connection open; got {bytes(self.buf)!r}") from None
+                f"server kept the connection open; got {bytes(self.buf)!r}"
+            ) from None
         finally:
             self.sock.settimeout(old)
         out = bytes(self.buf)

@@ -154,8 +154,9 @@ class _Session:
                 self.helo = arg
                 self.reset()
                 ext = [f"250-{sink.hostname} Hello"]
-                ext += [f"250-{e}" for e in sink._extensions()
-                        if not (self.tls and e == "STARTTLS")]
+                ext += [
+                    f"250-{e}" for e in sink._extensions() if not (self.tls and e == "STARTTLS")
+                ]
                 ext[-1] = ext[-1].replace("250-", "250 ", 1)
                 await self.send("\r\n".join(ext))
             elif verb == "HELO":

@@ -24,7 +24,8 @@ from pathlib import Path
 from types import TracebackType
 
 SMTP_SINK = shutil.which("smtp-sink") or (
-    "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None)
+    "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None
+)
 
 
 @dataclass
@@ -75,15 +76,16 @@ class PostfixSink:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 10.0) -> PostfixSink:
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"smtp-sink exited: {err}")
-            with contextlib.suppress(OSError), \
-                    socket.create_connection((self.host, self.port), timeout=0.5):
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.5),
+            ):
                 return self
             time.sleep(0.05)
         raise RuntimeError("smtp-sink did not start listening")
@@ -119,6 +121,7 @@ class PostfixSink:
     def __enter__(self) -> PostfixSink:
         return self.start()
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

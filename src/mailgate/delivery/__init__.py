@@ -43,11 +43,19 @@ class Outcome:
     dsn_passed: bool = False  # the next hop took our DSN parameters: its DSNs, not ours
 
     @classmethod
-    def from_reply(cls, reply: Reply, relay: str | None = None, remote_mta: str | None = None,
-                   transcript: tuple[str, ...] = (), *, dsn_passed: bool = False) -> Outcome:
+    def from_reply(
+        cls,
+        reply: Reply,
+        relay: str | None = None,
+        remote_mta: str | None = None,
+        transcript: tuple[str, ...] = (),
+        *,
+        dsn_passed: bool = False,
+    ) -> Outcome:
         """The outcome a reply means: 2xx/3xx sent, 4xx temporary, 5xx permanent."""
-        status = (Status.SENT if reply.is_positive else
-                  Status.TEMP if reply.is_temporary else Status.PERM)
+        status = (
+            Status.SENT if reply.is_positive else Status.TEMP if reply.is_temporary else Status.PERM
+        )
         return cls(status, reply, relay, remote_mta, transcript, dsn_passed)
 
     @property

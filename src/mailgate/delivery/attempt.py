@@ -56,8 +56,7 @@ class DeliveryContext:
     limits: DestinationLimits = field(default_factory=DestinationLimits)  # per next hop
     # The mailer registry (``delivery.mailers``); tests give fakes.
     make_mailers: Callable[[Config, DeliveryContext], dict[str, Mailer]] = build_mailers
-    _mailers: tuple[Snapshot, Resolver, dict[str, Mailer]] | None = field(default=None,
-                                                                          repr=False)
+    _mailers: tuple[Snapshot, Resolver, dict[str, Mailer]] | None = field(default=None, repr=False)
 
     def mailers(self, snap: Snapshot) -> dict[str, Mailer]:
         """The mailers for ``snap``, made once per snapshot (and resolver)."""
@@ -86,8 +85,9 @@ def interval_text(seconds: float) -> str:
 
 
 # -- the attempt --------------------------------------------------------------------------------
-async def attempt(ctx: DeliveryContext, qid: str,
-                  message: QueuedMessage | None = None) -> float | None:
+async def attempt(
+    ctx: DeliveryContext, qid: str, message: QueuedMessage | None = None
+) -> float | None:
     """Try every pending recipient of ``qid`` once; ``message``: it, hot from its commit (this
     attempt then owns it). Returns the next attempt time, or None when done."""
     if message is None:
@@ -114,15 +114,20 @@ async def _attempt(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
     log_outcomes(msg, results, started, now)
     recorded = record(msg.status, results)
     if recorded.failed and not await notify.bounce(
-            ctx, snap, msg, [(j.rcpt, notify.failed(j, o)) for j, o in recorded.failed],
-            reason=recorded.failed[0][1].stat):
+        ctx,
+        snap,
+        msg,
+        [(j.rcpt, notify.failed(j, o)) for j, o in recorded.failed],
+        reason=recorded.failed[0][1].stat,
+    ):
         # No room for the bounce (the disk is full): those recipients stay pending, to be
         # failed and bounced at the next attempt, rather than dropped with no bounce at all.
         unrecord(msg.status, recorded.failed)
     settle(msg.status, planned)
     if recorded.receipts:
-        await notify.send_receipts(ctx, snap, msg, [notify.receipt(j, o)
-                                                    for j, o in recorded.receipts])
+        await notify.send_receipts(
+            ctx, snap, msg, [notify.receipt(j, o) for j, o in recorded.receipts]
+        )
     return await act(ctx, snap, msg, decide(msg, snap.config, now), now)
 
 
@@ -176,24 +181,33 @@ async def deliver_all(msg: QueuedMessage, planned: Plan) -> list[tuple[Job, Outc
         outcomes = [await batches[0].mailer.deliver(msg, batches[0].jobs)]
     else:
         outcomes = await asyncio.gather(*(b.mailer.deliver(msg, b.jobs) for b in batches))
-    return [(job, outcome) for batch, outs in zip(batches, outcomes, strict=True)
-            for job, outcome in zip(batch.jobs, outs, strict=True)]
+    return [
+        (job, outcome)
+        for batch, outs in zip(batches, outcomes, strict=True)
+        for job, outcome in zip(batch.jobs, outs, strict=True)
+    ]
 
 
 # -- record -------------------------------------------------------------------------------------
-def log_outcomes(msg: QueuedMessage, results: list[tuple[Job, Outcome]], started: float,
-                 now: float) -> None:
+def log_outcomes(
+    msg: QueuedMessage, results: list[tuple[Job, Outcome]], started: float, now: float
+) -> None:
     """One maillog ``to=`` line per target."""
     env = msg.envelope
     for job, outcome in results:
         route = job.route
         maillog.delivery(
-            env.qid, route.address if route.is_smtp or route.mailer == "error"
-            else job.rcpt.address,
-            delay=now - env.arrival, xdelay=now - started, mailer=route.mailer,
-            relay=outcome.relay, dsn=outcome.dsn, stat=outcome.stat,
+            env.qid,
+            route.address if route.is_smtp or route.mailer == "error" else job.rcpt.address,
+            delay=now - env.arrival,
+            xdelay=now - started,
+            mailer=route.mailer,
+            relay=outcome.relay,
+            dsn=outcome.dsn,
+            stat=outcome.stat,
             reply=str(outcome.reply) if route.is_smtp and outcome.relay else None,
-            ctladdr=None)
+            ctladdr=None,
+        )
 
 
 @dataclass
@@ -282,20 +296,25 @@ def decide(msg: QueuedMessage, cfg: Config, now: float) -> Decision:
     return retry(msg, cfg, now, pending)
 
 
-def retry(msg: QueuedMessage, cfg: Config, now: float, pending: list[Recipient]
-          ) -> Warn | RetryAt:
+def retry(msg: QueuedMessage, cfg: Config, now: float, pending: list[Recipient]) -> Warn | RetryAt:
     """When to try ``pending`` again (the back-off of this many attempts), and whether to
     warn the sender first."""
     env, status, queue = msg.envelope, msg.status, cfg.queue
     at = now + retry_delay(status.attempts + 1, queue.retry_min, queue.run_interval)
-    if (not status.warned and queue.warn_after and now - env.arrival >= queue.warn_after
-            and env.sender and not env.is_bounce):
+    if (
+        not status.warned
+        and queue.warn_after
+        and now - env.arrival >= queue.warn_after
+        and env.sender
+        and not env.is_bounce
+    ):
         return Warn(at, [r for r in pending if notify.wants(r, "DELAY")])
     return RetryAt(at)
 
 
-async def act(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, decision: Decision,
-              now: float) -> float | None:
+async def act(
+    ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, decision: Decision, now: float
+) -> float | None:
     """Carry out ``decision``; the next attempt time, or None when the message is finished."""
     if isinstance(decision, Expire):
         if await expire(ctx, snap, msg, decision.pending, now):
@@ -309,24 +328,46 @@ async def act(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, decision
     if isinstance(decision, Warn):
         msg.status.warned = True
         if decision.pending and not await notify.warn(
-                ctx, snap, msg, [notify.late(r, msg.status.last_error(r.address), now,
-                                             warning=True) for r in decision.pending]):
+            ctx,
+            snap,
+            msg,
+            [
+                notify.late(r, msg.status.last_error(r.address), now, warning=True)
+                for r in decision.pending
+            ],
+        ):
             msg.status.warned = False  # the next attempt tries again
     return await reschedule(ctx, msg, now, decision.at)
 
 
-async def expire(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                 pending: list[Recipient], now: float) -> bool:
+async def expire(
+    ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, pending: list[Recipient], now: float
+) -> bool:
     """Bounce every pending recipient as undeliverable in time; False if it could not be."""
     env = msg.envelope
     text = f"Cannot send message for {interval_text(snap.config.queue.max_age)}"
     for rcpt in pending:
-        maillog.delivery(env.qid, rcpt.address, delay=now - env.arrival, xdelay=0,
-                         mailer="esmtp", relay=None, dsn="4.4.7", stat=text)
+        maillog.delivery(
+            env.qid,
+            rcpt.address,
+            delay=now - env.arrival,
+            xdelay=0,
+            mailer="esmtp",
+            relay=None,
+            dsn="4.4.7",
+            stat=text,
+        )
     reason = Outcome(Status.PERM, Reply(554, "4.4.7", text)).stat
     return await notify.bounce(
-        ctx, snap, msg, [(r, notify.late(r, msg.status.last_error(r.address), now,
-                                         warning=False)) for r in pending], reason=reason)
+        ctx,
+        snap,
+        msg,
+        [
+            (r, notify.late(r, msg.status.last_error(r.address), now, warning=False))
+            for r in pending
+        ],
+        reason=reason,
+    )
 
 
 async def reschedule(ctx: DeliveryContext, msg: QueuedMessage, now: float, at: float) -> float:

@@ -359,10 +359,21 @@ class MaildirMailer:
         return route.target
 
     async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
-        return [await local_outcome(asyncio.to_thread(
-            deliver_maildir, job.route.address, self.maildir_root, msg.path, msg.offset,
-            hostname=self.hostname, return_path=msg.envelope.sender,
-            delivered_to=job.rcpt.address)) for job in jobs]
+        return [
+            await local_outcome(
+                asyncio.to_thread(
+                    deliver_maildir,
+                    job.route.address,
+                    self.maildir_root,
+                    msg.path,
+                    msg.offset,
+                    hostname=self.hostname,
+                    return_path=msg.envelope.sender,
+                    delivered_to=job.rcpt.address,
+                )
+            )
+            for job in jobs
+        ]
 
 
 class FileMailer:
@@ -375,6 +386,15 @@ class FileMailer:
         return route.target
 
     async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
-        return [await local_outcome(asyncio.to_thread(
-            deliver_file, Path(job.route.address), msg.path, msg.offset,
-            return_path=msg.envelope.sender)) for job in jobs]
+        return [
+            await local_outcome(
+                asyncio.to_thread(
+                    deliver_file,
+                    Path(job.route.address),
+                    msg.path,
+                    msg.offset,
+                    return_path=msg.envelope.sender,
+                )
+            )
+            for job in jobs
+        ]

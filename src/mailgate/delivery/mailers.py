@@ -37,8 +37,11 @@ class ErrorMailer:
         out = []
         for job in jobs:
             err = job.route.error
-            reply = (err.reply(f"<{job.rcpt.address}>") if err is not None
-                     else Reply(554, "5.3.0", "Mailer error"))
+            reply = (
+                err.reply(f"<{job.rcpt.address}>")
+                if err is not None
+                else Reply(554, "5.3.0", "Mailer error")
+            )
             out.append(Outcome(Status.TEMP if reply.is_temporary else Status.PERM, reply))
         return out
 

@@ -48,16 +48,25 @@ def failed(job: Job, outcome: Outcome) -> DsnRecipient:
 def receipt(job: Job, outcome: Outcome) -> DsnRecipient:
     """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
     smtp = job.route.is_smtp
-    return replace(failed(job, outcome), action="relayed" if smtp else "delivered",
-                   diagnostic=str(outcome.reply) if smtp else None, transcript=())
+    return replace(
+        failed(job, outcome),
+        action="relayed" if smtp else "delivered",
+        diagnostic=str(outcome.reply) if smtp else None,
+        transcript=(),
+    )
 
 
-def late(rcpt: Recipient, last_error: str | None, now: float, *,
-         warning: bool) -> DsnRecipient:
+def late(rcpt: Recipient, last_error: str | None, now: float, *, warning: bool) -> DsnRecipient:
     """A recipient still pending: expired (``warning`` False) or delayed."""
-    return DsnRecipient(address=rcpt.address, original=rcpt.original, status="4.4.7",
-                        diagnostic=last_error or None, remote_mta=None,
-                        action="delayed" if warning else "failed", last_attempt=now)
+    return DsnRecipient(
+        address=rcpt.address,
+        original=rcpt.original,
+        status="4.4.7",
+        diagnostic=last_error or None,
+        remote_mta=None,
+        action="delayed" if warning else "failed",
+        last_attempt=now,
+    )
 
 
 def wants(rcpt: Recipient, kind: str) -> bool:
@@ -68,8 +77,13 @@ def wants(rcpt: Recipient, kind: str) -> bool:
     return not rcpt.notify or kind in rcpt.notify.upper()
 
 
-async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                 recipients: Sequence[tuple[Recipient, DsnRecipient]], reason: str) -> bool:
+async def bounce(
+    ctx: DeliveryContext,
+    snap: Snapshot,
+    msg: QueuedMessage,
+    recipients: Sequence[tuple[Recipient, DsnRecipient]],
+    reason: str,
+) -> bool:
     """Return failed recipients to the sender, those whose NOTIFY asks for it; never for a
     message from the null sender (logged instead). False (logged) when the spool cannot take
     the bounce (a full disk): the caller keeps those recipients pending."""
@@ -89,8 +103,9 @@ async def bounce(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     return True
 
 
-async def send_receipts(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                        receipts: list[DsnRecipient]) -> None:
+async def send_receipts(
+    ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, receipts: list[DsnRecipient]
+) -> None:
     env = msg.envelope
     if not env.sender or env.is_bounce:
         return
@@ -103,8 +118,9 @@ async def send_receipts(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage
         maillog.dsn_created(env.qid, receipt_qid, "Return receipt")
 
 
-async def warn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-               recipients: list[DsnRecipient]) -> bool:
+async def warn(
+    ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, recipients: list[DsnRecipient]
+) -> bool:
     """A delay warning; False (logged) if it could not be queued (try at the next attempt)."""
     hours = int(snap.config.queue.warn_after // 3600) or 1
     try:
@@ -128,8 +144,13 @@ def _take(blocks: Iterator[bytes], limit: int) -> list[bytes]:
     return out
 
 
-async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
-                    recipients: list[DsnRecipient], warning_hours: int | None = None) -> str:
+async def queue_dsn(
+    ctx: DeliveryContext,
+    snap: Snapshot,
+    msg: QueuedMessage,
+    recipients: list[DsnRecipient],
+    warning_hours: int | None = None,
+) -> str:
     """Write a DSN for ``msg`` into the spool, commit it and hand it to ``ctx.queued``; its
     queue id. Raises OSError or SpoolError when the spool cannot take it (nothing is left)."""
     cfg = snap.config
@@ -139,22 +160,35 @@ async def queue_dsn(ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage,
     # with SMTPUTF8; one that carries 8-bit text (the original, a UTF-8 reply) with 8BITMIME.
     international = env.smtputf8 or needs_utf8(env.sender, recipients)
     bounce_env = Envelope(
-        qid=spool.new_qid(), sender="", recipients=[Recipient(env.sender, env.sender)],
-        arrival=time.time(), client_ip="127.0.0.1", client_name=cfg.hostname,
-        helo=cfg.hostname, proto="local", is_bounce=True, smtputf8=international,
+        qid=spool.new_qid(),
+        sender="",
+        recipients=[Recipient(env.sender, env.sender)],
+        arrival=time.time(),
+        client_ip="127.0.0.1",
+        client_name=cfg.hostname,
+        helo=cfg.hostname,
+        proto="local",
+        is_bounce=True,
+        smtputf8=international,
         body_8bit=international or env.body_8bit or has_8bit_text(recipients),
     )
     # RET=FULL or HDRS as the sender asked; without RET, a failure returns the whole message
     # and a return receipt only its headers (RFC 3461 4.3), as Sendmail.
     ret = (env.ret or "").upper()
     _message_id, blocks = dsn_stream(
-        hostname=cfg.hostname, queue_id=env.qid, arrival=env.arrival,
-        client=maillog.relay_name(env.client_ip, env.client_name), sender=env.sender,
-        recipients=recipients, original_path=msg.path, original_offset=msg.offset,
+        hostname=cfg.hostname,
+        queue_id=env.qid,
+        arrival=env.arrival,
+        client=maillog.relay_name(env.client_ip, env.client_name),
+        sender=env.sender,
+        recipients=recipients,
+        original_path=msg.path,
+        original_offset=msg.offset,
         return_headers_only=ret == "HDRS" or (is_receipt(recipients) and ret != "FULL"),
         warning_hours=warning_hours,
         envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
-        international=international)
+        international=international,
+    )
     incoming = spool.open_incoming(bounce_env)
     try:
         while batch := await asyncio.to_thread(_take, blocks, BLOCK):

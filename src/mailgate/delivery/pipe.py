@@ -188,6 +188,15 @@ class ProgramMailer:
         return route.target
 
     async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
-        return [await local_outcome(deliver_program(
-            job.route.address, msg.path, msg.offset, sender=msg.envelope.sender,
-            recipient=job.rcpt.address)) for job in jobs]
+        return [
+            await local_outcome(
+                deliver_program(
+                    job.route.address,
+                    msg.path,
+                    msg.offset,
+                    sender=msg.envelope.sender,
+                    recipient=job.rcpt.address,
+                )
+            )
+            for job in jobs
+        ]

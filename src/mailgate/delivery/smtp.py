@@ -45,8 +45,9 @@ def _loops_back(mx_groups: list[list[str]], me: str) -> list[list[str]] | None:
     return mx_groups
 
 
-async def candidates(route: Route, resolver: Resolver, hostname: str,
-                     default_port: int = 25) -> list[Candidate]:
+async def candidates(
+    route: Route, resolver: Resolver, hostname: str, default_port: int = 25
+) -> list[Candidate]:
     """Addresses to try, in order. Raises DnsError subclasses for the caller to judge."""
     out: list[Candidate] = []
     temp_error: Exception | None = None
@@ -90,8 +91,9 @@ class ConnectionCache:
     transactions (as Postfix's connection cache does).
     """
 
-    def __init__(self, idle_timeout: float = 5.0, max_idle_per_peer: int = 32,
-                 max_uses: int = 100) -> None:
+    def __init__(
+        self, idle_timeout: float = 5.0, max_idle_per_peer: int = 32, max_uses: int = 100
+    ) -> None:
         self.idle_timeout = idle_timeout
         self.max_idle_per_peer = max_idle_per_peer
         self.max_uses = max_uses
@@ -115,8 +117,7 @@ class ConnectionCache:
             self._uses.pop(id(client), None)
             return False
         self._uses[id(client)] = uses
-        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, key,
-                                                      client)
+        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, key, client)
         stack.append((client, timer))
         return True
 
@@ -207,31 +208,42 @@ def _no_reply(exc: SmtpClientError, ip: str) -> Reply:
     """What to report for a failure that brought no SMTP reply, in Sendmail's words: a peer
     that accepted the connection and then went silent or away did not refuse it."""
     if exc.timed_out:
-        return Reply(451, "4.4.1" if exc.stage == "connect" else "4.4.2",
-                     f"Connection timed out with [{ip}]")
+        return Reply(
+            451, "4.4.1" if exc.stage == "connect" else "4.4.2", f"Connection timed out with [{ip}]"
+        )
     if exc.stage == "connect":
         return Reply(451, "4.4.1", f"Connection refused by [{ip}]")
     return Reply(451, "4.4.2", f"Connection to [{ip}] lost")
 
 
 def _host_unknown(what: str) -> Outcome:
-    return Outcome(Status.PERM, Reply(550, "5.1.2", f"Host unknown (Name server: {what}: host "
-                                                    "not found)"))
+    return Outcome(
+        Status.PERM, Reply(550, "5.1.2", f"Host unknown (Name server: {what}: host not found)")
+    )
 
 
 def _dns_failure(exc: Exception, what: str, hostname: str) -> Outcome:
     """The outcome for every recipient of a hop whose addresses could not be found."""
     if isinstance(exc, _MailLoop):
-        return Outcome(Status.PERM, Reply(554, "5.3.5", f"MX list for {what} points back to "
-                                                        f"{hostname}; mail loops back to me "
-                                                        "(MX problem?)"))
+        return Outcome(
+            Status.PERM,
+            Reply(
+                554,
+                "5.3.5",
+                f"MX list for {what} points back to "
+                f"{hostname}; mail loops back to me "
+                "(MX problem?)",
+            ),
+        )
     if isinstance(exc, NullMx):
-        return Outcome(Status.PERM, Reply(556, "5.1.10", f"Domain {what} does not accept mail "
-                                                         "(null MX)"))
+        return Outcome(
+            Status.PERM, Reply(556, "5.1.10", f"Domain {what} does not accept mail (null MX)")
+        )
     if isinstance(exc, DnsNotFound):
         return _host_unknown(what)
-    return Outcome(Status.TEMP, Reply(451, "4.4.3", f"Name server: {what}: host name lookup "
-                                                    "failure"))
+    return Outcome(
+        Status.TEMP, Reply(451, "4.4.3", f"Name server: {what}: host name lookup failure")
+    )
 
 
 class _Attempt:
@@ -250,12 +262,14 @@ class _Attempt:
             self._transcript(line)
 
     def outcome(self, status: Status, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
-        return Outcome(status, reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines),
-                       dsn_passed)
+        return Outcome(
+            status, reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines), dsn_passed
+        )
 
     def from_reply(self, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
-        return Outcome.from_reply(reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines),
-                                  dsn_passed=dsn_passed)
+        return Outcome.from_reply(
+            reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines), dsn_passed=dsn_passed
+        )
 
 
 class SmtpMailer:
@@ -272,8 +286,9 @@ class SmtpMailer:
         self.timeouts = delivery_timeouts(cfg.delivery)
         self.source_address = cfg.delivery.bind_address
         self.default_port = cfg.delivery.port
-        self.tls_context: ssl.SSLContext | None = (tls.client_context()
-                                                   if cfg.tls.delivery == "may" else None)
+        self.tls_context: ssl.SSLContext | None = (
+            tls.client_context() if cfg.tls.delivery == "may" else None
+        )
         self.line_length_limit = cfg.delivery.line_length_limit
         self.max_per_destination = cfg.queue.max_per_destination
 
@@ -285,8 +300,10 @@ class SmtpMailer:
         first: dict[str, Job] = {}  # one RCPT per address, whatever led to it
         for job in jobs:
             first.setdefault(job.route.address, job)
-        dsn = [(j.rcpt.notify, dsn_params.orcpt_for(j.rcpt.orcpt, j.rcpt.original))
-               for j in first.values()]
+        dsn = [
+            (j.rcpt.notify, dsn_params.orcpt_for(j.rcpt.orcpt, j.rcpt.original))
+            for j in first.values()
+        ]
         destination = route.host
         await self.limits.acquire(destination, self.max_per_destination)
         try:
@@ -295,9 +312,13 @@ class SmtpMailer:
             self.limits.release(destination)
         return [outcomes[job.route.address] for job in jobs]
 
-    async def to_hop(self, message: QueuedMessage, route: Route, recipients: Sequence[str],
-                     dsn: Sequence[tuple[str | None, str | None]] | None = None
-                     ) -> dict[str, Outcome]:
+    async def to_hop(
+        self,
+        message: QueuedMessage,
+        route: Route,
+        recipients: Sequence[str],
+        dsn: Sequence[tuple[str | None, str | None]] | None = None,
+    ) -> dict[str, Outcome]:
         """Deliver ``message`` to ``recipients`` (all sharing ``route``); one Outcome each.
         ``dsn``: NOTIFY and ORCPT for each recipient, passed on to a next hop that offers
         DSN."""
@@ -320,19 +341,28 @@ class SmtpMailer:
     async def _connect(self, at: _Attempt) -> SmtpClient:
         cand = at.cand
         client = await SmtpClient.connect(
-            cand.ip, cand.port, helo_name=self.helo_name, use_ehlo=True,
-            timeouts=self.timeouts, source_address=self.source_address, transcript=at.record,
-            tls_context=self.tls_context)
+            cand.ip,
+            cand.port,
+            helo_name=self.helo_name,
+            use_ehlo=True,
+            timeouts=self.timeouts,
+            source_address=self.source_address,
+            transcript=at.record,
+            tls_context=self.tls_context,
+        )
         if client.tls is not None:
             maillog.starttls_client(at.relay, client.tls)
         elif client.tls_failure is not None:
             maillog.starttls_client_failed(at.relay, client.tls_failure)
         return client
 
-    async def _try_candidate(self, message: QueuedMessage, cand: Candidate,
-                             recipients: Sequence[str],
-                             dsn: Sequence[tuple[str | None, str | None]] | None
-                             ) -> dict[str, Outcome] | Outcome:
+    async def _try_candidate(
+        self,
+        message: QueuedMessage,
+        cand: Candidate,
+        recipients: Sequence[str],
+        dsn: Sequence[tuple[str | None, str | None]] | None,
+    ) -> dict[str, Outcome] | Outcome:
         """One address of the hop: its outcome per recipient, or one Outcome when the
         transaction did not happen there (connection failure, refusal, 4xx to MAIL)."""
         at = _Attempt(cand, self.transcript)
@@ -349,14 +379,23 @@ class SmtpMailer:
                 except SmtpClientError as exc:
                     # Even a 554 greeting: another address of the hop may serve.
                     reply = exc.reply or _no_reply(exc, cand.ip)
-                    return at.outcome(Status.TEMP if exc.temporary or reply.is_temporary
-                                      else Status.PERM, reply)
+                    return at.outcome(
+                        Status.TEMP if exc.temporary or reply.is_temporary else Status.PERM, reply
+                    )
             try:
                 result = await client.send(
-                    env.sender, recipients, message.path if message.fd is None else message.fd,
-                    message.offset, size=message.size,
-                    body_8bit=env.body_8bit, smtputf8=env.smtputf8,
-                    ret=env.ret, envid=env.envid, dsn=dsn, line_limit=self.line_length_limit)
+                    env.sender,
+                    recipients,
+                    message.path if message.fd is None else message.fd,
+                    message.offset,
+                    size=message.size,
+                    body_8bit=env.body_8bit,
+                    smtputf8=env.smtputf8,
+                    ret=env.ret,
+                    envid=env.envid,
+                    dsn=dsn,
+                    line_limit=self.line_length_limit,
+                )
                 break
             except SmtpClientError as exc:
                 await client.close()
@@ -379,10 +418,10 @@ class SmtpMailer:
         return self._per_recipient(at, result, recipients, dsn_passed=client.passes_dsn)
 
     @staticmethod
-    def _per_recipient(at: _Attempt, result: TransactionResult, recipients: Sequence[str],
-                       *, dsn_passed: bool) -> dict[str, Outcome]:
-        outcomes = {r.address: at.from_reply(r.reply, dsn_passed=dsn_passed)
-                    for r in result.rcpt}
+    def _per_recipient(
+        at: _Attempt, result: TransactionResult, recipients: Sequence[str], *, dsn_passed: bool
+    ) -> dict[str, Outcome]:
+        outcomes = {r.address: at.from_reply(r.reply, dsn_passed=dsn_passed) for r in result.rcpt}
         for addr in recipients:
             outcomes.setdefault(addr, at.outcome(Status.TEMP, result.mail_reply))
         return outcomes

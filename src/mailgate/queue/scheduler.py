@@ -68,8 +68,9 @@ class Scheduler:
         while self._held:
             self._held.popitem()[1].close()
 
-    def submit(self, qid: str, when: float | None = None, *,
-               message: QueuedMessage | None = None) -> None:
+    def submit(
+        self, qid: str, when: float | None = None, *, message: QueuedMessage | None = None
+    ) -> None:
         """Schedule ``qid`` at ``when`` (now if None); an earlier time wins over a later one.
         ``message``: ``qid`` just committed, with its locked file, which the scheduler now
         owns and hands to the attempt."""

@@ -87,7 +87,7 @@ def _read_line(fd: int, limit: int) -> bytes:
             break
         end = block.find(b"\n")
         if end >= 0:
-            return out + block[:end + 1]
+            return out + block[: end + 1]
         out += block
     return out
 
@@ -145,7 +145,8 @@ class Envelope:
         data = dict(self.__dict__)
         data["recipients"] = [r.__dict__ for r in self.recipients]
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogateescape")
+            "utf-8", "surrogateescape"
+        )
         return b'{"crc":"' + UNSEALED + b'",' + body[1:] + b"\n"
 
     @classmethod
@@ -197,15 +198,19 @@ class RecipientState:
     last_error: str | None = None  # the last temporary failure, as maillog's stat= says it
 
     def to_json(self) -> dict[str, Any]:
-        return {"status": self.status.value, "targets": {t: s.value for t, s in
-                                                        self.targets.items()},
-                "last_error": self.last_error}
+        return {
+            "status": self.status.value,
+            "targets": {t: s.value for t, s in self.targets.items()},
+            "last_error": self.last_error,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RecipientState:
-        return cls(RcptStatus(data["status"]),
-                   {str(t): RcptStatus(s) for t, s in data.get("targets", {}).items()},
-                   data.get("last_error"))
+        return cls(
+            RcptStatus(data["status"]),
+            {str(t): RcptStatus(s) for t, s in data.get("targets", {}).items()},
+            data.get("last_error"),
+        )
 
 
 STATUS_VERSION = 2  # 1 (no "version" field): "done" with "rcpt:<address>" keys, "errors"
@@ -249,13 +254,19 @@ class QueueStatus:
         return done
 
     def to_json(self) -> bytes:
-        return json.dumps({
-            "version": STATUS_VERSION,
-            "recipients": {a: r.to_json() for a, r in self.recipients.items()},
-            "attempts": self.attempts, "last_attempt": self.last_attempt,
-            "next_attempt": self.next_attempt, "warned": self.warned,
-            "last_message": self.last_message,
-        }, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
+        return json.dumps(
+            {
+                "version": STATUS_VERSION,
+                "recipients": {a: r.to_json() for a, r in self.recipients.items()},
+                "attempts": self.attempts,
+                "last_attempt": self.last_attempt,
+                "next_attempt": self.next_attempt,
+                "warned": self.warned,
+                "last_message": self.last_message,
+            },
+            separators=(",", ":"),
+            ensure_ascii=False,
+        ).encode("utf-8", "surrogateescape")
 
     @classmethod
     def from_json(cls, raw: bytes, recipients: Sequence[str] = ()) -> QueueStatus:
@@ -271,8 +282,12 @@ class QueueStatus:
             raise ValueError(f"status file version {data['version']!r}")
         return cls(
             {str(a): RecipientState.from_json(r) for a, r in data["recipients"].items()},
-            int(data["attempts"]), data["last_attempt"], data["next_attempt"],
-            bool(data["warned"]), data["last_message"])
+            int(data["attempts"]),
+            data["last_attempt"],
+            data["next_attempt"],
+            bool(data["warned"]),
+            data["last_message"],
+        )
 
     @classmethod
     def _from_v1(cls, data: dict[str, Any], recipients: Sequence[str]) -> QueueStatus:
@@ -287,13 +302,18 @@ class QueueStatus:
         SENT (the old file said only "done")."""
         done: dict[str, str] = dict(data.get("done", {}))
         finished = {k.removeprefix("rcpt:") for k in done if k.startswith("rcpt:")}
-        targets = {t: RcptStatus.FAILED if v == "failed" else RcptStatus.SENT
-                   for t, v in done.items() if not t.startswith("rcpt:")}
-        status = cls(attempts=int(data.get("attempts", 0)),
-                     last_attempt=data.get("last_attempt"),
-                     next_attempt=data.get("next_attempt"),
-                     warned=bool(data.get("warned", False)),
-                     last_message=data.get("last_message"))
+        targets = {
+            t: RcptStatus.FAILED if v == "failed" else RcptStatus.SENT
+            for t, v in done.items()
+            if not t.startswith("rcpt:")
+        }
+        status = cls(
+            attempts=int(data.get("attempts", 0)),
+            last_attempt=data.get("last_attempt"),
+            next_attempt=data.get("next_attempt"),
+            warned=bool(data.get("warned", False)),
+            last_message=data.get("last_message"),
+        )
         addresses = list(dict.fromkeys([*recipients, *finished]))
         for address in addresses:
             state = status.of(address)
@@ -324,8 +344,15 @@ class QueuedMessage:
 
     __slots__ = ("envelope", "fd", "offset", "path", "size", "status")
 
-    def __init__(self, envelope: Envelope, path: Path, offset: int, size: int,
-                 status: QueueStatus, fd: int | None = None) -> None:
+    def __init__(
+        self,
+        envelope: Envelope,
+        path: Path,
+        offset: int,
+        size: int,
+        status: QueueStatus,
+        fd: int | None = None,
+    ) -> None:
         self.envelope = envelope
         self.path = path
         self.offset = offset  # where the message content starts in ``path``
@@ -390,8 +417,9 @@ class IncomingMessage:
             else:
                 # Read-write: after the commit this descriptor is the delivery lock, and the
                 # first attempt reads the content through it instead of opening the file again.
-                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                                  0o600)
+                self.fd = os.open(
+                    self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                )
                 self.spool.spent(0, new_file=True)
         return self.fd
 
@@ -448,7 +476,7 @@ class IncomingMessage:
         if self.fd is None:
             # Never spilled: the envelope line is still in the buffer, seal it there and
             # write the whole file at once.
-            self.buf[SEAL_OFFSET:SEAL_OFFSET + len(seal)] = seal
+            self.buf[SEAL_OFFSET : SEAL_OFFSET + len(seal)] = seal
             self._write_out()
         else:
             self._write_out()
@@ -470,10 +498,9 @@ class IncomingMessage:
         self.closed = True
         if not keep_fd and fd is not None:
             with contextlib.suppress(OSError):  # flushed and linked: it is queued whatever
-                os.close(fd)                    # close says
+                os.close(fd)  # close says
             fd = None
-        return QueuedMessage(self.envelope, queue_path, self.offset, self.size, QueueStatus(),
-                             fd)
+        return QueuedMessage(self.envelope, queue_path, self.offset, self.size, QueueStatus(), fd)
 
     def discard(self) -> None:
         if not self.closed:
@@ -642,9 +669,15 @@ class Spool:
         seq = self._seq
         self._seq += 1
         return (
-            _ALPHABET[t.tm_year % 60] + _ALPHABET[t.tm_mon - 1] + _ALPHABET[t.tm_mday]
-            + _ALPHABET[t.tm_hour] + _ALPHABET[t.tm_min] + _ALPHABET[min(t.tm_sec, 59)]
-            + _ALPHABET[seq // 60] + _ALPHABET[seq % 60] + f"{self._pid:06d}"
+            _ALPHABET[t.tm_year % 60]
+            + _ALPHABET[t.tm_mon - 1]
+            + _ALPHABET[t.tm_mday]
+            + _ALPHABET[t.tm_hour]
+            + _ALPHABET[t.tm_min]
+            + _ALPHABET[min(t.tm_sec, 59)]
+            + _ALPHABET[seq // 60]
+            + _ALPHABET[seq % 60]
+            + f"{self._pid:06d}"
         )
 
     # -- receiving (loop-only) -----------------------------------------------------------------
@@ -805,8 +838,14 @@ class Spool:
                 raise FileNotFoundError(qid)
             line = _read_line(fd, _MAX_ENVELOPE)
             envelope = self._envelope(qid, line)
-            msg = QueuedMessage(envelope, path, len(line), st.st_size - len(line),
-                                self.load_status(qid, envelope), fd)
+            msg = QueuedMessage(
+                envelope,
+                path,
+                len(line),
+                st.st_size - len(line),
+                self.load_status(qid, envelope),
+                fd,
+            )
         except FileNotFoundError:
             os.close(fd)
             return None
@@ -865,8 +904,9 @@ class Spool:
         # A status file exists only once an attempt has been recorded (attempts ≥ 1).
         status_file = msg.status.attempts > 0
         fd = msg.fd
-        if fd is not None and self.recycle(msg.qid, fd, msg.offset + msg.size,
-                                           status_file=status_file):
+        if fd is not None and self.recycle(
+            msg.qid, fd, msg.offset + msg.size, status_file=status_file
+        ):
             msg.take_fd()  # the spool keeps the file open for the next message
             return
         self.remove(msg.qid, status_file=status_file)

@@ -83,7 +83,12 @@ class SmtpClientError(Exception):
     """The connection failed as a whole; ``temporary`` says whether to retry later."""
 
     def __init__(
-        self, message: str, *, reply: Reply | None = None, temporary: bool = True, stage: str = "",
+        self,
+        message: str,
+        *,
+        reply: Reply | None = None,
+        temporary: bool = True,
+        stage: str = "",
         timed_out: bool = False,
     ) -> None:
         super().__init__(message)
@@ -172,9 +177,15 @@ class SmtpClient:
                 raise
             if transcript is not None:
                 transcript(f"{exc}; trying again without TLS")
-            clear = await cls.connect(host, port, helo_name=helo_name, use_ehlo=use_ehlo,
-                                      timeouts=timeouts, source_address=source_address,
-                                      transcript=transcript)
+            clear = await cls.connect(
+                host,
+                port,
+                helo_name=helo_name,
+                use_ehlo=use_ehlo,
+                timeouts=timeouts,
+                source_address=source_address,
+                transcript=transcript,
+            )
             clear.tls_failure = str(exc)
             return clear
         except BaseException:
@@ -182,8 +193,9 @@ class SmtpClient:
             raise
         return client
 
-    async def _handshake(self, helo_name: str, use_ehlo: bool,
-                         tls_context: ssl.SSLContext | None = None) -> None:
+    async def _handshake(
+        self, helo_name: str, use_ehlo: bool, tls_context: ssl.SSLContext | None = None
+    ) -> None:
         self.greeting = await self._read_reply(self.timeouts.greeting, "greeting")
         if self.greeting.code != 220:
             # RFC 5321 3.1: a 554 greeting still expects QUIT; be polite, then give up.
@@ -228,14 +240,21 @@ class SmtpClient:
             async with asyncio.timeout(self.timeouts.command):
                 await self._writer.start_tls(context)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
-            raise SmtpClientError(f"TLS handshake with [{self.peer[0]}] failed: {exc!r}",
-                                  temporary=True, stage="starttls") from None
+            raise SmtpClientError(
+                f"TLS handshake with [{self.peer[0]}] failed: {exc!r}",
+                temporary=True,
+                stage="starttls",
+            ) from None
         self.tls = tls.describe(self._writer.get_extra_info("ssl_object"), verify="NO")
         # RFC 3207 4.2: what the server said before TLS no longer counts.
         reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
         if reply.code != 250:
-            raise SmtpClientError(f"EHLO after STARTTLS refused: {reply}", reply=reply,
-                                  temporary=not reply.is_permanent, stage="ehlo")
+            raise SmtpClientError(
+                f"EHLO after STARTTLS refused: {reply}",
+                reply=reply,
+                temporary=not reply.is_permanent,
+                stage="ehlo",
+            )
         self.helo_reply = reply
         self.extensions = _parse_extensions(reply)
 
@@ -366,7 +385,8 @@ class SmtpClient:
                     if orcpt and not smtputf8:
                         orcpt = orcpt_ascii(orcpt)
                     rcpt_params[i] = "".join(
-                        [f" NOTIFY={notify}" if notify else "", f" ORCPT={orcpt}" if orcpt else ""])
+                        [f" NOTIFY={notify}" if notify else "", f" ORCPT={orcpt}" if orcpt else ""]
+                    )
             mail_cmd = " ".join([f"MAIL From:<{sender}>", *params])
             rcpt_cmds = [f"RCPT To:<{r}>{x}" for r, x in zip(recipients, rcpt_params, strict=True)]
             if self.pipelining:
@@ -378,8 +398,11 @@ class SmtpClient:
             mail_reply, rcpt_replies, data_reply = result
             if data_reply.code == 354:
                 data_reply = await self._send_body(
-                    body, body_offset, line_limit=line_limit,
-                    downgrade="8BITMIME" not in self.extensions)
+                    body,
+                    body_offset,
+                    line_limit=line_limit,
+                    downgrade="8BITMIME" not in self.extensions,
+                )
             # After the end-of-data reply the transaction is over whatever the reply (RFC 5321
             # 4.1.1.4); after a refused DATA command it may not be, so RSET before the next.
             self._need_rset = not self._data_sent
@@ -451,8 +474,9 @@ class SmtpClient:
         data_reply = await self._command_checked("DATA", self.timeouts.data_init, "data")
         return mail_reply, rcpt_replies, data_reply
 
-    async def _send_body(self, body: Path | int, body_offset: int, *, line_limit: int,
-                         downgrade: bool) -> Reply:
+    async def _send_body(
+        self, body: Path | int, body_offset: int, *, line_limit: int, downgrade: bool
+    ) -> Reply:
         """Stream the content (folded, converted: smtp/body.py) dot-stuffed, then ``.``;
         return the end-of-data reply."""
         self._data_sent = True
@@ -474,8 +498,9 @@ class SmtpClient:
                 try:
                     data = content.feed(chunk) + (content.end() if last else b"")
                 except Exception as exc:  # a bug in a transform must not kill the delivery
-                    raise SmtpClientError(f"cannot prepare the content: {exc!r}",
-                                          stage="data_block") from exc
+                    raise SmtpClientError(
+                        f"cannot prepare the content: {exc!r}", stage="data_block"
+                    ) from exc
                 # Stuff after any LF, not only CRLF: a bare LF followed by "." must not look
                 # like an end of data to a lenient server (SMTP smuggling).
                 out = data.replace(b"\n.", b"\n..")
@@ -523,8 +548,9 @@ class SmtpClient:
             try:
                 scanner.feed(chunk)
             except Exception as exc:
-                raise SmtpClientError(f"cannot scan the content: {exc!r}",
-                                      stage="data_block") from exc
+                raise SmtpClientError(
+                    f"cannot scan the content: {exc!r}", stage="data_block"
+                ) from exc
             await asyncio.sleep(0)
         plan = scanner.end()
         if not plan.converts:
@@ -545,8 +571,9 @@ class SmtpClient:
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:
-            raise SmtpClientError(f"timeout writing ({stage})", stage=stage,
-                                  timed_out=True) from None
+            raise SmtpClientError(
+                f"timeout writing ({stage})", stage=stage, timed_out=True
+            ) from None
         except OSError as e:
             raise SmtpClientError(f"connection lost ({stage}): {e}", stage=stage) from None
 
@@ -613,8 +640,9 @@ class SmtpClient:
                     if len(lines) >= MAX_REPLY_LINES:
                         raise SmtpClientError(f"endless reply to {stage}", stage=stage)
         except TimeoutError:
-            raise SmtpClientError(f"timeout waiting for reply to {stage}", stage=stage,
-                                  timed_out=True) from None
+            raise SmtpClientError(
+                f"timeout waiting for reply to {stage}", stage=stage, timed_out=True
+            ) from None
         except asyncio.IncompleteReadError:
             raise SmtpClientError(f"connection closed by peer in {stage}", stage=stage) from None
         except asyncio.LimitOverrunError:

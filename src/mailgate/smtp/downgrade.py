@@ -559,7 +559,8 @@ def _encode_content(content: bytes, after_soft: bool) -> bytes:
         return _encode_line(content, after_soft)
     return b"=\r\n".join(
         _encode_line(content[k : k + _QP_HOLD], after_soft or k > 0)
-        for k in range(0, len(content), _QP_HOLD))
+        for k in range(0, len(content), _QP_HOLD)
+    )
 
 
 def _encode_line(content: bytes, after_soft: bool) -> bytes:

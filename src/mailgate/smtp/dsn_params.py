@@ -36,7 +36,7 @@ def xtext_encode(text: str) -> str:
 
 def check_ret(value: str | None) -> Reply | None:
     if (value or "").upper() not in ("FULL", "HDRS"):
-        return Reply(501, "5.5.4", f"Bad argument \"{value or ''}\" for RET; use FULL or HDRS")
+        return Reply(501, "5.5.4", f'Bad argument "{value or ""}" for RET; use FULL or HDRS')
     return None
 
 
@@ -50,8 +50,11 @@ def check_notify(value: str | None) -> Reply | None:
     words = (value or "").upper().split(",")
     if words == ["NEVER"] or (set(words) <= _NOTIFY_WORDS and len(set(words)) == len(words)):
         return None
-    return Reply(501, "5.5.4", f"Bad argument \"{value or ''}\" for NOTIFY; use NEVER or "
-                               "SUCCESS, FAILURE, DELAY")
+    return Reply(
+        501,
+        "5.5.4",
+        f'Bad argument "{value or ""}" for NOTIFY; use NEVER or SUCCESS, FAILURE, DELAY',
+    )
 
 
 # RFC 6533 3: a "utf-8" address is utf-8-addr-unitext (raw UTF-8, with SMTPUTF8) or
@@ -74,8 +77,10 @@ def check_orcpt(value: str | None) -> Reply | None:
 
 def _embedded_ok(addr: str) -> bool:
     """Every \\x{HEX} names a Unicode scalar value (no NUL, no surrogate)."""
-    return all(0 < (n := int(h, 16)) <= 0x10FFFF and not 0xD800 <= n <= 0xDFFF
-               for h in _EMBEDDED.findall(addr))
+    return all(
+        0 < (n := int(h, 16)) <= 0x10FFFF and not 0xD800 <= n <= 0xDFFF
+        for h in _EMBEDDED.findall(addr)
+    )
 
 
 def orcpt_ascii(orcpt: str) -> str:
@@ -89,9 +94,13 @@ def orcpt_ascii(orcpt: str) -> str:
 
 # The parameter checks by keyword, for the MAIL and RCPT commands.
 MAIL_CHECKS: dict[str, Callable[[str | None], Reply | None]] = {
-    "RET": check_ret, "ENVID": check_envid}
+    "RET": check_ret,
+    "ENVID": check_envid,
+}
 RCPT_CHECKS: dict[str, Callable[[str | None], Reply | None]] = {
-    "NOTIFY": check_notify, "ORCPT": check_orcpt}
+    "NOTIFY": check_notify,
+    "ORCPT": check_orcpt,
+}
 
 
 def orcpt_for(given: str | None, original: str) -> str | None:

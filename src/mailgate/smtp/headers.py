@@ -48,7 +48,7 @@ class HeaderScanner:
             nl = buf.find(b"\r\n", self.pos)
             if nl < 0:
                 break
-            line = bytes(buf[self.pos:nl])
+            line = bytes(buf[self.pos : nl])
             if not line:
                 return self._split(nl + 2)  # the empty line ends the section
             if not (self.pos and line[:1] in (b" ", b"\t")) and not _is_header_line(line):
@@ -58,7 +58,7 @@ class HeaderScanner:
             if self.pos > MAX_HEADER_BYTES:
                 self._overflow()
                 return None
-        partial = bytes(buf[self.pos:])
+        partial = bytes(buf[self.pos :])
         if self.pos + len(partial) > MAX_HEADER_BYTES and _may_be_header_line(partial):
             self._overflow()
         return None
@@ -158,8 +158,11 @@ def auth_warning(facts: StampFacts) -> str | None:
     if facts.helo is None:
         return f"[{facts.client_ip}] didn't use HELO protocol"
     verified = facts.client_verified
-    if verified and not facts.client_is_loopback \
-            and facts.helo.lower().rstrip(".") != verified.lower():
+    if (
+        verified
+        and not facts.client_is_loopback
+        and facts.helo.lower().rstrip(".") != verified.lower()
+    ):
         return f"Host {verified} [{facts.client_ip}] claimed to be {facts.helo}"
     return None
 
@@ -194,16 +197,26 @@ def stamp(head: bytes, facts: StampFacts) -> Stamped:
     warning = auth_warning(facts)
     extra = f"X-Authentication-Warning: {facts.hostname}: {warning}\r\n" if warning else ""
     if msgid is None:
-        msgid = f"<{time.strftime('%Y%m%d%H%M', time.gmtime(facts.arrival))}." \
-                f"{facts.qid}@{facts.hostname}>"
+        msgid = (
+            f"<{time.strftime('%Y%m%d%H%M', time.gmtime(facts.arrival))}."
+            f"{facts.qid}@{facts.hostname}>"
+        )
         extra += f"Message-Id: {msgid}\r\n"
     if "date" not in names:
         extra += f"Date: {date}\r\n"
     if "from" not in names:
         extra += f"From: {facts.sender or 'MAILER-DAEMON@' + facts.hostname}\r\n"
     # Keep a headers-only message as it was; otherwise one empty line ends the headers.
-    had_blank = head[len(header):len(header) + 2] == b"\r\n"
+    had_blank = head[len(header) : len(header) + 2] == b"\r\n"
     sep = b"\r\n" if had_blank or body or not header else b""
     # surrogateescape: a HELO name in non-UTF-8 bytes goes back out as it came.
-    return Stamped(recv.encode("utf-8", "surrogateescape") + header
-                   + extra.encode("utf-8", "surrogateescape") + sep + body, msgid, hops, warning)
+    return Stamped(
+        recv.encode("utf-8", "surrogateescape")
+        + header
+        + extra.encode("utf-8", "surrogateescape")
+        + sep
+        + body,
+        msgid,
+        hops,
+        warning,
+    )

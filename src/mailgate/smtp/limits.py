@@ -65,7 +65,8 @@ class SharedCounts:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._rows = multiprocessing.get_context("fork").RawArray(
-            ctypes.c_int, workers * (SLOTS + 1))
+            ctypes.c_int, workers * (SLOTS + 1)
+        )
         self.row = 0  # set in each worker after the fork
 
     def _sum(self, slot: int) -> int:
@@ -84,8 +85,11 @@ class SharedCounts:
 
     def clear_row(self, row: int) -> None:
         """The worker of this row is gone (called by the master)."""
-        ctypes.memset(ctypes.addressof(self._rows) + row * (SLOTS + 1) * ctypes.sizeof(
-            ctypes.c_int), 0, (SLOTS + 1) * ctypes.sizeof(ctypes.c_int))
+        ctypes.memset(
+            ctypes.addressof(self._rows) + row * (SLOTS + 1) * ctypes.sizeof(ctypes.c_int),
+            0,
+            (SLOTS + 1) * ctypes.sizeof(ctypes.c_int),
+        )
 
 
 class Admission:
@@ -111,8 +115,11 @@ class Admission:
     def refusal(ip: str, count: int, max_per_ip: int, hostname: str) -> Reply | None:
         """Sendmail's MaxConnectionsPerIP answer; the local host is never limited."""
         if max_per_ip and count > max_per_ip and not Client(ip).is_loopback:
-            return Reply(421, "4.7.0", f"{hostname} Too many concurrent connections from "
-                                       f"{ip}; try again later")
+            return Reply(
+                421,
+                "4.7.0",
+                f"{hostname} Too many concurrent connections from {ip}; try again later",
+            )
         return None
 
     @property

@@ -18,8 +18,16 @@ from collections.abc import Callable
 from mailgate import maillog
 
 # Errors from accept() that concern one connection, not the listener.
-_TRANSIENT = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENOBUFS, errno.ENOMEM,
-              errno.EMFILE, errno.ENFILE, errno.EAGAIN}
+_TRANSIENT = {
+    errno.ECONNABORTED,
+    errno.EPROTO,
+    errno.EPERM,
+    errno.ENOBUFS,
+    errno.ENOMEM,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EAGAIN,
+}
 
 
 def bind_socket(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
@@ -62,8 +70,13 @@ class RateLimiter:
 
 
 class Listener:
-    def __init__(self, sock: socket.socket, protocol_factory: Callable[[], asyncio.Protocol],
-                 rate: Callable[[], int], has_room: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        rate: Callable[[], int],
+        has_room: Callable[[], bool],
+    ) -> None:
         self.sock = sock
         self.factory = protocol_factory
         self.limiter = RateLimiter(rate())

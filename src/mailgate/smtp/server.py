@@ -252,8 +252,13 @@ class SmtpServerProtocol(asyncio.Protocol):
         except Exception as exc:  # never let one session's bug kill the daemon
             maillog.session_failed(self.relay_text, exc)
             with contextlib.suppress(Exception):
-                self.send(Reply(421, "4.3.0", f"{self.snap.config.hostname} Internal error; "
-                                              "closing connection"))
+                self.send(
+                    Reply(
+                        421,
+                        "4.3.0",
+                        f"{self.snap.config.hostname} Internal error; closing connection",
+                    )
+                )
         finally:
             if self.session is not None:
                 self.session.abandon()
@@ -270,21 +275,26 @@ class SmtpServerProtocol(asyncio.Protocol):
             return None
         self.client = client = await self.host.lookup_client(self.client.ip)
         decision = connect_decision(client, self.snap.tables, self.snap.config)
-        self.session = session = Session(self.host, self.snap, client, decision,
-                                         before_wait=self.flush)
+        self.session = session = Session(
+            self.host, self.snap, client, decision, before_wait=self.flush
+        )
         if decision.refusal is not None:
             self.host.count("connect_refused")
             name = client.verified_name
-            maillog.reject(None, "check_relay", f"{name or ''} {client.ip}".strip(),
-                           session.relay_text, str(decision.refusal))
+            maillog.reject(
+                None,
+                "check_relay",
+                f"{name or ''} {client.ip}".strip(),
+                session.relay_text,
+                str(decision.refusal),
+            )
         if decision.greet_pause > 0:
             # The pause runs from the connect, so the PTR lookup above is part of it.
             remaining = decision.greet_pause - (time.monotonic() - self.connected_at)
             if remaining > 0 and not self.conn.pending_bytes:
                 await self.wait_input(remaining)
             if self.conn.pending_bytes or self.closed:
-                self.send(session.early_talk(int(time.monotonic() - self.connected_at))
-                          .reply)
+                self.send(session.early_talk(int(time.monotonic() - self.connected_at)).reply)
                 return session
         self.send(session.greeting().reply)
         return session
@@ -308,12 +318,20 @@ class SmtpServerProtocol(asyncio.Protocol):
                 # Under stress, as Postfix's smtpd_per_record_deadline: a content line must
                 # be complete within the timeout, so a byte a second does not hold DATA open.
                 data_since = self.last_line if self.host.stressed else self.last_input
-                timeout = data_timeout - (now - data_since) if in_data \
+                timeout = (
+                    data_timeout - (now - data_since)
+                    if in_data
                     else command_timeout - (now - waiting_since)
+                )
                 if timeout <= 0 or not await self.wait_input(timeout):
                     maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
-                    self.send(Reply(421, "4.4.2", f"{cfg.hostname} Lost input channel: "
-                                                  "timeout; closing connection"))
+                    self.send(
+                        Reply(
+                            421,
+                            "4.4.2",
+                            f"{cfg.hostname} Lost input channel: timeout; closing connection",
+                        )
+                    )
                     return
                 continue
             waiting_since = time.monotonic()
@@ -323,7 +341,8 @@ class SmtpServerProtocol(asyncio.Protocol):
                 session.data_chunk(event.data)
             elif isinstance(event, Command):
                 answer = await session.command(
-                    event, pipelined=conn.pending_bytes if event.verb == "DATA" else 0)
+                    event, pipelined=conn.pending_bytes if event.verb == "DATA" else 0
+                )
                 if answer.reply.code == 354:
                     self.last_line = time.monotonic()
                 await self.answer(answer)
@@ -368,17 +387,21 @@ class SmtpServerProtocol(asyncio.Protocol):
             if dropped:
                 maillog.starttls_plaintext_dropped(self.relay_text, dropped)
         self.send(answer.reply)
-        if answer.rcpt and answer.refused and smtp.max_bad_rcpts \
-                and self.bad_rcpts >= smtp.max_bad_rcpts:
+        if (
+            answer.rcpt
+            and answer.refused
+            and smtp.max_bad_rcpts
+            and self.bad_rcpts >= smtp.max_bad_rcpts
+        ):
             self.host.count("bad_rcpt_disconnects")
-            self.send(Reply(421, "4.7.0", f"{hostname} Too many bad recipients; closing "
-                                          "connection"))
+            self.send(
+                Reply(421, "4.7.0", f"{hostname} Too many bad recipients; closing connection")
+            )
             raise _Closing
         if answer.bad:
             self.bad_commands += 1
             if self.bad_commands >= smtp.max_bad_commands:
-                self.send(Reply(421, "4.7.0", f"{hostname} Too many errors; closing "
-                                              "connection"))
+                self.send(Reply(421, "4.7.0", f"{hostname} Too many errors; closing connection"))
                 raise _Closing
         if answer.close:
             raise _Closing
@@ -389,8 +412,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
         self.host.count("bare_newline")
         maillog.bare_newline(self.relay_text, reply.text)
-        self.send(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} "
-                                                    f"{reply.text}"))
+        self.send(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} {reply.text}"))
         raise _Closing
 
     async def _start_tls(self) -> None:
@@ -410,9 +432,13 @@ class SmtpServerProtocol(asyncio.Protocol):
             if stream.peer_closed or not await self.wait_input(deadline - time.monotonic()):
                 break
         if not stream.handshake_done:
-            why = repr(self.tls_error) if self.tls_error is not None else (
-                "timeout" if not self.closed and not stream.peer_closed
-                else "connection closed")
+            why = (
+                repr(self.tls_error)
+                if self.tls_error is not None
+                else (
+                    "timeout" if not self.closed and not stream.peer_closed else "connection closed"
+                )
+            )
             maillog.starttls_accept_failed(self.relay_text, why)
             self.tls_error = self.tls_error or ssl.SSLError(why)
             raise _Closing

@@ -116,16 +116,22 @@ def _as_written(arg: str, raw: str) -> str:
 class Session:
     """One client's SMTP session, past the connect stage."""
 
-    def __init__(self, host: SessionHost, snapshot: Snapshot, client: Client,
-                 connect: ConnectDecision, *, before_wait: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        host: SessionHost,
+        snapshot: Snapshot,
+        client: Client,
+        connect: ConnectDecision,
+        *,
+        before_wait: Callable[[], None],
+    ) -> None:
         self.host = host
         self.snap = snapshot
         self.client = client
         self.connect = connect
         # Called before an answer waits (DNS, the fsync): replies already due go out first.
         self.before_wait = before_wait
-        self.relay_text = maillog.relay_name(client.ip, client.ptr_name,
-                                             client.ptr_status == "OK")
+        self.relay_text = maillog.relay_name(client.ip, client.ptr_name, client.ptr_status == "OK")
         self.helo: str | None = None
         self.esmtp = False
         self.tls: tls.Session | None = None
@@ -135,8 +141,9 @@ class Session:
     # -- the connect stage ---------------------------------------------------------------------
     def greeting(self) -> Answer:
         hostname = self.snap.config.hostname
-        return Answer(Reply(220, None, f"{hostname} ESMTP mailgate ready; "
-                                       f"{rfc2822_date(time.time())}"))
+        return Answer(
+            Reply(220, None, f"{hostname} ESMTP mailgate ready; {rfc2822_date(time.time())}")
+        )
 
     def early_talk(self, seconds: int) -> Answer:
         """The client spoke before the greeting: every later command but the harmless ones is
@@ -144,8 +151,7 @@ class Session:
         self.early_talker = True
         self.host.count("early_talkers")
         maillog.early_talker(self.relay_text, self.client.ip, seconds)
-        return Answer(Reply(554, None, f"{self.snap.config.hostname} ESMTP not accepting "
-                                       "messages"))
+        return Answer(Reply(554, None, f"{self.snap.config.hostname} ESMTP not accepting messages"))
 
     def _refused_stage(self) -> Reply | None:
         if self.early_talker:
@@ -158,8 +164,7 @@ class Session:
         it that are not read yet (DATA must have none)."""
         handler = _HANDLERS.get(cmd.verb)
         if handler is None:
-            return Answer(Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'),
-                          bad=True)
+            return Answer(Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'), bad=True)
         refused = self._refused_stage()
         if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
             return Answer(refused, bad=True)
@@ -171,19 +176,32 @@ class Session:
     def _hello(self, arg: str, esmtp: bool) -> Answer:
         cfg = self.snap.config
         if not arg:
-            return Answer(Reply(501, "5.0.0", f"{'EHLO' if esmtp else 'HELO'} requires domain "
-                                              "address"), bad=True)
+            return Answer(
+                Reply(501, "5.0.0", f"{'EHLO' if esmtp else 'HELO'} requires domain address"),
+                bad=True,
+            )
         self.helo = arg.split()[0]
         self.esmtp = esmtp
         self.tx = None
-        who = f"{self.client.verified_name} [{self.client.ip}]" if self.client.verified_name \
+        who = (
+            f"{self.client.verified_name} [{self.client.ip}]"
+            if self.client.verified_name
             else f"[{self.client.ip}]"
+        )
         greeting = f"{cfg.hostname} Hello {who}, pleased to meet you"
         if not esmtp:
             return Answer(Reply(250, None, greeting))
         size = cfg.smtp.max_message_size
-        lines = [greeting, "ENHANCEDSTATUSCODES", "PIPELINING", "8BITMIME",
-                 f"SIZE {size}" if size else "SIZE", "DSN", "SMTPUTF8", "ETRN"]
+        lines = [
+            greeting,
+            "ENHANCEDSTATUSCODES",
+            "PIPELINING",
+            "8BITMIME",
+            f"SIZE {size}" if size else "SIZE",
+            "DSN",
+            "SMTPUTF8",
+            "ETRN",
+        ]
         if cfg.tls.server_context is not None and self.tls is None:
             lines.append("STARTTLS")
         lines.append("HELP")
@@ -203,8 +221,13 @@ class Session:
             return Answer(problem)
         shown = _as_written(arg, raw)
         decision = check_sender(raw, mailbox, self.snap.tables, cfg, shown=shown)
-        if decision is None and cfg.smtp.check_sender_domain and mailbox.domain \
-                and not mailbox.is_literal and not self.snap.routing.is_local(mailbox.domain):
+        if (
+            decision is None
+            and cfg.smtp.check_sender_domain
+            and mailbox.domain
+            and not mailbox.is_literal
+            and not self.snap.routing.is_local(mailbox.domain)
+        ):
             self.before_wait()
             resolves = await self.host.domain_resolves(mailbox.domain)
             reply = sender_domain_reply(raw, mailbox, resolves, shown=shown)
@@ -214,10 +237,14 @@ class Session:
         if decision.logged_reject:
             maillog.reject(None, "check_mail", f"<{raw}>", self.relay_text, str(decision.reply))
         if decision.accepted:
-            self.tx = Transaction(str(mailbox) if raw else "", mailbox, params,
-                                  discard=decision.discard or self.connect.discard,
-                                  body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
-                                  smtputf8="SMTPUTF8" in params)
+            self.tx = Transaction(
+                str(mailbox) if raw else "",
+                mailbox,
+                params,
+                discard=decision.discard or self.connect.discard,
+                body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
+                smtputf8="SMTPUTF8" in params,
+            )
         return Answer(decision.reply)
 
     def _storage_refusal(self, size: str | None = None) -> Reply | None:
@@ -234,8 +261,9 @@ class Session:
                 if value is None or not value.isdigit():
                     return Reply(501, "5.5.4", f"Bad SIZE parameter {value or ''}".rstrip())
                 if limit and int(value) > limit:
-                    return Reply(552, "5.3.4",
-                                 f"Message size exceeds fixed maximum message size ({limit})")
+                    return Reply(
+                        552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit})"
+                    )
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return Reply(501, "5.5.4", f"Unknown BODY type {value}")
@@ -264,22 +292,33 @@ class Session:
             return Answer(exc.reply, rcpt=True, refused=True)
         for key, value in params.items():
             check = dsn_params.RCPT_CHECKS.get(key)
-            problem = check(value) if check else Reply(555, "5.5.4",
-                                                       f"{key} parameter unrecognized")
+            problem = (
+                check(value) if check else Reply(555, "5.5.4", f"{key} parameter unrecognized")
+            )
             if problem is not None:
                 return Answer(problem, rcpt=True, refused=True)
         if len(tx.recipients) >= cfg.smtp.max_recipients:
             return Answer(Reply(452, "4.5.3", "Too many recipients"), rcpt=True)
-        decision = check_recipient(raw, mailbox, self.client, self.connect.may_relay,
-                                   self.snap.routing, cfg, shown=_as_written(arg, raw))
+        decision = check_recipient(
+            raw,
+            mailbox,
+            self.client,
+            self.connect.may_relay,
+            self.snap.routing,
+            cfg,
+            shown=_as_written(arg, raw),
+        )
         if decision.logged_reject:
             maillog.reject(None, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
         if decision.accepted:
             if decision.discard:
                 tx.discard = True
             notify = params.get("NOTIFY")
-            tx.recipients.append(Recipient(str(mailbox), raw, notify.upper() if notify else None,
-                                           params.get("ORCPT")))
+            tx.recipients.append(
+                Recipient(
+                    str(mailbox), raw, notify.upper() if notify else None, params.get("ORCPT")
+                )
+            )
         return Answer(decision.reply, rcpt=True, refused=not decision.accepted)
 
     def data(self, arg: str, pipelined: int) -> Answer:
@@ -303,14 +342,20 @@ class Session:
             maillog.improper_pipelining(self.relay_text, pipelined)
             self.host.count("improper_pipelining")
             self.tx = None
-            return Answer(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"),
-                          close=True)
+            return Answer(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"), close=True)
         spool = self.host.spool
         envelope = Envelope(
-            qid=spool.new_qid(), sender=tx.sender, recipients=tx.recipients,
-            arrival=time.time(), client_ip=self.client.ip, client_name=self.client.ptr_name,
-            helo=self.helo, proto=("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else ""),
-            body_8bit=tx.body_8bit, smtputf8=tx.smtputf8, envid=tx.params.get("ENVID"),
+            qid=spool.new_qid(),
+            sender=tx.sender,
+            recipients=tx.recipients,
+            arrival=time.time(),
+            client_ip=self.client.ip,
+            client_name=self.client.ptr_name,
+            helo=self.helo,
+            proto=("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else ""),
+            body_8bit=tx.body_8bit,
+            smtputf8=tx.smtputf8,
+            envid=tx.params.get("ENVID"),
             ret=(tx.params.get("RET") or "").upper() or None,
         )
         tx.msg = spool.open_incoming(envelope)  # no file yet: nothing to fail here
@@ -340,13 +385,25 @@ class Session:
         assert tx.msg is not None
         cfg = self.snap.config
         env = tx.msg.envelope
-        stamped = stamp(head, StampFacts(
-            hostname=cfg.hostname, qid=env.qid, arrival=env.arrival, sender=env.sender,
-            recipients=tuple(r.address for r in env.recipients), client_ip=self.client.ip,
-            client_name=self.client.ptr_name, client_verified=self.client.verified_name,
-            client_is_loopback=self.client.is_loopback, helo=self.helo, esmtp=self.esmtp,
-            smtputf8=env.smtputf8, tls=self.tls.for_received() if self.tls else None,
-            authwarnings="authwarnings" in cfg.smtp.privacy))
+        stamped = stamp(
+            head,
+            StampFacts(
+                hostname=cfg.hostname,
+                qid=env.qid,
+                arrival=env.arrival,
+                sender=env.sender,
+                recipients=tuple(r.address for r in env.recipients),
+                client_ip=self.client.ip,
+                client_name=self.client.ptr_name,
+                client_verified=self.client.verified_name,
+                client_is_loopback=self.client.is_loopback,
+                helo=self.helo,
+                esmtp=self.esmtp,
+                smtputf8=env.smtputf8,
+                tls=self.tls.for_received() if self.tls else None,
+                authwarnings="authwarnings" in cfg.smtp.privacy,
+            ),
+        )
         if stamped.warning is not None:
             maillog.auth_warning(cfg.hostname, stamped.warning)
         tx.msgid, tx.hops = stamped.msgid, stamped.hops
@@ -364,18 +421,23 @@ class Session:
             scanner = tx.headers
             tx.headers = None
             if scanner.too_large:
-                return self._fail_data(Reply(552, "5.6.0",
-                                             f"Headers too large ({MAX_HEADER_BYTES} max)"))
+                return self._fail_data(
+                    Reply(552, "5.6.0", f"Headers too large ({MAX_HEADER_BYTES} max)")
+                )
             # The content ended inside the header section (no body): write what we hold.
             self._write_head(tx, bytes(scanner.buf))
         if tx.hops > MAX_HOPS:
-            return self._fail_data(Reply(554, "5.4.6",
-                                         f"Too many hops {tx.hops} ({MAX_HOPS} max): from "
-                                         f"<{tx.sender}> via {cfg.hostname}, to "
-                                         f"<{tx.recipients[0].address}>"))
+            return self._fail_data(
+                Reply(
+                    554,
+                    "5.4.6",
+                    f"Too many hops {tx.hops} ({MAX_HOPS} max): from "
+                    f"<{tx.sender}> via {cfg.hostname}, to "
+                    f"<{tx.recipients[0].address}>",
+                )
+            )
         if tx.write_error is not None:
-            return self._fail_data(_NO_STORAGE,
-                                   log=f"cannot write spool file: {tx.write_error}")
+            return self._fail_data(_NO_STORAGE, log=f"cannot write spool file: {tx.write_error}")
         qid = msg.envelope.qid
         self.tx = None
         accepted = Answer(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
@@ -389,8 +451,15 @@ class Session:
         except SpoolError as exc:
             maillog.spool_error(qid, exc)
             return Answer(_NO_STORAGE)
-        maillog.received(qid, tx.sender, msg.size, len(tx.recipients), tx.msgid,
-                         msg.envelope.proto, self.relay_text)
+        maillog.received(
+            qid,
+            tx.sender,
+            msg.size,
+            len(tx.recipients),
+            tx.msgid,
+            msg.envelope.proto,
+            self.relay_text,
+        )
         self.host.message_queued(queued)
         return accepted
 
@@ -426,16 +495,18 @@ class Session:
     def quit(self, arg: str) -> Answer:
         if self.tx is not None:
             self.log_session_end()
-        return Answer(Reply(221, "2.0.0", f"{self.snap.config.hostname} closing connection"),
-                      close=True)
+        return Answer(
+            Reply(221, "2.0.0", f"{self.snap.config.hostname} closing connection"), close=True
+        )
 
     def help(self, arg: str) -> Answer:
         return Answer(Reply(214, "2.0.0", HELP_TEXT))
 
     def vrfy(self, arg: str) -> Answer:
         # novrfy: never confirm or deny a user (semantics §11).
-        return Answer(Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery "
-                                          "(or try finger)"))
+        return Answer(
+            Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery (or try finger)")
+        )
 
     def expn(self, arg: str) -> Answer:
         return Answer(Reply(502, "5.7.0", "Sorry, we do not allow this operation"))
@@ -450,14 +521,26 @@ class Session:
         if not node:
             return Answer(Reply(501, "5.5.2", "Parameter required"))
         if node.startswith("#"):
-            return Answer(Reply(458, "4.0.0", f"Unable to queue messages for node {node}: "
-                                              "named queues are not supported; use ETRN domain"))
+            return Answer(
+                Reply(
+                    458,
+                    "4.0.0",
+                    f"Unable to queue messages for node {node}: "
+                    "named queues are not supported; use ETRN domain",
+                )
+            )
         subdomains = node.startswith("@")
         domain = canon_domain(node[1:] if subdomains else node)
         if domain is None or domain.startswith("["):
-            return Answer(Reply(501, "5.5.4", f"Syntax error in parameters: {node[:80]!r} is "
-                                              "not a domain (ETRN domain or ETRN @domain)"),
-                          bad=True)
+            return Answer(
+                Reply(
+                    501,
+                    "5.5.4",
+                    f"Syntax error in parameters: {node[:80]!r} is "
+                    "not a domain (ETRN domain or ETRN @domain)",
+                ),
+                bad=True,
+            )
         self.host.flush_domain(domain, subdomains=subdomains)
         return Answer(Reply(250, "2.0.0", f"Queuing for node {node} started"))
 
@@ -488,8 +571,15 @@ class Session:
     def log_session_end(self) -> None:
         """Sendmail logs a from= line even for a transaction that never got its DATA."""
         if self.tx is not None:
-            maillog.received("NOQUEUE", self.tx.sender, 0, 0, None,
-                             "ESMTP" if self.esmtp else "SMTP", self.relay_text)
+            maillog.received(
+                "NOQUEUE",
+                self.tx.sender,
+                0,
+                0,
+                None,
+                "ESMTP" if self.esmtp else "SMTP",
+                self.relay_text,
+            )
 
     def connection_closed(self) -> None:
         if self.tx is not None or self.helo is not None:
@@ -500,8 +590,18 @@ class Session:
 _HANDLERS: dict[str, Callable[[Session, str], Answer | Awaitable[Answer]]] = {
     "HELO": lambda s, arg: s._hello(arg, esmtp=False),
     "EHLO": lambda s, arg: s._hello(arg, esmtp=True),
-    "MAIL": Session.mail, "RCPT": Session.rcpt, "DATA": lambda s, arg: s.data(arg, 0),
-    "RSET": Session.rset, "NOOP": Session.noop, "QUIT": Session.quit, "HELP": Session.help,
-    "VRFY": Session.vrfy, "EXPN": Session.expn, "VERB": Session.verb, "ETRN": Session.etrn,
-    "STARTTLS": Session.starttls, "AUTH": Session.auth, "BDAT": Session.bdat,
+    "MAIL": Session.mail,
+    "RCPT": Session.rcpt,
+    "DATA": lambda s, arg: s.data(arg, 0),
+    "RSET": Session.rset,
+    "NOOP": Session.noop,
+    "QUIT": Session.quit,
+    "HELP": Session.help,
+    "VRFY": Session.vrfy,
+    "EXPN": Session.expn,
+    "VERB": Session.verb,
+    "ETRN": Session.etrn,
+    "STARTTLS": Session.starttls,
+    "AUTH": Session.auth,
+    "BDAT": Session.bdat,
 }

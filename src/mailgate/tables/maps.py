@@ -243,4 +243,3 @@ class EntryTable:
         text = f"duplicate key {e.key}: line {first_line} is used (as makemap does)"
         self.warnings.append(TableWarning(self.path, e.line, text))
         return True
-
