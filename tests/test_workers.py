@@ -13,6 +13,7 @@ from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
+from tests.support.wait import wait_until
 
 HOP = "127.0.0.5"
 
@@ -45,9 +46,7 @@ def test_two_workers_share_the_work_and_reload_together(tmp_path: Path) -> None:
     port = free_port(HOP)
     with DnsServer() as dns, SinkServer(HOP, port) as sink, gateway(tmp_path, dns, port) as gw:
         assert gw.proc is not None
-        deadline = time.monotonic() + 10
-        while len(children_of(gw.proc.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(children_of(gw.proc.pid)) >= 2, "both workers", 10)
         workers = children_of(gw.proc.pid)
         assert len(workers) == 2
         for i in range(20):
@@ -61,9 +60,11 @@ def test_two_workers_share_the_work_and_reload_together(tmp_path: Path) -> None:
         }
         assert senders <= {str(w) for w in workers}
         gw.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while gw.log().count("configuration reloaded") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: gw.log().count("configuration reloaded") >= 2,
+            "both workers to reload",
+            10,
+        )
         assert gw.log().count("configuration reloaded") == 2
 
 
@@ -74,17 +75,17 @@ def test_kill_9_of_the_master_ends_the_workers_and_mail_survives(tmp_path: Path)
         gw.start()
         assert gw.proc is not None
         master = gw.proc.pid
-        deadline = time.monotonic() + 10
-        while len(children_of(master)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(children_of(master)) >= 2, "both workers", 10)
         workers = children_of(master)
         for i in range(6):
             send(gw, f"queued{i}")  # the next hop is down: all six wait in the queue
         gw.wait_log("stat=Deferred")
         gw.kill9()
-        deadline = time.monotonic() + 10
-        while any(Path(f"/proc/{w}").exists() for w in workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
+            "the workers to die with the master",
+            10,
+        )
         assert not any(
             Path(f"/proc/{w}").exists()
             and "Z" not in Path(f"/proc/{w}/stat").read_text().split(")")[1][:3]
@@ -108,23 +109,29 @@ def test_a_worker_restarted_after_a_reload_runs_the_reloaded_tables(tmp_path: Pa
     port = free_port(HOP)
     with DnsServer() as dns, SinkServer(HOP, port), gateway(tmp_path, dns, port) as gw:
         assert gw.proc is not None
-        deadline = time.monotonic() + 10
-        while gw.log().count("starting daemon") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: gw.log().count("starting daemon") >= 2,
+            "both workers to start",
+            10,
+        )
         with gw.smtp("127.0.0.2") as s:
             s.ehlo()
             s.mail("alice@example.org")
             assert s.rcpt("bob@targetdomain1.com")[0] == 250
         (gw.dir / "access").write_text("")  # targetdomain1.com is no longer relayed
         gw.signal(signal.SIGHUP)
-        deadline = time.monotonic() + 10
-        while gw.log().count("configuration reloaded") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: gw.log().count("configuration reloaded") >= 2,
+            "both workers to reload",
+            10,
+        )
         for worker in children_of(gw.proc.pid):
             os.kill(worker, signal.SIGKILL)
-        deadline = time.monotonic() + 15
-        while gw.log().count("starting daemon") < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: gw.log().count("starting daemon") >= 4,
+            "both workers to be restarted",
+            15,
+        )
         assert gw.log().count("starting daemon") >= 4
         for _ in range(10):  # both new workers answer (the kernel spreads the connections)
             with gw.smtp("127.0.0.2") as s:
@@ -145,9 +152,11 @@ def test_connection_limits_count_the_whole_daemon(tmp_path: Path) -> None:
         )
         with gw:
             assert gw.proc is not None
-            deadline = time.monotonic() + 10
-            while gw.log().count("starting daemon") < 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(
+                lambda: gw.log().count("starting daemon") >= 2,
+                "both workers to start",
+                10,
+            )
             held = []
             replies = []
             for _ in range(8):
@@ -167,9 +176,11 @@ def test_connection_limits_count_the_whole_daemon(tmp_path: Path) -> None:
                 os.kill(worker, signal.SIGKILL)
             for c in keep:
                 c.close()
-            deadline = time.monotonic() + 15
-            while gw.log().count("starting daemon") < 4 and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(
+                lambda: gw.log().count("starting daemon") >= 4,
+                "both workers to be restarted",
+                15,
+            )
             again = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
             assert [c.read_reply().code for c in again] == [220, 220, 220]
             for c in again:

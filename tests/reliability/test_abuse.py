@@ -53,12 +53,12 @@ from tests.support.abuse import (
     reset_peak_rss,
     silent_sockets,
     wait_idle,
-    wait_until,
 )
 from tests.support.dnsserver import DnsServer
 from tests.support.edge import log_lines, message, open_fds, proc_status, wait_subject
 from tests.support.gateway import GatewayProcess
 from tests.support.rawsmtp import RawReply, RawSmtp
+from tests.support.wait import wait_until
 
 MATRIX_SMTP = (
     'greet_pause = "0s"\n'
@@ -151,7 +151,7 @@ def matrix(gw: GatewayProcess, sinks: Sinks) -> Matrix:
     result = Matrix()
     for client in CLIENTS:
         _run_client(gw, client, result)
-    wait_until(lambda: not gw.queued(), 90, "the gateway's queue to empty", step=0.2)
+    wait_until(lambda: not gw.queued(), "the gateway's queue to empty", 90, step=0.2)
     senders = {sender_of(c): c.name for c in CLIENTS}
     for name, sink in sinks.servers.items():
         for msg in list(sink.messages):
@@ -430,7 +430,7 @@ def test_smuggling_never_reached_any_sink_after_all_variants(
             message("smuggle sentinel", frm="smuggler@sender.example"),
         )
     wait_subject(sinks["td1"], "smuggle sentinel")
-    wait_until(lambda: not gw.queued(), 30, "the queue to empty")
+    wait_until(lambda: not gw.queued(), "the queue to empty", 30)
     assert _smuggled_anywhere(sinks) == []
     for name, sink in sinks.servers.items():
         assert not [
@@ -499,8 +499,8 @@ def test_bare_lf_or_cr_in_a_command_line_is_refused_and_closes(
     assert len(replies) == 1 and 500 <= replies[0][0] < 600, replies
     wait_until(
         lambda: len(log_lines(gw, f"[{SMUGGLER}]", "smuggling")) == logged + 1,
-        5,
         "one maillog line about the refused command line",
+        5,
     )
     assert not [m for m in list(sinks["td1"].messages) if m.mail_from == "bare@sender.example"]
     assert not log_lines(gw, "from=<bare@sender.example>", "nrcpts=1")
@@ -539,7 +539,7 @@ def fresh_gw(tmp_path: Path, dns: DnsServer, sinks: Sinks) -> Iterator[GatewayPr
                 ["warm@targetdomain1.com"],
                 message("fresh warm-up", frm="warm@sender.example"),
             )
-        wait_until(lambda: not g.queued(), 20, "the warm-up delivery")
+        wait_until(lambda: not g.queued(), "the warm-up delivery", 20)
         yield g
 
 
@@ -795,8 +795,8 @@ def test_2000_half_open_connections_while_a_polite_client_is_served(
     with silent_sockets(gw.host, gw.port, sources):
         wait_until(
             lambda: open_fds(pid) >= fds0 + CROWD - 5,
-            60,
             f"the daemon to accept {CROWD} connections",
+            60,
         )
         rss1 = proc_status(pid, "VmRSS")
         with gw.smtp("127.0.0.2", timeout=30) as s:
@@ -807,7 +807,7 @@ def test_2000_half_open_connections_while_a_polite_client_is_served(
             )
         wait_subject(sinks["td1"], "polite in the crowd")
     # all closed by the clients: the daemon lets go of every one of them
-    wait_until(lambda: open_fds(pid) <= fds0 + 5, 60, f"the daemon's fds to return to {fds0} (+5)")
+    wait_until(lambda: open_fds(pid) <= fds0 + 5, f"the daemon's fds to return to {fds0} (+5)", 60)
     grew_mb = (rss1 - rss0) / 1024
     assert grew_mb < 30 * CROWD / 1000, f"RSS grew by {grew_mb:.1f} MB for {CROWD} sessions"
 

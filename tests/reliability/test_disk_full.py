@@ -40,6 +40,7 @@ from mailgate.queue.spool import (
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
+from tests.support.wait import wait_until
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -124,15 +125,6 @@ def is_sealed(path: Path) -> bool:
 
 def entries(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
-
-
-def wait_until(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll ``check`` (a condition, never a duration under test) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting: {what}")
-        time.sleep(0.05)
 
 
 def make_gateway(tmp_path: Path, hop_port: int, settings: str = "") -> GatewayProcess:
@@ -273,7 +265,7 @@ def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
                     p.stat().st_size >= 256 * KIB for p in spool.joinpath("incoming").iterdir()
                 )
 
-            wait_until("the first part of the message is in its spool file", spilled)
+            wait_until(spilled, "the first part of the message is in its spool file", 20)
             filler = spool / "filler"
             fill(filler)
             # More content, with lines that would be commands if they were ever read as such.
@@ -300,7 +292,7 @@ def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
             def accepted() -> bool:
                 return c.cmd("MAIL FROM:<alice@example.org>").code == 250
 
-            wait_until("MAIL accepted again once the filler is gone", accepted)
+            wait_until(accepted, "MAIL accepted again once the filler is gone", 20)
             assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
             assert c.cmd("DATA").code == 354
             c.send(message("after") + b".\r\n")
@@ -430,9 +422,9 @@ def test_mail_fills_the_spool_then_nothing_is_lost_and_acceptance_resumes(
                 acked["<after@example.org>"] = text.split()[1]
             return code == 250
 
-        wait_until("acceptance resumes once the filler is gone", accepting)
+        wait_until(accepting, "acceptance resumes once the filler is gone", 20)
         sink.wait_for(len(acked), timeout=60)
-        wait_until("the queue is empty", lambda: gw.queued() == [], timeout=30)
+        wait_until(lambda: gw.queued() == [], "the queue is empty", timeout=30)
         arrived = Counter(message_id(m.data) for m in sink.messages)
         assert arrived == Counter(dict.fromkeys(acked, 1))  # each exactly once, nothing else
         assert entries(spool / "corrupt") == [] and entries(spool / "incoming") == []
@@ -456,7 +448,7 @@ def test_a_bounce_that_finds_the_disk_full_waits_for_space(tmp_path: Path, tmpfs
         with gw.smtp() as s:
             s.sendmail("carol@targetdomain1.com", ["bob@targetdomain1.com"], message("bounced"))
         [qid] = gw.queued()
-        wait_until("the first attempt is deferred", (spool / "queue" / f"{qid}.st").exists)
+        wait_until((spool / "queue" / f"{qid}.st").exists, "the first attempt is deferred", 20)
         filler = spool / "filler"
         fill(filler)
         sink.rcpt_reply["bob@targetdomain1.com"] = "550 5.1.1 No such user"
@@ -466,7 +458,7 @@ def test_a_bounce_that_finds_the_disk_full_waits_for_space(tmp_path: Path, tmpfs
         assert entries(spool / "incoming") == [] and entries(spool / "corrupt") == []
         filler.unlink()
         [dsn] = sink.wait_for(1, timeout=30)
-        wait_until("the queue is empty", lambda: gw.queued() == [], timeout=30)
+        wait_until(lambda: gw.queued() == [], "the queue is empty", timeout=30)
         assert (dsn.mail_from, dsn.rcpt_tos) == ("", ["carol@targetdomain1.com"])
         assert b"<bounced@example.org>" in dsn.data
         assert len(sink.messages) == 1

@@ -47,6 +47,7 @@ from tests.support.blackhole import Blackhole
 from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, run_cli
 from tests.support.sink import SinkMessage, SinkServer
+from tests.support.wait import wait_until
 
 CLIENT = "127.0.4.20"  # an outside client: relays only to the To: RELAY domains
 HOP = "127.0.4.1"  # hop.test's server (mailertable)
@@ -86,14 +87,6 @@ def common_port() -> int:
             continue
         return port
     raise RuntimeError("no port free on all next-hop addresses")
-
-
-def wait_until(cond: Callable[[], object], what: str, timeout: float = GUARD) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def make_message(tag: str, body: bytes = b"Hello.\r\n") -> tuple[str, bytes]:
@@ -168,7 +161,7 @@ def wait_deferred(gw: GatewayProcess, attempts: int = 1) -> dict[str, QueueStatu
             raise AssertionError(f"the queue is empty: not deferred. maillog:\n{gw.log()}")
         return recorded_attempts(gw) >= attempts
 
-    wait_until(deferred_or_gone, f"{attempts} recorded attempt(s)")
+    wait_until(deferred_or_gone, f"{attempts} recorded attempt(s)", GUARD)
     return queue_status(gw)
 
 
@@ -188,7 +181,7 @@ def kick_until(gw: GatewayProcess, cond: Callable[[], object], what: str) -> Non
 
 
 def wait_queue_empty(gw: GatewayProcess) -> None:
-    wait_until(lambda: not gw.queued(), f"an empty queue (left: {gw.queued()})")
+    wait_until(lambda: not gw.queued(), f"an empty queue (left: {gw.queued()})", GUARD)
 
 
 def parse(msg: SinkMessage) -> Message:
@@ -536,7 +529,7 @@ def test_drop_mid_data_defers_then_delivers_once(
     assert set(last_errors(st)) == {"bob@hop.test", "carol@hop.test"}
     assert len(deferred_lines(gw)) == 2
     assert hop.messages == []
-    wait_until(lambda: hop.transactions, "the cut transaction's record")
+    wait_until(lambda: hop.transactions, "the cut transaction's record", GUARD)
     cuts = list(hop.transactions)
     assert len(cuts) == (2 if where == "on a reused connection" else 1)
     assert len({t.connection for t in cuts}) == len(cuts)
@@ -588,7 +581,7 @@ def test_5xx_at_mail_bounces_every_recipient(
     gw = gateway(MANUAL, RELAXED)
     rcpts = ["bob@hop.test", "carol@hop.test"]
     msgid = send(gw, rcpts, "mail 5xx")
-    wait_until(lambda: bounces_for(bounces, msgid), "the bounce")
+    wait_until(lambda: bounces_for(bounces, msgid), "the bounce", GUARD)
     wait_queue_empty(gw)
     [dsn] = bounces_for(bounces, msgid)
     assert dsn.rcpt_tos == [SENDER]
@@ -612,7 +605,7 @@ def test_5xx_at_rcpt_bounces_that_recipient_and_delivers_the_others(
     hop.start()
     gw = gateway(MANUAL, RELAXED)
     msgid = send(gw, ["bob@hop.test", "carol@hop.test"], "rcpt 5xx")
-    wait_until(lambda: bounces_for(bounces, msgid), "the bounce")
+    wait_until(lambda: bounces_for(bounces, msgid), "the bounce", GUARD)
     wait_queue_empty(gw)
     [msg] = copies(hop, msgid)
     assert msg.rcpt_tos == ["bob@hop.test"]
@@ -659,7 +652,7 @@ def test_5xx_after_the_content_bounces_each_recipient(
     gw = gateway(MANUAL, RELAXED)
     rcpts = ["bob@hop.test", "carol@hop.test", "dave@hop.test"]
     msgid = send(gw, rcpts, "data 5xx")
-    wait_until(lambda: bounces_for(bounces, msgid), "the bounce")
+    wait_until(lambda: bounces_for(bounces, msgid), "the bounce", GUARD)
     wait_queue_empty(gw)
     [dsn] = bounces_for(bounces, msgid)
     assert dsn.mail_from == "" and dsn.rcpt_tos == [SENDER]
@@ -689,7 +682,7 @@ def test_delay_warning_then_max_age_bounce_for_the_deferred_recipient(
     hop.start()
     gw = gateway(TIMER, '[queue]\nwarn_after = "1s"\nmax_age = "1h"\n', RELAXED)
     msgid = send(gw, ["bob@hop.test", "carol@hop.test"], "expiry")
-    wait_until(lambda: bounces_for(bounces, msgid), "the delay warning")
+    wait_until(lambda: bounces_for(bounces, msgid), "the delay warning", GUARD)
     [warning] = bounces_for(bounces, msgid)
     subject, [field] = dsn_fields(warning)
     assert subject.startswith("Warning: could not send message for past")
@@ -703,7 +696,7 @@ def test_delay_warning_then_max_age_bounce_for_the_deferred_recipient(
     text = gw.config.read_text()
     gw.config.write_text(text.replace('max_age = "1h"', 'max_age = "1s"'))
     gw.signal(signal.SIGHUP)
-    wait_until(lambda: len(bounces_for(bounces, msgid)) >= 2, "the expiry bounce")
+    wait_until(lambda: len(bounces_for(bounces, msgid)) >= 2, "the expiry bounce", GUARD)
     wait_queue_empty(gw)
     assert len(bounces_for(bounces, msgid)) == 2  # one warning, one bounce
     bounce = bounces_for(bounces, msgid)[1]
@@ -724,7 +717,7 @@ def test_max_age_bounce_when_the_hop_never_answers(
 ) -> None:
     gw = gateway(TIMER, '[queue]\nwarn_after = "0s"\nmax_age = "2s"\n', RELAXED)
     msgid = send(gw, ["bob@hop.test"], "never")
-    wait_until(lambda: bounces_for(bounces, msgid), "the expiry bounce")
+    wait_until(lambda: bounces_for(bounces, msgid), "the expiry bounce", GUARD)
     wait_queue_empty(gw)
     [bounce] = bounces_for(bounces, msgid)
     _subject, [field] = dsn_fields(bounce)

@@ -534,17 +534,6 @@ def raise_nofile(need: int) -> bool:
     return True
 
 
-def wait_until(predicate: object, timeout: float, what: str, step: float = 0.05) -> None:
-    """Poll ``predicate()`` (a callable) until true; AssertionError naming ``what`` if not."""
-    assert callable(predicate)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @contextlib.contextmanager
 def silent_sockets(host: str, port: int, sources: list[str]) -> Iterator[list[socket.socket]]:
     """Connected sockets, one per entry of ``sources``, that never send anything."""
