@@ -28,9 +28,9 @@ SLOTS = 65536
 
 
 class Counts(Protocol):
-    def add(self, ip: str, delta: int) -> tuple[int, int]:
-        """Change ``ip``'s count by ``delta``; (its count, the total) after the change."""
-        ...
+    def add(self, ip: str, delta: int) -> None: ...
+
+    def count(self, ip: str) -> int: ...
 
     def total(self) -> int: ...
 
@@ -42,17 +42,23 @@ class LocalCounts:
         self._per_ip: Counter[str] = Counter()
         self._total = 0
 
-    def add(self, ip: str, delta: int) -> tuple[int, int]:
+    def add(self, ip: str, delta: int) -> None:
         count = self._per_ip[ip] + delta
         if count > 0:
             self._per_ip[ip] = count
         else:
             self._per_ip.pop(ip, None)
         self._total += delta
-        return count, self._total
+
+    def count(self, ip: str) -> int:
+        return self._per_ip[ip]
 
     def total(self) -> int:
         return self._total
+
+
+def _slot(ip: str) -> int:
+    return zlib.crc32(ip.encode()) % SLOTS
 
 
 class SharedCounts:
@@ -73,12 +79,13 @@ class SharedCounts:
         rows, width = self._rows, SLOTS + 1
         return sum(rows[w * width + slot] for w in range(self.workers))
 
-    def add(self, ip: str, delta: int) -> tuple[int, int]:
-        slot = zlib.crc32(ip.encode()) % SLOTS
+    def add(self, ip: str, delta: int) -> None:
         base = self.row * (SLOTS + 1)
-        self._rows[base + slot] += delta
+        self._rows[base + _slot(ip)] += delta
         self._rows[base + SLOTS] += delta
-        return self._sum(slot), self._sum(SLOTS)
+
+    def count(self, ip: str) -> int:
+        return self._sum(_slot(ip))
 
     def total(self) -> int:
         return self._sum(SLOTS)
@@ -101,15 +108,16 @@ class Admission:
     def has_room(self, max_connections: int) -> bool:
         return self.counts.total() < max_connections
 
-    def open(self, ip: str) -> int:
-        """Register a session from ``ip``; its address's count, this one included."""
-        return self.counts.add(ip, 1)[0]
+    def open(self, ip: str) -> None:
+        """Register a session from ``ip``."""
+        self.counts.add(ip, 1)
 
     def close(self, ip: str) -> None:
         self.counts.add(ip, -1)
 
     def count(self, ip: str) -> int:
-        return self.counts.add(ip, 0)[0]
+        """Sessions from ``ip`` now, for the whole daemon."""
+        return self.counts.count(ip)
 
     @staticmethod
     def refusal(ip: str, count: int, max_per_ip: int, hostname: str) -> Reply | None:
