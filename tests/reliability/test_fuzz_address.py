@@ -13,10 +13,9 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mailgate.address import (
@@ -30,18 +29,8 @@ from mailgate.address import (
     routed_hosts,
 )
 from mailgate.reply import Reply
+from tests.reliability.fuzz_settings import fuzz_settings
 from tests.reliability.fuzz_support import CONTROL, check_address_error, check_mailbox
-
-SCALE = max(1, int(os.environ.get("MAILGATE_FUZZ_SCALE", "1")))
-
-
-def fuzz_settings(n: int) -> settings:
-    return settings(
-        max_examples=n * SCALE,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
 
 DOMAINS = [
     "gateway.example",

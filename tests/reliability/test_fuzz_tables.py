@@ -14,12 +14,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from mailgate.tables import TABLE_FILES, Tables, load_tables
@@ -31,18 +30,8 @@ from mailgate.tables.localnames import read_names
 from mailgate.tables.mailertable import MailerTable, NextHop, parse_mailer_value
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
 from mailgate.tables.virtusers import VirtUserTable, parse_virt_value
+from tests.reliability.fuzz_settings import fuzz_settings
 from tests.reliability.fuzz_support import check_table_error
-
-SCALE = max(1, int(os.environ.get("MAILGATE_FUZZ_SCALE", "1")))
-
-
-def fuzz_settings(n: int) -> settings:
-    return settings(
-        max_examples=n * SCALE,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
-
 
 Loader = Callable[[Path], object]
 LOADERS: dict[str, Loader] = {
