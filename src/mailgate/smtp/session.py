@@ -324,17 +324,15 @@ class Session:
     def data(self, arg: str, pipelined: int) -> Answer:
         """DATA: the protocol enters the content on our 354 and only then (``send``)."""
         tx = self.tx
-        refused: Reply | None = None
         if tx is None:
-            refused = Reply(503, "5.0.0", "Need MAIL command")
-        elif not tx.recipients:
-            refused = Reply(503, "5.0.0", "Need RCPT (recipient)")
-        elif arg:
-            refused = Reply(501, "5.5.4", "DATA takes no arguments")
-        else:
-            refused = self._storage_refusal()  # full since MAIL: the transaction stays
-        if refused is not None or tx is None:
-            return Answer(refused or Reply(503, "5.0.0", "Need MAIL command"))
+            return Answer(Reply(503, "5.0.0", "Need MAIL command"))
+        if not tx.recipients:
+            return Answer(Reply(503, "5.0.0", "Need RCPT (recipient)"))
+        if arg:
+            return Answer(Reply(501, "5.5.4", "DATA takes no arguments"))
+        refused = self._storage_refusal()  # full since MAIL: the transaction stays
+        if refused is not None:
+            return Answer(refused)
         if pipelined and self.snap.config.smtp.forbid_unauth_pipelining:
             # RFC 2920 3.1: DATA ends a pipelined group; bytes behind it were sent before the
             # client could see our 354, so it does not wait for replies (a spam engine, or a
