@@ -234,6 +234,10 @@ def _listen(value: object) -> tuple[tuple[str, int], ...]:
     return addresses
 
 
+def _listen_or_off(value: object) -> tuple[str, int] | None:
+    return None if value == "" else parse_listen(value)
+
+
 def _nameservers(value: object) -> tuple[str, ...] | None:
     return _str_list(_check_nameserver)(value) or None  # [] = the system resolver too
 
@@ -503,6 +507,17 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Off unless asked for: a config that predates metrics opens no new port on upgrade, and
+    # two daemons on one host do not fight over one. The embedded default config turns it on.
+    listen: tuple[str, int] | None = setting(
+        _listen_or_off,
+        "",
+        '`/metrics` and `/health` over HTTP, e.g. `"127.0.0.1:9925"` (`""` = off)',
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
     hostname: str = setting(
@@ -541,6 +556,7 @@ class Config:
     access: AccessSettings = section(AccessSettings)
     log: LogSettings = section(LogSettings)
     tls: TlsSettings = section(TlsSettings)
+    metrics: MetricsSettings = section(MetricsSettings)
 
     @property
     def source(self) -> str:

@@ -15,16 +15,16 @@ import signal
 import socket
 import time
 import zlib
-from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mailgate import maillog
+from mailgate import maillog, metrics
 from mailgate.config import Config
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
+from mailgate.monitor import Gauges, MonitorServer, QueueCensus
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
@@ -54,6 +54,8 @@ class Gateway:
         workers: int = 1,
         adopt: tuple[int, ...] = (),
         counts: Counts | None = None,
+        table: metrics.Table | None = None,
+        metrics_socket: socket.socket | None = None,
     ) -> None:
         self.config_path = config_path
         self.snapshot = snapshot
@@ -63,6 +65,11 @@ class Gateway:
         # Pids of this worker's dead predecessors: the mail they received is ours to retry.
         self.adopt = {pid_tag(pid) for pid in adopt}
         cfg = snapshot.config
+        # The daemon's counts (metrics.py): our row of the master's table, or a table of our own.
+        self.table = table if table is not None else metrics.Table(1)
+        self.metrics = self.table.row(worker if table is not None else 0)
+        self.metrics_socket = metrics_socket  # bound by the master; only worker 0 serves it
+        self.monitor: MonitorServer | None = None
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
         self.delivery = DeliveryContext(
@@ -71,12 +78,12 @@ class Gateway:
             snapshot=lambda: self.snapshot,
             queued=self._report_queued,
             connections=ConnectionCache(),
+            metrics=self.metrics,
         )
         self.scheduler = Scheduler(partial(attempt, self.delivery), cfg.queue.max_deliveries)
         self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
         self.admission = Admission(counts)
-        self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
@@ -117,7 +124,11 @@ class Gateway:
                 has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
             )
             listener.start()
+            assert listener.task is not None
+            listener.task.add_done_callback(lambda _task: self.metrics.set_listening(False))
             self.listeners.append(listener)
+        self.metrics.started(os.getpid(), listening=True)
+        await self._start_monitor()
         if cfg.pid_file and self.workers == 1:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         self._stats_task = asyncio.get_running_loop().create_task(
@@ -127,6 +138,58 @@ class Gateway:
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
 
+    async def _start_monitor(self) -> None:
+        """``[metrics] listen``: worker 0 answers for the whole daemon (monitor.py)."""
+        listen = self.snapshot.config.metrics.listen
+        sock = self.metrics_socket
+        if self.worker != 0:
+            if sock is not None:
+                sock.close()  # the master's, inherited: worker 0's to serve
+            return
+        if sock is None and listen is not None:
+            sock = bind_socket(*listen, backlog=64)
+        if sock is None:
+            return
+        self.monitor = MonitorServer(
+            sock, self.table, self.gauges, QueueCensus(self.spool), self.health_problems
+        )
+        await self.monitor.start()
+
+    def gauges(self) -> Gauges:
+        """What /metrics says is true now (the queue is filled in by its census)."""
+        return Gauges(
+            sessions_open=self.admission.open_sessions,
+            queue_messages=0,
+            queue_oldest=None,
+            spool_free_bytes=self.spool.free_space(),
+            stress=self.stressed,
+        )
+
+    def health_problems(self) -> list[str]:
+        """Why /health answers 503 (none: 200): a worker not running or not listening, a
+        spool that cannot take a file or is below ``min_free``."""
+        problems = []
+        table = self.table
+        for row in range(table.rows):
+            name = f"worker {row}" if table.rows > 1 else "the daemon"
+            if not table.value(metrics.PID, row):
+                problems.append(f"{name} is not running")
+            elif not table.value(metrics.LISTENING, row):
+                problems.append(f"{name} is not listening")
+        probe = self.spool.incoming / f".health.{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            problems.append(f"spool {self.spool.incoming} is not writable: {exc.strerror or exc}")
+        min_free = self.snapshot.config.queue.min_free
+        if not self.spool.room_for(0, min_free):
+            problems.append(
+                f"spool {self.spool.root} has {self.spool.free_space()} bytes free, "
+                f"below min_free ({min_free})"
+            )
+        return problems
+
     def _new_session(self) -> SmtpServerProtocol:
         return SmtpServerProtocol(self)
 
@@ -134,6 +197,8 @@ class Gateway:
         maillog.stopping()
         for listener in self.listeners:
             await listener.close()
+        if self.monitor is not None:
+            await self.monitor.close()
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
                 s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} Shutting down"))
@@ -156,7 +221,11 @@ class Gateway:
             return False
         config = snapshot.config
         old = self.snapshot.config
-        if config.listen != old.listen or config.spool_dir != old.spool_dir:
+        if (
+            config.listen != old.listen
+            or config.spool_dir != old.spool_dir
+            or config.metrics != old.metrics
+        ):
             maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
@@ -172,7 +241,6 @@ class Gateway:
     def session_started(self, session: SmtpServerProtocol) -> None:
         self.sessions.add(session)
         self.admission.open(session.client.ip)
-        self.counters["connections"] += 1
         self._check_stress()
 
     def session_ended(self, session: SmtpServerProtocol) -> None:
@@ -193,7 +261,7 @@ class Gateway:
         open_now = self.admission.open_sessions
         if not self.stressed and open_now >= mark:
             self.stressed = True
-            self.counters["stress"] += 1
+            self.metrics.inc(metrics.STRESS_EPISODES)
             maillog.stress_started(open_now, smtp.max_connections, smtp.stress_timeout)
             for session in list(self.sessions):
                 session.timeouts_changed()
@@ -216,12 +284,9 @@ class Gateway:
     def connection_limit_reply(self, ip: str) -> Reply | None:
         """The per-IP limit, over this daemon's sessions (this one already counted)."""
         cfg = self.snapshot.config
-        refusal = Admission.refusal(
+        return Admission.refusal(
             ip, self.admission.count(ip), cfg.smtp.max_connections_per_ip, cfg.hostname
         )
-        if refusal is not None:
-            self.counters["per_ip_limit"] += 1
-        return refusal
 
     async def lookup_client(self, ip: str) -> Client:
         """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
@@ -237,7 +302,7 @@ class Gateway:
     def message_queued(self, queued: QueuedMessage) -> None:
         """A session committed a message (and sent its 250): its first attempt gets it with
         its file still open and locked."""
-        self.counters["messages_received"] += 1
+        self.metrics.counts[metrics.MESSAGES_RECEIVED] += 1
         self.scheduler.submit(queued.qid, message=queued)
 
     def _report_queued(self, queued: QueuedMessage) -> None:
@@ -319,26 +384,27 @@ class Gateway:
             with contextlib.suppress(OSError):
                 await self.scan_queue()
 
-    def count(self, name: str) -> None:
-        self.counters[name] += 1
+    def count(self, slot: int) -> None:
+        self.metrics.counts[slot] += 1
 
     def log_statistics(self) -> None:
-        """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
-        c = self.counters
-        names = (
-            "connections",
-            "messages_received",
-            "early_talkers",
-            "rcpt_throttled",
-            "bad_rcpt_disconnects",
-            "per_ip_limit",
-            "connect_refused",
-            "bare_newline",
-            "improper_pipelining",
-            "stress",
-        )
+        """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2):
+        this process's row of the metrics (a restarted worker's includes its predecessors')."""
+        row = self.metrics.value
+        connections = metrics.CONNECTIONS
         maillog.statistics(
-            {n: c[n] for n in names},
+            {
+                "connections": sum(row(connections.base + i) for i in range(connections.size)),
+                "messages_received": row(metrics.MESSAGES_RECEIVED),
+                "early_talkers": row(metrics.connection("early_talker")),
+                "rcpt_throttled": row(metrics.event("rcpt_throttled")),
+                "bad_rcpt_disconnects": row(metrics.event("bad_rcpt_disconnect")),
+                "per_ip_limit": row(metrics.connection("per_ip_limit")),
+                "connect_refused": row(metrics.connection("access_refused")),
+                "bare_newline": row(metrics.event("bare_newline")),
+                "improper_pipelining": row(metrics.event("improper_pipelining")),
+                "stress": row(metrics.STRESS_EPISODES),
+            },
             len(self.sessions),
             self.scheduler.queued,
             self.scheduler.active,

@@ -1,7 +1,8 @@
 """The multi-process daemon (``workers > 1``) and the process start: the master binds the
 listening sockets, clears ``incoming/``, forks the workers that share them and the spool,
 forwards signals, and restarts a worker that dies, with the newest config that passed its
-check and a clean slate in the shared connection counts."""
+check and a clean slate in the shared connection counts. It also makes the shared metrics
+table (one row per worker) and binds ``[metrics] listen``, which worker 0 serves."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from mailgate import maillog
+from mailgate import maillog, metrics
 from mailgate.daemon import install_event_loop, serve
 from mailgate.queue.spool import Spool
 from mailgate.smtp.limits import SharedCounts
@@ -38,6 +39,8 @@ def _run_worker(
     workers: int,
     adopt: tuple[int, ...],
     counts: SharedCounts,
+    table: metrics.Table,
+    metrics_socket: socket.socket | None,
 ) -> None:
     _die_with_parent()
     counts.row = index
@@ -58,6 +61,8 @@ def _run_worker(
             workers=workers,
             adopt=adopt,
             counts=counts,
+            table=table,
+            metrics_socket=metrics_socket,
         )
     )
 
@@ -67,6 +72,8 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     sockets and the spool, forward signals, restart a worker that dies."""
     cfg = snapshot.config
     sockets = [bind_socket(host, port) for host, port in cfg.listen]
+    # Bound here, so that it outlives worker 0 (a scrape waits in the backlog while it restarts).
+    metrics_socket = bind_socket(*cfg.metrics.listen, backlog=64) if cfg.metrics.listen else None
     spool = Spool(cfg.spool_dir)
     moved = spool.recover_incoming()
     spool.close()
@@ -74,6 +81,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         maillog.recovered_incoming(moved, cfg.spool_dir)
     running = snapshot  # the newest config that passed its check: what a new worker starts with
     counts = SharedCounts(workers)  # connection counts for the whole daemon
+    table = metrics.Table(workers)  # the daemon's metrics, one row per worker
     children: dict[int, int] = {}  # pid → worker index
     dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
     stopping = False
@@ -84,7 +92,15 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
             code = 0
             try:
                 _run_worker(
-                    config_path, running, sockets, index, workers, tuple(dead[index]), counts
+                    config_path,
+                    running,
+                    sockets,
+                    index,
+                    workers,
+                    tuple(dead[index]),
+                    counts,
+                    table,
+                    metrics_socket,
                 )
             except BaseException as exc:
                 maillog.worker_failed(index, exc)
@@ -130,6 +146,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
             if index is not None and not stopping:
                 maillog.worker_exited(index, pid, status)
                 counts.clear_row(index)  # its sessions died with it
+                table.process_gone(index)  # its counts stay: the daemon's never go back
                 time.sleep(1)
                 dead[index].append(pid)
                 spawn(index)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
 from mailgate.dns import PtrStatus
+from mailgate.metrics import RejectReason
 from mailgate.reply import Reply
 from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
@@ -54,6 +55,7 @@ class Decision:
     discard: bool = False  # accept, then throw the whole message away (access DISCARD)
     routes: tuple[Route, ...] = ()
     logged_reject: bool = False  # a refusal worth a ruleset=… reject= log line
+    reason: RejectReason | None = None  # why, for the metrics (with logged_reject)
 
     @property
     def accepted(self) -> bool:
@@ -130,9 +132,13 @@ def check_sender(
     verdict = tables.access.sender(mailbox.local, mailbox.domain)
     if verdict is not None:
         if verdict.action == "REJECT":
-            return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True)
+            return Decision(
+                Reply(550, "5.7.1", f"{shown}... Access denied"),
+                logged_reject=True,
+                reason="access",
+            )
         if verdict.action == "ERROR" and verdict.error is not None:
-            return Decision(verdict.error.reply(shown), logged_reject=True)
+            return Decision(verdict.error.reply(shown), logged_reject=True, reason="access")
         if verdict.action == "DISCARD":
             return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"), discard=True)
         if verdict.action == "OK":
@@ -141,6 +147,7 @@ def check_sender(
         return Decision(
             Reply(553, "5.5.4", f"{shown}... Domain name required for sender address {raw}"),
             logged_reject=True,
+            reason="sender",
         )
     return None
 
@@ -226,16 +233,18 @@ def check_recipient(
         if verdict is not None:
             if verdict.action == "REJECT":
                 return Decision(
-                    Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True
+                    Reply(550, "5.7.1", f"{shown}... Access denied"),
+                    logged_reject=True,
+                    reason="access",
                 )
             if verdict.action == "ERROR" and verdict.error is not None:
-                return Decision(verdict.error.reply(shown), logged_reject=True)
+                return Decision(verdict.error.reply(shown), logged_reject=True, reason="access")
             if verdict.action == "DISCARD":
                 return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
     if not client_relays and not may_relay_to(final, ctx, config.relay_hosts_only):
-        return Decision(relay_denied(shown, client), logged_reject=True)
+        return Decision(relay_denied(shown, client), logged_reject=True, reason="relay")
     routes = resolve(final, ctx, expand=False)
     for route in routes:
         if route.mailer == "error" and route.error is not None:
-            return Decision(route.error.reply(shown), logged_reject=True)
+            return Decision(route.error.reply(shown), logged_reject=True, reason="recipient")
     return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), routes=tuple(routes))
