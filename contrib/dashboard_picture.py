@@ -64,6 +64,9 @@ def legend(template: str, labels: dict[str, str]) -> str:
 _UNITS = {"reqps": "per second", "s": "seconds", "bytes": "bytes"}
 
 
+_UNITS = {"reqps": "per second", "s": "seconds", "bytes": "bytes"}
+
+
 def draw(prometheus: str, minutes: float, out: Path, rate_interval: str) -> None:
     import matplotlib
 
@@ -87,16 +90,14 @@ def draw(prometheus: str, minutes: float, out: Path, rate_interval: str) -> None
                 points = [(float(t), float(v)) for t, v in series["values"]]
                 xs = [matplotlib.dates.date2num(_utc(t)) for t, _ in points]
                 ys = [v for _, v in points]
-                ax.plot(
-                    xs, ys, linewidth=1.2, label=legend(target["legendFormat"], series["metric"])
-                )
+                # A series that stayed at 0 is drawn but not named: the legend shows what moved.
+                name = legend(target["legendFormat"], series["metric"]) if any(ys) else None
+                ax.plot(xs, ys, linewidth=1.2, label=name)
         ax.set_title(panel["title"], fontsize=10, loc="left")
         ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-        ax.set_ylabel(
-            {"reqps": "per second", "s": "seconds", "bytes": "bytes"}.get(unit, ""), fontsize=7
-        )
+        ax.set_ylabel(_UNITS.get(unit, ""), fontsize=7)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, loc="upper left", ncol=2, framealpha=0.6)
     for ax in list(axes.flat)[len(panels) :]:

@@ -7,6 +7,7 @@ import calendar
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +211,30 @@ def test_health_says_what_is_wrong(tmp_path: Path, dns: DnsServer, sink: SinkSer
         (gw.spool / "incoming.aside").rename(incoming)
         assert http_get("127.0.0.1", port, "/health") == (200, "text/plain", "ok\n")
         assert http_get("127.0.0.1", port, "/nothing")[0] == 404
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_metrics_port_in_use_stops_the_start(
+    tmp_path: Path, dns: DnsServer, workers: int
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        gw = mixed_gateway(
+            tmp_path / "gw",
+            dns.address,
+            hop_port=1,
+            dead_port=1,
+            metrics_port=port,
+            workers=workers,
+        )
+        with pytest.raises(RuntimeError) as failed:
+            gw.start()
+    assert (
+        f"cannot start: [Errno 98] [metrics] listen 127.0.0.1:{port}: Address already in use"
+        in str(failed.value)
+    )
 
 
 def test_metrics_are_off_unless_asked_for(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from mailgate.config import Config
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
-from mailgate.monitor import Gauges, MonitorServer, QueueCensus
+from mailgate.monitor import Gauges, MonitorServer, QueueCensus, bind
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
@@ -110,6 +110,9 @@ class Gateway:
             )
         if recovered:
             maillog.recovered(len(recovered), cfg.spool_dir)
+        # Before the SMTP listeners: a metrics port in use stops the start before any client
+        # is served (with workers, the master bound it already).
+        await self._start_monitor()
         socks = (
             self.sockets
             if self.sockets is not None
@@ -128,7 +131,6 @@ class Gateway:
             listener.task.add_done_callback(lambda _task: self.metrics.set_listening(False))
             self.listeners.append(listener)
         self.metrics.started(os.getpid(), listening=True)
-        await self._start_monitor()
         if cfg.pid_file and self.workers == 1:
             cfg.pid_file.write_text(f"{os.getpid()}\n")
         self._stats_task = asyncio.get_running_loop().create_task(
@@ -147,7 +149,7 @@ class Gateway:
                 sock.close()  # the master's, inherited: worker 0's to serve
             return
         if sock is None and listen is not None:
-            sock = bind_socket(*listen, backlog=64)
+            sock = bind(listen)
         if sock is None:
             return
         self.monitor = MonitorServer(

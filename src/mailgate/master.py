@@ -16,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from mailgate import maillog, metrics
+from mailgate import maillog, metrics, monitor
 from mailgate.daemon import install_event_loop, serve
 from mailgate.queue.spool import Spool
 from mailgate.smtp.limits import SharedCounts
@@ -73,7 +73,7 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
     cfg = snapshot.config
     sockets = [bind_socket(host, port) for host, port in cfg.listen]
     # Bound here, so that it outlives worker 0 (a scrape waits in the backlog while it restarts).
-    metrics_socket = bind_socket(*cfg.metrics.listen, backlog=64) if cfg.metrics.listen else None
+    metrics_socket = monitor.bind(cfg.metrics.listen) if cfg.metrics.listen else None
     spool = Spool(cfg.spool_dir)
     moved = spool.recover_incoming()
     spool.close()

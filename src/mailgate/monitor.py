@@ -34,10 +34,20 @@ from prometheus_client.metrics_core import (
 
 from mailgate import metrics
 from mailgate.queue.spool import Spool
+from mailgate.smtp.listener import bind_socket
 
 MAX_CONNECTIONS = 16  # more at once are closed at once
 READ_TIMEOUT = 5.0  # for the request head
 MAX_HEAD = 8192
+
+
+def bind(listen: tuple[str, int]) -> socket.socket:
+    """The ``[metrics] listen`` socket; an OSError that names the setting."""
+    host, port = listen
+    try:
+        return bind_socket(host, port, backlog=64)
+    except OSError as exc:
+        raise OSError(exc.errno, f"[metrics] listen {host}:{port}: {exc.strerror}") from None
 
 
 class QueueCensus:
