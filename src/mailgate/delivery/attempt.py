@@ -204,9 +204,8 @@ def log_outcomes(
     delay = now - env.arrival
     for job, outcome in results:
         route = job.route
-        counts.delivery(
-            route.mailer, outcome.status.value, delay, route.host if route.is_smtp else None
-        )
+        failed_hop = route.host if route.is_smtp and outcome.status is not Status.SENT else None
+        counts.delivery(route.mailer, outcome.status.value, delay, failed_hop)
         maillog.delivery(
             env.qid,
             route.address if route.is_smtp or route.mailer == "error" else job.rcpt.address,
