@@ -350,3 +350,14 @@ def test_a_qid_dates_its_message() -> None:
     )
     assert qid_time("not a qid!", now) is None
     assert qid_time("kAZC00" + "00" + "001234", now) is None  # the 35th
+
+
+def test_the_readme_names_every_metric() -> None:
+    from mailgate import exposition
+    from mailgate.monitor import Gauges
+
+    text = exposition.text(metrics.Table(1), Gauges(0, 0, None, 0, False)).decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "mailgate_workers_running" in names  # the last one: every # TYPE line was read
+    assert [n for n in names if f"`{n}`" not in readme] == []
