@@ -9,6 +9,8 @@ gateways, each stopped when its scope ends.
   tests; ``make_sink(host, ...)``: a sink of the test's own, started unless ``start=False``.
 - ``mx_port``: the port the gateways deliver to by MX (nothing listens unless a test starts
   a sink there).
+- ``run(coro)``: runs a coroutine to its end, once on asyncio's own loop and once on uvloop
+  (the daemon's loop): tests that take it run twice.
 - ``make_gateway(world, host=..., start=True, ipv6=False)``: the world's daemon, started, in
   a folder of the test's own, asking the module's ``dns``, stopped after the test;
   ``module_gateway`` the same for module-scoped fixtures (stopped at the module's end).
@@ -16,15 +18,29 @@ gateways, each stopped when its scope ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import uvloop
 
 from tests.support.dnsserver import DnsServer, Records
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.sink import SinkServer
 from tests.support.world import HOP1, MXHOST, GatewayFactory, SinkFactory, World
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Callable[[Coroutine[Any, Any, Any]], Any]:
+    factory = uvloop.new_event_loop if request.param == "uvloop" else None
+
+    def runner(coro: Coroutine[Any, Any, Any]) -> Any:
+        with asyncio.Runner(loop_factory=factory) as r:
+            return r.run(coro)
+
+    return runner
 
 
 @pytest.fixture(scope="module")

@@ -7,37 +7,25 @@ import hashlib
 import socket
 import time
 import tracemalloc
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvloop
 
 from mailgate.reply import Reply
 from mailgate.smtp.client import CHUNK, SmtpClient, SmtpClientError, Timeouts
 from tests.support.sink import SinkServer
+from tests.support.world import SinkFactory
 
 Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 FAST = Timeouts().scaled(0.01)  # 0.3 s connect, 3 s per command: every wait is bounded
 ENVELOPE = b"queue-envelope-header: x\nsender: a@example.org\n\n"
 
 
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner:
-    factory = uvloop.new_event_loop if request.param == "uvloop" else None
-
-    def runner(coro: Coroutine[Any, Any, Any]) -> Any:
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(coro)
-
-    return runner
-
-
 @pytest.fixture
-def sink() -> Iterator[SinkServer]:
-    with SinkServer() as server:
-        yield server
+def sink(make_sink: SinkFactory) -> SinkServer:
+    return make_sink("127.0.0.1")
 
 
 def spool(tmp_path: Path, body: bytes, name: str = "df") -> tuple[Path, int]:

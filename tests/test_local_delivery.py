@@ -23,6 +23,7 @@ from mailgate.delivery.local import (
     resolve_local_user,
 )
 from mailgate.delivery.pipe import deliver_program
+from tests.support.wait import wait_until
 
 HOST = "gateway.example.com"
 CONTENT = (
@@ -335,10 +336,7 @@ def test_program_timeout_kills_whole_group(tmp_path: Path) -> None:
     assert exc.value.temporary
     assert "timed out" in exc.value.reply.text
     pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 2
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _running(pid)
+    wait_until(lambda: not _running(pid), "the program's background child to be killed", 2)
 
 
 def test_program_killed_by_signal_is_temporary(tmp_path: Path) -> None:

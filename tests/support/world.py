@@ -180,4 +180,5 @@ def message(
         assert rest != 1 and rest >= 0, f"cannot pad to {size} octets"
         if rest:
             content += b"y" * (rest - 2) + b"\r\n"
+        assert len(content) == size
     return content
