@@ -46,11 +46,14 @@ from mailgate.reply import Reply
 from mailgate.routing import SMTP_MAILERS, Route
 from mailgate.snapshot import Snapshot, build_snapshot
 from mailgate.tables.mailertable import NextHop
+from tests.support import world
+from tests.support.wait import wait_until_async
 
 HOST = "gateway.example.com"
 SENDER = "sender@example.org"
 CONTENT = b"Subject: test\r\nMessage-Id: <t1@example.org>\r\n\r\nbody\r\n"
 DATA = Path(__file__).parent / "data" / "old-status"
+USERS = ("alice", "dave")
 
 TABLES = {
     "aliases": "team: alice, bob@hop.test\n",
@@ -94,18 +97,8 @@ class World:
     def __init__(
         self, tmp_path: Path, settings: str = "", tables: dict[str, str] | None = None
     ) -> None:
-        tdir = tmp_path / "tables"
-        tdir.mkdir()
-        for name, text in (tables or TABLES).items():
-            (tdir / name).write_text(text)
-        for user in ("alice", "dave"):
-            (tmp_path / "maildir" / user).mkdir(parents=True)
-        self.config_path = tmp_path / "mailgate.toml"
-        self.config_path.write_text(
-            f'hostname = "{HOST}"\nlisten = ["127.0.0.1:2525"]\n'
-            f'tables_dir = "{tdir}"\nspool_dir = "{tmp_path / "spool"}"\n'
-            f'[local]\nmaildir_root = "{tmp_path / "maildir"}"\n' + settings
-        )
+        setup = world.World(hostname=HOST, tables=tables or TABLES, settings=settings, users=USERS)
+        self.config_path = setup.write(tmp_path)
         config = parse_config(self.config_path.read_text(), self.config_path, tmp_path)
         self.snap: Snapshot = build_snapshot(config)
         self.spool = Spool(config.spool_dir, fsync="threads")
@@ -629,8 +622,7 @@ def test_the_scheduler_hands_the_hot_message_to_its_attempt(tmp_path: Path) -> N
         assert b.fd is not None  # waits for the slot, still locked
         assert c.fd is None  # one too many to hold: closed, claimed later from the spool
         release.set()
-        while len(seen) < 3:
-            await asyncio.sleep(0.01)
+        await wait_until_async(lambda: len(seen) == 3, "the other two attempts")
         assert seen[1:] == [(b.qid, b), (c.qid, None)]
         await scheduler.stop()
 

@@ -22,6 +22,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def accepts(host: str, port: int) -> bool:
+    """Does something listen at ``host:port`` (a connection is accepted, then closed)?"""
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
 def common_port(*hosts: str) -> int:
     """A TCP port free on each of ``hosts`` (servers that share one delivery port)."""
     for _ in range(100):
@@ -112,11 +121,7 @@ class GatewayProcess:
                 f"mailgate exited with {self.proc.returncode}: "
                 f"{(self.dir / 'stderr.log').read_text()}"
             )
-        try:
-            socket.create_connection((self.host, self.port), timeout=0.5).close()
-        except OSError:
-            return False
-        return True
+        return accepts(self.host, self.port)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

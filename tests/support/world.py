@@ -2,9 +2,10 @@
 
 - :class:`World`: a gateway as data (its hostname, its tables, a settings fragment, its local
   users) that becomes the real daemon on loopback (:meth:`World.gateway`, a
-  tests/support/gateway.py GatewayProcess) or the config and snapshot the in-process tests
-  drive (:meth:`World.config`, :meth:`World.snapshot`). :meth:`World.but` derives a variant:
-  more tables, more settings (merged key by key, a later key replacing an earlier one).
+  tests/support/gateway.py GatewayProcess) or the files, config and snapshot the in-process
+  tests drive (:meth:`World.write`, :meth:`World.config`, :meth:`World.snapshot`).
+  :meth:`World.but` derives a variant: more tables, more settings (merged key by key, a
+  later key replacing an earlier one).
 - :func:`issue_world`: the gateway of the issue (targetdomain1.com routed by mailertable to its
   internal server, relayed by access, mail.example.org local), which most end-to-end files use.
 - :func:`message`: the one message builder (header fields, body, exact size, 8-bit text).
@@ -102,22 +103,31 @@ class World:
             (gw.maildir / user).mkdir(parents=True, exist_ok=True)
         return gw
 
-    def config(self, directory: Path) -> Config:
-        """The config an in-process test runs with: tables in ``directory/tables``, Maildirs
-        in ``directory/maildir``, the spool in ``directory/spool``; nothing listens."""
+    def write(self, directory: Path) -> Path:
+        """The files of an in-process test's gateway: tables in ``directory/tables``, Maildirs
+        in ``directory/maildir``, the spool in ``directory/spool`` (nothing listens); the path
+        of its mailgate.toml."""
         tables, maildir = directory / "tables", directory / "maildir"
         tables.mkdir(parents=True, exist_ok=True)
         for name, text in self.tables.items():
             (tables / name).write_text(text)
         for user in self.users:
             (maildir / user).mkdir(parents=True, exist_ok=True)
-        text = merge_settings(
-            f'hostname = "{self.hostname}"\nlisten = ["192.0.2.1:25"]\n'
-            f'tables_dir = "{tables}"\nspool_dir = "{directory / "spool"}"\n'
-            f'[local]\nmaildir_root = "{maildir}"\n',
-            self.settings,
+        path = directory / "mailgate.toml"
+        path.write_text(
+            merge_settings(
+                f'hostname = "{self.hostname}"\nlisten = ["192.0.2.1:25"]\n'
+                f'tables_dir = "{tables}"\nspool_dir = "{directory / "spool"}"\n'
+                f'[local]\nmaildir_root = "{maildir}"\n',
+                self.settings,
+            )
         )
-        return parse_config(text, directory / "mailgate.toml", directory)
+        return path
+
+    def config(self, directory: Path) -> Config:
+        """The config of :meth:`write`'s files."""
+        path = self.write(directory)
+        return parse_config(path.read_text(), path, directory)
 
     def snapshot(self, directory: Path) -> Snapshot:
         return build_snapshot(self.config(directory))
