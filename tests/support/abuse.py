@@ -148,8 +148,19 @@ PCT, BANG, QAT, QPCT, QBANG = "%", "!", '"@"', '"%"', '"!"'
 LINKS = (PCT, BANG, QAT, QPCT, QBANG)
 LINK_NAMES = {PCT: "pct", BANG: "bang", QAT: "qat", QPCT: "qpct", QBANG: "qbang"}
 
-# expectations
-ACCEPT, DENY, INVALID_ROUTE, REFUSED, ANY = "accept", "deny", "invalid-route", "refused", "any"
+# expectations: accepted (and delivered once, to the hop the chain names), the client's
+# relay-denied reply, 553 5.1.3 Invalid route address / Invalid local part, and accepted and
+# delivered once to a next hop the rule does not work out (see UNMODELED)
+ACCEPT, DENY, INVALID_ROUTE, INVALID_LOCAL, ACCEPT_ONCE = (
+    "accept",
+    "deny",
+    "invalid-route",
+    "invalid-local-part",
+    "accept-once",
+)
+# Special forms, not a routing chain: a route address; an address literal or an escaped
+# routing character the rule does not unfold (denied from outside, relayed for a relay client).
+UNMODELED = "unmodeled"
 
 
 @dataclass(frozen=True)
@@ -160,9 +171,8 @@ class Form:
     family: str
     token: str  # its unique user part ("" when the user is alice, a local account)
     chain: tuple[Domain, ...] = ()  # outer -> final destination (source routes left out)
-    special: str = ""  # INVALID_ROUTE / REFUSED-from-outside: not a routing chain
+    special: str = ""  # INVALID_ROUTE / INVALID_LOCAL / UNMODELED: not a routing chain
     as_written: bool = False  # the next hop gets the address exactly as written
-    or_invalid_route: bool = False  # 553 5.1.3 Invalid route address is right as well
 
     @property
     def address(self) -> str:
@@ -175,10 +185,10 @@ class Form:
         return all(d.kind != FOREIGN for d in self.chain)
 
     def expect(self, client: ClientClass) -> str:
-        if self.special == INVALID_ROUTE:
-            return INVALID_ROUTE
-        if self.special == REFUSED:
-            return ANY if client.may_relay else REFUSED
+        if self.special in (INVALID_ROUTE, INVALID_LOCAL):
+            return self.special
+        if self.special == UNMODELED:
+            return ACCEPT_ONCE if client.may_relay else DENY
         return ACCEPT if client.may_relay or self.outside_ok else DENY
 
     @property
@@ -282,13 +292,36 @@ def _chains() -> Iterator[tuple[str, tuple[Domain, ...], tuple[str, ...]]]:
 
 def _literal_in_local_part(chain: tuple[Domain, ...], links: tuple[str, ...]) -> bool:
     """Does a ``%``-folded address literal reach a next hop inside a local part
-    (``u%[192.0.2.1]@relayed``)? "[" is not atext (RFC 5321), so the gateway may refuse the
-    syntax: such forms must be refused from outside, and may be either from a relay client.
+    (``u%[192.0.2.1]@relayed``)? Such a form is UNMODELED (or INVALID_LOCAL, see below).
     (Behind a local name the %-hack unfolds it first: ``u%[192.0.2.1]@gateway`` is fine.)"""
     return any(
         link == PCT and chain[i + 1].is_literal and any(d.kind != LOCAL for d in chain[: i + 1])
         for i, link in enumerate(links)
     )
+
+
+OUR_NAMES = {d.name for d in DOMAINS if d.kind == LOCAL}
+
+
+def _literal_written_in_local_part(rcpt: str) -> bool:
+    """Is an address literal written in the local part of an address at a domain not ours
+    (``u%[192.0.2.1]@relayed``, ``u\\@[192.0.2.1]@relayed``)? "[" is not atext (RFC 5321):
+    the gateway refuses it (553 5.1.3 Invalid local part), from any client."""
+    addr = rcpt[1:-1] if rcpt.startswith("<") else rcpt
+    if addr.startswith("@"):  # a source route
+        addr = addr.split(":", 1)[1]
+    quoted, escaped, at = False, False, -1
+    for i, ch in enumerate(addr):  # the last "@" neither quoted nor escaped
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == "@" and not quoted:
+            at = i
+    local, domain = addr[:at], addr[at + 1 :].lower().rstrip(".")
+    return at >= 0 and not local.startswith('"') and "[" in local and domain not in OUR_NAMES
 
 
 # Source routes are dropped, never followed (semantics §1): through foreign, relayed, local.
@@ -319,7 +352,6 @@ def address_forms() -> list[Form]:
         bare: bool = False,
         written: str = "",
         special: str = "",
-        or_invalid: bool = False,
     ) -> None:
         nonlocal count
         count += 1
@@ -335,14 +367,15 @@ def address_forms() -> list[Form]:
             rcpt = f"{route}{addr}" if bare else f"<{route}{addr}>"
             if special:
                 chain = ()
+        if special == UNMODELED and _literal_written_in_local_part(rcpt):
+            special = INVALID_LOCAL
         form = Form(
             rcpt,
             family,
             token if user == token else "",
             chain,
             special,
-            as_written=bool(written) and not special and not or_invalid,
-            or_invalid_route=or_invalid,
+            as_written=bool(written) and not special,
         )
         old = forms.get(rcpt.lower())
         if old is not None:
@@ -353,7 +386,7 @@ def address_forms() -> list[Form]:
 
     for family, chain, links in _chains():
         if _literal_in_local_part(chain, links):
-            add(family, chain, links, special=REFUSED)
+            add(family, chain, links, special=UNMODELED)
             continue
         add(family, chain, links)
         if len(chain) > 2 or chain[-1].kind != FOREIGN:
@@ -364,8 +397,8 @@ def address_forms() -> list[Form]:
         add(family + "+bare", chain, links, bare=True)
 
     # An unquoted "@" in a local part: a route address Sendmail refuses (553 5.1.3) inside a
-    # relayed or foreign domain. Behind one of our names Sendmail's ruleset 3 reads
-    # "u@b@ours" as "u%b@ours": either that route (relay check and all) or the 553 will do.
+    # relayed or foreign domain. Behind one of our names Sendmail's ruleset 3 may read
+    # "u@b@ours" as "u%b@ours"; the gateway refuses it there too.
     for outer in (D_TD1, D_TD3, D_CLASSR, D_FOREIGN):
         for inner in (D_FOREIGN, D_TD2, D_GATEWAY):
             add(
@@ -380,24 +413,24 @@ def address_forms() -> list[Form]:
                 "invalid-route-local",
                 (outer, inner),
                 written=f"<TOKEN@{inner.name}@{outer.name}>",
-                or_invalid=True,
+                special=INVALID_ROUTE,
             )
     # Backslash-escaped routing characters: refused from outside, whatever Sendmail does.
     for outer in (D_TD1, D_TD3, D_CLASSR, D_GATEWAY, D_VIRT):
         for inner in (D_FOREIGN, D_LITERAL):
-            add("escaped-at", (), written=f"<TOKEN\\@{inner.name}@{outer.name}>", special=REFUSED)
+            add("escaped-at", (), written=f"<TOKEN\\@{inner.name}@{outer.name}>", special=UNMODELED)
             add(
                 "escaped-pct-bang",
                 (),
                 written=f"<TOKEN\\%{inner.name}@{outer.name}>",
-                special=REFUSED,
+                special=UNMODELED,
             )
             if inner.bang_ok:
                 add(
                     "escaped-pct-bang",
                     (),
                     written=f"<{inner.name}\\!TOKEN@{outer.name}>",
-                    special=REFUSED,
+                    special=UNMODELED,
                 )
     # Quoted local parts without routing in them are user names, relayed as they are.
     for d in (D_TD1, D_TD3, D_CLASSR):
