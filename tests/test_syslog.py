@@ -109,6 +109,32 @@ def kinds(lines: list[str], *starts: str) -> list[str]:
     return [next((s for s in starts if line.startswith(s)), line) for line in lines]
 
 
+def selected(syslog: Rsyslog, gw: GatewayProcess) -> list[str]:
+    """The texts of mailgate's lines in the file of syslog.conf's ``mail.debug`` line."""
+    assert gw.proc is not None
+    try:
+        lines = syslog.maillog.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    tag = f" mailgate[{gw.proc.pid}]: "
+    return [line.split(tag, 1)[1] for line in lines if tag in line]
+
+
+def caught_up(syslog: Rsyslog, json_file: Path) -> bool:
+    """syslog has every line so far (the JSON copy, a file, has them all)."""
+    return len(mailgate_lines(syslog)) == len(json_records(json_file))
+
+
+def probe(gw: GatewayProcess, seen: Callable[[], bool]) -> Callable[[], bool]:
+    """A predicate that has mailgate write a line (USR2: statistics) and then looks."""
+
+    def sent_and_seen() -> bool:
+        gw.signal(signal.SIGUSR2)
+        return seen()
+
+    return sent_and_seen
+
+
 def test_lines_reach_syslog_with_facility_severity_and_queue_id(tmp_path: Path) -> None:
     port = free_port(HOP)
     syslog = Rsyslog(tmp_path / "syslog")
@@ -207,32 +233,6 @@ def test_lines_reach_syslog_with_facility_severity_and_queue_id(tmp_path: Path) 
     assert (bad_record["event"], bad_record["qid"]) == ("delivery", qid)
     assert isinstance(bad_record["fields"], dict) and bad_record["fields"]["dsn"] == "5.1.1"
     assert [r.get("qid") for r in records if r["event"] == "removed"] == [qid, bounce_qid]
-
-
-def selected(syslog: Rsyslog, gw: GatewayProcess) -> list[str]:
-    """The texts of mailgate's lines in the file of syslog.conf's ``mail.debug`` line."""
-    assert gw.proc is not None
-    try:
-        lines = syslog.maillog.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    tag = f" mailgate[{gw.proc.pid}]: "
-    return [line.split(tag, 1)[1] for line in lines if tag in line]
-
-
-def caught_up(syslog: Rsyslog, json_file: Path) -> bool:
-    """syslog has every line so far (the JSON copy, a file, has them all)."""
-    return len(mailgate_lines(syslog)) == len(json_records(json_file))
-
-
-def probe(gw: GatewayProcess, seen: Callable[[], bool]) -> Callable[[], bool]:
-    """A predicate that has mailgate write a line (USR2: statistics) and then looks."""
-
-    def sent_and_seen() -> bool:
-        gw.signal(signal.SIGUSR2)
-        return seen()
-
-    return sent_and_seen
 
 
 def lost_in_syslog(syslog: Rsyslog, json_file: Path) -> tuple[list[str], list[str], int]:

@@ -53,7 +53,7 @@ FACILITY_CODES: dict[Facility, int] = {
 
 # A connected datagram socket whose peer is gone: the syslog daemon restarted (it made a new
 # socket under the same name) or stopped.
-_PEER_GONE = {errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE, errno.ENOENT}
+_PEER_GONE = {errno.ECONNREFUSED, errno.ENOTCONN, errno.ECONNRESET, errno.EPIPE}
 
 
 class Sink(Protocol):
@@ -156,7 +156,7 @@ class SyslogSocket:
     def name(self) -> str:
         return str(self.path)
 
-    def _connect(self) -> bool:
+    def _connect(self) -> socket.socket | None:
         self.close()
         sock = socket.socket(
             socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
@@ -166,23 +166,25 @@ class SyslogSocket:
         except OSError as exc:
             sock.close()
             self.problem = exc.strerror or str(exc)
-            return False
+            return None
         self.sock, self.problem = sock, None
-        return True
+        return sock
 
     def write(self, data: bytes) -> bool:
-        for retry in (False, True):
-            if self.sock is None:
-                break
+        if self.sock is not None:
             try:
                 self.sock.send(data)
                 return True
             except BlockingIOError:
-                break  # its queue is full: the daemon is not reading; the socket stays
+                pass  # its queue is full: the daemon is not reading; the socket stays
             except OSError as exc:
-                if retry or exc.errno not in _PEER_GONE or not self._connect():
-                    self.close()  # connected again by check()
-                    break
+                # The daemon restarted (a new socket under the name): connect, send again.
+                # If it stopped, the connect fails and check() tries again each second. Any
+                # other error (EMSGSIZE: a line too long for it) loses this line only.
+                if exc.errno in _PEER_GONE and (sock := self._connect()) is not None:
+                    with contextlib.suppress(OSError):
+                        sock.send(data)
+                        return True
         self.dropped += 1
         return False
 
