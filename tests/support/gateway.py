@@ -68,9 +68,11 @@ class GatewayProcess:
         settings: str = "",
         host: str = "127.0.0.1",
         ipv6: bool = False,
+        log: str | None = None,
     ) -> None:
         """``settings`` is merged into the daemon's own (see :func:`merge_settings`): a key
-        given there replaces the default here. ``ipv6``: also listen on [::1]:``port6``."""
+        given there replaces the default here. ``ipv6``: also listen on [::1]:``port6``.
+        ``log``: the ``[log]`` section's lines instead of ``file`` = `log_path`."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -87,7 +89,7 @@ class GatewayProcess:
             merge_settings(
                 f'hostname = "{hostname}"\nlisten = [{listen}]\nspool_dir = "spool"\n'
                 f'[dns]\n{dns_line}[local]\nmaildir_root = "maildir"\n'
-                f'[log]\nfile = "{self.log_path}"\n',
+                "[log]\n" + (log if log is not None else f'file = "{self.log_path}"\n'),
                 settings,
             )
         )
