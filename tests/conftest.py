@@ -14,6 +14,9 @@ gateways, each stopped when its scope ends.
 - ``make_gateway(world, host=..., start=True, ipv6=False)``: the world's daemon, started, in
   a folder of the test's own, asking the module's ``dns``, stopped after the test;
   ``module_gateway`` the same for module-scoped fixtures (stopped at the module's end).
+
+Tests import the world itself, the message builder and the waits (``wait_until``, ``stays``,
+``poll``) from tests/support/world.py.
 """
 
 from __future__ import annotations

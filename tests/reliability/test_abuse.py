@@ -827,7 +827,8 @@ def test_nmap_smtp_open_relay_from_outside_and_from_a_relay_client(gw: GatewayPr
     """From a non-relay source (``-S 127.0.0.2 -e lo``; without -S the kernel picks
     127.0.0.1, the local host, which may relay) nmap reports no open relay; from the relay IP
     127.0.0.3 it reports one, with every one of its 16 forms but the two "u@b@ours" ones
-    accepted (the probe works; relay clients are unaffected). nmap never sends DATA: nothing is queued."""
+    accepted (the probe works; relay clients are unaffected). nmap never sends DATA: nothing
+    is queued."""
     outside = _nmap(gw, "127.0.0.2")
     assert "Server is an open relay" not in outside
     assert re.search(r"smtp-open-relay: Server doesn't seem to be an open relay", outside), outside
