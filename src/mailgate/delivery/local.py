@@ -131,18 +131,6 @@ def return_path_header(return_path: str) -> bytes:
     return f"Return-Path: <{addr}>\n".encode("utf-8", "surrogateescape")
 
 
-# --------------------------------------------------------------------------- users
-
-
-def local_user_exists(user: str, maildir_root: Path) -> bool:
-    """True if ``user`` is a system account or has an entry under ``maildir_root``.
-
-    Rejects empty names and names with ``/``, NUL or a leading dot.  See
-    :func:`resolve_local_user` for case handling.
-    """
-    return resolve_local_user(user, maildir_root) is not None
-
-
 # --------------------------------------------------------------------------- Maildir
 
 

@@ -68,15 +68,7 @@ class RecipientResult:
 @dataclass
 class TransactionResult:
     mail_reply: Reply
-    rcpt: list[RecipientResult]
-    # The reply that ended the DATA phase for the accepted recipients (the end-of-data reply,
-    # or the DATA command's refusal); None when no recipient was accepted.
-    data_reply: Reply | None
-
-    @property
-    def accepted(self) -> list[str]:
-        """Recipients the server took responsibility for."""
-        return [r.address for r in self.rcpt if r.reply.is_positive]
+    rcpt: list[RecipientResult]  # one per recipient, in order
 
 
 class SmtpClientError(Exception):
@@ -121,7 +113,6 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.tls: tls.Session | None = None  # after STARTTLS
         self.tls_failure: str | None = None  # why this connection is in clear after all
-        self.transactions = 0  # completed or attempted transactions, for reuse limits
         self._closed = False
         self._need_rset = False  # a transaction was left open at the server
         self._data_sent = False  # the current transaction got as far as the content
@@ -135,7 +126,6 @@ class SmtpClient:
         port: int,
         *,
         helo_name: str,
-        use_ehlo: bool = True,
         timeouts: Timeouts | None = None,
         source_address: str | None = None,
         transcript: Callable[[str], None] | None = None,
@@ -170,7 +160,7 @@ class SmtpClient:
             ) from None
         client = cls(reader, writer, timeouts=timeouts, transcript=transcript)
         try:
-            await client._handshake(helo_name, use_ehlo, tls_context)
+            await client._handshake(helo_name, tls_context)
         except SmtpClientError as exc:
             client._abort()
             if exc.stage != "starttls":
@@ -181,7 +171,6 @@ class SmtpClient:
                 host,
                 port,
                 helo_name=helo_name,
-                use_ehlo=use_ehlo,
                 timeouts=timeouts,
                 source_address=source_address,
                 transcript=transcript,
@@ -193,9 +182,7 @@ class SmtpClient:
             raise
         return client
 
-    async def _handshake(
-        self, helo_name: str, use_ehlo: bool, tls_context: ssl.SSLContext | None = None
-    ) -> None:
+    async def _handshake(self, helo_name: str, tls_context: ssl.SSLContext | None = None) -> None:
         self.greeting = await self._read_reply(self.timeouts.greeting, "greeting")
         if self.greeting.code != 220:
             # RFC 5321 3.1: a 554 greeting still expects QUIT; be polite, then give up.
@@ -207,20 +194,19 @@ class SmtpClient:
                 temporary=not self.greeting.is_permanent,
                 stage="greeting",
             )
-        if use_ehlo:
-            reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
-            if reply.code == 250:
-                self.esmtp = True
-                self.helo_reply = reply
-                self.extensions = _parse_extensions(reply)
-                if tls_context is not None and "STARTTLS" in self.extensions:
-                    await self._starttls(tls_context, helo_name)
-                return
-            if not reply.is_permanent:
-                raise SmtpClientError(
-                    f"EHLO refused: {reply}", reply=reply, temporary=True, stage="ehlo"
-                )
-            # 5xx: an old server that knows only HELO (RFC 5321 3.2).
+        reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
+        if reply.code == 250:
+            self.esmtp = True
+            self.helo_reply = reply
+            self.extensions = _parse_extensions(reply)
+            if tls_context is not None and "STARTTLS" in self.extensions:
+                await self._starttls(tls_context, helo_name)
+            return
+        if not reply.is_permanent:
+            raise SmtpClientError(
+                f"EHLO refused: {reply}", reply=reply, temporary=True, stage="ehlo"
+            )
+        # 5xx: an old server that knows only HELO (RFC 5321 3.2).
         reply = await self._command(f"HELO {helo_name}", self.timeouts.command, "helo")
         if reply.code != 250:
             raise SmtpClientError(
@@ -368,7 +354,6 @@ class SmtpClient:
         try:
             if self._need_rset:
                 await self.reset()
-            self.transactions += 1
             self._need_rset = True  # until the transaction is seen to its end
             params = []
             if size is not None and "SIZE" in self.extensions:
@@ -412,7 +397,6 @@ class SmtpClient:
                     RecipientResult(addr, data_reply if r.is_positive else r)
                     for addr, r in zip(recipients, rcpt_replies, strict=True)
                 ],
-                data_reply,
             )
         except BaseException:
             self._abort()
@@ -451,7 +435,6 @@ class SmtpClient:
             return TransactionResult(
                 mail_reply,
                 [RecipientResult(a, r) for a, r in zip(recipients, rcpt_replies, strict=True)],
-                None,
             )
         return mail_reply, rcpt_replies, data_reply
 
@@ -469,7 +452,6 @@ class SmtpClient:
             return TransactionResult(
                 mail_reply,
                 [RecipientResult(a, r) for a, r in zip(recipients, rcpt_replies, strict=True)],
-                None,
             )
         data_reply = await self._command_checked("DATA", self.timeouts.data_init, "data")
         return mail_reply, rcpt_replies, data_reply
@@ -671,6 +653,4 @@ def _parse_extensions(reply: Reply) -> dict[str, str]:
 def _all_failed(
     reply: Reply, recipients: Sequence[str], *, mail_reply: Reply | None = None
 ) -> TransactionResult:
-    return TransactionResult(
-        mail_reply or reply, [RecipientResult(r, reply) for r in recipients], None
-    )
+    return TransactionResult(mail_reply or reply, [RecipientResult(r, reply) for r in recipients])
