@@ -43,9 +43,9 @@ from mailgate.queue.spool import (
     Spool,
 )
 from mailgate.reply import Reply
-from mailgate.routing import SMTP_MAILERS, Route
+from mailgate.routing import Route
 from mailgate.snapshot import Snapshot, build_snapshot
-from mailgate.tables.mailertable import NextHop
+from mailgate.tables.mailertable import SMTP_MAILERS, NextHop
 
 HOST = "gateway.example.com"
 SENDER = "sender@example.org"

@@ -17,11 +17,10 @@ from pathlib import Path
 from mailgate.address import Mailbox
 from mailgate.tables import Tables
 from mailgate.tables.aliases import read_include
-from mailgate.tables.mailertable import MailerRoute, NextHop
+from mailgate.tables.mailertable import SMTP_MAILERS, MailerRoute, NextHop
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
 
 MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
-SMTP_MAILERS = frozenset({"smtp", "esmtp", "smtp8", "dsmtp", "relay"})
 
 
 @dataclass(frozen=True)
