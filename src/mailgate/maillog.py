@@ -193,7 +193,13 @@ def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> None:
 
 
 def dsn_created(qid: str, bounce_qid: str, reason: str) -> None:
+    """A bounce, delay warning or return receipt for ``qid`` was queued as ``bounce_qid``."""
     _writer.write("info", f"{qid}: {bounce_qid}: DSN: {_clean(reason)}")
+
+
+def postmaster_notified(qid: str, notify_qid: str, reason: str) -> None:
+    """Sendmail's double bounce: mail from <> failed, its report goes to the postmaster."""
+    _writer.write("info", f"{qid}: {notify_qid}: postmaster notify: {_clean(reason)}")
 
 
 # -- the SMTP server's sessions ---------------------------------------------------------------
@@ -319,8 +325,8 @@ def status_write_failed(qid: str, exc: BaseException) -> None:
     _log("error", f"{qid}: cannot record the delivery status: {exc}")
 
 
-def bounce_not_sent(qid: str, reason: str) -> None:
-    _log("info", f"{qid}: bounce for null sender not sent: {reason}")
+def postmaster_notify_failed(qid: str, reason: str) -> None:
+    _log("error", f"{qid}: postmaster notify undeliverable, not reported again: {reason}")
 
 
 def bounce_queue_failed(qid: str, exc: BaseException) -> None:

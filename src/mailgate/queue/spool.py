@@ -137,7 +137,8 @@ class Envelope:
     smtputf8: bool = False
     envid: str | None = None
     ret: str | None = None  # DSN RET=FULL|HDRS
-    is_bounce: bool = False
+    is_bounce: bool = False  # one of our reports (bounce, delay warning, return receipt)
+    postmaster_notify: bool = False  # a double bounce: its own failure is not reported
 
     def to_line(self) -> bytes:
         """The envelope line, its seal fields still unset (see ``seal_fields``)."""
