@@ -145,6 +145,10 @@ class Envelope:
         # A shallow dict, not dataclasses.asdict (which deep-copies): this runs per message.
         data = dict(self.__dict__)
         data["recipients"] = [r.__dict__ for r in self.recipients]
+        if not self.postmaster_notify:
+            # Only where it is true, so that ordinary queue files stay as an earlier version
+            # wrote and reads them (a rollback must not find its queue unreadable).
+            del data["postmaster_notify"]
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogateescape"
         )

@@ -6,13 +6,13 @@ connections wait in the kernel's listen queue, as Sendmail's do). An accepted co
 :meth:`Admission.admit` (the per-IP limit), which registers it only if it is let in, so a
 refused connection (:func:`per_ip_refusal`, its 421) is never counted, not even while its
 reply goes out; :meth:`Admission.release` when it ends. With one process the counts are plain
-dictionaries. With ``workers > 1``
-the master makes a :class:`SharedCounts` before it forks: arrays in shared memory, one row per
-worker, holding its total and its per-address counts hashed into 65,536 slots; a count is the
-sum over the rows. Two addresses in one slot share a count, so the per-IP limit can only ever
-bite early for a neighbour of a busy address, never late; the total is exact. The connection
-*rate* is not shared: each worker takes its share of ``connection_rate_throttle`` (the kernel
-spreads the connections among the workers' accept loops evenly).
+dictionaries. With ``workers > 1`` the master makes a :class:`SharedCounts` before it forks:
+arrays in shared memory, one row per worker, holding its total and its per-address counts
+hashed into 65,536 slots; a count is the sum over the rows. Two addresses in one slot share
+a count, so the per-IP limit can only ever bite early for a neighbour of a busy address, never
+late; the total is exact. The connection *rate* is not shared: each worker takes its share of
+``connection_rate_throttle`` (the kernel spreads the connections among the workers' accept
+loops evenly).
 """
 
 from __future__ import annotations

@@ -137,8 +137,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.resume_writing()
         self.conn.receive_data(b"")
         self._wake()
-        if self.admitted:
-            self.admitted = False
+        if self.admitted:  # asyncio calls this once per connection
             self.host.admission.release(self.client.ip)
         self.host.session_ended(self)
 
