@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mailgate import cli, maillog
-from mailgate.config import parse_config
+from mailgate.config import LogSettings, parse_config
 from mailgate.delivery import Job, Mailer, Outcome, Status, notify
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.mailers import ErrorMailer
@@ -175,9 +175,9 @@ def run(coro: Callable[[], object]) -> None:
 def log(tmp_path: Path) -> Iterator[Path]:
     """The maillog, in a file for the test to read."""
     path = tmp_path / "maillog"
-    maillog.setup(HOST, path, "info")
+    maillog.setup(HOST, LogSettings(file=path))
     yield path
-    maillog.setup("localhost", None, "info")
+    maillog.setup("localhost")
 
 
 def log_lines(path: Path, text: str) -> list[str]:

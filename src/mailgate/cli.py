@@ -7,6 +7,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailgate import __version__, maillog
@@ -26,12 +27,29 @@ def _load(path: str | None) -> Snapshot:
         raise SystemExit(2) from None
 
 
+def _open_log(hostname: str, log: maillog.LogOptions) -> bool:
+    try:
+        maillog.setup(hostname, log)
+    except OSError as exc:
+        print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailgate import master
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
+    if not _open_log(cfg.hostname, cfg.log):
+        return 1
+    problem = maillog.syslog_problem()
+    if problem is not None:  # not fatal: syslogd may come up later, and lines go there then
+        print(
+            f"mailgate: warning: {cfg.log.syslog_socket}: {problem}; log lines are lost "
+            "until the syslog daemon is there",
+            file=sys.stderr,
+        )
     for w in snapshot.warnings():
         maillog.config_warning(w)
     try:
@@ -120,7 +138,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file if not args.verbose else None, cfg.log.level)
+    # -v: the lines on stderr, between the dialogue's. The JSON copy goes to stdout only in
+    # the daemon: here stdout is the admin's.
+    log = replace(cfg.log, json=cfg.log.json and cfg.log.json_file is not None)
+    if args.verbose:
+        log = replace(log, target="stderr", file=None)
+    if not _open_log(cfg.hostname, log):
+        return 1
 
     def transcript(line: str) -> None:
         print(line, flush=True)

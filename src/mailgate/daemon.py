@@ -150,7 +150,9 @@ class Gateway:
                 cfg.pid_file.unlink()
 
     def reload(self) -> bool:
-        """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays."""
+        """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays.
+        The log file is opened again first, whatever the outcome (logrotate's HUP)."""
+        maillog.reopen()
         snapshot = try_reload(self.config_path)
         if snapshot is None:
             return False
@@ -161,7 +163,7 @@ class Gateway:
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
             self.delivery.resolver = self.resolver
-        maillog.setup(config.hostname, config.log.file, config.log.level)
+        setup_log(config)
         self.snapshot = snapshot
         for w in snapshot.warnings():
             maillog.config_warning(w)
@@ -327,7 +329,7 @@ class Gateway:
             "stress",
         )
         maillog.statistics(
-            {n: c[n] for n in names},
+            {**{n: c[n] for n in names}, "log_lines_lost": maillog.lost_lines()},
             len(self.sessions),
             self.scheduler.queued,
             self.scheduler.active,
@@ -337,6 +339,15 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.log_statistics()
+
+
+def setup_log(config: Config) -> None:
+    """A reloaded ``[log]``: a destination that cannot be opened leaves the lines where they
+    went (logged), the rest of the reload goes on."""
+    try:
+        maillog.setup(config.hostname, config.log)
+    except OSError as exc:
+        maillog.log_open_failed(exc)
 
 
 def install_event_loop() -> None:

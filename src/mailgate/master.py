@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from mailgate import maillog
-from mailgate.daemon import install_event_loop, serve
+from mailgate.daemon import install_event_loop, serve, setup_log
 from mailgate.queue.spool import Spool
 from mailgate.smtp.limits import SharedCounts
 from mailgate.smtp.listener import bind_socket
@@ -100,11 +100,14 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
         elif sig == signal.SIGHUP:
             # Check first, so that a bad config is refused once, here, with a clear message;
             # keep it, so that a worker restarted later does not bring back the old tables
-            # (a relay grant the admin removed, say).
+            # (a relay grant the admin removed, say). The master's own lines (a worker that
+            # died) go to the log file under its name again, as the workers' do.
+            maillog.reopen()
             checked = try_reload(config_path)
             if checked is None:
                 return
             running = checked
+            setup_log(checked.config)
         # Forward at once: the main loop sits in waitpid(), which PEP 475 restarts after a
         # handler, so it would only see a queued signal when a worker exits.
         for pid in list(children):
