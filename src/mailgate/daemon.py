@@ -172,15 +172,14 @@ class Gateway:
 
     # -- what sessions call --------------------------------------------------------------------
     def session_started(self, session: SmtpServerProtocol) -> None:
+        """A connection was accepted (admitted or not: ``smtp/limits.py`` counts those)."""
         self.sessions.add(session)
-        self.admission.open(session.client.ip)
         self.counters["connections"] += 1
         self._check_stress()
 
     def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.admission.close(session.client.ip)
             self._check_stress()
 
     def _check_stress(self) -> None:
@@ -214,16 +213,6 @@ class Gateway:
                 min(smtp.data_timeout, smtp.stress_timeout),
             )
         return smtp.command_timeout, smtp.data_timeout
-
-    def connection_limit_reply(self, ip: str) -> Reply | None:
-        """The per-IP limit, over this daemon's sessions (this one already counted)."""
-        cfg = self.snapshot.config
-        refusal = Admission.refusal(
-            ip, self.admission.count(ip), cfg.smtp.max_connections_per_ip, cfg.hostname
-        )
-        if refusal is not None:
-            self.counters["per_ip_limit"] += 1
-        return refusal
 
     async def lookup_client(self, ip: str) -> Client:
         """The client's PTR status (semantics §18.4), within the resolver's one timeout."""

@@ -58,7 +58,8 @@ LEVELS: dict[str, Level] = {
     "quarantined": "error",
     "attempt_failed": "error",
     "status_write_failed": "error",
-    "bounce_not_sent": "info",
+    "postmaster_notified": "info",
+    "postmaster_notify_failed": "error",
     "bounce_queue_failed": "error",
     "receipt_queue_failed": "error",
     "warning_queue_failed": "error",
@@ -404,7 +405,14 @@ def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> str:
 
 @_event
 def dsn_created(qid: str, bounce_qid: str, reason: str) -> str:
+    """A bounce, delay warning or return receipt for ``qid`` was queued as ``bounce_qid``."""
     return f"{qid}: {bounce_qid}: DSN: {reason}"
+
+
+@_event
+def postmaster_notified(qid: str, notify_qid: str, reason: str) -> str:
+    """Sendmail's double bounce: mail from <> failed, its report goes to the postmaster."""
+    return f"{qid}: {notify_qid}: postmaster notify: {reason}"
 
 
 @_event
@@ -558,8 +566,8 @@ def status_write_failed(qid: str, exc: BaseException) -> str:
 
 
 @_event
-def bounce_not_sent(qid: str, reason: str) -> str:
-    return f"{qid}: bounce for null sender not sent: {reason}"
+def postmaster_notify_failed(qid: str, reason: str) -> str:
+    return f"{qid}: postmaster notify undeliverable, not reported again: {reason}"
 
 
 @_event

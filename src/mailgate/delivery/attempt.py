@@ -38,7 +38,6 @@ from mailgate.queue.spool import (
     Recipient,
     Spool,
 )
-from mailgate.reply import Reply
 from mailgate.routing import resolve
 from mailgate.snapshot import Snapshot
 
@@ -363,7 +362,6 @@ async def expire(
             dsn="4.4.7",
             stat=text,
         )
-    reason = Outcome(Status.PERM, Reply(554, "4.4.7", text)).stat
     return await notify.bounce(
         ctx,
         snap,
@@ -372,7 +370,7 @@ async def expire(
             (r, notify.late(r, msg.status.last_error(r.address), now, warning=False))
             for r in pending
         ],
-        reason=reason,
+        reason=text,  # Sendmail's "<qid>: <bounce qid>: DSN: Cannot send message for 5 days"
     )
 
 

@@ -137,13 +137,18 @@ class Envelope:
     smtputf8: bool = False
     envid: str | None = None
     ret: str | None = None  # DSN RET=FULL|HDRS
-    is_bounce: bool = False
+    is_bounce: bool = False  # one of our reports (bounce, delay warning, return receipt)
+    postmaster_notify: bool = False  # a double bounce: its own failure is not reported
 
     def to_line(self) -> bytes:
         """The envelope line, its seal fields still unset (see ``seal_fields``)."""
         # A shallow dict, not dataclasses.asdict (which deep-copies): this runs per message.
         data = dict(self.__dict__)
         data["recipients"] = [r.__dict__ for r in self.recipients]
+        if not self.postmaster_notify:
+            # Only where it is true, so that ordinary queue files stay as an earlier version
+            # wrote and reads them (a rollback must not find its queue unreadable).
+            del data["postmaster_notify"]
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogateescape"
         )

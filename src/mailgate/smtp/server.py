@@ -20,6 +20,7 @@ from typing import Protocol
 from mailgate import maillog, tls
 from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
+from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.protocol import (
     NEED_DATA,
     BadCommand,
@@ -54,7 +55,8 @@ class ServerHost(SessionHost, Protocol):
 
     def session_ended(self, connection: SmtpServerProtocol) -> None: ...
 
-    def connection_limit_reply(self, ip: str) -> Reply | None: ...
+    @property
+    def admission(self) -> Admission: ...
 
     async def lookup_client(self, ip: str) -> Client: ...
 
@@ -86,6 +88,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.closed = False
         self.tls_stream: TlsStream | None = None  # TLS over the plain transport
         self.tls_error: ssl.SSLError | None = None
+        self.admitted = False  # counted in the admission's counts (connection_made)
         self.bad_commands = 0
         self.bad_rcpts = 0
         self.connected_at = time.monotonic()
@@ -101,6 +104,10 @@ class SmtpServerProtocol(asyncio.Protocol):
             ip = ip[7:]
         self.client = Client(ip)
         self.connected_at = time.monotonic()
+        # Counted from here only if let in (smtp/limits.py); open() answers a refused one.
+        self.admitted = self.host.admission.admit(
+            self.client, self.snap.config.smtp.max_connections_per_ip
+        )
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.host.session_started(self)
 
@@ -130,6 +137,8 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.resume_writing()
         self.conn.receive_data(b"")
         self._wake()
+        if self.admitted:  # asyncio calls this once per connection
+            self.host.admission.release(self.client.ip)
         self.host.session_ended(self)
 
     def pause_writing(self) -> None:
@@ -269,9 +278,9 @@ class SmtpServerProtocol(asyncio.Protocol):
     async def open(self) -> Session | None:
         """The connect stage: admission, the client's PTR, access Connect:, the greet pause,
         then the greeting (or the early talker's 554). None: closed already."""
-        limit = self.host.connection_limit_reply(self.client.ip)
-        if limit is not None:
-            self.send(limit)
+        if not self.admitted:
+            self.host.count("per_ip_limit")
+            self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
             return None
         self.client = client = await self.host.lookup_client(self.client.ip)
         decision = connect_decision(client, self.snap.tables, self.snap.config)
