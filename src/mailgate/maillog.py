@@ -342,8 +342,20 @@ def daemon_started(listen: str, source: object, spool_dir: object) -> None:
     )
 
 
+def start_failed(why: object) -> None:
+    _log("error", f"cannot start: {why}")
+
+
+def stale_pid_file(path: object, pid: int) -> None:
+    _log("notice", f"pid file {path} named pid {pid}, which is not running: taken over")
+
+
 def stopping() -> None:
     _log("info", "stopping: no new connections, finishing deliveries in progress")
+
+
+def stop_deadline(sessions: int) -> None:
+    _log("warning", f"stop: {sessions} sessions still open at the deadline: closed with 421")
 
 
 def config_warning(w: object) -> None:
