@@ -104,7 +104,8 @@ class Master:
         self.dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → its pids
         self.restart_at: dict[int, float] = {}  # index → when to fork its replacement
         self.ready = False
-        self.awaiting_reload: set[int] = set()  # pids that have not answered the last HUP
+        self.reload_pending = False  # a HUP the master checked and forwarded, not yet answered
+        self.awaiting_reload: set[int] = set()  # pids that have not answered it
         self.reload_error: str | None = None
         self.stopping = False
         self.signals: list[int] = []
@@ -235,13 +236,15 @@ class Master:
         for pid in listening:
             self.children[pid].generation = self.generation
         self.awaiting_reload = set(listening)
+        self.reload_pending = True
         self._forward(signal.SIGHUP, listening)
         self._reload_answered()
 
     def _reload_answered(self) -> None:
         """Every worker that was asked has answered (or died, and restarts with the new
         config): the reload is done."""
-        if not self.awaiting_reload and self.lifecycle.state.phase == "reloading":
+        if self.reload_pending and not self.awaiting_reload:
+            self.reload_pending = False
             self.lifecycle.reloaded(self.reload_error)
 
     def _read_reports(self) -> None:

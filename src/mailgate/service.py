@@ -122,17 +122,17 @@ class Lifecycle(ServiceEvents):
         self._report(f"ready {pid}")
 
     def reloading(self) -> None:
-        self._update(phase="reloading")
+        if self.state.phase == "ready":  # a HUP while starting or stopping changes no phase
+            self._update(phase="reloading")
         self.notifier.reloading(status_line(self.state))
 
     def reloaded(self, error: str | None) -> None:
+        phase = "ready" if self.state.phase == "reloading" else self.state.phase
         self._update(
-            phase="stopping" if self.state.phase == "stopping" else "ready",
-            reloads=self.state.reloads + 1,
-            reloaded=time.time(),
-            reload_error=error,
+            phase=phase, reloads=self.state.reloads + 1, reloaded=time.time(), reload_error=error
         )
-        self.notifier.ready(status_line(self.state))
+        if phase == "ready":
+            self.notifier.ready(status_line(self.state))
 
     def activity(self, counts: Activity) -> None:
         self._update(activity=counts)
