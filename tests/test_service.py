@@ -27,6 +27,7 @@ from tests.support.gateway import GatewayProcess, free_port, run_cli
 from tests.support.notify import NotifySocket
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
+from tests.support.syslogd import Rsyslog
 from tests.support.wait import wait_until
 
 HOP = "127.0.0.5"
@@ -34,7 +35,9 @@ CLIENT = "127.0.0.2"
 MESSAGE = b"Subject: service\r\n\r\nbody\r\n"
 
 
-def gateway(tmp_path: Path, hop_port: int, settings: str = "") -> GatewayProcess:
+def gateway(
+    tmp_path: Path, hop_port: int, settings: str = "", *, log: str | None = None
+) -> GatewayProcess:
     return GatewayProcess(
         tmp_path / "gw",
         dns=None,
@@ -43,6 +46,7 @@ def gateway(tmp_path: Path, hop_port: int, settings: str = "") -> GatewayProcess
             "access": "To:targetdomain1.com RELAY\n",
         },
         settings=settings + '[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n',
+        log=log,
     )
 
 
@@ -276,6 +280,7 @@ def test_serve_daemon_detaches_and_stop_status_find_it_by_its_pid_file(tmp_path:
             assert started.returncode == 0, started.stderr
             pid = int(pid_file.read_text())
             assert started.stdout == f"mailgate: started, pid {pid}\n"
+            assert started.stderr == ""  # the log is a file: nothing to warn of
             assert os.getsid(pid) != os.getsid(0)
             assert fds_of(pid) == [os.devnull] * 3
             assert os.readlink(f"/proc/{pid}/cwd") == "/"
@@ -346,6 +351,53 @@ def test_commands_without_a_pid_file_say_so(tmp_path: Path) -> None:
     assert cli(gw, "stop").returncode == 4
     daemon = cli(gw, "serve", "--daemon")
     assert daemon.returncode == 2 and "--daemon needs a pid_file" in daemon.stderr
+
+
+def test_serve_daemon_warns_when_its_lines_would_go_to_dev_null(tmp_path: Path) -> None:
+    gw = gateway(tmp_path, free_port(HOP), log="json = true\n")  # stderr, and JSON on stdout
+    with cleanup(gw):
+        started = cli(gw, "serve", "--daemon")
+        assert started.returncode == 0, started.stderr
+        assert started.stderr.splitlines() == [
+            'mailgate: warning: [log] target is stderr (no file, not "syslog"): the daemon\'s '
+            "log is lost",
+            "mailgate: warning: [log] json goes to stdout (no json_file): the daemon's JSON "
+            "lines are lost",
+        ]
+        assert cli(gw, "stop").returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("rsyslogd") is None, reason="needs Debian's rsyslog")
+def test_serve_daemon_logs_to_syslog_without_a_warning(tmp_path: Path) -> None:
+    with Rsyslog(tmp_path / "syslog") as syslog:
+        log = f'target = "syslog"\nsyslog_socket = "{syslog.socket}"\n'
+        gw = gateway(tmp_path, free_port(HOP), log=log)
+        with cleanup(gw):
+            started = cli(gw, "serve", "--daemon")
+            assert (started.returncode, started.stderr) == (0, "")
+            pid = int((gw.spool / "mailgate.pid").read_text())
+            started_line = f"mail.info mailgate[{pid}]: starting daemon (mailgate): SMTP on "
+            wait_until(
+                lambda: any(line.startswith(started_line) for line in syslog.lines()),
+                "the detached daemon's first line in syslog",
+            )
+            assert cli(gw, "stop").returncode == 0
+            stopping_line = f"mail.info mailgate[{pid}]: stopping: no new connections"
+            wait_until(
+                lambda: any(line.startswith(stopping_line) for line in syslog.lines()),
+                "the daemon's stopping line in syslog",
+            )
+
+
+def test_serve_daemon_says_on_the_terminal_that_its_log_cannot_be_opened(
+    tmp_path: Path,
+) -> None:
+    gw = gateway(tmp_path, free_port(HOP), log=f'file = "{tmp_path}"\n')  # a folder
+    failed = cli(gw, "serve", "--daemon")
+    assert failed.returncode == 1
+    why = f"[Errno 21] Is a directory: '{tmp_path}'"
+    assert failed.stderr == f"mailgate: cannot open the log: {why}\n"
+    assert not (gw.spool / "mailgate.pid").exists()
 
 
 # -- what contrib/ ships --------------------------------------------------------------------

@@ -8,10 +8,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mailgate import __version__, maillog
-from mailgate.config import Config, ConfigError, load_config
+from mailgate.config import Config, ConfigError, LogSettings, load_config
 from mailgate.snapshot import Snapshot, load_snapshot
 from mailgate.tables.maps import TableError
 
@@ -39,6 +40,25 @@ def _load_config(path: str | None) -> Config:
         raise SystemExit(2) from None
 
 
+def _open_log(hostname: str, log: maillog.LogOptions) -> bool:
+    try:
+        maillog.setup(hostname, log)
+    except OSError as exc:
+        print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _lost_when_detached(log: LogSettings) -> list[str]:
+    """What ``serve --daemon`` would write to stderr or stdout, /dev/null once detached."""
+    lost = []
+    if maillog.text_target(log) == "stderr":
+        lost.append('[log] target is stderr (no file, not "syslog"): the daemon\'s log is lost')
+    if log.json and log.json_file is None:
+        lost.append("[log] json goes to stdout (no json_file): the daemon's JSON lines are lost")
+    return lost
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailgate import master
     from mailgate.pidfile import AlreadyRunning
@@ -48,15 +68,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = snapshot.config
     # Absolute, so that a reload finds the file after --daemon has moved to /.
     config_path = os.path.abspath(args.config) if args.config else None
-    report_fd = None
     if args.daemon:
         if cfg.pid_file is None:
             print("mailgate: --daemon needs a pid_file (it is how stop finds it)", file=sys.stderr)
             return 2
-        if cfg.log.file is None:
-            print("mailgate: warning: no [log] file: the daemon's log is lost", file=sys.stderr)
-        report_fd = detach(chdir=config_path is not None)
-    maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
+        for lost in _lost_when_detached(cfg.log):
+            print(f"mailgate: warning: {lost}", file=sys.stderr)
+    # Opened before detaching: a log that cannot be opened, or a syslog daemon that is not
+    # there, is said on the admin's terminal, not on the daemon's /dev/null.
+    if not _open_log(cfg.hostname, cfg.log):
+        return 1
+    problem = maillog.syslog_problem()
+    if problem is not None:  # not fatal: syslogd may come up later, and lines go there then
+        print(
+            f"mailgate: warning: {cfg.log.syslog_socket}: {problem}; log lines are lost "
+            "until the syslog daemon is there",
+            file=sys.stderr,
+        )
+    report_fd = detach(chdir=config_path is not None) if args.daemon else None
     for w in snapshot.warnings():
         maillog.config_warning(w)
     lifecycle = Lifecycle(cfg, report_fd=report_fd)
@@ -192,7 +221,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file if not args.verbose else None, cfg.log.level)
+    # -v: the lines on stderr, between the dialogue's. The JSON copy goes to stdout only in
+    # the daemon: here stdout is the admin's.
+    log = replace(cfg.log, json=cfg.log.json and cfg.log.json_file is not None)
+    if args.verbose:
+        log = replace(log, target="stderr", file=None)
+    if not _open_log(cfg.hostname, log):
+        return 1
 
     def transcript(line: str) -> None:
         print(line, flush=True)

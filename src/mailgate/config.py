@@ -30,7 +30,8 @@ from typing import Any, Literal, TypeAlias, TypeVar, cast, get_args
 
 from mailgate import tls
 from mailgate.errors import SourceError
-from mailgate.maillog import Level
+from mailgate.logsink import Facility
+from mailgate.maillog import Level, Target
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -493,13 +494,31 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
+    # No default target: a file setting is the file target (as before targets existed), and
+    # without one the lines go to stderr, where `mailgate serve` in a terminal shows them.
+    target: Target | None = setting(
+        _one_of(get_args(Target)),
+        None,
+        "`stderr`, `file` or `syslog`: where maillog lines go",
+        shown='`"file"` when `file` is set, else `"stderr"`',
+    )
     file: Path | None = setting(
-        _path_or_none, None, "maillog lines go here", shown="stderr", relative=True
+        _path_or_none, None, "the file of target `file`", shown="none", relative=True
     )
     level: Level = setting(
         _one_of(get_args(Level)),
         "info",
         "`debug`, `info`, `notice`, `warning` or `error`: the least written",
+    )
+    syslog_socket: Path = setting(
+        _path, "/dev/log", "the syslog daemon's socket (target `syslog`)", relative=True
+    )
+    facility: Facility = setting(
+        _one_of(get_args(Facility)), "mail", "the syslog facility (target `syslog`)"
+    )
+    json: bool = setting(_bool, False, "also write each line as a JSON object (`json_file`)")
+    json_file: Path | None = setting(
+        _path_or_none, None, "where the JSON lines go", shown="stdout", relative=True
     )
 
 
@@ -755,6 +774,16 @@ def _with_tls_context(r: _Reader, settings: TlsSettings) -> TlsSettings:
     return replace(settings, server_context=context)
 
 
+def _check_log(r: _Reader, log: LogSettings) -> None:
+    """The settings of ``[log]`` that only make sense together."""
+    if log.target == "file" and log.file is None:
+        raise r.error("log", "target", 'is "file": give the file too (file = "/path/maillog")')
+    if log.file is not None and log.target in ("stderr", "syslog"):
+        raise r.error("log", "file", f'is for target = "file", but target is "{log.target}"')
+    if log.json_file is not None and not log.json:
+        raise r.error("log", "json_file", "is set, but json is not true")
+
+
 def parse_config(text: str, path: Path | None, base: Path) -> Config:
     """Parse TOML ``text``; relative paths resolve against ``base``."""
     source = str(path) if path else "<embedded default config>"
@@ -773,6 +802,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     for name, cls in _sections():
         top[name] = _build(cls, r.values(name, cls, base))
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
+    _check_log(r, cast(LogSettings, top["log"]))
     return _build(Config, {"path": path, **top})
 
 

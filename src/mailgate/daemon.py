@@ -168,7 +168,9 @@ class Gateway:
 
     def reload(self) -> bool:
         """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays.
-        Sessions keep the snapshot they started with; only new ones see the new one."""
+        Sessions keep the snapshot they started with; only new ones see the new one. The log
+        file is opened again first, whatever the outcome (logrotate's HUP)."""
+        maillog.reopen()
         self.events.reloading()
         snapshot = try_reload(self.config_path)
         if not isinstance(snapshot, Snapshot):
@@ -181,7 +183,7 @@ class Gateway:
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
             self.delivery.resolver = self.resolver
-        maillog.setup(config.hostname, config.log.file, config.log.level)
+        setup_log(config)
         self.snapshot = snapshot
         for w in snapshot.warnings():
             maillog.config_warning(w)
@@ -361,7 +363,7 @@ class Gateway:
             "stress",
         )
         maillog.statistics(
-            {n: c[n] for n in names},
+            {**{n: c[n] for n in names}, "log_lines_lost": maillog.lost_lines()},
             len(self.sessions),
             self.scheduler.queued,
             self.scheduler.active,
@@ -391,6 +393,15 @@ class Gateway:
         systemd's STATUS brought up to date."""
         self.log_statistics()
         self.events.activity(self.activity())
+
+
+def setup_log(config: Config) -> None:
+    """A reloaded ``[log]``: a destination that cannot be opened leaves the lines where they
+    went (logged), the rest of the reload goes on."""
+    try:
+        maillog.setup(config.hostname, config.log)
+    except OSError as exc:
+        maillog.log_open_failed(exc)
 
 
 def install_event_loop() -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate import maillog
-from mailgate.daemon import install_event_loop, serve
+from mailgate.daemon import install_event_loop, serve, setup_log
 from mailgate.queue.spool import Spool
 from mailgate.runstate import Activity
 from mailgate.service import Lifecycle
@@ -218,6 +218,9 @@ class Master:
         self._forward(sig)
 
     def _reload(self) -> None:
+        # The master's own lines (a worker that died) go to the log file under its name
+        # again, as the workers' do: first, whatever becomes of the reload (logrotate's HUP).
+        maillog.reopen()
         if self.stopping:
             return
         self.lifecycle.reloading()
@@ -229,6 +232,7 @@ class Master:
             self.lifecycle.reloaded(str(checked))
             return
         self.running = checked
+        setup_log(checked.config)
         self.generation += 1
         self.reload_error = None
         # A worker still starting ignores the HUP; it gets one when it listens.

@@ -42,7 +42,9 @@ class GatewayProcess:
         tables: dict[str, str] | None = None,
         settings: str = "",
         host: str = "127.0.0.1",
+        log: str | None = None,
     ) -> None:
+        """``log``: the ``[log]`` section's lines (default: ``file`` = `log_path`)."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -60,7 +62,8 @@ class GatewayProcess:
             + settings_root(settings)
             + f"[dns]\n{dns_line}"
             + '[local]\nmaildir_root = "maildir"\n'
-            + f'[log]\nfile = "{self.log_path}"\n'
+            + "[log]\n"
+            + (log if log is not None else f'file = "{self.log_path}"\n')
             + settings_sections(settings)
         )
 

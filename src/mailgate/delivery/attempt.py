@@ -318,12 +318,12 @@ async def act(
     """Carry out ``decision``; the next attempt time, or None when the message is finished."""
     if isinstance(decision, Expire):
         if await expire(ctx, snap, msg, decision.pending, now):
-            ctx.spool.finish(msg)
+            finish(ctx, msg)
             return None
         # The bounce could not be queued: the message stays, and expires again next time.
         decision = retry(msg, snap.config, now, decision.pending)
     if isinstance(decision, Done):
-        ctx.spool.finish(msg)
+        finish(ctx, msg)
         return None
     if isinstance(decision, Warn):
         msg.status.warned = True
@@ -338,6 +338,12 @@ async def act(
         ):
             msg.status.warned = False  # the next attempt tries again
     return await reschedule(ctx, msg, now, decision.at)
+
+
+def finish(ctx: DeliveryContext, msg: QueuedMessage) -> None:
+    """Delivered or bounced: out of the queue, and the last line of its queue id's life."""
+    ctx.spool.finish(msg)
+    maillog.removed(msg.qid)
 
 
 async def expire(

@@ -932,6 +932,7 @@ class Spool:
         self._forget_incoming(qid)
         with contextlib.suppress(OSError):
             (self.corrupt / (qid + ".reason")).write_text(reason + "\n")
+        maillog.quarantined(qid, reason, self.corrupt)
 
     @contextlib.contextmanager
     def locked(self, qid: str) -> Iterator[bool]:
