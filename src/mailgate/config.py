@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
@@ -546,11 +547,23 @@ class Config:
     relay_hosts_only: bool = setting(
         _bool, True, "FEATURE(relay_hosts_only): RELAY grants are exact names"
     )
+    # None (the default) is replaced by spool_dir/mailgate.pid, as Postfix keeps its master.pid
+    # in its queue folder: `mailgate stop`, `reload` and `status` find the daemon there. "" is
+    # no pid file (systemd does not need one, but those three commands then cannot work).
     pid_file: Path | None = setting(
-        _path_or_none, None, "write the daemon's (master's) pid here", shown="none", relative=True
+        _path_or_none,
+        None,
+        "the daemon's (master's) pid, locked while it runs; `mailgate.state.json` beside it",
+        shown="`spool_dir`/mailgate.pid",
+        relative=True,
     )
     workers: int = setting(  # processes sharing the listeners and the spool; 0 = one per CPU
         _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)"
+    )
+    stop_grace: float = setting(
+        parse_duration,
+        "10s",
+        "on stop, how long sessions and deliveries in progress may take to finish",
     )
     smtp: SmtpSettings = section(SmtpSettings)
     queue: QueueSettings = section(QueueSettings)
@@ -568,6 +581,10 @@ class Config:
     @property
     def helo_name(self) -> str:
         return self.delivery.helo_name or self.hostname
+
+    @property
+    def worker_processes(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -780,6 +797,8 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     top = r.values("", Config, base)
     if "tables_dir" not in data:  # the TOML file's folder; the embedded config has no tables
         top["tables_dir"] = base if path else None
+    if "pid_file" not in data:
+        top["pid_file"] = cast(Path, top["spool_dir"]) / "mailgate.pid"
     for name, cls in _sections():
         top[name] = _build(cls, r.values(name, cls, base))
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))

@@ -89,7 +89,10 @@ LEVELS: dict[str, Level] = {
     "starttls_client_failed": "warning",
     # the daemon
     "daemon_started": "info",
+    "start_failed": "error",
+    "stale_pid_file": "notice",
     "stopping": "info",
+    "stop_deadline": "warning",
     "config_warning": "warning",
     "reload_refused": "error",
     "reloaded": "info",
@@ -149,7 +152,7 @@ class _Writer:
         json_sink: Sink | None = None
         level: Level = "info"
         if options is not None:
-            target = options.target or ("file" if options.file is not None else "stderr")
+            target = text_target(options)
             if target == "syslog":
                 text, facility = (
                     SyslogSocket(options.syslog_socket),
@@ -280,6 +283,12 @@ def _event(build: Callable[P, str]) -> Callable[P, None]:
     log.__doc__ = build.__doc__
     log.__wrapped__ = build  # type: ignore[attr-defined]  # as functools.wraps: an event
     return log
+
+
+def text_target(options: LogOptions) -> Target:
+    """Where the lines go: ``[log] target``, or without it a file when there is one, else
+    stderr (where `mailgate serve` in a terminal shows them)."""
+    return options.target or ("file" if options.file is not None else "stderr")
 
 
 def setup(hostname: str, options: LogOptions | None = None) -> None:
@@ -592,8 +601,23 @@ def daemon_started(listen: str, source: object, spool_dir: object) -> str:
 
 
 @_event
+def start_failed(why: object) -> str:
+    return f"cannot start: {why}"
+
+
+@_event
+def stale_pid_file(path: object, pid: int) -> str:
+    return f"pid file {path} named pid {pid}, which is not running: taken over"
+
+
+@_event
 def stopping() -> str:
     return "stopping: no new connections, finishing deliveries in progress"
+
+
+@_event
+def stop_deadline(sessions: int) -> str:
+    return f"stop: {sessions} sessions still open at the deadline: closed with 421"
 
 
 @_event

@@ -518,6 +518,15 @@ class IncomingMessage:
             os.unlink(self.path)
 
 
+def queue_ids(queue: Path) -> Iterator[str]:
+    """The queue ids in the folder ``queue``, streamed: ``mailgate status`` counts a queue of
+    any size this way, without a `Spool` (which would create folders and open files)."""
+    for entry in os.scandir(queue):
+        name = entry.name
+        if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
+            yield name
+
+
 class Spool:
     SPARE_MAX = 64  # delivered files kept for reuse, per process
     SPARE_MAX_SIZE = IncomingMessage.SPILL_AT  # larger ones are freed: no hoarding of disk
@@ -793,10 +802,7 @@ class Spool:
             os.close(fd)
 
     def qids(self) -> Iterator[str]:
-        for entry in os.scandir(self.queue):
-            name = entry.name
-            if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
-                yield name
+        yield from queue_ids(self.queue)
 
     @staticmethod
     def _envelope(qid: str, line: bytes) -> Envelope:

@@ -94,6 +94,9 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.connected_at = time.monotonic()
         self.last_input = self.connected_at  # when bytes last arrived (the DATA timeout)
         self.last_line = self.connected_at  # when a content line last ended (under stress)
+        # The daemon is stopping: said (then the connection closes) once no transaction is
+        # open, so a message under way is finished first.
+        self.closing_reply: Reply | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -189,6 +192,16 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.transport.write(data)
         self.out.clear()
         self.out_size = 0
+
+    def drain(self, reply: Reply) -> None:
+        """The daemon is stopping: end the transaction in progress, then say ``reply`` and
+        close (at once if the client is between transactions)."""
+        self.closing_reply = reply
+        self._wake()
+
+    def _closing_now(self, session: Session) -> Reply | None:
+        """The stop's reply, if the session may be closed now (no transaction open)."""
+        return self.closing_reply if session.tx is None else None
 
     def shut_down(self, reply: Reply) -> None:
         """The daemon is stopping: say so (through TLS if it is on) and close."""
@@ -305,6 +318,9 @@ class SmtpServerProtocol(asyncio.Protocol):
             if self.conn.pending_bytes or self.closed:
                 self.send(session.early_talk(int(time.monotonic() - self.connected_at)).reply)
                 return session
+        if self.closing_reply is not None:
+            self.send(self.closing_reply)  # the daemon began to stop during the connect stage
+            return None
         self.send(session.greeting().reply)
         return session
 
@@ -317,6 +333,9 @@ class SmtpServerProtocol(asyncio.Protocol):
             if isinstance(event, Wait):
                 if event is not NEED_DATA:
                     return  # the protocol is done with this connection
+                if (bye := self._closing_now(session)) is not None:
+                    self.send(bye)
+                    return
                 # A command must arrive whole within command_timeout (a client trickling a
                 # byte at a time does not keep the session); DATA content is timed per read.
                 # Both are measured from a fixed start, so a wake-up (stress mode began, a
@@ -349,6 +368,9 @@ class SmtpServerProtocol(asyncio.Protocol):
                     self.last_line = waiting_since
                 session.data_chunk(event.data)
             elif isinstance(event, Command):
+                if event.verb != "QUIT" and (bye := self._closing_now(session)) is not None:
+                    self.send(bye)
+                    return
                 answer = await session.command(
                     event, pipelined=conn.pending_bytes if event.verb == "DATA" else 0
                 )
