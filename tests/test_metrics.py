@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import json
 import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,35 +18,13 @@ from mailgate import metrics
 from mailgate.delivery.mailers import MAILERS
 from mailgate.queue.spool import Spool, qid_time
 from tests.support.crash import children_of
-from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
-from tests.support.scrape import (
-    DEAD_HOP,
-    HOP,
-    OUTSIDE,
-    http_get,
-    mixed_gateway,
-    scrape,
-    send_mix,
-    value,
-)
+from tests.support.scrape import DEAD_HOP, http_get, mixed_world, scrape, send_mix, value
 from tests.support.sink import SinkServer
-from tests.support.wait import wait_until
+from tests.support.world import OUTSIDE, GatewayFactory, World, wait_until
 
 # One batch of send_mix: messages to the sink, to the dead hop, refused for relay, access, size.
 BATCH = {"good": 3, "dead": 2, "relay": 3, "access": 2, "big": 1}
-
-
-@pytest.fixture
-def dns() -> Iterator[DnsServer]:
-    with DnsServer() as server:
-        yield server
-
-
-@pytest.fixture
-def sink() -> Iterator[SinkServer]:
-    with SinkServer(HOP, free_port(HOP)) as server:
-        yield server
 
 
 def healthy(port: int) -> bool:
@@ -58,68 +36,60 @@ def healthy(port: int) -> bool:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_counts_are_the_whole_daemons(
-    tmp_path: Path, dns: DnsServer, sink: SinkServer, workers: int
+    make_gateway: GatewayFactory, hop1: SinkServer, workers: int
 ) -> None:
     dead_port = free_port(DEAD_HOP)
     port = free_port()
     started = time.time()
-    with mixed_gateway(
-        tmp_path / "gw",
-        dns.address,
-        hop_port=sink.port,
-        dead_port=dead_port,
-        metrics_port=port,
-        workers=workers,
-    ) as gw:
-        assert gw.proc is not None
-        wait_until(lambda: healthy(port), "every worker listening", 15)
-        # With two workers, each batch goes to one of them alone (the other is stopped, so
-        # it cannot accept): both rows are written, whoever answers the scrape.
-        pids = children_of(gw.proc.pid) if workers > 1 else [gw.proc.pid]
-        assert len(pids) == workers
-        for batch in range(2):
-            stopped = pids[batch] if workers > 1 else None
+    world = mixed_world(hop_port=hop1.port, dead_port=dead_port, metrics_port=port, workers=workers)
+    gw = make_gateway(world)
+    assert gw.proc is not None
+    wait_until(lambda: healthy(port), "every worker listening", 15)
+    # With two workers, each batch goes to one of them alone (the other is stopped, so
+    # it cannot accept): both rows are written, whoever answers the scrape.
+    pids = children_of(gw.proc.pid) if workers > 1 else [gw.proc.pid]
+    assert len(pids) == workers
+    for batch in range(2):
+        stopped = pids[batch] if workers > 1 else None
+        if stopped is not None:
+            os.kill(stopped, signal.SIGSTOP)
+        try:
+            send_mix(gw.host, gw.port, OUTSIDE, **BATCH)
+        finally:
             if stopped is not None:
-                os.kill(stopped, signal.SIGSTOP)
-            try:
-                send_mix(gw.host, gw.port, OUTSIDE, **BATCH)
-            finally:
-                if stopped is not None:
-                    os.kill(stopped, signal.SIGCONT)
-        # A to= line is written after its count: once the log has them all, so do the counts.
-        wait_until(lambda: gw.log().count("stat=Sent") == 2 * BATCH["good"], "deliveries", 20)
-        wait_until(
-            lambda: gw.log().count("stat=Deferred") == 2 * BATCH["dead"], "the deferrals", 20
-        )
-        if workers > 1:
-            receivers = {
-                line.split("mailgate[")[1].split("]")[0]
-                for line in gw.log().splitlines()
-                if "from=<alice@example.org>" in line
-            }
-            assert receivers == {str(pid) for pid in pids}
-        sessions_closed = wait_until(
-            lambda: (
-                (s := scrape("127.0.0.1", port))[("mailgate_sessions_open", frozenset())] == 0 and s
-            ),
-            "every session closed",
-            10,
-        )
-        queue_listed = wait_until(
-            lambda: (
-                (s := scrape("127.0.0.1", port))[("mailgate_queue_messages", frozenset())]
-                == 2 * BATCH["dead"]
-                and s
-            ),
-            "the queue census",
-            10,
-        )
-        elapsed = time.time() - started
+                os.kill(stopped, signal.SIGCONT)
+    # A to= line is written after its count: once the log has them all, so do the counts.
+    wait_until(lambda: gw.log().count("stat=Sent") == 2 * BATCH["good"], "deliveries", 20)
+    wait_until(lambda: gw.log().count("stat=Deferred") == 2 * BATCH["dead"], "the deferrals", 20)
+    if workers > 1:
+        receivers = {
+            line.split("mailgate[")[1].split("]")[0]
+            for line in gw.log().splitlines()
+            if "from=<alice@example.org>" in line
+        }
+        assert receivers == {str(pid) for pid in pids}
+    sessions_closed = wait_until(
+        lambda: (
+            (s := scrape("127.0.0.1", port))[("mailgate_sessions_open", frozenset())] == 0 and s
+        ),
+        "every session closed",
+        10,
+    )
+    queue_listed = wait_until(
+        lambda: (
+            (s := scrape("127.0.0.1", port))[("mailgate_queue_messages", frozenset())]
+            == 2 * BATCH["dead"]
+            and s
+        ),
+        "the queue census",
+        10,
+    )
+    elapsed = time.time() - started
     s = sessions_closed
     # One session per transaction, and GatewayProcess.start's probe of the port.
     sessions = 2 * sum(BATCH.values()) + 1
     assert value(s, "mailgate_connections_total", outcome="greeted") == sessions
-    for outcome in ("access_refused", "early_talker", "per_ip_limit"):
+    for outcome in metrics.CONNECTION_OUTCOMES[1:]:
         assert value(s, "mailgate_connections_total", outcome=outcome) == 0
     assert value(s, "mailgate_messages_received_total") == 2 * (BATCH["good"] + BATCH["dead"])
     refused = {"relay": BATCH["relay"], "access": BATCH["access"], "size": BATCH["big"]}
@@ -144,94 +114,164 @@ def test_counts_are_the_whole_daemons(
     assert 0 <= value(q, "mailgate_queue_oldest_age_seconds") <= elapsed + 1
 
 
+def metrics_gateway(
+    make_gateway: GatewayFactory, hop1: SinkServer, workers: int, settings: str = ""
+) -> tuple[GatewayProcess, int]:
+    """The mixed world's daemon, started (``settings`` merged into its own), and its metrics
+    port."""
+    port = free_port()
+    world = mixed_world(
+        hop_port=hop1.port, dead_port=free_port(DEAD_HOP), metrics_port=port, workers=workers
+    )
+    return make_gateway(world.but(settings=settings)), port
+
+
 def test_a_restarted_worker_counts_on_from_its_predecessor(
-    tmp_path: Path, dns: DnsServer, sink: SinkServer
+    make_gateway: GatewayFactory, hop1: SinkServer
+) -> None:
+    gw, port = metrics_gateway(make_gateway, hop1, workers=2)
+    assert gw.proc is not None
+    wait_until(lambda: healthy(port), "every worker listening", 15)
+    first, second = children_of(gw.proc.pid)
+    os.kill(first, signal.SIGSTOP)
+    try:
+        send_mix(gw.host, gw.port, OUTSIDE, good=4, dead=0, relay=0, access=0, big=0)
+    finally:
+        os.kill(first, signal.SIGCONT)
+    wait_until(lambda: gw.log().count("stat=Sent") == 4, "the deliveries", 20)
+    # `second` took all four; it dies, and the master starts another in its row.
+    os.kill(second, signal.SIGKILL)
+    wait_until(
+        lambda: second not in (now := children_of(gw.proc.pid)) and len(now) == 2,
+        "the worker restarted",
+        15,
+    )
+    wait_until(lambda: healthy(port), "the new worker listening", 15)
+    s = scrape("127.0.0.1", port)
+    assert value(s, "mailgate_messages_received_total") == 4
+    assert value(s, "mailgate_deliveries_total", mailer="smtp", status="delivered") == 4
+    assert value(s, "mailgate_workers_running") == 2
+    # The state file's count is the table's: the dead worker's four are still in it.
+    gw.signal(signal.SIGUSR2)
+    state = gw.spool / "mailgate.state.json"
+    wait_until(
+        lambda: json.loads(state.read_text())["activity"]["received"] == 4,
+        "the state file's received count",
+        15,
+    )
+
+
+def test_health_says_what_is_wrong(make_gateway: GatewayFactory, hop1: SinkServer) -> None:
+    gw, port = metrics_gateway(make_gateway, hop1, workers=1)
+    wait_until(lambda: healthy(port), "the daemon listening", 15)
+    assert http_get("127.0.0.1", port, "/health") == (200, "text/plain", "ok\n")
+    config = gw.config.read_text()
+    gw.config.write_text(config.replace("[queue]\n", '[queue]\nmin_free = "1000000G"\n'))
+    gw.signal(signal.SIGHUP)
+    status, _, body = wait_until(
+        lambda: (r := http_get("127.0.0.1", port, "/health"))[0] == 503 and r,
+        "503 for min_free",
+        10,
+    )
+    assert "bytes free, below min_free (1073741824000000)" in body
+    gw.config.write_text(config)
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: healthy(port), "200 again", 10)
+    # The spool cannot take a file: incoming/ is not a folder.
+    incoming = gw.spool / "incoming"
+    incoming.rename(gw.spool / "incoming.aside")
+    incoming.write_text("")
+    status, _, body = http_get("127.0.0.1", port, "/health")
+    assert status == 503
+    assert body == f"spool {incoming} is not writable: Not a directory\n"
+    incoming.unlink()
+    (gw.spool / "incoming.aside").rename(incoming)
+    assert http_get("127.0.0.1", port, "/health") == (200, "text/plain", "ok\n")
+    assert http_get("127.0.0.1", port, "/nothing")[0] == 404
+
+
+def test_the_connection_counts_a_per_ip_refusal(
+    make_gateway: GatewayFactory, hop1: SinkServer
+) -> None:
+    gw, port = metrics_gateway(
+        make_gateway, hop1, workers=1, settings="[smtp]\nmax_connections_per_ip = 1\n"
+    )
+    with gw.raw(OUTSIDE) as held:
+        assert held.read_reply().code == 220
+        with gw.raw(OUTSIDE) as refused:
+            reply = refused.read_reply()
+            assert (reply.code, reply.enhanced) == (421, "4.7.0")
+            refused.wait_closed()
+        s = scrape("127.0.0.1", port)
+    assert value(s, "mailgate_connections_total", outcome="per_ip_limit") == 1
+    assert value(s, "mailgate_rejections_total", reason="throttle") == 1
+    # The held session and GatewayProcess.start's probe of the port.
+    assert value(s, "mailgate_connections_total", outcome="greeted") == 2
+    seen = len(gw.log_lines("statistics: "))
+    gw.signal(signal.SIGUSR2)
+    [line] = wait_until(lambda: gw.log_lines("statistics: ")[seen:], "the statistics line", 10)
+    assert "statistics: connections=3, " in line
+    assert ", per_ip_limit=1, " in line
+
+
+def test_a_connection_the_stop_finds_in_its_greet_pause_is_counted(
+    make_gateway: GatewayFactory, hop1: SinkServer
 ) -> None:
     port = free_port()
-    with mixed_gateway(
-        tmp_path / "gw",
-        dns.address,
-        hop_port=sink.port,
-        dead_port=free_port(DEAD_HOP),
-        metrics_port=port,
-        workers=2,
-    ) as gw:
-        assert gw.proc is not None
-        wait_until(lambda: healthy(port), "every worker listening", 15)
-        first, second = children_of(gw.proc.pid)
-        os.kill(first, signal.SIGSTOP)
-        try:
-            send_mix(gw.host, gw.port, OUTSIDE, good=4, dead=0, relay=0, access=0, big=0)
-        finally:
-            os.kill(first, signal.SIGCONT)
-        wait_until(lambda: gw.log().count("stat=Sent") == 4, "the deliveries", 20)
-        # `second` took all four; it dies, and the master starts another in its row.
-        os.kill(second, signal.SIGKILL)
-        wait_until(
-            lambda: second not in (now := children_of(gw.proc.pid)) and len(now) == 2,
-            "the worker restarted",
-            15,
+    world = mixed_world(
+        hop_port=hop1.port, dead_port=free_port(DEAD_HOP), metrics_port=port, workers=1
+    )
+    # No greet pause for the local host: GatewayProcess.start's probe is greeted and gone,
+    # and the busy client's message holds the stop open.
+    busy_client = "127.0.0.1"
+    gw = make_gateway(
+        world.but(
+            tables={"access": world.tables["access"] + f"GreetPause:{busy_client}  0\n"},
+            settings='stop_grace = "60s"\n[smtp]\ngreet_pause = "30s"\n',
         )
-        wait_until(lambda: healthy(port), "the new worker listening", 15)
-        s = scrape("127.0.0.1", port)
-        assert value(s, "mailgate_messages_received_total") == 4
-        assert value(s, "mailgate_deliveries_total", mailer="smtp", status="delivered") == 4
-        assert value(s, "mailgate_workers_running") == 2
-
-
-def test_health_says_what_is_wrong(tmp_path: Path, dns: DnsServer, sink: SinkServer) -> None:
-    port = free_port()
-    with mixed_gateway(
-        tmp_path / "gw",
-        dns.address,
-        hop_port=sink.port,
-        dead_port=free_port(DEAD_HOP),
-        metrics_port=port,
-        workers=1,
-    ) as gw:
-        wait_until(lambda: healthy(port), "the daemon listening", 15)
-        assert http_get("127.0.0.1", port, "/health") == (200, "text/plain", "ok\n")
-        config = gw.config.read_text()
-        gw.config.write_text(config.replace("[queue]\n", '[queue]\nmin_free = "1000000G"\n'))
-        gw.signal(signal.SIGHUP)
-        status, _, body = wait_until(
-            lambda: (r := http_get("127.0.0.1", port, "/health"))[0] == 503 and r,
-            "503 for min_free",
+    )
+    assert gw.proc is not None
+    with gw.raw(busy_client) as busy, gw.raw(OUTSIDE) as paused:
+        assert busy.read_reply().code == 220
+        for line, code in (
+            ("EHLO client.test", 250),
+            ("MAIL FROM:<alice@example.org>", 250),
+            ("RCPT TO:<bob@targetdomain1.com>", 250),
+            ("DATA", 354),
+        ):
+            assert busy.cmd(line).code == code
+        busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n")
+        wait_until(
+            lambda: value(scrape("127.0.0.1", port), "mailgate_sessions_open") == 2,
+            "both sessions open",
             10,
         )
-        assert "bytes free, below min_free (1073741824000000)" in body
-        gw.config.write_text(config)
-        gw.signal(signal.SIGHUP)
-        wait_until(lambda: healthy(port), "200 again", 10)
-        # The spool cannot take a file: incoming/ is not a folder.
-        incoming = gw.spool / "incoming"
-        incoming.rename(gw.spool / "incoming.aside")
-        incoming.write_text("")
-        status, _, body = http_get("127.0.0.1", port, "/health")
-        assert status == 503
-        assert body == f"spool {incoming} is not writable: Not a directory\n"
-        incoming.unlink()
-        (gw.spool / "incoming.aside").rename(incoming)
-        assert http_get("127.0.0.1", port, "/health") == (200, "text/plain", "ok\n")
-        assert http_get("127.0.0.1", port, "/nothing")[0] == 404
+        gw.signal(signal.SIGTERM)
+        bye = paused.read_reply()  # in its greet pause: the stop's 421, no greeting
+        assert (bye.code, bye.text) == (421, "4.3.2 gateway.example.com Shutting down")
+        paused.wait_closed()
+        # The message under way holds the stop: the endpoint answers through the drain.
+        s = scrape("127.0.0.1", port)
+        assert value(s, "mailgate_connections_total", outcome="stopping") == 1
+        assert http_get("127.0.0.1", port, "/health") == (
+            503,
+            "text/plain",
+            "the daemon is not listening\n",
+        )
+        busy.send(b"second half\r\n.\r\n")
+        assert busy.read_reply().code == 250
+        assert busy.read_reply().code == 421
+    assert gw.proc.wait(30) == 0
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_a_metrics_port_in_use_stops_the_start(
-    tmp_path: Path, dns: DnsServer, workers: int
-) -> None:
+def test_a_metrics_port_in_use_stops_the_start(make_gateway: GatewayFactory, workers: int) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        gw = mixed_gateway(
-            tmp_path / "gw",
-            dns.address,
-            hop_port=1,
-            dead_port=1,
-            metrics_port=port,
-            workers=workers,
-        )
+        world = mixed_world(hop_port=1, dead_port=1, metrics_port=port, workers=workers)
+        gw = make_gateway(world, start=False)
         with pytest.raises(RuntimeError) as failed:
             gw.start()
     assert (
@@ -240,10 +280,10 @@ def test_a_metrics_port_in_use_stops_the_start(
     )
 
 
-def test_metrics_are_off_unless_asked_for(tmp_path: Path) -> None:
-    with GatewayProcess(tmp_path / "gw", dns=None) as gw:
-        assert gw.proc is not None
-        assert listening_ports(gw.proc.pid) == {gw.port}
+def test_metrics_are_off_unless_asked_for(make_gateway: GatewayFactory) -> None:
+    gw = make_gateway(World())
+    assert gw.proc is not None
+    assert listening_ports(gw.proc.pid) == {gw.port}
 
 
 def listening_ports(pid: int) -> set[int]:

@@ -9,16 +9,14 @@ import shutil
 import subprocess
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.dnsserver import DnsServer
 from tests.support.gateway import free_port
-from tests.support.scrape import DEAD_HOP, HOP, OUTSIDE, mixed_gateway, send_mix
+from tests.support.scrape import DEAD_HOP, mixed_world, send_mix
 from tests.support.sink import SinkServer
-from tests.support.wait import wait_until
+from tests.support.world import OUTSIDE, GatewayFactory, wait_until
 
 PROMETHEUS = shutil.which("prometheus")
 DASHBOARD = Path(__file__).parent.parent / "contrib" / "grafana-mailgate.json"
@@ -88,12 +86,6 @@ class Prometheus:
         self.log.close()
 
 
-@pytest.fixture
-def sink() -> Iterator[SinkServer]:
-    with SinkServer(HOP, free_port(HOP)) as server:
-        yield server
-
-
 def has_data(result: list[dict[str, object]]) -> bool:
     """A vector with at least one number (a quantile of no deliveries would be NaN)."""
     for series in result:
@@ -109,39 +101,33 @@ def scraped_received(prometheus: Prometheus) -> float:
     return float(result[0]["value"][1]) if result else 0.0  # type: ignore[index]
 
 
-def test_every_panel_of_the_dashboard_has_data(tmp_path: Path, sink: SinkServer) -> None:
+def test_every_panel_of_the_dashboard_has_data(
+    tmp_path: Path, make_gateway: GatewayFactory, hop1: SinkServer
+) -> None:
     queries = panel_queries()
     assert len(queries) >= 14
     port = free_port()
-    with (
-        DnsServer() as dns,
-        mixed_gateway(
-            tmp_path / "gw",
-            dns.address,
-            hop_port=sink.port,
-            dead_port=free_port(DEAD_HOP),
-            metrics_port=port,
-            workers=2,
-        ) as gw,
-    ):
-        prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}")
-        try:
-            wait_until(lambda: prometheus.get("/-/ready")[0] == 200, "Prometheus ready", 60)
-            missing: list[tuple[str, str]] = queries
-            # A bounded load: rounds of the mixed traffic until every query has data (each
-            # round spans scrapes; rate() needs two samples of a change), at most 40 rounds.
-            for received in range(6, 6 * 41, 6):  # 5 good and 1 dead message a round
-                send_mix(gw.host, gw.port, OUTSIDE, good=5, dead=1, relay=2, access=1, big=1)
-                wait_until(
-                    lambda n=received: scraped_received(prometheus) >= n,
-                    "a scrape after the round",
-                    15,
-                )
-                missing = [(t, e) for t, e in missing if not has_data(prometheus.query(e))]
-                if not missing:
-                    break
-            assert missing == []
-            up = prometheus.query('up{job="mailgate"}')
-            assert [s["value"][1] for s in up] == ["1"]  # type: ignore[index]
-        finally:
-            prometheus.stop()
+    gw = make_gateway(
+        mixed_world(hop_port=hop1.port, dead_port=free_port(DEAD_HOP), metrics_port=port, workers=2)
+    )
+    prometheus = Prometheus(tmp_path / "prometheus", f"127.0.0.1:{port}")
+    try:
+        wait_until(lambda: prometheus.get("/-/ready")[0] == 200, "Prometheus ready", 60)
+        missing: list[tuple[str, str]] = queries
+        # A bounded load: rounds of the mixed traffic until every query has data (each
+        # round spans scrapes; rate() needs two samples of a change), at most 40 rounds.
+        for received in range(6, 6 * 41, 6):  # 5 good and 1 dead message a round
+            send_mix(gw.host, gw.port, OUTSIDE, good=5, dead=1, relay=2, access=1, big=1)
+            wait_until(
+                lambda n=received: scraped_received(prometheus) >= n,
+                "a scrape after the round",
+                15,
+            )
+            missing = [(t, e) for t, e in missing if not has_data(prometheus.query(e))]
+            if not missing:
+                break
+        assert missing == []
+        up = prometheus.query('up{job="mailgate"}')
+        assert [s["value"][1] for s in up] == ["1"]  # type: ignore[index]
+    finally:
+        prometheus.stop()

@@ -78,7 +78,13 @@ def _each(*values: str) -> tuple[tuple[str, ...], ...]:
 
 
 # How the connect stage ended, one per accepted connection.
-CONNECTION_OUTCOMES = ("greeted", "access_refused", "early_talker", "per_ip_limit")
+CONNECTION_OUTCOMES = (
+    "greeted",
+    "access_refused",
+    "early_talker",
+    "per_ip_limit",
+    "stopping",  # the daemon began to stop during the connect stage: its 421, no greeting
+)
 # Why mail was refused: one per refusing reply (a connection refused at the connect stage
 # counts once, not again for each command it then sends).
 RejectReason = Literal[

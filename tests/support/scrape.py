@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import http.client
 import smtplib
-from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway import GatewayProcess
+from tests.support.world import HOP1, World
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -48,29 +47,17 @@ FOREIGN_RCPT = "eve@foreign.test"  # not relayed for an outside client: 550 rela
 BAD_SENDER = "spammer@bad.test"  # access From: REJECT
 BIG_BODY = "x" * 70 + "\r\n"  # lines of a message over the test's max_message_size
 
-
-HOP = "127.0.0.5"  # the sink
 DEAD_HOP = "127.0.0.8"  # nothing listens there
-OUTSIDE = "127.0.0.2"  # a client that may not relay
 
 
-def mixed_gateway(
-    directory: Path,
-    dns: str,
-    *,
-    hop_port: int,
-    dead_port: int,
-    metrics_port: int,
-    workers: int,
-) -> GatewayProcess:
-    """A gateway that routes ``send_mix``'s mail: targetdomain1.com to the sink, dead.test to
-    a dead hop (retried only after an hour), ``[metrics] listen`` on ``metrics_port``."""
-    return GatewayProcess(
-        directory,
-        dns=dns,
+def mixed_world(*, hop_port: int, dead_port: int, metrics_port: int, workers: int) -> World:
+    """A gateway that routes ``send_mix``'s mail: targetdomain1.com to the sink (at HOP1, the
+    ``hop1`` fixture's address), dead.test to a dead hop (retried only after an hour),
+    ``[metrics] listen`` on ``metrics_port``; a client of world.OUTSIDE may not relay."""
+    return World(
         tables={
             "mailertable": (
-                f"targetdomain1.com smtp:[{HOP}]:{hop_port}\n"
+                f"targetdomain1.com smtp:[{HOP1}]:{hop_port}\n"
                 f"dead.test smtp:[{DEAD_HOP}]:{dead_port}\n"
             ),
             "access": "To:targetdomain1.com RELAY\nTo:dead.test RELAY\nFrom:bad.test REJECT\n",
