@@ -1528,5 +1528,5 @@ def convert(
         assignments=assignments,
         blocks=tuple(m.blocks),
         kept=tuple(m.kept()),
-        findings=tuple(m.findings),
+        findings=tuple(sorted(m.findings, key=lambda f: (f.path != path, f.path, f.line or 0))),
     )
