@@ -376,8 +376,10 @@ def _add_migration_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
     )
     p.set_defaults(func=cmd_import_mc)
     text = "check a table as Sendmail's makemap TYPE NAME < file would build it"
-    p = sub.add_parser("makemap", help=text, description=text, add_help=False)
-    p.add_argument("argv", nargs=argparse.REMAINDER)
+    # makemap parses its own options (Sendmail's, with its exit status for a usage error):
+    # with no option prefix here, "-r" and the others reach it as plain words.
+    p = sub.add_parser("makemap", help=text, description=text, add_help=False, prefix_chars="+")
+    p.add_argument("argv", nargs="*")
     p.set_defaults(func=cmd_makemap)
     text = "check the aliases file, as Sendmail's newaliases rebuilds it"
     p = sub.add_parser("newaliases", help=text, description=text)

@@ -169,40 +169,67 @@ class SendmailBuild:
         done = self.run("-bt", stdin="\n".join(lines) + "\n")
         return done.stdout
 
-    def parse(self, address: str) -> str:
+    def bt_each(self, queries: list[list[str]]) -> list[str]:
+        """Several queries in one ``sendmail -bt``: the output of each, split at a marker that
+        follows it (the value of macro $Z, printed by the input line ``$Z``)."""
+        lines = []
+        for n, query in enumerate(queries):
+            lines += [*query, f".DZ@@{n}@@", "$Z"]
+        parts = re.split(r"@@(\d+)@@\n", self.bt(*lines))
+        out = parts[0:-1:2]
+        assert [int(n) for n in parts[1::2]] == list(range(len(queries))), parts
+        return out
+
+    def parse(self, *addresses: str) -> list[str]:
         """``/parse address``: the line ``mailer M, host H, user U`` (or Sendmail's error)."""
-        out = self.bt(f"/parse {address}")
-        for line in out.splitlines():
-            if line.startswith("mailer "):
-                return line.strip()
-        errors = [ln for ln in out.splitlines() if "... " in ln]
-        return errors[-1].strip() if errors else out.strip().splitlines()[-1]
+        out = []
+        for text in self.bt_each([[f"/parse {a}"] for a in addresses]):
+            lines = text.splitlines()
+            mailer = [ln.strip() for ln in lines if ln.startswith("mailer ")]
+            errors = [ln.strip() for ln in lines if "... " in ln]
+            out.append(mailer[-1] if mailer else errors[-1] if errors else text.strip())
+        return out
 
-    def check_rcpt(
-        self, ip: str, address: str, *, name: str | None = None, resolve: str = "FAIL"
-    ) -> Verdict:
-        out = self.bt(
-            f".D{{client_addr}}{ip}",
-            f".D{{client_name}}{name or f'[{ip}]'}",
-            f".D{{client_resolve}}{resolve}",
-            f"check_rcpt <{address}>",
-        )
-        result = [ln for ln in out.splitlines() if ln.startswith("check_rcpt") and "returns" in ln]
-        verdict = result[-1].split("returns:", 1)[1].strip() if result else ""
-        m = _ERROR.search(verdict)
-        if m is None:
-            return Verdict(True, text=verdict)
-        dsn = m.group(1).replace(" ", "") if m.group(1) else None
-        return Verdict(False, int(m.group(2)), dsn, m.group(3))
-
-    def greet_pause(self, ip: str, name: str = "") -> int:
-        """Milliseconds the greet_pause ruleset gives a client (0: none)."""
-        out = self.bt(f".D{{client_addr}}{ip}", f".D{{client_name}}{name}", "ProbeGreetPause x")
-        result = [
-            ln for ln in out.splitlines() if ln.startswith("ProbeGreetPause") and "returns" in ln
+    def check_rcpt(self, *cases: tuple[str, str, str | None, str]) -> list[Verdict]:
+        """The check_rcpt ruleset for each (client IP, PTR status, PTR name, recipient)."""
+        queries = [
+            [
+                f".D{{client_addr}}{ip}",
+                f".D{{client_name}}{name or f'[{ip}]'}",
+                f".D{{client_resolve}}{resolve}",
+                f"check_rcpt <{address}>",
+            ]
+            for ip, resolve, name, address in cases
         ]
-        m = re.search(r"\$# (\d+)", result[-1]) if result else None
-        return int(m.group(1)) if m else 0
+        verdicts = []
+        for text in self.bt_each(queries):
+            result = [
+                ln for ln in text.splitlines() if ln.startswith("check_rcpt") and "returns" in ln
+            ]
+            verdict = result[-1].split("returns:", 1)[1].strip() if result else ""
+            m = _ERROR.search(verdict)
+            if m is None:
+                verdicts.append(Verdict(True, text=verdict))
+                continue
+            dsn = m.group(1).replace(" ", "") if m.group(1) else None
+            verdicts.append(Verdict(False, int(m.group(2)), dsn, m.group(3)))
+        return verdicts
+
+    def greet_pause(self, *clients: str) -> list[int]:
+        """Milliseconds the greet_pause ruleset gives each client IP (0: none)."""
+        queries = [
+            [f".D{{client_addr}}{ip}", ".D{client_name}", "ProbeGreetPause x"] for ip in clients
+        ]
+        out = []
+        for text in self.bt_each(queries):
+            result = [
+                ln
+                for ln in text.splitlines()
+                if ln.startswith("ProbeGreetPause") and "returns" in ln
+            ]
+            m = re.search(r"\$# (\d+)", result[-1]) if result else None
+            out.append(int(m.group(1)) if m else 0)
+        return out
 
     def options(self) -> dict[str, list[str]]:
         """``O Name=value`` lines of the built sendmail.cf, by option name."""

@@ -78,17 +78,22 @@ def _all_errors(
     """Load ``text`` again and again, blanking each bad line, until it loads; the warnings
     of the last load."""
     lines = text_lines(text)
-    while True:
-        try:
-            return load("\n".join(lines))
-        except TableError as exc:
-            report.errors.append(str(exc))
-            if exc.line is None or not 0 < exc.line <= len(lines) or not lines[exc.line - 1]:
-                return []
-            if len(report.errors) >= MAX_ERRORS:
-                report.errors.append(f"{exc.path}: too many errors, giving up")
-                return []
-            lines[exc.line - 1] = ""
+    errors: list[TableError] = []
+    try:
+        while True:
+            try:
+                return load("\n".join(lines))
+            except TableError as exc:
+                errors.append(exc)
+                if exc.line is None or not 0 < exc.line <= len(lines) or not lines[exc.line - 1]:
+                    return []
+                if len(errors) >= MAX_ERRORS:
+                    report.errors.append(f"{exc.path}: too many errors, giving up")
+                    return []
+                lines[exc.line - 1] = ""
+    finally:
+        # In the order of the file, whichever parsing step found them.
+        report.errors[:0] = [str(e) for e in sorted(errors, key=lambda e: e.line or 0)]
 
 
 def check_map(mapname: str, text: str, *, fold: bool = True, replace: bool = False) -> Report:
