@@ -221,10 +221,13 @@ def cmd_import_mc(args: argparse.Namespace) -> int:
     mail_dir = Path(args.mail_dir if args.mail_dir else mc.parent).absolute()
     tables: Tables | None = None
     table_error: TableError | None = None
-    try:
-        tables = load_tables(mail_dir)
-    except TableError as exc:
-        table_error = exc
+    if not mail_dir.is_dir():
+        table_error = TableError(mail_dir, None, "no such directory: the tables are read there")
+    else:
+        try:
+            tables = load_tables(mail_dir)
+        except TableError as exc:
+            table_error = exc
     try:
         conv = convert(
             text,
