@@ -22,6 +22,7 @@ from mailgate.queue.spool import (
     Spool,
     read_seal,
 )
+from tests.support.wait import wait_until_async
 
 
 def envelope(spool: Spool, sender: str = "a@example.org") -> Envelope:
@@ -135,7 +136,7 @@ def test_kernel_fsync_reports_errors(tmp_path: Path) -> None:
         fut = flusher.fsync(fd)
         await asyncio.sleep(0)  # submitted
         [key] = list(flusher._in_flight)
-        await asyncio.sleep(0.2)
+        await wait_until_async(fut.done, "the kernel's completion", 5)
         assert fut.done() and fut.exception() is None
         fut2: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         flusher._in_flight[key] = (None, fut2)

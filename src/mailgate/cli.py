@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from mailgate import __version__, maillog
-from mailgate.config import ConfigError, load_config
+from mailgate.config import Config, ConfigError, LogSettings, load_config
 from mailgate.snapshot import Snapshot, load_snapshot
 from mailgate.tables.maps import TableError
 
 if TYPE_CHECKING:
+    from mailgate.control import Outcome
     from mailgate.queue.spool import QueuedMessage
+
+STOP_MARGIN = 20.0  # seconds `mailgate stop` waits beyond stop_grace (the last cancellations)
 
 
 def _load(path: str | None) -> Snapshot:
@@ -27,39 +32,135 @@ def _load(path: str | None) -> Snapshot:
         raise SystemExit(2) from None
 
 
+def _load_config(path: str | None) -> Config:
+    """The settings alone: ``stop`` and ``status`` work whatever state the tables are in."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _open_log(hostname: str, log: maillog.LogOptions) -> bool:
+    try:
+        maillog.setup(hostname, log)
+    except OSError as exc:
+        print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _lost_when_detached(log: LogSettings) -> list[str]:
+    """What ``serve --daemon`` would write to stderr or stdout, /dev/null once detached."""
+    lost = []
+    if maillog.text_target(log) == "stderr":
+        lost.append('[log] target is stderr (no file, not "syslog"): the daemon\'s log is lost')
+    if log.json and log.json_file is None:
+        lost.append("[log] json goes to stdout (no json_file): the daemon's JSON lines are lost")
+    return lost
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailgate import master
+    from mailgate.pidfile import AlreadyRunning
+    from mailgate.service import Lifecycle, detach
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
+    # Absolute, so that a reload finds the file after --daemon has moved to /.
+    config_path = os.path.abspath(args.config) if args.config else None
+    if args.daemon:
+        if cfg.pid_file is None:
+            print("mailgate: --daemon needs a pid_file (it is how stop finds it)", file=sys.stderr)
+            return 2
+        for lost in _lost_when_detached(cfg.log):
+            print(f"mailgate: warning: {lost}", file=sys.stderr)
+    # Opened before detaching: a log that cannot be opened, or a syslog daemon that is not
+    # there, is said on the admin's terminal, not on the daemon's /dev/null.
+    if not _open_log(cfg.hostname, cfg.log):
+        return 1
+    problem = maillog.syslog_problem()
+    if problem is not None:  # not fatal: syslogd may come up later, and lines go there then
+        print(
+            f"mailgate: warning: {cfg.log.syslog_socket}: {problem}; log lines are lost "
+            "until the syslog daemon is there",
+            file=sys.stderr,
+        )
+    report_fd = detach(chdir=config_path is not None) if args.daemon else None
     for w in snapshot.warnings():
         maillog.config_warning(w)
+    lifecycle = Lifecycle(cfg, report_fd=report_fd)
     try:
-        master.run(args.config, snapshot)
+        master.run(config_path, snapshot, lifecycle)
+    except AlreadyRunning as exc:
+        lifecycle.failed(str(exc))
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
+        maillog.start_failed(exc)
+        lifecycle.failed(f"cannot start: {exc}")
         print(f"mailgate: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _checked(path: str | None) -> Snapshot | None:
+    """What ``mailgate check`` checks: the config and every table it names, warnings
+    printed; None (the error printed, file:line) when it does not load."""
     try:
-        snapshot = load_snapshot(args.config)
+        snapshot = load_snapshot(path)
     except (ConfigError, TableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    warnings = snapshot.warnings()
-    for w in warnings:
+        return None
+    for w in snapshot.warnings():
         print(f"warning: {w}")
+    return snapshot
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    snapshot = _checked(args.config)
+    if snapshot is None:
+        return 1
+    warnings = len(snapshot.warnings())
     cfg = snapshot.config
     t = snapshot.tables
     print(
         f"{cfg.source}: OK ({len(t.local_names)} local names, "
         f"{len(t.relay_domains)} relay domains; "
-        f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''})"
+        f"{warnings} warning{'s' if warnings != 1 else ''})"
     )
     return 0
+
+
+def _outcome(outcome: Outcome) -> int:
+    print(f"mailgate: {outcome.text}", file=sys.stderr if outcome.error else sys.stdout)
+    return outcome.code
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from mailgate import control
+
+    cfg = _load_config(args.config)
+    timeout = args.timeout if args.timeout is not None else cfg.stop_grace + STOP_MARGIN
+    return _outcome(control.stop(cfg, timeout))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """The checks of ``mailgate check`` first: a config that fails them is refused here, and
+    the daemon is not disturbed."""
+    from mailgate import control
+
+    snapshot = _checked(args.config)
+    if snapshot is None:
+        print("mailgate: reload refused: the daemon keeps its configuration", file=sys.stderr)
+        return 1
+    return _outcome(control.reload(snapshot.config, args.timeout))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mailgate import control
+
+    return _outcome(control.status(_load_config(args.config)))
 
 
 def _mailq_time(ts: float) -> str:
@@ -121,7 +222,13 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file if not args.verbose else None, cfg.log.level)
+    # -v: the lines on stderr, between the dialogue's. The JSON copy goes to stdout only in
+    # the daemon: here stdout is the admin's.
+    log = replace(cfg.log, json=cfg.log.json and cfg.log.json_file is not None)
+    if args.verbose:
+        log = replace(log, target="stderr", file=None)
+    if not _open_log(cfg.hostname, log):
+        return 1
 
     def transcript(line: str) -> None:
         print(line, flush=True)
@@ -414,9 +521,35 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("serve", "run the gateway in the foreground").set_defaults(func=cmd_serve)
+    p = add("serve", "run the gateway (in the foreground, as systemd and AIX's SRC want)")
+    p.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach (for SysV init): returns once the daemon listens, with its pid in pid_file",
+    )
+    p.set_defaults(func=cmd_serve)
     add("check", "validate the config and every table; warn about suspicious lines").set_defaults(
         func=cmd_check
+    )
+    p = add("stop", "stop the daemon: sessions and deliveries in progress finish first")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"wait this long for it to exit (default: stop_grace + {STOP_MARGIN:g})",
+    )
+    p.set_defaults(func=cmd_stop)
+    p = add("reload", "check the config and tables, then have the daemon load them")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for the daemon's answer (default: 30)",
+    )
+    p.set_defaults(func=cmd_reload)
+    add("status", "is the daemon running: pid, listeners, queue, uptime").set_defaults(
+        func=cmd_status
     )
     add("mailq", "list the queue as Sendmail's mailq does").set_defaults(func=cmd_mailq)
     p = add("flush", "try every queued message now (like sendmail -q)")

@@ -25,7 +25,7 @@ from typing import ClassVar, Literal
 
 from mailgate.config import Key, TomlValue, keys, parse_size, toml_literal
 from mailgate.errors import where
-from mailgate.migrate import m4
+from mailgate.migrate import m4, meanings
 from mailgate.migrate.sendmail_names import CONF_NAMES, FEATURES, MAILERS, OPTIONS
 from mailgate.smtp.headers import MAX_HEADER_BYTES, MAX_HOPS
 from mailgate.tables import Tables
@@ -37,9 +37,9 @@ __all__ = ["Assignment", "Block", "Construct", "Conversion", "Finding", "convert
 
 Kind = Literal["warning", "refused", "error"]
 
-# Where mailgate keeps what is its own (not in any mc): the queue, the pid file, Maildirs.
+# Where mailgate keeps what is its own (not in any mc): the queue (and in it, by default, the
+# pid file), the Maildirs of local users.
 SPOOL_DIR = "/var/spool/mailgate"
-PID_FILE = "/run/mailgate.pid"
 MAILDIR_ROOT = "/var/mail/maildirs"
 
 
@@ -160,281 +160,6 @@ def _spec_fields(spec: str) -> list[tuple[str, str]]:
         if name:
             out.append((name.strip(), value.strip() if eq else ""))
     return out
-
-
-# --- what the importer knows -------------------------------------------------------------
-
-# FEATURE(name) with nothing to set in mailgate: what it means there.
-_NOTE_FEATURES = {
-    "use_cw_file": "local-host-names (class w): mailgate reads it from the mail dir",
-    "no_default_msa": "no submission (MSA) port 587: mailgate listens only where listen says",
-    "nocanonify": "host names are not canonified through DNS: mailgate never does",
-    "use_ct_file": "trusted users (class t) for sendmail -f: mailgate's command has no -f trust",
-    "redirect": "user.REDIRECT aliases: checked against the aliases table below",
-    "smrsh": "alias programs restricted to smrsh: checked against the aliases table below",
-}
-
-# FEATURE(name) mailgate has no equivalent for: the warning says what changes.
-_WARN_FEATURES = {
-    "delay_checks": "Connect: and From: rejections are not delayed to RCPT, and Spam:"
-    " FRIEND/HATER entries are ignored: mailgate refuses a client or sender where it is found",
-    "conncontrol": "ClientConn: access entries are not used: [smtp] max_connections_per_ip"
-    " is one limit for every client",
-    "ratecontrol": "ClientRate: access entries are not used: [smtp] connection_rate_throttle"
-    " is one limit for all clients",
-    "dnsbl": "mailgate has no DNS block lists: mail the list refused is accepted",
-    "enhdnsbl": "mailgate has no DNS block lists: mail the list refused is accepted",
-    "rhsbl": "mailgate has no DNS block lists: mail the list refused is accepted",
-    "require_rdns": "clients without reverse DNS are not refused by mailgate",
-    "block_bad_helo": "bad HELO names are not refused by mailgate",
-    "badmx": "sender domains with bad MX records are not refused by mailgate",
-    "virtuser_entire_domain": "virtusertable applies to exact local domains only in mailgate,"
-    " not to their subdomains",
-    "relay_entire_domain": "relaying for the whole local domain ($=m) is not done: list the"
-    " domains in relay-domains",
-    "relay_based_on_MX": "relaying for every domain whose MX is this host is not done: list"
-    " the domains in relay-domains or access (To:dom RELAY)",
-    "local_procmail": "local mail is delivered to Maildirs under [local] maildir_root, not by"
-    " procmail",
-    "local_lmtp": "local mail is delivered to Maildirs under [local] maildir_root, not by LMTP",
-    "msp": "this mc configures a submission client (MSP), not a gateway",
-    "nullclient": "this mc configures a null client that sends everything to one host, not a"
-    " gateway; a mailertable '.' entry does that in mailgate",
-    "genericstable": "mailgate does not rewrite sender addresses (no genericstable)",
-    "generics_entire_domain": "mailgate does not rewrite sender addresses (no genericstable)",
-    "allmasquerade": "mailgate does not masquerade addresses",
-    "limited_masquerade": "mailgate does not masquerade addresses",
-    "masquerade_entire_domain": "mailgate does not masquerade addresses",
-    "masquerade_envelope": "mailgate does not masquerade addresses",
-    "local_no_masquerade": "mailgate does not masquerade addresses",
-    "always_add_domain": "mailgate adds @$j only to unqualified header addresses of mail it"
-    " receives (as Sendmail does without this feature)",
-    "lookupdotdomain": "access keys .domain are not looked up by mailgate",
-    "nouucp": "mailgate always reads '!' in a local part as routing (semantics §1)",
-    "nopercenthack": "mailgate always reads '%' in a local part as routing (semantics §1)",
-    "stickyhost": "user@localname is not kept apart from user for LUSER_RELAY",
-    "notsticky": "user@localname is not kept apart from user for LUSER_RELAY",
-    "preserve_luser_host": "mailgate has no LUSER_RELAY",
-    "preserve_local_plus_detail": "+detail is not passed to the local mailer",
-    "bestmx_is_local": "domains whose best MX is this host are not local in mailgate: list"
-    " them in local-host-names",
-    "authinfo": "mailgate's SMTP client does not authenticate to next hops",
-    "ldap_routing": "mailgate has no LDAP maps: export the routes to mailertable",
-    "queuegroup": "mailgate has one queue",
-    "bcc": "mailgate has no bcc feature",
-    "compat_check": "mailgate has no check_compat rules",
-    "check_other": "mailgate has no check_other rules",
-    "mtamark": "mailgate does not look up MTA marks",
-    "prefixmod": "mailgate has no prefix modification",
-    "tls_failures": "mailgate's TLS failure handling is fixed",
-    "tls_session_features": "mailgate has no per-session TLS features",
-    "sts": "mailgate does not use MTA-STS",
-    "use_client_ptr": "access lookups use the verified PTR name (as without this feature)",
-    "check_cert_altnames": "mailgate does not verify next hops' certificates",
-    "drac": "mailgate has no DRAC (POP-before-SMTP) relaying",
-    "uucpdomain": "mailgate has no UUCP domain table",
-    "bitdomain": "mailgate has no BITNET domain table",
-    "domainmap": "mailgate has no domainmap",
-    "vnet": "mailgate has no VNET domain table",
-}
-
-# FEATUREs that make an open relay or relay on forgeable facts: never imported.
-_OPEN_RELAY = {
-    "promiscuous_relay": "it lets anyone relay mail through this host to anywhere: an open"
-    " relay, abused for spam within hours and then listed in every block list",
-    "loose_relay_check": "it lets clients relay with user%host@yourdomain addresses: an open"
-    " relay through the % hack",
-    "relay_local_from": "it lets anyone relay who writes a local domain as MAIL FROM, which"
-    " every spammer can forge",
-    "relay_mail_from": "it lets anyone relay whose MAIL FROM has an access From: RELAY entry,"
-    " which every spammer can forge",
-}
-
-# FEATUREs that turn a safety check off: imported only with --allow-unsafe.
-_UNSAFE = {
-    "accept_unresolvable_domains": (
-        "smtp",
-        "check_sender_domain",
-        "it accepts senders whose domain does not exist in DNS: bounces to forged and"
-        " mistyped senders cannot be delivered and pile up, and much spam comes from such"
-        " domains",
-    ),
-    "accept_unqualified_senders": (
-        "smtp",
-        "require_qualified_sender",
-        "it accepts MAIL FROM without a domain: such mail cannot be answered, and bounces"
-        " to it are lost",
-    ),
-}
-
-# The table features: FEATURE name → the file mailgate reads in the mail dir.
-_TABLE_FEATURES = {
-    "mailertable": "mailertable",
-    "virtusertable": "virtusertable",
-    "domaintable": "domaintable",
-    "access_db": "access",
-}
-
-_MAILER_NOTES = {
-    "local": "the local and prog mailers: mailgate delivers local mail itself (Maildir, files,"
-    " programs)",
-    "smtp": "the smtp, esmtp, smtp8, dsmtp and relay mailers: built into mailgate",
-}
-
-_PORTS = {"smtp": 25, "submission": 587, "smtps": 465}
-
-# Privacy flags: which of them mailgate acts on, and what happens with the others.
-_PRIVACY_FIXED = {"novrfy", "noexpn", "noverb"}  # mailgate's behaviour whatever the flags
-_PRIVACY_IGNORED = {
-    "goaway": "VRFY, EXPN and VERB are refused anyway; the other goaway flags are not acted on",
-    "needmailhelo": "MAIL without HELO/EHLO is accepted",
-    "needexpnhelo": "",  # EXPN is refused anyway
-    "needvrfyhelo": "",  # VRFY never reveals a user anyway
-    "noetrn": "ETRN is still answered",
-    "noreceipts": "return receipts (NOTIFY=SUCCESS) are still sent",
-    "nobodyreturn": "bounces still carry the message body",
-    "noactualrecipient": "",  # mailgate's DSNs carry no X-Actual-Recipient of aliases
-    "restrictmailq": "",  # mailgate mailq needs read access to the spool anyway
-    "restrictqrun": "",  # mailgate flush needs write access to the spool anyway
-    "restrictexpand": "",  # mailgate has no sendmail -bv
-    "public": "",
-}
-
-# define(name, …) with nothing to set in mailgate: what it is.
-_NOTE_DEFINES = {
-    "MAIL_SETTINGS_DIR": "Sendmail's settings directory: its tables are read from the mail dir",
-    "QUEUE_DIR": "Sendmail's queue: mailgate keeps its own (spool_dir)",
-    "confQUEUE_DIR": "Sendmail's queue: mailgate keeps its own (spool_dir)",
-    "confPID_FILE": "Sendmail's pid file: mailgate writes pid_file",
-    "STATUS_FILE": "Sendmail's statistics file: mailgate logs statistics lines instead",
-    "HELP_FILE": "the SMTP HELP text: mailgate's is built in",
-    "confHELP_FILE": "the SMTP HELP text: mailgate's is built in",
-    "confFORWARD_PATH": ".forward files: mailgate does not read them",
-    "confDONT_PROBE_INTERFACES": "class w from the interfaces: mailgate adds its listen addresses",
-    "confDONT_BLAME_SENDMAIL": "file safety checks of Sendmail: nothing to set",
-    "confTO_IDENT": "ident lookups: mailgate does none",
-    "confEBINDIR": "where Sendmail's helper programs are: nothing to set",
-    "confTIME_ZONE": "time zone of Sendmail's processes: mailgate uses the system's",
-    "confCF_VERSION": "a version string in sendmail.cf: nothing to set",
-    "confDEF_USER_ID": "the user Sendmail runs mailers as: mailgate runs as who starts it",
-    "confRUN_AS_USER": "the user Sendmail runs as: mailgate runs as who starts it",
-    "confTRUSTED_USERS": "users trusted for sendmail -f: nothing to set",
-    "confTRUSTED_USER": "the user trusted with Sendmail's files: nothing to set",
-    "confCT_FILE": "trusted users (class t): nothing to set",
-    "confSMTP_MAILER": "the mailer for MX routes: mailgate uses esmtp (EHLO, falling back to HELO)",
-    "confRELAY_MAILER": "the mailer for relay hosts: mailgate uses its SMTP client",
-    "confMCI_CACHE_SIZE": "connection cache: mailgate keeps idle next-hop connections 5 s",
-    "confMCI_CACHE_TIMEOUT": "connection cache: mailgate keeps idle next-hop connections 5 s",
-    "confDELIVERY_MODE": "delivery mode: mailgate delivers at once, from the fsync'd queue",
-    "confSAFE_QUEUE": "queue safety: mailgate fsyncs every message before 250",
-    "confEIGHT_BIT_HANDLING": "8-bit mail: mailgate passes it to hops with 8BITMIME and"
-    " converts it for the others",
-    "confSEVEN_BIT_INPUT": "mailgate keeps the 8th bit",
-    "confCACERT": "CA certificates for client certificates: mailgate does not verify clients",
-    "confCACERT_PATH": "CA certificates for client certificates: mailgate does not verify clients",
-    "confMAILER_NAME": "the sender name of bounces: mailgate uses MAILER-DAEMON",
-    "confCW_FILE": "",  # table paths: handled apart
-    "confCR_FILE": "",
-    "ALIAS_FILE": "",
-    "confALIAS_FILE": "",
-    "confINPUT_MAIL_FILTERS": "",  # milters: handled apart
-    "confHOST_STATUS_DIRECTORY": "host status cache: mailgate's is in memory",
-    "confTO_QUEUERETURN_URGENT": "",  # per priority: warned apart
-    "confTO_QUEUEWARN_URGENT": "",
-    "confTO_QUEUERETURN_NONURGENT": "",
-    "confTO_QUEUEWARN_NONURGENT": "",
-    "confTO_QUEUERETURN_DSN": "",
-    "confTO_QUEUEWARN_DSN": "",
-}
-
-# define(name, …) mailgate has no equivalent for, beyond the generic text.
-_WARN_DEFINES = {
-    "SMART_HOST": "a smart host is a mailertable '.' entry in mailgate: add the line"
-    " '.  {mailer}' to mailertable (the tables are not changed by the import)",
-    "MAIL_HUB": "mailgate has no mail hub: route local mail with aliases",
-    "LUSER_RELAY": "mailgate has no LUSER_RELAY: unknown local users get 550 5.1.1",
-    "LOCAL_RELAY": "mailgate has no LOCAL_RELAY",
-    "confFALLBACK_MX": "mailgate has no fallback MX host: a mailertable entry can list"
-    " fallback hosts (smtp:hosta:hostb)",
-    "confFALLBACK_SMARTHOST": "mailgate has no fallback smart host: a mailertable entry can"
-    " list fallback hosts",
-    "confREFUSE_LA": "mailgate does not look at the load average; [smtp] max_connections and"
-    " stress mode limit the load",
-    "confQUEUE_LA": "mailgate does not look at the load average",
-    "confDELAY_LA": "mailgate does not look at the load average",
-    "confMIN_QUEUE_AGE": "mailgate retries after [queue] retry_min, doubling up to run_interval",
-    "confAUTH_MECHANISMS": "mailgate offers no SMTP AUTH",
-    "confAUTH_OPTIONS": "mailgate offers no SMTP AUTH",
-    "confCLIENT_CERT": "mailgate's SMTP client presents no certificate",
-    "confCLIENT_KEY": "mailgate's SMTP client presents no certificate",
-    "confMAX_MIME_HEADER_LENGTH": "mailgate has no MIME header length limit",
-    "confDEF_CHAR_SET": "mailgate labels unlabelled 8-bit text utf-8 (or unknown-8bit)",
-    "confTO_ICONNECT": "mailgate has one connect timeout, [delivery] connect_timeout",
-    "confMAX_QUEUE_RUN_SIZE": "mailgate's queue runs are bounded by [queue] max_deliveries",
-}
-
-# Timeouts of the SMTP client: one setting in mailgate scales them all.
-_CLIENT_TIMEOUTS = {
-    "confTO_INITIAL",
-    "confTO_HELO",
-    "confTO_MAIL",
-    "confTO_RCPT",
-    "confTO_DATAINIT",
-    "confTO_DATAFINAL",
-    "confTO_RSET",
-    "confTO_QUIT",
-    "confTO_MISC",
-    "confTO_STARTTLS",
-    "confTO_LHLO",
-    "confTO_AUTH",
-}
-
-_MAILER_DEFINE = re.compile(r"[A-Z0-9]+_MAILER_[A-Z_]+")
-
-# Sendmail's defaults where they decide behaviour and differ from mailgate's: written when
-# the mc does not say otherwise, so the gateway behaves as before.
-_SENDMAIL_DEFAULTS: tuple[tuple[str, str, TomlValue, str], ...] = (
-    ("smtp", "greet_pause", "0s", "no FEATURE(greet_pause): Sendmail greets at once"),
-    (
-        "smtp",
-        "privacy",
-        ["authwarnings"],
-        "no confPRIVACY_FLAGS: Sendmail's default PrivacyOptions=authwarnings (VRFY, EXPN and"
-        " VERB never reveal users in mailgate in any case)",
-    ),
-    (
-        "smtp",
-        "bad_rcpt_throttle",
-        0,
-        "no confBAD_RCPT_THROTTLE: Sendmail does not slow down clients that try bad recipients",
-    ),
-    (
-        "smtp",
-        "connection_rate_throttle",
-        0,
-        "no confCONNECTION_RATE_THROTTLE: Sendmail accepts connections as fast as they come",
-    ),
-    (
-        "",
-        "relay_hosts_only",
-        False,
-        "no FEATURE(relay_hosts_only): RELAY entries and relay-domains also cover subdomains,"
-        " as in Sendmail",
-    ),
-)
-
-# mailgate's protections Sendmail lacked by default: kept, and listed with Sendmail's value.
-_KEPT: tuple[tuple[str, str, str], ...] = (
-    ("smtp", "max_message_size", "Sendmail: no limit without confMAX_MESSAGE_SIZE"),
-    ("smtp", "max_recipients", "Sendmail: no limit without confMAX_RCPTS_PER_MESSAGE"),
-    ("smtp", "command_timeout", "Sendmail: 1h (Timeout.command)"),
-    ("smtp", "data_timeout", "Sendmail: 1h (Timeout.datablock)"),
-    ("smtp", "max_connections", "Sendmail: no limit without confMAX_DAEMON_CHILDREN"),
-    ("smtp", "max_connections_per_ip", "Sendmail: no limit without FEATURE(conncontrol)"),
-    ("smtp", "max_bad_rcpts", "Sendmail: no limit"),
-    ("smtp", "max_bad_commands", "Sendmail: no limit"),
-    ("queue", "min_free", "Sendmail: 100 blocks (MinFreeBlocks)"),
-)
 
 
 def _keys() -> dict[tuple[str, str], Key]:
@@ -685,8 +410,8 @@ class _Mapper:
     def feature(self, call: m4.Call) -> None:
         name = call.arg(0)
         self.features[name] = self.item
-        if name in _TABLE_FEATURES:
-            table = _TABLE_FEATURES[name]
+        if name in meanings.TABLE_FEATURES:
+            table = meanings.TABLE_FEATURES[name]
             self.note(f"{table}: mailgate reads {self.mail_dir / table} as text (no makemap)")
             self.table_path(table, call.arg(1), f"FEATURE({name})")
             for flag in call.args[2:]:
@@ -709,20 +434,20 @@ class _Mapper:
             )
         elif name == "greet_pause":
             self.greet_pause(call)
-        elif name in _UNSAFE:
+        elif name in meanings.UNSAFE:
             self.unsafe(name)
-        elif name in _OPEN_RELAY:
+        elif name in meanings.OPEN_RELAY:
             self.warn(
-                f"FEATURE({name}) is refused: {_OPEN_RELAY[name]}. mailgate has no such mode,"
-                " and --allow-unsafe does not change that; let trusted clients relay with"
+                f"FEATURE({name}) is refused: {meanings.OPEN_RELAY[name]}. mailgate has no such"
+                " mode, and --allow-unsafe does not change that; let trusted clients relay with"
                 " access entries (Connect:192.0.2 RELAY)",
                 kind="refused",
             )
             self.note("refused (open relay)")
-        elif name in _NOTE_FEATURES:
-            self.note(_NOTE_FEATURES[name])
-        elif name in _WARN_FEATURES:
-            self.warn(f"FEATURE({name}): {_WARN_FEATURES[name]}")
+        elif name in meanings.NOTE_FEATURES:
+            self.note(meanings.NOTE_FEATURES[name])
+        elif name in meanings.WARN_FEATURES:
+            self.warn(f"FEATURE({name}): {meanings.WARN_FEATURES[name]}")
             self.note("no mailgate equivalent")
         elif name in FEATURES:
             self.warn(f"FEATURE({name}): no mailgate equivalent")
@@ -767,7 +492,7 @@ class _Mapper:
         )
 
     def unsafe(self, name: str) -> None:
-        section, key, risk = _UNSAFE[name]
+        section, key, risk = meanings.UNSAFE[name]
         if self.allow_unsafe:
             self.set(
                 section,
@@ -787,8 +512,8 @@ class _Mapper:
 
     def mailer(self, call: m4.Call) -> None:
         name = call.arg(0)
-        if name in _MAILER_NOTES:
-            self.note(_MAILER_NOTES[name])
+        if name in meanings.MAILER_NOTES:
+            self.note(meanings.MAILER_NOTES[name])
         elif name == "uucp":
             try:
                 parse_mailer_value("uucp-new:host")
@@ -810,9 +535,9 @@ class _Mapper:
         name = call.arg(0)
         value = call.args[1] if len(call.args) > 1 else ""
         self.store_define(name, value)
-        if name in CONF_NAMES or name in _NOTE_DEFINES or name in _WARN_DEFINES:
+        if name in CONF_NAMES or name in meanings.NOTE_DEFINES or name in meanings.WARN_DEFINES:
             return
-        if _MAILER_DEFINE.fullmatch(name):
+        if meanings.MAILER_DEFINE.fullmatch(name):
             if name.startswith("LOCAL_MAILER_"):
                 self.warn(
                     f"{name}: mailgate delivers local mail to Maildirs itself; Sendmail's"
@@ -897,10 +622,10 @@ class _Mapper:
         self.table_path(table, call.arg(0), call.name)
 
     def note_macro(self, call: m4.Call) -> None:
-        self.note(_NOTE_MACROS[call.name])
+        self.note(meanings.NOTE_MACROS[call.name])
 
     def warn_macro(self, call: m4.Call) -> None:
-        self.warn(f"{call.name}({call.arg(0)}): {_WARN_MACROS[call.name]}")
+        self.warn(f"{call.name}({call.arg(0)}): {meanings.WARN_MACROS[call.name]}")
         self.note("no mailgate equivalent")
 
     def raw_block(self, call: m4.Call) -> None:
@@ -940,7 +665,7 @@ class _Mapper:
         self.resolve_defines()
         self.listen()
         self.milters()
-        for section, key, value, why in _SENDMAIL_DEFAULTS:
+        for section, key, value, why in meanings.SENDMAIL_DEFAULTS:
             spec = self.keys[(section, key)].setting
             if (section, key) not in self.values and spec.convert(value) != spec.convert(
                 spec.default
@@ -960,7 +685,13 @@ class _Mapper:
             "mailgate's own queue; Sendmail's (/var/spool/mqueue) is not read: let `sendmail"
             " -q` empty it before the switch",
         )
-        self.set("", "pid_file", PID_FILE, "for kill -HUP (reload) and kill -TERM (stop)")
+        self.set(
+            "log",
+            "target",
+            "syslog",
+            "Sendmail logged to syslog, facility mail: the same kind of maillog lines go where"
+            " syslog.conf puts mail.* (tail -f /var/log/maillog as before)",
+        )
         self.set(
             "local",
             "maildir_root",
@@ -1001,13 +732,13 @@ class _Mapper:
             self.other_define(name, value.strip())
 
     def other_define(self, name: str, value: str) -> None:
-        if name in _NOTE_DEFINES:
-            self.note(_NOTE_DEFINES[name])
-        elif name in _WARN_DEFINES:
+        if name in meanings.NOTE_DEFINES:
+            self.note(meanings.NOTE_DEFINES[name])
+        elif name in meanings.WARN_DEFINES:
             mailer = value if ":" in value else f"relay:{value}"
-            self.warn(f"{name}: {_WARN_DEFINES[name].format(mailer=mailer)}")
+            self.warn(f"{name}: {meanings.WARN_DEFINES[name].format(mailer=mailer)}")
             self.note("no mailgate equivalent")
-        elif name in _CLIENT_TIMEOUTS:
+        elif name in meanings.CLIENT_TIMEOUTS:
             self.warn(
                 f"{name}: mailgate's SMTP client uses RFC 5321's timeouts, scaled down by"
                 " [delivery] command_timeout; this one is not set apart"
@@ -1061,7 +792,7 @@ class _Mapper:
         if family not in ("inet", "inet6"):
             self.warn(f"{shown}: Family={family} is not served by mailgate; not imported")
             return None
-        port = int(port_text) if port_text.isdigit() else _PORTS.get(port_text.lower())
+        port = int(port_text) if port_text.isdigit() else meanings.PORTS.get(port_text.lower())
         if port is None:
             self.warn(f"{shown}: unknown port {port_text!r}; not imported")
             return None
@@ -1144,7 +875,7 @@ class _Mapper:
         }
         for feature, size in sizes.items():
             if size and feature not in self.features:
-                table = _TABLE_FEATURES.get(feature, "local-host-names")
+                table = meanings.TABLE_FEATURES.get(feature, "local-host-names")
                 self.findings.append(
                     Finding(
                         str(self.mail_dir / table),
@@ -1192,7 +923,7 @@ class _Mapper:
 
     def kept(self) -> list[str]:
         out = []
-        for section, key, sendmail in _KEPT:
+        for section, key, sendmail in meanings.KEPT:
             if (section, key) in self.values:
                 continue
             k = self.keys[(section, key)]
@@ -1252,7 +983,7 @@ def _privacy(m: _Mapper, value: str, items: list[_Item]) -> None:
             m.warn(f"confPRIVACY_FLAGS: {flag} is no privacy flag mailgate knows; left out")
             continue
         kept.append(flag)
-        effect = _PRIVACY_IGNORED.get(flag)
+        effect = meanings.PRIVACY_IGNORED.get(flag)
         if effect:
             m.warn(f"confPRIVACY_FLAGS: {flag} is kept but mailgate does not act on it: {effect}")
     m.set("smtp", "privacy", kept, f"PrivacyOptions={value}", items)
@@ -1419,36 +1150,6 @@ _DEFINE_RULES: tuple[tuple[tuple[str, ...], DefineRule], ...] = (
     ),
 )
 
-# Macros with nothing to set, and macros mailgate has no equivalent for.
-_NOTE_MACROS = {
-    "EXPOSED_USER": "users exempt from masquerading: mailgate does not masquerade",
-    "EXPOSED_USER_FILE": "users exempt from masquerading: mailgate does not masquerade",
-    "LOCAL_USER": "users kept local with LUSER_RELAY: mailgate has no LUSER_RELAY",
-    "LOCAL_USER_FILE": "users kept local with LUSER_RELAY: mailgate has no LUSER_RELAY",
-    "CANONIFY_DOMAIN": "hosts not canonified: mailgate never canonifies",
-    "CANONIFY_DOMAIN_FILE": "hosts not canonified: mailgate never canonifies",
-    "MAILER_DEFINITIONS": "m4 output control: nothing to set",
-    "errprint": "a message m4 prints: nothing to set",
-}
-_WARN_MACROS = {
-    "MASQUERADE_AS": "mailgate does not masquerade addresses",
-    "MASQUERADE_DOMAIN": "mailgate does not masquerade addresses",
-    "MASQUERADE_DOMAIN_FILE": "mailgate does not masquerade addresses",
-    "MASQUERADE_EXCEPTION": "mailgate does not masquerade addresses",
-    "MASQUERADE_EXCEPTION_FILE": "mailgate does not masquerade addresses",
-    "GENERICS_DOMAIN": "mailgate does not rewrite sender addresses",
-    "GENERICS_DOMAIN_FILE": "mailgate does not rewrite sender addresses",
-    "HACK": "the hack's rules are not read by the importer",
-    "SITECONFIG": "UUCP site configuration: not read by the importer",
-    "SITE": "UUCP site configuration: not read by the importer",
-    "QUEUE_GROUP": "mailgate has one queue",
-    "LDAPROUTE_DOMAIN": "mailgate has no LDAP maps",
-    "LDAPROUTE_DOMAIN_FILE": "mailgate has no LDAP maps",
-    "TRUST_AUTH_MECH": "mailgate offers no SMTP AUTH",
-    "MODIFY_MAILER_FLAGS": "mailgate's mailers have no flags",
-    "ifelse": "m4 conditionals are not evaluated; check by hand",
-}
-
 _Mapper.HANDLERS = {
     "divert": _Mapper.m4_control,
     "undivert": _Mapper.m4_control,
@@ -1470,8 +1171,8 @@ _Mapper.HANDLERS = {
     "RELAY_DOMAIN_FILE": _Mapper.class_file,
     "changequote": _Mapper.changequote,
     "ifdef": _Mapper.conditional,
-    **dict.fromkeys(_NOTE_MACROS, _Mapper.note_macro),
-    **dict.fromkeys(_WARN_MACROS, _Mapper.warn_macro),
+    **dict.fromkeys(meanings.NOTE_MACROS, _Mapper.note_macro),
+    **dict.fromkeys(meanings.WARN_MACROS, _Mapper.warn_macro),
     **dict.fromkeys(
         (n for n in m4.BARE_MACROS if n.startswith("LOCAL_")),
         _Mapper.raw_block,

@@ -65,21 +65,20 @@ def render(conv: Conversion) -> str:
         out += ["", *_comment(f"{name}:{block.line}: {block.title}: not imported (see below)")]
         out += [f"# {line}" for line in block.body]
     out += ["", f"# --- {name}, line by line " + "-" * max(0, _WIDTH - 22 - len(name))]
-    shown: set[int] = set()
+    shown: set[int] = set()  # findings written under their construct
     for c in conv.constructs:
         out += _source_lines(conv, c.line, c.end_line, name)
         sets = f"→ {', '.join(c.sets)}" if c.sets else ""
         out += _comment(f"{c.summary} {sets}".strip(), "    ")
-        for f in conv.findings:
-            if f.path == conv.mc_path and f.line is not None and c.line <= f.line <= c.end_line:
-                if id(f) not in shown:
-                    shown.add(id(f))
-                    out += _comment(f"{f.kind}: {f.message}", "    ")
+        for n, f in enumerate(conv.findings):
+            if n not in shown and f.path == conv.mc_path and c.line <= (f.line or 0) <= c.end_line:
+                shown.add(n)
+                out += _comment(f"{f.kind}: {f.message}", "    ")
     if conv.kept:
         out += ["", "# --- mailgate's limits, kept where Sendmail had none " + "-" * 45]
         for text in conv.kept:
             out += _comment(text)
-    rest = [f for f in conv.findings if id(f) not in shown]
+    rest = [f for n, f in enumerate(conv.findings) if n not in shown]
     if rest:
         out += ["", "# --- the tables, and the file as a whole " + "-" * 57]
         for f in rest:
