@@ -19,9 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from mailgate.cli import main
-from mailgate.config import Config, load_config
+from mailgate.config import Config, load_config, parse_config
+from mailgate.migrate.m4 import McSyntaxError
+from mailgate.migrate.mc import convert
+from mailgate.migrate.toml import render
 from tests.support.gateway import free_port, mailgate_command, run_cli
 from tests.support.wait import wait_until
 
@@ -660,3 +665,30 @@ def test_privacy_flags_mailgate_does_not_act_on_are_said(
         "noetrn is kept but mailgate does not act on it: ETRN is still answered",
         "bogus is no privacy flag mailgate knows; left out",
     ]
+
+
+# --- any mc: a config that loads, or m4's own error ---------------------------------------
+
+_PIECES = [
+    "FEATURE(", "define(", "DAEMON_OPTIONS(", "MAILER(", "INPUT_MAIL_FILTER(", "ifdef(",
+    "undefine(", "changequote(", "LOCAL_CONFIG", "dnl", "divert(-1)", "`", "'", "(", ")",
+    ",", "\n", " ", "#", "[", "]", "greet_pause", "relay_hosts_only", "promiscuous_relay",
+    "access_db", "confPRIVACY_FLAGS", "confTO_COMMAND", "confMAX_MESSAGE_SIZE",
+    "confDOMAIN_NAME", "confBAD_RCPT_THROTTLE", "Port=", "Addr=", "Family=inet6", "M=Ea",
+    "smtp", "5000", "-1", "99999", "1h30m", "x", "S=unix:/s, F=T", "/etc/mail/",
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(_PIECES), max_size=40).map("".join))
+def test_any_mc_gives_a_config_that_loads_or_m4s_error(mc: str) -> None:
+    """Never a TOML that mailgate refuses, whatever the mc: each value was checked by its
+    setting's own converter, and what does not fit is a warning."""
+    try:
+        conv = convert(mc, "sendmail.mc", mail_dir=Path("/etc/mail"), tables=None)
+    except McSyntaxError as exc:
+        assert exc.line is not None
+        return
+    cfg = parse_config(render(conv), Path("/etc/mail/mailgate.toml"), Path("/etc/mail"))
+    assert cfg.tables_dir == Path("/etc/mail")
+    assert all(f.line is None or 1 <= f.line <= mc.count("\n") + 1 for f in conv.findings)

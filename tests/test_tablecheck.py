@@ -191,3 +191,9 @@ def test_the_old_makefile_keeps_working(tmp_path: Path) -> None:
     failed = make()
     assert failed.returncode != 0
     assert "makemap: mailertable:4: key 'broken.example' has no value" in failed.stderr
+
+
+def test_makemap_of_the_aliases_file_checks_the_aliases_format(tmp_path: Path) -> None:
+    done = makemap(tmp_path, "hash", "aliases", stdin="postmaster: root\nbad\n")
+    assert done.returncode == 65
+    assert done.stderr == "makemap: aliases:2: 'bad': missing ':' after the alias name\n"

@@ -644,9 +644,15 @@ class _Mapper:
             self.warn(f"{call.name}(…): m4 conditionals are not evaluated; check by hand")
             self.note("not mapped")
             return
-        self.note(f"ifdef({call.arg(0)}): the branch m4 takes is read")
         outer = self.item
-        for node in m4.parse(branch, self.path):
+        try:
+            nodes = m4.parse(branch, self.path)
+        except m4.McSyntaxError as exc:
+            self.warn(f"ifdef({call.arg(0)}): its branch cannot be read ({exc.message})")
+            self.note("not mapped")
+            return
+        self.note(f"ifdef({call.arg(0)}): the branch m4 takes is read")
+        for node in nodes:
             shift = outer.line - 1
             if isinstance(node, m4.Call):
                 node = m4.Call(

@@ -105,6 +105,8 @@ def check_map(mapname: str, text: str, *, fold: bool = True, replace: bool = Fal
     """
     kind = table_kind(mapname)
     shown = Path(mapname).with_name(kind)
+    if kind == "aliases":  # makemap's -a form of newaliases: the aliases format
+        return _check_alias_text(text, shown)
     report = Report()
     first: dict[str, int] = {}  # key (folded) → the line mailgate uses
     duplicates: dict[int, str] = {}  # line → key as written there
@@ -151,15 +153,17 @@ def check_map(mapname: str, text: str, *, fold: bool = True, replace: bool = Fal
 
 def check_aliases(path: Path) -> Report:
     """``newaliases``: the aliases file as the daemon reads it."""
-    report = Report()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        report.warnings.append(f"cannot open {path}: No such file or directory")
-        return report
+        return Report(warnings=[f"cannot open {path}: No such file or directory"])
     except (OSError, UnicodeDecodeError) as exc:
-        report.errors.append(f"{path}: cannot read: {exc}")
-        return report
+        return Report(errors=[f"{path}: cannot read: {exc}"])
+    return _check_alias_text(text, path)
+
+
+def _check_alias_text(text: str, path: Path) -> Report:
+    report = Report()
     table: list[AliasTable] = []
 
     def load(body: str) -> list[TableWarning]:
