@@ -692,3 +692,14 @@ def test_any_mc_gives_a_config_that_loads_or_m4s_error(mc: str) -> None:
     cfg = parse_config(render(conv), Path("/etc/mail/mailgate.toml"), Path("/etc/mail"))
     assert cfg.tables_dir == Path("/etc/mail")
     assert all(f.line is None or 1 <= f.line <= mc.count("\n") + 1 for f in conv.findings)
+
+
+def test_a_mail_dir_that_does_not_exist_fails_the_import(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-dir"
+    result = import_mc(
+        tmp_path, "FEATURE(no_default_msa)\n", None, "--mail-dir", str(missing), capsys=capsys
+    )
+    assert result.status == 1
+    assert result.findings("error") == [f"{missing}: no such directory: the tables are read there"]

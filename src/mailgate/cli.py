@@ -334,7 +334,9 @@ def cmd_import_mc(args: argparse.Namespace) -> int:
         try:
             tables = load_tables(mail_dir)
         except TableError as exc:
-            table_error = exc
+            table_error = TableError(
+                exc.path, exc.line, f"{exc.message} (mailgate check refuses this table)"
+            )
     try:
         conv = convert(
             text,

@@ -1213,7 +1213,7 @@ def convert(
             Finding(
                 table_error.path,
                 table_error.line,
-                f"{table_error.message} (mailgate check refuses this table)",
+                table_error.message,
                 "error",
             )
         )
