@@ -302,6 +302,27 @@ def queue_scan(n: int, where: object) -> None:
     _log("info", f"queue run: {n} message(s) found in {where} that no runner here had")
 
 
+def due_taken(n: int, where: object) -> None:
+    _log("info", f"{n} message(s) marked due in {where}/due: attempting now")
+
+
+# -- the queue tools (mailgate hold, release, delete, requeue): Postfix's postsuper lines ------
+def placed_on_hold(qid: str, reason: str) -> None:
+    _log("info", f"{qid}: placed on hold" + (f", reason={reason}" if reason else ""))
+
+
+def released_from_hold(qid: str) -> None:
+    _log("info", f"{qid}: released from hold")
+
+
+def removed(qid: str) -> None:
+    _log("info", f"{qid}: removed")
+
+
+def requeued(qid: str) -> None:
+    _log("info", f"{qid}: requeued")
+
+
 # -- delivery ---------------------------------------------------------------------------------
 def starttls_client(relay: str, session: TlsSession) -> None:
     _log("info", f"STARTTLS=client, relay={relay}, {session.for_maillog()}")
@@ -309,6 +330,11 @@ def starttls_client(relay: str, session: TlsSession) -> None:
 
 def starttls_client_failed(relay: str, why: object) -> None:
     _log("warning", f"STARTTLS=client, error: {why}, relay={relay}; going on in clear")
+
+
+def held_skipped(qid: str) -> None:
+    """An attempt found the message on hold (debug: a queue run may meet thousands)."""
+    _log("debug", f"{qid}: on hold, not attempted")
 
 
 def attempt_failed(qid: str, exc: BaseException) -> None:
