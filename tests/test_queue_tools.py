@@ -98,7 +98,7 @@ class Load:
 class World:
     """The daemon, its two live next hops, and what the tests do to them."""
 
-    def __init__(self, tmp_path: Path, dns: DnsServer) -> None:
+    def __init__(self, tmp_path: Path, dns: DnsServer, *, workers: int = 1) -> None:
         self.dead_port = free_port(DEAD)
         self.sink = SinkServer(LIVE, free_port(LIVE), hostname="live.test")
         self.new_hop = SinkServer(NEW_HOP, free_port(NEW_HOP), hostname="new-hop.test")
@@ -109,7 +109,7 @@ class World:
             dns=dns.address,
             tables={"mailertable": self.mailertable(), "access": "127.0.7   RELAY\n"},
             settings=(
-                'pid_file = "mailgate.pid"\n'
+                f'pid_file = "mailgate.pid"\nworkers = {workers}\n'
                 '[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
                 '[queue]\nretry_min = "1h"\nrun_interval = "1h"\n'
                 '[delivery]\nconnect_timeout = "2s"\n'
@@ -119,6 +119,7 @@ class World:
         self.gw.config.write_text(
             self.gw.config.read_text().replace("[log]\n", '[log]\nlevel = "debug"\n')
         )
+        self.workers = workers
         self.reloads = 0
 
     def mailertable(self) -> str:
@@ -162,10 +163,11 @@ class World:
         (self.gw.dir / "mailertable").write_text(self.mailertable())
 
     def reload(self) -> None:
+        """HUP, and wait until every process has the new tables (each worker logs it)."""
         self.reloads += 1
         self.gw.signal(signal.SIGHUP)
         wait_until(
-            lambda: self.gw.log().count("configuration reloaded") >= self.reloads,
+            lambda: self.gw.log().count("configuration reloaded") >= self.reloads * self.workers,
             "the reload",
             GUARD,
         )
@@ -184,9 +186,11 @@ def delivered_once(sink: SinkServer, msgid: str) -> None:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
+    """One daemon process, or (``@pytest.mark.parametrize("world", [2], indirect=True)``) a
+    master and that many workers."""
     with DnsServer() as dns:
-        w = World(tmp_path, dns)
+        w = World(tmp_path, dns, workers=getattr(request, "param", 1))
         with w.sink, w.new_hop, w.gw:
             yield w
 
@@ -389,6 +393,25 @@ def test_release_and_requeue_while_the_daemon_is_stopped(world: World) -> None:
     world.gw.start()
     delivered_once(world.sink, released_id)
     delivered_once(world.sink, requeued_id)
+
+
+@pytest.mark.parametrize("world", [2], indirect=True)
+def test_the_master_passes_the_wake_up_on_to_its_workers(world: World, load: Load) -> None:
+    """With workers, the pid file is the master's: it forwards the signal, and the worker
+    whose share a marked message is takes it on."""
+    msgs = [world.send_deferred(f"x{i}@dead.test", f"workers {i}") for i in range(4)]
+    held = [qid for _, qid in msgs[:2]]
+    rc, _, err = world.cli("hold", *held)
+    assert (rc, err) == (0, "mailgate: Placed on hold: 2 messages\n")
+    world.route(LIVE, world.sink.port, "dead.test")
+    world.reload()
+    rc, _, err = world.cli("requeue", *(qid for _, qid in msgs[2:]))
+    assert rc == 0, err
+    rc, _, err = world.cli("release", *held)
+    assert rc == 0, err
+    assert "mailgate: told the daemon (pid" in err
+    for msgid, _ in msgs:
+        delivered_once(world.sink, msgid)
 
 
 # -- the listings, exactly, on queues built with the Spool API -----------------------------------

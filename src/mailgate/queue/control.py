@@ -93,11 +93,12 @@ def delete(spool: Spool, qid: str, wait: float) -> Outcome:
 
 def requeue(spool: Spool, qid: str, wait: float = 0.0) -> Outcome:
     """``wait`` is not used: requeueing changes nothing of the message, so takes no lock."""
-    if not spool.valid_qid(qid) or not (spool.queue / qid).exists():
+    if not spool.valid_qid(qid):
         return Outcome.NOT_FOUND
     if spool.load_status(qid).held:  # read without the lock: only to say so
         return Outcome.UNCHANGED
-    spool.mark_due(qid)
+    if not spool.mark_due(qid):
+        return Outcome.NOT_FOUND
     maillog.requeued(qid)
     return Outcome.DONE
 

@@ -47,11 +47,11 @@ def entries(spool: Spool, *, locks: bool = True) -> Iterator[Entry]:
     ``locks``: look whether each is locked (an open and a non-blocking flock per entry)."""
     for qid in spool.qids():
         try:
-            message = spool.load(qid)
+            peeked = spool.peek(qid, probe=locks)
         except CorruptEntry:
             continue
-        if message is not None:
-            yield Entry(message, locks and spool.is_locked(qid))
+        if peeked is not None:
+            yield Entry(*peeked)
 
 
 # -- mailq: Sendmail's layout -------------------------------------------------------------------
