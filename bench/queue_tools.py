@@ -31,10 +31,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import procstat
 from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool
 
 MAILGATE_SRC = Path(__file__).resolve().parent.parent / "src"
@@ -105,16 +107,35 @@ def run(label: str, argv: list[str], src: Path, stdin: bytes | None = None) -> R
         proc.stdin.write(stdin)
         proc.stdin.close()
     assert proc.stdout is not None
+    # Peak RSS: VmHWM, sampled until the process ends (getrusage's ru_maxrss would count
+    # this bench's own memory too: Linux keeps the high-water mark across the exec).
+    peak = [0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], procstat.status_kib(proc.pid, "VmHWM"))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     first: float | None = None
     lines = 0
-    while chunk := os.read(proc.stdout.fileno(), 1 << 16):
-        if first is None and b"\n" in chunk:
-            first = time.monotonic() - started
-        lines += chunk.count(b"\n")
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    try:
+        while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+            if first is None and b"\n" in chunk:
+                first = time.monotonic() - started
+            lines += chunk.count(b"\n")
+        # Its last peak: read before reaping it (a zombie has no VmHWM line).
+        while proc.poll() is None and os.path.exists(f"/proc/{proc.pid}/status"):
+            peak[0] = max(peak[0], procstat.status_kib(proc.pid, "VmHWM"))
+            if done.wait(0.005):
+                break
+        proc.wait()
+    finally:
+        done.set()
+        sampler.join()
     seconds = time.monotonic() - started
-    return Run(label, seconds, first, lines, usage.ru_maxrss, proc.returncode)
+    return Run(label, seconds, first, lines, peak[0], proc.returncode)
 
 
 def main(argv: list[str] | None = None) -> int:

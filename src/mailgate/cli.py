@@ -146,7 +146,11 @@ def cmd_flush(args: argparse.Namespace) -> int:
     def chosen() -> Iterator[str]:
         """The messages to try, streamed from the queue folder (or the ids given)."""
         if args.ids:
-            yield from (q for q in args.ids if spool.valid_qid(q))
+            for qid in args.ids:
+                if spool.valid_qid(qid) and (spool.queue / qid).exists():
+                    yield qid
+                else:
+                    print(f"mailgate: {qid}: not in the queue", file=sys.stderr)
             return
         for qid in spool.qids():
             if qid in queued_here:
