@@ -271,8 +271,10 @@ class MailgateRelay:
         sink_port: int,
         settings: dict[str, dict[str, str]],
         pythonpath: str | None = None,
+        wrapper: tuple[str, ...] = (),
     ) -> None:
         self.dir = workdir
+        self.wrapper = wrapper  # a command the daemon runs under (valgrind, for instructions.py)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.sink_port = sink_port
@@ -314,12 +316,12 @@ class MailgateRelay:
             env["PYTHONPATH"] = self.pythonpath + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def start(self, greeting: bool = True) -> MailgateRelay:
+    def start(self, greeting: bool = True, timeout: float = 30) -> MailgateRelay:
         """Start; ready once it greets (or, with ``greeting=False`` for a greet_pause
         config, once it accepts a connection)."""
         self.log = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mailgate.cli", "serve", "-c", str(self.config)],
+            [*self.wrapper, sys.executable, "-m", "mailgate.cli", "serve", "-c", str(self.config)],
             stdout=self.log,
             stderr=self.log,
             cwd=self.dir,
@@ -329,9 +331,9 @@ class MailgateRelay:
         prioritize(self.proc.pid)
         try:
             if greeting:
-                wait_banner(self.port, 30, self.proc)
+                wait_banner(self.port, timeout, self.proc)
             else:
-                wait_listening(self.port, 30, self.proc)
+                wait_listening(self.port, timeout, self.proc)
         except RuntimeError as exc:
             self.stop()
             raise RuntimeError(

@@ -333,6 +333,38 @@ BAD_CONFIGS = [
         id="choice-log-level",
     ),
     pytest.param(
+        '[log]\ntarget = "journal"\n',
+        2,
+        """log.target: must be "stderr" or "file" or "syslog", not 'journal'""",
+        id="choice-log-target",
+    ),
+    pytest.param(
+        '[log]\ntarget = "syslog"\nfacility = "kern"\n',
+        3,
+        'log.facility: must be "mail" or "daemon" or "user" or "local0" or "local1" or '
+        '"local2" or "local3" or "local4" or "local5" or "local6" or "local7", not \'kern\'',
+        id="choice-log-facility",
+    ),
+    # [log] settings that only make sense together.
+    pytest.param(
+        '[log]\nlevel = "info"\ntarget = "file"\n',
+        3,
+        'log.target: is "file": give the file too (file = "/path/maillog")',
+        id="log-file-target-without-file",
+    ),
+    pytest.param(
+        '[log]\ntarget = "syslog"\nfile = "maillog"\n',
+        3,
+        'log.file: is for target = "file", but target is "syslog"',
+        id="log-file-with-syslog-target",
+    ),
+    pytest.param(
+        '[log]\njson_file = "maillog.json"\n',
+        2,
+        "log.json_file: is set, but json is not true",
+        id="log-json-file-without-json",
+    ),
+    pytest.param(
         '[smtp]\nprivacy = ["novrfy", "nosuch"]\n',
         2,
         "smtp.privacy: unknown privacy flag 'nosuch'",
@@ -718,8 +750,9 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
     """The values every setting had before it was written once: a guard on the definition."""
     cfg = load(tmp_path, "")
     assert cfg.listen == (("127.0.0.1", 2525),)
-    assert (cfg.spool_dir, cfg.tables_dir, cfg.pid_file) == (tmp_path / "spool", tmp_path, None)
-    assert (cfg.relay_hosts_only, cfg.workers) == (True, 1)
+    assert (cfg.spool_dir, cfg.tables_dir) == (tmp_path / "spool", tmp_path)
+    assert cfg.pid_file == tmp_path / "spool" / "mailgate.pid"
+    assert (cfg.relay_hosts_only, cfg.workers, cfg.stop_grace) == (True, 1, 10.0)
     assert cfg.smtp == SmtpSettings(
         greet_pause=5.0,
         max_message_size=50 * MIB,

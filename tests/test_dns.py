@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
-import uvloop
 from dns.message import make_query
 from dns.query import tcp as tcp_query
 
@@ -20,41 +19,33 @@ from mailgate.dns import (
     Resolver,
     parse_nameserver,
 )
-from tests.support.dnsserver import DnsServer
+from tests.support.dnsserver import DnsServer, Records
 
 T = TypeVar("T")
-Runner = Callable[[Coroutine[Any, Any, T]], T]
+Runner = Callable[[Coroutine[Any, Any, T]], T]  # tests/conftest.py's run: asyncio and uvloop
 
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Runner[Any]:
-    """Run a coroutine on the default loop and on uvloop (the daemon's loop)."""
-    factory = uvloop.new_event_loop if request.param == "uvloop" else None
-
-    def runner(coro: Coroutine[Any, Any, Any]) -> Any:
-        with asyncio.Runner(loop_factory=factory) as r:
-            return r.run(coro)
-
-    return runner
+RECORDS: Records = {
+    "example.com": [
+        ("MX", "20 mx3.example.com."),
+        ("MX", "10 mx1.example.com."),
+        ("MX", "10 mx2.example.com."),
+    ],
+    "mx1.example.com": [("A", "127.0.0.11")],
+    "mx2.example.com": [("A", "127.0.0.12"), ("AAAA", "::1")],
+    "mx3.example.com": [("AAAA", "::1")],
+    "implicit.example.com": [("A", "127.0.0.20")],
+    "txtonly.example.com": [("TXT", "v=spf1 -all")],
+    "null.example.com": [("MX", "0 .")],
+    "alias.example.com": [("CNAME", "mx1.example.com.")],
+    "servfail.example.com": [("SERVFAIL", "")],
+    "slow.example.com": [("TIMEOUT", "")],
+}
 
 
 @pytest.fixture
-def dns() -> Iterator[DnsServer]:
-    with DnsServer() as server:
-        server.add("example.com", "MX", "20 mx3.example.com.")
-        server.add("example.com", "MX", "10 mx1.example.com.")
-        server.add("example.com", "MX", "10 mx2.example.com.")
-        server.add("mx1.example.com", "A", "127.0.0.11")
-        server.add("mx2.example.com", "A", "127.0.0.12")
-        server.add("mx2.example.com", "AAAA", "::1")
-        server.add("mx3.example.com", "AAAA", "::1")
-        server.add("implicit.example.com", "A", "127.0.0.20")
-        server.add("txtonly.example.com", "TXT", "v=spf1 -all")
-        server.add("null.example.com", "MX", "0 .")
-        server.add("alias.example.com", "CNAME", "mx1.example.com.")
-        server.servfail("servfail.example.com")
-        server.timeout("slow.example.com")
-        yield server
+def dns(make_dns: Callable[[Records], DnsServer]) -> DnsServer:
+    """A server of each test's own: tests count its queries and add records."""
+    return make_dns(RECORDS)
 
 
 def resolver(dns: DnsServer, timeout: float = 2.0) -> Resolver:

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.dnsserver import DnsServer
-from tests.support.gateway import GatewayProcess
+from tests.support.world import SENDER_DNS, World
+
+DNS_RECORDS = SENDER_DNS
 
 
 def _strace_works() -> bool:
@@ -77,57 +79,55 @@ def _flushed_before_reply(trace: list[str], qid: str) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("flusher", ["auto", "threads"])
-def test_every_250_follows_the_completed_flush_of_its_file(tmp_path: Path, flusher: str) -> None:
+def test_every_250_follows_the_completed_flush_of_its_file(
+    tmp_path: Path, dns: DnsServer, flusher: str
+) -> None:
     trace_file = tmp_path / "trace"
-    with DnsServer() as dns:
-        dns.add("example.org", "A", "192.0.2.10")
-        gw = GatewayProcess(
-            tmp_path / "gw",
-            dns=dns.address,
-            # The next hop is down: the messages stay queued, only the reception is traced.
-            tables={
-                "mailertable": "example.net smtp:[127.0.0.1]:9\n",
-                "access": "To:example.net RELAY\n",
-            },
-            settings=f'[smtp]\ngreet_pause = "0s"\n[queue]\nfsync = "{flusher}"\n',
+    world = World(
+        # The next hop is down: the messages stay queued, only the reception is traced.
+        tables={
+            "mailertable": "example.net smtp:[127.0.0.1]:9\n",
+            "access": "To:example.net RELAY\n",
+        },
+        settings=f'[smtp]\ngreet_pause = "0s"\n[queue]\nfsync = "{flusher}"\n',
+    )
+    with world.gateway(tmp_path / "gw", dns) as gw:
+        assert gw.proc is not None
+        tracer = subprocess.Popen(
+            [
+                "strace",
+                "-f",
+                "-y",
+                "-s",
+                "200",
+                "-e",
+                f"trace={SYSCALLS}",
+                "-o",
+                str(trace_file),
+                "-p",
+                str(gw.proc.pid),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
-        with gw:
-            assert gw.proc is not None
-            tracer = subprocess.Popen(
-                [
-                    "strace",
-                    "-f",
-                    "-y",
-                    "-s",
-                    "200",
-                    "-e",
-                    f"trace={SYSCALLS}",
-                    "-o",
-                    str(trace_file),
-                    "-p",
-                    str(gw.proc.pid),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            try:
-                assert tracer.stderr is not None
-                # strace says "Process N attached" (once per thread) when it has hold of them.
-                assert b"attached" in tracer.stderr.readline()
-                for n in range(3):
-                    with gw.smtp() as s:
-                        s.sendmail(
-                            "a@example.org",
-                            [f"user{n}@example.net"],
-                            f"Subject: durable {n}\r\n\r\nbody {n}\r\n",
-                        )
-            finally:
-                tracer.send_signal(signal.SIGINT)  # detach; the daemon runs on
-                tracer.wait(20)
-            qids = re.findall(r"\b(\w{14}): from=<a@example.org>", gw.log())
-            assert len(qids) == 3
-            for qid in qids:
-                assert (gw.spool / "queue" / qid).exists()  # kept: the hop is down
+        try:
+            assert tracer.stderr is not None
+            # strace says "Process N attached" (once per thread) when it has hold of them.
+            assert b"attached" in tracer.stderr.readline()
+            for n in range(3):
+                with gw.smtp() as s:
+                    s.sendmail(
+                        "a@example.org",
+                        [f"user{n}@example.net"],
+                        f"Subject: durable {n}\r\n\r\nbody {n}\r\n",
+                    )
+        finally:
+            tracer.send_signal(signal.SIGINT)  # detach; the daemon runs on
+            tracer.wait(20)
+        qids = re.findall(r"\b(\w{14}): from=<a@example.org>", gw.log())
+        assert len(qids) == 3
+        for qid in qids:
+            assert (gw.spool / "queue" / qid).exists()  # kept: the hop is down
     trace = trace_file.read_text(errors="replace").splitlines()
     for qid in qids:
         written, completed, reply = _flushed_before_reply(trace, qid)

@@ -9,50 +9,42 @@ lost), and to a 7-bit hop 8-bit parts as quoted-printable, without BODY=.
 from __future__ import annotations
 
 import smtplib
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.mime import head_body, qp_decode
-from tests.support.sink import SinkServer
 from tests.support.smtpsink import SMTP_SINK, DumpedMessage, PostfixSink
+from tests.support.world import (
+    HOP1,
+    MXHOST,
+    OUTSIDE,
+    SENDER_DNS,
+    GatewayFactory,
+    SinkFactory,
+    World,
+    issue_world,
+    message,
+    wait_until,
+)
 
 pytestmark = pytest.mark.skipif(
     SMTP_SINK is None, reason="Postfix's smtp-sink is not installed (apt install postfix)"
 )
 
-OUTSIDE = "127.0.0.2"
-HOP1 = "127.0.0.5"  # targetdomain1.com's server: smtp-sink
-MXHOST = "127.0.0.7"  # example.org's MX (where bounces to alice@example.org go)
+DNS_RECORDS = SENDER_DNS  # example.org's MX: where bounces to alice@example.org go
 
 
 @pytest.fixture
-def dns() -> Iterator[DnsServer]:
-    with DnsServer() as server:
-        server.add("example.org", "MX", "10 mx.example.org.")
-        server.add("mx.example.org", "A", MXHOST)
-        yield server
+def hop1_port() -> int:
+    """targetdomain1.com's server: an smtp-sink the test starts on this port."""
+    return free_port(HOP1)
 
 
-def gateway(tmp_path: Path, dns: DnsServer, hop1_port: int, mx_port: int) -> GatewayProcess:
-    tables = {
-        "mailertable": f"targetdomain1.com   smtp:[{HOP1}]:{hop1_port}\n",
-        "access": "To:targetdomain1.com  RELAY\n",
-        "local-host-names": "mail.example.org\n",
-        "aliases": "postmaster: alice\n",
-    }
-    settings = (
-        '[queue]\nrun_interval = "2s"\nretry_min = "1s"\n'
-        f'[delivery]\nport = {mx_port}\nconnect_timeout = "2s"\n'
-        '[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\n'
-    )
-    gw = GatewayProcess(tmp_path / "gw", dns=dns.address, tables=tables, settings=settings)
-    (gw.maildir / "alice").mkdir(parents=True)
-    return gw
+@pytest.fixture
+def world(hop1_port: int, mx_port: int) -> World:
+    return issue_world(hop1_port, mx_port)
 
 
 def our_part(msg: DumpedMessage) -> bytes:
@@ -66,7 +58,7 @@ def our_part(msg: DumpedMessage) -> bytes:
     return rest
 
 
-def send(gw: GatewayProcess, rcpts: list[str], message: bytes, *, eight: bool) -> None:
+def send(gw: GatewayProcess, rcpts: list[str], content: bytes, *, eight: bool) -> None:
     """MAIL, RCPT and DATA with smtplib, which must get 250 for the message."""
     with gw.smtp(OUTSIDE) as s:
         s.ehlo()
@@ -74,34 +66,33 @@ def send(gw: GatewayProcess, rcpts: list[str], message: bytes, *, eight: bool) -
         assert code == 250
         for r in rcpts:
             assert s.rcpt(r)[0] == 250
-        code, reply = s.data(message)
+        code, reply = s.data(content)
         assert code == 250, reply
 
 
-MIME_8BIT = (
-    "From: alice@example.org\r\nTo: bob@targetdomain1.com\r\nSubject: Grüße\r\n"
-    "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <grusse@example.org>\r\n"
-    'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="sep"\r\n\r\n'
-    "--sep\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
-    "Grüße aus Köln, 5 € = viel.\r\n.Punkt am Zeilenanfang\r\n"
-    "--sep\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n"
-    "AAECAwQF\r\n--sep--\r\n"
-).encode()
-PLAIN_8BIT = (
-    "From: alice@example.org\r\nTo: bob@targetdomain1.com\r\nSubject: non-MIME\r\n"
-    "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <plain@example.org>\r\n\r\n"
-    "Ein Text ohne MIME, mit Umlauten: äöüß.\r\n"
-).encode()
+MIME_8BIT = message(
+    "Grüße",
+    msgid="<grusse@example.org>",
+    headers='MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="sep"\r\n',
+    body=(
+        "--sep\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        "Content-Transfer-Encoding: 8bit\r\n\r\n"
+        "Grüße aus Köln, 5 € = viel.\r\n.Punkt am Zeilenanfang\r\n"
+        "--sep\r\nContent-Type: application/octet-stream\r\n"
+        "Content-Transfer-Encoding: base64\r\n\r\n"
+        "AAECAwQF\r\n--sep--\r\n"
+    ),
+)
+PLAIN_8BIT = message(
+    "non-MIME", msgid="<plain@example.org>", body="Ein Text ohne MIME, mit Umlauten: äöüß.\r\n"
+)
 
 
 def test_8bit_to_a_hop_without_8bitmime_arrives_quoted_printable(
-    tmp_path: Path, dns: DnsServer
+    tmp_path: Path, make_gateway: GatewayFactory, world: World, hop1_port: int
 ) -> None:
-    port = free_port(HOP1)
-    with (
-        PostfixSink(HOP1, port, tmp_path / "dump", "-8") as sink,
-        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
-    ):
+    gw = make_gateway(world)
+    with PostfixSink(HOP1, hop1_port, tmp_path / "dump", "-8") as sink:
         send(gw, ["bob@targetdomain1.com"], MIME_8BIT, eight=True)
         gw.wait_log("stat=Sent")
         [msg] = sink.wait_for(1, timeout=10)
@@ -123,12 +114,11 @@ def test_8bit_to_a_hop_without_8bitmime_arrives_quoted_printable(
     assert sep[2] == head_body(MIME_8BIT)[1].split(b"--sep")[2]  # base64 part as it was
 
 
-def test_8bit_to_a_hop_without_esmtp(tmp_path: Path, dns: DnsServer) -> None:
-    port = free_port(HOP1)
-    with (
-        PostfixSink(HOP1, port, tmp_path / "dump", "-e") as sink,
-        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
-    ):
+def test_8bit_to_a_hop_without_esmtp(
+    tmp_path: Path, make_gateway: GatewayFactory, world: World, hop1_port: int
+) -> None:
+    gw = make_gateway(world)
+    with PostfixSink(HOP1, hop1_port, tmp_path / "dump", "-e") as sink:
         send(gw, ["bob@targetdomain1.com"], PLAIN_8BIT, eight=True)
         gw.wait_log("stat=Sent")
         [msg] = sink.wait_for(1, timeout=10)
@@ -143,12 +133,11 @@ def test_8bit_to_a_hop_without_esmtp(tmp_path: Path, dns: DnsServer) -> None:
     assert qp_decode(body) == head_body(PLAIN_8BIT)[1]
 
 
-def test_8bit_to_a_hop_with_8bitmime_passes_unchanged(tmp_path: Path, dns: DnsServer) -> None:
-    port = free_port(HOP1)
-    with (
-        PostfixSink(HOP1, port, tmp_path / "dump") as sink,
-        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
-    ):
+def test_8bit_to_a_hop_with_8bitmime_passes_unchanged(
+    tmp_path: Path, make_gateway: GatewayFactory, world: World, hop1_port: int
+) -> None:
+    gw = make_gateway(world)
+    with PostfixSink(HOP1, hop1_port, tmp_path / "dump") as sink:
         send(gw, ["bob@targetdomain1.com"], MIME_8BIT, eight=True)
         send(gw, ["bob@targetdomain1.com"], PLAIN_8BIT, eight=True)
         gw.wait_log("stat=Sent")
@@ -157,36 +146,31 @@ def test_8bit_to_a_hop_with_8bitmime_passes_unchanged(tmp_path: Path, dns: DnsSe
     assert all(m.mail_args.endswith(" BODY=8BITMIME") for m in msgs)
 
 
-LONG = (
-    b"From: alice@example.org\r\nTo: bob@targetdomain1.com\r\nSubject: long lines\r\n"
-    b"X-Long: " + b"h" * 1500 + b"\r\n"
-    b"Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <long@example.org>\r\n\r\n"
-    + (bytes(range(33, 127)) * 60)[:5000]
-    + b"\r\n"
-    + b"."
-    + b"d" * 1200
-    + b"\r\nshort\r\n"
+LONG = message(
+    "long lines",
+    msgid="<long@example.org>",
+    headers="X-Long: " + "h" * 1500 + "\r\n",
+    body=(bytes(range(33, 127)) * 60)[:5000] + b"\r\n." + b"d" * 1200 + b"\r\nshort\r\n",
 )
 
 
 @pytest.mark.parametrize("flags", [(), ("-8",), ("-e",)], ids=["8bitmime", "7bit", "smtp"])
 def test_long_lines_accepted_and_folded(
-    tmp_path: Path, dns: DnsServer, flags: tuple[str, ...]
+    tmp_path: Path,
+    make_gateway: GatewayFactory,
+    world: World,
+    hop1_port: int,
+    flags: tuple[str, ...],
 ) -> None:
-    port = free_port(HOP1)
-    with (
-        PostfixSink(HOP1, port, tmp_path / "dump", *flags) as sink,
-        gateway(tmp_path, dns, port, free_port(MXHOST)) as gw,
-    ):
+    gw = make_gateway(world)
+    with PostfixSink(HOP1, hop1_port, tmp_path / "dump", *flags) as sink:
         # 250 from the gateway (before: 552 5.6.0 "Message contains a line longer than 1000
         # bytes"); the local recipient's copy is not folded.
         send(gw, ["bob@targetdomain1.com", "alice@mail.example.org"], LONG, eight=False)
         gw.wait_log("to=<bob@targetdomain1.com>")
         [msg] = sink.wait_for(1, timeout=10)
         new = gw.maildir / "alice" / "new"
-        deadline = time.monotonic() + 10
-        while not any(new.iterdir()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: any(new.iterdir()), "the local copy in alice's Maildir")
         [local] = list(new.iterdir())
         # Maildir files have LF line ends (as before); the long lines are whole.
         assert local.read_bytes().endswith(LONG.replace(b"\r\n", b"\n"))
@@ -196,21 +180,20 @@ def test_long_lines_accepted_and_folded(
     assert got.count(b"\r\n ") == 1 + 5 + 1  # the X-Long: field, the 5000, the 1201 octets
 
 
-def test_bounce_of_an_8bit_message_with_a_long_line(tmp_path: Path, dns: DnsServer) -> None:
+def test_bounce_of_an_8bit_message_with_a_long_line(
+    tmp_path: Path, make_gateway: GatewayFactory, make_sink: SinkFactory, mx_port: int
+) -> None:
     """Our own bounce goes through the same client: folded, and converted for a 7-bit hop."""
-    mx_port = free_port(MXHOST)
-    original = (
-        "From: alice@example.org\r\nTo: gone@targetdomain1.com\r\nSubject: doomed\r\n"
-        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\nMessage-ID: <doomed@example.org>\r\n"
-        "X-Long: " + "h" * 1500 + "\r\n\r\n"  # stays a header field: folded
-        "Größe: " + "ß" * 2000 + "\r\n"
-    ).encode()  # converted: quoted-printable lines
-    with (
-        SinkServer(HOP1, free_port(HOP1)) as hop1,
-        PostfixSink(MXHOST, mx_port, tmp_path / "dump", "-8") as mx,
-        gateway(tmp_path, dns, hop1.port, mx_port) as gw,
-    ):
-        hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+    original = message(
+        "doomed",
+        to="gone@targetdomain1.com",
+        headers="X-Long: " + "h" * 1500 + "\r\n",  # stays a header field: folded
+        body="Größe: " + "ß" * 2000 + "\r\n",  # converted: quoted-printable lines
+    )
+    hop1 = make_sink(HOP1)
+    hop1.rcpt_reply["gone@targetdomain1.com"] = "550 5.1.1 No such user here"
+    gw = make_gateway(issue_world(hop1.port, mx_port))
+    with PostfixSink(MXHOST, mx_port, tmp_path / "dump", "-8") as mx:
         send(gw, ["gone@targetdomain1.com"], original, eight=True)
         gw.wait_log("stat=User unknown")
         gw.wait_log("to=<alice@example.org>", timeout=15)
@@ -230,12 +213,9 @@ def test_bounce_of_an_8bit_message_with_a_long_line(tmp_path: Path, dns: DnsServ
     assert b"X-Long: " + b"h" * 990 + b"\r\n " in head  # folded where it went over 998
 
 
-def test_long_line_limit_refusal_is_opt_in(tmp_path: Path, dns: DnsServer) -> None:
-    gw = gateway(tmp_path, dns, free_port(HOP1), free_port(MXHOST))
-    gw.config.write_text(
-        gw.config.read_text().replace("[smtp]\n", "[smtp]\nmax_text_line = 1000\n")
-    )
-    with gw, gw.smtp(OUTSIDE) as s:
+def test_long_line_limit_refusal_is_opt_in(make_gateway: GatewayFactory, world: World) -> None:
+    gw = make_gateway(world.but(settings="[smtp]\nmax_text_line = 1000\n"))
+    with gw.smtp(OUTSIDE) as s:
         with pytest.raises(smtplib.SMTPDataError) as err:
             s.sendmail("alice@example.org", ["bob@targetdomain1.com"], LONG)
         assert err.value.smtp_code == 552

@@ -19,10 +19,10 @@ from mailgate.delivery.local import (
     LocalDeliveryError,
     deliver_file,
     deliver_maildir,
-    local_user_exists,
-    resolve_local_user,
 )
 from mailgate.delivery.pipe import deliver_program
+from mailgate.users import resolve_local_user
+from tests.support.wait import wait_until
 
 HOST = "gateway.example.com"
 CONTENT = (
@@ -72,18 +72,20 @@ def test_converter_any_chunking(step: int) -> None:
 # --------------------------------------------------------------------------- users
 
 
-def test_local_user_exists(tmp_path: Path) -> None:
+def test_local_users(tmp_path: Path) -> None:
+    """Who the local mailer delivers to: the name ``resolve_local_user`` gives, None for no
+    one (routing asks it at RCPT and at delivery; ``deliver_maildir`` too)."""
     root = tmp_path / "maildir"
     root.mkdir()
     (root / "folderonly").mkdir()
-    assert local_user_exists("root", root)  # system account
-    assert local_user_exists("Root", root)  # lower-case fallback
+    assert resolve_local_user("root", root) == "root"  # system account
+    assert resolve_local_user("Root", root) == "root"  # lower-case fallback
     assert resolve_local_user("ROOT", root) == "root"
-    assert local_user_exists("folderonly", root)
-    assert local_user_exists("FolderOnly", root)
-    assert not local_user_exists("nosuchuser-mg", root)
+    assert resolve_local_user("folderonly", root) == "folderonly"
+    assert resolve_local_user("FolderOnly", root) == "folderonly"
+    assert resolve_local_user("nosuchuser-mg", root) is None
     for bad in ("", ".hidden", "..", "a/b", "a\0b", "x" * 300):
-        assert not local_user_exists(bad, root), bad
+        assert resolve_local_user(bad, root) is None, bad
 
 
 def test_exact_case_folder_wins(tmp_path: Path) -> None:
@@ -181,7 +183,7 @@ def test_maildir_user_folder_is_a_file(tmp_path: Path) -> None:
     root = tmp_path / "maildir"
     root.mkdir()
     (root / "carol").write_text("not a maildir")
-    assert local_user_exists("carol", root)
+    assert resolve_local_user("carol", root) == "carol"
     with pytest.raises(LocalDeliveryError) as exc:
         maildir(tmp_path, "carol")
     assert exc.value.temporary
@@ -335,10 +337,7 @@ def test_program_timeout_kills_whole_group(tmp_path: Path) -> None:
     assert exc.value.temporary
     assert "timed out" in exc.value.reply.text
     pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 2
-    while _running(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not _running(pid)
+    wait_until(lambda: not _running(pid), "the program's background child to be killed", 2)
 
 
 def test_program_killed_by_signal_is_temporary(tmp_path: Path) -> None:

@@ -3,14 +3,21 @@ formats a line itself."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import re
+import socket
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 
 from mailgate import maillog
+from mailgate.config import LogSettings
+from mailgate.logsink import SyslogSocket
 from mailgate.tls import Session as TlsSession
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "mailgate"
@@ -19,9 +26,9 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "mailgate"
 @pytest.fixture
 def log(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "maillog"
-    maillog.setup("gw.example", path, "debug")
+    maillog.setup("gw.example", LogSettings(file=path, level="debug"))
     yield path
-    maillog.setup("localhost", None, "info")
+    maillog.setup("localhost")
 
 
 def lines(path: Path) -> list[str]:
@@ -61,7 +68,7 @@ def test_queue_tool_lines_are_postsupers(log: Path) -> None:
     maillog.placed_on_hold("q1", "")
     maillog.placed_on_hold("q2", "milter: spam score 12")
     maillog.released_from_hold("q2")
-    maillog.removed("q3")
+    maillog.deleted("q3")
     maillog.requeued("q4")
     maillog.due_taken(2, "/var/spool/mailgate")
     maillog.held_skipped("q1")
@@ -77,11 +84,11 @@ def test_queue_tool_lines_are_postsupers(log: Path) -> None:
 
 
 def test_level_names_filter(log: Path) -> None:
-    maillog.setup("gw.example", log, "notice")
+    maillog.setup("gw.example", LogSettings(file=log, level="notice"))
     maillog.stopping()  # info
     maillog.rcpt_flood("[192.0.2.1]")  # notice
     maillog.restart_needed()  # warning
-    maillog.setup("gw.example", log, "WARNING")
+    maillog.setup("gw.example", LogSettings(file=log, level="warning"))
     maillog.rcpt_flood("[192.0.2.1]")
     maillog.session_failed("[192.0.2.1]", RuntimeError("x"))  # error
     assert lines(log) == [
@@ -92,7 +99,7 @@ def test_level_names_filter(log: Path) -> None:
 
 
 def test_library_warnings_are_bridged_by_level(log: Path) -> None:
-    maillog.setup("gw.example", log, "error")
+    maillog.setup("gw.example", LogSettings(file=log, level="error"))
     logging.getLogger("asyncio").warning("slow callback")
     logging.getLogger("asyncio").error("unclosed transport")
     assert lines(log) == ["asyncio: unclosed transport"]
@@ -113,3 +120,126 @@ def test_no_call_site_formats_a_line() -> None:
         if pattern.search(text)
     ]
     assert found == []
+
+
+def test_every_event_has_a_severity_and_every_severity_an_event() -> None:
+    events = {name for name, value in vars(maillog).items() if hasattr(value, "__wrapped__")}
+    assert events == set(maillog.LEVELS)
+    assert set(maillog.LEVELS.values()) <= set(maillog.SYSLOG_SEVERITY)
+
+
+@pytest.fixture
+def syslogd(tmp_path: Path) -> Iterator[tuple[socket.socket, Path]]:
+    """A datagram socket standing in for syslogd's /dev/log, and its path."""
+    path = tmp_path / "log"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(5)
+    yield server, path
+    server.close()
+    maillog.setup("localhost")
+
+
+def test_a_syslog_line_is_what_glibc_sends(syslogd: tuple[socket.socket, Path]) -> None:
+    server, path = syslogd
+    maillog.setup("gw.example", LogSettings(target="syslog", syslog_socket=path))
+    maillog.received("6AOJL6hk004507", "a@b.example", 78, 1, None, "ESMTP", "[192.0.2.3]")
+    maillog.reject(None, "check_rcpt", "<u@x>", "[192.0.2.3]", "550 5.7.1 Relaying denied")
+    maillog.reload_refused("bad")
+    stamp = r"[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d"
+    tag = rf"mailgate\[{os.getpid()}\]"
+    assert re.fullmatch(
+        rf"<22>{stamp} {tag}: 6AOJL6hk004507: from=<a@b.example>, size=78, class=0, "
+        r"nrcpts=1, proto=ESMTP, daemon=MTA, relay=\[192.0.2.3\]",
+        server.recv(4096).decode(),
+    )
+    assert re.fullmatch(rf"<21>{stamp} {tag}: ruleset=check_rcpt, .*", server.recv(4096).decode())
+    assert re.fullmatch(rf"<19>{stamp} {tag}: reload refused, .*", server.recv(4096).decode())
+    maillog.setup("gw.example", LogSettings(target="syslog", syslog_socket=path, facility="local3"))
+    maillog.stopping()
+    assert server.recv(4096).startswith(b"<158>")  # local3 (19) * 8 + info (6)
+
+
+def test_a_full_syslog_socket_drops_lines_and_never_blocks(
+    syslogd: tuple[socket.socket, Path],
+) -> None:
+    server, path = syslogd
+    sink = SyslogSocket(path)
+    sent = sum(sink.write(f"<22>line {i}".encode()) for i in range(200))  # nobody reads
+    received = []
+    server.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            received.append(server.recv(4096))
+    assert len(received) == sent and sink.dropped == 200 - sent
+    assert received == [f"<22>line {i}".encode() for i in range(sent)]
+
+
+def test_a_restarted_syslogd_is_found_again(tmp_path: Path) -> None:
+    path = tmp_path / "log"
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first.bind(str(path))
+    sink = SyslogSocket(path)
+    assert sink.write(b"one") and first.recv(100) == b"one"
+    first.close()
+    path.unlink()  # syslogd stopped: its socket is gone
+    assert not sink.write(b"lost") and sink.sock is None
+    sink.check()  # what a line in a new second does: still nobody there
+    assert not sink.write(b"lost too") and sink.dropped == 2
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as second:
+        second.bind(str(path))
+        sink.check()
+        assert sink.write(b"two") and second.recv(100) == b"two"
+        second.close()
+        path.unlink()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as third:
+            third.bind(str(path))  # restarted at once: the send is refused, reconnects, goes
+            third.settimeout(5)
+            assert sink.write(b"three") and third.recv(100) == b"three"
+    sink.close()
+
+
+def test_the_json_copy_has_the_text_and_the_facts(tmp_path: Path) -> None:
+    text_file, json_file = tmp_path / "maillog", tmp_path / "maillog.json"
+    maillog.setup("gw.example", LogSettings(file=text_file, json=True, json_file=json_file))
+    try:
+        maillog.delivery(
+            "Q1",
+            "bob@example.com",
+            delay=61.5,
+            xdelay=1,
+            mailer="esmtp",
+            relay="[192.0.2.9]",
+            dsn="2.0.0",
+            stat="Sent (ok)",
+            reply="250 ok",
+        )
+        maillog.session_failed("[192.0.2.1]", RuntimeError("x"))
+        maillog.starttls_server("[192.0.2.1]", TlsSession("TLSv1.3", "AES", 256, "NOT"))
+    finally:
+        maillog.setup("localhost")
+    texts = lines(text_file)
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [r["text"] for r in records] == texts
+    delivery, failed, tls = records
+    assert (delivery["level"], delivery["event"], delivery["qid"]) == ("info", "delivery", "Q1")
+    assert delivery["fields"] == {
+        "to": "bob@example.com",
+        "delay": 61.5,
+        "xdelay": 1,
+        "mailer": "esmtp",
+        "relay": "[192.0.2.9]",
+        "dsn": "2.0.0",
+        "stat": "Sent (ok)",
+        "reply": "250 ok",
+        "ctladdr": None,
+    }
+    assert datetime.fromisoformat(delivery["time"]).tzinfo is not None
+    assert (failed["level"], "qid" in failed) == ("error", False)
+    assert failed["fields"] == {"relay": "[192.0.2.1]", "exc": "RuntimeError('x')"}
+    assert tls["fields"]["session"] == {
+        "version": "TLSv1.3",
+        "cipher": "AES",
+        "bits": 256,
+        "verify": "NOT",
+    }

@@ -109,15 +109,13 @@ class World:
             dns=dns.address,
             tables={"mailertable": self.mailertable(), "access": "127.0.7   RELAY\n"},
             settings=(
-                f'pid_file = "mailgate.pid"\nworkers = {workers}\n'
+                f"workers = {workers}\n"  # pid_file: its default, spool/mailgate.pid
                 '[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
                 '[queue]\nretry_min = "1h"\nrun_interval = "1h"\n'
                 '[delivery]\nconnect_timeout = "2s"\n'
+                # Debug lines too: "<qid>: on hold, not attempted" shows a skipped attempt.
+                '[log]\nlevel = "debug"\n'
             ),
-        )
-        # Debug lines too: "<qid>: on hold, not attempted" is how a skipped attempt shows.
-        self.gw.config.write_text(
-            self.gw.config.read_text().replace("[log]\n", '[log]\nlevel = "debug"\n')
         )
         self.workers = workers
         self.reloads = 0

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.config import parse_config
 from mailgate.policy import Client, connect_decision
 from mailgate.queue.spool import QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import Command
 from mailgate.smtp.session import Answer, Session
-from mailgate.snapshot import Snapshot, build_snapshot
+from mailgate.snapshot import Snapshot
+from tests.support.world import World
 
 HOST = "gateway.example.com"
 OUTSIDE = Client("192.0.2.10", "FAIL")
@@ -50,18 +50,16 @@ class FakeHost:
 
 
 def snapshot(tmp_path: Path, access: str = "", settings: str = "") -> Snapshot:
-    tdir = tmp_path / "tables"
-    tdir.mkdir(parents=True, exist_ok=True)
-    (tdir / "access").write_text(textwrap.dedent(access))
-    (tdir / "mailertable").write_text("targetdomain1.com smtp:[192.0.2.25]\n")
-    mdir = tmp_path / "maildir"
-    (mdir / "alice").mkdir(parents=True, exist_ok=True)
-    toml = (
-        f'hostname = "{HOST}"\nlisten = ["192.0.2.1:25"]\ntables_dir = "{tdir}"\n'
-        f'spool_dir = "{tmp_path / "spool"}"\n[local]\nmaildir_root = "{mdir}"\n'
-        "[queue]\nmin_free = 0\n" + settings
+    world = World(
+        hostname=HOST,
+        tables={
+            "access": textwrap.dedent(access),
+            "mailertable": "targetdomain1.com smtp:[192.0.2.25]\n",
+        },
+        settings="[queue]\nmin_free = 0\n" + settings,
+        users=("alice",),
     )
-    return build_snapshot(parse_config(toml, tmp_path / "mailgate.toml", tmp_path))
+    return world.snapshot(tmp_path)
 
 
 def make_session(

@@ -24,6 +24,7 @@ from mailgate.queue.spool import (
     Spool,
     read_seal,
 )
+from tests.support.wait import wait_until_async
 
 
 def envelope(spool: Spool, sender: str = "a@example.org") -> Envelope:
@@ -137,7 +138,7 @@ def test_kernel_fsync_reports_errors(tmp_path: Path) -> None:
         fut = flusher.fsync(fd)
         await asyncio.sleep(0)  # submitted
         [key] = list(flusher._in_flight)
-        await asyncio.sleep(0.2)
+        await wait_until_async(fut.done, "the kernel's completion", 5)
         assert fut.done() and fut.exception() is None
         fut2: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         flusher._in_flight[key] = (None, fut2)
@@ -465,7 +466,7 @@ def test_a_commit_that_fails_never_removes_an_existing_queue_entry(tmp_path: Pat
     spool.close()
 
 
-# -- what the queue tools use (queue.control) ------------------------------------------------------
+# -- what the queue tools use (queue.tools) ------------------------------------------------------
 def _queued(spool: Spool) -> str:
     msg = spool.open_incoming(envelope(spool))
     msg.write(b"x\r\n")

@@ -8,8 +8,6 @@ import re
 import smtplib
 import socket
 import ssl
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,11 +15,13 @@ import trustme
 
 from mailgate.config import ConfigError, load_config
 from tests.support.dnsserver import DnsServer
-from tests.support.gateway import GatewayProcess, free_port
+from tests.support.gateway import GatewayProcess
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
+from tests.support.world import HOP1 as HOP
+from tests.support.world import SENDER_DNS, SinkFactory, World
 
-HOP = "127.0.0.5"
+DNS_RECORDS = SENDER_DNS
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +45,15 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def dns() -> Iterator[DnsServer]:
-    with DnsServer() as server:
-        server.add("example.org", "A", "192.0.2.10")
-        yield server
-
-
-@pytest.fixture
-def hop() -> Iterator[SinkServer]:
-    with SinkServer(HOP, free_port(HOP)) as sink:
-        yield sink
+def hop(make_sink: SinkFactory) -> SinkServer:
+    return make_sink(HOP)
 
 
 def tls_gateway(
     tmp_path: Path, ca: trustme.CA, dns: DnsServer, hop: SinkServer, extra: str = ""
 ) -> GatewayProcess:
     cert_file, key_file = write_pair(ca, tmp_path, "gateway.example.com", "127.0.0.1")
-    return GatewayProcess(
-        tmp_path / "gw",
-        dns=dns.address,
+    world = World(
         tables={
             "mailertable": f"example.net smtp:[{HOP}]:{hop.port}\n",
             "access": "To:example.net RELAY\n",
@@ -73,6 +63,7 @@ def tls_gateway(
             f'key_file = "{key_file}"\n' + extra
         ),
     )
+    return world.gateway(tmp_path / "gw", dns)
 
 
 def test_starttls_then_relay(
@@ -83,18 +74,18 @@ def test_starttls_then_relay(
             code, text = s.ehlo("client.example.net")
             assert code == 250 and b"\nSTARTTLS\n" in text
             assert s.starttls(context=client_context(ca))[0] == 220
-            assert s.sock.version() in ("TLSv1.2", "TLSv1.3")
+            assert s.sock.version() == "TLSv1.3"  # both ends' default, the highest
             code, text = s.ehlo("client.example.net")
             assert code == 250 and b"STARTTLS" not in text  # not offered twice
             assert s.docmd("STARTTLS") == (503, b"5.5.1 TLS already active")
             s.sendmail("a@example.org", ["bob@example.net"], b"Subject: sealed\r\n\r\nhi\r\n")
         [msg] = hop.wait_for(1, timeout=10)
         received = msg.data.split(b"\r\n\tfor ")[0].decode()
-        assert "\r\n\t(version=TLSv1." in received and " verify=NOT)" in received
+        assert "\r\n\t(version=TLSv1.3" in received and " verify=NOT)" in received
         assert " bits=" in received and " cipher=" in received
         assert " with ESMTPS id " in received
         log = gw.wait_log("proto=ESMTPS")
-        assert "STARTTLS=server, relay=localhost [127.0.0.1], version=TLSv1." in log
+        assert "STARTTLS=server, relay=localhost [127.0.0.1], version=TLSv1.3" in log
         assert ", verify=NOT, cipher=" in log
 
 
@@ -147,12 +138,8 @@ def test_starttls_refused_in_a_transaction_or_with_arguments(
 
 
 def test_no_certificate_no_starttls(tmp_path: Path, dns: DnsServer) -> None:
-    with (
-        GatewayProcess(
-            tmp_path / "gw", dns=dns.address, settings='[smtp]\ngreet_pause = "0s"\n'
-        ) as gw,
-        RawSmtp(gw.host, gw.port) as c,
-    ):
+    world = World(settings='[smtp]\ngreet_pause = "0s"\n')
+    with world.gateway(tmp_path / "gw", dns) as gw, RawSmtp(gw.host, gw.port) as c:
         assert c.read_reply().code == 220
         assert "STARTTLS" not in c.cmd("EHLO client.example.net").lines
         assert c.cmd("STARTTLS").first.startswith("502 5.5.1")
@@ -201,10 +188,10 @@ def test_delivery_uses_starttls_when_the_hop_offers_it(
         with smtplib.SMTP(gw.host, gw.port, timeout=10) as s:
             s.sendmail("a@example.org", ["bob@example.net"], b"Subject: out\r\n\r\nhi\r\n")
         [msg] = hop.wait_for(1, timeout=10)
-        assert msg.tls in ("TLSv1.2", "TLSv1.3")
+        assert msg.tls == "TLSv1.3"
         assert msg.helo == "gateway.example.com"  # EHLO again after the handshake
         log = gw.wait_log("stat=Sent")
-        assert f"STARTTLS=client, relay=[{HOP}], version=TLSv1." in log
+        assert f"STARTTLS=client, relay=[{HOP}], version=TLSv1.3" in log
         assert ", verify=NO, cipher=" in log
 
 
@@ -277,6 +264,16 @@ class TlsClient:
         self.tls.write(data)
         self._flush()
 
+    def read_until(self, marker: bytes) -> bytes:
+        """What the server says over TLS until ``marker`` has arrived."""
+        got = b""
+        while marker not in got:
+            try:
+                got += self.tls.read(65536)
+            except ssl.SSLWantReadError:
+                self._pump()
+        return got
+
     def read_all(self) -> bytes:
         """Everything the server says until it closes (close_notify or FIN)."""
         got = b""
@@ -311,7 +308,7 @@ def test_half_close_after_the_dot_over_tls_still_gets_250_and_221(
             b"EHLO client.example.org\r\nMAIL FROM:<a@example.org>\r\n"
             b"RCPT TO:<bob@example.net>\r\nDATA\r\n"
         )
-        time.sleep(0.3)  # the 354 is out before the content goes (no content before 354)
+        head = c.read_until(b"\r\n354 ")  # no content before the 354
         c.send(b"Subject: half-closed\r\n\r\nhi\r\n.\r\nQUIT\r\n")
         if how == "tcp-fin":
             c.sock.shutdown(socket.SHUT_WR)
@@ -319,12 +316,11 @@ def test_half_close_after_the_dot_over_tls_still_gets_250_and_221(
             with contextlib.suppress(ssl.SSLWantReadError):
                 c.tls.unwrap()
             c._flush()
-        transcript = c.read_all().decode()
+        transcript = (head + c.read_all()).decode()
         c.sock.close()
         assert "\r\n250 2.0.0 " in transcript and "Message accepted for delivery" in transcript
         assert transcript.endswith(" closing connection\r\n") and "\r\n221 2.0.0 " in transcript
         [msg] = hop.wait_for(1, timeout=10)
         assert b"Subject: half-closed" in msg.data
-        time.sleep(0.2)
-        stderr = (gw.dir / "stderr.log").read_text()
+    stderr = (gw.dir / "stderr.log").read_text()  # complete: the daemon has stopped
     assert "eof_received" not in stderr and "Traceback" not in stderr, stderr

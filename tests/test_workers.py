@@ -5,23 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from tests.support.crash import children_of
-from tests.support.dnsserver import DnsServer
-from tests.support.gateway import GatewayProcess, free_port
+from tests.support.gateway import GatewayProcess
 from tests.support.rawsmtp import RawSmtp
-from tests.support.sink import SinkServer
-from tests.support.wait import wait_until
-
-HOP = "127.0.0.5"
+from tests.support.world import HOP1 as HOP
+from tests.support.world import GatewayFactory, SinkFactory, World, wait_until
 
 
-def gateway(tmp_path: Path, dns: DnsServer, port: int) -> GatewayProcess:
-    return GatewayProcess(
-        tmp_path / "gw",
-        dns=dns.address,
+def world(port: int, settings: str = "") -> World:
+    return World(
         tables={
             "mailertable": f"targetdomain1.com smtp:[{HOP}]:{port}\n",
             "access": "To:targetdomain1.com RELAY\n",
@@ -30,7 +24,7 @@ def gateway(tmp_path: Path, dns: DnsServer, port: int) -> GatewayProcess:
             'workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
             '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'
         ),
-    )
+    ).but(settings=settings)
 
 
 def send(gw: GatewayProcess, subject: str) -> None:
@@ -42,146 +36,127 @@ def send(gw: GatewayProcess, subject: str) -> None:
         )
 
 
-def test_two_workers_share_the_work_and_reload_together(tmp_path: Path) -> None:
-    port = free_port(HOP)
-    with DnsServer() as dns, SinkServer(HOP, port) as sink, gateway(tmp_path, dns, port) as gw:
-        assert gw.proc is not None
-        wait_until(lambda: len(children_of(gw.proc.pid)) >= 2, "both workers", 10)
-        workers = children_of(gw.proc.pid)
-        assert len(workers) == 2
-        for i in range(20):
-            send(gw, f"m{i}")
-        assert len(sink.wait_for(20, timeout=15)) == 20
-        log = gw.log()
-        senders = {
-            line.split("mailgate[")[1].split("]")[0]
-            for line in log.splitlines()
-            if "from=<alice@example.org>" in line
-        }
-        assert senders <= {str(w) for w in workers}
-        gw.signal(signal.SIGHUP)
-        wait_until(
-            lambda: gw.log().count("configuration reloaded") >= 2,
-            "both workers to reload",
-            10,
-        )
-        assert gw.log().count("configuration reloaded") == 2
+def test_two_workers_share_the_work_and_reload_together(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
+    sink = make_sink(HOP)
+    gw = make_gateway(world(sink.port))
+    assert gw.proc is not None
+    wait_until(lambda: len(children_of(gw.proc.pid)) >= 2, "both workers", 10)
+    workers = children_of(gw.proc.pid)
+    assert len(workers) == 2
+    for i in range(20):
+        send(gw, f"m{i}")
+    assert len(sink.wait_for(20, timeout=15)) == 20
+    log = gw.log()
+    senders = {
+        line.split("mailgate[")[1].split("]")[0]
+        for line in log.splitlines()
+        if "from=<alice@example.org>" in line
+    }
+    assert senders <= {str(w) for w in workers}
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: gw.log().count("configuration reloaded") >= 2, "both workers to reload")
+    assert gw.log().count("configuration reloaded") == 2
 
 
-def test_kill_9_of_the_master_ends_the_workers_and_mail_survives(tmp_path: Path) -> None:
-    port = free_port(HOP)
-    with DnsServer() as dns:
-        gw = gateway(tmp_path, dns, port)
-        gw.start()
-        assert gw.proc is not None
-        master = gw.proc.pid
-        wait_until(lambda: len(children_of(master)) >= 2, "both workers", 10)
-        workers = children_of(master)
-        for i in range(6):
-            send(gw, f"queued{i}")  # the next hop is down: all six wait in the queue
-        gw.wait_log("stat=Deferred")
-        gw.kill9()
-        wait_until(
-            lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
-            "the workers to die with the master",
-            10,
-        )
-        assert not any(
-            Path(f"/proc/{w}").exists()
-            and "Z" not in Path(f"/proc/{w}/stat").read_text().split(")")[1][:3]
-            for w in workers
-        )
-        with SinkServer(HOP, port) as sink:
-            gw.start()
-            try:
-                msgs = sink.wait_for(6, timeout=20)
-                assert sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs) == [
-                    f"queued{i}".encode() for i in range(6)
-                ]
-            finally:
-                gw.stop()
+def test_kill_9_of_the_master_ends_the_workers_and_mail_survives(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
+    sink = make_sink(HOP, start=False)
+    gw = make_gateway(world(sink.port))
+    assert gw.proc is not None
+    master = gw.proc.pid
+    wait_until(lambda: len(children_of(master)) >= 2, "both workers", 10)
+    workers = children_of(master)
+    for i in range(6):
+        send(gw, f"queued{i}")  # the next hop is down: all six wait in the queue
+    gw.wait_log("stat=Deferred")
+    gw.kill9()
+    wait_until(
+        lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
+        "the workers to die with the master",
+        10,
+    )
+    assert not any(
+        Path(f"/proc/{w}").exists()
+        and "Z" not in Path(f"/proc/{w}/stat").read_text().split(")")[1][:3]
+        for w in workers
+    )
+    sink.start()
+    gw.start()
+    msgs = sink.wait_for(6, timeout=20)
+    assert sorted(m.data.split(b"Subject: ")[1].split(b"\r\n")[0] for m in msgs) == [
+        f"queued{i}".encode() for i in range(6)
+    ]
+    gw.stop()
     assert os.path.isdir(gw.spool / "queue")
 
 
-def test_a_worker_restarted_after_a_reload_runs_the_reloaded_tables(tmp_path: Path) -> None:
+def test_a_worker_restarted_after_a_reload_runs_the_reloaded_tables(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
     """A relay grant removed by HUP must stay removed when a worker dies and is restarted: the
     master starts new workers with the last config that passed its check, not the first."""
-    port = free_port(HOP)
-    with DnsServer() as dns, SinkServer(HOP, port), gateway(tmp_path, dns, port) as gw:
-        assert gw.proc is not None
-        wait_until(
-            lambda: gw.log().count("starting daemon") >= 2,
-            "both workers to start",
-            10,
-        )
+    gw = make_gateway(world(make_sink(HOP).port))
+    assert gw.proc is not None
+    wait_until(lambda: gw.log().count("starting daemon") >= 2, "both workers to start")
+    with gw.smtp("127.0.0.2") as s:
+        s.ehlo()
+        s.mail("alice@example.org")
+        assert s.rcpt("bob@targetdomain1.com")[0] == 250
+    (gw.dir / "access").write_text("")  # targetdomain1.com is no longer relayed
+    gw.signal(signal.SIGHUP)
+    wait_until(lambda: gw.log().count("configuration reloaded") >= 2, "both workers to reload")
+    for worker in children_of(gw.proc.pid):
+        os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: gw.log().count("starting daemon") >= 4, "both workers to be restarted", 15)
+    assert gw.log().count("starting daemon") == 4  # two at the start, two restarted
+    for _ in range(10):  # both new workers answer (the kernel spreads the connections)
         with gw.smtp("127.0.0.2") as s:
             s.ehlo()
             s.mail("alice@example.org")
-            assert s.rcpt("bob@targetdomain1.com")[0] == 250
-        (gw.dir / "access").write_text("")  # targetdomain1.com is no longer relayed
-        gw.signal(signal.SIGHUP)
-        wait_until(
-            lambda: gw.log().count("configuration reloaded") >= 2,
-            "both workers to reload",
-            10,
-        )
-        for worker in children_of(gw.proc.pid):
-            os.kill(worker, signal.SIGKILL)
-        wait_until(
-            lambda: gw.log().count("starting daemon") >= 4,
-            "both workers to be restarted",
-            15,
-        )
-        assert gw.log().count("starting daemon") >= 4
-        for _ in range(10):  # both new workers answer (the kernel spreads the connections)
-            with gw.smtp("127.0.0.2") as s:
-                s.ehlo()
-                s.mail("alice@example.org")
-                code, text = s.rcpt("bob@targetdomain1.com")
-                assert (code, text.split(b"... ")[-1][:15]) == (550, b"Relaying denied"), text
+            code, text = s.rcpt("bob@targetdomain1.com")
+            assert (code, text.split(b"... ")[-1][:15]) == (550, b"Relaying denied"), text
 
 
-def test_connection_limits_count_the_whole_daemon(tmp_path: Path) -> None:
+def test_connection_limits_count_the_whole_daemon(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
     """With two workers, max_connections_per_ip counts the sessions of both (shared memory),
     and the sessions of a worker that is killed stop counting with it."""
-    port = free_port(HOP)
-    with DnsServer() as dns, SinkServer(HOP, port):
-        gw = gateway(tmp_path, dns, port)
-        gw.config.write_text(
-            gw.config.read_text().replace("[smtp]\n", "[smtp]\nmax_connections_per_ip = 3\n")
-        )
-        with gw:
-            assert gw.proc is not None
-            wait_until(
-                lambda: gw.log().count("starting daemon") >= 2,
-                "both workers to start",
-                10,
-            )
-            held = []
-            replies = []
-            for _ in range(8):
-                c = RawSmtp(gw.host, gw.port, source="127.0.0.2")
-                replies.append(c.read_reply())
-                held.append(c)
-            codes = [r.code for r in replies]
-            assert codes.count(220) == 3 and codes.count(421) == 5, codes
-            assert all(r.first.startswith("421 4.7.0 ") for r in replies if r.code == 421)
-            for c in held:
-                c.close()
-            # Sessions end; a worker killed while it holds sessions gives its counts back.
-            time.sleep(0.5)
-            keep = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
-            assert [c.read_reply().code for c in keep] == [220, 220, 220]
-            for worker in children_of(gw.proc.pid):
-                os.kill(worker, signal.SIGKILL)
-            for c in keep:
-                c.close()
-            wait_until(
-                lambda: gw.log().count("starting daemon") >= 4,
-                "both workers to be restarted",
-                15,
-            )
-            again = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
-            assert [c.read_reply().code for c in again] == [220, 220, 220]
-            for c in again:
-                c.close()
+    gw = make_gateway(world(make_sink(HOP).port, "[smtp]\nmax_connections_per_ip = 3\n"))
+    assert gw.proc is not None
+    wait_until(lambda: gw.log().count("starting daemon") >= 2, "both workers to start")
+    held = []
+    replies = []
+    for _ in range(8):
+        c = RawSmtp(gw.host, gw.port, source="127.0.0.2")
+        replies.append(c.read_reply())
+        held.append(c)
+    codes = [r.code for r in replies]
+    assert codes.count(220) == 3 and codes.count(421) == 5, codes
+    assert all(r.first.startswith("421 4.7.0 ") for r in replies if r.code == 421)
+    for c in held:
+        c.close()
+
+    def three_admitted() -> list[RawSmtp] | None:
+        conns = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
+        if [c.read_reply().code for c in conns] == [220, 220, 220]:
+            return conns
+        for c in conns:
+            c.close()
+        return None
+
+    # The closed sessions end and give their counts back ...
+    keep = wait_until(three_admitted, "the closed sessions' counts to be given back")
+    # ... and so does a worker killed while it holds sessions.
+    for worker in children_of(gw.proc.pid):
+        os.kill(worker, signal.SIGKILL)
+    for c in keep:
+        c.close()
+    wait_until(lambda: gw.log().count("starting daemon") >= 4, "both workers to be restarted", 15)
+    again = [RawSmtp(gw.host, gw.port, source="127.0.0.2") for _ in range(3)]
+    assert [c.read_reply().code for c in again] == [220, 220, 220]
+    for c in again:
+        c.close()

@@ -5,18 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, TextIO
 
 from mailgate import __version__, maillog
-from mailgate.config import ConfigError
+from mailgate.config import Config, ConfigError, LogSettings, load_config
 from mailgate.snapshot import Snapshot, load_snapshot
 from mailgate.tables.maps import TableError
 
 if TYPE_CHECKING:
+    from mailgate.control import Outcome
     from mailgate.queue.spool import QueuedMessage
+
+STOP_MARGIN = 20.0  # seconds `mailgate stop` waits beyond stop_grace (the last cancellations)
 
 
 def _load(path: str | None) -> Snapshot:
@@ -27,39 +32,141 @@ def _load(path: str | None) -> Snapshot:
         raise SystemExit(2) from None
 
 
+def _load_config(path: str | None) -> Config:
+    """The settings alone: ``stop`` and ``status`` work whatever state the tables are in."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _open_log(hostname: str, log: maillog.LogOptions) -> bool:
+    try:
+        maillog.setup(hostname, log)
+    except OSError as exc:
+        print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _command_log(log: LogSettings) -> LogSettings:
+    """The log of a command an admin runs (``flush``, the queue tools): the daemon's, but the
+    JSON copy only to its file, never to stdout, which is the admin's."""
+    return replace(log, json=log.json and log.json_file is not None)
+
+
+def _lost_when_detached(log: LogSettings) -> list[str]:
+    """What ``serve --daemon`` would write to stderr or stdout, /dev/null once detached."""
+    lost = []
+    if maillog.text_target(log) == "stderr":
+        lost.append('[log] target is stderr (no file, not "syslog"): the daemon\'s log is lost')
+    if log.json and log.json_file is None:
+        lost.append("[log] json goes to stdout (no json_file): the daemon's JSON lines are lost")
+    return lost
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from mailgate import master
+    from mailgate.pidfile import AlreadyRunning
+    from mailgate.service import Lifecycle, detach
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
+    # Absolute, so that a reload finds the file after --daemon has moved to /.
+    config_path = os.path.abspath(args.config) if args.config else None
+    if args.daemon:
+        if cfg.pid_file is None:
+            print("mailgate: --daemon needs a pid_file (it is how stop finds it)", file=sys.stderr)
+            return 2
+        for lost in _lost_when_detached(cfg.log):
+            print(f"mailgate: warning: {lost}", file=sys.stderr)
+    # Opened before detaching: a log that cannot be opened, or a syslog daemon that is not
+    # there, is said on the admin's terminal, not on the daemon's /dev/null.
+    if not _open_log(cfg.hostname, cfg.log):
+        return 1
+    problem = maillog.syslog_problem()
+    if problem is not None:  # not fatal: syslogd may come up later, and lines go there then
+        print(
+            f"mailgate: warning: {cfg.log.syslog_socket}: {problem}; log lines are lost "
+            "until the syslog daemon is there",
+            file=sys.stderr,
+        )
+    report_fd = detach(chdir=config_path is not None) if args.daemon else None
     for w in snapshot.warnings():
         maillog.config_warning(w)
+    lifecycle = Lifecycle(cfg, report_fd=report_fd)
     try:
-        master.run(args.config, snapshot)
+        master.run(config_path, snapshot, lifecycle)
+    except AlreadyRunning as exc:
+        lifecycle.failed(str(exc))
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
+        maillog.start_failed(exc)
+        lifecycle.failed(f"cannot start: {exc}")
         print(f"mailgate: cannot start: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+def _checked(path: str | None) -> Snapshot | None:
+    """What ``mailgate check`` checks: the config and every table it names, warnings
+    printed; None (the error printed, file:line) when it does not load."""
     try:
-        snapshot = load_snapshot(args.config)
+        snapshot = load_snapshot(path)
     except (ConfigError, TableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    warnings = snapshot.warnings()
-    for w in warnings:
+        return None
+    for w in snapshot.warnings():
         print(f"warning: {w}")
+    return snapshot
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    snapshot = _checked(args.config)
+    if snapshot is None:
+        return 1
+    warnings = len(snapshot.warnings())
     cfg = snapshot.config
     t = snapshot.tables
     print(
         f"{cfg.source}: OK ({len(t.local_names)} local names, "
         f"{len(t.relay_domains)} relay domains; "
-        f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''})"
+        f"{warnings} warning{'s' if warnings != 1 else ''})"
     )
     return 0
+
+
+def _outcome(outcome: Outcome) -> int:
+    print(f"mailgate: {outcome.text}", file=sys.stderr if outcome.error else sys.stdout)
+    return outcome.code
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from mailgate import control
+
+    cfg = _load_config(args.config)
+    timeout = args.timeout if args.timeout is not None else cfg.stop_grace + STOP_MARGIN
+    return _outcome(control.stop(cfg, timeout))
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """The checks of ``mailgate check`` first: a config that fails them is refused here, and
+    the daemon is not disturbed."""
+    from mailgate import control
+
+    snapshot = _checked(args.config)
+    if snapshot is None:
+        print("mailgate: reload refused: the daemon keeps its configuration", file=sys.stderr)
+        return 1
+    return _outcome(control.reload(snapshot.config, args.timeout))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mailgate import control
+
+    return _outcome(control.status(_load_config(args.config)))
 
 
 def _text_out() -> TextIO:
@@ -137,7 +244,11 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    maillog.setup(cfg.hostname, cfg.log.file if not args.verbose else None, cfg.log.level)
+    log = _command_log(cfg.log)
+    if args.verbose:  # the lines on stderr, between the dialogue's
+        log = replace(log, target="stderr", file=None)
+    if not _open_log(cfg.hostname, log):
+        return 1
     spool = Spool(cfg.spool_dir)
 
     def transcript(line: str) -> None:
@@ -244,19 +355,20 @@ _TOOL_WORDS = {
 
 def cmd_queue_tool(args: argparse.Namespace) -> int:
     """``hold``, ``release``, ``delete``, ``requeue``: each message under its lock
-    (queue.control), a line for each one not changed, postsuper's summary, the daemon told."""
-    from mailgate.queue import control
+    (queue.tools), a line for each one not changed, postsuper's summary, the daemon told."""
+    from mailgate.queue import tools
     from mailgate.queue.spool import Spool
 
     cfg = _load(args.config).config
-    maillog.setup(cfg.hostname, cfg.log.file, cfg.log.level)
+    if not _open_log(cfg.hostname, _command_log(cfg.log)):  # a line per message changed
+        return 1
     name = args.command
     summary, unchanged, verb = _TOOL_WORDS[name]
-    changes: dict[str, control.Change] = {
-        "hold": partial(control.hold, reason=getattr(args, "reason", "")),
-        "release": control.release,
-        "delete": control.delete,
-        "requeue": control.requeue,
+    changes: dict[str, tools.Change] = {
+        "hold": partial(tools.hold, reason=getattr(args, "reason", "")),
+        "release": tools.release,
+        "delete": tools.delete,
+        "requeue": tools.requeue,
     }
     every = getattr(args, "all", False)
     if every == bool(args.qids):
@@ -269,26 +381,26 @@ def cmd_queue_tool(args: argparse.Namespace) -> int:
     done = 0
     failed = False
     try:
-        for qid, outcome, detail in control.apply(spool, changes[name], qids, wait):
-            if outcome is control.Outcome.DONE:
+        for qid, outcome, detail in tools.apply(spool, changes[name], qids, wait):
+            if outcome is tools.Outcome.DONE:
                 done += 1
                 continue
-            if every and outcome is control.Outcome.NOT_FOUND:
+            if every and outcome is tools.Outcome.NOT_FOUND:
                 continue  # listed, then delivered before its turn: nothing to requeue
-            failed |= outcome is not control.Outcome.UNCHANGED
+            failed |= outcome is not tools.Outcome.UNCHANGED
             why = {
-                control.Outcome.UNCHANGED: unchanged,
-                control.Outcome.NOT_FOUND: "not in the queue",
-                control.Outcome.BUSY: f"being delivered (locked) for all of {wait:g} s; not {verb}",
-                control.Outcome.UNREADABLE: f"unreadable queue entry; not {verb}",
-                control.Outcome.FAILED: f"not {verb}: {detail}",
+                tools.Outcome.UNCHANGED: unchanged,
+                tools.Outcome.NOT_FOUND: "not in the queue",
+                tools.Outcome.BUSY: f"being delivered (locked) for all of {wait:g} s; not {verb}",
+                tools.Outcome.UNREADABLE: f"unreadable queue entry; not {verb}",
+                tools.Outcome.FAILED: f"not {verb}: {detail}",
             }[outcome]
             print(f"mailgate: {qid}: {why}", file=sys.stderr)
     finally:
         spool.close()
     print(f"mailgate: {summary}: {done} message{'s' if done != 1 else ''}", file=sys.stderr)
     if done and name in ("release", "requeue"):
-        pid = control.wake_daemon(cfg.pid_file)
+        pid = tools.wake_daemon(cfg.pid_file)
         if pid is not None:
             print(f"mailgate: told the daemon (pid {pid})", file=sys.stderr)
         else:
@@ -349,9 +461,35 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
-    add("serve", "run the gateway in the foreground").set_defaults(func=cmd_serve)
+    p = add("serve", "run the gateway (in the foreground, as systemd and AIX's SRC want)")
+    p.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach (for SysV init): returns once the daemon listens, with its pid in pid_file",
+    )
+    p.set_defaults(func=cmd_serve)
     add("check", "validate the config and every table; warn about suspicious lines").set_defaults(
         func=cmd_check
+    )
+    p = add("stop", "stop the daemon: sessions and deliveries in progress finish first")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help=f"wait this long for it to exit (default: stop_grace + {STOP_MARGIN:g})",
+    )
+    p.set_defaults(func=cmd_stop)
+    p = add("reload", "check the config and tables, then have the daemon load them")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait this long for the daemon's answer (default: 30)",
+    )
+    p.set_defaults(func=cmd_reload)
+    add("status", "is the daemon running: pid, listeners, queue, uptime").set_defaults(
+        func=cmd_status
     )
     p = add("mailq", "list the queue as Sendmail's mailq (sendmail -bp) does")
     p.add_argument(

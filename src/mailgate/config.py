@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
@@ -29,7 +30,8 @@ from typing import Any, Literal, TypeAlias, TypeVar, cast, get_args
 
 from mailgate import tls
 from mailgate.errors import SourceError
-from mailgate.maillog import Level
+from mailgate.logsink import Facility
+from mailgate.maillog import Level, Target
 
 T = TypeVar("T")
 S = TypeVar("S")
@@ -492,13 +494,31 @@ class TlsSettings:
 
 @dataclass(frozen=True)
 class LogSettings:
+    # No default target: a file setting is the file target (as before targets existed), and
+    # without one the lines go to stderr, where `mailgate serve` in a terminal shows them.
+    target: Target | None = setting(
+        _one_of(get_args(Target)),
+        None,
+        "`stderr`, `file` or `syslog`: where maillog lines go",
+        shown='`"file"` when `file` is set, else `"stderr"`',
+    )
     file: Path | None = setting(
-        _path_or_none, None, "maillog lines go here", shown="stderr", relative=True
+        _path_or_none, None, "the file of target `file`", shown="none", relative=True
     )
     level: Level = setting(
         _one_of(get_args(Level)),
         "info",
         "`debug`, `info`, `notice`, `warning` or `error`: the least written",
+    )
+    syslog_socket: Path = setting(
+        _path, "/dev/log", "the syslog daemon's socket (target `syslog`)", relative=True
+    )
+    facility: Facility = setting(
+        _one_of(get_args(Facility)), "mail", "the syslog facility (target `syslog`)"
+    )
+    json: bool = setting(_bool, False, "also write each line as a JSON object (`json_file`)")
+    json_file: Path | None = setting(
+        _path_or_none, None, "where the JSON lines go", shown="stdout", relative=True
     )
 
 
@@ -527,11 +547,23 @@ class Config:
     relay_hosts_only: bool = setting(
         _bool, True, "FEATURE(relay_hosts_only): RELAY grants are exact names"
     )
+    # None (the default) is replaced by spool_dir/mailgate.pid, as Postfix keeps its master.pid
+    # in its queue folder: `mailgate stop`, `reload` and `status` find the daemon there. "" is
+    # no pid file (systemd does not need one, but those three commands then cannot work).
     pid_file: Path | None = setting(
-        _path_or_none, None, "write the daemon's (master's) pid here", shown="none", relative=True
+        _path_or_none,
+        None,
+        "the daemon's (master's) pid, locked while it runs; `mailgate.state.json` beside it",
+        shown="`spool_dir`/mailgate.pid",
+        relative=True,
     )
     workers: int = setting(  # processes sharing the listeners and the spool; 0 = one per CPU
         _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)"
+    )
+    stop_grace: float = setting(
+        parse_duration,
+        "10s",
+        "on stop, how long sessions and deliveries in progress may take to finish",
     )
     smtp: SmtpSettings = section(SmtpSettings)
     queue: QueueSettings = section(QueueSettings)
@@ -549,6 +581,10 @@ class Config:
     @property
     def helo_name(self) -> str:
         return self.delivery.helo_name or self.hostname
+
+    @property
+    def worker_processes(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -738,6 +774,16 @@ def _with_tls_context(r: _Reader, settings: TlsSettings) -> TlsSettings:
     return replace(settings, server_context=context)
 
 
+def _check_log(r: _Reader, log: LogSettings) -> None:
+    """The settings of ``[log]`` that only make sense together."""
+    if log.target == "file" and log.file is None:
+        raise r.error("log", "target", 'is "file": give the file too (file = "/path/maillog")')
+    if log.file is not None and log.target in ("stderr", "syslog"):
+        raise r.error("log", "file", f'is for target = "file", but target is "{log.target}"')
+    if log.json_file is not None and not log.json:
+        raise r.error("log", "json_file", "is set, but json is not true")
+
+
 def parse_config(text: str, path: Path | None, base: Path) -> Config:
     """Parse TOML ``text``; relative paths resolve against ``base``."""
     source = str(path) if path else "<embedded default config>"
@@ -751,9 +797,12 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     top = r.values("", Config, base)
     if "tables_dir" not in data:  # the TOML file's folder; the embedded config has no tables
         top["tables_dir"] = base if path else None
+    if "pid_file" not in data:
+        top["pid_file"] = cast(Path, top["spool_dir"]) / "mailgate.pid"
     for name, cls in _sections():
         top[name] = _build(cls, r.values(name, cls, base))
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
+    _check_log(r, cast(LogSettings, top["log"]))
     return _build(Config, {"path": path, **top})
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import random
 import signal
 import socket
@@ -31,6 +30,8 @@ from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
+from mailgate.runstate import REPORT_INTERVAL, Activity
+from mailgate.service import ServiceEvents, Unobserved
 from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Listener, bind_socket
 from mailgate.smtp.server import SmtpServerProtocol
@@ -56,8 +57,10 @@ class Gateway:
         workers: int = 1,
         adopt: tuple[int, ...] = (),
         counts: Counts | None = None,
+        events: ServiceEvents | None = None,
     ) -> None:
         self.config_path = config_path
+        self.events: ServiceEvents = events if events is not None else Unobserved()
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
         self.worker = worker
@@ -83,6 +86,7 @@ class Gateway:
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
+        self._drained: asyncio.Event | None = None  # stopping: set when the last session ends
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,41 +128,59 @@ class Gateway:
             )
             listener.start()
             self.listeners.append(listener)
-        if cfg.pid_file and self.workers == 1:
-            cfg.pid_file.write_text(f"{os.getpid()}\n")
-        self._stats_task = asyncio.get_running_loop().create_task(
-            self._statistics_every(STATISTICS_INTERVAL)
-        )
-        self._scan_task = asyncio.get_running_loop().create_task(self._queue_runs())
+        loop = asyncio.get_running_loop()
+        self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
+        self._scan_task = loop.create_task(self._queue_runs())
+        self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
+        self.events.listening()
 
     def _new_session(self) -> SmtpServerProtocol:
         return SmtpServerProtocol(self)
 
     async def stop(self) -> None:
+        """SIGTERM: accept nothing more; sessions finish the transaction they are in (then get
+        421) and deliveries in progress go on, until ``stop_grace``; what is left then is
+        closed (a session) or cancelled (a delivery, whose message stays queued). Nothing
+        acknowledged is lost either way: the spool is consistent at every step."""
+        self.events.stopping()
         maillog.stopping()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.snapshot.config.stop_grace
         for listener in self.listeners:
             await listener.close()
+        bye = Reply(421, "4.3.2", f"{self.snapshot.config.hostname} Shutting down")
+        self._drained = asyncio.Event()
+        for s in list(self.sessions):
+            s.drain(bye)
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._drained.wait()
+        if self.sessions:
+            maillog.stop_deadline(len(self.sessions))
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
-                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} Shutting down"))
+                s.shut_down(bye)
         self._stats_task.cancel()
         self._scan_task.cancel()
+        self._report_task.cancel()
         self.log_statistics()
-        await self.scheduler.stop()
+        await self.scheduler.stop(grace=max(0.0, deadline - loop.time()))
         if self.delivery.connections is not None:
             await self.delivery.connections.close_all()
         self.spool.close()
-        cfg = self.snapshot.config
-        if cfg.pid_file and self.workers == 1:
-            with contextlib.suppress(OSError):
-                cfg.pid_file.unlink()
 
     def reload(self) -> bool:
-        """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays."""
+        """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays.
+        Sessions keep the snapshot they started with; only new ones see the new one. The log
+        file is opened again first, whatever the outcome (logrotate's HUP)."""
+        maillog.reopen()
+        self.events.reloading()
         snapshot = try_reload(self.config_path)
-        if snapshot is None:
+        if not isinstance(snapshot, Snapshot):
+            self.events.reloaded(str(snapshot))
             return False
         config = snapshot.config
         old = self.snapshot.config
@@ -167,25 +189,27 @@ class Gateway:
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
             self.delivery.resolver = self.resolver
-        maillog.setup(config.hostname, config.log.file, config.log.level)
+        setup_log(config)
         self.snapshot = snapshot
         for w in snapshot.warnings():
             maillog.config_warning(w)
         maillog.reloaded(config.source)
+        self.events.reloaded(None)
         return True
 
     # -- what sessions call --------------------------------------------------------------------
     def session_started(self, session: SmtpServerProtocol) -> None:
+        """A connection was accepted (admitted or not: ``smtp/limits.py`` counts those)."""
         self.sessions.add(session)
-        self.admission.open(session.client.ip)
         self.counters["connections"] += 1
         self._check_stress()
 
     def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.admission.close(session.client.ip)
             self._check_stress()
+        if not self.sessions and self._drained is not None:
+            self._drained.set()
 
     def _check_stress(self) -> None:
         """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
@@ -218,16 +242,6 @@ class Gateway:
                 min(smtp.data_timeout, smtp.stress_timeout),
             )
         return smtp.command_timeout, smtp.data_timeout
-
-    def connection_limit_reply(self, ip: str) -> Reply | None:
-        """The per-IP limit, over this daemon's sessions (this one already counted)."""
-        cfg = self.snapshot.config
-        refusal = Admission.refusal(
-            ip, self.admission.count(ip), cfg.smtp.max_connections_per_ip, cfg.hostname
-        )
-        if refusal is not None:
-            self.counters["per_ip_limit"] += 1
-        return refusal
 
     async def lookup_client(self, ip: str) -> Client:
         """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
@@ -371,7 +385,7 @@ class Gateway:
             "stress",
         )
         maillog.statistics(
-            {n: c[n] for n in names},
+            {**{n: c[n] for n in names}, "log_lines_lost": maillog.lost_lines()},
             len(self.sessions),
             self.scheduler.queued,
             self.scheduler.active,
@@ -381,6 +395,35 @@ class Gateway:
         while True:
             await asyncio.sleep(interval)
             self.log_statistics()
+
+    def activity(self) -> Activity:
+        return Activity(
+            sessions=len(self.sessions),
+            received=self.counters["messages_received"],
+            queued=self.scheduler.queued,
+            delivering=self.scheduler.active,
+        )
+
+    async def _report_every(self, interval: float) -> None:
+        """The counts for systemd's STATUS and the state file (the master sums the workers')."""
+        while True:
+            self.events.activity(self.activity())
+            await asyncio.sleep(interval)
+
+    def statistics_now(self) -> None:
+        """SIGUSR2: the statistics line in the log, and the counts in the state file and
+        systemd's STATUS brought up to date."""
+        self.log_statistics()
+        self.events.activity(self.activity())
+
+
+def setup_log(config: Config) -> None:
+    """A reloaded ``[log]``: a destination that cannot be opened leaves the lines where they
+    went (logged), the rest of the reload goes on."""
+    try:
+        maillog.setup(config.hostname, config.log)
+    except OSError as exc:
+        maillog.log_open_failed(exc)
 
 
 def install_event_loop() -> None:
@@ -394,15 +437,18 @@ def install_event_loop() -> None:
 
 async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: Any) -> None:
     gateway = Gateway(config_path, snapshot, **worker)
-    await gateway.start()
     loop = asyncio.get_running_loop()
+    # HUP and TERM are taken from the start (their default would kill the process while it
+    # binds); a HUP then reloads at once, a TERM stops once the start is done.
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-    loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
-    loop.add_signal_handler(signal.SIGUSR2, gateway.log_statistics)
-    loop.add_signal_handler(DUE_SIGNAL, gateway.wake)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    await gateway.start()
+    loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
+    loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
+    # Ignored until here (its default), and start() has read due/ already.
+    loop.add_signal_handler(DUE_SIGNAL, gateway.wake)
     await stop.wait()
     await gateway.stop()
 

@@ -1,24 +1,35 @@
 """Sendmail-style maillog lines, one function per event, so admins' log parsers keep working.
 
-Lines go to stderr by default (``[log] file`` sends them to a file) with a syslog-like prefix:
-``Nov 24 19:21:00 gateway mailgate[1234]: 6AOJL6hk004507: from=<a@b>, size=78, ...``.
-
 Every line the gateway writes is built here, by a function named for its event; a call site
-passes facts (a queue id, a relay, a reply), never a formatted line. Each event states its
-severity by name, the one syslog would get: ``info`` for the from=/to= lines and routine
-events, ``notice`` for refusals and protocol abuse, ``warning`` and ``error`` for trouble.
-To add a line: write one function in the section it belongs to, call ``_log(level, text)``
-(which flattens CR/LF), and keep its text stable once shipped.
+passes facts (a queue id, a relay, a reply), never a formatted line. The function returns the
+line's text and ``@_event`` writes it, at the severity `LEVELS` gives the event: that table is
+the one place severities are decided (syslog gets the priority of the same name). To add a
+line: write its function in the section it belongs to, decorated with ``@_event``, give it a
+row in `LEVELS`, and keep its text stable once shipped.
+
+Where lines go (``[log] target``; `setup`): stderr or a file, each line with a syslog-like
+prefix (``Nov 24 19:21:00 gateway mailgate[1234]: 6AOJL6hk004507: from=<a@b>, ...``), or the
+local syslog socket as glibc's ``syslog()`` would send it (``<22>Nov 24 19:21:00
+mailgate[1234]: ...``, facility ``mail``), so a syslog.conf line such as ``mail.debug
+/var/log/maillog`` gets the lines Sendmail wrote there. With ``[log] json``, each line also
+goes as one JSON object (time, level, event, qid, the text, and the event function's
+arguments as fields) to a second file or stdout, for log shippers. `logsink` writes them.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import inspect
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, TypeGuard, get_args
+from typing import TYPE_CHECKING, Literal, ParamSpec, Protocol
+
+from mailgate.logsink import FACILITY_CODES, Facility, LineFile, Sink, SyslogSocket
 
 if TYPE_CHECKING:
     from mailgate.tls import Session as TlsSession
@@ -26,55 +37,293 @@ if TYPE_CHECKING:
 Level = Literal["debug", "info", "notice", "warning", "error"]
 """Severity by name; the syslog priorities of the same names (``error`` is ``LOG_ERR``)."""
 
-_LEVELS: dict[Level, int] = {"debug": 10, "info": 20, "notice": 25, "warning": 30, "error": 40}
+Target = Literal["stderr", "file", "syslog"]
+
+_RANK: dict[Level, int] = {"debug": 10, "info": 20, "notice": 25, "warning": 30, "error": 40}
+SYSLOG_SEVERITY: dict[Level, int] = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3}
+
+# Every event's severity, as Sendmail logs the same events (sm_syslog's priorities): the
+# from=, to= (sent, deferred or failed alike) and DSN lines are LOG_INFO, ruleset rejects
+# LOG_NOTICE; protocol abuse is notice, what an admin must look at warning or error.
+LEVELS: dict[str, Level] = {
+    # a message's life: each line carries its queue id
+    "received": "info",
+    "delivery": "info",
+    "dsn_created": "info",
+    "removed": "info",
+    "reject": "notice",
+    "discard": "notice",
+    "message_refused": "notice",
+    "spool_error": "error",
+    "quarantined": "error",
+    "attempt_failed": "error",
+    "status_write_failed": "error",
+    "postmaster_notified": "info",
+    "postmaster_notify_failed": "error",
+    "bounce_queue_failed": "error",
+    "receipt_queue_failed": "error",
+    "warning_queue_failed": "error",
+    # SMTP sessions
+    "early_talker": "info",
+    "improper_pipelining": "info",
+    "auth_warning": "info",
+    "starttls_server": "info",
+    "starttls_accept_failed": "warning",
+    "tls_read_failed": "warning",
+    "starttls_plaintext_dropped": "notice",
+    "input_timeout": "notice",
+    "write_timeout": "notice",
+    "rcpt_flood": "notice",
+    "bare_newline": "notice",
+    "session_failed": "error",
+    "accept_error": "error",
+    # the spool
+    "low_space": "warning",
+    "space_available": "info",
+    "recover_failed": "error",
+    "recovered": "info",
+    "recovered_incoming": "info",
+    "queue_scan": "info",
+    "due_taken": "info",
+    # the queue tools
+    "placed_on_hold": "info",
+    "released_from_hold": "info",
+    "deleted": "info",
+    "requeued": "info",
+    # delivery
+    "starttls_client": "info",
+    "starttls_client_failed": "warning",
+    "held_skipped": "debug",
+    # the daemon
+    "daemon_started": "info",
+    "start_failed": "error",
+    "stale_pid_file": "notice",
+    "stopping": "info",
+    "stop_deadline": "warning",
+    "config_warning": "warning",
+    "reload_refused": "error",
+    "reloaded": "info",
+    "restart_needed": "warning",
+    "stress_started": "warning",
+    "stress_ended": "info",
+    "statistics": "info",
+    "master_started": "info",
+    "worker_failed": "error",
+    "worker_exited": "error",
+    # the log itself, and the libraries we run on
+    "lines_dropped": "warning",
+    "log_open_failed": "error",
+    "library_warning": "warning",
+    "library_error": "error",
+}
+
+
+class LogOptions(Protocol):
+    """Where lines go: what ``[log]`` holds (`mailgate.config.LogSettings`)."""
+
+    @property
+    def target(self) -> Target | None: ...  # None: "file" when there is a file, else "stderr"
+    @property
+    def file(self) -> Path | None: ...
+    @property
+    def level(self) -> Level: ...
+    @property
+    def syslog_socket(self) -> Path: ...
+    @property
+    def facility(self) -> Facility: ...
+    @property
+    def json(self) -> bool: ...
+    @property
+    def json_file(self) -> Path | None: ...  # None: stdout
 
 
 class _Writer:
-    """One ``write`` per line to an O_APPEND descriptor: lines from several workers never
-    interleave, nothing is buffered (an admin tailing the log sees each line at once), and a
-    busy gateway pays one system call per line and no logging-framework overhead."""
+    """The sinks of this process and the prefix of its lines. After a fork (workers) the
+    sinks are shared, each line still one ``write`` or one datagram; only the pid changes."""
 
     def __init__(self) -> None:
-        self.fd = 2  # stderr until setup() says otherwise
-        self.own_fd = False
+        self.text: Sink = LineFile(None)  # stderr until setup() says otherwise
+        self.facility: int | None = None  # a syslog facility code when text is the socket
+        self.json: Sink | None = None
         self.host = "localhost"
-        self.level = _LEVELS["info"]
+        self.level = _RANK["info"]
         self.pid = os.getpid()
         self.second = -1
         self.stamp = ""
+        self.lost = 0  # lines a sink could not take, since start (in the statistics line)
 
-    def setup(self, hostname: str, file: Path | None, level: str) -> None:
-        fd = 2
-        if file is not None:
-            fd = os.open(file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        if self.own_fd:
-            os.close(self.fd)
-        self.fd, self.own_fd = fd, file is not None
+    def setup(self, hostname: str, options: LogOptions | None) -> None:
+        """Open the new sinks before closing the old: OSError leaves everything as it was."""
+        text: Sink = LineFile(None)
+        facility: int | None = None
+        json_sink: Sink | None = None
+        level: Level = "info"
+        if options is not None:
+            target = text_target(options)
+            if target == "syslog":
+                text, facility = (
+                    SyslogSocket(options.syslog_socket),
+                    FACILITY_CODES[options.facility],
+                )
+            elif target == "file" and options.file is not None:
+                text = LineFile(options.file)
+            if options.json:
+                try:
+                    json_sink = LineFile(options.json_file) if options.json_file else _Stdout()
+                except OSError:
+                    text.close()
+                    raise
+            level = options.level
+        for old in (self.text, self.json):
+            if old is not None:
+                old.close()
+        self.text, self.facility, self.json = text, facility, json_sink
         self.host = hostname.split(".")[0]
-        name = level.lower()
-        self.level = _LEVELS[name] if _is_level(name) else _LEVELS["info"]
+        self.level = _RANK[level]
 
-    def write(self, level: Level, text: str) -> None:
-        if _LEVELS[level] < self.level:
-            return
-        now = int(time.time())
-        if now != self.second:
-            self.second = now
-            self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(now))
-        line = f"{self.stamp} {self.host} mailgate[{self.pid}]: {text}\n"
-        with contextlib.suppress(OSError):  # a full log disk must not stop the mail
-            os.write(self.fd, line.encode("utf-8", "replace"))
+    def enabled(self, level: Level) -> bool:
+        return _RANK[level] >= self.level
+
+    def write(self, level: Level, event: str, text: str, fields: dict[str, object]) -> None:
+        now = time.time()
+        second = int(now)
+        if second != self.second:  # once a second: the stamp, and the sinks heal themselves
+            self.second = second
+            self.stamp = time.strftime("%b %e %H:%M:%S", time.localtime(second))
+            self.text.check()
+            if self.json is not None:
+                self.json.check()
+        if self.facility is None:
+            line = f"{self.stamp} {self.host} mailgate[{self.pid}]: {text}\n"
+        else:  # RFC 3164 as glibc sends it to /dev/log: no host name, no newline
+            pri = self.facility * 8 + SYSLOG_SEVERITY[level]
+            line = f"<{pri}>{self.stamp} mailgate[{self.pid}]: {text}"
+        healed = self._put(self.text, line.encode("utf-8", "replace"))
+        if self.json is not None:
+            healed += self._put(self.json, self._json(now, level, event, text, fields))
+        for sink in healed:  # it works again: say how many lines it lost meanwhile
+            count, sink.dropped = sink.dropped, 0
+            lines_dropped(count, sink.name)
+
+    def _json(
+        self, now: float, level: Level, event: str, text: str, fields: dict[str, object]
+    ) -> bytes:
+        record: dict[str, object] = {
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "host": self.host,
+            "pid": self.pid,
+            "level": level,
+            "event": event,
+        }
+        qid = fields.pop("qid", None)
+        if qid is not None:
+            record["qid"] = qid
+        record["text"] = text
+        record["fields"] = fields
+        encoded = json.dumps(record, ensure_ascii=False, default=_json_value)
+        return (encoded + "\n").encode("utf-8", "replace")
+
+    def _put(self, sink: Sink, data: bytes) -> list[Sink]:
+        """Write; ``[sink]`` if it took the line after losing some, else ``[]``."""
+        if not sink.write(data):
+            self.lost += 1
+            return []
+        return [sink] if sink.dropped else []
+
+    def reopen(self) -> None:
+        self.text.reopen()
+        if self.json is not None:
+            self.json.reopen()
 
     def after_fork(self) -> None:
         self.pid = os.getpid()
 
 
-def _is_level(name: str) -> TypeGuard[Level]:
-    return name in get_args(Level)
+class _Stdout(LineFile):
+    """The JSON copy on stdout (fd 1), for a log shipper reading the daemon's output."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.fd = 1
+
+    @property
+    def name(self) -> str:
+        return "stdout"
+
+
+def _json_value(value: object) -> object:
+    """An event argument that JSON has no type for: an exception as the text line shows it,
+    a dataclass (a TLS session) as its fields, anything else (a path, a reply) as text."""
+    if isinstance(value, BaseException):
+        return repr(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
 
 
 _writer = _Writer()
 os.register_at_fork(after_in_child=_writer.after_fork)
+
+P = ParamSpec("P")
+
+
+def _event(build: Callable[P, str]) -> Callable[P, None]:
+    """The event function ``build`` (its arguments → its text), made into one that writes
+    the line at its `LEVELS` severity, CR/LF flattened (it may hold a peer's or an
+    exception's text); the JSON copy gets the arguments by name."""
+    name = build.__name__
+    level = LEVELS[name]  # an event without a severity fails at import
+    params = list(inspect.signature(build).parameters.values())
+    names = [p.name for p in params]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+    def log(*args: P.args, **kwargs: P.kwargs) -> None:
+        if not _writer.enabled(level):
+            return
+        text = _clean(build(*args, **kwargs))
+        fields: dict[str, object] = {}
+        if _writer.json is not None:
+            fields = {**defaults, **dict(zip(names, args, strict=False)), **kwargs}
+        _writer.write(level, name, text, fields)
+
+    log.__name__ = log.__qualname__ = name
+    log.__doc__ = build.__doc__
+    log.__wrapped__ = build  # type: ignore[attr-defined]  # as functools.wraps: an event
+    return log
+
+
+def text_target(options: LogOptions) -> Target:
+    """Where the lines go: ``[log] target``, or without it a file when there is one, else
+    stderr (where `mailgate serve` in a terminal shows them)."""
+    return options.target or ("file" if options.file is not None else "stderr")
+
+
+def setup(hostname: str, options: LogOptions | None = None) -> None:
+    """Send lines where ``options`` say (stderr when None); called again on reload. OSError
+    when a file cannot be opened; the lines then go on where they went."""
+    _writer.setup(hostname, options)
+    root = logging.getLogger()
+    if _library_handler not in root.handlers:
+        root.addHandler(_library_handler)
+
+
+def reopen() -> None:
+    """SIGHUP: open the log file again under its name (logrotate renamed it) and reconnect
+    to syslog, whether or not the new configuration loads. Renames are also noticed within
+    a second without it."""
+    _writer.reopen()
+
+
+def lost_lines() -> int:
+    """Lines a sink could not take since start (a full disk, a syslog daemon not reading);
+    a line lost by the syslog socket and the JSON file both counts twice."""
+    return _writer.lost
+
+
+def syslog_problem() -> str | None:
+    """Why the syslog socket could not be reached at setup, if it is the target and could not."""
+    text = _writer.text
+    return text.problem if isinstance(text, SyslogSocket) else None
 
 
 class _LibraryHandler(logging.Handler):
@@ -82,32 +331,16 @@ class _LibraryHandler(logging.Handler):
     line each, never as a traceback on stderr behind the admin's back."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        text = f"{record.name}: {record.getMessage()}"
+        text = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             text += f": {record.exc_info[1]!r}"
-        _writer.write(_level_of(record.levelno), text.replace("\n", " "))
-
-
-def _level_of(levelno: int) -> Level:
-    """Python logging's numeric level → ours (CRITICAL is an error here too)."""
-    if levelno >= logging.ERROR:
-        return "error"
-    if levelno >= logging.WARNING:
-        return "warning"
-    if levelno >= logging.INFO:
-        return "info"
-    return "debug"
+        if record.levelno >= logging.ERROR:  # CRITICAL is an error here too
+            library_error(record.name, text)
+        else:
+            library_warning(record.name, text)
 
 
 _library_handler = _LibraryHandler(logging.WARNING)
-
-
-def setup(hostname: str, file: Path | None = None, level: str = "info") -> None:
-    """Send log lines to ``file`` or stderr; safe to call again on reload."""
-    _writer.setup(hostname, file, level)
-    root = logging.getLogger()
-    if _library_handler not in root.handlers:
-        root.addHandler(_library_handler)
 
 
 def format_delay(seconds: float) -> str:
@@ -136,21 +369,18 @@ def _clean(text: str) -> str:
     return text.replace("\r", " ").replace("\n", " ")
 
 
-def _log(level: Level, text: str) -> None:
-    """One line, CR/LF flattened (it may hold a peer's or an exception's text)."""
-    _writer.write(level, _clean(text))
-
-
 # -- Sendmail's message lines (parsed by admins' tools: keep the formats) ---------------------
+@_event
 def received(
     qid: str, sender: str, size: int, nrcpts: int, msgid: str | None, proto: str, relay: str
-) -> None:
+) -> str:
     msg = f"{qid}: from=<{sender}>, size={size}, class=0, nrcpts={nrcpts}"
     if msgid:
-        msg += f", msgid={_clean(msgid)}"
-    _writer.write("info", f"{msg}, proto={proto}, daemon=MTA, relay={relay}")
+        msg += f", msgid={msgid}"
+    return f"{msg}, proto={proto}, daemon=MTA, relay={relay}"
 
 
+@_event
 def delivery(
     qid: str,
     to: str,
@@ -163,7 +393,7 @@ def delivery(
     stat: str,
     reply: str | None = None,
     ctladdr: str | None = None,
-) -> None:
+) -> str:
     parts = [f"{qid}: to=<{to}>"]
     if ctladdr:
         parts.append(f"ctladdr=<{ctladdr}>")
@@ -172,257 +402,344 @@ def delivery(
         parts.append(f"relay={relay}")
     parts.append(f"dsn={dsn}")
     if reply:
-        parts.append(f"reply={_clean(reply)}")
-    parts.append(f"stat={_clean(stat)}")
-    _writer.write("info", ", ".join(parts))
+        parts.append(f"reply={reply}")
+    parts.append(f"stat={stat}")
+    return ", ".join(parts)
 
 
-def reject(qid: str | None, ruleset: str, arg1: str, relay: str, reply: str) -> None:
+@_event
+def reject(qid: str | None, ruleset: str, arg1: str, relay: str, reply: str) -> str:
     prefix = f"{qid}: " if qid else ""
-    _writer.write(
-        "notice",
-        f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, reject={_clean(reply)}",
-    )
+    return f"{prefix}ruleset={ruleset}, arg1={arg1}, relay={relay}, reject={reply}"
 
 
-def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> None:
+@_event
+def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> str:
     prefix = f"{qid}: " if qid else ""
-    _writer.write(
-        "notice", f"{prefix}ruleset={ruleset}, arg1={_clean(arg1)}, relay={relay}, discard"
-    )
+    return f"{prefix}ruleset={ruleset}, arg1={arg1}, relay={relay}, discard"
 
 
-def dsn_created(qid: str, bounce_qid: str, reason: str) -> None:
-    _writer.write("info", f"{qid}: {bounce_qid}: DSN: {_clean(reason)}")
+@_event
+def dsn_created(qid: str, bounce_qid: str, reason: str) -> str:
+    """A bounce, delay warning or return receipt for ``qid`` was queued as ``bounce_qid``."""
+    return f"{qid}: {bounce_qid}: DSN: {reason}"
+
+
+@_event
+def postmaster_notified(qid: str, notify_qid: str, reason: str) -> str:
+    """Sendmail's double bounce: mail from <> failed, its report goes to the postmaster."""
+    return f"{qid}: {notify_qid}: postmaster notify: {reason}"
+
+
+@_event
+def removed(qid: str) -> str:
+    """The message is done (delivered or bounced) and gone from the queue: Postfix's line,
+    which Sendmail lacks; the last line of a queue id's life."""
+    return f"{qid}: removed"
+
+
+@_event
+def quarantined(qid: str, reason: str, where: object) -> str:
+    """An unreadable queue entry was moved aside (never deleted) for the admin to look at."""
+    return f"{qid}: unreadable queue entry moved to {where}: {reason}"
 
 
 # -- the SMTP server's sessions ---------------------------------------------------------------
-def early_talker(relay: str, ip: str, seconds: float) -> None:
-    _log(
-        "info",
+@_event
+def early_talker(relay: str, ip: str, seconds: float) -> str:
+    return (
         f"rejecting commands from {relay} [{ip}] due to pre-greeting traffic after "
-        f"{seconds} seconds",
+        f"{seconds} seconds"
     )
 
 
-def improper_pipelining(relay: str, nbytes: int) -> None:
-    _log(
-        "info",
-        f"improper command pipelining after DATA from {relay}: {nbytes} bytes sent before the 354",
+@_event
+def improper_pipelining(relay: str, nbytes: int) -> str:
+    return (
+        f"improper command pipelining after DATA from {relay}: {nbytes} bytes sent before the 354"
     )
 
 
-def auth_warning(host: str, text: str) -> None:
-    _log("info", f"Authentication-Warning: {host}: {text}")
+@_event
+def auth_warning(host: str, text: str) -> str:
+    return f"Authentication-Warning: {host}: {text}"
 
 
-def message_refused(qid: str, relay: str, reply: object) -> None:
-    _log("notice", f"{qid}: message from {relay} refused: {reply}")
+@_event
+def message_refused(qid: str, relay: str, reply: object) -> str:
+    return f"{qid}: message from {relay} refused: {reply}"
 
 
-def starttls_server(relay: str, session: TlsSession) -> None:
-    _log("info", f"STARTTLS=server, relay={relay}, {session.for_maillog()}")
+@_event
+def starttls_server(relay: str, session: TlsSession) -> str:
+    return f"STARTTLS=server, relay={relay}, {session.for_maillog()}"
 
 
-def starttls_accept_failed(relay: str, why: str) -> None:
-    _log("warning", f"STARTTLS=server, error: accept failed={why}, relay={relay}")
+@_event
+def starttls_accept_failed(relay: str, why: str) -> str:
+    return f"STARTTLS=server, error: accept failed={why}, relay={relay}"
 
 
-def tls_read_failed(relay: str, exc: BaseException | None) -> None:
-    _log("warning", f"STARTTLS=server, error: read failed={exc!r}, relay={relay}")
+@_event
+def tls_read_failed(relay: str, exc: BaseException | None) -> str:
+    return f"STARTTLS=server, error: read failed={exc!r}, relay={relay}"
 
 
-def starttls_plaintext_dropped(relay: str, nbytes: int) -> None:
-    _log(
-        "notice",
+@_event
+def starttls_plaintext_dropped(relay: str, nbytes: int) -> str:
+    return (
         f"STARTTLS=server, relay={relay}: {nbytes} bytes of plaintext pipelined "
-        "after STARTTLS discarded",
+        "after STARTTLS discarded"
     )
 
 
-def input_timeout(relay: str, stage: Literal["DATA", "command"]) -> None:
-    _log("notice", f"timeout waiting for input from {relay} during {stage}")
+@_event
+def input_timeout(relay: str, stage: Literal["DATA", "command"]) -> str:
+    return f"timeout waiting for input from {relay} during {stage}"
 
 
-def write_timeout(relay: str) -> None:
-    _log(
-        "notice",
-        f"timeout writing to {relay}: the client does not read its replies; closing connection",
-    )
+@_event
+def write_timeout(relay: str) -> str:
+    return f"timeout writing to {relay}: the client does not read its replies; closing connection"
 
 
-def rcpt_flood(relay: str) -> None:
-    _log("notice", f"{relay}: Possible SMTP RCPT flood, throttling.")
+@_event
+def rcpt_flood(relay: str) -> str:
+    return f"{relay}: Possible SMTP RCPT flood, throttling."
 
 
-def bare_newline(relay: str, text: str) -> None:
-    _log(
-        "notice", f"{relay}: {text} in a command line (possible SMTP smuggling); closing connection"
-    )
+@_event
+def bare_newline(relay: str, text: str) -> str:
+    return f"{relay}: {text} in a command line (possible SMTP smuggling); closing connection"
 
 
-def session_failed(relay: str, exc: BaseException) -> None:
-    _log("error", f"session with {relay} failed: {exc!r}")
+@_event
+def session_failed(relay: str, exc: BaseException) -> str:
+    return f"session with {relay} failed: {exc!r}"
 
 
-def accept_error(strerror: str | None) -> None:
-    _log("error", f"accept: {strerror}; pausing 100 ms")
+@_event
+def accept_error(strerror: str | None) -> str:
+    return f"accept: {strerror}; pausing 100 ms"
 
 
 # -- the spool --------------------------------------------------------------------------------
-def spool_error(qid: str, text: object) -> None:
+@_event
+def spool_error(qid: str, text: object) -> str:
     """A message being received could not be written or committed."""
-    _log("error", f"{qid}: {text}")
+    return f"{qid}: {text}"
 
 
-def low_space(free: int, root: object, min_free: int) -> None:
-    _log(
-        "warning",
-        f"low on space ({free} bytes free in {root}, min_free is {min_free}): refusing mail",
-    )
+@_event
+def low_space(free: int, root: object, min_free: int) -> str:
+    return f"low on space ({free} bytes free in {root}, min_free is {min_free}): refusing mail"
 
 
-def space_available(free: int, root: object) -> None:
-    _log("info", f"space available again ({free} bytes free in {root}): accepting mail")
+@_event
+def space_available(free: int, root: object) -> str:
+    return f"space available again ({free} bytes free in {root}): accepting mail"
 
 
-def recover_failed(path: object, why: object) -> None:
-    _log("error", f"cannot recover {path}: {why}; left for the next start")
+@_event
+def recover_failed(path: object, why: object) -> str:
+    return f"cannot recover {path}: {why}; left for the next start"
 
 
-def recovered(n: int, where: object) -> None:
-    _log("info", f"recovered {n} queued message(s) from {where}")
+@_event
+def recovered(n: int, where: object) -> str:
+    return f"recovered {n} queued message(s) from {where}"
 
 
-def recovered_incoming(n: int, where: object) -> None:
-    _log("info", f"recovered {n} acknowledged message(s) from {where}/incoming")
+@_event
+def recovered_incoming(n: int, where: object) -> str:
+    return f"recovered {n} acknowledged message(s) from {where}/incoming"
 
 
-def queue_scan(n: int, where: object) -> None:
-    _log("info", f"queue run: {n} message(s) found in {where} that no runner here had")
+@_event
+def queue_scan(n: int, where: object) -> str:
+    return f"queue run: {n} message(s) found in {where} that no runner here had"
 
 
-def due_taken(n: int, where: object) -> None:
-    _log("info", f"{n} message(s) marked due in {where}/due: attempting now")
+@_event
+def due_taken(n: int, where: object) -> str:
+    return f"{n} message(s) marked due in {where}/due: attempting now"
 
 
 # -- the queue tools (mailgate hold, release, delete, requeue): Postfix's postsuper lines ------
-def placed_on_hold(qid: str, reason: str) -> None:
-    _log("info", f"{qid}: placed on hold" + (f", reason={reason}" if reason else ""))
+@_event
+def placed_on_hold(qid: str, reason: str) -> str:
+    return f"{qid}: placed on hold" + (f", reason={reason}" if reason else "")
 
 
-def released_from_hold(qid: str) -> None:
-    _log("info", f"{qid}: released from hold")
+@_event
+def released_from_hold(qid: str) -> str:
+    return f"{qid}: released from hold"
 
 
-def removed(qid: str) -> None:
-    _log("info", f"{qid}: removed")
+@_event
+def deleted(qid: str) -> str:
+    """``mailgate delete``: postsuper's line, the text of `removed` (the end of a queue id's
+    life for a log parser); the event's name, in the JSON copy, and the tool's pid tell the
+    two apart."""
+    return f"{qid}: removed"
 
 
-def requeued(qid: str) -> None:
-    _log("info", f"{qid}: requeued")
+@_event
+def requeued(qid: str) -> str:
+    return f"{qid}: requeued"
 
 
 # -- delivery ---------------------------------------------------------------------------------
-def starttls_client(relay: str, session: TlsSession) -> None:
-    _log("info", f"STARTTLS=client, relay={relay}, {session.for_maillog()}")
+@_event
+def starttls_client(relay: str, session: TlsSession) -> str:
+    return f"STARTTLS=client, relay={relay}, {session.for_maillog()}"
 
 
-def starttls_client_failed(relay: str, why: object) -> None:
-    _log("warning", f"STARTTLS=client, error: {why}, relay={relay}; going on in clear")
+@_event
+def starttls_client_failed(relay: str, why: object) -> str:
+    return f"STARTTLS=client, error: {why}, relay={relay}; going on in clear"
 
 
-def held_skipped(qid: str) -> None:
+@_event
+def held_skipped(qid: str) -> str:
     """An attempt found the message on hold (debug: a queue run may meet thousands)."""
-    _log("debug", f"{qid}: on hold, not attempted")
+    return f"{qid}: on hold, not attempted"
 
 
-def attempt_failed(qid: str, exc: BaseException) -> None:
-    _log("error", f"{qid}: delivery attempt failed: {exc!r}")
+@_event
+def attempt_failed(qid: str, exc: BaseException) -> str:
+    return f"{qid}: delivery attempt failed: {exc!r}"
 
 
-def status_write_failed(qid: str, exc: BaseException) -> None:
-    _log("error", f"{qid}: cannot record the delivery status: {exc}")
+@_event
+def status_write_failed(qid: str, exc: BaseException) -> str:
+    return f"{qid}: cannot record the delivery status: {exc}"
 
 
-def bounce_not_sent(qid: str, reason: str) -> None:
-    _log("info", f"{qid}: bounce for null sender not sent: {reason}")
+@_event
+def postmaster_notify_failed(qid: str, reason: str) -> str:
+    return f"{qid}: postmaster notify undeliverable, not reported again: {reason}"
 
 
-def bounce_queue_failed(qid: str, exc: BaseException) -> None:
-    _log("error", f"{qid}: cannot queue the bounce, will try again: {exc}")
+@_event
+def bounce_queue_failed(qid: str, exc: BaseException) -> str:
+    return f"{qid}: cannot queue the bounce, will try again: {exc}"
 
 
-def receipt_queue_failed(qid: str, exc: BaseException) -> None:
-    _log("error", f"{qid}: cannot queue the return receipt: {exc}")
+@_event
+def receipt_queue_failed(qid: str, exc: BaseException) -> str:
+    return f"{qid}: cannot queue the return receipt: {exc}"
 
 
-def warning_queue_failed(qid: str, exc: BaseException) -> None:
-    _log("error", f"{qid}: cannot queue the delay warning: {exc}")
+@_event
+def warning_queue_failed(qid: str, exc: BaseException) -> str:
+    return f"{qid}: cannot queue the delay warning: {exc}"
 
 
 # -- the daemon -------------------------------------------------------------------------------
-def daemon_started(listen: str, source: object, spool_dir: object) -> None:
-    _log(
-        "info", f"starting daemon (mailgate): SMTP on {listen}, config {source}, queue {spool_dir}"
-    )
+@_event
+def daemon_started(listen: str, source: object, spool_dir: object) -> str:
+    return f"starting daemon (mailgate): SMTP on {listen}, config {source}, queue {spool_dir}"
 
 
-def stopping() -> None:
-    _log("info", "stopping: no new connections, finishing deliveries in progress")
+@_event
+def start_failed(why: object) -> str:
+    return f"cannot start: {why}"
 
 
-def config_warning(w: object) -> None:
-    _log("warning", f"warning: {w}")
+@_event
+def stale_pid_file(path: object, pid: int) -> str:
+    return f"pid file {path} named pid {pid}, which is not running: taken over"
 
 
-def reload_refused(err: object) -> None:
-    _log("error", f"reload refused, keeping the running configuration: {err}")
+@_event
+def stopping() -> str:
+    return "stopping: no new connections, finishing deliveries in progress"
 
 
-def reloaded(source: object) -> None:
-    _log("info", f"configuration reloaded from {source}")
+@_event
+def stop_deadline(sessions: int) -> str:
+    return f"stop: {sessions} sessions still open at the deadline: closed with 421"
 
 
-def restart_needed() -> None:
-    _log("warning", "listen and spool_dir changes take effect only after a restart")
+@_event
+def config_warning(w: object) -> str:
+    return f"warning: {w}"
 
 
-def stress_started(open_now: int, max_connections: int, stress_timeout: float) -> None:
-    _log(
-        "warning",
+@_event
+def reload_refused(err: object) -> str:
+    return f"reload refused, keeping the running configuration: {err}"
+
+
+@_event
+def reloaded(source: object) -> str:
+    return f"configuration reloaded from {source}"
+
+
+@_event
+def restart_needed() -> str:
+    return "listen and spool_dir changes take effect only after a restart"
+
+
+@_event
+def stress_started(open_now: int, max_connections: int, stress_timeout: float) -> str:
+    return (
         f"stress: {open_now} of {max_connections} sessions open; command and DATA "
-        f"timeouts now {stress_timeout:g}s",
+        f"timeouts now {stress_timeout:g}s"
     )
 
 
+@_event
 def stress_ended(
     open_now: int, max_connections: int, command_timeout: float, data_timeout: float
-) -> None:
-    _log(
-        "info",
+) -> str:
+    return (
         f"stress over: {open_now} of {max_connections} sessions open; timeouts back "
-        f"to {command_timeout:g}s / {data_timeout:g}s",
+        f"to {command_timeout:g}s / {data_timeout:g}s"
     )
 
 
-def statistics(counters: dict[str, int], sessions_now: int, queued: int, delivering: int) -> None:
+@_event
+def statistics(counters: dict[str, int], sessions_now: int, queued: int, delivering: int) -> str:
     """One line of counters, like Postfix's anvil statistics, in the order given."""
     text = ", ".join(f"{n}={v}" for n, v in counters.items())
-    _log(
-        "info",
-        f"statistics: {text}, sessions_now={sessions_now}, queued={queued}, "
-        f"delivering={delivering}",
+    return (
+        f"statistics: {text}, sessions_now={sessions_now}, queued={queued}, delivering={delivering}"
     )
 
 
-def master_started(pid: int, n: int) -> None:
-    _log("info", f"master {pid}: {n} workers")
+@_event
+def master_started(pid: int, n: int) -> str:
+    return f"master {pid}: {n} workers"
 
 
-def worker_failed(index: int, exc: BaseException) -> None:
-    _log("error", f"worker {index} failed: {exc!r}")
+@_event
+def worker_failed(index: int, exc: BaseException) -> str:
+    return f"worker {index} failed: {exc!r}"
 
 
-def worker_exited(index: int, pid: int, status: int) -> None:
-    _log("error", f"worker {index} (pid {pid}) exited with status {status}; restarting it")
+@_event
+def worker_exited(index: int, pid: int, status: int) -> str:
+    return f"worker {index} (pid {pid}) exited with status {status}; restarting it"
+
+
+# -- the log itself, and the libraries we run on ----------------------------------------------
+@_event
+def lines_dropped(count: int, where: str) -> str:
+    return f"log: {count} line{'s' if count != 1 else ''} lost: {where} could not take them"
+
+
+@_event
+def log_open_failed(exc: OSError) -> str:
+    return f"log: cannot open {exc.filename}: {exc.strerror}; lines go where they went"
+
+
+@_event
+def library_warning(logger: str, text: str) -> str:
+    return f"{logger}: {text}"
+
+
+@_event
+def library_error(logger: str, text: str) -> str:
+    return f"{logger}: {text}"

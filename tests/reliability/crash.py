@@ -42,7 +42,6 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +61,7 @@ from tests.support.crash import (
 from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import ConnectionClosedByPeer, RawSmtp
+from tests.support.wait import poll
 
 SINK_IP = "127.0.0.9"
 KINDS = ("data", "ack", "delivery", "queue", "random")
@@ -293,15 +293,6 @@ class Traffic:
         return False
 
 
-def _wait(cond: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
-
-
 class Run:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
@@ -327,7 +318,7 @@ class Run:
             except NET_ERRORS:
                 return False
 
-        if not _wait(ready, 30, 0.05):
+        if not poll(ready, 30, 0.05):
             raise RuntimeError("the restarted daemon does not greet")
         gw.signal(signal.SIGUSR1)  # deferred mail would wait an hour otherwise
 
@@ -346,13 +337,13 @@ class Run:
         elif kind == "delivery":
             sink.delays["data_end"] = delay
             mark = sink.mark()
-            arranged = _wait(lambda: sink.since(mark).data_commands >= 5, 20)
+            arranged = bool(poll(lambda: sink.since(mark).data_commands >= 5, 20, 0.02))
             time.sleep(self.rng.uniform(0.0, delay * 0.8))
         elif kind == "queue":
             sink.data_reply = "451 4.3.0 Try again later"
             mark = sink.mark()
-            arranged = _wait(
-                lambda: sum(sink.since(mark).refused.values()) >= self.opts.deferred, 20
+            arranged = bool(
+                poll(lambda: sum(sink.since(mark).refused.values()) >= self.opts.deferred, 20, 0.02)
             )
             deferred = set(sink.since(mark).refused)
             sink.delays["data_end"] = delay
@@ -361,7 +352,7 @@ class Run:
             time.sleep(0.1)  # the last refusals' deferrals recorded
             gw.signal(signal.SIGUSR1)
             arranged = (
-                _wait(lambda: len(deferred & set(sink.since(run_mark).started)) >= 3, 20)
+                bool(poll(lambda: len(deferred & set(sink.since(run_mark).started)) >= 3, 20, 0.02))
                 and arranged
             )
             time.sleep(self.rng.uniform(0.0, delay * 0.8))
@@ -429,7 +420,7 @@ class Run:
                 def reached(goal: int = goal) -> bool:
                     return len(traffic.acked) >= goal
 
-                _wait(reached, max(0.0, min(60.0, deadline - time.monotonic())), 0.05)
+                poll(reached, max(0.0, min(60.0, deadline - time.monotonic())), 0.05)
             cut_before = len(traffic.cut)
             acked = len(traffic.acked)
             assert gw.proc is not None
@@ -441,11 +432,11 @@ class Run:
             def gone(w: tuple[int, ...] = tuple(workers)) -> bool:
                 return not any(map(alive, w))
 
-            if not _wait(gone, 15):
+            if not poll(gone, 15, 0.02):
                 self.problem(f"kill {i + 1}: workers outlived the master")
             # Deliveries the sink holds (its reply delay) finish, as a real server's would:
             # the content is in, the client is gone.
-            if not _wait(lambda: sink.open_sessions == 0, 15):
+            if not poll(lambda: sink.open_sessions == 0, 15, 0.02):
                 self.problem(f"kill {i + 1}: the sink kept {sink.open_sessions} sessions open")
             state = read_spool(gw.spool)
             begun = sink.since(epoch).not_refused()
@@ -499,7 +490,7 @@ class Run:
             else:
                 empty_since = None
                 gw.signal(signal.SIGUSR1)
-            _wait(lambda: queue_empty() and arrived(), 1.0, 0.05)
+            poll(lambda: queue_empty() and arrived(), 1.0, 0.05)
         self.problem("the queue did not drain within the time limit")
 
     def _spool_check(self, gw: GatewayProcess, *, stopped: bool) -> None:

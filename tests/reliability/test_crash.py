@@ -8,20 +8,15 @@ from __future__ import annotations
 import os
 import re
 import signal
-import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.reliability import crash
 from tests.support.crash import children_of
-from tests.support.dnsserver import DnsServer
-from tests.support.gateway import GatewayProcess, free_port
-from tests.support.sink import SinkServer
-
-HOP = "127.0.0.5"
+from tests.support.world import HOP1 as HOP
+from tests.support.world import GatewayFactory, SinkFactory, World, wait_until
 
 
 @pytest.mark.timeout(200)
@@ -39,71 +34,59 @@ def test_no_acknowledged_message_is_lost_across_kills(tmp_path: Path) -> None:
     assert {k.kind for k in figures.kills} == set(crash.KINDS)
 
 
-def test_mail_of_a_killed_worker_is_delivered_by_its_successor(tmp_path: Path) -> None:
+def test_mail_of_a_killed_worker_is_delivered_by_its_successor(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
     """workers = 2: a worker SIGKILLed while mail it received waits for a retry. Each worker
     retries its share of the queue (by a hash of the qid) and what it received itself; the
     restarted worker must also take over what its predecessor received for the other share,
     which no other worker knows of."""
-    port = free_port(HOP)
-    with (
-        DnsServer() as dns,
-        SinkServer(HOP, port) as sink,
-        GatewayProcess(
-            tmp_path / "gw",
-            dns=dns.address,
-            tables={
-                "mailertable": f"crash.test smtp:[{HOP}]:{port}\n",
-                "access": "To:crash.test RELAY\n",
-            },
-            settings=(
-                'workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
-                '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'
-            ),
-        ) as gw,
-    ):
-        assert gw.proc is not None
-        assert _wait(lambda: len(children_of(gw.proc.pid)) == 2)  # type: ignore[union-attr]
-        victim = min(children_of(gw.proc.pid))
-        sink.data_reply = "451 4.3.0 Try again later"
-        received: dict[str, int] = {}  # qid → the worker's pid
-        n = 0
-        # Until the victim holds mail of both shares (so whichever index it has, some of its
-        # mail belongs to the other worker's share).
-        while len({zlib.crc32(q.encode()) % 2 for q, p in received.items() if p == victim}) < 2:
-            assert n < 200
-            with gw.smtp("127.0.0.2") as s:
-                s.sendmail(
-                    "alice@example.org",
-                    [f"m{n}@crash.test"],
-                    f"Message-ID: <w{n}@example.org>\r\n\r\nbody {n}\r\n".encode(),
-                )
-            n += 1
-            received = {
-                q: int(p) for p, q in re.findall(r"mailgate\[(\d+)\]: (\w{14}): from=", gw.log())
-            }
-        assert _wait(lambda: gw.log().count("stat=Deferred") >= n)
-        os.kill(victim, signal.SIGKILL)
-        assert _wait(
-            lambda: (
-                len(children_of(gw.proc.pid)) == 2  # type: ignore[union-attr]
-                and victim not in children_of(gw.proc.pid)
+    sink = make_sink(HOP)
+    world = World(
+        tables={
+            "mailertable": f"crash.test smtp:[{HOP}]:{sink.port}\n",
+            "access": "To:crash.test RELAY\n",
+        },
+        settings=(
+            'workers = 2\n[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
+            '[queue]\nretry_min = "1s"\nrun_interval = "2s"\n'
+        ),
+    )
+    gw = make_gateway(world)
+    assert gw.proc is not None
+    master = gw.proc.pid
+    wait_until(lambda: len(children_of(master)) == 2, "both workers", 30)
+    victim = min(children_of(master))
+    sink.data_reply = "451 4.3.0 Try again later"
+    received: dict[str, int] = {}  # qid → the worker's pid
+    n = 0
+    # Until the victim holds mail of both shares (so whichever index it has, some of its
+    # mail belongs to the other worker's share).
+    while len({zlib.crc32(q.encode()) % 2 for q, p in received.items() if p == victim}) < 2:
+        assert n < 200
+        with gw.smtp("127.0.0.2") as s:
+            s.sendmail(
+                "alice@example.org",
+                [f"m{n}@crash.test"],
+                f"Message-ID: <w{n}@example.org>\r\n\r\nbody {n}\r\n".encode(),
             )
-        )  # type: ignore[union-attr]
-        sink.data_reply = None
-        try:
-            sink.wait_for(n, timeout=30)
-        except TimeoutError:
-            raise AssertionError(
-                f"{len(sink.messages)} of {n} delivered; still queued: {gw.queued()}, the dead "
-                f"worker received {sorted(q for q, p in received.items() if p == victim)}"
-            ) from None
-        assert _wait(lambda: gw.queued() == [])
-
-
-def _wait(cond: Callable[[], bool], timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+        n += 1
+        received = {
+            q: int(p) for p, q in re.findall(r"mailgate\[(\d+)\]: (\w{14}): from=", gw.log())
+        }
+    wait_until(lambda: gw.log().count("stat=Deferred") >= n, f"{n} deferrals", 30)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(
+        lambda: len(children := children_of(master)) == 2 and victim not in children,
+        "the killed worker's successor",
+        30,
+    )
+    sink.data_reply = None
+    try:
+        sink.wait_for(n, timeout=30)
+    except TimeoutError:
+        raise AssertionError(
+            f"{len(sink.messages)} of {n} delivered; still queued: {gw.queued()}, the dead "
+            f"worker received {sorted(q for q, p in received.items() if p == victim)}"
+        ) from None
+    wait_until(lambda: gw.queued() == [], "an empty queue", 30)

@@ -28,13 +28,9 @@ import email.policy
 import os
 import re
 import signal
-import socket
-import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import Message
-from pathlib import Path
 
 import pytest
 
@@ -44,17 +40,32 @@ from mailgate.delivery.smtp import delivery_timeouts
 from mailgate.queue.spool import QueueStatus
 from mailgate.smtp.client import Timeouts
 from tests.support.blackhole import Blackhole
-from tests.support.dnsserver import DnsServer
-from tests.support.gateway import GatewayProcess, run_cli
+from tests.support.gateway import GatewayProcess, common_port, run_cli
 from tests.support.sink import SinkMessage, SinkServer
-from tests.support.wait import wait_until
+from tests.support.world import (
+    SENDER,
+    GatewayFactory,
+    SinkFactory,
+    World,
+    message,
+    message_id,
+    poll,
+    stays,
+    wait_until,
+)
 
 CLIENT = "127.0.4.20"  # an outside client: relays only to the To: RELAY domains
 HOP = "127.0.4.1"  # hop.test's server (mailertable)
 MX1 = "127.0.4.11"  # mx.test's MX, preference 10
 MX2 = "127.0.4.12"  # mx.test's MX, preference 20
 SENDER_MX = "127.0.4.3"  # example.org's MX: where the bounces go
-SENDER = "alice@example.org"
+DNS_RECORDS = {
+    "example.org": [("MX", "10 mx.example.org.")],
+    "mx.example.org": [("A", SENDER_MX)],
+    "mx.test": [("MX", "10 mx1.mx.test."), ("MX", "20 mx2.mx.test.")],
+    "mx1.mx.test": [("A", MX1)],
+    "mx2.mx.test": [("A", MX2)],
+}
 # Seconds: the hang guard for anything that should happen soon (a shorter one makes a broken
 # build fail faster: OUTAGE_GUARD=8).
 GUARD = float(os.environ.get("OUTAGE_GUARD", "30"))
@@ -71,32 +82,6 @@ TIMER = '[queue]\nretry_min = "0.3s"\nrun_interval = "1s"\n'
 
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def common_port() -> int:
-    """A port free on every address the next hops use (MX hosts share ``[delivery] port``)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((HOP, 0))
-            port = int(s.getsockname()[1])
-        try:
-            for ip in (MX1, MX2, SENDER_MX):
-                with socket.socket() as t:
-                    t.bind((ip, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on all next-hop addresses")
-
-
-def make_message(tag: str, body: bytes = b"Hello.\r\n") -> tuple[str, bytes]:
-    msgid = f"<{tag}.{uuid.uuid4().hex[:12]}@example.org>"
-    head = (
-        f"From: <{SENDER}>\r\nSubject: {tag}\r\n"
-        "Date: Tue, 24 Nov 2026 19:17:12 +0000\r\n"
-        f"Message-ID: {msgid}\r\n\r\n"
-    )
-    return msgid, head.encode() + body
 
 
 def msgid_of(data: bytes) -> str | None:
@@ -169,19 +154,18 @@ def kick_until(gw: GatewayProcess, cond: Callable[[], object], what: str) -> Non
     """Queue runs (SIGUSR1, Sendmail's ``-q``) until ``cond``: a run that comes while the
     message's previous attempt is still finishing skips it, as Sendmail skips a locked
     message, so one signal alone could be missed."""
-    deadline = time.monotonic() + GUARD
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+
+    def kicked() -> object:
+        if cond():
+            return True
         gw.signal(signal.SIGUSR1)
-        for _ in range(10):
-            if cond():
-                return
-            time.sleep(0.05)
+        return poll(cond, 0.5)
+
+    wait_until(kicked, what, GUARD, step=0)
 
 
 def wait_queue_empty(gw: GatewayProcess) -> None:
-    wait_until(lambda: not gw.queued(), f"an empty queue (left: {gw.queued()})", GUARD)
+    wait_until(lambda: not gw.queued(), lambda: f"an empty queue (left: {gw.queued()})", GUARD)
 
 
 def parse(msg: SinkMessage) -> Message:
@@ -215,90 +199,51 @@ def bounces_for(bounces: SinkServer, msgid: str) -> list[SinkMessage]:
 
 @pytest.fixture
 def port() -> int:
-    return common_port()
+    """The next hops' port, free on all their addresses (MX hosts share ``[delivery] port``)."""
+    return common_port(HOP, MX1, MX2, SENDER_MX)
 
 
 @pytest.fixture
-def dns() -> Iterator[DnsServer]:
-    with DnsServer() as server:
-        server.add("example.org", "MX", "10 mx.example.org.")
-        server.add("mx.example.org", "A", SENDER_MX)
-        server.add("mx.test", "MX", "10 mx1.mx.test.")
-        server.add("mx.test", "MX", "20 mx2.mx.test.")
-        server.add("mx1.mx.test", "A", MX1)
-        server.add("mx2.mx.test", "A", MX2)
-        yield server
-
-
-@pytest.fixture
-def bounces(port: int) -> Iterator[SinkServer]:
+def bounces(make_sink: SinkFactory, port: int) -> SinkServer:
     """The sender's mail server, always up."""
-    with SinkServer(SENDER_MX, port, hostname="mx.example.org") as sink:
-        yield sink
+    return make_sink(SENDER_MX, port, hostname="mx.example.org")
+
+
+# The next hops, not started: each test starts them (or not) with their behaviour set.
+@pytest.fixture
+def hop(make_sink: SinkFactory, port: int) -> SinkServer:
+    return make_sink(HOP, port, hostname="hop.test", start=False)
 
 
 @pytest.fixture
-def hop(port: int) -> Iterator[SinkServer]:
-    """hop.test's server, not started: the test starts it (or not) with its behaviour set."""
-    sink = SinkServer(HOP, port, hostname="hop.test")
-    yield sink
-    sink.stop()
+def mx1(make_sink: SinkFactory, port: int) -> SinkServer:
+    return make_sink(MX1, port, hostname="mx1.mx.test", start=False)
 
 
 @pytest.fixture
-def mx1(port: int) -> Iterator[SinkServer]:
-    sink = SinkServer(MX1, port, hostname="mx1.mx.test")
-    yield sink
-    sink.stop()
+def mx2(make_sink: SinkFactory, port: int) -> SinkServer:
+    return make_sink(MX2, port, hostname="mx2.mx.test", start=False)
 
 
 @pytest.fixture
-def mx2(port: int) -> Iterator[SinkServer]:
-    sink = SinkServer(MX2, port, hostname="mx2.mx.test")
-    yield sink
-    sink.stop()
-
-
-GatewayFactory = Callable[..., GatewayProcess]
-
-
-@pytest.fixture
-def gateway(
-    tmp_path: Path, dns: DnsServer, port: int, bounces: SinkServer
-) -> Iterator[GatewayFactory]:
+def gateway(make_gateway: GatewayFactory, port: int, bounces: SinkServer) -> GatewayFactory:
     """``gateway(MANUAL, SHORT, ...)``: a started daemon with these settings sections."""
-    started: list[GatewayProcess] = []
-
-    def start(*sections: str) -> GatewayProcess:
-        tables = {
+    world = World(
+        tables={
             "mailertable": f"hop.test   smtp:[{HOP}]:{port}\n",
             "access": "To:hop.test   RELAY\nTo:mx.test   RELAY\n",
-        }
-        merged: dict[str, list[str]] = {"[smtp]": ['greet_pause = "0s"']}
-        for section in (*sections, f"[delivery]\nport = {port}\n"):
-            name, *lines = section.strip().splitlines()
-            merged.setdefault(name, []).extend(lines)
-        settings = "".join(
-            f"{name}\n" + "".join(f"{x}\n" for x in lines) for name, lines in merged.items()
-        )
-        gw = GatewayProcess(
-            tmp_path / f"gw{len(started)}", dns=dns.address, tables=tables, settings=settings
-        )
-        started.append(gw)
-        return gw.start()
-
-    yield start
-    for gw in started:
-        gw.stop()
+        },
+        settings=f'[smtp]\ngreet_pause = "0s"\n[delivery]\nport = {port}\n',
+    )
+    return lambda *sections: make_gateway(world.but(settings="\n".join(sections)))
 
 
 def send(gw: GatewayProcess, rcpts: list[str], tag: str, body: bytes = b"Hello.\r\n") -> str:
     """Submit one message from the outside client; the gateway must take it (250)."""
-    msgid, data = make_message(tag, body)
     with gw.smtp(CLIENT, timeout=GUARD) as s:
-        refused = s.sendmail(SENDER, rcpts, data)
+        refused = s.sendmail(SENDER, rcpts, message(tag, to=None, body=body))
     assert refused == {}
-    return msgid
+    return message_id(tag)
 
 
 # -- the next hop refuses connections --------------------------------------------------------
@@ -331,8 +276,8 @@ def test_refused_connection_defers_then_delivers_once(
         assert all(qid in out.stdout for qid in status) and "(3 requests)" in out.stdout
         assert out.stdout.count("Deferred: 451 4.4.1 Connection refused") == 3
         assert out.stdout.count("<carol@hop.test>") == 3
-        time.sleep(0.5)  # nothing retries by itself within the hour
-        assert len(deferred_lines(gw)) == 6
+        # nothing retries by itself within the hour
+        stays(lambda: len(deferred_lines(gw)) == 6, "no retry before the queue run", 0.5)
 
     hop.start()
     if retry == "queue run":
@@ -385,7 +330,7 @@ def test_421_greeting_defers_then_delivers_once(
     )
     [line] = to_lines(gw, "bob@hop.test", "Deferred")
     assert f"relay=[{HOP}]" in line and "dsn=4.3.2" in line
-    assert hop.commands == [] or hop.commands == ["QUIT"]  # no transaction on a 421 greeting
+    assert hop.commands == []  # no transaction on a 421 greeting (the sink reads nothing more)
     hop.normal()
     kick_until(gw, lambda: copies(hop, msgid), "the delivery after the queue run")
     wait_queue_empty(gw)
@@ -708,8 +653,9 @@ def test_delay_warning_then_max_age_bounce_for_the_deferred_recipient(
     assert [m.rcpt_tos for m in copies(hop, msgid)] == [["bob@hop.test"]]
     [expired] = to_lines(gw, "carol@hop.test", "Cannot send message for 1 second")
     assert "dsn=4.4.7" in expired
-    assert "DSN: 554 4.4.7 Cannot send message for 1 second" in gw.log()
-    assert len(deferred_lines(gw)) >= 2  # every try before that was a deferral
+    assert "DSN: Cannot send message for 1 second" in gw.log()
+    # every try before that was a deferral; how many the retry timer made is timing
+    assert len(deferred_lines(gw)) >= 2
 
 
 def test_max_age_bounce_when_the_hop_never_answers(
@@ -780,7 +726,7 @@ def test_first_mx_fails_second_receives(
     assert msgid_of(msg.data) == msgid and msg.rcpt_tos == rcpts
     assert mx1.messages == []
     if failure not in ("refuses", "black hole"):
-        assert mx1.connections >= 1  # the preferred MX was tried first
+        assert mx1.connections == 1  # the preferred MX was tried first, once
     for rcpt in rcpts:
         [line] = to_lines(gw, rcpt, "Sent")
         assert f"relay=mx2.mx.test. [{MX2}]" in line
@@ -800,7 +746,7 @@ def test_both_mx_down_defers_then_the_preferred_one_gets_it_once(
     assert last_errors(st)["bob@mx.test"].startswith("Deferred: 421 4.3.2 mx2.mx.test Not now")
     [line] = to_lines(gw, "bob@mx.test", "Deferred")
     assert f"relay=mx2.mx.test. [{MX2}]" in line
-    assert mx2.connections >= 1
+    assert mx2.connections == 1
     mx1.start()
     mx2.normal()
     kick_until(gw, lambda: copies(mx1, msgid) or copies(mx2, msgid), "the delivery")

@@ -1,11 +1,17 @@
 """A small authoritative DNS server on loopback for tests (dnslib for the wire format).
 
 UDP and TCP on the same ephemeral port of 127.0.0.1, served from one background thread.
-Records can be changed at any time from the test thread.
+Records are given as data and can be changed at any time from the test thread.
 
-    with DnsServer() as dns:
-        dns.add("example.com", "MX", "10 mx.example.com.")
-        dns.add("mx.example.com", "A", "127.0.0.2")
+    records = {
+        "example.com": [("MX", "10 mx.example.com.")],
+        "mx.example.com": [("A", "127.0.0.2")],
+        "127.0.0.2": [("PTR", "mx.example.com")],  # an address: its reverse name
+        "broken.example": [("SERVFAIL", "")],
+        "slow.example": [("TIMEOUT", "")],
+    }
+    with DnsServer(records) as dns:
+        dns.add("other.example", "A", "127.0.0.3")
         resolver = Resolver([dns.address])
 """
 
@@ -17,6 +23,7 @@ import selectors
 import socket
 import struct
 import threading
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 from dnslib import AAAA, CNAME, MX, PTR, QTYPE, RCODE, RR, SOA, TXT, A, DNSRecord
@@ -49,10 +56,23 @@ def reverse_name(ip: str) -> str:
     return ipaddress.ip_address(ip).reverse_pointer + "."
 
 
+# name (or an IP address, for its PTR) -> (type, value): A, AAAA, MX, CNAME, TXT, PTR; and
+# SERVFAIL or TIMEOUT (value ignored) for a name whose queries fail that way
+Records = Mapping[str, Iterable[tuple[str, str]]]
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
 class DnsServer:
     """Authoritative test DNS server: NXDOMAIN for unknown names, NODATA (with SOA) otherwise."""
 
-    def __init__(self, host: str = "127.0.0.1") -> None:
+    def __init__(self, records: Records | None = None, *, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port = 0
         self.queries: list[tuple[str, str]] = []  # (lowercase name without dot, "MX")
@@ -65,6 +85,7 @@ class DnsServer:
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
         self._wake: tuple[socket.socket, socket.socket] | None = None  # lets stop() be quick
+        self.load(records or {})
 
     # -- records -------------------------------------------------------------------------------
 
@@ -77,6 +98,19 @@ class DnsServer:
         rdata = _make_rdata(rtype, value)
         with self._lock:
             self._records.setdefault(_norm(name), []).append((rtype, rdata, ttl))
+
+    def load(self, records: Records) -> None:
+        """Add ``records`` (see :data:`Records`)."""
+        for name, entries in records.items():
+            for rtype, value in entries:
+                if rtype == "SERVFAIL":
+                    self.servfail(name)
+                elif rtype == "TIMEOUT":
+                    self.timeout(name)
+                elif rtype == "PTR" and _is_ip(name):
+                    self.add_ptr(name, value)
+                else:
+                    self.add(name, rtype, value)
 
     def add_ptr(self, ip: str, name: str, ttl: int = 60) -> None:
         self.add(reverse_name(ip), "PTR", _norm(name), ttl)

@@ -2,22 +2,47 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.rawsmtp import RawSmtp
+from tests.support.wait import wait_until
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def accepts(host: str, port: int) -> bool:
+    """Does something listen at ``host:port`` (a connection is accepted, then closed)?"""
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def common_port(*hosts: str) -> int:
+    """A TCP port free on each of ``hosts`` (servers that share one delivery port)."""
+    for _ in range(100):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"no port free on all of {hosts}")
 
 
 def mailgate_command(*args: str) -> list[str]:
@@ -42,26 +67,31 @@ class GatewayProcess:
         tables: dict[str, str] | None = None,
         settings: str = "",
         host: str = "127.0.0.1",
+        ipv6: bool = False,
+        log: str | None = None,
     ) -> None:
+        """``settings`` is merged into the daemon's own (see :func:`merge_settings`): a key
+        given there replaces the default here. ``ipv6``: also listen on [::1]:``port6``.
+        ``log``: the ``[log]`` section's lines instead of ``file`` = `log_path`."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
         self.port = free_port(host)
+        self.port6 = free_port("::1") if ipv6 else None
         self.log_path = self.dir / "maillog"
         self.proc: subprocess.Popen[bytes] | None = None
         for name, text in (tables or {}).items():
             (self.dir / name).write_text(text)
+        listen = f'"{host}:{self.port}"' + (f', "[::1]:{self.port6}"' if ipv6 else "")
         dns_line = f'nameservers = ["{dns}"]\ntimeout = "2s"\n' if dns else ""
         self.config = self.dir / "mailgate.toml"
         self.config.write_text(
-            f'hostname = "{hostname}"\n'
-            f'listen = ["{host}:{self.port}"]\n'
-            f'spool_dir = "spool"\n'
-            + settings_root(settings)
-            + f"[dns]\n{dns_line}"
-            + '[local]\nmaildir_root = "maildir"\n'
-            + f'[log]\nfile = "{self.log_path}"\n'
-            + settings_sections(settings)
+            merge_settings(
+                f'hostname = "{hostname}"\nlisten = [{listen}]\nspool_dir = "spool"\n'
+                f'[dns]\n{dns_line}[local]\nmaildir_root = "maildir"\n'
+                "[log]\n" + (log if log is not None else f'file = "{self.log_path}"\n'),
+                settings,
+            )
         )
 
     @property
@@ -83,20 +113,17 @@ class GatewayProcess:
             env=env,
             cwd=self.dir,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mailgate exited with {self.proc.returncode}: "
-                    f"{(self.dir / 'stderr.log').read_text()}"
-                )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.5),
-            ):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("mailgate did not start listening")
+        wait_until(self._listening, "mailgate to listen", timeout)
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(
+                f"mailgate exited with {self.proc.returncode}: "
+                f"{(self.dir / 'stderr.log').read_text()}"
+            )
+        return accepts(self.host, self.port)
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
@@ -126,23 +153,28 @@ class GatewayProcess:
             return ""
 
     def wait_log(self, text: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            log = self.log()
-            if text in log:
-                return log
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not in maillog:\n{self.log()}")
+        """The maillog once it holds ``text``."""
+        return wait_until(
+            lambda: text in (log := self.log()) and log,
+            lambda: f"{text!r} in the maillog:\n{self.log()}",
+            timeout,
+        )
 
-    def smtp(self, source: str = "127.0.0.1", timeout: float = 10) -> smtplib.SMTP:
+    def log_lines(self, *needles: str) -> list[str]:
+        """The maillog lines that hold every one of ``needles``."""
+        return [line for line in self.log().splitlines() if all(n in line for n in needles)]
+
+    def smtp(
+        self, source: str = "127.0.0.1", timeout: float = 10, helo: str = "client.example.net"
+    ) -> smtplib.SMTP:
         """An smtplib client connected from ``source`` (another 127.x is another client)."""
         return smtplib.SMTP(
-            self.host,
-            self.port,
-            timeout=timeout,
-            source_address=(source, 0),
-            local_hostname="client.example.net",
+            self.host, self.port, timeout=timeout, source_address=(source, 0), local_hostname=helo
         )
+
+    def raw(self, source: str = "127.0.0.1", timeout: float = 10) -> RawSmtp:
+        """A raw client (tests/support/rawsmtp.py) connected from ``source``."""
+        return RawSmtp(self.host, self.port, source=source, timeout=timeout)
 
     def queued(self) -> list[str]:
         q = self.spool / "queue"
@@ -159,19 +191,25 @@ class GatewayProcess:
         self.stop()
 
 
-def settings_root(settings: str) -> str:
-    """Lines of ``settings`` before its first [section] header (root keys)."""
-    out = []
-    for line in settings.splitlines():
-        if line.strip().startswith("["):
-            break
-        out.append(line)
-    return "\n".join(out) + ("\n" if out else "")
-
-
-def settings_sections(settings: str) -> str:
-    lines = settings.splitlines()
-    for i, line in enumerate(lines):
-        if line.strip().startswith("["):
-            return "\n".join(lines[i:]) + "\n"
-    return ""
+def merge_settings(*fragments: str) -> str:
+    """TOML fragments as one document: the root keys, then each ``[section]`` once with the
+    keys every fragment gave it; a key given again replaces the earlier one (in its place)."""
+    sections: dict[str, dict[str, str]] = {"": {}}
+    for fragment in fragments:
+        section = ""
+        for line in fragment.splitlines():
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if text.startswith("["):
+                section = text
+                sections.setdefault(section, {})
+                continue
+            key, eq, _ = text.partition("=")
+            if not eq:
+                raise ValueError(f"not a 'key = value' line (one line each here): {line!r}")
+            sections[section][key.strip()] = text
+    out = list(sections.pop("").values())
+    for name, lines in sections.items():
+        out += [name, *lines.values()]
+    return "\n".join(out) + "\n"

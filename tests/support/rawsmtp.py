@@ -61,6 +61,15 @@ class RawSmtp:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
+    def dribble(self, data: bytes, wait: float) -> bool:
+        """One more piece of a line that never ends, then ``wait`` seconds of listening (a
+        slow client's pace): True once the server has answered or closed."""
+        try:
+            self.send(data)
+        except OSError:
+            return True
+        return self.pending(wait) != b""
+
     def cmd(self, line: str | bytes) -> RawReply:
         """Send one command line (CRLF added) and read its reply."""
         data = line.encode("utf-8") if isinstance(line, str) else line

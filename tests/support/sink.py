@@ -26,6 +26,8 @@ import threading
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from tests.support.wait import wait_until
+
 
 @dataclass
 class SinkMessage:
@@ -389,6 +391,23 @@ class SinkServer:
             if not self._cond.wait_for(lambda: len(self.messages) >= count, timeout=timeout):
                 raise TimeoutError(f"sink got {len(self.messages)} of {count} messages")
             return list(self.messages)
+
+    def with_subject(self, subject: str) -> list[SinkMessage]:
+        needle = f"\r\nSubject: {subject}\r\n".encode()
+        return [m for m in list(self.messages) if needle in m.data]
+
+    def wait_subject(
+        self, subject: str, count: int = 1, timeout: float = 15.0
+    ) -> list[SinkMessage]:
+        """The messages with this Subject once there are ``count`` of them."""
+        return wait_until(
+            lambda: len(found := self.with_subject(subject)) >= count and found,
+            lambda: (
+                f"{count} message(s) with subject {subject!r} at {self.hostname} "
+                f"(got {len(self.with_subject(subject))})"
+            ),
+            timeout,
+        )
 
     def clear(self) -> None:
         with self._cond:

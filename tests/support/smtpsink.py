@@ -12,16 +12,16 @@ arguments) and a three-line ``Received:``, followed by one empty line of its own
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+
+from tests.support.gateway import accepts
+from tests.support.wait import wait_until
 
 SMTP_SINK = shutil.which("smtp-sink") or (
     "/usr/sbin/smtp-sink" if Path("/usr/sbin/smtp-sink").exists() else None
@@ -77,18 +77,15 @@ class PostfixSink:
 
     def start(self, timeout: float = 10.0) -> PostfixSink:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode() if self.proc.stderr else ""
-                raise RuntimeError(f"smtp-sink exited: {err}")
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.5),
-            ):
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("smtp-sink did not start listening")
+        wait_until(self._listening, "smtp-sink to listen", timeout)
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+            raise RuntimeError(f"smtp-sink exited: {err}")
+        return accepts(self.host, self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -110,13 +107,11 @@ class PostfixSink:
         return out
 
     def wait_for(self, count: int, timeout: float) -> list[DumpedMessage]:
-        deadline = time.monotonic() + timeout
-        while True:
-            msgs = self.messages()
-            if len(msgs) >= count or time.monotonic() > deadline:
-                assert len(msgs) >= count, f"{len(msgs)} of {count} messages reached smtp-sink"
-                return msgs
-            time.sleep(0.05)
+        return wait_until(
+            lambda: len(msgs := self.messages()) >= count and msgs,
+            lambda: f"{count} messages at smtp-sink (got {len(self.messages())})",
+            timeout,
+        )
 
     def __enter__(self) -> PostfixSink:
         return self.start()

@@ -40,7 +40,6 @@ from mailgate.queue.spool import (
     Recipient,
     Spool,
 )
-from mailgate.reply import Reply
 from mailgate.routing import resolve
 from mailgate.snapshot import Snapshot
 
@@ -326,12 +325,12 @@ async def act(
     """Carry out ``decision``; the next attempt time, or None when the message is finished."""
     if isinstance(decision, Expire):
         if await expire(ctx, snap, msg, decision.pending, now):
-            ctx.spool.finish(msg)
+            finish(ctx, msg)
             return None
         # The bounce could not be queued: the message stays, and expires again next time.
         decision = retry(msg, snap.config, now, decision.pending)
     if isinstance(decision, Done):
-        ctx.spool.finish(msg)
+        finish(ctx, msg)
         return None
     if isinstance(decision, Warn):
         msg.status.warned = True
@@ -346,6 +345,12 @@ async def act(
         ):
             msg.status.warned = False  # the next attempt tries again
     return await reschedule(ctx, msg, now, decision.at)
+
+
+def finish(ctx: DeliveryContext, msg: QueuedMessage) -> None:
+    """Delivered or bounced: out of the queue, and the last line of its queue id's life."""
+    ctx.spool.finish(msg)
+    maillog.removed(msg.qid)
 
 
 async def expire(
@@ -365,7 +370,6 @@ async def expire(
             dsn="4.4.7",
             stat=text,
         )
-    reason = Outcome(Status.PERM, Reply(554, "4.4.7", text)).stat
     return await notify.bounce(
         ctx,
         snap,
@@ -374,7 +378,7 @@ async def expire(
             (r, notify.late(r, msg.status.last_error(r.address), now, warning=False))
             for r in pending
         ],
-        reason=reason,
+        reason=text,  # Sendmail's "<qid>: <bounce qid>: DSN: Cannot send message for 5 days"
     )
 
 

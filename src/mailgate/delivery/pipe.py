@@ -6,24 +6,15 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mailgate.delivery import Job, Outcome
 from mailgate.delivery.local import (
     CHUNK,
     LfConverter,
     LocalDeliveryError,
-    local_outcome,
     return_path_header,
 )
 from mailgate.reply import Reply
-
-if TYPE_CHECKING:
-    from mailgate.config import Config
-    from mailgate.queue.spool import QueuedMessage
-    from mailgate.routing import Route
 
 EX_TEMPFAIL = 75
 _STDERR_KEEP = 4096  # enough for the first line; the rest is drained and dropped
@@ -176,27 +167,3 @@ async def deliver_program(
             Reply(451, "4.3.0", line or "Program reported a temporary failure")
         )
     raise LocalDeliveryError(Reply(554, "5.3.0", line or f"unknown mailer error {status}"))
-
-
-class ProgramMailer:
-    """Sendmail's ``prog`` mailer (an alias ``"|command"``)."""
-
-    def __init__(self, cfg: Config, ctx: object) -> None:
-        pass
-
-    def batch_key(self, route: Route) -> str:
-        return route.target
-
-    async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
-        return [
-            await local_outcome(
-                deliver_program(
-                    job.route.address,
-                    msg.path,
-                    msg.offset,
-                    sender=msg.envelope.sender,
-                    recipient=job.rcpt.address,
-                )
-            )
-            for job in jobs
-        ]

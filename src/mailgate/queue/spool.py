@@ -41,7 +41,7 @@ blocks: ``delivery.notify``). ``save_status``, ``load``, ``load_status``, ``qids
 ``quarantine``, ``recover`` and ``remove`` touch only named files and may run in a thread;
 ``spent`` is the one counter threads may bump (a lost update only skews an estimate).
 ``lock_entry``, ``claim``, ``delete``, ``mark_due``, ``take_due`` and ``count`` may run in a
-thread or another process (the queue tools, ``queue.control``).
+thread or another process (the queue tools, ``queue.tools``).
 
 The hand-off. ``commit(msg, lock=True)`` returns the ``QueuedMessage``, which owns the open,
 flock'ed descriptor of its queue file; the scheduler carries it into the first attempt, which
@@ -146,13 +146,18 @@ class Envelope:
     smtputf8: bool = False
     envid: str | None = None
     ret: str | None = None  # DSN RET=FULL|HDRS
-    is_bounce: bool = False
+    is_bounce: bool = False  # one of our reports (bounce, delay warning, return receipt)
+    postmaster_notify: bool = False  # a double bounce: its own failure is not reported
 
     def to_line(self) -> bytes:
         """The envelope line, its seal fields still unset (see ``seal_fields``)."""
         # A shallow dict, not dataclasses.asdict (which deep-copies): this runs per message.
         data = dict(self.__dict__)
         data["recipients"] = [r.__dict__ for r in self.recipients]
+        if not self.postmaster_notify:
+            # Only where it is true, so that ordinary queue files stay as an earlier version
+            # wrote and reads them (a rollback must not find its queue unreadable).
+            del data["postmaster_notify"]
         body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
             "utf-8", "surrogateescape"
         )
@@ -534,6 +539,16 @@ class IncomingMessage:
             os.unlink(self.path)
 
 
+def queue_ids(queue: Path) -> Iterator[str]:
+    """The queue ids in the folder ``queue``, streamed: ``mailgate status`` counts a queue of
+    any size this way, without a `Spool` (which would create folders and open files)."""
+    with os.scandir(queue) as entries:
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
+                yield name
+
+
 class Spool:
     SPARE_MAX = 64  # delivered files kept for reuse, per process
     SPARE_MAX_SIZE = IncomingMessage.SPILL_AT  # larger ones are freed: no hoarding of disk
@@ -814,11 +829,7 @@ class Spool:
 
     def qids(self) -> Iterator[str]:
         """The queued messages, in directory order, as the folder is read (never a list)."""
-        with os.scandir(self.queue) as entries:
-            for entry in entries:
-                name = entry.name
-                if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
-                    yield name
+        yield from queue_ids(self.queue)
 
     def count(self) -> int:
         """How many messages are queued (names only: no file is opened)."""
@@ -1059,6 +1070,7 @@ class Spool:
         self._forget_incoming(qid)
         with contextlib.suppress(OSError):
             (self.corrupt / (qid + ".reason")).write_text(reason + "\n")
+        maillog.quarantined(qid, reason, self.corrupt)
 
     @contextlib.contextmanager
     def locked(self, qid: str) -> Iterator[bool]:

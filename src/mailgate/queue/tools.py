@@ -5,7 +5,7 @@ Each runs in its own process, safe while the daemon runs, because the message's 
 decides (``Spool.lock_entry``): a tool changes a message only while holding it, so never while
 an attempt (the daemon's or ``mailgate flush``'s) has it, and an attempt that comes after reads
 what the tool wrote. A message being delivered right now is waited for (``wait`` seconds, then
-left unchanged and reported), never changed under the attempt, as Postfix's postsuper would.
+left unchanged and reported), never changed under the attempt.
 
 - hold: the reason goes into the status file (``QueueStatus.hold``), written under the lock.
   The daemon may have the message scheduled in memory; its attempt looks at the status under
@@ -27,7 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import NamedTuple
 
-from mailgate import maillog
+from mailgate import maillog, pidfile
 from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, EntryLocked, Spool
 
 
@@ -87,7 +87,7 @@ def delete(spool: Spool, qid: str, wait: float) -> Outcome:
         spool.delete(qid)
     finally:
         os.close(fd)
-    maillog.removed(qid)
+    maillog.deleted(qid)
     return Outcome.DONE
 
 
@@ -132,32 +132,17 @@ def _one(spool: Spool, change: Change, qid: str, wait: float) -> Result:
 
 
 def wake_daemon(pid_file: Path | None) -> int | None:
-    """Send ``DUE_SIGNAL`` to the daemon whose pid ``pid_file`` holds (the master forwards it
-    to its workers); its pid, or None when there is none to tell: no pid file configured or
-    written (the daemon is not running), or a stale one naming a process that is not
-    mailgate. Untold, the daemon reads ``due/`` at its next queue run (``run_interval``)."""
+    """Send ``DUE_SIGNAL`` to the daemon that holds ``pid_file`` (the master forwards it to
+    its workers); its pid, or None when there is none to tell: no pid file, or one no daemon
+    holds (not running, or a stale file: ``pidfile.inspect``), or one still starting (it
+    reads ``due/`` once started). Untold, a daemon reads ``due/`` at its next queue run."""
     if pid_file is None:
         return None
-    try:
-        pid = int(pid_file.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    if not _is_mailgate(pid):
+    holder = pidfile.inspect(pid_file)
+    if not holder.running or holder.pid is None:
         return None
     try:
-        os.kill(pid, DUE_SIGNAL)
+        os.kill(holder.pid, DUE_SIGNAL)
     except OSError:  # gone since, or not ours to signal
         return None
-    return pid
-
-
-def _is_mailgate(pid: int) -> bool:
-    """Does ``pid`` run mailgate? A pid file left by a killed daemon may name another process
-    by now. Where there is no /proc, the pid file is trusted."""
-    proc = Path("/proc")
-    if not (proc / "self").exists():
-        return True
-    try:
-        return b"mailgate" in (proc / str(pid) / "cmdline").read_bytes()
-    except OSError:
-        return False
+    return holder.pid
