@@ -44,7 +44,8 @@ class Entry:
 
 def entries(spool: Spool, *, locks: bool = True) -> Iterator[Entry]:
     """The queue's messages in directory order (not sorted: sorting needs them all first).
-    ``locks``: look whether each is locked (an open and a non-blocking flock per entry)."""
+    ``locks``: look whether each is locked (a non-blocking flock on the descriptor the entry
+    is read through, ``Spool.peek``)."""
     for qid in spool.qids():
         try:
             peeked = spool.peek(qid, probe=locks)
