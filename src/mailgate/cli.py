@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from mailgate import __version__, maillog
 from mailgate.config import Config, ConfigError, LogSettings, load_config
@@ -48,6 +49,12 @@ def _open_log(hostname: str, log: maillog.LogOptions) -> bool:
         print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
         return False
     return True
+
+
+def _command_log(log: LogSettings) -> LogSettings:
+    """The log of a command an admin runs (``flush``, the queue tools): the daemon's, but the
+    JSON copy only to its file, never to stdout, which is the admin's."""
+    return replace(log, json=log.json and log.json_file is not None)
 
 
 def _lost_when_detached(log: LogSettings) -> list[str]:
@@ -163,85 +170,126 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _outcome(control.status(_load_config(args.config)))
 
 
-def _mailq_time(ts: float) -> str:
-    return time.strftime("%a %b %d %H:%M", time.localtime(ts))
+def _text_out() -> TextIO:
+    """stdout, writing what it cannot encode (an address kept as raw bytes) as escapes, as
+    Sendmail's mailq prints unprintable characters, rather than failing mid-listing."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    return sys.stdout
 
 
 def cmd_mailq(args: argparse.Namespace) -> int:
-    from mailgate.queue.spool import CorruptEntry, Spool
+    """Streams: the header's count comes from a pass over the names only, then each entry is
+    read and printed before the next (queue.listing)."""
+    from mailgate.queue import listing
+    from mailgate.queue.spool import Spool
 
     cfg = _load(args.config).config
     spool = Spool(cfg.spool_dir)
+    out = _text_out()
     try:
-        messages = []
-        for qid in sorted(spool.qids()):
-            try:
-                msg = spool.load(qid)  # reads only: an unreadable entry stays where it is
-            except CorruptEntry:
-                continue
-            if msg is not None:
-                messages.append(msg)
-        print(format_mailq(messages, str(spool.queue), spool.is_locked))
+        if args.json:
+            for entry in listing.entries(spool):
+                out.write(listing.mailq_json(entry) + "\n")
+            return 0
+        count = spool.count()
+        out.write("".join(line + "\n" for line in listing.mailq_header(str(spool.queue), count)))
+        listed = 0
+        if count:
+            for entry in listing.entries(spool):
+                out.write("".join(line + "\n" for line in listing.mailq_entry(entry)))
+                listed += 1
+        out.write(listing.mailq_total(listed) + "\n")
     finally:
         spool.close()
     return 0
 
 
-def format_mailq(
-    msgs: Sequence[QueuedMessage], queue_dir: str, is_locked: Callable[[str], bool]
-) -> str:
-    """Sendmail's ``mailq`` (``sendmail -bp``) layout (semantics §15)."""
-    if not msgs:
-        return f"{queue_dir} is empty"
-    n = len(msgs)
-    lines = [
-        f"\t\t{queue_dir} ({n} request{'s' if n != 1 else ''})",
-        "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------",
-    ]
-    for m in msgs:
-        env, st = m.envelope, m.status
-        mark = "*" if is_locked(env.qid) else " "
-        sender = f"<{env.sender}>" if env.sender else "<>"
-        lines.append(f"{env.qid}{mark}{m.size:>8} {_mailq_time(env.arrival)} {sender}")
-        if st.last_message:
-            lines.append(f"                 ({st.last_message[:60]})")
-        for r in st.pending(env.recipients):
-            lines.append(f"\t\t\t\t\t <{r.address}>")
-            err = st.last_error(r.address)
-            if err and err != st.last_message:
-                lines.append(f"\t\t\t\t\t   ({err[:60]})")
-    lines.append(f"\t\tTotal requests: {n}")
-    return "\n".join(lines)
+def cmd_qshape(args: argparse.Namespace) -> int:
+    from mailgate.queue import listing
+    from mailgate.queue.spool import Spool
+
+    cfg = _load(args.config).config
+    spool = Spool(cfg.spool_dir)
+    try:
+        counts = listing.shape(
+            spool,
+            by_sender=args.sender or args.by == "sender",
+            held=args.hold,
+            buckets=args.buckets,
+            minutes=args.minutes,
+        )
+    finally:
+        spool.close()
+    # qshape's rule: the top 20 on a terminal, every domain into a pipe or a file.
+    top = args.top if args.top is not None else (20 if sys.stdout.isatty() else 0)
+    out = _text_out()
+    out.write("".join(line + "\n" for line in counts.lines(top=top or None)))
+    return 0
+
+
+def _domain_matches(domain: str, wanted: str) -> bool:
+    """``flush --domain``: the domain itself, or with a leading dot its subdomains (a
+    mailertable key's convention)."""
+    domain, wanted = domain.lower(), wanted.lower()
+    return domain.endswith(wanted) if wanted.startswith(".") else domain == wanted
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    """Run the queue now in this process, like ``sendmail -q [-v]``."""
+    """Run the queue now in this process, like ``sendmail -q [-v]`` (``--id``: ``-qI``,
+    ``--domain``: ``-qR``), with the tables on disk now. Safe while the daemon runs: each
+    attempt takes the message's lock, and one the daemon has is skipped."""
     from mailgate import daemon
     from mailgate.delivery.attempt import DeliveryContext, attempt
-    from mailgate.queue.spool import Spool
+    from mailgate.queue.spool import CorruptEntry, Spool
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    # -v: the lines on stderr, between the dialogue's. The JSON copy goes to stdout only in
-    # the daemon: here stdout is the admin's.
-    log = replace(cfg.log, json=cfg.log.json and cfg.log.json_file is not None)
-    if args.verbose:
+    log = _command_log(cfg.log)
+    if args.verbose:  # the lines on stderr, between the dialogue's
         log = replace(log, target="stderr", file=None)
     if not _open_log(cfg.hostname, log):
         return 1
+    spool = Spool(cfg.spool_dir)
 
     def transcript(line: str) -> None:
         print(line, flush=True)
 
+    def chosen() -> Iterator[str]:
+        """The messages to try, streamed from the queue folder (or the ids given)."""
+        if args.ids:
+            for qid in args.ids:
+                if spool.valid_qid(qid) and (spool.queue / qid).exists():
+                    yield qid
+                else:
+                    print(f"mailgate: {qid}: not in the queue", file=sys.stderr)
+            return
+        for qid in spool.qids():
+            if qid in queued_here:
+                continue  # a report this run queued: tried in the next round
+            if not args.domains:
+                yield qid
+                continue
+            try:
+                msg = spool.load(qid)
+            except CorruptEntry:
+                continue  # the attempt would quarantine it; this run is not for it
+            if msg is not None and any(
+                _domain_matches(r.mailbox.domain, d)
+                for r in msg.status.pending(msg.envelope.recipients)
+                for d in args.domains
+            ):
+                yield qid
+
+    queued_here: set[str] = set()
+    new: list[str] = []
+
+    def report_queued(report: QueuedMessage) -> None:
+        new.append(report.qid)  # tried in the next round, from the spool
+        queued_here.add(report.qid)
+        report.close()
+
     async def run() -> int:
-        spool = Spool(cfg.spool_dir)
-        todo = sorted(spool.qids())
-        new: list[str] = []
-
-        def report_queued(report: QueuedMessage) -> None:
-            new.append(report.qid)  # tried in the next round, from the spool
-            report.close()
-
         ctx = DeliveryContext(
             spool=spool,
             resolver=daemon.make_resolver(cfg),
@@ -249,21 +297,120 @@ def cmd_flush(args: argparse.Namespace) -> int:
             queued=report_queued,
             transcript=transcript if args.verbose else None,
         )
-        seen = 0
-        while todo:
+        tried = held = busy = 0
+        todo: Iterable[str] = chosen()
+        while True:
             for qid in todo:
+                # Looked at here to say so; the attempt decides again, under the lock.
+                if spool.load_status(qid).held:
+                    held += 1
+                    if args.verbose:
+                        print(f"\n{qid}: on hold, not tried", flush=True)
+                    continue
+                if spool.is_locked(qid):
+                    busy += 1
+                    if args.verbose:
+                        print(f"\n{qid}: being delivered by another runner, skipped", flush=True)
+                    continue
                 if args.verbose:
                     print(f"\nRunning {qid}", flush=True)
                 await attempt(ctx, qid)
-                seen += 1
+                tried += 1
+            if not new:
+                break
             todo, new[:] = list(new), []
+        remaining = spool.count()
         spool.close()
-        remaining = sum(1 for _ in Spool(cfg.spool_dir).qids())
-        print(f"mailgate: queue run done: {seen} message(s) tried, {remaining} still queued")
+        others = (f", {held} on hold" if held else "") + (
+            f", {busy} being delivered by another runner" if busy else ""
+        )
+        print(
+            f"mailgate: queue run done: {tried} message(s) tried{others}, {remaining} still queued"
+        )
         return 0
 
     daemon.install_event_loop()
     return asyncio.run(run())
+
+
+def _qid_arguments(qids: Sequence[str]) -> Iterator[str]:
+    """The queue ids given; ``-`` reads more from standard input, one a line (postsuper's
+    convention: ``mailgate mailq --json | jq -r … | mailgate delete -``)."""
+    for qid in qids:
+        if qid != "-":
+            yield qid
+            continue
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+
+# What each queue tool says: the summary (postsuper's words), an unchanged message, the verb.
+_TOOL_WORDS = {
+    "hold": ("Placed on hold", "already on hold", "held"),
+    "release": ("Released from hold", "not on hold", "released"),
+    "delete": ("Deleted", "", "deleted"),
+    "requeue": ("Requeued", "on hold: stays held (release it to send it)", "requeued"),
+}
+
+
+def cmd_queue_tool(args: argparse.Namespace) -> int:
+    """``hold``, ``release``, ``delete``, ``requeue``: each message under its lock
+    (queue.tools), a line for each one not changed, postsuper's summary, the daemon told."""
+    from mailgate.queue import tools
+    from mailgate.queue.spool import Spool
+
+    cfg = _load(args.config).config
+    if not _open_log(cfg.hostname, _command_log(cfg.log)):  # a line per message changed
+        return 1
+    name = args.command
+    summary, unchanged, verb = _TOOL_WORDS[name]
+    changes: dict[str, tools.Change] = {
+        "hold": partial(tools.hold, reason=getattr(args, "reason", "")),
+        "release": tools.release,
+        "delete": tools.delete,
+        "requeue": tools.requeue,
+    }
+    every = getattr(args, "all", False)
+    if every == bool(args.qids):
+        either = "queue ids or --all, not both" if name == "requeue" else "at least one queue id"
+        print(f"mailgate {name}: give {either}", file=sys.stderr)
+        return 2
+    spool = Spool(cfg.spool_dir)
+    wait = getattr(args, "wait", 0.0)
+    qids = spool.qids() if every else _qid_arguments(args.qids)
+    done = 0
+    failed = False
+    try:
+        for qid, outcome, detail in tools.apply(spool, changes[name], qids, wait):
+            if outcome is tools.Outcome.DONE:
+                done += 1
+                continue
+            if every and outcome is tools.Outcome.NOT_FOUND:
+                continue  # listed, then delivered before its turn: nothing to requeue
+            failed |= outcome is not tools.Outcome.UNCHANGED
+            why = {
+                tools.Outcome.UNCHANGED: unchanged,
+                tools.Outcome.NOT_FOUND: "not in the queue",
+                tools.Outcome.BUSY: f"being delivered (locked) for all of {wait:g} s; not {verb}",
+                tools.Outcome.UNREADABLE: f"unreadable queue entry; not {verb}",
+                tools.Outcome.FAILED: f"not {verb}: {detail}",
+            }[outcome]
+            print(f"mailgate: {qid}: {why}", file=sys.stderr)
+    finally:
+        spool.close()
+    print(f"mailgate: {summary}: {done} message{'s' if done != 1 else ''}", file=sys.stderr)
+    if done and name in ("release", "requeue"):
+        pid = tools.wake_daemon(cfg.pid_file)
+        if pid is not None:
+            print(f"mailgate: told the daemon (pid {pid})", file=sys.stderr)
+        else:
+            print(
+                "mailgate: no running daemon found through pid_file: it takes them on at "
+                "its next queue run or start",
+                file=sys.stderr,
+            )
+    return 1 if failed else 0
 
 
 def cmd_route(args: argparse.Namespace) -> int:
@@ -553,15 +700,110 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "is the daemon running: pid, listeners, queue, uptime").set_defaults(
         func=cmd_status
     )
-    add("mailq", "list the queue as Sendmail's mailq does").set_defaults(func=cmd_mailq)
-    p = add("flush", "try every queued message now (like sendmail -q)")
+    p = add("mailq", "list the queue as Sendmail's mailq (sendmail -bp) does")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per message, as postqueue -j"
+    )
+    p.set_defaults(func=cmd_mailq)
+    p = add("flush", "try queued messages now, in this process (like sendmail -q)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
+    p.add_argument(
+        "--domain",
+        dest="domains",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="only messages with a recipient still pending in DOMAIN (.DOMAIN: its "
+        "subdomains), like sendmail -qR; repeatable",
+    )
+    p.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        default=[],
+        metavar="QID",
+        help="only this message, like sendmail -qI; repeatable",
+    )
     p.set_defaults(func=cmd_flush)
+
+    def add_tool(name: str, help_text: str, *, waits: bool = True) -> argparse.ArgumentParser:
+        """A queue tool: queue ids (``-``: read from standard input) and, for those that take
+        the message's lock, how long to wait for one being delivered."""
+        p = add(name, help_text)
+        p.add_argument(
+            "qids", nargs="*", metavar="QID", help="queue ids (-: read from stdin, one a line)"
+        )
+        if waits:
+            p.add_argument(
+                "--wait",
+                type=seconds,
+                default=30.0,
+                metavar="SECONDS",
+                help="how long to wait for a message being delivered right now (default 30); "
+                "then it is left as it is and reported",
+            )
+        p.set_defaults(func=cmd_queue_tool)
+        return p
+
+    p = add_tool("hold", "put messages on hold: never attempted until released (postsuper -h)")
+    p.add_argument("--reason", default="", help="why, shown by mailq as QUARANTINE: …")
+    add_tool("release", "release messages from hold; the daemon attempts them now (postsuper -H)")
+    add_tool("delete", "remove messages from the queue, logged (postsuper -d)")
+    p = add_tool(
+        "requeue",
+        "make messages due now: the daemon routes them again with its tables (postsuper -r)",
+        waits=False,
+    )
+    p.add_argument("--all", action="store_true", help="every message in the queue")
+    p = add("qshape", "messages by domain and age, as Postfix's qshape")
+    p.add_argument(
+        "--by",
+        choices=["recipient", "sender"],
+        default="recipient",
+        help="recipient domains (each pending recipient counts) or sender domains",
+    )
+    p.add_argument("-s", dest="sender", action="store_true", help="the same as --by sender")
+    p.add_argument("--hold", action="store_true", help="the messages on hold instead")
+    p.add_argument("-n", "--top", type=int, metavar="N", help="only the top N domains (0: all)")
+    p.add_argument(
+        "-b", "--buckets", type=positive_integer, default=10, metavar="N", help="age buckets"
+    )
+    p.add_argument(
+        "-t",
+        "--minutes",
+        type=minutes,
+        default=5.0,
+        metavar="MINUTES",
+        help="the first bucket's age limit; each next one doubles it",
+    )
+    p.set_defaults(func=cmd_qshape)
     p = add("route", "show the mailer, next hop and address each address would use")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.set_defaults(func=cmd_route)
     _add_migration_commands(sub)
     return parser
+
+
+def seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse names the function in its error)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def minutes(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
