@@ -591,10 +591,10 @@ def test_daemon_hands_uucp_dom_mail_to_uux_on_path(
         "(bob@uucpdomain.example)", "(carol@uucpdomain.example)",
     ]  # fmt: skip
     assert re.fullmatch(f"From alice@example.org {DATE}", from_line_of(call))
-    received, rest = body_of(call).split(b"\n", 1)[0], body_of(call)
-    assert received.startswith(b"Received: from client.example.net ([127.0.0.2])")
-    assert rest.endswith(body.replace(b"\r\n", b"\n"))
-    assert b"\r" not in rest
+    data = body_of(call)  # as queued (our Received: on top), with LF line ends
+    assert data.startswith(b"Received: from client.example.net ([127.0.0.2])")
+    assert data.endswith(body.replace(b"\r\n", b"\n"))
+    assert b"\r" not in data
     sent = gw.log_lines("stat=Sent")
     assert len(sent) == 2
     assert all("mailer=uucp-dom, relay=uuhost, dsn=2.0.0, stat=Sent" in line for line in sent)
