@@ -109,7 +109,11 @@ SESSION_EVENTS = (
     "timeout",  # no command or content within the timeout: 421 and close
 )
 # Sendmail's mailer names (``delivery.mailers.MAILERS``; a test keeps the two alike).
-MAILERS = ("smtp", "esmtp", "smtp8", "dsmtp", "relay", "local", "*file*", "prog", "error")
+MAILERS = (
+    *("smtp", "esmtp", "smtp8", "dsmtp", "relay"),
+    *("uucp", "uucp-old", "suucp", "uucp-new", "uucp-dom", "uucp-uudom"),
+    *("local", "*file*", "prog", "error"),
+)
 DELIVERY_STATUSES = ("delivered", "deferred", "bounced")
 LATENCY_BUCKETS = (
     0.005,
