@@ -521,9 +521,13 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # USR2 too: its default would kill a daemon that has logged "starting daemon" but not yet
+    # come back here, and its statistics need nothing the start makes. USR1 needs the
+    # scheduler running: ignored until then (the start takes on the queue anyway).
+    loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     await gateway.start()
     loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
-    loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
     # Ignored until here (its default), and start() has read due/ already.
     loop.add_signal_handler(DUE_SIGNAL, gateway.wake)
     await stop.wait()
