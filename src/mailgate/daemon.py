@@ -27,7 +27,7 @@ from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
-from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
+from mailgate.queue.spool import PICKUP_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Listener, bind_socket
@@ -80,6 +80,8 @@ class Gateway:
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
+        self._pickup: asyncio.Task[None] | None = None  # the scan PICKUP_SIGNAL started
+        self._pickup_again = False  # another signal came while it ran
         self.listeners: list[Listener] = []
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -293,6 +295,25 @@ class Gateway:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def pick_up(self) -> None:
+        """PICKUP_SIGNAL: another process queued mail (``mailgate sendmail``): read the
+        queue folder for it now rather than at the next queue run. Only entries no runner
+        here knows are taken on; the rest of the queue keeps its times (USR1 would make
+        every deferred message due, at each cron job's mail). Signals that come while a
+        scan runs make one more scan after it, not one each."""
+        if self._pickup is not None and not self._pickup.done():
+            self._pickup_again = True
+            return
+        self._pickup = asyncio.get_running_loop().create_task(self._pick_up())
+
+    async def _pick_up(self) -> None:
+        again = True
+        while again:
+            self._pickup_again = False
+            with contextlib.suppress(OSError):
+                await self.scan_queue()
+            again = self._pickup_again
+
     async def scan_queue(self, *, now: bool = False) -> int:
         """Take on queue entries of our share that no runner here knows: a bounce that
         ``mailgate flush`` queued, mail of a process that died. The listing and the status
@@ -377,6 +398,7 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
     loop.add_signal_handler(signal.SIGUSR2, gateway.log_statistics)
+    loop.add_signal_handler(PICKUP_SIGNAL, gateway.pick_up)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)

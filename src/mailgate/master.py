@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mailgate import maillog
 from mailgate.daemon import install_event_loop, serve, setup_log
-from mailgate.queue.spool import Spool
+from mailgate.queue.spool import PICKUP_SIGNAL, Spool
 from mailgate.smtp.limits import SharedCounts
 from mailgate.smtp.listener import bind_socket
 from mailgate.snapshot import Snapshot, try_reload
@@ -46,7 +46,7 @@ def _run_worker(
     # Until serve() installs its handlers: a HUP or USR1 the master forwards while this worker
     # starts must not kill it (SIG_DFL would). It starts with the newest checked snapshot and
     # runs its share of the queue anyway, so nothing is missed by ignoring them.
-    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, PICKUP_SIGNAL):
         signal.signal(sig, signal.SIG_IGN)
     install_event_loop()
     asyncio.run(
@@ -114,7 +114,14 @@ def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (
+        signal.SIGHUP,
+        signal.SIGTERM,
+        signal.SIGINT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        PICKUP_SIGNAL,
+    ):
         signal.signal(sig, on_signal)
     for i in range(workers):
         spawn(i)

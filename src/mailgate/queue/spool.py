@@ -58,6 +58,7 @@ import json
 import math
 import os
 import re
+import signal
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -75,6 +76,11 @@ _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 _STATUS_SUFFIX = ".st"
 _QID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,63}")  # a qid safe as a file name
 _MAX_ENVELOPE = 16 * 1024 * 1024  # longest envelope line read
+
+# Sent to the daemon (the pid in pid_file) by another process that queued a message, a
+# local submission: "the queue folder has new entries". Its default action is to ignore it,
+# so a stale pid file naming another process does no harm.
+PICKUP_SIGNAL = signal.SIGURG
 
 
 def _read_line(fd: int, limit: int) -> bytes:
