@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import os
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -127,8 +128,11 @@ async def _check_mx(
         return
     yield Finding("OK", check, _hosts(mine))
     if foreign:
+        first = " and gets the mail first" if foreign[0][0] < mine[0][0] else ""
         yield Finding(
-            "WARN", check, f"also {_hosts(foreign)}, not this gateway: it must relay to it"
+            "WARN",
+            check,
+            f"also {_hosts(foreign)}, not this gateway: it must relay to it{first}",
         )
     if len(mine) > 1:
         prefs = {p for p, _ in mine}
@@ -233,8 +237,8 @@ async def _check_banner(address: str, name: str, gateway: Gateway) -> Finding:
                     await writer.wait_closed()
     except TimeoutError:
         return Finding("FAIL", check, f"no banner within {gateway.timeout:g} s")
-    except OSError as exc:
-        return Finding("FAIL", check, exc.strerror or str(exc))
+    except OSError as exc:  # asyncio's strerror is "Connect call failed (address)"
+        return Finding("FAIL", check, os.strerror(exc.errno) if exc.errno else str(exc))
     first = banner.splitlines()[0] if banner else ""
     words = first[4:].split()
     if not first.startswith("220"):

@@ -18,7 +18,6 @@ returns the status this module gives.
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import errno
 import os
 import pwd
@@ -119,9 +118,51 @@ def is_trusted(user: Submitter, trusted_users: tuple[str, ...], spool_owner: int
 
 
 def split_addresses(text: str) -> list[str]:
-    """The addresses in a recipient list as the command line or a header field writes them:
-    comma-separated, with display names, comments and groups (``undisclosed:;`` is none)."""
-    return [addr for _name, addr in email.utils.getaddresses([text]) if addr]
+    """The addresses in a recipient list as the command line or a header field writes them
+    (RFC 5322): comma-separated, display names and ``<…>``, comments dropped, groups
+    (``team: a@x, b@y;``, ``undisclosed-recipients:;``) opened. Nothing is repaired: a piece
+    that is no address stays as written, for the address check to refuse (email.utils'
+    parser drops or cuts what it cannot read: ``a@b@c`` became ``@c``)."""
+    pieces: list[str] = []
+    cur: list[str] = []
+    quoted = angle = False
+    comment = 0
+    chars = iter(text)
+    for c in chars:
+        if quoted:
+            cur.append(c)
+            if c == "\\":
+                cur.append(next(chars, ""))
+            elif c == '"':
+                quoted = False
+        elif comment:
+            if c == "\\":
+                next(chars, "")
+            else:
+                comment += {"(": 1, ")": -1}.get(c, 0)
+        elif c == '"':
+            quoted = True
+            cur.append(c)
+        elif c == "(":
+            comment = 1
+        elif c in "<>":
+            angle = c == "<"
+            cur.append(c)
+        elif c in ",;" and not angle:
+            pieces.append("".join(cur))
+            cur = []
+        elif c == ":" and not angle and "@" not in cur:
+            cur = []  # a group's name
+        else:
+            cur.append(c)
+    pieces.append("".join(cur))
+    found = []
+    for piece in (p.strip() for p in pieces):
+        if piece.endswith(">") and "<" in piece:
+            piece = piece[piece.rindex("<") + 1 : -1].strip()
+        if piece:
+            found.append(piece)
+    return found
 
 
 def envelope_sender(given: str | None, user: Submitter, snap: Snapshot) -> str:
