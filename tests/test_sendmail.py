@@ -271,6 +271,31 @@ def test_a_config_that_does_not_load_is_ex_config(tmp_path: Path) -> None:
     )
 
 
+def test_without_c_the_config_is_mailgate_config_as_postfixs_mail_config(
+    make_gateway: GatewayFactory, world: World, tmp_path: Path
+) -> None:
+    gw = make_gateway(world, start=False)
+
+    def run(config: Path) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            mailgate_command("sendmail", "alice"),
+            input=b"hi\n",
+            capture_output=True,
+            timeout=60,
+            check=False,
+            env={**os.environ, "MAILGATE_CONFIG": str(config)},
+            cwd=tmp_path,  # not where the embedded config's relative spool would be
+        )
+
+    assert run(gw.config).returncode == 0
+    assert len(gw.queued()) == 1
+    missing = run(tmp_path / "none.toml")
+    assert (missing.returncode, missing.stderr) == (
+        78,
+        f"sendmail: {tmp_path / 'none.toml'}: no such file\n".encode(),
+    )
+
+
 def test_bp_lists_the_queue_and_q_v_runs_it(
     make_gateway: GatewayFactory, world: World, hop1: SinkServer
 ) -> None:

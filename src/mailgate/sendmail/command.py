@@ -34,6 +34,12 @@ from mailgate.tables.maps import TableError
 # ``mailgate``'s own main for a subcommand's argv; None when it has no such subcommand.
 Subcommand = Callable[[Sequence[str]], int | None]
 
+# The config without -C, as sendmail reads /etc/mail/sendmail.cf: not mailgate's embedded
+# default (its spool is relative to the working folder, where cron's mail would be lost).
+# MAILGATE_CONFIG names another, as Postfix's sendmail takes MAIL_CONFIG.
+DEFAULT_CONFIG = "/etc/mail/mailgate.toml"
+CONFIG_VARIABLE = "MAILGATE_CONFIG"
+
 # What each name does when ``mailgate`` is called by it (a link to the mailgate command).
 PROGRAMS: dict[str, tuple[str, ...]] = {
     "sendmail": (),
@@ -71,12 +77,13 @@ def run(
             Override("queue", "run_interval", inv.queue_interval, f"-q{inv.queue_interval}")
         )
     config.set_command_line(overrides)
+    path = inv.config or os.environ.get(CONFIG_VARIABLE) or DEFAULT_CONFIG
     try:
-        snap = load_snapshot(inv.config)
+        snap = load_snapshot(path)
     except (ConfigError, TableError) as exc:
         print(f"{program}: {exc}", file=err)
         return os.EX_CONFIG
-    base = ["-c", inv.config] if inv.config else []
+    base = ["-c", path]
     mode = inv.mode
     if inv.queue_interval is not None and mode in ("deliver", "serve"):
         mode = "serve"
@@ -131,6 +138,8 @@ def _deliver(
         maillog.setup(cfg.hostname, log)
     except OSError as exc:  # the log is the daemon's: the message goes in without its line
         print(f"{program}: cannot open the log ({exc.strerror}); queueing anyway", file=err)
+        quiet = replace(log, target="stderr", file=None, level="error", json=False)
+        maillog.setup(cfg.hostname, quiet)
     read = getattr(stdin, "read1", stdin.read)
     try:
         result = Submission(inv, snap, who_am_i(), read).run()
