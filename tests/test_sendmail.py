@@ -182,6 +182,16 @@ def test_bd_with_an_interval_serves(
     assert (daemon.returncode, stderr) == (0, b"")
 
 
+def test_a_full_name_cannot_add_a_header_field(make_gateway: GatewayFactory, world: World) -> None:
+    gw = make_gateway(world, start=False)
+    done = sendmail(gw, "-F", "Mallory\r\nBcc: eve@example.org\n", "alice", stdin=b"hi\n")
+    assert done.returncode == 0
+    [qid] = gw.queued()
+    _, content = spool_file(gw, qid)
+    assert b'\r\nFrom: "Mallory Bcc: eve@example.org" <root@gateway.example.com>\r\n' in content
+    assert b"\r\nBcc:" not in content
+
+
 def test_a_lone_dot_ends_the_message_unless_i(make_gateway: GatewayFactory, world: World) -> None:
     gw = make_gateway(world, start=False)
     text = b"Subject: dots\n\nbefore\n.\nafter\n"

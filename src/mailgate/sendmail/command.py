@@ -10,6 +10,7 @@ learn: ``-bp`` is ``mailgate mailq``, ``-q [-v]`` ``mailgate flush [-v]``, ``-bd
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -63,9 +64,22 @@ def run(
     stderr: TextIO | None = None,
 ) -> int:
     """Run sendmail's command line ``argv`` (without the program name) as ``program``."""
-    stdin = stdin or sys.stdin.buffer
-    out = stdout or sys.stdout
     err = stderr or sys.stderr
+    try:
+        return _run(argv, subcommand, program, stdin or sys.stdin.buffer, stdout or sys.stdout, err)
+    except Exception as exc:  # a bug: the caller gets sendmail's status for one, not 1
+        print(f"{program}: internal error: {exc!r}", file=err)
+        return os.EX_SOFTWARE
+
+
+def _run(
+    argv: Sequence[str],
+    subcommand: Subcommand,
+    program: str,
+    stdin: BinaryIO,
+    out: TextIO,
+    err: TextIO,
+) -> int:
     try:
         inv = options.parse([*PROGRAMS.get(program, ()), *argv])
     except options.UsageError as exc:
@@ -119,6 +133,9 @@ def _delegate(
         status = subcommand(argv)
     except SystemExit as exc:  # its config no longer loads (edited meanwhile)
         return os.EX_CONFIG if exc.code else os.EX_OK
+    except OSError as exc:  # the spool is not this user's to read, say
+        print(f"{program}: {exc}", file=err)
+        return os.EX_NOPERM if exc.errno in (errno.EACCES, errno.EPERM) else os.EX_OSERR
     if status is None:
         print(f"{program}: this mailgate has no '{argv[0]}' command", file=err)
         return os.EX_UNAVAILABLE

@@ -394,7 +394,9 @@ class Submission:
                 untrusted_from=(
                     inv.sender is not None and not trusted and msg.sender != default_sender
                 ),
-                sender_name=inv.full_name or (self.user.full_name if inv.sender is None else None),
+                sender_name=_one_line(
+                    inv.full_name or (self.user.full_name if inv.sender is None else None)
+                ),
             ),
         )
         if stamped.hops > MAX_HOPS:
@@ -435,6 +437,14 @@ class Submission:
                     f"552 5.3.4 Message size exceeds fixed maximum message size ({limit})",
                 )
             incoming.write(block)
+
+
+def _one_line(text: str | None) -> str | None:
+    """A full name fit for a header field: ``-F "x\\r\\nBcc: y"`` must not add a field (nor
+    put a bare CR or LF into the spool)."""
+    if text is None:
+        return None
+    return " ".join("".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).split())
 
 
 def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
