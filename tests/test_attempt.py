@@ -20,13 +20,13 @@ import shutil
 import textwrap
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from mailgate import cli
-from mailgate.config import parse_config
+from mailgate import cli, maillog
+from mailgate.config import LogSettings, parse_config
 from mailgate.delivery import Job, Mailer, Outcome, Status, notify
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.mailers import ErrorMailer
@@ -43,9 +43,9 @@ from mailgate.queue.spool import (
     Spool,
 )
 from mailgate.reply import Reply
-from mailgate.routing import SMTP_MAILERS, Route
+from mailgate.routing import Route
 from mailgate.snapshot import Snapshot, build_snapshot
-from mailgate.tables.mailertable import NextHop
+from mailgate.tables.mailertable import SMTP_MAILERS, NextHop
 from tests.support import world
 from tests.support.wait import wait_until_async
 
@@ -164,9 +164,25 @@ def run(coro: Callable[[], object]) -> None:
     asyncio.run(coro())  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def log(tmp_path: Path) -> Iterator[Path]:
+    """The maillog, in a file for the test to read."""
+    path = tmp_path / "maillog"
+    maillog.setup(HOST, LogSettings(file=path))
+    yield path
+    maillog.setup("localhost")
+
+
+def log_lines(path: Path, text: str) -> list[str]:
+    """The maillog lines that contain ``text``, without their syslog prefix."""
+    return [line.split(": ", 1)[1] for line in path.read_text().splitlines() if text in line]
+
+
 def report_fields(msg: email.message.Message) -> list[dict[str, str]]:
     """Per-recipient fields of a DSN's delivery-status part, keys lower-case."""
-    [status] = [p for p in msg.walk() if p.get_content_type() == "message/delivery-status"]
+    parts = msg.get_payload()
+    assert isinstance(parts, list)  # the report's own parts, not those of a report it returns
+    [status] = [p for p in parts if p.get_content_type() == "message/delivery-status"]
     blocks = status.get_payload()
     assert isinstance(blocks, list)
     return [{k.lower(): " ".join(str(v).split()) for k, v in b.items()} for b in blocks[1:]]
@@ -280,7 +296,7 @@ def test_a_target_done_for_one_recipient_is_not_delivered_for_another(tmp_path: 
 
 
 # -- expiry, warning, receipt -------------------------------------------------------------------
-def test_expiry_bounces_what_is_still_pending(tmp_path: Path) -> None:
+def test_expiry_bounces_what_is_still_pending(tmp_path: Path, log: Path) -> None:
     w = World(tmp_path)
     w.smtp.script["y@hop.test"] = Reply(451, "4.4.1", "Connection refused by [192.0.2.1]")
 
@@ -299,11 +315,18 @@ def test_expiry_bounces_what_is_still_pending(tmp_path: Path) -> None:
         assert field["diagnostic-code"] == (
             "smtp; Deferred: 451 4.4.1 Connection refused by [192.0.2.1]"
         )
+        # Sendmail's lines: the recipient's, then the bounce's.
+        deferred, expired = log_lines(log, "to=<y@hop.test>")
+        assert deferred.endswith("stat=Deferred: 451 4.4.1 Connection refused by [192.0.2.1]")
+        assert "dsn=4.4.7" in expired and expired.endswith("stat=Cannot send message for 5 days")
+        assert log_lines(log, "DSN:") == [
+            f"{qid}: {w.reports[0].qid}: DSN: Cannot send message for 5 days"
+        ]
 
     run(go)
 
 
-def test_delay_warning_once_then_retry(tmp_path: Path) -> None:
+def test_delay_warning_once_then_retry(tmp_path: Path, log: Path) -> None:
     w = World(tmp_path)
     w.smtp.script["y@hop.test"] = Reply(451, "4.4.1", "Connection refused by [192.0.2.1]")
 
@@ -322,8 +345,12 @@ def test_delay_warning_once_then_retry(tmp_path: Path) -> None:
             ("rfc822; y@hop.test", "delayed")
         ]
         assert w.spool.load_status(qid).warned
+        assert log_lines(log, "DSN:") == [
+            f"{qid}: {warning.qid}: DSN: Warning: could not send message for past 4 hours"
+        ]
         assert await attempt(w.ctx, qid) is not None
         assert len(w.reports) == 1  # not twice
+        assert len(log_lines(log, "DSN:")) == 1
         assert w.spool.load_status(qid).attempts == 2
 
     run(go)
@@ -358,14 +385,95 @@ def test_return_receipt_when_the_hop_does_not_take_dsn(tmp_path: Path) -> None:
     run(go)
 
 
-def test_no_bounce_of_a_bounce(tmp_path: Path) -> None:
+def test_several_failures_in_one_attempt_are_one_bounce(tmp_path: Path, log: Path) -> None:
+    """Failures at two next hops, in the error mailer and in a local mailer, beside a
+    delivery: one DSN listing each failed recipient, one maillog line for it."""
+    w = World(tmp_path)
+    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
+    w.smtp.script["z@other.test"] = Reply(554, "5.7.1", "<z@other.test>... Refused")
+    w.local.script["dave"] = Reply(552, "5.2.2", "<dave@gateway.example.com>... Mailbox full")
+
+    async def go() -> None:
+        rcpts = ["y@hop.test", "x@hop.test", "z@other.test", "e@bad.test"]
+        msg = await w.queue(*rcpts, "dave@gateway.example.com")
+        assert await attempt(w.ctx, msg.qid, msg) is None
+        [bounce] = w.reports
+        bounce.close()
+        assert [r.address for r in bounce.envelope.recipients] == [SENDER]
+        assert [(f["final-recipient"], f["status"]) for f in report_fields(w.report())] == [
+            ("rfc822; y@hop.test", "5.1.1"),
+            ("rfc822; z@other.test", "5.7.1"),
+            ("rfc822; e@bad.test", "5.1.1"),
+            ("rfc822; dave@gateway.example.com", "5.2.2"),
+        ]
+        assert log_lines(log, "DSN:") == [f"{msg.qid}: {bounce.qid}: DSN: User unknown"]
+        assert w.queued() == [bounce.qid]
+
+    run(go)
+
+
+def test_a_failed_bounce_goes_to_the_postmaster_once(tmp_path: Path, log: Path) -> None:
+    """Sendmail's double bounce: a bounce that cannot be delivered is reported to the
+    postmaster (never to its null sender), with the bounce attached; a postmaster notify
+    that fails in turn is logged, not reported again."""
+    w = World(tmp_path)
+    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
+    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
+
+    async def go() -> None:
+        msg = await w.queue("y@hop.test")
+        assert await attempt(w.ctx, msg.qid, msg) is None
+        [bounce] = w.reports
+        assert await attempt(w.ctx, bounce.qid, bounce) is None  # its sender's MX refuses it
+        assert w.smtp.delivered() == ["y@hop.test", SENDER]
+        [_, notice] = w.reports
+        notice.close()
+        env = notice.envelope
+        assert (env.sender, [r.address for r in env.recipients]) == ("", ["postmaster"])
+        assert env.is_bounce and env.postmaster_notify
+        report = w.report()
+        assert report["Subject"] == "Postmaster notify: see transcript for details"
+        assert report["To"] == "<postmaster@gateway.example.com>"
+        assert [
+            (f["final-recipient"], f["action"], f["status"]) for f in report_fields(report)
+        ] == [(f"rfc822; {SENDER}", "failed", "5.1.1")]
+        returned = report.get_payload()[2]  # the bounce that could not be delivered
+        assert returned.get_content_type() == "message/rfc822"
+        assert "Subject: Returned mail: see transcript for details" in returned.as_string()
+        assert log_lines(log, "postmaster notify:") == [
+            f"{bounce.qid}: {notice.qid}: postmaster notify: User unknown"
+        ]
+        # postmaster has no alias and no mailbox: root gets it; here root refuses too.
+        w.local.script["root"] = Reply(550, "5.1.1", "<postmaster>... User unknown")
+        assert await attempt(w.ctx, notice.qid) is None
+        assert w.local.delivered() == ["root"]
+        assert len(w.reports) == 2 and w.queued() == []
+        assert log_lines(log, "not reported again") == [
+            f"{notice.qid}: postmaster notify undeliverable, not reported again: User unknown"
+        ]
+
+    run(go)
+
+
+def test_mail_from_the_null_sender_that_fails_goes_to_the_postmaster(
+    tmp_path: Path, log: Path
+) -> None:
+    """Not only our own bounces: any message from <> (another MTA's bounce) that fails."""
     w = World(tmp_path)
     w.smtp.script["x@hop.test"] = Reply(550, "5.1.1", "<x@hop.test>... User unknown")
 
     async def go() -> None:
         msg = await w.queue("x@hop.test", sender="")
         assert await attempt(w.ctx, msg.qid, msg) is None
-        assert w.reports == [] and w.queued() == []
+        [notice] = w.reports
+        notice.close()
+        assert [r.address for r in notice.envelope.recipients] == ["postmaster"]
+        assert [f["final-recipient"] for f in report_fields(w.report())] == ["rfc822; x@hop.test"]
+        assert w.queued() == [notice.qid]
+        assert log_lines(log, "DSN:") == []
+        assert log_lines(log, "postmaster notify:") == [
+            f"{msg.qid}: {notice.qid}: postmaster notify: User unknown"
+        ]
 
     run(go)
 

@@ -55,7 +55,7 @@ def test_8bit_to_a_server_without_8bitmime(tmp_path: Path) -> None:
     with SinkServer() as sink:
         sink.eightbitmime = False
         res, lines = send(sink, path, offset, size=len(EIGHT_BIT), body_8bit=True)
-        assert res.data_reply.code == 250
+        assert res.rcpt[0].reply.code == 250
         [msg] = sink.wait_for(1, timeout=5)
     # No BODY= (not offered); SIZE is the size as queued, as Postfix sends it.
     assert msg.mail_options == [f"SIZE={len(EIGHT_BIT)}"]
@@ -169,7 +169,7 @@ def test_large_8bit_message_streams_with_bounded_memory(tmp_path: Path) -> None:
             return res, peak
 
         res, peak = asyncio.run(go())
-        assert res.data_reply.code == 250
+        assert res.rcpt[0].reply.code == 250
         [msg] = sink.wait_for(1, timeout=30)
     assert msg.sha256 == expect.hexdigest()
     assert peak < 4 * 1024 * 1024, f"peak {peak} bytes"

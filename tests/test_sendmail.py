@@ -8,6 +8,7 @@ the wait came because the command told the daemon (PICKUP_SIGNAL through the pid
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -161,25 +162,37 @@ def test_f_by_a_trusted_user_gets_none(
     assert b"X-Authentication-Warning" not in msg.data
 
 
-def test_bd_with_an_interval_serves(
+def test_bd_is_the_detached_daemon_and_bd_upper_the_foreground_one(
     world: World, hop1: SinkServer, dns: DnsServer, tmp_path: Path
 ) -> None:
-    gw = world.gateway(tmp_path / "gw", dns)  # its files; sendmail -bd is the daemon
-    daemon = subprocess.Popen(
-        [*mailgate_command("sendmail"), "-C", str(gw.config), "-bd", "-q1h"],
+    gw = world.gateway(tmp_path / "gw", dns)  # its files; sendmail is the daemon
+
+    def deliver(subject: str) -> None:
+        wait_until(lambda: accepts(gw.host, gw.port), "it to listen")
+        with gw.smtp() as client:
+            client.sendmail(SENDER, ["bob@targetdomain1.com"], f"Subject: {subject}\r\n\r\nx\r\n")
+        hop1.wait_subject(subject, timeout=15)
+
+    detached = sendmail(gw, "-bd", "-q1h")  # returns once the daemon listens
+    assert (detached.returncode, detached.stderr) == (0, b"")
+    try:
+        deliver("via -bd")
+    finally:
+        stopped = subprocess.run(
+            mailgate_command("stop", "-c", str(gw.config)), capture_output=True, timeout=60
+        )
+    assert stopped.returncode == 0, stopped.stderr
+    foreground = subprocess.Popen(
+        [*mailgate_command("sendmail"), "-C", str(gw.config), "-bD", "-q1h"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
-        wait_until(lambda: daemon.poll() is None and accepts(gw.host, gw.port), "it to listen")
-        with gw.smtp() as client:
-            client.sendmail(SENDER, ["bob@targetdomain1.com"], b"Subject: via -bd\r\n\r\nx\r\n")
-        [msg] = hop1.wait_for(1, timeout=15)
-        assert msg.rcpt_tos == ["bob@targetdomain1.com"]
+        deliver("via -bD")
     finally:
-        daemon.terminate()
-        _, stderr = daemon.communicate(timeout=30)
-    assert (daemon.returncode, stderr) == (0, b"")
+        foreground.terminate()
+        _, stderr = foreground.communicate(timeout=30)
+    assert (foreground.returncode, stderr) == (0, b"")
 
 
 def test_a_full_name_cannot_add_a_header_field(make_gateway: GatewayFactory, world: World) -> None:
@@ -190,6 +203,33 @@ def test_a_full_name_cannot_add_a_header_field(make_gateway: GatewayFactory, wor
     _, content = spool_file(gw, qid)
     assert b'\r\nFrom: "Mallory Bcc: eve@example.org" <root@gateway.example.com>\r\n' in content
     assert b"\r\nBcc:" not in content
+
+
+def test_8bitmime_is_declared_for_8_bit_text_or_as_b_says(
+    make_gateway: GatewayFactory, world: World
+) -> None:
+    gw = make_gateway(world, start=False)
+    for args, text in [
+        ((), b"Subject: plain\n\nascii\n"),
+        ((), "Subject: utf-8\n\nR\u00e9sum\u00e9\n".encode()),
+        (("-B8BITMIME",), b"Subject: said 8-bit\n\nascii\n"),
+        (("-B7BIT",), "Subject: said 7-bit\n\nR\u00e9sum\u00e9\n".encode()),
+        # Larger than what is read before the envelope line is written: the rest is unseen.
+        ((), b"Subject: large\n\n" + (b"x" * 70 + b"\n") * 4000),
+    ]:
+        assert sendmail(gw, *args, "alice", stdin=text).returncode == 0
+    declared = {}
+    for qid in gw.queued():
+        envelope, content = spool_file(gw, qid)
+        subject = content.split(b"\r\nSubject: ")[1].split(b"\r\n")[0].decode()
+        declared[subject] = json.loads(envelope)["body_8bit"]
+    assert declared == {
+        "plain": False,
+        "utf-8": True,
+        "said 8-bit": True,
+        "said 7-bit": False,
+        "large": True,
+    }
 
 
 def test_a_lone_dot_ends_the_message_unless_i(make_gateway: GatewayFactory, world: World) -> None:

@@ -60,9 +60,9 @@ def test_flags_without_meaning_here_are_taken_and_ignored() -> None:
         (["-fa@x", "-fb@x"], 'more than one "from" person'),
         (["-bs"], "-bs: mode not supported (use -bm, -bp, -bt, -bv, -bd, -bi)"),
         (
-            ["-qRexample.com"],
-            "-qRexample.com: only -q (run the queue once) and -q<interval> are supported; "
-            "use mailgate flush for the rest",
+            ["-qSroot"],
+            "-qSroot: only -q (run the queue once), -qRdomain, -qIqid and -q<interval> "
+            "are supported",
         ),
         (["-qlater"], '-qlater: bad duration \'later\': use e.g. "30m", "5s", "1h30m"'),
         (["-B9BIT"], "-B9BIT: illegal body type (7BIT or 8BITMIME)"),
@@ -81,12 +81,16 @@ def test_modes_and_the_queue() -> None:
     assert parse(["-bp"]).mode == "mailq"
     assert parse(["-bt"]).mode == "route"
     assert parse(["-bv", "a@x.org"]).mode == "verify"
-    assert parse(["-bd"]).mode == "serve"
+    assert parse(["-bd"]).mode == "daemon"
+    assert parse(["-bD"]).mode == "serve"
+    assert parse(["-qR@example.com", "-qIkB21F600031166"]) == Invocation(
+        run_queue=True, queue_domains=["example.com"], queue_ids=["kB21F600031166"]
+    )
     assert parse(["-bi"]).mode == "newaliases"
     assert parse(["-I"]).mode == "newaliases"
     # A bare -q runs the queue once: -q -v is two flags, not -q with "-v".
     assert parse(["-q", "-v"]) == Invocation(run_queue=True, verbose=True)
-    assert parse(["-bd", "-q30m"]) == Invocation(mode="serve", queue_interval="30m")
+    assert parse(["-bd", "-q30m"]) == Invocation(mode="daemon", queue_interval="30m")
 
 
 def test_dsn_flags_become_the_envelopes_parameters() -> None:

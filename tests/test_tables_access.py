@@ -327,10 +327,17 @@ def test_greet_pause(tmp_path: Path) -> None:
     assert v.value == 1500 and v.action == "PAUSE"
 
 
-def test_entries_with(tmp_path: Path) -> None:
+def test_entries_by_tag(tmp_path: Path) -> None:
     t = table(tmp_path, "To:a.example RELAY\nTo:b.example REJECT\nc.example RELAY\n")
-    assert [k for k, _ in t.entries_with("to", "RELAY")] == ["a.example"]
-    assert [k for k, _ in t.entries_with("", "relay")] == ["c.example"]
+    assert [(k, v.action) for _, k, v in t.entries("to")] == [
+        ("a.example", "RELAY"),
+        ("b.example", "REJECT"),
+    ]
+    assert [(k, v.action) for _, k, v in t.entries("")] == [("c.example", "RELAY")]
+    # What the relay check makes of them.
+    assert t.recipient_domain_relay("a.example", exact_names=True)
+    assert not t.recipient_domain_relay("b.example", exact_names=True)
+    assert t.recipient_domain_relay("c.example", exact_names=True)
 
 
 # -- size -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
@@ -278,6 +279,40 @@ def _privacy_flag(value: object) -> str:
     return flag
 
 
+_UUCP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_UUX_MACROS = ("g", "h", "u")
+
+
+def _uucp_name(value: object) -> str:
+    text = _str(value)
+    if not _UUCP_NAME.fullmatch(text):
+        raise ValueError(f"{value!r} is not a UUCP node name (letters, digits, . _ -)")
+    return text
+
+
+def _uux_args(value: object) -> tuple[str, ...]:
+    """Sendmail's ``A=`` of a UUCP mailer: argv words; ``$g``, ``$h`` and ``$u`` expanded,
+    the one word holding ``$u`` repeated for each recipient."""
+    words = tuple(_str(value).split())
+    for word in words:
+        for macro in re.findall(r"\$(.?)", word):
+            if macro not in _UUX_MACROS:
+                raise ValueError(
+                    f"{word!r}: only $g (sender), $h (host) and $u (recipient) are expanded"
+                )
+    if sum("$u" in w for w in words) != 1:
+        raise ValueError("needs exactly one word with $u (it is given once per recipient)")
+    return words
+
+
+def default_uucp_node() -> str:
+    """Sendmail's ``$k``: the node name of ``uname``."""
+    try:
+        return _uucp_name(os.uname().nodename)
+    except ValueError:
+        return "localhost"
+
+
 def default_hostname() -> str:
     name = socket.getfqdn() or socket.gethostname() or "localhost"
     try:
@@ -466,6 +501,31 @@ class LocalSettings:
 
 
 @dataclass(frozen=True)
+class UucpSettings:
+    # cf/mailer/uucp.m4's UUCP_MAILER_PATH, UUCP_MAILER_ARGS and UUCP_MAILER_MAX (M=).
+    uux: str = setting(
+        _str, "/usr/bin/uux", "the uux of the UUCP mailers (a bare name is looked up in PATH)"
+    )
+    args: tuple[str, ...] = setting(
+        _uux_args,
+        "uux - -r -a$g -gC $h!rmail ($u)",
+        "its arguments (`UUCP_MAILER_ARGS`): `$g` sender, `$h` host, `$u` each recipient",
+    )
+    node: str = setting(
+        _uucp_name,
+        None,
+        "our UUCP name (`$U`/`$k`): UUCP senders are `node!user`, From_ says `remote from node`",
+        shown="`uname -n`",
+        factory=default_uucp_node,
+    )
+    max_size: int = setting(
+        parse_size,
+        100000,
+        "`UUCP_MAX_SIZE`: bigger messages bounce, `552 5.3.4` (`0` = no limit)",
+    )
+
+
+@dataclass(frozen=True)
 class AccessSettings:
     blocklist_recipients: bool = setting(
         _bool, False, "FEATURE(blocklist_recipients) for `To:` REJECT"
@@ -557,17 +617,30 @@ class Config:
     relay_hosts_only: bool = setting(
         _bool, True, "FEATURE(relay_hosts_only): RELAY grants are exact names"
     )
+    # None (the default) is replaced by spool_dir/mailgate.pid, as Postfix keeps its master.pid
+    # in its queue folder: `mailgate stop`, `reload` and `status` find the daemon there. "" is
+    # no pid file (systemd does not need one, but those three commands then cannot work).
     pid_file: Path | None = setting(
-        _path_or_none, None, "write the daemon's (master's) pid here", shown="none", relative=True
+        _path_or_none,
+        None,
+        "the daemon's (master's) pid, locked while it runs; `mailgate.state.json` beside it",
+        shown="`spool_dir`/mailgate.pid",
+        relative=True,
     )
     workers: int = setting(  # processes sharing the listeners and the spool; 0 = one per CPU
         _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)"
+    )
+    stop_grace: float = setting(
+        parse_duration,
+        "10s",
+        "on stop, how long sessions and deliveries in progress may take to finish",
     )
     smtp: SmtpSettings = section(SmtpSettings)
     queue: QueueSettings = section(QueueSettings)
     delivery: DeliverySettings = section(DeliverySettings)
     dns: DnsSettings = section(DnsSettings)
     local: LocalSettings = section(LocalSettings)
+    uucp: UucpSettings = section(UucpSettings)
     access: AccessSettings = section(AccessSettings)
     submission: SubmissionSettings = section(SubmissionSettings)
     log: LogSettings = section(LogSettings)
@@ -580,6 +653,10 @@ class Config:
     @property
     def helo_name(self) -> str:
         return self.delivery.helo_name or self.hostname
+
+    @property
+    def worker_processes(self) -> int:
+        return self.workers or (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -790,6 +867,7 @@ class Override:
 
 
 _command_line: tuple[Override, ...] = ()
+_command_line_cwd = Path("/")  # where a relative path on the command line is from
 
 
 def set_command_line(overrides: Sequence[Override]) -> None:
@@ -797,12 +875,14 @@ def set_command_line(overrides: Sequence[Override]) -> None:
     (the first, each reload, and so in every worker) takes them over the file's, as
     Sendmail's command-line options stand over sendmail.cf for the daemon's whole life.
     A bad value is a ConfigError naming ``origin`` when the config is read."""
-    global _command_line
+    global _command_line, _command_line_cwd
     known = {(k.section, k.name) for k in keys()}
     for o in overrides:
         if (o.section, o.key) not in known:
             raise ValueError(f"{o.origin}: no setting [{o.section}] {o.key}")
     _command_line = tuple(overrides)
+    # Now: `serve --daemon` moves to / before its reloads read the config again.
+    _command_line_cwd = Path.cwd()
 
 
 def _apply_command_line(top: dict[str, object]) -> None:
@@ -816,7 +896,7 @@ def _apply_command_line(top: dict[str, object]) -> None:
         except (ValueError, TypeError) as exc:
             raise ConfigError(o.origin, None, f"{label}: {exc}") from None
         if spec.relative and isinstance(value, Path) and not value.is_absolute():
-            value = Path.cwd() / value  # written on the command line: relative to where it runs
+            value = _command_line_cwd / value  # relative to where the command was run
         if o.section:
             top[o.section] = replace(cast(Any, top[o.section]), **{o.key: value})
         else:
@@ -836,6 +916,8 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     top = r.values("", Config, base)
     if "tables_dir" not in data:  # the TOML file's folder; the embedded config has no tables
         top["tables_dir"] = base if path else None
+    if "pid_file" not in data:
+        top["pid_file"] = cast(Path, top["spool_dir"]) / "mailgate.pid"
     for name, cls in _sections():
         top[name] = _build(cls, r.values(name, cls, base))
     _apply_command_line(top)

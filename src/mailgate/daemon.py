@@ -1,4 +1,5 @@
-"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain).
+"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain, USR1
+queue run, URG take on what the queue tools marked due).
 
 ``Gateway`` is what sessions see: the current snapshot, the spool, DNS, and the counters. It
 owns no policy: decisions are in ``policy``/``routing``, durability in ``queue.spool``.
@@ -9,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import random
 import signal
 import socket
 import time
 import zlib
 from collections import Counter
+from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
-from mailgate.queue.spool import PICKUP_SIGNAL, CorruptEntry, QueuedMessage, Spool
+from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
+from mailgate.runstate import REPORT_INTERVAL, Activity
+from mailgate.service import ServiceEvents, Unobserved
 from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Listener, bind_socket
 from mailgate.smtp.server import SmtpServerProtocol
@@ -54,8 +57,10 @@ class Gateway:
         workers: int = 1,
         adopt: tuple[int, ...] = (),
         counts: Counts | None = None,
+        events: ServiceEvents | None = None,
     ) -> None:
         self.config_path = config_path
+        self.events: ServiceEvents = events if events is not None else Unobserved()
         self.snapshot = snapshot
         self.sockets = sockets  # inherited from the master when there are several workers
         self.worker = worker
@@ -80,9 +85,8 @@ class Gateway:
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
-        self._pickup: asyncio.Task[None] | None = None  # the scan PICKUP_SIGNAL started
-        self._pickup_again = False  # another signal came while it ran
         self.listeners: list[Listener] = []
+        self._drained: asyncio.Event | None = None  # stopping: set when the last session ends
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,6 +102,8 @@ class Gateway:
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
+            if status.held:
+                continue  # ``mailgate release`` marks it due when it may go
             # Spread recovered mail over a few seconds so a restart does not stampede.
             due = status.next_attempt or now
             self.scheduler.submit(
@@ -105,6 +111,8 @@ class Gateway:
             )
         if recovered:
             maillog.recovered(len(recovered), cfg.spool_dir)
+        # Released or requeued while the daemon was down: due now, not at their back-off.
+        self._submit_due(self.spool.take_due(self._my_share))
         socks = (
             self.sockets
             if self.sockets is not None
@@ -120,43 +128,59 @@ class Gateway:
             )
             listener.start()
             self.listeners.append(listener)
-        if cfg.pid_file and self.workers == 1:
-            cfg.pid_file.write_text(f"{os.getpid()}\n")
-        self._stats_task = asyncio.get_running_loop().create_task(
-            self._statistics_every(STATISTICS_INTERVAL)
-        )
-        self._scan_task = asyncio.get_running_loop().create_task(self._queue_runs())
+        loop = asyncio.get_running_loop()
+        self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
+        self._scan_task = loop.create_task(self._queue_runs())
+        self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
+        self.events.listening()
 
     def _new_session(self) -> SmtpServerProtocol:
         return SmtpServerProtocol(self)
 
     async def stop(self) -> None:
+        """SIGTERM: accept nothing more; sessions finish the transaction they are in (then get
+        421) and deliveries in progress go on, until ``stop_grace``; what is left then is
+        closed (a session) or cancelled (a delivery, whose message stays queued). Nothing
+        acknowledged is lost either way: the spool is consistent at every step."""
+        self.events.stopping()
         maillog.stopping()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.snapshot.config.stop_grace
         for listener in self.listeners:
             await listener.close()
+        bye = Reply(421, "4.3.2", f"{self.snapshot.config.hostname} Shutting down")
+        self._drained = asyncio.Event()
+        for s in list(self.sessions):
+            s.drain(bye)
+        if self.sessions:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._drained.wait()
+        if self.sessions:
+            maillog.stop_deadline(len(self.sessions))
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
-                s.shut_down(Reply(421, "4.3.2", f"{self.snapshot.config.hostname} Shutting down"))
+                s.shut_down(bye)
         self._stats_task.cancel()
         self._scan_task.cancel()
+        self._report_task.cancel()
         self.log_statistics()
-        await self.scheduler.stop()
+        await self.scheduler.stop(grace=max(0.0, deadline - loop.time()))
         if self.delivery.connections is not None:
             await self.delivery.connections.close_all()
         self.spool.close()
-        cfg = self.snapshot.config
-        if cfg.pid_file and self.workers == 1:
-            with contextlib.suppress(OSError):
-                cfg.pid_file.unlink()
 
     def reload(self) -> bool:
         """SIGHUP: re-read config and tables; a bad new config is refused, the old one stays.
-        The log file is opened again first, whatever the outcome (logrotate's HUP)."""
+        Sessions keep the snapshot they started with; only new ones see the new one. The log
+        file is opened again first, whatever the outcome (logrotate's HUP)."""
         maillog.reopen()
+        self.events.reloading()
         snapshot = try_reload(self.config_path)
-        if snapshot is None:
+        if not isinstance(snapshot, Snapshot):
+            self.events.reloaded(str(snapshot))
             return False
         config = snapshot.config
         old = self.snapshot.config
@@ -170,20 +194,22 @@ class Gateway:
         for w in snapshot.warnings():
             maillog.config_warning(w)
         maillog.reloaded(config.source)
+        self.events.reloaded(None)
         return True
 
     # -- what sessions call --------------------------------------------------------------------
     def session_started(self, session: SmtpServerProtocol) -> None:
+        """A connection was accepted (admitted or not: ``smtp/limits.py`` counts those)."""
         self.sessions.add(session)
-        self.admission.open(session.client.ip)
         self.counters["connections"] += 1
         self._check_stress()
 
     def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
-            self.admission.close(session.client.ip)
             self._check_stress()
+        if not self.sessions and self._drained is not None:
+            self._drained.set()
 
     def _check_stress(self) -> None:
         """Postfix's stress mode: once open sessions reach ``stress_threshold`` of
@@ -217,16 +243,6 @@ class Gateway:
             )
         return smtp.command_timeout, smtp.data_timeout
 
-    def connection_limit_reply(self, ip: str) -> Reply | None:
-        """The per-IP limit, over this daemon's sessions (this one already counted)."""
-        cfg = self.snapshot.config
-        refusal = Admission.refusal(
-            ip, self.admission.count(ip), cfg.smtp.max_connections_per_ip, cfg.hostname
-        )
-        if refusal is not None:
-            self.counters["per_ip_limit"] += 1
-        return refusal
-
     async def lookup_client(self, ip: str) -> Client:
         """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
         if Client(ip).is_loopback:
@@ -256,7 +272,11 @@ class Gateway:
         if node in self._flushing:
             return
         self._flushing.add(node)
-        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain, subdomains))
+        self._in_background(self._flush_domain(node, domain, subdomains))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run ``work`` as a task the daemon keeps a reference to until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -291,39 +311,42 @@ class Gateway:
         """SIGUSR1, Sendmail's ``-q``: everything waiting is due now, and the queue folder is
         read for entries this process does not know (queued by ``mailgate flush``, say)."""
         self.scheduler.run_now()
-        task = asyncio.get_running_loop().create_task(self.scan_queue(now=True))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self.scan_queue(now=True))
 
-    def pick_up(self) -> None:
-        """PICKUP_SIGNAL: another process queued mail (``mailgate sendmail``): read the
-        queue folder for it now rather than at the next queue run. Only entries no runner
-        here knows are taken on; the rest of the queue keeps its times (USR1 would make
-        every deferred message due, at each cron job's mail). Signals that come while a
-        scan runs make one more scan after it, not one each."""
-        if self._pickup is not None and not self._pickup.done():
-            self._pickup_again = True
-            return
-        self._pickup = asyncio.get_running_loop().create_task(self._pick_up())
+    def wake(self) -> None:
+        """The wake-up signal (``DUE_SIGNAL``): what ``mailgate release`` or ``requeue``
+        marked due is attempted now; the rest of the queue keeps its times."""
+        self._in_background(self.take_due())
 
-    async def _pick_up(self) -> None:
-        again = True
-        while again:
-            self._pickup_again = False
-            with contextlib.suppress(OSError):
-                await self.scan_queue()
-            again = self._pickup_again
+    async def take_due(self) -> int:
+        """Submit, due now, the messages of our share marked in ``due/`` (the folder is read
+        in a thread: a ``requeue --all`` marks the whole queue). Returns how many."""
+        qids = await asyncio.to_thread(self.spool.take_due, self._my_share)
+        for start in range(0, len(qids), 1000):
+            self._submit_due(qids[start : start + 1000])
+            await asyncio.sleep(0)  # sessions go on while a large requeue is taken on
+        return len(qids)
+
+    def _submit_due(self, qids: list[str]) -> None:
+        for qid in qids:
+            self.scheduler.submit(qid)
+        if qids:
+            maillog.due_taken(len(qids), self.snapshot.config.spool_dir)
 
     async def scan_queue(self, *, now: bool = False) -> int:
         """Take on queue entries of our share that no runner here knows: a bounce that
-        ``mailgate flush`` queued, mail of a process that died. The listing and the status
-        reads run in a thread (the queue may be large); returns how many were taken on."""
+        ``mailgate flush`` queued, mail of a process that died, a message released while
+        no wake-up signal could reach us; then what ``due/`` holds. The listing and the
+        status reads run in a thread (the queue may be large); returns how many entries
+        no runner knew."""
 
         def unknown() -> list[tuple[str, float | None]]:
             found = []
             for qid in list(self.spool.qids()):
                 if self._my_share(qid) and not self.scheduler.knows(qid):
-                    found.append((qid, self.spool.load_status(qid).next_attempt))
+                    status = self.spool.load_status(qid)
+                    if not status.held:  # forgotten on purpose until it is released
+                        found.append((qid, status.next_attempt))
             return found
 
         found = await asyncio.to_thread(unknown)
@@ -333,6 +356,7 @@ class Gateway:
                 self.scheduler.submit(qid, clock if now or due is None else max(due, clock))
         if found:
             maillog.queue_scan(len(found), self.snapshot.config.spool_dir)
+        await self.take_due()
         return len(found)
 
     async def _queue_runs(self) -> None:
@@ -372,6 +396,26 @@ class Gateway:
             await asyncio.sleep(interval)
             self.log_statistics()
 
+    def activity(self) -> Activity:
+        return Activity(
+            sessions=len(self.sessions),
+            received=self.counters["messages_received"],
+            queued=self.scheduler.queued,
+            delivering=self.scheduler.active,
+        )
+
+    async def _report_every(self, interval: float) -> None:
+        """The counts for systemd's STATUS and the state file (the master sums the workers')."""
+        while True:
+            self.events.activity(self.activity())
+            await asyncio.sleep(interval)
+
+    def statistics_now(self) -> None:
+        """SIGUSR2: the statistics line in the log, and the counts in the state file and
+        systemd's STATUS brought up to date."""
+        self.log_statistics()
+        self.events.activity(self.activity())
+
 
 def setup_log(config: Config) -> None:
     """A reloaded ``[log]``: a destination that cannot be opened leaves the lines where they
@@ -393,15 +437,18 @@ def install_event_loop() -> None:
 
 async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: Any) -> None:
     gateway = Gateway(config_path, snapshot, **worker)
-    await gateway.start()
     loop = asyncio.get_running_loop()
+    # HUP and TERM are taken from the start (their default would kill the process while it
+    # binds); a HUP then reloads at once, a TERM stops once the start is done.
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
-    loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
-    loop.add_signal_handler(signal.SIGUSR2, gateway.log_statistics)
-    loop.add_signal_handler(PICKUP_SIGNAL, gateway.pick_up)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    await gateway.start()
+    loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
+    loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
+    # Ignored until here (its default), and start() has read due/ already.
+    loop.add_signal_handler(DUE_SIGNAL, gateway.wake)
     await stop.wait()
     await gateway.stop()
 

@@ -61,8 +61,8 @@ def served_domains(tables: Tables) -> list[str]:
         if not key.startswith(".") and route is not None and route.mailer != "error":
             found.add(key)
     for tag in ("to", ""):
-        for key, _ in tables.access.entries_with(tag, "RELAY"):
-            if "@" not in key and not _IP_KEY.fullmatch(key):
+        for _, key, verdict in tables.access.entries(tag):
+            if verdict.action == "RELAY" and "@" not in key and not _IP_KEY.fullmatch(key):
                 found.add(key.rstrip("."))
     return sorted(found)
 

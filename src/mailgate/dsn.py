@@ -176,6 +176,11 @@ def _hours_text(hours: int) -> str:
     return "1 hour" if hours == 1 else f"{hours} hours"
 
 
+def warning_subject(hours: int) -> str:
+    """A delay warning's subject, and its maillog ``DSN:`` reason, as Sendmail's."""
+    return f"Warning: could not send message for past {_hours_text(hours)}"
+
+
 def needs_utf8(sender: str, recipients: Sequence[DsnRecipient]) -> bool:
     """Whether a DSN about these addresses must be internationalised (RFC 6533): a UTF-8
     address can only travel in message/global-delivery-status and with SMTPUTF8."""
@@ -309,6 +314,7 @@ def dsn_stream(
     now: float | None = None,
     envid: str | None = None,
     international: bool = False,
+    postmaster: str | None = None,
 ) -> tuple[str, Iterator[bytes]]:
     """A multipart/report DSN for ``recipients`` (CRLF): its Message-Id, and its content as
     blocks, made as they are asked for (the original is read then, in ``CHUNK`` blocks).
@@ -322,9 +328,11 @@ def dsn_stream(
     ``international`` (an SMTPUTF8 original, or a UTF-8 address): RFC 6533's
     message/global-delivery-status, and message/global (-headers) for the original.
     The caller sends it with ``MAIL FROM:<>`` to ``sender``; an empty sender (a bounce itself)
-    must not be bounced, so it raises ValueError (at once, not from the blocks).
+    must not be bounced, so it raises ValueError (at once, not from the blocks), unless
+    ``postmaster`` is given: a double bounce (Sendmail's postmaster notify), addressed to it,
+    subject ``Postmaster notify: see transcript for details``.
     """
-    if not sender.strip("<> "):
+    if postmaster is None and not sender.strip("<> "):
         raise ValueError("no DSN for the null sender")
     if not recipients:
         raise ValueError("a DSN needs at least one recipient")
@@ -337,7 +345,9 @@ def dsn_stream(
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
     message_id = f"<{stamp}.{_flatten(queue_id)}.{secrets.token_hex(4)}@{host}>"
     if warning:
-        subject, kind = f"Warning: could not send message for past {_hours_text(hours)}", "warning"
+        subject, kind = warning_subject(hours), "warning"
+    elif postmaster is not None:
+        subject, kind = "Postmaster notify: see transcript for details", "failure"
     elif receipt:
         subject, kind = "Return receipt", "return-receipt"
     else:
@@ -354,7 +364,7 @@ def dsn_stream(
             _head(
                 boundary,
                 host=host,
-                sender=sender,
+                to=postmaster or sender,
                 subject=subject,
                 kind=kind,
                 now=now,
@@ -390,11 +400,11 @@ def dsn_stream(
 
 
 def _head(
-    boundary: str, *, host: str, sender: str, subject: str, kind: str, now: float, message_id: str
+    boundary: str, *, host: str, to: str, subject: str, kind: str, now: float, message_id: str
 ) -> str:
     return (
         _header("From", f"Mail Delivery Subsystem <MAILER-DAEMON@{host}>")
-        + _header("To", _bracket(_flatten(sender)))
+        + _header("To", _bracket(_flatten(to)))
         + _header("Subject", subject)
         + _header("Auto-Submitted", f"auto-generated ({kind})")
         + _header("Date", formatdate(now, localtime=True))

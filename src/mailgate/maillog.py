@@ -59,7 +59,8 @@ LEVELS: dict[str, Level] = {
     "quarantined": "error",
     "attempt_failed": "error",
     "status_write_failed": "error",
-    "bounce_not_sent": "info",
+    "postmaster_notified": "info",
+    "postmaster_notify_failed": "error",
     "bounce_queue_failed": "error",
     "receipt_queue_failed": "error",
     "warning_queue_failed": "error",
@@ -84,12 +85,22 @@ LEVELS: dict[str, Level] = {
     "recovered": "info",
     "recovered_incoming": "info",
     "queue_scan": "info",
+    "due_taken": "info",
+    # the queue tools
+    "placed_on_hold": "info",
+    "released_from_hold": "info",
+    "deleted": "info",
+    "requeued": "info",
     # delivery
     "starttls_client": "info",
     "starttls_client_failed": "warning",
+    "held_skipped": "debug",
     # the daemon
     "daemon_started": "info",
+    "start_failed": "error",
+    "stale_pid_file": "notice",
     "stopping": "info",
+    "stop_deadline": "warning",
     "config_warning": "warning",
     "reload_refused": "error",
     "reloaded": "info",
@@ -149,7 +160,7 @@ class _Writer:
         json_sink: Sink | None = None
         level: Level = "info"
         if options is not None:
-            target = options.target or ("file" if options.file is not None else "stderr")
+            target = text_target(options)
             if target == "syslog":
                 text, facility = (
                     SyslogSocket(options.syslog_socket),
@@ -280,6 +291,12 @@ def _event(build: Callable[P, str]) -> Callable[P, None]:
     log.__doc__ = build.__doc__
     log.__wrapped__ = build  # type: ignore[attr-defined]  # as functools.wraps: an event
     return log
+
+
+def text_target(options: LogOptions) -> Target:
+    """Where the lines go: ``[log] target``, or without it a file when there is one, else
+    stderr (where `mailgate serve` in a terminal shows them)."""
+    return options.target or ("file" if options.file is not None else "stderr")
 
 
 def setup(hostname: str, options: LogOptions | None = None) -> None:
@@ -414,7 +431,14 @@ def discard(qid: str | None, ruleset: str, arg1: str, relay: str) -> str:
 
 @_event
 def dsn_created(qid: str, bounce_qid: str, reason: str) -> str:
+    """A bounce, delay warning or return receipt for ``qid`` was queued as ``bounce_qid``."""
     return f"{qid}: {bounce_qid}: DSN: {reason}"
+
+
+@_event
+def postmaster_notified(qid: str, notify_qid: str, reason: str) -> str:
+    """Sendmail's double bounce: mail from <> failed, its report goes to the postmaster."""
+    return f"{qid}: {notify_qid}: postmaster notify: {reason}"
 
 
 @_event
@@ -546,6 +570,35 @@ def queue_scan(n: int, where: object) -> str:
     return f"queue run: {n} message(s) found in {where} that no runner here had"
 
 
+@_event
+def due_taken(n: int, where: object) -> str:
+    return f"{n} message(s) marked due in {where}/due: attempting now"
+
+
+# -- the queue tools (mailgate hold, release, delete, requeue): Postfix's postsuper lines ------
+@_event
+def placed_on_hold(qid: str, reason: str) -> str:
+    return f"{qid}: placed on hold" + (f", reason={reason}" if reason else "")
+
+
+@_event
+def released_from_hold(qid: str) -> str:
+    return f"{qid}: released from hold"
+
+
+@_event
+def deleted(qid: str) -> str:
+    """``mailgate delete``: postsuper's line, the text of `removed` (the end of a queue id's
+    life for a log parser); the event's name, in the JSON copy, and the tool's pid tell the
+    two apart."""
+    return f"{qid}: removed"
+
+
+@_event
+def requeued(qid: str) -> str:
+    return f"{qid}: requeued"
+
+
 # -- delivery ---------------------------------------------------------------------------------
 @_event
 def starttls_client(relay: str, session: TlsSession) -> str:
@@ -555,6 +608,12 @@ def starttls_client(relay: str, session: TlsSession) -> str:
 @_event
 def starttls_client_failed(relay: str, why: object) -> str:
     return f"STARTTLS=client, error: {why}, relay={relay}; going on in clear"
+
+
+@_event
+def held_skipped(qid: str) -> str:
+    """An attempt found the message on hold (debug: a queue run may meet thousands)."""
+    return f"{qid}: on hold, not attempted"
 
 
 @_event
@@ -568,8 +627,8 @@ def status_write_failed(qid: str, exc: BaseException) -> str:
 
 
 @_event
-def bounce_not_sent(qid: str, reason: str) -> str:
-    return f"{qid}: bounce for null sender not sent: {reason}"
+def postmaster_notify_failed(qid: str, reason: str) -> str:
+    return f"{qid}: postmaster notify undeliverable, not reported again: {reason}"
 
 
 @_event
@@ -594,8 +653,23 @@ def daemon_started(listen: str, source: object, spool_dir: object) -> str:
 
 
 @_event
+def start_failed(why: object) -> str:
+    return f"cannot start: {why}"
+
+
+@_event
+def stale_pid_file(path: object, pid: int) -> str:
+    return f"pid file {path} named pid {pid}, which is not running: taken over"
+
+
+@_event
 def stopping() -> str:
     return "stopping: no new connections, finishing deliveries in progress"
+
+
+@_event
+def stop_deadline(sessions: int) -> str:
+    return f"stop: {sessions} sessions still open at the deadline: closed with 421"
 
 
 @_event

@@ -1,26 +1,43 @@
-"""The multi-process daemon (``workers > 1``) and the process start: the master binds the
-listening sockets, clears ``incoming/``, forks the workers that share them and the spool,
-forwards signals, and restarts a worker that dies, with the newest config that passed its
-check and a clean slate in the shared connection counts."""
+"""The process start and, with ``workers > 1``, the master: it binds the listening sockets,
+clears ``incoming/``, forks the workers that share them and the spool, forwards signals,
+restarts a worker that dies (with the newest config that passed its check and a clean slate in
+the shared connection counts), and speaks for the daemon to the init system: it is ready when
+every worker listens, and a reload is done when every worker has answered it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import ctypes
+import json
 import os
 import resource
+import select
 import signal
 import socket
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mailgate import maillog
 from mailgate.daemon import install_event_loop, serve, setup_log
-from mailgate.queue.spool import PICKUP_SIGNAL, Spool
+from mailgate.queue.spool import DUE_SIGNAL, Spool
+from mailgate.runstate import Activity
+from mailgate.service import Lifecycle
 from mailgate.smtp.limits import SharedCounts
 from mailgate.smtp.listener import bind_socket
 from mailgate.snapshot import Snapshot, try_reload
+
+RESTART_DELAY = 1.0  # seconds before a dead worker is replaced (no fork loop on a crash)
+FORWARDED = (
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    DUE_SIGNAL,
+)
 
 
 def _die_with_parent() -> None:
@@ -30,123 +47,284 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _run_worker(
-    config_path: str | Path | None,
-    snapshot: Snapshot,
-    sockets: list[socket.socket],
-    index: int,
-    workers: int,
-    adopt: tuple[int, ...],
-    counts: SharedCounts,
-) -> None:
-    _die_with_parent()
-    counts.row = index
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    # Until serve() installs its handlers: a HUP or USR1 the master forwards while this worker
-    # starts must not kill it (SIG_DFL would). It starts with the newest checked snapshot and
-    # runs its share of the queue anyway, so nothing is missed by ignoring them.
-    for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, PICKUP_SIGNAL):
-        signal.signal(sig, signal.SIG_IGN)
-    install_event_loop()
-    asyncio.run(
-        serve(
-            config_path,
-            snapshot,
-            sockets=sockets,
-            worker=index,
-            workers=workers,
-            adopt=adopt,
-            counts=counts,
-        )
-    )
+class WorkerReports:
+    """A worker's `service.ServiceEvents`: one JSON line per event on the pipe the master
+    reads (a write under PIPE_BUF is atomic, so the workers' lines never mix)."""
+
+    MAX_ERROR = 2000  # characters of a refused reload's reason: the line stays under PIPE_BUF
+
+    def __init__(self, fd: int, index: int) -> None:
+        self.fd = fd
+        self.index = index
+
+    def _send(self, event: str, **data: Any) -> None:
+        line = json.dumps({"worker": self.index, "event": event, **data}) + "\n"
+        with contextlib.suppress(OSError):  # BlockingIOError: a master that hangs; it is
+            os.write(self.fd, line.encode())  # ours to restart, not the worker's to wait for
+
+    def listening(self) -> None:
+        self._send("listening")
+
+    def reloading(self) -> None:
+        pass  # the master said so when it got the HUP
+
+    def reloaded(self, error: str | None) -> None:
+        self._send("reloaded", error=error[: self.MAX_ERROR] if error else None)
+
+    def activity(self, counts: Activity) -> None:
+        self._send("activity", **asdict(counts))
+
+    def stopping(self) -> None:
+        pass
 
 
-def run_workers(config_path: str | Path | None, snapshot: Snapshot, workers: int) -> None:
-    """The master: bind, clear incoming/, fork ``workers`` children sharing the listening
-    sockets and the spool, forward signals, restart a worker that dies."""
-    cfg = snapshot.config
-    sockets = [bind_socket(host, port) for host, port in cfg.listen]
-    spool = Spool(cfg.spool_dir)
-    moved = spool.recover_incoming()
-    spool.close()
-    if moved:
-        maillog.recovered_incoming(moved, cfg.spool_dir)
-    running = snapshot  # the newest config that passed its check: what a new worker starts with
-    counts = SharedCounts(workers)  # connection counts for the whole daemon
-    children: dict[int, int] = {}  # pid → worker index
-    dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → pids it had
-    stopping = False
+@dataclass
+class Worker:
+    index: int
+    generation: int  # of the master's checked config it was forked with
+    listening: bool = False
+    activity: Activity = field(default_factory=Activity)
 
-    def spawn(index: int) -> None:
+
+class Master:
+    def __init__(
+        self,
+        config_path: str | Path | None,
+        snapshot: Snapshot,
+        workers: int,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self.config_path = config_path
+        self.lifecycle = lifecycle
+        self.workers = workers
+        cfg = snapshot.config
+        self.sockets: list[socket.socket] = [bind_socket(host, port) for host, port in cfg.listen]
+        spool = Spool(cfg.spool_dir)
+        moved = spool.recover_incoming()
+        spool.close()
+        if moved:
+            maillog.recovered_incoming(moved, cfg.spool_dir)
+        self.running = snapshot  # the newest config that passed its check: a new worker's
+        self.generation = 0  # of ``running``: a worker forked before a reload needs a HUP
+        self.counts = SharedCounts(workers)  # connection counts for the whole daemon
+        self.children: dict[int, Worker] = {}  # pid → worker
+        self.dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → its pids
+        self.restart_at: dict[int, float] = {}  # index → when to fork its replacement
+        self.ready = False
+        self.reload_pending = False  # a HUP the master checked and forwarded, not yet answered
+        self.awaiting_reload: set[int] = set()  # pids that have not answered it
+        self.reload_error: str | None = None
+        self.stopping = False
+        self.signals: list[int] = []
+        self.events_r, self.events_w = os.pipe()  # the workers' WorkerReports lines
+        self.wake_r, self.wake_w = os.pipe()  # signal.set_wakeup_fd: a signal ends the select
+        for fd in (self.events_r, self.events_w, self.wake_r, self.wake_w):
+            os.set_blocking(fd, False)
+        self.buffer = b""
+
+    # -- workers ---------------------------------------------------------------------------
+    def spawn(self, index: int) -> None:
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                _run_worker(
-                    config_path, running, sockets, index, workers, tuple(dead[index]), counts
-                )
+                self._become_worker(index)
             except BaseException as exc:
                 maillog.worker_failed(index, exc)
                 code = 1
             finally:
                 os._exit(code)
-        children[pid] = index
+        self.children[pid] = Worker(index, self.generation)
 
-    def on_signal(sig: int, _frame: object) -> None:
-        nonlocal stopping, running
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        elif sig == signal.SIGHUP:
-            # Check first, so that a bad config is refused once, here, with a clear message;
-            # keep it, so that a worker restarted later does not bring back the old tables
-            # (a relay grant the admin removed, say). The master's own lines (a worker that
-            # died) go to the log file under its name again, as the workers' do.
-            maillog.reopen()
-            checked = try_reload(config_path)
-            if checked is None:
-                return
-            running = checked
-            setup_log(checked.config)
-        # Forward at once: the main loop sits in waitpid(), which PEP 475 restarts after a
-        # handler, so it would only see a queued signal when a worker exits.
-        for pid in list(children):
+    def _become_worker(self, index: int) -> None:
+        _die_with_parent()
+        signal.set_wakeup_fd(-1)
+        for fd in (self.events_r, self.wake_r, self.wake_w):
+            os.close(fd)
+        self.lifecycle.forget()
+        self.counts.row = index
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        # Until serve() installs its handlers: a HUP or USR1 the master forwards while this
+        # worker starts must not kill it (SIG_DFL would). The master sends the HUP again once
+        # the worker listens if its config is older than the master's, and the worker runs its
+        # share of the queue anyway, so nothing is missed by ignoring them.
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, DUE_SIGNAL):
+            signal.signal(sig, signal.SIG_IGN)
+        install_event_loop()
+        asyncio.run(
+            serve(
+                self.config_path,
+                self.running,
+                sockets=self.sockets,
+                worker=index,
+                workers=self.workers,
+                adopt=tuple(self.dead[index]),
+                counts=self.counts,
+                events=WorkerReports(self.events_w, index),
+            )
+        )
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self) -> None:
+        for sig in FORWARDED:
+            signal.signal(sig, self._on_signal)
+        signal.set_wakeup_fd(self.wake_w)
+        for i in range(self.workers):
+            self.spawn(i)
+        maillog.master_started(os.getpid(), self.workers)
+        while self.children or (self.restart_at and not self.stopping):
+            # A second at most: a worker's exit is seen by polling waitpid (a SIGCHLD
+            # handler would be inherited by every worker and its delivery programs).
+            now = time.monotonic()
+            soonest = min([now + 1.0, *self.restart_at.values()])
+            with contextlib.suppress(InterruptedError):
+                select.select([self.events_r, self.wake_r], [], [], max(0.0, soonest - now))
+            self._drain(self.wake_r)
+            self._handle_signals()
+            self._read_reports()
+            self._reap()
+            self._restart_due()
+        signal.set_wakeup_fd(-1)
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        self.signals.append(sig)  # the loop acts on it: the wakeup fd ends its select
+
+    @staticmethod
+    def _drain(fd: int) -> bytes:
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        return data
+
+    def _handle_signals(self) -> None:
+        while self.signals:
+            sig = self.signals.pop(0)
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self._stop(sig)
+            elif sig == signal.SIGHUP:
+                self._reload()
+            else:
+                self._forward(sig)
+
+    def _forward(self, sig: int, pids: list[int] | None = None) -> None:
+        for pid in list(self.children) if pids is None else pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
-    for sig in (
-        signal.SIGHUP,
-        signal.SIGTERM,
-        signal.SIGINT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-        PICKUP_SIGNAL,
-    ):
-        signal.signal(sig, on_signal)
-    for i in range(workers):
-        spawn(i)
-    if cfg.pid_file:
-        cfg.pid_file.write_text(f"{os.getpid()}\n")
-    maillog.master_started(os.getpid(), workers)
-    try:
-        while children:
+    def _stop(self, sig: int) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.lifecycle.stopping()
+            self.restart_at.clear()
+            # Our copies of the listening sockets: with the workers' closed, the kernel
+            # refuses new connections instead of queueing them for nobody.
+            for sock in self.sockets:
+                sock.close()
+        self._forward(sig)
+
+    def _reload(self) -> None:
+        # The master's own lines (a worker that died) go to the log file under its name
+        # again, as the workers' do: first, whatever becomes of the reload (logrotate's HUP).
+        maillog.reopen()
+        if self.stopping:
+            return
+        self.lifecycle.reloading()
+        # Check first, so that a bad config is refused once, here, with a clear message;
+        # keep it, so that a worker restarted later does not bring back the old tables (a
+        # relay grant the admin removed, say).
+        checked = try_reload(self.config_path)
+        if not isinstance(checked, Snapshot):
+            self.lifecycle.reloaded(str(checked))
+            return
+        self.running = checked
+        setup_log(checked.config)
+        self.generation += 1
+        self.reload_error = None
+        # A worker still starting ignores the HUP; it gets one when it listens.
+        listening = [pid for pid, w in self.children.items() if w.listening]
+        for pid in listening:
+            self.children[pid].generation = self.generation
+        self.awaiting_reload = set(listening)
+        self.reload_pending = True
+        self._forward(signal.SIGHUP, listening)
+        self._reload_answered()
+
+    def _reload_answered(self) -> None:
+        """Every worker that was asked has answered (or died, and restarts with the new
+        config): the reload is done."""
+        if self.reload_pending and not self.awaiting_reload:
+            self.reload_pending = False
+            self.lifecycle.reloaded(self.reload_error)
+
+    def _read_reports(self) -> None:
+        self.buffer += self._drain(self.events_r)
+        *lines, self.buffer = self.buffer.split(b"\n")
+        by_index = {w.index: pid for pid, w in self.children.items()}
+        for line in lines:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                report = json.loads(line)
+                pid = by_index[report["worker"]]
+                self._report(pid, self.children[pid], report)
+
+    def _report(self, pid: int, worker: Worker, report: dict[str, Any]) -> None:
+        event = report["event"]
+        if event == "listening":
+            worker.listening = True
+            if worker.generation < self.generation:  # forked before the last reload
+                worker.generation = self.generation
+                self.awaiting_reload.add(pid)
+                self._forward(signal.SIGHUP, [pid])
+            everyone = len(self.children) == self.workers
+            if not self.ready and everyone and all(w.listening for w in self.children.values()):
+                self.ready = True
+                self.lifecycle.listening()
+        elif event == "reloaded":
+            if pid in self.awaiting_reload:
+                self.awaiting_reload.discard(pid)
+                self.reload_error = self.reload_error or report["error"]
+                self._reload_answered()
+        elif event == "activity":
+            # Each worker reports every REPORT_INTERVAL and on USR2: the sum goes out each time.
+            worker.activity = Activity(
+                report["sessions"], report["received"], report["queued"], report["delivering"]
+            )
+            if self.ready and not self.stopping:
+                self.lifecycle.activity(self._activity())
+
+    def _activity(self) -> Activity:
+        total = Activity()
+        for w in self.children.values():
+            total += w.activity
+        return total
+
+    def _reap(self) -> None:
+        while self.children:
             try:
-                pid, status = os.waitpid(-1, 0)
-            except InterruptedError:
-                continue
+                pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                break
-            index = children.pop(pid, None)
-            if index is not None and not stopping:
-                maillog.worker_exited(index, pid, status)
-                counts.clear_row(index)  # its sessions died with it
-                time.sleep(1)
-                dead[index].append(pid)
-                spawn(index)
-    finally:
-        if cfg.pid_file:
-            with contextlib.suppress(OSError):
-                cfg.pid_file.unlink()
+                return
+            if pid == 0:
+                return
+            worker = self.children.pop(pid, None)
+            if worker is None:
+                continue
+            if pid in self.awaiting_reload:
+                self.awaiting_reload.discard(pid)
+                self._reload_answered()
+            if not self.stopping:
+                maillog.worker_exited(worker.index, pid, status)
+                self.counts.clear_row(worker.index)  # its sessions died with it
+                self.dead[worker.index].append(pid)
+                self.restart_at[worker.index] = time.monotonic() + RESTART_DELAY
+
+    def _restart_due(self) -> None:
+        now = time.monotonic()
+        for index, when in list(self.restart_at.items()):
+            if when <= now and not self.stopping:
+                del self.restart_at[index]
+                self.spawn(index)
 
 
 def raise_open_file_limit() -> None:
@@ -158,11 +336,18 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(config_path: str | Path | None, snapshot: Snapshot) -> None:
+def run(config_path: str | Path | None, snapshot: Snapshot, lifecycle: Lifecycle) -> None:
+    """The daemon, until it is stopped: the pid file is claimed before anything is bound or
+    recovered (a second daemon on the same spool would move the first one's mail in
+    ``incoming/``), and released at the end."""
     raise_open_file_limit()
-    workers = snapshot.config.workers or (os.cpu_count() or 1)
-    if workers > 1:
-        run_workers(config_path, snapshot, workers)
-        return
-    install_event_loop()
-    asyncio.run(serve(config_path, snapshot))
+    lifecycle.claim()
+    try:
+        workers = snapshot.config.worker_processes
+        if workers > 1:
+            Master(config_path, snapshot, workers, lifecycle).run()
+            return
+        install_event_loop()
+        asyncio.run(serve(config_path, snapshot, events=lifecycle))
+    finally:
+        lifecycle.stopped()

@@ -14,7 +14,7 @@ from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
 from mailgate.dns import PtrStatus
 from mailgate.reply import Reply
-from mailgate.routing import Route, RoutingContext, resolve, rewrite_domain
+from mailgate.routing import RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
 from mailgate.tables.access import Verdict
 
@@ -52,7 +52,6 @@ def _is_localhost(ip: str) -> bool:
 class Decision:
     reply: Reply
     discard: bool = False  # accept, then throw the whole message away (access DISCARD)
-    routes: tuple[Route, ...] = ()
     logged_reject: bool = False  # a refusal worth a ruleset=… reject= log line
 
     @property
@@ -234,8 +233,9 @@ def check_recipient(
                 return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
     if not client_relays and not may_relay_to(final, ctx, config.relay_hosts_only):
         return Decision(relay_denied(shown, client), logged_reject=True)
-    routes = resolve(final, ctx, expand=False)
-    for route in routes:
+    # Routed here only for the refusals (error: entries, unknown users); delivery routes
+    # again with the tables in force then.
+    for route in resolve(final, ctx, expand=False):
         if route.mailer == "error" and route.error is not None:
             return Decision(route.error.reply(shown), logged_reject=True)
-    return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), routes=tuple(routes))
+    return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"))

@@ -17,20 +17,19 @@ from pathlib import Path
 from mailgate.address import Mailbox
 from mailgate.tables import Tables
 from mailgate.tables.aliases import read_include
-from mailgate.tables.mailertable import NextHop
+from mailgate.tables.mailertable import SMTP_MAILERS, UUCP_MAILERS, MailerRoute, NextHop
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
 
 MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
-SMTP_MAILERS = frozenset({"smtp", "esmtp", "smtp8", "dsmtp", "relay"})
 
 
 @dataclass(frozen=True)
 class Route:
     """Where one recipient goes.
 
-    ``mailer`` is Sendmail's mailer name (``esmtp``, ``smtp``, ``relay``, ``local``) or one of
-    ``*file*``, ``prog``, ``error``, and ``alias`` (a local name that aliases expand later; only
-    returned when expansion is not asked for, at RCPT time).
+    ``mailer`` is Sendmail's mailer name (``esmtp``, ``smtp``, ``relay``, ``uucp-dom``,
+    ``local``) or one of ``*file*``, ``prog``, ``error``, and ``alias`` (a local name that
+    aliases expand later; only returned when expansion is not asked for, at RCPT time).
     """
 
     mailer: str
@@ -42,6 +41,15 @@ class Route:
     @property
     def is_smtp(self) -> bool:
         return self.mailer in SMTP_MAILERS
+
+    @property
+    def is_uucp(self) -> bool:
+        return self.mailer in UUCP_MAILERS
+
+    @property
+    def is_remote(self) -> bool:
+        """Handed to another system (SMTP or UUCP): ``address`` is the recipient it gets."""
+        return self.is_smtp or self.is_uucp
 
     @property
     def host(self) -> str:
@@ -114,7 +122,7 @@ def _resolve(
         # mailertable local:[user] hands the recipient to the local mailer: aliases apply.
         _resolve_local_user(entry.user or mb.local, ctx, expand, out, seen, depth)
         return
-    _add(out, seen, remote_route(mb, ctx))
+    _add(out, seen, _remote_route(mb, entry))
 
 
 def _add(out: list[Route], seen: set[str], route: Route) -> None:
@@ -124,8 +132,9 @@ def _add(out: list[Route], seen: set[str], route: Route) -> None:
         out.append(route)
 
 
-def remote_route(mb: Mailbox, ctx: RoutingContext) -> Route:
-    """A non-local domain: address literal, mailertable, or MX of the domain."""
+def _remote_route(mb: Mailbox, entry: MailerRoute | None) -> Route:
+    """A non-local domain: address literal, its mailertable ``entry`` (not ``local``: that is
+    the caller's), or MX of the domain."""
     address = str(mb)
     if mb.is_literal:
         literal = mb.domain[1:-1]
@@ -137,7 +146,6 @@ def remote_route(mb: Mailbox, ctx: RoutingContext) -> Route:
             (NextHop(literal, None, False),),
             via="address literal (mailertable not consulted)",
         )
-    entry = ctx.tables.mailertable.lookup(mb.domain)
     if entry is None:
         return Route(
             "esmtp",
@@ -148,11 +156,6 @@ def remote_route(mb: Mailbox, ctx: RoutingContext) -> Route:
     via = f"mailertable line {entry.line} ({entry.key})"
     if entry.error is not None:
         return Route("error", address, error=entry.error, via=via)
-    if entry.mailer == "local":
-        user = ctx.local_user(_strip_quotes(entry.user or mb.local))
-        if user is not None:
-            return Route("local", user, via=via)
-        return _error(550, "5.1.1", "User unknown", via)
     return Route(entry.mailer, address, entry.hops, via=via)
 
 
@@ -175,6 +178,8 @@ def _resolve_local(
                 try:
                     err = parse_error_value(value[6:])
                 except ValueError:
+                    # Checked at load, but %1/%2 put the sender's text in: "error:%2" with
+                    # u+250@dom reads "error:250", which is no error value.
                     err = ErrorValue(550, "5.0.0", value[6:])
                 out.append(Route("error", str(mb), error=err, via=via))
                 return

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
+from mailgate.delivery.uucp import uux_warnings
+from mailgate.errors import SourceError
 from mailgate.routing import RoutingContext, class_w
 from mailgate.tables import Tables, load_tables
 from mailgate.tables.lint import lint
@@ -30,6 +32,7 @@ class Snapshot:
         for w in [
             *self.tables.warnings,
             *lint(self.tables, blocklist_recipients=self.config.access.blocklist_recipients),
+            *uux_warnings(self.tables, self.config),
         ]:
             if str(w) not in seen:
                 seen.add(str(w))
@@ -58,11 +61,11 @@ def load_snapshot(path: str | Path | None) -> Snapshot:
     return build_snapshot(load_config(path))
 
 
-def try_reload(path: str | Path | None) -> Snapshot | None:
-    """A new snapshot from the config at ``path``, or None (logged) when it does not load: the
+def try_reload(path: str | Path | None) -> Snapshot | SourceError:
+    """A new snapshot from the config at ``path``, or (logged) why it does not load: the
     running one stays, never half-loaded. One place for the master and for every worker."""
     try:
         return build_snapshot(load_config(path))
     except (ConfigError, TableError) as exc:
         maillog.reload_refused(exc)
-        return None
+        return exc

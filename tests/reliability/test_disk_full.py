@@ -2,9 +2,10 @@
 
 What must hold (issue 9, 4.3): while the spool's file system is low, clients get
 ``452 4.3.1 Insufficient system storage`` at MAIL or DATA (never ``421 Internal error``, never a
-``250`` for a message that is not on disk); a write that finds the disk full mid-DATA fails that
-message cleanly and the session goes on; no corrupt or half-written entry, before or after a
-restart; nothing acknowledged is lost; acceptance resumes by itself when space returns.
+``250`` for a message that is not on disk); a write that finds the disk full mid-DATA, or a
+commit that finds no room after the final dot, fails that message cleanly and the session goes
+on; no corrupt or half-written entry, before or after a restart; nothing acknowledged is lost;
+acceptance resumes by itself when space returns.
 
 The tests mount a tmpfs (``mount -t tmpfs -o size=…``), so they need root, as the test machines
 have; elsewhere they are skipped with the reason.
@@ -300,6 +301,62 @@ def test_the_disk_filling_up_during_data_gets_452_and_the_session_goes_on(
             assert c.cmd("QUIT").code == 221
             [got] = sink.wait_for(1, timeout=20)
             assert message_id(got.data) == "<after@example.org>"
+            log = gw.log()
+        assert "Internal error" not in log, log
+
+
+def mail_code(s: smtplib.SMTP) -> int:
+    """What MAIL gets now (a 250 is reset again): the daemon's view of the free space."""
+    code, _text = s.mail("alice@example.org")
+    if code == 250:
+        s.rset()
+    return code
+
+
+def test_space_running_out_after_mail_gets_452_at_data_and_at_the_end_of_data(
+    tmp_path: Path, tmpfs: Mount
+) -> None:
+    """A transaction under way when the disk fills: DATA gets 452 and the transaction stays
+    (DATA again once there is room); the content of a message that never spilled to disk is
+    written at commit, and a commit that finds no room gets 452 after the ``.``: nothing is in
+    the spool, nothing was acknowledged, and the client's retry, once space is back, arrives
+    once."""
+    with SinkServer(HOP, free_port(HOP)) as sink:
+        gw = make_gateway(tmp_path, sink.port)
+        spool = tmpfs(gw.spool, 4 * MIB)
+        filler = spool / "filler"
+        with gw, RawSmtp(gw.host, gw.port) as c, gw.smtp() as probe:
+            probe.ehlo()
+            assert c.read_reply().code == 220
+            assert c.cmd("EHLO client.example.net").code == 250
+            assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+            assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+            fill(filler)
+            wait_until(lambda: mail_code(probe) == 452, "the daemon sees the disk full", 20)
+            reply = c.cmd("DATA")
+            assert (reply.code, reply.enhanced) == (452, "4.3.1"), reply.first
+            assert reply.first == "452 4.3.1 Insufficient system storage"
+            filler.unlink()
+            wait_until(lambda: mail_code(probe) == 250, "the daemon sees room again", 20)
+            assert c.cmd("DATA").code == 354  # the same transaction: MAIL and RCPT stand
+            fill(filler)  # full again before the content arrives: the commit finds no room
+            c.send(message("twice") + b".\r\n")
+            reply = c.read_reply()
+            assert (reply.code, reply.enhanced) == (452, "4.3.1"), reply.first
+            assert entries(spool / "incoming") == [] and entries(spool / "queue") == []
+            gw.wait_log("No space left on device")
+            filler.unlink()
+            wait_until(lambda: mail_code(probe) == 250, "the daemon sees room again", 20)
+            assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+            assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+            assert c.cmd("DATA").code == 354
+            c.send(message("twice") + b".\r\n")
+            assert c.read_reply().code == 250
+            [got] = sink.wait_for(1, timeout=20)
+            assert message_id(got.data) == "<twice@example.org>"
+            wait_until(lambda: gw.queued() == [], "the queue is empty", 20)
+            assert len(sink.messages) == 1
+            assert entries(spool / "corrupt") == [] and entries(spool / "incoming") == []
             log = gw.log()
         assert "Internal error" not in log, log
 

@@ -653,7 +653,7 @@ def test_delay_warning_then_max_age_bounce_for_the_deferred_recipient(
     assert [m.rcpt_tos for m in copies(hop, msgid)] == [["bob@hop.test"]]
     [expired] = to_lines(gw, "carol@hop.test", "Cannot send message for 1 second")
     assert "dsn=4.4.7" in expired
-    assert "DSN: 554 4.4.7 Cannot send message for 1 second" in gw.log()
+    assert "DSN: Cannot send message for 1 second" in gw.log()
     # every try before that was a deferral; how many the retry timer made is timing
     assert len(deferred_lines(gw)) >= 2
 

@@ -12,7 +12,9 @@
   warning sent, or its status written (fsync'd) and its next attempt returned.
 
 The attempt owns the ``QueuedMessage`` it is given (hot from a commit) or claims (from the
-spool): its open, locked descriptor is released when the attempt ends, whatever happens.
+spool): its open, locked descriptor is released when the attempt ends, whatever happens. A
+message on hold (``mailgate hold``) is looked at under that lock and left alone: the caller
+forgets it until ``mailgate release`` marks it due.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from mailgate.queue.spool import (
     Recipient,
     Spool,
 )
-from mailgate.reply import Reply
 from mailgate.routing import resolve
 from mailgate.snapshot import Snapshot
 
@@ -101,6 +102,12 @@ async def attempt(
             return None
         if message is None:
             return None  # delivered meanwhile
+        if message.status.held:
+            # ``mailgate hold`` set it under this lock after the message was scheduled:
+            # never attempted while held; ``release`` schedules it again.
+            message.close()
+            maillog.held_skipped(qid)
+            return None
     with message:
         return await _attempt(ctx, message)
 
@@ -198,7 +205,7 @@ def log_outcomes(
         route = job.route
         maillog.delivery(
             env.qid,
-            route.address if route.is_smtp or route.mailer == "error" else job.rcpt.address,
+            route.address if route.is_remote or route.mailer == "error" else job.rcpt.address,
             delay=now - env.arrival,
             xdelay=now - started,
             mailer=route.mailer,
@@ -363,7 +370,6 @@ async def expire(
             dsn="4.4.7",
             stat=text,
         )
-    reason = Outcome(Status.PERM, Reply(554, "4.4.7", text)).stat
     return await notify.bounce(
         ctx,
         snap,
@@ -372,7 +378,7 @@ async def expire(
             (r, notify.late(r, msg.status.last_error(r.address), now, warning=False))
             for r in pending
         ],
-        reason=reason,
+        reason=text,  # Sendmail's "<qid>: <bounce qid>: DSN: Cannot send message for 5 days"
     )
 
 

@@ -1,14 +1,13 @@
 """Local delivery: Maildir for local users, mbox append for alias file targets.
 
 The delivery functions are blocking (file I/O and fsync); their mailers (``MaildirMailer``,
-``FileMailer``, at the end) run them in a worker thread.
+``FileMailer`` in ``delivery/mailers.py``) run them in a worker thread.
 The spool hands us ``(source, offset)``: the file holding the message and where its content
 (CRLF line ends, headers then body) starts.  Content is streamed in 64 KiB chunks.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import fcntl
@@ -16,18 +15,11 @@ import itertools
 import os
 import threading
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mailgate.delivery import Job, Outcome, Status
 from mailgate.reply import Reply
 from mailgate.users import getpw, resolve_local_user
-
-if TYPE_CHECKING:
-    from mailgate.config import Config
-    from mailgate.queue.spool import QueuedMessage
-    from mailgate.routing import Route
 
 CHUNK = 64 * 1024
 
@@ -129,18 +121,6 @@ def return_path_header(return_path: str) -> bytes:
     if addr.startswith("<") and addr.endswith(">"):
         addr = addr[1:-1]
     return f"Return-Path: <{addr}>\n".encode("utf-8", "surrogateescape")
-
-
-# --------------------------------------------------------------------------- users
-
-
-def local_user_exists(user: str, maildir_root: Path) -> bool:
-    """True if ``user`` is a system account or has an entry under ``maildir_root``.
-
-    Rejects empty names and names with ``/``, NUL or a leading dot.  See
-    :func:`resolve_local_user` for case handling.
-    """
-    return resolve_local_user(user, maildir_root) is not None
 
 
 # --------------------------------------------------------------------------- Maildir
@@ -334,67 +314,3 @@ def deliver_file(
         raise LocalDeliveryError(_os_error_reply(exc, f"{path}... Cannot write")) from exc
     finally:
         os.close(fd)  # closing releases the fcntl lock
-
-
-# --------------------------------------------------------------------------- the mailers
-
-
-async def local_outcome(delivery: Awaitable[object]) -> Outcome:
-    """Run one local delivery: a LocalDeliveryError is its Outcome (relay ``local``)."""
-    try:
-        await delivery
-    except LocalDeliveryError as exc:
-        return Outcome(Status.TEMP if exc.temporary else Status.PERM, exc.reply, "local")
-    return Outcome(Status.SENT, Reply(250, "2.0.0", "Delivered"))
-
-
-class MaildirMailer:
-    """Sendmail's ``local`` mailer: ``<maildir_root>/<user>/new/``, in a worker thread."""
-
-    def __init__(self, cfg: Config, ctx: object) -> None:
-        self.maildir_root = cfg.local.maildir_root
-        self.hostname = cfg.hostname
-
-    def batch_key(self, route: Route) -> str:
-        return route.target
-
-    async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
-        return [
-            await local_outcome(
-                asyncio.to_thread(
-                    deliver_maildir,
-                    job.route.address,
-                    self.maildir_root,
-                    msg.path,
-                    msg.offset,
-                    hostname=self.hostname,
-                    return_path=msg.envelope.sender,
-                    delivered_to=job.rcpt.address,
-                )
-            )
-            for job in jobs
-        ]
-
-
-class FileMailer:
-    """Sendmail's ``*file*`` mailer (an alias ``/path``): mbox append, in a worker thread."""
-
-    def __init__(self, cfg: Config, ctx: object) -> None:
-        pass
-
-    def batch_key(self, route: Route) -> str:
-        return route.target
-
-    async def deliver(self, msg: QueuedMessage, jobs: Sequence[Job]) -> list[Outcome]:
-        return [
-            await local_outcome(
-                asyncio.to_thread(
-                    deliver_file,
-                    Path(job.route.address),
-                    msg.path,
-                    msg.offset,
-                    return_path=msg.envelope.sender,
-                )
-            )
-            for job in jobs
-        ]

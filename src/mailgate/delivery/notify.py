@@ -2,6 +2,12 @@
 (RFC 3464, written by ``dsn``), queued into the spool like received mail and handed to the
 scheduler (``DeliveryContext.queued``); they are not counted as received.
 
+As Sendmail's: a bounce lists every recipient that failed in one attempt (or expired); a
+message from the null sender (a bounce, ours or another MTA's) cannot be returned, so its
+failure goes to ``postmaster`` instead (a double bounce, "postmaster notify"), and the failure
+of a postmaster notify is only logged, never reported again. Each report queued has its
+maillog line: ``<qid>: <report qid>: DSN: <reason>`` or ``...: postmaster notify: <reason>``.
+
 The thread rule of the spool holds here: the report is *built* in a worker thread (its
 boundary check and its copy of the original read a whole message, up to 50 MB, from disk),
 ``BLOCK`` bytes at a time, and each batch is *written* into its ``IncomingMessage`` on the
@@ -19,7 +25,14 @@ from typing import TYPE_CHECKING
 
 from mailgate import maillog
 from mailgate.delivery import Job, Outcome
-from mailgate.dsn import DsnRecipient, dsn_stream, has_8bit_text, is_receipt, needs_utf8
+from mailgate.dsn import (
+    DsnRecipient,
+    dsn_stream,
+    has_8bit_text,
+    is_receipt,
+    needs_utf8,
+    warning_subject,
+)
 from mailgate.queue.spool import Envelope, QueuedMessage, Recipient, SpoolError
 from mailgate.smtp import dsn_params
 from mailgate.snapshot import Snapshot
@@ -28,13 +41,16 @@ if TYPE_CHECKING:
     from mailgate.delivery.attempt import DeliveryContext
 
 BLOCK = 256 * 1024  # bytes of a report built per thread hop
+# Where double bounces go: Sendmail's DoubleBounceAddress default, a local name that the
+# aliases file may send elsewhere (and root gets when it has no alias and no mailbox).
+POSTMASTER = "postmaster"
 
 
 def failed(job: Job, outcome: Outcome) -> DsnRecipient:
     """A recipient that failed for good in this attempt."""
     rcpt, route = job.rcpt, job.route
     return DsnRecipient(
-        address=route.address if route.is_smtp else rcpt.address,
+        address=route.address if route.is_remote else rcpt.address,
         original=rcpt.original,
         status=outcome.dsn,
         diagnostic=str(outcome.reply),
@@ -46,12 +62,13 @@ def failed(job: Job, outcome: Outcome) -> DsnRecipient:
 
 
 def receipt(job: Job, outcome: Outcome) -> DsnRecipient:
-    """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
-    smtp = job.route.is_smtp
+    """NOTIFY=SUCCESS answered by us: the next hop does not do DSN (SMTP), or cannot (UUCP),
+    or we delivered here."""
+    route = job.route
     return replace(
         failed(job, outcome),
-        action="relayed" if smtp else "delivered",
-        diagnostic=str(outcome.reply) if smtp else None,
+        action="relayed" if route.is_remote else "delivered",
+        diagnostic=str(outcome.reply) if route.is_smtp else None,
         transcript=(),
     )
 
@@ -84,22 +101,27 @@ async def bounce(
     recipients: Sequence[tuple[Recipient, DsnRecipient]],
     reason: str,
 ) -> bool:
-    """Return failed recipients to the sender, those whose NOTIFY asks for it; never for a
-    message from the null sender (logged instead). False (logged) when the spool cannot take
-    the bounce (a full disk): the caller keeps those recipients pending."""
+    """Return failed recipients, those whose NOTIFY asks for it, in one report: to the
+    sender, or to the postmaster for a message from the null sender; a postmaster notify that
+    failed is logged only. False (logged) when the spool cannot take the report (a full
+    disk): the caller keeps those recipients pending."""
     env = msg.envelope
-    if not env.sender or env.is_bounce:
-        maillog.bounce_not_sent(env.qid, reason)
+    if env.postmaster_notify:
+        maillog.postmaster_notify_failed(env.qid, reason)
         return True
     wanted = [d for r, d in recipients if wants(r, "FAILURE")]
     if not wanted:
         return True
+    double = not env.sender
     try:
-        bounce_qid = await queue_dsn(ctx, snap, msg, wanted)
+        report_qid = await queue_dsn(ctx, snap, msg, wanted, to_postmaster=double)
     except (OSError, SpoolError) as exc:
         maillog.bounce_queue_failed(env.qid, exc)
         return False
-    maillog.dsn_created(env.qid, bounce_qid, reason)
+    if double:
+        maillog.postmaster_notified(env.qid, report_qid, reason)
+    else:
+        maillog.dsn_created(env.qid, report_qid, reason)
     return True
 
 
@@ -124,10 +146,11 @@ async def warn(
     """A delay warning; False (logged) if it could not be queued (try at the next attempt)."""
     hours = int(snap.config.queue.warn_after // 3600) or 1
     try:
-        await queue_dsn(ctx, snap, msg, recipients, warning_hours=hours)
+        warning_qid = await queue_dsn(ctx, snap, msg, recipients, warning_hours=hours)
     except (OSError, SpoolError) as exc:
         maillog.warning_queue_failed(msg.envelope.qid, exc)
         return False
+    maillog.dsn_created(msg.envelope.qid, warning_qid, warning_subject(hours))
     return True
 
 
@@ -150,25 +173,30 @@ async def queue_dsn(
     msg: QueuedMessage,
     recipients: list[DsnRecipient],
     warning_hours: int | None = None,
+    *,
+    to_postmaster: bool = False,
 ) -> str:
     """Write a DSN for ``msg`` into the spool, commit it and hand it to ``ctx.queued``; its
-    queue id. Raises OSError or SpoolError when the spool cannot take it (nothing is left)."""
+    queue id. To the sender, or with ``to_postmaster`` (a double bounce) to ``POSTMASTER``.
+    Raises OSError or SpoolError when the spool cannot take it (nothing is left)."""
     cfg = snap.config
     env = msg.envelope
     spool = ctx.spool
     # RFC 6533: a report on internationalised mail is itself internationalised and goes
     # with SMTPUTF8; one that carries 8-bit text (the original, a UTF-8 reply) with 8BITMIME.
     international = env.smtputf8 or needs_utf8(env.sender, recipients)
+    to = POSTMASTER if to_postmaster else env.sender
     bounce_env = Envelope(
         qid=spool.new_qid(),
         sender="",
-        recipients=[Recipient(env.sender, env.sender)],
+        recipients=[Recipient(to, to)],
         arrival=time.time(),
         client_ip="127.0.0.1",
         client_name=cfg.hostname,
         helo=cfg.hostname,
         proto="local",
         is_bounce=True,
+        postmaster_notify=to_postmaster,
         smtputf8=international,
         body_8bit=international or env.body_8bit or has_8bit_text(recipients),
     )
@@ -188,6 +216,7 @@ async def queue_dsn(
         warning_hours=warning_hours,
         envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
         international=international,
+        postmaster=f"{POSTMASTER}@{cfg.hostname}" if to_postmaster else None,
     )
     incoming = spool.open_incoming(bounce_env)
     try:

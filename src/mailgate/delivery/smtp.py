@@ -344,7 +344,6 @@ class SmtpMailer:
             cand.ip,
             cand.port,
             helo_name=self.helo_name,
-            use_ehlo=True,
             timeouts=self.timeouts,
             source_address=self.source_address,
             transcript=at.record,

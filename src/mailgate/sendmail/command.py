@@ -19,12 +19,12 @@ from typing import BinaryIO, TextIO
 
 from mailgate import config, maillog
 from mailgate.config import ConfigError, Override
+from mailgate.queue.tools import wake_daemon
 from mailgate.sendmail import options
 from mailgate.sendmail.submit import (
     Refused,
     Submission,
     SubmitError,
-    notify_daemon,
     split_addresses,
     verify,
     who_am_i,
@@ -99,18 +99,22 @@ def _run(
         return os.EX_CONFIG
     base = ["-c", path]
     mode = inv.mode
-    if inv.queue_interval is not None and mode in ("deliver", "serve"):
-        mode = "serve"
+    if inv.queue_interval is not None and mode == "deliver":
+        mode = "daemon"  # -q30m alone: Sendmail's queue-runner daemon (ours listens too)
     elif inv.run_queue and mode == "deliver":
         mode = "flush"
     if mode == "mailq":
         return _delegate(subcommand, ["mailq", *base], program, err)
     if mode == "flush":
-        return _delegate(
-            subcommand, ["flush", *base, *(["-v"] if inv.verbose else [])], program, err
-        )
-    if mode == "serve":
-        return _delegate(subcommand, ["serve", *base], program, err, failure=os.EX_OSERR)
+        only = [
+            *(f"--domain={d}" for d in inv.queue_domains),
+            *(f"--id={q}" for q in inv.queue_ids),
+        ]
+        verbose = ["-v"] if inv.verbose else []
+        return _delegate(subcommand, ["flush", *base, *verbose, *only], program, err)
+    if mode in ("serve", "daemon"):
+        detach = ["--daemon"] if mode == "daemon" else []
+        return _delegate(subcommand, ["serve", *base, *detach], program, err, failure=os.EX_OSERR)
     if mode == "newaliases":
         return _delegate(subcommand, ["newaliases", *base], program, err)
     if mode == "route":
@@ -166,7 +170,7 @@ def _deliver(
     for refused in result.refused:
         print(str(refused), file=err)
     if result.qid:
-        told = notify_daemon(cfg.pid_file)
+        told = wake_daemon(cfg.pid_file) is not None
         if inv.verbose:
             print(
                 f"{result.qid}: queued"

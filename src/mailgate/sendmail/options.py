@@ -27,7 +27,7 @@ MODES = {
     "p": "mailq",
     "t": "route",  # address test mode
     "v": "verify",
-    "d": "serve",
+    "d": "daemon",  # detached, as Sendmail's -bd
     "D": "serve",  # in the foreground
     "i": "newaliases",
 }
@@ -49,6 +49,8 @@ class Invocation:
     verbose: bool = False  # -v
     run_queue: bool = False  # -q (once)
     queue_interval: str | None = None  # -q30m: serve, with that queue run interval
+    queue_domains: list[str] = field(default_factory=list)  # -qRdomain: flush --domain
+    queue_ids: list[str] = field(default_factory=list)  # -qIqid: flush --id
     body: str | None = None  # -B 7BIT | 8BITMIME
     notify: str | None = None  # -N, as NOTIFY= (RFC 3461)
     ret: str | None = None  # -R full | hdrs
@@ -149,10 +151,19 @@ def _queue(inv: Invocation, value: str) -> None:
     if not value:
         inv.run_queue = True
         return
+    if value[0] in "RI" and len(value) > 1:
+        # Sendmail matches a substring of a recipient (of the queue id); flush matches the
+        # domain (.domain: its subdomains) and the whole id.
+        inv.run_queue = True
+        if value[0] == "R":
+            inv.queue_domains.append(value[1:].lstrip("@"))
+        else:
+            inv.queue_ids.append(value[1:])
+        return
     if value[0] in "RISQrisq!fp":
         raise UsageError(
-            f"-q{value}: only -q (run the queue once) and -q<interval> are supported; "
-            "use mailgate flush for the rest"
+            f"-q{value}: only -q (run the queue once), -qRdomain, -qIqid and -q<interval> "
+            "are supported"
         )
     try:
         parse_duration(value)

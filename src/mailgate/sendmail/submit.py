@@ -18,19 +18,18 @@ returns the status this module gives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import pwd
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mailgate import maillog
 from mailgate.address import AddressError, Mailbox, normalize
 from mailgate.policy import Client, check_recipient
 from mailgate.queue.spool import (
-    PICKUP_SIGNAL,
     Envelope,
     IncomingMessage,
     Recipient,
@@ -38,7 +37,7 @@ from mailgate.queue.spool import (
     SpoolError,
 )
 from mailgate.reply import Reply
-from mailgate.routing import Route, resolve
+from mailgate.routing import resolve
 from mailgate.sendmail.input import LocalInput
 from mailgate.sendmail.options import Invocation
 from mailgate.smtp.headers import (
@@ -53,6 +52,7 @@ from mailgate.smtp.headers import (
 from mailgate.snapshot import Snapshot
 
 BLOCK = 64 * 1024  # bytes read from standard input at a time
+LOOKAHEAD = IncomingMessage.SPILL_AT  # read before the envelope line, to see 8-bit text
 LOCAL_CLIENT = Client("127.0.0.1", "OK", "localhost")
 _RECIPIENT_FIELDS = ("to", "cc", "bcc")
 _RESENT_FIELDS = ("resent-to", "resent-cc", "resent-bcc")
@@ -182,9 +182,9 @@ def envelope_sender(given: str | None, user: Submitter, snap: Snapshot) -> str:
     return str(mailbox if mailbox.domain else Mailbox(mailbox.local, hostname))
 
 
-def check_address(raw: str, snap: Snapshot) -> tuple[Mailbox, list[Route]] | Refused:
-    """A recipient as SMTP's RCPT checks it, for a relay client; its routes (aliases not yet
-    expanded), or why it is refused."""
+def check_address(raw: str, snap: Snapshot) -> Mailbox | Refused:
+    """A recipient as SMTP's RCPT checks it, for a relay client: normalised, or why it is
+    refused."""
     try:
         mailbox = normalize(raw, snap.routing.is_local, written=raw)
     except AddressError as exc:
@@ -194,17 +194,16 @@ def check_address(raw: str, snap: Snapshot) -> tuple[Mailbox, list[Route]] | Ref
     )
     if not decision.accepted:
         return Refused(raw, decision.reply)
-    return mailbox, list(decision.routes)
+    return mailbox
 
 
 def verify(raw: str, snap: Snapshot) -> Iterator[str | Refused]:
     """``sendmail -bv``: where ``raw`` would be delivered, aliases expanded, sending nothing:
     Sendmail's ``addr... deliverable: mailer m, host h, user u`` lines, or refusals."""
-    checked = check_address(raw, snap)
-    if isinstance(checked, Refused):
-        yield checked
+    mailbox = check_address(raw, snap)
+    if isinstance(mailbox, Refused):
+        yield mailbox
         return
-    mailbox, _ = checked
     for route in resolve(mailbox, snap.routing, expand=True):
         if route.mailer == "error" and route.error is not None:
             yield Refused(raw, route.error.reply(raw))
@@ -227,7 +226,7 @@ class _Message:
         if isinstance(checked, Refused):
             self.refused.append(checked)
             return
-        address = str(checked[0])
+        address = str(checked)
         if address not in self.seen:  # Sendmail sends one copy per address
             self.seen.add(address)
             self.recipients.append(Recipient(address, raw, notify))
@@ -309,7 +308,7 @@ class Submission:
                     for addr in split_addresses(raw) or [raw]:
                         checked = check_address(addr, self.snap)
                         if not isinstance(checked, Refused):
-                            msg.seen.add(str(checked[0]))
+                            msg.seen.add(str(checked))
                 for raw in _header_recipients(head):
                     msg.add(raw, self.snap, inv.notify)
                 if not msg.recipients:
@@ -351,10 +350,28 @@ class Submission:
             )
         return bytes(scanner.buf), iter(())
 
+    def _body_8bit(self, head: bytes, rest: Iterator[bytes]) -> tuple[bool, Iterator[bytes]]:
+        """Whether to declare 8BITMIME (``-B`` says, else the content), and the content
+        again. The envelope line, which holds the answer, is written before the content, so
+        up to LOOKAHEAD bytes are read first: the whole of most messages. A larger one is
+        declared 8-bit, its rest unseen: a 7-bit message may go as 8BITMIME, and the client
+        converts 8-bit content for a hop without it either way."""
+        if self.inv.body is not None:
+            return self.inv.body == "8BITMIME", rest
+        ahead: list[bytes] = []
+        size = 0
+        for block in rest:
+            ahead.append(block)
+            size += len(block)
+            if size >= LOOKAHEAD:
+                return True, _chain(b"".join(ahead), rest)
+        return not all(b.isascii() for b in (head, *ahead)), iter(ahead)
+
     def _write(self, spool: Spool, msg: _Message, head: bytes, rest: Iterator[bytes]) -> str:
         cfg = self.snap.config
         inv = self.inv
         addresses = [msg.sender, *(r.address for r in msg.recipients)]
+        body_8bit, rest = self._body_8bit(head, rest)
         envelope = Envelope(
             qid=spool.new_qid(),
             sender=msg.sender,
@@ -363,10 +380,7 @@ class Submission:
             client_ip=LOCAL_CLIENT.ip,
             client_name=LOCAL_CLIENT.ptr_name,
             proto="local",
-            # 8-bit text cannot be told before the envelope line is written: declared unless
-            # -B7BIT says otherwise (a 7-bit message may go as 8BITMIME; the client converts
-            # 8-bit content for a next hop without it either way).
-            body_8bit=inv.body != "7BIT",
+            body_8bit=body_8bit,
             smtputf8=not all(a.isascii() for a in addresses),
             envid=inv.envid,
             ret=inv.ret,
@@ -416,6 +430,10 @@ class Submission:
         except BaseException:
             incoming.discard()
             raise
+        # For the daemon (DUE_SIGNAL: the caller tells it): "attempt it now". Without the
+        # marker it is still found, at the next queue run.
+        with contextlib.suppress(OSError):
+            spool.mark_due(envelope.qid)
         if stamped.warning is not None:
             maillog.auth_warning(cfg.hostname, stamped.warning)
         maillog.submitted(
@@ -455,16 +473,3 @@ def _chain(first: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
 
 def spool_owner(spool: Spool) -> int:
     return spool.root.stat().st_uid
-
-
-def notify_daemon(pid_file: Path | None) -> bool:
-    """Tell the daemon whose pid ``pid_file`` holds that the queue has a new entry; False
-    when there is none to tell (it takes the message on at its next queue run or start)."""
-    if pid_file is None:
-        return False
-    try:
-        pid = int(pid_file.read_text().split()[0])
-        os.kill(pid, PICKUP_SIGNAL)
-    except (OSError, ValueError, IndexError):
-        return False
-    return True

@@ -68,15 +68,29 @@ class RecipientResult:
 @dataclass
 class TransactionResult:
     mail_reply: Reply
-    rcpt: list[RecipientResult]
-    # The reply that ended the DATA phase for the accepted recipients (the end-of-data reply,
-    # or the DATA command's refusal); None when no recipient was accepted.
-    data_reply: Reply | None
+    rcpt: list[RecipientResult]  # one per recipient, in order
 
-    @property
-    def accepted(self) -> list[str]:
-        """Recipients the server took responsibility for."""
-        return [r.address for r in self.rcpt if r.reply.is_positive]
+
+@dataclass(frozen=True, slots=True)
+class _Replies:
+    """The envelope's replies: MAIL, one per RCPT (the MAIL refusal for each when MAIL was
+    refused), and DATA's; ``data`` None when there is no DATA phase (MAIL refused, or no
+    recipient accepted)."""
+
+    mail: Reply
+    rcpt: list[Reply]
+    data: Reply | None
+
+    def result(self, recipients: Sequence[str], final: Reply | None) -> TransactionResult:
+        """``final`` (the reply that ended the DATA phase) for each accepted recipient, its
+        own refusal for every other."""
+        return TransactionResult(
+            self.mail,
+            [
+                RecipientResult(a, final if final is not None and r.is_positive else r)
+                for a, r in zip(recipients, self.rcpt, strict=True)
+            ],
+        )
 
 
 class SmtpClientError(Exception):
@@ -121,7 +135,6 @@ class SmtpClient:
         self.extensions: dict[str, str] = {}
         self.tls: tls.Session | None = None  # after STARTTLS
         self.tls_failure: str | None = None  # why this connection is in clear after all
-        self.transactions = 0  # completed or attempted transactions, for reuse limits
         self._closed = False
         self._need_rset = False  # a transaction was left open at the server
         self._data_sent = False  # the current transaction got as far as the content
@@ -135,7 +148,6 @@ class SmtpClient:
         port: int,
         *,
         helo_name: str,
-        use_ehlo: bool = True,
         timeouts: Timeouts | None = None,
         source_address: str | None = None,
         transcript: Callable[[str], None] | None = None,
@@ -150,52 +162,49 @@ class SmtpClient:
         ``host`` should be an address: name resolution is the caller's (DNS) business.
         """
         timeouts = timeouts or Timeouts()
-        if transcript is not None:
-            transcript(f"Connecting to [{host}]:{port}...")
         try:
-            async with asyncio.timeout(timeouts.connect):
-                reader, writer = await asyncio.open_connection(
-                    host,
-                    port,
-                    limit=READ_LIMIT,
-                    local_addr=(source_address, 0) if source_address else None,
-                )
-        except TimeoutError:
-            raise SmtpClientError(
-                f"connect to [{host}]:{port} timed out", stage="connect", timed_out=True
-            ) from None
-        except OSError as e:
-            raise SmtpClientError(
-                f"connect to [{host}]:{port}: {e.strerror or e}", stage="connect"
-            ) from None
-        client = cls(reader, writer, timeouts=timeouts, transcript=transcript)
-        try:
-            await client._handshake(helo_name, use_ehlo, tls_context)
+            return await cls._connect_once(
+                host, port, helo_name, timeouts, source_address, transcript, tls_context
+            )
         except SmtpClientError as exc:
-            client._abort()
             if exc.stage != "starttls":
                 raise
-            if transcript is not None:
-                transcript(f"{exc}; trying again without TLS")
-            clear = await cls.connect(
-                host,
-                port,
-                helo_name=helo_name,
-                use_ehlo=use_ehlo,
-                timeouts=timeouts,
-                source_address=source_address,
-                transcript=transcript,
-            )
-            clear.tls_failure = str(exc)
-            return clear
+            failure = str(exc)
+        if transcript is not None:
+            transcript(f"{failure}; trying again without TLS")
+        clear = await cls._connect_once(
+            host, port, helo_name, timeouts, source_address, transcript, None
+        )
+        clear.tls_failure = failure
+        return clear
+
+    @classmethod
+    async def _connect_once(
+        cls,
+        host: str,
+        port: int,
+        helo_name: str,
+        timeouts: Timeouts,
+        source_address: str | None,
+        transcript: Callable[[str], None] | None,
+        tls_context: ssl.SSLContext | None,
+    ) -> SmtpClient:
+        """One TCP connection and its handshake; a failed one is dropped at once."""
+        reader, writer = await _open(host, port, timeouts.connect, source_address, transcript)
+        client = cls(reader, writer, timeouts=timeouts, transcript=transcript)
+        try:
+            await client._greeting()
+            if await client._ehlo(helo_name):
+                if tls_context is not None and "STARTTLS" in client.extensions:
+                    await client._starttls(tls_context, helo_name)
+            else:
+                await client._helo(helo_name)
         except BaseException:
             client._abort()
             raise
         return client
 
-    async def _handshake(
-        self, helo_name: str, use_ehlo: bool, tls_context: ssl.SSLContext | None = None
-    ) -> None:
+    async def _greeting(self) -> None:
         self.greeting = await self._read_reply(self.timeouts.greeting, "greeting")
         if self.greeting.code != 220:
             # RFC 5321 3.1: a 554 greeting still expects QUIT; be polite, then give up.
@@ -207,20 +216,23 @@ class SmtpClient:
                 temporary=not self.greeting.is_permanent,
                 stage="greeting",
             )
-        if use_ehlo:
-            reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
-            if reply.code == 250:
-                self.esmtp = True
-                self.helo_reply = reply
-                self.extensions = _parse_extensions(reply)
-                if tls_context is not None and "STARTTLS" in self.extensions:
-                    await self._starttls(tls_context, helo_name)
-                return
-            if not reply.is_permanent:
-                raise SmtpClientError(
-                    f"EHLO refused: {reply}", reply=reply, temporary=True, stage="ehlo"
-                )
-            # 5xx: an old server that knows only HELO (RFC 5321 3.2).
+
+    async def _ehlo(self, helo_name: str) -> bool:
+        """EHLO; False when the server refuses it for good (5xx): it may still know HELO."""
+        reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
+        if reply.code == 250:
+            self.esmtp = True
+            self.helo_reply = reply
+            self.extensions = _parse_extensions(reply)
+            return True
+        if not reply.is_permanent:
+            raise SmtpClientError(
+                f"EHLO refused: {reply}", reply=reply, temporary=True, stage="ehlo"
+            )
+        return False
+
+    async def _helo(self, helo_name: str) -> None:
+        """An old server that knows only HELO (RFC 5321 3.2)."""
         reply = await self._command(f"HELO {helo_name}", self.timeouts.command, "helo")
         if reply.code != 250:
             raise SmtpClientError(
@@ -351,76 +363,85 @@ class SmtpClient:
         even when folding or the conversion make the content longer (RFC 1870's SIZE is the
         client's estimate; the server counts what arrives)."""
         self._check_open()
-        for addr in (sender, *recipients):
-            if "\r" in addr or "\n" in addr:
-                raise ValueError(f"address not fit for an SMTP command: {addr!r}")
-        if not recipients:
-            raise ValueError("no recipients")
-        if smtputf8 and "SMTPUTF8" not in self.extensions:
-            # Postfix's answer: we cannot downgrade UTF-8 addresses, so this is final.
-            return _all_failed(NO_SMTPUTF8, recipients)
-        limit = self.size_limit
-        if size is not None and limit is not None and size > limit:
-            return _all_failed(
-                Reply(552, "5.3.4", f"Message size exceeds remote limit of {limit} bytes"),
-                recipients,
-            )
+        _check_envelope(sender, recipients)
+        refusal = self._refusal_before_mail(size, smtputf8)
+        if refusal is not None:
+            return TransactionResult(refusal, [RecipientResult(r, refusal) for r in recipients])
         try:
             if self._need_rset:
                 await self.reset()
-            self.transactions += 1
             self._need_rset = True  # until the transaction is seen to its end
-            params = []
-            if size is not None and "SIZE" in self.extensions:
-                params.append(f"SIZE={size}")
-            if body_8bit and "8BITMIME" in self.extensions:
-                params.append("BODY=8BITMIME")
-            if smtputf8:
-                params.append("SMTPUTF8")
-            rcpt_params: list[str] = [""] * len(recipients)
-            if self.passes_dsn:
-                params += [f"RET={ret}"] if ret else []
-                params += [f"ENVID={envid}"] if envid else []
-                for i, (notify, orcpt) in enumerate(dsn or ()):
-                    if orcpt and not smtputf8:
-                        orcpt = orcpt_ascii(orcpt)
-                    rcpt_params[i] = "".join(
-                        [f" NOTIFY={notify}" if notify else "", f" ORCPT={orcpt}" if orcpt else ""]
-                    )
-            mail_cmd = " ".join([f"MAIL From:<{sender}>", *params])
-            rcpt_cmds = [f"RCPT To:<{r}>{x}" for r, x in zip(recipients, rcpt_params, strict=True)]
-            if self.pipelining:
-                result = await self._envelope_pipelined(mail_cmd, rcpt_cmds, recipients)
-            else:
-                result = await self._envelope_stepwise(mail_cmd, rcpt_cmds, recipients)
-            if isinstance(result, TransactionResult):
-                return result
-            mail_reply, rcpt_replies, data_reply = result
-            if data_reply.code == 354:
-                data_reply = await self._send_body(
+            mail_cmd = self._mail_command(sender, size, body_8bit, smtputf8, ret, envid)
+            rcpt_cmds = self._rcpt_commands(recipients, dsn, smtputf8)
+            exchange = self._envelope_pipelined if self.pipelining else self._envelope_stepwise
+            replies = await exchange(mail_cmd, rcpt_cmds)
+            final = replies.data
+            if final is not None and final.code == 354:
+                final = await self._send_body(
                     body,
                     body_offset,
                     line_limit=line_limit,
                     downgrade="8BITMIME" not in self.extensions,
                 )
             # After the end-of-data reply the transaction is over whatever the reply (RFC 5321
-            # 4.1.1.4); after a refused DATA command it may not be, so RSET before the next.
+            # 4.1.1.4); short of it (MAIL, every RCPT or DATA refused) it may not be, so RSET
+            # before the next.
             self._need_rset = not self._data_sent
-            return TransactionResult(
-                mail_reply,
-                [
-                    RecipientResult(addr, data_reply if r.is_positive else r)
-                    for addr, r in zip(recipients, rcpt_replies, strict=True)
-                ],
-                data_reply,
-            )
+            return replies.result(recipients, final)
         except BaseException:
             self._abort()
             raise
 
-    async def _envelope_pipelined(
-        self, mail_cmd: str, rcpt_cmds: list[str], recipients: Sequence[str]
-    ) -> TransactionResult | tuple[Reply, list[Reply], Reply]:
+    def _refusal_before_mail(self, size: int | None, smtputf8: bool) -> Reply | None:
+        """Why this server cannot take the message at all, known from its EHLO: no MAIL then."""
+        if smtputf8 and "SMTPUTF8" not in self.extensions:
+            # Postfix's answer: we cannot downgrade UTF-8 addresses, so this is final.
+            return NO_SMTPUTF8
+        limit = self.size_limit
+        if size is not None and limit is not None and size > limit:
+            return Reply(552, "5.3.4", f"Message size exceeds remote limit of {limit} bytes")
+        return None
+
+    def _mail_command(
+        self,
+        sender: str,
+        size: int | None,
+        body_8bit: bool,
+        smtputf8: bool,
+        ret: str | None,
+        envid: str | None,
+    ) -> str:
+        """MAIL with the parameters this server takes (SIZE, BODY, SMTPUTF8, RET, ENVID)."""
+        params = []
+        if size is not None and "SIZE" in self.extensions:
+            params.append(f"SIZE={size}")
+        if body_8bit and "8BITMIME" in self.extensions:
+            params.append("BODY=8BITMIME")
+        if smtputf8:
+            params.append("SMTPUTF8")
+        if self.passes_dsn:
+            params += [f"RET={ret}"] if ret else []
+            params += [f"ENVID={envid}"] if envid else []
+        return " ".join([f"MAIL From:<{sender}>", *params])
+
+    def _rcpt_commands(
+        self,
+        recipients: Sequence[str],
+        dsn: Sequence[tuple[str | None, str | None]] | None,
+        smtputf8: bool,
+    ) -> list[str]:
+        """One RCPT per recipient, with NOTIFY and ORCPT to a server that takes DSN."""
+        params = [""] * len(recipients)
+        if self.passes_dsn:
+            for i, (notify, orcpt) in enumerate(dsn or ()):
+                if orcpt and not smtputf8:
+                    orcpt = orcpt_ascii(orcpt)
+                params[i] = "".join(
+                    [f" NOTIFY={notify}" if notify else "", f" ORCPT={orcpt}" if orcpt else ""]
+                )
+        return [f"RCPT To:<{r}>{x}" for r, x in zip(recipients, params, strict=True)]
+
+    async def _envelope_pipelined(self, mail_cmd: str, rcpt_cmds: list[str]) -> _Replies:
         """RFC 2920: MAIL, RCPTs and DATA in one write, then the replies in order."""
         self._data_sent = False
         for cmd in (mail_cmd, *rcpt_cmds, "DATA"):
@@ -437,8 +458,7 @@ class SmtpClient:
         await self._drain(self.timeouts.data_init, "data")
         if mail_reply.code // 100 != 2:
             self._expect_not(data_reply, 354, "DATA accepted after MAIL was refused")
-            self._need_rset = True
-            return _all_failed(mail_reply, recipients, mail_reply=mail_reply)
+            return _Replies(mail_reply, [mail_reply] * len(rcpt_cmds), None)
         if not any(r.is_positive for r in rcpt_replies):
             if data_reply.code == 354:
                 # A server accepting DATA with no recipients: end the empty message to stay
@@ -447,32 +467,23 @@ class SmtpClient:
                 self._writer.write(b".\r\n")
                 await self._drain(self.timeouts.data_block, "data")
                 await self._read_checked(self.timeouts.data_end, "data_end")
-            self._need_rset = True
-            return TransactionResult(
-                mail_reply,
-                [RecipientResult(a, r) for a, r in zip(recipients, rcpt_replies, strict=True)],
-                None,
-            )
-        return mail_reply, rcpt_replies, data_reply
+            return _Replies(mail_reply, rcpt_replies, None)
+        return _Replies(mail_reply, rcpt_replies, data_reply)
 
-    async def _envelope_stepwise(
-        self, mail_cmd: str, rcpt_cmds: list[str], recipients: Sequence[str]
-    ) -> TransactionResult | tuple[Reply, list[Reply], Reply]:
+    async def _envelope_stepwise(self, mail_cmd: str, rcpt_cmds: list[str]) -> _Replies:
+        """Without PIPELINING: each command waits for its reply; no RCPT after a refused
+        MAIL, no DATA when no recipient was accepted."""
         self._data_sent = False
         mail_reply = await self._command_checked(mail_cmd, self.timeouts.mail, "mail")
         if mail_reply.code // 100 != 2:
-            return _all_failed(mail_reply, recipients, mail_reply=mail_reply)
+            return _Replies(mail_reply, [mail_reply] * len(rcpt_cmds), None)
         rcpt_replies = [
             await self._command_checked(c, self.timeouts.rcpt, "rcpt") for c in rcpt_cmds
         ]
         if not any(r.is_positive for r in rcpt_replies):
-            return TransactionResult(
-                mail_reply,
-                [RecipientResult(a, r) for a, r in zip(recipients, rcpt_replies, strict=True)],
-                None,
-            )
+            return _Replies(mail_reply, rcpt_replies, None)
         data_reply = await self._command_checked("DATA", self.timeouts.data_init, "data")
-        return mail_reply, rcpt_replies, data_reply
+        return _Replies(mail_reply, rcpt_replies, data_reply)
 
     async def _send_body(
         self, body: Path | int, body_offset: int, *, line_limit: int, downgrade: bool
@@ -658,6 +669,42 @@ class SmtpClient:
         return Reply(code, enhanced, "\n".join(texts))
 
 
+async def _open(
+    host: str,
+    port: int,
+    timeout: float,
+    source_address: str | None,
+    transcript: Callable[[str], None] | None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """The TCP connection to ``[host]:port``; failures as SmtpClientError (stage "connect")."""
+    if transcript is not None:
+        transcript(f"Connecting to [{host}]:{port}...")
+    try:
+        async with asyncio.timeout(timeout):
+            return await asyncio.open_connection(
+                host,
+                port,
+                limit=READ_LIMIT,
+                local_addr=(source_address, 0) if source_address else None,
+            )
+    except TimeoutError:
+        raise SmtpClientError(
+            f"connect to [{host}]:{port} timed out", stage="connect", timed_out=True
+        ) from None
+    except OSError as e:
+        raise SmtpClientError(
+            f"connect to [{host}]:{port}: {e.strerror or e}", stage="connect"
+        ) from None
+
+
+def _check_envelope(sender: str, recipients: Sequence[str]) -> None:
+    for addr in (sender, *recipients):
+        if "\r" in addr or "\n" in addr:
+            raise ValueError(f"address not fit for an SMTP command: {addr!r}")
+    if not recipients:
+        raise ValueError("no recipients")
+
+
 def _parse_extensions(reply: Reply) -> dict[str, str]:
     """EHLO keywords (upper-case) to their parameters; the first line is the greeting."""
     ext: dict[str, str] = {}
@@ -666,11 +713,3 @@ def _parse_extensions(reply: Reply) -> dict[str, str]:
         if keyword:
             ext[keyword.upper()] = params.strip()
     return ext
-
-
-def _all_failed(
-    reply: Reply, recipients: Sequence[str], *, mail_reply: Reply | None = None
-) -> TransactionResult:
-    return TransactionResult(
-        mail_reply or reply, [RecipientResult(r, reply) for r in recipients], None
-    )

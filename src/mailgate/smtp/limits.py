@@ -2,15 +2,17 @@
 address, for the whole daemon.
 
 The listener asks :meth:`Admission.has_room` before it accepts (the ceiling: excess
-connections wait in the kernel's listen queue, as Sendmail's do) and the connection registers
-itself with :meth:`Admission.open` / :meth:`Admission.close`; :meth:`Admission.refusal` is the
-per-IP limit's 421. With one process the counts are plain dictionaries. With ``workers > 1``
-the master makes a :class:`SharedCounts` before it forks: arrays in shared memory, one row per
-worker, holding its total and its per-address counts hashed into 65,536 slots; a count is the
-sum over the rows. Two addresses in one slot share a count, so the per-IP limit can only ever
-bite early for a neighbour of a busy address, never late; the total is exact. The connection
-*rate* is not shared: each worker takes its share of ``connection_rate_throttle`` (the kernel
-spreads the connections among the workers' accept loops evenly).
+connections wait in the kernel's listen queue, as Sendmail's do). An accepted connection asks
+:meth:`Admission.admit` (the per-IP limit), which registers it only if it is let in, so a
+refused connection (:func:`per_ip_refusal`, its 421) is never counted, not even while its
+reply goes out; :meth:`Admission.release` when it ends. With one process the counts are plain
+dictionaries. With ``workers > 1`` the master makes a :class:`SharedCounts` before it forks:
+arrays in shared memory, one row per worker, holding its total and its per-address counts
+hashed into 65,536 slots; a count is the sum over the rows. Two addresses in one slot share
+a count, so the per-IP limit can only ever bite early for a neighbour of a busy address, never
+late; the total is exact. The connection *rate* is not shared: each worker takes its share of
+``connection_rate_throttle`` (the kernel spreads the connections among the workers' accept
+loops evenly).
 """
 
 from __future__ import annotations
@@ -108,28 +110,38 @@ class Admission:
     def has_room(self, max_connections: int) -> bool:
         return self.counts.total() < max_connections
 
-    def open(self, ip: str) -> None:
-        """Register a session from ``ip``."""
+    def admit(self, client: Client, max_per_ip: int) -> bool:
+        """Sendmail's MaxConnectionsPerIP (0: none; the local host is never limited): True,
+        and the session is counted, when ``client`` has fewer than ``max_per_ip`` sessions;
+        False, and nothing is counted, when it has that many.
+
+        Ask, then register. With several workers another one may register the same address
+        between the two: the count is asked once more after registering, and a session that
+        turns out to be over the limit withdraws, so the limit is never passed (at worst both
+        of two simultaneous sessions are refused)."""
+        ip = client.ip
+        if not max_per_ip or client.is_loopback:
+            self.counts.add(ip, 1)
+            return True
+        if self.counts.count(ip) >= max_per_ip:
+            return False
         self.counts.add(ip, 1)
+        if self.counts.count(ip) > max_per_ip:
+            self.counts.add(ip, -1)
+            return False
+        return True
 
-    def close(self, ip: str) -> None:
+    def release(self, ip: str) -> None:
+        """An admitted session from ``ip`` has ended."""
         self.counts.add(ip, -1)
-
-    def count(self, ip: str) -> int:
-        """Sessions from ``ip`` now, for the whole daemon."""
-        return self.counts.count(ip)
-
-    @staticmethod
-    def refusal(ip: str, count: int, max_per_ip: int, hostname: str) -> Reply | None:
-        """Sendmail's MaxConnectionsPerIP answer; the local host is never limited."""
-        if max_per_ip and count > max_per_ip and not Client(ip).is_loopback:
-            return Reply(
-                421,
-                "4.7.0",
-                f"{hostname} Too many concurrent connections from {ip}; try again later",
-            )
-        return None
 
     @property
     def open_sessions(self) -> int:
         return self.counts.total()
+
+
+def per_ip_refusal(ip: str, hostname: str) -> Reply:
+    """What a client over the per-IP limit is told before the connection is closed."""
+    return Reply(
+        421, "4.7.0", f"{hostname} Too many concurrent connections from {ip}; try again later"
+    )

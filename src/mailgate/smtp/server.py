@@ -20,6 +20,7 @@ from typing import Protocol
 from mailgate import maillog, tls
 from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
+from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.protocol import (
     NEED_DATA,
     BadCommand,
@@ -54,7 +55,8 @@ class ServerHost(SessionHost, Protocol):
 
     def session_ended(self, connection: SmtpServerProtocol) -> None: ...
 
-    def connection_limit_reply(self, ip: str) -> Reply | None: ...
+    @property
+    def admission(self) -> Admission: ...
 
     async def lookup_client(self, ip: str) -> Client: ...
 
@@ -86,11 +88,15 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.closed = False
         self.tls_stream: TlsStream | None = None  # TLS over the plain transport
         self.tls_error: ssl.SSLError | None = None
+        self.admitted = False  # counted in the admission's counts (connection_made)
         self.bad_commands = 0
         self.bad_rcpts = 0
         self.connected_at = time.monotonic()
         self.last_input = self.connected_at  # when bytes last arrived (the DATA timeout)
         self.last_line = self.connected_at  # when a content line last ended (under stress)
+        # The daemon is stopping: said (then the connection closes) once no transaction is
+        # open, so a message under way is finished first.
+        self.closing_reply: Reply | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -101,6 +107,10 @@ class SmtpServerProtocol(asyncio.Protocol):
             ip = ip[7:]
         self.client = Client(ip)
         self.connected_at = time.monotonic()
+        # Counted from here only if let in (smtp/limits.py); open() answers a refused one.
+        self.admitted = self.host.admission.admit(
+            self.client, self.snap.config.smtp.max_connections_per_ip
+        )
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.host.session_started(self)
 
@@ -130,6 +140,8 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.resume_writing()
         self.conn.receive_data(b"")
         self._wake()
+        if self.admitted:  # asyncio calls this once per connection
+            self.host.admission.release(self.client.ip)
         self.host.session_ended(self)
 
     def pause_writing(self) -> None:
@@ -180,6 +192,16 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.transport.write(data)
         self.out.clear()
         self.out_size = 0
+
+    def drain(self, reply: Reply) -> None:
+        """The daemon is stopping: end the transaction in progress, then say ``reply`` and
+        close (at once if the client is between transactions)."""
+        self.closing_reply = reply
+        self._wake()
+
+    def _closing_now(self, session: Session) -> Reply | None:
+        """The stop's reply, if the session may be closed now (no transaction open)."""
+        return self.closing_reply if session.tx is None else None
 
     def shut_down(self, reply: Reply) -> None:
         """The daemon is stopping: say so (through TLS if it is on) and close."""
@@ -269,9 +291,9 @@ class SmtpServerProtocol(asyncio.Protocol):
     async def open(self) -> Session | None:
         """The connect stage: admission, the client's PTR, access Connect:, the greet pause,
         then the greeting (or the early talker's 554). None: closed already."""
-        limit = self.host.connection_limit_reply(self.client.ip)
-        if limit is not None:
-            self.send(limit)
+        if not self.admitted:
+            self.host.count("per_ip_limit")
+            self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
             return None
         self.client = client = await self.host.lookup_client(self.client.ip)
         decision = connect_decision(client, self.snap.tables, self.snap.config)
@@ -296,6 +318,9 @@ class SmtpServerProtocol(asyncio.Protocol):
             if self.conn.pending_bytes or self.closed:
                 self.send(session.early_talk(int(time.monotonic() - self.connected_at)).reply)
                 return session
+        if self.closing_reply is not None:
+            self.send(self.closing_reply)  # the daemon began to stop during the connect stage
+            return None
         self.send(session.greeting().reply)
         return session
 
@@ -308,6 +333,9 @@ class SmtpServerProtocol(asyncio.Protocol):
             if isinstance(event, Wait):
                 if event is not NEED_DATA:
                     return  # the protocol is done with this connection
+                if (bye := self._closing_now(session)) is not None:
+                    self.send(bye)
+                    return
                 # A command must arrive whole within command_timeout (a client trickling a
                 # byte at a time does not keep the session); DATA content is timed per read.
                 # Both are measured from a fixed start, so a wake-up (stress mode began, a
@@ -340,6 +368,9 @@ class SmtpServerProtocol(asyncio.Protocol):
                     self.last_line = waiting_since
                 session.data_chunk(event.data)
             elif isinstance(event, Command):
+                if event.verb != "QUIT" and (bye := self._closing_now(session)) is not None:
+                    self.send(bye)
+                    return
                 answer = await session.command(
                     event, pipelined=conn.pending_bytes if event.verb == "DATA" else 0
                 )

@@ -396,7 +396,3 @@ class AccessTable:
         for t in tags:
             for k, s in self._maps.get(t, {}).items():
                 yield t, k, _verdict(s)
-
-    def entries_with(self, tag: str, action: str) -> list[tuple[str, Verdict]]:
-        """(canonical key, verdict) for entries of ``tag`` whose action is ``action``."""
-        return [(k, v) for _, k, v in self.entries(tag) if v.action == action.upper()]

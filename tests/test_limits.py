@@ -1,0 +1,86 @@
+"""Connection admission (smtp/limits.py): the per-IP limit asks, then registers.
+
+The daemon-level behaviour (the 421 on the wire, two workers sharing the counts) is in
+tests/test_edge.py and tests/test_workers.py; here the counting itself, in one process and
+over the shared-memory rows the workers use.
+"""
+
+from __future__ import annotations
+
+from mailgate.policy import Client
+from mailgate.smtp.limits import Admission, SharedCounts, per_ip_refusal
+
+CLIENT = Client("192.0.2.7")
+
+
+def test_a_refused_session_is_never_counted() -> None:
+    adm = Admission()
+    assert [adm.admit(CLIENT, 2) for _ in range(4)] == [True, True, False, False]
+    assert adm.counts.count("192.0.2.7") == 2 and adm.open_sessions == 2
+    adm.release("192.0.2.7")
+    assert adm.admit(CLIENT, 2)  # a place came free
+    assert not adm.admit(CLIENT, 2)
+    assert adm.admit(Client("192.0.2.8"), 2)  # another address has its own count
+    assert adm.open_sessions == 3
+
+
+def test_no_limit_for_the_local_host_or_with_zero() -> None:
+    adm = Admission()
+    assert all(adm.admit(Client("127.0.0.1"), 1) for _ in range(5))
+    assert all(adm.admit(Client("::1"), 1) for _ in range(5))
+    assert all(adm.admit(CLIENT, 0) for _ in range(5))
+    assert adm.open_sessions == 15
+    assert adm.admit(Client("127.0.0.2"), 1)
+    assert not adm.admit(Client("127.0.0.2"), 1)  # only 127.0.0.1 and ::1 are the local host
+
+
+def test_the_ceiling() -> None:
+    adm = Admission()
+    for n in range(3):
+        adm.admit(Client(f"192.0.2.{n}"), 10)
+    assert adm.has_room(4) and not adm.has_room(3)
+
+
+def test_shared_counts_add_up_the_workers() -> None:
+    counts = SharedCounts(2)
+    adm = Admission(counts)
+    counts.row = 0
+    assert adm.admit(CLIENT, 3) and adm.admit(CLIENT, 3)
+    counts.row = 1
+    assert adm.admit(CLIENT, 3)
+    assert not adm.admit(CLIENT, 3)  # three in all, whichever worker holds them
+    assert adm.open_sessions == 3
+    counts.clear_row(0)  # worker 0 died: its sessions stop counting
+    assert adm.open_sessions == 1 and adm.admit(CLIENT, 3)
+
+
+class RacingCounts(SharedCounts):
+    """Worker 1 registers the same address just after worker 0 asked (two processes at the
+    same instant, which cannot be timed from a test)."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.raced = False
+
+    def count(self, ip: str) -> int:
+        n = super().count(ip)
+        if not self.raced:
+            self.raced = True
+            row, self.row = self.row, 1
+            self.add(ip, 1)
+            self.row = row
+        return n
+
+
+def test_a_simultaneous_registration_elsewhere_never_passes_the_limit() -> None:
+    counts = RacingCounts()
+    adm = Admission(counts)
+    counts.add(CLIENT.ip, 1)  # worker 0 holds one; the limit is 2
+    assert not adm.admit(CLIENT, 2)  # asked (1), the other worker took the place meanwhile
+    assert counts.count(CLIENT.ip) == 2  # its own registration withdrawn
+
+
+def test_the_refusal_reply() -> None:
+    assert str(per_ip_refusal("192.0.2.7", "gw.example.com")) == (
+        "421 4.7.0 gw.example.com Too many concurrent connections from 192.0.2.7; try again later"
+    )
