@@ -3,9 +3,10 @@ by): which mode does what, and the exit statuses (sysexits.h, as sendmail's).
 
 Most modes are other ``mailgate`` subcommands, run through ``subcommand`` (the ``mailgate``
 command's own entry point), so that they are the same code and take on what those commands
-learn: ``-bp`` is ``mailgate mailq``, ``-q [-v]`` ``mailgate flush [-v]``, ``-bd`` and
-``-q30m`` ``mailgate serve`` (with that queue run interval), ``-bi`` ``mailgate newaliases``,
-``-bt`` ``mailgate route``. ``-bm`` (local submission) and ``-bv`` are ``submit``'s.
+learn: ``-bp`` is ``mailgate mailq``, ``-q [-v]`` ``mailgate flush [-v]`` (``-qR``/``-qI``
+its ``--domain``/``--id``), ``-bd`` ``mailgate serve --daemon`` and ``-bD`` ``mailgate serve``
+(``-q30m``: with that queue run interval), ``-bi`` ``mailgate newaliases``, ``-bt``
+``mailgate route``. ``-bm`` (local submission) and ``-bv`` are ``submit``'s.
 """
 
 from __future__ import annotations
