@@ -58,8 +58,8 @@ def test_every_bad_line_is_reported_with_its_line(tmp_path: Path) -> None:
     assert done.returncode == 65
     assert done.stderr.splitlines() == [
         "makemap: mailertable:2: key 'b.example' has no value",
-        "makemap: mailertable:3: c.example: unknown mailer 'cyrus' (expected smtp, esmtp, smtp8, dsmtp, relay,"
-        " local, error, uucp, uucp-old, suucp, uucp-new, uucp-dom or uucp-uudom)",
+        "makemap: mailertable:3: c.example: unknown mailer 'cyrus' (expected smtp, esmtp, smtp8,"
+        " dsmtp, relay, local, error, uucp, uucp-old, suucp, uucp-new, uucp-dom or uucp-uudom)",
         "makemap: mailertable:6: key 'e.example' has no value",
     ]
 
