@@ -383,7 +383,12 @@ BAD_CONFIGS = [
         id="helo-name",
     ),
     # Listen addresses and name servers.
-    pytest.param("listen = []\n", 1, "listen: needs at least one address", id="listen-empty"),
+    pytest.param(
+        "listen = []\n",
+        1,
+        "listen: needs at least one address (or a [[listener]] table)",
+        id="listen-empty",
+    ),
     pytest.param(
         'listen = ["127.0.0.1"]\n', 1, "listen: " + LISTEN.format("127.0.0.1"), id="listen-no-port"
     ),
@@ -882,7 +887,7 @@ def readme_table(text: str) -> list[tuple[int, list[str], list[str]]]:
             continue
         key_cell, default_cell, _meaning = line[2:].split(" | ", 2)
         names = re.findall(r"`([^`]+)`", key_cell)
-        section = re.match(r"\[(\w+)\] ", names[0])
+        section = re.match(r"\[\[?\w+\]\]? ", names[0])
         labels = [names[0]] + [f"{section.group(0) if section else ''}{n}" for n in names[1:]]
         rows.append((no, labels, default_cell.split(" / ")))
     return rows

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate import maillog
-from mailgate.config import Config
+from mailgate.config import Config, ListenerSettings
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
@@ -33,7 +33,7 @@ from mailgate.reply import Reply
 from mailgate.runstate import REPORT_INTERVAL, Activity
 from mailgate.service import ServiceEvents, Unobserved
 from mailgate.smtp.limits import Admission, Counts
-from mailgate.smtp.listener import Listener, bind_socket
+from mailgate.smtp.listener import Arrival, Listener, bind_socket
 from mailgate.smtp.server import SmtpServerProtocol
 from mailgate.snapshot import Snapshot, try_reload
 
@@ -116,15 +116,16 @@ class Gateway:
         socks = (
             self.sockets
             if self.sockets is not None
-            else [bind_socket(host, port) for host, port in cfg.listen]
+            else [bind_socket(*listener.address) for listener in cfg.listeners]
         )
-        for sock in socks:
+        for sock, settings in zip(socks, cfg.listeners, strict=True):
             listener = Listener(
                 sock,
                 self._new_session,
                 # Sendmail's rate is per daemon: each of N workers takes its share.
                 rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle // self.workers),
                 has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
+                settings=partial(self._listener_settings, settings),
             )
             listener.start()
             self.listeners.append(listener)
@@ -132,12 +133,20 @@ class Gateway:
         self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
         self._scan_task = loop.create_task(self._queue_runs())
         self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
-        listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
+        listen = ", ".join(listener.label for listener in cfg.listeners)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
         self.events.listening()
 
-    def _new_session(self) -> SmtpServerProtocol:
-        return SmtpServerProtocol(self)
+    def _new_session(self, arrival: Arrival) -> SmtpServerProtocol:
+        return SmtpServerProtocol(self, arrival)
+
+    def _listener_settings(self, started: ListenerSettings) -> ListenerSettings:
+        """A listener's settings in the config in force (a reload may change its PROXY
+        trust); its address cannot change without a restart."""
+        for listener in self.snapshot.config.listeners:
+            if listener.address == started.address:
+                return listener
+        return started
 
     async def stop(self) -> None:
         """SIGTERM: accept nothing more; sessions finish the transaction they are in (then get
@@ -184,7 +193,8 @@ class Gateway:
             return False
         config = snapshot.config
         old = self.snapshot.config
-        if config.listen != old.listen or config.spool_dir != old.spool_dir:
+        moved = [ls.address for ls in config.listeners] != [ls.address for ls in old.listeners]
+        if moved or config.spool_dir != old.spool_dir:
             maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)

@@ -98,7 +98,9 @@ class Master:
         self.lifecycle = lifecycle
         self.workers = workers
         cfg = snapshot.config
-        self.sockets: list[socket.socket] = [bind_socket(host, port) for host, port in cfg.listen]
+        self.sockets: list[socket.socket] = [
+            bind_socket(*listener.address) for listener in cfg.listeners
+        ]
         spool = Spool(cfg.spool_dir)
         moved = spool.recover_incoming()
         spool.close()

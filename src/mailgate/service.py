@@ -60,7 +60,7 @@ class Unobserved:
 
 
 def listen_text(config: Config) -> list[str]:
-    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.listen]
+    return [listener.label for listener in config.listeners]
 
 
 def status_line(state: RunState) -> str:

@@ -21,6 +21,7 @@ from mailgate import maillog, tls
 from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
 from mailgate.smtp.limits import Admission, per_ip_refusal
+from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
     NEED_DATA,
     BadCommand,
@@ -66,8 +67,9 @@ class _Closing(Exception):
 
 
 class SmtpServerProtocol(asyncio.Protocol):
-    def __init__(self, host: ServerHost) -> None:
+    def __init__(self, host: ServerHost, arrival: Arrival = DIRECT) -> None:
         self.host = host
+        self.arrival = arrival  # a PROXY header's client, else the socket's peer is
         self.snap: Snapshot = host.snapshot
         cfg = self.snap.config
         self.conn = ServerConnection(
@@ -101,7 +103,8 @@ class SmtpServerProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        # PROXY protocol: the client the header named, never the proxy (smtp/listener.py).
+        peer = self.arrival.client or transport.get_extra_info("peername") or ("0.0.0.0", 0)
         ip = peer[0]
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
@@ -113,6 +116,8 @@ class SmtpServerProtocol(asyncio.Protocol):
         )
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.host.session_started(self)
+        if self.arrival.early:  # PROXY protocol: what the client sent behind the header
+            self.data_received(self.arrival.early)
 
     def data_received(self, data: bytes) -> None:
         self.last_input = time.monotonic()
