@@ -86,11 +86,10 @@ def _could_be(data: bytes, prefix: bytes) -> bool:
 def _v1(data: bytes) -> ProxyHeader | None:
     lf = data.find(b"\n", 0, V1_MAX)
     if lf < 0:
-        cr = data.find(b"\r", 0, V1_MAX)
-        if 0 <= cr < len(data) - 1:
-            raise ProxyError("v1: a CR not followed by LF")
         if len(data) >= V1_MAX:
             raise ProxyError(f"v1: no CRLF within {V1_MAX} bytes")
+        if 0 <= data.find(b"\r") < len(data) - 1:
+            raise ProxyError("v1: a CR not followed by LF")
         return None
     if lf == 0 or data[lf - 1] != 0x0D:
         raise ProxyError("v1: a bare LF ends the line (only CRLF may)")
