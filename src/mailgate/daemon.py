@@ -1,5 +1,6 @@
-"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain, USR1
-queue run, URG take on what the queue tools marked due).
+"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM stop with
+the sessions drained, TTIN drain the node (`mailgate drain`), USR1 queue run, URG take on what
+the queue tools marked due).
 
 ``Gateway`` is what sessions see: the current snapshot, the spool, DNS, and the counters. It
 owns no policy: decisions are in ``policy``/``routing``, durability in ``queue.spool``.
@@ -16,7 +17,7 @@ import socket
 import time
 import zlib
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -31,13 +32,14 @@ from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.runstate import REPORT_INTERVAL, Activity
-from mailgate.service import ServiceEvents, Unobserved
+from mailgate.service import DRAIN_SIGNAL, ServiceEvents, Unobserved
 from mailgate.smtp.limits import Admission, Counts
 from mailgate.smtp.listener import Arrival, Listener, bind_socket
 from mailgate.smtp.server import SmtpServerProtocol
 from mailgate.snapshot import Snapshot, try_reload
 
 STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
+DRAIN_POLL = 0.2  # seconds between looks, while draining, at whether the work is done
 
 
 def make_resolver(config: Config) -> Resolver:
@@ -87,6 +89,11 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
         self._drained: asyncio.Event | None = None  # stopping: set when the last session ends
+        # `mailgate drain`: new sessions get 421, the rest finish, the queue is delivered; then
+        # ``finished`` (serve's stop) is called. None: not draining.
+        self.draining: Reply | None = None
+        self.finished: Callable[[], None] = lambda: None
+        self._started = False
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -136,9 +143,50 @@ class Gateway:
         listen = ", ".join(listener.label for listener in cfg.listeners)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
         self.events.listening()
+        self._started = True
+        if self.draining is not None:  # asked for while starting
+            self.draining = None
+            self.drain()
 
     def _new_session(self, arrival: Arrival) -> SmtpServerProtocol:
-        return SmtpServerProtocol(self, arrival)
+        session = SmtpServerProtocol(self, arrival)
+        if self.draining is not None:
+            session.drain(self.draining)  # said before anything else: try the other MX
+        return session
+
+    def drain(self) -> None:
+        """DRAIN_SIGNAL (`mailgate drain`): take this node out of service without losing or
+        refusing mail. The listeners stay open and every new session gets ``421 4.3.2``
+        (a sender tries the next MX at once; a closed port could look like a network
+        fault), sessions finish the transaction they are in and then get it too, and every
+        queued message is due now. Once no transaction is open and nothing is queued, the
+        daemon stops as on TERM. What cannot be delivered stays queued: `mailgate drain`
+        stops the daemon at its deadline and reports (or hands over) what is left."""
+        if self.draining is not None or self._drained is not None:
+            return  # draining already, or stopping
+        self.draining = Reply(
+            421, "4.3.2", f"{self.snapshot.config.hostname} Service shutting down"
+        )
+        if not self._started:
+            return  # start() drains once it has taken on the queue
+        self.events.draining()
+        maillog.draining()
+        for s in list(self.sessions):
+            s.drain(self.draining)
+        self.scheduler.run_now()
+        self._in_background(self._drain_until_done())
+
+    async def _drain_until_done(self) -> None:
+        while not self._drain_done():
+            await asyncio.sleep(DRAIN_POLL)
+        maillog.drained()
+        self.finished()
+
+    def _drain_done(self) -> bool:
+        """No session has a transaction open (those left are saying 421) and the scheduler
+        has nothing waiting or under way."""
+        busy = any(s.session is not None and s.session.tx is not None for s in self.sessions)
+        return not busy and not self.scheduler.queued
 
     def _listener_settings(self, started: ListenerSettings) -> ListenerSettings:
         """A listener's settings in the config in force (a reload may change its PROXY
@@ -454,6 +502,8 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    gateway.finished = stop.set
+    loop.add_signal_handler(DRAIN_SIGNAL, gateway.drain)  # its default would suspend us
     await gateway.start()
     loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
     loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)

@@ -104,6 +104,9 @@ LEVELS: dict[str, Level] = {
     "start_failed": "error",
     "stale_pid_file": "notice",
     "stopping": "info",
+    "draining": "notice",
+    "drained": "info",
+    "handover_done": "notice",
     "stop_deadline": "warning",
     "config_warning": "warning",
     "reload_refused": "error",
@@ -693,6 +696,24 @@ def stale_pid_file(path: object, pid: int) -> str:
 @_event
 def stopping() -> str:
     return "stopping: no new connections, finishing deliveries in progress"
+
+
+@_event
+def draining() -> str:
+    return (
+        "draining (mailgate drain): new sessions get 421 4.3.2, sessions in progress finish, "
+        "the queue is delivered now"
+    )
+
+
+@_event
+def drained() -> str:
+    return "drained: no session in a transaction, nothing queued; stopping"
+
+
+@_event
+def handover_done(target: str, sent: int, kept: int) -> str:
+    return f"handover to {target}: {sent} messages handed over, {kept} still queued here"
 
 
 @_event

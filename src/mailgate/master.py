@@ -24,7 +24,7 @@ from mailgate import maillog
 from mailgate.daemon import install_event_loop, serve, setup_log
 from mailgate.queue.spool import DUE_SIGNAL, Spool
 from mailgate.runstate import Activity
-from mailgate.service import Lifecycle
+from mailgate.service import DRAIN_SIGNAL, Lifecycle
 from mailgate.smtp.limits import SharedCounts
 from mailgate.smtp.listener import bind_socket
 from mailgate.snapshot import Snapshot, try_reload
@@ -37,6 +37,7 @@ FORWARDED = (
     signal.SIGUSR1,
     signal.SIGUSR2,
     DUE_SIGNAL,
+    DRAIN_SIGNAL,
 )
 
 
@@ -73,6 +74,9 @@ class WorkerReports:
 
     def activity(self, counts: Activity) -> None:
         self._send("activity", **asdict(counts))
+
+    def draining(self) -> None:
+        pass  # the master said so when it got the signal
 
     def stopping(self) -> None:
         pass
@@ -117,6 +121,7 @@ class Master:
         self.awaiting_reload: set[int] = set()  # pids that have not answered it
         self.reload_error: str | None = None
         self.stopping = False
+        self.draining = False  # `mailgate drain`: a worker that ends is not replaced
         self.signals: list[int] = []
         self.events_r, self.events_w = os.pipe()  # the workers' WorkerReports lines
         self.wake_r, self.wake_w = os.pipe()  # signal.set_wakeup_fd: a signal ends the select
@@ -151,7 +156,7 @@ class Master:
         # worker starts must not kill it (SIG_DFL would). The master sends the HUP again once
         # the worker listens if its config is older than the master's, and the worker runs its
         # share of the queue anyway, so nothing is missed by ignoring them.
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, DUE_SIGNAL):
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, DUE_SIGNAL, DRAIN_SIGNAL):
             signal.signal(sig, signal.SIG_IGN)
         install_event_loop()
         asyncio.run(
@@ -175,7 +180,7 @@ class Master:
         for i in range(self.workers):
             self.spawn(i)
         maillog.master_started(os.getpid(), self.workers)
-        while self.children or (self.restart_at and not self.stopping):
+        while self.children or (self.restart_at and not self.stopping and not self.draining):
             # A second at most: a worker's exit is seen by polling waitpid (a SIGCHLD
             # handler would be inherited by every worker and its delivery programs).
             now = time.monotonic()
@@ -207,6 +212,8 @@ class Master:
                 self._stop(sig)
             elif sig == signal.SIGHUP:
                 self._reload()
+            elif sig == DRAIN_SIGNAL:
+                self._start_drain()
             else:
                 self._forward(sig)
 
@@ -225,6 +232,17 @@ class Master:
             for sock in self.sockets:
                 sock.close()
         self._forward(sig)
+
+    def _start_drain(self) -> None:
+        """Each worker drains and exits when its work is done; the master ends with the last.
+        A worker that dies meanwhile is not replaced (a new one would take mail again): its
+        queued mail stays in the spool, where `mailgate drain` reports or hands it over."""
+        if self.stopping or self.draining:
+            return
+        self.draining = True
+        self.lifecycle.draining()
+        self.restart_at.clear()
+        self._forward(DRAIN_SIGNAL)
 
     def _reload(self) -> None:
         # The master's own lines (a worker that died) go to the log file under its name
@@ -315,6 +333,8 @@ class Master:
             if pid in self.awaiting_reload:
                 self.awaiting_reload.discard(pid)
                 self._reload_answered()
+            if self.draining and os.waitstatus_to_exitcode(status) == 0:
+                continue  # drained: its work is done
             if not self.stopping:
                 maillog.worker_exited(worker.index, pid, status)
                 self.counts.clear_row(worker.index)  # its sessions died with it
@@ -324,7 +344,7 @@ class Master:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for index, when in list(self.restart_at.items()):
-            if when <= now and not self.stopping:
+            if when <= now and not self.stopping and not self.draining:
                 del self.restart_at[index]
                 self.spawn(index)
 

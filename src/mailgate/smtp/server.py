@@ -296,6 +296,9 @@ class SmtpServerProtocol(asyncio.Protocol):
     async def open(self) -> Session | None:
         """The connect stage: admission, the client's PTR, access Connect:, the greet pause,
         then the greeting (or the early talker's 554). None: closed already."""
+        if self.closing_reply is not None:  # a node being drained: at once, no lookups
+            self.send(self.closing_reply)
+            return None
         if not self.admitted:
             self.host.count("per_ip_limit")
             self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
