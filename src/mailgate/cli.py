@@ -468,6 +468,7 @@ def cmd_queue_tool(args: argparse.Namespace) -> int:
 def cmd_route(args: argparse.Namespace) -> int:
     """Like ``sendmail -bt`` with ``/parse``: where each address would go, sending nothing."""
     from mailgate.address import AddressError, normalize
+    from mailgate.delivery.uucp import recipient_argument
     from mailgate.routing import resolve
 
     snapshot = _load(args.config)
@@ -489,9 +490,11 @@ def cmd_route(args: argparse.Namespace) -> int:
                 status = 1
                 continue
             host = route.host or ("local" if route.mailer == "local" else "")
-            print(
-                f"{prefix}mailer {route.mailer}, host {host}, user {route.address}  [{route.via}]"
+            # A UUCP mailer's user is its $u, as -bt shows the user after the mailer's R=.
+            user = (
+                recipient_argument(route.mailer, route.address) if route.is_uucp else route.address
             )
+            print(f"{prefix}mailer {route.mailer}, host {host}, user {user}  [{route.via}]")
         if len(routes) != 1:
             print()
     return status

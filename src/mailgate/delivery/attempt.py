@@ -205,7 +205,7 @@ def log_outcomes(
         route = job.route
         maillog.delivery(
             env.qid,
-            route.address if route.is_smtp or route.mailer == "error" else job.rcpt.address,
+            route.address if route.is_remote or route.mailer == "error" else job.rcpt.address,
             delay=now - env.arrival,
             xdelay=now - started,
             mailer=route.mailer,
