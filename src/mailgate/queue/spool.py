@@ -75,8 +75,9 @@ from mailgate import maillog
 from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
 
-# "Read due/ now": ``mailgate release`` and ``requeue`` send it to the pid in ``pid_file`` (the
-# master forwards it to the workers). Ignored by default, so an older daemon is not killed.
+# "Read due/ now": ``mailgate release``, ``requeue`` and ``sendmail`` send it to the pid in
+# ``pid_file`` (the master forwards it to the workers). Ignored by default, so an older
+# daemon is not killed.
 DUE_SIGNAL = signal.SIGURG
 
 # Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
