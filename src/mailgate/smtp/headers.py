@@ -121,9 +121,10 @@ def split_header_section(head: bytes) -> tuple[bytes, bytes]:
     return head, b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StampFacts:
-    """What the stamp says about the message and the session it came in."""
+    """What the stamp says about the message and the session it came in. (Not frozen, nor
+    ``Stamped``: made per message; see docs/design.md, "CPU per message".)"""
 
     hostname: str  # $j
     qid: str
@@ -141,7 +142,7 @@ class StampFacts:
     authwarnings: bool  # PrivacyOptions authwarnings
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stamped:
     """The header section to write, and what the session learnt from it."""
 

@@ -76,9 +76,11 @@ class SessionHost(Protocol):
     def message_queued(self, queued: QueuedMessage) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
-    """A verb's answer, for the connection loop to act on."""
+    """A verb's answer, for the connection loop to act on. (Not frozen: several are made per
+    message, and a frozen dataclass sets each field through ``object.__setattr__``; see
+    docs/design.md, "CPU per message".)"""
 
     reply: Reply
     bad: bool = False  # counts towards max_bad_commands
