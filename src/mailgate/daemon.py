@@ -78,6 +78,7 @@ class Gateway:
         self.admission = Admission(counts)
         self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
+        self.timeouts = self._timeouts_now()
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
@@ -163,6 +164,7 @@ class Gateway:
             self.delivery.resolver = self.resolver
         maillog.setup(config.hostname, config.log.file, config.log.level)
         self.snapshot = snapshot
+        self.timeouts = self._timeouts_now()
         for w in snapshot.warnings():
             maillog.config_warning(w)
         maillog.reloaded(config.source)
@@ -193,18 +195,22 @@ class Gateway:
         open_now = self.admission.open_sessions
         if not self.stressed and open_now >= mark:
             self.stressed = True
+            self.timeouts = self._timeouts_now()
             self.counters["stress"] += 1
             maillog.stress_started(open_now, smtp.max_connections, smtp.stress_timeout)
             for session in list(self.sessions):
                 session.timeouts_changed()
         elif self.stressed and open_now < mark * 0.9:
             self.stressed = False
+            self.timeouts = self._timeouts_now()
             maillog.stress_ended(
                 open_now, smtp.max_connections, smtp.command_timeout, smtp.data_timeout
             )
 
-    def timeouts(self) -> tuple[float, float]:
-        """The command and DATA timeouts in force now (shorter under stress)."""
+    def _timeouts_now(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force (shorter under stress): kept in
+        ``self.timeouts``, set again when the stress mode or the config changes, because
+        every session reads them each time it waits for input."""
         smtp = self.snapshot.config.smtp
         if self.stressed:
             return (

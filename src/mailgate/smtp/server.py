@@ -22,6 +22,7 @@ from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import (
     NEED_DATA,
+    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
@@ -29,7 +30,6 @@ from mailgate.smtp.protocol import (
     DataEnd,
     DataFailed,
     ServerConnection,
-    Wait,
 )
 from mailgate.smtp.session import Answer, Session, SessionHost
 from mailgate.smtp.tls_stream import TlsStream
@@ -48,7 +48,10 @@ class ServerHost(SessionHost, Protocol):
     @property
     def stressed(self) -> bool: ...
 
-    def timeouts(self) -> tuple[float, float]: ...
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force now (shorter under stress)."""
+        ...
 
     def session_started(self, connection: SmtpServerProtocol) -> None: ...
 
@@ -305,24 +308,22 @@ class SmtpServerProtocol(asyncio.Protocol):
         waiting_since = self.last_input = time.monotonic()
         while True:
             event = conn.next_event()
-            if isinstance(event, Wait):
-                if event is not NEED_DATA:
-                    return  # the protocol is done with this connection
+            if event is NEED_DATA:
                 # A command must arrive whole within command_timeout (a client trickling a
                 # byte at a time does not keep the session); DATA content is timed per read.
                 # Both are measured from a fixed start, so a wake-up (stress mode began, a
                 # byte arrived) shortens the wait instead of restarting it.
-                command_timeout, data_timeout = self.host.timeouts()
-                now = time.monotonic()
-                in_data = session.tx is not None and session.tx.msg is not None
-                # Under stress, as Postfix's smtpd_per_record_deadline: a content line must
-                # be complete within the timeout, so a byte a second does not hold DATA open.
-                data_since = self.last_line if self.host.stressed else self.last_input
-                timeout = (
-                    data_timeout - (now - data_since)
-                    if in_data
-                    else command_timeout - (now - waiting_since)
-                )
+                command_timeout, data_timeout = self.host.timeouts
+                tx = session.tx
+                in_data = tx is not None and tx.msg is not None
+                if in_data:
+                    # Under stress, as Postfix's smtpd_per_record_deadline: a content line
+                    # must be complete within the timeout, so a byte a second does not hold
+                    # DATA open.
+                    since = self.last_line if self.host.stressed else self.last_input
+                    timeout = data_timeout - (time.monotonic() - since)
+                else:
+                    timeout = command_timeout - (time.monotonic() - waiting_since)
                 if timeout <= 0 or not await self.wait_input(timeout):
                     maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
                     self.send(
@@ -334,6 +335,8 @@ class SmtpServerProtocol(asyncio.Protocol):
                     )
                     return
                 continue
+            if event is PAUSED:
+                return  # the protocol is done with this connection
             waiting_since = time.monotonic()
             if isinstance(event, DataChunk):
                 if b"\n" in event.data:
@@ -369,7 +372,6 @@ class SmtpServerProtocol(asyncio.Protocol):
         """Write an answer, and do what comes with it: Sendmail's BadRcptThrottle and
         MaxBadRcpts for recipients, the bad command count, the close, the TLS start."""
         smtp = self.snap.config.smtp
-        hostname = self.snap.config.hostname
         if answer.rcpt:
             throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
             if answer.refused:
@@ -395,13 +397,23 @@ class SmtpServerProtocol(asyncio.Protocol):
         ):
             self.host.count("bad_rcpt_disconnects")
             self.send(
-                Reply(421, "4.7.0", f"{hostname} Too many bad recipients; closing connection")
+                Reply(
+                    421,
+                    "4.7.0",
+                    f"{self.snap.config.hostname} Too many bad recipients; closing connection",
+                )
             )
             raise _Closing
         if answer.bad:
             self.bad_commands += 1
             if self.bad_commands >= smtp.max_bad_commands:
-                self.send(Reply(421, "4.7.0", f"{hostname} Too many errors; closing connection"))
+                self.send(
+                    Reply(
+                        421,
+                        "4.7.0",
+                        f"{self.snap.config.hostname} Too many errors; closing connection",
+                    )
+                )
                 raise _Closing
         if answer.close:
             raise _Closing
