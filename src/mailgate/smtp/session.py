@@ -372,7 +372,7 @@ class Session:
             head = scanner.feed(data)
             if head is None:
                 return
-            self._write_head(tx, head)
+            self._write_head(tx, head, scanner.pos)
             data = scanner.rest
             tx.headers = None
         if data:
@@ -381,7 +381,7 @@ class Session:
             except OSError as exc:
                 tx.write_error = exc
 
-    def _write_head(self, tx: Transaction, head: bytes) -> None:
+    def _write_head(self, tx: Transaction, head: bytes, fields_end: int | None = None) -> None:
         assert tx.msg is not None
         cfg = self.snap.config
         env = tx.msg.envelope
@@ -403,6 +403,7 @@ class Session:
                 tls=self.tls.for_received() if self.tls else None,
                 authwarnings="authwarnings" in cfg.smtp.privacy,
             ),
+            fields_end=fields_end,
         )
         if stamped.warning is not None:
             maillog.auth_warning(cfg.hostname, stamped.warning)
