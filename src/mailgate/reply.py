@@ -43,7 +43,14 @@ class Reply:
         return out
 
     def to_bytes(self) -> bytes:
-        return "".join(line + "\r\n" for line in self.lines()).encode("utf-8", "surrogateescape")
+        """The reply as sent, each line ended by CRLF."""
+        text = self.text
+        if "\n" in text or "\r" in text:
+            return ("\r\n".join(self.lines()) + "\r\n").encode("utf-8", "surrogateescape")
+        # The usual reply, one line: formatted at once, as lines() would (every reply sent
+        # comes here, and lines() costs twice as much).
+        line = f"{self.code} {self.enhanced} {text}" if self.enhanced else f"{self.code} {text}"
+        return (line.rstrip() + "\r\n").encode("utf-8", "surrogateescape")
 
     def __str__(self) -> str:
         return " ".join(self.lines()) if "\n" not in self.text else "\n".join(self.lines())
