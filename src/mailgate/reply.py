@@ -6,11 +6,14 @@ importing anything that does I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
+    """An SMTP reply. A NamedTuple rather than a frozen dataclass: as immutable and hashable,
+    and made at a fraction of the cost (a frozen dataclass sets each field through
+    ``object.__setattr__``), which counts for something made fourteen times per message."""
+
     code: int
     enhanced: str | None
     text: str
