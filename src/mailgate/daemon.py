@@ -229,12 +229,13 @@ class Gateway:
             self.counters["per_ip_limit"] += 1
         return refusal
 
-    async def lookup_client(self, ip: str) -> Client:
-        """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
-        if Client(ip).is_loopback:
-            return Client(ip, "OK", "localhost")
-        result = await self.resolver.ptr(ip)
-        return Client(ip, result.status, result.name)
+    async def lookup_client(self, client: Client) -> Client:
+        """The client with its PTR status (semantics §18.4), within the resolver's one
+        timeout."""
+        if client.is_loopback:
+            return Client(client.ip, "OK", "localhost")
+        result = await self.resolver.ptr(client.ip)
+        return Client(client.ip, result.status, result.name)
 
     async def domain_resolves(self, domain: str) -> str:
         """Does the sender's domain resolve, within the resolver's one timeout."""

@@ -37,6 +37,7 @@ from mailgate.snapshot import Snapshot
 
 PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
 FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
+_NOT_CONNECTED = Client("0.0.0.0")  # the client until connection_made knows its address
 
 
 class ServerHost(SessionHost, Protocol):
@@ -59,7 +60,7 @@ class ServerHost(SessionHost, Protocol):
 
     def connection_limit_reply(self, ip: str) -> Reply | None: ...
 
-    async def lookup_client(self, ip: str) -> Client: ...
+    async def lookup_client(self, client: Client) -> Client: ...
 
 
 class _Closing(Exception):
@@ -77,7 +78,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             max_message_size=cfg.smtp.max_message_size or None,
         )
         self.transport: asyncio.Transport | None = None
-        self.client = Client("0.0.0.0")
+        self.client = _NOT_CONNECTED
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None
         self.wakeup: asyncio.Future[None] | None = None
@@ -276,7 +277,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         if limit is not None:
             self.send(limit)
             return None
-        self.client = client = await self.host.lookup_client(self.client.ip)
+        self.client = client = await self.host.lookup_client(self.client)
         decision = connect_decision(client, self.snap.tables, self.snap.config)
         self.session = session = Session(
             self.host, self.snap, client, decision, before_wait=self.flush
