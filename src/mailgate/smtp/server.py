@@ -266,6 +266,10 @@ class SmtpServerProtocol(asyncio.Protocol):
         finally:
             if self.session is not None:
                 self.session.abandon()
+                # The session holds our flush (before_wait): left in place, every connection
+                # would end as a reference cycle (with its task, transport and buffers) that
+                # only the garbage collector frees.
+                self.session = None
             with contextlib.suppress(ssl.SSLError):
                 self.flush()
             self._close_transport()
