@@ -5,7 +5,9 @@ file pins down what each verb answers and what the connection loop is told to do
 from __future__ import annotations
 
 import asyncio
+import gc
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,49 @@ def test_a_header_section_too_large_fails_the_message_only(tmp_path: Path) -> No
 def test_verbs_that_say_no(tmp_path: Path, line: str, reply: str) -> None:
     session, _ = make_session(tmp_path)
     dialogue(session, [(line, reply, {})])
+
+
+def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path) -> None:
+    """When a connection ends, its objects (the protocol, its session, task and buffers) go at
+    once: the session holds the connection's flush, and a connection that kept its session
+    made a reference cycle per connection, left for the garbage collector to find."""
+    from mailgate.daemon import Gateway
+    from mailgate.smtp.server import SmtpServerProtocol
+
+    gateway = Gateway(None, snapshot(tmp_path, settings='[smtp]\ngreet_pause = "0s"\n'))
+
+    class Transport:
+        def __init__(self, protocol: SmtpServerProtocol) -> None:
+            self.protocol: SmtpServerProtocol | None = protocol
+            self.out: list[bytes] = []
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return ("127.0.0.1", 40000) if name == "peername" else default
+
+        def write(self, data: bytes) -> None:
+            self.out.append(data)
+
+        def close(self) -> None:
+            protocol, self.protocol = self.protocol, None  # as asyncio's transports let go
+            if protocol is not None:
+                asyncio.get_running_loop().call_soon(protocol.connection_lost, None)
+
+    async def connection() -> tuple[weakref.ref[SmtpServerProtocol], list[bytes]]:
+        protocol = SmtpServerProtocol(gateway)
+        transport = Transport(protocol)
+        protocol.connection_made(transport)
+        protocol.data_received(b"EHLO client.example.net\r\nQUIT\r\n")
+        assert protocol.task is not None
+        await protocol.task
+        await asyncio.sleep(0)  # connection_lost, which the close scheduled
+        return weakref.ref(protocol), transport.out
+
+    gc.disable()
+    try:
+        freed, out = asyncio.run(connection())
+        assert b"".join(out).endswith(b"221 2.0.0 gateway.example.com closing connection\r\n")
+        assert gateway.sessions == set()
+        assert freed() is None
+    finally:
+        gc.enable()
+        gateway.spool.close()

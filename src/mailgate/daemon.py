@@ -93,6 +93,7 @@ class Gateway:
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
         self.admission = Admission(counts)
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
+        self.timeouts = self._timeouts_now()
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
@@ -319,6 +320,7 @@ class Gateway:
             self.delivery.resolver = self.resolver
         setup_log(config)
         self.snapshot = snapshot
+        self.timeouts = self._timeouts_now()
         for w in snapshot.warnings():
             maillog.config_warning(w)
         maillog.reloaded(config.source)
@@ -350,18 +352,22 @@ class Gateway:
         open_now = self.admission.open_sessions
         if not self.stressed and open_now >= mark:
             self.stressed = True
+            self.timeouts = self._timeouts_now()
             self.metrics.inc(metrics.STRESS_EPISODES)
             maillog.stress_started(open_now, smtp.max_connections, smtp.stress_timeout)
             for session in list(self.sessions):
                 session.timeouts_changed()
         elif self.stressed and open_now < mark * 0.9:
             self.stressed = False
+            self.timeouts = self._timeouts_now()
             maillog.stress_ended(
                 open_now, smtp.max_connections, smtp.command_timeout, smtp.data_timeout
             )
 
-    def timeouts(self) -> tuple[float, float]:
-        """The command and DATA timeouts in force now (shorter under stress)."""
+    def _timeouts_now(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force (shorter under stress): kept in
+        ``self.timeouts``, set again when the stress mode or the config changes, because
+        every session reads them each time it waits for input."""
         smtp = self.snapshot.config.smtp
         if self.stressed:
             return (
@@ -370,12 +376,13 @@ class Gateway:
             )
         return smtp.command_timeout, smtp.data_timeout
 
-    async def lookup_client(self, ip: str) -> Client:
-        """The client's PTR status (semantics §18.4), within the resolver's one timeout."""
-        if Client(ip).is_loopback:
-            return Client(ip, "OK", "localhost")
-        result = await self.resolver.ptr(ip)
-        return Client(ip, result.status, result.name)
+    async def lookup_client(self, client: Client) -> Client:
+        """The client with its PTR status (semantics §18.4), within the resolver's one
+        timeout."""
+        if client.is_loopback:
+            return Client(client.ip, "OK", "localhost")
+        result = await self.resolver.ptr(client.ip)
+        return Client(client.ip, result.status, result.name)
 
     async def domain_resolves(self, domain: str) -> str:
         """Does the sender's domain resolve, within the resolver's one timeout."""

@@ -75,9 +75,10 @@ class Outcome:
         return str(self.reply)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Job:
-    """One target to deliver: the envelope recipient it is for and where it goes."""
+    """One target to deliver: the envelope recipient it is for and where it goes. (Not
+    frozen: made per target and attempt; see docs/design.md, "CPU per message".)"""
 
     rcpt: Recipient
     route: Route

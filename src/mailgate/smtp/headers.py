@@ -35,7 +35,10 @@ class HeaderScanner:
         self.buf = bytearray()
         self.done = False
         self.too_large = False
-        self.pos = 0  # the header lines so far are buf[:pos]
+        # The field lines so far are buf[:pos]; once the section is complete, the section
+        # feed returned is its field lines up to pos, then the empty line or the first line
+        # of the body (stamp's ``fields_end``, so that it need not look for the end again).
+        self.pos = 0
         self.rest = b""
 
     def feed(self, data: bytes) -> bytes | None:
@@ -44,22 +47,22 @@ class HeaderScanner:
             return None  # keep memory bounded; the message is refused at its end
         self.buf += data
         buf = self.buf
+        pos = self.pos
         while True:
-            nl = buf.find(b"\r\n", self.pos)
+            nl = buf.find(b"\r\n", pos)
             if nl < 0:
                 break
-            line = bytes(buf[self.pos : nl])
-            if not line:
+            if nl == pos:
                 return self._split(nl + 2)  # the empty line ends the section
-            if not (self.pos and line[:1] in (b" ", b"\t")) and not _is_header_line(line):
+            if not (pos and buf[pos] in _WSP) and not _is_header_line(buf[pos:nl]):
                 # The body starts here; with no field line before it there is no section.
-                return self._split(nl + 2 if self.pos else 0)
-            self.pos = nl + 2
-            if self.pos > MAX_HEADER_BYTES:
+                return self._split(nl + 2 if pos else 0)
+            pos = self.pos = nl + 2
+            if pos > MAX_HEADER_BYTES:
                 self._overflow()
                 return None
-        partial = bytes(buf[self.pos :])
-        if self.pos + len(partial) > MAX_HEADER_BYTES and _may_be_header_line(partial):
+        partial = bytes(buf[pos:])
+        if pos + len(partial) > MAX_HEADER_BYTES and _may_be_header_line(partial):
             self._overflow()
         return None
 
@@ -73,6 +76,9 @@ class HeaderScanner:
         self.rest = bytes(self.buf[cut:])
         self.buf = bytearray()
         return head
+
+
+_WSP = b" \t"  # a line starting with one of these continues the field above
 
 
 def _may_be_header_line(start: bytes) -> bool:
@@ -100,7 +106,7 @@ def header_fields(head: bytes) -> list[tuple[str, str]]:
     return fields
 
 
-def _is_header_line(line: bytes) -> bool:
+def _is_header_line(line: bytes | bytearray) -> bool:
     name, colon, _ = line.partition(b":")
     return bool(colon) and bool(name) and not name[:1].isspace() and b" " not in name.rstrip()
 
@@ -139,9 +145,10 @@ def split_header_section(head: bytes) -> tuple[bytes, bytes]:
     return head, b""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StampFacts:
-    """What the stamp says about the message and the session it came in."""
+    """What the stamp says about the message and the session it came in. (Not frozen, nor
+    ``Stamped``: made per message; see docs/design.md, "CPU per message".)"""
 
     hostname: str  # $j
     qid: str
@@ -164,7 +171,7 @@ class StampFacts:
     sender_name: str | None = None  # the full name (-F, or passwd's) for a From: we add
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stamped:
     """The header section to write, and what the session learnt from it."""
 
@@ -194,12 +201,18 @@ def auth_warning(facts: StampFacts) -> str | None:
     return None
 
 
-def stamp(head: bytes, facts: StampFacts) -> Stamped:
+def stamp(head: bytes, facts: StampFacts, *, fields_end: int | None = None) -> Stamped:
     """Our Received: first, then the client's header section with Message-Id, Date and From
     added when missing (RFC 5322 3.6 requires them; Sendmail adds them), and the
     authentication warning. ``head`` is the section as HeaderScanner cut it (maybe with the
-    start of the body)."""
-    header, body = split_header_section(head)
+    start of the body); ``fields_end``, where its field lines end if the caller knows
+    (``HeaderScanner.pos``), else they are looked for here."""
+    if fields_end is None:
+        header, body = split_header_section(head)
+    else:
+        header, body = head[:fields_end], head[fields_end:]
+        if body.startswith(b"\r\n"):
+            body = body[2:]  # the empty line: written again below
     fields = header_fields(header)
     names = {n for n, _ in fields}
     hops = sum(1 for n, _ in fields if n == "received")

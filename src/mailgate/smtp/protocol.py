@@ -42,7 +42,9 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
+# The events are plain slots dataclasses, not frozen: one is made per command line and per
+# block of content (see docs/design.md, "CPU per message").
+@dataclass(slots=True)
 class Command:
     """A command line: ``verb`` upper-cased, ``arg`` the stripped rest after the first space."""
 
@@ -50,7 +52,7 @@ class Command:
     arg: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BadCommand:
     """A command line the protocol refused; the session sends ``reply``. With ``fatal`` the
     line broke the framing itself (a bare CR or LF): the session must close after the reply,
@@ -60,21 +62,21 @@ class BadCommand:
     fatal: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataChunk:
     """Message content (dot-unstuffed, CRLF kept); may end mid-line."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataEnd:
     """The terminating CRLF.CRLF arrived and the content was valid; ``size`` content bytes."""
 
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DataFailed:
     """The terminating CRLF.CRLF arrived but the content broke a rule (first violation wins)."""
 
@@ -82,7 +84,7 @@ class DataFailed:
     size: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionClosed:
     """The peer closed its side and all buffered input was consumed."""
 

@@ -24,6 +24,7 @@ from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
     NEED_DATA,
+    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
@@ -31,7 +32,6 @@ from mailgate.smtp.protocol import (
     DataEnd,
     DataFailed,
     ServerConnection,
-    Wait,
 )
 from mailgate.smtp.session import Answer, Session, SessionHost
 from mailgate.smtp.tls_stream import TlsStream
@@ -39,6 +39,7 @@ from mailgate.snapshot import Snapshot
 
 PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
 FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
+_NOT_CONNECTED = Client("0.0.0.0")  # the client until connection_made knows its address
 
 _GREETED = metrics.connection("greeted")
 _STOPPING = metrics.connection("stopping")
@@ -53,7 +54,10 @@ class ServerHost(SessionHost, Protocol):
     @property
     def stressed(self) -> bool: ...
 
-    def timeouts(self) -> tuple[float, float]: ...
+    @property
+    def timeouts(self) -> tuple[float, float]:
+        """The command and DATA timeouts in force now (shorter under stress)."""
+        ...
 
     def session_started(self, connection: SmtpServerProtocol) -> None: ...
 
@@ -62,7 +66,7 @@ class ServerHost(SessionHost, Protocol):
     @property
     def admission(self) -> Admission: ...
 
-    async def lookup_client(self, ip: str) -> Client: ...
+    async def lookup_client(self, client: Client) -> Client: ...
 
 
 class _Closing(Exception):
@@ -81,7 +85,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             max_message_size=cfg.smtp.max_message_size or None,
         )
         self.transport: asyncio.Transport | None = None
-        self.client = Client("0.0.0.0")
+        self.client = _NOT_CONNECTED
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None
         self.wakeup: asyncio.Future[None] | None = None
@@ -292,6 +296,10 @@ class SmtpServerProtocol(asyncio.Protocol):
         finally:
             if self.session is not None:
                 self.session.abandon()
+                # The session holds our flush (before_wait): left in place, every connection
+                # would end as a reference cycle (with its task, transport and buffers) that
+                # only the garbage collector frees.
+                self.session = None
             with contextlib.suppress(ssl.SSLError):
                 self.flush()
             self._close_transport()
@@ -307,7 +315,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.host.count(metrics.rejection("throttle"))
             self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
             return None
-        self.client = client = await self.host.lookup_client(self.client.ip)
+        self.client = client = await self.host.lookup_client(self.client)
         decision = connect_decision(client, self.snap.tables, self.snap.config)
         self.session = session = Session(
             self.host, self.snap, client, decision, before_wait=self.flush
@@ -354,9 +362,7 @@ class SmtpServerProtocol(asyncio.Protocol):
         waiting_since = self.last_input = time.monotonic()
         while True:
             event = conn.next_event()
-            if isinstance(event, Wait):
-                if event is not NEED_DATA:
-                    return  # the protocol is done with this connection
+            if event is NEED_DATA:
                 if (bye := self._closing_now(session)) is not None:
                     self.send(bye)
                     return
@@ -364,17 +370,17 @@ class SmtpServerProtocol(asyncio.Protocol):
                 # byte at a time does not keep the session); DATA content is timed per read.
                 # Both are measured from a fixed start, so a wake-up (stress mode began, a
                 # byte arrived) shortens the wait instead of restarting it.
-                command_timeout, data_timeout = self.host.timeouts()
-                now = time.monotonic()
-                in_data = session.tx is not None and session.tx.msg is not None
-                # Under stress, as Postfix's smtpd_per_record_deadline: a content line must
-                # be complete within the timeout, so a byte a second does not hold DATA open.
-                data_since = self.last_line if self.host.stressed else self.last_input
-                timeout = (
-                    data_timeout - (now - data_since)
-                    if in_data
-                    else command_timeout - (now - waiting_since)
-                )
+                command_timeout, data_timeout = self.host.timeouts
+                tx = session.tx
+                in_data = tx is not None and tx.msg is not None
+                if in_data:
+                    # Under stress, as Postfix's smtpd_per_record_deadline: a content line
+                    # must be complete within the timeout, so a byte a second does not hold
+                    # DATA open.
+                    since = self.last_line if self.host.stressed else self.last_input
+                    timeout = data_timeout - (time.monotonic() - since)
+                else:
+                    timeout = command_timeout - (time.monotonic() - waiting_since)
                 if timeout <= 0 or not await self.wait_input(timeout):
                     maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
                     self.host.count(metrics.event("timeout"))
@@ -387,6 +393,8 @@ class SmtpServerProtocol(asyncio.Protocol):
                     )
                     return
                 continue
+            if event is PAUSED:
+                return  # the protocol is done with this connection
             waiting_since = time.monotonic()
             if isinstance(event, DataChunk):
                 if b"\n" in event.data:
@@ -426,7 +434,6 @@ class SmtpServerProtocol(asyncio.Protocol):
         """Write an answer, and do what comes with it: Sendmail's BadRcptThrottle and
         MaxBadRcpts for recipients, the bad command count, the close, the TLS start."""
         smtp = self.snap.config.smtp
-        hostname = self.snap.config.hostname
         if answer.rcpt:
             throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
             if answer.refused:
@@ -452,13 +459,23 @@ class SmtpServerProtocol(asyncio.Protocol):
         ):
             self.host.count(metrics.event("bad_rcpt_disconnect"))
             self.send(
-                Reply(421, "4.7.0", f"{hostname} Too many bad recipients; closing connection")
+                Reply(
+                    421,
+                    "4.7.0",
+                    f"{self.snap.config.hostname} Too many bad recipients; closing connection",
+                )
             )
             raise _Closing
         if answer.bad:
             self.bad_commands += 1
             if self.bad_commands >= smtp.max_bad_commands:
-                self.send(Reply(421, "4.7.0", f"{hostname} Too many errors; closing connection"))
+                self.send(
+                    Reply(
+                        421,
+                        "4.7.0",
+                        f"{self.snap.config.hostname} Too many errors; closing connection",
+                    )
+                )
                 raise _Closing
         if answer.close:
             raise _Closing

@@ -78,9 +78,11 @@ class SessionHost(Protocol):
     def message_queued(self, queued: QueuedMessage) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Answer:
-    """A verb's answer, for the connection loop to act on."""
+    """A verb's answer, for the connection loop to act on. (Not frozen: several are made per
+    message, and a frozen dataclass sets each field through ``object.__setattr__``; see
+    docs/design.md, "CPU per message".)"""
 
     reply: Reply
     bad: bool = False  # counts towards max_bad_commands
@@ -386,7 +388,7 @@ class Session:
             head = scanner.feed(data)
             if head is None:
                 return
-            self._write_head(tx, head)
+            self._write_head(tx, head, scanner.pos)
             data = scanner.rest
             tx.headers = None
         if data:
@@ -395,7 +397,7 @@ class Session:
             except OSError as exc:
                 tx.write_error = exc
 
-    def _write_head(self, tx: Transaction, head: bytes) -> None:
+    def _write_head(self, tx: Transaction, head: bytes, fields_end: int | None = None) -> None:
         assert tx.msg is not None
         cfg = self.snap.config
         env = tx.msg.envelope
@@ -417,6 +419,7 @@ class Session:
                 tls=self.tls.for_received() if self.tls else None,
                 authwarnings="authwarnings" in cfg.smtp.privacy,
             ),
+            fields_end=fields_end,
         )
         if stamped.warning is not None:
             maillog.auth_warning(cfg.hostname, stamped.warning)
