@@ -882,7 +882,7 @@ def readme_table(text: str) -> list[tuple[int, list[str], list[str]]]:
             continue
         key_cell, default_cell, _meaning = line[2:].split(" | ", 2)
         names = re.findall(r"`([^`]+)`", key_cell)
-        section = re.match(r"\[(\w+)\] ", names[0])
+        section = re.match(r"\[\[?(\w+)\]\]? ", names[0])  # [section] or [[array]]
         labels = [names[0]] + [f"{section.group(0) if section else ''}{n}" for n in names[1:]]
         rows.append((no, labels, default_cell.split(" / ")))
     return rows

@@ -291,6 +291,7 @@ def default_hostname() -> str:
 
 _SETTING = "mailgate.setting"
 _SECTION = "mailgate.section"
+_ENTRIES = "mailgate.entries"
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,13 @@ def setting(
 def section(cls: Callable[[], S]) -> S:
     """A ``[section]`` of `Config`, named by the field; its settings are ``cls``'s fields."""
     return field(default_factory=cls, metadata={_SECTION: cls})
+
+
+def entries(name: str, cls: type[object]) -> Any:
+    """An array of tables of `Config` (``[[name]]``, one entry each), read in order into a
+    tuple of ``cls``; its settings are ``cls``'s fields, and those without a default must be
+    given."""
+    return field(default=(), metadata={_ENTRIES: (name, cls)})
 
 
 @dataclass(frozen=True)
@@ -522,6 +530,142 @@ class LogSettings:
     )
 
 
+MilterAction = Literal["tempfail", "reject", "accept", "quarantine", "shutdown"]
+
+
+@dataclass(frozen=True)
+class MilterSocket:
+    """Where a filter listens: ``inet`` (``host``, ``port``) or ``unix`` (``path``)."""
+
+    kind: Literal["inet", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"inet:{self.port}@{self.host}"
+
+
+def parse_milter_socket(value: object) -> MilterSocket:
+    """Sendmail's and the filters' ``inet:port@host`` (``inet6:`` too), Postfix's
+    ``inet:host:port``, ``unix:/path`` (Sendmail's ``local:`` too)."""
+    text = _str(value).strip()
+    kind, colon, where = text.partition(":")
+    kind = kind.lower()
+    if colon and kind in ("unix", "local"):
+        if not where:
+            raise ValueError(f'{text!r}: give the socket\'s path, as in "unix:/run/x.sock"')
+        return MilterSocket("unix", path=where)
+    if colon and kind in ("inet", "inet6"):
+        if "@" in where:
+            port, _, host = where.partition("@")
+        else:
+            host, _, port = where.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return MilterSocket("inet", host=host, port=int(port))
+    raise ValueError(
+        f'bad milter socket {text!r}: use "inet:port@host" (or "inet:host:port") or "unix:/path"'
+    )
+
+
+def _macro_list(value: object) -> tuple[str, ...]:
+    names = _str_list(_str)(value)
+    for name in names:
+        if not re.fullmatch(r"\{?[A-Za-z0-9_]+\}?", name) or name.count("{") != name.count("}"):
+            raise ValueError(f"{name!r} is not a macro name (j, _, {{client_addr}}, ...)")
+    return names
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """One ``[[milter]]``: a content filter spoken to with Sendmail's milter protocol."""
+
+    name: str = setting(
+        _str, None, "the filter's name in log lines (Sendmail's `X` name)", shown="required"
+    )
+    socket: MilterSocket = setting(
+        parse_milter_socket,
+        None,
+        'where it listens: `"inet:port@host"`, `"inet:host:port"` or `"unix:/path"`',
+        shown="required",
+    )
+    default_action: MilterAction = setting(
+        _one_of(get_args(MilterAction)),
+        "tempfail",
+        "when the filter is down, slow or wrong: `tempfail`, `reject`, `accept`, "
+        "`quarantine` or `shutdown`",
+    )
+    connect_timeout: float = setting(
+        _positive_duration, "30s", "to connect and negotiate (Sendmail's `T=C:`)"
+    )
+    send_timeout: float = setting(
+        _positive_duration, "10s", "to write one event to the filter (`T=S:`)"
+    )
+    read_timeout: float = setting(
+        _positive_duration, "30s", "for its answer to each event but the last (`T=R:`)"
+    )
+    eom_timeout: float = setting(
+        _positive_duration, "5m", "for its final answer at end of message (`T=E:`)"
+    )
+    listen: tuple[tuple[str, int], ...] | None = setting(
+        lambda v: _str_list(parse_listen)(v) or None,
+        None,
+        "the `listen` addresses whose sessions it filters",
+        shown="all of them",
+    )
+    connect_macros: tuple[str, ...] = setting(
+        _macro_list,
+        [
+            "j",
+            "{daemon_name}",
+            "{daemon_addr}",
+            "{daemon_port}",
+            "{if_addr}",
+            "v",
+            "_",
+            "{client_addr}",
+            "{client_name}",
+            "{client_port}",
+            "{client_ptr}",
+            "{client_resolve}",
+        ],
+        "macros sent at connect, unless the filter asks for others",
+    )
+    helo_macros: tuple[str, ...] = setting(
+        _macro_list,
+        ["{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}"],
+        "macros sent at HELO/EHLO",
+    )
+    mail_macros: tuple[str, ...] = setting(
+        _macro_list,
+        [
+            "i",
+            "{auth_type}",
+            "{auth_authen}",
+            "{auth_author}",
+            "{mail_addr}",
+            "{mail_host}",
+            "{mail_mailer}",
+        ],
+        "macros sent at MAIL",
+    )
+    rcpt_macros: tuple[str, ...] = setting(
+        _macro_list,
+        ["i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"],
+        "macros sent at RCPT",
+    )
+    data_macros: tuple[str, ...] = setting(_macro_list, ["i"], "macros sent at DATA")
+    eoh_macros: tuple[str, ...] = setting(
+        _macro_list, ["i"], "macros sent at the end of the header"
+    )
+    eom_macros: tuple[str, ...] = setting(
+        _macro_list, ["i", "{msg_id}"], "macros sent at the end of the message"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
@@ -573,6 +717,7 @@ class Config:
     access: AccessSettings = section(AccessSettings)
     log: LogSettings = section(LogSettings)
     tls: TlsSettings = section(TlsSettings)
+    milters: tuple[MilterSettings, ...] = entries("milter", MilterSettings)
 
     @property
     def source(self) -> str:
@@ -594,9 +739,12 @@ class Key:
     section: str  # "" for the top level
     name: str
     setting: Setting
+    array: bool = False  # a key of each ``[[section]]`` entry
 
     @property
     def label(self) -> str:
+        if self.array:
+            return f"[[{self.section}]] {self.name}"
         return f"[{self.section}] {self.name}" if self.section else self.name
 
     @property
@@ -621,11 +769,22 @@ def _sections() -> Iterator[tuple[str, type[object]]]:
             yield f.name, cls
 
 
+def _entry_arrays() -> Iterator[tuple[str, str, type[object]]]:
+    """(field, TOML name, class) of each ``[[name]]`` array of `Config`."""
+    for f in fields(Config):
+        spec = f.metadata.get(_ENTRIES)
+        if spec is not None:
+            yield f.name, spec[0], spec[1]
+
+
 def keys() -> tuple[Key, ...]:
-    """Every setting, top level first, then each section in `Config`'s order."""
+    """Every setting, top level first, then each section in `Config`'s order, then the keys
+    of the ``[[arrays]]``."""
     found = [Key("", f.name, spec) for f, spec in _settings_of(Config)]
     for name, cls in _sections():
         found += [Key(name, f.name, spec) for f, spec in _settings_of(cls)]
+    for _, name, cls in _entry_arrays():
+        found += [Key(name, f.name, spec, array=True) for f, spec in _settings_of(cls)]
     return tuple(found)
 
 
@@ -660,6 +819,31 @@ def _key_line(key: str) -> re.Pattern[str]:
 
 def _dotted(section: str, key: str) -> re.Pattern[str]:
     return re.compile(rf"\s*{re.escape(section)}\s*\.\s*{re.escape(key)}\s*=")
+
+
+def _converted(
+    given: Mapping[str, Any],
+    cls: type[object],
+    base: Path,
+    error: Callable[[str, str], ConfigError],
+) -> dict[str, object]:
+    """The settings of ``cls`` in ``given``, converted, and its relative paths made absolute
+    (the others are left to the dataclass's defaults); ``error(key, message)`` for a bad one."""
+    out: dict[str, object] = {}
+    for f, spec in _settings_of(cls):
+        if f.name in given:
+            try:
+                value = spec.convert(given[f.name])
+            except (ValueError, TypeError) as exc:
+                raise error(f.name, str(exc)) from None
+        elif spec.relative:
+            value = f.default
+        else:
+            continue
+        if spec.relative and isinstance(value, Path) and not value.is_absolute():
+            value = base / value
+        out[f.name] = value
+    return out
 
 
 class _Reader:
@@ -708,28 +892,76 @@ class _Reader:
     def values(self, section: str, cls: type[object], base: Path) -> dict[str, object]:
         """The settings of ``cls`` that ``[section]`` gives, converted, and its relative
         paths made absolute (the others are left to the dataclass's defaults)."""
-        given = self.table(section)
-        out: dict[str, object] = {}
-        for f, spec in _settings_of(cls):
-            if f.name in given:
-                try:
-                    value = spec.convert(given[f.name])
-                except (ValueError, TypeError) as exc:
-                    raise self.error(section, f.name, str(exc)) from None
-            elif spec.relative:
-                value = f.default
-            else:
+        return _converted(
+            self.table(section), cls, base, lambda key, msg: self.error(section, key, msg)
+        )
+
+    def entry_line(self, array: str, index: int, key: str | None) -> int | None:
+        """The line of ``key`` in the ``index``-th ``[[array]]`` entry (from 0), or of that
+        entry's header (for None, or a key it does not give)."""
+        seen, header = -1, None
+        for no, line in enumerate(self.lines, 1):
+            m = _HEADER.match(line)
+            if m:
+                inside = (
+                    line.lstrip().startswith("[[") and re.sub(r"[\"'\s]", "", m.group(1)) == array
+                )
+                if inside:
+                    seen += 1
+                    if seen == index:
+                        header = no
+                elif seen == index:
+                    break
                 continue
-            if spec.relative and isinstance(value, Path) and not value.is_absolute():
-                value = base / value
-            out[f.name] = value
+            if seen == index and key is not None and _key_line(key).match(line):
+                return no
+        return header
+
+    def entries(self, array: str, cls: type[object], base: Path) -> list[dict[str, object]]:
+        """Each ``[[array]]`` entry's settings, converted; a setting without a default that
+        an entry does not give is an error naming the entry's line."""
+        given = self.data.get(array, [])
+        if not isinstance(given, list):
+            raise self.error("", array, f"is one filter per [[{array}]] table, not [{array}]")
+        out = []
+        for index, entry in enumerate(given):
+
+            def error(key: str | None, message: str, index: int = index) -> ConfigError:
+                name = f"{array}.{key}" if key else f"[[{array}]]"
+                return ConfigError(
+                    self.path, self.entry_line(array, index, key), f"{name}: {message}"
+                )
+
+            values = _converted(entry, cls, base, error)
+            for f, spec in _settings_of(cls):
+                if spec.shown == "required" and f.name not in values:
+                    raise error(None, f"{f.name} is required")
+            out.append(values)
         return out
 
     def check_unknown(self) -> None:
         known = {name: {f.name for f, _ in _settings_of(cls)} for name, cls in _sections()}
-        top = {f.name for f, _ in _settings_of(Config)} | set(known)
+        arrays = {name: {f.name for f, _ in _settings_of(cls)} for _, name, cls in _entry_arrays()}
+        top = {f.name for f, _ in _settings_of(Config)} | set(known) | set(arrays)
         for key, value in self.data.items():
-            if isinstance(value, dict) and key in known:
+            if isinstance(value, list) and key in arrays:
+                for index, entry in enumerate(value):
+                    if not isinstance(entry, dict):
+                        raise self.error("", key, f"is one filter per [[{key}]] table")
+                    for sub in entry:
+                        if sub not in arrays[key]:
+                            raise ConfigError(
+                                self.path,
+                                self.entry_line(key, index, sub),
+                                f"{key}.{sub}: unknown setting",
+                            )
+            elif isinstance(value, dict) and key in arrays:
+                raise ConfigError(
+                    self.path,
+                    self.line_of(key, None),
+                    f"[{key}]: write [[{key}]], one table per filter",
+                )
+            elif isinstance(value, dict) and key in known:
                 for sub in value:
                     if sub not in known[key]:
                         raise self.error(key, sub, "unknown setting")
@@ -803,7 +1035,40 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         top[name] = _build(cls, r.values(name, cls, base))
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
     _check_log(r, cast(LogSettings, top["log"]))
+    listen = cast(tuple[tuple[str, int], ...], top.get("listen", Config.listen))
+    top["milters"] = _milters(r, r.entries("milter", MilterSettings, base), listen, base)
     return _build(Config, {"path": path, **top})
+
+
+def _milters(
+    r: _Reader,
+    given: Sequence[Mapping[str, object]],
+    listen: tuple[tuple[str, int], ...],
+    base: Path,
+) -> tuple[MilterSettings, ...]:
+    """The ``[[milter]]`` entries, in order; names unique, ``listen`` among the daemon's own
+    addresses, a relative socket path from the TOML file's folder."""
+    out: list[MilterSettings] = []
+    for index, values in enumerate(given):
+        settings = _build(MilterSettings, values)
+        if any(m.name == settings.name for m in out):
+            raise ConfigError(
+                r.path,
+                r.entry_line("milter", index, "name"),
+                f"milter.name: {settings.name!r} is the name of an earlier [[milter]] too",
+            )
+        for address in settings.listen or ():
+            if address not in listen:
+                raise ConfigError(
+                    r.path,
+                    r.entry_line("milter", index, "listen"),
+                    f"milter.listen: {address[0]}:{address[1]} is not one of the listen addresses",
+                )
+        sock = settings.socket
+        if sock.kind == "unix" and not Path(sock.path).is_absolute():
+            settings = replace(settings, socket=replace(sock, path=str(base / sock.path)))
+        out.append(settings)
+    return tuple(out)
 
 
 def _build(cls: Callable[..., T], values: Mapping[str, object]) -> T:
