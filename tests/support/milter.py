@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
+from typing import Any
 
 from kilter.protocol import messages as km
 from kilter.protocol.buffer import SimpleBuffer
@@ -35,6 +36,8 @@ from tests.support.wait import wait_until
 
 # The events that get no reply (and the negotiation, answered by the script's own rules).
 _NO_REPLY = (km.Macro, km.Abort, km.Close)
+# What a connection that only connected and left gets.
+_CONNECTION_ONLY = (km.Negotiate, km.Connect, km.Macro, km.Close)
 # Event class name → the ProtocolFlags bit that says "no reply" for it.
 _NR = {
     "Connect": km.ProtocolFlags.NR_CONNECT,
@@ -52,7 +55,17 @@ _NR = {
 class TestMilter:
     __test__ = False  # not a pytest class
 
-    def __init__(
+    def __init__(self, **behaviour: Any) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections: list[list[km.Message]] = []
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+        self.stopping = False
+        self.configure(**behaviour)
+
+    def configure(
         self,
         *,
         actions: km.ActionFlags = km.ActionFlags.ALL,
@@ -68,7 +81,9 @@ class TestMilter:
         die_at: str | None = None,
         hang_at: str | None = None,
         script: Callable[[km.Message], Sequence[km.Message] | None] | None = None,
-    ) -> None:
+    ) -> TestMilter:
+        """Behave as given from the next connection on (the rest as a plain filter that
+        continues everywhere and accepts at the end), and forget what was seen."""
         self.negotiation = km.Negotiate(version, actions, protocol, macros or {})
         self.replies = replies or {}
         self.rcpt_replies = rcpt_replies or {}
@@ -79,13 +94,9 @@ class TestMilter:
         self.die_at = die_at
         self.hang_at = hang_at
         self.script = script
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.connections: list[list[km.Message]] = []
-        self.lock = threading.Lock()
-        self.threads: list[threading.Thread] = []
-        self.sockets: list[socket.socket] = []
-        self.stopping = False
+        with self.lock:
+            self.connections.clear()
+        return self
 
     @property
     def socket(self) -> str:
@@ -118,16 +129,22 @@ class TestMilter:
         self.stop()
 
     # -- what it saw ------------------------------------------------------------------------------
-    def events(self, name: str | None = None) -> list[km.Message]:
+    def _sessions(self) -> list[list[km.Message]]:
+        """The connections of SMTP sessions that said something: not those of a bare
+        connect-and-close (the test harness's probe that the daemon listens)."""
         with self.lock:
-            every = [m for conn in self.connections for m in conn]
+            conns = [list(c) for c in self.connections]
+        return [c for c in conns if any(not isinstance(m, _CONNECTION_ONLY) for m in c)]
+
+    def events(self, name: str | None = None) -> list[km.Message]:
+        every = [m for conn in self._sessions() for m in conn]
         return [m for m in every if name is None or type(m).__name__ == name]
 
     def names(self, connection: int = -1) -> list[str]:
-        """The class names of one connection's events, macros left out."""
-        with self.lock:
-            conn = list(self.connections[connection])
-        return [type(m).__name__ for m in conn if not isinstance(m, km.Macro)]
+        """The class names of one session's events (the last by default), macros left out."""
+        return [
+            type(m).__name__ for m in self._sessions()[connection] if not isinstance(m, km.Macro)
+        ]
 
     def macros(self, stage: bytes) -> dict[str, str]:
         """Every macro the gateway sent for the stage of command ``stage`` (b"C", b"M"...)."""
