@@ -458,6 +458,8 @@ class MilterChain:
                 effect = self._failed(f, exc, qid)
             else:
                 effect = self._verdict(f, stage, qid, verdict)
+                if not f.session.open:
+                    f.client.close()  # done with the whole connection (as Postfix, no QUIT)
             if effect is not None:
                 return effect
         return None
