@@ -226,6 +226,24 @@ def test_refusals_at_each_stage(gw: GatewayProcess, filt: TestMilter, hop1: Sink
     gw.wait_log("Milter: helo=client.example.net, reject=550 5.7.1 Command rejected")
 
 
+def test_verdicts_for_the_whole_connection(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    filt.configure(replies={"Connect": [km.Reject()]})
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        assert s.ehlo("client.example.net")[0] == 250
+        assert s.mail("alice@example.org") == (550, b"5.7.1 Command rejected")
+    gw.wait_log("Milter: connect: host=[127.0.0.2], addr=127.0.0.2, rejecting commands")
+    filt.configure(replies={"Connect": [km.Accept()]})
+    assert send(gw, message("accepted at connect")).accepted
+    hop1.wait_subject("accepted at connect")
+    [conn] = filt.connections
+    assert [type(m).__name__ for m in conn if not isinstance(m, km.Macro)] == [
+        "Negotiate",
+        "Connect",
+    ]
+
+
 def test_a_reply_code_at_end_of_data_spools_nothing(gw: GatewayProcess, filt: TestMilter) -> None:
     filt.configure(eom_verdict=km.ReplyCode(b"554 5.7.1 Gtube pattern\0"))
     got = send(gw, message("gtube-ish"))

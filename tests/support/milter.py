@@ -111,6 +111,8 @@ class TestMilter:
 
     def stop(self) -> None:
         self.stopping = True
+        with _quiet():
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not)
         self.listener.close()
         with self.lock:
             for s in self.sockets:
