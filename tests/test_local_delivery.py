@@ -21,6 +21,7 @@ from mailgate.delivery.local import (
     deliver_maildir,
 )
 from mailgate.delivery.pipe import deliver_program
+from mailgate.reply import Reply
 from mailgate.users import resolve_local_user
 from tests.support.wait import wait_until
 
@@ -290,23 +291,49 @@ def test_program_tempfail(tmp_path: Path) -> None:
     with pytest.raises(LocalDeliveryError) as exc:
         run_prog(tmp_path, "cat >/dev/null; echo 'try later' >&2; exit 75")
     assert exc.value.temporary
-    assert exc.value.reply.code == 451
-    assert "try later" in exc.value.reply.text
+    assert exc.value.reply == Reply(450, "4.0.0", "Deferred: try later")
 
 
 def test_program_failure_reports_first_stderr_line(tmp_path: Path) -> None:
     with pytest.raises(LocalDeliveryError) as exc:
         run_prog(tmp_path, "printf '\\nno such list\\nsecond\\n' >&2; exit 1")
     assert not exc.value.temporary
-    assert (exc.value.reply.code, exc.value.reply.enhanced) == (554, "5.3.0")
-    assert exc.value.reply.text == "no such list"
+    assert exc.value.reply == Reply(554, "5.3.0", "unknown mailer error 1: no such list")
 
 
-def test_program_failure_without_stderr(tmp_path: Path) -> None:
+# Sendmail's sysexits.c texts; markfailure queues EX_OSERR, EX_IOERR and EX_TEMPFAIL only.
+SYSEXITS = [
+    (64, 500, "5.0.0", "Bad usage"),
+    (65, 501, "5.6.0", "Data format error"),
+    (66, 550, "5.3.0", "Cannot open input"),
+    (67, 550, "5.1.1", "User unknown"),
+    (68, 550, "5.1.2", "Host unknown"),
+    (69, 554, "5.0.0", "Service unavailable"),
+    (70, 554, "5.3.0", "Internal error"),
+    (71, 451, "4.0.0", "Operating system error"),
+    (72, 554, "5.3.5", "System file missing"),
+    (73, 550, "5.0.0", "Can't create output"),
+    (74, 451, "4.0.0", "I/O error"),
+    (75, 450, "4.0.0", "Deferred"),
+    (76, 554, "5.5.0", "Remote protocol error"),
+    (77, 550, "5.0.0", "Insufficient permission"),
+    (78, 554, "5.3.5", "Local configuration error"),
+    (1, 554, "5.3.0", "unknown mailer error 1"),
+    (3, 554, "5.3.0", "unknown mailer error 3"),
+    (63, 554, "5.3.0", "unknown mailer error 63"),
+    (79, 554, "5.3.0", "unknown mailer error 79"),
+    (255, 554, "5.3.0", "unknown mailer error 255"),
+]
+
+
+@pytest.mark.parametrize(("status", "code", "enhanced", "text"), SYSEXITS)
+def test_program_exit_status_means_what_it_means_to_sendmail(
+    tmp_path: Path, status: int, code: int, enhanced: str, text: str
+) -> None:
     with pytest.raises(LocalDeliveryError) as exc:
-        run_prog(tmp_path, "exit 3")
-    assert exc.value.reply.code == 554
-    assert "3" in exc.value.reply.text
+        run_prog(tmp_path, f"cat >/dev/null; exit {status}")
+    assert exc.value.reply == Reply(code, enhanced, text)
+    assert exc.value.temporary is (status in (71, 74, 75))
 
 
 def test_program_not_reading_stdin(tmp_path: Path) -> None:
@@ -334,8 +361,7 @@ def test_program_timeout_kills_whole_group(tmp_path: Path) -> None:
     with pytest.raises(LocalDeliveryError) as exc:
         run_prog(tmp_path, f"cat >/dev/null; sleep 30 & echo $! > {pidfile}; wait", timeout=0.5)
     assert time.monotonic() - start < 5
-    assert exc.value.temporary
-    assert "timed out" in exc.value.reply.text
+    assert exc.value.reply == Reply(451, "4.3.0", "mailer prog timed out after 0.5 s")
     pid = int(pidfile.read_text())
     wait_until(lambda: not _running(pid), "the program's background child to be killed", 2)
 
@@ -343,7 +369,7 @@ def test_program_timeout_kills_whole_group(tmp_path: Path) -> None:
 def test_program_killed_by_signal_is_temporary(tmp_path: Path) -> None:
     with pytest.raises(LocalDeliveryError) as exc:
         run_prog(tmp_path, "kill -TERM $$")
-    assert exc.value.temporary
+    assert exc.value.reply == Reply(451, "4.3.0", "mailer prog died with signal 15")
 
 
 def test_program_background_child_does_not_hold_us(tmp_path: Path) -> None:
@@ -352,5 +378,4 @@ def test_program_background_child_does_not_hold_us(tmp_path: Path) -> None:
     with pytest.raises(LocalDeliveryError) as exc:
         run_prog(tmp_path, "cat >/dev/null; sleep 4 & echo 'bad list' >&2; exit 2")
     assert time.monotonic() - start < 3
-    assert exc.value.reply.code == 554
-    assert exc.value.reply.text == "bad list"
+    assert exc.value.reply == Reply(554, "5.3.0", "unknown mailer error 2: bad list")

@@ -64,6 +64,25 @@ def test_event_lines_keep_their_text(log: Path) -> None:
     ]
 
 
+def test_queue_tool_lines_are_postsupers(log: Path) -> None:
+    maillog.placed_on_hold("q1", "")
+    maillog.placed_on_hold("q2", "milter: spam score 12")
+    maillog.released_from_hold("q2")
+    maillog.deleted("q3")
+    maillog.requeued("q4")
+    maillog.due_taken(2, "/var/spool/mailgate")
+    maillog.held_skipped("q1")
+    assert lines(log) == [
+        "q1: placed on hold",
+        "q2: placed on hold, reason=milter: spam score 12",
+        "q2: released from hold",
+        "q3: removed",
+        "q4: requeued",
+        "2 message(s) marked due in /var/spool/mailgate/due: attempting now",
+        "q1: on hold, not attempted",
+    ]
+
+
 def test_level_names_filter(log: Path) -> None:
     maillog.setup("gw.example", LogSettings(file=log, level="notice"))
     maillog.stopping()  # info

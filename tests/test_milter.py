@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pytest
 from kilter.protocol import messages as km
 
-from tests.support.gateway import GatewayProcess, free_port
+from tests.support.gateway import GatewayProcess, free_port, run_cli
 from tests.support.milter import TestMilter
 from tests.support.sink import SinkServer
 from tests.support.world import (
@@ -384,12 +384,18 @@ def test_quarantine_puts_the_message_on_hold(
     filt.configure(eom=[km.Quarantine("suspicious attachment")])
     got = send(gw, message("quarantined"))
     assert got.accepted and got.qid
-    gw.wait_log(f"{got.qid}: on hold in")
+    gw.wait_log(f"{got.qid}: placed on hold, reason=suspicious attachment")
     assert f"{got.qid}: milter=test, quarantine=suspicious attachment" in gw.log()
-    held = gw.spool / "hold"
-    assert (held / f"{got.qid}.reason").read_text() == "suspicious attachment\n"
-    assert b"Subject: quarantined" in (held / got.qid).read_bytes()
-    assert got.qid not in gw.queued() and not hop1.with_subject("quarantined")
+    rc = run_cli("mailq", "-c", str(gw.config))
+    assert rc.returncode == 0
+    lines = rc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(got.qid))
+    assert lines[at].startswith(f"{got.qid}!")
+    assert lines[at + 1] == "     QUARANTINE: suspicious attachment"
+    assert not hop1.with_subject("quarantined")
+    filt.configure()
+    assert run_cli("release", "-c", str(gw.config), got.qid).returncode == 0
+    hop1.wait_subject("quarantined")
 
 
 def test_a_message_larger_than_memory_streams_through(
@@ -517,13 +523,13 @@ def test_a_filter_that_dies_mid_body(
     hop1.wait_subject("dies but accepted")
     held = send(gw, message("dies so held", size=200_000), port=ports["quarantine"])
     assert held.accepted
-    gw.wait_log(f"{held.qid}: on hold in")
+    gw.wait_log(f"{held.qid}: placed on hold, reason=milter dying-quarantine unavailable")
     with smtplib.SMTP(gw.host, ports["shutdown"], source_address=(OUTSIDE, 0)) as s:
         s.ehlo("client.example.net")
         s.mail("alice@example.org")
         s.rcpt("bob@targetdomain1.com")
         assert _data(s, big) == (421, "4.7.0 gateway.example.com closing connection")
-    assert gw.queued() == []
+    assert gw.queued() == [held.qid]  # the held one only: nothing refused was spooled
 
 
 def test_after_a_failure_the_session_keeps_the_default_action(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from mailgate.queue import fsync as fsync_impl
 from mailgate.queue.spool import (
+    EntryLocked,
     Envelope,
     QueueStatus,
     RcptStatus,
@@ -461,4 +463,68 @@ def test_a_commit_that_fails_never_removes_an_existing_queue_entry(tmp_path: Pat
         asyncio.run(spool.commit(msg))
     assert (tmp_path / "queue" / env.qid).read_bytes() == b"an acknowledged message\n"
     assert list((tmp_path / "incoming").iterdir()) == []
+    spool.close()
+
+
+# -- what the queue tools use (queue.tools) ------------------------------------------------------
+def _queued(spool: Spool) -> str:
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"x\r\n")
+    asyncio.run(spool.commit(msg))
+    return msg.envelope.qid
+
+
+def test_hold_is_kept_in_the_status_file_and_a_released_message_leaves_no_status(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path)
+    qid = _queued(spool)
+    spool.save_status(qid, QueueStatus(hold="spam score 12"))
+    assert spool.load_status(qid).hold == "spam score 12"
+    # A file written before holds existed has no "hold": not held.
+    raw = (tmp_path / "queue" / f"{qid}.st").read_bytes().replace(b',"hold":"spam score 12"', b"")
+    (tmp_path / "queue" / f"{qid}.st").write_bytes(raw)
+    assert not spool.load_status(qid).held
+    # Released before any attempt (attempts 0), then delivered: its status file goes too.
+    msg = spool.claim(qid)
+    assert msg is not None and msg.status.attempts == 0
+    spool.finish(msg)
+    assert sorted(os.listdir(tmp_path / "queue")) == []
+    spool.close()
+
+
+def test_lock_entry_waits_for_the_runner_or_sees_the_message_go(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qid = _queued(spool)
+    runner = spool.claim(qid)
+    assert runner is not None
+    with pytest.raises(EntryLocked):
+        spool.lock_entry(qid)
+    with pytest.raises(EntryLocked):
+        spool.lock_entry(qid, wait=0.1)
+    # The runner finishes the message while a tool waits: the tool finds it gone.
+    got: list[int | None] = []
+    waiter = threading.Thread(target=lambda: got.append(spool.lock_entry(qid, wait=30)))
+    waiter.start()
+    spool.remove(qid)
+    runner.close()
+    waiter.join(30)
+    assert got == [None]
+    assert spool.lock_entry("NOSUCHQID00000") is None
+    spool.close()
+
+
+def test_due_markers_are_taken_by_share(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    qids = sorted(_queued(spool) for _ in range(4))
+    assert all(spool.mark_due(q) for q in qids)
+    assert spool.mark_due(qids[0])  # marked twice: one marker
+    assert not spool.mark_due("NOSUCHQID00000")
+    (tmp_path / "due" / "not a qid").write_bytes(b"")
+    assert sorted(spool.take_due(lambda q: q in qids[:2])) == qids[:2]
+    assert sorted(os.listdir(tmp_path / "due")) == qids[2:]  # the other share's, and no junk
+    spool.delete(qids[2])
+    assert sorted(os.listdir(tmp_path / "due")) == qids[3:]
+    assert not (tmp_path / "queue" / qids[2]).exists()
+    assert spool.take_due(lambda q: True) == qids[3:]
     spool.close()

@@ -124,6 +124,20 @@ def test_local_and_error_values() -> None:
 
 
 @pytest.mark.parametrize(
+    "mailer", ["uucp", "uucp-old", "suucp", "uucp-new", "uucp-dom", "UUCP-Dom", "uucp-uudom"]
+)
+def test_uucp_mailers(tmp_path: Path, mailer: str) -> None:
+    # MAILER(uucp) of the sendmail.mc we replace: the UUCP neighbour as written (F=h keeps
+    # its case), no MX, no port; %1 as in any host.
+    t = table(tmp_path, f"uucpdomain.example {mailer}:UUhost\n.uucp.example {mailer}:%1\n")
+    assert t.lookup("uucpdomain.example") == MailerRoute(
+        mailer.lower(), (NextHop("UUhost", None, True),), None, None, "uucpdomain.example", 1
+    )
+    r = t.lookup("neighbour.uucp.example")
+    assert r is not None and r.hops == (NextHop("neighbour", None, True),)
+
+
+@pytest.mark.parametrize(
     ("line", "fragment"),
     [
         ("example.com smtp:", "needs a host"),
@@ -136,8 +150,11 @@ def test_local_and_error_values() -> None:
         ("example.com smtp:[IPv6:zz::1]", "not a valid IPv6"),
         ("example.com smtp:[300.1.1.1]", "not a valid IPv4"),
         ("example.com smtp:bad_host!.example", "not a valid host"),
-        ("example.com uucp-new:uuhost", "mailer uucp-new is not supported by mailgate; use smtp"),
-        ("example.com uucp:uuhost", "not supported"),
+        ("example.com uucp-dom:", "uucp-dom: needs a host"),
+        ("example.com uucp:[192.0.2.1]", "a UUCP host is a node name, not an address"),
+        ("example.com uucp-new:hosta:hostb", "takes one UUCP host, not a list or a port"),
+        ("example.com suucp:-oops", "'-oops' is not a UUCP node name"),
+        ("example.com uucp-uudom:a!b", "'a!b' is not a UUCP node name"),
         ("example.com procmail:/etc/procmailrc", "unknown mailer"),
         ("example.com targethost.example", "has no mailer"),
         ("example.com error:5.7.1:450 mismatch", "does not match"),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from mailgate import __version__, maillog
 from mailgate.config import Config, ConfigError, LogSettings, load_config
@@ -47,6 +49,12 @@ def _open_log(hostname: str, log: maillog.LogOptions) -> bool:
         print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
         return False
     return True
+
+
+def _command_log(log: LogSettings) -> LogSettings:
+    """The log of a command an admin runs (``flush``, the queue tools): the daemon's, but the
+    JSON copy only to its file, never to stdout, which is the admin's."""
+    return replace(log, json=log.json and log.json_file is not None)
 
 
 def _lost_when_detached(log: LogSettings) -> list[str]:
@@ -162,85 +170,126 @@ def cmd_status(args: argparse.Namespace) -> int:
     return _outcome(control.status(_load_config(args.config)))
 
 
-def _mailq_time(ts: float) -> str:
-    return time.strftime("%a %b %d %H:%M", time.localtime(ts))
+def _text_out() -> TextIO:
+    """stdout, writing what it cannot encode (an address kept as raw bytes) as escapes, as
+    Sendmail's mailq prints unprintable characters, rather than failing mid-listing."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    return sys.stdout
 
 
 def cmd_mailq(args: argparse.Namespace) -> int:
-    from mailgate.queue.spool import CorruptEntry, Spool
+    """Streams: the header's count comes from a pass over the names only, then each entry is
+    read and printed before the next (queue.listing)."""
+    from mailgate.queue import listing
+    from mailgate.queue.spool import Spool
 
     cfg = _load(args.config).config
     spool = Spool(cfg.spool_dir)
+    out = _text_out()
     try:
-        messages = []
-        for qid in sorted(spool.qids()):
-            try:
-                msg = spool.load(qid)  # reads only: an unreadable entry stays where it is
-            except CorruptEntry:
-                continue
-            if msg is not None:
-                messages.append(msg)
-        print(format_mailq(messages, str(spool.queue), spool.is_locked))
+        if args.json:
+            for entry in listing.entries(spool):
+                out.write(listing.mailq_json(entry) + "\n")
+            return 0
+        count = spool.count()
+        out.write("".join(line + "\n" for line in listing.mailq_header(str(spool.queue), count)))
+        listed = 0
+        if count:
+            for entry in listing.entries(spool):
+                out.write("".join(line + "\n" for line in listing.mailq_entry(entry)))
+                listed += 1
+        out.write(listing.mailq_total(listed) + "\n")
     finally:
         spool.close()
     return 0
 
 
-def format_mailq(
-    msgs: Sequence[QueuedMessage], queue_dir: str, is_locked: Callable[[str], bool]
-) -> str:
-    """Sendmail's ``mailq`` (``sendmail -bp``) layout (semantics §15)."""
-    if not msgs:
-        return f"{queue_dir} is empty"
-    n = len(msgs)
-    lines = [
-        f"\t\t{queue_dir} ({n} request{'s' if n != 1 else ''})",
-        "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------",
-    ]
-    for m in msgs:
-        env, st = m.envelope, m.status
-        mark = "*" if is_locked(env.qid) else " "
-        sender = f"<{env.sender}>" if env.sender else "<>"
-        lines.append(f"{env.qid}{mark}{m.size:>8} {_mailq_time(env.arrival)} {sender}")
-        if st.last_message:
-            lines.append(f"                 ({st.last_message[:60]})")
-        for r in st.pending(env.recipients):
-            lines.append(f"\t\t\t\t\t <{r.address}>")
-            err = st.last_error(r.address)
-            if err and err != st.last_message:
-                lines.append(f"\t\t\t\t\t   ({err[:60]})")
-    lines.append(f"\t\tTotal requests: {n}")
-    return "\n".join(lines)
+def cmd_qshape(args: argparse.Namespace) -> int:
+    from mailgate.queue import listing
+    from mailgate.queue.spool import Spool
+
+    cfg = _load(args.config).config
+    spool = Spool(cfg.spool_dir)
+    try:
+        counts = listing.shape(
+            spool,
+            by_sender=args.sender or args.by == "sender",
+            held=args.hold,
+            buckets=args.buckets,
+            minutes=args.minutes,
+        )
+    finally:
+        spool.close()
+    # qshape's rule: the top 20 on a terminal, every domain into a pipe or a file.
+    top = args.top if args.top is not None else (20 if sys.stdout.isatty() else 0)
+    out = _text_out()
+    out.write("".join(line + "\n" for line in counts.lines(top=top or None)))
+    return 0
+
+
+def _domain_matches(domain: str, wanted: str) -> bool:
+    """``flush --domain``: the domain itself, or with a leading dot its subdomains (a
+    mailertable key's convention)."""
+    domain, wanted = domain.lower(), wanted.lower()
+    return domain.endswith(wanted) if wanted.startswith(".") else domain == wanted
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    """Run the queue now in this process, like ``sendmail -q [-v]``."""
+    """Run the queue now in this process, like ``sendmail -q [-v]`` (``--id``: ``-qI``,
+    ``--domain``: ``-qR``), with the tables on disk now. Safe while the daemon runs: each
+    attempt takes the message's lock, and one the daemon has is skipped."""
     from mailgate import daemon
     from mailgate.delivery.attempt import DeliveryContext, attempt
-    from mailgate.queue.spool import Spool
+    from mailgate.queue.spool import CorruptEntry, Spool
 
     snapshot = _load(args.config)
     cfg = snapshot.config
-    # -v: the lines on stderr, between the dialogue's. The JSON copy goes to stdout only in
-    # the daemon: here stdout is the admin's.
-    log = replace(cfg.log, json=cfg.log.json and cfg.log.json_file is not None)
-    if args.verbose:
+    log = _command_log(cfg.log)
+    if args.verbose:  # the lines on stderr, between the dialogue's
         log = replace(log, target="stderr", file=None)
     if not _open_log(cfg.hostname, log):
         return 1
+    spool = Spool(cfg.spool_dir)
 
     def transcript(line: str) -> None:
         print(line, flush=True)
 
+    def chosen() -> Iterator[str]:
+        """The messages to try, streamed from the queue folder (or the ids given)."""
+        if args.ids:
+            for qid in args.ids:
+                if spool.valid_qid(qid) and (spool.queue / qid).exists():
+                    yield qid
+                else:
+                    print(f"mailgate: {qid}: not in the queue", file=sys.stderr)
+            return
+        for qid in spool.qids():
+            if qid in queued_here:
+                continue  # a report this run queued: tried in the next round
+            if not args.domains:
+                yield qid
+                continue
+            try:
+                msg = spool.load(qid)
+            except CorruptEntry:
+                continue  # the attempt would quarantine it; this run is not for it
+            if msg is not None and any(
+                _domain_matches(r.mailbox.domain, d)
+                for r in msg.status.pending(msg.envelope.recipients)
+                for d in args.domains
+            ):
+                yield qid
+
+    queued_here: set[str] = set()
+    new: list[str] = []
+
+    def report_queued(report: QueuedMessage) -> None:
+        new.append(report.qid)  # tried in the next round, from the spool
+        queued_here.add(report.qid)
+        report.close()
+
     async def run() -> int:
-        spool = Spool(cfg.spool_dir)
-        todo = sorted(spool.qids())
-        new: list[str] = []
-
-        def report_queued(report: QueuedMessage) -> None:
-            new.append(report.qid)  # tried in the next round, from the spool
-            report.close()
-
         ctx = DeliveryContext(
             spool=spool,
             resolver=daemon.make_resolver(cfg),
@@ -248,26 +297,126 @@ def cmd_flush(args: argparse.Namespace) -> int:
             queued=report_queued,
             transcript=transcript if args.verbose else None,
         )
-        seen = 0
-        while todo:
+        tried = held = busy = 0
+        todo: Iterable[str] = chosen()
+        while True:
             for qid in todo:
+                # Looked at here to say so; the attempt decides again, under the lock.
+                if spool.load_status(qid).held:
+                    held += 1
+                    if args.verbose:
+                        print(f"\n{qid}: on hold, not tried", flush=True)
+                    continue
+                if spool.is_locked(qid):
+                    busy += 1
+                    if args.verbose:
+                        print(f"\n{qid}: being delivered by another runner, skipped", flush=True)
+                    continue
                 if args.verbose:
                     print(f"\nRunning {qid}", flush=True)
                 await attempt(ctx, qid)
-                seen += 1
+                tried += 1
+            if not new:
+                break
             todo, new[:] = list(new), []
+        remaining = spool.count()
         spool.close()
-        remaining = sum(1 for _ in Spool(cfg.spool_dir).qids())
-        print(f"mailgate: queue run done: {seen} message(s) tried, {remaining} still queued")
+        others = (f", {held} on hold" if held else "") + (
+            f", {busy} being delivered by another runner" if busy else ""
+        )
+        print(
+            f"mailgate: queue run done: {tried} message(s) tried{others}, {remaining} still queued"
+        )
         return 0
 
     daemon.install_event_loop()
     return asyncio.run(run())
 
 
+def _qid_arguments(qids: Sequence[str]) -> Iterator[str]:
+    """The queue ids given; ``-`` reads more from standard input, one a line (postsuper's
+    convention: ``mailgate mailq --json | jq -r … | mailgate delete -``)."""
+    for qid in qids:
+        if qid != "-":
+            yield qid
+            continue
+        for line in sys.stdin:
+            if line.strip():
+                yield line.strip()
+
+
+# What each queue tool says: the summary (postsuper's words), an unchanged message, the verb.
+_TOOL_WORDS = {
+    "hold": ("Placed on hold", "already on hold", "held"),
+    "release": ("Released from hold", "not on hold", "released"),
+    "delete": ("Deleted", "", "deleted"),
+    "requeue": ("Requeued", "on hold: stays held (release it to send it)", "requeued"),
+}
+
+
+def cmd_queue_tool(args: argparse.Namespace) -> int:
+    """``hold``, ``release``, ``delete``, ``requeue``: each message under its lock
+    (queue.tools), a line for each one not changed, postsuper's summary, the daemon told."""
+    from mailgate.queue import tools
+    from mailgate.queue.spool import Spool
+
+    cfg = _load(args.config).config
+    if not _open_log(cfg.hostname, _command_log(cfg.log)):  # a line per message changed
+        return 1
+    name = args.command
+    summary, unchanged, verb = _TOOL_WORDS[name]
+    changes: dict[str, tools.Change] = {
+        "hold": partial(tools.hold, reason=getattr(args, "reason", "")),
+        "release": tools.release,
+        "delete": tools.delete,
+        "requeue": tools.requeue,
+    }
+    every = getattr(args, "all", False)
+    if every == bool(args.qids):
+        either = "queue ids or --all, not both" if name == "requeue" else "at least one queue id"
+        print(f"mailgate {name}: give {either}", file=sys.stderr)
+        return 2
+    spool = Spool(cfg.spool_dir)
+    wait = getattr(args, "wait", 0.0)
+    qids = spool.qids() if every else _qid_arguments(args.qids)
+    done = 0
+    failed = False
+    try:
+        for qid, outcome, detail in tools.apply(spool, changes[name], qids, wait):
+            if outcome is tools.Outcome.DONE:
+                done += 1
+                continue
+            if every and outcome is tools.Outcome.NOT_FOUND:
+                continue  # listed, then delivered before its turn: nothing to requeue
+            failed |= outcome is not tools.Outcome.UNCHANGED
+            why = {
+                tools.Outcome.UNCHANGED: unchanged,
+                tools.Outcome.NOT_FOUND: "not in the queue",
+                tools.Outcome.BUSY: f"being delivered (locked) for all of {wait:g} s; not {verb}",
+                tools.Outcome.UNREADABLE: f"unreadable queue entry; not {verb}",
+                tools.Outcome.FAILED: f"not {verb}: {detail}",
+            }[outcome]
+            print(f"mailgate: {qid}: {why}", file=sys.stderr)
+    finally:
+        spool.close()
+    print(f"mailgate: {summary}: {done} message{'s' if done != 1 else ''}", file=sys.stderr)
+    if done and name in ("release", "requeue"):
+        pid = tools.wake_daemon(cfg.pid_file)
+        if pid is not None:
+            print(f"mailgate: told the daemon (pid {pid})", file=sys.stderr)
+        else:
+            print(
+                "mailgate: no running daemon found through pid_file: it takes them on at "
+                "its next queue run or start",
+                file=sys.stderr,
+            )
+    return 1 if failed else 0
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     """Like ``sendmail -bt`` with ``/parse``: where each address would go, sending nothing."""
     from mailgate.address import AddressError, normalize
+    from mailgate.delivery.uucp import recipient_argument
     from mailgate.routing import resolve
 
     snapshot = _load(args.config)
@@ -289,12 +438,222 @@ def cmd_route(args: argparse.Namespace) -> int:
                 status = 1
                 continue
             host = route.host or ("local" if route.mailer == "local" else "")
-            print(
-                f"{prefix}mailer {route.mailer}, host {host}, user {route.address}  [{route.via}]"
+            # A UUCP mailer's user is its $u, as -bt shows the user after the mailer's R=.
+            user = (
+                recipient_argument(route.mailer, route.address) if route.is_uucp else route.address
             )
+            print(f"{prefix}mailer {route.mailer}, host {host}, user {user}  [{route.via}]")
         if len(routes) != 1:
             print()
     return status
+
+
+# --- moving from Sendmail: import-mc, makemap, newaliases ----------------------------------
+
+NEWALIASES_CONFIG = "/etc/mail/mailgate.toml"  # as newaliases reads /etc/mail/sendmail.cf
+
+
+def _read_mc(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")  # old mc files; every byte is some character
+
+
+def cmd_import_mc(args: argparse.Namespace) -> int:
+    """``mailgate import-mc sendmail.mc > mailgate.toml``: the TOML on stdout, each finding
+    on stderr; 1 when something was refused or a table does not load, 2 when m4 would fail."""
+    from mailgate.migrate.m4 import McSyntaxError
+    from mailgate.migrate.mc import convert
+    from mailgate.migrate.toml import render
+    from mailgate.tables import Tables, load_tables
+
+    mc = Path(args.mc)
+    try:
+        text = _read_mc(mc)
+    except OSError as exc:
+        print(f"error: {mc}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    mail_dir = Path(args.mail_dir if args.mail_dir else mc.parent).absolute()
+    tables: Tables | None = None
+    table_error: TableError | None = None
+    if not mail_dir.is_dir():
+        table_error = TableError(mail_dir, None, "no such directory: the tables are read there")
+    else:
+        try:
+            tables = load_tables(mail_dir)
+        except TableError as exc:
+            table_error = TableError(
+                exc.path, exc.line, f"{exc.message} (mailgate check refuses this table)"
+            )
+    try:
+        conv = convert(
+            text,
+            str(mc),
+            mail_dir=mail_dir,
+            tables=tables,
+            table_error=table_error,
+            allow_unsafe=args.allow_unsafe,
+        )
+    except McSyntaxError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(conv))
+    for f in conv.findings:
+        print(f"{f.kind}: {f}", file=sys.stderr)
+    counts = {
+        kind: sum(1 for f in conv.findings if f.kind == kind)
+        for kind in ("warning", "refused", "error")
+    }
+    print(
+        f"{mc}: {len(conv.constructs)} constructs, {len(conv.assignments)} settings;"
+        f" {counts['warning']} warnings, {counts['refused']} refused, {counts['error']} errors",
+        file=sys.stderr,
+    )
+    return 1 if conv.failed else 0
+
+
+class _MakemapParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        print(f"makemap: {message}", file=sys.stderr)
+        raise SystemExit(64)  # EX_USAGE, as Sendmail's makemap
+
+
+def _makemap_parser() -> _MakemapParser:
+    p = _MakemapParser(
+        prog="mailgate makemap",
+        description="Check a table as Sendmail's makemap would build it (mailgate reads the"
+        " text, so nothing is written).",
+    )
+    p.add_argument("-C", metavar="CF", help="ignored (Sendmail's configuration file)")
+    p.add_argument("-N", action="store_true", help="ignored (NUL-terminated keys)")
+    p.add_argument("-c", metavar="SIZE", help="ignored (cache size)")
+    p.add_argument("-D", metavar="CHAR", default="#", help="comment character: # only")
+    p.add_argument("-d", action="store_true", help="duplicate keys: refused, as without -d")
+    p.add_argument("-e", action="store_true", help="empty values: refused by mailgate")
+    p.add_argument("-f", action="store_true", help="keep the case of keys (lookups ignore it)")
+    p.add_argument("-i", metavar="TYPE", help="ignored")
+    p.add_argument("-l", action="store_true", help="list the map types")
+    p.add_argument("-o", action="store_true", help="ignored (append)")
+    p.add_argument("-r", action="store_true", help="duplicate keys: an error, see the manual")
+    p.add_argument("-s", action="store_true", help="ignored (skip safety checks)")
+    p.add_argument("-t", metavar="DELIM", help="key/value delimiter: white space only")
+    p.add_argument("-u", action="store_true", help="print the table (key TAB value)")
+    p.add_argument("-v", action="store_true", help="print the number of entries")
+    p.add_argument("type", nargs="?")
+    p.add_argument("mapname", nargs="?")
+    return p
+
+
+def cmd_makemap(args: argparse.Namespace) -> int:
+    from mailgate.migrate import tablecheck as tc
+    from mailgate.tables.maps import read_map
+
+    parser = _makemap_parser()
+    opts = parser.parse_args(args.argv)
+    if opts.l:
+        print("\n".join(tc.MAP_TYPES))
+        return 0
+    if opts.type is None or opts.mapname is None:
+        parser.error("a map type and a map name are needed")
+    if opts.t is not None or opts.D != "#":
+        parser.error("mailgate reads tables with white space between key and value and #"
+                     " comments; -t and -D are not supported")  # fmt: skip
+    if opts.type not in tc.MAP_TYPES:
+        print(
+            f"makemap: error opening type {opts.type} map {opts.mapname}: Unknown database type",
+            file=sys.stderr,
+        )
+        return tc.EX_CANTCREAT
+    source = Path(opts.mapname).with_name(tc.table_kind(opts.mapname))
+    if opts.u:
+        try:
+            entries = read_map(source) if source.exists() else []
+        except TableError as exc:
+            print(f"makemap: {exc}", file=sys.stderr)
+            return tc.EX_DATAERR
+        for e in entries:
+            print(f"{e.key if opts.f else e.key.lower()}\t{e.value}")
+        return 0
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        print(f"makemap: {source}:{line}: not valid UTF-8 (byte {exc.start})", file=sys.stderr)
+        return tc.EX_DATAERR
+    report = tc.check_map(opts.mapname, text, fold=not opts.f, replace=opts.r)
+    if source.is_file() and source.read_bytes() != data:
+        report.warnings.append(
+            f"{source}: mailgate reads this file, not the text given on standard input, which"
+            " differs from it: copy the new text there"
+        )
+    for w in report.warnings:
+        print(f"makemap: warning: {w}", file=sys.stderr)
+    for error in report.errors:
+        print(f"makemap: {error}", file=sys.stderr)
+    if opts.v:
+        print(f"makemap: {source}: {report.entries} entries", file=sys.stderr)
+    return tc.EX_DATAERR if report.errors else 0
+
+
+def cmd_newaliases(args: argparse.Namespace) -> int:
+    from mailgate.migrate import tablecheck as tc
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"newaliases: {exc}", file=sys.stderr)
+        return 78  # EX_CONFIG, as Sendmail without its configuration file
+    if cfg.tables_dir is None:
+        print("newaliases: the configuration has no tables_dir: no aliases file", file=sys.stderr)
+        return 78
+    path = cfg.tables_dir / "aliases"
+    report = tc.check_aliases(path)
+    for w in report.warnings:
+        print(f"newaliases: warning: {w}", file=sys.stderr)
+    for error in report.errors:
+        print(error, file=sys.stderr)
+    if not report.errors and path.exists():
+        print(f"{path}: {report.entries} aliases (read as text: nothing to rebuild)")
+    return tc.EX_SOFTWARE if report.errors else 0
+
+
+def _add_migration_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    text = "write mailgate.toml from a sendmail.mc (on standard output)"
+    p = sub.add_parser("import-mc", help=text, description=text)
+    p.add_argument("mc", metavar="SENDMAIL.MC")
+    p.add_argument(
+        "--mail-dir",
+        metavar="DIR",
+        help="where the tables are, used as they are (default: the mc file's folder)",
+    )
+    p.add_argument(
+        "--allow-unsafe",
+        action="store_true",
+        help="import accept_unresolvable_domains and accept_unqualified_senders (never an"
+        " open relay)",
+    )
+    p.set_defaults(func=cmd_import_mc)
+    text = "check a table as Sendmail's makemap TYPE NAME < file would build it"
+    # makemap parses its own options (Sendmail's, with its exit status for a usage error):
+    # with no option prefix here, "-r" and the others reach it as plain words.
+    p = sub.add_parser("makemap", help=text, description=text, add_help=False, prefix_chars="+")
+    p.add_argument("argv", nargs="*")
+    p.set_defaults(func=cmd_makemap)
+    text = "check the aliases file, as Sendmail's newaliases rebuilds it"
+    p = sub.add_parser("newaliases", help=text, description=text)
+    p.add_argument(
+        "-c",
+        "-C",
+        "--config",
+        metavar="PATH",
+        default=NEWALIASES_CONFIG,
+        help=f"TOML config file (default: {NEWALIASES_CONFIG})",
+    )
+    p.set_defaults(func=cmd_newaliases)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,14 +703,110 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", "is the daemon running: pid, listeners, queue, uptime").set_defaults(
         func=cmd_status
     )
-    add("mailq", "list the queue as Sendmail's mailq does").set_defaults(func=cmd_mailq)
-    p = add("flush", "try every queued message now (like sendmail -q)")
+    p = add("mailq", "list the queue as Sendmail's mailq (sendmail -bp) does")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per message, as postqueue -j"
+    )
+    p.set_defaults(func=cmd_mailq)
+    p = add("flush", "try queued messages now, in this process (like sendmail -q)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
+    p.add_argument(
+        "--domain",
+        dest="domains",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="only messages with a recipient still pending in DOMAIN (.DOMAIN: its "
+        "subdomains), like sendmail -qR; repeatable",
+    )
+    p.add_argument(
+        "--id",
+        dest="ids",
+        action="append",
+        default=[],
+        metavar="QID",
+        help="only this message, like sendmail -qI; repeatable",
+    )
     p.set_defaults(func=cmd_flush)
+
+    def add_tool(name: str, help_text: str, *, waits: bool = True) -> argparse.ArgumentParser:
+        """A queue tool: queue ids (``-``: read from standard input) and, for those that take
+        the message's lock, how long to wait for one being delivered."""
+        p = add(name, help_text)
+        p.add_argument(
+            "qids", nargs="*", metavar="QID", help="queue ids (-: read from stdin, one a line)"
+        )
+        if waits:
+            p.add_argument(
+                "--wait",
+                type=seconds,
+                default=30.0,
+                metavar="SECONDS",
+                help="how long to wait for a message being delivered right now (default 30); "
+                "then it is left as it is and reported",
+            )
+        p.set_defaults(func=cmd_queue_tool)
+        return p
+
+    p = add_tool("hold", "put messages on hold: never attempted until released (postsuper -h)")
+    p.add_argument("--reason", default="", help="why, shown by mailq as QUARANTINE: …")
+    add_tool("release", "release messages from hold; the daemon attempts them now (postsuper -H)")
+    add_tool("delete", "remove messages from the queue, logged (postsuper -d)")
+    p = add_tool(
+        "requeue",
+        "make messages due now: the daemon routes them again with its tables (postsuper -r)",
+        waits=False,
+    )
+    p.add_argument("--all", action="store_true", help="every message in the queue")
+    p = add("qshape", "messages by domain and age, as Postfix's qshape")
+    p.add_argument(
+        "--by",
+        choices=["recipient", "sender"],
+        default="recipient",
+        help="recipient domains (each pending recipient counts) or sender domains",
+    )
+    p.add_argument("-s", dest="sender", action="store_true", help="the same as --by sender")
+    p.add_argument("--hold", action="store_true", help="the messages on hold instead")
+    p.add_argument("-n", "--top", type=int, metavar="N", help="only the top N domains (0: all)")
+    p.add_argument(
+        "-b", "--buckets", type=positive_integer, default=10, metavar="N", help="age buckets"
+    )
+    p.add_argument(
+        "-t",
+        "--minutes",
+        type=minutes,
+        default=5.0,
+        metavar="MINUTES",
+        help="the first bucket's age limit; each next one doubles it",
+    )
+    p.set_defaults(func=cmd_qshape)
     p = add("route", "show the mailer, next hop and address each address would use")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.set_defaults(func=cmd_route)
+    _add_migration_commands(sub)
     return parser
+
+
+def seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse names the function in its error)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def minutes(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -279,6 +279,40 @@ def _privacy_flag(value: object) -> str:
     return flag
 
 
+_UUCP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_UUX_MACROS = ("g", "h", "u")
+
+
+def _uucp_name(value: object) -> str:
+    text = _str(value)
+    if not _UUCP_NAME.fullmatch(text):
+        raise ValueError(f"{value!r} is not a UUCP node name (letters, digits, . _ -)")
+    return text
+
+
+def _uux_args(value: object) -> tuple[str, ...]:
+    """Sendmail's ``A=`` of a UUCP mailer: argv words; ``$g``, ``$h`` and ``$u`` expanded,
+    the one word holding ``$u`` repeated for each recipient."""
+    words = tuple(_str(value).split())
+    for word in words:
+        for macro in re.findall(r"\$(.?)", word):
+            if macro not in _UUX_MACROS:
+                raise ValueError(
+                    f"{word!r}: only $g (sender), $h (host) and $u (recipient) are expanded"
+                )
+    if sum("$u" in w for w in words) != 1:
+        raise ValueError("needs exactly one word with $u (it is given once per recipient)")
+    return words
+
+
+def default_uucp_node() -> str:
+    """Sendmail's ``$k``: the node name of ``uname``."""
+    try:
+        return _uucp_name(os.uname().nodename)
+    except ValueError:
+        return "localhost"
+
+
 def default_hostname() -> str:
     name = socket.getfqdn() or socket.gethostname() or "localhost"
     try:
@@ -471,6 +505,31 @@ class DnsSettings:
 class LocalSettings:
     maildir_root: Path = setting(
         _path, "maildir", "local users are system accounts or folders here", relative=True
+    )
+
+
+@dataclass(frozen=True)
+class UucpSettings:
+    # cf/mailer/uucp.m4's UUCP_MAILER_PATH, UUCP_MAILER_ARGS and UUCP_MAILER_MAX (M=).
+    uux: str = setting(
+        _str, "/usr/bin/uux", "the uux of the UUCP mailers (a bare name is looked up in PATH)"
+    )
+    args: tuple[str, ...] = setting(
+        _uux_args,
+        "uux - -r -a$g -gC $h!rmail ($u)",
+        "its arguments (`UUCP_MAILER_ARGS`): `$g` sender, `$h` host, `$u` each recipient",
+    )
+    node: str = setting(
+        _uucp_name,
+        None,
+        "our UUCP name (`$U`/`$k`): UUCP senders are `node!user`, From_ says `remote from node`",
+        shown="`uname -n`",
+        factory=default_uucp_node,
+    )
+    max_size: int = setting(
+        parse_size,
+        100000,
+        "`UUCP_MAX_SIZE`: bigger messages bounce, `552 5.3.4` (`0` = no limit)",
     )
 
 
@@ -714,6 +773,7 @@ class Config:
     delivery: DeliverySettings = section(DeliverySettings)
     dns: DnsSettings = section(DnsSettings)
     local: LocalSettings = section(LocalSettings)
+    uucp: UucpSettings = section(UucpSettings)
     access: AccessSettings = section(AccessSettings)
     log: LogSettings = section(LogSettings)
     tls: TlsSettings = section(TlsSettings)

@@ -1,4 +1,5 @@
-"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain).
+"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain, USR1
+queue run, URG take on what the queue tools marked due).
 
 ``Gateway`` is what sessions see: the current snapshot, the spool, DNS, and the counters. It
 owns no policy: decisions are in ``policy``/``routing``, durability in ``queue.spool``.
@@ -15,6 +16,7 @@ import socket
 import time
 import zlib
 from collections import Counter
+from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
-from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
+from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.runstate import REPORT_INTERVAL, Activity
 from mailgate.service import ServiceEvents, Unobserved
@@ -100,6 +102,8 @@ class Gateway:
         self.scheduler.start()
         for qid in recovered:
             status = self.spool.load_status(qid)
+            if status.held:
+                continue  # ``mailgate release`` marks it due when it may go
             # Spread recovered mail over a few seconds so a restart does not stampede.
             due = status.next_attempt or now
             self.scheduler.submit(
@@ -107,6 +111,8 @@ class Gateway:
             )
         if recovered:
             maillog.recovered(len(recovered), cfg.spool_dir)
+        # Released or requeued while the daemon was down: due now, not at their back-off.
+        self._submit_due(self.spool.take_due(self._my_share))
         socks = (
             self.sockets
             if self.sockets is not None
@@ -266,7 +272,11 @@ class Gateway:
         if node in self._flushing:
             return
         self._flushing.add(node)
-        task = asyncio.get_running_loop().create_task(self._flush_domain(node, domain, subdomains))
+        self._in_background(self._flush_domain(node, domain, subdomains))
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        """Run ``work`` as a task the daemon keeps a reference to until it ends."""
+        task = asyncio.get_running_loop().create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -301,20 +311,42 @@ class Gateway:
         """SIGUSR1, Sendmail's ``-q``: everything waiting is due now, and the queue folder is
         read for entries this process does not know (queued by ``mailgate flush``, say)."""
         self.scheduler.run_now()
-        task = asyncio.get_running_loop().create_task(self.scan_queue(now=True))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self.scan_queue(now=True))
+
+    def wake(self) -> None:
+        """The wake-up signal (``DUE_SIGNAL``): what ``mailgate release`` or ``requeue``
+        marked due is attempted now; the rest of the queue keeps its times."""
+        self._in_background(self.take_due())
+
+    async def take_due(self) -> int:
+        """Submit, due now, the messages of our share marked in ``due/`` (the folder is read
+        in a thread: a ``requeue --all`` marks the whole queue). Returns how many."""
+        qids = await asyncio.to_thread(self.spool.take_due, self._my_share)
+        for start in range(0, len(qids), 1000):
+            self._submit_due(qids[start : start + 1000])
+            await asyncio.sleep(0)  # sessions go on while a large requeue is taken on
+        return len(qids)
+
+    def _submit_due(self, qids: list[str]) -> None:
+        for qid in qids:
+            self.scheduler.submit(qid)
+        if qids:
+            maillog.due_taken(len(qids), self.snapshot.config.spool_dir)
 
     async def scan_queue(self, *, now: bool = False) -> int:
         """Take on queue entries of our share that no runner here knows: a bounce that
-        ``mailgate flush`` queued, mail of a process that died. The listing and the status
-        reads run in a thread (the queue may be large); returns how many were taken on."""
+        ``mailgate flush`` queued, mail of a process that died, a message released while
+        no wake-up signal could reach us; then what ``due/`` holds. The listing and the
+        status reads run in a thread (the queue may be large); returns how many entries
+        no runner knew."""
 
         def unknown() -> list[tuple[str, float | None]]:
             found = []
             for qid in list(self.spool.qids()):
                 if self._my_share(qid) and not self.scheduler.knows(qid):
-                    found.append((qid, self.spool.load_status(qid).next_attempt))
+                    status = self.spool.load_status(qid)
+                    if not status.held:  # forgotten on purpose until it is released
+                        found.append((qid, status.next_attempt))
             return found
 
         found = await asyncio.to_thread(unknown)
@@ -324,6 +356,7 @@ class Gateway:
                 self.scheduler.submit(qid, clock if now or due is None else max(due, clock))
         if found:
             maillog.queue_scan(len(found), self.snapshot.config.spool_dir)
+        await self.take_due()
         return len(found)
 
     async def _queue_runs(self) -> None:
@@ -414,6 +447,8 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     await gateway.start()
     loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
     loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
+    # Ignored until here (its default), and start() has read due/ already.
+    loop.add_signal_handler(DUE_SIGNAL, gateway.wake)
     await stop.wait()
     await gateway.stop()
 

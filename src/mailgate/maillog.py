@@ -82,7 +82,6 @@ LEVELS: dict[str, Level] = {
     "milter_reject": "notice",
     "milter_discard": "notice",
     "milter_quarantine": "notice",
-    "milter_held": "notice",
     "milter_failed": "warning",
     "milter_verdict": "debug",
     "milter_header_added": "info",
@@ -102,9 +101,16 @@ LEVELS: dict[str, Level] = {
     "recovered": "info",
     "recovered_incoming": "info",
     "queue_scan": "info",
+    "due_taken": "info",
+    # the queue tools
+    "placed_on_hold": "info",
+    "released_from_hold": "info",
+    "deleted": "info",
+    "requeued": "info",
     # delivery
     "starttls_client": "info",
     "starttls_client_failed": "warning",
+    "held_skipped": "debug",
     # the daemon
     "daemon_started": "info",
     "start_failed": "error",
@@ -564,12 +570,6 @@ def milter_quarantine(qid: str, name: str, reason: str) -> str:
 
 
 @_event
-def milter_held(qid: str, where: object) -> str:
-    """A quarantined message is kept out of delivery (``milter/hold.py``)."""
-    return f"{qid}: on hold in {where}"
-
-
-@_event
 def milter_failed(name: str, problem: str, stage: str, action: str) -> str:
     """A filter is down, slow or wrong: its default action applies from ``stage`` on."""
     return f"Milter ({name}): {problem}, where={stage}, default_action={action}"
@@ -672,6 +672,35 @@ def queue_scan(n: int, where: object) -> str:
     return f"queue run: {n} message(s) found in {where} that no runner here had"
 
 
+@_event
+def due_taken(n: int, where: object) -> str:
+    return f"{n} message(s) marked due in {where}/due: attempting now"
+
+
+# -- the queue tools (mailgate hold, release, delete, requeue): Postfix's postsuper lines ------
+@_event
+def placed_on_hold(qid: str, reason: str) -> str:
+    return f"{qid}: placed on hold" + (f", reason={reason}" if reason else "")
+
+
+@_event
+def released_from_hold(qid: str) -> str:
+    return f"{qid}: released from hold"
+
+
+@_event
+def deleted(qid: str) -> str:
+    """``mailgate delete``: postsuper's line, the text of `removed` (the end of a queue id's
+    life for a log parser); the event's name, in the JSON copy, and the tool's pid tell the
+    two apart."""
+    return f"{qid}: removed"
+
+
+@_event
+def requeued(qid: str) -> str:
+    return f"{qid}: requeued"
+
+
 # -- delivery ---------------------------------------------------------------------------------
 @_event
 def starttls_client(relay: str, session: TlsSession) -> str:
@@ -681,6 +710,12 @@ def starttls_client(relay: str, session: TlsSession) -> str:
 @_event
 def starttls_client_failed(relay: str, why: object) -> str:
     return f"STARTTLS=client, error: {why}, relay={relay}; going on in clear"
+
+
+@_event
+def held_skipped(qid: str) -> str:
+    """An attempt found the message on hold (debug: a queue run may meet thousands)."""
+    return f"{qid}: on hold, not attempted"
 
 
 @_event

@@ -22,7 +22,7 @@ from typing import Any
 
 from mailgate import maillog
 from mailgate.daemon import install_event_loop, serve, setup_log
-from mailgate.queue.spool import Spool
+from mailgate.queue.spool import DUE_SIGNAL, Spool
 from mailgate.runstate import Activity
 from mailgate.service import Lifecycle
 from mailgate.smtp.limits import SharedCounts
@@ -30,7 +30,14 @@ from mailgate.smtp.listener import bind_socket
 from mailgate.snapshot import Snapshot, try_reload
 
 RESTART_DELAY = 1.0  # seconds before a dead worker is replaced (no fork loop on a crash)
-FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED = (
+    signal.SIGHUP,
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    DUE_SIGNAL,
+)
 
 
 def _die_with_parent() -> None:
@@ -142,7 +149,7 @@ class Master:
         # worker starts must not kill it (SIG_DFL would). The master sends the HUP again once
         # the worker listens if its config is older than the master's, and the worker runs its
         # share of the queue anyway, so nothing is missed by ignoring them.
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, DUE_SIGNAL):
             signal.signal(sig, signal.SIG_IGN)
         install_event_loop()
         asyncio.run(

@@ -17,7 +17,7 @@ from pathlib import Path
 from mailgate.address import Mailbox
 from mailgate.tables import Tables
 from mailgate.tables.aliases import read_include
-from mailgate.tables.mailertable import SMTP_MAILERS, MailerRoute, NextHop
+from mailgate.tables.mailertable import SMTP_MAILERS, UUCP_MAILERS, MailerRoute, NextHop
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
 
 MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
@@ -27,9 +27,9 @@ MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
 class Route:
     """Where one recipient goes.
 
-    ``mailer`` is Sendmail's mailer name (``esmtp``, ``smtp``, ``relay``, ``local``) or one of
-    ``*file*``, ``prog``, ``error``, and ``alias`` (a local name that aliases expand later; only
-    returned when expansion is not asked for, at RCPT time).
+    ``mailer`` is Sendmail's mailer name (``esmtp``, ``smtp``, ``relay``, ``uucp-dom``,
+    ``local``) or one of ``*file*``, ``prog``, ``error``, and ``alias`` (a local name that
+    aliases expand later; only returned when expansion is not asked for, at RCPT time).
     """
 
     mailer: str
@@ -41,6 +41,15 @@ class Route:
     @property
     def is_smtp(self) -> bool:
         return self.mailer in SMTP_MAILERS
+
+    @property
+    def is_uucp(self) -> bool:
+        return self.mailer in UUCP_MAILERS
+
+    @property
+    def is_remote(self) -> bool:
+        """Handed to another system (SMTP or UUCP): ``address`` is the recipient it gets."""
+        return self.is_smtp or self.is_uucp
 
     @property
     def host(self) -> str:

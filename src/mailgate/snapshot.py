@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
+from mailgate.delivery.uucp import uux_warnings
 from mailgate.errors import SourceError
 from mailgate.routing import RoutingContext, class_w
 from mailgate.tables import Tables, load_tables
@@ -31,6 +32,7 @@ class Snapshot:
         for w in [
             *self.tables.warnings,
             *lint(self.tables, blocklist_recipients=self.config.access.blocklist_recipients),
+            *uux_warnings(self.tables, self.config),
         ]:
             if str(w) not in seen:
                 seen.add(str(w))

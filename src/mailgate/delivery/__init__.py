@@ -1,9 +1,9 @@
 """Delivery: what one attempt hands a mailer and what a mailer gives back.
 
 A ``Mailer`` delivers one message to a batch of ``Job``s (recipient + route) and returns one
-``Outcome`` per job. Every mailer (SMTP, Maildir, mbox file, program, error) is behind this one
-interface and is found by its Sendmail name (``Route.mailer``) in ``delivery.mailers``; the
-attempt (``delivery.attempt``) never asks which kind it has.
+``Outcome`` per job. Every mailer (SMTP, UUCP, Maildir, mbox file, program, error) is behind
+this one interface and is found by its Sendmail name (``Route.mailer``) in
+``delivery.mailers``; the attempt (``delivery.attempt``) never asks which kind it has.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ class Outcome:
         """What maillog's ``stat=`` says (and mailq, and the status file's last errors)."""
         if self.status is Status.SENT:
             text = self.reply.text.replace("\n", " ")
-            return f"Sent ({text})"
+            return f"Sent ({text})" if text else "Sent"
         if self.status is Status.TEMP:
             return f"Deferred: {self.reply}"
         if self.reply.code == 550 and self.reply.enhanced == "5.1.1":
@@ -84,7 +84,7 @@ class Job:
 
 
 class Mailer(Protocol):
-    """A delivery agent (Sendmail's mailer): SMTP, Maildir, mbox file, program, error."""
+    """A delivery agent (Sendmail's mailer): SMTP, UUCP, Maildir, mbox file, program, error."""
 
     def batch_key(self, route: Route) -> str:
         """Jobs of one message whose routes share this key go to one ``deliver`` call (one

@@ -12,7 +12,9 @@
   warning sent, or its status written (fsync'd) and its next attempt returned.
 
 The attempt owns the ``QueuedMessage`` it is given (hot from a commit) or claims (from the
-spool): its open, locked descriptor is released when the attempt ends, whatever happens.
+spool): its open, locked descriptor is released when the attempt ends, whatever happens. A
+message on hold (``mailgate hold``) is looked at under that lock and left alone: the caller
+forgets it until ``mailgate release`` marks it due.
 """
 
 from __future__ import annotations
@@ -100,6 +102,12 @@ async def attempt(
             return None
         if message is None:
             return None  # delivered meanwhile
+        if message.status.held:
+            # ``mailgate hold`` set it under this lock after the message was scheduled:
+            # never attempted while held; ``release`` schedules it again.
+            message.close()
+            maillog.held_skipped(qid)
+            return None
     with message:
         return await _attempt(ctx, message)
 
@@ -197,7 +205,7 @@ def log_outcomes(
         route = job.route
         maillog.delivery(
             env.qid,
-            route.address if route.is_smtp or route.mailer == "error" else job.rcpt.address,
+            route.address if route.is_remote or route.mailer == "error" else job.rcpt.address,
             delay=now - env.arrival,
             xdelay=now - started,
             mailer=route.mailer,

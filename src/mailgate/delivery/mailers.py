@@ -5,7 +5,8 @@ Every mailer but SMTP delivers one target at a time and has one shape, ``TargetM
 batching, outcomes and the thread hop of blocking file I/O are the base's. Adding such a
 mailer (LMTP to a local socket, a quarantine folder) is one small subclass here and its line
 in ``MAILERS``; a mailer that takes batches (SMTP: one transaction per next hop,
-``delivery/smtp.py``) implements ``delivery.Mailer`` itself. The attempt does not change.
+``delivery/smtp.py``; UUCP: several recipients in one uux call, ``delivery/uucp.py``) implements
+``delivery.Mailer`` itself. The attempt does not change.
 Routing decides which name a recipient gets (``routing``, ``tables.mailertable``).
 """
 
@@ -21,10 +22,11 @@ from mailgate.delivery import Job, Mailer, Outcome, Status
 from mailgate.delivery.local import LocalDeliveryError, deliver_file, deliver_maildir
 from mailgate.delivery.pipe import deliver_program
 from mailgate.delivery.smtp import SmtpMailer
+from mailgate.delivery.uucp import UucpMailer
 from mailgate.queue.spool import QueuedMessage
 from mailgate.reply import Reply
 from mailgate.routing import Route
-from mailgate.tables.mailertable import SMTP_MAILERS
+from mailgate.tables.mailertable import SMTP_MAILERS, UUCP_MAILERS
 
 if TYPE_CHECKING:
     from mailgate.delivery.attempt import DeliveryContext
@@ -120,6 +122,7 @@ MailerFactory = Callable[[Config, "DeliveryContext"], Mailer]
 
 MAILERS: dict[str, MailerFactory] = {
     **dict.fromkeys(sorted(SMTP_MAILERS), SmtpMailer),  # smtp, esmtp, smtp8, dsmtp, relay
+    **dict.fromkeys(sorted(UUCP_MAILERS), UucpMailer),  # uucp(-old), suucp/uucp-new, uucp-(uu)dom
     "local": MaildirMailer,
     "*file*": FileMailer,
     "prog": ProgramMailer,

@@ -50,7 +50,7 @@ def failed(job: Job, outcome: Outcome) -> DsnRecipient:
     """A recipient that failed for good in this attempt."""
     rcpt, route = job.rcpt, job.route
     return DsnRecipient(
-        address=route.address if route.is_smtp else rcpt.address,
+        address=route.address if route.is_remote else rcpt.address,
         original=rcpt.original,
         status=outcome.dsn,
         diagnostic=str(outcome.reply),
@@ -62,12 +62,13 @@ def failed(job: Job, outcome: Outcome) -> DsnRecipient:
 
 
 def receipt(job: Job, outcome: Outcome) -> DsnRecipient:
-    """NOTIFY=SUCCESS answered by us: the next hop does not do DSN, or we delivered here."""
-    smtp = job.route.is_smtp
+    """NOTIFY=SUCCESS answered by us: the next hop does not do DSN (SMTP), or cannot (UUCP),
+    or we delivered here."""
+    route = job.route
     return replace(
         failed(job, outcome),
-        action="relayed" if smtp else "delivered",
-        diagnostic=str(outcome.reply) if smtp else None,
+        action="relayed" if route.is_remote else "delivered",
+        diagnostic=str(outcome.reply) if route.is_smtp else None,
         transcript=(),
     )
 

@@ -1,11 +1,16 @@
-"""Program delivery (aliases ``"|command"``), as Sendmail's prog mailer: ``/bin/sh -c command``."""
+"""Mailer programs: Sendmail's ``prog`` mailer (aliases ``"|command"``: ``/bin/sh -c
+command``) and the programs other mailers run (``delivery.uucp``: uux), through one
+``run_mailer``: the message on the program's stdin, its exit status judged as Sendmail's
+(``delivery.sysexits``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mailgate.delivery.local import (
@@ -14,9 +19,11 @@ from mailgate.delivery.local import (
     LocalDeliveryError,
     return_path_header,
 )
+from mailgate.delivery.sysexits import exit_reply
 from mailgate.reply import Reply
 
-EX_TEMPFAIL = 75
+SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"  # a mailer program's PATH
+TIMEOUT = 600.0  # seconds a mailer program may run
 _STDERR_KEEP = 4096  # enough for the first line; the rest is drained and dropped
 _STDERR_GRACE = 1.0  # a backgrounded grandchild may hold stderr open after the shell exits
 
@@ -28,14 +35,14 @@ async def _read_stderr(stream: asyncio.StreamReader, kept: bytearray) -> None:
             kept += chunk[: _STDERR_KEEP - len(kept)]
 
 
-async def _feed(proc: asyncio.subprocess.Process, source: Path, offset: int, sender: str) -> None:
+async def _feed(proc: asyncio.subprocess.Process, source: Path, offset: int, head: bytes) -> None:
     stdin = proc.stdin
     assert stdin is not None
     conv = LfConverter()
     f = open(source, "rb")  # noqa: SIM115 - closed in finally, after reads in worker threads
     try:
         f.seek(offset)
-        stdin.write(return_path_header(sender))
+        stdin.write(head)
         while True:
             # File reads may block on a cold cache; keep them off the event loop.
             chunk = await asyncio.to_thread(f.read, CHUNK)
@@ -82,48 +89,50 @@ def _first_line(data: bytes | bytearray) -> str:
     return ""
 
 
-async def deliver_program(
-    command: str,
+def find_program(name: str) -> str | None:
+    """The file to exec for a mailer's program: a path as written, a bare name looked up in
+    the daemon's PATH (None when it is in none of its folders)."""
+    return name if "/" in name else shutil.which(name)
+
+
+async def run_mailer(
+    argv: Sequence[str],
+    head: bytes,
     source: Path,
     offset: int,
     *,
-    sender: str,
-    recipient: str,
-    timeout: float = 600,
+    name: str,
+    env: Mapping[str, str],
+    executable: str | None = None,
+    timeout: float = TIMEOUT,
 ) -> None:
-    """Pipe the message into ``/bin/sh -c command`` and judge the result by its exit status.
+    """Run a mailer program and judge it by its exit status, as Sendmail's non-SMTP mailers.
 
-    stdin gets ``Return-Path: <sender>`` then the content with LF line ends; the environment
-    holds only ``PATH``, ``HOME``, ``SHELL``, ``SENDER`` and ``RECIPIENT``; the working folder
-    is ``/``.  Exit 0 = delivered; 75 (EX_TEMPFAIL) or death by a signal = temporary (451);
-    any other status = permanent ``554 5.3.0`` with the first line of stderr.  After
-    ``timeout`` seconds the program (its whole process group) is killed: temporary.
-    Raises LocalDeliveryError.
+    ``argv`` runs (``executable`` is the file, else ``argv[0]``) in its own session, in
+    ``/``, with only ``env``; its stdin gets ``head`` then the content with LF line ends; its
+    stdout is dropped and the start of its stderr kept. The exit status means what
+    ``sysexits.exit_reply`` says (``name``, the mailer's, is in its texts). A program that
+    cannot be started is temporary, as is one still running after ``timeout`` seconds, which
+    is killed with its whole process group. Raises LocalDeliveryError.
     """
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": "/",
-        "SHELL": "/bin/sh",
-        "SENDER": sender,
-        "RECIPIENT": recipient,
-    }
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[None] = loop.create_future()
+    program = executable or argv[0]
     try:
         transport, protocol = await loop.subprocess_exec(
             lambda: _Protocol(exited, loop),
-            "/bin/sh",
-            "-c",
-            command,
+            *argv,
+            executable=program,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
-            env=env,
+            env=dict(env),
             cwd="/",
             start_new_session=True,
         )
     except (OSError, ValueError) as exc:
-        raise LocalDeliveryError(Reply(451, "4.3.0", f"Cannot run program: {exc}")) from exc
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LocalDeliveryError(Reply(451, "4.3.0", f"Cannot exec {program}: {why}")) from exc
     proc = asyncio.subprocess.Process(transport, protocol, loop)
 
     assert proc.stderr is not None
@@ -132,14 +141,14 @@ async def deliver_program(
     try:
         try:
             async with asyncio.timeout(timeout):
-                await _feed(proc, source, offset, sender)
+                await _feed(proc, source, offset, head)
                 # Not proc.wait(): it also waits for stderr to close, which a
                 # backgrounded grandchild may keep open long after the program exited.
                 await asyncio.shield(exited)
         except TimeoutError:
             _kill(proc)
             raise LocalDeliveryError(
-                Reply(451, "4.3.0", f"Program timed out after {timeout:g} s: {command}")
+                Reply(451, "4.3.0", f"mailer {name} timed out after {timeout:g} s")
             ) from None
         except OSError as exc:  # the spool file vanished or could not be read
             _kill(proc)
@@ -156,14 +165,39 @@ async def deliver_program(
         transport.close()  # frees the pipes; the child is reaped by the loop's watcher
     status = transport.get_returncode()
     assert status is not None
-    if status == 0:
-        return
-    line = _first_line(stderr)
-    if status < 0:
-        text = f"Program died with signal {-status}"
-        raise LocalDeliveryError(Reply(451, "4.3.0", f"{text}: {line}" if line else text))
-    if status == EX_TEMPFAIL:
-        raise LocalDeliveryError(
-            Reply(451, "4.3.0", line or "Program reported a temporary failure")
-        )
-    raise LocalDeliveryError(Reply(554, "5.3.0", line or f"unknown mailer error {status}"))
+    reply = exit_reply(status, name, _first_line(stderr))
+    if reply is not None:
+        raise LocalDeliveryError(reply)
+
+
+async def deliver_program(
+    command: str,
+    source: Path,
+    offset: int,
+    *,
+    sender: str,
+    recipient: str,
+    timeout: float = TIMEOUT,
+) -> None:
+    """Sendmail's ``prog`` mailer: pipe the message into ``/bin/sh -c command``.
+
+    stdin gets ``Return-Path: <sender>`` then the content; the environment holds only
+    ``PATH``, ``HOME``, ``SHELL``, ``SENDER`` and ``RECIPIENT``. Exit status, timeout and
+    failures to start as ``run_mailer``. Raises LocalDeliveryError.
+    """
+    env = {
+        "PATH": SAFE_PATH,
+        "HOME": "/",
+        "SHELL": "/bin/sh",
+        "SENDER": sender,
+        "RECIPIENT": recipient,
+    }
+    await run_mailer(
+        ["/bin/sh", "-c", command],
+        return_path_header(sender),
+        source,
+        offset,
+        name="prog",
+        env=env,
+        timeout=timeout,
+    )

@@ -7,6 +7,8 @@ Layout under ``spool_dir``::
     queue/<qid>.st      delivery status (done recipients, last errors, next attempt)
     spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
+    due/<qid>           "attempt it now" (``mailgate release``/``requeue``), for the daemon: a
+                        hard link to queue/<qid>, of which only the name counts
 
 A message is committed by sealing its envelope line (the CRC-32 and length of the content are
 written into fixed-width fields at its start), fsync(file), then link(incoming → queue): one
@@ -38,6 +40,8 @@ is built in a thread but written into its ``IncomingMessage`` on the loop, in bo
 blocks: ``delivery.notify``). ``save_status``, ``load``, ``load_status``, ``qids``,
 ``quarantine``, ``recover`` and ``remove`` touch only named files and may run in a thread;
 ``spent`` is the one counter threads may bump (a lost update only skews an estimate).
+``lock_entry``, ``claim``, ``delete``, ``mark_due``, ``take_due`` and ``count`` may run in a
+thread or another process (the queue tools, ``queue.tools``).
 
 The hand-off. ``commit(msg, lock=True)`` returns the ``QueuedMessage``, which owns the open,
 flock'ed descriptor of its queue file; the scheduler carries it into the first attempt, which
@@ -58,9 +62,10 @@ import json
 import math
 import os
 import re
+import signal
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -69,6 +74,10 @@ from typing import Any, Self
 from mailgate import maillog
 from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
+
+# "Read due/ now": ``mailgate release`` and ``requeue`` send it to the pid in ``pid_file`` (the
+# master forwards it to the workers). Ignored by default, so an older daemon is not killed.
+DUE_SIGNAL = signal.SIGURG
 
 # Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
@@ -232,6 +241,15 @@ class QueueStatus:
     next_attempt: float | None = None
     warned: bool = False
     last_message: str | None = None
+    # On hold (``mailgate hold``): never attempted until released. The text is the reason
+    # ("" when none was given); None when not held. Written under the message's lock.
+    hold: str | None = None
+    # A status file exists for it (read or written): ``finish`` must remove it. Not stored.
+    on_disk: bool = field(default=False, compare=False)
+
+    @property
+    def held(self) -> bool:
+        return self.hold is not None
 
     def of(self, address: str) -> RecipientState:
         """The record of ``address``, made (pending) on first use."""
@@ -268,6 +286,7 @@ class QueueStatus:
                 "next_attempt": self.next_attempt,
                 "warned": self.warned,
                 "last_message": self.last_message,
+                "hold": self.hold,
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -292,6 +311,8 @@ class QueueStatus:
             data["next_attempt"],
             bool(data["warned"]),
             data["last_message"],
+            # Optional: files written before holds existed have none (and are not held).
+            hold=None if data.get("hold") is None else str(data["hold"]),
         )
 
     @classmethod
@@ -582,10 +603,11 @@ class WrittenContent:
 def queue_ids(queue: Path) -> Iterator[str]:
     """The queue ids in the folder ``queue``, streamed: ``mailgate status`` counts a queue of
     any size this way, without a `Spool` (which would create folders and open files)."""
-    for entry in os.scandir(queue):
-        name = entry.name
-        if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
-            yield name
+    with os.scandir(queue) as entries:
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(_STATUS_SUFFIX) and not name.endswith(".tmp"):
+                yield name
 
 
 class Spool:
@@ -599,7 +621,11 @@ class Spool:
         self.queue = root / "queue"
         self.corrupt = root / "corrupt"
         self.spare = root / "spare"
-        for d in (self.incoming, self.queue, self.corrupt, self.spare):
+        self.due = root / "due"
+        # For the calls made once per entry of a whole-queue command: no pathlib there.
+        self._queue_dir = str(self.queue)
+        self._due_dir = str(self.due)
+        for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: list[tuple[int, str, int]] = []  # (open fd, name in spare/, size)
         self._spare_seq = 0
@@ -863,7 +889,17 @@ class Spool:
             os.close(fd)
 
     def qids(self) -> Iterator[str]:
+        """The queued messages, in directory order, as the folder is read (never a list)."""
         yield from queue_ids(self.queue)
+
+    def count(self) -> int:
+        """How many messages are queued (names only: no file is opened)."""
+        return sum(1 for _ in self.qids())
+
+    @staticmethod
+    def valid_qid(qid: str) -> bool:
+        """Could ``qid`` be a queue id (a plain file name: no "/", no "..")?"""
+        return _QID.fullmatch(qid) is not None
 
     @staticmethod
     def _envelope(qid: str, line: bytes) -> Envelope:
@@ -877,37 +913,85 @@ class Spool:
     def load(self, qid: str, *, with_status: bool = True) -> QueuedMessage | None:
         """Read a committed message's envelope and status (without a lock: for listing);
         None if it is gone. Raises CorruptEntry, and moves nothing."""
-        path = self.queue / qid
+        peeked = self.peek(qid, with_status=with_status, probe=False)
+        return peeked[0] if peeked else None
+
+    def peek(
+        self, qid: str, *, with_status: bool = True, probe: bool = True
+    ) -> tuple[QueuedMessage, bool] | None:
+        """``load``, and (``probe``) whether a runner holds the message's lock now: a
+        non-blocking flock on the same descriptor, let go at once (``mailq``'s ``*``). Plain
+        ``os`` calls on string paths: a listing does this for every entry of the queue."""
         try:
-            with open(path, "rb") as f:
-                line = f.readline(_MAX_ENVELOPE)
-                size = os.fstat(f.fileno()).st_size - len(line)
+            fd = os.open(f"{self._queue_dir}/{qid}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        locked = False
+        try:
+            line = _read_line(fd, _MAX_ENVELOPE)
+            size = os.fstat(fd).st_size - len(line)
+            if probe:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    locked = True
+        finally:
+            os.close(fd)
         envelope = self._envelope(qid, line)
         status = self.load_status(qid, envelope) if with_status else QueueStatus()
-        return QueuedMessage(envelope, path, len(line), size, status)
+        return QueuedMessage(envelope, self.queue / qid, len(line), size, status), locked
 
-    def claim(self, qid: str) -> QueuedMessage | None:
-        """Take a queued message for a delivery attempt: one open (read-write, so that
-        ``finish`` may keep the file as a spare), the delivery flock, the envelope read
-        through the same descriptor. The caller owns the result (``close``/``finish``).
-        None if it is gone; raises EntryLocked (another runner has it) or CorruptEntry."""
+    LOCK_POLL = 0.02  # seconds between two tries of a lock ``lock_entry`` waits for
+
+    def lock_entry(self, qid: str, *, wait: float = 0.0) -> int | None:
+        """Open ``qid``'s queue file read-write and take its delivery flock, waiting up to
+        ``wait`` seconds while another runner has it. Returns the descriptor, the caller's to
+        close (which releases the lock); None if the message is gone (delivered, removed)
+        meanwhile; raises EntryLocked when the wait is over."""
         path = self.queue / qid
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise EntryLocked(qid) from None
+            ino = os.fstat(fd).st_ino
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locked = True
+                except BlockingIOError:
+                    locked = False
+                # The name must still be this file: another runner may have finished it
+                # between our open and our lock (removed it, or its file now holds another
+                # message: spare files are reused). Looked at while waiting too, since a
+                # delivered file kept as a spare stays locked by its new owner.
+                if os.stat(path).st_ino != ino:
+                    raise FileNotFoundError(qid)
+                if locked:
+                    return fd
+                if time.monotonic() >= deadline:
+                    raise EntryLocked(qid)
+                time.sleep(self.LOCK_POLL)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def claim(self, qid: str, *, wait: float = 0.0) -> QueuedMessage | None:
+        """Take a queued message for a delivery attempt (or a queue tool's change): one open
+        (read-write, so that ``finish`` may keep the file as a spare), the delivery flock
+        (``lock_entry``, waiting up to ``wait`` seconds), the envelope read through the same
+        descriptor. The caller owns the result (``close``/``finish``). None if it is gone;
+        raises EntryLocked (another runner has it) or CorruptEntry."""
+        fd = self.lock_entry(qid, wait=wait)
+        if fd is None:
+            return None
+        path = self.queue / qid
+        try:
             st = os.fstat(fd)
-            if os.stat(path).st_ino != st.st_ino:
-                # Another runner finished it between our open and our lock (removed it, or
-                # its name now belongs to another message).
-                raise FileNotFoundError(qid)
             line = _read_line(fd, _MAX_ENVELOPE)
             envelope = self._envelope(qid, line)
             msg = QueuedMessage(
@@ -918,9 +1002,6 @@ class Spool:
                 self.load_status(qid, envelope),
                 fd,
             )
-        except FileNotFoundError:
-            os.close(fd)
-            return None
         except BaseException:
             os.close(fd)
             raise
@@ -930,15 +1011,23 @@ class Spool:
         """The status file of ``qid`` (a fresh one if there is none). ``envelope``: needed
         to read a status file of the old format completely (``QueueStatus._from_v1``)."""
         try:
-            raw = (self.queue / (qid + _STATUS_SUFFIX)).read_bytes()
+            fd = os.open(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return QueueStatus()
         try:
+            raw = b""
+            while block := os.read(fd, 64 * 1024):
+                raw += block
+        finally:
+            os.close(fd)
+        try:
             addresses = [r.address for r in envelope.recipients] if envelope else ()
-            return QueueStatus.from_json(raw, addresses)
+            status = QueueStatus.from_json(raw, addresses)
         except (ValueError, TypeError, KeyError, AttributeError):
             # A torn status file only loses retry bookkeeping; the envelope stays authoritative.
-            return QueueStatus()
+            status = QueueStatus()
+        status.on_disk = True
+        return status
 
     def save_status(self, qid: str, status: QueueStatus) -> None:
         """Atomically replace the status file (blocking; call from a thread)."""
@@ -958,6 +1047,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.rename(tmp, final)
+            status.on_disk = True
         except OSError as exc:
             # The old status file stays as it was; no half-written .tmp is left to take space.
             with contextlib.suppress(OSError):
@@ -973,8 +1063,9 @@ class Spool:
         """``msg`` is delivered or bounced: keep its file as a spare (loop-only) if it holds
         its descriptor, else remove it; either way its descriptor is closed or kept. On the
         event loop: a rename (or an unlink and a close) is quicker than a thread hop."""
-        # A status file exists only once an attempt has been recorded (attempts ≥ 1).
-        status_file = msg.status.attempts > 0
+        # A status file exists once an attempt has been recorded (attempts ≥ 1), or a queue
+        # tool wrote one (a hold, released since); a fresh message has none to unlink.
+        status_file = msg.status.attempts > 0 or msg.status.on_disk
         fd = msg.fd
         if fd is not None and self.recycle(
             msg.qid, fd, msg.offset + msg.size, status_file=status_file
@@ -990,6 +1081,48 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.queue / name)
         self._forget_incoming(qid)
+
+    def delete(self, qid: str) -> None:
+        """``mailgate delete``: forget the message, its status file and any due marker. The
+        caller holds its lock (``lock_entry``), so no attempt is delivering it."""
+        self.remove(qid)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.due / qid)
+
+    # -- due markers: "attempt it now", for the daemon -------------------------------------------
+    def mark_due(self, qid: str) -> bool:
+        """Ask the daemon to attempt ``qid`` now (it reads ``due/`` when told, by
+        ``DUE_SIGNAL``, and at every queue run and start). The marker is a second name of
+        the queue file, a hard link, not a new empty file: ``requeue --all`` makes one per
+        message, and on ext4 creating 19,000 files after as many deletions took 12 s (every
+        new inode is searched for past the recently freed ones; see "The spool" in
+        docs/design.md), linking them 0.2 s. Only the name is ever read. Not fsync'd: a
+        crash can forget the request, never a message. False if the message is gone."""
+        try:
+            os.link(f"{self._queue_dir}/{qid}", f"{self._due_dir}/{qid}")
+        except FileExistsError:
+            pass  # marked already
+        except FileNotFoundError:
+            return False
+        return True
+
+    def take_due(self, mine: Callable[[str], bool]) -> list[str]:
+        """The queue ids marked due that ``mine`` accepts (a worker's share), their markers
+        removed; the others are left for the worker whose share they are."""
+        taken = []
+        with os.scandir(self.due) as entries:
+            for entry in entries:
+                qid = entry.name
+                if not self.valid_qid(qid):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)  # not ours to keep: no qid looks like that
+                    continue
+                if not mine(qid):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    taken.append(qid)
+        return taken
 
     def quarantine(self, qid: str, reason: str) -> None:
         for name in (qid, qid + _STATUS_SUFFIX):

@@ -8,6 +8,7 @@ did not cover. Unlike Sendmail, a purely numeric item after a host is that host'
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, replace
 
 from mailgate.address import is_valid_domain
@@ -20,16 +21,27 @@ from mailgate.tables.maps import (
     parse_error_value,
 )
 
-__all__ = ["SMTP_MAILERS", "MailerRoute", "MailerTable", "NextHop", "parse_mailer_value"]
+__all__ = [
+    "SMTP_MAILERS",
+    "UUCP_MAILERS",
+    "MailerRoute",
+    "MailerTable",
+    "NextHop",
+    "parse_mailer_value",
+]
 
 # MAILER(smtp)'s mailers. smtp opens with HELO, the others with EHLO; relay is for a smart host.
 SMTP_MAILERS = frozenset({"smtp", "esmtp", "smtp8", "dsmtp", "relay"})
-_UUCP_MAILERS = frozenset({"uucp", "uucp-old", "suucp", "uucp-new", "uucp-uudom", "uucp-dom"})
+# MAILER(uucp)'s (cf/mailer/uucp.m4; delivery.uucp): uucp = uucp-old, suucp = uucp-new.
+UUCP_MAILERS = frozenset({"uucp", "uucp-old", "suucp", "uucp-new", "uucp-dom", "uucp-uudom"})
+# A UUCP node name as uux takes it before "!rmail" (``%1`` allowed, as in any host).
+_UUCP_HOST = re.compile(r"(?:[A-Za-z0-9_]|%1)(?:[A-Za-z0-9._-]|%1)*")
 
 
 @dataclass(frozen=True)
 class NextHop:
-    """One next hop: ``mx`` False when written ``[host]`` (no MX lookup); ``port`` None = 25."""
+    """One next hop: ``mx`` False when written ``[host]`` (no MX lookup); ``port`` None = 25.
+    A UUCP mailer's one hop is its neighbour's node name, as written (``mx`` True, no port)."""
 
     host: str
     port: int | None
@@ -48,7 +60,7 @@ def _bracket(host: str) -> str:
 class MailerRoute:
     """A mailertable entry as it applies to one domain (``%1`` already substituted)."""
 
-    mailer: str  # smtp | esmtp | smtp8 | dsmtp | relay | local | error
+    mailer: str  # an SMTP_MAILERS or UUCP_MAILERS name, local or error
     hops: tuple[NextHop, ...]
     user: str | None  # local: the user; None = the recipient's own local part
     error: ErrorValue | None
@@ -141,11 +153,25 @@ def parse_mailer_value(value: str, key: str = "", line: int = 0) -> MailerRoute:
         return MailerRoute("local", (), rest or None, None, key, line)
     if mailer_l == "error":
         return MailerRoute("error", (), None, parse_error_value(rest), key, line)
-    if mailer_l in _UUCP_MAILERS:
-        raise ValueError(f"mailer {mailer} is not supported by mailgate; use smtp")
+    if mailer_l in UUCP_MAILERS:
+        return MailerRoute(mailer_l, (_uucp_hop(mailer, rest),), None, None, key, line)
     raise ValueError(
-        f"unknown mailer {mailer!r} (expected smtp, esmtp, smtp8, dsmtp, relay, local or error)"
+        f"unknown mailer {mailer!r} (expected smtp, esmtp, smtp8, dsmtp, relay, local, error,"
+        " uucp, uucp-old, suucp, uucp-new, uucp-dom or uucp-uudom)"
     )
+
+
+def _uucp_hop(mailer: str, host: str) -> NextHop:
+    """A UUCP mailer's host (``$h`` of ``$h!rmail``): one node name, its case kept (F=h)."""
+    if not host:
+        raise ValueError(f"{mailer}: needs a host (the UUCP neighbour that gets the mail)")
+    if host.startswith("["):
+        raise ValueError(f"{mailer}: {host!r}: a UUCP host is a node name, not an address")
+    if ":" in host:
+        raise ValueError(f"{mailer}: takes one UUCP host, not a list or a port ({host!r})")
+    if not _UUCP_HOST.fullmatch(host):
+        raise ValueError(f"{mailer}: {host!r} is not a UUCP node name")
+    return NextHop(host, None, True)
 
 
 def _canon_key(key: str) -> str | None:

@@ -107,10 +107,11 @@ def iter_lines(path: Path | None) -> Iterator[tuple[int, str]]:
             yield no, s
 
 
-def iter_map(path: Path | None) -> Iterator[tuple[int, str, str]]:
-    """(line, key, value) for each map line; a key without value → TableError."""
+def iter_map(path: Path | None, text: str | None = None) -> Iterator[tuple[int, str, str]]:
+    """(line, key, value) for each map line; a key without value → TableError. ``text`` is
+    the file's content when it was read already (``makemap``'s standard input)."""
     # One pass without iter_lines(): this loop is most of the load time of a big access db.
-    for no, line in enumerate(text_lines(read_text(path)), 1):
+    for no, line in enumerate(text_lines(read_text(path) if text is None else text), 1):
         parts = line.split(None, 1)
         if not parts or parts[0][0] == "#":
             continue
@@ -119,9 +120,9 @@ def iter_map(path: Path | None) -> Iterator[tuple[int, str, str]]:
         yield no, parts[0], parts[1].rstrip()
 
 
-def read_map(path: Path | None) -> list[MapEntry]:
+def read_map(path: Path | None, text: str | None = None) -> list[MapEntry]:
     """All entries of a makemap-format file; a missing file or None is an empty map."""
-    return [MapEntry(key, value, no) for no, key, value in iter_map(path)]
+    return [MapEntry(key, value, no) for no, key, value in iter_map(path, text)]
 
 
 def _check_dsn(dsn: str, code: int) -> str:

@@ -1,0 +1,249 @@
+"""Reading the queue for people: ``mailgate mailq`` in Sendmail's ``-bp`` layout or as one JSON
+object per line (Postfix's ``postqueue -j``), and ``mailgate qshape`` (Postfix's qshape).
+
+Everything streams: the queue folder is read one entry at a time (``Spool.qids``, an
+``os.scandir``) and each entry is formatted, or counted, before the next is read, so memory
+does not grow with the queue and the first line of a 300,000-message listing comes at once.
+Nothing here takes a lock or moves a file: an entry is read as it is at that moment (its status
+file is replaced whole, never torn), an unreadable one is skipped and left for the attempt to
+quarantine, and one that is delivered while the listing runs is simply not listed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One queued message as a listing sees it."""
+
+    message: QueuedMessage  # read without its lock: holds no descriptor
+    locked: bool  # a runner holds its lock now (being delivered, or waiting for a slot)
+
+    @property
+    def queue_name(self) -> str:
+        """Postfix's queue names, for the JSON listing: ``hold``, ``active`` (a runner has it),
+        ``deferred`` (attempted before), ``incoming`` (not attempted yet)."""
+        status = self.message.status
+        if status.held:
+            return "hold"
+        if self.locked:
+            return "active"
+        return "deferred" if status.attempts else "incoming"
+
+
+def entries(spool: Spool, *, locks: bool = True) -> Iterator[Entry]:
+    """The queue's messages in directory order (not sorted: sorting needs them all first).
+    ``locks``: look whether each is locked (a non-blocking flock on the descriptor the entry
+    is read through, ``Spool.peek``)."""
+    for qid in spool.qids():
+        try:
+            peeked = spool.peek(qid, probe=locks)
+        except CorruptEntry:
+            continue
+        if peeked is not None:
+            yield Entry(*peeked)
+
+
+# -- mailq: Sendmail's layout -------------------------------------------------------------------
+
+MAILQ_COLUMNS = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------"
+
+
+def mailq_header(queue_dir: str, count: int) -> list[str]:
+    """The lines before the entries; ``count`` from a pass over the names only."""
+    if count == 0:
+        return [f"{queue_dir} is empty"]
+    return [f"\t\t{queue_dir} ({count} request{'s' if count != 1 else ''})", MAILQ_COLUMNS]
+
+
+def mailq_total(listed: int) -> str:
+    return f"\t\tTotal requests: {listed}"
+
+
+def mailq_entry(entry: Entry) -> list[str]:
+    """One message as ``sendmail -bp`` prints it (``print_single_queue``): id and mark, size,
+    arrival, sender; the quarantine reason; the body type and the last deferral reason; each
+    recipient still pending, with its own last error when it differs from the message's.
+
+    The mark after the id is Sendmail's ``*`` for a locked entry, or Postfix's ``!`` for one on
+    hold (a held entry shows ``!`` even while a tool has it locked for a moment)."""
+    msg = entry.message
+    env, status = msg.envelope, msg.status
+    mark = "!" if status.held else "*" if entry.locked else " "
+    # ctime's first 16 characters, as Sendmail prints them: the day of month space-padded.
+    arrival = time.strftime("%a %b %e %H:%M", time.localtime(env.arrival))
+    sender = f"<{env.sender}>"
+    lines = [f"{env.qid:>13}{mark}{msg.size:>8} {arrival} {sender}"]
+    if status.hold:
+        lines.append(f"     QUARANTINE: {status.hold[:60]}")
+    body_type = "8BITMIME" if env.body_8bit else ""
+    if status.last_message or body_type:
+        reason = f"   ({status.last_message[:60]})" if status.last_message else ""
+        lines.append(f"    {body_type:>10.10}{reason}")
+    for rcpt in status.pending(env.recipients):
+        lines.append(f"\t\t\t\t\t <{rcpt.address}>")
+        error = status.last_error(rcpt.address)
+        if error and error != status.last_message:
+            lines.append(f"\t\t\t\t\t   ({error[:60]})")
+    return lines
+
+
+def mailq_json(entry: Entry) -> str:
+    """One message as one line of JSON, with ``postqueue -j``'s fields (so tools written for
+    it read it) and ours: ``hold_reason`` (held only), ``attempts``, ``next_attempt``."""
+    msg = entry.message
+    env, status = msg.envelope, msg.status
+    recipients = []
+    for rcpt in status.pending(env.recipients):
+        item: dict[str, str] = {"address": rcpt.address}
+        reason = status.last_error(rcpt.address) or status.last_message
+        if reason:
+            item["delay_reason"] = reason
+        recipients.append(item)
+    obj: dict[str, object] = {
+        "queue_name": entry.queue_name,
+        "queue_id": env.qid,
+        "arrival_time": int(env.arrival),
+        "message_size": msg.size,
+        "forced_expire": False,
+        "sender": env.sender,
+        "recipients": recipients,
+    }
+    if status.hold is not None:
+        obj["hold_reason"] = status.hold
+    obj["attempts"] = status.attempts
+    obj["next_attempt"] = None if status.next_attempt is None else int(status.next_attempt)
+    # ASCII only: an address kept as raw bytes (surrogate escapes) is still valid JSON.
+    return json.dumps(obj, separators=(",", ":"))
+
+
+# -- qshape -------------------------------------------------------------------------------------
+
+
+def shape_domain(address: str) -> str:
+    """The domain qshape files an address under: lower case, after the last ``@``, doubled dots
+    made single, one leading and one trailing dot dropped; the null sender is MAILER-DAEMON."""
+    address = address.lower()
+    if address == "":
+        return "MAILER-DAEMON"
+    domain = address.rpartition("@")[2].replace("..", ".")
+    edges = _EDGE_DOTS.fullmatch(domain)
+    return edges.group(1) if edges else domain
+
+
+_EDGE_DOTS = re.compile(r"\.?(.+?)\.?", re.DOTALL)  # qshape's s/\.?(.+?)\.?$/$1/
+
+
+class Shape:
+    """Counts by domain × age, as Postfix's qshape: bucket 1 holds ages below ``minutes``,
+    each next one ages below twice the previous limit, the last one everything older.
+    Only counts are kept (one row of ``buckets + 1`` integers per domain)."""
+
+    TOTAL = "TOTAL"
+
+    def __init__(self, *, buckets: int = 10, minutes: float = 5) -> None:
+        self.buckets = buckets
+        self.minutes = minutes
+        self.rows: dict[str, list[int]] = {self.TOTAL: [0] * (buckets + 1)}
+
+    def bucket(self, age: float) -> int:
+        """1 … ``buckets`` for an age in seconds (qshape's ``bucket``)."""
+        m = age / (60 * self.minutes)
+        if m < 1:
+            return 1
+        return min(2 + int(math.log2(m)), self.buckets)
+
+    def add(self, domains: Iterable[str], age: float) -> None:
+        """One message of ``age`` seconds: each of ``domains`` (one per recipient, or the
+        sender's) counts once."""
+        b = self.bucket(age)
+        total = self.rows[self.TOTAL]
+        for domain in domains:
+            total[0] += 1
+            total[b] += 1
+            row = self.rows.get(domain)
+            if row is None:
+                row = self.rows[domain] = [0] * (self.buckets + 1)
+            row[0] += 1
+            row[b] += 1
+
+    def labels(self) -> list[str]:
+        """``T``, then each bucket's upper limit in minutes, the last one ``N+``."""
+        heads = ["T"]
+        limit: float = 0
+        for i in range(1, self.buckets + 1):
+            if i < self.buckets:
+                limit = limit * 2 if limit else self.minutes
+                heads.append(f"{limit:g}")
+            else:
+                heads.append(f"{limit:g}+")
+        return heads
+
+    def lines(self, *, top: int | None = None, width: int = 80) -> list[str]:
+        """The table: a heading row, TOTAL, then the domains by count (largest first; the
+        shorter name first on a tie, as qshape; then by name); ``top``: only that many
+        domains. Right-justified to ``width`` columns as qshape does: each column one wider
+        than its widest figure (at least 3), the domain names in what is left (at least 18),
+        a longer name cut to its end behind a ``+``."""
+        heads = self.labels()
+        total = self.rows[self.TOTAL]
+        widths = []
+        for i, head in enumerate(heads):
+            w = max(len(str(total[i])), len(head))
+            widths.append(w + 1 if w > 2 else 3)
+        name_width = max(width - sum(widths), 18)
+
+        def row(name: str, cells: list[str]) -> str:
+            if len(name) > name_width:
+                name = "+" + name[len(name) - name_width + 1 :]
+            return f"{name:>{name_width}}" + "".join(
+                f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)
+            )
+
+        domains = sorted(
+            (d for d in self.rows if d != self.TOTAL),
+            key=lambda d: (-self.rows[d][0], len(d), d),
+        )
+        if top is not None:
+            domains = domains[:top]
+        out = [row("", heads), row(self.TOTAL, [str(n) for n in total])]
+        out += [row(d, [str(n) for n in self.rows[d]]) for d in domains]
+        return out
+
+
+def shape(
+    spool: Spool,
+    *,
+    by_sender: bool = False,
+    held: bool = False,
+    buckets: int = 10,
+    minutes: float = 5,
+    now: float | None = None,
+) -> Shape:
+    """The queue's shape: messages waiting for delivery (or, with ``held``, those on hold) by
+    recipient domain (each pending recipient counts) or sender domain (each message counts
+    once), by age since arrival."""
+    clock = time.time() if now is None else now
+    counts = Shape(buckets=buckets, minutes=minutes)
+    for entry in entries(spool, locks=False):
+        msg = entry.message
+        if msg.status.held != held:
+            continue
+        env = msg.envelope
+        if by_sender:
+            domains = [shape_domain(env.sender)]
+        else:
+            domains = [shape_domain(r.address) for r in msg.status.pending(env.recipients)]
+        counts.add(domains, clock - env.arrival)
+    return counts

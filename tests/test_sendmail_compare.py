@@ -1,0 +1,438 @@
+"""mailgate, configured by ``mailgate import-mc``, against real Sendmail built from the same mc.
+
+Debian's sendmail-bin, sendmail-cf and m4 (8.17.1.9), unpacked by ``.ci/sendmail-tree`` (as
+``.ci/run`` does), never installed. For the example mc and hand-made variants, decision by
+decision: where each address goes (``sendmail -bt`` ``/parse`` against ``mailgate route``),
+which clients may relay to which recipients (the ``check_rcpt`` ruleset against
+``mailgate.policy``), the greet pause per client, and each option the mc sets (the ``O`` lines
+of the built sendmail.cf against the imported config). The makemap and newaliases of the same
+package are compared with mailgate's on the same input.
+"""
+
+from __future__ import annotations
+
+import pwd
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mailgate.address import normalize
+from mailgate.config import Config
+from mailgate.migrate.mc import sendmail_seconds
+from mailgate.migrate.sendmail_names import CONF_NAMES, FEATURES, MAILERS, OPTIONS
+from mailgate.policy import Client, client_may_relay, connect_decision, may_relay_to, relay_denied
+from mailgate.routing import rewrite_domain
+from mailgate.snapshot import Snapshot, load_snapshot
+from tests.support import sendmail
+from tests.support.gateway import mailgate_command
+from tests.support.sendmail import HOSTNAME, SendmailBuild
+
+pytestmark = pytest.mark.skipif(sendmail.available() is not None, reason=str(sendmail.available()))
+
+EXAMPLES = Path(__file__).parent / "data" / "sendmail-examples"
+
+
+def imported(tmp: Path, mc: str, tables: Path) -> Path:
+    """``mailgate import-mc`` of ``mc`` with ``tables`` as the mail dir; $j as Sendmail's."""
+    mc_path = tmp / "sendmail.mc"
+    mc_path.write_text(mc)
+    done = subprocess.run(
+        mailgate_command("import-mc", "--mail-dir", str(tables), str(mc_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    config = tmp / "mailgate.toml"
+    own = re.search(r"^hostname = ", done.stdout, re.M)
+    config.write_text(done.stdout if own else f'hostname = "{HOSTNAME}"\n' + done.stdout)
+    return config
+
+
+def mailgate_routes(config: Path, addresses: list[str]) -> dict[str, str]:
+    done = subprocess.run(
+        mailgate_command("route", "-c", str(config), *addresses),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(addresses), done.stdout + done.stderr
+    return {a: line[len(a) + 2 :].split("  [")[0] for a, line in zip(addresses, lines, strict=True)}
+
+
+def _canon(route: str) -> tuple[str, str, str]:
+    """``mailer M, host H, user U`` → (M, H, U) with host names in canonical form (lower
+    case, no trailing dot: -bt has no DNS to canonify them, the SMTP server does, §1)."""
+    m = re.fullmatch(r"mailer (\S+), (?:host (\S+), )?user (.*)", route)
+    assert m is not None, route
+    mailer, host, user = m.group(1), m.group(2) or "", m.group(3)
+    if mailer == "local":
+        host = ""
+    local, at, domain = user.rpartition("@")
+    user = f"{local}@{domain.lower().rstrip('.')}" if at else user
+    return mailer, host.lower().rstrip("."), user
+
+
+def _is_account(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
+
+
+def assert_same_routes(build: SendmailBuild, config: Path, addresses: list[str]) -> None:
+    ours = mailgate_routes(config, addresses)
+    for address, route in zip(addresses, build.parse(*addresses), strict=True):
+        theirs = _canon(route)
+        if theirs[0] == "local" and not _is_account(theirs[2]):
+            # Sendmail's ruleset 0 says "local"; its RCPT check then answers User unknown.
+            assert ours[address].startswith("mailer error, 550 5.1.1 "), (address, ours[address])
+            assert ours[address].endswith("... User unknown"), (address, ours[address])
+            continue
+        assert _canon(ours[address]) == theirs, address
+
+
+# Addresses of semantics §1, §5: routing forms, literals, local names, case, trailing dots.
+# Not the short host name ("u@gateway"): Sendmail's class w takes it from the node name,
+# which is the full name in the test's UTS namespace.
+ADDRESSES = [
+    "u@example.net",
+    "U@Example.NET.",
+    "u@sub.targetdomain1.com",
+    "x@[192.0.2.1]",
+    "u@[IPv6:2001:db8::1]",
+    "root@gateway.example.com",
+    "root@targetdomain1.com",
+    "root",
+    "root@localhost",
+    '"root"@gateway.example.com',
+    '"u@other.example"@gateway.example.com',
+    "other.example!u@gateway.example.com",
+    "u%example.net@gateway.example.com",
+    "targetdomain1.com!root",
+    "<@example.net:root@gateway.example.com>",
+    "example.net!u",
+    "u%example.net@targetdomain1.com",
+    "u@targetdomain1.com",
+    "u@targetdomain3.com",
+    "u@TargetDomain2.COM.",
+    "u%targetdomain1.com@gateway.example.com",
+]
+
+# (client IP, PTR status, PTR name, recipient)
+RELAY_CASES = [
+    (ip, status, name, rcpt)
+    for ip, status, name in [
+        ("192.168.1.1", "FAIL", None),  # access: 192.168.1.1 RELAY
+        ("192.168.1.2", "OK", "relay2.example.org"),
+        ("192.168.0.5", "FAIL", None),  # the guide's "192.168.0." key never matches
+        ("192.168.1.3", "FAIL", None),
+        ("192.0.2.10", "OK", "client.example.org"),
+        ("192.0.2.10", "TEMP", None),
+        ("127.0.0.1", "OK", "localhost"),
+    ]
+    for rcpt in [
+        "u@example.net",
+        "root@targetdomain1.com",
+        "root@gateway.example.com",
+        "u%example.net@targetdomain1.com",
+        "u@sub.targetdomain1.com",
+        "x@[192.0.2.1]",
+        "u@targetdomain2.com",
+    ]
+]
+
+
+def assert_same_relay_decisions(build: SendmailBuild, snapshot: Snapshot) -> None:
+    ctx, cfg = snapshot.routing, snapshot.config
+    verdicts = build.check_rcpt(*RELAY_CASES)
+    for (ip, status, name, rcpt), theirs in zip(RELAY_CASES, verdicts, strict=True):
+        client = Client(ip, status, name)
+        mailbox = rewrite_domain(normalize(rcpt, ctx.is_local), ctx.tables)
+        relays = client_may_relay(client, snapshot.tables, cfg.relay_hosts_only)
+        if relays or may_relay_to(mailbox, ctx, cfg.relay_hosts_only):
+            assert theirs.accepted, (ip, status, rcpt, theirs)
+        else:
+            reply = relay_denied(f"<{rcpt}>", client)
+            assert (theirs.code, theirs.dsn) == (reply.code, reply.enhanced), (ip, status, rcpt)
+
+
+def assert_same_options(build: SendmailBuild, cfg: Config) -> set[str]:
+    """Each option the built sendmail.cf sets, against the imported setting it maps to; the
+    names of the options compared."""
+    options = build.options()
+    checks = {
+        "PrivacyOptions": lambda v: tuple(re.split(r"[\s,]+", v)) == cfg.smtp.privacy,
+        "BadRcptThrottle": lambda v: int(v) == cfg.smtp.bad_rcpt_throttle,
+        "ConnectionRateThrottle": lambda v: int(v) == cfg.smtp.connection_rate_throttle,
+        "MaxMessageSize": lambda v: int(v) == cfg.smtp.max_message_size,
+        "MaxRecipientsPerMessage": lambda v: int(v) == cfg.smtp.max_recipients,
+        "MaxDaemonChildren": lambda v: int(v) == cfg.smtp.max_connections,
+        "Timeout.command": lambda v: sendmail_seconds(v) == cfg.smtp.command_timeout,
+        "Timeout.datablock": lambda v: sendmail_seconds(v) == cfg.smtp.data_timeout,
+        "Timeout.queuewarn": lambda v: sendmail_seconds(v) == cfg.queue.warn_after,
+        "Timeout.queuereturn": lambda v: sendmail_seconds(v) == cfg.queue.max_age,
+        "Timeout.connect": lambda v: sendmail_seconds(v) == cfg.delivery.connect_timeout,
+        "HeloName": lambda v: v == cfg.delivery.helo_name,
+        "MaxHeadersLength": lambda v: int(v) == 32768,
+    }
+    compared = set()
+    for name, check in checks.items():
+        for value in options.get(name, []):
+            assert check(value), (name, value)
+            compared.add(name)
+    listened = set()
+    for spec in options["DaemonPortOptions"]:
+        fields = {
+            k.strip()[:1].upper(): v.strip()
+            for k, _, v in (f.partition("=") for f in spec.split(","))
+        }
+        if "a" in fields.get("M", ""):
+            continue  # needs SMTP AUTH: not imported, and said so
+        port = {"smtp": 25, "submission": 587}.get(fields.get("P", "smtp")) or int(fields["P"])
+        family = fields.get("F", "inet")
+        listened.add((fields.get("A", "0.0.0.0" if family == "inet" else "::"), port))
+    assert listened == set(cfg.listen)
+    return compared | {"DaemonPortOptions"}
+
+
+def assert_same_greet_pause(build: SendmailBuild, snapshot: Snapshot, clients: list[str]) -> None:
+    for ip, theirs in zip(clients, build.greet_pause(*clients), strict=True):
+        ours = connect_decision(Client(ip), snapshot.tables, snapshot.config).greet_pause
+        assert round(ours * 1000) == theirs, ip
+
+
+def test_the_example_decides_as_sendmail_built_from_it(tmp_path: Path) -> None:
+    mc = (EXAMPLES / "sendmail.mc").read_text()
+    build = SendmailBuild(tmp_path / "sendmail", mc, EXAMPLES)
+    config = imported(tmp_path, mc, EXAMPLES)
+    snapshot = load_snapshot(config)
+    assert_same_routes(build, config, ADDRESSES)
+    assert_same_relay_decisions(build, snapshot)
+    assert assert_same_options(build, snapshot.config) == {
+        "PrivacyOptions",
+        "BadRcptThrottle",
+        "ConnectionRateThrottle",
+        "MaxHeadersLength",
+        "Timeout.queuewarn",  # Sendmail's cf writes its defaults, 4h and 5d: mailgate's too
+        "Timeout.queuereturn",
+        "DaemonPortOptions",
+    }
+    assert_same_greet_pause(build, snapshot, ["192.0.2.10", "192.168.1.1", "127.0.0.1"])
+
+
+def test_the_guides_intent_routes_by_mailertable_as_sendmail(tmp_path: Path) -> None:
+    """The example without its local-host-names (what the guide meant): the mailertable
+    routes, and To: RELAY lets anyone relay to the three domains and nowhere else."""
+    tables = tmp_path / "mail"
+    shutil.copytree(EXAMPLES, tables)
+    (tables / "local-host-names").write_text("")
+    mc = (EXAMPLES / "sendmail.mc").read_text()
+    build = SendmailBuild(tmp_path / "sendmail", mc, tables)
+    config = imported(tmp_path, mc, tables)
+    extra = [
+        "u@targetdomain1.com",
+        "u@TargetDomain2.COM.",
+        "u@targetdomain3.com",
+        "v@sub.targetdomain3.com",
+    ]
+    assert_same_routes(build, config, ADDRESSES + extra)
+    assert build.parse("u@targetdomain3.com") == [
+        "mailer smtp, host [192.168.0.1], user u@targetdomain3.com"
+    ]
+    assert_same_relay_decisions(build, load_snapshot(config))
+
+
+VARIANT = """\
+divert(0)dnl
+OSTYPE(`linux')dnl
+define(`confDOMAIN_NAME', `gateway.example.com')dnl
+FEATURE(`no_default_msa')dnl
+DAEMON_OPTIONS(`Family=inet, Name=MTA-v4, Port=smtp, Addr=127.0.0.1')dnl
+DAEMON_OPTIONS(`Family=inet, Name=MSP-v4, Port=submission, M=Ea, Addr=127.0.0.1')dnl
+DAEMON_OPTIONS(`Port=2525, Name=Alt')dnl
+define(`confPRIVACY_FLAGS',dnl
+`authwarnings,novrfy')dnl
+define(`confBAD_RCPT_THROTTLE',`3')dnl
+define(`confCONNECTION_RATE_THROTTLE', `15')dnl
+define(`confMAX_MESSAGE_SIZE', `10485760')dnl
+define(`confMAX_RCPTS_PER_MESSAGE', `250')dnl
+define(`confMAX_DAEMON_CHILDREN', `40')dnl
+define(`confTO_COMMAND', `10m')dnl
+define(`confTO_DATABLOCK', `90')dnl
+define(`confTO_QUEUEWARN', `2h')dnl
+define(`confTO_QUEUERETURN', `3d12h')dnl
+define(`confTO_CONNECT', `45s')dnl
+define(`confHELO_NAME', `out.example.com')dnl
+FEATURE(`use_cw_file')dnl
+FEATURE(`access_db', `hash -T<TMPF> -o /etc/mail/access')dnl
+FEATURE(`greet_pause', `2500')dnl
+FEATURE(`mailertable', `hash -o /etc/mail/mailertable')dnl
+FEATURE(`virtusertable')dnl
+MAILER(`local')dnl
+MAILER(`smtp')dnl
+"""
+
+VARIANT_TABLES = {
+    "access": (
+        "Connect:192.0.2.20 RELAY\n"
+        "198.51.100 RELAY\n"
+        "To:relayed.example RELAY\n"
+        "GreetPause:192.0.2.7 0\n"
+        "GreetPause:192.0.2.8 1500\n"
+        "GreetPause:192.0.2 700\n"
+    ),
+    "mailertable": ("relayed.example smtp:[192.0.2.33]\n.sub.example.org relay:hub.example.org\n"),
+    "local-host-names": "virt.example.com\n",
+    "virtusertable": "info@virt.example.com root\n@virt.example.com %1@relayed.example\n",
+}
+
+
+def test_a_hand_made_variant_decides_as_sendmail_built_from_it(tmp_path: Path) -> None:
+    tables = tmp_path / "mail"
+    tables.mkdir()
+    for name, text in VARIANT_TABLES.items():
+        (tables / name).write_text(text)
+    build = SendmailBuild(tmp_path / "sendmail", VARIANT, tables)
+    config = imported(tmp_path, VARIANT, tables)
+    snapshot = load_snapshot(config)
+    cfg = snapshot.config
+    assert cfg.listen == (("127.0.0.1", 25), ("0.0.0.0", 2525))
+    assert cfg.smtp.data_timeout == 90 * 60  # a bare number is minutes, as for Sendmail
+    assert cfg.queue.max_age == 3.5 * 86400
+    assert assert_same_options(build, cfg) == {
+        "PrivacyOptions",
+        "BadRcptThrottle",
+        "ConnectionRateThrottle",
+        "MaxMessageSize",
+        "MaxRecipientsPerMessage",
+        "MaxDaemonChildren",
+        "Timeout.command",
+        "Timeout.datablock",
+        "Timeout.queuewarn",
+        "Timeout.queuereturn",
+        "Timeout.connect",
+        "HeloName",
+        "DaemonPortOptions",
+    }
+    assert_same_greet_pause(build, snapshot, ["192.0.2.7", "192.0.2.8", "192.0.2.9", "203.0.113.1"])
+    addresses = [
+        "u@relayed.example",
+        "u@a.sub.example.org",
+        "u@sub.example.org",
+        "info@virt.example.com",
+        "root@virt.example.com",
+        "u@example.net",
+    ]
+    assert_same_routes(build, config, addresses)
+    for ip, rcpt, accepted in [
+        ("192.0.2.20", "u@example.net", True),
+        ("198.51.100.7", "u@example.net", True),
+        ("203.0.113.1", "u@relayed.example", True),
+        ("203.0.113.1", "u@sub.relayed.example", True),  # no relay_hosts_only: subdomains too
+        ("203.0.113.1", "u@example.net", False),
+    ]:
+        ctx = snapshot.routing
+        ours = client_may_relay(Client(ip), snapshot.tables, cfg.relay_hosts_only) or may_relay_to(
+            normalize(rcpt, ctx.is_local), ctx, cfg.relay_hosts_only
+        )
+        (theirs,) = build.check_rcpt((ip, "FAIL", None, rcpt))
+        assert theirs.accepted is accepted, (ip, rcpt)
+        assert ours is accepted, (ip, rcpt)
+
+
+# --- the names the importer knows ---------------------------------------------------------
+
+
+def test_the_importers_sendmail_names_are_those_of_the_package() -> None:
+    cf = sendmail.CF_DIR
+    assert {p.stem for p in (cf / "feature").glob("*.m4")} == FEATURES
+    assert {p.stem for p in (cf / "mailer").glob("*.m4")} == MAILERS
+    proto = (cf / "m4" / "proto.m4").read_text()
+    assert (
+        dict((c, o) for o, c in re.findall(r"_OPTION\(([^,]*), *`(conf[A-Z0-9_]*)'", proto))
+        == OPTIONS
+    )
+    used = set()
+    for path in (cf / "m4").glob("*.m4"):
+        used |= set(re.findall(r"conf[A-Z0-9_]+", path.read_text()))
+    assert used - {"confTO_"} <= CONF_NAMES
+
+
+# --- makemap and newaliases ---------------------------------------------------------------
+
+MAKEMAP_INPUTS = {
+    "good": "a.example smtp:[192.0.2.1]\nb.example smtp:[192.0.2.2]\n",
+    "no value": "a.example smtp:[192.0.2.1]\nb.example\n",
+    "duplicate": "a.example smtp:[192.0.2.1]\nA.EXAMPLE smtp:[192.0.2.2]\n",
+}
+
+
+@pytest.mark.parametrize("case", list(MAKEMAP_INPUTS))
+def test_makemap_exits_as_sendmails(tmp_path: Path, case: str) -> None:
+    build = SendmailBuild(tmp_path / "sendmail", "MAILER(smtp)\n", EXAMPLES)
+    theirs = build.makemap("hash", "mailertable", MAKEMAP_INPUTS[case])
+    ours = subprocess.run(
+        mailgate_command("makemap", "hash", "mailertable"),
+        input=MAKEMAP_INPUTS[case],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert ours.returncode == theirs.returncode, (theirs.stderr, ours.stderr)
+    # Both name the same lines.
+    assert re.findall(r"line (\d+)", theirs.stderr) == re.findall(r"mailertable:(\d+)", ours.stderr)
+
+
+def test_makemap_usage_and_types_exit_as_sendmails(tmp_path: Path) -> None:
+    build = SendmailBuild(tmp_path / "sendmail", "MAILER(smtp)\n", EXAMPLES)
+    for args in (["hash"], ["nosuch", "mailertable"]):
+        theirs = subprocess.run(
+            [str(sendmail.MAKEMAP), "-C", str(build.cf), *args],
+            input="a b\n",
+            capture_output=True,
+            text=True,
+            env=sendmail.env(),
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        ours = subprocess.run(
+            mailgate_command("makemap", *args),
+            input="a b\n",
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+        assert ours.returncode == theirs.returncode, args
+
+
+@pytest.mark.parametrize(
+    "aliases",
+    ["postmaster: root\nlist: a, b@example.org,\n  c\n", "postmaster: root\nbad line here\n"],
+)
+def test_newaliases_exits_as_sendmails(tmp_path: Path, aliases: str) -> None:
+    build = SendmailBuild(tmp_path / "sendmail", "MAILER(local)\n", EXAMPLES)
+    (build.dir / "aliases").write_text(aliases)
+    theirs = build.run("-bi")
+    (tmp_path / "aliases").write_text(aliases)
+    (tmp_path / "mailgate.toml").write_text("")
+    ours = subprocess.run(
+        mailgate_command("newaliases", "-c", str(tmp_path / "mailgate.toml")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ours.returncode == theirs.returncode, (theirs.stdout, theirs.stderr, ours.stderr)
