@@ -23,6 +23,7 @@ from mailgate.milter.codec import MilterProtocolError
 from mailgate.milter.session import FilterSession, Outgoing, Stage
 
 READ_SIZE = 64 * 1024
+PENDING_MAX = 256 * 1024  # unanswered events held back, and the socket buffer, at most
 
 
 class MilterFailure(Exception):
@@ -53,6 +54,7 @@ class FilterClient:
         )
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.pending = bytearray()  # events not answered, not written yet
 
     @property
     def connected(self) -> bool:
@@ -73,19 +75,24 @@ class FilterClient:
             raise MilterFailure(
                 Stage.CONNECT, f"error connecting to filter: {exc.strerror or exc}"
             ) from None
-        out = Outgoing(self.session.negotiate(), True)
-        await self._write(out, Stage.NEGOTIATE)
+        await self._write(self.session.negotiate(), Stage.NEGOTIATE)
         deadline = time.monotonic() + self.settings.connect_timeout
         async for _ in self._replies(Stage.NEGOTIATE, deadline):
             pass
 
     async def event(self, out: Outgoing, stage: Stage) -> codec.Verdict | None:
-        """Send one event; its verdict if it is answered (a progress reply just waits on)."""
+        """Send one event; its verdict if it is answered (a progress reply just waits on).
+        An event that is not answered waits in ``pending`` and goes out with the next one
+        (or at ``PENDING_MAX``): a filter that answers nothing before the end of the message
+        gets it all in a few writes, as Postfix's buffered stream does."""
         if not out.sent:
             return None
-        await self._write(out, stage)
         if not out.reply:
+            self.pending += out.data
+            if len(self.pending) >= PENDING_MAX:
+                await self._write(b"", stage)
             return None
+        await self._write(out.data, stage)
         verdict = None
         async for reply in self._replies(stage, time.monotonic() + self.settings.read_timeout):
             assert isinstance(reply, codec.Verdict)  # the session allows nothing else here
@@ -94,16 +101,22 @@ class FilterClient:
 
     async def replies(self, out: Outgoing) -> AsyncIterator[codec.Reply]:
         """The end of message: send it, then each reply up to and with the verdict."""
-        await self._write(out, Stage.EOM)
+        await self._write(out.data, Stage.EOM)
         async for reply in self._replies(Stage.EOM, time.monotonic() + self.settings.eom_timeout):
             yield reply
 
-    async def _write(self, out: Outgoing, stage: Stage) -> None:
+    async def _write(self, data: bytes, stage: Stage) -> None:
+        """``pending`` and ``data`` in one write; waited for (within ``send_timeout``) only
+        when the socket's buffer fills up: the usual event is one system call, no wait."""
         writer = self.writer
         if writer is None:
             raise MilterFailure(stage, "connection to filter closed")
+        if self.pending:
+            data, self.pending = bytes(self.pending) + data, bytearray()
         try:
-            writer.write(out.data)
+            writer.write(data)
+            if writer.transport.get_write_buffer_size() < PENDING_MAX:
+                return
             async with asyncio.timeout(self.settings.send_timeout):
                 await writer.drain()
         except TimeoutError:
@@ -160,8 +173,10 @@ class FilterClient:
             raise MilterFailure(stage, f"read error: {exc.strerror or exc}") from None
 
     def send_nowait(self, data: bytes) -> None:
-        """ABORT and QUIT, which are not answered: written, not waited for."""
+        """ABORT and QUIT, which are not answered: written (after what is pending), not
+        waited for."""
         if data and self.writer is not None:
+            data, self.pending = bytes(self.pending) + data, bytearray()
             with contextlib.suppress(OSError, RuntimeError):
                 self.writer.write(data)
 
