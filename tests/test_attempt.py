@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate import cli, maillog
+from mailgate import cli, maillog, metrics
 from mailgate.config import LogSettings, parse_config
 from mailgate.delivery import Job, Mailer, Outcome, Status, notify
 from mailgate.delivery.attempt import DeliveryContext, attempt
@@ -701,7 +701,7 @@ def test_the_daemon_counts_received_mail_not_its_own_reports(tmp_path: Path) -> 
         bounce.close()
 
     run(go)
-    assert gw.counters["messages_received"] == 1
+    assert gw.metrics.value(metrics.MESSAGES_RECEIVED) == 1
     gw.spool.close()
 
 

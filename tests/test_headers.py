@@ -5,12 +5,20 @@ from __future__ import annotations
 
 import itertools
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailgate.smtp.headers import MAX_HEADER_BYTES, HeaderScanner
+from mailgate.smtp.headers import (
+    MAX_HEADER_BYTES,
+    HeaderScanner,
+    StampFacts,
+    drop_fields,
+    rfc2822_date,
+    stamp,
+)
 
 
 def scan(content: bytes, cuts: list[int]) -> tuple[bytes | None, bytes, bool]:
@@ -98,3 +106,64 @@ def test_segmentation_never_changes_the_result(lines: list[bytes], repeat: int, 
     whole = scan(content, [])
     assert scan(content, cuts) == whole
     assert scan(content, list(range(1, len(content), 4096))) == whole
+
+
+def local_facts(**changes: object) -> StampFacts:
+    facts = StampFacts(
+        hostname="gw.example.com",
+        qid="kB2AbCd0012345",
+        arrival=1_796_000_000.0,
+        sender="joe@gw.example.com",
+        recipients=("bob@example.net",),
+        client_ip="127.0.0.1",
+        client_name=None,
+        client_verified=None,
+        client_is_loopback=True,
+        helo=None,
+        esmtp=False,
+        smtputf8=False,
+        tls=None,
+        authwarnings=True,
+        submitter="joe",
+    )
+    return replace(facts, **changes)
+
+
+def test_a_local_submission_is_stamped_as_sendmails_submit() -> None:
+    date = rfc2822_date(1_796_000_000.0)
+    stamped = stamp(b"Subject: hi\r\n\r\nbody\r\n", local_facts(sender_name="Joe Q. Public"))
+    assert stamped.data == (
+        b"Received: (from joe@localhost)\r\n"
+        b"\tby gw.example.com (mailgate/Submit) id kB2AbCd0012345\r\n"
+        b"\tfor <bob@example.net>; " + date.encode() + b"\r\n"
+        b"Subject: hi\r\n"
+        b"Message-Id: <202611300053.kB2AbCd0012345@gw.example.com>\r\n"
+        b"Date: " + date.encode() + b"\r\n"
+        b'From: "Joe Q. Public" <joe@gw.example.com>\r\n'
+        b"\r\nbody\r\n"
+    )
+    assert stamped.warning is None  # no -f: nothing to warn of, and no HELO to miss
+
+
+def test_an_untrusted_f_gets_sendmails_warning() -> None:
+    facts = local_facts(sender="ceo@example.com", untrusted_from=True)
+    stamped = stamp(b"From: ceo@example.com\r\n\r\nx\r\n", facts)
+    assert stamped.warning == "joe set sender to ceo@example.com using -f"
+    assert (
+        b"X-Authentication-Warning: gw.example.com: joe set sender to ceo@example.com using -f"
+        b"\r\n" in stamped.data
+    )
+    null = stamp(b"\r\nx\r\n", replace(facts, sender="")).warning
+    assert null == "joe set sender to <> using -f"
+    assert stamp(b"\r\nx\r\n", replace(facts, authwarnings=False)).warning is None
+
+
+def test_drop_fields_removes_each_with_its_continuation_lines() -> None:
+    head = (
+        b"To: a@x\r\nBcc: b@x,\r\n c@x\r\nSubject: s\r\nbcc: d@x\r\n"
+        b"X-Bcc: kept\r\n\r\nBcc: in the body\r\n"
+    )
+    assert drop_fields(head, frozenset({"bcc"})) == (
+        b"To: a@x\r\nSubject: s\r\nX-Bcc: kept\r\n\r\nBcc: in the body\r\n"
+    )
+    assert drop_fields(b"Subject: s\r\n", frozenset({"bcc"})) == b"Subject: s\r\n"

@@ -17,6 +17,7 @@ from kilter.protocol import messages as km
 
 from tests.support.gateway import GatewayProcess, free_port, run_cli
 from tests.support.milter import TestMilter
+from tests.support.scrape import scrape, value
 from tests.support.sink import SinkServer
 from tests.support.world import (
     OUTSIDE,
@@ -56,13 +57,21 @@ def world(hop1: SinkServer, mx_port: int) -> World:
     )
 
 
+METRICS_PORT = free_port()
+
+
 @pytest.fixture(scope="module")
 def gw(module_gateway: GatewayFactory, world: World, milter: TestMilter) -> GatewayProcess:
     return module_gateway(
         world.but(
-            settings=milter_entry("test", milter.socket, read_timeout='"2s"', eom_timeout='"2s"')
+            settings=f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+            + milter_entry("test", milter.socket, read_timeout='"2s"', eom_timeout='"2s"')
         )
     )
+
+
+def counted(name: str, **labels: str) -> float:
+    return value(scrape("127.0.0.1", METRICS_PORT), name, **labels)
 
 
 @dataclass
@@ -205,6 +214,7 @@ def test_unknown_commands_reach_the_filter(gw: GatewayProcess, filt: TestMilter)
 
 
 def test_refusals_at_each_stage(gw: GatewayProcess, filt: TestMilter, hop1: SinkServer) -> None:
+    before = counted("mailgate_rejections_total", reason="milter")
     filt.configure(replies={"EnvelopeFrom": [km.Reject()]})
     assert send(gw, message("mail refused")).mail == (550, "5.7.1 Command rejected")
     gw.wait_log("Milter: from=<alice@example.org>, reject=550 5.7.1 Command rejected")
@@ -224,6 +234,8 @@ def test_refusals_at_each_stage(gw: GatewayProcess, filt: TestMilter, hop1: Sink
     with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
         assert s.ehlo("client.example.net")[0] == 550
     gw.wait_log("Milter: helo=client.example.net, reject=550 5.7.1 Command rejected")
+    # MAIL, one RCPT, DATA and HELO: each refusal counted once.
+    assert counted("mailgate_rejections_total", reason="milter") == before + 4
 
 
 def test_verdicts_for_the_whole_connection(

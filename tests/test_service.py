@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate import pidfile, runstate
+from mailgate import metrics, pidfile, runstate
 from mailgate.master import Master, Worker, WorkerReports
 from mailgate.pidfile import AlreadyRunning, PidFile
 from mailgate.runstate import Activity, RunState
@@ -152,7 +152,8 @@ def test_state_file_round_trip_ignores_fields_it_does_not_know(tmp_path: Path) -
 
 def test_the_master_is_ready_only_when_every_worker_listens(tmp_path: Path) -> None:
     """The master's side of the workers' pipe, fed by `WorkerReports` as a worker would (no
-    worker is forked: the order of the reports is the test's to choose)."""
+    worker is forked: the order of the reports is the test's to choose). Received mail is
+    counted in the workers' rows of the metrics table, as a worker counts it."""
     gw = gateway(tmp_path, free_port(HOP), "workers = 2\n")
     snapshot = load_snapshot(gw.config)
     with NotifySocket(tmp_path / "notify") as systemd:
@@ -162,6 +163,7 @@ def test_the_master_is_ready_only_when_every_worker_listens(tmp_path: Path) -> N
         try:
             master.children = {1001: Worker(0, 0), 1002: Worker(1, 0)}
             WorkerReports(master.events_w, 0).listening()
+            master.table.row(1).inc(metrics.MESSAGES_RECEIVED, 5)
             WorkerReports(master.events_w, 1).activity(Activity(2, 5, 1, 0))
             master._read_reports()
             assert lifecycle.state.phase == "starting"
@@ -171,12 +173,19 @@ def test_the_master_is_ready_only_when_every_worker_listens(tmp_path: Path) -> N
             assert lifecycle.state.phase == "ready"
             assert systemd.next()["READY"] == "1"
             assert pidfile.inspect(gw.spool / "mailgate.pid").pid == os.getpid()
+            master.table.row(0).inc(metrics.MESSAGES_RECEIVED, 3)
             WorkerReports(master.events_w, 0).activity(Activity(1, 3, 0, 1))
             master._read_reports()
             assert lifecycle.state.activity == Activity(3, 8, 1, 1)  # the workers' sum
             assert systemd.next()["STATUS"].endswith(
                 "; 3 sessions, 1 queued, 1 delivering, 8 received"
             )
+            # Worker 1 died: its sessions and queue went with it, its received mail did not.
+            del master.children[1002]
+            master.table.process_gone(1)
+            WorkerReports(master.events_w, 0).activity(Activity(1, 3, 0, 1))
+            master._read_reports()
+            assert lifecycle.state.activity == Activity(1, 8, 0, 1)
         finally:
             for sock in master.sockets:
                 sock.close()

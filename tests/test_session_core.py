@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate import metrics
 from mailgate.policy import Client, connect_decision
 from mailgate.queue.spool import QueuedMessage, Spool
 from mailgate.reply import Reply
@@ -30,12 +31,12 @@ class FakeHost:
     def __init__(self, spool: Spool, resolves: str = "yes") -> None:
         self.spool = spool
         self.resolves = resolves
-        self.counted: list[str] = []
+        self.counted: list[int] = []  # metrics words
         self.flushed: list[tuple[str, bool]] = []
         self.committed: list[str] = []
 
-    def count(self, name: str) -> None:
-        self.counted.append(name)
+    def count(self, slot: int) -> None:
+        self.counted.append(slot)
 
     async def domain_resolves(self, domain: str) -> str:
         return self.resolves
@@ -174,7 +175,11 @@ def test_content_before_the_354_closes(tmp_path: Path) -> None:
         "554 5.5.0 Error: SMTP protocol synchronization",
         True,
     )
-    assert host.counted == ["improper_pipelining"] and session.tx is None
+    assert host.counted == [
+        metrics.event("improper_pipelining"),
+        metrics.rejection("protocol"),
+    ]
+    assert session.tx is None
 
 
 def test_connect_refusal_is_restricted_mode(tmp_path: Path) -> None:
@@ -200,7 +205,7 @@ def test_early_talker_is_restricted_too(tmp_path: Path) -> None:
     assert (
         str(session.early_talk(1).reply) == "554 gateway.example.com ESMTP not accepting messages"
     )
-    assert host.counted == ["early_talkers"]
+    assert host.counted == [metrics.connection("early_talker"), metrics.rejection("early_talker")]
     dialogue(
         session,
         [

@@ -49,7 +49,7 @@ def test_every_bad_line_is_reported_with_its_line(tmp_path: Path) -> None:
     text = (
         "a.example smtp:[192.0.2.1]\n"
         "b.example\n"  # 2: no value
-        "c.example uucp-new:host\n"  # 3: no such mailer in mailgate
+        "c.example cyrus:host\n"  # 3: no such mailer in mailgate
         "# a comment\n"
         "d.example smtp:[192.0.2.4]\n"
         "e.example\n"  # 6
@@ -58,7 +58,8 @@ def test_every_bad_line_is_reported_with_its_line(tmp_path: Path) -> None:
     assert done.returncode == 65
     assert done.stderr.splitlines() == [
         "makemap: mailertable:2: key 'b.example' has no value",
-        "makemap: mailertable:3: c.example: mailer uucp-new is not supported by mailgate; use smtp",
+        "makemap: mailertable:3: c.example: unknown mailer 'cyrus' (expected smtp, esmtp, smtp8,"
+        " dsmtp, relay, local, error, uucp, uucp-old, suucp, uucp-new, uucp-dom or uucp-uudom)",
         "makemap: mailertable:6: key 'e.example' has no value",
     ]
 

@@ -448,6 +448,80 @@ def cmd_route(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_install_sendmail_link(args: argparse.Namespace) -> int:
+    from mailgate.sendmail import links
+
+    try:
+        target = links.mailgate_program(args.target)
+        plan = links.plan(args.root, target)
+    except links.LinkError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        return 1
+    refused = [step for step in plan if step.action == "other"]
+    if refused and not args.force:
+        for step in plan:
+            print(step.describe())
+        print(
+            "mailgate: nothing changed: another MTA's files are there; remove that MTA's "
+            "package, or use --force (each file is kept as NAME.pre-mailgate)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        for step in plan:
+            print(links.carry_out(step))
+    except OSError as exc:
+        print(f"mailgate: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_dns(args: argparse.Namespace) -> int:
+    """What the DNS says of this gateway: one line per check, 1 if any failed."""
+    import ipaddress
+
+    from mailgate import daemon, dnscheck
+
+    snapshot = _load(args.config)
+    cfg = snapshot.config
+    names = tuple(dict.fromkeys(n.lower().rstrip(".") for n in [cfg.hostname, *args.name]))
+    try:
+        given = [str(ipaddress.ip_address(a)) for a in args.address]
+    except ValueError as exc:
+        print(f"mailgate: --address: {exc}", file=sys.stderr)
+        return 2
+    listen = {host for host, _port in cfg.listen}
+    if given:
+        addresses: frozenset[str] | None = frozenset(given)
+    elif listen & {"0.0.0.0", "::"}:
+        addresses = None  # every address of the machine: nothing to compare with
+    else:
+        addresses = frozenset(listen)
+    gateway = dnscheck.Gateway(
+        names,
+        addresses,
+        args.port,
+        args.timeout if args.timeout is not None else cfg.smtp.greet_pause + 10.0,
+    )
+    domains = [d.lower().rstrip(".") for d in args.domains] or dnscheck.served_domains(
+        snapshot.tables
+    )
+    counts = {"OK": 0, "WARN": 0, "FAIL": 0}
+    if not domains:
+        print("WARN domains: none served (local-host-names, relay-domains, mailertable, access)")
+        counts["WARN"] += 1
+
+    async def run() -> None:
+        async for finding in dnscheck.check(daemon.make_resolver(cfg), gateway, domains):
+            counts[finding.status] += 1
+            print(finding, flush=True)
+
+    daemon.install_event_loop()
+    asyncio.run(run())
+    print(f"check-dns: {counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL")
+    return 1 if counts["FAIL"] else 0
+
+
 # --- moving from Sendmail: import-mc, makemap, newaliases ----------------------------------
 
 NEWALIASES_CONFIG = "/etc/mail/mailgate.toml"  # as newaliases reads /etc/mail/sendmail.cf
@@ -783,6 +857,52 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("route", "show the mailer, next hop and address each address would use")
     p.add_argument("addresses", nargs="+", metavar="ADDRESS")
     p.set_defaults(func=cmd_route)
+    # Parsed by mailgate.sendmail.options (main() hands it over before argparse): here for
+    # --help only.
+    p = sub.add_parser(
+        "sendmail",
+        help="Sendmail's command line: -t, -i, -f, -bm, -bp, -q, -bt, -bv, -bd, -q30m, -C, -O",
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p = sub.add_parser(
+        "install-sendmail-link",
+        help="put mailgate at /usr/sbin/sendmail, /usr/lib/sendmail, /usr/bin/mailq and "
+        "/usr/bin/newaliases",
+        description="Link Sendmail's program names to mailgate; another MTA's files are "
+        "left alone unless --force (which keeps each as NAME.pre-mailgate).",
+    )
+    p.add_argument("--force", action="store_true", help="replace another MTA's files")
+    p.add_argument(
+        "--target", metavar="PATH", help="the mailgate program to link to (default: this one)"
+    )
+    p.add_argument(
+        "--root", metavar="DIR", default="/", help="install under DIR (a chroot, a package)"
+    )
+    p.set_defaults(func=cmd_install_sendmail_link)
+    p = add(
+        "check-dns",
+        "check MX, A/AAAA, PTR (forward-confirmed) and the SMTP banner for the served domains",
+    )
+    p.add_argument("domains", nargs="*", metavar="DOMAIN", help="default: every served domain")
+    p.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="another name of this gateway (an MX host name); hostname is one",
+    )
+    p.add_argument(
+        "--address",
+        action="append",
+        default=[],
+        help="an address the names must resolve to (default: the listen addresses; behind "
+        "NAT, the public ones)",
+    )
+    p.add_argument("--port", type=int, default=25, help="where the banner is asked (25)")
+    p.add_argument(
+        "--timeout", type=float, help="seconds to wait for the banner (greet_pause + 10)"
+    )
+    p.set_defaults(func=cmd_check_dns)
     _add_migration_commands(sub)
     return parser
 
@@ -809,7 +929,36 @@ def positive_integer(text: str) -> int:
     return value
 
 
+def _subcommand_names(parser: argparse.ArgumentParser) -> set[str]:
+    return {
+        name
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
+    }
+
+
+def run_subcommand(argv: Sequence[str]) -> int | None:
+    """``mailgate <argv>``, for ``mailgate sendmail``'s modes; None if there is no such
+    subcommand (``newaliases`` comes with the import tools)."""
+    if not argv or argv[0] not in _subcommand_names(build_parser()):
+        return None
+    return main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from mailgate.sendmail.command import PROGRAMS
+    from mailgate.sendmail.command import run as sendmail
+
+    if argv is None:
+        # Called as sendmail, mailq or newaliases (install-sendmail-link's links): that
+        # program's command line, as Sendmail's binary acts on its argv[0].
+        program = os.path.basename(sys.argv[0])
+        if program in PROGRAMS:
+            return sendmail(sys.argv[1:], run_subcommand, program=program)
+        argv = sys.argv[1:]
+    if argv and argv[0] == "sendmail":
+        return sendmail(argv[1:], run_subcommand)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

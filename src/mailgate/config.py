@@ -236,6 +236,10 @@ def _listen(value: object) -> tuple[tuple[str, int], ...]:
     return addresses
 
 
+def _listen_or_off(value: object) -> tuple[str, int] | None:
+    return None if value == "" else parse_listen(value)
+
+
 def _nameservers(value: object) -> tuple[str, ...] | None:
     return _str_list(_check_nameserver)(value) or None  # [] = the system resolver too
 
@@ -560,6 +564,17 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class SubmissionSettings:
+    # Sendmail's class t: who may set the envelope sender with `sendmail -f` without an
+    # X-Authentication-Warning. The spool's owner (the daemon's user) always may.
+    trusted_users: tuple[str, ...] = setting(
+        _str_list(_str),
+        ["root", "daemon"],
+        "who may use `sendmail -f` without an `X-Authentication-Warning` (Sendmail's class t)",
+    )
+
+
+@dataclass(frozen=True)
 class LogSettings:
     # No default target: a file setting is the file target (as before targets existed), and
     # without one the lines go to stderr, where `mailgate serve` in a terminal shows them.
@@ -726,6 +741,17 @@ class MilterSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Off unless asked for: a config that predates metrics opens no new port on upgrade, and
+    # two daemons on one host do not fight over one. The embedded default config turns it on.
+    listen: tuple[str, int] | None = setting(
+        _listen_or_off,
+        "",
+        '`/metrics` and `/health` over HTTP, e.g. `"127.0.0.1:9925"` (`""` = off)',
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
     hostname: str = setting(
@@ -775,8 +801,10 @@ class Config:
     local: LocalSettings = section(LocalSettings)
     uucp: UucpSettings = section(UucpSettings)
     access: AccessSettings = section(AccessSettings)
+    submission: SubmissionSettings = section(SubmissionSettings)
     log: LogSettings = section(LogSettings)
     tls: TlsSettings = section(TlsSettings)
+    metrics: MetricsSettings = section(MetricsSettings)
     milters: tuple[MilterSettings, ...] = entries("milter", MilterSettings)
 
     @property
@@ -1076,6 +1104,53 @@ def _check_log(r: _Reader, log: LogSettings) -> None:
         raise r.error("log", "json_file", "is set, but json is not true")
 
 
+@dataclass(frozen=True)
+class Override:
+    """A setting given on the command line (``sendmail -O``, ``-q30m``), over the file's."""
+
+    section: str  # "" for the top level
+    key: str
+    value: TomlValue  # as TOML would give it, for the setting's own converter
+    origin: str  # as the admin wrote it, for errors: "-O MaxMessageSize=10M"
+
+
+_command_line: tuple[Override, ...] = ()
+_command_line_cwd = Path("/")  # where a relative path on the command line is from
+
+
+def set_command_line(overrides: Sequence[Override]) -> None:
+    """Settings given on the command line: every config read in this process from now on
+    (the first, each reload, and so in every worker) takes them over the file's, as
+    Sendmail's command-line options stand over sendmail.cf for the daemon's whole life.
+    A bad value is a ConfigError naming ``origin`` when the config is read."""
+    global _command_line, _command_line_cwd
+    known = {(k.section, k.name) for k in keys()}
+    for o in overrides:
+        if (o.section, o.key) not in known:
+            raise ValueError(f"{o.origin}: no setting [{o.section}] {o.key}")
+    _command_line = tuple(overrides)
+    # Now: `serve --daemon` moves to / before its reloads read the config again.
+    _command_line_cwd = Path.cwd()
+
+
+def _apply_command_line(top: dict[str, object]) -> None:
+    sections = dict(_sections())
+    for o in _command_line:
+        cls = sections[o.section] if o.section else Config
+        spec = next(s for f, s in _settings_of(cls) if f.name == o.key)
+        label = f"[{o.section}] {o.key}" if o.section else o.key
+        try:
+            value = spec.convert(o.value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(o.origin, None, f"{label}: {exc}") from None
+        if spec.relative and isinstance(value, Path) and not value.is_absolute():
+            value = _command_line_cwd / value  # relative to where the command was run
+        if o.section:
+            top[o.section] = replace(cast(Any, top[o.section]), **{o.key: value})
+        else:
+            top[o.key] = value
+
+
 def parse_config(text: str, path: Path | None, base: Path) -> Config:
     """Parse TOML ``text``; relative paths resolve against ``base``."""
     source = str(path) if path else "<embedded default config>"
@@ -1093,6 +1168,7 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         top["pid_file"] = cast(Path, top["spool_dir"]) / "mailgate.pid"
     for name, cls in _sections():
         top[name] = _build(cls, r.values(name, cls, base))
+    _apply_command_line(top)
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
     _check_log(r, cast(LogSettings, top["log"]))
     listen = cast(tuple[tuple[str, int], ...], top.get("listen", Config.listen))

@@ -10,22 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import signal
 import socket
 import time
 import zlib
-from collections import Counter
 from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from mailgate import maillog
+from mailgate import maillog, metrics
 from mailgate.config import Config
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
+from mailgate.monitor import Gauges, MonitorServer, QueueCensus, bind
 from mailgate.policy import Client
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
@@ -57,6 +58,8 @@ class Gateway:
         workers: int = 1,
         adopt: tuple[int, ...] = (),
         counts: Counts | None = None,
+        table: metrics.Table | None = None,
+        metrics_socket: socket.socket | None = None,
         events: ServiceEvents | None = None,
     ) -> None:
         self.config_path = config_path
@@ -68,6 +71,11 @@ class Gateway:
         # Pids of this worker's dead predecessors: the mail they received is ours to retry.
         self.adopt = {pid_tag(pid) for pid in adopt}
         cfg = snapshot.config
+        # The daemon's counts (metrics.py): our row of the master's table, or a table of our own.
+        self.table = table if table is not None else metrics.Table(1)
+        self.metrics = self.table.row(worker if table is not None else 0)
+        self.metrics_socket = metrics_socket  # bound by the master; only worker 0 serves it
+        self.monitor: MonitorServer | None = None
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
         self.delivery = DeliveryContext(
@@ -76,12 +84,12 @@ class Gateway:
             snapshot=lambda: self.snapshot,
             queued=self._report_queued,
             connections=ConnectionCache(),
+            metrics=self.metrics,
         )
         self.scheduler = Scheduler(partial(attempt, self.delivery), cfg.queue.max_deliveries)
         self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
         self.admission = Admission(counts)
-        self.counters: Counter[str] = Counter()
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
@@ -113,6 +121,9 @@ class Gateway:
             maillog.recovered(len(recovered), cfg.spool_dir)
         # Released or requeued while the daemon was down: due now, not at their back-off.
         self._submit_due(self.spool.take_due(self._my_share))
+        # Before the SMTP listeners: a metrics port in use stops the start before any client
+        # is served (with workers, the master bound it already).
+        await self._start_monitor()
         socks = (
             self.sockets
             if self.sockets is not None
@@ -127,7 +138,10 @@ class Gateway:
                 has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
             )
             listener.start()
+            assert listener.task is not None
+            listener.task.add_done_callback(lambda _task: self.metrics.set_listening(False))
             self.listeners.append(listener)
+        self.metrics.started(os.getpid(), listening=True)
         loop = asyncio.get_running_loop()
         self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
         self._scan_task = loop.create_task(self._queue_runs())
@@ -135,6 +149,58 @@ class Gateway:
         listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
         self.events.listening()
+
+    async def _start_monitor(self) -> None:
+        """``[metrics] listen``: worker 0 answers for the whole daemon (monitor.py)."""
+        listen = self.snapshot.config.metrics.listen
+        sock = self.metrics_socket
+        if self.worker != 0:
+            if sock is not None:
+                sock.close()  # the master's, inherited: worker 0's to serve
+            return
+        if sock is None and listen is not None:
+            sock = bind(listen)
+        if sock is None:
+            return
+        self.monitor = MonitorServer(
+            sock, self.table, self.gauges, QueueCensus(self.spool), self.health_problems
+        )
+        await self.monitor.start()
+
+    def gauges(self) -> Gauges:
+        """What /metrics says is true now (the queue is filled in by its census)."""
+        return Gauges(
+            sessions_open=self.admission.open_sessions,
+            queue_messages=0,
+            queue_oldest=None,
+            spool_free_bytes=self.spool.free_space(),
+            stress=self.stressed,
+        )
+
+    def health_problems(self) -> list[str]:
+        """Why /health answers 503 (none: 200): a worker not running or not listening, a
+        spool that cannot take a file or is below ``min_free``."""
+        problems = []
+        table = self.table
+        for row in range(table.rows):
+            name = f"worker {row}" if table.rows > 1 else "the daemon"
+            if not table.value(metrics.PID, row):
+                problems.append(f"{name} is not running")
+            elif not table.value(metrics.LISTENING, row):
+                problems.append(f"{name} is not listening")
+        probe = self.spool.incoming / f".health.{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            problems.append(f"spool {self.spool.incoming} is not writable: {exc.strerror or exc}")
+        min_free = self.snapshot.config.queue.min_free
+        if not self.spool.room_for(0, min_free):
+            problems.append(
+                f"spool {self.spool.root} has {self.spool.free_space()} bytes free, "
+                f"below min_free ({min_free})"
+            )
+        return problems
 
     def _new_session(self) -> SmtpServerProtocol:
         return SmtpServerProtocol(self)
@@ -163,6 +229,10 @@ class Gateway:
         for s in list(self.sessions):
             with contextlib.suppress(Exception):
                 s.shut_down(bye)
+        # Scrapes went on during the drain (/health said "not listening" since the listeners
+        # closed): the last ones see it through.
+        if self.monitor is not None:
+            await self.monitor.close()
         self._stats_task.cancel()
         self._scan_task.cancel()
         self._report_task.cancel()
@@ -184,7 +254,11 @@ class Gateway:
             return False
         config = snapshot.config
         old = self.snapshot.config
-        if config.listen != old.listen or config.spool_dir != old.spool_dir:
+        if (
+            config.listen != old.listen
+            or config.spool_dir != old.spool_dir
+            or config.metrics != old.metrics
+        ):
             maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
@@ -201,7 +275,6 @@ class Gateway:
     def session_started(self, session: SmtpServerProtocol) -> None:
         """A connection was accepted (admitted or not: ``smtp/limits.py`` counts those)."""
         self.sessions.add(session)
-        self.counters["connections"] += 1
         self._check_stress()
 
     def session_ended(self, session: SmtpServerProtocol) -> None:
@@ -223,7 +296,7 @@ class Gateway:
         open_now = self.admission.open_sessions
         if not self.stressed and open_now >= mark:
             self.stressed = True
-            self.counters["stress"] += 1
+            self.metrics.inc(metrics.STRESS_EPISODES)
             maillog.stress_started(open_now, smtp.max_connections, smtp.stress_timeout)
             for session in list(self.sessions):
                 session.timeouts_changed()
@@ -257,7 +330,7 @@ class Gateway:
     def message_queued(self, queued: QueuedMessage) -> None:
         """A session committed a message (and sent its 250): its first attempt gets it with
         its file still open and locked."""
-        self.counters["messages_received"] += 1
+        self.metrics.counts[metrics.MESSAGES_RECEIVED] += 1
         self.scheduler.submit(queued.qid, message=queued)
 
     def _report_queued(self, queued: QueuedMessage) -> None:
@@ -366,26 +439,28 @@ class Gateway:
             with contextlib.suppress(OSError):
                 await self.scan_queue()
 
-    def count(self, name: str) -> None:
-        self.counters[name] += 1
+    def count(self, slot: int) -> None:
+        self.metrics.counts[slot] += 1
 
     def log_statistics(self) -> None:
-        """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2)."""
-        c = self.counters
-        names = (
-            "connections",
-            "messages_received",
-            "early_talkers",
-            "rcpt_throttled",
-            "bad_rcpt_disconnects",
-            "per_ip_limit",
-            "connect_refused",
-            "bare_newline",
-            "improper_pipelining",
-            "stress",
-        )
+        """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2):
+        this process's row of the metrics (a restarted worker's includes its predecessors')."""
+        row = self.metrics.value
+        connections = metrics.CONNECTIONS
         maillog.statistics(
-            {**{n: c[n] for n in names}, "log_lines_lost": maillog.lost_lines()},
+            {
+                "connections": sum(row(connections.base + i) for i in range(connections.size)),
+                "messages_received": row(metrics.MESSAGES_RECEIVED),
+                "early_talkers": row(metrics.connection("early_talker")),
+                "rcpt_throttled": row(metrics.event("rcpt_throttled")),
+                "bad_rcpt_disconnects": row(metrics.event("bad_rcpt_disconnect")),
+                "per_ip_limit": row(metrics.connection("per_ip_limit")),
+                "connect_refused": row(metrics.connection("access_refused")),
+                "bare_newline": row(metrics.event("bare_newline")),
+                "improper_pipelining": row(metrics.event("improper_pipelining")),
+                "stress": row(metrics.STRESS_EPISODES),
+                "log_lines_lost": maillog.lost_lines(),
+            },
             len(self.sessions),
             self.scheduler.queued,
             self.scheduler.active,
@@ -399,7 +474,9 @@ class Gateway:
     def activity(self) -> Activity:
         return Activity(
             sessions=len(self.sessions),
-            received=self.counters["messages_received"],
+            # The row's count: a restarted worker's includes its predecessors', so the
+            # daemon's total (the master sums the rows) never goes back.
+            received=self.metrics.value(metrics.MESSAGES_RECEIVED),
             queued=self.scheduler.queued,
             delivering=self.scheduler.active,
         )
@@ -444,9 +521,13 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    # USR2 too: its default would kill a daemon that has logged "starting daemon" but not yet
+    # come back here, and its statistics need nothing the start makes. USR1 needs the
+    # scheduler running: ignored until then (the start takes on the queue anyway).
+    loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     await gateway.start()
     loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
-    loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
     # Ignored until here (its default), and start() has read due/ already.
     loop.add_signal_handler(DUE_SIGNAL, gateway.wake)
     await stop.wait()

@@ -290,6 +290,13 @@ class Resolver:
             raise errors[0]
         return []
 
+    async def ptr_names(self, ip: str) -> list[str]:
+        """The PTR names of an address, as they are (not forward-confirmed: ``ptr`` does
+        that); [] when it has none. DnsNotFound, DnsTempError; ValueError for no address."""
+        addr = ipaddress.ip_address(ip.strip("[]"))
+        names = await self._lookup(addr.reverse_pointer, dns.rdatatype.PTR)
+        return [n for n in names if n != "."]
+
     async def ptr(self, ip: str) -> PtrResult:
         """Forward-confirmed reverse DNS of a client address (Sendmail's ``${client_resolve}``).
 

@@ -48,6 +48,7 @@ SYSLOG_SEVERITY: dict[Level, int] = {"debug": 7, "info": 6, "notice": 5, "warnin
 LEVELS: dict[str, Level] = {
     # a message's life: each line carries its queue id
     "received": "info",
+    "submitted": "info",
     "delivery": "info",
     "dsn_created": "info",
     "removed": "info",
@@ -395,6 +396,15 @@ def received(
     if msgid:
         msg += f", msgid={msgid}"
     return f"{msg}, proto={proto}, daemon=MTA, relay={relay}"
+
+
+@_event
+def submitted(qid: str, sender: str, size: int, nrcpts: int, msgid: str, user: str) -> str:
+    """A local submission (``mailgate sendmail``): Sendmail's line for it has no proto."""
+    return (
+        f"{qid}: from=<{sender}>, size={size}, class=0, nrcpts={nrcpts}, msgid={msgid}, "
+        f"relay={user}@localhost"
+    )
 
 
 @_event

@@ -2,7 +2,9 @@
 clears ``incoming/``, forks the workers that share them and the spool, forwards signals,
 restarts a worker that dies (with the newest config that passed its check and a clean slate in
 the shared connection counts), and speaks for the daemon to the init system: it is ready when
-every worker listens, and a reload is done when every worker has answered it."""
+every worker listens, and a reload is done when every worker has answered it. It also makes the
+shared metrics table (one row per worker) and binds ``[metrics] listen``, which worker 0
+serves."""
 
 from __future__ import annotations
 
@@ -16,11 +18,11 @@ import select
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mailgate import maillog
+from mailgate import maillog, metrics, monitor
 from mailgate.daemon import install_event_loop, serve, setup_log
 from mailgate.queue.spool import DUE_SIGNAL, Spool
 from mailgate.runstate import Activity
@@ -99,6 +101,9 @@ class Master:
         self.workers = workers
         cfg = snapshot.config
         self.sockets: list[socket.socket] = [bind_socket(host, port) for host, port in cfg.listen]
+        # Bound here, so that it outlives worker 0 (a scrape waits in the backlog while it
+        # restarts).
+        self.metrics_socket = monitor.bind(cfg.metrics.listen) if cfg.metrics.listen else None
         spool = Spool(cfg.spool_dir)
         moved = spool.recover_incoming()
         spool.close()
@@ -107,6 +112,7 @@ class Master:
         self.running = snapshot  # the newest config that passed its check: a new worker's
         self.generation = 0  # of ``running``: a worker forked before a reload needs a HUP
         self.counts = SharedCounts(workers)  # connection counts for the whole daemon
+        self.table = metrics.Table(workers)  # the daemon's metrics, one row per worker
         self.children: dict[int, Worker] = {}  # pid → worker
         self.dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → its pids
         self.restart_at: dict[int, float] = {}  # index → when to fork its replacement
@@ -161,6 +167,8 @@ class Master:
                 workers=self.workers,
                 adopt=tuple(self.dead[index]),
                 counts=self.counts,
+                table=self.table,
+                metrics_socket=self.metrics_socket,
                 events=WorkerReports(self.events_w, index),
             )
         )
@@ -222,6 +230,8 @@ class Master:
             # refuses new connections instead of queueing them for nobody.
             for sock in self.sockets:
                 sock.close()
+            if self.metrics_socket is not None:
+                self.metrics_socket.close()  # worker 0's copy serves until it stops
         self._forward(sig)
 
     def _reload(self) -> None:
@@ -297,7 +307,9 @@ class Master:
         total = Activity()
         for w in self.children.values():
             total += w.activity
-        return total
+        # Received is the metrics table's: it keeps a dead worker's count, which its report
+        # left with it, so the daemon's total never goes back.
+        return replace(total, received=self.table.value(metrics.MESSAGES_RECEIVED))
 
     def _reap(self) -> None:
         while self.children:
@@ -313,6 +325,7 @@ class Master:
             if pid in self.awaiting_reload:
                 self.awaiting_reload.discard(pid)
                 self._reload_answered()
+            self.table.process_gone(worker.index)  # its counts stay: the daemon's never go back
             if not self.stopping:
                 maillog.worker_exited(worker.index, pid, status)
                 self.counts.clear_row(worker.index)  # its sessions died with it

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
 from mailgate.dns import PtrStatus
+from mailgate.metrics import RejectReason
 from mailgate.reply import Reply
 from mailgate.routing import RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
@@ -53,6 +54,7 @@ class Decision:
     reply: Reply
     discard: bool = False  # accept, then throw the whole message away (access DISCARD)
     logged_reject: bool = False  # a refusal worth a ruleset=… reject= log line
+    reason: RejectReason | None = None  # why, for the metrics (with logged_reject)
 
     @property
     def accepted(self) -> bool:
@@ -129,9 +131,13 @@ def check_sender(
     verdict = tables.access.sender(mailbox.local, mailbox.domain)
     if verdict is not None:
         if verdict.action == "REJECT":
-            return Decision(Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True)
+            return Decision(
+                Reply(550, "5.7.1", f"{shown}... Access denied"),
+                logged_reject=True,
+                reason="access",
+            )
         if verdict.action == "ERROR" and verdict.error is not None:
-            return Decision(verdict.error.reply(shown), logged_reject=True)
+            return Decision(verdict.error.reply(shown), logged_reject=True, reason="access")
         if verdict.action == "DISCARD":
             return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"), discard=True)
         if verdict.action == "OK":
@@ -140,6 +146,7 @@ def check_sender(
         return Decision(
             Reply(553, "5.5.4", f"{shown}... Domain name required for sender address {raw}"),
             logged_reject=True,
+            reason="sender",
         )
     return None
 
@@ -225,17 +232,19 @@ def check_recipient(
         if verdict is not None:
             if verdict.action == "REJECT":
                 return Decision(
-                    Reply(550, "5.7.1", f"{shown}... Access denied"), logged_reject=True
+                    Reply(550, "5.7.1", f"{shown}... Access denied"),
+                    logged_reject=True,
+                    reason="access",
                 )
             if verdict.action == "ERROR" and verdict.error is not None:
-                return Decision(verdict.error.reply(shown), logged_reject=True)
+                return Decision(verdict.error.reply(shown), logged_reject=True, reason="access")
             if verdict.action == "DISCARD":
                 return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
     if not client_relays and not may_relay_to(final, ctx, config.relay_hosts_only):
-        return Decision(relay_denied(shown, client), logged_reject=True)
+        return Decision(relay_denied(shown, client), logged_reject=True, reason="relay")
     # Routed here only for the refusals (error: entries, unknown users); delivery routes
     # again with the tables in force then.
     for route in resolve(final, ctx, expand=False):
         if route.mailer == "error" and route.error is not None:
-            return Decision(route.error.reply(shown), logged_reject=True)
+            return Decision(route.error.reply(shown), logged_reject=True, reason="recipient")
     return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"))

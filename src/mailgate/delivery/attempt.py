@@ -31,6 +31,8 @@ from mailgate.delivery import Job, Mailer, Outcome, Status, notify
 from mailgate.delivery.mailers import build_mailers
 from mailgate.delivery.smtp import ConnectionCache, DestinationLimits
 from mailgate.dns import Resolver
+from mailgate.metrics import Row as MetricsRow
+from mailgate.metrics import local_row
 from mailgate.queue.spool import (
     CorruptEntry,
     EntryLocked,
@@ -55,6 +57,7 @@ class DeliveryContext:
     transcript: Callable[[str], None] | None = None  # `mailgate flush -v`: the SMTP dialogue
     connections: ConnectionCache | None = None  # the daemon reuses next-hop connections
     limits: DestinationLimits = field(default_factory=DestinationLimits)  # per next hop
+    metrics: MetricsRow = field(default_factory=local_row)  # the daemon's counts: our row
     # The mailer registry (``delivery.mailers``); tests give fakes.
     make_mailers: Callable[[Config, DeliveryContext], dict[str, Mailer]] = build_mailers
     _mailers: tuple[Snapshot, Resolver, dict[str, Mailer]] | None = field(default=None, repr=False)
@@ -118,7 +121,7 @@ async def _attempt(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
     planned = plan(msg, snap, ctx.mailers(snap))
     results = await deliver_all(msg, planned)
     now = time.time()
-    log_outcomes(msg, results, started, now)
+    log_outcomes(msg, results, started, now, ctx.metrics)
     recorded = record(msg.status, results)
     if recorded.failed and not await notify.bounce(
         ctx,
@@ -197,16 +200,23 @@ async def deliver_all(msg: QueuedMessage, planned: Plan) -> list[tuple[Job, Outc
 
 # -- record -------------------------------------------------------------------------------------
 def log_outcomes(
-    msg: QueuedMessage, results: list[tuple[Job, Outcome]], started: float, now: float
+    msg: QueuedMessage,
+    results: list[tuple[Job, Outcome]],
+    started: float,
+    now: float,
+    counts: MetricsRow,
 ) -> None:
-    """One maillog ``to=`` line per target."""
+    """One maillog ``to=`` line per target, and its count in the metrics."""
     env = msg.envelope
+    delay = now - env.arrival
     for job, outcome in results:
         route = job.route
+        failed_hop = route.host if route.is_smtp and outcome.status is not Status.SENT else None
+        counts.delivery(route.mailer, outcome.status.value, delay, failed_hop)
         maillog.delivery(
             env.qid,
             route.address if route.is_remote or route.mailer == "error" else job.rcpt.address,
-            delay=now - env.arrival,
+            delay=delay,
             xdelay=now - started,
             mailer=route.mailer,
             relay=outcome.relay,
@@ -360,6 +370,7 @@ async def expire(
     env = msg.envelope
     text = f"Cannot send message for {interval_text(snap.config.queue.max_age)}"
     for rcpt in pending:
+        ctx.metrics.delivery("esmtp", Status.PERM.value, now - env.arrival, None)
         maillog.delivery(
             env.qid,
             rcpt.address,

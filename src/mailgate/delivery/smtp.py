@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from mailgate import maillog, tls
+from mailgate import maillog, metrics, tls
 from mailgate.config import Config, DeliverySettings
 from mailgate.delivery import Job, Outcome, Status
 from mailgate.dns import DnsError, DnsNotFound, DnsTempError, NullMx, Resolver
@@ -279,6 +279,7 @@ class SmtpMailer:
     def __init__(self, cfg: Config, ctx: DeliveryContext) -> None:
         self.resolver: Resolver = ctx.resolver
         self.cache: ConnectionCache | None = ctx.connections
+        self.metrics = ctx.metrics
         self.limits: DestinationLimits = ctx.limits
         self.transcript = ctx.transcript
         self.hostname = cfg.hostname
@@ -351,8 +352,10 @@ class SmtpMailer:
         )
         if client.tls is not None:
             maillog.starttls_client(at.relay, client.tls)
+            self.metrics.inc(metrics.tls("client", ok=True))
         elif client.tls_failure is not None:
             maillog.starttls_client_failed(at.relay, client.tls_failure)
+            self.metrics.inc(metrics.tls("client", ok=False))
         return client
 
     async def _try_candidate(

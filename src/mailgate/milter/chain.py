@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Literal
 
-from mailgate import __version__, maillog
+from mailgate import __version__, maillog, metrics
 from mailgate.config import MilterSettings
 from mailgate.milter import codec
 from mailgate.milter.client import FilterClient, MilterFailure
@@ -133,6 +133,7 @@ async def attach(session: Session, transport: asyncio.transports.BaseTransport) 
     assert effect.reply is not None
     what = "temp failing commands" if effect.reply.is_temporary else "rejecting commands"
     maillog.milter_connect_refused(host, client.ip, what)
+    session.host.count(metrics.rejection("milter"))
     session.connect = replace(session.connect, refusal=effect.reply)
     return None
 
@@ -209,7 +210,7 @@ class MilterChain:
             line = f"{cmd.verb} {cmd.arg}".strip()
             effect = await self._event(Stage.UNKNOWN, None, lambda s: s.unknown(self.macros, line))
             if effect is not None and effect.reply is not None:
-                return Answer(effect.reply, bad=True, close=effect.kind == "close")
+                return self._answer(effect, bad=True)
         return answer
 
     async def _helo(self, session: Session, answer: Answer) -> Answer:
@@ -278,8 +279,7 @@ class MilterChain:
             return answer
         maillog.milter_reject(None, f"to=<{rcpt.address}>", effect.reply)
         tx.recipients.pop()
-        assert effect.reply is not None
-        return Answer(effect.reply, rcpt=True, refused=True, close=effect.kind == "close")
+        return self._answer(effect, rcpt=True, refused=True)
 
     async def _data(self, session: Session, answer: Answer) -> Answer:
         tx = session.tx
@@ -303,9 +303,11 @@ class MilterChain:
     def _mailer(self, domain: str) -> str:
         return "local" if not domain or self.smtp.snap.routing.is_local(domain) else "esmtp"
 
-    def _answer(self, effect: _Effect) -> Answer:
+    def _answer(self, effect: _Effect, **flags: bool) -> Answer:
+        """The filters' refusal as our answer; counted (metrics: rejections, reason milter)."""
         assert effect.reply is not None
-        return Answer(effect.reply, close=effect.kind == "close")
+        self.smtp.host.count(metrics.rejection("milter"))
+        return Answer(effect.reply, close=effect.kind == "close", **flags)
 
     # -- the end of the message ----------------------------------------------------------------
     async def end_of_message(self, session: Session, tx: Transaction) -> Answer | None:
@@ -427,6 +429,7 @@ class MilterChain:
     def _eom_answer(self, qid: str, effect: _Effect) -> Answer:
         if effect.kind == "discard":
             maillog.milter_discard(qid, "data")
+            self.smtp.host.count(metrics.MESSAGES_DISCARDED)
             return Answer(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
         maillog.milter_reject(qid, "data", effect.reply)
         return self._answer(effect)

@@ -55,6 +55,7 @@ entry raises ``CorruptEntry`` and only ``recover`` and the attempt quarantine it
 from __future__ import annotations
 
 import asyncio
+import calendar
 import contextlib
 import errno
 import fcntl
@@ -75,8 +76,9 @@ from mailgate import maillog
 from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
 
-# "Read due/ now": ``mailgate release`` and ``requeue`` send it to the pid in ``pid_file`` (the
-# master forwards it to the workers). Ignored by default, so an older daemon is not killed.
+# "Read due/ now": ``mailgate release``, ``requeue`` and ``sendmail`` send it to the pid in
+# ``pid_file`` (the master forwards it to the workers). Ignored by default, so an older
+# daemon is not killed.
 DUE_SIGNAL = signal.SIGURG
 
 # Sendmail's queue-id alphabet: 60 characters, so a time field fits one character.
@@ -99,6 +101,20 @@ def _read_line(fd: int, limit: int) -> bytes:
             return out + block[: end + 1]
         out += block
     return out
+
+
+def qid_time(qid: str, now: float | None = None) -> float | None:
+    """When ``qid`` was made (``Spool.new_qid``: its first six characters are the UTC time to
+    the second, the year modulo 60): the arrival of its message. None for another name."""
+    try:
+        year60, month, day, hour, minute, second = (_ALPHABET.index(c) for c in qid[:6])
+    except ValueError:
+        return None
+    if month > 11 or not 1 <= day <= 31 or hour > 23 or minute > 59 or second > 59:
+        return None
+    this_year = time.gmtime(now).tm_year
+    year = this_year - (this_year - year60) % 60
+    return float(calendar.timegm((year, month + 1, day, hour, minute, second, 0, 0, 0)))
 
 
 class SpoolError(Exception):
@@ -780,6 +796,21 @@ class Spool:
             + _ALPHABET[seq % 60]
             + f"{self._pid:06d}"
         )
+
+    def census(self) -> tuple[int, float | None]:
+        """How many messages are queued, and when the oldest of them arrived (``qid_time``):
+        one listing of queue/, names only, no file opened or stat'ed (~1 s of CPU per
+        million entries). May run in a thread."""
+        count = 0
+        first: dict[str, str] = {}  # per year character: the earliest time characters
+        for qid in self.qids():
+            count += 1
+            stamp = qid[:6]
+            known = first.get(stamp[:1])
+            if known is None or stamp < known:
+                first[stamp[:1]] = stamp
+        times = [t for t in map(qid_time, first.values()) if t is not None]
+        return count, min(times, default=None)
 
     # -- receiving (loop-only) -----------------------------------------------------------------
     def open_incoming(self, envelope: Envelope) -> IncomingMessage:

@@ -105,6 +105,24 @@ def _is_header_line(line: bytes) -> bool:
     return bool(colon) and bool(name) and not name[:1].isspace() and b" " not in name.rstrip()
 
 
+def drop_fields(head: bytes, names: frozenset[str]) -> bytes:
+    """``head`` without the fields named in ``names`` (lower case), continuation lines
+    included: ``sendmail -t`` removes ``Bcc:`` before the message goes anywhere."""
+    header, _ = split_header_section(head)
+    kept: list[bytes] = []
+    dropping = False
+    for line in header.splitlines(keepends=True):
+        if line[:1] in (b" ", b"\t"):
+            if not dropping:
+                kept.append(line)
+            continue
+        name = line.partition(b":")[0].strip().lower()
+        dropping = name.decode("ascii", "replace") in names
+        if not dropping:
+            kept.append(line)
+    return b"".join(kept) + head[len(header) :]
+
+
 def split_header_section(head: bytes) -> tuple[bytes, bytes]:
     """(header lines, start of the body): the body starts after the empty line, or at the first
     line that is neither a header nor a continuation (where Sendmail also ends the headers)."""
@@ -139,6 +157,11 @@ class StampFacts:
     smtputf8: bool
     tls: str | None  # the TLS session as Received: shows it (tls.Session.for_received)
     authwarnings: bool  # PrivacyOptions authwarnings
+    # A local submission (``mailgate sendmail``): the submitting user's login name, which
+    # makes Sendmail's ``Received: (from user@localhost) by host (…/Submit)`` line.
+    submitter: str | None = None
+    untrusted_from: bool = False  # that user is not trusted and set the sender with -f
+    sender_name: str | None = None  # the full name (-F, or passwd's) for a From: we add
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +177,10 @@ class Stamped:
 def auth_warning(facts: StampFacts) -> str | None:
     """X-Authentication-Warning: where Sendmail's authwarnings adds one (semantics §11)."""
     if not facts.authwarnings:
+        return None
+    if facts.submitter is not None:
+        if facts.untrusted_from:
+            return f"{facts.submitter} set sender to {facts.sender or '<>'} using -f"
         return None
     if facts.helo is None:
         return f"[{facts.client_ip}] didn't use HELO protocol"
@@ -177,20 +204,27 @@ def stamp(head: bytes, facts: StampFacts) -> Stamped:
     names = {n for n, _ in fields}
     hops = sum(1 for n, _ in fields if n == "received")
     msgid = next((v for n, v in reversed(fields) if n == "message-id"), None)
-    if facts.client_name:
-        forged = "" if facts.client_verified else " (may be forged)"
-        origin = f"({facts.client_name} [{facts.client_ip}]{forged})"
-    else:
-        origin = f"([{facts.client_ip}])"
-    helo = facts.helo or f"[{facts.client_ip}]"
-    with_proto = ("UTF8SMTP" if facts.smtputf8 else "ESMTP") if facts.esmtp else "SMTP"
     date = rfc2822_date(facts.arrival)
-    recv = f"Received: from {helo} {origin}"
-    if facts.tls:
-        # As Sendmail: the TLS session on a line of its own, and "with ESMTPS".
-        recv += f"\r\n\t({facts.tls})"
-        with_proto += "S"
-    recv += f"\r\n\tby {facts.hostname} (mailgate) with {with_proto} id {facts.qid}"
+    if facts.submitter is not None:
+        # Sendmail's MSP line: no client, no protocol.
+        recv = (
+            f"Received: (from {facts.submitter}@localhost)\r\n"
+            f"\tby {facts.hostname} (mailgate/Submit) id {facts.qid}"
+        )
+    else:
+        if facts.client_name:
+            forged = "" if facts.client_verified else " (may be forged)"
+            origin = f"({facts.client_name} [{facts.client_ip}]{forged})"
+        else:
+            origin = f"([{facts.client_ip}])"
+        helo = facts.helo or f"[{facts.client_ip}]"
+        with_proto = ("UTF8SMTP" if facts.smtputf8 else "ESMTP") if facts.esmtp else "SMTP"
+        recv = f"Received: from {helo} {origin}"
+        if facts.tls:
+            # As Sendmail: the TLS session on a line of its own, and "with ESMTPS".
+            recv += f"\r\n\t({facts.tls})"
+            with_proto += "S"
+        recv += f"\r\n\tby {facts.hostname} (mailgate) with {with_proto} id {facts.qid}"
     if len(facts.recipients) == 1:
         recv += f"\r\n\tfor <{facts.recipients[0]}>"
     recv += f"; {date}\r\n"
@@ -205,7 +239,10 @@ def stamp(head: bytes, facts: StampFacts) -> Stamped:
     if "date" not in names:
         extra += f"Date: {date}\r\n"
     if "from" not in names:
-        extra += f"From: {facts.sender or 'MAILER-DAEMON@' + facts.hostname}\r\n"
+        sender = facts.sender or "MAILER-DAEMON@" + facts.hostname
+        if facts.sender_name:
+            sender = email.utils.formataddr((facts.sender_name, sender))
+        extra += f"From: {sender}\r\n"
     # Keep a headers-only message as it was; otherwise one empty line ends the headers.
     had_blank = head[len(header) : len(header) + 2] == b"\r\n"
     sep = b"\r\n" if had_blank or body or not header else b""

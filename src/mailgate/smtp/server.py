@@ -17,7 +17,7 @@ import ssl
 import time
 from typing import Protocol
 
-from mailgate import maillog, tls
+from mailgate import maillog, metrics, tls
 from mailgate.milter import chain as milter_chain
 from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
@@ -39,6 +39,9 @@ from mailgate.snapshot import Snapshot
 
 PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
 FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
+
+_GREETED = metrics.connection("greeted")
+_STOPPING = metrics.connection("stopping")
 
 
 class ServerHost(SessionHost, Protocol):
@@ -293,7 +296,8 @@ class SmtpServerProtocol(asyncio.Protocol):
         """The connect stage: admission, the client's PTR, access Connect:, the greet pause,
         then the greeting (or the early talker's 554). None: closed already."""
         if not self.admitted:
-            self.host.count("per_ip_limit")
+            self.host.count(metrics.connection("per_ip_limit"))
+            self.host.count(metrics.rejection("throttle"))
             self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
             return None
         self.client = client = await self.host.lookup_client(self.client.ip)
@@ -302,7 +306,8 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.host, self.snap, client, decision, before_wait=self.flush
         )
         if decision.refusal is not None:
-            self.host.count("connect_refused")
+            self.host.count(metrics.connection("access_refused"))
+            self.host.count(metrics.rejection("access"))
             name = client.verified_name
             maillog.reject(
                 None,
@@ -320,14 +325,25 @@ class SmtpServerProtocol(asyncio.Protocol):
         if decision.greet_pause > 0:
             # The pause runs from the connect, so the PTR lookup above is part of it.
             remaining = decision.greet_pause - (time.monotonic() - self.connected_at)
-            if remaining > 0 and not self.conn.pending_bytes:
+            # Not when the client hung up or the stop began during the PTR lookup: nothing
+            # would cut the pause short then, and the session would hold its place for it.
+            if (
+                remaining > 0
+                and not self.conn.pending_bytes
+                and not self.closed
+                and self.closing_reply is None
+            ):
                 await self.wait_input(remaining)
             if self.conn.pending_bytes or self.closed:
                 self.send(session.early_talk(int(time.monotonic() - self.connected_at)).reply)
                 return session
         if self.closing_reply is not None:
+            if decision.refusal is None:
+                self.host.count(_STOPPING)
             self.send(self.closing_reply)  # the daemon began to stop during the connect stage
             return None
+        if decision.refusal is None:
+            self.host.count(_GREETED)
         self.send(session.greeting().reply)
         return session
 
@@ -360,6 +376,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                 )
                 if timeout <= 0 or not await self.wait_input(timeout):
                     maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
+                    self.host.count(metrics.event("timeout"))
                     self.send(
                         Reply(
                             421,
@@ -401,6 +418,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                 self.flush()
             if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
                 maillog.write_timeout(self.relay_text)
+                self.host.count(metrics.event("timeout"))
                 return
 
     async def answer(self, answer: Answer) -> None:
@@ -413,7 +431,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             if answer.refused:
                 self.bad_rcpts += 1
                 if smtp.bad_rcpt_throttle and self.bad_rcpts == smtp.bad_rcpt_throttle:
-                    self.host.count("rcpt_throttled")
+                    self.host.count(metrics.event("rcpt_throttled"))
                     maillog.rcpt_flood(self.relay_text)
             if throttled:
                 self.flush()
@@ -431,7 +449,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             and smtp.max_bad_rcpts
             and self.bad_rcpts >= smtp.max_bad_rcpts
         ):
-            self.host.count("bad_rcpt_disconnects")
+            self.host.count(metrics.event("bad_rcpt_disconnect"))
             self.send(
                 Reply(421, "4.7.0", f"{hostname} Too many bad recipients; closing connection")
             )
@@ -448,7 +466,8 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     def refuse_framing(self, reply: Reply) -> None:
         """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
-        self.host.count("bare_newline")
+        self.host.count(metrics.event("bare_newline"))
+        self.host.count(metrics.rejection("protocol"))
         maillog.bare_newline(self.relay_text, reply.text)
         self.send(Reply(reply.code, reply.enhanced, f"{self.snap.config.hostname} {reply.text}"))
         raise _Closing
@@ -478,8 +497,10 @@ class SmtpServerProtocol(asyncio.Protocol):
                 )
             )
             maillog.starttls_accept_failed(self.relay_text, why)
+            self.host.count(metrics.tls("server", ok=False))
             self.tls_error = self.tls_error or ssl.SSLError(why)
             raise _Closing
         described = tls.describe(stream.ssl_object, verify="NOT")
         self.session.tls_started(described)
         maillog.starttls_server(self.relay_text, described)
+        self.host.count(metrics.tls("server", ok=True))

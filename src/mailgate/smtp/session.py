@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from mailgate import maillog, tls
+from mailgate import maillog, metrics, tls
 from mailgate.address import AddressError, Mailbox, canon_domain, normalize, parse_path_arg
 from mailgate.policy import (
     Client,
@@ -70,7 +70,9 @@ class SessionHost(Protocol):
     @property
     def spool(self) -> Spool: ...
 
-    def count(self, name: str) -> None: ...
+    def count(self, slot: int) -> None:
+        """Add one to a word of this process's metrics row (``metrics.py``)."""
+        ...
 
     async def domain_resolves(self, domain: str) -> str: ...
 
@@ -154,7 +156,8 @@ class Session:
         """The client spoke before the greeting: every later command but the harmless ones is
         refused (Sendmail's greet_pause)."""
         self.early_talker = True
-        self.host.count("early_talkers")
+        self.host.count(metrics.connection("early_talker"))
+        self.host.count(metrics.rejection("early_talker"))
         maillog.early_talker(self.relay_text, self.client.ip, seconds)
         return Answer(Reply(554, None, f"{self.snap.config.hostname} ESMTP not accepting messages"))
 
@@ -228,7 +231,12 @@ class Session:
             mailbox = normalize(raw, self.snap.routing.is_local) if raw else Mailbox("", "")
         except AddressError as exc:
             return Answer(exc.reply, bad=True)
-        problem = self._check_mail_params(params) or self._storage_refusal(params.get("SIZE"))
+        problem = self._check_mail_params(params)
+        if problem is not None:
+            if problem.code == 552:
+                self.host.count(metrics.rejection("size"))
+            return Answer(problem)
+        problem = self._storage_refusal(params.get("SIZE"))
         if problem is not None:
             return Answer(problem)
         shown = _as_written(arg, raw)
@@ -243,11 +251,12 @@ class Session:
             self.before_wait()
             resolves = await self.host.domain_resolves(mailbox.domain)
             reply = sender_domain_reply(raw, mailbox, resolves, shown=shown)
-            decision = Decision(reply, logged_reject=not reply.is_positive)
+            decision = Decision(reply, logged_reject=not reply.is_positive, reason="sender_domain")
         if decision is None:
             decision = Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
         if decision.logged_reject:
             maillog.reject(None, "check_mail", f"<{raw}>", self.relay_text, str(decision.reply))
+            self._count_refusal(decision)
         if decision.accepted:
             self.tx = Transaction(
                 str(mailbox) if raw else "",
@@ -259,11 +268,16 @@ class Session:
             )
         return Answer(decision.reply)
 
+    def _count_refusal(self, decision: Decision) -> None:
+        if decision.reason is not None:
+            self.host.count(metrics.rejection(decision.reason))
+
     def _storage_refusal(self, size: str | None = None) -> Reply | None:
         """Postfix's answer while the spool's file system is below ``[queue] min_free``, or
         would be with the message announced by SIZE= (checked already: digits only)."""
         if self.host.spool.room_for(int(size) if size else 0, self.snap.config.queue.min_free):
             return None
+        self.host.count(metrics.rejection("storage"))
         return Reply(452, "4.3.1", "Insufficient system storage")
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
@@ -322,6 +336,7 @@ class Session:
         )
         if decision.logged_reject:
             maillog.reject(None, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
+            self._count_refusal(decision)
         if decision.accepted:
             if decision.discard:
                 tx.discard = True
@@ -350,7 +365,8 @@ class Session:
             # client could see our 354, so it does not wait for replies (a spam engine, or a
             # smuggling attempt). Postfix 3.9 refuses it the same way.
             maillog.improper_pipelining(self.relay_text, pipelined)
-            self.host.count("improper_pipelining")
+            self.host.count(metrics.event("improper_pipelining"))
+            self.host.count(metrics.rejection("protocol"))
             self.tx = None
             return Answer(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"), close=True)
         spool = self.host.spool
@@ -431,12 +447,14 @@ class Session:
             scanner = tx.headers
             tx.headers = None
             if scanner.too_large:
+                self.host.count(metrics.rejection("content"))
                 return self._fail_data(
                     Reply(552, "5.6.0", f"Headers too large ({MAX_HEADER_BYTES} max)")
                 )
             # The content ended inside the header section (no body): write what we hold.
             self._write_head(tx, bytes(scanner.buf))
         if tx.hops > MAX_HOPS:
+            self.host.count(metrics.rejection("content"))
             return self._fail_data(
                 Reply(
                     554,
@@ -447,6 +465,7 @@ class Session:
                 )
             )
         if tx.write_error is not None:
+            self.host.count(metrics.rejection("storage"))
             return self._fail_data(_NO_STORAGE, log=f"cannot write spool file: {tx.write_error}")
         if self.milter is not None:  # the filters' verdict and changes, before the commit
             final = await self.milter.end_of_message(self, tx)
@@ -461,12 +480,14 @@ class Session:
         if tx.discard:
             msg.discard()
             maillog.discard(qid, "check_mail", f"<{tx.sender}>", self.relay_text)
+            self.host.count(metrics.MESSAGES_DISCARDED)
             return accepted
         self.before_wait()
         try:
             queued = await self.host.spool.commit(msg, lock=True)
         except SpoolError as exc:
             maillog.spool_error(qid, exc)
+            self.host.count(metrics.rejection("storage"))
             return Answer(_NO_STORAGE)
         envelope = msg.envelope
         maillog.received(
@@ -499,6 +520,7 @@ class Session:
         tx = self.tx
         qid = tx.msg.envelope.qid if tx is not None and tx.msg is not None else "NOQUEUE"
         maillog.message_refused(qid, self.relay_text, reply)
+        self.host.count(metrics.rejection("size" if reply.enhanced == "5.3.4" else "content"))
         return self._fail_data(reply)
 
     def abandon(self) -> None:

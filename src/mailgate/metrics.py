@@ -1,0 +1,353 @@
+"""The daemon's counts: what every worker adds to, read as one number for the whole daemon.
+
+Every process has a *row* of 64-bit words in one shared memory mapping, which the master makes
+before it forks (one row per worker; a single process makes its own one-row table). A process
+writes only its own row, with plain stores: counting is a ``memoryview`` item increment (about
+60 ns), no lock, no system call. Whoever answers a scrape (``monitor.py``) adds the rows up.
+A worker that dies leaves its counts in its row and its successor counts on in the same row,
+so the daemon's counters never go backwards; only the words that describe a running process
+(its pid, whether it is listening) are cleared by the master.
+
+A row holds, after those two words, the *families*: a counter is one word per label value,
+a histogram one word per bucket (not cumulative) and its sum in microseconds. Which words a
+family has is fixed here, at import, so label values are a closed set, except for the next
+hop of a failed delivery: each row has a small table of next-hop names (``HOP_ENTRIES``; past
+it, failures count under ``next_hop="other"``), written by its worker, read by the scrape.
+
+The same row is what the ``statistics:`` maillog line reports (``Gateway.log_statistics``), so
+the log line and the metrics count the same events. See README "Metrics" for what each means.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+from dataclasses import dataclass
+from itertools import product
+from typing import Literal, get_args
+
+Kind = Literal["counter", "histogram"]
+
+PID = 0  # the row's process id; 0: no process (the worker died or has not started)
+LISTENING = 1  # 1 while every listener of the row's process accepts connections
+_FIRST = 2  # the first word of the families
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric as rows store it: ``size`` words from ``base``."""
+
+    name: str  # the exposition name, without the counter's ``_total``
+    kind: Kind
+    help: str
+    labels: tuple[str, ...]
+    values: tuple[tuple[str, ...], ...]  # every label value combination, in word order
+    base: int
+    buckets: tuple[float, ...] = ()  # a histogram's upper bounds (+Inf is the last word)
+
+    @property
+    def size(self) -> int:
+        if self.kind == "histogram":
+            return len(self.buckets) + 2  # each bucket, +Inf, the sum
+        return len(self.values)
+
+    def slot(self, *values: str) -> int:
+        """The word of one label value combination (a ValueError for an unknown one)."""
+        return self.base + self.values.index(values)
+
+
+FAMILIES: list[Family] = []
+
+
+def _family(
+    name: str,
+    kind: Kind,
+    help: str,
+    labels: tuple[str, ...] = (),
+    values: tuple[tuple[str, ...], ...] = ((),),
+    buckets: tuple[float, ...] = (),
+) -> Family:
+    base = FAMILIES[-1].base + FAMILIES[-1].size if FAMILIES else _FIRST
+    family = Family(name, kind, help, labels, values, base, buckets)
+    FAMILIES.append(family)
+    return family
+
+
+def _each(*values: str) -> tuple[tuple[str, ...], ...]:
+    return tuple((v,) for v in values)
+
+
+# How the connect stage ended, one per accepted connection.
+CONNECTION_OUTCOMES = (
+    "greeted",
+    "access_refused",
+    "early_talker",
+    "per_ip_limit",
+    "stopping",  # the daemon began to stop during the connect stage: its 421, no greeting
+)
+# Why mail was refused: one per refusing reply (a connection refused at the connect stage
+# counts once, not again for each command it then sends).
+RejectReason = Literal[
+    "relay",  # RCPT: relaying denied
+    "access",  # access Connect: / From: / To: REJECT or ERROR
+    "sender_domain",  # MAIL: the sender's domain does not resolve
+    "sender",  # MAIL: unqualified sender
+    "recipient",  # RCPT: unknown local user, error: route
+    "early_talker",  # spoke before the greeting
+    "throttle",  # too many connections from the client's address (421)
+    "size",  # SIZE= or the content over max_message_size
+    "storage",  # 452 4.3.1: the spool is low on space or failed
+    "protocol",  # bare CR/LF in a command, content sent before the 354
+    "content",  # too many hops, header section too large, bare CR/LF or NUL in content
+    "milter",  # a [[milter]] filter refused, or its default action after it failed
+]
+REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
+SESSION_EVENTS = (
+    "rcpt_throttled",  # BadRcptThrottle started delaying the session's RCPTs
+    "bad_rcpt_disconnect",  # max_bad_rcpts: 421 and close
+    "bare_newline",  # a command line with a bare CR or LF: 521 and close
+    "improper_pipelining",  # content before the 354: 554 and close
+    "timeout",  # no command or content within the timeout: 421 and close
+)
+# Sendmail's mailer names (``delivery.mailers.MAILERS``; a test keeps the two alike).
+MAILERS = (
+    *("smtp", "esmtp", "smtp8", "dsmtp", "relay"),
+    *("uucp", "uucp-old", "suucp", "uucp-new", "uucp-dom", "uucp-uudom"),
+    *("local", "*file*", "prog", "error"),
+)
+DELIVERY_STATUSES = ("delivered", "deferred", "bounced")
+LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    1800.0,
+    3600.0,
+    14400.0,
+    86400.0,
+)
+
+CONNECTIONS = _family(
+    "mailgate_connections",
+    "counter",
+    "Connections accepted, by how the connect stage ended",
+    ("outcome",),
+    _each(*CONNECTION_OUTCOMES),
+)
+MESSAGES_RECEIVED = _family(
+    "mailgate_messages_received", "counter", "Messages acknowledged with 250 and queued"
+).base
+MESSAGES_DISCARDED = _family(
+    "mailgate_messages_discarded",
+    "counter",
+    "Messages acknowledged and dropped (access DISCARD, or a filter's DISCARD)",
+).base
+REJECTIONS = _family(
+    "mailgate_rejections",
+    "counter",
+    "Refusing replies to clients, by reason",
+    ("reason",),
+    _each(*REJECT_REASONS),
+)
+EVENTS = _family(
+    "mailgate_session_events",
+    "counter",
+    "Sessions throttled or closed for misbehaving, by event",
+    ("event",),
+    _each(*SESSION_EVENTS),
+)
+STRESS_EPISODES = _family(
+    "mailgate_stress_episodes", "counter", "Times stress mode started (Postfix's)"
+).base
+DELIVERIES = _family(
+    "mailgate_deliveries",
+    "counter",
+    "Delivery results (maillog to= lines), by mailer and status",
+    ("mailer", "status"),
+    tuple(product(MAILERS, DELIVERY_STATUSES)),
+)
+LATENCY = _family(
+    "mailgate_delivery_latency_seconds",
+    "histogram",
+    "From the message's arrival (maillog delay=) to its delivery, per delivered recipient",
+    buckets=LATENCY_BUCKETS,
+)
+TLS = _family(
+    "mailgate_tls",
+    "counter",
+    "STARTTLS handshakes, as server (clients) and as client (next hops), by outcome",
+    ("side", "outcome"),
+    tuple(product(("server", "client"), ("ok", "failed"))),
+)
+
+ROW_WORDS = FAMILIES[-1].base + FAMILIES[-1].size
+
+# The next-hop table: HOP_ENTRIES entries per row after the families, each a name (a length
+# byte and up to HOP_NAME_MAX bytes of UTF-8) and one word per failure status.
+HOP_STATUSES = ("deferred", "bounced")
+HOP_ENTRIES = 256
+HOP_NAME_MAX = 119
+_HOP_ENTRY_WORDS = (1 + HOP_NAME_MAX) // 8 + len(HOP_STATUSES)
+HOP_OTHER = "other"  # the label of failures past a full table
+_ROW_BYTES = (ROW_WORDS + HOP_ENTRIES * _HOP_ENTRY_WORDS) * 8
+
+_STATUS_OF_OUTCOME = {"sent": "delivered", "temp": "deferred", "perm": "bounced"}
+_DELIVERY_SLOTS = {
+    (mailer, outcome): DELIVERIES.slot(mailer, status)
+    for mailer in MAILERS
+    for outcome, status in _STATUS_OF_OUTCOME.items()
+}
+_LATENCY_SUM = LATENCY.base + len(LATENCY_BUCKETS) + 1
+
+
+def connection(outcome: str) -> int:
+    return CONNECTIONS.slot(outcome)
+
+
+def rejection(reason: RejectReason) -> int:
+    return REJECTIONS.slot(reason)
+
+
+def event(name: str) -> int:
+    return EVENTS.slot(name)
+
+
+def tls(side: str, ok: bool) -> int:
+    return TLS.slot(side, "ok" if ok else "failed")
+
+
+class Table:
+    """The shared mapping: one row per process. Made before the fork (anonymous and shared,
+    so every child writes into the same pages)."""
+
+    def __init__(self, rows: int = 1) -> None:
+        self.rows = rows
+        self._map = mmap.mmap(-1, rows * _ROW_BYTES)  # MAP_SHARED | MAP_ANONYMOUS
+        self.words = memoryview(self._map).cast("Q")
+
+    def row(self, index: int) -> Row:
+        return Row(self, index)
+
+    def _base(self, index: int) -> int:
+        return index * (_ROW_BYTES // 8)
+
+    def value(self, slot: int, row: int | None = None) -> int:
+        """One word of one row, or (``row`` None) its sum over the rows."""
+        words, width = self.words, _ROW_BYTES // 8
+        if row is not None:
+            return int(words[row * width + slot])
+        return sum(int(words[r * width + slot]) for r in range(self.rows))
+
+    def process_gone(self, index: int) -> None:
+        """The process of row ``index`` died (called by the master): it no longer runs or
+        listens; its counts stay."""
+        base = self._base(index)
+        self.words[base + PID] = 0
+        self.words[base + LISTENING] = 0
+
+    def hop_failures(self) -> dict[tuple[str, str], int]:
+        """(next hop, status) → failures, over every row."""
+        out: dict[tuple[str, str], int] = {}
+        for index in range(self.rows):
+            for name, counts in _read_hops(self, index).items():
+                for status, n in zip(HOP_STATUSES, counts, strict=True):
+                    key = (name, status)
+                    out[key] = out.get(key, 0) + n
+        return out
+
+
+def _hop_word(table: Table, index: int, entry: int) -> int:
+    return table._base(index) + ROW_WORDS + entry * _HOP_ENTRY_WORDS
+
+
+def _read_hops(table: Table, index: int) -> dict[str, list[int]]:
+    """The named entries of one row's hop table, in entry order (a zero length ends it)."""
+    out: dict[str, list[int]] = {}
+    raw = table._map
+    for entry in range(HOP_ENTRIES):
+        word = _hop_word(table, index, entry)
+        length = raw[word * 8]
+        if length == 0:
+            break
+        name = raw[word * 8 + 1 : word * 8 + 1 + length].decode("utf-8", "replace")
+        counts_at = word + (1 + HOP_NAME_MAX) // 8
+        out[name] = [int(table.words[counts_at + i]) for i in range(len(HOP_STATUSES))]
+    return out
+
+
+class Row:
+    """What one process writes: its own row of the table, and nothing else."""
+
+    __slots__ = ("_hops", "counts", "index", "table")
+
+    def __init__(self, table: Table, index: int) -> None:
+        self.table = table
+        self.index = index
+        base = table._base(index)
+        self.counts = table.words[base : base + ROW_WORDS]
+        # A successor of a dead worker counts on in the entries its predecessor named.
+        self._hops = {name: e for e, name in enumerate(_read_hops(table, index))}
+
+    def inc(self, slot: int, n: int = 1) -> None:
+        self.counts[slot] += n
+
+    def value(self, slot: int) -> int:
+        return int(self.counts[slot])
+
+    def started(self, pid: int, listening: bool) -> None:
+        self.counts[PID] = pid
+        self.counts[LISTENING] = int(listening)
+
+    def set_listening(self, listening: bool) -> None:
+        self.counts[LISTENING] = int(listening)
+
+    def delivery(self, mailer: str, outcome: str, delay: float, next_hop: str | None) -> None:
+        """One maillog ``to=`` line: ``outcome`` is ``delivery.Status``'s value (sent, temp,
+        perm); a delivered one's ``delay`` goes into the latency histogram, a failed one to
+        an SMTP ``next_hop`` into that hop's failures."""
+        slot = _DELIVERY_SLOTS.get((mailer, outcome))
+        if slot is not None:
+            self.counts[slot] += 1
+        if outcome == "sent":
+            counts = self.counts
+            counts[LATENCY.base + bisect.bisect_left(LATENCY_BUCKETS, delay)] += 1
+            counts[_LATENCY_SUM] += max(0, int(delay * 1_000_000))
+        elif next_hop is not None:
+            self._hop_failed(next_hop, _STATUS_OF_OUTCOME[outcome])
+
+    def _hop_failed(self, hop: str, status: str) -> None:
+        entry = self._hops.get(hop)
+        if entry is None:
+            entry = self._name_entry(hop)
+        word = _hop_word(self.table, self.index, entry) + (1 + HOP_NAME_MAX) // 8
+        self.table.words[word + HOP_STATUSES.index(status)] += 1
+
+    def _name_entry(self, hop: str) -> int:
+        """A new entry for ``hop`` (the last one, ``other``, once the table is full)."""
+        if len(self._hops) >= HOP_ENTRIES - 1:
+            hop = HOP_OTHER
+            if hop in self._hops:
+                return self._hops[hop]
+        entry = len(self._hops)
+        name = hop.encode("utf-8", "replace")[:HOP_NAME_MAX]
+        at = _hop_word(self.table, self.index, entry) * 8
+        raw = self.table._map
+        raw[at + 1 : at + 1 + len(name)] = name
+        raw[at] = len(name)  # last: a reader sees the whole name or none
+        self._hops[hop] = entry
+        return entry
+
+
+def local_row() -> Row:
+    """A row of a table of its own: one process, or code that counts with nobody reading."""
+    return Table(1).row(0)

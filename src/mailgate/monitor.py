@@ -1,0 +1,164 @@
+"""``[metrics] listen``: ``/metrics`` (Prometheus text format) and ``/health``, over HTTP.
+
+One process answers, on its event loop: the only process with one worker, worker 0 with
+several (the master binds the socket before it forks and only worker 0 accepts on it). Its
+answers are the whole daemon's all the same: the counts are summed over every worker's row of
+the shared table (``metrics.py``), the open sessions are the shared admission count, the queue
+is read from the spool folder. A scrape never blocks the loop on the queue: the folder listing
+runs in a thread, and it is cached for longer the longer it takes (``QueueCensus``).
+
+The HTTP side is a few lines of asyncio on purpose: prometheus_client's own server runs a
+thread per request beside the event loop (and threads do not mix with a master that forks),
+while here a request is one read of at most 8 KiB within ``READ_TIMEOUT``, one write, and
+close, with at most ``MAX_CONNECTIONS`` at once. The text format itself is prometheus_client's
+(``generate_latest`` over a collector that reads the table), so escaping and number formatting
+are the library's (``exposition.py``, imported at the first scrape: the workers that answer
+none, and a daemon without ``[metrics] listen``, never load the library).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailgate import metrics
+from mailgate.queue.spool import Spool
+from mailgate.smtp.listener import bind_socket
+
+MAX_CONNECTIONS = 16  # more at once are closed at once
+READ_TIMEOUT = 5.0  # for the request head
+MAX_HEAD = 8192
+
+
+def bind(listen: tuple[str, int]) -> socket.socket:
+    """The ``[metrics] listen`` socket; an OSError that names the setting."""
+    host, port = listen
+    try:
+        return bind_socket(host, port, backlog=64)
+    except OSError as exc:
+        raise OSError(exc.errno, f"[metrics] listen {host}:{port}: {exc.strerror}") from None
+
+
+class QueueCensus:
+    """The queue's size and its oldest message's arrival, from ``Spool.census`` (a listing of
+    ``queue/``). A listing is reused until ``MIN_AGE`` has passed and ``COST`` times as long
+    as it took, so the listings take at most 1/``COST`` of one core: a 100,000-message queue
+    (~0.1 s) is listed at most every 30 s, a small one every 2 s."""
+
+    MIN_AGE = 2.0
+    COST = 300
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+        self._value: tuple[int, float | None] = (0, None)
+        self._due = -1.0
+        self._lock = asyncio.Lock()
+
+    async def current(self) -> tuple[int, float | None]:
+        async with self._lock:  # concurrent scrapes share one listing
+            if time.monotonic() >= self._due:
+                started = time.monotonic()
+                self._value = await asyncio.to_thread(self.spool.census)
+                took = time.monotonic() - started
+                self._due = time.monotonic() + max(self.MIN_AGE, took * self.COST)
+        return self._value
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What is true now, for the whole daemon (the counters are in the table)."""
+
+    sessions_open: int
+    queue_messages: int
+    queue_oldest: float | None  # arrival time (epoch seconds) of the oldest queued message
+    spool_free_bytes: int
+    stress: bool
+
+
+class MonitorServer:
+    """The HTTP endpoint: ``GET /metrics`` and ``GET /health`` (HEAD too), nothing else."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        table: metrics.Table,
+        gauges: Callable[[], Gauges],
+        census: QueueCensus,
+        problems: Callable[[], list[str]],
+    ) -> None:
+        self.sock = sock
+        self.table = table
+        self.gauges = gauges
+        self.census = census
+        self.problems = problems
+        self.open = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, sock=self.sock, limit=MAX_HEAD)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self.open += 1
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                status, ctype, body = await self._answer(head)
+                writer.write(_response(status, ctype, body, head.startswith(b"HEAD ")))
+                await writer.drain()
+        except (
+            TimeoutError,
+            ConnectionError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass
+        finally:
+            self.open -= 1
+            writer.close()
+
+    async def _answer(self, head: bytes) -> tuple[str, str, bytes]:
+        method, _, rest = head.partition(b" ")
+        target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        if method not in (b"GET", b"HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n"
+        if target == b"/metrics":
+            # Imported here: only the process that answers scrapes loads prometheus_client.
+            from mailgate import exposition
+
+            gauges = self.gauges()
+            count, oldest = await self.census.current()
+            gauges = Gauges(
+                gauges.sessions_open, count, oldest, gauges.spool_free_bytes, gauges.stress
+            )
+            return "200 OK", exposition.CONTENT_TYPE, exposition.text(self.table, gauges)
+        if target == b"/health":
+            problems = self.problems()
+            if problems:
+                return (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    ("; ".join(problems) + "\n").encode(),
+                )
+            return "200 OK", "text/plain", b"ok\n"
+        return "404 Not Found", "text/plain", b"/metrics or /health\n"
+
+
+def _response(status: str, ctype: str, body: bytes, head_only: bool) -> bytes:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
