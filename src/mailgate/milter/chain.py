@@ -437,6 +437,7 @@ class MilterChain:
     async def hold(self, queued: QueuedMessage) -> None:
         """After the commit of a quarantined message: on hold instead of delivered."""
         reason, self.hold_reason = self.hold_reason or "quarantined", None
+        self.smtp.host.count(metrics.MESSAGES_RECEIVED)  # acknowledged and queued, if held
         await hold_message(self.smtp.host.spool, queued, reason)
 
     # -- sending one event to every filter ------------------------------------------------------
