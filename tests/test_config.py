@@ -29,6 +29,7 @@ from mailgate.config import (
     DeliverySettings,
     DnsSettings,
     Key,
+    ListenerSettings,
     LocalSettings,
     LogSettings,
     QueueSettings,
@@ -383,7 +384,12 @@ BAD_CONFIGS = [
         id="helo-name",
     ),
     # Listen addresses and name servers.
-    pytest.param("listen = []\n", 1, "listen: needs at least one address", id="listen-empty"),
+    pytest.param(
+        "listen = []\n",
+        1,
+        "listen: needs at least one address (or a [[listener]] table)",
+        id="listen-empty",
+    ),
     pytest.param(
         'listen = ["127.0.0.1"]\n', 1, "listen: " + LISTEN.format("127.0.0.1"), id="listen-no-port"
     ),
@@ -455,6 +461,118 @@ BAD_CONFIGS = [
         id="tls-cert-empty",
     ),
 ]
+
+
+PLAIN = '[[listener]]\naddress = "127.0.0.1:2526"\n'
+PROXY_NEEDS_TRUST = (
+    "a PROXY listener needs proxy_trusted, the addresses of the proxies allowed to connect "
+    '(e.g. ["10.0.0.0/24"]); anyone else is closed before the banner'
+)
+
+# The [[listener]] tables: each error names the table (listener[n]) and the line in it.
+BAD_LISTENERS = [
+    pytest.param(
+        PLAIN + '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v2"\n',
+        5,
+        "listener[2].proxy_protocol: " + PROXY_NEEDS_TRUST,
+        id="proxy-without-trusted",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v1"\nproxy_trusted = []\n',
+        4,
+        "listener[1].proxy_trusted: " + PROXY_NEEDS_TRUST,
+        id="proxy-trusted-empty",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_trusted = ["10.0.0.1"]\n',
+        3,
+        "listener[1].proxy_trusted: is for a PROXY listener: set proxy_protocol too",
+        id="trusted-without-proxy",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v3"\n',
+        3,
+        'listener[1].proxy_protocol: must be "v1" or "v2" or "any", not \'v3\'',
+        id="proxy-version",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v2"\n'
+        'proxy_trusted = ["0.0.0.0/0"]\n',
+        4,
+        "listener[1].proxy_trusted: '0.0.0.0/0' trusts every address: anyone could claim to be "
+        "any client; list the load balancers' addresses",
+        id="trusted-everyone",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v2"\n'
+        'proxy_trusted = ["10.0.0.1/24"]\n',
+        4,
+        "listener[1].proxy_trusted: '10.0.0.1/24' has host bits set: did you mean 10.0.0.0/24?",
+        id="trusted-host-bits",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v2"\n'
+        'proxy_trusted = ["lb.example.com"]\n',
+        4,
+        "listener[1].proxy_trusted: 'lb.example.com' is not an address or network (CIDR)",
+        id="trusted-name",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "any"\n'
+        'proxy_trusted = ["::1"]\nproxy_timeout = "1s"\n',
+        5,
+        "listener[1].proxy_timeout: must be at least 3 seconds",
+        id="proxy-timeout-short",
+    ),
+    pytest.param(
+        '[[listener]]\nproxy_protocol = "v1"\nproxy_trusted = ["::1"]\n',
+        1,
+        'listener[1]: needs an address ("ip:port")',
+        id="listener-no-address",
+    ),
+    pytest.param(
+        PLAIN + '[smtp]\ngreet_pause = 0\n[[listener]]\naddress = "127.0.0.1:2527"\nmilter = 1\n',
+        7,
+        "listener[2].milter: unknown setting",
+        id="listener-unknown-key",
+    ),
+    pytest.param(
+        'listen = ["127.0.0.1:2526"]\n' + PLAIN,
+        3,
+        "listener[1].address: 127.0.0.1:2526 is given twice (listen, [[listener]])",
+        id="listener-twice",
+    ),
+    pytest.param(
+        '[listener]\naddress = "127.0.0.1:2526"\n',
+        1,
+        "listener: must be tables, each under its own [[listener]] line",
+        id="listener-single-table",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "message"), BAD_LISTENERS)
+def test_bad_listener(tmp_path: Path, text: str, line: int, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(tmp_path, text)
+    assert (err.value.line, err.value.message) == (line, message)
+
+
+def test_listeners_plain_and_proxied(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        'listen = ["0.0.0.0:25"]\n[[listener]]\naddress = "[::1]:2525"\n'
+        '[[listener]]\naddress = "10.0.0.5:2525"\nproxy_protocol = "v2"\n'
+        'proxy_trusted = ["10.0.0.0/24", "2001:db8::7"]\n',
+    )
+    plain, six, proxied = cfg.listeners
+    assert (plain.address, plain.proxy_protocol, plain.proxy_trusted) == (("0.0.0.0", 25), None, ())
+    assert (six.label, six.proxy_protocol) == ("[::1]:2525", None)
+    assert proxied.proxy_protocol == "v2" and proxied.proxy_timeout == 5.0
+    assert [str(n) for n in proxied.proxy_trusted] == ["10.0.0.0/24", "2001:db8::7/128"]
+    # [[listener]] tables alone replace the default address.
+    only = load(tmp_path, PLAIN)
+    assert only.listen == () and [ls.label for ls in only.listeners] == ["127.0.0.1:2526"]
 
 
 def load(tmp_path: Path, text: str) -> Config:
@@ -854,6 +972,7 @@ def test_every_field_is_a_setting_or_a_section() -> None:
             AccessSettings,
             TlsSettings,
             LogSettings,
+            ListenerSettings,
         )
     }
     assert {k: v for k, v in plain.items() if v} == {
@@ -882,7 +1001,7 @@ def readme_table(text: str) -> list[tuple[int, list[str], list[str]]]:
             continue
         key_cell, default_cell, _meaning = line[2:].split(" | ", 2)
         names = re.findall(r"`([^`]+)`", key_cell)
-        section = re.match(r"\[\[?(\w+)\]\]? ", names[0])  # [section] or [[array]]
+        section = re.match(r"\[\[?\w+\]\]? ", names[0])
         labels = [names[0]] + [f"{section.group(0) if section else ''}{n}" for n in names[1:]]
         rows.append((no, labels, default_cell.split(" / ")))
     return rows

@@ -645,7 +645,7 @@ def test_a_milter_becomes_a_milter_table(
         'eom_timeout = "5m"\n'
         'connect_macros = ["j", "{client_addr}"]\n'
     ) in result.toml
-    [milter] = result.config.milters
+    [milter] = result.config.milter
     assert (milter.name, str(milter.socket), milter.default_action) == (
         "clamav",
         "unix:/run/clamav/milter.ctl",
@@ -667,7 +667,7 @@ def test_a_milter_without_flags_is_accepted_unfiltered_as_in_sendmail(
     (warning,) = result.findings()
     assert warning.startswith(f"{tmp_path / 'mail' / 'sendmail.mc'}:2: mail filter rspamd:")
     assert 'default_action = "accept" as in Sendmail' in warning
-    assert [(m.name, m.default_action) for m in result.config.milters] == [
+    assert [(m.name, m.default_action) for m in result.config.milter] == [
         ("rspamd", "accept"),
         ("opendkim", "tempfail"),
     ]

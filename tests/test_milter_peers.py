@@ -96,7 +96,7 @@ def test_the_readme_entries_are_a_valid_config() -> None:
     config = parse_config(
         readme_milters(), Path("/etc/mailgate/mailgate.toml"), Path("/etc/mailgate")
     )
-    assert [(m.name, str(m.socket)) for m in config.milters] == [
+    assert [(m.name, str(m.socket)) for m in config.milter] == [
         ("rspamd", "inet:11332@127.0.0.1"),
         ("opendkim", "inet:8891@127.0.0.1"),
     ]

@@ -152,6 +152,58 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return _outcome(control.stop(cfg, timeout))
 
 
+DRAIN_LISTED = 20  # queue ids the drain report names; `mailgate mailq` lists the rest
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Take the node out of service (control.drain), then hand over what is left (``--handover``)
+    and say what is still queued: 0 when nothing is, 1 when something is (it stays queued)."""
+    from mailgate import control, daemon
+    from mailgate.delivery.attempt import DeliveryContext
+    from mailgate.delivery.handover import hand_over
+    from mailgate.queue.spool import Spool
+
+    cfg = _load_config(args.config)
+    outcome = control.drain(cfg, args.deadline, cfg.stop_grace + STOP_MARGIN)
+    _outcome(outcome)
+    if outcome.code != control.RUNNING:
+        return outcome.code  # the daemon is still there: the queue is its own
+    spool = Spool(cfg.spool_dir)
+    try:
+        if args.handover is not None:
+            snapshot = _load(args.config)
+            log = _command_log(snapshot.config.log)
+            if not _open_log(cfg.hostname, log):
+                return 1
+            ctx = DeliveryContext(
+                spool=spool,
+                resolver=daemon.make_resolver(cfg),
+                snapshot=lambda: snapshot,
+                queued=lambda report: report.close(),  # none: a handover bounces nothing
+            )
+            host, port = args.handover
+            daemon.install_event_loop()
+            done = asyncio.run(hand_over(ctx, host, port))
+            print(
+                f"mailgate: handed over {len(done.sent)} message(s) to {host}:{port}"
+                + (f"; {len(done.kept)} could not be" if done.kept else "")
+            )
+        left = list(spool.qids())
+    finally:
+        spool.close()
+    if not left:
+        print(f"mailgate: the queue is empty ({cfg.spool_dir / 'queue'})")
+        return 0
+    named = " ".join(left[:DRAIN_LISTED]) + (" …" if len(left) > DRAIN_LISTED else "")
+    print(
+        f"mailgate: {len(left)} message(s) left in {cfg.spool_dir / 'queue'} (kept, not lost; "
+        f"`mailgate mailq` shows them, `mailgate drain --handover HOST:PORT` sends them on): "
+        f"{named}",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """The checks of ``mailgate check`` first: a config that fails them is refused here, and
     the daemon is not disturbed."""
@@ -490,10 +542,12 @@ def cmd_check_dns(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mailgate: --address: {exc}", file=sys.stderr)
         return 2
-    listen = {host for host, _port in cfg.listen}
+    # Where clients connect directly: the MX's addresses of a PROXY listener are the
+    # balancer's, not the gateway's, so a gateway with only those compares none.
+    listen = {ls.address[0] for ls in cfg.listeners if ls.proxy_protocol is None}
     if given:
         addresses: frozenset[str] | None = frozenset(given)
-    elif listen & {"0.0.0.0", "::"}:
+    elif not listen or listen & {"0.0.0.0", "::"}:
         addresses = None  # every address of the machine: nothing to compare with
     else:
         addresses = frozenset(listen)
@@ -765,6 +819,25 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"wait this long for it to exit (default: stop_grace + {STOP_MARGIN:g})",
     )
     p.set_defaults(func=cmd_stop)
+    p = add(
+        "drain",
+        "take this node out of service: new sessions get 421, the queue is delivered, then "
+        "the daemon stops; what is left is reported (or handed over)",
+    )
+    p.add_argument(
+        "--deadline",
+        type=duration,
+        default=300.0,
+        metavar="DURATION",
+        help='how long to deliver the queue before stopping anyway, e.g. "10m" (default: 5m)',
+    )
+    p.add_argument(
+        "--handover",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="relay what is still queued then to this node (which must let us relay)",
+    )
+    p.set_defaults(func=cmd_drain)
     p = add("reload", "check the config and tables, then have the daemon load them")
     p.add_argument(
         "--timeout",
@@ -905,6 +978,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_dns)
     _add_migration_commands(sub)
     return parser
+
+
+def duration(text: str) -> float:
+    """``"5m"``, ``"90s"`` or a number of seconds, as in the config."""
+    from mailgate.config import parse_duration
+
+    return parse_duration(text)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``mx2.example.com:25``, ``192.0.2.2:25`` or ``[2001:db8::2]:25``."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    return host, int(port)
 
 
 def seconds(text: str) -> float:

@@ -43,6 +43,8 @@ Convert: TypeAlias = Callable[[object], T]
 
 FsyncMode = Literal["auto", "threads"]
 TlsDelivery = Literal["may", "none"]
+ProxyVersions = Literal["v1", "v2", "any"]  # as mailgate.smtp.proxy.Versions
+Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class ConfigError(SourceError):
@@ -191,6 +193,16 @@ def _share(value: object) -> float:
     return number / 100
 
 
+def _at_least(low: float) -> Convert[float]:
+    def convert(value: object) -> float:
+        seconds = parse_duration(value)
+        if seconds < low:
+            raise ValueError(f"must be at least {low:g} seconds")
+        return seconds
+
+    return convert
+
+
 def _positive_duration(value: object) -> float:
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -230,10 +242,28 @@ def _str_list(item: Convert[T]) -> Convert[tuple[T, ...]]:
 
 
 def _listen(value: object) -> tuple[tuple[str, int], ...]:
-    addresses = _str_list(parse_listen)(value)
-    if not addresses:
-        raise ValueError("needs at least one address")
-    return addresses
+    # May be empty when [[listener]] tables are given (parse_config checks there is one).
+    return _str_list(parse_listen)(value)
+
+
+def _network(value: object) -> Network:
+    """``"10.0.0.0/24"``, ``"2001:db8::/64"`` or one address (``"10.0.0.5"``, a /32)."""
+    text = _str(value)
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        if "host bits set" in str(exc):
+            loose = ipaddress.ip_network(text, strict=False)
+            raise ValueError(f"{text!r} has host bits set: did you mean {loose}?") from None
+        raise ValueError(f"{text!r} is not an address or network (CIDR)") from None
+    if net.prefixlen == 0:
+        # Trusting every address lets anyone claim to be any client, 127.0.0.1 included,
+        # which may relay: the open relay this setting is there to prevent.
+        raise ValueError(
+            f"{text!r} trusts every address: anyone could claim to be any client; "
+            "list the load balancers' addresses"
+        )
+    return net
 
 
 def _listen_or_off(value: object) -> tuple[str, int] | None:
@@ -329,7 +359,7 @@ def default_hostname() -> str:
 
 _SETTING = "mailgate.setting"
 _SECTION = "mailgate.section"
-_ENTRIES = "mailgate.entries"
+_TABLES = "mailgate.tables"
 
 
 @dataclass(frozen=True)
@@ -369,11 +399,10 @@ def section(cls: Callable[[], S]) -> S:
     return field(default_factory=cls, metadata={_SECTION: cls})
 
 
-def entries(name: str, cls: type[object]) -> Any:
-    """An array of tables of `Config` (``[[name]]``, one entry each), read in order into a
-    tuple of ``cls``; its settings are ``cls``'s fields, and those without a default must be
-    given."""
-    return field(default=(), metadata={_ENTRIES: (name, cls)})
+def tables(cls: Callable[..., S]) -> tuple[S, ...]:
+    """``[[name]]`` tables of `Config` (TOML's array of tables), named by the field: each one
+    a ``cls`` of its own settings, in the file's order."""
+    return cast(tuple[S, ...], field(default=(), metadata={_TABLES: cls}))
 
 
 @dataclass(frozen=True)
@@ -564,6 +593,35 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class ListenerSettings:
+    """One ``[[listener]]`` table: an address and what is particular to it. A ``listen``
+    entry is a listener with only its address."""
+
+    address: tuple[str, int] = setting(
+        parse_listen, None, '`"ip:port"` / `"[v6]:port"` to listen on', shown="required"
+    )
+    proxy_protocol: ProxyVersions | None = setting(
+        _one_of(get_args(ProxyVersions)),
+        None,
+        "`v1`, `v2` or `any`: every connection starts with a PROXY header, whose client it is",
+        shown="none (no PROXY header)",
+    )
+    proxy_trusted: tuple[Network, ...] = setting(
+        _str_list(_network),
+        [],
+        "the proxies' addresses or CIDR networks; required with `proxy_protocol`",
+    )
+    proxy_timeout: float = setting(  # the spec: no sooner than 3 s; Postfix's default 5 s
+        _at_least(3.0), "5s", "the PROXY header must arrive within this (at least `3s`)"
+    )
+
+    @property
+    def label(self) -> str:
+        host, port = self.address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
 class SubmissionSettings:
     # Sendmail's class t: who may set the envelope sender with `sendmail -f` without an
     # X-Authentication-Warning. The spool's owner (the daemon's user) always may.
@@ -601,6 +659,17 @@ class LogSettings:
     json: bool = setting(_bool, False, "also write each line as a JSON object (`json_file`)")
     json_file: Path | None = setting(
         _path_or_none, None, "where the JSON lines go", shown="stdout", relative=True
+    )
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    # Off unless asked for: a config that predates metrics opens no new port on upgrade, and
+    # two daemons on one host do not fight over one. The embedded default config turns it on.
+    listen: tuple[str, int] | None = setting(
+        _listen_or_off,
+        "",
+        '`/metrics` and `/health` over HTTP, e.g. `"127.0.0.1:9925"` (`""` = off)',
     )
 
 
@@ -741,17 +810,6 @@ class MilterSettings:
 
 
 @dataclass(frozen=True)
-class MetricsSettings:
-    # Off unless asked for: a config that predates metrics opens no new port on upgrade, and
-    # two daemons on one host do not fight over one. The embedded default config turns it on.
-    listen: tuple[str, int] | None = setting(
-        _listen_or_off,
-        "",
-        '`/metrics` and `/health` over HTTP, e.g. `"127.0.0.1:9925"` (`""` = off)',
-    )
-
-
-@dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
     hostname: str = setting(
@@ -764,6 +822,10 @@ class Config:
     listen: tuple[tuple[str, int], ...] = setting(
         _listen, ["127.0.0.1:2525"], '`"ip:port"` / `"[v6]:port"` list'
     )
+    # Listeners with settings of their own (the PROXY protocol); `listeners` is both kinds.
+    listener: tuple[ListenerSettings, ...] = tables(ListenerSettings)
+    # Content filters (milters), in the order they are applied.
+    milter: tuple[MilterSettings, ...] = tables(MilterSettings)
     spool_dir: Path = setting(_path, "spool", "the durable queue", relative=True)
     # None (the default) is replaced by the TOML file's folder; the embedded config has none.
     tables_dir: Path | None = setting(
@@ -805,7 +867,6 @@ class Config:
     log: LogSettings = section(LogSettings)
     tls: TlsSettings = section(TlsSettings)
     metrics: MetricsSettings = section(MetricsSettings)
-    milters: tuple[MilterSettings, ...] = entries("milter", MilterSettings)
 
     @property
     def source(self) -> str:
@@ -819,6 +880,11 @@ class Config:
     def worker_processes(self) -> int:
         return self.workers or (os.cpu_count() or 1)
 
+    @property
+    def listeners(self) -> tuple[ListenerSettings, ...]:
+        """Every listener: the ``listen`` addresses (plain), then the ``[[listener]]`` tables."""
+        return tuple(ListenerSettings(address=a) for a in self.listen) + self.listener
+
 
 @dataclass(frozen=True)
 class Key:
@@ -827,7 +893,7 @@ class Key:
     section: str  # "" for the top level
     name: str
     setting: Setting
-    array: bool = False  # a key of each ``[[section]]`` entry
+    array: bool = False  # a key of ``[[section]]`` tables
 
     @property
     def label(self) -> str:
@@ -857,22 +923,21 @@ def _sections() -> Iterator[tuple[str, type[object]]]:
             yield f.name, cls
 
 
-def _entry_arrays() -> Iterator[tuple[str, str, type[object]]]:
-    """(field, TOML name, class) of each ``[[name]]`` array of `Config`."""
+def _table_arrays() -> Iterator[tuple[str, type[object]]]:
     for f in fields(Config):
-        spec = f.metadata.get(_ENTRIES)
-        if spec is not None:
-            yield f.name, spec[0], spec[1]
+        cls = f.metadata.get(_TABLES)
+        if cls is not None:
+            yield f.name, cls
 
 
 def keys() -> tuple[Key, ...]:
-    """Every setting, top level first, then each section in `Config`'s order, then the keys
-    of the ``[[arrays]]``."""
+    """Every setting, top level first, then the ``[[tables]]``, then each section in
+    `Config`'s order."""
     found = [Key("", f.name, spec) for f, spec in _settings_of(Config)]
+    for name, cls in _table_arrays():
+        found += [Key(name, f.name, spec, array=True) for f, spec in _settings_of(cls)]
     for name, cls in _sections():
         found += [Key(name, f.name, spec) for f, spec in _settings_of(cls)]
-    for _, name, cls in _entry_arrays():
-        found += [Key(name, f.name, spec, array=True) for f, spec in _settings_of(cls)]
     return tuple(found)
 
 
@@ -907,31 +972,6 @@ def _key_line(key: str) -> re.Pattern[str]:
 
 def _dotted(section: str, key: str) -> re.Pattern[str]:
     return re.compile(rf"\s*{re.escape(section)}\s*\.\s*{re.escape(key)}\s*=")
-
-
-def _converted(
-    given: Mapping[str, Any],
-    cls: type[object],
-    base: Path,
-    error: Callable[[str, str], ConfigError],
-) -> dict[str, object]:
-    """The settings of ``cls`` in ``given``, converted, and its relative paths made absolute
-    (the others are left to the dataclass's defaults); ``error(key, message)`` for a bad one."""
-    out: dict[str, object] = {}
-    for f, spec in _settings_of(cls):
-        if f.name in given:
-            try:
-                value = spec.convert(given[f.name])
-            except (ValueError, TypeError) as exc:
-                raise error(f.name, str(exc)) from None
-        elif spec.relative:
-            value = f.default
-        else:
-            continue
-        if spec.relative and isinstance(value, Path) and not value.is_absolute():
-            value = base / value
-        out[f.name] = value
-    return out
 
 
 class _Reader:
@@ -980,76 +1020,83 @@ class _Reader:
     def values(self, section: str, cls: type[object], base: Path) -> dict[str, object]:
         """The settings of ``cls`` that ``[section]`` gives, converted, and its relative
         paths made absolute (the others are left to the dataclass's defaults)."""
-        return _converted(
-            self.table(section), cls, base, lambda key, msg: self.error(section, key, msg)
+        return self._converted(
+            self.table(section), cls, base, lambda key, text: self.error(section, key, text)
         )
 
-    def entry_line(self, array: str, index: int, key: str | None) -> int | None:
-        """The line of ``key`` in the ``index``-th ``[[array]]`` entry (from 0), or of that
-        entry's header (for None, or a key it does not give)."""
-        seen, header = -1, None
+    def _converted(
+        self,
+        given: dict[str, Any],
+        cls: type[object],
+        base: Path,
+        error: Callable[[str, str], ConfigError],
+    ) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for f, spec in _settings_of(cls):
+            if f.name in given:
+                try:
+                    value = spec.convert(given[f.name])
+                except (ValueError, TypeError) as exc:
+                    raise error(f.name, str(exc)) from None
+            elif spec.relative:
+                value = f.default
+            else:
+                continue
+            if spec.relative and isinstance(value, Path) and not value.is_absolute():
+                value = base / value
+            out[f.name] = value
+        return out
+
+    # -- [[name]] tables: the n-th one (from 1) is named name[n] in errors ----------------
+    def entries(self, name: str) -> list[dict[str, Any]]:
+        value = self.data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise self.error("", name, f"must be tables, each under its own [[{name}]] line")
+        return value
+
+    def entry_line(self, name: str, index: int, key: str | None) -> int | None:
+        """The line of ``key`` in the ``index``-th ``[[name]]`` table (from 1), or of that
+        table's header line when ``key`` is None or not on a line of its own."""
+        header: int | None = None
+        seen = 0
         for no, line in enumerate(self.lines, 1):
             m = _HEADER.match(line)
             if m:
-                inside = (
-                    line.lstrip().startswith("[[") and re.sub(r"[\"'\s]", "", m.group(1)) == array
-                )
-                if inside:
+                if header is not None:
+                    break  # the end of that table
+                current = re.sub(r"[\"'\s]", "", m.group(1))
+                if current == name and line.lstrip().startswith("[["):
                     seen += 1
                     if seen == index:
                         header = no
-                elif seen == index:
-                    break
                 continue
-            if seen == index and key is not None and _key_line(key).match(line):
+            if header is not None and key is not None and _key_line(key).match(line):
                 return no
         return header
 
-    def entries(self, array: str, cls: type[object], base: Path) -> list[dict[str, object]]:
-        """Each ``[[array]]`` entry's settings, converted; a setting without a default that
-        an entry does not give is an error naming the entry's line."""
-        given = self.data.get(array, [])
-        if not isinstance(given, list):
-            raise self.error("", array, f"is one filter per [[{array}]] table, not [{array}]")
-        out = []
-        for index, entry in enumerate(given):
+    def entry_error(self, name: str, index: int, key: str | None, message: str) -> ConfigError:
+        label = f"{name}[{index}]" + (f".{key}" if key else "")
+        return ConfigError(self.path, self.entry_line(name, index, key), f"{label}: {message}")
 
-            def error(key: str | None, message: str, index: int = index) -> ConfigError:
-                name = f"{array}.{key}" if key else f"[[{array}]]"
-                return ConfigError(
-                    self.path, self.entry_line(array, index, key), f"{name}: {message}"
-                )
-
-            values = _converted(entry, cls, base, error)
-            for f, spec in _settings_of(cls):
-                if spec.shown == "required" and f.name not in values:
-                    raise error(None, f"{f.name} is required")
-            out.append(values)
-        return out
+    def entry_values(
+        self, name: str, index: int, given: dict[str, Any], cls: type[object], base: Path
+    ) -> dict[str, object]:
+        known = {f.name for f, _ in _settings_of(cls)}
+        for key in given:
+            if key not in known:
+                raise self.entry_error(name, index, key, "unknown setting")
+        return self._converted(
+            given, cls, base, lambda key, text: self.entry_error(name, index, key, text)
+        )
 
     def check_unknown(self) -> None:
         known = {name: {f.name for f, _ in _settings_of(cls)} for name, cls in _sections()}
-        arrays = {name: {f.name for f, _ in _settings_of(cls)} for _, name, cls in _entry_arrays()}
-        top = {f.name for f, _ in _settings_of(Config)} | set(known) | set(arrays)
+        arrays = {name for name, _ in _table_arrays()}
+        top = {f.name for f, _ in _settings_of(Config)} | set(known) | arrays
         for key, value in self.data.items():
-            if isinstance(value, list) and key in arrays:
-                for index, entry in enumerate(value):
-                    if not isinstance(entry, dict):
-                        raise self.error("", key, f"is one filter per [[{key}]] table")
-                    for sub in entry:
-                        if sub not in arrays[key]:
-                            raise ConfigError(
-                                self.path,
-                                self.entry_line(key, index, sub),
-                                f"{key}.{sub}: unknown setting",
-                            )
-            elif isinstance(value, dict) and key in arrays:
-                raise ConfigError(
-                    self.path,
-                    self.line_of(key, None),
-                    f"[{key}]: write [[{key}]], one table per filter",
-                )
-            elif isinstance(value, dict) and key in known:
+            if key in arrays:
+                continue  # checked entry by entry (entries, entry_values)
+            if isinstance(value, dict) and key in known:
                 for sub in value:
                     if sub not in known[key]:
                         raise self.error(key, sub, "unknown setting")
@@ -1092,6 +1139,50 @@ def _with_tls_context(r: _Reader, settings: TlsSettings) -> TlsSettings:
             "tls", "cert_file", f"cannot read {exc.filename or cert_file}: {exc.strerror or exc}"
         ) from None
     return replace(settings, server_context=context)
+
+
+def _listener_tables(r: _Reader, base: Path) -> tuple[ListenerSettings, ...]:
+    """The ``[[listener]]`` tables; a PROXY listener names the proxies it trusts, and only
+    a PROXY listener may (fail closed: no list trusts nobody, not everybody)."""
+    found = []
+    for n, given in enumerate(r.entries("listener"), 1):
+        values = r.entry_values("listener", n, given, ListenerSettings, base)
+        if "address" not in values:
+            raise r.entry_error("listener", n, None, 'needs an address ("ip:port")')
+        listener = _build(ListenerSettings, values)
+        if listener.proxy_protocol is not None and not listener.proxy_trusted:
+            raise r.entry_error(
+                "listener",
+                n,
+                "proxy_trusted" if "proxy_trusted" in given else "proxy_protocol",
+                "a PROXY listener needs proxy_trusted, the addresses of the proxies allowed "
+                'to connect (e.g. ["10.0.0.0/24"]); anyone else is closed before the banner',
+            )
+        if listener.proxy_protocol is None:
+            for key in ("proxy_trusted", "proxy_timeout"):
+                if key in given:
+                    raise r.entry_error(
+                        "listener", n, key, "is for a PROXY listener: set proxy_protocol too"
+                    )
+        found.append(listener)
+    return tuple(found)
+
+
+def _check_listeners(
+    r: _Reader, listen: tuple[tuple[str, int], ...], tables: tuple[ListenerSettings, ...]
+) -> None:
+    """At least one listener, and no address twice."""
+    if not listen and not tables:
+        raise r.error("", "listen", "needs at least one address (or a [[listener]] table)")
+    seen = set(listen)
+    if len(seen) < len(listen):
+        raise r.error("", "listen", "the same address is given twice")
+    for n, listener in enumerate(tables, 1):
+        if listener.address in seen:
+            raise r.entry_error(
+                "listener", n, "address", f"{listener.label} is given twice (listen, [[listener]])"
+            )
+        seen.add(listener.address)
 
 
 def _check_log(r: _Reader, log: LogSettings) -> None:
@@ -1162,6 +1253,9 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     r = _Reader(source, text, data)
     r.check_unknown()
     top = r.values("", Config, base)
+    top["listener"] = _listener_tables(r, base)
+    if "listen" not in data and top["listener"]:
+        top["listen"] = ()  # the [[listener]] tables replace the default address
     if "tables_dir" not in data:  # the TOML file's folder; the embedded config has no tables
         top["tables_dir"] = base if path else None
     if "pid_file" not in data:
@@ -1171,40 +1265,43 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     _apply_command_line(top)
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
     _check_log(r, cast(LogSettings, top["log"]))
-    listen = cast(tuple[tuple[str, int], ...], top.get("listen", Config.listen))
-    top["milters"] = _milters(r, r.entries("milter", MilterSettings, base), listen, base)
-    return _build(Config, {"path": path, **top})
+    top["milter"] = _milter_tables(r, base)
+    config = _build(Config, {"path": path, **top})
+    _check_listeners(r, config.listen, config.listener)
+    _check_milters(r, config)
+    return config
 
 
-def _milters(
-    r: _Reader,
-    given: Sequence[Mapping[str, object]],
-    listen: tuple[tuple[str, int], ...],
-    base: Path,
-) -> tuple[MilterSettings, ...]:
-    """The ``[[milter]]`` entries, in order; names unique, ``listen`` among the daemon's own
-    addresses, a relative socket path from the TOML file's folder."""
-    out: list[MilterSettings] = []
-    for index, values in enumerate(given):
-        settings = _build(MilterSettings, values)
-        if any(m.name == settings.name for m in out):
-            raise ConfigError(
-                r.path,
-                r.entry_line("milter", index, "name"),
-                f"milter.name: {settings.name!r} is the name of an earlier [[milter]] too",
+def _milter_tables(r: _Reader, base: Path) -> tuple[MilterSettings, ...]:
+    """The ``[[milter]]`` tables, in order: each with its name and socket (a relative socket
+    path from the TOML file's folder), no name twice."""
+    found: list[MilterSettings] = []
+    for n, given in enumerate(r.entries("milter"), 1):
+        values = r.entry_values("milter", n, given, MilterSettings, base)
+        for key in ("name", "socket"):
+            if key not in values:
+                raise r.entry_error("milter", n, None, f"needs a {key}")
+        milter = _build(MilterSettings, values)
+        if any(m.name == milter.name for m in found):
+            raise r.entry_error(
+                "milter", n, "name", f"{milter.name!r} is the name of an earlier [[milter]] too"
             )
-        for address in settings.listen or ():
-            if address not in listen:
-                raise ConfigError(
-                    r.path,
-                    r.entry_line("milter", index, "listen"),
-                    f"milter.listen: {address[0]}:{address[1]} is not one of the listen addresses",
-                )
-        sock = settings.socket
+        sock = milter.socket
         if sock.kind == "unix" and not Path(sock.path).is_absolute():
-            settings = replace(settings, socket=replace(sock, path=str(base / sock.path)))
-        out.append(settings)
-    return tuple(out)
+            milter = replace(milter, socket=replace(sock, path=str(base / sock.path)))
+        found.append(milter)
+    return tuple(found)
+
+
+def _check_milters(r: _Reader, config: Config) -> None:
+    """A filter's ``listen`` names listeners the daemon has."""
+    addresses = {listener.address for listener in config.listeners}
+    for n, milter in enumerate(config.milter, 1):
+        for host, port in milter.listen or ():
+            if (host, port) not in addresses:
+                raise r.entry_error(
+                    "milter", n, "listen", f"{host}:{port} is not one of the listeners"
+                )
 
 
 def _build(cls: Callable[..., T], values: Mapping[str, object]) -> T:

@@ -1,8 +1,8 @@
-"""``mailgate stop``, ``reload`` and ``status``: find the daemon through the config's pid
-file, signal it, and read its answer in the state file (`runstate`). Exit codes are the LSB
-init-script ones, so an init script can pass them on: ``status`` 0 running, 1 dead with its pid
-file left, 3 not running, 4 unknown; ``stop`` of a daemon that is not running succeeds, and
-``reload`` of one is 7.
+"""``mailgate stop``, ``reload``, ``drain`` and ``status``: find the daemon through the
+config's pid file, signal it, and read its answer in the state file (`runstate`). Exit codes
+are the LSB init-script ones, so an init script can pass them on: ``status`` 0 running, 1 dead
+with its pid file left, 3 not running, 4 unknown; ``stop`` (and ``drain``) of a daemon that is
+not running succeeds, and ``reload`` of one is 7.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from mailgate.config import Config
 from mailgate.pidfile import Holder
 from mailgate.queue.spool import queue_ids
 from mailgate.runstate import RunState
+from mailgate.service import DRAIN_SIGNAL
 
 RUNNING = 0
 FAILED = 1  # for status: dead, its pid file left behind
@@ -60,7 +61,7 @@ def locate(config: Config, action: str) -> Found | Outcome:
         return Outcome(UNKNOWN, f"cannot {action}: the configuration has no pid_file")
     holder = pidfile.inspect(path)
     if not holder.running:
-        code = RUNNING if action == "stop" else NOT_RUNNING_ACTION
+        code = RUNNING if action in ("stop", "drain") else NOT_RUNNING_ACTION
         return Outcome(code, f"not running ({_absence(path, holder)})")
     if holder.pid is None:
         return Outcome(FAILED, f"the daemon is still starting (pid file {path}); try again")
@@ -94,6 +95,24 @@ def stop(config: Config, timeout: float) -> Outcome:
     if not pidfile.wait_released(found.pid_file, timeout, POLL):
         return Outcome(FAILED, f"pid {found.pid} still running after {timeout:g} s")
     return Outcome(RUNNING, f"stopped (pid {found.pid})")
+
+
+def drain(config: Config, deadline: float, stop_timeout: float) -> Outcome:
+    """DRAIN_SIGNAL, then wait until the daemon exits by itself (no session in a
+    transaction, the queue delivered) or ``deadline`` seconds have passed; then TERM, and
+    wait ``stop_timeout`` more for it to exit. Undelivered mail stays queued."""
+    found = locate(config, "drain")
+    if isinstance(found, Outcome):
+        return found
+    failed = _signal(found, DRAIN_SIGNAL)
+    if failed is not None:
+        return failed if failed.code != NOT_RUNNING_ACTION else Outcome(RUNNING, failed.text)
+    if pidfile.wait_released(found.pid_file, deadline, POLL):
+        return Outcome(RUNNING, f"drained: queue delivered, daemon stopped (pid {found.pid})")
+    failed = _signal(found, signal.SIGTERM)
+    if failed is None and not pidfile.wait_released(found.pid_file, stop_timeout, POLL):
+        return Outcome(FAILED, f"pid {found.pid} still running {stop_timeout:g} s after TERM")
+    return Outcome(RUNNING, f"deadline of {deadline:g} s reached: daemon stopped (pid {found.pid})")
 
 
 def reload(config: Config, timeout: float) -> Outcome:

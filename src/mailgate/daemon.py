@@ -1,5 +1,6 @@
-"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM drain, USR1
-queue run, URG take on what the queue tools marked due).
+"""The running gateway: listeners, the delivery scheduler, signals (HUP reload, TERM stop with
+the sessions drained, TTIN drain the node (`mailgate drain`), USR1 queue run, URG take on what
+the queue tools marked due).
 
 ``Gateway`` is what sessions see: the current snapshot, the spool, DNS, and the counters. It
 owns no policy: decisions are in ``policy``/``routing``, durability in ``queue.spool``.
@@ -16,13 +17,13 @@ import signal
 import socket
 import time
 import zlib
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from mailgate import maillog, metrics
-from mailgate.config import Config
+from mailgate.config import Config, ListenerSettings
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
@@ -32,13 +33,14 @@ from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.runstate import REPORT_INTERVAL, Activity
-from mailgate.service import ServiceEvents, Unobserved
+from mailgate.service import DRAIN_SIGNAL, ServiceEvents, Unobserved
 from mailgate.smtp.limits import Admission, Counts
-from mailgate.smtp.listener import Listener, bind_socket
+from mailgate.smtp.listener import Arrival, Listener, bind_socket
 from mailgate.smtp.server import SmtpServerProtocol
 from mailgate.snapshot import Snapshot, try_reload
 
 STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
+DRAIN_POLL = 0.2  # seconds between looks, while draining, at whether the work is done
 
 
 def make_resolver(config: Config) -> Resolver:
@@ -95,6 +97,11 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
         self._drained: asyncio.Event | None = None  # stopping: set when the last session ends
+        # `mailgate drain`: new sessions get 421, the rest finish, the queue is delivered; then
+        # ``finished`` (serve's stop) is called. None: not draining.
+        self.draining: Reply | None = None
+        self.finished: Callable[[], None] = lambda: None
+        self._started = False
 
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,15 +134,16 @@ class Gateway:
         socks = (
             self.sockets
             if self.sockets is not None
-            else [bind_socket(host, port) for host, port in cfg.listen]
+            else [bind_socket(*listener.address) for listener in cfg.listeners]
         )
-        for sock in socks:
+        for sock, settings in zip(socks, cfg.listeners, strict=True):
             listener = Listener(
                 sock,
                 self._new_session,
                 # Sendmail's rate is per daemon: each of N workers takes its share.
                 rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle // self.workers),
                 has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
+                settings=partial(self._listener_settings, settings),
             )
             listener.start()
             assert listener.task is not None
@@ -146,9 +154,13 @@ class Gateway:
         self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
         self._scan_task = loop.create_task(self._queue_runs())
         self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
-        listen = ", ".join(f"{h}:{p}" for h, p in cfg.listen)
+        listen = ", ".join(listener.label for listener in cfg.listeners)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
         self.events.listening()
+        self._started = True
+        if self.draining is not None:  # asked for while starting
+            self.draining = None
+            self.drain()
 
     async def _start_monitor(self) -> None:
         """``[metrics] listen``: worker 0 answers for the whole daemon (monitor.py)."""
@@ -202,8 +214,53 @@ class Gateway:
             )
         return problems
 
-    def _new_session(self) -> SmtpServerProtocol:
-        return SmtpServerProtocol(self)
+    def _new_session(self, arrival: Arrival) -> SmtpServerProtocol:
+        session = SmtpServerProtocol(self, arrival)
+        if self.draining is not None:
+            session.drain(self.draining)  # said before anything else: try the other MX
+        return session
+
+    def drain(self) -> None:
+        """DRAIN_SIGNAL (`mailgate drain`): take this node out of service without losing or
+        refusing mail. The listeners stay open and every new session gets ``421 4.3.2``
+        (a sender tries the next MX at once; a closed port could look like a network
+        fault), sessions finish the transaction they are in and then get it too, and every
+        queued message is due now. Once no transaction is open and nothing is queued, the
+        daemon stops as on TERM. What cannot be delivered stays queued: `mailgate drain`
+        stops the daemon at its deadline and reports (or hands over) what is left."""
+        if self.draining is not None or self._drained is not None:
+            return  # draining already, or stopping
+        self.draining = Reply(
+            421, "4.3.2", f"{self.snapshot.config.hostname} Service shutting down"
+        )
+        if not self._started:
+            return  # start() drains once it has taken on the queue
+        self.events.draining()
+        maillog.draining()
+        for s in list(self.sessions):
+            s.drain(self.draining)
+        self.scheduler.run_now()
+        self._in_background(self._drain_until_done())
+
+    async def _drain_until_done(self) -> None:
+        while not self._drain_done():
+            await asyncio.sleep(DRAIN_POLL)
+        maillog.drained()
+        self.finished()
+
+    def _drain_done(self) -> bool:
+        """No session has a transaction open (those left are saying 421) and the scheduler
+        has nothing waiting or under way."""
+        busy = any(s.session is not None and s.session.tx is not None for s in self.sessions)
+        return not busy and not self.scheduler.queued
+
+    def _listener_settings(self, started: ListenerSettings) -> ListenerSettings:
+        """A listener's settings in the config in force (a reload may change its PROXY
+        trust); its address cannot change without a restart."""
+        for listener in self.snapshot.config.listeners:
+            if listener.address == started.address:
+                return listener
+        return started
 
     async def stop(self) -> None:
         """SIGTERM: accept nothing more; sessions finish the transaction they are in (then get
@@ -254,11 +311,8 @@ class Gateway:
             return False
         config = snapshot.config
         old = self.snapshot.config
-        if (
-            config.listen != old.listen
-            or config.spool_dir != old.spool_dir
-            or config.metrics != old.metrics
-        ):
+        moved = [ls.address for ls in config.listeners] != [ls.address for ls in old.listeners]
+        if moved or config.spool_dir != old.spool_dir or config.metrics != old.metrics:
             maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
@@ -526,6 +580,8 @@ async def serve(config_path: str | Path | None, snapshot: Snapshot, **worker: An
     # scheduler running: ignored until then (the start takes on the queue anyway).
     loop.add_signal_handler(signal.SIGUSR2, gateway.statistics_now)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    gateway.finished = stop.set
+    loop.add_signal_handler(DRAIN_SIGNAL, gateway.drain)  # its default would suspend us
     await gateway.start()
     loop.add_signal_handler(signal.SIGUSR1, gateway.run_queue)
     # Ignored until here (its default), and start() has read due/ already.

@@ -78,6 +78,11 @@ LEVELS: dict[str, Level] = {
     "bare_newline": "notice",
     "session_failed": "error",
     "accept_error": "error",
+    "proxy_untrusted": "notice",
+    "proxy_bad_header": "notice",
+    "proxy_timeout": "notice",
+    "proxy_local": "debug",
+    "proxy_closed": "debug",
     # milters
     "milter_connect_refused": "notice",
     "milter_reject": "notice",
@@ -117,6 +122,9 @@ LEVELS: dict[str, Level] = {
     "start_failed": "error",
     "stale_pid_file": "notice",
     "stopping": "info",
+    "draining": "notice",
+    "drained": "info",
+    "handover_done": "notice",
     "stop_deadline": "warning",
     "config_warning": "warning",
     "reload_refused": "error",
@@ -550,6 +558,39 @@ def accept_error(strerror: str | None) -> str:
     return f"accept: {strerror}; pausing 100 ms"
 
 
+# -- PROXY listeners (before any session: the peer is the proxy) -------------------------------
+@_event
+def proxy_untrusted(peer: str, listener: str) -> str:
+    """A connection to a PROXY listener from an address not in its ``proxy_trusted``."""
+    return (
+        f"PROXY protocol: connection from [{peer}] to {listener} refused: not a trusted proxy "
+        "(proxy_trusted); closed before the greeting"
+    )
+
+
+@_event
+def proxy_bad_header(peer: str, why: str) -> str:
+    return f"PROXY protocol: bad header from proxy [{peer}]: {why}; connection closed"
+
+
+@_event
+def proxy_timeout(peer: str, seconds: float) -> str:
+    return f"PROXY protocol: no header from proxy [{peer}] within {seconds:g} s; connection closed"
+
+
+@_event
+def proxy_local(peer: str, version: int) -> str:
+    """v2 LOCAL or v1 UNKNOWN: the proxy's own connection (a health check), served as itself."""
+    name = "LOCAL" if version == 2 else "UNKNOWN"
+    return f"PROXY protocol: {name} connection from proxy [{peer}] (a health check)"
+
+
+@_event
+def proxy_closed(peer: str) -> str:
+    """The proxy connected and closed without a byte: a TCP health check."""
+    return f"PROXY protocol: proxy [{peer}] closed the connection before a header (a TCP check)"
+
+
 # -- milters: Sendmail's lines (milter.c, srvrsmtp.c) -------------------------------------------
 def _prefixed(qid: str | None, text: str) -> str:
     return f"{qid}: {text}" if qid else text
@@ -777,6 +818,24 @@ def stale_pid_file(path: object, pid: int) -> str:
 @_event
 def stopping() -> str:
     return "stopping: no new connections, finishing deliveries in progress"
+
+
+@_event
+def draining() -> str:
+    return (
+        "draining (mailgate drain): new sessions get 421 4.3.2, sessions in progress finish, "
+        "the queue is delivered now"
+    )
+
+
+@_event
+def drained() -> str:
+    return "drained: no session in a transaction, nothing queued; stopping"
+
+
+@_event
+def handover_done(target: str, sent: int, kept: int) -> str:
+    return f"handover to {target}: {sent} messages handed over, {kept} still queued here"
 
 
 @_event

@@ -26,7 +26,7 @@ from mailgate import maillog, metrics, monitor
 from mailgate.daemon import install_event_loop, serve, setup_log
 from mailgate.queue.spool import DUE_SIGNAL, Spool
 from mailgate.runstate import Activity
-from mailgate.service import Lifecycle
+from mailgate.service import DRAIN_SIGNAL, Lifecycle
 from mailgate.smtp.limits import SharedCounts
 from mailgate.smtp.listener import bind_socket
 from mailgate.snapshot import Snapshot, try_reload
@@ -39,6 +39,7 @@ FORWARDED = (
     signal.SIGUSR1,
     signal.SIGUSR2,
     DUE_SIGNAL,
+    DRAIN_SIGNAL,
 )
 
 
@@ -76,6 +77,9 @@ class WorkerReports:
     def activity(self, counts: Activity) -> None:
         self._send("activity", **asdict(counts))
 
+    def draining(self) -> None:
+        pass  # the master said so when it got the signal
+
     def stopping(self) -> None:
         pass
 
@@ -100,7 +104,9 @@ class Master:
         self.lifecycle = lifecycle
         self.workers = workers
         cfg = snapshot.config
-        self.sockets: list[socket.socket] = [bind_socket(host, port) for host, port in cfg.listen]
+        self.sockets: list[socket.socket] = [
+            bind_socket(*listener.address) for listener in cfg.listeners
+        ]
         # Bound here, so that it outlives worker 0 (a scrape waits in the backlog while it
         # restarts).
         self.metrics_socket = monitor.bind(cfg.metrics.listen) if cfg.metrics.listen else None
@@ -121,6 +127,7 @@ class Master:
         self.awaiting_reload: set[int] = set()  # pids that have not answered it
         self.reload_error: str | None = None
         self.stopping = False
+        self.draining = False  # `mailgate drain`: a worker that ends is not replaced
         self.signals: list[int] = []
         self.events_r, self.events_w = os.pipe()  # the workers' WorkerReports lines
         self.wake_r, self.wake_w = os.pipe()  # signal.set_wakeup_fd: a signal ends the select
@@ -155,7 +162,7 @@ class Master:
         # worker starts must not kill it (SIG_DFL would). The master sends the HUP again once
         # the worker listens if its config is older than the master's, and the worker runs its
         # share of the queue anyway, so nothing is missed by ignoring them.
-        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, DUE_SIGNAL):
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, DUE_SIGNAL, DRAIN_SIGNAL):
             signal.signal(sig, signal.SIG_IGN)
         install_event_loop()
         asyncio.run(
@@ -181,7 +188,7 @@ class Master:
         for i in range(self.workers):
             self.spawn(i)
         maillog.master_started(os.getpid(), self.workers)
-        while self.children or (self.restart_at and not self.stopping):
+        while self.children or (self.restart_at and not self.stopping and not self.draining):
             # A second at most: a worker's exit is seen by polling waitpid (a SIGCHLD
             # handler would be inherited by every worker and its delivery programs).
             now = time.monotonic()
@@ -213,6 +220,8 @@ class Master:
                 self._stop(sig)
             elif sig == signal.SIGHUP:
                 self._reload()
+            elif sig == DRAIN_SIGNAL:
+                self._start_drain()
             else:
                 self._forward(sig)
 
@@ -233,6 +242,17 @@ class Master:
             if self.metrics_socket is not None:
                 self.metrics_socket.close()  # worker 0's copy serves until it stops
         self._forward(sig)
+
+    def _start_drain(self) -> None:
+        """Each worker drains and exits when its work is done; the master ends with the last.
+        A worker that dies meanwhile is not replaced (a new one would take mail again): its
+        queued mail stays in the spool, where `mailgate drain` reports or hands it over."""
+        if self.stopping or self.draining:
+            return
+        self.draining = True
+        self.lifecycle.draining()
+        self.restart_at.clear()
+        self._forward(DRAIN_SIGNAL)
 
     def _reload(self) -> None:
         # The master's own lines (a worker that died) go to the log file under its name
@@ -326,6 +346,8 @@ class Master:
                 self.awaiting_reload.discard(pid)
                 self._reload_answered()
             self.table.process_gone(worker.index)  # its counts stay: the daemon's never go back
+            if self.draining and os.waitstatus_to_exitcode(status) == 0:
+                continue  # drained: its work is done
             if not self.stopping:
                 maillog.worker_exited(worker.index, pid, status)
                 self.counts.clear_row(worker.index)  # its sessions died with it
@@ -335,7 +357,7 @@ class Master:
     def _restart_due(self) -> None:
         now = time.monotonic()
         for index, when in list(self.restart_at.items()):
-            if when <= now and not self.stopping:
+            if when <= now and not self.stopping and not self.draining:
                 del self.restart_at[index]
                 self.spawn(index)
 

@@ -24,7 +24,7 @@ from mailgate import __version__
 
 REPORT_INTERVAL = 10.0  # seconds between refreshes of the counts (and systemd's STATUS line)
 
-Phase = Literal["starting", "ready", "reloading", "stopping"]
+Phase = Literal["starting", "ready", "reloading", "draining", "stopping"]
 
 
 @dataclass(frozen=True)

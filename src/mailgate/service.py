@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -21,6 +22,11 @@ from mailgate.config import Config
 from mailgate.pidfile import PidFile
 from mailgate.runstate import Activity, RunState
 from mailgate.sdnotify import Notifier
+
+# `mailgate drain`: TTIN is sent by a terminal only to a background process that reads it,
+# which the daemon never does (WINCH, Apache's graceful-stop, comes with every resize of the
+# terminal a foreground `mailgate serve` runs in).
+DRAIN_SIGNAL = signal.SIGTTIN
 
 
 class ServiceEvents(Protocol):
@@ -36,6 +42,9 @@ class ServiceEvents(Protocol):
 
     def activity(self, counts: Activity) -> None:
         """This process's counts, every `runstate.REPORT_INTERVAL`."""
+
+    def draining(self) -> None:
+        """`mailgate drain`: new sessions get 421, the queue is being delivered."""
 
     def stopping(self) -> None: ...
 
@@ -55,12 +64,15 @@ class Unobserved:
     def activity(self, counts: Activity) -> None:
         pass
 
+    def draining(self) -> None:
+        pass
+
     def stopping(self) -> None:
         pass
 
 
 def listen_text(config: Config) -> list[str]:
-    return [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in config.listen]
+    return [listener.label for listener in config.listeners]
 
 
 def status_line(state: RunState) -> str:
@@ -71,6 +83,11 @@ def status_line(state: RunState) -> str:
         return "Reloading the configuration"
     if state.phase == "stopping":
         return "Stopping: finishing the sessions and deliveries in progress"
+    if state.phase == "draining":
+        return (
+            "Draining: new sessions get 421, sessions in progress finish, the queue is "
+            f"delivered; {state.activity.queued} queued, {state.activity.delivering} delivering"
+        )
     a = state.activity
     workers = f" ({state.workers} workers)" if state.workers > 1 else ""
     line = (
@@ -136,6 +153,10 @@ class Lifecycle(ServiceEvents):
 
     def activity(self, counts: Activity) -> None:
         self._update(activity=counts)
+        self.notifier.status(status_line(self.state))
+
+    def draining(self) -> None:
+        self._update(phase="draining")
         self.notifier.status(status_line(self.state))
 
     def stopping(self) -> None:

@@ -48,7 +48,7 @@ def build_snapshot(config: Config) -> Snapshot:
     def local_user(user: str) -> str | None:
         return resolve_local_user(user, root)
 
-    listen_ips = [host for host, _port in config.listen]
+    listen_ips = [listener.address[0] for listener in config.listeners]
     ctx = RoutingContext(
         tables=tables,
         class_w=class_w(tables, config.hostname, listen_ips),

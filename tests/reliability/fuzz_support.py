@@ -1,8 +1,8 @@
 """Shared by the hypothesis suites in this folder and the atheris targets in ``fuzz/``.
 
 The checks each surface must pass (:func:`check_protocol`, :func:`check_address_error`,
-:func:`check_mailbox`, :func:`check_table_error`) and, for the protocol, a slow, obvious
-reference model of the sans-IO SMTP server protocol
+:func:`check_mailbox`, :func:`check_table_error`, :func:`check_proxy`) and, for the
+protocol, a slow, obvious reference model of the sans-IO SMTP server protocol
 (:mod:`mailgate.smtp.protocol`), written from its documented contract rather than from its
 code, plus the driver that feeds a :class:`ServerConnection` and normalises its events so
 that two runs (or a run and the model) can be compared.
@@ -24,6 +24,7 @@ The contract modelled here:
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import re
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ from mailgate.smtp.protocol import (
     ServerConnection,
     Wait,
 )
+from mailgate.smtp.proxy import MAX_HEADER, ProxyError, ProxyHeader, Versions
+from mailgate.smtp.proxy import parse as parse_proxy
 from mailgate.tables.maps import TableError
 
 __all__ = [
@@ -510,3 +513,30 @@ def check_table_error(exc: TableError, path: Path | str, data: bytes) -> None:
     assert 1 <= exc.line <= len(lines), f"line {exc.line} of a {len(lines)}-line file: {exc}"
     shown = lines[exc.line - 1].decode("utf-8", "replace").strip()
     assert shown and not shown.startswith("#"), f"line {exc.line} is {shown!r}: {exc}"
+
+
+def check_proxy(data: bytes, versions: Versions) -> ProxyHeader | None:
+    """The PROXY parser's contract (smtp/proxy.py): a header, None or ProxyError, nothing
+    else raised; None only for a short beginning; a header no longer than ``MAX_HEADER`` nor
+    than ``data``, read from its own bytes alone (the same without what follows, and with
+    anything else after it), with addresses that parse and ports in range, and the same
+    whether the bytes came at once or one by one."""
+    try:
+        header = parse_proxy(data, versions)
+    except ProxyError:
+        return None
+    if header is None:
+        assert len(data) < MAX_HEADER
+        return None
+    assert 0 < header.size <= min(len(data), MAX_HEADER)
+    assert parse_proxy(data[: header.size], versions) == header
+    assert parse_proxy(data[: header.size] + b"QUIT\r\n" * 3, versions) == header
+    for n in range(header.size):  # a slow proxy: every beginning waits for more
+        assert parse_proxy(data[:n], versions) is None
+    for part in (header.source, header.destination):
+        if part is not None:
+            addr = ipaddress.ip_address(part[0])
+            assert 0 <= part[1] <= 65535
+            # Given as IPv4 when mapped, and in the one canonical spelling.
+            assert getattr(addr, "ipv4_mapped", None) is None and str(addr) == part[0]
+    return header

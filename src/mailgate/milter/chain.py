@@ -110,13 +110,19 @@ def applies(settings: MilterSettings, local: tuple[str, int]) -> bool:
     return any(p == port and (h == ip or h in ("0.0.0.0", "::")) for h, p in settings.listen)
 
 
-async def attach(session: Session, transport: asyncio.transports.BaseTransport) -> Reply | None:
+async def attach(
+    session: Session,
+    transport: asyncio.transports.BaseTransport,
+    proxied: tuple[str, int] | None = None,
+) -> Reply | None:
     """Give ``session`` its filters (those of its listener), connected and told of the
-    client. A reply to send instead of the greeting, then close (a ``shutdown``), or None."""
-    peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+    client (``proxied``: the client a PROXY header named, whose address and port the filters
+    get, never the proxy's). A reply to send instead of the greeting, then close (a
+    ``shutdown``), or None."""
+    peer = proxied or transport.get_extra_info("peername") or ("0.0.0.0", 0)
     local = transport.get_extra_info("sockname") or ("0.0.0.0", 0)
     local_ip = local[0][7:] if local[0].startswith("::ffff:") else local[0]
-    settings = [m for m in session.snap.config.milters if applies(m, (local_ip, local[1]))]
+    settings = [m for m in session.snap.config.milter if applies(m, (local_ip, local[1]))]
     if not settings:
         return None
     chain = MilterChain(session, [_Filter(s) for s in settings], int(peer[1]), local_ip, local[1])

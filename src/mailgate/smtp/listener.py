@@ -1,9 +1,17 @@
-"""The listening socket and its accept loop: connection-rate throttle and connection ceiling.
+"""The listening socket and its accept loop: connection-rate throttle, connection ceiling, and
+on a PROXY listener the header that says who the client is.
 
 We accept by hand (``sock_accept`` then ``connect_accepted_socket``) instead of letting
 ``create_server`` accept, so that throttling works as Sendmail's ConnectionRateThrottle does:
 connections over the rate are not refused, they wait in the kernel's listen queue until the
 next second. The same holds for the global connection ceiling. Costs nothing per waiting client.
+
+A PROXY listener (``[[listener]] proxy_protocol``) closes a connection whose peer is not in
+``proxy_trusted`` at once, then reads the header (`smtp/proxy.py`) within ``proxy_timeout``
+in a task of its own, before any session exists: the session is made with the client the
+header names (`Arrival`), so everything per client (admission, access, relaying, logs) sees
+that client and never the proxy, and its greet pause starts after the header. The rate
+throttle is taken there too, after the header: in the accept loop it would count the proxy.
 """
 
 from __future__ import annotations
@@ -11,11 +19,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mailgate import maillog
+from mailgate.config import ListenerSettings, Network
+from mailgate.smtp import proxy
 
 # Errors from accept() that concern one connection, not the listener.
 _TRANSIENT = {
@@ -69,20 +81,49 @@ class RateLimiter:
         self.count += 1
 
 
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """What the listener knows of a connection before its session starts."""
+
+    client: tuple[str, int] | None = None  # from a PROXY header; None: the socket's peer
+    proxy: str | None = None  # the proxy's address, when the connection came through one
+    early: bytes = b""  # what followed the PROXY header: the client spoke before the banner
+
+
+DIRECT = Arrival()
+MAX_HANDSHAKES = 1000  # PROXY headers awaited at once; beyond, new connections wait
+
+
+def _plain_ip(ip: str) -> str:
+    return ip[7:] if ip.startswith("::ffff:") and "." in ip else ip
+
+
+def trusted(ip: str, networks: tuple[Network, ...]) -> bool:
+    try:
+        addr = ipaddress.ip_address(_plain_ip(ip))
+    except ValueError:
+        return False
+    return any(addr in net for net in networks)
+
+
 class Listener:
     def __init__(
         self,
         sock: socket.socket,
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[Arrival], asyncio.Protocol],
         rate: Callable[[], int],
         has_room: Callable[[], bool],
+        settings: Callable[[], ListenerSettings] | None = None,
     ) -> None:
         self.sock = sock
         self.factory = protocol_factory
         self.limiter = RateLimiter(rate())
         self.rate = rate
         self.has_room = has_room
+        # The listener's settings in force now (a reload may change its PROXY trust).
+        self.settings = settings or (lambda: ListenerSettings(address=("0.0.0.0", 0)))
         self.task: asyncio.Task[None] | None = None
+        self.handshakes: set[asyncio.Task[None]] = set()  # PROXY headers awaited
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -92,20 +133,25 @@ class Listener:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
+        for task in list(self.handshakes):
+            task.cancel()  # each closes its socket
+        await asyncio.gather(*self.handshakes, return_exceptions=True)
         self.sock.close()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             self.limiter.rate = self.rate()  # follows a reload
-            wait = self.limiter.delay(time.time())
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            while not self.has_room():
+            settings = self.settings()
+            if settings.proxy_protocol is None:
+                wait = self.limiter.delay(time.time())
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    continue
+            while not self.has_room() or len(self.handshakes) >= MAX_HANDSHAKES:
                 await asyncio.sleep(0.05)
             try:
-                conn, _addr = await loop.sock_accept(self.sock)
+                conn, addr = await loop.sock_accept(self.sock)
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -113,9 +159,83 @@ class Listener:
                         await asyncio.sleep(0.1)
                     continue
                 raise
-            self.limiter.record(time.time())
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                await loop.connect_accepted_socket(self.factory, conn)
-            except OSError:
+            if settings.proxy_protocol is not None:
+                task = loop.create_task(self._proxied(conn, _plain_ip(addr[0]), settings))
+                self.handshakes.add(task)
+                task.add_done_callback(self.handshakes.discard)
+                continue
+            self.limiter.record(time.time())
+            await self._start_session(conn, DIRECT)
+
+    async def _start_session(self, conn: socket.socket, arrival: Arrival) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(lambda: self.factory(arrival), conn)
+        except OSError:
+            conn.close()
+
+    async def _proxied(self, conn: socket.socket, peer: str, settings: ListenerSettings) -> None:
+        """A connection to a PROXY listener: from a trusted proxy, with a good header, it
+        becomes a session of the client the header names; else it is closed unanswered."""
+        try:
+            if not trusted(peer, settings.proxy_trusted):
+                maillog.proxy_untrusted(peer, settings.label)
                 conn.close()
+                return
+            arrival = await self._read_header(conn, peer, settings)
+            if arrival is None:
+                conn.close()
+                return
+            # The rate throttle counts clients, so it applies now, not at the accept.
+            while (wait := self.limiter.delay(time.time())) > 0:
+                await asyncio.sleep(wait)
+            self.limiter.record(time.time())
+        except BaseException:
+            conn.close()
+            raise
+        await self._start_session(conn, arrival)
+
+    async def _read_header(
+        self, conn: socket.socket, peer: str, settings: ListenerSettings
+    ) -> Arrival | None:
+        loop = asyncio.get_running_loop()
+        versions = settings.proxy_protocol
+        assert versions is not None
+        data = b""
+        try:
+            async with asyncio.timeout(settings.proxy_timeout):
+                while (header := proxy.parse(data, versions)) is None:
+                    chunk = await loop.sock_recv(conn, proxy.MAX_HEADER - len(data))
+                    if not chunk:
+                        if data:
+                            raise proxy.ProxyError(f"closed after {len(data)} bytes of a header")
+                        maillog.proxy_closed(peer)  # a proxy's TCP check: connect, close
+                        return None
+                    data += chunk
+        except TimeoutError:
+            maillog.proxy_timeout(peer, settings.proxy_timeout)
+            return None
+        except proxy.ProxyError as exc:
+            maillog.proxy_bad_header(peer, str(exc))
+            return None
+        except OSError as exc:  # reset by the peer
+            maillog.proxy_bad_header(peer, exc.strerror or repr(exc))
+            return None
+        early = data[header.size :]
+        if header.source is None:
+            maillog.proxy_local(peer, header.version)  # a health check: the proxy itself
+            return Arrival(None, peer, early)
+        client = header.source[0]
+        if _is_loopback(client) and not _is_loopback(peer):
+            # Only a proxy on this host can have a client on this host's loopback, and the
+            # local host may relay: a remote proxy claiming one is not believed.
+            maillog.proxy_bad_header(peer, f"a remote proxy names a loopback client ({client})")
+            return None
+        return Arrival(header.source, peer, early)
+
+
+def _is_loopback(ip: str) -> bool:
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(ip).is_loopback
+    return False

@@ -22,6 +22,7 @@ from mailgate.milter import chain as milter_chain
 from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
 from mailgate.smtp.limits import Admission, per_ip_refusal
+from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
     NEED_DATA,
     BadCommand,
@@ -70,8 +71,9 @@ class _Closing(Exception):
 
 
 class SmtpServerProtocol(asyncio.Protocol):
-    def __init__(self, host: ServerHost) -> None:
+    def __init__(self, host: ServerHost, arrival: Arrival = DIRECT) -> None:
         self.host = host
+        self.arrival = arrival  # a PROXY header's client, else the socket's peer is
         self.snap: Snapshot = host.snapshot
         cfg = self.snap.config
         self.conn = ServerConnection(
@@ -105,7 +107,8 @@ class SmtpServerProtocol(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername") or ("0.0.0.0", 0)
+        # PROXY protocol: the client the header named, never the proxy (smtp/listener.py).
+        peer = self.arrival.client or transport.get_extra_info("peername") or ("0.0.0.0", 0)
         ip = peer[0]
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
@@ -117,6 +120,8 @@ class SmtpServerProtocol(asyncio.Protocol):
         )
         self.task = asyncio.get_running_loop().create_task(self.run())
         self.host.session_started(self)
+        if self.arrival.early:  # PROXY protocol: what the client sent behind the header
+            self.data_received(self.arrival.early)
 
     def data_received(self, data: bytes) -> None:
         self.last_input = time.monotonic()
@@ -295,6 +300,9 @@ class SmtpServerProtocol(asyncio.Protocol):
     async def open(self) -> Session | None:
         """The connect stage: admission, the client's PTR, access Connect:, the greet pause,
         then the greeting (or the early talker's 554). None: closed already."""
+        if self.closing_reply is not None:  # a node being drained: at once, no lookups
+            self.send(self.closing_reply)
+            return None
         if not self.admitted:
             self.host.count(metrics.connection("per_ip_limit"))
             self.host.count(metrics.rejection("throttle"))
@@ -316,9 +324,9 @@ class SmtpServerProtocol(asyncio.Protocol):
                 session.relay_text,
                 str(decision.refusal),
             )
-        elif self.snap.config.milters and self.transport is not None:
+        elif self.snap.config.milter and self.transport is not None:
             # The filters hear of the client after our own Connect: check (milter/chain.py).
-            bye = await milter_chain.attach(session, self.transport)
+            bye = await milter_chain.attach(session, self.transport, self.arrival.client)
             if bye is not None:
                 self.send(bye)
                 return None
