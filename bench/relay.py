@@ -62,6 +62,20 @@ def cpu_busy() -> tuple[int, int]:
     return sum(v) - idle, sum(v)
 
 
+def start_milter(kind: str, base: Path) -> Any:
+    """The filter both relays use, from the tests' own set-up of the Debian packages."""
+    sys.path.insert(0, str(BENCH.parent))
+    from tests.support.filters import OpenDkim, Rspamd
+
+    cls = OpenDkim if kind == "opendkim" else Rspamd
+    if cls.missing:
+        raise SystemExit(f"--milter {kind}: {cls.missing} is not installed")
+    peer = cls(base / kind).start()
+    relays.MILTER_PORT = peer.port
+    log(f"milter: {kind} on {peer.socket}")
+    return peer
+
+
 def make_relay(
     kind: str,
     workdir: Path,
@@ -474,6 +488,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
         f"- Postfix {m['postfix']}; mailgate {m['mailgate']}",
         f"- extra mailgate settings: {report['args'].get('mailgate_set') or 'none'}",
+        f"- milter in both relays' path: {report['args'].get('milter') or 'none'}",
         f"- load average when started: {' '.join(m['loadavg_at_start'])}; harness, "
         f"relays, source and sink at nice {report['args'].get('nice', 0)}",
         f"- command: `{m['command']}`",
@@ -660,6 +675,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run mailgate from its tree as it is at each start, instead of from "
         "a copy of its package taken when the benchmark starts",
     )
+    ap.add_argument(
+        "--milter",
+        choices=("opendkim", "rspamd"),
+        help="one real filter (tests/support/filters.py) in both relays' path: mailgate's"
+        " [[milter]], Postfix's smtpd_milters (opendkim signs: the sender is example.org)",
+    )
     ap.add_argument("--json", default=None, help="write all results here (JSON)")
     ap.add_argument("--report", default=None, help="write the markdown tables here")
     ap.add_argument(
@@ -708,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)
     relays.BIN_DIR = base
     report: dict[str, Any] = {"machine": machine_info(args), "args": vars(args)}
+    filter_ = start_milter(args.milter, base) if args.milter else None
     if not args.no_snapshot:
         # Pin the code under test: every mailgate of this invocation runs from a copy taken
         # now, even if someone edits the tree meanwhile.
@@ -728,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
             run_latency(args, base, report)
         extras.run_selected(args, base, report, log)
     finally:
+        if filter_ is not None:
+            filter_.stop()
         save(report, args)
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

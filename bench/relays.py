@@ -41,6 +41,9 @@ def own_session() -> bool:
 
 # relay.py --mailgate-set: {"section": {"key": "toml value"}}, "" = top level; applied last.
 EXTRA_SETTINGS: dict[str, dict[str, str]] = {}
+# relay.py --milter: the port of the one filter both relays use (mailgate's [[milter]],
+# Postfix's smtpd_milters), default action tempfail in both.
+MILTER_PORT: int | None = None
 BIN_DIR: Path | None = None  # set by relay.py: private copies of smtp-sink / smtp-source
 
 
@@ -301,6 +304,11 @@ class MailgateRelay:
         text += "".join(f"{k} = {v}\n" for k, v in sections.pop("", {}).items())
         for sec, kv in sections.items():
             text += f"\n[{sec}]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items())
+        if MILTER_PORT is not None:
+            text += (
+                f'\n[[milter]]\nname = "bench"\nsocket = "inet:{MILTER_PORT}@{HOST}"\n'
+                'default_action = "tempfail"\n'
+            )
         self.config = self.dir / "mailgate.toml"
         self.config.write_text(text)
         (self.dir / "mailertable").write_text(f"bench.example smtp:[{HOST}]:{sink_port}\n")
@@ -449,6 +457,11 @@ alias_maps =
 alias_database =
 biff = no
 """)
+        if MILTER_PORT is not None:
+            with open(self.etc / "main.cf", "a") as f:
+                f.write(
+                    f"smtpd_milters = inet:{HOST}:{MILTER_PORT}\nmilter_default_action = tempfail\n"
+                )
         (self.etc / "master.cf").write_text(
             f"{HOST}:{self.port} inet n - n - - smtpd\n" + MASTER_CF_SERVICES
         )

@@ -623,34 +623,54 @@ def test_without_no_default_msa_port_587_is_served_and_said(
     assert "Sendmail listened on port 587 too" in warning and "without SMTP AUTH" in warning
 
 
-@pytest.mark.parametrize(
-    ("flags", "on_failure", "words"),
-    [
-        ("", "accept", "while the filter was down, mail was accepted unfiltered"),
-        (", F=T", "tempfail", "With F=T Sendmail answered 4xx"),
-        (", F=R", "reject", "With F=R Sendmail rejected mail"),
-    ],
-)
-def test_a_milter_becomes_a_commented_out_block_and_a_warning(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: str, on_failure: str, words: str
+@pytest.mark.parametrize(("flags", "action"), [(", F=T", "tempfail"), (", F=R", "reject")])
+def test_a_milter_becomes_a_milter_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: str, action: str
 ) -> None:
     mc = (
         "FEATURE(no_default_msa)\n"
         f"INPUT_MAIL_FILTER(`clamav', `S=local:/run/clamav/milter.ctl{flags}, T=S:4m;R:4m')dnl\n"
+        "define(`confMILTER_MACROS_CONNECT', `j, `{client_addr}'')dnl\n"
     )
     result = import_mc(tmp_path, mc, capsys=capsys)
-    assert result.status == 0
-    (warning,) = result.findings()
-    assert warning.startswith(f"{tmp_path / 'mail' / 'sendmail.mc'}:2: mail filter clamav:")
-    assert "mailgate has no milter support yet" in warning and words in warning
+    assert result.status == 0 and result.findings() == []
     assert (
-        "# [[milter]]\n"
-        '# name = "clamav"\n'
-        '# socket = "local:/run/clamav/milter.ctl"\n'
-        f'# on_failure = "{on_failure}"\n'
-        '# timeouts = "S:4m;R:4m"\n'
+        "[[milter]]\n"
+        'name = "clamav"\n'
+        'socket = "local:/run/clamav/milter.ctl"\n'
+        f'default_action = "{action}"\n'
+        'connect_timeout = "5m"\n'
+        'send_timeout = "4m"\n'
+        'read_timeout = "4m"\n'
+        'eom_timeout = "5m"\n'
+        'connect_macros = ["j", "{client_addr}"]\n'
     ) in result.toml
-    assert "milter" not in tomllib.loads(result.toml)
+    [milter] = result.config.milter
+    assert (milter.name, str(milter.socket), milter.default_action) == (
+        "clamav",
+        "unix:/run/clamav/milter.ctl",
+        action,
+    )
+    assert (milter.connect_timeout, milter.send_timeout, milter.read_timeout) == (300, 240, 240)
+    assert milter.connect_macros == ("j", "{client_addr}")
+
+
+def test_a_milter_without_flags_is_accepted_unfiltered_as_in_sendmail(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mc = (
+        "FEATURE(no_default_msa)\n"
+        "INPUT_MAIL_FILTER(`rspamd', `S=inet:11332@localhost')dnl\n"
+        "INPUT_MAIL_FILTER(`opendkim', `S=inet:8891@localhost, F=T')dnl\n"
+    )
+    result = import_mc(tmp_path, mc, capsys=capsys)
+    (warning,) = result.findings()
+    assert warning.startswith(f"{tmp_path / 'mail' / 'sendmail.mc'}:2: mail filter rspamd:")
+    assert 'default_action = "accept" as in Sendmail' in warning
+    assert [(m.name, m.default_action) for m in result.config.milter] == [
+        ("rspamd", "accept"),
+        ("opendkim", "tempfail"),
+    ]
 
 
 def test_privacy_flags_mailgate_does_not_act_on_are_said(

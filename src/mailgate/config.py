@@ -673,6 +673,142 @@ class MetricsSettings:
     )
 
 
+MilterAction = Literal["tempfail", "reject", "accept", "quarantine", "shutdown"]
+
+
+@dataclass(frozen=True)
+class MilterSocket:
+    """Where a filter listens: ``inet`` (``host``, ``port``) or ``unix`` (``path``)."""
+
+    kind: Literal["inet", "unix"]
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        return f"inet:{self.port}@{self.host}"
+
+
+def parse_milter_socket(value: object) -> MilterSocket:
+    """Sendmail's and the filters' ``inet:port@host`` (``inet6:`` too), Postfix's
+    ``inet:host:port``, ``unix:/path`` (Sendmail's ``local:`` too)."""
+    text = _str(value).strip()
+    kind, colon, where = text.partition(":")
+    kind = kind.lower()
+    if colon and kind in ("unix", "local"):
+        if not where:
+            raise ValueError(f'{text!r}: give the socket\'s path, as in "unix:/run/x.sock"')
+        return MilterSocket("unix", path=where)
+    if colon and kind in ("inet", "inet6"):
+        if "@" in where:
+            port, _, host = where.partition("@")
+        else:
+            host, _, port = where.rpartition(":")
+        host = host.strip("[]")
+        if host and port.isdigit() and 0 < int(port) < 65536:
+            return MilterSocket("inet", host=host, port=int(port))
+    raise ValueError(
+        f'bad milter socket {text!r}: use "inet:port@host" (or "inet:host:port") or "unix:/path"'
+    )
+
+
+def _macro_list(value: object) -> tuple[str, ...]:
+    names = _str_list(_str)(value)
+    for name in names:
+        if not re.fullmatch(r"\{?[A-Za-z0-9_]+\}?", name) or name.count("{") != name.count("}"):
+            raise ValueError(f"{name!r} is not a macro name (j, _, {{client_addr}}, ...)")
+    return names
+
+
+@dataclass(frozen=True)
+class MilterSettings:
+    """One ``[[milter]]``: a content filter spoken to with Sendmail's milter protocol."""
+
+    name: str = setting(
+        _str, None, "the filter's name in log lines (Sendmail's `X` name)", shown="required"
+    )
+    socket: MilterSocket = setting(
+        parse_milter_socket,
+        None,
+        'where it listens: `"inet:port@host"`, `"inet:host:port"` or `"unix:/path"`',
+        shown="required",
+    )
+    default_action: MilterAction = setting(
+        _one_of(get_args(MilterAction)),
+        "tempfail",
+        "when the filter is down, slow or wrong: `tempfail`, `reject`, `accept`, "
+        "`quarantine` or `shutdown`",
+    )
+    connect_timeout: float = setting(
+        _positive_duration, "30s", "to connect and negotiate (Sendmail's `T=C:`)"
+    )
+    send_timeout: float = setting(
+        _positive_duration, "10s", "to write one event to the filter (`T=S:`)"
+    )
+    read_timeout: float = setting(
+        _positive_duration, "30s", "for its answer to each event but the last (`T=R:`)"
+    )
+    eom_timeout: float = setting(
+        _positive_duration, "5m", "for its final answer at end of message (`T=E:`)"
+    )
+    listen: tuple[tuple[str, int], ...] | None = setting(
+        lambda v: _str_list(parse_listen)(v) or None,
+        None,
+        "the `listen` addresses whose sessions it filters",
+        shown="all of them",
+    )
+    connect_macros: tuple[str, ...] = setting(
+        _macro_list,
+        [
+            "j",
+            "{daemon_name}",
+            "{daemon_addr}",
+            "{daemon_port}",
+            "{if_addr}",
+            "v",
+            "_",
+            "{client_addr}",
+            "{client_name}",
+            "{client_port}",
+            "{client_ptr}",
+            "{client_resolve}",
+        ],
+        "macros sent at connect, unless the filter asks for others",
+    )
+    helo_macros: tuple[str, ...] = setting(
+        _macro_list,
+        ["{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}"],
+        "macros sent at HELO/EHLO",
+    )
+    mail_macros: tuple[str, ...] = setting(
+        _macro_list,
+        [
+            "i",
+            "{auth_type}",
+            "{auth_authen}",
+            "{auth_author}",
+            "{mail_addr}",
+            "{mail_host}",
+            "{mail_mailer}",
+        ],
+        "macros sent at MAIL",
+    )
+    rcpt_macros: tuple[str, ...] = setting(
+        _macro_list,
+        ["i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"],
+        "macros sent at RCPT",
+    )
+    data_macros: tuple[str, ...] = setting(_macro_list, ["i"], "macros sent at DATA")
+    eoh_macros: tuple[str, ...] = setting(
+        _macro_list, ["i"], "macros sent at the end of the header"
+    )
+    eom_macros: tuple[str, ...] = setting(
+        _macro_list, ["i", "{msg_id}"], "macros sent at the end of the message"
+    )
+
+
 @dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
@@ -688,6 +824,8 @@ class Config:
     )
     # Listeners with settings of their own (the PROXY protocol); `listeners` is both kinds.
     listener: tuple[ListenerSettings, ...] = tables(ListenerSettings)
+    # Content filters (milters), in the order they are applied.
+    milter: tuple[MilterSettings, ...] = tables(MilterSettings)
     spool_dir: Path = setting(_path, "spool", "the durable queue", relative=True)
     # None (the default) is replaced by the TOML file's folder; the embedded config has none.
     tables_dir: Path | None = setting(
@@ -1127,9 +1265,43 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
     _apply_command_line(top)
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
     _check_log(r, cast(LogSettings, top["log"]))
+    top["milter"] = _milter_tables(r, base)
     config = _build(Config, {"path": path, **top})
     _check_listeners(r, config.listen, config.listener)
+    _check_milters(r, config)
     return config
+
+
+def _milter_tables(r: _Reader, base: Path) -> tuple[MilterSettings, ...]:
+    """The ``[[milter]]`` tables, in order: each with its name and socket (a relative socket
+    path from the TOML file's folder), no name twice."""
+    found: list[MilterSettings] = []
+    for n, given in enumerate(r.entries("milter"), 1):
+        values = r.entry_values("milter", n, given, MilterSettings, base)
+        for key in ("name", "socket"):
+            if key not in values:
+                raise r.entry_error("milter", n, None, f"needs a {key}")
+        milter = _build(MilterSettings, values)
+        if any(m.name == milter.name for m in found):
+            raise r.entry_error(
+                "milter", n, "name", f"{milter.name!r} is the name of an earlier [[milter]] too"
+            )
+        sock = milter.socket
+        if sock.kind == "unix" and not Path(sock.path).is_absolute():
+            milter = replace(milter, socket=replace(sock, path=str(base / sock.path)))
+        found.append(milter)
+    return tuple(found)
+
+
+def _check_milters(r: _Reader, config: Config) -> None:
+    """A filter's ``listen`` names listeners the daemon has."""
+    addresses = {listener.address for listener in config.listeners}
+    for n, milter in enumerate(config.milter, 1):
+        for host, port in milter.listen or ():
+            if (host, port) not in addresses:
+                raise r.entry_error(
+                    "milter", n, "listen", f"{host}:{port} is not one of the listeners"
+                )
 
 
 def _build(cls: Callable[..., T], values: Mapping[str, object]) -> T:

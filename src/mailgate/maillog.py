@@ -83,6 +83,23 @@ LEVELS: dict[str, Level] = {
     "proxy_timeout": "notice",
     "proxy_local": "debug",
     "proxy_closed": "debug",
+    # milters
+    "milter_connect_refused": "notice",
+    "milter_reject": "notice",
+    "milter_discard": "notice",
+    "milter_quarantine": "notice",
+    "milter_failed": "warning",
+    "milter_verdict": "debug",
+    "milter_header_added": "info",
+    "milter_header_inserted": "info",
+    "milter_header_changed": "info",
+    "milter_header_deleted": "info",
+    "milter_header_change_added": "info",
+    "milter_header_delete_noop": "info",
+    "milter_sender_changed": "info",
+    "milter_rcpt_added": "info",
+    "milter_rcpt_deleted": "info",
+    "milter_body_replaced": "info",
     # the spool
     "low_space": "warning",
     "space_available": "info",
@@ -572,6 +589,101 @@ def proxy_local(peer: str, version: int) -> str:
 def proxy_closed(peer: str) -> str:
     """The proxy connected and closed without a byte: a TCP health check."""
     return f"PROXY protocol: proxy [{peer}] closed the connection before a header (a TCP check)"
+
+
+# -- milters: Sendmail's lines (milter.c, srvrsmtp.c) -------------------------------------------
+def _prefixed(qid: str | None, text: str) -> str:
+    return f"{qid}: {text}" if qid else text
+
+
+@_event
+def milter_connect_refused(host: str, addr: str, what: str) -> str:
+    """A filter refused the connection: ``what`` is ``rejecting commands``, ``temp failing
+    commands`` or ``shutdown``."""
+    return f"Milter: connect: host={host}, addr={addr}, {what}"
+
+
+@_event
+def milter_reject(qid: str | None, what: str, reply: object) -> str:
+    """``what``: ``helo=<name>``, ``from=<a>``, ``to=<b>``, ``cmd=data`` (the DATA command)
+    or ``data`` (the end of the message)."""
+    return _prefixed(qid, f"Milter: {what}, reject={reply}")
+
+
+@_event
+def milter_discard(qid: str | None, what: str) -> str:
+    return _prefixed(qid, f"Milter: {what}, discard")
+
+
+@_event
+def milter_quarantine(qid: str, name: str, reason: str) -> str:
+    return f"{qid}: milter={name}, quarantine={reason}"
+
+
+@_event
+def milter_failed(name: str, problem: str, stage: str, action: str) -> str:
+    """A filter is down, slow or wrong: its default action applies from ``stage`` on."""
+    return f"Milter ({name}): {problem}, where={stage}, default_action={action}"
+
+
+@_event
+def milter_verdict(qid: str | None, name: str, stage: str, verdict: str) -> str:
+    """Every answer of every filter that ends an event (Sendmail's ``milter=…, action=…``
+    lines, which it writes at MilterLogLevel 10): ``continue``, ``accepted``,
+    ``reject=<reply>``, ``tempfail``, ``discard``, ``skip``, ``shutdown``, or
+    ``failed`` for the default action of a filter that failed."""
+    return _prefixed(qid, f"milter={name}, action={stage}, {verdict}")
+
+
+@_event
+def milter_header_added(qid: str, name: str, value: str) -> str:
+    return f"{qid}: Milter add: header: {name}: {value.lstrip(' ')}"
+
+
+@_event
+def milter_header_inserted(qid: str, index: int, name: str, value: str) -> str:
+    return f"{qid}: Milter insert ({index}): header: {name}: {value.lstrip(' ')}"
+
+
+@_event
+def milter_header_changed(qid: str, name: str, old: str, new: str) -> str:
+    return f"{qid}: Milter change: header {name}: from {old.lstrip(' ')} to {new.lstrip(' ')}"
+
+
+@_event
+def milter_header_deleted(qid: str, name: str, old: str) -> str:
+    return f"{qid}: Milter delete: header {name}:{old}"
+
+
+@_event
+def milter_header_change_added(qid: str, name: str, value: str) -> str:
+    """A change of a header the message does not have: it is added (Sendmail, Postfix)."""
+    return f"{qid}: Milter change (add): header: {name}: {value.lstrip(' ')}"
+
+
+@_event
+def milter_header_delete_noop(qid: str, name: str) -> str:
+    return f"{qid}: Milter delete (noop): header: {name}"
+
+
+@_event
+def milter_sender_changed(qid: str, sender: str) -> str:
+    return f"{qid}: Milter chgfrom: {sender}"
+
+
+@_event
+def milter_rcpt_added(qid: str, rcpt: str) -> str:
+    return f"{qid}: Milter add: rcpt: {rcpt}"
+
+
+@_event
+def milter_rcpt_deleted(qid: str, rcpt: str) -> str:
+    return f"{qid}: Milter delete: rcpt {rcpt}"
+
+
+@_event
+def milter_body_replaced(qid: str) -> str:
+    return f"{qid}: Milter message: body replaced"
 
 
 # -- the spool --------------------------------------------------------------------------------

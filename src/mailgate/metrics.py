@@ -99,6 +99,7 @@ RejectReason = Literal[
     "storage",  # 452 4.3.1: the spool is low on space or failed
     "protocol",  # bare CR/LF in a command, content sent before the 354
     "content",  # too many hops, header section too large, bare CR/LF or NUL in content
+    "milter",  # a [[milter]] filter refused, or its default action after it failed
 ]
 REJECT_REASONS: tuple[str, ...] = get_args(RejectReason)
 SESSION_EVENTS = (
@@ -147,7 +148,9 @@ MESSAGES_RECEIVED = _family(
     "mailgate_messages_received", "counter", "Messages acknowledged with 250 and queued"
 ).base
 MESSAGES_DISCARDED = _family(
-    "mailgate_messages_discarded", "counter", "Messages acknowledged and dropped (access DISCARD)"
+    "mailgate_messages_discarded",
+    "counter",
+    "Messages acknowledged and dropped (access DISCARD, or a filter's DISCARD)",
 ).base
 REJECTIONS = _family(
     "mailgate_rejections",

@@ -193,13 +193,20 @@ class GatewayProcess:
 
 def merge_settings(*fragments: str) -> str:
     """TOML fragments as one document: the root keys, then each ``[section]`` once with the
-    keys every fragment gave it; a key given again replaces the earlier one (in its place)."""
+    keys every fragment gave it; a key given again replaces the earlier one (in its place).
+    Each ``[[array]]`` entry stays an entry of its own, in the order given."""
     sections: dict[str, dict[str, str]] = {"": {}}
+    entries = 0
     for fragment in fragments:
         section = ""
         for line in fragment.splitlines():
             text = line.strip()
             if not text or text.startswith("#"):
+                continue
+            if text.startswith("[["):
+                entries += 1
+                section = f"{text}\0{entries}"
+                sections[section] = {}
                 continue
             if text.startswith("["):
                 section = text
@@ -211,5 +218,5 @@ def merge_settings(*fragments: str) -> str:
             sections[section][key.strip()] = text
     out = list(sections.pop("").values())
     for name, lines in sections.items():
-        out += [name, *lines.values()]
+        out += [name.partition("\0")[0], *lines.values()]
     return "\n".join(out) + "\n"

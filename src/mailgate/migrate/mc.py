@@ -4,7 +4,7 @@
 or the error loading them gave) and the options. Its `Conversion` holds, for every construct of
 the file, a one-line account (``Construct``); the settings of ``mailgate.toml`` with the mc
 lines that decide them (``Assignment``, named by the config field it sets, so the result loads
-with mailgate's own reader); commented-out blocks for what mailgate cannot do yet (milters);
+with mailgate's own reader); a ``[[milter]]`` table per mail filter;
 and the findings: a warning for each line that cannot be mapped, a refusal for each unsafe
 feature, and the table warnings of ``mailgate check`` (`tables.lint`), reused as they are.
 
@@ -84,11 +84,13 @@ class Construct:
 
 @dataclass(frozen=True)
 class Block:
-    """TOML that mailgate cannot use yet, written commented out (a ``[[milter]]``)."""
+    """A TOML table of its own after the settings (a ``[[milter]]``): ``live`` ones as they
+    are, the others (what mailgate cannot use) commented out."""
 
     line: int
     title: str
     body: tuple[str, ...]
+    live: bool = False
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,31 @@ def _whole(text: str) -> int:
     if not re.fullmatch(r"\d+", text.strip()):
         raise ValueError(f"{text.strip()!r} is not a whole number")
     return int(text)
+
+
+# Sendmail's milter timeouts (T=C:5m;S:10s;R:10s;E:5m when not given) and their settings.
+_MILTER_TIMEOUTS_SENDMAIL = {"C": "5m", "S": "10s", "R": "10s", "E": "5m"}
+_MILTER_TIMEOUT_KEYS = {
+    "C": "connect_timeout",
+    "S": "send_timeout",
+    "R": "read_timeout",
+    "E": "eom_timeout",
+}
+_MILTER_MACROS = {
+    "connect_macros": "confMILTER_MACROS_CONNECT",
+    "helo_macros": "confMILTER_MACROS_HELO",
+    "mail_macros": "confMILTER_MACROS_ENVFROM",
+    "rcpt_macros": "confMILTER_MACROS_ENVRCPT",
+    "data_macros": "confMILTER_MACROS_DATA",
+    "eoh_macros": "confMILTER_MACROS_EOH",
+    "eom_macros": "confMILTER_MACROS_EOM",
+}
+
+
+def _macro(text: str) -> str:
+    """A macro of a confMILTER_MACROS_* list as mailgate writes it: ``j``, ``{client_addr}``
+    (the mc quotes them, as in ``` `{client_addr}' ```)."""
+    return text.strip().strip("`'\"").strip()
 
 
 def _spec_fields(spec: str) -> list[tuple[str, str]]:
@@ -833,36 +860,52 @@ class _Mapper:
         return address
 
     def milters(self) -> None:
+        """Each filter of confINPUT_MAIL_FILTERS, in that order, as a ``[[milter]]``:
+        ``S=`` its socket, ``F=`` its default action, ``T=`` its timeouts (Sendmail's
+        defaults where ``T=`` says nothing), and the confMILTER_MACROS_* lists."""
         order = [n.strip() for n in self.define("confINPUT_MAIL_FILTERS").split(",")]
-        for name, flt in self.filters.items():
-            self.item = flt.item
+        for name, unused in self.filters.items():
             if name not in order:
+                self.item = unused.item
                 self.note(f"mail filter {name}: defined, not used (not in confINPUT_MAIL_FILTERS)")
+        macros = {
+            key: [_macro(m) for m in value.split(",") if m.strip()]
+            for key, stage in _MILTER_MACROS.items()
+            if (value := self.define(stage))
+        }
+        for name in order:
+            flt = self.filters.get(name)
+            if flt is None:
                 continue
+            self.item = flt.item
             fields_ = {k[:1].upper(): v for k, v in _spec_fields(flt.spec)}
             flags = fields_.get("F", "")
-            on_failure = "reject" if "R" in flags else "tempfail" if "T" in flags else "accept"
-            consequence = {
-                "accept": "Note Sendmail's default here (no F=R or F=T): while the filter was"
-                " down, mail was accepted unfiltered",
-                "tempfail": "With F=T Sendmail answered 4xx while the filter was down",
-                "reject": "With F=R Sendmail rejected mail while the filter was down",
-            }[on_failure]
-            self.warn(
-                f"mail filter {name}: mailgate has no milter support yet, so mail is not"
-                f" filtered by it; it is written as a commented-out [[milter]] block."
-                f" {consequence}"
-            )
-            self.note("written commented out: mailgate has no milters yet")
+            action = "reject" if "R" in flags else "tempfail" if "T" in flags else "accept"
+            if action == "accept":
+                self.warn(
+                    f'mail filter {name}: no F=R or F=T, so default_action = "accept" as'
+                    " in Sendmail: while the filter is down, mail is accepted unfiltered"
+                    ' (mailgate\'s own default is "tempfail")'
+                )
             body = [
                 "[[milter]]",
                 f"name = {_toml_string(name)}",
                 f"socket = {_toml_string(fields_.get('S', ''))}",
-                f"on_failure = {_toml_string(on_failure)}",
+                f"default_action = {_toml_string(action)}",
             ]
-            if fields_.get("T"):
-                body.append(f"timeouts = {_toml_string(fields_['T'])}")
-            self.blocks.append(Block(flt.item.line, f"mail filter {name}", tuple(body)))
+            timeouts = dict(_MILTER_TIMEOUTS_SENDMAIL)
+            for part in fields_.get("T", "").split(";"):
+                letter, colon, value = part.strip().partition(":")
+                if colon and letter.upper() in _MILTER_TIMEOUT_KEYS:
+                    timeouts[letter.upper()] = value.strip()
+                elif part.strip():
+                    self.warn(f"mail filter {name}: T={part.strip()}: not a milter timeout")
+            for letter, key in _MILTER_TIMEOUT_KEYS.items():
+                body.append(f"{key} = {_toml_string(timeouts[letter])}")
+            for key, names in macros.items():
+                body.append(f"{key} = [{', '.join(_toml_string(n) for n in names)}]")
+            self.note(f"a [[milter]] table, default_action = {action}")
+            self.blocks.append(Block(flt.item.line, f"mail filter {name}", tuple(body), live=True))
 
     def check_tables(self) -> None:
         t = self.tables

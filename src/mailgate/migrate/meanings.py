@@ -187,6 +187,13 @@ NOTE_DEFINES = {
     "ALIAS_FILE": "",
     "confALIAS_FILE": "",
     "confINPUT_MAIL_FILTERS": "",  # milters: handled apart
+    "confMILTER_MACROS_CONNECT": "",  # each [[milter]] gets the list: handled apart
+    "confMILTER_MACROS_HELO": "",
+    "confMILTER_MACROS_ENVFROM": "",
+    "confMILTER_MACROS_ENVRCPT": "",
+    "confMILTER_MACROS_DATA": "",
+    "confMILTER_MACROS_EOH": "",
+    "confMILTER_MACROS_EOM": "",
     "confHOST_STATUS_DIRECTORY": "host status cache: mailgate's is in memory",
     "confTO_QUEUERETURN_URGENT": "",  # per priority: warned apart
     "confTO_QUEUEWARN_URGENT": "",

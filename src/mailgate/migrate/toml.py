@@ -1,9 +1,9 @@
 """A `Conversion` written as ``mailgate.toml``: each setting under the mc lines it comes from.
 
 Top-level keys first, then each ``[section]`` once, in the order of `config.keys()` (TOML
-allows no top-level key after a section). After the settings, all as comments: the blocks
-mailgate cannot use yet, the mc line by line with what became of it, the limits mailgate keeps
-where Sendmail had none, and the findings.
+allows no top-level key after a section), then the ``[[milter]]`` tables. After them, all as
+comments: the blocks mailgate cannot use yet, the mc line by line with what became of it, the
+limits mailgate keeps where Sendmail had none, and the findings.
 """
 
 from __future__ import annotations
@@ -62,8 +62,11 @@ def render(conv: Conversion) -> str:
             out += ["", f"[{section}]"]
         out += ["", *_assignment(conv, a, name)]
     for block in conv.blocks:
-        out += ["", *_comment(f"{name}:{block.line}: {block.title}: not imported (see below)")]
-        out += [f"# {line}" for line in block.body]
+        if block.live:
+            out += ["", *_source_lines(conv, block.line, block.line, name), *block.body]
+        else:
+            out += ["", *_comment(f"{name}:{block.line}: {block.title}: not imported (see below)")]
+            out += [f"# {line}" for line in block.body]
     out += ["", f"# --- {name}, line by line " + "-" * max(0, _WIDTH - 22 - len(name))]
     shown: set[int] = set()  # findings written under their construct
     for c in conv.constructs:

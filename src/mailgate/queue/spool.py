@@ -544,6 +544,20 @@ class IncomingMessage:
             fd = None
         return QueuedMessage(self.envelope, queue_path, self.offset, self.size, QueueStatus(), fd)
 
+    # -- read back before the seal (milters: ``milter/message.py``) -----------------------------
+    def read(self, pos: int, size: int) -> bytes:
+        """Up to ``size`` bytes of the content written so far, from ``pos``."""
+        return _read_written(self.fd, self.offset, self.written, self.buf, self.size, pos, size)
+
+    def hand_over(self) -> WrittenContent:
+        """Give the message up and keep its content readable: a rewritten message takes its
+        queue id (and so its incoming/ name) while the content is copied into it. The file
+        is unlinked, a second descriptor keeps it readable until ``WrittenContent.close``."""
+        fd = os.dup(self.fd) if self.fd is not None else None
+        content = WrittenContent(fd, self.offset, self.written, bytes(self.buf), self.size)
+        self.discard()
+        return content
+
     def discard(self) -> None:
         if not self.closed:
             self.closed = True
@@ -553,6 +567,53 @@ class IncomingMessage:
             self.fd = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _read_written(
+    fd: int | None,
+    offset: int,
+    written: int,
+    buf: bytes | bytearray,
+    total: int,
+    pos: int,
+    size: int,
+) -> bytes:
+    """Content bytes [pos, pos + size) of a message whose first ``written`` bytes (envelope
+    line included, from ``offset`` on content) are in the file on ``fd`` and the rest in
+    ``buf`` (which holds the envelope line too while nothing was written)."""
+    start = offset + pos
+    end = offset + min(total, pos + size)
+    out = bytearray()
+    while start < min(end, written):
+        assert fd is not None
+        block = os.pread(fd, min(end, written) - start, start)
+        if not block:
+            raise OSError(errno.EIO, "spool file shorter than written")
+        out += block
+        start += len(block)
+    if start < end:
+        out += buf[start - written : end - written]
+    return bytes(out)
+
+
+class WrittenContent:
+    """A message's content after ``IncomingMessage.hand_over``: readable, owning its
+    descriptor (if the message had a file) until ``close``."""
+
+    def __init__(self, fd: int | None, offset: int, written: int, buf: bytes, size: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.written = written
+        self.buf = buf
+        self.size = size
+
+    def read(self, pos: int, size: int) -> bytes:
+        return _read_written(self.fd, self.offset, self.written, self.buf, self.size, pos, size)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def queue_ids(queue: Path) -> Iterator[str]:

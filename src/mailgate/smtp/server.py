@@ -18,6 +18,7 @@ import time
 from typing import Protocol
 
 from mailgate import maillog, metrics, tls
+from mailgate.milter import chain as milter_chain
 from mailgate.policy import Client, connect_decision
 from mailgate.reply import Reply
 from mailgate.smtp.limits import Admission, per_ip_refusal
@@ -331,6 +332,12 @@ class SmtpServerProtocol(asyncio.Protocol):
                 session.relay_text,
                 str(decision.refusal),
             )
+        elif self.snap.config.milter and self.transport is not None:
+            # The filters hear of the client after our own Connect: check (milter/chain.py).
+            bye = await milter_chain.attach(session, self.transport, self.arrival.client)
+            if bye is not None:
+                self.send(bye)
+                return None
         if decision.greet_pause > 0:
             # The pause runs from the connect, so the PTR lookup above is part of it.
             remaining = decision.greet_pause - (time.monotonic() - self.connected_at)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mailgate import maillog, metrics, tls
 from mailgate.address import AddressError, Mailbox, canon_domain, normalize, parse_path_arg
@@ -45,6 +45,9 @@ from mailgate.smtp.headers import (
 )
 from mailgate.smtp.protocol import Command
 from mailgate.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from mailgate.milter.chain import MilterChain
 
 HELP_TEXT = (
     "This is mailgate\n"
@@ -141,6 +144,8 @@ class Session:
         self.tls: tls.Session | None = None
         self.early_talker = False
         self.tx: Transaction | None = None
+        # The session's filters ([[milter]]), set at the connect stage; None without any.
+        self.milter: MilterChain | None = None
 
     # -- the connect stage ---------------------------------------------------------------------
     def greeting(self) -> Answer:
@@ -169,14 +174,21 @@ class Session:
         it that are not read yet (DATA must have none)."""
         handler = _HANDLERS.get(cmd.verb)
         if handler is None:
-            return Answer(Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'), bad=True)
-        refused = self._refused_stage()
-        if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
-            return Answer(refused, bad=True)
-        if cmd.verb == "DATA":
-            return self.data(cmd.arg, pipelined)
-        answer = handler(self, cmd.arg)
-        return answer if isinstance(answer, Answer) else await answer
+            answer = Answer(
+                Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'), bad=True
+            )
+        else:
+            refused = self._refused_stage()
+            if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
+                return Answer(refused, bad=True)
+            if cmd.verb == "DATA":
+                answer = self.data(cmd.arg, pipelined)
+            else:
+                got = handler(self, cmd.arg)
+                answer = got if isinstance(got, Answer) else await got
+        if self.milter is not None:  # the filters see what we accepted (milter/chain.py)
+            return await self.milter.command(self, cmd, answer)
+        return answer
 
     def _hello(self, arg: str, esmtp: bool) -> Answer:
         cfg = self.snap.config
@@ -458,6 +470,13 @@ class Session:
         if tx.write_error is not None:
             self.host.count(metrics.rejection("storage"))
             return self._fail_data(_NO_STORAGE, log=f"cannot write spool file: {tx.write_error}")
+        if self.milter is not None:  # the filters' verdict and changes, before the commit
+            final = await self.milter.end_of_message(self, tx)
+            if final is not None:  # refused, or discarded: nothing is committed
+                self._fail_data(final.reply)
+                return final
+            assert tx.msg is not None
+            msg = tx.msg  # maybe rewritten by the filters
         qid = msg.envelope.qid
         self.tx = None
         accepted = Answer(Reply(250, "2.0.0", f"{qid} Message accepted for delivery"))
@@ -473,16 +492,20 @@ class Session:
             maillog.spool_error(qid, exc)
             self.host.count(metrics.rejection("storage"))
             return Answer(_NO_STORAGE)
+        envelope = msg.envelope
         maillog.received(
             qid,
-            tx.sender,
+            envelope.sender,
             msg.size,
-            len(tx.recipients),
+            len(envelope.recipients),
             tx.msgid,
-            msg.envelope.proto,
+            envelope.proto,
             self.relay_text,
         )
-        self.host.message_queued(queued)
+        if self.milter is not None and self.milter.hold_reason is not None:
+            await self.milter.hold(queued)  # quarantined: on hold, not delivered
+        else:
+            self.host.message_queued(queued)
         return accepted
 
     def _fail_data(self, reply: Reply, log: str | None = None) -> Answer:
@@ -492,6 +515,8 @@ class Session:
             if log:
                 maillog.spool_error(tx.msg.envelope.qid, log)
         self.tx = None
+        if self.milter is not None:
+            self.milter.abort()
         return Answer(reply)
 
     def data_failed(self, reply: Reply) -> Answer:
@@ -506,6 +531,8 @@ class Session:
         if self.tx is not None and self.tx.msg is not None:
             self.tx.msg.discard()
         self.tx = None
+        if self.milter is not None:
+            self.milter.close()
 
     # -- the other verbs -----------------------------------------------------------------------
     def rset(self, arg: str) -> Answer:

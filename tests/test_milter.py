@@ -1,0 +1,631 @@
+"""Milters end to end: the real daemon, smtplib clients, a sink as the next hop, and a filter
+of our own (tests/support/milter.py, on kilter.protocol's codec) for every reply and change,
+and for filters that fail: down, dying mid-body, too slow, speaking nonsense, each with its
+default action. The real filters (OpenDKIM, rspamd, clamav-milter) are test_milter_peers.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import smtplib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from kilter.protocol import messages as km
+
+from tests.support.gateway import GatewayProcess, free_port, run_cli
+from tests.support.milter import TestMilter
+from tests.support.scrape import scrape, value
+from tests.support.sink import SinkServer
+from tests.support.world import (
+    OUTSIDE,
+    SENDER_DNS,
+    GatewayFactory,
+    World,
+    issue_world,
+    message,
+    wait_until,
+)
+
+DNS_RECORDS = SENDER_DNS
+
+
+def milter_entry(name: str, socket: str, **settings: str) -> str:
+    lines = [f'name = "{name}"', f'socket = "{socket}"']
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    return "[[milter]]\n" + "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def milter() -> Iterator[TestMilter]:
+    with TestMilter() as m:
+        yield m
+
+
+@pytest.fixture
+def filt(milter: TestMilter) -> TestMilter:
+    """The module's filter, plain again (continue everywhere, accept at the end)."""
+    return milter.configure()
+
+
+@pytest.fixture(scope="module")
+def world(hop1: SinkServer, mx_port: int) -> World:
+    return issue_world(hop1.port, mx_port).but(
+        settings='[smtp]\nmax_message_size = "200M"\n[queue]\nmin_free = 0\n'
+    )
+
+
+METRICS_PORT = free_port()
+
+
+@pytest.fixture(scope="module")
+def gw(module_gateway: GatewayFactory, world: World, milter: TestMilter) -> GatewayProcess:
+    return module_gateway(
+        world.but(
+            settings=f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+            + milter_entry("test", milter.socket, read_timeout='"2s"', eom_timeout='"2s"')
+        )
+    )
+
+
+def counted(name: str, **labels: str) -> float:
+    return value(scrape("127.0.0.1", METRICS_PORT), name, **labels)
+
+
+@dataclass
+class Dialogue:
+    """What each command of one transaction got."""
+
+    mail: tuple[int, str]
+    rcpts: list[tuple[int, str]]
+    data: tuple[int, str] | None
+    qid: str | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.data is not None and self.data[0] == 250
+
+
+def send(
+    gw: GatewayProcess,
+    content: bytes,
+    *,
+    rcpts: tuple[str, ...] = ("bob@targetdomain1.com",),
+    sender: str = "alice@example.org",
+    options: tuple[str, ...] = (),
+    port: int | None = None,
+    client: smtplib.SMTP | None = None,
+) -> Dialogue:
+    """One transaction; the session is left open when ``client`` is given."""
+    s = client or smtplib.SMTP(gw.host, port or gw.port, source_address=(OUTSIDE, 0), timeout=30)
+    try:
+        if client is None:
+            s.ehlo("client.example.net")
+        code, text = s.mail(sender, list(options))
+        mail = (code, text.decode())
+        rcpt_replies = []
+        if code == 250:
+            rcpt_replies = [(c, t.decode()) for c, t in (s.rcpt(r) for r in rcpts)]
+        data = None
+        if any(c == 250 for c, _ in rcpt_replies):
+            data = _data(s, content)
+        qid = data[1].split()[1] if data and data[0] == 250 else None
+        return Dialogue(mail, rcpt_replies, data, qid)
+    finally:
+        if client is None:
+            with contextlib.suppress(smtplib.SMTPServerDisconnected):
+                s.quit()
+
+
+def _data(s: smtplib.SMTP, content: bytes) -> tuple[int, str]:
+    """DATA without smtplib's exception on a refusal (its reply is the point here)."""
+    code, text = s.docmd("DATA")
+    if code != 354:
+        return code, text.decode()
+    s.send(content.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+    code, text = s.getreply()
+    return code, text.decode()
+
+
+def queue_empty(gw: GatewayProcess) -> bool:
+    return gw.queued() == [] and not os.listdir(gw.spool / "incoming")
+
+
+# -- the events ------------------------------------------------------------------------------------
+
+
+def test_every_event_in_smtp_order_with_its_macros(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    got = send(
+        gw,
+        message("events", headers="X-Folded: one\r\n\ttwo\r\n"),
+        rcpts=("bob@targetdomain1.com", "carol@targetdomain1.com"),
+        options=("SIZE=400", "BODY=8BITMIME"),
+    )
+    assert got.accepted
+    hop1.wait_subject("events")
+    filt.wait_event("Close")
+    assert filt.names() == [
+        "Negotiate",
+        "Connect",
+        "Helo",
+        "EnvelopeFrom",
+        "EnvelopeRecipient",
+        "EnvelopeRecipient",
+        "Data",
+        *["Header"] * 6,
+        "EndOfHeaders",
+        "Body",
+        "EndOfMessage",
+        "Close",
+    ]
+    [connect] = filt.events("Connect")
+    assert connect == km.Connect("[127.0.0.2]", km.ip_address(OUTSIDE), connect.port)
+    assert filt.events("Helo") == [km.Helo("client.example.net")]
+    assert filt.events("EnvelopeFrom") == [
+        km.EnvelopeFrom(b"<alice@example.org>", [b"SIZE=400", b"BODY=8BITMIME"])
+    ]
+    assert [bytes(e.recipient) for e in filt.events("EnvelopeRecipient")] == [  # type: ignore[attr-defined]
+        b"<bob@targetdomain1.com>",
+        b"<carol@targetdomain1.com>",
+    ]
+    # Our own Received: is not shown; one leading space goes; folding as LF.
+    headers = [(h.name, bytes(h.value)) for h in filt.events("Header")]  # type: ignore[attr-defined]
+    assert headers[0] == ("From", b"<alice@example.org>")
+    assert ("X-Folded", b"one\n\ttwo") in headers
+    assert filt.events("Body") == [km.Body(b"Hi Bob.\r\n")]
+    c = filt.macros(b"C")
+    assert (c["j"], c["{client_addr}"], c["{daemon_name}"], c["{client_resolve}"]) == (
+        "gateway.example.com",
+        OUTSIDE,
+        "MTA",
+        "FAIL",
+    )
+    assert int(c["{client_port}"]) == connect.port
+    assert filt.macros(b"M")["{mail_addr}"] == "alice@example.org"
+    assert filt.macros(b"R")["{rcpt_addr}"] == "carol@targetdomain1.com"
+    assert filt.macros(b"T")["i"] == got.qid == filt.macros(b"E")["i"]
+    assert filt.macros(b"E")["{msg_id}"] == "<events@example.org>"
+
+
+def test_rset_aborts_the_filter_s_message(gw: GatewayProcess, filt: TestMilter) -> None:
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        s.mail("alice@example.org")
+        s.rcpt("bob@targetdomain1.com")
+        s.rset()
+        s.noop()  # the ABORT went before this reply
+        wait_until(lambda: "Abort" in filt.names(), "ABORT at the filter")
+        assert filt.names()[-3:] == ["EnvelopeFrom", "EnvelopeRecipient", "Abort"]
+
+
+def test_unknown_commands_reach_the_filter(gw: GatewayProcess, filt: TestMilter) -> None:
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        assert s.docmd("XYZZY", "magic")[0] == 500
+    filt.wait_event("Unknown")
+    assert filt.events("Unknown") == [km.Unknown(b"XYZZY magic\0")]
+
+
+# -- the verdicts ----------------------------------------------------------------------------------
+
+
+def test_refusals_at_each_stage(gw: GatewayProcess, filt: TestMilter, hop1: SinkServer) -> None:
+    before = counted("mailgate_rejections_total", reason="milter")
+    filt.configure(replies={"EnvelopeFrom": [km.Reject()]})
+    assert send(gw, message("mail refused")).mail == (550, "5.7.1 Command rejected")
+    gw.wait_log("Milter: from=<alice@example.org>, reject=550 5.7.1 Command rejected")
+
+    filt.configure(rcpt_replies={"<carol@targetdomain1.com>": [km.TemporaryFailure()]})
+    got = send(gw, message("one rcpt"), rcpts=("bob@targetdomain1.com", "carol@targetdomain1.com"))
+    assert got.rcpts[1] == (451, "4.3.2 Please try again later") and got.accepted
+    [msg] = hop1.wait_subject("one rcpt")
+    assert msg.rcpt_tos == ["bob@targetdomain1.com"]
+
+    filt.configure(replies={"Data": [km.ReplyCode(b"550 5.7.0 No data from you\0")]})
+    got = send(gw, message("data refused"))
+    assert got.data == (550, "5.7.0 No data from you")
+    gw.wait_log("Milter: cmd=data, reject=550 5.7.0 No data from you")
+
+    filt.configure(replies={"Helo": [km.Reject()]})
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        assert s.ehlo("client.example.net")[0] == 550
+    gw.wait_log("Milter: helo=client.example.net, reject=550 5.7.1 Command rejected")
+    # MAIL, one RCPT, DATA and HELO: each refusal counted once.
+    assert counted("mailgate_rejections_total", reason="milter") == before + 4
+
+
+def test_verdicts_for_the_whole_connection(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    filt.configure(replies={"Connect": [km.Reject()]})
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        assert s.ehlo("client.example.net")[0] == 250
+        assert s.mail("alice@example.org") == (550, b"5.7.1 Command rejected")
+    gw.wait_log("Milter: connect: host=[127.0.0.2], addr=127.0.0.2, rejecting commands")
+    filt.configure(replies={"Connect": [km.Accept()]})
+    assert send(gw, message("accepted at connect")).accepted
+    hop1.wait_subject("accepted at connect")
+    [conn] = filt.connections
+    assert [type(m).__name__ for m in conn if not isinstance(m, km.Macro)] == [
+        "Negotiate",
+        "Connect",
+    ]
+
+
+def test_a_reply_code_at_end_of_data_spools_nothing(gw: GatewayProcess, filt: TestMilter) -> None:
+    filt.configure(eom_verdict=km.ReplyCode(b"554 5.7.1 Gtube pattern\0"))
+    got = send(gw, message("gtube-ish"))
+    assert got.data == (554, "5.7.1 Gtube pattern") and got.qid is None
+    gw.wait_log("Milter: data, reject=554 5.7.1 Gtube pattern")
+    [line] = gw.log_lines("Milter: data, reject=554 5.7.1 Gtube pattern")
+    qid = line.split(": ")[1]
+    assert not gw.log_lines(f"{qid}: from=")  # never committed
+    assert queue_empty(gw)
+
+
+def test_multiline_replies_and_reject_text(gw: GatewayProcess, filt: TestMilter) -> None:
+    filt.configure(eom_verdict=km.ReplyCode(b"550-5.7.1 first line\r\n550 5.7.1 second 100%%\0"))
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        s.mail("alice@example.org")
+        s.rcpt("bob@targetdomain1.com")
+        assert _data(s, message("multi")) == (550, "5.7.1 first line\n5.7.1 second 100%")
+    filt.configure(eom_verdict=km.Reject())
+    assert send(gw, message("plain reject")).data == (554, "5.7.1 Command rejected")
+    filt.configure(eom_verdict=km.TemporaryFailure())
+    assert send(gw, message("plain tempfail")).data == (451, "4.3.2 Please try again later")
+
+
+def test_discard(gw: GatewayProcess, filt: TestMilter, hop1: SinkServer) -> None:
+    filt.configure(eom_verdict=km.Discard())
+    got = send(gw, message("discarded"))
+    assert got.data is not None and got.data[0] == 250
+    log = gw.wait_log(": Milter: data, discard")
+    assert queue_empty(gw) and not hop1.with_subject("discarded")
+    assert "Milter: data, discard" in log
+    filt.configure(replies={"EnvelopeFrom": [km.Discard()]})
+    assert send(gw, message("discarded at mail")).accepted
+    gw.wait_log("Milter: from=<alice@example.org>, discard")
+    assert not hop1.with_subject("discarded at mail")
+
+
+def test_a_421_reply_closes_the_session(gw: GatewayProcess, filt: TestMilter) -> None:
+    filt.configure(replies={"EnvelopeFrom": [km.ReplyCode(b"421 4.7.0 go away\0")]})
+    with smtplib.SMTP(gw.host, gw.port, source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        assert s.mail("alice@example.org") == (421, b"4.7.0 go away")
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            s.noop()
+
+
+def test_progress_keeps_a_slow_filter_alive(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    """eom_timeout is 2 s; three progress replies 1.2 s apart take 3.6 s, and each restarts it."""
+    filt.configure(progress=3, delay=1.2)
+    assert send(gw, message("slow but alive")).accepted
+    hop1.wait_subject("slow but alive")
+
+
+def test_skip_ends_the_body(gw: GatewayProcess, filt: TestMilter, hop1: SinkServer) -> None:
+    filt.configure(protocol=km.ProtocolFlags.SKIP, replies={"Body": [km.Skip()]})
+    assert send(gw, message("skipped", size=300_000)).accepted
+    hop1.wait_subject("skipped")
+    assert len(filt.events("Body")) == 1 and filt.events("EndOfMessage")
+
+
+def test_no_reply_steps(gw: GatewayProcess, filt: TestMilter, hop1: SinkServer) -> None:
+    everything = km.ProtocolFlags(0)
+    for flag in (
+        "NR_CONNECT",
+        "NR_HELO",
+        "NR_SENDER",
+        "NR_RECIPIENT",
+        "NR_DATA",
+        "NR_HEADER",
+        "NR_END_OF_HEADERS",
+        "NR_BODY",
+    ):
+        everything |= getattr(km.ProtocolFlags, flag)
+    filt.configure(protocol=everything, eom=[km.AddHeader("X-Spam-Status", b"No")])
+    assert send(gw, message("no replies")).accepted
+    [msg] = hop1.wait_subject("no replies")
+    assert b"\r\nX-Spam-Status: No\r\n" in msg.data
+
+
+def test_declined_steps_are_not_sent(gw: GatewayProcess, filt: TestMilter) -> None:
+    filt.configure(
+        protocol=km.ProtocolFlags.NO_HELO | km.ProtocolFlags.NO_HEADERS | km.ProtocolFlags.NO_BODY
+    )
+    assert send(gw, message("declined")).accepted
+    filt.wait_event("EndOfMessage")
+    names = filt.names()
+    assert "Helo" not in names and "Header" not in names and "Body" not in names
+    assert "EndOfHeaders" in names
+
+
+# -- the changes -----------------------------------------------------------------------------------
+
+
+def test_every_change_before_the_250(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    filt.configure(
+        eom=[
+            km.InsertHeader(0, "X-Top", b"inserted at the top"),
+            km.AddHeader("X-Report", b"line one;\n\tline two"),
+            km.ChangeHeader(1, "Subject", b"[filtered] changes"),
+            km.ChangeHeader(1, "X-Drop", b""),
+            km.ChangeSender("<bounces@example.org>"),
+            km.AddRecipientPar("<carol@targetdomain1.com>", "NOTIFY=NEVER"),
+            km.RemoveRecipient("<bob@targetdomain1.com>"),
+            km.ReplaceBody(b"A new body\nwith bare LF\n"),
+            km.ReplaceBody(b"in two chunks.\n"),
+        ]
+    )
+    got = send(gw, message("changes", headers="X-Drop: me\r\n"))
+    assert got.accepted
+    [msg] = hop1.wait_subject("[filtered] changes")
+    assert msg.mail_from == "bounces@example.org"
+    assert msg.rcpt_tos == ["carol@targetdomain1.com"]
+    head, _, body = msg.data.partition(b"\r\n\r\n")
+    assert head.startswith(b"X-Top: inserted at the top\r\nReceived: from client.example.net")
+    assert b"\r\nX-Report: line one;\r\n\tline two" in head and b"X-Drop" not in head
+    assert body == b"A new body\r\nwith bare LF\r\nin two chunks.\r\n"
+    log = gw.log()
+    for line in (
+        f"{got.qid}: Milter insert (0): header: X-Top: inserted at the top",
+        f"{got.qid}: Milter change: header Subject: from changes to [filtered] changes",
+        f"{got.qid}: Milter delete: header X-Drop: me",
+        f"{got.qid}: Milter chgfrom: <bounces@example.org>",
+        f"{got.qid}: Milter add: rcpt: <carol@targetdomain1.com>",
+        f"{got.qid}: Milter delete: rcpt <bob@targetdomain1.com>",
+        f"{got.qid}: Milter message: body replaced",
+        f"{got.qid}: from=<bounces@example.org>, size=",
+    ):
+        assert line in log, line
+
+
+def test_quarantine_puts_the_message_on_hold(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    filt.configure(eom=[km.Quarantine("suspicious attachment")])
+    got = send(gw, message("quarantined"))
+    assert got.accepted and got.qid
+    gw.wait_log(f"{got.qid}: placed on hold, reason=suspicious attachment")
+    assert f"{got.qid}: milter=test, quarantine=suspicious attachment" in gw.log()
+    rc = run_cli("mailq", "-c", str(gw.config))
+    assert rc.returncode == 0
+    lines = rc.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith(got.qid))
+    assert lines[at].startswith(f"{got.qid}!")
+    assert lines[at + 1] == "     QUARANTINE: suspicious attachment"
+    assert not hop1.with_subject("quarantined")
+    filt.configure()
+    assert run_cli("release", "-c", str(gw.config), got.qid).returncode == 0
+    hop1.wait_subject("quarantined")
+
+
+def test_a_message_larger_than_memory_streams_through(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    """64 MiB in, the body sent to the filter in chunks from the spool file, a 64 MiB new body
+    streamed back into a file: the daemon's peak memory grows by far less than the message."""
+    assert gw.proc is not None
+    peak_before = _vm_hwm(gw.proc.pid)
+    chunk = b"y" * 65000 + b"\n"
+    filt.configure(eom=[km.ReplaceBody(chunk)] * 1000)  # ~64 MiB
+    hop1.discard_data = True
+    try:
+        got = send(gw, message("big", size=64 * 1024 * 1024))
+        assert got.accepted
+        msg = wait_until(
+            lambda: next((m for m in hop1.messages if m.size >= 1000 * 65002), None),
+            "the big message at the sink",
+            60,
+        )
+    finally:
+        hop1.discard_data = False
+    assert sum(len(b.content) for b in filt.events("Body")) >= 64 * 1024 * 1024 - 1000  # type: ignore[attr-defined]
+    assert _vm_hwm(gw.proc.pid) - peak_before < 32 * 1024 * 1024
+    assert msg.size >= 1000 * 65002
+
+
+def _vm_hwm(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+# -- several filters -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def second() -> Iterator[TestMilter]:
+    with TestMilter() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def two(
+    module_gateway: GatewayFactory, world: World, milter: TestMilter, second: TestMilter
+) -> GatewayProcess:
+    return module_gateway(
+        world.but(
+            settings=milter_entry("first", milter.socket) + milter_entry("second", second.socket)
+        )
+    )
+
+
+def test_filters_compose_in_order(
+    two: GatewayProcess, filt: TestMilter, second: TestMilter, hop1: SinkServer
+) -> None:
+    filt.configure(eom=[km.AddHeader("X-First", b"1")])
+    second.configure(eom=[km.ChangeHeader(1, "X-First", b"changed by the second")])
+    assert send(two, message("composed")).accepted
+    [msg] = hop1.wait_subject("composed")
+    assert b"\r\nX-First: changed by the second\r\n" in msg.data
+    assert ("X-First", b"1") in [(h.name, bytes(h.value)) for h in second.events("Header")]  # type: ignore[attr-defined]
+
+
+def test_the_first_refusal_wins(two: GatewayProcess, filt: TestMilter, second: TestMilter) -> None:
+    filt.configure(replies={"EnvelopeFrom": [km.Reject()]})
+    second.configure()
+    assert send(two, message("first says no")).mail[0] == 550
+    second.wait_event("Close")
+    assert "EnvelopeFrom" not in second.names()
+
+
+# -- filters that fail -----------------------------------------------------------------------------
+
+ACTIONS = ("tempfail", "reject", "accept", "quarantine", "shutdown")
+
+
+@pytest.fixture(scope="module")
+def dying() -> Iterator[TestMilter]:
+    with TestMilter() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def failing(
+    module_gateway: GatewayFactory, world: World, dying: TestMilter
+) -> tuple[GatewayProcess, dict[str, int]]:
+    """One listener per default action, each with its own [[milter]] entry for the same
+    filter: the sessions of each listener see that action."""
+    ports = {action: free_port() for action in ACTIONS}
+    listen = ", ".join(f'"127.0.0.1:{p}"' for p in ports.values())
+    entries = "".join(
+        milter_entry(
+            f"dying-{action}",
+            dying.socket,
+            default_action=f'"{action}"',
+            listen=f'["127.0.0.1:{port}"]',
+            read_timeout='"1s"',
+            eom_timeout='"1s"',
+        )
+        for action, port in ports.items()
+    )
+    gw = module_gateway(world.but(settings=f"listen = [{listen}]\n" + entries), start=False)
+    gw.port = ports["accept"]  # what the daemon's start waits for
+    gw.start()
+    return gw, ports
+
+
+def test_a_filter_that_dies_mid_body(
+    failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter, hop1: SinkServer
+) -> None:
+    gw, ports = failing
+    dying.configure(die_at="Body")
+    big = message("dies", size=200_000)
+    got = send(gw, big, port=ports["tempfail"])
+    assert got.data == (451, "4.7.1 Service unavailable - try again later")
+    gw.wait_log(
+        "Milter (dying-tempfail): connection closed by filter, where=body, default_action=tempfail"
+    )
+    assert send(gw, big, port=ports["reject"]).data == (550, "5.5.0 Service unavailable")
+    accepted = send(gw, message("dies but accepted", size=200_000), port=ports["accept"])
+    assert accepted.accepted
+    hop1.wait_subject("dies but accepted")
+    held = send(gw, message("dies so held", size=200_000), port=ports["quarantine"])
+    assert held.accepted
+    gw.wait_log(f"{held.qid}: placed on hold, reason=milter dying-quarantine unavailable")
+    with smtplib.SMTP(gw.host, ports["shutdown"], source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        s.mail("alice@example.org")
+        s.rcpt("bob@targetdomain1.com")
+        assert _data(s, big) == (421, "4.7.0 gateway.example.com closing connection")
+    assert gw.queued() == [held.qid]  # the held one only: nothing refused was spooled
+
+
+def test_after_a_failure_the_session_keeps_the_default_action(
+    failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
+) -> None:
+    gw, ports = failing
+    dying.configure(die_at="EnvelopeRecipient")
+    with smtplib.SMTP(gw.host, ports["tempfail"], source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        s.mail("alice@example.org")
+        assert s.rcpt("bob@targetdomain1.com") == (
+            451,
+            b"4.7.1 Service unavailable - try again later",
+        )
+        s.rset()
+        assert s.mail("alice@example.org")[0] == 451  # every later transaction, as Postfix
+
+
+def test_a_filter_that_is_down(
+    failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
+) -> None:
+    gw, ports = failing
+    dying.configure(die_at="Negotiate")
+    with smtplib.SMTP(gw.host, ports["tempfail"], source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        assert s.mail("alice@example.org") == (451, b"4.7.1 Service unavailable - try again later")
+    gw.wait_log(
+        "Milter (dying-tempfail): connection closed by filter, where=negotiate, "
+        "default_action=tempfail"
+    )
+    gw.wait_log("Milter: connect: host=[127.0.0.2], addr=127.0.0.2, temp failing commands")
+    with pytest.raises(smtplib.SMTPConnectError) as refused:
+        smtplib.SMTP(gw.host, ports["shutdown"], source_address=(OUTSIDE, 0))
+    assert refused.value.smtp_code == 421
+    assert send(gw, message("down, accepted"), port=ports["accept"]).accepted
+
+
+def test_a_filter_that_is_too_slow(
+    failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
+) -> None:
+    gw, ports = failing
+    dying.configure(hang_at="EnvelopeFrom")
+    assert send(gw, message("slow"), port=ports["reject"]).mail == (
+        550,
+        "5.5.0 Service unavailable",
+    )
+    gw.wait_log(
+        "Milter (dying-reject): timeout before data read, where=mail, default_action=reject"
+    )
+
+
+def test_a_filter_that_speaks_nonsense(
+    failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
+) -> None:
+    gw, ports = failing
+    dying.configure(replies={"EnvelopeFrom": [km.AddHeader("X-Too", b"early")]})
+    assert send(gw, message("nonsense"), port=ports["tempfail"]).mail[0] == 451
+    gw.wait_log(
+        "Milter (dying-tempfail): protocol error: AddHeader in answer to mail, where=mail, "
+        "default_action=tempfail"
+    )
+    dying.configure(eom=[km.AddHeader("Bad Name", b"x")])
+    assert send(gw, message("bad header name"), port=ports["reject"]).data == (
+        550,
+        "5.5.0 Service unavailable",
+    )
+    gw.wait_log("Milter (dying-reject): protocol error: bad header name 'Bad Name', where=eom")
+
+
+def test_no_filter_no_milter_connection(
+    make_gateway: GatewayFactory, world: World, hop1: SinkServer
+) -> None:
+    """Filters on another listener only: this listener's sessions never contact them."""
+    with TestMilter() as lonely:
+        port, other = free_port(), free_port()
+        gw = make_gateway(
+            world.but(
+                settings=f'listen = ["127.0.0.1:{port}", "127.0.0.1:{other}"]\n'
+                + milter_entry("elsewhere", lonely.socket, listen=f'["127.0.0.1:{other}"]')
+            ),
+            start=False,
+        )
+        gw.port = port
+        gw.start()
+        assert send(gw, message("unfiltered")).accepted
+        hop1.wait_subject("unfiltered")
+        assert lonely.connections == []
