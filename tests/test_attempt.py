@@ -412,6 +412,21 @@ def test_several_failures_in_one_attempt_are_one_bounce(tmp_path: Path, log: Pat
     run(go)
 
 
+def test_an_unknown_local_user_is_named_in_its_log_line(tmp_path: Path, log: Path) -> None:
+    """The error route for a local user that does not exist (a bounce to an unknown local
+    sender reaches it) names no address of its own: the line names the recipient."""
+    w = World(tmp_path)
+
+    async def go() -> None:
+        msg = await w.queue("nobody-here@gateway.example.com")
+        assert await attempt(w.ctx, msg.qid, msg) is None
+        [line] = log_lines(log, "to=<")
+        assert f"{msg.qid}: to=<nobody-here@gateway.example.com>," in line
+        assert "mailer=error" in line and "stat=User unknown" in line
+
+    run(go)
+
+
 def test_a_failed_bounce_goes_to_the_postmaster_once(tmp_path: Path, log: Path) -> None:
     """Sendmail's double bounce: a bounce that cannot be delivered is reported to the
     postmaster (never to its null sender), with the bounce attached; a postmaster notify

@@ -215,7 +215,10 @@ def log_outcomes(
         counts.delivery(route.mailer, outcome.status.value, delay, failed_hop)
         maillog.delivery(
             env.qid,
-            route.address if route.is_remote or route.mailer == "error" else job.rcpt.address,
+            # an error route names the address it refuses, or none (an unknown local user)
+            (route.address or job.rcpt.address)
+            if route.is_remote or route.mailer == "error"
+            else job.rcpt.address,
             delay=delay,
             xdelay=now - started,
             mailer=route.mailer,
