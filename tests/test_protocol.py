@@ -25,22 +25,17 @@ from mailgate.smtp.protocol import (
     Wait,
     reply_bytes,
 )
-
-BARE = Reply(
-    550, "5.6.11", "Message contains bare CR or LF; lines must end in CRLF (RFC 5321 2.3.8)"
+from tests.reliability.fuzz_support import (
+    BARE,
+    NUL,
+    Limits,
+    long_line,
+    too_big,
+    unstuff,
+    violation,
 )
-NUL = Reply(550, "5.6.0", "Message contains NUL bytes")
-
 
 GO_AHEAD = Reply(354, None, "Go ahead")
-
-
-def long_line(m: int) -> Reply:
-    return Reply(552, "5.6.0", f"Message contains a line longer than {m} bytes")
-
-
-def too_big(n: int) -> Reply:
-    return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({n})")
 
 
 def drain(conn: ServerConnection, limit: int = 100_000) -> list[Event]:
@@ -455,34 +450,11 @@ def reference(raw: bytes, m: int, limit: int | None) -> tuple[bytes, Event] | No
     i = s.find(b"\r\n.\r\n")
     if i < 0:
         return None
-    wire = s[2 : i + 2]
-    out = bytearray()
-    for j, c in enumerate(wire):
-        if c == ord(".") and (j == 0 or (j >= 2 and wire[j - 2 : j] == b"\r\n")):
-            continue
-        out.append(c)
-    content = bytes(out)
-    found: list[tuple[int, int, Reply]] = []
-    for j, c in enumerate(content):
-        prev = content[j - 1] if j else None
-        nxt = content[j + 1] if j + 1 < len(content) else None
-        if (c == 13 and nxt != 10) or (c == 10 and prev != 13):
-            found.append((j, 0, BARE))
-            break
-    if b"\0" in content:
-        found.append((content.index(b"\0"), 1, NUL))
-    start = 0
-    for j, c in enumerate(content):
-        if m and j - start + 1 > m:
-            found.append((j, 2, long_line(m)))
-            break
-        if c == 10:
-            start = j + 1
-    if limit is not None and len(content) > limit:
-        found.append((limit, 3, too_big(limit)))
-    if not found:
+    content = unstuff(s[2 : i + 2])
+    bad = violation(content, Limits(max_text_line=m, max_message_size=limit))
+    if bad is None:
         return content, DataEnd(len(content))
-    pos, _, reply = min(found, key=lambda f: (f[0], f[1]))
+    pos, reply = bad
     return content[:pos], DataFailed(reply, len(content))
 
 

@@ -316,7 +316,8 @@ def unstuff(wire: bytes) -> bytes:
     return bytes(out)
 
 
-def _violation(content: bytes, lim: Limits) -> tuple[int, Reply] | None:
+def violation(content: bytes, lim: Limits) -> tuple[int, Reply] | None:
+    """Where the first rule DATA content breaks is broken, and its reply (None: none)."""
     found: list[tuple[int, int, Reply]] = []
     for j, c in enumerate(content):
         prev = content[j - 1] if j else None
@@ -347,10 +348,10 @@ def _model_data(wire: bytes, p: int, lim: Limits) -> tuple[int, MData]:
     i = s.find(TERM)
     if i < 0:
         content = unstuff(wire[p:])
-        bad = _violation(content, lim)
+        bad = violation(content, lim)
         return len(wire), MData(content if bad is None else content[: bad[0]], None)
     content = unstuff(s[2 : i + 2])
-    bad = _violation(content, lim)
+    bad = violation(content, lim)
     nxt = p + i + len(TERM) - 2
     if bad is None:
         return nxt, MData(content, DataEnd(len(content)))
