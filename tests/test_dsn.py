@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mailgate.dsn import CHUNK, DsnRecipient, write_dsn
+from mailgate.dsn import CHUNK, DsnRecipient, interval_text, write_dsn
 
 HOST = "gateway.example.com"
 QID = "6AOJL6hk004507"
@@ -230,7 +230,7 @@ def test_delay_warning(tmp_path: Path) -> None:
         remote_mta=None,
         action="delayed",
     )
-    data = make(tmp_path, [late], warning_hours=4)
+    data = make(tmp_path, [late], warning_after=4 * 3600)
     msg = parse(data)
     assert msg["Subject"] == "Warning: could not send message for past 4 hours"
     assert msg["Auto-Submitted"].startswith("auto-generated")
@@ -250,6 +250,30 @@ def test_delay_hours_default_from_age(tmp_path: Path) -> None:
     late = DsnRecipient("b@x.example", None, "4.4.1", None, None, action="delayed")
     msg = parse(make(tmp_path, [late]))
     assert msg["Subject"] == "Warning: could not send message for past 5 hours"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (1800, "30 minutes"),
+        (3600, "1 hour"),
+        (4 * 3600, "4 hours"),
+        (5400, "1 hour, 30 minutes"),
+        (86400 + 12 * 3600, "1 day, 12 hours"),
+        (8 * 86400 + 61, "1 week, 1 day, 1 minute, 1 second"),
+        (0.2, "1 second"),
+    ],
+)
+def test_interval_text_is_sendmails(seconds: float, text: str) -> None:
+    assert interval_text(seconds) == text
+
+
+def test_delay_under_an_hour_says_minutes(tmp_path: Path) -> None:
+    late = DsnRecipient("b@x.example", None, "4.4.1", None, None, action="delayed")
+    msg = parse(make(tmp_path, [late], warning_after=1800))
+    assert msg["Subject"] == "Warning: could not send message for past 30 minutes"
+    text = msg.get_payload()[0].get_payload(decode=True).decode()
+    assert "Warning: message still undelivered after 30 minutes" in text
 
 
 def test_mixed_failed_and_delayed_is_a_failure(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def _human_part(
     client: str,
     recipients: Sequence[DsnRecipient],
     warning: bool,
-    hours: int,
+    delay: float,
 ) -> list[str]:
     lines: list[str] = []
     if warning:
@@ -161,7 +161,7 @@ def _human_part(
             if item is not None:
                 body += _text_lines(item)
     if warning:
-        body.append(f"Warning: message still undelivered after {_hours_text(hours)}")
+        body.append(f"Warning: message still undelivered after {interval_text(delay)}")
     if body:
         lines += ["", "   ----- Transcript of session follows -----", *body]
     return lines
@@ -172,13 +172,29 @@ def is_receipt(recipients: Sequence[DsnRecipient]) -> bool:
     return all(r.action in _SUCCESS for r in recipients)
 
 
-def _hours_text(hours: int) -> str:
-    return "1 hour" if hours == 1 else f"{hours} hours"
+_UNITS = (("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1))
 
 
-def warning_subject(hours: int) -> str:
+def interval_text(seconds: float) -> str:
+    """A duration as Sendmail writes it in DSNs (``pintvl``): ``4 hours``, ``1 day, 12 hours``,
+    ``30 minutes``; whole seconds, at least one."""
+    left = max(1, round(seconds))
+    parts = []
+    for name, size in _UNITS:
+        count, left = divmod(left, size)
+        if count:
+            parts.append(f"{count} {name}{'' if count == 1 else 's'}")
+    return ", ".join(parts)
+
+
+def warning_subject(delay: float) -> str:
     """A delay warning's subject, and its maillog ``DSN:`` reason, as Sendmail's."""
-    return f"Warning: could not send message for past {_hours_text(hours)}"
+    return f"Warning: could not send message for past {interval_text(delay)}"
+
+
+def _rounded_age(age: float) -> float:
+    unit = 3600 if age >= 3600 else 60
+    return max(1, round(age / unit)) * unit
 
 
 def needs_utf8(sender: str, recipients: Sequence[DsnRecipient]) -> bool:
@@ -310,7 +326,7 @@ def dsn_stream(
     original_path: Path,
     original_offset: int,
     return_headers_only: bool = False,
-    warning_hours: int | None = None,
+    warning_after: float | None = None,
     now: float | None = None,
     envid: str | None = None,
     international: bool = False,
@@ -320,8 +336,8 @@ def dsn_stream(
     blocks, made as they are asked for (the original is read then, in ``CHUNK`` blocks).
 
     The DSN is a delay warning when every recipient's action is ``delayed`` (subject
-    ``Warning: could not send message for past N hours``, N = ``warning_hours`` or the age of
-    the message), a return receipt when every one is ``relayed`` or ``delivered`` (subject
+    ``Warning: could not send message for past 4 hours``: ``warning_after`` seconds, or the
+    age of the message in whole hours, minutes under an hour), a return receipt when every one is ``relayed`` or ``delivered`` (subject
     ``Return receipt``, as Sendmail), else a failure notice.  Part 3 is the original message,
     byte for byte, or only its header section (``text/rfc822-headers``) when
     ``return_headers_only`` (RET=HDRS).  ``envid`` is the sender's ENVID=, decoded.
@@ -339,13 +355,13 @@ def dsn_stream(
     now = time.time() if now is None else now
     warning = all(r.action == "delayed" for r in recipients)
     receipt = is_receipt(recipients)
-    hours = warning_hours if warning_hours is not None else max(1, round((now - arrival) / 3600))
+    delay = warning_after if warning_after is not None else _rounded_age(now - arrival)
     host = _flatten(hostname)
 
     stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
     message_id = f"<{stamp}.{_flatten(queue_id)}.{secrets.token_hex(4)}@{host}>"
     if warning:
-        subject, kind = warning_subject(hours), "warning"
+        subject, kind = warning_subject(delay), "warning"
     elif postmaster is not None:
         subject, kind = "Postmaster notify: see transcript for details", "failure"
     elif receipt:
@@ -376,7 +392,7 @@ def dsn_stream(
                 client=client,
                 recipients=recipients,
                 warning=warning,
-                hours=hours,
+                delay=delay,
             )
             + _part2(
                 boundary,
@@ -425,12 +441,12 @@ def _part1(
     client: str,
     recipients: Sequence[DsnRecipient],
     warning: bool,
-    hours: int,
+    delay: float,
 ) -> str:
     human = "".join(
         line + "\r\n"
         for line in _human_part(
-            arrival=arrival, client=client, recipients=recipients, warning=warning, hours=hours
+            arrival=arrival, client=client, recipients=recipients, warning=warning, delay=delay
         )
     )
     charset = "us-ascii" if human.isascii() else "utf-8"

@@ -144,13 +144,13 @@ async def warn(
     ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, recipients: list[DsnRecipient]
 ) -> bool:
     """A delay warning; False (logged) if it could not be queued (try at the next attempt)."""
-    hours = int(snap.config.queue.warn_after // 3600) or 1
+    after = snap.config.queue.warn_after
     try:
-        warning_qid = await queue_dsn(ctx, snap, msg, recipients, warning_hours=hours)
+        warning_qid = await queue_dsn(ctx, snap, msg, recipients, warning_after=after)
     except (OSError, SpoolError) as exc:
         maillog.warning_queue_failed(msg.envelope.qid, exc)
         return False
-    maillog.dsn_created(msg.envelope.qid, warning_qid, warning_subject(hours))
+    maillog.dsn_created(msg.envelope.qid, warning_qid, warning_subject(after))
     return True
 
 
@@ -172,7 +172,7 @@ async def queue_dsn(
     snap: Snapshot,
     msg: QueuedMessage,
     recipients: list[DsnRecipient],
-    warning_hours: int | None = None,
+    warning_after: float | None = None,
     *,
     to_postmaster: bool = False,
 ) -> str:
@@ -213,7 +213,7 @@ async def queue_dsn(
         original_path=msg.path,
         original_offset=msg.offset,
         return_headers_only=ret == "HDRS" or (is_receipt(recipients) and ret != "FULL"),
-        warning_hours=warning_hours,
+        warning_after=warning_after,
         envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
         international=international,
         postmaster=f"{POSTMASTER}@{cfg.hostname}" if to_postmaster else None,
