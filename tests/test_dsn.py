@@ -261,7 +261,8 @@ def test_delay_hours_default_from_age(tmp_path: Path) -> None:
         (5400, "1 hour, 30 minutes"),
         (86400 + 12 * 3600, "1 day, 12 hours"),
         (8 * 86400 + 61, "1 week, 1 day, 1 minute, 1 second"),
-        (0.2, "1 second"),
+        (1, "1 second"),
+        (0.2, "zero seconds"),
     ],
 )
 def test_interval_text_is_sendmails(seconds: float, text: str) -> None:

@@ -176,9 +176,11 @@ _UNITS = (("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60), (
 
 
 def interval_text(seconds: float) -> str:
-    """A duration as Sendmail writes it in DSNs (``pintvl``): ``4 hours``, ``1 day, 12 hours``,
-    ``30 minutes``; whole seconds, at least one."""
-    left = max(1, round(seconds))
+    """A duration as Sendmail writes it in DSNs and maillog (``pintvl``): ``4 hours``,
+    ``1 day, 12 hours``, ``30 minutes``, ``2 weeks``; in whole seconds."""
+    left = max(0, round(seconds))
+    if not left:
+        return "zero seconds"
     parts = []
     for name, size in _UNITS:
         count, left = divmod(left, size)
@@ -337,8 +339,8 @@ def dsn_stream(
 
     The DSN is a delay warning when every recipient's action is ``delayed`` (subject
     ``Warning: could not send message for past 4 hours``: ``warning_after`` seconds, or the
-    age of the message in whole hours, minutes under an hour), a return receipt when every one is ``relayed`` or ``delivered`` (subject
-    ``Return receipt``, as Sendmail), else a failure notice.  Part 3 is the original message,
+    age of the message in whole hours, minutes under an hour), a return receipt when every
+    one is ``relayed`` or ``delivered`` (subject ``Return receipt``, as Sendmail), else a failure notice.  Part 3 is the original message,
     byte for byte, or only its header section (``text/rfc822-headers``) when
     ``return_headers_only`` (RET=HDRS).  ``envid`` is the sender's ENVID=, decoded.
     ``international`` (an SMTPUTF8 original, or a UTF-8 address): RFC 6533's

@@ -35,8 +35,8 @@ from email.message import Message
 import pytest
 
 from mailgate.config import DeliverySettings
-from mailgate.delivery.attempt import interval_text
 from mailgate.delivery.smtp import delivery_timeouts
+from mailgate.dsn import interval_text
 from mailgate.queue.spool import QueueStatus
 from mailgate.smtp.client import Timeouts
 from tests.support.blackhole import Blackhole

@@ -31,6 +31,7 @@ from mailgate.delivery import Job, Mailer, Outcome, Status, notify
 from mailgate.delivery.mailers import build_mailers
 from mailgate.delivery.smtp import ConnectionCache, DestinationLimits
 from mailgate.dns import Resolver
+from mailgate.dsn import interval_text
 from mailgate.metrics import Row as MetricsRow
 from mailgate.metrics import local_row
 from mailgate.queue.spool import (
@@ -75,17 +76,6 @@ def retry_delay(attempts: int, retry_min: float, run_interval: float) -> float:
     so a queue full of mail for one dead host does not retry in lock-step."""
     base = min(run_interval, retry_min * (2 ** max(0, attempts - 1)))
     return float(base * random.uniform(0.9, 1.1))
-
-
-def interval_text(seconds: float) -> str:
-    """Sendmail's ``pintvl``: "5 days", "4 hours", "1 hour, 30 minutes", "2 seconds"."""
-    rest = max(0, round(seconds))
-    parts = []
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60), ("second", 1)):
-        n, rest = divmod(rest, size)
-        if n:
-            parts.append(f"{n} {unit}{'s' if n != 1 else ''}")
-    return ", ".join(parts) or "0 seconds"
 
 
 # -- the attempt --------------------------------------------------------------------------------
