@@ -340,8 +340,8 @@ def dsn_stream(
     The DSN is a delay warning when every recipient's action is ``delayed`` (subject
     ``Warning: could not send message for past 4 hours``: ``warning_after`` seconds, or the
     age of the message in whole hours, minutes under an hour), a return receipt when every
-    one is ``relayed`` or ``delivered`` (subject ``Return receipt``, as Sendmail), else a failure notice.  Part 3 is the original message,
-    byte for byte, or only its header section (``text/rfc822-headers``) when
+    one is ``relayed`` or ``delivered`` (subject ``Return receipt``, as Sendmail), else a
+    failure notice.  Part 3 is the original message, byte for byte, or only its header section (``text/rfc822-headers``) when
     ``return_headers_only`` (RET=HDRS).  ``envid`` is the sender's ENVID=, decoded.
     ``international`` (an SMTPUTF8 original, or a UTF-8 address): RFC 6533's
     message/global-delivery-status, and message/global (-headers) for the original.
