@@ -341,8 +341,9 @@ def dsn_stream(
     ``Warning: could not send message for past 4 hours``: ``warning_after`` seconds, or the
     age of the message in whole hours, minutes under an hour), a return receipt when every
     one is ``relayed`` or ``delivered`` (subject ``Return receipt``, as Sendmail), else a
-    failure notice.  Part 3 is the original message, byte for byte, or only its header section (``text/rfc822-headers``) when
-    ``return_headers_only`` (RET=HDRS).  ``envid`` is the sender's ENVID=, decoded.
+    failure notice.  Part 3 is the original message, byte for byte, or only its header
+    section (``text/rfc822-headers``) when ``return_headers_only`` (RET=HDRS).  ``envid`` is
+    the sender's ENVID=, decoded.
     ``international`` (an SMTPUTF8 original, or a UTF-8 address): RFC 6533's
     message/global-delivery-status, and message/global (-headers) for the original.
     The caller sends it with ``MAIL FROM:<>`` to ``sender``; an empty sender (a bounce itself)
