@@ -139,6 +139,23 @@ def test_early_talker_gets_554_at_once_then_only_harmless_commands(edge: Gateway
     assert f"rejecting commands from [{talker}] [{talker}] due to pre-greeting traffic" in line
 
 
+def test_eof_before_the_greeting_is_pre_greeting_traffic(edge: GatewayProcess) -> None:
+    # Sendmail's select() finds a half-closed socket readable: the client "talked". The
+    # session ends at once instead of holding its place for the whole pause.
+    talker = "127.0.0.30"  # GreetPause 3000 ms
+    before = len(edge.log_lines("rejecting commands from", f"[{talker}]"))
+    started = time.monotonic()
+    with edge.raw(talker) as c:
+        c.sock.shutdown(socket.SHUT_WR)
+        first = c.read_reply()
+        answered_after = time.monotonic() - started
+        c.wait_closed()
+    assert first.first == f"554 {HOSTNAME} ESMTP not accepting messages"
+    assert answered_after < 3.0 * 0.7  # not held for the pause
+    [line] = edge.log_lines("rejecting commands from", f"[{talker}]")[before:]
+    assert "due to pre-greeting traffic" in line
+
+
 def test_early_talker_blasting_a_whole_transaction_delivers_nothing(
     edge: GatewayProcess, hop1: SinkServer
 ) -> None:

@@ -192,6 +192,11 @@ class ServerConnection:
         self._inbox_bytes += len(data)
 
     @property
+    def peer_closed(self) -> bool:
+        """The peer sent EOF (its last bytes may still be buffered)."""
+        return self._eof
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes received but not yet turned into events."""
         return self._inbox_bytes + len(self._cmdbuf) + len(self._tail) - self._skip

@@ -341,16 +341,13 @@ class SmtpServerProtocol(asyncio.Protocol):
         if decision.greet_pause > 0:
             # The pause runs from the connect, so the PTR lookup above is part of it.
             remaining = decision.greet_pause - (time.monotonic() - self.connected_at)
-            # Not when the client hung up or the stop began during the PTR lookup: nothing
-            # would cut the pause short then, and the session would hold its place for it.
-            if (
-                remaining > 0
-                and not self.conn.pending_bytes
-                and not self.closed
-                and self.closing_reply is None
-            ):
+            # Input or EOF before the greeting is pre-greeting traffic, as for Sendmail (whose
+            # select() sees an EOF as readable); a hang-up ends the pause at once, so the
+            # session does not hold its place for it.
+            talked = self.conn.pending_bytes or self.conn.peer_closed or self.closed
+            if remaining > 0 and not talked and self.closing_reply is None:
                 await self.wait_input(remaining)
-            if self.conn.pending_bytes or self.closed:
+            if self.conn.pending_bytes or self.conn.peer_closed or self.closed:
                 self.send(session.early_talk(int(time.monotonic() - self.connected_at)).reply)
                 return session
         if self.closing_reply is not None:
