@@ -88,7 +88,7 @@ def test_queue_tool_lines_are_postsupers(log: Path) -> None:
 
 def test_level_names_filter(log: Path) -> None:
     maillog.setup("gw.example", LogSettings(file=log, level="notice"))
-    maillog.stopping()  # info
+    maillog.stopping(10)  # info
     maillog.rcpt_flood("[192.0.2.1]")  # notice
     maillog.restart_needed()  # warning
     maillog.setup("gw.example", LogSettings(file=log, level="warning"))
@@ -159,7 +159,7 @@ def test_a_syslog_line_is_what_glibc_sends(syslogd: tuple[socket.socket, Path]) 
     assert re.fullmatch(rf"<21>{stamp} {tag}: ruleset=check_rcpt, .*", server.recv(4096).decode())
     assert re.fullmatch(rf"<19>{stamp} {tag}: reload refused, .*", server.recv(4096).decode())
     maillog.setup("gw.example", LogSettings(target="syslog", syslog_socket=path, facility="local3"))
-    maillog.stopping()
+    maillog.stopping(10)
     assert server.recv(4096).startswith(b"<158>")  # local3 (19) * 8 + info (6)
 
 

@@ -269,7 +269,7 @@ class Gateway:
         closed (a session) or cancelled (a delivery, whose message stays queued). Nothing
         acknowledged is lost either way: the spool is consistent at every step."""
         self.events.stopping()
-        maillog.stopping()
+        maillog.stopping(self.snapshot.config.stop_grace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.snapshot.config.stop_grace
         for listener in self.listeners:

@@ -816,8 +816,11 @@ def stale_pid_file(path: object, pid: int) -> str:
 
 
 @_event
-def stopping() -> str:
-    return "stopping: no new connections, finishing deliveries in progress"
+def stopping(grace: float) -> str:
+    return (
+        "stopping: no new connections; sessions finish their transaction and deliveries in"
+        f" progress go on for up to {grace:g} s"
+    )
 
 
 @_event
