@@ -470,6 +470,46 @@ def test_a_failed_bounce_goes_to_the_postmaster_once(tmp_path: Path, log: Path) 
     run(go)
 
 
+def test_double_bounce_address_names_who_gets_them(tmp_path: Path, log: Path) -> None:
+    """Sendmail's DoubleBounceAddress: an address of another domain gets the notice (routed
+    like any mail), and the notice says so in its To:."""
+    w = World(tmp_path, settings='[queue]\ndouble_bounce_address = "mailops@hop.test"\n')
+    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
+    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
+
+    async def go() -> None:
+        msg = await w.queue("y@hop.test")
+        assert await attempt(w.ctx, msg.qid, msg) is None
+        [bounce] = w.reports
+        assert await attempt(w.ctx, bounce.qid, bounce) is None
+        [_, notice] = w.reports
+        notice.close()
+        assert [r.address for r in notice.envelope.recipients] == ["mailops@hop.test"]
+        assert w.report()["To"] == "<mailops@hop.test>"
+        assert await attempt(w.ctx, notice.qid) is None
+        assert w.smtp.delivered() == ["y@hop.test", SENDER, "mailops@hop.test"]
+
+    run(go)
+
+
+def test_an_empty_double_bounce_address_drops_them_with_a_line(tmp_path: Path, log: Path) -> None:
+    w = World(tmp_path, settings='[queue]\ndouble_bounce_address = ""\n')
+    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
+    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
+
+    async def go() -> None:
+        msg = await w.queue("y@hop.test")
+        assert await attempt(w.ctx, msg.qid, msg) is None
+        [bounce] = w.reports
+        assert await attempt(w.ctx, bounce.qid, bounce) is None
+        assert len(w.reports) == 1 and w.queued() == []
+        assert log_lines(log, "double bounce dropped") == [
+            f"{bounce.qid}: double bounce dropped (double_bounce_address is empty): User unknown"
+        ]
+
+    run(go)
+
+
 def test_mail_from_the_null_sender_that_fails_goes_to_the_postmaster(
     tmp_path: Path, log: Path
 ) -> None:

@@ -383,6 +383,13 @@ BAD_CONFIGS = [
         "delivery.helo_name: '-gw.example' is not a valid host name",
         id="helo-name",
     ),
+    pytest.param(
+        '[queue]\ndouble_bounce_address = "<postmaster@gw.example>"\n',
+        2,
+        "queue.double_bounce_address: '<postmaster@gw.example>' is not an address"
+        " (write user or user@domain, no <>)",
+        id="double-bounce-address",
+    ),
     # Listen addresses and name servers.
     pytest.param(
         "listen = []\n",

@@ -264,6 +264,12 @@ ALONE = [
         lambda c: c.delivery.bind_address,
         "192.0.2.44",
     ),
+    (
+        "define(`confDOUBLE_BOUNCE_ADDRESS', `mailops@example.com')",
+        lambda c: c.queue.double_bounce_address,
+        "mailops@example.com",
+    ),
+    ("define(`confDOUBLE_BOUNCE_ADDRESS', `')", lambda c: c.queue.double_bounce_address, ""),
     ("define(`confLOG_LEVEL', `9')", lambda c: c.log.level, "info"),
     ("define(`confLOG_LEVEL', `5')", lambda c: c.log.level, "notice"),
 ]

@@ -216,6 +216,15 @@ def _str(value: object) -> str:
     return value
 
 
+def _double_bounce_address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    text = value.strip()
+    if text and not re.fullmatch(r"[^\s<>@,;:\\\"()\[\]]+(@[A-Za-z0-9.\-]+)?", text):
+        raise ValueError(f"{value!r} is not an address (write user or user@domain, no <>)")
+    return text
+
+
 def _hostname(value: object) -> str:
     text = _str(value).rstrip(".").lower()
     if not re.fullmatch(r"[a-z0-9]([a-z0-9\-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9\-]*[a-z0-9])?)*", text):
@@ -480,6 +489,12 @@ class QueueSettings:
     )
     warn_after: float = setting(
         parse_duration, "4h", "then the sender gets a delay warning (Timeout.queuewarn)"
+    )
+    double_bounce_address: str = setting(
+        _double_bounce_address,
+        "postmaster",
+        "who gets the report on a bounce that failed (Sendmail's DoubleBounceAddress; "
+        'a local name is ours, `""` drops them, logged)',
     )
     max_deliveries: int = setting(_int(1), 200, "delivery attempts at once")
     max_per_destination: int = setting(

@@ -60,6 +60,7 @@ LEVELS: dict[str, Level] = {
     "attempt_failed": "error",
     "status_write_failed": "error",
     "postmaster_notified": "info",
+    "double_bounce_dropped": "notice",
     "postmaster_notify_failed": "error",
     "bounce_queue_failed": "error",
     "receipt_queue_failed": "error",
@@ -464,6 +465,12 @@ def dsn_created(qid: str, bounce_qid: str, reason: str) -> str:
 def postmaster_notified(qid: str, notify_qid: str, reason: str) -> str:
     """Sendmail's double bounce: mail from <> failed, its report goes to the postmaster."""
     return f"{qid}: {notify_qid}: postmaster notify: {reason}"
+
+
+@_event
+def double_bounce_dropped(qid: str, reason: str) -> str:
+    """A bounce failed and ``double_bounce_address`` is empty: nobody is told."""
+    return f"{qid}: double bounce dropped (double_bounce_address is empty): {reason}"
 
 
 @_event

@@ -41,9 +41,6 @@ if TYPE_CHECKING:
     from mailgate.delivery.attempt import DeliveryContext
 
 BLOCK = 256 * 1024  # bytes of a report built per thread hop
-# Where double bounces go: Sendmail's DoubleBounceAddress default, a local name that the
-# aliases file may send elsewhere (and root gets when it has no alias and no mailbox).
-POSTMASTER = "postmaster"
 
 
 def failed(job: Job, outcome: Outcome) -> DsnRecipient:
@@ -113,6 +110,9 @@ async def bounce(
     if not wanted:
         return True
     double = not env.sender
+    if double and not snap.config.queue.double_bounce_address:
+        maillog.double_bounce_dropped(env.qid, reason)  # Sendmail's empty DoubleBounceAddress
+        return True
     try:
         report_qid = await queue_dsn(ctx, snap, msg, wanted, to_postmaster=double)
     except (OSError, SpoolError) as exc:
@@ -177,7 +177,9 @@ async def queue_dsn(
     to_postmaster: bool = False,
 ) -> str:
     """Write a DSN for ``msg`` into the spool, commit it and hand it to ``ctx.queued``; its
-    queue id. To the sender, or with ``to_postmaster`` (a double bounce) to ``POSTMASTER``.
+    queue id. To the sender, or with ``to_postmaster`` (a double bounce) to
+    ``[queue] double_bounce_address``: by default ``postmaster``, a local name that the
+    aliases file may send elsewhere (root gets it when it has no alias and no mailbox).
     Raises OSError or SpoolError when the spool cannot take it (nothing is left)."""
     cfg = snap.config
     env = msg.envelope
@@ -185,7 +187,7 @@ async def queue_dsn(
     # RFC 6533: a report on internationalised mail is itself internationalised and goes
     # with SMTPUTF8; one that carries 8-bit text (the original, a UTF-8 reply) with 8BITMIME.
     international = env.smtputf8 or needs_utf8(env.sender, recipients)
-    to = POSTMASTER if to_postmaster else env.sender
+    to = cfg.queue.double_bounce_address if to_postmaster else env.sender
     bounce_env = Envelope(
         qid=spool.new_qid(),
         sender="",
@@ -216,7 +218,7 @@ async def queue_dsn(
         warning_after=warning_after,
         envid=dsn_params.xtext_decode(env.envid) if env.envid else None,
         international=international,
-        postmaster=f"{POSTMASTER}@{cfg.hostname}" if to_postmaster else None,
+        postmaster=(to if "@" in to else f"{to}@{cfg.hostname}") if to_postmaster else None,
     )
     incoming = spool.open_incoming(bounce_env)
     try:

@@ -1015,6 +1015,13 @@ def _hostname(m: _Mapper, value: str, items: list[_Item]) -> None:
     m.set("", "hostname", value, f"confDOMAIN_NAME: Sendmail's $j, {value}", items)
 
 
+def _double_bounce(m: _Mapper, value: str, items: list[_Item]) -> None:
+    if "$" in value:
+        raise ValueError(f"{value!r} uses Sendmail macros; write the address itself")
+    what = f"double bounces go to {value}" if value else "double bounces are dropped"
+    m.set("queue", "double_bounce_address", value, f"confDOUBLE_BOUNCE_ADDRESS: {what}", items)
+
+
 def _helo_name(m: _Mapper, value: str, items: list[_Item]) -> None:
     if "$" in value:
         raise ValueError(f"{value!r} uses Sendmail macros; write the name in helo_name")
@@ -1114,6 +1121,7 @@ def _per_priority(m: _Mapper, value: str, items: list[_Item]) -> None:
 _DEFINE_RULES: tuple[tuple[tuple[str, ...], DefineRule], ...] = (
     (("confDOMAIN_NAME",), _hostname),
     (("confHELO_NAME",), _helo_name),
+    (("confDOUBLE_BOUNCE_ADDRESS",), _double_bounce),
     (("confPRIVACY_FLAGS",), _privacy),
     (("confSMTP_LOGIN_MSG",), _greeting),
     (
