@@ -326,6 +326,35 @@ def test_expiry_bounces_what_is_still_pending(tmp_path: Path, log: Path) -> None
     run(go)
 
 
+def test_what_fails_as_the_message_expires_goes_back_in_the_same_report(
+    tmp_path: Path, log: Path
+) -> None:
+    """Sendmail returns an envelope once per queue run: the recipient refused in the last
+    attempt and the one that expires with it are in one report, not two."""
+    w = World(tmp_path)
+    w.smtp.script["x@hop.test"] = Reply(550, "5.1.1", "<x@hop.test>... User unknown")
+    w.smtp.script["y@hop.test"] = Reply(451, "4.4.1", "Connection refused by [192.0.2.1]")
+
+    async def go() -> None:
+        msg = await w.queue("x@hop.test", "y@hop.test", age=5 * 86400 + 60, lock=False)
+        qid = msg.qid
+        assert await attempt(w.ctx, qid) is None
+        [report] = w.reports
+        assert w.queued() == [report.qid]
+        report.close()
+        fields = report_fields(w.report())
+        assert [(f["final-recipient"], f["action"], f["status"]) for f in fields] == [
+            ("rfc822; x@hop.test", "failed", "5.1.1"),
+            ("rfc822; y@hop.test", "failed", "4.4.7"),
+        ]
+        [_deferred, expired] = log_lines(log, "to=<y@hop.test>")
+        assert "dsn=4.4.7" in expired and expired.endswith("stat=Cannot send message for 5 days")
+        assert log_lines(log, "DSN:") == [f"{qid}: {report.qid}: DSN: User unknown"]
+        assert log_lines(log, "removed") == [f"{qid}: removed"]
+
+    run(go)
+
+
 def test_delay_warning_once_then_retry(tmp_path: Path, log: Path) -> None:
     w = World(tmp_path)
     w.smtp.script["y@hop.test"] = Reply(451, "4.4.1", "Connection refused by [192.0.2.1]")

@@ -31,7 +31,7 @@ from mailgate.delivery import Job, Mailer, Outcome, Status, notify
 from mailgate.delivery.mailers import build_mailers
 from mailgate.delivery.smtp import ConnectionCache, DestinationLimits
 from mailgate.dns import Resolver
-from mailgate.dsn import interval_text
+from mailgate.dsn import DsnRecipient, interval_text
 from mailgate.metrics import Row as MetricsRow
 from mailgate.metrics import local_row
 from mailgate.queue.spool import (
@@ -113,16 +113,26 @@ async def _attempt(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
     now = time.time()
     log_outcomes(msg, results, started, now, ctx.metrics)
     recorded = record(msg.status, results)
-    if recorded.failed and not await notify.bounce(
-        ctx,
-        snap,
-        msg,
-        [(j.rcpt, notify.failed(j, o)) for j, o in recorded.failed],
-        reason=recorded.failed[0][1].stat,
-    ):
-        # No room for the bounce (the disk is full): those recipients stay pending, to be
-        # failed and bounced at the next attempt, rather than dropped with no bounce at all.
-        unrecord(msg.status, recorded.failed)
+    if recorded.failed:
+        # In the attempt in which the message expires, what fails now and what expires with
+        # it go back in one report, as Sendmail returns an envelope once per queue run.
+        expiring = now - msg.envelope.arrival >= snap.config.queue.max_age
+        expired = still_pending(msg.status, planned) if expiring else []
+        if await notify.bounce(
+            ctx,
+            snap,
+            msg,
+            [(j.rcpt, notify.failed(j, o)) for j, o in recorded.failed]
+            + expiry_reports(msg, expired, now),
+            reason=recorded.failed[0][1].stat,
+        ):
+            log_expired(ctx, snap, msg, expired, now)
+            for rcpt in expired:
+                msg.status.of(rcpt.address).status = RcptStatus.FAILED
+        else:
+            # No room for the bounce (the disk is full): those recipients stay pending, to
+            # be failed and bounced at the next attempt, rather than dropped with no bounce.
+            unrecord(msg.status, recorded.failed)
     settle(msg.status, planned)
     if recorded.receipts:
         await notify.send_receipts(
@@ -252,6 +262,12 @@ def unrecord(status: QueueStatus, failed: list[tuple[Job, Outcome]]) -> None:
         status.of(job.rcpt.address).targets.pop(job.route.target, None)
 
 
+def still_pending(status: QueueStatus, planned: Plan) -> list[Recipient]:
+    """The recipients ``settle`` would leave pending: a target of theirs is not done."""
+    done = status.done_targets()
+    return [r for r in planned.pending if not all(t in done for t in planned.targets_of[r.address])]
+
+
 def settle(status: QueueStatus, planned: Plan) -> None:
     """A pending recipient whose every target is done (here, before, or for another
     recipient) is done: FAILED if one of them failed, else SENT."""
@@ -360,8 +376,36 @@ async def expire(
     ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, pending: list[Recipient], now: float
 ) -> bool:
     """Bounce every pending recipient as undeliverable in time; False if it could not be."""
+    log_expired(ctx, snap, msg, pending, now)
+    return await notify.bounce(
+        ctx,
+        snap,
+        msg,
+        expiry_reports(msg, pending, now),
+        reason=expiry_text(
+            snap
+        ),  # Sendmail's "<qid>: <bounce qid>: DSN: Cannot send message for 5 days"
+    )
+
+
+def expiry_text(snap: Snapshot) -> str:
+    return f"Cannot send message for {interval_text(snap.config.queue.max_age)}"
+
+
+def expiry_reports(
+    msg: QueuedMessage, pending: list[Recipient], now: float
+) -> list[tuple[Recipient, DsnRecipient]]:
+    return [
+        (r, notify.late(r, msg.status.last_error(r.address), now, warning=False)) for r in pending
+    ]
+
+
+def log_expired(
+    ctx: DeliveryContext, snap: Snapshot, msg: QueuedMessage, pending: list[Recipient], now: float
+) -> None:
+    """Each expired recipient's ``to=`` line (4.4.7), as Sendmail logs it before the DSN."""
     env = msg.envelope
-    text = f"Cannot send message for {interval_text(snap.config.queue.max_age)}"
+    text = expiry_text(snap)
     for rcpt in pending:
         ctx.metrics.delivery("esmtp", Status.PERM.value, now - env.arrival, None)
         maillog.delivery(
@@ -374,16 +418,6 @@ async def expire(
             dsn="4.4.7",
             stat=text,
         )
-    return await notify.bounce(
-        ctx,
-        snap,
-        msg,
-        [
-            (r, notify.late(r, msg.status.last_error(r.address), now, warning=False))
-            for r in pending
-        ],
-        reason=text,  # Sendmail's "<qid>: <bounce qid>: DSN: Cannot send message for 5 days"
-    )
 
 
 async def reschedule(ctx: DeliveryContext, msg: QueuedMessage, now: float, at: float) -> float:
