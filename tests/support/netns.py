@@ -20,7 +20,7 @@ import subprocess
 from collections.abc import Sequence
 from types import TracebackType
 
-NETWORK = ipaddress.ip_network("198.18.0.0/15")
+NETWORK = ipaddress.IPv4Network("198.18.0.0/15")
 
 
 class Unavailable(Exception):
@@ -48,7 +48,7 @@ def _free_subnet() -> ipaddress.IPv4Network:
     for n in range(len(subnets)):
         subnet = subnets[(start + n) % len(subnets)]
         if not any(f" {h}/" in used for h in subnet):
-            return subnet  # type: ignore[return-value]
+            return subnet
     raise Unavailable(f"every /30 of {NETWORK} is in use")
 
 

@@ -95,8 +95,8 @@ class World:
         port: int | None = None,
         ipv6: bool = False,
     ) -> GatewayProcess:
-        """The daemon of this world in ``directory``, listening on ``host`` (at ``port``, or a
-        free one) (not started)."""
+        """The daemon of this world in ``directory``, listening on ``host`` at ``port`` (a
+        free one if not given); not started."""
         gw = GatewayProcess(
             directory,
             dns=dns.address if dns is not None else None,
