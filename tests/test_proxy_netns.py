@@ -151,6 +151,7 @@ def test_a_remote_proxy_naming_a_loopback_client_is_refused(
     refusals = refused(rig, str(address))
     assert rig.client(port, header, *SESSION) == [None]  # closed, no banner: no session at all
     wait_until(lambda: refused(rig, str(address)) > refusals, f"the refusal of {client}")
+    assert refused(rig, str(address)) == refusals + 1
 
 
 def refused(rig: Rig, client: str) -> int:
@@ -189,6 +190,7 @@ def test_haproxy_on_another_host_passes_on_its_own_loopback_client(rig: Rig) -> 
         refusals = refused(rig, "127.0.0.1")
         assert in_namespace(rig.ns, "127.0.0.1", front, b"", *SESSION) == [None]
         wait_until(lambda: refused(rig, "127.0.0.1") > refusals, "the refusal of 127.0.0.1")
+        assert refused(rig, "127.0.0.1") == refusals + 1
         # The same balancer, a client on its other address: served, no relay.
         replies = in_namespace(rig.ns, rig.ns.inside, front, b"", *SESSION)
         assert codes(replies) == SERVED_NO_RELAY, replies
