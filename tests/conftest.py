@@ -11,8 +11,8 @@ gateways, each stopped when its scope ends.
   a sink there).
 - ``run(coro)``: runs a coroutine to its end, once on asyncio's own loop and once on uvloop
   (the daemon's loop): tests that take it run twice.
-- ``make_gateway(world, host=..., start=True, ipv6=False)``: the world's daemon, started, in
-  a folder of the test's own, asking the module's ``dns``, stopped after the test;
+- ``make_gateway(world, host=..., port=None, start=True, ipv6=False)``: the world's daemon,
+  started, in a folder of the test's own, asking the module's ``dns``, stopped after the test;
   ``module_gateway`` the same for module-scoped fixtures (stopped at the module's end).
 
 Tests import the world itself, the message builder and the waits (``wait_until``, ``stays``,
@@ -105,9 +105,14 @@ def _gateways(
     started: list[GatewayProcess] = []
 
     def make(
-        world: World, *, host: str = "127.0.0.1", start: bool = True, ipv6: bool = False
+        world: World,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        start: bool = True,
+        ipv6: bool = False,
     ) -> GatewayProcess:
-        gw = world.gateway(folder(len(started)), dns, host=host, ipv6=ipv6)
+        gw = world.gateway(folder(len(started)), dns, host=host, port=port, ipv6=ipv6)
         started.append(gw)
         return gw.start() if start else gw
 

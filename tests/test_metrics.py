@@ -17,6 +17,7 @@ import pytest
 from mailgate import metrics
 from mailgate.delivery.mailers import MAILERS
 from mailgate.queue.spool import Spool, qid_time
+from mailgate.service import DRAIN_SIGNAL
 from tests.support.crash import children_of
 from tests.support.gateway import GatewayProcess, free_port
 from tests.support.scrape import DEAD_HOP, http_get, mixed_world, scrape, send_mix, value
@@ -188,6 +189,26 @@ def test_health_says_what_is_wrong(make_gateway: GatewayFactory, hop1: SinkServe
     (gw.spool / "incoming.aside").rename(incoming)
     assert http_get("127.0.0.1", port, "/health") == (200, "text/plain", "ok\n")
     assert http_get("127.0.0.1", port, "/nothing")[0] == 404
+
+
+def test_health_is_503_while_the_node_drains(
+    make_gateway: GatewayFactory, hop1: SinkServer
+) -> None:
+    """New sessions get 421 during a drain: a readiness check must say so too (the listeners
+    are still open, so "not listening" does not)."""
+    gw, port = metrics_gateway(make_gateway, hop1, workers=1)
+    wait_until(lambda: healthy(port), "the daemon listening", 15)
+    send_mix(gw.host, gw.port, OUTSIDE, good=0, dead=1, relay=0, access=0, big=0)
+    wait_until(gw.queued, "the message for the dead hop queued")  # holds the drain open
+    gw.signal(DRAIN_SIGNAL)
+    gw.wait_log("draining (mailgate drain)")
+    assert http_get("127.0.0.1", port, "/health") == (
+        503,
+        "text/plain",
+        "the daemon is draining (mailgate drain)\n",
+    )
+    with gw.raw(OUTSIDE) as late:
+        assert late.read_reply().code == 421
 
 
 def test_the_connection_counts_a_per_ip_refusal(

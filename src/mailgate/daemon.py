@@ -191,9 +191,12 @@ class Gateway:
         )
 
     def health_problems(self) -> list[str]:
-        """Why /health answers 503 (none: 200): a worker not running or not listening, a
-        spool that cannot take a file or is below ``min_free``."""
+        """Why /health answers 503 (none: 200): a drain under way (the node takes no new mail:
+        a balancer's or Kubernetes' readiness check must move on), a worker not running or not
+        listening, a spool that cannot take a file or is below ``min_free``."""
         problems = []
+        if self.draining is not None:  # worker 0's, which answers: every worker drains
+            problems.append("the daemon is draining (mailgate drain)")
         table = self.table
         for row in range(table.rows):
             name = f"worker {row}" if table.rows > 1 else "the daemon"

@@ -67,16 +67,18 @@ class GatewayProcess:
         tables: dict[str, str] | None = None,
         settings: str = "",
         host: str = "127.0.0.1",
+        port: int | None = None,
         ipv6: bool = False,
         log: str | None = None,
     ) -> None:
         """``settings`` is merged into the daemon's own (see :func:`merge_settings`): a key
-        given there replaces the default here. ``ipv6``: also listen on [::1]:``port6``.
-        ``log``: the ``[log]`` section's lines instead of ``file`` = `log_path`."""
+        given there replaces the default here. ``port``: a free one unless given. ``ipv6``:
+        also listen on [::1]:``port6``. ``log``: the ``[log]`` section's lines instead of
+        ``file`` = `log_path`."""
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host = host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.port6 = free_port("::1") if ipv6 else None
         self.log_path = self.dir / "maillog"
         self.proc: subprocess.Popen[bytes] | None = None

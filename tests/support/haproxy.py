@@ -3,7 +3,8 @@
 The configuration has no chroot, user, group or stats socket, so it runs as any user; as root
 (CI) it is run as ``nobody`` with ``runuser``, from a folder of its own that ``nobody`` can
 read (pytest's tmp_path is the test user's alone). ``haproxy -c`` checks the file first, so a
-mistake in it fails with HAProxy's own words instead of a hang.
+mistake in it fails with HAProxy's own words instead of a hang. With ``netns`` (a
+tests/support/netns.py namespace) it runs in that namespace: a balancer on another host.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.gateway import accepts
+from tests.support.netns import Netns
 from tests.support.wait import wait_until
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -37,23 +39,27 @@ def available() -> bool:
 
 class Haproxy:
     """``haproxy -db -f cfg`` with ``GLOBAL`` and ``sections``; ``frontends``: the
-    (host, port) pairs it binds, waited for at start."""
+    (host, port) pairs it binds, waited for at start (from here: in a namespace, an address
+    of its veth end)."""
 
-    def __init__(self, sections: str, frontends: list[tuple[str, int]]) -> None:
+    def __init__(
+        self, sections: str, frontends: list[tuple[str, int]], netns: Netns | None = None
+    ) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="mailgate-haproxy-"))
         self.folder.chmod(0o755)
         self.config = self.folder / "haproxy.cfg"
         self.config.write_text(GLOBAL + sections)
         self.config.chmod(0o644)
         self.frontends = frontends
+        self.netns = netns
         self.output = self.folder / "output"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _command(self, *args: str) -> list[str]:
         command = [HAPROXY, *args, "-f", str(self.config)]
         if os.geteuid() == 0:
-            return ["runuser", "-u", "nobody", "--", *command]
-        return command
+            command = ["runuser", "-u", "nobody", "--", *command]
+        return self.netns.command(command) if self.netns is not None else command
 
     def start(self) -> Haproxy:
         check = subprocess.run(

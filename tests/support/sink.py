@@ -8,7 +8,8 @@ Written by hand rather than with aiosmtpd so that it can observe how commands ar
         ... deliver ...
         [msg] = sink.wait_for(1, timeout=5)
 
-To play an unreliable next hop: ``greeting = "421 ..."``, ``mail_reply`` / ``rcpt_reply`` /
+To play an unreliable next hop: ``greeting = "421 ..."`` (or ``greeting_for[ip]``, that
+client's alone: one node's way to this hop is down), ``mail_reply`` / ``rcpt_reply`` /
 ``rcpt_default_reply`` / ``data_reply`` with 4xx or 5xx, ``hang("greeting")`` (accept and say
 nothing) or ``hang("ehlo")`` (220, then silence), ``close_in_data = n`` (drop the connection
 after n bytes of content), ``stall_in_data = n`` (stop reading there); ``normal()`` makes it
@@ -133,8 +134,9 @@ class _Session:
         sink = self.sink
         if not await self.stage("greeting"):
             return
-        await self.send(sink.greeting)
-        if not sink.greeting.startswith("220"):
+        greeting = sink.greeting_for.get(self.peer, sink.greeting)
+        await self.send(greeting)
+        if not greeting.startswith("220"):
             self.writer.close()
             return
         while True:
@@ -309,6 +311,7 @@ class SinkServer:
         self.hostname = hostname
         # Behaviour, settable at runtime.
         self.greeting = f"220 {hostname} ESMTP sink"
+        self.greeting_for: dict[str, str] = {}  # client IP -> its greeting instead
         self.rcpt_reply: dict[str, str] = {}
         self.rcpt_default_reply: str | None = None  # for recipients not in rcpt_reply
         self.mail_reply: str | None = None
@@ -346,6 +349,7 @@ class SinkServer:
     def normal(self) -> None:
         """Behave as a healthy server again (sessions already hung stay hung)."""
         self.greeting = f"220 {self.hostname} ESMTP sink"
+        self.greeting_for.clear()
         self.rcpt_reply.clear()
         self.rcpt_default_reply = None
         self.mail_reply = self.data_reply = self.data_cmd_reply = None

@@ -87,9 +87,16 @@ class World:
         )
 
     def gateway(
-        self, directory: Path, dns: DnsServer | None, *, host: str = "127.0.0.1", ipv6: bool = False
+        self,
+        directory: Path,
+        dns: DnsServer | None,
+        *,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        ipv6: bool = False,
     ) -> GatewayProcess:
-        """The daemon of this world in ``directory``, listening on ``host`` (not started)."""
+        """The daemon of this world in ``directory``, listening on ``host`` at ``port`` (a
+        free one if not given); not started."""
         gw = GatewayProcess(
             directory,
             dns=dns.address if dns is not None else None,
@@ -97,6 +104,7 @@ class World:
             tables=dict(self.tables),
             settings=self.settings,
             host=host,
+            port=port,
             ipv6=ipv6,
         )
         for user in self.users:
