@@ -134,6 +134,11 @@ class EntryLocked(SpoolError):
     """Another runner (the daemon, ``mailgate flush``) holds the entry's delivery lock."""
 
 
+# json.dumps with these options would make this encoder anew for every message; the text is
+# the same (no cycle can occur in an envelope's plain dicts and lists, so none is checked).
+_ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+
+
 @dataclass
 class Recipient:
     address: str  # after %-hack / source-route normalisation (domaintable: at delivery)
@@ -174,9 +179,7 @@ class Envelope:
             # Only where it is true, so that ordinary queue files stay as an earlier version
             # wrote and reads them (a rollback must not find its queue unreadable).
             del data["postmaster_notify"]
-        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogateescape"
-        )
+        body = _ENVELOPE_JSON.encode(data).encode("utf-8", "surrogateescape")
         return b'{"crc":"' + UNSEALED + b'",' + body[1:] + b"\n"
 
     @classmethod
