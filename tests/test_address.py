@@ -238,3 +238,193 @@ def test_parse_never_crashes(text: str) -> None:
         normalize(addr, is_local)
     except AddressError as exc:
         assert exc.reply.code in (501, 553)
+
+
+# -- the fast paths against the character loops they short-cut ------------------------------
+# The loops as they were before the fast paths (docs/design.md, "CPU per message"): the
+# scanners must give the same answer, error included, for any text.
+
+
+def _ref_skipword(arg: str, keyword: str) -> str:
+    p = arg.lstrip()
+    i = 0
+    while i < len(p) and p[i] != ":" and not p[i].isspace():
+        i += 1
+    word = p[:i]
+    j = i
+    while j < len(p) and p[j].isspace():
+        j += 1
+    if j >= len(p) or p[j] != ":":
+        return "syntax"
+    rest = p[j + 1 :].lstrip()
+    if not rest or word.lower() != keyword.lower():
+        return "syntax"
+    return rest
+
+
+def _ref_scan_angle(rest: str) -> tuple[str, str] | str:
+    depth = 0
+    quoted = False
+    i = 0
+    while i < len(rest):
+        c = rest[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+        elif c == "\\":
+            i += 1
+        elif c == '"':
+            quoted = True
+        elif c == "<":
+            depth += 1
+        elif c == ">":
+            depth -= 1
+            if depth == 0:
+                return rest[1:i], rest[i + 1 :]
+        i += 1
+    return "unbalanced quote" if quoted else "unbalanced <"
+
+
+def _ref_split_unquoted(s: str, sep: str, last: bool) -> int:
+    found = -1
+    quoted = False
+    i = 0
+    while i < len(s):
+        c = s[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == sep:
+            if not last:
+                return i
+            found = i
+        i += 1
+    return found
+
+
+def _ref_quotes_balanced(s: str) -> bool:
+    quoted = False
+    i = 0
+    while i < len(s):
+        if s[i] == "\\":
+            i += 1
+        elif s[i] == '"':
+            quoted = not quoted
+        i += 1
+    return not quoted
+
+
+_ATEXT = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+-/=?^_`{|}~.")
+
+
+def _ref_valid_local(local: str) -> bool:
+    if any("\ud800" <= c <= "\udfff" for c in local):
+        return False
+    quoted = False
+    i = 0
+    while i < len(local):
+        c = local[i]
+        if c == "\\":
+            if i + 1 >= len(local):
+                return False
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c not in _ATEXT and ord(c) < 0x80:
+            return False
+        i += 1
+    return not quoted
+
+
+def _ref_valid_host(d: str) -> bool:
+    """is_valid_domain for a name that is no literal, without its trailing dot."""
+    if not d or len(d) > 255 or any("\ud800" <= c <= "\udfff" for c in d):
+        return False
+    for label in d.split("."):
+        if not label or len(label.encode("utf-8")) > 63:
+            return False
+        if label[0] == "-" or label[-1] == "-":
+            return False
+        if not all((c.isascii() and (c.isalnum() or c in "-_")) or ord(c) >= 0x80 for c in label):
+            return False
+    return True
+
+
+# Mostly the characters the scanners look at, and some of any kind (UTF-8, controls, surrogates,
+# Unicode white space).
+_scanned = st.text(
+    alphabet=st.one_of(
+        st.sampled_from('<>"\\@:%!.-_ \tabcAZ09\u00a0\u2003ü'), st.characters(exclude_categories=())
+    ),
+    max_size=30,
+)
+
+
+def _outcome(fn, *args):  # type: ignore[no-untyped-def]
+    try:
+        return fn(*args)
+    except AddressError as exc:
+        return str(exc.reply)
+
+
+@given(_scanned, st.sampled_from(["FROM", "TO", "from"]), st.booleans())
+def test_skipword_fast_path_as_the_loop(text: str, keyword: str, prefixed: bool) -> None:
+    from mailgate.address import _skipword
+
+    arg = f"{keyword.upper()}:{text}" if prefixed else text
+    got = _outcome(_skipword, arg, keyword)
+    want = _ref_skipword(arg, keyword)
+    if want == "syntax":
+        assert got.startswith("501 5.5.2 Syntax error in parameters scanning")
+    else:
+        assert got == want
+
+
+@given(_scanned)
+def test_scan_angle_fast_path_as_the_loop(text: str) -> None:
+    from mailgate.address import _scan_angle
+
+    rest = "<" + text
+    got = _outcome(_scan_angle, rest)
+    want = _ref_scan_angle(rest)
+    if want == "unbalanced quote":
+        assert got.endswith("Unbalanced '\"'")
+    elif want == "unbalanced <":
+        assert got.endswith("Unbalanced '<'")
+    else:
+        assert got == want
+
+
+@given(_scanned, st.sampled_from(["@", ":"]), st.booleans())
+def test_split_unquoted_fast_path_as_the_loop(text: str, sep: str, last: bool) -> None:
+    from mailgate.address import _split_unquoted
+
+    assert _split_unquoted(text, sep, last=last) == _ref_split_unquoted(text, sep, last)
+
+
+@given(_scanned)
+def test_local_part_checks_as_the_loops(text: str) -> None:
+    from mailgate.address import _quotes_balanced, _valid_local
+
+    assert _quotes_balanced(text) == _ref_quotes_balanced(text)
+    assert _valid_local(text) == _ref_valid_local(text)
+
+
+@given(
+    st.one_of(
+        _scanned,
+        st.lists(st.from_regex(r"[a-z0-9_-]{0,70}", fullmatch=True), min_size=1, max_size=4).map(
+            ".".join
+        ),
+    )
+)
+def test_host_name_check_as_the_loop(text: str) -> None:
+    if text.startswith("["):
+        return  # address literals: ipaddress decides, unchanged
+    d = text[:-1] if text.endswith(".") else text
+    assert is_valid_domain(text) == _ref_valid_host(d)

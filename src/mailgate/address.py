@@ -35,7 +35,10 @@ _MAXADDR = 255
 # RFC 5322 atext plus "." (Sendmail and Postfix accept leading/double dots in local parts).
 _ALNUM = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _ATEXT = frozenset(_ALNUM + "!#$%&'*+-/=?^_`{|}~.")
-_LABEL_CHARS = frozenset(_ALNUM + "-_")
+# atext and the host-name characters (labels and dots) as patterns: one call per string
+# instead of a loop per character (every MAIL and RCPT goes through them).
+_LAX_ATOM = re.compile("[A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~.\x80-\U0010ffff]*")
+_HOST_CHARS = re.compile("[A-Za-z0-9_.\\-\x80-\U0010ffff]*")
 
 
 class AddressError(ValueError):
@@ -72,6 +75,12 @@ def _shorten(s: str) -> str:
 def _skipword(arg: str, keyword: str) -> str:
     """Sendmail's skipword(): return the text after ``KEYWORD:`` or raise the 501 it sends."""
     p = arg.lstrip()
+    k = len(keyword)
+    if p[k : k + 1] == ":" and p[:k].lower() == keyword.lower():
+        # The usual "FROM:<...>": the word is the keyword, the colon right behind it.
+        rest = p[k + 1 :].lstrip()
+        if rest:
+            return rest
     i = 0
     while i < len(p) and p[i] != ":" and not p[i].isspace():
         i += 1
@@ -93,6 +102,12 @@ def _skipword(arg: str, keyword: str) -> str:
 
 def _scan_angle(rest: str) -> tuple[str, str]:
     """Split ``<addr> params`` at the ``>`` that closes the first ``<``; quotes may hide ``>``."""
+    if '"' not in rest and "\\" not in rest:
+        # Nothing quoted or escaped (the usual case): the first ">" closes it unless another
+        # "<" opened before it.
+        i = rest.find(">")
+        if i > 0 and rest.count("<", 0, i) == 1:
+            return rest[1:i], rest[i + 1 :]
     depth = 0
     quoted = False
     i = 0
@@ -208,6 +223,8 @@ class Mailbox:
 
 def _split_unquoted(s: str, sep: str, *, last: bool) -> int:
     """Index of the first/last ``sep`` outside quoted strings and backslash escapes, or -1."""
+    if '"' not in s and "\\" not in s:
+        return s.rfind(sep) if last else s.find(sep)
     found = -1
     quoted = False
     i = 0
@@ -228,6 +245,8 @@ def _split_unquoted(s: str, sep: str, *, last: bool) -> int:
 
 
 def _quotes_balanced(s: str) -> bool:
+    if '"' not in s:
+        return True
     quoted = False
     i = 0
     while i < len(s):
@@ -243,6 +262,8 @@ def _valid_local(local: str) -> bool:
     """Dot-atom (lax about dots, UTF-8 allowed) or a quoted string, or a mix as Sendmail takes."""
     if _NOT_UTF8.search(local):
         return False
+    if '"' not in local and "\\" not in local:
+        return _LAX_ATOM.fullmatch(local) is not None
     quoted = False
     i = 0
     n = len(local)
@@ -279,14 +300,12 @@ def is_valid_domain(domain: str) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
         return _literal(domain[1:-1]) is not None
     d = domain[:-1] if domain.endswith(".") else domain
-    if not d or len(d) > 255 or _NOT_UTF8.search(d):
+    if not d or len(d) > 255 or _NOT_UTF8.search(d) or _HOST_CHARS.fullmatch(d) is None:
         return False
     for label in d.split("."):
-        if not label or len(label.encode("utf-8")) > 63:
+        if not label or label[0] == "-" or label[-1] == "-":
             return False
-        if label[0] == "-" or label[-1] == "-":
-            return False
-        if not all(c in _LABEL_CHARS or ord(c) >= 0x80 for c in label):
+        if len(label) > 63 or (not label.isascii() and len(label.encode("utf-8")) > 63):
             return False
     return True
 

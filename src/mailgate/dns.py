@@ -88,6 +88,7 @@ def parse_nameserver(value: str) -> tuple[str, int]:
     return host, port
 
 
+@functools.lru_cache(maxsize=1024)  # every delivery to a [bracketed] next hop asks it
 def _ip_literal(host: str) -> str | None:
     """The normalised address if ``host`` is an IP literal (``[..]`` and ``IPv6:`` allowed)."""
     h = host.strip()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pwd
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from mailgate.address import Mailbox
@@ -51,7 +52,9 @@ class Route:
         """Handed to another system (SMTP or UUCP): ``address`` is the recipient it gets."""
         return self.is_smtp or self.is_uucp
 
-    @property
+    # Cached (in the instance's __dict__, which a frozen dataclass still has): the attempt,
+    # the SMTP mailer, the log line and the status ask a route for them ten times a message.
+    @cached_property
     def host(self) -> str:
         """The next hop as Sendmail's ``-bt`` shows it: ``[host]`` when MX is not used."""
         parts = []
@@ -61,7 +64,7 @@ class Route:
             parts.append(f"{text}:{hop.port}" if hop.port else text)
         return ":".join(parts)
 
-    @property
+    @cached_property
     def target(self) -> str:
         """A stable key for delivery bookkeeping: the same target is delivered once."""
         return f"{self.mailer}:{self.host}:{self.address}"

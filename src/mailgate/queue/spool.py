@@ -134,6 +134,11 @@ class EntryLocked(SpoolError):
     """Another runner (the daemon, ``mailgate flush``) holds the entry's delivery lock."""
 
 
+# json.dumps with these options would make this encoder anew for every message; the text is
+# the same (no cycle can occur in an envelope's plain dicts and lists, so none is checked).
+_ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+
+
 @dataclass
 class Recipient:
     address: str  # after %-hack / source-route normalisation (domaintable: at delivery)
@@ -174,9 +179,7 @@ class Envelope:
             # Only where it is true, so that ordinary queue files stay as an earlier version
             # wrote and reads them (a rollback must not find its queue unreadable).
             del data["postmaster_notify"]
-        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(
-            "utf-8", "surrogateescape"
-        )
+        body = _ENVELOPE_JSON.encode(data).encode("utf-8", "surrogateescape")
         return b'{"crc":"' + UNSEALED + b'",' + body[1:] + b"\n"
 
     @classmethod
@@ -384,23 +387,31 @@ class QueuedMessage:
     ``flock``. The descriptor is this object's to close: ``close()`` (or ``with``), or
     ``Spool.finish``, which may hand it to the spare-file pool."""
 
-    __slots__ = ("envelope", "fd", "offset", "path", "size", "status")
+    __slots__ = ("_path", "envelope", "fd", "offset", "size", "status")
 
     def __init__(
         self,
         envelope: Envelope,
-        path: Path,
+        path: Path | str,
         offset: int,
         size: int,
         status: QueueStatus,
         fd: int | None = None,
     ) -> None:
         self.envelope = envelope
-        self.path = path
+        self._path = path  # a str from a commit: made a Path only if someone asks
         self.offset = offset  # where the message content starts in ``path``
         self.size = size  # content bytes
         self.status = status
         self.fd = fd  # read-write, flock'ed: the delivery lock; None once closed or given up
+
+    @property
+    def path(self) -> Path:
+        """The queue file (the first attempt reads it through ``fd`` and never asks)."""
+        path = self._path
+        if isinstance(path, str):
+            path = self._path = Path(path)
+        return path
 
     @property
     def qid(self) -> str:
@@ -439,7 +450,9 @@ class IncomingMessage:
     def __init__(self, spool: Spool, envelope: Envelope) -> None:
         self.spool = spool
         self.envelope = envelope
-        self.path = spool.incoming / envelope.qid
+        # A string, not a Path: the names of the hot path are joined and passed as text (a
+        # pathlib join and its str() cost more than the system call they name).
+        self.name = f"{spool.incoming_dir}/{envelope.qid}"
         line = envelope.to_line()
         self.buf = bytearray(line)
         self.offset = len(line)
@@ -451,16 +464,20 @@ class IncomingMessage:
         self.stale_size = 0  # a reused spare file: its old length, cut back at the seal
         self.failed: OSError | None = None  # a write failed: the message can only be refused
 
+    @property
+    def path(self) -> Path:
+        return Path(self.name)
+
     def _open(self) -> int:
         if self.fd is None:
-            spare = self.spool.take_spare(self.path)
+            spare = self.spool.take_spare(self.name)
             if spare is not None:
                 self.fd, self.stale_size = spare
             else:
                 # Read-write: after the commit this descriptor is the delivery lock, and the
                 # first attempt reads the content through it instead of opening the file again.
                 self.fd = os.open(
-                    self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
+                    self.name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600
                 )
                 self.spool.spent(0, new_file=True)
         return self.fd
@@ -533,7 +550,7 @@ class IncomingMessage:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd
 
-    def committed(self, queue_path: Path, *, keep_fd: bool) -> QueuedMessage:
+    def committed(self, queue_path: str, *, keep_fd: bool) -> QueuedMessage:
         """After the link into the queue: the ``QueuedMessage``, which takes the descriptor
         (``keep_fd``) or has it closed."""
         fd, self.fd = self.fd, None
@@ -566,7 +583,7 @@ class IncomingMessage:
                     os.close(self.fd)
             self.fd = None
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            os.unlink(self.name)
 
 
 def _read_written(
@@ -638,9 +655,12 @@ class Spool:
         self.corrupt = root / "corrupt"
         self.spare = root / "spare"
         self.due = root / "due"
-        # For the calls made once per entry of a whole-queue command: no pathlib there.
+        # For the calls made once per message or once per entry of a whole-queue command:
+        # no pathlib there.
         self._queue_dir = str(self.queue)
         self._due_dir = str(self.due)
+        self.incoming_dir = str(self.incoming)
+        self._spare_dir = str(self.spare)
         for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: list[tuple[int, str, int]] = []  # (open fd, name in spare/, size)
@@ -674,7 +694,7 @@ class Spool:
             fd, name, _ = self._spares.pop()
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(self.spare / name)
+                os.unlink(f"{self._spare_dir}/{name}")
 
     # -- free space ------------------------------------------------------------------------------
     FREE_SPACE_TTL = 1.0  # seconds one statvfs answer stands for
@@ -738,12 +758,12 @@ class Spool:
         try:
             # Unsealed first: a crash must not bring the delivered message back as new mail.
             os.pwrite(fd, UNSEALED, SEAL_OFFSET)
-            os.rename(self.queue / qid, self.spare / name)
+            os.rename(f"{self._queue_dir}/{qid}", f"{self._spare_dir}/{name}")
         except OSError:
             return False
         if status_file:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue / (qid + _STATUS_SUFFIX))
+                os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
         self._forget_incoming(qid)
         self._spares.append((fd, name, size))
         return True
@@ -752,18 +772,19 @@ class Spool:
         """Drop a committed message's incoming/ name: it is delivered, or its queue/ entry is
         on disk."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.incoming / qid)
+            os.unlink(f"{self.incoming_dir}/{qid}")
 
-    def take_spare(self, path: Path) -> tuple[int, int] | None:
+    def take_spare(self, path: str) -> tuple[int, int] | None:
         """A kept file renamed to ``path``: (its open fd, its old size); None if there is none."""
         while self._spares:
             fd, name, size = self._spares.pop()
+            spare = f"{self._spare_dir}/{name}"
             try:
-                os.rename(self.spare / name, path)
+                os.rename(spare, path)
             except OSError:
                 os.close(fd)
                 with contextlib.suppress(OSError):  # else it holds its blocks until restart
-                    os.unlink(self.spare / name)
+                    os.unlink(spare)
                 continue
             return fd, size
         return None
@@ -841,8 +862,8 @@ class Spool:
         try:
             fd = msg.seal(lock=lock)
             await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
-            queue_path = self.queue / msg.envelope.qid
-            os.link(msg.path, queue_path)
+            queue_path = f"{self._queue_dir}/{msg.envelope.qid}"
+            os.link(msg.name, queue_path)
         except OSError as exc:
             raise self._failed(msg, exc) from exc
         except BaseException as exc:  # cancelled mid-flush: never acknowledged
@@ -1110,7 +1131,7 @@ class Spool:
         """The message is delivered or bounced: forget it (and its status file, if any)."""
         for name in (qid, qid + _STATUS_SUFFIX) if status_file else (qid,):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.queue / name)
+                os.unlink(f"{self._queue_dir}/{name}")
         self._forget_incoming(qid)
 
     def delete(self, qid: str) -> None:

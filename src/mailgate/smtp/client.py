@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 CHUNK = 64 * 1024
-READ_LIMIT = 64 * 1024  # StreamReader buffer; a reply line must fit well inside it
+READ_LIMIT = 64 * 1024  # unread input held before reading pauses; a reply line must fit in it
 MAX_REPLY_LINE = 4096  # RFC 5321 allows 512; be lenient, but not unboundedly
 MAX_REPLY_LINES = 1000  # a multiline reply that never ends is an attack, not a reply
 
@@ -93,6 +93,98 @@ class _Replies:
         )
 
 
+class _Wire(asyncio.Protocol):
+    """The connection's bytes: what the server sent, kept until the client reads a line of
+    it, and the flow control of what the client sends.
+
+    A protocol of our own rather than asyncio's streams: a reply is read from the buffer with
+    a ``find``, and the client waits (one future, one timer per wait) only when no whole line
+    has arrived yet, where ``StreamReader.readuntil`` under ``asyncio.timeout`` cost a timeout
+    context, its rescheduling and a coroutine per line: four to six lines a message.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.eof = False  # the server closed its side, or the connection is gone
+        self.lost: Exception | None = None  # why the connection was lost, if it failed
+        self.reading_paused = False
+        self.writing_paused = False
+        self._waiter: asyncio.Future[bool] | None = None  # for input, or for the drain
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if len(self.buf) > 2 * READ_LIMIT and not self.reading_paused and self.transport:
+            # Bounded memory: a server sending while we send the content is read later.
+            self.reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # half-open, as asyncio's streams keep it: our QUIT may still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        self.lost = exc
+        self.writing_paused = False
+        self._wake()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _settle(self._waiter, True)
+
+    # -- for the client ------------------------------------------------------------------------
+    async def wait(self, deadline: float) -> bool:
+        """Until something happens (input, EOF, the drain) or ``deadline`` (loop time);
+        False when the deadline came first."""
+        loop = asyncio.get_running_loop()
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            return False
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(remaining, _settle, waiter, False)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def take_line(self) -> bytes | None:
+        """The next whole line (through its LF) if it has arrived, else None."""
+        buf = self.buf
+        end = buf.find(b"\n")
+        if end < 0:
+            return None
+        line = bytes(buf[: end + 1])
+        del buf[: end + 1]
+        if self.reading_paused and len(buf) <= READ_LIMIT and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        return line
+
+
+def _settle(waiter: asyncio.Future[bool], woken: bool) -> None:
+    if not waiter.done():
+        waiter.set_result(woken)
+
+
 class SmtpClientError(Exception):
     """The connection failed as a whole; ``temporary`` says whether to retry later."""
 
@@ -117,17 +209,17 @@ class SmtpClient:
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        wire: _Wire,
         *,
         timeouts: Timeouts,
         transcript: Callable[[str], None] | None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        assert wire.transport is not None
+        self._wire = wire
+        self._transport: asyncio.Transport = wire.transport
         self.timeouts = timeouts
         self._transcript = transcript
-        peer = writer.get_extra_info("peername")
+        peer = self._transport.get_extra_info("peername")
         self.peer: tuple[str, int] = (str(peer[0]), int(peer[1])) if peer else ("", 0)
         self.greeting = Reply(0, None, "")
         self.helo_reply = Reply(0, None, "")
@@ -190,8 +282,8 @@ class SmtpClient:
         tls_context: ssl.SSLContext | None,
     ) -> SmtpClient:
         """One TCP connection and its handshake; a failed one is dropped at once."""
-        reader, writer = await _open(host, port, timeouts.connect, source_address, transcript)
-        client = cls(reader, writer, timeouts=timeouts, transcript=transcript)
+        wire = await _open(host, port, timeouts.connect, source_address, transcript)
+        client = cls(wire, timeouts=timeouts, transcript=transcript)
         try:
             await client._greeting()
             if await client._ehlo(helo_name):
@@ -250,14 +342,24 @@ class SmtpClient:
         self._log("--- TLS handshake")
         try:
             async with asyncio.timeout(self.timeouts.command):
-                await self._writer.start_tls(context)
+                transport = await asyncio.get_running_loop().start_tls(
+                    self._transport, self._wire, context, server_hostname=None
+                )
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise SmtpClientError(
                 f"TLS handshake with [{self.peer[0]}] failed: {exc!r}",
                 temporary=True,
                 stage="starttls",
             ) from None
-        self.tls = tls.describe(self._writer.get_extra_info("ssl_object"), verify="NO")
+        if transport is None:  # the connection went away during the handshake
+            raise SmtpClientError(
+                f"TLS handshake with [{self.peer[0]}] failed: connection closed",
+                temporary=True,
+                stage="starttls",
+            )
+        # From here the TLS transport is the connection; the plain one is underneath it.
+        self._transport = self._wire.transport = transport
+        self.tls = tls.describe(transport.get_extra_info("ssl_object"), verify="NO")
         # RFC 3207 4.2: what the server said before TLS no longer counts.
         reply = await self._command(f"EHLO {helo_name}", self.timeouts.command, "ehlo")
         if reply.code != 250:
@@ -319,17 +421,16 @@ class SmtpClient:
         if self._closed:
             return
         self._closed = True
-        self._writer.close()
+        self._transport.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(5):
-                await self._writer.wait_closed()
+                await self._wire.closed
 
     def _abort(self) -> None:
         """Drop the connection at once: its state is unknown, it must not be reused."""
         self._closed = True
-        transport = self._writer.transport
         with contextlib.suppress(Exception):
-            transport.abort()
+            self._transport.abort()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -446,7 +547,7 @@ class SmtpClient:
         self._data_sent = False
         for cmd in (mail_cmd, *rcpt_cmds, "DATA"):
             self._log(f">>> {cmd}")
-        self._writer.write(
+        self._transport.write(
             "".join(f"{c}\r\n" for c in (mail_cmd, *rcpt_cmds, "DATA")).encode("utf-8")
         )
         # Read before draining: with many recipients the server's replies could otherwise fill
@@ -464,7 +565,7 @@ class SmtpClient:
                 # A server accepting DATA with no recipients: end the empty message to stay
                 # in step; with no recipients it delivers nothing.
                 self._log(">>> .")
-                self._writer.write(b".\r\n")
+                self._transport.write(b".\r\n")
                 await self._drain(self.timeouts.data_block, "data")
                 await self._read_checked(self.timeouts.data_end, "data_end")
             return _Replies(mail_reply, rcpt_replies, None)
@@ -525,7 +626,7 @@ class SmtpClient:
                         out += b"\r\n"
                     self._log(">>> .")
                     out += b".\r\n"
-                self._writer.write(out)
+                self._transport.write(out)
                 await self._drain(self.timeouts.data_block, "data_block")
                 if last:
                     break
@@ -576,22 +677,24 @@ class SmtpClient:
             self._transcript(line)
 
     async def _drain(self, timeout: float, stage: str) -> None:
-        if not self._writer.transport.get_write_buffer_size():
-            return  # all handed to the kernel: nothing to wait for (the usual case)
-        try:
-            async with asyncio.timeout(timeout):
-                await self._writer.drain()
-        except TimeoutError:
-            raise SmtpClientError(
-                f"timeout writing ({stage})", stage=stage, timed_out=True
-            ) from None
-        except OSError as e:
-            raise SmtpClientError(f"connection lost ({stage}): {e}", stage=stage) from None
+        """Wait while the transport holds more than its high-water mark, as
+        ``StreamWriter.drain`` does; under it (the usual case: the kernel took it all) at
+        once. A connection lost meanwhile is an error; one lost before shows at the read."""
+        wire = self._wire
+        if not wire.writing_paused:
+            return
+        deadline = asyncio.get_running_loop().time() + timeout
+        while wire.writing_paused:
+            if not await wire.wait(deadline):
+                raise SmtpClientError(f"timeout writing ({stage})", stage=stage, timed_out=True)
+        if wire.closed.done():
+            why = wire.lost or "Connection lost"
+            raise SmtpClientError(f"connection lost ({stage}): {why}", stage=stage)
 
     async def _command(self, line: str, timeout: float, stage: str) -> Reply:
         self._check_open()
         self._log(f">>> {line}")
-        self._writer.write(line.encode("utf-8") + b"\r\n")
+        self._transport.write(line.encode("utf-8") + b"\r\n")
         await self._drain(timeout, stage)
         return await self._read_reply(timeout, stage)
 
@@ -621,45 +724,51 @@ class SmtpClient:
             raise SmtpClientError(f"{what}: {reply}", stage="data")
 
     async def _read_reply(self, timeout: float, stage: str) -> Reply:
-        """Read one (possibly multiline) reply."""
+        """Read one (possibly multiline) reply, within ``timeout`` seconds."""
         lines: list[str] = []
         code = 0
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    raw = await self._reader.readuntil(b"\n")
-                    if len(raw) > MAX_REPLY_LINE:
-                        raise SmtpClientError(
-                            f"reply line too long ({len(raw)} bytes) in {stage}", stage=stage
-                        )
-                    line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                    self._log(f"<<< {line}")
-                    try:
-                        line_code, last, text = parse_reply_line(line)
-                    except ValueError:
-                        raise SmtpClientError(
-                            f"garbage in reply to {stage}: {line[:100]!r}", stage=stage
-                        ) from None
-                    if lines and line_code != code:
-                        raise SmtpClientError(
-                            f"inconsistent codes in multiline reply to {stage}", stage=stage
-                        )
-                    code = line_code
-                    lines.append(text)
-                    if last:
-                        break
-                    if len(lines) >= MAX_REPLY_LINES:
-                        raise SmtpClientError(f"endless reply to {stage}", stage=stage)
-        except TimeoutError:
-            raise SmtpClientError(
-                f"timeout waiting for reply to {stage}", stage=stage, timed_out=True
-            ) from None
-        except asyncio.IncompleteReadError:
-            raise SmtpClientError(f"connection closed by peer in {stage}", stage=stage) from None
-        except asyncio.LimitOverrunError:
-            raise SmtpClientError(f"reply line too long in {stage}", stage=stage) from None
-        except OSError as e:
-            raise SmtpClientError(f"connection lost in {stage}: {e}", stage=stage) from None
+        wire = self._wire
+        deadline = 0.0  # set at the first wait: a reply that has arrived already needs none
+        timed_out = False
+        while True:
+            raw = wire.take_line()
+            if raw is None:
+                if len(wire.buf) > READ_LIMIT:
+                    raise SmtpClientError(f"reply line too long in {stage}", stage=stage)
+                if wire.lost is not None:
+                    raise SmtpClientError(f"connection lost in {stage}: {wire.lost}", stage=stage)
+                if wire.eof:
+                    raise SmtpClientError(f"connection closed by peer in {stage}", stage=stage)
+                if timed_out:
+                    raise SmtpClientError(
+                        f"timeout waiting for reply to {stage}", stage=stage, timed_out=True
+                    )
+                if not deadline:
+                    deadline = asyncio.get_running_loop().time() + timeout
+                timed_out = not await wire.wait(deadline)
+                continue  # what arrived, even at the deadline, is looked at first
+            if len(raw) > MAX_REPLY_LINE:
+                raise SmtpClientError(
+                    f"reply line too long ({len(raw)} bytes) in {stage}", stage=stage
+                )
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            self._log(f"<<< {line}")
+            try:
+                line_code, last, text = parse_reply_line(line)
+            except ValueError:
+                raise SmtpClientError(
+                    f"garbage in reply to {stage}: {line[:100]!r}", stage=stage
+                ) from None
+            if lines and line_code != code:
+                raise SmtpClientError(
+                    f"inconsistent codes in multiline reply to {stage}", stage=stage
+                )
+            code = line_code
+            lines.append(text)
+            if last:
+                break
+            if len(lines) >= MAX_REPLY_LINES:
+                raise SmtpClientError(f"endless reply to {stage}", stage=stage)
         enhanced, first = split_enhanced(lines[0])
         texts = [first]
         for more in lines[1:]:
@@ -675,18 +784,20 @@ async def _open(
     timeout: float,
     source_address: str | None,
     transcript: Callable[[str], None] | None,
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+) -> _Wire:
     """The TCP connection to ``[host]:port``; failures as SmtpClientError (stage "connect")."""
     if transcript is not None:
         transcript(f"Connecting to [{host}]:{port}...")
+    wire = _Wire()
     try:
         async with asyncio.timeout(timeout):
-            return await asyncio.open_connection(
+            await asyncio.get_running_loop().create_connection(
+                lambda: wire,
                 host,
                 port,
-                limit=READ_LIMIT,
                 local_addr=(source_address, 0) if source_address else None,
             )
+        return wire
     except TimeoutError:
         raise SmtpClientError(
             f"connect to [{host}]:{port} timed out", stage="connect", timed_out=True
