@@ -990,6 +990,8 @@ def main(argv: list[str] | None = None) -> int:
         "sendmail": relays.SENDMAIL_TREE / "usr/libexec/sendmail/sendmail",
         "opensmtpd": relays.OPENSMTPD_TREE / "usr/sbin/smtpd",
     }
+    if args.milter and "opensmtpd" in args.relays:
+        ap.error("--milter: OpenSMTPD has no milter client (its filters are its own protocol)")
     for kind, path in trees.items():
         if kind in peers and (args.cases or args.latency) and not path.exists():
             ap.error(f"{path} not found: run bench/peers-install (or leave {kind} out of --relays)")
@@ -1014,6 +1016,9 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)
     relays.BIN_DIR = base
     report: dict[str, Any] = {"machine": machine_info(args), "args": vars(args)}
+    if len(report["machine"]["mailgate"].split()) < 2:
+        shutil.rmtree(base, ignore_errors=True)
+        ap.error("mailgate is not importable: pip install -e . (or --pythonpath DIR/src)")
     filter_ = start_milter(args.milter, base) if args.milter else None
     if not args.no_snapshot:
         # Pin the code under test: every mailgate of this invocation runs from a copy taken

@@ -581,6 +581,12 @@ def tail(path: Path, chars: int) -> str:
 SENDMAIL_TREE = Path(os.environ.get("MAILGATE_SENDMAIL_TREE", "/opt/mailgate-ci/sendmail"))
 OPENSMTPD_TREE = Path(os.environ.get("MAILGATE_OPENSMTPD_TREE", "/opt/mailgate-bench/opensmtpd"))
 GATEWAY_NAME = "gateway.example.com"
+# The listen backlog every relay gets: mailgate's own (and the kernel's somaxconn here).
+# Sendmail's default is 10 (DaemonPortOptions Listen=), OpenSMTPD's a compiled-in 5: with 20
+# clients connecting at once the kernel drops the SYNs past it and each such client waits 1 s
+# or more to retry (measured: Sendmail 200 messages at 20 sessions in 18 s with Listen=10,
+# 1.8 s with 4096). Postfix's is its smtpd process limit, 100.
+LISTEN_BACKLOG = 4096
 
 
 def package_version(tree: Path, package: str) -> str:
@@ -665,10 +671,11 @@ class SendmailRelay(_ForegroundDaemon):
 
     Everything else is Sendmail's default: SuperSafe=True (df and qf fsync'd before the 250),
     DeliveryMode=background (a delivery process forked per message), no MaxDaemonChildren, no
-    ConnectionRateThrottle (mailgate's is 0 in the bench too), QueueLA/RefuseLA 8/12 × CPUs,
-    Listen=10. ``unshare --uts --pid --fork``: the host name is fully qualified inside (Sendmail
-    otherwise waits for a domain) and the daemon is the namespace's init, so the delivery
-    processes that outlive their SMTP child are reaped by it and their CPU stays in its tree.
+    ConnectionRateThrottle (mailgate's is 0 in the bench too), QueueLA/RefuseLA 8/12 × CPUs;
+    only the listen backlog is raised (LISTEN_BACKLOG). ``unshare --uts --pid --fork``: the
+    host name is fully qualified inside (Sendmail otherwise waits for a domain) and the daemon
+    is the namespace's init, so the delivery processes that outlive their SMTP child are
+    reaped by it and their CPU stays in its tree.
     """
 
     name = "sendmail"
@@ -710,9 +717,12 @@ class SendmailRelay(_ForegroundDaemon):
             + "FEATURE(`accept_unresolvable_domains')dnl\n"
             + f"FEATURE(`mailertable', `hash {d}/mailertable')dnl\n"
             + f"FEATURE(`access_db', `hash -T<TMPF> {d}/access')dnl\n"
-            + f"DAEMON_OPTIONS(`Port={self.port}, Addr={HOST}, Name=MTA')dnl\n"
+            + f"DAEMON_OPTIONS(`Port={self.port}, Addr={HOST}, Name=MTA, "
+            + f"Listen={LISTEN_BACKLOG}')dnl\n"
             + "MAILER(`local')dnl\nMAILER(`smtp')dnl\n"
         )
+        if MILTER_PORT is not None:  # F=T: tempfail when the filter is unavailable
+            mc += f"INPUT_MAIL_FILTER(`bench', `S=inet:{MILTER_PORT}@{HOST}, F=T')dnl\n"
         (d / "bench.mc").write_text(mc)
         cf_dir = tree / "usr/share/sendmail/cf"
         built = subprocess.run(
@@ -785,6 +795,12 @@ class OpenSmtpdRelay(_ForegroundDaemon):
         self.mounts = {"/var/spool": d / "spool", "/var/lib": d / "lib", "/run": d / "run"}
         for m in self.mounts.values():
             m.mkdir(mode=0o755, exist_ok=True)
+        # Its resolver (libasr) asks DNS before /etc/hosts for the client's PTR; this machine's
+        # name server stops answering after a burst (a 5 s stall every ~12 sessions). The
+        # other relays look nothing up in DNS here (Sendmail: hosts files; mailgate and Postfix
+        # route to IP literals), so neither does it: hosts file only.
+        (d / "resolv.conf").write_text("lookup file\n")
+        self.mounts["/etc/resolv.conf"] = d / "resolv.conf"
         (d / "lib/opensmtpd/empty").mkdir(parents=True, exist_ok=True)
         conf = f"listen on {HOST} port {self.port} hostname {GATEWAY_NAME}\n"
         for i, (_dom, h, p) in enumerate(routes):
@@ -797,7 +813,11 @@ class OpenSmtpdRelay(_ForegroundDaemon):
     def start(self) -> OpenSmtpdRelay:
         binds = " && ".join(f"mount --bind {src} {dst}" for dst, src in self.mounts.items())
         inner = f"{binds} && exec {self.smtpd} -d -f {self.conf}"
-        self._start(["unshare", "--mount", "sh", "-c", inner])
+        env = dict(os.environ)
+        shim = OPENSMTPD_TREE / "listen_backlog.so"
+        if shim.exists():  # its compiled-in listen backlog of 5, raised to LISTEN_BACKLOG
+            env.update(LD_PRELOAD=str(shim), BENCH_LISTEN_BACKLOG=str(LISTEN_BACKLOG))
+        self._start(["unshare", "--mount", "sh", "-c", inner], env)
         assert self.proc is not None
         self.daemon_pid = self.proc.pid  # unshare and sh exec: the same process
         return self
