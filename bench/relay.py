@@ -214,7 +214,10 @@ def source_run(
         lat = [a - s for a, s in zip(arrivals, src["times"], strict=False)]
         res["lat_rank_p50_ms"] = percentile(lat, 50) * 1000
         res["lat_rank_p99_ms"] = percentile(lat, 99) * 1000
-        if src["stalled"] or res["lost"]:
+        # smtp-source stops at the first session that fails (refused, 4xx/5xx, dropped):
+        # such a run is not a clean one, whatever arrived.
+        res["short"] = n - sent if src["rc"] != 0 or sent < n else 0
+        if src["stalled"] or res["lost"] or res["short"]:
             res["note"] = f"source output: {src['output_tail'][-300:]!r}"
             res["log_tail"] = relay.log_tail()
     except Exception as exc:
@@ -378,7 +381,8 @@ def rcpt_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dic
         span = max(1e-9, time.time() - t0)
         res["others_cores"] = other_s / span
         res["others_top"] = [f"{name}[{pid}] {sec / span:.2f}" for sec, pid, name in top]
-        if stalled or res["lost"] or sent_log["errors"]:
+        res["short"] = case.n - messages
+        if stalled or res["lost"] or res["short"]:
             res["note"] = f"source errors: {sent_log['errors'][:3]!r}"
             res["log_tail"] = relay.log_tail()
     except Exception as exc:
@@ -395,7 +399,7 @@ def rcpt_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dic
 
 def finish(work: Path, res: dict[str, Any], args: argparse.Namespace) -> None:
     """Remove a run's temp dir; one that failed is kept (maillog, queue) for a look."""
-    if "error" in res or res.get("lost") or res.get("stalled"):
+    if "error" in res or res.get("lost") or res.get("stalled") or res.get("short"):
         kept = Path(args.workdir) / f"mailgate-bench-failed-{work.name}"
         with contextlib.suppress(OSError):
             shutil.move(str(work), kept)
@@ -407,12 +411,13 @@ def finish(work: Path, res: dict[str, Any], args: argparse.Namespace) -> None:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the runs that finished; lost is the worst run's."""
     done = [r for r in runs if "error" not in r]
-    ok = [r for r in done if not r["lost"] and not r["stalled"]]
+    ok = [r for r in done if not r["lost"] and not r["stalled"] and not r.get("short")]
     out: dict[str, Any] = {
         "runs": len(runs),
         "ok_runs": len(ok),
         "errors": [r["error"] for r in runs if "error" in r]
-        + [f"lost {r['lost']}" for r in done if r["lost"]],
+        + [f"lost {r['lost']}" for r in done if r["lost"]]
+        + [f"{r['short']} not sent: {r.get('note', '')[:150]}" for r in done if r.get("short")],
     }
     if not ok:
         return out
@@ -469,7 +474,7 @@ def run_throughput(args: argparse.Namespace, base: Path, report: dict[str, Any])
             # Interleaved: repetition i runs every relay once, in --relays order, so a drift
             # of the machine's load during the case hits every relay alike.
             for kind in args.relays:
-                if sum("error" in r or r["stalled"] for r in runs[kind]) >= 2:
+                if sum("error" in r or r["stalled"] or r.get("short") for r in runs[kind]) >= 2:
                     continue  # failed twice in this case: do not spend minutes again
                 r = throughput_run(kind, case, base, args)
                 runs[kind].append(r)
@@ -784,16 +789,22 @@ def throughput_markdown(report: dict[str, Any]) -> list[str]:
         f"- {c['label']}, {kind} run {i}: "
         + (f"error {r['error'][:200]}" if "error" in r else f"lost {r['lost']}")
         + (" stalled" if r.get("stalled") else "")
+        + (f", {r['short']} of N not sent" if r.get("short") else "")
         + (f"; {r['note'][:200]}" if r.get("note") else "")
         + (f"; sink exited ({r['sink_exit']})" if r.get("sink_exit") is not None else "")
         + (f"; kept {r['kept']}" if r.get("kept") else "")
         for c in report["throughput"]
         for kind, v in c["relays"].items()
         for i, r in enumerate(v["runs"], 1)
-        if "error" in r or r.get("lost") or r.get("stalled")
+        if "error" in r or r.get("lost") or r.get("stalled") or r.get("short")
     ]
     if failures:
-        lines += ["", "Runs left out of the medians (failed, lost or stalled):", "", *failures]
+        lines += [
+            "",
+            "Runs left out of the medians (failed, lost, stalled, sessions refused):",
+            "",
+            *failures,
+        ]
     lines += [
         "",
         "mailgate against the best peer of each case (highest median end-to-end rate), and its"
