@@ -823,7 +823,12 @@ class OpenSmtpdRelay(_ForegroundDaemon):
         env = dict(os.environ)
         shim = OPENSMTPD_TREE / "listen_backlog.so"
         if shim.exists():  # its compiled-in listen backlog of 5, raised to LISTEN_BACKLOG
-            env.update(LD_PRELOAD=str(shim), BENCH_LISTEN_BACKLOG=str(LISTEN_BACKLOG))
+            # and TCP_NODELAY on its SMTP client's sockets (bench/listen_backlog.c says why)
+            env.update(
+                LD_PRELOAD=str(shim),
+                BENCH_LISTEN_BACKLOG=str(LISTEN_BACKLOG),
+                BENCH_TCP_NODELAY="1",
+            )
         self._start(["unshare", "--mount", "sh", "-c", inner], env)
         assert self.proc is not None
         self.daemon_pid = self.proc.pid  # unshare and sh exec: the same process
