@@ -815,7 +815,7 @@ def throughput_markdown(report: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|---|" + "---|" * len(PEERS),
         *ratios,
         "",
-        "Per run (in the order they ran within each case):",
+        "Per run (grouped by relay; run k of every relay ran in repetition k of the case):",
         "",
         "| case | relay | run | accept/s | e2e/s | sent | lost | CPU ms/msg |"
         " RSS MB | busy % | others' load: top processes (cores) |",
@@ -849,7 +849,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Postfix {m['postfix']}; Sendmail {m.get('sendmail', '—')}; OpenSMTPD"
         f" {m.get('opensmtpd', '—')}; mailgate {m['mailgate']}",
         f"- extra mailgate settings: {report['args'].get('mailgate_set') or 'none'}",
-        f"- milter in both relays' path: {report['args'].get('milter') or 'none'}",
+        f"- milter in every relay's path: {report['args'].get('milter') or 'none'}",
         f"- load average when started: {' '.join(m['loadavg_at_start'])}; harness, "
         f"relays, source and sink at nice {report['args'].get('nice', 0)}",
         f"- command: `{m['command']}`",
