@@ -11,7 +11,8 @@
   the arrival time of the k-th message is known without writing anything to disk.
 - ``run_smtp_source``: ``smtp-source -c`` with the same kind of reader (time of the k-th 250).
 
-Everything listens on and connects to 127.0.0.1 only.
+Everything listens on and connects to 127.0.0.0/8 only (127.0.0.1; the 100-recipient case's
+next hops on 127.0.0.11 and up).
 """
 
 from __future__ import annotations
