@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""mailgate vs Postfix as the same domain-routing relay gateway, on loopback.
+"""mailgate vs Postfix, Sendmail and OpenSMTPD as the same domain-routing relay gateway, on
+loopback.
 
-    python3 bench/relay.py --all                # everything, as in bench/RESULTS.md (~15 min)
-    python3 bench/relay.py --cases 1024:20:5000 --runs 1
+    bench/peers-install                          # Sendmail and OpenSMTPD, unpacked (once)
+    python3 bench/relay.py --all                # everything, as in bench/RESULTS.md
+    python3 bench/relay.py --cases 1k20 --runs 1
+    python3 bench/relay.py --cases 1024:20:5000,rcpt100x10 --relays mailgate,sendmail
     python3 bench/relay.py --latency --rate 400
     python3 bench/relay.py --idle --bigmsg --access --greet
 
-Run as root (Postfix's private instance needs it). See bench/README.md for what is measured.
+Run as root (the peers' private instances need it). See bench/README.md for what is measured.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +38,10 @@ import procstat
 import relays
 from relays import (
     MailgateRelay,
+    OpenSmtpdRelay,
     PostfixRelay,
+    Route,
+    SendmailRelay,
     SmtpSink,
     free_port,
     run_smtp_source,
@@ -42,8 +49,49 @@ from relays import (
 )
 
 BENCH = Path(__file__).resolve().parent
-DEFAULT_CASES = "1024:20:5000,102400:20:4000,1024:1:4000"
-RELAYS = ("mailgate", "postfix")
+RELAYS = ("mailgate", "postfix", "sendmail", "opensmtpd")
+PEERS = RELAYS[1:]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One throughput case. ``source``: smtp-source → relay → smtp-sink, one recipient per
+    message, one message per connection. ``rcpt``: the Python source sends messages of
+    ``rcpts`` recipients spread over ``hops`` domains, each routed to its own next hop (a
+    Python sink listening on 127.0.0.11, .12, …, one port), which counts recipients.
+    ``deepqueue``: a name only, for the deep-queue case another branch builds."""
+
+    name: str
+    kind: str  # "source" | "rcpt" | "deepqueue"
+    size: int
+    sessions: int
+    n: int  # messages
+    rcpts: int = 1
+    hops: int = 1
+
+    @property
+    def label(self) -> str:
+        if self.kind == "rcpt":
+            return f"{self.rcpts} rcpt → {self.hops} hops / {self.sessions} sess / N={self.n}"
+        if self.kind == "deepqueue":
+            return "deep queue"
+        size = f"{self.size // 1024} KiB" if self.size >= 1024 else f"{self.size} B"
+        return f"{size} / {self.sessions} sess / N={self.n}"
+
+
+NAMED_CASES = {
+    c.name: c
+    for c in (
+        Case("1k20", "source", 1024, 20, 4000),
+        Case("100k20", "source", 102400, 20, 2000),
+        Case("1k1", "source", 1024, 1, 2000),
+        Case("1k200", "source", 1024, 200, 4000),
+        Case("rcpt100x10", "rcpt", 1024, 10, 100, rcpts=100, hops=10),
+        Case("deepqueue", "deepqueue", 0, 0, 0),
+    )
+}
+# The deep-queue case is built elsewhere (its own branch): not in the default list until then.
+DEFAULT_CASES = "1k20,100k20,1k1,1k200,rcpt100x10"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,6 +130,7 @@ def make_relay(
     sink_port: int,
     args: argparse.Namespace,
     settings: dict[str, dict[str, str]] | None = None,
+    routes: list[Route] | None = None,
 ) -> Any:
     if kind == "mailgate":
         # Throughput and latency runs use one worker per CPU, as a production gateway on a
@@ -90,22 +139,31 @@ def make_relay(
         merged = {"": {"workers": "0"}} if settings is None else {}
         for sec, kv in (settings or {}).items():
             merged.setdefault(sec, {}).update(kv)
-        return MailgateRelay(workdir, sink_port, merged, args.pythonpath)
-    return PostfixRelay(workdir, sink_port)
+        return MailgateRelay(workdir, sink_port, merged, args.pythonpath, routes=routes)
+    peer = {"postfix": PostfixRelay, "sendmail": SendmailRelay, "opensmtpd": OpenSmtpdRelay}
+    return peer[kind](workdir, sink_port, routes)
 
 
 # -- throughput --------------------------------------------------------------------------------
 
 
-def throughput_run(
+def throughput_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """One relay, one case, on a fresh relay and queue in a new folder of ``base``."""
+    if case.kind == "rcpt":
+        return rcpt_run(kind, case, base, args)
+    return source_run(kind, case.size, case.sessions, case.n, base, args)
+
+
+def source_run(
     kind: str, size: int, sessions: int, n: int, base: Path, args: argparse.Namespace
 ) -> dict[str, Any]:
     """One relay, one case: warm up, then smtp-source N messages and wait for the sink."""
     work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
     sink = SmtpSink(work)
-    relay = make_relay(kind, work / "relay", sink.port, args)
     res: dict[str, Any] = {"relay": kind, "size": size, "sessions": sessions, "n": n}
+    relay: Any = None
     try:
+        relay = make_relay(kind, work / "relay", sink.port, args)
         relay.start()
         # Warm-up (not measured): Postfix forks its daemons on demand, mailgate imports lazily.
         warm = min(200, max(20, n // 20))
@@ -156,26 +214,192 @@ def throughput_run(
         lat = [a - s for a, s in zip(arrivals, src["times"], strict=False)]
         res["lat_rank_p50_ms"] = percentile(lat, 50) * 1000
         res["lat_rank_p99_ms"] = percentile(lat, 99) * 1000
-        if src["stalled"] or res["lost"]:
+        # smtp-source stops at the first session that fails (refused, 4xx/5xx, dropped):
+        # such a run is not a clean one, whatever arrived.
+        res["short"] = n - sent if src["rc"] != 0 or sent < n else 0
+        if src["stalled"] or res["lost"] or res["short"]:
             res["note"] = f"source output: {src['output_tail'][-300:]!r}"
             res["log_tail"] = relay.log_tail()
     except Exception as exc:
         res["error"] = repr(exc)
-        res["log_tail"] = relay.log_tail()
+        if relay is not None:
+            res["log_tail"] = relay.log_tail()
     finally:
         # Did the sink die under us (exit status, its last words)?
         res["sink_exit"] = sink.proc.poll()
         if res["sink_exit"] is not None:
             res["sink_tail"] = sink.counter.text_tail[-300:]
-        relay.stop()
+        if relay is not None:
+            relay.stop()
         sink.stop()
+        finish(work, res, args)
+    return res
+
+
+def rcpt_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Messages of ``case.rcpts`` recipients over ``case.hops`` domains, each domain routed to
+    its own next hop: the Python sink on 127.0.0.11…, one port; it prints the running
+    recipient count after each message (so arrival times are known) and keeps, per
+    Message-Id, the recipients that arrived. lost = recipients accepted − recipients arrived."""
+    work = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=base))
+    port = free_port()
+    hosts = [f"127.0.0.{11 + i}" for i in range(case.hops)]
+    routes: list[Route] = [(f"hop{i + 1}.example", h, port) for i, h in enumerate(hosts)]
+    warm = 5
+    total = (warm + case.n) * case.rcpts
+    tool = [sys.executable, str(BENCH / "smtpbench.py")]
+    arr_file = work / "arrivals.json"
+    sink = subprocess.Popen(
+        [
+            *tool,
+            "sink",
+            "--host",
+            ",".join(hosts),
+            "--port",
+            str(port),
+            "--rcpt-count",
+            str(total),
+            "--progress",
+            "--timeout",
+            str(args.max_seconds + 120),
+            "--out",
+            str(arr_file),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=relays.own_session(),
+    )
+    relays.prioritize(sink.pid)
+    counter = relays.CounterReader(sink, "rcpt=")
+    res: dict[str, Any] = {
+        "relay": kind,
+        "size": case.size,
+        "sessions": case.sessions,
+        "n": case.n,
+        "rcpts": case.rcpts,
+        "hops": case.hops,
+    }
+    relay: Any = None
+    try:
+        for h in hosts:
+            relays.wait_banner(port, 10, sink, host=h)
+        relay = make_relay(kind, work / "relay", port, args, routes=routes)
+        relay.start()
+        domains = ",".join(d for d, _, _ in routes)
+        source = [
+            *tool,
+            "source",
+            "--port",
+            str(relay.port),
+            "--rate",
+            "0",
+            "--rcpts",
+            str(case.rcpts),
+            "--domains",
+            domains,
+            "--size",
+            str(case.size),
+        ]
+        subprocess.run(
+            [
+                *source,
+                "--count",
+                str(warm),
+                "--sessions",
+                "1",
+                "--run",
+                "warm",
+                "--out",
+                str(work / "warm.json"),
+            ],
+            timeout=120,
+            check=False,
+            capture_output=True,
+        )
+        if not counter.wait(warm * case.rcpts, timeout=120, stall=30):
+            raise RuntimeError(f"warm-up: {counter.count}/{warm * case.rcpts} recipients arrived")
+        time.sleep(0.5)
+        root = relay.root
+        cpu0 = procstat.tree_cpu(root)
+        busy0, all0 = cpu_busy(), procstat.snapshot_all()
+        sent_file = work / "sent.json"
+        t0 = time.time()
+        with procstat.Sampler(root) as sampler:
+            done = subprocess.run(
+                [
+                    *source,
+                    "--count",
+                    str(case.n),
+                    "--sessions",
+                    str(case.sessions),
+                    "--run",
+                    "m",
+                    "--timeout",
+                    str(args.max_seconds),
+                    "--out",
+                    str(sent_file),
+                ],
+                timeout=args.max_seconds + 60,
+                check=False,
+                capture_output=True,
+            )
+            sent_log = json.loads(sent_file.read_text())
+            sent = len(sent_log["sent"]) * case.rcpts
+            stalled = not counter.wait(warm * case.rcpts + sent, timeout=args.max_seconds, stall=30)
+            cpu1 = procstat.tree_cpu(root)
+            busy1, all1 = cpu_busy(), procstat.snapshot_all()
+            ours = set(procstat.tree(root)) | set(procstat.tree(os.getpid()))
+        arrivals = counter.times[warm * case.rcpts : warm * case.rcpts + sent]
+        received = len(arrivals)
+        messages = len(sent_log["sent"])
+        wall = float(sent_log["end"]) - t0
+        res.update(
+            {
+                "sent": sent,
+                "received": received,
+                "lost": sent - received,
+                "messages": messages,
+                "stalled": stalled,
+                "source_rc": done.returncode,
+                "source_errors": sent_log["errors"][:5],
+                "accept_s": wall,
+                "accept_rate": messages / wall,
+                "e2e_s": (arrivals[-1] - t0) if arrivals else float("nan"),
+                "cpu_s": cpu1 - cpu0,
+                "cpu_per_1000": (cpu1 - cpu0) / max(1, messages) * 1000,
+                "peak_rss_mb": sampler.peak_rss / 2**20,
+                "peak_pss_mb": sampler.peak_pss / 2**20,
+                "peak_procs": sampler.peak_procs,
+                "machine_busy_pct": 100 * (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1]),
+                "lat_rank_p50_ms": float("nan"),
+                "lat_rank_p99_ms": float("nan"),
+            }
+        )
+        # messages whose every recipient arrived, per unit of time (recipients / rcpts)
+        res["e2e_rate"] = received / case.rcpts / res["e2e_s"] if arrivals else 0.0
+        other_s, top = procstat.foreign_cpu(all0, all1, ours)
+        span = max(1e-9, time.time() - t0)
+        res["others_cores"] = other_s / span
+        res["others_top"] = [f"{name}[{pid}] {sec / span:.2f}" for sec, pid, name in top]
+        res["short"] = case.n - messages
+        if stalled or res["lost"] or res["short"]:
+            res["note"] = f"source errors: {sent_log['errors'][:3]!r}"
+            res["log_tail"] = relay.log_tail()
+    except Exception as exc:
+        res["error"] = repr(exc)
+        if relay is not None:
+            res["log_tail"] = relay.log_tail()
+    finally:
+        if relay is not None:
+            relay.stop()
+        stop_process(sink, 10)
         finish(work, res, args)
     return res
 
 
 def finish(work: Path, res: dict[str, Any], args: argparse.Namespace) -> None:
     """Remove a run's temp dir; one that failed is kept (maillog, queue) for a look."""
-    if "error" in res or res.get("lost") or res.get("stalled"):
+    if "error" in res or res.get("lost") or res.get("stalled") or res.get("short"):
         kept = Path(args.workdir) / f"mailgate-bench-failed-{work.name}"
         with contextlib.suppress(OSError):
             shutil.move(str(work), kept)
@@ -187,12 +411,13 @@ def finish(work: Path, res: dict[str, Any], args: argparse.Namespace) -> None:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over the runs that finished; lost is the worst run's."""
     done = [r for r in runs if "error" not in r]
-    ok = [r for r in done if not r["lost"] and not r["stalled"]]
+    ok = [r for r in done if not r["lost"] and not r["stalled"] and not r.get("short")]
     out: dict[str, Any] = {
         "runs": len(runs),
         "ok_runs": len(ok),
         "errors": [r["error"] for r in runs if "error" in r]
-        + [f"lost {r['lost']}" for r in done if r["lost"]],
+        + [f"lost {r['lost']}" for r in done if r["lost"]]
+        + [f"{r['short']} not sent: {r.get('note', '')[:150]}" for r in done if r.get("short")],
     }
     if not ok:
         return out
@@ -210,37 +435,56 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "others_cores",
     ):
         out[key] = statistics.median(r[key] for r in ok)
+    for key in SPREAD:  # the spread: smallest and largest of the clean runs
+        out[key + "_min"] = min(r[key] for r in ok)
+        out[key + "_max"] = max(r[key] for r in ok)
     out["lost"] = max(r["lost"] for r in done)  # the worst run, clean or not
     out["stalled"] = any(r["stalled"] for r in done)
     return out
 
 
-def parse_cases(text: str) -> list[tuple[int, int, int]]:
+SPREAD = ("accept_rate", "e2e_rate", "cpu_per_1000", "peak_rss_mb")
+
+
+def parse_cases(text: str) -> list[Case]:
+    """Names of NAMED_CASES (``1k20``, ``rcpt100x10``, …; ``NAME:N`` changes N) or
+    ``SIZE:SESSIONS:N`` for an smtp-source case."""
     cases = []
     for part in text.split(","):
+        name, _, count = part.partition(":")
+        if name in NAMED_CASES:
+            case = NAMED_CASES[name]
+            if count:
+                case = Case(**{**asdict(case), "n": int(count)})
+            cases.append(case)
+            continue
         size, sessions, n = (int(x) for x in part.split(":"))
-        cases.append((size, sessions, n))
+        cases.append(Case(f"{size}:{sessions}", "source", size, sessions, n))
     return cases
 
 
 def run_throughput(args: argparse.Namespace, base: Path, report: dict[str, Any]) -> None:
     out: list[dict[str, Any]] = []
-    for size, sessions, n in parse_cases(args.cases):
+    for case in parse_cases(args.cases):
+        if case.kind == "deepqueue":
+            log("  deepqueue: not built on this branch (the deep-queue case is its own)")
+            continue
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in args.relays}
         for i in range(args.runs):
-            for kind in args.relays:  # alternate, so slow drift hits both alike
-                if sum("error" in r or r["stalled"] for r in runs[kind]) >= 2:
+            # Interleaved: repetition i runs every relay once, in --relays order, so a drift
+            # of the machine's load during the case hits every relay alike.
+            for kind in args.relays:
+                if sum("error" in r or r["stalled"] or r.get("short") for r in runs[kind]) >= 2:
                     continue  # failed twice in this case: do not spend minutes again
-                r = throughput_run(kind, size, sessions, n, base, args)
+                r = throughput_run(kind, case, base, args)
                 runs[kind].append(r)
-                log(f"  {kind:8} {size}B/{sessions}s run {i + 1}: " + brief(r))
-        case = {
-            "size": size,
-            "sessions": sessions,
-            "n": n,
+                log(f"  {kind:9} {case.name} run {i + 1}: " + brief(r))
+        entry = {
+            **asdict(case),
+            "label": case.label,
             "relays": {k: {"summary": summarize(v), "runs": v} for k, v in runs.items()},
         }
-        out.append(case)
+        out.append(entry)
         report["throughput"] = out
         save(report, args)
     report["throughput"] = out
@@ -251,7 +495,7 @@ def brief(r: dict[str, Any]) -> str:
         return f"ERROR {r['error'][:300]} (kept: {r.get('kept')})"
     return (
         f"accept {r['accept_rate']:.0f}/s e2e {r['e2e_rate']:.0f}/s "
-        f"lost {r['lost']} cpu/1k {r['cpu_per_1000']:.2f}s "
+        f"sent {r['sent']} lost {r['lost']} cpu/1k {r['cpu_per_1000']:.2f}s "
         f"rss {r['peak_rss_mb']:.0f}MB p99(rank) {r['lat_rank_p99_ms']:.0f}ms"
         + (" STALLED" if r["stalled"] else "")
     )
@@ -453,6 +697,8 @@ def machine_info(args: argparse.Namespace) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "postfix": pf,
+        "sendmail": relays.package_version(relays.SENDMAIL_TREE, "sendmail-bin"),
+        "opensmtpd": relays.package_version(relays.OPENSMTPD_TREE, "opensmtpd"),
         "mailgate": version,
         "loadavg_at_start": load,
         "command": "python3 " + " ".join([os.path.relpath(__file__), *sys.argv[1:]]),
@@ -481,102 +727,136 @@ def ratio(a: Any, b: Any) -> str:
         return "—"
 
 
+def spread(s: dict[str, Any], key: str, spec: str = ".0f") -> str:
+    """``median (min–max)`` of the clean runs."""
+    if key + "_min" not in s:
+        return fmt(s.get(key), spec)
+    return f"{fmt(s[key], spec)} ({fmt(s[key + '_min'], spec)}–{fmt(s[key + '_max'], spec)})"
+
+
+def best_peer(sums: dict[str, dict[str, Any]]) -> str | None:
+    """The peer with the highest median end-to-end rate (the one mailgate must beat)."""
+    done = [k for k in PEERS if sums.get(k, {}).get("ok_runs")]
+    return max(done, key=lambda k: sums[k]["e2e_rate"]) if done else None
+
+
+def throughput_markdown(report: dict[str, Any]) -> list[str]:
+    runs = report["args"]["runs"]
+    lines = [
+        f"#### Throughput (medians of {runs} interleaved runs per relay, (min–max) of the runs)",
+        "",
+        "smtp-source → relay → smtp-sink, one recipient, one message per connection; the "
+        "recipient case: Python source → relay → Python sink on 10 addresses. Rates in "
+        "messages/s; CPU = the relay's process tree, ms per message; RSS = sum over the tree.",
+        "",
+        "| case | relay | accept msg/s | end-to-end msg/s | lost (worst run) | CPU ms/msg"
+        " | peak RSS MB (PSS) | 250→sink p50/p99 ms (rank-matched) | machine busy % |"
+        " others' load (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    ratios = []
+    for case in report["throughput"]:
+        label = case["label"]
+        sums = {k: v["summary"] for k, v in case["relays"].items()}
+        for kind, s in sums.items():
+            if not s.get("ok_runs"):
+                err = (s.get("errors") or ["no run"])[0][:120]
+                lines.append(f"| {label} | {kind} | failed: {err} | | | | | | | |")
+                continue
+            bad = "" if s["ok_runs"] == s["runs"] else f" ({s['ok_runs']}/{s['runs']} ok)"
+            lines.append(
+                f"| {label} | {kind}{bad} | {spread(s, 'accept_rate')} |"
+                f" {spread(s, 'e2e_rate')} | {s['lost']}{' STALLED' if s['stalled'] else ''} |"
+                f" {spread(s, 'cpu_per_1000', '.2f')} |"
+                f" {spread(s, 'peak_rss_mb')} ({fmt(s['peak_pss_mb'])}) |"
+                f" {fmt(s['lat_rank_p50_ms'])} / {fmt(s['lat_rank_p99_ms'])} |"
+                f" {fmt(s['machine_busy_pct'])} | {fmt(s['others_cores'], '.2f')} |"
+            )
+        a = sums.get("mailgate", {})
+        best = best_peer(sums)
+        b = sums.get(best, {}) if best else {}
+        per_peer = " | ".join(
+            ratio(a.get("e2e_rate"), sums.get(k, {}).get("e2e_rate")) for k in PEERS
+        )
+        ratios.append(
+            f"| {label} | {best or '—'} ({fmt(b.get('e2e_rate'))}/s) |"
+            f" {ratio(a.get('e2e_rate'), b.get('e2e_rate'))} |"
+            f" {ratio(a.get('accept_rate'), b.get('accept_rate'))} |"
+            f" {ratio(a.get('cpu_per_1000'), b.get('cpu_per_1000'))} |"
+            f" {ratio(a.get('peak_rss_mb'), b.get('peak_rss_mb'))} | {per_peer} |"
+        )
+    failures = [
+        f"- {c['label']}, {kind} run {i}: "
+        + (f"error {r['error'][:200]}" if "error" in r else f"lost {r['lost']}")
+        + (" stalled" if r.get("stalled") else "")
+        + (f", {r['short']} of N not sent" if r.get("short") else "")
+        + (f"; {r['note'][:200]}" if r.get("note") else "")
+        + (f"; sink exited ({r['sink_exit']})" if r.get("sink_exit") is not None else "")
+        + (f"; kept {r['kept']}" if r.get("kept") else "")
+        for c in report["throughput"]
+        for kind, v in c["relays"].items()
+        for i, r in enumerate(v["runs"], 1)
+        if "error" in r or r.get("lost") or r.get("stalled") or r.get("short")
+    ]
+    if failures:
+        lines += [
+            "",
+            "Runs left out of the medians (failed, lost, stalled, sessions refused):",
+            "",
+            *failures,
+        ]
+    lines += [
+        "",
+        "mailgate against the best peer of each case (highest median end-to-end rate), and its"
+        " end-to-end rate against each peer's:",
+        "",
+        "| case | best peer (its e2e) | mailgate ÷ best: e2e | accept | CPU per msg | peak RSS |"
+        + "".join(f" ÷ {k} e2e |" for k in PEERS),
+        "|---|---|---|---|---|---|" + "---|" * len(PEERS),
+        *ratios,
+        "",
+        "Per run (grouped by relay; run k of every relay ran in repetition k of the case):",
+        "",
+        "| case | relay | run | accept/s | e2e/s | sent | lost | CPU ms/msg |"
+        " RSS MB | busy % | others' load: top processes (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case in report["throughput"]:
+        label = case["label"]
+        for kind, v in case["relays"].items():
+            for i, r in enumerate(v["runs"], 1):
+                if "error" in r:
+                    lines.append(
+                        f"| {label} | {kind} | {i} | error: {r['error'][:150]} | | | | | | | |"
+                    )
+                    continue
+                lines.append(
+                    f"| {label} | {kind} | {i} | {fmt(r['accept_rate'])} |"
+                    f" {fmt(r['e2e_rate'])} | {r['sent']} | {r['lost']} |"
+                    f" {fmt(r['cpu_per_1000'], '.2f')} | {fmt(r['peak_rss_mb'])} |"
+                    f" {fmt(r['machine_busy_pct'])} |"
+                    f" {', '.join(r['others_top'])} |"
+                )
+    lines.append("")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"- date: {m['date']}",
         f"- machine: {m['nproc']} cores, {m['cpu']}, Linux {m['kernel']}, Python {m['python']}",
-        f"- Postfix {m['postfix']}; mailgate {m['mailgate']}",
+        f"- Postfix {m['postfix']}; Sendmail {m.get('sendmail', '—')}; OpenSMTPD"
+        f" {m.get('opensmtpd', '—')}; mailgate {m['mailgate']}",
         f"- extra mailgate settings: {report['args'].get('mailgate_set') or 'none'}",
-        f"- milter in both relays' path: {report['args'].get('milter') or 'none'}",
+        f"- milter in every relay's path: {report['args'].get('milter') or 'none'}",
         f"- load average when started: {' '.join(m['loadavg_at_start'])}; harness, "
         f"relays, source and sink at nice {report['args'].get('nice', 0)}",
         f"- command: `{m['command']}`",
         "",
     ]
     if report.get("throughput"):
-        lines += [
-            "### Throughput (smtp-source → relay → smtp-sink; medians of "
-            f"{report['args']['runs']} runs)",
-            "",
-            "| case | relay | accept msg/s | end-to-end msg/s | lost | CPU s/1000 msgs"
-            " | peak RSS MB (PSS) | 250→sink p50/p99 ms (rank-matched) | machine busy % |"
-            " others' load (cores) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        ratios = []
-        for case in report["throughput"]:
-            label = f"{case['size'] // 1024} KiB / {case['sessions']} sess / N={case['n']}"
-            sums = {k: v["summary"] for k, v in case["relays"].items()}
-            for kind, s in sums.items():
-                if not s.get("ok_runs"):
-                    lines.append(
-                        f"| {label} | {kind} | failed: {s.get('errors', [''])[0][:120]}"
-                        " | | | | | | | |"
-                    )
-                    continue
-                bad = "" if s["ok_runs"] == s["runs"] else f" ({s['ok_runs']}/{s['runs']} ok)"
-                lines.append(
-                    f"| {label} | {kind}{bad} | {fmt(s['accept_rate'])} | {fmt(s['e2e_rate'])} |"
-                    f" {s['lost']}{' STALLED' if s['stalled'] else ''} |"
-                    f" {fmt(s['cpu_per_1000'], '.2f')} |"
-                    f" {fmt(s['peak_rss_mb'])} ({fmt(s['peak_pss_mb'])}) |"
-                    f" {fmt(s['lat_rank_p50_ms'])} / {fmt(s['lat_rank_p99_ms'])} |"
-                    f" {fmt(s['machine_busy_pct'])} | {fmt(s['others_cores'], '.2f')} |"
-                )
-            a, b = sums.get("mailgate", {}), sums.get("postfix", {})
-            ratios.append(
-                f"| {label} | {ratio(a.get('accept_rate'), b.get('accept_rate'))} | "
-                f"{ratio(a.get('e2e_rate'), b.get('e2e_rate'))} | "
-                f"{ratio(a.get('cpu_per_1000'), b.get('cpu_per_1000'))} | "
-                f"{ratio(a.get('peak_rss_mb'), b.get('peak_rss_mb'))} | "
-                f"{ratio(a.get('peak_pss_mb'), b.get('peak_pss_mb'))} |"
-            )
-        failures = [
-            f"- {c['size'] // 1024} KiB / {c['sessions']} sess, {kind} run {i}: "
-            + (f"error {r['error'][:200]}" if "error" in r else f"lost {r['lost']}")
-            + (f"; sink exited ({r['sink_exit']})" if r.get("sink_exit") is not None else "")
-            + (f"; kept {r['kept']}" if r.get("kept") else "")
-            for c in report["throughput"]
-            for kind, v in c["relays"].items()
-            for i, r in enumerate(v["runs"], 1)
-            if "error" in r or r.get("lost") or r.get("stalled")
-        ]
-        if failures:
-            lines += ["", "Runs left out of the medians (failed, lost or stalled):", "", *failures]
-        lines += [
-            "",
-            "mailgate / Postfix:",
-            "",
-            "| case | accept | end-to-end | CPU per msg | peak RSS | peak PSS |",
-            "|---|---|---|---|---|---|",
-            *ratios,
-            "",
-        ]
-        lines += [
-            "Per run:",
-            "",
-            "| case | relay | run | accept/s | e2e/s | lost | CPU s/1k |"
-            " RSS MB | busy % | others' load: top processes (cores) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
-        for case in report["throughput"]:
-            label = f"{case['size'] // 1024} KiB / {case['sessions']} sess"
-            for kind, v in case["relays"].items():
-                for i, r in enumerate(v["runs"], 1):
-                    if "error" in r:
-                        lines.append(
-                            f"| {label} | {kind} | {i} | error: {r['error'][:150]} | | | | | | |"
-                        )
-                        continue
-                    lines.append(
-                        f"| {label} | {kind} | {i} | {fmt(r['accept_rate'])} |"
-                        f" {fmt(r['e2e_rate'])} | {r['lost']} |"
-                        f" {fmt(r['cpu_per_1000'], '.2f')} | {fmt(r['peak_rss_mb'])} |"
-                        f" {fmt(r['machine_busy_pct'])} |"
-                        f" {', '.join(r['others_top'])} |"
-                    )
-        lines.append("")
+        lines += throughput_markdown(report)
     lat = report.get("latency")
     if lat:
         lines += [
@@ -612,11 +892,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--cases",
         default=None,
-        help=f"SIZE:SESSIONS:N,... (default with --all/--throughput: {DEFAULT_CASES})",
+        help=f"case names ({', '.join(NAMED_CASES)}; NAME:N sets N) or SIZE:SESSIONS:N, "
+        f"comma-separated (default with --all/--throughput: {DEFAULT_CASES})",
     )
     ap.add_argument("--throughput", action="store_true", help="run the default cases")
-    ap.add_argument("--runs", type=int, default=3, help="runs per case and relay (median)")
-    ap.add_argument("--relays", default="mailgate,postfix", help="which relays, in run order")
+    ap.add_argument(
+        "--runs", "--repeat", type=int, default=5, help="runs per case and relay (median)"
+    )
+    ap.add_argument("--relays", default=",".join(RELAYS), help="which relays, in run order")
     ap.add_argument("--latency", action="store_true", help="fixed-rate 250→sink latency run")
     ap.add_argument(
         "--rate",
@@ -703,11 +986,26 @@ def main(argv: list[str] | None = None) -> int:
             "nothing to do: give --all or some of --throughput/--cases/--latency/--idle/"
             "--bigmsg/--access/--greet"
         )
-    if os.geteuid() != 0 and "postfix" in args.relays and (args.cases or args.latency):
-        ap.error("run as root (Postfix's private instance needs it)")
+    if args.cases:
+        try:
+            parse_cases(args.cases)
+        except ValueError:
+            ap.error(f"--cases {args.cases}: want names ({', '.join(NAMED_CASES)}) or S:C:N")
+    peers = set(args.relays) - {"mailgate"}
+    if os.geteuid() != 0 and peers and (args.cases or args.latency):
+        ap.error("run as root (the peers' private instances need it)")
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if not shutil.which(tool):
             ap.error(f"{tool} not found: apt-get install postfix (debconf: No configuration)")
+    trees = {
+        "sendmail": relays.SENDMAIL_TREE / "usr/libexec/sendmail/sendmail",
+        "opensmtpd": relays.OPENSMTPD_TREE / "usr/sbin/smtpd",
+    }
+    if args.milter and "opensmtpd" in args.relays:
+        ap.error("--milter: OpenSMTPD has no milter client (its filters are its own protocol)")
+    for kind, path in trees.items():
+        if kind in peers and (args.cases or args.latency) and not path.exists():
+            ap.error(f"{path} not found: run bench/peers-install (or leave {kind} out of --relays)")
     for item in args.mailgate_set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -729,6 +1027,9 @@ def main(argv: list[str] | None = None) -> int:
     base.chmod(0o755)
     relays.BIN_DIR = base
     report: dict[str, Any] = {"machine": machine_info(args), "args": vars(args)}
+    if len(report["machine"]["mailgate"].split()) < 2:
+        shutil.rmtree(base, ignore_errors=True)
+        ap.error("mailgate is not importable: pip install -e . (or --pythonpath DIR/src)")
     filter_ = start_milter(args.milter, base) if args.milter else None
     if not args.no_snapshot:
         # Pin the code under test: every mailgate of this invocation runs from a copy taken

@@ -1,19 +1,26 @@
-"""The two relays under test and the C sink/source, each started and stopped by the harness.
+"""The relays under test and the C sink/source, each started and stopped by the harness.
 
 - ``MailgateRelay``: ``python -m mailgate.cli serve`` on a fresh config/spool in a temp dir.
 - ``PostfixRelay``: a private Postfix instance (own main.cf/master.cf/queue in a temp dir,
   started with ``postfix -c DIR start``), never touching /etc/postfix.
+- ``SendmailRelay``: Debian's Sendmail 8.17 from the tree ``bench/peers-install`` unpacks (never
+  installed), a sendmail.cf built from a mailertable mc, ``sendmail -C cf -bD`` as root.
+- ``OpenSmtpdRelay``: Debian's OpenSMTPD 6.8 from the same kind of tree, ``smtpd -d -f conf``
+  in a mount namespace whose /var/spool, /var/lib and /run are folders of the run.
 - ``SmtpSink``: Postfix's ``smtp-sink -c``; a reader thread timestamps every counter update, so
   the arrival time of the k-th message is known without writing anything to disk.
 - ``run_smtp_source``: ``smtp-source -c`` with the same kind of reader (time of the k-th 250).
 
-Everything listens on and connects to 127.0.0.1 only.
+Everything listens on and connects to 127.0.0.0/8 only (127.0.0.1; the 100-recipient case's
+next hops on 127.0.0.11 and up).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -27,6 +34,12 @@ from pathlib import Path
 import procstat
 
 HOST = "127.0.0.1"
+# (domain, next-hop address, port): what every relay's mailertable/transport routes where.
+Route = tuple[str, str, int]
+
+
+def single_route(sink_port: int) -> list[Route]:
+    return [("bench.example", HOST, sink_port)]
 
 
 NICE = 0  # set by relay.py --nice
@@ -79,15 +92,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_banner(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Until something on ``port`` sends a 220 greeting."""
+def wait_banner(
+    port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None, host: str = HOST
+) -> None:
+    """Until something on ``host:port`` sends a 220 greeting."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with {proc.returncode}")
         try:
-            with socket.create_connection((HOST, port), timeout=2) as s:
+            with socket.create_connection((host, port), timeout=2) as s:
                 data = s.recv(512)
                 if data.startswith(b"220"):
                     with contextlib.suppress(OSError):
@@ -275,6 +290,7 @@ class MailgateRelay:
         settings: dict[str, dict[str, str]],
         pythonpath: str | None = None,
         wrapper: tuple[str, ...] = (),
+        routes: list[Route] | None = None,
     ) -> None:
         self.dir = workdir
         self.wrapper = wrapper  # a command the daemon runs under (valgrind, for instructions.py)
@@ -311,8 +327,11 @@ class MailgateRelay:
             )
         self.config = self.dir / "mailgate.toml"
         self.config.write_text(text)
-        (self.dir / "mailertable").write_text(f"bench.example smtp:[{HOST}]:{sink_port}\n")
-        (self.dir / "access").write_text("To:bench.example RELAY\n")
+        routes = routes or single_route(sink_port)
+        (self.dir / "mailertable").write_text(
+            "".join(f"{d} smtp:[{h}]:{p}\n" for d, h, p in routes)
+        )
+        (self.dir / "access").write_text("".join(f"To:{d} RELAY\n" for d, _, _ in routes))
         self.proc: subprocess.Popen[bytes] | None = None
 
     def log_tail(self, chars: int = 800) -> str:
@@ -418,7 +437,7 @@ class PostfixRelay:
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, routes: list[Route] | None = None) -> None:
         self.dir = workdir
         self.etc = workdir / "etc"
         self.queue = workdir / "queue"
@@ -432,7 +451,8 @@ class PostfixRelay:
             d.chmod(0o755)  # mail_owner must reach the queue
         self.port = free_port()
         self.maillog = workdir / "maillog"
-        (self.etc / "transport").write_text(f"bench.example smtp:[{HOST}]:{sink_port}\n")
+        routes = routes or single_route(sink_port)
+        (self.etc / "transport").write_text("".join(f"{d} smtp:[{h}]:{p}\n" for d, h, p in routes))
         (self.etc / "main.cf").write_text(f"""\
 # Private benchmark instance; durability settings are Postfix's defaults.
 compatibility_level = 3.6
@@ -449,7 +469,7 @@ mydestination =
 inet_interfaces = {HOST}
 inet_protocols = ipv4
 mynetworks = 127.0.0.0/8
-relay_domains = bench.example
+relay_domains = {", ".join(d for d, _, _ in routes)}
 transport_maps = texthash:{self.etc}/transport
 smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
 smtpd_recipient_restrictions = permit_mynetworks, reject_unauth_destination
@@ -555,3 +575,265 @@ def tail(path: Path, chars: int) -> str:
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""
+
+
+# -- Sendmail and OpenSMTPD, from unpacked Debian packages (bench/peers-install) ---------------
+
+SENDMAIL_TREE = Path(os.environ.get("MAILGATE_SENDMAIL_TREE", "/opt/mailgate-ci/sendmail"))
+OPENSMTPD_TREE = Path(os.environ.get("MAILGATE_OPENSMTPD_TREE", "/opt/mailgate-bench/opensmtpd"))
+GATEWAY_NAME = "gateway.example.com"
+# The listen backlog every relay gets: mailgate's own (and the kernel's somaxconn here).
+# Sendmail's default is 10 (DaemonPortOptions Listen=), OpenSMTPD's a compiled-in 5: with 20
+# clients connecting at once the kernel drops the SYNs past it and each such client waits 1 s
+# or more to retry (measured: Sendmail 200 messages at 20 sessions in 18 s with Listen=10,
+# 1.8 s with 4096). Postfix's is its smtpd process limit, 100.
+LISTEN_BACKLOG = 4096
+
+
+def package_version(tree: Path, package: str) -> str:
+    """The Debian version of an unpacked package, from its changelog's first line."""
+    changelog = tree / "usr/share/doc" / package / "changelog.Debian.gz"
+    with contextlib.suppress(OSError, IndexError), gzip.open(changelog, "rt") as f:
+        return f.readline().split("(", 1)[1].split(")", 1)[0]
+    return "?"
+
+
+def child_of(pid: int, timeout: float = 10) -> int:
+    """The first child of ``pid`` (the daemon that ``unshare --fork`` started)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            text = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            if text:
+                return int(text[0])
+        time.sleep(0.02)
+    raise RuntimeError(f"process {pid} started no child")
+
+
+class _ForegroundDaemon:
+    """A daemon run in the foreground under ``unshare``: stopped with TERM, then every process
+    of its tree still alive is killed by pid (collected before the TERM)."""
+
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.daemon_pid = -1
+
+    def _start(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
+        self.log = open(self.dir / "stderr.log", "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=self.log,
+            cwd=self.dir,
+            env=env,
+            start_new_session=own_session(),
+        )
+        prioritize(self.proc.pid)
+        try:
+            wait_banner(self.port, 30, self.proc)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"{self.name} did not start: {exc}: {self.log_tail()}") from exc
+
+    @property
+    def root(self) -> int:
+        return self.daemon_pid
+
+    def log_tail(self, chars: int = 800) -> str:
+        return tail(self.dir / "stderr.log", chars)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        pids = procstat.tree(self.proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.daemon_pid if self.daemon_pid > 0 else self.proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.05)
+        for p in pids:
+            if alive(p):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+        stop_process(self.proc, 10)
+        self.log.close()
+        self.proc = None
+
+
+class SendmailRelay(_ForegroundDaemon):
+    """Sendmail 8.17 as the same mailertable gateway: a sendmail.cf built with the package's m4
+    and cf/ tree from the mc below, ``sendmail -C cf -bD -q1h`` as root (the daemon in the
+    foreground, so in our session and process tree).
+
+    Everything else is Sendmail's default: SuperSafe=True (df and qf fsync'd before the 250),
+    DeliveryMode=background (a delivery process forked per message), no MaxDaemonChildren, no
+    ConnectionRateThrottle (mailgate's is 0 in the bench too); raised: the listen backlog
+    (LISTEN_BACKLOG) and the load-average limits QueueLA/RefuseLA (see the mc).
+    ``unshare --uts --pid --fork``: the host name is fully qualified inside (Sendmail
+    otherwise waits for a domain) and the daemon is the namespace's init, so the delivery
+    processes that outlive their SMTP child are reaped by it and their CPU stays in its tree.
+    """
+
+    name = "sendmail"
+
+    def __init__(self, workdir: Path, sink_port: int, routes: list[Route] | None = None) -> None:
+        super().__init__(workdir)
+        tree = SENDMAIL_TREE
+        self.sendmail = tree / "usr/libexec/sendmail/sendmail"
+        if not self.sendmail.exists():
+            raise RuntimeError(f"{self.sendmail} is missing: run bench/peers-install")
+        routes = routes or single_route(sink_port)
+        ports = {p for _, _, p in routes}
+        if len(ports) != 1:
+            raise ValueError("the esmtp mailer has one port: give every next hop the same")
+        d = self.dir
+        queue = d / "mqueue"
+        queue.mkdir(mode=0o700, exist_ok=True)
+        for name in ("aliases",):
+            (d / name).write_text("")
+        (d / "service.switch").write_text("hosts files\naliases files\n")
+        (d / "hosts").write_text(f"127.0.0.1 localhost\n127.0.0.1 {GATEWAY_NAME}\n")
+        defines = {
+            "confDOMAIN_NAME": GATEWAY_NAME,
+            "MAIL_SETTINGS_DIR": f"{d}/",
+            "QUEUE_DIR": str(queue),
+            "ALIAS_FILE": f"{d}/aliases",
+            "confPID_FILE": f"{d}/sendmail.pid",
+            "confSERVICE_SWITCH_FILE": f"{d}/service.switch",
+            "confHOSTS_FILE": f"{d}/hosts",
+            "confDONT_PROBE_INTERFACES": "True",
+            "confDONT_BLAME_SENDMAIL": "TrustStickyBit",  # /var/tmp is 1777
+            "ESMTP_MAILER_ARGS": f"TCP $h {ports.pop()}",
+            # Its load-average limits (8 and 12 × CPUs = 16 and 24 here) trip on the bench's
+            # own load on two cores: 200 sessions are 200 processes, in D state while they
+            # fsync, plus source and sink; past RefuseLA it closes its listening socket and
+            # smtp-source's next connect is refused. mailgate, Postfix and OpenSMTPD have no
+            # load-average limit, so neither has it here.
+            "confQUEUE_LA": "1000",
+            "confREFUSE_LA": "1000",
+        }
+        mc = (
+            "divert(0)dnl\nOSTYPE(`linux')dnl\n"
+            + "".join(f"define(`{k}', `{v}')dnl\n" for k, v in defines.items())
+            + "FEATURE(`no_default_msa')dnl\n"
+            # mailgate's check_sender_domain = false in the bench: the sender is not looked up
+            + "FEATURE(`accept_unresolvable_domains')dnl\n"
+            + f"FEATURE(`mailertable', `hash {d}/mailertable')dnl\n"
+            + f"FEATURE(`access_db', `hash -T<TMPF> {d}/access')dnl\n"
+            + f"DAEMON_OPTIONS(`Port={self.port}, Addr={HOST}, Name=MTA, "
+            + f"Listen={LISTEN_BACKLOG}')dnl\n"
+            + "MAILER(`local')dnl\nMAILER(`smtp')dnl\n"
+        )
+        if MILTER_PORT is not None:  # F=T: tempfail when the filter is unavailable
+            mc += f"INPUT_MAIL_FILTER(`bench', `S=inet:{MILTER_PORT}@{HOST}, F=T')dnl\n"
+        (d / "bench.mc").write_text(mc)
+        cf_dir = tree / "usr/share/sendmail/cf"
+        built = subprocess.run(
+            [str(tree / "usr/bin/m4"), f"-D_CF_DIR_={cf_dir}/", f"{cf_dir}/m4/cf.m4", "bench.mc"],
+            capture_output=True,
+            text=True,
+            cwd=d,
+            timeout=60,
+            check=False,
+        )
+        if built.returncode != 0:
+            raise RuntimeError(f"m4 failed: {built.stderr}")
+        self.cf = d / "sendmail.cf"
+        self.cf.write_text(built.stdout)
+        self.env = {**os.environ, "LD_LIBRARY_PATH": str(tree / "usr/lib/x86_64-linux-gnu")}
+        tables = {
+            "mailertable": "".join(f"{dom} esmtp:[{h}]\n" for dom, h, _ in routes),
+            "access": "".join(f"To:{dom} RELAY\n" for dom, _, _ in routes),
+        }
+        for name, text in tables.items():
+            subprocess.run(
+                [str(tree / "usr/libexec/sendmail/makemap"), "-C", str(self.cf), "hash", name],
+                input=text,
+                capture_output=True,
+                text=True,
+                cwd=d,
+                env=self.env,
+                timeout=60,
+                check=True,
+            )
+
+    def start(self) -> SendmailRelay:
+        inner = f"hostname {GATEWAY_NAME} && exec {self.sendmail} -C {self.cf} -bD -q1h"
+        self._start(["unshare", "--uts", "--pid", "--fork", "sh", "-c", inner], self.env)
+        assert self.proc is not None
+        self.daemon_pid = child_of(self.proc.pid)
+        prioritize(self.daemon_pid)
+        return self
+
+    def version(self) -> str:
+        return package_version(SENDMAIL_TREE, "sendmail-bin")
+
+
+OPENSMTPD_USERS = ("opensmtpd", "opensmtpq")  # Debian's names for _smtpd / _smtpq
+
+
+class OpenSmtpdRelay(_ForegroundDaemon):
+    """OpenSMTPD 6.8 as the same gateway: ``smtpd -d -f DIR/smtpd.conf`` as root (foreground,
+    its log on stderr into DIR/stderr.log). Its paths are compiled in (/var/spool/smtpd, the
+    privsep chroot /var/lib/opensmtpd/empty, /run/smtpd.sock), so it runs in a mount namespace
+    where /var/spool, /var/lib and /run are folders of the run, on the same disk as the other
+    relays' queues. It needs the users opensmtpd and opensmtpq (bench/peers-install makes them,
+    as the package's postinst does). Its queue fsyncs each message before the 250; there is no
+    setting for it."""
+
+    name = "opensmtpd"
+
+    def __init__(self, workdir: Path, sink_port: int, routes: list[Route] | None = None) -> None:
+        super().__init__(workdir)
+        self.smtpd = OPENSMTPD_TREE / "usr/sbin/smtpd"
+        if not self.smtpd.exists():
+            raise RuntimeError(f"{self.smtpd} is missing: run bench/peers-install")
+        for user in OPENSMTPD_USERS:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                raise RuntimeError(f"user {user} is missing: run bench/peers-install") from None
+        routes = routes or single_route(sink_port)
+        d = self.dir
+        self.mounts = {"/var/spool": d / "spool", "/var/lib": d / "lib", "/run": d / "run"}
+        for m in self.mounts.values():
+            m.mkdir(mode=0o755, exist_ok=True)
+        # Its resolver (libasr) asks DNS before /etc/hosts for the client's PTR; this machine's
+        # name server stops answering after a burst (a 5 s stall every ~12 sessions). The
+        # other relays look nothing up in DNS here (Sendmail: hosts files; mailgate and Postfix
+        # route to IP literals), so neither does it: hosts file only.
+        (d / "resolv.conf").write_text("lookup file\n")
+        self.mounts["/etc/resolv.conf"] = d / "resolv.conf"
+        (d / "lib/opensmtpd/empty").mkdir(parents=True, exist_ok=True)
+        conf = f"listen on {HOST} port {self.port} hostname {GATEWAY_NAME}\n"
+        for i, (_dom, h, p) in enumerate(routes):
+            conf += f'action "hop{i}" relay host smtp://{h}:{p}\n'
+        for i, (dom, _h, _p) in enumerate(routes):
+            conf += f'match from local for domain "{dom}" action "hop{i}"\n'
+        self.conf = d / "smtpd.conf"
+        self.conf.write_text(conf)
+
+    def start(self) -> OpenSmtpdRelay:
+        binds = " && ".join(f"mount --bind {src} {dst}" for dst, src in self.mounts.items())
+        inner = f"{binds} && exec {self.smtpd} -d -f {self.conf}"
+        env = dict(os.environ)
+        shim = OPENSMTPD_TREE / "listen_backlog.so"
+        if shim.exists():  # its compiled-in listen backlog of 5, raised to LISTEN_BACKLOG
+            # and TCP_NODELAY on its SMTP client's sockets (bench/listen_backlog.c says why)
+            env.update(
+                LD_PRELOAD=str(shim),
+                BENCH_LISTEN_BACKLOG=str(LISTEN_BACKLOG),
+                BENCH_TCP_NODELAY="1",
+            )
+        self._start(["unshare", "--mount", "sh", "-c", inner], env)
+        assert self.proc is not None
+        self.daemon_pid = self.proc.pid  # unshare and sh exec: the same process
+        return self
+
+    def version(self) -> str:
+        return package_version(OPENSMTPD_TREE, "opensmtpd")
