@@ -52,7 +52,7 @@ from mailgate.smtp.session import Answer
 if TYPE_CHECKING:
     import asyncio.transports
 
-    from mailgate.smtp.session import Session, Transaction
+    from mailgate.smtp.session import Session, SessionHost, Transaction
 
 # What Sendmail answers for a filter's plain REJECT and TEMPFAIL (srvrsmtp.c, milter.c).
 _REJECTED: Final = Reply(550, "5.7.1", "Command rejected")
@@ -124,6 +124,11 @@ def applies(settings: MilterSettings, local: tuple[str, int]) -> bool:
     return any(p == port and (h == ip or h in ("0.0.0.0", "::")) for h, p in settings.listen)
 
 
+def filters_for(settings: list[MilterSettings], host: SessionHost) -> list[_Filter]:
+    """A session's filters, each with where its counts go."""
+    return [_Filter(s, host.milter_counts(s.name)) for s in settings]
+
+
 async def attach(
     session: Session,
     transport: asyncio.transports.BaseTransport,
@@ -139,8 +144,9 @@ async def attach(
     settings = [m for m in session.snap.config.milter if applies(m, (local_ip, local[1]))]
     if not settings:
         return None
-    filters = [_Filter(s, session.host.milter_counts(s.name)) for s in settings]
-    chain = MilterChain(session, filters, int(peer[1]), local_ip, local[1])
+    chain = MilterChain(
+        session, filters_for(settings, session.host), int(peer[1]), local_ip, local[1]
+    )
     session.milter = chain
     effect = await chain.connect()
     client = session.client

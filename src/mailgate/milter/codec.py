@@ -379,6 +379,9 @@ class _Data:
 
 
 _BARE_VERDICTS: Final = frozenset(b"cartdsf")
+# One of each: a reply without data is the same every time (they are frozen).
+_VERDICT_OF: Final = {c: Verdict(chr(c)) for c in _BARE_VERDICTS}
+_PROGRESS: Final = Progress()
 
 
 def parse_reply(command: int, data: bytes) -> Reply:
@@ -387,7 +390,7 @@ def parse_reply(command: int, data: bytes) -> Reply:
     if command in _BARE_VERDICTS or command == ord("p"):
         if data:
             raise MilterProtocolError(f"'{name}' reply followed by {len(data)} bytes")
-        return Progress() if name == "p" else Verdict(name)
+        return _PROGRESS if name == "p" else _VERDICT_OF[command]
     if name == "b":
         return ReplaceBody(data)
     if name == "y":

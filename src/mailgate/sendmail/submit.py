@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from mailgate import maillog
 from mailgate.address import AddressError, Mailbox, normalize
+from mailgate.milter.hold import hold_message
+from mailgate.milter.local import chosen, filter_local
 from mailgate.policy import Client, check_recipient
 from mailgate.queue.spool import (
     Envelope,
@@ -417,19 +419,26 @@ class Submission:
             raise SubmitError(
                 os.EX_DATAERR, f"554 5.4.6 Too many hops {stamped.hops} ({MAX_HOPS} max)"
             )
-        incoming = spool.open_incoming(envelope)
+        # The message being written: the filters may replace it with a rewritten one.
+        self._incoming = spool.open_incoming(envelope)
         try:
-            self._fill(incoming, stamped.data, rest)
-            asyncio.run(spool.commit(incoming))
+            self._fill(self._incoming, stamped.data, rest)
+            queued = asyncio.run(self._filter_commit(spool, msg))
+        except SubmitError:
+            self._incoming.discard()
+            raise
         except (OSError, SpoolError) as exc:
-            incoming.discard()
+            self._incoming.discard()
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             status = _status_for(cause) if isinstance(cause, OSError) else os.EX_CANTCREAT
             text = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
             raise SubmitError(status, f"cannot queue the message: {text}") from None
         except BaseException:
-            incoming.discard()
+            self._incoming.discard()
             raise
+        incoming = self._incoming
+        if not queued:
+            return ""  # a filter discarded it, or refused every recipient (logged)
         # For the daemon (DUE_SIGNAL: the caller tells it): "attempt it now". Without the
         # marker it is still found, at the next queue run.
         with contextlib.suppress(OSError):
@@ -445,6 +454,32 @@ class Submission:
             self.user.login,
         )
         return envelope.qid
+
+    async def _filter_commit(self, spool: Spool, msg: _Message) -> bool:
+        """``[submission] milters`` (milter/local.py), then the commit (and the hold of a
+        quarantined message); False if a filter discarded the message or refused every
+        recipient. A filter's refusal is a SubmitError with its reply (EX_TEMPFAIL for a
+        4xx, as for the command's other refusals, else EX_UNAVAILABLE)."""
+        hold = None
+        settings = chosen(self.snap)
+        if settings:
+            outcome = await filter_local(self.snap, spool, self._incoming, LOCAL_CLIENT, settings)
+            self._incoming = outcome.msg
+            msg.refused += [Refused(r.original, reply) for r, reply in outcome.refused]
+            if outcome.refusal is not None:
+                reply = outcome.refusal
+                status = os.EX_TEMPFAIL if reply.is_temporary else os.EX_UNAVAILABLE
+                raise SubmitError(status, str(reply))
+            if outcome.discarded or not self._incoming.envelope.recipients:
+                self._incoming.discard()
+                return False
+            hold = outcome.hold_reason
+        queued = await spool.commit(self._incoming)
+        if hold is not None:
+            await hold_message(spool, queued, hold)
+        else:
+            queued.close()
+        return True
 
     def _fill(self, incoming: IncomingMessage, head: bytes, rest: Iterator[bytes]) -> None:
         limit = self.snap.config.smtp.max_message_size
