@@ -24,8 +24,10 @@ message each filter sees the message as the earlier ones changed it. A filter th
 where it failed on, for the rest of the session, as Postfix does: ``accept`` forgets it,
 ``tempfail`` and ``reject`` refuse every later transaction, ``quarantine`` holds every later
 message, ``shutdown`` is 421 and the end of the session. Every filter's verdict at every stage
-goes through ``_verdict`` (the maillog's ``milter=…, action=…`` line at level debug), the one
-place a per-filter, per-verdict counter belongs.
+goes through ``_verdict`` (the maillog's ``milter=…, action=…`` line at level debug, and
+``mailgate_milter_verdicts_total``), a failure through ``_failed`` (``Milter (name): …`` and
+``mailgate_milter_failures_total``). A RCPT we refused goes to the filters that negotiated
+SMFIP_RCPT_REJ (``_rejected_rcpt``).
 """
 
 from __future__ import annotations

@@ -529,7 +529,7 @@ class Session:
 
     def data_failed(self, reply: Reply) -> Answer:
         tx = self.tx
-        qid = tx.msg.envelope.qid if tx is not None and tx.msg is not None else "NOQUEUE"
+        qid = tx.qid if tx is not None else "NOQUEUE"
         maillog.message_refused(qid, self.relay_text, reply)
         self.host.count(metrics.rejection("size" if reply.enhanced == "5.3.4" else "content"))
         return self._fail_data(reply)
