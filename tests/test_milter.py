@@ -211,9 +211,11 @@ def test_every_event_in_smtp_order_with_its_macros(
     assert filt.macros(b"M")["i"] == got.qid == filt.macros(b"R")["i"]
     assert filt.macros(b"T")["i"] == got.qid == filt.macros(b"E")["i"]
     assert filt.macros(b"E")["{msg_id}"] == "<events@example.org>"
-    # Every answer counted by filter, stage and verdict (the session's connection included).
-    assert added(before, verdicts()) == {
-        ("connect", "continue"): 1,
+    # Every answer counted by filter, stage and verdict (connect left out: the daemon's
+    # start-up probe, a session of its own, may be counted after ``before``).
+    changed = added(before, verdicts())
+    del changed[("connect", "continue")]
+    assert changed == {
         ("helo", "continue"): 1,
         ("mail", "continue"): 1,
         ("rcpt", "continue"): 2,
@@ -284,7 +286,7 @@ def test_rejected_recipients_go_to_filters_that_ask_for_them(
     rcpts = ("nobody@elsewhere.example", "bob@targetdomain1.com")
     filt.configure(
         protocol=km.ProtocolFlags.RCPT_REJ,
-        rcpt_replies={"<nobody@elsewhere.example>": [km.Accept()]},
+        rcpt_replies={"<nobody@elsewhere.example>": [km.Reject()]},
     )
     got = send(gw, message("rcpt rej"), rcpts=rcpts)
     refusal = "<nobody@elsewhere.example>... Relaying denied. IP name lookup failed [127.0.0.2]"

@@ -300,11 +300,12 @@ class FilterSession:
             if self.reader.pending:
                 raise MilterProtocolError("bytes sent without an event to answer")
             return None
-        for command, data in self.reader.packets():
-            reply = codec.parse_reply(command, data)
-            self._check(stage, reply)
-            return reply
-        return None
+        packet = self.reader.next()
+        if packet is None:
+            return None
+        reply = codec.parse_reply(*packet)
+        self._check(stage, reply)
+        return reply
 
     def _check(self, stage: Stage, reply: codec.Reply) -> None:
         if stage is Stage.NEGOTIATE:
