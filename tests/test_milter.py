@@ -344,6 +344,16 @@ def test_the_sendmail_command_goes_through_the_submission_filters(
     assert filt.events("Helo") == [km.Helo("localhost")]
     assert filt.macros(b"M")["{mail_addr}"] == f"root@{HOSTNAME}"
 
+    # A recipient they refuse is the command's refused recipient; the others get it.
+    filt.configure(rcpt_replies={"<carol@targetdomain1.com>": [km.Reject()]})
+    one = submit(gw, content.replace(b"local submission", b"one of two"), "carol@targetdomain1.com")
+    assert (one.returncode, one.stderr.strip()) == (
+        os.EX_NOUSER,
+        "carol@targetdomain1.com... Command rejected",
+    )
+    [msg] = hop1.wait_subject("one of two")
+    assert msg.rcpt_tos == ["bob@targetdomain1.com"]
+
     filt.configure(eom_verdict=km.ReplyCode(b"554 5.7.1 Not from here\0"))
     refused = submit(gw, content.replace(b"local submission", b"refused submission"))
     assert (refused.returncode, refused.stderr.strip()) == (
@@ -359,9 +369,9 @@ def test_the_sendmail_command_goes_through_the_submission_filters(
     assert gw.queued() == []  # neither was queued
 
 
-def submit(gw: GatewayProcess, content: bytes) -> subprocess.CompletedProcess[str]:
+def submit(gw: GatewayProcess, content: bytes, *more: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*mailgate_command("sendmail"), "-C", str(gw.config), "bob@targetdomain1.com"],
+        [*mailgate_command("sendmail"), "-C", str(gw.config), "bob@targetdomain1.com", *more],
         input=content.decode(),
         capture_output=True,
         text=True,

@@ -13,14 +13,14 @@ connection behind it) so that none of its code is written twice.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mailgate import metrics
 from mailgate.address import Mailbox
 from mailgate.config import MilterSettings
 from mailgate.milter.chain import MilterChain, filters_for
 from mailgate.policy import Client, ConnectDecision
-from mailgate.queue.spool import IncomingMessage, QueuedMessage, Recipient, Spool
+from mailgate.queue.spool import Envelope, IncomingMessage, QueuedMessage, Recipient, Spool
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import Command
 from mailgate.smtp.session import Answer, Session, Transaction
@@ -56,16 +56,14 @@ class _LocalHost:
 
 @dataclass
 class LocalOutcome:
-    """What the filters decided: ``refusal`` (nothing is queued), ``discarded`` (nothing is
-    queued, the caller is told it went), else ``msg`` to commit (rewritten if they changed
-    it), on hold for ``hold_reason`` if one of them quarantined it. ``refused``: recipients
-    a filter refused at RCPT (the others go on)."""
+    """What the filters decided about the message: ``refusal`` (nothing is queued),
+    ``discarded`` (nothing is queued, the caller is told it went), else ``msg`` to commit
+    (rewritten if they changed it), on hold for ``hold_reason`` if one quarantined it."""
 
     msg: IncomingMessage
     refusal: Reply | None = None
     discarded: bool = False
     hold_reason: str | None = None
-    refused: list[tuple[Recipient, Reply]] = field(default_factory=list)
 
 
 def chosen(snap: Snapshot) -> list[MilterSettings]:
@@ -74,52 +72,57 @@ def chosen(snap: Snapshot) -> list[MilterSettings]:
     return [by_name[name] for name in snap.config.submission.milters]
 
 
-async def filter_local(
-    snap: Snapshot,
-    spool: Spool,
-    msg: IncomingMessage,
-    client: Client,
-    settings: list[MilterSettings],
-) -> LocalOutcome:
-    """Run ``msg`` (written, not committed; its envelope's recipients are the ones it is
-    for) through ``settings``' filters."""
-    host = _LocalHost(spool)
-    connect = ConnectDecision(refusal=None, discard=False, greet_pause=0.0, may_relay=True)
-    session = Session(host, snap, client, connect, before_wait=lambda: None)
-    chain = MilterChain(session, filters_for(settings, host), 0, client.ip, 0)
-    session.milter = chain
-    outcome = LocalOutcome(msg)
-    try:
+class LocalFilters:
+    """The filters of one submission, in two steps: ``envelope`` before the spool file is
+    made (so that recipients they refuse are not in its envelope line), ``message`` once it
+    is written, before the commit; ``close`` at the end, whatever happened."""
+
+    def __init__(
+        self, snap: Snapshot, spool: Spool, client: Client, settings: list[MilterSettings]
+    ) -> None:
+        host = _LocalHost(spool)
+        connect = ConnectDecision(refusal=None, discard=False, greet_pause=0.0, may_relay=True)
+        self.session = Session(host, snap, client, connect, before_wait=lambda: None)
+        self.chain = MilterChain(self.session, filters_for(settings, host), 0, client.ip, 0)
+        self.session.milter = self.chain
+        self.refused: list[tuple[Recipient, Reply]] = []  # refused at RCPT; the others go on
+
+    async def envelope(self, env: Envelope) -> Reply | None:
+        """CONNECT, HELO, MAIL and each RCPT; a refusal of the whole message, or None. The
+        recipients they refuse leave ``env.recipients`` for ``refused``."""
+        session, chain = self.session, self.chain
         effect = await chain.connect()
         if effect is not None:
-            outcome.refusal = effect.reply
-            return outcome
+            return effect.reply
         session.helo = _NAME
         answer = await chain.command(session, Command("HELO", _NAME), _OK)
         if not answer.reply.is_positive:
-            outcome.refusal = answer.reply
-            return outcome
-        env = msg.envelope
+            return answer.reply
         local, at, domain = env.sender.rpartition("@")
         sender = Mailbox(local, domain) if at else Mailbox(env.sender, "")
         tx = session.tx = Transaction(env.sender, sender, {}, env.qid)
         answer = await chain.command(session, Command("MAIL", f"FROM:<{env.sender}>"), _OK)
         if not answer.reply.is_positive:
-            outcome.refusal = answer.reply
-            return outcome
-        for rcpt in list(env.recipients):
+            return answer.reply
+        for rcpt in env.recipients:
             tx.recipients.append(rcpt)
             answer = await chain.command(
                 session, Command("RCPT", f"TO:<{rcpt.address}>"), Answer(_OK.reply, rcpt=True)
             )
             if answer.close:
-                outcome.refusal = answer.reply
-                return outcome
+                return answer.reply
             if not answer.reply.is_positive:
-                outcome.refused.append((rcpt, answer.reply))
+                self.refused.append((rcpt, answer.reply))
         env.recipients[:] = tx.recipients
-        if not tx.recipients:
-            return outcome  # every recipient refused: the caller has them all in refused
+        return None
+
+    async def message(self, msg: IncomingMessage) -> LocalOutcome:
+        """DATA, the header and body, the end of message, for ``msg`` (written, not
+        committed, made with the envelope ``envelope`` left)."""
+        session, chain = self.session, self.chain
+        outcome = LocalOutcome(msg)
+        tx = session.tx
+        assert tx is not None
         tx.msg = msg
         answer = await chain.command(session, Command("DATA", ""), Answer(Reply(354, None, "")))
         if answer.reply.code != 354:
@@ -136,5 +139,6 @@ async def filter_local(
             outcome.discarded = True  # a filter discarded it at MAIL or RCPT
         outcome.hold_reason = chain.hold_reason
         return outcome
-    finally:
-        chain.close()
+
+    def close(self) -> None:
+        self.chain.close()
