@@ -83,6 +83,8 @@ class FilterClient(asyncio.Protocol):
     # -- the protocol's callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # Writes are waited for only past this (a body chunk of 1 MiB still goes at once).
+        self.transport.set_write_buffer_limits(high=PENDING_MAX)
 
     def data_received(self, data: bytes) -> None:
         self._received += 1
