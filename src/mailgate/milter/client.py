@@ -83,7 +83,7 @@ class FilterClient(asyncio.Protocol):
     # -- the protocol's callbacks ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        # Writes are waited for only past this (a body chunk of 1 MiB still goes at once).
+        # A write is waited for only when more than this is left unsent in its buffer.
         self.transport.set_write_buffer_limits(high=PENDING_MAX)
 
     def data_received(self, data: bytes) -> None:
