@@ -9,6 +9,10 @@ separate daemon runs (one worker process, the same config and load as ``relay.py
 is the cost of one message, start-up and shutdown cancelled out.
 
     python3 bench/instructions.py --pythonpath /tmp/old/src --pythonpath src
+    python3 bench/instructions.py --pythonpath src --milter opendkim
+
+``--milter`` puts one real filter in the daemon's path, as ``relay.py --milter`` does (the
+filter runs natively, outside callgrind: the count is mailgate's own instructions).
 
 Under callgrind the daemon runs about 50 times slower, so the timeouts of a run are long; the
 batching of fsyncs and writes differs from a real run, so the figure is a relative one: compare
@@ -27,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import relay
 import relays
 
 _TOTAL = re.compile(rb"^(?:summary|totals): (\d+)", re.MULTILINE)
@@ -75,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=1, help="rounds, checkouts interleaved")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the callgrind outputs")
+    ap.add_argument("--milter", choices=("opendkim", "rspamd"), help="one real filter in the path")
     args = ap.parse_args(argv)
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -82,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="mailgate-instr-", dir="/var/tmp"))
     relays.BIN_DIR = root
     per_msg: dict[str, list[float]] = {p: [] for p in args.pythonpath}
+    filter_ = relay.start_milter(args.milter, root) if args.milter else None
     try:
         for r in range(args.rounds):
             for i, path in enumerate(args.pythonpath):
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_msg[path].append(cost)
                 print(f"round {r + 1} {path}: {cost / 1e6:.3f} M instructions per message")
     finally:
+        if filter_ is not None:
+            filter_.stop()
         if args.keep:
             print(f"callgrind outputs kept under {root}")
         else:

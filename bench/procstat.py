@@ -71,6 +71,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / CLK_TCK
 
 
+def cpu_split(pids: list[int]) -> tuple[float, float]:
+    """(user, system) time of ``pids`` with their reaped children, in seconds."""
+    user = system = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is None:
+            continue
+        user += int(fields[11]) + int(fields[13])
+        system += int(fields[12]) + int(fields[14])
+    return user / CLK_TCK, system / CLK_TCK
+
+
 def tree_cpu(root: int) -> float:
     return cpu_seconds(tree(root))
 

@@ -9,17 +9,19 @@ from __future__ import annotations
 import contextlib
 import os
 import smtplib
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 from kilter.protocol import messages as km
 
-from tests.support.gateway import GatewayProcess, free_port, run_cli
+from tests.support.gateway import GatewayProcess, free_port, mailgate_command, run_cli
 from tests.support.milter import TestMilter
 from tests.support.scrape import scrape, value
 from tests.support.sink import SinkServer
 from tests.support.world import (
+    HOSTNAME,
     OUTSIDE,
     SENDER_DNS,
     GatewayFactory,
@@ -64,7 +66,9 @@ METRICS_PORT = free_port()
 def gw(module_gateway: GatewayFactory, world: World, milter: TestMilter) -> GatewayProcess:
     return module_gateway(
         world.but(
-            settings=f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+            settings='pid_file = "mailgate.pid"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+            '[submission]\nmilters = ["test"]\n'
             + milter_entry("test", milter.socket, read_timeout='"2s"', eom_timeout='"2s"')
         )
     )
@@ -72,6 +76,21 @@ def gw(module_gateway: GatewayFactory, world: World, milter: TestMilter) -> Gate
 
 def counted(name: str, **labels: str) -> float:
     return value(scrape("127.0.0.1", METRICS_PORT), name, **labels)
+
+
+def verdicts(milter: str = "test", port: int = METRICS_PORT) -> dict[tuple[str, str], float]:
+    """(stage, verdict) → count of one filter, from a scrape of the metrics listener."""
+    return {
+        (labels["stage"], labels["verdict"]): n
+        for (name, key), n in scrape("127.0.0.1", port).items()
+        if name == "mailgate_milter_verdicts_total"
+        for labels in [dict(key)]
+        if labels["milter"] == milter
+    }
+
+
+def added(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> dict:
+    return {k: n - before.get(k, 0) for k, n in after.items() if n != before.get(k, 0)}
 
 
 @dataclass
@@ -139,6 +158,7 @@ def queue_empty(gw: GatewayProcess) -> bool:
 def test_every_event_in_smtp_order_with_its_macros(
     gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
 ) -> None:
+    before = verdicts()
     got = send(
         gw,
         message("events", headers="X-Folded: one\r\n\ttwo\r\n"),
@@ -187,8 +207,24 @@ def test_every_event_in_smtp_order_with_its_macros(
     assert int(c["{client_port}"]) == connect.port
     assert filt.macros(b"M")["{mail_addr}"] == "alice@example.org"
     assert filt.macros(b"R")["{rcpt_addr}"] == "carol@targetdomain1.com"
+    # The queue id is made at MAIL (as Sendmail's): the filters have it from there on.
+    assert filt.macros(b"M")["i"] == got.qid == filt.macros(b"R")["i"]
     assert filt.macros(b"T")["i"] == got.qid == filt.macros(b"E")["i"]
     assert filt.macros(b"E")["{msg_id}"] == "<events@example.org>"
+    # Every answer counted by filter, stage and verdict (connect left out: the daemon's
+    # start-up probe, a session of its own, may be counted after ``before``).
+    changed = added(before, verdicts())
+    del changed[("connect", "continue")]
+    assert changed == {
+        ("helo", "continue"): 1,
+        ("mail", "continue"): 1,
+        ("rcpt", "continue"): 2,
+        ("data", "continue"): 1,
+        ("header", "continue"): 6,
+        ("eoh", "continue"): 1,
+        ("body", "continue"): 1,
+        ("eom", "accept"): 1,
+    }
 
 
 def test_rset_aborts_the_filter_s_message(gw: GatewayProcess, filt: TestMilter) -> None:
@@ -215,6 +251,7 @@ def test_unknown_commands_reach_the_filter(gw: GatewayProcess, filt: TestMilter)
 
 def test_refusals_at_each_stage(gw: GatewayProcess, filt: TestMilter, hop1: SinkServer) -> None:
     before = counted("mailgate_rejections_total", reason="milter")
+    answers = verdicts()
     filt.configure(replies={"EnvelopeFrom": [km.Reject()]})
     assert send(gw, message("mail refused")).mail == (550, "5.7.1 Command rejected")
     gw.wait_log("Milter: from=<alice@example.org>, reject=550 5.7.1 Command rejected")
@@ -236,6 +273,111 @@ def test_refusals_at_each_stage(gw: GatewayProcess, filt: TestMilter, hop1: Sink
     gw.wait_log("Milter: helo=client.example.net, reject=550 5.7.1 Command rejected")
     # MAIL, one RCPT, DATA and HELO: each refusal counted once.
     assert counted("mailgate_rejections_total", reason="milter") == before + 4
+    changed = added(answers, verdicts())
+    assert (changed[("mail", "reject")], changed[("rcpt", "tempfail")]) == (1, 1)
+    assert (changed[("data", "replycode")], changed[("helo", "reject")]) == (1, 1)
+
+
+def test_rejected_recipients_go_to_filters_that_ask_for_them(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    """SMFIP_RCPT_REJ: our refusal is sent too, with Sendmail's macros for it; what the
+    filter answers to it does not change our answer. A filter that did not ask gets none."""
+    rcpts = ("nobody@elsewhere.example", "bob@targetdomain1.com")
+    filt.configure(
+        protocol=km.ProtocolFlags.RCPT_REJ,
+        rcpt_replies={"<nobody@elsewhere.example>": [km.Reject()]},
+    )
+    got = send(gw, message("rcpt rej"), rcpts=rcpts)
+    refusal = "<nobody@elsewhere.example>... Relaying denied. IP name lookup failed [127.0.0.2]"
+    assert got.rcpts[0] == (550, f"5.7.1 {refusal}")
+    assert got.accepted
+    hop1.wait_subject("rcpt rej")
+    filt.wait_event("Close")
+    [session] = filt._sessions()
+    at = [i for i, m in enumerate(session) if isinstance(m, km.EnvelopeRecipient)]
+    assert [bytes(session[i].recipient) for i in at] == [  # type: ignore[attr-defined]
+        b"<nobody@elsewhere.example>",
+        b"<bob@targetdomain1.com>",
+    ]
+    rejected, accepted = (session[i - 1] for i in at)  # each one's macros come first
+    assert isinstance(rejected, km.Macro) and isinstance(accepted, km.Macro)
+    assert rejected.macros == {
+        "i": got.qid,
+        "{rcpt_addr}": refusal,
+        "{rcpt_host}": "5.7.1",
+        "{rcpt_mailer}": "error",
+    }
+    assert accepted.macros["{rcpt_mailer}"] == "esmtp"
+    # The refusal's maillog line has the transaction's queue id, as Sendmail's.
+    assert gw.log_lines(f"{got.qid}: ruleset=check_rcpt, arg1=<nobody@elsewhere.example>")
+
+    filt.configure()
+    got = send(gw, message("no rcpt rej"), rcpts=rcpts)
+    assert got.accepted
+    filt.wait_event("Close")
+    assert filt.names().count("EnvelopeRecipient") == 1
+
+
+def test_the_sendmail_command_goes_through_the_submission_filters(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
+) -> None:
+    """``[submission] milters``: a local submission is a session from localhost to them,
+    and their refusal is the command's exit status and message."""
+    filt.configure(eom=[km.AddHeader("X-Local", b"filtered")])
+    content = b"From: root\nSubject: local submission\n\nHello.\n"
+    done = submit(gw, content)
+    assert done.returncode == 0, done.stderr
+    [msg] = hop1.wait_subject("local submission")
+    assert b"\r\nX-Local: filtered\r\n" in msg.data
+    filt.wait_event("Close")
+    assert filt.names()[:6] == [
+        "Negotiate",
+        "Connect",
+        "Helo",
+        "EnvelopeFrom",
+        "EnvelopeRecipient",
+        "Data",
+    ]
+    [connect] = filt.events("Connect")
+    assert (connect.hostname, str(connect.address)) == ("localhost", "127.0.0.1")  # type: ignore[attr-defined]
+    assert filt.events("Helo") == [km.Helo("localhost")]
+    assert filt.macros(b"M")["{mail_addr}"] == f"root@{HOSTNAME}"
+
+    # A recipient they refuse is the command's refused recipient; the others get it.
+    filt.configure(rcpt_replies={"<carol@targetdomain1.com>": [km.Reject()]})
+    one = submit(gw, content.replace(b"local submission", b"one of two"), "carol@targetdomain1.com")
+    assert (one.returncode, one.stderr.strip()) == (
+        os.EX_NOUSER,
+        "carol@targetdomain1.com... Command rejected",
+    )
+    [msg] = hop1.wait_subject("one of two")
+    assert msg.rcpt_tos == ["bob@targetdomain1.com"]
+
+    filt.configure(eom_verdict=km.ReplyCode(b"554 5.7.1 Not from here\0"))
+    refused = submit(gw, content.replace(b"local submission", b"refused submission"))
+    assert (refused.returncode, refused.stderr.strip()) == (
+        os.EX_UNAVAILABLE,
+        "sendmail: 554 5.7.1 Not from here",
+    )
+    filt.configure(replies={"EnvelopeFrom": [km.TemporaryFailure()]})
+    later = submit(gw, content)
+    assert (later.returncode, later.stderr.strip()) == (
+        os.EX_TEMPFAIL,
+        "sendmail: 451 4.3.2 Please try again later",
+    )
+    assert gw.queued() == []  # neither was queued
+
+
+def submit(gw: GatewayProcess, content: bytes, *more: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*mailgate_command("sendmail"), "-C", str(gw.config), "bob@targetdomain1.com", *more],
+        input=content.decode(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_verdicts_for_the_whole_connection(
@@ -485,6 +627,19 @@ def test_the_first_refusal_wins(two: GatewayProcess, filt: TestMilter, second: T
 # -- filters that fail -----------------------------------------------------------------------------
 
 ACTIONS = ("tempfail", "reject", "accept", "quarantine", "shutdown")
+FAILING_METRICS = free_port()
+
+
+def failures(milter: str) -> dict[str, float]:
+    """reason → count of one filter's failures, from a scrape of the metrics listener."""
+    samples = scrape("127.0.0.1", FAILING_METRICS)
+    return {
+        labels["reason"]: n
+        for (name, key), n in samples.items()
+        if name == "mailgate_milter_failures_total"
+        for labels in [dict(key)]
+        if labels["milter"] == milter
+    }
 
 
 @pytest.fixture(scope="module")
@@ -499,7 +654,7 @@ def failing(
 ) -> tuple[GatewayProcess, dict[str, int]]:
     """One listener per default action, each with its own [[milter]] entry for the same
     filter: the sessions of each listener see that action."""
-    ports = {action: free_port() for action in ACTIONS}
+    ports = {action: free_port() for action in (*ACTIONS, "nowhere")}
     listen = ", ".join(f'"127.0.0.1:{p}"' for p in ports.values())
     entries = "".join(
         milter_entry(
@@ -511,8 +666,21 @@ def failing(
             eom_timeout='"1s"',
         )
         for action, port in ports.items()
+        if action in ACTIONS
     )
-    gw = module_gateway(world.but(settings=f"listen = [{listen}]\n" + entries), start=False)
+    entries += milter_entry(  # nothing listens there
+        "nowhere",
+        f"inet:{free_port()}@127.0.0.1",
+        default_action='"accept"',
+        listen=f'["127.0.0.1:{ports["nowhere"]}"]',
+    )
+    gw = module_gateway(
+        world.but(
+            settings=f"listen = [{listen}]\n"
+            f'[metrics]\nlisten = "127.0.0.1:{FAILING_METRICS}"\n' + entries
+        ),
+        start=False,
+    )
     gw.port = ports["accept"]  # what the daemon's start waits for
     gw.start()
     return gw, ports
@@ -564,6 +732,7 @@ def test_a_filter_that_is_down(
     failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
 ) -> None:
     gw, ports = failing
+    before = failures("dying-tempfail")
     dying.configure(die_at="Negotiate")
     with smtplib.SMTP(gw.host, ports["tempfail"], source_address=(OUTSIDE, 0)) as s:
         s.ehlo("client.example.net")
@@ -573,6 +742,8 @@ def test_a_filter_that_is_down(
         "default_action=tempfail"
     )
     gw.wait_log("Milter: connect: host=[127.0.0.2], addr=127.0.0.2, temp failing commands")
+    assert added(before, failures("dying-tempfail")) == {"closed": 1}
+    assert verdicts("dying-tempfail", FAILING_METRICS)[("negotiate", "failed")] == 1
     with pytest.raises(smtplib.SMTPConnectError) as refused:
         smtplib.SMTP(gw.host, ports["shutdown"], source_address=(OUTSIDE, 0))
     assert refused.value.smtp_code == 421
@@ -583,6 +754,7 @@ def test_a_filter_that_is_too_slow(
     failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
 ) -> None:
     gw, ports = failing
+    before = failures("dying-reject"), verdicts("dying-reject", FAILING_METRICS)
     dying.configure(hang_at="EnvelopeFrom")
     assert send(gw, message("slow"), port=ports["reject"]).mail == (
         550,
@@ -591,18 +763,41 @@ def test_a_filter_that_is_too_slow(
     gw.wait_log(
         "Milter (dying-reject): timeout before data read, where=mail, default_action=reject"
     )
+    assert added(before[0], failures("dying-reject")) == {"timeout": 1}
+    assert added(before[1], verdicts("dying-reject", FAILING_METRICS)) == {
+        ("connect", "continue"): 1,
+        ("helo", "continue"): 1,
+        ("mail", "failed"): 1,
+    }
+
+
+def test_a_filter_that_cannot_be_reached(
+    failing: tuple[GatewayProcess, dict[str, int]], hop1: SinkServer
+) -> None:
+    gw, ports = failing
+    assert send(gw, message("nobody filters"), port=ports["nowhere"]).accepted  # accept
+    hop1.wait_subject("nobody filters")
+    assert failures("nowhere") == {
+        "connect": 1,
+        "timeout": 0,
+        "closed": 0,
+        "protocol": 0,
+        "io": 0,
+    }
 
 
 def test_a_filter_that_speaks_nonsense(
     failing: tuple[GatewayProcess, dict[str, int]], dying: TestMilter
 ) -> None:
     gw, ports = failing
+    before = failures("dying-tempfail")
     dying.configure(replies={"EnvelopeFrom": [km.AddHeader("X-Too", b"early")]})
     assert send(gw, message("nonsense"), port=ports["tempfail"]).mail[0] == 451
     gw.wait_log(
         "Milter (dying-tempfail): protocol error: AddHeader in answer to mail, where=mail, "
         "default_action=tempfail"
     )
+    assert added(before, failures("dying-tempfail")) == {"protocol": 1}
     dying.configure(eom=[km.AddHeader("Bad Name", b"x")])
     assert send(gw, message("bad header name"), port=ports["reject"]).data == (
         550,

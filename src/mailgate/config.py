@@ -645,6 +645,13 @@ class SubmissionSettings:
         ["root", "daemon"],
         "who may use `sendmail -f` without an `X-Authentication-Warning` (Sendmail's class t)",
     )
+    # Postfix's non_smtpd_milters: [[milter]] names, checked against them at load.
+    milters: tuple[str, ...] = setting(
+        _str_list(_str),
+        [],
+        "the `[[milter]]` filters (by name, in order) that mail from the sendmail command "
+        "goes through (Postfix's `non_smtpd_milters`)",
+    )
 
 
 @dataclass(frozen=True)
@@ -1309,7 +1316,12 @@ def _milter_tables(r: _Reader, base: Path) -> tuple[MilterSettings, ...]:
 
 
 def _check_milters(r: _Reader, config: Config) -> None:
-    """A filter's ``listen`` names listeners the daemon has."""
+    """A filter's ``listen`` names listeners the daemon has; ``[submission] milters``
+    names filters there are."""
+    names = {m.name for m in config.milter}
+    for name in config.submission.milters:
+        if name not in names:
+            raise r.error("submission", "milters", f"{name!r} is not the name of a [[milter]]")
     addresses = {listener.address for listener in config.listeners}
     for n, milter in enumerate(config.milter, 1):
         for host, port in milter.listen or ():

@@ -77,6 +77,9 @@ class Gateway:
         self.table = table if table is not None else metrics.Table(1)
         self.metrics = self.table.row(worker if table is not None else 0)
         self.metrics_socket = metrics_socket  # bound by the master; only worker 0 serves it
+        # Each [[milter]]'s counts, entered in the row's filter table at every config load.
+        self._milter_counts: dict[str, metrics.MilterCounts] = {}
+        self._enter_milters(cfg)
         self.monitor: MonitorServer | None = None
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
         self.resolver = make_resolver(cfg)
@@ -323,6 +326,7 @@ class Gateway:
             self.delivery.resolver = self.resolver
         setup_log(config)
         self.snapshot = snapshot
+        self._enter_milters(config)
         self.timeouts = self._timeouts_now()
         for w in snapshot.warnings():
             maillog.config_warning(w)
@@ -505,6 +509,17 @@ class Gateway:
 
     def count(self, slot: int) -> None:
         self.metrics.counts[slot] += 1
+
+    def _enter_milters(self, config: Config) -> None:
+        for m in config.milter:
+            if m.name not in self._milter_counts:
+                self._milter_counts[m.name] = self.metrics.milter(m.name)
+
+    def milter_counts(self, name: str) -> metrics.MilterCounts:
+        counts = self._milter_counts.get(name)
+        if counts is None:  # a session older than the reload that dropped its filter
+            counts = self._milter_counts[name] = self.metrics.milter(name)
+        return counts
 
     def log_statistics(self) -> None:
         """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2):

@@ -47,7 +47,28 @@ class _Collector:
         for (hop, status), n in sorted(table.hop_failures().items()):
             hops.add_metric((hop, status), n)
         yield hops
+        yield from self._milters()
         yield from self._gauges()
+
+    def _milters(self) -> Iterator[Metric]:
+        names = self.table.named(metrics.MILTERS)
+        verdicts = CounterMetricFamily(
+            "mailgate_milter_verdicts",
+            "Filters' answers ([[milter]]), by filter, stage and verdict (failed: the filter"
+            " failed there and its default_action applied)",
+            labels=("milter", "stage", "verdict"),
+        )
+        failures = CounterMetricFamily(
+            "mailgate_milter_failures",
+            "Filters that failed ([[milter]]), by filter and reason",
+            labels=("milter", "reason"),
+        )
+        for name, counts in names.items():
+            for (kind, *values), n in zip(metrics.MILTERS.counts, counts, strict=True):
+                family = verdicts if kind == "verdict" else failures
+                family.add_metric((name, *values), n)
+        yield verdicts
+        yield failures
 
     def _histogram(self, family: metrics.Family) -> Metric:
         table = self.table

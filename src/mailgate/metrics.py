@@ -10,9 +10,10 @@ so the daemon's counters never go backwards; only the words that describe a runn
 
 A row holds, after those two words, the *families*: a counter is one word per label value,
 a histogram one word per bucket (not cumulative) and its sum in microseconds. Which words a
-family has is fixed here, at import, so label values are a closed set, except for the next
-hop of a failed delivery: each row has a small table of next-hop names (``HOP_ENTRIES``; past
-it, failures count under ``next_hop="other"``), written by its worker, read by the scrape.
+family has is fixed here, at import, so label values are a closed set, except for names:
+each row has a small table of next-hop names (a failed delivery's; ``HOP_ENTRIES``, past it
+failures count under ``next_hop="other"``) and one of filter names (``[[milter]]``, entered
+when the config is loaded; ``MILTER_ENTRIES``), written by its worker, read by the scrape.
 
 The same row is what the ``statistics:`` maillog line reports (``Gateway.log_statistics``), so
 the log line and the metrics count the same events. See README "Metrics" for what each means.
@@ -192,14 +193,81 @@ TLS = _family(
 
 ROW_WORDS = FAMILIES[-1].base + FAMILIES[-1].size
 
-# The next-hop table: HOP_ENTRIES entries per row after the families, each a name (a length
-# byte and up to HOP_NAME_MAX bytes of UTF-8) and one word per failure status.
+
+@dataclass(frozen=True)
+class NameTable:
+    """Per row, after the families: ``entries`` entries, each a name (a length byte and up
+    to ``name_max`` bytes of UTF-8, written by the row's process, the length last so that a
+    reader sees a whole name or none) and one word per ``counts`` label value."""
+
+    first: int  # the word of entry 0 in a row
+    entries: int
+    name_max: int  # 1 + name_max is a multiple of 8
+    counts: tuple[tuple[str, ...], ...]
+
+    @property
+    def name_words(self) -> int:
+        return (1 + self.name_max) // 8
+
+    @property
+    def entry_words(self) -> int:
+        return self.name_words + len(self.counts)
+
+    @property
+    def end(self) -> int:
+        return self.first + self.entries * self.entry_words
+
+    def offset(self, *values: str) -> int:
+        """Where a label value combination's word is, from the entry's first count word."""
+        return self.counts.index(values)
+
+
+# The next-hop table: a failed delivery's next hop, a word per failure status.
 HOP_STATUSES = ("deferred", "bounced")
 HOP_ENTRIES = 256
 HOP_NAME_MAX = 119
-_HOP_ENTRY_WORDS = (1 + HOP_NAME_MAX) // 8 + len(HOP_STATUSES)
-HOP_OTHER = "other"  # the label of failures past a full table
-_ROW_BYTES = (ROW_WORDS + HOP_ENTRIES * _HOP_ENTRY_WORDS) * 8
+HOPS = NameTable(ROW_WORDS, HOP_ENTRIES, HOP_NAME_MAX, _each(*HOP_STATUSES))
+OTHER = "other"  # the name past a full name table
+HOP_OTHER = OTHER
+
+# The filter table: a [[milter]]'s name, a word per (stage, verdict) that can happen and per
+# failure reason. Names come from the config; the daemon enters them when it loads it, in
+# the config's order (a reload appends new ones), so every filter's series are there from the
+# start. Past MILTER_ENTRIES - 1 names (a long life of renamed filters), ``other``.
+MILTER_STAGES = (
+    *("negotiate", "connect", "helo", "mail", "rcpt", "data"),
+    *("unknown", "header", "eoh", "body", "eom"),
+)
+MILTER_VERDICTS = (
+    *("continue", "accept", "reject", "tempfail", "replycode"),
+    *("discard", "skip", "quarantine", "shutdown", "failed"),
+)
+# Which verdict a stage can have (milter/session.py checks the same): negotiation only fails;
+# DISCARD not for the connection's events, SKIP only for body chunks, quarantine (a filter's
+# ``q`` before its verdict) only at the end of the message.
+MILTER_OUTCOMES: tuple[tuple[str, str], ...] = (
+    ("negotiate", "failed"),
+    *(
+        (stage, verdict)
+        for stage in MILTER_STAGES[1:]
+        for verdict in MILTER_VERDICTS
+        if not (verdict == "discard" and stage in ("connect", "helo"))
+        and (verdict != "skip" or stage == "body")
+        and (verdict != "quarantine" or stage == "eom")
+    ),
+)
+MILTER_FAILURE_REASONS = ("connect", "timeout", "closed", "protocol", "io")  # client.py's
+MILTER_ENTRIES = 32
+MILTERS = NameTable(
+    HOPS.end,
+    MILTER_ENTRIES,
+    63,
+    (
+        *(("verdict", *pair) for pair in MILTER_OUTCOMES),
+        *(("failure", reason) for reason in MILTER_FAILURE_REASONS),
+    ),
+)
+_ROW_BYTES = MILTERS.end * 8
 
 _STATUS_OF_OUTCOME = {"sent": "delivered", "temp": "deferred", "perm": "bounced"}
 _DELIVERY_SLOTS = {
@@ -255,48 +323,60 @@ class Table:
         self.words[base + PID] = 0
         self.words[base + LISTENING] = 0
 
-    def hop_failures(self) -> dict[tuple[str, str], int]:
-        """(next hop, status) → failures, over every row."""
-        out: dict[tuple[str, str], int] = {}
+    def named(self, names: NameTable) -> dict[str, list[int]]:
+        """Name → its counts summed over every row, for one name table."""
+        out: dict[str, list[int]] = {}
         for index in range(self.rows):
-            for name, counts in _read_hops(self, index).items():
-                for status, n in zip(HOP_STATUSES, counts, strict=True):
-                    key = (name, status)
-                    out[key] = out.get(key, 0) + n
+            for name, counts in _read_names(self, index, names).items():
+                total = out.setdefault(name, [0] * len(counts))
+                for i, n in enumerate(counts):
+                    total[i] += n
         return out
 
+    def hop_failures(self) -> dict[tuple[str, str], int]:
+        """(next hop, status) → failures, over every row."""
+        return {
+            (name, status): n
+            for name, counts in self.named(HOPS).items()
+            for status, n in zip(HOP_STATUSES, counts, strict=True)
+        }
 
-def _hop_word(table: Table, index: int, entry: int) -> int:
-    return table._base(index) + ROW_WORDS + entry * _HOP_ENTRY_WORDS
+
+def _entry_word(table: Table, index: int, names: NameTable, entry: int) -> int:
+    return table._base(index) + names.first + entry * names.entry_words
 
 
-def _read_hops(table: Table, index: int) -> dict[str, list[int]]:
-    """The named entries of one row's hop table, in entry order (a zero length ends it)."""
+def _read_names(table: Table, index: int, names: NameTable) -> dict[str, list[int]]:
+    """The named entries of one row's table, in entry order (a zero length ends it)."""
     out: dict[str, list[int]] = {}
     raw = table._map
-    for entry in range(HOP_ENTRIES):
-        word = _hop_word(table, index, entry)
+    for entry in range(names.entries):
+        word = _entry_word(table, index, names, entry)
         length = raw[word * 8]
         if length == 0:
             break
         name = raw[word * 8 + 1 : word * 8 + 1 + length].decode("utf-8", "replace")
-        counts_at = word + (1 + HOP_NAME_MAX) // 8
-        out[name] = [int(table.words[counts_at + i]) for i in range(len(HOP_STATUSES))]
+        counts_at = word + names.name_words
+        out[name] = [int(table.words[counts_at + i]) for i in range(len(names.counts))]
     return out
 
 
 class Row:
     """What one process writes: its own row of the table, and nothing else."""
 
-    __slots__ = ("_hops", "counts", "index", "table")
+    __slots__ = ("_entries", "counts", "index", "table", "words")
 
     def __init__(self, table: Table, index: int) -> None:
         self.table = table
         self.index = index
         base = table._base(index)
         self.counts = table.words[base : base + ROW_WORDS]
+        self.words = table.words  # the name tables' words: ``entry`` gives their place
         # A successor of a dead worker counts on in the entries its predecessor named.
-        self._hops = {name: e for e, name in enumerate(_read_hops(table, index))}
+        self._entries = {
+            names: {name: e for e, name in enumerate(_read_names(table, index, names))}
+            for names in (HOPS, MILTERS)
+        }
 
     def inc(self, slot: int, n: int = 1) -> None:
         self.counts[slot] += n
@@ -323,29 +403,58 @@ class Row:
             counts[LATENCY.base + bisect.bisect_left(LATENCY_BUCKETS, delay)] += 1
             counts[_LATENCY_SUM] += max(0, int(delay * 1_000_000))
         elif next_hop is not None:
-            self._hop_failed(next_hop, _STATUS_OF_OUTCOME[outcome])
+            status = _STATUS_OF_OUTCOME[outcome]
+            self.words[self.entry(HOPS, next_hop) + HOP_STATUSES.index(status)] += 1
 
-    def _hop_failed(self, hop: str, status: str) -> None:
-        entry = self._hops.get(hop)
+    def entry(self, names: NameTable, name: str) -> int:
+        """The word (in ``words``) of the first count of ``name``'s entry: an entry of its
+        own, made now if it has none, or ``other``'s once the table is full."""
+        entries = self._entries[names]
+        entry = entries.get(name)
         if entry is None:
-            entry = self._name_entry(hop)
-        word = _hop_word(self.table, self.index, entry) + (1 + HOP_NAME_MAX) // 8
-        self.table.words[word + HOP_STATUSES.index(status)] += 1
+            entry = self._name_entry(names, name)
+        return _entry_word(self.table, self.index, names, entry) + names.name_words
 
-    def _name_entry(self, hop: str) -> int:
-        """A new entry for ``hop`` (the last one, ``other``, once the table is full)."""
-        if len(self._hops) >= HOP_ENTRIES - 1:
-            hop = HOP_OTHER
-            if hop in self._hops:
-                return self._hops[hop]
-        entry = len(self._hops)
-        name = hop.encode("utf-8", "replace")[:HOP_NAME_MAX]
-        at = _hop_word(self.table, self.index, entry) * 8
+    def _name_entry(self, names: NameTable, name: str) -> int:
+        entries = self._entries[names]
+        if len(entries) >= names.entries - 1:
+            name = OTHER
+            if name in entries:
+                return entries[name]
+        entry = len(entries)
+        data = name.encode("utf-8", "replace")[: names.name_max]
+        at = _entry_word(self.table, self.index, names, entry) * 8
         raw = self.table._map
-        raw[at + 1 : at + 1 + len(name)] = name
-        raw[at] = len(name)  # last: a reader sees the whole name or none
-        self._hops[hop] = entry
+        raw[at + 1 : at + 1 + len(data)] = data
+        raw[at] = len(data)  # last: a reader sees the whole name or none
+        entries[name] = entry
         return entry
+
+    def milter(self, name: str) -> MilterCounts:
+        """Where filter ``name``'s verdicts and failures are counted."""
+        return MilterCounts(self.words, self.entry(MILTERS, name))
+
+
+_MILTER_VERDICT_AT = {pair: MILTERS.offset("verdict", *pair) for pair in MILTER_OUTCOMES}
+_MILTER_FAILURE_AT = {r: MILTERS.offset("failure", r) for r in MILTER_FAILURE_REASONS}
+
+
+class MilterCounts:
+    """One filter's counts in one row (``Row.milter``): kept by the SMTP session's filter,
+    so a count is a dict look-up and an increment."""
+
+    __slots__ = ("base", "words")
+
+    def __init__(self, words: memoryview, base: int) -> None:
+        self.words = words
+        self.base = base
+
+    def verdict(self, stage: str, verdict: str) -> None:
+        """``verdict`` of ``MILTER_VERDICTS`` at ``stage`` (a pair MILTER_OUTCOMES has)."""
+        self.words[self.base + _MILTER_VERDICT_AT[(stage, verdict)]] += 1
+
+    def failure(self, reason: str) -> None:
+        self.words[self.base + _MILTER_FAILURE_AT[reason]] += 1
 
 
 def local_row() -> Row:

@@ -24,8 +24,10 @@ message each filter sees the message as the earlier ones changed it. A filter th
 where it failed on, for the rest of the session, as Postfix does: ``accept`` forgets it,
 ``tempfail`` and ``reject`` refuse every later transaction, ``quarantine`` holds every later
 message, ``shutdown`` is 421 and the end of the session. Every filter's verdict at every stage
-goes through ``_verdict`` (the maillog's ``milter=…, action=…`` line at level debug), the one
-place a per-filter, per-verdict counter belongs.
+goes through ``_verdict`` (the maillog's ``milter=…, action=…`` line at level debug, and
+``mailgate_milter_verdicts_total``), a failure through ``_failed`` (``Milter (name): …`` and
+``mailgate_milter_failures_total``). A RCPT we refused goes to the filters that negotiated
+SMFIP_RCPT_REJ (``_rejected_rcpt``).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 from mailgate import __version__, maillog, metrics
+from mailgate.address import AddressError, parse_path_arg
 from mailgate.config import MilterSettings
 from mailgate.milter import codec
 from mailgate.milter.client import FilterClient, MilterFailure
+from mailgate.milter.codec import Step
 from mailgate.milter.hold import hold_message
 from mailgate.milter.message import EditError, MessageEdit
-from mailgate.milter.session import FilterSession, Outgoing, Stage, smtp_reply
+from mailgate.milter.session import NOTHING, FilterSession, Outgoing, Stage, smtp_reply
 from mailgate.queue.spool import QueuedMessage, Recipient
 from mailgate.reply import Reply
 from mailgate.smtp.protocol import Command
@@ -50,7 +54,7 @@ from mailgate.smtp.session import Answer
 if TYPE_CHECKING:
     import asyncio.transports
 
-    from mailgate.smtp.session import Session, Transaction
+    from mailgate.smtp.session import Session, SessionHost, Transaction
 
 # What Sendmail answers for a filter's plain REJECT and TEMPFAIL (srvrsmtp.c, milter.c).
 _REJECTED: Final = Reply(550, "5.7.1", "Command rejected")
@@ -61,6 +65,17 @@ _FAILED_TEMPFAIL: Final = Reply(451, "4.7.1", "Service unavailable - try again l
 _FAILED_REJECT: Final = Reply(550, "5.5.0", "Service unavailable")
 _NO_STORAGE: Final = Reply(452, "4.3.1", "Insufficient system storage; try again later")
 _CONTENT_STAGES: Final = frozenset({Stage.HEADER, Stage.EOH, Stage.BODY, Stage.EOM})
+# A verdict's name in the metrics (mailgate_milter_verdicts_total's verdict label).
+_VERDICT_LABELS: Final = {
+    "c": "continue",
+    "a": "accept",
+    "r": "reject",
+    "t": "tempfail",
+    "y": "replycode",
+    "d": "discard",
+    "s": "skip",
+    "f": "shutdown",
+}
 _VERDICT_WORDS: Final = {
     "c": "continue",
     "a": "accepted",
@@ -82,10 +97,11 @@ class _Effect:
 class _Filter:
     """One configured filter in this session, and what its failure left behind."""
 
-    __slots__ = ("client", "failed", "hold_all", "settings")
+    __slots__ = ("client", "counts", "failed", "hold_all", "settings")
 
-    def __init__(self, settings: MilterSettings) -> None:
+    def __init__(self, settings: MilterSettings, counts: metrics.MilterCounts) -> None:
         self.settings = settings
+        self.counts = counts
         self.client = FilterClient(settings)
         self.failed: Reply | None = None  # tempfail / reject default action: every event
         self.hold_all = False  # quarantine default action: every message
@@ -110,6 +126,11 @@ def applies(settings: MilterSettings, local: tuple[str, int]) -> bool:
     return any(p == port and (h == ip or h in ("0.0.0.0", "::")) for h, p in settings.listen)
 
 
+def filters_for(settings: list[MilterSettings], host: SessionHost) -> list[_Filter]:
+    """A session's filters, each with where its counts go."""
+    return [_Filter(s, host.milter_counts(s.name)) for s in settings]
+
+
 async def attach(
     session: Session,
     transport: asyncio.transports.BaseTransport,
@@ -125,7 +146,9 @@ async def attach(
     settings = [m for m in session.snap.config.milter if applies(m, (local_ip, local[1]))]
     if not settings:
         return None
-    chain = MilterChain(session, [_Filter(s) for s in settings], int(peer[1]), local_ip, local[1])
+    chain = MilterChain(
+        session, filters_for(settings, session.host), int(peer[1]), local_ip, local[1]
+    )
     session.milter = chain
     effect = await chain.connect()
     client = session.client
@@ -207,6 +230,8 @@ class MilterChain:
         if verb == "MAIL":
             return await self._mail(session, answer)
         if verb == "RCPT":
+            if not answer.reply.is_positive:
+                return await self._rejected_rcpt(session, cmd, answer)
             return await self._rcpt(session, answer)
         if verb == "DATA":
             return await self._data(session, answer)
@@ -246,18 +271,18 @@ class MilterChain:
                 "{mail_addr}": tx.sender,
                 "{mail_host}": mailbox.domain,
                 "{mail_mailer}": self._mailer(mailbox.domain),
+                "i": tx.qid,
             }
         )
-        self.macros.pop("i", None)
         args = [f"<{tx.sender}>", *(k if v is None else f"{k}={v}" for k, v in tx.params.items())]
-        effect = await self._event(Stage.MAIL, None, lambda s: s.mail(self.macros, args))
+        effect = await self._event(Stage.MAIL, tx.qid, lambda s: s.mail(self.macros, args))
         if effect is None:
             return answer
         if effect.kind == "discard":
-            maillog.milter_discard(None, f"from=<{tx.sender}>")
+            maillog.milter_discard(tx.qid, f"from=<{tx.sender}>")
             tx.discard = True
             return answer
-        maillog.milter_reject(None, f"from=<{tx.sender}>", effect.reply)
+        maillog.milter_reject(tx.qid, f"from=<{tx.sender}>", effect.reply)
         session.tx = None
         self.abort()
         return self._answer(effect)
@@ -276,23 +301,56 @@ class MilterChain:
             }
         )
         args = [f"<{rcpt.address}>", *_rcpt_params(rcpt)]
-        effect = await self._event(Stage.RCPT, None, lambda s: s.rcpt(self.macros, args))
+        effect = await self._event(Stage.RCPT, tx.qid, lambda s: s.rcpt(self.macros, args))
         if effect is None:
             return answer
         if effect.kind == "discard":
-            maillog.milter_discard(None, f"to=<{rcpt.address}>")
+            maillog.milter_discard(tx.qid, f"to=<{rcpt.address}>")
             tx.discard = True
             return answer
-        maillog.milter_reject(None, f"to=<{rcpt.address}>", effect.reply)
+        maillog.milter_reject(tx.qid, f"to=<{rcpt.address}>", effect.reply)
         tx.recipients.pop()
         return self._answer(effect, rcpt=True, refused=True)
+
+    async def _rejected_rcpt(self, session: Session, cmd: Command, answer: Answer) -> Answer:
+        """A recipient we refused, to the filters that asked for those (SMFIP_RCPT_REJ), as
+        Sendmail and Postfix send it: ``{rcpt_mailer}`` ``error``, ``{rcpt_host}`` our
+        reply's enhanced code, ``{rcpt_addr}`` its text. Our refusal stands whatever they
+        answer (it is logged and counted); only a filter that ends the session (421, or a
+        failure with ``default_action = "shutdown"``) changes it."""
+        tx = session.tx
+        if tx is None or not any(
+            f.session.steps & Step.RCPT_REJ for f in self.filters if f.usable(Stage.RCPT)
+        ):
+            return answer
+        try:
+            raw, params = parse_path_arg(cmd.arg, "TO")
+        except AddressError:
+            return answer  # not a recipient at all: nothing to tell
+        if not raw:
+            return answer
+        reply = answer.reply
+        macros = {
+            **self.macros,
+            "{rcpt_addr}": reply.text.split("\n", 1)[0],
+            "{rcpt_host}": reply.enhanced or "",
+            "{rcpt_mailer}": "error",
+        }
+        args = [f"<{raw}>", *(k if v is None else f"{k}={v}" for k, v in params.items())]
+        effect = await self._event(
+            Stage.RCPT,
+            tx.qid,
+            lambda s: s.rcpt(macros, args) if s.steps & Step.RCPT_REJ else NOTHING,
+        )
+        if effect is not None and effect.kind == "close":
+            return self._answer(effect, rcpt=True, refused=True)
+        return answer
 
     async def _data(self, session: Session, answer: Answer) -> Answer:
         tx = session.tx
         if tx is None or tx.msg is None or answer.reply.code != 354:
             return answer
-        qid = tx.msg.envelope.qid
-        self.macros["i"] = qid
+        qid = tx.qid
         effect = await self._event(Stage.DATA, qid, lambda s: s.data(self.macros))
         if effect is None:
             return answer
@@ -371,8 +429,10 @@ class MilterChain:
                 failure = exc
             else:
                 f.client.close()
-                what = "protocol error" if isinstance(exc, EditError) else "spool read error"
-                failure = MilterFailure(Stage.EOM, f"{what}: {exc}")
+                if isinstance(exc, EditError):
+                    failure = MilterFailure(Stage.EOM, f"protocol error: {exc}", "protocol")
+                else:
+                    failure = MilterFailure(Stage.EOM, f"spool read error: {exc}", "io")
             return self._failed(f, failure, edit.qid)
         if effect is not None:
             edit.rollback()
@@ -412,7 +472,7 @@ class MilterChain:
         quarantine = None
         async for reply in client.replies(s.end_of_message(self.macros)):
             if isinstance(reply, codec.Verdict):
-                return self._verdict(f, Stage.EOM, qid, reply), quarantine
+                return self._verdict(f, Stage.EOM, qid, reply, quarantine is not None), quarantine
             if isinstance(reply, codec.Quarantine):
                 quarantine = reply.reason or f"milter {f.name}"
             elif isinstance(reply, codec.AddHeader):
@@ -430,7 +490,7 @@ class MilterChain:
                 edit.delete_recipient(reply.address)
             elif isinstance(reply, codec.ReplaceBody):
                 edit.replace_body(reply.chunk, self.smtp.host.spool)
-        raise MilterFailure(Stage.EOM, "no verdict")  # cannot be: replies end with one
+        raise MilterFailure(Stage.EOM, "no verdict", "protocol")  # cannot be: replies end so
 
     def _eom_answer(self, qid: str, effect: _Effect) -> Answer:
         if effect.kind == "discard":
@@ -475,13 +535,22 @@ class MilterChain:
         return None
 
     def _verdict(
-        self, f: _Filter, stage: Stage, qid: str | None, verdict: codec.Verdict | None
+        self,
+        f: _Filter,
+        stage: Stage,
+        qid: str | None,
+        verdict: codec.Verdict | None,
+        quarantined: bool = False,
     ) -> _Effect | None:
-        """A filter's answer to one event as its effect on the SMTP session; logged (every
-        verdict of every filter passes here: the place to count them)."""
+        """A filter's answer to one event as its effect on the SMTP session; logged and
+        counted (every verdict of every filter passes here). ``quarantined``: the end of
+        message's verdict came after a quarantine request, and counts as a quarantine."""
         if verdict is None:
             return None  # not answered (a no-reply step)
         kind = verdict.kind
+        f.counts.verdict(
+            stage, "quarantine" if quarantined and kind in "ac" else _VERDICT_LABELS[kind]
+        )
         effect: _Effect | None = None
         if kind == "r":
             effect = _Effect("refuse", _REJECTED_DATA if stage in _CONTENT_STAGES else _REJECTED)
@@ -506,6 +575,8 @@ class MilterChain:
         action = f.settings.default_action
         maillog.milter_failed(f.name, failure.problem, failure.stage, action)
         maillog.milter_verdict(qid, f.name, failure.stage, "failed")
+        f.counts.verdict(failure.stage, "failed")
+        f.counts.failure(failure.reason)
         if action == "accept":
             return None
         if action == "quarantine":

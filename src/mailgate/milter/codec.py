@@ -208,19 +208,25 @@ class PacketReader:
         return len(self._buf)
 
     def packets(self) -> Iterator[tuple[int, bytes]]:
+        while (packet := self.next()) is not None:
+            yield packet
+
+    def next(self) -> tuple[int, bytes] | None:
+        """The next whole packet, or None until more bytes come."""
         buf = self._buf
-        while len(buf) >= 4:
-            (length,) = _LONG.unpack_from(buf)
-            if length < 1:
-                raise MilterProtocolError(f"packet length {length}")
-            if length - 1 > self.limit:
-                raise MilterProtocolError(f"packet of {length - 1} bytes (limit {self.limit})")
-            if len(buf) < 4 + length:
-                return
-            command = buf[4]
-            data = bytes(buf[5 : 4 + length])
-            del buf[: 4 + length]
-            yield command, data
+        if len(buf) < 4:
+            return None
+        (length,) = _LONG.unpack_from(buf)
+        if length < 1:
+            raise MilterProtocolError(f"packet length {length}")
+        if length - 1 > self.limit:
+            raise MilterProtocolError(f"packet of {length - 1} bytes (limit {self.limit})")
+        if len(buf) < 4 + length:
+            return None
+        command = buf[4]
+        data = bytes(buf[5 : 4 + length])
+        del buf[: 4 + length]
+        return command, data
 
 
 @dataclass(frozen=True, slots=True)
@@ -379,6 +385,9 @@ class _Data:
 
 
 _BARE_VERDICTS: Final = frozenset(b"cartdsf")
+# One of each: a reply without data is the same every time (they are frozen).
+_VERDICT_OF: Final = {c: Verdict(chr(c)) for c in _BARE_VERDICTS}
+_PROGRESS: Final = Progress()
 
 
 def parse_reply(command: int, data: bytes) -> Reply:
@@ -387,7 +396,7 @@ def parse_reply(command: int, data: bytes) -> Reply:
     if command in _BARE_VERDICTS or command == ord("p"):
         if data:
             raise MilterProtocolError(f"'{name}' reply followed by {len(data)} bytes")
-        return Progress() if name == "p" else Verdict(name)
+        return _PROGRESS if name == "p" else _VERDICT_OF[command]
     if name == "b":
         return ReplaceBody(data)
     if name == "y":

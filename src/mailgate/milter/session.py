@@ -20,9 +20,8 @@ connection is useless (the caller applies the filter's default action).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 from mailgate.milter import codec
 from mailgate.milter.codec import Action, MilterProtocolError, Step
@@ -63,9 +62,10 @@ _CONNECTION_STAGES: Final = frozenset({Stage.CONNECT, Stage.HELO})
 _MACRO_COMMANDS: Final = frozenset(codec.MACRO_STAGES.values())
 
 
-@dataclass(frozen=True, slots=True)
-class Outgoing:
-    """What an event puts on the wire, and whether its answer must be read now."""
+class Outgoing(NamedTuple):
+    """What an event puts on the wire, and whether its answer must be read now. (A tuple:
+    one is made per event, and a frozen dataclass sets each field through
+    ``object.__setattr__``.)"""
 
     data: bytes
     reply: bool
@@ -133,6 +133,10 @@ class FilterSession:
         self.steps = Step(0)
         self.not_sent = Step(0)  # events the filter's (older) version does not know
         self.chunk_size = codec.MAX_DATA_64K
+        # Per stage, from the negotiation: (not sent at all, declined, not answered); plain
+        # bools, so that an event does no IntFlag arithmetic (each is a Python call).
+        self._plan: dict[Stage, tuple[bool, bool, bool]] = {}
+        self._leadspc = False
         self.awaiting: Stage | None = None
         self.open = False  # negotiated, and the connection not accepted or refused for good
         self.in_message = False  # from MAIL until end of message is answered, or ABORT
@@ -170,6 +174,15 @@ class FilterSession:
             self.chunk_size = codec.MAX_DATA_256K
         for command, names in answer.macros.items():
             self.macro_lists[command] = tuple(macro_name(n) for n in names)
+        self._plan = {
+            stage: (
+                bool(self.not_sent & not_wanted),
+                bool(self.steps & not_wanted),
+                bool(self.steps & no_reply),
+            )
+            for stage, (_, not_wanted, no_reply) in _STEPS.items()
+        }
+        self._leadspc = bool(self.steps & Step.HDR_LEADSPC)
         self.open = True
 
     # -- events --------------------------------------------------------------------------------
@@ -184,15 +197,17 @@ class FilterSession:
     def declines(self, stage: Stage) -> bool:
         """Did the filter ask not to get ``stage``'s events (or does its version not know
         them)? Then there is no point reading what they would carry."""
-        return bool((self.steps | self.not_sent) & _STEPS[stage][1])
+        not_sent, declined, _ = self._plan.get(stage, (False, False, False))
+        return not_sent or declined
 
     def _event(self, stage: Stage, macros: Mapping[str, str], data: bytes | None) -> Outgoing:
         if self.awaiting is not None:
             raise RuntimeError(f"{stage} while a reply to {self.awaiting} is due")
         if not self.wants(stage):
             return NOTHING
-        command, not_wanted, no_reply = _STEPS[stage]
-        if self.not_sent & not_wanted:
+        command = _STEPS[stage][0]
+        not_sent, declined, no_reply = self._plan[stage]
+        if not_sent:
             return NOTHING
         out = b""
         names = self.macro_lists.get(command, ()) if command in _MACRO_COMMANDS else ()
@@ -201,10 +216,10 @@ class FilterSession:
             # Sent even when the filter declined the event itself (Postfix does the same):
             # a later event may read them.
             out = codec.encode_macros(command, pairs)
-        if self.steps & not_wanted:
+        if declined:
             return Outgoing(out, False)
         out += data if data is not None else codec.encode_bare(command)
-        reply = not (self.steps & no_reply)
+        reply = not no_reply
         if reply:
             self.awaiting = stage
         return Outgoing(out, reply)
@@ -239,14 +254,14 @@ class FilterSession:
         folded lines go as LF, and one leading space goes unless the filter asked for
         HDR_LEADSPC (Sendmail eats it; Postfix does the same)."""
         value = value.replace("\r\n", "\n")
-        if not self.steps & Step.HDR_LEADSPC and value.startswith(" "):
+        if not self._leadspc and value.startswith(" "):
             value = value[1:]
         return self._event(Stage.HEADER, {}, codec.encode_header(name, value))
 
     def header_value(self, value: str) -> str:
         """A header value from the filter as it goes after the colon in the message: with
         its leading space (added unless HDR_LEADSPC says the filter sends it itself)."""
-        return value if self.steps & Step.HDR_LEADSPC else " " + value
+        return value if self._leadspc else " " + value
 
     def eoh(self, macros: Mapping[str, str]) -> Outgoing:
         return self._event(Stage.EOH, macros, None)
@@ -285,11 +300,12 @@ class FilterSession:
             if self.reader.pending:
                 raise MilterProtocolError("bytes sent without an event to answer")
             return None
-        for command, data in self.reader.packets():
-            reply = codec.parse_reply(command, data)
-            self._check(stage, reply)
-            return reply
-        return None
+        packet = self.reader.next()
+        if packet is None:
+            return None
+        reply = codec.parse_reply(*packet)
+        self._check(stage, reply)
+        return reply
 
     def _check(self, stage: Stage, reply: codec.Reply) -> None:
         if stage is Stage.NEGOTIATE:

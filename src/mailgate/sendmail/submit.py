@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from mailgate import maillog
 from mailgate.address import AddressError, Mailbox, normalize
+from mailgate.milter.hold import hold_message
+from mailgate.milter.local import LocalFilters, chosen
 from mailgate.policy import Client, check_recipient
 from mailgate.queue.spool import (
     Envelope,
@@ -417,19 +419,25 @@ class Submission:
             raise SubmitError(
                 os.EX_DATAERR, f"554 5.4.6 Too many hops {stamped.hops} ({MAX_HOPS} max)"
             )
-        incoming = spool.open_incoming(envelope)
+        # The message being written (None before it is made): a filter may replace it.
+        self._incoming: IncomingMessage | None = None
         try:
-            self._fill(incoming, stamped.data, rest)
-            asyncio.run(spool.commit(incoming))
+            queued = asyncio.run(self._queue(spool, msg, envelope, stamped.data, rest))
+        except SubmitError:
+            self._discard()
+            raise
         except (OSError, SpoolError) as exc:
-            incoming.discard()
+            self._discard()
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             status = _status_for(cause) if isinstance(cause, OSError) else os.EX_CANTCREAT
             text = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
             raise SubmitError(status, f"cannot queue the message: {text}") from None
         except BaseException:
-            incoming.discard()
+            self._discard()
             raise
+        incoming = self._incoming
+        if not queued or incoming is None:
+            return ""  # a filter discarded it, or refused every recipient (logged)
         # For the daemon (DUE_SIGNAL: the caller tells it): "attempt it now". Without the
         # marker it is still found, at the next queue run.
         with contextlib.suppress(OSError):
@@ -446,6 +454,55 @@ class Submission:
         )
         return envelope.qid
 
+    async def _queue(
+        self,
+        spool: Spool,
+        msg: _Message,
+        envelope: Envelope,
+        head: bytes,
+        rest: Iterator[bytes],
+    ) -> bool:
+        """Write the message and commit it, through ``[submission] milters`` if it names any
+        (milter/local.py): their envelope events before the spool file is made, the message
+        before the commit, the hold of a quarantined one after it. False if a filter
+        discarded it or refused every recipient; a refusal is a SubmitError with its reply
+        (EX_TEMPFAIL for a 4xx, as for the command's other refusals, else EX_UNAVAILABLE)."""
+        settings = chosen(self.snap)
+        filters = LocalFilters(self.snap, spool, LOCAL_CLIENT, settings) if settings else None
+        hold = None
+        try:
+            if filters is not None:
+                refusal = await filters.envelope(envelope)
+                msg.refused += [Refused(r.original, reply) for r, reply in filters.refused]
+                if refusal is not None:
+                    raise _refused(refusal)
+                if not envelope.recipients:
+                    return False
+            self._incoming = spool.open_incoming(envelope)
+            self._fill(self._incoming, head, rest)
+            if filters is not None:
+                outcome = await filters.message(self._incoming)
+                self._incoming = outcome.msg
+                if outcome.refusal is not None:
+                    raise _refused(outcome.refusal)
+                if outcome.discarded or not outcome.msg.envelope.recipients:
+                    self._discard()
+                    return False
+                hold = outcome.hold_reason
+            queued = await spool.commit(self._incoming)
+        finally:
+            if filters is not None:
+                filters.close()
+        if hold is not None:
+            await hold_message(spool, queued, hold)
+        else:
+            queued.close()
+        return True
+
+    def _discard(self) -> None:
+        if self._incoming is not None:
+            self._incoming.discard()
+
     def _fill(self, incoming: IncomingMessage, head: bytes, rest: Iterator[bytes]) -> None:
         limit = self.snap.config.smtp.max_message_size
         for block in _chain(head, rest):
@@ -455,6 +512,10 @@ class Submission:
                     f"552 5.3.4 Message size exceeds fixed maximum message size ({limit})",
                 )
             incoming.write(block)
+
+
+def _refused(reply: Reply) -> SubmitError:
+    return SubmitError(os.EX_TEMPFAIL if reply.is_temporary else os.EX_UNAVAILABLE, str(reply))
 
 
 def _one_line(text: str | None) -> str | None:

@@ -74,6 +74,10 @@ class SessionHost(Protocol):
         """Add one to a word of this process's metrics row (``metrics.py``)."""
         ...
 
+    def milter_counts(self, name: str) -> metrics.MilterCounts:
+        """Where the verdicts and failures of the ``[[milter]]`` named ``name`` count."""
+        ...
+
     async def domain_resolves(self, domain: str) -> str: ...
 
     def flush_domain(self, domain: str, *, subdomains: bool = False) -> None: ...
@@ -102,6 +106,9 @@ class Transaction:
     sender: str
     sender_mailbox: Mailbox
     params: dict[str, str | None]
+    # Made at MAIL, as Sendmail does: the filters' ``i`` from MAIL on, the maillog's
+    # ``<qid>:`` on the transaction's RCPT refusals and on its from= line if DATA never comes.
+    qid: str
     recipients: list[Recipient] = field(default_factory=list)
     discard: bool = False
     body_8bit: bool = False
@@ -264,6 +271,7 @@ class Session:
                 str(mailbox) if raw else "",
                 mailbox,
                 params,
+                self.host.spool.new_qid(),
                 discard=decision.discard or self.connect.discard,
                 body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
                 smtputf8="SMTPUTF8" in params,
@@ -337,7 +345,7 @@ class Session:
             shown=_as_written(arg, raw),
         )
         if decision.logged_reject:
-            maillog.reject(None, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
+            maillog.reject(tx.qid, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
             self._count_refusal(decision)
         if decision.accepted:
             if decision.discard:
@@ -373,7 +381,7 @@ class Session:
             return Answer(Reply(554, "5.5.0", "Error: SMTP protocol synchronization"), close=True)
         spool = self.host.spool
         envelope = Envelope(
-            qid=spool.new_qid(),
+            qid=tx.qid,
             sender=tx.sender,
             recipients=tx.recipients,
             arrival=time.time(),
@@ -521,7 +529,7 @@ class Session:
 
     def data_failed(self, reply: Reply) -> Answer:
         tx = self.tx
-        qid = tx.msg.envelope.qid if tx is not None and tx.msg is not None else "NOQUEUE"
+        qid = tx.qid if tx is not None else "NOQUEUE"
         maillog.message_refused(qid, self.relay_text, reply)
         self.host.count(metrics.rejection("size" if reply.enhanced == "5.3.4" else "content"))
         return self._fail_data(reply)
@@ -622,7 +630,7 @@ class Session:
         """Sendmail logs a from= line even for a transaction that never got its DATA."""
         if self.tx is not None:
             maillog.received(
-                "NOQUEUE",
+                self.tx.qid,
                 self.tx.sender,
                 0,
                 0,
