@@ -482,6 +482,12 @@ class QueueSettings:
         parse_duration, "4h", "then the sender gets a delay warning (Timeout.queuewarn)"
     )
     max_deliveries: int = setting(_int(1), 200, "delivery attempts at once")
+    active_limit: int = setting(
+        _int(4),
+        20_000,
+        "queued messages the scheduler keeps in memory at most (Postfix's "
+        "`qmgr_message_active_limit`); the rest wait on disk for a queue pass",
+    )
     max_per_destination: int = setting(
         _int(1),
         20,

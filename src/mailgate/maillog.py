@@ -107,6 +107,7 @@ LEVELS: dict[str, Level] = {
     "recovered": "info",
     "recovered_incoming": "info",
     "queue_scan": "info",
+    "queue_pass_failed": "warning",
     "due_taken": "info",
     # the queue tools
     "placed_on_hold": "info",
@@ -721,6 +722,11 @@ def recovered_incoming(n: int, where: object) -> str:
 @_event
 def queue_scan(n: int, where: object) -> str:
     return f"queue run: {n} message(s) found in {where} that no runner here had"
+
+
+@_event
+def queue_pass_failed(where: object, exc: OSError) -> str:
+    return f"cannot read the queue folder {where}: {exc.strerror or exc}; trying again in 60 s"
 
 
 @_event

@@ -34,6 +34,7 @@ from mailgate.dns import Resolver
 from mailgate.metrics import Row as MetricsRow
 from mailgate.metrics import local_row
 from mailgate.queue.spool import (
+    HELD_DUE,
     CorruptEntry,
     EntryLocked,
     QueuedMessage,
@@ -109,6 +110,7 @@ async def attempt(
             # ``mailgate hold`` set it under this lock after the message was scheduled:
             # never attempted while held; ``release`` schedules it again.
             message.close()
+            ctx.spool.set_due(qid, HELD_DUE)  # written by an older version: passes skip it
             maillog.held_skipped(qid)
             return None
     with message:
