@@ -102,6 +102,7 @@ class Gateway:
             outside=self.feeder,
         )
         self.feeder.attach(self.scheduler)
+        self.delivery.elsewhere = partial(self.feeder.outside, now=False)
         self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
         self.admission = Admission(counts)
