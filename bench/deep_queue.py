@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import procstat
+from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, status_due
 from queue_tools import run as run_tool
 from relays import (
     HOST,
@@ -49,8 +50,6 @@ from relays import (
     tool,
     wait_banner,
 )
-
-from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, status_due
 
 REFUSED = "Deferred: Connection refused by [127.0.0.1]"
 SETTINGS = {
@@ -126,7 +125,7 @@ class Rss:
             if self.root > 0:
                 try:
                     rss = sum(procstat.rss_bytes(p) for p in procstat.tree(self.root))
-                except Exception:  # noqa: BLE001 - the process may be gone between two reads
+                except Exception:  # the process may be gone between two reads
                     continue
                 self.last = rss
                 self.peak = max(self.peak, rss)
@@ -153,14 +152,15 @@ def timed_start(start: Any) -> float:
 
 
 def drain(sink: Sink, n: int, run: Any, timeout: float) -> dict[str, Any]:
-    """Run the queue and time the sink's arrivals until ``n`` (or a stall of 30 s)."""
+    """Run the queue and time the sink's arrivals until ``n`` (or ``timeout``, or a stall of
+    30 s)."""
     began = time.time()
     run()
     counter = sink.counter
     counter.wait(n, timeout, 30)
     times = counter.times
     got = counter.count
-    out: dict[str, Any] = {"delivered": got, "lost": n - got}
+    out: dict[str, Any] = {"delivered": got}
     if got:
         out["first_s"] = times[0] - began
         out["all_s"] = times[-1] - began
@@ -174,16 +174,20 @@ def drain(sink: Sink, n: int, run: Any, timeout: float) -> dict[str, Any]:
 
 def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     hop_port = free_port()
-    relay = MailgateRelay(work / "mailgate", hop_port, SETTINGS)
+    relay = MailgateRelay(args.dir or work / "mailgate", hop_port, SETTINGS)
     result: dict[str, Any] = {"messages": args.messages, "fill": args.fill}
     rss = Rss()
     maillog = relay.dir / "maillog"
     try:
-        if args.fill == "spool":
+        if args.dir and (relay.dir / "spool/queue").exists():
+            print(f"using the queue in {relay.dir}", flush=True)
+        elif args.fill == "spool":
             spool = Spool(relay.dir / "spool")
             result["fill_s"] = fill_spool(spool, args.messages)
             spool.close()
             print(f"filled {args.messages:,} in {result['fill_s']:.1f} s", flush=True)
+            if args.fill_only:
+                return result
         else:
             relay.start()
             rss.root = relay.root
@@ -224,13 +228,18 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         try:
             assert relay.proc is not None
             result["drain"] = drain(
-                sink, args.messages, lambda: relay.proc.send_signal(signal.SIGUSR1), 1800
+                sink,
+                args.messages,
+                lambda: relay.proc.send_signal(signal.SIGUSR1),
+                args.drain_seconds,
             )
+            relay.stop()
         finally:
             sink.stop()
-        result["left_in_queue"] = sum(
-            1 for p in (relay.dir / "spool/queue").iterdir() if "." not in p.name
-        )
+        left = sum(1 for p in (relay.dir / "spool/queue").iterdir() if "." not in p.name)
+        result["left_in_queue"] = left
+        # Lost: neither delivered nor still queued (the sink counts every message it got).
+        result["lost"] = args.messages - result["drain"]["delivered"] - left
         result["rss_peak_mib"] = rss.peak / 2**20
     finally:
         rss.stop()
@@ -306,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-mailgate", action="store_true")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     p.add_argument("--keep", action="store_true")
+    p.add_argument("--dir", type=Path, help="mailgate's folder: kept; a queue there is used")
+    p.add_argument("--fill-only", action="store_true", help="fill --dir and stop")
+    p.add_argument("--drain-seconds", type=float, default=1800, help="stop the drain then")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mailgate-deepq-", dir=args.workdir))
