@@ -241,7 +241,6 @@ class Gateway:
         maillog.draining()
         for s in list(self.sessions):
             s.drain(self.draining)
-        self.scheduler.run_now()
         self.feeder.run_all()
         self._in_background(self._drain_until_done())
 
@@ -466,7 +465,6 @@ class Gateway:
     def run_queue(self) -> None:
         """SIGUSR1, Sendmail's ``-q``: everything queued is due now: what the window holds,
         and what a pass over the queue folder finds (``mailgate flush``'s bounces too)."""
-        self.scheduler.run_now()
         self.feeder.run_all()
 
     def wake(self) -> None:

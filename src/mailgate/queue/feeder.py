@@ -104,8 +104,10 @@ class QueueFeeder:
         self._wake.set()
 
     def run_all(self) -> None:
-        """USR1, a drain: a pass that takes every message as due now, from the one in
-        progress on."""
+        """USR1, a drain: every message in the window due now, and a pass that takes every
+        message on disk as due now (from the one in progress on)."""
+        if self.scheduler is not None:
+            self.scheduler.run_now()
         self._force = self._pass is not None
         self._force_next = True
         self._settled = False
@@ -174,14 +176,19 @@ class QueueFeeder:
     async def _pull(self) -> None:
         scheduler = self.scheduler
         assert scheduler is not None and self._pass is not None
-        batch, done = await asyncio.to_thread(_read, self._pass, self.BATCH)
+        # No more than the window takes: what is read and cannot be taken needs another pass.
+        want = max(1, min(self.BATCH, scheduler.room))
+        batch, done = await asyncio.to_thread(_read, self._pass, want)
         now = time.time()
         for qid, due in batch:
-            if due >= HELD_DUE or scheduler.knows(qid):
-                continue  # held (released by its marker), or in the window already
+            if due >= HELD_DUE:
+                continue  # held: its release marks it due
             when = now if self._force or due <= now else due
+            # One the window knows is offered too: its file may say earlier (a due marker
+            # beyond the window's room, ETRN), and the earlier time wins.
+            known = scheduler.knows(qid)
             if scheduler.submit(qid, when, scanned=True):
-                self._found += 1
+                self._found += not known
             else:
                 self._left += 1
                 if when < due:  # forced: due now, though its file says later
