@@ -174,8 +174,13 @@ def drain(sink: Sink, n: int, run: Any, timeout: float) -> dict[str, Any]:
 
 def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     hop_port = free_port()
-    relay = MailgateRelay(args.dir or work / "mailgate", hop_port, SETTINGS)
-    result: dict[str, Any] = {"messages": args.messages, "fill": args.fill}
+    settings = {**SETTINGS, "": {"workers": str(args.workers)}}
+    relay = MailgateRelay(args.dir or work / "mailgate", hop_port, settings)
+    result: dict[str, Any] = {
+        "messages": args.messages,
+        "fill": args.fill,
+        "workers": args.workers,
+    }
     rss = Rss()
     maillog = relay.dir / "maillog"
     try:
@@ -317,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true")
     p.add_argument("--dir", type=Path, help="mailgate's folder: kept; a queue there is used")
     p.add_argument("--fill-only", action="store_true", help="fill --dir and stop")
+    p.add_argument("--workers", type=int, default=1, help="mailgate's workers (0: per CPU)")
     p.add_argument("--drain-seconds", type=float, default=1800, help="stop the drain then")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)

@@ -271,3 +271,47 @@ def test_hold_release_and_requeue_through_a_small_window(
     assert out.returncode == 0, out.stderr
     wait_until(lambda: len(hop1.messages) == 12, "the released one", GUARD)
     wait_until(lambda: gw.queued() == [], "an empty queue", GUARD)
+
+
+def test_mailq_in_chunks_on_every_core_lists_the_queue_in_directory_order(
+    tmp_path: Path,
+) -> None:
+    """``listing.listed``: the text of forked workers, chunk by chunk, is the entries'
+    formatting in the order the folder is read, each message once, as one process makes it;
+    and the CLI's listing is that text between its header and its total."""
+    from mailgate.queue import listing
+
+    spool = Spool(tmp_path / "spool", fsync="threads")
+    msgs = asyncio.run(_queue(spool, 3 * listing.CHUNK + 7))
+    for i, m in enumerate(msgs[::5]):
+        status = QueueStatus(attempts=1, next_attempt=time.time() + 60)
+        status.of(m.envelope.recipients[0].address).last_error = f"Deferred: 451 try {i}"
+        status.last_message = "Deferred: 451 try later"
+        status.hold = "held" if i % 3 == 0 else None
+        spool.save_status(m.qid, status)
+    order = list(spool.qids())
+    assert sorted(order) == sorted(m.qid for m in msgs)
+    expected = {
+        layout: "".join(fmt(e) for e in listing.entries(spool))
+        for layout, fmt in listing._LAYOUTS.items()
+    }
+    for layout in ("mailq", "json"):
+        chunks = list(listing.listed(spool, layout, workers=2))
+        assert len(chunks) == 4 and sum(n for _, n in chunks) == len(msgs)
+        assert "".join(text for text, _ in chunks) == expected[layout]
+        assert list(listing.listed(spool, layout, workers=1)) == chunks
+    lines = expected["mailq"].splitlines()
+    ids = [line[:14] for line in lines if not line.startswith((" ", "\t"))]
+    assert ids == order  # directory order, each message once
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        f'hostname = "gw.example.com"\nlisten = ["127.0.0.1:2525"]\n'
+        f'spool_dir = "{tmp_path / "spool"}"\n'
+    )
+    spool.close()
+    out = run_cli("mailq", "-c", str(config))
+    assert out.returncode == 0, out.stderr
+    header, columns, *body, total = out.stdout.split("\n")[:-1]
+    assert header.endswith(f"({len(msgs)} requests)") and columns == listing.MAILQ_COLUMNS
+    assert "\n".join(body) + "\n" == expected["mailq"]
+    assert total == listing.mailq_total(len(msgs))

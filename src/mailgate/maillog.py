@@ -725,8 +725,9 @@ def queue_scan(n: int, where: object) -> str:
 
 
 @_event
-def queue_pass_failed(where: object, exc: OSError) -> str:
-    return f"cannot read the queue folder {where}: {exc.strerror or exc}; trying again in 60 s"
+def queue_pass_failed(where: object, exc: Exception) -> str:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return f"cannot read the queue folder {where}: {why}; trying again in 60 s"
 
 
 @_event

@@ -40,6 +40,7 @@ Mine = Callable[[str], bool]
 
 class QueueFeeder:
     BATCH = 1000  # directory entries read per thread call
+    RETRY = 60.0  # seconds before a pass that failed is tried again
     SUBMIT_BATCH = 1000  # due markers submitted per loop turn
 
     def __init__(
@@ -61,7 +62,8 @@ class QueueFeeder:
         self._next_pass = 0.0  # when the next pass starts (0: at once)
         self._force = False  # the pass in progress takes every message as due now
         self._force_next = False  # the next pass does
-        self._found = 0  # messages the pass in progress gave the window
+        self._seen = 0  # messages of ours the pass in progress read
+        self._found = 0  # and gave the window (that it did not know)
         self._left = 0  # and left on disk (due later, or no room)
         self._first = True  # the first pass after start: start-up's recovery
         self._due_marked = True  # due/ is read at start
@@ -127,6 +129,7 @@ class QueueFeeder:
         self._settled = False
         if self._pass is not None:
             self._pass_min = min(self._pass_min, due)
+            self._left += 1  # perhaps behind the pass: it cannot say the queue is settled
         else:
             self._next_pass = min(self._next_pass, due)
         if due <= time.time():
@@ -139,8 +142,10 @@ class QueueFeeder:
         while not self._stopping:
             if self._due_marked:
                 self._due_marked = False
-                with contextlib.suppress(OSError):
+                try:
                     await self._take_due()
+                except Exception as exc:  # due/ could not be read: at the next pass, then
+                    maillog.queue_pass_failed(self.where, exc)
             now = time.time()
             if (
                 self._pass is None
@@ -151,10 +156,10 @@ class QueueFeeder:
             while self._pass is not None and scheduler.wants_more and not self._stopping:
                 try:
                     await self._pull()
-                except OSError as exc:  # the folder could not be read: try again later
+                except Exception as exc:  # the folder could not be read: try again later
                     maillog.queue_pass_failed(self.where, exc)
                     self._end_pass()
-                    self._next_pass = time.time() + 60
+                    self._next_pass = time.time() + self.RETRY
             self._wake.clear()
             if self._stopping:
                 break
@@ -170,7 +175,7 @@ class QueueFeeder:
         self._pass_started = now
         self._pass_min = math.inf
         self._force, self._force_next = self._force_next, False
-        self._found = self._left = 0
+        self._seen = self._found = self._left = 0
         self._due_marked = True  # each pass reads due/ too (a marker whose signal was lost)
 
     async def _pull(self) -> None:
@@ -180,6 +185,7 @@ class QueueFeeder:
         want = max(1, min(self.BATCH, scheduler.room))
         batch, done = await asyncio.to_thread(_read, self._pass, want)
         now = time.time()
+        self._seen += len(batch)
         for qid, due in batch:
             if due >= HELD_DUE:
                 continue  # held: its release marks it due
@@ -204,7 +210,7 @@ class QueueFeeder:
         self._settled = self._found == 0 and self._left == 0
         if self._first:
             self._first = False
-            maillog.recovered(self._found, self.where)
+            maillog.recovered(self._seen, self.where)  # the queue: in the window or not
         elif self._found:
             maillog.queue_scan(self._found, self.where)
         self._force = False

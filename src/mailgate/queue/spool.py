@@ -240,11 +240,17 @@ class RecipientState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RecipientState:
+        # A dict lookup, not RcptStatus(value): a listing reads every status file of the
+        # queue, and the enum's call is most of this function's time.
+        status = _RCPT_STATUS
         return cls(
-            RcptStatus(data["status"]),
-            {str(t): RcptStatus(s) for t, s in data.get("targets", {}).items()},
+            status[data["status"]],
+            {str(t): status[s] for t, s in data.get("targets", {}).items()},
             data.get("last_error"),
         )
+
+
+_RCPT_STATUS: dict[object, RcptStatus] = {s.value: s for s in RcptStatus}
 
 
 STATUS_VERSION = 2  # 1 (no "version" field): "done" with "rcpt:<address>" keys, "errors"
@@ -1058,8 +1064,9 @@ class Spool:
         except FileNotFoundError:
             return QueueStatus()
         try:
-            raw = b""
-            while block := os.read(fd, 64 * 1024):
+            raw = block = os.read(fd, 64 * 1024)
+            while len(block) == 64 * 1024:  # a short read of a file is its end
+                block = os.read(fd, 64 * 1024)
                 raw += block
         finally:
             os.close(fd)
