@@ -240,12 +240,16 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool_dir)
     out = _text_out()
     try:
+        # The listing's workers are forked: what is still in the buffer would be theirs
+        # too, and each would write it again as it exits.
+        out.flush()
         if args.json:
             for text, _n in listing.listed(spool, "json"):
                 out.write(text)
             return 0
         count = spool.count()
         out.write("".join(line + "\n" for line in listing.mailq_header(str(spool.queue), count)))
+        out.flush()
         total = 0
         if count:
             for text, n in listing.listed(spool, "mailq"):
