@@ -227,15 +227,17 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         wait_log(maillog, "recovered ", 600 if not args.src else 5)
         cfg = ["-c", str(relay.config)]
         src = Path(__file__).resolve().parent.parent / "src"
-        if not args.skip_mailq:
+        # Twice: the first may read from disk (this VM's page cache is a few GiB), the
+        # second finds what the first read still cached where the queue fits.
+        for key in () if args.skip_mailq else ("mailq", "mailq_again"):
             q = run_tool("mailq", ["mailq", *cfg], args.src or src)
-            result["mailq"] = {
+            result[key] = {
                 "total_s": q.seconds,
                 "first_line_s": q.first_line,
                 "lines": q.output_lines,
                 "peak_rss_mib": q.peak_rss_kib / 1024,
             }
-            print(f"mailq: {result['mailq']}", flush=True)
+            print(f"{key}: {result[key]}", flush=True)
         sink = Sink(hop_port, relay.dir)
         try:
             assert relay.proc is not None
@@ -285,9 +287,10 @@ def postfix_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["restart_to_greeting_s"] = timed_start(relay.start)
         rss.root = relay.root
         env = dict(os.environ)
-        q = run_postqueue(["postqueue", "-c", str(relay.etc), "-p"], env)
-        result["postqueue_p"] = q
-        print(f"postqueue -p: {q}", flush=True)
+        for key in ("postqueue_p", "postqueue_p_again"):
+            q = run_postqueue(["postqueue", "-c", str(relay.etc), "-p"], env)
+            result[key] = q
+            print(f"{key}: {q}", flush=True)
         sink = Sink(hop_port, relay.dir)
         try:
             result["drain"] = drain(

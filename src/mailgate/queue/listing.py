@@ -1,9 +1,10 @@
 """Reading the queue for people: ``mailgate mailq`` in Sendmail's ``-bp`` layout or as one JSON
 object per line (Postfix's ``postqueue -j``), and ``mailgate qshape`` (Postfix's qshape).
 
-Everything streams: the queue folder is read one entry at a time (``Spool.qids``, an
-``os.scandir``) and each entry is formatted, or counted, before the next is read, so memory
-does not grow with the queue and the first line of a 300,000-message listing comes at once.
+Everything streams: the queue folder is read as it goes (``Spool.qids``, an ``os.scandir``)
+and each entry is formatted, or counted, a chunk of a few hundred at a time (``listed``: on
+every core), so memory does not grow with the queue and the first line of a listing of a
+million messages comes at once.
 Nothing here takes a lock or moves a file: an entry is read as it is at that moment (its status
 file is replaced whole, never torn), an unreadable one is skipped and left for the attempt to
 quarantine, and one that is delivered while the listing runs is simply not listed.
