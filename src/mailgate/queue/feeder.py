@@ -210,7 +210,8 @@ class QueueFeeder:
         self._settled = self._found == 0 and self._left == 0
         if self._first:
             self._first = False
-            maillog.recovered(self._seen, self.where)  # the queue: in the window or not
+            if self._seen:  # the queue: in the window or not (an empty one says nothing)
+                maillog.recovered(self._seen, self.where)
         elif self._found:
             maillog.queue_scan(self._found, self.where)
         self._force = False
