@@ -674,7 +674,8 @@ def test_mailq_and_etrn_move_nothing(tmp_path: Path, capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "Total requests: 1" in out and "<x@hop.test>" in out
     gw = Gateway(w.config_path, w.snap)
-    assert len(gw._queued_for("hop.test", False)) == 1
+    chosen, spilled = gw._queued_for("hop.test", False, 10)
+    assert len(chosen) == 1 and spilled == 0
     gw.spool.close()
     assert sorted(os.listdir(w.spool.queue)) == before
     assert os.listdir(w.spool.corrupt) == []

@@ -525,12 +525,34 @@ def test_due_markers_are_taken_by_share(tmp_path: Path) -> None:
     assert spool.mark_due(qids[0])  # marked twice: one marker
     assert not spool.mark_due("NOSUCHQID00000")
     (tmp_path / "due" / "not a qid").write_bytes(b"")
-    assert sorted(spool.take_due(lambda q: q in qids[:2])) == qids[:2]
+    taken, spilled = spool.take_due(lambda q: q in qids[:2])
+    assert sorted(taken) == qids[:2] and spilled == 0
     assert sorted(os.listdir(tmp_path / "due")) == qids[2:]  # the other share's, and no junk
     spool.delete(qids[2])
     assert sorted(os.listdir(tmp_path / "due")) == qids[3:]
     assert not (tmp_path / "queue" / qids[2]).exists()
-    assert spool.take_due(lambda q: True) == qids[3:]
+    assert spool.take_due(lambda q: True) == (qids[3:], 0)
+    spool.close()
+
+
+def test_due_markers_beyond_the_limit_are_made_due_on_disk(tmp_path: Path) -> None:
+    """``take_due(limit=…)``: the markers past the limit are removed and their messages'
+    status files made due now, for a queue pass (``due_times``) to find."""
+    spool = Spool(tmp_path)
+    later = time.time() + 3600
+    qids = []
+    for _ in range(5):
+        qid = _queued(spool)
+        spool.save_status(qid, QueueStatus(attempts=1, next_attempt=later))
+        assert spool.mark_due(qid)
+        qids.append(qid)
+    assert dict(spool.due_times(lambda q: True)) == dict.fromkeys(qids, later)
+    before = time.time()
+    taken, spilled = spool.take_due(lambda q: True, limit=2)
+    assert len(taken) == 2 and spilled == 3 and os.listdir(tmp_path / "due") == []
+    due = dict(spool.due_times(lambda q: True))
+    assert {q for q, t in due.items() if t < later} == set(qids) - set(taken)
+    assert all(before <= due[q] <= time.time() for q in set(qids) - set(taken))
     spool.close()
 
 

@@ -231,8 +231,8 @@ def _text_out() -> TextIO:
 
 
 def cmd_mailq(args: argparse.Namespace) -> int:
-    """Streams: the header's count comes from a pass over the names only, then each entry is
-    read and printed before the next (queue.listing)."""
+    """Streams: the header's count comes from a pass over the names only, then the entries
+    are read and printed in chunks, formatted on every core (queue.listing.listed)."""
     from mailgate.queue import listing
     from mailgate.queue.spool import Spool
 
@@ -240,18 +240,22 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     spool = Spool(cfg.spool_dir)
     out = _text_out()
     try:
+        # The listing's workers are forked: what is still in the buffer would be theirs
+        # too, and each would write it again as it exits.
+        out.flush()
         if args.json:
-            for entry in listing.entries(spool):
-                out.write(listing.mailq_json(entry) + "\n")
+            for text, _n in listing.listed(spool, "json"):
+                out.write(text)
             return 0
         count = spool.count()
         out.write("".join(line + "\n" for line in listing.mailq_header(str(spool.queue), count)))
-        listed = 0
+        out.flush()
+        total = 0
         if count:
-            for entry in listing.entries(spool):
-                out.write("".join(line + "\n" for line in listing.mailq_entry(entry)))
-                listed += 1
-        out.write(listing.mailq_total(listed) + "\n")
+            for text, n in listing.listed(spool, "mailq"):
+                out.write(text)
+                total += n
+        out.write(listing.mailq_total(total) + "\n")
     finally:
         spool.close()
     return 0

@@ -497,6 +497,12 @@ class QueueSettings:
         'a local name is ours, `""` drops them, logged)',
     )
     max_deliveries: int = setting(_int(1), 200, "delivery attempts at once")
+    active_limit: int = setting(
+        _int(4),
+        20_000,
+        "queued messages the scheduler keeps in memory at most (Postfix's "
+        "`qmgr_message_active_limit`); the rest wait on disk for a queue pass",
+    )
     max_per_destination: int = setting(
         _int(1),
         20,

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 import signal
 import socket
 import time
@@ -29,6 +28,7 @@ from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
 from mailgate.monitor import Gauges, MonitorServer, QueueCensus, bind
 from mailgate.policy import Client
+from mailgate.queue.feeder import QueueFeeder
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
@@ -91,7 +91,21 @@ class Gateway:
             connections=ConnectionCache(),
             metrics=self.metrics,
         )
-        self.scheduler = Scheduler(partial(attempt, self.delivery), cfg.queue.max_deliveries)
+        self.tag = pid_tag(os.getpid())
+        self.feeder = QueueFeeder(
+            self.spool,
+            self._mine,
+            lambda: self.snapshot.config.queue.run_interval,
+            where=cfg.spool_dir,
+        )
+        self.scheduler = Scheduler(
+            partial(attempt, self.delivery),
+            cfg.queue.max_deliveries,
+            limit=cfg.queue.active_limit,
+            outside=self.feeder,
+        )
+        self.feeder.attach(self.scheduler)
+        self.delivery.elsewhere = partial(self.feeder.outside, now=False)
         self.sessions: set[SmtpServerProtocol] = set()  # this process's connections
         # Open sessions for the whole daemon (shared by the workers: smtp/limits.py).
         self.admission = Admission(counts)
@@ -110,28 +124,14 @@ class Gateway:
     # -- life cycle ----------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.snapshot.config
-        now = time.time()
         if self.workers == 1:
-            recovered = self.spool.recover()
-        else:
-            # The master cleared incoming/ before forking; each worker retries its share, and
-            # a restarted one also what its predecessors received (each worker retries the
-            # mail it received itself, whatever its share: no other one knows of it).
-            recovered = [q for q in self.spool.qids() if self._my_share(q) or q[-6:] in self.adopt]
+            # Only incoming/ and spare/ (the messages in flight at a crash): the queue itself
+            # is taken on by the feeder's first pass, after the listeners are open.
+            moved = self.spool.recover_incoming()
+            if moved:
+                maillog.recovered_incoming(moved, cfg.spool_dir)
+        # (With workers, the master cleared incoming/ before forking.)
         self.scheduler.start()
-        for qid in recovered:
-            status = self.spool.load_status(qid)
-            if status.held:
-                continue  # ``mailgate release`` marks it due when it may go
-            # Spread recovered mail over a few seconds so a restart does not stampede.
-            due = status.next_attempt or now
-            self.scheduler.submit(
-                qid, max(due, now) + random.uniform(0, min(5.0, len(recovered) * 0.001))
-            )
-        if recovered:
-            maillog.recovered(len(recovered), cfg.spool_dir)
-        # Released or requeued while the daemon was down: due now, not at their back-off.
-        self._submit_due(self.spool.take_due(self._my_share))
         # Before the SMTP listeners: a metrics port in use stops the start before any client
         # is served (with workers, the master bound it already).
         await self._start_monitor()
@@ -156,7 +156,8 @@ class Gateway:
         self.metrics.started(os.getpid(), listening=True)
         loop = asyncio.get_running_loop()
         self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
-        self._scan_task = loop.create_task(self._queue_runs())
+        # The queue is taken on once we greet: its first pass is start-up's recovery.
+        self.feeder.start()
         self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
         listen = ", ".join(listener.label for listener in cfg.listeners)
         maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
@@ -246,7 +247,7 @@ class Gateway:
         maillog.draining()
         for s in list(self.sessions):
             s.drain(self.draining)
-        self.scheduler.run_now()
+        self.feeder.run_all()
         self._in_background(self._drain_until_done())
 
     async def _drain_until_done(self) -> None:
@@ -256,10 +257,15 @@ class Gateway:
         self.finished()
 
     def _drain_done(self) -> bool:
-        """No session has a transaction open (those left are saying 421) and the scheduler
-        has nothing waiting or under way."""
+        """No session has a transaction open (those left are saying 421), the scheduler
+        has nothing waiting or under way, and a pass over the queue found nothing more."""
         busy = any(s.session is not None and s.session.tx is not None for s in self.sessions)
-        return not busy and not self.scheduler.queued
+        if busy or self.scheduler.queued:
+            return False
+        if not self.feeder.settled:
+            self.feeder.request_pass()
+            return False
+        return True
 
     def _listener_settings(self, started: ListenerSettings) -> ListenerSettings:
         """A listener's settings in the config in force (a reload may change its PROXY
@@ -298,7 +304,7 @@ class Gateway:
         if self.monitor is not None:
             await self.monitor.close()
         self._stats_task.cancel()
-        self._scan_task.cancel()
+        await self.feeder.stop()
         self._report_task.cancel()
         self.log_statistics()
         await self.scheduler.stop(grace=max(0.0, deadline - loop.time()))
@@ -423,17 +429,23 @@ class Gateway:
 
     async def _flush_domain(self, node: str, domain: str, subdomains: bool) -> None:
         try:
-            chosen = await asyncio.to_thread(self._queued_for, domain, subdomains)
+            chosen, spilled = await asyncio.to_thread(
+                self._queued_for, domain, subdomains, self.scheduler.room
+            )
         finally:
             self._flushing.discard(node)
-        self.scheduler.run_now(chosen)
+        await self.feeder.submit_now(chosen)
+        if spilled:
+            self.feeder.request_pass()
 
-    def _queued_for(self, domain: str, subdomains: bool) -> list[str]:
+    def _queued_for(self, domain: str, subdomains: bool, room: int) -> tuple[list[str], int]:
         """The queued messages with a recipient in ``domain``: read only (an unreadable entry
-        is left for its attempt to quarantine)."""
+        is left for its attempt to quarantine). At most ``room``; the others are made due
+        now on disk (``Spool.set_due``), for a pass to take on: (those, how many others)."""
         suffix = "." + domain
-        chosen = []
-        for qid in list(self.spool.qids()):
+        chosen: list[str] = []
+        spilled = 0
+        for qid in self.spool.qids():
             try:
                 msg = self.spool.load(qid, with_status=False)
             except CorruptEntry:
@@ -442,70 +454,30 @@ class Gateway:
                 (d := r.mailbox.domain) == domain or (subdomains and d.endswith(suffix))
                 for r in msg.envelope.recipients
             ):
-                chosen.append(qid)
-        return chosen
+                if len(chosen) < room:
+                    chosen.append(qid)
+                else:
+                    self.spool.set_due(qid, time.time())  # none: never attempted, due now
+                    spilled += 1
+        return chosen, spilled
 
     def _my_share(self, qid: str) -> bool:
         return self.workers == 1 or zlib.crc32(qid.encode()) % self.workers == self.worker
 
+    def _mine(self, qid: str) -> bool:
+        """The queued messages this process delivers: its share, and (whatever the share)
+        what it and its dead predecessors received, which no other worker knows of."""
+        return self._my_share(qid) or qid[-6:] == self.tag or qid[-6:] in self.adopt
+
     def run_queue(self) -> None:
-        """SIGUSR1, Sendmail's ``-q``: everything waiting is due now, and the queue folder is
-        read for entries this process does not know (queued by ``mailgate flush``, say)."""
-        self.scheduler.run_now()
-        self._in_background(self.scan_queue(now=True))
+        """SIGUSR1, Sendmail's ``-q``: everything queued is due now: what the window holds,
+        and what a pass over the queue folder finds (``mailgate flush``'s bounces too)."""
+        self.feeder.run_all()
 
     def wake(self) -> None:
         """The wake-up signal (``DUE_SIGNAL``): what ``mailgate release`` or ``requeue``
         marked due is attempted now; the rest of the queue keeps its times."""
-        self._in_background(self.take_due())
-
-    async def take_due(self) -> int:
-        """Submit, due now, the messages of our share marked in ``due/`` (the folder is read
-        in a thread: a ``requeue --all`` marks the whole queue). Returns how many."""
-        qids = await asyncio.to_thread(self.spool.take_due, self._my_share)
-        for start in range(0, len(qids), 1000):
-            self._submit_due(qids[start : start + 1000])
-            await asyncio.sleep(0)  # sessions go on while a large requeue is taken on
-        return len(qids)
-
-    def _submit_due(self, qids: list[str]) -> None:
-        for qid in qids:
-            self.scheduler.submit(qid)
-        if qids:
-            maillog.due_taken(len(qids), self.snapshot.config.spool_dir)
-
-    async def scan_queue(self, *, now: bool = False) -> int:
-        """Take on queue entries of our share that no runner here knows: a bounce that
-        ``mailgate flush`` queued, mail of a process that died, a message released while
-        no wake-up signal could reach us; then what ``due/`` holds. The listing and the
-        status reads run in a thread (the queue may be large); returns how many entries
-        no runner knew."""
-
-        def unknown() -> list[tuple[str, float | None]]:
-            found = []
-            for qid in list(self.spool.qids()):
-                if self._my_share(qid) and not self.scheduler.knows(qid):
-                    status = self.spool.load_status(qid)
-                    if not status.held:  # forgotten on purpose until it is released
-                        found.append((qid, status.next_attempt))
-            return found
-
-        found = await asyncio.to_thread(unknown)
-        clock = time.time()
-        for qid, due in found:
-            if not self.scheduler.knows(qid) and (self.spool.queue / qid).exists():
-                self.scheduler.submit(qid, clock if now or due is None else max(due, clock))
-        if found:
-            maillog.queue_scan(len(found), self.snapshot.config.spool_dir)
-        await self.take_due()
-        return len(found)
-
-    async def _queue_runs(self) -> None:
-        """Sendmail's ``-q30m``: every ``run_interval`` the queue folder is read again."""
-        while True:
-            await asyncio.sleep(self.snapshot.config.queue.run_interval)
-            with contextlib.suppress(OSError):
-                await self.scan_queue()
+        self.feeder.due_marked()
 
     def count(self, slot: int) -> None:
         self.metrics.counts[slot] += 1

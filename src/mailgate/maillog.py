@@ -108,6 +108,7 @@ LEVELS: dict[str, Level] = {
     "recovered": "info",
     "recovered_incoming": "info",
     "queue_scan": "info",
+    "queue_pass_failed": "warning",
     "due_taken": "info",
     # the queue tools
     "placed_on_hold": "info",
@@ -728,6 +729,12 @@ def recovered_incoming(n: int, where: object) -> str:
 @_event
 def queue_scan(n: int, where: object) -> str:
     return f"queue run: {n} message(s) found in {where} that no runner here had"
+
+
+@_event
+def queue_pass_failed(where: object, exc: Exception) -> str:
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return f"cannot read the queue folder {where}: {why}; trying again in 60 s"
 
 
 @_event

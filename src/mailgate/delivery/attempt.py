@@ -35,6 +35,7 @@ from mailgate.dsn import DsnRecipient, interval_text
 from mailgate.metrics import Row as MetricsRow
 from mailgate.metrics import local_row
 from mailgate.queue.spool import (
+    HELD_DUE,
     CorruptEntry,
     EntryLocked,
     QueuedMessage,
@@ -56,6 +57,9 @@ class DeliveryContext:
     snapshot: Callable[[], Snapshot]  # the tables in force now
     queued: Callable[[QueuedMessage], None]  # a report was queued: take it on (it is yours)
     transcript: Callable[[str], None] | None = None  # `mailgate flush -v`: the SMTP dialogue
+    # The daemon: another runner has the message; it stays on disk, due again at that time
+    # (``QueueFeeder.outside``), rather than in the scheduler's window.
+    elsewhere: Callable[[str, float], None] | None = None
     connections: ConnectionCache | None = None  # the daemon reuses next-hop connections
     limits: DestinationLimits = field(default_factory=DestinationLimits)  # per next hop
     metrics: MetricsRow = field(default_factory=local_row)  # the daemon's counts: our row
@@ -88,8 +92,15 @@ async def attempt(
         try:
             message = ctx.spool.claim(qid)
         except EntryLocked:
-            # Another runner (``mailgate flush``) has it: look again later unless it is gone.
-            return time.time() + 60 if (ctx.spool.queue / qid).exists() else None
+            # Another runner (``mailgate flush``, another worker) has it: look again later
+            # unless it is gone.
+            if not (ctx.spool.queue / qid).exists():
+                return None
+            again = time.time() + 60
+            if ctx.elsewhere is None:
+                return again
+            ctx.elsewhere(qid, again)
+            return None
         except CorruptEntry as exc:
             ctx.spool.quarantine(qid, exc.reason)
             return None
@@ -99,6 +110,7 @@ async def attempt(
             # ``mailgate hold`` set it under this lock after the message was scheduled:
             # never attempted while held; ``release`` schedules it again.
             message.close()
+            ctx.spool.set_due(qid, HELD_DUE)  # written by an older version: passes skip it
             maillog.held_skipped(qid)
             return None
     with message:

@@ -4,7 +4,8 @@ Layout under ``spool_dir``::
 
     incoming/<qid>      being received; or a second name of queue/<qid> (see below)
     queue/<qid>         committed: one JSON envelope line, then the message content (CRLF)
-    queue/<qid>.st      delivery status (done recipients, last errors, next attempt)
+    queue/<qid>.st      delivery status (done recipients, last errors, next attempt); its
+                        modification time is when the message is due (``HELD_DUE``: held)
     spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
     due/<qid>           "attempt it now" (``mailgate release``/``requeue``), for the daemon: a
@@ -40,8 +41,8 @@ is built in a thread but written into its ``IncomingMessage`` on the loop, in bo
 blocks: ``delivery.notify``). ``save_status``, ``load``, ``load_status``, ``qids``,
 ``quarantine``, ``recover`` and ``remove`` touch only named files and may run in a thread;
 ``spent`` is the one counter threads may bump (a lost update only skews an estimate).
-``lock_entry``, ``claim``, ``delete``, ``mark_due``, ``take_due`` and ``count`` may run in a
-thread or another process (the queue tools, ``queue.tools``).
+``lock_entry``, ``claim``, ``delete``, ``mark_due``, ``take_due``, ``set_due``, ``due_times``
+and ``count`` may run in a thread or another process (the queue tools, ``queue.tools``).
 
 The hand-off. ``commit(msg, lock=True)`` returns the ``QueuedMessage``, which owns the open,
 flock'ed descriptor of its queue file; the scheduler carries it into the first attempt, which
@@ -72,6 +73,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 
+import orjson
+
 from mailgate import maillog
 from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
@@ -86,6 +89,9 @@ _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwx"
 _STATUS_SUFFIX = ".st"
 _QID = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]{0,63}")  # a qid safe as a file name
 _MAX_ENVELOPE = 16 * 1024 * 1024  # longest envelope line read
+# The modification time of a held message's status file (2100-01-01): a queue pass, which
+# reads only the status files' times (``Spool.due_times``), never takes it on.
+HELD_DUE = 4102444800.0
 
 
 def _read_line(fd: int, limit: int) -> bytes:
@@ -101,6 +107,16 @@ def _read_line(fd: int, limit: int) -> bytes:
             return out + block[: end + 1]
         out += block
     return out
+
+
+def _loads(raw: bytes) -> Any:
+    """JSON from an envelope line or a status file: orjson (a queue listing parses two per
+    message, and orjson takes a third of json's time), else, for what it refuses (an address
+    kept as raw bytes is not UTF-8), json with the bytes kept as surrogate escapes."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw.decode("utf-8", "surrogateescape"))
 
 
 def qid_time(qid: str, now: float | None = None) -> float | None:
@@ -184,7 +200,7 @@ class Envelope:
 
     @classmethod
     def from_line(cls, line: bytes) -> Envelope:
-        data: dict[str, Any] = json.loads(line.decode("utf-8", "surrogateescape"))
+        data: dict[str, Any] = _loads(line)
         data.pop("crc", None)
         data.pop("len", None)
         data["recipients"] = [Recipient(**r) for r in data["recipients"]]
@@ -239,11 +255,17 @@ class RecipientState:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RecipientState:
+        # A dict lookup, not RcptStatus(value): a listing reads every status file of the
+        # queue, and the enum's call is most of this function's time.
+        status = _RCPT_STATUS
         return cls(
-            RcptStatus(data["status"]),
-            {str(t): RcptStatus(s) for t, s in data.get("targets", {}).items()},
+            status[data["status"]],
+            {str(t): status[s] for t, s in data.get("targets", {}).items()},
             data.get("last_error"),
         )
+
+
+_RCPT_STATUS: dict[object, RcptStatus] = {s.value: s for s in RcptStatus}
 
 
 STATUS_VERSION = 2  # 1 (no "version" field): "done" with "rcpt:<address>" keys, "errors"
@@ -316,7 +338,7 @@ class QueueStatus:
         """Read a status file, in this format or the one before it (``recipients``: the
         envelope's addresses, which the old format needs; see ``_from_v1``). Raises
         ValueError, TypeError or KeyError when it is neither."""
-        data = json.loads(raw.decode("utf-8", "surrogateescape"))
+        data = _loads(raw)
         if not isinstance(data, dict):
             raise ValueError("a status file holds a JSON object")
         if "version" not in data:
@@ -631,6 +653,14 @@ class WrittenContent:
         fd, self.fd = self.fd, None
         if fd is not None:
             os.close(fd)
+
+
+def status_due(status: QueueStatus) -> float:
+    """When the message of ``status`` is due, as its status file's modification time says:
+    ``HELD_DUE`` for a held one, its next attempt, or now (a status without one)."""
+    if status.held:
+        return HELD_DUE
+    return time.time() if status.next_attempt is None else status.next_attempt
 
 
 def queue_ids(queue: Path) -> Iterator[str]:
@@ -1067,8 +1097,9 @@ class Spool:
         except FileNotFoundError:
             return QueueStatus()
         try:
-            raw = b""
-            while block := os.read(fd, 64 * 1024):
+            raw = block = os.read(fd, 64 * 1024)
+            while len(block) == 64 * 1024:  # a short read of a file is its end
+                block = os.read(fd, 64 * 1024)
                 raw += block
         finally:
             os.close(fd)
@@ -1095,6 +1126,10 @@ class Spool:
                 pos = 0
                 while pos < len(data):
                     pos += os.write(fd, data[pos:])
+                # Its time is when the message is due (a queue pass reads only that), set
+                # before the fsync and the rename: the new file is never seen with another.
+                due = status_due(status)
+                os.utime(fd, (due, due))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -1158,10 +1193,18 @@ class Spool:
             return False
         return True
 
-    def take_due(self, mine: Callable[[str], bool]) -> list[str]:
+    def take_due(
+        self, mine: Callable[[str], bool], limit: int | None = None
+    ) -> tuple[list[str], int]:
         """The queue ids marked due that ``mine`` accepts (a worker's share), their markers
-        removed; the others are left for the worker whose share they are."""
-        taken = []
+        removed; the others are left for the worker whose share they are. At most ``limit``
+        are returned: the markers beyond it are removed too, their messages made due now on
+        disk (``set_due``) for a queue pass to take on (``requeue --all`` of a million
+        messages must not become a list of a million names). Returns (the ids, how many
+        were made due on disk instead)."""
+        taken: list[str] = []
+        spilled = 0
+        now = time.time()
         with os.scandir(self.due) as entries:
             for entry in entries:
                 qid = entry.name
@@ -1171,10 +1214,43 @@ class Spool:
                     continue
                 if not mine(qid):
                     continue
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                if limit is None or len(taken) < limit:
                     taken.append(qid)
-        return taken
+                else:
+                    self.set_due(qid, now)
+                    spilled += 1
+        return taken, spilled
+
+    def set_due(self, qid: str, when: float) -> bool:
+        """Make ``qid`` due at ``when`` for the queue passes (its status file's time; a
+        message without one is due now anyway). Only the time changes, without the lock:
+        an attempt writing the status meanwhile sets its own, which is as good. False if
+        there is no status file."""
+        try:
+            os.utime(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}", (when, when))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def due_times(self, mine: Callable[[str], bool]) -> Iterator[tuple[str, float]]:
+        """One queue pass: (qid, when it is due) for each queued message ``mine`` accepts,
+        in directory order, as the folder is read: a ``stat`` of its status file (its time
+        is the next attempt, ``HELD_DUE`` when held; ``save_status``), 0.0 for a message
+        without one (never attempted: due now). No file is opened. May run in a thread, one
+        at a time (it is a generator over an open ``os.scandir``)."""
+        queue_dir = self._queue_dir
+        for qid in self.qids():
+            if not mine(qid):
+                continue
+            try:
+                due = os.stat(f"{queue_dir}/{qid}{_STATUS_SUFFIX}").st_mtime
+            except FileNotFoundError:
+                due = 0.0
+            yield qid, due
 
     def quarantine(self, qid: str, reason: str) -> None:
         for name in (qid, qid + _STATUS_SUFFIX):

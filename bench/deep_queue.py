@@ -1,0 +1,363 @@
+"""A deep deferred queue: the next hop is down and N messages wait. Measured for mailgate
+(and, with ``--postfix``, for a private Postfix instance on the same count):
+
+- RSS of the daemon with the queue taken on (peak over the whole run, and once settled);
+- restart to greeting: a new daemon on the same spool, from its start to its 220;
+- ``mailgate mailq`` (``postqueue -p``): seconds to the first line, and in all;
+- drain: the hop comes back (an smtp-sink on its port) and the queue is run (SIGUSR1;
+  ``postqueue -f``): messages per second at the sink, and whether every one arrived (lost).
+
+    PYTHONPATH=src python3 bench/deep_queue.py --messages 100000            # spool-filled
+    PYTHONPATH=src python3 bench/deep_queue.py --messages 20000 --fill smtp --postfix
+
+``--fill spool`` (the default) writes the queue with the spool's own code (``IncomingMessage``:
+the envelope line, the content, the seal, the link into ``queue/``; then a status file as a
+deferral writes it, its time the next attempt an hour away), without the fsync per message: a
+million messages in minutes instead of the 17 minutes SMTP would take. ``--fill smtp`` sends
+them through SMTP with ``smtp-source`` to the running daemon, whose first attempt of each is
+refused (the hop is down), as in the issue; Postfix is always filled that way. One recipient
+per message (``user@bench.example``, routed to the hop by mailertable / transport), 1 KiB.
+Everything is under ``--workdir`` in a temp folder, removed at the end unless ``--keep``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import procstat
+from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, status_due
+from queue_tools import run as run_tool
+from relays import (
+    HOST,
+    CounterReader,
+    MailgateRelay,
+    PostfixRelay,
+    free_port,
+    prioritize,
+    run_smtp_source,
+    stop_process,
+    tool,
+    wait_banner,
+)
+
+REFUSED = "Deferred: Connection refused by [127.0.0.1]"
+SETTINGS = {
+    # Deferred mail waits an hour: nothing is retried until the queue is run.
+    "queue": {"retry_min": '"1h"', "run_interval": '"1h"', "max_deliveries": "200"},
+    "delivery": {"connect_timeout": '"5s"'},
+}
+
+
+def fill_spool(spool: Spool, n: int) -> float:
+    """``n`` deferred messages written with the spool's code; returns the seconds it took."""
+    now = time.time()
+    started = time.monotonic()
+    body = b"Subject: deep queue\r\n\r\n" + b"x" * 1000 + b"\r\n"
+    for i in range(n):
+        rcpt = f"user{i % 1000}@bench.example"
+        env = Envelope(
+            qid=spool.new_qid(),
+            sender="sender@example.org",
+            recipients=[Recipient(rcpt, rcpt)],
+            arrival=now - 600,
+            client_ip="127.0.0.1",
+        )
+        incoming = spool.open_incoming(env)
+        incoming.write(body)
+        incoming.seal(lock=False)
+        os.link(incoming.path, spool.queue / env.qid)
+        incoming.committed(spool.queue / env.qid, keep_fd=False)
+        status = QueueStatus(
+            attempts=1, last_attempt=now - 60, next_attempt=now + 3600, last_message=REFUSED
+        )
+        status.of(rcpt).last_error = REFUSED
+        path = spool.queue / f"{env.qid}.st"
+        path.write_bytes(status.to_json())
+        due = status_due(status)
+        os.utime(path, (due, due))  # as ``Spool.save_status`` sets it
+        os.unlink(spool.incoming / env.qid)
+    os.sync()
+    return time.monotonic() - started
+
+
+class Sink:
+    """smtp-sink on a given port: the next hop coming back."""
+
+    def __init__(self, port: int, workdir: Path) -> None:
+        self.proc = subprocess.Popen(
+            [tool("smtp-sink"), "-u", "root", "-c", "-m", "1000", f"{HOST}:{port}", "1024"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+        )
+        prioritize(self.proc.pid)
+        self.counter = CounterReader(self.proc, "mesg=")
+        wait_banner(port, 10, self.proc)
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+
+class Rss:
+    """Peak and last RSS of a process tree, sampled every 0.1 s; ``root`` may change."""
+
+    def __init__(self) -> None:
+        self.root = -1
+        self.peak = 0
+        self.last = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            if self.root > 0:
+                try:
+                    rss = sum(procstat.rss_bytes(p) for p in procstat.tree(self.root))
+                except Exception:  # the process may be gone between two reads
+                    continue
+                self.last = rss
+                self.peak = max(self.peak, rss)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def wait_log(path: Path, text: str, timeout: float) -> float | None:
+    """Seconds until ``text`` is in the file at ``path`` (None: not within ``timeout``)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    return None
+
+
+def timed_start(start: Any) -> float:
+    began = time.monotonic()
+    start()
+    return time.monotonic() - began
+
+
+def drain(sink: Sink, n: int, run: Any, timeout: float) -> dict[str, Any]:
+    """Run the queue and time the sink's arrivals until ``n`` (or ``timeout``, or a stall of
+    30 s)."""
+    began = time.time()
+    run()
+    counter = sink.counter
+    counter.wait(n, timeout, 30)
+    times = counter.times
+    got = counter.count
+    out: dict[str, Any] = {"delivered": got}
+    if got:
+        out["first_s"] = times[0] - began
+        out["all_s"] = times[-1] - began
+        # The rate between the 5th and the 95th percentile: start-up and tail apart.
+        lo, hi = int(got * 0.05), max(int(got * 0.95) - 1, 0)
+        span = times[hi] - times[lo]
+        out["rate"] = (hi - lo) / span if span > 0 else None
+        out["rate_all"] = got / (times[-1] - began) if times[-1] > began else None
+    return out
+
+
+def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    hop_port = free_port()
+    settings = {**SETTINGS, "": {"workers": str(args.workers)}}
+    relay = MailgateRelay(
+        args.dir or work / "mailgate",
+        hop_port,
+        settings,
+        pythonpath=str(args.src.resolve()) if args.src else None,
+    )
+    result: dict[str, Any] = {
+        "messages": args.messages,
+        "fill": args.fill,
+        "workers": args.workers,
+    }
+    rss = Rss()
+    maillog = relay.dir / "maillog"
+    try:
+        if args.dir and (relay.dir / "spool/queue").exists():
+            print(f"using the queue in {relay.dir}", flush=True)
+        elif args.fill == "spool":
+            spool = Spool(relay.dir / "spool")
+            result["fill_s"] = fill_spool(spool, args.messages)
+            spool.close()
+            print(f"filled {args.messages:,} in {result['fill_s']:.1f} s", flush=True)
+            if args.fill_only:
+                return result
+        else:
+            relay.start()
+            rss.root = relay.root
+            sent = run_smtp_source(relay.port, args.messages, 20, 1024, timeout=1800)
+            result["fill_s"] = sent["wall"]
+            print(f"sent {sent['sent']:,} in {sent['wall']:.1f} s", flush=True)
+            # Every message's first attempt was refused: its status file is written.
+            while sum(1 for p in (relay.dir / "spool/queue").iterdir() if p.suffix == ".st") < (
+                args.messages
+            ):
+                time.sleep(0.2)
+            relay.stop()
+        # Start on the deep queue: to its greeting, then to the end of its first pass.
+        result["start_to_greeting_s"] = timed_start(relay.start)
+        rss.root = relay.root
+        # The first pass's end (this version), or the start's recovery (before it).
+        result["first_pass_s"] = wait_log(maillog, "recovered ", 600 if not args.src else 5)
+        time.sleep(1)
+        result["rss_settled_mib"] = rss.last / 2**20
+        # A restart: TERM, a new daemon on the same spool, to its greeting.
+        began = time.monotonic()
+        relay.stop()
+        result["stop_s"] = time.monotonic() - began
+        maillog.write_text("")
+        result["restart_to_greeting_s"] = timed_start(relay.start)
+        rss.root = relay.root
+        wait_log(maillog, "recovered ", 600 if not args.src else 5)
+        cfg = ["-c", str(relay.config)]
+        src = Path(__file__).resolve().parent.parent / "src"
+        # Twice: the first may read from disk (this VM's page cache is a few GiB), the
+        # second finds what the first read still cached where the queue fits.
+        for key in () if args.skip_mailq else ("mailq", "mailq_again"):
+            q = run_tool("mailq", ["mailq", *cfg], args.src or src)
+            result[key] = {
+                "total_s": q.seconds,
+                "first_line_s": q.first_line,
+                "lines": q.output_lines,
+                "peak_rss_mib": q.peak_rss_kib / 1024,
+            }
+            print(f"{key}: {result[key]}", flush=True)
+        sink = Sink(hop_port, relay.dir)
+        try:
+            assert relay.proc is not None
+            result["drain"] = drain(
+                sink,
+                args.messages,
+                lambda: relay.proc.send_signal(signal.SIGUSR1),
+                args.drain_seconds,
+            )
+            relay.stop()
+            # What the attempts under way at the stop delivered counts too.
+            time.sleep(1)
+            result["drain"]["delivered_by_stop"] = sink.counter.count
+        finally:
+            sink.stop()
+        left = sum(1 for p in (relay.dir / "spool/queue").iterdir() if "." not in p.name)
+        result["left_in_queue"] = left
+        # Lost: neither delivered nor still queued (the sink counts every message it got).
+        result["lost"] = args.messages - result["drain"]["delivered_by_stop"] - left
+        result["rss_peak_mib"] = rss.peak / 2**20
+    finally:
+        rss.stop()
+        relay.stop()
+    return result
+
+
+def postfix_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    hop_port = free_port()
+    relay = PostfixRelay(work / "postfix", hop_port)
+    result: dict[str, Any] = {"messages": args.messages, "fill": "smtp"}
+    rss = Rss()
+    try:
+        relay.start()
+        rss.root = relay.root
+        sent = run_smtp_source(relay.port, args.messages, 20, 1024, timeout=1800)
+        result["fill_s"] = sent["wall"]
+        print(f"postfix: sent {sent['sent']:,} in {sent['wall']:.1f} s", flush=True)
+        deferred = relay.queue / "deferred"
+
+        def count_deferred() -> int:
+            return sum(len(files) for _root, _dirs, files in os.walk(deferred))
+
+        while count_deferred() < args.messages:
+            time.sleep(0.5)
+        time.sleep(1)
+        result["rss_settled_mib"] = rss.last / 2**20
+        began = time.monotonic()
+        relay.stop()
+        result["stop_s"] = time.monotonic() - began
+        result["restart_to_greeting_s"] = timed_start(relay.start)
+        rss.root = relay.root
+        env = dict(os.environ)
+        for key in ("postqueue_p", "postqueue_p_again"):
+            q = run_postqueue(["postqueue", "-c", str(relay.etc), "-p"], env)
+            result[key] = q
+            print(f"{key}: {q}", flush=True)
+        sink = Sink(hop_port, relay.dir)
+        try:
+            result["drain"] = drain(
+                sink,
+                args.messages,
+                lambda: subprocess.run(["postqueue", "-c", str(relay.etc), "-f"], check=False),
+                1800,
+            )
+        finally:
+            sink.stop()
+        result["rss_peak_mib"] = rss.peak / 2**20
+    finally:
+        rss.stop()
+        relay.stop()
+    return result
+
+
+def run_postqueue(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+    began = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    assert proc.stdout is not None
+    first = None
+    lines = 0
+    while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+        if first is None and b"\n" in chunk:
+            first = time.monotonic() - began
+        lines += chunk.count(b"\n")
+    proc.wait()
+    return {"total_s": time.monotonic() - began, "first_line_s": first, "lines": lines}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--fill", choices=("spool", "smtp"), default="spool")
+    p.add_argument("--postfix", action="store_true", help="Postfix too (filled through SMTP)")
+    p.add_argument("--no-mailgate", action="store_true")
+    p.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
+    p.add_argument("--keep", action="store_true")
+    p.add_argument("--dir", type=Path, help="mailgate's folder: kept; a queue there is used")
+    p.add_argument("--fill-only", action="store_true", help="fill --dir and stop")
+    p.add_argument("--src", type=Path, help="run the daemon from this source tree")
+    p.add_argument("--skip-mailq", action="store_true")
+    p.add_argument("--workers", type=int, default=1, help="mailgate's workers (0: per CPU)")
+    p.add_argument("--drain-seconds", type=float, default=1800, help="stop the drain then")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="mailgate-deepq-", dir=args.workdir))
+    report: dict[str, Any] = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    try:
+        if not args.no_mailgate:
+            report["mailgate"] = mailgate_case(args, work)
+            print(json.dumps(report["mailgate"], indent=1), flush=True)
+            shutil.rmtree(work / "mailgate", ignore_errors=True)
+        if args.postfix:
+            report["postfix"] = postfix_case(args, work)
+            print(json.dumps(report["postfix"], indent=1), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,317 @@
+"""The scheduler's bounded window and the passes that feed it (``queue.feeder``): a queue far
+longer than the window is delivered whole, what is due later or held stays on disk, hot mail
+that finds the window full is left on disk and still delivered; with the real daemon, a
+restart on a deep queue greets before its first pass ends, messages outside the window expire
+on time, and hold / release / requeue work through the window.
+
+Windows of a few messages, so that a queue of a few hundred is "deep".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from mailgate.queue.feeder import QueueFeeder
+from mailgate.queue.scheduler import Scheduler
+from mailgate.queue.spool import HELD_DUE, Envelope, QueuedMessage, QueueStatus, Recipient, Spool
+from tests.support.blackhole import Blackhole
+from tests.support.gateway import GatewayProcess, run_cli
+from tests.support.sink import SinkServer
+from tests.support.wait import wait_until, wait_until_async
+from tests.support.world import (
+    HOP1,
+    MXHOST,
+    SENDER_DNS,
+    GatewayFactory,
+    SinkFactory,
+    World,
+    issue_world,
+    message,
+)
+
+GUARD = 30.0
+DNS_RECORDS = SENDER_DNS  # the senders' domain resolves; its MX takes the bounces
+
+
+async def _queue(spool: Spool, n: int, *, lock: bool = False) -> list[QueuedMessage]:
+    out = []
+    for i in range(n):
+        env = Envelope(
+            qid=spool.new_qid(),
+            sender="alice@example.org",
+            recipients=[Recipient(f"u{i}@hop.test", f"u{i}@hop.test")],
+            arrival=time.time(),
+        )
+        incoming = spool.open_incoming(env)
+        incoming.write(b"Subject: window\r\n\r\nx\r\n")
+        out.append(await spool.commit(incoming, lock=lock))
+    return out
+
+
+class Bench:
+    """A spool, a scheduler with a small window and its feeder; the attempt claims the
+    message from the spool (or takes the hot one) and removes it: delivered."""
+
+    def __init__(self, tmp_path: Path, *, limit: int, slots: int) -> None:
+        self.spool = Spool(tmp_path / "spool", fsync="threads")
+        self.attempted: list[str] = []
+        self.peak_waiting = 0
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.feeder = QueueFeeder(self.spool, lambda q: True, lambda: 3600.0, where="test")
+        self.scheduler = Scheduler(self._attempt, slots, limit=limit, outside=self.feeder)
+        self.feeder.attach(self.scheduler)
+
+    async def _attempt(self, qid: str, message: QueuedMessage | None) -> float | None:
+        waiting = self.scheduler.limit - self.scheduler.room
+        self.peak_waiting = max(self.peak_waiting, waiting)
+        await self.gate.wait()
+        msg = message if message is not None else self.spool.claim(qid)
+        assert msg is not None, qid
+        with msg:
+            self.attempted.append(qid)
+            self.spool.remove(qid, status_file=True)
+        return None
+
+    def start(self) -> None:
+        self.scheduler.start()
+        self.feeder.start()
+
+    async def stop(self) -> None:
+        await self.feeder.stop()
+        await self.scheduler.stop()
+        self.spool.close()
+
+
+def test_a_queue_longer_than_the_window_is_delivered_whole(tmp_path: Path) -> None:
+    async def go() -> None:
+        bench = Bench(tmp_path, limit=8, slots=3)
+        queued = {m.qid for m in await _queue(bench.spool, 300)}
+        bench.start()
+        await wait_until_async(lambda: len(bench.attempted) == 300, "300 attempts", GUARD)
+        assert sorted(bench.attempted) == sorted(queued)  # each once
+        assert bench.peak_waiting <= 8
+        assert list(bench.spool.qids()) == []
+        await bench.stop()
+
+    asyncio.run(go())
+
+
+def test_hot_mail_the_full_window_cannot_take_waits_on_disk_and_is_delivered(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        bench = Bench(tmp_path, limit=4, slots=1)
+        bench.gate.clear()  # attempts wait: the window fills
+        bench.start()
+        hot = await _queue(bench.spool, 20, lock=True)
+        taken = [bench.scheduler.submit(m.qid, message=m) for m in hot]
+        # One straight to its attempt, four in the window, the rest left on disk, closed.
+        assert taken.count(False) == 15
+        assert all(m.fd is None for m, ok in zip(hot, taken, strict=True) if not ok)
+        assert bench.scheduler.queued == 5
+        bench.gate.set()
+        await wait_until_async(lambda: len(bench.attempted) == 20, "20 attempts", GUARD)
+        assert sorted(bench.attempted) == sorted(m.qid for m in hot)
+        await bench.stop()
+
+    asyncio.run(go())
+
+
+def test_a_pass_takes_what_is_due_and_leaves_what_is_later_or_held(tmp_path: Path) -> None:
+    async def go() -> None:
+        bench = Bench(tmp_path, limit=4, slots=2)
+        msgs = await _queue(bench.spool, 12)
+        now = time.time()
+        due, later, held = msgs[:6], msgs[6:10], msgs[10:]
+        for m in due:
+            bench.spool.save_status(m.qid, QueueStatus(attempts=1, next_attempt=now - 5))
+        for m in later:
+            bench.spool.save_status(m.qid, QueueStatus(attempts=1, next_attempt=now + 3600))
+        for m in held:
+            bench.spool.save_status(m.qid, QueueStatus(attempts=1, hold="spam"))
+        assert {q for q, t in bench.spool.due_times(lambda q: True) if t == HELD_DUE} == {
+            m.qid for m in held
+        }
+        bench.start()
+        await wait_until_async(lambda: bench.feeder.passes >= 1, "the first pass", GUARD)
+        await wait_until_async(lambda: len(bench.attempted) == 6, "the due ones", GUARD)
+        assert sorted(bench.attempted) == sorted(m.qid for m in due)
+        # Due later: in the window only while it is less than half full, the rest on disk.
+        assert sum(bench.scheduler.knows(m.qid) for m in later) <= 2
+        # USR1's pass: everything due now, except what is held.
+        bench.feeder.run_all()
+        await wait_until_async(lambda: len(bench.attempted) == 10, "the later ones", GUARD)
+        assert sorted(bench.attempted[6:]) == sorted(m.qid for m in later)
+        bench.feeder.request_pass()  # as a drain does: is anything left but the held ones?
+        await wait_until_async(lambda: bench.feeder.settled, "a pass that finds nothing", GUARD)
+        assert sorted(bench.spool.qids()) == sorted(m.qid for m in held)
+        await bench.stop()
+
+    asyncio.run(go())
+
+
+# -- the daemon -----------------------------------------------------------------------------------
+@pytest.fixture
+def hop1(make_sink: SinkFactory) -> SinkServer:
+    """targetdomain1.com's server (tests stop it to play an outage)."""
+    return make_sink(HOP1)
+
+
+@pytest.fixture
+def world(hop1: SinkServer, mx_port: int) -> World:
+    return issue_world(hop1.port, mx_port)
+
+
+WINDOW = "[queue]\nactive_limit = 4\nmax_deliveries = 2\n"
+
+
+def _fill(spool_dir: Path, n: int, rcpt: str) -> list[str]:
+    """``n`` never-attempted messages for ``rcpt``, committed with the spool's code while the
+    daemon is down."""
+
+    async def go() -> list[str]:
+        spool = Spool(spool_dir, fsync="threads")
+        try:
+            msgs = []
+            for _ in range(n):
+                env = Envelope(
+                    qid=spool.new_qid(),
+                    sender="alice@example.org",
+                    recipients=[Recipient(rcpt, rcpt)],
+                    arrival=time.time(),
+                    client_ip="192.0.2.9",
+                )
+                incoming = spool.open_incoming(env)
+                incoming.write(b"Subject: deep\r\n\r\nx\r\n")
+                msgs.append((await spool.commit(incoming)).qid)
+            return msgs
+        finally:
+            spool.close()
+
+    return asyncio.run(go())
+
+
+def test_a_restart_on_a_deep_queue_greets_before_its_first_pass_ends(
+    make_gateway: GatewayFactory, world: World, hop1: SinkServer
+) -> None:
+    """The next hop drops connections (attempts hang): two attempts and a window of four
+    take six messages, and the first pass waits for room; the daemon greets all the same.
+    Once the hop answers, the pass goes on and all 40 are delivered."""
+    hop1.stop()
+    gw = make_gateway(
+        world.but(settings=WINDOW + '[delivery]\nconnect_timeout = "20s"\n'), start=False
+    )
+    qids = _fill(gw.spool, 40, "bob@targetdomain1.com")
+    hole = Blackhole(HOP1, hop1.port)
+    hole.start()
+    try:
+        gw.start()
+        with gw.smtp() as s:
+            assert s.noop()[0] == 250
+        # The first pass waits for room in the window (no attempt ends within 20 s): the
+        # daemon that used to read the whole queue first logged this before listening.
+        assert "recovered" not in gw.log()
+    finally:
+        hole.stop()
+    hop1.start()
+    gw.wait_log("recovered 40 queued message(s)", GUARD)
+    wait_until(lambda: all(gw.log_lines(q, "stat=Sent") for q in qids), "40 sent", GUARD)
+    assert len(hop1.messages) == 40
+    wait_until(lambda: gw.queued() == [], "an empty queue", GUARD)
+
+
+def test_messages_outside_the_window_expire_on_time(
+    make_gateway: GatewayFactory,
+    world: World,
+    hop1: SinkServer,
+    make_sink: SinkFactory,
+    mx_port: int,
+) -> None:
+    hop1.stop()
+    mx = make_sink(MXHOST, mx_port)
+    gw = make_gateway(world.but(settings=WINDOW + '[queue]\nmax_age = "3s"\n'))
+    with gw.smtp() as s:
+        for i in range(16):
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message(f"expire {i}"))
+    bounces = mx.wait_for(16, timeout=GUARD)
+    assert all(b.mail_from == "" for b in bounces)
+    assert len(gw.log_lines("DSN: Cannot send message for")) == 16
+    wait_until(lambda: gw.queued() == [], "an empty queue", GUARD)
+
+
+def test_hold_release_and_requeue_through_a_small_window(
+    make_gateway: GatewayFactory, world: World, hop1: SinkServer
+) -> None:
+    hourly = '[queue]\nrun_interval = "1h"\nretry_min = "1h"\n'
+    hop1.stop()
+    gw: GatewayProcess = make_gateway(world.but(settings=WINDOW + hourly))
+    with gw.smtp() as s:
+        for i in range(12):
+            s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message(f"held {i}"))
+    wait_until(lambda: len(gw.log_lines("stat=Deferred")) >= 12, "12 deferrals", GUARD)
+    queued = gw.queued()
+    held = queued[0]
+    cfg = ["-c", str(gw.config)]
+    out = run_cli("hold", held, *cfg)
+    assert out.returncode == 0, out.stderr
+    hop1.start()
+    # Twelve markers for a window of four: the rest are made due on disk for the pass.
+    out = run_cli("requeue", "--all", *cfg)
+    assert out.returncode == 0, out.stderr
+    wait_until(
+        lambda: len(hop1.messages) == 11, lambda: f"11 at the hop, {len(hop1.messages)}", GUARD
+    )
+    assert gw.queued() == [held]
+    out = run_cli("release", held, *cfg)
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: len(hop1.messages) == 12, "the released one", GUARD)
+    wait_until(lambda: gw.queued() == [], "an empty queue", GUARD)
+
+
+def test_mailq_in_chunks_on_every_core_lists_the_queue_in_directory_order(
+    tmp_path: Path,
+) -> None:
+    """``listing.listed``: the text of forked workers, chunk by chunk, is the entries'
+    formatting in the order the folder is read, each message once, as one process makes it;
+    and the CLI's listing is that text between its header and its total."""
+    from mailgate.queue import listing
+
+    spool = Spool(tmp_path / "spool", fsync="threads")
+    msgs = asyncio.run(_queue(spool, 3 * listing.CHUNK + 7))
+    for i, m in enumerate(msgs[::5]):
+        status = QueueStatus(attempts=1, next_attempt=time.time() + 60)
+        status.of(m.envelope.recipients[0].address).last_error = f"Deferred: 451 try {i}"
+        status.last_message = "Deferred: 451 try later"
+        status.hold = "held" if i % 3 == 0 else None
+        spool.save_status(m.qid, status)
+    order = list(spool.qids())
+    assert sorted(order) == sorted(m.qid for m in msgs)
+    expected = {
+        layout: "".join(fmt(e) for e in listing.entries(spool))
+        for layout, fmt in listing._LAYOUTS.items()
+    }
+    for layout in ("mailq", "json"):
+        chunks = list(listing.listed(spool, layout, workers=2))
+        assert len(chunks) == 4 and sum(n for _, n in chunks) == len(msgs)
+        assert "".join(text for text, _ in chunks) == expected[layout]
+        assert list(listing.listed(spool, layout, workers=1)) == chunks
+    lines = expected["mailq"].splitlines()
+    ids = [line[:14] for line in lines if not line.startswith((" ", "\t"))]
+    assert ids == order  # directory order, each message once
+    config = tmp_path / "mailgate.toml"
+    config.write_text(
+        f'hostname = "gw.example.com"\nlisten = ["127.0.0.1:2525"]\n'
+        f'spool_dir = "{tmp_path / "spool"}"\n'
+    )
+    spool.close()
+    out = run_cli("mailq", "-c", str(config))
+    assert out.returncode == 0, out.stderr
+    header, columns, *body, total = out.stdout.split("\n")[:-1]
+    assert header.endswith(f"({len(msgs)} requests)") and columns == listing.MAILQ_COLUMNS
+    assert "\n".join(body) + "\n" == expected["mailq"]
+    assert total == listing.mailq_total(len(msgs))
