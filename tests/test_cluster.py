@@ -10,11 +10,14 @@ same shared mailgate.toml and a node.toml of its own.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -23,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from mailgate import runstate
+from mailgate import metrics, monitor, queuehttp, runstate
 from mailgate.queue import listing
+from mailgate.queue.spool import Envelope, Recipient, Spool
 from mailgate.snapshot import load_snapshot
 from tests.support.dnsserver import DnsServer
 from tests.support.gateway import GatewayProcess, free_port, run_cli
@@ -298,3 +302,87 @@ def test_mailq_and_qshape_of_two_nodes_with_the_token(tmp_path: Path, nodes: lis
     per_node = cli(n2, "qshape", "--per-node", "--node", n1.url, "--node", n2.url).stdout
     assert per_node.startswith(f"n1.example.com ({n1.url}):\n")
     assert per_node.endswith("all nodes (2 of 2 answered):\n" + shaped.stdout)
+
+
+# -- the endpoint in process: batches, limit, a token set by a reload -----------------------------
+
+
+def fill(spool: Spool, n: int) -> None:
+    async def commit() -> None:
+        for i in range(n):
+            env = Envelope(
+                qid=f"BATCH{i:09d}",
+                sender=SENDER,
+                recipients=[Recipient(f"r{i}@example.net", f"r{i}@example.net")],
+                arrival=time.time(),
+            )
+            incoming = spool.open_incoming(env)
+            incoming.write(b"Subject: x\r\n\r\nHello.\r\n")
+            (await spool.commit(incoming)).close()
+
+    asyncio.run(commit())
+
+
+def raw_get(port: int, target: str) -> bytes:
+    """The whole answer, as the bytes came (to see the chunks)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(f"GET {target} HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+        answer = b""
+        while block := s.recv(65536):
+            answer += block
+    return answer
+
+
+def test_the_queue_endpoint_streams_in_batches_and_follows_the_token_of_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queuehttp, "BATCH", 4)
+    spool = Spool(tmp_path / "spool", fsync="threads")
+    fill(spool, 10)
+    lines = [listing.mailq_json(e) for e in listing.entries(spool)]
+    token: list[str | None] = [None]
+
+    async def main() -> None:
+        sock = monitor.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = monitor.MonitorServer(
+            sock,
+            metrics.Table(1),
+            lambda: monitor.Gauges(0, 0, None, 0, False),
+            monitor.QueueCensus(spool),
+            lambda: [],
+            lambda: monitor.Identity("gw.example.com", token[0]),
+        )
+        await server.start()
+        url = f"http://127.0.0.1:{port}"
+        off = await asyncio.to_thread(get, f"{url}/queue", TOKEN)
+        assert off[::2] == (404, b"the queue is not served: [metrics] token_file is not set\n")
+        token[0] = TOKEN  # as a reload that sets token_file: no restart
+        answer = await asyncio.to_thread(raw_get, port, "/queue")
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b"\r\nX-Mailgate-Queue-Count: 10\r\n" in head
+        chunks = []
+        while True:
+            size, _, body = body.partition(b"\r\n")
+            chunks.append(body[: int(size, 16)])
+            body = body[int(size, 16) + 2 :]
+            if size == b"0":
+                break
+        assert [c.count(b"\n") for c in chunks] == [4, 4, 2, 0]  # BATCH entries each
+        assert b"".join(chunks).decode().splitlines() == lines
+        limited = await asyncio.to_thread(get, f"{url}/queue?limit=5", TOKEN)
+        assert limited[2].decode().splitlines() == lines[:5]
+        assert (await asyncio.to_thread(get, f"{url}/queue?limit=x", TOKEN))[::2] == (
+            400,
+            b"limit is a whole number, 1 or more\n",
+        )
+        status, _, body = await asyncio.to_thread(get, f"{url}/qshape?by=sender", TOKEN)
+        assert (status, json.loads(body)["rows"]) == (
+            200,
+            {"TOTAL": [10, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0], "example.org": [10, 10] + [0] * 9},
+        )
+        assert (await asyncio.to_thread(get, f"{url}/metrics", None))[0] == 200
+        await server.close()
+
+    asyncio.run(main())
+    spool.close()
