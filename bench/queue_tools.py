@@ -19,6 +19,11 @@ source tree (the code before, which read and sorted the whole queue before print
 ``requeue --all`` runs last: it leaves a marker per message in ``due/`` (no daemon here to
 take them). Everything is in a temp folder under ``--workdir``, removed at the end unless
 ``--keep``.
+
+``--node`` also starts the daemon on that queue (its metrics listener on loopback, with a
+token) and runs ``mailq --node``, ``mailq --json --node`` and ``qshape --node`` against it:
+the same listings read over ``/queue`` and ``/qshape``; the daemon's own peak RSS before and
+after them is printed too (what streaming the queue costs the node).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import json
 import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +145,58 @@ def run(label: str, argv: list[str], src: Path, stdin: bytes | None = None) -> R
     return Run(label, seconds, first, lines, peak[0], proc.returncode)
 
 
+def over_the_node(work: Path, config: Path, cfg: list[str]) -> tuple[list[Run], tuple[int, int]]:
+    """The daemon on the queue, its metrics listener with a token; the --node runs, and the
+    daemon's VmHWM before and after them."""
+    port = free_port()
+    token = work / "cluster.token"
+    token.write_text("bench-token-0123456789abcdef\n")
+    token.chmod(0o600)
+    text = config.read_text().replace("127.0.0.1:2525", f"127.0.0.1:{free_port()}")
+    metrics = f'[metrics]\nlisten = "127.0.0.1:{port}"\ntoken_file = "{token}"\n'
+    config.write_text(text.replace("[log]", metrics + "[log]"))
+    env = dict(os.environ, PYTHONPATH=str(MAILGATE_SRC))
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "mailgate.cli", "serve", *cfg],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        started = time.monotonic()
+        while not healthy(port):  # answers once the queue is recovered (it starts after that)
+            if daemon.poll() is not None or time.monotonic() - started > 300:
+                raise RuntimeError("the daemon did not come up")
+            time.sleep(0.2)
+        print(f"daemon up on the queue in {time.monotonic() - started:.1f} s", flush=True)
+        before = procstat.status_kib(daemon.pid, "VmHWM")
+        node = ["--node", f"127.0.0.1:{port}"]
+        runs = [
+            run("mailq --node", ["mailq", *node, *cfg], MAILGATE_SRC),
+            run("mailq --json --node", ["mailq", "--json", *node, *cfg], MAILGATE_SRC),
+            run("qshape --node", ["qshape", *node, *cfg], MAILGATE_SRC),
+        ]
+        after = procstat.status_kib(daemon.pid, "VmHWM")
+    finally:
+        daemon.terminate()
+        daemon.wait(60)
+    return runs, (before, after)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--messages", type=int, default=100_000)
@@ -145,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", type=Path, help="another source tree to time mailq from")
     p.add_argument("--keep", action="store_true", help="keep the temp folder")
     p.add_argument("--json", type=Path, help="write the figures here too")
+    p.add_argument("--node", action="store_true", help="also through a daemon's /queue")
     args = p.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="mailgate-queuetools-", dir=args.workdir))
@@ -169,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
             ("mailq --json", ["mailq", "--json", *cfg], None),
             ("qshape", ["qshape", *cfg], None),
             ("qshape --by sender", ["qshape", "--by", "sender", *cfg], None),
+        ):
+            runs.append(run(label, cmd, MAILGATE_SRC, stdin))
+        daemon_rss: tuple[int, int] | None = None
+        if args.node:
+            node_runs, daemon_rss = over_the_node(work, config, cfg)
+            runs += node_runs
+        for label, cmd, stdin in (
             ("hold 1,000 (stdin)", ["hold", "--reason", "bench", "-", *cfg], some),
             ("delete 1,000 (stdin)", ["delete", "-", *cfg], some),
             ("requeue --all", ["requeue", "--all", *cfg], None),
@@ -182,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"| `{r.command}` | {r.seconds:.2f} | {first} | {r.output_lines:,} | "
                 f"{r.peak_rss_kib / 1024:.1f} | {r.status} |"
             )
+        if daemon_rss is not None:
+            before, after = daemon_rss
+            print(
+                f"\nthe daemon's peak RSS: {before / 1024:.1f} MiB before the --node runs, "
+                f"{after / 1024:.1f} MiB after"
+            )
         if args.json:
             args.json.write_text(
                 json.dumps(
@@ -189,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                         "messages": args.messages,
                         "build_s": build,
                         "runs": [r.__dict__ for r in runs],
+                        "daemon_peak_rss_kib": daemon_rss,
                     },
                     indent=2,
                 )

@@ -32,6 +32,7 @@ from mailgate.config import (
     ListenerSettings,
     LocalSettings,
     LogSettings,
+    MetricsSettings,
     QueueSettings,
     SmtpSettings,
     TlsSettings,
@@ -980,11 +981,13 @@ def test_every_field_is_a_setting_or_a_section() -> None:
             TlsSettings,
             LogSettings,
             ListenerSettings,
+            MetricsSettings,
         )
     }
     assert {k: v for k, v in plain.items() if v} == {
-        "Config": ["path"],
+        "Config": ["path", "origins", "digest"],  # what was read, not what to set
         "TlsSettings": ["server_context"],
+        "MetricsSettings": ["token"],  # token_file's content
     }
     for key in keys():
         assert key.setting.doc and "\n" not in key.setting.doc, key.label

@@ -538,6 +538,7 @@ def test_mailq_layout_and_json(
             "recipients": [{"address": "bob@example.net", "delay_reason": refused}],
             "attempts": 2,
             "next_attempt": 1795548420,
+            "last_message": refused,
         },
         "AAAAAAAA000002": {
             "queue_name": "deferred",
@@ -555,6 +556,8 @@ def test_mailq_layout_and_json(
             ],
             "attempts": 2,
             "next_attempt": 1795548420,
+            "last_message": refused,
+            "body_type": "8BITMIME",
         },
         "AAAAAAAA000003": {
             "queue_name": "hold",

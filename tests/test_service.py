@@ -307,7 +307,7 @@ def test_serve_daemon_detaches_and_stop_status_find_it_by_its_pid_file(tmp_path:
             lines = status.stdout.splitlines()
             assert lines[0].startswith(f"mailgate: running (pid {pid}, up ")
             assert lines[1:4] == [
-                f"  config     {gw.config}",
+                f"  config     {gw.config} (generation {load_snapshot(gw.config).generation})",
                 f"  listening  127.0.0.1:{gw.port}",
                 f"  queue      0 messages in {gw.spool / 'queue'}",
             ]

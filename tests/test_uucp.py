@@ -36,7 +36,7 @@ from mailgate.delivery.uucp import (
 )
 from mailgate.dns import Resolver
 from mailgate.queue.spool import Envelope, QueuedMessage, RcptStatus, Recipient, Spool
-from mailgate.snapshot import Snapshot, build_snapshot
+from mailgate.snapshot import Snapshot, build_snapshot, load_snapshot
 from tests.support import world
 from tests.support.fakeuux import Call, FakeUux
 from tests.support.gateway import GatewayProcess
@@ -520,7 +520,10 @@ def test_check_loads_the_uucp_dom_line(
     path = write_config(tmp_path, str(fake.path))
     assert cli.main(["check", "-c", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out == f"{path}: OK (0 local names, 0 relay domains; 0 warnings)\n"
+    generation = load_snapshot(path).generation
+    assert (
+        out == f"{path}: OK (0 local names, 0 relay domains; 0 warnings; generation {generation})\n"
+    )
 
 
 def test_check_warns_when_uux_is_missing(
@@ -536,7 +539,8 @@ def test_check_warns_when_uux_is_missing(
         " or not executable: its mail is deferred until it is (install uucp, or set [uucp] uux)",
         f"warning: {table}:2: old.example: uucp runs {missing}, which is not there"
         " or not executable: its mail is deferred until it is (install uucp, or set [uucp] uux)",
-        f"{path}: OK (0 local names, 0 relay domains; 2 warnings)",
+        f"{path}: OK (0 local names, 0 relay domains; 2 warnings; "
+        f"generation {load_snapshot(path).generation})",
     ]
 
 

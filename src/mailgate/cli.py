@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     report_fd = detach(chdir=config_path is not None) if args.daemon else None
     for w in snapshot.warnings():
         maillog.config_warning(w)
-    lifecycle = Lifecycle(cfg, report_fd=report_fd)
+    lifecycle = Lifecycle(cfg, report_fd=report_fd, generation=snapshot.generation)
     try:
         master.run(config_path, snapshot, lifecycle)
     except AlreadyRunning as exc:
@@ -134,8 +134,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(
         f"{cfg.source}: OK ({len(t.local_names)} local names, "
         f"{len(t.relay_domains)} relay domains; "
-        f"{warnings} warning{'s' if warnings != 1 else ''})"
+        f"{warnings} warning{'s' if warnings != 1 else ''}; generation {snapshot.generation})"
     )
+    for origin in cfg.origins:  # what the node file, the environment or -O gave
+        print(f"  {origin.label} = {origin.value}  from {origin.where}")
     return 0
 
 
@@ -236,6 +238,10 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     from mailgate.queue import listing
     from mailgate.queue.spool import Spool
 
+    if args.nodes:
+        from mailgate import cluster
+
+        return cluster.cmd_mailq(args, _load_config, _text_out())
     cfg = _load(args.config).config
     spool = Spool(cfg.spool_dir)
     out = _text_out()
@@ -265,6 +271,12 @@ def cmd_qshape(args: argparse.Namespace) -> int:
     from mailgate.queue import listing
     from mailgate.queue.spool import Spool
 
+    # qshape's rule: the top 20 on a terminal, every domain into a pipe or a file.
+    top = args.top if args.top is not None else (20 if sys.stdout.isatty() else 0)
+    if args.nodes:
+        from mailgate import cluster
+
+        return cluster.cmd_qshape(args, _load_config, _text_out(), top or None)
     cfg = _load(args.config).config
     spool = Spool(cfg.spool_dir)
     try:
@@ -277,8 +289,6 @@ def cmd_qshape(args: argparse.Namespace) -> int:
         )
     finally:
         spool.close()
-    # qshape's rule: the top 20 on a terminal, every domain into a pipe or a file.
-    top = args.top if args.top is not None else (20 if sys.stdout.isatty() else 0)
     out = _text_out()
     out.write("".join(line + "\n" for line in counts.lines(top=top or None)))
     return 0
@@ -805,6 +815,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
+    def add_nodes(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--node",
+            dest="nodes",
+            action="append",
+            default=[],
+            metavar="URL",
+            help="read this node's queue over its [metrics] listen (http://HOST:PORT) instead "
+            "of the local spool; repeatable",
+        )
+        p.add_argument(
+            "--token-file",
+            metavar="PATH",
+            help="the cluster's token (default: the config's [metrics] token_file)",
+        )
+
     p = add("serve", "run the gateway (in the foreground, as systemd and AIX's SRC want)")
     p.add_argument(
         "--daemon",
@@ -858,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help="one JSON object per message, as postqueue -j"
     )
+    add_nodes(p)
     p.set_defaults(func=cmd_mailq)
     p = add("flush", "try queued messages now, in this process (like sendmail -q)")
     p.add_argument("-v", "--verbose", action="store_true", help="print the SMTP dialogue")
@@ -929,6 +956,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="MINUTES",
         help="the first bucket's age limit; each next one doubles it",
+    )
+    add_nodes(p)
+    p.add_argument(
+        "--per-node", action="store_true", help="with --node: each node's table, then the sum"
     )
     p.set_defaults(func=cmd_qshape)
     p = add("route", "show the mailer, next hop and address each address would use")

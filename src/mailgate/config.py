@@ -9,11 +9,18 @@ and for the test that checks README's configuration table.
 The Sendmail tables are not settings; they live beside the TOML file under their Sendmail names and
 are loaded by `mailgate.tables`. Relative paths in the TOML file are relative to its folder; the
 embedded default config (no file) resolves them against the working directory.
+
+One config for many nodes: the main file's ``include`` names per-node files (``node.toml``)
+whose keys replace the main file's one by one, and ``MAILGATE__KEY`` /
+``MAILGATE__SECTION__KEY`` environment variables replace both (`_layers`). An error names the
+file and line, or the variable, that gave the value; ``Config.origins`` says which values came
+from where, for ``mailgate check``; ``Config.digest`` is a hash of everything read.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import os
@@ -29,7 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypeVar, cast, get_args
 
 from mailgate import tls
-from mailgate.errors import SourceError
+from mailgate.errors import SourceError, where
 from mailgate.logsink import Facility
 from mailgate.maillog import Level, Target
 
@@ -699,6 +706,17 @@ class MetricsSettings:
         "",
         '`/metrics` and `/health` over HTTP, e.g. `"127.0.0.1:9925"` (`""` = off)',
     )
+    # The queue of a node is its senders' and recipients' addresses: listed only to someone
+    # who has the cluster's token, and not at all until one is set.
+    token_file: Path | None = setting(
+        _path_or_none,
+        None,
+        "a file holding the shared token that `/queue` and `/qshape` require (off without it)",
+        shown="none",
+        relative=True,
+    )
+    # Read (and so checked) when the config is read: a missing file is a config error.
+    token: str | None = field(default=None, compare=False, repr=False)
 
 
 MilterAction = Literal["tempfail", "reject", "accept", "quarantine", "shutdown"]
@@ -838,8 +856,23 @@ class MilterSettings:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """A value that is not the main file's: ``label`` (``[smtp] greet_pause``), the value as
+    written, and where (``node.toml:3``, ``environment variable MAILGATE__…``, ``-O …``)."""
+
+    label: str
+    value: str
+    where: str
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path | None  # the TOML file; None: the embedded default config
+    include: tuple[Path, ...] = setting(
+        _str_list(_path),
+        [],
+        "per-node files (`node.toml`) read after this one: their keys replace this file's",
+    )
     hostname: str = setting(
         _hostname,
         None,
@@ -895,6 +928,10 @@ class Config:
     log: LogSettings = section(LogSettings)
     tls: TlsSettings = section(TlsSettings)
     metrics: MetricsSettings = section(MetricsSettings)
+    # Values that a node file, the environment or the command line gave (`mailgate check`).
+    origins: tuple[Origin, ...] = field(default=(), compare=False)
+    # sha256 of every file and variable read: `Snapshot.generation` adds the tables.
+    digest: str = field(default="", compare=False)
 
     @property
     def source(self) -> str:
@@ -1009,6 +1046,9 @@ class _Reader:
         self.path = path
         self.lines = text.split("\n")  # as tomllib counts them (splitlines() also breaks at FF)
         self.data = data
+        # (section, key) → the node file or variable that gave it ("" section: the top
+        # level, and a [[name]] array as a whole): its errors are that source's.
+        self.owners: dict[tuple[str, str], _Reader | _EnvVariable] = {}
 
     def line_of(self, section: str, key: str | None) -> int | None:
         """Best-effort line number of ``key`` in ``[section]``, or of ``[section]`` itself for
@@ -1033,6 +1073,9 @@ class _Reader:
         return None
 
     def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        owner = self.owners.get((section, key) if key is not None else ("", section))
+        if owner is not None:
+            return owner.error(section, key, message)
         name = f"{section}.{key}" if section and key else (key or section)
         line = self.line_of(section, key)
         if line is None and key is not None and section:
@@ -1103,6 +1146,9 @@ class _Reader:
         return header
 
     def entry_error(self, name: str, index: int, key: str | None, message: str) -> ConfigError:
+        owner = self.owners.get(("", name))
+        if isinstance(owner, _Reader):  # a node file's [[name]] tables replace the main file's
+            return owner.entry_error(name, index, key, message)
         label = f"{name}[{index}]" + (f".{key}" if key else "")
         return ConfigError(self.path, self.entry_line(name, index, key), f"{label}: {message}")
 
@@ -1252,8 +1298,9 @@ def set_command_line(overrides: Sequence[Override]) -> None:
     _command_line_cwd = Path.cwd()
 
 
-def _apply_command_line(top: dict[str, object]) -> None:
+def _apply_command_line(top: dict[str, object]) -> list[Origin]:
     sections = dict(_sections())
+    origins = []
     for o in _command_line:
         cls = sections[o.section] if o.section else Config
         spec = next(s for f, s in _settings_of(cls) if f.name == o.key)
@@ -1268,11 +1315,11 @@ def _apply_command_line(top: dict[str, object]) -> None:
             top[o.section] = replace(cast(Any, top[o.section]), **{o.key: value})
         else:
             top[o.key] = value
+        origins.append(Origin(label, _shown(o.value), o.origin))
+    return origins
 
 
-def parse_config(text: str, path: Path | None, base: Path) -> Config:
-    """Parse TOML ``text``; relative paths resolve against ``base``."""
-    source = str(path) if path else "<embedded default config>"
+def _toml(text: str, source: str) -> _Reader:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -1280,7 +1327,183 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         raise ConfigError(source, int(m.group(1)) if m else None, f"TOML syntax: {exc}") from None
     r = _Reader(source, text, data)
     r.check_unknown()
+    return r
+
+
+class _EnvVariable:
+    """A setting given as ``MAILGATE__KEY`` or ``MAILGATE__SECTION__KEY``: its errors name
+    the variable (there is no line)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @property
+    def where(self) -> str:
+        return f"environment variable {self.name}"
+
+    def error(self, section: str, key: str | None, message: str) -> ConfigError:
+        label = f"{section}.{key}" if section and key else (key or section)
+        return ConfigError(self.where, None, f"{label}: {message}")
+
+
+ENV_PREFIX = "MAILGATE__"
+
+
+def env_name(section: str, key: str) -> str:
+    """The variable that sets ``[section] key``: ``MAILGATE__SMTP__GREET_PAUSE``."""
+    return ENV_PREFIX + (f"{section}__{key}" if section else key).upper()
+
+
+def _env_value(text: str) -> TomlValue:
+    """A TOML value (``4``, ``true``, ``["10.0.0.5:25"]``, ``"x"``), or else the text itself
+    as a string: ``MAILGATE__HOSTNAME=mx1.example.com`` needs no quotes."""
+    try:
+        parsed = tomllib.loads(f"value = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return cast(TomlValue, parsed["value"]) if parsed.keys() == {"value"} else text
+
+
+def _environment(environ: Mapping[str, str]) -> list[tuple[str, str, TomlValue, _EnvVariable]]:
+    """The settings the environment gives: (section, key, value, variable). Every
+    ``MAILGATE__`` variable must name a setting: a misspelt one is an error, not ignored."""
+    known = {env_name(k.section, k.name): k for k in keys() if not k.array}
+    arrays = {name.upper() for name, _ in _table_arrays()}
+    found = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX):
+            continue
+        var = _EnvVariable(name)
+        key = known.get(name)
+        rest = name[len(ENV_PREFIX) :]
+        if key is None or key.name == "include":
+            if rest.split("__")[0] in arrays:
+                why = "[[tables]] cannot be given in the environment: put them in a node file"
+            elif key is not None:
+                why = "include is read from the main file only"
+            else:
+                why = "no such setting (MAILGATE__KEY or MAILGATE__SECTION__KEY, e.g. "
+                why += "MAILGATE__HOSTNAME, MAILGATE__SMTP__GREET_PAUSE)"
+            raise ConfigError(var.where, None, why)
+        found.append((key.section, key.name, _env_value(environ[name]), var))
+    return found
+
+
+def _layers(
+    main: _Reader, base: Path, environ: Mapping[str, str]
+) -> tuple[_Reader, list[Origin], list[str]]:
+    """The main file with its ``include`` files and the environment laid over it, key by key:
+    a reader of the merged data whose errors name each value's own source; what did not come
+    from the main file; and the texts read, for the digest."""
+    merged: dict[str, Any] = {
+        k: dict(v) if isinstance(v, dict) else v for k, v in main.data.items()
+    }
+    r = _Reader(main.path, "\n".join(main.lines), merged)
+    origins: list[Origin] = []
+    texts: list[str] = []
+    sections = dict(_sections())
+    includes = r.values("", Config, base).get("include", ())
+    for name in cast(tuple[Path, ...], includes):
+        path = name if name.is_absolute() else base / name
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise r.error("", "include", f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise r.error("", "include", f"{path}: cannot read: {exc}") from None
+        texts += [str(path), text]
+        node = _toml(text, str(path))
+        if "include" in node.data:
+            raise node.error("", "include", "only the main file includes others")
+        for key, value in node.data.items():
+            if key in sections and isinstance(value, dict):
+                into = merged.get(key)
+                if not isinstance(into, dict):
+                    into = merged[key] = {}
+                for sub, item in value.items():
+                    into[sub] = item
+                    r.owners[(key, sub)] = node
+                    at = where(str(path), node.line_of(key, sub))
+                    origins.append(Origin(f"[{key}] {sub}", _shown(item), at))
+            else:
+                merged[key] = value
+                r.owners[("", key)] = node
+                line = node.line_of("", key) if key not in sections else node.line_of(key, None)
+                label = f"[[{key}]]" if key in dict(_table_arrays()) else key
+                origins.append(Origin(label, _shown(value), where(str(path), line)))
+    for section, key, value, var in _environment(environ):
+        texts += [var.name, repr(value)]
+        if section:
+            into = merged.get(section)
+            if not isinstance(into, dict):
+                into = merged[section] = {}
+            into[key] = value
+        else:
+            merged[key] = value
+        r.owners[(section, key)] = var
+        origins.append(Origin(f"[{section}] {key}" if section else key, _shown(value), var.where))
+    return r, origins, texts
+
+
+def _shown(value: object) -> str:
+    """A value as ``mailgate check`` shows it: as TOML would write it."""
+    if isinstance(value, bool | int | float | str) or (
+        isinstance(value, list) and all(isinstance(v, bool | int | float | str) for v in value)
+    ):
+        return toml_literal(cast(TomlValue, value))
+    if isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        return f"{len(value)} table{'s' if len(value) != 1 else ''}"
+    return "(a table)"
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path`` (``[metrics] token_file``, ``--token-file``): one word of at
+    least 16 printable characters, in a file not readable by every user. ValueError says
+    what is wrong."""
+    try:
+        with path.open("rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            raw = f.read(4096)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if mode & 0o004:
+        raise ValueError(f"{path} is readable by every user: chmod o-r it")
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = ""
+    if len(token) < 16 or any(c.isspace() or not c.isprintable() for c in token):
+        raise ValueError(
+            f"{path} must hold one token of at least 16 printable characters (no blanks), "
+            "e.g. from `openssl rand -hex 32`"
+        )
+    return token
+
+
+def _with_token(r: _Reader, settings: MetricsSettings) -> MetricsSettings:
+    """``[metrics] token_file`` read now: a missing, short or world-readable token is a
+    config error at start and on reload, not a 401 for everyone later."""
+    if settings.token_file is None:
+        return settings
+    try:
+        token = read_token_file(settings.token_file)
+    except ValueError as exc:
+        raise r.error("metrics", "token_file", str(exc)) from None
+    return replace(settings, token=token)
+
+
+def parse_config(
+    text: str, path: Path | None, base: Path, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Parse TOML ``text``, then its ``include`` files and the ``MAILGATE__`` variables of
+    ``environ`` (none unless given: `load_config` gives the process's); relative paths
+    resolve against ``base``, whichever of them gives the path."""
+    source = str(path) if path else "<embedded default config>"
+    r, origins, texts = _layers(_toml(text, source), base, environ or {})
+    data = r.data
     top = r.values("", Config, base)
+    given = cast(tuple[Path, ...], top.get("include", ()))
+    top["include"] = tuple(p if p.is_absolute() else base / p for p in given)
     top["listener"] = _listener_tables(r, base)
     if "listen" not in data and top["listener"]:
         top["listen"] = ()  # the [[listener]] tables replace the default address
@@ -1290,10 +1513,16 @@ def parse_config(text: str, path: Path | None, base: Path) -> Config:
         top["pid_file"] = cast(Path, top["spool_dir"]) / "mailgate.pid"
     for name, cls in _sections():
         top[name] = _build(cls, r.values(name, cls, base))
-    _apply_command_line(top)
+    origins += _apply_command_line(top)
     top["tls"] = _with_tls_context(r, cast(TlsSettings, top["tls"]))
+    top["metrics"] = _with_token(r, cast(MetricsSettings, top["metrics"]))
     _check_log(r, cast(LogSettings, top["log"]))
     top["milter"] = _milter_tables(r, base)
+    digest = hashlib.sha256()
+    for part in [source, text, *texts, *(f"{o.origin}={o.value!r}" for o in _command_line)]:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    top["origins"] = tuple(origins)
+    top["digest"] = digest.hexdigest()
     config = _build(Config, {"path": path, **top})
     _check_listeners(r, config.listen, config.listener)
     _check_milters(r, config)
@@ -1345,10 +1574,13 @@ def default_config_text() -> str:
     return resources.files("mailgate").joinpath("default.toml").read_text(encoding="utf-8")
 
 
-def load_config(path: str | Path | None) -> Config:
-    """Load ``path``, or the embedded default config (paths relative to the working dir)."""
+def load_config(path: str | Path | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Load ``path``, or the embedded default config (paths relative to the working dir),
+    with its ``include`` files and the ``MAILGATE__`` variables of ``environ`` (default: this
+    process's environment)."""
+    env = os.environ if environ is None else environ
     if path is None:
-        return parse_config(default_config_text(), None, Path.cwd())
+        return parse_config(default_config_text(), None, Path.cwd(), env)
     p = Path(path).expanduser().absolute()
     try:
         text = p.read_text(encoding="utf-8")
@@ -1356,7 +1588,7 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(str(p), None, "no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(p), None, f"cannot read: {exc}") from None
-    return parse_config(text, p, p.parent)
+    return parse_config(text, p, p.parent, env)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -193,7 +193,8 @@ def status(config: Config) -> Outcome:
     a = state.activity
     lines = [
         f"running (pid {state.pid}{workers}, up {format_uptime(now - state.started)}{phase})",
-        f"  config     {state.config}",
+        f"  config     {state.config}"
+        + (f" (generation {state.generation})" if state.generation else ""),
         f"  listening  {', '.join(state.listeners)}",
         f"  queue      {queue}",
         f"  sessions   {a.sessions} open; {a.received} messages received since start "

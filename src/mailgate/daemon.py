@@ -26,7 +26,7 @@ from mailgate.config import Config, ListenerSettings
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
-from mailgate.monitor import Gauges, MonitorServer, QueueCensus, bind
+from mailgate.monitor import Gauges, Identity, MonitorServer, QueueCensus, bind
 from mailgate.policy import Client
 from mailgate.queue.feeder import QueueFeeder
 from mailgate.queue.scheduler import Scheduler
@@ -180,7 +180,12 @@ class Gateway:
         if sock is None:
             return
         self.monitor = MonitorServer(
-            sock, self.table, self.gauges, QueueCensus(self.spool), self.health_problems
+            sock,
+            self.table,
+            self.gauges,
+            QueueCensus(self.spool),
+            self.health_problems,
+            lambda: Identity(self.snapshot.config.hostname, self.snapshot.config.metrics.token),
         )
         await self.monitor.start()
 
@@ -325,7 +330,11 @@ class Gateway:
         config = snapshot.config
         old = self.snapshot.config
         moved = [ls.address for ls in config.listeners] != [ls.address for ls in old.listeners]
-        if moved or config.spool_dir != old.spool_dir or config.metrics != old.metrics:
+        if (
+            moved
+            or config.spool_dir != old.spool_dir
+            or config.metrics.listen != old.metrics.listen
+        ):
             maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
@@ -337,7 +346,7 @@ class Gateway:
         for w in snapshot.warnings():
             maillog.config_warning(w)
         maillog.reloaded(config.source)
-        self.events.reloaded(None)
+        self.events.reloaded(None, snapshot.generation)
         return True
 
     # -- what sessions call --------------------------------------------------------------------

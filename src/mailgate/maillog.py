@@ -115,6 +115,9 @@ LEVELS: dict[str, Level] = {
     "released_from_hold": "info",
     "deleted": "info",
     "requeued": "info",
+    # the queue read over [metrics] listen (mailgate mailq --node)
+    "queue_read": "info",
+    "queue_read_refused": "warning",
     # delivery
     "starttls_client": "info",
     "starttls_client_failed": "warning",
@@ -767,6 +770,17 @@ def requeued(qid: str) -> str:
 
 
 # -- delivery ---------------------------------------------------------------------------------
+@_event
+def queue_read(client: str, what: str, entries: int, complete: bool) -> str:
+    cut = "" if complete else " (cut short: the client went away or was too slow)"
+    return f"{what} read by {client}: {entries} entries{cut}"
+
+
+@_event
+def queue_read_refused(client: str, what: str, why: str) -> str:
+    return f"{what} refused to {client}: {why}"
+
+
 @_event
 def starttls_client(relay: str, session: TlsSession) -> str:
     return f"STARTTLS=client, relay={relay}, {session.for_maillog()}"

@@ -71,7 +71,7 @@ class WorkerReports:
     def reloading(self) -> None:
         pass  # the master said so when it got the HUP
 
-    def reloaded(self, error: str | None) -> None:
+    def reloaded(self, error: str | None, generation: str | None = None) -> None:
         self._send("reloaded", error=error[: self.MAX_ERROR] if error else None)
 
     def activity(self, counts: Activity) -> None:
@@ -286,7 +286,7 @@ class Master:
         config): the reload is done."""
         if self.reload_pending and not self.awaiting_reload:
             self.reload_pending = False
-            self.lifecycle.reloaded(self.reload_error)
+            self.lifecycle.reloaded(self.reload_error, self.running.generation)
 
     def _read_reports(self) -> None:
         self.buffer += self._drain(self.events_r)

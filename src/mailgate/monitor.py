@@ -1,4 +1,5 @@
-"""``[metrics] listen``: ``/metrics`` (Prometheus text format) and ``/health``, over HTTP.
+"""``[metrics] listen``: ``/metrics`` (Prometheus text format) and ``/health``, over HTTP;
+with ``[metrics] token_file``, ``/queue`` and ``/qshape`` too (``queuehttp.py``).
 
 One process answers, on its event loop: the only process with one worker, worker 0 with
 several (the master binds the socket before it forks and only worker 0 accepts on it). Its
@@ -22,12 +23,17 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs
 
 from mailgate import metrics
 from mailgate.queue.spool import Spool
 from mailgate.smtp.listener import bind_socket
+
+if TYPE_CHECKING:
+    from mailgate.queuehttp import QueueEndpoint
 
 MAX_CONNECTIONS = 16  # more at once are closed at once
 READ_TIMEOUT = 5.0  # for the request head
@@ -80,7 +86,8 @@ class Gauges:
 
 
 class MonitorServer:
-    """The HTTP endpoint: ``GET /metrics`` and ``GET /health`` (HEAD too), nothing else."""
+    """The HTTP endpoint: ``GET /metrics`` and ``GET /health`` (HEAD too); ``/queue`` and
+    ``/qshape`` are `queuehttp.QueueEndpoint`'s."""
 
     def __init__(
         self,
@@ -89,14 +96,17 @@ class MonitorServer:
         gauges: Callable[[], Gauges],
         census: QueueCensus,
         problems: Callable[[], list[str]],
+        identity: Callable[[], Identity],
     ) -> None:
         self.sock = sock
         self.table = table
         self.gauges = gauges
         self.census = census
         self.problems = problems
+        self.identity = identity
         self.open = 0
         self.server: asyncio.Server | None = None
+        self.queue: QueueEndpoint | None = None  # made at the first /queue or /qshape
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, sock=self.sock, limit=MAX_HEAD)
@@ -115,8 +125,19 @@ class MonitorServer:
         try:
             async with asyncio.timeout(READ_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
-                status, ctype, body = await self._answer(head)
-                writer.write(_response(status, ctype, body, head.startswith(b"HEAD ")))
+            request = Request.parse(head)
+            if request.path in QUEUE_PATHS:
+                # Streams, with its own time limits (queuehttp.py): a deep queue takes longer
+                # than a scrape, and the client's reading speed sets the pace.
+                from mailgate.queuehttp import QueueEndpoint
+
+                if self.queue is None:
+                    self.queue = QueueEndpoint(self.census.spool, self.identity)
+                await self.queue.answer(request, writer)
+                return
+            async with asyncio.timeout(READ_TIMEOUT):
+                status, ctype, body = await self._answer(request)
+                writer.write(response(status, ctype, body, head_only=request.method == "HEAD"))
                 await writer.drain()
         except (
             TimeoutError,
@@ -129,12 +150,11 @@ class MonitorServer:
             self.open -= 1
             writer.close()
 
-    async def _answer(self, head: bytes) -> tuple[str, str, bytes]:
-        method, _, rest = head.partition(b" ")
-        target = rest.split(b" ", 1)[0].split(b"?", 1)[0]
-        if method not in (b"GET", b"HEAD"):
+    async def _answer(self, request: Request) -> tuple[str, str, bytes]:
+        if request.method not in ("GET", "HEAD"):
             return "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n"
-        if target == b"/metrics":
+        target = request.path
+        if target == "/metrics":
             # Imported here: only the process that answers scrapes loads prometheus_client.
             from mailgate import exposition
 
@@ -144,7 +164,7 @@ class MonitorServer:
                 gauges.sessions_open, count, oldest, gauges.spool_free_bytes, gauges.stress
             )
             return "200 OK", exposition.CONTENT_TYPE, exposition.text(self.table, gauges)
-        if target == b"/health":
+        if target == "/health":
             problems = self.problems()
             if problems:
                 return (
@@ -153,12 +173,56 @@ class MonitorServer:
                     ("; ".join(problems) + "\n").encode(),
                 )
             return "200 OK", "text/plain", b"ok\n"
-        return "404 Not Found", "text/plain", b"/metrics or /health\n"
+        return "404 Not Found", "text/plain", b"/metrics, /health, /queue or /qshape\n"
 
 
-def _response(status: str, ctype: str, body: bytes, head_only: bool) -> bytes:
+QUEUE_PATHS = ("/queue", "/qshape")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What the queue endpoint needs of the config in force (a reload changes it)."""
+
+    hostname: str
+    token: str | None  # [metrics] token_file's token; None: /queue and /qshape are off
+
+
+@dataclass(frozen=True)
+class Request:
+    """A request head, as far as these endpoints read it: method, path, query, headers
+    (names in lower case; a repeated header keeps its last value)."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+
+    @classmethod
+    def parse(cls, head: bytes) -> Request:
+        text = head.decode("latin-1")
+        first, *lines = text.split("\r\n")
+        method, _, rest = first.partition(" ")
+        target = rest.split(" ", 1)[0]
+        path, _, query = target.partition("?")
+        headers = {}
+        for line in lines:
+            name, colon, value = line.partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        return cls(method, path, parse_qs(query), headers)
+
+
+def response(
+    status: str,
+    ctype: str,
+    body: bytes,
+    *,
+    head_only: bool = False,
+    headers: Sequence[tuple[str, str]] = (),
+) -> bytes:
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
     head = (
         f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
+        f"{extra}Connection: close\r\n\r\n"
     ).encode()
     return head if head_only else head + body

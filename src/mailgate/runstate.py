@@ -61,6 +61,8 @@ class RunState:
     reload_error: str | None = None  # file:line: why it was refused; None: it took effect
     activity: Activity = field(default_factory=Activity)
     version: str = __version__
+    # `Snapshot.generation` of the config in force: what `mailgate check` printed for it.
+    generation: str | None = None
 
 
 def state_path(pid_file: Path) -> Path:

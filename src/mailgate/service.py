@@ -37,8 +37,9 @@ class ServiceEvents(Protocol):
 
     def reloading(self) -> None: ...
 
-    def reloaded(self, error: str | None) -> None:
-        """A reload was answered: ``error`` (``file:line: …``) if it was refused."""
+    def reloaded(self, error: str | None, generation: str | None = None) -> None:
+        """A reload was answered: ``error`` (``file:line: …``) if it was refused, else the
+        new snapshot's ``generation``."""
 
     def activity(self, counts: Activity) -> None:
         """This process's counts, every `runstate.REPORT_INTERVAL`."""
@@ -58,7 +59,7 @@ class Unobserved:
     def reloading(self) -> None:
         pass
 
-    def reloaded(self, error: str | None) -> None:
+    def reloaded(self, error: str | None, generation: str | None = None) -> None:
         pass
 
     def activity(self, counts: Activity) -> None:
@@ -104,7 +105,12 @@ class Lifecycle(ServiceEvents):
     keep the pid file, the state file and systemd in step with the daemon's life."""
 
     def __init__(
-        self, config: Config, *, report_fd: int | None = None, notifier: Notifier | None = None
+        self,
+        config: Config,
+        *,
+        report_fd: int | None = None,
+        notifier: Notifier | None = None,
+        generation: str | None = None,
     ) -> None:
         self.notifier = notifier if notifier is not None else Notifier.from_environ()
         self.pid_file = PidFile(config.pid_file) if config.pid_file else None
@@ -119,6 +125,7 @@ class Lifecycle(ServiceEvents):
             workers=config.worker_processes,
             phase="starting",
             updated=now,
+            generation=generation,
         )
 
     def claim(self) -> None:
@@ -143,10 +150,14 @@ class Lifecycle(ServiceEvents):
             self._update(phase="reloading")
         self.notifier.reloading(status_line(self.state))
 
-    def reloaded(self, error: str | None) -> None:
+    def reloaded(self, error: str | None, generation: str | None = None) -> None:
         phase = "ready" if self.state.phase == "reloading" else self.state.phase
         self._update(
-            phase=phase, reloads=self.state.reloads + 1, reloaded=time.time(), reload_error=error
+            phase=phase,
+            reloads=self.state.reloads + 1,
+            reloaded=time.time(),
+            reload_error=error,
+            generation=generation if error is None and generation else self.state.generation,
         )
         if phase == "ready":
             self.notifier.ready(status_line(self.state))

@@ -6,6 +6,7 @@ of a transaction.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from mailgate.config import Config, ConfigError, load_config
 from mailgate.delivery.uucp import uux_warnings
 from mailgate.errors import SourceError
 from mailgate.routing import RoutingContext, class_w
-from mailgate.tables import Tables, load_tables
+from mailgate.tables import TABLE_FILES, Tables, load_tables
 from mailgate.tables.lint import lint
 from mailgate.tables.maps import TableError, TableWarning
 from mailgate.users import resolve_local_user
@@ -25,6 +26,9 @@ class Snapshot:
     config: Config
     tables: Tables
     routing: RoutingContext
+    # What `mailgate check` prints and `mailgate status` shows of the running daemon: the
+    # same figure means the same files, node file, variables and tables (`generation`).
+    generation: str = ""
 
     def warnings(self) -> list[TableWarning]:
         seen: set[str] = set()
@@ -54,7 +58,28 @@ def build_snapshot(config: Config) -> Snapshot:
         class_w=class_w(tables, config.hostname, listen_ips),
         local_user=local_user,
     )
-    return Snapshot(config, tables, ctx)
+    return Snapshot(config, tables, ctx, generation(config))
+
+
+GENERATION_DIGITS = 12
+
+
+def generation(config: Config) -> str:
+    """A hash of what the config was read from (`Config.digest`) and of each table file as
+    it is on disk now, so that a node's ``mailgate check`` and its daemon's ``status`` can
+    be compared: the rolling reload waits for them to agree. The tables are read a second
+    time for it, at load only (an edit between the two reads shows as a new generation)."""
+    digest = hashlib.sha256(config.digest.encode())
+    if config.tables_dir is not None:
+        for name in TABLE_FILES:
+            digest.update(f"\0{name}\0".encode())
+            try:
+                with open(config.tables_dir / name, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 16), b""):
+                        digest.update(block)
+            except OSError:
+                digest.update(b"-")  # no such table (or unreadable: load_tables said so)
+    return digest.hexdigest()[:GENERATION_DIGITS]
 
 
 def load_snapshot(path: str | Path | None) -> Snapshot:

@@ -21,10 +21,11 @@ import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
 
@@ -50,7 +51,7 @@ class Entry:
         return "deferred" if status.attempts else "incoming"
 
 
-def entries(spool: Spool, *, locks: bool = True) -> Iterator[Entry]:
+def entries(spool: Spool, *, locks: bool = True) -> Generator[Entry]:
     """The queue's messages in directory order (not sorted: sorting needs them all first).
     ``locks``: look whether each is locked (a non-blocking flock on the descriptor the entry
     is read through, ``Spool.peek``)."""
@@ -84,7 +85,7 @@ def _format_chunk(root: str, layout: str, qids: list[str]) -> tuple[str, int]:
     return "".join(text), listed
 
 
-def _entries_of(spool: Spool, qids: Iterable[str], *, locks: bool = True) -> Iterator[Entry]:
+def _entries_of(spool: Spool, qids: Iterable[str], *, locks: bool = True) -> Generator[Entry]:
     for qid in qids:
         try:
             peeked = spool.peek(qid, probe=locks)
@@ -142,28 +143,34 @@ def mailq_total(listed: int) -> str:
 
 
 def mailq_entry(entry: Entry) -> list[str]:
-    """One message as ``sendmail -bp`` prints it (``print_single_queue``): id and mark, size,
-    arrival, sender; the quarantine reason; the body type and the last deferral reason; each
-    recipient still pending, with its own last error when it differs from the message's.
+    """One message as ``sendmail -bp`` prints it: `mailq_lines` of its `entry_fields`."""
+    return mailq_lines(entry_fields(entry))
+
+
+def mailq_lines(fields: Mapping[str, Any]) -> list[str]:
+    """One message, given as `entry_fields` (or its JSON from another node), as ``sendmail
+    -bp`` prints it (``print_single_queue``): id and mark, size, arrival, sender; the
+    quarantine reason; the body type and the last deferral reason; each recipient still
+    pending, with its own last error when it differs from the message's.
 
     The mark after the id is Sendmail's ``*`` for a locked entry, or Postfix's ``!`` for one on
     hold (a held entry shows ``!`` even while a tool has it locked for a moment)."""
-    msg = entry.message
-    env, status = msg.envelope, msg.status
-    mark = "!" if status.held else "*" if entry.locked else " "
-    arrival = _minute(int(env.arrival // 60))
-    sender = f"<{env.sender}>"
-    lines = [f"{env.qid:>13}{mark}{msg.size:>8} {arrival} {sender}"]
-    if status.hold:
-        lines.append(f"     QUARANTINE: {status.hold[:60]}")
-    body_type = "8BITMIME" if env.body_8bit else ""
-    if status.last_message or body_type:
-        reason = f"   ({status.last_message[:60]})" if status.last_message else ""
+    queue_name = fields["queue_name"]
+    mark = "!" if queue_name == "hold" else "*" if queue_name == "active" else " "
+    arrival = _minute(int(fields["arrival_time"] // 60))
+    sender = f"<{fields['sender']}>"
+    lines = [f"{fields['queue_id']:>13}{mark}{fields['message_size']:>8} {arrival} {sender}"]
+    if fields.get("hold_reason"):
+        lines.append(f"     QUARANTINE: {fields['hold_reason'][:60]}")
+    last = fields.get("last_message") or ""
+    body_type = fields.get("body_type") or ""
+    if last or body_type:
+        reason = f"   ({last[:60]})" if last else ""
         lines.append(f"    {body_type:>10.10}{reason}")
-    for rcpt in status.pending(env.recipients):
-        lines.append(f"\t\t\t\t\t <{rcpt.address}>")
-        error = status.last_error(rcpt.address)
-        if error and error != status.last_message:
+    for rcpt in fields["recipients"]:
+        lines.append(f"\t\t\t\t\t <{rcpt['address']}>")
+        error = rcpt.get("delay_reason")
+        if error and error != last:  # its own error (the message's is shown above)
             lines.append(f"\t\t\t\t\t   ({error[:60]})")
     return lines
 
@@ -176,9 +183,11 @@ def _minute(minute: int) -> str:
     return time.strftime("%a %b %e %H:%M", time.localtime(minute * 60))
 
 
-def mailq_json(entry: Entry) -> str:
-    """One message as one line of JSON, with ``postqueue -j``'s fields (so tools written for
-    it read it) and ours: ``hold_reason`` (held only), ``attempts``, ``next_attempt``."""
+def entry_fields(entry: Entry) -> dict[str, Any]:
+    """One message as `mailq_json` writes it: ``postqueue -j``'s fields (so tools written
+    for it read it) and ours: ``hold_reason`` (held only), ``attempts``, ``next_attempt``,
+    and what the ``-bp`` layout shows besides, ``last_message`` (the message's last
+    deferral, when there is one) and ``body_type`` (``8BITMIME`` only)."""
     msg = entry.message
     env, status = msg.envelope, msg.status
     recipients = []
@@ -188,7 +197,7 @@ def mailq_json(entry: Entry) -> str:
         if reason:
             item["delay_reason"] = reason
         recipients.append(item)
-    obj: dict[str, object] = {
+    obj: dict[str, Any] = {
         "queue_name": entry.queue_name,
         "queue_id": env.qid,
         "arrival_time": int(env.arrival),
@@ -201,8 +210,17 @@ def mailq_json(entry: Entry) -> str:
         obj["hold_reason"] = status.hold
     obj["attempts"] = status.attempts
     obj["next_attempt"] = None if status.next_attempt is None else int(status.next_attempt)
-    # ASCII only: an address kept as raw bytes (surrogate escapes) is still valid JSON.
-    return json.dumps(obj, separators=(",", ":"))
+    if status.last_message:
+        obj["last_message"] = status.last_message
+    if env.body_8bit:
+        obj["body_type"] = "8BITMIME"
+    return obj
+
+
+def mailq_json(entry: Entry) -> str:
+    """One message as one line of JSON (`entry_fields`), ASCII only: an address kept as raw
+    bytes (surrogate escapes) is still valid JSON."""
+    return json.dumps(entry_fields(entry), separators=(",", ":"))
 
 
 _LAYOUTS: dict[str, Format] = {
@@ -260,6 +278,15 @@ class Shape:
                 row = self.rows[domain] = [0] * (self.buckets + 1)
             row[0] += 1
             row[b] += 1
+
+    def add_rows(self, rows: Mapping[str, Sequence[int]]) -> None:
+        """Another shape's rows (another node's, of the same buckets), added to these."""
+        for domain, counts in rows.items():
+            if len(counts) != self.buckets + 1:
+                raise ValueError(f"{domain}: {len(counts)} counts, not {self.buckets + 1}")
+            row = self.rows.setdefault(domain, [0] * (self.buckets + 1))
+            for i, n in enumerate(counts):
+                row[i] += int(n)
 
     def labels(self) -> list[str]:
         """``T``, then each bucket's upper limit in minutes, the last one ``N+``."""
