@@ -679,6 +679,23 @@ def test_a_milter_without_flags_is_accepted_unfiltered_as_in_sendmail(
     ]
 
 
+def test_a_milter_without_a_name_is_refused_and_the_rest_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mc = (
+        "FEATURE(no_default_msa)\n"
+        "INPUT_MAIL_FILTER(`', `S=inet:11332@localhost, F=T')dnl\n"
+        "INPUT_MAIL_FILTER(`opendkim', `S=inet:8891@localhost, F=T')dnl\n"
+    )
+    result = import_mc(tmp_path, mc, capsys=capsys)
+    assert result.status == 1
+    assert result.findings("refused") == [
+        f"{tmp_path / 'mail' / 'sendmail.mc'}:2: INPUT_MAIL_FILTER without a filter name:"
+        " not imported"
+    ]
+    assert [m.name for m in result.config.milter] == ["opendkim"]
+
+
 def test_privacy_flags_mailgate_does_not_act_on_are_said(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

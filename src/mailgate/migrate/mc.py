@@ -613,7 +613,11 @@ class _Mapper:
             self.warn(f"CLIENT_OPTIONS({call.arg(0)}): only Addr= has a mailgate equivalent")
 
     def mail_filter(self, call: m4.Call) -> None:
-        name = call.arg(0)
+        name = call.arg(0).strip()
+        if not name:
+            # Sendmail's readcf refuses an X line without a name as well.
+            self.warn(f"{call.name} without a filter name: not imported", kind="refused")
+            return
         self.filters[name] = _Filter(self.item, call.arg(1))
         if call.name == "INPUT_MAIL_FILTER":
             order = self.define("confINPUT_MAIL_FILTERS")
