@@ -679,19 +679,21 @@ def test_a_milter_without_flags_is_accepted_unfiltered_as_in_sendmail(
     ]
 
 
-def test_a_milter_without_a_name_is_refused_and_the_rest_loads(
+def test_a_milter_without_a_name_or_socket_is_refused_and_the_rest_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mc = (
         "FEATURE(no_default_msa)\n"
         "INPUT_MAIL_FILTER(`', `S=inet:11332@localhost, F=T')dnl\n"
         "INPUT_MAIL_FILTER(`opendkim', `S=inet:8891@localhost, F=T')dnl\n"
+        "INPUT_MAIL_FILTER(`nosocket', `F=T')dnl\n"
     )
     result = import_mc(tmp_path, mc, capsys=capsys)
     assert result.status == 1
+    mc_path = tmp_path / "mail" / "sendmail.mc"
     assert result.findings("refused") == [
-        f"{tmp_path / 'mail' / 'sendmail.mc'}:2: INPUT_MAIL_FILTER without a filter name:"
-        " not imported"
+        f"{mc_path}:2: INPUT_MAIL_FILTER without a filter name: not imported",
+        f"{mc_path}:4: mail filter nosocket: S=: expected a non-empty string: not imported",
     ]
     assert [m.name for m in result.config.milter] == ["opendkim"]
 

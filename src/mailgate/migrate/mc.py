@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from mailgate.config import Key, TomlValue, keys, parse_size, toml_literal
+from mailgate.config import Key, TomlValue, keys, parse_milter_socket, parse_size, toml_literal
 from mailgate.errors import where
 from mailgate.migrate import m4, meanings
 from mailgate.migrate.sendmail_names import CONF_NAMES, FEATURES, MAILERS, OPTIONS
@@ -883,6 +883,13 @@ class _Mapper:
                 continue
             self.item = flt.item
             fields_ = {k[:1].upper(): v for k, v in _spec_fields(flt.spec)}
+            try:
+                parse_milter_socket(fields_.get("S", ""))
+            except ValueError as exc:
+                # Sendmail would log the filter as unusable at each connection and apply its
+                # F= action; an entry that does not load would stop the whole config here.
+                self.warn(f"mail filter {name}: S=: {exc}: not imported", kind="refused")
+                continue
             flags = fields_.get("F", "")
             action = "reject" if "R" in flags else "tempfail" if "T" in flags else "accept"
             if action == "accept":
