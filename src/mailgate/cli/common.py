@@ -1,0 +1,124 @@
+"""What the commands share: loading the config, the log of a command, argument types."""
+
+from __future__ import annotations
+
+import io
+import sys
+from dataclasses import replace
+from typing import TYPE_CHECKING, TextIO
+
+from mailgate import maillog
+from mailgate.config import Config, ConfigError, LogSettings, load_config
+from mailgate.snapshot import Snapshot, load_snapshot
+from mailgate.tables.maps import TableError
+
+if TYPE_CHECKING:
+    from mailgate.control import Outcome
+
+STOP_MARGIN = 20.0  # seconds `mailgate stop` waits beyond stop_grace (the last cancellations)
+
+
+def snapshot_or_exit(path: str | None) -> Snapshot:
+    try:
+        return load_snapshot(path)
+    except (ConfigError, TableError) as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def config_or_exit(path: str | None) -> Config:
+    """The settings alone: ``stop`` and ``status`` work whatever state the tables are in."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"mailgate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def open_log(hostname: str, log: maillog.LogOptions) -> bool:
+    try:
+        maillog.setup(hostname, log)
+    except OSError as exc:
+        print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def command_log(log: LogSettings) -> LogSettings:
+    """The log of a command an admin runs (``flush``, the queue tools): the daemon's, but the
+    JSON copy only to its file, never to stdout, which is the admin's."""
+    return replace(log, json=log.json and log.json_file is not None)
+
+
+def lost_when_detached(log: LogSettings) -> list[str]:
+    """What ``serve --daemon`` would write to stderr or stdout, /dev/null once detached."""
+    lost = []
+    if maillog.text_target(log) == "stderr":
+        lost.append('[log] target is stderr (no file, not "syslog"): the daemon\'s log is lost')
+    if log.json and log.json_file is None:
+        lost.append("[log] json goes to stdout (no json_file): the daemon's JSON lines are lost")
+    return lost
+
+
+def checked_snapshot(path: str | None) -> Snapshot | None:
+    """What ``mailgate check`` checks: the config and every table it names, warnings
+    printed; None (the error printed, file:line) when it does not load."""
+    try:
+        snapshot = load_snapshot(path)
+    except (ConfigError, TableError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    for w in snapshot.warnings():
+        print(f"warning: {w}")
+    return snapshot
+
+
+def report_outcome(outcome: Outcome) -> int:
+    print(f"mailgate: {outcome.text}", file=sys.stderr if outcome.error else sys.stdout)
+    return outcome.code
+
+
+def text_out() -> TextIO:
+    """stdout, writing what it cannot encode (an address kept as raw bytes) as escapes, as
+    Sendmail's mailq prints unprintable characters, rather than failing mid-listing."""
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    return sys.stdout
+
+
+def duration(text: str) -> float:
+    """``"5m"``, ``"90s"`` or a number of seconds, as in the config."""
+    from mailgate.config import parse_duration
+
+    return parse_duration(text)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``mx2.example.com:25``, ``192.0.2.2:25`` or ``[2001:db8::2]:25``."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(text)
+    return host, int(port)
+
+
+def seconds(text: str) -> float:
+    """A number of seconds, 0 or more (argparse names the function in its error)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def minutes(text: str) -> float:
+    value = seconds(text)
+    if value == 0:
+        raise ValueError(text)
+    return value
+
+
+def positive_integer(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
