@@ -344,10 +344,9 @@ class SmtpServerProtocol(asyncio.Protocol):
             # Input or EOF before the greeting is pre-greeting traffic, as for Sendmail (whose
             # select() sees an EOF as readable); a hang-up ends the pause at once, so the
             # session does not hold its place for it.
-            talked = self.conn.pending_bytes or self.conn.peer_closed or self.closed
-            if remaining > 0 and not talked and self.closing_reply is None:
+            if remaining > 0 and not self._talked_first() and self.closing_reply is None:
                 await self.wait_input(remaining)
-            if self.conn.pending_bytes or self.conn.peer_closed or self.closed:
+            if self._talked_first():
                 self.send(session.early_talk(int(time.monotonic() - self.connected_at)).reply)
                 return session
         if self.closing_reply is not None:
@@ -359,6 +358,10 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.host.count(_GREETED)
         self.send(session.greeting().reply)
         return session
+
+    def _talked_first(self) -> bool:
+        """Input, an EOF or a hang-up before the greeting: pre-greeting traffic."""
+        return bool(self.conn.pending_bytes or self.conn.peer_closed or self.closed)
 
     async def loop(self, session: Session) -> None:
         cfg = self.snap.config
