@@ -456,19 +456,26 @@ def test_an_unknown_local_user_is_named_in_its_log_line(tmp_path: Path, log: Pat
     run(go)
 
 
+async def refused_bounce(w: World) -> QueuedMessage:
+    """A message refused by its hop, then its bounce refused by the sender's: the bounce,
+    after that attempt (``w.reports`` holds it and what came of it)."""
+    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
+    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
+    msg = await w.queue("y@hop.test")
+    assert await attempt(w.ctx, msg.qid, msg) is None
+    [bounce] = w.reports
+    assert await attempt(w.ctx, bounce.qid, bounce) is None  # its sender's MX refuses it
+    return bounce
+
+
 def test_a_failed_bounce_goes_to_the_postmaster_once(tmp_path: Path, log: Path) -> None:
     """Sendmail's double bounce: a bounce that cannot be delivered is reported to the
     postmaster (never to its null sender), with the bounce attached; a postmaster notify
     that fails in turn is logged, not reported again."""
     w = World(tmp_path)
-    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
-    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
 
     async def go() -> None:
-        msg = await w.queue("y@hop.test")
-        assert await attempt(w.ctx, msg.qid, msg) is None
-        [bounce] = w.reports
-        assert await attempt(w.ctx, bounce.qid, bounce) is None  # its sender's MX refuses it
+        bounce = await refused_bounce(w)
         assert w.smtp.delivered() == ["y@hop.test", SENDER]
         [_, notice] = w.reports
         notice.close()
@@ -503,14 +510,9 @@ def test_double_bounce_address_names_who_gets_them(tmp_path: Path, log: Path) ->
     """Sendmail's DoubleBounceAddress: an address of another domain gets the notice (routed
     like any mail), and the notice says so in its To:."""
     w = World(tmp_path, settings='[queue]\ndouble_bounce_address = "mailops@hop.test"\n')
-    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
-    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
 
     async def go() -> None:
-        msg = await w.queue("y@hop.test")
-        assert await attempt(w.ctx, msg.qid, msg) is None
-        [bounce] = w.reports
-        assert await attempt(w.ctx, bounce.qid, bounce) is None
+        await refused_bounce(w)
         [_, notice] = w.reports
         notice.close()
         assert [r.address for r in notice.envelope.recipients] == ["mailops@hop.test"]
@@ -523,14 +525,9 @@ def test_double_bounce_address_names_who_gets_them(tmp_path: Path, log: Path) ->
 
 def test_an_empty_double_bounce_address_drops_them_with_a_line(tmp_path: Path, log: Path) -> None:
     w = World(tmp_path, settings='[queue]\ndouble_bounce_address = ""\n')
-    w.smtp.script["y@hop.test"] = Reply(550, "5.1.1", "<y@hop.test>... User unknown")
-    w.smtp.script[SENDER] = Reply(550, "5.1.1", f"<{SENDER}>... User unknown")
 
     async def go() -> None:
-        msg = await w.queue("y@hop.test")
-        assert await attempt(w.ctx, msg.qid, msg) is None
-        [bounce] = w.reports
-        assert await attempt(w.ctx, bounce.qid, bounce) is None
+        bounce = await refused_bounce(w)
         assert len(w.reports) == 1 and w.queued() == []
         assert log_lines(log, "double bounce dropped") == [
             f"{bounce.qid}: double bounce dropped (double_bounce_address is empty): User unknown"
