@@ -508,7 +508,9 @@ def test_stop_finishes_the_message_in_flight_and_its_delivery(tmp_path: Path, wo
         with gw:
             assert gw.proc is not None
             wait_until(lambda: (gw.spool / "mailgate.pid").exists(), "the daemon to be ready")
-            idle = RawSmtp(gw.host, gw.port, source=CLIENT)
+            # The 421 comes once the stop command has started and signalled: a hang guard of
+            # 30 s, as a loaded machine may take seconds to start a Python program.
+            idle = RawSmtp(gw.host, gw.port, source=CLIENT, timeout=30.0)
             assert idle.read_reply().code == 220
             assert idle.cmd("EHLO client.example.net").code == 250
             busy = open_data(gw)
