@@ -96,6 +96,7 @@ MAIL: Final = b"M"
 EOH: Final = b"N"
 OPTNEG: Final = b"O"
 QUIT: Final = b"Q"
+QUIT_NC: Final = b"K"  # quit, a new connection follows on this one (Sendmail 8.14+)
 RCPT: Final = b"R"
 DATA: Final = b"T"
 UNKNOWN: Final = b"U"
@@ -185,7 +186,7 @@ def encode_unknown(line: str) -> bytes:
 
 
 def encode_bare(command: bytes) -> bytes:
-    """A packet without data: DATA, EOH, end of body, ABORT, QUIT."""
+    """A packet without data: DATA, EOH, end of body, ABORT, QUIT, QUIT_NC."""
     return packet(command)
 
 

@@ -2,11 +2,12 @@
 
 ``FilterSession`` knows what was negotiated and where the session is: each event method
 (``connect``, ``helo``, ``mail``, ``rcpt``, ``data``, ``unknown``, ``header``, ``eoh``,
-``body``, ``end_of_message``, ``abort``, ``quit``) returns the bytes to write (its macros
-first, then the event, or nothing at all when the filter asked not to get it) and whether a
-reply must be read before the next event; received bytes go to ``receive_data`` and
-``next_reply`` hands out the filter's replies one at a time, each checked against the event
-it answers. No sockets, no clock: ``milter/client.py`` does the writing, reading and timing.
+``body``, ``end_of_message``, ``abort``, ``quit``, ``quit_new_connection``) returns the bytes
+to write (its macros first, then the event, or nothing at all when the filter asked not to
+get it) and whether a reply must be read before the next event; received bytes go to
+``receive_data`` and ``next_reply`` hands out the filter's replies one at a time, each checked
+against the event it answers. No sockets, no clock: ``milter/client.py`` does the writing,
+reading and timing.
 
 What is checked, as Postfix's ``milter8.c`` does (and Sendmail's ``milter.c`` where they
 differ in strictness): a negotiated version of 2..6 whose actions are a subset of the ones
@@ -285,6 +286,14 @@ class FilterSession:
     def quit(self) -> bytes:
         was_open, self.open = self.open, False
         return codec.encode_bare(codec.QUIT) if was_open and self.awaiting is None else b""
+
+    def quit_new_connection(self) -> bytes:
+        """QUIT_NC: the filter's session ends and the connection stays for another, whose
+        first event is CONNECT; the negotiation holds. Only between transactions."""
+        if not self.open or self.in_message or self.awaiting is not None:
+            raise RuntimeError("QUIT_NC outside an open, idle filter session")
+        self.message_accepted = self.skip_body = False
+        return codec.encode_bare(codec.QUIT_NC)
 
     # -- replies -------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
