@@ -143,7 +143,9 @@ def _text(value: str) -> bytes:
     as surrogates) back as they were. A NUL would end the string early: none can come from
     SMTP (the protocol refuses it), so one here is a bug."""
     data = value.encode("utf-8", "surrogateescape")
-    if b"\0" in data:
+    # ``0 in``, not ``b"\0" in``: bytes' ``in`` first tries its operand as an int, and a
+    # bytes operand costs a TypeError made (its message formatted) and cleared each time.
+    if 0 in data:
         raise ValueError(f"NUL in a milter string: {value!r}")
     return data
 
@@ -403,7 +405,7 @@ def parse_reply(command: int, data: bytes) -> Reply:
     if name == "y":
         # Not a C string for Postfix (it reads the whole buffer); libmilter sends the NUL.
         text = data[:-1] if data.endswith(b"\0") else data
-        if b"\0" in text:
+        if 0 in text:
             raise MilterProtocolError("'y' reply holds a NUL")
         return Verdict("y", text.decode("utf-8", "surrogateescape"))
     fields = _Data(name, data)
