@@ -97,26 +97,20 @@ class _Effect:
 class _Filter:
     """One configured filter in this session, and what its failure left behind."""
 
-    __slots__ = ("client", "counts", "failed", "hold_all", "settings")
+    __slots__ = ("client", "counts", "failed", "hold_all", "name", "session", "settings")
 
     def __init__(self, settings: MilterSettings, counts: metrics.MilterCounts) -> None:
         self.settings = settings
+        self.name = settings.name
         self.counts = counts
         # A connection kept from an earlier session (reuse_connections), or a new one.
         self.client = pool.take(settings) or FilterClient(settings)
+        self.session: FilterSession = self.client.session  # read by every event: no property
         self.failed: Reply | None = None  # tempfail / reject default action: every event
         self.hold_all = False  # quarantine default action: every message
 
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    @property
-    def session(self) -> FilterSession:
-        return self.client.session
-
     def usable(self, stage: Stage) -> bool:
-        return self.client.connected and self.session.wants(stage)
+        return self.client.transport is not None and self.session.wants(stage)
 
 
 def applies(settings: MilterSettings, local: tuple[str, int]) -> bool:

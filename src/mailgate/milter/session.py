@@ -88,7 +88,12 @@ class Outgoing(NamedTuple):
 NOTHING: Final = Outgoing(b"", False)
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=256)
+def macro_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of macros as the wire names them (the same lists come on every connection)."""
+    return tuple(macro_name(n) for n in names)
+
+
 def macro_name(name: str) -> str:
     """A macro's name as the wire has it: one letter bare, longer ones in braces."""
     name = name.strip()
@@ -169,7 +174,7 @@ class FilterSession:
         the filter names its own in OPTNEG; ``actions`` and ``steps``: what we offer."""
         self.offered_actions = actions
         self.offered_steps = steps
-        self.macro_lists = {k: tuple(macro_name(n) for n in v) for k, v in macro_lists.items()}
+        self.macro_lists = {k: macro_names(tuple(v)) for k, v in macro_lists.items()}
         self.reader = codec.PacketReader()
         self.version = 0
         self.actions = Action(0)
@@ -208,7 +213,7 @@ class FilterSession:
             answer.version, int(answer.steps), int(self.offered_steps)
         )
         for command, names in answer.macros.items():
-            self.macro_lists[command] = tuple(macro_name(n) for n in names)
+            self.macro_lists[command] = macro_names(names)
         self.open = True
 
     # -- events --------------------------------------------------------------------------------
