@@ -81,7 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", action="store_true", help="keep the callgrind outputs")
     ap.add_argument("--milter", choices=("opendkim", "rspamd"), help="one real filter in the path")
+    ap.add_argument(
+        "--milter-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the filter's [[milter]] entry, VALUE in TOML (repeatable)",
+    )
     args = ap.parse_args(argv)
+    for item in args.milter_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--milter-set {item}: want KEY=VALUE")
+        relays.EXTRA_SETTINGS.setdefault("milter", {})[key.strip()] = value.strip()
     if shutil.which("valgrind") is None:
         print("valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
         return 2

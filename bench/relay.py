@@ -992,7 +992,8 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         metavar="[SECTION.]KEY=VALUE",
         help="extra mailgate setting for every mailgate started, VALUE in TOML, "
-        "e.g. workers=0 or smtp.max_connections=30000 (repeatable)",
+        "e.g. workers=0 or smtp.max_connections=30000, milter.KEY for the --milter "
+        "filter's [[milter]] entry (repeatable)",
     )
     ap.add_argument(
         "--no-snapshot",

@@ -52,7 +52,8 @@ def own_session() -> bool:
     return SCHED_GROUP == "own"
 
 
-# relay.py --mailgate-set: {"section": {"key": "toml value"}}, "" = top level; applied last.
+# relay.py --mailgate-set: {"section": {"key": "toml value"}}, "" = top level; applied last;
+# "milter" goes to the --milter filter's [[milter]] entry.
 EXTRA_SETTINGS: dict[str, dict[str, str]] = {}
 # relay.py --milter: the port of the one filter both relays use (mailgate's [[milter]],
 # Postfix's smtpd_milters), default action tempfail in both.
@@ -312,7 +313,8 @@ class MailgateRelay:
             "log": {"file": f'"{self.dir / "maillog"}"'},
         }
         for sec, kv in [*settings.items(), *EXTRA_SETTINGS.items()]:
-            sections.setdefault(sec, {}).update(kv)
+            if sec != "milter":  # the [[milter]] entry's, below
+                sections.setdefault(sec, {}).update(kv)
         text = (
             f'hostname = "gateway.example.com"\nlisten = ["{HOST}:{self.port}"]\n'
             f'spool_dir = "spool"\n'
@@ -325,6 +327,7 @@ class MailgateRelay:
                 f'\n[[milter]]\nname = "bench"\nsocket = "inet:{MILTER_PORT}@{HOST}"\n'
                 'default_action = "tempfail"\n'
             )
+            text += "".join(f"{k} = {v}\n" for k, v in EXTRA_SETTINGS.get("milter", {}).items())
         self.config = self.dir / "mailgate.toml"
         self.config.write_text(text)
         routes = routes or single_route(sink_port)

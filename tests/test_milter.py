@@ -12,12 +12,13 @@ import smtplib
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from kilter.protocol import messages as km
 
 from tests.support.gateway import GatewayProcess, free_port, mailgate_command, run_cli
-from tests.support.milter import TestMilter
+from tests.support.milter import QuitNewConnection, TestMilter
 from tests.support.scrape import scrape, value
 from tests.support.sink import SinkServer
 from tests.support.world import (
@@ -824,3 +825,123 @@ def test_no_filter_no_milter_connection(
         assert send(gw, message("unfiltered")).accepted
         hop1.wait_subject("unfiltered")
         assert lonely.connections == []
+
+
+# -- connections kept between sessions (reuse_connections) -----------------------------------------
+# The tests run in this order: each leaves the pool as the next expects it.
+
+
+@pytest.fixture(scope="module")
+def kept() -> Iterator[TestMilter]:
+    with TestMilter() as m:
+        yield m
+
+
+@pytest.fixture(scope="module")
+def keeping(module_gateway: GatewayFactory, world: World, kept: TestMilter) -> GatewayProcess:
+    """The filter on a second listener (``keeping.filtered``), which the start-up probe of the
+    first does not touch: every connection the filter sees is a test's."""
+    probe, filtered = free_port(), free_port()
+    gw = module_gateway(
+        world.but(
+            settings=f'listen = ["127.0.0.1:{probe}", "127.0.0.1:{filtered}"]\n'
+            + milter_entry(
+                "kept",
+                kept.socket,
+                reuse_connections="1",
+                read_timeout='"1s"',
+                listen=f'["127.0.0.1:{filtered}"]',
+            )
+        ),
+        start=False,
+    )
+    gw.port = probe
+    gw.start()
+    gw.filtered = filtered  # type: ignore[attr-defined]
+    return gw
+
+
+def sessions_on(connection: list[km.Message]) -> list[list[str]]:
+    """One connection's events cut at each QUIT_NC, by class name, macros left out."""
+    cut: list[list[str]] = [[]]
+    for m in connection:
+        if isinstance(m, QuitNewConnection):
+            cut.append([])
+        elif not isinstance(m, km.Macro):
+            cut[-1].append(type(m).__name__)
+    return cut
+
+
+def last_events(milter: TestMilter) -> list[str]:
+    with milter.lock:
+        return sorted(type(c[-1]).__name__ for c in milter.connections if c)
+
+
+def closed_by_gateway(port: int) -> bool:
+    """No socket to ``port`` is left half-closed (CLOSE_WAIT, state 08): the gateway has
+    seen the filter close each of its connections, and closed its side."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return not any(
+        f[3] == "08" and int(f[2].split(":")[1], 16) == port for f in (x.split() for x in lines)
+    )
+
+
+def test_a_kept_connection_serves_the_next_sessions(
+    keeping: GatewayProcess, kept: TestMilter, hop1: SinkServer
+) -> None:
+    port = keeping.filtered  # type: ignore[attr-defined]
+    for n in range(3):
+        assert send(keeping, message(f"kept {n}"), port=port).accepted
+        hop1.wait_subject(f"kept {n}")
+    wait_until(lambda: last_events(kept) == ["QuitNewConnection"], "the third QUIT_NC")
+    [connection] = kept.connections  # one connection, negotiated once, for all three
+    first, *more, idle = sessions_on(connection)
+    assert first[0] == "Negotiate"
+    assert len(more) == 2 and first[1:] == more[0] == more[1]
+    assert first[1:4] == ["Connect", "Helo", "EnvelopeFrom"] and first[-1] == "EndOfMessage"
+    assert idle == []  # the third's QUIT_NC: kept, idle
+
+
+def test_a_failure_on_a_kept_connection_is_the_default_action(
+    keeping: GatewayProcess, kept: TestMilter
+) -> None:
+    kept.configure(hang_at="Connect")  # the kept connection stops answering
+    port = keeping.filtered  # type: ignore[attr-defined]
+    with smtplib.SMTP(keeping.host, port, source_address=(OUTSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        assert s.mail("alice@example.org") == (451, b"4.7.1 Service unavailable - try again later")
+    keeping.wait_log(
+        "Milter (kept): timeout before data read, where=connect, default_action=tempfail"
+    )
+    assert kept.connections == []  # no new connection: the kept one was used, and failed
+
+
+def test_a_kept_connection_the_filter_closed_is_not_used(
+    keeping: GatewayProcess, kept: TestMilter
+) -> None:
+    kept.configure(die_at="QuitNewConnection")  # the filter closes what we would keep
+    port = keeping.filtered  # type: ignore[attr-defined]
+    assert send(keeping, message("then closed"), port=port).accepted
+    wait_until(lambda: last_events(kept) == ["QuitNewConnection"], "the filter's close")
+    wait_until(lambda: closed_by_gateway(kept.port), "the gateway's side closed")
+    assert send(keeping, message("on a new one"), port=port).accepted
+    wait_until(lambda: len(last_events(kept)) == 2, "a second connection")
+    assert [type(c[0]).__name__ for c in kept.connections] == ["Negotiate"] * 2
+
+
+def test_at_most_reuse_connections_are_kept(keeping: GatewayProcess, kept: TestMilter) -> None:
+    kept.configure()
+    wait_until(lambda: closed_by_gateway(kept.port), "the last one closed by the filter")
+    port = keeping.filtered  # type: ignore[attr-defined]
+    first = smtplib.SMTP(keeping.host, port, source_address=(OUTSIDE, 0))
+    second = smtplib.SMTP(keeping.host, port, source_address=(OUTSIDE, 0))
+    first.quit()
+    wait_until(lambda: "QuitNewConnection" in last_events(kept), "the first session kept")
+    second.quit()
+    ended = {"Close", "QuitNewConnection"}
+    wait_until(
+        lambda: len(last_events(kept)) == 2 and set(last_events(kept)) <= ended,
+        "both sessions' ends",
+    )
+    # The first to end is kept (QUIT_NC); the second finds the one place taken (QUIT).
+    assert last_events(kept) == ["Close", "QuitNewConnection"]

@@ -18,7 +18,7 @@ import pytest
 
 from mailgate.config import parse_config
 from tests.support.filters import EICAR, GTUBE, ClamavMilter, OpenDkim, Rspamd
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayProcess, free_port
 from tests.support.sink import SinkServer
 from tests.support.world import (
     OUTSIDE,
@@ -79,9 +79,13 @@ def gw(
 
 
 def send(
-    gw: GatewayProcess, source: str, content: bytes, rcpt: str = "bob@targetdomain1.com"
+    gw: GatewayProcess,
+    source: str,
+    content: bytes,
+    rcpt: str = "bob@targetdomain1.com",
+    port: int | None = None,
 ) -> tuple[int, str]:
-    with smtplib.SMTP(gw.host, gw.port, source_address=(source, 0), timeout=30) as s:
+    with smtplib.SMTP(gw.host, port or gw.port, source_address=(source, 0), timeout=30) as s:
         s.ehlo("client.example.net")
         assert s.mail("alice@example.org")[0] == 250
         assert s.rcpt(rcpt)[0] == 250
@@ -203,3 +207,61 @@ def test_clamav_finds_eicar_offline(
     assert send(gw, OUTSIDE, message("clean"))[0] == 250
     [msg] = hop1.wait_subject("clean")
     assert b"\r\nX-Virus-Status: Clean\r\n" in msg.data
+
+
+# -- QUIT_NC: a connection kept for the next session (reuse_connections) ---------------------------
+
+
+def kept_for(gf: GatewayFactory, world: World, name: str, socket: str, more: str) -> tuple:
+    """A gateway whose filter serves a second listener only (which the start-up probe of the
+    first does not touch), and that listener's port."""
+    probe, filtered = free_port(), free_port()
+    gw = gf(
+        world.but(
+            settings=f'listen = ["127.0.0.1:{probe}", "127.0.0.1:{filtered}"]\n'
+            f'[[milter]]\nname = "{name}"\nsocket = "{socket}"\nreuse_connections = 1\n'
+            f'listen = ["127.0.0.1:{filtered}"]\n{more}'
+        ),
+        start=False,
+    )
+    gw.port = probe
+    gw.start()
+    return gw, filtered
+
+
+def test_rspamd_takes_quit_nc_and_serves_the_next_sessions(
+    module_gateway: GatewayFactory, hop1: SinkServer, mx_port: int, rspamd: Rspamd
+) -> None:
+    log = rspamd.dir / "rspamd.log"
+    accepted = "accepted milter connection"
+    world = issue_world(hop1.port, mx_port)
+    gw, port = kept_for(module_gateway, world, "rspamd", rspamd.socket, "")
+    before = log.read_text().count(accepted)
+    for n in range(3):
+        assert send(gw, OUTSIDE, message(f"scanned {n}"), port=port)[0] == 250
+        [msg] = hop1.wait_subject(f"scanned {n}")
+        assert b"\r\nX-Spam-Status: No, score=" in msg.data
+    gtube = message("gtube again", body=GTUBE + b"\r\n")
+    assert send(gw, OUTSIDE, gtube, port=port) == (554, "5.7.1 Gtube pattern")
+    assert log.read_text().count(accepted) - before == 1  # one connection for the four
+
+
+def test_opendkim_ignores_quit_nc_after_it_accepted_a_message(
+    module_gateway: GatewayFactory, hop1: SinkServer, mx_port: int, opendkim: OpenDkim
+) -> None:
+    """libmilter's state machine takes QUIT_NC only after an end of message answered
+    *continue*; OpenDKIM accepts every message it signs, so the kept connection's next
+    CONNECT gets no answer: the failure of a reused connection is the default action and
+    the filter's line, as on a new one (why reuse is off unless a filter is known to take it)."""
+    world = issue_world(hop1.port, mx_port)
+    timeout = 'read_timeout = "1s"\n'
+    gw, port = kept_for(module_gateway, world, "opendkim", opendkim.socket, timeout)
+    assert send(gw, INSIDE, message("signed, then kept"), port=port)[0] == 250
+    [msg] = hop1.wait_subject("signed, then kept")
+    assert msg.data.startswith(b"DKIM-Signature: ")
+    with smtplib.SMTP(gw.host, port, source_address=(INSIDE, 0)) as s:
+        s.ehlo("client.example.net")
+        assert s.mail("alice@example.org") == (451, b"4.7.1 Service unavailable - try again later")
+    gw.wait_log(
+        "Milter (opendkim): timeout before data read, where=connect, default_action=tempfail"
+    )

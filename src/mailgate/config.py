@@ -805,6 +805,11 @@ class MilterSettings:
         "the `listen` addresses whose sessions it filters",
         shown="all of them",
     )
+    reuse_connections: int = setting(
+        _int(0),
+        0,
+        "idle connections kept for later SMTP sessions (SMFIC_QUIT_NC); 0: one per session",
+    )
     connect_macros: tuple[str, ...] = setting(
         _macro_list,
         [

@@ -35,7 +35,7 @@ from kilter.protocol.buffer import SimpleBuffer
 from tests.support.wait import wait_until
 
 # The events that get no reply (and the negotiation, answered by the script's own rules).
-_NO_REPLY = (km.Macro, km.Abort, km.Close)
+_NO_REPLY = (km.Macro, km.Abort, km.Close)  # and QuitNewConnection (below)
 # What a connection that only connected and left gets.
 _CONNECTION_ONLY = (km.Negotiate, km.Connect, km.Macro, km.Close)
 # Event class name → the ProtocolFlags bit that says "no reply" for it.
@@ -185,7 +185,8 @@ class TestMilter:
             while True:
                 while len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[:4], "big"):
                     size = 4 + int.from_bytes(data[:4], "big")
-                    message, data = _unpack(data[:size]), data[size:]
+                    packet, data = data[:size], data[size:]
+                    message: Any = QuitNewConnection() if packet[4:5] == b"K" else _unpack(packet)
                     name = type(message).__name__
                     with self.lock:
                         events.append(message)
@@ -209,7 +210,7 @@ class TestMilter:
     ) -> Sequence[km.Message]:
         if isinstance(message, km.Negotiate):
             return [self.negotiation]
-        if isinstance(message, _NO_REPLY):
+        if isinstance(message, (*_NO_REPLY, QuitNewConnection)):
             return []
         if self.script is not None:
             scripted = self.script(message)
@@ -224,6 +225,16 @@ class TestMilter:
             if rcpt in self.rcpt_replies:
                 return self.rcpt_replies[rcpt]
         return self.replies.get(name, [km.Continue()])
+
+
+class QuitNewConnection:
+    """SMFIC_QUIT_NC, which kilter does not know: this session ends, another follows on the
+    same connection (with CONNECT, not a new negotiation). Not answered."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QuitNewConnection)
+
+    __hash__ = object.__hash__
 
 
 def _unpack(packet: bytes) -> km.Message:

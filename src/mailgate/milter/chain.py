@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Final, Literal
 from mailgate import __version__, maillog, metrics
 from mailgate.address import AddressError, parse_path_arg
 from mailgate.config import MilterSettings
-from mailgate.milter import codec
+from mailgate.milter import codec, pool
 from mailgate.milter.client import FilterClient, MilterFailure
 from mailgate.milter.codec import Step
 from mailgate.milter.hold import hold_message
@@ -97,25 +97,20 @@ class _Effect:
 class _Filter:
     """One configured filter in this session, and what its failure left behind."""
 
-    __slots__ = ("client", "counts", "failed", "hold_all", "settings")
+    __slots__ = ("client", "counts", "failed", "hold_all", "name", "session", "settings")
 
     def __init__(self, settings: MilterSettings, counts: metrics.MilterCounts) -> None:
         self.settings = settings
+        self.name = settings.name
         self.counts = counts
-        self.client = FilterClient(settings)
+        # A connection kept from an earlier session (reuse_connections), or a new one.
+        self.client = pool.take(settings) or FilterClient(settings)
+        self.session: FilterSession = self.client.session  # read by every event: no property
         self.failed: Reply | None = None  # tempfail / reject default action: every event
         self.hold_all = False  # quarantine default action: every message
 
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    @property
-    def session(self) -> FilterSession:
-        return self.client.session
-
     def usable(self, stage: Stage) -> bool:
-        return self.client.connected and self.session.wants(stage)
+        return self.client.transport is not None and self.session.wants(stage)
 
 
 def applies(settings: MilterSettings, local: tuple[str, int]) -> bool:
@@ -206,9 +201,14 @@ class MilterChain:
                 return exc
             return None
 
-        # All at once: one filter's connect timeout does not add to the next one's.
-        failures = await asyncio.gather(*(open_one(f) for f in self.filters))
-        for f, failure in zip(self.filters, failures, strict=True):
+        # All at once: one filter's connect timeout does not add to the next one's. A
+        # connection kept from an earlier session is open already.
+        closed = [f for f in self.filters if not f.client.connected]
+        if len(closed) == 1:
+            failures = [await open_one(closed[0])]
+        else:
+            failures = await asyncio.gather(*(open_one(f) for f in closed))
+        for f, failure in zip(closed, failures, strict=True):
             if failure is not None:
                 effect = self._failed(f, failure, None)
                 if effect is not None:
@@ -607,9 +607,15 @@ class MilterChain:
         for f in self.filters:
             f.client.quit()
 
-    def close(self) -> None:
-        """QUIT, or the connection is gone: each filter gets QUIT and its socket closes."""
-        self._close_all()
+    def close(self, keep: bool = True) -> None:
+        """QUIT, or the connection is gone: each filter gets QUIT and its socket closes, or,
+        for a filter with ``reuse_connections`` and ``keep``, QUIT_NC and its connection is
+        kept for a later session (``milter/pool.py``)."""
+        for f in self.filters:
+            if keep:
+                pool.release(f.client)
+            else:
+                f.client.quit()
 
 
 def _rcpt_params(rcpt: Recipient) -> list[str]:

@@ -29,6 +29,12 @@ from mailgate.milter.codec import MilterProtocolError
 from mailgate.milter.session import FilterSession, Outgoing, Stage
 
 PENDING_MAX = 256 * 1024  # unanswered events held back, and the socket buffer, at most
+_PROGRESS = codec.parse_reply(ord("p"), b"")  # the one Progress the codec hands out
+
+
+def _no_clock() -> float:
+    raise RuntimeError("no loop: the filter connection was not opened")
+
 
 # Why a filter failed, as the metrics count it (mailgate_milter_failures_total's reason).
 FailureReason = Literal["connect", "timeout", "closed", "protocol", "io"]
@@ -64,12 +70,15 @@ class FilterClient(asyncio.Protocol):
             }
         )
         self.transport: asyncio.Transport | None = None
+        self.reused = False  # taken from the idle connections (milter/pool.py), not opened
         self.pending = bytearray()  # events not answered, not written yet
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._clock = _no_clock
         self._broken: tuple[str, FailureReason] | None = None  # seen outside a wait
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[codec.Reply | None] | None = None  # None: look again
         self._received = 0  # data_received calls (for "timeout before/during data read")
         self._deadline = 0.0
+        self._timeout = 0.0  # the wait's, for the progress replies data_received reads
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._timed_out = False
@@ -81,18 +90,35 @@ class FilterClient(asyncio.Protocol):
         return self.transport is not None
 
     # -- the protocol's callbacks ------------------------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # A write is waited for only when more than this is left unsent in its buffer.
         self.transport.set_write_buffer_limits(high=PENDING_MAX)
 
     def data_received(self, data: bytes) -> None:
+        """The filter's bytes; the reply a wait is for, once whole, completes it here (the
+        waiting task gets it as the future's result, and parses nothing more itself)."""
         self._received += 1
+        session = self.session
         try:
-            self.session.receive_data(data)
+            session.receive_data(data)
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                return  # a reply that comes between two waits is read by the next one
+            reply = session.next_reply()
+            while reply is _PROGRESS:
+                self._deadline = self._clock() + self._timeout
+                reply = session.next_reply()
         except MilterProtocolError as exc:
             self._broken = (f"protocol error: {exc}", "protocol")
-        self._wake()
+            self._wake()
+            return
+        if reply is not None:
+            waiter.set_result(reply)
 
     def eof_received(self) -> bool | None:
         if self._broken is None:
@@ -131,6 +157,7 @@ class FilterClient(asyncio.Protocol):
         """Connect and negotiate, both within ``connect_timeout``."""
         sock = self.settings.socket
         loop = self._loop = asyncio.get_running_loop()
+        self._clock = loop.time
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
                 if sock.kind == "unix":
@@ -210,28 +237,33 @@ class FilterClient(asyncio.Protocol):
         loop, session = self._loop, self.session
         assert loop is not None
         self._deadline = loop.time() + timeout
+        self._timeout = timeout
         received = self._received
         while True:
-            try:
-                reply = session.next_reply()
-            except MilterProtocolError as exc:
-                raise self._fail(stage, f"protocol error: {exc}", "protocol") from None
-            if reply is not None:
-                if isinstance(reply, codec.Progress):
+            if session.reader.pending:  # come already (the rest of an earlier read)
+                try:
+                    reply = session.next_reply()
+                except MilterProtocolError as exc:
+                    raise self._fail(stage, f"protocol error: {exc}", "protocol") from None
+                if reply is _PROGRESS:
                     self._deadline = loop.time() + timeout
                     continue
-                return reply
+                if reply is not None:
+                    return reply
             if self._broken is not None:
                 raise self._fail(stage, *self._broken)
             if self.transport is None:
                 raise MilterFailure(stage, "connection to filter closed", "closed")
             if self._timer is None or self._timer_at > self._deadline:
                 self._arm(self._deadline)
-            waiter = self._waiter = loop.create_future()
+            waiter: asyncio.Future[codec.Reply | None] = loop.create_future()
+            self._waiter = waiter
             try:
-                await waiter
+                reply = await waiter
             finally:
                 self._waiter = None
+            if reply is not None:
+                return reply  # completed by data_received
             if self._timed_out:
                 self._timed_out = False
                 when = "during" if self._received != received else "before"
@@ -284,3 +316,24 @@ class FilterClient(asyncio.Protocol):
         """The SMTP session is over: QUIT, and close."""
         self.send_nowait(self.session.quit())
         self.close()
+
+    # -- kept for the next SMTP session (milter/pool.py) -----------------------------------------
+    def reusable(self) -> bool:
+        """Could the connection serve another SMTP session: up, never broken, no reply
+        due, the filter's session open (not accepted or refused for good) and between
+        transactions?"""
+        s = self.session
+        return (
+            self.transport is not None
+            and self._broken is None
+            and self._waiter is None
+            and s.open
+            and s.awaiting is None
+            and not s.in_message
+        )
+
+    def quit_new_connection(self) -> None:
+        """QUIT_NC (after what is pending): the filter's session ends, the connection
+        stays for the next one, whose first event is CONNECT."""
+        self.send_nowait(self.session.quit_new_connection())
+        self._received = 0

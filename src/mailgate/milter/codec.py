@@ -96,6 +96,7 @@ MAIL: Final = b"M"
 EOH: Final = b"N"
 OPTNEG: Final = b"O"
 QUIT: Final = b"Q"
+QUIT_NC: Final = b"K"  # quit, a new connection follows on this one (Sendmail 8.14+)
 RCPT: Final = b"R"
 DATA: Final = b"T"
 UNKNOWN: Final = b"U"
@@ -142,7 +143,9 @@ def _text(value: str) -> bytes:
     as surrogates) back as they were. A NUL would end the string early: none can come from
     SMTP (the protocol refuses it), so one here is a bug."""
     data = value.encode("utf-8", "surrogateescape")
-    if b"\0" in data:
+    # ``0 in``, not ``b"\0" in``: bytes' ``in`` first tries its operand as an int, and a
+    # bytes operand costs a TypeError made (its message formatted) and cleared each time.
+    if 0 in data:
         raise ValueError(f"NUL in a milter string: {value!r}")
     return data
 
@@ -185,7 +188,7 @@ def encode_unknown(line: str) -> bytes:
 
 
 def encode_bare(command: bytes) -> bytes:
-    """A packet without data: DATA, EOH, end of body, ABORT, QUIT."""
+    """A packet without data: DATA, EOH, end of body, ABORT, QUIT, QUIT_NC."""
     return packet(command)
 
 
@@ -402,7 +405,7 @@ def parse_reply(command: int, data: bytes) -> Reply:
     if name == "y":
         # Not a C string for Postfix (it reads the whole buffer); libmilter sends the NUL.
         text = data[:-1] if data.endswith(b"\0") else data
-        if b"\0" in text:
+        if 0 in text:
             raise MilterProtocolError("'y' reply holds a NUL")
         return Verdict("y", text.decode("utf-8", "surrogateescape"))
     fields = _Data(name, data)

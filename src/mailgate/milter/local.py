@@ -141,4 +141,4 @@ class LocalFilters:
         return outcome
 
     def close(self) -> None:
-        self.chain.close()
+        self.chain.close(keep=False)  # the command's one loop ends: nothing to keep for

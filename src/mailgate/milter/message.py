@@ -66,6 +66,10 @@ class HeaderField:
     raw: bytes | None = None
     own: bool = False  # our Received:, never shown to a filter
 
+    def copy(self) -> HeaderField:
+        # Not dataclasses.replace, which looks the fields up again on every call.
+        return HeaderField(self.name, self.value, self.raw, self.own)
+
     def to_bytes(self) -> bytes:
         if self.raw is not None:
             return self.raw
@@ -130,7 +134,8 @@ class CrlfWriter:
             self.held_cr = True
         if not chunk:
             return
-        data = _BREAK_BYTES.sub(b"\r\n", chunk) if (b"\r" in chunk or b"\n" in chunk) else chunk
+        # 13 and 10, not b"\r" and b"\n": codec._text says why.
+        data = _BREAK_BYTES.sub(b"\r\n", chunk) if (13 in chunk or 10 in chunk) else chunk
         self._put(data)
 
     def finish(self) -> None:
@@ -223,7 +228,7 @@ class MessageEdit:
     # -- one filter's changes, kept or dropped together ----------------------------------------
     def begin(self) -> None:
         self._saved = (
-            [replace(f) for f in self.fields],
+            [f.copy() for f in self.fields],
             self.envelope,
             self.body,
             self.header_size,

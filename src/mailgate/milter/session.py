@@ -2,11 +2,12 @@
 
 ``FilterSession`` knows what was negotiated and where the session is: each event method
 (``connect``, ``helo``, ``mail``, ``rcpt``, ``data``, ``unknown``, ``header``, ``eoh``,
-``body``, ``end_of_message``, ``abort``, ``quit``) returns the bytes to write (its macros
-first, then the event, or nothing at all when the filter asked not to get it) and whether a
-reply must be read before the next event; received bytes go to ``receive_data`` and
-``next_reply`` hands out the filter's replies one at a time, each checked against the event
-it answers. No sockets, no clock: ``milter/client.py`` does the writing, reading and timing.
+``body``, ``end_of_message``, ``abort``, ``quit``, ``quit_new_connection``) returns the bytes
+to write (its macros first, then the event, or nothing at all when the filter asked not to
+get it) and whether a reply must be read before the next event; received bytes go to
+``receive_data`` and ``next_reply`` hands out the filter's replies one at a time, each checked
+against the event it answers. No sockets, no clock: ``milter/client.py`` does the writing,
+reading and timing.
 
 What is checked, as Postfix's ``milter8.c`` does (and Sendmail's ``milter.c`` where they
 differ in strictness): a negotiated version of 2..6 whose actions are a subset of the ones
@@ -19,29 +20,38 @@ connection is useless (the caller applies the filter's default action).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
-from enum import StrEnum
-from typing import Final, NamedTuple
+from typing import ClassVar, Final, NamedTuple, TypeAlias
 
 from mailgate.milter import codec
 from mailgate.milter.codec import Action, MilterProtocolError, Step
 from mailgate.reply import Reply, split_enhanced
 
 
-class Stage(StrEnum):
-    """The events, by the names Sendmail's maillog lines give them (``action=``)."""
+class Stage(str):
+    """The events, by the names Sendmail's maillog lines give them (``action=``): one
+    instance each, told apart by identity. Not an Enum: on Python 3.11 each read of an Enum
+    class's member goes through EnumType's ``__getattr__`` hook, about five times a plain
+    class attribute's cost, and every event reads several."""
 
-    NEGOTIATE = "negotiate"
-    CONNECT = "connect"
-    HELO = "helo"
-    MAIL = "mail"
-    RCPT = "rcpt"
-    DATA = "data"
-    UNKNOWN = "unknown"
-    HEADER = "header"
-    EOH = "eoh"
-    BODY = "body"
-    EOM = "eom"
+    __slots__ = ()
+    NEGOTIATE: ClassVar[Stage]
+    CONNECT: ClassVar[Stage]
+    HELO: ClassVar[Stage]
+    MAIL: ClassVar[Stage]
+    RCPT: ClassVar[Stage]
+    DATA: ClassVar[Stage]
+    UNKNOWN: ClassVar[Stage]
+    HEADER: ClassVar[Stage]
+    EOH: ClassVar[Stage]
+    BODY: ClassVar[Stage]
+    EOM: ClassVar[Stage]
+
+
+_NAMES = ("negotiate", "connect", "helo", "mail", "rcpt", "data", "unknown", "header", "eoh")
+for _name in (*_NAMES, "body", "eom"):
+    setattr(Stage, _name.upper(), Stage(_name))
 
 
 # Per stage: its command, the step that says "do not send it", the one that says "no reply".
@@ -78,6 +88,12 @@ class Outgoing(NamedTuple):
 NOTHING: Final = Outgoing(b"", False)
 
 
+@functools.lru_cache(maxsize=256)
+def macro_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """A list of macros as the wire names them (the same lists come on every connection)."""
+    return tuple(macro_name(n) for n in names)
+
+
 def macro_name(name: str) -> str:
     """A macro's name as the wire has it: one letter bare, longer ones in braces."""
     name = name.strip()
@@ -112,6 +128,38 @@ def smtp_reply(text: str) -> Reply:
     return Reply(int(code), enhanced, "\n".join(texts))
 
 
+_Plan: TypeAlias = dict[Stage, tuple[bool, bool, bool]]
+
+
+@functools.lru_cache(maxsize=64)
+def _terms(version: int, steps: int, offered: int) -> tuple[Step, Step, int, _Plan, bool]:
+    """What a filter's answer to OPTNEG means for each event: the steps in force, the
+    events its version does not know, the largest body chunk, and per stage (not sent at
+    all, declined, not answered) as plain bools, so that an event does no IntFlag arithmetic
+    (each operation is a Python call); HDR_LEADSPC. The same answer comes on every
+    connection to a filter: worked out once (the plan is only read)."""
+    in_force = Step(steps) & Step(offered)
+    # An older filter must not get events its version does not define (Postfix's np_mask).
+    known = {2: codec.NOSEND_V2, 3: codec.NOSEND_V3}.get(version, codec.NOSEND_V4)
+    not_sent = codec.NOSEND_ALL & ~known
+    if version < 6:
+        in_force &= codec.NOSEND_ALL | Step.NR_HDR
+    chunk = codec.MAX_DATA_64K
+    if in_force & Step.MDS_1M:
+        chunk = codec.MAX_DATA_1M
+    elif in_force & Step.MDS_256K:
+        chunk = codec.MAX_DATA_256K
+    plan = {
+        stage: (
+            bool(not_sent & not_wanted),
+            bool(in_force & not_wanted),
+            bool(in_force & no_reply),
+        )
+        for stage, (_, not_wanted, no_reply) in _STEPS.items()
+    }
+    return in_force, not_sent, chunk, plan, bool(in_force & Step.HDR_LEADSPC)
+
+
 class FilterSession:
     """One filter connection's protocol state, from OPTNEG to QUIT."""
 
@@ -126,16 +174,15 @@ class FilterSession:
         the filter names its own in OPTNEG; ``actions`` and ``steps``: what we offer."""
         self.offered_actions = actions
         self.offered_steps = steps
-        self.macro_lists = {k: tuple(macro_name(n) for n in v) for k, v in macro_lists.items()}
+        self.macro_lists = {k: macro_names(tuple(v)) for k, v in macro_lists.items()}
         self.reader = codec.PacketReader()
         self.version = 0
         self.actions = Action(0)
         self.steps = Step(0)
         self.not_sent = Step(0)  # events the filter's (older) version does not know
         self.chunk_size = codec.MAX_DATA_64K
-        # Per stage, from the negotiation: (not sent at all, declined, not answered); plain
-        # bools, so that an event does no IntFlag arithmetic (each is a Python call).
-        self._plan: dict[Stage, tuple[bool, bool, bool]] = {}
+        # Per stage, from the negotiation: (not sent at all, declined, not answered).
+        self._plan: _Plan = {}
         self._leadspc = False
         self.awaiting: Stage | None = None
         self.open = False  # negotiated, and the connection not accepted or refused for good
@@ -162,27 +209,11 @@ class FilterSession:
             )
         self.version = answer.version
         self.actions = answer.actions
-        self.steps = answer.steps & self.offered_steps
-        # An older filter must not get events its version does not define (Postfix's np_mask).
-        known = {2: codec.NOSEND_V2, 3: codec.NOSEND_V3}.get(answer.version, codec.NOSEND_V4)
-        self.not_sent = codec.NOSEND_ALL & ~known
-        if self.version < 6:
-            self.steps &= codec.NOSEND_ALL | Step.NR_HDR
-        if self.steps & Step.MDS_1M:
-            self.chunk_size = codec.MAX_DATA_1M
-        elif self.steps & Step.MDS_256K:
-            self.chunk_size = codec.MAX_DATA_256K
+        self.steps, self.not_sent, self.chunk_size, self._plan, self._leadspc = _terms(
+            answer.version, int(answer.steps), int(self.offered_steps)
+        )
         for command, names in answer.macros.items():
-            self.macro_lists[command] = tuple(macro_name(n) for n in names)
-        self._plan = {
-            stage: (
-                bool(self.not_sent & not_wanted),
-                bool(self.steps & not_wanted),
-                bool(self.steps & no_reply),
-            )
-            for stage, (_, not_wanted, no_reply) in _STEPS.items()
-        }
-        self._leadspc = bool(self.steps & Step.HDR_LEADSPC)
+            self.macro_lists[command] = macro_names(names)
         self.open = True
 
     # -- events --------------------------------------------------------------------------------
@@ -285,6 +316,14 @@ class FilterSession:
     def quit(self) -> bytes:
         was_open, self.open = self.open, False
         return codec.encode_bare(codec.QUIT) if was_open and self.awaiting is None else b""
+
+    def quit_new_connection(self) -> bytes:
+        """QUIT_NC: the filter's session ends and the connection stays for another, whose
+        first event is CONNECT; the negotiation holds. Only between transactions."""
+        if not self.open or self.in_message or self.awaiting is not None:
+            raise RuntimeError("QUIT_NC outside an open, idle filter session")
+        self.message_accepted = self.skip_body = False
+        return codec.encode_bare(codec.QUIT_NC)
 
     # -- replies -------------------------------------------------------------------------------
     def receive_data(self, data: bytes) -> None:
