@@ -160,6 +160,25 @@ def test_a_pass_takes_what_is_due_and_leaves_what_is_later_or_held(tmp_path: Pat
     asyncio.run(go())
 
 
+def test_mail_left_on_disk_for_later_is_taken_when_due(tmp_path: Path) -> None:
+    """The window left a message on disk, due in half a second, while the feeder waited for
+    a pass an hour away: it is attempted when due, not an hour later."""
+
+    async def go() -> None:
+        bench = Bench(tmp_path, limit=4, slots=1)
+        bench.start()
+        await wait_until_async(lambda: bench.feeder.passes >= 1, "the first pass", GUARD)
+        [msg] = await _queue(bench.spool, 1)
+        msg.close()
+        due = time.time() + 0.5
+        bench.spool.save_status(msg.qid, QueueStatus(attempts=1, next_attempt=due))
+        bench.feeder.outside(msg.qid, due, now=False)  # what the window does when full
+        await wait_until_async(lambda: bench.attempted == [msg.qid], "its attempt", 10)
+        await bench.stop()
+
+    asyncio.run(go())
+
+
 # -- the daemon -----------------------------------------------------------------------------------
 @pytest.fixture
 def hop1(make_sink: SinkFactory) -> SinkServer:

@@ -70,6 +70,7 @@ class QueueFeeder:
         self._settled = False  # the last pass found nothing, and nothing was left since
         self.passes = 0  # passes finished
         self._wake = asyncio.Event()
+        self._untimed = False  # the loop waits for a wake alone, no timer
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -97,7 +98,14 @@ class QueueFeeder:
         self._later(due)
 
     def room_freed(self) -> None:
-        if self._pass is not None or self._force_next or time.time() >= self._next_pass:
+        # An untimed wait (the window was too full to want more) must now be timed for the
+        # next pass: without this wake a pass due later was never started.
+        if (
+            self._pass is not None
+            or self._force_next
+            or self._untimed
+            or time.time() >= self._next_pass
+        ):
             self._wake.set()
 
     def due_marked(self) -> None:
@@ -130,8 +138,9 @@ class QueueFeeder:
         if self._pass is not None:
             self._pass_min = min(self._pass_min, due)
             self._left += 1  # perhaps behind the pass: it cannot say the queue is settled
-        else:
-            self._next_pass = min(self._next_pass, due)
+        elif due < self._next_pass:
+            self._next_pass = due
+            self._wake.set()  # the loop's wait was timed for a later pass, or not timed
         if due <= time.time():
             self._wake.set()
 
@@ -166,6 +175,7 @@ class QueueFeeder:
             timeout: float | None = None
             if scheduler.wants_more and self._pass is None:
                 timeout = max(0.0, self._next_pass - time.time())
+            self._untimed = timeout is None
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
