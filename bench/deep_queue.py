@@ -23,8 +23,11 @@ Everything is under ``--workdir`` in a temp folder, removed at the end unless ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import select
 import shutil
 import signal
 import subprocess
@@ -37,7 +40,6 @@ from typing import Any
 
 import procstat
 from mailgate.queue.spool import Envelope, QueueStatus, Recipient, Spool, status_due
-from queue_tools import run as run_tool
 from relays import (
     HOST,
     CounterReader,
@@ -51,6 +53,7 @@ from relays import (
     wait_banner,
 )
 
+ENTRY_START = re.compile(rb"\n[0-9A-Za-z]")
 REFUSED = "Deferred: Connection refused by [127.0.0.1]"
 SETTINGS = {
     # Deferred mail waits an hour: nothing is retried until the queue is run.
@@ -145,6 +148,40 @@ def wait_log(path: Path, text: str, timeout: float) -> float | None:
     return None
 
 
+def wait_counted(state_file: Path, timeout: float) -> float | None:
+    """Seconds until the daemon's state file has the queue's count (None: not within
+    ``timeout``, or a version that does not count it)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(state_file.read_text())["activity"].get("counted"):
+                return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
+def listings(name: str, cold: bool) -> list[str]:
+    """The listing runs: twice in a row (the second finds what the first read cached), after
+    one from a cold page cache with ``--cold``."""
+    return [f"{name}_cold"] * cold + [name, f"{name}_again"]
+
+
+def drop_caches() -> None:
+    """Everything out of the page cache (and the dentry and inode caches): a cold listing."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def profile(root: int, out: Path | None, seconds: float) -> subprocess.Popen[bytes] | None:
+    """py-spy on the daemon's processes for the drain's first ``seconds`` (``--profile``:
+    collapsed stacks, one file per run)."""
+    if out is None:
+        return None
+    argv = ["py-spy", "record", "--nonblocking", "--subprocesses", "-r", "50", "-f", "raw"]
+    argv += ["-d", str(int(min(seconds, 60))), "-p", str(root), "-o", str(out)]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def timed_start(start: Any) -> float:
     began = time.monotonic()
     start()
@@ -190,7 +227,14 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     maillog = relay.dir / "maillog"
     try:
         if args.dir and (relay.dir / "spool/queue").exists():
-            print(f"using the queue in {relay.dir}", flush=True)
+            # Topped up to --messages: a drain before took some.
+            spool = Spool(relay.dir / "spool")
+            missing = args.messages - spool.count()
+            if missing > 0:
+                result["topped_up"] = missing
+                result["top_up_s"] = fill_spool(spool, missing)
+            spool.close()
+            print(f"using the queue in {relay.dir} (topped up by {max(missing, 0)})", flush=True)
         elif args.fill == "spool":
             spool = Spool(relay.dir / "spool")
             result["fill_s"] = fill_spool(spool, args.messages)
@@ -225,28 +269,34 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["restart_to_greeting_s"] = timed_start(relay.start)
         rss.root = relay.root
         wait_log(maillog, "recovered ", 600 if not args.src else 5)
+        # The daemon's count of the queue in its state file (this version): what mailq's
+        # header and `mailgate status` print for a deep queue.
+        result["counted_s"] = wait_counted(relay.dir / "spool/mailgate.state.json", 60)
         cfg = ["-c", str(relay.config)]
         src = Path(__file__).resolve().parent.parent / "src"
         # Twice: the first may read from disk (this VM's page cache is a few GiB), the
         # second finds what the first read still cached where the queue fits.
-        for key in () if args.skip_mailq else ("mailq", "mailq_again"):
-            q = run_tool("mailq", ["mailq", *cfg], args.src or src)
-            result[key] = {
-                "total_s": q.seconds,
-                "first_line_s": q.first_line,
-                "lines": q.output_lines,
-                "peak_rss_mib": q.peak_rss_kib / 1024,
-            }
+        for key in () if args.skip_mailq else listings("mailq", args.cold):
+            if key.endswith("_cold"):
+                drop_caches()
+            env = dict(os.environ, PYTHONPATH=str(args.src or src))
+            argv = [sys.executable, "-m", "mailgate.cli", "mailq", *cfg]
+            result[key] = run_listing(argv, env, args.listing_seconds)
             print(f"{key}: {result[key]}", flush=True)
         sink = Sink(hop_port, relay.dir)
         try:
             assert relay.proc is not None
+            if args.cold_drain:
+                drop_caches()
+            spy = profile(relay.root, args.profile, args.drain_seconds)
             result["drain"] = drain(
                 sink,
                 args.messages,
                 lambda: relay.proc.send_signal(signal.SIGUSR1),
                 args.drain_seconds,
             )
+            if spy is not None:
+                spy.wait(60)
             relay.stop()
             # What the attempts under way at the stop delivered counts too.
             time.sleep(1)
@@ -290,8 +340,10 @@ def postfix_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         result["restart_to_greeting_s"] = timed_start(relay.start)
         rss.root = relay.root
         env = dict(os.environ)
-        for key in ("postqueue_p", "postqueue_p_again"):
-            q = run_postqueue(["postqueue", "-c", str(relay.etc), "-p"], env)
+        for key in listings("postqueue_p", args.cold):
+            if key.endswith("_cold"):
+                drop_caches()
+            q = run_listing(["postqueue", "-c", str(relay.etc), "-p"], env, args.listing_seconds)
             result[key] = q
             print(f"{key}: {q}", flush=True)
         sink = Sink(hop_port, relay.dir)
@@ -311,18 +363,49 @@ def postfix_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return result
 
 
-def run_postqueue(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
+def run_listing(argv: list[str], env: dict[str, str], cap: float | None) -> dict[str, Any]:
+    """A listing's seconds to its first line and in all, its lines and its entries (lines that
+    start with a queue id: ``mailq``'s and ``postqueue -p``'s layouts alike). ``cap``: stop it
+    (its process group: mailq's workers too) after that many seconds, the total then None."""
     began = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, start_new_session=True
+    )
     assert proc.stdout is not None
     first = None
-    lines = 0
-    while chunk := os.read(proc.stdout.fileno(), 1 << 16):
+    lines = entries = 0
+    capped = False
+    at_line_start = True
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    while True:
+        if cap is not None and time.monotonic() - began > cap:
+            capped = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        ready, _, _ = select.select([fd], [], [], 0.5)
+        if not ready:
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
         if first is None and b"\n" in chunk:
             first = time.monotonic() - began
         lines += chunk.count(b"\n")
+        # An entry's line starts with its id (alphanumeric), the others with blanks, "-" or
+        # the queue's path.
+        entries += len(ENTRY_START.findall(chunk)) + (at_line_start and chunk[:1].isalnum())
+        at_line_start = chunk.endswith(b"\n")
     proc.wait()
-    return {"total_s": time.monotonic() - began, "first_line_s": first, "lines": lines}
+    seconds = time.monotonic() - began
+    return {
+        "total_s": None if capped else seconds,
+        "ran_s": seconds,
+        "first_line_s": first,
+        "lines": lines,
+        "entries": entries,
+        "entries_per_s": entries / seconds if seconds else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -337,6 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fill-only", action="store_true", help="fill --dir and stop")
     p.add_argument("--src", type=Path, help="run the daemon from this source tree")
     p.add_argument("--skip-mailq", action="store_true")
+    p.add_argument("--cold", action="store_true", help="a listing from a cold cache first")
+    p.add_argument("--cold-drain", action="store_true", help="the drain from a cold cache")
+    p.add_argument("--listing-seconds", type=float, help="stop each listing after this long")
+    p.add_argument("--profile", type=Path, help="py-spy the drain's first minute into this")
     p.add_argument("--workers", type=int, default=1, help="mailgate's workers (0: per CPU)")
     p.add_argument("--drain-seconds", type=float, default=1800, help="stop the drain then")
     p.add_argument("--json", type=Path)

@@ -349,7 +349,7 @@ def test_the_queue_endpoint_streams_in_batches_and_follows_the_token_of_the_conf
             sock,
             metrics.Table(1),
             lambda: monitor.Gauges(0, 0, None, 0, False),
-            monitor.QueueCensus(spool),
+            monitor.QueueCount(spool),
             lambda: [],
             lambda: monitor.Identity("gw.example.com", token[0]),
         )

@@ -164,7 +164,7 @@ def test_the_master_is_ready_only_when_every_worker_listens(tmp_path: Path) -> N
             master.children = {1001: Worker(0, 0), 1002: Worker(1, 0)}
             WorkerReports(master.events_w, 0).listening()
             master.table.row(1).inc(metrics.MESSAGES_RECEIVED, 5)
-            WorkerReports(master.events_w, 1).activity(Activity(2, 5, 1, 0))
+            WorkerReports(master.events_w, 1).activity(Activity(2, 5, 7, 0, counted=True))
             master._read_reports()
             assert lifecycle.state.phase == "starting"
             assert pidfile.inspect(gw.spool / "mailgate.pid").pid is None
@@ -174,18 +174,19 @@ def test_the_master_is_ready_only_when_every_worker_listens(tmp_path: Path) -> N
             assert systemd.next()["READY"] == "1"
             assert pidfile.inspect(gw.spool / "mailgate.pid").pid == os.getpid()
             master.table.row(0).inc(metrics.MESSAGES_RECEIVED, 3)
-            WorkerReports(master.events_w, 0).activity(Activity(1, 3, 0, 1))
+            WorkerReports(master.events_w, 0).activity(Activity(1, 3, 6, 1, counted=True))
             master._read_reports()
-            assert lifecycle.state.activity == Activity(3, 8, 1, 1)  # the workers' sum
+            # The workers' sum; but each counts the whole queue: not added up.
+            assert lifecycle.state.activity == Activity(3, 8, 7, 1, counted=True)
             assert systemd.next()["STATUS"].endswith(
-                "; 3 sessions, 1 queued, 1 delivering, 8 received"
+                "; 3 sessions, 7 queued, 1 delivering, 8 received"
             )
-            # Worker 1 died: its sessions and queue went with it, its received mail did not.
+            # Worker 1 died: its sessions went with it, its received mail did not.
             del master.children[1002]
             master.table.process_gone(1)
-            WorkerReports(master.events_w, 0).activity(Activity(1, 3, 0, 1))
+            WorkerReports(master.events_w, 0).activity(Activity(1, 3, 6, 1))
             master._read_reports()
-            assert lifecycle.state.activity == Activity(1, 8, 0, 1)
+            assert lifecycle.state.activity == Activity(1, 8, 6, 1)  # no census yet
         finally:
             for sock in master.sockets:
                 sock.close()

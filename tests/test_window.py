@@ -10,11 +10,16 @@ Windows of a few messages, so that a queue of a few hundred is "deep".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 
+from mailgate import control, metrics, runstate
+from mailgate.monitor import QueueCount
 from mailgate.queue.feeder import QueueFeeder
 from mailgate.queue.scheduler import Scheduler
 from mailgate.queue.spool import HELD_DUE, Envelope, QueuedMessage, QueueStatus, Recipient, Spool
@@ -315,3 +320,119 @@ def test_mailq_in_chunks_on_every_core_lists_the_queue_in_directory_order(
     assert header.endswith(f"({len(msgs)} requests)") and columns == listing.MAILQ_COLUMNS
     assert "\n".join(body) + "\n" == expected["mailq"]
     assert total == listing.mailq_total(len(msgs))
+
+
+def _fill_deferred(spool_dir: Path, n: int, rcpt: str) -> None:
+    """``n`` messages deferred for an hour, as a deferral leaves them, written with the
+    spool's code but without an fsync each (a deep queue in a fraction of a second)."""
+    spool = Spool(spool_dir, fsync="threads")
+    now = time.time()
+    later = now + 3600
+    try:
+        for _ in range(n):
+            env = Envelope(spool.new_qid(), "alice@example.org", [Recipient(rcpt, rcpt)], now)
+            incoming = spool.open_incoming(env)
+            incoming.write(b"Subject: deep\r\n\r\nx\r\n")
+            incoming.seal(lock=False)
+            os.link(incoming.path, spool.queue / env.qid)
+            incoming.committed(f"{spool.queue}/{env.qid}", keep_fd=False)
+            status = QueueStatus(attempts=1, next_attempt=later, last_message="Deferred: down")
+            status_file = spool.queue / f"{env.qid}.st"
+            status_file.write_bytes(status.to_json())
+            os.utime(status_file, (later, later))  # its next attempt, as save_status sets it
+            os.unlink(incoming.path)
+    finally:
+        spool.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_status_and_the_statistics_line_count_the_queue_not_the_window(
+    make_gateway: GatewayFactory, world: World, hop1: SinkServer, workers: int
+) -> None:
+    """A queue deeper than ``control.COUNT_BELOW`` behind a window of four: systemd's STATUS
+    (the state file), the statistics line, ``mailgate status`` and mailq's header count all
+    of it, as mailq lists it; with two workers each counts the whole queue and the master
+    does not add them up."""
+    n = control.COUNT_BELOW + 50
+    hourly = '[queue]\nrun_interval = "1h"\nretry_min = "1h"\n'
+    gw = make_gateway(world.but(settings=f"workers = {workers}\n" + WINDOW + hourly), start=False)
+    _fill_deferred(gw.spool, n, "bob@targetdomain1.com")
+    gw.start()
+    state_file = runstate.state_path(gw.spool / "mailgate.pid")
+
+    def reported() -> runstate.Activity | None:
+        state = runstate.read(state_file)
+        return state.activity if state is not None and state.activity.counted else None
+
+    activity = wait_until(reported, "the daemon's count of the queue", GUARD)
+    assert (activity.queued, activity.delivering) == (n, 0)
+    cfg = ["-c", str(gw.config)]
+    status = run_cli("status", *cfg)
+    assert status.returncode == 0, status.stderr
+    queue_line = next(line for line in status.stdout.splitlines() if "  queue " in line)
+    assert queue_line.startswith(
+        f"  queue      {n} messages in {gw.spool / 'queue'} (the daemon's count, "
+    )
+    mailq = run_cli("mailq", *cfg).stdout.splitlines()
+    assert mailq[0] == f"\t\t{gw.spool / 'queue'} ({n} requests)"
+    assert mailq[-1] == f"\t\tTotal requests: {n}"
+    gw.signal(signal.SIGUSR2)  # the master passes it on to each worker
+    wait_until(
+        lambda: len(gw.log_lines(f"queued={n}, delivering=0")) == workers,
+        "each process's statistics line",
+        GUARD,
+    )
+
+
+def test_the_queue_count_follows_what_enters_and_leaves_between_censuses(
+    tmp_path: Path,
+) -> None:
+    """``QueueCount``: a census, then what every process's spool put into the queue and took
+    out of it, without a new listing; what another program did (here a spool not counting
+    into the table, as ``mailgate delete`` in its own process) waits for the next census."""
+
+    async def go() -> None:
+        table = metrics.Table(2)
+        spools = [Spool(tmp_path / "spool", fsync="threads") for _ in range(3)]
+        for row, spool in enumerate(spools[:2]):  # two workers; the third is a tool
+            spool.count_moves_in(table.row(row).queue_moves())
+        count = QueueCount(spools[0], table)
+        assert count.known() is None
+        first = await _queue(spools[0], 5)
+        assert (await count.current())[0] == 5
+        for i in range(3):  # the other worker's mail (its own qids: another pid's)
+            env = Envelope(f"OTHER{i:09d}", "a@example.org", [Recipient("b@hop.test", "b")], 0)
+            incoming = spools[1].open_incoming(env)
+            incoming.write(b"x\r\n")
+            (await spools[1].commit(incoming)).close()
+        spools[0].finish(first[0])  # delivered
+        spools[1].remove(first[1].qid)  # delivered by the other worker
+        known = count.known()
+        assert known is not None and known[0] == 6 == len(list(spools[0].qids()))
+        spools[2].delete(first[2].qid)
+        known = count.known()
+        assert known is not None and known[0] == 6  # until the next census
+        for spool in spools:
+            spool.close()
+
+    asyncio.run(go())
+
+
+def test_the_daemons_count_is_used_only_while_it_is_recent_and_counted(tmp_path: Path) -> None:
+    """``control.daemon_queue_count`` over the state file as a reader gets it."""
+    path = tmp_path / "mailgate.state.json"
+    now = time.time()
+    counted = runstate.Activity(queued=7, counted=True)
+    base = runstate.RunState(
+        pid=1, started=now, config="c", listeners=[], workers=1, phase="ready", updated=now
+    )
+
+    def read(**changes: object) -> runstate.RunState | None:
+        runstate.write(path, dataclasses.replace(base, **changes))
+        return runstate.read(path)
+
+    assert control.daemon_queue_count(read(activity=counted)) == 7
+    assert control.daemon_queue_count(read()) is None  # no census in yet
+    stale = now - control.STATE_FRESH - 1
+    assert control.daemon_queue_count(read(activity=counted, updated=stale)) is None
+    assert control.daemon_queue_count(read(activity=counted, phase="stopping")) is None

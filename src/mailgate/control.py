@@ -155,16 +155,61 @@ def format_uptime(seconds: float) -> str:
     return f"{minutes}m {s:02d}s"
 
 
-def queue_size(spool_dir: Path) -> str:
-    """Messages in the queue folder, counted as they are listed (a queue of any size)."""
+def queue_size(spool_dir: Path, state: RunState | None = None) -> str:
+    """Messages in the queue folder (``queue_count``), for ``mailgate status``."""
     queue = spool_dir / "queue"
     try:
-        n = sum(1 for _ in queue_ids(queue))
+        n, by_daemon = queue_count(spool_dir, state)
     except FileNotFoundError:
         return f"empty (no {queue} yet)"
     except PermissionError:
         return f"{queue} cannot be read by this user"
-    return f"{n} message{'s' if n != 1 else ''} in {queue}"
+    text = f"{n} message{'s' if n != 1 else ''} in {queue}"
+    if by_daemon and state is not None:
+        text += f" (the daemon's count, {format_uptime(time.time() - state.updated)} ago)"
+    return text
+
+
+# A state file older than this says nothing about the queue now (it is written every
+# REPORT_INTERVAL seconds while the daemon runs).
+STATE_FRESH = 3 * runstate.REPORT_INTERVAL
+# A smaller queue is counted by whoever asks: exact, and its names are listed in a few
+# milliseconds; a deep one's listing takes seconds from a cold disk (a million: ~6 s).
+COUNT_BELOW = 2000
+
+
+def queue_count(spool_dir: Path, state: RunState | None) -> tuple[int, bool]:
+    """The messages in the queue (``mailq``'s header, ``mailgate status``), and whether the
+    count is the running daemon's: its last report (``daemon_queue_count``) for a queue of
+    ``COUNT_BELOW`` or more, else a pass over the folder's names (OSError if it cannot be
+    read)."""
+    n = daemon_queue_count(state)
+    if n is not None and n >= COUNT_BELOW:
+        return n, True
+    return sum(1 for _ in queue_ids(spool_dir / "queue")), False
+
+
+def daemon_queue_count(state: RunState | None) -> int | None:
+    """The queue's count as the running daemon last reported it (``Activity.queued``: a census
+    now and then plus what entered and left since; at most ``REPORT_INTERVAL`` old), or None
+    when there is no recent one."""
+    if state is None or not state.activity.counted:
+        return None
+    if state.phase not in ("ready", "draining", "reloading"):
+        return None
+    if time.time() - state.updated > STATE_FRESH:
+        return None
+    return state.activity.queued
+
+
+def running_state(config: Config) -> RunState | None:
+    """The state file of the daemon running now on ``config``'s pid file, if any."""
+    if config.pid_file is None:
+        return None
+    holder = pidfile.inspect(config.pid_file)
+    if not holder.running or holder.pid is None:
+        return None
+    return _state_of(config.pid_file, holder.pid)
 
 
 def _when(ts: float) -> str:
@@ -184,7 +229,7 @@ def status(config: Config) -> Outcome:
     if holder.pid is None:
         return Outcome(RUNNING, f"starting (pid file {path})")
     state = _state_of(path, holder.pid)
-    queue = queue_size(config.spool_dir)
+    queue = queue_size(config.spool_dir, state)
     if state is None:
         return Outcome(RUNNING, f"running (pid {holder.pid}; no state file)\n  queue      {queue}")
     now = time.time()

@@ -26,7 +26,7 @@ from mailgate.config import Config, ListenerSettings
 from mailgate.delivery.attempt import DeliveryContext, attempt
 from mailgate.delivery.smtp import ConnectionCache
 from mailgate.dns import Resolver
-from mailgate.monitor import Gauges, Identity, MonitorServer, QueueCensus, bind
+from mailgate.monitor import Gauges, Identity, MonitorServer, QueueCount, bind
 from mailgate.policy import Client
 from mailgate.queue.feeder import QueueFeeder
 from mailgate.queue.scheduler import Scheduler
@@ -82,6 +82,10 @@ class Gateway:
         self._enter_milters(cfg)
         self.monitor: MonitorServer | None = None
         self.spool = Spool(cfg.spool_dir, fsync=cfg.queue.fsync)
+        # What this process puts into queue/ and takes out, in its row: with a census now
+        # and then, the queue's count for every report (monitor.QueueCount).
+        self.spool.count_moves_in(self.metrics.queue_moves())
+        self.queue_count = QueueCount(self.spool, self.table)
         self.resolver = make_resolver(cfg)
         self.delivery = DeliveryContext(
             spool=self.spool,
@@ -183,7 +187,7 @@ class Gateway:
             sock,
             self.table,
             self.gauges,
-            QueueCensus(self.spool),
+            self.queue_count,
             self.health_problems,
             lambda: Identity(self.snapshot.config.hostname, self.snapshot.config.metrics.token),
         )
@@ -522,13 +526,24 @@ class Gateway:
                 "log_lines_lost": maillog.lost_lines(),
             },
             len(self.sessions),
-            self.scheduler.queued,
+            self.queued(),
             self.scheduler.active,
         )
+
+    def queued(self) -> int:
+        """The messages in the queue, as ``mailq`` counts them (the whole daemon's, whatever
+        the window holds): the last census and what entered and left since
+        (monitor.QueueCount). Before the first census is in (at start, for as long as a
+        listing of the queue's names takes), the window's: what is known so far."""
+        known = self.queue_count.known()
+        if known is None:
+            return self.scheduler.queued + self.scheduler.active
+        return known[0]
 
     async def _statistics_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
+            await self.queue_count.current()
             self.log_statistics()
 
     def activity(self) -> Activity:
@@ -537,13 +552,17 @@ class Gateway:
             # The row's count: a restarted worker's includes its predecessors', so the
             # daemon's total (the master sums the rows) never goes back.
             received=self.metrics.value(metrics.MESSAGES_RECEIVED),
-            queued=self.scheduler.queued,
+            queued=self.queued(),
             delivering=self.scheduler.active,
+            counted=self.queue_count.known() is not None,
         )
 
     async def _report_every(self, interval: float) -> None:
-        """The counts for systemd's STATUS and the state file (the master sums the workers')."""
+        """The counts for systemd's STATUS and the state file (the master sums the workers',
+        but for the queue, which each counts whole). Each report comes after a census if the
+        last one is old (a thread, ``QueueCount``): the first one too."""
         while True:
+            await self.queue_count.current()
             self.events.activity(self.activity())
             await asyncio.sleep(interval)
 

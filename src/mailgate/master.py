@@ -318,7 +318,11 @@ class Master:
         elif event == "activity":
             # Each worker reports every REPORT_INTERVAL and on USR2: the sum goes out each time.
             worker.activity = Activity(
-                report["sessions"], report["received"], report["queued"], report["delivering"]
+                report["sessions"],
+                report["received"],
+                report["queued"],
+                report["delivering"],
+                report.get("counted", False),
             )
             if self.ready and not self.stopping:
                 self.lifecycle.activity(self._activity())
@@ -328,8 +332,16 @@ class Master:
         for w in self.children.values():
             total += w.activity
         # Received is the metrics table's: it keeps a dead worker's count, which its report
-        # left with it, so the daemon's total never goes back.
-        return replace(total, received=self.table.value(metrics.MESSAGES_RECEIVED))
+        # left with it, so the daemon's total never goes back. The queue is not a sum: each
+        # worker counts all of it (monitor.QueueCount), and their counts differ only by
+        # what moved while each listed the folder.
+        reports = [w.activity for w in self.children.values()]
+        return replace(
+            total,
+            received=self.table.value(metrics.MESSAGES_RECEIVED),
+            queued=max((a.queued for a in reports), default=0),
+            counted=bool(reports) and all(a.counted for a in reports),
+        )
 
     def _reap(self) -> None:
         while self.children:

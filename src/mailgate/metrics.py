@@ -31,7 +31,11 @@ Kind = Literal["counter", "histogram"]
 
 PID = 0  # the row's process id; 0: no process (the worker died or has not started)
 LISTENING = 1  # 1 while every listener of the row's process accepts connections
-_FIRST = 2  # the first word of the families
+# Messages the row's process put into queue/ and took out of it (its Spool's ``moves``):
+# not exposed as such; what makes the queue's count cheap (``monitor.QueueCount``).
+QUEUE_ENTERED = 2
+QUEUE_LEFT = 3
+_FIRST = 4  # the first word of the families
 
 
 @dataclass(frozen=True)
@@ -390,6 +394,11 @@ class Row:
 
     def set_listening(self, listening: bool) -> None:
         self.counts[LISTENING] = int(listening)
+
+    def queue_moves(self) -> memoryview:
+        """The two words a Spool counts its queue entries and removals in (``QUEUE_ENTERED``,
+        ``QUEUE_LEFT``): a successor of a dead worker counts on from its predecessor's."""
+        return self.counts[QUEUE_ENTERED : QUEUE_LEFT + 1]
 
     def delivery(self, mailer: str, outcome: str, delay: float, next_hop: str | None) -> None:
         """One maillog ``to=`` line: ``outcome`` is ``delivery.Status``'s value (sent, temp,

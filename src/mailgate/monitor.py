@@ -5,8 +5,9 @@ One process answers, on its event loop: the only process with one worker, worker
 several (the master binds the socket before it forks and only worker 0 accepts on it). Its
 answers are the whole daemon's all the same: the counts are summed over every worker's row of
 the shared table (``metrics.py``), the open sessions are the shared admission count, the queue
-is read from the spool folder. A scrape never blocks the loop on the queue: the folder listing
-runs in a thread, and it is cached for longer the longer it takes (``QueueCensus``).
+is counted from the spool folder now and then and kept up to date by every process's counts
+of what entered and left it (``QueueCount``). A scrape never blocks the loop on the queue:
+the folder listing runs in a thread, and less often the longer it takes.
 
 The HTTP side is a few lines of asyncio on purpose: prometheus_client's own server runs a
 thread per request beside the event loop (and threads do not mix with a master that forks),
@@ -49,29 +50,60 @@ def bind(listen: tuple[str, int]) -> socket.socket:
         raise OSError(exc.errno, f"[metrics] listen {host}:{port}: {exc.strerror}") from None
 
 
-class QueueCensus:
-    """The queue's size and its oldest message's arrival, from ``Spool.census`` (a listing of
-    ``queue/``). A listing is reused until ``MIN_AGE`` has passed and ``COST`` times as long
-    as it took, so the listings take at most 1/``COST`` of one core: a 100,000-message queue
-    (~0.1 s) is listed at most every 30 s, a small one every 2 s."""
+class QueueCount:
+    """The queue as ``mailq`` counts it (the messages in ``queue/``), for ``/metrics``, the
+    statistics line, systemd's STATUS and ``mailgate status``: a census now and then
+    (``Spool.census``, a listing of the names, in a thread) plus what entered and left the
+    queue since that census began, every process's (``metrics.QUEUE_ENTERED`` / ``QUEUE_LEFT``
+    in the shared table, counted by each process's Spool). So the count follows the traffic
+    at no cost between censuses, and a census only corrects for what the daemon did not do
+    itself (``mailgate delete`` or ``flush`` in their own processes, files moved by hand) and
+    for the messages that came or went while it listed. A census is reused until
+    ``MIN_AGE`` has passed and ``COST`` times as long as it took, at most ``MAX_AGE``: the
+    listings take at most 1/``COST`` of one core (a million names, ~1 s, every five minutes;
+    a small queue every 2 s)."""
 
     MIN_AGE = 2.0
     COST = 300
+    MAX_AGE = 300.0
 
-    def __init__(self, spool: Spool) -> None:
+    def __init__(self, spool: Spool, table: metrics.Table | None = None) -> None:
         self.spool = spool
-        self._value: tuple[int, float | None] = (0, None)
+        self.table = table
+        # The last census: its count, its oldest arrival, and the moves as it began.
+        self._census: tuple[int, float | None, int] | None = None
         self._due = -1.0
         self._lock = asyncio.Lock()
 
+    def _moves(self) -> int:
+        """Entered minus left, summed over every process's row (or this spool's alone)."""
+        if self.table is None:
+            moves = self.spool.moves
+            return int(moves[Spool.ENTERED]) - int(moves[Spool.LEFT])
+        return self.table.value(metrics.QUEUE_ENTERED) - self.table.value(metrics.QUEUE_LEFT)
+
+    def known(self) -> tuple[int, float | None] | None:
+        """The count now from the last census, without a new one; None before the first."""
+        if self._census is None:
+            return None
+        count, oldest, moves = self._census
+        count = max(0, count + self._moves() - moves)
+        return count, oldest if count else None
+
     async def current(self) -> tuple[int, float | None]:
-        async with self._lock:  # concurrent scrapes share one listing
+        """The count now, after a new census if the last one is too old."""
+        async with self._lock:  # concurrent askers share one census
             if time.monotonic() >= self._due:
                 started = time.monotonic()
-                self._value = await asyncio.to_thread(self.spool.census)
+                moves = self._moves()
+                count, oldest = await asyncio.to_thread(self.spool.census)
+                self._census = (count, oldest, moves)
                 took = time.monotonic() - started
-                self._due = time.monotonic() + max(self.MIN_AGE, took * self.COST)
-        return self._value
+                age = min(max(self.MIN_AGE, took * self.COST), self.MAX_AGE)
+                self._due = time.monotonic() + age
+        known = self.known()
+        assert known is not None
+        return known
 
 
 @dataclass(frozen=True)
@@ -94,14 +126,14 @@ class MonitorServer:
         sock: socket.socket,
         table: metrics.Table,
         gauges: Callable[[], Gauges],
-        census: QueueCensus,
+        queue_count: QueueCount,
         problems: Callable[[], list[str]],
         identity: Callable[[], Identity],
     ) -> None:
         self.sock = sock
         self.table = table
         self.gauges = gauges
-        self.census = census
+        self.queue_count = queue_count
         self.problems = problems
         self.identity = identity
         self.open = 0
@@ -132,7 +164,7 @@ class MonitorServer:
                 from mailgate.queuehttp import QueueEndpoint
 
                 if self.queue is None:
-                    self.queue = QueueEndpoint(self.census.spool, self.identity)
+                    self.queue = QueueEndpoint(self.queue_count.spool, self.identity)
                 await self.queue.answer(request, writer)
                 return
             async with asyncio.timeout(READ_TIMEOUT):
@@ -159,7 +191,7 @@ class MonitorServer:
             from mailgate import exposition
 
             gauges = self.gauges()
-            count, oldest = await self.census.current()
+            count, oldest = await self.queue_count.current()
             gauges = Gauges(
                 gauges.sessions_open, count, oldest, gauges.spool_free_bytes, gauges.stress
             )

@@ -29,12 +29,16 @@ Phase = Literal["starting", "ready", "reloading", "draining", "stopping"]
 
 @dataclass(frozen=True)
 class Activity:
-    """Counts of the whole daemon (the workers' summed), as of ``RunState.updated``."""
+    """Counts of the whole daemon (the workers' summed; the queue, which each counts whole, is
+    not), as of ``RunState.updated``."""
 
     sessions: int = 0  # open SMTP sessions
     received: int = 0  # messages accepted since start
-    queued: int = 0  # messages waiting for their next attempt
+    queued: int = 0  # messages in the queue, as mailq counts them (delivering ones too)
     delivering: int = 0  # attempts in progress
+    # ``queued`` is the queue's count (a census of the folder is in): what ``mailq`` and
+    # ``mailgate status`` may print instead of counting the folder themselves.
+    counted: bool = False
 
     def __add__(self, other: Activity) -> Activity:
         return Activity(

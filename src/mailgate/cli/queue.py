@@ -17,8 +17,11 @@ if TYPE_CHECKING:
 
 
 def cmd_mailq(args: argparse.Namespace) -> int:
-    """Streams: the header's count comes from a pass over the names only, then the entries
-    are read and printed in chunks, formatted on every core (queue.listing.listed)."""
+    """Streams: the header's count is the running daemon's for a deep queue (its state file,
+    at most REPORT_INTERVAL old), else a pass over the names only; then the entries are
+    read and printed in chunks, formatted on every core (queue.listing.listed), and the
+    total is what was listed."""
+    from mailgate import control
     from mailgate.queue import listing
     from mailgate.queue.spool import Spool
 
@@ -37,14 +40,14 @@ def cmd_mailq(args: argparse.Namespace) -> int:
             for text, _n in listing.listed(spool, "json"):
                 out.write(text)
             return 0
-        count = spool.count()
+        # A million names cost seconds to list from a cold disk: the daemon has counted.
+        count, _by_daemon = control.queue_count(cfg.spool_dir, control.running_state(cfg))
         out.write("".join(line + "\n" for line in listing.mailq_header(str(spool.queue), count)))
         out.flush()
         total = 0
-        if count:
-            for text, n in listing.listed(spool, "mailq"):
-                out.write(text)
-                total += n
+        for text, n in listing.listed(spool, "mailq"):
+            out.write(text)
+            total += n
         out.write(listing.mailq_total(total) + "\n")
     finally:
         spool.close()

@@ -183,7 +183,9 @@ class QueueFeeder:
         assert scheduler is not None and self._pass is not None
         # No more than the window takes: what is read and cannot be taken needs another pass.
         want = max(1, min(self.BATCH, scheduler.room))
-        batch, done = await asyncio.to_thread(_read, self._pass, want)
+        # What is due now is attempted soon: its files are read ahead in the thread.
+        warm_until = math.inf if self._force else time.time()
+        batch, done = await asyncio.to_thread(_read, self._pass, want, self.spool, warm_until)
         now = time.time()
         self._seen += len(batch)
         for qid, due in batch:
@@ -247,7 +249,15 @@ class QueueFeeder:
                 await asyncio.sleep(0)
 
 
-def _read(entries: Iterator[tuple[str, float]], n: int) -> tuple[list[tuple[str, float]], bool]:
-    """Up to ``n`` of a pass's entries, and whether the pass is at its end (in a thread)."""
+def _read(
+    entries: Iterator[tuple[str, float]], n: int, spool: Spool, warm_until: float
+) -> tuple[list[tuple[str, float]], bool]:
+    """Up to ``n`` of a pass's entries, and whether the pass is at its end (in a thread).
+    Those due by ``warm_until`` (not held) have their files read ahead (``Spool.warm``): a
+    queue out of the page cache would otherwise be read one file at a time, on the event
+    loop, by each attempt's ``claim``."""
     batch = list(itertools.islice(entries, n))
+    for qid, due in batch:
+        if due <= warm_until and due < HELD_DUE:
+            spool.warm(qid)
     return batch, len(batch) < n

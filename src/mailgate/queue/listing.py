@@ -79,6 +79,11 @@ def _format_chunk(root: str, layout: str, qids: list[str]) -> tuple[str, int]:
     text = []
     listed = 0
     fmt = _LAYOUTS[layout]
+    if qids and not _spool.cached(qids[0]):
+        # Read from the disk: ask for the whole chunk's files at once, so that the disk
+        # serves many reads together instead of one entry's after another's.
+        for qid in qids:
+            _spool.warm(qid)
     for entry in _entries_of(_spool, qids):
         text.append(fmt(entry))
         listed += 1
@@ -106,6 +111,10 @@ def listed(spool: Spool, layout: str, *, workers: int | None = None) -> Iterator
         workers = 2 * len(os.sched_getaffinity(0))
     chunks = _chunks(spool.qids(), CHUNK)
     root = str(spool.root)
+    first = next(chunks, None)
+    if first is None:
+        return  # an empty queue: no process made
+    chunks = itertools.chain([first], chunks)
     if workers <= 1:
         for chunk in chunks:
             yield _format_chunk(root, layout, chunk)
@@ -132,7 +141,8 @@ MAILQ_COLUMNS = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Rec
 
 
 def mailq_header(queue_dir: str, count: int) -> list[str]:
-    """The lines before the entries; ``count`` from a pass over the names only."""
+    """The lines before the entries; ``count``: the running daemon's, or a pass over the names
+    only (``cli.queue.cmd_mailq``)."""
     if count == 0:
         return [f"{queue_dir} is empty"]
     return [f"\t\t{queue_dir} ({count} request{'s' if count != 1 else ''})", MAILQ_COLUMNS]

@@ -663,6 +663,11 @@ def status_due(status: QueueStatus) -> float:
     return time.time() if status.next_attempt is None else status.next_attempt
 
 
+# How much of a file ``Spool.warm`` has read ahead: the envelope line, the status, and the
+# content of a typical message (a larger one is read as it is sent, as before).
+WARM_BYTES = 64 * 1024
+
+
 def queue_ids(queue: Path) -> Iterator[str]:
     """The queue ids in the folder ``queue``, streamed: ``mailgate status`` counts a queue of
     any size this way, without a `Spool` (which would create folders and open files)."""
@@ -706,6 +711,17 @@ class Spool:
         self._spent = 0  # bytes this process has written into the spool since then
         self._block = 4096  # the file system's block size (statvfs f_frsize)
         self._low = False  # below min_free at the last look (logged once per change)
+        # Messages this process put into queue/ (word 0) and took out of it (word 1):
+        # delivered, bounced, deleted, quarantined. The daemon points this at two words of
+        # its metrics row (``count_moves_in``), so that a count of the queue taken now and
+        # then stays right in between (``monitor.QueueCount``); plain stores, no lock.
+        self.moves: memoryview = memoryview(bytearray(16)).cast("Q")
+
+    ENTERED, LEFT = 0, 1  # the words of ``moves``
+
+    def count_moves_in(self, words: memoryview) -> None:
+        """Count what enters and leaves queue/ in ``words`` (two 64-bit words) from now on."""
+        self.moves = words
 
     def fsync_for(self, loop: asyncio.AbstractEventLoop) -> fsync_impl.Fsync:
         """The flusher bound to ``loop`` (made on first use: an AIO context is per process)."""
@@ -791,10 +807,11 @@ class Spool:
             os.rename(f"{self._queue_dir}/{qid}", f"{self._spare_dir}/{name}")
         except OSError:
             return False
+        self.moves[self.LEFT] += 1
         if status_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
-        self._forget_incoming(qid)
+        self._forget_incoming(qid)  # a second name: unlinking it frees nothing
         self._spares.append((fd, name, size))
         return True
 
@@ -899,6 +916,7 @@ class Spool:
         except BaseException as exc:  # cancelled mid-flush: never acknowledged
             self._failed(msg, exc)
             raise
+        self.moves[self.ENTERED] += 1
         return msg.committed(queue_path, keep_fd=lock)
 
     # -- the queue ------------------------------------------------------------------------------
@@ -935,6 +953,7 @@ class Spool:
                     if qid is not None and not (self.queue / qid).exists():
                         os.link(p, self.queue / qid)
                         moved += 1
+                        self.moves[self.ENTERED] += 1
                     done.append(p)
                 except OSError as exc:
                     # Kept where it is (a full disk can refuse the link): the next start-up
@@ -1164,9 +1183,14 @@ class Spool:
 
     def remove(self, qid: str, *, status_file: bool = True) -> None:
         """The message is delivered or bounced: forget it (and its status file, if any)."""
-        for name in (qid, qid + _STATUS_SUFFIX) if status_file else (qid,):
+        try:
+            os.unlink(f"{self._queue_dir}/{qid}")
+            self.moves[self.LEFT] += 1
+        except FileNotFoundError:
+            pass
+        if status_file:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._queue_dir}/{name}")
+                os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
         self._forget_incoming(qid)
 
     def delete(self, qid: str) -> None:
@@ -1252,10 +1276,49 @@ class Spool:
                 due = 0.0
             yield qid, due
 
+    def cached(self, qid: str) -> bool:
+        """Whether the start of ``qid``'s queue file is in the page cache (a read that may not
+        wait, ``RWF_NOWAIT``): a listing's guess whether the queue is. True when it cannot
+        tell (gone, or a kernel without the flag)."""
+        try:
+            fd = os.open(f"{self._queue_dir}/{qid}", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return True
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return True
+
+    def warm(self, qid: str) -> None:
+        """Have the kernel read ``qid``'s queue file and status file into the page cache,
+        without waiting for the data (``posix_fadvise`` WILLNEED starts the reads, several
+        at once): for the attempt that will claim it on the event loop, which would
+        otherwise wait there for each read in turn when the queue is not cached. Only the
+        inode is read before this returns. In a thread (the queue pass's); takes no lock
+        (a descriptor closed here lets go of no one's ``flock``)."""
+        for path in (f"{self._queue_dir}/{qid}", f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}"):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone (delivered meanwhile), or no status file yet
+            try:
+                os.posix_fadvise(fd, 0, WARM_BYTES, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass  # a file system without readahead: the attempt reads it as before
+            finally:
+                os.close(fd)
+
     def quarantine(self, qid: str, reason: str) -> None:
         for name in (qid, qid + _STATUS_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.rename(self.queue / name, self.corrupt / name)
+                if name == qid:
+                    self.moves[self.LEFT] += 1
         self._forget_incoming(qid)
         with contextlib.suppress(OSError):
             (self.corrupt / (qid + ".reason")).write_text(reason + "\n")
