@@ -111,7 +111,9 @@ class _Wire(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self._waiter: asyncio.Future[bool] | None = None  # for input, or for the drain
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on each call.
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -153,7 +155,7 @@ class _Wire(asyncio.Protocol):
     async def wait(self, deadline: float) -> bool:
         """Until something happens (input, EOF, the drain) or ``deadline`` (loop time);
         False when the deadline came first."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         remaining = deadline - loop.time()
         if remaining <= 0:
             return False
@@ -683,7 +685,7 @@ class SmtpClient:
         wire = self._wire
         if not wire.writing_paused:
             return
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = wire.loop.time() + timeout
         while wire.writing_paused:
             if not await wire.wait(deadline):
                 raise SmtpClientError(f"timeout writing ({stage})", stage=stage, timed_out=True)
@@ -744,7 +746,7 @@ class SmtpClient:
                         f"timeout waiting for reply to {stage}", stage=stage, timed_out=True
                     )
                 if not deadline:
-                    deadline = asyncio.get_running_loop().time() + timeout
+                    deadline = wire.loop.time() + timeout
                 timed_out = not await wire.wait(deadline)
                 continue  # what arrived, even at the deadline, is looked at first
             if len(raw) > MAX_REPLY_LINE:

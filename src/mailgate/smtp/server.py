@@ -41,6 +41,9 @@ from mailgate.snapshot import Snapshot
 PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
 FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
 _NOT_CONNECTED = Client("0.0.0.0")  # the client until connection_made knows its address
+# A timer may fire this much before its deadline by the loop's clock (uvloop counts whole
+# milliseconds): a wait whose deadline is that close has timed out.
+_TIMER_SLACK = 0.002
 
 _GREETED = metrics.connection("greeted")
 _STOPPING = metrics.connection("stopping")
@@ -90,6 +93,11 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None
         self.wakeup: asyncio.Future[None] | None = None
+        # One input deadline timer per connection, moved on (not made again) at each wait;
+        # see wait_input.
+        self.deadline = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self.out: list[bytes] = []
         self.out_size = 0  # bytes in self.out
         self.paused = False  # reading paused: unparsed input over PAUSE_READING_AT
@@ -122,7 +130,9 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.admitted = self.host.admission.admit(
             self.client, self.snap.config.smtp.max_connections_per_ip
         )
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on each call.
+        self.event_loop = loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self.run())
         self.host.session_started(self)
         if self.arrival.early:  # PROXY protocol: what the client sent behind the header
             self.data_received(self.arrival.early)
@@ -232,27 +242,49 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     # -- waiting -------------------------------------------------------------------------------
     async def wait_input(self, timeout: float) -> bool:
-        """Wait for more input; False on timeout."""
+        """Wait for more input; False on timeout.
+
+        The timer is not made and cancelled per wait (seven or more per message): one armed
+        timer stays while the deadlines move later, and when it fires before the deadline
+        of the wait in progress it is armed again for that deadline. Only a deadline earlier
+        than the armed one (a shorter timeout: stress, DATA) replaces it."""
         self.flush()
         if self.paused and self.transport:
             self.paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self.event_loop
+        self.deadline = deadline = loop.time() + timeout
+        if self.timer is None or self.timer_at > deadline:
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer_at = deadline
+            self.timer = loop.call_at(deadline, self._deadline_reached)
         self._timed_out = False
         self.wakeup = loop.create_future()
-        handle = loop.call_later(timeout, self._wake_timeout)
         try:
             await self.wakeup
         finally:
-            handle.cancel()
             self.wakeup = None
         return not self._timed_out
 
     _timed_out = False
 
-    def _wake_timeout(self) -> None:
-        self._timed_out = True
-        self._wake()
+    def _deadline_reached(self) -> None:
+        self.timer = None
+        if self.wakeup is None:
+            return  # between waits: the next one arms its own
+        if self.event_loop.time() + _TIMER_SLACK >= self.deadline:
+            self._timed_out = True
+            self._wake()
+        else:  # the wait in progress has a later deadline
+            self.timer_at = self.deadline
+            self.timer = self.event_loop.call_at(self.deadline, self._deadline_reached)
+
+    def _stop_timer(self) -> None:
+        """The connection is done: its timer must not keep it alive until it fires."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
     def timeouts_changed(self) -> None:
         """Stress mode began: a session waiting on the old, longer timeout looks again."""
@@ -260,7 +292,7 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     async def wait_writable(self, timeout: float) -> bool:
         """Wait until the transport's buffer drains; False on timeout."""
-        self.writable = asyncio.get_running_loop().create_future()
+        self.writable = self.event_loop.create_future()
         try:
             async with asyncio.timeout(timeout):
                 await self.writable
@@ -295,6 +327,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                     )
                 )
         finally:
+            self._stop_timer()
             if self.session is not None:
                 self.session.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
