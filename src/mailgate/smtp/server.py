@@ -19,7 +19,7 @@ from typing import Protocol
 
 from mailgate import maillog, metrics, tls
 from mailgate.milter import chain as milter_chain
-from mailgate.policy import Client, connect_decision
+from mailgate.policy import Client, ConnectDecision, connect_decision
 from mailgate.reply import Reply
 from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.listener import DIRECT, Arrival
@@ -45,6 +45,7 @@ _NOT_CONNECTED = Client("0.0.0.0")  # the client until connection_made knows its
 # milliseconds): a wait whose deadline is that close has timed out.
 _TIMER_SLACK = 0.002
 
+CONNECT_DECISIONS_KEPT = 4096  # clients whose connect decision a snapshot remembers
 _GREETED = metrics.connection("greeted")
 _STOPPING = metrics.connection("stopping")
 
@@ -71,6 +72,18 @@ class ServerHost(SessionHost, Protocol):
     def admission(self) -> Admission: ...
 
     async def lookup_client(self, client: Client) -> Client: ...
+
+
+def _connect_decision(client: Client, snap: Snapshot) -> ConnectDecision:
+    """``policy.connect_decision``, remembered per snapshot (a client connects again and
+    again: the access lookups were made at each connection)."""
+    known = snap.connect_decisions
+    decision = known.get(client)
+    if decision is None:
+        if len(known) >= CONNECT_DECISIONS_KEPT:
+            known.clear()
+        decision = known[client] = connect_decision(client, snap.tables, snap.config)
+    return decision
 
 
 class _Closing(Exception):
@@ -350,7 +363,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
             return None
         self.client = client = await self.host.lookup_client(self.client)
-        decision = connect_decision(client, self.snap.tables, self.snap.config)
+        decision = _connect_decision(client, self.snap)
         self.session = session = Session(
             self.host, self.snap, client, decision, before_wait=self.flush
         )
