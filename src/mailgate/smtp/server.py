@@ -21,6 +21,7 @@ from mailgate import maillog, metrics, tls
 from mailgate.milter import chain as milter_chain
 from mailgate.policy import Client, ConnectDecision, connect_decision
 from mailgate.reply import Reply
+from mailgate.smtp.deadline import DeadlineWaits
 from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
@@ -41,9 +42,6 @@ from mailgate.snapshot import Snapshot
 PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop reading
 FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
 _NOT_CONNECTED = Client("0.0.0.0")  # the client until connection_made knows its address
-# A timer may fire this much before its deadline by the loop's clock (uvloop counts whole
-# milliseconds): a wait whose deadline is that close has timed out.
-_TIMER_SLACK = 0.002
 
 CONNECT_DECISIONS_KEPT = 4096  # clients whose connect decision a snapshot remembers
 _GREETED = metrics.connection("greeted")
@@ -90,7 +88,7 @@ class _Closing(Exception):
     """The session must end after the replies already queued."""
 
 
-class SmtpServerProtocol(asyncio.Protocol):
+class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
     def __init__(self, host: ServerHost, arrival: Arrival = DIRECT) -> None:
         self.host = host
         self.arrival = arrival  # a PROXY header's client, else the socket's peer is
@@ -106,11 +104,6 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.session: Session | None = None
         self.task: asyncio.Task[None] | None = None
         self.wakeup: asyncio.Future[None] | None = None
-        # One input deadline timer per connection, moved on (not made again) at each wait;
-        # see wait_input.
-        self.deadline = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        self.timer_at = 0.0
         self.out: list[bytes] = []
         self.out_size = 0  # bytes in self.out
         self.paused = False  # reading paused: unparsed input over PAUSE_READING_AT
@@ -255,49 +248,28 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     # -- waiting -------------------------------------------------------------------------------
     async def wait_input(self, timeout: float) -> bool:
-        """Wait for more input; False on timeout.
-
-        The timer is not made and cancelled per wait (seven or more per message): one armed
-        timer stays while the deadlines move later, and when it fires before the deadline
-        of the wait in progress it is armed again for that deadline. Only a deadline earlier
-        than the armed one (a shorter timeout: stress, DATA) replaces it."""
+        """Wait for more input; False on timeout (one timer for all the connection's waits:
+        ``smtp/deadline.py``)."""
         self.flush()
         if self.paused and self.transport:
             self.paused = False
             self.transport.resume_reading()
         loop = self.event_loop
-        self.deadline = deadline = loop.time() + timeout
-        if self.timer is None or self.timer_at > deadline:
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer_at = deadline
-            self.timer = loop.call_at(deadline, self._deadline_reached)
         self._timed_out = False
         self.wakeup = loop.create_future()
+        self.arm(loop.time() + timeout)
         try:
             await self.wakeup
         finally:
+            self.disarm()
             self.wakeup = None
         return not self._timed_out
 
     _timed_out = False
 
-    def _deadline_reached(self) -> None:
-        self.timer = None
-        if self.wakeup is None:
-            return  # between waits: the next one arms its own
-        if self.event_loop.time() + _TIMER_SLACK >= self.deadline:
-            self._timed_out = True
-            self._wake()
-        else:  # the wait in progress has a later deadline
-            self.timer_at = self.deadline
-            self.timer = self.event_loop.call_at(self.deadline, self._deadline_reached)
-
-    def _stop_timer(self) -> None:
-        """The connection is done: its timer must not keep it alive until it fires."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+    def deadline_expired(self) -> None:
+        self._timed_out = True
+        self._wake()
 
     def timeouts_changed(self) -> None:
         """Stress mode began: a session waiting on the old, longer timeout looks again."""
@@ -340,7 +312,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                     )
                 )
         finally:
-            self._stop_timer()
+            self.stop_timer()
             if self.session is not None:
                 self.session.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
