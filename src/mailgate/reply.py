@@ -49,7 +49,15 @@ class Reply(NamedTuple):
         """The reply as sent, each line ended by CRLF."""
         text = self.text
         if "\n" in text or "\r" in text:
-            return ("\r\n".join(self.lines()) + "\r\n").encode("utf-8", "surrogateescape")
+            # The EHLO reply, the same for each connection of a client: made once.
+            wire = _MULTILINE.get(self)
+            if wire is None:
+                if len(_MULTILINE) >= _MULTILINE_KEPT:
+                    _MULTILINE.clear()
+                wire = _MULTILINE[self] = ("\r\n".join(self.lines()) + "\r\n").encode(
+                    "utf-8", "surrogateescape"
+                )
+            return wire
         # The usual reply, one line: formatted at once, as lines() would (every reply sent
         # comes here, and lines() costs twice as much).
         line = f"{self.code} {self.enhanced} {text}" if self.enhanced else f"{self.code} {text}"
@@ -57,6 +65,10 @@ class Reply(NamedTuple):
 
     def __str__(self) -> str:
         return " ".join(self.lines()) if "\n" not in self.text else "\n".join(self.lines())
+
+
+_MULTILINE: dict[Reply, bytes] = {}  # multi-line replies' wire forms
+_MULTILINE_KEPT = 1024
 
 
 def parse_reply_line(line: str) -> tuple[int, bool, str]:

@@ -7,8 +7,9 @@ of a transaction.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, load_config
@@ -20,6 +21,9 @@ from mailgate.tables.lint import lint
 from mailgate.tables.maps import TableError, TableWarning
 from mailgate.users import resolve_local_user
 
+if TYPE_CHECKING:
+    from mailgate.policy import Client, ConnectDecision
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -29,6 +33,12 @@ class Snapshot:
     # What `mailgate check` prints and `mailgate status` shows of the running daemon: the
     # same figure means the same files, node file, variables and tables (`generation`).
     generation: str = ""
+    # The connect stage's decision by client, made once per client and snapshot (it is a
+    # pure function of the two, asked at every connection: smtp/server.py). Not an init
+    # field, so dataclasses.replace() starts a new one.
+    connect_decisions: dict[Client, ConnectDecision] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def warnings(self) -> list[TableWarning]:
         seen: set[str] = set()

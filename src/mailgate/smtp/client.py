@@ -22,6 +22,7 @@ from pathlib import Path
 from mailgate import tls
 from mailgate.reply import Reply, parse_reply_line, split_enhanced
 from mailgate.smtp.body import OutgoingContent
+from mailgate.smtp.deadline import DeadlineWaits
 from mailgate.smtp.downgrade import Plan, Scanner
 from mailgate.smtp.dsn_params import orcpt_ascii
 
@@ -93,14 +94,15 @@ class _Replies:
         )
 
 
-class _Wire(asyncio.Protocol):
+class _Wire(DeadlineWaits, asyncio.Protocol):
     """The connection's bytes: what the server sent, kept until the client reads a line of
     it, and the flow control of what the client sends.
 
     A protocol of our own rather than asyncio's streams: a reply is read from the buffer with
-    a ``find``, and the client waits (one future, one timer per wait) only when no whole line
-    has arrived yet, where ``StreamReader.readuntil`` under ``asyncio.timeout`` cost a timeout
-    context, its rescheduling and a coroutine per line: four to six lines a message.
+    a ``find``, and the client waits (one future per wait, one timer moved on from wait to
+    wait: ``smtp/deadline.py``) only when no whole line has arrived yet, where
+    ``StreamReader.readuntil`` under ``asyncio.timeout`` cost a timeout context, its
+    rescheduling and a coroutine per line: four to six lines a message.
     """
 
     def __init__(self) -> None:
@@ -111,7 +113,9 @@ class _Wire(asyncio.Protocol):
         self.reading_paused = False
         self.writing_paused = False
         self._waiter: asyncio.Future[bool] | None = None  # for input, or for the drain
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on each call.
+        self.event_loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.event_loop.create_future()
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -135,6 +139,7 @@ class _Wire(asyncio.Protocol):
         self.lost = exc
         self.writing_paused = False
         self._wake()
+        self.stop_timer()
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -153,18 +158,21 @@ class _Wire(asyncio.Protocol):
     async def wait(self, deadline: float) -> bool:
         """Until something happens (input, EOF, the drain) or ``deadline`` (loop time);
         False when the deadline came first."""
-        loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
-        if remaining <= 0:
+        loop = self.event_loop
+        if deadline - loop.time() <= 0:
             return False
         waiter: asyncio.Future[bool] = loop.create_future()
         self._waiter = waiter
-        timer = loop.call_later(remaining, _settle, waiter, False)
+        self.arm(deadline)
         try:
             return await waiter
         finally:
-            timer.cancel()
+            self.disarm()
             self._waiter = None
+
+    def deadline_expired(self) -> None:
+        if self._waiter is not None:
+            _settle(self._waiter, False)
 
     def take_line(self) -> bytes | None:
         """The next whole line (through its LF) if it has arrived, else None."""
@@ -683,7 +691,7 @@ class SmtpClient:
         wire = self._wire
         if not wire.writing_paused:
             return
-        deadline = asyncio.get_running_loop().time() + timeout
+        deadline = wire.event_loop.time() + timeout
         while wire.writing_paused:
             if not await wire.wait(deadline):
                 raise SmtpClientError(f"timeout writing ({stage})", stage=stage, timed_out=True)
@@ -744,7 +752,7 @@ class SmtpClient:
                         f"timeout waiting for reply to {stage}", stage=stage, timed_out=True
                     )
                 if not deadline:
-                    deadline = asyncio.get_running_loop().time() + timeout
+                    deadline = wire.event_loop.time() + timeout
                 timed_out = not await wire.wait(deadline)
                 continue  # what arrived, even at the deadline, is looked at first
             if len(raw) > MAX_REPLY_LINE:

@@ -159,7 +159,8 @@ class Listener:
                         await asyncio.sleep(0.1)
                     continue
                 raise
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # No TCP_NODELAY here: the transport sets it (uvloop's TCPTransport.new, asyncio's
+            # selector transport), a second setsockopt per connection was for nothing.
             if settings.proxy_protocol is not None:
                 task = loop.create_task(self._proxied(conn, _plain_ip(addr[0]), settings))
                 self.handshakes.add(task)

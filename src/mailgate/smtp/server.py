@@ -19,8 +19,9 @@ from typing import Protocol
 
 from mailgate import maillog, metrics, tls
 from mailgate.milter import chain as milter_chain
-from mailgate.policy import Client, connect_decision
+from mailgate.policy import Client, ConnectDecision, connect_decision
 from mailgate.reply import Reply
+from mailgate.smtp.deadline import DeadlineWaits
 from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
@@ -42,6 +43,7 @@ PAUSE_READING_AT = 256 * 1024  # unparsed pipelined input we hold before we stop
 FLUSH_AT = 64 * 1024  # replies held back for one write before they go out anyway
 _NOT_CONNECTED = Client("0.0.0.0")  # the client until connection_made knows its address
 
+CONNECT_DECISIONS_KEPT = 4096  # clients whose connect decision a snapshot remembers
 _GREETED = metrics.connection("greeted")
 _STOPPING = metrics.connection("stopping")
 
@@ -70,11 +72,23 @@ class ServerHost(SessionHost, Protocol):
     async def lookup_client(self, client: Client) -> Client: ...
 
 
+def _connect_decision(client: Client, snap: Snapshot) -> ConnectDecision:
+    """``policy.connect_decision``, remembered per snapshot (a client connects again and
+    again: the access lookups were made at each connection)."""
+    known = snap.connect_decisions
+    decision = known.get(client)
+    if decision is None:
+        if len(known) >= CONNECT_DECISIONS_KEPT:
+            known.clear()
+        decision = known[client] = connect_decision(client, snap.tables, snap.config)
+    return decision
+
+
 class _Closing(Exception):
     """The session must end after the replies already queued."""
 
 
-class SmtpServerProtocol(asyncio.Protocol):
+class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
     def __init__(self, host: ServerHost, arrival: Arrival = DIRECT) -> None:
         self.host = host
         self.arrival = arrival  # a PROXY header's client, else the socket's peer is
@@ -122,7 +136,9 @@ class SmtpServerProtocol(asyncio.Protocol):
         self.admitted = self.host.admission.admit(
             self.client, self.snap.config.smtp.max_connections_per_ip
         )
-        self.task = asyncio.get_running_loop().create_task(self.run())
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on each call.
+        self.event_loop = loop = asyncio.get_running_loop()
+        self.task = loop.create_task(self.run())
         self.host.session_started(self)
         if self.arrival.early:  # PROXY protocol: what the client sent behind the header
             self.data_received(self.arrival.early)
@@ -232,25 +248,26 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     # -- waiting -------------------------------------------------------------------------------
     async def wait_input(self, timeout: float) -> bool:
-        """Wait for more input; False on timeout."""
+        """Wait for more input; False on timeout (one timer for all the connection's waits:
+        ``smtp/deadline.py``)."""
         self.flush()
         if self.paused and self.transport:
             self.paused = False
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self.event_loop
         self._timed_out = False
         self.wakeup = loop.create_future()
-        handle = loop.call_later(timeout, self._wake_timeout)
+        self.arm(loop.time() + timeout)
         try:
             await self.wakeup
         finally:
-            handle.cancel()
+            self.disarm()
             self.wakeup = None
         return not self._timed_out
 
     _timed_out = False
 
-    def _wake_timeout(self) -> None:
+    def deadline_expired(self) -> None:
         self._timed_out = True
         self._wake()
 
@@ -260,7 +277,7 @@ class SmtpServerProtocol(asyncio.Protocol):
 
     async def wait_writable(self, timeout: float) -> bool:
         """Wait until the transport's buffer drains; False on timeout."""
-        self.writable = asyncio.get_running_loop().create_future()
+        self.writable = self.event_loop.create_future()
         try:
             async with asyncio.timeout(timeout):
                 await self.writable
@@ -295,6 +312,7 @@ class SmtpServerProtocol(asyncio.Protocol):
                     )
                 )
         finally:
+            self.stop_timer()
             if self.session is not None:
                 self.session.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
@@ -317,7 +335,7 @@ class SmtpServerProtocol(asyncio.Protocol):
             self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
             return None
         self.client = client = await self.host.lookup_client(self.client)
-        decision = connect_decision(client, self.snap.tables, self.snap.config)
+        decision = _connect_decision(client, self.snap)
         self.session = session = Session(
             self.host, self.snap, client, decision, before_wait=self.flush
         )

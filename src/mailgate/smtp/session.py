@@ -61,6 +61,9 @@ HELP_TEXT = (
 
 # Sendmail's restricted mode (early talkers, Connect: refusals) still serves these.
 _ALLOWED_WHEN_REFUSED = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT"})
+# The HELO/EHLO replies made, by what they say (a client says EHLO at every connection).
+_HELLO_REPLIES: dict[tuple[str, str, str | None, bool, bool, int], Reply] = {}
+_HELLO_REPLIES_KEPT = 4096
 _NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage; try again later")
 
 
@@ -207,6 +210,25 @@ class Session:
         self.helo = arg.split()[0]
         self.esmtp = esmtp
         self.tx = None
+        starttls = cfg.tls.server_context is not None and self.tls is None
+        key = (
+            cfg.hostname,
+            self.client.ip,
+            self.client.verified_name,
+            esmtp,
+            starttls,
+            cfg.smtp.max_message_size,
+        )
+        known = _HELLO_REPLIES.get(key)
+        if known is not None:
+            return Answer(known)
+        if len(_HELLO_REPLIES) >= _HELLO_REPLIES_KEPT:
+            _HELLO_REPLIES.clear()
+        reply = _HELLO_REPLIES[key] = self._hello_reply(esmtp, starttls)
+        return Answer(reply)
+
+    def _hello_reply(self, esmtp: bool, starttls: bool) -> Reply:
+        cfg = self.snap.config
         who = (
             f"{self.client.verified_name} [{self.client.ip}]"
             if self.client.verified_name
@@ -214,7 +236,7 @@ class Session:
         )
         greeting = f"{cfg.hostname} Hello {who}, pleased to meet you"
         if not esmtp:
-            return Answer(Reply(250, None, greeting))
+            return Reply(250, None, greeting)
         size = cfg.smtp.max_message_size
         lines = [
             greeting,
@@ -226,10 +248,10 @@ class Session:
             "SMTPUTF8",
             "ETRN",
         ]
-        if cfg.tls.server_context is not None and self.tls is None:
+        if starttls:
             lines.append("STARTTLS")
         lines.append("HELP")
-        return Answer(Reply(250, None, "\n".join(lines)))
+        return Reply(250, None, "\n".join(lines))
 
     async def mail(self, arg: str) -> Answer:
         cfg = self.snap.config
