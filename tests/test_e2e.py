@@ -169,7 +169,10 @@ def test_local_user_gets_maildir_and_unknown_user_is_refused(
         # an alias that fans out to a local user and a routed domain
         s.sendmail("bob@example.org", ["team@gateway.example.com"], message("team", to="team"))
     new = gateway.maildir / "alice" / "new"
-    wait_until(lambda: len(list(new.iterdir())) >= 2, "two messages in alice's Maildir")
+    # The Maildir is made at the first delivery: until then there is no new/ to list.
+    wait_until(
+        lambda: new.is_dir() and len(list(new.iterdir())) >= 2, "two messages in alice's Maildir"
+    )
     files = sorted(new.iterdir())
     assert len(files) == 2
     texts = [f.read_bytes() for f in files]
