@@ -352,11 +352,12 @@ class ServerConnection:
         if not line.endswith(b"\r\n"):
             return self._broken(_CMD_BARE_LF)
         raw = line[:-2]
-        if b"\r" in raw:
+        # ``13 in``/``0 in``, not ``b"\r" in``: an int operand skips the buffer protocol.
+        if 13 in raw:
             return self._broken(_CMD_BARE_CR)
         if len(line) > self.max_command_line:
             return BadCommand(_CMD_TOO_LONG)
-        if b"\0" in raw:
+        if 0 in raw:
             return BadCommand(_CMD_NUL)
         text = raw.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
@@ -432,21 +433,21 @@ class ServerConnection:
     def _check(self, piece: bytes) -> None:
         """Validate one content piece (never splits a CRLF); record the first violation."""
         n = len(piece)
-        cr = piece.count(b"\r")
-        bare = cr != piece.count(b"\n")
+        cr = piece.count(13)  # an int needle: no buffer protocol for the operand
+        bare = cr != piece.count(10)
         if cr and not bare:
             # Same number of CRs and LFs: no bare one iff every LF follows a CR. For long
             # lines, hopping LF to LF (memchr) beats counting CRLF pairs (a slower scan).
             if cr * 256 <= n:
-                q = piece.find(b"\n")
+                q = piece.find(10)
                 while q >= 0:
                     if q == 0 or piece[q - 1] != 13:
                         bare = True
                         break
-                    q = piece.find(b"\n", q + 1)
+                    q = piece.find(10, q + 1)
             else:
                 bare = piece.count(b"\r\n") != cr
-        nul = piece.find(b"\0")
+        nul = piece.find(0) if 0 in piece else -1
 
         # Line length: jump window by window (each window holds max_text_line bytes), so the
         # cost is per window, not per line. Lines are delimited by LF.

@@ -94,7 +94,7 @@ def _v1(data: bytes) -> ProxyHeader | None:
     if lf == 0 or data[lf - 1] != 0x0D:
         raise ProxyError("v1: a bare LF ends the line (only CRLF may)")
     line = bytes(data[: lf - 1])
-    if b"\r" in line:
+    if 13 in line:
         raise ProxyError("v1: a CR not followed by LF")
     size = lf + 1
     if line == b"PROXY UNKNOWN" or line.startswith(b"PROXY UNKNOWN "):

@@ -422,7 +422,7 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                 return  # the protocol is done with this connection
             waiting_since = time.monotonic()
             if isinstance(event, DataChunk):
-                if b"\n" in event.data:
+                if 10 in event.data:  # an int needle: no buffer protocol
                     self.last_line = waiting_since
                 session.data_chunk(event.data)
             elif isinstance(event, Command):
