@@ -58,7 +58,8 @@ class QueueCount:
     in the shared table, counted by each process's Spool). So the count follows the traffic
     at no cost between censuses, and a census only corrects for what the daemon did not do
     itself (``mailgate delete`` or ``flush`` in their own processes, files moved by hand) and
-    for the messages that came or went while it listed. A census is reused until
+    for the messages that came or went while it listed (such a census is kept a tenth as
+    long). A census is reused until
     ``MIN_AGE`` has passed and ``COST`` times as long as it took, at most ``MAX_AGE``: the
     listings take at most 1/``COST`` of one core (a million names, ~1 s, every five minutes;
     a small queue every 2 s)."""
@@ -100,6 +101,11 @@ class QueueCount:
                 self._census = (count, oldest, moves)
                 took = time.monotonic() - started
                 age = min(max(self.MIN_AGE, took * self.COST), self.MAX_AGE)
+                if self._moves() != moves:
+                    # Mail came or went while it listed: a name may be counted twice or
+                    # not at all. Listed again ten times sooner (at most 1/30 of a core),
+                    # so a listing slowed by load does not leave the count off for minutes.
+                    age = max(self.MIN_AGE, age / 10)
                 self._due = time.monotonic() + age
         known = self.known()
         assert known is not None
