@@ -778,3 +778,42 @@ def test_resolve_takes_a_mailbox_directly(tmp_path: Path) -> None:
     routes = resolve(Mailbox("x", "a.example.org"), snap.routing)
     assert brief(routes) == [("relay", "x@a.example.org", "[192.0.2.11]")]
     assert routes[0].target == "relay:[192.0.2.11]:x@a.example.org"
+
+
+# -- remote routes remembered per snapshot ---------------------------------------------------
+
+
+def test_remote_route_is_worked_out_once_per_snapshot(tmp_path: Path) -> None:
+    tables = {
+        "mailertable": ".example.org relay:[192.0.2.11]\nlocalish.example local:bob\n",
+        "domaintable": "old.example.org new.example.org\n",
+    }
+    snap = snapshot(tmp_path, tables)
+    first = resolve(Mailbox("x", "old.example.org"), snap.routing, expand=False)
+    again = resolve(Mailbox("x", "old.example.org"), snap.routing)
+    # The RCPT check and the delivery plan share one route object (and its cached target)...
+    assert again[0] is first[0]
+    assert brief(again) == [("relay", "x@new.example.org", "[192.0.2.11]")]
+    # ...and a caller's list is its own.
+    again.append(first[0])
+    assert len(resolve(Mailbox("x", "old.example.org"), snap.routing)) == 1
+    # Local and mailertable-local recipients go through aliases and passwd every time.
+    for mb in (Mailbox("alice", HOST), Mailbox("y", "localish.example")):
+        assert brief(resolve(mb, snap.routing)) == brief(resolve(mb, snap.routing))
+        assert resolve(mb, snap.routing)[0] is not resolve(mb, snap.routing)[0]
+    assert set(snap.routing.remote_routes) == {("x", "old.example.org")}
+    # A new snapshot (a reload with a changed mailertable) starts afresh.
+    (tmp_path / "tables" / "mailertable").write_text(".example.org relay:[192.0.2.12]\n")
+    reloaded = snapshot(tmp_path)
+    assert brief(resolve(Mailbox("x", "new.example.org"), reloaded.routing))[0][2] == (
+        "[192.0.2.12]"
+    )
+
+
+def test_remembered_remote_routes_are_bounded(tmp_path: Path) -> None:
+    from mailgate.routing import REMOTE_ROUTES_KEPT
+
+    snap = snapshot(tmp_path)
+    for i in range(REMOTE_ROUTES_KEPT + 10):
+        resolve(Mailbox(f"u{i}", "far.example.net"), snap.routing)
+    assert 0 < len(snap.routing.remote_routes) <= REMOTE_ROUTES_KEPT

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pwd
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from mailgate.tables.mailertable import SMTP_MAILERS, UUCP_MAILERS, MailerRoute,
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
 
 MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
+REMOTE_ROUTES_KEPT = 4096  # recipients whose remote route a routing context remembers
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ class RoutingContext:
     tables: Tables
     class_w: frozenset[str]  # local-host-names plus our own names and [ip] literals
     local_user: Callable[[str], str | None]  # the account / maildir name a local part reaches
+    # Recipient (local part, domain) → its route, for recipients of non-local domains only:
+    # that route is a pure function of the tables and the address, and each message asks for
+    # it twice (the RCPT check, the delivery plan), as Postfix's resolver clients cache theirs.
+    # Local recipients are not kept: ``local_user`` reads passwd and maildir folders.
+    remote_routes: dict[tuple[str, str], Route] = field(
+        default_factory=dict, compare=False, hash=False, repr=False
+    )
 
     def is_local(self, domain: str) -> bool:
         return domain == "" or domain in self.class_w
@@ -105,9 +113,26 @@ def rewrite_domain(mailbox: Mailbox, tables: Tables) -> Mailbox:
 
 def resolve(mailbox: Mailbox, ctx: RoutingContext, *, expand: bool = True) -> list[Route]:
     """Routes for one (normalised) recipient; several when aliases fan out."""
+    key = (mailbox.local, mailbox.domain)
+    known = ctx.remote_routes.get(key)
+    if known is not None:
+        return [known]
+    mb = rewrite_domain(mailbox, ctx.tables)
+    if not ctx.is_local(mb.domain):
+        entry = None if mb.is_literal else ctx.tables.mailertable.lookup(mb.domain)
+        if entry is None or entry.mailer != "local":
+            # Neither class w nor the mailertable's local: (which lead to virtusertable,
+            # aliases and :include: files): one route, whatever ``expand`` says, and the
+            # same for every message. Routes are frozen: the one kept is shared, with its
+            # cached host and target.
+            route = _remote_route(mb, entry)
+            remote = ctx.remote_routes
+            if len(remote) >= REMOTE_ROUTES_KEPT:
+                remote.clear()
+            remote[key] = route
+            return [route]
     out: list[Route] = []
-    seen: set[str] = set()
-    _resolve(rewrite_domain(mailbox, ctx.tables), ctx, expand, out, seen, 0)
+    _resolve(mb, ctx, expand, out, set(), 0)
     return out
 
 
