@@ -350,7 +350,11 @@ def test_a_delivered_file_is_reused_for_the_next_message(tmp_path: Path) -> None
     msg = spool.open_incoming(envelope(spool))
     msg.write(short)
     asyncio.run(spool.commit(msg))
-    assert not any((tmp_path / "spare").iterdir())
+    # Written over in place and linked into queue/: the spare/ name, durable already, is the
+    # new message's second name (no rename into incoming/ on the way).
+    assert list((tmp_path / "spare").iterdir()) == [spare]
+    assert not any((tmp_path / "incoming").iterdir())
+    assert Spool._sealed_qid(spare) == msg.envelope.qid
     path = tmp_path / "queue" / msg.envelope.qid
     assert path.stat().st_ino == ino  # the same inode, no new one allocated
     assert path.stat().st_size == msg.offset + len(short)  # the old tail is cut off
@@ -358,6 +362,54 @@ def test_a_delivered_file_is_reused_for_the_next_message(tmp_path: Path) -> None
     assert loaded is not None and loaded.envelope.sender == "a@example.org"
     assert path.read_bytes()[loaded.offset :] == short
     assert Spool._sealed_qid(path) == msg.envelope.qid
+    # Its queue/ entry on disk (the first status file's fsync), the second name goes.
+    spool.save_status(msg.envelope.qid, QueueStatus(attempts=1))
+    assert not any((tmp_path / "spare").iterdir())
+    assert path.stat().st_nlink == 1
+    spool.close()
+
+
+def test_a_reused_file_delivered_again_becomes_a_spare_under_the_same_name(
+    tmp_path: Path,
+) -> None:
+    """The usual cycle of a busy gateway: a spare written over, queued, delivered at its first
+    attempt, a spare again; one link and one unlink a message, no rename."""
+    spool = Spool(tmp_path)
+    _delivered(spool, b"Subject: first\r\n\r\nx\r\n")
+    [spare] = list((tmp_path / "spare").iterdir())
+    for n in range(3):
+        msg = spool.open_incoming(envelope(spool))
+        msg.write(b"Subject: again %d\r\n\r\ny\r\n" % n)
+        queued = asyncio.run(spool.commit(msg, lock=True))
+        assert (tmp_path / "queue" / queued.qid).stat().st_ino == spare.stat().st_ino
+        spool.finish(queued)
+        assert not (tmp_path / "queue" / queued.qid).exists()
+        assert list((tmp_path / "spare").iterdir()) == [spare]
+        assert Spool._sealed_qid(spare) is None  # delivered: never mail again
+    assert spool._spare_names == {}
+    spool.close()
+    assert not any((tmp_path / "spare").iterdir())
+
+
+def test_a_queued_messages_spare_name_goes_at_close_once_the_queue_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    """A message written over a spare and never attempted by this process (the daemon
+    stopped first, or another worker delivered it) still has its spare/ name at the close:
+    the close drops it after making queue/ durable, so spare/ ends empty and the message
+    stays queued."""
+    spool = Spool(tmp_path)
+    _delivered(spool, b"Subject: first\r\n\r\nx\r\n")
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"Subject: queued\r\n\r\nkeep me\r\n")
+    asyncio.run(spool.commit(msg))
+    spool.close()
+    assert not any((tmp_path / "spare").iterdir())
+    spool = Spool(tmp_path)
+    assert spool.recover() == [msg.envelope.qid]
+    loaded = spool.load(msg.envelope.qid)
+    assert loaded is not None
+    assert loaded.path.read_bytes()[loaded.offset :] == b"Subject: queued\r\n\r\nkeep me\r\n"
     spool.close()
 
 
@@ -400,35 +452,57 @@ def test_spare_files_are_bounded_in_number_and_size(tmp_path: Path) -> None:
 
 
 def test_recovery_of_spare_and_reused_files(tmp_path: Path) -> None:
-    """What a crash can leave with reused files: a delivered file in spare/ (dropped), an
-    acknowledged message whose only name on disk is still spare/ (queued under the qid of its
-    envelope), and a reused file in incoming/ still holding an older sealed message (dropped:
-    the older one was delivered)."""
+    """What a crash can leave with reused files: a delivered file in spare/ (dropped); an
+    acknowledged message written over a spare whose link into queue/ never reached the disk,
+    so that its only name is in spare/ (queued under the qid of its envelope); one whose link
+    did (queued once, the spare/ name dropped); and a reused file in incoming/ still holding an
+    older sealed message (dropped: the older one was delivered)."""
     spool = Spool(tmp_path)
-    _delivered(spool, b"Subject: delivered\r\n\r\ngone\r\n")
+    queued = []
+    for n in range(3):  # three files at once, then delivered: three spares
+        msg = spool.open_incoming(envelope(spool))
+        msg.write(b"Subject: delivered %d\r\n\r\ngone\r\n" % n)
+        queued.append(asyncio.run(spool.commit(msg, lock=True)))
+    for q in queued:
+        spool.finish(q)
+    # The pool hands its files out last in, first out: the first stays a delivered spare.
+    delivered_spare = tmp_path / "spare" / spool._spares[0][1]
 
-    acked = spool.open_incoming(envelope(spool))
-    acked.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
-    asyncio.run(spool.commit(acked))
-    lost = tmp_path / "spare" / "999.1"
-    os.rename(tmp_path / "queue" / acked.envelope.qid, lost)  # the renames never reached disk
-    os.unlink(tmp_path / "incoming" / acked.envelope.qid)
+    unlinked = spool.open_incoming(envelope(spool))
+    unlinked.write(b"Subject: acknowledged\r\n\r\nkeep me\r\n")
+    asyncio.run(spool.commit(unlinked))
+    os.unlink(tmp_path / "queue" / unlinked.envelope.qid)  # the link never reached disk
 
+    linked = spool.open_incoming(envelope(spool))
+    linked.write(b"Subject: linked\r\n\r\nonce\r\n")
+    asyncio.run(spool.commit(linked))
+    assert len(list((tmp_path / "spare").iterdir())) == 3  # two second names, one spare
+
+    pool, spool._spares = spool._spares, []  # no spare to write over: a new file, in incoming/
     old = spool.open_incoming(envelope(spool))
     old.write(b"Subject: old\r\n\r\nalready delivered\r\n")
     asyncio.run(spool.commit(old))
+    spool._spares = pool
     os.rename(tmp_path / "queue" / old.envelope.qid, tmp_path / "incoming" / spool.new_qid())
     os.unlink(tmp_path / "incoming" / old.envelope.qid)
-    spool._spares.clear()  # as after a crash: nothing kept open
+    # As after a crash: nothing kept open, nothing cleaned up by a close.
+    spool._spares.clear()
+    spool._spare_names.clear()
     spool.close()
+    assert delivered_spare.exists()
 
     spool = Spool(tmp_path)
-    assert spool.recover() == [acked.envelope.qid]
+    assert spool.recover() == sorted([unlinked.envelope.qid, linked.envelope.qid])
     assert not any((tmp_path / "spare").iterdir())
     assert not any((tmp_path / "incoming").iterdir())
-    loaded = spool.load(acked.envelope.qid)
-    assert loaded is not None
-    assert loaded.path.read_bytes()[loaded.offset :] == b"Subject: acknowledged\r\n\r\nkeep me\r\n"
+    for msg, content in (
+        (unlinked, b"Subject: acknowledged\r\n\r\nkeep me\r\n"),
+        (linked, b"Subject: linked\r\n\r\nonce\r\n"),
+    ):
+        loaded = spool.load(msg.envelope.qid)
+        assert loaded is not None
+        assert loaded.path.read_bytes()[loaded.offset :] == content
+        assert loaded.path.stat().st_nlink == 1
     spool.close()
 
 

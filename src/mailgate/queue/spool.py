@@ -492,9 +492,11 @@ class IncomingMessage:
 
     def _open(self) -> int:
         if self.fd is None:
-            spare = self.spool.take_spare(self.name)
+            spare = self.spool.take_spare()
             if spare is not None:
-                self.fd, self.stale_size = spare
+                # The file keeps its spare/ name, durable already: the message's name until
+                # the link into queue/ (see ``Spool.commit``), with no rename on the way.
+                self.fd, self.name, self.stale_size = spare
             else:
                 # Read-write: after the commit this descriptor is the delivery lock, and the
                 # first attempt reads the content through it instead of opening the file again.
@@ -699,6 +701,9 @@ class Spool:
         for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: list[tuple[int, str, int]] = []  # (open fd, name in spare/, size)
+        # Committed messages written over a spare file, qid → the file's spare/ path: their
+        # second name until ``_forget_incoming`` (an in-flight first attempt's, at most).
+        self._spare_names: dict[str, str] = {}
         self._spare_seq = 0
         self._fsync_choice = fsync
         self._fsync: fsync_impl.Fsync | None = None
@@ -741,6 +746,15 @@ class Spool:
             os.close(fd)
             with contextlib.suppress(OSError):
                 os.unlink(f"{self._spare_dir}/{name}")
+        if self._spare_names:
+            # Queued messages still known by their spare/ names (never attempted here, or
+            # delivered by another process): their queue/ entries made durable first.
+            with contextlib.suppress(OSError):
+                self._fsync_queue_dir()
+                while self._spare_names:
+                    _qid, path = self._spare_names.popitem()
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
     # -- free space ------------------------------------------------------------------------------
     FREE_SPACE_TTL = 1.0  # seconds one statvfs answer stands for
@@ -799,42 +813,50 @@ class Spool:
         next incoming message. False if it is not kept: the caller removes it as usual."""
         if len(self._spares) >= self.SPARE_MAX or size > self.SPARE_MAX_SIZE:
             return False
-        name = f"{self._pid}.{self._spare_seq}"
-        self._spare_seq += 1
+        spare_path = self._spare_names.pop(qid, None)
         try:
             # Unsealed first: a crash must not bring the delivered message back as new mail.
             os.pwrite(fd, UNSEALED, SEAL_OFFSET)
-            os.rename(f"{self._queue_dir}/{qid}", f"{self._spare_dir}/{name}")
+            if spare_path is not None:
+                # Still named in spare/ (it was a spare when the message came): dropping the
+                # queue/ name makes it one again, one unlink where a rename would do two
+                # directory changes.
+                os.unlink(f"{self._queue_dir}/{qid}")
+                name = spare_path[len(self._spare_dir) + 1 :]
+            else:
+                name = f"{self._pid}.{self._spare_seq}"
+                self._spare_seq += 1
+                os.rename(f"{self._queue_dir}/{qid}", f"{self._spare_dir}/{name}")
         except OSError:
+            if spare_path is not None:
+                self._spare_names[qid] = spare_path  # the caller's remove() unlinks it
             return False
         self.moves[self.LEFT] += 1
         if status_file:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
-        self._forget_incoming(qid)  # a second name: unlinking it frees nothing
+        if spare_path is None:
+            self._forget_incoming(qid)  # a second name: unlinking it frees nothing
         self._spares.append((fd, name, size))
         return True
 
     def _forget_incoming(self, qid: str) -> None:
-        """Drop a committed message's incoming/ name: it is delivered, or its queue/ entry is
-        on disk."""
+        """Drop a committed message's second name (incoming/, or spare/ for a reused file):
+        it is delivered, or its queue/ entry is on disk. Another process (a queue tool) knows
+        only the incoming/ one; a spare/ name lives no longer than the first attempt, which
+        holds the message's lock, and is this process's to drop (or start-up recovery's)."""
+        name = self._spare_names.pop(qid, None) or f"{self.incoming_dir}/{qid}"
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{self.incoming_dir}/{qid}")
+            os.unlink(name)
 
-    def take_spare(self, path: str) -> tuple[int, int] | None:
-        """A kept file renamed to ``path``: (its open fd, its old size); None if there is none."""
-        while self._spares:
-            fd, name, size = self._spares.pop()
-            spare = f"{self._spare_dir}/{name}"
-            try:
-                os.rename(spare, path)
-            except OSError:
-                os.close(fd)
-                with contextlib.suppress(OSError):  # else it holds its blocks until restart
-                    os.unlink(spare)
-                continue
-            return fd, size
-        return None
+    def take_spare(self) -> tuple[int, str, int] | None:
+        """A kept file for a new message: (its open fd, its path in spare/, its old size);
+        None if there is none. It stays where it is: written over in place, it is linked
+        into queue/ at the commit, and its spare/ name is that message's second name."""
+        if not self._spares:
+            return None
+        fd, name, size = self._spares.pop()
+        return fd, f"{self._spare_dir}/{name}", size
 
     # -- queue ids -----------------------------------------------------------------------------
     def new_qid(self) -> str:
@@ -909,7 +931,8 @@ class Spool:
         try:
             fd = msg.seal(lock=lock)
             await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
-            queue_path = f"{self._queue_dir}/{msg.envelope.qid}"
+            qid = msg.envelope.qid
+            queue_path = f"{self._queue_dir}/{qid}"
             os.link(msg.name, queue_path)
         except OSError as exc:
             raise self._failed(msg, exc) from exc
@@ -917,6 +940,8 @@ class Spool:
             self._failed(msg, exc)
             raise
         self.moves[self.ENTERED] += 1
+        if not msg.name.startswith(self.incoming_dir):
+            self._spare_names[qid] = msg.name  # a reused file: its second name is in spare/
         return msg.committed(queue_path, keep_fd=lock)
 
     # -- the queue ------------------------------------------------------------------------------
