@@ -6,7 +6,8 @@ Layout under ``spool_dir``::
     queue/<qid>         committed: one JSON envelope line, then the message content (CRLF)
     queue/<qid>.st      delivery status (done recipients, last errors, next attempt); its
                         modification time is when the message is due (``HELD_DUE``: held)
-    spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message
+    spare/<pid>.<n>     delivered files kept open for reuse by the next incoming message; or
+                        the second name of a queued message written over one (see below)
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
     due/<qid>           "attempt it now" (``mailgate release``/``requeue``), for the daemon: a
                         hard link to queue/<qid>, of which only the name counts
@@ -30,9 +31,13 @@ process, still open) and overwritten by the next message received: on ext4 witho
 every new inode is searched for past all inodes freed in the last 1–6 minutes, so a spool that
 frees and allocates an inode per message slows down the longer it runs (measured: CPU per
 message up by half after a few minutes at 1,000 msgs/s), and the last close of an unlinked
-file frees its blocks on the event loop. A spare file's seal is overwritten before it moves to
-``spare/``; at start-up a sealed file found there (the new message's rename was lost in a
-crash) is queued again under the qid in its envelope line.
+file frees its blocks on the event loop. A spare file's seal is overwritten before it becomes
+a spare. The next message is written over it where it is and linked into queue/ from there:
+its spare/ name is that message's second name (the part incoming/<qid> plays for a new file),
+and once the message is delivered, unlinking its queue/ name makes the file a spare again —
+one link and one unlink per message, no rename. At start-up a sealed file in spare/ whose qid
+has no queue/ entry (the link was lost in a crash) is queued under the qid in its envelope
+line; one whose qid has is a second name, dropped.
 
 Who may call what. ``open_incoming``, ``IncomingMessage`` (write, seal, discard), ``commit``,
 ``take_spare``, ``recycle`` and ``finish`` are **loop-only**: the spare-file pool and the
