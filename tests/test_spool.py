@@ -668,3 +668,29 @@ def test_envelope_line_is_json_dumps_text(
         line == b'{"crc":"' + UNSEALED + b'",' + body[1:].encode("utf-8", "surrogateescape") + b"\n"
     )
     assert Envelope.from_line(line) == env
+
+
+def test_a_message_left_to_a_queue_pass_loses_its_spare_name_once_queue_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    """The scheduler had no room for a message just committed over a spare: a queue pass,
+    maybe another worker's, delivers it. Its spare/ name (known to this process only) must go
+    now, or a crash after that delivery would find it sealed and queue the message again."""
+    spool = Spool(tmp_path)
+    _delivered(spool, b"Subject: first\r\n\r\nx\r\n")
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"Subject: left\r\n\r\nto a pass\r\n")
+    queued = asyncio.run(spool.commit(msg, lock=True))
+    queued.close()  # what the scheduler does when its window is full
+    assert spool.has_spare_name(queued.qid)
+    spool.settle_spare_name(queued.qid)
+    assert not spool.has_spare_name(queued.qid)
+    assert not any((tmp_path / "spare").iterdir())
+    assert (tmp_path / "queue" / queued.qid).stat().st_nlink == 1
+    spool.settle_spare_name(queued.qid)  # twice, or for a message with none: nothing
+    # Delivered elsewhere, then a crash: nothing comes back.
+    os.unlink(tmp_path / "queue" / queued.qid)
+    spool.close()
+    spool = Spool(tmp_path)
+    assert spool.recover() == []
+    spool.close()

@@ -418,11 +418,18 @@ class Gateway:
         """A session committed a message (and sent its 250): its first attempt gets it with
         its file still open and locked."""
         self.metrics.counts[metrics.MESSAGES_RECEIVED] += 1
-        self.scheduler.submit(queued.qid, message=queued)
+        self._first_attempt(queued)
 
     def _report_queued(self, queued: QueuedMessage) -> None:
         """A bounce, delay warning or return receipt was queued: not received mail."""
+        self._first_attempt(queued)
+
+    def _first_attempt(self, queued: QueuedMessage) -> None:
         self.scheduler.submit(queued.qid, message=queued)
+        if queued.fd is None and self.spool.has_spare_name(queued.qid):
+            # Not taken (no room in the window): a queue pass, maybe another worker's, will
+            # deliver it, so its spare/ name must not outlive this moment (queue/spool.py).
+            self._in_background(asyncio.to_thread(self.spool.settle_spare_name, queued.qid))
 
     def flush_domain(self, domain: str, *, subdomains: bool = False) -> None:
         """ETRN: retry now what waits for ``domain`` (and its subdomains for ``ETRN @domain``).

@@ -854,6 +854,25 @@ class Spool:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
 
+    def settle_spare_name(self, qid: str) -> None:
+        """A message just committed over a spare file that this process will not attempt
+        (the scheduler's window had no room): its spare/ name, which no other process knows,
+        goes once queue/ is on disk, so that a crash later cannot bring back a copy another
+        process has delivered meanwhile. Blocks on the directory's fsync: for a thread."""
+        path = self._spare_names.get(qid)
+        if path is None:
+            return
+        try:
+            self._fsync_queue_dir()
+        except OSError:
+            return  # kept: the close, or start-up recovery, drops it
+        if self._spare_names.pop(qid, None) is not None:  # an attempt here may have taken it
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def has_spare_name(self, qid: str) -> bool:
+        return qid in self._spare_names
+
     def take_spare(self) -> tuple[int, str, int] | None:
         """A kept file for a new message: (its open fd, its path in spare/, its old size);
         None if there is none. It stays where it is: written over in place, it is linked
