@@ -1072,6 +1072,19 @@ def test_header_limit_is_the_same_however_the_bytes_arrive(
 # -- durability ----------------------------------------------------------------------------------
 
 
+def second_names(spool: os.PathLike[str], path: os.PathLike[str]) -> list[str]:
+    """The names in incoming/ and spare/ of the file at ``path``."""
+    ino = os.stat(path).st_ino
+    found = []
+    for d in ("incoming", "spare"):
+        folder = os.path.join(spool, d)
+        for name in os.listdir(folder):
+            with contextlib.suppress(FileNotFoundError):  # a spare taken meanwhile
+                if os.stat(os.path.join(folder, name)).st_ino == ino:
+                    found.append(f"{d}/{name}")
+    return found
+
+
 def test_250_only_after_the_file_is_in_the_queue(gw: GatewayProcess) -> None:
     """The reply to the end of data comes after commit: the file is already in spool/queue."""
     to = "held@deferred.example"  # its next hop is down, so the message stays queued
@@ -1084,12 +1097,13 @@ def test_250_only_after_the_file_is_in_the_queue(gw: GatewayProcess) -> None:
         # checked before anything else happens: no waiting, no polling
         exists = path.exists()
         data = path.read_bytes() if exists else b""
-        in_incoming = (gw.spool / "incoming" / path.name).exists()
-    # The incoming/ name, made durable by the fsync, stays until the queue/ name is durable
-    # too: the deferral's status file is fsync'd in queue/, and then it goes.
-    assert exists and in_incoming
+        second = second_names(gw.spool, path)
+    # The second name (incoming/<qid> for a new file, spare/ for a reused one), made durable
+    # by the fsync, stays until the queue/ name is durable too: the deferral's status file is
+    # fsync'd in queue/, and then it goes.
+    assert exists and second
     envelope, _, stored = data.partition(b"\n")
     assert path.name.encode() in envelope and b"held@deferred.example" in envelope
     assert stored.startswith(b"Received: ") and stored.endswith(content)
-    wait_until(lambda: not (gw.spool / "incoming" / path.name).exists(), "the incoming/ name to go")
+    wait_until(lambda: not second_names(gw.spool, path), "the second name to go")
     assert (gw.spool / "queue" / (path.name + ".st")).exists()
