@@ -6,8 +6,9 @@ list, the body is only ever read in chunks from the spool file. The filters' cha
 that list, to a copy of the envelope, and to a new body streamed into an anonymous file beside
 the spool; each filter's changes are kept apart until its verdict (``begin``/``commit``/
 ``rollback``), so a filter that fails half-way leaves nothing of its own behind, and the next
-filter sees the message as the previous ones left it (Postfix's order). ``write`` makes the
-new spool file under the same queue id, the body copied in chunks: memory stays bounded
+filter sees the message as the previous ones left it (Postfix's order). ``write`` edits a
+message that never spilled in its buffer (``IncomingMessage.edit_head``), and otherwise makes
+the new spool file under the same queue id, the body copied in chunks: memory stays bounded
 whatever the message size.
 
 Header positions follow Postfix (``cleanup_milter.c``): our own ``Received:`` (the first
@@ -390,15 +391,22 @@ class MessageEdit:
     # -- the result ----------------------------------------------------------------------------
     def write(self, spool: Spool) -> IncomingMessage:
         """The changed message as a new incoming file under the same queue id (the old one
-        handed over and read from as its body is copied). Raises OSError (the disk)."""
-        old = self.msg.hand_over()
+        handed over and read from as its body is copied), or, for a message whose content
+        is all in its buffer still (never spilled: most of them) and whose body no filter
+        replaced, the same message with its header section and envelope changed in place.
+        Raises OSError (the disk)."""
+        head = b"".join([f.to_bytes() for f in self.fields])
+        if self.blank or self.body.length:
+            head += b"\r\n"
+        msg = self.msg
+        if self.body.source is msg and msg.edit_head(self.envelope, self.body.start, head):
+            self.close()
+            return msg
+        old = msg.hand_over()
         new = spool.open_incoming(self.envelope)
         try:
-            if self.body.source is self.msg:
+            if self.body.source is msg:
                 self.body.source = old
-            head = b"".join(f.to_bytes() for f in self.fields)
-            if self.blank or self.body.length:
-                head += b"\r\n"
             new.write(head)
             for chunk in self.body_chunks(COPY_CHUNK):
                 new.write(chunk)
