@@ -87,6 +87,7 @@ def test_header_positions_as_postfix_counts_them(tmp_path: Path) -> None:
 
 def test_folded_values_come_out_strict_crlf(tmp_path: Path) -> None:
     assert clean_value(" a;\n\tb;\r\n c;\rd\n\nBcc: x") == " a;\r\n\tb;\r\n c;\r\n\td\r\n\tBcc: x"
+    assert clean_value(" v=1;\n\tb=ab\n\ncd\n") == " v=1;\r\n\tb=ab\r\n\tcd"  # bare LF only
     edit = edit_of(tmp_path)
     edit.begin()
     edit.add_header("X-Spamd-Result", " default: False [1.00 / 15.00];\n\tDATE_IN_PAST(1.00)")
