@@ -128,10 +128,13 @@ def test_a_filter_s_changes_go_together_or_not_at_all(tmp_path: Path) -> None:
     edit.commit()
     edit.begin()
     edit.add_header("X-Dropped", " 2")
+    edit.change_header(1, "Subject", " dropped")  # a field changed, then the change dropped
+    edit.change_header(1, "X-Tag", "")
     edit.delete_recipient("<bob@example.net>")
     edit.replace_body(b"new body\n", edit.msg.spool)
     edit.rollback()
     assert [f.name for f in edit.fields][-1] == "X-Kept"
+    assert b"".join(f.to_bytes() for f in edit.fields) == OURS + HEADER + b"X-Kept: 1\r\n"
     assert [r.address for r in edit.envelope.recipients] == ["bob@example.net"]
     assert b"".join(edit.body_chunks(100)) == BODY
 
