@@ -396,6 +396,7 @@ class _Data:
 _BARE_VERDICTS: Final = frozenset(b"cartdsf")
 # One of each: a reply without data is the same every time (they are frozen).
 _VERDICT_OF: Final = {c: Verdict(chr(c)) for c in _BARE_VERDICTS}
+CONTINUE: Final = _VERDICT_OF[ord("c")]  # the one continue parse_reply hands out
 _PROGRESS: Final = Progress()
 
 
