@@ -533,6 +533,34 @@ def test_every_change_before_the_250(
         assert line in log, line
 
 
+@pytest.mark.parametrize("size", [None, 1024 * 1024], ids=["small", "spilled"])
+def test_added_header_fields_and_the_body_as_sent(
+    gw: GatewayProcess, filt: TestMilter, hop1: SinkServer, size: int | None
+) -> None:
+    """The change OpenDKIM and rspamd make to every message: fields added, the body left
+    alone. A small message is edited in its write buffer (never spilled: no file yet), a
+    1 MiB one (spilled to its file) copied into a new file; each is delivered with the new
+    fields where the filter put them and every other byte as the client sent it."""
+    filt.configure(
+        eom=[
+            km.InsertHeader(0, "DKIM-Signature", b"v=1; a=rsa-sha256;\n\tb=xyz"),
+            km.AddHeader("X-Spam", b"no"),
+        ]
+    )
+    subject = f"fields added {size}"
+    content = message(subject, size=size)
+    got = send(gw, content)
+    assert got.accepted
+    [msg] = hop1.wait_subject(subject)
+    assert msg.rcpt_tos == ["bob@targetdomain1.com"]
+    head, _, body = msg.data.partition(b"\r\n\r\n")
+    sent_head, _, sent_body = content.partition(b"\r\n\r\n")
+    assert body == sent_body
+    assert head.startswith(b"DKIM-Signature: v=1; a=rsa-sha256;\r\n\tb=xyz\r\nReceived: from ")
+    assert head.endswith(b"\r\n" + sent_head + b"\r\nX-Spam: no")
+    assert f"{got.qid}: Milter add: header: X-Spam: no" in gw.log()
+
+
 def test_quarantine_puts_the_message_on_hold(
     gw: GatewayProcess, filt: TestMilter, hop1: SinkServer
 ) -> None:

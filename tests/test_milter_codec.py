@@ -86,6 +86,17 @@ def test_envelope_and_content_events() -> None:
 def test_a_nul_never_goes_out_inside_a_string() -> None:
     with pytest.raises(ValueError):
         codec.encode_helo("a\0b")
+    # The strings joined and encoded at once: a NUL in any one of them is still seen.
+    with pytest.raises(ValueError):
+        codec.encode_header("X-A", "v\0")
+    with pytest.raises(ValueError):
+        codec.encode_header("\0", "v")
+    with pytest.raises(ValueError):
+        codec.encode_args(codec.RCPT, ["<a@b>", "NOTIFY=\0NEVER"])
+    with pytest.raises(ValueError):
+        codec.encode_macros(codec.MAIL, [("i", "Q1"), ("{mail_addr}", "a\0")])
+    # Surrogates (a client's non-UTF-8 bytes) go back as they came.
+    assert codec.encode_header("X-A", "\udcff") == codec.packet(codec.HEADER, b"X-A\0\xff\0")
 
 
 _text = st.text(

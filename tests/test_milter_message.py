@@ -42,6 +42,8 @@ def edit_of(tmp_path: Path, content: bytes = OURS + HEADER + b"\r\n" + BODY) -> 
 def committed(edit: MessageEdit, spool: Spool) -> bytes:
     msg = edit.write(spool)
     queued = asyncio.run(spool.commit(msg))
+    # The seal (CRC-32 and length of the whole content) matches what was written.
+    assert Spool._sealed_qid(queued.path) == queued.envelope.qid
     return queued.path.read_bytes()[queued.offset :]
 
 
@@ -85,6 +87,7 @@ def test_header_positions_as_postfix_counts_them(tmp_path: Path) -> None:
 
 def test_folded_values_come_out_strict_crlf(tmp_path: Path) -> None:
     assert clean_value(" a;\n\tb;\r\n c;\rd\n\nBcc: x") == " a;\r\n\tb;\r\n c;\r\n\td\r\n\tBcc: x"
+    assert clean_value(" v=1;\n\tb=ab\n\ncd\n") == " v=1;\r\n\tb=ab\r\n\tcd"  # bare LF only
     edit = edit_of(tmp_path)
     edit.begin()
     edit.add_header("X-Spamd-Result", " default: False [1.00 / 15.00];\n\tDATE_IN_PAST(1.00)")
@@ -125,10 +128,13 @@ def test_a_filter_s_changes_go_together_or_not_at_all(tmp_path: Path) -> None:
     edit.commit()
     edit.begin()
     edit.add_header("X-Dropped", " 2")
+    edit.change_header(1, "Subject", " dropped")  # a field changed, then the change dropped
+    edit.change_header(1, "X-Tag", "")
     edit.delete_recipient("<bob@example.net>")
     edit.replace_body(b"new body\n", edit.msg.spool)
     edit.rollback()
     assert [f.name for f in edit.fields][-1] == "X-Kept"
+    assert b"".join(f.to_bytes() for f in edit.fields) == OURS + HEADER + b"X-Kept: 1\r\n"
     assert [r.address for r in edit.envelope.recipients] == ["bob@example.net"]
     assert b"".join(edit.body_chunks(100)) == BODY
 
@@ -157,6 +163,78 @@ def test_the_rewrite_keeps_the_queue_id_and_every_untouched_byte(tmp_path: Path)
     out = committed(edit, spool)
     assert out == header + b"X-Scanned: yes\r\n\r\n" + body
     assert (spool.queue / "Q1").exists() and not list(spool.incoming.glob(".body*"))
+
+
+def test_a_message_still_in_its_buffer_is_edited_there(tmp_path: Path) -> None:
+    """A small message (never spilled, no file yet) gets its new header section in its own
+    buffer, no second message: the content, the seal and the unchanged envelope are right."""
+    edit = edit_of(tmp_path)
+    msg, spool = edit.msg, edit.msg.spool
+    assert msg.fd is None
+    line = bytes(msg.buf[: msg.offset])
+    edit.begin()
+    edit.add_header("X-Scanned", " yes")
+    edit.insert_header(0, "DKIM-Signature", " v=1;\n\tb=abc")
+    edit.commit()
+    assert edit.write(spool) is msg and msg.fd is None
+    assert bytes(msg.buf[: msg.offset]) == line
+    expected = b"DKIM-Signature: v=1;\r\n\tb=abc\r\n" + OURS + HEADER
+    expected += b"X-Scanned: yes\r\n\r\n" + BODY
+    assert (msg.size, msg.read(0, msg.size)) == (len(expected), expected)
+    queued = asyncio.run(spool.commit(msg))
+    assert Spool._sealed_qid(queued.path) == "Q1"
+    assert queued.path.read_bytes()[queued.offset :] == expected
+    assert queued.envelope.recipients == [Recipient("bob@example.net", "bob@example.net")]
+
+
+def test_a_changed_envelope_in_the_buffer(tmp_path: Path) -> None:
+    edit = edit_of(tmp_path)
+    spool = edit.msg.spool
+    edit.begin()
+    edit.change_header(1, "Subject", " changed")
+    edit.change_sender("<bounces@example.org>", "")
+    edit.add_recipient("<carol@example.net>", "NOTIFY=NEVER")
+    edit.commit()
+    out = committed(edit, spool)
+    assert out == OURS + HEADER.replace(b"hello", b"changed") + b"\r\n" + BODY
+    with (spool.queue / "Q1").open("rb") as f:
+        env = Envelope.from_line(f.readline())
+    assert env.sender == "bounces@example.org"
+    assert [r.address for r in env.recipients] == ["bob@example.net", "carol@example.net"]
+
+
+def test_a_header_that_grows_the_buffer_past_its_bound_spills_it(tmp_path: Path) -> None:
+    body = b"z" * 100 + b"\r\n"
+    body *= (IncomingMessage.SPILL_AT - 2000) // len(body)
+    edit = edit_of(tmp_path, OURS + HEADER + b"\r\n" + body)
+    msg, spool = edit.msg, edit.msg.spool
+    assert msg.fd is None
+    edit.begin()
+    edit.add_header("X-Report", " " + "r" * 4000)
+    edit.commit()
+    assert edit.write(spool) is msg
+    assert msg.fd is not None and not msg.buf  # written out, as a write would have
+    out = committed_msg(msg, spool)
+    assert out == OURS + HEADER + b"X-Report: " + b"r" * 4000 + b"\r\n\r\n" + body
+
+
+def test_a_spilled_message_is_copied_into_a_new_one(tmp_path: Path) -> None:
+    body = b"q" * 1000 + b"\r\n"
+    body *= 2 * IncomingMessage.SPILL_AT // len(body)
+    edit = edit_of(tmp_path, OURS + HEADER + b"\r\n" + body)
+    msg, spool = edit.msg, edit.msg.spool
+    assert msg.fd is not None
+    edit.begin()
+    edit.add_header("X-Scanned", " yes")
+    edit.commit()
+    assert committed(edit, spool) == OURS + HEADER + b"X-Scanned: yes\r\n\r\n" + body
+    assert msg.closed
+
+
+def committed_msg(msg: IncomingMessage, spool: Spool) -> bytes:
+    queued = asyncio.run(spool.commit(msg))
+    assert Spool._sealed_qid(queued.path) == queued.envelope.qid
+    return queued.path.read_bytes()[queued.offset :]
 
 
 def test_a_headers_only_message_stays_one(tmp_path: Path) -> None:

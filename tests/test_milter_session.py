@@ -131,6 +131,16 @@ def test_end_of_message_takes_changes_then_a_verdict() -> None:
     assert s.awaiting is None and not s.in_message
 
 
+def test_continue_ends_the_wait_and_at_the_end_of_message_the_message() -> None:
+    s = negotiated()
+    s.mail(MACROS, ["<a@b>"])
+    assert answer(s, km.Continue()) == [codec.Verdict("c")]
+    assert s.awaiting is None and s.in_message and s.open
+    s.end_of_message(MACROS)
+    assert answer(s, km.Continue()) == [codec.Verdict("c")]
+    assert s.awaiting is None and not s.in_message and s.open
+
+
 def test_skip_stops_the_body_only() -> None:
     s = negotiated(protocol=km.ProtocolFlags.SKIP)
     s.body(b"chunk")

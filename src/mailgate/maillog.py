@@ -304,12 +304,15 @@ def _event(build: Callable[P, str]) -> Callable[P, None]:
     exception's text); the JSON copy gets the arguments by name."""
     name = build.__name__
     level = LEVELS[name]  # an event without a severity fails at import
+    rank = _RANK[level]
     params = list(inspect.signature(build).parameters.values())
     names = [p.name for p in params]
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
     def log(*args: P.args, **kwargs: P.kwargs) -> None:
-        if not _writer.enabled(level):
+        # The rank compared here, not through ``enabled``: a method call per event (a
+        # filter's verdict is a debug line per event, usually not written).
+        if rank < _writer.level:
             return
         text = _clean(build(*args, **kwargs))
         fields: dict[str, object] = {}

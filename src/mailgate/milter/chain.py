@@ -548,6 +548,10 @@ class MilterChain:
         if verdict is None:
             return None  # not answered (a no-reply step)
         kind = verdict.kind
+        if kind == "c" and not quarantined:  # the usual answer: what the rest comes to for it
+            f.counts.verdict(stage, "continue")
+            maillog.milter_verdict(qid, f.name, stage, "continue")
+            return None
         f.counts.verdict(
             stage, "quarantine" if quarantined and kind in "ac" else _VERDICT_LABELS[kind]
         )

@@ -14,7 +14,7 @@ it (``src/milter/milter8.c``); the values below are theirs.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 from typing import Final, TypeAlias
@@ -134,8 +134,14 @@ def packet(command: bytes, data: bytes = b"") -> bytes:
     return _HEAD.pack(len(data) + 1, command) + data
 
 
-def _cstrings(strings: Iterable[bytes]) -> bytes:
-    return b"".join(s + b"\0" for s in strings)
+def _cstrings(strings: Sequence[str]) -> bytes:
+    """Strings as NUL-terminated wire strings, one after the other: joined as text and
+    encoded once (one call, not one per string; the events carry dozens of strings). Each
+    string is checked for a NUL as ``_text`` does: the joined text has one per string."""
+    text = "\0".join(strings) + "\0"
+    if text.count("\0") != len(strings):
+        raise ValueError(f"NUL in a milter string: {strings!r}")
+    return text.encode("utf-8", "surrogateescape")
 
 
 def _text(value: str) -> bytes:
@@ -156,7 +162,7 @@ def encode_optneg(version: int, actions: int, steps: int) -> bytes:
 
 def encode_macros(stage: bytes, macros: Sequence[tuple[str, str]]) -> bytes:
     """The macros of one stage (``stage`` is that event's command byte), name then value."""
-    return packet(MACRO, stage + _cstrings(_text(s) for pair in macros for s in pair))
+    return packet(MACRO, stage + _cstrings([s for pair in macros for s in pair]))
 
 
 def encode_connect(hostname: str, family: bytes, port: int, address: str) -> bytes:
@@ -172,11 +178,11 @@ def encode_helo(name: str) -> bytes:
 
 def encode_args(command: bytes, args: Sequence[str]) -> bytes:
     """MAIL or RCPT: ``<address>`` then each ESMTP parameter, each its own string."""
-    return packet(command, _cstrings(_text(a) for a in args))
+    return packet(command, _cstrings(args))
 
 
 def encode_header(name: str, value: str) -> bytes:
-    return packet(HEADER, _text(name) + b"\0" + _text(value) + b"\0")
+    return packet(HEADER, _cstrings((name, value)))
 
 
 def encode_body(chunk: bytes) -> bytes:
@@ -390,6 +396,7 @@ class _Data:
 _BARE_VERDICTS: Final = frozenset(b"cartdsf")
 # One of each: a reply without data is the same every time (they are frozen).
 _VERDICT_OF: Final = {c: Verdict(chr(c)) for c in _BARE_VERDICTS}
+CONTINUE: Final = _VERDICT_OF[ord("c")]  # the one continue parse_reply hands out
 _PROGRESS: Final = Progress()
 
 

@@ -40,6 +40,10 @@ _idle: dict[MilterSettings, list[tuple[FilterClient, asyncio.TimerHandle]]] = {}
 
 def take(settings: MilterSettings) -> FilterClient | None:
     """A kept connection to this filter, on this loop and still up, or None."""
+    if not settings.reuse_connections:
+        # None kept (``release`` keeps none for it), and no look-up: the settings' hash is
+        # their dataclass __hash__ over every field, computed again on each call.
+        return None
     kept = _idle.get(settings)
     if not kept:
         return None

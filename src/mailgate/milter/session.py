@@ -347,6 +347,13 @@ class FilterSession:
         return reply
 
     def _check(self, stage: Stage, reply: codec.Reply) -> None:
+        if reply is codec.CONTINUE and stage is not Stage.NEGOTIATE:
+            # The usual answer (OpenDKIM's to every event), allowed at every stage: what the
+            # checks below come to for it, without their isinstance calls.
+            self.awaiting = None
+            if stage is Stage.EOM:
+                self.in_message = self.message_accepted = self.skip_body = False
+            return
         if stage is Stage.NEGOTIATE:
             if not isinstance(reply, codec.Negotiation):
                 raise MilterProtocolError(f"{type(reply).__name__} instead of OPTNEG")

@@ -595,6 +595,39 @@ class IncomingMessage:
         """Up to ``size`` bytes of the content written so far, from ``pos``."""
         return _read_written(self.fd, self.offset, self.written, self.buf, self.size, pos, size)
 
+    def edit_head(self, envelope: Envelope, cut: int, head: bytes) -> bool:
+        """Content ``[0, cut)`` replaced by ``head`` and the envelope by ``envelope``, in the
+        buffer, for a message that never spilled (the filters' changes, milter/message.py):
+        no second message to copy this one into. The seal's CRC is worked out again over the
+        whole new content (it covers all of it). False if part of the content is in the file
+        already (or the message failed, or is closed): the caller copies it into a new one.
+        Raises OSError when the grown buffer spills and the write fails (the message has then
+        failed, as in ``write``)."""
+        if self.fd is not None or self.failed is not None or self.closed:
+            return False
+        buf = self.buf
+        offset = self.offset
+        if envelope is not self.envelope:
+            line = envelope.to_line()
+            buf[: offset + cut] = line + head
+            offset = len(line)
+        else:
+            buf[offset : offset + cut] = head
+        self.envelope = envelope
+        self.offset = offset
+        self.size = len(buf) - offset
+        # Views released at once: a view alive over the buffer forbids resizing it (see
+        # _write_out).
+        with memoryview(buf) as view, view[offset:] as content:
+            self.crc = zlib.crc32(content)
+        if len(buf) >= self.SPILL_AT:  # the header grew it past the buffer's bound
+            try:
+                self._write_out()
+            except OSError as exc:
+                self._fail(exc)
+                raise
+        return True
+
     def hand_over(self) -> WrittenContent:
         """Give the message up and keep its content readable: a rewritten message takes its
         queue id (and so its incoming/ name) while the content is copied into it. The file
