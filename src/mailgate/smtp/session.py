@@ -182,16 +182,19 @@ class Session:
     async def command(self, cmd: Command, *, pipelined: int = 0) -> Answer:
         """The answer to one command; ``pipelined`` is how many bytes the client sent behind
         it that are not read yet (DATA must have none)."""
-        handler = _HANDLERS.get(cmd.verb)
+        verb = cmd.verb
+        handler = _HANDLERS.get(verb)
         if handler is None:
-            answer = Answer(
-                Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'), bad=True
-            )
+            answer = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{verb[:40]}"'), bad=True)
         else:
-            refused = self._refused_stage()
-            if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
+            # _refused_stage() only for a session that has one (asked at every command).
+            if (
+                self.early_talker or self.connect.refusal is not None
+            ) and verb not in _ALLOWED_WHEN_REFUSED:
+                refused = self._refused_stage()
+                assert refused is not None
                 return Answer(refused, bad=True)
-            if cmd.verb == "DATA":
+            if verb == "DATA":
                 answer = self.data(cmd.arg, pipelined)
             else:
                 got = handler(self, cmd.arg)
