@@ -170,13 +170,15 @@ def _scan_bare(rest: str) -> tuple[str, str]:
     return rest[:i], rest[i:]
 
 
+_PARAM_KEY = re.compile("[A-Za-z0-9][A-Za-z0-9-]*")
+
+
 def _parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for token in text.split():
         key, eq, value = token.partition("=")
-        if not key or not all(c.isascii() and (c.isalnum() or c == "-") for c in key):
-            raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
-        if not key[0].isalnum():
+        # esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-"), ASCII only.
+        if _PARAM_KEY.fullmatch(key) is None:
             raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
         key = key.upper()
         if key in params:

@@ -372,7 +372,8 @@ class Session:
         if decision.logged_reject:
             maillog.reject(tx.qid, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
             self._count_refusal(decision)
-        if decision.accepted:
+        accepted = decision.accepted  # a property of a property: asked once
+        if accepted:
             if decision.discard:
                 tx.discard = True
             notify = params.get("NOTIFY")
@@ -381,7 +382,7 @@ class Session:
                     str(mailbox), raw, notify.upper() if notify else None, params.get("ORCPT")
                 )
             )
-        return Answer(decision.reply, rcpt=True, refused=not decision.accepted)
+        return Answer(decision.reply, rcpt=True, refused=not accepted)
 
     def data(self, arg: str, pipelined: int) -> Answer:
         """DATA: the protocol enters the content on our 354 and only then (``send``)."""
