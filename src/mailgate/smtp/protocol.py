@@ -304,7 +304,7 @@ class ServerConnection:
             # every check on it. Nothing held and nothing received: no scan at all.
             inbox = self._inbox
             if not inbox:
-                return self._closed()
+                return self._closed() if self._eof else None  # the call only at the end
             block = inbox[0]
             if block.find(10) == len(block) - 1:  # an int needle: no buffer protocol
                 inbox.popleft()
