@@ -209,6 +209,11 @@ def parse_path_arg(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
                     return addr, {}
                 if tail[0].isspace():
                     return addr, _parse_params(tail)
+    return _parse_path_arg_general(arg, keyword)
+
+
+def _parse_path_arg_general(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+    """parse_path_arg for any text (the fast path's definition)."""
     rest = _skipword(arg, keyword)
     if rest.startswith("<"):
         addr, tail = _scan_angle(rest)
@@ -434,6 +439,11 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
         # no route to resolve whatever is_local says, and the result is no longer than raw.
         local, host = plain.groups()
         return Mailbox(local, host.lower())
+    return _normalize_general(raw, is_local, written)
+
+
+def _normalize_general(raw: str, is_local: Callable[[str], bool], written: str | None) -> Mailbox:
+    """normalize for any text (the fast path's definition)."""
     shown = written if written is not None else f"<{raw}>"
     if raw == "":
         return Mailbox("", "")
