@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mailgate.address import (
@@ -423,8 +425,68 @@ def test_local_part_checks_as_the_loops(text: str) -> None:
         ),
     )
 )
+@example("a" * 63 + ".b")
+@example("a" * 64 + ".b")
+@example("b." + "a" * 64 + ".")
 def test_host_name_check_as_the_loop(text: str) -> None:
     if text.startswith("["):
         return  # address literals: ipaddress decides, unchanged
     d = text[:-1] if text.endswith(".") else text
     assert is_valid_domain(text) == _ref_valid_host(d)
+
+
+# The usual forms the fast paths of parse_path_arg and normalize take (and near misses: "!",
+# "%", a long label, upper case, a final dot), among any text.
+_plain_label = st.from_regex(r"[A-Za-z0-9_-]{1,66}", fullmatch=True)
+_plain_address = st.builds(
+    lambda local, labels, dot: f"{local}@{'.'.join(labels)}{dot}",
+    st.text(alphabet="abcZ09#$&'*+-/=?^_`{|}~.!%", min_size=1, max_size=12),
+    st.lists(_plain_label, min_size=1, max_size=5),
+    st.sampled_from(["", ".", ".."]),
+)
+_addresses = st.one_of(_plain_address, _scanned)
+
+
+@settings(max_examples=500)
+@given(
+    _addresses,
+    st.sampled_from(["FROM", "TO"]),
+    st.sampled_from(["{k}:<{a}>", "{k}:<{a}> SIZE=10", "{k}:<{a}>{a}", "{k}: <{a}>", "to:<{a}"]),
+)
+def test_parse_path_arg_fast_path_as_the_general_one(addr: str, keyword: str, form: str) -> None:
+    from mailgate.address import _parse_path_arg_general
+
+    arg = form.format(k=keyword, a=addr)
+    assert _outcome(parse_path_arg, arg, keyword) == _outcome(_parse_path_arg_general, arg, keyword)
+
+
+@settings(max_examples=500)
+@given(_addresses, st.sampled_from([is_local, lambda d: True, lambda d: False]))
+@example("u%h@x", lambda d: True)
+@example("h!u@x", lambda d: True)
+@example("u@" + "a" * 64, lambda d: False)
+@example("u@a-.b", lambda d: False)
+@example("u@A.B.", lambda d: False)
+def test_normalize_fast_path_as_the_general_one(raw: str, local: Callable[[str], bool]) -> None:
+    from mailgate.address import _normalize_general
+
+    got, want = _outcome(normalize, raw, local), _outcome(_normalize_general, raw, local, None)
+    assert got == want
+    if isinstance(got, Mailbox):  # the same fields, not only equal
+        assert (got.local, got.domain) == (want.local, want.domain)
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09-_=é١ \t"), max_size=12))
+def test_parameter_keywords_as_the_loop(text: str) -> None:
+    key = text.strip().partition("=")[0]
+    ok = bool(key) and key[0].isalnum()
+    ok = ok and all(c.isascii() and (c.isalnum() or c == "-") for c in key)
+    got = _outcome(parse_path_arg, f"FROM:<a@b> {text}", "FROM")
+    if not text.strip():
+        assert got == ("a@b", {})
+    elif " " in text.strip() or "\t" in text.strip():
+        return  # several parameters: each is checked alone
+    elif ok:
+        assert isinstance(got, tuple)
+    else:
+        assert got == f"501 5.5.4 Syntax error in parameters: {text.strip()}"

@@ -39,6 +39,14 @@ _ATEXT = frozenset(_ALNUM + "!#$%&'*+-/=?^_`{|}~.")
 # instead of a loop per character (every MAIL and RCPT goes through them).
 _LAX_ATOM = re.compile("[A-Za-z0-9!#$%&'*+\\-/=?^_`{|}~.\x80-\U0010ffff]*")
 _HOST_CHARS = re.compile("[A-Za-z0-9_.\\-\x80-\U0010ffff]*")
+# The usual forms, checked by one match each, for the fast paths below: an ASCII host name
+# (labels of 1 to 63 letters, digits, "_" or inner "-"; an optional final dot), and a mailbox
+# made of an ASCII dot-atom without routing characters ("!" and "%" start UUCP and the
+# %-hack) at such a host name. Whatever does not match goes the whole way, so they decide
+# nothing the general code would decide otherwise.
+_LABEL = "[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_PLAIN_HOST = re.compile(f"{_LABEL}(?:\\.{_LABEL})*\\.?")
+_PLAIN_MAILBOX = re.compile(f"([A-Za-z0-9#$&'*+\\-/=?^_`{{|}}~.]+)@({_LABEL}(?:\\.{_LABEL})*)\\.?")
 
 
 class AddressError(ValueError):
@@ -162,13 +170,15 @@ def _scan_bare(rest: str) -> tuple[str, str]:
     return rest[:i], rest[i:]
 
 
+_PARAM_KEY = re.compile("[A-Za-z0-9][A-Za-z0-9-]*")
+
+
 def _parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
     for token in text.split():
         key, eq, value = token.partition("=")
-        if not key or not all(c.isascii() and (c.isalnum() or c == "-") for c in key):
-            raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
-        if not key[0].isalnum():
+        # esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-"), ASCII only.
+        if _PARAM_KEY.fullmatch(key) is None:
             raise AddressError(Reply(501, "5.5.4", f"Syntax error in parameters: {token}"))
         key = key.upper()
         if key in params:
@@ -185,6 +195,25 @@ def parse_path_arg(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
     ``arg`` is the text after the verb (``"FROM:<a@b> SIZE=10"``); ``keyword`` is ``"FROM"`` or
     ``"TO"``. Parameter keys are upper-cased; a parameter without ``=`` maps to None.
     """
+    k = len(keyword)
+    if arg[k : k + 2] == ":<" and arg[:k].upper() == keyword.upper():
+        # The usual "FROM:<addr>": no white space to skip, and nothing in the brackets that
+        # could hide or nest a ">" (quotes, escapes, "<"), so the first ">" closes them, as
+        # the scan below would find. Anything else, errors included, goes the general way.
+        i = arg.find(">", k + 2)
+        if i > 0:
+            addr = arg[k + 2 : i]
+            if '"' not in addr and "\\" not in addr and "<" not in addr and not _has_control(addr):
+                tail = arg[i + 1 :]
+                if not tail:
+                    return addr, {}
+                if tail[0].isspace():
+                    return addr, _parse_params(tail)
+    return _parse_path_arg_general(arg, keyword)
+
+
+def _parse_path_arg_general(arg: str, keyword: str) -> tuple[str, dict[str, str | None]]:
+    """parse_path_arg for any text (the fast path's definition)."""
     rest = _skipword(arg, keyword)
     if rest.startswith("<"):
         addr, tail = _scan_angle(rest)
@@ -297,6 +326,8 @@ def _literal(inner: str) -> str | None:
 
 def is_valid_domain(domain: str) -> bool:
     """A host name (labels of letters, digits, ``-``, ``_`` or UTF-8) or an address literal."""
+    if len(domain) <= 255 and _PLAIN_HOST.fullmatch(domain) is not None:
+        return True  # an ASCII host name: the checks below all pass
     if domain.startswith("[") and domain.endswith("]"):
         return _literal(domain[1:-1]) is not None
     d = domain[:-1] if domain.endswith(".") else domain
@@ -401,6 +432,18 @@ def normalize(raw: str, is_local: Callable[[str], bool], *, written: str | None 
     it is called with ``""`` for an unqualified address.
     ``written`` is the address as the client wrote it, for error texts (default ``<raw>``).
     """
+    plain = _PLAIN_MAILBOX.fullmatch(raw)
+    if plain is not None and len(raw) <= _MAXADDR:
+        # ASCII dot-atom @ ASCII host name, within the length limit: every check below
+        # passes (one "@", no quotes, no control, valid labels), no routing character means
+        # no route to resolve whatever is_local says, and the result is no longer than raw.
+        local, host = plain.groups()
+        return Mailbox(local, host.lower())
+    return _normalize_general(raw, is_local, written)
+
+
+def _normalize_general(raw: str, is_local: Callable[[str], bool], written: str | None) -> Mailbox:
+    """normalize for any text (the fast path's definition)."""
     shown = written if written is not None else f"<{raw}>"
     if raw == "":
         return Mailbox("", "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from mailgate.address import Mailbox, RouteError, routed_hosts
 from mailgate.config import Config
@@ -49,8 +50,10 @@ def _is_localhost(ip: str) -> bool:
     return str(addr) in ("127.0.0.1", "::1")
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """A MAIL or RCPT verdict. A NamedTuple, as Reply is: immutable and hashable as a frozen
+    dataclass, made at a fraction of the cost (two per message)."""
+
     reply: Reply
     discard: bool = False  # accept, then throw the whole message away (access DISCARD)
     logged_reject: bool = False  # a refusal worth a ruleset=… reject= log line

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import functools
+import re
 import time
 from dataclasses import dataclass
 
@@ -54,7 +55,7 @@ class HeaderScanner:
                 break
             if nl == pos:
                 return self._split(nl + 2)  # the empty line ends the section
-            if not (pos and buf[pos] in _WSP) and not _is_header_line(buf[pos:nl]):
+            if not (pos and buf[pos] in _WSP) and _HEADER_LINE.match(buf, pos, nl) is None:
                 # The body starts here; with no field line before it there is no section.
                 return self._split(nl + 2 if pos else 0)
             pos = self.pos = nl + 2
@@ -104,6 +105,12 @@ def header_fields(head: bytes) -> list[tuple[str, str]]:
             name, _, value = raw.partition(":")
             fields.append((name.strip().lower(), value.strip()))
     return fields
+
+
+# _is_header_line as one match, for HeaderScanner (no copy of each line): a name that starts
+# with neither white space nor ":", and whose spaces are all in the white space before the
+# colon. Possessive, so a long line that is no field costs one pass, never a backtrack.
+_HEADER_LINE = re.compile(rb"[^\s:][^ :]*+[ \t\n\r\x0b\x0c]*+:")
 
 
 def _is_header_line(line: bytes | bytearray) -> bool:

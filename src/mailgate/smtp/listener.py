@@ -24,6 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from mailgate import maillog
 from mailgate.config import ListenerSettings, Network
@@ -42,9 +43,44 @@ _TRANSIENT = {
 }
 
 
+class _Socket(socket.socket):
+    """A ``socket.socket`` that makes the enums of its family and type once. The stock one
+    makes each again at every access (``_intenum_converter``), and each connection accepted
+    asks five times (``accept()`` for the new socket, uvloop's ``sock_accept`` and
+    ``connect_accepted_socket``); a listening socket's connections are made of this class
+    too. Only the two properties and ``accept`` differ, and only in that."""
+
+    _kept_family: socket.AddressFamily | None = None
+    _kept_type: socket.SocketKind | None = None
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        family = self._kept_family
+        if family is None:
+            family = self._kept_family = super().family
+        return family
+
+    @property
+    def type(self) -> socket.SocketKind:
+        kind = self._kept_type
+        if kind is None:
+            kind = self._kept_type = super().type
+        return kind
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        # socket.socket.accept, with the listener's enums handed on.
+        fd, addr = self._accept()  # type: ignore[attr-defined]
+        family, kind = self.family, self.type
+        sock = _Socket(family, kind, self.proto, fileno=fd)
+        sock._kept_family, sock._kept_type = family, kind
+        if socket.getdefaulttimeout() is None and self.gettimeout():
+            sock.setblocking(True)
+        return sock, addr
+
+
 def bind_socket(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = _Socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
@@ -167,10 +203,16 @@ class Listener:
                 task.add_done_callback(self.handshakes.discard)
                 continue
             self.limiter.record(time.time())
-            await self._start_session(conn, DIRECT)
+            await self._start_session(conn, DIRECT, loop)
 
-    async def _start_session(self, conn: socket.socket, arrival: Arrival) -> None:
-        loop = asyncio.get_running_loop()
+    async def _start_session(
+        self,
+        conn: socket.socket,
+        arrival: Arrival,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if loop is None:  # asyncio.get_running_loop() costs a getpid() system call
+            loop = asyncio.get_running_loop()
         try:
             await loop.connect_accepted_socket(lambda: self.factory(arrival), conn)
         except OSError:

@@ -188,7 +188,8 @@ class ServerConnection:
             return
         if self._mode == _CLOSED:
             return  # after a fatal BadCommand nothing more is read
-        self._inbox.append(bytes(data))
+        # The transport hands us bytes (copied only if it is another buffer type).
+        self._inbox.append(data if type(data) is bytes else bytes(data))
         self._inbox_bytes += len(data)
 
     @property
@@ -199,7 +200,14 @@ class ServerConnection:
     @property
     def pending_bytes(self) -> int:
         """Bytes received but not yet turned into events."""
-        return self._inbox_bytes + len(self._cmdbuf) + len(self._tail) - self._skip
+        # Asked at each received block: the held-back parts are usually empty, and a truth
+        # test costs less than a len() call.
+        n = self._inbox_bytes
+        if self._cmdbuf:
+            n += len(self._cmdbuf)
+        if self._tail:
+            n += len(self._tail) - self._skip
+        return n
 
     def _pop_block(self) -> bytes:
         block = self._inbox.popleft()
@@ -289,6 +297,19 @@ class ServerConnection:
 
     def _next_command(self) -> Event | None:
         buf = self._cmdbuf
+        if not buf and not self._discarding:
+            # The usual, unpipelined case: nothing held back, and the next block is one whole
+            # line (its only LF is its last byte). It is the line as the general path below
+            # would cut it, without copying it through the bytearray; _parse_command makes
+            # every check on it. Nothing held and nothing received: no scan at all.
+            inbox = self._inbox
+            if not inbox:
+                return self._closed() if self._eof else None  # the call only at the end
+            block = inbox[0]
+            if block.find(10) == len(block) - 1:  # an int needle: no buffer protocol
+                inbox.popleft()
+                self._inbox_bytes -= len(block)
+                return self._parse_command(block)
         while True:
             if self._discarding:
                 # Drop whole blocks until the LF of the over-long line: memory stays bounded.

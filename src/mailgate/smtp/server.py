@@ -152,7 +152,9 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
             self.paused = True
             self.transport.pause_reading()
-        self._wake()
+        wakeup = self.wakeup  # _wake(), inline: once per received block
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     def eof_received(self) -> bool:
         if self.tls_stream is not None:
@@ -213,7 +215,9 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         self.out_size += len(data)
 
     def flush(self) -> None:
-        if self.out and self.transport and not self.closed:
+        if not self.out:
+            return  # each wait flushes; most find the replies gone already
+        if self.transport and not self.closed:
             data = b"".join(self.out)
             if self.tls_stream is not None:
                 self.tls_stream.send(data)
@@ -388,7 +392,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
-                if (bye := self._closing_now(session)) is not None:
+                # _closing_now(), inline (as below): asked at every wait and every command.
+                if (bye := self.closing_reply) is not None and session.tx is None:
                     self.send(bye)
                     return
                 # A command must arrive whole within command_timeout (a client trickling a
@@ -426,15 +431,24 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                     self.last_line = waiting_since
                 session.data_chunk(event.data)
             elif isinstance(event, Command):
-                if event.verb != "QUIT" and (bye := self._closing_now(session)) is not None:
+                verb = event.verb
+                if (
+                    (bye := self.closing_reply) is not None
+                    and session.tx is None
+                    and verb != "QUIT"
+                ):
                     self.send(bye)
                     return
                 answer = await session.command(
-                    event, pipelined=conn.pending_bytes if event.verb == "DATA" else 0
+                    event, pipelined=conn.pending_bytes if verb == "DATA" else 0
                 )
                 if answer.reply.code == 354:
                     self.last_line = time.monotonic()
-                await self.answer(answer)
+                if answer.rcpt or answer.bad or answer.close or answer.starttls:
+                    await self.answer(answer)
+                else:
+                    # Nothing comes with it (answer() would only send it): no coroutine.
+                    self.send(answer.reply)
             elif isinstance(event, DataEnd):
                 await self.answer(await session.data_end(event.size))
             elif isinstance(event, DataFailed):

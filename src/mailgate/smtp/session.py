@@ -182,16 +182,19 @@ class Session:
     async def command(self, cmd: Command, *, pipelined: int = 0) -> Answer:
         """The answer to one command; ``pipelined`` is how many bytes the client sent behind
         it that are not read yet (DATA must have none)."""
-        handler = _HANDLERS.get(cmd.verb)
+        verb = cmd.verb
+        handler = _HANDLERS.get(verb)
         if handler is None:
-            answer = Answer(
-                Reply(500, "5.5.1", f'Command unrecognized: "{cmd.verb[:40]}"'), bad=True
-            )
+            answer = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{verb[:40]}"'), bad=True)
         else:
-            refused = self._refused_stage()
-            if refused is not None and cmd.verb not in _ALLOWED_WHEN_REFUSED:
+            # _refused_stage() only for a session that has one (asked at every command).
+            if (
+                self.early_talker or self.connect.refusal is not None
+            ) and verb not in _ALLOWED_WHEN_REFUSED:
+                refused = self._refused_stage()
+                assert refused is not None
                 return Answer(refused, bad=True)
-            if cmd.verb == "DATA":
+            if verb == "DATA":
                 answer = self.data(cmd.arg, pipelined)
             else:
                 got = handler(self, cmd.arg)
@@ -369,7 +372,8 @@ class Session:
         if decision.logged_reject:
             maillog.reject(tx.qid, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
             self._count_refusal(decision)
-        if decision.accepted:
+        accepted = decision.accepted  # a property of a property: asked once
+        if accepted:
             if decision.discard:
                 tx.discard = True
             notify = params.get("NOTIFY")
@@ -378,7 +382,7 @@ class Session:
                     str(mailbox), raw, notify.upper() if notify else None, params.get("ORCPT")
                 )
             )
-        return Answer(decision.reply, rcpt=True, refused=not decision.accepted)
+        return Answer(decision.reply, rcpt=True, refused=not accepted)
 
     def data(self, arg: str, pipelined: int) -> Answer:
         """DATA: the protocol enters the content on our 354 and only then (``send``)."""
