@@ -358,6 +358,7 @@ def rcpt_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dic
         time.sleep(0.5)
         root = relay.root
         cpu0 = procstat.tree_cpu(root)
+        split0, filter0 = procstat.cpu_split(procstat.tree(root)), filter_cpu()
         busy0, all0 = cpu_busy(), procstat.snapshot_all()
         sent_file = work / "sent.json"
         t0 = time.time()
@@ -384,6 +385,7 @@ def rcpt_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dic
             sent = len(sent_log["sent"]) * case.rcpts
             stalled = not counter.wait(warm * case.rcpts + sent, timeout=args.max_seconds, stall=30)
             cpu1 = procstat.tree_cpu(root)
+            split1, filter1 = procstat.cpu_split(procstat.tree(root)), filter_cpu()
             busy1, all1 = cpu_busy(), procstat.snapshot_all()
             ours = set(procstat.tree(root)) | set(procstat.tree(os.getpid()))
         arrivals = counter.times[warm * case.rcpts : warm * case.rcpts + sent]
@@ -404,6 +406,10 @@ def rcpt_run(kind: str, case: Case, base: Path, args: argparse.Namespace) -> dic
                 "e2e_s": (arrivals[-1] - t0) if arrivals else float("nan"),
                 "cpu_s": cpu1 - cpu0,
                 "cpu_per_1000": (cpu1 - cpu0) / max(1, messages) * 1000,
+                # The split per message, as the source runs give it (the report's table).
+                "user_per_1000": (split1[0] - split0[0]) / max(1, messages) * 1000,
+                "sys_per_1000": (split1[1] - split0[1]) / max(1, messages) * 1000,
+                "filter_cpu_per_1000": (filter1 - filter0) / max(1, messages) * 1000,
                 "peak_rss_mb": sampler.peak_rss / 2**20,
                 "peak_pss_mb": sampler.peak_pss / 2**20,
                 "peak_procs": sampler.peak_procs,
