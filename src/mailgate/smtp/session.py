@@ -187,12 +187,8 @@ class Session:
         if handler is None:
             answer = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{verb[:40]}"'), bad=True)
         else:
-            # _refused_stage() only for a session that has one (asked at every command).
-            if (
-                self.early_talker or self.connect.refusal is not None
-            ) and verb not in _ALLOWED_WHEN_REFUSED:
-                refused = self._refused_stage()
-                assert refused is not None
+            refused = self._refused_stage()
+            if refused is not None and verb not in _ALLOWED_WHEN_REFUSED:
                 return Answer(refused, bad=True)
             if verb == "DATA":
                 answer = self.data(cmd.arg, pipelined)
