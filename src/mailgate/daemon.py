@@ -359,6 +359,11 @@ class Gateway:
         self.sessions.add(session)
         self._check_stress()
 
+    @property
+    def quiet(self) -> bool:
+        """Only one session in this process (the one asking): see ``SessionHost.quiet``."""
+        return len(self.sessions) <= 1
+
     def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)

@@ -317,14 +317,14 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                 )
         finally:
             self.stop_timer()
+            with contextlib.suppress(ssl.SSLError):
+                self.flush()  # the last replies (a 221) before a message's hand-over
             if self.session is not None:
                 self.session.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
                 # would end as a reference cycle (with its task, transport and buffers) that
                 # only the garbage collector frees.
                 self.session = None
-            with contextlib.suppress(ssl.SSLError):
-                self.flush()
             self._close_transport()
 
     async def open(self) -> Session | None:
@@ -411,6 +411,12 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                     timeout = data_timeout - (time.monotonic() - since)
                 else:
                     timeout = command_timeout - (time.monotonic() - waiting_since)
+                if session.unsent is not None and timeout > session.HOLD_SECONDS:
+                    # A message waits for the client's next command to be handed over: not
+                    # longer than this (Session.data_end).
+                    if not await self.wait_input(session.HOLD_SECONDS):
+                        session.hand_over()
+                    continue
                 if timeout <= 0 or not await self.wait_input(timeout):
                     maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
                     self.host.count(metrics.event("timeout"))
@@ -451,6 +457,7 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                     self.send(answer.reply)
             elif isinstance(event, DataEnd):
                 await self.answer(await session.data_end(event.size))
+                continue  # its message is handed over after the next reply (below)
             elif isinstance(event, DataFailed):
                 await self.answer(session.data_failed(event.reply))
             elif isinstance(event, BadCommand):
@@ -462,7 +469,10 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                     maillog.tls_read_failed(self.relay_text, self.tls_error)
                 session.connection_closed()
                 return
-            if self.out_size >= FLUSH_AT:
+            if session.unsent is not None:
+                self.flush()  # the reply after a 250: out first, then the message's attempt
+                session.hand_over()
+            elif self.out_size >= FLUSH_AT:
                 self.flush()
             if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
                 maillog.write_timeout(self.relay_text)
