@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 from mailgate import maillog, metrics, tls
@@ -26,14 +27,15 @@ from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
     NEED_DATA,
-    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
     DataChunk,
     DataEnd,
     DataFailed,
+    Event,
     ServerConnection,
+    Wait,
 )
 from mailgate.smtp.session import Answer, Session, SessionHost
 from mailgate.smtp.tls_stream import TlsStream
@@ -121,6 +123,14 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         # The daemon is stopping: said (then the connection closes) once no transaction is
         # open, so a message under way is finished first.
         self.closing_reply: Reply | None = None
+        # loop() waits for input, and _pump may answer what arrives (in data_received).
+        self.parked = False
+        self.waiting_since = self.connected_at  # when the last event was taken
+        # What _pump leaves to the task: the work it could not do without waiting, the end
+        # of the session, or an error (raised in the task, where run() reports it).
+        self.pending: Awaitable[None] | None = None
+        self.finished = False
+        self.failure: Exception | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,12 +159,15 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             self._tls_received(data)
         else:
             self.conn.receive_data(data)
+        wakeup = self.wakeup
+        if wakeup is not None and not wakeup.done():
+            if self.parked and not self.write_paused and self.session is not None:
+                self._pump(self.session)  # wakes the task only if it has work for it
+            else:
+                wakeup.set_result(None)  # _wake(), inline: once per received block
         if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
             self.paused = True
             self.transport.pause_reading()
-        wakeup = self.wakeup  # _wake(), inline: once per received block
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
 
     def eof_received(self) -> bool:
         if self.tls_stream is not None:
@@ -386,102 +399,182 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         return bool(self.conn.pending_bytes or self.conn.peer_closed or self.closed)
 
     async def loop(self, session: Session) -> None:
-        cfg = self.snap.config
+        """Events to answers, in order. Most are answered without this task: while it waits
+        for input, ``data_received`` takes what needs no waiting itself (``_pump``); the
+        rest, and every wait, are here."""
         conn = self.conn
-        waiting_since = self.last_input = time.monotonic()
+        self.waiting_since = self.last_input = time.monotonic()
         while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                # _closing_now(), inline (as below): asked at every wait and every command.
-                if (bye := self.closing_reply) is not None and session.tx is None:
-                    self.send(bye)
-                    return
-                # A command must arrive whole within command_timeout (a client trickling a
-                # byte at a time does not keep the session); DATA content is timed per read.
-                # Both are measured from a fixed start, so a wake-up (stress mode began, a
-                # byte arrived) shortens the wait instead of restarting it.
-                command_timeout, data_timeout = self.host.timeouts
-                tx = session.tx
-                in_data = tx is not None and tx.msg is not None
-                if in_data:
-                    # Under stress, as Postfix's smtpd_per_record_deadline: a content line
-                    # must be complete within the timeout, so a byte a second does not hold
-                    # DATA open.
-                    since = self.last_line if self.host.stressed else self.last_input
-                    timeout = data_timeout - (time.monotonic() - since)
-                else:
-                    timeout = command_timeout - (time.monotonic() - waiting_since)
-                if session.unsent is not None and timeout > session.HOLD_SECONDS:
-                    # A message waits for the client's next command to be handed over: not
-                    # longer than this (Session.data_end).
-                    if not await self.wait_input(session.HOLD_SECONDS):
-                        session.hand_over()
-                    continue
-                if timeout <= 0 or not await self.wait_input(timeout):
-                    maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
-                    self.host.count(metrics.event("timeout"))
-                    self.send(
-                        Reply(
-                            421,
-                            "4.4.2",
-                            f"{cfg.hostname} Lost input channel: timeout; closing connection",
-                        )
-                    )
-                    return
-                continue
-            if event is PAUSED:
-                return  # the protocol is done with this connection
-            waiting_since = time.monotonic()
-            if isinstance(event, DataChunk):
-                if 10 in event.data:  # an int needle: no buffer protocol
-                    self.last_line = waiting_since
-                session.data_chunk(event.data)
-            elif isinstance(event, Command):
-                verb = event.verb
-                if (
-                    (bye := self.closing_reply) is not None
-                    and session.tx is None
-                    and verb != "QUIT"
-                ):
-                    self.send(bye)
-                    return
-                answer = await session.command(
-                    event, pipelined=conn.pending_bytes if verb == "DATA" else 0
-                )
-                if answer.reply.code == 354:
-                    self.last_line = time.monotonic()
-                if answer.rcpt or answer.bad or answer.close or answer.starttls:
-                    await self.answer(answer)
-                else:
-                    # Nothing comes with it (answer() would only send it): no coroutine.
-                    self.send(answer.reply)
-            elif isinstance(event, DataEnd):
-                await self.answer(await session.data_end(event.size))
-                continue  # its message is handed over after the next reply (below)
-            elif isinstance(event, DataFailed):
-                await self.answer(session.data_failed(event.reply))
-            elif isinstance(event, BadCommand):
-                if event.fatal:
-                    self.refuse_framing(event.reply)
-                await self.answer(Answer(event.reply, bad=True))
-            elif isinstance(event, ConnectionClosed):
-                if self.tls_error is not None:
-                    maillog.tls_read_failed(self.relay_text, self.tls_error)
-                session.connection_closed()
+            if (failure := self.failure) is not None:
+                self.failure = None
+                raise failure
+            if self.finished:
                 return
-            if session.unsent is not None:
-                self.flush()  # the reply after a 250: out first, then the message's attempt
-                session.hand_over()
-            elif self.out_size >= FLUSH_AT:
-                self.flush()
-            if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
+            work = self.pending
+            if work is not None:
+                self.pending = None
+            else:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    if not await self._wait_for_input(session):
+                        return
+                    continue
+                work = self._handle(event, session)
+            if work is not None:
+                await work
+            if self.write_paused and not await self.wait_writable(
+                self.snap.config.smtp.command_timeout
+            ):
                 maillog.write_timeout(self.relay_text)
                 self.host.count(metrics.event("timeout"))
                 return
 
-    async def answer(self, answer: Answer) -> None:
+    def _input_timeout(self, session: Session) -> float:
+        """Seconds left for the input awaited now. A command must arrive whole within
+        command_timeout (a client trickling a byte at a time does not keep the session); DATA
+        content is timed per read. Both are measured from a fixed start, so a wake-up (stress
+        mode began, a byte arrived) shortens the wait instead of restarting it."""
+        command_timeout, data_timeout = self.host.timeouts
+        tx = session.tx
+        if tx is not None and tx.msg is not None:
+            # Under stress, as Postfix's smtpd_per_record_deadline: a content line must be
+            # complete within the timeout, so a byte a second does not hold DATA open.
+            since = self.last_line if self.host.stressed else self.last_input
+            return data_timeout - (time.monotonic() - since)
+        return command_timeout - (time.monotonic() - self.waiting_since)
+
+    async def _wait_for_input(self, session: Session) -> bool:
+        """Wait until there is input (or work from ``_pump``); False: the session ends."""
+        # _closing_now(), inline: asked at every wait.
+        if (bye := self.closing_reply) is not None and session.tx is None:
+            self.send(bye)
+            return False
+        timeout = self._input_timeout(session)
+        self.parked = True
+        try:
+            if session.unsent is not None and timeout > session.HOLD_SECONDS:
+                # A message waits for the client's next command to be handed over: not
+                # longer than this (Session.data_end).
+                if not await self.wait_input(session.HOLD_SECONDS):
+                    session.hand_over()
+                return True
+            if timeout > 0 and await self.wait_input(timeout):
+                return True
+        finally:
+            self.parked = False
+        # Timed out. (A deadline _pump moved later is the one the timer waits for: see
+        # smtp/deadline.py.)
+        tx = session.tx
+        in_data = tx is not None and tx.msg is not None
+        maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
+        self.host.count(metrics.event("timeout"))
+        self.send(
+            Reply(
+                421,
+                "4.4.2",
+                f"{self.snap.config.hostname} Lost input channel: timeout; closing connection",
+            )
+        )
+        return False
+
+    def _pump(self, session: Session) -> None:
+        """In ``data_received``, while ``loop`` waits for input: the events answered without
+        waiting (every command but a MAIL whose sender domain is looked up, content, most
+        refusals) are answered here, a hop through the loop's task fewer each. The first that
+        needs waiting (the end of DATA, a throttle, STARTTLS) or ends the session goes to the
+        task, which then takes over where this stopped."""
+        conn = self.conn
+        try:
+            while not self.write_paused:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                work = self._handle(event, session)
+                if work is not None:
+                    self.pending = work
+                    break
+                if self.finished:
+                    break
+                if self.out_size >= FLUSH_AT:
+                    self.flush()
+        except _Closing:
+            self.finished = True
+        except Exception as exc:  # raised again in the task: run() reports it
+            self.failure = exc
+        self.flush()
+        if (
+            self.pending is not None
+            or self.finished
+            or self.failure is not None
+            or self.write_paused
+            or self.closing_reply is not None
+        ):
+            self._wake()
+            return
+        timeout = self._input_timeout(session)
+        if session.unsent is not None:
+            timeout = min(timeout, session.HOLD_SECONDS)
+        if timeout <= 0:
+            self._wake()
+        else:
+            self.arm(self.event_loop.time() + timeout)  # the wait in progress goes on
+
+    def _handle(self, event: Event | Wait, session: Session) -> Awaitable[None] | None:
+        """Answer one event; what must wait (or may raise ``_Closing``) comes back as a
+        coroutine for the task to await."""
+        self.waiting_since = now = time.monotonic()
+        held = session.unsent is not None  # answered a message: handed over after this reply
+        work: Awaitable[None] | None = None
+        if isinstance(event, DataChunk):
+            if 10 in event.data:  # an int needle: no buffer protocol
+                self.last_line = now
+            session.data_chunk(event.data)
+        elif isinstance(event, Command):
+            verb = event.verb
+            if (bye := self.closing_reply) is not None and session.tx is None and verb != "QUIT":
+                self.send(bye)
+                raise _Closing
+            got = session.answer_to(
+                event, pipelined=self.conn.pending_bytes if verb == "DATA" else 0
+            )
+            if isinstance(got, Answer):
+                if got.reply.code == 354:
+                    self.last_line = time.monotonic()
+                if got.rcpt or got.bad or got.close or got.starttls:
+                    work = self.answer(got)
+                else:
+                    self.send(got.reply)  # nothing comes with it (answer() would only send)
+            else:
+                work = self._answer_when(got)
+        elif isinstance(event, DataEnd):
+            return self._answer_when(session.data_end(event.size))
+        elif isinstance(event, DataFailed):
+            work = self.answer(session.data_failed(event.reply))
+        elif isinstance(event, BadCommand):
+            if event.fatal:
+                self.refuse_framing(event.reply)
+            work = self.answer(Answer(event.reply, bad=True))
+        elif isinstance(event, ConnectionClosed):
+            if self.tls_error is not None:
+                maillog.tls_read_failed(self.relay_text, self.tls_error)
+            session.connection_closed()
+            self.finished = True
+        else:  # PAUSED: the protocol is done with this connection
+            self.finished = True
+        if held:
+            self.flush()  # the reply after a 250: out first, then the message's attempt
+            session.hand_over()
+        return work
+
+    async def _answer_when(self, answer: Awaitable[Answer]) -> None:
+        work = self.answer(await answer)
+        if work is not None:
+            await work
+
+    def answer(self, answer: Answer) -> Awaitable[None] | None:
         """Write an answer, and do what comes with it: Sendmail's BadRcptThrottle and
-        MaxBadRcpts for recipients, the bad command count, the close, the TLS start."""
+        MaxBadRcpts for recipients, the bad command count, the close (``_Closing``), the TLS
+        start; the throttle's pause and the TLS handshake come back as a coroutine."""
         smtp = self.snap.config.smtp
         if answer.rcpt:
             throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
@@ -491,8 +584,18 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                     self.host.count(metrics.event("rcpt_throttled"))
                     maillog.rcpt_flood(self.relay_text)
             if throttled:
-                self.flush()
-                await asyncio.sleep(smtp.bad_rcpt_throttle_delay)
+                return self._throttled(answer)
+        return self._answer_now(answer)
+
+    async def _throttled(self, answer: Answer) -> None:
+        self.flush()
+        await asyncio.sleep(self.snap.config.smtp.bad_rcpt_throttle_delay)
+        work = self._answer_now(answer)
+        if work is not None:
+            await work
+
+    def _answer_now(self, answer: Answer) -> Awaitable[None] | None:
+        smtp = self.snap.config.smtp
         if answer.starttls:
             # Plaintext a client pipelined behind STARTTLS must not run inside TLS (RFC 3207
             # 4.2, CVE-2011-0411): dropped before the 220 goes out.
@@ -529,7 +632,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if answer.close:
             raise _Closing
         if answer.starttls:
-            await self._start_tls()
+            return self._start_tls()
+        return None
 
     def refuse_framing(self, reply: Reply) -> None:
         """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""

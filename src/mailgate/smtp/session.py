@@ -191,22 +191,31 @@ class Session:
     async def command(self, cmd: Command, *, pipelined: int = 0) -> Answer:
         """The answer to one command; ``pipelined`` is how many bytes the client sent behind
         it that are not read yet (DATA must have none)."""
+        got = self.answer_to(cmd, pipelined=pipelined)
+        return got if isinstance(got, Answer) else await got
+
+    def answer_to(self, cmd: Command, *, pipelined: int = 0) -> Answer | Awaitable[Answer]:
+        """``command``, answered at once when nothing needs waiting for (every verb but a
+        MAIL whose sender domain must be looked up, and anything the filters must hear):
+        the connection loop then needs no coroutine, nor a hop through its task."""
         verb = cmd.verb
         handler = _HANDLERS.get(verb)
+        got: Answer | Awaitable[Answer]
         if handler is None:
-            answer = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{verb[:40]}"'), bad=True)
+            got = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{verb[:40]}"'), bad=True)
         else:
             refused = self._refused_stage()
             if refused is not None and verb not in _ALLOWED_WHEN_REFUSED:
                 return Answer(refused, bad=True)
-            if verb == "DATA":
-                answer = self.data(cmd.arg, pipelined)
-            else:
-                got = handler(self, cmd.arg)
-                answer = got if isinstance(got, Answer) else await got
+            got = self.data(cmd.arg, pipelined) if verb == "DATA" else handler(self, cmd.arg)
         if self.milter is not None:  # the filters see what we accepted (milter/chain.py)
-            return await self.milter.command(self, cmd, answer)
-        return answer
+            return self._filtered(cmd, got)
+        return got
+
+    async def _filtered(self, cmd: Command, got: Answer | Awaitable[Answer]) -> Answer:
+        assert self.milter is not None
+        answer = got if isinstance(got, Answer) else await got
+        return await self.milter.command(self, cmd, answer)
 
     def _hello(self, arg: str, esmtp: bool) -> Answer:
         cfg = self.snap.config
@@ -261,7 +270,7 @@ class Session:
         lines.append("HELP")
         return Reply(250, None, "\n".join(lines))
 
-    async def mail(self, arg: str) -> Answer:
+    def mail(self, arg: str) -> Answer | Awaitable[Answer]:
         cfg = self.snap.config
         if self.tx is not None:
             return Answer(Reply(503, "5.5.0", "Sender already specified"))
@@ -287,10 +296,27 @@ class Session:
             and not mailbox.is_literal
             and not self.snap.routing.is_local(mailbox.domain)
         ):
-            self.before_wait()
-            resolves = await self.host.domain_resolves(mailbox.domain)
-            reply = sender_domain_reply(raw, mailbox, resolves, shown=shown)
-            decision = Decision(reply, logged_reject=not reply.is_positive, reason="sender_domain")
+            return self._mail_after_lookup(raw, mailbox, params, shown)
+        return self._mail_decided(raw, mailbox, params, shown, decision)
+
+    async def _mail_after_lookup(
+        self, raw: str, mailbox: Mailbox, params: dict[str, str | None], shown: str
+    ) -> Answer:
+        """MAIL, once the sender's domain is known to resolve (or not)."""
+        self.before_wait()
+        resolves = await self.host.domain_resolves(mailbox.domain)
+        reply = sender_domain_reply(raw, mailbox, resolves, shown=shown)
+        decision = Decision(reply, logged_reject=not reply.is_positive, reason="sender_domain")
+        return self._mail_decided(raw, mailbox, params, shown, decision)
+
+    def _mail_decided(
+        self,
+        raw: str,
+        mailbox: Mailbox,
+        params: dict[str, str | None],
+        shown: str,
+        decision: Decision | None,
+    ) -> Answer:
         if decision is None:
             decision = Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
         if decision.logged_reject:
