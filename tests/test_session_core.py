@@ -305,7 +305,8 @@ def test_verbs_that_say_no(tmp_path: Path, line: str, reply: str) -> None:
     dialogue(session, [(line, reply, {})])
 
 
-def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parked", [False, True])
+def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path, parked: bool) -> None:
     """When a connection ends, its objects (the protocol, its session, task and buffers) go at
     once: the session holds the connection's flush, and a connection that kept its session
     made a reference cycle per connection, left for the garbage collector to find."""
@@ -334,6 +335,14 @@ def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path) ->
         protocol = SmtpServerProtocol(gateway)
         transport = Transport(protocol)
         protocol.connection_made(transport)
+        # The greeting went out at once (a loopback client: nothing to look up).
+        [greeting] = transport.out
+        assert greeting.startswith(b"220 gateway.example.com ESMTP mailgate ready")
+        if parked:  # the task waits for input: the commands are answered in data_received
+            await asyncio.sleep(0)
+            assert protocol.parked
+            protocol.data_received(b"EHLO client.example.net\r\n")
+            assert b"pleased to meet you" in transport.out[-1] and protocol.parked
         protocol.data_received(b"EHLO client.example.net\r\nQUIT\r\n")
         assert protocol.task is not None
         await protocol.task

@@ -73,6 +73,10 @@ class ServerHost(SessionHost, Protocol):
 
     async def lookup_client(self, client: Client) -> Client: ...
 
+    def known_client(self, client: Client) -> Client | None:
+        """``lookup_client``'s answer if it needs no lookup (a loopback client), else None."""
+        ...
+
 
 def _connect_decision(client: Client, snap: Snapshot) -> ConnectDecision:
     """``policy.connect_decision``, remembered per snapshot (a client connects again and
@@ -148,8 +152,9 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         )
         # Kept: asyncio.get_running_loop() costs a getpid() system call on each call.
         self.event_loop = loop = asyncio.get_running_loop()
-        self.task = loop.create_task(self.run())
         self.host.session_started(self)
+        # The greeting goes out from here when nothing before it must wait; else from run().
+        self.task = loop.create_task(self.run(self._greet_at_once()))
         if self.arrival.early:  # PROXY protocol: what the client sent behind the header
             self.data_received(self.arrival.early)
 
@@ -311,9 +316,11 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         return maillog.relay_name(self.client.ip, None)
 
     # -- the connection ------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, session: Session | None = None) -> None:
+        """The session, greeted already (``session``: ``_greet_at_once``) or not."""
         try:
-            session = await self.open()
+            if session is None:
+                session = await self.open()
             if session is not None:
                 await self.loop(session)
         except _Closing:
@@ -353,21 +360,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             return None
         self.client = client = await self.host.lookup_client(self.client)
         decision = _connect_decision(client, self.snap)
-        self.session = session = Session(
-            self.host, self.snap, client, decision, before_wait=self.flush
-        )
-        if decision.refusal is not None:
-            self.host.count(metrics.connection("access_refused"))
-            self.host.count(metrics.rejection("access"))
-            name = client.verified_name
-            maillog.reject(
-                None,
-                "check_relay",
-                f"{name or ''} {client.ip}".strip(),
-                session.relay_text,
-                str(decision.refusal),
-            )
-        elif self.snap.config.milter and self.transport is not None:
+        session = self._start_session(client, decision)
+        if decision.refusal is None and self.snap.config.milter and self.transport is not None:
             # The filters hear of the client after our own Connect: check (milter/chain.py).
             bye = await milter_chain.attach(session, self.transport, self.arrival.client)
             if bye is not None:
@@ -392,6 +386,43 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if decision.refusal is None:
             self.host.count(_GREETED)
         self.send(session.greeting().reply)
+        return session
+
+    def _start_session(self, client: Client, decision: ConnectDecision) -> Session:
+        self.session = session = Session(
+            self.host, self.snap, client, decision, before_wait=self.flush
+        )
+        if decision.refusal is not None:
+            self.host.count(metrics.connection("access_refused"))
+            self.host.count(metrics.rejection("access"))
+            name = client.verified_name
+            maillog.reject(
+                None,
+                "check_relay",
+                f"{name or ''} {client.ip}".strip(),
+                session.relay_text,
+                str(decision.refusal),
+            )
+        return session
+
+    def _greet_at_once(self) -> Session | None:
+        """``open`` without a task step, when no part of the connect stage must wait: the
+        client's PTR needs no lookup, no greet pause, no filters to tell, not stopping.
+        None: ``open`` does it all."""
+        if self.closing_reply is not None or not self.admitted or self.snap.config.milter:
+            return None
+        client = self.host.known_client(self.client)
+        if client is None:
+            return None
+        decision = _connect_decision(client, self.snap)
+        if decision.greet_pause > 0:
+            return None
+        self.client = client
+        session = self._start_session(client, decision)
+        if decision.refusal is None:
+            self.host.count(_GREETED)
+        self.send(session.greeting().reply)
+        self.flush()
         return session
 
     def _talked_first(self) -> bool:
