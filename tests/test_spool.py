@@ -654,19 +654,34 @@ def test_envelope_line_is_json_dumps_text(
     client_name: str | None,
     flags: list[bool],
 ) -> None:
-    """The envelope line is the text json.dumps gave before the encoder was kept (queues
-    written by either version read alike), and reads back as the envelope."""
+    """The envelope line (orjson's, or json's for text orjson refuses) is the text json.dumps
+    gave before, but for the exponent of a float too large or small for plain digits (orjson
+    writes 1e16, json 1e+16; no arrival time has one), and reads back as the envelope, through
+    orjson and through json alike (queues written by either version read alike)."""
     env = Envelope("Q1", sender, recipients, arrival, "192.0.2.1", client_name, helo=sender)
     env.body_8bit, env.smtputf8, env.is_bounce, env.postmaster_notify = flags
     data = dict(env.__dict__)
     data["recipients"] = [r.__dict__ for r in recipients]
     if not env.postmaster_notify:
         del data["postmaster_notify"]
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     line = env.to_line()
-    assert (
-        line == b'{"crc":"' + UNSEALED + b'",' + body[1:].encode("utf-8", "surrogateescape") + b"\n"
-    )
+    if arrival == 0 or 1e-4 <= abs(arrival) < 1e16:  # repr() without an exponent
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        assert line == (
+            b'{"crc":"' + UNSEALED + b'",' + body[1:].encode("utf-8", "surrogateescape") + b"\n"
+        )
+    assert Envelope.from_line(line) == env
+    as_json = json.loads(line.decode("utf-8", "surrogateescape"))
+    assert {k: v for k, v in as_json.items() if k not in ("crc", "len")} == data
+
+
+def test_envelope_line_of_an_undecodable_address_is_jsons() -> None:
+    """An address byte that is not UTF-8 (kept as a surrogate escape) is what orjson refuses:
+    the line is then json's, with the byte itself, and reads back as the envelope."""
+    raw = b"caf\xe9@example.org".decode("utf-8", "surrogateescape")
+    env = Envelope("Q1", raw, [Recipient(raw, f"<{raw}>")], 1764691234.5, "192.0.2.1")
+    line = env.to_line()
+    assert b"caf\xe9@example.org" in line
     assert Envelope.from_line(line) == env
 
 
