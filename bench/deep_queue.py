@@ -261,23 +261,24 @@ def page_cache(queue: Path, sample: int = 2000) -> dict[str, Any]:
         names = [e.name for e in entries if "." not in e.name]
     picked = random.sample(names, min(sample, len(names)))
     files = [str(queue / q) for q in picked] + [str(queue / f"{q}.st") for q in picked]
-    resident = size = 0
+    resident = pages = 0
+    page = os.sysconf("SC_PAGE_SIZE")
     for i in range(0, len(files), 500):
         out = subprocess.run(
-            ["fincore", "-b", "-n", "-o", "RES,SIZE", *files[i : i + 500]],
+            ["fincore", "-b", "-n", "-o", "PAGES,SIZE", *files[i : i + 500]],
             capture_output=True,
             text=True,
             check=False,
         ).stdout
         for line in out.splitlines():
-            res, sz = line.split()
+            res, size = line.split()
             resident += int(res)
-            size += int(sz)
+            pages += -(-int(size) // page)
     meminfo = Path("/proc/meminfo").read_text()
     cached = int(re.search(r"^Cached:\s+(\d+)", meminfo, re.M).group(1))  # type: ignore[union-attr]
     return {
         "sampled_messages": len(picked),
-        "resident_fraction": resident / size if size else None,
+        "resident_fraction": resident / pages if pages else None,
         "machine_cached_gib": cached / 2**20,
     }
 
