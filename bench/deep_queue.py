@@ -324,7 +324,10 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ):
                 time.sleep(0.2)
             relay.stop()
-        # Start on the deep queue: to its greeting, then to the end of its first pass.
+        # Start on the deep queue: to its greeting, then to the end of its first pass (a
+        # kept --dir's maillog holds the last run's "recovered" line: emptied first).
+        if maillog.exists():
+            maillog.write_text("")
         result["start_to_greeting_s"] = timed_start(relay.start)
         rss.root = relay.root
         # The first pass's end (this version), or the start's recovery (before it).
