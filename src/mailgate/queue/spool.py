@@ -83,6 +83,7 @@ import orjson
 from mailgate import maillog
 from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
+from mailgate.queue.cleaner import Cleaner
 
 # "Read due/ now": ``mailgate release``, ``requeue`` and ``sendmail`` send it to the pid in
 # ``pid_file`` (the master forwards it to the workers). Ignored by default, so an older
@@ -738,13 +739,16 @@ class Spool:
         self.corrupt = root / "corrupt"
         self.spare = root / "spare"
         self.due = root / "due"
+        self.trash = root / "trash"  # delivered files waiting for the cleaner's unlink
         # For the calls made once per message or once per entry of a whole-queue command:
         # no pathlib there.
         self._queue_dir = str(self.queue)
         self._due_dir = str(self.due)
         self.incoming_dir = str(self.incoming)
         self._spare_dir = str(self.spare)
-        for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due):
+        self._trash_dir = str(self.trash)
+        self._cleaner: Cleaner | None = None  # the daemon's (start_cleaner)
+        for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due, self.trash):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: list[tuple[int, str, int]] = []  # (open fd, name in spare/, size)
         # Committed messages written over a spare file, qid → the file's spare/ path: their
@@ -783,10 +787,20 @@ class Spool:
             self._fsync_loop = loop
         return self._fsync
 
+    def start_cleaner(self) -> None:
+        """The daemon's: delivered messages' files are freed by a thread from now on
+        (``queue/cleaner.py``), not by the unlink on the event loop. In the process that
+        delivers (after a fork, never before)."""
+        if self._cleaner is None:
+            self._cleaner = Cleaner(self._trash_dir)
+
     def close(self) -> None:
         if self._fsync is not None:
             self._fsync.close()
             self._fsync = None
+        if self._cleaner is not None:
+            self._cleaner.close()
+            self._cleaner = None
         while self._spares:
             fd, name, _ = self._spares.pop()
             os.close(fd)
@@ -879,8 +893,7 @@ class Spool:
             return False
         self.moves[self.LEFT] += 1
         if status_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
+            self._drop(f"{qid}{_STATUS_SUFFIX}")
         if spare_path is None:
             self._forget_incoming(qid)  # a second name: unlinking it frees nothing
         self._spares.append((fd, name, size))
@@ -1028,7 +1041,8 @@ class Spool:
         """Before any session runs: move sealed files (acknowledged, but their link into
         the queue was not yet on disk at the crash) into the queue; drop the others, which
         never got their 250, the spare files, and the incoming/ names of queued messages
-        once the queue directory is on disk. Returns how many were moved."""
+        once the queue directory is on disk; and what is in trash/ (delivered, its unlink
+        not done when its process ended). Returns how many were moved."""
         moved = 0
         done: list[Path] = []
         for directory in (self.incoming, self.spare):
@@ -1053,6 +1067,10 @@ class Spool:
         if done:
             self._fsync_queue_dir()
         for p in done:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        # Delivered mail a cleaner had not unlinked yet when its process ended.
+        for p in self.trash.iterdir():
             with contextlib.suppress(OSError):
                 p.unlink()
         return moved
@@ -1273,15 +1291,34 @@ class Spool:
 
     def remove(self, qid: str, *, status_file: bool = True) -> None:
         """The message is delivered or bounced: forget it (and its status file, if any)."""
-        try:
-            os.unlink(f"{self._queue_dir}/{qid}")
+        if self._drop(qid):
             self.moves[self.LEFT] += 1
-        except FileNotFoundError:
-            pass
         if status_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
+            self._drop(f"{qid}{_STATUS_SUFFIX}")
         self._forget_incoming(qid)
+
+    def _drop(self, name: str) -> bool:
+        """Take ``queue/<name>`` out of the queue; False if it was not there. With the
+        cleaner (the daemon) it is renamed into ``trash/`` for the cleaner's thread to
+        unlink, while the cleaner has room; else, or in another process, unlinked here.
+        Either way the name is gone from ``queue/`` when this returns."""
+        path = f"{self._queue_dir}/{name}"
+        cleaner = self._cleaner
+        if cleaner is not None and cleaner.room:
+            try:
+                os.rename(path, f"{self._trash_dir}/{name}")
+            except FileNotFoundError:
+                return False
+            except OSError:
+                pass  # trash/ unusable (removed under us): unlinked here, as before
+            else:
+                cleaner.put(name)
+                return True
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def delete(self, qid: str) -> None:
         """``mailgate delete``: forget the message, its status file and any due marker. The
