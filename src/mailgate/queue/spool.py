@@ -11,6 +11,8 @@ Layout under ``spool_dir``::
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
     due/<qid>           "attempt it now" (``mailgate release``/``requeue``), for the daemon: a
                         hard link to queue/<qid>, of which only the name counts
+    trash/<qid>[.st]    a delivered message's files, out of the queue, for the daemon's
+                        cleaner thread to unlink (``queue/cleaner.py``); emptied at start-up
 
 A message is committed by sealing its envelope line (the CRC-32 and length of the content are
 written into fixed-width fields at its start), fsync(file), then link(incoming → queue): one
