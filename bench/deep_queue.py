@@ -5,7 +5,12 @@
 - restart to greeting: a new daemon on the same spool, from its start to its 220;
 - ``mailgate mailq`` (``postqueue -p``): seconds to the first line, and in all;
 - drain: the hop comes back (an smtp-sink on its port) and the queue is run (SIGUSR1;
-  ``postqueue -f``): messages per second at the sink, and whether every one arrived (lost).
+  ``postqueue -f``): messages per second at the sink, and whether every one arrived (lost);
+- beside it, the live rate (mailgate, ``--live-messages``): a daemon with the same settings
+  on a fresh spool in the same parent folder relays 1 KiB messages over 20 sessions from
+  smtp-source to an smtp-sink, just before the drain and just after it; the report's
+  ``drain_over_live`` is the drain's rate over each;
+- how much of the queue the page cache held when the drain began (``fincore`` on a sample).
 
     PYTHONPATH=src python3 bench/deep_queue.py --messages 100000            # spool-filled
     PYTHONPATH=src python3 bench/deep_queue.py --messages 20000 --fill smtp --postfix
@@ -26,6 +31,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import re
 import select
 import shutil
@@ -45,6 +51,7 @@ from relays import (
     CounterReader,
     MailgateRelay,
     PostfixRelay,
+    SmtpSink,
     free_port,
     prioritize,
     run_smtp_source,
@@ -195,29 +202,92 @@ def drain(sink: Sink, n: int, run: Any, timeout: float) -> dict[str, Any]:
     run()
     counter = sink.counter
     counter.wait(n, timeout, 30)
-    times = counter.times
-    got = counter.count
-    out: dict[str, Any] = {"delivered": got}
-    if got:
-        out["first_s"] = times[0] - began
-        out["all_s"] = times[-1] - began
-        # The rate between the 5th and the 95th percentile: start-up and tail apart.
-        lo, hi = int(got * 0.05), max(int(got * 0.95) - 1, 0)
-        span = times[hi] - times[lo]
-        out["rate"] = (hi - lo) / span if span > 0 else None
-        out["rate_all"] = got / (times[-1] - began) if times[-1] > began else None
+    return {"delivered": counter.count, **arrival_rates(counter.times, began)}
+
+
+def arrival_rates(times: list[float], began: float) -> dict[str, Any]:
+    """The sink's arrivals ``times`` (since ``began``): messages per second between their
+    5th and 95th percentile (start-up and tail apart), the drain's figure and the live
+    rate's alike, and over the whole span."""
+    got = len(times)
+    if not got:
+        return {}
+    lo, hi = int(got * 0.05), max(int(got * 0.95) - 1, 0)
+    span = times[hi] - times[lo]
+    return {
+        "first_s": times[0] - began,
+        "all_s": times[-1] - began,
+        "rate": (hi - lo) / span if span > 0 else None,
+        "rate_all": got / (times[-1] - began) if times[-1] > began else None,
+    }
+
+
+def live_rate(
+    parent: Path, settings: dict[str, dict[str, str]], n: int, pythonpath: str | None
+) -> dict[str, Any]:
+    """The live rate beside the drain: a daemon with the drain's settings on a fresh spool in
+    ``parent`` (the deep queue's disk), the hop up, ``n`` 1 KiB messages over 20 sessions
+    from smtp-source (after a warm-up of 200, as relay.py's throughput runs), the rate at
+    the sink between its 5th and 95th percentile as the drain's."""
+    work = Path(tempfile.mkdtemp(prefix="mailgate-live-", dir=parent))
+    sink = SmtpSink(work)
+    relay = MailgateRelay(work / "relay", sink.port, settings, pythonpath=pythonpath)
+    out: dict[str, Any] = {"n": n}
+    try:
+        relay.start()
+        warm = 200
+        run_smtp_source(relay.port, warm, 20, 1024, timeout=120)
+        sink.counter.wait(warm, timeout=120, stall=30)
+        time.sleep(0.5)
+        src: dict[str, Any] = run_smtp_source(relay.port, n, 20, 1024, timeout=300)
+        sent = int(src["sent"])
+        sink.counter.wait(warm + sent, timeout=300, stall=30)
+        arrivals = sink.counter.times[warm : warm + sent]
+        out.update(arrival_rates(arrivals, float(src["start"])))
+        out.update(sent=sent, received=len(arrivals), lost=sent - len(arrivals))
+        out["accept_rate"] = sent / float(src["wall"])
+    finally:
+        relay.stop()
+        sink.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"live: {out}", flush=True)
     return out
+
+
+def page_cache(queue: Path, sample: int = 2000) -> dict[str, Any]:
+    """How much of the queue is in the page cache: ``fincore`` over a random sample of its
+    messages (queue file and status file each), and the machine's Cached figure."""
+    with os.scandir(queue) as entries:
+        names = [e.name for e in entries if "." not in e.name]
+    picked = random.sample(names, min(sample, len(names)))
+    files = [str(queue / q) for q in picked] + [str(queue / f"{q}.st") for q in picked]
+    resident = pages = 0
+    page = os.sysconf("SC_PAGE_SIZE")
+    for i in range(0, len(files), 500):
+        out = subprocess.run(
+            ["fincore", "-b", "-n", "-o", "PAGES,SIZE", *files[i : i + 500]],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        for line in out.splitlines():
+            res, size = line.split()
+            resident += int(res)
+            pages += -(-int(size) // page)
+    meminfo = Path("/proc/meminfo").read_text()
+    cached = int(re.search(r"^Cached:\s+(\d+)", meminfo, re.M).group(1))  # type: ignore[union-attr]
+    return {
+        "sampled_messages": len(picked),
+        "resident_fraction": resident / pages if pages else None,
+        "machine_cached_gib": cached / 2**20,
+    }
 
 
 def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     hop_port = free_port()
     settings = {**SETTINGS, "": {"workers": str(args.workers)}}
-    relay = MailgateRelay(
-        args.dir or work / "mailgate",
-        hop_port,
-        settings,
-        pythonpath=str(args.src.resolve()) if args.src else None,
-    )
+    pythonpath = str(args.src.resolve()) if args.src else None
+    relay = MailgateRelay(args.dir or work / "mailgate", hop_port, settings, pythonpath=pythonpath)
     result: dict[str, Any] = {
         "messages": args.messages,
         "fill": args.fill,
@@ -254,7 +324,10 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ):
                 time.sleep(0.2)
             relay.stop()
-        # Start on the deep queue: to its greeting, then to the end of its first pass.
+        # Start on the deep queue: to its greeting, then to the end of its first pass (a
+        # kept --dir's maillog holds the last run's "recovered" line: emptied first).
+        if maillog.exists():
+            maillog.write_text("")
         result["start_to_greeting_s"] = timed_start(relay.start)
         rss.root = relay.root
         # The first pass's end (this version), or the start's recovery (before it).
@@ -283,11 +356,26 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             argv = [sys.executable, "-m", "mailgate.cli", "mailq", *cfg]
             result[key] = run_listing(argv, env, args.listing_seconds)
             print(f"{key}: {result[key]}", flush=True)
+        if args.live_messages:
+            # The live rate just before the drain, the deep queue's daemon stopped meanwhile
+            # (then started again, its first pass over): the same settings, a fresh spool
+            # on the same disk.
+            relay.stop()
+            result["live_before"] = live_rate(
+                relay.dir.parent, settings, args.live_messages, pythonpath
+            )
+            maillog.write_text("")
+            relay.start()
+            rss.root = relay.root
+            wait_log(maillog, "recovered ", 600 if not args.src else 5)
+            wait_counted(relay.dir / "spool/mailgate.state.json", 60)
         sink = Sink(hop_port, relay.dir)
         try:
             assert relay.proc is not None
             if args.cold_drain:
                 drop_caches()
+            result["page_cache"] = page_cache(relay.dir / "spool/queue")
+            print(f"page cache before the drain: {result['page_cache']}", flush=True)
             spy = profile(relay.root, args.profile, args.drain_seconds)
             result["drain"] = drain(
                 sink,
@@ -308,6 +396,15 @@ def mailgate_case(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         # Lost: neither delivered nor still queued (the sink counts every message it got).
         result["lost"] = args.messages - result["drain"]["delivered_by_stop"] - left
         result["rss_peak_mib"] = rss.peak / 2**20
+        if args.live_messages:
+            result["live_after"] = live_rate(
+                relay.dir.parent, settings, args.live_messages, pythonpath
+            )
+            lives = [result[k].get("rate") for k in ("live_before", "live_after")]
+            rate = result["drain"].get("rate")
+            if rate and all(lives):
+                result["drain_over_live"] = [rate / live for live in lives]
+                result["drain_over_live_mean"] = rate / (sum(lives) / 2)
     finally:
         rss.stop()
         relay.stop()
@@ -426,6 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=Path, help="py-spy the drain's first minute into this")
     p.add_argument("--workers", type=int, default=1, help="mailgate's workers (0: per CPU)")
     p.add_argument("--drain-seconds", type=float, default=1800, help="stop the drain then")
+    p.add_argument(
+        "--live-messages",
+        type=int,
+        default=20_000,
+        help="the live rate before and after the drain with this many messages (0: not)",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="mailgate-deepq-", dir=args.workdir))

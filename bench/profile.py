@@ -4,7 +4,7 @@
     perf report -i /tmp/mg.perf --sort dso --stdio -n
     python3 bench/profile.py --pythonpath src --milter opendkim --tool py-spy -o /tmp/mg.raw
 
-One worker (``workers = 1``), 1 KiB messages from smtp-source over 20 sessions, as
+One worker (``workers = 1``), 1 KiB messages (``--size``) from smtp-source over 20 sessions, as
 ``instructions.py`` and ``relay.py``'s first case; 200 messages warm it up first, then the
 profiler attaches to the worker for the N that are measured. ``perf record -F 999`` gives
 samples by shared object (CPython, the kernel, uvloop): about one sample per millisecond of
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--milter", choices=("opendkim", "rspamd"), help="one real filter")
     ap.add_argument("--tool", choices=("perf", "py-spy"), default="perf")
     ap.add_argument("-n", type=int, default=2000, help="messages measured")
+    ap.add_argument("--size", type=int, default=1024, help="message size in bytes")
     ap.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)
     if shutil.which(args.tool) is None:
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.start(timeout=120)
         assert daemon.proc is not None
-        relays.run_smtp_source(daemon.port, 200, 20, 1024, timeout=300)
+        relays.run_smtp_source(daemon.port, 200, 20, args.size, timeout=300)
         sink.counter.wait(200, timeout=120, stall=30)
         pid = str(daemon.proc.pid)
         if args.tool == "perf":
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         profiler = subprocess.Popen(command)
         time.sleep(1)  # attached
         started = time.monotonic()
-        result = relays.run_smtp_source(daemon.port, args.n, 20, 1024, timeout=600)
+        result = relays.run_smtp_source(daemon.port, args.n, 20, args.size, timeout=600)
         profiler.send_signal(signal.SIGINT)
         profiler.wait(60)
         seconds = time.monotonic() - started

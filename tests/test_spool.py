@@ -688,19 +688,34 @@ def test_envelope_line_is_json_dumps_text(
     client_name: str | None,
     flags: list[bool],
 ) -> None:
-    """The envelope line is the text json.dumps gave before the encoder was kept (queues
-    written by either version read alike), and reads back as the envelope."""
+    """The envelope line (orjson's, or json's for text orjson refuses) is the text json.dumps
+    gave before, but for the exponent of a float too large or small for plain digits (orjson
+    writes 1e16, json 1e+16; no arrival time has one), and reads back as the envelope, through
+    orjson and through json alike (queues written by either version read alike)."""
     env = Envelope("Q1", sender, recipients, arrival, "192.0.2.1", client_name, helo=sender)
     env.body_8bit, env.smtputf8, env.is_bounce, env.postmaster_notify = flags
     data = dict(env.__dict__)
     data["recipients"] = [r.__dict__ for r in recipients]
     if not env.postmaster_notify:
         del data["postmaster_notify"]
-    body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     line = env.to_line()
-    assert (
-        line == b'{"crc":"' + UNSEALED + b'",' + body[1:].encode("utf-8", "surrogateescape") + b"\n"
-    )
+    if arrival == 0 or 1e-4 <= abs(arrival) < 1e16:  # repr() without an exponent
+        body = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+        assert line == (
+            b'{"crc":"' + UNSEALED + b'",' + body[1:].encode("utf-8", "surrogateescape") + b"\n"
+        )
+    assert Envelope.from_line(line) == env
+    as_json = json.loads(line.decode("utf-8", "surrogateescape"))
+    assert {k: v for k, v in as_json.items() if k not in ("crc", "len")} == data
+
+
+def test_envelope_line_of_an_undecodable_address_is_jsons() -> None:
+    """An address byte that is not UTF-8 (kept as a surrogate escape) is what orjson refuses:
+    the line is then json's, with the byte itself, and reads back as the envelope."""
+    raw = b"caf\xe9@example.org".decode("utf-8", "surrogateescape")
+    env = Envelope("Q1", raw, [Recipient(raw, f"<{raw}>")], 1764691234.5, "192.0.2.1")
+    line = env.to_line()
+    assert b"caf\xe9@example.org" in line
     assert Envelope.from_line(line) == env
 
 
@@ -727,4 +742,103 @@ def test_a_message_left_to_a_queue_pass_loses_its_spare_name_once_queue_is_on_di
     spool.close()
     spool = Spool(tmp_path)
     assert spool.recover() == []
+    spool.close()
+
+
+def _deferred(spool: Spool) -> str:
+    """A queued message with a status file (one attempt recorded), not in any process's
+    hands: what a drain claims and delivers."""
+    msg = spool.open_incoming(envelope(spool))
+    msg.write(b"Subject: deferred\r\n\r\nx\r\n")
+    asyncio.run(spool.commit(msg))
+    qid = msg.envelope.qid
+    spool.save_status(qid, QueueStatus(attempts=1))
+    return qid
+
+
+def _entries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir())
+
+
+def test_with_the_cleaner_a_delivered_message_leaves_queue_at_once_and_is_freed_by_it(
+    tmp_path: Path,
+) -> None:
+    """The daemon's spool: a delivered deferred message (no spare room) is out of queue/ when
+    ``finish`` returns, queue file and status file alike, counted as gone; the thread
+    unlinks both from trash/; a claim of it finds nothing."""
+    spool = Spool(tmp_path)
+    spool.SPARE_MAX = 0  # a drain: the spares are full
+    spool.start_cleaner()
+    assert spool._cleaner is not None
+    qids = [_deferred(spool) for _ in range(20)]
+    left = spool.moves[spool.LEFT]
+    for qid in qids:
+        msg = spool.claim(qid)
+        assert msg is not None
+        spool.finish(msg)
+        assert msg.fd is None
+        assert not (tmp_path / "queue" / qid).exists()
+        assert not (tmp_path / "queue" / f"{qid}.st").exists()
+        assert spool.claim(qid) is None
+    assert spool.moves[spool.LEFT] == left + 20
+    assert _entries(tmp_path / "queue") == []
+    spool.close()  # waits for the backlog
+    assert _entries(tmp_path / "trash") == []
+
+
+def test_a_cleaner_without_room_leaves_the_unlinks_to_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At ``Cleaner.MAX`` names waiting nothing more is renamed into trash/: the backlog (and
+    the memory it takes) is bounded, the unlink done where it was before."""
+    from mailgate.queue import cleaner
+
+    monkeypatch.setattr(cleaner.Cleaner, "MAX", 0)
+    spool = Spool(tmp_path)
+    spool.SPARE_MAX = 0
+    spool.start_cleaner()
+    qid = _deferred(spool)
+    msg = spool.claim(qid)
+    assert msg is not None
+    spool.finish(msg)
+    assert _entries(tmp_path / "queue") == [] and _entries(tmp_path / "trash") == []
+    spool.close()
+
+
+def test_without_the_cleaner_files_are_unlinked_in_place(tmp_path: Path) -> None:
+    """A queue tool's spool (``mailgate delete``, ``flush``) starts no thread: it unlinks."""
+    spool = Spool(tmp_path)
+    spool.SPARE_MAX = 0
+    qid = _deferred(spool)
+    msg = spool.claim(qid)
+    assert msg is not None
+    spool.finish(msg)
+    assert _entries(tmp_path / "queue") == [] and _entries(tmp_path / "trash") == []
+    spool.close()
+
+
+def test_a_recycled_files_status_file_goes_through_the_cleaner(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.start_cleaner()
+    qid = _deferred(spool)
+    msg = spool.claim(qid)
+    assert msg is not None
+    spool.finish(msg)  # kept as a spare: its status file is freed all the same
+    assert _entries(tmp_path / "queue") == []
+    assert len(_entries(tmp_path / "spare")) == 1
+    spool.close()
+    assert _entries(tmp_path / "trash") == []
+
+
+def test_what_a_crash_left_in_trash_is_delivered_mail_dropped_at_start(tmp_path: Path) -> None:
+    """A process that ended before its cleaner unlinked everything leaves delivered files in
+    trash/, sealed ones too: start-up recovery removes them and queues none of them."""
+    spool = Spool(tmp_path)
+    qid = _deferred(spool)
+    os.rename(tmp_path / "queue" / qid, tmp_path / "trash" / qid)  # as _drop does
+    os.rename(tmp_path / "queue" / f"{qid}.st", tmp_path / "trash" / f"{qid}.st")
+    spool.close()
+    spool = Spool(tmp_path)
+    assert spool.recover_incoming() == 0
+    assert _entries(tmp_path / "trash") == [] and _entries(tmp_path / "queue") == []
     spool.close()

@@ -365,6 +365,28 @@ def _fill_deferred(spool_dir: Path, n: int, rcpt: str) -> None:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_a_drained_deferred_queue_leaves_nothing_behind_in_queue_or_trash(
+    make_gateway: GatewayFactory, world: World, hop1: SinkServer, workers: int
+) -> None:
+    """The hop returns and the queue is run: more deferred messages than the spares hold,
+    so most are freed through trash/ by the cleaner thread. Each arrives once, queue/ ends
+    with no file of them (queue file or status file), and after the stop trash/ is empty."""
+    n = 300
+    hourly = '[queue]\nrun_interval = "1h"\nretry_min = "1h"\n'
+    gw = make_gateway(world.but(settings=f"workers = {workers}\n" + hourly), start=False)
+    _fill_deferred(gw.spool, n, "bob@targetdomain1.com")
+    gw.start()
+    # Each process's first pass over (its signal handlers in place), then the queue run.
+    wait_until(lambda: len(gw.log_lines("recovered ")) == workers, "the first passes", GUARD)
+    gw.signal(signal.SIGUSR1)
+    wait_until(lambda: len(hop1.messages) >= n, f"{n} at the hop", GUARD)
+    wait_until(lambda: not any((gw.spool / "queue").iterdir()), "an empty queue/", GUARD)
+    gw.stop()
+    assert not any((gw.spool / "trash").iterdir())
+    assert len(hop1.messages) == n
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_status_and_the_statistics_line_count_the_queue_not_the_window(
     make_gateway: GatewayFactory, world: World, hop1: SinkServer, workers: int
 ) -> None:

@@ -135,6 +135,8 @@ class Gateway:
             if moved:
                 maillog.recovered_incoming(moved, cfg.spool_dir)
         # (With workers, the master cleared incoming/ before forking.)
+        # Delivered files are freed by a thread of this process (after the fork).
+        self.spool.start_cleaner()
         self.scheduler.start()
         # Before the SMTP listeners: a metrics port in use stops the start before any client
         # is served (with workers, the master bound it already).

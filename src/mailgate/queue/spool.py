@@ -11,6 +11,8 @@ Layout under ``spool_dir``::
     corrupt/<qid>       entries that could not be read, moved aside instead of crashing
     due/<qid>           "attempt it now" (``mailgate release``/``requeue``), for the daemon: a
                         hard link to queue/<qid>, of which only the name counts
+    trash/<qid>[.st]    a delivered message's files, out of the queue, for the daemon's
+                        cleaner thread to unlink (``queue/cleaner.py``); emptied at start-up
 
 A message is committed by sealing its envelope line (the CRC-32 and length of the content are
 written into fixed-width fields at its start), fsync(file), then link(incoming → queue): one
@@ -83,6 +85,7 @@ import orjson
 from mailgate import maillog
 from mailgate.address import Mailbox
 from mailgate.queue import fsync as fsync_impl
+from mailgate.queue.cleaner import Cleaner
 
 # "Read due/ now": ``mailgate release``, ``requeue`` and ``sendmail`` send it to the pid in
 # ``pid_file`` (the master forwards it to the workers). Ignored by default, so an older
@@ -155,8 +158,9 @@ class EntryLocked(SpoolError):
     """Another runner (the daemon, ``mailgate flush``) holds the entry's delivery lock."""
 
 
-# json.dumps with these options would make this encoder anew for every message; the text is
-# the same (no cycle can occur in an envelope's plain dicts and lists, so none is checked).
+# For what orjson refuses (below). json.dumps with these options would make this encoder anew
+# for every message; the text is the same (no cycle can occur in an envelope's plain dicts and
+# lists, so none is checked).
 _ENVELOPE_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 
 
@@ -200,7 +204,14 @@ class Envelope:
             # Only where it is true, so that ordinary queue files stay as an earlier version
             # wrote and reads them (a rollback must not find its queue unreadable).
             del data["postmaster_notify"]
-        body = _ENVELOPE_JSON.encode(data).encode("utf-8", "surrogateescape")
+        try:
+            # A tenth of json's time (0.7 against 6 µs), and the same text: compact, non-ASCII
+            # as UTF-8, the shortest repr of the arrival time.
+            body = orjson.dumps(data)
+        except TypeError:
+            # A byte of an address that is not UTF-8, kept as a surrogate escape: orjson takes
+            # only valid text; json writes the escape, and the line gets the byte back.
+            body = _ENVELOPE_JSON.encode(data).encode("utf-8", "surrogateescape")
         return b'{"crc":"' + UNSEALED + b'",' + body[1:] + b"\n"
 
     @classmethod
@@ -730,13 +741,16 @@ class Spool:
         self.corrupt = root / "corrupt"
         self.spare = root / "spare"
         self.due = root / "due"
+        self.trash = root / "trash"  # delivered files waiting for the cleaner's unlink
         # For the calls made once per message or once per entry of a whole-queue command:
         # no pathlib there.
         self._queue_dir = str(self.queue)
         self._due_dir = str(self.due)
         self.incoming_dir = str(self.incoming)
         self._spare_dir = str(self.spare)
-        for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due):
+        self._trash_dir = str(self.trash)
+        self._cleaner: Cleaner | None = None  # the daemon's (start_cleaner)
+        for d in (self.incoming, self.queue, self.corrupt, self.spare, self.due, self.trash):
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._spares: list[tuple[int, str, int]] = []  # (open fd, name in spare/, size)
         # Committed messages written over a spare file, qid → the file's spare/ path: their
@@ -776,10 +790,20 @@ class Spool:
             self._fsync_loop = loop
         return self._fsync
 
+    def start_cleaner(self) -> None:
+        """The daemon's: delivered messages' files are freed by a thread from now on
+        (``queue/cleaner.py``), not by the unlink on the event loop. In the process that
+        delivers (after a fork, never before)."""
+        if self._cleaner is None:
+            self._cleaner = Cleaner(self._trash_dir)
+
     def close(self) -> None:
         if self._fsync is not None:
             self._fsync.close()
             self._fsync = None
+        if self._cleaner is not None:
+            self._cleaner.close()
+            self._cleaner = None
         while self._spares:
             fd, name, _ = self._spares.pop()
             os.close(fd)
@@ -872,8 +896,7 @@ class Spool:
             return False
         self.moves[self.LEFT] += 1
         if status_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
+            self._drop(f"{qid}{_STATUS_SUFFIX}")
         if spare_path is None:
             self._forget_incoming(qid)  # a second name: unlinking it frees nothing
         self._spares.append((fd, name, size))
@@ -1027,7 +1050,8 @@ class Spool:
         """Before any session runs: move sealed files (acknowledged, but their link into
         the queue was not yet on disk at the crash) into the queue; drop the others, which
         never got their 250, the spare files, and the incoming/ names of queued messages
-        once the queue directory is on disk. Returns how many were moved."""
+        once the queue directory is on disk; and what is in trash/ (delivered, its unlink
+        not done when its process ended). Returns how many were moved."""
         moved = 0
         done: list[Path] = []
         for directory in (self.incoming, self.spare):
@@ -1052,6 +1076,10 @@ class Spool:
         if done:
             self._fsync_queue_dir()
         for p in done:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        # Delivered mail a cleaner had not unlinked yet when its process ended.
+        for p in self.trash.iterdir():
             with contextlib.suppress(OSError):
                 p.unlink()
         return moved
@@ -1272,15 +1300,34 @@ class Spool:
 
     def remove(self, qid: str, *, status_file: bool = True) -> None:
         """The message is delivered or bounced: forget it (and its status file, if any)."""
-        try:
-            os.unlink(f"{self._queue_dir}/{qid}")
+        if self._drop(qid):
             self.moves[self.LEFT] += 1
-        except FileNotFoundError:
-            pass
         if status_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self._queue_dir}/{qid}{_STATUS_SUFFIX}")
+            self._drop(f"{qid}{_STATUS_SUFFIX}")
         self._forget_incoming(qid)
+
+    def _drop(self, name: str) -> bool:
+        """Take ``queue/<name>`` out of the queue; False if it was not there. With the
+        cleaner (the daemon) it is renamed into ``trash/`` for the cleaner's thread to
+        unlink, while the cleaner has room; else, or in another process, unlinked here.
+        Either way the name is gone from ``queue/`` when this returns."""
+        path = f"{self._queue_dir}/{name}"
+        cleaner = self._cleaner
+        if cleaner is not None and cleaner.room:
+            try:
+                os.rename(path, f"{self._trash_dir}/{name}")
+            except FileNotFoundError:
+                return False
+            except OSError:
+                pass  # trash/ unusable (removed under us): unlinked here, as before
+            else:
+                cleaner.put(name)
+                return True
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def delete(self, qid: str) -> None:
         """``mailgate delete``: forget the message, its status file and any due marker. The

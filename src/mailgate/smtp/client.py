@@ -25,6 +25,7 @@ from mailgate.smtp.body import OutgoingContent
 from mailgate.smtp.deadline import DeadlineWaits
 from mailgate.smtp.downgrade import Plan, Scanner
 from mailgate.smtp.dsn_params import orcpt_ascii
+from mailgate.smtp.search import find as _find
 
 __all__ = [
     "RecipientResult",
@@ -623,7 +624,7 @@ class SmtpClient:
                     ) from exc
                 # Stuff after any LF, not only CRLF: a bare LF followed by "." must not look
                 # like an end of data to a lenient server (SMTP smuggling).
-                out = data.replace(b"\n.", b"\n..")
+                out = data.replace(b"\n.", b"\n..") if _find(data, b"\n.") >= 0 else data
                 if at_line_start and data[:1] == b".":
                     out = b"." + out
                 if data:
