@@ -141,6 +141,7 @@ def test_an_answered_message_is_handed_over_when_the_connection_ends(tmp_path: P
     assert asyncio.run(session.data_end(22)).reply.code == 250
     assert host.committed == []
     session.abandon()  # the client went away without a QUIT
+    session.hand_over()  # as the connection loop does once the last replies are out
     assert len(host.committed) == 1
 
 

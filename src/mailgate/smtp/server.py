@@ -337,14 +337,17 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                 )
         finally:
             self.stop_timer()
-            with contextlib.suppress(ssl.SSLError):
-                self.flush()  # the last replies (a 221) before a message's hand-over
-            if self.session is not None:
-                self.session.abandon()
+            ended = self.session
+            if ended is not None:
+                ended.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
                 # would end as a reference cycle (with its task, transport and buffers) that
                 # only the garbage collector frees.
                 self.session = None
+            with contextlib.suppress(ssl.SSLError):
+                self.flush()
+            if ended is not None:
+                ended.hand_over()  # the last replies (a 221) are out: the message's attempt
             self._close_transport()
 
     async def open(self) -> Session | None:
@@ -485,7 +488,9 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         try:
             if session.unsent is not None and timeout > session.HOLD_SECONDS:
                 # A message waits for the client's next command to be handed over: not
-                # longer than this (Session.data_end).
+                # longer than this (Session.data_end). Its 250 goes out now, then its log line.
+                self.flush()
+                session.log_unsent()
                 if not await self.wait_input(session.HOLD_SECONDS):
                     session.hand_over()
                 return True

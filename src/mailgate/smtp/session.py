@@ -162,9 +162,12 @@ class Session:
         self.tx: Transaction | None = None
         # The session's filters ([[milter]]), set at the connect stage; None without any.
         self.milter: MilterChain | None = None
-        # Committed and answered, not yet logged or handed to its first attempt: that waits
-        # until the reply after the 250 is out (``hand_over``), see data_end.
-        self.unsent: tuple[QueuedMessage, str | None] | None = None
+        # Committed and answered, not yet handed to its first attempt: that waits until the
+        # reply after the 250 is out (``hand_over``), see data_end. Its from= line is
+        # logged once the 250 is written (``log_unsent``), or at the hand-over.
+        self.unsent: QueuedMessage | None = None
+        self._unsent_msgid: str | None = None
+        self._unsent_logged = True
 
     # -- the connect stage ---------------------------------------------------------------------
     def greeting(self) -> Answer:
@@ -571,18 +574,23 @@ class Session:
         # connection loop says when: ``hand_over``), the attempt runs while the client
         # connects again, and another worker, idle, takes that connection.
         self.hand_over()
-        self.unsent = (queued, tx.msgid)
+        self.unsent, self._unsent_msgid, self._unsent_logged = queued, tx.msgid, False
         return accepted
 
     HOLD_SECONDS = 0.02  # at most this long between the 250 and the hand-over
 
+    def log_unsent(self) -> None:
+        """The 250 is written: the from= line of its message (once)."""
+        if self.unsent is not None and not self._unsent_logged:
+            self._unsent_logged = True
+            self._log_received(self.unsent, self._unsent_msgid)
+
     def hand_over(self) -> None:
-        """Log the message answered last and give it to its first attempt (see data_end)."""
-        unsent = self.unsent
-        if unsent is not None:
+        """Give the message answered last to its first attempt (see data_end)."""
+        queued = self.unsent
+        if queued is not None:
+            self.log_unsent()
             self.unsent = None
-            queued, msgid = unsent
-            self._log_received(queued, msgid)
             self.host.message_queued(queued)
 
     def _log_received(self, queued: QueuedMessage, msgid: str | None) -> None:
@@ -616,9 +624,8 @@ class Session:
         return self._fail_data(reply)
 
     def abandon(self) -> None:
-        """The connection is gone: a message being received was never acknowledged; one
-        acknowledged goes to its attempt now."""
-        self.hand_over()
+        """The connection is gone: a message being received was never acknowledged. (One
+        acknowledged and not handed over yet is the caller's to ``hand_over``.)"""
         if self.tx is not None and self.tx.msg is not None:
             self.tx.msg.discard()
         self.tx = None
