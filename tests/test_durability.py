@@ -7,6 +7,7 @@ requested and completed, and only then the ``250 … <qid>`` written to the clie
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mailgate.queue import fsync as fsync_impl
 from tests.support.dnsserver import DnsServer
 from tests.support.world import SENDER_DNS, World
 
@@ -78,9 +80,13 @@ def _flushed_before_reply(trace: list[str], qid: str) -> tuple[int, int, int]:
     return written, completed, reply
 
 
-@pytest.mark.parametrize("flusher", ["auto", "threads"])
+@pytest.mark.parametrize(
+    ("flusher", "idle_session"),
+    # "auto" with another session open: Linux AIO; alone: the fsync on the loop (InlineFsync).
+    [("auto", True), ("auto", False), ("threads", True)],
+)
 def test_every_250_follows_the_completed_flush_of_its_file(
-    tmp_path: Path, dns: DnsServer, flusher: str
+    tmp_path: Path, dns: DnsServer, flusher: str, idle_session: bool
 ) -> None:
     trace_file = tmp_path / "trace"
     world = World(
@@ -114,13 +120,15 @@ def test_every_250_follows_the_completed_flush_of_its_file(
             assert tracer.stderr is not None
             # strace says "Process N attached" (once per thread) when it has hold of them.
             assert b"attached" in tracer.stderr.readline()
-            for n in range(3):
-                with gw.smtp() as s:
-                    s.sendmail(
-                        "a@example.org",
-                        [f"user{n}@example.net"],
-                        f"Subject: durable {n}\r\n\r\nbody {n}\r\n",
-                    )
+            idle = gw.smtp() if idle_session else contextlib.nullcontext()
+            with idle:
+                for n in range(3):
+                    with gw.smtp() as s:
+                        s.sendmail(
+                            "a@example.org",
+                            [f"user{n}@example.net"],
+                            f"Subject: durable {n}\r\n\r\nbody {n}\r\n",
+                        )
         finally:
             tracer.send_signal(signal.SIGINT)  # detach; the daemon runs on
             tracer.wait(20)
@@ -132,3 +140,9 @@ def test_every_250_follows_the_completed_flush_of_its_file(
     for qid in qids:
         written, completed, reply = _flushed_before_reply(trace, qid)
         assert written < completed < reply, (qid, written, completed, reply)
+    if flusher == "auto" and fsync_impl.linux_aio is not None:
+        # Through the kernel while another session is open; alone, on the loop (at least the
+        # first: a slow one, as under strace, sends the next ones to the kernel).
+        aio = any("IOCB_CMD_FSYNC" in line for line in trace)
+        inline = any(re.search(r"\bfsync\(\d+<[^>]*/incoming/", line) for line in trace)
+        assert (aio, inline) == (True, False) if idle_session else inline

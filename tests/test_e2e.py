@@ -103,6 +103,24 @@ def test_routed_domain_goes_to_its_mailertable_hop(
     wait_until(lambda: gateway.queued() == [], "the delivered message to leave the queue")
 
 
+def test_a_message_is_delivered_while_its_session_stays_open(
+    gateway: GatewayProcess, hop1: SinkServer
+) -> None:
+    """The first attempt waits for the client's next command (smtp/session.py, data_end),
+    but not for long: a client that says nothing more after the 250 still has its message
+    delivered, and the from= line comes before the to= line."""
+    with gateway.smtp(OUTSIDE) as s:
+        s.ehlo()
+        s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("first"))
+        [first] = hop1.wait_for(1, timeout=10)  # no QUIT, no further command
+        assert b"Subject: first" in first.data
+        s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("second"))
+        assert len(hop1.wait_for(2, timeout=10)) == 2
+        assert s.noop()[0] == 250
+    log = gateway.wait_log("stat=Sent")
+    assert log.index("from=<alice@example.org>") < log.index("to=<bob@targetdomain1.com>")
+
+
 def test_foreign_domain_refused_from_outside(gateway: GatewayProcess, hop1: SinkServer) -> None:
     with gateway.smtp(OUTSIDE) as s:
         s.ehlo()

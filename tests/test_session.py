@@ -773,6 +773,36 @@ def test_idle_timeout(gw_big: GatewayProcess) -> None:
         assert c.wait_closed() == b""
 
 
+def test_each_command_restarts_the_command_timeout(gw_big: GatewayProcess) -> None:
+    """Commands answered as they arrive (server.py's _pump, without the connection's task)
+    still move the timeout: a command every 0.6 s of a 1 s timeout is never cut off, and
+    the timeout runs from the last one."""
+    with session(gw_big) as c:
+        for _ in range(4):
+            time.sleep(0.6)
+            assert c.cmd("NOOP").code == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        started = time.monotonic()
+        r = c.read_reply()
+        waited = time.monotonic() - started
+        assert (r.code, r.enhanced) == (421, "4.4.2")
+        assert 0.8 <= waited <= 5, waited
+
+
+def test_content_lines_restart_the_data_timeout(gw_big: GatewayProcess) -> None:
+    """The same for content: each read restarts the 1 s DATA timeout, answered or not."""
+    with session(gw_big) as c:
+        start_data(c, [rcpt("slow-content")])
+        for n in range(4):
+            time.sleep(0.6)
+            c.send(f"Line {n}\r\n".encode())
+        started = time.monotonic()
+        r = c.read_reply()
+        waited = time.monotonic() - started
+        assert (r.code, r.enhanced) == (421, "4.4.2")
+        assert 0.8 <= waited <= 5, waited
+
+
 def test_stress_mode_shortens_timeouts_while_sessions_pile_up(
     make_gateway: GatewayFactory, world: World, hop1: SinkServer
 ) -> None:

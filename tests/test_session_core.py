@@ -36,6 +36,7 @@ class FakeHost:
         self.counted: list[int] = []  # metrics words
         self.flushed: list[tuple[str, bool]] = []
         self.committed: list[str] = []
+        self.quiet = False  # other sessions in the process: the commit's fsync goes to AIO
 
     def count(self, slot: int) -> None:
         self.counted.append(slot)
@@ -120,10 +121,28 @@ def test_a_plain_transaction(tmp_path: Path) -> None:
     session.data_chunk(b"Subject: hi\r\n\r\nbody\r\n")
     answer = asyncio.run(session.data_end(22))
     assert answer.reply.code == 250 and "Message accepted for delivery" in answer.reply.text
-    assert session.tx is None and len(host.committed) == 1
+    # Committed (durable) but not yet handed to its attempt: that waits for the next reply.
+    assert session.tx is None and host.committed == [] and session.unsent is not None
     dialogue(
         session, [("QUIT", "221 2.0.0 gateway.example.com closing connection", {"close": True})]
     )
+    session.hand_over()  # the connection loop's call once the 221 is out
+    assert len(host.committed) == 1 and session.unsent is None
+    session.hand_over()  # once only
+    assert len(host.committed) == 1
+
+
+def test_an_answered_message_is_handed_over_when_the_connection_ends(tmp_path: Path) -> None:
+    session, host = make_session(tmp_path, client=RELAY)
+    for line in ("EHLO relay.example.net", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.net>"):
+        assert say(session, line).reply.code == 250
+    assert say(session, "DATA").reply.code == 354
+    session.data_chunk(b"Subject: hi\r\n\r\nbody\r\n")
+    assert asyncio.run(session.data_end(22)).reply.code == 250
+    assert host.committed == []
+    session.abandon()  # the client went away without a QUIT
+    session.hand_over()  # as the connection loop does once the last replies are out
+    assert len(host.committed) == 1
 
 
 def test_sequence_errors_and_bad_commands(tmp_path: Path) -> None:
@@ -287,7 +306,8 @@ def test_verbs_that_say_no(tmp_path: Path, line: str, reply: str) -> None:
     dialogue(session, [(line, reply, {})])
 
 
-def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path) -> None:
+@pytest.mark.parametrize("parked", [False, True])
+def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path, parked: bool) -> None:
     """When a connection ends, its objects (the protocol, its session, task and buffers) go at
     once: the session holds the connection's flush, and a connection that kept its session
     made a reference cycle per connection, left for the garbage collector to find."""
@@ -316,6 +336,14 @@ def test_a_finished_connection_is_freed_by_reference_counting(tmp_path: Path) ->
         protocol = SmtpServerProtocol(gateway)
         transport = Transport(protocol)
         protocol.connection_made(transport)
+        # The greeting went out at once (a loopback client: nothing to look up).
+        [greeting] = transport.out
+        assert greeting.startswith(b"220 gateway.example.com ESMTP mailgate ready")
+        if parked:  # the task waits for input: the commands are answered in data_received
+            await asyncio.sleep(0)
+            assert protocol.parked
+            protocol.data_received(b"EHLO client.example.net\r\n")
+            assert b"pleased to meet you" in transport.out[-1] and protocol.parked
         protocol.data_received(b"EHLO client.example.net\r\nQUIT\r\n")
         assert protocol.task is not None
         await protocol.task

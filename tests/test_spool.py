@@ -109,6 +109,40 @@ def test_commit_seals_and_fsyncs_before_returning(
     spool.close()
 
 
+def test_an_inline_commit_fsyncs_the_sealed_file_on_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``inline``: the same one fsync of the sealed file before commit returns, made by
+    ``os.fsync`` on the loop's thread; the kernel's AIO is not asked."""
+    spool = Spool(tmp_path)
+    synced = _record_fsyncs(monkeypatch, "threads")  # records os.fsync
+    monkeypatch.setattr(spool, "fsync_for", lambda loop: pytest.fail("AIO asked"))
+    msg = spool.open_incoming(envelope(spool))
+    content = b"Subject: x\r\n\r\nbody\r\n"
+    msg.write(content)
+    queued = asyncio.run(spool.commit(msg, lock=True, inline=True))
+    [(path, data)] = synced
+    assert path == str(tmp_path / "incoming" / queued.qid)
+    assert read_seal(data.partition(b"\n")[0])[:2] == (zlib.crc32(content), len(content))
+    assert (tmp_path / "queue" / queued.qid).exists()
+    queued.close()
+    spool.close()
+
+
+def test_a_slow_inline_fsync_sends_the_next_commits_to_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    inline = fsync_impl.InlineFsync()
+    monkeypatch.setattr(os, "fsync", lambda fd: time.sleep(inline.SLOW * 2))
+    assert inline.usable()
+    inline.fsync(0)
+    assert not any(inline.usable() for _ in range(inline.BACKOFF))
+    assert inline.usable()  # then tried again
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    inline.fsync(0)
+    assert inline.usable()
+
+
 def test_a_spilled_message_is_sealed_in_place(tmp_path: Path) -> None:
     """A message bigger than the write buffer reached the disk before its end: its seal is
     written into the envelope line afterwards."""

@@ -361,6 +361,11 @@ class Gateway:
         self.sessions.add(session)
         self._check_stress()
 
+    @property
+    def quiet(self) -> bool:
+        """Only one session in this process (the one asking): see ``SessionHost.quiet``."""
+        return len(self.sessions) <= 1
+
     def session_ended(self, session: SmtpServerProtocol) -> None:
         if session in self.sessions:
             self.sessions.discard(session)
@@ -407,10 +412,14 @@ class Gateway:
     async def lookup_client(self, client: Client) -> Client:
         """The client with its PTR status (semantics §18.4), within the resolver's one
         timeout."""
-        if client.is_loopback:
-            return Client(client.ip, "OK", "localhost")
+        known = self.known_client(client)
+        if known is not None:
+            return known
         result = await self.resolver.ptr(client.ip)
         return Client(client.ip, result.status, result.name)
+
+    def known_client(self, client: Client) -> Client | None:
+        return Client(client.ip, "OK", "localhost") if client.is_loopback else None
 
     async def domain_resolves(self, domain: str) -> str:
         """Does the sender's domain resolve, within the resolver's one timeout."""

@@ -53,6 +53,8 @@ class _LocalHost:
     def message_queued(self, queued: QueuedMessage) -> None:
         return None
 
+    quiet = False  # never asked: the command commits the message itself
+
 
 @dataclass
 class LocalOutcome:

@@ -760,6 +760,7 @@ class Spool:
         self._fsync_choice = fsync
         self._fsync: fsync_impl.Fsync | None = None
         self._fsync_loop: asyncio.AbstractEventLoop | None = None
+        self._inline_fsync = fsync_impl.InlineFsync()
         self._pid = os.getpid() % 1_000_000
         self._last_second = 0
         self._seq = 0
@@ -997,11 +998,14 @@ class Spool:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return SpoolError(f"cannot commit message: {text}")
 
-    async def commit(self, msg: IncomingMessage, *, lock: bool = False) -> QueuedMessage:
+    async def commit(
+        self, msg: IncomingMessage, *, lock: bool = False, inline: bool = False
+    ) -> QueuedMessage:
         """Make ``msg`` durable and return it queued. Only after this returns may the 250 be
         sent.
 
-        Seal, fsync (off the loop), then link into queue/: a link, not a rename, so that an
+        Seal, fsync (off the loop; with ``inline``, on it while the disk is fast:
+        ``fsync.InlineFsync``), then link into queue/: a link, not a rename, so that an
         existing queue file of that name is never replaced, and the durable incoming/ name
         stays (see the module's docstring) until ``_forget_incoming``. With ``lock``, the
         ``QueuedMessage`` owns the open descriptor holding the delivery flock, for the first
@@ -1010,7 +1014,10 @@ class Spool:
         """
         try:
             fd = msg.seal(lock=lock)
-            await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
+            if inline and self._inline_fsync.usable():
+                self._inline_fsync.fsync(fd)
+            else:
+                await self.fsync_for(asyncio.get_running_loop()).fsync(fd)
             qid = msg.envelope.qid
             queue_path = f"{self._queue_dir}/{qid}"
             os.link(msg.name, queue_path)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ssl
 import time
+from collections.abc import Awaitable
 from typing import Protocol
 
 from mailgate import maillog, metrics, tls
@@ -26,14 +27,15 @@ from mailgate.smtp.limits import Admission, per_ip_refusal
 from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
     NEED_DATA,
-    PAUSED,
     BadCommand,
     Command,
     ConnectionClosed,
     DataChunk,
     DataEnd,
     DataFailed,
+    Event,
     ServerConnection,
+    Wait,
 )
 from mailgate.smtp.session import Answer, Session, SessionHost
 from mailgate.smtp.tls_stream import TlsStream
@@ -70,6 +72,10 @@ class ServerHost(SessionHost, Protocol):
     def admission(self) -> Admission: ...
 
     async def lookup_client(self, client: Client) -> Client: ...
+
+    def known_client(self, client: Client) -> Client | None:
+        """``lookup_client``'s answer if it needs no lookup (a loopback client), else None."""
+        ...
 
 
 def _connect_decision(client: Client, snap: Snapshot) -> ConnectDecision:
@@ -121,6 +127,14 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         # The daemon is stopping: said (then the connection closes) once no transaction is
         # open, so a message under way is finished first.
         self.closing_reply: Reply | None = None
+        # loop() waits for input, and _pump may answer what arrives (in data_received).
+        self.parked = False
+        self.waiting_since = self.connected_at  # when the last event was taken
+        # What _pump leaves to the task: the work it could not do without waiting, the end
+        # of the session, or an error (raised in the task, where run() reports it).
+        self.pending: Awaitable[None] | None = None
+        self.finished = False
+        self.failure: Exception | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -138,8 +152,9 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         )
         # Kept: asyncio.get_running_loop() costs a getpid() system call on each call.
         self.event_loop = loop = asyncio.get_running_loop()
-        self.task = loop.create_task(self.run())
         self.host.session_started(self)
+        # The greeting goes out from here when nothing before it must wait; else from run().
+        self.task = loop.create_task(self.run(self._greet_at_once()))
         if self.arrival.early:  # PROXY protocol: what the client sent behind the header
             self.data_received(self.arrival.early)
 
@@ -149,12 +164,15 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             self._tls_received(data)
         else:
             self.conn.receive_data(data)
+        wakeup = self.wakeup
+        if wakeup is not None and not wakeup.done():
+            if self.parked and not self.write_paused and self.session is not None:
+                self._pump(self.session)  # wakes the task only if it has work for it
+            else:
+                wakeup.set_result(None)  # _wake(), inline: once per received block
         if not self.paused and self.conn.pending_bytes > PAUSE_READING_AT and self.transport:
             self.paused = True
             self.transport.pause_reading()
-        wakeup = self.wakeup  # _wake(), inline: once per received block
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
 
     def eof_received(self) -> bool:
         if self.tls_stream is not None:
@@ -298,9 +316,11 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         return maillog.relay_name(self.client.ip, None)
 
     # -- the connection ------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, session: Session | None = None) -> None:
+        """The session, greeted already (``session``: ``_greet_at_once``) or not."""
         try:
-            session = await self.open()
+            if session is None:
+                session = await self.open()
             if session is not None:
                 await self.loop(session)
         except _Closing:
@@ -317,14 +337,17 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                 )
         finally:
             self.stop_timer()
-            if self.session is not None:
-                self.session.abandon()
+            ended = self.session
+            if ended is not None:
+                ended.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
                 # would end as a reference cycle (with its task, transport and buffers) that
                 # only the garbage collector frees.
                 self.session = None
             with contextlib.suppress(ssl.SSLError):
                 self.flush()
+            if ended is not None:
+                ended.hand_over()  # the last replies (a 221) are out: the message's attempt
             self._close_transport()
 
     async def open(self) -> Session | None:
@@ -340,21 +363,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             return None
         self.client = client = await self.host.lookup_client(self.client)
         decision = _connect_decision(client, self.snap)
-        self.session = session = Session(
-            self.host, self.snap, client, decision, before_wait=self.flush
-        )
-        if decision.refusal is not None:
-            self.host.count(metrics.connection("access_refused"))
-            self.host.count(metrics.rejection("access"))
-            name = client.verified_name
-            maillog.reject(
-                None,
-                "check_relay",
-                f"{name or ''} {client.ip}".strip(),
-                session.relay_text,
-                str(decision.refusal),
-            )
-        elif self.snap.config.milter and self.transport is not None:
+        session = self._start_session(client, decision)
+        if decision.refusal is None and self.snap.config.milter and self.transport is not None:
             # The filters hear of the client after our own Connect: check (milter/chain.py).
             bye = await milter_chain.attach(session, self.transport, self.arrival.client)
             if bye is not None:
@@ -381,97 +391,226 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         self.send(session.greeting().reply)
         return session
 
+    def _start_session(self, client: Client, decision: ConnectDecision) -> Session:
+        self.session = session = Session(
+            self.host, self.snap, client, decision, before_wait=self.flush
+        )
+        if decision.refusal is not None:
+            self.host.count(metrics.connection("access_refused"))
+            self.host.count(metrics.rejection("access"))
+            name = client.verified_name
+            maillog.reject(
+                None,
+                "check_relay",
+                f"{name or ''} {client.ip}".strip(),
+                session.relay_text,
+                str(decision.refusal),
+            )
+        return session
+
+    def _greet_at_once(self) -> Session | None:
+        """``open`` without a task step, when no part of the connect stage must wait: the
+        client's PTR needs no lookup, no greet pause, no filters to tell, not stopping.
+        None: ``open`` does it all."""
+        if self.closing_reply is not None or not self.admitted or self.snap.config.milter:
+            return None
+        client = self.host.known_client(self.client)
+        if client is None:
+            return None
+        decision = _connect_decision(client, self.snap)
+        if decision.greet_pause > 0:
+            return None
+        self.client = client
+        session = self._start_session(client, decision)
+        if decision.refusal is None:
+            self.host.count(_GREETED)
+        self.send(session.greeting().reply)
+        self.flush()
+        return session
+
     def _talked_first(self) -> bool:
         """Input, an EOF or a hang-up before the greeting: pre-greeting traffic."""
         return bool(self.conn.pending_bytes or self.conn.peer_closed or self.closed)
 
     async def loop(self, session: Session) -> None:
-        cfg = self.snap.config
+        """Events to answers, in order. Most are answered without this task: while it waits
+        for input, ``data_received`` takes what needs no waiting itself (``_pump``); the
+        rest, and every wait, are here."""
         conn = self.conn
-        waiting_since = self.last_input = time.monotonic()
+        self.waiting_since = self.last_input = time.monotonic()
         while True:
-            event = conn.next_event()
-            if event is NEED_DATA:
-                # _closing_now(), inline (as below): asked at every wait and every command.
-                if (bye := self.closing_reply) is not None and session.tx is None:
-                    self.send(bye)
-                    return
-                # A command must arrive whole within command_timeout (a client trickling a
-                # byte at a time does not keep the session); DATA content is timed per read.
-                # Both are measured from a fixed start, so a wake-up (stress mode began, a
-                # byte arrived) shortens the wait instead of restarting it.
-                command_timeout, data_timeout = self.host.timeouts
-                tx = session.tx
-                in_data = tx is not None and tx.msg is not None
-                if in_data:
-                    # Under stress, as Postfix's smtpd_per_record_deadline: a content line
-                    # must be complete within the timeout, so a byte a second does not hold
-                    # DATA open.
-                    since = self.last_line if self.host.stressed else self.last_input
-                    timeout = data_timeout - (time.monotonic() - since)
-                else:
-                    timeout = command_timeout - (time.monotonic() - waiting_since)
-                if timeout <= 0 or not await self.wait_input(timeout):
-                    maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
-                    self.host.count(metrics.event("timeout"))
-                    self.send(
-                        Reply(
-                            421,
-                            "4.4.2",
-                            f"{cfg.hostname} Lost input channel: timeout; closing connection",
-                        )
-                    )
-                    return
-                continue
-            if event is PAUSED:
-                return  # the protocol is done with this connection
-            waiting_since = time.monotonic()
-            if isinstance(event, DataChunk):
-                if 10 in event.data:  # an int needle: no buffer protocol
-                    self.last_line = waiting_since
-                session.data_chunk(event.data)
-            elif isinstance(event, Command):
-                verb = event.verb
-                if (
-                    (bye := self.closing_reply) is not None
-                    and session.tx is None
-                    and verb != "QUIT"
-                ):
-                    self.send(bye)
-                    return
-                answer = await session.command(
-                    event, pipelined=conn.pending_bytes if verb == "DATA" else 0
-                )
-                if answer.reply.code == 354:
-                    self.last_line = time.monotonic()
-                if answer.rcpt or answer.bad or answer.close or answer.starttls:
-                    await self.answer(answer)
-                else:
-                    # Nothing comes with it (answer() would only send it): no coroutine.
-                    self.send(answer.reply)
-            elif isinstance(event, DataEnd):
-                await self.answer(await session.data_end(event.size))
-            elif isinstance(event, DataFailed):
-                await self.answer(session.data_failed(event.reply))
-            elif isinstance(event, BadCommand):
-                if event.fatal:
-                    self.refuse_framing(event.reply)
-                await self.answer(Answer(event.reply, bad=True))
-            elif isinstance(event, ConnectionClosed):
-                if self.tls_error is not None:
-                    maillog.tls_read_failed(self.relay_text, self.tls_error)
-                session.connection_closed()
+            if (failure := self.failure) is not None:
+                self.failure = None
+                raise failure
+            if self.finished:
                 return
-            if self.out_size >= FLUSH_AT:
-                self.flush()
-            if self.write_paused and not await self.wait_writable(cfg.smtp.command_timeout):
+            work = self.pending
+            if work is not None:
+                self.pending = None
+            else:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    if not await self._wait_for_input(session):
+                        return
+                    continue
+                work = self._handle(event, session)
+            if work is not None:
+                await work
+            if self.write_paused and not await self.wait_writable(
+                self.snap.config.smtp.command_timeout
+            ):
                 maillog.write_timeout(self.relay_text)
                 self.host.count(metrics.event("timeout"))
                 return
 
-    async def answer(self, answer: Answer) -> None:
+    def _input_timeout(self, session: Session) -> float:
+        """Seconds left for the input awaited now. A command must arrive whole within
+        command_timeout (a client trickling a byte at a time does not keep the session); DATA
+        content is timed per read. Both are measured from a fixed start, so a wake-up (stress
+        mode began, a byte arrived) shortens the wait instead of restarting it."""
+        command_timeout, data_timeout = self.host.timeouts
+        tx = session.tx
+        if tx is not None and tx.msg is not None:
+            # Under stress, as Postfix's smtpd_per_record_deadline: a content line must be
+            # complete within the timeout, so a byte a second does not hold DATA open.
+            since = self.last_line if self.host.stressed else self.last_input
+            return data_timeout - (time.monotonic() - since)
+        return command_timeout - (time.monotonic() - self.waiting_since)
+
+    async def _wait_for_input(self, session: Session) -> bool:
+        """Wait until there is input (or work from ``_pump``); False: the session ends."""
+        # _closing_now(), inline: asked at every wait.
+        if (bye := self.closing_reply) is not None and session.tx is None:
+            self.send(bye)
+            return False
+        timeout = self._input_timeout(session)
+        self.parked = True
+        try:
+            if session.unsent is not None and timeout > session.HOLD_SECONDS:
+                # A message waits for the client's next command to be handed over: not
+                # longer than this (Session.data_end). Its 250 goes out now, then its log line.
+                self.flush()
+                session.log_unsent()
+                if not await self.wait_input(session.HOLD_SECONDS):
+                    session.hand_over()
+                return True
+            if timeout > 0 and await self.wait_input(timeout):
+                return True
+        finally:
+            self.parked = False
+        # Timed out. (A deadline _pump moved later is the one the timer waits for: see
+        # smtp/deadline.py.)
+        tx = session.tx
+        in_data = tx is not None and tx.msg is not None
+        maillog.input_timeout(self.relay_text, "DATA" if in_data else "command")
+        self.host.count(metrics.event("timeout"))
+        self.send(
+            Reply(
+                421,
+                "4.4.2",
+                f"{self.snap.config.hostname} Lost input channel: timeout; closing connection",
+            )
+        )
+        return False
+
+    def _pump(self, session: Session) -> None:
+        """In ``data_received``, while ``loop`` waits for input: the events answered without
+        waiting (every command but a MAIL whose sender domain is looked up, content, most
+        refusals) are answered here, a hop through the loop's task fewer each. The first that
+        needs waiting (the end of DATA, a throttle, STARTTLS) or ends the session goes to the
+        task, which then takes over where this stopped."""
+        conn = self.conn
+        try:
+            while not self.write_paused:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    break
+                work = self._handle(event, session)
+                if work is not None:
+                    self.pending = work
+                    break
+                if self.finished:
+                    break
+                if self.out_size >= FLUSH_AT:
+                    self.flush()
+        except _Closing:
+            self.finished = True
+        except Exception as exc:  # raised again in the task: run() reports it
+            self.failure = exc
+        self.flush()
+        if (
+            self.pending is not None
+            or self.finished
+            or self.failure is not None
+            or self.write_paused
+            or self.closing_reply is not None
+        ):
+            self._wake()
+            return
+        timeout = self._input_timeout(session)
+        if session.unsent is not None:
+            timeout = min(timeout, session.HOLD_SECONDS)
+        if timeout <= 0:
+            self._wake()
+        else:
+            self.arm(self.event_loop.time() + timeout)  # the wait in progress goes on
+
+    def _handle(self, event: Event | Wait, session: Session) -> Awaitable[None] | None:
+        """Answer one event; what must wait (or may raise ``_Closing``) comes back as a
+        coroutine for the task to await."""
+        self.waiting_since = now = time.monotonic()
+        held = session.unsent is not None  # answered a message: handed over after this reply
+        work: Awaitable[None] | None = None
+        if isinstance(event, DataChunk):
+            if 10 in event.data:  # an int needle: no buffer protocol
+                self.last_line = now
+            session.data_chunk(event.data)
+        elif isinstance(event, Command):
+            verb = event.verb
+            if (bye := self.closing_reply) is not None and session.tx is None and verb != "QUIT":
+                self.send(bye)
+                raise _Closing
+            got = session.answer_to(
+                event, pipelined=self.conn.pending_bytes if verb == "DATA" else 0
+            )
+            if isinstance(got, Answer):
+                if got.reply.code == 354:
+                    self.last_line = time.monotonic()
+                if got.rcpt or got.bad or got.close or got.starttls:
+                    work = self.answer(got)
+                else:
+                    self.send(got.reply)  # nothing comes with it (answer() would only send)
+            else:
+                work = self._answer_when(got)
+        elif isinstance(event, DataEnd):
+            return self._answer_when(session.data_end(event.size))
+        elif isinstance(event, DataFailed):
+            work = self.answer(session.data_failed(event.reply))
+        elif isinstance(event, BadCommand):
+            if event.fatal:
+                self.refuse_framing(event.reply)
+            work = self.answer(Answer(event.reply, bad=True))
+        elif isinstance(event, ConnectionClosed):
+            if self.tls_error is not None:
+                maillog.tls_read_failed(self.relay_text, self.tls_error)
+            session.connection_closed()
+            self.finished = True
+        else:  # PAUSED: the protocol is done with this connection
+            self.finished = True
+        if held:
+            self.flush()  # the reply after a 250: out first, then the message's attempt
+            session.hand_over()
+        return work
+
+    async def _answer_when(self, answer: Awaitable[Answer]) -> None:
+        work = self.answer(await answer)
+        if work is not None:
+            await work
+
+    def answer(self, answer: Answer) -> Awaitable[None] | None:
         """Write an answer, and do what comes with it: Sendmail's BadRcptThrottle and
-        MaxBadRcpts for recipients, the bad command count, the close, the TLS start."""
+        MaxBadRcpts for recipients, the bad command count, the close (``_Closing``), the TLS
+        start; the throttle's pause and the TLS handshake come back as a coroutine."""
         smtp = self.snap.config.smtp
         if answer.rcpt:
             throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
@@ -481,8 +620,18 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                     self.host.count(metrics.event("rcpt_throttled"))
                     maillog.rcpt_flood(self.relay_text)
             if throttled:
-                self.flush()
-                await asyncio.sleep(smtp.bad_rcpt_throttle_delay)
+                return self._throttled(answer)
+        return self._answer_now(answer)
+
+    async def _throttled(self, answer: Answer) -> None:
+        self.flush()
+        await asyncio.sleep(self.snap.config.smtp.bad_rcpt_throttle_delay)
+        work = self._answer_now(answer)
+        if work is not None:
+            await work
+
+    def _answer_now(self, answer: Answer) -> Awaitable[None] | None:
+        smtp = self.snap.config.smtp
         if answer.starttls:
             # Plaintext a client pipelined behind STARTTLS must not run inside TLS (RFC 3207
             # 4.2, CVE-2011-0411): dropped before the 220 goes out.
@@ -519,7 +668,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if answer.close:
             raise _Closing
         if answer.starttls:
-            await self._start_tls()
+            return self._start_tls()
+        return None
 
     def refuse_framing(self, reply: Reply) -> None:
         """A command line with a bare CR or LF: answered as Postfix does, logged, closed."""
