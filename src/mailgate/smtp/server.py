@@ -456,6 +456,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                 work = self._handle(event, session)
             if work is not None:
                 await work
+            if self.out_size >= FLUSH_AT:
+                self.flush()
             if self.write_paused and not await self.wait_writable(
                 self.snap.config.smtp.command_timeout
             ):
