@@ -151,6 +151,7 @@ class Listener:
         has_room: Callable[[], bool],
         settings: Callable[[], ListenerSettings] | None = None,
     ) -> None:
+        sock.setblocking(False)  # run() tries accept() before it waits
         self.sock = sock
         self.factory = protocol_factory
         self.limiter = RateLimiter(rate())
@@ -187,7 +188,13 @@ class Listener:
             while not self.has_room() or len(self.handshakes) >= MAX_HANDSHAKES:
                 await asyncio.sleep(0.05)
             try:
-                conn, addr = await loop.sock_accept(self.sock)
+                try:
+                    # A connection already queued is taken at once: the event loop's
+                    # sock_accept would watch the listening socket for it first (epoll_ctl
+                    # add and delete, an ioctl: five system calls a connection under load).
+                    conn, addr = self.sock.accept()
+                except BlockingIOError:
+                    conn, addr = await loop.sock_accept(self.sock)
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
