@@ -842,3 +842,20 @@ def test_what_a_crash_left_in_trash_is_delivered_mail_dropped_at_start(tmp_path:
     assert spool.recover_incoming() == 0
     assert _entries(tmp_path / "trash") == [] and _entries(tmp_path / "queue") == []
     spool.close()
+
+
+def test_a_cleaner_empties_trash_when_it_starts(tmp_path: Path) -> None:
+    """A worker the master forks in place of a dead one finds the dead one's delivered files
+    in trash/ (no start-up recovery runs then): its cleaner unlinks them, and still unlinks
+    what its own spool puts there afterwards."""
+    spool = Spool(tmp_path)
+    left = _deferred(spool)
+    os.rename(tmp_path / "queue" / left, tmp_path / "trash" / left)  # as the dead one's _drop
+    os.rename(tmp_path / "queue" / f"{left}.st", tmp_path / "trash" / f"{left}.st")
+    spool.start_cleaner()
+    qid = _deferred(spool)
+    msg = spool.claim(qid)
+    assert msg is not None
+    spool.finish(msg)
+    spool.close()
+    assert _entries(tmp_path / "trash") == [] and _entries(tmp_path / "queue") == []

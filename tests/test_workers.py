@@ -160,3 +160,25 @@ def test_connection_limits_count_the_whole_daemon(
     assert [c.read_reply().code for c in again] == [220, 220, 220]
     for c in again:
         c.close()
+
+
+def test_a_restarted_worker_frees_what_the_dead_one_left_in_trash(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
+    """A worker killed before its cleaner unlinked its delivered files leaves them in trash/;
+    no start-up recovery runs for a worker alone, so its replacement's cleaner frees them."""
+    sink = make_sink(HOP)
+    gw = make_gateway(world(sink.port))
+    assert gw.proc is not None
+    wait_until(lambda: gw.log().count("starting daemon") >= 2, "both workers to start")
+    send(gw, "before")
+    assert len(sink.wait_for(1, timeout=15)) == 1
+    left = [gw.spool / "trash" / name for name in ("0000000000dead", "0000000000dead.st")]
+    for p in left:  # as a killed worker leaves them: renamed out of queue/, not unlinked
+        p.write_bytes(b"delivered\r\n")
+    victim = children_of(gw.proc.pid)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: gw.log().count("starting daemon") >= 3, "the worker to be restarted", 15)
+    wait_until(lambda: not any(p.exists() for p in left), "trash/ to be emptied", 10)
+    send(gw, "after")
+    assert len(sink.wait_for(2, timeout=15)) == 2

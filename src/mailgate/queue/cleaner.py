@@ -11,7 +11,10 @@ What it holds is bounded: at most ``MAX`` names waiting (no descriptor: the loop
 file, which frees nothing while it has its ``trash/`` name); when they are that many, the
 spool unlinks on the loop as before, so a thread that falls behind slows the drain to the
 old pace instead of growing. A stop empties the backlog (``close``); what a crash leaves in
-``trash/`` is delivered mail, unlinked at the next start (``Spool.recover_incoming``).
+``trash/`` is delivered mail, unlinked at the next start (``Spool.recover_incoming``) or, when
+only a worker died and the master forks its replacement, by that worker's cleaner, which
+first empties ``trash/`` of what is there when it starts (the live workers' names among them:
+their own cleaners then find them gone, which is as good).
 """
 
 from __future__ import annotations
@@ -46,6 +49,10 @@ class Cleaner:
 
     def _run(self) -> None:
         get, folder = self._names.get, self.folder
+        with contextlib.suppress(OSError), os.scandir(folder) as found:
+            for entry in found:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
         while (name := get()) is not None:
             with contextlib.suppress(OSError):  # gone already: a start-up sweep, a test
                 os.unlink(f"{folder}/{name}")
