@@ -318,6 +318,10 @@ def test_local_domain_in_mailertable_stays_local(tmp_path: Path) -> None:
         # The IP entry decides before the PTR status is looked at.
         (Client("192.168.0.5", "TEMP"), True),
         (Client("192.168.0.5", "FORGED", "forged.example.net"), True),
+        # A PROXY LOCAL / UNKNOWN session: the proxy's own address grants nothing.
+        (Client("127.0.0.1", unidentified=True), False),
+        (Client("192.168.0.5", unidentified=True), False),
+        (Client("192.0.2.20", "OK", "trusted.example.com", unidentified=True), False),
     ],
 )
 def test_client_may_relay(tmp_path: Path, client: Client, relays: bool) -> None:

@@ -329,3 +329,29 @@ def test_the_per_ip_limit_counts_the_proxied_client(raw_gw: RawRig) -> None:
     finally:
         for c in held:
             c.close()
+
+
+V2_LOCAL = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"  # HAProxy's check-send-proxy
+
+
+@pytest.mark.parametrize(
+    "listener, header", [("v2", V2_LOCAL), ("v1", b"PROXY UNKNOWN\r\n")], ids=["LOCAL", "UNKNOWN"]
+)
+def test_a_connection_that_names_no_client_never_relays(
+    raw_gw: RawRig, listener: str, header: bytes
+) -> None:
+    """v2 LOCAL and v1 UNKNOWN are the proxy's own connection: served (a health check may
+    talk SMTP), but the proxy's address is no client's: a proxy on this host must not lend
+    such a session the local host's right to relay anywhere (nor its per-IP exemption)."""
+    port = raw_gw.v2 if listener == "v2" else raw_gw.v1
+    with raw(port, header) as c:
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO haproxy.test").code == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        reply = c.cmd("RCPT TO:<victim@example.net>")
+        assert (reply.code, reply.enhanced) == (550, "5.7.1"), reply
+        assert "Relaying denied" in reply.text
+        assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250  # a relayed domain is
+        assert c.cmd("QUIT").code == 221
+    line = raw_gw.wait_log("Relaying denied")
+    assert "victim@example.net" in line and "[127.0.0.1]" in line

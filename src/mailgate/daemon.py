@@ -419,6 +419,8 @@ class Gateway:
         return Client(client.ip, result.status, result.name)
 
     def known_client(self, client: Client) -> Client | None:
+        if client.unidentified:
+            return client  # the proxy's own address: its name would grant nothing
         return Client(client.ip, "OK", "localhost") if client.is_loopback else None
 
     async def domain_resolves(self, domain: str) -> str:

@@ -594,9 +594,12 @@ def proxy_timeout(peer: str, seconds: float) -> str:
 
 @_event
 def proxy_local(peer: str, version: int) -> str:
-    """v2 LOCAL or v1 UNKNOWN: the proxy's own connection (a health check), served as itself."""
+    """v2 LOCAL or v1 UNKNOWN: the proxy's own connection (a health check), served as itself,
+    with no client's rights (``policy.Client.unidentified``)."""
     name = "LOCAL" if version == 2 else "UNKNOWN"
-    return f"PROXY protocol: {name} connection from proxy [{peer}] (a health check)"
+    return (
+        f"PROXY protocol: {name} connection from proxy [{peer}] (a health check; it may not relay)"
+    )
 
 
 @_event

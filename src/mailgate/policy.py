@@ -28,6 +28,10 @@ class Client:
     ip: str
     ptr_status: PtrStatus = "FAIL"  # semantics: ${client_resolve}
     ptr_name: str | None = None
+    # A PROXY v2 LOCAL or v1 UNKNOWN connection: the proxy's own (``ip`` is the proxy's),
+    # its client unknown. It is served, as a health check must be, but its address is not a
+    # client's: it never relays, and is not the local host, even from a proxy on this host.
+    unidentified: bool = False
 
     @property
     def verified_name(self) -> str | None:
@@ -35,7 +39,7 @@ class Client:
 
     @property
     def is_loopback(self) -> bool:
-        return _is_localhost(self.ip)
+        return not self.unidentified and _is_localhost(self.ip)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -75,6 +79,8 @@ def in_class(domain: str, names: frozenset[str], exact: bool) -> bool:
 
 def client_may_relay(client: Client, tables: Tables, relay_hosts_only: bool) -> bool:
     """Semantics §3.3: IP RELAY, verified PTR name RELAY or in class R, or the local host."""
+    if client.unidentified:
+        return False
     if client.is_loopback:
         return True
     name = client.verified_name

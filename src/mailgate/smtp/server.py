@@ -144,7 +144,10 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         ip = peer[0]
         if ip.startswith("::ffff:") and "." in ip:
             ip = ip[7:]
-        self.client = Client(ip)
+        # A PROXY LOCAL / UNKNOWN header names no client: the peer is the proxy itself.
+        self.client = Client(
+            ip, unidentified=self.arrival.proxy is not None and not self.arrival.client
+        )
         self.connected_at = time.monotonic()
         # Counted from here only if let in (smtp/limits.py); open() answers a refused one.
         self.admitted = self.host.admission.admit(
