@@ -951,6 +951,21 @@ def test_smtputf8_addresses(gw: GatewayProcess, hop1: SinkServer) -> None:
     assert b" with UTF8SMTP id " in msg.data
 
 
+def test_a_utf8_address_needs_smtputf8(gw: GatewayProcess) -> None:
+    """RFC 6531 §3.4, as Postfix answers: a UTF-8 sender or recipient in a transaction that
+    did not declare SMTPUTF8 is refused; the same addresses with it are taken."""
+    refusal = b"553 5.6.7 Must declare SMTPUTF8 to send unicode address\r\n"
+    with session(gw) as c:
+        assert c.cmd("MAIL FROM:<jörg@example.org>").raw == refusal
+        assert c.cmd("MAIL FROM:<jörg@example.org> BODY=8BITMIME").raw == refusal
+        assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
+        assert c.cmd("RCPT TO:<zoë@targetdomain1.com>").raw == refusal
+        assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+        assert c.cmd("RSET").code == 250
+        assert c.cmd(f"MAIL FROM:<{SENDER}> SMTPUTF8").code == 250
+        assert c.cmd("RCPT TO:<zoë@targetdomain1.com>").code == 250
+
+
 def test_message_without_headers_keeps_its_body(gw: GatewayProcess, hop1: SinkServer) -> None:
     a = rcpt("no-headers")
     content = b"just a body line, no header section\r\nsecond line\r\n"

@@ -65,6 +65,9 @@ _ALLOWED_WHEN_REFUSED = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT"})
 _HELLO_REPLIES: dict[tuple[str, str, str | None, bool, bool, int], Reply] = {}
 _HELLO_REPLIES_KEPT = 4096
 _NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage; try again later")
+# RFC 6531 §3.4: a UTF-8 address only in a transaction that asked for SMTPUTF8 (Postfix's
+# words); else the next hop would get it without being asked whether it can take one.
+UNDECLARED_UTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")
 
 
 class SessionHost(Protocol):
@@ -287,6 +290,8 @@ class Session:
             if problem.code == 552:
                 self.host.count(metrics.rejection("size"))
             return Answer(problem)
+        if not raw.isascii() and "SMTPUTF8" not in params:
+            return Answer(UNDECLARED_UTF8)
         problem = self._storage_refusal(params.get("SIZE"))
         if problem is not None:
             return Answer(problem)
@@ -385,6 +390,8 @@ class Session:
             mailbox = normalize(raw, self.snap.routing.is_local)
         except AddressError as exc:
             return Answer(exc.reply, rcpt=True, refused=True)
+        if not tx.smtputf8 and not raw.isascii():
+            return Answer(UNDECLARED_UTF8, rcpt=True, refused=True)
         for key, value in params.items():
             check = dsn_params.RCPT_CHECKS.get(key)
             problem = (
