@@ -320,6 +320,37 @@ def test_serve_daemon_detaches_and_stop_status_find_it_by_its_pid_file(tmp_path:
             assert cli(gw, "reload").returncode == 7
 
 
+def test_stop_and_status_find_the_daemon_while_its_config_file_is_broken(
+    tmp_path: Path,
+) -> None:
+    """After an edit the daemon's reload refused, the file no longer loads, but the daemon
+    runs on: status (what an admin asks then) and stop find it by the file's pid_file."""
+    gw = gateway(tmp_path, free_port(HOP))
+    pid_file = tmp_path / "run" / "gw.pid"
+    gw.config.write_text(f'pid_file = "{pid_file}"\n' + gw.config.read_text())
+    with cleanup(gw):
+        assert cli(gw, "serve", "--daemon").returncode == 0
+        pid = int(pid_file.read_text())
+        good = gw.config.read_text()
+        gw.config.write_text(
+            good + '[[milter]]\nname = "m"\nsocket = "inet:1@127.0.0.1"\n'
+            'default_action = "tempfial"\n'
+        )
+        assert cli(gw, "reload").returncode == 1
+        status = cli(gw, "status")
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.startswith(f"mailgate: running (pid {pid}, up ")
+        (warning,) = status.stderr.splitlines()
+        assert warning.startswith(f"mailgate: warning: {gw.config}:")
+        assert "default_action" in warning and f"(pid file {pid_file})" in warning
+        stopped = cli(gw, "stop")
+        assert (stopped.returncode, stopped.stdout) == (0, f"mailgate: stopped (pid {pid})\n")
+        assert not pid_file.exists()
+        gw.config.write_text("pid_file = [\n")  # not even TOML: nothing to go by
+        broken = cli(gw, "status")
+        assert broken.returncode == 2 and broken.stderr.startswith(f"mailgate: {gw.config}:")
+
+
 def test_a_stale_pid_file_is_reported_then_taken_over(tmp_path: Path) -> None:
     gw = gateway(tmp_path, free_port(HOP))
     pid_file = gw.spool / "mailgate.pid"

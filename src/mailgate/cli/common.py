@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
+import os
 import sys
+import tomllib
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from mailgate import maillog
-from mailgate.config import Config, ConfigError, LogSettings, load_config
+from mailgate.config import Config, ConfigError, LogSettings, load_config, parse_config
 from mailgate.snapshot import Snapshot, load_snapshot
 from mailgate.tables.maps import TableError
 
@@ -33,6 +37,55 @@ def config_or_exit(path: str | None) -> Config:
     except ConfigError as exc:
         print(f"mailgate: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+# What `stop` and `status` need of a config to find the daemon and wait for it.
+_DAEMON_KEYS = ("pid_file", "spool_dir", "stop_grace")
+
+
+def daemon_config_or_exit(path: str | None) -> Config:
+    """``config_or_exit`` for the commands that find the running daemon (``stop``,
+    ``status``): when the file on disk no longer passes its check (an edit the daemon's
+    reload refused, which is when an admin asks for the status), the daemon still runs on
+    its old config and must still be found and stoppable: the file's ``pid_file``,
+    ``spool_dir`` and ``stop_grace`` alone locate it, with a warning naming the error."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        error = exc
+    cfg = _daemon_keys_only(path)
+    if cfg is None:
+        print(f"mailgate: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(
+        f"mailgate: warning: {error}; the daemon is looked for by the file's "
+        f"{', '.join(_DAEMON_KEYS)} alone (pid file {cfg.pid_file})",
+        file=sys.stderr,
+    )
+    return cfg
+
+
+def _daemon_keys_only(path: str | None) -> Config | None:
+    """The config with only the file's ``_DAEMON_KEYS`` (and the environment's); None when
+    even those do not load (the TOML itself broken, or one of them wrong)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser().absolute()
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    lines = []
+    for key in _DAEMON_KEYS:
+        value = doc.get(key)
+        if isinstance(value, str):
+            lines.append(f"{key} = {json.dumps(value)}\n")  # a JSON string is a TOML one
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            lines.append(f"{key} = {value}\n")
+    try:
+        return parse_config("".join(lines), p, p.parent, os.environ)
+    except ConfigError:
+        return None
 
 
 def open_log(hostname: str, log: maillog.LogOptions) -> bool:

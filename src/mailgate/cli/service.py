@@ -13,6 +13,7 @@ from mailgate.cli.common import (
     checked_snapshot,
     command_log,
     config_or_exit,
+    daemon_config_or_exit,
     lost_when_detached,
     open_log,
     report_outcome,
@@ -84,7 +85,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from mailgate import control
 
-    cfg = config_or_exit(args.config)
+    cfg = daemon_config_or_exit(args.config)
     timeout = args.timeout if args.timeout is not None else cfg.stop_grace + STOP_MARGIN
     return report_outcome(control.stop(cfg, timeout))
 
@@ -156,4 +157,4 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from mailgate import control
 
-    return report_outcome(control.status(config_or_exit(args.config)))
+    return report_outcome(control.status(daemon_config_or_exit(args.config)))
