@@ -159,6 +159,11 @@ async def attach(
     maillog.milter_connect_refused(host, client.ip, what)
     session.host.count(metrics.rejection("milter"))
     session.connect = replace(session.connect, refusal=effect.reply)
+    # As Sendmail after a connect-stage refusal (it stops milterizing the session): the
+    # filters are done with it, and HELO is ours to answer (a failed filter's default action
+    # was taken again at HELO, refusing EHLO; MAIL, RCPT and DATA get the refusal).
+    chain.close(keep=False)
+    session.milter = None
     return None
 
 
