@@ -171,6 +171,9 @@ def test_percent_hack_unqualified_uses_is_local() -> None:
         ("u@-a.example", "553 5.1.2 <u@-a.example>... Invalid host name"),
         ("u@[300.1.1.1]", "553 5.1.2 <u@[300.1.1.1]>... Invalid host name"),
         ("u@[IPv6:zz::1]", "553 5.1.2 <u@[IPv6:zz::1]>... Invalid host name"),
+        # A scope id is no part of RFC 5321's IPv6-addr (ipaddress takes one).
+        ("u@[IPv6:fe80::1%lo]", "553 5.1.2 <u@[IPv6:fe80::1%lo]>... Invalid host name"),
+        ("u@[IPv6:::1%25lo]", "553 5.1.2 <u@[IPv6:::1%25lo]>... Invalid host name"),
         ("a b@x.example", "553 5.1.3 <a b@x.example>... Invalid local part"),
         ("a,b@x.example", "553 5.1.3 <a,b@x.example>... Invalid local part"),
         ("a@b@x.example", "553 5.1.3 <a@b@x.example>... Invalid route address"),

@@ -513,6 +513,15 @@ BAD_LISTENERS = [
     ),
     pytest.param(
         '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v2"\n'
+        'proxy_trusted = ["10.0.0.2", "0.0.0.0/1", "128.0.0.0/1"]\n',
+        4,
+        "listener[1].proxy_trusted: '10.0.0.2/32', '0.0.0.0/1', '128.0.0.0/1' together trust "
+        "every address (0.0.0.0/0): anyone could claim to be any client; list the load "
+        "balancers' addresses",
+        id="trusted-everyone-in-halves",
+    ),
+    pytest.param(
+        '[[listener]]\naddress = "127.0.0.1:2527"\nproxy_protocol = "v2"\n'
         'proxy_trusted = ["10.0.0.1/24"]\n',
         4,
         "listener[1].proxy_trusted: '10.0.0.1/24' has host bits set: did you mean 10.0.0.0/24?",

@@ -314,6 +314,8 @@ def _valid_local(local: str) -> bool:
 def _literal(inner: str) -> str | None:
     """Canonical form of an address literal's inside, or None if invalid."""
     if inner[:5].lower() == "ipv6:":
+        if "%" in inner:
+            return None  # a scope id ("fe80::1%eth0"), which ipaddress takes: not RFC 5321's
         try:
             return "ipv6:" + str(ipaddress.IPv6Address(inner[5:]))
         except ValueError:

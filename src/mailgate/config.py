@@ -282,6 +282,22 @@ def _network(value: object) -> Network:
     return net
 
 
+def _trusted_networks(value: object) -> tuple[Network, ...]:
+    """``proxy_trusted``: networks none of which, nor all of them together, is every address
+    (``["0.0.0.0/1", "128.0.0.0/1"]`` is a ``/0`` too)."""
+    nets = _str_list(_network)(value)
+    for version in (4, 6):
+        same = [n for n in nets if n.version == version]
+        whole = [n for n in ipaddress.collapse_addresses(same) if n.prefixlen == 0]  # type: ignore[type-var]
+        if whole:
+            raise ValueError(
+                f"{', '.join(repr(str(n)) for n in same)} together trust every address "
+                f"({whole[0]}): anyone could claim to be any client; list the load balancers' "
+                "addresses"
+            )
+    return nets
+
+
 def _listen_or_off(value: object) -> tuple[str, int] | None:
     return None if value == "" else parse_listen(value)
 
@@ -635,7 +651,7 @@ class ListenerSettings:
         shown="none (no PROXY header)",
     )
     proxy_trusted: tuple[Network, ...] = setting(
-        _str_list(_network),
+        _trusted_networks,
         [],
         "the proxies' addresses or CIDR networks; required with `proxy_protocol`",
     )
