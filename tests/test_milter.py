@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import smtplib
 import subprocess
 from collections.abc import Iterator
@@ -503,6 +504,7 @@ def test_every_change_before_the_250(
             km.AddHeader("X-Report", b"line one;\n\tline two"),
             km.ChangeHeader(1, "Subject", b"[filtered] changes"),
             km.ChangeHeader(1, "X-Drop", b""),
+            km.ChangeHeader(3, "X-Report", b"a third"),  # there is one: added, as Sendmail
             km.ChangeSender("<bounces@example.org>"),
             km.AddRecipientPar("<carol@targetdomain1.com>", "NOTIFY=NEVER"),
             km.RemoveRecipient("<bob@targetdomain1.com>"),
@@ -518,12 +520,14 @@ def test_every_change_before_the_250(
     head, _, body = msg.data.partition(b"\r\n\r\n")
     assert head.startswith(b"X-Top: inserted at the top\r\nReceived: from client.example.net")
     assert b"\r\nX-Report: line one;\r\n\tline two" in head and b"X-Drop" not in head
+    assert head.endswith(b"\r\nX-Report: a third")
     assert body == b"A new body\r\nwith bare LF\r\nin two chunks.\r\n"
     log = gw.log()
     for line in (
         f"{got.qid}: Milter insert (0): header: X-Top: inserted at the top",
         f"{got.qid}: Milter change: header Subject: from changes to [filtered] changes",
         f"{got.qid}: Milter delete: header X-Drop: me",
+        f"{got.qid}: Milter change (add): header: X-Report: a third",
         f"{got.qid}: Milter chgfrom: <bounces@example.org>",
         f"{got.qid}: Milter add: rcpt: <carol@targetdomain1.com>",
         f"{got.qid}: Milter delete: rcpt <bob@targetdomain1.com>",
@@ -723,9 +727,11 @@ def test_a_filter_that_dies_mid_body(
     big = message("dies", size=200_000)
     got = send(gw, big, port=ports["tempfail"])
     assert got.data == (451, "4.7.1 Service unavailable - try again later")
-    gw.wait_log(
-        "Milter (dying-tempfail): connection closed by filter, where=body, default_action=tempfail"
-    )
+    failed = "Milter (dying-tempfail): connection closed by filter, where=body, default_action="
+    gw.wait_log(failed)
+    # In a transaction, with its queue id (as Sendmail's e_id), as the message's other lines.
+    (line,) = gw.log_lines(failed)
+    assert re.search(r"mailgate\[\d+\]: \w{14}: Milter \(dying-tempfail\)", line), line
     assert send(gw, big, port=ports["reject"]).data == (550, "5.5.0 Service unavailable")
     accepted = send(gw, message("dies but accepted", size=200_000), port=ports["accept"])
     assert accepted.accepted

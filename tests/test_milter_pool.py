@@ -5,13 +5,15 @@ test_milter_peers.py)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 
 import pytest
+import uvloop
 
 from mailgate.config import MilterSettings, parse_milter_socket
 from mailgate.milter import codec, pool
-from mailgate.milter.client import FilterClient
+from mailgate.milter.client import FilterClient, MilterFailure
 from mailgate.milter.session import Stage
 from tests.support.milter import TestMilter
 from tests.support.wait import wait_until, wait_until_async
@@ -84,3 +86,23 @@ def test_not_kept_without_the_setting_or_inside_a_transaction(filt: TestMilter) 
     wait_until(lambda: len(filt.connections) == 2 and names(filt, 1)[-1:] == ["Close"], "QUITs")
     assert names(filt, 0) == ["Negotiate", "Connect", "Close"]
     assert names(filt, 1) == ["Negotiate", "Connect", "EnvelopeFrom", "Close"]
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_refused_connection_reads_the_same_on_either_loop(loop: str) -> None:
+    """The daemon runs on uvloop, the sendmail command on asyncio's own loop, whose error
+    text is "Connect call failed (…)": the failure line says the system's words on both."""
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        settings = MilterSettings(name="down", socket=parse_milter_socket(f"inet:{port}@127.0.0.1"))
+
+        async def run() -> MilterFailure:
+            with pytest.raises(MilterFailure) as failed:
+                await FilterClient(settings).open()
+            return failed.value
+
+        runner = uvloop.run if loop == "uvloop" else asyncio.run
+        failure = runner(run())
+    assert failure.problem == "error connecting to filter: Connection refused"
+    assert (failure.stage, failure.reason) == (Stage.CONNECT, "connect")

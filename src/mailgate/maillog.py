@@ -638,9 +638,10 @@ def milter_quarantine(qid: str, name: str, reason: str) -> str:
 
 
 @_event
-def milter_failed(name: str, problem: str, stage: str, action: str) -> str:
-    """A filter is down, slow or wrong: its default action applies from ``stage`` on."""
-    return f"Milter ({name}): {problem}, where={stage}, default_action={action}"
+def milter_failed(qid: str | None, name: str, problem: str, stage: str, action: str) -> str:
+    """A filter is down, slow or wrong: its default action applies from ``stage`` on (with
+    the queue id once a transaction has one, as Sendmail's)."""
+    return _prefixed(qid, f"Milter ({name}): {problem}, where={stage}, default_action={action}")
 
 
 @_event

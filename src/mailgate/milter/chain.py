@@ -582,7 +582,7 @@ class MilterChain:
         """``f`` cannot be used any more: its default action, from this stage on."""
         f.client.close()
         action = f.settings.default_action
-        maillog.milter_failed(f.name, failure.problem, failure.stage, action)
+        maillog.milter_failed(qid, f.name, failure.problem, failure.stage, action)
         maillog.milter_verdict(qid, f.name, failure.stage, "failed")
         f.counts.verdict(failure.stage, "failed")
         f.counts.failure(failure.reason)

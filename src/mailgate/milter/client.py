@@ -20,6 +20,7 @@ deadline has passed (a wait sets the deadline; it does not make a timer, as
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from typing import Literal, cast
 
@@ -167,8 +168,11 @@ class FilterClient(asyncio.Protocol):
         except TimeoutError:
             raise MilterFailure(Stage.CONNECT, "timeout connecting to filter", "connect") from None
         except OSError as exc:
+            # By errno: asyncio's own loop (the sendmail command's) words its strerror
+            # "Connect call failed (…)" where uvloop's is the system's "Connection refused".
+            why = os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
             raise MilterFailure(
-                Stage.CONNECT, f"error connecting to filter: {exc.strerror or exc}", "connect"
+                Stage.CONNECT, f"error connecting to filter: {why}", "connect"
             ) from None
         if self._write(self.session.negotiate(), Stage.NEGOTIATE):
             await self._drain(Stage.NEGOTIATE)
