@@ -23,6 +23,7 @@ from tests.support.milter import QuitNewConnection, TestMilter
 from tests.support.scrape import scrape, value
 from tests.support.sink import SinkServer
 from tests.support.world import (
+    HOP1,
     HOSTNAME,
     OUTSIDE,
     SENDER_DNS,
@@ -310,7 +311,12 @@ def test_rejected_recipients_go_to_filters_that_ask_for_them(
         "{rcpt_host}": "5.7.1",
         "{rcpt_mailer}": "error",
     }
-    assert accepted.macros["{rcpt_mailer}"] == "esmtp"
+    # The delivery agent and next hop the recipient resolves to, as Sendmail's: here the
+    # mailertable's smtp:[127.0.0.5] (with our port), not the domain and "esmtp".
+    assert (accepted.macros["{rcpt_mailer}"], accepted.macros["{rcpt_host}"]) == (
+        "smtp",
+        f"[{HOP1}]:{hop1.port}",
+    )
     # The refusal's maillog line has the transaction's queue id, as Sendmail's.
     assert gw.log_lines(f"{got.qid}: ruleset=check_rcpt, arg1=<nobody@elsewhere.example>")
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 from mailgate import __version__, maillog, metrics
-from mailgate.address import AddressError, parse_path_arg
+from mailgate.address import AddressError, Mailbox, parse_path_arg
 from mailgate.config import MilterSettings
 from mailgate.milter import codec, pool
 from mailgate.milter.client import FilterClient, MilterFailure
@@ -48,6 +48,7 @@ from mailgate.milter.message import EditError, MessageEdit
 from mailgate.milter.session import NOTHING, FilterSession, Outgoing, Stage, smtp_reply
 from mailgate.queue.spool import QueuedMessage, Recipient
 from mailgate.reply import Reply
+from mailgate.routing import resolve
 from mailgate.smtp.protocol import Command
 from mailgate.smtp.session import Answer
 
@@ -270,14 +271,9 @@ class MilterChain:
         tx = session.tx
         if tx is None or not answer.reply.is_positive:
             return answer
-        mailbox = tx.sender_mailbox
+        mailer, host = self._route(tx.sender_mailbox)
         self.macros.update(
-            {
-                "{mail_addr}": tx.sender,
-                "{mail_host}": mailbox.domain,
-                "{mail_mailer}": self._mailer(mailbox.domain),
-                "i": tx.qid,
-            }
+            {"{mail_addr}": tx.sender, "{mail_host}": host, "{mail_mailer}": mailer, "i": tx.qid}
         )
         args = [f"<{tx.sender}>", *(k if v is None else f"{k}={v}" for k, v in tx.params.items())]
         effect = await self._event(Stage.MAIL, tx.qid, lambda s: s.mail(self.macros, args))
@@ -297,13 +293,9 @@ class MilterChain:
         if tx is None or not answer.reply.is_positive or answer.refused:
             return answer
         rcpt = tx.recipients[-1]
-        mailbox = rcpt.mailbox
+        mailer, host = self._route(rcpt.mailbox)
         self.macros.update(
-            {
-                "{rcpt_addr}": rcpt.address,
-                "{rcpt_host}": mailbox.domain,
-                "{rcpt_mailer}": self._mailer(mailbox.domain),
-            }
+            {"{rcpt_addr}": rcpt.address, "{rcpt_host}": host, "{rcpt_mailer}": mailer}
         )
         args = [f"<{rcpt.address}>", *_rcpt_params(rcpt)]
         effect = await self._event(Stage.RCPT, tx.qid, lambda s: s.rcpt(self.macros, args))
@@ -369,8 +361,24 @@ class MilterChain:
         self.abort()
         return self._answer(effect)
 
-    def _mailer(self, domain: str) -> str:
-        return "local" if not domain or self.smtp.snap.routing.is_local(domain) else "esmtp"
+    def _route(self, mailbox: Mailbox) -> tuple[str, str]:
+        """(mailer, host) of an address, as Sendmail's ``{rcpt_mailer}`` / ``{rcpt_host}``
+        (and ``{mail_…}``) give the delivery agent and next hop it resolves to: the
+        mailertable's (``smtp``, ``[10.0.0.5]``; ``relay``, ``hub.example.com``), else
+        ``esmtp`` and the domain (MX); ``local`` and the domain for a local one."""
+        domain = mailbox.domain
+        routing = self.smtp.snap.routing
+        if not domain or routing.is_local(domain):
+            return "local", domain
+        routes = resolve(mailbox, routing, expand=False)
+        if len(routes) != 1:
+            return "local", domain  # a mailertable local: whose aliases fan out
+        route = routes[0]
+        if route.mailer == "error":  # Sendmail's $h of the error mailer: the status
+            return "error", (route.error.dsn if route.error else None) or ""
+        if not route.is_remote:
+            return "local", domain  # a mailertable local:
+        return route.mailer, route.host or domain
 
     def _answer(self, effect: _Effect, **flags: bool) -> Answer:
         """The filters' refusal as our answer; counted (metrics: rejections, reason milter)."""
