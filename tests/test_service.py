@@ -351,6 +351,32 @@ def test_stop_and_status_find_the_daemon_while_its_config_file_is_broken(
         assert broken.returncode == 2 and broken.stderr.startswith(f"mailgate: {gw.config}:")
 
 
+def test_reload_says_which_changes_only_a_restart_applies(tmp_path: Path) -> None:
+    """listen, spool_dir and [metrics] listen are bound or opened at the start: a reload of a
+    file that changes them takes effect for the rest, and says so, with both values."""
+    gw = gateway(tmp_path, free_port(HOP))
+    with gw:
+        assert cli(gw, "reload").stdout.count("\n") == 1  # nothing of the kind: one line
+        second, metrics = free_port(), free_port()
+        text = gw.config.read_text()
+        old_listen = f'listen = ["127.0.0.1:{gw.port}"]'
+        assert old_listen in text
+        gw.config.write_text(
+            text.replace(old_listen, f'listen = ["127.0.0.1:{gw.port}", "127.0.0.1:{second}"]')
+            + f'[metrics]\nlisten = "127.0.0.1:{metrics}"\n'
+        )
+        done = cli(gw, "reload")
+        assert done.returncode == 0, done.stderr
+        first, warning = done.stdout.splitlines()
+        assert first.startswith("mailgate: reloaded (pid ")
+        assert warning == (
+            "mailgate: warning: these take effect only after a restart (the daemon keeps "
+            f"them): listen 127.0.0.1:{gw.port} → 127.0.0.1:{gw.port}, 127.0.0.1:{second}; "
+            f"[metrics] listen off → 127.0.0.1:{metrics}"
+        )
+        gw.wait_log("changes take effect only after a restart")
+
+
 def test_a_stale_pid_file_is_reported_then_taken_over(tmp_path: Path) -> None:
     gw = gateway(tmp_path, free_port(HOP))
     pid_file = gw.spool / "mailgate.pid"

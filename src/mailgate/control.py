@@ -18,7 +18,7 @@ from mailgate.config import Config
 from mailgate.pidfile import Holder
 from mailgate.queue.spool import queue_ids
 from mailgate.runstate import RunState
-from mailgate.service import DRAIN_SIGNAL
+from mailgate.service import DRAIN_SIGNAL, restart_only_changes
 
 RUNNING = 0
 FAILED = 1  # for status: dead, its pid file left behind
@@ -136,7 +136,14 @@ def reload(config: Config, timeout: float) -> Outcome:
                     f"the daemon refused the new configuration and keeps the running one: "
                     f"{state.reload_error}",
                 )
-            return Outcome(RUNNING, f"reloaded (pid {found.pid})")
+            done = f"reloaded (pid {found.pid})"
+            changes = restart_only_changes(state, config)
+            if changes:
+                done += (
+                    "\nmailgate: warning: these take effect only after a restart (the daemon "
+                    f"keeps them): {'; '.join(changes)}"
+                )
+            return Outcome(RUNNING, done)
         if not pidfile.inspect(found.pid_file).running:
             return Outcome(FAILED, f"pid {found.pid} exited during the reload (see the log)")
         time.sleep(POLL)

@@ -898,7 +898,7 @@ def reloaded(source: object) -> str:
 
 @_event
 def restart_needed() -> str:
-    return "listen and spool_dir changes take effect only after a restart"
+    return "listen, spool_dir and [metrics] listen changes take effect only after a restart"
 
 
 @_event

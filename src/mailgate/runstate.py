@@ -67,6 +67,10 @@ class RunState:
     version: str = __version__
     # `Snapshot.generation` of the config in force: what `mailgate check` printed for it.
     generation: str | None = None
+    # Settings a reload cannot change (bound or opened at the start): `mailgate reload`
+    # says when the new file changes them. "" for none (metrics) or not known (an old file).
+    spool_dir: str = ""
+    metrics: str = ""
 
 
 def state_path(pid_file: Path) -> Path:

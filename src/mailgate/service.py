@@ -76,6 +76,30 @@ def listen_text(config: Config) -> list[str]:
     return [listener.label for listener in config.listeners]
 
 
+def metrics_text(config: Config) -> str:
+    """``[metrics] listen`` as the state file keeps it: ``ip:port``, or "" when off."""
+    if config.metrics.listen is None:
+        return ""
+    host, port = config.metrics.listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def restart_only_changes(state: RunState, config: Config) -> list[str]:
+    """What ``config`` changes that the running daemon (``state``) keeps until a restart:
+    its listening sockets, its spool, its metrics socket (as the daemon's own reload
+    warns in the maillog)."""
+    changes = []
+    known = bool(state.spool_dir)  # the state file of a daemon that records them
+    if state.listeners != listen_text(config):
+        changes.append(f"listen {', '.join(state.listeners)} → {', '.join(listen_text(config))}")
+    if known and state.spool_dir != str(config.spool_dir):
+        changes.append(f"spool_dir {state.spool_dir} → {config.spool_dir}")
+    new_metrics = metrics_text(config)
+    if known and state.metrics != new_metrics:
+        changes.append(f"[metrics] listen {state.metrics or 'off'} → {new_metrics or 'off'}")
+    return changes
+
+
 def status_line(state: RunState) -> str:
     """systemd's STATUS: one line, what ``systemctl status`` shows under the unit."""
     if state.phase == "starting":
@@ -126,6 +150,8 @@ class Lifecycle(ServiceEvents):
             phase="starting",
             updated=now,
             generation=generation,
+            spool_dir=str(config.spool_dir),
+            metrics=metrics_text(config),
         )
 
     def claim(self) -> None:
