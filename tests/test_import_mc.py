@@ -679,6 +679,34 @@ def test_a_milter_without_flags_is_accepted_unfiltered_as_in_sendmail(
     ]
 
 
+def test_the_milter_lines_say_what_each_became(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each INPUT_MAIL_FILTER is a table of its own (m4's macro appends to the list: no line
+    replaces another), and the list's and the macros' define lines say what they set."""
+    mc = (
+        "FEATURE(no_default_msa)\n"
+        "define(`confMILTER_MACROS_CONNECT', `j, {client_addr}')dnl\n"
+        "INPUT_MAIL_FILTER(`rspamd', `S=inet:11332@localhost, F=T')dnl\n"
+        "INPUT_MAIL_FILTER(`opendkim', `S=inet:8891@localhost, F=T')dnl\n"
+        "INPUT_MAIL_FILTER(`clamav', `S=unix:/run/clamav-milter.sock, F=R')dnl\n"
+        "define(`confINPUT_MAIL_FILTERS', `opendkim, rspamd')dnl\n"
+    )
+    result = import_mc(tmp_path, mc, capsys=capsys)
+    assert [m.name for m in result.config.milter] == ["opendkim", "rspamd"]
+    assert "replaced by line" not in result.toml
+    notes = result.toml.split("line by line")[1]
+    for line, said in [
+        (2, "connect_macros of every [[milter]] table"),
+        (3, "a [[milter]] table, default_action = tempfail"),
+        (4, "a [[milter]] table, default_action = tempfail"),
+        (5, "mail filter clamav: defined, not used (not in confINPUT_MAIL_FILTERS)"),
+        (6, "the [[milter]] tables, in this order: opendkim, rspamd"),
+    ]:
+        at = notes.index(f"# sendmail.mc:{line}: ")
+        assert notes[at:].split("\n")[1] == f"#     {said}", (line, notes[at:])
+
+
 def test_a_milter_without_a_name_or_socket_is_refused_and_the_rest_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

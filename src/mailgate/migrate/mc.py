@@ -582,9 +582,14 @@ class _Mapper:
 
     def store_define(self, name: str, value: str) -> None:
         old = self.defines.get(name)
-        if old is not None and old[1] is not self.item:
+        if old is not None and old[1] is not self.item and not self._a_filter_line(old[1]):
             old[1].notes.append(f"replaced by line {self.item.line} (m4 keeps the last define)")
         self.defines[name] = (value, self.item)
+
+    def _a_filter_line(self, item: _Item) -> bool:
+        """An INPUT_MAIL_FILTER line: it appends to confINPUT_MAIL_FILTERS, as m4's macro
+        does, and no later line replaces it (a define of the list changes the order only)."""
+        return any(f.item is item for f in self.filters.values())
 
     def undefine(self, call: m4.Call) -> None:
         name = call.arg(0)
@@ -621,7 +626,10 @@ class _Mapper:
         self.filters[name] = _Filter(self.item, call.arg(1))
         if call.name == "INPUT_MAIL_FILTER":
             order = self.define("confINPUT_MAIL_FILTERS")
-            self.store_define("confINPUT_MAIL_FILTERS", f"{order}, {name}" if order else name)
+            self.defines["confINPUT_MAIL_FILTERS"] = (
+                f"{order}, {name}" if order else name,
+                self.item,
+            )
 
     def class_macro(self, call: m4.Call) -> None:
         names = call.arg(0).split()
@@ -877,6 +885,19 @@ class _Mapper:
             for key, stage in _MILTER_MACROS.items()
             if (value := self.define(stage))
         }
+        # The define lines of the list and of the macros say what they became.
+        listed = self.defines.get("confINPUT_MAIL_FILTERS")
+        if listed is not None and not self._a_filter_line(listed[1]):
+            used = [n for n in order if n in self.filters]
+            listed[1].notes.append(
+                f"the [[milter]] tables, in this order: {', '.join(used)}"
+                if used
+                else "no [[milter]] table: none of these filters is defined"
+            )
+        for key, stage in _MILTER_MACROS.items():
+            given = self.defines.get(stage)
+            if given is not None and key in macros:
+                given[1].notes.append(f"{key} of every [[milter]] table")
         for name in order:
             flt = self.filters.get(name)
             if flt is None:
