@@ -61,6 +61,10 @@ def test_the_socket_spellings(socket: str) -> None:
             GOOD.replace('name = "opendkim"', 'name = "rspamd"'),
             "6: milter[2].name: 'rspamd' is the name of an earlier",
         ),
+        (
+            GOOD.replace('name = "opendkim"', 'name = "open dkim"'),
+            "6: milter[2].name: 'open dkim' is not a filter name: letters, digits, '-', '_', '.'",
+        ),
         (GOOD.replace('socket = "unix:opendkim.sock"\n', ""), "5: milter[2]: needs a socket"),
         (GOOD.replace('eom_timeout = "1m"', "eom = 1"), "10: milter[2].eom: unknown setting"),
         (

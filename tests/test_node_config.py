@@ -116,7 +116,12 @@ BAD_VARIABLES = [
     (
         "MAILGATE__LISTENER__ADDRESS",
         "127.0.0.1:25",
-        "[[tables]] cannot be given in the environment: put them in a node file",
+        "[[listener]] tables cannot be given in the environment: put them in a node file",
+    ),
+    (
+        "MAILGATE__MILTER",
+        "x",
+        "[[milter]] tables cannot be given in the environment: put them in a node file",
     ),
     ("MAILGATE__INCLUDE", '["x.toml"]', "include is read from the main file only"),
 ]
@@ -138,7 +143,8 @@ def test_check_shows_where_the_values_came_from_and_the_generation(
     assert cli.main(["check", "-c", str(main)]) == 0
     node = tmp_path / "node.toml"
     assert capsys.readouterr().out.splitlines() == [
-        f"{main}: OK (0 local names, 0 relay domains; 0 warnings; generation {generation})",
+        f"{main}: OK (0 in local-host-names, 0 in relay-domains; 0 warnings; "
+        f"generation {generation})",
         f'  hostname = "mx1.example.com"  from {node}:1',
         f"  [smtp] max_recipients = 7  from {node}:4",
         '  [smtp] greet_pause = "0s"  from environment variable MAILGATE__SMTP__GREET_PAUSE',

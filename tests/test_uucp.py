@@ -522,7 +522,8 @@ def test_check_loads_the_uucp_dom_line(
     out = capsys.readouterr().out
     generation = load_snapshot(path).generation
     assert (
-        out == f"{path}: OK (0 local names, 0 relay domains; 0 warnings; generation {generation})\n"
+        out == f"{path}: OK (0 in local-host-names, 0 in relay-domains; 0 warnings; "
+        f"generation {generation})\n"
     )
 
 
@@ -539,7 +540,7 @@ def test_check_warns_when_uux_is_missing(
         " or not executable: its mail is deferred until it is (install uucp, or set [uucp] uux)",
         f"warning: {table}:2: old.example: uucp runs {missing}, which is not there"
         " or not executable: its mail is deferred until it is (install uucp, or set [uucp] uux)",
-        f"{path}: OK (0 local names, 0 relay domains; 2 warnings; "
+        f"{path}: OK (0 in local-host-names, 0 in relay-domains; 2 warnings; "
         f"generation {load_snapshot(path).generation})",
     ]
 

@@ -298,6 +298,18 @@ def _trusted_networks(value: object) -> tuple[Network, ...]:
     return nets
 
 
+_FILTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _filter_name(value: object) -> str:
+    """A ``[[milter]]`` name: one word, as Sendmail's ``X`` lines (and ``confINPUT_MAIL_FILTERS``,
+    a comma list) have them; it is the ``Milter (name)`` of log lines and a metrics label."""
+    name = _str(value)
+    if _FILTER_NAME.fullmatch(name) is None:
+        raise ValueError(f"{name!r} is not a filter name: letters, digits, '-', '_', '.'")
+    return name
+
+
 def _listen_or_off(value: object) -> tuple[str, int] | None:
     return None if value == "" else parse_listen(value)
 
@@ -789,7 +801,11 @@ class MilterSettings:
     """One ``[[milter]]``: a content filter spoken to with Sendmail's milter protocol."""
 
     name: str = setting(
-        _str, None, "the filter's name in log lines (Sendmail's `X` name)", shown="required"
+        _filter_name,
+        None,
+        "the filter's name in log lines and metrics (Sendmail's `X` name): letters, digits, "
+        "`-`, `_`, `.`",
+        shown="required",
     )
     socket: MilterSocket = setting(
         parse_milter_socket,
@@ -1398,8 +1414,11 @@ def _environment(environ: Mapping[str, str]) -> list[tuple[str, str, TomlValue, 
         key = known.get(name)
         rest = name[len(ENV_PREFIX) :]
         if key is None or key.name == "include":
-            if rest.split("__")[0] in arrays:
-                why = "[[tables]] cannot be given in the environment: put them in a node file"
+            if (table := rest.split("__")[0]) in arrays:
+                why = (
+                    f"[[{table.lower()}]] tables cannot be given in the environment: put them "
+                    "in a node file"
+                )
             elif key is not None:
                 why = "include is read from the main file only"
             else:

@@ -73,8 +73,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = snapshot.config
     t = snapshot.tables
     print(
-        f"{cfg.source}: OK ({len(t.local_names)} local names, "
-        f"{len(t.relay_domains)} relay domains; "
+        f"{cfg.source}: OK ({len(t.local_names)} in local-host-names, "
+        f"{len(t.relay_domains)} in relay-domains; "
         f"{warnings} warning{'s' if warnings != 1 else ''}; generation {snapshot.generation})"
     )
     for origin in cfg.origins:  # what the node file, the environment or -O gave
