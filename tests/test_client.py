@@ -113,6 +113,32 @@ def test_helo_fallback(sink: SinkServer, run: Runner, tmp_path: Path) -> None:
     assert msg.mail_options == []  # no SIZE= to a server that did not offer it
 
 
+@pytest.mark.parametrize(
+    ("greeting", "first"),
+    [
+        ("220 sink.example Sendmail 8.17; ESMTP ready", "EHLO gw.example.com"),
+        ("220-sink.example SMTP\r\n220 ESMTP on the second line", "EHLO gw.example.com"),
+        ("220 sink.example SMTP ready", "HELO gw.example.com"),
+        ("220 sink.example esmtp, but not in capitals", "HELO gw.example.com"),
+    ],
+)
+def test_the_smtp_mailer_says_ehlo_only_to_an_esmtp_greeting(
+    sink: SinkServer, run: Runner, greeting: str, first: str
+) -> None:
+    """Sendmail's smtp mailer (no F=a): EHLO when the word ESMTP is in the greeting, as its
+    esmtp_check looks for it, else HELO and none of the extensions. The other SMTP mailers
+    say EHLO whatever the greeting (esmtp's behaviour: test_helo_fallback)."""
+    sink.greeting = greeting
+
+    async def go() -> bool:
+        client = await connect(sink, ehlo_if_esmtp=True)
+        await client.quit()
+        return client.esmtp
+
+    assert run(go()) is first.startswith("EHLO")
+    assert sink.commands[0] == first
+
+
 @pytest.mark.parametrize("pipelining", [False, True])
 def test_per_recipient_refusal(
     sink: SinkServer, run: Runner, tmp_path: Path, pipelining: bool

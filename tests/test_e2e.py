@@ -103,6 +103,23 @@ def test_routed_domain_goes_to_its_mailertable_hop(
     wait_until(lambda: gateway.queued() == [], "the delivered message to leave the queue")
 
 
+def test_the_smtp_mailer_says_helo_to_a_greeting_without_esmtp(
+    gateway: GatewayProcess, hop1: SinkServer, make_sink: SinkFactory, hop2_port: int
+) -> None:
+    """As Sendmail's: mailertable smtp: says EHLO only when the greeting has the word ESMTP
+    (targetdomain1.com), esmtp: always (targetdomain2.com); both next hops greet without it."""
+    hop2 = make_sink(HOP2, hop2_port)
+    for hop in (hop1, hop2):
+        hop.greeting = "220 internal.example SMTP service ready"
+    with gateway.smtp(OUTSIDE) as s:
+        s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message(subject="by smtp"))
+        s.sendmail("alice@example.org", ["carol@targetdomain2.com"], message(subject="by esmtp"))
+    [by_smtp] = hop1.wait_for(1, timeout=10)
+    [by_esmtp] = hop2.wait_for(1, timeout=10)
+    assert hop1.commands[0].startswith("HELO ") and by_smtp.mail_options == []
+    assert hop2.commands[0].startswith("EHLO ") and "SIZE" in " ".join(by_esmtp.mail_options)
+
+
 def test_a_message_is_delivered_while_its_session_stays_open(
     gateway: GatewayProcess, hop1: SinkServer
 ) -> None:

@@ -332,14 +332,14 @@ class SmtpMailer:
             return dict.fromkeys(recipients, _host_unknown(what))
         last = Outcome(Status.TEMP, Reply(451, "4.4.1", f"Connection refused by {what}"))
         for cand in cands:
-            result = await self._try_candidate(message, cand, recipients, dsn)
+            result = await self._try_candidate(message, cand, recipients, dsn, route.mailer)
             if isinstance(result, Outcome):
                 last = result  # this address did not take it: the next may
                 continue
             return result
         return dict.fromkeys(recipients, last)
 
-    async def _connect(self, at: _Attempt) -> SmtpClient:
+    async def _connect(self, at: _Attempt, mailer: str) -> SmtpClient:
         cand = at.cand
         client = await SmtpClient.connect(
             cand.ip,
@@ -349,6 +349,7 @@ class SmtpMailer:
             source_address=self.source_address,
             transcript=at.record,
             tls_context=self.tls_context,
+            ehlo_if_esmtp=mailer == "smtp",  # the others are F=a: EHLO always
         )
         if client.tls is not None:
             maillog.starttls_client(at.relay, client.tls)
@@ -364,11 +365,13 @@ class SmtpMailer:
         cand: Candidate,
         recipients: Sequence[str],
         dsn: Sequence[tuple[str | None, str | None]] | None,
+        mailer: str = "esmtp",
     ) -> dict[str, Outcome] | Outcome:
         """One address of the hop: its outcome per recipient, or one Outcome when the
         transaction did not happen there (connection failure, refusal, 4xx to MAIL)."""
         at = _Attempt(cand, self.transcript)
-        key = (cand.ip, cand.port, self.helo_name)
+        # A connection opened by the smtp mailer may have said HELO: kept apart.
+        key = (cand.ip, cand.port, self.helo_name if mailer != "smtp" else f"{self.helo_name} smtp")
         client = self.cache.get(key) if self.cache is not None else None
         reused = client is not None
         if client is not None:
@@ -377,7 +380,7 @@ class SmtpMailer:
         while True:
             if client is None:
                 try:
-                    client = await self._connect(at)
+                    client = await self._connect(at, mailer)
                 except SmtpClientError as exc:
                     # Even a 554 greeting: another address of the hop may serve.
                     reply = exc.reply or _no_reply(exc, cand.ip)

@@ -253,8 +253,13 @@ class SmtpClient:
         source_address: str | None = None,
         transcript: Callable[[str], None] | None = None,
         tls_context: ssl.SSLContext | None = None,
+        ehlo_if_esmtp: bool = False,
     ) -> SmtpClient:
         """Connect, read the 220 greeting and say EHLO (HELO if EHLO is refused).
+
+        ``ehlo_if_esmtp``: Sendmail's ``smtp`` mailer (no ``F=a``), which says EHLO only to
+        a server whose greeting has the word ``ESMTP`` in it (its ``esmtp_check``), else
+        HELO at once.
 
         With ``tls_context``, STARTTLS when the server offers it (opportunistic, Postfix's
         ``may``): a refused STARTTLS leaves the session in clear, a failed handshake is tried
@@ -265,7 +270,14 @@ class SmtpClient:
         timeouts = timeouts or Timeouts()
         try:
             return await cls._connect_once(
-                host, port, helo_name, timeouts, source_address, transcript, tls_context
+                host,
+                port,
+                helo_name,
+                timeouts,
+                source_address,
+                transcript,
+                tls_context,
+                ehlo_if_esmtp,
             )
         except SmtpClientError as exc:
             if exc.stage != "starttls":
@@ -274,7 +286,7 @@ class SmtpClient:
         if transcript is not None:
             transcript(f"{failure}; trying again without TLS")
         clear = await cls._connect_once(
-            host, port, helo_name, timeouts, source_address, transcript, None
+            host, port, helo_name, timeouts, source_address, transcript, None, ehlo_if_esmtp
         )
         clear.tls_failure = failure
         return clear
@@ -289,13 +301,16 @@ class SmtpClient:
         source_address: str | None,
         transcript: Callable[[str], None] | None,
         tls_context: ssl.SSLContext | None,
+        ehlo_if_esmtp: bool,
     ) -> SmtpClient:
         """One TCP connection and its handshake; a failed one is dropped at once."""
         wire = await _open(host, port, timeouts.connect, source_address, transcript)
         client = cls(wire, timeouts=timeouts, transcript=transcript)
         try:
             await client._greeting()
-            if await client._ehlo(helo_name):
+            # Sendmail looks for the word, case and all, anywhere in the greeting's lines.
+            esmtp = not ehlo_if_esmtp or "ESMTP" in client.greeting.text
+            if esmtp and await client._ehlo(helo_name):
                 if tls_context is not None and "STARTTLS" in client.extensions:
                     await client._starttls(tls_context, helo_name)
             else:
