@@ -23,7 +23,7 @@ from mailgate.runstate import Activity, RunState
 from mailgate.sdnotify import Notifier, socket_address
 from mailgate.service import Lifecycle
 from mailgate.snapshot import load_snapshot
-from tests.support.gateway import GatewayProcess, free_port, run_cli
+from tests.support.gateway import GatewayProcess, free_port, mailgate_command, run_cli
 from tests.support.notify import NotifySocket
 from tests.support.rawsmtp import RawSmtp
 from tests.support.sink import SinkServer
@@ -375,6 +375,38 @@ def test_reload_says_which_changes_only_a_restart_applies(tmp_path: Path) -> Non
             f"[metrics] listen off → 127.0.0.1:{metrics}"
         )
         gw.wait_log("changes take effect only after a restart")
+
+
+def test_every_command_reads_mailgate_config_without_c(tmp_path: Path) -> None:
+    """$MAILGATE_CONFIG, as the sendmail command takes it: a `serve --daemon` started from a
+    shell that set it runs that config, not the embedded default on the working folder's
+    spool; -c still wins."""
+    gw = gateway(tmp_path, free_port(HOP))
+    env = {**os.environ, "MAILGATE_CONFIG": str(gw.config)}
+
+    def bare(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            mailgate_command(*args),
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=60,
+            check=False,
+        )
+
+    assert bare("check").stdout.startswith(f"{gw.config}: OK")
+    other = tmp_path / "other.toml"
+    other.write_text('hostname = "other.example.com"\n')
+    assert bare("check", "-c", str(other)).stdout.startswith(f"{other}: OK")
+    with cleanup(gw):
+        started = bare("serve", "--daemon")
+        assert started.returncode == 0, started.stderr
+        pid = int((gw.spool / "mailgate.pid").read_text())
+        assert started.stdout == f"mailgate: started, pid {pid}\n"
+        assert not (tmp_path / "spool").exists()  # not the embedded default's ./spool
+        assert bare("status").returncode == 0
+        assert bare("stop").returncode == 0
 
 
 def test_a_stale_pid_file_is_reported_then_taken_over(tmp_path: Path) -> None:

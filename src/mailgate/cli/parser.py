@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
             "-c",
             "--config",
             metavar="PATH",
-            help="TOML config file (default: the embedded loopback config)",
+            help="TOML config file (default: $MAILGATE_CONFIG, else the embedded loopback "
+            "config)",
         )
         return p
 
@@ -250,7 +251,7 @@ def run_subcommand(argv: Sequence[str]) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mailgate.sendmail.command import PROGRAMS
+    from mailgate.sendmail.command import CONFIG_VARIABLE, PROGRAMS
     from mailgate.sendmail.command import run as sendmail
 
     if argv is None:
@@ -263,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "sendmail":
         return sendmail(argv[1:], run_subcommand)
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", "") is None:
+        # The variable the sendmail command honours, for every command: a `serve` that
+        # missed it would run the embedded default on the spool in the working folder.
+        args.config = os.environ.get(CONFIG_VARIABLE) or None
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
