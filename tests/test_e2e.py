@@ -558,6 +558,10 @@ def test_flush_verbose_and_route(gateway: GatewayProcess, hop1: SinkServer) -> N
     assert ">>> MAIL From:<alice@example.org>" in out.stdout
     assert "<<< 250" in out.stdout
     assert len(hop1.wait_for(1, timeout=5)) == 1
+    # As sendmail -q -v: what it logs is shown on the terminal and is in the maillog too.
+    sent = [line for line in gw.log_lines("to=<bob@targetdomain1.com>") if "stat=Sent" in line]
+    assert len(sent) == 1, gw.log()
+    assert sent[0].split("mailgate[", 1)[1].split(": ", 1)[1] in out.stderr
     out = run_cli(
         "route",
         "-c",

@@ -176,6 +176,7 @@ class _Writer:
         self.text: Sink = LineFile(None)  # stderr until setup() says otherwise
         self.facility: int | None = None  # a syslog facility code when text is the socket
         self.json: Sink | None = None
+        self.echo: Sink | None = None  # stderr too, beside the target (`flush -v`)
         self.host = "localhost"
         self.level = _RANK["info"]
         self.pid = os.getpid()
@@ -183,8 +184,9 @@ class _Writer:
         self.stamp = ""
         self.lost = 0  # lines a sink could not take, since start (in the statistics line)
 
-    def setup(self, hostname: str, options: LogOptions | None) -> None:
-        """Open the new sinks before closing the old: OSError leaves everything as it was."""
+    def setup(self, hostname: str, options: LogOptions | None, echo: bool = False) -> None:
+        """Open the new sinks before closing the old: OSError leaves everything as it was.
+        ``echo``: each line on stderr as well, unless stderr is the target already."""
         text: Sink = LineFile(None)
         facility: int | None = None
         json_sink: Sink | None = None
@@ -205,10 +207,12 @@ class _Writer:
                     text.close()
                     raise
             level = options.level
-        for old in (self.text, self.json):
+        for old in (self.text, self.json, self.echo):
             if old is not None:
                 old.close()
         self.text, self.facility, self.json = text, facility, json_sink
+        shown = options is not None and text_target(options) != "stderr"
+        self.echo = LineFile(None) if echo and shown else None
         self.host = hostname.split(".")[0]
         self.level = _RANK[level]
 
@@ -230,6 +234,9 @@ class _Writer:
             pri = self.facility * 8 + SYSLOG_SEVERITY[level]
             line = f"<{pri}>{self.stamp} mailgate[{self.pid}]: {text}"
         healed = self._put(self.text, line.encode("utf-8", "replace"))
+        if self.echo is not None:
+            shown = f"{self.stamp} {self.host} mailgate[{self.pid}]: {text}\n"
+            healed += self._put(self.echo, shown.encode("utf-8", "replace"))
         if self.json is not None:
             healed += self._put(self.json, self._json(now, level, event, text, fields))
         for sink in healed:  # it works again: say how many lines it lost meanwhile
@@ -332,10 +339,11 @@ def text_target(options: LogOptions) -> Target:
     return options.target or ("file" if options.file is not None else "stderr")
 
 
-def setup(hostname: str, options: LogOptions | None = None) -> None:
+def setup(hostname: str, options: LogOptions | None = None, *, echo: bool = False) -> None:
     """Send lines where ``options`` say (stderr when None); called again on reload. OSError
-    when a file cannot be opened; the lines then go on where they went."""
-    _writer.setup(hostname, options)
+    when a file cannot be opened; the lines then go on where they went. ``echo``: on the
+    terminal (stderr) too, as ``sendmail -q -v`` shows what it logs."""
+    _writer.setup(hostname, options, echo)
     root = logging.getLogger()
     if _library_handler not in root.handlers:
         root.addHandler(_library_handler)

@@ -88,9 +88,9 @@ def _daemon_keys_only(path: str | None) -> Config | None:
         return None
 
 
-def open_log(hostname: str, log: maillog.LogOptions) -> bool:
+def open_log(hostname: str, log: maillog.LogOptions, *, echo: bool = False) -> bool:
     try:
-        maillog.setup(hostname, log)
+        maillog.setup(hostname, log, echo=echo)
     except OSError as exc:
         print(f"mailgate: cannot open the log: {exc}", file=sys.stderr)
         return False

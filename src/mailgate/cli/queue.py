@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -98,10 +97,9 @@ def cmd_flush(args: argparse.Namespace) -> int:
 
     snapshot = snapshot_or_exit(args.config)
     cfg = snapshot.config
-    log = command_log(cfg.log)
-    if args.verbose:  # the lines on stderr, between the dialogue's
-        log = replace(log, target="stderr", file=None)
-    if not open_log(cfg.hostname, log):
+    # -v: the lines on stderr too, between the dialogue's, and in the maillog as ever (the
+    # deliveries of a verbose run are no less the maillog's than a quiet one's).
+    if not open_log(cfg.hostname, command_log(cfg.log), echo=args.verbose):
         return 1
     spool = Spool(cfg.spool_dir)
 
