@@ -28,8 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
             "-c",
             "--config",
             metavar="PATH",
-            help="TOML config file (default: $MAILGATE_CONFIG, else the embedded loopback "
-            "config)",
+            help="TOML config file (default: $MAILGATE_CONFIG, else the embedded loopback config)",
         )
         return p
 
