@@ -64,6 +64,12 @@ BAD_CONFIGS = [
         "TOML syntax: Expected newline or end of document after a statement (at line 2, column 13)",
         id="toml-syntax",
     ),
+    pytest.param(
+        'hostname = "gw.example.com"\nlisten = [\n',
+        2,
+        "TOML syntax: Invalid value (at end of document)",
+        id="toml-unfinished",  # tomllib names no line: the last one is where it was left
+    ),
     pytest.param('hostnam = "gw.example.com"\n', 1, "hostnam: unknown setting", id="unknown-key"),
     pytest.param(
         '[smtp]\ngreet_pause = "1s"\ngreet_paus = "5s"\n',

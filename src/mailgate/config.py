@@ -1361,7 +1361,11 @@ def _toml(text: str, source: str) -> _Reader:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise ConfigError(source, int(m.group(1)) if m else None, f"TOML syntax: {exc}") from None
+        line = int(m.group(1)) if m else None
+        if line is None and "end of document" in str(exc):
+            # An unfinished value (``listen = [``): the last line is where it was left.
+            line = len(text.rstrip("\n").split("\n"))
+        raise ConfigError(source, line, f"TOML syntax: {exc}") from None
     r = _Reader(source, text, data)
     r.check_unknown()
     return r
