@@ -312,6 +312,20 @@ def test_after_one_refused_rcpt_every_later_rcpt_waits(edge: GatewayProcess) -> 
     assert len(edge.log_lines(f"[{ip}]", "Possible SMTP RCPT flood, throttling.")) == 1
 
 
+def test_one_refused_rcpt_alone_is_no_flood(edge: GatewayProcess) -> None:
+    """Sendmail logs the flood at the RCPT it first slows down, the one after the threshold
+    was reached: a client that stops after one bad recipient is not logged as a flood."""
+    ip = "127.0.0.72"
+    c, _, _ = greet(edge, ip)
+    with c:
+        c.cmd("EHLO client.example.net")
+        assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+        assert c.cmd("RCPT TO:<guess1@example.net>").code == 550
+        assert c.cmd("QUIT").code == 221
+    edge.wait_log(f"[{ip}]")
+    assert not edge.log_lines(f"[{ip}]", "Possible SMTP RCPT flood")
+
+
 def test_throttled_session_does_not_slow_other_sessions(edge: GatewayProcess) -> None:
     c, _, _ = greet(edge, "127.0.0.71")
     with c:

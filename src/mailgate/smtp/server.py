@@ -121,6 +121,7 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         self.admitted = False  # counted in the admission's counts (connection_made)
         self.bad_commands = 0
         self.bad_rcpts = 0
+        self.flood_logged = False  # the "Possible SMTP RCPT flood" line, once a session
         self.connected_at = time.monotonic()
         self.last_input = self.connected_at  # when bytes last arrived (the DATA timeout)
         self.last_line = self.connected_at  # when a content line last ended (under stress)
@@ -618,13 +619,16 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         start; the throttle's pause and the TLS handshake come back as a coroutine."""
         smtp = self.snap.config.smtp
         if answer.rcpt:
+            # As Sendmail's: the RCPT after the one that reached the threshold is the first
+            # slowed down, and logs the flood (a client that stops there is no flood).
             throttled = smtp.bad_rcpt_throttle and self.bad_rcpts >= smtp.bad_rcpt_throttle
             if answer.refused:
                 self.bad_rcpts += 1
-                if smtp.bad_rcpt_throttle and self.bad_rcpts == smtp.bad_rcpt_throttle:
+            if throttled:
+                if not self.flood_logged:
+                    self.flood_logged = True
                     self.host.count(metrics.event("rcpt_throttled"))
                     maillog.rcpt_flood(self.relay_text)
-            if throttled:
                 return self._throttled(answer)
         return self._answer_now(answer)
 
