@@ -400,6 +400,19 @@ def test_bt_routes_the_addresses_on_standard_input(
     ]
 
 
+def test_bt_takes_the_same_forms_on_the_command_line(
+    make_gateway: GatewayFactory, world: World, hop1: SinkServer
+) -> None:
+    gw = make_gateway(world, start=False)
+    done = sendmail(gw, "-bt", "3,0 bob@targetdomain1.com", "/parse alice", stdin=b"")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == [
+        f"bob@targetdomain1.com: mailer smtp, host [{HOP1}]:{hop1.port}, user "
+        "bob@targetdomain1.com  [mailertable line 1 (targetdomain1.com)]",
+        "alice: mailer local, host local, user alice  [local user]",
+    ]
+
+
 def launcher(tmp_path: Path) -> Path:
     """A ``mailgate`` program, as the console script is: what the links lead to."""
     program = tmp_path / "bin" / "mailgate"

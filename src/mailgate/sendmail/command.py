@@ -216,8 +216,13 @@ def _test_lines(stdin: BinaryIO, out: TextIO, err: TextIO, interactive: bool) ->
             else:
                 print(f"{command}: not known here (only /parse <address> and /quit)", file=err)
             continue
-        first, _, rest = line.partition(" ")
-        yield rest.strip() if rest.strip() and "@" not in first else line
+        yield _without_ruleset(line)
+
+
+def _without_ruleset(line: str) -> str:
+    """``3,0 addr`` → ``addr``: the rulesets are not run, the address is routed whole."""
+    first, _, rest = line.partition(" ")
+    return rest.strip() if rest.strip() and "@" not in first else line
 
 
 def _address_test(
@@ -239,7 +244,12 @@ def _address_test(
             subcommand, ["route", *base, "--", *addresses], program, err, failure=os.EX_NOUSER
         )
 
-    status = route(recipients) if recipients else os.EX_OK
+    # On the command line as typed at the prompt: `sendmail -bt '3,0 bob@example.com'`.
+    given = [
+        r[7:].strip() if r[:7].lower() == "/parse " else _without_ruleset(r.strip())
+        for r in recipients
+    ]
+    status = route(given) if given else os.EX_OK
     batch: list[str] = []
     for address in _test_lines(stdin, out, out if interactive else err, interactive):
         batch.append(address)
