@@ -597,6 +597,49 @@ def test_an_mc_m4_would_fail_on_is_an_error_with_its_line(
     )
 
 
+@pytest.mark.parametrize("where", ["mail dir", "confCT_FILE"])
+def test_use_ct_file_becomes_the_trusted_users(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """Class t from its file, beside Sendmail's own root and daemon: who may use sendmail -f
+    without an X-Authentication-Warning."""
+    users = "# who may set the sender\nmailman\nwww-data  listmaster\nroot\n"
+    if where == "mail dir":
+        mc, tables = (
+            "FEATURE(no_default_msa)\nFEATURE(`use_ct_file')dnl\n",
+            {"trusted-users": users},
+        )
+    else:
+        ct = tmp_path / "elsewhere" / "trusted"
+        ct.parent.mkdir()
+        ct.write_text(users)
+        mc = (
+            f"FEATURE(no_default_msa)\ndefine(`confCT_FILE', `{ct}')dnl\n"
+            "FEATURE(`use_ct_file')dnl\n"
+        )
+        tables = {}
+    result = import_mc(tmp_path, mc, tables, capsys=capsys)
+    assert result.status == 0 and result.findings() == []
+    assert result.config.submission.trusted_users == (
+        "root",
+        "daemon",
+        "mailman",
+        "www-data",
+        "listmaster",
+    )
+
+
+def test_use_ct_file_without_its_file_is_said(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = import_mc(
+        tmp_path, "FEATURE(no_default_msa)\nFEATURE(`use_ct_file')dnl\n", capsys=capsys
+    )
+    (warning,) = result.findings()
+    assert "FEATURE(use_ct_file): cannot read " in warning and "root and daemon only" in warning
+    assert result.config.submission.trusted_users == ("root", "daemon")
+
+
 # --- listeners, milters ------------------------------------------------------------------
 
 

@@ -443,6 +443,8 @@ class _Mapper:
             self.table_path(table, call.arg(1), f"FEATURE({name})")
             for flag in call.args[2:]:
                 self.access_flag(flag.strip())
+        elif name == "use_ct_file":
+            self.trusted_users(call.arg(1).strip() or self.define("confCT_FILE"))
         elif name == "relay_hosts_only":
             self.set(
                 "",
@@ -630,6 +632,29 @@ class _Mapper:
                 f"{order}, {name}" if order else name,
                 self.item,
             )
+
+    def trusted_users(self, given: str) -> None:
+        """FEATURE(use_ct_file): class t from its file (``-f`` without the warning), added
+        to Sendmail's own root and daemon, as ``[submission] trusted_users``."""
+        path = Path(given) if given and "$" not in given else self.mail_dir / "trusted-users"
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            self.warn(f"FEATURE(use_ct_file): cannot read {path} ({exc.strerror}): class t "
+                      "is root and daemon only")  # fmt: skip
+            return
+        users: list[TomlValue] = ["root", "daemon"]
+        for line in text.splitlines():
+            for word in line.split("#", 1)[0].split():
+                if word not in users:
+                    users.append(word)
+        self.set(
+            "submission",
+            "trusted_users",
+            users,
+            f"FEATURE(use_ct_file): class t from {path} (sendmail -f without a warning)",
+            [self.item],
+        )
 
     def class_macro(self, call: m4.Call) -> None:
         names = call.arg(0).split()

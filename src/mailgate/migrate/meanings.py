@@ -19,7 +19,6 @@ NOTE_FEATURES = {
     "use_cw_file": "local-host-names (class w): mailgate reads it from the mail dir",
     "no_default_msa": "no submission (MSA) port 587: mailgate listens only where listen says",
     "nocanonify": "host names are not canonified through DNS: mailgate never does",
-    "use_ct_file": "trusted users (class t) for sendmail -f: mailgate's command has no -f trust",
     "redirect": "user.REDIRECT aliases: checked against the aliases table below",
     "smrsh": "alias programs restricted to smrsh: checked against the aliases table below",
 }
@@ -169,7 +168,7 @@ NOTE_DEFINES = {
     "confRUN_AS_USER": "the user Sendmail runs as: mailgate runs as who starts it",
     "confTRUSTED_USERS": "users trusted for sendmail -f: nothing to set",
     "confTRUSTED_USER": "the user trusted with Sendmail's files: nothing to set",
-    "confCT_FILE": "trusted users (class t): nothing to set",
+    "confCT_FILE": "the class t file FEATURE(use_ct_file) reads (given before it)",
     "confSMTP_MAILER": "the mailer for MX routes: mailgate uses esmtp (EHLO, falling back to HELO)",
     "confRELAY_MAILER": "the mailer for relay hosts: mailgate uses its SMTP client",
     "confMCI_CACHE_SIZE": "connection cache: mailgate keeps idle next-hop connections 5 s",
