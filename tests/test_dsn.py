@@ -246,6 +246,37 @@ def test_delay_warning(tmp_path: Path) -> None:
     assert block["Remote-MTA"] is None
 
 
+def test_a_delay_warning_says_until_when_it_is_tried(tmp_path: Path) -> None:
+    until = NOW + 4 * 86400
+    late = DsnRecipient(
+        "b@x.example", None, "4.4.7", None, None, action="delayed", retry_until=until
+    )
+    block = parse(make(tmp_path, [late], warning_after=4 * 3600)).get_payload()[1].get_payload()[1]
+    assert parsedate_to_datetime(block["Will-Retry-Until"]).timestamp() == until
+
+
+def test_an_expired_message_says_so_as_sendmail(tmp_path: Path) -> None:
+    """The bounce of a message given up in the queue (4.4.7, failed) says for how long it
+    could not be delivered, and that it leaves the queue; Will-Retry-Until is a delay's."""
+    expired = DsnRecipient(
+        "b@x.example",
+        None,
+        "4.4.7",
+        "Deferred: Connection refused by [192.0.2.1]",
+        None,
+        retry_until=NOW,
+    )
+    msg = parse(make(tmp_path, [expired]))
+    text = msg.get_payload()[0].get_payload(decode=True).decode()
+    assert "Message could not be delivered for 5 hours\r\nMessage will be deleted from queue" in (
+        text
+    )
+    assert msg.get_payload()[1].get_payload()[1]["Will-Retry-Until"] is None
+    assert "Message could not be delivered" not in (
+        parse(make(tmp_path, [BOB])).get_payload()[0].get_payload(decode=True).decode()
+    )
+
+
 def test_delay_hours_default_from_age(tmp_path: Path) -> None:
     late = DsnRecipient("b@x.example", None, "4.4.1", None, None, action="delayed")
     msg = parse(make(tmp_path, [late]))

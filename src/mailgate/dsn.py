@@ -51,6 +51,7 @@ class DsnRecipient:
     last_attempt: float | None = None  # epoch
     transcript: tuple[str, ...] = ()  # >>>/<<< lines of the failed dialogue, for part 1
     orcpt: str | None = None  # RCPT ORCPT=, decoded: "rfc822;bob@example.org"
+    retry_until: float | None = None  # epoch: when a delayed one is given up (max_age)
 
 
 _SUCCESS = {
@@ -162,6 +163,9 @@ def _human_part(
                 body += _text_lines(item)
     if warning:
         body.append(f"Warning: message still undelivered after {interval_text(delay)}")
+    elif any(r.status == "4.4.7" for r in failed):  # given up in the queue, as Sendmail says
+        body.append(f"Message could not be delivered for {interval_text(delay)}")
+        body.append("Message will be deleted from queue")
     if body:
         lines += ["", "   ----- Transcript of session follows -----", *body]
     return lines
@@ -258,6 +262,8 @@ def _status_part(
             out += _header("Diagnostic-Code", f"smtp; {r.diagnostic}")
         if r.last_attempt is not None:
             out += _header("Last-Attempt-Date", formatdate(r.last_attempt, localtime=True))
+        if r.action == "delayed" and r.retry_until is not None:  # RFC 3464 §2.3.9
+            out += _header("Will-Retry-Until", formatdate(r.retry_until, localtime=True))
     return out
 
 

@@ -370,7 +370,13 @@ async def act(
             snap,
             msg,
             [
-                notify.late(r, msg.status.last_error(r.address), now, warning=True)
+                notify.late(
+                    r,
+                    msg.status.last_error(r.address),
+                    now,
+                    warning=True,
+                    retry_until=msg.envelope.arrival + snap.config.queue.max_age,
+                )
                 for r in decision.pending
             ],
         ):

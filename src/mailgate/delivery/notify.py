@@ -70,8 +70,16 @@ def receipt(job: Job, outcome: Outcome) -> DsnRecipient:
     )
 
 
-def late(rcpt: Recipient, last_error: str | None, now: float, *, warning: bool) -> DsnRecipient:
-    """A recipient still pending: expired (``warning`` False) or delayed."""
+def late(
+    rcpt: Recipient,
+    last_error: str | None,
+    now: float,
+    *,
+    warning: bool,
+    retry_until: float | None = None,
+) -> DsnRecipient:
+    """A recipient still pending: expired (``warning`` False) or delayed (tried until
+    ``retry_until``)."""
     return DsnRecipient(
         address=rcpt.address,
         original=rcpt.original,
@@ -80,6 +88,7 @@ def late(rcpt: Recipient, last_error: str | None, now: float, *, warning: bool) 
         remote_mta=None,
         action="delayed" if warning else "failed",
         last_attempt=now,
+        retry_until=retry_until if warning else None,
     )
 
 
