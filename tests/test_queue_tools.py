@@ -139,7 +139,7 @@ class World:
         """A message deferred by its first attempt, which has ended (its lock is free)."""
         msgid, qid = self.send(rcpt, tag)
         self.gw.wait_log(f"{qid}: to=<{rcpt}>", GUARD)
-        assert "stat=Deferred: 451 4.4.1 Connection refused" in self.lines(qid)[-1]
+        assert "stat=Deferred: Connection refused" in self.lines(qid)[-1]
         spool = Spool(self.gw.spool)
         try:
             wait_until(lambda: not spool.is_locked(qid), f"{qid}'s attempt to end", GUARD)
@@ -235,7 +235,7 @@ def test_held_message_is_never_attempted_and_release_delivers_it(world: World, l
     )
     assert lines[at + 1 : at + 4] == [
         "     QUARANTINE: milter: spam score 12",
-        f"                 (Deferred: 451 4.4.1 Connection refused by [{DEAD}])",
+        f"                 (Deferred: Connection refused by [{DEAD}])",
         "\t\t\t\t\t <x@dead.test>",
     ]
     assert next(line for line in lines if line.startswith(other))[14] == " "
@@ -246,7 +246,7 @@ def test_held_message_is_never_attempted_and_release_delivers_it(world: World, l
     assert listing[held]["recipients"] == [
         {
             "address": "x@dead.test",
-            "delay_reason": f"Deferred: 451 4.4.1 Connection refused by [{DEAD}]",
+            "delay_reason": f"Deferred: Connection refused by [{DEAD}]",
         }
     ]
     assert listing[other]["queue_name"] == "deferred"

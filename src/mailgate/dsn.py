@@ -9,6 +9,7 @@ thread and writes them into the spool on the loop), ``write_dsn`` writes them to
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from collections.abc import Iterator, Sequence
@@ -52,6 +53,7 @@ class DsnRecipient:
     transcript: tuple[str, ...] = ()  # >>>/<<< lines of the failed dialogue, for part 1
     orcpt: str | None = None  # RCPT ORCPT=, decoded: "rfc822;bob@example.org"
     retry_until: float | None = None  # epoch: when a delayed one is given up (max_age)
+    local: bool = False  # ``diagnostic`` is our words, no peer's reply: no Diagnostic-Code
 
 
 _SUCCESS = {
@@ -98,6 +100,9 @@ def _encode(text: str) -> bytes:
     return text.encode("utf-8", "replace")
 
 
+_REPLY_START = re.compile(r"[245]\d\d[ -]")
+
+
 def _bracket(addr: str) -> str:
     addr = addr.strip()
     return addr if addr.startswith("<") else f"<{addr}>"
@@ -107,6 +112,16 @@ def _reason(r: DsnRecipient) -> str:
     if r.diagnostic:
         return _flatten(r.diagnostic)
     return _STATUS_TEXT.get(r.status, f"Status {r.status}")
+
+
+def _smtp_reply(r: DsnRecipient) -> str | None:
+    """The peer's SMTP reply for Diagnostic-Code (RFC 3464 §2.3.6: what the remote MTA
+    said); None when no peer said anything (a refused connection, a DNS failure), also for
+    an expired recipient whose last error was one ("Deferred: Connection refused by …")."""
+    if r.local or not r.diagnostic:
+        return None
+    text = r.diagnostic.removeprefix("Deferred: ")
+    return text if _REPLY_START.match(text) else None
 
 
 def _human_part(
@@ -258,8 +273,9 @@ def _status_part(
         out += _header("Status", r.status)
         if r.remote_mta:
             out += _header("Remote-MTA", f"dns; {r.remote_mta}")
-        if r.diagnostic:
-            out += _header("Diagnostic-Code", f"smtp; {r.diagnostic}")
+        code = _smtp_reply(r)
+        if code:
+            out += _header("Diagnostic-Code", f"smtp; {code}")
         if r.last_attempt is not None:
             out += _header("Last-Attempt-Date", formatdate(r.last_attempt, localtime=True))
         if r.action == "delayed" and r.retry_until is not None:  # RFC 3464 §2.3.9

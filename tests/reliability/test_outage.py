@@ -263,18 +263,16 @@ def test_refused_connection_defers_then_delivers_once(
     assert len(status) == 3
     for qid, st in status.items():
         assert set(last_errors(st)) == set(rcpts)
-        assert last_errors(st)["bob@hop.test"] == (
-            f"Deferred: 451 4.4.1 Connection refused by [{HOP}]"
-        )
+        assert last_errors(st)["bob@hop.test"] == (f"Deferred: Connection refused by [{HOP}]")
         for rcpt in rcpts:
             line = next(x for x in to_lines(gw, rcpt, "Deferred") if f"{qid}:" in x)
             assert "mailer=smtp" in line and f"relay=[{HOP}]" in line and "dsn=4.4.1" in line
-            assert line.endswith(f"stat=Deferred: 451 4.4.1 Connection refused by [{HOP}]")
+            assert line.endswith(f"stat=Deferred: Connection refused by [{HOP}]")
     if retry == "queue run":
         out = run_cli("mailq", "-c", str(gw.config))
         assert out.returncode == 0, out.stderr
         assert all(qid in out.stdout for qid in status) and "(3 requests)" in out.stdout
-        assert out.stdout.count("Deferred: 451 4.4.1 Connection refused") == 3
+        assert out.stdout.count("Deferred: Connection refused") == 3
         assert out.stdout.count("<carol@hop.test>") == 3
         # nothing retries by itself within the hour
         stays(lambda: len(deferred_lines(gw)) == 6, "no retry before the queue run", 0.5)
@@ -306,7 +304,7 @@ def test_hop_goes_down_while_a_connection_to_it_is_cached(
     hop.stop()  # closes the listener and the cached connection
     second = send(gw, ["bob@hop.test"], "during the outage")
     [(_qid, st)] = wait_deferred(gw).items()
-    assert last_errors(st)["bob@hop.test"].startswith("Deferred: 451 4.4.1 Connection refused")
+    assert last_errors(st)["bob@hop.test"].startswith("Deferred: Connection refused")
     hop.start()
     kick_until(gw, lambda: copies(hop, second), "the delivery after the queue run")
     wait_queue_empty(gw)
@@ -425,7 +423,7 @@ def test_hang_defers_after_the_timeout_then_delivers_once(
     gw = gateway(MANUAL, SHORT)
     msgid = send(gw, ["bob@hop.test"], f"hang {stage}", body)
     [(_qid, st)] = wait_deferred(gw).items()
-    timed_out = f"Deferred: 451 4.4.2 Connection timed out with [{HOP}]"
+    timed_out = f"Deferred: Connection timed out with [{HOP}]"
     assert last_errors(st)["bob@hop.test"] == timed_out
     [line] = to_lines(gw, "bob@hop.test", "Deferred")
     assert f"relay=[{HOP}]" in line and line.endswith(f"stat={timed_out}")
@@ -575,7 +573,7 @@ def test_bounce_waits_for_the_senders_server_and_is_sent_once(
     gw = gateway(MANUAL, RELAXED)
     msgid = send(gw, ["bob@hop.test", "carol@hop.test"], "bounce deferred")
     [(qid, st)] = wait_deferred(gw).items()  # the original is gone, the bounce waits
-    assert last_errors(st)[SENDER].startswith("Deferred: 451 4.4.1 Connection refused")
+    assert last_errors(st)[SENDER].startswith("Deferred: Connection refused")
     assert f"{qid}: to=<{SENDER}>" in deferred_lines(gw)[0]
     assert [m.rcpt_tos for m in copies(hop, msgid)] == [["bob@hop.test"]]
     bounces.start()
@@ -668,7 +666,10 @@ def test_max_age_bounce_when_the_hop_never_answers(
     [bounce] = bounces_for(bounces, msgid)
     _subject, [field] = dsn_fields(bounce)
     assert field["action"] == "failed" and field["status"] == "4.4.7"
-    assert f"Connection refused by [{HOP}]" in field["diagnostic-code"]
+    # No peer ever answered: no Diagnostic-Code (RFC 3464: the remote MTA's words); the
+    # reason is in the text part, as Sendmail's.
+    assert "diagnostic-code" not in field
+    assert f"(reason: Deferred: Connection refused by [{HOP}])" in bounce.data.decode()
     assert deferred_lines(gw)
     [expired] = to_lines(gw, "bob@hop.test", "Cannot send message for 2 seconds")
     assert "dsn=4.4.7" in expired

@@ -41,6 +41,9 @@ class Outcome:
     remote_mta: str | None = None
     transcript: tuple[str, ...] = ()
     dsn_passed: bool = False  # the next hop took our DSN parameters: its DSNs, not ours
+    # No peer said it (a refused connection, a timeout, a DNS failure): the reply is ours,
+    # and stat= says its text alone, as Sendmail ("Deferred: Connection refused by [ip]").
+    local: bool = False
 
     @classmethod
     def from_reply(
@@ -69,10 +72,10 @@ class Outcome:
             text = self.reply.text.replace("\n", " ")
             return f"Sent ({text})" if text else "Sent"
         if self.status is Status.TEMP:
-            return f"Deferred: {self.reply}"
+            return f"Deferred: {self.reply.text if self.local else self.reply}"
         if self.reply.code == 550 and self.reply.enhanced == "5.1.1":
             return "User unknown"
-        return str(self.reply)
+        return self.reply.text if self.local else str(self.reply)
 
 
 @dataclass(slots=True)

@@ -237,7 +237,9 @@ def log_outcomes(
             relay=outcome.relay,
             dsn=outcome.dsn,
             stat=outcome.stat,
-            reply=str(outcome.reply) if route.is_smtp and outcome.relay else None,
+            reply=str(outcome.reply)
+            if route.is_smtp and outcome.relay and not outcome.local
+            else None,
             ctladdr=None,
         )
 

@@ -218,7 +218,9 @@ def _no_reply(exc: SmtpClientError, ip: str) -> Reply:
 
 def _host_unknown(what: str) -> Outcome:
     return Outcome(
-        Status.PERM, Reply(550, "5.1.2", f"Host unknown (Name server: {what}: host not found)")
+        Status.PERM,
+        Reply(550, "5.1.2", f"Host unknown (Name server: {what}: host not found)"),
+        local=True,
     )
 
 
@@ -234,15 +236,20 @@ def _dns_failure(exc: Exception, what: str, hostname: str) -> Outcome:
                 f"{hostname}; mail loops back to me "
                 "(MX problem?)",
             ),
+            local=True,
         )
     if isinstance(exc, NullMx):
         return Outcome(
-            Status.PERM, Reply(556, "5.1.10", f"Domain {what} does not accept mail (null MX)")
+            Status.PERM,
+            Reply(556, "5.1.10", f"Domain {what} does not accept mail (null MX)"),
+            local=True,
         )
     if isinstance(exc, DnsNotFound):
         return _host_unknown(what)
     return Outcome(
-        Status.TEMP, Reply(451, "4.4.3", f"Name server: {what}: host name lookup failure")
+        Status.TEMP,
+        Reply(451, "4.4.3", f"Name server: {what}: host name lookup failure"),
+        local=True,
     )
 
 
@@ -261,9 +268,11 @@ class _Attempt:
         if self._transcript is not None:
             self._transcript(line)
 
-    def outcome(self, status: Status, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
+    def outcome(
+        self, status: Status, reply: Reply, *, dsn_passed: bool = False, local: bool = False
+    ) -> Outcome:
         return Outcome(
-            status, reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines), dsn_passed
+            status, reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines), dsn_passed, local
         )
 
     def from_reply(self, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
@@ -330,7 +339,9 @@ class SmtpMailer:
             return dict.fromkeys(recipients, _dns_failure(exc, what, self.hostname))
         if not cands:
             return dict.fromkeys(recipients, _host_unknown(what))
-        last = Outcome(Status.TEMP, Reply(451, "4.4.1", f"Connection refused by {what}"))
+        last = Outcome(
+            Status.TEMP, Reply(451, "4.4.1", f"Connection refused by {what}"), local=True
+        )
         for cand in cands:
             result = await self._try_candidate(message, cand, recipients, dsn, route.mailer)
             if isinstance(result, Outcome):
@@ -385,7 +396,9 @@ class SmtpMailer:
                     # Even a 554 greeting: another address of the hop may serve.
                     reply = exc.reply or _no_reply(exc, cand.ip)
                     return at.outcome(
-                        Status.TEMP if exc.temporary or reply.is_temporary else Status.PERM, reply
+                        Status.TEMP if exc.temporary or reply.is_temporary else Status.PERM,
+                        reply,
+                        local=exc.reply is None,
                     )
             try:
                 result = await client.send(
@@ -410,7 +423,9 @@ class SmtpMailer:
                 if reused:
                     reused = False  # the cached connection had gone stale: once more, fresh
                     continue
-                return at.outcome(Status.TEMP, exc.reply or _no_reply(exc, cand.ip))
+                return at.outcome(
+                    Status.TEMP, exc.reply or _no_reply(exc, cand.ip), local=exc.reply is None
+                )
         client.set_transcript(None)
         if self.cache is None or not self.cache.put(key, client):
             try:
