@@ -962,6 +962,16 @@ def test_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
     assert (embedded.tables_dir, embedded.spool_dir) == (None, tmp_path / "spool")
 
 
+def test_a_path_out_of_the_config_folder_is_shown_without_dots(tmp_path: Path) -> None:
+    """``../spool`` from /etc/mail is /etc/spool in every line that names it, resolved as
+    the kernel does: through a symbolic link, not by dropping the name before the dots."""
+    (tmp_path / "real" / "etc").mkdir(parents=True)
+    (tmp_path / "etc").symlink_to(tmp_path / "real" / "etc")
+    cfg = load(tmp_path / "etc", 'spool_dir = "../spool"\npid_file = "run/../gw.pid"\n')
+    assert cfg.spool_dir == (tmp_path / "real" / "spool").resolve()
+    assert cfg.pid_file == (tmp_path / "real" / "etc" / "gw.pid").resolve()
+
+
 def test_values_are_converted(tmp_path: Path) -> None:
     cfg = load(
         tmp_path,

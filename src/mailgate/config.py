@@ -310,6 +310,14 @@ def _filter_name(value: object) -> str:
     return name
 
 
+def _joined(base: Path, path: Path) -> Path:
+    """``base / path``; with a ``..`` in it, resolved as the kernel would (through any
+    symbolic link), so that the spool, the pid file and the logs are not shown as
+    ``/etc/mail/../spool`` in every line that names them."""
+    joined = base / path
+    return joined.resolve() if ".." in joined.parts else joined
+
+
 def _listen_or_off(value: object) -> tuple[str, int] | None:
     return None if value == "" else parse_listen(value)
 
@@ -1151,7 +1159,7 @@ class _Reader:
             else:
                 continue
             if spec.relative and isinstance(value, Path) and not value.is_absolute():
-                value = base / value
+                value = _joined(base, value)
             out[f.name] = value
         return out
 
@@ -1347,7 +1355,7 @@ def _apply_command_line(top: dict[str, object]) -> list[Origin]:
         except (ValueError, TypeError) as exc:
             raise ConfigError(o.origin, None, f"{label}: {exc}") from None
         if spec.relative and isinstance(value, Path) and not value.is_absolute():
-            value = _command_line_cwd / value  # relative to where the command was run
+            value = _joined(_command_line_cwd, value)  # relative to where it was run
         if o.section:
             top[o.section] = replace(cast(Any, top[o.section]), **{o.key: value})
         else:
