@@ -50,6 +50,16 @@ def gateway(
     )
 
 
+def running(pid: int) -> str:
+    """How `mailgate status` begins for the default ``workers = 0``: one per CPU we may use."""
+    n = len(os.sched_getaffinity(0))
+    return (
+        f"mailgate: running (pid {pid}, {n} workers, up "
+        if n > 1
+        else f"mailgate: running (pid {pid}, up "
+    )
+
+
 def cli(gw: GatewayProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return run_cli(*args, "-c", str(gw.config))
 
@@ -306,7 +316,7 @@ def test_serve_daemon_detaches_and_stop_status_find_it_by_its_pid_file(tmp_path:
             status = cli(gw, "status")
             assert status.returncode == 0
             lines = status.stdout.splitlines()
-            assert lines[0].startswith(f"mailgate: running (pid {pid}, up ")
+            assert lines[0].startswith(running(pid))
             assert lines[1:4] == [
                 f"  config     {gw.config} (generation {load_snapshot(gw.config).generation})",
                 f"  listening  127.0.0.1:{gw.port}",
@@ -339,7 +349,7 @@ def test_stop_and_status_find_the_daemon_while_its_config_file_is_broken(
         assert cli(gw, "reload").returncode == 1
         status = cli(gw, "status")
         assert status.returncode == 0, status.stderr
-        assert status.stdout.startswith(f"mailgate: running (pid {pid}, up ")
+        assert status.stdout.startswith(running(pid))
         (warning,) = status.stderr.splitlines()
         assert warning.startswith(f"mailgate: warning: {gw.config}:")
         assert "default_action" in warning and f"(pid file {pid_file})" in warning
@@ -470,7 +480,8 @@ def test_serve_daemon_warns_when_its_lines_would_go_to_dev_null(tmp_path: Path) 
 def test_serve_daemon_logs_to_syslog_without_a_warning(tmp_path: Path) -> None:
     with Rsyslog(tmp_path / "syslog") as syslog:
         log = f'target = "syslog"\nsyslog_socket = "{syslog.socket}"\n'
-        gw = gateway(tmp_path, free_port(HOP), log=log)
+        # One process: the lines are then the pid file's process's (workers write their own).
+        gw = gateway(tmp_path, free_port(HOP), "workers = 1\n", log=log)
         with cleanup(gw):
             started = cli(gw, "serve", "--daemon")
             assert (started.returncode, started.stderr) == (0, "")

@@ -393,7 +393,7 @@ def test_status_and_the_statistics_line_count_the_queue_not_the_window(
     """A queue deeper than ``control.COUNT_BELOW`` behind a window of four: systemd's STATUS
     (the state file), the statistics line, ``mailgate status`` and mailq's header count all
     of it, as mailq lists it; with two workers each counts the whole queue and the master
-    does not add them up."""
+    does not add them up, and the statistics line is one for the daemon, the master's."""
     n = control.COUNT_BELOW + 50
     hourly = '[queue]\nrun_interval = "1h"\nretry_min = "1h"\n'
     gw = make_gateway(world.but(settings=f"workers = {workers}\n" + WINDOW + hourly), start=False)
@@ -417,12 +417,13 @@ def test_status_and_the_statistics_line_count_the_queue_not_the_window(
     mailq = run_cli("mailq", *cfg).stdout.splitlines()
     assert mailq[0] == f"\t\t{gw.spool / 'queue'} ({n} requests)"
     assert mailq[-1] == f"\t\tTotal requests: {n}"
-    gw.signal(signal.SIGUSR2)  # the master passes it on to each worker
-    wait_until(
-        lambda: len(gw.log_lines(f"queued={n}, delivering=0")) == workers,
-        "each process's statistics line",
-        GUARD,
+    gw.signal(signal.SIGUSR2)  # the master passes it on to each worker, then writes the line
+    line = wait_until(
+        lambda: gw.log_lines(f"queued={n}, delivering=0"), "the statistics line", GUARD
     )
+    assert gw.proc is not None and len(line) == 1 and f"mailgate[{gw.proc.pid}]: " in line[0]
+    time.sleep(0.5)  # the workers' reports are in: none writes a line of its own
+    assert len(gw.log_lines("statistics: ")) == 1
 
 
 def test_the_queue_count_follows_what_enters_and_leaves_between_censuses(

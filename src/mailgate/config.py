@@ -955,7 +955,7 @@ class Config:
         relative=True,
     )
     workers: int = setting(  # processes sharing the listeners and the spool; 0 = one per CPU
-        _int(0), 1, "processes sharing the listeners and the spool (`0` = one per CPU)"
+        _int(0), 0, "processes sharing the listeners and the spool (`0` = one per CPU)"
     )
     stop_grace: float = setting(
         parse_duration,
@@ -988,7 +988,8 @@ class Config:
 
     @property
     def worker_processes(self) -> int:
-        return self.workers or (os.cpu_count() or 1)
+        # The CPUs this process may run on (a container's or taskset's share), not the host's.
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def listeners(self) -> tuple[ListenerSettings, ...]:

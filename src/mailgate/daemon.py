@@ -34,7 +34,7 @@ from mailgate.queue.spool import DUE_SIGNAL, CorruptEntry, QueuedMessage, Spool
 from mailgate.reply import Reply
 from mailgate.runstate import REPORT_INTERVAL, Activity
 from mailgate.service import DRAIN_SIGNAL, ServiceEvents, Unobserved
-from mailgate.smtp.limits import Admission, Counts
+from mailgate.smtp.limits import Admission, ConnectionRate, Counts
 from mailgate.smtp.listener import Arrival, Listener, bind_socket
 from mailgate.smtp.server import SmtpServerProtocol
 from mailgate.snapshot import Snapshot, try_reload
@@ -115,6 +115,7 @@ class Gateway:
         self.admission = Admission(counts)
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self.timeouts = self._timeouts_now()
+        self._stats_task: asyncio.Task[None] | None = None  # the hourly statistics line
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
@@ -146,14 +147,15 @@ class Gateway:
             if self.sockets is not None
             else [bind_socket(*listener.address) for listener in cfg.listeners]
         )
-        for sock, settings in zip(socks, cfg.listeners, strict=True):
+        for index, (sock, settings) in enumerate(zip(socks, cfg.listeners, strict=True)):
             listener = Listener(
                 sock,
                 self._new_session,
-                # Sendmail's rate is per daemon: each of N workers takes its share.
-                rate=lambda: -(-self.snapshot.config.smtp.connection_rate_throttle // self.workers),
+                rate=lambda: self.snapshot.config.smtp.connection_rate_throttle,
                 has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
                 settings=partial(self._listener_settings, settings),
+                # Sendmail's rate is per listening socket, counted over every worker.
+                throttle=ConnectionRate(self.admission.counts, index),
             )
             listener.start()
             assert listener.task is not None
@@ -161,7 +163,8 @@ class Gateway:
             self.listeners.append(listener)
         self.metrics.started(os.getpid(), listening=True)
         loop = asyncio.get_running_loop()
-        self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
+        if self.workers == 1:  # else the master writes the daemon's line
+            self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
         # The queue is taken on once we greet: its first pass is start-up's recovery.
         self.feeder.start()
         self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
@@ -314,10 +317,11 @@ class Gateway:
         # closed): the last ones see it through.
         if self.monitor is not None:
             await self.monitor.close()
-        self._stats_task.cancel()
         await self.feeder.stop()
         self._report_task.cancel()
-        self.log_statistics()
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+            self.log_statistics()
         await self.scheduler.stop(grace=max(0.0, deadline - loop.time()))
         if self.delivery.connections is not None:
             await self.delivery.connections.close_all()
@@ -528,23 +532,11 @@ class Gateway:
 
     def log_statistics(self) -> None:
         """One maillog line of counters, like Postfix's anvil statistics (also on SIGUSR2):
-        this process's row of the metrics (a restarted worker's includes its predecessors')."""
-        row = self.metrics.value
-        connections = metrics.CONNECTIONS
+        this process's row of the metrics (a restarted worker's includes its predecessors').
+        With workers the master writes the daemon's line instead (master.py)."""
+        counts = metrics.statistics_counts(self.metrics.value)
         maillog.statistics(
-            {
-                "connections": sum(row(connections.base + i) for i in range(connections.size)),
-                "messages_received": row(metrics.MESSAGES_RECEIVED),
-                "early_talkers": row(metrics.connection("early_talker")),
-                "rcpt_throttled": row(metrics.event("rcpt_throttled")),
-                "bad_rcpt_disconnects": row(metrics.event("bad_rcpt_disconnect")),
-                "per_ip_limit": row(metrics.connection("per_ip_limit")),
-                "connect_refused": row(metrics.connection("access_refused")),
-                "bare_newline": row(metrics.event("bare_newline")),
-                "improper_pipelining": row(metrics.event("improper_pipelining")),
-                "stress": row(metrics.STRESS_EPISODES),
-                "log_lines_lost": maillog.lost_lines(),
-            },
+            counts | {"log_lines_lost": maillog.lost_lines()},
             len(self.sessions),
             self.queued(),
             self.scheduler.active,
@@ -588,8 +580,10 @@ class Gateway:
 
     def statistics_now(self) -> None:
         """SIGUSR2: the statistics line in the log, and the counts in the state file and
-        systemd's STATUS brought up to date."""
-        self.log_statistics()
+        systemd's STATUS brought up to date (with workers, the master writes the line once
+        every worker's report is in)."""
+        if self.workers == 1:
+            self.log_statistics()
         self.events.activity(self.activity())
 
 

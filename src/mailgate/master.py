@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate import maillog, metrics, monitor
-from mailgate.daemon import install_event_loop, serve, setup_log
+from mailgate.daemon import STATISTICS_INTERVAL, install_event_loop, serve, setup_log
 from mailgate.queue.spool import DUE_SIGNAL, Spool
 from mailgate.runstate import Activity
 from mailgate.service import DRAIN_SIGNAL, Lifecycle
@@ -75,7 +75,8 @@ class WorkerReports:
         self._send("reloaded", error=error[: self.MAX_ERROR] if error else None)
 
     def activity(self, counts: Activity) -> None:
-        self._send("activity", **asdict(counts))
+        # With the log lines it could not write: the master's statistics line sums them.
+        self._send("activity", **asdict(counts), log_lines_lost=maillog.lost_lines())
 
     def draining(self) -> None:
         pass  # the master said so when it got the signal
@@ -90,6 +91,7 @@ class Worker:
     generation: int  # of the master's checked config it was forked with
     listening: bool = False
     activity: Activity = field(default_factory=Activity)
+    log_lines_lost: int = 0
 
 
 class Master:
@@ -117,7 +119,8 @@ class Master:
             maillog.recovered_incoming(moved, cfg.spool_dir)
         self.running = snapshot  # the newest config that passed its check: a new worker's
         self.generation = 0  # of ``running``: a worker forked before a reload needs a HUP
-        self.counts = SharedCounts(workers)  # connection counts for the whole daemon
+        # Connection counts and rates for the whole daemon (listeners change only at a restart).
+        self.counts = SharedCounts(workers, len(cfg.listeners))
         self.table = metrics.Table(workers)  # the daemon's metrics, one row per worker
         self.children: dict[int, Worker] = {}  # pid → worker
         self.dead: dict[int, list[int]] = {i: [] for i in range(workers)}  # index → its pids
@@ -129,6 +132,12 @@ class Master:
         self.stopping = False
         self.draining = False  # `mailgate drain`: a worker that ends is not replaced
         self.signals: list[int] = []
+        # The daemon's statistics line: hourly, and on USR2 once every worker asked has
+        # reported its counts since (None: no USR2 pending).
+        self.statistics_at = time.monotonic() + STATISTICS_INTERVAL
+        self.statistics_awaited: set[int] | None = None
+        self.lines_lost_by_dead = 0  # the log lines the dead workers could not write
+        self.last_queued = 0  # the queue's count in the last report (the last line's)
         self.events_r, self.events_w = os.pipe()  # the workers' WorkerReports lines
         self.wake_r, self.wake_w = os.pipe()  # signal.set_wakeup_fd: a signal ends the select
         for fd in (self.events_r, self.events_w, self.wake_r, self.wake_w):
@@ -200,6 +209,9 @@ class Master:
             self._read_reports()
             self._reap()
             self._restart_due()
+            if time.monotonic() >= self.statistics_at and not self.stopping:
+                self.log_statistics()
+        self.log_statistics()  # the last one, once every worker is gone
         signal.set_wakeup_fd(-1)
 
     def _on_signal(self, sig: int, _frame: object) -> None:
@@ -222,6 +234,11 @@ class Master:
                 self._reload()
             elif sig == DRAIN_SIGNAL:
                 self._start_drain()
+            elif sig == signal.SIGUSR2:
+                # Each worker reports its counts on USR2: the line waits for their reports.
+                self.statistics_awaited = {p for p, w in self.children.items() if w.listening}
+                self._forward(sig)
+                self._statistics_answered()
             else:
                 self._forward(sig)
 
@@ -324,8 +341,13 @@ class Master:
                 report["delivering"],
                 report.get("counted", False),
             )
+            worker.log_lines_lost = report.get("log_lines_lost", 0)
+            self.last_queued = self._activity().queued
             if self.ready and not self.stopping:
                 self.lifecycle.activity(self._activity())
+            if self.statistics_awaited is not None:
+                self.statistics_awaited.discard(pid)
+                self._statistics_answered()
 
     def _activity(self) -> Activity:
         total = Activity()
@@ -343,6 +365,26 @@ class Master:
             counted=bool(reports) and all(a.counted for a in reports),
         )
 
+    def _statistics_answered(self) -> None:
+        if self.statistics_awaited is not None and not self.statistics_awaited:
+            self.statistics_awaited = None
+            self.log_statistics()
+
+    def log_statistics(self) -> None:
+        """The daemon's ``statistics:`` line (Postfix's anvil writes one for the service): the
+        metrics summed over the workers' rows (a dead worker's counts stay in its row), the
+        open sessions of the shared admission counts, the rest from the workers' reports."""
+        self.statistics_at = time.monotonic() + STATISTICS_INTERVAL
+        activity = self._activity()
+        lost = self.lines_lost_by_dead + maillog.lost_lines()
+        lost += sum(w.log_lines_lost for w in self.children.values())
+        maillog.statistics(
+            metrics.statistics_counts(self.table.value) | {"log_lines_lost": lost},
+            self.counts.total(),
+            activity.queued if self.children else self.last_queued,
+            activity.delivering,
+        )
+
     def _reap(self) -> None:
         while self.children:
             try:
@@ -354,6 +396,10 @@ class Master:
             worker = self.children.pop(pid, None)
             if worker is None:
                 continue
+            self.lines_lost_by_dead += worker.log_lines_lost
+            if self.statistics_awaited is not None:
+                self.statistics_awaited.discard(pid)
+                self._statistics_answered()
             if pid in self.awaiting_reload:
                 self.awaiting_reload.discard(pid)
                 self._reload_answered()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import product
 from typing import Literal, get_args
@@ -292,6 +293,23 @@ def rejection(reason: RejectReason) -> int:
 
 def event(name: str) -> int:
     return EVENTS.slot(name)
+
+
+def statistics_counts(value: Callable[[int], int]) -> dict[str, int]:
+    """The counters of the maillog's ``statistics:`` line, in its order, each read by
+    ``value`` (a word of one row, or its sum over the rows)."""
+    return {
+        "connections": sum(value(CONNECTIONS.base + i) for i in range(CONNECTIONS.size)),
+        "messages_received": value(MESSAGES_RECEIVED),
+        "early_talkers": value(connection("early_talker")),
+        "rcpt_throttled": value(event("rcpt_throttled")),
+        "bad_rcpt_disconnects": value(event("bad_rcpt_disconnect")),
+        "per_ip_limit": value(connection("per_ip_limit")),
+        "connect_refused": value(connection("access_refused")),
+        "bare_newline": value(event("bare_newline")),
+        "improper_pipelining": value(event("improper_pipelining")),
+        "stress": value(STRESS_EPISODES),
+    }
 
 
 def tls(side: str, ok: bool) -> int:

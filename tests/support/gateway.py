@@ -8,9 +8,11 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from types import TracebackType
 
+from mailgate import runstate
 from tests.support.rawsmtp import RawSmtp
 from tests.support.wait import wait_until
 
@@ -119,13 +121,25 @@ class GatewayProcess:
         return self
 
     def _listening(self) -> bool:
+        """Ready: the state file says so. With workers the master binds the sockets before
+        it forks, so a connection is accepted (into the backlog) before any worker serves,
+        and a test that went on at once would signal workers that are still starting."""
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(
                 f"mailgate exited with {self.proc.returncode}: "
                 f"{(self.dir / 'stderr.log').read_text()}"
             )
-        return accepts(self.host, self.port)
+        state = self._state_file()
+        if state is None:  # no pid file, so no state file: a listening socket will do
+            return accepts(self.host, self.port)
+        found = runstate.read(state)
+        return found is not None and found.pid == self.proc.pid and found.phase == "ready"
+
+    def _state_file(self) -> Path | None:
+        top = tomllib.loads(self.config.read_text())
+        pid_file = top.get("pid_file", f"{top.get('spool_dir', 'spool')}/mailgate.pid")
+        return runstate.state_path(self.dir / pid_file) if pid_file else None
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None

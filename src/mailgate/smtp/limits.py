@@ -10,9 +10,12 @@ dictionaries. With ``workers > 1`` the master makes a :class:`SharedCounts` befo
 arrays in shared memory, one row per worker, holding its total and its per-address counts
 hashed into 65,536 slots; a count is the sum over the rows. Two addresses in one slot share
 a count, so the per-IP limit can only ever bite early for a neighbour of a busy address, never
-late; the total is exact. The connection *rate* is not shared: each worker takes its share of
-``connection_rate_throttle`` (the kernel spreads the connections among the workers' accept
-loops evenly).
+late; the total is exact.
+
+The connection rate (:class:`ConnectionRate`, Sendmail's ConnectionRateThrottle: per listening
+socket, per wall-clock second) is counted the same way: each worker's row holds, per listener,
+the second it last accepted in and how many it accepted in it; the daemon's count for a second
+is the sum of the rows that are in that second.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ class Counts(Protocol):
 
     def total(self) -> int: ...
 
+    def arrive(self, listener: int, second: int, delta: int) -> None: ...
+
+    def arrivals(self, listener: int, second: int) -> int: ...
+
 
 class LocalCounts:
     """One process's counts."""
@@ -43,6 +50,7 @@ class LocalCounts:
     def __init__(self) -> None:
         self._per_ip: Counter[str] = Counter()
         self._total = 0
+        self._arrivals: dict[int, tuple[int, int]] = {}  # listener → (second, connections)
 
     def add(self, ip: str, delta: int) -> None:
         count = self._per_ip[ip] + delta
@@ -58,6 +66,18 @@ class LocalCounts:
     def total(self) -> int:
         return self._total
 
+    def arrive(self, listener: int, second: int, delta: int) -> None:
+        last, count = self._arrivals.get(listener, (second, 0))
+        if last != second:
+            if delta < 0:  # given back after its second ended: nothing to take back
+                return
+            count = 0
+        self._arrivals[listener] = (second, count + delta)
+
+    def arrivals(self, listener: int, second: int) -> int:
+        last, count = self._arrivals.get(listener, (second, 0))
+        return count if last == second else 0
+
 
 def _slot(ip: str) -> int:
     return zlib.crc32(ip.encode()) % SLOTS
@@ -70,11 +90,13 @@ class SharedCounts:
     add the rows up. When a worker dies the master zeroes its row before it starts the next
     one, so a killed worker's sessions stop counting with it."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, listeners: int) -> None:
         self.workers = workers
-        self._rows = multiprocessing.get_context("fork").RawArray(
-            ctypes.c_int, workers * (SLOTS + 1)
-        )
+        self.listeners = listeners
+        context = multiprocessing.get_context("fork")
+        self._rows = context.RawArray(ctypes.c_int, workers * (SLOTS + 1))
+        # Per worker and listener: the second of its last accept, and its accepts in it.
+        self._arrivals = context.RawArray(ctypes.c_longlong, workers * listeners * 2)
         self.row = 0  # set in each worker after the fork
 
     def _sum(self, slot: int) -> int:
@@ -91,6 +113,24 @@ class SharedCounts:
 
     def total(self) -> int:
         return self._sum(SLOTS)
+
+    def arrive(self, listener: int, second: int, delta: int) -> None:
+        at = (self.row * self.listeners + listener) * 2
+        rows = self._arrivals
+        if rows[at] != second:
+            if delta < 0:  # given back after its second ended: nothing to take back
+                return
+            # The count first: a reader between the two writes sees 0 in either second.
+            rows[at + 1] = 0
+            rows[at] = second
+        rows[at + 1] += delta
+
+    def arrivals(self, listener: int, second: int) -> int:
+        rows, step = self._arrivals, self.listeners * 2
+        at = listener * 2
+        return sum(
+            rows[w * step + at + 1] for w in range(self.workers) if rows[w * step + at] == second
+        )
 
     def clear_row(self, row: int) -> None:
         """The worker of this row is gone (called by the master)."""
@@ -138,6 +178,39 @@ class Admission:
     @property
     def open_sessions(self) -> int:
         return self.counts.total()
+
+
+class ConnectionRate:
+    """Sendmail's ConnectionRateThrottle for one listening socket: at most ``rate`` new
+    connections a wall-clock second, over every worker (0: no limit). The rest wait (in the
+    kernel's listen queue, or with their PROXY header read) until the next second.
+
+    A place is taken, then the count asked again, as :meth:`Admission.admit` does: of two
+    workers that take the last place at the same instant both give it back and try again a
+    moment later, so a second never holds more than ``rate``."""
+
+    RETRY = 0.002  # seconds: after giving back a place another worker took at the same time
+
+    def __init__(self, counts: Counts, listener: int) -> None:
+        self.counts = counts
+        self.listener = listener
+
+    def take(self, rate: int, now: float) -> float:
+        """0, and a place in this second is taken; else the seconds to wait, nothing taken."""
+        if rate <= 0:
+            return 0.0
+        second = int(now)
+        if self.counts.arrivals(self.listener, second) >= rate:
+            return (second + 1) - now
+        self.counts.arrive(self.listener, second, 1)
+        if self.counts.arrivals(self.listener, second) > rate:
+            self.counts.arrive(self.listener, second, -1)
+            return min(self.RETRY, (second + 1) - now)
+        return 0.0
+
+    def give_back(self, now: float) -> None:
+        """A place taken at ``now`` went unused (no connection was waiting)."""
+        self.counts.arrive(self.listener, int(now), -1)
 
 
 def per_ip_refusal(ip: str, hostname: str) -> Reply:

@@ -29,6 +29,7 @@ from typing import Any
 from mailgate import maillog
 from mailgate.config import ListenerSettings, Network
 from mailgate.smtp import proxy
+from mailgate.smtp.limits import ConnectionRate, LocalCounts
 
 # Errors from accept() that concern one connection, not the listener.
 _TRANSIENT = {
@@ -94,29 +95,6 @@ def bind_socket(host: str, port: int, *, backlog: int = 4096) -> socket.socket:
     return sock
 
 
-class RateLimiter:
-    """At most ``rate`` events per wall-clock second (0 = unlimited), as Sendmail counts them."""
-
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.second = 0
-        self.count = 0
-
-    def delay(self, now: float) -> float:
-        """Seconds to wait before the next event may happen (0 = now)."""
-        if self.rate <= 0:
-            return 0.0
-        if int(now) > self.second or self.count < self.rate:
-            return 0.0
-        return (self.second + 1) - now
-
-    def record(self, now: float) -> None:
-        second = int(now)
-        if second > self.second:
-            self.second, self.count = second, 0
-        self.count += 1
-
-
 @dataclass(frozen=True, slots=True)
 class Arrival:
     """What the listener knows of a connection before its session starts."""
@@ -150,12 +128,13 @@ class Listener:
         rate: Callable[[], int],
         has_room: Callable[[], bool],
         settings: Callable[[], ListenerSettings] | None = None,
+        throttle: ConnectionRate | None = None,
     ) -> None:
         sock.setblocking(False)  # run() tries accept() before it waits
         self.sock = sock
         self.factory = protocol_factory
-        self.limiter = RateLimiter(rate())
-        self.rate = rate
+        self.rate = rate  # the throttle's connections a second now (a reload may change it)
+        self.throttle = throttle if throttle is not None else ConnectionRate(LocalCounts(), 0)
         self.has_room = has_room
         # The listener's settings in force now (a reload may change its PROXY trust).
         self.settings = settings or (lambda: ListenerSettings(address=("0.0.0.0", 0)))
@@ -178,13 +157,12 @@ class Listener:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self.limiter.rate = self.rate()  # follows a reload
             settings = self.settings()
-            if settings.proxy_protocol is None:
-                wait = self.limiter.delay(time.time())
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                    continue
+            # The rate counts clients: on a PROXY listener it is taken after the header.
+            throttled = settings.proxy_protocol is None
+            if throttled and (wait := self.throttle.take(self.rate(), time.time())) > 0:
+                await asyncio.sleep(wait)
+                continue
             while not self.has_room() or len(self.handshakes) >= MAX_HANDSHAKES:
                 await asyncio.sleep(0.05)
             try:
@@ -194,7 +172,15 @@ class Listener:
                     # add and delete, an ioctl: five system calls a connection under load).
                     conn, addr = self.sock.accept()
                 except BlockingIOError:
+                    if throttled:  # the place goes back while nobody is waiting
+                        self.throttle.give_back(time.time())
                     conn, addr = await loop.sock_accept(self.sock)
+                    if throttled:
+                        try:
+                            await self._take_place()
+                        except BaseException:
+                            conn.close()
+                            raise
             except OSError as exc:
                 if exc.errno in _TRANSIENT:
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
@@ -209,8 +195,12 @@ class Listener:
                 self.handshakes.add(task)
                 task.add_done_callback(self.handshakes.discard)
                 continue
-            self.limiter.record(time.time())
             await self._start_session(conn, DIRECT, loop)
+
+    async def _take_place(self) -> None:
+        """A place in the connection rate for a connection already accepted."""
+        while (wait := self.throttle.take(self.rate(), time.time())) > 0:
+            await asyncio.sleep(wait)
 
     async def _start_session(
         self,
@@ -237,10 +227,7 @@ class Listener:
             if arrival is None:
                 conn.close()
                 return
-            # The rate throttle counts clients, so it applies now, not at the accept.
-            while (wait := self.limiter.delay(time.time())) > 0:
-                await asyncio.sleep(wait)
-            self.limiter.record(time.time())
+            await self._take_place()
         except BaseException:
             conn.close()
             raise
