@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
@@ -117,6 +118,7 @@ class GatewayProcess:
             env=env,
             cwd=self.dir,
         )
+        self._log_at_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         wait_until(self._listening, "mailgate to listen", timeout)
         return self
 
@@ -134,7 +136,13 @@ class GatewayProcess:
         if state is None:  # no pid file, so no state file: a listening socket will do
             return accepts(self.host, self.port)
         found = runstate.read(state)
-        return found is not None and found.pid == self.proc.pid and found.phase == "ready"
+        if found is not None and found.pid == self.proc.pid:
+            return found.phase == "ready"
+        # A state file that could not be written (the spool's disk is full): a start line.
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as log:
+            log.seek(self._log_at_start)
+            return b"starting daemon (mailgate)" in log.read() and accepts(self.host, self.port)
+        return False
 
     def _state_file(self) -> Path | None:
         top = tomllib.loads(self.config.read_text())

@@ -821,8 +821,12 @@ class Spool:
 
     # -- free space ------------------------------------------------------------------------------
     FREE_SPACE_TTL = 1.0  # seconds one statvfs answer stands for
+    # Within this of the reserve, every check looks again: the other workers' writes are
+    # not in this process's ``_spent``, and N of them could run through the reserve within
+    # the TTL (statvfs costs a microsecond; far from the reserve it is not worth it).
+    NEAR_RESERVE = 64 * 1024 * 1024
 
-    def free_space(self) -> int:
+    def free_space(self, *, look: bool = False) -> int:
         """Bytes available (to non-root users, as Sendmail and Postfix count them) in the
         spool's file system, less what this process has written since it last looked.
 
@@ -831,9 +835,10 @@ class Spool:
         is taken off the figure (each file rounded up a block), so a burst cannot run through
         the reserve within the second: on the test's 4 MiB disk 4 clients filled it all in
         less than that. Space freed in between is seen at the next look, and a write that
-        finds the disk full makes the next call look at once."""
+        finds the disk full makes the next call look at once. ``look``: now, whatever the
+        age of the last answer (``room_for`` near the reserve)."""
         now = time.monotonic()
-        if now - self._free_at >= self.FREE_SPACE_TTL:
+        if look or now - self._free_at >= self.FREE_SPACE_TTL:
             try:
                 st = os.statvfs(self.root)
             except OSError:
@@ -861,6 +866,8 @@ class Spool:
         if min_free <= 0:
             return True
         free = self.free_space()
+        if free - size < min_free + self.NEAR_RESERVE:
+            free = self.free_space(look=True)
         low = free < min_free
         if low != self._low:
             self._low = low
