@@ -886,7 +886,8 @@ def keeping(module_gateway: GatewayFactory, world: World, kept: TestMilter) -> G
     probe, filtered = free_port(), free_port()
     gw = module_gateway(
         world.but(
-            settings=f'listen = ["127.0.0.1:{probe}", "127.0.0.1:{filtered}"]\n'
+            # One process: the kept connections are each worker's own.
+            settings=f'workers = 1\nlisten = ["127.0.0.1:{probe}", "127.0.0.1:{filtered}"]\n'
             + milter_entry(
                 "kept",
                 kept.socket,

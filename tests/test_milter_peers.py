@@ -218,7 +218,8 @@ def kept_for(gf: GatewayFactory, world: World, name: str, socket: str, more: str
     probe, filtered = free_port(), free_port()
     gw = gf(
         world.but(
-            settings=f'listen = ["127.0.0.1:{probe}", "127.0.0.1:{filtered}"]\n'
+            # One process: the kept connections are each worker's own.
+            settings=f'workers = 1\nlisten = ["127.0.0.1:{probe}", "127.0.0.1:{filtered}"]\n'
             f'[[milter]]\nname = "{name}"\nsocket = "{socket}"\nreuse_connections = 1\n'
             f'listen = ["127.0.0.1:{filtered}"]\n{more}'
         ),

@@ -243,7 +243,7 @@ def test_a_restart_on_a_deep_queue_greets_before_its_first_pass_ends(
     finally:
         hole.stop()
     hop1.start()
-    gw.wait_log("recovered 40 queued message(s)", GUARD)
+    wait_until(lambda: gw.recovered() == 40, "40 recovered (each worker its share)", GUARD)
     wait_until(lambda: all(gw.log_lines(q, "stat=Sent") for q in qids), "40 sent", GUARD)
     assert len(hop1.messages) == 40
     wait_until(lambda: gw.queued() == [], "an empty queue", GUARD)

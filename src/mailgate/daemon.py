@@ -40,6 +40,7 @@ from mailgate.smtp.server import SmtpServerProtocol
 from mailgate.snapshot import Snapshot, try_reload
 
 STATISTICS_INTERVAL = 3600.0  # seconds between maillog statistics lines
+STRESS_LOOK = 1.0  # seconds, with workers: how often each looks at the daemon's sessions
 DRAIN_POLL = 0.2  # seconds between looks, while draining, at whether the work is done
 
 
@@ -116,6 +117,7 @@ class Gateway:
         self.stressed = False  # Postfix's stress mode: most of max_connections in use
         self.timeouts = self._timeouts_now()
         self._stats_task: asyncio.Task[None] | None = None  # the hourly statistics line
+        self._stress_task: asyncio.Task[None] | None = None  # with workers: stress mode
         self._flushing: set[str] = set()  # domains an ETRN scan is under way for
         self._background: set[asyncio.Task[Any]] = set()
         self.listeners: list[Listener] = []
@@ -165,6 +167,8 @@ class Gateway:
         loop = asyncio.get_running_loop()
         if self.workers == 1:  # else the master writes the daemon's line
             self._stats_task = loop.create_task(self._statistics_every(STATISTICS_INTERVAL))
+        else:  # the other workers' sessions move the count too
+            self._stress_task = loop.create_task(self._stress_every(STRESS_LOOK))
         # The queue is taken on once we greet: its first pass is start-up's recovery.
         self.feeder.start()
         self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
@@ -319,6 +323,8 @@ class Gateway:
             await self.monitor.close()
         await self.feeder.stop()
         self._report_task.cancel()
+        if self._stress_task is not None:
+            self._stress_task.cancel()
         if self._stats_task is not None:
             self._stats_task.cancel()
             self.log_statistics()
@@ -383,7 +389,8 @@ class Gateway:
         ``stress_timeout`` instead of the RFC's minutes, until the load falls back below 90 %
         of that mark (the margin keeps one connection coming and going from flapping it).
         The count is the whole daemon's; each worker looks at it when its own sessions come
-        and go, and changes the timeouts of its own."""
+        and go, and every ``STRESS_LOOK`` seconds (the others' sessions move it too), and
+        changes the timeouts of its own."""
         smtp = self.snapshot.config.smtp
         mark = max(1, math.ceil(smtp.max_connections * smtp.stress_threshold))
         open_now = self.admission.open_sessions
@@ -400,6 +407,11 @@ class Gateway:
             maillog.stress_ended(
                 open_now, smtp.max_connections, smtp.command_timeout, smtp.data_timeout
             )
+
+    async def _stress_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._check_stress()
 
     def _timeouts_now(self) -> tuple[float, float]:
         """The command and DATA timeouts in force (shorter under stress): kept in

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import re
 import smtplib
 import subprocess
 import threading
@@ -314,11 +313,6 @@ def mail_code(s: smtplib.SMTP) -> int:
     return code
 
 
-def recovered(gw: GatewayProcess) -> int:
-    """The queued messages the daemon's start-up passes found (with workers, each its share)."""
-    return sum(int(m) for m in re.findall(r"recovered (\d+) queued message", gw.log()))
-
-
 def test_space_running_out_after_mail_gets_452_at_data_and_at_the_end_of_data(
     tmp_path: Path, tmpfs: Mount
 ) -> None:
@@ -474,7 +468,7 @@ def test_mail_fills_the_spool_then_nothing_is_lost_and_acceptance_resumes(
         gw.kill9()
         gw.start()
         wait_until(
-            lambda: recovered(gw) == len(acked), f"{len(acked)} queued messages recovered", 20
+            lambda: gw.recovered() == len(acked), f"{len(acked)} queued messages recovered", 20
         )
         assert entries(spool / "corrupt") == []
         assert set(gw.queued()) == set(acked.values())

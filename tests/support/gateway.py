@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -183,6 +184,11 @@ class GatewayProcess:
             lambda: f"{text!r} in the maillog:\n{self.log()}",
             timeout,
         )
+
+    def recovered(self) -> int:
+        """The queued messages the start-up passes found ("recovered N queued message(s)";
+        with workers, each its share)."""
+        return sum(int(n) for n in re.findall(r"recovered (\d+) queued message", self.log()))
 
     def log_lines(self, *needles: str) -> list[str]:
         """The maillog lines that hold every one of ``needles``."""
