@@ -893,7 +893,7 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
     assert cfg.listen == (("127.0.0.1", 2525),)
     assert (cfg.spool_dir, cfg.tables_dir) == (tmp_path / "spool", tmp_path)
     assert cfg.pid_file == tmp_path / "spool" / "mailgate.pid"
-    assert (cfg.relay_hosts_only, cfg.workers, cfg.stop_grace) == (True, 1, 10.0)
+    assert (cfg.relay_hosts_only, cfg.workers, cfg.stop_grace) == (True, 0, 10.0)
     assert cfg.smtp == SmtpSettings(
         greet_pause=5.0,
         max_message_size=50 * MIB,

@@ -750,7 +750,10 @@ def crowd_gw(module_gateway: GatewayFactory, sinks: Sinks) -> GatewayProcess:
     # raise its own; a soft limit of 1024 would stop it at ~1,000 sessions: EMFILE)
     if not raise_nofile(CROWD + 512):
         pytest.skip(f"RLIMIT_NOFILE hard limit below {CROWD + 512}")
-    return module_gateway(abuse_world(sinks).but(settings=smtp), host="127.0.0.12")
+    # One process: the test counts the descriptors and memory of the daemon's pid.
+    return module_gateway(
+        abuse_world(sinks).but(settings="workers = 1\n" + smtp), host="127.0.0.12"
+    )
 
 
 def test_2000_half_open_connections_while_a_polite_client_is_served(
