@@ -46,7 +46,8 @@ def test_event_lines_keep_their_text(log: Path) -> None:
     maillog.bare_newline("[192.0.2.1]", "bare\nLF")
     maillog.message_refused("q1", "[192.0.2.1]", "552 5.3.4 too big")
     maillog.statistics({"connections": 3, "stress": 0}, 1, 2, 0)
-    maillog.worker_exited(1, 42, 9)
+    maillog.worker_exited(1, 42, 9)  # waitpid's status: killed by SIGKILL
+    maillog.worker_exited(0, 43, 1 << 8)  # exit(1)
     maillog.submitted("q2", "root@gw.example", 302, 1, "<m@gw.example>", "root")
     assert lines(log) == [
         "rejecting commands from [192.0.2.1] [192.0.2.1] due to pre-greeting traffic after 2 "
@@ -61,7 +62,8 @@ def test_event_lines_keep_their_text(log: Path) -> None:
         "[192.0.2.1]: bare LF in a command line (possible SMTP smuggling); closing connection",
         "q1: message from [192.0.2.1] refused: 552 5.3.4 too big",
         "statistics: connections=3, stress=0, sessions_now=1, queued=2, delivering=0",
-        "worker 1 (pid 42) exited with status 9; restarting it",
+        "worker 1 (pid 42) killed by signal 9; restarting it",
+        "worker 0 (pid 43) exited with status 1; restarting it",
         "q2: from=<root@gw.example>, size=302, class=0, nrcpts=1, msgid=<m@gw.example>, "
         "relay=root@localhost",
     ]

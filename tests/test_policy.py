@@ -389,15 +389,6 @@ def test_local_recipient_from_temp_ptr_client(tmp_path: Path) -> None:
     assert rcpt_reply(snap, "u@targetdomain1.com", temp) == ok("u@targetdomain1.com")
 
 
-def test_relay_check_precedes_route_check(tmp_path: Path) -> None:
-    """A relaying client reaches the route check; an outside client gets relay-denied."""
-    snap = snapshot(tmp_path, {"mailertable": "example.org error:5.7.1:550 Refused here\n"})
-    assert rcpt_reply(snap, "x@example.org") == denied("x@example.org")
-    assert rcpt_reply(snap, "x@example.org", Client("127.0.0.1")) == (
-        "550 5.7.1 <x@example.org>... Refused here"
-    )
-
-
 # -- things that are not relay permission (§3) ------------------------------------------------
 
 
@@ -501,8 +492,20 @@ def test_mailertable_error_nouser_misparse(tmp_path: Path) -> None:
     assert rcpt_reply(snap, "x@a.nouser.example.org", relay_client) == (
         "553 5.3.0 <x@a.nouser.example.org>... nouser No such domain here"
     )
-    # Without relay permission the relay check answers first.
-    assert rcpt_reply(snap, "x@a.nouser.example.org") == denied("x@a.nouser.example.org")
+    # Without relay permission too: Sendmail parses the address (ruleset 0, the mailertable)
+    # before check_rcpt, so the entry answers, not the relay check (real Sendmail 8.17 does).
+    assert rcpt_reply(snap, "x@a.nouser.example.org") == (
+        "553 5.3.0 <x@a.nouser.example.org>... nouser No such domain here"
+    )
+
+
+def test_a_mailertable_error_answers_before_the_relay_check(tmp_path: Path) -> None:
+    snap = snapshot(tmp_path, {"mailertable": ERRORS["mailertable"]})  # no To: RELAY at all
+    assert rcpt_reply(snap, "x@later.example.org") == "451 4.3.0 Try again later"
+    assert rcpt_reply(snap, "x@refused.example.org") == (
+        "550 5.7.1 <x@refused.example.org>... Mail for this domain is refused"
+    )
+    assert rcpt_reply(snap, "x@other.example.org") == denied("x@other.example.org")
 
 
 # -- virtusertable at RCPT (§6) ----------------------------------------------------------------

@@ -817,3 +817,29 @@ def test_remembered_remote_routes_are_bounded(tmp_path: Path) -> None:
     for i in range(REMOTE_ROUTES_KEPT + 10):
         resolve(Mailbox(f"u{i}", "far.example.net"), snap.routing)
     assert 0 < len(snap.routing.remote_routes) <= REMOTE_ROUTES_KEPT
+
+
+def test_plussed_local_users_and_aliases(tmp_path: Path) -> None:
+    """Sendmail's plussed users: user+detail is looked up in aliases as itself, then
+    user+*, then user; not aliased, it is the account's (a real Sendmail accepts
+    root+detail@its name, and virtusertable misses fall to the same)."""
+    snap = snapshot(
+        tmp_path,
+        {
+            "aliases": "staff: alice, bob\nbob+*: carol@example.net\nbob+list: alice\n",
+            "mailertable": "keep.example local:\n",
+        },
+    )
+    assert brief(route(snap, f"alice+detail@{HOST}")) == [("local", "alice", "")]
+    assert brief(route(snap, f"alice+@{HOST}")) == [("local", "alice", "")]
+    assert brief(route(snap, "alice+x")) == [("local", "alice", "")]
+    assert brief(route(snap, f"staff+x@{HOST}")) == [("local", "alice", ""), ("local", "bob", "")]
+    assert brief(route(snap, f"bob+x@{HOST}")) == [("esmtp", "carol@example.net", "example.net")]
+    assert brief(route(snap, f"bob+list@{HOST}")) == [("local", "alice", "")]
+    assert brief(route(snap, f"postmaster+x@{HOST}")) == brief(route(snap, f"postmaster@{HOST}"))
+    assert brief(route(snap, "alice+x@keep.example")) == [("local", "alice", "")]
+    [unknown] = route(snap, f"nosuchuser+x@{HOST}")
+    assert unknown.mailer == "error" and unknown.error is not None
+    assert unknown.error.dsn == "5.1.1"
+    [odd] = route(snap, f"+x@{HOST}")  # no user before the +: the name as it is
+    assert odd.mailer == "error"

@@ -4,11 +4,13 @@ and a kill -9 of the master takes the workers with it without losing acknowledge
 from __future__ import annotations
 
 import os
+import selectors
 import signal
+import time
 from pathlib import Path
 
 from tests.support.crash import children_of
-from tests.support.gateway import GatewayProcess
+from tests.support.gateway import GatewayProcess, free_port
 from tests.support.rawsmtp import RawSmtp
 from tests.support.world import HOP1 as HOP
 from tests.support.world import GatewayFactory, SinkFactory, World, wait_until
@@ -182,3 +184,52 @@ def test_a_restarted_worker_frees_what_the_dead_one_left_in_trash(
     wait_until(lambda: not any(p.exists() for p in left), "trash/ to be emptied", 10)
     send(gw, "after")
     assert len(sink.wait_for(2, timeout=15)) == 2
+
+
+def greeted(conns: list[RawSmtp], seconds: float) -> list[RawSmtp]:
+    """Those of ``conns`` that got their 220 within ``seconds`` (the rest wait, unanswered)."""
+    waiting = {c.sock: c for c in conns}
+    got: list[RawSmtp] = []
+    with selectors.DefaultSelector() as sel:
+        for sock in waiting:
+            sel.register(sock, selectors.EVENT_READ)
+        deadline = time.monotonic() + seconds
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for key, _ in sel.select(left):
+                c = waiting.pop(key.fileobj)  # type: ignore[call-overload]
+                sel.unregister(key.fileobj)
+                assert c.read_reply().code == 220
+                got.append(c)
+    return got
+
+
+def test_the_connection_ceiling_is_the_whole_daemons_on_plain_and_proxy_listeners(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
+    """max_connections = 4 with two workers: a fifth connection waits unanswered, whichever
+    worker would take it, and behind a PROXY listener too (the sessions its headers name
+    count, not the proxy's connections); one session ending lets one more in."""
+    proxied = free_port()
+    gw = make_gateway(world(make_sink(HOP).port, "[smtp]\nmax_connections = 4\n"), start=False)
+    gw.config.write_text(
+        gw.config.read_text()
+        + f'[[listener]]\naddress = "127.0.0.1:{proxied}"\nproxy_protocol = "v1"\n'
+        'proxy_trusted = ["127.0.0.1"]\n'
+    )
+    gw.start()
+    for port, header in ((gw.port, False), (proxied, True)):
+        conns = []
+        for n in range(8):
+            c = RawSmtp(gw.host, port)
+            if header:
+                c.send(f"PROXY TCP4 192.0.2.{n + 1} 127.0.0.1 40000 25\r\n".encode())
+            conns.append(c)
+        try:
+            first = greeted(conns, 1.5)
+            assert len(first) == 4, port
+            first[0].close()  # one session of the four ends: one of the four waiting gets in
+            rest = [c for c in conns if c not in first]
+            assert len(greeted(rest, 3.0)) == 1, port
+        finally:
+            for c in conns:
+                c.close()

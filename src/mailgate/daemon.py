@@ -154,7 +154,8 @@ class Gateway:
                 sock,
                 self._new_session,
                 rate=lambda: self.snapshot.config.smtp.connection_rate_throttle,
-                has_room=lambda: self.admission.has_room(self.snapshot.config.smtp.max_connections),
+                admission=self.admission,
+                max_connections=lambda: self.snapshot.config.smtp.max_connections,
                 settings=partial(self._listener_settings, settings),
                 # Sendmail's rate is per listening socket, counted over every worker.
                 throttle=ConnectionRate(self.admission.counts, index),

@@ -948,7 +948,10 @@ def worker_failed(index: int, exc: BaseException) -> str:
 
 @_event
 def worker_exited(index: int, pid: int, status: int) -> str:
-    return f"worker {index} (pid {pid}) exited with status {status}; restarting it"
+    """``status`` as waitpid gives it: "killed by signal 9" or "exited with status 1"."""
+    code = os.waitstatus_to_exitcode(status)
+    how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+    return f"worker {index} (pid {pid}) {how}; restarting it"
 
 
 # -- the log itself, and the libraries we run on ----------------------------------------------

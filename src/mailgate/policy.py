@@ -250,6 +250,14 @@ def check_recipient(
             if verdict.action == "DISCARD":
                 return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"), discard=True)
     if not client_relays and not may_relay_to(final, ctx, config.relay_hosts_only):
+        # Sendmail parses the address (ruleset 0, the mailertable in it) before check_rcpt:
+        # a mailertable error: entry answers first, relayed domain or not. A refusal
+        # either way, so it can never open a relay.
+        entry = None
+        if not final.is_literal and not ctx.is_local(final.domain):
+            entry = tables.mailertable.lookup(final.domain)
+        if entry is not None and entry.error is not None:
+            return Decision(entry.error.reply(shown), logged_reject=True, reason="recipient")
         return Decision(relay_denied(shown, client), logged_reject=True, reason="relay")
     # Routed here only for the refusals (error: entries, unknown users); delivery routes
     # again with the tables in force then.

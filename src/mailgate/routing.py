@@ -20,6 +20,7 @@ from mailgate.tables import Tables
 from mailgate.tables.aliases import read_include
 from mailgate.tables.mailertable import SMTP_MAILERS, UUCP_MAILERS, MailerRoute, NextHop
 from mailgate.tables.maps import ErrorValue, TableError, parse_error_value
+from mailgate.tables.virtusers import DETAIL_SEP
 
 MAX_DEPTH = 10  # aliases and virtusertable results that point at each other
 REMOTE_ROUTES_KEPT = 4096  # recipients whose remote route a routing context remembers
@@ -226,6 +227,14 @@ def _resolve_local_user(
 ) -> None:
     name = _strip_quotes(local)
     targets = ctx.tables.aliases.lookup(name)
+    user, plus, _detail = name.partition(DETAIL_SEP)
+    if targets is None and plus and user:
+        # Sendmail's plussed users: user+detail, then user+*, then user, in aliases; not
+        # aliased, the account is the user's (its local mailer is given user+detail).
+        targets = ctx.tables.aliases.lookup(f"{user}+*")
+        if targets is None:
+            targets = ctx.tables.aliases.lookup(user)
+        name = user
     if (
         targets is None
         and name.lower() in ("postmaster", "mailer-daemon")

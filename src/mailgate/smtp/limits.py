@@ -30,6 +30,7 @@ from mailgate.policy import Client
 from mailgate.reply import Reply
 
 SLOTS = 65536
+RESERVED = ""  # the address places under the ceiling are held under (no session has it)
 
 
 class Counts(Protocol):
@@ -174,6 +175,22 @@ class Admission:
     def release(self, ip: str) -> None:
         """An admitted session from ``ip`` has ended."""
         self.counts.add(ip, -1)
+
+    def reserve(self, max_connections: int) -> bool:
+        """A place under the ceiling for an accepted connection until its session has
+        counted itself (then :meth:`unreserve`): ask, take, ask again, as :meth:`admit` does,
+        so that workers accepting at the same instant never pass ``max_connections``. The
+        place is counted under no address (``RESERVED``)."""
+        if self.counts.total() >= max_connections:
+            return False
+        self.counts.add(RESERVED, 1)
+        if self.counts.total() > max_connections:
+            self.counts.add(RESERVED, -1)
+            return False
+        return True
+
+    def unreserve(self) -> None:
+        self.counts.add(RESERVED, -1)
 
     @property
     def open_sessions(self) -> int:

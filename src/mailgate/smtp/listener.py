@@ -29,7 +29,7 @@ from typing import Any
 from mailgate import maillog
 from mailgate.config import ListenerSettings, Network
 from mailgate.smtp import proxy
-from mailgate.smtp.limits import ConnectionRate, LocalCounts
+from mailgate.smtp.limits import Admission, ConnectionRate, LocalCounts
 
 # Errors from accept() that concern one connection, not the listener.
 _TRANSIENT = {
@@ -126,7 +126,8 @@ class Listener:
         sock: socket.socket,
         protocol_factory: Callable[[Arrival], asyncio.Protocol],
         rate: Callable[[], int],
-        has_room: Callable[[], bool],
+        admission: Admission,
+        max_connections: Callable[[], int],
         settings: Callable[[], ListenerSettings] | None = None,
         throttle: ConnectionRate | None = None,
     ) -> None:
@@ -135,7 +136,8 @@ class Listener:
         self.factory = protocol_factory
         self.rate = rate  # the throttle's connections a second now (a reload may change it)
         self.throttle = throttle if throttle is not None else ConnectionRate(LocalCounts(), 0)
-        self.has_room = has_room
+        self.admission = admission  # the ceiling: max_connections sessions, daemon-wide
+        self.max_connections = max_connections  # now (a reload may change it)
         # The listener's settings in force now (a reload may change its PROXY trust).
         self.settings = settings or (lambda: ListenerSettings(address=("0.0.0.0", 0)))
         self.task: asyncio.Task[None] | None = None
@@ -163,7 +165,11 @@ class Listener:
             if throttled and (wait := self.throttle.take(self.rate(), time.time())) > 0:
                 await asyncio.sleep(wait)
                 continue
-            while not self.has_room() or len(self.handshakes) >= MAX_HANDSHAKES:
+            # Full: new connections wait in the kernel's listen queue, as Sendmail's do.
+            while (
+                not self.admission.has_room(self.max_connections())
+                or len(self.handshakes) >= MAX_HANDSHAKES
+            ):
                 await asyncio.sleep(0.05)
             try:
                 try:
@@ -208,12 +214,24 @@ class Listener:
         arrival: Arrival,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
+        """The session, once there is a place under the ceiling: the check before the
+        accept keeps the excess in the listen queue, but another worker, or a PROXY header,
+        may have taken the last place since."""
         if loop is None:  # asyncio.get_running_loop() costs a getpid() system call
             loop = asyncio.get_running_loop()
         try:
+            while not self.admission.reserve(self.max_connections()):
+                await asyncio.sleep(0.05)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            # connection_made (the session counting itself) has run when this returns.
             await loop.connect_accepted_socket(lambda: self.factory(arrival), conn)
         except OSError:
             conn.close()
+        finally:
+            self.admission.unreserve()
 
     async def _proxied(self, conn: socket.socket, peer: str, settings: ListenerSettings) -> None:
         """A connection to a PROXY listener: from a trusted proxy, with a good header, it
