@@ -34,6 +34,7 @@ STAGES_ACCESS = [
     ("Connect:127.0.0.62", "ERROR:5.7.0:550 Not from your network"),
     ("Connect:127.0.0.63", "ERROR:4.7.1:451 Come back later"),
     ("Connect:127.0.0.64", "DISCARD"),
+    ("Connect:127.0.0.77", 'ERROR:"421 4.3.2 Go away now"'),
     ("Connect:127.0.0.65", "OK"),
     ("Connect:127.0.4", "REJECT"),
     ("Connect:127.0.4.5", "OK"),
@@ -167,6 +168,16 @@ def test_connect_reject_is_not_paused_and_keeps_the_connection(stages: GatewayPr
         assert c.cmd("HELO client.example.net").code == 250
         assert c.cmd("RSET").code == 250
         assert c.cmd("QUIT").code == 221
+
+
+def test_connect_error_421_is_the_greeting_and_closes(stages: GatewayProcess) -> None:
+    """Sendmail says a check_relay 421 instead of its greeting and closes the connection
+    (other refusals answer each later command)."""
+    c, greeting, _ = greet(stages, "127.0.0.77")
+    with c:
+        assert greeting.first == "421 4.3.2 Go away now"
+        assert c.wait_closed() == b""
+    assert stages.log_lines("reject=421 4.3.2 Go away now", "127.0.0.77")
 
 
 def test_connect_ipv6_prefix_reject(stages: GatewayProcess) -> None:

@@ -392,8 +392,9 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             return None
         if decision.refusal is None:
             self.host.count(_GREETED)
-        self.send(session.greeting().reply)
-        return session
+        greeting = session.greeting()
+        self.send(greeting.reply)
+        return None if greeting.close else session
 
     def _start_session(self, client: Client, decision: ConnectDecision) -> Session:
         self.session = session = Session(
@@ -422,8 +423,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if client is None:
             return None
         decision = _connect_decision(client, self.snap)
-        if decision.greet_pause > 0:
-            return None
+        if decision.greet_pause > 0 or (decision.refusal and decision.refusal.code == 421):
+            return None  # a 421 is the greeting, and the end: ``open``
         self.client = client
         session = self._start_session(client, decision)
         if decision.refusal is None:
