@@ -498,9 +498,17 @@ class SmtpSettings:
     )
     max_bad_rcpts: int = setting(_int(0), 20, "after N refused RCPTs, `421` and close")
     connection_rate_throttle: int = setting(
-        _int(0), 100, "new connections accepted per second (`0` = no limit)"
+        _int(0),
+        100,
+        "new connections accepted per second on each listening socket, all workers together"
+        " (`0` = no limit)",
     )
-    max_connections_per_ip: int = setting(_int(0), 20, "more get `421 4.7.0` (`0` = no limit)")
+    max_connections_per_ip: int = setting(
+        _int(0),
+        20,
+        "more get `421 4.7.0` (`0` = no limit; the local host, 127.0.0.0/8 and ::1, is never"
+        " limited)",
+    )
     max_connections: int = setting(
         _int(1), 20000, "sessions at once (all workers together); beyond, new connections wait"
     )
