@@ -274,15 +274,17 @@ def test_systemd_hears_ready_reload_counts_and_stopping(
 
 
 @contextlib.contextmanager
-def cleanup(gw: GatewayProcess) -> Iterator[None]:
-    """A detached daemon is nobody's child: stop it whatever the test did."""
+def cleanup(gw: GatewayProcess, pid_file: Path | None = None) -> Iterator[None]:
+    """A detached daemon is nobody's child: stop it whatever the test did (its workers die
+    with it)."""
+    pid_file = pid_file or gw.spool / "mailgate.pid"
     try:
         yield
     finally:
-        holder = pidfile.inspect(gw.spool / "mailgate.pid")
+        holder = pidfile.inspect(pid_file)
         if holder.running and holder.pid:
             os.kill(holder.pid, signal.SIGKILL)
-            pidfile.wait_released(gw.spool / "mailgate.pid", 10)
+            pidfile.wait_released(pid_file, 10)
 
 
 def fds_of(pid: int) -> list[str]:
@@ -338,7 +340,7 @@ def test_stop_and_status_find_the_daemon_while_its_config_file_is_broken(
     gw = gateway(tmp_path, free_port(HOP))
     pid_file = tmp_path / "run" / "gw.pid"
     gw.config.write_text(f'pid_file = "{pid_file}"\n' + gw.config.read_text())
-    with cleanup(gw):
+    with cleanup(gw, pid_file):
         assert cli(gw, "serve", "--daemon").returncode == 0
         pid = int(pid_file.read_text())
         good = gw.config.read_text()
