@@ -366,10 +366,14 @@ def test_to_stage_with_blocklist(blocklist: GatewayProcess, hop1: SinkServer) ->
         c.cmd("EHLO client.example.net")
         c.cmd("MAIL FROM:<alice@example.org>")
         expected = {
-            "victim@targetdomain1.com": "550 5.7.1 <victim@targetdomain1.com>... Access denied",
+            "victim@targetdomain1.com": (
+                "550 5.2.1 <victim@targetdomain1.com>... Mailbox disabled for this recipient"
+            ),
             "err@targetdomain1.com": "550 5.1.1 <err@targetdomain1.com>... No such user here",
             "busy@targetdomain1.com": "451 4.2.1 Mailbox busy",
-            "gone@targetdomain1.com": "550 5.7.1 <gone@targetdomain1.com>... Access denied",
+            "gone@targetdomain1.com": (
+                "550 5.2.1 <gone@targetdomain1.com>... Mailbox disabled for this recipient"
+            ),
             "bob@targetdomain1.com": "250 2.1.5 <bob@targetdomain1.com>... Recipient ok",
             "trash@targetdomain1.com": "250 2.1.5 <trash@targetdomain1.com>... Recipient ok",
         }

@@ -460,6 +460,11 @@ def test_per_ip_connection_limit_421(edge: GatewayProcess) -> None:
             reply = extra.read_reply()
             assert reply.code == 421 and reply.enhanced == "4.7.0"
             assert extra.wait_closed() == b""
+        # The maillog says why the client got its 421 (Sendmail's conncontrol line).
+        edge.wait_log(
+            f"ruleset=check_relay, arg1={ip}, relay=[{ip}], reject=421 4.7.0 {HOSTNAME} Too many"
+            f" concurrent connections from {ip}; try again later"
+        )
         # other clients are not affected
         c2, greeting, _ = greet(edge, "127.0.0.51")
         with c2:

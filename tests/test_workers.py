@@ -233,3 +233,19 @@ def test_the_connection_ceiling_is_the_whole_daemons_on_plain_and_proxy_listener
         finally:
             for c in conns:
                 c.close()
+
+
+def test_the_last_statistics_line_is_the_daemons_when_it_stops(
+    make_gateway: GatewayFactory,
+) -> None:
+    """The master writes it once the workers are gone, with what they last reported: the two
+    messages a dead next hop left queued."""
+    gw = make_gateway(world(free_port(HOP)))
+    assert gw.proc is not None
+    for i in range(2):
+        send(gw, f"kept {i}")
+    wait_until(lambda: len(gw.log_lines("stat=Deferred")) == 2, "both deferred")
+    gw.stop()
+    lines = gw.log_lines("statistics: ")
+    assert lines and f"mailgate[{gw.proc.pid}]: " in lines[-1], lines
+    assert "messages_received=2, " in lines[-1] and ", queued=2, delivering=0" in lines[-1]

@@ -330,6 +330,8 @@ class Gateway:
             self._stats_task.cancel()
             self.log_statistics()
         await self.scheduler.stop(grace=max(0.0, deadline - loop.time()))
+        if self._stats_task is None:  # with workers: for the master's last statistics line
+            self.events.activity(self.activity())
         if self.delivery.connections is not None:
             await self.delivery.connections.close_all()
         self.spool.close()

@@ -239,9 +239,9 @@ def check_recipient(
     if config.access.blocklist_recipients:
         verdict = tables.access.recipient(final.local, final.domain)
         if verdict is not None:
-            if verdict.action == "REJECT":
+            if verdict.action == "REJECT":  # Sendmail's words for a blocklisted recipient
                 return Decision(
-                    Reply(550, "5.7.1", f"{shown}... Access denied"),
+                    Reply(550, "5.2.1", f"{shown}... Mailbox disabled for this recipient"),
                     logged_reject=True,
                     reason="access",
                 )

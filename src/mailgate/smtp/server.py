@@ -363,7 +363,11 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if not self.admitted:
             self.host.count(metrics.connection("per_ip_limit"))
             self.host.count(metrics.rejection("throttle"))
-            self.send(per_ip_refusal(self.client.ip, self.snap.config.hostname))
+            refusal = per_ip_refusal(self.client.ip, self.snap.config.hostname)
+            # As Sendmail's conncontrol logs it (no PTR lookup for a client refused at once).
+            ip = self.client.ip
+            maillog.reject(None, "check_relay", ip, f"[{ip}]", str(refusal))
+            self.send(refusal)
             return None
         self.client = client = await self.host.lookup_client(self.client)
         decision = _connect_decision(client, self.snap)
