@@ -98,7 +98,7 @@ def test_level_names_filter(log: Path) -> None:
     maillog.session_failed("[192.0.2.1]", RuntimeError("x"))  # error
     assert lines(log) == [
         "[192.0.2.1]: Possible SMTP RCPT flood, throttling.",
-        "listen, spool_dir and [metrics] listen changes take effect only after a restart",
+        "listen, spool_dir, workers and [metrics] listen changes take effect only after a restart",
         "session with [192.0.2.1] failed: RuntimeError('x')",
     ]
 

@@ -387,6 +387,14 @@ def test_reload_says_which_changes_only_a_restart_applies(tmp_path: Path) -> Non
             f"[metrics] listen off → 127.0.0.1:{metrics}"
         )
         gw.wait_log("changes take effect only after a restart")
+        # The number of processes is forked at the start too.
+        now = len(os.sched_getaffinity(0))
+        gw.config.write_text(f"workers = {now + 1}\n" + gw.config.read_text())
+        done = cli(gw, "reload")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[1].endswith(
+            f"[metrics] listen off → 127.0.0.1:{metrics}; workers {now} → {now + 1}"
+        )
 
 
 def test_every_command_reads_mailgate_config_without_c(tmp_path: Path) -> None:

@@ -353,6 +353,7 @@ class Gateway:
             moved
             or config.spool_dir != old.spool_dir
             or config.metrics.listen != old.metrics.listen
+            or config.worker_processes != old.worker_processes
         ):
             maillog.restart_needed()
         if config.dns != old.dns:

@@ -906,7 +906,9 @@ def reloaded(source: object) -> str:
 
 @_event
 def restart_needed() -> str:
-    return "listen, spool_dir and [metrics] listen changes take effect only after a restart"
+    return (
+        "listen, spool_dir, workers and [metrics] listen changes take effect only after a restart"
+    )
 
 
 @_event

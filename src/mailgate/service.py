@@ -86,8 +86,8 @@ def metrics_text(config: Config) -> str:
 
 def restart_only_changes(state: RunState, config: Config) -> list[str]:
     """What ``config`` changes that the running daemon (``state``) keeps until a restart:
-    its listening sockets, its spool, its metrics socket (as the daemon's own reload
-    warns in the maillog)."""
+    its listening sockets, its spool, its metrics socket, its number of processes (as the
+    daemon's own reload warns in the maillog)."""
     changes = []
     known = bool(state.spool_dir)  # the state file of a daemon that records them
     if state.listeners != listen_text(config):
@@ -97,6 +97,8 @@ def restart_only_changes(state: RunState, config: Config) -> list[str]:
     new_metrics = metrics_text(config)
     if known and state.metrics != new_metrics:
         changes.append(f"[metrics] listen {state.metrics or 'off'} → {new_metrics or 'off'}")
+    if state.workers != config.worker_processes:  # the processes forked at the start
+        changes.append(f"workers {state.workers} → {config.worker_processes}")
     return changes
 
 
