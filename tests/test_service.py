@@ -364,7 +364,7 @@ def test_stop_and_status_find_the_daemon_while_its_config_file_is_broken(
 
 
 def test_reload_says_which_changes_only_a_restart_applies(tmp_path: Path) -> None:
-    """listen, spool_dir and [metrics] listen are bound or opened at the start: a reload of a
+    """listen, spool_dir, workers and [metrics] listen are fixed at the start: a reload of a
     file that changes them takes effect for the rest, and says so, with both values."""
     gw = gateway(tmp_path, free_port(HOP))
     with gw:

@@ -214,7 +214,8 @@ def test_lines_reach_syslog_with_facility_severity_and_queue_id(tmp_path: Path) 
     assert {severity[t] for t in texts if t.startswith(f"{qid}: ") and t != reject} == {"info"}
     [refused] = [t for t in texts if t.startswith("reload refused")]
     assert severity[refused] == "err"
-    [restart] = [t for t in texts if t.startswith("listen, spool_dir and [metrics] listen changes")]
+    restart_only = "listen, spool_dir, workers and [metrics] listen changes"
+    [restart] = [t for t in texts if t.startswith(restart_only)]
     assert severity[restart] == "warning"
 
     assert maillog == texts  # what syslog.conf's "mail.debug /path" line selected
