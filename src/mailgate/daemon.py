@@ -324,13 +324,13 @@ class Gateway:
             await self.monitor.close()
         await self.feeder.stop()
         self._report_task.cancel()
-        if self._stress_task is not None:
-            self._stress_task.cancel()
-        if self._stats_task is not None:
-            self._stats_task.cancel()
+        for task in (self._stress_task, self._stats_task):
+            if task is not None:
+                task.cancel()
+        if self.workers == 1:
             self.log_statistics()
         await self.scheduler.stop(grace=max(0.0, deadline - loop.time()))
-        if self._stats_task is None:  # with workers: for the master's last statistics line
+        if self.workers > 1:  # for the master's last statistics line
             self.events.activity(self.activity())
         if self.delivery.connections is not None:
             await self.delivery.connections.close_all()

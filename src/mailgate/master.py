@@ -342,9 +342,10 @@ class Master:
                 report.get("counted", False),
             )
             worker.log_lines_lost = report.get("log_lines_lost", 0)
-            self.last_queued = self._activity().queued
+            activity = self._activity()
+            self.last_queued = activity.queued
             if self.ready and not self.stopping:
-                self.lifecycle.activity(self._activity())
+                self.lifecycle.activity(activity)
             if self.statistics_awaited is not None:
                 self.statistics_awaited.discard(pid)
                 self._statistics_answered()

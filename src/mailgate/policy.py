@@ -109,6 +109,12 @@ class ConnectDecision:
     greet_pause: float  # seconds to hold the greeting back (early talkers are refused)
     may_relay: bool
 
+    @property
+    def closes(self) -> bool:
+        """Sendmail says a check_relay refusal that is a 421 instead of the greeting, and
+        closes the connection (any other is the answer to each later command)."""
+        return self.refusal is not None and self.refusal.code == 421
+
 
 def connect_decision(client: Client, tables: Tables, config: Config) -> ConnectDecision:
     """access ``Connect:`` (and untagged) for the client's IP and verified name, the greet

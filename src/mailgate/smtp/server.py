@@ -427,8 +427,8 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if client is None:
             return None
         decision = _connect_decision(client, self.snap)
-        if decision.greet_pause > 0 or (decision.refusal and decision.refusal.code == 421):
-            return None  # a 421 is the greeting, and the end: ``open``
+        if decision.greet_pause > 0 or decision.closes:
+            return None  # a closing refusal is the greeting, and the end: ``open``
         self.client = client
         session = self._start_session(client, decision)
         if decision.refusal is None:

@@ -174,11 +174,9 @@ class Session:
 
     # -- the connect stage ---------------------------------------------------------------------
     def greeting(self) -> Answer:
-        refusal = self.connect.refusal
-        if refusal is not None and refusal.code == 421:
-            # Sendmail: a check_relay refusal that is a 421 is said instead of the greeting,
-            # and the connection closed (any other is the answer to each later command).
-            return Answer(refusal, close=True)
+        if self.connect.closes:
+            assert self.connect.refusal is not None
+            return Answer(self.connect.refusal, close=True)
         hostname = self.snap.config.hostname
         return Answer(
             Reply(220, None, f"{hostname} ESMTP mailgate ready; {rfc2822_date(time.time())}")
