@@ -402,6 +402,6 @@ def test_connect_reject_refuses_every_other_command(stages: GatewayProcess) -> N
             assert c.cmd(line).first == DENIED, line
         c.send(b"MAIL FROM:<alice@example.org>\r\n" * 40)
         transcript = c.wait_closed(timeout=1.5).decode()
-    # 4 refused above and 16 here make max_bad_commands (20)
-    assert transcript.count(DENIED) == 16
+    # 4 refused above and 21 here make max_bad_commands (25)
+    assert transcript.count(DENIED) == 21
     assert "421 4.7.0 " in transcript

@@ -902,7 +902,7 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
         max_text_line=0,
         command_timeout=300.0,
         data_timeout=180.0,
-        max_bad_commands=20,
+        max_bad_commands=25,
         privacy=("authwarnings", "novrfy", "noexpn", "noverb"),
         bad_rcpt_throttle=1,
         bad_rcpt_throttle_delay=1.0,

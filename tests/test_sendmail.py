@@ -272,7 +272,7 @@ def test_a_lone_dot_ends_the_message_unless_i(make_gateway: GatewayFactory, worl
             ("-O", "MaxMessageSize=200", "alice"),
             b"Subject: big\n\n" + b"x" * 300 + b"\n",
             65,
-            b"sendmail: 552 5.3.4 Message size exceeds fixed maximum message size (200)\n",
+            b"sendmail: 552 5.2.3 Message exceeds maximum fixed size (200)\n",
         ),
     ],
 )

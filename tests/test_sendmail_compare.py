@@ -27,7 +27,8 @@ from mailgate.policy import Client, client_may_relay, connect_decision, may_rela
 from mailgate.routing import rewrite_domain
 from mailgate.snapshot import Snapshot, load_snapshot
 from tests.support import sendmail
-from tests.support.gateway import mailgate_command
+from tests.support.gateway import GatewayProcess, free_port, mailgate_command
+from tests.support.rawsmtp import ConnectionClosedByPeer, RawSmtp
 from tests.support.sendmail import HOSTNAME, SendmailBuild
 
 pytestmark = pytest.mark.skipif(sendmail.available() is not None, reason=str(sendmail.available()))
@@ -436,3 +437,82 @@ def test_newaliases_exits_as_sendmails(tmp_path: Path, aliases: str) -> None:
         check=False,
     )
     assert ours.returncode == theirs.returncode, (theirs.stdout, theirs.stderr, ours.stderr)
+
+
+# -- the same SMTP dialogue to both daemons ------------------------------------------------------
+
+_DIALOGUE_MC = """\
+OSTYPE(`linux')dnl
+DAEMON_OPTIONS(`Port={port},Addr=127.0.0.1, Name=MTA')dnl
+define(`confMAX_MESSAGE_SIZE', `1000')dnl
+define(`confPRIVACY_FLAGS', `authwarnings,novrfy,noexpn,noverb')dnl
+FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl
+MAILER(`smtp')dnl
+"""
+
+
+def _dialogue(port: int, lines: list[bytes]) -> list[str]:
+    """Each line sent alone after EHLO, with the first line of each reply; after a close, the
+    rest are not sent."""
+    out = []
+    with RawSmtp("127.0.0.1", port) as c:
+        assert c.read_reply().code == 220
+        assert c.cmd("EHLO client.example.net").code == 250
+        for line in lines:
+            try:
+                c.send(line + b"\r\n")
+                out.append(c.read_reply().first)
+            except (ConnectionClosedByPeer, OSError):
+                break
+    return out
+
+
+def test_refusals_word_for_word_as_sendmails_daemon(tmp_path: Path) -> None:
+    """The replies to commands RFC 821 had and we do not do, to a message over the size limit
+    (declared, then sent), and to a flood of unknown commands, from the real ``sendmail -bD``
+    and from mailgate with the same limit, compared line by line."""
+    port = free_port("127.0.0.1")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "mailertable").write_text("example.org smtp:[127.0.0.1]\n")
+    build = SendmailBuild(tmp_path / "sendmail", _DIALOGUE_MC.format(port=port), tables)
+    sender = f"alice@{HOSTNAME}"
+    lines = [
+        b"RCPT TO:<bob@example.org>",
+        b"DATA",
+        b"VRFY alice",
+        b"EXPN alice",
+        f"MAIL FROM:<{sender}>".encode(),
+        f"MAIL FROM:<{sender}>".encode(),
+        b"DATA",
+        b"RSET",
+        b"MAIL FROM:<alice@[127.0.0.1]>",
+        b"RSET",
+        b"TURN",
+        f"SEND FROM:<{sender}>".encode(),
+        b"SOML",
+        b"SAML",
+        f"MAIL FROM:<{sender}> SIZE=5000".encode(),
+        f"MAIL FROM:<{sender}>".encode(),
+        b"RCPT TO:<bob@example.org>",
+        b"DATA",
+        b"Subject: big\r\n\r\n" + b"x" * 70 + (b"\r\n" + b"x" * 70) * 40 + b"\r\n.",
+        b"RSET",
+        *(f"JUNK{i}".encode() for i in range(30)),
+    ]
+    with build.daemon(port):
+        theirs = _dialogue(port, lines)
+    gw = GatewayProcess(
+        tmp_path / "mailgate",
+        dns=None,
+        hostname=HOSTNAME,
+        tables={"mailertable": "example.org smtp:[127.0.0.1]\n"},
+        settings='[smtp]\ngreet_pause = "0s"\nmax_message_size = 1000\n',
+    )
+    try:
+        ours = _dialogue(gw.start().port, lines)
+    finally:
+        gw.stop()
+    assert theirs[-1] == f"421 4.7.0 {HOSTNAME} Too many bad commands; closing connection"
+    assert len(theirs) == 20 + 26
+    assert ours == theirs

@@ -247,7 +247,7 @@ def test_pipelined_group_replies_in_order_and_message_accepted(
             f"250 2.1.0 <{SENDER}>... Sender ok",
             f"250 2.1.5 <{a}>... Recipient ok",
             f"250 2.1.5 <{b}>... Recipient ok",
-            '354 Enter mail, end with "." on a line by itself',
+            "354 End data with <CR><LF>.<CR><LF>",
         ]
         content = message("pipelined")
         c.send(dot_stuff(content))
@@ -381,6 +381,19 @@ def test_unknown_command(gw: GatewayProcess) -> None:
         assert c.cmd("NOOP").code == 250
 
 
+def test_rfc821_commands_are_known_and_not_implemented(gw: GatewayProcess) -> None:
+    """SEND, SOML, SAML and TURN get Sendmail's 502, and do not count as bad commands."""
+    with session(gw) as c:
+        for _ in range(MAX_BAD + 1):
+            assert c.cmd("TURN").first == '502 5.5.1 Command not implemented: "TURN"'
+        r = c.cmd("SEND FROM:<alice@example.org>")
+        assert r.first == '502 5.5.1 Command not implemented: "SEND FROM:<alice@example.org>"'
+        assert c.cmd("soml").first == '502 5.5.1 Command not implemented: "SOML"'
+        long = c.cmd("SAML FROM:<" + "a" * 300 + "@example.org>")
+        assert long.first == '502 5.5.1 Command not implemented: "SAML FROM:<' + "a" * 189 + '..."'
+        assert c.cmd("NOOP").code == 250
+
+
 def test_nul_in_command_line(gw: GatewayProcess) -> None:
     with session(gw) as c:
         r = c.cmd(b"NO\0OP")
@@ -451,8 +464,9 @@ def test_bad_command_limit_closes_with_421(gw: GatewayProcess) -> None:
                 break
         *errors, last = replies
         assert (last.code, last.enhanced) == (421, "4.7.0")
-        assert last.text.startswith(f"4.7.0 {HOSTNAME} ")
-        assert len(errors) == MAX_BAD  # the last of them is answered, then 421
+        assert last.first == f"421 4.7.0 {HOSTNAME} Too many bad commands; closing connection"
+        # As Sendmail's: MAX_BAD are answered, the one after them gets 421 in place of a reply
+        assert len(errors) == MAX_BAD
         assert all((r.code, r.enhanced) == (500, "5.5.1") for r in errors)
         assert c.wait_closed() == b""
 
@@ -552,9 +566,9 @@ def test_max_recipients(gw: GatewayProcess, hop1: SinkServer) -> None:
 def test_mail_size_parameter_over_limit(gw: GatewayProcess) -> None:
     with session(gw) as c:
         r = c.cmd(f"MAIL FROM:<{SENDER}> SIZE={MAX_SIZE + 1}")
-        assert (r.code, r.enhanced) == (552, "5.3.4")
+        # Sendmail's reply, word for word (RFC 3463 5.2.3: over an administrative limit)
         assert r.first == (
-            f"552 5.3.4 Message size exceeds fixed maximum message size ({MAX_SIZE})"
+            f"552 5.2.3 Message size exceeds fixed maximum message size ({MAX_SIZE})"
         )
         assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 503  # no transaction
         assert c.cmd(f"MAIL FROM:<{SENDER}> SIZE={MAX_SIZE}").code == 250
@@ -664,7 +678,7 @@ def test_message_over_limit_while_streaming(gw: GatewayProcess, hop1: SinkServer
         start_data(c, [a])
         c.send(dot_stuff(message("too big", body=b"", size=MAX_SIZE + 1)))
         r = c.read_reply()
-        assert (r.code, r.enhanced) == (552, "5.3.4")
+        assert r.first == f"552 5.2.3 Message exceeds maximum fixed size ({MAX_SIZE})"
         assert incoming(gw) == []
         assert c.cmd("NOOP").raw == b"250 2.0.0 OK\r\n"  # in sync
         assert c.cmd(f"RCPT TO:<{a}>").code == 503  # the transaction is over

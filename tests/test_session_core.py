@@ -115,7 +115,7 @@ def test_a_plain_transaction(tmp_path: Path) -> None:
                 "550 5.7.1 <x@example.net>... Relaying denied. IP name lookup failed [192.0.2.10]",
                 {"rcpt": True, "refused": True},
             ),
-            ("DATA", '354 Enter mail, end with "." on a line by itself', {}),
+            ("DATA", "354 End data with <CR><LF>.<CR><LF>", {}),
         ],
     )
     session.data_chunk(b"Subject: hi\r\n\r\nbody\r\n")

@@ -482,8 +482,8 @@ class SmtpSettings:
     data_timeout: float = setting(  # RFC 5321 4.5.3.2.6 data block, per read
         parse_duration, "3m", "waiting for message content, per read (RFC 5321 §4.5.3.2)"
     )
-    max_bad_commands: int = setting(
-        _int(1), 20, "unknown / refused commands before `421` and close"
+    max_bad_commands: int = setting(  # Sendmail's MAXBADCOMMANDS
+        _int(1), 25, "unknown / refused commands answered; the next gets `421` and close"
     )
     privacy: tuple[str, ...] = setting(
         _str_list(_privacy_flag),

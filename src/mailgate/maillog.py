@@ -78,6 +78,7 @@ LEVELS: dict[str, Level] = {
     "rcpt_flood": "notice",
     "bare_newline": "notice",
     "session_failed": "error",
+    "connections_deferred": "info",  # Sendmail: LOG_INFO
     "accept_error": "error",
     "proxy_untrusted": "notice",
     "proxy_bad_header": "notice",
@@ -573,6 +574,12 @@ def bare_newline(relay: str, text: str) -> str:
 @_event
 def session_failed(relay: str, exc: BaseException) -> str:
     return f"session with {relay} failed: {exc!r}"
+
+
+@_event
+def connections_deferred(rate: int) -> str:
+    """A connection waits for the next second's place in ``connection_rate_throttle``."""
+    return f"deferring connections on daemon MTA: {rate} per second"
 
 
 @_event

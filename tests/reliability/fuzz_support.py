@@ -80,7 +80,7 @@ __all__ = [
 
 CMD_TOO_LONG = Reply(500, "5.5.0", "Command line too long")
 CMD_NUL = Reply(500, "5.5.1", "Invalid command: NUL byte")
-GO_AHEAD = Reply(354, None, 'Enter mail, end with "." on a line by itself')
+GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 NO_DATA = Reply(503, "5.0.0", "Need MAIL command")
 CMD_BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
 CMD_BARE_CR = Reply(521, "5.5.2", "Error: bare <CR> received")
@@ -98,7 +98,7 @@ def long_line(m: int) -> Reply:
 
 
 def too_big(n: int) -> Reply:
-    return Reply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({n})")
+    return Reply(552, "5.2.3", f"Message exceeds maximum fixed size ({n})")
 
 
 @dataclass(frozen=True)

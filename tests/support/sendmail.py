@@ -11,10 +11,14 @@ domain, so each run gets a UTS namespace with the name ``gateway.example.com``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,6 +168,31 @@ class SendmailBuild:
             timeout=60,
             check=False,
         )
+
+    @contextlib.contextmanager
+    def daemon(self, port: int, timeout: float = 30.0) -> Iterator[None]:
+        """``sendmail -bD`` (the daemon in the foreground) while the block runs; the mc must
+        have ``DAEMON_OPTIONS(`Port=<port>,Addr=127.0.0.1, Name=MTA')``."""
+        inner = " ".join(f"'{a}'" for a in (str(SENDMAIL), "-C", str(self.cf), "-bD"))
+        proc = subprocess.Popen(
+            [*_namespace(), "sh", "-c", f"hostname {HOSTNAME} && exec {inner}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env(),
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                    break  # listening (this probe's session ends unanswered)
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    raise RuntimeError(f"sendmail -bD did not listen on {port}: {err}")
+                time.sleep(0.1)
+            yield
+        finally:
+            proc.terminate()
+            proc.wait(timeout)
 
     def bt(self, *lines: str) -> str:
         done = self.run("-bt", stdin="\n".join(lines) + "\n")

@@ -287,7 +287,6 @@ KEPT: tuple[tuple[str, str, str], ...] = (
     ("smtp", "max_connections", "Sendmail: no limit without confMAX_DAEMON_CHILDREN"),
     ("smtp", "max_connections_per_ip", "Sendmail: no limit without FEATURE(conncontrol)"),
     ("smtp", "max_bad_rcpts", "Sendmail: no limit"),
-    ("smtp", "max_bad_commands", "Sendmail: no limit"),
     ("queue", "min_free", "Sendmail: 100 blocks (MinFreeBlocks)"),
 )
 

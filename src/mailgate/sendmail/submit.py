@@ -51,6 +51,7 @@ from mailgate.smtp.headers import (
     header_fields,
     stamp,
 )
+from mailgate.smtp.protocol import content_size_refusal
 from mailgate.snapshot import Snapshot
 
 BLOCK = 64 * 1024  # bytes read from standard input at a time
@@ -507,10 +508,7 @@ class Submission:
         limit = self.snap.config.smtp.max_message_size
         for block in _chain(head, rest):
             if limit and incoming.size + len(block) > limit:
-                raise SubmitError(
-                    os.EX_DATAERR,
-                    f"552 5.3.4 Message size exceeds fixed maximum message size ({limit})",
-                )
+                raise SubmitError(os.EX_DATAERR, str(content_size_refusal(limit)))
             incoming.write(block)
 
 

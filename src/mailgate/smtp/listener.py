@@ -4,7 +4,8 @@ on a PROXY listener the header that says who the client is.
 We accept by hand (``sock_accept`` then ``connect_accepted_socket``) instead of letting
 ``create_server`` accept, so that throttling works as Sendmail's ConnectionRateThrottle does:
 connections over the rate are not refused, they wait in the kernel's listen queue until the
-next second. The same holds for the global connection ceiling. Costs nothing per waiting client.
+next second (each worker holds the first of them accepted, and logs the deferral as Sendmail
+does). The same holds for the global connection ceiling. Costs nothing per waiting client.
 
 A PROXY listener (``[[listener]] proxy_protocol``) closes a connection whose peer is not in
 ``proxy_trusted`` at once, then reads the header (`smtp/proxy.py`) within ``proxy_timeout``
@@ -142,6 +143,7 @@ class Listener:
         self.settings = settings or (lambda: ListenerSettings(address=("0.0.0.0", 0)))
         self.task: asyncio.Task[None] | None = None
         self.handshakes: set[asyncio.Task[None]] = set()  # PROXY headers awaited
+        self.deferral_logged = 0  # the second of the last "deferring connections" line
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run())
@@ -162,9 +164,10 @@ class Listener:
             settings = self.settings()
             # The rate counts clients: on a PROXY listener it is taken after the header.
             throttled = settings.proxy_protocol is None
-            if throttled and (wait := self.throttle.take(self.rate(), time.time())) > 0:
-                await asyncio.sleep(wait)
-                continue
+            # A place in this second's rate is taken before the accept while there is one
+            # (a connection already queued then costs nothing more); without one, the
+            # connection accepted waits for the next second's, and is logged as deferred.
+            placed = throttled and self.throttle.take(self.rate(), time.time()) == 0
             # Full: new connections wait in the kernel's listen queue, as Sendmail's do.
             while (
                 not self.admission.has_room(self.max_connections())
@@ -178,16 +181,19 @@ class Listener:
                     # add and delete, an ioctl: five system calls a connection under load).
                     conn, addr = self.sock.accept()
                 except BlockingIOError:
-                    if throttled:  # the place goes back while nobody is waiting
+                    if placed:  # the place goes back while nobody is waiting
                         self.throttle.give_back(time.time())
+                        placed = False
                     conn, addr = await loop.sock_accept(self.sock)
-                    if throttled:
-                        try:
-                            await self._take_place()
-                        except BaseException:
-                            conn.close()
-                            raise
+                if throttled and not placed:
+                    try:
+                        await self._take_place()
+                    except BaseException:
+                        conn.close()
+                        raise
             except OSError as exc:
+                if placed:
+                    self.throttle.give_back(time.time())
                 if exc.errno in _TRANSIENT:
                     if exc.errno in (errno.EMFILE, errno.ENFILE):
                         maillog.accept_error(exc.strerror)
@@ -204,8 +210,12 @@ class Listener:
             await self._start_session(conn, DIRECT, loop)
 
     async def _take_place(self) -> None:
-        """A place in the connection rate for a connection already accepted."""
-        while (wait := self.throttle.take(self.rate(), time.time())) > 0:
+        """A place in the connection rate for a connection already accepted. Over the rate it
+        waits for the next second and, as Sendmail, says so (once a second)."""
+        while (wait := self.throttle.take(rate := self.rate(), now := time.time())) > 0:
+            if int(now) != self.deferral_logged:
+                self.deferral_logged = int(now)
+                maillog.connections_deferred(rate)
             await asyncio.sleep(wait)
 
     async def _start_session(

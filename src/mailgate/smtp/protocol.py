@@ -135,6 +135,17 @@ _DATA_BARE: Final = Reply(
 )
 _DATA_NUL: Final = Reply(550, "5.6.0", "Message contains NUL bytes")
 
+
+# Sendmail's words for MaxMessageSize, with RFC 3463's "exceeds administrative limit" (5.2.3):
+# one refusal of a MAIL whose SIZE= says too much, one of content that grew past the limit.
+def declared_size_refusal(limit: int) -> Reply:
+    return Reply(552, "5.2.3", f"Message size exceeds fixed maximum message size ({limit})")
+
+
+def content_size_refusal(limit: int) -> Reply:
+    return Reply(552, "5.2.3", f"Message exceeds maximum fixed size ({limit})")
+
+
 # Modes.
 _COMMAND: Final = 0
 _PAUSED: Final = 1  # DATA command returned; waiting for start_data() / reject_data()
@@ -495,7 +506,6 @@ class ServerConnection:
         if long_at >= 0:
             text = f"Message contains a line longer than {m} bytes"
             found.append((long_at, 2, Reply(552, "5.6.0", text)))
-        if big_at >= 0:
-            text = f"Message size exceeds fixed maximum message size ({limit})"
-            found.append((max(big_at, 0), 3, Reply(552, "5.3.4", text)))
+        if big_at >= 0 and limit is not None:
+            found.append((big_at, 3, content_size_refusal(limit)))
         self._failed = min(found, key=lambda f: (f[0], f[1]))[2]

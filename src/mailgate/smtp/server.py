@@ -652,6 +652,18 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             dropped = self.conn.discard_pending()
             if dropped:
                 maillog.starttls_plaintext_dropped(self.relay_text, dropped)
+        if answer.bad:
+            self.bad_commands += 1
+            if self.bad_commands > smtp.max_bad_commands:
+                # As Sendmail's MAXBADCOMMANDS: the one over the limit gets this, not its reply.
+                self.send(
+                    Reply(
+                        421,
+                        "4.7.0",
+                        f"{self.snap.config.hostname} Too many bad commands; closing connection",
+                    )
+                )
+                raise _Closing
         self.send(answer.reply)
         if (
             answer.rcpt
@@ -668,17 +680,6 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
                 )
             )
             raise _Closing
-        if answer.bad:
-            self.bad_commands += 1
-            if self.bad_commands >= smtp.max_bad_commands:
-                self.send(
-                    Reply(
-                        421,
-                        "4.7.0",
-                        f"{self.snap.config.hostname} Too many errors; closing connection",
-                    )
-                )
-                raise _Closing
         if answer.close:
             raise _Closing
         if answer.starttls:

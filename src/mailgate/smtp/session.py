@@ -43,7 +43,7 @@ from mailgate.smtp.headers import (
     rfc2822_date,
     stamp,
 )
-from mailgate.smtp.protocol import Command
+from mailgate.smtp.protocol import Command, declared_size_refusal
 from mailgate.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -364,9 +364,7 @@ class Session:
                 if value is None or not value.isdigit():
                     return Reply(501, "5.5.4", f"Bad SIZE parameter {value or ''}".rstrip())
                 if limit and int(value) > limit:
-                    return Reply(
-                        552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit})"
-                    )
+                    return declared_size_refusal(limit)
             elif key == "BODY":
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     return Reply(501, "5.5.4", f"Unknown BODY type {value}")
@@ -466,7 +464,7 @@ class Session:
         )
         tx.msg = spool.open_incoming(envelope)  # no file yet: nothing to fail here
         tx.headers = HeaderScanner()
-        return Answer(Reply(354, None, 'Enter mail, end with "." on a line by itself'))
+        return Answer(_GO_AHEAD)
 
     # -- message content -----------------------------------------------------------------------
     def data_chunk(self, data: bytes) -> None:
@@ -630,7 +628,7 @@ class Session:
         tx = self.tx
         qid = tx.qid if tx is not None else "NOQUEUE"
         maillog.message_refused(qid, self.relay_text, reply)
-        self.host.count(metrics.rejection("size" if reply.enhanced == "5.3.4" else "content"))
+        self.host.count(metrics.rejection("size" if reply.enhanced == "5.2.3" else "content"))
         return self._fail_data(reply)
 
     def abandon(self) -> None:
@@ -744,6 +742,8 @@ class Session:
             self.log_session_end()
 
 
+_GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")  # Sendmail 8.17's words
+
 # The verbs, by name (built once: a session is made per connection).
 _HANDLERS: dict[str, Callable[[Session, str], Answer | Awaitable[Answer]]] = {
     "HELO": lambda s, arg: s._hello(arg, esmtp=False),
@@ -763,3 +763,19 @@ _HANDLERS: dict[str, Callable[[Session, str], Answer | Awaitable[Answer]]] = {
     "AUTH": Session.auth,
     "BDAT": Session.bdat,
 }
+
+
+def _not_implemented(verb: str) -> Callable[[Session, str], Answer]:
+    """RFC 821's SEND, SOML, SAML and TURN: known, never done (Sendmail's CMDUNIMPL), so
+    ``502`` where an unknown verb gets ``500``, and not counted as a bad command."""
+
+    def answer(session: Session, arg: str) -> Answer:
+        line = f"{verb} {arg}".rstrip()
+        shown = line if len(line) <= _MAX_SHOWN else line[: _MAX_SHOWN - 3] + "..."
+        return Answer(Reply(502, "5.5.1", f'Command not implemented: "{shown}"'))
+
+    return answer
+
+
+_MAX_SHOWN = 203  # Sendmail's MAXSHORTSTR: how much of a line a reply repeats
+_HANDLERS.update((verb, _not_implemented(verb)) for verb in ("SEND", "SOML", "SAML", "TURN"))
