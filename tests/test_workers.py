@@ -249,3 +249,37 @@ def test_the_last_statistics_line_is_the_daemons_when_it_stops(
     lines = gw.log_lines("statistics: ")
     assert lines and f"mailgate[{gw.proc.pid}]: " in lines[-1], lines
     assert "messages_received=2, " in lines[-1] and ", queued=2, delivering=0" in lines[-1]
+
+
+def test_a_hung_worker_is_killed_after_stop_grace_and_its_mail_stays(
+    make_gateway: GatewayFactory, make_sink: SinkFactory
+) -> None:
+    """A worker that cannot stop (SIGSTOP here; a process stuck in the kernel is the same)
+    would keep the master, and the listening port, for ever: it is killed stop_grace + 5 s
+    after the stop began, with a line that says so, and mail it acknowledged is delivered
+    by the next daemon."""
+    sink = make_sink(HOP, start=False)
+    gw = make_gateway(world(sink.port, 'stop_grace = "1s"\n'))
+    assert gw.proc is not None
+    master = gw.proc.pid
+    wait_until(lambda: len(children_of(master)) >= 2, "both workers", 10)
+    for i in range(4):
+        send(gw, f"held{i}")  # the next hop is down: they wait in the queue
+    gw.wait_log("stat=Deferred")
+    hung, other = children_of(master)
+    os.kill(hung, signal.SIGSTOP)
+    started = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    gw.proc.wait(20)
+    took = time.monotonic() - started
+    assert 1 + 5 <= took < 1 + 5 + 5, took  # stop_grace + 5 s, and a pass of the loop
+    assert not Path(f"/proc/{hung}").exists()
+    log = gw.log()
+    index = "0" if f"worker 0 (pid {hung})" in log else "1"
+    assert f"worker {index} (pid {hung}) has not stopped 6 s after the stop began: killing it" in log
+    assert f"worker {index} (pid {hung}) killed by signal 9\n" in log
+    assert f"(pid {other}) killed" not in log  # the other one stopped in time
+    sink.start()
+    gw.start()
+    msgs = sink.wait_for(4, timeout=20)
+    assert len(msgs) == 4

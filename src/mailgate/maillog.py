@@ -142,6 +142,7 @@ LEVELS: dict[str, Level] = {
     "master_started": "info",
     "worker_failed": "error",
     "worker_exited": "error",
+    "worker_hung": "error",
     # the log itself, and the libraries we run on
     "lines_dropped": "warning",
     "log_open_failed": "error",
@@ -956,11 +957,19 @@ def worker_failed(index: int, exc: BaseException) -> str:
 
 
 @_event
-def worker_exited(index: int, pid: int, status: int) -> str:
+def worker_exited(index: int, pid: int, status: int, *, restart: bool = True) -> str:
     """``status`` as waitpid gives it: "killed by signal 9" or "exited with status 1"."""
     code = os.waitstatus_to_exitcode(status)
     how = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-    return f"worker {index} (pid {pid}) {how}; restarting it"
+    return f"worker {index} (pid {pid}) {how}" + ("; restarting it" if restart else "")
+
+
+@_event
+def worker_hung(index: int, pid: int, seconds: float) -> str:
+    return (
+        f"worker {index} (pid {pid}) has not stopped {seconds:g} s after the stop began: "
+        "killing it; what it acknowledged stays in the spool"
+    )
 
 
 # -- the log itself, and the libraries we run on ----------------------------------------------

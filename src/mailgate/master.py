@@ -32,6 +32,10 @@ from mailgate.smtp.listener import bind_socket
 from mailgate.snapshot import Snapshot, try_reload
 
 RESTART_DELAY = 1.0  # seconds before a dead worker is replaced (no fork loop on a crash)
+# Seconds past stop_grace before a worker still there is killed: its own stop cancels what is
+# left at stop_grace, so one later is hung (stopped, blocked in the kernel). `mailgate stop`
+# waits stop_grace + STOP_MARGIN (20 s): the master must be gone by then.
+KILL_AFTER_GRACE = 5.0
 FORWARDED = (
     signal.SIGHUP,
     signal.SIGTERM,
@@ -130,6 +134,7 @@ class Master:
         self.awaiting_reload: set[int] = set()  # pids that have not answered it
         self.reload_error: str | None = None
         self.stopping = False
+        self.kill_at = 0.0  # stopping: when a worker still there gets SIGKILL
         self.draining = False  # `mailgate drain`: a worker that ends is not replaced
         self.signals: list[int] = []
         # The daemon's statistics line: hourly, and on USR2 once every worker asked has
@@ -209,6 +214,8 @@ class Master:
             self._read_reports()
             self._reap()
             self._restart_due()
+            if self.stopping and self.children and time.monotonic() >= self.kill_at:
+                self._kill_the_hung()
             if time.monotonic() >= self.statistics_at and not self.stopping:
                 self.log_statistics()
         self.log_statistics()  # the last one, once every worker is gone
@@ -250,6 +257,7 @@ class Master:
     def _stop(self, sig: int) -> None:
         if not self.stopping:
             self.stopping = True
+            self.kill_at = time.monotonic() + self.running.config.stop_grace + KILL_AFTER_GRACE
             self.lifecycle.stopping()
             self.restart_at.clear()
             # Our copies of the listening sockets: with the workers' closed, the kernel
@@ -259,6 +267,17 @@ class Master:
             if self.metrics_socket is not None:
                 self.metrics_socket.close()  # worker 0's copy serves until it stops
         self._forward(sig)
+
+    def _kill_the_hung(self) -> None:
+        """Workers that outlived their stop: what they acknowledged is on disk, what they were
+        delivering stays queued, so a kill loses nothing; waiting would keep the old daemon
+        (and its listening sockets' port) for ever."""
+        grace = self.running.config.stop_grace + KILL_AFTER_GRACE
+        for pid, worker in list(self.children.items()):
+            maillog.worker_hung(worker.index, pid, grace)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.kill_at = float("inf")  # once: the loop reaps them next
 
     def _start_drain(self) -> None:
         """Each worker drains and exits when its work is done; the master ends with the last.
@@ -407,7 +426,10 @@ class Master:
             self.table.process_gone(worker.index)  # its counts stay: the daemon's never go back
             if self.draining and os.waitstatus_to_exitcode(status) == 0:
                 continue  # drained: its work is done
-            if not self.stopping:
+            if self.stopping:
+                if os.waitstatus_to_exitcode(status) == -signal.SIGKILL:
+                    maillog.worker_exited(worker.index, pid, status, restart=False)
+            else:
                 maillog.worker_exited(worker.index, pid, status)
                 self.counts.clear_row(worker.index)  # its sessions died with it
                 self.dead[worker.index].append(pid)
