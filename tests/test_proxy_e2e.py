@@ -213,7 +213,7 @@ def test_health_checks_leave_no_noise(world: World, make_gateway: GatewayFactory
             step=0.5,
         )
     seen = events(json_log)
-    kinds = {e["event"] for e in seen} - {"master_started"}  # with workers, the master's start
+    kinds = {e["event"] for e in seen} - {"worker_started"}  # with workers, each one's start
     assert kinds == {"daemon_started", "proxy_local", "statistics"}, gw.log()
     assert {e["level"] for e in of(seen, "proxy_local")} == {"debug"}  # below the default
 

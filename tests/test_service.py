@@ -218,10 +218,15 @@ def test_systemd_hears_ready_reload_counts_and_stopping(
             assert gw.proc is not None
             ready = systemd.next_state()
             assert ready["READY"] == "1"
-            # The master speaks for the daemon, and only once every worker listens: each one
-            # logs its start before it reports.
+            # The master speaks for the daemon, and only once every worker listens: its start
+            # line is the daemon's one, after each worker's own.
             assert ready["MAINPID"] == str(gw.proc.pid)
-            assert gw.log().count("starting daemon (mailgate)") == workers
+            log = gw.log()
+            [started] = [ln for ln in log.splitlines() if "starting daemon (mailgate)" in ln]
+            assert f"mailgate[{gw.proc.pid}]: " in started
+            assert started.endswith(f", {workers} workers") == (workers > 1)
+            if workers > 1:
+                assert all(f"worker {i} started" in log for i in range(workers))
             pid_file = gw.spool / "mailgate.pid"
             assert pid_file.read_text() == f"{gw.proc.pid}\n"
             assert ready["STATUS"].startswith(f"SMTP on 127.0.0.1:{gw.port}")

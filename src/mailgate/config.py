@@ -1004,6 +1004,11 @@ class Config:
         """Every listener: the ``listen`` addresses (plain), then the ``[[listener]]`` tables."""
         return tuple(ListenerSettings(address=a) for a in self.listen) + self.listener
 
+    @property
+    def listening_on(self) -> str:
+        """The listeners' addresses as the maillog names them."""
+        return ", ".join(listener.label for listener in self.listeners)
+
 
 @dataclass(frozen=True)
 class Key:

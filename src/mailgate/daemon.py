@@ -173,8 +173,10 @@ class Gateway:
         # The queue is taken on once we greet: its first pass is start-up's recovery.
         self.feeder.start()
         self._report_task = loop.create_task(self._report_every(REPORT_INTERVAL))
-        listen = ", ".join(listener.label for listener in cfg.listeners)
-        maillog.daemon_started(listen, cfg.source, cfg.spool_dir)
+        if self.workers == 1:
+            maillog.daemon_started(cfg.listening_on, cfg.source, cfg.spool_dir)
+        else:  # the master writes the daemon's line once all of them listen
+            maillog.worker_started(self.worker)
         self.events.listening()
         self._started = True
         if self.draining is not None:  # asked for while starting
@@ -300,7 +302,8 @@ class Gateway:
         closed (a session) or cancelled (a delivery, whose message stays queued). Nothing
         acknowledged is lost either way: the spool is consistent at every step."""
         self.events.stopping()
-        maillog.stopping(self.snapshot.config.stop_grace)
+        if self.workers == 1:  # else the master's line says it for the daemon
+            maillog.stopping(self.snapshot.config.stop_grace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.snapshot.config.stop_grace
         for listener in self.listeners:
@@ -348,14 +351,6 @@ class Gateway:
             return False
         config = snapshot.config
         old = self.snapshot.config
-        moved = [ls.address for ls in config.listeners] != [ls.address for ls in old.listeners]
-        if (
-            moved
-            or config.spool_dir != old.spool_dir
-            or config.metrics.listen != old.metrics.listen
-            or config.worker_processes != old.worker_processes
-        ):
-            maillog.restart_needed()
         if config.dns != old.dns:
             self.resolver = make_resolver(config)
             self.delivery.resolver = self.resolver
@@ -363,9 +358,8 @@ class Gateway:
         self.snapshot = snapshot
         self._enter_milters(config)
         self.timeouts = self._timeouts_now()
-        for w in snapshot.warnings():
-            maillog.config_warning(w)
-        maillog.reloaded(config.source)
+        if self.workers == 1:  # else the master, which checked it first, says it once
+            log_reload(old, snapshot)
         self.events.reloaded(None, snapshot.generation)
         return True
 
@@ -601,6 +595,23 @@ class Gateway:
         if self.workers == 1:
             self.log_statistics()
         self.events.activity(self.activity())
+
+
+def log_reload(old: Config, new: Snapshot) -> None:
+    """The lines of a reload that passed its check: what only a restart applies, the new
+    config's warnings, and that it is in force."""
+    config = new.config
+    moved = [ls.address for ls in config.listeners] != [ls.address for ls in old.listeners]
+    if (
+        moved
+        or config.spool_dir != old.spool_dir
+        or config.metrics.listen != old.metrics.listen
+        or config.worker_processes != old.worker_processes
+    ):
+        maillog.restart_needed()
+    for w in new.warnings():
+        maillog.config_warning(w)
+    maillog.reloaded(config.source)
 
 
 def setup_log(config: Config) -> None:

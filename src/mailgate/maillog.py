@@ -139,7 +139,7 @@ LEVELS: dict[str, Level] = {
     "stress_started": "warning",
     "stress_ended": "info",
     "statistics": "info",
-    "master_started": "info",
+    "worker_started": "info",
     "worker_failed": "error",
     "worker_exited": "error",
     "worker_hung": "error",
@@ -852,8 +852,9 @@ def warning_queue_failed(qid: str, exc: BaseException) -> str:
 
 # -- the daemon -------------------------------------------------------------------------------
 @_event
-def daemon_started(listen: str, source: object, spool_dir: object) -> str:
-    return f"starting daemon (mailgate): SMTP on {listen}, config {source}, queue {spool_dir}"
+def daemon_started(listen: str, source: object, spool_dir: object, workers: int = 1) -> str:
+    line = f"starting daemon (mailgate): SMTP on {listen}, config {source}, queue {spool_dir}"
+    return line + (f", {workers} workers" if workers > 1 else "")
 
 
 @_event
@@ -947,8 +948,8 @@ def statistics(counters: dict[str, int], sessions_now: int, queued: int, deliver
 
 
 @_event
-def master_started(pid: int, n: int) -> str:
-    return f"master {pid}: {n} workers"
+def worker_started(index: int) -> str:
+    return f"worker {index} started"
 
 
 @_event

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mailgate import maillog, metrics, monitor
-from mailgate.daemon import STATISTICS_INTERVAL, install_event_loop, serve, setup_log
+from mailgate.daemon import STATISTICS_INTERVAL, install_event_loop, log_reload, serve, setup_log
 from mailgate.queue.spool import DUE_SIGNAL, Spool
 from mailgate.runstate import Activity
 from mailgate.service import DRAIN_SIGNAL, Lifecycle
@@ -133,6 +133,7 @@ class Master:
         self.reload_pending = False  # a HUP the master checked and forwarded, not yet answered
         self.awaiting_reload: set[int] = set()  # pids that have not answered it
         self.reload_error: str | None = None
+        self.reloaded_from = snapshot.config  # what the reload's lines compare the new one with
         self.stopping = False
         self.kill_at = 0.0  # stopping: when a worker still there gets SIGKILL
         self.draining = False  # `mailgate drain`: a worker that ends is not replaced
@@ -201,7 +202,6 @@ class Master:
         signal.set_wakeup_fd(self.wake_w)
         for i in range(self.workers):
             self.spawn(i)
-        maillog.master_started(os.getpid(), self.workers)
         while self.children or (self.restart_at and not self.stopping and not self.draining):
             # A second at most: a worker's exit is seen by polling waitpid (a SIGCHLD
             # handler would be inherited by every worker and its delivery programs).
@@ -256,6 +256,7 @@ class Master:
 
     def _stop(self, sig: int) -> None:
         if not self.stopping:
+            maillog.stopping(self.running.config.stop_grace)
             self.stopping = True
             self.kill_at = time.monotonic() + self.running.config.stop_grace + KILL_AFTER_GRACE
             self.lifecycle.stopping()
@@ -304,6 +305,8 @@ class Master:
         if not isinstance(checked, Snapshot):
             self.lifecycle.reloaded(str(checked))
             return
+        if not self.reload_pending:  # the config the lines compare with: the one in force
+            self.reloaded_from = self.running.config
         self.running = checked
         setup_log(checked.config)
         self.generation += 1
@@ -322,6 +325,8 @@ class Master:
         config): the reload is done."""
         if self.reload_pending and not self.awaiting_reload:
             self.reload_pending = False
+            if self.reload_error is None:
+                log_reload(self.reloaded_from, self.running)
             self.lifecycle.reloaded(self.reload_error, self.running.generation)
 
     def _read_reports(self) -> None:
@@ -345,6 +350,8 @@ class Master:
             everyone = len(self.children) == self.workers
             if not self.ready and everyone and all(w.listening for w in self.children.values()):
                 self.ready = True
+                cfg = self.running.config
+                maillog.daemon_started(cfg.listening_on, cfg.source, cfg.spool_dir, self.workers)
                 self.lifecycle.listening()
         elif event == "reloaded":
             if pid in self.awaiting_reload:

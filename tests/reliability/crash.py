@@ -307,10 +307,10 @@ class Run:
         gw.start()
 
         # Listening is not enough: USR1 before the signal handlers are in place would end the
-        # daemon (or a worker). Each worker logs "starting daemon" just before installing
-        # them; a greeting shows an event loop running.
+        # daemon (or a worker). A process logs "starting daemon" (the master: once all its
+        # workers have) just before installing them; a greeting shows an event loop running.
         def ready() -> bool:
-            if gw.log().count("starting daemon") < started + self.opts.workers:
+            if gw.log().count("starting daemon") < started + 1:
                 return False
             try:
                 with RawSmtp(gw.host, gw.port, timeout=5) as c:

@@ -157,5 +157,5 @@ def test_reload_under_load_refuses_nothing_loses_nothing_and_reroutes(
         # between the two went to hop A, unless its first attempt came after the reload.
         assert set(at_a) <= before_only and len(at_a) >= BATCH
         log = gw.log()
-        assert log.count("configuration reloaded") == workers
+        assert log.count("configuration reloaded") == 1  # the master's line for all of them
         assert f"reload refused, keeping the running configuration: {mailertable}:2:" not in log
