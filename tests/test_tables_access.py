@@ -284,10 +284,16 @@ def test_sender_with_literal_domain(tmp_path: Path) -> None:
 
 
 def test_recipient_lookup(tmp_path: Path) -> None:
-    t = table(tmp_path, "To:victim@targetdomain1.com REJECT\nTo:spam.example DISCARD\n")
-    assert action(t.recipient("victim", "targetdomain1.com")) == "REJECT"
-    assert action(t.recipient("x", "a.spam.example")) == "DISCARD"
-    assert t.recipient("other", "targetdomain1.com") is None
+    t = table(
+        tmp_path, "To:victim@targetdomain1.com REJECT\nTo:spam.example DISCARD\nTo:gone@ REJECT\n"
+    )
+    assert action(t.recipient("victim", "targetdomain1.com", is_local=False)) == "REJECT"
+    assert action(t.recipient("x", "a.spam.example", is_local=False)) == "DISCARD"
+    assert t.recipient("other", "targetdomain1.com", is_local=False) is None
+    # user@ only for our own domains and unqualified recipients, as Sendmail's rules ask it
+    assert t.recipient("gone", "targetdomain1.com", is_local=False) is None
+    assert action(t.recipient("gone", "gateway.example.com", is_local=True)) == "REJECT"
+    assert action(t.recipient("gone", "", is_local=True)) == "REJECT"
     # A To: REJECT is not relay permission.
     assert not t.recipient_domain_relay("spam.example", False)
 
@@ -296,7 +302,7 @@ def test_tags_do_not_leak(tmp_path: Path) -> None:
     t = table(tmp_path, "From:example.com REJECT\nTo:example.net RELAY\nConnect:10 REJECT\n")
     assert t.connect("198.51.100.1", "example.com") is None
     assert t.sender("a", "example.net") is None
-    assert t.recipient("a", "example.com") is None
+    assert t.recipient("a", "example.com", is_local=False) is None
     assert t.sender("a", "[10.0.0.1]") is None
     assert not t.client_relay("198.51.100.1", "example.net", False)
 

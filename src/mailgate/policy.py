@@ -243,7 +243,9 @@ def check_recipient(
     tables = ctx.tables
     final = rewrite_domain(mailbox, tables)
     if config.access.blocklist_recipients:
-        verdict = tables.access.recipient(final.local, final.domain)
+        verdict = tables.access.recipient(
+            final.local, final.domain, is_local=ctx.is_local(final.domain)
+        )
         if verdict is not None:
             if verdict.action == "REJECT":  # Sendmail's words for a blocklisted recipient
                 return Decision(

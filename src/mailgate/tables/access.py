@@ -339,8 +339,9 @@ class AccessTable:
                 return True
         return False
 
-    def _address(self, tag: str, local: str, domain: str) -> _Stored | None:
-        """Sendmail's SearchList: full address, ``user@``, then the domain climbing.
+    def _address(self, tag: str, local: str, domain: str, *, user: bool = True) -> _Stored | None:
+        """Sendmail's SearchList: full address, ``user@`` (unless ``user`` is false), then
+        the domain climbing.
 
         The first entry found ends the search; a SKIP there means "no entry".
         """
@@ -352,7 +353,9 @@ class AccessTable:
         else:
             local = local.lower()
             domain = domain.lower()
-            keys: list[str] = [f"{local}@{domain}", f"{local}@"] if domain else [f"{local}@"]
+            keys: list[str] = [f"{local}@{domain}"] if domain else []
+            if user or not domain:
+                keys.append(f"{local}@")
             if domain.startswith("[") and domain.endswith("]"):
                 # An address-literal domain: the literal key, then the IP with its prefixes.
                 keys.append(domain)
@@ -370,9 +373,12 @@ class AccessTable:
         s = self._address("from", local, domain)
         return None if s is None else _verdict(s)
 
-    def recipient(self, local: str, domain: str) -> Verdict | None:
-        """``To:`` then untagged, in the sender's order (used with blocklist_recipients)."""
-        s = self._address("to", local, domain)
+    def recipient(self, local: str, domain: str, *, is_local: bool) -> Verdict | None:
+        """``To:`` then untagged, in the sender's order (used with blocklist_recipients), but
+        ``user@`` only for a local domain (class w) or none: Sendmail's blocklist_recipients
+        rules ask ``U:user@`` of local recipients only, so ``To:guest@`` blocks
+        guest@ourselves and not guest@ a domain we relay to."""
+        s = self._address("to", local, domain, user=is_local)
         return None if s is None else _verdict(s)
 
     def recipient_domain_relay(self, domain: str, exact_names: bool) -> bool:
