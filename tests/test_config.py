@@ -898,7 +898,7 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
         greet_pause=5.0,
         max_message_size=50 * MIB,
         max_recipients=100,
-        max_command_line=512,
+        max_command_line=2048,
         max_text_line=0,
         command_timeout=300.0,
         data_timeout=180.0,
@@ -913,6 +913,7 @@ def test_defaults_are_the_documented_values(tmp_path: Path) -> None:
         stress_threshold=0.8,
         stress_timeout=10.0,
         forbid_unauth_pipelining=True,
+        allow_bogus_helo=False,
         check_sender_domain=True,
         require_qualified_sender=True,
     )

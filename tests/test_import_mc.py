@@ -251,6 +251,10 @@ ALONE = [
     ("define(`confTO_COMMAND', `10')", lambda c: c.smtp.command_timeout, 600.0),  # minutes
     ("define(`confTO_DATABLOCK', `1h30m')", lambda c: c.smtp.data_timeout, 5400.0),
     ("define(`confMAX_MESSAGE_SIZE', `10000000')", lambda c: c.smtp.max_message_size, 10000000),
+    ("define(`confALLOW_BOGUS_HELO', `True')", lambda c: c.smtp.allow_bogus_helo, True),
+    ("define(`confALLOW_BOGUS_HELO')", lambda c: c.smtp.allow_bogus_helo, True),
+    ("define(`confALLOW_BOGUS_HELO', `False')", lambda c: c.smtp.allow_bogus_helo, False),
+    ("MAILER(smtp)dnl", lambda c: c.smtp.allow_bogus_helo, False),
     ("define(`confMAX_RCPTS_PER_MESSAGE', `500')", lambda c: c.smtp.max_recipients, 500),
     ("define(`confMAX_RCPTS_PER_MESSAGE', `0')", lambda c: c.smtp.max_recipients, 100),
     ("define(`confDOMAIN_NAME', `mx.example.com')", lambda c: c.hostname, "mx.example.com"),

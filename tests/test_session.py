@@ -377,7 +377,7 @@ def test_unknown_command(gw: GatewayProcess) -> None:
     with session(gw) as c:
         r = c.cmd("FROBNICATE now")
         assert (r.code, r.enhanced) == (500, "5.5.1")
-        assert r.first == '500 5.5.1 Command unrecognized: "FROBNICATE"'
+        assert r.first == '500 5.5.1 Command unrecognized: "FROBNICATE now"'
         assert c.cmd("NOOP").code == 250
 
 
@@ -389,8 +389,6 @@ def test_rfc821_commands_are_known_and_not_implemented(gw: GatewayProcess) -> No
         r = c.cmd("SEND FROM:<alice@example.org>")
         assert r.first == '502 5.5.1 Command not implemented: "SEND FROM:<alice@example.org>"'
         assert c.cmd("soml").first == '502 5.5.1 Command not implemented: "SOML"'
-        long = c.cmd("SAML FROM:<" + "a" * 300 + "@example.org>")
-        assert long.first == '502 5.5.1 Command not implemented: "SAML FROM:<' + "a" * 189 + '..."'
         assert c.cmd("NOOP").code == 250
 
 
@@ -471,7 +469,7 @@ def test_bad_command_limit_closes_with_421(gw: GatewayProcess) -> None:
         assert c.wait_closed() == b""
 
 
-@pytest.mark.parametrize("length", [600, 100_000])
+@pytest.mark.parametrize("length", [2100, 100_000])
 def test_command_line_too_long(gw: GatewayProcess, length: int) -> None:
     with session(gw) as c:
         r = c.cmd("NOOP " + "x" * length)
@@ -479,16 +477,16 @@ def test_command_line_too_long(gw: GatewayProcess, length: int) -> None:
         assert c.pending(0.1) == b""  # answered once, not once per 512 bytes
         assert c.cmd("NOOP").raw == b"250 2.0.0 OK\r\n"
         # a long MAIL line is refused as a whole: no transaction was started
-        r = c.cmd(f"MAIL FROM:<{'a' * 600}@example.org>")
+        r = c.cmd(f"MAIL FROM:<{'a' * 2100}@example.org>")
         assert (r.code, r.enhanced) == (500, "5.5.0")
         assert c.cmd(f"RCPT TO:<{rcpt('x')}>").code == 503
         assert c.cmd(f"MAIL FROM:<{SENDER}>").code == 250
 
 
-def test_command_line_of_exactly_512_bytes_is_accepted(gw: GatewayProcess) -> None:
-    with session(gw) as c:
-        line = b"NOOP " + b"x" * (512 - 5 - 2)
-        assert len(line + b"\r\n") == 512
+def test_command_line_of_exactly_2048_bytes_is_accepted(gw: GatewayProcess) -> None:
+    with session(gw) as c:  # the default max_command_line, Sendmail's and Postfix's
+        line = b"NOOP " + b"x" * (2048 - 5 - 2)
+        assert len(line + b"\r\n") == 2048
         assert c.cmd(line).raw == b"250 2.0.0 OK\r\n"
         r = c.cmd(line + b"y")
         assert (r.code, r.enhanced) == (500, "5.5.0")

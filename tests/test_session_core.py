@@ -154,6 +154,11 @@ def test_sequence_errors_and_bad_commands(tmp_path: Path) -> None:
             ("DATA", "503 5.0.0 Need MAIL command", {}),
             ("XYZZY", '500 5.5.1 Command unrecognized: "XYZZY"', {"bad": True}),
             ("HELO", "501 5.0.0 HELO requires domain address", {"bad": True}),
+            # Sendmail's check of the name (not a bad command there either)
+            ("HELO two words", "501 5.0.0 Invalid domain name", {}),
+            ("EHLO bad_name!", "501 5.0.0 Invalid domain name", {}),
+            ("EHLO " + "a" * 257, "501 5.0.0 Invalid domain name", {}),
+            ("EHLO bj\u00f8rn.example", "501 5.0.0 Invalid domain name", {}),
             (
                 "MAIL FROM:<a b@example.org>",
                 "553 5.1.3 <a b@example.org>... Invalid local part",

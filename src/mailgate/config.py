@@ -466,8 +466,8 @@ class SmtpSettings:
         parse_size, "50M", "announced in SIZE, refused with 552 (`0` = no limit)"
     )
     max_recipients: int = setting(_int(1), 100, "more get `452 4.5.3 Too many recipients`")
-    max_command_line: int = setting(
-        _int(512), 512, "longest command line accepted, CRLF included (RFC 5321's 512 or more)"
+    max_command_line: int = setting(  # Sendmail's MAXLINE, Postfix's line_length_limit
+        _int(512), 2048, "longest command line accepted, CRLF included (RFC 5321's 512 or more)"
     )
     # RFC 5321 4.5.3.1.6: a server must take lines of 1000 bytes, so no lower limit. 0 = no
     # limit (the default, as Postfix's smtpd and Sendmail: long lines are folded on the way out).
@@ -522,6 +522,12 @@ class SmtpSettings:
     # Postfix 3.9's smtpd_forbid_unauth_pipelining: content sent before our 354 closes.
     forbid_unauth_pipelining: bool = setting(
         _bool, True, "content sent before our `354` gets `554 5.5.0` and the session is closed"
+    )
+    allow_bogus_helo: bool = setting(
+        _bool,
+        False,
+        "take any HELO/EHLO argument; else a host name or address literal, or `501 5.0.0 "
+        "Invalid domain name` (Sendmail's AllowBogusHELO)",
     )
     check_sender_domain: bool = setting(_bool, True, "MAIL FROM domain must resolve (MX/A/AAAA)")
     require_qualified_sender: bool = setting(_bool, True, "`553 5.5.4` for a sender without domain")

@@ -385,9 +385,13 @@ def model(
         if b"\0" in body:
             out.append(MBad(CMD_NUL))
             continue
-        verb, _, arg = body.decode("utf-8", "surrogateescape").partition(" ")
-        verb = verb.upper()
-        out.append(MCmd(verb, arg.strip()))
+        # Blanks before the verb are skipped; a space or a tab ends it (as Sendmail's).
+        words = re.fullmatch(
+            r"[ \t]*([^ \t]*)(?:[ \t](.*))?", body.decode("utf-8", "surrogateescape"), re.S
+        )
+        assert words is not None
+        verb = words.group(1).upper()
+        out.append(MCmd(verb, (words.group(2) or "").strip()))
         if verb != "DATA":
             continue
         ok = accept[ndata % len(accept)] if accept else True

@@ -1055,6 +1055,15 @@ def _set_int(
     return apply
 
 
+def _set_flag(section: str, key: str, option: str, meaning: str) -> DefineRule:
+    def apply(m: _Mapper, value: str, items: list[_Item]) -> None:
+        # Sendmail's atobool: empty, or starting with t/T/y/Y, is true; anything else false.
+        on = not value.strip() or value.strip()[0] in "tTyY"
+        m.set(section, key, on, f"{option}={value.strip() or 'True'}: {meaning}", items)
+
+    return apply
+
+
 def _set_duration(section: str, key: str, option: str, zero: str | None = None) -> DefineRule:
     def apply(m: _Mapper, value: str, items: list[_Item]) -> None:
         seconds = sendmail_seconds(value)
@@ -1181,6 +1190,10 @@ _DEFINE_RULES: tuple[tuple[tuple[str, ...], DefineRule], ...] = (
     (("confDOUBLE_BOUNCE_ADDRESS",), _double_bounce),
     (("confPRIVACY_FLAGS",), _privacy),
     (("confSMTP_LOGIN_MSG",), _greeting),
+    (
+        ("confALLOW_BOGUS_HELO",),
+        _set_flag("smtp", "allow_bogus_helo", "AllowBogusHELO", "any HELO/EHLO argument is taken"),
+    ),
     (
         ("confBAD_RCPT_THROTTLE",),
         _set_int(

@@ -123,6 +123,7 @@ _VIRTUAL_BOL: Final = b"\r\n"  # DATA content starts at a line start, as if afte
 # Only used on the failure path to locate the first bare CR/LF in a chunk.
 _BARE_RE: Final = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
+_BLANK: Final = re.compile(r"[ \t]")  # between a verb and its argument
 _CMD_TOO_LONG: Final = Reply(500, "5.5.0", "Command line too long")
 _CMD_NUL: Final = Reply(500, "5.5.1", "Invalid command: NUL byte")
 # Only CRLF ends a command line (RFC 5321 2.3.8). A line ended by a bare LF, or holding a bare
@@ -396,6 +397,12 @@ class ServerConnection:
             return BadCommand(_CMD_NUL)
         text = raw.decode("utf-8", "surrogateescape")
         verb, _, arg = text.partition(" ")
+        if not verb or "\t" in verb:
+            # Blanks before the verb, or a tab after it: Sendmail skips the one and splits at
+            # the other, and so do we (the usual line costs only this test).
+            text = text.lstrip(" \t")
+            blank = _BLANK.search(text)
+            verb, arg = (text[: blank.start()], text[blank.end() :]) if blank else (text, "")
         verb = verb.upper()
         if verb == "DATA":
             # Bytes after DATA are content only if the session accepts it: stop here.

@@ -10,6 +10,7 @@ one assignment. What the session needs from the running gateway is the narrow
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -211,7 +212,8 @@ class Session:
         handler = _HANDLERS.get(verb)
         got: Answer | Awaitable[Answer]
         if handler is None:
-            got = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{verb[:40]}"'), bad=True)
+            line = _shortened(f"{verb} {cmd.arg}".rstrip())
+            got = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{line}"'), bad=True)
         else:
             refused = self._refused_stage()
             if refused is not None and verb not in _ALLOWED_WHEN_REFUSED:
@@ -233,6 +235,8 @@ class Session:
                 Reply(501, "5.0.0", f"{'EHLO' if esmtp else 'HELO'} requires domain address"),
                 bad=True,
             )
+        if not cfg.smtp.allow_bogus_helo and (len(arg) > 256 or not _HELO_NAME.fullmatch(arg)):
+            return Answer(_INVALID_HELO)
         self.helo = arg.split()[0]
         self.esmtp = esmtp
         self.tx = None
@@ -743,6 +747,10 @@ class Session:
 
 
 _GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")  # Sendmail 8.17's words
+# Sendmail's HELO check (RFC 1123 5.2.5), unless AllowBogusHELO: ASCII letters, digits and
+# "[].-_#:" (a name, an address literal), nothing after a blank, at most MAXNAME (256).
+_HELO_NAME = re.compile(r"[A-Za-z0-9\[\].\-_#:]+")
+_INVALID_HELO = Reply(501, "5.0.0", "Invalid domain name")
 
 # The verbs, by name (built once: a session is made per connection).
 _HANDLERS: dict[str, Callable[[Session, str], Answer | Awaitable[Answer]]] = {
@@ -770,12 +778,16 @@ def _not_implemented(verb: str) -> Callable[[Session, str], Answer]:
     ``502`` where an unknown verb gets ``500``, and not counted as a bad command."""
 
     def answer(session: Session, arg: str) -> Answer:
-        line = f"{verb} {arg}".rstrip()
-        shown = line if len(line) <= _MAX_SHOWN else line[: _MAX_SHOWN - 3] + "..."
-        return Answer(Reply(502, "5.5.1", f'Command not implemented: "{shown}"'))
+        line = _shortened(f"{verb} {arg}".rstrip())
+        return Answer(Reply(502, "5.5.1", f'Command not implemented: "{line}"'))
 
     return answer
 
 
-_MAX_SHOWN = 203  # Sendmail's MAXSHORTSTR: how much of a line a reply repeats
+def _shortened(line: str) -> str:
+    """A client's line as a reply repeats it: Sendmail's shortenstring(line, MAXSHORTSTR),
+    its first and last 100 characters around "..." from 203 on."""
+    return line if len(line) < 203 else f"{line[:100]}...{line[-100:]}"
+
+
 _HANDLERS.update((verb, _not_implemented(verb)) for verb in ("SEND", "SOML", "SAML", "TURN"))
