@@ -833,6 +833,15 @@ def test_sender_ok_beats_domain_reject(tmp_path: Path) -> None:
     assert mail_reply(snap, "a@good.example") == "250 2.1.0 <a@good.example>... Sender ok"
 
 
+def test_sender_relay_entry_accepts_without_the_dns_check(tmp_path: Path) -> None:
+    """Sendmail's check_mail takes RELAY as OK ($={Accept}, checked with sendmail -bt): an
+    internal domain listed RELAY need not resolve. It lends no relaying."""
+    snap = snapshot(tmp_path, SENDERS)
+    d = mail(snap, "a@relayonly.example")
+    assert d is not None and str(d.reply) == "250 2.1.0 <a@relayonly.example>... Sender ok"
+    assert not d.discard
+
+
 def test_sender_discard(tmp_path: Path) -> None:
     snap = snapshot(tmp_path, SENDERS)
     d = mail(snap, "a@sink.example")
@@ -842,12 +851,11 @@ def test_sender_discard(tmp_path: Path) -> None:
 
 
 def test_sender_without_verdict_goes_on(tmp_path: Path) -> None:
-    """No entry, SKIP, RELAY or a To:-only entry: no verdict, the DNS checks decide."""
+    """No entry, SKIP or a To:-only entry: no verdict, the DNS checks decide."""
     snap = snapshot(tmp_path, SENDERS)
     for raw in (
         "a@example.net",
         "a@skip.example.org",
-        "a@relayonly.example",
         "a@toonly.example",
         "a@notexample.org",
     ):

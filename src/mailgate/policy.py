@@ -155,7 +155,9 @@ def check_sender(
             return Decision(verdict.error.reply(shown), logged_reject=True, reason="access")
         if verdict.action == "DISCARD":
             return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"), discard=True)
-        if verdict.action == "OK":
+        if verdict.action in ("OK", "RELAY"):
+            # Sendmail's $={Accept}: either accepts the sender, its domain unchecked (an
+            # internal domain listed RELAY need not be in DNS). Relaying is not granted.
             return Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
     if not mailbox.domain and config.smtp.require_qualified_sender:
         return Decision(
