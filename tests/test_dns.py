@@ -245,7 +245,13 @@ def test_domain_resolves(dns: DnsServer, run: Runner[Any]) -> None:
     assert run(r.domain_resolves("nowhere.example.com")) == "no"
     assert run(r.domain_resolves("servfail.example.com")) == "temp"
     assert run(r.domain_resolves("slow.example.com")) == "temp"
+    # An address literal: its PTR, as Sendmail's canonify asks
+    dns.add_ptr("192.0.2.1", "named.example.com")
     assert run(r.domain_resolves("[192.0.2.1]")) == "yes"
+    assert run(r.domain_resolves("[192.0.2.77]")) == "no"
+    dns.add_ptr("2001:db8::1", "v6.example.com")
+    assert run(r.domain_resolves("[IPv6:2001:db8::1]")) == "yes"
+    assert run(r.domain_resolves("[IPv6:2001:db8::2]")) == "no"
 
 
 def test_invalid_names_do_not_exist(dns: DnsServer, run: Runner[Any]) -> None:

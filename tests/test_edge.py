@@ -598,7 +598,12 @@ def test_sender_domain_and_qualification_checks(edge: GatewayProcess) -> None:
         assert c.cmd("MAIL FROM:<alice>").first == (
             "553 5.5.4 <alice>... Domain name required for sender address alice"
         )
-        for ok in ("<>", "<alice@example.org>", "<a@[192.0.2.1]>"):
+        # An address literal resolves by its PTR name, as Sendmail's canonify looks it up.
+        assert c.cmd("MAIL FROM:<a@[192.0.2.77]>").first == (
+            "553 5.1.8 <a@[192.0.2.77]>... Domain of sender address a@[192.0.2.77] does not exist"
+        )
+        # 127.0.0.40 has a PTR name (named.example.net)
+        for ok in ("<>", "<alice@example.org>", "<a@[127.0.0.40]>"):
             reply = c.cmd(f"MAIL FROM:{ok}")
             assert reply.first == f"250 2.1.0 {ok}... Sender ok", ok
             assert c.cmd("RSET").code == 250

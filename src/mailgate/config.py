@@ -529,7 +529,11 @@ class SmtpSettings:
         "take any HELO/EHLO argument; else a host name or address literal, or `501 5.0.0 "
         "Invalid domain name` (Sendmail's AllowBogusHELO)",
     )
-    check_sender_domain: bool = setting(_bool, True, "MAIL FROM domain must resolve (MX/A/AAAA)")
+    check_sender_domain: bool = setting(
+        _bool,
+        True,
+        "MAIL FROM domain must resolve (MX/A/AAAA; an address literal, a PTR name, as Sendmail)",
+    )
     require_qualified_sender: bool = setting(_bool, True, "`553 5.5.4` for a sender without domain")
 
 

@@ -341,11 +341,14 @@ class Resolver:
 
     async def domain_resolves(self, domain: str) -> Resolves:
         """``"yes"`` if the domain has MX, A or AAAA records, ``"no"`` if not, else ``"temp"``.
-        The whole check takes at most the DNS timeout, as :meth:`ptr`."""
-        if _ip_literal(domain) is not None:
-            return "yes"
+        An address literal resolves if it has a PTR name, as Sendmail's canonify finds one
+        (``user@[192.0.2.1]`` without one: 553 5.1.8). The whole check takes at most the DNS
+        timeout, as :meth:`ptr`."""
+        literal = _ip_literal(domain)
         try:
             async with asyncio.timeout(self.timeout):
+                if literal is not None:
+                    return "yes" if await self.ptr_names(literal) else "no"
                 if await self.mx(domain) or await self.addresses(domain):
                     return "yes"
         except DnsNotFound:

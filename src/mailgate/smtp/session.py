@@ -308,7 +308,6 @@ class Session:
             decision is None
             and cfg.smtp.check_sender_domain
             and mailbox.domain
-            and not mailbox.is_literal
             and not self.snap.routing.is_local(mailbox.domain)
         ):
             return self._mail_after_lookup(raw, mailbox, params, shown)
