@@ -504,16 +504,18 @@ def _session(gw: GatewayProcess, source: str = SMUGGLER, timeout: float = 20) ->
     return c
 
 
-def test_command_line_limit_is_512_and_an_overlong_line_is_not_acted_on(gw: GatewayProcess) -> None:
-    with _session(gw) as c:
-        assert c.cmd(b"NOOP" + b" " * (512 - 6)).code == 250  # 512 octets with CRLF
-        assert c.cmd(b"NOOP" + b" " * (512 - 5)).first == "500 5.5.0 Command line too long"
+def test_command_line_limit_is_2048_and_an_overlong_line_is_not_acted_on(
+    gw: GatewayProcess,
+) -> None:
+    with _session(gw) as c:  # max_command_line's default: Sendmail's MAXLINE, Postfix's limit
+        assert c.cmd(b"NOOP" + b" " * (2048 - 6)).code == 250  # 2048 octets with CRLF
+        assert c.cmd(b"NOOP" + b" " * (2048 - 5)).first == "500 5.5.0 Command line too long"
         # a MAIL padded past the limit is not a MAIL; the session goes on
-        long_mail = f"MAIL FROM:<{'a' * 600}@sender.example>"
+        long_mail = f"MAIL FROM:<{'a' * 2100}@sender.example>"
         assert c.cmd(long_mail).first == "500 5.5.0 Command line too long"
         assert c.cmd("RCPT TO:<x@targetdomain1.com>").code == 503
         # ... nor is a command hidden past the limit of one line
-        assert c.cmd(b"RSET" + b" " * 600 + b"QUIT").first == "500 5.5.0 Command line too long"
+        assert c.cmd(b"RSET" + b" " * 2100 + b"QUIT").first == "500 5.5.0 Command line too long"
         assert c.cmd("NOOP").code == 250
         assert c.cmd("QUIT").code == 221
 
