@@ -335,6 +335,11 @@ def test_rset_noop_help_quit(gw: GatewayProcess) -> None:
         help_ = c.cmd("HELP")
         assert help_.code == 214 and len(help_.lines) > 1
         assert all(line.startswith("2.0.0 ") for line in help_.lines)
+        mail = c.cmd("help mail")  # a topic, as Sendmail's helpfile has them
+        assert mail.lines[0] == "2.0.0 MAIL FROM:<sender> [ <parameters> ]"
+        assert mail.lines[-1] == "2.0.0 End of HELP info" and mail.code == 214
+        assert c.cmd("HELP nosuch").first == '504 5.3.0 HELP topic "nosuch" unknown'
+        assert c.cmd("NOOP").code == 250
         q = c.cmd("QUIT")
         assert q.raw == f"221 2.0.0 {HOSTNAME} closing connection\r\n".encode()
         assert c.wait_closed() == b""

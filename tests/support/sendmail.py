@@ -84,6 +84,9 @@ class SendmailBuild:
             target = self.dir / name
             target.write_text(source.read_text() if source.exists() else "")
         (self.dir / "service.switch").write_text("hosts files\naliases files\n")
+        helpfile = TREE / "etc/mail/helpfile"  # HELP's answers (HELP_FILE: the folder's)
+        if helpfile.exists():
+            shutil.copyfile(helpfile, self.dir / "helpfile")
         (self.dir / "hosts").write_text(f"127.0.0.1 localhost\n192.0.2.25 {HOSTNAME}\n")
         self.cf_dir = self._cf_tree(mc)
         self.mc = self.dir / "test.mc"

@@ -56,9 +56,38 @@ HELP_TEXT = (
     "    HELO    EHLO    MAIL    RCPT    DATA\n"
     "    RSET    NOOP    QUIT    HELP    VRFY\n"
     "    EXPN    VERB    ETRN\n"
+    "For more on a topic, HELP <topic>.\n"
     "For local information send email to Postmaster at your site.\n"
     "End of HELP info"
 )
+# HELP <topic>, in our words; an unknown topic gets Sendmail's 504.
+HELP_TOPICS = {
+    "HELO": ("HELO <hostname>", "Introduce yourself."),
+    "EHLO": ("EHLO <hostname>", "Introduce yourself, and ask for the extensions offered."),
+    "MAIL": (
+        "MAIL FROM:<sender> [ <parameters> ]",
+        "Start a message from <sender> (<> for a bounce).",
+        "Parameters: SIZE=<bytes> BODY=7BIT|8BITMIME RET=FULL|HDRS ENVID=<id> SMTPUTF8",
+    ),
+    "RCPT": (
+        "RCPT TO:<recipient> [ <parameters> ]",
+        "Add a recipient of the message; repeat for more.",
+        "Parameters: NOTIFY=NEVER|SUCCESS,FAILURE,DELAY ORCPT=<type>;<address>",
+    ),
+    "DATA": ("DATA", "Send the message, ended by a line holding only a dot."),
+    "RSET": ("RSET", "Forget the message being given, keep the session."),
+    "NOOP": ("NOOP", "Do nothing."),
+    "QUIT": ("QUIT", "End the session."),
+    "HELP": ("HELP [ <topic> ]", "This help, or the topic's."),
+    "VRFY": ("VRFY <recipient>", "Not answered here: RCPT says whether mail is taken."),
+    "EXPN": ("EXPN <list>", "Lists are not expanded here."),
+    "VERB": ("VERB", "Verbose mode is not offered here."),
+    "ETRN": (
+        "ETRN <domain> | @<domain>",
+        "Try now what waits for <domain> (with @: and its subdomains).",
+    ),
+    "STARTTLS": ("STARTTLS", "Encrypt the session, where EHLO offers it."),
+}
 
 # Sendmail's restricted mode (early talkers, Connect: refusals) still serves these.
 _ALLOWED_WHEN_REFUSED = frozenset({"HELO", "EHLO", "NOOP", "RSET", "QUIT"})
@@ -659,7 +688,12 @@ class Session:
         )
 
     def help(self, arg: str) -> Answer:
-        return Answer(Reply(214, "2.0.0", HELP_TEXT))
+        if not arg:
+            return Answer(Reply(214, "2.0.0", HELP_TEXT))
+        topic = HELP_TOPICS.get(arg.split()[0].upper())
+        if topic is None:
+            return Answer(Reply(504, "5.3.0", f'HELP topic "{_shortened(arg)}" unknown'))
+        return Answer(Reply(214, "2.0.0", "\n".join((*topic, "End of HELP info"))))
 
     def vrfy(self, arg: str) -> Answer:
         # novrfy: never confirm or deny a user (semantics §11).
