@@ -459,6 +459,18 @@ def test_to_entries_with_blocklist_recipients(tmp_path: Path) -> None:
     assert rcpt_reply(snap, "anyone@targetdomain1.com") == ok("anyone@targetdomain1.com")
 
 
+def test_localhost_is_our_name_for_the_access_lookups(tmp_path: Path) -> None:
+    """Sendmail's canonify makes ``localhost`` $j (sendmail -bt: ``root@localhost`` is
+    ``root<@gateway.example.com.>``), so an entry for root@$j covers root@localhost too."""
+    entries = {"access": f"To:root@{HOST} REJECT\nFrom:bad@{HOST} REJECT\n"}
+    snap = snapshot(tmp_path, entries, blocklist_recipients=True)
+    assert rcpt_reply(snap, "root@localhost") == (
+        "550 5.2.1 <root@localhost>... Mailbox disabled for this recipient"
+    )
+    assert mail_reply(snap, "bad@localhost") == "550 5.7.1 <bad@localhost>... Access denied"
+    assert mail(snap, "good@localhost") is None
+
+
 # -- mailertable error: at RCPT (§5) -----------------------------------------------------------
 
 ERRORS = {

@@ -136,6 +136,13 @@ def connect_decision(client: Client, tables: Tables, config: Config) -> ConnectD
     )
 
 
+def _canonical(domain: str, config: Config) -> str:
+    """The domain as Sendmail's canonify leaves it for the access lookups: ``localhost`` is
+    $j (sendmail -bt: ``root@localhost`` → ``root<@gateway.example.com.>``), so an entry for
+    ``root@$j`` also covers ``root@localhost``."""
+    return config.hostname if domain == "localhost" else domain
+
+
 def check_sender(
     raw: str, mailbox: Mailbox, tables: Tables, config: Config, *, shown: str | None = None
 ) -> Decision | None:
@@ -143,7 +150,7 @@ def check_sender(
     shown = shown or f"<{raw}>"  # as the client wrote it: brackets only if it used them
     if mailbox.is_null:
         return Decision(Reply(250, "2.1.0", "<>... Sender ok"))
-    verdict = tables.access.sender(mailbox.local, mailbox.domain)
+    verdict = tables.access.sender(mailbox.local, _canonical(mailbox.domain, config))
     if verdict is not None:
         if verdict.action == "REJECT":
             return Decision(
@@ -246,7 +253,7 @@ def check_recipient(
     final = rewrite_domain(mailbox, tables)
     if config.access.blocklist_recipients:
         verdict = tables.access.recipient(
-            final.local, final.domain, is_local=ctx.is_local(final.domain)
+            final.local, _canonical(final.domain, config), is_local=ctx.is_local(final.domain)
         )
         if verdict is not None:
             if verdict.action == "REJECT":  # Sendmail's words for a blocklisted recipient
