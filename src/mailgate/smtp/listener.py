@@ -163,11 +163,12 @@ class Listener:
         while True:
             settings = self.settings()
             # The rate counts clients: on a PROXY listener it is taken after the header.
-            throttled = settings.proxy_protocol is None
+            rate = self.rate() if settings.proxy_protocol is None else 0
+            throttled = rate > 0
             # A place in this second's rate is taken before the accept while there is one
             # (a connection already queued then costs nothing more); without one, the
             # connection accepted waits for the next second's, and is logged as deferred.
-            placed = throttled and self.throttle.take(self.rate(), time.time()) == 0
+            placed = throttled and self.throttle.take(rate, time.time()) == 0
             # Full: new connections wait in the kernel's listen queue, as Sendmail's do.
             while (
                 not self.admission.has_room(self.max_connections())
