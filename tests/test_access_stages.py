@@ -199,6 +199,14 @@ def test_connect_discard_accepts_everything_and_delivers_nothing(
         c.cmd("EHLO client.example.net")
         assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
         assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+        # As Sendmail's (compared with its daemon): a discarded client learns nothing of our
+        # users, and still may not relay.
+        assert c.cmd("RCPT TO:<no-such-user@gateway.example.com>").first == (
+            "250 2.1.5 <no-such-user@gateway.example.com>... Recipient ok"
+        )
+        assert c.cmd("RCPT TO:<y@example.net>").first.startswith(
+            "550 5.7.1 <y@example.net>... Relaying denied"
+        )
         assert c.cmd("DATA").code == 354
         c.send(message("connect discard") + b".\r\n")
         reply = c.read_reply()
@@ -281,7 +289,16 @@ def test_from_error_quoted_form(stages: GatewayProcess) -> None:
 
 def test_from_discard_drops_the_whole_message(stages: GatewayProcess, hop1: SinkServer) -> None:
     with stages.smtp("127.0.20.3") as s:
-        s.sendmail("x@discard.example", ["bob@targetdomain1.com"], message("from discard"))
+        # an unknown user of ours is taken too, as Sendmail's for a discarded envelope
+        s.sendmail(
+            "x@discard.example",
+            ["bob@targetdomain1.com", "no-such-user@gateway.example.com"],
+            message("from discard"),
+        )
+        s.ehlo()
+        s.mail("alice@example.org")
+        assert s.rcpt("no-such-user@gateway.example.com")[0] == 550  # not discarded: refused
+        s.rset()
         s.sendmail("alice@example.org", ["bob@targetdomain1.com"], message("after discard"))
     hop1.wait_subject("after discard")
     assert stages.log_lines("ruleset=check_mail", "arg1=<x@discard.example>", "discard")

@@ -16,7 +16,7 @@ from mailgate.config import Config
 from mailgate.dns import PtrStatus
 from mailgate.metrics import RejectReason
 from mailgate.reply import Reply
-from mailgate.routing import RoutingContext, resolve, rewrite_domain
+from mailgate.routing import UNKNOWN_USER, RoutingContext, resolve, rewrite_domain
 from mailgate.tables import Tables
 from mailgate.tables.access import Verdict
 
@@ -246,8 +246,12 @@ def check_recipient(
     config: Config,
     *,
     shown: str | None = None,
+    discarding: bool = False,
 ) -> Decision:
-    """Relay check, then the route check (error: entries, unknown local users)."""
+    """Relay check, then the route check (error: entries, unknown local users). In a
+    ``discarding`` transaction (access DISCARD for the client or the sender) an unknown user
+    is taken too, as Sendmail's recipient() checks none for a discarded envelope: a client
+    we throw away learns nothing of our users."""
     shown = shown or f"<{raw}>"
     tables = ctx.tables
     final = rewrite_domain(mailbox, tables)
@@ -280,5 +284,7 @@ def check_recipient(
     # again with the tables in force then.
     for route in resolve(final, ctx, expand=False):
         if route.mailer == "error" and route.error is not None:
+            if discarding and route.error is UNKNOWN_USER:
+                continue
             return Decision(route.error.reply(shown), logged_reject=True, reason="recipient")
     return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"))

@@ -100,6 +100,10 @@ def class_w(tables: Tables, hostname: str, listen_ips: list[str]) -> frozenset[s
     return frozenset(n.lower() for n in names)
 
 
+# A local name that is neither an alias nor an account (one value: policy asks ``is``).
+UNKNOWN_USER = ErrorValue(550, "5.1.1", "User unknown")
+
+
 def _error(code: int, dsn: str, text: str, via: str = "") -> Route:
     return Route("error", "", error=ErrorValue(code, dsn, text), via=via)
 
@@ -281,7 +285,7 @@ def _add_local_user(
 ) -> None:
     user = ctx.local_user(name)
     if user is None:
-        out.append(_error(550, "5.1.1", "User unknown", f"{via}: no such user {name!r}"))
+        out.append(Route("error", "", error=UNKNOWN_USER, via=f"{via}: no such user {name!r}"))
     else:
         _add(out, seen, Route("local", user, via=via))
 

@@ -442,6 +442,7 @@ class Session:
             self.snap.routing,
             cfg,
             shown=_as_written(arg, raw),
+            discarding=tx.discard,
         )
         if decision.logged_reject:
             maillog.reject(tx.qid, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
