@@ -223,6 +223,12 @@ BAD_CONFIGS = [
     ),
     pytest.param("[delivery]\nport = 0\n", 2, "delivery.port: must be at least 1", id="port-0"),
     pytest.param(
+        '[log]\nsyslog_name = "sm mta"\n',
+        2,
+        "log.syslog_name: 'sm mta' is not a program name (letters, digits, . _ / -; 32 at most)",
+        id="syslog-name-with-a-space",
+    ),
+    pytest.param(
         "[smtp]\nmax_text_line = 999\n",
         2,
         "smtp.max_text_line: must be 0 (no limit) or 1000 or more",

@@ -106,6 +106,8 @@ def test_the_example_becomes_a_config_that_loads_with_what_it_said(
     assert cfg.smtp.require_qualified_sender is True
     assert cfg.access.blocklist_recipients is False
     assert cfg.queue.warn_after == 4 * 3600 and cfg.queue.max_age == 5 * 86400
+    # Syslog as before, under the name the admin's fail2ban and logwatch know
+    assert (cfg.log.target, cfg.log.syslog_name) == ("syslog", "sm-mta")
     # No line of the mc is left unmapped: every finding is about the tables.
     findings = [ln for ln in err.splitlines() if ln.startswith(("warning:", "refused:", "error:"))]
     assert len(findings) == 7

@@ -163,6 +163,27 @@ def test_a_syslog_line_is_what_glibc_sends(syslogd: tuple[socket.socket, Path]) 
     maillog.setup("gw.example", LogSettings(target="syslog", syslog_socket=path, facility="local3"))
     maillog.stopping(10)
     assert server.recv(4096).startswith(b"<158>")  # local3 (19) * 8 + info (6)
+    # the program name a migrated admin's fail2ban and logwatch look for
+    maillog.setup(
+        "gw.example", LogSettings(target="syslog", syslog_socket=path, syslog_name="sm-mta")
+    )
+    maillog.stopping(10)
+    assert re.fullmatch(
+        rf"<22>{stamp} sm-mta\[{os.getpid()}\]: stopping: .*", server.recv(4096).decode()
+    )
+
+
+def test_the_program_name_is_the_same_in_a_file(tmp_path: Path) -> None:
+    log = tmp_path / "maillog"
+    maillog.setup("gw.example", LogSettings(file=log, syslog_name="sendmail"))
+    try:
+        maillog.stopping(10)
+    finally:
+        maillog.setup("localhost")
+    assert re.fullmatch(
+        rf"[A-Z][a-z]{{2}} [ \d]\d \d\d:\d\d:\d\d gw sendmail\[{os.getpid()}\]: stopping: .*\n",
+        log.read_text(),
+    )
 
 
 def test_a_full_syslog_socket_drops_lines_and_never_blocks(

@@ -223,6 +223,13 @@ def _str(value: object) -> str:
     return value
 
 
+def _syslog_name(value: object) -> str:
+    text = _str(value)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,31}", text):
+        raise ValueError(f"{value!r} is not a program name (letters, digits, . _ / -; 32 at most)")
+    return text
+
+
 def _double_bounce_address(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError("expected a string")
@@ -744,6 +751,14 @@ class LogSettings:
     )
     facility: Facility = setting(
         _one_of(get_args(Facility)), "mail", "the syslog facility (target `syslog`)"
+    )
+    # Postfix's syslog_name. Log readers find a mail server's lines by this name: fail2ban's
+    # sendmail filters and logwatch's sendmail service by "sendmail" or "sm-mta".
+    syslog_name: str = setting(
+        _syslog_name,
+        "mailgate",
+        'the program name of each line (`name[pid]:`); `"sm-mta"` or `"sendmail"` keeps '
+        "fail2ban's and logwatch's Sendmail filters reading them",
     )
     json: bool = setting(_bool, False, "also write each line as a JSON object (`json_file`)")
     json_file: Path | None = setting(

@@ -165,6 +165,8 @@ class LogOptions(Protocol):
     @property
     def facility(self) -> Facility: ...
     @property
+    def syslog_name(self) -> str: ...
+    @property
     def json(self) -> bool: ...
     @property
     def json_file(self) -> Path | None: ...  # None: stdout
@@ -180,6 +182,7 @@ class _Writer:
         self.json: Sink | None = None
         self.echo: Sink | None = None  # stderr too, beside the target (`flush -v`)
         self.host = "localhost"
+        self.name = "mailgate"  # before [pid]: on each line ([log] syslog_name)
         self.level = _RANK["info"]
         self.pid = os.getpid()
         self.second = -1
@@ -216,6 +219,7 @@ class _Writer:
         shown = options is not None and text_target(options) != "stderr"
         self.echo = LineFile(None) if echo and shown else None
         self.host = hostname.split(".")[0]
+        self.name = options.syslog_name if options is not None else "mailgate"
         self.level = _RANK[level]
 
     def enabled(self, level: Level) -> bool:
@@ -231,13 +235,13 @@ class _Writer:
             if self.json is not None:
                 self.json.check()
         if self.facility is None:
-            line = f"{self.stamp} {self.host} mailgate[{self.pid}]: {text}\n"
+            line = f"{self.stamp} {self.host} {self.name}[{self.pid}]: {text}\n"
         else:  # RFC 3164 as glibc sends it to /dev/log: no host name, no newline
             pri = self.facility * 8 + SYSLOG_SEVERITY[level]
-            line = f"<{pri}>{self.stamp} mailgate[{self.pid}]: {text}"
+            line = f"<{pri}>{self.stamp} {self.name}[{self.pid}]: {text}"
         healed = self._put(self.text, line.encode("utf-8", "replace"))
         if self.echo is not None:
-            shown = f"{self.stamp} {self.host} mailgate[{self.pid}]: {text}\n"
+            shown = f"{self.stamp} {self.host} {self.name}[{self.pid}]: {text}\n"
             healed += self._put(self.echo, shown.encode("utf-8", "replace"))
         if self.json is not None:
             healed += self._put(self.json, self._json(now, level, event, text, fields))

@@ -763,6 +763,14 @@ class _Mapper:
             " syslog.conf puts mail.* (tail -f /var/log/maillog as before)",
         )
         self.set(
+            "log",
+            "syslog_name",
+            "sm-mta",
+            "Debian's Sendmail daemon's name in syslog: fail2ban's sendmail filters and"
+            ' logwatch\'s sendmail service find the lines by it ("mailgate" if nothing reads'
+            " them)",
+        )
+        self.set(
             "local",
             "maildir_root",
             MAILDIR_ROOT,
