@@ -11,11 +11,11 @@ import pytest
 
 from mailgate.policy import Client
 from mailgate.smtp.limits import (
+    PER_IP_REFUSAL,
     Admission,
     ConnectionRate,
     LocalCounts,
     SharedCounts,
-    per_ip_refusal,
 )
 
 CLIENT = Client("192.0.2.7")
@@ -88,10 +88,8 @@ def test_a_simultaneous_registration_elsewhere_never_passes_the_limit() -> None:
     assert counts.count(CLIENT.ip) == 2  # its own registration withdrawn
 
 
-def test_the_refusal_reply() -> None:
-    assert str(per_ip_refusal("192.0.2.7", "gw.example.com")) == (
-        "421 4.7.0 gw.example.com Too many concurrent connections from 192.0.2.7; try again later"
-    )
+def test_the_refusal_reply_is_sendmails_conncontrol() -> None:
+    assert str(PER_IP_REFUSAL) == "421 4.3.2 Too many open connections."
 
 
 def test_the_connection_rate_is_per_second_and_per_listener() -> None:

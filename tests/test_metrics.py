@@ -222,7 +222,7 @@ def test_the_connection_counts_a_per_ip_refusal(
         assert held.read_reply().code == 220
         with gw.raw(OUTSIDE) as refused:
             reply = refused.read_reply()
-            assert (reply.code, reply.enhanced) == (421, "4.7.0")
+            assert (reply.code, reply.enhanced) == (421, "4.3.2")
             refused.wait_closed()
         s = scrape("127.0.0.1", port)
     assert value(s, "mailgate_connections_total", outcome="per_ip_limit") == 1

@@ -4,7 +4,7 @@ address, for the whole daemon.
 The listener asks :meth:`Admission.has_room` before it accepts (the ceiling: excess
 connections wait in the kernel's listen queue, as Sendmail's do). An accepted connection asks
 :meth:`Admission.admit` (the per-IP limit), which registers it only if it is let in, so a
-refused connection (:func:`per_ip_refusal`, its 421) is never counted, not even while its
+refused connection (`PER_IP_REFUSAL`, its 421) is never counted, not even while its
 reply goes out; :meth:`Admission.release` when it ends. With one process the counts are plain
 dictionaries. With ``workers > 1`` the master makes a :class:`SharedCounts` before it forks:
 arrays in shared memory, one row per worker, holding its total and its per-address counts
@@ -230,8 +230,7 @@ class ConnectionRate:
         self.counts.arrive(self.listener, int(now), -1)
 
 
-def per_ip_refusal(ip: str, hostname: str) -> Reply:
-    """What a client over the per-IP limit is told before the connection is closed."""
-    return Reply(
-        421, "4.7.0", f"{hostname} Too many concurrent connections from {ip}; try again later"
-    )
+# What a client over the per-IP limit is told before the connection is closed: the words
+# of Sendmail's FEATURE(conncontrol) (its sendmail.cf), which fail2ban's sendmail-reject
+# filter bans on.
+PER_IP_REFUSAL = Reply(421, "4.3.2", "Too many open connections.")

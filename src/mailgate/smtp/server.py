@@ -23,7 +23,7 @@ from mailgate.milter import chain as milter_chain
 from mailgate.policy import Client, ConnectDecision, connect_decision
 from mailgate.reply import Reply
 from mailgate.smtp.deadline import DeadlineWaits
-from mailgate.smtp.limits import Admission, per_ip_refusal
+from mailgate.smtp.limits import PER_IP_REFUSAL, Admission
 from mailgate.smtp.listener import DIRECT, Arrival
 from mailgate.smtp.protocol import (
     NEED_DATA,
@@ -363,11 +363,10 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if not self.admitted:
             self.host.count(metrics.connection("per_ip_limit"))
             self.host.count(metrics.rejection("throttle"))
-            refusal = per_ip_refusal(self.client.ip, self.snap.config.hostname)
             # As Sendmail's conncontrol logs it (no PTR lookup for a client refused at once).
             ip = self.client.ip
-            maillog.reject(None, "check_relay", ip, f"[{ip}]", str(refusal))
-            self.send(refusal)
+            maillog.reject(None, "check_relay", ip, f"[{ip}]", str(PER_IP_REFUSAL))
+            self.send(PER_IP_REFUSAL)
             return None
         self.client = client = await self.host.lookup_client(self.client)
         decision = _connect_decision(client, self.snap)
