@@ -514,7 +514,7 @@ class SmtpSettings:
         _int(0),
         20,
         "more get `421 4.3.2 Too many open connections.` (Sendmail's conncontrol; `0` = no limit;"
-        " the local host, 127.0.0.0/8 and ::1, is never limited)",
+        " the local host, 127.0.0.1 and ::1, is never limited)",
     )
     max_connections: int = setting(
         _int(1), 20000, "sessions at once (all workers together); beyond, new connections wait"

@@ -76,6 +76,11 @@ LEVELS: dict[str, Level] = {
     "input_timeout": "notice",
     "write_timeout": "notice",
     "rcpt_flood": "notice",
+    "null_connection": "info",  # Sendmail's severities, these four
+    "lost_input": "notice",
+    "premature_eom": "warning",
+    "unexpected_close": "notice",
+    "probe_rejected": "info",
     "bare_newline": "notice",
     "session_failed": "error",
     "connections_deferred": "info",  # Sendmail: LOG_INFO
@@ -420,11 +425,20 @@ def _clean(text: str) -> str:
 # -- Sendmail's message lines (parsed by admins' tools: keep the formats) ---------------------
 @_event
 def received(
-    qid: str, sender: str, size: int, nrcpts: int, msgid: str | None, proto: str, relay: str
+    qid: str,
+    sender: str,
+    size: int,
+    nrcpts: int,
+    msgid: str | None,
+    proto: str,
+    relay: str,
+    bodytype: str | None = None,
 ) -> str:
     msg = f"{qid}: from=<{sender}>, size={size}, class=0, nrcpts={nrcpts}"
     if msgid:
         msg += f", msgid={msgid}"
+    if bodytype:  # as Sendmail: only when the client gave BODY=
+        msg += f", bodytype={bodytype}"
     return f"{msg}, proto={proto}, daemon=MTA, relay={relay}"
 
 
@@ -508,6 +522,33 @@ def quarantined(qid: str, reason: str, where: object) -> str:
 
 
 # -- the SMTP server's sessions ---------------------------------------------------------------
+@_event
+def null_connection(relay: str) -> str:
+    return f"{relay} did not issue MAIL/EXPN/VRFY/ETRN during connection to MTA"
+
+
+@_event
+def lost_input(relay: str, after: str) -> str:
+    """The client went away in a transaction, between commands (``after``: the last)."""
+    return f"lost input channel from {relay} to MTA after {after}"
+
+
+@_event
+def premature_eom(qid: str) -> str:
+    """The client went away in the middle of its message (then `unexpected_close`)."""
+    return f"{qid}: collect: premature EOM: unexpected close"
+
+
+@_event
+def unexpected_close(qid: str, relay: str, sender: str) -> str:
+    return f"{qid}: collect: relay={relay}, from=<{sender}>, info=unexpected close"
+
+
+@_event
+def probe_rejected(relay: str, line: str) -> str:
+    return f"{relay}: {line} [rejected]"
+
+
 @_event
 def early_talker(relay: str, ip: str, seconds: float) -> str:
     return (

@@ -193,6 +193,9 @@ class Session:
         self.tls: tls.Session | None = None
         self.early_talker = False
         self.tx: Transaction | None = None
+        self.last_verb = ""  # for Sendmail's "lost input channel … after rcpt"
+        self.issued = False  # MAIL, EXPN, VRFY or ETRN came (else "did not issue" at the end)
+        self.ended = False  # the session's last lines are written (QUIT, or the close)
         # The session's filters ([[milter]]), set at the connect stage; None without any.
         self.milter: MilterChain | None = None
         # Committed and answered, not yet handed to its first attempt: that waits until the
@@ -237,7 +240,7 @@ class Session:
         """``command``, answered at once when nothing needs waiting for (every verb but a
         MAIL whose sender domain must be looked up, and anything the filters must hear):
         the connection loop then needs no coroutine, nor a hop through its task."""
-        verb = cmd.verb
+        verb = self.last_verb = cmd.verb
         handler = _HANDLERS.get(verb)
         got: Answer | Awaitable[Answer]
         if handler is None:
@@ -313,6 +316,7 @@ class Session:
         return Reply(250, None, "\n".join(lines))
 
     def mail(self, arg: str) -> Answer | Awaitable[Answer]:
+        self.issued = True
         cfg = self.snap.config
         if self.tx is not None:
             return Answer(Reply(503, "5.5.0", "Sender already specified"))
@@ -644,6 +648,7 @@ class Session:
             msgid,
             envelope.proto,
             self.relay_text,
+            "8BITMIME" if envelope.body_8bit else None,
         )
 
     def _fail_data(self, reply: Reply, log: str | None = None) -> Answer:
@@ -675,6 +680,7 @@ class Session:
 
     # -- the other verbs -----------------------------------------------------------------------
     def rset(self, arg: str) -> Answer:
+        self._log_unfinished()
         self.tx = None
         return Answer(Reply(250, "2.0.0", "Reset state"))
 
@@ -682,8 +688,7 @@ class Session:
         return Answer(Reply(250, "2.0.0", "OK"))
 
     def quit(self, arg: str) -> Answer:
-        if self.tx is not None:
-            self.log_session_end()
+        self._end(lost=False)
         return Answer(
             Reply(221, "2.0.0", f"{self.snap.config.hostname} closing connection"), close=True
         )
@@ -698,12 +703,20 @@ class Session:
 
     def vrfy(self, arg: str) -> Answer:
         # novrfy: never confirm or deny a user (semantics §11).
+        self._refused_probe("VRFY", arg)
         return Answer(
             Reply(252, "2.5.2", "Cannot VRFY user; try RCPT to attempt delivery (or try finger)")
         )
 
     def expn(self, arg: str) -> Answer:
+        self._refused_probe("EXPN", arg)
         return Answer(Reply(502, "5.7.0", "Sorry, we do not allow this operation"))
+
+    def _refused_probe(self, verb: str, arg: str) -> None:
+        """Sendmail's line for a VRFY or EXPN its privacy flags refuse (fail2ban's
+        sendmail-reject bans on it)."""
+        self.issued = True
+        maillog.probe_rejected(self.relay_text, _shortened(f"{verb} {arg}".rstrip()))
 
     def verb(self, arg: str) -> Answer:
         return Answer(Reply(502, "5.7.0", "Verbose unavailable"))
@@ -711,6 +724,7 @@ class Session:
     def etrn(self, arg: str) -> Answer:
         """RFC 1985: ``ETRN domain`` and ``ETRN @domain`` (the domain and its subdomains);
         ``#queue`` names a queue, and this gateway has a single one."""
+        self.issued = True
         node = arg.strip()
         if not node:
             return Answer(Reply(501, "5.5.2", "Parameter required"))
@@ -762,22 +776,49 @@ class Session:
         return Answer(Reply(502, "5.5.1", "CHUNKING not supported; use DATA"))
 
     # -- the end -------------------------------------------------------------------------------
-    def log_session_end(self) -> None:
-        """Sendmail logs a from= line even for a transaction that never got its DATA."""
-        if self.tx is not None:
+    def _log_unfinished(self) -> None:
+        """Sendmail logs a from= line for a transaction that never got to its 250 (RSET,
+        QUIT, a lost connection), with the recipients it had taken."""
+        tx = self.tx
+        if tx is not None:
+            proto = "ESMTP" if self.esmtp else "SMTP"
             maillog.received(
-                self.tx.qid,
-                self.tx.sender,
-                0,
-                0,
-                None,
-                "ESMTP" if self.esmtp else "SMTP",
-                self.relay_text,
+                tx.qid, tx.sender, 0, len(tx.recipients), None, proto, self.relay_text
             )
 
+    def _log_null_connection(self) -> None:
+        """Sendmail's line for a session that never asked for anything (a scanner's probe;
+        fail2ban's sendmail-reject bans on it in its extra mode). Not for a client refused
+        at the connect stage, which has its own line, nor for the local host: its health
+        checks would fill the log."""
+        if not (
+            self.issued
+            or self.early_talker
+            or self.connect.refusal is not None
+            or self.client.is_loopback
+            or self.client.unidentified
+        ):
+            maillog.null_connection(self.relay_text)
+
     def connection_closed(self) -> None:
-        if self.tx is not None or self.helo is not None:
-            self.log_session_end()
+        """The client went away without QUIT."""
+        self._end(lost=True)
+
+    def _end(self, *, lost: bool) -> None:
+        """The session's last lines, once: a transaction left open, a client that asked
+        for nothing, and (``lost``) the connection gone without QUIT."""
+        if self.ended:
+            return
+        self.ended = True
+        tx = self.tx
+        if lost and tx is not None:
+            if tx.msg is not None:  # in the middle of the message
+                maillog.premature_eom(tx.qid)
+                maillog.unexpected_close(tx.qid, self.relay_text, tx.sender)
+            else:
+                maillog.lost_input(self.relay_text, self.last_verb.lower())
+        self._log_unfinished()
+        self._log_null_connection()
 
 
 _GO_AHEAD = Reply(354, None, "End data with <CR><LF>.<CR><LF>")  # Sendmail 8.17's words

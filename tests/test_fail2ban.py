@@ -1,0 +1,132 @@
+"""The maillog read by the real fail2ban: ``fail2ban-regex`` with Debian's sendmail-reject
+filter, as an admin who moved from Sendmail keeps it. Its server is never started.
+
+With ``[log] syslog_name = "sm-mta"`` (what ``mailgate import-mc`` writes) the filter finds
+each kind of abuse it bans on in Sendmail's log: relaying denied, an unknown user, a refused
+VRFY or EXPN, a client over the per-IP limit, an early talker, and (mode ``extra``) a
+connection that asked for nothing. Under the default name it misses the lines with a
+queue id (the relaying attempts).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.dnsserver import DnsServer
+from tests.support.edge import greet
+from tests.support.world import SENDER_DNS, GatewayFactory, World, wait_until
+
+FAIL2BAN_REGEX = shutil.which("fail2ban-regex")
+FILTER = Path("/etc/fail2ban/filter.d/sendmail-reject.conf")
+pytestmark = pytest.mark.skipif(
+    FAIL2BAN_REGEX is None or not FILTER.exists(),
+    reason="fail2ban is not installed (Debian package fail2ban; .ci/run installs it)",
+)
+
+DNS_RECORDS = SENDER_DNS  # the senders' domain resolves (the dns fixture reads this)
+
+# Each client address does one thing; none has a PTR name (so relaying is denied with
+# "IP name lookup failed", the text the filter knows), none is the local host.
+RELAYER, PROBER, LIMITED, SILENT, TALKER, HONEST = (
+    "127.0.30.1",
+    "127.0.30.2",
+    "127.0.30.3",
+    "127.0.30.4",
+    "127.0.30.5",
+    "127.0.30.6",
+)
+SETTINGS = (
+    '[smtp]\ngreet_pause = "0.5s"\nmax_connections_per_ip = 1\nconnection_rate_throttle = 0\n'
+)
+
+
+def banned(log: Path, mode: str) -> list[str]:
+    """The client address of each failure fail2ban-regex finds in ``log``."""
+    assert FAIL2BAN_REGEX is not None
+    done = subprocess.run(
+        [FAIL2BAN_REGEX, "-o", "ip", str(log), f"{FILTER}[mode={mode}]"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
+def abuse(gw_factory: GatewayFactory, world: World, name: str) -> Path:
+    gw = gw_factory(world.but(settings=f'{SETTINGS}[log]\nsyslog_name = "{name}"\n'))
+    # relaying denied, then an unknown user of ours
+    c, _, _ = greet(gw, RELAYER)
+    with c:
+        c.cmd("EHLO relayer.example.net")
+        assert c.cmd("MAIL FROM:<a@example.org>").code == 250
+        assert c.cmd("RCPT TO:<victim@example.net>").code == 550
+        assert c.cmd("RCPT TO:<no-such-user@gateway.example.com>").code == 550
+        c.cmd("QUIT")
+    # VRFY and EXPN, refused by the privacy flags
+    c, _, _ = greet(gw, PROBER)
+    with c:
+        c.cmd("EHLO prober.example.net")
+        assert c.cmd("VRFY root").code == 252
+        assert c.cmd("EXPN staff").code == 502
+        c.cmd("QUIT")
+    # over max_connections_per_ip (1)
+    held, _, _ = greet(gw, LIMITED)
+    with held:
+        extra, reply, _ = greet(gw, LIMITED)
+        with extra:
+            assert reply.first == "421 4.3.2 Too many open connections."
+    # a connection that asks for nothing
+    c, _, _ = greet(gw, SILENT)
+    with c:
+        c.cmd("EHLO silent.example.net")
+        c.cmd("QUIT")
+    # talks before the greeting
+    with gw.raw(TALKER) as c:
+        c.send(b"EHLO talker.example.net\r\n")
+        assert c.read_reply().code == 554
+    # and one that only sends mail: never banned
+    with gw.smtp(HONEST) as s:
+        s.sendmail("a@example.org", ["bob@targetdomain1.com"], b"Subject: hi\r\n\r\nhello\r\n")
+    wait_until(lambda: "did not issue" in gw.log(), "the silent client's line", 10)
+    wait_until(lambda: "pre-greeting traffic" in gw.log(), "the early talker's line", 10)
+    gw.stop()
+    return gw.log_path
+
+
+@pytest.fixture
+def world() -> World:
+    return World(
+        tables={
+            "mailertable": "targetdomain1.com smtp:[127.0.0.1]:9\n",
+            "access": "To:targetdomain1.com RELAY\n",
+        },
+        settings="workers = 1\n",
+    )
+
+
+def test_fail2ban_bans_what_it_banned_under_sendmail(
+    make_gateway: GatewayFactory, world: World, dns: DnsServer
+) -> None:
+    log = abuse(make_gateway, world, "sm-mta")
+    normal = banned(log, "normal")
+    assert sorted(set(normal)) == sorted({RELAYER, PROBER, LIMITED, TALKER}), log.read_text()
+    assert normal.count(RELAYER) == 2  # relaying denied, User unknown
+    assert normal.count(PROBER) == 2  # VRFY, EXPN
+    # mode extra: also the connection that did not issue MAIL/EXPN/VRFY/ETRN
+    assert sorted(set(banned(log, "extra"))) == sorted({RELAYER, PROBER, LIMITED, TALKER, SILENT})
+
+
+def test_under_the_default_name_fail2ban_misses_the_relay_attempts(
+    make_gateway: GatewayFactory, world: World, dns: DnsServer
+) -> None:
+    """Why import-mc sets the name: the filter's prefix takes a queue id only after
+    Sendmail's program names, so under ours it misses every line that has one: the relaying
+    attempts and unknown users, what it bans most (journal backends match on the name
+    alone: ``journalmatch = SYSLOG_IDENTIFIER=sm-mta``)."""
+    log = abuse(make_gateway, world, "mailgate")
+    assert RELAYER not in banned(log, "extra")
