@@ -225,6 +225,45 @@ def test_a_restarted_syslogd_is_found_again(tmp_path: Path) -> None:
     sink.close()
 
 
+def test_to_lines_are_sendmails() -> None:
+    """Checked against sendmail -bD's own (the same deliveries): a literal next hop is
+    ``[ip] [ip]``, pri= before relay=, reply= only when the delivery failed."""
+    build = maillog.delivery.__wrapped__  # type: ignore[attr-defined]
+    sent = build(
+        "Q1",
+        "bob@example.org",
+        delay=0,
+        xdelay=0,
+        mailer="smtp",
+        relay="[127.0.0.3]",
+        dsn="2.0.0",
+        stat="Sent (Ok: queued)",
+        reply="250 2.0.0 Ok: queued",
+        pri=maillog.priority(38, 1, 0),
+    )
+    assert sent == (
+        "Q1: to=<bob@example.org>, delay=00:00:00, xdelay=00:00:00, mailer=smtp, pri=30038, "
+        "relay=[127.0.0.3] [127.0.0.3], dsn=2.0.0, stat=Sent (Ok: queued)"
+    )
+    failed = build(
+        "Q1",
+        "nobody@example.org",
+        delay=0,
+        xdelay=0,
+        mailer="esmtp",
+        relay="mx.example.org. [192.0.2.5]",
+        dsn="5.1.1",
+        stat="User unknown",
+        reply="550 5.1.1 nobody... User unknown",
+        pri=maillog.priority(38, 2, 1),
+    )
+    assert failed == (
+        "Q1: to=<nobody@example.org>, delay=00:00:00, xdelay=00:00:00, mailer=esmtp, "
+        "pri=150038, relay=mx.example.org. [192.0.2.5], dsn=5.1.1, "
+        "reply=550 5.1.1 nobody... User unknown, stat=User unknown"
+    )
+
+
 def test_the_json_copy_has_the_text_and_the_facts(tmp_path: Path) -> None:
     text_file, json_file = tmp_path / "maillog", tmp_path / "maillog.json"
     maillog.setup("gw.example", LogSettings(file=text_file, json=True, json_file=json_file))
@@ -259,6 +298,7 @@ def test_the_json_copy_has_the_text_and_the_facts(tmp_path: Path) -> None:
         "stat": "Sent (ok)",
         "reply": "250 ok",
         "ctladdr": None,
+        "pri": None,
     }
     assert datetime.fromisoformat(delivery["time"]).tzinfo is not None
     assert (failed["level"], "qid" in failed) == ("error", False)

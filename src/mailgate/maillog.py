@@ -464,18 +464,31 @@ def delivery(
     stat: str,
     reply: str | None = None,
     ctladdr: str | None = None,
+    pri: int | None = None,
 ) -> str:
+    """Sendmail's to= line: ``relay=name [ip]`` (a literal's name is the literal itself),
+    ``reply=`` only for a failure."""
     parts = [f"{qid}: to=<{to}>"]
     if ctladdr:
         parts.append(f"ctladdr=<{ctladdr}>")
     parts += [f"delay={format_delay(delay)}", f"xdelay={format_delay(xdelay)}", f"mailer={mailer}"]
+    if pri is not None:
+        parts.append(f"pri={pri}")
     if relay:
-        parts.append(f"relay={relay}")
+        parts.append(
+            f"relay={relay} {relay}" if relay[0] == "[" and " " not in relay else f"relay={relay}"
+        )
     parts.append(f"dsn={dsn}")
-    if reply:
+    if reply and not dsn.startswith("2."):
         parts.append(f"reply={reply}")
     parts.append(f"stat={stat}")
     return ", ".join(parts)
+
+
+def priority(size: int, recipients: int, attempts: int) -> int:
+    """Sendmail's message priority as its to= lines show it (``pri=``): the size, 30000 a
+    recipient (RecipientFactor), 90000 for each queue run before this one (RetryFactor)."""
+    return size + 30000 * recipients + 90000 * attempts
 
 
 @_event

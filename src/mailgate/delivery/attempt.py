@@ -240,6 +240,7 @@ def log_outcomes(
             reply=str(outcome.reply)
             if route.is_smtp and outcome.relay and not outcome.local
             else None,
+            pri=maillog.priority(msg.size, len(env.recipients), msg.status.attempts),
             ctladdr=None,
         )
 
@@ -437,6 +438,7 @@ def log_expired(
             relay=None,
             dsn="4.4.7",
             stat=text,
+            pri=maillog.priority(msg.size, len(env.recipients), msg.status.attempts),
         )
 
 

@@ -782,9 +782,7 @@ class Session:
         tx = self.tx
         if tx is not None:
             proto = "ESMTP" if self.esmtp else "SMTP"
-            maillog.received(
-                tx.qid, tx.sender, 0, len(tx.recipients), None, proto, self.relay_text
-            )
+            maillog.received(tx.qid, tx.sender, 0, len(tx.recipients), None, proto, self.relay_text)
 
     def _log_null_connection(self) -> None:
         """Sendmail's line for a session that never asked for anything (a scanner's probe;
