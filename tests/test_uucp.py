@@ -243,12 +243,12 @@ def log(tmp_path: Path) -> Iterator[Path]:
 
 
 def to_lines(log: Path) -> list[str]:
-    """The ``to=`` lines, without the syslog prefix and the delays."""
+    """The ``to=`` lines, without the syslog prefix, the delays and the priority."""
     out = []
     for line in log.read_text().splitlines():
         if " to=<" in line:
             text = line.split(": ", 1)[1]
-            out.append(re.sub(r" delay=[^,]+, xdelay=[^,]+,", "", text))
+            out.append(re.sub(r" delay=[^,]+, xdelay=[^,]+,| pri=\d+,", "", text))
     return out
 
 
@@ -602,7 +602,10 @@ def test_daemon_hands_uucp_dom_mail_to_uux_on_path(
     assert b"\r" not in data
     sent = gw.log_lines("stat=Sent")
     assert len(sent) == 2
-    assert all("mailer=uucp-dom, relay=uuhost, dsn=2.0.0, stat=Sent" in line for line in sent)
+    assert all(
+        re.search(r"mailer=uucp-dom, pri=\d+, relay=uuhost, dsn=2\.0\.0, stat=Sent", line)
+        for line in sent
+    )
 
 
 # -- Debian's uucp (Taylor UUCP 1.07) ------------------------------------------------------------
