@@ -4,7 +4,8 @@ filter, as an admin who moved from Sendmail keeps it. Its server is never starte
 With ``[log] syslog_name = "sm-mta"`` (what ``mailgate import-mc`` writes) the filter finds
 each kind of abuse it bans on in Sendmail's log: relaying denied, an unknown user, a refused
 VRFY or EXPN, a client over the per-IP limit, an early talker, and (mode ``extra``) a
-connection that asked for nothing. Under the default name it misses the lines with a
+connection that asked for nothing, whether it quit, idled until our timeout or was closed
+after 25 bad commands. Under the default name it misses the lines with a
 queue id (the relaying attempts).
 """
 
@@ -31,16 +32,19 @@ DNS_RECORDS = SENDER_DNS  # the senders' domain resolves (the dns fixture reads 
 
 # Each client address does one thing; none has a PTR name (so relaying is denied with
 # "IP name lookup failed", the text the filter knows), none is the local host.
-RELAYER, PROBER, LIMITED, SILENT, TALKER, HONEST = (
+RELAYER, PROBER, LIMITED, SILENT, TALKER, HONEST, IDLER, FLOODER = (
     "127.0.30.1",
     "127.0.30.2",
     "127.0.30.3",
     "127.0.30.4",
     "127.0.30.5",
     "127.0.30.6",
+    "127.0.30.7",
+    "127.0.30.8",
 )
 SETTINGS = (
     '[smtp]\ngreet_pause = "0.5s"\nmax_connections_per_ip = 1\nconnection_rate_throttle = 0\n'
+    'command_timeout = "1s"\n'
 )
 
 
@@ -85,6 +89,16 @@ def abuse(gw_factory: GatewayFactory, world: World, name: str) -> Path:
     with c:
         c.cmd("EHLO silent.example.net")
         c.cmd("QUIT")
+    # asks for nothing and idles until we close (the timeout), or floods us with junk until
+    # we close (421 after 25 bad commands): Sendmail's "did not issue" all the same
+    c, _, _ = greet(gw, IDLER)
+    with c:
+        c.cmd("EHLO idler.example.net")
+        assert c.read_reply().code == 421  # the command timeout
+    c, _, _ = greet(gw, FLOODER)
+    with c:
+        c.send(b"JUNK\r\n" * 30)
+        assert b"421 4.7.0" in c.wait_closed()
     # talks before the greeting
     with gw.raw(TALKER) as c:
         c.send(b"EHLO talker.example.net\r\n")
@@ -117,8 +131,10 @@ def test_fail2ban_bans_what_it_banned_under_sendmail(
     assert sorted(set(normal)) == sorted({RELAYER, PROBER, LIMITED, TALKER}), log.read_text()
     assert normal.count(RELAYER) == 2  # relaying denied, User unknown
     assert normal.count(PROBER) == 2  # VRFY, EXPN
-    # mode extra: also the connection that did not issue MAIL/EXPN/VRFY/ETRN
-    assert sorted(set(banned(log, "extra"))) == sorted({RELAYER, PROBER, LIMITED, TALKER, SILENT})
+    # mode extra: also the connections that did not issue MAIL/EXPN/VRFY/ETRN, however they
+    # ended (a QUIT, our timeout, our 421 after 25 bad commands)
+    extra = {RELAYER, PROBER, LIMITED, TALKER, SILENT, IDLER, FLOODER}
+    assert sorted(set(banned(log, "extra"))) == sorted(extra)
 
 
 def test_under_the_default_name_fail2ban_misses_the_relay_attempts(

@@ -500,6 +500,8 @@ def test_refusals_word_for_word_as_sendmails_daemon(tmp_path: Path) -> None:
         b"\tMAIL\tFROM:<" + sender.encode() + b">",
         b"RSET",
         b"FROB nicate",
+        b"frob   Nicate  twice",  # repeated as written
+        b"  ",
         b"HELP nosuch",
         f"SEND FROM:<{sender}>".encode(),
         b"SOML",

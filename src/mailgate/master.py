@@ -325,7 +325,7 @@ class Master:
         config): the reload is done."""
         if self.reload_pending and not self.awaiting_reload:
             self.reload_pending = False
-            if self.reload_error is None:
+            if self.reload_error is None and not self.stopping:  # a worker reaped at a stop
                 log_reload(self.reloaded_from, self.running)
             self.lifecycle.reloaded(self.reload_error, self.running.generation)
 

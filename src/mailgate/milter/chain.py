@@ -244,7 +244,7 @@ class MilterChain:
         if verb == "RSET":
             self.abort()
         elif answer.reply.code == 500:  # not a command we know: UNKNOWN
-            line = f"{cmd.verb} {cmd.arg}".strip()
+            line = cmd.line or f"{cmd.verb} {cmd.arg}".strip()  # as the client wrote it
             effect = await self._event(Stage.UNKNOWN, None, lambda s: s.unknown(self.macros, line))
             if effect is not None and effect.reply is not None:
                 return self._answer(effect, bad=True)

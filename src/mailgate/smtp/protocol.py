@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final, TypeAlias
 
@@ -49,10 +49,12 @@ __all__ = [
 # block of content (see docs/design.md, "CPU per message").
 @dataclass(slots=True)
 class Command:
-    """A command line: ``verb`` upper-cased, ``arg`` the stripped rest after the first space."""
+    """A command line: ``verb`` upper-cased, ``arg`` the stripped rest after the first
+    blank, ``line`` as the client wrote it (what an unknown command's reply repeats)."""
 
     verb: str
     arg: str
+    line: str = field(default="", compare=False)
 
 
 @dataclass(slots=True)
@@ -395,19 +397,19 @@ class ServerConnection:
             return BadCommand(_CMD_TOO_LONG)
         if 0 in raw:
             return BadCommand(_CMD_NUL)
-        text = raw.decode("utf-8", "surrogateescape")
-        verb, _, arg = text.partition(" ")
+        written = raw.decode("utf-8", "surrogateescape")
+        verb, _, arg = written.partition(" ")
         if not verb or "\t" in verb:
             # Blanks before the verb, or a tab after it: Sendmail skips the one and splits at
             # the other, and so do we (the usual line costs only this test).
-            text = text.lstrip(" \t")
+            text = written.lstrip(" \t")
             blank = _BLANK.search(text)
             verb, arg = (text[: blank.start()], text[blank.end() :]) if blank else (text, "")
         verb = verb.upper()
         if verb == "DATA":
             # Bytes after DATA are content only if the session accepts it: stop here.
             self._mode = _PAUSED
-        return Command(verb, arg.strip())
+        return Command(verb, arg.strip(), written)
 
     # -- data mode -------------------------------------------------------------------------
 

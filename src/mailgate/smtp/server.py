@@ -343,6 +343,7 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             self.stop_timer()
             ended = self.session
             if ended is not None:
+                ended.end(lost=False)  # once: a QUIT or the client's close wrote them already
                 ended.abandon()
                 # The session holds our flush (before_wait): left in place, every connection
                 # would end as a reference cycle (with its task, transport and buffers) that

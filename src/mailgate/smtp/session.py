@@ -240,13 +240,14 @@ class Session:
         """``command``, answered at once when nothing needs waiting for (every verb but a
         MAIL whose sender domain must be looked up, and anything the filters must hear):
         the connection loop then needs no coroutine, nor a hop through its task."""
-        verb = self.last_verb = cmd.verb
+        verb = cmd.verb
         handler = _HANDLERS.get(verb)
         got: Answer | Awaitable[Answer]
         if handler is None:
-            line = _shortened(f"{verb} {cmd.arg}".rstrip())
+            line = _shortened(cmd.line or f"{verb} {cmd.arg}".rstrip())  # as written
             got = Answer(Reply(500, "5.5.1", f'Command unrecognized: "{line}"'), bad=True)
         else:
+            self.last_verb = verb  # a name of ours, never the client's text
             refused = self._refused_stage()
             if refused is not None and verb not in _ALLOWED_WHEN_REFUSED:
                 return Answer(refused, bad=True)
@@ -688,7 +689,7 @@ class Session:
         return Answer(Reply(250, "2.0.0", "OK"))
 
     def quit(self, arg: str) -> Answer:
-        self._end(lost=False)
+        self.end(lost=False)
         return Answer(
             Reply(221, "2.0.0", f"{self.snap.config.hostname} closing connection"), close=True
         )
@@ -800,11 +801,12 @@ class Session:
 
     def connection_closed(self) -> None:
         """The client went away without QUIT."""
-        self._end(lost=True)
+        self.end(lost=True)
 
-    def _end(self, *, lost: bool) -> None:
-        """The session's last lines, once: a transaction left open, a client that asked
-        for nothing, and (``lost``) the connection gone without QUIT."""
+    def end(self, *, lost: bool) -> None:
+        """The session's last lines, once, however it ends (QUIT, the client's close, or
+        ours: a timeout, too many bad commands, a stop): a transaction left open, a client
+        that asked for nothing, and (``lost``) the connection gone without QUIT."""
         if self.ended:
             return
         self.ended = True
