@@ -687,6 +687,20 @@ def test_message_over_limit_while_streaming(gw: GatewayProcess, hop1: SinkServer
         assert c.cmd(f"RCPT TO:<{a}>").code == 503  # the transaction is over
     assert set(gw.queued()) <= queued  # nothing new (the module's gateway: others' may go)
     assert_not_delivered(hop1, a)
+    # Sendmail's lines for it (logwatch counts the middle one): the from= with the size it
+    # had, that size against the limit, a to= per recipient with the refusal.
+    [to] = gw.log_lines(f"to=<{a}>")
+    qid = to.split(": ")[1]
+    found = re.search(rf"{qid}: message size \((\d+)\) exceeds", gw.log())
+    assert found is not None
+    size = int(found.group(1))
+    assert size > MAX_SIZE
+    assert gw.log_lines(f"{qid}: from=<{SENDER}>, size={size}, class=0, nrcpts=1")
+    assert gw.log_lines(f"{qid}: message size ({size}) exceeds maximum ({MAX_SIZE})")
+    assert to.endswith(
+        f"{qid}: to=<{a}>, delay=00:00:00, pri={size + 30000}, "
+        f"stat=Message exceeds maximum fixed size ({MAX_SIZE})"
+    )
 
 
 def test_message_of_exactly_the_limit_is_accepted(gw: GatewayProcess, hop1: SinkServer) -> None:

@@ -79,6 +79,8 @@ LEVELS: dict[str, Level] = {
     "null_connection": "info",  # Sendmail's severities, these four
     "lost_input": "notice",
     "premature_eom": "warning",
+    "size_exceeded": "notice",  # Sendmail's severities, these two
+    "refused_recipient": "info",
     "unexpected_close": "notice",
     "probe_rejected": "info",
     "bare_newline": "notice",
@@ -585,6 +587,17 @@ def auth_warning(host: str, text: str) -> str:
 @_event
 def message_refused(qid: str, relay: str, reply: object) -> str:
     return f"{qid}: message from {relay} refused: {reply}"
+
+
+@_event
+def size_exceeded(qid: str, size: int, limit: int) -> str:
+    return f"{qid}: message size ({size}) exceeds maximum ({limit})"
+
+
+@_event
+def refused_recipient(qid: str, to: str, pri: int, stat: str) -> str:
+    """A recipient of a message refused as a whole (its size), as Sendmail's to= says it."""
+    return f"{qid}: to=<{to}>, delay=00:00:00, pri={pri}, stat={stat}"
 
 
 @_event

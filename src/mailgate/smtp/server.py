@@ -596,7 +596,7 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         elif isinstance(event, DataEnd):
             return self._answer_when(session.data_end(event.size))
         elif isinstance(event, DataFailed):
-            work = self.answer(session.data_failed(event.reply))
+            work = self.answer(session.data_failed(event.reply, event.size))
         elif isinstance(event, BadCommand):
             if event.fatal:
                 self.refuse_framing(event.reply)

@@ -663,11 +663,26 @@ class Session:
             self.milter.abort()
         return Answer(reply)
 
-    def data_failed(self, reply: Reply) -> Answer:
+    def data_failed(self, reply: Reply, size: int = 0) -> Answer:
+        """The content broke a rule (``size``: the bytes it had)."""
         tx = self.tx
-        qid = tx.qid if tx is not None else "NOQUEUE"
-        maillog.message_refused(qid, self.relay_text, reply)
-        self.host.count(metrics.rejection("size" if reply.enhanced == "5.2.3" else "content"))
+        too_big = reply.enhanced == "5.2.3"
+        self.host.count(metrics.rejection("size" if too_big else "content"))
+        if tx is None:
+            maillog.message_refused("NOQUEUE", self.relay_text, reply)
+        elif too_big:
+            # Sendmail's three lines (logwatch counts the middle one): the from=, the size
+            # against MaxMessageSize, and a to= for each recipient with the refusal as stat=.
+            limit = self.snap.config.smtp.max_message_size
+            proto = "ESMTP" if self.esmtp else "SMTP"
+            nrcpts = len(tx.recipients)
+            maillog.received(tx.qid, tx.sender, size, nrcpts, tx.msgid, proto, self.relay_text)
+            maillog.size_exceeded(tx.qid, size, limit)
+            pri = maillog.priority(size, nrcpts, 0)
+            for rcpt in tx.recipients:
+                maillog.refused_recipient(tx.qid, rcpt.address, pri, reply.text)
+        else:
+            maillog.message_refused(tx.qid, self.relay_text, reply)
         return self._fail_data(reply)
 
     def abandon(self) -> None:
