@@ -673,12 +673,9 @@ class Session:
         elif too_big:
             # Sendmail's three lines (logwatch counts the middle one): the from=, the size
             # against MaxMessageSize, and a to= for each recipient with the refusal as stat=.
-            limit = self.snap.config.smtp.max_message_size
-            proto = "ESMTP" if self.esmtp else "SMTP"
-            nrcpts = len(tx.recipients)
-            maillog.received(tx.qid, tx.sender, size, nrcpts, tx.msgid, proto, self.relay_text)
-            maillog.size_exceeded(tx.qid, size, limit)
-            pri = maillog.priority(size, nrcpts, 0)
+            self._log_unfinished(size, tx.msgid)
+            maillog.size_exceeded(tx.qid, size, self.snap.config.smtp.max_message_size)
+            pri = maillog.priority(size, len(tx.recipients), 0)
             for rcpt in tx.recipients:
                 maillog.refused_recipient(tx.qid, rcpt.address, pri, reply.text)
         else:
@@ -792,13 +789,15 @@ class Session:
         return Answer(Reply(502, "5.5.1", "CHUNKING not supported; use DATA"))
 
     # -- the end -------------------------------------------------------------------------------
-    def _log_unfinished(self) -> None:
+    def _log_unfinished(self, size: int = 0, msgid: str | None = None) -> None:
         """Sendmail logs a from= line for a transaction that never got to its 250 (RSET,
-        QUIT, a lost connection), with the recipients it had taken."""
+        QUIT, a lost connection, content refused for its ``size``), with the recipients it
+        had taken."""
         tx = self.tx
         if tx is not None:
             proto = "ESMTP" if self.esmtp else "SMTP"
-            maillog.received(tx.qid, tx.sender, 0, len(tx.recipients), None, proto, self.relay_text)
+            nrcpts = len(tx.recipients)
+            maillog.received(tx.qid, tx.sender, size, nrcpts, msgid, proto, self.relay_text)
 
     def _log_null_connection(self) -> None:
         """Sendmail's line for a session that never asked for anything (a scanner's probe;
