@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -65,8 +66,21 @@ class Rsyslog:
         self.proc = None
 
     def freeze(self) -> None:
+        """Returns once every thread has stopped: a reader thread the signal wakes takes one
+        more datagram if one came in before it was scheduled, which would leave one place in
+        a socket the test then fills."""
         assert self.proc is not None
         os.kill(self.proc.pid, signal.SIGSTOP)
+        wait_until(lambda: self._thread_states() <= {"T", "t"}, "every rsyslogd thread stopped")
+
+    def _thread_states(self) -> set[str]:
+        assert self.proc is not None
+        states = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+                # The state follows the command name in parentheses, which may hold blanks.
+                states.add((task / "stat").read_text().rpartition(")")[2].split()[0])
+        return states
 
     def thaw(self) -> None:
         if self.proc is not None:
