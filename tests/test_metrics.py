@@ -402,15 +402,20 @@ def test_the_queue_census_counts_names_and_dates_the_oldest(tmp_path: Path) -> N
 
 def test_a_qid_dates_its_message() -> None:
     now = calendar.timegm((2026, 11, 25, 12, 0, 30, 0, 0, 0))
-    # 2026 % 60 = 46 is "k", November "A", the 25th "P", 12 h "C", 0 min, 0 s; sequence, pid.
-    assert qid_time("kAPC00" + "00" + "001234", now) == now - 30
-    # The year is the latest one with that remainder: "x" (59) seen in 2040 is 2039.
+    # As Sendmail's: 126 years since 1900, % 60 = 6; November "A", the 25th "P", 12 h "C", 0 min,
+    # 0 s; sequence, pid.
+    assert qid_time("6APC00" + "00" + "001234", now) == now - 30
+    # The year is the latest one with that remainder: "x" (59, 2019 or 2079) seen in 2040 is 2019;
+    # "F" (15, 2035) seen in 2040 is 2035.
     new_year = calendar.timegm((2040, 1, 5, 0, 0, 0, 0, 0, 0))
     assert qid_time("xBV000" + "00" + "001234", new_year) == calendar.timegm(
-        (2039, 12, 31, 0, 0, 0, 0, 0, 0)
+        (2019, 12, 31, 0, 0, 0, 0, 0, 0)
+    )
+    assert qid_time("FBV000" + "00" + "001234", new_year) == calendar.timegm(
+        (2035, 12, 31, 0, 0, 0, 0, 0, 0)
     )
     assert qid_time("not a qid!", now) is None
-    assert qid_time("kAZC00" + "00" + "001234", now) is None  # the 35th
+    assert qid_time("6AZC00" + "00" + "001234", now) is None  # the 35th
 
 
 def test_the_readme_names_every_metric() -> None:

@@ -129,7 +129,8 @@ def _loads(raw: bytes) -> Any:
 
 def qid_time(qid: str, now: float | None = None) -> float | None:
     """When ``qid`` was made (``Spool.new_qid``: its first six characters are the UTC time to
-    the second, the year modulo 60): the arrival of its message. None for another name."""
+    the second, the years since 1900 modulo 60): the arrival of its message. None for another
+    name."""
     try:
         year60, month, day, hour, minute, second = (_ALPHABET.index(c) for c in qid[:6])
     except ValueError:
@@ -137,7 +138,7 @@ def qid_time(qid: str, now: float | None = None) -> float | None:
     if month > 11 or not 1 <= day <= 31 or hour > 23 or minute > 59 or second > 59:
         return None
     this_year = time.gmtime(now).tm_year
-    year = this_year - (this_year - year60) % 60
+    year = this_year - (this_year - 1900 - year60) % 60
     return float(calendar.timegm((year, month + 1, day, hour, minute, second, 0, 0, 0)))
 
 
@@ -948,7 +949,8 @@ class Spool:
 
     # -- queue ids -----------------------------------------------------------------------------
     def new_qid(self) -> str:
-        """A 14-character Sendmail-style queue id: time, sequence within the second, pid.
+        """A 14-character queue id as Sendmail makes one: the UTC time (its year as Sendmail's
+        ``tm_year % 60``, the years since 1900: "6" in 2026), sequence within the second, pid.
 
         Unique within this process by construction; a queue file left by an earlier process
         with the same pid at the same second is never overwritten: commit links (which fails
@@ -964,7 +966,7 @@ class Spool:
         seq = self._seq
         self._seq += 1
         return (
-            _ALPHABET[t.tm_year % 60]
+            _ALPHABET[(t.tm_year - 1900) % 60]
             + _ALPHABET[t.tm_mon - 1]
             + _ALPHABET[t.tm_mday]
             + _ALPHABET[t.tm_hour]
