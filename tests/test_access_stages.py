@@ -15,6 +15,7 @@ import pytest
 from tests.support.edge import EDGE_DNS, greet
 from tests.support.gateway import GatewayProcess, run_cli
 from tests.support.sink import SinkServer
+from tests.support.wait import wait_until
 from tests.support.world import GatewayFactory, World, issue_world, message, stays
 
 DNS_RECORDS = EDGE_DNS
@@ -276,6 +277,61 @@ def test_from_stage(stages: GatewayProcess, sender: str, reply: str) -> None:
         c.cmd("QUIT")
     if reply.startswith(("4", "5")):
         assert stages.log_lines("ruleset=check_mail", f"arg1=<{sender}>", f"reject={reply}")
+
+
+def test_a_refused_sender_is_logged_with_the_envelope_sendmail_holds(
+    stages: GatewayProcess, hop1: SinkServer
+) -> None:
+    """As ``sendmail -bD`` logs it (8.17, seen with its syslog captured): a refused MAIL is
+    logged with the queue id the session's next accepted transaction takes, and, unless one
+    is accepted after it, gets a from= line (size 0, no recipients) at RSET or at the end of
+    the session, whether by QUIT or by the client's hang-up."""
+
+    def lines(ip: str) -> list[str]:
+        return [line.split(": ", 1)[1] for line in stages.log_lines(f"relay=[{ip}]")]
+
+    c, _, _ = greet(stages, "127.0.20.6")
+    with c:
+        c.cmd("EHLO client.example.net")
+        assert c.cmd("MAIL FROM:<spammer@example.org>").code == 550
+        assert c.cmd("MAIL FROM:<alice@example.org>").code == 250
+        assert c.cmd("RCPT TO:<bob@targetdomain1.com>").code == 250
+        assert c.cmd("DATA").code == 354
+        accepted = c.cmd(message("after a refusal").decode() + "\r\n.")
+        assert c.cmd("MAIL FROM:<spammer@example.org>").code == 550
+        c.cmd("QUIT")
+    first = accepted.first.split()[2]
+    hop1.wait_subject("after a refusal")
+    refused = "ruleset=check_mail, arg1=<spammer@example.org>, relay=[127.0.20.6], reject=550"
+    wait_until(lambda: len(lines("127.0.20.6")) == 4, "the four lines of 127.0.20.6's session")
+    [refusal, received, again, unfinished] = lines("127.0.20.6")
+    assert refusal.startswith(f"{first}: {refused}")
+    assert received.startswith(f"{first}: from=<alice@example.org>, size=")
+    second = again.split(":")[0]
+    assert second != first and again.startswith(f"{second}: {refused}")
+    assert unfinished == (
+        f"{second}: from=<spammer@example.org>, size=0, class=0, nrcpts=0, proto=ESMTP,"
+        " daemon=MTA, relay=[127.0.20.6]"
+    )
+
+    c, _, _ = greet(stages, "127.0.20.7")
+    with c:
+        c.cmd("EHLO client.example.net")
+        assert c.cmd("MAIL FROM:<spammer@example.org>").code == 550
+        assert c.cmd("RSET").code == 250
+        wait_until(lambda: len(lines("127.0.20.7")) == 2, "the refusal and its from= at RSET")
+        assert c.cmd("NOOP").code == 250
+        c.cmd("QUIT")
+    c, _, _ = greet(stages, "127.0.20.8")
+    with c:
+        c.cmd("EHLO client.example.net")
+        assert c.cmd("MAIL FROM:<spammer@example.org>").code == 550
+    for ip in ("127.0.20.7", "127.0.20.8"):
+        wait_until(lambda ip=ip: len(lines(ip)) == 2, f"{ip}'s refusal and its from= line")
+        [refusal, unfinished] = lines(ip)
+        qid = refusal.split(":")[0]
+        assert refusal.startswith(f"{qid}: ruleset=check_mail, arg1=<spammer@example.org>")
+        assert unfinished.startswith(f"{qid}: from=<spammer@example.org>, size=0, class=0")
 
 
 def test_from_error_quoted_form(stages: GatewayProcess) -> None:

@@ -477,8 +477,8 @@ def test_per_ip_connection_limit_421(edge: GatewayProcess) -> None:
             assert extra.wait_closed() == b""
         # The maillog says why the client got its 421 (Sendmail's conncontrol line).
         edge.wait_log(
-            f"ruleset=check_relay, arg1={ip}, relay=[{ip}], reject=421 4.3.2 Too many open"
-            " connections."
+            f"ruleset=check_relay, arg1=[{ip}], arg2={ip}, relay=[{ip}], reject=421 4.3.2 Too"
+            " many open connections."
         )
         # other clients are not affected
         c2, greeting, _ = greet(edge, "127.0.0.51")

@@ -494,9 +494,14 @@ def priority(size: int, recipients: int, attempts: int) -> int:
 
 
 @_event
-def reject(qid: str | None, ruleset: str, arg1: str, relay: str, reply: str) -> str:
+def reject(
+    qid: str | None, ruleset: str, arg1: str, relay: str, reply: str, arg2: str | None = None
+) -> str:
+    """A ruleset's refusal as Sendmail's rscheck logs it; check_relay's ``arg2`` is the
+    client's address (``arg1`` its name, or ``[ip]`` without a confirmed one)."""
     prefix = f"{qid}: " if qid else ""
-    return f"{prefix}ruleset={ruleset}, arg1={arg1}, relay={relay}, reject={reply}"
+    args = f"arg1={arg1}, arg2={arg2}" if arg2 is not None else f"arg1={arg1}"
+    return f"{prefix}ruleset={ruleset}, {args}, relay={relay}, reject={reply}"
 
 
 @_event
@@ -538,8 +543,9 @@ def quarantined(qid: str, reason: str, where: object) -> str:
 
 # -- the SMTP server's sessions ---------------------------------------------------------------
 @_event
-def null_connection(relay: str) -> str:
-    return f"{relay} did not issue MAIL/EXPN/VRFY/ETRN during connection to MTA"
+def null_connection(qid: str, relay: str) -> str:
+    """``qid``: the envelope Sendmail holds for the session's first MAIL, never used."""
+    return f"{qid}: {relay} did not issue MAIL/EXPN/VRFY/ETRN during connection to MTA"
 
 
 @_event

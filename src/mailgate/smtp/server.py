@@ -366,7 +366,7 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
             self.host.count(metrics.rejection("throttle"))
             # As Sendmail's conncontrol logs it (no PTR lookup for a client refused at once).
             ip = self.client.ip
-            maillog.reject(None, "check_relay", ip, f"[{ip}]", str(PER_IP_REFUSAL))
+            maillog.reject(None, "check_relay", f"[{ip}]", f"[{ip}]", str(PER_IP_REFUSAL), ip)
             self.send(PER_IP_REFUSAL)
             return None
         self.client = client = await self.host.lookup_client(self.client)
@@ -407,13 +407,14 @@ class SmtpServerProtocol(DeadlineWaits, asyncio.Protocol):
         if decision.refusal is not None:
             self.host.count(metrics.connection("access_refused"))
             self.host.count(metrics.rejection("access"))
-            name = client.verified_name
+            # Sendmail's {client_name} $| {client_addr}: a name only if confirmed.
             maillog.reject(
                 None,
                 "check_relay",
-                f"{name or ''} {client.ip}".strip(),
+                client.verified_name or f"[{client.ip}]",
                 session.relay_text,
                 str(decision.refusal),
+                client.ip,
             )
         return session
 

@@ -196,6 +196,11 @@ class Session:
         self.last_verb = ""  # for Sendmail's "lost input channel … after rcpt"
         self.issued = False  # MAIL, EXPN, VRFY or ETRN came (else "did not issue" at the end)
         self.ended = False  # the session's last lines are written (QUIT, or the close)
+        # Sendmail's envelope between transactions: the queue id a refused MAIL is logged
+        # with (and the next transaction takes), and that refused sender, whose from= line
+        # comes at RSET or the session's end unless a MAIL is accepted first.
+        self.envelope_qid: str | None = None
+        self.refused_sender: str | None = None
         # The session's filters ([[milter]]), set at the connect stage; None without any.
         self.milter: MilterChain | None = None
         # Committed and answered, not yet handed to its first attempt: that waits until the
@@ -367,20 +372,31 @@ class Session:
     ) -> Answer:
         if decision is None:
             decision = Decision(Reply(250, "2.1.0", f"{shown}... Sender ok"))
+        qid = self._envelope()
+        sender = str(mailbox) if raw else ""
         if decision.logged_reject:
-            maillog.reject(None, "check_mail", f"<{raw}>", self.relay_text, str(decision.reply))
+            maillog.reject(qid, "check_mail", f"<{raw}>", self.relay_text, str(decision.reply))
             self._count_refusal(decision)
         if decision.accepted:
+            self.envelope_qid = self.refused_sender = None  # the transaction's now
             self.tx = Transaction(
-                str(mailbox) if raw else "",
+                sender,
                 mailbox,
                 params,
-                self.host.spool.new_qid(),
+                qid,
                 discard=decision.discard or self.connect.discard,
                 body_8bit=(params.get("BODY") or "").upper() == "8BITMIME",
                 smtputf8="SMTPUTF8" in params,
             )
+        else:
+            self.refused_sender = sender
         return Answer(decision.reply)
+
+    def _envelope(self) -> str:
+        """The queue id of the envelope the next MAIL fills, made once."""
+        if self.envelope_qid is None:
+            self.envelope_qid = self.host.spool.new_qid()
+        return self.envelope_qid
 
     def _count_refusal(self, decision: Decision) -> None:
         if decision.reason is not None:
@@ -792,12 +808,17 @@ class Session:
     def _log_unfinished(self, size: int = 0, msgid: str | None = None) -> None:
         """Sendmail logs a from= line for a transaction that never got to its 250 (RSET,
         QUIT, a lost connection, content refused for its ``size``), with the recipients it
-        had taken."""
+        had taken; and for a sender it refused, if no MAIL was taken after it."""
         tx = self.tx
+        proto = "ESMTP" if self.esmtp else "SMTP"
         if tx is not None:
-            proto = "ESMTP" if self.esmtp else "SMTP"
             nrcpts = len(tx.recipients)
             maillog.received(tx.qid, tx.sender, size, nrcpts, msgid, proto, self.relay_text)
+        elif self.refused_sender is not None and self.envelope_qid is not None:
+            maillog.received(
+                self.envelope_qid, self.refused_sender, 0, 0, None, proto, self.relay_text
+            )
+            self.envelope_qid = self.refused_sender = None
 
     def _log_null_connection(self) -> None:
         """Sendmail's line for a session that never asked for anything (a scanner's probe;
@@ -811,7 +832,7 @@ class Session:
             or self.client.is_loopback
             or self.client.unidentified
         ):
-            maillog.null_connection(self.relay_text)
+            maillog.null_connection(self._envelope(), self.relay_text)
 
     def connection_closed(self) -> None:
         """The client went away without QUIT."""
