@@ -83,6 +83,8 @@ LEVELS: dict[str, Level] = {
     "refused_recipient": "info",
     "unexpected_close": "notice",
     "probe_rejected": "info",
+    "etrn": "info",
+    "address_refused": "notice",
     "bare_newline": "notice",
     "session_failed": "error",
     "connections_deferred": "info",  # Sendmail: LOG_INFO
@@ -549,9 +551,9 @@ def null_connection(qid: str, relay: str) -> str:
 
 
 @_event
-def lost_input(relay: str, after: str) -> str:
+def lost_input(qid: str, relay: str, after: str) -> str:
     """The client went away in a transaction, between commands (``after``: the last)."""
-    return f"lost input channel from {relay} to MTA after {after}"
+    return f"{qid}: lost input channel from {relay} to MTA after {after}"
 
 
 @_event
@@ -566,8 +568,20 @@ def unexpected_close(qid: str, relay: str, sender: str) -> str:
 
 
 @_event
-def probe_rejected(relay: str, line: str) -> str:
-    return f"{relay}: {line} [rejected]"
+def probe_rejected(qid: str, relay: str, line: str) -> str:
+    return f"{qid}: {relay}: {line} [rejected]"
+
+
+@_event
+def etrn(qid: str, relay: str, node: str) -> str:
+    """An ETRN with its argument, whatever comes of it (Sendmail's line)."""
+    return f"{qid}: {relay}: ETRN {node}"
+
+
+@_event
+def address_refused(qid: str, text: str) -> str:
+    """A recipient its route refuses (``text``: the reply's, ``<addr>... User unknown``)."""
+    return f"{qid}: {text}"
 
 
 @_event

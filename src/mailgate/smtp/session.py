@@ -275,6 +275,7 @@ class Session:
             )
         if not cfg.smtp.allow_bogus_helo and (len(arg) > 256 or not _HELO_NAME.fullmatch(arg)):
             return Answer(_INVALID_HELO)
+        self._log_unfinished()  # as RSET: Sendmail logs the transaction it ends
         self.helo = arg.split()[0]
         self.esmtp = esmtp
         self.tx = None
@@ -466,7 +467,13 @@ class Session:
             discarding=tx.discard,
         )
         if decision.logged_reject:
-            maillog.reject(tx.qid, "check_rcpt", f"<{raw}>", self.relay_text, str(decision.reply))
+            if decision.reason == "recipient":
+                # Refused by its route (an unknown user, an error: entry): Sendmail's parse
+                # of the address refuses it, before any ruleset, and logs its reply's words.
+                maillog.address_refused(tx.qid, decision.reply.text)
+            else:
+                reply = str(decision.reply)
+                maillog.reject(tx.qid, "check_rcpt", f"<{raw}>", self.relay_text, reply)
             self._count_refusal(decision)
         accepted = decision.accepted  # a property of a property: asked once
         if accepted:
@@ -745,7 +752,8 @@ class Session:
         """Sendmail's line for a VRFY or EXPN its privacy flags refuse (fail2ban's
         sendmail-reject bans on it)."""
         self.issued = True
-        maillog.probe_rejected(self.relay_text, _shortened(f"{verb} {arg}".rstrip()))
+        line = _shortened(f"{verb} {arg}".rstrip())
+        maillog.probe_rejected(self._envelope(), self.relay_text, line)
 
     def verb(self, arg: str) -> Answer:
         return Answer(Reply(502, "5.7.0", "Verbose unavailable"))
@@ -757,6 +765,7 @@ class Session:
         node = arg.strip()
         if not node:
             return Answer(Reply(501, "5.5.2", "Parameter required"))
+        maillog.etrn(self._envelope(), self.relay_text, _shortened(node))
         if node.startswith("#"):
             return Answer(
                 Reply(
@@ -851,8 +860,9 @@ class Session:
                 maillog.premature_eom(tx.qid)
                 maillog.unexpected_close(tx.qid, self.relay_text, tx.sender)
             else:
-                maillog.lost_input(self.relay_text, self.last_verb.lower())
-        self._log_unfinished()
+                maillog.lost_input(tx.qid, self.relay_text, self.last_verb.lower())
+        # Sendmail's size for a message cut short: what had come of it (and no msgid).
+        self._log_unfinished(tx.msg.size if tx is not None and tx.msg is not None else 0)
         self._log_null_connection()
 
 
