@@ -517,7 +517,7 @@ class Session:
             client_ip=self.client.ip,
             client_name=self.client.ptr_name,
             helo=self.helo,
-            proto=("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else ""),
+            proto=self._proto(),
             body_8bit=tx.body_8bit,
             smtputf8=tx.smtputf8,
             envid=tx.params.get("ENVID"),
@@ -819,7 +819,7 @@ class Session:
         QUIT, a lost connection, content refused for its ``size``), with the recipients it
         had taken; and for a sender it refused, if no MAIL was taken after it."""
         tx = self.tx
-        proto = "ESMTP" if self.esmtp else "SMTP"
+        proto = self._proto()
         if tx is not None:
             nrcpts = len(tx.recipients)
             maillog.received(tx.qid, tx.sender, size, nrcpts, msgid, proto, self.relay_text)
@@ -828,6 +828,10 @@ class Session:
                 self.envelope_qid, self.refused_sender, 0, 0, None, proto, self.relay_text
             )
             self.envelope_qid = self.refused_sender = None
+
+    def _proto(self) -> str:
+        """RFC 3848's name of what the client speaks, as Sendmail's from= lines give it."""
+        return ("ESMTP" if self.esmtp else "SMTP") + ("S" if self.tls else "")
 
     def _log_null_connection(self) -> None:
         """Sendmail's line for a session that never asked for anything (a scanner's probe;
