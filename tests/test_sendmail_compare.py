@@ -367,6 +367,46 @@ def test_the_importers_sendmail_names_are_those_of_the_package() -> None:
     assert used - {"confTO_"} <= CONF_NAMES
 
 
+# --- sendmail -bv ---------------------------------------------------------------------------
+
+# Permanent refusals by enhanced code (Sendmail's dsntoexitstat picks the exit status from
+# it); the temporary ones Sendmail's -bv calls deliverable to its error mailer, exit 0,
+# where ours says why and exits EX_TEMPFAIL (docs/migrating-from-sendmail.md).
+VERIFY_CODES = ["5.0.0", "5.1.0", "5.1.1", "5.1.2", "5.1.3", "5.1.4", "5.1.8", "5.2.2", "5.2.3"]
+VERIFY_CODES += ["5.3.0", "5.4.0", "5.4.4", "5.4.6", "5.4.7", "5.5.0", "5.6.0", "5.7.1", "5.9.9"]
+
+
+def test_verify_answers_and_exits_as_sendmails(tmp_path: Path) -> None:
+    """``sendmail -bv`` over the same tables: the same line for each address (routes,
+    aliases, refusals), and the exit status of each refusal, which Sendmail derives from its
+    enhanced code."""
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "mailertable").write_text(
+        "example.org smtp:[192.0.2.99]\n.sub.example relay:hub.example\n"
+        + "".join(
+            f"d{i}.example error:{code}:550 text {code}\n" for i, code in enumerate(VERIFY_CODES)
+        )
+    )
+    (tables / "aliases").write_text("postmaster: root\nstaff: root, bob@example.org\n")
+    mc = "FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl\nMAILER(local)\nMAILER(smtp)\n"
+    build = SendmailBuild(tmp_path / "sendmail", mc, tables)
+    config = tmp_path / "mailgate.toml"
+    config.write_text(f'hostname = "{HOSTNAME}"\ntables_dir = "{tables}"\n')
+    addresses = ["bob@example.org", "a@b.sub.example", "staff", "postmaster", "nosuch"]
+    addresses += [f"u@d{i}.example" for i in range(len(VERIFY_CODES))]
+    for address in addresses:
+        theirs = build.run("-bv", address)
+        ours = subprocess.run(
+            mailgate_command("sendmail", "-C", str(config), "-bv", address),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (ours.stdout, ours.returncode) == (theirs.stdout, theirs.returncode), address
+
+
 # --- makemap and newaliases ---------------------------------------------------------------
 
 MAKEMAP_INPUTS = {

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from mailgate.reply import Reply
 
-__all__ = ["EX_TEMPFAIL", "SYSEXITS", "exit_reply"]
+__all__ = ["EX_TEMPFAIL", "SYSEXITS", "dsn_exit_status", "exit_reply"]
 
 EX_TEMPFAIL = 75
 
@@ -49,3 +49,43 @@ def exit_reply(status: int, mailer: str, stderr_line: str = "") -> Reply | None:
     if stderr_line:
         reply = Reply(reply.code, reply.enhanced, f"{reply.text}: {stderr_line}")
     return reply
+
+
+# Sendmail's dsntoexitstat (deliver.c): the exit status of a permanent failure, from its
+# enhanced code's subject and detail; a pair not listed falls back to the subject's entry
+# (``None``: EX_UNAVAILABLE). Checked against sendmail -bv over the error mailer.
+_EXIT_BY_DETAIL: dict[tuple[int, int], int] = {
+    (1, 0): 65,  # EX_DATAERR
+    (1, 1): 67,  # EX_NOUSER
+    (1, 6): 67,
+    (1, 2): 68,  # EX_NOHOST
+    (1, 8): 68,
+    (1, 3): 64,  # EX_USAGE
+    (1, 7): 64,
+    (1, 5): 78,  # EX_CONFIG
+    (2, 3): 65,
+    (4, 0): 74,  # EX_IOERR
+    (4, 2): 74,
+    (4, 1): EX_TEMPFAIL,
+    (4, 3): EX_TEMPFAIL,
+    (4, 5): EX_TEMPFAIL,
+    (4, 4): 76,  # EX_PROTOCOL
+    (4, 6): 78,
+}
+_EXIT_BY_SUBJECT = {3: 71, 5: 76, 7: 65}  # EX_OSERR, EX_PROTOCOL, EX_DATAERR
+
+
+def dsn_exit_status(reply: Reply) -> int:
+    """The sysexits.h status Sendmail's command line exits with for a refusal ``reply``:
+    EX_TEMPFAIL for a 4xx, else by its enhanced code (EX_NOUSER for 5.1.1)."""
+    if reply.code < 500:
+        return EX_TEMPFAIL
+    if reply.enhanced is None:
+        return 69  # EX_UNAVAILABLE
+    try:
+        subject, detail = (int(part) for part in reply.enhanced.split(".")[1:3])
+    except ValueError:
+        return 69
+    status = _EXIT_BY_DETAIL.get((subject, detail))
+    return status if status is not None else _EXIT_BY_SUBJECT.get(subject, 69)
+

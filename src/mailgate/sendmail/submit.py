@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from mailgate import maillog
 from mailgate.address import AddressError, Mailbox, normalize
+from mailgate.delivery.sysexits import dsn_exit_status
 from mailgate.milter.hold import hold_message
 from mailgate.milter.local import LocalFilters, chosen
 from mailgate.policy import Client, check_recipient
@@ -91,7 +92,7 @@ class Refused:
 
     @property
     def status(self) -> int:
-        return os.EX_TEMPFAIL if self.reply.code < 500 else os.EX_NOUSER
+        return dsn_exit_status(self.reply)
 
 
 @dataclass
