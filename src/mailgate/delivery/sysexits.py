@@ -88,4 +88,3 @@ def dsn_exit_status(reply: Reply) -> int:
         return 69
     status = _EXIT_BY_DETAIL.get((subject, detail))
     return status if status is not None else _EXIT_BY_SUBJECT.get(subject, 69)
-
