@@ -862,6 +862,25 @@ def test_check_prints_the_error_and_fails(
     assert out.stdout == ""
 
 
+def test_check_names_every_broken_table_in_one_run(tmp_path: Path) -> None:
+    """Each table's first error, in the order they are loaded, and the good ones not named:
+    an admin moving a Sendmail setup fixes them all after one run."""
+    (tmp_path / "mailgate.toml").write_text('hostname = "gw.example.com"\n')
+    (tmp_path / "access").write_text("To:example.com RELAY\n192.168.1 RELAYX\nbad REJECTX\n")
+    (tmp_path / "mailertable").write_text("example.com smtp:[192.0.2.1]\n")
+    (tmp_path / "virtusertable").write_text("nokey\n")
+    (tmp_path / "aliases").write_text("postmaster: root\nstaff alice\n")
+    out = run_cli("check", "-c", str(tmp_path / "mailgate.toml"))
+    assert out.returncode == 1
+    errors = out.stderr.splitlines()
+    assert [e.split(": ")[1] for e in errors] == [
+        f"{tmp_path / 'access'}:2",
+        f"{tmp_path / 'virtusertable'}:1",
+        f"{tmp_path / 'aliases'}:2",
+    ]
+    assert all(e.startswith("error: ") for e in errors)
+
+
 def greeting(gw: GatewayProcess) -> str:
     with smtplib.SMTP(timeout=10) as s:
         code, text = s.connect(gw.host, gw.port)

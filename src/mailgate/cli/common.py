@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, TextIO
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, LogSettings, load_config, parse_config
 from mailgate.snapshot import Snapshot, load_snapshot
+from mailgate.tables import table_errors
 from mailgate.tables.maps import TableError
 
 if TYPE_CHECKING:
@@ -118,8 +119,14 @@ def checked_snapshot(path: str | None) -> Snapshot | None:
     printed; None (the error printed, file:line) when it does not load."""
     try:
         snapshot = load_snapshot(path)
-    except (ConfigError, TableError) as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+    except TableError as exc:
+        # The config loaded; its tables directory is known: every table's first error.
+        folder = load_config(path).tables_dir
+        for error in (table_errors(folder) if folder is not None else []) or [exc]:
+            print(f"error: {error}", file=sys.stderr)
         return None
     for w in snapshot.warnings():
         print(f"warning: {w}")

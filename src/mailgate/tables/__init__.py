@@ -19,7 +19,7 @@ from mailgate.tables.mailertable import MailerTable
 from mailgate.tables.maps import TableError, TableWarning
 from mailgate.tables.virtusers import VirtUserTable
 
-__all__ = ["TABLE_FILES", "TableError", "TableWarning", "Tables", "load_tables"]
+__all__ = ["TABLE_FILES", "TableError", "TableWarning", "Tables", "load_tables", "table_errors"]
 
 TABLE_FILES = (
     "access",
@@ -94,3 +94,25 @@ def load_tables(directory: Path, files: Mapping[str, Path | None] | None = None)
         relay_domains=read_names(path("relay-domains")),
         warnings=tuple(warnings),
     )
+
+
+def table_errors(directory: Path) -> list[TableError]:
+    """Each table's first error, every table tried (``load_tables`` stops at the first):
+    what ``mailgate check`` prints, so that one run shows every file to fix."""
+    loaders = (
+        ("access", AccessTable.load),
+        ("mailertable", MailerTable.load),
+        ("virtusertable", VirtUserTable.load),
+        ("domaintable", DomainTable.load),
+        ("aliases", AliasTable.load),
+        ("local-host-names", read_names),
+        ("relay-domains", read_names),
+    )
+    errors = []
+    for name, load in loaders:
+        try:
+            load(Path(directory) / name)
+        except TableError as exc:
+            errors.append(exc)
+    return errors
+
