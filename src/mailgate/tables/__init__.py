@@ -115,4 +115,3 @@ def table_errors(directory: Path) -> list[TableError]:
         except TableError as exc:
             errors.append(exc)
     return errors
-
