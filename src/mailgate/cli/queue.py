@@ -18,11 +18,11 @@ if TYPE_CHECKING:
 
 def cmd_mailq(args: argparse.Namespace) -> int:
     """Streams: the header's count is the running daemon's for a deep queue (its state file,
-    at most REPORT_INTERVAL old), else a pass over the names and the status files' times
-    (a held one's is HELD_DUE), or, for a selection by content (``--id``, ``--recipient``,
-    ``--sender``, ``--quarantined``), a pass that reads the entries; then the entries are
-    read and printed in chunks, formatted on every core (queue.listing.listed), and the
-    total is what was listed."""
+    at most REPORT_INTERVAL old), else a pass over the names (below COUNT_BELOW, and the
+    status files' times: a held one's is HELD_DUE), or, for a selection by content
+    (``--id``, ``--recipient``, ``--sender``, ``--quarantined``), a pass that reads the
+    entries; then the entries are read and printed in chunks, formatted on every core
+    (queue.listing.listed), and the total is what was listed."""
     from mailgate import control
     from mailgate.queue import listing
     from mailgate.queue.spool import Spool
@@ -46,9 +46,11 @@ def cmd_mailq(args: argparse.Namespace) -> int:
         if selection.by_content or selection.held:
             count = sum(n for _text, n in listing.listed(spool, "count", selection))
         else:
-            # A million names cost seconds to list from a cold disk: the daemon has counted
-            # (held messages too, which it does not tell apart).
-            count = control.daemon_queue_count(control.running_state(cfg)) or 0
+            # A million names cost seconds to list from a cold disk: the daemon has counted.
+            # Its count, or the names', has the held messages too; a small queue's has them
+            # taken out (a stat of each status file), which a deep one's first line cannot
+            # wait for.
+            count, _by_daemon = control.queue_count(cfg.spool_dir, control.running_state(cfg))
             if count < control.COUNT_BELOW:
                 count = listing.waiting_count(spool)
         header = listing.mailq_header(str(spool.queue), count, verbose=args.verbose)

@@ -93,6 +93,8 @@ class Selection:
         """Is the message, as `entry_fields` gives it (or another node's JSON), chosen?"""
         if (fields["queue_name"] == "hold") != self.held:
             return False
+        if not self.by_content:
+            return True
         rcpts = [r["address"] for r in fields["recipients"]]
         # As Sendmail's: the queue id's case counts, the addresses' does not.
         return (
@@ -244,6 +246,8 @@ def prtstr(text: str, limit: int) -> str:
     """``text`` as Sendmail's ``prtstr`` prints an address: at most ``limit`` characters, a
     backslash doubled, a character outside printable ASCII as a backslash and three octal
     digits (of each byte of its UTF-8), each counting as the characters it prints."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text[:limit]  # nearly every address: no character to escape
     out = []
     left = limit
     for ch in text.encode("utf-8", "surrogateescape"):

@@ -131,11 +131,18 @@ def body_size(content: bytes) -> int:
     """The size Sendmail's ``mailq`` shows for a message whose content is ``content``: its
     body (after the empty line that ends the header section; none without one) as Sendmail
     keeps it in its df file, with LF line ends where the spool has CR LF."""
-    at = (b"\r\n" + content).find(b"\r\n\r\n")
-    if at < 0:
+    start = _body_start(content)
+    if start is None:
         return 0
-    body = content[at + 2 :]
-    return len(body) - body.count(b"\r\n")
+    return len(content) - start - content.count(b"\r\n", start)
+
+
+def _body_start(content: bytes) -> int | None:
+    """Where the body starts in ``content`` (after the empty line), None without one."""
+    if content.startswith(b"\r\n"):
+        return 2
+    at = content.find(b"\r\n\r\n")
+    return None if at < 0 else at + 4
 
 
 def _loads(raw: bytes) -> Any:
@@ -1236,8 +1243,8 @@ class Spool:
             if len(start) >= size:
                 body = body_size(start)
             else:
-                at = (b"\r\n" + start).find(b"\r\n\r\n")
-                body = size - at - 2 if at >= 0 else size
+                at = _body_start(start)
+                body = size if at is None else size - at
         msg = QueuedMessage(envelope, self.queue / qid, len(line), size, status, body_size=body)
         return msg, locked
 
