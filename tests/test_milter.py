@@ -581,9 +581,12 @@ def test_quarantine_puts_the_message_on_hold(
     assert f"{got.qid}: milter=test, quarantine=suspicious attachment" in gw.log()
     rc = run_cli("mailq", "-c", str(gw.config))
     assert rc.returncode == 0
+    assert got.qid not in rc.stdout  # held: only in the quarantine listing
+    rc = run_cli("mailq", "--quarantined", "-c", str(gw.config))
+    assert rc.returncode == 0
     lines = rc.stdout.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith(got.qid))
-    assert lines[at].startswith(f"{got.qid}!")
+    assert lines[at].startswith(f"{got.qid} ")
     assert lines[at + 1] == "     QUARANTINE: suspicious attachment"
     assert not hop1.with_subject("quarantined")
     filt.configure()

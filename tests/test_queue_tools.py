@@ -226,12 +226,19 @@ def test_held_message_is_never_attempted_and_release_delivers_it(world: World, l
     rc, _, err = world.cli("hold", held)
     assert (rc, err.splitlines()[0]) == (0, f"mailgate: {held}: already on hold")
 
-    # Listed as held, in both layouts.
+    # Out of mailq's listing, in its quarantine listing (-qQ) with the reason, as Sendmail
+    # lists a quarantined message; in the JSON, as held.
     rc, out, _ = world.cli("mailq")
     assert rc == 0
     lines = out.splitlines()
+    assert not any(line.startswith(held) for line in lines), out
+    assert next(line for line in lines if line.startswith(other))[14] == " "
+    rc, out, _ = world.cli("mailq", "--quarantined")
+    assert rc == 0
+    lines = out.splitlines()
+    assert lines[0].endswith("/queue (1 request)") and lines[-1] == "\t\tTotal requests: 1"
     at = next(i for i, line in enumerate(lines) if line.startswith(held))
-    assert re.fullmatch(rf"{held}! +\d+ \w\w\w \w\w\w [ \d]\d \d\d:\d\d <{SENDER}>", lines[at]), (
+    assert re.fullmatch(rf"{held}  +\d+ \w\w\w \w\w\w [ \d]\d \d\d:\d\d <{SENDER}>", lines[at]), (
         lines[at]
     )
     assert lines[at + 1 : at + 4] == [
@@ -239,7 +246,7 @@ def test_held_message_is_never_attempted_and_release_delivers_it(world: World, l
         f"                 (Deferred: Connection refused by [{DEAD}])",
         "\t\t\t\t\t <x@dead.test>",
     ]
-    assert next(line for line in lines if line.startswith(other))[14] == " "
+    assert not any(line.startswith(other) for line in lines), out
     rc, out, _ = world.cli("mailq", "--json")
     listing = {o["queue_id"]: o for o in map(json.loads, out.splitlines())}
     assert listing[held]["queue_name"] == "hold"
@@ -503,34 +510,61 @@ def test_mailq_layout_and_json(
         body_8bit=True,
     )
     held = QueueStatus(hold="spam score 12")
-    q.add("AAAAAAAA000003", ["frank@example.net"], content=b"x" * 1000, status=held)
+    # 10 lines of 100 bytes with CR LF: Sendmail's df file would hold 990 (LF line ends).
+    big = b"Subject: big\r\n\r\n" + (b"x" * 98 + b"\r\n") * 10
+    q.add("AAAAAAAA000003", ["frank@example.net"], content=big, status=held)
     q.add("AAAAAAAA000004", ["gina@example.net"])
     locked = q.spool.claim("AAAAAAAA000004")
     assert locked is not None
     with locked:
+        # Sizes are the bodies' ("Hello." and its line end: 7); the held message is only in
+        # the quarantine listing; a recipient's own error only in -v's.
         text = q.run(capsys, "mailq")
         lines = text.splitlines()
         assert lines[:2] == [
-            f"\t\t{tmp_path}/spool/queue (4 requests)",
+            f"\t\t{tmp_path}/spool/queue (3 requests)",
             "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------",
         ]
-        assert lines[-1] == "\t\tTotal requests: 4"
+        assert lines[-1] == "\t\tTotal requests: 3"
         blocks = set(re.split(r"\n(?=AAAA)", "\n".join(lines[2:-1])))
         assert blocks == {
-            "AAAAAAAA000001       22 Tue Nov 24 19:17 <alice@example.org>\n"
+            "AAAAAAAA000001        7 Tue Nov 24 19:17 <alice@example.org>\n"
             "                 (Deferred: 451 4.4.1 Connection refused by [192.0.2.7])\n"
             "\t\t\t\t\t <bob@example.net>",
-            "AAAAAAAA000002       22 Mon Nov 16 21:17 <>\n"
+            "AAAAAAAA000002        7 Mon Nov 16 21:17 <>\n"
             "      8BITMIME   (Deferred: 451 4.4.1 Connection refused by [192.0.2.7])\n"
             "\t\t\t\t\t <carol@example.net>\n"
-            "\t\t\t\t\t   (Deferred: 452 4.2.2 Mailbox full)\n"
             "\t\t\t\t\t <erin@example.com>",
-            "AAAAAAAA000003!    1000 Tue Nov 24 19:17 <alice@example.org>\n"
-            "     QUARANTINE: spam score 12\n"
-            "\t\t\t\t\t <frank@example.net>",
-            "AAAAAAAA000004*      22 Tue Nov 24 19:17 <alice@example.org>\n"
+            "AAAAAAAA000004*       7 Tue Nov 24 19:17 <alice@example.org>\n"
             "\t\t\t\t\t <gina@example.net>",
         }
+        # -v: the priority (22 bytes, 30000 a recipient, 90000 a queue run after the first
+        # attempt), the arrival without its weekday, recipients one tab further.
+        lines = q.run(capsys, "mailq", "-v").splitlines()
+        assert lines[1] == (
+            "-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------"
+        )
+        blocks = set(re.split(r"\n(?=AAAA)", "\n".join(lines[2:-1])))
+        assert blocks == {
+            "AAAAAAAA000001        7     120022 Nov 24 19:17 <alice@example.org>\n"
+            "                 (Deferred: 451 4.4.1 Connection refused by [192.0.2.7])\n"
+            "\t\t\t\t\t\t<bob@example.net>",
+            "AAAAAAAA000002        7     180022 Nov 16 21:17 <>\n"
+            "      8BITMIME   (Deferred: 451 4.4.1 Connection refused by [192.0.2.7])\n"
+            "\t\t\t\t\t\t<carol@example.net>\n"
+            "\t\t (Deferred: 452 4.2.2 Mailbox full)\n"
+            "\t\t\t\t\t\t<erin@example.com>",
+            "AAAAAAAA000004*       7      30022 Nov 24 19:17 <alice@example.org>\n"
+            "\t\t\t\t\t\t<gina@example.net>",
+        }
+        assert q.run(capsys, "mailq", "--quarantined").splitlines() == [
+            f"\t\t{tmp_path}/spool/queue (1 request)",
+            "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------",
+            "AAAAAAAA000003      990 Tue Nov 24 19:17 <alice@example.org>",
+            "     QUARANTINE: spam score 12",
+            "\t\t\t\t\t <frank@example.net>",
+            "\t\tTotal requests: 1",
+        ]
         objects = {
             o["queue_id"]: o for o in map(json.loads, q.run(capsys, "mailq", "--json").splitlines())
         }
@@ -545,6 +579,8 @@ def test_mailq_layout_and_json(
             "recipients": [{"address": "bob@example.net", "delay_reason": refused}],
             "attempts": 2,
             "next_attempt": 1795548420,
+            "body_size": 7,
+            "priority": 120022,
             "last_message": refused,
         },
         "AAAAAAAA000002": {
@@ -563,6 +599,8 @@ def test_mailq_layout_and_json(
             ],
             "attempts": 2,
             "next_attempt": 1795548420,
+            "body_size": 7,
+            "priority": 180022,
             "last_message": refused,
             "body_type": "8BITMIME",
         },
@@ -570,13 +608,15 @@ def test_mailq_layout_and_json(
             "queue_name": "hold",
             "queue_id": "AAAAAAAA000003",
             "arrival_time": 1795547820,
-            "message_size": 1000,
+            "message_size": 1016,
             "forced_expire": False,
             "sender": SENDER,
             "recipients": [{"address": "frank@example.net"}],
             "hold_reason": "spam score 12",
             "attempts": 0,
             "next_attempt": None,
+            "body_size": 990,
+            "priority": 31016,
         },
         "AAAAAAAA000004": {
             "queue_name": "active",
@@ -588,6 +628,8 @@ def test_mailq_layout_and_json(
             "recipients": [{"address": "gina@example.net"}],
             "attempts": 0,
             "next_attempt": None,
+            "body_size": 7,
+            "priority": 30022,
         },
     }
     q.spool.close()

@@ -14,7 +14,10 @@ from __future__ import annotations
 import pwd
 import re
 import shutil
+import smtplib
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -570,3 +573,162 @@ def test_refusals_word_for_word_as_sendmails_daemon(tmp_path: Path) -> None:
     assert theirs[-1] == f"421 4.7.0 {HOSTNAME} Too many bad commands; closing connection"
     assert [r[:3] for r in theirs].count("500") == 25
     assert ours == theirs
+
+
+# -- the same queue listed by both: sendmail -bp [-v] [-qQ] [-qR…] --------------------------------
+
+_QUEUE_MC = """\
+OSTYPE(`linux')dnl
+DAEMON_OPTIONS(`Port={port},Addr=127.0.0.1, Name=MTA')dnl
+define(`SMTP_MAILER_ARGS', `TCP $h {down}')dnl
+FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl
+FEATURE(`access_db', `hash /etc/mail/access')dnl
+FEATURE(`accept_unresolvable_domains')dnl
+MAILER(`smtp')dnl
+"""
+# (sender, recipients, content, MAIL parameters): a body of two lines, the null sender, an
+# 8-bit body, a recipient longer than the 38 characters the short listing prints of one.
+_QUEUED: list[tuple[str, list[str], bytes, list[str]]] = [
+    (
+        "alice@client.example.net",
+        ["bob@example.org", "carol@example.org"],
+        b"Subject: one\r\nFrom: alice@client.example.net\r\n\r\nline one\r\nline two\r\n",
+        [],
+    ),
+    ("", ["dave@example.org"], b"Subject: two\r\n\r\n" + b"x" * 100 + b"\r\n", []),
+    (
+        "eve@client.example.net",
+        ["a.rather.long.local.part.indeed@example.org"],
+        "Subject: 8bit\r\n\r\nh\u00e9llo\r\n".encode(),
+        ["BODY=8BITMIME"],
+    ),
+]
+_ID = re.compile(r"^([0-9A-Za-z]{14})[ *]")
+
+
+def _send_queued(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+        s.ehlo("client.example.net")
+        for sender, rcpts, content, params in _QUEUED:
+            s.sendmail(sender, rcpts, content, mail_options=params)
+
+
+def _blocks(listing: str) -> tuple[list[str], dict[str, list[str]], list[str]]:
+    """(the lines before the entries, each entry's lines by its sender, the lines after), the
+    queue ids, times, priorities and the queue folder made the same for both."""
+    head: list[str] = []
+    entries: dict[str, list[str]] = {}
+    tail: list[str] = []
+    current: list[str] | None = None
+    for line in listing.splitlines():
+        if _ID.match(line):
+            line = "QID" + line[14:]
+            line = re.sub(r"(\w\w\w )?\w\w\w [ \d]\d \d\d:\d\d", "TIME", line)
+            line = re.sub(r"^(QID.{9}) +\d+([ +])TIME", r"\1 PRI\2TIME", line)  # -v's
+            current = entries.setdefault(line.rsplit(" ", 1)[1], [])
+            current.append(line)
+        elif line.startswith("\t\tTotal requests: "):
+            current = None
+            tail.append(line)
+        elif current is not None:
+            current.append(line)
+        else:
+            head.append(re.sub(r"^(\t\t)?/\S+", r"\1QUEUE", line))
+    return head, entries, tail
+
+
+def _wait_listing(run: Callable[[], str], deferred: int) -> str:
+    deadline = time.monotonic() + 60
+    while True:
+        text = run()
+        if text.count("(Deferred") >= deferred or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
+def test_the_queue_listing_is_sendmails(tmp_path: Path) -> None:
+    """The same mail, deferred by a next hop that refuses connections, in the real Sendmail's
+    queue and in ours: ``sendmail -bp``, ``-bp -v``, ``-bp -qR…``, and, with one message
+    quarantined (held), ``-bp`` and ``-bp -qQ``, compared line by line but for the queue ids,
+    times, the queue folder and the priority's figure (it counts the message's size, which
+    has each one's own Received: field)."""
+    port, down = free_port("127.0.0.1"), free_port("127.0.0.1")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    (tables / "mailertable").write_text("example.org smtp:[127.0.0.1]\n")
+    (tables / "access").write_text("Connect:127.0.0.1 RELAY\n")
+    build = SendmailBuild(tmp_path / "sendmail", _QUEUE_MC.format(port=port, down=down), tables)
+    with build.daemon(port):
+        _send_queued(port)
+        _wait_listing(lambda: build.run("-bp").stdout, len(_QUEUED))
+    listings = {"plain": ["-bp"], "verbose": ["-bp", "-v"], "R": ["-bp", "-qRdave"]}
+    theirs = {name: build.run(*args).stdout for name, args in listings.items()}
+    gw = GatewayProcess(
+        tmp_path / "mailgate",
+        dns=None,
+        hostname=HOSTNAME,
+        tables={"mailertable": f"example.org smtp:[127.0.0.1]:{down}\n"},
+        # FEATURE(accept_unresolvable_domains): the sender domains have no DNS here.
+        settings='[smtp]\ngreet_pause = "0s"\ncheck_sender_domain = false\n'
+        '[queue]\nrun_interval = "1h"\n',
+    )
+
+    def ours(*args: str) -> str:
+        done = subprocess.run(
+            mailgate_command("sendmail", "-C", str(gw.config), *args),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    try:
+        _send_queued(gw.start().port)
+        _wait_listing(lambda: ours("-bp"), len(_QUEUED))
+        mine = {name: ours(*args) for name, args in listings.items()}
+        for name in theirs:
+            assert _blocks(mine[name]) == _blocks(theirs[name]), name
+        # Held: out of the listing, in the quarantine listing with the reason.
+        qid = next(line[:14] for line in mine["plain"].splitlines() if line.endswith("<>"))
+        their_qid = next(line[:14] for line in theirs["plain"].splitlines() if line.endswith("<>"))
+        assert build.run("-Qspam score 12", f"-qI{their_qid}").returncode == 0
+        held = subprocess.run(
+            mailgate_command("hold", "-c", str(gw.config), "--reason", "spam score 12", qid),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert held.returncode == 0, held.stderr
+        held_listings: dict[str, str] = {}
+        for args in (["-bp"], ["-bp", "-qQ"], ["-bp", "-v", "-qQ"], ["-bp", "-qSnobody"]):
+            held_listings[" ".join(args)] = their = build.run(*args).stdout
+            assert _blocks(ours(*args)) == _blocks(their), args
+    finally:
+        gw.stop()
+    # What was compared has what it should: sizes of the bodies with LF line ends (as
+    # Sendmail's df file), a recipient cut to 38 characters, the verbose columns, the
+    # quarantine reason, an empty selection.
+    plain = _blocks(theirs["plain"])[1]
+    assert plain["<>"][0] == "QID      101 TIME <>"
+    assert plain["<alice@client.example.net>"][0] == "QID       18 TIME <alice@client.example.net>"
+    assert (
+        plain["<eve@client.example.net>"][-1] == "\t\t\t\t\t <a.rather.long.local.part.indeed@examp"
+    )
+    assert _blocks(theirs["verbose"])[0][1].startswith("-----Q-ID----- --Size-- -Priority-")
+    assert "\t\t\t\t\t\t<dave@example.org>" in _blocks(theirs["verbose"])[1]["<>"]
+    assert list(_blocks(held_listings["-bp"])[1]) == [
+        "<alice@client.example.net>",
+        "<eve@client.example.net>",
+    ] or list(_blocks(held_listings["-bp"])[1]) == [
+        "<eve@client.example.net>",
+        "<alice@client.example.net>",
+    ]
+    assert _blocks(held_listings["-bp -qQ"])[1]["<>"][1] == "     QUARANTINE: spam score 12"
+    assert _blocks(held_listings["-bp -qSnobody"]) == (
+        ["QUEUE is empty"],
+        {},
+        ["\t\tTotal requests: 0"],
+    )

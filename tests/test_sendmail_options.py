@@ -60,9 +60,20 @@ def test_flags_without_meaning_here_are_taken_and_ignored() -> None:
         (["-fa@x", "-fb@x"], 'more than one "from" person'),
         (["-bs"], "-bs: mode not supported (use -bm, -bp, -bt, -bv, -bd, -bi)"),
         (
+            ["-qfoo"],
+            "-qfoo: only -q (run the queue once), -qRdomain, -qIqid and -q<interval> are supported",
+        ),
+        (
             ["-qSroot"],
-            "-qSroot: only -q (run the queue once), -qRdomain, -qIqid and -q<interval> "
-            "are supported",
+            "-qS: only with -bp; a queue run takes only -q, -qRdomain, -qIqid and -q<interval>",
+        ),
+        (
+            ["-qQ", "-v"],
+            "-qQ: only with -bp; a queue run takes only -q, -qRdomain, -qIqid and -q<interval>",
+        ),
+        (
+            ["-q!Rexample.com"],
+            "-q!: only with -bp; a queue run takes only -q, -qRdomain, -qIqid and -q<interval>",
         ),
         (["-qlater"], '-qlater: bad duration \'later\': use e.g. "30m", "5s", "1h30m"'),
         (["-B9BIT"], "-B9BIT: illegal body type (7BIT or 8BITMIME)"),
@@ -84,7 +95,20 @@ def test_modes_and_the_queue() -> None:
     assert parse(["-bd"]).mode == "daemon"
     assert parse(["-bD"]).mode == "serve"
     assert parse(["-qR@example.com", "-qIkB21F600031166"]) == Invocation(
-        run_queue=True, queue_domains=["example.com"], queue_ids=["kB21F600031166"]
+        run_queue=True,
+        queue_domains=["example.com"],
+        queue_recipients=["@example.com"],
+        queue_ids=["kB21F600031166"],
+    )
+    # -bp's selections, before or after it: as written, "!" kept for the negated ones.
+    assert parse(["-qSeve", "-q!Rexample.org", "-bp", "-qQ", "-qIAB", "-v"]) == Invocation(
+        mode="mailq",
+        run_queue=True,
+        verbose=True,
+        queue_senders=["eve"],
+        queue_recipients=["!example.org"],
+        queue_ids=["AB"],
+        quarantined=True,
     )
     assert parse(["-bi"]).mode == "newaliases"
     assert parse(["-I"]).mode == "newaliases"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 import os
 import threading
@@ -21,11 +22,13 @@ from mailgate.queue.spool import (
     UNSEALED,
     EntryLocked,
     Envelope,
+    IncomingMessage,
     QueueStatus,
     RcptStatus,
     Recipient,
     RecipientState,
     Spool,
+    body_size,
     read_seal,
 )
 from tests.support.wait import wait_until_async
@@ -859,3 +862,79 @@ def test_a_cleaner_empties_trash_when_it_starts(tmp_path: Path) -> None:
     spool.finish(msg)
     spool.close()
     assert _entries(tmp_path / "trash") == [] and _entries(tmp_path / "queue") == []
+
+
+# -- the body's size, as Sendmail's mailq shows it ------------------------------------------------
+
+
+def test_body_size_is_sendmails_df_file() -> None:
+    # After the empty line, CR LF counted as Sendmail's df file has it: one LF.
+    assert body_size(b"Subject: x\r\n\r\nline one\r\nline two\r\n") == 18
+    assert body_size(b"\r\nno header section\r\n") == 18  # the content opens with the empty line
+    assert body_size(b"Subject: x\r\n") == 0  # no body at all
+    assert body_size(b"Subject: x\r\n\r\n") == 0
+    assert body_size(b"Subject: x\r\n\r\nbare\nLF\r\n\r\n") == 9  # a bare LF stays one byte
+
+
+@given(
+    st.lists(
+        st.sampled_from([b"Subject: x\r\n", b"\r\n", b"\r", b"\n", b"ab", b"\r\n\r\n", b"."]),
+        max_size=30,
+    ),
+    st.lists(st.integers(min_value=1, max_value=7), min_size=1, max_size=10),
+)
+def test_the_body_counted_as_it_streams_in_is_body_sizes(
+    parts: list[bytes], cuts: list[int]
+) -> None:
+    """However the content arrives in writes (an empty line or a CR LF split between two),
+    the count kept while receiving is what ``body_size`` finds in the whole content."""
+    content = b"".join(parts)
+    # No file is made: the counting is all there is to it.
+    msg = IncomingMessage(_NoSpool(), Envelope("Q1", "a@example.org", [], 0.0))  # type: ignore[arg-type]
+    pos = 0
+    for n in itertools.cycle(cuts):
+        if pos >= len(content):
+            break
+        msg._count_body(content[pos : pos + n])
+        pos += n
+    assert msg.body_size == body_size(content)
+
+
+class _NoSpool:
+    incoming_dir = "/nonexistent"
+
+
+def test_the_body_size_goes_into_the_status_file_and_old_entries_fall_back(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool", fsync="threads")
+    small = b"Subject: x\r\n\r\n" + b"line\r\n" * 3
+    big = b"Subject: y\r\n\r\n" + b"x" * 98 + b"\r\n" + b"y" * 70_000 + b"\r\n"  # > the first read
+
+    async def commit(content: bytes) -> str:
+        incoming = spool.open_incoming(envelope(spool))
+        incoming.write(content[:5])
+        incoming.write(content[5:])
+        queued = await spool.commit(incoming)
+        assert queued.status.body_size == body_size(content)
+        spool.save_status(queued.qid, queued.status)  # as a deferral writes it
+        queued.close()
+        return queued.qid
+
+    qids = [asyncio.run(commit(small)), asyncio.run(commit(big))]
+    for qid, content in zip(qids, (small, big), strict=True):
+        st = spool.load_status(qid)
+        assert st.body_size == body_size(content)
+        assert json.loads((spool.queue / f"{qid}.st").read_bytes())["body_size"] == st.body_size
+        assert QueueStatus.from_json(st.to_json()).body_size == st.body_size
+        peeked = spool.peek(qid)
+        assert peeked is not None and peeked[0].body_size == body_size(content)
+    # A status file of an older version has no body_size: a message that fits the first
+    # read is counted from it exactly, a larger one is its bytes after the header section.
+    for qid in qids:
+        raw = json.loads((spool.queue / f"{qid}.st").read_bytes())
+        del raw["body_size"]
+        (spool.queue / f"{qid}.st").write_text(json.dumps(raw))
+    sizes = [m.body_size for m in (spool.load(q) for q in qids) if m is not None]
+    assert sizes == [body_size(small), len(big) - len(b"Subject: y\r\n\r\n")]
+    spool.close()

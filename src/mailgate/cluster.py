@@ -75,9 +75,20 @@ def _failed(err: TextIO, url: str, why: object) -> None:
 # -- mailq --------------------------------------------------------------------------------------
 
 
-def mailq(nodes: Sequence[str], token: str, out: TextIO, err: TextIO, *, as_json: bool) -> int:
-    """Each node's queue: a line naming the node, then ``mailq``'s layout for its queue (or
-    its JSON lines, each with a ``node`` field), then the total over the nodes."""
+def mailq(
+    nodes: Sequence[str],
+    token: str,
+    out: TextIO,
+    err: TextIO,
+    *,
+    as_json: bool,
+    verbose: bool = False,
+    selection: listing.Selection = listing.ALL,
+) -> int:
+    """Each node's queue: a line naming the node, then ``mailq``'s layout (``verbose``: ``-v``'s)
+    for the entries ``selection`` takes of its queue (or all its JSON lines, each with a
+    ``node`` field), then the total over the nodes. The header's count is the node's whole
+    queue (its ``/queue`` says no more)."""
     total = answered = 0
     for url in map(node_url, nodes):
         listed = 0
@@ -89,14 +100,20 @@ def mailq(nodes: Sequence[str], token: str, out: TextIO, err: TextIO, *, as_json
                     out.write(f"{host} ({url}):\n")
                     queue_dir = answer.headers.get(queuehttp.QUEUE_DIR, "queue")
                     out.write(
-                        "".join(f"{line}\n" for line in listing.mailq_header(queue_dir, count))
+                        "".join(
+                            f"{line}\n"
+                            for line in listing.mailq_header(queue_dir, count, verbose=verbose)
+                        )
                     )
                 for raw in answer:
                     fields = json.loads(raw)
                     if as_json:
                         out.write(json.dumps({**fields, "node": url}, separators=(",", ":")) + "\n")
+                    elif selection.takes(fields):
+                        lines = listing.mailq_lines(fields, verbose=verbose)
+                        out.write("".join(f"{line}\n" for line in lines))
                     else:
-                        out.write("".join(f"{line}\n" for line in listing.mailq_lines(fields)))
+                        continue
                     listed += 1
         except NodeError as exc:
             _failed(err, url, exc)
@@ -182,7 +199,21 @@ def cmd_mailq(args: argparse.Namespace, load: Callable[[str | None], Config], ou
     token = _token(args, load)
     if token is None:
         return NO_TOKEN
-    return mailq(args.nodes, token, out, sys.stderr, as_json=args.json)
+    selection = listing.Selection(
+        held=args.quarantined,
+        ids=tuple(args.id),
+        recipients=tuple(args.recipient),
+        senders=tuple(args.sender),
+    )
+    return mailq(
+        args.nodes,
+        token,
+        out,
+        sys.stderr,
+        as_json=args.json,
+        verbose=args.verbose,
+        selection=selection,
+    )
 
 
 def cmd_qshape(

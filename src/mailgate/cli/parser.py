@@ -99,7 +99,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("mailq", "list the queue as Sendmail's mailq (sendmail -bp) does")
     p.add_argument(
-        "--json", action="store_true", help="one JSON object per message, as postqueue -j"
+        "--json",
+        action="store_true",
+        help="one JSON object per message (held ones too, any selection aside), as postqueue -j",
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="mailq -v: with the priority column"
+    )
+    p.add_argument(
+        "--quarantined",
+        action="store_true",
+        help="only the messages on hold (mailq -qQ: Sendmail's quarantine), not the others",
+    )
+    for flag, what in (("id", "-qI: the queue id"), ("recipient", "-qR: a pending recipient")):
+        p.add_argument(
+            f"--{flag}",
+            action="append",
+            default=[],
+            metavar="TEXT",
+            help=f"{what} contains TEXT (!TEXT: does not); given again: either",
+        )
+    p.add_argument(
+        "--sender",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="-qS: the sender contains TEXT (!TEXT: does not); given again: either",
     )
     add_nodes(p)
     p.set_defaults(func=cmd_mailq)

@@ -12,14 +12,17 @@ from typing import TYPE_CHECKING
 from mailgate.cli.common import command_log, config_or_exit, open_log, snapshot_or_exit, text_out
 
 if TYPE_CHECKING:
+    from mailgate.queue.listing import Selection
     from mailgate.queue.spool import QueuedMessage
 
 
 def cmd_mailq(args: argparse.Namespace) -> int:
     """Streams: the header's count is the running daemon's for a deep queue (its state file,
-    at most REPORT_INTERVAL old), else a pass over the names only; then the entries are
-    read and printed in chunks, formatted on every core (queue.listing.listed), and the
-    total is what was listed."""
+    at most REPORT_INTERVAL old), else a pass over the names (below COUNT_BELOW, and the
+    status files' times: a held one's is HELD_DUE), or, for a selection by content
+    (``--id``, ``--recipient``, ``--sender``, ``--quarantined``), a pass that reads the
+    entries; then the entries are read and printed in chunks, formatted on every core
+    (queue.listing.listed), and the total is what was listed."""
     from mailgate import control
     from mailgate.queue import listing
     from mailgate.queue.spool import Spool
@@ -31,6 +34,7 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     cfg = snapshot_or_exit(args.config).config
     spool = Spool(cfg.spool_dir)
     out = text_out()
+    selection = _selection(args)
     try:
         # The listing's workers are forked: what is still in the buffer would be theirs
         # too, and each would write it again as it exits.
@@ -39,18 +43,38 @@ def cmd_mailq(args: argparse.Namespace) -> int:
             for text, _n in listing.listed(spool, "json"):
                 out.write(text)
             return 0
-        # A million names cost seconds to list from a cold disk: the daemon has counted.
-        count, _by_daemon = control.queue_count(cfg.spool_dir, control.running_state(cfg))
-        out.write("".join(line + "\n" for line in listing.mailq_header(str(spool.queue), count)))
+        if selection.by_content or selection.held:
+            count = sum(n for _text, n in listing.listed(spool, "count", selection))
+        else:
+            # A million names cost seconds to list from a cold disk: the daemon has counted.
+            # Its count, or the names', has the held messages too; a small queue's has them
+            # taken out (a stat of each status file), which a deep one's first line cannot
+            # wait for.
+            count, _by_daemon = control.queue_count(cfg.spool_dir, control.running_state(cfg))
+            if count < control.COUNT_BELOW:
+                count = listing.waiting_count(spool)
+        header = listing.mailq_header(str(spool.queue), count, verbose=args.verbose)
+        out.write("".join(line + "\n" for line in header))
         out.flush()
         total = 0
-        for text, n in listing.listed(spool, "mailq"):
+        for text, n in listing.listed(spool, "mailq-v" if args.verbose else "mailq", selection):
             out.write(text)
             total += n
         out.write(listing.mailq_total(total) + "\n")
     finally:
         spool.close()
     return 0
+
+
+def _selection(args: argparse.Namespace) -> Selection:
+    from mailgate.queue.listing import Selection
+
+    return Selection(
+        held=args.quarantined,
+        ids=tuple(args.id),
+        recipients=tuple(args.recipient),
+        senders=tuple(args.sender),
+    )
 
 
 def cmd_qshape(args: argparse.Namespace) -> int:

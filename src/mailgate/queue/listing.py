@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mailgate.queue.spool import CorruptEntry, QueuedMessage, Spool
+from mailgate import maillog
+from mailgate.queue.spool import HELD_DUE, CorruptEntry, QueuedMessage, Spool
 
 # -- reading ------------------------------------------------------------------------------------
 
@@ -71,21 +72,83 @@ Format = Callable[[Entry], str]
 _spool: Spool | None = None  # a worker's, made at its first chunk
 
 
-def _format_chunk(root: str, layout: str, qids: list[str]) -> tuple[str, int]:
-    """In a worker: the text of ``qids``' entries, and how many were listed."""
+@dataclass(frozen=True)
+class Selection:
+    """Which messages ``mailq`` lists, as Sendmail's ``-bp`` takes them: the queue (not held)
+    or, with ``held`` (``-qQ``), the quarantine only; and, as ``-qI``/``-qR``/``-qS``, those
+    whose queue id, a pending recipient or the sender contains one of the strings (any case;
+    a string starting with ``!``: does not contain it). Empty: no condition of that kind."""
+
+    held: bool = False
+    ids: tuple[str, ...] = ()
+    recipients: tuple[str, ...] = ()
+    senders: tuple[str, ...] = ()
+
+    @property
+    def by_content(self) -> bool:
+        """Does choosing need more than the queue id and the hold (so a read of each entry)?"""
+        return bool(self.ids or self.recipients or self.senders)
+
+    def takes(self, fields: Mapping[str, Any]) -> bool:
+        """Is the message, as `entry_fields` gives it (or another node's JSON), chosen?"""
+        if (fields["queue_name"] == "hold") != self.held:
+            return False
+        if not self.by_content:
+            return True
+        rcpts = [r["address"] for r in fields["recipients"]]
+        # As Sendmail's: the queue id's case counts, the addresses' does not.
+        return (
+            _matches(self.ids, [fields["queue_id"]], fold=False)
+            and _matches(self.recipients, rcpts, fold=True)
+            and _matches(self.senders, [fields["sender"]], fold=True)
+        )
+
+
+def _matches(wanted: tuple[str, ...], values: list[str], *, fold: bool) -> bool:
+    # Sendmail's QueueLimit lists: each -q option adds one; an entry is taken when any of
+    # them (of one kind) holds, a negated one when none of the values contains it.
+    if not wanted:
+        return True
+    if fold:
+        values = [v.lower() for v in values]
+    for w in wanted:
+        negate = w.startswith("!")
+        needle = w[1:] if negate else w
+        if fold:
+            needle = needle.lower()
+        found = any(needle in v for v in values)
+        if found != negate:
+            return True
+    return False
+
+
+ALL = Selection()
+
+
+def _format_chunk(
+    root: str, layout: str, qids: list[str], selection: Selection = ALL
+) -> tuple[str, int]:
+    """In a worker: the text of ``qids``' entries that ``selection`` takes, and how many."""
     global _spool
     if _spool is None or str(_spool.root) != root:
         _spool = Spool(Path(root))
     text = []
     listed = 0
-    fmt = _LAYOUTS[layout]
+    fmt = _LAYOUTS.get(layout)
     if qids and not _spool.cached(qids[0]):
         # Read from the disk: ask for the whole chunk's files at once, so that the disk
         # serves many reads together instead of one entry's after another's.
         for qid in qids:
             _spool.warm(qid)
+    # postqueue -j lists the hold queue with the rest: json takes no selection.
     for entry in _entries_of(_spool, qids):
-        text.append(fmt(entry))
+        if fmt is not None:
+            text.append(fmt(entry))
+        else:
+            fields = entry_fields(entry)
+            if not selection.takes(fields):
+                continue
+            text.append(_FIELD_LAYOUTS[layout](fields))
         listed += 1
     return "".join(text), listed
 
@@ -100,13 +163,31 @@ def _entries_of(spool: Spool, qids: Iterable[str], *, locks: bool = True) -> Gen
             yield Entry(*peeked)
 
 
-def listed(spool: Spool, layout: str, *, workers: int | None = None) -> Iterator[tuple[str, int]]:
-    """The queue formatted in ``layout`` ("mailq", "json"): (text, entries in it) per chunk,
-    in directory order. ``workers``: processes to format with (default: two per core this
-    process may run on, since a queue larger than the page cache makes the listing wait for
-    the disk, and more reads at once are answered sooner; 1 formats here, with no process
-    made). Forked: the caller flushes its buffered output first, which the workers would
-    otherwise write again."""
+def waiting_count(spool: Spool) -> int:
+    """How many messages are queued and not held: the names, and a ``stat`` of each status
+    file (a held message's time is ``HELD_DUE``), no file opened."""
+    queue = str(spool.queue)
+    count = 0
+    for qid in spool.qids():
+        try:
+            if os.stat(f"{queue}/{qid}.st").st_mtime >= HELD_DUE:
+                continue
+        except FileNotFoundError:
+            pass  # never attempted: not held (a hold writes the status file)
+        count += 1
+    return count
+
+
+def listed(
+    spool: Spool, layout: str, selection: Selection = ALL, *, workers: int | None = None
+) -> Iterator[tuple[str, int]]:
+    """The queue formatted in ``layout`` ("mailq", "mailq-v": ``-bp -v``, "count": no text,
+    "json": every entry, ``selection`` not asked) of the entries ``selection`` takes: (text,
+    entries in it) per chunk, in directory order. ``workers``: processes to format with
+    (default: two per core this process may run on, since a queue larger than the page
+    cache makes the listing wait for the disk, and more reads at once are answered sooner; 1
+    formats here, with no process made). Forked: the caller flushes its buffered output
+    first, which the workers would otherwise write again."""
     if workers is None:
         workers = 2 * len(os.sched_getaffinity(0))
     chunks = _chunks(spool.qids(), CHUNK)
@@ -117,13 +198,13 @@ def listed(spool: Spool, layout: str, *, workers: int | None = None) -> Iterator
     chunks = itertools.chain([first], chunks)
     if workers <= 1:
         for chunk in chunks:
-            yield _format_chunk(root, layout, chunk)
+            yield _format_chunk(root, layout, chunk, selection)
         return
     context = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         pending: collections.deque[Future[tuple[str, int]]] = collections.deque()
         for chunk in chunks:
-            pending.append(pool.submit(_format_chunk, root, layout, chunk))
+            pending.append(pool.submit(_format_chunk, root, layout, chunk, selection))
             if len(pending) >= workers * AHEAD:
                 yield pending.popleft().result()
         while pending:
@@ -138,50 +219,90 @@ def _chunks(names: Iterator[str], n: int) -> Iterator[list[str]]:
 # -- mailq: Sendmail's layout -------------------------------------------------------------------
 
 MAILQ_COLUMNS = "-----Q-ID----- --Size-- -----Q-Time----- ------------Sender/Recipient-----------"
+MAILQ_COLUMNS_VERBOSE = (
+    "-----Q-ID----- --Size-- -Priority- ---Q-Time--- --------Sender/Recipient--------"
+)
 
 
-def mailq_header(queue_dir: str, count: int) -> list[str]:
-    """The lines before the entries; ``count``: the running daemon's, or a pass over the names
-    only (``cli.queue.cmd_mailq``)."""
+def mailq_header(queue_dir: str, count: int, *, verbose: bool = False) -> list[str]:
+    """The lines before the entries; ``count``: the running daemon's, or a pass over the queue
+    (``cli.queue.cmd_mailq``). An empty queue has the one line (the total follows)."""
     if count == 0:
         return [f"{queue_dir} is empty"]
-    return [f"\t\t{queue_dir} ({count} request{'s' if count != 1 else ''})", MAILQ_COLUMNS]
+    columns = MAILQ_COLUMNS_VERBOSE if verbose else MAILQ_COLUMNS
+    return [f"\t\t{queue_dir} ({count} request{'s' if count != 1 else ''})", columns]
 
 
 def mailq_total(listed: int) -> str:
     return f"\t\tTotal requests: {listed}"
 
 
-def mailq_entry(entry: Entry) -> list[str]:
-    """One message as ``sendmail -bp`` prints it: `mailq_lines` of its `entry_fields`."""
-    return mailq_lines(entry_fields(entry))
+def mailq_entry(entry: Entry, *, verbose: bool = False) -> list[str]:
+    """One message as ``sendmail -bp`` (``-v``) prints it: `mailq_lines` of its fields."""
+    return mailq_lines(entry_fields(entry), verbose=verbose)
 
 
-def mailq_lines(fields: Mapping[str, Any]) -> list[str]:
-    """One message, given as `entry_fields` (or its JSON from another node), as ``sendmail
-    -bp`` prints it (``print_single_queue``): id and mark, size, arrival, sender; the
-    quarantine reason; the body type and the last deferral reason; each recipient still
-    pending, with its own last error when it differs from the message's.
+def prtstr(text: str, limit: int) -> str:
+    """``text`` as Sendmail's ``prtstr`` prints an address: at most ``limit`` characters, a
+    backslash doubled, a character outside printable ASCII as a backslash and three octal
+    digits (of each byte of its UTF-8), each counting as the characters it prints."""
+    if text.isascii() and text.isprintable() and "\\" not in text:
+        return text[:limit]  # nearly every address: no character to escape
+    out = []
+    left = limit
+    for ch in text.encode("utf-8", "surrogateescape"):
+        if left <= 0:
+            break
+        left -= 1
+        if ch == 0x5C:
+            left -= 1
+            if left >= 0:
+                out.append("\\\\")
+        elif 0x20 <= ch < 0x7F:
+            out.append(chr(ch))
+        else:
+            left -= 3
+            if left > 0:
+                out.append(f"\\{ch:03o}")
+    return "".join(out)
 
-    The mark after the id is Sendmail's ``*`` for a locked entry, or Postfix's ``!`` for one on
-    hold (a held entry shows ``!`` even while a tool has it locked for a moment)."""
-    queue_name = fields["queue_name"]
-    mark = "!" if queue_name == "hold" else "*" if queue_name == "active" else " "
-    arrival = _minute(int(fields["arrival_time"] // 60))
-    sender = f"<{fields['sender']}>"
-    lines = [f"{fields['queue_id']:>13}{mark}{fields['message_size']:>8} {arrival} {sender}"]
+
+def mailq_lines(fields: Mapping[str, Any], *, verbose: bool = False) -> list[str]:
+    """One message, given as `entry_fields` (or its JSON from another node), as Sendmail's
+    ``print_single_queue`` prints it: id and mark (``*``: locked, being delivered), the size
+    of the body, arrival and sender (``-v``: the priority, ``+`` once a delay warning went,
+    the arrival without the weekday); the quarantine reason; the body type and the last
+    deferral reason; each recipient still pending. ``-v`` also shows a recipient's own last
+    error where it differs from the message's, in the line Sendmail has for a recipient's
+    status; the short form has none (Sendmail keeps no per-recipient reason)."""
+    mark = "*" if fields["queue_name"] == "active" else " "
+    size = fields.get("body_size", fields["message_size"])  # a node of an older version
+    wide = 100 if verbose else 60
+    if verbose:
+        pri = fields.get("priority", 0)
+        warned = "+" if fields.get("warned") else " "
+        when = _minute(int(fields["arrival_time"] // 60))[4:]
+        head = f"{size:>8} {pri:>10}{warned}{when} {prtstr('<' + fields['sender'] + '>', 78)}"
+    else:
+        when = _minute(int(fields["arrival_time"] // 60))
+        head = f"{size:>8} {when} {prtstr('<' + fields['sender'] + '>', 39)}"
+    lines = [f"{fields['queue_id']:>13}{mark}{head}"]
     if fields.get("hold_reason"):
-        lines.append(f"     QUARANTINE: {fields['hold_reason'][:60]}")
+        lines.append(f"     QUARANTINE: {fields['hold_reason'][:wide]}")
     last = fields.get("last_message") or ""
     body_type = fields.get("body_type") or ""
     if last or body_type:
-        reason = f"   ({last[:60]})" if last else ""
+        reason = f"   ({last[:wide]})" if last else ""
         lines.append(f"    {body_type:>10.10}{reason}")
     for rcpt in fields["recipients"]:
-        lines.append(f"\t\t\t\t\t <{rcpt['address']}>")
+        address = f"<{rcpt['address']}>"
+        if not verbose:
+            lines.append(f"\t\t\t\t\t {prtstr(address, 38)}")
+            continue
+        lines.append(f"\t\t\t\t\t\t{prtstr(address, 71)}")
         error = rcpt.get("delay_reason")
         if error and error != last:  # its own error (the message's is shown above)
-            lines.append(f"\t\t\t\t\t   ({error[:60]})")
+            lines.append(f"\t\t ({error[:100]})")
     return lines
 
 
@@ -220,6 +341,12 @@ def entry_fields(entry: Entry) -> dict[str, Any]:
         obj["hold_reason"] = status.hold
     obj["attempts"] = status.attempts
     obj["next_attempt"] = None if status.next_attempt is None else int(status.next_attempt)
+    # mailq's figures, as Sendmail's: the body's size (its df file), and the priority its
+    # last to= line showed (maillog.priority: the first attempt counts no queue run).
+    obj["body_size"] = msg.size if msg.body_size is None else msg.body_size
+    obj["priority"] = maillog.priority(msg.size, len(env.recipients), max(status.attempts - 1, 0))
+    if status.warned:
+        obj["warned"] = True
     if status.last_message:
         obj["last_message"] = status.last_message
     if env.body_8bit:
@@ -234,8 +361,12 @@ def mailq_json(entry: Entry) -> str:
 
 
 _LAYOUTS: dict[str, Format] = {
-    "mailq": lambda entry: "".join(line + "\n" for line in mailq_entry(entry)),
     "json": lambda entry: mailq_json(entry) + "\n",
+}
+_FIELD_LAYOUTS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "mailq": lambda fields: "".join(line + "\n" for line in mailq_lines(fields)),
+    "mailq-v": lambda fields: "".join(line + "\n" for line in mailq_lines(fields, verbose=True)),
+    "count": lambda fields: "",
 }
 
 

@@ -117,6 +117,34 @@ def _read_line(fd: int, limit: int) -> bytes:
     return out
 
 
+def _read_first(fd: int, limit: int) -> tuple[bytes, bytes]:
+    """``_read_line``, and what the same first read gave after the line (the start of the
+    content, for ``body_size``'s fallback: no read of its own)."""
+    block = os.pread(fd, min(64 * 1024, limit), 0)
+    end = block.find(b"\n")
+    if end >= 0:
+        return block[: end + 1], block[end + 1 :]
+    return _read_line(fd, limit), b""
+
+
+def body_size(content: bytes) -> int:
+    """The size Sendmail's ``mailq`` shows for a message whose content is ``content``: its
+    body (after the empty line that ends the header section; none without one) as Sendmail
+    keeps it in its df file, with LF line ends where the spool has CR LF."""
+    start = _body_start(content)
+    if start is None:
+        return 0
+    return len(content) - start - content.count(b"\r\n", start)
+
+
+def _body_start(content: bytes) -> int | None:
+    """Where the body starts in ``content`` (after the empty line), None without one."""
+    if content.startswith(b"\r\n"):
+        return 2
+    at = content.find(b"\r\n\r\n")
+    return None if at < 0 else at + 4
+
+
 def _loads(raw: bytes) -> Any:
     """JSON from an envelope line or a status file: orjson (a queue listing parses two per
     message, and orjson takes a third of json's time), else, for what it refuses (an address
@@ -302,6 +330,10 @@ class QueueStatus:
     # On hold (``mailgate hold``): never attempted until released. The text is the reason
     # ("" when none was given); None when not held. Written under the message's lock.
     hold: str | None = None
+    # The body's size as Sendmail's mailq shows it (``body_size``), counted as the message
+    # was received and kept from its first status file on; None when not known (a message
+    # written by an older version, or whose content a filter replaced).
+    body_size: int | None = None
     # A status file exists for it (read or written): ``finish`` must remove it. Not stored.
     on_disk: bool = field(default=False, compare=False)
 
@@ -345,6 +377,8 @@ class QueueStatus:
                 "warned": self.warned,
                 "last_message": self.last_message,
                 "hold": self.hold,
+                # An older version ignores the key (and drops it when it writes the file).
+                **({} if self.body_size is None else {"body_size": self.body_size}),
             },
             separators=(",", ":"),
             ensure_ascii=False,
@@ -371,6 +405,7 @@ class QueueStatus:
             data["last_message"],
             # Optional: files written before holds existed have none (and are not held).
             hold=None if data.get("hold") is None else str(data["hold"]),
+            body_size=None if data.get("body_size") is None else int(data["body_size"]),
         )
 
     @classmethod
@@ -426,7 +461,7 @@ class QueuedMessage:
     ``flock``. The descriptor is this object's to close: ``close()`` (or ``with``), or
     ``Spool.finish``, which may hand it to the spare-file pool."""
 
-    __slots__ = ("_path", "envelope", "fd", "offset", "size", "status")
+    __slots__ = ("_path", "body_size", "envelope", "fd", "offset", "size", "status")
 
     def __init__(
         self,
@@ -436,7 +471,10 @@ class QueuedMessage:
         size: int,
         status: QueueStatus,
         fd: int | None = None,
+        body_size: int | None = None,
     ) -> None:
+        # mailq's Size: the status file's figure, else what ``Spool.peek`` could work out.
+        self.body_size = status.body_size if body_size is None else body_size
         self.envelope = envelope
         self._path = path  # a str from a commit: made a Path only if someone asks
         self.offset = offset  # where the message content starts in ``path``
@@ -502,6 +540,14 @@ class IncomingMessage:
         self.written = 0  # bytes in the file so far
         self.stale_size = 0  # a reused spare file: its old length, cut back at the seal
         self.failed: OSError | None = None  # a write failed: the message can only be refused
+        # The body as mailq sizes it (``body_size``), counted as it streams in: nobody has
+        # to read the file again for it. ``_head_tail``: the header section's last bytes
+        # (None once its empty line was seen), so that an empty line split between two
+        # writes is found; it starts as a line end, for content that opens with the empty line.
+        self._head_tail: bytes | None = b"\r\n"
+        self._body_bytes = 0
+        self._body_crlf = 0  # CR LF pairs in the body: one byte each in Sendmail's df file
+        self._body_cr = False  # the body so far ends with a CR
 
     @property
     def path(self) -> Path:
@@ -549,12 +595,34 @@ class IncomingMessage:
         self.buf += data
         self.size += len(data)
         self.crc = zlib.crc32(data, self.crc)
+        self._count_body(data)
         if len(self.buf) >= self.SPILL_AT:
             try:
                 self._write_out()
             except OSError as exc:
                 self._fail(exc)
                 raise
+
+    def _count_body(self, data: bytes) -> None:
+        tail = self._head_tail
+        if tail is not None:
+            probe = tail + data
+            at = probe.find(b"\r\n\r\n")
+            if at < 0:
+                self._head_tail = probe[-3:]
+                return
+            self._head_tail = None
+            data = probe[at + 4 :]
+        if not data:
+            return
+        self._body_bytes += len(data)
+        self._body_crlf += data.count(b"\r\n") + (self._body_cr and data[0] == 0x0A)
+        self._body_cr = data[-1] == 0x0D
+
+    @property
+    def body_size(self) -> int:
+        """The body's size as Sendmail's df file has it (see ``spool.body_size``)."""
+        return self._body_bytes - self._body_crlf
 
     def _fail(self, exc: OSError) -> None:
         # A copy without the traceback: nothing of the failed call is kept alive.
@@ -600,7 +668,9 @@ class IncomingMessage:
             with contextlib.suppress(OSError):  # flushed and linked: it is queued whatever
                 os.close(fd)  # close says
             fd = None
-        return QueuedMessage(self.envelope, queue_path, self.offset, self.size, QueueStatus(), fd)
+        # The body's size goes into the first status file, where the listing finds it.
+        status = QueueStatus(body_size=self.body_size)
+        return QueuedMessage(self.envelope, queue_path, self.offset, self.size, status, fd)
 
     # -- read back before the seal (milters: ``milter/message.py``) -----------------------------
     def read(self, pos: int, size: int) -> bytes:
@@ -1155,7 +1225,7 @@ class Spool:
             return None
         locked = False
         try:
-            line = _read_line(fd, _MAX_ENVELOPE)
+            line, start = _read_first(fd, _MAX_ENVELOPE)
             size = os.fstat(fd).st_size - len(line)
             if probe:
                 try:
@@ -1166,7 +1236,19 @@ class Spool:
             os.close(fd)
         envelope = self._envelope(qid, line)
         status = self.load_status(qid, envelope) if with_status else QueueStatus()
-        return QueuedMessage(envelope, self.queue / qid, len(line), size, status), locked
+        body = status.body_size
+        if body is None:
+            # Never attempted, or written by an older version: the body's size from the
+            # start of the content the first read brought along, exact when that is all of
+            # it; of a larger message, its bytes after the header section (CR LF counted as
+            # two), since counting its lines would read the whole file.
+            if len(start) >= size:
+                body = body_size(start)
+            else:
+                at = _body_start(start)
+                body = size if at is None else size - at
+        msg = QueuedMessage(envelope, self.queue / qid, len(line), size, status, body_size=body)
+        return msg, locked
 
     LOCK_POLL = 0.02  # seconds between two tries of a lock ``lock_entry`` waits for
 

@@ -3,10 +3,11 @@ by): which mode does what, and the exit statuses (sysexits.h, as sendmail's).
 
 Most modes are other ``mailgate`` subcommands, run through ``subcommand`` (the ``mailgate``
 command's own entry point), so that they are the same code and take on what those commands
-learn: ``-bp`` is ``mailgate mailq``, ``-q [-v]`` ``mailgate flush [-v]`` (``-qR``/``-qI``
-its ``--domain``/``--id``), ``-bd`` ``mailgate serve --daemon`` and ``-bD`` ``mailgate serve``
-(``-q30m``: with that queue run interval), ``-bi`` ``mailgate newaliases``, ``-bt``
-``mailgate route``. ``-bm`` (local submission) and ``-bv`` are ``submit``'s.
+learn: ``-bp`` is ``mailgate mailq`` (``-v``, ``-qQ``, ``-qR``/``-qS``/``-qI`` its ``-v``,
+``--quarantined``, ``--recipient``/``--sender``/``--id``), ``-q [-v]`` ``mailgate flush
+[-v]`` (``-qR``/``-qI`` its ``--domain``/``--id``), ``-bd`` ``mailgate serve --daemon``
+and ``-bD`` ``mailgate serve`` (``-q30m``: with that queue run interval), ``-bi`` ``mailgate
+newaliases``, ``-bt`` ``mailgate route``. ``-bm`` (local submission) and ``-bv`` are ``submit``'s.
 """
 
 from __future__ import annotations
@@ -105,7 +106,14 @@ def _run(
     elif inv.run_queue and mode == "deliver":
         mode = "flush"
     if mode == "mailq":
-        return _delegate(subcommand, ["mailq", *base], program, err)
+        chosen = [
+            *(["-v"] if inv.verbose else []),
+            *(["--quarantined"] if inv.quarantined else []),
+            *(f"--id={q}" for q in inv.queue_ids),
+            *(f"--recipient={r}" for r in inv.queue_recipients),
+            *(f"--sender={s}" for s in inv.queue_senders),
+        ]
+        return _delegate(subcommand, ["mailq", *base, *chosen], program, err)
     if mode == "flush":
         only = [
             *(f"--domain={d}" for d in inv.queue_domains),

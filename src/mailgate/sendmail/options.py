@@ -50,7 +50,11 @@ class Invocation:
     run_queue: bool = False  # -q (once)
     queue_interval: str | None = None  # -q30m: serve, with that queue run interval
     queue_domains: list[str] = field(default_factory=list)  # -qRdomain: flush --domain
-    queue_ids: list[str] = field(default_factory=list)  # -qIqid: flush --id
+    queue_ids: list[str] = field(default_factory=list)  # -qIqid: flush --id, mailq --id
+    # -bp's selection (mailq --recipient, --sender, --id; -q!X: "!" before the string)
+    queue_recipients: list[str] = field(default_factory=list)  # -qRstring, as written
+    queue_senders: list[str] = field(default_factory=list)  # -qSstring
+    quarantined: bool = False  # -qQ: the held messages (Sendmail's quarantine)
     body: str | None = None  # -B 7BIT | 8BITMIME
     notify: str | None = None  # -N, as NOTIFY= (RFC 3461)
     ret: str | None = None  # -R full | hdrs
@@ -132,6 +136,15 @@ def parse(argv: Sequence[str]) -> Invocation:
                 i += 1
             _option(inv, letter, value)
             break
+    if inv.mode != "mailq":
+        # Selections that only the listing has (-bp may come after them: looked at here).
+        negated = [q for q in inv.queue_ids + inv.queue_recipients if q.startswith("!")]
+        if inv.queue_senders or inv.quarantined or negated:
+            what = "-qS" if inv.queue_senders else "-qQ" if inv.quarantined else "-q!"
+            raise UsageError(
+                f"{what}: only with -bp; a queue run takes only -q, -qRdomain, -qIqid and "
+                "-q<interval>"
+            )
     return inv
 
 
@@ -151,14 +164,26 @@ def _queue(inv: Invocation, value: str) -> None:
     if not value:
         inv.run_queue = True
         return
-    if value[0] in "RI" and len(value) > 1:
-        # Sendmail matches a substring of a recipient (of the queue id); flush matches the
-        # domain (.domain: its subdomains) and the whole id.
+    negate = value.startswith("!")
+    kind, text = (value[1:2], value[2:]) if negate else (value[:1], value[1:])
+    if kind in "RIS" and text:
+        # Sendmail matches a substring of a recipient (of the queue id, of the sender), as
+        # mailq's --recipient/--id/--sender do; flush matches the domain (.domain: its
+        # subdomains) and the whole id.
         inv.run_queue = True
-        if value[0] == "R":
-            inv.queue_domains.append(value[1:].lstrip("@"))
+        if negate:
+            text = "!" + text
+        if kind == "R":
+            inv.queue_recipients.append(text)
+            if not negate:
+                inv.queue_domains.append(text.lstrip("@"))
+        elif kind == "I":
+            inv.queue_ids.append(text)
         else:
-            inv.queue_ids.append(value[1:])
+            inv.queue_senders.append(text)
+        return
+    if value == "Q":
+        inv.quarantined = True
         return
     if value[0] in "RISQrisq!fp":
         raise UsageError(
