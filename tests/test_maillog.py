@@ -319,6 +319,30 @@ def test_a_long_list_is_cut_as_sendmails(log: Path) -> None:
     ]
 
 
+def test_each_cut_line_has_its_recipients_in_the_json_copy(tmp_path: Path) -> None:
+    text_file, json_file = tmp_path / "maillog", tmp_path / "maillog.json"
+    maillog.setup("gw.example", LogSettings(file=text_file, json=True, json_file=json_file))
+    try:
+        maillog.deliveries(
+            "Q1",
+            HUNDRED,
+            delay=0,
+            xdelay=0,
+            mailer="esmtp",
+            relay="[127.0.0.1]",
+            dsn="2.0.0",
+            stat="Sent (Ok: queued)",
+            pri=maillog.priority(18, 100, 0),
+        )
+    finally:
+        maillog.setup("localhost")
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [r["text"] for r in records] == lines(text_file)
+    assert [r["fields"]["more"] for r in records] == [True, True, False]
+    assert [len(r["fields"]["to"]) for r in records] == [42, 42, 16]
+    assert [a for r in records for a in r["fields"]["to"]] == HUNDRED
+
+
 @pytest.mark.parametrize(
     ("lengths", "room", "cut"),
     [

@@ -475,8 +475,12 @@ def deliveries(
     """The `delivery` line of recipients that had one outcome in one delivery, or several
     when their list is too long for one, each but the last marked ``[more]`` as Sendmail's
     (`to_lists`). Call sites use this, not `delivery`."""
-    tail = _delivery_tail(delay, xdelay, mailer, relay, dsn, stat, reply, ctladdr, pri)
-    for chunk, more in to_lists(to, SYSLOG_BUFSIZE - 100 - len(tail)):
+    if len(to) == 1:  # the usual line: nothing to cut, no need to measure it first
+        chunks = [(list(to), False)]
+    else:
+        tail = _delivery_tail(delay, xdelay, mailer, relay, dsn, stat, reply, ctladdr, pri)
+        chunks = to_lists(to, SYSLOG_BUFSIZE - 100 - len(tail))
+    for chunk, more in chunks:
         delivery(
             qid,
             chunk,
