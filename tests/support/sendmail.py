@@ -7,6 +7,10 @@ daemon, no root setup) for decisions: ``/parse`` routes, ``check_rcpt`` relay ve
 the private folder) and a prelude of test-only defines in front: the folder, no DNS (a
 service switch of ``hosts files``), and $j. Sendmail sleeps 60 s when the host name has no
 domain, so each run gets a UTS namespace with the name ``gateway.example.com``.
+
+``daemon(port)`` runs ``sendmail -bD``; with ``syslog=`` (an `tests.support.syslogd.Rsyslog`
+socket) its maillog lines go to that syslog daemon, through a /dev/log of its own in a mount
+namespace, for tests that compare its lines with ours.
 """
 
 from __future__ import annotations
