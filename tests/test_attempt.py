@@ -440,6 +440,42 @@ def test_several_failures_in_one_attempt_are_one_bounce(tmp_path: Path, log: Pat
     run(go)
 
 
+def test_one_to_line_per_transaction_and_outcome(tmp_path: Path, log: Path) -> None:
+    """As sendmail -bD logs a delivery: the recipients of one transaction that had the same
+    outcome on one line, in the order of the transaction; one refused at RCPT on a line of
+    its own, before it; another next hop (with the same relay= and reply here) and the
+    local delivery each on their own line; the metrics still count each recipient."""
+    w = World(tmp_path)
+    w.smtp.script["w@hop.test"] = Outcome.from_reply(
+        Reply(550, "5.1.1", "No such user"), "[192.0.2.1]", "[192.0.2.1]", at_rcpt=True
+    )
+
+    async def go() -> None:
+        rcpts = ["x@hop.test", "w@hop.test", "y@hop.test", "z@other.test"]
+        msg = await w.queue(*rcpts, "team@gateway.example.com")  # alice, bob@hop.test
+        assert await attempt(w.ctx, msg.qid, msg) is None
+        assert [line.split(", delay=")[0] for line in log_lines(log, "to=<")] == [
+            f"{msg.qid}: to=<w@hop.test>",
+            f"{msg.qid}: to=<x@hop.test>,<y@hop.test>,<bob@hop.test>",
+            f"{msg.qid}: to=<z@other.test>",
+            f"{msg.qid}: to=<team@gateway.example.com>",
+        ]
+        refused, sent, other, local = log_lines(log, "to=<")
+        assert refused.endswith("dsn=5.1.1, reply=550 5.1.1 No such user, stat=User unknown")
+        pri = maillog.priority(msg.size, 5, 0)  # one priority, the message's
+        assert sent.endswith(
+            f"mailer=smtp, pri={pri}, relay=[192.0.2.1] [192.0.2.1], dsn=2.0.0, stat=Sent (Ok)"
+        )
+        assert other.split(", ", 3)[3] == sent.split(", ", 3)[3]  # the same facts, another hop
+        assert "mailer=local" in local
+
+    run(go)
+    row = w.ctx.metrics
+    assert row.value(metrics.DELIVERIES.slot("smtp", "delivered")) == 4
+    assert row.value(metrics.DELIVERIES.slot("smtp", "bounced")) == 1
+    assert row.value(metrics.DELIVERIES.slot("local", "delivered")) == 1
+
+
 def test_an_unknown_local_user_is_named_in_its_log_line(tmp_path: Path, log: Path) -> None:
     """The error route for a local user that does not exist (a bounce to an unknown local
     sender reaches it) names no address of its own: the line names the recipient."""

@@ -161,6 +161,8 @@ def test_per_recipient_refusal(
         "good@example.com",
         "good2@example.com",
     ]
+    # the refusals are RCPT's (each its own to= line), the others the end of data's
+    assert [r.at_rcpt for r in res.rcpt] == [False, True, True, False]
     [msg] = sink.wait_for(1, timeout=5)
     assert msg.rcpt_tos == ["good@example.com", "good2@example.com"]
 
@@ -188,6 +190,7 @@ def test_data_refused_temporarily_and_connection_stays_usable(
     assert first.rcpt[0].reply == Reply(451, "4.3.0", "Try later")  # the end-of-data reply
     assert first.rcpt[0].reply.is_temporary
     assert first.rcpt[1].reply.code == 550
+    assert [r.at_rcpt for r in first.rcpt] == [False, True]
     assert second.rcpt[0].reply.code == 250
     [msg] = sink.wait_for(1, timeout=5)
     assert msg.data == BODY and msg.connection == 1
@@ -275,6 +278,7 @@ def test_mail_refused(sink: SinkServer, run: Runner, tmp_path: Path, pipelining:
     assert first.mail_reply == Reply(553, "5.1.8", "Sender domain does not exist")
     # No DATA phase: every recipient's reply is the MAIL refusal.
     assert all(r.reply == first.mail_reply for r in first.rcpt) and len(first.rcpt) == 2
+    assert not any(r.at_rcpt for r in first.rcpt)  # no RCPT was sent: one line for both
     assert second.rcpt[0].reply.code == 250
     assert len(sink.wait_for(1, timeout=5)) == 1
     if not pipelining:

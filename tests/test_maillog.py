@@ -231,7 +231,7 @@ def test_to_lines_are_sendmails() -> None:
     build = maillog.delivery.__wrapped__  # type: ignore[attr-defined]
     sent = build(
         "Q1",
-        "bob@example.org",
+        ["bob@example.org"],
         delay=0,
         xdelay=0,
         mailer="smtp",
@@ -247,7 +247,7 @@ def test_to_lines_are_sendmails() -> None:
     )
     failed = build(
         "Q1",
-        "nobody@example.org",
+        ["nobody@example.org"],
         delay=0,
         xdelay=0,
         mailer="esmtp",
@@ -264,13 +264,115 @@ def test_to_lines_are_sendmails() -> None:
     )
 
 
+def test_one_line_lists_the_recipients_of_one_outcome(log: Path) -> None:
+    """Sendmail's line for a transaction's three recipients (sendmail -bD relaying to a
+    sink: the to= list, then the facts once)."""
+    maillog.deliveries(
+        "Q1",
+        ["u002@example.org", "u001@example.org", "u000@example.org"],
+        delay=0,
+        xdelay=0,
+        mailer="esmtp",
+        relay="[127.0.0.1]",
+        dsn="2.0.0",
+        stat="Sent (Ok: queued)",
+        reply="250 2.0.0 Ok: queued",
+        pri=maillog.priority(18, 3, 0),
+    )
+    assert lines(log) == [
+        "Q1: to=<u002@example.org>,<u001@example.org>,<u000@example.org>, delay=00:00:00, "
+        "xdelay=00:00:00, mailer=esmtp, pri=90018, relay=[127.0.0.1] [127.0.0.1], dsn=2.0.0, "
+        "stat=Sent (Ok: queued)"
+    ]
+
+
+HUNDRED = [f"u{i:03d}@example.org" for i in range(99, -1, -1)]
+
+
+def test_a_long_list_is_cut_as_sendmails(log: Path) -> None:
+    """100 recipients of one transaction, as sendmail -bD logged them: 42, 42 and 16 a
+    line (what is left of 1024 less 100 less the rest of the line, cut after a comma), each
+    line but the last saying ``[more]``."""
+    maillog.deliveries(
+        "Q1",
+        HUNDRED,
+        delay=0,
+        xdelay=0,
+        mailer="esmtp",
+        relay="[127.0.0.1]",
+        dsn="2.0.0",
+        stat="Sent (Ok: queued)",
+        pri=maillog.priority(18, 100, 0),
+    )
+    tail = (
+        ", delay=00:00:00, xdelay=00:00:00, mailer=esmtp, pri=3000018, "
+        "relay=[127.0.0.1] [127.0.0.1], dsn=2.0.0, stat=Sent (Ok: queued)"
+    )
+
+    def listed(addresses: list[str]) -> str:
+        return ",".join(f"<{a}>" for a in addresses)
+
+    assert lines(log) == [
+        f"Q1: to={listed(HUNDRED[:42])}, [more]{tail}",
+        f"Q1: to={listed(HUNDRED[42:84])}, [more]{tail}",
+        f"Q1: to={listed(HUNDRED[84:])}{tail}",
+    ]
+
+
+def test_each_cut_line_has_its_recipients_in_the_json_copy(tmp_path: Path) -> None:
+    text_file, json_file = tmp_path / "maillog", tmp_path / "maillog.json"
+    maillog.setup("gw.example", LogSettings(file=text_file, json=True, json_file=json_file))
+    try:
+        maillog.deliveries(
+            "Q1",
+            HUNDRED,
+            delay=0,
+            xdelay=0,
+            mailer="esmtp",
+            relay="[127.0.0.1]",
+            dsn="2.0.0",
+            stat="Sent (Ok: queued)",
+            pri=maillog.priority(18, 100, 0),
+        )
+    finally:
+        maillog.setup("localhost")
+    records = [json.loads(line) for line in json_file.read_text().splitlines()]
+    assert [r["text"] for r in records] == lines(text_file)
+    assert [r["fields"]["more"] for r in records] == [True, True, False]
+    assert [len(r["fields"]["to"]) for r in records] == [42, 42, 16]
+    assert [a for r in records for a in r["fields"]["to"]] == HUNDRED
+
+
+@pytest.mark.parametrize(
+    ("lengths", "room", "cut"),
+    [
+        ([5, 5, 5], 18, [2, 1]),  # <a@b>,… is 7+1+7+1+7 = 23 ≥ 18: cut at the comma at 15
+        ([5, 5, 5], 23, [2, 1]),  # 23 ≥ 23: still cut, at the comma at 15
+        ([5, 5, 5], 24, [3]),  # shorter than the room: one line
+        ([5, 5, 5], 15, [2, 1]),  # a comma exactly at the room counts
+        ([5, 5, 5], 14, [1, 1, 1]),
+        ([30, 5], 10, [1, 1]),  # an address longer than the room: alone, whole
+        ([30], 10, [1]),
+        ([5, 5], 0, [1, 1]),
+    ],
+)
+def test_to_lists_cut_after_the_last_comma_within_the_room(
+    lengths: list[int], room: int, cut: list[int]
+) -> None:
+    to = [f"{'a' * (n - 2)}@b" for n in lengths]
+    made = maillog.to_lists(to, room)
+    assert [len(chunk) for chunk, _more in made] == cut
+    assert [more for _chunk, more in made] == [True] * (len(cut) - 1) + [False]
+    assert [a for chunk, _more in made for a in chunk] == to
+
+
 def test_the_json_copy_has_the_text_and_the_facts(tmp_path: Path) -> None:
     text_file, json_file = tmp_path / "maillog", tmp_path / "maillog.json"
     maillog.setup("gw.example", LogSettings(file=text_file, json=True, json_file=json_file))
     try:
-        maillog.delivery(
+        maillog.deliveries(
             "Q1",
-            "bob@example.com",
+            ["bob@example.com", "carol@example.com"],
             delay=61.5,
             xdelay=1,
             mailer="esmtp",
@@ -289,7 +391,7 @@ def test_the_json_copy_has_the_text_and_the_facts(tmp_path: Path) -> None:
     delivery, failed, tls = records
     assert (delivery["level"], delivery["event"], delivery["qid"]) == ("info", "delivery", "Q1")
     assert delivery["fields"] == {
-        "to": "bob@example.com",
+        "to": ["bob@example.com", "carol@example.com"],
         "delay": 61.5,
         "xdelay": 1,
         "mailer": "esmtp",
@@ -299,6 +401,7 @@ def test_the_json_copy_has_the_text_and_the_facts(tmp_path: Path) -> None:
         "reply": "250 ok",
         "ctladdr": None,
         "pri": None,
+        "more": False,
     }
     assert datetime.fromisoformat(delivery["time"]).tzinfo is not None
     assert (failed["level"], "qid" in failed) == ("error", False)

@@ -33,6 +33,9 @@ from tests.support import sendmail
 from tests.support.gateway import GatewayProcess, free_port, mailgate_command
 from tests.support.rawsmtp import ConnectionClosedByPeer, RawSmtp
 from tests.support.sendmail import HOSTNAME, SendmailBuild
+from tests.support.sink import SinkServer
+from tests.support.syslogd import Rsyslog
+from tests.support.wait import wait_until
 
 pytestmark = pytest.mark.skipif(sendmail.available() is not None, reason=str(sendmail.available()))
 
@@ -732,3 +735,114 @@ def test_the_queue_listing_is_sendmails(tmp_path: Path) -> None:
         {},
         ["\t\tTotal requests: 0"],
     )
+
+
+# -- the same deliveries from both: the to= lines ---------------------------------------------
+
+_RELAY_MC = """\
+OSTYPE(`linux')dnl
+DAEMON_OPTIONS(`Port={port},Addr=127.0.0.1, Name=MTA')dnl
+define(`ESMTP_MAILER_ARGS', `TCP $h {sink}')dnl
+FEATURE(`access_db', `hash /etc/mail/access')dnl
+FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl
+MAILER(`smtp')dnl
+"""
+
+# example.org: the sink, which refuses u001 (550) and u003 (451) at RCPT; data.example: a
+# sink that defers every message at its end (451: for a 5xx, Sendmail's stat= is its
+# sysexits text, "Service unavailable", where ours is the reply); down.example: nothing
+# listens there.
+_DELIVERIES = {
+    "refused at RCPT": [f"u{i:03d}@example.org" for i in range(5)],
+    "a hundred": [f"n{i:03d}@example.org" for i in range(100)],
+    "refused after DATA": [f"u{i:03d}@data.example" for i in range(3)],
+    "connection refused": [f"u{i:03d}@down.example" for i in range(3)],
+}
+_LISTED = re.compile(r"@(?:example\.org|data\.example|down\.example)>")
+
+
+def _to_lines(texts: list[str]) -> list[list[str]]:
+    """The to= lines for the test's recipients (not the bounces' own), a list for each
+    message (their order: Sendmail's deliveries run at once), without the queue id and with
+    the delays and the priority's number masked: Sendmail's message has no Received: of
+    ours, so its size, which the priority holds, is another."""
+    out: dict[str, list[str]] = {}
+    for text in texts:
+        qid, _, line = text.partition(": ")
+        if line.startswith("to=") and _LISTED.search(line.split(", delay=")[0]):
+            out.setdefault(qid, []).append(re.sub(r"(delay|xdelay|pri)=[\d:]+", r"\1=N", line))
+    return sorted(out.values())
+
+
+def _send_each(port: int, order: int) -> None:
+    """Each message of ``_DELIVERIES`` in its own transaction; its recipients in ``order``."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as c:
+        c.ehlo("client.example.net")
+        for subject, rcpts in _DELIVERIES.items():
+            body = f"Subject: {subject}\r\n\r\nhello\r\n".encode()
+            c.sendmail(f"alice@{HOSTNAME}", rcpts[::order], body)
+
+
+def test_to_lines_as_sendmails_daemon(tmp_path: Path) -> None:
+    """The same four messages relayed by the real ``sendmail -bD`` (its syslog lines read
+    from a private rsyslogd) and by mailgate, to the same sinks: the to= lines alike, word
+    for word but the queue id, the delays and the priority's number. One line for the
+    recipients of one transaction with one outcome (a connection refused, a refusal after
+    DATA, the accepted ones); each refused at RCPT on a line of its own, before it; a
+    hundred cut into lines with ``[more]``. Sendmail sends a message's RCPTs, and lists
+    them, in the reverse of the order they came in, mailgate in that order: Sendmail is
+    given them reversed."""
+    port = free_port("127.0.0.1")
+    expected = sum(len(r) for r in _DELIVERIES.values())
+    with SinkServer("127.0.0.1") as sink, SinkServer("127.0.0.3", sink.port) as refusing:
+        sink.rcpt_reply["u001@example.org"] = "550 5.1.1 No such user"
+        sink.rcpt_reply["u003@example.org"] = "451 4.3.0 Try again later"
+        refusing.data_reply = "451 4.3.0 Not now"
+        tables = tmp_path / "tables"
+        tables.mkdir()
+        (tables / "mailertable").write_text(
+            "example.org esmtp:[127.0.0.1]\ndata.example esmtp:[127.0.0.3]\n"
+            "down.example esmtp:[127.0.0.2]\n"
+        )
+        (tables / "access").write_text("Connect:127.0.0.1 RELAY\n")
+        build = SendmailBuild(
+            tmp_path / "sendmail", _RELAY_MC.format(port=port, sink=sink.port), tables
+        )
+
+        def listed(texts: list[str]) -> int:
+            lines = [line for message in _to_lines(texts) for line in message]
+            return sum(line.split(", delay=")[0].count("<") for line in lines)
+
+        with Rsyslog(tmp_path / "syslog") as syslog:
+            with build.daemon(port, syslog=syslog.socket):
+                _send_each(port, -1)
+                wait_until(
+                    lambda: listed([ln.split(": ", 1)[1] for ln in syslog.lines()]) >= expected,
+                    "Sendmail's to= lines",
+                    30,
+                )
+            theirs = _to_lines([ln.split(": ", 1)[1] for ln in syslog.lines()])
+        gw = GatewayProcess(
+            tmp_path / "mailgate",
+            dns=None,
+            hostname=HOSTNAME,
+            tables={
+                "mailertable": (
+                    f"example.org esmtp:[127.0.0.1]:{sink.port}\n"
+                    f"data.example esmtp:[127.0.0.3]:{sink.port}\n"
+                    f"down.example esmtp:[127.0.0.2]:{sink.port}\n"
+                ),
+                "access": "Connect:127.0.0.1 RELAY\n",
+            },
+            settings='[smtp]\ngreet_pause = "0s"\n',
+        )
+        with gw:
+            _send_each(gw.port, 1)
+            wait_until(
+                lambda: listed([ln.split(": ", 1)[1] for ln in gw.log_lines(" to=")]) >= expected,
+                "mailgate's to= lines",
+                30,
+            )
+            ours = _to_lines([ln.split(": ", 1)[1] for ln in gw.log_lines(" to=")])
+    assert sorted(sum(", [more], " in line for line in message) for message in ours) == [0, 0, 0, 2]
+    assert ours == theirs

@@ -279,9 +279,9 @@ def test_uucp_dom_hands_all_recipients_to_one_uux_call(
     assert body_of(call) == LF_CONTENT
     assert sorted(gw.spool.qids()) == []  # delivered, nothing bounced
     assert gw.reports == []
-    assert to_lines(log) == [
-        f"{qid}: to=<{r}>, mailer=uucp-dom, relay=uuhost, dsn=2.0.0, stat=Sent"
-        for r in ("bob@uucpdomain.example", "carol@uucpdomain.example")
+    assert to_lines(log) == [  # one uux call, one line (Sendmail's F=m)
+        f"{qid}: to=<bob@uucpdomain.example>,<carol@uucpdomain.example>, mailer=uucp-dom,"
+        " relay=uuhost, dsn=2.0.0, stat=Sent"
     ]
 
 
@@ -311,10 +311,12 @@ def test_each_mailers_argv_and_stdin(
     head = ["-", "-r", f"-a{sender}", "-gC", "uuhost!rmail"]
     users = [f"({recipient.format(u)})" for u in ("bob", "carol")]
     calls = fake.calls()
-    if mailer in ("uucp", "uucp-old"):  # no F=m: one recipient per call
+    if mailer in ("uucp", "uucp-old"):  # no F=m: one recipient per call, a line each
         assert [c.argv for c in calls] == [[*head, u] for u in users]
+        listed = [f"<bob@{domain}>", f"<carol@{domain}>"]
     else:
         assert [c.argv for c in calls] == [head + users]
+        listed = [f"<bob@{domain}>,<carol@{domain}>"]
     for call in calls:
         first = from_line_of(call)
         if uucp_from:  # F=U
@@ -322,9 +324,9 @@ def test_each_mailers_argv_and_stdin(
         else:
             assert re.fullmatch(f"From {re.escape(sender)} {DATE}", first)
         assert body_of(call) == LF_CONTENT
-    assert [line.split(", ", 1)[1] for line in to_lines(log)] == [
-        f"mailer={mailer}, relay=uuhost, dsn=2.0.0, stat=Sent"
-    ] * 2
+    assert [line.split(": to=", 1)[1] for line in to_lines(log)] == [
+        f"{to}, mailer={mailer}, relay=uuhost, dsn=2.0.0, stat=Sent" for to in listed
+    ]
 
 
 def test_a_bounce_goes_out_from_mailer_daemon(tmp_path: Path, fake: FakeUux) -> None:
@@ -337,7 +339,7 @@ def test_a_bounce_goes_out_from_mailer_daemon(tmp_path: Path, fake: FakeUux) -> 
     assert dom.argv[2] == "-aMAILER-DAEMON@gateway.example.com"
 
 
-def test_at_most_100_recipients_per_uux_call(tmp_path: Path, fake: FakeUux) -> None:
+def test_at_most_100_recipients_per_uux_call(tmp_path: Path, fake: FakeUux, log: Path) -> None:
     gw = Gateway(tmp_path, str(fake.path))
     rcpts = [f"u{i:03}@new.example" for i in range(MAX_RCPT + 1)]
     gw.deliver(*rcpts)
@@ -345,6 +347,16 @@ def test_at_most_100_recipients_per_uux_call(tmp_path: Path, fake: FakeUux) -> N
     assert first.argv[5:] == [f"(new.example!u{i:03})" for i in range(MAX_RCPT)]
     assert second.argv[5:] == [f"(new.example!u{MAX_RCPT:03})"]
     assert sorted(gw.spool.qids()) == []
+    # Each call's recipients on lines of their own (the first call's too many for one line)
+    lists = [line.split(": to=", 1)[1].split(", mailer=")[0] for line in to_lines(log)]
+    *first_call, second_call = lists
+    assert [to.endswith(", [more]") for to in first_call] == [True] * (len(first_call) - 1) + [
+        False
+    ]
+    assert ",".join(to.removesuffix(", [more]") for to in first_call) == ",".join(
+        f"<{r}>" for r in rcpts[:MAX_RCPT]
+    )
+    assert second_call == f"<{rcpts[MAX_RCPT]}>"
 
 
 def test_an_alias_to_a_uucp_address(tmp_path: Path, fake: FakeUux, log: Path) -> None:
@@ -422,8 +434,8 @@ def test_nouser_is_bounced_with_the_first_stderr_line(
     ]
     assert fields[0]["diagnostic-code"] == "smtp; 550 5.1.1 User unknown: rmail: bob: no such user"
     assert to_lines(log)[0] == (
-        f"{qid}: to=<bob@uucpdomain.example>, mailer=uucp-dom, relay=uuhost, dsn=5.1.1,"
-        " stat=User unknown"
+        f"{qid}: to=<bob@uucpdomain.example>,<carol@uucpdomain.example>, mailer=uucp-dom,"
+        " relay=uuhost, dsn=5.1.1, stat=User unknown"
     )
 
 
@@ -600,11 +612,11 @@ def test_daemon_hands_uucp_dom_mail_to_uux_on_path(
     assert data.startswith(b"Received: from client.example.net ([127.0.0.2])")
     assert data.endswith(body.replace(b"\r\n", b"\n"))
     assert b"\r" not in data
-    sent = gw.log_lines("stat=Sent")
-    assert len(sent) == 2
-    assert all(
-        re.search(r"mailer=uucp-dom, pri=\d+, relay=uuhost, dsn=2\.0\.0, stat=Sent", line)
-        for line in sent
+    [sent] = gw.log_lines("stat=Sent")
+    assert re.search(
+        r"to=<bob@uucpdomain\.example>,<carol@uucpdomain\.example>, delay=\S+, xdelay=\S+,"
+        r" mailer=uucp-dom, pri=\d+, relay=uuhost, dsn=2\.0\.0, stat=Sent",
+        sent,
     )
 
 
@@ -647,9 +659,9 @@ def taylor_gateway(tmp_path: Path, taylor: Path) -> Gateway:
 def test_real_uux_queues_one_rmail_job_for_both(tmp_path: Path, taylor: Path, log: Path) -> None:
     gw = taylor_gateway(tmp_path, taylor)
     qid = gw.deliver("bob@uucpdomain.example", "carol@uucpdomain.example")
-    assert to_lines(log) == [
-        f"{qid}: to=<{r}>, mailer=uucp-dom, relay=uuhost, dsn=2.0.0, stat=Sent"
-        for r in ("bob@uucpdomain.example", "carol@uucpdomain.example")
+    assert to_lines(log) == [  # one uux call, one line (Sendmail's F=m)
+        f"{qid}: to=<bob@uucpdomain.example>,<carol@uucpdomain.example>, mailer=uucp-dom,"
+        " relay=uuhost, dsn=2.0.0, stat=Sent"
     ]
     jobs = taylor / "spool" / "uuhost"
     [command] = (jobs / "C.").iterdir()

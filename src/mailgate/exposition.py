@@ -41,7 +41,8 @@ class _Collector:
             yield counter
         hops = CounterMetricFamily(
             "mailgate_next_hop_failures",
-            "Failed deliveries (maillog to= lines) to SMTP next hops, by next hop and status",
+            "Failed deliveries (recipients of maillog to= lines) to SMTP next hops,"
+            " by next hop and status",
             labels=("next_hop", "status"),
         )
         for (hop, status), n in sorted(table.hop_failures().items()):

@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, ParamSpec, Protocol
@@ -455,10 +455,14 @@ def submitted(qid: str, sender: str, size: int, nrcpts: int, msgid: str, user: s
     )
 
 
-@_event
-def delivery(
+# Sendmail's logdelivery keeps a line within its syslog buffer (SYSLOG_BUFSIZE, 1024 on
+# Linux): the to= list gets what is left of it less 100 (the syslog header, the queue id).
+SYSLOG_BUFSIZE = 1024
+
+
+def deliveries(
     qid: str,
-    to: str,
+    to: Sequence[str],
     *,
     delay: float,
     xdelay: float,
@@ -469,10 +473,91 @@ def delivery(
     reply: str | None = None,
     ctladdr: str | None = None,
     pri: int | None = None,
+) -> None:
+    """The `delivery` line of recipients that had one outcome in one delivery, or several
+    when their list is too long for one, each but the last marked ``[more]`` as Sendmail's
+    (`to_lists`). Call sites use this, not `delivery`."""
+    if len(to) == 1:  # the usual line: nothing to cut, no need to measure it first
+        chunks = [(list(to), False)]
+    else:
+        tail = _delivery_tail(delay, xdelay, mailer, relay, dsn, stat, reply, ctladdr, pri)
+        chunks = to_lists(to, SYSLOG_BUFSIZE - 100 - len(tail))
+    for chunk, more in chunks:
+        delivery(
+            qid,
+            chunk,
+            more=more,
+            delay=delay,
+            xdelay=xdelay,
+            mailer=mailer,
+            relay=relay,
+            dsn=dsn,
+            stat=stat,
+            reply=reply,
+            ctladdr=ctladdr,
+            pri=pri,
+        )
+
+
+def to_lists(to: Sequence[str], room: int) -> list[tuple[list[str], bool]]:
+    """``to`` cut as Sendmail's logdelivery cuts its to= list: while what is left of the
+    list (``<a>,<b>,…``) is ``room`` characters or more, a line takes the addresses up to
+    the last comma at or before character ``room`` (that comma ending its list) and says
+    there is more. Where no comma is that early (an address longer than ``room``) Sendmail
+    cuts the list at ``room`` characters and loses the rest; here that address goes on a
+    line alone, whole, so that every recipient is in the log."""
+    out: list[tuple[list[str], bool]] = []
+    lengths = [len(a) + 2 for a in to]  # with the brackets
+    start, left = 0, sum(lengths) + len(to) - 1  # the rest of the list's characters
+    while start < len(to) - 1 and left >= room:
+        end, comma = start + 1, lengths[start]  # at least one address; where its comma is
+        while end < len(to) - 1 and comma + 1 + lengths[end] <= room:
+            comma += 1 + lengths[end]
+            end += 1
+        out.append((list(to[start:end]), True))
+        left -= comma + 1
+        start = end
+    out.append((list(to[start:]), False))
+    return out
+
+
+@_event
+def delivery(
+    qid: str,
+    to: list[str],
+    *,
+    delay: float,
+    xdelay: float,
+    mailer: str,
+    relay: str | None,
+    dsn: str,
+    stat: str,
+    reply: str | None = None,
+    ctladdr: str | None = None,
+    pri: int | None = None,
+    more: bool = False,
 ) -> str:
-    """Sendmail's to= line: ``relay=name [ip]`` (a literal's name is the literal itself),
-    ``reply=`` only for a failure."""
-    parts = [f"{qid}: to=<{to}>"]
+    """Sendmail's to= line: the recipients that had this outcome (``to=<a>,<b>``; ``more``:
+    the list goes on in the next line, ``[more]``), ``relay=name [ip]`` (a literal's name is
+    the literal itself), ``reply=`` only for a failure."""
+    listed = ",".join(f"<{a}>" for a in to)
+    tail = _delivery_tail(delay, xdelay, mailer, relay, dsn, stat, reply, ctladdr, pri)
+    return f"{qid}: to={listed}{', [more]' if more else ''}{tail}"
+
+
+def _delivery_tail(
+    delay: float,
+    xdelay: float,
+    mailer: str,
+    relay: str | None,
+    dsn: str,
+    stat: str,
+    reply: str | None,
+    ctladdr: str | None,
+    pri: int | None,
+) -> str:
+    """What follows the to= list: Sendmail's ``buf`` in logdelivery."""
+    parts = [""]
     if ctladdr:
         parts.append(f"ctladdr=<{ctladdr}>")
     parts += [f"delay={format_delay(delay)}", f"xdelay={format_delay(xdelay)}", f"mailer={mailer}"]

@@ -178,7 +178,7 @@ STRESS_EPISODES = _family(
 DELIVERIES = _family(
     "mailgate_deliveries",
     "counter",
-    "Delivery results (maillog to= lines), by mailer and status",
+    "Delivery results (recipients of maillog to= lines), by mailer and status",
     ("mailer", "status"),
     tuple(product(MAILERS, DELIVERY_STATUSES)),
 )
@@ -419,9 +419,9 @@ class Row:
         return self.counts[QUEUE_ENTERED : QUEUE_LEFT + 1]
 
     def delivery(self, mailer: str, outcome: str, delay: float, next_hop: str | None) -> None:
-        """One maillog ``to=`` line: ``outcome`` is ``delivery.Status``'s value (sent, temp,
-        perm); a delivered one's ``delay`` goes into the latency histogram, a failed one to
-        an SMTP ``next_hop`` into that hop's failures."""
+        """One recipient of a maillog ``to=`` line: ``outcome`` is ``delivery.Status``'s
+        value (sent, temp, perm); a delivered one's ``delay`` goes into the latency
+        histogram, a failed one to an SMTP ``next_hop`` into that hop's failures."""
         slot = _DELIVERY_SLOTS.get((mailer, outcome))
         if slot is not None:
             self.counts[slot] += 1

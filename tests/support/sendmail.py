@@ -7,6 +7,10 @@ daemon, no root setup) for decisions: ``/parse`` routes, ``check_rcpt`` relay ve
 the private folder) and a prelude of test-only defines in front: the folder, no DNS (a
 service switch of ``hosts files``), and $j. Sendmail sleeps 60 s when the host name has no
 domain, so each run gets a UTS namespace with the name ``gateway.example.com``.
+
+``daemon(port)`` runs ``sendmail -bD``; with ``syslog=`` (an `tests.support.syslogd.Rsyslog`
+socket) its maillog lines go to that syslog daemon, through a /dev/log of its own in a mount
+namespace, for tests that compare its lines with ours.
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def env() -> dict[str, str]:
 def _namespace() -> list[str]:
     # As root a UTS namespace is enough; otherwise a user namespace makes us root in it.
     return ["unshare", "--uts"] if os.geteuid() == 0 else ["unshare", "-r", "--uts"]
+
+
+def _private_dev(folder: Path, syslog: Path) -> str:
+    """Shell commands that put a /dev of a few devices and ``log`` → ``syslog`` over the
+    real one, in the mount namespace they run in (unshare's mounts are private: the host's
+    /dev is untouched)."""
+    devices = ("null", "zero", "full", "random", "urandom", "tty")
+    binds = "".join(
+        f"touch {folder}/{d} && mount --bind /dev/{d} {folder}/{d} && " for d in devices
+    )
+    return (
+        f"mkdir -p {folder} && mount -t tmpfs tmpfs {folder} && {binds}"
+        f"ln -s {syslog} {folder}/log && mount --rbind {folder} /dev && "
+    )
 
 
 @dataclass(frozen=True)
@@ -173,12 +191,21 @@ class SendmailBuild:
         )
 
     @contextlib.contextmanager
-    def daemon(self, port: int, timeout: float = 30.0) -> Iterator[None]:
+    def daemon(
+        self, port: int, timeout: float = 30.0, *, syslog: Path | None = None
+    ) -> Iterator[None]:
         """``sendmail -bD`` (the daemon in the foreground) while the block runs; the mc must
-        have ``DAEMON_OPTIONS(`Port=<port>,Addr=127.0.0.1, Name=MTA')``."""
+        have ``DAEMON_OPTIONS(`Port=<port>,Addr=127.0.0.1, Name=MTA')``. ``syslog``: a
+        syslog daemon's socket (`tests.support.syslogd.Rsyslog`) that its maillog lines go
+        to, as /dev/log in a private mount namespace (Sendmail has no option to log
+        elsewhere: glibc's ``syslog()`` always writes to /dev/log)."""
         inner = " ".join(f"'{a}'" for a in (str(SENDMAIL), "-C", str(self.cf), "-bD"))
+        namespace, setup = _namespace(), ""
+        if syslog is not None:
+            namespace = [*namespace, "--mount"]
+            setup = _private_dev(self.dir / "dev", syslog)
         proc = subprocess.Popen(
-            [*_namespace(), "sh", "-c", f"hostname {HOSTNAME} && exec {inner}"],
+            [*namespace, "sh", "-c", f"{setup}hostname {HOSTNAME} && exec {inner}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env(),

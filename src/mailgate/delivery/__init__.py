@@ -44,6 +44,11 @@ class Outcome:
     # No peer said it (a refused connection, a timeout, a DNS failure): the reply is ours,
     # and stat= says its text alone, as Sendmail ("Deferred: Connection refused by [ip]").
     local: bool = False
+    # Refused at RCPT: its own to= line, before the transaction's, as Sendmail logs it then.
+    at_rcpt: bool = False
+    # Which program run of its batch it came from (uux takes at most 100 recipients, one
+    # without F=m): each is a delivery of Sendmail's, with its own to= line.
+    call: int = 0
 
     @classmethod
     def from_reply(
@@ -54,12 +59,13 @@ class Outcome:
         transcript: tuple[str, ...] = (),
         *,
         dsn_passed: bool = False,
+        at_rcpt: bool = False,
     ) -> Outcome:
         """The outcome a reply means: 2xx/3xx sent, 4xx temporary, 5xx permanent."""
         status = (
             Status.SENT if reply.is_positive else Status.TEMP if reply.is_temporary else Status.PERM
         )
-        return cls(status, reply, relay, remote_mta, transcript, dsn_passed)
+        return cls(status, reply, relay, remote_mta, transcript, dsn_passed, at_rcpt=at_rcpt)
 
     @property
     def dsn(self) -> str:

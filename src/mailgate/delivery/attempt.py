@@ -4,7 +4,8 @@
   changes where queued mail goes), drop the targets already done, and batch the rest by
   mailer and next hop, so each hop gets one transaction carrying all its recipients;
 - ``deliver_all``: every batch at once, each through its ``Mailer`` (``delivery.mailers``);
-- ``record``: the outcomes into the message's per-recipient status (after ``log_outcomes``);
+- ``log_outcomes``: the maillog's ``to=`` lines of each batch, Sendmail's (``to_lines``);
+- ``record``: the outcomes into the message's per-recipient status;
   failures are bounced (``delivery.notify``), then ``settle`` marks the recipients whose
   every target is done, and return receipts go out;
 - ``decide``: ``Done | Expire | Warn | RetryAt``, which ``act`` carries out: the message is
@@ -44,7 +45,7 @@ from mailgate.queue.spool import (
     Recipient,
     Spool,
 )
-from mailgate.routing import resolve
+from mailgate.routing import Route, resolve
 from mailgate.snapshot import Snapshot
 
 
@@ -121,10 +122,10 @@ async def _attempt(ctx: DeliveryContext, msg: QueuedMessage) -> float | None:
     snap = ctx.snapshot()
     started = time.time()
     planned = plan(msg, snap, ctx.mailers(snap))
-    results = await deliver_all(msg, planned)
+    delivered = await deliver_all(msg, planned)
     now = time.time()
-    log_outcomes(msg, results, started, now, ctx.metrics)
-    recorded = record(msg.status, results)
+    log_outcomes(msg, delivered, started, now, ctx.metrics)
+    recorded = record(msg.status, [result for batch in delivered for result in batch])
     if recorded.failed:
         # In the attempt in which the message expires, what fails now and what expires with
         # it go back in one report, as Sendmail returns an envelope once per queue run.
@@ -196,53 +197,98 @@ def plan(msg: QueuedMessage, snap: Snapshot, mailers: dict[str, Mailer]) -> Plan
 
 
 # -- deliver ------------------------------------------------------------------------------------
-async def deliver_all(msg: QueuedMessage, planned: Plan) -> list[tuple[Job, Outcome]]:
-    """Every batch at once; the outcomes in the plan's order."""
+Results = list[tuple[Job, Outcome]]
+"""What one ``deliver`` call (one SMTP transaction, one uux…) did: each job's outcome."""
+
+
+async def deliver_all(msg: QueuedMessage, planned: Plan) -> list[Results]:
+    """Every batch at once; each batch's results, in the plan's order."""
     batches = planned.batches
     if len(batches) == 1:  # the usual case: no task to gather
         outcomes = [await batches[0].mailer.deliver(msg, batches[0].jobs)]
     else:
         outcomes = await asyncio.gather(*(b.mailer.deliver(msg, b.jobs) for b in batches))
     return [
-        (job, outcome)
+        list(zip(batch.jobs, outs, strict=True))
         for batch, outs in zip(batches, outcomes, strict=True)
-        for job, outcome in zip(batch.jobs, outs, strict=True)
     ]
 
 
 # -- record -------------------------------------------------------------------------------------
 def log_outcomes(
     msg: QueuedMessage,
-    results: list[tuple[Job, Outcome]],
+    delivered: list[Results],
     started: float,
     now: float,
     counts: MetricsRow,
 ) -> None:
-    """One maillog ``to=`` line per target, and its count in the metrics."""
+    """The maillog's ``to=`` lines of each batch (`to_lines`), and each target's count in
+    the metrics."""
     env = msg.envelope
     delay = now - env.arrival
+    pri = maillog.priority(msg.size, len(env.recipients), msg.status.attempts)
+    for results in delivered:
+        for job, outcome in results:
+            route = job.route
+            failed_hop = route.host if route.is_smtp and outcome.status is not Status.SENT else None
+            counts.delivery(route.mailer, outcome.status.value, delay, failed_hop)
+        for addresses, route, outcome in to_lines(results):
+            maillog.deliveries(
+                env.qid,
+                addresses,
+                delay=delay,
+                xdelay=now - started,
+                mailer=route.mailer,
+                relay=outcome.relay,
+                dsn=outcome.dsn,
+                stat=outcome.stat,
+                reply=str(outcome.reply)
+                if route.is_smtp and outcome.relay and not outcome.local
+                else None,
+                pri=pri,
+                ctladdr=None,
+            )
+
+
+def to_lines(results: Results) -> list[tuple[list[str], Route, Outcome]]:
+    """The ``to=`` lines of one batch as Sendmail writes those of one delivery: the
+    recipients that had the same outcome on one line, in the batch's order, each address
+    once (two recipients may have reached the same RCPT); a recipient refused at RCPT on a
+    line of its own, before the others (Sendmail logs it when the refusal comes). Each line
+    with its addresses and the route and outcome of its first."""
+    alone: list[tuple[list[str], Route, Outcome]] = []
+    joined: dict[tuple[object, ...], tuple[list[str], Route, Outcome]] = {}
+    seen: set[str] = set()
     for job, outcome in results:
         route = job.route
-        failed_hop = route.host if route.is_smtp and outcome.status is not Status.SENT else None
-        counts.delivery(route.mailer, outcome.status.value, delay, failed_hop)
-        maillog.delivery(
-            env.qid,
-            # an error route names the address it refuses, or none (an unknown local user)
+        # an error route names the address it refuses, or none (an unknown local user)
+        address = (
             (route.address or job.rcpt.address)
             if route.is_remote or route.mailer == "error"
-            else job.rcpt.address,
-            delay=delay,
-            xdelay=now - started,
-            mailer=route.mailer,
-            relay=outcome.relay,
-            dsn=outcome.dsn,
-            stat=outcome.stat,
-            reply=str(outcome.reply)
-            if route.is_smtp and outcome.relay and not outcome.local
-            else None,
-            pri=maillog.priority(msg.size, len(env.recipients), msg.status.attempts),
-            ctladdr=None,
+            else job.rcpt.address
         )
+        if address in seen:
+            continue
+        seen.add(address)
+        if outcome.at_rcpt:
+            alone.append(([address], route, outcome))
+            continue
+        # what the line says (the mailer, relay=, and dsn=, reply= and stat=: the reply's),
+        # within one run of the mailer
+        key = (
+            outcome.call,
+            route.mailer,
+            outcome.relay,
+            outcome.status,
+            outcome.reply,
+            outcome.local,
+        )
+        line = joined.get(key)
+        if line is None:
+            joined[key] = ([address], route, outcome)
+        else:
+            line[0].append(address)
+    return alone + list(joined.values())
 
 
 @dataclass
@@ -429,9 +475,9 @@ def log_expired(
     text = expiry_text(snap)
     for rcpt in pending:
         ctx.metrics.delivery("esmtp", Status.PERM.value, now - env.arrival, None)
-        maillog.delivery(
+        maillog.deliveries(
             env.qid,
-            rcpt.address,
+            [rcpt.address],
             delay=now - env.arrival,
             xdelay=0,
             mailer="esmtp",

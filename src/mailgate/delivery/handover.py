@@ -71,7 +71,7 @@ async def _one(
     if jobs:
         started = time.time()
         results = list(zip(jobs, await mailer.deliver(msg, jobs), strict=True))
-        log_outcomes(msg, results, started, time.time(), ctx.metrics)
+        log_outcomes(msg, [results], started, time.time(), ctx.metrics)
         for job, outcome in results:
             if outcome.status is Status.SENT:
                 state = status.of(job.rcpt.address)

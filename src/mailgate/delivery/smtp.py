@@ -275,9 +275,16 @@ class _Attempt:
             status, reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines), dsn_passed, local
         )
 
-    def from_reply(self, reply: Reply, *, dsn_passed: bool = False) -> Outcome:
+    def from_reply(
+        self, reply: Reply, *, dsn_passed: bool = False, at_rcpt: bool = False
+    ) -> Outcome:
         return Outcome.from_reply(
-            reply, self.relay, f"[{self.cand.ip}]", tuple(self.lines), dsn_passed=dsn_passed
+            reply,
+            self.relay,
+            f"[{self.cand.ip}]",
+            tuple(self.lines),
+            dsn_passed=dsn_passed,
+            at_rcpt=at_rcpt,
         )
 
 
@@ -441,7 +448,10 @@ class SmtpMailer:
     def _per_recipient(
         at: _Attempt, result: TransactionResult, recipients: Sequence[str], *, dsn_passed: bool
     ) -> dict[str, Outcome]:
-        outcomes = {r.address: at.from_reply(r.reply, dsn_passed=dsn_passed) for r in result.rcpt}
+        outcomes = {
+            r.address: at.from_reply(r.reply, dsn_passed=dsn_passed, at_rcpt=r.at_rcpt)
+            for r in result.rcpt
+        }
         for addr in recipients:
             outcomes.setdefault(addr, at.outcome(Status.TEMP, result.mail_reply))
         return outcomes

@@ -221,9 +221,13 @@ class UucpMailer:
                 await self._uux(msg, mailer, host, [u for _i, u in chunk])
             except LocalDeliveryError as exc:
                 status = Status.TEMP if exc.temporary else Status.PERM
-                outcomes.update((i, Outcome(status, exc.reply, host)) for i, _u in chunk)
+                outcomes.update(
+                    (i, Outcome(status, exc.reply, host, call=start)) for i, _u in chunk
+                )
             else:
-                outcomes.update((i, Outcome(Status.SENT, SENT, host)) for i, _u in chunk)
+                outcomes.update(
+                    (i, Outcome(Status.SENT, SENT, host, call=start)) for i, _u in chunk
+                )
         return [outcomes[i] for i in range(len(jobs))]
 
     async def _uux(self, msg: QueuedMessage, mailer: str, host: str, users: list[str]) -> None:

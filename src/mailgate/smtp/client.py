@@ -65,6 +65,7 @@ class Timeouts:
 class RecipientResult:
     address: str
     reply: Reply  # the RCPT reply if refused, else the reply that ended the DATA phase
+    at_rcpt: bool = False  # the reply is its RCPT's refusal
 
 
 @dataclass
@@ -86,13 +87,14 @@ class _Replies:
     def result(self, recipients: Sequence[str], final: Reply | None) -> TransactionResult:
         """``final`` (the reply that ended the DATA phase) for each accepted recipient, its
         own refusal for every other."""
-        return TransactionResult(
-            self.mail,
-            [
-                RecipientResult(a, final if final is not None and r.is_positive else r)
-                for a, r in zip(recipients, self.rcpt, strict=True)
-            ],
-        )
+        sent = self.mail.is_positive  # else each "RCPT reply" is MAIL's refusal
+        results = []
+        for a, r in zip(recipients, self.rcpt, strict=True):
+            if final is not None and r.is_positive:
+                results.append(RecipientResult(a, final))
+            else:
+                results.append(RecipientResult(a, r, at_rcpt=sent))
+        return TransactionResult(self.mail, results)
 
 
 class _Wire(DeadlineWaits, asyncio.Protocol):
