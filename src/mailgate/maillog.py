@@ -257,6 +257,11 @@ class _Writer:
         for sink in healed:  # it works again: say how many lines it lost meanwhile
             count, sink.dropped = sink.dropped, 0
             lines_dropped(count, sink.name)
+            if sink.dropped:
+                # The line took the one place a reader had just made, and the notice found
+                # none: it is said again, with the whole count, once the sink takes a line.
+                # (A notice is not one of the lines it counts.)
+                sink.dropped, self.lost = count, self.lost - 1
 
     def _json(
         self, now: float, level: Level, event: str, text: str, fields: dict[str, object]
