@@ -604,19 +604,25 @@ class IncomingMessage:
                 raise
 
     def _count_body(self, data: bytes) -> None:
+        start = 0  # where the body starts in ``data``
         tail = self._head_tail
         if tail is not None:
-            probe = tail + data
-            at = probe.find(b"\r\n\r\n")
-            if at < 0:
-                self._head_tail = probe[-3:]
-                return
+            # The empty line may be split between the last write and this one: look across
+            # the edge first, then in ``data`` alone (no copy of it either way).
+            edge = (tail + data[:3]).find(b"\r\n\r\n")
+            if edge >= 0:
+                start = edge + 4 - len(tail)
+            else:
+                at = data.find(b"\r\n\r\n")
+                if at < 0:
+                    self._head_tail = (tail + data[-3:])[-3:]
+                    return
+                start = at + 4
             self._head_tail = None
-            data = probe[at + 4 :]
-        if not data:
+        if start >= len(data):
             return
-        self._body_bytes += len(data)
-        self._body_crlf += data.count(b"\r\n") + (self._body_cr and data[0] == 0x0A)
+        self._body_bytes += len(data) - start
+        self._body_crlf += data.count(b"\r\n", start) + (self._body_cr and data[start] == 0x0A)
         self._body_cr = data[-1] == 0x0D
 
     @property

@@ -275,7 +275,8 @@ class Session:
             )
         if not cfg.smtp.allow_bogus_helo and (len(arg) > 256 or not _HELO_NAME.fullmatch(arg)):
             return Answer(_INVALID_HELO)
-        self._log_unfinished()  # as RSET: Sendmail logs the transaction it ends
+        if self.tx is not None or self.refused_sender is not None:
+            self._log_unfinished()  # as RSET: Sendmail logs the transaction it ends
         self.helo = arg.split()[0]
         self.esmtp = esmtp
         self.tx = None
@@ -819,11 +820,12 @@ class Session:
         QUIT, a lost connection, content refused for its ``size``), with the recipients it
         had taken; and for a sender it refused, if no MAIL was taken after it."""
         tx = self.tx
-        proto = self._proto()
         if tx is not None:
             nrcpts = len(tx.recipients)
+            proto = self._proto()
             maillog.received(tx.qid, tx.sender, size, nrcpts, msgid, proto, self.relay_text)
         elif self.refused_sender is not None and self.envelope_qid is not None:
+            proto = self._proto()
             maillog.received(
                 self.envelope_qid, self.refused_sender, 0, 0, None, proto, self.relay_text
             )
