@@ -846,3 +846,123 @@ def test_to_lines_as_sendmails_daemon(tmp_path: Path) -> None:
             ours = _to_lines([ln.split(": ", 1)[1] for ln in gw.log_lines(" to=")])
     assert sorted(sum(", [more], " in line for line in message) for message in ours) == [0, 0, 0, 2]
     assert ours == theirs
+
+
+# -- the same sessions from both: the lines a session writes ----------------------------------
+
+_SESSION_MC = """\
+OSTYPE(`linux')dnl
+DAEMON_OPTIONS(`Port={port},Addr=127.0.0.1, Name=MTA')dnl
+define(`confPRIVACY_FLAGS', `authwarnings,novrfy,noexpn,noverb')dnl
+FEATURE(`access_db', `hash /etc/mail/access')dnl
+FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl
+MAILER(`local')dnl
+MAILER(`smtp')dnl
+"""
+_SENDER = f"alice@{HOSTNAME}"
+_MESSAGE = "Subject: t\r\nMessage-Id: <m1@client.example.net>\r\n\r\nbody\r\n."
+# Each client its own address; None: the client closes instead of the next command.
+_SESSIONS: dict[str, list[str | None]] = {
+    "127.0.0.61": [
+        "MAIL FROM:<spammer@bad.example>",
+        f"MAIL FROM:<{_SENDER}>",
+        "RCPT TO:<b@example.org>",
+        "DATA",
+        _MESSAGE,
+        "MAIL FROM:<spammer@bad.example>",
+        "QUIT",
+    ],
+    "127.0.0.62": [f"MAIL FROM:<{_SENDER}>", "QUIT"],  # Connect: REJECT
+    "127.0.0.63": ["MAIL FROM:<spammer@bad.example>", "RSET", "QUIT"],
+    "127.0.0.64": ["MAIL FROM:<spammer@bad.example>", None],
+    "127.0.0.65": ["NOOP", "QUIT"],
+    "127.0.0.66": ["VRFY root", "EXPN root", "ETRN example.org", "QUIT"],
+    "127.0.0.67": [
+        f"MAIL FROM:<{_SENDER}>",
+        f"RCPT TO:<nosuch@{HOSTNAME}>",
+        "RCPT TO:<b@elsewhere.example>",
+        "RCPT TO:<b@example.org>",
+        "HELO again.example.net",
+        "QUIT",
+    ],
+    "127.0.0.68": [f"MAIL FROM:<{_SENDER}>", "RCPT TO:<b@example.org>", None],
+}
+
+
+def _run_sessions(port: int) -> None:
+    for ip, commands in _SESSIONS.items():
+        with RawSmtp("127.0.0.1", port, source=ip) as c:
+            c.read_reply()
+            c.cmd("EHLO client.example.net")
+            for command in commands:
+                if command is None:
+                    break
+                c.cmd(command)
+        time.sleep(0.2)  # each session's lines before the next one's
+
+
+def _session_lines(texts: list[str]) -> dict[str, list[str]]:
+    """Per client, the lines of its session (those naming it, and those with a queue id of
+    theirs), deliveries left out; queue ids numbered in order of appearance, so that which
+    lines share one is compared; a message's size and msgid masked (ours has our Received:)."""
+    out: dict[str, list[str]] = {}
+    for ip in _SESSIONS:
+        qids: list[str] = []
+        for text in texts:
+            if f"[{ip}]" in text and re.match(r"[0-9A-Za-x]{14}: ", text):
+                qids.append(text[:14])
+        lines = []
+        for text in texts:
+            qid = text[:14] if re.match(r"[0-9A-Za-x]{14}: ", text) else None
+            if not (f"[{ip}]" in text or qid in qids) or " to=" in text or ": DSN: " in text:
+                continue
+            if qid is not None:
+                text = f"Q{list(dict.fromkeys(qids)).index(qid)}{text[14:]}"
+            if " from=" in text and "msgid=" in text:
+                text = re.sub(r"size=\d+", "size=N", re.sub(r"msgid=<[^>]*>", "msgid=M", text))
+            lines.append(text)
+        out[ip] = lines
+    return out
+
+
+def test_session_lines_as_sendmails_daemon(tmp_path: Path) -> None:
+    """The same sessions with the real ``sendmail -bD`` (its syslog read from a private
+    rsyslogd) and with mailgate: the lines each writes, word for word but queue ids, sizes
+    and msgids. A refused MAIL has the queue id the next transaction takes and a from= line
+    of its own (size=0, nrcpts=0) at RSET or the end unless a MAIL is taken after it; a
+    client refused at Connect: has its check_relay line with arg1 and arg2; an unknown user
+    is Sendmail's "<addr>... User unknown"; VRFY, EXPN and ETRN, the session that asked for
+    nothing and the lost input have the envelope's queue id; HELO inside a transaction
+    writes its from=."""
+    port = free_port("127.0.0.1")
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    mailertable = "example.org smtp:[127.0.0.99]\n"
+    access = "To:example.org RELAY\nFrom:spammer@bad.example REJECT\nConnect:127.0.0.62 REJECT\n"
+    (tables / "mailertable").write_text(mailertable)
+    (tables / "access").write_text(access)
+    build = SendmailBuild(tmp_path / "sendmail", _SESSION_MC.format(port=port), tables)
+    with Rsyslog(tmp_path / "syslog") as syslog:
+        with build.daemon(port, syslog=syslog.socket):
+            _run_sessions(port)
+            wait_until(
+                lambda: "[127.0.0.68] to MTA after rcpt" in "".join(syslog.lines()),
+                "Sendmail's last session's lines",
+                30,
+            )
+            time.sleep(0.5)
+        theirs = _session_lines([ln.split(": ", 1)[1] for ln in syslog.lines()])
+    gw = GatewayProcess(
+        tmp_path / "mailgate",
+        dns=None,
+        hostname=HOSTNAME,
+        tables={"mailertable": mailertable, "access": access},
+        settings='[smtp]\ngreet_pause = "0s"\nbad_rcpt_throttle = 0\n',
+    )
+    with gw:
+        _run_sessions(gw.port)
+        wait_until(lambda: "[127.0.0.68] to MTA after rcpt" in gw.log(), "our lines", 30)
+        time.sleep(0.5)
+        ours = _session_lines([ln.split(": ", 1)[1] for ln in gw.log().splitlines()])
+    assert theirs["127.0.0.61"][0].startswith("Q0: ruleset=check_mail, arg1=<spammer@")
+    assert ours == theirs
