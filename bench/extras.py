@@ -29,7 +29,9 @@ Log = Callable[[str], None]
 
 
 def rss_kib(pid: int) -> int:
-    return procstat.status_kib(pid, "VmRSS")
+    """The RSS of ``pid``'s process tree (the master and its workers: ``workers = 0`` is one
+    per CPU), as `procstat.Sampler` sums its peak: the same measure before and after."""
+    return sum(procstat.rss_bytes(p) for p in procstat.tree(pid)) // 1024
 
 
 class Mailgate:
