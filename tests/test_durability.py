@@ -152,7 +152,7 @@ def test_every_250_follows_the_completed_flush_of_its_file(
     for qid in qids:
         written, completed, reply = _flushed_before_reply(trace, qid)
         assert written < completed < reply, (qid, written, completed, reply)
-    if flusher == "auto" and fsync_impl.linux_aio is not None:
+    if flusher == "auto" and fsync_impl.linux_aio() is not None:
         # Through the kernel while another session is open; alone, on the loop (at least the
         # first: a slow one, as under strace, sends the next ones to the kernel).
         aio = any("IOCB_CMD_FSYNC" in line for line in trace)

@@ -77,7 +77,7 @@ def _record_fsyncs(monkeypatch: pytest.MonkeyPatch, mode: str) -> list[tuple[str
 def test_commit_seals_and_fsyncs_before_returning(
     tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if mode == "auto" and fsync_impl.linux_aio is None:
+    if mode == "auto" and fsync_impl.linux_aio() is None:
         pytest.skip("no Linux AIO on this kernel")
     spool = Spool(tmp_path, fsync=mode)
     synced = _record_fsyncs(monkeypatch, mode)
@@ -163,7 +163,7 @@ def test_a_spilled_message_is_sealed_in_place(tmp_path: Path) -> None:
     spool.close()
 
 
-@pytest.mark.skipif(fsync_impl.linux_aio is None, reason="no Linux AIO on this kernel")
+@pytest.mark.skipif(fsync_impl.linux_aio() is None, reason="no Linux AIO on this kernel")
 def test_kernel_fsync_reports_errors(tmp_path: Path) -> None:
     async def run() -> None:
         flusher = fsync_impl.KernelFsync(asyncio.get_running_loop())

@@ -275,17 +275,20 @@ def run_subcommand(argv: Sequence[str]) -> int | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mailgate.sendmail.command import CONFIG_VARIABLE, PROGRAMS
-    from mailgate.sendmail.command import run as sendmail
+    from mailgate.sendmail import CONFIG_VARIABLE, PROGRAMS
 
     if argv is None:
         # Called as sendmail, mailq or newaliases (install-sendmail-link's links): that
         # program's command line, as Sendmail's binary acts on its argv[0].
         program = os.path.basename(sys.argv[0])
         if program in PROGRAMS:
+            from mailgate.sendmail.command import run as sendmail
+
             return sendmail(sys.argv[1:], run_subcommand, program=program)
         argv = sys.argv[1:]
     if argv and argv[0] == "sendmail":
+        from mailgate.sendmail.command import run as sendmail
+
         return sendmail(argv[1:], run_subcommand)
     args = build_parser().parse_args(argv)
     if getattr(args, "config", "") is None:

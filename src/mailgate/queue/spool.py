@@ -1253,7 +1253,8 @@ class Spool:
             else:
                 at = _body_start(start)
                 body = size if at is None else size - at
-        msg = QueuedMessage(envelope, self.queue / qid, len(line), size, status, body_size=body)
+        path = f"{self._queue_dir}/{qid}"  # a Path only if asked: a Path a message costs 7 µs
+        msg = QueuedMessage(envelope, path, len(line), size, status, body_size=body)
         return msg, locked
 
     LOCK_POLL = 0.02  # seconds between two tries of a lock ``lock_entry`` waits for

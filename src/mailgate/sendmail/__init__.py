@@ -9,3 +9,14 @@ puts those names in place; ``mailgate`` acts on the name it is called by).
 - ``command``: which mode does what (most are other ``mailgate`` subcommands), exit statuses.
 - ``links``: ``mailgate install-sendmail-link``.
 """
+
+# Here, not in ``command``: every ``mailgate`` command reads them, and ``command`` imports
+# local submission (the milter chain, the SMTP session), a third of a queue tool's start.
+CONFIG_VARIABLE = "MAILGATE_CONFIG"
+
+# What each name does when ``mailgate`` is called by it (a link to the mailgate command).
+PROGRAMS: dict[str, tuple[str, ...]] = {
+    "sendmail": (),
+    "mailq": ("-bp",),
+    "newaliases": ("-bi",),
+}

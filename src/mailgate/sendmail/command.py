@@ -22,7 +22,7 @@ from typing import BinaryIO, TextIO
 from mailgate import config, maillog
 from mailgate.config import ConfigError, Override
 from mailgate.queue.tools import wake_daemon
-from mailgate.sendmail import options
+from mailgate.sendmail import CONFIG_VARIABLE, PROGRAMS, options
 from mailgate.sendmail.submit import (
     Refused,
     Submission,
@@ -41,14 +41,6 @@ Subcommand = Callable[[Sequence[str]], int | None]
 # default (its spool is relative to the working folder, where cron's mail would be lost).
 # MAILGATE_CONFIG names another, as Postfix's sendmail takes MAIL_CONFIG.
 DEFAULT_CONFIG = "/etc/mail/mailgate.toml"
-CONFIG_VARIABLE = "MAILGATE_CONFIG"
-
-# What each name does when ``mailgate`` is called by it (a link to the mailgate command).
-PROGRAMS: dict[str, tuple[str, ...]] = {
-    "sendmail": (),
-    "mailq": ("-bp",),
-    "newaliases": ("-bi",),
-}
 _ROUTE_BATCH = 1000  # -bt addresses from a file, routed this many at a time
 TEST_BANNER = (
     "ADDRESS TEST MODE: each address is routed as Sendmail's /parse routes it\n"
