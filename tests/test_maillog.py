@@ -321,10 +321,8 @@ def test_one_line_lists_the_recipients_of_one_outcome(log: Path) -> None:
 HUNDRED = [f"u{i:03d}@example.org" for i in range(99, -1, -1)]
 
 
-def test_a_long_list_is_cut_as_sendmails(log: Path) -> None:
-    """100 recipients of one transaction, as sendmail -bD logged them: 42, 42 and 16 a
-    line (what is left of 1024 less 100 less the rest of the line, cut after a comma), each
-    line but the last saying ``[more]``."""
+def _log_hundred() -> None:
+    """The to= lines of HUNDRED, delivered in one transaction."""
     maillog.deliveries(
         "Q1",
         HUNDRED,
@@ -336,6 +334,13 @@ def test_a_long_list_is_cut_as_sendmails(log: Path) -> None:
         stat="Sent (Ok: queued)",
         pri=maillog.priority(18, 100, 0),
     )
+
+
+def test_a_long_list_is_cut_as_sendmails(log: Path) -> None:
+    """100 recipients of one transaction, as sendmail -bD logged them: 42, 42 and 16 a
+    line (what is left of 1024 less 100 less the rest of the line, cut after a comma), each
+    line but the last saying ``[more]``."""
+    _log_hundred()
     tail = (
         ", delay=00:00:00, xdelay=00:00:00, mailer=esmtp, pri=3000018, "
         "relay=[127.0.0.1] [127.0.0.1], dsn=2.0.0, stat=Sent (Ok: queued)"
@@ -355,17 +360,7 @@ def test_each_cut_line_has_its_recipients_in_the_json_copy(tmp_path: Path) -> No
     text_file, json_file = tmp_path / "maillog", tmp_path / "maillog.json"
     maillog.setup("gw.example", LogSettings(file=text_file, json=True, json_file=json_file))
     try:
-        maillog.deliveries(
-            "Q1",
-            HUNDRED,
-            delay=0,
-            xdelay=0,
-            mailer="esmtp",
-            relay="[127.0.0.1]",
-            dsn="2.0.0",
-            stat="Sent (Ok: queued)",
-            pri=maillog.priority(18, 100, 0),
-        )
+        _log_hundred()
     finally:
         maillog.setup("localhost")
     records = [json.loads(line) for line in json_file.read_text().splitlines()]
