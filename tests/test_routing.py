@@ -294,7 +294,7 @@ def test_mailertable_local_goes_through_aliases(tmp_path: Path) -> None:
         (
             "error:nouser No such domain here",
             "x@example.org",
-            ErrorValue(553, "5.3.0", "nouser No such domain here"),
+            ErrorValue(553, "5.3.0", "nouser No such domain here", exit=69),
         ),
     ],
 )
@@ -573,7 +573,7 @@ def test_virtusertable_value_without_domain_is_a_local_user(tmp_path: Path) -> N
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("error:nouser 550 No such user here", ErrorValue(550, "5.0.0", "No such user here")),
+        ("error:nouser 550 No such user here", ErrorValue(550, "5.0.0", "No such user here", 67)),
         ("error:5.1.1:550 Gone away", ErrorValue(550, "5.1.1", "Gone away")),
         ("error:4.2.1:450 Mailbox busy", ErrorValue(450, "4.2.1", "Mailbox busy")),
     ],

@@ -390,16 +390,31 @@ def test_verify_answers_and_exits_as_sendmails(tmp_path: Path) -> None:
     tables.mkdir()
     (tables / "mailertable").write_text(
         "example.org smtp:[192.0.2.99]\n.sub.example relay:hub.example\n"
+        # no keyword in a mailertable, and without a DSN the error mailer's EX_UNAVAILABLE
+        "ut.example error:nouser No such user here\nun.example error:unavailable 550 Not here\n"
         + "".join(
             f"d{i}.example error:{code}:550 text {code}\n" for i, code in enumerate(VERIFY_CODES)
         )
     )
     (tables / "aliases").write_text("postmaster: root\nstaff: root, bob@example.org\n")
-    mc = "FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl\nMAILER(local)\nMAILER(smtp)\n"
+    # a virtusertable's keyword is the exit status (nouser: 67); a rewrite is named as given
+    (tables / "virtusertable").write_text(
+        "fwd@virt.example bob@example.org\n@virt.example error:nouser 550 No such virtual user\n"
+    )
+    (tables / "local-host-names").write_text("virt.example\n")
+    (tables / "domaintable").write_text("old.example example.org\n")
+    mc = (
+        "FEATURE(`mailertable', `hash /etc/mail/mailertable')dnl\n"
+        "FEATURE(`virtusertable', `hash /etc/mail/virtusertable')dnl\n"
+        "FEATURE(`domaintable', `hash /etc/mail/domaintable')dnl\n"
+        "FEATURE(`use_cw_file')dnl\nMAILER(local)\nMAILER(smtp)\n"
+    )
     build = SendmailBuild(tmp_path / "sendmail", mc, tables)
     config = tmp_path / "mailgate.toml"
     config.write_text(f'hostname = "{HOSTNAME}"\ntables_dir = "{tables}"\n')
     addresses = ["bob@example.org", "a@b.sub.example", "staff", "postmaster", "nosuch"]
+    addresses += ["a@ut.example", "a@un.example", "fwd@virt.example", "FWD@virt.example"]
+    addresses += ["zz@virt.example", "u@old.example"]
     addresses += [f"u@d{i}.example" for i in range(len(VERIFY_CODES))]
     for address in addresses:
         theirs = build.run("-bv", address)

@@ -118,9 +118,14 @@ def test_local_and_error_values() -> None:
     assert r.error == ErrorValue(550, "5.7.1", "Mail for this domain is refused")
     r = parse_mailer_value("error:4.3.0:451 Try again later")
     assert r.error == ErrorValue(451, "4.3.0", "Try again later")
-    # The misparse Sendmail shows: 553 5.3.0 with the whole text.
+    # The misparse Sendmail shows: 553 5.3.0 with the whole text, and no keyword in a
+    # mailertable (sendmail -bv exits 69, EX_UNAVAILABLE, for both of these).
     r = parse_mailer_value("error:nouser No such domain here")
-    assert r.error == ErrorValue(553, "5.3.0", "nouser No such domain here")
+    assert r.error == ErrorValue(553, "5.3.0", "nouser No such domain here", exit=69)
+    r = parse_mailer_value("error:unavailable 550 Not here")
+    assert r.error == ErrorValue(553, "5.3.0", "unavailable 550 Not here", exit=69)
+    # A DSN given: the status is dsntoexitstat's, none set here.
+    assert parse_mailer_value("error:5.1.1:550 Gone").error == ErrorValue(550, "5.1.1", "Gone")
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ def test_semantics_examples(tmp_path: Path) -> None:
     assert value(t, "INFO", "Virt.Example.COM.") == "root"
     v = value(t, "sales", "virt.example.com")
     assert v is not None
-    assert parse_virt_value(v) == ErrorValue(550, "5.0.0", "No such user here")
+    assert parse_virt_value(v) == ErrorValue(550, "5.0.0", "No such user here", exit=67)
     assert value(t, "anyone", "virt.example.com") == "anyone@targetdomain2.com"
     assert value(t, "user+tag", "virt.example.com") == "user@targetdomain1.com"
     # No own entry: falls to the catch-all and loses the detail.
@@ -92,7 +92,7 @@ def test_parse_virt_value() -> None:
     assert parse_virt_value("error:5.1.1:550 User unknown") == ErrorValue(
         550, "5.1.1", "User unknown"
     )
-    assert parse_virt_value("ERROR:nouser 550 No") == ErrorValue(550, "5.0.0", "No")
+    assert parse_virt_value("ERROR:nouser 550 No") == ErrorValue(550, "5.0.0", "No", exit=67)
 
 
 @pytest.mark.parametrize(

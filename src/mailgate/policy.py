@@ -62,6 +62,7 @@ class Decision(NamedTuple):
     discard: bool = False  # accept, then throw the whole message away (access DISCARD)
     logged_reject: bool = False  # a refusal worth a ruleset=… reject= log line
     reason: RejectReason | None = None  # why, for the metrics (with logged_reject)
+    exit: int | None = None  # an error: entry's sysexits status (ErrorValue.exit)
 
     @property
     def accepted(self) -> bool:
@@ -278,7 +279,12 @@ def check_recipient(
         if not final.is_literal and not ctx.is_local(final.domain):
             entry = tables.mailertable.lookup(final.domain)
         if entry is not None and entry.error is not None:
-            return Decision(entry.error.reply(shown), logged_reject=True, reason="recipient")
+            return Decision(
+                entry.error.reply(shown),
+                logged_reject=True,
+                reason="recipient",
+                exit=entry.error.exit,
+            )
         return Decision(relay_denied(shown, client), logged_reject=True, reason="relay")
     # Routed here only for the refusals (error: entries, unknown users); delivery routes
     # again with the tables in force then.
@@ -286,5 +292,10 @@ def check_recipient(
         if route.mailer == "error" and route.error is not None:
             if discarding and route.error is UNKNOWN_USER:
                 continue
-            return Decision(route.error.reply(shown), logged_reject=True, reason="recipient")
+            return Decision(
+                route.error.reply(shown),
+                logged_reject=True,
+                reason="recipient",
+                exit=route.error.exit,
+            )
     return Decision(Reply(250, "2.1.5", f"{shown}... Recipient ok"))

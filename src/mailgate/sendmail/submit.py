@@ -85,6 +85,7 @@ class Refused:
 
     address: str
     reply: Reply
+    exit: int | None = None  # the error: entry's own sysexits status, if it names one
 
     def __str__(self) -> str:
         text = self.reply.text  # a permanent refusal's text names the address already
@@ -92,7 +93,7 @@ class Refused:
 
     @property
     def status(self) -> int:
-        return dsn_exit_status(self.reply)
+        return self.exit if self.exit is not None else dsn_exit_status(self.reply)
 
 
 @dataclass
@@ -197,7 +198,7 @@ def check_address(raw: str, snap: Snapshot) -> Mailbox | Refused:
         raw, mailbox, LOCAL_CLIENT, True, snap.routing, snap.config, shown=raw
     )
     if not decision.accepted:
-        return Refused(raw, decision.reply)
+        return Refused(raw, decision.reply, decision.exit)
     return mailbox
 
 
@@ -208,12 +209,16 @@ def verify(raw: str, snap: Snapshot) -> Iterator[str | Refused]:
     if isinstance(mailbox, Refused):
         yield mailbox
         return
+    # Sendmail names a recipient as it was given (a domaintable or virtusertable rewrite
+    # shows in ``user``), or, expanded from an alias, as each member of it.
+    aliased = any(r.mailer == "alias" for r in resolve(mailbox, snap.routing, expand=False))
     for route in resolve(mailbox, snap.routing, expand=True):
         if route.mailer == "error" and route.error is not None:
-            yield Refused(raw, route.error.reply(raw))
+            yield Refused(raw, route.error.reply(raw), route.error.exit)
             continue
         host = f", host {route.host}" if route.host else ""
-        yield f"{route.address}... deliverable: mailer {route.mailer}{host}, user {route.address}"
+        named = route.address if aliased else raw
+        yield f"{named}... deliverable: mailer {route.mailer}{host}, user {route.address}"
 
 
 @dataclass

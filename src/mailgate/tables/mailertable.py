@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from mailgate.address import is_valid_domain
 from mailgate.tables.maps import (
+    EX_UNAVAILABLE,
     EntryTable,
     ErrorValue,
     MapEntry,
@@ -152,7 +153,8 @@ def parse_mailer_value(value: str, key: str = "", line: int = 0) -> MailerRoute:
     if mailer_l == "local":
         return MailerRoute("local", (), rest or None, None, key, line)
     if mailer_l == "error":
-        return MailerRoute("error", (), None, parse_error_value(rest), key, line)
+        error = parse_error_value(rest, keyword=False, default_exit=EX_UNAVAILABLE)
+        return MailerRoute("error", (), None, error, key, line)
     if mailer_l in UUCP_MAILERS:
         return MailerRoute(mailer_l, (_uucp_hop(mailer, rest),), None, None, key, line)
     raise ValueError(

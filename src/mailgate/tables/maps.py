@@ -7,7 +7,7 @@ Shared by access, mailertable, virtusertable and domaintable. Errors carry the f
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Self
 
@@ -15,6 +15,7 @@ from mailgate.errors import SourceError, where
 from mailgate.reply import Reply, split_enhanced
 
 __all__ = [
+    "EX_UNAVAILABLE",
     "ErrorValue",
     "MapEntry",
     "TableError",
@@ -58,6 +59,9 @@ class ErrorValue:
     code: int
     dsn: str | None
     text: str
+    # The sysexits status a keyword names (``error:nouser 550 …``: 67), which Sendmail's
+    # command line exits with; None: the one its enhanced code gives (``dsn_exit_status``).
+    exit: int | None = None
 
     def reply(self, addr: str | None) -> Reply:
         """Sendmail prefixes permanent errors with ``<addr>...``, temporary ones not (§4, §5)."""
@@ -173,20 +177,33 @@ def _code_text(text: str, dsn: str | None) -> ErrorValue | None:
 
 
 # sysexits names Sendmail's error mailer takes as its "host" (e.g. "error:nouser 550 text").
-_SYSEXITS = frozenset(
-    {
-        "usage", "dataerr", "noinput", "nouser", "nohost", "unavailable", "software", "oserr",
-        "osfile", "cantcreat", "ioerr", "tempfail", "protocol", "noperm", "config",
-    }
-)  # fmt: skip
+# sysexits.h's names, as the error mailer's host takes them, and their statuses (64–78).
+_SYSEXITS = {
+    name: 64 + i
+    for i, name in enumerate(
+        (
+            "usage", "dataerr", "noinput", "nouser", "nohost", "unavailable", "software",
+            "oserr", "osfile", "cantcreat", "ioerr", "tempfail", "protocol", "noperm", "config",
+        )
+    )
+}  # fmt: skip
 
 
-def parse_error_value(text: str) -> ErrorValue:
+EX_UNAVAILABLE = 69  # the error mailer's status when the entry names neither a DSN nor one
+
+
+def parse_error_value(
+    text: str, *, keyword: bool = True, default_exit: int | None = None
+) -> ErrorValue:
     """Parse what follows ``error:`` in an access, mailertable or virtusertable value.
 
-    Forms: ``D.S.N:NNN text``, ``"NNN text"``, ``NNN text`` and ``nouser [NNN] text``.
-    A text with no reply code at all is what Sendmail sends as ``553 5.3.0 <text>`` (its
-    misparse of ``error:nouser text``). Raises ValueError on a malformed value.
+    Forms: ``D.S.N:NNN text``, ``"NNN text"``, ``NNN text`` and (``keyword``) ``nouser
+    [NNN] text``, whose sysexits name is the status Sendmail's command line exits with. A
+    text with no reply code at all is what Sendmail sends as ``553 5.3.0 <text>`` (its
+    misparse of ``error:nouser text``). The mailertable takes no keyword (Sendmail's
+    MailerToTriple gives the error mailer ``$@`` only for a DSN: ``error:nouser 550 x`` is
+    the text ``nouser 550 x``) and, without a DSN, exits EX_UNAVAILABLE (``default_exit``).
+    Raises ValueError on a malformed value.
     """
     text = text.strip()
     if not text:
@@ -202,16 +219,16 @@ def parse_error_value(text: str) -> ErrorValue:
     body = _unquote(text)
     ev = _code_text(body, None)
     if ev is not None:
-        return ev
+        return replace(ev, exit=default_exit)
     word, _, after = body.partition(" ")
-    if word.lower() in _SYSEXITS:
+    if keyword and word.lower() in _SYSEXITS:
         ev = _code_text(after.strip(), None)
         if ev is not None:
-            return ev
+            return replace(ev, exit=_SYSEXITS[word.lower()])
     if word[:3].isdigit():
         # "250 ok", "550Text", "55 text": a code was meant but is not a usable error code.
         raise ValueError(f"expected a 4xx or 5xx reply code, got {word!r}")
-    return ErrorValue(553, "5.3.0", body)
+    return ErrorValue(553, "5.3.0", body, default_exit)
 
 
 class EntryTable:
