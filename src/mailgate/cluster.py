@@ -195,16 +195,15 @@ def _token(args: argparse.Namespace, load: Callable[[str | None], Config]) -> st
         return None
 
 
-def cmd_mailq(args: argparse.Namespace, load: Callable[[str | None], Config], out: TextIO) -> int:
+def cmd_mailq(
+    args: argparse.Namespace,
+    load: Callable[[str | None], Config],
+    out: TextIO,
+    selection: listing.Selection,
+) -> int:
     token = _token(args, load)
     if token is None:
         return NO_TOKEN
-    selection = listing.Selection(
-        held=args.quarantined,
-        ids=tuple(args.id),
-        recipients=tuple(args.recipient),
-        senders=tuple(args.sender),
-    )
     return mailq(
         args.nodes,
         token,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from mailgate import maillog
 from mailgate.config import Config, ConfigError, LogSettings, load_config, parse_config
-from mailgate.snapshot import Snapshot, load_snapshot
+from mailgate.snapshot import Snapshot, build_snapshot, load_snapshot
 from mailgate.tables import table_errors
 from mailgate.tables.maps import TableError
 
@@ -118,13 +118,15 @@ def checked_snapshot(path: str | None) -> Snapshot | None:
     """What ``mailgate check`` checks: the config and every table it names, warnings
     printed; None (the error printed, file:line) when it does not load."""
     try:
-        snapshot = load_snapshot(path)
+        config = load_config(path)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
+    try:
+        snapshot = build_snapshot(config)
     except TableError as exc:
-        # The config loaded; its tables directory is known: every table's first error.
-        folder = load_config(path).tables_dir
+        # Every table's first error, not only the one that stopped the load.
+        folder = config.tables_dir
         for error in (table_errors(folder) if folder is not None else []) or [exc]:
             print(f"error: {error}", file=sys.stderr)
         return None

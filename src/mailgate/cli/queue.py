@@ -30,7 +30,7 @@ def cmd_mailq(args: argparse.Namespace) -> int:
     if args.nodes:
         from mailgate import cluster
 
-        return cluster.cmd_mailq(args, config_or_exit, text_out())
+        return cluster.cmd_mailq(args, config_or_exit, text_out(), _selection(args))
     cfg = snapshot_or_exit(args.config).config
     spool = Spool(cfg.spool_dir)
     out = text_out()

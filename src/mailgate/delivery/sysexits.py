@@ -12,6 +12,8 @@ here it is in the reply, so the maillog line and the bounce both show it.
 
 from __future__ import annotations
 
+import os
+
 from mailgate.reply import Reply
 
 __all__ = ["EX_TEMPFAIL", "SYSEXITS", "dsn_exit_status", "exit_reply"]
@@ -52,27 +54,27 @@ def exit_reply(status: int, mailer: str, stderr_line: str = "") -> Reply | None:
 
 
 # Sendmail's dsntoexitstat (deliver.c): the exit status of a permanent failure, from its
-# enhanced code's subject and detail; a pair not listed falls back to the subject's entry
-# (``None``: EX_UNAVAILABLE). Checked against sendmail -bv over the error mailer.
+# enhanced code's subject and detail; a pair not listed falls back to the subject's entry,
+# then to EX_UNAVAILABLE. Checked against sendmail -bv over the error mailer.
 _EXIT_BY_DETAIL: dict[tuple[int, int], int] = {
-    (1, 0): 65,  # EX_DATAERR
-    (1, 1): 67,  # EX_NOUSER
-    (1, 6): 67,
-    (1, 2): 68,  # EX_NOHOST
-    (1, 8): 68,
-    (1, 3): 64,  # EX_USAGE
-    (1, 7): 64,
-    (1, 5): 78,  # EX_CONFIG
-    (2, 3): 65,
-    (4, 0): 74,  # EX_IOERR
-    (4, 2): 74,
+    (1, 0): os.EX_DATAERR,
+    (1, 1): os.EX_NOUSER,
+    (1, 6): os.EX_NOUSER,
+    (1, 2): os.EX_NOHOST,
+    (1, 8): os.EX_NOHOST,
+    (1, 3): os.EX_USAGE,
+    (1, 7): os.EX_USAGE,
+    (1, 5): os.EX_CONFIG,
+    (2, 3): os.EX_DATAERR,
+    (4, 0): os.EX_IOERR,
+    (4, 2): os.EX_IOERR,
     (4, 1): EX_TEMPFAIL,
     (4, 3): EX_TEMPFAIL,
     (4, 5): EX_TEMPFAIL,
-    (4, 4): 76,  # EX_PROTOCOL
-    (4, 6): 78,
+    (4, 4): os.EX_PROTOCOL,
+    (4, 6): os.EX_CONFIG,
 }
-_EXIT_BY_SUBJECT = {3: 71, 5: 76, 7: 65}  # EX_OSERR, EX_PROTOCOL, EX_DATAERR
+_EXIT_BY_SUBJECT = {3: os.EX_OSERR, 5: os.EX_PROTOCOL, 7: os.EX_DATAERR}
 
 
 def dsn_exit_status(reply: Reply) -> int:
@@ -81,10 +83,10 @@ def dsn_exit_status(reply: Reply) -> int:
     if reply.code < 500:
         return EX_TEMPFAIL
     if reply.enhanced is None:
-        return 69  # EX_UNAVAILABLE
+        return os.EX_UNAVAILABLE
     try:
         subject, detail = (int(part) for part in reply.enhanced.split(".")[1:3])
     except ValueError:
-        return 69
+        return os.EX_UNAVAILABLE
     status = _EXIT_BY_DETAIL.get((subject, detail))
-    return status if status is not None else _EXIT_BY_SUBJECT.get(subject, 69)
+    return status if status is not None else _EXIT_BY_SUBJECT.get(subject, os.EX_UNAVAILABLE)

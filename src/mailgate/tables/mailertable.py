@@ -8,12 +8,12 @@ did not cover. Unlike Sendmail, a purely numeric item after a host is that host'
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, replace
 
 from mailgate.address import is_valid_domain
 from mailgate.tables.maps import (
-    EX_UNAVAILABLE,
     EntryTable,
     ErrorValue,
     MapEntry,
@@ -153,7 +153,8 @@ def parse_mailer_value(value: str, key: str = "", line: int = 0) -> MailerRoute:
     if mailer_l == "local":
         return MailerRoute("local", (), rest or None, None, key, line)
     if mailer_l == "error":
-        error = parse_error_value(rest, keyword=False, default_exit=EX_UNAVAILABLE)
+        # Without a DSN, Sendmail's error mailer has no $@ to exit with: EX_UNAVAILABLE.
+        error = parse_error_value(rest, keyword=False, default_exit=os.EX_UNAVAILABLE)
         return MailerRoute("error", (), None, error, key, line)
     if mailer_l in UUCP_MAILERS:
         return MailerRoute(mailer_l, (_uucp_hop(mailer, rest),), None, None, key, line)

@@ -6,6 +6,7 @@ Shared by access, mailertable, virtusertable and domaintable. Errors carry the f
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,6 @@ from mailgate.errors import SourceError, where
 from mailgate.reply import Reply, split_enhanced
 
 __all__ = [
-    "EX_UNAVAILABLE",
     "ErrorValue",
     "MapEntry",
     "TableError",
@@ -176,20 +176,15 @@ def _code_text(text: str, dsn: str | None) -> ErrorValue | None:
     return ErrorValue(code, _check_dsn(dsn, code), rest)
 
 
-# sysexits names Sendmail's error mailer takes as its "host" (e.g. "error:nouser 550 text").
-# sysexits.h's names, as the error mailer's host takes them, and their statuses (64–78).
+# sysexits names Sendmail's error mailer takes as its "host" (e.g. "error:nouser 550 text"),
+# and the status each names (os.EX_NOUSER: 67).
 _SYSEXITS = {
-    name: 64 + i
-    for i, name in enumerate(
-        (
-            "usage", "dataerr", "noinput", "nouser", "nohost", "unavailable", "software",
-            "oserr", "osfile", "cantcreat", "ioerr", "tempfail", "protocol", "noperm", "config",
-        )
+    name: getattr(os, f"EX_{name.upper()}")
+    for name in (
+        "usage", "dataerr", "noinput", "nouser", "nohost", "unavailable", "software", "oserr",
+        "osfile", "cantcreat", "ioerr", "tempfail", "protocol", "noperm", "config",
     )
 }  # fmt: skip
-
-
-EX_UNAVAILABLE = 69  # the error mailer's status when the entry names neither a DSN nor one
 
 
 def parse_error_value(
